@@ -1,0 +1,77 @@
+"""Shared test fixtures.
+
+* Every async test (``@pytest.mark.asyncio``) runs twice: once on the plain
+  asyncio loop and once on uvloop (test ids end in ``[asyncio]`` /
+  ``[uvloop]``), through pytest-asyncio's ``pytest_asyncio_loop_factories``
+  hook. A test can pick loops with ``@pytest.mark.asyncio(loop_factories=["uvloop"])``.
+* Every async test fails if anything reached the loop's exception handler
+  (an exception in a callback or protocol method, a task or future whose
+  exception was never retrieved, ...). A test that provokes such a report on
+  purpose takes the ``loop_errors`` fixture and clears the list it yields.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
+    uvloop = None  # type: ignore[assignment]
+
+
+def _loop_factories() -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    factories: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
+    if uvloop is not None:
+        factories["uvloop"] = uvloop.new_event_loop
+    return factories
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> Mapping[str, Any]:
+    """Run each async test on plain asyncio and on uvloop."""
+    return _loop_factories()
+
+
+@pytest_asyncio.fixture
+async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
+    """Contexts passed to the running loop's exception handler during the test.
+
+    The test fails at teardown if the list is not empty then.
+    """
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+
+    def handler(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        errors.append(context)
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+    try:
+        yield errors
+        # Let pending callbacks run and collect dead futures/tasks so that
+        # "exception was never retrieved" reports land here, not in a later test.
+        await asyncio.sleep(0)
+        gc.collect()
+    finally:
+        loop.set_exception_handler(previous)
+    if errors:
+        pytest.fail(
+            "the event loop's exception handler was called: "
+            + "; ".join(str(c.get("message")) + (f" ({c['exception']!r})" if "exception" in c else "") for c in errors),
+            pytrace=False,
+        )
+
+
+@pytest.fixture(autouse=True)
+def _fail_on_loop_errors(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Install ``loop_errors`` for every async test (sync tests have no loop to watch)."""
+    if pytest_asyncio.is_async_test(request.node):
+        request.getfixturevalue("loop_errors")
+    yield
