@@ -18,6 +18,7 @@ transport can feed them any split of the byte stream.
 from __future__ import annotations
 
 import enum
+import math
 import struct
 from dataclasses import dataclass, field
 
@@ -196,7 +197,7 @@ class FrameHeader:
         dt = DTYPES.get(self.dtype_code)
         if dt is None:
             return f"unknown dtype code {self.dtype_code}"
-        expected = dt.itemsize * int(np.prod(self.shape, dtype=np.int64))
+        expected = dt.itemsize * math.prod(self.shape)  # exact: np.prod(int64) wraps, e.g. (65536,)*4 -> 0
         if expected != self.payload_len:
             return (
                 f"shape {list(self.shape)} of {dt.name} needs {expected} bytes,"
@@ -308,6 +309,7 @@ class ReplyHeader:
 def encode_reply(h: ReplyHeader, payload: bytes | memoryview = b"") -> list[bytes | memoryview]:
     """Encode a reply as buffers for ``transport.writelines`` (no payload copy)."""
     msg = h.message.encode()[:MAX_MESSAGE]
+    payload = memoryview(payload).cast("B")  # len() of a typed view counts items, not bytes
     t = h.timings
     head = _REPLY.pack(
         REPLY_MAGIC, VERSION, h.status, h.dtype_code, len(h.shape), len(msg), 0,
