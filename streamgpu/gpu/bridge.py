@@ -1,0 +1,151 @@
+"""Completion bridge: turns "this CUDA event has completed" into an asyncio future resolution.
+
+Design (chosen by measurement, see docs/GPU_NOTES.md): the loop polls ``event.query()``
+(~0.4 us, never blocks) once per loop iteration while some event is due, and schedules nothing
+at all while none is pending, so an idle server costs no CPU. Two refinements keep the loop
+quiet while long GPU work is in flight:
+
+* ``expected_s``: a caller that knows roughly how long the work takes (e.g. the measured
+  latency of a batch size) lets the bridge sleep with ``loop.call_at`` until shortly before
+  that time, then poll;
+* back-off: an event that has been polled for ``spin_s`` without completing is then polled
+  only every ``slow_poll_s``.
+
+Host-function callbacks and blocking waiter threads were measured too; they lose on latency
+and throughput (tools/bench_gpu.py keeps them for comparison).
+
+The bridge only calls ``query()`` on the objects it is given, so it imports and runs without a
+GPU (tests pass fake events).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+__all__ = ["CompletionBridge", "Queryable"]
+
+
+class Queryable(Protocol):
+    """What the bridge needs of an event: ``torch.cuda.Event``, ``cupy.cuda.Event`` or a fake."""
+
+    def query(self) -> bool: ...
+
+
+class _Waiter:
+    __slots__ = ("due", "event", "future")
+
+    def __init__(self, event: Queryable, future: asyncio.Future[None], due: float) -> None:
+        self.event = event
+        self.future = future
+        self.due = due  # loop time from which the event is polled
+
+
+class CompletionBridge:
+    """Resolves asyncio futures when CUDA events complete, from the loop thread, without blocking.
+
+    Args:
+        loop: the event loop that owns the futures; all methods must be called from its thread.
+        margin_s: how long before an ``expected_s`` deadline polling starts (covers timer
+            granularity, about 1 ms on uvloop, and estimate error).
+        spin_s: how long an event is polled every loop iteration before backing off.
+        slow_poll_s: polling period after the back-off.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        margin_s: float = 0.002,
+        spin_s: float = 0.005,
+        slow_poll_s: float = 0.001,
+    ) -> None:
+        if margin_s < 0 or spin_s < 0 or slow_poll_s <= 0:
+            raise ValueError("margin_s and spin_s must be >= 0 and slow_poll_s > 0")
+        self._loop = loop
+        self._margin = margin_s
+        self._spin = spin_s
+        self._slow = slow_poll_s
+        self._waiters: list[_Waiter] = []
+        self._handle: asyncio.Handle | None = None
+        self._handle_at = 0.0  # when the scheduled poll runs; -inf for call_soon
+        self._closed = False
+
+    @property
+    def pending(self) -> int:
+        """Number of futures not yet resolved or cancelled."""
+        return sum(1 for w in self._waiters if not w.future.done())
+
+    def wait(self, event: Queryable, expected_s: float = 0.0) -> asyncio.Future[None]:
+        """Return a future resolved on the loop once ``event`` has completed.
+
+        ``expected_s`` is an optional hint of how long until completion; if it is longer than
+        ``margin_s`` the event is not polled before ``expected_s - margin_s`` from now.
+        Cancelling the future stops the polling of its event. Never blocks.
+        """
+        if self._closed:
+            raise RuntimeError("CompletionBridge is closed")
+        if expected_s < 0:
+            raise ValueError(f"expected_s must be >= 0, got {expected_s}")
+        fut: asyncio.Future[None] = self._loop.create_future()
+        # One query now resolves already-finished work without a loop iteration.
+        if event.query():
+            fut.set_result(None)
+            return fut
+        now = self._loop.time()
+        due = now + expected_s - self._margin if expected_s > self._margin else now
+        self._waiters.append(_Waiter(event, fut, due))
+        self._schedule(due, now)
+        return fut
+
+    def close(self) -> None:
+        """Cancel every pending future and stop polling. The bridge cannot be used again."""
+        self._closed = True
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            w.future.cancel()
+
+    def _schedule(self, when: float, now: float) -> None:
+        if self._handle is not None and self._handle_at <= when:
+            return  # an earlier poll is already scheduled; it will reschedule as needed
+        if self._handle is not None:
+            self._handle.cancel()
+        if when <= now:
+            self._handle = self._loop.call_soon(self._poll)
+            self._handle_at = float("-inf")
+        else:
+            self._handle = self._loop.call_at(when, self._poll)
+            self._handle_at = when
+
+    def _poll(self) -> None:
+        self._handle = None
+        now = self._loop.time()
+        # Timers fire with ~1 ms granularity (uvloop): treat what is due within it as due now.
+        horizon = now + 0.001
+        keep: list[_Waiter] = []
+        next_at = float("inf")
+        for w in self._waiters:
+            fut = w.future
+            if fut.done():  # cancelled by its owner: drop it
+                continue
+            if w.due <= horizon:
+                try:
+                    done = w.event.query()
+                except Exception as exc:  # a CUDA error belongs to this waiter, not to the loop
+                    fut.set_exception(exc)
+                    continue
+                if done:
+                    fut.set_result(None)
+                    continue
+                # Spin while young; after spin_s poll only every slow_poll_s.
+                at = now if now - w.due < self._spin else now + self._slow
+            else:
+                at = w.due
+            keep.append(w)
+            next_at = min(next_at, at)
+        self._waiters = keep
+        if keep:
+            self._schedule(next_at, now)

@@ -1,0 +1,454 @@
+"""Device kernels of the GPU data path: batch gather from the pinned ring and fused pre-processing.
+
+All kernels are CUDA C++ compiled at first use through cupy (NVRTC) and cached per device. They
+work on torch tensors (by ``data_ptr()``) and launch on the torch CUDA stream they are given, so
+they order with the torch work around them. ``import cupy`` happens only on first launch: this
+module imports on machines without cupy or a GPU.
+
+Pinned host memory is read by the kernels in place (zero-copy): with unified addressing a
+page-locked allocation has a device address (the same as its host address on 64-bit Linux),
+which is looked up once per allocation with ``cudaPointerGetAttributes``.
+
+Frame offsets reach the GPU inside the launch itself (a by-value kernel argument of up to
+``MAX_FRAMES_PER_LAUNCH`` offsets), so no host-to-device copy and no shared buffer is involved.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["MAX_FRAMES_PER_LAUNCH", "gather_frames", "gather_preprocess", "preprocess_image"]
+
+#: Frames one launch takes; larger batches are split into several launches.
+MAX_FRAMES_PER_LAUNCH = 256
+_MAX_CHANNELS = 4
+_BLOCK = 256
+_GATHER_UNROLL = 4  # must match GATHER_UNROLL in the source
+_MAX_GRID_Y = 65535
+
+_SOURCE = r"""
+#define MAX_FRAMES 256
+#define GATHER_UNROLL 4
+
+// Slot offsets of one launch, in units of 256 bytes (slots are 256-byte aligned).
+struct FrameOffsets { unsigned int v[MAX_FRAMES]; };
+// y = x * scale[c] + bias[c], i.e. (x / 255 - mean[c]) / std[c].
+struct Affine { float scale[4]; float bias[4]; };
+
+// Copies frame blockIdx.y from the (host-mapped) ring to row blockIdx.y of out.
+extern "C" __global__ void __launch_bounds__(256) gather_frames(
+    const unsigned char* __restrict__ ring, unsigned char* __restrict__ out,
+    const FrameOffsets offs, long long frame_nbytes)
+{
+    const unsigned char* src = ring + ((long long)offs.v[blockIdx.y] << 8);
+    unsigned char* dst = out + (long long)blockIdx.y * frame_nbytes;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if ((reinterpret_cast<size_t>(src) & 15) != 0) {
+        for (long long t = first; t < frame_nbytes; t += stride) dst[t] = src[t];
+        return;
+    }
+    const long long nvec = frame_nbytes >> 4;
+    const uint4* s = reinterpret_cast<const uint4*>(src);
+    const bool dst_aligned = (reinterpret_cast<size_t>(dst) & 15) == 0;
+    for (long long i = first; i < nvec; i += GATHER_UNROLL * stride) {
+        // All loads before any store: reads of host memory cross PCIe (~1 us each), so keep
+        // several 16-byte requests in flight per thread.
+        uint4 v[GATHER_UNROLL];
+#pragma unroll
+        for (int k = 0; k < GATHER_UNROLL; ++k)
+            if (i + k * stride < nvec) v[k] = s[i + k * stride];
+#pragma unroll
+        for (int k = 0; k < GATHER_UNROLL; ++k) {
+            const long long j = i + k * stride;
+            if (j >= nvec) break;
+            if (dst_aligned) {
+                reinterpret_cast<uint4*>(dst)[j] = v[k];
+            } else {  // row start not 16-aligned (odd frame size): wide reads, byte stores
+                const unsigned char* b = reinterpret_cast<const unsigned char*>(&v[k]);
+#pragma unroll
+                for (int q = 0; q < 16; ++q) dst[j * 16 + q] = b[q];
+            }
+        }
+    }
+    if (blockIdx.x == 0)
+        for (long long t = nvec * 16 + threadIdx.x; t < frame_nbytes; t += blockDim.x) dst[t] = src[t];
+}
+
+__device__ __forceinline__ unsigned short f2h(float x) {
+    unsigned short r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(x));
+    return r;
+}
+__device__ __forceinline__ void store1(float* p, float a) { *p = a; }
+__device__ __forceinline__ void store1(unsigned short* p, float a) { *p = f2h(a); }
+__device__ __forceinline__ void store4(float* p, float a, float b, float c, float d) {
+    *reinterpret_cast<float4*>(p) = make_float4(a, b, c, d);
+}
+__device__ __forceinline__ void store4(unsigned short* p, float a, float b, float c, float d) {
+    uint2 v;
+    v.x = (unsigned int)f2h(a) | ((unsigned int)f2h(b) << 16);
+    v.y = (unsigned int)f2h(c) | ((unsigned int)f2h(d) << 16);
+    *reinterpret_cast<uint2*>(p) = v;
+}
+
+__device__ __forceinline__ const unsigned char* image_src(
+    const unsigned char* in, long long image_nbytes, const FrameOffsets& offs, int gather, int n) {
+    return gather ? in + ((long long)offs.v[n] << 8) : in + (long long)n * image_nbytes;
+}
+
+// uint8 HWC image blockIdx.y -> normalized NCHW (channels_last == 0) or NHWC memory order.
+// One thread does 4 consecutive pixels: C 32-bit loads, C 4-wide stores. Needs hw % 4 == 0,
+// a 4-byte aligned source and an output aligned for 4-wide stores.
+template <typename T, int C>
+__global__ void __launch_bounds__(256) preprocess_vec(
+    const unsigned char* __restrict__ in, T* __restrict__ out, const FrameOffsets offs,
+    const Affine p, int hw, int gather, int channels_last)
+{
+    const int n = blockIdx.y;
+    const int g = blockIdx.x * blockDim.x + threadIdx.x;
+    if (g >= (hw >> 2)) return;
+    const unsigned int* s = reinterpret_cast<const unsigned int*>(
+        image_src(in, (long long)hw * C, offs, gather, n)) + (long long)g * C;
+    unsigned int w[C];
+#pragma unroll
+    for (int k = 0; k < C; ++k) w[k] = s[k];
+    float v[4 * C];
+#pragma unroll
+    for (int k = 0; k < 4 * C; ++k)
+        v[k] = (float)((w[k >> 2] >> ((k & 3) * 8)) & 0xFFu) * p.scale[k % C] + p.bias[k % C];
+    if (channels_last) {
+        T* d = out + ((long long)n * hw + (long long)g * 4) * C;
+#pragma unroll
+        for (int j = 0; j < C; ++j) store4(d + 4 * j, v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
+    } else {
+        T* d = out + (long long)n * C * hw + (long long)g * 4;
+#pragma unroll
+        for (int c = 0; c < C; ++c) store4(d + (long long)c * hw, v[c], v[C + c], v[2 * C + c], v[3 * C + c]);
+    }
+}
+
+// Same function, one pixel per thread, any size or alignment.
+template <typename T, int C>
+__global__ void __launch_bounds__(256) preprocess_px(
+    const unsigned char* __restrict__ in, T* __restrict__ out, const FrameOffsets offs,
+    const Affine p, int hw, int gather, int channels_last)
+{
+    const int n = blockIdx.y;
+    const int px = blockIdx.x * blockDim.x + threadIdx.x;
+    if (px >= hw) return;
+    const unsigned char* s = image_src(in, (long long)hw * C, offs, gather, n) + (long long)px * C;
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+        const float y = (float)s[c] * p.scale[c] + p.bias[c];
+        if (channels_last) store1(out + ((long long)n * hw + px) * C + c, y);
+        else store1(out + ((long long)n * C + c) * hw + px, y);
+    }
+}
+"""
+
+_OFFSETS_DTYPE = np.dtype([("v", np.uint32, (MAX_FRAMES_PER_LAUNCH,))])
+_AFFINE_DTYPE = np.dtype([("scale", np.float32, (_MAX_CHANNELS,)), ("bias", np.float32, (_MAX_CHANNELS,))])
+_C_TYPES = {torch.float32: "float", torch.float16: "unsigned short"}
+
+
+@functools.cache
+def _cupy() -> Any:
+    try:
+        import cupy
+    except ImportError as exc:  # pragma: no cover - depends on the machine
+        raise RuntimeError("streamgpu.gpu.kernels needs cupy (e.g. pip install cupy-cuda13x)") from exc
+    return cupy
+
+
+@functools.cache
+def _function(name: str, device: int) -> Any:
+    """Compiles (once per device) the module holding kernel ``name`` and returns the kernel."""
+    cp = _cupy()
+    templated = "<" in name
+    with cp.cuda.Device(device):
+        module = cp.RawModule(code=_SOURCE, options=("--std=c++17",), name_expressions=(name,) if templated else None)
+        return module.get_function(name)
+
+
+@functools.cache
+def _external_stream(ptr: int) -> Any:
+    return _cupy().cuda.ExternalStream(ptr)
+
+
+@functools.lru_cache(maxsize=64)
+def _device_base(storage_ptr: int) -> int:
+    """Device address of a page-locked host allocation (found once per allocation)."""
+    rt = _cupy().cuda.runtime
+    attrs = rt.pointerGetAttributes(storage_ptr)
+    if attrs.type != rt.memoryTypeHost or not attrs.devicePointer:
+        raise ValueError("ring is not page-locked memory mapped into the device address space")
+    return int(attrs.devicePointer)
+
+
+def _ring_device_ptr(ring: torch.Tensor) -> int:
+    storage_ptr = ring.untyped_storage().data_ptr()
+    return _device_base(storage_ptr) + (ring.data_ptr() - storage_ptr)
+
+
+def _launch(name: str, device: int, grid: tuple[int, int], args: tuple[Any, ...], stream: torch.cuda.Stream) -> None:
+    cp = _cupy()
+    fn = _function(name, device)
+    with cp.cuda.Device(device):
+        fn(grid, (_BLOCK,), args, stream=_external_stream(stream.cuda_stream))
+
+
+def _check_ring(ring: torch.Tensor) -> None:
+    if not isinstance(ring, torch.Tensor) or ring.dtype != torch.uint8 or ring.device.type != "cpu":
+        raise ValueError("ring must be a uint8 CPU tensor")
+    if not ring.is_contiguous():
+        raise ValueError("ring must be contiguous")
+    if not ring.is_pinned():
+        raise ValueError("ring must be pinned (page-locked) memory, e.g. torch.empty(..., pin_memory=True)")
+
+
+def _check_offsets(offsets: Sequence[int], frame_nbytes: int, ring_nbytes: int) -> np.ndarray:
+    offs = np.asarray(offsets, dtype=np.int64)
+    if offs.ndim != 1 or offs.size == 0:
+        raise ValueError("offsets must be a non-empty sequence of byte offsets")
+    if offs.min() < 0 or (offs & 255).any():
+        raise ValueError("every offset must be a non-negative multiple of 256")
+    if int(offs.max()) + frame_nbytes > ring_nbytes:
+        last = int(offs.max())
+        raise ValueError(f"a frame at offset {last} of {frame_nbytes} bytes overruns the ring ({ring_nbytes} B)")
+    if int(offs.max()) >> 8 > 0xFFFFFFFF:
+        raise ValueError("offsets beyond 1 TiB are not supported")
+    return offs
+
+
+def _resolve_stream(stream: torch.cuda.Stream | None, device: torch.device) -> torch.cuda.Stream:
+    if stream is None:
+        return torch.cuda.current_stream(device)
+    if stream.device != device:
+        raise ValueError(f"stream is on {stream.device} but the output is on {device}")
+    return stream
+
+
+def _pack_offsets(offs: np.ndarray) -> np.ndarray:
+    packed = np.empty(1, dtype=_OFFSETS_DTYPE)  # by-value kernel argument (a size-1 numpy array)
+    packed["v"][0, : offs.size] = offs >> 8
+    return packed
+
+
+def _affine(mean: Sequence[float], std: Sequence[float], channels: int) -> np.ndarray:
+    m = np.asarray(mean, dtype=np.float64).reshape(-1)
+    s = np.asarray(std, dtype=np.float64).reshape(-1)
+    if m.size != channels or s.size != channels:
+        raise ValueError(f"mean and std need {channels} values (one per channel), got {m.size} and {s.size}")
+    if not np.all(np.isfinite(m)) or not np.all(np.isfinite(s)) or np.any(s == 0):
+        raise ValueError("mean and std must be finite and std non-zero")
+    packed = np.zeros(1, dtype=_AFFINE_DTYPE)
+    packed["scale"][0, :channels] = 1.0 / (255.0 * s)
+    packed["bias"][0, :channels] = -m / s
+    return packed
+
+
+def _output(
+    out: torch.Tensor | None,
+    shape: tuple[int, int, int, int],
+    dtype: torch.dtype,
+    channels_last: bool,
+    device: torch.device,
+) -> torch.Tensor:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device, memory_format=fmt)
+    if tuple(out.shape) != shape or out.dtype != dtype or out.device != device:
+        raise ValueError(
+            f"out must be a {dtype} tensor of shape {shape} on {device}, "
+            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
+    _, c, h, w = shape
+    want = (h * w * c, 1, w * c, c) if channels_last else (c * h * w, h * w, w, 1)
+    if any(size > 1 and st != ws for size, st, ws in zip(shape, out.stride(), want, strict=True)):
+        layout = "channels_last" if channels_last else "contiguous NCHW"
+        raise ValueError(f"out must be {layout}, got strides {out.stride()}")
+    return out
+
+
+def _check_pre_args(dtype: torch.dtype, channels: int) -> None:
+    if dtype not in _C_TYPES:
+        raise ValueError(f"dtype must be torch.float16 or torch.float32, got {dtype}")
+    if not 1 <= channels <= _MAX_CHANNELS:
+        raise ValueError(f"channels must be 1 to {_MAX_CHANNELS}, got {channels}")
+
+
+def _launch_preprocess(
+    src_ptr: int,
+    src_aligned4: bool,
+    out: torch.Tensor,
+    offs: np.ndarray | None,
+    n_images: int,
+    hw: int,
+    channels: int,
+    affine: np.ndarray,
+    channels_last: bool,
+    stream: torch.cuda.Stream,
+) -> None:
+    out_align = 16 if out.dtype == torch.float32 else 8
+    vec = hw % 4 == 0 and src_aligned4 and out.data_ptr() % out_align == 0
+    kind = "preprocess_vec" if vec else "preprocess_px"
+    name = f"{kind}<{_C_TYPES[out.dtype]}, {channels}>"
+    blocks = -(-(hw // 4 if vec else hw) // _BLOCK)
+    per_launch = MAX_FRAMES_PER_LAUNCH if offs is not None else _MAX_GRID_Y
+    image_elems = channels * hw
+    device = out.device.index or 0
+    for start in range(0, n_images, per_launch):
+        count = min(per_launch, n_images - start)
+        if offs is not None:
+            packed = _pack_offsets(offs[start : start + count])
+            src = src_ptr
+        else:
+            packed = np.zeros(1, dtype=_OFFSETS_DTYPE)
+            src = src_ptr + start * image_elems
+        args = (
+            np.uint64(src),
+            np.uint64(out.data_ptr() + start * image_elems * out.element_size()),
+            packed,
+            affine,
+            np.int32(hw),
+            np.int32(offs is not None),
+            np.int32(channels_last),
+        )
+        _launch(name, device, (blocks, count), args, stream)
+
+
+def gather_frames(
+    ring: torch.Tensor,
+    offsets: Sequence[int],
+    frame_nbytes: int,
+    out: torch.Tensor,
+    stream: torch.cuda.Stream,
+) -> None:
+    """Copy ``len(offsets)`` frames from a pinned host ring into contiguous device memory.
+
+    Args:
+        ring: the pinned (page-locked) uint8 CPU tensor holding the slots.
+        offsets: byte offset of each frame in ``ring``; each a multiple of 256.
+        frame_nbytes: bytes per frame (any size).
+        out: contiguous CUDA uint8 tensor with ``out.shape[0] == len(offsets)`` and
+            ``len(offsets) * frame_nbytes`` elements; frame ``i`` lands in ``out[i]``.
+        stream: the CUDA stream to launch on (usually a copy stream). The ring slots must not be
+            reused until work recorded on this stream after the call has completed.
+
+    One kernel launch per ``MAX_FRAMES_PER_LAUNCH`` frames reads the slots in place over PCIe
+    with 16-byte loads; the offsets travel inside the launch arguments.
+    """
+    _check_ring(ring)
+    if not isinstance(frame_nbytes, int) or frame_nbytes <= 0:
+        raise ValueError(f"frame_nbytes must be a positive int, got {frame_nbytes!r}")
+    offs = _check_offsets(offsets, frame_nbytes, ring.numel())
+    n = offs.size
+    if not isinstance(out, torch.Tensor) or out.device.type != "cuda" or out.dtype != torch.uint8:
+        raise ValueError("out must be a CUDA uint8 tensor")
+    if not out.is_contiguous() or out.dim() == 0 or out.shape[0] != n or out.numel() != n * frame_nbytes:
+        raise ValueError(f"out must be contiguous with shape [{n}, {frame_nbytes}] (or [{n}, ...] of that many bytes)")
+    stream = _resolve_stream(stream, out.device)
+    ring_ptr = _ring_device_ptr(ring)
+    nvec = frame_nbytes // 16
+    blocks = max(1, -(-nvec // (_BLOCK * _GATHER_UNROLL)))
+    if ring_ptr % 16:
+        blocks = -(-frame_nbytes // (_BLOCK * _GATHER_UNROLL))
+    device = out.device.index or 0
+    for start in range(0, n, MAX_FRAMES_PER_LAUNCH):
+        count = min(MAX_FRAMES_PER_LAUNCH, n - start)
+        args = (
+            np.uint64(ring_ptr),
+            np.uint64(out.data_ptr() + start * frame_nbytes),
+            _pack_offsets(offs[start : start + count]),
+            np.int64(frame_nbytes),
+        )
+        _launch("gather_frames", device, (blocks, count), args, stream)
+
+
+def preprocess_image(
+    frames_u8: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    dtype: torch.dtype,
+    channels_last: bool,
+    out: torch.Tensor | None = None,
+    stream: torch.cuda.Stream | None = None,
+) -> torch.Tensor:
+    """Normalize a uint8 NHWC batch on the GPU in one fused kernel: ``y = (x / 255 - mean) / std``.
+
+    Args:
+        frames_u8: contiguous CUDA uint8 tensor ``[N, H, W, C]``, ``1 <= C <= 4``.
+        mean, std: one value per channel, in the 0..1 scale.
+        dtype: ``torch.float16`` or ``torch.float32``.
+        channels_last: write a channels_last-strided ``[N, C, H, W]`` tensor (NHWC in memory),
+            else a contiguous NCHW one.
+        out: optional preallocated output of that shape, dtype and layout.
+        stream: CUDA stream to launch on (default: the current stream of the input's device).
+
+    Returns:
+        The ``[N, C, H, W]`` output tensor.
+    """
+    if not isinstance(frames_u8, torch.Tensor) or frames_u8.device.type != "cuda" or frames_u8.dtype != torch.uint8:
+        raise ValueError("frames_u8 must be a CUDA uint8 tensor")
+    if frames_u8.dim() != 4 or not frames_u8.is_contiguous():
+        raise ValueError(f"frames_u8 must be a contiguous [N, H, W, C] tensor, got shape {tuple(frames_u8.shape)}")
+    n, h, w, c = frames_u8.shape
+    _check_pre_args(dtype, c)
+    if n == 0 or h * w == 0:
+        raise ValueError("frames_u8 must not be empty")
+    affine = _affine(mean, std, c)
+    out = _output(out, (n, c, h, w), dtype, channels_last, frames_u8.device)
+    stream = _resolve_stream(stream, frames_u8.device)
+    ptr = frames_u8.data_ptr()
+    _launch_preprocess(ptr, ptr % 4 == 0, out, None, n, h * w, c, affine, channels_last, stream)
+    return out
+
+
+def gather_preprocess(
+    ring: torch.Tensor,
+    offsets: Sequence[int],
+    H: int,
+    W: int,
+    C: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    dtype: torch.dtype,
+    channels_last: bool,
+    out: torch.Tensor | None = None,
+    stream: torch.cuda.Stream | None = None,
+) -> torch.Tensor:
+    """Gather uint8 HWC frames from pinned ring slots and normalize them in one launch.
+
+    Equivalent to :func:`gather_frames` followed by :func:`preprocess_image`, without the
+    intermediate uint8 batch: each frame (``H * W * C`` bytes at a 256-aligned byte offset of
+    the pinned ``ring``) is read over PCIe and written normalized to ``out`` ``[N, C, H, W]``
+    (channels_last-strided when ``channels_last``). ``out`` is allocated on the stream's device
+    (default: the current device) when omitted. Ring slots must not be reused until work
+    recorded on ``stream`` after the call has completed.
+    """
+    _check_ring(ring)
+    for label, v in (("H", H), ("W", W), ("C", C)):
+        if not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{label} must be a positive int, got {v!r}")
+    _check_pre_args(dtype, C)
+    offs = _check_offsets(offsets, H * W * C, ring.numel())
+    affine = _affine(mean, std, C)
+    if out is not None:
+        device = out.device
+    elif stream is not None:
+        device = stream.device
+    else:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type != "cuda":
+        raise ValueError("out must be a CUDA tensor")
+    out = _output(out, (offs.size, C, H, W), dtype, channels_last, device)
+    stream = _resolve_stream(stream, device)
+    ring_ptr = _ring_device_ptr(ring)
+    _launch_preprocess(ring_ptr, ring_ptr % 4 == 0, out, offs, offs.size, H * W, C, affine, channels_last, stream)
+    return out

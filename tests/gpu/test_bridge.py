@@ -1,0 +1,198 @@
+"""CompletionBridge with fake events (no GPU): runs on asyncio and uvloop via tests/conftest.py."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from streamgpu.gpu.bridge import CompletionBridge
+
+
+class FakeEvent:
+    """query() is False until the test calls complete(); counts the queries."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self.queries = 0
+
+    def query(self) -> bool:
+        self.queries += 1
+        return self.done
+
+    def complete(self) -> None:
+        self.done = True
+
+
+class FailingEvent:
+    def query(self) -> bool:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+async def _spin(iterations: int = 5) -> None:
+    for _ in range(iterations):
+        await asyncio.sleep(0)
+
+
+@pytest.mark.asyncio
+async def test_resolves_after_completion_not_before() -> None:
+    bridge = CompletionBridge(asyncio.get_running_loop())
+    ev = FakeEvent()
+    fut = bridge.wait(ev)
+    await _spin(20)
+    assert not fut.done()
+    assert ev.queries > 1  # polled while pending
+    assert bridge.pending == 1
+    ev.complete()
+    await asyncio.wait_for(fut, 1.0)
+    assert bridge.pending == 0
+    bridge.close()
+
+
+@pytest.mark.asyncio
+async def test_already_complete_event_resolves_at_once() -> None:
+    bridge = CompletionBridge(asyncio.get_running_loop())
+    ev = FakeEvent()
+    ev.complete()
+    fut = bridge.wait(ev)
+    assert fut.done() and fut.result() is None
+    assert bridge.pending == 0
+
+
+@pytest.mark.asyncio
+async def test_many_waiters_resolve_in_any_order() -> None:
+    bridge = CompletionBridge(asyncio.get_running_loop())
+    events = [FakeEvent() for _ in range(200)]
+    futures = [bridge.wait(ev) for ev in events]
+    await _spin()
+    for i in range(0, 200, 2):  # complete the even ones first
+        events[i].complete()
+    await _spin()
+    assert all(f.done() == (i % 2 == 0) for i, f in enumerate(futures))
+    assert bridge.pending == 100
+    for ev in events[1::2]:
+        ev.complete()
+    await asyncio.wait_for(asyncio.gather(*futures), 1.0)
+    assert bridge.pending == 0
+
+
+@pytest.mark.asyncio
+async def test_cancelled_futures_are_dropped() -> None:
+    bridge = CompletionBridge(asyncio.get_running_loop())
+    ev_cancel, ev_keep = FakeEvent(), FakeEvent()
+    cancelled = bridge.wait(ev_cancel)
+    kept = bridge.wait(ev_keep)
+    cancelled.cancel()
+    await _spin()
+    before = ev_cancel.queries
+    await _spin(20)
+    assert ev_cancel.queries == before  # no longer polled
+    assert bridge.pending == 1
+    ev_keep.complete()
+    await asyncio.wait_for(kept, 1.0)
+    assert bridge.pending == 0
+
+
+@pytest.mark.asyncio
+async def test_close_cancels_pending_and_refuses_new_waits() -> None:
+    bridge = CompletionBridge(asyncio.get_running_loop())
+    futures = [bridge.wait(FakeEvent()) for _ in range(5)]
+    bridge.close()
+    assert all(f.cancelled() for f in futures)
+    assert bridge.pending == 0
+    with pytest.raises(RuntimeError):
+        bridge.wait(FakeEvent())
+
+
+@pytest.mark.asyncio
+async def test_idle_bridge_schedules_nothing() -> None:
+    bridge = CompletionBridge(asyncio.get_running_loop())
+    ev = FakeEvent()
+    fut = bridge.wait(ev)
+    ev.complete()
+    await asyncio.wait_for(fut, 1.0)
+    calls = 0
+    original = bridge._poll
+
+    def counting_poll() -> None:
+        nonlocal calls
+        calls += 1
+        original()
+
+    bridge._poll = counting_poll  # type: ignore[method-assign]
+    queries = ev.queries
+    await asyncio.sleep(0.2)
+    assert calls == 0
+    assert ev.queries == queries
+    bridge.close()
+
+
+@pytest.mark.asyncio
+async def test_expected_s_hint_delays_polling() -> None:
+    loop = asyncio.get_running_loop()
+    bridge = CompletionBridge(loop, margin_s=0.01)
+    ev = FakeEvent()
+    start = loop.time()
+    fut = bridge.wait(ev, expected_s=0.1)
+    assert ev.queries == 1  # the one immediate check
+    await asyncio.sleep(0.05)
+    assert ev.queries == 1  # sleeping, not polling
+    ev.complete()
+    await asyncio.wait_for(fut, 1.0)
+    waited = loop.time() - start
+    assert 0.085 <= waited < 0.5  # resolved near expected_s - margin_s, not at the flip (0.05 s)
+
+
+@pytest.mark.asyncio
+async def test_unhinted_long_wait_backs_off() -> None:
+    bridge = CompletionBridge(asyncio.get_running_loop(), spin_s=0.01, slow_poll_s=0.01)
+    ev = FakeEvent()
+    fut = bridge.wait(ev)
+    await asyncio.sleep(0.02)  # past spin_s
+    queries = ev.queries
+    await asyncio.sleep(0.1)
+    assert ev.queries - queries <= 15  # about one query per slow_poll_s, not one per iteration
+    ev.complete()
+    await asyncio.wait_for(fut, 1.0)
+
+
+@pytest.mark.asyncio
+async def test_query_error_goes_to_its_future() -> None:
+    bridge = CompletionBridge(asyncio.get_running_loop())
+    ok = FakeEvent()
+    ok_fut = bridge.wait(ok)
+    bad_fut = bridge.wait(_FailAfterFirst())
+    await _spin()
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        await bad_fut
+    ok.complete()
+    await asyncio.wait_for(ok_fut, 1.0)
+
+
+class _FailAfterFirst:
+    """False on the immediate check in wait(), then a CUDA-style error on the first poll."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def query(self) -> bool:
+        self.calls += 1
+        if self.calls > 1:
+            return FailingEvent().query()
+        return False
+
+
+@pytest.mark.asyncio
+async def test_rejects_negative_hint() -> None:
+    bridge = CompletionBridge(asyncio.get_running_loop())
+    with pytest.raises(ValueError):
+        bridge.wait(FakeEvent(), expected_s=-1.0)
+
+
+def test_rejects_bad_settings() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        with pytest.raises(ValueError):
+            CompletionBridge(loop, slow_poll_s=0)
+    finally:
+        loop.close()
