@@ -350,3 +350,12 @@ def _status(value: int) -> Status:
         return Status(value)
     except ValueError:
         raise ProtocolError(Status.BAD_FRAME, f"unknown status code {value}") from None
+
+
+def frame_header_length(buf: bytes | memoryview) -> int | None:
+    """Total length of the frame header starting at ``buf`` (fixed part + model name + shape),
+    or None until the fixed 48-byte part is there. Lets a transport read exactly one header.
+    """
+    if len(buf) < FRAME_HEADER_SIZE:
+        return None
+    return FRAME_HEADER_SIZE + buf[9] + 4 * buf[6]  # model_len at byte 9, ndim at byte 6

@@ -1,0 +1,5 @@
+import sys
+
+from streamgpu.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Device backends (cuda, cpu), the completion bridge and device kernels."""

@@ -1,0 +1,91 @@
+"""The CPU backend: the same data path, with the host as the device.
+
+One dedicated worker thread runs batches (never a thread per request), so
+model compute never blocks the event loop. The "transfer" is one gather of the
+frames out of the ring into a contiguous batch; the slots are released as
+soon as it is done, exactly as after a host-to-device copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from streamgpu.gpu.backend import Backend, BatchRun, DeviceModel
+from streamgpu.memory import PinnedRing, Slot
+from streamgpu.models.preprocess import preprocess_torch
+from streamgpu.models.spec import ModelSpec
+
+
+class CpuModel(DeviceModel):
+    def __init__(self, spec: ModelSpec, module: nn.Module) -> None:
+        self.spec = spec
+        self.module = module
+        self.dtype = torch.float32 if spec.precision in ("auto", "fp32") else _DTYPES[spec.precision]
+        if self.dtype != torch.float32:
+            self.module = module.to(self.dtype)
+
+    @property
+    def description(self) -> str:
+        return f"{self.spec.name} ({self.spec.source}, {self.dtype}, cpu, eager)"
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        frames = torch.from_numpy(batch.view(self.spec.frame_dtype).reshape(len(batch), *self.spec.input_shape))
+        with torch.inference_mode():
+            out = self.module(preprocess_torch(frames, self.spec, self.dtype))
+        return out.float().numpy()
+
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+    device_name = "cpu"
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamgpu-cpu")
+
+    def allocate_host(self, nbytes: int) -> np.ndarray:
+        return np.zeros(nbytes, dtype=np.uint8)
+
+    def load(self, spec: ModelSpec, module: nn.Module) -> CpuModel:
+        model = CpuModel(spec, module)
+        model.run(np.zeros((1, spec.frame_nbytes), np.uint8))  # warm up allocator and kernels before serving
+        return model
+
+    def launch(self, model: DeviceModel, ring: PinnedRing, slots: list[Slot]) -> BatchRun:
+        assert isinstance(model, CpuModel)
+        loop = self._loop
+        copied: asyncio.Future[None] = loop.create_future()
+        views = [ring.array(slot) for slot in slots]
+
+        def work() -> np.ndarray:
+            try:
+                batch = np.stack(views)
+            except BaseException as exc:
+                loop.call_soon_threadsafe(_settle, copied, exc)
+                raise
+            loop.call_soon_threadsafe(_settle, copied, None)
+            return model.run(batch)
+
+        done = asyncio.wrap_future(self._worker.submit(work), loop=loop)
+        return BatchRun(len(slots), copied, done)
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=False, cancel_futures=True)
+
+
+def _settle(future: asyncio.Future[Any], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)

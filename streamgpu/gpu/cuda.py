@@ -1,0 +1,183 @@
+"""The CUDA backend: async DMA from the pinned ring, CUDA graphs, events bridged to the loop.
+
+Per batch, on the loop thread and without blocking:
+
+1. copy stream: the frames' ring slots -> one contiguous device buffer
+   (async copies from page-locked memory), then record ``copy_done``;
+2. the model's compute stream waits on ``copy_done``, pre-processes into the
+   captured graph's static input, replays the graph for the smallest bucket
+   that holds the batch (eager when the model cannot be captured), copies the
+   results into a page-locked host buffer and records ``done``;
+3. the completion bridge resolves ``copied`` and ``done`` on the loop.
+
+Copies of batch k+1 run on the copy stream while batch k computes, and every
+model has its own compute stream, so models interleave on the GPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from streamgpu.gpu.backend import Backend, BatchRun, DeviceModel
+from streamgpu.gpu.bridge import CompletionBridge
+from streamgpu.memory import PinnedRing, Slot
+from streamgpu.models.preprocess import preprocess_torch
+from streamgpu.models.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_GRAPH_WARMUP = 3  # eager runs before capture (cuDNN autotuning, lazy allocations)
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    static_in: torch.Tensor
+    static_out: torch.Tensor
+
+
+class CudaModel(DeviceModel):
+    """A model on one GPU with its own compute stream and one CUDA graph per batch bucket."""
+
+    def __init__(self, spec: ModelSpec, module: nn.Module, device: torch.device) -> None:
+        self.spec = spec
+        self.device = device
+        self.dtype = torch.float16 if spec.precision == "auto" else _DTYPES[spec.precision]
+        self.module = module.to(device=device, dtype=self.dtype)
+        if spec.preprocess == "image":
+            self.module = self.module.to(memory_format=torch.channels_last)
+        self.stream = torch.cuda.Stream(device)
+        self.graphs: dict[int, _Graph] = {}
+        self.graph_error = ""
+
+    @property
+    def description(self) -> str:
+        mode = f"graphs {sorted(self.graphs)}" if self.graphs else f"eager ({self.graph_error or 'graphs off'})"
+        return f"{self.spec.name} ({self.spec.source}, {self.dtype}, {self.device}, {mode})"
+
+    def prepare_input(self, frames: torch.Tensor) -> torch.Tensor:
+        x = preprocess_torch(frames, self.spec, self.dtype)
+        if self.spec.preprocess == "image":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def capture(self) -> None:
+        """Warm up and capture one graph per bucket (largest first, one shared memory pool)."""
+        pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.stream(self.stream), torch.inference_mode():
+            for bucket in sorted(self.spec.buckets(), reverse=True):
+                frames = torch.randint(0, 255, (bucket, *self.spec.input_shape), device=self.device).to(
+                    _torch_dtype(self.spec.frame_dtype)
+                )
+                static_in = self.prepare_input(frames)
+                for _ in range(_GRAPH_WARMUP):
+                    self.module(static_in)
+                self.stream.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=self.stream):
+                    static_out = self.module(static_in)
+                self.graphs[bucket] = _Graph(graph, static_in, static_out)
+        self.stream.synchronize()
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        """Run on the current (compute) stream; returns [n, ...] outputs."""
+        n = frames.shape[0]
+        x = self.prepare_input(frames)
+        bucket = next((b for b in sorted(self.graphs) if b >= n), None)
+        if bucket is None:
+            return self.module(x)
+        g = self.graphs[bucket]
+        g.static_in[:n].copy_(x)
+        g.graph.replay()
+        return g.static_out[:n]
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, device_index: int = 0) -> None:
+        self._loop = loop
+        self.device = torch.device("cuda", device_index)
+        torch.cuda.set_device(self.device)
+        self.device_name = f"cuda:{device_index} ({torch.cuda.get_device_name(self.device)})"
+        self._copy_stream = torch.cuda.Stream(self.device)
+        self._bridge = CompletionBridge(loop)
+        self._ring_tensors: dict[int, torch.Tensor] = {}  # numpy buffer address -> its pinned tensor
+
+    def allocate_host(self, nbytes: int) -> np.ndarray:
+        tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        array = tensor.numpy()
+        self._ring_tensors[array.ctypes.data] = tensor  # keep the pinned tensor: copies slice it
+        return array
+
+    def load(self, spec: ModelSpec, module: nn.Module) -> CudaModel:
+        torch.cuda.set_device(self.device)  # this runs in the loader thread
+        with torch.inference_mode():
+            model = CudaModel(spec, module, self.device)
+        if spec.cuda_graphs:
+            try:
+                model.capture()
+            except Exception as exc:  # data-dependent control flow etc.: serve eagerly, say why
+                model.graphs.clear()
+                model.graph_error = f"capture failed: {exc}"
+                log.warning("model %s: CUDA graph capture failed, running eagerly: %s", spec.name, exc)
+        else:
+            with torch.cuda.stream(model.stream), torch.inference_mode():
+                model.forward(
+                    torch.zeros((1, *spec.input_shape), device=self.device).to(_torch_dtype(spec.frame_dtype))
+                )
+            model.stream.synchronize()
+        return model
+
+    def launch(self, model: DeviceModel, ring: PinnedRing, slots: list[Slot]) -> BatchRun:
+        assert isinstance(model, CudaModel)
+        spec = model.spec
+        n = len(slots)
+        ring_t = self._ring_tensors[ring.buffer.ctypes.data]
+        nbytes = spec.frame_nbytes
+        with torch.inference_mode():
+            with torch.cuda.stream(self._copy_stream):
+                staged = torch.empty((n, nbytes), dtype=torch.uint8, device=self.device)
+                for i, slot in enumerate(slots):
+                    staged[i].copy_(ring_t[slot.offset : slot.offset + nbytes], non_blocking=True)
+                copy_done = torch.cuda.Event()
+                copy_done.record(self._copy_stream)
+            model.stream.wait_event(copy_done)
+            with torch.cuda.stream(model.stream):
+                staged.record_stream(model.stream)  # the allocator must not reuse it before compute read it
+                frames = staged.view(_torch_dtype(spec.frame_dtype)).view(n, *spec.input_shape)
+                out = model.forward(frames).float()
+                host = torch.empty(out.shape, dtype=torch.float32, pin_memory=True)
+                host.copy_(out, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(model.stream)
+        copied = self._bridge.wait(copy_done)
+        finished = self._bridge.wait(done)
+        result: asyncio.Future[np.ndarray] = self._loop.create_future()
+
+        def deliver(f: asyncio.Future[None]) -> None:
+            if result.done():
+                return
+            if f.cancelled():
+                result.cancel()
+            elif (exc := f.exception()) is not None:
+                result.set_exception(exc)
+            else:
+                result.set_result(host.numpy())
+
+        finished.add_done_callback(deliver)
+        return BatchRun(n, copied, result)
+
+    def close(self) -> None:
+        self._bridge.close()
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype

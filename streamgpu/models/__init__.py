@@ -1,0 +1,1 @@
+"""Model specs, builtin architectures, loaders and pre-processing."""

@@ -1,0 +1,66 @@
+"""Models defined in the project. Their weights are random (seeded): nothing here
+can download pretrained weights. Load real weights with a ``state_dict:`` source.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+BUILTIN_SEED = 0  # every process builds the same random weights, so results are reproducible
+
+
+class SmallConvNet(nn.Module):
+    """``small``: the default model, a light image classifier (random weights).
+
+    Four stride-2 conv-BN-ReLU stages, global average pooling and a linear
+    layer to ``num_classes`` logits. Cheap enough to serve on a CPU.
+    """
+
+    def __init__(self, num_classes: int = 1000, in_channels: int = 3, width: int = 16) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for i in range(4):
+            out = width * 2**i
+            layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
+            channels = out
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def _small() -> nn.Module:
+    return SmallConvNet()
+
+
+def _resnet18() -> nn.Module:
+    from streamgpu.models.resnet import resnet18
+
+    return resnet18()
+
+
+def _resnet50() -> nn.Module:
+    from streamgpu.models.resnet import resnet50
+
+    return resnet50()
+
+
+BUILTINS: dict[str, Callable[[], nn.Module]] = {"small": _small, "resnet18": _resnet18, "resnet50": _resnet50}
+
+
+def build_builtin(name: str) -> nn.Module:
+    """A fresh builtin model in eval mode, on the CPU, fp32, with seeded random weights."""
+    try:
+        factory = BUILTINS[name]
+    except KeyError:
+        raise ValueError(f"unknown builtin model {name!r}; builtins are {sorted(BUILTINS)}") from None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(BUILTIN_SEED)
+        module = factory()
+    return module.eval()

@@ -1,0 +1,119 @@
+"""What a served model is: its name, where it comes from, what frames it takes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from streamgpu.protocol import wire
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PREPROCESS_KINDS = ("image", "none")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One served model, as configured.
+
+    ``source`` is ``builtin:NAME`` (see streamgpu.models.builtin), or
+    ``torchscript:PATH``, ``export:PATH`` (a ``torch.export`` archive) or
+    ``state_dict:PATH`` (weights for the builtin architecture named in
+    ``arch``). ``input_shape``/``input_dtype`` describe one frame.
+    ``preprocess="image"`` turns uint8 HWC frames into normalized float NCHW
+    with ``mean``/``std`` on the device; ``"none"`` feeds the tensor as is
+    (cast to the model's precision for floating inputs).
+    """
+
+    name: str = "default"
+    source: str = "builtin:small"
+    arch: str = ""
+    input_shape: tuple[int, ...] = (224, 224, 3)
+    input_dtype: str = "uint8"
+    preprocess: str = "image"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    precision: str = "auto"
+    max_batch_size: int = 32
+    max_queue_delay_ms: float = 2.0
+    batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    cuda_graphs: bool = True
+    max_queue: int = 1024
+    default_deadline_ms: float = 0.0
+    latency_target_ms: float = 0.0
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ValueError(f"model {self.name!r}: " + "; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Every reason this spec is invalid (empty when valid)."""
+        out: list[str] = []
+        if not 1 <= len(self.name.encode()) <= wire.MAX_MODEL_NAME:
+            out.append(f"name must be 1..{wire.MAX_MODEL_NAME} UTF-8 bytes")
+        scheme, _, rest = self.source.partition(":")
+        if scheme not in ("builtin", "torchscript", "export", "state_dict") or not rest:
+            out.append(f"source {self.source!r} must be builtin:NAME, torchscript:PATH, export:PATH or state_dict:PATH")
+        if scheme == "state_dict" and not self.arch:
+            out.append("a state_dict source needs arch = a builtin architecture name")
+        if not self.input_shape or any(d <= 0 for d in self.input_shape) or len(self.input_shape) > wire.MAX_NDIM:
+            out.append(f"input_shape {list(self.input_shape)} must have 1..{wire.MAX_NDIM} positive dims")
+        try:
+            wire.dtype_code(self.input_dtype)
+        except (TypeError, ValueError):
+            out.append(f"input_dtype {self.input_dtype!r} is not a supported dtype")
+        if self.preprocess not in PREPROCESS_KINDS:
+            out.append(f"preprocess must be one of {PREPROCESS_KINDS}, got {self.preprocess!r}")
+        if self.preprocess == "image":
+            if self.input_dtype != "uint8" or len(self.input_shape) != 3:
+                out.append("preprocess = 'image' needs uint8 frames of shape [H, W, C]")
+            elif not len(self.mean) == len(self.std) == self.input_shape[2]:
+                out.append(
+                    f"mean and std need {self.input_shape[2] if self.input_shape else '?'} values (one per channel)"
+                )
+            elif any(s == 0 for s in self.std):
+                out.append("std values must be non-zero")
+        if self.precision not in PRECISIONS:
+            out.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.max_batch_size < 1:
+            out.append("max_batch_size must be >= 1")
+        if self.max_queue_delay_ms < 0:
+            out.append("max_queue_delay_ms must be >= 0")
+        if not self.batch_buckets or any(b < 1 for b in self.batch_buckets):
+            out.append("batch_buckets must be positive batch sizes")
+        if self.max_queue < 1:
+            out.append("max_queue must be >= 1")
+        if self.default_deadline_ms < 0 or self.latency_target_ms < 0:
+            out.append("default_deadline_ms and latency_target_ms must be >= 0")
+        return out
+
+    @property
+    def frame_dtype(self) -> np.dtype:
+        return np.dtype(self.input_dtype)
+
+    @property
+    def frame_dtype_code(self) -> int:
+        return wire.dtype_code(self.input_dtype)
+
+    @property
+    def frame_nbytes(self) -> int:
+        return int(np.prod(self.input_shape)) * self.frame_dtype.itemsize
+
+    def buckets(self) -> tuple[int, ...]:
+        """Batch-size buckets up to max_batch_size, always ending with max_batch_size."""
+        sizes = sorted({b for b in self.batch_buckets if b < self.max_batch_size} | {self.max_batch_size})
+        return tuple(sizes)
+
+    def check_frame(self, header: wire.FrameHeader) -> str | None:
+        """Why this model cannot take the frame, or None if it can."""
+        if header.dtype_code != self.frame_dtype_code or tuple(header.shape) != self.input_shape:
+            got = wire.DTYPES[header.dtype_code].name if header.dtype_code in wire.DTYPES else "?"
+            return (
+                f"model {self.name!r} takes {self.input_dtype} {list(self.input_shape)} frames,"
+                f" got {got} {list(header.shape)}"
+            )
+        return None

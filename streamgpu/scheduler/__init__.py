@@ -1,0 +1,1 @@
+"""Per-model queues, batch formation, deadlines and admission, on the event loop."""
