@@ -1,0 +1,251 @@
+"""Measurement windows, percentiles, stability and merging of raw results.
+
+Everything here is pure (no I/O, no asyncio) so it can be unit-tested and used
+both inside one generator process and by the parent that merges the windows
+of several generator processes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+#: Percentiles reported for latency, as in perf_analyzer.
+PERCENTILES: tuple[int, ...] = (50, 90, 95, 99)
+
+#: Server-side stage fields of ``wire.Timings``, in the order they are summed.
+STAGES: tuple[str, ...] = ("receive_us", "queue_us", "transfer_us", "compute_us", "total_us", "batch_size")
+
+#: Status name under which transport failures (an exception instead of a reply) are counted.
+ERROR = "ERROR"
+
+
+def percentile(values: np.ndarray | Sequence[float], p: float) -> float:
+    """Nearest-rank percentile: the smallest value with at least ``p`` % of values <= it.
+
+    ``p`` is in (0, 100]; p=100 is the maximum. Returns NaN for no values.
+    Equals ``numpy.percentile(values, p, method="inverted_cdf")``.
+    """
+    return percentiles(values, (p,))[0]
+
+
+def percentiles(values: np.ndarray | Sequence[float], ps: Iterable[float]) -> list[float]:
+    """Nearest-rank percentiles of ``values`` for each ``p`` in ``ps`` (one sort)."""
+    ps = list(ps)
+    for p in ps:
+        if not 0 < p <= 100:
+            raise ValueError(f"percentile must be in (0, 100], got {p}")
+    arr = np.sort(np.asarray(values, dtype=np.float64), kind="stable")
+    n = arr.size
+    if n == 0:
+        return [math.nan] * len(ps)
+    # rank = ceil(p/100 * n), 1-based; the small epsilon stops 0.29*100 = 28.999... from rounding up.
+    return [float(arr[max(0, math.ceil(p * n / 100 - 1e-9) - 1)]) for p in ps]
+
+
+@dataclass
+class Window:
+    """Raw results of one measurement window (of one process, or merged over several).
+
+    Latencies and stage timings cover OK replies only; ``statuses`` counts
+    every reply (and transport errors) by status name.
+    """
+
+    start: float  # time.monotonic() seconds, comparable between processes on one host
+    end: float
+    latencies: np.ndarray  # seconds, float64, OK replies completed in the window
+    statuses: dict[str, int]
+    stage_sums: np.ndarray  # float64[len(STAGES)], summed over OK replies
+    sent: int  # frames sent in the window
+    lags: np.ndarray  # open loop: seconds each send was late against its schedule
+    cpu_s: float  # process CPU seconds used in the window, summed over processes
+    processes: int = 1
+
+    @property
+    def duration(self) -> float:
+        return max(self.end - self.start, 1e-9)
+
+    @property
+    def ok(self) -> int:
+        return int(self.latencies.size)
+
+    @property
+    def completed(self) -> int:
+        return sum(self.statuses.values())
+
+    @property
+    def throughput(self) -> float:
+        """OK replies per second."""
+        return self.ok / self.duration
+
+    @property
+    def mean_latency(self) -> float:
+        return float(self.latencies.mean()) if self.latencies.size else math.nan
+
+
+def merge(windows: Sequence[Window]) -> Window:
+    """Merge windows, whether of different processes at the same time or consecutive ones.
+
+    The merged window spans from the earliest start to the latest end; raw
+    latencies are concatenated so percentiles are computed over all of them.
+    Consecutive windows of one process must be merged with ``processes`` kept:
+    use :func:`merge_consecutive` for that.
+    """
+    if not windows:
+        raise ValueError("nothing to merge")
+    statuses: dict[str, int] = {}
+    for w in windows:
+        for name, n in w.statuses.items():
+            statuses[name] = statuses.get(name, 0) + n
+    return Window(
+        start=min(w.start for w in windows),
+        end=max(w.end for w in windows),
+        latencies=np.concatenate([w.latencies for w in windows]),
+        statuses=statuses,
+        stage_sums=np.sum([w.stage_sums for w in windows], axis=0),
+        sent=sum(w.sent for w in windows),
+        lags=np.concatenate([w.lags for w in windows]),
+        cpu_s=sum(w.cpu_s for w in windows),
+        processes=sum(w.processes for w in windows),
+    )
+
+
+def merge_consecutive(windows: Sequence[Window]) -> Window:
+    """Merge consecutive windows of the same set of processes (keeps ``processes``)."""
+    merged = merge(windows)
+    merged.processes = windows[0].processes
+    return merged
+
+
+def is_stable(windows: Sequence[Window], tolerance_pct: float, count: int = 3) -> bool:
+    """perf_analyzer's rule: the last ``count`` windows' throughput and mean latency
+    each lie within ``tolerance_pct`` % of their average."""
+    if len(windows) < count:
+        return False
+    last = windows[-count:]
+    return _within([w.throughput for w in last], tolerance_pct) and _within(
+        [w.mean_latency for w in last], tolerance_pct
+    )
+
+
+def _within(values: list[float], tolerance_pct: float) -> bool:
+    if all(v == 0 or math.isnan(v) for v in values):
+        return all(v == 0 for v in values) or all(math.isnan(v) for v in values)
+    if any(math.isnan(v) for v in values):
+        return False
+    mean = sum(values) / len(values)
+    return all(abs(v - mean) <= mean * tolerance_pct / 100 for v in values)
+
+
+@dataclass
+class WindowPolicy:
+    """Decides when a load level has been measured enough.
+
+    ``fixed`` (a --duration or --count run) takes the first window as it is;
+    otherwise windows continue until the last ``stable_windows`` are stable or
+    ``max_windows`` were taken.
+    """
+
+    tolerance_pct: float = 10.0
+    max_windows: int = 10
+    stable_windows: int = 3
+    fixed: bool = False
+    windows: list[Window] = field(default_factory=list)
+
+    def add(self, window: Window) -> bool:
+        """Record a window; True when measuring should stop."""
+        self.windows.append(window)
+        return (
+            self.fixed
+            or len(self.windows) >= self.max_windows
+            or is_stable(self.windows, self.tolerance_pct, self.stable_windows)
+        )
+
+    @property
+    def stable(self) -> bool:
+        return self.fixed or is_stable(self.windows, self.tolerance_pct, self.stable_windows)
+
+    def result_window(self) -> Window:
+        """The windows the figures come from: the last ``stable_windows`` ones, merged."""
+        if not self.windows:
+            raise ValueError("no window was measured")
+        return merge_consecutive(self.windows[-self.stable_windows :])
+
+
+@dataclass
+class LevelResult:
+    """The figures of one load level against one endpoint (latencies in seconds)."""
+
+    endpoint: str
+    mode: str  # "concurrency" or "rate"
+    level: float  # frames in flight, or target frames/s
+    throughput: float  # OK replies per second
+    latency: dict[str, float]  # mean, min, max, p50, p90, p95, p99
+    server_us: dict[str, float]  # mean server time per stage (STAGES), OK replies
+    statuses: dict[str, int]
+    sent: int
+    completed: int
+    duration_s: float
+    send_rate: float
+    send_lag_p99_s: float  # open loop only, NaN in closed loop
+    behind: bool  # open loop: the generator could not keep its schedule
+    cpu_cores: float  # generator CPU seconds per wall second, all processes
+    processes: int
+    windows: int
+    stable: bool
+
+
+def summarize(
+    window: Window,
+    *,
+    endpoint: str,
+    mode: str,
+    level: float,
+    windows: int,
+    stable: bool,
+    max_lag_s: float = 0.01,
+    rate_tolerance: float = 0.05,
+) -> LevelResult:
+    """Turn a (merged) window into a LevelResult.
+
+    In open loop (mode "rate"), ``behind`` is set when the achieved send rate is
+    more than ``rate_tolerance`` below the target or the p99 send lag exceeds
+    ``max_lag_s``.
+    """
+    lat = window.latencies
+    p = percentiles(lat, PERCENTILES)
+    latency = {
+        "mean": window.mean_latency,
+        "min": float(lat.min()) if lat.size else math.nan,
+        "max": float(lat.max()) if lat.size else math.nan,
+        **{f"p{q}": v for q, v in zip(PERCENTILES, p, strict=True)},
+    }
+    ok = max(window.ok, 1)
+    server = {name: float(s) / ok if window.ok else math.nan for name, s in zip(STAGES, window.stage_sums, strict=True)}
+    send_rate = window.sent / window.duration
+    lag_p99 = percentile(window.lags, 99) if mode == "rate" else math.nan
+    behind = mode == "rate" and (
+        send_rate < level * (1 - rate_tolerance) or (not math.isnan(lag_p99) and lag_p99 > max_lag_s)
+    )
+    return LevelResult(
+        endpoint=endpoint,
+        mode=mode,
+        level=level,
+        throughput=window.throughput,
+        latency=latency,
+        server_us=server,
+        statuses=dict(sorted(window.statuses.items())),
+        sent=window.sent,
+        completed=window.completed,
+        duration_s=window.duration,
+        send_rate=send_rate,
+        send_lag_p99_s=lag_p99,
+        behind=behind,
+        cpu_cores=window.cpu_s / window.duration,
+        processes=window.processes,
+        windows=windows,
+        stable=stable,
+    )

@@ -1,0 +1,118 @@
+"""Transports: how frames reach a server. Plug-ins are chosen by name.
+
+A transport turns ``(host, port)`` into a :class:`Connection` whose
+``submit()`` sends one frame and returns a future of its reply. The ``tcp``
+transport (wire protocol v1 through :mod:`streamgpu.client`) is built in;
+UDP, raw frames, HTTP and WebSocket register here as they land, either by
+calling :func:`register_transport` or through the ``streamgpu.loadgen.transports``
+entry-point group (an entry point names a zero-argument factory of a Transport).
+Entry points are what spawned ``--processes`` workers see, so out-of-tree
+transports should use them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Protocol, cast
+
+import numpy as np
+
+from streamgpu.loadgen.errors import UsageError
+from streamgpu.protocol.wire import Timings
+
+ENTRY_POINT_GROUP = "streamgpu.loadgen.transports"
+
+
+class ReplyLike(Protocol):
+    """What the generator reads from a reply (``streamgpu.client.Reply`` has it)."""
+
+    @property
+    def status(self) -> int: ...  # a wire.Status value
+
+    @property
+    def latency_s(self) -> float: ...  # send to reply, measured by the transport
+
+    @property
+    def timings(self) -> Timings: ...
+
+
+class Connection(Protocol):
+    """One open connection to an endpoint."""
+
+    @property
+    def max_payload(self) -> int: ...
+
+    def submit(
+        self,
+        frame: np.ndarray,
+        *,
+        stream_id: int = 0,
+        model: str = "default",
+        deadline: float | None = None,
+        priority: int = 0,
+        live: bool = False,
+    ) -> asyncio.Future[ReplyLike]:
+        """Send ``frame`` now (no await) and return the future of its reply."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class Transport(ABC):
+    """A way to reach a server; one instance may open many connections."""
+
+    name: str = ""
+
+    @abstractmethod
+    async def connect(self, host: str, port: int, *, token: str = "", timeout: float = 10.0) -> Connection:
+        """Open and handshake one connection; raise ConnectionError (or OSError) on failure."""
+
+
+class TcpTransport(Transport):
+    """Wire protocol v1 over TCP, through the project client library."""
+
+    name = "tcp"
+
+    async def connect(self, host: str, port: int, *, token: str = "", timeout: float = 10.0) -> Connection:
+        # Imported here so the generator's CLI and tests of other parts load without the client.
+        from streamgpu import client
+
+        conn = await client.connect(host, port, token=token, timeout=timeout)
+        return cast(Connection, conn)
+
+
+_REGISTRY: dict[str, Callable[[], Transport]] = {"tcp": TcpTransport}
+_entry_points_loaded = False
+
+
+def register_transport(name: str, factory: Callable[[], Transport]) -> None:
+    """Make a transport available as ``--transport NAME`` (a later registration wins)."""
+    _REGISTRY[name] = factory
+
+
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        _REGISTRY.setdefault(ep.name, ep.load())
+
+
+def transport_names() -> list[str]:
+    """Names of all registered transports, sorted."""
+    _load_entry_points()
+    return sorted(_REGISTRY)
+
+
+def get_transport(name: str) -> Transport:
+    """A new transport instance by name; UsageError for an unknown name."""
+    _load_entry_points()
+    try:
+        factory = _REGISTRY[name]
+    except KeyError:
+        raise UsageError(f"unknown transport {name!r}; available: {', '.join(transport_names())}") from None
+    return factory()
