@@ -252,7 +252,7 @@ def _reply_results(frames: list[Frame], results: np.ndarray, launch_ns: int, cop
             batch_size=n,
         )
         reply = ReplyHeader(h.stream_id, h.sequence, Status.OK, dtype_code, shape, row.nbytes, h.timestamp_ns, timings)
-        frame.reply(reply, memoryview(row.view(np.uint8)))
+        frame.reply(reply, row.view(np.uint8).data)
 
 
 # -- running a server as a process -------------------------------------------------------

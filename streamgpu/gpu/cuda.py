@@ -52,7 +52,7 @@ class CudaModel(DeviceModel):
         self.dtype = torch.float16 if spec.precision == "auto" else _DTYPES[spec.precision]
         self.module = module.to(device=device, dtype=self.dtype)
         if spec.preprocess == "image":
-            self.module = self.module.to(memory_format=torch.channels_last)
+            self.module = self.module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.stream = torch.cuda.Stream(device)
         self.graphs: dict[int, _Graph] = {}
         self.graph_error = ""

@@ -129,7 +129,7 @@ class PinnedRing:
 
     def view(self, slot: Slot) -> memoryview:
         """Writable memoryview of the slot's payload bytes (for recv_into / get_buffer)."""
-        return memoryview(self.buffer[slot.offset : slot.offset + slot.nbytes])
+        return self.buffer[slot.offset : slot.offset + slot.nbytes].data
 
     def array(self, slot: Slot) -> np.ndarray:
         """The slot's payload as a uint8 numpy view (no copy)."""

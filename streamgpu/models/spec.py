@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -43,7 +43,6 @@ class ModelSpec:
     max_queue: int = 1024
     default_deadline_ms: float = 0.0
     latency_target_ms: float = 0.0
-    extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         problems = self.problems()

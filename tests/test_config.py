@@ -1,0 +1,67 @@
+"""Config: file < environment < overrides, and a clear error for every bad setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from streamgpu.config import Config, ConfigError
+
+EXAMPLE = Path(__file__).parent.parent / "configs" / "example.toml"
+
+
+def test_example_config_loads_and_matches_defaults() -> None:
+    assert Config.load(str(EXAMPLE), env={}) == Config()
+
+
+def test_environment_then_overrides_win(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[server]\nport = 1000\nhost = "0.0.0.0"\n')
+    cfg = Config.load(str(path), env={"STREAMGPU_PORT": "2000", "STREAMGPU_AUTH_TOKEN": "t"}, host=None, device="cpu")
+    assert (cfg.port, cfg.host, cfg.auth_token, cfg.device) == (2000, "0.0.0.0", "t", "cpu")
+    assert Config.load(str(path), env={"STREAMGPU_PORT": "2000"}, port=3000).port == 3000
+
+
+def test_model_flag_replaces_the_first_models_source() -> None:
+    cfg = Config.load(None, env={}, model="builtin:resnet18")
+    assert cfg.models[0].source == "builtin:resnet18" and cfg.models[0].name == "default"
+
+
+def test_models_from_toml(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[[models]]\nname = "a"\ninput_shape = [32, 32, 3]\n[[models]]\nname = "b"\nsource = "builtin:resnet18"\n'
+    )
+    cfg = Config.load(str(path), env={})
+    assert [m.name for m in cfg.models] == ["a", "b"] and cfg.models[0].input_shape == (32, 32, 3)
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("[server]\nprot = 1\n", "unknown setting server.prot"),
+        ("[server]\nport = 70000\n", "port must be 0..65535"),
+        ('[server]\ndevice = "tpu"\n', "device must be one of"),
+        ("[server]\nring_bytes = 100000\nmax_payload_bytes = 200000\n", "max_payload_bytes must be"),
+        ("[serve]\nport = 1\n", "unknown top-level tables"),
+        ('[[models]]\nname = "a"\n[[models]]\nname = "a"\n', "model names must be unique"),
+        ('[[models]]\nsource = "ftp://x"\n', "source 'ftp://x' must be"),
+        ("[[models]]\ninput_shape = [224, 224]\n", "needs uint8 frames of shape [H, W, C]"),
+        ('[[models]]\ninput_dtype = "complex64"\n', "not a supported dtype"),
+        ("[[models]]\ncolour = 1\n", "unknown settings ['colour']"),
+        ("port = [\n", "not valid TOML"),
+    ],
+)
+def test_bad_settings_say_what_to_fix(tmp_path: Path, toml: str, message: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        Config.load(str(path), env={})
+
+
+def test_bad_environment_and_missing_file() -> None:
+    with pytest.raises(ConfigError, match="STREAMGPU_PORT='x' is not a valid int"):
+        Config.load(None, env={"STREAMGPU_PORT": "x"})
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        Config.load("/nonexistent.toml", env={})

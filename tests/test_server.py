@@ -1,0 +1,216 @@
+"""A real server on loopback (CPU backend): results, bad inputs, backpressure, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+import pytest_asyncio
+import torch
+
+from streamgpu import client
+from streamgpu.config import Config
+from streamgpu.models.builtin import build_builtin
+from streamgpu.models.preprocess import preprocess_torch
+from streamgpu.models.spec import ModelSpec
+from streamgpu.protocol import wire
+from streamgpu.protocol.wire import Status
+from streamgpu.server import Server
+
+SPEC = ModelSpec(input_shape=(64, 64, 3), max_batch_size=16, batch_buckets=(1, 4, 16))
+FRAME_BYTES = SPEC.frame_nbytes
+
+
+def config(**kw: object) -> Config:
+    base: dict[str, object] = dict(port=0, device="cpu", models=[SPEC], shutdown_timeout_s=20.0)
+    base.update(kw)
+    return Config(**base)  # type: ignore[arg-type]
+
+
+@pytest_asyncio.fixture
+async def server() -> AsyncIterator[Server]:
+    async with Server(config()) as srv:
+        yield srv
+    assert srv.ring.slots_in_use == 0
+
+
+def reference(frames: np.ndarray) -> np.ndarray:
+    module = build_builtin("small")
+    with torch.inference_mode():
+        return module(preprocess_torch(torch.from_numpy(frames), SPEC, torch.float32)).numpy()
+
+
+def random_frames(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, *SPEC.input_shape), dtype=np.uint8)
+
+
+@pytest.mark.asyncio
+async def test_1000_frames_over_8_streams_match_the_model(server: Server) -> None:
+    frames = random_frames(1024, seed=1)
+    expected = reference(frames)
+
+    async def producer(conn_index: int, conn: client.Connection) -> list[tuple[int, client.Reply]]:
+        sent = []
+        for i in range(conn_index, len(frames), 4):
+            stream = conn_index * 2 + (i // 4) % 2  # 4 connections x 2 streams = 8 streams
+            sent.append((i, conn.submit(frames[i], stream_id=stream)))
+        return [(i, await fut) for i, fut in sent]
+
+    conns = [await client.connect("127.0.0.1", server.port) for _ in range(4)]
+    results = await asyncio.gather(*(producer(k, c) for k, c in enumerate(conns)))
+    for conn in conns:
+        await conn.close()
+    replies = [pair for chunk in results for pair in chunk]
+    assert len(replies) == len(frames)
+    for i, reply in replies:
+        assert reply.ok, reply.message
+        assert reply.result is not None
+        np.testing.assert_allclose(reply.result, expected[i], rtol=1e-4, atol=1e-4)
+        assert reply.timings.batch_size >= 1 and reply.timings.total_us >= reply.timings.compute_us
+    per_stream: dict[int, list[int]] = {}
+    for _, reply in sorted(replies, key=lambda p: p[1].received_ns):
+        per_stream.setdefault(reply.stream_id, []).append(reply.sequence)
+    assert len(per_stream) == 8
+    assert all(seqs == sorted(seqs) for seqs in per_stream.values())  # in order per stream
+    metrics = server.metrics()["models"]["default"]
+    assert metrics["completed"] == len(frames) and max(metrics["batch_sizes"]) > 1
+
+
+@pytest.mark.asyncio
+async def test_bad_frames_cost_only_themselves(server: Server) -> None:
+    good = await client.connect("127.0.0.1", server.port)
+    bad = await client.connect("127.0.0.1", server.port)
+    frame = random_frames(1, seed=2)[0]
+    background = [good.submit(frame, stream_id=1) for _ in range(20)]
+    wrong_shape = await bad.infer(np.zeros((8, 8, 3), np.uint8))
+    wrong_dtype = await bad.infer(np.zeros(SPEC.input_shape, np.float32))
+    unknown = await bad.infer(frame, model="no-such-model")
+    assert (wrong_shape.status, wrong_dtype.status, unknown.status) == (
+        Status.BAD_FRAME, Status.BAD_FRAME, Status.UNKNOWN_MODEL,
+    )  # fmt: skip
+    assert "takes uint8 [64, 64, 3]" in wrong_shape.message
+    assert (await bad.infer(frame)).ok  # the same connection goes on
+    assert all(r.ok for r in await asyncio.gather(*background))
+    await good.close()
+    await bad.close()
+
+
+def raw_connect(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(wire.encode_hello(wire.Hello()))
+    welcome = sock.recv(4096)
+    assert wire.decode_welcome(welcome) is not None
+    return sock
+
+
+def read_reply(sock: socket.socket) -> wire.ReplyHeader:
+    buf = b""
+    while True:
+        parsed = wire.decode_reply(buf)
+        if parsed is not None:
+            return parsed[0]
+        chunk = sock.recv(65536)
+        assert chunk, "server closed before a whole reply"
+        buf += chunk
+
+
+@pytest.mark.asyncio
+async def test_garbage_and_oversize_over_a_raw_socket(server: Server) -> None:
+    loop = asyncio.get_running_loop()
+    good = await client.connect("127.0.0.1", server.port)
+
+    def garbage() -> tuple[wire.ReplyHeader, bytes]:
+        with raw_connect(server.port) as sock:
+            sock.sendall(b"\x00garbage" * 50)
+            reply = read_reply(sock)
+            return reply, sock.recv(10)  # b"" once the server closed
+
+    reply, rest = await loop.run_in_executor(None, garbage)
+    assert (reply.stream_id, reply.sequence, reply.status) == (0, 0, Status.BAD_FRAME) and rest == b""
+
+    def oversize() -> wire.ReplyHeader:
+        with raw_connect(server.port) as sock:
+            n = server.max_payload + 1
+            sock.sendall(wire.encode_frame_header(wire.FrameHeader(3, 9, "default", 1, (n,), n)))
+            sock.sendall(b"\0" * n)  # the server reads and drops it, then answers
+            return read_reply(sock)
+
+    reply = await loop.run_in_executor(None, oversize)
+    assert (reply.stream_id, reply.sequence, reply.status) == (3, 9, Status.TOO_LARGE)
+    assert (await good.infer(random_frames(1, 3)[0])).ok
+    await good.close()
+
+
+@pytest.mark.asyncio
+async def test_truncated_frame_then_disconnect_leaks_nothing(server: Server) -> None:
+    def truncated() -> None:
+        with raw_connect(server.port) as sock:
+            h = wire.FrameHeader(0, 0, "default", 1, SPEC.input_shape, FRAME_BYTES)
+            sock.sendall(wire.encode_frame_header(h) + b"\1" * (FRAME_BYTES // 2))
+
+    await asyncio.get_running_loop().run_in_executor(None, truncated)
+    for _ in range(200):
+        if server.ring.slots_in_use == 0 and server.metrics()["connections"] == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert server.ring.slots_in_use == 0
+
+
+@pytest.mark.asyncio
+async def test_small_ring_backpressure_answers_everything() -> None:
+    # Room for 3 frames: producers outrun the model, so reading pauses and resumes many times.
+    async with Server(config(ring_bytes=3 * (FRAME_BYTES + 256), max_payload_bytes=FRAME_BYTES)) as srv:
+        conns = [await client.connect("127.0.0.1", srv.port) for _ in range(3)]
+        frames = random_frames(60, seed=4)
+        futs = [conns[i % 3].submit(f, stream_id=i % 3) for i, f in enumerate(frames)]
+        replies = await asyncio.gather(*futs)
+        assert all(r.ok for r in replies)
+        np.testing.assert_allclose(np.stack([r.result for r in replies]), reference(frames), rtol=1e-4, atol=1e-4)
+        assert srv.ring.used_bytes == 0
+        for conn in conns:
+            await conn.close()
+
+
+@pytest.mark.asyncio
+async def test_graceful_shutdown_answers_every_accepted_frame() -> None:
+    srv = Server(config())
+    await srv.start()
+    port = srv.port
+    conn = await client.connect("127.0.0.1", port)
+    frames = random_frames(400, seed=5)
+    futs = [conn.submit(f, stream_id=i % 4) for i, f in enumerate(frames)]
+    while srv.metrics()["models"]["default"]["accepted"] < 50:  # frames are in the server's hands
+        await asyncio.sleep(0.001)
+    await srv.stop()
+    statuses: list[Status] = []
+    for fut in futs:
+        try:
+            statuses.append((await fut).status)
+        except ConnectionError:
+            pass  # never read by the server: the producer learns the connection closed
+    metrics = srv.metrics()["models"]["default"]
+    assert statuses.count(Status.OK) == metrics["completed"] == metrics["accepted"] >= 50
+    assert set(statuses) <= {Status.OK, Status.SHUTTING_DOWN}
+    assert srv.ring.slots_in_use == 0
+    with pytest.raises(ConnectionError):
+        await client.connect("127.0.0.1", port, timeout=2)
+    await conn.close()
+
+
+@pytest.mark.asyncio
+async def test_auth_token_is_required_when_configured() -> None:
+    async with Server(config(auth_token="s3cret")) as srv:
+        with pytest.raises(client.HandshakeError) as info:
+            await client.connect("127.0.0.1", srv.port, token="nope")
+        assert info.value.status == Status.UNAUTHORIZED
+        conn = await client.connect("127.0.0.1", srv.port, token="s3cret")
+        assert (await conn.infer(random_frames(1, 6)[0])).ok
+        await conn.close()
+
+
+def test_reply_header_layout_is_64_bytes() -> None:
+    assert wire.REPLY_HEADER_SIZE == 64 and struct.calcsize("<4sBBBBHHIQQQIIIIIHH") == 64
