@@ -82,7 +82,8 @@ def _positive(kind: type[int] | type[float], *, zero: bool = False) -> Callable[
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{'' if kind is int else ' '} {kind.__name__}") from None
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
         if not (value > 0 or (zero and value == 0)):
             raise argparse.ArgumentTypeError(f"must be {'>= 0' if zero else '> 0'}, got {text}")
         return value

@@ -255,7 +255,9 @@ class LoadRunner:
             return None
         return asyncio.get_running_loop().create_task(self._open_loop(t0, level.value))
 
-    async def _stop_load(self, sender: asyncio.Task[None] | None) -> None:
+    async def _stop_load(self, sender: asyncio.Task[None] | None, at: float = 0.0) -> None:
+        """Stop sending (at monotonic time ``at``, or now) and wait until every reply is in."""
+        await self._sleep_until(at)
         self._issuing = False
         if self._slot_waiter is not None:
             self._slot_waiter.set()
@@ -282,13 +284,14 @@ class LoadRunner:
         sender = None
         try:
             await self._sleep_until(t_start)
-            sender = self._start_load(level, t_start)
             t = t_start + cfg.warmup_s
-            await self._sleep_until(t)
             if cfg.count is not None:
-                await self._measure_count(level, sender, on_window)
-                sender = None
+                if cfg.warmup_s > 0:
+                    await self._stop_load(self._start_load(level, t_start), t)
+                await self._measure_count(level, on_window)
             else:
+                sender = self._start_load(level, t_start)
+                await self._sleep_until(t)
                 self._recording = True
                 self._begin_window(t)
                 length = cfg.duration_s or cfg.window_s
@@ -306,11 +309,10 @@ class LoadRunner:
         if self._fatal is not None:
             raise LoadgenError(f"the run failed: {self._fatal!r}") from self._fatal
 
-    async def _measure_count(self, level: LoadLevel, sender: asyncio.Task[None] | None, on_window: OnWindow) -> None:
-        """Stop the warm-up load, then measure exactly this process's share of cfg.count frames."""
+    async def _measure_count(self, level: LoadLevel, on_window: OnWindow) -> None:
+        """Measure exactly this process's share of cfg.count frames (after the warm-up load was drained)."""
         cfg = self._cfg
         assert cfg.count is not None
-        await self._stop_load(sender)
         if self._stop.is_set():
             return
         self._remaining = split_int(cfg.count, self._index, cfg.processes)  # validated: count >= processes

@@ -1,0 +1,45 @@
+"""Fixtures of the load generator tests: a fake server on loopback and a CLI runner."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # fakeserver.py, whatever pytest's import mode
+
+from fakeserver import FakeServer
+
+from streamgpu.loadgen.cli import main
+
+#: Injected server latency of the default fake server.
+LATENCY = 0.005
+
+#: Fast measurement settings for a noisy 2-core machine: short windows, no warm-up.
+FAST = ["--warmup", "0", "-p", "300", "--shape", "8x8x3"]
+
+
+@pytest.fixture
+def server() -> Iterator[FakeServer]:
+    """A fake server answering every frame OK after LATENCY, on its own thread."""
+    with FakeServer(LATENCY) as srv:
+        yield srv
+
+
+class Cli:
+    """Runs ``main(argv)`` and captures its output."""
+
+    def __init__(self, capsys: pytest.CaptureFixture[str]) -> None:
+        self.capsys = capsys
+
+    def __call__(self, *argv: str) -> tuple[int, str, str]:
+        rc = main(list(argv))
+        out, err = self.capsys.readouterr()
+        return rc, out, err
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
+    return Cli(capsys)

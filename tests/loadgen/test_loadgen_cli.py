@@ -1,0 +1,110 @@
+"""Bad arguments give a clear message and exit status 2, without a traceback."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from conftest import FAST, Cli
+from fakeserver import FakeServer
+
+from streamgpu.loadgen.cli import parse_endpoint, parse_range
+from streamgpu.loadgen.config import Endpoint
+from streamgpu.protocol.wire import Status
+
+
+def test_parse_range() -> None:
+    assert parse_range("4", integer=True) == [4]
+    assert parse_range("1:4", integer=True) == [1, 2, 3, 4]
+    assert parse_range("1:8:3", integer=True) == [1, 4, 7]
+    assert parse_range("100:200:50", integer=False) == [100, 150, 200]
+    assert parse_range("0.5:1.5:0.5", integer=False) == [0.5, 1.0, 1.5]
+
+
+def test_parse_endpoint() -> None:
+    assert parse_endpoint("example.org:9000") == Endpoint("example.org", 9000)
+    assert parse_endpoint("example.org") == Endpoint("example.org", 7878)
+    assert parse_endpoint("[::1]:9000") == Endpoint("::1", 9000)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--concurrency-range", "1:x"], "bad range '1:x'"),
+        (["--concurrency-range", "1:2:3:4"], "expected start[:end[:step]]"),
+        (["--concurrency-range", "0:4"], "must be > 0"),
+        (["--concurrency-range", "-2"], "must be > 0"),
+        (["--concurrency-range", "8:2"], "end 2 is below start 8"),
+        (["--concurrency-range", "1.5"], "whole numbers"),
+        (["--request-rate-range", "0"], "must be > 0"),
+        (["--request-rate-range", "10:20:0"], "must be > 0"),
+        (["--concurrency-range", "2", "--request-rate-range", "10"], "not allowed with argument"),
+        (["--shape", "3xax3"], "bad shape '3xax3'"),
+        (["--shape", "0x3"], "every dimension must be positive"),
+        (["--dtype", "complex64"], "not carried by the wire format"),
+        (["--dtype", "bogus"], "unknown dtype 'bogus'"),
+        (["-i", "carrier-pigeon"], "unknown transport 'carrier-pigeon'; available: "),
+        (["--processes", "0"], "must be > 0, got 0"),
+        (["--streams", "-1"], "must be > 0"),
+        (["--count", "2.5"], "'2.5' is not a whole number"),
+        (["--count", "5", "--duration", "1"], "not allowed with argument"),
+        (["-p", "abc"], "'abc' is not a number"),
+        (["--request-distribution", "zipf"], "invalid choice"),
+        (["--priority", "300"], "--priority must be 0..255"),
+        (["--processes", "2", "--concurrency-range", "1"], "concurrency must be a whole number >= --processes (2)"),
+        (["-u", "host:notaport"], "port 'notaport' is not a number"),
+        (["-u", "host:70000"], "port must be 1..65535"),
+    ],
+)
+def test_bad_arguments(cli: Cli, argv: list[str], message: str) -> None:
+    rc, out, err = cli(*argv)
+    assert rc == 2
+    assert message in err
+    assert "Traceback" not in err + out
+    assert "usage: loadgen" in err
+
+
+def test_unreachable_server(cli: Cli) -> None:
+    port = _closed_port()
+    rc, _, err = cli("-u", f"127.0.0.1:{port}", "--count", "1", "--connect-timeout", "2")
+    assert rc == 2
+    assert f"cannot connect to 127.0.0.1:{port} over tcp" in err and "Traceback" not in err
+
+
+def test_refused_handshake(cli: Cli) -> None:
+    with FakeServer(welcome_status=Status.UNAUTHORIZED) as srv:
+        rc, _, err = cli("-u", srv.url, "--count", "1", "--token", "wrong")
+    assert rc == 2
+    assert f"cannot connect to {srv.url}" in err and "UNAUTHORIZED" in err
+
+
+def test_frame_larger_than_server_accepts(cli: Cli) -> None:
+    with FakeServer(max_payload=1000) as srv:
+        rc, _, err = cli("-u", srv.url, "--count", "1", "--shape", "32x32x3")
+    assert rc == 2
+    assert "a frame is 3072 bytes but" in err and "accepts at most 1000" in err
+    assert srv.stats.frames == 0
+
+
+def test_plot_without_matplotlib(cli: Cli, server: FakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import fails as if not installed
+    rc, _, err = cli("-u", server.url, "--count", "1", "--plot", "x.png", *FAST)
+    assert rc == 2 and "--plot needs matplotlib" in err
+    assert server.stats.frames == 0  # refused before the run
+
+
+def test_missing_image_file(cli: Cli, server: FakeServer) -> None:
+    pytest.importorskip("PIL")
+    rc, _, err = cli("-u", server.url, "--count", "1", "--images", "/nonexistent.png", *FAST)
+    assert rc == 2 and "cannot read image /nonexistent.png" in err
+
+
+def test_help_exits_zero(cli: Cli) -> None:
+    rc, out, _ = cli("--help")
+    assert rc == 0 and "--concurrency-range" in out
