@@ -144,6 +144,7 @@ def random_pinned(nbytes: int) -> torch.Tensor:
 def bench_h2d(rep: Report, quick: bool) -> None:
     print("H2D DMA", flush=True)
     copy_stream = torch.cuda.Stream()
+    side = torch.cuda.Stream()
     timer = Timer(copy_stream)
     ring = random_pinned(256 * MiB)
     pageable = torch.empty(256 * MiB, dtype=torch.uint8)
@@ -199,7 +200,25 @@ def bench_h2d(rep: Report, quick: bool) -> None:
 
             return fn
 
+        def copies_two_streams(r: int, size: int = size, slot: int = slot, nslots: int = nslots, k: int = k) -> None:
+            # Alternate two copy streams: one copy's setup overlaps the other's transfer.
+            side.wait_stream(copy_stream)
+            for j in range(k):
+                st = copy_stream if j % 2 == 0 else side
+                s = ((r * k + j) * 7919 % nslots) * slot
+                d = ((r * k + j) % nslots) * slot
+                with torch.cuda.stream(st):
+                    dev[d : d + size].copy_(ring[s : s + size], non_blocking=True)
+            copy_stream.wait_stream(side)
+
+        def gather_k(r: int, size: int = size, slot: int = slot, nslots: int = nslots, k: int = k) -> None:
+            offs = [((r * k + j) * 7919 % nslots) * slot for j in range(k)]
+            o = (r % 4) * 32 * MiB
+            gather_frames(ring, offs, size, dev[o : o + k * size].view(k, size), copy_stream)
+
         pinned_gbps = k * size / (med(timer.gpu_times(copies(ring), reps)) * 1e-3) / 1e9
+        two_gbps = k * size / (med(timer.gpu_times(copies_two_streams, reps)) * 1e-3) / 1e9
+        gather_gbps = k * size / (med(timer.gpu_times(gather_k, reps)) * 1e-3) / 1e9
         walls = []
         for i in range(8):
             torch.cuda.synchronize()
@@ -219,6 +238,16 @@ def bench_h2d(rep: Report, quick: bool) -> None:
             ">= 0.9" if big_enough else "-",
             pinned_gbps >= 0.9 * peak if big_enough else None,
         )
+        for how, gbps in (("2 copy streams", two_gbps), ("gather kernel", gather_gbps)):
+            rep.add(
+                f"H2D {label} slots, {how} vs peak",
+                gbps,
+                "GB/s",
+                peak,
+                "pinned 64 MiB peak",
+                ">= 0.9" if big_enough else "-",
+                gbps >= 0.9 * peak if big_enough else None,
+            )
         rep.add(
             f"H2D {label} slots, pinned vs pageable",
             pinned_gbps,
@@ -228,7 +257,13 @@ def bench_h2d(rep: Report, quick: bool) -> None:
             ">= 4",
             pinned_gbps >= 4 * pageable_gbps,
         )
-        rep.details["h2d"][str(size)] = {"pinned_GBps": pinned_gbps, "pageable_GBps": pageable_gbps, "copies": k}
+        rep.details["h2d"][str(size)] = {
+            "pinned_GBps": pinned_gbps,
+            "two_streams_GBps": two_gbps,
+            "gather_kernel_GBps": gather_gbps,
+            "pageable_GBps": pageable_gbps,
+            "copies": k,
+        }
 
 
 # ---------------------------------------------------------------- 2. batch assembly
@@ -332,6 +367,33 @@ def bench_batch(rep: Report, quick: bool) -> None:
         if not gather_ok or fused_err > 1e-2:
             rep.errors[f"batch N={n}"] = f"mismatch: gather_equal={gather_ok} fused_max_abs_diff={fused_err}"
     rep.details["batch"] = details
+    # Host cost of one gather_frames call (N=8) against a bare cupy launch of the same kernel.
+    from streamgpu.gpu import kernels
+
+    offs8 = [s * FRAME_NBYTES for s in range(0, 64, 8)]
+    out8 = torch.empty((8, FRAME_NBYTES), dtype=torch.uint8, device="cuda")
+    args = (
+        kernels.np.uint64(ring.data_ptr()),
+        kernels.np.uint64(out8.data_ptr()),
+        kernels._pack_offsets([o >> 8 for o in offs8]),
+        kernels.np.int64(FRAME_NBYTES),
+    )
+    grid = (-(-FRAME_NBYTES // 16 // 1024), 8)
+    call, bare = [], []
+    for i in range(600):
+        if i % 50 == 0:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter_ns()
+        gather_frames(ring, offs8, FRAME_NBYTES, out8, stream)
+        t1 = time.perf_counter_ns()
+        kernels._launch("gather_frames", 0, grid, args, stream)
+        t2 = time.perf_counter_ns()
+        call.append((t1 - t0) / 1e3)
+        bare.append((t2 - t1) / 1e3)
+    torch.cuda.synchronize()
+    rep.add(
+        "gather_frames host us/call N=8 (vs bare cupy launch)", med(call[100:]), "us", med(bare[100:]), "bare launch"
+    )
 
 
 # ---------------------------------------------------------------- 3. completion bridges
@@ -427,10 +489,12 @@ class ThreadBridge:
         self.thread.join()
 
 
-DESIGNS = ("a_poll", "b_hostfunc", "c_thread", "d_hybrid")
+# a and d run twice, interleaved, to show the run-to-run spread.
+DESIGNS = ("a_poll", "d_hybrid", "b_hostfunc", "c_thread", "a_poll#2", "d_hybrid#2")
 
 
 async def _bridge_design(design: str, quick: bool) -> dict[str, Any]:
+    design = design.split("#")[0]
     loop = asyncio.get_running_loop()
     stream = torch.cuda.Stream()
     blocking = design == "c_thread"
@@ -503,6 +567,19 @@ async def _bridge_design(design: str, quick: bool) -> dict[str, Any]:
         cpu_frac.append((time.process_time() - c0) / wall * 100)
         overshoot.append(wall * 1e3 - start.elapsed_time(end))
     res.update(long_job_cpu_pct=med(cpu_frac), long_job_overshoot_ms=med(overshoot))
+    # Same without the hint: the hybrid spins for spin_s, then polls every slow_poll_s.
+    cpu_frac, overshoot = [], []
+    for _ in range(5):
+        t0, c0 = time.perf_counter(), time.process_time()
+        with torch.cuda.stream(stream):
+            start.record(stream)
+            timer.hold(20_000)
+            end.record(stream)
+        await completion(ev)
+        wall = time.perf_counter() - t0
+        cpu_frac.append((time.process_time() - c0) / wall * 100)
+        overshoot.append(wall * 1e3 - start.elapsed_time(end))
+    res.update(nohint_cpu_pct=med(cpu_frac), nohint_overshoot_ms=med(overshoot))
     bridge.close()
     torch.cuda.set_stream(torch.cuda.default_stream())
     return res
@@ -653,7 +730,7 @@ def bench_preprocess(rep: Report, quick: bool) -> None:
 
         fused(0)
         torch.cuda.synchronize()
-        ref = ((inputs[0].double() / 255 - mean_t.double()) / std_t.double()).permute(0, 3, 1, 2)
+        ref = ((inputs[0].double() / 255 - mean_t.double().view(c)) / std_t.double().view(c)).permute(0, 3, 1, 2)
         err = ((outs[0].double() - ref).abs().max() / ref.abs().max()).item()
         t_fused = med(timer.gpu_times(fused, reps))
         t_eager = med(timer.gpu_times(eager, reps))
@@ -765,14 +842,15 @@ def print_table(rep: Report) -> None:
         )
         print(
             f"  {'design':<11} {'p50 us':>7} {'p99 us':>7} {'CPU us/op':>9} {'per s':>8}"
-            f" {'idle %':>7} {'20ms-job CPU %':>14}"
+            f" {'idle %':>7} {'20ms job CPU % hint/none':>25}"
         )
         for d in DESIGNS:
             r = bridge.get(d)
             if r:
                 print(
                     f"  {d:<11} {r['p50_us']:>7.1f} {r['p99_us']:>7.1f} {r['cpu_us_per_completion']:>9.1f}"
-                    f" {r['per_s']:>8.0f} {r['idle_cpu_pct']:>7.2f} {r['long_job_cpu_pct']:>14.1f}"
+                    f" {r['per_s']:>8.0f} {r['idle_cpu_pct']:>7.2f}"
+                    f" {r['long_job_cpu_pct']:>17.1f} / {r['nohint_cpu_pct']:>5.1f}"
                 )
     for k, v in rep.errors.items():
         print(f"ERROR {k}: {v.strip().splitlines()[-1]}")

@@ -25,6 +25,9 @@ from typing import Protocol
 
 __all__ = ["CompletionBridge", "Queryable"]
 
+# Timers fire with ~1 ms granularity (uvloop): a poll treats what is due within it as due now.
+_TIMER_SLACK = 0.001
+
 
 class Queryable(Protocol):
     """What the bridge needs of an event: ``torch.cuda.Event``, ``cupy.cuda.Event`` or a fake."""
@@ -87,11 +90,9 @@ class CompletionBridge:
             raise RuntimeError("CompletionBridge is closed")
         if expected_s < 0:
             raise ValueError(f"expected_s must be >= 0, got {expected_s}")
+        # No query here: work recorded just before wait() has practically never finished, and
+        # the first poll comes within one loop iteration anyway.
         fut: asyncio.Future[None] = self._loop.create_future()
-        # One query now resolves already-finished work without a loop iteration.
-        if event.query():
-            fut.set_result(None)
-            return fut
         now = self._loop.time()
         due = now + expected_s - self._margin if expected_s > self._margin else now
         self._waiters.append(_Waiter(event, fut, due))
@@ -121,31 +122,39 @@ class CompletionBridge:
             self._handle_at = when
 
     def _poll(self) -> None:
+        # Hot path: runs every loop iteration while work is due; keep it to one query per waiter.
         self._handle = None
         now = self._loop.time()
-        # Timers fire with ~1 ms granularity (uvloop): treat what is due within it as due now.
-        horizon = now + 0.001
+        horizon = now + _TIMER_SLACK
+        spin_from = now - self._spin
         keep: list[_Waiter] = []
+        spin = False
         next_at = float("inf")
         for w in self._waiters:
             fut = w.future
             if fut.done():  # cancelled by its owner: drop it
                 continue
-            if w.due <= horizon:
-                try:
-                    done = w.event.query()
-                except Exception as exc:  # a CUDA error belongs to this waiter, not to the loop
-                    fut.set_exception(exc)
-                    continue
-                if done:
-                    fut.set_result(None)
-                    continue
-                # Spin while young; after spin_s poll only every slow_poll_s.
-                at = now if now - w.due < self._spin else now + self._slow
-            else:
-                at = w.due
+            if w.due > horizon:  # hinted, not due yet
+                keep.append(w)
+                if w.due < next_at:
+                    next_at = w.due
+                continue
+            try:
+                done = w.event.query()
+            except Exception as exc:  # a CUDA error belongs to this waiter, not to the loop
+                fut.set_exception(exc)
+                continue
+            if done:
+                fut.set_result(None)
+                continue
             keep.append(w)
-            next_at = min(next_at, at)
+            if w.due > spin_from:  # young: poll again next iteration
+                spin = True
+            elif now + self._slow < next_at:  # polled for spin_s already: back off
+                next_at = now + self._slow
         self._waiters = keep
-        if keep:
+        if spin:
+            self._handle = self._loop.call_soon(self._poll)
+            self._handle_at = float("-inf")
+        elif keep:
             self._schedule(next_at, now)

@@ -16,6 +16,7 @@ Frame offsets reach the GPU inside the launch itself (a by-value kernel argument
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -154,6 +155,7 @@ __global__ void __launch_bounds__(256) preprocess_px(
 
 _OFFSETS_DTYPE = np.dtype([("v", np.uint32, (MAX_FRAMES_PER_LAUNCH,))])
 _AFFINE_DTYPE = np.dtype([("scale", np.float32, (_MAX_CHANNELS,)), ("bias", np.float32, (_MAX_CHANNELS,))])
+_NO_OFFSETS = np.zeros(1, dtype=_OFFSETS_DTYPE)  # read-only placeholder for non-gather launches
 _C_TYPES = {torch.float32: "float", torch.float16: "unsigned short"}
 
 
@@ -178,29 +180,30 @@ def _function(name: str, device: int) -> Any:
 
 @functools.cache
 def _external_stream(ptr: int) -> Any:
-    return _cupy().cuda.ExternalStream(ptr)
+    with warnings.catch_warnings():  # cupy 14 deprecates ExternalStream; only its .ptr is used here
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _cupy().cuda.ExternalStream(ptr)
 
 
 @functools.lru_cache(maxsize=64)
-def _device_base(storage_ptr: int) -> int:
-    """Device address of a page-locked host allocation (found once per allocation)."""
+def _ring_device_ptr(host_ptr: int) -> int:
+    """Device address of page-locked host memory (the same address under unified addressing)."""
     rt = _cupy().cuda.runtime
-    attrs = rt.pointerGetAttributes(storage_ptr)
+    attrs = rt.pointerGetAttributes(host_ptr)
     if attrs.type != rt.memoryTypeHost or not attrs.devicePointer:
         raise ValueError("ring is not page-locked memory mapped into the device address space")
     return int(attrs.devicePointer)
 
 
-def _ring_device_ptr(ring: torch.Tensor) -> int:
-    storage_ptr = ring.untyped_storage().data_ptr()
-    return _device_base(storage_ptr) + (ring.data_ptr() - storage_ptr)
-
-
 def _launch(name: str, device: int, grid: tuple[int, int], args: tuple[Any, ...], stream: torch.cuda.Stream) -> None:
     cp = _cupy()
     fn = _function(name, device)
-    with cp.cuda.Device(device):
-        fn(grid, (_BLOCK,), args, stream=_external_stream(stream.cuda_stream))
+    ext = _external_stream(stream.cuda_stream)
+    if cp.cuda.runtime.getDevice() == device:  # skip the Device context (two runtime calls) when current
+        fn(grid, (_BLOCK,), args, stream=ext)
+    else:
+        with cp.cuda.Device(device):
+            fn(grid, (_BLOCK,), args, stream=ext)
 
 
 def _check_ring(ring: torch.Tensor) -> None:
@@ -212,18 +215,19 @@ def _check_ring(ring: torch.Tensor) -> None:
         raise ValueError("ring must be pinned (page-locked) memory, e.g. torch.empty(..., pin_memory=True)")
 
 
-def _check_offsets(offsets: Sequence[int], frame_nbytes: int, ring_nbytes: int) -> np.ndarray:
-    offs = np.asarray(offsets, dtype=np.int64)
-    if offs.ndim != 1 or offs.size == 0:
+def _check_offsets(offsets: Sequence[int], frame_nbytes: int, ring_nbytes: int) -> list[int]:
+    """Offsets in units of 256 bytes. Plain Python: cheaper than numpy for batch-sized lists."""
+    offs = offsets.tolist() if isinstance(offsets, np.ndarray) else list(offsets)
+    if not offs:
         raise ValueError("offsets must be a non-empty sequence of byte offsets")
-    if offs.min() < 0 or (offs & 255).any():
+    if min(offs) < 0 or any(o & 255 for o in offs):
         raise ValueError("every offset must be a non-negative multiple of 256")
-    if int(offs.max()) + frame_nbytes > ring_nbytes:
-        last = int(offs.max())
+    last = max(offs)
+    if last + frame_nbytes > ring_nbytes:
         raise ValueError(f"a frame at offset {last} of {frame_nbytes} bytes overruns the ring ({ring_nbytes} B)")
-    if int(offs.max()) >> 8 > 0xFFFFFFFF:
+    if last >> 8 > 0xFFFFFFFF:
         raise ValueError("offsets beyond 1 TiB are not supported")
-    return offs
+    return [o >> 8 for o in offs]
 
 
 def _resolve_stream(stream: torch.cuda.Stream | None, device: torch.device) -> torch.cuda.Stream:
@@ -234,15 +238,21 @@ def _resolve_stream(stream: torch.cuda.Stream | None, device: torch.device) -> t
     return stream
 
 
-def _pack_offsets(offs: np.ndarray) -> np.ndarray:
-    packed = np.empty(1, dtype=_OFFSETS_DTYPE)  # by-value kernel argument (a size-1 numpy array)
-    packed["v"][0, : offs.size] = offs >> 8
-    return packed
+def _pack_offsets(units: list[int]) -> np.ndarray:
+    packed = np.zeros(MAX_FRAMES_PER_LAUNCH, dtype=np.uint32)
+    packed[: len(units)] = units
+    return packed.view(_OFFSETS_DTYPE)  # a size-1 numpy array: cupy passes it by value
 
 
 def _affine(mean: Sequence[float], std: Sequence[float], channels: int) -> np.ndarray:
-    m = np.asarray(mean, dtype=np.float64).reshape(-1)
-    s = np.asarray(std, dtype=np.float64).reshape(-1)
+    return _affine_packed(tuple(float(x) for x in mean), tuple(float(x) for x in std), channels)
+
+
+@functools.lru_cache(maxsize=64)
+def _affine_packed(mean: tuple[float, ...], std: tuple[float, ...], channels: int) -> np.ndarray:
+    """Cached: a server normalizes with the same few constants every batch (never mutated)."""
+    m = np.asarray(mean, dtype=np.float64)
+    s = np.asarray(std, dtype=np.float64)
     if m.size != channels or s.size != channels:
         raise ValueError(f"mean and std need {channels} values (one per channel), got {m.size} and {s.size}")
     if not np.all(np.isfinite(m)) or not np.all(np.isfinite(s)) or np.any(s == 0):
@@ -287,7 +297,7 @@ def _launch_preprocess(
     src_ptr: int,
     src_aligned4: bool,
     out: torch.Tensor,
-    offs: np.ndarray | None,
+    offs: list[int] | None,
     n_images: int,
     hw: int,
     channels: int,
@@ -309,7 +319,7 @@ def _launch_preprocess(
             packed = _pack_offsets(offs[start : start + count])
             src = src_ptr
         else:
-            packed = np.zeros(1, dtype=_OFFSETS_DTYPE)
+            packed = _NO_OFFSETS
             src = src_ptr + start * image_elems
         args = (
             np.uint64(src),
@@ -348,13 +358,13 @@ def gather_frames(
     if not isinstance(frame_nbytes, int) or frame_nbytes <= 0:
         raise ValueError(f"frame_nbytes must be a positive int, got {frame_nbytes!r}")
     offs = _check_offsets(offsets, frame_nbytes, ring.numel())
-    n = offs.size
+    n = len(offs)
     if not isinstance(out, torch.Tensor) or out.device.type != "cuda" or out.dtype != torch.uint8:
         raise ValueError("out must be a CUDA uint8 tensor")
     if not out.is_contiguous() or out.dim() == 0 or out.shape[0] != n or out.numel() != n * frame_nbytes:
         raise ValueError(f"out must be contiguous with shape [{n}, {frame_nbytes}] (or [{n}, ...] of that many bytes)")
     stream = _resolve_stream(stream, out.device)
-    ring_ptr = _ring_device_ptr(ring)
+    ring_ptr = _ring_device_ptr(ring.data_ptr())
     nvec = frame_nbytes // 16
     blocks = max(1, -(-nvec // (_BLOCK * _GATHER_UNROLL)))
     if ring_ptr % 16:
@@ -447,8 +457,8 @@ def gather_preprocess(
         device = torch.device("cuda", torch.cuda.current_device())
     if device.type != "cuda":
         raise ValueError("out must be a CUDA tensor")
-    out = _output(out, (offs.size, C, H, W), dtype, channels_last, device)
+    out = _output(out, (len(offs), C, H, W), dtype, channels_last, device)
     stream = _resolve_stream(stream, device)
-    ring_ptr = _ring_device_ptr(ring)
-    _launch_preprocess(ring_ptr, ring_ptr % 4 == 0, out, offs, offs.size, H * W, C, affine, channels_last, stream)
+    ring_ptr = _ring_device_ptr(ring.data_ptr())
+    _launch_preprocess(ring_ptr, ring_ptr % 4 == 0, out, offs, len(offs), H * W, C, affine, channels_last, stream)
     return out
