@@ -1,0 +1,647 @@
+"""Producer library: stream tensor frames to a streamgpu server over TCP.
+
+Async first::
+
+    async with await connect("127.0.0.1", 7070, token="s3cret") as conn:
+        reply = await conn.infer(frame, stream_id=3, model="resnet50", deadline=0.050)
+        if reply.ok:
+            use(reply.result)
+
+Many frames can be in flight on one connection: :meth:`Connection.submit` is a
+plain (non-async) method that writes the frame and returns a future resolved
+when the matching reply arrives. Replies are matched to requests by
+``(stream_id, sequence)``; replies of one stream arrive in order, different
+streams interleave freely.
+
+For simple scripts there is a blocking wrapper with the same shape
+(:func:`connect_sync`, :class:`SyncConnection`) that runs a private event loop
+in one daemon thread.
+
+The wire format is described in docs/PROTOCOL.md and implemented in
+:mod:`streamgpu.protocol.wire`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import math
+import operator
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, cast
+
+import numpy as np
+
+from streamgpu.protocol import wire
+
+__all__ = [
+    "Connection",
+    "ConnectionClosedError",
+    "HandshakeError",
+    "Reply",
+    "SyncConnection",
+    "connect",
+    "connect_sync",
+]
+
+log = logging.getLogger(__name__)
+
+_U32_MAX = 0xFFFFFFFF
+_U64_MAX = 0xFFFFFFFFFFFFFFFF
+_COMPACT_AT = 1 << 16  # compact the receive buffer once this many consumed bytes lead it
+
+
+class HandshakeError(ConnectionError):
+    """The server refused the connection in its WELCOME (bad token, version, ...)."""
+
+    def __init__(self, status: wire.Status, message: str) -> None:
+        detail = f"{status.name}: {message}" if message else status.name
+        super().__init__(f"server refused the connection: {detail}")
+        self.status = status
+        self.message = message
+
+
+class ConnectionClosedError(ConnectionError):
+    """The connection ended while requests were in flight (or was used after it ended).
+
+    ``status`` and ``server_message`` are set when the server explained itself
+    with a reply for stream 0, sequence 0 that matched no request (it sends one
+    before closing on a framing error); otherwise they are ``None``.
+    """
+
+    def __init__(self, reason: str, status: wire.Status | None = None, server_message: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+        self.server_message = server_message
+
+
+@dataclass(frozen=True, eq=False, slots=True)
+class Reply:
+    """The server's answer to one frame.
+
+    ``result`` is an owned, writable array (``None`` when the reply carries no
+    result, e.g. for error statuses). ``timings`` are the server's per-stage
+    times; ``sent_ns`` and ``received_ns`` are ``time.perf_counter_ns()`` at
+    submit and when the reply was parsed.
+    """
+
+    stream_id: int
+    sequence: int
+    status: wire.Status
+    result: np.ndarray | None
+    timings: wire.Timings
+    message: str
+    sent_ns: int
+    received_ns: int
+
+    @property
+    def ok(self) -> bool:
+        """True when the server produced a result (status OK)."""
+        return self.status == wire.Status.OK
+
+    @property
+    def latency_s(self) -> float:
+        """Seconds from submit to reply, as seen by this client."""
+        return (self.received_ns - self.sent_ns) / 1e9
+
+
+def _decode_result(header: wire.ReplyHeader, payload: memoryview) -> np.ndarray | None:
+    if header.dtype_code == 0 and header.payload_len == 0 and not header.shape:
+        return None
+    dt = wire.DTYPES.get(header.dtype_code)
+    if dt is None:
+        raise wire.ProtocolError(wire.Status.BAD_FRAME, f"reply has unknown result dtype code {header.dtype_code}")
+    if dt.itemsize * math.prod(header.shape) != header.payload_len:
+        raise wire.ProtocolError(
+            wire.Status.BAD_FRAME,
+            f"reply result shape {list(header.shape)} of {dt.name} does not match its {header.payload_len} bytes",
+        )
+    if header.payload_len == 0:
+        return np.empty(header.shape, dtype=dt)
+    # Copy out: the payload view points into the receive buffer, which is reused.
+    return np.frombuffer(payload, dtype=dt).reshape(header.shape).copy()
+
+
+def _int_in(name: str, value: object, hi: int) -> int:
+    """``value`` as an int in 0..hi (numpy integers accepted), else ValueError."""
+    try:
+        v = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"{name} must be an integer in 0..{hi}, got {value!r}") from None
+    if isinstance(value, bool) or not 0 <= v <= hi:
+        raise ValueError(f"{name} must be an integer in 0..{hi}, got {value!r}")
+    return v
+
+
+class _Protocol(asyncio.Protocol):
+    """Transport glue: parses WELCOME then REPLY messages, resolves futures."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.welcome: asyncio.Future[wire.Welcome] = loop.create_future()
+        self.lost: asyncio.Future[None] = loop.create_future()
+        # (stream_id, sequence) -> (future, perf_counter_ns at submit)
+        self.pending: dict[tuple[int, int], tuple[asyncio.Future[Reply], int]] = {}
+        self.error: ConnectionClosedError | None = None  # set once the connection is unusable
+        self.server_error: tuple[wire.Status, str] | None = None  # from an unmatched stream 0 / seq 0 reply
+        self.protocol_error: str | None = None
+        self.closing_by_client = False
+        self.unmatched_replies = 0
+        self.write_paused = False
+        self.drain_waiters: list[asyncio.Future[None]] = []
+        self._buf = bytearray()
+        self._pos = 0  # bytes of _buf already consumed
+
+    # --- asyncio.Protocol -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop transports do not subclass asyncio.Transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError, AttributeError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        if self.error is not None:
+            return
+        buf = self._buf
+        try:
+            if self._pos == len(buf):
+                # Nothing partial is pending: parse straight from the chunk, keep only its tail.
+                used = self._parse(memoryview(data))
+                if buf:
+                    buf.clear()
+                    self._pos = 0
+                if used < len(data):
+                    buf += memoryview(data)[used:]
+            else:
+                buf += data
+                self._pos += self._parse(memoryview(buf)[self._pos :])
+                if self._pos == len(buf):
+                    buf.clear()
+                    self._pos = 0
+                elif self._pos >= _COMPACT_AT and 2 * self._pos >= len(buf):
+                    del buf[: self._pos]  # amortised O(1): only when the consumed part dominates
+                    self._pos = 0
+        except wire.ProtocolError as e:
+            self.protocol_error = f"undecodable data from the server ({e.status.name}): {e}"
+            self._set_error(ConnectionClosedError(self.protocol_error))
+            assert self.transport is not None
+            self.transport.abort()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.error is None:
+            if self.closing_by_client:
+                err = ConnectionClosedError("connection closed by the client")
+            elif self.server_error is not None:
+                status, message = self.server_error
+                err = ConnectionClosedError(
+                    f"server closed the connection after {status.name}: {message}", status, message
+                )
+            elif exc is not None:
+                err = ConnectionClosedError(f"connection lost: {exc!r}")
+            else:
+                err = ConnectionClosedError("server closed the connection")
+            self._set_error(err)
+        if not self.welcome.done():
+            assert self.error is not None
+            self.welcome.set_exception(ConnectionClosedError(f"during the handshake: {self.error.reason}"))
+            self.welcome.exception()  # internal future: connect() reports it, or nobody waits any more
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        waiters, self.drain_waiters = self.drain_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    # --- internals --------------------------------------------------------
+
+    def _set_error(self, err: ConnectionClosedError) -> None:
+        """Mark the connection dead and fail everything that waits on it."""
+        if self.error is not None:
+            return
+        self.error = err
+        pending, self.pending = self.pending, {}
+        for fut, _ in pending.values():
+            if not fut.done():
+                fut.set_exception(ConnectionClosedError(err.reason, err.status, err.server_message))
+        waiters, self.drain_waiters = self.drain_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_exception(ConnectionClosedError(err.reason, err.status, err.server_message))
+
+    def _parse(self, view: memoryview) -> int:
+        """Consume whole messages from ``view``; returns bytes consumed."""
+        pos = 0
+        end = len(view)
+        if not self.welcome.done():
+            got = wire.decode_welcome(view)
+            if got is None:
+                return 0
+            welcome, pos = got
+            self.welcome.set_result(welcome)
+            if welcome.status != wire.Status.OK:
+                return end  # the server closes after a refusal; ignore anything else
+        while pos < end:
+            got_reply = wire.decode_reply(view[pos:])
+            if got_reply is None:
+                break
+            header, payload, used = got_reply
+            pos += used
+            self._on_reply(header, payload)
+        return pos
+
+    def _on_reply(self, header: wire.ReplyHeader, payload: memoryview) -> None:
+        key = (header.stream_id, header.sequence)
+        entry = self.pending.pop(key, None)
+        if entry is None:
+            if key == (0, 0) and header.status != wire.Status.OK:
+                # The server's last word before it closes on a framing error.
+                self.server_error = (header.status, header.message)
+            else:
+                self.unmatched_replies += 1
+                log.debug("reply for unknown request %s (%s)", key, header.status.name)
+            return
+        fut, sent_ns = entry
+        if fut.done():  # cancelled by the caller
+            return
+        received_ns = time.perf_counter_ns()
+        try:
+            result = _decode_result(header, payload)
+        except wire.ProtocolError as e:
+            fut.set_exception(e)
+            return
+        h = header
+        fut.set_result(Reply(h.stream_id, h.sequence, h.status, result, h.timings, h.message, sent_ns, received_ns))
+
+
+class Connection:
+    """One TCP connection to a streamgpu server, many frames in flight.
+
+    Create it with :func:`connect`. All methods must be called from the event
+    loop the connection was made on.
+    """
+
+    def __init__(self, protocol: _Protocol, transport: asyncio.Transport, welcome: wire.Welcome) -> None:
+        self._protocol = protocol
+        self._transport = transport
+        self._welcome = welcome
+        self._next_seq: dict[int, int] = {}
+
+    # --- properties -------------------------------------------------------
+
+    @property
+    def max_payload(self) -> int:
+        """Largest payload (bytes) the server accepts per frame, from its WELCOME."""
+        return self._welcome.max_payload
+
+    @property
+    def ring_bytes(self) -> int:
+        """Size of the server's receive ring, from its WELCOME (a hint for how much to keep in flight)."""
+        return self._welcome.ring_bytes
+
+    @property
+    def welcome(self) -> wire.Welcome:
+        """The server's WELCOME message."""
+        return self._welcome
+
+    @property
+    def in_flight(self) -> int:
+        """Frames submitted whose reply has not arrived yet (cancelled ones included)."""
+        return len(self._protocol.pending)
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection can no longer be used."""
+        return self._protocol.error is not None or self._protocol.closing_by_client
+
+    @property
+    def write_paused(self) -> bool:
+        """True while the transport's write buffer is above its high-water mark."""
+        return self._protocol.write_paused
+
+    # --- sending ----------------------------------------------------------
+
+    def submit(
+        self,
+        frame: np.ndarray,
+        *,
+        stream_id: int = 0,
+        model: str = "default",
+        deadline: float | None = None,
+        priority: int = 0,
+        live: bool = False,
+        sequence: int | None = None,
+    ) -> asyncio.Future[Reply]:
+        """Send one frame now; return a future for its :class:`Reply`.
+
+        Not a coroutine: the frame is handed to the transport before this
+        returns (it is queued, not dropped, while writing is paused; await
+        :meth:`drain` to wait for room). The array's buffer is written without
+        copying when it is C-contiguous and little-endian, so do not modify it
+        until its reply arrives.
+
+        Args:
+            frame: the tensor; its dtype must be one of the wire dtypes
+                (u1 i1 u2 i2 i4 i8 f2 f4 f8) with at most 8 dimensions.
+            stream_id: u32 stream the frame belongs to.
+            model: name of the model to run (1..255 UTF-8 bytes).
+            deadline: seconds the server may take, counted from when it
+                receives the frame header; ``None`` for no deadline.
+            priority: 0..255, higher is more urgent.
+            live: live-stream mode: the server keeps only the stream's newest
+                queued frame; older queued ones are answered SUPERSEDED.
+            sequence: u64 sequence number; by default the next one of the
+                stream (0, 1, 2, ...; after an explicit sequence the automatic
+                one continues above it).
+
+        Raises:
+            ValueError: an argument is out of range, or ``(stream_id, sequence)``
+                is already in flight.
+            TypeError: ``frame`` is not a numpy array.
+            ConnectionError: the connection is closed.
+        """
+        proto = self._protocol
+        if proto.error is not None:
+            raise ConnectionClosedError(proto.error.reason, proto.error.status, proto.error.server_message)
+        if proto.closing_by_client:
+            raise ConnectionClosedError("connection closed by the client")
+        if not isinstance(frame, np.ndarray):
+            raise TypeError(f"frame must be a numpy array, got {type(frame).__name__}")
+        stream_id = _int_in("stream_id", stream_id, _U32_MAX)
+        priority = _int_in("priority", priority, 255)
+        model_len = len(model.encode())
+        if not 1 <= model_len <= wire.MAX_MODEL_NAME:
+            raise ValueError(f"model name must be 1..{wire.MAX_MODEL_NAME} UTF-8 bytes, got {model_len}")
+        if frame.ndim > wire.MAX_NDIM:
+            raise ValueError(f"frame has {frame.ndim} dimensions; the wire allows at most {wire.MAX_NDIM}")
+        if any(d > _U32_MAX for d in frame.shape):
+            raise ValueError(f"frame shape {frame.shape} has a dimension above {_U32_MAX}")
+        code = wire.dtype_code(frame.dtype)  # ValueError for unsupported dtypes
+        if deadline is None:
+            deadline_us = 0
+        else:
+            if not (deadline > 0 and math.isfinite(deadline)):
+                raise ValueError(f"deadline must be a positive number of seconds or None, got {deadline!r}")
+            deadline_us = max(1, round(deadline * 1e6))  # 0 would mean "no deadline"
+            if deadline_us > _U32_MAX:
+                raise ValueError(f"deadline must be at most {_U32_MAX / 1e6:.6f} s, got {deadline!r}")
+        if sequence is None:
+            seq = self._next_seq.get(stream_id, 0)
+            if seq > _U64_MAX:
+                raise ValueError(f"stream {stream_id} has used up its sequence numbers")
+        else:
+            seq = _int_in("sequence", sequence, _U64_MAX)
+        key = (stream_id, seq)
+        if key in proto.pending:
+            raise ValueError(f"stream {stream_id} sequence {seq} is already in flight")
+
+        wire_dtype = frame.dtype.newbyteorder("<")
+        if frame.dtype != wire_dtype or not frame.flags.c_contiguous:
+            frame = np.ascontiguousarray(frame, dtype=wire_dtype)  # the one copy, only when needed
+        flags = wire.FrameFlags.LIVE if live else wire.FrameFlags.NONE
+        fh = wire.FrameHeader(
+            stream_id, seq, model, code, frame.shape, frame.nbytes, time.time_ns(), deadline_us, priority, flags
+        )
+        header = wire.encode_frame_header(fh)
+        fut: asyncio.Future[Reply] = proto.loop.create_future()
+        proto.pending[key] = (fut, time.perf_counter_ns())
+        if seq >= self._next_seq.get(stream_id, 0):
+            self._next_seq[stream_id] = seq + 1
+        if frame.nbytes:
+            # One vectored write, payload passed as a view (no bytes() copy on our side).
+            self._transport.writelines([header, frame.data.cast("B")])
+        else:
+            self._transport.write(header)
+        return fut
+
+    async def infer(
+        self,
+        frame: np.ndarray,
+        *,
+        stream_id: int = 0,
+        model: str = "default",
+        deadline: float | None = None,
+        priority: int = 0,
+        live: bool = False,
+        sequence: int | None = None,
+    ) -> Reply:
+        """Send one frame and wait for its reply (``await submit(...)``)."""
+        return await self.submit(
+            frame, stream_id=stream_id, model=model, deadline=deadline, priority=priority, live=live, sequence=sequence
+        )
+
+    async def drain(self) -> None:
+        """Wait until the transport's write buffer is below its high-water mark.
+
+        Raises ConnectionError if the connection ends meanwhile.
+        """
+        proto = self._protocol
+        if proto.error is not None:
+            raise ConnectionClosedError(proto.error.reason, proto.error.status, proto.error.server_message)
+        if not proto.write_paused:
+            return
+        waiter: asyncio.Future[None] = proto.loop.create_future()
+        proto.drain_waiters.append(waiter)
+        await waiter
+
+    # --- closing ----------------------------------------------------------
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Close the connection; frames still in flight fail with ConnectionError.
+
+        Data already handed to the transport is flushed for up to ``timeout``
+        seconds, then the connection is aborted.
+        """
+        proto = self._protocol
+        if not proto.closing_by_client and proto.error is None:
+            proto.closing_by_client = True
+            proto._set_error(ConnectionClosedError("connection closed by the client"))
+            self._transport.close()
+        try:
+            await asyncio.wait_for(asyncio.shield(proto.lost), timeout)
+        except TimeoutError:
+            self._transport.abort()
+            await proto.lost
+
+    async def __aenter__(self) -> Connection:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        peer = self._transport.get_extra_info("peername")
+        state = "closed" if self.closed else "open"
+        return f"<Connection {peer} {state} in_flight={self.in_flight}>"
+
+
+async def connect(host: str, port: int, *, token: str = "", timeout: float | None = 10.0) -> Connection:
+    """Open a connection: TCP connect, send HELLO, wait for the server's WELCOME.
+
+    ``timeout`` bounds the whole handshake (``None``: no limit; TimeoutError
+    when it runs out).
+
+    Raises:
+        HandshakeError: the server refused (status and message from its WELCOME).
+        ConnectionError / OSError: the connection could not be made or broke.
+        TimeoutError: the handshake took longer than ``timeout``.
+    """
+    hello = wire.encode_hello(wire.Hello(token=token))  # ValueError for an oversized token
+    loop = asyncio.get_running_loop()
+    protocol = _Protocol(loop)
+    transport: asyncio.Transport | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            transport, _ = await loop.create_connection(lambda: protocol, host, port)
+            transport.write(hello)
+            welcome = await protocol.welcome
+    except BaseException:
+        if transport is not None:
+            transport.abort()
+        raise
+    if welcome.status != wire.Status.OK:
+        transport.close()
+        raise HandshakeError(welcome.status, welcome.message)
+    if welcome.version != wire.VERSION:
+        transport.close()
+        raise HandshakeError(
+            wire.Status.UNSUPPORTED_VERSION, f"server speaks version {welcome.version}, client {wire.VERSION}"
+        )
+    return Connection(protocol, transport, welcome)
+
+
+# --- blocking wrapper -----------------------------------------------------
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+class SyncConnection:
+    """Blocking wrapper around :class:`Connection` for simple scripts.
+
+    Runs a private event loop in one daemon thread (one per SyncConnection, not
+    per request). Create it with :func:`connect_sync`. Methods may be called
+    from any thread; frames submitted from one thread keep their order.
+    """
+
+    def __init__(self, conn: Connection, loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+        self._conn = conn
+        self._loop = loop
+        self._thread = thread
+        self._closed = False
+
+    @property
+    def max_payload(self) -> int:
+        """Largest payload (bytes) the server accepts per frame."""
+        return self._conn.max_payload
+
+    @property
+    def ring_bytes(self) -> int:
+        """Size of the server's receive ring."""
+        return self._conn.ring_bytes
+
+    @property
+    def in_flight(self) -> int:
+        """Frames submitted whose reply has not arrived yet (approximate across threads)."""
+        return self._conn.in_flight
+
+    def submit(self, frame: np.ndarray, **kwargs: Any) -> concurrent.futures.Future[Reply]:
+        """Queue one frame; returns a concurrent future for its reply.
+
+        Takes the same keyword arguments as :meth:`Connection.submit`; argument
+        errors and ConnectionError are raised by the future's ``result()``.
+        """
+        if self._closed:
+            raise ConnectionClosedError("connection closed by the client")
+        out: concurrent.futures.Future[Reply] = concurrent.futures.Future()
+        self._loop.call_soon_threadsafe(self._submit_on_loop, out, frame, kwargs)
+        return out
+
+    def _submit_on_loop(self, out: concurrent.futures.Future[Reply], frame: np.ndarray, kwargs: dict[str, Any]) -> None:
+        if not out.set_running_or_notify_cancel():
+            return
+        try:
+            fut = self._conn.submit(frame, **kwargs)
+        except BaseException as e:
+            out.set_exception(e)
+            return
+        fut.add_done_callback(_copy_to(out))
+
+    def infer(self, frame: np.ndarray, timeout: float | None = None, **kwargs: Any) -> Reply:
+        """Send one frame and block until its reply (``submit(...).result(timeout)``)."""
+        return self.submit(frame, **kwargs).result(timeout)
+
+    def close(self) -> None:
+        """Close the connection and stop the private loop thread."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            asyncio.run_coroutine_threadsafe(self._conn.close(), self._loop).result()
+        finally:
+            _stop_loop(self._loop, self._thread)
+
+    def __enter__(self) -> SyncConnection:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def _copy_to(out: concurrent.futures.Future[Reply]) -> Callable[[asyncio.Future[Reply]], None]:
+    def done(fut: asyncio.Future[Reply]) -> None:
+        if fut.cancelled():
+            out.cancel()
+        elif (exc := fut.exception()) is not None:
+            out.set_exception(exc)
+        else:
+            out.set_result(fut.result())
+
+    return done
+
+
+def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join()
+    loop.close()
+
+
+def connect_sync(host: str, port: int, *, token: str = "", timeout: float | None = 10.0) -> SyncConnection:
+    """Blocking :func:`connect`: returns a :class:`SyncConnection`."""
+    loop = _new_loop()
+    thread = threading.Thread(target=loop.run_forever, name=f"streamgpu-client {host}:{port}", daemon=True)
+    thread.start()
+    try:
+        conn = asyncio.run_coroutine_threadsafe(connect(host, port, token=token, timeout=timeout), loop).result()
+    except BaseException:
+        _stop_loop(loop, thread)
+        raise
+    return SyncConnection(conn, loop, thread)
