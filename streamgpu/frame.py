@@ -27,6 +27,7 @@ class Frame:
     deadline_ns: int
     reply_sink: ReplySink
     is_abandoned: Callable[[], bool] = field(default=lambda: False)  # producer gone: do not run
+    producer: int = 0  # which connection sent it: streams are (producer, stream_id)
     replied: bool = False
 
     @property

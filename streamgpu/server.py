@@ -202,13 +202,13 @@ class Server:
             )
         )  # fmt: skip
 
-    async def _run_batch(self, model: DeviceModel, frames: list[Frame]) -> None:
+    async def _run_batch(self, model: DeviceModel, frames: list[Frame], expected_s: float) -> None:
         """Launch one batch, free its slots once copied, answer every frame."""
         assert self.backend is not None and self._scheduler is not None
         metrics = self._scheduler.metrics_for(model.spec.name)
         launch_ns = time.perf_counter_ns()
         try:
-            run = self.backend.launch(model, self.ring, [f.slot for f in frames if f.slot is not None])
+            run = self.backend.launch(model, self.ring, [f.slot for f in frames if f.slot is not None], expected_s)
             await run.copied
         except Exception as exc:  # launch itself failed: nothing will read the slots
             log.exception("model %s: batch of %d failed to launch", model.spec.name, len(frames))

@@ -64,8 +64,12 @@ class Backend(abc.ABC):
         """Place, convert and warm a model (graph capture included). Blocking: call off the loop."""
 
     @abc.abstractmethod
-    def launch(self, model: DeviceModel, ring: PinnedRing, slots: list[Slot]) -> BatchRun:
-        """Start one batch over the frames in ``slots``; returns at once, never blocks the loop."""
+    def launch(self, model: DeviceModel, ring: PinnedRing, slots: list[Slot], expected_s: float = 0.0) -> BatchRun:
+        """Start one batch over the frames in ``slots``; returns at once, never blocks the loop.
+
+        ``expected_s`` is the scheduler's estimate of when the batch completes
+        (seconds from now), so completion can be awaited without spinning.
+        """
 
     @abc.abstractmethod
     def close(self) -> None:

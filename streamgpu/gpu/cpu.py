@@ -60,7 +60,7 @@ class CpuBackend(Backend):
         model.run(np.zeros((1, spec.frame_nbytes), np.uint8))  # warm up allocator and kernels before serving
         return model
 
-    def launch(self, model: DeviceModel, ring: PinnedRing, slots: list[Slot]) -> BatchRun:
+    def launch(self, model: DeviceModel, ring: PinnedRing, slots: list[Slot], expected_s: float = 0.0) -> BatchRun:
         assert isinstance(model, CpuModel)
         loop = self._loop
         copied: asyncio.Future[None] = loop.create_future()

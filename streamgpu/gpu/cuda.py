@@ -136,7 +136,7 @@ class CudaBackend(Backend):
             model.stream.synchronize()
         return model
 
-    def launch(self, model: DeviceModel, ring: PinnedRing, slots: list[Slot]) -> BatchRun:
+    def launch(self, model: DeviceModel, ring: PinnedRing, slots: list[Slot], expected_s: float = 0.0) -> BatchRun:
         assert isinstance(model, CudaModel)
         spec = model.spec
         n = len(slots)
@@ -159,7 +159,7 @@ class CudaBackend(Backend):
                 done = torch.cuda.Event()
                 done.record(model.stream)
         copied = self._bridge.wait(copy_done)
-        finished = self._bridge.wait(done)
+        finished = self._bridge.wait(done, expected_s)
         result: asyncio.Future[np.ndarray] = self._loop.create_future()
 
         def deliver(f: asyncio.Future[None]) -> None:

@@ -22,6 +22,7 @@ import asyncio
 import enum
 import functools
 import hmac
+import itertools
 import logging
 import socket
 import time
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 SCRATCH_BYTES = 64 * 1024
 BULK_READ_BELOW = 16 * 1024  # payloads smaller than this are read in bulk through scratch
 HIGH_WATER = 4 * 1024 * 1024  # unsent reply bytes at which the producer's reading is paused
+_connection_ids = itertools.count(1)
 
 
 class Router(Protocol):
@@ -90,6 +92,7 @@ class TcpIngest(asyncio.BufferedProtocol):
         self._order = ReplyOrder()
         self._outstanding = 0  # frames accepted and not yet answered
         self._pause_reasons: set[str] = set()
+        self.id = next(_connection_ids)
         self.peer: str = "?"
 
     # -- asyncio callbacks ------------------------------------------------------
@@ -293,6 +296,7 @@ class TcpIngest(asyncio.BufferedProtocol):
             deadline_ns=self._received_ns + header.deadline_us * 1000 if header.deadline_us else 0,
             reply_sink=functools.partial(self._on_reply, ticket),
             is_abandoned=self._is_closed,
+            producer=self.id,
         )
         self._router.submit(frame)
 

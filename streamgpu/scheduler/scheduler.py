@@ -4,22 +4,32 @@ Frames enter with ``submit``; the scheduler decides which frames of a model
 form the next batch and when, and hands the batch to ``run_batch`` (the
 server's launch-and-reply coroutine). Its rules:
 
-* A model has at most ``max_inflight_batches`` batches launched at once (two:
-  one computing while the next one's copy runs).
-* When the model has nothing in flight, whatever is queued goes at once: an
-  idle GPU never waits for a fuller batch. While batches are in flight,
-  frames accumulate, and the next batch goes when it is full or its oldest
-  frame has waited ``max_queue_delay_ms``.
-* Queues are bounded: past ``max_queue`` a frame is answered OVERLOADED at once.
-* A frame whose deadline passes while queued is answered DEADLINE_MISSED at
-  that moment (a timer, so it fires while the GPU is busy) and never runs.
+* Admission: past the model's ``max_queue`` a frame is answered OVERLOADED at
+  once (the transport bounds each connection too, and the ring bounds bytes).
+* Order: higher priority first; within a priority, streams take turns
+  (round-robin), so one hot producer cannot starve the others.
+* Live streams: a LIVE frame supersedes every queued frame of its stream
+  (they are answered SUPERSEDED): a camera's stale frame is worthless.
+* Deadlines: a frame whose deadline passes while queued is answered
+  DEADLINE_MISSED at that moment (a timer on the loop, so it fires while the
+  GPU is busy with a long batch) and never runs.
+* When: a model has at most ``max_inflight_batches`` batches launched (two:
+  one computing while the next one's copy runs). With nothing in flight,
+  whatever is queued goes at once: an idle GPU never waits for a fuller
+  batch. While batches are in flight, frames accumulate, and the next batch
+  goes when it is full or its oldest frame has waited ``max_queue_delay_ms``.
+* How many: without a latency target, as many as are queued (up to
+  ``max_batch_size``). With one, the scheduler keeps a live estimate of each
+  batch size's latency and picks, among the preferred sizes (the graph
+  buckets) and the queue length, the one with the most throughput whose
+  completion still meets the oldest frame's target; when none can, it drains
+  with the largest and counts ``target_unmeetable``.
 * Frames whose producer has gone are dropped at batch formation.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -27,27 +37,29 @@ from typing import Any
 from streamgpu.frame import Frame
 from streamgpu.gpu.backend import DeviceModel
 from streamgpu.protocol.wire import Status
+from streamgpu.scheduler.latency import BatchLatency
 from streamgpu.scheduler.metrics import ModelMetrics
+from streamgpu.scheduler.queues import FairQueue, stream_key
 
-RunBatch = Callable[[DeviceModel, list[Frame]], Awaitable[None]]
+# run_batch(model, frames, expected_s): launch, free the slots once copied, answer every frame.
+RunBatch = Callable[[DeviceModel, list[Frame], float], Awaitable[None]]
 Reject = Callable[[Frame, Status, str], None]
 
 
 class ModelQueue:
-    """One model's waiting frames and in-flight batches."""
+    """One model's waiting frames, in-flight batches, latency estimates and metrics."""
 
     def __init__(self, model: DeviceModel) -> None:
         self.model = model
         self.spec = model.spec
-        self.frames: collections.deque[Frame] = collections.deque()
+        self.frames = FairQueue()
         self.deadline_timers: dict[Frame, asyncio.TimerHandle] = {}
         self.in_flight = 0
+        self.busy_until = 0.0  # perf_counter seconds when the launched batches should be done
+        self.last_end = 0.0  # when the previous batch finished: service time excludes queueing behind it
+        self.latency = BatchLatency()
         self.wake: asyncio.TimerHandle | None = None
         self.metrics = ModelMetrics()
-
-    def remove(self, frame: Frame) -> None:
-        self.frames.remove(frame)
-        self.cancel_timer(frame)
 
     def cancel_timer(self, frame: Frame) -> None:
         timer = self.deadline_timers.pop(frame, None)
@@ -88,89 +100,118 @@ class Scheduler:
     # -- frames ----------------------------------------------------------------
 
     def submit(self, frame: Frame) -> None:
-        """Queue a frame for its model (which the caller has checked exists)."""
+        """Queue a frame for its model (which the caller has checked exists), or answer it now."""
         queue = self._queues[frame.header.model]
         spec = queue.spec
+        if frame.live:
+            for stale in queue.frames.stream_frames(stream_key(frame)):
+                self._drop(queue, stale, Status.SUPERSEDED, "superseded by a newer frame of this live stream")
+                queue.metrics.superseded += 1
         if len(queue.frames) >= spec.max_queue:
             queue.metrics.rejected_overloaded += 1
             self._reject(frame, Status.OVERLOADED, f"model {spec.name!r} queue is full ({spec.max_queue} frames)")
             return
         if not frame.deadline_ns and spec.default_deadline_ms:
             frame.deadline_ns = frame.received_ns + int(spec.default_deadline_ms * 1e6)
-        if frame.deadline_ns and frame.deadline_ns <= time.perf_counter_ns():
+        now_ns = time.perf_counter_ns()
+        if frame.deadline_ns and frame.deadline_ns <= now_ns:
             queue.metrics.deadline_missed += 1
             self._reject(frame, Status.DEADLINE_MISSED, "deadline passed before the frame was queued")
             return
         queue.metrics.accepted += 1
-        queue.frames.append(frame)
+        queue.frames.push(frame)
         if frame.deadline_ns:
-            delay = (frame.deadline_ns - time.perf_counter_ns()) / 1e9
+            delay = (frame.deadline_ns - now_ns) / 1e9
             queue.deadline_timers[frame] = self._loop.call_later(delay, self._expire, queue, frame)
         self._dispatch(queue)
 
+    def _drop(self, queue: ModelQueue, frame: Frame, status: Status, message: str) -> None:
+        queue.frames.remove(frame)
+        queue.cancel_timer(frame)
+        self._reject(frame, status, message)
+
     def _expire(self, queue: ModelQueue, frame: Frame) -> None:
         queue.deadline_timers.pop(frame, None)
-        queue.frames.remove(frame)
         queue.metrics.deadline_missed += 1
-        self._reject(frame, Status.DEADLINE_MISSED, "deadline passed while queued")
+        self._drop(queue, frame, Status.DEADLINE_MISSED, "deadline passed while queued")
 
     # -- batching ----------------------------------------------------------------
 
     def _dispatch(self, queue: ModelQueue) -> None:
         """Launch as many batches as policy allows now; arm a wake-up for the rest."""
         while queue.frames and queue.in_flight < self._max_inflight:
-            batch = self._next_batch(queue)
-            if batch is None:
-                return
+            now = time.perf_counter()
+            if queue.in_flight and len(queue.frames) < queue.spec.max_batch_size:
+                oldest = queue.frames.oldest()
+                assert oldest is not None
+                due = oldest.complete_ns / 1e9 + queue.spec.max_queue_delay_ms / 1e3
+                if now < due:
+                    self._arm_wake(queue, due - now)
+                    return
+            batch = self._take(queue, self._batch_size(queue, now))
             if batch:
-                self._launch(queue, batch)
+                self._launch(queue, batch, now)
 
-    def _next_batch(self, queue: ModelQueue) -> list[Frame] | None:
-        """Frames for the next batch; [] if none were runnable; None to wait (wake-up armed)."""
+    def _batch_size(self, queue: ModelQueue, now: float) -> int:
         spec = queue.spec
-        now = time.perf_counter_ns()
-        if queue.in_flight and len(queue.frames) < spec.max_batch_size:
-            due = queue.frames[0].complete_ns + int(spec.max_queue_delay_ms * 1e6)
-            if now < due:
-                self._arm_wake(queue, due)
-                return None
-        batch: list[Frame] = []
-        while queue.frames and len(batch) < spec.max_batch_size:
-            frame = queue.frames.popleft()
+        n = min(len(queue.frames), spec.max_batch_size)
+        if not spec.latency_target_ms:
+            return n
+        oldest = queue.frames.oldest()
+        assert oldest is not None
+        start = max(now, queue.busy_until)
+        limit = oldest.received_ns / 1e9 + spec.latency_target_ms / 1e3
+        sizes = {b for b in spec.buckets() if b <= n} | {n}
+        meeting = [b for b in sizes if start + queue.latency.estimate(b) <= limit]
+        if not meeting:
+            queue.metrics.target_unmeetable += 1
+            return n  # the target is lost for the oldest frame: drain the backlog as fast as possible
+        return max(meeting, key=lambda b: (b / max(queue.latency.estimate(b), 1e-9), b))
+
+    def _take(self, queue: ModelQueue, n: int) -> list[Frame]:
+        batch = []
+        for frame in queue.frames.pop_batch(n):
             queue.cancel_timer(frame)
             if frame.is_abandoned():
                 queue.metrics.abandoned += 1
                 self._reject(frame, Status.SHUTTING_DOWN, "producer disconnected")
-                continue
-            batch.append(frame)
+            else:
+                batch.append(frame)
         return batch
 
-    def _arm_wake(self, queue: ModelQueue, due_ns: int) -> None:
+    def _arm_wake(self, queue: ModelQueue, delay: float) -> None:
         if queue.wake is not None:
             queue.wake.cancel()
-        delay = max(0.0, (due_ns - time.perf_counter_ns()) / 1e9)
         queue.wake = self._loop.call_later(delay, self._on_wake, queue)
 
     def _on_wake(self, queue: ModelQueue) -> None:
         queue.wake = None
         self._dispatch(queue)
 
-    def _launch(self, queue: ModelQueue, batch: list[Frame]) -> None:
+    def _launch(self, queue: ModelQueue, batch: list[Frame], now: float) -> None:
         queue.in_flight += 1
         queue.metrics.batches += 1
         queue.metrics.batch_sizes[len(batch)] += 1
-        now = time.perf_counter_ns()
         for frame in batch:
-            queue.metrics.queue_wait_us.append((now - frame.complete_ns) / 1e3)
-        task = self._loop.create_task(self._run(queue, batch))
+            queue.metrics.queue_wait_us.append((now - frame.complete_ns / 1e9) * 1e6)
+        start = max(now, queue.busy_until)
+        queue.busy_until = start + queue.latency.estimate(len(batch))
+        task = self._loop.create_task(self._run(queue, batch, now, queue.busy_until - now))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, queue: ModelQueue, batch: list[Frame]) -> None:
+    async def _run(self, queue: ModelQueue, batch: list[Frame], launched: float, expected_s: float) -> None:
         try:
-            await self._run_batch(queue.model, batch)
+            await self._run_batch(queue.model, batch, expected_s)
         finally:
+            end = time.perf_counter()
+            # Service time: from when the GPU could start this batch (its launch, or the
+            # previous batch's end if it queued behind one) to its end.
+            queue.latency.observe(len(batch), end - max(launched, queue.last_end))
+            queue.last_end = end
             queue.in_flight -= 1
+            if not queue.in_flight:
+                queue.busy_until = end
             self._dispatch(queue)
 
     # -- state and shutdown --------------------------------------------------------
@@ -188,16 +229,19 @@ class Scheduler:
         return self._queues[name].metrics
 
     def metrics(self) -> dict[str, dict[str, Any]]:
-        """Per-model snapshot: queue length, batch sizes, queue wait, drops, rejects."""
-        return {name: q.metrics.snapshot(len(q.frames), q.in_flight) for name, q in self._queues.items()}
+        """Per model: queue length, batch sizes, queue wait, time per stage, drops, rejects, estimates."""
+        out = {}
+        for name, q in self._queues.items():
+            snap = q.metrics.snapshot(len(q.frames), q.in_flight)
+            snap["batch_latency_ms"] = q.latency.snapshot()
+            out[name] = snap
+        return out
 
     def reject_queued(self, status: Status, message: str) -> None:
         """Answer every queued (not yet launched) frame with ``status``."""
         for queue in self._queues.values():
-            while queue.frames:
-                frame = queue.frames.popleft()
-                queue.cancel_timer(frame)
-                self._reject(frame, status, message)
+            for frame in list(queue.frames):
+                self._drop(queue, frame, status, message)
             if queue.wake is not None:
                 queue.wake.cancel()
                 queue.wake = None

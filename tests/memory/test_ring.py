@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import numpy as np
@@ -100,7 +101,7 @@ def test_random_workload_never_overlaps_and_memory_stays_bounded() -> None:
         assert r.used_bytes <= r.capacity
         if step % 500 == 0:  # no two live slots overlap: every slot still holds its own fill
             spans = sorted((s.offset, s.offset + s.nbytes) for s in live)
-            assert all(e1 <= s2 for (_, e1), (s2, _) in zip(spans, spans[1:], strict=False))
+            assert all(e1 <= s2 for (_, e1), (s2, _) in itertools.pairwise(spans))
     for s in live:
         r.release(s)
     assert r.used_bytes == 0 and r.slots_in_use == 0

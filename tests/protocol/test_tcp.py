@@ -16,7 +16,9 @@ from streamgpu.protocol.tcp import TcpIngest
 from streamgpu.protocol.wire import FrameFlags, FrameHeader, ReplyHeader, Status
 
 SMALL = ModelSpec(name="small", input_shape=(4, 4, 3))  # 48-byte frames: read in bulk
-LARGE = ModelSpec(name="large", input_shape=(50, 100, 4), preprocess="none")  # 20000-byte frames: read straight into the slot
+LARGE = ModelSpec(
+    name="large", input_shape=(50, 100, 4), preprocess="none"
+)  # 20000-byte frames: read straight into the slot
 
 
 class FakeTransport:
@@ -138,7 +140,9 @@ def answer(frame: Frame) -> None:
     frame.reply(ReplyHeader(h.stream_id, h.sequence, Status.OK))
 
 
-STREAM = hello() + frame(SMALL, 0) + frame(LARGE, 1, stream=2) + frame(SMALL, 2, flags=FrameFlags.LIVE) + frame(LARGE, 3)
+STREAM = (
+    hello() + frame(SMALL, 0) + frame(LARGE, 1, stream=2) + frame(SMALL, 2, flags=FrameFlags.LIVE) + frame(LARGE, 3)
+)
 
 
 def expected_frames() -> list[tuple[int, int, bytes]]:
@@ -249,7 +253,7 @@ def test_lost_framing_answers_stream_zero_and_closes(bad: bytes, status: Status)
     conn, transport, router = make()
     feed(conn, hello() + frame(SMALL, 0) + bad)
     assert transport.closed
-    (f0, _), = router.frames
+    ((f0, _),) = router.frames
     got = replies(transport)
     assert (got[-1].stream_id, got[-1].sequence, got[-1].status) == (0, 0, status)
     conn.connection_lost(None)
@@ -259,14 +263,14 @@ def test_lost_framing_answers_stream_zero_and_closes(bad: bytes, status: Status)
 def test_random_garbage_never_raises() -> None:
     rng = np.random.default_rng(3)
     for _ in range(200):
-        conn, transport, router = make()
+        conn, _transport, router = make()
         feed(conn, hello() + rng.integers(0, 256, int(rng.integers(1, 400)), dtype=np.uint8).tobytes())
         conn.connection_lost(None)
         assert router.ring.slots_in_use == 0
 
 
 def test_truncated_frame_then_disconnect_frees_the_slot() -> None:
-    conn, transport, router = make()
+    conn, _transport, router = make()
     feed(conn, hello() + frame(LARGE, 0)[:5000])
     assert router.ring.slots_in_use == 1
     conn.connection_lost(None)

@@ -1,0 +1,261 @@
+"""Scheduler policies, driven by a fake run_batch whose per-batch latency each test sets."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from streamgpu.frame import Frame
+from streamgpu.gpu.backend import DeviceModel
+from streamgpu.models.spec import ModelSpec
+from streamgpu.protocol.wire import FrameFlags, FrameHeader, Status
+from streamgpu.scheduler.scheduler import Scheduler
+
+
+class FakeModel(DeviceModel):
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+
+    @property
+    def description(self) -> str:
+        return self.spec.name
+
+
+@dataclass
+class Harness:
+    """A scheduler whose batches take ``latency(model, size)`` seconds; records everything."""
+
+    latency: Callable[[str, int], float] = lambda model, n: 0.02
+    batches: list[tuple[str, list[int], float]] = field(default_factory=list)  # model, sequences, start time
+    rejected: list[tuple[int, Status, float]] = field(default_factory=list)
+    done: list[int] = field(default_factory=list)
+    expected: list[float] = field(default_factory=list)
+    scheduler: Scheduler | None = None
+
+    def start(self, *specs: ModelSpec, max_inflight: int = 1) -> Scheduler:
+        self.t0 = time.perf_counter()
+        self.scheduler = Scheduler(asyncio.get_running_loop(), self.run_batch, self.reject, max_inflight)
+        for spec in specs:
+            self.scheduler.add_model(FakeModel(spec))
+        return self.scheduler
+
+    async def run_batch(self, model: DeviceModel, frames: list[Frame], expected_s: float) -> None:
+        self.batches.append((model.spec.name, [f.header.sequence for f in frames], time.perf_counter() - self.t0))
+        self.expected.append(expected_s)
+        await asyncio.sleep(self.latency(model.spec.name, len(frames)))
+        self.done.extend(f.header.sequence for f in frames)
+
+    def reject(self, frame: Frame, status: Status, message: str) -> None:
+        self.rejected.append((frame.header.sequence, status, time.perf_counter() - self.t0))
+
+    def submit(
+        self, seq: int, model: str = "m", stream: int = 0, producer: int = 1, priority: int = 0,
+        deadline_s: float = 0.0, live: bool = False, age_s: float = 0.0,
+    ) -> Frame:  # fmt: skip
+        now = time.perf_counter_ns() - int(age_s * 1e9)
+        header = FrameHeader(
+            stream, seq, model, 1, (1,), 1, priority=priority, flags=FrameFlags.LIVE if live else FrameFlags.NONE
+        )
+        frame = Frame(
+            header, None, now, now, int(now + deadline_s * 1e9) if deadline_s else 0,
+            reply_sink=lambda f, h, p: None, producer=producer,
+        )  # fmt: skip
+        assert self.scheduler is not None
+        self.scheduler.submit(frame)
+        return frame
+
+    async def settle(self) -> None:
+        assert self.scheduler is not None
+        await self.scheduler.idle()
+
+
+def spec(name: str = "m", **kw: object) -> ModelSpec:
+    base: dict[str, object] = dict(
+        name=name, input_shape=(1,), preprocess="none", max_batch_size=8, max_queue_delay_ms=5
+    )
+    base.update(kw)
+    return ModelSpec(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.asyncio
+async def test_idle_model_runs_at_once_and_busy_model_batches_what_accumulated() -> None:
+    h = Harness(latency=lambda m, n: 0.05)
+    h.start(spec())
+    h.submit(0)
+    assert [b[1] for b in h.batches] == [] and h.scheduler is not None  # launched as a task...
+    await asyncio.sleep(0)
+    assert [b[1] for b in h.batches] == [[0]]  # ...at once, alone: the GPU was idle
+    for i in range(1, 11):
+        h.submit(i)
+    await h.settle()
+    assert [b[1] for b in h.batches] == [[0], [1, 2, 3, 4, 5, 6, 7, 8], [9, 10]]
+    assert h.scheduler.metrics()["m"]["batch_sizes"] == {1: 1, 8: 1, 2: 1}
+
+
+@pytest.mark.asyncio
+async def test_second_inflight_batch_waits_at_most_max_queue_delay() -> None:
+    h = Harness(latency=lambda m, n: 0.2)
+    h.start(spec(max_queue_delay_ms=30), max_inflight=2)
+    h.submit(0)
+    await asyncio.sleep(0)
+    h.submit(1)
+    await asyncio.sleep(0.01)
+    assert len(h.batches) == 1  # waiting for a fuller batch while one is in flight
+    await asyncio.sleep(0.06)
+    assert [b[1] for b in h.batches] == [[0], [1]]
+    assert 0.025 <= h.batches[1][2] <= 0.15  # launched by the delay timer, not by the first batch's end
+    await h.settle()
+
+
+@pytest.mark.asyncio
+async def test_latency_target_picks_the_largest_batch_that_meets_it() -> None:
+    costs = {1: 0.002, 2: 0.003, 4: 0.004, 8: 0.030}
+    h = Harness(latency=lambda m, n: costs.get(n, 0.030))
+    sched = h.start(spec(latency_target_ms=15, batch_buckets=(1, 2, 4, 8)))
+    queue = sched._queues["m"]
+    for size, cost in costs.items():
+        queue.latency.observe(size, cost)
+    h.submit(0)
+    for i in range(1, 9):
+        h.submit(i)  # 8 queued behind the first batch
+    await h.settle()
+    sizes = [len(b[1]) for b in h.batches]
+    assert sizes[0] == 1 and sizes[1] == 4, sizes  # 8 frames would take 30 ms > the 15 ms target
+    assert sched.metrics()["m"]["target_unmeetable"] == 0
+    assert h.expected[1] == pytest.approx(0.004, abs=0.003)  # the bridge is told when to expect it
+
+
+@pytest.mark.asyncio
+async def test_unmeetable_target_drains_and_is_counted() -> None:
+    h = Harness(latency=lambda m, n: 0.03)
+    sched = h.start(spec(latency_target_ms=5))
+    sched._queues["m"].latency.observe(1, 0.03)
+    for i in range(5):
+        h.submit(i)
+    await h.settle()
+    assert sched.metrics()["m"]["target_unmeetable"] >= 1
+    assert sorted(h.done) == list(range(5))
+
+
+@pytest.mark.asyncio
+async def test_deadline_fires_while_the_gpu_is_busy_and_the_frame_never_runs() -> None:
+    h = Harness(latency=lambda m, n: 0.3)
+    h.start(spec())
+    h.submit(0)
+    await asyncio.sleep(0)
+    h.submit(1, deadline_s=0.05)
+    h.submit(2)
+    await asyncio.sleep(0.12)
+    assert [(s, st) for s, st, _ in h.rejected] == [(1, Status.DEADLINE_MISSED)]
+    assert 0.04 <= h.rejected[0][2] <= 0.1  # at the deadline, not when the long batch ended
+    await h.settle()
+    assert 1 not in h.done and sorted(h.done) == [0, 2]
+
+
+@pytest.mark.asyncio
+async def test_already_expired_frames_are_answered_at_once() -> None:
+    h = Harness()
+    h.start(spec(default_deadline_ms=10))
+    frame = h.submit(0, age_s=0.02)  # spent 20 ms in the network stack before being queued
+    assert frame.deadline_ns and [(s, st) for s, st, _ in h.rejected] == [(0, Status.DEADLINE_MISSED)]
+    await h.settle()
+    assert h.done == []
+
+
+@pytest.mark.asyncio
+async def test_high_priority_overtakes_queued_low_priority() -> None:
+    h = Harness(latency=lambda m, n: 0.03)
+    h.start(spec(max_batch_size=1))
+    h.submit(0)
+    await asyncio.sleep(0)
+    for i in range(1, 4):
+        h.submit(i, priority=0)
+    h.submit(9, priority=5)
+    await h.settle()
+    assert [b[1][0] for b in h.batches] == [0, 9, 1, 2, 3]
+
+
+@pytest.mark.asyncio
+async def test_streams_take_turns_so_a_hot_producer_cannot_starve_others() -> None:
+    h = Harness(latency=lambda m, n: 0.03)
+    h.start(spec(max_batch_size=4))
+    h.submit(0, producer=1)
+    await asyncio.sleep(0)
+    for i in range(100, 120):
+        h.submit(i, producer=1)  # hot producer
+    h.submit(200, producer=2)
+    h.submit(201, producer=2)
+    await h.settle()
+    assert h.batches[1][1] == [100, 200, 101, 201]
+
+
+@pytest.mark.asyncio
+async def test_admission_bound_answers_overloaded_at_once() -> None:
+    h = Harness(latency=lambda m, n: 0.05)
+    sched = h.start(spec(max_queue=3, max_batch_size=1))
+    h.submit(0)
+    await asyncio.sleep(0)
+    for i in range(1, 6):
+        h.submit(i)
+    assert [(s, st) for s, st, _ in h.rejected] == [(4, Status.OVERLOADED), (5, Status.OVERLOADED)]
+    await h.settle()
+    assert sorted(h.done) == [0, 1, 2, 3]
+    assert sched.metrics()["m"]["rejected_overloaded"] == 2
+
+
+@pytest.mark.asyncio
+async def test_live_stream_keeps_only_the_newest_frame() -> None:
+    h = Harness(latency=lambda m, n: 0.05)
+    h.start(spec())
+    h.submit(0, live=True)
+    await asyncio.sleep(0)
+    h.submit(1, live=True)
+    h.submit(2, live=True)
+    h.submit(50, stream=7)  # another stream is untouched
+    h.submit(3, live=True)
+    await h.settle()
+    assert [(s, st) for s, st, _ in h.rejected] == [(1, Status.SUPERSEDED), (2, Status.SUPERSEDED)]
+    assert sorted(h.done) == [0, 3, 50]
+
+
+@pytest.mark.asyncio
+async def test_two_models_interleave_and_neither_waits_behind_the_other() -> None:
+    h = Harness(latency=lambda m, n: 0.2 if m == "slow" else 0.01)
+    h.start(spec("slow"), spec("fast"))
+    h.submit(0, model="slow")
+    await asyncio.sleep(0)
+    for i in range(1, 4):
+        h.submit(i, model="fast")
+        await asyncio.sleep(0.02)
+    await h.settle()
+    fast_starts = [t for m, _, t in h.batches if m == "fast"]
+    assert len(fast_starts) == 3 and max(fast_starts) < 0.15  # all ran while the slow batch was running
+
+
+@pytest.mark.asyncio
+async def test_abandoned_frames_are_dropped_at_batch_formation() -> None:
+    h = Harness(latency=lambda m, n: 0.03)
+    h.start(spec())
+    h.submit(0)
+    await asyncio.sleep(0)
+    gone = h.submit(1)
+    gone.is_abandoned = lambda: True
+    h.submit(2)
+    await h.settle()
+    assert sorted(h.done) == [0, 2] and [s for s, _, _ in h.rejected] == [1]
+
+
+@pytest.mark.asyncio
+async def test_reject_queued_answers_everything_waiting() -> None:
+    h = Harness(latency=lambda m, n: 0.05)
+    sched = h.start(spec(max_batch_size=1))
+    for i in range(4):
+        h.submit(i, deadline_s=10)
+    await asyncio.sleep(0)
+    sched.reject_queued(Status.SHUTTING_DOWN, "bye")
+    await h.settle()
+    assert h.done == [0] and [s for s, st, _ in h.rejected if st == Status.SHUTTING_DOWN] == [1, 2, 3]
