@@ -29,7 +29,10 @@ from streamgpu.loadgen.transports import Connection, ReplyLike, Transport
 from streamgpu.protocol.wire import Status
 
 _OK = int(Status.OK)
-_stage_values = operator.attrgetter(*STAGES)
+_stage_getters = [operator.attrgetter(name) for name in STAGES]
+#: Shortest open-loop sleep: uvloop timers have 1 ms resolution and shorter sleeps spin the loop,
+#: so at high rates the sender wakes each ms and catches up (sends lag by < ~1 ms).
+MIN_SLEEP_S = 0.001
 
 OnWindow = Callable[[Window], Awaitable[None]]
 
@@ -178,7 +181,7 @@ class LoadRunner:
                     next_t += mean
                 now = time.monotonic()
             if self._issuing:
-                await asyncio.sleep(next_t - now)
+                await asyncio.sleep(max(next_t - now, MIN_SLEEP_S))
 
     # --- control --------------------------------------------------------------
 
@@ -222,10 +225,8 @@ class LoadRunner:
         statuses: dict[str, int] = {"OK": len(self._latencies)} if self._latencies else {}
         for status, n in self._other.items():
             statuses[status if isinstance(status, str) else Status(status).name] = n
-        if self._timings:
-            sums = np.array([_stage_values(t) for t in self._timings], dtype=np.float64).sum(axis=0)
-        else:
-            sums = np.zeros(len(STAGES))
+        # sum(map(attrgetter)) runs in C: ~3x faster than building an array, so the loop stalls less at a cut.
+        sums = np.array([sum(map(getter, self._timings)) for getter in _stage_getters], dtype=np.float64)
         window = Window(
             start=self._window_start,
             end=end,
