@@ -9,6 +9,7 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -667,3 +668,33 @@ def test_sync_handshake_error(threaded_server: FakeServer) -> None:
     with pytest.raises(HandshakeError, match="wrong token"):
         connect_sync("127.0.0.1", threaded_server.port, token="nope")
     assert threading.active_count() == threads_before
+
+
+def test_plain_socket_client_sketch_in_docs(threaded_server: FakeServer) -> None:
+    """The minimal socket + struct client in docs/PROTOCOL.md talks to a server built on wire.py."""
+    doc = (Path(__file__).parent.parent / "docs" / "PROTOCOL.md").read_text()
+    section = doc[doc.index("## 9. A minimal client") :]
+    code = section[section.index("```python\n") + len("```python\n") :]
+    code = code[: code.index("```")]
+    namespace: dict[str, Any] = {"__name__": "sketch"}
+    exec(compile(code, "PROTOCOL.md", "exec"), namespace)
+    sock, max_payload = namespace["connect"]("127.0.0.1", threaded_server.port, token="tok")
+    try:
+        assert max_payload == 1 << 26
+        status, message, dtype, shape, result = namespace["infer"](
+            sock, bytes([1, 2, 3, 4, 5, 6]), (2, 3), model="echo", stream_id=7, sequence=42, live=True
+        )
+        assert (status, message, dtype, shape, result) == (0, "", 1, (2, 3), bytes([1, 2, 3, 4, 5, 6]))
+        data = np.arange(4, dtype=np.float32).tobytes()
+        assert namespace["infer"](sock, data, (4,), dtype=8, sequence=43, deadline_us=1000)[4] == data
+        header = threaded_server.headers[0]
+        assert (header.stream_id, header.sequence, header.flags, header.check_tensor()) == (
+            7,
+            42,
+            wire.FrameFlags.LIVE,
+            None,
+        )
+    finally:
+        sock.close()
+    with pytest.raises(ConnectionError, match="refused"):
+        namespace["connect"]("127.0.0.1", threaded_server.port, token="bad")

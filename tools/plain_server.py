@@ -92,7 +92,8 @@ async def main(args: argparse.Namespace) -> None:
     spec = ModelSpec(source=args.model, input_shape=tuple(args.shape))
     server = PlainServer(spec, args.device)
     listener = await asyncio.start_server(server.handle, args.host, args.port)
-    log.info("plain server listening on %s:%d, %s on %s", args.host, args.port, args.model, args.device)
+    port = listener.sockets[0].getsockname()[1]
+    log.info("plain server listening on %s:%d, %s on %s", args.host, port, args.model, args.device)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

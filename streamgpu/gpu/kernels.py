@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["MAX_FRAMES_PER_LAUNCH", "gather_frames", "gather_preprocess", "preprocess_image"]
+__all__ = ["MAX_CHANNELS", "MAX_FRAMES_PER_LAUNCH", "gather_frames", "gather_preprocess", "preprocess_image"]
 
 #: Frames one launch takes; larger batches are split into several launches.
 MAX_FRAMES_PER_LAUNCH = 256
-_MAX_CHANNELS = 4
+MAX_CHANNELS = 4
 _BLOCK = 256
 _GATHER_UNROLL = 4  # must match GATHER_UNROLL in the source
 _MAX_GRID_Y = 65535
@@ -154,7 +154,7 @@ __global__ void __launch_bounds__(256) preprocess_px(
 """
 
 _OFFSETS_DTYPE = np.dtype([("v", np.uint32, (MAX_FRAMES_PER_LAUNCH,))])
-_AFFINE_DTYPE = np.dtype([("scale", np.float32, (_MAX_CHANNELS,)), ("bias", np.float32, (_MAX_CHANNELS,))])
+_AFFINE_DTYPE = np.dtype([("scale", np.float32, (MAX_CHANNELS,)), ("bias", np.float32, (MAX_CHANNELS,))])
 _NO_OFFSETS = np.zeros(1, dtype=_OFFSETS_DTYPE)  # read-only placeholder for non-gather launches
 _C_TYPES = {torch.float32: "float", torch.float16: "unsigned short"}
 
@@ -289,8 +289,8 @@ def _output(
 def _check_pre_args(dtype: torch.dtype, channels: int) -> None:
     if dtype not in _C_TYPES:
         raise ValueError(f"dtype must be torch.float16 or torch.float32, got {dtype}")
-    if not 1 <= channels <= _MAX_CHANNELS:
-        raise ValueError(f"channels must be 1 to {_MAX_CHANNELS}, got {channels}")
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise ValueError(f"channels must be 1 to {MAX_CHANNELS}, got {channels}")
 
 
 def _launch_preprocess(

@@ -97,6 +97,7 @@ class LoadRunner:
         self._latencies: list[float] = []
         self._timings: list[object] = []
         self._other: dict[int | str, int] = {}
+        self._messages: dict[int, str] = {}
         self._lags: list[float] = []
         self._sent = 0
         self._last_done = 0.0
@@ -140,8 +141,11 @@ class LoadRunner:
             if status == _OK:
                 self._latencies.append(reply.latency_s)
                 self._timings.append(reply.timings)
-            else:
-                self._other[status] = self._other.get(status, 0) + 1
+            elif status in self._other:
+                self._other[status] += 1
+            else:  # first of its status in this window: keep the server's reason
+                self._other[status] = 1
+                self._messages[status] = reply.message
             self._last_done = time.monotonic()
         if self._issuing and self._closed:
             self._issue()  # closed loop: one completion frees one slot
@@ -216,6 +220,7 @@ class LoadRunner:
         self._latencies = []
         self._timings = []
         self._other = {}
+        self._messages = {}
         self._lags = []
         self._sent = 0
         self._last_done = now
@@ -236,6 +241,7 @@ class LoadRunner:
             sent=self._sent,
             lags=np.array(self._lags, dtype=np.float64),
             cpu_s=time.process_time() - self._cpu_start,
+            messages={Status(k).name: v for k, v in self._messages.items() if v},
         )
         self._begin_window(end)
         return window

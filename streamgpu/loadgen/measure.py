@@ -63,6 +63,7 @@ class Window:
     lags: np.ndarray  # open loop: seconds each send was late against its schedule
     cpu_s: float  # process CPU seconds used in the window, summed over processes
     processes: int = 1
+    messages: dict[str, str] = field(default_factory=dict)  # first reply message per non-OK status
 
     @property
     def duration(self) -> float:
@@ -97,9 +98,12 @@ def merge(windows: Sequence[Window]) -> Window:
     if not windows:
         raise ValueError("nothing to merge")
     statuses: dict[str, int] = {}
+    messages: dict[str, str] = {}
     for w in windows:
         for name, n in w.statuses.items():
             statuses[name] = statuses.get(name, 0) + n
+        for name, text in w.messages.items():
+            messages.setdefault(name, text)
     return Window(
         start=min(w.start for w in windows),
         end=max(w.end for w in windows),
@@ -110,6 +114,7 @@ def merge(windows: Sequence[Window]) -> Window:
         lags=np.concatenate([w.lags for w in windows]),
         cpu_s=sum(w.cpu_s for w in windows),
         processes=sum(w.processes for w in windows),
+        messages=messages,
     )
 
 
@@ -196,6 +201,7 @@ class LevelResult:
     processes: int
     windows: int
     stable: bool
+    messages: dict[str, str] = field(default_factory=dict)  # first reply message per non-OK status
 
 
 def summarize(
@@ -248,4 +254,5 @@ def summarize(
         processes=window.processes,
         windows=windows,
         stable=stable,
+        messages=dict(window.messages),
     )

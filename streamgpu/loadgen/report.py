@@ -69,6 +69,8 @@ class RunReport:
                     f"{where}: the generator fell behind its schedule (sent {r.send_rate:.1f} frames/s,"
                     f" p99 send lag {r.send_lag_p99_s * 1e3:.2f} ms); use --processes or a lower rate"
                 )
+            for name, text in r.messages.items():
+                warnings.append(f"{where}: {r.statuses.get(name, 0)} replies {name}, e.g. {text!r}")
             if not r.stable:
                 warnings.append(f"{where}: not stable within {r.windows} windows of ±{cfg.stability_pct:g} %")
             if r.cpu_cores / r.processes > BUSY_CPU:

@@ -38,6 +38,9 @@ class ReplyLike(Protocol):
     @property
     def timings(self) -> Timings: ...
 
+    @property
+    def message(self) -> str: ...  # the server's reason for a non-OK status
+
 
 class Connection(Protocol):
     """One open connection to an endpoint."""

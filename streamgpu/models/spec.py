@@ -12,6 +12,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PREPROCESS_KINDS = ("image", "none")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+BATCH_POLICIES = ("adaptive", "fixed")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class ModelSpec:
     precision: str = "auto"
     max_batch_size: int = 32
     max_queue_delay_ms: float = 2.0
+    batch_policy: str = "adaptive"
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     cuda_graphs: bool = True
     max_queue: int = 1024
@@ -80,6 +82,8 @@ class ModelSpec:
             out.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.max_batch_size < 1:
             out.append("max_batch_size must be >= 1")
+        if self.batch_policy not in BATCH_POLICIES:
+            out.append(f"batch_policy must be one of {BATCH_POLICIES}, got {self.batch_policy!r}")
         if self.max_queue_delay_ms < 0:
             out.append("max_queue_delay_ms must be >= 0")
         if not self.batch_buckets or any(b < 1 for b in self.batch_buckets):

@@ -18,6 +18,8 @@ server's launch-and-reply coroutine). Its rules:
   whatever is queued goes at once: an idle GPU never waits for a fuller
   batch. While batches are in flight, frames accumulate, and the next batch
   goes when it is full or its oldest frame has waited ``max_queue_delay_ms``.
+  (``batch_policy = "fixed"`` waits like that even when idle, as a classic
+  dynamic batcher does; it exists to compare against.)
 * How many: without a latency target, as many as are queued (up to
   ``max_batch_size``). With one, the scheduler keeps a live estimate of each
   batch size's latency and picks, among the preferred sizes (the graph
@@ -141,7 +143,8 @@ class Scheduler:
         """Launch as many batches as policy allows now; arm a wake-up for the rest."""
         while queue.frames and queue.in_flight < self._max_inflight:
             now = time.perf_counter()
-            if queue.in_flight and len(queue.frames) < queue.spec.max_batch_size:
+            waits = queue.in_flight or queue.spec.batch_policy == "fixed"
+            if waits and len(queue.frames) < queue.spec.max_batch_size:
                 oldest = queue.frames.oldest()
                 assert oldest is not None
                 due = oldest.complete_ns / 1e9 + queue.spec.max_queue_delay_ms / 1e3

@@ -90,7 +90,10 @@ class _Conn(asyncio.Protocol):
             return
         timings = TIMINGS if status == wire.Status.OK else wire.Timings()
         h = header
-        rh = wire.ReplyHeader(h.stream_id, h.sequence, status, timestamp_ns=h.timestamp_ns, timings=timings)
+        message = "" if status == wire.Status.OK else f"fake {status.name.lower()}"
+        rh = wire.ReplyHeader(
+            h.stream_id, h.sequence, status, timestamp_ns=h.timestamp_ns, timings=timings, message=message
+        )
         self.transport.writelines(wire.encode_reply(rh))
 
 

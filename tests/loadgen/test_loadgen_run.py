@@ -74,6 +74,7 @@ def test_status_counts() -> None:
     expected_deadline = len([i for i in range(100) if i % 10 == 0 and i % 4 != 3])
     assert r.statuses == {"OK": 75 - expected_deadline, "OVERLOADED": 25, "DEADLINE_MISSED": expected_deadline}
     assert r.completed == 100
+    assert r.messages == {"OVERLOADED": "fake overloaded", "DEADLINE_MISSED": "fake deadline_missed"}
 
 
 def _pacing(server: FakeServer, rate: float, distribution: str) -> tuple[float, np.ndarray]:

@@ -83,6 +83,7 @@ class _Instant:
     status = Status.OK
     latency_s = 0.001
     timings = Timings(total_us=5)
+    message = ""
 
 
 class _MemoryConnection:

@@ -259,3 +259,19 @@ async def test_reject_queued_answers_everything_waiting() -> None:
     sched.reject_queued(Status.SHUTTING_DOWN, "bye")
     await h.settle()
     assert h.done == [0] and [s for s, st, _ in h.rejected if st == Status.SHUTTING_DOWN] == [1, 2, 3]
+
+
+@pytest.mark.asyncio
+async def test_fixed_policy_waits_for_a_full_batch_even_when_idle() -> None:
+    h = Harness(latency=lambda m, n: 0.01)
+    h.start(spec(batch_policy="fixed", max_batch_size=4, max_queue_delay_ms=40))
+    h.submit(0)
+    await asyncio.sleep(0.01)
+    assert h.batches == []  # the adaptive policy would have run it at once
+    for i in range(1, 4):
+        h.submit(i)
+    await asyncio.sleep(0)
+    assert [b[1] for b in h.batches] == [[0, 1, 2, 3]]
+    h.submit(4)
+    await h.settle()
+    assert [b[1] for b in h.batches][-1] == [4] and h.batches[-1][2] - h.batches[0][2] >= 0.035

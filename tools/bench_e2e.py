@@ -1,0 +1,232 @@
+"""End-to-end benchmarks over loopback: servers in their own processes, driven by the load generator.
+
+Suites (``--suite``, repeatable; default all):
+
+* ``default``: streamgpu with its default model, 224x224x3 uint8 frames,
+  closed loop at 1 / 16 / 64 frames in flight: frames/s, p50, p99.
+* ``plain``: ResNet-50 fp16, streamgpu against the plain baseline server
+  (tools/plain_server.py): throughput at saturating load, p50 at an equal
+  moderate open-loop rate (half of what the plain server sustains), and
+  how busy the GPU was (NVML utilization samples) during streamgpu's
+  saturating run. Ratios against the baseline, with the targets of issue 4.
+* ``batching``: ResNet-50 fp16 latency-throughput curves (open loop, rate
+  sweep) of adaptive batching against fixed batch 1 and fixed batch 32.
+
+Prints one table per suite and writes everything to ``--json``.
+
+    python tools/bench_e2e.py --json out/bench_e2e.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from streamgpu.loadgen import CONCURRENCY, RATE, Endpoint, LevelResult, LoadLevel, RunConfig, run
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+SHAPE = (224, 224, 3)
+
+
+@contextlib.contextmanager
+def server(cmd: list[str], log_path: Path, ready: str) -> Iterator[int]:
+    """Run a server process until the block ends; yields its port (parsed from ``ready``)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if m := re.search(ready, log_path.read_text()):
+                yield int(m.group(1))
+                break
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {log_path.read_text()[-2000:]}")
+            time.sleep(0.2)
+        else:
+            raise RuntimeError(f"server did not start: {log_path.read_text()[-2000:]}")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def streamgpu_server(out: Path, name: str, model: dict[str, Any], device: str) -> contextlib.AbstractContextManager[int]:
+    toml = "\n".join(
+        ["[server]", "port = 0", f'device = "{device}"', "", "[[models]]"]
+        + [f"{k} = {json.dumps(v)}" for k, v in model.items()]
+    )
+    path = Path(tempfile.mkdtemp()) / f"{name}.toml"
+    path.write_text(toml + "\n")
+    cmd = [sys.executable, "-m", "streamgpu", "serve", "--config", str(path)]
+    return server(cmd, out / f"server_{name}.log", r"listening on [\d.]+:(\d+)")
+
+
+def plain_server(out: Path, device: str) -> contextlib.AbstractContextManager[int]:
+    cmd = [sys.executable, "tools/plain_server.py", "--port", "0", "--model", "builtin:resnet50", "--device", device]
+    return server(cmd, out / "server_plain.log", r"listening on [\d.]+:(\d+)")
+
+
+def load(port: int, levels: list[LoadLevel], processes: int, window_s: float, **kw: Any) -> list[LevelResult]:
+    cfg = RunConfig(
+        endpoints=[Endpoint(HOST, port)], levels=levels, shape=SHAPE, processes=processes, streams=processes * 4,
+        warmup_s=1.0, window_s=window_s, max_windows=4, stable_windows=2, stability_pct=15, **kw,
+    )  # fmt: skip
+    return run(cfg).results
+
+
+class GpuSampler:
+    """NVML utilization (percent of time a kernel ran) sampled by nvidia-smi every 100 ms."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        if not shutil.which("nvidia-smi"):
+            return
+        cmd = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "100"]
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if self._stop.is_set():
+                    proc.terminate()
+                    break
+                with contextlib.suppress(ValueError):
+                    self.samples.append(float(line.split(",")[0]))
+
+    def __enter__(self) -> GpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    @property
+    def busy(self) -> float:
+        steady = self.samples[len(self.samples) // 5 :]  # skip the warm-up fifth
+        return sum(steady) / len(steady) / 100 if steady else float("nan")
+
+
+def row(label: str, r: LevelResult) -> dict[str, Any]:
+    return {
+        "config": label, "mode": r.mode, "level": r.level, "frames_per_s": round(r.throughput, 1),
+        "p50_ms": round(r.latency["p50"] * 1e3, 3), "p99_ms": round(r.latency["p99"] * 1e3, 3),
+        "batch": round(r.server_us.get("batch_size", 0), 1), "ok": r.statuses.get("OK", 0),
+        "errors": sum(v for k, v in r.statuses.items() if k != "OK"), "gen_cpu": round(r.cpu_cores, 2),
+        "behind": r.behind,
+    }  # fmt: skip
+
+
+def print_rows(title: str, rows: list[dict[str, Any]]) -> None:
+    print(f"\n## {title}")
+    keys = list(rows[0])
+    print(" | ".join(keys))
+    for r in rows:
+        print(" | ".join(str(r[k]) for k in keys))
+
+
+def suite_default(out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    with streamgpu_server(out, "default", {"name": "default", "source": "builtin:small"}, args.device) as port:
+        levels = [LoadLevel(CONCURRENCY, c) for c in (1, 16, 64)]
+        results = load(port, levels, processes=1, window_s=args.window)
+    rows = [row("default model", r) for r in results]
+    print_rows("default model (builtin:small, fp16), closed loop", rows)
+    return {"rows": rows}
+
+
+RESNET50 = {"name": "default", "source": "builtin:resnet50", "precision": "fp16"}
+
+
+def suite_plain(out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    saturate = [LoadLevel(CONCURRENCY, 256)]
+    with plain_server(out, args.device) as port:
+        plain_max = load(port, [LoadLevel(CONCURRENCY, 16)], processes=4, window_s=args.window)[0]
+        moderate = LoadLevel(RATE, round(plain_max.throughput * 0.5))
+        plain_mod = load(port, [moderate], processes=4, window_s=args.window)[0]
+    with streamgpu_server(out, "resnet50", RESNET50, args.device) as port:
+        with GpuSampler() as gpu:
+            ours_max = load(port, saturate, processes=4, window_s=args.window)[0]
+        ours_mod = load(port, [moderate], processes=4, window_s=args.window)[0]
+    rows = [row("plain, saturating", plain_max), row("streamgpu, saturating", ours_max),
+            row("plain, moderate", plain_mod), row("streamgpu, moderate", ours_mod)]  # fmt: skip
+    print_rows("ResNet-50 fp16: streamgpu vs the plain server", rows)
+    thr = ours_max.throughput / plain_max.throughput
+    p50 = 1 - ours_mod.latency["p50"] / plain_mod.latency["p50"]
+    figures = [
+        ("throughput, saturating", f"{ours_max.throughput:.0f}/s", f"{plain_max.throughput:.0f}/s", f"{thr:.2f}x",
+         ">= 5x", thr >= 5),
+        (f"p50 at {moderate.value:.0f} frames/s", f"{ours_mod.latency['p50'] * 1e3:.2f} ms",
+         f"{plain_mod.latency['p50'] * 1e3:.2f} ms", f"{p50:.0%} lower", ">= 50% lower", p50 >= 0.5),
+        ("GPU busy, saturating (NVML)", f"{gpu.busy:.1%}", "", "", ">= 95%", gpu.busy >= 0.95),
+    ]  # fmt: skip
+    print("\nfigure | value | baseline | ratio | target | met?")
+    for f in figures:
+        print(" | ".join(str(x) for x in f[:5]) + f" | {'yes' if f[5] else 'NO'}")
+    return {"rows": rows, "figures": figures, "gpu_util_samples": gpu.samples}
+
+
+def suite_batching(out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    configs = {
+        "adaptive (max 32)": {**RESNET50, "max_batch_size": 32},
+        "fixed batch 1": {**RESNET50, "max_batch_size": 1, "batch_buckets": [1]},
+        "fixed batch 32": {**RESNET50, "max_batch_size": 32, "batch_policy": "fixed", "max_queue_delay_ms": 50.0},
+    }
+    rates = [int(r) for r in args.rates.split(",")]
+    rows = []
+    for label, model in configs.items():
+        with streamgpu_server(out, label.split()[0] + label.split()[-1].strip("()"), model, args.device) as port:
+            for r in load(port, [LoadLevel(RATE, rate) for rate in rates], processes=4, window_s=args.window,
+                          max_outstanding=2000):  # fmt: skip
+                rows.append(row(label, r))
+    print_rows("ResNet-50 fp16 latency vs throughput: adaptive vs fixed batching (open loop)", rows)
+    return {"rows": rows}
+
+
+SUITES = {"default": suite_default, "plain": suite_plain, "batching": suite_batching}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", action="append", choices=sorted(SUITES), help="default: all")
+    parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_e2e.json"))
+    parser.add_argument("--window", type=float, default=2.0, help="measurement window, s (default 2)")
+    parser.add_argument("--rates", default="500,1000,2000,4000,6000", help="open-loop rates for the batching suite")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run of the harness")
+    args = parser.parse_args()
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_e2e needs a CUDA GPU (or --device cpu for a dry run of the harness)", file=sys.stderr)
+        return 2
+    out = Path(args.json).resolve().parent
+    out.mkdir(parents=True, exist_ok=True)
+    card = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    report: dict[str, Any] = {"card": card, "date": time.strftime("%Y-%m-%d")}
+    for name in args.suite or list(SUITES):
+        report[name] = SUITES[name](out, args)
+        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+    print(f"\ncard: {report['card']}; JSON: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
