@@ -67,7 +67,9 @@ def server(cmd: list[str], log_path: Path, ready: str) -> Iterator[int]:
             proc.kill()
 
 
-def streamgpu_server(out: Path, name: str, model: dict[str, Any], device: str) -> contextlib.AbstractContextManager[int]:
+def streamgpu_server(
+    out: Path, name: str, model: dict[str, Any], device: str
+) -> contextlib.AbstractContextManager[int]:
     toml = "\n".join(
         ["[server]", "port = 0", f'device = "{device}"', "", "[[models]]"]
         + [f"{k} = {json.dumps(v)}" for k, v in model.items()]
