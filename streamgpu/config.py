@@ -32,6 +32,7 @@ class Config:
     port: int = 7878
     device: str = "auto"
     device_index: int = 0
+    cuda_kernels: bool = True
     loop: str = "auto"
     auth_token: str = ""
     ring_bytes: int = 256 * MiB

@@ -69,7 +69,7 @@ class Server:
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         cfg = self.config
-        self.backend = backend = create_backend(cfg.device, loop, cfg.device_index)
+        self.backend = backend = create_backend(cfg.device, loop, cfg.device_index, cfg.cuda_kernels)
         self._ring = PinnedRing(await loop.run_in_executor(self._loader, backend.allocate_host, cfg.ring_bytes))
         self._scheduler = Scheduler(loop, self._run_batch, self._reject, cfg.max_inflight_batches)
         for spec in cfg.models:

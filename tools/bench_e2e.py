@@ -68,10 +68,10 @@ def server(cmd: list[str], log_path: Path, ready: str) -> Iterator[int]:
 
 
 def streamgpu_server(
-    out: Path, name: str, model: dict[str, Any], device: str
+    out: Path, name: str, model: dict[str, Any], device: str, kernels: bool = True
 ) -> contextlib.AbstractContextManager[int]:
     toml = "\n".join(
-        ["[server]", "port = 0", f'device = "{device}"', "", "[[models]]"]
+        ["[server]", "port = 0", f'device = "{device}"', f"cuda_kernels = {str(kernels).lower()}", "", "[[models]]"]
         + [f"{k} = {json.dumps(v)}" for k, v in model.items()]
     )
     path = Path(tempfile.mkdtemp()) / f"{name}.toml"
@@ -133,6 +133,9 @@ def row(label: str, r: LevelResult) -> dict[str, Any]:
         "config": label, "mode": r.mode, "level": r.level, "frames_per_s": round(r.throughput, 1),
         "p50_ms": round(r.latency["p50"] * 1e3, 3), "p99_ms": round(r.latency["p99"] * 1e3, 3),
         "batch": round(r.server_us.get("batch_size", 0), 1), "ok": r.statuses.get("OK", 0),
+        "srv_queue_ms": round(r.server_us.get("queue_us", 0) / 1e3, 3),
+        "srv_transfer_ms": round(r.server_us.get("transfer_us", 0) / 1e3, 3),
+        "srv_compute_ms": round(r.server_us.get("compute_us", 0) / 1e3, 3),
         "errors": sum(v for k, v in r.statuses.items() if k != "OK"), "gen_cpu": round(r.cpu_cores, 2),
         "behind": r.behind,
     }  # fmt: skip
@@ -147,11 +150,14 @@ def print_rows(title: str, rows: list[dict[str, Any]]) -> None:
 
 
 def suite_default(out: Path, args: argparse.Namespace) -> dict[str, Any]:
-    with streamgpu_server(out, "default", {"name": "default", "source": "builtin:small"}, args.device) as port:
-        levels = [LoadLevel(CONCURRENCY, c) for c in (1, 16, 64)]
-        results = load(port, levels, processes=1, window_s=args.window)
-    rows = [row("default model", r) for r in results]
-    print_rows("default model (builtin:small, fp16), closed loop", rows)
+    rows = []
+    for kernels in (True, False):
+        label = "kernels" if kernels else "copies+torch"
+        model = {"name": "default", "source": "builtin:small"}
+        with streamgpu_server(out, f"default_{label}", model, args.device, kernels) as port:
+            levels = [LoadLevel(CONCURRENCY, c) for c in (1, 16, 64)]
+            rows += [row(label, r) for r in load(port, levels, processes=1, window_s=args.window)]
+    print_rows("default model (builtin:small, fp16), closed loop: cupy kernels vs per-frame copies", rows)
     return {"rows": rows}
 
 

@@ -90,8 +90,14 @@ def cuda_usable() -> bool:
         return False
 
 
-def create_backend(name: str, loop: asyncio.AbstractEventLoop, device_index: int = 0) -> Backend:
-    """The backend called ``name``; ``auto`` is cuda when a GPU is usable, else cpu."""
+def create_backend(
+    name: str, loop: asyncio.AbstractEventLoop, device_index: int = 0, cuda_kernels: bool = True
+) -> Backend:
+    """The backend called ``name``; ``auto`` is cuda when a GPU is usable, else cpu.
+
+    ``cuda_kernels=False`` makes the cuda backend use per-frame copies and torch ops
+    instead of streamgpu's cupy kernels.
+    """
     if name not in BACKENDS:
         raise ValueError(f"device must be one of {BACKENDS}, got {name!r}")
     if name == "auto":
@@ -101,7 +107,7 @@ def create_backend(name: str, loop: asyncio.AbstractEventLoop, device_index: int
             raise RuntimeError("device 'cuda' requested but no usable CUDA device was found (use --device cpu)")
         from streamgpu.gpu.cuda import CudaBackend
 
-        return CudaBackend(loop, device_index)
+        return CudaBackend(loop, device_index, cuda_kernels)
     from streamgpu.gpu.cpu import CpuBackend
 
     return CpuBackend(loop)

@@ -120,7 +120,7 @@ class CudaModel(DeviceModel):
 class CudaBackend(Backend):
     name = "cuda"
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, device_index: int = 0) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, device_index: int = 0, use_kernels: bool = True) -> None:
         self._loop = loop
         self.device = torch.device("cuda", device_index)
         torch.cuda.set_device(self.device)
@@ -129,8 +129,8 @@ class CudaBackend(Backend):
         self._bridge = CompletionBridge(loop)
         # One gather launch per batch instead of a copy per frame: 7x less loop CPU per frame
         # and 1.8x less GPU time at 32 frames on the H100 (docs/GPU_NOTES.md).
-        self.use_kernels = importlib.util.find_spec("cupy") is not None
-        if not self.use_kernels:
+        self.use_kernels = use_kernels and importlib.util.find_spec("cupy") is not None
+        if use_kernels and not self.use_kernels:
             log.warning("cupy is not installed: one async copy per frame and torch pre-processing (slower)")
         self._ring_tensors: dict[int, torch.Tensor] = {}  # numpy buffer address -> its pinned tensor
 

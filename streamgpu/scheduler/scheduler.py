@@ -32,6 +32,7 @@ server's launch-and-reply coroutine). Its rules:
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -56,12 +57,16 @@ class ModelQueue:
         self.spec = model.spec
         self.frames = FairQueue()
         self.deadline_timers: dict[Frame, asyncio.TimerHandle] = {}
-        self.in_flight = 0
+        self.running: collections.deque[int] = collections.deque()  # sizes of launched batches, oldest first
         self.busy_until = 0.0  # perf_counter seconds when the launched batches should be done
         self.last_end = 0.0  # when the previous batch finished: service time excludes queueing behind it
         self.latency = BatchLatency()
         self.wake: asyncio.TimerHandle | None = None
         self.metrics = ModelMetrics()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.running)
 
     def cancel_timer(self, frame: Frame) -> None:
         timer = self.deadline_timers.pop(frame, None)
@@ -192,7 +197,7 @@ class Scheduler:
         self._dispatch(queue)
 
     def _launch(self, queue: ModelQueue, batch: list[Frame], now: float) -> None:
-        queue.in_flight += 1
+        queue.running.append(len(batch))
         queue.metrics.batches += 1
         queue.metrics.batch_sizes[len(batch)] += 1
         for frame in batch:
@@ -212,9 +217,11 @@ class Scheduler:
             # previous batch's end if it queued behind one) to its end.
             queue.latency.observe(len(batch), end - max(launched, queue.last_end))
             queue.last_end = end
-            queue.in_flight -= 1
-            if not queue.in_flight:
-                queue.busy_until = end
+            queue.running.popleft()
+            # Re-anchor on what was observed: estimates summed over many launches would
+            # drift, and a bridge told to sleep past the real completion inflates the
+            # next measurement (a feedback loop).
+            queue.busy_until = end + sum(queue.latency.estimate(n) for n in queue.running)
             self._dispatch(queue)
 
     # -- state and shutdown --------------------------------------------------------

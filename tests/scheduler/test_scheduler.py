@@ -275,3 +275,16 @@ async def test_fixed_policy_waits_for_a_full_batch_even_when_idle() -> None:
     h.submit(4)
     await h.settle()
     assert [b[1] for b in h.batches][-1] == [4] and h.batches[-1][2] - h.batches[0][2] >= 0.035
+
+
+@pytest.mark.asyncio
+async def test_completion_hints_track_real_batch_time_under_sustained_load() -> None:
+    # Each batch takes 20 ms; under sustained load the hint handed to the completion bridge
+    # must stay near that, not drift upwards batch after batch.
+    h = Harness(latency=lambda m, n: 0.02)
+    h.start(spec(max_batch_size=1), max_inflight=2)
+    for i in range(30):
+        h.submit(i)
+    await h.settle()
+    assert len(h.batches) == 30
+    assert max(h.expected[5:]) < 0.06, h.expected  # at most the in-flight batch plus this one, with slack
