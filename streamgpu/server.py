@@ -202,8 +202,8 @@ class Server:
             )
         )  # fmt: skip
 
-    async def _run_batch(self, model: DeviceModel, frames: list[Frame], expected_s: float) -> None:
-        """Launch one batch, free its slots once copied, answer every frame."""
+    async def _run_batch(self, model: DeviceModel, frames: list[Frame], expected_s: float) -> float | None:
+        """Launch one batch, free its slots once copied, answer every frame; returns its device time."""
         assert self.backend is not None and self._scheduler is not None
         metrics = self._scheduler.metrics_for(model.spec.name)
         launch_ns = time.perf_counter_ns()
@@ -213,7 +213,7 @@ class Server:
         except Exception as exc:  # launch itself failed: nothing will read the slots
             log.exception("model %s: batch of %d failed to launch", model.spec.name, len(frames))
             self._fail_batch(frames, metrics, exc)
-            return
+            return None
         for frame in frames:
             self._release(frame)
         copied_ns = time.perf_counter_ns()
@@ -222,12 +222,13 @@ class Server:
         except Exception as exc:
             log.exception("model %s: batch of %d failed", model.spec.name, len(frames))
             self._fail_batch(frames, metrics, exc)
-            return
+            return None
         done_ns = time.perf_counter_ns()
         metrics.completed += len(frames)
         metrics.transfer_us.append((copied_ns - launch_ns) / 1e3)
         metrics.compute_us.append((done_ns - copied_ns) / 1e3)
         _reply_results(frames, results, launch_ns, copied_ns, done_ns)
+        return run.service_s
 
     def _fail_batch(self, frames: list[Frame], metrics: Any, exc: BaseException) -> None:
         metrics.failed += len(frames)

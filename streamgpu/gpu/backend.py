@@ -31,11 +31,14 @@ class BatchRun:
 
     ``copied`` resolves once the frames' ring slots have been read (they may be
     released then); ``done`` resolves with the host results, one row per frame.
+    ``service_s`` is set before ``done`` resolves: how long the device spent on
+    the batch (pre-processing + model + results back), measured on the device.
     """
 
     size: int
     copied: asyncio.Future[None]
     done: asyncio.Future[np.ndarray]
+    service_s: float | None = None
 
 
 class DeviceModel(abc.ABC):

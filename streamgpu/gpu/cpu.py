@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import time
 from typing import Any
 
 import numpy as np
@@ -67,16 +68,19 @@ class CpuBackend(Backend):
         views = [ring.array(slot) for slot in slots]
 
         def work() -> np.ndarray:
+            started = time.perf_counter()
             try:
                 batch = np.stack(views)
             except BaseException as exc:
                 loop.call_soon_threadsafe(_settle, copied, exc)
                 raise
             loop.call_soon_threadsafe(_settle, copied, None)
-            return model.run(batch)
+            result = model.run(batch)
+            run.service_s = time.perf_counter() - started
+            return result
 
-        done = asyncio.wrap_future(self._worker.submit(work), loop=loop)
-        return BatchRun(len(slots), copied, done)
+        run = BatchRun(len(slots), copied, asyncio.wrap_future(self._worker.submit(work), loop=loop))
+        return run
 
     def close(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)

@@ -178,16 +178,21 @@ class CudaBackend(Backend):
                 copy_done.record(self._copy_stream)
             model.stream.wait_event(copy_done)
             with torch.cuda.stream(model.stream):
+                # Timed events give the batch's real device time, which the scheduler's
+                # latency estimates need (the loop notices completion later than it happens).
+                started = torch.cuda.Event(enable_timing=True)
+                started.record(model.stream)
                 staged.record_stream(model.stream)  # the allocator must not reuse it before compute read it
                 frames = staged.view(_torch_dtype(spec.frame_dtype)).view(n, *spec.input_shape)
                 out = model.forward(frames).float()
                 host = torch.empty(out.shape, dtype=torch.float32, pin_memory=True)
                 host.copy_(out, non_blocking=True)
-                done = torch.cuda.Event()
+                done = torch.cuda.Event(enable_timing=True)
                 done.record(model.stream)
         copied = self._bridge.wait(copy_done)
         finished = self._bridge.wait(done, expected_s)
         result: asyncio.Future[np.ndarray] = self._loop.create_future()
+        run = BatchRun(n, copied, result)
 
         def deliver(f: asyncio.Future[None]) -> None:
             if result.done():
@@ -197,10 +202,11 @@ class CudaBackend(Backend):
             elif (exc := f.exception()) is not None:
                 result.set_exception(exc)
             else:
+                run.service_s = started.elapsed_time(done) / 1e3  # both complete: no wait
                 result.set_result(host.numpy())
 
         finished.add_done_callback(deliver)
-        return BatchRun(n, copied, result)
+        return run
 
     def close(self) -> None:
         self._bridge.close()

@@ -44,9 +44,14 @@ from streamgpu.scheduler.latency import BatchLatency
 from streamgpu.scheduler.metrics import ModelMetrics
 from streamgpu.scheduler.queues import FairQueue, stream_key
 
-# run_batch(model, frames, expected_s): launch, free the slots once copied, answer every frame.
-RunBatch = Callable[[DeviceModel, list[Frame], float], Awaitable[None]]
+# run_batch(model, frames, expected_s): launch, free the slots once copied, answer every frame;
+# returns the batch's service time as the device measured it (seconds), or None if unknown.
+RunBatch = Callable[[DeviceModel, list[Frame], float], Awaitable[float | None]]
 Reject = Callable[[Frame, Status, str], None]
+
+# The completion bridge may sleep until this fraction of the expected completion time: a
+# batch faster than its estimate is then noticed late by at most a fifth of the estimate.
+HINT_FRACTION = 0.8
 
 
 class ModelQueue:
@@ -204,23 +209,27 @@ class Scheduler:
             queue.metrics.queue_wait_us.append((now - frame.complete_ns / 1e9) * 1e6)
         start = max(now, queue.busy_until)
         queue.busy_until = start + queue.latency.estimate(len(batch))
-        task = self._loop.create_task(self._run(queue, batch, now, queue.busy_until - now))
+        hint = (queue.busy_until - now) * HINT_FRACTION
+        task = self._loop.create_task(self._run(queue, batch, now, hint))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _run(self, queue: ModelQueue, batch: list[Frame], launched: float, expected_s: float) -> None:
+        service: float | None = None
         try:
-            await self._run_batch(queue.model, batch, expected_s)
+            service = await self._run_batch(queue.model, batch, expected_s)
         finally:
             end = time.perf_counter()
-            # Service time: from when the GPU could start this batch (its launch, or the
-            # previous batch's end if it queued behind one) to its end.
-            queue.latency.observe(len(batch), end - max(launched, queue.last_end))
+            # Prefer the device's own measure: a host measure includes how late the loop
+            # noticed completion, which depends on the hint, which depends on the estimate
+            # (a feedback loop that can lock in a slow first batch). The host fallback counts
+            # from when the device could start it: its launch, or the previous batch's end.
+            if service is None:
+                service = end - max(launched, queue.last_end)
+            queue.latency.observe(len(batch), service)
             queue.last_end = end
             queue.running.popleft()
-            # Re-anchor on what was observed: estimates summed over many launches would
-            # drift, and a bridge told to sleep past the real completion inflates the
-            # next measurement (a feedback loop).
+            # Re-anchor on what was observed: estimates summed over many launches drift.
             queue.busy_until = end + sum(queue.latency.estimate(n) for n in queue.running)
             self._dispatch(queue)
 
