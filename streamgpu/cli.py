@@ -6,8 +6,9 @@ import argparse
 import logging
 import sys
 
-from streamgpu.config import LOOPS, Config, ConfigError
+from streamgpu.config import Config, ConfigError
 from streamgpu.gpu.backend import BACKENDS
+from streamgpu.loops import LOOPS
 
 
 def build_parser() -> argparse.ArgumentParser:

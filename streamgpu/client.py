@@ -39,12 +39,14 @@ from typing import Any, cast
 
 import numpy as np
 
+from streamgpu.loops import new_event_loop
 from streamgpu.protocol import wire
 
 __all__ = [
     "Connection",
     "ConnectionClosedError",
     "HandshakeError",
+    "ReplyError",
     "Reply",
     "SyncConnection",
     "connect",
@@ -83,6 +85,15 @@ class ConnectionClosedError(ConnectionError):
         self.server_message = server_message
 
 
+class ReplyError(RuntimeError):
+    """A frame was answered with an error status (raised by :meth:`Reply.unwrap`)."""
+
+    def __init__(self, stream_id: int, sequence: int, status: wire.Status, message: str) -> None:
+        super().__init__(f"frame {stream_id}/{sequence}: {status.name}" + (f": {message}" if message else ""))
+        self.status = status
+        self.message = message
+
+
 @dataclass(frozen=True, eq=False, slots=True)
 class Reply:
     """The server's answer to one frame.
@@ -111,6 +122,12 @@ class Reply:
     def latency_s(self) -> float:
         """Seconds from submit to reply, as seen by this client."""
         return (self.received_ns - self.sent_ns) / 1e9
+
+    def unwrap(self) -> np.ndarray:
+        """The result array; raises :class:`ReplyError` (status and server message) if there is none."""
+        if self.result is None or not self.ok:
+            raise ReplyError(self.stream_id, self.sequence, self.status, self.message)
+        return self.result
 
 
 def _decode_result(header: wire.ReplyHeader, payload: memoryview) -> np.ndarray | None:
@@ -534,14 +551,6 @@ async def connect(host: str, port: int, *, token: str = "", timeout: float | Non
 # --- blocking wrapper -----------------------------------------------------
 
 
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
 class SyncConnection:
     """Blocking wrapper around :class:`Connection` for simple scripts.
 
@@ -636,7 +645,7 @@ def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> Non
 
 def connect_sync(host: str, port: int, *, token: str = "", timeout: float | None = 10.0) -> SyncConnection:
     """Blocking :func:`connect`: returns a :class:`SyncConnection`."""
-    loop = _new_loop()
+    loop = new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name=f"streamgpu-client {host}:{port}", daemon=True)
     thread.start()
     try:

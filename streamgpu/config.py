@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from streamgpu.gpu.backend import BACKENDS
+from streamgpu.loops import LOOPS
 from streamgpu.models.spec import ModelSpec
 
-LOOPS = ("auto", "uvloop", "asyncio")
 MiB = 1024 * 1024
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from streamgpu.config import Config
 from streamgpu.frame import Frame
 from streamgpu.gpu.backend import Backend, DeviceModel, create_backend
+from streamgpu.loops import new_event_loop
 from streamgpu.memory import PinnedRing
 from streamgpu.models.loader import load_module
 from streamgpu.models.spec import ModelSpec
@@ -257,19 +258,6 @@ def _reply_results(frames: list[Frame], results: np.ndarray, launch_ns: int, cop
 
 
 # -- running a server as a process -------------------------------------------------------
-
-
-def new_event_loop(kind: str = "auto") -> asyncio.AbstractEventLoop:
-    """An event loop of ``kind``: ``uvloop``, ``asyncio``, or ``auto`` (uvloop when installed)."""
-    if kind in ("auto", "uvloop"):
-        try:
-            import uvloop
-
-            return uvloop.new_event_loop()
-        except ImportError:
-            if kind == "uvloop":
-                raise RuntimeError("loop 'uvloop' requested but uvloop is not installed") from None
-    return asyncio.new_event_loop()
 
 
 def run(config: Config) -> int:

@@ -698,3 +698,14 @@ def test_plain_socket_client_sketch_in_docs(threaded_server: FakeServer) -> None
         sock.close()
     with pytest.raises(ConnectionError, match="refused"):
         namespace["connect"]("127.0.0.1", threaded_server.port, token="bad")
+
+
+def test_unwrap_returns_the_result_or_raises_with_the_status() -> None:
+    from streamgpu.client import Reply, ReplyError
+
+    ok = Reply(1, 2, wire.Status.OK, np.arange(3), wire.Timings(), "", 0, 0)
+    assert ok.unwrap().tolist() == [0, 1, 2]
+    bad = Reply(1, 3, wire.Status.UNKNOWN_MODEL, None, wire.Timings(), "no model named 'x'", 0, 0)
+    with pytest.raises(ReplyError, match="frame 1/3: UNKNOWN_MODEL: no model named 'x'") as info:
+        bad.unwrap()
+    assert info.value.status == wire.Status.UNKNOWN_MODEL

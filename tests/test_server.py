@@ -170,7 +170,7 @@ async def test_small_ring_backpressure_answers_everything() -> None:
         futs = [conns[i % 3].submit(f, stream_id=i % 3) for i, f in enumerate(frames)]
         replies = await asyncio.gather(*futs)
         assert all(r.ok for r in replies)
-        np.testing.assert_allclose(np.stack([r.result for r in replies]), reference(frames), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(np.stack([r.unwrap() for r in replies]), reference(frames), rtol=1e-4, atol=1e-4)
         assert srv.ring.used_bytes == 0
         for conn in conns:
             await conn.close()

@@ -18,6 +18,7 @@ from multiprocessing.connection import Connection as Pipe
 from multiprocessing.process import BaseProcess
 from typing import Any, cast
 
+from streamgpu import loops
 from streamgpu.loadgen.config import RunConfig
 from streamgpu.loadgen.engine import LoadRunner, open_connections
 from streamgpu.loadgen.errors import LoadgenError, UsageError
@@ -31,17 +32,10 @@ START_DELAY_S = 0.05
 
 def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
     """The event loop factory for ``--loop auto|asyncio|uvloop``."""
-    if name == "asyncio":
-        return asyncio.new_event_loop
     try:
-        import uvloop
-    except ImportError:
-        if name == "uvloop":
-            raise UsageError("--loop uvloop: uvloop is not installed") from None
-        return asyncio.new_event_loop
-    if name not in ("auto", "uvloop"):
-        raise UsageError(f"--loop must be auto, asyncio or uvloop, got {name!r}")
-    return uvloop.new_event_loop
+        return loops.loop_factory(name)
+    except ValueError as exc:
+        raise UsageError(f"--loop: {exc}") from None
 
 
 def run(cfg: RunConfig, progress: Progress | None = None) -> RunReport:

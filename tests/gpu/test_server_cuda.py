@@ -44,7 +44,7 @@ async def test_1000_frames_over_8_streams_match_the_direct_call(precision: str) 
             await conn.close()
         assert server.ring.slots_in_use == 0
         batch_sizes = server.metrics()["models"]["default"]["batch_sizes"]
-    got = np.stack([r.result for r in replies])
+    got = np.stack([r.unwrap() for r in replies])
     assert all(r.ok for r in replies)
     tol = 1e-3 if precision == "fp32" else 3e-2  # fp16 / different batch-size kernels
     err = np.linalg.norm(got - expected) / np.linalg.norm(expected)

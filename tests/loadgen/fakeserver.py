@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
+from streamgpu.loops import loop_factory
 from streamgpu.protocol import wire
 
 #: Timings every OK reply carries (microseconds), so tests can check the server-stage columns.
@@ -190,12 +191,6 @@ def _main() -> None:
     parser.add_argument("--port", type=int, default=7878)
     parser.add_argument("--latency-ms", type=float, default=0.0)
     args = parser.parse_args()
-    try:
-        import uvloop
-
-        new_loop = uvloop.new_event_loop
-    except ImportError:
-        new_loop = asyncio.new_event_loop
     server = FakeServer(args.latency_ms / 1e3, record=False)
 
     async def serve() -> None:
@@ -203,7 +198,7 @@ def _main() -> None:
         print(f"fake server on {server.url}, latency {args.latency_ms} ms", flush=True)
         await asyncio.Event().wait()
 
-    with asyncio.Runner(loop_factory=new_loop) as runner:
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
         try:
             runner.run(serve())
         except KeyboardInterrupt:
