@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _GRAPH_WARMUP = 3  # eager runs before capture (cuDNN autotuning, lazy allocations)
+# Frames this large go by DMA copies: at 6 MiB the copy engine reached 0.98 of the pinned
+# peak against the gather kernel's 0.93 (H100, docs/BENCHMARKS.md), and it leaves the SMs
+# to the models. Below, one gather launch per batch wins on GPU time and on loop CPU.
+COPY_ENGINE_FROM = 4 * 1024 * 1024
 
 
 @dataclass
@@ -125,7 +129,7 @@ class CudaBackend(Backend):
         self.device = torch.device("cuda", device_index)
         torch.cuda.set_device(self.device)
         self.device_name = f"cuda:{device_index} ({torch.cuda.get_device_name(self.device)})"
-        self._copy_stream = torch.cuda.Stream(self.device)
+        self.copy_stream = torch.cuda.Stream(self.device)
         self._bridge = CompletionBridge(loop)
         # One gather launch per batch instead of a copy per frame: 7x less loop CPU per frame
         # and 1.8x less GPU time at 32 frames on the H100 (docs/GPU_NOTES.md).
@@ -167,15 +171,15 @@ class CudaBackend(Backend):
         ring_t = self._ring_tensors[ring.buffer.ctypes.data]
         nbytes = spec.frame_nbytes
         with torch.inference_mode():
-            with torch.cuda.stream(self._copy_stream):
+            with torch.cuda.stream(self.copy_stream):
                 staged = torch.empty((n, nbytes), dtype=torch.uint8, device=self.device)
-                if self.use_kernels:
-                    kernels.gather_frames(ring_t, [slot.offset for slot in slots], nbytes, staged, self._copy_stream)
+                if self.use_kernels and nbytes < COPY_ENGINE_FROM:
+                    kernels.gather_frames(ring_t, [slot.offset for slot in slots], nbytes, staged, self.copy_stream)
                 else:
                     for i, slot in enumerate(slots):
                         staged[i].copy_(ring_t[slot.offset : slot.offset + nbytes], non_blocking=True)
                 copy_done = torch.cuda.Event()
-                copy_done.record(self._copy_stream)
+                copy_done.record(self.copy_stream)
             model.stream.wait_event(copy_done)
             with torch.cuda.stream(model.stream):
                 # Timed events give the batch's real device time, which the scheduler's

@@ -271,9 +271,9 @@ def decode_frame_header(buf: bytes | memoryview) -> tuple[FrameHeader, int] | No
 class Timings:
     """Server-side time per stage, in microseconds (saturating at 2**32-1).
 
-    receive: first header byte to last payload byte; queue: frame complete to
+    receive: frame header parsed to last payload byte; queue: frame complete to
     batch launch; transfer: host-to-device copy; compute: pre-processing +
-    model + result copy back; total: first header byte to reply encoded.
+    model + result copy back; total: frame header parsed to reply encoded.
     """
 
     receive_us: int = 0
