@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _GRAPH_WARMUP = 3  # eager runs before capture (cuDNN autotuning, lazy allocations)
+_RESULT_BUFFERS = 4  # pinned result buffers per model: more than the batches in flight
 # Frames this large go by DMA copies: at 6 MiB the copy engine reached 0.98 of the pinned
 # peak against the gather kernel's 0.93 (H100, docs/BENCHMARKS.md), and it leaves the SMs
 # to the models. Below, one gather launch per batch wins on GPU time and on loop CPU.
@@ -49,6 +50,32 @@ class _Graph:
     graph: torch.cuda.CUDAGraph
     static_in: torch.Tensor
     static_out: torch.Tensor
+
+
+class ResultBuffers:
+    """Page-locked host buffers that batch results are copied back into, allocated at load.
+
+    Allocating page-locked memory (cudaHostAlloc) can wait for the whole device,
+    which would stall the event loop behind running batches; so a model gets its
+    buffers up front and reuses them. A buffer returns to the pool once its
+    batch's results have been copied out of it.
+    """
+
+    def __init__(self, shape: tuple[int, ...], count: int) -> None:
+        self.shape = shape
+        self._free = [torch.empty(shape, dtype=torch.float32, pin_memory=True) for _ in range(count)]
+        self._warned = False
+
+    def take(self) -> torch.Tensor:
+        if self._free:
+            return self._free.pop()
+        if not self._warned:  # more batches in flight than buffers: correct, but may stall the loop
+            log.warning("all %d result buffers in use; allocating another (raise _RESULT_BUFFERS)", _RESULT_BUFFERS)
+            self._warned = True
+        return torch.empty(self.shape, dtype=torch.float32, pin_memory=True)
+
+    def give_back(self, buffer: torch.Tensor) -> None:
+        self._free.append(buffer)
 
 
 class CudaModel(DeviceModel):
@@ -65,6 +92,7 @@ class CudaModel(DeviceModel):
         self.graphs: dict[int, _Graph] = {}
         self.buckets: list[int] = []
         self.graph_error = ""
+        self.result_buffers: ResultBuffers | None = None  # set by CudaBackend.load
         self.fused_preprocess = (
             use_kernels
             and spec.preprocess == "image"
@@ -156,12 +184,17 @@ class CudaBackend(Backend):
                 model.buckets = []
                 model.graph_error = f"capture failed: {exc}"
                 log.warning("model %s: CUDA graph capture failed, running eagerly: %s", spec.name, exc)
-        else:
-            with torch.cuda.stream(model.stream), torch.inference_mode():
-                model.forward(
-                    torch.zeros((1, *spec.input_shape), device=self.device).to(_torch_dtype(spec.frame_dtype))
-                )
-            model.stream.synchronize()
+        with torch.cuda.stream(model.stream), torch.inference_mode():
+            frames = torch.zeros((1, *spec.input_shape), device=self.device).to(_torch_dtype(spec.frame_dtype))
+            out_shape = tuple(model.forward(frames).shape[1:])
+            if self.use_kernels and spec.frame_nbytes < COPY_ENGINE_FROM:
+                # Compile and load the gather kernel here: loading a module can wait for the
+                # whole device, which must not happen on the loop at the first batch.
+                scratch = torch.zeros(spec.frame_nbytes, dtype=torch.uint8, pin_memory=True)
+                staged = torch.empty((1, spec.frame_nbytes), dtype=torch.uint8, device=self.device)
+                kernels.gather_frames(scratch, [0], spec.frame_nbytes, staged, model.stream)
+        model.stream.synchronize()
+        model.result_buffers = ResultBuffers((spec.max_batch_size, *out_shape), _RESULT_BUFFERS)
         return model
 
     def launch(self, model: DeviceModel, ring: PinnedRing, slots: list[Slot], expected_s: float = 0.0) -> BatchRun:
@@ -189,8 +222,10 @@ class CudaBackend(Backend):
                 staged.record_stream(model.stream)  # the allocator must not reuse it before compute read it
                 frames = staged.view(_torch_dtype(spec.frame_dtype)).view(n, *spec.input_shape)
                 out = model.forward(frames).float()
-                host = torch.empty(out.shape, dtype=torch.float32, pin_memory=True)
-                host.copy_(out, non_blocking=True)
+                assert model.result_buffers is not None
+                buffers = model.result_buffers
+                host = buffers.take()
+                host[:n].copy_(out, non_blocking=True)
                 done = torch.cuda.Event(enable_timing=True)
                 done.record(model.stream)
         copied = self._bridge.wait(copy_done)
@@ -207,7 +242,8 @@ class CudaBackend(Backend):
                 result.set_exception(exc)
             else:
                 run.service_s = started.elapsed_time(done) / 1e3  # both complete: no wait
-                result.set_result(host.numpy())
+                result.set_result(host[:n].numpy().copy())  # small (n x output); frees the buffer now
+                buffers.give_back(host)  # not on failure or cancel: the device may still write it
 
         finished.add_done_callback(deliver)
         return run

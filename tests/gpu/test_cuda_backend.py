@@ -45,13 +45,22 @@ async def test_no_slot_is_released_before_its_copy_completed() -> None:
         backend = server.backend
         assert isinstance(backend, CudaBackend)
         conn = await client.connect("127.0.0.1", server.port)
-        with torch.cuda.stream(backend.copy_stream):
-            torch.cuda._sleep(1_000_000_000)  # hold the copy stream for ~0.5 s
         frames = np.random.default_rng(1).integers(0, 256, (4, *spec.input_shape), dtype=np.uint8)
+        # Hold the copy stream behind ~1 s of matrix products on another stream.
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            a = torch.randn(8192, 8192, device="cuda")
+            for _ in range(60):
+                torch.mm(a, a)
+            gate = torch.cuda.Event()
+            gate.record(side)
+        backend.copy_stream.wait_event(gate)
+        held = torch.cuda.Event()
+        held.record(backend.copy_stream)
         futs = [conn.submit(f, stream_id=i) for i, f in enumerate(frames)]
         await asyncio.sleep(0.2)
-        assert not backend.copy_stream.query()  # the copies cannot have run yet...
-        assert server.ring.slots_in_use == 4  # ...so every slot is still held
+        assert not held.query(), "the copy stream was not held: the test proves nothing"
+        assert server.ring.slots_in_use == 4  # the copies cannot have run yet, so every slot is still held
         replies = await asyncio.gather(*futs)
         assert all(r.ok for r in replies)
         assert server.ring.slots_in_use == 0
