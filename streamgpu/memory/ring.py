@@ -72,10 +72,6 @@ class PinnedRing:
     def waiters(self) -> int:
         return len(self._waiters)
 
-    def fits(self, nbytes: int) -> bool:
-        """Whether a slot of ``nbytes`` could ever be reserved (empty ring)."""
-        return self._round(nbytes) <= self.capacity
-
     # -- reserve / release ----------------------------------------------------
 
     def reserve(self, nbytes: int) -> Slot | None:

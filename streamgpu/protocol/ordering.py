@@ -45,7 +45,3 @@ class ReplyOrder:
         if not queue:
             del self._streams[ticket.stream_id]  # bounded by streams with frames outstanding
         return ready
-
-    @property
-    def outstanding(self) -> int:
-        return sum(len(q) for q in self._streams.values())

@@ -375,10 +375,5 @@ class TcpIngest(asyncio.BufferedProtocol):
             self._slot = self._slot_view = self._header = self._ticket = None
             self._state = _State.HEADER
 
-    @property
-    def outstanding(self) -> int:
-        """Frames whose headers were read and whose replies were not yet sent."""
-        return self._outstanding
-
     def close(self) -> None:
         self._close()

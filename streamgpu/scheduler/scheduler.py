@@ -101,14 +101,6 @@ class Scheduler:
     def add_model(self, model: DeviceModel) -> None:
         self._queues[model.spec.name] = ModelQueue(model)
 
-    def model(self, name: str) -> DeviceModel | None:
-        queue = self._queues.get(name)
-        return queue.model if queue else None
-
-    @property
-    def model_names(self) -> list[str]:
-        return list(self._queues)
-
     # -- frames ----------------------------------------------------------------
 
     def submit(self, frame: Frame) -> None:
@@ -234,10 +226,6 @@ class Scheduler:
             self._dispatch(queue)
 
     # -- state and shutdown --------------------------------------------------------
-
-    @property
-    def queued(self) -> int:
-        return sum(len(q.frames) for q in self._queues.values())
 
     @property
     def busy(self) -> bool:
