@@ -77,7 +77,8 @@ class Server:
             model = await loop.run_in_executor(self._loader, self._load, backend, spec)
             self._scheduler.add_model(model)
             self._specs[spec.name] = spec
-            log.info("model %s", model.description)
+            random = spec.source.startswith("builtin:")
+            log.info("model %s%s", model.description, "; random weights (builtin: nothing is downloaded)" * random)
         self._listener = await loop.create_server(lambda: TcpIngest(self), cfg.host, cfg.port)  # type: ignore[arg-type]
         self.accepting = True
         self._idle.set()
