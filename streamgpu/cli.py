@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from streamgpu.config import Config, ConfigError
+from streamgpu.config import LOG_LEVELS, Config, ConfigError
 from streamgpu.gpu.backend import BACKENDS
 from streamgpu.loops import LOOPS
 
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         "torchscript:PATH, export:PATH"
     )  # fmt: skip
     serve.add_argument("--loop", choices=LOOPS, help="event loop (default auto: uvloop when installed)")
-    serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
+    serve.add_argument("--log-level", choices=LOG_LEVELS, help="default INFO")
     return parser
 
 

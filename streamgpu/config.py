@@ -15,9 +15,11 @@ from typing import Any
 
 from streamgpu.gpu.backend import BACKENDS
 from streamgpu.loops import LOOPS
+from streamgpu.memory import ALIGNMENT
 from streamgpu.models.spec import ModelSpec
 
 MiB = 1024 * 1024
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class ConfigError(ValueError):
@@ -38,6 +40,7 @@ class Config:
     ring_bytes: int = 256 * MiB
     max_payload_bytes: int = 64 * MiB
     max_frames_per_connection: int = 4096
+    receive_timeout_s: float = 10.0
     max_inflight_batches: int = 2
     shutdown_timeout_s: float = 10.0
     log_level: str = "INFO"
@@ -53,10 +56,16 @@ class Config:
             problems.append(f"loop must be one of {LOOPS}, got {self.loop!r}")
         if self.ring_bytes < 4096:
             problems.append(f"ring_bytes must be at least 4096, got {self.ring_bytes}")
-        if not 0 < self.max_payload_bytes <= self.ring_bytes:
+        largest = self.ring_bytes - ALIGNMENT  # a slot is rounded up to the ring's alignment
+        if not 0 < self.max_payload_bytes <= largest:
             problems.append(
-                f"max_payload_bytes must be 1..ring_bytes ({self.ring_bytes}), got {self.max_payload_bytes}"
+                f"max_payload_bytes must be 1..ring_bytes - {ALIGNMENT} ({largest}), got {self.max_payload_bytes}"
             )
+        if self.receive_timeout_s <= 0:
+            problems.append(f"receive_timeout_s must be > 0, got {self.receive_timeout_s}")
+        self.log_level = self.log_level.upper()
+        if self.log_level not in LOG_LEVELS:
+            problems.append(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         if self.max_frames_per_connection < 1 or self.max_inflight_batches < 1:
             problems.append("max_frames_per_connection and max_inflight_batches must be >= 1")
         if self.shutdown_timeout_s < 0:

@@ -10,6 +10,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import os
 import signal
 import time
 from typing import Any
@@ -53,6 +54,8 @@ class Server:
         self._listener: asyncio.Server | None = None
         self._connections: set[TcpIngest] = set()
         self._frames_in_flight = 0  # submitted to the scheduler, not yet answered
+        self._running: dict[int, list[Frame]] = {}  # batches launched, by id of their frame list
+        self._sweeper: asyncio.TimerHandle | None = None
         self._idle = asyncio.Event()
         self._loader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamgpu-loader")
 
@@ -71,7 +74,8 @@ class Server:
         loop = asyncio.get_running_loop()
         cfg = self.config
         self.backend = backend = create_backend(cfg.device, loop, cfg.device_index, cfg.cuda_kernels)
-        self._ring = PinnedRing(await loop.run_in_executor(self._loader, backend.allocate_host, cfg.ring_bytes))
+        buffer = await loop.run_in_executor(self._loader, backend.allocate_host, cfg.ring_bytes)
+        self._ring = PinnedRing(buffer, defer=loop.call_soon)
         self._scheduler = Scheduler(loop, self._run_batch, self._reject, cfg.max_inflight_batches)
         for spec in cfg.models:
             model = await loop.run_in_executor(self._loader, self._load, backend, spec)
@@ -82,6 +86,7 @@ class Server:
         self._listener = await loop.create_server(lambda: TcpIngest(self), cfg.host, cfg.port)  # type: ignore[arg-type]
         self.accepting = True
         self._idle.set()
+        self._sweep()
         log.info(
             "streamgpu listening on %s, device %s, ring %d MiB",
             ", ".join(f"{h}:{p}" for h, p in self.addresses),
@@ -93,6 +98,15 @@ class Server:
     def _load(backend: Backend, spec: ModelSpec) -> DeviceModel:
         return backend.load(spec, load_module(spec))
 
+    def _sweep(self) -> None:
+        """Drop connections whose frame payload stalled: their ring slot would block every producer."""
+        timeout = self.config.receive_timeout_s
+        now = time.monotonic()
+        for conn in list(self._connections):
+            if conn.stalled(now, timeout):
+                conn.abort(f"frame payload made no progress for {timeout:g} s")
+        self._sweeper = asyncio.get_running_loop().call_later(min(1.0, timeout / 2), self._sweep)
+
     async def stop(self, timeout: float | None = None) -> None:
         """Stop accepting, answer every received frame (or SHUTTING_DOWN after ``timeout``), close."""
         if self._listener is None:
@@ -102,18 +116,31 @@ class Server:
         self._listener.close()
         for conn in list(self._connections):
             conn.stop_reading()
+        assert self._scheduler is not None
         try:
             await asyncio.wait_for(self._drain(), timeout)
         except TimeoutError:
-            log.warning("shutdown: frames still running after %.1f s; answering the queued ones SHUTTING_DOWN", timeout)
-            assert self._scheduler is not None
+            log.warning("shutdown: frames still running after %.1f s; answering them SHUTTING_DOWN", timeout)
             self._scheduler.reject_queued(Status.SHUTTING_DOWN, "server is shutting down")
+            for frames in list(self._running.values()):
+                for frame in frames:
+                    self._reject(frame, Status.SHUTTING_DOWN, "server is shutting down")
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for conn in list(self._connections):
-            conn.close()
+            conn.close()  # flushes the replies first
+        for _ in range(100):  # a producer that does not read its replies cannot hold shutdown up
+            if not self._connections:
+                break
+            await asyncio.sleep(0.01)
+        for conn in list(self._connections):
+            conn.abort("server is shutting down")
         await self._listener.wait_closed()
         self._listener = None
         if self.backend is not None:
-            self.backend.close()
+            self.backend.close()  # cancels what still runs; the batch tasks then end
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._scheduler.idle(), 1.0)
         self._loader.shutdown(wait=False)
         log.info("streamgpu stopped")
 
@@ -195,6 +222,8 @@ class Server:
 
     def _reject(self, frame: Frame, status: Status, message: str) -> None:
         self._release(frame)
+        if frame.replied:  # answered SHUTTING_DOWN by a shutdown that timed out
+            return
         h = frame.header
         frame.reply(
             ReplyHeader(
@@ -207,13 +236,27 @@ class Server:
     async def _run_batch(self, model: DeviceModel, frames: list[Frame], expected_s: float) -> float | None:
         """Launch one batch, free its slots once copied, answer every frame; returns its device time."""
         assert self.backend is not None and self._scheduler is not None
+        self._running[id(frames)] = frames
+        try:
+            return await self._run_launched(model, frames, expected_s)
+        finally:
+            del self._running[id(frames)]
+
+    async def _run_launched(self, model: DeviceModel, frames: list[Frame], expected_s: float) -> float | None:
+        assert self.backend is not None and self._scheduler is not None
         metrics = self._scheduler.metrics_for(model.spec.name)
         launch_ns = time.perf_counter_ns()
         try:
             run = self.backend.launch(model, self.ring, [f.slot for f in frames if f.slot is not None], expected_s)
-            await run.copied
-        except Exception as exc:  # launch itself failed: nothing will read the slots
+        except Exception as exc:  # nothing was enqueued: nothing will read the slots
             log.exception("model %s: batch of %d failed to launch", model.spec.name, len(frames))
+            self._fail_batch(frames, metrics, exc)
+            return None
+        try:
+            await run.copied
+        except Exception as exc:
+            log.exception("model %s: copying a batch of %d failed", model.spec.name, len(frames))
+            run.done.add_done_callback(_consume)  # its error is this one's consequence
             self._fail_batch(frames, metrics, exc)
             return None
         for frame in frames:
@@ -221,21 +264,28 @@ class Server:
         copied_ns = time.perf_counter_ns()
         try:
             results = await run.done
+            if len(results) != len(frames):
+                raise RuntimeError(f"model returned {len(results)} results for a batch of {len(frames)} frames")
+            done_ns = time.perf_counter_ns()
+            _reply_results(frames, results, launch_ns, copied_ns, done_ns)
         except Exception as exc:
             log.exception("model %s: batch of %d failed", model.spec.name, len(frames))
             self._fail_batch(frames, metrics, exc)
             return None
-        done_ns = time.perf_counter_ns()
         metrics.completed += len(frames)
         metrics.transfer_us.append((copied_ns - launch_ns) / 1e3)
         metrics.compute_us.append((done_ns - copied_ns) / 1e3)
-        _reply_results(frames, results, launch_ns, copied_ns, done_ns)
         return run.service_s
 
     def _fail_batch(self, frames: list[Frame], metrics: Any, exc: BaseException) -> None:
         metrics.failed += len(frames)
         for frame in frames:
             self._reject(frame, Status.INTERNAL_ERROR, f"inference failed: {type(exc).__name__}: {exc}")
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _reply_results(frames: list[Frame], results: np.ndarray, launch_ns: int, copied_ns: int, done_ns: int) -> None:
@@ -245,6 +295,8 @@ def _reply_results(frames: list[Frame], results: np.ndarray, launch_ns: int, cop
     now = time.perf_counter_ns()
     rows = results.reshape(n, -1)  # one contiguous row of bytes per frame, whatever the output rank
     for frame, row in zip(frames, rows, strict=True):
+        if frame.replied:  # answered SHUTTING_DOWN by a shutdown that timed out
+            continue
         h = frame.header
         timings = Timings(
             receive_us=(frame.complete_ns - frame.received_ns) // 1000,
@@ -281,6 +333,14 @@ async def _serve(config: Config) -> int:
     await server.start()
     log.info("event loop %s.%s", type(loop).__module__, type(loop).__name__)
     await stop.wait()
-    log.info("signal received: stopping (answering in-flight frames)")
+    log.info("signal received: stopping (answering in-flight frames; a second signal exits at once)")
+
+    def force_exit() -> None:
+        log.warning("second signal: exiting without finishing in-flight frames")
+        os._exit(1)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, force_exit)
     await server.stop()
     return 0

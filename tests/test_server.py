@@ -213,3 +213,48 @@ async def test_auth_token_is_required_when_configured() -> None:
 
 def test_reply_header_layout_is_64_bytes() -> None:
     assert wire.REPLY_HEADER_SIZE == 64 and struct.calcsize("<4sBBBBHHIQQQIIIIIHH") == 64
+
+
+@pytest.mark.asyncio
+async def test_a_stalled_producer_is_dropped_and_frees_the_ring_for_the_others() -> None:
+    # Room for 4 frames; A takes one slot and stalls mid-payload. Without the receive
+    # timeout, the ring would wrap round to A's slot and every producer would wait forever.
+    cfg = config(ring_bytes=4 * (FRAME_BYTES + 256), max_payload_bytes=FRAME_BYTES, receive_timeout_s=0.3)
+    async with Server(cfg) as srv:
+        loop = asyncio.get_running_loop()
+        stalled = await loop.run_in_executor(None, raw_connect, srv.port)
+        header = wire.encode_frame_header(wire.FrameHeader(0, 0, "default", 1, SPEC.input_shape, FRAME_BYTES))
+        stalled.sendall(header + b"\1" * (FRAME_BYTES // 2))
+        conn = await client.connect("127.0.0.1", srv.port)
+        replies = await asyncio.wait_for(asyncio.gather(*(conn.submit(f) for f in random_frames(20, seed=8))), 10)
+        assert all(r.ok for r in replies)
+        reason = await loop.run_in_executor(None, read_reply, stalled)
+        assert reason.status == Status.BAD_FRAME and "no progress" in reason.message
+        stalled.close()
+        await conn.close()
+
+
+@pytest.mark.asyncio
+async def test_shutdown_timeout_answers_frames_still_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from streamgpu.gpu.cpu import CpuModel
+
+    original = CpuModel.run
+
+    def slow(self: CpuModel, batch: np.ndarray) -> np.ndarray:
+        time.sleep(1.0)  # in the backend's worker thread, as a slow model would
+        return original(self, batch)
+
+    monkeypatch.setattr(CpuModel, "run", slow)
+    srv = Server(config())
+    await srv.start()
+    conn = await client.connect("127.0.0.1", srv.port)
+    futs = [conn.submit(f) for f in random_frames(3, seed=9)]
+    while srv.metrics()["frames_in_flight"] < 3:
+        await asyncio.sleep(0.01)
+    await srv.stop(timeout=0.2)
+    statuses = [(await fut).status for fut in futs]
+    assert statuses == [Status.SHUTTING_DOWN] * 3
+    assert srv.ring.slots_in_use == 0 and srv.metrics()["frames_in_flight"] == 0
+    await conn.close()

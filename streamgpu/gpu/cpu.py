@@ -52,6 +52,7 @@ class CpuBackend(Backend):
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamgpu-cpu")
+        self._pending_copies: set[asyncio.Future[None]] = set()
 
     def allocate_host(self, nbytes: int) -> np.ndarray:
         return np.zeros(nbytes, dtype=np.uint8)
@@ -65,6 +66,8 @@ class CpuBackend(Backend):
         assert isinstance(model, CpuModel)
         loop = self._loop
         copied: asyncio.Future[None] = loop.create_future()
+        self._pending_copies.add(copied)
+        copied.add_done_callback(self._pending_copies.discard)
         views = [ring.array(slot) for slot in slots]
 
         def work() -> np.ndarray:
@@ -84,6 +87,8 @@ class CpuBackend(Backend):
 
     def close(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)
+        for copied in list(self._pending_copies):  # work that will never start: nobody waits forever
+            copied.cancel()
 
 
 def _settle(future: asyncio.Future[Any], error: BaseException | None) -> None:

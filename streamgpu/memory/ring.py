@@ -43,9 +43,19 @@ class PinnedRing:
     ``buffer`` is the backing memory (page-locked on CUDA machines, see
     ``Backend.allocate_host``); it must be a 1-D uint8 numpy array. All methods
     run on the event loop thread; none blocks.
+
+    ``defer`` runs the wake-ups of ``when_space`` waiters (the server passes
+    ``loop.call_soon``): a waiter is another connection that parses frames and
+    submits them, which must not happen inside whatever code released a slot.
+    Without it (tests) waiters run inside ``release``.
     """
 
-    def __init__(self, buffer: np.ndarray, alignment: int = ALIGNMENT) -> None:
+    def __init__(
+        self,
+        buffer: np.ndarray,
+        alignment: int = ALIGNMENT,
+        defer: Callable[[Callable[[], None]], object] | None = None,
+    ) -> None:
         if buffer.dtype != np.uint8 or buffer.ndim != 1:
             raise ValueError("ring buffer must be a 1-D uint8 array")
         if alignment <= 0 or alignment & (alignment - 1):
@@ -56,6 +66,7 @@ class PinnedRing:
         self._live: collections.deque[Slot] = collections.deque()
         self._used = 0  # bytes held by live slots, including alignment padding and skipped tails
         self._waiters: collections.deque[Callable[[], None]] = collections.deque()
+        self._defer = defer
 
     # -- state ---------------------------------------------------------------
 
@@ -147,4 +158,7 @@ class PinnedRing:
         # Wake every waiter: each retries and re-registers if it still does not fit.
         waiters, self._waiters = self._waiters, collections.deque()
         for callback in waiters:
-            callback()
+            if self._defer is not None:
+                self._defer(callback)
+            else:
+                callback()

@@ -26,11 +26,16 @@ class ReplyOrder:
 
     def __init__(self) -> None:
         self._streams: dict[int, collections.deque[Ticket]] = {}
+        self._held = 0  # tickets not yet written: frames in the server plus replies held back
+
+    def __len__(self) -> int:
+        return self._held
 
     def expect(self, stream_id: int) -> Ticket:
         """Reserve the next place in ``stream_id``'s reply order."""
         ticket = Ticket(stream_id)
         self._streams.setdefault(stream_id, collections.deque()).append(ticket)
+        self._held += 1
         return ticket
 
     def complete(self, ticket: Ticket, parts: Parts) -> list[bytes | memoryview]:
@@ -42,6 +47,7 @@ class ReplyOrder:
         ready: list[bytes | memoryview] = []
         while queue and queue[0].parts is not None:
             ready.extend(queue.popleft().parts or ())
+            self._held -= 1
         if not queue:
             del self._streams[ticket.stream_id]  # bounded by streams with frames outstanding
         return ready

@@ -19,6 +19,7 @@ paused) when the ring is full, and CLOSED.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import functools
 import hmac
@@ -51,7 +52,7 @@ class Router(Protocol):
     max_payload: int
     token: str
     accepting: bool  # False once shutdown began: new frames get SHUTTING_DOWN
-    max_frames_per_connection: int
+    max_frames_per_connection: int  # frames in the server at once; past it, OVERLOADED at once
 
     def model_spec(self, name: str) -> ModelSpec | None: ...
     def submit(self, frame: Frame) -> None: ...
@@ -90,7 +91,8 @@ class TcpIngest(asyncio.BufferedProtocol):
         self._ticket: Ticket | None = None
         self._discard_left = 0
         self._order = ReplyOrder()
-        self._outstanding = 0  # frames accepted and not yet answered
+        self._last_progress = 0.0  # time.monotonic() of the last payload bytes, while in PAYLOAD
+        self._in_server = 0  # frames submitted to the router and not yet answered
         self._pause_reasons: set[str] = set()
         self.id = next(_connection_ids)
         self.peer: str = "?"
@@ -105,6 +107,7 @@ class TcpIngest(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # replies are small: send now
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # find producers that vanished
         transport.set_write_buffer_limits(high=HIGH_WATER)
         self._router.connection_opened(self)
 
@@ -126,6 +129,7 @@ class TcpIngest(asyncio.BufferedProtocol):
         try:
             if self._state is _State.PAYLOAD:
                 self._filled += nbytes
+                self._last_progress = time.monotonic()
                 assert self._header is not None
                 if self._filled == self._header.payload_len:
                     self._finish_payload()
@@ -226,7 +230,6 @@ class TcpIngest(asyncio.BufferedProtocol):
         self._header = header
         self._filled = 0
         self._ticket = self._order.expect(header.stream_id)
-        self._outstanding += 1
         self._bulk = header.payload_len < BULK_READ_BELOW
         router = self._router
         spec = router.model_spec(header.model)
@@ -241,13 +244,17 @@ class TcpIngest(asyncio.BufferedProtocol):
             problem = (Status.BAD_FRAME, why)
         elif not router.accepting:
             problem = (Status.SHUTTING_DOWN, "server is shutting down")
-        elif self._outstanding > router.max_frames_per_connection:
+        elif self._in_server >= router.max_frames_per_connection:
             problem = (Status.OVERLOADED, f"more than {router.max_frames_per_connection} frames in flight")
         if problem is not None:
             self._answer_now(header, self._ticket, *problem)
             self._skip(header.payload_len)
-            return
-        self._take_slot()
+        else:
+            self._take_slot()
+        if len(self._order) >= 2 * router.max_frames_per_connection:
+            # Answers held back behind an older frame of their stream: stop reading until they
+            # can leave, so a producer cannot grow them without bound.
+            self._pause("held")
 
     def _take_slot(self) -> None:
         assert self._header is not None
@@ -260,6 +267,7 @@ class TcpIngest(asyncio.BufferedProtocol):
         self._slot = slot
         self._slot_view = self._ring.view(slot)
         self._state = _State.PAYLOAD
+        self._last_progress = time.monotonic()
         if self._header.payload_len == 0:
             self._finish_payload()
 
@@ -298,11 +306,13 @@ class TcpIngest(asyncio.BufferedProtocol):
             is_abandoned=self._is_closed,
             producer=self.id,
         )
+        self._in_server += 1
         self._router.submit(frame)
 
     # -- replies ------------------------------------------------------------------
 
     def _on_reply(self, ticket: Ticket, frame: Frame, header: ReplyHeader, payload: bytes | memoryview) -> None:
+        self._in_server -= 1
         self._send(ticket, wire.encode_reply(header, payload))
         self._router.frame_done()
 
@@ -318,10 +328,11 @@ class TcpIngest(asyncio.BufferedProtocol):
         self._send(ticket, wire.encode_reply(reply))
 
     def _send(self, ticket: Ticket, parts: list[bytes | memoryview]) -> None:
-        self._outstanding -= 1
         ready = self._order.complete(ticket, parts)
         if ready and self._transport is not None and not self._transport.is_closing():
             self._transport.writelines(ready)
+        if "held" in self._pause_reasons and len(self._order) < self._router.max_frames_per_connection:
+            self._resume("held")
 
     # -- errors, pausing, closing -----------------------------------------------------
 
@@ -363,17 +374,43 @@ class TcpIngest(asyncio.BufferedProtocol):
     # -- shutdown -----------------------------------------------------------------------
 
     def stop_reading(self) -> None:
-        """Shutdown: take no more input; a frame half received is answered SHUTTING_DOWN."""
+        """Shutdown: take no more input. A frame half received is answered SHUTTING_DOWN, and so
+        is every frame whose header is already in the scratch buffer (the router is no longer
+        accepting, so parsing them answers them)."""
         self._pause("shutdown")
-        if self._state is _State.WAIT_SLOT:
+        state = self._state
+        if state is _State.WAIT_SLOT:
             self._ring.cancel_wait(self._on_ring_space)
-        if self._state in (_State.PAYLOAD, _State.WAIT_SLOT) and self._header is not None:
+        if state in (_State.PAYLOAD, _State.WAIT_SLOT) and self._header is not None:
             assert self._ticket is not None
             self._answer_now(self._header, self._ticket, Status.SHUTTING_DOWN, "server is shutting down")
             if self._slot is not None:
                 self._ring.release(self._slot)
+            left = self._header.payload_len - self._filled
             self._slot = self._slot_view = self._header = self._ticket = None
-            self._state = _State.HEADER
+            self._skip(left)  # the rest of its payload, part of which may be in scratch
+        if self._state is not _State.CLOSED:
+            with contextlib.suppress(ProtocolError):  # the connection closes at the end of shutdown anyway
+                self._process_scratch()
+
+    def stalled(self, now: float, timeout: float) -> bool:
+        """Whether a frame's payload has made no progress for ``timeout`` seconds (it holds a slot)."""
+        return self._state is _State.PAYLOAD and now - self._last_progress > timeout
+
+    def abort(self, message: str) -> None:
+        """Drop the connection now (no flush): say why if possible, free the frame being received."""
+        log.info("aborting connection from %s: %s", self.peer, message)
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.writelines(wire.encode_reply(ReplyHeader(0, 0, Status.BAD_FRAME, message=message)))
+        if self._slot is not None:
+            self._ring.release(self._slot)
+            self._slot = self._slot_view = None
+        if self._state is _State.WAIT_SLOT:
+            self._ring.cancel_wait(self._on_ring_space)
+        self._state = _State.CLOSED
+        if transport is not None:
+            transport.abort()
 
     def close(self) -> None:
         self._close()

@@ -45,13 +45,16 @@ from streamgpu.scheduler.metrics import ModelMetrics
 from streamgpu.scheduler.queues import FairQueue, stream_key
 
 # run_batch(model, frames, expected_s): launch, free the slots once copied, answer every frame;
-# returns the batch's service time as the device measured it (seconds), or None if unknown.
+# returns the batch's service time as the device measured it (seconds), or None (failed).
 RunBatch = Callable[[DeviceModel, list[Frame], float], Awaitable[float | None]]
 Reject = Callable[[Frame, Status, str], None]
 
 # The completion bridge may sleep until this fraction of the expected completion time: a
 # batch faster than its estimate is then noticed late by at most a fifth of the estimate.
 HINT_FRACTION = 0.8
+# A batch that must start for a queued deadline starts this long before the estimate says it
+# must: host work between launch and the device starting, and timer granularity (1 ms in uvloop).
+DEADLINE_MARGIN_S = 0.002
 
 
 class ModelQueue:
@@ -64,8 +67,8 @@ class ModelQueue:
         self.deadline_timers: dict[Frame, asyncio.TimerHandle] = {}
         self.running: collections.deque[int] = collections.deque()  # sizes of launched batches, oldest first
         self.busy_until = 0.0  # perf_counter seconds when the launched batches should be done
-        self.last_end = 0.0  # when the previous batch finished: service time excludes queueing behind it
         self.latency = BatchLatency()
+        self.latest_start = float("inf")  # perf_counter s by which a batch must start for queued deadlines
         self.wake: asyncio.TimerHandle | None = None
         self.metrics = ModelMetrics()
 
@@ -108,9 +111,13 @@ class Scheduler:
         queue = self._queues[frame.header.model]
         spec = queue.spec
         if frame.live:
-            for stale in queue.frames.stream_frames(stream_key(frame)):
-                self._drop(queue, stale, Status.SUPERSEDED, "superseded by a newer frame of this live stream")
+            stale = queue.frames.stream_frames(stream_key(frame))
+            for old in stale:  # out of the queue first: answering releases slots, which wakes producers
+                queue.frames.remove(old)
+                queue.cancel_timer(old)
+            for old in stale:
                 queue.metrics.superseded += 1
+                self._reject(old, Status.SUPERSEDED, "superseded by a newer frame of this live stream")
         if len(queue.frames) >= spec.max_queue:
             queue.metrics.rejected_overloaded += 1
             self._reject(frame, Status.OVERLOADED, f"model {spec.name!r} queue is full ({spec.max_queue} frames)")
@@ -127,6 +134,8 @@ class Scheduler:
         if frame.deadline_ns:
             delay = (frame.deadline_ns - now_ns) / 1e9
             queue.deadline_timers[frame] = self._loop.call_later(delay, self._expire, queue, frame)
+            # Waiting for a fuller batch must not outlast this frame's deadline.
+            queue.latest_start = min(queue.latest_start, self._start_by(queue, frame.deadline_ns))
         self._dispatch(queue)
 
     def _drop(self, queue: ModelQueue, frame: Frame, status: Status, message: str) -> None:
@@ -149,13 +158,16 @@ class Scheduler:
             if waits and len(queue.frames) < queue.spec.max_batch_size:
                 oldest = queue.frames.oldest()
                 assert oldest is not None
-                due = oldest.complete_ns / 1e9 + queue.spec.max_queue_delay_ms / 1e3
+                due = min(oldest.complete_ns / 1e9 + queue.spec.max_queue_delay_ms / 1e3, queue.latest_start)
                 if now < due:
                     self._arm_wake(queue, due - now)
                     return
-            batch = self._take(queue, self._batch_size(queue, now))
+            batch, abandoned = self._take(queue, self._batch_size(queue, now))
             if batch:
                 self._launch(queue, batch, now)
+            for frame in abandoned:  # after the launch is counted: answering frees slots, waking producers
+                queue.metrics.abandoned += 1
+                self._reject(frame, Status.SHUTTING_DOWN, "producer disconnected")
 
     def _batch_size(self, queue: ModelQueue, now: float) -> int:
         spec = queue.spec
@@ -173,16 +185,24 @@ class Scheduler:
             return n  # the target is lost for the oldest frame: drain the backlog as fast as possible
         return max(meeting, key=lambda b: (b / max(queue.latency.estimate(b), 1e-9), b))
 
-    def _take(self, queue: ModelQueue, n: int) -> list[Frame]:
-        batch = []
+    def _take(self, queue: ModelQueue, n: int) -> tuple[list[Frame], list[Frame]]:
+        """The next ``n`` frames, split into (to run, whose producer is gone)."""
+        batch: list[Frame] = []
+        abandoned: list[Frame] = []
         for frame in queue.frames.pop_batch(n):
             queue.cancel_timer(frame)
-            if frame.is_abandoned():
-                queue.metrics.abandoned += 1
-                self._reject(frame, Status.SHUTTING_DOWN, "producer disconnected")
-            else:
-                batch.append(frame)
-        return batch
+            (abandoned if frame.is_abandoned() else batch).append(frame)
+        return batch, abandoned
+
+    def _latest_start(self, queue: ModelQueue) -> float:
+        """When the next batch must start so that no queued deadline is missed (inf: none)."""
+        deadlines = [f.deadline_ns for f in queue.deadline_timers]
+        return self._start_by(queue, min(deadlines)) if deadlines else float("inf")
+
+    @staticmethod
+    def _start_by(queue: ModelQueue, deadline_ns: int) -> float:
+        batch = min(len(queue.frames), queue.spec.max_batch_size)
+        return deadline_ns / 1e9 - queue.latency.estimate(batch) - DEADLINE_MARGIN_S
 
     def _arm_wake(self, queue: ModelQueue, delay: float) -> None:
         if queue.wake is not None:
@@ -194,6 +214,7 @@ class Scheduler:
         self._dispatch(queue)
 
     def _launch(self, queue: ModelQueue, batch: list[Frame], now: float) -> None:
+        queue.latest_start = self._latest_start(queue)
         queue.running.append(len(batch))
         queue.metrics.batches += 1
         queue.metrics.batch_sizes[len(batch)] += 1
@@ -202,24 +223,22 @@ class Scheduler:
         start = max(now, queue.busy_until)
         queue.busy_until = start + queue.latency.estimate(len(batch))
         hint = (queue.busy_until - now) * HINT_FRACTION
-        task = self._loop.create_task(self._run(queue, batch, now, hint))
+        task = self._loop.create_task(self._run(queue, batch, hint))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, queue: ModelQueue, batch: list[Frame], launched: float, expected_s: float) -> None:
+    async def _run(self, queue: ModelQueue, batch: list[Frame], expected_s: float) -> None:
         service: float | None = None
         try:
             service = await self._run_batch(queue.model, batch, expected_s)
         finally:
             end = time.perf_counter()
-            # Prefer the device's own measure: a host measure includes how late the loop
-            # noticed completion, which depends on the hint, which depends on the estimate
-            # (a feedback loop that can lock in a slow first batch). The host fallback counts
-            # from when the device could start it: its launch, or the previous batch's end.
-            if service is None:
-                service = end - max(launched, queue.last_end)
-            queue.latency.observe(len(batch), service)
-            queue.last_end = end
+            # Only the device's own measure of a batch trains the estimates: a host measure
+            # includes how late the loop noticed completion, which depends on the hint, which
+            # depends on the estimate (a feedback loop that locked in a slow first batch).
+            # A failed batch (None) teaches nothing.
+            if service is not None:
+                queue.latency.observe(len(batch), service)
             queue.running.popleft()
             # Re-anchor on what was observed: estimates summed over many launches drift.
             queue.busy_until = end + sum(queue.latency.estimate(n) for n in queue.running)

@@ -104,3 +104,16 @@ def test_random_workload_never_overlaps_and_memory_stays_bounded() -> None:
     for s in live:
         r.release(s)
     assert r.used_bytes == 0 and r.slots_in_use == 0
+
+
+def test_deferred_waiters_run_outside_release() -> None:
+    deferred: list[object] = []
+    r = PinnedRing(np.zeros(512, np.uint8), defer=deferred.append)
+    a = r.reserve(512)
+    assert a is not None
+    woken: list[int] = []
+    r.when_space(lambda: woken.append(1))
+    r.release(a)
+    assert woken == [] and len(deferred) == 1  # not called inside release...
+    deferred[0]()  # type: ignore[operator]
+    assert woken == [1]  # ...but when the loop runs it

@@ -335,3 +335,17 @@ def test_shutdown_answers_the_half_received_frame() -> None:
     conn.stop_reading()
     assert transport.paused and router.ring.slots_in_use == 0
     assert [(r.sequence, r.status) for r in replies(transport)] == [(0, Status.SHUTTING_DOWN)]
+
+
+def test_answers_held_back_behind_a_slow_frame_are_bounded() -> None:
+    conn, transport, router = make(FakeRouter(max_frames=2))
+    feed(conn, hello() + frame(SMALL, 0), transport)  # in the server, unanswered
+    bad = frame(SMALL, 1, model="nope")
+    fed = 0
+    while not transport.paused:
+        feed(conn, bad, transport)  # answered at once, but held behind frame 0 of the same stream
+        fed += 1
+        assert fed < 10, "reading never paused"
+    assert fed == 3 and replies(transport) == []  # 4 tickets held: 2 x max_frames
+    answer(router.frames[0][0])
+    assert not transport.paused and len(replies(transport)) == 4
