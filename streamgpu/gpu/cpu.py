@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import time
 from typing import Any
 
@@ -69,6 +70,8 @@ class CpuBackend(Backend):
         self._pending_copies.add(copied)
         copied.add_done_callback(self._pending_copies.discard)
         views = [ring.array(slot) for slot in slots]
+        # Created before the work is submitted: the worker may finish before submit() returns.
+        run = BatchRun(len(slots), copied, loop.create_future())
 
         def work() -> np.ndarray:
             started = time.perf_counter()
@@ -79,16 +82,29 @@ class CpuBackend(Backend):
                 raise
             loop.call_soon_threadsafe(_settle, copied, None)
             result = model.run(batch)
-            run.service_s = time.perf_counter() - started
+            run.service_s = time.perf_counter() - started  # set before done resolves on the loop
             return result
 
-        run = BatchRun(len(slots), copied, asyncio.wrap_future(self._worker.submit(work), loop=loop))
+        asyncio.wrap_future(self._worker.submit(work), loop=loop).add_done_callback(
+            functools.partial(_forward, run.done)
+        )
         return run
 
     def close(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)
         for copied in list(self._pending_copies):  # work that will never start: nobody waits forever
             copied.cancel()
+
+
+def _forward(target: asyncio.Future[np.ndarray], source: asyncio.Future[np.ndarray]) -> None:
+    if target.done():
+        return
+    if source.cancelled():
+        target.cancel()
+    elif (exc := source.exception()) is not None:
+        target.set_exception(exc)
+    else:
+        target.set_result(source.result())
 
 
 def _settle(future: asyncio.Future[Any], error: BaseException | None) -> None:
