@@ -27,6 +27,7 @@ from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol import wire
 from streamgpu.protocol.tcp import TcpIngest
 from streamgpu.protocol.wire import ReplyHeader, Status, Timings
+from streamgpu.scheduler.metrics import ModelMetrics
 from streamgpu.scheduler.scheduler import Scheduler
 
 log = logging.getLogger("streamgpu")
@@ -43,9 +44,6 @@ class Server:
 
     def __init__(self, config: Config | None = None) -> None:
         self.config = config or Config()
-        self.max_payload = self.config.max_payload_bytes
-        self.token = self.config.auth_token
-        self.max_frames_per_connection = self.config.max_frames_per_connection
         self.accepting = False
         self.backend: Backend | None = None
         self._ring: PinnedRing | None = None
@@ -56,7 +54,6 @@ class Server:
         self._frames_in_flight = 0  # submitted to the scheduler, not yet answered
         self._running: dict[int, list[Frame]] = {}  # batches launched, by id of their frame list
         self._sweeper: asyncio.TimerHandle | None = None
-        self._idle = asyncio.Event()
         self._loader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamgpu-loader")
 
     # -- lifecycle ------------------------------------------------------------------
@@ -85,7 +82,6 @@ class Server:
             log.info("model %s%s", model.description, "; random weights (builtin: nothing is downloaded)" * random)
         self._listener = await loop.create_server(lambda: TcpIngest(self), cfg.host, cfg.port)  # type: ignore[arg-type]
         self.accepting = True
-        self._idle.set()
         self._sweep()
         log.info(
             "streamgpu listening on %s, device %s, ring %d MiB",
@@ -145,7 +141,8 @@ class Server:
         log.info("streamgpu stopped")
 
     async def _drain(self) -> None:
-        await self._idle.wait()
+        # Every submitted frame is queued, in a running batch, or answered: an idle
+        # scheduler means every frame the server took has its reply.
         assert self._scheduler is not None
         await self._scheduler.idle()
 
@@ -191,19 +188,28 @@ class Server:
 
     # -- Router (what TcpIngest calls) ------------------------------------------------
 
+    @property
+    def max_payload(self) -> int:
+        return self.config.max_payload_bytes
+
+    @property
+    def token(self) -> str:
+        return self.config.auth_token
+
+    @property
+    def max_frames_per_connection(self) -> int:
+        return self.config.max_frames_per_connection
+
     def model_spec(self, name: str) -> ModelSpec | None:
         return self._specs.get(name)
 
     def submit(self, frame: Frame) -> None:
         assert self._scheduler is not None
         self._frames_in_flight += 1
-        self._idle.clear()
         self._scheduler.submit(frame)
 
     def frame_done(self) -> None:
         self._frames_in_flight -= 1
-        if not self._frames_in_flight:
-            self._idle.set()
 
     def connection_opened(self, conn: TcpIngest) -> None:
         self._connections.add(conn)
@@ -277,7 +283,7 @@ class Server:
         metrics.compute_us.append((done_ns - copied_ns) / 1e3)
         return run.service_s
 
-    def _fail_batch(self, frames: list[Frame], metrics: Any, exc: BaseException) -> None:
+    def _fail_batch(self, frames: list[Frame], metrics: ModelMetrics, exc: BaseException) -> None:
         metrics.failed += len(frames)
         for frame in frames:
             self._reject(frame, Status.INTERNAL_ERROR, f"inference failed: {type(exc).__name__}: {exc}")
