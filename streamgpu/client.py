@@ -1,17 +1,25 @@
 """Producer library: stream tensor frames to a streamgpu server over TCP.
 
-Async first::
+Async first (``streamgpu serve`` as shipped listens on 127.0.0.1:7878 and
+serves the model ``default``, which takes 224x224x3 uint8 frames)::
 
-    async with await connect("127.0.0.1", 7070, token="s3cret") as conn:
-        reply = await conn.infer(frame, stream_id=3, model="resnet50", deadline=0.050)
+    async with await connect("127.0.0.1", 7878) as conn:
+        reply = await conn.infer(frame, stream_id=3, model="default", deadline=0.050)
         if reply.ok:
-            use(reply.result)
+            use(reply.result)  # one frame's result, no batch dimension: (1000,) float32 for `default`
 
 Many frames can be in flight on one connection: :meth:`Connection.submit` is a
 plain (non-async) method that writes the frame and returns a future resolved
 when the matching reply arrives. Replies are matched to requests by
 ``(stream_id, sequence)``; replies of one stream arrive in order, different
 streams interleave freely.
+
+The client speaks protocol version 2 by default (``protocol_version=1`` for
+a server that only knows v1). In v2 the server announces its per-connection
+limits (:attr:`Connection.limits`); :meth:`Connection.wait_for_room` keeps a
+producer within ``max_frames_in_flight``. The server applies flow control
+anyway (it stops reading a connection past its limits), so staying within
+them is about latency, not correctness.
 
 For simple scripts there is a blocking wrapper with the same shape
 (:func:`connect_sync`, :class:`SyncConnection`) that runs a private event loop
@@ -74,8 +82,10 @@ class ConnectionClosedError(ConnectionError):
     """The connection ended while requests were in flight (or was used after it ended).
 
     ``status`` and ``server_message`` are set when the server explained itself
-    with a reply for stream 0, sequence 0 that matched no request (it sends one
-    before closing on a framing error); otherwise they are ``None``.
+    before closing: with a reply flagged CONNECTION (framing lost,
+    RECEIVE_TIMEOUT, SHUTTING_DOWN; every current server sets the flag), or,
+    from servers that predate the flag, with an error reply for stream 0,
+    sequence 0 that matched no request. Otherwise they are ``None``.
     """
 
     def __init__(self, reason: str, status: wire.Status | None = None, server_message: str | None = None) -> None:
@@ -175,6 +185,7 @@ class _Protocol(asyncio.Protocol):
         self.unmatched_replies = 0
         self.write_paused = False
         self.drain_waiters: list[asyncio.Future[None]] = []
+        self.room_waiters: list[asyncio.Future[None]] = []  # Connection.wait_for_room
         self._buf = bytearray()
         self._pos = 0  # bytes of _buf already consumed
 
@@ -260,10 +271,17 @@ class _Protocol(asyncio.Protocol):
         for fut, _ in pending.values():
             if not fut.done():
                 fut.set_exception(ConnectionClosedError(err.reason, err.status, err.server_message))
-        waiters, self.drain_waiters = self.drain_waiters, []
+        waiters = self.drain_waiters + self.room_waiters
+        self.drain_waiters, self.room_waiters = [], []
         for w in waiters:
             if not w.done():
                 w.set_exception(ConnectionClosedError(err.reason, err.status, err.server_message))
+
+    def _wake_room_waiters(self) -> None:
+        waiters, self.room_waiters = self.room_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)  # each re-checks whether there is room
 
     def _parse(self, view: memoryview) -> int:
         """Consume whole messages from ``view``; returns bytes consumed."""
@@ -284,14 +302,31 @@ class _Protocol(asyncio.Protocol):
             header, payload, used = got_reply
             pos += used
             self._on_reply(header, payload)
+            if self.error is not None:
+                return end  # the server's last word: nothing after it counts
         return pos
 
     def _on_reply(self, header: wire.ReplyHeader, payload: memoryview) -> None:
+        if header.flags & wire.ReplyFlags.CONNECTION:
+            # About the connection, not a frame: the server is ending it for this reason.
+            self.server_error = (header.status, header.message)
+            self._set_error(
+                ConnectionClosedError(
+                    f"server closed the connection after {header.status.name}: {header.message}",
+                    header.status,
+                    header.message,
+                )
+            )
+            assert self.transport is not None
+            self.transport.close()
+            return
         key = (header.stream_id, header.sequence)
         entry = self.pending.pop(key, None)
+        if self.room_waiters:
+            self._wake_room_waiters()
         if entry is None:
             if key == (0, 0) and header.status != wire.Status.OK:
-                # The server's last word before it closes on a framing error.
+                # A server without the CONNECTION flag: its last word before it closes on a framing error.
                 self.server_error = (header.status, header.message)
             else:
                 self.unmatched_replies += 1
@@ -341,6 +376,16 @@ class Connection:
         return self._welcome
 
     @property
+    def protocol_version(self) -> int:
+        """The protocol version of this connection (the one the HELLO asked for and the WELCOME confirmed)."""
+        return self._welcome.version
+
+    @property
+    def limits(self) -> wire.Limits | None:
+        """What the server allows this connection (v2 WELCOME); ``None`` in v1 or when the server did not say."""
+        return self._welcome.limits
+
+    @property
     def in_flight(self) -> int:
         """Frames submitted whose reply has not arrived yet (cancelled ones included)."""
         return len(self._protocol.pending)
@@ -372,7 +417,9 @@ class Connection:
 
         Not a coroutine: the frame is handed to the transport before this
         returns (it is queued, not dropped, while writing is paused; await
-        :meth:`drain` to wait for room). The array's buffer is written without
+        :meth:`drain` to wait for room in the write buffer and
+        :meth:`wait_for_room` to stay within the server's
+        ``max_frames_in_flight``). The array's buffer is written without
         copying when it is C-contiguous and little-endian, so do not modify it
         until its reply arrives.
 
@@ -383,9 +430,10 @@ class Connection:
             model: name of the model to run (1..255 UTF-8 bytes).
             deadline: seconds the server may take, counted from when it
                 receives the frame header; ``None`` for no deadline.
-            priority: 0..255, higher is more urgent.
-            live: live-stream mode: the server keeps only the stream's newest
-                queued frame; older queued ones are answered SUPERSEDED.
+            priority: 0..255, higher is more urgent; above the connection's
+                ``limits.max_priority`` the server answers UNAUTHORIZED.
+            live: live-stream mode: this frame supersedes every older queued
+                frame of its stream (LIVE or not), which is answered SUPERSEDED.
             sequence: u64 sequence number; by default the next one of the
                 stream (0, 1, 2, ...; after an explicit sequence the automatic
                 one continues above it).
@@ -466,6 +514,28 @@ class Connection:
             frame, stream_id=stream_id, model=model, deadline=deadline, priority=priority, live=live, sequence=sequence
         )
 
+    async def wait_for_room(self) -> None:
+        """Wait until one more frame fits the server's ``max_frames_in_flight``.
+
+        Returns at once when :attr:`limits` is ``None`` (v1, or not announced)
+        or fewer than ``limits.max_frames_in_flight`` frames are in flight (as
+        counted by :attr:`in_flight`, cancelled ones included). Call
+        :meth:`submit` right after it returns, without awaiting in between.
+        Submitting without waiting is allowed too: past the limit the server
+        stops reading the connection until replies go out (TCP flow control,
+        not an error). Raises ConnectionError if the connection ends meanwhile.
+        """
+        proto = self._protocol
+        limits = self._welcome.limits
+        while True:
+            if proto.error is not None:
+                raise ConnectionClosedError(proto.error.reason, proto.error.status, proto.error.server_message)
+            if limits is None or len(proto.pending) < limits.max_frames_in_flight:
+                return
+            waiter: asyncio.Future[None] = proto.loop.create_future()
+            proto.room_waiters.append(waiter)
+            await waiter
+
     async def drain(self) -> None:
         """Wait until the transport's write buffer is below its high-water mark.
 
@@ -513,18 +583,35 @@ class Connection:
         return f"<Connection {peer} {state} in_flight={self.in_flight}>"
 
 
-async def connect(host: str, port: int, *, token: str = "", timeout: float | None = 10.0) -> Connection:
+def _check_protocol_version(version: object) -> None:
+    if type(version) is not int or version not in wire.SUPPORTED_VERSIONS:  # not bool, float, str
+        raise ValueError(f"protocol_version must be one of {wire.SUPPORTED_VERSIONS}, got {version!r}")
+
+
+async def connect(
+    host: str,
+    port: int,
+    *,
+    token: str = "",
+    timeout: float | None = 10.0,
+    protocol_version: int = wire.VERSION,
+) -> Connection:
     """Open a connection: TCP connect, send HELLO, wait for the server's WELCOME.
 
     ``timeout`` bounds the whole handshake (``None``: no limit; TimeoutError
-    when it runs out).
+    when it runs out). ``protocol_version`` (1 or 2, default 2) is sent in the
+    HELLO and selects the connection's protocol version; use 1 for a server
+    that only speaks v1 (it refuses a v2 HELLO with UNSUPPORTED_VERSION).
 
     Raises:
-        HandshakeError: the server refused (status and message from its WELCOME).
+        HandshakeError: the server refused (status and message from its WELCOME),
+            or accepted with another protocol version than asked for.
         ConnectionError / OSError: the connection could not be made or broke.
         TimeoutError: the handshake took longer than ``timeout``.
+        ValueError: ``protocol_version`` is not supported, or the token is too long.
     """
-    hello = wire.encode_hello(wire.Hello(token=token))  # ValueError for an oversized token
+    _check_protocol_version(protocol_version)
+    hello = wire.encode_hello(wire.Hello(version=protocol_version, token=token))  # ValueError for a long token
     loop = asyncio.get_running_loop()
     protocol = _Protocol(loop)
     transport: asyncio.Transport | None = None
@@ -540,10 +627,11 @@ async def connect(host: str, port: int, *, token: str = "", timeout: float | Non
     if welcome.status != wire.Status.OK:
         transport.close()
         raise HandshakeError(welcome.status, welcome.message)
-    if welcome.version != wire.VERSION:
+    if welcome.version != protocol_version:
         transport.close()
         raise HandshakeError(
-            wire.Status.UNSUPPORTED_VERSION, f"server speaks version {welcome.version}, client {wire.VERSION}"
+            wire.Status.UNSUPPORTED_VERSION,
+            f"asked for protocol version {protocol_version}, server accepted with version {welcome.version}",
         )
     return Connection(protocol, transport, welcome)
 
@@ -574,6 +662,16 @@ class SyncConnection:
     def ring_bytes(self) -> int:
         """Size of the server's receive ring."""
         return self._conn.ring_bytes
+
+    @property
+    def protocol_version(self) -> int:
+        """The protocol version of this connection."""
+        return self._conn.protocol_version
+
+    @property
+    def limits(self) -> wire.Limits | None:
+        """What the server allows this connection (v2); ``None`` in v1 or when not announced."""
+        return self._conn.limits
 
     @property
     def in_flight(self) -> int:
@@ -643,13 +741,23 @@ def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> Non
     loop.close()
 
 
-def connect_sync(host: str, port: int, *, token: str = "", timeout: float | None = 10.0) -> SyncConnection:
+def connect_sync(
+    host: str,
+    port: int,
+    *,
+    token: str = "",
+    timeout: float | None = 10.0,
+    protocol_version: int = wire.VERSION,
+) -> SyncConnection:
     """Blocking :func:`connect`: returns a :class:`SyncConnection`."""
+    _check_protocol_version(protocol_version)
     loop = new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name=f"streamgpu-client {host}:{port}", daemon=True)
     thread.start()
     try:
-        conn = asyncio.run_coroutine_threadsafe(connect(host, port, token=token, timeout=timeout), loop).result()
+        conn = asyncio.run_coroutine_threadsafe(
+            connect(host, port, token=token, timeout=timeout, protocol_version=protocol_version), loop
+        ).result()
     except BaseException:
         _stop_loop(loop, thread)
         raise

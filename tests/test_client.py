@@ -23,9 +23,13 @@ from streamgpu.protocol import wire
 # Model names the fake server understands (anything else is echoed):
 HANG = "hang"  # never reply
 DROP = "drop"  # close the connection without a word
-BYE = "bye"  # reply stream 0 / sequence 0 BAD_FRAME, then close (what the server does when framing is lost)
+BYE = "bye"  # connection reply BAD_FRAME, then close (what the server does when framing is lost)
+TIMEOUT = "timeout"  # connection reply RECEIVE_TIMEOUT (BAD_FRAME on v1), then close
 GARBAGE = "garbage"  # send bytes that are not a reply
 UNKNOWN = "nope"  # reply UNKNOWN_MODEL without a result
+
+LIMITS = wire.Limits(max_frames_in_flight=256, max_producer_bytes=1 << 26, receive_timeout_ms=10_000,
+                     min_receive_rate=1_000_000, max_priority=255)  # fmt: skip
 
 
 @dataclass
@@ -36,6 +40,11 @@ class FakeServer:
     new one), then reply grouped by stream, streams in descending order, so
     replies of different streams come out of submission order while each
     stream's stay in order. ``delay``: seconds to wait before replying.
+
+    Speaks the version the HELLO asks for (refusing others in the v1 layout,
+    as the real server does), announcing ``limits`` in v2; ``welcome_version``
+    forces the WELCOME's version. ``connection_flag=False`` plays a server
+    that predates the CONNECTION flag (its last word is a plain reply 0/0).
     """
 
     token: str = ""
@@ -45,9 +54,13 @@ class FakeServer:
     ring_bytes: int = 1 << 28
     welcome_status: wire.Status = wire.Status.OK
     welcome_message: str = ""
+    welcome_version: int | None = None
+    limits: wire.Limits | None = LIMITS
+    connection_flag: bool = True
     port: int = 0
     headers: list[wire.FrameHeader] = field(default_factory=list)
     connections: int = 0
+    version: int = 0  # of the latest accepted connection
     _server: asyncio.Server | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -87,12 +100,20 @@ class FakeServer:
         got = wire.decode_hello(head + await reader.readexactly(token_len))
         assert got is not None
         hello, _ = got
+        version = hello.version
         status, message = self.welcome_status, self.welcome_message
-        if status == wire.Status.OK and hello.token != self.token:
+        if version not in wire.SUPPORTED_VERSIONS:
+            status, message, version = wire.Status.UNSUPPORTED_VERSION, "use 1 or 2", 1
+        elif status == wire.Status.OK and hello.token != self.token:
             status, message = wire.Status.UNAUTHORIZED, "wrong token"
-        writer.write(wire.encode_welcome(wire.Welcome(status, self.max_payload, self.ring_bytes, message)))
+        limits = self.limits if status == wire.Status.OK else None
+        if self.welcome_version is not None:
+            version = self.welcome_version
+        welcome = wire.Welcome(status, self.max_payload, self.ring_bytes, message, version, limits)
+        writer.write(wire.encode_welcome(welcome))
         if status != wire.Status.OK:
             return
+        self.version = version
         queue: list[tuple[wire.FrameHeader, bytes, int]] = []
         while True:
             try:
@@ -111,9 +132,12 @@ class FakeServer:
                 continue
             if header.model == DROP:
                 return
-            if header.model == BYE:
+            if header.model in (BYE, TIMEOUT):
+                status = wire.Status.BAD_FRAME if header.model == BYE else wire.Status.RECEIVE_TIMEOUT
+                text = "bad frame magic b'XXXX'" if header.model == BYE else "payload late"
+                flags = wire.ReplyFlags.CONNECTION if self.connection_flag else wire.ReplyFlags.NONE
                 writer.writelines(
-                    wire.encode_reply(wire.ReplyHeader(0, 0, wire.Status.BAD_FRAME, message="bad frame magic b'XXXX'"))
+                    wire.encode_reply(wire.ReplyHeader(0, 0, status, message=text, flags=flags), b"", version)
                 )
                 return
             if header.model == GARBAGE:
@@ -281,10 +305,78 @@ async def test_welcome_limits() -> None:
     try:
         async with await connect("127.0.0.1", srv.port) as conn:
             assert (conn.max_payload, conn.ring_bytes) == (12345, 67890)
+            assert conn.protocol_version == 2 and srv.version == 2 and conn.limits == LIMITS
             assert "open" in repr(conn)
         assert conn.closed
     finally:
         await srv.stop()
+
+
+@pytest.mark.asyncio
+async def test_protocol_version_1() -> None:
+    srv = await _serve(max_payload=12345, ring_bytes=67890)
+    try:
+        async with await connect("127.0.0.1", srv.port, protocol_version=1) as conn:
+            assert srv.version == 1 and conn.protocol_version == 1 and conn.welcome.version == 1
+            assert conn.limits is None and (conn.max_payload, conn.ring_bytes) == (12345, 67890)
+            await conn.wait_for_room()  # no limits: never waits
+            reply = await conn.infer(np.arange(5, dtype=np.int16), stream_id=3)
+            assert reply.ok and reply.result is not None and reply.result.tolist() == [0, 1, 2, 3, 4]
+    finally:
+        await srv.stop()
+
+
+@pytest.mark.asyncio
+async def test_v2_without_announced_limits() -> None:
+    srv = await _serve(limits=None)
+    try:
+        async with await connect("127.0.0.1", srv.port) as conn:
+            assert conn.protocol_version == 2 and conn.limits is None
+            assert (await conn.infer(np.ones(2, np.uint8))).ok
+    finally:
+        await srv.stop()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("bad", [0, 3, "2", 2.0, True])
+async def test_unsupported_protocol_version_argument(bad: Any) -> None:
+    with pytest.raises(ValueError, match="protocol_version"):
+        await connect("127.0.0.1", 1, protocol_version=bad)
+    with pytest.raises(ValueError, match="protocol_version"):
+        connect_sync("127.0.0.1", 1, protocol_version=bad)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("asked", "answered"), [(2, 1), (1, 2)])
+async def test_welcome_in_another_version_is_refused(asked: int, answered: int) -> None:
+    srv = await _serve(welcome_version=answered)
+    try:
+        with pytest.raises(HandshakeError, match=f"asked for protocol version {asked}, server accepted with") as info:
+            await connect("127.0.0.1", srv.port, protocol_version=asked)
+        assert info.value.status == wire.Status.UNSUPPORTED_VERSION
+    finally:
+        await srv.stop()
+
+
+@pytest.mark.asyncio
+async def test_v1_layout_refusal_of_a_v2_hello() -> None:
+    """A v1-only server refuses a v2 HELLO with a v1-layout WELCOME; the client reports it."""
+
+    async def v1_only(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(8)
+        refusal = wire.Welcome(wire.Status.UNSUPPORTED_VERSION, 0, 0, "server speaks 1", version=1)
+        writer.write(wire.encode_welcome(refusal))
+        await writer.drain()
+        writer.close()
+
+    srv = await asyncio.start_server(v1_only, "127.0.0.1", 0)
+    try:
+        with pytest.raises(HandshakeError, match="UNSUPPORTED_VERSION: server speaks 1") as info:
+            await connect("127.0.0.1", srv.sockets[0].getsockname()[1])
+        assert info.value.status == wire.Status.UNSUPPORTED_VERSION
+    finally:
+        srv.close()
+        await srv.wait_closed()
 
 
 # --- handshake ------------------------------------------------------------
@@ -376,16 +468,45 @@ async def test_server_closing_mid_flight_fails_pending_futures(server: FakeServe
 
 
 @pytest.mark.asyncio
-async def test_framing_error_reason_reaches_pending_futures(server: FakeServer) -> None:
-    conn = await connect("127.0.0.1", server.port)
-    pending = [conn.submit(np.zeros(4, np.int16), stream_id=1, model=HANG) for _ in range(3)]
-    pending.append(conn.submit(np.zeros(4, np.int16), stream_id=2, model=BYE))
-    for fut in pending:
-        with pytest.raises(ConnectionClosedError, match="BAD_FRAME: bad frame magic") as info:
-            await fut
-        assert info.value.status == wire.Status.BAD_FRAME
-        assert info.value.server_message == "bad frame magic b'XXXX'"
-    await conn.close()
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("connection_flag", [True, False], ids=["flag", "old-server-0-0"])
+async def test_framing_error_reason_reaches_pending_futures(version: int, connection_flag: bool) -> None:
+    srv = await _serve(connection_flag=connection_flag)
+    try:
+        conn = await connect("127.0.0.1", srv.port, protocol_version=version)
+        pending = [conn.submit(np.zeros(4, np.int16), stream_id=1, model=HANG) for _ in range(3)]
+        pending.append(conn.submit(np.zeros(4, np.int16), stream_id=2, model=BYE))
+        for fut in pending:
+            with pytest.raises(ConnectionClosedError, match="BAD_FRAME: bad frame magic") as info:
+                await fut
+            assert info.value.status == wire.Status.BAD_FRAME
+            assert info.value.server_message == "bad frame magic b'XXXX'"
+        assert conn.closed
+        await conn.close()
+    finally:
+        await srv.stop()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("version", "status"), [(2, wire.Status.RECEIVE_TIMEOUT), (1, wire.Status.BAD_FRAME)])
+async def test_connection_reply_fails_every_pending_frame_even_0_0(version: int, status: wire.Status) -> None:
+    """A CONNECTION reply is the close reason, never the answer to a frame with stream 0, sequence 0."""
+    srv = await _serve()
+    try:
+        conn = await connect("127.0.0.1", srv.port, protocol_version=version)
+        first = conn.submit(np.zeros(4, np.uint8), model=HANG)  # stream 0, sequence 0
+        others = [conn.submit(np.zeros(4, np.uint8), stream_id=s, model=HANG) for s in (1, 2)]
+        last = conn.submit(np.zeros(4, np.uint8), stream_id=3, model=TIMEOUT)
+        for fut in [first, *others, last]:
+            with pytest.raises(ConnectionClosedError, match=f"after {status.name}: payload late") as info:
+                await fut
+            assert info.value.status == status and info.value.server_message == "payload late"
+        assert conn.closed and conn.in_flight == 0
+        with pytest.raises(ConnectionClosedError, match=status.name):
+            conn.submit(np.zeros(1, np.uint8))
+        await conn.close()
+    finally:
+        await srv.stop()
 
 
 @pytest.mark.asyncio
@@ -594,6 +715,87 @@ async def test_unmatched_stream0_reply_becomes_the_close_reason() -> None:
 
 
 @pytest.mark.asyncio
+async def test_connection_reply_on_the_receive_path() -> None:
+    """Replies before it resolve; it fails the rest (a pending (0, 0) too); bytes after it are ignored."""
+    welcome = wire.encode_welcome(wire.Welcome(wire.Status.OK, 1, 1, limits=LIMITS))
+    bye = wire.ReplyHeader(0, 0, wire.Status.SHUTTING_DOWN, message="stopping", flags=wire.ReplyFlags.CONNECTION)
+    bye_bytes = b"".join(bytes(p) for p in wire.encode_reply(bye))
+    stream = welcome + _reply_bytes(1, 0, np.ones(2, np.uint8)) + bye_bytes + _reply_bytes(2, 0, np.ones(2, np.uint8))
+    for cut in range(1, len(stream)):
+        proto = client._Protocol(asyncio.get_running_loop())
+        proto.connection_made(_FakeTransport())
+        futs = {}
+        for key in [(1, 0), (2, 0), (0, 0)]:
+            futs[key] = asyncio.get_running_loop().create_future()
+            proto.pending[key] = (futs[key], 0)
+        proto.data_received(stream[:cut])
+        proto.data_received(stream[cut:])
+        assert futs[(1, 0)].result().ok
+        for key in [(2, 0), (0, 0)]:
+            exc = futs[key].exception()
+            assert isinstance(exc, ConnectionClosedError), (cut, key)
+            assert exc.status == wire.Status.SHUTTING_DOWN and exc.server_message == "stopping"
+            assert str(exc) == "server closed the connection after SHUTTING_DOWN: stopping"
+        assert proto.error is not None and not proto.pending and proto.unmatched_replies == 0
+        proto.connection_lost(None)
+        assert proto.error.status == wire.Status.SHUTTING_DOWN  # the reason stays the server's
+
+
+@pytest.mark.asyncio
+async def test_wait_for_room_keeps_within_max_frames_in_flight() -> None:
+    proto = client._Protocol(asyncio.get_running_loop())
+    transport = _FakeTransport()
+    proto.connection_made(transport)
+    limits = wire.Limits(max_frames_in_flight=2, max_producer_bytes=1, receive_timeout_ms=1, min_receive_rate=1)
+    conn = client.Connection(proto, transport, wire.Welcome(wire.Status.OK, 1, 1, limits=limits))
+    proto.data_received(wire.encode_welcome(conn.welcome))
+    assert conn.limits == limits and conn.protocol_version == 2
+    await conn.wait_for_room()
+    a = conn.submit(np.zeros(1, np.uint8))
+    await conn.wait_for_room()
+    b = conn.submit(np.zeros(1, np.uint8))
+    b.cancel()  # a cancelled frame is still in the server: it still counts
+    waiters = [asyncio.ensure_future(conn.wait_for_room()) for _ in range(2)]
+    await asyncio.sleep(0.01)
+    assert not any(w.done() for w in waiters)
+    proto.data_received(_reply_bytes(0, 1, np.zeros(1, np.uint8)))  # b's reply: one place free
+    await asyncio.sleep(0)
+    assert all(w.done() for w in waiters)  # both see room; the first to submit takes it
+    c = conn.submit(np.zeros(1, np.uint8))
+    waiter = asyncio.ensure_future(conn.wait_for_room())
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    proto.connection_lost(ConnectionResetError("reset"))
+    with pytest.raises(ConnectionClosedError, match="reset"):
+        await waiter
+    for fut in (a, c):
+        with pytest.raises(ConnectionClosedError):
+            await fut
+    with pytest.raises(ConnectionClosedError, match="reset"):
+        await conn.wait_for_room()
+
+
+@pytest.mark.asyncio
+async def test_wait_for_room_against_a_server() -> None:
+    limits = wire.Limits(
+        max_frames_in_flight=3, max_producer_bytes=1 << 20, receive_timeout_ms=1000, min_receive_rate=1
+    )
+    srv = await _serve(limits=limits, batch=3)
+    try:
+        async with await connect("127.0.0.1", srv.port) as conn:
+            futs = []
+            most = 0
+            for i in range(30):
+                await conn.wait_for_room()
+                futs.append(conn.submit(np.full(3, i, np.uint8), stream_id=i % 2))
+                most = max(most, conn.in_flight)
+            replies = await asyncio.gather(*futs)
+            assert most == 3 and all(r.ok for r in replies)
+    finally:
+        await srv.stop()
+
+
+@pytest.mark.asyncio
 async def test_drain_waits_for_resume_writing() -> None:
     proto = client._Protocol(asyncio.get_running_loop())
     transport = _FakeTransport()
@@ -651,6 +853,7 @@ def test_sync_wrapper(threaded_server: FakeServer) -> None:
             r = f.result(5)
             assert r.stream_id == i % 3 and r.result is not None and r.result.tolist() == [i] * 5
         assert conn.in_flight == 0 and conn.max_payload == 1 << 26 and conn.ring_bytes == 1 << 28
+        assert conn.protocol_version == 2 and conn.limits == LIMITS
         with pytest.raises(ValueError, match="priority"):
             conn.infer(frame, priority=300)
         assert threading.active_count() == threads_before + 1
@@ -670,6 +873,12 @@ def test_sync_handshake_error(threaded_server: FakeServer) -> None:
     assert threading.active_count() == threads_before
 
 
+def test_sync_protocol_version_1(threaded_server: FakeServer) -> None:
+    with connect_sync("127.0.0.1", threaded_server.port, token="tok", protocol_version=1) as conn:
+        assert conn.protocol_version == 1 and conn.limits is None
+        assert conn.infer(np.ones(2, np.uint8)).ok
+
+
 def test_plain_socket_client_sketch_in_docs(threaded_server: FakeServer) -> None:
     """The minimal socket + struct client in docs/PROTOCOL.md talks to a server built on wire.py."""
     doc = (Path(__file__).parent.parent / "docs" / "PROTOCOL.md").read_text()
@@ -678,9 +887,18 @@ def test_plain_socket_client_sketch_in_docs(threaded_server: FakeServer) -> None
     code = code[: code.index("```")]
     namespace: dict[str, Any] = {"__name__": "sketch"}
     exec(compile(code, "PROTOCOL.md", "exec"), namespace)
-    sock, max_payload = namespace["connect"]("127.0.0.1", threaded_server.port, token="tok")
+    for version in (1, 2):
+        _sketch_round_trip(namespace, threaded_server, version)
+    with pytest.raises(ConnectionError, match="refused"):
+        namespace["connect"]("127.0.0.1", threaded_server.port, token="bad")
+
+
+def _sketch_round_trip(namespace: dict[str, Any], threaded_server: FakeServer, version: int) -> None:
+    threaded_server.headers.clear()
+    sock, welcome = namespace["connect"]("127.0.0.1", threaded_server.port, token="tok", version=version)
     try:
-        assert max_payload == 1 << 26
+        assert welcome["version"] == version and welcome["max_payload"] == 1 << 26
+        assert welcome["limits"] == (LIMITS.__dict__ if version == 2 else None)
         status, message, dtype, shape, result = namespace["infer"](
             sock, bytes([1, 2, 3, 4, 5, 6]), (2, 3), model="echo", stream_id=7, sequence=42, live=True
         )
@@ -696,8 +914,6 @@ def test_plain_socket_client_sketch_in_docs(threaded_server: FakeServer) -> None
         )
     finally:
         sock.close()
-    with pytest.raises(ConnectionError, match="refused"):
-        namespace["connect"]("127.0.0.1", threaded_server.port, token="bad")
 
 
 def test_unwrap_returns_the_result_or_raises_with_the_status() -> None:

@@ -1,11 +1,13 @@
-"""Wire format v1: pure encoding and decoding, no I/O and no asyncio.
+"""Wire format, protocol versions 1 and 2: pure encoding and decoding, no I/O and no asyncio.
 
 Everything is little-endian. docs/PROTOCOL.md is the normative description;
-this module is its executable form. Three message kinds travel on a TCP
+this module is its executable form. Four message kinds travel on a TCP
 connection:
 
-* ``HELLO`` (client -> server, once, first): magic, version, auth token.
-* ``WELCOME`` (server -> client, once): status, limits, optional message.
+* ``HELLO`` (client -> server, once, first): magic, version, auth token. Its
+  version selects the connection's protocol version (1 or 2).
+* ``WELCOME`` (server -> client, once): status, sizes, (v2) the connection's
+  admission limits, optional message.
 * ``FRAME`` (client -> server): a fixed 48-byte header, the model name, the
   shape (``ndim`` x u32), then ``payload_len`` bytes of tensor data.
 * ``REPLY`` (server -> client): a fixed 64-byte header, an optional UTF-8
@@ -13,6 +15,13 @@ connection:
 
 Decoders take a buffer and return ``None`` when more bytes are needed, so a
 transport can feed them any split of the byte stream.
+
+What version 2 changes (v1 peers keep working unchanged): the WELCOME carries
+a :class:`Limits` block, the REPLY header's reserved u16 at offset 10 becomes
+``flags`` (:class:`ReplyFlags`, written for every version: v1 readers ignore
+it), and :attr:`Status.RECEIVE_TIMEOUT` exists (a v1 connection gets its
+stand-in, see :func:`status_for`). The FRAME and REPLY headers' own version
+byte stays 1 in both.
 """
 
 from __future__ import annotations
@@ -24,7 +33,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-VERSION = 1
+VERSION = 2  # newest protocol version (the HELLO's and WELCOME's version field)
+SUPPORTED_VERSIONS = (1, 2)
+FRAME_VERSION = 1  # the FRAME header's own version byte, in every protocol version
+REPLY_VERSION = 1  # the REPLY header's own version byte, in every protocol version
 
 HELLO_MAGIC = b"SGHI"
 WELCOME_MAGIC = b"SGWE"
@@ -62,13 +74,41 @@ class Status(enum.IntEnum):
     SUPERSEDED = 8
     UNAUTHORIZED = 9
     UNSUPPORTED_VERSION = 10
+    # --- v2 only (a v1 connection gets the stand-in from status_for) ---
+    RECEIVE_TIMEOUT = 11  # connection-level: a frame's payload did not arrive within its time budget
+
+
+V1_STATUSES: frozenset[Status] = frozenset(s for s in Status if s <= Status.UNSUPPORTED_VERSION)
+# What a v1 connection is sent instead of a status v1 does not know.
+V1_STAND_INS: dict[Status, Status] = {Status.RECEIVE_TIMEOUT: Status.BAD_FRAME}
+
+
+def status_for(status: Status, version: int) -> Status:
+    """The status to put on the wire of a connection speaking protocol ``version``.
+
+    Statuses that do not exist in v1 are mapped to their v1 stand-in
+    (RECEIVE_TIMEOUT -> BAD_FRAME) when ``version`` < 2; otherwise unchanged.
+    """
+    if version >= 2 or status in V1_STATUSES:
+        return status
+    return V1_STAND_INS[status]
 
 
 class FrameFlags(enum.IntFlag):
     """Bits of the frame header's ``flags`` byte."""
 
     NONE = 0
-    LIVE = 1  # keep only this stream's newest queued frame (live-stream mode)
+    LIVE = 1  # supersede every older queued frame of this stream (live-stream mode)
+
+
+class ReplyFlags(enum.IntFlag):
+    """Bits of the REPLY header's ``flags`` u16 at offset 10 (reserved, always 0, in v1 replies of old servers)."""
+
+    NONE = 0
+    # This reply is about the connection, not a frame (framing lost, receive
+    # timeout, shutdown abort); the connection ends after it. Its stream_id and
+    # sequence are 0 and mean nothing.
+    CONNECTION = 1
 
 
 # dtype codes on the wire; the numpy dtypes are always little-endian.
@@ -99,6 +139,16 @@ def dtype_code(dtype: np.dtype | type | str) -> int:
 
 _HELLO = struct.Struct("<4sHH")  # magic, version, token_len
 _WELCOME = struct.Struct("<4sHHQQH")  # magic, version, status, max_payload, ring_bytes, message_len
+# v2 limits block at offset 26: max_frames_in_flight, max_producer_bytes, receive_timeout_ms,
+# min_receive_rate, max_priority (u8), 3 reserved bytes
+_LIMITS = struct.Struct("<IQIIB3x")
+WELCOME_V1_SIZE = _WELCOME.size  # 26: the fixed part of a v1 WELCOME
+LIMITS_SIZE = _LIMITS.size  # 24
+WELCOME_V2_SIZE = WELCOME_V1_SIZE + LIMITS_SIZE  # 50: the fixed part of a v2 WELCOME
+
+_U8 = 0xFF
+_U32 = 0xFFFFFFFF
+_U64 = 0xFFFFFFFFFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -108,12 +158,53 @@ class Hello:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What the server allows one connection (v2 WELCOME). docs/PROTOCOL.md section 6.
+
+    * ``max_frames_in_flight``: frames this connection may have in the server
+      at once (received, not yet answered); past it the server stops reading
+      the connection until replies go out (flow control, not an error).
+    * ``max_producer_bytes``: receive-buffer bytes this connection's producer
+      may hold at once; past it the server stops reading its connections.
+    * ``receive_timeout_ms`` and ``min_receive_rate`` (bytes/s): a frame's
+      payload must arrive within ``receive_timeout_ms / 1000 + payload_len /
+      min_receive_rate`` seconds (see :meth:`payload_budget_s`), else the
+      server answers RECEIVE_TIMEOUT and drops the connection.
+    * ``max_priority``: the highest frame priority this connection may use;
+      frames above it are answered UNAUTHORIZED.
+
+    On the wire the u32 fields saturate at 2**32-1 and ``max_producer_bytes``
+    at 2**64-1. A block of all zero bytes means "not announced" (decoded as
+    ``limits=None``), so an announced block has ``max_frames_in_flight`` >= 1.
+    """
+
+    max_frames_in_flight: int
+    max_producer_bytes: int
+    receive_timeout_ms: int
+    min_receive_rate: int
+    max_priority: int = 255
+
+    def payload_budget_s(self, payload_len: int) -> float | None:
+        """Seconds a payload of ``payload_len`` bytes may take to arrive; None = no budget.
+
+        ``receive_timeout_ms`` = 0 means the server applies no payload time
+        budget; ``min_receive_rate`` = 0 means no per-byte allowance (the
+        budget is ``receive_timeout_ms`` alone).
+        """
+        if self.receive_timeout_ms == 0:
+            return None
+        rate = payload_len / self.min_receive_rate if self.min_receive_rate else 0.0
+        return self.receive_timeout_ms / 1000 + rate
+
+
+@dataclass(frozen=True)
 class Welcome:
     status: Status
     max_payload: int
     ring_bytes: int
     message: str = ""
     version: int = VERSION
+    limits: Limits | None = None  # v2 only; None: not announced (v1, refusals, or a server that does not say)
 
 
 def encode_hello(hello: Hello) -> bytes:
@@ -124,7 +215,10 @@ def encode_hello(hello: Hello) -> bytes:
 
 
 def decode_hello(buf: bytes | memoryview) -> tuple[Hello, int] | None:
-    """Parse a HELLO; returns (hello, bytes consumed) or None if incomplete."""
+    """Parse a HELLO; returns (hello, bytes consumed) or None if incomplete.
+
+    Any version decodes: judging it (UNSUPPORTED_VERSION) is the server's job.
+    """
     if len(buf) < _HELLO.size:
         return None
     magic, version, token_len = _HELLO.unpack_from(buf)
@@ -142,25 +236,64 @@ def decode_hello(buf: bytes | memoryview) -> tuple[Hello, int] | None:
     return Hello(version=version, token=token), end
 
 
+def welcome_size(version: int) -> int:
+    """Size of the fixed part (before the message) of a WELCOME with this version field.
+
+    Version 2 has the limits block; every other version, 1 and the refusal of
+    an unsupported version included, is read in the v1 layout.
+    """
+    return WELCOME_V2_SIZE if version == 2 else WELCOME_V1_SIZE
+
+
 def encode_welcome(welcome: Welcome) -> bytes:
+    """Encode in the layout of ``welcome.version``: v2 writes the limits block
+    (zeros when ``limits`` is None: not announced), any other version the v1
+    layout (``limits`` is then not sent).
+    """
     msg = welcome.message.encode()[:MAX_MESSAGE]
-    head = _WELCOME.pack(
-        WELCOME_MAGIC, welcome.version, welcome.status, welcome.max_payload, welcome.ring_bytes, len(msg)
-    )
+    status = status_for(welcome.status, welcome.version)
+    head = _WELCOME.pack(WELCOME_MAGIC, welcome.version, status, welcome.max_payload, welcome.ring_bytes, len(msg))
+    if welcome_size(welcome.version) == WELCOME_V2_SIZE:
+        head += _encode_limits(welcome.limits)
     return head + msg
 
 
+def _encode_limits(limits: Limits | None) -> bytes:
+    if limits is None:
+        return bytes(LIMITS_SIZE)
+    for name in ("max_frames_in_flight", "max_producer_bytes", "receive_timeout_ms", "min_receive_rate"):
+        if getattr(limits, name) < 0:
+            raise ValueError(f"limits.{name} must not be negative, got {getattr(limits, name)}")
+    if limits.max_frames_in_flight == 0:
+        raise ValueError("limits.max_frames_in_flight must be at least 1 (an all-zero block means 'not announced')")
+    if not 0 <= limits.max_priority <= _U8:
+        raise ValueError(f"limits.max_priority must be 0..255, got {limits.max_priority}")
+    return _LIMITS.pack(
+        min(limits.max_frames_in_flight, _U32), min(limits.max_producer_bytes, _U64),
+        min(limits.receive_timeout_ms, _U32), min(limits.min_receive_rate, _U32), limits.max_priority,
+    )  # fmt: skip
+
+
 def decode_welcome(buf: bytes | memoryview) -> tuple[Welcome, int] | None:
-    if len(buf) < _WELCOME.size:
+    """Parse a WELCOME of either layout (chosen by its version field at offset 4)."""
+    if len(buf) < 6:
+        if len(buf) >= 4 and bytes(buf[:4]) != WELCOME_MAGIC:
+            raise ProtocolError(Status.BAD_FRAME, f"expected WELCOME magic {WELCOME_MAGIC!r}, got {bytes(buf[:4])!r}")
+        return None
+    fixed = welcome_size(int.from_bytes(buf[4:6], "little"))
+    if len(buf) < fixed:
         return None
     magic, version, status, max_payload, ring_bytes, msg_len = _WELCOME.unpack_from(buf)
     if magic != WELCOME_MAGIC:
         raise ProtocolError(Status.BAD_FRAME, f"expected WELCOME magic {WELCOME_MAGIC!r}, got {bytes(magic)!r}")
-    end = _WELCOME.size + msg_len
+    end = fixed + msg_len
     if len(buf) < end:
         return None
-    message = bytes(buf[_WELCOME.size : end]).decode(errors="replace")
-    return Welcome(_status(status), max_payload, ring_bytes, message, version), end
+    limits = None
+    if fixed == WELCOME_V2_SIZE and any(buf[WELCOME_V1_SIZE:WELCOME_V2_SIZE]):
+        limits = Limits(*_LIMITS.unpack_from(buf, WELCOME_V1_SIZE))
+    message = bytes(buf[fixed:end]).decode(errors="replace")
+    return Welcome(_status(status), max_payload, ring_bytes, message, version, limits), end
 
 
 # --- FRAME ----------------------------------------------------------------
@@ -185,7 +318,7 @@ class FrameHeader:
     deadline_us: int = 0
     priority: int = 0
     flags: FrameFlags = FrameFlags.NONE
-    version: int = VERSION
+    version: int = FRAME_VERSION
 
     @property
     def wire_size(self) -> int:
@@ -236,9 +369,10 @@ def decode_frame_header(buf: bytes | memoryview) -> tuple[FrameHeader, int] | No
         return None
     if bytes(buf[:4]) != FRAME_MAGIC:
         raise ProtocolError(Status.BAD_FRAME, f"bad frame magic {bytes(buf[:4])!r}, expected {FRAME_MAGIC!r}")
-    if buf[4] != VERSION:
+    if buf[4] != FRAME_VERSION:
         raise ProtocolError(
-            Status.UNSUPPORTED_VERSION, f"frame version {buf[4]} is not supported (server speaks {VERSION})"
+            Status.UNSUPPORTED_VERSION,
+            f"frame version {buf[4]} is not supported (frames are version {FRAME_VERSION})",
         )
     if len(buf) < FRAME_HEADER_SIZE:
         return None
@@ -284,13 +418,11 @@ class Timings:
     batch_size: int = 0
 
 
-# magic, version, status, dtype, ndim, message_len, reserved(u16), stream_id,
-# sequence, payload_len, timestamp_ns (echoed), receive, queue, transfer,
-# compute, total (u32 us), batch_size (u16), reserved(u16)
+# magic, version, status, dtype, ndim, message_len, flags(u16; reserved in v1),
+# stream_id, sequence, payload_len, timestamp_ns (echoed), receive, queue,
+# transfer, compute, total (u32 us), batch_size (u16), reserved(u16)
 _REPLY = struct.Struct("<4sBBBBHHIQQQIIIIIHH")
 REPLY_HEADER_SIZE = _REPLY.size  # 64
-
-_U32 = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -304,15 +436,21 @@ class ReplyHeader:
     timestamp_ns: int = 0
     timings: Timings = field(default_factory=Timings)
     message: str = ""
+    flags: ReplyFlags = ReplyFlags.NONE  # CONNECTION: about the connection, not a frame (stream_id/sequence 0)
 
 
-def encode_reply(h: ReplyHeader, payload: bytes | memoryview = b"") -> list[bytes | memoryview]:
-    """Encode a reply as buffers for ``transport.writelines`` (no payload copy)."""
+def encode_reply(h: ReplyHeader, payload: bytes | memoryview = b"", version: int = VERSION) -> list[bytes | memoryview]:
+    """Encode a reply as buffers for ``transport.writelines`` (no payload copy).
+
+    ``version`` is the connection's protocol version: a status that version
+    does not know is replaced by its stand-in (:func:`status_for`). ``flags``
+    is written in every version (v1 readers ignore that field).
+    """
     msg = h.message.encode()[:MAX_MESSAGE]
     payload = memoryview(payload).cast("B")  # len() of a typed view counts items, not bytes
     t = h.timings
     head = _REPLY.pack(
-        REPLY_MAGIC, VERSION, h.status, h.dtype_code, len(h.shape), len(msg), 0,
+        REPLY_MAGIC, REPLY_VERSION, status_for(h.status, version), h.dtype_code, len(h.shape), len(msg), int(h.flags),
         h.stream_id, h.sequence, len(payload), h.timestamp_ns,
         min(t.receive_us, _U32), min(t.queue_us, _U32), min(t.transfer_us, _U32),
         min(t.compute_us, _U32), min(t.total_us, _U32), min(t.batch_size, 0xFFFF), 0,
@@ -327,7 +465,7 @@ def decode_reply(buf: bytes | memoryview) -> tuple[ReplyHeader, memoryview, int]
     """Parse a whole reply; returns (header, payload view, bytes consumed) or None."""
     if len(buf) < REPLY_HEADER_SIZE:
         return None
-    (magic, _version, status, dtype, ndim, msg_len, _r1, stream_id, sequence, payload_len, ts,
+    (magic, _version, status, dtype, ndim, msg_len, flags, stream_id, sequence, payload_len, ts,
      rx, q, tr, comp, total, bs, _r2) = _REPLY.unpack_from(buf)  # fmt: skip
     if magic != REPLY_MAGIC:
         raise ProtocolError(Status.BAD_FRAME, f"bad reply magic {bytes(magic)!r}")
@@ -341,6 +479,7 @@ def decode_reply(buf: bytes | memoryview) -> tuple[ReplyHeader, memoryview, int]
     header = ReplyHeader(
         stream_id=stream_id, sequence=sequence, status=_status(status), dtype_code=dtype, shape=tuple(shape),
         payload_len=payload_len, timestamp_ns=ts, timings=Timings(rx, q, tr, comp, total, bs), message=message,
+        flags=ReplyFlags(flags & int(ReplyFlags.CONNECTION)),
     )  # fmt: skip
     return header, memoryview(buf)[payload_at:end], end
 

@@ -1,4 +1,4 @@
-"""Wire format v1 (streamgpu.protocol.wire): round trips, every split, malformed input, properties."""
+"""Wire format v1 and v2 (streamgpu.protocol.wire): round trips, every split, malformed input, properties."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from streamgpu.protocol.wire import (
     FrameFlags,
     FrameHeader,
     Hello,
+    Limits,
     ProtocolError,
+    ReplyFlags,
     ReplyHeader,
     Status,
     Timings,
@@ -36,8 +38,12 @@ def frame_header(**kw: Any) -> FrameHeader:
     return FrameHeader(**base)
 
 
-def reply_bytes(h: ReplyHeader, payload: bytes = b"") -> bytes:
-    return b"".join(bytes(p) for p in wire.encode_reply(h, payload))
+LIMITS = Limits(max_frames_in_flight=256, max_producer_bytes=64 << 20, receive_timeout_ms=10_000,
+                min_receive_rate=1_000_000, max_priority=200)  # fmt: skip
+
+
+def reply_bytes(h: ReplyHeader, payload: bytes = b"", version: int = wire.VERSION) -> bytes:
+    return b"".join(bytes(p) for p in wire.encode_reply(h, payload, version))
 
 
 def patch(buf: bytes, offset: int, fmt: str, value: Any) -> bytes:
@@ -51,13 +57,20 @@ def patch(buf: bytes, offset: int, fmt: str, value: Any) -> bytes:
 
 def test_fixed_sizes() -> None:
     assert wire._HELLO.size == 8
-    assert wire._WELCOME.size == 26
+    assert wire._WELCOME.size == wire.WELCOME_V1_SIZE == 26
+    assert wire.LIMITS_SIZE == 24 and wire.WELCOME_V2_SIZE == 50
     assert wire.FRAME_HEADER_SIZE == 48
     assert wire.REPLY_HEADER_SIZE == 64
 
 
+def test_versions() -> None:
+    assert wire.VERSION == 2 and wire.SUPPORTED_VERSIONS == (1, 2)
+    assert wire.FRAME_VERSION == 1 and wire.REPLY_VERSION == 1
+    assert Hello().version == 2 and FrameHeader(0, 0, "m", 1, (), 1).version == 1
+
+
 def test_golden_bytes_match_docs_protocol_md() -> None:
-    """The worked example in docs/PROTOCOL.md, byte for byte."""
+    """The worked example in docs/PROTOCOL.md, byte for byte (v1 handshake; FRAME and REPLY are the same in v2)."""
     frame = np.array([[1, 2, 3], [4, 5, 6]], dtype=np.uint8)
     h = FrameHeader(
         stream_id=7, sequence=42, model="echo", dtype_code=1, shape=(2, 3), payload_len=6,
@@ -76,34 +89,161 @@ def test_golden_bytes_match_docs_protocol_md() -> None:
         "0807060504030201" "03000000" "96000000" "0c000000" "84030000" "4c040000" "0400" "0000"
         "02000000" "03000000" "010203040506"
     )  # fmt: skip
-    assert wire.encode_hello(Hello(token="ab")).hex() == "53474849010002006162"
-    assert wire.encode_welcome(Welcome(Status.OK, 1 << 24, 1 << 28, "hi")).hex() == (
+    assert wire.encode_hello(Hello(version=1, token="ab")).hex() == "53474849010002006162"
+    assert wire.encode_welcome(Welcome(Status.OK, 1 << 24, 1 << 28, "hi", version=1)).hex() == (
         "5347574501000000" "0000000100000000" "0000001000000000" "0200" "6869"
     )  # fmt: skip
+    # the reply's u16 at offset 10 is 0 unless the reply is about the connection
+    assert reply_bytes(r, frame.tobytes(), version=1) == reply_bytes(r, frame.tobytes(), version=2)
+
+
+def test_golden_bytes_v2_handshake_and_connection_reply() -> None:
+    """The v2 examples in docs/PROTOCOL.md, byte for byte."""
+    assert wire.encode_hello(Hello(token="ab")).hex() == "53474849020002006162"
+    assert wire.encode_welcome(Welcome(Status.OK, 1 << 24, 1 << 28, "hi", limits=LIMITS)).hex() == (
+        "5347574502000000" "0000000100000000" "0000001000000000" "0200"
+        "00010000" "0000000400000000" "10270000" "40420f00" "c8" "000000" "6869"
+    )  # fmt: skip
+    bye = ReplyHeader(0, 0, Status.RECEIVE_TIMEOUT, message="late", flags=ReplyFlags.CONNECTION)
+    assert reply_bytes(bye).hex() == (
+        "53475250" "01" "0b" "00" "00" "0400" "0100" "00000000" "0000000000000000" "0000000000000000"
+        "0000000000000000" "00000000" "00000000" "00000000" "00000000" "00000000" "0000" "0000" "6c617465"
+    )  # fmt: skip
+    v1 = reply_bytes(bye, version=1)  # the same reply on a v1 connection: BAD_FRAME, flag still set
+    v2 = reply_bytes(bye)
+    assert v1[5] == Status.BAD_FRAME and v1[10:12] == b"\x01\x00" and v1[:5] + v1[6:] == v2[:5] + v2[6:]
 
 
 # --- round trips ----------------------------------------------------------
 
 
+@pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("token", ["", "s3cret", "tøkén ✓", "x" * wire.MAX_TOKEN])
-def test_hello_round_trip(token: str) -> None:
-    data = wire.encode_hello(Hello(token=token))
-    assert wire.decode_hello(data) == (Hello(version=1, token=token), len(data))
-    assert wire.decode_hello(data + b"SGFR") == (Hello(version=1, token=token), len(data))
+def test_hello_round_trip(token: str, version: int) -> None:
+    data = wire.encode_hello(Hello(version=version, token=token))
+    assert wire.decode_hello(data) == (Hello(version=version, token=token), len(data))
+    assert wire.decode_hello(data + b"SGFR") == (Hello(version=version, token=token), len(data))
 
 
-def test_hello_other_version_decodes() -> None:
+@pytest.mark.parametrize("version", [0, 3, 0xFFFF])
+def test_hello_other_version_decodes(version: int) -> None:
     """The version is the server's to judge (it answers UNSUPPORTED_VERSION), not the decoder's."""
-    data = wire.encode_hello(Hello(version=2))
-    assert wire.decode_hello(data) == (Hello(version=2), 8)
+    data = wire.encode_hello(Hello(version=version))
+    assert wire.decode_hello(data) == (Hello(version=version), 8)
 
 
 @pytest.mark.parametrize("status", list(Status))
 @pytest.mark.parametrize("message", ["", "welcome", "ünïcødé"])
-def test_welcome_round_trip(status: Status, message: str) -> None:
-    w = Welcome(status, max_payload=U64, ring_bytes=1 << 30, message=message)
+@pytest.mark.parametrize("version", [1, 2])
+def test_welcome_round_trip(status: Status, message: str, version: int) -> None:
+    limits = LIMITS if version == 2 else None
+    w = Welcome(status, max_payload=U64, ring_bytes=1 << 30, message=message, version=version, limits=limits)
     data = wire.encode_welcome(w)
-    assert wire.decode_welcome(data) == (w, len(data))
+    assert len(data) == (26 if version == 1 else 50) + len(message.encode())
+    expected = (
+        w if status in wire.V1_STATUSES or version == 2 else Welcome(**{**w.__dict__, "status": Status.BAD_FRAME})
+    )
+    assert wire.decode_welcome(data) == (expected, len(data))
+
+
+def test_welcome_v1_layout_drops_limits() -> None:
+    """A v1 WELCOME has no limits block, even if limits are given (e.g. a server answering a v1 HELLO)."""
+    with_limits = wire.encode_welcome(Welcome(Status.OK, 1, 2, "x", version=1, limits=LIMITS))
+    assert with_limits == wire.encode_welcome(Welcome(Status.OK, 1, 2, "x", version=1))
+    assert wire.decode_welcome(with_limits) == (Welcome(Status.OK, 1, 2, "x", version=1), 27)
+
+
+def test_welcome_v2_without_limits_writes_zeros_not_announced() -> None:
+    data = wire.encode_welcome(Welcome(Status.UNAUTHORIZED, 0, 0, "no", version=2))
+    assert len(data) == 52 and data[26:50] == bytes(24) and data[50:] == b"no"
+    assert wire.decode_welcome(data) == (Welcome(Status.UNAUTHORIZED, 0, 0, "no", version=2, limits=None), 52)
+
+
+@pytest.mark.parametrize("version", [0, 3, 0xFFFF])
+def test_welcome_of_other_versions_uses_the_v1_layout(version: int) -> None:
+    """What a refusal of an unsupported version looks like to any reader: the v1 layout."""
+    w = Welcome(Status.UNSUPPORTED_VERSION, 0, 0, "speaks 1, 2", version=version)
+    data = wire.encode_welcome(w)
+    assert len(data) == 26 + 11 and wire.decode_welcome(data) == (w, len(data))
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        Limits(1, 0, 0, 0, 0),  # the smallest announced block: max_priority 0 is a real limit
+        Limits(U32, U64, U32, U32, 255),
+        LIMITS,
+    ],
+)
+def test_limits_round_trip(limits: Limits) -> None:
+    data = wire.encode_welcome(Welcome(Status.OK, 1, 1, limits=limits))
+    got = wire.decode_welcome(data)
+    assert got is not None and got[0].limits == limits
+
+
+def test_limits_saturate_and_validate() -> None:
+    big = Limits(U32 + 1, U64 + 1, 2**40, 2**33, 7)
+    got = wire.decode_welcome(wire.encode_welcome(Welcome(Status.OK, 1, 1, limits=big)))
+    assert got is not None and got[0].limits == Limits(U32, U64, U32, U32, 7)
+    for bad, match in [
+        (Limits(0, 1, 1, 1), "at least 1"),
+        (Limits(1, -1, 1, 1), "max_producer_bytes"),
+        (Limits(1, 1, -1, 1), "receive_timeout_ms"),
+        (Limits(1, 1, 1, 1, 256), "max_priority"),
+        (Limits(1, 1, 1, 1, -1), "max_priority"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            wire.encode_welcome(Welcome(Status.OK, 1, 1, limits=bad))
+
+
+def test_limits_payload_budget() -> None:
+    assert LIMITS.payload_budget_s(2_000_000) == pytest.approx(12.0)
+    assert LIMITS.payload_budget_s(0) == pytest.approx(10.0)
+    assert Limits(1, 1, 500, 0).payload_budget_s(10**9) == pytest.approx(0.5)
+    assert Limits(1, 1, 0, 1000).payload_budget_s(10**9) is None
+
+
+# --- statuses and versions --------------------------------------------------
+
+
+def test_status_for_maps_v2_statuses_to_v1_stand_ins() -> None:
+    assert Status.RECEIVE_TIMEOUT == 11
+    assert {int(s) for s in wire.V1_STATUSES} == set(range(11))
+    for s in Status:
+        assert wire.status_for(s, 2) is s
+        if s in wire.V1_STATUSES:
+            assert wire.status_for(s, 1) is s
+        else:
+            assert wire.status_for(s, 1) in wire.V1_STATUSES  # every newer status has a v1 stand-in
+    assert wire.status_for(Status.RECEIVE_TIMEOUT, 1) is Status.BAD_FRAME
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_encode_reply_applies_the_connection_version(version: int) -> None:
+    h = ReplyHeader(0, 0, Status.RECEIVE_TIMEOUT, message="payload late", flags=ReplyFlags.CONNECTION)
+    got = wire.decode_reply(reply_bytes(h, version=version))
+    assert got is not None
+    expected = Status.RECEIVE_TIMEOUT if version == 2 else Status.BAD_FRAME
+    assert got[0].status is expected and got[0].flags == ReplyFlags.CONNECTION and got[0].message == "payload late"
+
+
+def test_frame_and_reply_version_bytes_stay_1() -> None:
+    assert wire.encode_frame_header(frame_header())[4] == 1
+    for version in (1, 2):
+        assert reply_bytes(ReplyHeader(1, 1, Status.OK), version=version)[4] == 1
+
+
+def test_reply_flags_round_trip_and_unknown_bits_are_ignored() -> None:
+    h = ReplyHeader(0, 0, Status.SHUTTING_DOWN, flags=ReplyFlags.CONNECTION)
+    data = reply_bytes(h)
+    assert data[10:12] == b"\x01\x00"
+    got = wire.decode_reply(data)
+    assert got is not None and got[0] == h
+    got = wire.decode_reply(patch(data, 10, "<H", 0xFFFF))
+    assert got is not None and got[0].flags == ReplyFlags.CONNECTION
+    got = wire.decode_reply(patch(data, 10, "<H", 0xFFFE))
+    assert got is not None and got[0].flags == ReplyFlags.NONE
+    assert ReplyHeader(1, 2, Status.OK).flags == ReplyFlags.NONE  # keyword-compatible default
 
 
 @pytest.mark.parametrize("code", sorted(wire.DTYPES))
@@ -211,8 +351,20 @@ Decoder = Callable[[Any], Any]  # bytes | bytearray | memoryview
 MESSAGES: list[tuple[str, Decoder, bytes]] = [
     ("hello", wire.decode_hello, wire.encode_hello(Hello(token="tøken"))),
     ("hello-empty", wire.decode_hello, wire.encode_hello(Hello())),
-    ("welcome", wire.decode_welcome, wire.encode_welcome(Welcome(Status.OK, 1 << 20, 1 << 26, "hi ✓"))),
-    ("welcome-refusal", wire.decode_welcome, wire.encode_welcome(Welcome(Status.UNAUTHORIZED, 0, 0, "bad token"))),
+    ("hello-v1", wire.decode_hello, wire.encode_hello(Hello(version=1, token="t"))),
+    ("welcome-v1", wire.decode_welcome, wire.encode_welcome(Welcome(Status.OK, 1 << 20, 1 << 26, "hi ✓", version=1))),
+    (
+        "welcome-v1-refusal",
+        wire.decode_welcome,
+        wire.encode_welcome(Welcome(Status.UNAUTHORIZED, 0, 0, "bad token", version=1)),
+    ),
+    (
+        "welcome-v2",
+        wire.decode_welcome,
+        wire.encode_welcome(Welcome(Status.OK, 1 << 20, 1 << 26, "hi ✓", limits=LIMITS)),
+    ),
+    ("welcome-v2-unannounced", wire.decode_welcome, wire.encode_welcome(Welcome(Status.OK, 1, 1))),
+    ("welcome-v2-refusal", wire.decode_welcome, wire.encode_welcome(Welcome(Status.UNAUTHORIZED, 0, 0, "bad token"))),
     ("frame", wire.decode_frame_header, wire.encode_frame_header(frame_header())),
     ("frame-0d", wire.decode_frame_header, wire.encode_frame_header(frame_header(shape=(), payload_len=1))),
     (
@@ -226,6 +378,11 @@ MESSAGES: list[tuple[str, Decoder, bytes]] = [
         reply_bytes(ReplyHeader(1, 2, Status.OK, 8, (2, 2), message="m", timings=Timings(1, 2, 3, 4, 5, 6)), b"x" * 16),
     ),
     ("reply-error", wire.decode_reply, reply_bytes(ReplyHeader(0, 0, Status.BAD_FRAME, message="bad frame magic"))),
+    (
+        "reply-connection",
+        wire.decode_reply,
+        reply_bytes(ReplyHeader(0, 0, Status.RECEIVE_TIMEOUT, message="late", flags=ReplyFlags.CONNECTION)),
+    ),
 ]
 
 
@@ -303,10 +460,13 @@ def test_malformed_hello(data: bytes, match: str) -> None:
         wire.decode_hello(data)
 
 
-def test_malformed_welcome_and_reply() -> None:
-    welcome = wire.encode_welcome(Welcome(Status.OK, 1, 1))
+@pytest.mark.parametrize("version", [1, 2])
+def test_malformed_welcome_and_reply(version: int) -> None:
+    welcome = wire.encode_welcome(Welcome(Status.OK, 1, 1, version=version))
     with raises(Status.BAD_FRAME, "WELCOME magic"):
         wire.decode_welcome(b"SGWX" + welcome[4:])
+    with raises(Status.BAD_FRAME, "WELCOME magic"):
+        wire.decode_welcome(b"SGWX\x02")  # seen as soon as the magic is there
     with raises(Status.BAD_FRAME, "unknown status code 99"):
         wire.decode_welcome(patch(welcome, 6, "<H", 99))
     reply = reply_bytes(ReplyHeader(1, 1, Status.OK))
@@ -409,7 +569,7 @@ def replies(draw: st.DrawFn) -> tuple[ReplyHeader, bytes]:
         dtype_code=draw(st.integers(0, 255)), shape=tuple(draw(st.lists(u32, max_size=wire.MAX_NDIM))),
         payload_len=len(payload), timestamp_ns=draw(u64),
         timings=Timings(draw(u32), draw(u32), draw(u32), draw(u32), draw(u32), draw(st.integers(0, 0xFFFF))),
-        message=draw(st.text(max_size=40)),
+        message=draw(st.text(max_size=40)), flags=draw(st.sampled_from(list(ReplyFlags))),
     )  # fmt: skip
     return h, payload
 
@@ -427,7 +587,7 @@ def test_random_replies_round_trip(reply: tuple[ReplyHeader, bytes], cut_seed: i
 
 
 DECODERS: list[Decoder] = [wire.decode_hello, wire.decode_welcome, wire.decode_frame_header, wire.decode_reply]
-PREFIXES = [b"", b"SGHI", b"SGHI\x01\x00", b"SGWE\x01\x00", b"SGFR", b"SGFR\x01", b"SGRP\x01"]
+PREFIXES = [b"", b"SGHI", b"SGHI\x01\x00", b"SGWE\x01\x00", b"SGWE\x02\x00", b"SGFR", b"SGFR\x01", b"SGRP\x01"]
 
 
 @settings(max_examples=500, deadline=None)
