@@ -1,5 +1,5 @@
-"""Pinned host memory: the ring buffer that frames land in, and slot lifetimes."""
+"""Host memory for frames: the shared segment they land in, and a pool of independently reused slots."""
 
-from streamgpu.memory.ring import ALIGNMENT, PinnedRing, Slot
+from streamgpu.memory.pool import ALIGNMENT, HostSegment, Slot, SlotPool, Waiter
 
-__all__ = ["ALIGNMENT", "PinnedRing", "Slot"]
+__all__ = ["ALIGNMENT", "HostSegment", "Slot", "SlotPool", "Waiter"]
