@@ -6,8 +6,9 @@ import argparse
 import logging
 import sys
 
-from streamgpu.config import LOG_LEVELS, Config, ConfigError
-from streamgpu.gpu.backend import BACKENDS
+from streamgpu.config import LOG_LEVELS, Config
+from streamgpu.errors import ConfigError, StreamgpuError
+from streamgpu.gpu import DEVICES
 from streamgpu.loops import LOOPS
 
 
@@ -18,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", metavar="FILE", help="TOML config (see configs/example.toml)")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="TCP port (default 7878; 0 picks a free one)")
-    serve.add_argument("--device", choices=BACKENDS, help="auto (cuda when usable), cuda or cpu")
+    serve.add_argument("--device", choices=DEVICES, help="auto (cuda when usable), cuda or cpu")
     serve.add_argument(
         "--model", metavar="SOURCE", help="source of the first model: builtin:small (default), builtin:resnet50, "
         "torchscript:PATH, export:PATH"
@@ -39,12 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         parser.error(str(exc))
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from streamgpu.models.loader import ModelLoadError
-    from streamgpu.server import run
+    from streamgpu.serve import run
 
     try:
         return run(config)
-    except (ModelLoadError, RuntimeError, OSError) as exc:
+    except (StreamgpuError, OSError) as exc:
         logging.getLogger("streamgpu").error("cannot serve: %s", exc)
         return 1
 

@@ -13,34 +13,66 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from streamgpu.gpu.backend import BACKENDS
+from streamgpu.errors import ConfigError
+from streamgpu.gpu import DEVICES
+from streamgpu.ingest import LISTENERS
 from streamgpu.loops import LOOPS
 from streamgpu.memory import ALIGNMENT
 from streamgpu.models.spec import ModelSpec
 
 MiB = 1024 * 1024
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+__all__ = ["Config", "ConfigError", "ListenerSpec", "TokenSpec"]
 
 
-class ConfigError(ValueError):
-    """A setting is missing, unknown or out of range; the message says which and how to fix it."""
+@dataclass(frozen=True)
+class ListenerSpec:
+    """One front end: its kind (a key of ``streamgpu.ingest.LISTENERS``), address and own options."""
+
+    kind: str = "tcp"
+    host: str = "127.0.0.1"
+    port: int = 7878
+    options: dict[str, Any] = field(default_factory=dict)  # kind-specific settings, checked by the listener
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.kind not in LISTENERS:
+            out.append(f"listener kind must be one of {sorted(LISTENERS)}, got {self.kind!r}")
+        if not 0 <= self.port <= 65535:
+            out.append(f"port must be 0..65535, got {self.port}")
+        return out
+
+
+@dataclass(frozen=True)
+class TokenSpec:
+    """A named auth token: its connections form one producer and may use priorities up to ``max_priority``."""
+
+    token: str
+    max_priority: int = 255
 
 
 @dataclass
 class Config:
     """Everything a server process needs. Sizes in bytes, times in seconds unless named otherwise."""
 
-    host: str = "127.0.0.1"
-    port: int = 7878
+    listeners: list[ListenerSpec] = field(default_factory=lambda: [ListenerSpec()])
     device: str = "auto"
     device_index: int = 0
     cuda_kernels: bool = True
     loop: str = "auto"
     auth_token: str = ""
+    tokens: dict[str, TokenSpec] = field(default_factory=dict)
+    max_priority: int = 255
     ring_bytes: int = 256 * MiB
     max_payload_bytes: int = 64 * MiB
-    max_frames_per_connection: int = 4096
+    max_producer_ring_bytes: int = 0  # 0: a quarter of ring_bytes
+    max_connections: int = 1024
+    max_frames_per_connection: int = 256
+    hello_timeout_s: float = 5.0
     receive_timeout_s: float = 10.0
+    min_receive_rate: int = 1_000_000
     max_inflight_batches: int = 2
     shutdown_timeout_s: float = 10.0
     log_level: str = "INFO"
@@ -48,10 +80,12 @@ class Config:
 
     def __post_init__(self) -> None:
         problems = []
-        if not 0 <= self.port <= 65535:
-            problems.append(f"port must be 0..65535, got {self.port}")
-        if self.device not in BACKENDS:
-            problems.append(f"device must be one of {BACKENDS}, got {self.device!r}")
+        if not self.listeners:
+            problems.append("at least one listener is needed")
+        for i, listener in enumerate(self.listeners):
+            problems.extend(f"listeners[{i}]: {p}" for p in listener.problems())
+        if self.device not in DEVICES:
+            problems.append(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.loop not in LOOPS:
             problems.append(f"loop must be one of {LOOPS}, got {self.loop!r}")
         if self.ring_bytes < 4096:
@@ -61,8 +95,26 @@ class Config:
             problems.append(
                 f"max_payload_bytes must be 1..ring_bytes - {ALIGNMENT} ({largest}), got {self.max_payload_bytes}"
             )
-        if self.receive_timeout_s <= 0:
-            problems.append(f"receive_timeout_s must be > 0, got {self.receive_timeout_s}")
+        if not 0 <= self.max_producer_ring_bytes <= self.ring_bytes:
+            problems.append(f"max_producer_ring_bytes must be 0 (a quarter of ring_bytes) .. ring_bytes, "
+                            f"got {self.max_producer_ring_bytes}")
+        if self.receive_timeout_s <= 0 or self.hello_timeout_s <= 0:
+            problems.append("receive_timeout_s and hello_timeout_s must be > 0")
+        if self.min_receive_rate < 1:
+            problems.append(f"min_receive_rate must be >= 1 byte/s, got {self.min_receive_rate}")
+        if self.max_connections < 1:
+            problems.append(f"max_connections must be >= 1, got {self.max_connections}")
+        if not 0 <= self.max_priority <= 255:
+            problems.append(f"max_priority must be 0..255, got {self.max_priority}")
+        for name, grant in self.tokens.items():
+            if not grant.token:
+                problems.append(f"tokens.{name}: token must not be empty")
+            if not 0 <= grant.max_priority <= 255:
+                problems.append(f"tokens.{name}: max_priority must be 0..255, got {grant.max_priority}")
+            if grant.token == self.auth_token:
+                problems.append(f"tokens.{name}: token equals auth_token; give each identity its own token")
+        if len({g.token for g in self.tokens.values()}) != len(self.tokens):
+            problems.append("tokens must differ from each other")
         self.log_level = self.log_level.upper()
         if self.log_level not in LOG_LEVELS:
             problems.append(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
@@ -78,8 +130,24 @@ class Config:
         for m in self.models:
             if m.frame_nbytes > self.max_payload_bytes:
                 problems.append(f"model {m.name!r} frames ({m.frame_nbytes} bytes) exceed max_payload_bytes")
+            if self.max_frames_per_connection >= m.max_queue:
+                problems.append(
+                    f"max_frames_per_connection ({self.max_frames_per_connection}) must be below model "
+                    f"{m.name!r}'s max_queue ({m.max_queue}): one connection must not be able to fill a queue"
+                )
         if problems:
             raise ConfigError("; ".join(problems))
+
+    @property
+    def producer_ring_bytes(self) -> int:
+        """Ring bytes one producer may hold at once."""
+        return self.max_producer_ring_bytes or self.ring_bytes // 4
+
+    @property
+    def open_to_anyone(self) -> bool:
+        """Whether a listener binds beyond loopback while no token is needed to submit frames."""
+        public = any(listener.host not in LOOPBACK_HOSTS for listener in self.listeners)
+        return public and not (self.auth_token or self.tokens)
 
     @classmethod
     def load(cls, path: str | None = None, env: Mapping[str, str] | None = None, **overrides: Any) -> Config:
@@ -96,9 +164,14 @@ class Config:
         values.update(_from_env(os.environ if env is None else env))
         model_source = overrides.pop("model", None)
         values.update({k: v for k, v in overrides.items() if v is not None})
+        address = {k: values.pop(k) for k in ("host", "port") if k in values}
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigError(f"unknown settings: {sorted(unknown)}")
+        if address:  # host/port (file, STREAMGPU_HOST/PORT, --host/--port) address the first listener
+            listeners = list(values.get("listeners") or [ListenerSpec()])
+            listeners[0] = dataclasses.replace(listeners[0], **address)
+            values["listeners"] = listeners
         try:
             config = cls(**values)
         except (TypeError, ValueError) as exc:
@@ -116,7 +189,12 @@ class Config:
         return dataclasses.replace(self, models=[first, *self.models[1:]])
 
 
-_SERVER_KEYS = {f.name: f for f in dataclasses.fields(Config) if f.name != "models"}
+_ADDRESS_KEYS = {"host": "", "port": 0}  # shortcuts for the first listener's address
+_SERVER_KEYS: dict[str, Any] = {
+    **{f.name: f.default for f in dataclasses.fields(Config) if f.name not in ("models", "listeners", "tokens")},
+    **_ADDRESS_KEYS,
+}
+_TABLE_KEYS = ("listeners", "tokens")
 _MODEL_KEYS = {f.name for f in dataclasses.fields(ModelSpec)}
 _TUPLE_MODEL_KEYS = {"input_shape", "mean", "std", "batch_buckets"}
 
@@ -128,9 +206,16 @@ def _from_toml(data: dict[str, Any], path: str) -> dict[str, Any]:
     if data:
         raise ConfigError(f"{path}: unknown top-level tables {sorted(data)}; expected [server] and [[models]]")
     for key, value in server.items():
-        if key not in _SERVER_KEYS:
-            raise ConfigError(f"{path}: unknown setting server.{key}; known: {sorted(_SERVER_KEYS)}")
-        values[key] = value
+        if key == "listeners":
+            values[key] = _tables(value, ListenerSpec, f"{path}: server.listeners", array=True)
+        elif key == "tokens":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: server.tokens must be tables ([server.tokens.NAME])")
+            values[key] = dict(zip(value, _tables(list(value.values()), TokenSpec, f"{path}: server.tokens"), strict=True))
+        elif key in _SERVER_KEYS:
+            values[key] = value
+        else:
+            raise ConfigError(f"{path}: unknown setting server.{key}; known: {sorted([*_SERVER_KEYS, *_TABLE_KEYS])}")
     if models is not None:
         if not isinstance(models, list):
             raise ConfigError(f"{path}: models must be an array of tables ([[models]])")
@@ -150,14 +235,32 @@ def _from_toml(data: dict[str, Any], path: str) -> dict[str, Any]:
     return values
 
 
+def _tables(entries: Any, cls: type[Any], where: str, array: bool = False) -> list[Any]:
+    """``[[server.listeners]]`` / ``[server.tokens.NAME]`` tables -> ListenerSpec / TokenSpec objects."""
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        shape = "an array of tables ([[server.listeners]])" if array else "tables ([server.tokens.NAME])"
+        raise ConfigError(f"{where} must be {shape}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    out = []
+    for i, entry in enumerate(entries):
+        unknown = set(entry) - known
+        if unknown:
+            raise ConfigError(f"{where}[{i}] has unknown settings {sorted(unknown)}; known: {sorted(known)}")
+        try:
+            out.append(cls(**entry))
+        except TypeError as exc:
+            raise ConfigError(f"{where}[{i}]: {exc}") from None
+    return out
+
+
 def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
-    """``STREAMGPU_PORT=9000`` etc.: every server setting, converted to its field's type."""
+    """``STREAMGPU_PORT=9000`` etc.: every scalar server setting, converted to its field's type."""
     values: dict[str, Any] = {}
-    for name, f in _SERVER_KEYS.items():
+    for name, default in _SERVER_KEYS.items():
         raw = env.get(f"STREAMGPU_{name.upper()}")
         if raw is None:
             continue
-        kind = type(f.default) if f.default is not dataclasses.MISSING else str
+        kind = type(default) if default is not dataclasses.MISSING else str
         try:
             values[name] = kind(raw) if kind is not bool else raw.lower() in ("1", "true", "yes")
         except ValueError:

@@ -1,41 +1,98 @@
-"""The unit that flows from a transport through the scheduler to a backend."""
+"""What flows through the server: a received ``Frame``, and the ``Outcome`` that ends it.
+
+Every front end (TCP, and later UDP, raw streams, HTTP, WebSocket) turns its
+input into ``Frame``s and encodes ``Outcome``s its own way; the scheduler and
+the batch runner only ever see these two types.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from streamgpu.memory import Slot
-from streamgpu.protocol.wire import FrameFlags, FrameHeader, ReplyHeader
+import numpy as np
 
-# Sends one reply for this frame to its producer (ordering is the sink's job).
-ReplySink = Callable[["Frame", ReplyHeader, "bytes | memoryview"], None]
+from streamgpu.protocol.wire import FrameFlags, FrameHeader, Status, Timings
+
+if TYPE_CHECKING:
+    from streamgpu.ingest.admission import Producer
+    from streamgpu.memory import Slot
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one frame ended: a status, a result (OK only), server timings and a message.
+
+    ``result`` is one frame's output, without a batch dimension (the default
+    model's is ``(1000,)`` float32). It may be a view of a buffer that is
+    reused once the outcome has been delivered: a sink that keeps it longer
+    copies it.
+    """
+
+    status: Status
+    message: str = ""
+    result: np.ndarray | None = None
+    timings: Timings = field(default_factory=Timings)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == Status.OK
+
+
+# Delivers a frame's outcome to its producer (ordering and encoding are the front end's job).
+OutcomeSink = Callable[["Frame", Outcome], None]
 
 
 @dataclass(eq=False, slots=True)
 class Frame:
-    """One received frame: its header, the ring slot holding its payload, its clocks.
+    """One received frame: its header, the host slot holding its payload, its clocks, its producer.
 
     Times are ``time.perf_counter_ns()`` values on the server. ``deadline_ns``
-    is 0 when the frame has none. ``reply`` is called exactly once per frame.
+    is 0 when the frame has none. ``finish`` is called exactly once per frame;
+    ``release_slot`` as soon as nothing reads the payload any more (after the
+    copy to the device), which may be long before ``finish``.
     """
 
     header: FrameHeader
     slot: Slot | None
-    received_ns: int  # header complete
+    producer: Producer
+    stream: Hashable  # (connection, stream_id): the unit of reply order and of LIVE superseding
+    received_ns: int  # header accepted
     complete_ns: int  # payload complete
     deadline_ns: int
-    reply_sink: ReplySink
+    sink: OutcomeSink
     is_abandoned: Callable[[], bool] = field(default=lambda: False)  # producer gone: do not run
-    producer: int = 0  # which connection sent it: streams are (producer, stream_id)
-    replied: bool = False
+    finished: bool = False
 
     @property
     def live(self) -> bool:
         return bool(self.header.flags & FrameFlags.LIVE)
 
-    def reply(self, header: ReplyHeader, payload: bytes | memoryview = b"") -> None:
-        if self.replied:
-            raise RuntimeError(f"frame {self.header.stream_id}/{self.header.sequence} replied twice")
-        self.replied = True
-        self.reply_sink(self, header, payload)
+    def release_slot(self) -> None:
+        """Give the payload's host memory back (idempotent); the producer owns the accounting."""
+        if self.slot is not None:
+            slot, self.slot = self.slot, None
+            self.producer.release(slot)
+
+    def finish(self, outcome: Outcome) -> None:
+        """End the frame: free its slot if still held, and deliver ``outcome`` to its producer."""
+        if self.finished:
+            raise RuntimeError(f"frame {self.header.stream_id}/{self.header.sequence} finished twice")
+        self.finished = True
+        self.release_slot()
+        self.producer.frame_finished()
+        self.sink(self, outcome)
+
+    def fail(self, status: Status, message: str, now_ns: int) -> None:
+        """Finish with an error ``status`` (no result); timings say how long the frame was here."""
+        self.finish(
+            Outcome(
+                status,
+                message,
+                timings=Timings(
+                    receive_us=(self.complete_ns - self.received_ns) // 1000,
+                    total_us=(now_ns - self.received_ns) // 1000,
+                ),
+            )
+        )

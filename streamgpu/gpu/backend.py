@@ -1,35 +1,37 @@
-"""The device backend interface, and picking one by name (``auto``, ``cuda``, ``cpu``).
+"""The device backend interface, and building one from the config (``auto``, ``cuda``, ``cpu``).
 
-Everything above this interface (transports, ring, scheduler, replies) is the
-same for every backend. A backend owns host memory for the ring, turns a
-model module into a ``DeviceModel`` (blocking; called off the loop), and
-launches batches asynchronously: ``launch`` returns at once with a
-``BatchRun`` whose futures resolve on the loop.
+Everything above this interface (listeners, slots, scheduler, replies) is the
+same for every backend. A backend pins the host memory frames land in
+(``attach_host``), turns a model module into a ``DeviceModel`` (blocking;
+called off the loop), and launches batches asynchronously: ``launch`` returns
+at once with a ``BatchRun`` whose futures resolve on the loop.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import importlib
 import logging
 from dataclasses import dataclass
 
 import numpy as np
 from torch import nn
 
-from streamgpu.memory import PinnedRing, Slot
+from streamgpu.config import Config
+from streamgpu.errors import ConfigError, DeviceUnavailableError
+from streamgpu.gpu import BACKENDS
+from streamgpu.memory import Slot
 from streamgpu.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
-
-BACKENDS = ("auto", "cuda", "cpu")
 
 
 @dataclass(eq=False)
 class BatchRun:
     """One launched batch.
 
-    ``copied`` resolves once the frames' ring slots have been read (they may be
+    ``copied`` resolves once the frames' slots have been read (they may be
     released then); ``done`` resolves with the host results, one row per frame.
     ``service_s`` is set before ``done`` resolves: how long the device spent on
     the batch (pre-processing + model + results back), measured on the device.
@@ -53,21 +55,28 @@ class DeviceModel(abc.ABC):
 
 
 class Backend(abc.ABC):
-    """A place to run models: ``cuda`` (torch + cupy) or ``cpu``."""
+    """A place to run models, built with ``(loop, config)`` (see ``create_backend``)."""
 
     name: str
     device_name: str
 
     @abc.abstractmethod
-    def allocate_host(self, nbytes: int) -> np.ndarray:
-        """A 1-D uint8 host buffer for the ring (page-locked where that helps DMA)."""
+    def __init__(self, loop: asyncio.AbstractEventLoop, config: Config) -> None: ...
+
+    @abc.abstractmethod
+    def attach_host(self, buffer: np.ndarray) -> None:
+        """Use ``buffer`` (the 1-D uint8 host segment that slots address) for every launch.
+
+        The cuda backend page-locks it (cudaHostRegister) so the device reads it
+        directly. Blocking: call off the loop, once, before the first launch.
+        """
 
     @abc.abstractmethod
     def load(self, spec: ModelSpec, module: nn.Module) -> DeviceModel:
         """Place, convert and warm a model (graph capture included). Blocking: call off the loop."""
 
     @abc.abstractmethod
-    def launch(self, model: DeviceModel, ring: PinnedRing, slots: list[Slot], expected_s: float = 0.0) -> BatchRun:
+    def launch(self, model: DeviceModel, slots: list[Slot], expected_s: float = 0.0) -> BatchRun:
         """Start one batch over the frames in ``slots``; returns at once, never blocks the loop.
 
         ``expected_s`` is the scheduler's estimate of when the batch completes
@@ -76,7 +85,7 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None:
-        """Release the backend's threads and handles (pending futures are cancelled)."""
+        """Release the backend's threads, handles and host registration (pending futures are cancelled)."""
 
 
 def cuda_usable() -> bool:
@@ -93,24 +102,16 @@ def cuda_usable() -> bool:
         return False
 
 
-def create_backend(
-    name: str, loop: asyncio.AbstractEventLoop, device_index: int = 0, cuda_kernels: bool = True
-) -> Backend:
-    """The backend called ``name``; ``auto`` is cuda when a GPU is usable, else cpu.
-
-    ``cuda_kernels=False`` makes the cuda backend use per-frame copies and torch ops
-    instead of streamgpu's cupy kernels.
-    """
-    if name not in BACKENDS:
-        raise ValueError(f"device must be one of {BACKENDS}, got {name!r}")
+def create_backend(loop: asyncio.AbstractEventLoop, config: Config) -> Backend:
+    """The backend ``config.device`` names; ``auto`` is cuda when a GPU is usable, else cpu."""
+    name = config.device
     if name == "auto":
         name = "cuda" if cuda_usable() else "cpu"
-    if name == "cuda":
-        if not cuda_usable():
-            raise RuntimeError("device 'cuda' requested but no usable CUDA device was found (use --device cpu)")
-        from streamgpu.gpu.cuda import CudaBackend
-
-        return CudaBackend(loop, device_index, cuda_kernels)
-    from streamgpu.gpu.cpu import CpuBackend
-
-    return CpuBackend(loop)
+    elif name == "cuda" and not cuda_usable():
+        raise DeviceUnavailableError("device 'cuda' requested but no usable CUDA device was found (use --device cpu)")
+    try:
+        module, _, cls_name = BACKENDS[name].partition(":")
+    except KeyError:
+        raise ConfigError(f"device must be one of {['auto', *BACKENDS]}, got {name!r}") from None
+    cls: type[Backend] = getattr(importlib.import_module(module), cls_name)
+    return cls(loop, config)

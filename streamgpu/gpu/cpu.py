@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from streamgpu.config import Config
 from streamgpu.gpu.backend import Backend, BatchRun, DeviceModel
-from streamgpu.memory import PinnedRing, Slot
+from streamgpu.memory import Slot
 from streamgpu.models.preprocess import preprocess_torch
 from streamgpu.models.spec import ModelSpec
 
@@ -50,26 +51,28 @@ class CpuBackend(Backend):
     name = "cpu"
     device_name = "cpu"
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, config: Config) -> None:
         self._loop = loop
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamgpu-cpu")
         self._pending_copies: set[asyncio.Future[None]] = set()
+        self._host: np.ndarray | None = None
 
-    def allocate_host(self, nbytes: int) -> np.ndarray:
-        return np.zeros(nbytes, dtype=np.uint8)
+    def attach_host(self, buffer: np.ndarray) -> None:
+        self._host = buffer  # host memory is the device's: nothing to pin
 
     def load(self, spec: ModelSpec, module: nn.Module) -> CpuModel:
         model = CpuModel(spec, module)
         model.run(np.zeros((1, spec.frame_nbytes), np.uint8))  # warm up allocator and kernels before serving
         return model
 
-    def launch(self, model: DeviceModel, ring: PinnedRing, slots: list[Slot], expected_s: float = 0.0) -> BatchRun:
-        assert isinstance(model, CpuModel)
+    def launch(self, model: DeviceModel, slots: list[Slot], expected_s: float = 0.0) -> BatchRun:
+        assert isinstance(model, CpuModel) and self._host is not None
         loop = self._loop
         copied: asyncio.Future[None] = loop.create_future()
         self._pending_copies.add(copied)
         copied.add_done_callback(self._pending_copies.discard)
-        views = [ring.array(slot) for slot in slots]
+        host = self._host
+        views = [host[slot.offset : slot.offset + slot.nbytes] for slot in slots]
         # Created before the work is submitted: the worker may finish before submit() returns.
         run = BatchRun(len(slots), copied, loop.create_future())
 

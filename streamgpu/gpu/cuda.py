@@ -27,10 +27,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from streamgpu.config import Config
+from streamgpu.errors import DeviceUnavailableError
 from streamgpu.gpu import kernels
 from streamgpu.gpu.backend import Backend, BatchRun, DeviceModel
 from streamgpu.gpu.bridge import CompletionBridge
-from streamgpu.memory import PinnedRing, Slot
+from streamgpu.memory import Slot
 from streamgpu.models.preprocess import preprocess_torch
 from streamgpu.models.spec import ModelSpec
 
@@ -152,8 +154,13 @@ class CudaModel(DeviceModel):
 class CudaBackend(Backend):
     name = "cuda"
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, device_index: int = 0, use_kernels: bool = True) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, config: Config) -> None:
         self._loop = loop
+        device_index, use_kernels = config.device_index, config.cuda_kernels
+        if not 0 <= device_index < torch.cuda.device_count():
+            raise DeviceUnavailableError(
+                f"device_index {device_index} does not exist: this machine has {torch.cuda.device_count()} GPU(s)"
+            )
         self.device = torch.device("cuda", device_index)
         torch.cuda.set_device(self.device)
         self.device_name = f"cuda:{device_index} ({torch.cuda.get_device_name(self.device)})"
@@ -164,13 +171,17 @@ class CudaBackend(Backend):
         self.use_kernels = use_kernels and importlib.util.find_spec("cupy") is not None
         if use_kernels and not self.use_kernels:
             log.warning("cupy is not installed: one async copy per frame and torch pre-processing (slower)")
-        self._ring_tensors: dict[int, torch.Tensor] = {}  # numpy buffer address -> its pinned tensor
+        self._host: torch.Tensor | None = None  # the registered host segment, as a uint8 CPU tensor
 
-    def allocate_host(self, nbytes: int) -> np.ndarray:
-        tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        array = tensor.numpy()
-        self._ring_tensors[array.ctypes.data] = tensor  # keep the pinned tensor: copies slice it
-        return array
+    def attach_host(self, buffer: np.ndarray) -> None:
+        # Page-lock the segment in place (it is shared memory that ingest workers may map too) and
+        # map it into the device's address space, so the gather kernel reads slots directly.
+        cudart = torch.cuda.cudart()
+        flags = 1 | 2  # cudaHostRegisterPortable | cudaHostRegisterMapped
+        err = cudart.cudaHostRegister(buffer.ctypes.data, buffer.nbytes, flags)
+        if err != cudart.cudaError.success:
+            raise DeviceUnavailableError(f"cannot page-lock {buffer.nbytes} bytes of host memory for the GPU: {err}")
+        self._host = torch.from_numpy(buffer)
 
     def load(self, spec: ModelSpec, module: nn.Module) -> CudaModel:
         torch.cuda.set_device(self.device)  # this runs in the loader thread
@@ -197,11 +208,11 @@ class CudaBackend(Backend):
         model.result_buffers = ResultBuffers((spec.max_batch_size, *out_shape), _RESULT_BUFFERS)
         return model
 
-    def launch(self, model: DeviceModel, ring: PinnedRing, slots: list[Slot], expected_s: float = 0.0) -> BatchRun:
-        assert isinstance(model, CudaModel)
+    def launch(self, model: DeviceModel, slots: list[Slot], expected_s: float = 0.0) -> BatchRun:
+        assert isinstance(model, CudaModel) and self._host is not None
         spec = model.spec
         n = len(slots)
-        ring_t = self._ring_tensors[ring.buffer.ctypes.data]
+        ring_t = self._host
         nbytes = spec.frame_nbytes
         with torch.inference_mode():
             with torch.cuda.stream(self.copy_stream):
@@ -250,6 +261,11 @@ class CudaBackend(Backend):
 
     def close(self) -> None:
         self._bridge.close()
+        if self._host is not None:
+            # Batches still on the device may read the segment: let them finish before unregistering.
+            torch.cuda.synchronize(self.device)
+            torch.cuda.cudart().cudaHostUnregister(self._host.data_ptr())
+            self._host = None
 
 
 def _torch_dtype(dtype: np.dtype) -> torch.dtype:

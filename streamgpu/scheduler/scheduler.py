@@ -4,12 +4,18 @@ Frames enter with ``submit``; the scheduler decides which frames of a model
 form the next batch and when, and hands the batch to ``run_batch`` (the
 server's launch-and-reply coroutine). Its rules:
 
-* Admission: past the model's ``max_queue`` a frame is answered OVERLOADED at
-  once (the transport bounds each connection too, and the ring bounds bytes).
-* Order: higher priority first; within a priority, streams take turns
-  (round-robin), so one hot producer cannot starve the others.
-* Live streams: a LIVE frame supersedes every queued frame of its stream
-  (they are answered SUPERSEDED): a camera's stale frame is worthless.
+* Admission: a model queue holds at most ``max_queue`` frames. When it is
+  full, a frame from a producer holding less than its fair share
+  (``max_queue`` / producers with queued frames) still enters, and the newest
+  frame of the producer holding the most is answered OVERLOADED instead;
+  otherwise the new frame is. A quiet producer is never refused because of a
+  loud one. (Listeners bound each connection below ``max_queue``, and each
+  producer's ring bytes.)
+* Order: higher priority first; within a priority, producers take turns
+  (round-robin), so one hot producer cannot starve the others however many
+  stream ids it uses.
+* Live streams: a LIVE frame supersedes every queued frame of its stream,
+  LIVE or not (they are answered SUPERSEDED): a camera's stale frame is worthless.
 * Deadlines: a frame whose deadline passes while queued is answered
   DEADLINE_MISSED at that moment (a timer on the loop, so it fires while the
   GPU is busy with a long batch) and never runs.
@@ -42,12 +48,11 @@ from streamgpu.gpu.backend import DeviceModel
 from streamgpu.protocol.wire import Status
 from streamgpu.scheduler.latency import BatchLatency
 from streamgpu.scheduler.metrics import ModelMetrics
-from streamgpu.scheduler.queues import FairQueue, stream_key
+from streamgpu.scheduler.queues import FairQueue
 
-# run_batch(model, frames, expected_s): launch, free the slots once copied, answer every frame;
+# run_batch(model, frames, expected_s): launch, free the slots once copied, finish every frame;
 # returns the batch's service time as the device measured it (seconds), or None (failed).
 RunBatch = Callable[[DeviceModel, list[Frame], float], Awaitable[float | None]]
-Reject = Callable[[Frame, Status, str], None]
 
 # The completion bridge may sleep until this fraction of the expected completion time: a
 # batch faster than its estimate is then noticed late by at most a fifth of the estimate.
@@ -89,12 +94,10 @@ class Scheduler:
         self,
         loop: asyncio.AbstractEventLoop,
         run_batch: RunBatch,
-        reject: Reject,
         max_inflight_batches: int = 2,
     ) -> None:
         self._loop = loop
         self._run_batch = run_batch
-        self._reject = reject
         self._max_inflight = max_inflight_batches
         self._queues: dict[str, ModelQueue] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -107,27 +110,22 @@ class Scheduler:
     # -- frames ----------------------------------------------------------------
 
     def submit(self, frame: Frame) -> None:
-        """Queue a frame for its model (which the caller has checked exists), or answer it now."""
+        """Queue a frame for its model (which admission has checked exists), or finish it now."""
         queue = self._queues[frame.header.model]
-        spec = queue.spec
         if frame.live:
-            stale = queue.frames.stream_frames(stream_key(frame))
-            for old in stale:  # out of the queue first: answering releases slots, which wakes producers
+            stale = queue.frames.stream_frames(frame.producer, frame.stream)
+            for old in stale:  # out of the queue first: finishing releases slots, which wakes producers
                 queue.frames.remove(old)
                 queue.cancel_timer(old)
             for old in stale:
                 queue.metrics.superseded += 1
-                self._reject(old, Status.SUPERSEDED, "superseded by a newer frame of this live stream")
-        if len(queue.frames) >= spec.max_queue:
-            queue.metrics.rejected_overloaded += 1
-            self._reject(frame, Status.OVERLOADED, f"model {spec.name!r} queue is full ({spec.max_queue} frames)")
-            return
-        if not frame.deadline_ns and spec.default_deadline_ms:
-            frame.deadline_ns = frame.received_ns + int(spec.default_deadline_ms * 1e6)
+                _fail(old, Status.SUPERSEDED, "superseded by a newer frame of this live stream")
         now_ns = time.perf_counter_ns()
         if frame.deadline_ns and frame.deadline_ns <= now_ns:
             queue.metrics.deadline_missed += 1
-            self._reject(frame, Status.DEADLINE_MISSED, "deadline passed before the frame was queued")
+            _fail(frame, Status.DEADLINE_MISSED, "deadline passed before the frame was queued")
+            return
+        if len(queue.frames) >= queue.spec.max_queue and not self._make_room(queue, frame):
             return
         queue.metrics.accepted += 1
         queue.frames.push(frame)
@@ -138,10 +136,25 @@ class Scheduler:
             queue.latest_start = min(queue.latest_start, self._start_by(queue, frame.deadline_ns))
         self._dispatch(queue)
 
+    def _make_room(self, queue: ModelQueue, frame: Frame) -> bool:
+        """The queue is full: refuse the loudest producer's newest frame if ``frame``'s producer holds less
+        than its fair share (True: there is room now), else refuse ``frame`` (False)."""
+        spec, frames = queue.spec, queue.frames
+        producers = frames.producers + (frames.queued_by(frame.producer) == 0)
+        full = f"model {spec.name!r} queue is full ({spec.max_queue} frames)"
+        queue.metrics.rejected_overloaded += 1
+        loudest = frames.loudest()
+        if frames.queued_by(frame.producer) * producers < spec.max_queue and loudest is not None:
+            self._drop(queue, frames.newest_of(loudest), Status.OVERLOADED, f"{full}; your share is "
+                       f"{spec.max_queue // producers} frames while others wait")  # fmt: skip
+            return True
+        _fail(frame, Status.OVERLOADED, f"{full}; your share is {spec.max_queue // producers} frames")
+        return False
+
     def _drop(self, queue: ModelQueue, frame: Frame, status: Status, message: str) -> None:
         queue.frames.remove(frame)
         queue.cancel_timer(frame)
-        self._reject(frame, status, message)
+        _fail(frame, status, message)
 
     def _expire(self, queue: ModelQueue, frame: Frame) -> None:
         queue.deadline_timers.pop(frame, None)
@@ -165,9 +178,9 @@ class Scheduler:
             batch, abandoned = self._take(queue, self._batch_size(queue, now))
             if batch:
                 self._launch(queue, batch, now)
-            for frame in abandoned:  # after the launch is counted: answering frees slots, waking producers
+            for frame in abandoned:  # after the launch is counted: finishing frees slots, waking producers
                 queue.metrics.abandoned += 1
-                self._reject(frame, Status.SHUTTING_DOWN, "producer disconnected")
+                _fail(frame, Status.SHUTTING_DOWN, "producer disconnected")
 
     def _batch_size(self, queue: ModelQueue, now: float) -> int:
         spec = queue.spec
@@ -264,7 +277,7 @@ class Scheduler:
         return out
 
     def reject_queued(self, status: Status, message: str) -> None:
-        """Answer every queued (not yet launched) frame with ``status``."""
+        """Finish every queued (not yet launched) frame with ``status``."""
         for queue in self._queues.values():
             for frame in list(queue.frames):
                 self._drop(queue, frame, status, message)
@@ -279,3 +292,7 @@ class Scheduler:
                 await asyncio.wait(set(self._tasks))
             else:
                 await asyncio.sleep(0.001)
+
+
+def _fail(frame: Frame, status: Status, message: str) -> None:
+    frame.fail(status, message, time.perf_counter_ns())

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from streamgpu.frame import Frame
+from streamgpu.frame import Frame, Outcome
 from streamgpu.gpu.backend import DeviceModel
 from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol.wire import FrameFlags, FrameHeader, Status
@@ -26,6 +26,16 @@ class FakeModel(DeviceModel):
         return self.spec.name
 
 
+class FakeProducer:
+    """Stands in for ``ingest.admission.Producer``: the scheduler only hashes it and finishes frames."""
+
+    def release(self, slot: object) -> None:
+        pass
+
+    def frame_finished(self) -> None:
+        pass
+
+
 @dataclass
 class Harness:
     """A scheduler whose batches take ``latency(model, size)`` seconds; records everything."""
@@ -36,10 +46,11 @@ class Harness:
     done: list[int] = field(default_factory=list)
     expected: list[float] = field(default_factory=list)
     scheduler: Scheduler | None = None
+    producers: dict[int, FakeProducer] = field(default_factory=dict)
 
     def start(self, *specs: ModelSpec, max_inflight: int = 1) -> Scheduler:
         self.t0 = time.perf_counter()
-        self.scheduler = Scheduler(asyncio.get_running_loop(), self.run_batch, self.reject, max_inflight)
+        self.scheduler = Scheduler(asyncio.get_running_loop(), self.run_batch, max_inflight)
         for spec in specs:
             self.scheduler.add_model(FakeModel(spec))
         return self.scheduler
@@ -50,10 +61,13 @@ class Harness:
         seconds = self.latency(model.spec.name, len(frames))
         await asyncio.sleep(seconds)
         self.done.extend(f.header.sequence for f in frames)
+        for frame in frames:
+            frame.finish(Outcome(Status.OK))
         return seconds  # what the device would have measured
 
-    def reject(self, frame: Frame, status: Status, message: str) -> None:
-        self.rejected.append((frame.header.sequence, status, time.perf_counter() - self.t0))
+    def sink(self, frame: Frame, outcome: Outcome) -> None:
+        if not outcome.ok:
+            self.rejected.append((frame.header.sequence, outcome.status, time.perf_counter() - self.t0))
 
     def submit(
         self, seq: int, model: str = "m", stream: int = 0, producer: int = 1, priority: int = 0,
@@ -63,9 +77,10 @@ class Harness:
         header = FrameHeader(
             stream, seq, model, 1, (1,), 1, priority=priority, flags=FrameFlags.LIVE if live else FrameFlags.NONE
         )
+        owner = self.producers.setdefault(producer, FakeProducer())
         frame = Frame(
-            header, None, now, now, int(now + deadline_s * 1e9) if deadline_s else 0,
-            reply_sink=lambda f, h, p: None, producer=producer,
+            header, None, owner, (producer, stream), now, now,  # type: ignore[arg-type]
+            int(now + deadline_s * 1e9) if deadline_s else 0, sink=self.sink,
         )  # fmt: skip
         assert self.scheduler is not None
         self.scheduler.submit(frame)
@@ -162,8 +177,8 @@ async def test_deadline_fires_while_the_gpu_is_busy_and_the_frame_never_runs() -
 @pytest.mark.asyncio
 async def test_already_expired_frames_are_answered_at_once() -> None:
     h = Harness()
-    h.start(spec(default_deadline_ms=10))
-    frame = h.submit(0, age_s=0.02)  # spent 20 ms in the network stack before being queued
+    h.start(spec())
+    frame = h.submit(0, deadline_s=0.01, age_s=0.02)  # spent 20 ms waiting for ring space before being queued
     assert frame.deadline_ns and [(s, st) for s, st, _ in h.rejected] == [(0, Status.DEADLINE_MISSED)]
     await h.settle()
     assert h.done == []
@@ -183,7 +198,7 @@ async def test_high_priority_overtakes_queued_low_priority() -> None:
 
 
 @pytest.mark.asyncio
-async def test_streams_take_turns_so_a_hot_producer_cannot_starve_others() -> None:
+async def test_producers_take_turns_so_a_hot_producer_cannot_starve_others() -> None:
     h = Harness(latency=lambda m, n: 0.03)
     h.start(spec(max_batch_size=4))
     h.submit(0, producer=1)
@@ -194,6 +209,43 @@ async def test_streams_take_turns_so_a_hot_producer_cannot_starve_others() -> No
     h.submit(201, producer=2)
     await h.settle()
     assert h.batches[1][1] == [100, 200, 101, 201]
+
+
+@pytest.mark.asyncio
+async def test_cycling_stream_ids_buys_no_larger_share() -> None:
+    """Regression: turns were per (producer, stream), so a producer cycling 15 stream ids took 15 of 16
+    places in every batch from a one-stream camera. Turns are per producer now."""
+    h = Harness(latency=lambda m, n: 0.03)
+    h.start(spec(max_batch_size=8))
+    h.submit(0, producer=1)
+    await asyncio.sleep(0)
+    for i in range(100, 160):
+        h.submit(i, producer=1, stream=i % 15)  # one producer, 15 streams
+    for i in range(200, 210):
+        h.submit(i, producer=2)  # a camera: one stream
+    await h.settle()
+    camera = sum(1 for seq in h.batches[1][1] if seq >= 200)
+    assert camera == 4, h.batches[1][1]  # half of the batch, not 1 of 16
+
+
+@pytest.mark.asyncio
+async def test_a_quiet_producer_is_never_refused_because_of_a_loud_one() -> None:
+    """Regression: when a loud producer filled the model queue, a light producer's frames were answered
+    OVERLOADED (59 % of them in the report). Now the loudest producer's newest frame makes room."""
+    h = Harness(latency=lambda m, n: 0.05)
+    h.start(spec(max_queue=8, max_batch_size=1))
+    h.submit(0, producer=1)
+    await asyncio.sleep(0)
+    for i in range(1, 12):
+        h.submit(i, producer=1)  # fills the queue (8), then refused: 9, 10, 11
+    assert [s for s, _, _ in h.rejected] == [9, 10, 11]
+    for i in range(100, 104):
+        h.submit(i, producer=2)  # each pushes out the loud producer's newest queued frame
+    assert [s for s, _, _ in h.rejected] == [9, 10, 11, 8, 7, 6, 5]
+    h.submit(104, producer=2)  # at its fair share (8 / 2 producers): refused itself
+    assert h.rejected[-1][:2] == (104, Status.OVERLOADED)
+    await h.settle()
+    assert sorted(s for s in h.done if s >= 100) == [100, 101, 102, 103]
 
 
 @pytest.mark.asyncio

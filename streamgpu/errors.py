@@ -1,0 +1,26 @@
+"""One exception hierarchy for everything streamgpu raises on purpose.
+
+Each class mixes in the built-in exception a caller would naturally catch
+(``ValueError`` for bad settings, ``RuntimeError`` for a model or a device
+that cannot be used), as asyncpg's ``exceptions/_base.py`` does, so code
+that catches the built-in keeps working and code that wants only streamgpu's
+errors catches ``StreamgpuError``. Pure: no torch, no asyncio.
+"""
+
+from __future__ import annotations
+
+
+class StreamgpuError(Exception):
+    """Base of every error streamgpu raises on purpose; the message says what to fix."""
+
+
+class ConfigError(StreamgpuError, ValueError):
+    """A setting is missing, unknown or out of range; the message names it and says how to fix it."""
+
+
+class ModelLoadError(StreamgpuError, RuntimeError):
+    """A configured model could not be loaded; the message says which, from where, and why."""
+
+
+class DeviceUnavailableError(StreamgpuError, RuntimeError):
+    """The configured device (e.g. ``cuda``) cannot be used on this machine."""

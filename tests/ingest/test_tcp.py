@@ -1,0 +1,513 @@
+"""TcpConnection fed through a fake transport: every split of the byte stream, every bad input,
+and the flow-control rules that keep one producer from stalling another."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import numpy as np
+import pytest
+
+from streamgpu.config import Config, ListenerSpec, TokenSpec
+from streamgpu.frame import Frame, Outcome
+from streamgpu.ingest.admission import Admission
+from streamgpu.ingest.tcp import HELLO_BYTES, TcpConnection, TcpListener
+from streamgpu.memory import SlotPool
+from streamgpu.models.spec import ModelSpec
+from streamgpu.protocol import wire
+from streamgpu.protocol.wire import FrameFlags, FrameHeader, ReplyFlags, ReplyHeader, Status
+
+SMALL = ModelSpec(name="small", input_shape=(4, 4, 3))  # 48-byte frames: read in bulk
+LARGE = ModelSpec(
+    name="large", input_shape=(50, 100, 4), preprocess="none"
+)  # 20000-byte frames: read straight into the slot
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.written = bytearray()
+        self.closed = False
+        self.paused = False
+        self.pause_calls = 0
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def writelines(self, parts: list[bytes | memoryview]) -> None:
+        for p in parts:
+            self.written += p
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        self.paused = True
+        self.pause_calls += 1
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+
+class FakeRouter:
+    def __init__(self, ring_bytes: int = 1 << 20, token: str = "", max_frames: int = 1000) -> None:
+        self.ring = PinnedRing(np.zeros(ring_bytes, np.uint8))
+        self.max_payload = 1 << 16
+        self.token = token
+        self.accepting = True
+        self.max_frames_per_connection = max_frames
+        self.frames: list[tuple[Frame, bytes]] = []
+        self.specs = {SMALL.name: SMALL, LARGE.name: LARGE}
+        self.opened = self.closed = 0
+
+    def model_spec(self, name: str) -> ModelSpec | None:
+        return self.specs.get(name)
+
+    def submit(self, frame: Frame) -> None:
+        assert frame.slot is not None
+        self.frames.append((frame, self.ring.array(frame.slot).tobytes()))
+
+    def frame_done(self) -> None:
+        pass
+
+    def connection_opened(self, conn: TcpIngest) -> None:
+        self.opened += 1
+
+    def connection_closed(self, conn: TcpIngest) -> None:
+        self.closed += 1
+
+
+class Harness:
+    """A real Admission over a real SlotPool and a TcpListener that is never bound; frames are collected."""
+
+    def __init__(self, ring_bytes: int = 1 << 20, **config: Any) -> None:
+        config.setdefault("max_payload_bytes", min(1 << 16, ring_bytes - 256))
+        self.config = Config(ring_bytes=ring_bytes, models=[SMALL, LARGE], **config)
+        self.pool = SlotPool(np.zeros(ring_bytes, np.uint8))
+        self.frames: list[tuple[Frame, bytes]] = []
+        self.admission = Admission(self.config, self.pool, {SMALL.name: SMALL, LARGE.name: LARGE}, self._submit)
+        self.listener = TcpListener(ListenerSpec(port=0), self.admission)
+
+    def _submit(self, frame: Frame) -> None:
+        assert frame.slot is not None
+        self.frames.append((frame, self.pool.array(frame.slot).tobytes()))
+
+    def connect(self) -> tuple[TcpConnection, FakeTransport]:
+        conn = TcpConnection(self.listener)
+        transport = FakeTransport()
+        conn.connection_made(transport)  # type: ignore[arg-type]
+        return conn, transport
+
+    @property
+    def ring(self) -> SlotPool:
+        return self.pool
+
+
+def make(harness: Harness | None = None) -> tuple[TcpConnection, FakeTransport, Harness]:
+    harness = harness or Harness()
+    conn, transport = harness.connect()
+    return conn, transport, harness
+
+
+def feed(conn: TcpConnection, data: bytes, transport: FakeTransport | None = None) -> None:
+    """Deliver ``data`` as the loop would: into whatever buffers get_buffer hands out."""
+    pos = 0
+    while pos < len(data):
+        if transport is not None and transport.paused:
+            raise AssertionError("fed data while reading is paused")
+        buf = conn.get_buffer(-1)
+        assert len(buf) > 0, "get_buffer returned an empty buffer (fatal for the transport)"
+        n = min(len(buf), len(data) - pos)
+        buf[:n] = data[pos : pos + n]
+        conn.buffer_updated(n)
+        pos += n
+
+
+def hello(token: str = "") -> bytes:
+    return wire.encode_hello(wire.Hello(token=token))
+
+
+def frame(spec: ModelSpec, seq: int, stream: int = 0, payload: bytes | None = None, **kw: Any) -> bytes:
+    if payload is None:
+        payload = np.random.default_rng(seq).integers(0, 256, spec.frame_nbytes, dtype=np.uint8).tobytes()
+    fields: dict[str, Any] = dict(
+        stream_id=stream, sequence=seq, model=spec.name, dtype_code=spec.frame_dtype_code,
+        shape=spec.input_shape, payload_len=len(payload),
+    )  # fmt: skip
+    fields.update(kw)
+    return wire.encode_frame_header(FrameHeader(**fields)) + payload
+
+
+def replies(transport: FakeTransport, skip_welcome: bool = True) -> list[ReplyHeader]:
+    buf = bytes(transport.written)
+    if skip_welcome:
+        welcome = wire.decode_welcome(buf)
+        assert welcome is not None
+        buf = buf[welcome[1] :]
+    out = []
+    while buf:
+        parsed = wire.decode_reply(buf)
+        assert parsed is not None, "truncated reply"
+        out.append(parsed[0])
+        buf = buf[parsed[2] :]
+    return out
+
+
+def answer(frame: Frame) -> None:
+    frame.finish(Outcome(Status.OK))
+
+
+STREAM = (
+    hello() + frame(SMALL, 0) + frame(LARGE, 1, stream=2) + frame(SMALL, 2, flags=FrameFlags.LIVE) + frame(LARGE, 3)
+)
+
+
+def expected_frames() -> list[tuple[int, int, bytes]]:
+    conn, _, harness = make()
+    feed(conn, STREAM)
+    return [(f.header.sequence, f.header.stream_id, payload) for f, payload in harness.frames]
+
+
+def test_whole_stream_parses() -> None:
+    got = expected_frames()
+    assert [g[0] for g in got] == [0, 1, 2, 3]
+    assert got[1][1] == 2
+    assert got[1][2] == np.random.default_rng(1).integers(0, 256, LARGE.frame_nbytes, dtype=np.uint8).tobytes()
+
+
+def test_every_two_way_split_parses_the_same() -> None:
+    want = expected_frames()
+    for cut in range(1, len(STREAM)):
+        conn, transport, harness = make()
+        feed(conn, STREAM[:cut])
+        feed(conn, STREAM[cut:])
+        got = [(f.header.sequence, f.header.stream_id, p) for f, p in harness.frames]
+        assert got == want, f"split at {cut}"
+        assert not transport.closed
+
+
+def test_random_many_way_splits_and_byte_at_a_time() -> None:
+    want = expected_frames()
+    rng = random.Random(7)
+    for _ in range(50):
+        cuts = sorted(rng.sample(range(1, len(STREAM)), 20))
+        conn, _, harness = make()
+        for a, b in zip([0, *cuts], [*cuts, len(STREAM)], strict=True):
+            feed(conn, STREAM[a:b])
+        assert [(f.header.sequence, f.header.stream_id, p) for f, p in harness.frames] == want
+    conn, _, harness = make()
+    for i in range(len(STREAM)):
+        feed(conn, STREAM[i : i + 1])
+    assert [(f.header.sequence, f.header.stream_id, p) for f, p in harness.frames] == want
+
+
+def test_large_payload_lands_in_the_slot_without_passing_through_scratch() -> None:
+    conn, _, harness = make()
+    feed(conn, hello() + frame(LARGE, 0))
+    whole = frame(LARGE, 1)
+    header_len = wire.frame_header_length(whole)
+    assert header_len is not None
+    # After a large payload, the next reads ask for exactly one header...
+    buf = conn.get_buffer(-1)
+    assert len(buf) == wire.FRAME_HEADER_SIZE
+    buf[:] = whole[: len(buf)]
+    conn.buffer_updated(len(buf))
+    buf = conn.get_buffer(-1)
+    assert len(buf) == header_len - wire.FRAME_HEADER_SIZE
+    buf[:] = whole[wire.FRAME_HEADER_SIZE : header_len]
+    conn.buffer_updated(len(buf))
+    # ...and then the kernel is handed the ring slot itself.
+    slot_view = conn.get_buffer(-1)
+    assert len(slot_view) == LARGE.frame_nbytes
+    assert np.shares_memory(np.frombuffer(slot_view, np.uint8), harness.ring.buffer)
+
+
+def test_replies_leave_in_arrival_order_per_stream() -> None:
+    conn, transport, harness = make()
+    feed(conn, hello() + frame(SMALL, 10) + frame(SMALL, 11) + frame(SMALL, 5, stream=1))
+    (f10, _), (f11, _), (f5, _) = harness.frames
+    answer(f11)
+    assert replies(transport) == []  # 11 waits for 10
+    answer(f5)
+    assert [r.sequence for r in replies(transport)] == [5]  # another stream is not held back
+    answer(f10)
+    assert [r.sequence for r in replies(transport)] == [5, 10, 11]
+
+
+@pytest.mark.parametrize(
+    ("bad", "status"),
+    [
+        (frame(SMALL, 1, payload=b"x" * 47), Status.BAD_FRAME),  # shape needs 48 bytes
+        (frame(SMALL, 1, dtype_code=8), Status.BAD_FRAME),  # float32 of shape 4x4x3 is 192 bytes, says 48
+        (frame(SMALL, 1, dtype_code=99), Status.BAD_FRAME),  # unknown dtype
+        (frame(SMALL, 1, model="nope"), Status.UNKNOWN_MODEL),
+        (frame(SMALL, 1, shape=(3, 4, 4)), Status.BAD_FRAME),  # right size, wrong shape for the model
+        (frame(SMALL, 1, shape=(1 << 17,), payload=b"\0" * (1 << 17)), Status.TOO_LARGE),
+    ],
+)
+def test_bad_frame_costs_only_that_frame(bad: bytes, status: Status) -> None:
+    conn, transport, harness = make()
+    feed(conn, hello() + frame(SMALL, 0) + bad + frame(SMALL, 2))
+    assert [f.header.sequence for f, _ in harness.frames] == [0, 2]
+    assert harness.ring.slots_in_use == 2  # the bad frame never took a slot
+    for f, _ in harness.frames:
+        answer(f)
+    got = replies(transport)
+    assert [(r.sequence, r.status) for r in got] == [(0, Status.OK), (1, status), (2, Status.OK)]
+    assert got[1].message
+    assert not transport.closed
+    assert harness.ring.slots_in_use == 0
+
+
+@pytest.mark.parametrize(
+    ("bad", "status"),
+    [
+        (b"GARBAGE!" * 10, Status.BAD_FRAME),
+        (b"SGFR\x02" + b"\0" * 60, Status.UNSUPPORTED_VERSION),
+        (frame(SMALL, 1)[:6] + b"\x09" + frame(SMALL, 1)[7:], Status.BAD_FRAME),  # ndim 9
+    ],
+)
+def test_lost_framing_answers_stream_zero_and_closes(bad: bytes, status: Status) -> None:
+    conn, transport, harness = make()
+    feed(conn, hello() + frame(SMALL, 0) + bad)
+    assert transport.closed
+    ((f0, _),) = harness.frames
+    got = replies(transport)
+    assert (got[-1].stream_id, got[-1].sequence, got[-1].status) == (0, 0, status)
+    conn.connection_lost(None)
+    answer(f0)  # a reply after the producer left goes nowhere, without error
+
+
+def test_random_garbage_never_raises() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        conn, _transport, harness = make()
+        feed(conn, hello() + rng.integers(0, 256, int(rng.integers(1, 400)), dtype=np.uint8).tobytes())
+        conn.connection_lost(None)
+        assert harness.ring.slots_in_use == 0
+
+
+def test_truncated_frame_then_disconnect_frees_the_slot() -> None:
+    conn, _transport, harness = make()
+    feed(conn, hello() + frame(LARGE, 0)[:5000])
+    assert harness.ring.slots_in_use == 1
+    conn.connection_lost(None)
+    assert harness.ring.slots_in_use == 0 and harness.frames == [] and harness.admission.connections == 0
+
+
+@pytest.mark.parametrize(
+    ("greeting", "status", "token"),
+    [
+        (hello("wrong"), Status.UNAUTHORIZED, "secret"),
+        (wire.encode_hello(wire.Hello(version=3)), Status.UNSUPPORTED_VERSION, ""),
+        (b"HELO" + b"\0" * 8, Status.BAD_FRAME, ""),
+    ],
+)
+def test_bad_hello_is_refused(greeting: bytes, status: Status, token: str) -> None:
+    conn, transport, _ = make(Harness(auth_token=token))
+    feed(conn, greeting)
+    parsed = wire.decode_welcome(bytes(transport.written))
+    assert parsed is not None and parsed[0].status == status and parsed[0].message
+    assert transport.closed
+
+
+def test_good_token_is_welcome_and_v2_announces_the_limits() -> None:
+    conn, transport, harness = make(Harness(auth_token="secret", max_frames_per_connection=100))
+    feed(conn, hello("secret") + frame(SMALL, 0))
+    parsed = wire.decode_welcome(bytes(transport.written))
+    assert parsed is not None and parsed[0].status == Status.OK
+    limits = parsed[0].limits
+    assert limits is not None and limits.max_frames_in_flight == 100
+    assert limits.max_producer_bytes == harness.config.producer_ring_bytes and limits.max_priority == 255
+    assert len(harness.frames) == 1
+
+
+def test_v1_clients_get_v1_welcome_and_v1_statuses() -> None:
+    conn, transport, _harness = make(Harness(receive_timeout_s=1.0))
+    feed(conn, wire.encode_hello(wire.Hello(version=1)) + frame(LARGE, 0)[:100])
+    conn.sweep(1e12)  # long past the payload budget
+    welcome = wire.decode_welcome(bytes(transport.written))
+    assert welcome is not None and welcome[0].version == 1 and welcome[0].limits is None
+    (reply,) = replies(transport)
+    assert reply.status == Status.BAD_FRAME and reply.flags & ReplyFlags.CONNECTION  # RECEIVE_TIMEOUT in v2
+
+
+def test_full_ring_pauses_reading_and_resumes_when_a_slot_frees() -> None:
+    harness = Harness(ring_bytes=LARGE.frame_nbytes + 256, max_producer_ring_bytes=LARGE.frame_nbytes + 256)
+    conn, transport, _ = make(harness)
+    other, _ = harness.connect()
+    feed(other, hello() + frame(LARGE, 9))  # another producer holds the only room
+    feed(conn, hello() + frame(LARGE, 0)[:100], transport)
+    assert transport.paused and harness.ring.waiters == 1
+    held, _ = harness.frames[0]
+    held.release_slot()  # its copy completed
+    assert not transport.paused
+    feed(conn, frame(LARGE, 0)[100:], transport)
+    assert [f.header.sequence for f, _ in harness.frames] == [9, 0]
+    assert harness.frames[1][1] == frame(LARGE, 0)[-LARGE.frame_nbytes :]
+
+
+def test_per_connection_bound_is_flow_control_not_overloaded() -> None:
+    conn, transport, harness = make(Harness(max_frames_per_connection=2))
+    feed(conn, hello() + b"".join(frame(SMALL, i) for i in range(4)))
+    assert len(harness.frames) == 2 and transport.paused  # frames 2 and 3 wait in scratch, nothing reserved
+    assert harness.ring.slots_in_use == 2
+    for f, _ in list(harness.frames):
+        answer(f)
+    assert [f.header.sequence for f, _ in harness.frames] == [0, 1, 2, 3]
+    for f, _ in harness.frames[2:]:
+        answer(f)
+    assert not transport.paused
+    assert [(r.sequence, r.status) for r in replies(transport)] == [(i, Status.OK) for i in range(4)]
+
+
+def test_shutdown_answers_the_half_received_frame() -> None:
+    conn, transport, harness = make()
+    feed(conn, hello() + frame(LARGE, 0)[:3000])
+    conn.stop_reading()
+    assert transport.paused and harness.ring.slots_in_use == 0
+    assert [(r.sequence, r.status) for r in replies(transport)] == [(0, Status.SHUTTING_DOWN)]
+
+
+def test_answers_held_back_behind_a_slow_frame_are_bounded() -> None:
+    conn, transport, harness = make(Harness(max_frames_per_connection=4))
+    feed(conn, hello() + frame(SMALL, 0), transport)  # in the server, unanswered
+    bad = frame(SMALL, 1, model="nope")
+    fed = 0
+    while not transport.paused:
+        feed(conn, bad, transport)  # answered at once, but held behind frame 0 of the same stream
+        fed += 1
+        assert fed < 10, "reading never paused"
+    assert fed == 3 and replies(transport) == []  # 4 tickets held: the per-connection bound
+    answer(harness.frames[0][0])
+    assert not transport.paused and len(replies(transport)) == 4
+
+
+# -- regressions: one producer must never stall another (issue 8) ---------------------------------
+
+
+def test_not_reading_replies_never_pauses_mid_payload_or_reserves_for_the_next_frame() -> None:
+    """Regression (defect 3): the server paused a connection that held a reserved slot (write buffer
+    full) and then dropped it as stalled. Flow control now waits for the frame boundary, and checks
+    the bounds before reserving anything for the next frame."""
+    conn, transport, harness = make()
+    whole = frame(LARGE, 0)
+    feed(conn, hello() + whole[:5000], transport)
+    conn.pause_writing()  # the producer stopped reading its replies, mid-payload
+    assert not transport.paused  # the rest of this payload is still read...
+    feed(conn, whole[5000:], transport)
+    assert transport.paused and [f.header.sequence for f, _ in harness.frames] == [0]
+    assert harness.ring.slots_in_use == 1  # ...and nothing is reserved for frame 1 while paused
+    conn.sweep(1e12)  # no payload is due: the paused producer did nothing wrong and is not dropped
+    assert not transport.closed
+    conn.resume_writing()
+    assert not transport.paused
+    feed(conn, frame(LARGE, 1), transport)
+    assert [f.header.sequence for f, _ in harness.frames] == [0, 1]
+
+
+def test_a_trickling_payload_is_dropped_when_its_budget_is_spent() -> None:
+    """Regression (defect 2): "no progress for receive_timeout_s" was beaten by one byte per timeout.
+    A payload now has an absolute budget: receive_timeout_s + payload_len / min_receive_rate."""
+    conn, transport, harness = make(Harness(receive_timeout_s=1.0, min_receive_rate=100_000))
+    feed(conn, hello() + frame(LARGE, 0)[:200], transport)
+    start = conn._due - (1.0 + LARGE.frame_nbytes / 100_000)  # when the slot was reserved
+    for step in range(1, 14):  # one byte every 0.1 s: progress all the time
+        feed(conn, b"\0", transport)
+        conn.sweep(start + 0.1 * step)
+    assert transport.closed  # dropped at 1.2 s, its budget
+    (reply,) = replies(transport)
+    assert reply.status == Status.RECEIVE_TIMEOUT and reply.flags & ReplyFlags.CONNECTION
+    assert "did not arrive within 1.2 s" in reply.message
+    assert harness.ring.slots_in_use == 0
+
+
+@pytest.mark.asyncio
+async def test_a_large_frame_is_not_overtaken_and_its_deadline_runs_while_it_waits() -> None:
+    """Regression (defect 4): a 48 KB frame starved for 6 s while small frames flowed, and its deadline
+    was ignored. Waiters are served in order, and a frame's deadline runs from its header."""
+    ring = 2 * 20224  # two large slots (20000 bytes rounded to 256), nothing left over
+    harness = Harness(ring_bytes=ring, max_producer_ring_bytes=ring)
+    hog, _ = harness.connect()
+    feed(hog, hello() + frame(LARGE, 0) + frame(LARGE, 1))  # the ring is (nearly) full
+    big, big_t = harness.connect()
+    feed(big, hello() + frame(LARGE, 7)[:100], big_t)
+    assert big_t.paused
+    small, small_t = harness.connect()
+    feed(small, hello() + frame(SMALL, 0)[:70], small_t)
+    assert small_t.paused  # does not overtake the large frame waiting at the head
+    harness.frames[0][0].release_slot()
+    await asyncio.sleep(0)
+    assert not big_t.paused and small_t.paused  # the head goes first...
+    feed(big, frame(LARGE, 7)[100:], big_t)
+    harness.frames[1][0].release_slot()
+    await asyncio.sleep(0)
+    assert not small_t.paused  # ...then the next in line
+    late, late_t = harness.connect()
+    feed(late, hello() + frame(LARGE, 3, deadline_us=30_000)[:100], late_t)
+    assert late_t.paused
+    await asyncio.sleep(0.06)
+    assert [(r.sequence, r.status) for r in replies(late_t)] == [(3, Status.DEADLINE_MISSED)]
+    assert not late_t.paused  # reading resumed, to skip its payload
+    feed(late, frame(LARGE, 3)[100:] + frame(SMALL, 4), late_t)
+    assert harness.frames[-1][0].header.sequence == 4 and harness.ring.waiters == 0
+
+
+def test_no_buffer_before_the_handshake_and_a_hello_timeout() -> None:
+    """Regression (defect 6): 1500 connections that never sent HELLO held ~98 MiB and stayed open."""
+    conn, transport, harness = make(Harness(hello_timeout_s=5.0))
+    assert len(conn.get_buffer(-1)) <= HELLO_BYTES
+    conn.sweep(conn._due - 1)
+    assert not transport.closed
+    conn.sweep(conn._due + 0.01)
+    welcome = wire.decode_welcome(bytes(transport.written))
+    assert transport.closed and welcome is not None and welcome[0].status == Status.BAD_FRAME
+    assert "no HELLO within 5 s" in welcome[0].message
+
+
+def test_connections_past_the_cap_are_refused_at_once() -> None:
+    harness = Harness(max_connections=2)
+    conns = [harness.connect() for _ in range(3)]
+    welcome = wire.decode_welcome(bytes(conns[2][1].written))
+    assert welcome is not None and welcome[0].status == Status.OVERLOADED and conns[2][1].closed
+    assert harness.admission.connections == 2
+    conns[0][0].connection_lost(None)
+    conns[2][0].connection_lost(None)  # a refused connection does not uncount another
+    assert harness.admission.connections == 1
+    assert not harness.connect()[1].closed
+
+
+def test_priorities_above_the_ceiling_need_a_token_that_allows_them() -> None:
+    harness = Harness(max_priority=10, tokens={"ops": TokenSpec("ops-secret", max_priority=200)})
+    anon, anon_t = harness.connect()
+    feed(anon, hello() + frame(SMALL, 0, priority=50) + frame(SMALL, 1, priority=10))
+    welcome = wire.decode_welcome(bytes(anon_t.written))
+    assert welcome is not None and welcome[0].status == Status.UNAUTHORIZED  # named tokens: a token is needed
+    ops, ops_t = harness.connect()
+    feed(ops, hello("ops-secret") + frame(SMALL, 0, priority=50) + frame(SMALL, 1, stream=1, priority=250))
+    assert [f.header.sequence for f, _ in harness.frames] == [0]
+    assert [(r.sequence, r.status) for r in replies(ops_t)] == [(1, Status.UNAUTHORIZED)]
+
+
+def test_connections_of_one_token_share_one_producer() -> None:
+    harness = Harness(tokens={"fleet": TokenSpec("fleet-secret")})
+    a, _ = harness.connect()
+    b, _ = harness.connect()
+    feed(a, hello("fleet-secret") + frame(SMALL, 0))
+    feed(b, hello("fleet-secret") + frame(SMALL, 1))
+    (fa, _), (fb, _) = harness.frames
+    assert fa.producer is fb.producer and fa.producer.frames_in_server == 2
+    assert fa.stream != fb.stream  # streams stay per connection
