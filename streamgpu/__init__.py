@@ -18,7 +18,7 @@ _EXPORTS = {
     "connect": "streamgpu.client",
     "connect_sync": "streamgpu.client",
 }
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = ["Config", "Server", "__version__", "connect", "connect_sync", "run"]
 
 if TYPE_CHECKING:
     from streamgpu.client import connect, connect_sync

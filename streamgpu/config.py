@@ -96,8 +96,10 @@ class Config:
                 f"max_payload_bytes must be 1..ring_bytes - {ALIGNMENT} ({largest}), got {self.max_payload_bytes}"
             )
         if not 0 <= self.max_producer_ring_bytes <= self.ring_bytes:
-            problems.append(f"max_producer_ring_bytes must be 0 (a quarter of ring_bytes) .. ring_bytes, "
-                            f"got {self.max_producer_ring_bytes}")
+            problems.append(
+                f"max_producer_ring_bytes must be 0 (a quarter of ring_bytes) .. ring_bytes, "
+                f"got {self.max_producer_ring_bytes}"
+            )
         if self.receive_timeout_s <= 0 or self.hello_timeout_s <= 0:
             problems.append("receive_timeout_s and hello_timeout_s must be > 0")
         if self.min_receive_rate < 1:
@@ -211,7 +213,9 @@ def _from_toml(data: dict[str, Any], path: str) -> dict[str, Any]:
         elif key == "tokens":
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: server.tokens must be tables ([server.tokens.NAME])")
-            values[key] = dict(zip(value, _tables(list(value.values()), TokenSpec, f"{path}: server.tokens"), strict=True))
+            values[key] = dict(
+                zip(value, _tables(list(value.values()), TokenSpec, f"{path}: server.tokens"), strict=True)
+            )
         elif key in _SERVER_KEYS:
             values[key] = value
         else:

@@ -110,8 +110,8 @@ class Server:
 
     async def stop(self, timeout: float | None = None) -> None:
         """Stop accepting, answer every received frame (or SHUTTING_DOWN after ``timeout``), close."""
-        if self._admission is None:
-            return
+        if not self._listeners or self._admission is None:
+            return  # not started, or stopped already
         timeout = self.config.shutdown_timeout_s if timeout is None else timeout
         self._admission.accepting = False
         for listener in self._listeners:
@@ -130,7 +130,6 @@ class Server:
         for listener in self._listeners:
             await listener.close(timeout=1.0)  # a producer that does not read its replies cannot hold shutdown up
         self._listeners.clear()
-        self._admission = None
         with contextlib.suppress(TimeoutError):  # batches finishing after a timed-out drain
             await asyncio.wait_for(self._scheduler.idle(), 1.0)
         await self._release()
@@ -141,8 +140,7 @@ class Server:
         if self.backend is not None:
             self.backend.close()  # cancels what still runs
             self.backend = None
-        self._pool = None
-        if self._segment is not None:
+        if self._segment is not None:  # the pool keeps a view: metrics still read after stop
             self._segment.close()
             self._segment = None
         self._loader.shutdown(wait=False)

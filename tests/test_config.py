@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from streamgpu.config import Config, ConfigError
+from streamgpu.config import Config, ConfigError, ListenerSpec, TokenSpec
 
 EXAMPLE = Path(__file__).parent.parent / "configs" / "example.toml"
 
@@ -19,8 +19,26 @@ def test_environment_then_overrides_win(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text('[server]\nport = 1000\nhost = "0.0.0.0"\n')
     cfg = Config.load(str(path), env={"STREAMGPU_PORT": "2000", "STREAMGPU_AUTH_TOKEN": "t"}, host=None, device="cpu")
-    assert (cfg.port, cfg.host, cfg.auth_token, cfg.device) == (2000, "0.0.0.0", "t", "cpu")
-    assert Config.load(str(path), env={"STREAMGPU_PORT": "2000"}, port=3000).port == 3000
+    first = cfg.listeners[0]
+    assert (first.port, first.host, cfg.auth_token, cfg.device) == (2000, "0.0.0.0", "t", "cpu")
+    assert Config.load(str(path), env={"STREAMGPU_PORT": "2000"}, port=3000).listeners[0].port == 3000
+
+
+def test_listeners_and_named_tokens_from_toml(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[server]\nport = 9000\n[[server.listeners]]\nkind = "tcp"\nport = 1\n[[server.listeners]]\nport = 2\n'
+        '[server.tokens.fleet]\ntoken = "t1"\nmax_priority = 200\n'
+    )
+    cfg = Config.load(str(path), env={})
+    assert [(ls.kind, ls.port) for ls in cfg.listeners] == [("tcp", 9000), ("tcp", 2)]  # port: the first's
+    assert cfg.tokens == {"fleet": TokenSpec("t1", 200)}
+
+
+def test_binding_beyond_loopback_without_a_token_is_noticed() -> None:
+    assert not Config().open_to_anyone
+    assert Config(listeners=[ListenerSpec(host="0.0.0.0")]).open_to_anyone
+    assert not Config(listeners=[ListenerSpec(host="0.0.0.0")], auth_token="x").open_to_anyone
 
 
 def test_model_flag_replaces_the_first_models_source() -> None:
@@ -51,6 +69,11 @@ def test_models_from_toml(tmp_path: Path) -> None:
         ('[[models]]\ninput_dtype = "complex64"\n', "not a supported dtype"),
         ("[[models]]\ncolour = 1\n", "unknown settings ['colour']"),
         ("port = [\n", "not valid TOML"),
+        ('[[server.listeners]]\nkind = "carrier-pigeon"\n', "listener kind must be one of"),
+        ("[[server.listeners]]\nspeed = 1\n", "unknown settings ['speed']"),
+        ('[server.tokens.a]\ntoken = ""\n', "tokens.a: token must not be empty"),
+        ("[server]\nmax_frames_per_connection = 5000\n", "must be below model 'default''s max_queue"),
+        ("[server]\nmin_receive_rate = 0\n", "min_receive_rate must be >= 1"),
     ],
 )
 def test_bad_settings_say_what_to_fix(tmp_path: Path, toml: str, message: str) -> None:

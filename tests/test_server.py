@@ -14,7 +14,7 @@ import pytest_asyncio
 import torch
 
 from streamgpu import client
-from streamgpu.config import Config
+from streamgpu.config import Config, ListenerSpec
 from streamgpu.models.builtin import build_builtin
 from streamgpu.models.preprocess import preprocess_torch
 from streamgpu.models.spec import ModelSpec
@@ -27,7 +27,9 @@ FRAME_BYTES = SPEC.frame_nbytes
 
 
 def config(**kw: object) -> Config:
-    base: dict[str, object] = dict(port=0, device="cpu", models=[SPEC], shutdown_timeout_s=20.0)
+    base: dict[str, object] = dict(
+        listeners=[ListenerSpec(port=0)], device="cpu", models=[SPEC], shutdown_timeout_s=20.0
+    )
     base.update(kw)
     return Config(**base)  # type: ignore[arg-type]
 
@@ -36,7 +38,7 @@ def config(**kw: object) -> Config:
 async def server() -> AsyncIterator[Server]:
     async with Server(config()) as srv:
         yield srv
-    assert srv.ring.slots_in_use == 0
+    assert srv.pool.slots_in_use == 0
 
 
 def reference(frames: np.ndarray) -> np.ndarray:
@@ -131,11 +133,11 @@ async def test_garbage_and_oversize_over_a_raw_socket(server: Server) -> None:
             return reply, sock.recv(10)  # b"" once the server closed
 
     reply, rest = await loop.run_in_executor(None, garbage)
-    assert (reply.stream_id, reply.sequence, reply.status) == (0, 0, Status.BAD_FRAME) and rest == b""
+    assert reply.flags & wire.ReplyFlags.CONNECTION and reply.status == Status.BAD_FRAME and rest == b""
 
     def oversize() -> wire.ReplyHeader:
         with raw_connect(server.port) as sock:
-            n = server.max_payload + 1
+            n = server.config.max_payload_bytes + 1
             sock.sendall(wire.encode_frame_header(wire.FrameHeader(3, 9, "default", 1, (n,), n)))
             sock.sendall(b"\0" * n)  # the server reads and drops it, then answers
             return read_reply(sock)
@@ -155,10 +157,10 @@ async def test_truncated_frame_then_disconnect_leaks_nothing(server: Server) -> 
 
     await asyncio.get_running_loop().run_in_executor(None, truncated)
     for _ in range(200):
-        if server.ring.slots_in_use == 0 and server.metrics()["connections"] == 0:
+        if server.pool.slots_in_use == 0 and server.metrics()["connections"] == 0:
             break
         await asyncio.sleep(0.01)
-    assert server.ring.slots_in_use == 0
+    assert server.pool.slots_in_use == 0
 
 
 @pytest.mark.asyncio
@@ -171,7 +173,7 @@ async def test_small_ring_backpressure_answers_everything() -> None:
         replies = await asyncio.gather(*futs)
         assert all(r.ok for r in replies)
         np.testing.assert_allclose(np.stack([r.unwrap() for r in replies]), reference(frames), rtol=1e-4, atol=1e-4)
-        assert srv.ring.used_bytes == 0
+        assert srv.pool.used_bytes == 0
         for conn in conns:
             await conn.close()
 
@@ -194,7 +196,7 @@ async def test_graceful_shutdown_answers_every_accepted_frame() -> None:
     metrics = srv.metrics()["models"]["default"]
     assert statuses.count(Status.OK) == metrics["completed"] == metrics["accepted"] >= 50
     assert set(statuses) <= {Status.OK, Status.SHUTTING_DOWN}
-    assert srv.ring.slots_in_use == 0
+    assert srv.pool.slots_in_use == 0
     with pytest.raises(ConnectionError):
         await client.connect("127.0.0.1", port, timeout=2)
     await conn.close()
@@ -216,9 +218,9 @@ def test_reply_header_layout_is_64_bytes() -> None:
 
 
 @pytest.mark.asyncio
-async def test_a_stalled_producer_is_dropped_and_frees_the_ring_for_the_others() -> None:
-    # Room for 4 frames; A takes one slot and stalls mid-payload. Without the receive
-    # timeout, the ring would wrap round to A's slot and every producer would wait forever.
+async def test_a_stalled_producer_is_dropped_and_others_flow_meanwhile() -> None:
+    # Room for 4 frames; A takes one slot and stalls mid-payload. The others keep flowing
+    # (its slot costs only its own bytes), and A is dropped when its payload budget is spent.
     cfg = config(ring_bytes=4 * (FRAME_BYTES + 256), max_payload_bytes=FRAME_BYTES, receive_timeout_s=0.3)
     async with Server(cfg) as srv:
         loop = asyncio.get_running_loop()
@@ -229,7 +231,8 @@ async def test_a_stalled_producer_is_dropped_and_frees_the_ring_for_the_others()
         replies = await asyncio.wait_for(asyncio.gather(*(conn.submit(f) for f in random_frames(20, seed=8))), 10)
         assert all(r.ok for r in replies)
         reason = await loop.run_in_executor(None, read_reply, stalled)
-        assert reason.status == Status.BAD_FRAME and "no progress" in reason.message
+        assert reason.status == Status.RECEIVE_TIMEOUT and "did not arrive within" in reason.message
+        assert reason.flags & wire.ReplyFlags.CONNECTION
         stalled.close()
         await conn.close()
 
@@ -256,5 +259,5 @@ async def test_shutdown_timeout_answers_frames_still_running(monkeypatch: pytest
     await srv.stop(timeout=0.2)
     statuses = [(await fut).status for fut in futs]
     assert statuses == [Status.SHUTTING_DOWN] * 3
-    assert srv.ring.slots_in_use == 0 and srv.metrics()["frames_in_flight"] == 0
+    assert srv.pool.slots_in_use == 0 and srv.metrics()["frames_in_flight"] == 0
     await conn.close()

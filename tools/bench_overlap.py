@@ -20,18 +20,19 @@ import time
 import numpy as np
 import torch
 
+from streamgpu.config import Config
 from streamgpu.gpu.cuda import CudaBackend, CudaModel
 from streamgpu.loops import new_event_loop
-from streamgpu.memory import PinnedRing, Slot
+from streamgpu.memory import HostSegment, Slot, SlotPool
 from streamgpu.models.loader import load_module
 from streamgpu.models.spec import ModelSpec
 
 
 async def drive(
-    backend: CudaBackend, model: CudaModel, ring: PinnedRing, slot_sets: list[list[Slot]], inflight: int, seconds: float
+    backend: CudaBackend, model: CudaModel, slot_sets: list[list[Slot]], inflight: int, seconds: float
 ) -> dict[str, float]:
     async def one(slots: list[Slot]) -> float:
-        run = backend.launch(model, ring, slots)
+        run = backend.launch(model, slots)
         await run.copied
         await run.done
         return run.service_s or 0.0
@@ -66,8 +67,10 @@ def main() -> int:
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     spec = ModelSpec(source=args.model, max_batch_size=args.batch, precision="fp16")
-    backend = CudaBackend(loop)
-    ring = PinnedRing(backend.allocate_host(4 * args.batch * (spec.frame_nbytes + 256)))
+    backend = CudaBackend(loop, Config(device="cuda"))
+    segment = HostSegment.create(4 * args.batch * (spec.frame_nbytes + 256))
+    backend.attach_host(segment.buffer)
+    ring = SlotPool(segment.buffer)
     model = backend.load(spec, load_module(spec))
     slot_sets: list[list[Slot]] = []
     rng = np.random.default_rng(0)
@@ -79,7 +82,7 @@ def main() -> int:
             ring.array(slot)[:] = rng.integers(0, 256, spec.frame_nbytes)
             slots.append(slot)
         slot_sets.append(slots)
-    results = [loop.run_until_complete(drive(backend, model, ring, slot_sets, k, args.seconds)) for k in (1, 2, 1, 2)]
+    results = [loop.run_until_complete(drive(backend, model, slot_sets, k, args.seconds)) for k in (1, 2, 1, 2)]
     card = torch.cuda.get_device_name()
     print(f"{args.model} fp16, batch {args.batch}, {card}")
     print("inflight | frames/s | GPU busy")

@@ -55,7 +55,8 @@ class PlainServer:
             head = await reader.readexactly(8)
             token_len = int.from_bytes(head[6:8], "little")
             await reader.readexactly(token_len)
-            writer.write(wire.encode_welcome(wire.Welcome(Status.OK, 1 << 26, 0)))
+            version = int.from_bytes(head[4:6], "little")  # answer in the layout the client asked for
+            writer.write(wire.encode_welcome(wire.Welcome(Status.OK, 1 << 26, 0, version=version)))
             while True:
                 fixed = await reader.readexactly(wire.FRAME_HEADER_SIZE)
                 t0 = time.perf_counter_ns()

@@ -42,7 +42,7 @@ SlotCallback = Callable[[Slot], None]
 _anonymous_ids = itertools.count(1)
 
 
-class Refused(Exception):  # noqa: N818 - a verdict, raised to keep the accepted path free of allocations
+class Refused(Exception):
     """A frame is not admitted: answer it with ``status`` and ``message``; it costs only that frame."""
 
     def __init__(self, status: Status, message: str) -> None:

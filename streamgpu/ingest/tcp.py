@@ -226,7 +226,9 @@ class TcpConnection(asyncio.BufferedProtocol):
         admission = self._admission
         if hello.version not in wire.SUPPORTED_VERSIONS:
             supported = " or ".join(map(str, wire.SUPPORTED_VERSIONS))
-            self._welcome(Status.UNSUPPORTED_VERSION, f"protocol version {hello.version} is not supported; use {supported}", 1)
+            self._welcome(
+                Status.UNSUPPORTED_VERSION, f"protocol version {hello.version} is not supported; use {supported}", 1
+            )
             self._close()
             return
         self.version = hello.version
@@ -305,7 +307,9 @@ class TcpConnection(asyncio.BufferedProtocol):
         self._reservation = None
         header, ticket = self._header, self._ticket
         assert header is not None and ticket is not None
-        self._answer_now(header, ticket, Status.DEADLINE_MISSED, "deadline passed while waiting for receive buffer space")
+        self._answer_now(
+            header, ticket, Status.DEADLINE_MISSED, "deadline passed while waiting for receive buffer space"
+        )
         self._skip(header.payload_len)
         self._continue()
 
@@ -536,9 +540,7 @@ class TcpListener(Listener):
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: TcpConnection(self), self.spec.host, self.spec.port  # type: ignore[arg-type]
-        )
+        self._server = await loop.create_server(lambda: TcpConnection(self), self.spec.host, self.spec.port)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:

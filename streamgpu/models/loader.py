@@ -52,7 +52,7 @@ import re
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from functools import cache
 from typing import IO, Any
 
@@ -134,7 +134,8 @@ MAX_JSON_BYTES = 512 * 1024 * 1024
 class _Archive:
     """A zip file read once: every member name checked, one top-level folder, names relative to it."""
 
-    def __init__(self, refuse: _Refuser, file: IO[bytes]) -> None:
+    def __init__(self, refuse: _Refuser, file: IO[bytes], legacy: Collection[str] = ()) -> None:
+        """``legacy``: top-level member names of an older format, refused as such."""
         self.refuse = refuse
         try:
             self.zip = zipfile.ZipFile(file)
@@ -159,6 +160,8 @@ class _Archive:
             roots.add(root)
             if name.endswith("/"):  # a folder entry: carries nothing
                 continue
+            if not rel and name in legacy:
+                raise refuse(LEGACY_EXPORT_WHY, name)
             if not rel:
                 raise refuse("a member outside the archive's top-level folder", name, fix=ARCHIVE_FIX)
             if rel in self.members:
@@ -236,6 +239,10 @@ PROGRAM = "models/model.json"
 WEIGHTS_CONFIG = "data/weights/model_weights_config.json"
 CONSTANTS_CONFIG = "data/constants/model_constants_config.json"
 SAMPLE_INPUTS = "data/sample_inputs/model.pt"
+LEGACY_EXPORT_WHY = (
+    "this is the pre-2.7 torch.export layout, whose state dict, constants and example inputs are pickles "
+    "that torch unpickles with weights_only=False when the safe load fails"
+)
 LEGACY_EXPORT_MEMBERS = {
     "version",
     "serialized_exported_program.json",
@@ -249,7 +256,7 @@ LEGACY_EXPORT_MEMBERS = {
 
 def _load_export(refuse: _Refuser, path: str) -> nn.Module:
     with open(path, "rb") as f:
-        archive = _Archive(refuse, f)
+        archive = _Archive(refuse, f, LEGACY_EXPORT_MEMBERS)
         plan = _plan_export(archive)
         with _repacked(archive, plan) as clean:
             program = torch.export.load(clean)
@@ -260,18 +267,15 @@ def _load_export(refuse: _Refuser, path: str) -> nn.Module:
 def _plan_export(archive: _Archive) -> dict[str, bytes | None]:
     """Which members the clean copy gets (None: copied as is); raises for anything that would run."""
     refuse, members = archive.refuse, archive.members
-    legacy = sorted(LEGACY_EXPORT_MEMBERS & members.keys())
-    if legacy and "archive_format" not in members:
-        raise refuse(
-            "this is the pre-2.7 torch.export layout, whose state dict, constants and example inputs "
-            "are pickles that torch unpickles with weights_only=False when the safe load fails",
-            archive.name(legacy[0]),
-        )
     for rel in ("archive_format", PROGRAM, WEIGHTS_CONFIG, CONSTANTS_CONFIG):
         if rel not in members:
             raise refuse(f"the archive has no {rel!r}: not a torch.export archive", fix=ARCHIVE_FIX)
     if archive.read("archive_format", 64).strip() != b"pt2":
-        raise refuse("not a torch.export archive ('archive_format' is not 'pt2')", archive.name("archive_format"))
+        raise refuse(
+            "not a torch.export archive ('archive_format' is not 'pt2')",
+            archive.name("archive_format"),
+            fix=ARCHIVE_FIX,
+        )
 
     plan: dict[str, bytes | None] = {rel: None for rel in EXPORT_METADATA if rel in members}
     plan[WEIGHTS_CONFIG] = _payload_config(archive, WEIGHTS_CONFIG, "data/weights/", "weight_", plan)
@@ -536,25 +540,26 @@ def _check_json_strings(archive: _Archive, rel: str, doc: Any) -> None:
         if not isinstance(item, dict):
             continue
         for key, value in item.items():
-            if isinstance(value, (dict, list)):
+            checker = STRING_CHECKS.get(key)
+            if key == "target" and "inputs" not in item:  # "target" is checked in graph nodes
+                checker = None
+            if checker is not None:
+                problem = checker(value) if isinstance(value, str) else f"{type(value).__name__} where a string belongs"
+                if problem:
+                    raise refuse(f"{problem} (in {key!r})", name, fix=PROGRAM_FIX)
+            elif isinstance(value, (dict, list)):
                 stack.append(value)
-                continue
-            if not isinstance(value, str):
-                continue
-            problem = ""
-            if key == "expr_str":  # sympy.sympify(value): eval
-                problem = _sympy_expr_problem(value)
-            elif key == "as_operator" or (key == "target" and "inputs" in item):
-                problem = _operator_name_problem(value)
-            elif key in ("in_spec", "out_spec"):  # pytree.treespec_loads: may import modules
-                problem = _treespec_problem(value)
-            elif key == "source_fn_stack":  # "name,target;...": targets under torch are resolved by getattr
-                for entry in value.split(";"):
-                    target = entry.rpartition(",")[2]
-                    if target.startswith(("torch", "_operator", "math")):
-                        problem = problem or _operator_name_problem(target)
+
+
+def _source_fn_stack_problem(value: str) -> str:
+    """``"name,target;..."``: torch resolves targets under torch/_operator/math by getattr."""
+    for entry in value.split(";"):
+        target = entry.rpartition(",")[2]
+        if target.startswith(("torch", "_operator", "math")):
+            problem = _operator_name_problem(target)
             if problem:
-                raise refuse(f"{problem} (in {key!r})", name, fix=PROGRAM_FIX)
+                return problem
+    return ""
 
 
 # -- symbolic shapes: torch parses them with sympy.sympify, i.e. Python eval; allow sympy srepr only
@@ -712,6 +717,17 @@ def _treespec_problem(text: str) -> str:
     except (ValueError, TypeError, IndexError, KeyError, RecursionError) as exc:
         return f"input/output tree spec holds {exc}"
     return ""
+
+
+# JSON keys whose string torch evaluates (sympify), imports from (treespec_loads) or resolves by getattr
+STRING_CHECKS: dict[str, Callable[[str], str]] = {
+    "expr_str": _sympy_expr_problem,
+    "target": _operator_name_problem,
+    "as_operator": _operator_name_problem,
+    "in_spec": _treespec_problem,
+    "out_spec": _treespec_problem,
+    "source_fn_stack": _source_fn_stack_problem,
+}
 
 
 # --------------------------------------------------------------------------- TorchScript archives

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from streamgpu.config import Config
 from streamgpu.gpu.cpu import CpuBackend
-from streamgpu.memory import PinnedRing
+from streamgpu.memory import SlotPool
 from streamgpu.models.builtin import build_builtin
 from streamgpu.models.preprocess import preprocess_torch
 from streamgpu.models.spec import ModelSpec
@@ -36,10 +37,12 @@ class InstantExecutor(concurrent.futures.Executor):
 @pytest.mark.parametrize("instant", [False, True])
 async def test_batch_results_and_service_time(instant: bool) -> None:
     loop = asyncio.get_running_loop()
-    backend = CpuBackend(loop)
+    backend = CpuBackend(loop, Config(device="cpu"))
     if instant:
         backend._worker = InstantExecutor()  # type: ignore[assignment]
-    ring = PinnedRing(backend.allocate_host(1 << 16))
+    host = np.zeros(1 << 16, np.uint8)
+    backend.attach_host(host)
+    ring = SlotPool(host)
     model = backend.load(SPEC, build_builtin("small"))
     frames = np.random.default_rng(3).integers(0, 256, (3, *SPEC.input_shape), dtype=np.uint8)
     slots = []
@@ -48,7 +51,7 @@ async def test_batch_results_and_service_time(instant: bool) -> None:
         assert slot is not None
         ring.array(slot)[:] = frame.reshape(-1)
         slots.append(slot)
-    run = backend.launch(model, ring, slots)
+    run = backend.launch(model, slots)
     await run.copied
     results = await run.done
     assert run.service_s is not None and run.service_s > 0

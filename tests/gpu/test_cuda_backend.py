@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from streamgpu import client
-from streamgpu.config import Config
+from streamgpu.config import Config, ListenerSpec
+from streamgpu.gpu import cuda, kernels
 from streamgpu.gpu.cuda import CudaBackend
 from streamgpu.models.builtin import build_builtin
 from streamgpu.models.spec import ModelSpec
@@ -25,7 +26,7 @@ pytestmark = [
 @pytest.mark.parametrize("n", [1, 3, 8])
 async def test_graph_replay_matches_eager_on_fresh_random_frames(n: int) -> None:
     spec = ModelSpec(source="builtin:resnet18", precision="fp32", batch_buckets=(1, 4, 8), max_batch_size=8)
-    backend = CudaBackend(asyncio.get_running_loop())
+    backend = CudaBackend(asyncio.get_running_loop(), Config(device="cuda"))
     model = backend.load(spec, build_builtin("resnet18"))
     assert model.graphs, model.description
     frames = torch.randint(0, 256, (n, *spec.input_shape), dtype=torch.uint8, device="cuda")
@@ -39,29 +40,36 @@ async def test_graph_replay_matches_eager_on_fresh_random_frames(n: int) -> None
 
 
 @pytest.mark.asyncio(loop_factories=["uvloop"])
-async def test_no_slot_is_released_before_its_copy_completed() -> None:
+async def test_no_slot_is_released_before_its_copy_completed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The delay sits inside the copy: the gather itself is held ~1 s behind a sleep kernel on the copy
+    stream. An implementation that recorded its copy event before the gather (or released slots on
+    launch) frees the slots at once and fails here; gating the stream before the launch would not."""
     spec = ModelSpec(input_shape=(64, 64, 3), max_batch_size=4)
-    async with Server(Config(port=0, device="cuda", models=[spec])) as server:
+    real_gather = kernels.gather_frames
+    copies_started: list[torch.cuda.Event] = []
+
+    def slow_gather(
+        ring: torch.Tensor, offsets: list[int], nbytes: int, out: torch.Tensor, stream: torch.cuda.Stream
+    ) -> None:
+        with torch.cuda.stream(stream):
+            started = torch.cuda.Event()
+            started.record(stream)
+            copies_started.append(started)
+            torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU cycles before the slots are read
+        real_gather(ring, offsets, nbytes, out, stream)
+
+    monkeypatch.setattr(cuda.kernels, "gather_frames", slow_gather)
+    config = Config(listeners=[ListenerSpec(port=0)], device="cuda", models=[spec])
+    async with Server(config) as server:
         backend = server.backend
-        assert isinstance(backend, CudaBackend)
+        assert isinstance(backend, CudaBackend) and backend.use_kernels, "needs cupy: the gather kernel path"
         conn = await client.connect("127.0.0.1", server.port)
         frames = np.random.default_rng(1).integers(0, 256, (4, *spec.input_shape), dtype=np.uint8)
-        # Hold the copy stream behind ~1 s of matrix products on another stream.
-        side = torch.cuda.Stream()
-        with torch.cuda.stream(side):
-            a = torch.randn(8192, 8192, device="cuda")
-            for _ in range(60):
-                torch.mm(a, a)
-            gate = torch.cuda.Event()
-            gate.record(side)
-        backend.copy_stream.wait_event(gate)
-        held = torch.cuda.Event()
-        held.record(backend.copy_stream)
         futs = [conn.submit(f, stream_id=i) for i, f in enumerate(frames)]
-        await asyncio.sleep(0.2)
-        assert not held.query(), "the copy stream was not held: the test proves nothing"
-        assert server.ring.slots_in_use == 4  # the copies cannot have run yet, so every slot is still held
+        await asyncio.sleep(0.3)
+        assert copies_started and copies_started[0].query(), "no copy was launched: the test proves nothing"
+        assert server.pool.slots_in_use == 4  # the gather has not read them yet, so every slot is still held
         replies = await asyncio.gather(*futs)
         assert all(r.ok for r in replies)
-        assert server.ring.slots_in_use == 0
+        assert server.pool.slots_in_use == 0
         await conn.close()

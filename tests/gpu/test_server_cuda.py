@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from streamgpu import client
-from streamgpu.config import Config
+from streamgpu.config import Config, ListenerSpec
 from streamgpu.models.builtin import build_builtin
 from streamgpu.models.preprocess import preprocess_torch
 from streamgpu.models.spec import ModelSpec
@@ -36,13 +36,13 @@ async def test_1000_frames_over_8_streams_match_the_direct_call(precision: str) 
     frames = np.random.default_rng(11).integers(0, 256, (1024, *spec.input_shape), dtype=np.uint8)
     dtype = torch.float32 if precision == "fp32" else torch.float16
     expected = reference(frames, spec, dtype)
-    async with Server(Config(port=0, device="cuda", models=[spec])) as server:
+    async with Server(Config(listeners=[ListenerSpec(port=0)], device="cuda", models=[spec])) as server:
         conns = [await client.connect("127.0.0.1", server.port) for _ in range(4)]
         futs = [conns[i % 4].submit(f, stream_id=i % 8) for i, f in enumerate(frames)]
         replies = await asyncio.gather(*futs)
         for conn in conns:
             await conn.close()
-        assert server.ring.slots_in_use == 0
+        assert server.pool.slots_in_use == 0
         batch_sizes = server.metrics()["models"]["default"]["batch_sizes"]
     got = np.stack([r.unwrap() for r in replies])
     assert all(r.ok for r in replies)

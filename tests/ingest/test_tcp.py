@@ -62,34 +62,6 @@ class FakeTransport:
         self.paused = False
 
 
-class FakeRouter:
-    def __init__(self, ring_bytes: int = 1 << 20, token: str = "", max_frames: int = 1000) -> None:
-        self.ring = PinnedRing(np.zeros(ring_bytes, np.uint8))
-        self.max_payload = 1 << 16
-        self.token = token
-        self.accepting = True
-        self.max_frames_per_connection = max_frames
-        self.frames: list[tuple[Frame, bytes]] = []
-        self.specs = {SMALL.name: SMALL, LARGE.name: LARGE}
-        self.opened = self.closed = 0
-
-    def model_spec(self, name: str) -> ModelSpec | None:
-        return self.specs.get(name)
-
-    def submit(self, frame: Frame) -> None:
-        assert frame.slot is not None
-        self.frames.append((frame, self.ring.array(frame.slot).tobytes()))
-
-    def frame_done(self) -> None:
-        pass
-
-    def connection_opened(self, conn: TcpIngest) -> None:
-        self.opened += 1
-
-    def connection_closed(self, conn: TcpIngest) -> None:
-        self.closed += 1
-
-
 class Harness:
     """A real Admission over a real SlotPool and a TcpListener that is never bound; frames are collected."""
 
@@ -468,7 +440,7 @@ async def test_a_large_frame_is_not_overtaken_and_its_deadline_runs_while_it_wai
 
 def test_no_buffer_before_the_handshake_and_a_hello_timeout() -> None:
     """Regression (defect 6): 1500 connections that never sent HELLO held ~98 MiB and stayed open."""
-    conn, transport, harness = make(Harness(hello_timeout_s=5.0))
+    conn, transport, _harness = make(Harness(hello_timeout_s=5.0))
     assert len(conn.get_buffer(-1)) <= HELLO_BYTES
     conn.sweep(conn._due - 1)
     assert not transport.closed

@@ -70,7 +70,8 @@ class _Conn(asyncio.Protocol):
                 self.welcomed = True
                 assert self.transport is not None
                 s = self.server
-                self.transport.write(wire.encode_welcome(wire.Welcome(s.welcome_status, s.max_payload, 1 << 26)))
+                welcome = wire.Welcome(s.welcome_status, s.max_payload, 1 << 26, version=hello[0].version)
+                self.transport.write(wire.encode_welcome(welcome))
                 if s.welcome_status != wire.Status.OK:
                     self.transport.close()
                     return

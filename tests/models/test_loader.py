@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import pickle
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from streamgpu import client
-from streamgpu.config import Config
+from streamgpu.config import Config, ListenerSpec
 from streamgpu.models.builtin import build_builtin
 from streamgpu.models.loader import ModelLoadError, load_module
 from streamgpu.models.preprocess import preprocess_torch
@@ -93,7 +94,7 @@ async def test_server_serves_a_torchscript_model_from_the_config(tmp_path: Path)
     torch.jit.save(torch.jit.trace(build_builtin("small"), X), str(path))
     spec = ModelSpec(name="traced", source=f"torchscript:{path}", input_shape=(32, 32, 3))
     frame = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    async with Server(Config(port=0, device="cpu", models=[spec])) as server:
+    async with Server(Config(listeners=[ListenerSpec(port=0)], device="cpu", models=[spec])) as server:
         conn = await client.connect("127.0.0.1", server.port)
         reply = await conn.infer(frame, model="traced")
         await conn.close()
@@ -110,14 +111,16 @@ def direct_call(frame: np.ndarray, spec: ModelSpec) -> np.ndarray:
 # --------------------------------------------------------------------------- untrusted archives
 #
 # Each crafted archive starts as a genuine torch.export archive of a tiny module and is then
-# modified the way an attacker who read torch's loader (torch/export/pt2_archive/_package.py,
-# torch/_export/serde/serialize.py) would. Its payload creates a marker file when it runs.
-# test_crafted_archives_run_code_in_plain_torch shows that each one does run code under
-# torch.export.load; the loader must refuse each one without running it.
+# modified the way an attacker who has read torch's loader (torch/export/pt2_archive/_package.py,
+# torch/_export/serde/serialize.py) and this one would. Its payload creates a marker file when it
+# runs. test_crafted_archives_run_code_in_plain_torch shows that each one does run code under
+# torch.export.load; the loader must refuse each one, saying which member and why, without running it.
 
 
 class Tiny(nn.Module):
     """A weight, a bias, a buffer (data/weights/) and a tensor constant (data/constants/)."""
+
+    buf: torch.Tensor
 
     def __init__(self) -> None:
         super().__init__()
@@ -130,6 +133,19 @@ class Tiny(nn.Module):
 
 
 TINY_X = torch.rand(2, 4)
+
+
+def tiny() -> Tiny:
+    """Always the same weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return Tiny().eval()
+
+
+def export_tiny(path: Path, dynamic_batch: bool = False) -> Path:
+    dynamic = {"x": {0: torch.export.Dim("batch", min=1, max=64)}} if dynamic_batch else None
+    torch.export.save(torch.export.export(tiny(), (TINY_X,), dynamic_shapes=dynamic), str(path))
+    return path
 
 
 class RunsCode:
@@ -148,32 +164,32 @@ def torch_pickle(obj: object) -> bytes:
     return buffer.getvalue()
 
 
-def tiny() -> Tiny:
-    """Always the same weights."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return Tiny().eval()
-
-
-def export_tiny(path: Path, dynamic_batch: bool = False) -> Path:
-    dynamic = {"x": {0: torch.export.Dim("batch", min=1, max=64)}} if dynamic_batch else None
-    torch.export.save(torch.export.export(tiny(), (TINY_X,), dynamic_shapes=dynamic), str(path))
-    return path
-
-
 Members = dict[str, bytes]  # archive members by name below the archive's top-level folder
+WEIGHTS_CONFIG = "data/weights/model_weights_config.json"
+CONSTANTS_CONFIG = "data/constants/model_constants_config.json"
+PROGRAM = "models/model.json"
+
+
+def members_of(path: Path) -> tuple[str, Members]:
+    with zipfile.ZipFile(path) as z:
+        root = z.namelist()[0].split("/")[0]
+        return root, {name.split("/", 1)[1]: z.read(name) for name in z.namelist()}
+
+
+def write_zip(path: Path, entries: list[tuple[str, bytes]]) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "Duplicate name": on purpose
+        with zipfile.ZipFile(path, "w") as z:
+            for name, data in entries:
+                z.writestr(name, data)
+    return path
 
 
 def rewrite(src: Path, dst: Path, edit: Callable[[Members], None]) -> Path:
     """``src`` with its members edited, as a new zip ``dst`` (same top-level folder)."""
-    with zipfile.ZipFile(src) as z:
-        root = z.namelist()[0].split("/")[0]
-        members = {name.split("/", 1)[1]: z.read(name) for name in z.namelist()}
+    root, members = members_of(src)
     edit(members)
-    with zipfile.ZipFile(dst, "w") as z:
-        for rel, data in members.items():
-            z.writestr(f"{root}/{rel}", data)
-    return dst
+    return write_zip(dst, [(f"{root}/{rel}", data) for rel, data in members.items()])
 
 
 def edit_json(members: Members, rel: str, edit: Callable[[Any], None]) -> None:
@@ -182,9 +198,7 @@ def edit_json(members: Members, rel: str, edit: Callable[[Any], None]) -> None:
     members[rel] = json.dumps(doc).encode()
 
 
-WEIGHTS_CONFIG = "data/weights/model_weights_config.json"
-CONSTANTS_CONFIG = "data/constants/model_constants_config.json"
-PROGRAM = "models/model.json"
+# Crafts: (members of a genuine archive, marker path) -> None, editing the members in place.
 
 
 def weight_marked_use_pickle(members: Members, marker: Path) -> None:
@@ -212,12 +226,11 @@ def constant_marked_use_pickle(members: Members, marker: Path) -> None:
 def opaque_constant_not_marked(members: Members, marker: Path) -> None:
     """An opaque_obj_* constant: torch picks pickle.loads by the name, whatever use_pickle says.
 
-    Not marked use_pickle, it passes as a raw float32 tensor too (pickle ignores the padding).
+    Not marked use_pickle, it also passes as a raw float32 tensor (pickle ignores the padding).
     """
 
     def add(config: Any) -> None:
-        tensor = config["config"]["c"]
-        config["config"]["extra"] = {**tensor, "path_name": "opaque_obj_0", "use_pickle": False}
+        config["config"]["extra"] = {**config["config"]["c"], "path_name": "opaque_obj_0", "use_pickle": False}
 
     edit_json(members, CONSTANTS_CONFIG, add)
     payload = pickle.dumps(RunsCode(marker))
@@ -245,13 +258,35 @@ def symbolic_shape_code(members: Members, marker: Path) -> None:
     edit_json(members, PROGRAM, add)
 
 
-CRAFTED = {
-    "weight marked use_pickle": (weight_marked_use_pickle, "'lin.weight' is marked use_pickle"),
-    "constant marked use_pickle": (constant_marked_use_pickle, "'c' is marked use_pickle"),
-    "opaque constant": (opaque_constant_not_marked, "opaque_obj_0.*pickle.loads"),
-    "sample inputs": (sample_inputs_pickle, "sample_inputs/model.pt.*example inputs pickle names 'builtins.exec'"),
-    "legacy weights file": (legacy_weights_file, "weights/model.pt.*legacy pickled state dict"),
-    "symbolic shape": (symbolic_shape_code, "models/model.json.*symbolic expression .* names 'exec'"),
+def edited(craft: Callable[[Members, Path], None]) -> Callable[[Path, Path, Path], Path]:
+    return lambda genuine, dst, marker: rewrite(genuine, dst, lambda members: craft(members, marker))
+
+
+def pre_27_layout(genuine: Path, dst: Path, marker: Path) -> Path:
+    """The layout torch.export.load falls back to: loose members, unpickled with weights_only=False on failure."""
+    _, members = members_of(genuine)
+    program = members[PROGRAM]
+    version = json.loads(program)["schema_version"]
+    return write_zip(
+        dst,
+        [
+            ("version", f"{version['major']}.{version['minor']}".encode()),
+            ("serialized_exported_program.json", program),
+            ("serialized_state_dict.pt", torch_pickle({"lin.weight": RunsCode(marker)})),
+            ("serialized_constants.pt", torch_pickle({})),
+            ("serialized_example_inputs.pt", torch_pickle(((TINY_X,), {}))),
+        ],
+    )
+
+
+CRAFTED: dict[str, tuple[Callable[[Path, Path, Path], Path], str]] = {
+    "weight marked use_pickle": (edited(weight_marked_use_pickle), "weights_config.json.*'lin.weight' .*use_pickle"),
+    "constant marked use_pickle": (edited(constant_marked_use_pickle), "constants_config.json.*'c' .*use_pickle"),
+    "opaque constant": (edited(opaque_constant_not_marked), "constants_config.json.*opaque_obj_0.*pickle.loads"),
+    "sample inputs": (edited(sample_inputs_pickle), "sample_inputs/model.pt.*names 'builtins.exec'"),
+    "legacy weights file": (edited(legacy_weights_file), "weights/model.pt.*legacy pickled state dict"),
+    "symbolic shape": (edited(symbolic_shape_code), "models/model.json.*symbolic expression .* names 'exec'"),
+    "pre-2.7 layout": (pre_27_layout, "pre-2.7 torch.export layout"),
 }
 
 
@@ -263,20 +298,21 @@ def genuine(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("case", CRAFTED)
 def test_crafted_archives_run_code_in_plain_torch(tmp_path: Path, genuine: Path, case: str) -> None:
     """The crafted archives are live: plain torch.export.load runs their payload (if this fails, torch changed)."""
-    craft, _ = CRAFTED[case]
+    build, _ = CRAFTED[case]
     marker = tmp_path / "marker"
-    path = rewrite(genuine, tmp_path / "crafted.pt2", lambda members: craft(members, marker))
-    with contextlib.suppress(Exception):
+    path = build(genuine, tmp_path / "crafted.pt2", marker)
+    with contextlib.suppress(Exception), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         torch.export.load(str(path))
     assert marker.exists()
 
 
 @pytest.mark.parametrize("case", CRAFTED)
 def test_crafted_archives_are_refused_without_running_code(tmp_path: Path, genuine: Path, case: str) -> None:
-    craft, message = CRAFTED[case]
+    build, message = CRAFTED[case]
     marker = tmp_path / "marker"
-    path = rewrite(genuine, tmp_path / "crafted.pt2", lambda members: craft(members, marker))
-    with pytest.raises(ModelLoadError, match=f"model 'cam': refusing member .*{message}") as info:
+    path = build(genuine, tmp_path / "crafted.pt2", marker)
+    with pytest.raises(ModelLoadError, match=f"^model 'cam': refusing member .*{message}") as info:
         load_module(ModelSpec(name="cam", source=f"export:{path}"))
     assert "re-export" in str(info.value)
     assert not marker.exists()
@@ -289,8 +325,198 @@ def test_genuine_export_archive_with_weights_buffers_and_constants(genuine: Path
 
 
 def test_dynamic_batch_export_runs_at_other_batch_sizes(tmp_path: Path) -> None:
+    """Symbolic sizes that torch.export.save writes (sympy srepr) pass the check on sympify's input."""
     path = export_tiny(tmp_path / "dynamic.pt2", dynamic_batch=True)
     module = load_module(ModelSpec(source=f"export:{path}"))
     x = torch.rand(7, 4)
     with torch.inference_mode():
         torch.testing.assert_close(module(x), tiny()(x))
+
+
+def defaultdict_in_spec(members: Members) -> None:
+    """A pytree defaultdict: treespec_loads imports the module it names and takes its factory."""
+
+    def edit(program: Any) -> None:
+        spec = {"type": "collections.defaultdict", "context": json.dumps({}), "children_spec": []}
+        program["graph_module"]["module_call_graph"][0]["signature"]["out_spec"] = json.dumps([1, spec])
+
+    edit_json(members, PROGRAM, edit)
+
+
+def python_callable_in_graph(members: Members) -> None:
+    """A node calling the wrap higher-order operator with os.system as its function."""
+
+    def edit(program: Any) -> None:
+        graph = program["graph_module"]["graph"]
+        graph["tensor_values"]["evil"] = graph["tensor_values"]["x"]
+        args = [{"as_operator": "torch.os.system"}, {"as_string": "true"}]
+        graph["nodes"].insert(
+            0,
+            {
+                "target": "torch._higher_order_ops.wrap.wrap",
+                "inputs": [{"name": "", "arg": arg, "kind": 1} for arg in args],
+                "outputs": [{"as_tensor": {"name": "evil"}}],
+                "metadata": {},
+                "name": "evil",
+                "is_hop_single_tensor_return": True,
+            },
+        )
+
+    edit_json(members, PROGRAM, edit)
+
+
+def dunder_operator(members: Members) -> None:
+    def edit(program: Any) -> None:
+        program["graph_module"]["graph"]["nodes"][0]["target"] = "torch.__builtins__.exec"
+
+    edit_json(members, PROGRAM, edit)
+
+
+def pickled_weight_payload_name(members: Members) -> None:
+    """A weight whose payload name reaches another member."""
+
+    def edit(config: Any) -> None:
+        config["config"]["lin.weight"]["path_name"] = "../sample_inputs/model.pt"
+
+    edit_json(members, WEIGHTS_CONFIG, edit)
+
+
+def use_pickle_string(members: Members) -> None:
+    """use_pickle "false" is true to torch."""
+
+    def edit(config: Any) -> None:
+        config["config"]["lin.weight"]["use_pickle"] = "false"
+
+    edit_json(members, WEIGHTS_CONFIG, edit)
+
+
+def expression_as_list(members: Members) -> None:
+    def edit(program: Any) -> None:
+        program["graph_module"]["graph"]["tensor_values"]["x"]["sizes"][0] = {"as_expr": {"expr_str": ["2"]}}
+
+    edit_json(members, PROGRAM, edit)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (defaultdict_in_spec, "tree spec holds type 'collections.defaultdict'"),
+        (python_callable_in_graph, "higher-order operator 'wrap' is not allowed"),
+        (dunder_operator, "operator name 'torch.__builtins__.exec' reaches Python internals"),
+        (pickled_weight_payload_name, "invalid path_name '../sample_inputs/model.pt'"),
+        (use_pickle_string, "'lin.weight' is marked use_pickle"),
+        (expression_as_list, "list where a string belongs"),
+        (lambda m: m.update({"data/aotinductor/model/model.so": b"\x7fELF"}), "AOTInductor package"),
+        (lambda m: m.update({"data/constants/custom_obj_0": b""}), "custom_obj_0.*script-object constant"),
+        (lambda m: m.update({"data/mtia/model.bin": b""}), "data/mtia/model.bin.*not a member"),
+        (lambda m: m.pop(PROGRAM), "has no 'models/model.json'"),
+    ],
+)
+def test_tampered_programs_are_refused(
+    tmp_path: Path, genuine: Path, edit: Callable[[Members], None], message: str
+) -> None:
+    path = rewrite(genuine, tmp_path / "tampered.pt2", edit)
+    with pytest.raises(ModelLoadError, match=message):
+        load_module(ModelSpec(name="cam", source=f"export:{path}"))
+
+
+def test_extra_files_are_dropped_not_refused(tmp_path: Path, genuine: Path) -> None:
+    path = rewrite(genuine, tmp_path / "extra.pt2", lambda m: m.update({"extra/notes.txt": b"hello"}))
+    module = load_module(ModelSpec(source=f"export:{path}"))
+    with torch.inference_mode():
+        torch.testing.assert_close(module(TINY_X), tiny()(TINY_X))
+
+
+@pytest.mark.parametrize("scheme", ["export", "torchscript"])
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda root, data: [("x", data[: len(data) // 2])], "not a readable zip archive"),
+        (lambda root, data: [(f"{root}/../../escape", b"")], r"'[^']*/\.\./\.\./escape'.*unsafe member name"),
+        (lambda root, data: [("/etc/cron.d/x", b"")], "unsafe member name .absolute path"),
+        (lambda root, data: [(f"{root}/a\\b", b"")], "unsafe member name .backslash"),
+        (lambda root, data: [(f"{root}/byteorder", b"big")], "two members have this name"),
+        (lambda root, data: [("other/x", b"")], "2 top-level folders"),
+    ],
+)
+def test_damaged_or_malicious_zips_are_refused(
+    tmp_path: Path, genuine: Path, scheme: str, damage: Callable[[str, bytes], list[tuple[str, bytes]]], message: str
+) -> None:
+    if scheme == "torchscript":
+        source = tmp_path / "m.pt"
+        torch.jit.save(torch.jit.trace(tiny(), TINY_X), str(source))
+    else:
+        source = genuine
+    root, members = members_of(source)
+    entries = [(f"{root}/{rel}", data) for rel, data in members.items()]
+    extra = damage(root, source.read_bytes())
+    path = tmp_path / "damaged.bin"
+    if extra[0][0] == "x":  # truncated: the damaged bytes are the file
+        path.write_bytes(extra[0][1])
+    else:
+        write_zip(path, entries + extra)
+    with pytest.raises(ModelLoadError, match=message):
+        load_module(ModelSpec(name="cam", source=f"{scheme}:{path}"))
+
+
+class WritesOnLoad(nn.Module):
+    """TorchScript whose __setstate__, which torch.jit.load runs, writes a file with torch.save."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.w = torch.ones(3)
+        self.path = path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.w
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[torch.Tensor, str, bool]:
+        return (self.w, self.path, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[torch.Tensor, str, bool]) -> None:
+        self.w, self.path, self.training = state
+        torch.save(self.w, self.path)
+
+
+class WritesOnCall(nn.Module):
+    """TorchScript that writes a file (any path, e.g. a .pth file that Python runs at start-up) on every call."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch.save(x, self.path)
+        return x
+
+
+@pytest.mark.parametrize(("cls", "message"), [(WritesOnLoad, "defines __setstate__"), (WritesOnCall, "torch.save")])
+def test_torchscript_that_runs_on_load_or_writes_files_is_refused(
+    tmp_path: Path, cls: Callable[[str], nn.Module], message: str
+) -> None:
+    marker = tmp_path / "marker"
+    path = tmp_path / "m.pt"
+    torch.jit.save(torch.jit.script(cls(str(marker))), str(path))
+    assert not marker.exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.load(str(path))(torch.ones(3))  # plain torch: the marker is written on load or on call
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(ModelLoadError, match=f"model 'cam': refusing member .*code/.*{message}"):
+        load_module(ModelSpec(name="cam", source=f"torchscript:{path}"))
+    assert not marker.exists()
+
+
+def test_torchscript_pickles_cannot_name_python_callables(tmp_path: Path) -> None:
+    """torch.jit.load's unpickler resolves TorchScript types only: a pickled callable is an error, not a call."""
+    marker = tmp_path / "marker"
+    path = tmp_path / "m.pt"
+    torch.jit.save(torch.jit.trace(tiny(), TINY_X), str(path))
+    evil = pickle.dumps(RunsCode(marker), 2)  # TorchScript archives use protocol 2
+    crafted = rewrite(path, tmp_path / "crafted.pt", lambda m: m.update({"data.pkl": evil}))
+    with pytest.raises(ModelLoadError, match=r"Unknown type name '__builtin__\.exec'"):
+        load_module(ModelSpec(name="cam", source=f"torchscript:{crafted}"))
+    assert not marker.exists()
