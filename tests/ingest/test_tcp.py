@@ -13,6 +13,7 @@ import pytest
 from streamgpu.config import Config, ListenerSpec, TokenSpec
 from streamgpu.frame import Frame, Outcome
 from streamgpu.ingest.admission import Admission
+from streamgpu.ingest import tcp
 from streamgpu.ingest.tcp import HELLO_BYTES, TcpConnection, TcpListener
 from streamgpu.memory import SlotPool
 from streamgpu.models.spec import ModelSpec
@@ -391,16 +392,22 @@ def test_not_reading_replies_never_pauses_mid_payload_or_reserves_for_the_next_f
     assert [f.header.sequence for f, _ in harness.frames] == [0, 1]
 
 
-def test_a_trickling_payload_is_dropped_when_its_budget_is_spent() -> None:
+def test_a_trickling_payload_is_dropped_when_its_budget_is_spent(monkeypatch: pytest.MonkeyPatch) -> None:
     """Regression (defect 2): "no progress for receive_timeout_s" was beaten by one byte per timeout.
     A payload now has an absolute budget: receive_timeout_s + payload_len / min_receive_rate."""
+    clock = [1000.0]
+    monkeypatch.setattr(tcp.time, "monotonic", lambda: clock[0])
     conn, transport, harness = make(Harness(receive_timeout_s=1.0, min_receive_rate=100_000))
-    feed(conn, hello() + frame(LARGE, 0)[:200], transport)
-    start = conn._due - (1.0 + LARGE.frame_nbytes / 100_000)  # when the slot was reserved
-    for step in range(1, 14):  # one byte every 0.1 s: progress all the time
+    feed(conn, hello() + frame(LARGE, 0)[:200], transport)  # the slot is reserved at t = 1000 s
+    for _ in range(11):  # one byte every 0.1 s: progress all the time, never a pause of 1 s
+        clock[0] += 0.1
         feed(conn, b"\0", transport)
-        conn.sweep(start + 0.1 * step)
-    assert transport.closed  # dropped at 1.2 s, its budget
+        conn.sweep(clock[0])
+    assert not transport.closed  # 1.1 s: within its budget of 1 + 20000 / 100000 = 1.2 s
+    clock[0] += 0.15
+    feed(conn, b"\0", transport)
+    conn.sweep(clock[0])
+    assert transport.closed  # dropped at 1.25 s, though it made progress a moment ago
     (reply,) = replies(transport)
     assert reply.status == Status.RECEIVE_TIMEOUT and reply.flags & ReplyFlags.CONNECTION
     assert "did not arrive within 1.2 s" in reply.message
