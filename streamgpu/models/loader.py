@@ -59,12 +59,11 @@ from typing import IO, Any
 import torch
 from torch import nn
 
+from streamgpu.errors import ModelLoadError
 from streamgpu.models.builtin import build_builtin
 from streamgpu.models.spec import ModelSpec
 
-
-class ModelLoadError(RuntimeError):
-    """A configured model could not be loaded; the message says which and why."""
+__all__ = ["ModelLoadError", "load_module"]
 
 
 def load_module(spec: ModelSpec) -> nn.Module:
