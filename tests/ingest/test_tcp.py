@@ -12,8 +12,8 @@ import pytest
 
 from streamgpu.config import Config, ListenerSpec, TokenSpec
 from streamgpu.frame import Frame, Outcome
-from streamgpu.ingest.admission import Admission
 from streamgpu.ingest import tcp
+from streamgpu.ingest.admission import Admission
 from streamgpu.ingest.tcp import HELLO_BYTES, TcpConnection, TcpListener
 from streamgpu.memory import SlotPool
 from streamgpu.models.spec import ModelSpec
@@ -66,8 +66,9 @@ class FakeTransport:
 class Harness:
     """A real Admission over a real SlotPool and a TcpListener that is never bound; frames are collected."""
 
-    def __init__(self, ring_bytes: int = 1 << 20, **config: Any) -> None:
+    def __init__(self, ring_bytes: int = 1 << 17, **config: Any) -> None:
         config.setdefault("max_payload_bytes", min(1 << 16, ring_bytes - 256))
+        config.setdefault("max_producer_ring_bytes", ring_bytes)  # one producer may fill it unless a test says
         self.config = Config(ring_bytes=ring_bytes, models=[SMALL, LARGE], **config)
         self.pool = SlotPool(np.zeros(ring_bytes, np.uint8))
         self.frames: list[tuple[Frame, bytes]] = []
