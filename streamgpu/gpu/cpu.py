@@ -21,7 +21,7 @@ from torch import nn
 from streamgpu.config import Config
 from streamgpu.gpu.backend import Backend, BatchRun, DeviceModel
 from streamgpu.memory import Slot
-from streamgpu.models.preprocess import preprocess_torch
+from streamgpu.models.preprocess import TorchPreprocess
 from streamgpu.models.spec import ModelSpec
 
 
@@ -32,6 +32,7 @@ class CpuModel(DeviceModel):
         self.dtype = torch.float32 if spec.precision in ("auto", "fp32") else _DTYPES[spec.precision]
         if self.dtype != torch.float32:
             self.module = module.to(self.dtype)
+        self.preprocess = TorchPreprocess(spec, self.dtype)
 
     @property
     def description(self) -> str:
@@ -40,7 +41,7 @@ class CpuModel(DeviceModel):
     def run(self, batch: np.ndarray) -> np.ndarray:
         frames = torch.from_numpy(batch.view(self.spec.frame_dtype).reshape(len(batch), *self.spec.input_shape))
         with torch.inference_mode():
-            out = self.module(preprocess_torch(frames, self.spec, self.dtype))
+            out = self.module(self.preprocess(frames))
         return out.float().numpy()
 
 

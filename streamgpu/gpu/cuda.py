@@ -19,6 +19,7 @@ model has its own compute stream, so models interleave on the GPU.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import importlib.util
 import logging
 from dataclasses import dataclass
@@ -33,14 +34,13 @@ from streamgpu.gpu import kernels
 from streamgpu.gpu.backend import Backend, BatchRun, DeviceModel
 from streamgpu.gpu.bridge import CompletionBridge
 from streamgpu.memory import Slot
-from streamgpu.models.preprocess import preprocess_torch
+from streamgpu.models.preprocess import TorchPreprocess
 from streamgpu.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _GRAPH_WARMUP = 3  # eager runs before capture (cuDNN autotuning, lazy allocations)
-_RESULT_BUFFERS = 4  # pinned result buffers per model: more than the batches in flight
 # Frames this large go by DMA copies: at 6 MiB the copy engine reached 0.98 of the pinned
 # peak against the gather kernel's 0.93 (H100, docs/BENCHMARKS.md), and it leaves the SMs
 # to the models. Below, one gather launch per batch wins on GPU time and on loop CPU.
@@ -54,30 +54,47 @@ class _Graph:
     static_out: torch.Tensor
 
 
-class ResultBuffers:
-    """Page-locked host buffers that batch results are copied back into, allocated at load.
+@dataclass(eq=False)
+class BatchBuffers:
+    """What one batch in flight uses: device staging for its frames, its float outputs on the
+    device, and the page-locked host buffer its results come back into."""
 
-    Allocating page-locked memory (cudaHostAlloc) can wait for the whole device,
-    which would stall the event loop behind running batches; so a model gets its
-    buffers up front and reuses them. A buffer returns to the pool once its
-    batch's results have been copied out of it.
+    staged: torch.Tensor  # [max_batch, frame_nbytes] uint8, device
+    out: torch.Tensor  # [max_batch, *output] float32, device
+    host: torch.Tensor  # [max_batch, *output] float32, page-locked
+
+
+class BufferPool:
+    """Per-batch buffers, allocated at load and reused.
+
+    Allocating on the loop would stall it: page-locked memory (cudaHostAlloc)
+    and a caching-allocator miss (cudaMalloc) can wait for the whole device. A
+    model gets one set per batch it may have in flight, plus one; a set returns
+    to the pool once its batch's results have been copied out (not on failure:
+    the device may still be writing it).
     """
 
-    def __init__(self, shape: tuple[int, ...], count: int) -> None:
-        self.shape = shape
-        self._free = [torch.empty(shape, dtype=torch.float32, pin_memory=True) for _ in range(count)]
+    def __init__(self, frame_nbytes: int, out_shape: tuple[int, ...], max_batch: int, count: int,
+                 device: torch.device) -> None:  # fmt: skip
+        self._make = lambda: BatchBuffers(
+            torch.empty((max_batch, frame_nbytes), dtype=torch.uint8, device=device),
+            torch.empty((max_batch, *out_shape), dtype=torch.float32, device=device),
+            torch.empty((max_batch, *out_shape), dtype=torch.float32, pin_memory=True),
+        )
+        self._free = [self._make() for _ in range(count)]
+        self._count = count
         self._warned = False
 
-    def take(self) -> torch.Tensor:
+    def take(self) -> BatchBuffers:
         if self._free:
             return self._free.pop()
-        if not self._warned:  # more batches in flight than buffers: correct, but may stall the loop
-            log.warning("all %d result buffers in use; allocating another (raise _RESULT_BUFFERS)", _RESULT_BUFFERS)
+        if not self._warned:  # only after failed batches kept theirs: correct, but this may stall the loop
+            log.warning("all %d batch buffer sets in use; allocating another", self._count)
             self._warned = True
-        return torch.empty(self.shape, dtype=torch.float32, pin_memory=True)
+        return self._make()
 
-    def give_back(self, buffer: torch.Tensor) -> None:
-        self._free.append(buffer)
+    def give_back(self, buffers: BatchBuffers) -> None:
+        self._free.append(buffers)
 
 
 class CudaModel(DeviceModel):
@@ -94,7 +111,8 @@ class CudaModel(DeviceModel):
         self.graphs: dict[int, _Graph] = {}
         self.buckets: list[int] = []
         self.graph_error = ""
-        self.result_buffers: ResultBuffers | None = None  # set by CudaBackend.load
+        self.buffers: BufferPool | None = None  # set by CudaBackend.load
+        self.preprocess = TorchPreprocess(spec, self.dtype, device)  # constants made here, not per batch
         self.fused_preprocess = (
             use_kernels
             and spec.preprocess == "image"
@@ -113,7 +131,7 @@ class CudaModel(DeviceModel):
         spec = self.spec
         if self.fused_preprocess:
             return kernels.preprocess_image(frames, spec.mean, spec.std, self.dtype, True, out, self.stream)
-        x = preprocess_torch(frames, spec, self.dtype)
+        x = self.preprocess(frames)
         if spec.preprocess == "image":
             x = x.contiguous(memory_format=torch.channels_last)
         if out is None:
@@ -156,6 +174,10 @@ class CudaBackend(Backend):
 
     def __init__(self, loop: asyncio.AbstractEventLoop, config: Config) -> None:
         self._loop = loop
+        self._max_inflight = config.max_inflight_batches
+        # Eager models (graph capture failed or off) launch dozens of kernels per batch, milliseconds
+        # of CPU: that happens on this one thread, never on the loop.
+        self._launcher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamgpu-launch")
         device_index, use_kernels = config.device_index, config.cuda_kernels
         if not 0 <= device_index < torch.cuda.device_count():
             raise DeviceUnavailableError(
@@ -204,43 +226,36 @@ class CudaBackend(Backend):
                 scratch = torch.zeros(spec.frame_nbytes, dtype=torch.uint8, pin_memory=True)
                 staged = torch.empty((1, spec.frame_nbytes), dtype=torch.uint8, device=self.device)
                 kernels.gather_frames(scratch, [0], spec.frame_nbytes, staged, model.stream)
+        model.buffers = BufferPool(
+            spec.frame_nbytes, out_shape, spec.max_batch_size, self._max_inflight + 1, self.device
+        )
         model.stream.synchronize()
-        model.result_buffers = ResultBuffers((spec.max_batch_size, *out_shape), _RESULT_BUFFERS)
         return model
 
     def launch(self, model: DeviceModel, slots: list[Slot], expected_s: float = 0.0) -> BatchRun:
-        assert isinstance(model, CudaModel) and self._host is not None
-        spec = model.spec
+        assert isinstance(model, CudaModel) and self._host is not None and model.buffers is not None
         n = len(slots)
-        ring_t = self._host
-        nbytes = spec.frame_nbytes
-        with torch.inference_mode():
-            with torch.cuda.stream(self.copy_stream):
-                staged = torch.empty((n, nbytes), dtype=torch.uint8, device=self.device)
-                if self.use_kernels and nbytes < COPY_ENGINE_FROM:
-                    kernels.gather_frames(ring_t, [slot.offset for slot in slots], nbytes, staged, self.copy_stream)
-                else:
-                    for i, slot in enumerate(slots):
-                        staged[i].copy_(ring_t[slot.offset : slot.offset + nbytes], non_blocking=True)
-                copy_done = torch.cuda.Event()
-                copy_done.record(self.copy_stream)
-            model.stream.wait_event(copy_done)
-            with torch.cuda.stream(model.stream):
-                # Timed events give the batch's real device time, which the scheduler's
-                # latency estimates need (the loop notices completion later than it happens).
-                started = torch.cuda.Event(enable_timing=True)
-                started.record(model.stream)
-                staged.record_stream(model.stream)  # the allocator must not reuse it before compute read it
-                frames = staged.view(_torch_dtype(spec.frame_dtype)).view(n, *spec.input_shape)
-                out = model.forward(frames).float()
-                assert model.result_buffers is not None
-                buffers = model.result_buffers
-                host = buffers.take()
-                host[:n].copy_(out, non_blocking=True)
-                done = torch.cuda.Event(enable_timing=True)
-                done.record(model.stream)
+        nbytes = model.spec.frame_nbytes
+        buffers = model.buffers.take()
+        staged = buffers.staged[:n]
+        with torch.inference_mode(), torch.cuda.stream(self.copy_stream):
+            if self.use_kernels and nbytes < COPY_ENGINE_FROM:
+                kernels.gather_frames(self._host, [slot.offset for slot in slots], nbytes, staged, self.copy_stream)
+            else:
+                for i, slot in enumerate(slots):
+                    staged[i].copy_(self._host[slot.offset : slot.offset + nbytes], non_blocking=True)
+            copy_done = torch.cuda.Event()
+            copy_done.record(self.copy_stream)
+        # Timed events give the batch's real device time, which the scheduler's latency
+        # estimates need (the loop notices completion later than it happens).
+        started = torch.cuda.Event(enable_timing=True)
+        done = torch.cuda.Event(enable_timing=True)
+        if model.graphs:
+            self._enqueue_compute(model, buffers, n, copy_done, started, done)
+            finished: asyncio.Future[None] = self._bridge.wait(done, expected_s)
+        else:
+            finished = asyncio.ensure_future(self._compute_off_loop(model, buffers, n, copy_done, started, done))
         copied = self._bridge.wait(copy_done)
-        finished = self._bridge.wait(done, expected_s)
         result: asyncio.Future[np.ndarray] = self._loop.create_future()
         run = BatchRun(n, copied, result)
 
@@ -253,14 +268,40 @@ class CudaBackend(Backend):
                 result.set_exception(exc)
             else:
                 run.service_s = started.elapsed_time(done) / 1e3  # both complete: no wait
-                result.set_result(host[:n].numpy().copy())  # small (n x output); frees the buffer now
-                buffers.give_back(host)  # not on failure or cancel: the device may still write it
+                result.set_result(buffers.host[:n].numpy().copy())  # small (n x output); frees the buffers now
+                model.buffers.give_back(buffers)  # type: ignore[union-attr]  # not on failure: the device may write
 
         finished.add_done_callback(deliver)
         return run
 
+    def _enqueue_compute(
+        self, model: CudaModel, buffers: BatchBuffers, n: int, copy_done: torch.cuda.Event,
+        started: torch.cuda.Event, done: torch.cuda.Event,
+    ) -> None:  # fmt: skip
+        """On the model's stream, after the copy: pre-process, run, results back to the host buffer."""
+        spec = model.spec
+        with torch.inference_mode(), torch.cuda.device(self.device), torch.cuda.stream(model.stream):
+            model.stream.wait_event(copy_done)
+            started.record(model.stream)
+            frames = buffers.staged[:n].view(_torch_dtype(spec.frame_dtype)).view(n, *spec.input_shape)
+            buffers.out[:n].copy_(model.forward(frames))
+            buffers.host[:n].copy_(buffers.out[:n], non_blocking=True)
+            done.record(model.stream)
+
+    async def _compute_off_loop(
+        self, model: CudaModel, buffers: BatchBuffers, n: int, copy_done: torch.cuda.Event,
+        started: torch.cuda.Event, done: torch.cuda.Event,
+    ) -> None:  # fmt: skip
+        """Eager models: enqueue from the launcher thread, then wait for ``done`` on the loop (only once
+        it is recorded: an event never recorded reads as complete)."""
+        await self._loop.run_in_executor(
+            self._launcher, self._enqueue_compute, model, buffers, n, copy_done, started, done
+        )
+        await self._bridge.wait(done)
+
     def close(self) -> None:
         self._bridge.close()
+        self._launcher.shutdown(wait=True)  # a launch in progress finishes enqueuing first
         if self._host is not None:
             # Batches still on the device may read the segment: let them finish before unregistering.
             torch.cuda.synchronize(self.device)
