@@ -10,7 +10,9 @@ from the loop) would take a large part of that time.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -56,6 +58,14 @@ async def test_launch_returns_while_the_gpu_is_busy(variant: str) -> None:
         pool.array(slot)[:] = frame.reshape(-1)
         slots.append(slot)
     await backend.launch(model, slots).done  # the first batch may load kernels: not timed
+    launched_on: list[int] = []  # threads that ran the module's Python (eager models only)
+    forward = model.module.forward
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        launched_on.append(threading.get_ident())
+        return forward(*args, **kwargs)
+
+    model.module.forward = spy  # type: ignore[method-assign]
 
     for stream in (backend.copy_stream, model.stream):
         with torch.cuda.stream(stream):
@@ -69,6 +79,8 @@ async def test_launch_returns_while_the_gpu_is_busy(variant: str) -> None:
     assert took < 0.01, f"launch() took {took * 1e3:.1f} ms while the GPU was busy: it waited on the device"
 
     results = await run.done
+    if not spec.cuda_graphs:  # an eager model's kernel launches are milliseconds of CPU: never on the loop
+        assert launched_on and threading.get_ident() not in launched_on
     with torch.inference_mode():
         module = build_builtin("resnet18").cuda().eval()
         expected = module(preprocess_torch(torch.from_numpy(frames).cuda(), spec, torch.float32)).float().cpu()
