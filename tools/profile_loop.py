@@ -1,0 +1,154 @@
+"""Where the event loop's time goes, per frame: loop CPU per frame, then a breakdown by stage.
+
+Runs a streamgpu server in this process (its loop on the main thread) and
+drives it with the load generator in other processes, closed loop. Two
+windows:
+
+1. unprofiled: CPU time of the loop thread (``time.thread_time``) over the
+   frames completed, i.e. the loop's real cost per frame;
+2. under cProfile: each function's own time, grouped into stages by the
+   module it lives in (C functions by the module that called them), scaled
+   so the stages add up to the unprofiled per-frame cost.
+
+The profiler slows the loop, so the breakdown is a proportion, not a timing.
+
+    python tools/profile_loop.py --model builtin:small --concurrency 64 --processes 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import cProfile
+import json
+import os
+import pstats
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from streamgpu.config import Config, ListenerSpec
+from streamgpu.loops import new_event_loop
+from streamgpu.models.spec import ModelSpec
+from streamgpu.server import Server
+
+ROOT = Path(__file__).resolve().parent.parent
+# Stage of a function, from the file it is defined in (first match wins).
+STAGES = [
+    ("ingest/tcp.py", "ingest: TCP parse + reply write"),
+    ("ingest/admission.py", "admission + producer accounting"),
+    ("memory/pool.py", "slot pool"),
+    ("scheduler/runner.py", "batch runner (finish frames)"),
+    ("scheduler/", "scheduler (queue, batch choice)"),
+    ("gpu/bridge.py", "completion bridge"),
+    ("gpu/", "launch (copies, kernels, graphs)"),
+    ("protocol/wire.py", "wire encode/decode"),
+    ("protocol/ordering.py", "reply order"),
+    ("frame.py", "frame/outcome"),
+]
+
+
+def stage_of(filename: str) -> str:
+    for fragment, stage in STAGES:
+        if fragment in filename.replace(os.sep, "/") and "streamgpu" in filename:
+            return stage
+    return ""
+
+
+def breakdown(profile: cProfile.Profile) -> dict[str, float]:
+    """Own time per stage; C functions and library code go to the stage of their first streamgpu caller."""
+    stats = pstats.Stats(profile)
+    raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
+    totals: collections.Counter[str] = collections.Counter()
+    for func, (_cc, _nc, tottime, _ct, callers) in raw.items():
+        stage = stage_of(func[0])
+        if not stage:  # attribute to callers in proportion to the time they spent in it
+            weights = {caller: c[2] for caller, c in callers.items()} if callers else {}
+            caller_stages = [(stage_of(c[0]), w) for c, w in weights.items() if stage_of(c[0])]
+            total_w = sum(w for _, w in caller_stages)
+            if total_w > 0:
+                for s, w in caller_stages:
+                    totals[s] += tottime * w / total_w
+                continue
+            stage = "event loop + other"
+        totals[stage] += tottime
+    return dict(totals)
+
+
+def start_load(port: int, args: argparse.Namespace, seconds: float) -> subprocess.Popen[bytes]:
+    cmd = [
+        sys.executable, str(ROOT / "tools" / "loadgen.py"), "-u", f"127.0.0.1:{port}",
+        "--concurrency-range", str(args.concurrency), "--processes", str(args.processes),
+        "--streams", str(4 * args.processes), "--shape", args.shape, "--duration", str(seconds),
+        "--warmup", "0", "--quiet",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+
+
+async def measure(args: argparse.Namespace) -> dict[str, Any]:
+    shape = tuple(int(d) for d in args.shape.split("x"))
+    spec = ModelSpec(source=args.model, input_shape=shape)
+    config = Config(listeners=[ListenerSpec(port=0)], device=args.device, models=[spec], log_level="WARNING")
+    async with Server(config) as server:
+        load = start_load(server.port, args, args.seconds * 2 + args.warmup + 1)
+        await asyncio.sleep(args.warmup)
+
+        def completed() -> int:
+            return int(server.metrics()["models"]["default"]["completed"])
+
+        n0, cpu0, t0 = completed(), time.thread_time(), time.perf_counter()
+        await asyncio.sleep(args.seconds)
+        n1, cpu1, t1 = completed(), time.thread_time(), time.perf_counter()
+        profile = cProfile.Profile()
+        profile.enable()
+        await asyncio.sleep(args.seconds)
+        profile.disable()
+        n2 = completed()
+        await asyncio.get_running_loop().run_in_executor(None, load.wait)  # the loop keeps serving
+    frames = n1 - n0
+    us_per_frame = (cpu1 - cpu0) / max(frames, 1) * 1e6
+    stages = breakdown(profile)
+    scale = us_per_frame / max(sum(stages.values()), 1e-12)
+    return {
+        "frames_per_s": frames / (t1 - t0),
+        "loop_busy": (cpu1 - cpu0) / (t1 - t0),
+        "loop_us_per_frame": us_per_frame,
+        "profiled_frames": n2 - n1,
+        "stages_us_per_frame": {k: v * scale for k, v in sorted(stages.items(), key=lambda kv: -kv[1])},
+        "device": server.backend.device_name if server.backend else args.device,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="builtin:small")
+    parser.add_argument("--shape", default="224x224x3")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    parser.add_argument("--concurrency", type=int, default=64, help="frames in flight per generator process")
+    parser.add_argument("--processes", type=int, default=4, help="generator processes")
+    parser.add_argument("--seconds", type=float, default=4.0, help="each window")
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--json", default="")
+    args = parser.parse_args()
+    loop = new_event_loop("auto")
+    try:
+        report = loop.run_until_complete(measure(args))
+    finally:
+        loop.close()
+    print(f"{args.model} {args.shape}, {args.processes} x {args.concurrency} in flight, {report['device']}")
+    print(f"frames/s {report['frames_per_s']:.0f}; loop busy {report['loop_busy']:.0%}; "
+          f"loop CPU per frame {report['loop_us_per_frame']:.1f} us")  # fmt: skip
+    print("stage | us per frame")
+    for stage, us in report["stages_us_per_frame"].items():
+        print(f"{stage} | {us:.1f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
