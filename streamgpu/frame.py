@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -20,8 +20,7 @@ if TYPE_CHECKING:
     from streamgpu.memory import Slot
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
     """How one frame ended: a status, a result (OK only), server timings and a message.
 
     ``result`` is one frame's output, without a batch dimension (the default
@@ -33,7 +32,7 @@ class Outcome:
     status: Status
     message: str = ""
     result: np.ndarray | None = None
-    timings: Timings = field(default_factory=Timings)
+    timings: Timings = Timings()
 
     @property
     def ok(self) -> bool:

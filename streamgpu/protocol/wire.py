@@ -29,7 +29,8 @@ from __future__ import annotations
 import enum
 import math
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -302,11 +303,19 @@ def decode_welcome(buf: bytes | memoryview) -> tuple[Welcome, int] | None:
 # stream_id, sequence, payload_len, timestamp_ns, deadline_us, reserved(u32)
 _FRAME = struct.Struct("<4sBBBBBBHIQQQII")
 FRAME_HEADER_SIZE = _FRAME.size  # 48
+_SHAPES = [struct.Struct(f"<{n}I") for n in range(256)]  # shape fields by ndim (a u8 on the wire)
+_LIVE = int(FrameFlags.LIVE)
+_FRAME_FLAGS = {0: FrameFlags.NONE, _LIVE: FrameFlags.LIVE}  # making an IntFlag per frame is slow
+_MODEL_NAMES: dict[bytes, str] = {}  # decoded model names: a handful in practice
+_MODEL_NAMES_CACHED = 1024
 
 
-@dataclass(frozen=True)
-class FrameHeader:
-    """One frame's header. ``deadline_us`` is a budget from server arrival (0 = none)."""
+class FrameHeader(NamedTuple):
+    """One frame's header. ``deadline_us`` is a budget from server arrival (0 = none).
+
+    The header types are named tuples: made once per frame on the hot path,
+    and a tuple is several times cheaper to build than a frozen dataclass.
+    """
 
     stream_id: int
     sequence: int
@@ -351,7 +360,7 @@ def encode_frame_header(h: FrameHeader) -> bytes:
         FRAME_MAGIC, h.version, h.dtype_code, len(h.shape), h.priority, int(h.flags), len(model), 0,
         h.stream_id, h.sequence, h.payload_len, h.timestamp_ns, h.deadline_us, 0,
     )  # fmt: skip
-    return head + model + struct.pack(f"<{len(h.shape)}I", *h.shape)
+    return head + model + _SHAPES[len(h.shape)].pack(*h.shape)
 
 
 def decode_frame_header(buf: bytes | memoryview) -> tuple[FrameHeader, int] | None:
@@ -385,15 +394,19 @@ def decode_frame_header(buf: bytes | memoryview) -> tuple[FrameHeader, int] | No
     end = FRAME_HEADER_SIZE + model_len + 4 * ndim
     if len(buf) < end:
         return None
-    try:
-        model = bytes(buf[FRAME_HEADER_SIZE : FRAME_HEADER_SIZE + model_len]).decode()
-    except UnicodeDecodeError:
-        raise ProtocolError(Status.BAD_FRAME, "model name is not valid UTF-8") from None
-    shape = struct.unpack_from(f"<{ndim}I", buf, FRAME_HEADER_SIZE + model_len)
+    name = bytes(buf[FRAME_HEADER_SIZE : FRAME_HEADER_SIZE + model_len])
+    model = _MODEL_NAMES.get(name)
+    if model is None:
+        try:
+            model = name.decode()
+        except UnicodeDecodeError:
+            raise ProtocolError(Status.BAD_FRAME, "model name is not valid UTF-8") from None
+        if len(_MODEL_NAMES) < _MODEL_NAMES_CACHED:  # bounded: a producer inventing names cannot grow it
+            _MODEL_NAMES[name] = model
+    shape = _SHAPES[ndim].unpack_from(buf, FRAME_HEADER_SIZE + model_len)
     header = FrameHeader(
-        stream_id=stream_id, sequence=sequence, model=model, dtype_code=dtype, shape=tuple(shape),
-        payload_len=payload_len, timestamp_ns=timestamp_ns, deadline_us=deadline_us, priority=priority,
-        flags=FrameFlags(flags & int(FrameFlags.LIVE)), version=version,
+        stream_id, sequence, model, dtype, shape, payload_len, timestamp_ns, deadline_us, priority,
+        _FRAME_FLAGS[flags & _LIVE], version,
     )  # fmt: skip
     return header, end
 
@@ -401,8 +414,7 @@ def decode_frame_header(buf: bytes | memoryview) -> tuple[FrameHeader, int] | No
 # --- REPLY ----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Timings:
+class Timings(NamedTuple):
     """Server-side time per stage, in microseconds (saturating at 2**32-1).
 
     receive: frame header parsed to last payload byte; queue: frame complete to
@@ -425,8 +437,7 @@ _REPLY = struct.Struct("<4sBBBBHHIQQQIIIIIHH")
 REPLY_HEADER_SIZE = _REPLY.size  # 64
 
 
-@dataclass(frozen=True)
-class ReplyHeader:
+class ReplyHeader(NamedTuple):
     stream_id: int
     sequence: int
     status: Status
@@ -434,7 +445,7 @@ class ReplyHeader:
     shape: tuple[int, ...] = ()
     payload_len: int = 0
     timestamp_ns: int = 0
-    timings: Timings = field(default_factory=Timings)
+    timings: Timings = Timings()
     message: str = ""
     flags: ReplyFlags = ReplyFlags.NONE  # CONNECTION: about the connection, not a frame (stream_id/sequence 0)
 
@@ -446,16 +457,17 @@ def encode_reply(h: ReplyHeader, payload: bytes | memoryview = b"", version: int
     does not know is replaced by its stand-in (:func:`status_for`). ``flags``
     is written in every version (v1 readers ignore that field).
     """
-    msg = h.message.encode()[:MAX_MESSAGE]
+    msg = h.message.encode()[:MAX_MESSAGE] if h.message else b""
     payload = memoryview(payload).cast("B")  # len() of a typed view counts items, not bytes
     t = h.timings
+    status = h.status if version >= 2 or h.status in V1_STATUSES else status_for(h.status, version)
     head = _REPLY.pack(
-        REPLY_MAGIC, REPLY_VERSION, status_for(h.status, version), h.dtype_code, len(h.shape), len(msg), int(h.flags),
+        REPLY_MAGIC, REPLY_VERSION, status, h.dtype_code, len(h.shape), len(msg), h.flags,
         h.stream_id, h.sequence, len(payload), h.timestamp_ns,
         min(t.receive_us, _U32), min(t.queue_us, _U32), min(t.transfer_us, _U32),
         min(t.compute_us, _U32), min(t.total_us, _U32), min(t.batch_size, 0xFFFF), 0,
     )  # fmt: skip
-    parts: list[bytes | memoryview] = [head + msg + struct.pack(f"<{len(h.shape)}I", *h.shape)]
+    parts: list[bytes | memoryview] = [head + msg + _SHAPES[len(h.shape)].pack(*h.shape)]
     if len(payload):
         parts.append(payload)
     return parts
@@ -475,7 +487,7 @@ def decode_reply(buf: bytes | memoryview) -> tuple[ReplyHeader, memoryview, int]
     if len(buf) < end:
         return None
     message = bytes(buf[REPLY_HEADER_SIZE:shape_at]).decode(errors="replace")
-    shape = struct.unpack_from(f"<{ndim}I", buf, shape_at)
+    shape = _SHAPES[ndim].unpack_from(buf, shape_at)
     header = ReplyHeader(
         stream_id=stream_id, sequence=sequence, status=_status(status), dtype_code=dtype, shape=tuple(shape),
         payload_len=payload_len, timestamp_ns=ts, timings=Timings(rx, q, tr, comp, total, bs), message=message,
