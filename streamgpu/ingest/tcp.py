@@ -41,6 +41,7 @@ import logging
 import socket
 import time
 import typing
+from collections.abc import Callable
 from typing import Any
 
 from streamgpu.config import ListenerSpec
@@ -77,6 +78,7 @@ class TcpConnection(asyncio.BufferedProtocol):
         self._listener = listener
         self._admission = listener.admission
         self._transport: asyncio.Transport | None = None
+        self._out: list[bytes | memoryview] = []  # replies ready to write, flushed once per loop iteration
         self._state = _State.HELLO
         self._scratch = bytearray(HELLO_BYTES)  # grows to SCRATCH_BYTES after the handshake
         self._scratch_view = memoryview(self._scratch)
@@ -379,10 +381,20 @@ class TcpConnection(asyncio.BufferedProtocol):
 
     def _send(self, ticket: Ticket, parts: list[bytes | memoryview]) -> None:
         ready = self._order.complete(ticket, parts)
-        if ready and self._transport is not None and not self._transport.is_closing():
-            self._transport.writelines(ready)
+        if ready and self._transport is not None:
+            # One write per connection per loop iteration, not one per reply: a batch finishing
+            # many frames of this connection costs one system call.
+            first = not self._out
+            self._out += ready
+            if first:
+                self._listener.defer(self._flush)
         if "frames" in self._blocked and len(self._order) < self._admission.config.max_frames_per_connection:
             self._unblock("frames")
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if out and self._transport is not None and not self._transport.is_closing():
+            self._transport.writelines(out)
 
     # -- flow control ---------------------------------------------------------------------------
 
@@ -421,6 +433,7 @@ class TcpConnection(asyncio.BufferedProtocol):
     def _welcome(self, status: Status, message: str, version: int) -> None:
         if self._transport is None:
             return
+        self._flush()
         limits = None
         if status == Status.OK and self.producer is not None:
             limits = self._admission.limits(self.producer)
@@ -430,6 +443,7 @@ class TcpConnection(asyncio.BufferedProtocol):
 
     def _connection_reply(self, status: Status, message: str) -> None:
         """A reply about the connection itself (flag CONNECTION), the last thing it is sent."""
+        self._flush()  # the replies before it go first
         transport = self._transport
         if transport is not None and not transport.is_closing():
             reply = ReplyHeader(0, 0, status, message=message, flags=ReplyFlags.CONNECTION)
@@ -445,6 +459,7 @@ class TcpConnection(asyncio.BufferedProtocol):
         self._close()
 
     def _close(self) -> None:
+        self._flush()
         self._drop_partial_frame()
         self._state = _State.CLOSED
         if self._transport is not None:
@@ -536,10 +551,13 @@ class TcpListener(Listener):
         super().__init__(spec, admission)
         self._server: asyncio.Server | None = None
         self._connections: set[TcpConnection] = set()
+        # Runs reply flushes; the loop's call_soon once started (unstarted, e.g. driven by tests: at once).
+        self.defer: Callable[[Callable[[], None]], object] = _call_now
         self._refused = 0
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self.defer = loop.call_soon
         self._server = await loop.create_server(lambda: TcpConnection(self), self.spec.host, self.spec.port)
 
     @property
@@ -585,3 +603,7 @@ class TcpListener(Listener):
 
     def stats(self) -> dict[str, Any]:
         return {"kind": self.kind, "connections": len(self._connections), "refused_connections": self._refused}
+
+
+def _call_now(callback: Callable[[], None]) -> None:
+    callback()
