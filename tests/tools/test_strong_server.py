@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -26,16 +27,15 @@ ROOT = Path(__file__).resolve().parents[2]
 SHAPE = (64, 64, 3)
 
 
-@pytest.fixture(scope="module")
-def port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    log = tmp_path_factory.mktemp("strong") / "server.log"
-    cmd = [sys.executable, "tools/strong_server.py", "--port", "0", "--device", "cpu", "--model", "builtin:small",
-           "--shape", *map(str, SHAPE)]  # fmt: skip
+@contextlib.contextmanager
+def strong_server(log: Path, *args: str) -> Iterator[int]:
+    """tools/strong_server.py in a subprocess until the block ends; yields its port."""
+    cmd = [sys.executable, "tools/strong_server.py", "--port", "0", "--model", "builtin:small", *args]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}", "PYTHONUNBUFFERED": "1"}
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while not (m := re.search(r"listening on [\d.]+:(\d+)", log.read_text())):
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.1)
@@ -47,6 +47,13 @@ def port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    log = tmp_path_factory.mktemp("strong") / "server.log"
+    with strong_server(log, "--device", "cpu", "--shape", *map(str, SHAPE)) as port:
+        yield port
 
 
 def frames(n: int, seed: int = 0) -> np.ndarray:
@@ -111,3 +118,26 @@ async def test_bad_frames_get_error_replies_and_the_connection_goes_on(port: int
         assert (await conn.infer(good[0], stream_id=6)).ok  # still open
     finally:
         await conn.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_cuda_graphs_match_the_direct_call(tmp_path: Path) -> None:
+    """On the GPU (fp16, graphs per bucket, 224x224x3): results match the model called directly."""
+    spec = ModelSpec(source="builtin:small")
+    batch = np.random.default_rng(3).integers(0, 256, (512, *spec.input_shape), dtype=np.uint8)
+    with torch.inference_mode():
+        x = preprocess_torch(torch.from_numpy(batch).cuda(), spec, torch.float16)
+        expected = build_builtin("small").cuda().half()(x).float().cpu().numpy()
+    with strong_server(tmp_path / "server.log", "--device", "cuda") as port:
+        assert "graphs [1, 2, 4, 8, 16, 32]" in (tmp_path / "server.log").read_text()
+        conns = [await connect("127.0.0.1", port) for _ in range(4)]
+        replies = await asyncio.gather(*(conns[i % 4].submit(f, stream_id=i % 8) for i, f in enumerate(batch)))
+        for conn in conns:
+            await conn.close()
+    got = np.stack([r.unwrap() for r in replies])
+    err = np.linalg.norm(got - expected) / np.linalg.norm(expected)
+    sizes = [r.timings.batch_size for r in replies]
+    assert err < 3e-2, f"relative error {err:.2e}"
+    assert max(sizes) > 1, sizes
