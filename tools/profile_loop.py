@@ -113,12 +113,16 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     us_per_frame = (cpu1 - cpu0) / max(frames, 1) * 1e6
     stages = breakdown(profile)
     scale = us_per_frame / max(sum(stages.values()), 1e-12)
+    raw: dict[Any, Any] = pstats.Stats(profile).stats  # type: ignore[attr-defined]
+    top = sorted(raw.items(), key=lambda kv: -kv[1][2])[:20]
+    functions = {f"{Path(f[0]).name}:{f[1]}({f[2]})": v[2] * scale for f, v in top}
     return {
         "frames_per_s": frames / (t1 - t0),
         "loop_busy": (cpu1 - cpu0) / (t1 - t0),
         "loop_us_per_frame": us_per_frame,
         "profiled_frames": n2 - n1,
         "stages_us_per_frame": {k: v * scale for k, v in sorted(stages.items(), key=lambda kv: -kv[1])},
+        "top_functions_us_per_frame": functions,
         "device": server.backend.device_name if server.backend else args.device,
     }
 
@@ -145,6 +149,9 @@ def main() -> int:
     print("stage | us per frame")
     for stage, us in report["stages_us_per_frame"].items():
         print(f"{stage} | {us:.1f}")
+    print("top functions (own time) | us per frame")
+    for name, us in list(report["top_functions_us_per_frame"].items())[:12]:
+        print(f"{name} | {us:.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     return 0
