@@ -129,6 +129,9 @@ DTYPE_CODES: dict[np.dtype, int] = {dt: code for code, dt in DTYPES.items()}
 
 def dtype_code(dtype: np.dtype | type | str) -> int:
     """Wire code of a numpy dtype; raises ValueError for unsupported ones."""
+    code = DTYPE_CODES.get(dtype) if isinstance(dtype, np.dtype) else None  # fast path: a little-endian dtype
+    if code is not None:
+        return code
     dt = np.dtype(dtype).newbyteorder("<") if np.dtype(dtype).itemsize > 1 else np.dtype(dtype)
     try:
         return DTYPE_CODES[dt]
