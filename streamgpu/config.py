@@ -7,6 +7,7 @@ configs/example.toml shows every setting with a comment.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -72,6 +73,7 @@ class Config:
     max_frames_per_connection: int = 256
     hello_timeout_s: float = 5.0
     receive_timeout_s: float = 10.0
+    receive_idle_timeout_s: float = 2.0
     min_receive_rate: int = 1_000_000
     max_inflight_batches: int = 2
     shutdown_timeout_s: float = 10.0
@@ -100,8 +102,10 @@ class Config:
                 f"max_producer_ring_bytes must be 0 (a quarter of ring_bytes) .. ring_bytes, "
                 f"got {self.max_producer_ring_bytes}"
             )
-        if self.receive_timeout_s <= 0 or self.hello_timeout_s <= 0:
-            problems.append("receive_timeout_s and hello_timeout_s must be > 0")
+        for key in ("receive_timeout_s", "receive_idle_timeout_s", "hello_timeout_s", "shutdown_timeout_s"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0) or (value == 0 and key != "shutdown_timeout_s"):
+                problems.append(f"{key} must be a finite number of seconds > 0, got {value}")
         if self.min_receive_rate < 1:
             problems.append(f"min_receive_rate must be >= 1 byte/s, got {self.min_receive_rate}")
         if self.max_connections < 1:
@@ -122,8 +126,6 @@ class Config:
             problems.append(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         if self.max_frames_per_connection < 1 or self.max_inflight_batches < 1:
             problems.append("max_frames_per_connection and max_inflight_batches must be >= 1")
-        if self.shutdown_timeout_s < 0:
-            problems.append("shutdown_timeout_s must be >= 0")
         if not self.models:
             problems.append("at least one model is needed")
         names = [m.name for m in self.models]

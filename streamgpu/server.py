@@ -104,7 +104,10 @@ class Server:
         """Enforce listeners' time limits (handshakes, payload budgets) about four times per shortest limit."""
         now = time.monotonic()
         for listener in self._listeners:
-            listener.sweep(now)
+            try:
+                listener.sweep(now)
+            except Exception:  # one listener's bug must not end every time limit of every listener
+                log.exception("sweeping %s listener failed", listener.kind)
         period = min(1.0, self.config.receive_timeout_s / 4, self.config.hello_timeout_s / 4)
         self._sweeper = asyncio.get_running_loop().call_later(period, self._sweep)
 
@@ -136,7 +139,13 @@ class Server:
         log.info("streamgpu stopped")
 
     async def _release(self) -> None:
-        """Free what ``start`` acquired (also after a failed start)."""
+        """Free what ``start`` acquired (also after a failed start: listeners already bound close)."""
+        for listener in self._listeners:
+            listener.stop_accepting()
+            await listener.close(timeout=0)
+        self._listeners.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self.backend is not None:
             self.backend.close()  # cancels what still runs
             self.backend = None

@@ -74,6 +74,8 @@ def test_models_from_toml(tmp_path: Path) -> None:
         ('[server.tokens.a]\ntoken = ""\n', "tokens.a: token must not be empty"),
         ("[server]\nmax_frames_per_connection = 5000\n", "must be below model 'default''s max_queue"),
         ("[server]\nmin_receive_rate = 0\n", "min_receive_rate must be >= 1"),
+        ("[server]\nhello_timeout_s = nan\n", "hello_timeout_s must be a finite number of seconds"),
+        ("[[models]]\ndefault_deadline_ms = inf\n", "default_deadline_ms must be a finite number"),
     ],
 )
 def test_bad_settings_say_what_to_fix(tmp_path: Path, toml: str, message: str) -> None:

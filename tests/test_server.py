@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+import time
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -239,7 +240,6 @@ async def test_a_stalled_producer_is_dropped_and_others_flow_meanwhile() -> None
 
 @pytest.mark.asyncio
 async def test_shutdown_timeout_answers_frames_still_running(monkeypatch: pytest.MonkeyPatch) -> None:
-    import time
 
     from streamgpu.gpu.cpu import CpuModel
 
@@ -261,3 +261,63 @@ async def test_shutdown_timeout_answers_frames_still_running(monkeypatch: pytest
     assert statuses == [Status.SHUTTING_DOWN] * 3
     assert srv.pool.slots_in_use == 0 and srv.metrics()["frames_in_flight"] == 0
     await conn.close()
+
+
+@pytest.mark.asyncio
+async def test_framing_lost_while_streaming_still_delivers_the_replies_already_written(server: Server) -> None:
+    """Regression (review): closing with unread input made the kernel reset the connection and drop the
+    replies queued ahead of the connection reply; the server now shuts its side and drains first."""
+    loop = asyncio.get_running_loop()
+
+    def producer() -> tuple[list[wire.ReplyHeader], str]:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow reader on a real network
+        frames = random_frames(100, seed=11)
+        sock.sendall(wire.encode_hello(wire.Hello()))
+        for i, f in enumerate(frames):
+            h = wire.FrameHeader(0, i, "default", 1, SPEC.input_shape, FRAME_BYTES)
+            sock.sendall(wire.encode_frame_header(h) + f.tobytes())
+        time.sleep(1.0)  # all answered; most replies wait in the server's send queue
+        sock.setblocking(False)
+        tail = b"XXXX" + b"\0" * 300_000  # framing lost, and the producer keeps streaming
+        with contextlib.suppress(BlockingIOError):
+            sock.send(tail)
+        sock.setblocking(True)
+        buf = b""
+        end = "EOF"
+        try:
+            while chunk := sock.recv(65536):
+                buf += chunk
+        except OSError as exc:
+            end = repr(exc)
+        sock.close()
+        welcome = wire.decode_welcome(buf)
+        assert welcome is not None
+        buf = buf[welcome[1] :]
+        got = []
+        while parsed := wire.decode_reply(buf):
+            got.append(parsed[0])
+            buf = buf[parsed[2] :]
+        return got, end
+
+    got, end = await loop.run_in_executor(None, producer)
+    assert end == "EOF", end
+    assert [r.sequence for r in got[:-1]] == list(range(100)) and all(r.status == Status.OK for r in got[:-1])
+    assert got[-1].flags & wire.ReplyFlags.CONNECTION and got[-1].status == Status.BAD_FRAME
+
+
+@pytest.mark.asyncio
+async def test_a_failed_start_closes_the_listeners_it_had_opened() -> None:
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    first_port = free.getsockname()[1]
+    free.close()
+    srv = Server(config(listeners=[ListenerSpec(port=first_port), ListenerSpec(port=blocker.getsockname()[1])]))
+    with pytest.raises(OSError):
+        await srv.start()
+    blocker.close()
+    with pytest.raises(ConnectionError):
+        await client.connect("127.0.0.1", first_port, timeout=2)

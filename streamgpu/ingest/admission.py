@@ -152,6 +152,11 @@ class Producer:
         """Give a slot back to the ring, and let this producer's waiting frames in if now within share."""
         self.bytes_held -= slot.nbytes
         self._pool.release(slot)
+        self._admit_over_share()
+        self._admission.forget_if_idle(self)
+
+    def _admit_over_share(self) -> None:
+        """Move this producer's waiting frames that now fit its share on to wait for the pool."""
         while self._over_share and not self._exceeds_share(self._over_share[0].nbytes):
             self._wait_in_pool(self._over_share.popleft())
 
@@ -175,13 +180,21 @@ class Producer:
             self._in_pool.discard(reservation)
             self._pool.cancel(reservation._waiter)
             self.bytes_held -= reservation.nbytes
-        # else: granted, delivery pending; _deliver sees the cancel and releases the slot
+        else:  # granted, delivery pending: _deliver sees the cancel and releases the slot
+            return
+        self._admit_over_share()  # what waited behind it, or for the share it held, may go now
 
     # -- frames --------------------------------------------------------------------------------
 
     def frame_finished(self) -> None:
         self.frames_in_server -= 1
         self._admission.frames_in_flight -= 1
+        self._admission.forget_if_idle(self)
+
+    @property
+    def idle(self) -> bool:
+        """No connection, no frame in the server, no ring space held or promised."""
+        return not (self.connections or self.frames_in_server or self.bytes_held)
 
 
 class Admission:
@@ -247,8 +260,13 @@ class Admission:
     def leave(self, producer: Producer) -> None:
         """A connection of ``producer`` closed."""
         producer.connections -= 1
-        if producer.connections == 0 and isinstance(producer.key, tuple) and producer.key[0] == "token":
-            self._named.pop(producer.name, None)
+        self.forget_if_idle(producer)
+
+    def forget_if_idle(self, producer: Producer) -> None:
+        """Drop a named producer once nothing of it is left: while its frames still hold ring space or
+        wait for the GPU, a reconnecting token gets the same producer (the same share), not a fresh one."""
+        if producer.idle and self._named.get(producer.name) is producer:
+            del self._named[producer.name]
 
     def limits(self, producer: Producer) -> wire.Limits:
         """What a v2 WELCOME announces to a connection of ``producer``."""

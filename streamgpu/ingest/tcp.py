@@ -59,6 +59,11 @@ HELLO_BYTES = 8 + wire.MAX_TOKEN  # the largest HELLO: all a connection gets bef
 SCRATCH_BYTES = 64 * 1024
 BULK_READ_BELOW = 16 * 1024  # payloads smaller than this are read in bulk through scratch
 HIGH_WATER = 4 * 1024 * 1024  # unsent reply bytes at which the producer's reading is paused
+# Closing with unread input makes the kernel reset the connection and drop the replies not yet
+# sent: so a closing connection shuts its side for writing and reads (and drops) what is still
+# coming, for at most this long and this much, before it is closed for good.
+LINGER_S = 2.0
+LINGER_BYTES = 4 * 1024 * 1024
 _connection_ids = itertools.count(1)
 
 
@@ -69,6 +74,7 @@ class _State(enum.Enum):
     DISCARD = 4
     WAIT_SLOT = 5
     CLOSED = 6
+    DRAIN = 7  # closing: our side is shut for writing, input is read and dropped until the producer closes
 
 
 class TcpConnection(asyncio.BufferedProtocol):
@@ -98,9 +104,12 @@ class TcpConnection(asyncio.BufferedProtocol):
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._discard_left = 0
         self._order = ReplyOrder()  # one ticket per frame whose reply has not been written yet
+        self._last_progress = 0.0  # time.monotonic() of the payload's last bytes (or of its slot)
+        self._linger: asyncio.TimerHandle | None = None
         self._due = 0.0  # time.monotonic() by which the HELLO (state HELLO) or the payload (PAYLOAD) must be in
         self._blocked: set[str] = set()  # why no new frame may start; reading pauses at the next frame boundary
         self._reading_paused = False
+        self._parsing = False  # inside _process_scratch (which an outcome delivered synchronously may re-enter)
         self.id = next(_connection_ids)
         self.peer: str = "?"
 
@@ -131,6 +140,8 @@ class TcpConnection(asyncio.BufferedProtocol):
             return self._slot_view[self._filled :]
         if self._state is _State.DISCARD:
             return self._scratch_view[: min(self._discard_left, len(self._scratch))]
+        if self._state is _State.DRAIN:
+            return self._scratch_view
         # HELLO / HEADER / WAIT_SLOT read into scratch after what is buffered
         room = len(self._scratch) - self._have
         if self._state is _State.HEADER and not self._bulk:
@@ -143,6 +154,7 @@ class TcpConnection(asyncio.BufferedProtocol):
         try:
             if self._state is _State.PAYLOAD:
                 self._filled += nbytes
+                self._last_progress = time.monotonic()
                 assert self._header is not None
                 if self._filled == self._header.payload_len:
                     self._finish_payload()
@@ -152,19 +164,26 @@ class TcpConnection(asyncio.BufferedProtocol):
                 if self._discard_left == 0:
                     self._state = _State.HEADER
                     self._process_scratch()
+            elif self._state is _State.DRAIN:
+                self._discard_left -= nbytes
+                if self._discard_left <= 0 and self._transport is not None:
+                    self._transport.abort()  # lingered long enough
+                return
             else:
                 self._have += nbytes
                 self._process_scratch()
         except ProtocolError as exc:
             self._fail(exc.status, str(exc))
             return
-        if self._blocked:  # flow control noted while parsing takes effect at this frame boundary
+        if self._blocked or self._state is _State.WAIT_SLOT:  # flow control takes effect at this boundary
             self._update_reading()
 
     def eof_received(self) -> bool:
         return False  # close our side too; replies of a half-closed producer cannot be delivered reliably
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
         self._drop_partial_frame()
         self._state = _State.CLOSED
         self._transport = None
@@ -183,6 +202,18 @@ class TcpConnection(asyncio.BufferedProtocol):
 
     def _process_scratch(self) -> None:
         """Consume everything complete in scratch; leave a partial header (or a blocked one) at its start."""
+        if self._parsing:
+            # Re-entered: a frame submitted by the running parse was answered at once (deadline passed,
+            # queue full, superseded), which unblocked this connection. The running parse re-checks
+            # the blocks before each header and goes on; a second parse would read the same bytes again.
+            return
+        self._parsing = True
+        try:
+            self._parse_scratch()
+        finally:
+            self._parsing = False
+
+    def _parse_scratch(self) -> None:
         pos = 0
         view = self._scratch_view
         while pos < self._have:
@@ -278,7 +309,7 @@ class TcpConnection(asyncio.BufferedProtocol):
     def _wait_for_slot(self, reservation: Reservation) -> None:
         self._state = _State.WAIT_SLOT
         self._reservation = reservation
-        self._pause_reading()
+        self._update_reading()
         if self._deadline_ns:
             delay = max(0.0, (self._deadline_ns - time.perf_counter_ns()) / 1e9)
             loop = asyncio.get_running_loop()
@@ -294,7 +325,8 @@ class TcpConnection(asyncio.BufferedProtocol):
         self._slot = slot
         self._slot_view = self._admission.pool.view(slot)
         self._state = _State.PAYLOAD
-        self._due = time.monotonic() + self._admission.payload_budget_s(self._header.payload_len)
+        self._last_progress = time.monotonic()
+        self._due = self._last_progress + self._admission.payload_budget_s(self._header.payload_len)
         if self._header.payload_len == 0:
             self._finish_payload()
         if waited:
@@ -393,7 +425,7 @@ class TcpConnection(asyncio.BufferedProtocol):
 
     def _flush(self) -> None:
         out, self._out = self._out, []
-        if out and self._transport is not None and not self._transport.is_closing():
+        if out and self._transport is not None and not self._transport.is_closing() and self._state is not _State.DRAIN:
             self._transport.writelines(out)
 
     # -- flow control ---------------------------------------------------------------------------
@@ -413,11 +445,14 @@ class TcpConnection(asyncio.BufferedProtocol):
     def _update_reading(self) -> None:
         """Read while a payload is due (pausing mid-payload would count the server's time against
         the producer's payload budget); pause at a frame boundary while blocked, and while waiting
-        for a slot. Shutdown pauses for good."""
-        if self._state is _State.CLOSED or self._transport is None:
+        for a slot once scratch is full. Shutdown pauses for good."""
+        if self._state in (_State.CLOSED, _State.DRAIN) or self._transport is None:
             return
         at_boundary = self._state in (_State.HEADER, _State.HELLO)
-        if "shutdown" in self._blocked or self._state is _State.WAIT_SLOT or (self._blocked and at_boundary):
+        # While waiting for a slot, reading goes on into scratch until it is full: it costs no ring
+        # space, and a producer that leaves meanwhile is noticed (its place in the queue freed).
+        waiting = self._state is _State.WAIT_SLOT and self._have == len(self._scratch)
+        if "shutdown" in self._blocked or waiting or (self._blocked and at_boundary):
             self._pause_reading()
         elif self._reading_paused:
             self._reading_paused = False
@@ -445,7 +480,7 @@ class TcpConnection(asyncio.BufferedProtocol):
         """A reply about the connection itself (flag CONNECTION), the last thing it is sent."""
         self._flush()  # the replies before it go first
         transport = self._transport
-        if transport is not None and not transport.is_closing():
+        if transport is not None and not transport.is_closing() and self._state is not _State.DRAIN:
             reply = ReplyHeader(0, 0, status, message=message, flags=ReplyFlags.CONNECTION)
             transport.writelines(wire.encode_reply(reply, b"", self.version))
 
@@ -459,11 +494,23 @@ class TcpConnection(asyncio.BufferedProtocol):
         self._close()
 
     def _close(self) -> None:
+        """Close after the replies already written: shut our side, drop input until the producer closes."""
         self._flush()
         self._drop_partial_frame()
-        self._state = _State.CLOSED
-        if self._transport is not None:
-            self._transport.close()  # flushes queued replies first
+        transport = self._transport
+        if transport is None or self._state in (_State.CLOSED, _State.DRAIN):
+            return
+        if not transport.can_write_eof():
+            self._state = _State.CLOSED
+            transport.close()  # flushes queued replies first
+            return
+        self._state = _State.DRAIN
+        self._discard_left = LINGER_BYTES
+        transport.write_eof()  # after the queued replies: the producer reads them, then end of stream
+        self._linger = asyncio.get_running_loop().call_later(LINGER_S, transport.abort)
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
 
     def _drop_partial_frame(self) -> None:
         """Free whatever a frame still being received holds (nobody will answer it here)."""
@@ -482,13 +529,15 @@ class TcpConnection(asyncio.BufferedProtocol):
             self._deadline_timer = None
 
     def _is_closed(self) -> bool:
-        return self._transport is None or self._transport.is_closing()
+        return self._transport is None or self._transport.is_closing() or self._state is _State.DRAIN
 
     # -- what the listener calls ------------------------------------------------------------------
 
     def stop_reading(self) -> None:
         """Shutdown: take no more input. A frame half received is answered SHUTTING_DOWN, and so
         is every frame whose header is already in the scratch buffer (admission refuses them now)."""
+        if self._state in (_State.CLOSED, _State.DRAIN):
+            return
         self._block("shutdown")
         self._pause_reading()
         if self._state in (_State.PAYLOAD, _State.WAIT_SLOT) and self._header is not None:
@@ -509,6 +558,7 @@ class TcpConnection(asyncio.BufferedProtocol):
     def sweep(self, now: float) -> None:
         """Enforce the handshake and payload time limits."""
         if now <= self._due:
+            self._sweep_idle(now)
             return
         if self._state is _State.HELLO and self._transport is not None:
             timeout = self._admission.config.hello_timeout_s
@@ -521,6 +571,15 @@ class TcpConnection(asyncio.BufferedProtocol):
                 Status.RECEIVE_TIMEOUT,
                 f"frame payload of {self._header.payload_len} bytes did not arrive within {budget:.3g} s"
                 f" ({self._filled} bytes came)",
+            )
+
+    def _sweep_idle(self, now: float) -> None:
+        idle = self._admission.config.receive_idle_timeout_s
+        if self._state is _State.PAYLOAD and self._header is not None and now - self._last_progress > idle:
+            self.abort(
+                Status.RECEIVE_TIMEOUT,
+                f"frame payload made no progress for {idle:g} s ({self._filled} of {self._header.payload_len}"
+                " bytes came)",
             )
 
     def abort(self, status: Status, message: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,6 +91,11 @@ class ModelSpec:
             out.append("batch_buckets must be positive batch sizes")
         if self.max_queue < 1:
             out.append("max_queue must be >= 1")
+        times = {"max_queue_delay_ms": self.max_queue_delay_ms, "default_deadline_ms": self.default_deadline_ms,
+                 "latency_target_ms": self.latency_target_ms}  # fmt: skip
+        for key, value in times.items():
+            if not math.isfinite(value):
+                out.append(f"{key} must be a finite number of milliseconds, got {value}")
         if self.default_deadline_ms < 0 or self.latency_target_ms < 0:
             out.append("default_deadline_ms and latency_target_ms must be >= 0")
         return out

@@ -71,12 +71,12 @@ class BatchRunner:
             results = await run.done
             if len(results) != len(frames):
                 raise RuntimeError(f"model returned {len(results)} results for a batch of {len(frames)} frames")
-            _finish_ok(frames, results, launch_ns, copied_ns, time.perf_counter_ns())
+            finished = _finish_ok(frames, results, launch_ns, copied_ns, time.perf_counter_ns())
         except Exception as exc:
             log.exception("model %s: batch of %d failed", model.spec.name, len(frames))
             _fail_batch(frames, metrics, exc)
             return None
-        metrics.completed += len(frames)
+        metrics.completed += finished
         metrics.transfer_us.append((copied_ns - launch_ns) / 1e3)
         metrics.compute_us.append((time.perf_counter_ns() - copied_ns) / 1e3)
         return run.service_s
@@ -95,7 +95,9 @@ def _fail_batch(frames: list[Frame], metrics: ModelMetrics, exc: BaseException) 
             frame.fail(Status.INTERNAL_ERROR, f"inference failed: {type(exc).__name__}: {exc}", now)
 
 
-def _finish_ok(frames: list[Frame], results: np.ndarray, launch_ns: int, copied_ns: int, done_ns: int) -> None:
+def _finish_ok(frames: list[Frame], results: np.ndarray, launch_ns: int, copied_ns: int, done_ns: int) -> int:
+    """Finish each frame with its result; returns how many were finished here (not by a shutdown)."""
+    finished = 0
     transfer_us, compute_us, n = (copied_ns - launch_ns) // 1000, (done_ns - copied_ns) // 1000, len(frames)
     now = time.perf_counter_ns()
     for frame, result in zip(frames, results, strict=True):
@@ -110,3 +112,5 @@ def _finish_ok(frames: list[Frame], results: np.ndarray, launch_ns: int, copied_
             batch_size=n,
         )
         frame.finish(Outcome(Status.OK, result=result, timings=timings))
+        finished += 1
+    return finished

@@ -55,6 +55,9 @@ class FakeTransport:
     def abort(self) -> None:
         self.closed = True
 
+    def can_write_eof(self) -> bool:
+        return False  # closes at once; the lingering close is tested over real sockets (tests/test_server.py)
+
     def pause_reading(self) -> None:
         self.paused = True
         self.pause_calls += 1
@@ -319,19 +322,34 @@ def test_v1_clients_get_v1_welcome_and_v1_statuses() -> None:
     assert reply.status == Status.BAD_FRAME and reply.flags & ReplyFlags.CONNECTION  # RECEIVE_TIMEOUT in v2
 
 
-def test_full_ring_pauses_reading_and_resumes_when_a_slot_frees() -> None:
+def test_a_frame_waits_for_ring_space_and_goes_on_when_a_slot_frees() -> None:
     harness = Harness(ring_bytes=LARGE.frame_nbytes + 256, max_producer_ring_bytes=LARGE.frame_nbytes + 256)
     conn, transport, _ = make(harness)
     other, _ = harness.connect()
     feed(other, hello() + frame(LARGE, 9))  # another producer holds the only room
     feed(conn, hello() + frame(LARGE, 0)[:100], transport)
-    assert transport.paused and harness.ring.waiters == 1
+    assert harness.ring.waiters == 1 and len(harness.frames) == 1
     held, _ = harness.frames[0]
     held.release_slot()  # its copy completed
-    assert not transport.paused
     feed(conn, frame(LARGE, 0)[100:], transport)
     assert [f.header.sequence for f, _ in harness.frames] == [9, 0]
     assert harness.frames[1][1] == frame(LARGE, 0)[-LARGE.frame_nbytes :]
+
+
+def test_waiting_for_space_reads_only_into_scratch_and_notices_a_producer_that_leaves() -> None:
+    """Regression (review): reading was paused while a frame waited for ring space, so a producer that
+    reset its connection kept its place at the head of the queue (and under max_connections)."""
+    harness = Harness(ring_bytes=LARGE.frame_nbytes + 256, max_producer_ring_bytes=LARGE.frame_nbytes + 256)
+    other, _ = harness.connect()
+    feed(other, hello() + frame(LARGE, 9))
+    conn, transport = harness.connect()
+    feed(conn, hello() + frame(LARGE, 0)[:100], transport)
+    assert not transport.paused and harness.ring.waiters == 1  # still reading: an EOF or reset is seen
+    while not transport.paused:
+        feed(conn, b"\0" * min(1000, len(conn.get_buffer(-1))), transport)  # they pile up in scratch...
+    assert harness.ring.slots_in_use == 1  # ...not in the ring; and a full scratch pauses reading
+    conn.connection_lost(ConnectionResetError())
+    assert harness.ring.waiters == 0 and harness.admission.connections == 1
 
 
 def test_per_connection_bound_is_flow_control_not_overloaded() -> None:
@@ -425,22 +443,22 @@ async def test_a_large_frame_is_not_overtaken_and_its_deadline_runs_while_it_wai
     feed(hog, hello() + frame(LARGE, 0) + frame(LARGE, 1))  # the ring is (nearly) full
     big, big_t = harness.connect()
     feed(big, hello() + frame(LARGE, 7)[:100], big_t)
-    assert big_t.paused
+    assert harness.ring.waiters == 1
     small, small_t = harness.connect()
     feed(small, hello() + frame(SMALL, 0)[:70], small_t)
-    assert small_t.paused  # it would fit, but it does not overtake the large frame waiting at the head
+    assert harness.ring.waiters == 2  # it would fit, but it does not overtake the large frame at the head
     harness.frames[0][0].release_slot()
     await asyncio.sleep(0)
-    assert not big_t.paused and not small_t.paused  # the head goes first, then the next in line fits too
+    assert harness.ring.waiters == 0  # the head goes first, then the next in line fits too
     feed(big, frame(LARGE, 7)[100:], big_t)
     feed(small, frame(SMALL, 0)[70:], small_t)
     assert [f.header.sequence for f, _ in harness.frames] == [0, 1, 7, 0]
     late, late_t = harness.connect()
     feed(late, hello() + frame(LARGE, 3, deadline_us=30_000)[:100], late_t)
-    assert late_t.paused
+    assert harness.ring.waiters == 1
     await asyncio.sleep(0.06)
     assert [(r.sequence, r.status) for r in replies(late_t)] == [(3, Status.DEADLINE_MISSED)]
-    assert not late_t.paused  # reading resumed, to skip its payload
+    assert harness.ring.waiters == 0  # its place in the queue is given up; its payload is skipped
     harness.frames[1][0].release_slot()  # room again: the connection goes on after the skipped payload
     feed(late, frame(LARGE, 3)[100:] + frame(SMALL, 4), late_t)
     assert harness.frames[-1][0].header.sequence == 4 and harness.ring.waiters == 0
@@ -491,3 +509,75 @@ def test_connections_of_one_token_share_one_producer() -> None:
     (fa, _), (fb, _) = harness.frames
     assert fa.producer is fb.producer and fa.producer.frames_in_server == 2
     assert fa.stream != fb.stream  # streams stay per connection
+
+
+# -- regressions from the hostile review -----------------------------------------------------------
+
+
+def test_an_answer_given_during_parsing_does_not_make_the_parse_run_twice() -> None:
+    """Regression: at its frame limit a connection blocks; a frame answered at once by the scheduler
+    (deadline passed, queue full, superseded) unblocked it *inside* the running parse, which parsed the
+    same bytes again: duplicate replies, lost ones, a RecursionError."""
+    harness = Harness(max_frames_per_connection=1)
+    harness.admission._submit = lambda f: f.finish(Outcome(Status.DEADLINE_MISSED))  # answered synchronously
+    conn, transport = harness.connect()
+    feed(conn, hello())
+    feed(conn, b"".join(frame(SMALL, i) for i in range(5)), transport)
+    assert [(r.sequence, r.status) for r in replies(transport)] == [(i, Status.DEADLINE_MISSED) for i in range(5)]
+    assert harness.admission.frames_in_flight == 0 and not transport.closed
+
+
+@pytest.mark.asyncio
+async def test_a_named_producer_is_not_wedged_when_its_waiting_frame_gives_up() -> None:
+    """Regression: a token's frame waiting in the pool gave up (deadline); the token's next frame, waiting
+    over the share behind it, was never let in, though nothing of the token held the ring any more."""
+    ring = 20224 + 256  # one large slot
+    harness = Harness(ring_bytes=ring, auth_token="open", tokens={"cam": TokenSpec("secret")})
+    hog, _ = harness.connect()
+    feed(hog, hello("open") + frame(LARGE, 0)[:200])  # holds the only slot, payload in progress
+    first, _ = harness.connect()
+    feed(first, hello("secret") + frame(LARGE, 1, deadline_us=20_000)[:100])  # waits in the pool
+    second, _ = harness.connect()
+    feed(second, hello("secret") + frame(LARGE, 2)[:100])  # the token is over its share: waits for it
+    assert harness.ring.waiters == 1
+    await asyncio.sleep(0.05)  # the first frame's deadline passes: it leaves the queue
+    assert harness.ring.waiters == 1  # the second now waits in the pool
+    feed(hog, frame(LARGE, 0)[200:])
+    harness.frames[0][0].release_slot()
+    await asyncio.sleep(0)
+    feed(second, frame(LARGE, 2)[100:])
+    assert [f.header.sequence for f, _ in harness.frames] == [0, 2]
+
+
+def test_a_payload_that_stops_is_dropped_after_the_idle_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: a header alone reserved its whole payload for the absolute budget (10 s + 1 s per MB):
+    four header-only connections held the ring for seconds. A payload must also keep moving."""
+    clock = [1000.0]
+    monkeypatch.setattr(tcp.time, "monotonic", lambda: clock[0])
+    conn, transport, harness = make(Harness(receive_idle_timeout_s=0.5))
+    feed(conn, hello() + frame(LARGE, 0)[:200], transport)
+    clock[0] += 0.4
+    conn.sweep(clock[0])
+    assert not transport.closed
+    clock[0] += 0.2
+    conn.sweep(clock[0])
+    assert transport.closed and harness.ring.slots_in_use == 0
+    (reply,) = replies(transport)
+    assert reply.status == Status.RECEIVE_TIMEOUT and "made no progress for 0.5 s" in reply.message
+
+
+def test_a_token_reconnecting_while_its_frames_are_in_the_server_gets_the_same_producer() -> None:
+    harness = Harness(tokens={"fleet": TokenSpec("fleet-secret")})
+    a, _ = harness.connect()
+    feed(a, hello("fleet-secret") + frame(SMALL, 0))
+    ((held, _),) = harness.frames
+    a.connection_lost(None)
+    b, _ = harness.connect()
+    feed(b, hello("fleet-secret") + frame(SMALL, 1))
+    assert harness.frames[1][0].producer is held.producer  # not a fresh share
+    answer(held)
+    answer(harness.frames[1][0])
+    b.connection_lost(None)
+    c, _ = harness.connect()
+    feed(c, hello("fleet-secret") + frame(SMALL, 2))
+    assert harness.frames[2][0].producer is not held.producer  # nothing was left of the old one
