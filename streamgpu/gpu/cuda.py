@@ -23,7 +23,6 @@ import concurrent.futures
 import importlib.util
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -142,9 +141,7 @@ class CudaModel(DeviceModel):
     def capture(self) -> None:
         """Warm up and capture one graph per bucket (largest first, one shared memory pool)."""
         pool = torch.cuda.graph_pool_handle()
-        # Under no_grad, not inference_mode: the graphs' static tensors stay ordinary tensors, so the
-        # loop may write and read them without entering a mode (two context switches per batch).
-        with torch.cuda.stream(self.stream), torch.no_grad():
+        with torch.cuda.stream(self.stream), torch.inference_mode():
             for bucket in sorted(self.spec.buckets(), reverse=True):
                 frames = torch.randint(0, 255, (bucket, *self.spec.input_shape), device=self.device).to(
                     _torch_dtype(self.spec.frame_dtype)
@@ -210,7 +207,7 @@ class CudaBackend(Backend):
 
     def load(self, spec: ModelSpec, module: nn.Module) -> CudaModel:
         torch.cuda.set_device(self.device)  # this runs in the loader thread
-        with torch.no_grad():
+        with torch.inference_mode():
             model = CudaModel(spec, module, self.device, self.use_kernels)
         if spec.cuda_graphs:
             try:
@@ -220,7 +217,7 @@ class CudaBackend(Backend):
                 model.buckets = []
                 model.graph_error = f"capture failed: {exc}"
                 log.warning("model %s: CUDA graph capture failed, running eagerly: %s", spec.name, exc)
-        with torch.cuda.stream(model.stream), torch.no_grad():
+        with torch.cuda.stream(model.stream), torch.inference_mode():
             frames = torch.zeros((1, *spec.input_shape), device=self.device).to(_torch_dtype(spec.frame_dtype))
             out_shape = tuple(model.forward(frames).shape[1:])
             if self.use_kernels and spec.frame_nbytes < COPY_ENGINE_FROM:
@@ -241,15 +238,14 @@ class CudaBackend(Backend):
         nbytes = model.spec.frame_nbytes
         buffers = model.buffers.take()
         staged = buffers.staged[:n]
-        # Hot path, once per batch: no mode or device switches where the stream can be named instead.
-        if self.use_kernels and nbytes < COPY_ENGINE_FROM:
-            kernels.gather_frames(self._host, [slot.offset for slot in slots], nbytes, staged, self.copy_stream)
-        else:
-            with torch.cuda.stream(self.copy_stream):
+        with torch.inference_mode(), torch.cuda.stream(self.copy_stream):
+            if self.use_kernels and nbytes < COPY_ENGINE_FROM:
+                kernels.gather_frames(self._host, [slot.offset for slot in slots], nbytes, staged, self.copy_stream)
+            else:
                 for i, slot in enumerate(slots):
                     staged[i].copy_(self._host[slot.offset : slot.offset + nbytes], non_blocking=True)
-        copy_done = torch.cuda.Event()
-        copy_done.record(self.copy_stream)
+            copy_done = torch.cuda.Event()
+            copy_done.record(self.copy_stream)
         # Timed events give the batch's real device time, which the scheduler's latency
         # estimates need (the loop notices completion later than it happens).
         started = torch.cuda.Event(enable_timing=True)
@@ -282,12 +278,9 @@ class CudaBackend(Backend):
         self, model: CudaModel, buffers: BatchBuffers, n: int, copy_done: torch.cuda.Event,
         started: torch.cuda.Event, done: torch.cuda.Event,
     ) -> None:  # fmt: skip
-        """On the model's stream, after the copy: pre-process, run, results back to the host buffer.
-
-        Graph models: on the loop (the ops touch no tensor that needs grad, so no grad mode is entered).
-        """
+        """On the model's stream, after the copy: pre-process, run, results back to the host buffer."""
         spec = model.spec
-        with torch.cuda.stream(model.stream):
+        with torch.inference_mode(), torch.cuda.device(self.device), torch.cuda.stream(model.stream):
             model.stream.wait_event(copy_done)
             started.record(model.stream)
             frames = buffers.staged[:n].view(_torch_dtype(spec.frame_dtype)).view(n, *spec.input_shape)
@@ -302,13 +295,9 @@ class CudaBackend(Backend):
         """Eager models: enqueue from the launcher thread, then wait for ``done`` on the loop (only once
         it is recorded: an event never recorded reads as complete)."""
         await self._loop.run_in_executor(
-            self._launcher, self._enqueue_eager, model, buffers, n, copy_done, started, done
+            self._launcher, self._enqueue_compute, model, buffers, n, copy_done, started, done
         )
         await self._bridge.wait(done)
-
-    def _enqueue_eager(self, *args: Any) -> None:
-        with torch.inference_mode(), torch.cuda.device(self.device):  # the launcher thread's own modes
-            self._enqueue_compute(*args)
 
     def close(self) -> None:
         self._bridge.close()
