@@ -3,33 +3,42 @@
 ``PRODUCERS`` well-behaved producers (``streamgpu.client`` connections on the
 test's event loop, each closed-loop with ``WINDOW`` frames in flight) send to
 ``fast``, a model that costs next to nothing, so the event loop, not the
-model, limits their frame rate. They run for the whole test; each OK reply is
-timestamped, and rates are counted over windows of ``SPAN_S``.
+model, limits their frame rate. Each OK reply is timestamped; rates are
+counted over windows of ``SPAN_S``. The producers go only around the windows
+(from ``RAMP_S`` before each): while the hostiles arrive and leave they let
+their frames in flight finish and wait, so those transitions are quick and
+fall in no window.
 
-Phases alternate: an *alone* window (nobody else on the server), then the
-hostiles arrive (one of each kind, below) and settle, a *hostile* window with
-every hostile active from before it starts to after it ends, then the
-hostiles leave (each checked as it goes), and again. Check: the best hostile
-window has at least ``KEEP`` (90 %) of the frames/s of the best alone window.
+Windows alternate: alone (nobody else on the server), then the hostiles
+arrive (one of each kind, below) and settle, a window with every hostile
+active from before it starts to after it ends, the hostiles leave (each
+checked as it goes), alone again, and so on: A H A H A H A H A. Check
+(``kept``): the median hostile window has at least ``KEEP`` (90 %) of the
+median alone window's frames/s.
 
 Noise. On a shared 2-core CI machine other processes change the frame rate by
-a third from one second to the next, for seconds at a time. Three things
-keep the check honest anyway:
+10 to 30 % from one second to the next, for seconds at a time. So:
 
-* a window's rate is frames over its time minus the time the event loop's
+* a window's rate is its frames over its time minus the time the event loop's
   thread sat runnable in the kernel's run queue, kept off the CPU by other
-  processes (``run_queue_s``; stalls and idle time still count);
-* alone and hostile windows alternate, so both kinds sample the same stretches
-  of machine weather, and the best of each is the one least disturbed by it.
-  A hostile that really slows the others does so in every hostile window, so
-  the best hostile window still shows it;
-* ``MIN_CYCLES`` alone/hostile pairs are measured; while the check fails, more
-  are added, up to ``MAX_CYCLES`` (more samples of the weather; a real
-  slowdown stays in all of them).
+  processes (``run_queue_s``); stalls and idle time still count;
+* the two kinds of window interleave, so what drifts slowly touches both
+  alike, and medians ignore the windows another process disturbed, whichever
+  way (a quiet second runs a third faster). A hostile that really slows the
+  others does so in every hostile window, so the median shows it;
+* ``MIN_CYCLES`` hostile windows are measured; while the result is near the
+  bar (between ``KEEP / 2`` and ``KEEP``), more are added, up to
+  ``MAX_CYCLES``; a real slowdown stays in all of them;
+* 16 frames in flight per producer keep the model's batches full (32): with
+  fewer, batch sizes wander and so does the rate.
+
+The full measure runs on uvloop (``MIN_CYCLES`` hostile windows at least);
+plain asyncio gets one hostile phase with every check but a looser rate bar
+(no stall: more than half the rate kept), which keeps the file near 20 s.
 
 The hostiles. The trickler, the half-sender and the flood run in a child
 process (``HOSTILE_SCRIPT``, standard library only), as hostile producers run
-elsewhere: their own client-side work (as much as the server's) is then not
+elsewhere: their own client-side work (more than the server's) is then not
 charged to the server's event loop. The never-reader and the parker are
 passive once settled and run on the test's loop, where the test can look at
 their every reply.
@@ -52,8 +61,11 @@ their every reply.
   answered.
 
 The ring is small (1 MiB), so a ring that reclaims space only from its oldest
-slot (what ``SlotPool`` replaced) would stall every producer behind the
-trickled or parked slot within a fraction of a second.
+slot (what ``SlotPool`` replaced) stalls every producer behind the trickled or
+parked slot within a fraction of a second. (Planted into ``SlotPool.release``,
+it took the producers from about 4000 to about 300 frames/s in the first
+hostile window, then the parked frames' batch could never fill: the test fails
+with the rates and the ring's state.)
 
 Exactly once: every frame a well-behaved producer submitted is answered OK
 once, with its own result (futures resolve once; a duplicate or stray reply
@@ -101,8 +113,8 @@ WINDOW = 16  # frames in flight per well-behaved producer: 128 in all, full batc
 WARMUP_S = 0.5
 RAMP_S = 0.1  # the producers go again before a window starts
 SPAN_S = 1.0  # one measuring window
-MIN_CYCLES = 3  # alone/hostile window pairs
-MAX_CYCLES = 6
+MIN_CYCLES = 4  # hostile windows (each between two alone windows)
+MAX_CYCLES = 7
 KEEP = 0.9
 
 TRICKLE_PERIOD = 0.1
@@ -114,18 +126,19 @@ NR_AHEAD = 64  # frames the never-reader keeps sent beyond those the server took
 NR_QUIET_S = 0.3
 
 # The child process's hostiles. It knows no protocol beyond the bytes the test gives it (HELLO,
-# the trickled frame's header, the half-sent frame, the first bytes of a WELCOME that accepts). It
-# starts the trickler, and once that is connected the half-sender and the flood; says "ready"; runs
-# until its stdin closes; then reports, as JSON: every trickled connection the server accepted
-# (everything it received, hex, and the seconds from its header to the server closing or
-# resetting it; None when we left first), half payloads sent, handshakes refused, what each flood connection got (hex
-# -> how many), the longest a flood connection stayed open, and errors.
+# the trickled frame's header, the half-sent frame, the first bytes of a WELCOME that accepts).
+# It starts the trickler, once that is connected the half-sender, once that has sent two half
+# payloads the flood (which keeps new connections out while it holds the cap); says "ready";
+# runs until its stdin closes; then reports, as JSON: each trickled connection the server
+# accepted (all it received, hex, and the seconds from its header until the server closed or
+# reset it; None when we left first), half payloads sent, handshakes refused, what the flood's
+# connections got (hex -> how many), the longest a flood connection stayed open, and errors.
 HOSTILE_SCRIPT = r"""
 import asyncio, collections, json, selectors, socket, sys, threading, time
 
 async def main(port, hello, trickled, half, ok, flood_n, flood_pause, trickle_period, half_period):
     stop = threading.Event()
-    trickling = asyncio.Event()
+    trickling, halfway = asyncio.Event(), asyncio.Event()
     trickles, flood, errors = [], collections.Counter(), collections.Counter()
     counts = {"half_sent": 0, "refused": 0, "longest": 0.0}
 
@@ -197,6 +210,8 @@ async def main(port, hello, trickled, half, ok, flood_n, flood_pause, trickle_pe
             writer.close()
             await writer.wait_closed()
             counts["half_sent"] += 1
+            if counts["half_sent"] >= 2:
+                halfway.set()
             await asyncio.sleep(half_period)
 
     def waves():  # a thread with plain sockets: the flood's own cost stays small
@@ -230,9 +245,10 @@ async def main(port, hello, trickled, half, ok, flood_n, flood_pause, trickle_pe
 
     tasks = [guarded(trickler())]
     await asyncio.wait_for(trickling.wait(), 10)
+    tasks.append(guarded(half_sender()))
+    await asyncio.wait_for(halfway.wait(), 10)  # the flood holds the cap for hello_timeout_s at a time
     flooding = threading.Thread(target=waves)
     flooding.start()
-    tasks.append(guarded(half_sender()))
     print("ready", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     stop.set()
@@ -443,7 +459,10 @@ class Hostiles:
         assert self.child.stdout is not None
         assert await asyncio.wait_for(self.child.stdout.readline(), 15) == b"ready\n"
         await until(lambda: self.model_counts("slow")["queue_length"] == N_PARKED, 5, "the parked frames")
-        self.nr_taken = await asyncio.wait_for(self.nr_task, 15)  # flow control stopped reading it
+        try:
+            self.nr_taken = await asyncio.wait_for(self.nr_task, 15)  # flow control stopped reading it
+        except TimeoutError:
+            pytest.fail(f"the server did not stop reading the never-reader: it took {self.nr_sent} frames")
 
     async def never_reader(self, writer: asyncio.StreamWriter) -> int:
         """Sends ``sink`` frames and never reads a reply; returns once the server has stopped reading
@@ -474,23 +493,10 @@ class Hostiles:
         """Check that the passive hostiles held on through the window, stop them all, check the answers."""
         assert self.nr_writer is not None and self.nr_reader is not None and self.parker is not None
         assert self.model_counts("sink")["accepted"] == self.nr_taken, "the never-reader was read from"
-        assert not self.nr_writer.is_closing() and not self.nr_reader.at_eof(), "the never-reader was dropped"
+        dropped = self.nr_writer.is_closing() or self.nr_reader.at_eof() or self.nr_reader.exception() is not None
+        assert not dropped, "the never-reader was dropped"
         assert self.model_counts("slow")["queue_length"] == N_PARKED and not any(f.done() for f in self.parked)
         await self.stop_child()
-        # the never-reader reads at last: every frame it sent is answered, once
-        replies = ReplyReader(self.nr_reader)
-        seen: set[int] = set()
-        while len(seen) < self.nr_sent:
-            reply = await asyncio.wait_for(replies.next(), 10)
-            assert reply is not None, f"the never-reader was closed after {len(seen)} of {self.nr_sent} replies"
-            assert (reply.stream_id, reply.status, reply.flags) == (0, Status.OK, ReplyFlags.NONE), reply
-            assert reply.sequence < self.nr_sent and reply.sequence not in seen, reply
-            seen.add(reply.sequence)
-        with contextlib.suppress(TimeoutError):
-            extra = await asyncio.wait_for(replies.next(), 0.1)
-            pytest.fail(f"an extra reply for the never-reader: {extra}")
-        self.nr_total += self.nr_sent
-        await close_writer(self.nr_writer)
         # one more frame fills the parked frames' batch: all of them are answered, once
         self.parked.append(self.parker.submit(np.zeros(LARGE, np.uint8), model="slow", stream_id=N_PARKED))
         for fut in self.parked:
@@ -499,6 +505,20 @@ class Hostiles:
         self.parked_total += len(self.parked)
         assert self.parker._protocol.unmatched_replies == 0
         await self.parker.close()
+        # the never-reader reads at last: every frame it sent is answered, once
+        replies = ReplyReader(self.nr_reader)
+        seen: set[int] = set()
+        while len(seen) < self.nr_sent:
+            reply = await asyncio.wait_for(replies.next(), 10)
+            assert reply is not None, f"the never-reader was closed after {len(seen)} of {self.nr_sent} replies"
+            assert (reply.stream_id, reply.status, reply.flags) == (0, Status.OK, ReplyFlags.NONE), reply
+            assert reply.sequence == len(seen), reply  # one stream: in order, each once
+            seen.add(reply.sequence)
+        with contextlib.suppress(TimeoutError):
+            extra = await asyncio.wait_for(replies.next(), 0.1)
+            pytest.fail(f"an extra reply for the never-reader: {extra}")
+        self.nr_total += self.nr_sent
+        await close_writer(self.nr_writer)
         await until(lambda: self.server.metrics()["connections"] == PRODUCERS, 5, "the hostiles to be gone")
 
     async def stop_child(self) -> None:
@@ -568,17 +588,22 @@ class Good:
         for _ in range(WINDOW):
             pending.append(conn.submit(frame, model="fast", stream_id=stream))
             self.submitted += 1
-        while pending:
-            reply = await pending.pop(0)  # one stream: replies come in order
-            self.answered += 1
-            if reply.ok and reply.result is not None and reply.result[0] == stream:
-                self.done_at.append(time.perf_counter())
-            else:
-                self.bad.append(f"{reply.status.name}: {reply.message} {reply.result!r}")
-            await self.going.wait()
-            if not self.stop:
-                pending.append(conn.submit(frame, model="fast", stream_id=stream))
-                self.submitted += 1
+        try:
+            while pending:
+                reply = await pending[0]  # one stream: replies come in order
+                pending.pop(0)
+                self.answered += 1
+                if reply.ok and reply.result is not None and reply.result[0] == stream:
+                    self.done_at.append(time.perf_counter())
+                else:
+                    self.bad.append(f"{reply.status.name}: {reply.message} {reply.result!r}")
+                await self.going.wait()
+                if not self.stop:
+                    pending.append(conn.submit(frame, model="fast", stream_id=stream))
+                    self.submitted += 1
+        finally:  # after a failure: no future is left for the loop to report as never retrieved
+            for fut in pending:
+                fut.cancel()
 
     async def window(self) -> float:
         """Let the producers go for ``RAMP_S + SPAN_S``; their frames/s over the ``SPAN_S``, not counting
@@ -594,9 +619,9 @@ class Good:
 
 
 def kept(alone: list[float], hostile: list[float]) -> float:
-    """The share of their frame rate the well-behaved producers kept with the hostiles: the median,
-    over hostile windows, of its rate over the mean of the alone windows just before and after it."""
-    return statistics.median(h / (a + b) * 2 for h, a, b in zip(hostile, alone, alone[1:], strict=False))
+    """The share of their frame rate the well-behaved producers kept with the hostiles: the median
+    hostile window over the median alone window."""
+    return statistics.median(hostile) / statistics.median(alone)
 
 
 def run_queue_s() -> float:
@@ -616,8 +641,21 @@ def run_queue_s() -> float:
 # -- the test --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.asyncio
+@pytest.mark.asyncio(loop_factories=["uvloop"])
 async def test_hostile_producers_do_not_slow_well_behaved_ones(models: Models) -> None:
+    """The full measure, on uvloop (the loop the server picks where it is installed)."""
+    await isolation(models, MIN_CYCLES, MAX_CYCLES, KEEP)
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])
+async def test_hostile_producers_on_the_asyncio_loop(models: Models) -> None:
+    """One hostile phase on plain asyncio: every protocol and exactly-once check, and no stall (the
+    well-behaved producers keep more than half their rate; 90 % needs the windows the full measure
+    spends, which would double the time)."""
+    await isolation(models, 1, 1, KEEP / 2)
+
+
+async def isolation(models: Models, min_cycles: int, max_cycles: int, keep: float) -> None:
     began = time.perf_counter()
     cfg = make_config(models)
     server = Server(cfg)
@@ -633,10 +671,15 @@ async def test_hostile_producers_do_not_slow_well_behaved_ones(models: Models) -
         await asyncio.sleep(WARMUP_S)
         alone = [await good.window()]
         hostile: list[float] = []
-        while len(hostile) < MIN_CYCLES or (len(hostile) < MAX_CYCLES and kept(alone, hostile) < KEEP):
+        while len(hostile) < min_cycles or (len(hostile) < max_cycles and keep / 2 < kept(alone, hostile) < keep):
             await hostiles.arrive()
             hostile.append(await good.window())
-            await hostiles.leave()
+            rates = f"frames/s alone {alone[-1]:.0f}, then with the hostiles {hostile[-1]:.0f}"
+            print(rates)
+            try:
+                await hostiles.leave()
+            except TimeoutError:
+                pytest.fail(f"stuck while the hostiles left ({rates}); ring: {server.metrics()['ring']}")
             alone.append(await good.window())
         good.stop = True
         good.going.set()
@@ -645,23 +688,25 @@ async def test_hostile_producers_do_not_slow_well_behaved_ones(models: Models) -
         h = hostiles
         summary = (
             f"alone {[round(r) for r in alone]} frames/s, with hostiles {[round(r) for r in hostile]} frames/s "
-            f"(kept {kept(alone, hostile):.1%}, best of each {max(hostile) / max(alone):.1%}); over {h.phases} hostile phases: trickler dropped "
+            f"(kept {kept(alone, hostile):.1%}, best of each {max(hostile) / max(alone):.1%}); "
+            f"over {h.phases} hostile phases: trickler dropped "
             f"{len(h.trickle_drops)}x, {h.half_sent} half payloads, flood {h.flood_overloaded} refused + "
             f"{h.flood_no_hello} timed out, never-readers stopped after {h.nr_total} frames, "
             f"{h.refused} trickler/half-sender handshakes refused at the cap"
         )
         print(summary)
-        assert kept(alone, hostile) >= KEEP, summary
+        assert kept(alone, hostile) >= keep, summary
 
         # -- each hostile did what it came for, and was treated as the protocol says ------------------
         assert not h.other, h.other[:5]
         budget = cfg.receive_timeout_s + LARGE_BYTES / cfg.min_receive_rate
-        assert h.trickle_drops, h
+        assert h.trickle_drops, f"the trickler was never dropped ({h.trickle_cut} times it left first)"
         for status, flags, held in h.trickle_drops:
             assert status == Status.RECEIVE_TIMEOUT and flags & ReplyFlags.CONNECTION, (status, flags)
             assert budget * 0.95 <= held <= budget + 1.0, f"dropped after {held:.2f} s; the budget is {budget:.2f} s"
-        assert h.half_sent >= 2 * h.phases, h
-        assert h.flood_overloaded and h.flood_no_hello, h
+        assert h.half_sent >= 2 * h.phases, f"{h.half_sent} half payloads got in ({h.refused} handshakes refused)"
+        assert h.flood_overloaded, "no HELLO-less connection was refused over max_connections"
+        assert h.flood_no_hello, "no HELLO-less connection was closed for its missing HELLO"
         assert h.flood_longest_s <= cfg.hello_timeout_s + 1.0, h.flood_longest_s
 
         # -- exactly once -------------------------------------------------------------------------------
