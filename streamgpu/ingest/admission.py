@@ -27,8 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hmac
-import itertools
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from streamgpu.config import Config
@@ -39,7 +38,6 @@ from streamgpu.protocol import wire
 from streamgpu.protocol.wire import FrameHeader, Status
 
 SlotCallback = Callable[[Slot], None]
-_anonymous_ids = itertools.count(1)
 
 
 class Refused(Exception):
@@ -91,10 +89,9 @@ class Reservation:
 class Producer:
     """One producer's share of the server: ring bytes held, frames in the server, scheduling turn."""
 
-    def __init__(self, admission: Admission, key: Hashable, name: str, max_priority: int) -> None:
+    def __init__(self, admission: Admission, name: str, max_priority: int) -> None:
         self._admission = admission
         self._pool = admission.pool
-        self.key = key
         self.name = name
         self.max_priority = max_priority
         self.max_bytes = admission.max_producer_bytes
@@ -230,10 +227,6 @@ class Admission:
     def close_connection(self) -> None:
         self.connections -= 1
 
-    @property
-    def needs_token(self) -> bool:
-        return bool(self.config.auth_token or self._tokens)
-
     def authenticate(self, token: str) -> Grant | None:
         """The grant for ``token``, or None when it is refused."""
         for known, name in self._tokens.items():
@@ -248,11 +241,9 @@ class Admission:
     def producer_for(self, grant: Grant, label: str) -> Producer:
         """The producer a new connection belongs to (shared by every connection of a named token)."""
         if grant.identity is None:
-            producer = Producer(self, ("connection", next(_anonymous_ids)), label, grant.max_priority)
+            producer = Producer(self, label, grant.max_priority)
         else:
-            producer = self._named.get(grant.identity) or Producer(
-                self, ("token", grant.identity), grant.identity, grant.max_priority
-            )
+            producer = self._named.get(grant.identity) or Producer(self, grant.identity, grant.max_priority)
             self._named[grant.identity] = producer
         producer.connections += 1
         return producer

@@ -484,13 +484,17 @@ class TcpConnection(asyncio.BufferedProtocol):
             reply = ReplyHeader(0, 0, status, message=message, flags=ReplyFlags.CONNECTION)
             transport.writelines(wire.encode_reply(reply, b"", self.version))
 
-    def _fail(self, status: Status, message: str) -> None:
-        """Framing is lost: say why and close the connection (queued replies are flushed first)."""
-        log.info("closing connection from %s: %s", self.peer, message)
+    def _say_why(self, status: Status, message: str) -> None:
+        """The last thing a connection is told: a WELCOME before the handshake, else a connection reply."""
         if self._state is _State.HELLO:
             self._welcome(status, message, 1)
         else:
             self._connection_reply(status, message)
+
+    def _fail(self, status: Status, message: str) -> None:
+        """Framing is lost: say why and close the connection (queued replies are flushed first)."""
+        log.info("closing connection from %s: %s", self.peer, message)
+        self._say_why(status, message)
         self._close()
 
     def _close(self) -> None:
@@ -585,13 +589,7 @@ class TcpConnection(asyncio.BufferedProtocol):
     def abort(self, status: Status, message: str) -> None:
         """Drop the connection now (no flush): say why if possible, free the frame being received."""
         log.info("aborting connection from %s: %s", self.peer, message)
-        if self._state is _State.HELLO:
-            self._welcome(status, message, 1)
-        else:
-            self._connection_reply(status, message)
-        self.abort_quietly()
-
-    def abort_quietly(self) -> None:
+        self._say_why(status, message)
         self._drop_partial_frame()
         self._state = _State.CLOSED
         if self._transport is not None:

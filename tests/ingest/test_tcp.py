@@ -581,3 +581,22 @@ def test_a_token_reconnecting_while_its_frames_are_in_the_server_gets_the_same_p
     c, _ = harness.connect()
     feed(c, hello("fleet-secret") + frame(SMALL, 2))
     assert harness.frames[2][0].producer is not held.producer  # nothing was left of the old one
+
+
+@pytest.mark.asyncio
+async def test_the_awaitable_reservation_keeps_the_share_and_leaks_nothing_when_cancelled() -> None:
+    """``Producer.reserve_wait`` (for front ends that are not callback-driven, such as HTTP)."""
+    harness = Harness(ring_bytes=1 << 16, max_producer_ring_bytes=32768)
+    producer = harness.admission.producer_for(harness.admission.authenticate(""), "test")  # type: ignore[arg-type]
+    first = await producer.reserve_wait(32768)
+    waiting = asyncio.ensure_future(producer.reserve_wait(1024))  # over the share: waits for the producer's own
+    await asyncio.sleep(0)
+    assert not waiting.done() and producer.bytes_held == 32768
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    producer.release(first)
+    assert producer.bytes_held == 0 and harness.pool.used_bytes == 0
+    second = await producer.reserve_wait(1024)
+    producer.release(second)
+    assert harness.pool.slots_in_use == 0
