@@ -11,17 +11,20 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import time
 from typing import Any
 
 from streamgpu.config import Config
+from streamgpu.errors import ModelNotFoundError
 from streamgpu.gpu.backend import Backend, DeviceModel, create_backend
 from streamgpu.ingest import listener_class
 from streamgpu.ingest.admission import Admission
 from streamgpu.ingest.base import Listener
 from streamgpu.memory import HostSegment, SlotPool
-from streamgpu.models.loader import load_module
+from streamgpu.models.manager import ModelManager, ModelState
+from streamgpu.models.repository import RepositoryPoller
 from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol.wire import Status
 from streamgpu.scheduler.runner import BatchRunner
@@ -47,6 +50,8 @@ class Server:
         self._scheduler: Scheduler | None = None
         self._runner: BatchRunner | None = None
         self._admission: Admission | None = None
+        self._models: ModelManager | None = None
+        self._repository: RepositoryPoller | None = None
         self._listeners: list[Listener] = []
         self._sweeper: asyncio.TimerHandle | None = None
         self._loader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamgpu-loader")
@@ -69,14 +74,16 @@ class Server:
         self._pool = SlotPool(segment.buffer, defer=loop.call_soon)
         self._scheduler = scheduler = Scheduler(loop, self._run_batch, cfg.max_inflight_batches)
         self._runner = BatchRunner(backend, scheduler.metrics_for)
-        specs: dict[str, ModelSpec] = {}
+        self._models = models = ModelManager(backend, scheduler, self._loader)
         for spec in cfg.models:
-            model = await loop.run_in_executor(self._loader, self._load, backend, spec)
-            scheduler.add_model(model)
-            specs[spec.name] = spec
-            random = spec.source.startswith("builtin:")
-            log.info("model %s%s", model.description, "; random weights (builtin: nothing is downloaded)" * random)
-        self._admission = admission = Admission(cfg, self._pool, specs, scheduler.submit)
+            await models.load(spec)
+            if spec.source.startswith("builtin:"):
+                log.info("model %s: random weights (builtin: nothing is downloaded)", spec.name)
+        if cfg.model_repository:
+            self._repository = RepositoryPoller(cfg.model_repository, models, self._loader)
+            await self._repository.poll(initial=True)
+            self._repository.start(cfg.repository_poll_s)
+        self._admission = admission = Admission(cfg, self._pool, models.specs, scheduler.submit)
         for listener_spec in cfg.listeners:
             listener = listener_class(listener_spec.kind)(listener_spec, admission)
             await listener.start()
@@ -91,10 +98,6 @@ class Server:
         if cfg.open_to_anyone:
             log.warning("listening beyond loopback without auth_token or tokens: anyone who can reach "
                         "this machine can submit frames")  # fmt: skip
-
-    @staticmethod
-    def _load(backend: Backend, spec: ModelSpec) -> DeviceModel:
-        return backend.load(spec, load_module(spec))
 
     async def _run_batch(self, model: DeviceModel, frames: list[Any], expected_s: float) -> float | None:
         assert self._runner is not None
@@ -116,6 +119,8 @@ class Server:
         if not self._listeners or self._admission is None:
             return  # not started, or stopped already
         timeout = self.config.shutdown_timeout_s if timeout is None else timeout
+        if self._repository is not None:
+            await self._repository.stop()
         self._admission.accepting = False
         for listener in self._listeners:
             listener.stop_accepting()
@@ -140,6 +145,8 @@ class Server:
 
     async def _release(self) -> None:
         """Free what ``start`` acquired (also after a failed start: listeners already bound close)."""
+        if self._repository is not None:
+            await self._repository.stop()
         for listener in self._listeners:
             listener.stop_accepting()
             await listener.close(timeout=0)
@@ -160,6 +167,49 @@ class Server:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    # -- models while serving ---------------------------------------------------------
+
+    async def load_model(self, spec: ModelSpec) -> ModelState:
+        """Load a model while serving; under a name already served, a new version (see ``swap_model``).
+
+        The file is read, placed on the device, warmed at every batch bucket and graph-captured in
+        the loader thread while every model keeps serving. Raises ``ModelLoadError`` (the version
+        serving under that name, if any, keeps serving).
+        """
+        return await self._manager.load(spec)
+
+    async def swap_model(self, name: str, spec: ModelSpec) -> ModelState:
+        """Replace model ``name`` by a new version built from ``spec`` (its ``name`` is set to ``name``).
+
+        The switch happens between two batches: nothing is refused; queued frames run on the new
+        version (or, with ``swap_queued = "received"``, on the one that received them); the old
+        version is freed after its last batch, before this returns. Raises ``ModelNotFoundError``
+        when ``name`` is not served, ``ModelLoadError`` when the new version cannot be loaded.
+        """
+        state = self._manager.states.get(name)
+        if state is None or state.model is None:
+            raise ModelNotFoundError(f"no model named {name!r} is being served (load it instead)")
+        return await self._manager.load(dataclasses.replace(spec, name=name))
+
+    async def unload_model(self, name: str) -> ModelState:
+        """Stop serving ``name``: new frames get UNKNOWN_MODEL, queued ones run first, then its memory is freed."""
+        return await self._manager.unload(name)
+
+    def model_index(self) -> list[dict[str, Any]]:
+        """Every model name known (serving or not): name, version, state (READY, LOADING, UNLOADING,
+        UNAVAILABLE) and reason, as Triton's repository index lists them."""
+        return self._manager.index()
+
+    @property
+    def model_specs(self) -> dict[str, ModelSpec]:
+        """The models taking frames now, by name."""
+        return dict(self._manager.specs)
+
+    @property
+    def _manager(self) -> ModelManager:
+        assert self._models is not None, "server not started"
+        return self._models
 
     # -- state --------------------------------------------------------------------
 

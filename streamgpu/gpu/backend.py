@@ -22,6 +22,7 @@ from streamgpu.config import Config
 from streamgpu.errors import ConfigError, DeviceUnavailableError
 from streamgpu.gpu import BACKENDS
 from streamgpu.memory import Slot
+from streamgpu.models.outputs import BatchOutputs, OutputLayout
 from streamgpu.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -32,21 +33,33 @@ class BatchRun:
     """One launched batch.
 
     ``copied`` resolves once the frames' slots have been read (they may be
-    released then); ``done`` resolves with the host results, one row per frame.
+    released then); ``done`` resolves with the host results, one row per frame
+    (one array, or a tuple or dict of arrays for a model with several outputs).
     ``service_s`` is set before ``done`` resolves: how long the device spent on
     the batch (pre-processing + model + results back), measured on the device.
     """
 
     size: int
     copied: asyncio.Future[None]
-    done: asyncio.Future[np.ndarray]
+    done: asyncio.Future[BatchOutputs]
     service_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchTrace:
+    """When one batch ran on the device (seconds on the backend's own clock): kept only while tracing."""
+
+    model: DeviceModel
+    size: int
+    start_s: float
+    end_s: float
 
 
 class DeviceModel(abc.ABC):
     """A model placed on a backend's device, ready to run batches."""
 
     spec: ModelSpec
+    layout: OutputLayout = OutputLayout("tensor")  # the structure of its outputs, known after the load
 
     @property
     @abc.abstractmethod
@@ -59,6 +72,9 @@ class Backend(abc.ABC):
 
     name: str
     device_name: str
+    # A list to append one BatchTrace per completed batch to (benchmarks: the GPU idle gap at a
+    # swap); None, the default, costs nothing per batch.
+    trace: list[BatchTrace] | None = None
 
     @abc.abstractmethod
     def __init__(self, loop: asyncio.AbstractEventLoop, config: Config) -> None: ...
@@ -74,6 +90,9 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def load(self, spec: ModelSpec, module: nn.Module) -> DeviceModel:
         """Place, convert and warm a model (graph capture included). Blocking: call off the loop."""
+
+    def unload(self, model: DeviceModel) -> None:  # noqa: B027 - optional: the CPU backend leaves it to the GC
+        """Free what ``model`` holds on the device, once no batch of it is in flight. Blocking: call off the loop."""
 
     @abc.abstractmethod
     def launch(self, model: DeviceModel, slots: list[Slot], expected_s: float = 0.0) -> BatchRun:

@@ -31,9 +31,10 @@ from torch import nn
 from streamgpu.config import Config
 from streamgpu.errors import DeviceUnavailableError
 from streamgpu.gpu import kernels
-from streamgpu.gpu.backend import Backend, BatchRun, DeviceModel
+from streamgpu.gpu.backend import Backend, BatchRun, BatchTrace, DeviceModel
 from streamgpu.gpu.bridge import CompletionBridge
 from streamgpu.memory import Slot
+from streamgpu.models.outputs import BatchOutputs, ModelHead, host_dtype, model_input, warm_up
 from streamgpu.models.preprocess import TorchPreprocess
 from streamgpu.models.spec import ModelSpec
 
@@ -51,17 +52,18 @@ COPY_ENGINE_FROM = 4 * 1024 * 1024
 class _Graph:
     graph: torch.cuda.CUDAGraph
     static_in: torch.Tensor
-    static_out: torch.Tensor
+    static_out: list[torch.Tensor]
 
 
 @dataclass(eq=False)
 class BatchBuffers:
-    """What one batch in flight uses: device staging for its frames, its float outputs on the
-    device, and the page-locked host buffer its results come back into."""
+    """What one batch in flight uses: device staging for its frames, its outputs on the device
+    (one tensor per model output, in the dtype it is returned in), and the page-locked host
+    buffers its results come back into."""
 
     staged: torch.Tensor  # [max_batch, frame_nbytes] uint8, device
-    out: torch.Tensor  # [max_batch, *output] float32, device
-    host: torch.Tensor  # [max_batch, *output] float32, page-locked
+    out: list[torch.Tensor]  # per output: [max_batch, *shape], device
+    host: list[torch.Tensor]  # per output: [max_batch, *shape], page-locked
 
 
 class BufferPool:
@@ -74,12 +76,12 @@ class BufferPool:
     the device may still be writing it).
     """
 
-    def __init__(self, frame_nbytes: int, out_shape: tuple[int, ...], max_batch: int, count: int,
-                 device: torch.device) -> None:  # fmt: skip
+    def __init__(self, frame_nbytes: int, outputs: list[tuple[tuple[int, ...], torch.dtype]], max_batch: int,
+                 count: int, device: torch.device) -> None:  # fmt: skip
         self._make = lambda: BatchBuffers(
             torch.empty((max_batch, frame_nbytes), dtype=torch.uint8, device=device),
-            torch.empty((max_batch, *out_shape), dtype=torch.float32, device=device),
-            torch.empty((max_batch, *out_shape), dtype=torch.float32, pin_memory=True),
+            [torch.empty((max_batch, *shape), dtype=dtype, device=device) for shape, dtype in outputs],
+            [torch.empty((max_batch, *shape), dtype=dtype, pin_memory=True) for shape, dtype in outputs],
         )
         self._free = [self._make() for _ in range(count)]
         self._count = count
@@ -107,6 +109,8 @@ class CudaModel(DeviceModel):
         self.module = module.to(device=device, dtype=self.dtype)
         if spec.preprocess == "image":
             self.module = self.module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.head = ModelHead(self.module, spec)
+        # The model's compute stream. (A per-model GPU share would create it inside its green context.)
         self.stream = torch.cuda.Stream(device)
         self.graphs: dict[int, _Graph] = {}
         self.buckets: list[int] = []
@@ -138,8 +142,26 @@ class CudaModel(DeviceModel):
             return x
         return out.copy_(x)
 
+    def warm_up(self) -> list[torch.Tensor]:
+        """Run eagerly at every bucket (a model that cannot take a batch size fails here, with a
+        ``ModelLoadError`` naming it); returns the outputs at ``max_batch_size``."""
+
+        def run(n: int) -> list[torch.Tensor]:
+            shape = (n, *self.spec.input_shape)
+            frames = torch.zeros(shape, device=self.device).to(_torch_dtype(self.spec.frame_dtype))
+            return self.head(self.prepare_input(frames))
+
+        with torch.cuda.stream(self.stream), torch.inference_mode():
+            outs = warm_up(self.spec, run, model_input(self.spec, self.dtype))
+        self.stream.synchronize()
+        return outs
+
     def capture(self) -> None:
-        """Warm up and capture one graph per bucket (largest first, one shared memory pool)."""
+        """Warm up and capture one graph per bucket (largest first, one shared memory pool).
+
+        Captured in thread-local mode: the loop thread keeps launching the batches of models
+        already serving (and querying their events) while a new one is captured here.
+        """
         pool = torch.cuda.graph_pool_handle()
         with torch.cuda.stream(self.stream), torch.inference_mode():
             for bucket in sorted(self.spec.buckets(), reverse=True):
@@ -148,25 +170,33 @@ class CudaModel(DeviceModel):
                 )
                 static_in = self.prepare_input(frames)
                 for _ in range(_GRAPH_WARMUP):
-                    self.module(static_in)
+                    self.head(static_in)
                 self.stream.synchronize()
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=self.stream):
-                    static_out = self.module(static_in)
+                with torch.cuda.graph(graph, pool=pool, stream=self.stream, capture_error_mode="thread_local"):
+                    static_out = self.head(static_in)
                 self.graphs[bucket] = _Graph(graph, static_in, static_out)
         self.buckets = sorted(self.graphs)
         self.stream.synchronize()
 
-    def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        """Run on the current (compute) stream; returns [n, ...] outputs."""
+    def forward(self, frames: torch.Tensor) -> list[torch.Tensor]:
+        """Run on the current (compute) stream; returns the [n, ...] outputs."""
         n = frames.shape[0]
         bucket = next((b for b in self.buckets if b >= n), None)
         if bucket is None:
-            return self.module(self.prepare_input(frames))
+            return self.head(self.prepare_input(frames))
         g = self.graphs[bucket]
         self.prepare_input(frames, out=g.static_in[:n])
         g.graph.replay()
-        return g.static_out[:n]
+        return [out[:n] for out in g.static_out]
+
+    def release(self) -> None:
+        """Drop every device tensor this model holds (graphs, their pool, buffers, weights)."""
+        self.graphs.clear()
+        self.buckets = []
+        self.buffers = None
+        self.module = nn.Identity()
+        self.head = ModelHead(self.module, self.spec)
 
 
 class CudaBackend(Backend):
@@ -187,6 +217,10 @@ class CudaBackend(Backend):
         torch.cuda.set_device(self.device)
         self.device_name = f"cuda:{device_index} ({torch.cuda.get_device_name(self.device)})"
         self.copy_stream = torch.cuda.Stream(self.device)
+        # Weights of a model being loaded go to the device on this stream: while models serve,
+        # a load never queues behind (or in front of) their copies and batches.
+        self.load_stream = torch.cuda.Stream(self.device)
+        self._trace_epoch: torch.cuda.Event | None = None  # the first traced batch's start
         self._bridge = CompletionBridge(loop)
         # One gather launch per batch instead of a copy per frame: 7x less loop CPU per frame
         # and 1.8x less GPU time at 32 frames on the H100 (docs/GPU_NOTES.md).
@@ -207,8 +241,13 @@ class CudaBackend(Backend):
 
     def load(self, spec: ModelSpec, module: nn.Module) -> CudaModel:
         torch.cuda.set_device(self.device)  # this runs in the loader thread
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.cuda.stream(self.load_stream):
             model = CudaModel(spec, module, self.device, self.use_kernels)
+        self.load_stream.synchronize()
+        # Every bucket, eagerly, max_batch_size included: a static batch fails here, not under load.
+        outs = model.warm_up()
+        assert model.head.layout is not None
+        model.layout = model.head.layout
         if spec.cuda_graphs:
             try:
                 model.capture()
@@ -218,19 +257,22 @@ class CudaBackend(Backend):
                 model.graph_error = f"capture failed: {exc}"
                 log.warning("model %s: CUDA graph capture failed, running eagerly: %s", spec.name, exc)
         with torch.cuda.stream(model.stream), torch.inference_mode():
-            frames = torch.zeros((1, *spec.input_shape), device=self.device).to(_torch_dtype(spec.frame_dtype))
-            out_shape = tuple(model.forward(frames).shape[1:])
             if self.use_kernels and spec.frame_nbytes < COPY_ENGINE_FROM:
                 # Compile and load the gather kernel here: loading a module can wait for the
                 # whole device, which must not happen on the loop at the first batch.
                 scratch = torch.zeros(spec.frame_nbytes, dtype=torch.uint8, pin_memory=True)
                 staged = torch.empty((1, spec.frame_nbytes), dtype=torch.uint8, device=self.device)
                 kernels.gather_frames(scratch, [0], spec.frame_nbytes, staged, model.stream)
-        model.buffers = BufferPool(
-            spec.frame_nbytes, out_shape, spec.max_batch_size, self._max_inflight + 1, self.device
-        )
+        outputs = [(tuple(out.shape[1:]), host_dtype(out.dtype)) for out in outs]
+        model.buffers = BufferPool(spec.frame_nbytes, outputs, spec.max_batch_size, self._max_inflight + 1, self.device)
         model.stream.synchronize()
         return model
+
+    def unload(self, model: DeviceModel) -> None:
+        assert isinstance(model, CudaModel)
+        model.stream.synchronize()  # its last batch has been delivered; nothing of it is queued
+        model.release()
+        torch.cuda.empty_cache()  # the graphs' private pool and the buffers go back to the device
 
     def launch(self, model: DeviceModel, slots: list[Slot], expected_s: float = 0.0) -> BatchRun:
         assert isinstance(model, CudaModel) and self._host is not None and model.buffers is not None
@@ -256,7 +298,7 @@ class CudaBackend(Backend):
         else:
             finished = asyncio.ensure_future(self._compute_off_loop(model, buffers, n, copy_done, started, done))
         copied = self._bridge.wait(copy_done)
-        result: asyncio.Future[np.ndarray] = self._loop.create_future()
+        result: asyncio.Future[BatchOutputs] = self._loop.create_future()
         run = BatchRun(n, copied, result)
 
         def deliver(f: asyncio.Future[None]) -> None:
@@ -268,8 +310,12 @@ class CudaBackend(Backend):
                 result.set_exception(exc)
             else:
                 run.service_s = started.elapsed_time(done) / 1e3  # both complete: no wait
-                result.set_result(buffers.host[:n].numpy().copy())  # small (n x output); frees the buffers now
-                model.buffers.give_back(buffers)  # type: ignore[union-attr]  # not on failure: the device may write
+                # Small (n x outputs): copied so that the buffers go back now.
+                result.set_result(model.layout.assemble([host[:n].numpy().copy() for host in buffers.host]))
+                if model.buffers is not None:  # None: unloaded meanwhile (a shutdown out of time)
+                    model.buffers.give_back(buffers)  # not on failure: the device may still write them
+                if self.trace is not None:
+                    self._trace(model, n, started, done)
 
         finished.add_done_callback(deliver)
         return run
@@ -284,8 +330,9 @@ class CudaBackend(Backend):
             model.stream.wait_event(copy_done)
             started.record(model.stream)
             frames = buffers.staged[:n].view(_torch_dtype(spec.frame_dtype)).view(n, *spec.input_shape)
-            buffers.out[:n].copy_(model.forward(frames))
-            buffers.host[:n].copy_(buffers.out[:n], non_blocking=True)
+            for out, host, value in zip(buffers.out, buffers.host, model.forward(frames), strict=True):
+                out[:n].copy_(value)
+                host[:n].copy_(out[:n], non_blocking=True)
             done.record(model.stream)
 
     async def _compute_off_loop(
@@ -298,6 +345,12 @@ class CudaBackend(Backend):
             self._launcher, self._enqueue_compute, model, buffers, n, copy_done, started, done
         )
         await self._bridge.wait(done)
+
+    def _trace(self, model: CudaModel, n: int, started: torch.cuda.Event, done: torch.cuda.Event) -> None:
+        """Record when the batch ran, in seconds since the first traced batch started (both events complete)."""
+        assert self.trace is not None
+        epoch = self._trace_epoch = self._trace_epoch or started
+        self.trace.append(BatchTrace(model, n, epoch.elapsed_time(started) / 1e3, epoch.elapsed_time(done) / 1e3))
 
     def close(self) -> None:
         self._bridge.close()

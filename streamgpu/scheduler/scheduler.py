@@ -33,6 +33,12 @@ server's launch-and-reply coroutine). Its rules:
   completion still meets the oldest frame's target; when none can, it drains
   with the largest and counts ``target_unmeetable``.
 * Frames whose producer has gone are dropped at batch formation.
+* Versions: ``swap_model`` puts a new version of a model in place between two
+  batches; the queue keeps its frames and the next batch launches on the new
+  version (batches in flight finish on the old one). With the model's
+  ``swap_queued = "received"`` the frames queued at the swap run on the version
+  that received them first. ``remove_model`` stops taking frames (UNKNOWN_MODEL)
+  and returns once the queued ones have run.
 """
 
 from __future__ import annotations
@@ -76,6 +82,11 @@ class ModelQueue:
         self.latest_start = float("inf")  # perf_counter s by which a batch must start for queued deadlines
         self.wake: asyncio.TimerHandle | None = None
         self.metrics = ModelMetrics()
+        # Frames queued when a new version took over that must still run on an older one (swap_queued =
+        # "received"); may name frames that left the queue since (cleared once none is queued).
+        self.pinned: dict[Frame, DeviceModel] = {}
+        self.tasks: dict[asyncio.Task[None], DeviceModel] = {}  # batches in flight and the version they run on
+        self.removed = False
 
     @property
     def in_flight(self) -> int:
@@ -107,11 +118,64 @@ class Scheduler:
     def add_model(self, model: DeviceModel) -> None:
         self._queues[model.spec.name] = ModelQueue(model)
 
+    def swap_model(self, model: DeviceModel) -> DeviceModel:
+        """Make ``model`` the version that the next batch of its name launches on; returns the old version.
+
+        Frames already queued stay queued (nothing is refused); they run on the new version,
+        or on the old one when the new spec says ``swap_queued = "received"``.
+        """
+        queue = self._queues[model.spec.name]
+        old = queue.model
+        if model.spec.swap_queued == "received":
+            for frame in queue.frames:
+                queue.pinned.setdefault(frame, old)
+        queue.model, queue.spec = model, model.spec
+        return old
+
+    def uses(self, model: DeviceModel) -> bool:
+        """Whether a batch of ``model`` is in flight, or a queued frame is pinned to it."""
+        queue = self._queues.get(model.spec.name)
+        if queue is None:
+            return False
+        if model in queue.tasks.values() or (queue.model is model and not queue.removed):
+            return True
+        return any(queue.pinned.get(frame) is model for frame in queue.frames) if queue.pinned else False
+
+    async def released(self, model: DeviceModel) -> None:
+        """Wait until no batch of ``model`` (a version swapped out) is in flight or pinned to run on it."""
+        while self.uses(model):
+            queue = self._queues[model.spec.name]
+            if queue.tasks:
+                await asyncio.wait(set(queue.tasks), return_when=asyncio.FIRST_COMPLETED)
+            else:
+                await asyncio.sleep(0.001)  # pinned frames waiting for their batch to form
+
+    async def remove_model(self, name: str) -> DeviceModel:
+        """Stop taking frames for ``name`` (UNKNOWN_MODEL), run the queued ones, then forget it.
+
+        Returns the version that was serving (free it once this returns: nothing of it is in flight).
+        """
+        queue = self._queues[name]
+        queue.removed = True
+        while queue.frames or queue.tasks:
+            if queue.tasks:
+                await asyncio.wait(set(queue.tasks), return_when=asyncio.FIRST_COMPLETED)
+            else:
+                self._dispatch(queue)
+                await asyncio.sleep(0.001)
+        if queue.wake is not None:
+            queue.wake.cancel()
+        del self._queues[name]
+        return queue.model
+
     # -- frames ----------------------------------------------------------------
 
     def submit(self, frame: Frame) -> None:
         """Queue a frame for its model (which admission has checked exists), or finish it now."""
-        queue = self._queues[frame.header.model]
+        queue = self._queues.get(frame.header.model)
+        if queue is None:  # unloaded while the frame's payload arrived (admission had let its header in)
+            _fail(frame, Status.UNKNOWN_MODEL, f"model {frame.header.model!r} was unloaded")
+            return
         if frame.live:
             stale = queue.frames.stream_frames(frame.producer, frame.stream)
             for old in stale:  # out of the queue first: finishing releases slots, which wakes producers
@@ -175,9 +239,9 @@ class Scheduler:
                 if now < due:
                     self._arm_wake(queue, due - now)
                     return
-            batch, abandoned = self._take(queue, self._batch_size(queue, now))
+            model, batch, abandoned = self._take(queue, self._batch_size(queue, now))
             if batch:
-                self._launch(queue, batch, now)
+                self._launch(queue, model, batch, now)
             for frame in abandoned:  # after the launch is counted: finishing frees slots, waking producers
                 queue.metrics.abandoned += 1
                 _fail(frame, Status.SHUTTING_DOWN, "producer disconnected")
@@ -198,14 +262,38 @@ class Scheduler:
             return n  # the target is lost for the oldest frame: drain the backlog as fast as possible
         return max(meeting, key=lambda b: (b / max(queue.latency.estimate(b), 1e-9), b))
 
-    def _take(self, queue: ModelQueue, n: int) -> tuple[list[Frame], list[Frame]]:
-        """The next ``n`` frames, split into (to run, whose producer is gone)."""
+    def _take(self, queue: ModelQueue, n: int) -> tuple[DeviceModel, list[Frame], list[Frame]]:
+        """The version to run and the next ``n`` frames, split into (to run, whose producer is gone)."""
         batch: list[Frame] = []
         abandoned: list[Frame] = []
-        for frame in queue.frames.pop_batch(n):
+        model, frames = queue.model, None
+        if queue.pinned:
+            frames = self._take_pinned(queue, n)
+            if frames:
+                model = queue.pinned[frames[0]]
+                for frame in frames:
+                    del queue.pinned[frame]
+        for frame in frames or queue.frames.pop_batch(n):
             queue.cancel_timer(frame)
             (abandoned if frame.is_abandoned() else batch).append(frame)
-        return batch, abandoned
+        return model, batch, abandoned
+
+    @staticmethod
+    def _take_pinned(queue: ModelQueue, n: int) -> list[Frame]:
+        """Up to ``n`` queued frames pinned to the oldest pinned version, out of the queue (in queue
+        order); none once no queued frame is pinned (the pins are then forgotten)."""
+        frames: list[Frame] = []
+        version: DeviceModel | None = None
+        for frame in queue.frames:
+            pinned = queue.pinned.get(frame)
+            if pinned is not None and (version is None or pinned is version) and len(frames) < n:
+                version = pinned
+                frames.append(frame)
+        if not frames:
+            queue.pinned.clear()
+        for frame in frames:
+            queue.frames.remove(frame)
+        return frames
 
     def _latest_start(self, queue: ModelQueue) -> float:
         """When the next batch must start so that no queued deadline is missed (inf: none)."""
@@ -226,7 +314,7 @@ class Scheduler:
         queue.wake = None
         self._dispatch(queue)
 
-    def _launch(self, queue: ModelQueue, batch: list[Frame], now: float) -> None:
+    def _launch(self, queue: ModelQueue, model: DeviceModel, batch: list[Frame], now: float) -> None:
         queue.latest_start = self._latest_start(queue)
         queue.running.append(len(batch))
         queue.metrics.batches += 1
@@ -236,14 +324,16 @@ class Scheduler:
         start = max(now, queue.busy_until)
         queue.busy_until = start + queue.latency.estimate(len(batch))
         hint = (queue.busy_until - now) * HINT_FRACTION
-        task = self._loop.create_task(self._run(queue, batch, hint))
+        task = self._loop.create_task(self._run(queue, model, batch, hint))
         self._tasks.add(task)
+        queue.tasks[task] = model
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(queue.tasks.pop)
 
-    async def _run(self, queue: ModelQueue, batch: list[Frame], expected_s: float) -> None:
+    async def _run(self, queue: ModelQueue, model: DeviceModel, batch: list[Frame], expected_s: float) -> None:
         service: float | None = None
         try:
-            service = await self._run_batch(queue.model, batch, expected_s)
+            service = await self._run_batch(model, batch, expected_s)
         finally:
             end = time.perf_counter()
             # Only the device's own measure of a batch trains the estimates: a host measure

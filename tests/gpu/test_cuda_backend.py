@@ -31,7 +31,7 @@ async def test_graph_replay_matches_eager_on_fresh_random_frames(n: int) -> None
     assert model.graphs, model.description
     frames = torch.randint(0, 256, (n, *spec.input_shape), dtype=torch.uint8, device="cuda")
     with torch.cuda.stream(model.stream), torch.inference_mode():
-        replayed = model.forward(frames).float().clone()  # bucket 1, 4 (padded) or 8
+        replayed = model.forward(frames)[0].float().clone()  # bucket 1, 4 (padded) or 8
         eager = model.module(model.prepare_input(frames)).float()
     model.stream.synchronize()
     err = (torch.linalg.norm(replayed - eager) / torch.linalg.norm(eager)).item()
