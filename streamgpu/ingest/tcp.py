@@ -388,6 +388,14 @@ class TcpConnection(asyncio.BufferedProtocol):
     def _on_outcome(self, ticket: Ticket, frame: Frame, outcome: Outcome) -> None:
         h = frame.header
         result = outcome.result
+        if outcome.outputs is not None:
+            if self.version >= 2:
+                block = wire.encode_outputs(outcome.outputs)
+                reply = ReplyHeader(h.stream_id, h.sequence, outcome.status, 0, (), len(block), h.timestamp_ns,
+                                    outcome.timings, outcome.message, wire.ReplyFlags.OUTPUTS)  # fmt: skip
+                self._send(ticket, wire.encode_reply(reply, block, self.version))
+                return
+            outcome = outcome._replace(message=wire.v1_outputs_note(outcome.outputs))
         if result is None:
             reply = ReplyHeader(h.stream_id, h.sequence, outcome.status, timestamp_ns=h.timestamp_ns,
                                 timings=outcome.timings, message=outcome.message)  # fmt: skip

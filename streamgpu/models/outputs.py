@@ -158,6 +158,11 @@ def warm_up(spec: ModelSpec, run: Callable[[int], list[torch.Tensor]], model_inp
 def _failure(spec: ModelSpec, bucket: int, index: int, model_input: str, why: str) -> str:
     why = why.strip().splitlines()[0] if why.strip() else why  # torch's messages run to many lines
     where = f"model {spec.name!r} ({spec.source}) fails at batch size {bucket}"
+    if index == 0 and "shape[0]" in why:  # torch.export's guard on a static batch dimension
+        return (
+            f"{where}: {why}. Its batch dimension is static (a torch.export file exported with a fixed batch): "
+            f"export it with dynamic_shapes={{'x': {{0: torch.export.Dim('batch', max={spec.max_batch_size})}}}}"
+        )
     if index == 0:
         return (
             f"{where}, the smallest bucket: {why}. It was fed {model_input} (input_shape "
