@@ -201,6 +201,11 @@ class Server:
         UNAVAILABLE) and reason, as Triton's repository index lists them."""
         return self._manager.index()
 
+    def known_spec(self, name: str) -> ModelSpec | None:
+        """The settings model ``name`` was last loaded with (serving or unloaded since), or None."""
+        state = self._manager.states.get(name)
+        return state.spec if state is not None else None
+
     @property
     def model_specs(self) -> dict[str, ModelSpec]:
         """The models taking frames now, by name."""

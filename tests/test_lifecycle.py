@@ -4,6 +4,7 @@ producer, load-time checks, several outputs and top-k end to end, the model repo
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import time
 from collections import defaultdict
@@ -360,4 +361,60 @@ async def test_the_repository_poll_loads_swaps_and_unloads(tmp_path: Path) -> No
         await until(lambda: "new" not in srv.model_specs)
         assert (await conn.infer(frames(1)[0], model="new")).status == Status.UNKNOWN_MODEL
         assert "fixed" in srv.model_specs  # config models are the repository's to load, not to unload
+        await conn.close()
+
+
+@pytest.mark.asyncio
+async def test_admin_routes_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from streamgpu import cli
+    from streamgpu.web.app import create_app
+
+    repo = tmp_path / "repo"
+    (repo / "cam").mkdir(parents=True)
+    shutil.copy(versioned(tmp_path, 2).partition(":")[2], repo / "cam" / "weights.pt")
+    outside = versioned(tmp_path, 5)
+    cfg = config(spec(versioned(repo / "cam", 1)), model_repository=str(repo), repository_poll_s=60,
+                 auth_token="sesame")  # fmt: skip
+    auth = {"Authorization": "Bearer sesame"}
+    async with Server(cfg) as srv, TestClient(TestServer(create_app(srv))) as http:
+        r = await http.post("/v2/repository/index")
+        assert r.status == 401 and "Bearer" in (await r.json())["error"]
+        r = await http.post("/v2/repository/index", headers=auth)
+        assert await r.json() == [{"name": "m", "version": "1", "state": "READY", "reason": ""}]
+        # A new version of m from settings (a path relative to the repository folder of m... here cam's)
+        settings = {"source": "state_dict:" + str(repo / "cam" / "weights.pt"), "arch": "small",
+                    "input_shape": list(SHAPE), "max_batch_size": 4}  # fmt: skip
+        r = await http.post("/v2/repository/models/m/load", headers=auth,
+                            json={"parameters": {"config": json.dumps(settings)}})  # fmt: skip
+        assert r.status == 200, await r.text()
+        conn = await client.connect("127.0.0.1", srv.port, token="sesame")
+        assert value(await conn.infer(frames(1)[0], model="m")) == 2.0
+        # Files outside the repository are not the HTTP client's to name; bad settings say which.
+        r = await http.post("/v2/repository/models/x/load", headers=auth,
+                            json={"parameters": {"config": {**settings, "source": outside}}})  # fmt: skip
+        assert r.status == 403 and "model_repository" in (await r.json())["error"]
+        r = await http.post("/v2/repository/models/x/load", headers=auth,
+                            json={"parameters": {"config": {"max_batch_size": 0}}})  # fmt: skip
+        assert r.status == 400 and "max_batch_size" in (await r.json())["error"]
+        r = await http.post("/v2/repository/models/nothing/unload", headers=auth)
+        assert r.status == 404
+        r = await http.post("/v2/repository/models/nothing/load", headers=auth)
+        assert r.status == 404 and "not served before" in (await r.json())["error"]
+
+        # The CLI over the same routes: cam has no config.toml but settings on the command line.
+        url = str(http.make_url("")).rstrip("/")
+        argv = ["admin", "load", url, "cam", "source=state_dict:weights.pt", "arch=small", "input_shape=[16,16,3]",
+                "--token", "sesame"]  # fmt: skip
+        assert await asyncio.to_thread(cli.main, argv) == 0
+        assert value(await conn.infer(frames(1)[0], model="cam")) == 2.0
+        assert await asyncio.to_thread(cli.main, ["admin", "unload", url, "m", "--token", "sesame"]) == 0
+        assert (await conn.infer(frames(1)[0], model="m")).status == Status.UNKNOWN_MODEL
+        capsys.readouterr()
+        assert await asyncio.to_thread(cli.main, ["admin", "list", url, "--token", "sesame"]) == 0
+        listed = capsys.readouterr().out.splitlines()
+        assert listed == ["cam\tversion 1\tREADY\t", "m\tversion 2\tUNAVAILABLE\tunloaded"], listed
+        assert await asyncio.to_thread(cli.main, ["admin", "unload", url, "m", "--token", "sesame"]) == 1
+        assert "HTTP 404" in capsys.readouterr().err
         await conn.close()
