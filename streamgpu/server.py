@@ -206,6 +206,11 @@ class Server:
         state = self._manager.states.get(name)
         return state.spec if state is not None else None
 
+    def serving(self, name: str) -> DeviceModel | None:
+        """The version of model ``name`` that new batches launch on (None: not served)."""
+        state = self._manager.states.get(name)
+        return state.model if state is not None else None
+
     @property
     def model_specs(self) -> dict[str, ModelSpec]:
         """The models taking frames now, by name."""
