@@ -63,9 +63,8 @@ def producer(port: int, shape: tuple[int, ...], connections: int, window: int, s
             while not stop.is_set() and len(pending) < window:
                 sent = time.monotonic()
                 fut = conn.submit(frame, model="m", stream_id=seq % 4)
-                fut.add_done_callback(
-                    lambda f, s=sent: records.append((s, time.monotonic() - s, -1 if f.exception() else f.result().status))
-                )
+                fut.add_done_callback(lambda f, s=sent: records.append(
+                    (s, time.monotonic() - s, -1 if f.exception() else int(f.result().status))))  # fmt: skip
                 pending.add(fut)
                 seq += 1
             _, pending = await asyncio.wait(pending, timeout=0.1, return_when=asyncio.FIRST_COMPLETED)
