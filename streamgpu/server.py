@@ -27,6 +27,7 @@ from streamgpu.models.manager import ModelManager, ModelState
 from streamgpu.models.repository import RepositoryPoller
 from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol.wire import Status
+from streamgpu.scheduler.health import DeviceHealth
 from streamgpu.scheduler.runner import BatchRunner
 from streamgpu.scheduler.scheduler import Scheduler
 
@@ -72,8 +73,9 @@ class Server:
         self._segment = segment = HostSegment.create(cfg.ring_bytes)
         await loop.run_in_executor(self._loader, backend.attach_host, segment.buffer)
         self._pool = SlotPool(segment.buffer, defer=loop.call_soon)
-        self._scheduler = scheduler = Scheduler(loop, self._run_batch, cfg.max_inflight_batches)
-        self._runner = BatchRunner(backend, scheduler.metrics_for)
+        health = DeviceHealth(backend.devices)
+        self._scheduler = scheduler = Scheduler(loop, self._run_batch, cfg.max_inflight_batches, health)
+        self._runner = BatchRunner(backend, scheduler, cfg.watchdog_factor, cfg.watchdog_min_s)
         self._models = models = ModelManager(backend, scheduler, self._loader)
         for spec in cfg.models:
             await models.load(spec)
@@ -188,7 +190,7 @@ class Server:
         when ``name`` is not served, ``ModelLoadError`` when the new version cannot be loaded.
         """
         state = self._manager.states.get(name)
-        if state is None or state.model is None:
+        if state is None or state.models is None:
             raise ModelNotFoundError(f"no model named {name!r} is being served (load it instead)")
         return await self._manager.load(dataclasses.replace(spec, name=name))
 
@@ -206,10 +208,10 @@ class Server:
         state = self._manager.states.get(name)
         return state.spec if state is not None else None
 
-    def serving(self, name: str) -> DeviceModel | None:
-        """The version of model ``name`` that new batches launch on (None: not served)."""
+    def serving(self, name: str) -> list[DeviceModel] | None:
+        """The version of model ``name`` that new batches launch on, one instance per device (None: not served)."""
         state = self._manager.states.get(name)
-        return state.model if state is not None else None
+        return state.models if state is not None else None
 
     @property
     def model_specs(self) -> dict[str, ModelSpec]:
@@ -247,6 +249,7 @@ class Server:
             "ring": {"capacity": pool.capacity, "used_bytes": pool.used_bytes, "slots_in_use": pool.slots_in_use,
                      "waiters": pool.waiters, "largest_free": pool.largest_free()},
             "listeners": [listener.stats() for listener in self._listeners],
+            "devices": self._scheduler.health.snapshot(),
             "connections": self._admission.connections,
             "frames_in_flight": self._admission.frames_in_flight,
         }  # fmt: skip

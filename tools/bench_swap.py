@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -54,6 +55,9 @@ def producer(port: int, shape: tuple[int, ...], connections: int, window: int, s
     """Closed loop until ``stop`` is set; sends back (sent monotonic s, latency s, status) per frame."""
     from streamgpu import client
 
+    def record(records: list[tuple[float, float, int]], sent: float, fut: asyncio.Future[Any]) -> None:
+        records.append((sent, time.monotonic() - sent, -1 if fut.exception() else int(fut.result().status)))
+
     async def one(records: list[tuple[float, float, int]]) -> None:
         conn = await client.connect("127.0.0.1", port)
         frame = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
@@ -63,8 +67,7 @@ def producer(port: int, shape: tuple[int, ...], connections: int, window: int, s
             while not stop.is_set() and len(pending) < window:
                 sent = time.monotonic()
                 fut = conn.submit(frame, model="m", stream_id=seq % 4)
-                fut.add_done_callback(lambda f, s=sent: records.append(
-                    (s, time.monotonic() - s, -1 if f.exception() else int(f.result().status))))  # fmt: skip
+                fut.add_done_callback(functools.partial(record, records, sent))
                 pending.add(fut)
                 seq += 1
             _, pending = await asyncio.wait(pending, timeout=0.1, return_when=asyncio.FIRST_COMPLETED)
@@ -187,8 +190,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         key = id(batch.model)
         first_start[key] = min(first_start.get(key, batch.start_s), batch.start_s)
         last_end[key] = max(last_end.get(key, batch.end_s), batch.end_s)
-    gaps = [first_start[id(s["new"])] - last_end[id(s["old"])] for s in swaps
-            if id(s["new"]) in first_start and id(s["old"]) in last_end]  # fmt: skip
+    gaps = []  # one device (the first instance of each version)
+    for swap in swaps:
+        old_id, new_id = id(swap["old"][0]), id(swap["new"][0])
+        if old_id in last_end and new_id in first_start:
+            gaps.append(first_start[new_id] - last_end[old_id])
     steady = [lat for sent, lat, status in records if steady_from <= sent < steady_to and status == 0]
     during = [lat for sent, lat, status in records if status == 0 and any(a <= sent <= b for a, b in windows)]
     failed = sum(1 for _, _, status in records if status != 0)

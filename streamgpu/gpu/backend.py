@@ -56,10 +56,11 @@ class BatchTrace:
 
 
 class DeviceModel(abc.ABC):
-    """A model placed on a backend's device, ready to run batches."""
+    """A model placed on one of a backend's devices, ready to run batches."""
 
     spec: ModelSpec
     layout: OutputLayout = OutputLayout("tensor")  # the structure of its outputs, known after the load
+    device: int  # position in ``Backend.devices``
 
     @property
     @abc.abstractmethod
@@ -71,10 +72,15 @@ class Backend(abc.ABC):
     """A place to run models, built with ``(loop, config)`` (see ``create_backend``)."""
 
     name: str
-    device_name: str
     # A list to append one BatchTrace per completed batch to (benchmarks: the GPU idle gap at a
     # swap); None, the default, costs nothing per batch.
     trace: list[BatchTrace] | None = None
+    devices: list[str]  # one name per device batches can be placed on ("cuda:0 (NVIDIA H100 ...)")
+
+    @property
+    def device_name(self) -> str:
+        """The devices, for logs."""
+        return ", ".join(self.devices)
 
     @abc.abstractmethod
     def __init__(self, loop: asyncio.AbstractEventLoop, config: Config) -> None: ...
@@ -88,8 +94,12 @@ class Backend(abc.ABC):
         """
 
     @abc.abstractmethod
-    def load(self, spec: ModelSpec, module: nn.Module) -> DeviceModel:
-        """Place, convert and warm a model (graph capture included). Blocking: call off the loop."""
+    def load(self, spec: ModelSpec, module: nn.Module, device: int = 0) -> DeviceModel:
+        """Place, convert and warm a model on ``devices[device]`` (graph capture included).
+
+        Blocking: call off the loop. ``module`` becomes the device's (it may be moved in place):
+        load a fresh one per device.
+        """
 
     def unload(self, model: DeviceModel) -> None:  # noqa: B027 - optional: the CPU backend leaves it to the GC
         """Free what ``model`` holds on the device, once no batch of it is in flight. Blocking: call off the loop."""
@@ -101,6 +111,13 @@ class Backend(abc.ABC):
         ``expected_s`` is the scheduler's estimate of when the batch completes
         (seconds from now), so completion can be awaited without spinning.
         """
+
+    def device_error(self, device: int) -> str | None:
+        """Why ``devices[device]`` can run nothing more (a sticky error: its context is lost), or None.
+
+        Asked after a batch failed; never blocks.
+        """
+        return None
 
     @abc.abstractmethod
     def close(self) -> None:

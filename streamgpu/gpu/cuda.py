@@ -102,21 +102,22 @@ class BufferPool:
 class CudaModel(DeviceModel):
     """A model on one GPU with its own compute stream and one CUDA graph per batch bucket."""
 
-    def __init__(self, spec: ModelSpec, module: nn.Module, device: torch.device, use_kernels: bool) -> None:
+    def __init__(self, spec: ModelSpec, module: nn.Module, gpu: torch.device, device: int, use_kernels: bool) -> None:
         self.spec = spec
+        self.gpu = gpu
         self.device = device
         self.dtype = torch.float16 if spec.precision == "auto" else _DTYPES[spec.precision]
-        self.module = module.to(device=device, dtype=self.dtype)
+        self.module = module.to(device=gpu, dtype=self.dtype)
         if spec.preprocess == "image":
             self.module = self.module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.head = ModelHead(self.module, spec)
         # The model's compute stream. (A per-model GPU share would create it inside its green context.)
-        self.stream = torch.cuda.Stream(device)
+        self.stream = torch.cuda.Stream(gpu)
         self.graphs: dict[int, _Graph] = {}
         self.buckets: list[int] = []
         self.graph_error = ""
         self.buffers: BufferPool | None = None  # set by CudaBackend.load
-        self.preprocess = TorchPreprocess(spec, self.dtype, device)  # constants made here, not per batch
+        self.preprocess = TorchPreprocess(spec, self.dtype, gpu)  # constants made here, not per batch
         self.fused_preprocess = (
             use_kernels
             and spec.preprocess == "image"
@@ -128,7 +129,7 @@ class CudaModel(DeviceModel):
     def description(self) -> str:
         mode = f"graphs {sorted(self.graphs)}" if self.graphs else f"eager ({self.graph_error or 'graphs off'})"
         pre = "fused kernel" if self.fused_preprocess else "torch ops"
-        return f"{self.spec.name} ({self.spec.source}, {self.dtype}, {self.device}, {mode}, pre-processing {pre})"
+        return f"{self.spec.name} ({self.spec.source}, {self.dtype}, {self.gpu}, {mode}, pre-processing {pre})"
 
     def prepare_input(self, frames: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """The model's input for ``frames``, written into ``out`` (a graph's static input) if given."""
@@ -148,7 +149,7 @@ class CudaModel(DeviceModel):
 
         def run(n: int) -> list[torch.Tensor]:
             shape = (n, *self.spec.input_shape)
-            frames = torch.zeros(shape, device=self.device).to(_torch_dtype(self.spec.frame_dtype))
+            frames = torch.zeros(shape, device=self.gpu).to(_torch_dtype(self.spec.frame_dtype))
             return self.head(self.prepare_input(frames))
 
         with torch.cuda.stream(self.stream), torch.inference_mode():
@@ -165,7 +166,7 @@ class CudaModel(DeviceModel):
         pool = torch.cuda.graph_pool_handle()
         with torch.cuda.stream(self.stream), torch.inference_mode():
             for bucket in sorted(self.spec.buckets(), reverse=True):
-                frames = torch.randint(0, 255, (bucket, *self.spec.input_shape), device=self.device).to(
+                frames = torch.randint(0, 255, (bucket, *self.spec.input_shape), device=self.gpu).to(
                     _torch_dtype(self.spec.frame_dtype)
                 )
                 static_in = self.prepare_input(frames)
@@ -208,30 +209,33 @@ class CudaBackend(Backend):
         # Eager models (graph capture failed or off) launch dozens of kernels per batch, milliseconds
         # of CPU: that happens on this one thread, never on the loop.
         self._launcher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamgpu-launch")
-        device_index, use_kernels = config.device_index, config.cuda_kernels
-        if not 0 <= device_index < torch.cuda.device_count():
-            raise DeviceUnavailableError(
-                f"device_index {device_index} does not exist: this machine has {torch.cuda.device_count()} GPU(s)"
-            )
-        self.device = torch.device("cuda", device_index)
-        torch.cuda.set_device(self.device)
-        self.device_name = f"cuda:{device_index} ({torch.cuda.get_device_name(self.device)})"
-        self.copy_stream = torch.cuda.Stream(self.device)
-        # Weights of a model being loaded go to the device on this stream: while models serve,
-        # a load never queues behind (or in front of) their copies and batches.
-        self.load_stream = torch.cuda.Stream(self.device)
-        self._trace_epoch: torch.cuda.Event | None = None  # the first traced batch's start
+        count = torch.cuda.device_count()
+        missing = [i for i in config.devices if i >= count]
+        if missing:
+            raise DeviceUnavailableError(f"devices {missing} do not exist: this machine has {count} GPU(s)")
+        self.gpus = [torch.device("cuda", i) for i in config.devices]
+        self.devices = [f"cuda:{d.index} ({torch.cuda.get_device_name(d)})" for d in self.gpus]
+        # Per GPU: its copy stream (copies of batch k+1 overlap compute of batch k), and an idle
+        # stream whose query() reports a sticky error without waiting for anything.
+        self.copy_streams = [torch.cuda.Stream(d) for d in self.gpus]
+        self._probes = [torch.cuda.Stream(d) for d in self.gpus]
+        # Weights of a model being loaded go to the GPU on this stream: while models serve, a load
+        # never queues behind (or in front of) their copies and batches.
+        self.load_streams = [torch.cuda.Stream(d) for d in self.gpus]
+        self._trace_epochs: dict[int, torch.cuda.Event] = {}  # per GPU: its first traced batch's start
         self._bridge = CompletionBridge(loop)
         # One gather launch per batch instead of a copy per frame: 7x less loop CPU per frame
         # and 1.8x less GPU time at 32 frames on the H100 (docs/GPU_NOTES.md).
+        use_kernels = config.cuda_kernels
         self.use_kernels = use_kernels and importlib.util.find_spec("cupy") is not None
         if use_kernels and not self.use_kernels:
             log.warning("cupy is not installed: one async copy per frame and torch pre-processing (slower)")
         self._host: torch.Tensor | None = None  # the registered host segment, as a uint8 CPU tensor
 
     def attach_host(self, buffer: np.ndarray) -> None:
-        # Page-lock the segment in place (it is shared memory that ingest workers may map too) and
-        # map it into the device's address space, so the gather kernel reads slots directly.
+        # Page-lock the segment in place (it is shared memory that ingest workers may map too), once
+        # for every GPU (portable), and map it into their address space (with unified addressing the
+        # host pointer is valid on each), so the gather kernel reads slots directly.
         cudart = torch.cuda.cudart()
         flags = 1 | 2  # cudaHostRegisterPortable | cudaHostRegisterMapped
         err = cudart.cudaHostRegister(buffer.ctypes.data, buffer.nbytes, flags)
@@ -239,40 +243,42 @@ class CudaBackend(Backend):
             raise DeviceUnavailableError(f"cannot page-lock {buffer.nbytes} bytes of host memory for the GPU: {err}")
         self._host = torch.from_numpy(buffer)
 
-    def load(self, spec: ModelSpec, module: nn.Module) -> CudaModel:
-        torch.cuda.set_device(self.device)  # this runs in the loader thread
-        with torch.inference_mode(), torch.cuda.stream(self.load_stream):
-            model = CudaModel(spec, module, self.device, self.use_kernels)
-        self.load_stream.synchronize()
-        # Every bucket, eagerly, max_batch_size included: a static batch fails here, not under load.
-        outs = model.warm_up()
-        assert model.head.layout is not None
-        model.layout = model.head.layout
-        if spec.cuda_graphs:
-            try:
-                model.capture()
-            except Exception as exc:  # data-dependent control flow etc.: serve eagerly, say why
-                model.graphs.clear()
-                model.buckets = []
-                model.graph_error = f"capture failed: {exc}"
-                log.warning("model %s: CUDA graph capture failed, running eagerly: %s", spec.name, exc)
-        with torch.cuda.stream(model.stream), torch.inference_mode():
-            if self.use_kernels and spec.frame_nbytes < COPY_ENGINE_FROM:
-                # Compile and load the gather kernel here: loading a module can wait for the
-                # whole device, which must not happen on the loop at the first batch.
-                scratch = torch.zeros(spec.frame_nbytes, dtype=torch.uint8, pin_memory=True)
-                staged = torch.empty((1, spec.frame_nbytes), dtype=torch.uint8, device=self.device)
-                kernels.gather_frames(scratch, [0], spec.frame_nbytes, staged, model.stream)
-        outputs = [(tuple(out.shape[1:]), host_dtype(out.dtype)) for out in outs]
-        model.buffers = BufferPool(spec.frame_nbytes, outputs, spec.max_batch_size, self._max_inflight + 1, self.device)
-        model.stream.synchronize()
+    def load(self, spec: ModelSpec, module: nn.Module, device: int = 0) -> CudaModel:
+        gpu = self.gpus[device]
+        with torch.cuda.device(gpu), torch.inference_mode():  # scoped: this runs in the loader thread
+            with torch.cuda.stream(self.load_streams[device]):
+                model = CudaModel(spec, module, gpu, device, self.use_kernels)
+            self.load_streams[device].synchronize()
+            # Every bucket, eagerly, max_batch_size included: a static batch fails here, not under load.
+            outs = model.warm_up()
+            assert model.head.layout is not None
+            model.layout = model.head.layout
+            if spec.cuda_graphs:
+                try:
+                    model.capture()
+                except Exception as exc:  # data-dependent control flow etc.: serve eagerly, say why
+                    model.graphs.clear()
+                    model.buckets = []
+                    model.graph_error = f"capture failed: {exc}"
+                    log.warning("model %s: CUDA graph capture failed, running eagerly: %s", spec.name, exc)
+            with torch.cuda.stream(model.stream):
+                if self.use_kernels and spec.frame_nbytes < COPY_ENGINE_FROM:
+                    # Compile and load the gather kernel here: loading a module can wait for the
+                    # whole device, which must not happen on the loop at the first batch.
+                    scratch = torch.zeros(spec.frame_nbytes, dtype=torch.uint8, pin_memory=True)
+                    staged = torch.empty((1, spec.frame_nbytes), dtype=torch.uint8, device=gpu)
+                    kernels.gather_frames(scratch, [0], spec.frame_nbytes, staged, model.stream)
+            outputs = [(tuple(out.shape[1:]), host_dtype(out.dtype)) for out in outs]
+            model.buffers = BufferPool(spec.frame_nbytes, outputs, spec.max_batch_size, self._max_inflight + 1, gpu)
+            model.stream.synchronize()
         return model
 
     def unload(self, model: DeviceModel) -> None:
         assert isinstance(model, CudaModel)
-        model.stream.synchronize()  # its last batch has been delivered; nothing of it is queued
-        model.release()
-        torch.cuda.empty_cache()  # the graphs' private pool and the buffers go back to the device
+        with torch.cuda.device(model.gpu):
+            model.stream.synchronize()  # its last batch has been delivered; nothing of it is queued
+            model.release()
+            torch.cuda.empty_cache()  # the graphs' private pool and the buffers go back to the device
 
     def launch(self, model: DeviceModel, slots: list[Slot], expected_s: float = 0.0) -> BatchRun:
         assert isinstance(model, CudaModel) and self._host is not None and model.buffers is not None
@@ -280,18 +286,19 @@ class CudaBackend(Backend):
         nbytes = model.spec.frame_nbytes
         buffers = model.buffers.take()
         staged = buffers.staged[:n]
-        with torch.inference_mode(), torch.cuda.stream(self.copy_stream):
+        copy_stream = self.copy_streams[model.device]
+        with torch.inference_mode(), torch.cuda.device(model.gpu), torch.cuda.stream(copy_stream):
             if self.use_kernels and nbytes < COPY_ENGINE_FROM:
-                kernels.gather_frames(self._host, [slot.offset for slot in slots], nbytes, staged, self.copy_stream)
+                kernels.gather_frames(self._host, [slot.offset for slot in slots], nbytes, staged, copy_stream)
             else:
                 for i, slot in enumerate(slots):
                     staged[i].copy_(self._host[slot.offset : slot.offset + nbytes], non_blocking=True)
             copy_done = torch.cuda.Event()
-            copy_done.record(self.copy_stream)
-        # Timed events give the batch's real device time, which the scheduler's latency
-        # estimates need (the loop notices completion later than it happens).
-        started = torch.cuda.Event(enable_timing=True)
-        done = torch.cuda.Event(enable_timing=True)
+            copy_done.record(copy_stream)
+            # Timed events give the batch's real device time, which the scheduler's latency
+            # estimates need (the loop notices completion later than it happens).
+            started = torch.cuda.Event(enable_timing=True)
+            done = torch.cuda.Event(enable_timing=True)
         if model.graphs:
             self._enqueue_compute(model, buffers, n, copy_done, started, done)
             finished: asyncio.Future[None] = self._bridge.wait(done, expected_s)
@@ -309,13 +316,18 @@ class CudaBackend(Backend):
             elif (exc := f.exception()) is not None:
                 result.set_exception(exc)
             else:
-                run.service_s = started.elapsed_time(done) / 1e3  # both complete: no wait
-                # Small (n x outputs): copied so that the buffers go back now.
-                result.set_result(model.layout.assemble([host[:n].numpy().copy() for host in buffers.host]))
+                try:  # a raise here would reach the loop's handler and leave the batch unanswered
+                    run.service_s = started.elapsed_time(done) / 1e3  # both complete: no wait
+                    # Small (n x outputs): copied so that the buffers go back now.
+                    rows = model.layout.assemble([host[:n].numpy().copy() for host in buffers.host])
+                    if self.trace is not None:
+                        self._trace(model, n, started, done)
+                except Exception as error:
+                    result.set_exception(error)
+                    return
+                result.set_result(rows)
                 if model.buffers is not None:  # None: unloaded meanwhile (a shutdown out of time)
                     model.buffers.give_back(buffers)  # not on failure: the device may still write them
-                if self.trace is not None:
-                    self._trace(model, n, started, done)
 
         finished.add_done_callback(deliver)
         return run
@@ -326,7 +338,7 @@ class CudaBackend(Backend):
     ) -> None:  # fmt: skip
         """On the model's stream, after the copy: pre-process, run, results back to the host buffer."""
         spec = model.spec
-        with torch.inference_mode(), torch.cuda.device(self.device), torch.cuda.stream(model.stream):
+        with torch.inference_mode(), torch.cuda.device(model.gpu), torch.cuda.stream(model.stream):
             model.stream.wait_event(copy_done)
             started.record(model.stream)
             frames = buffers.staged[:n].view(_torch_dtype(spec.frame_dtype)).view(n, *spec.input_shape)
@@ -349,15 +361,24 @@ class CudaBackend(Backend):
     def _trace(self, model: CudaModel, n: int, started: torch.cuda.Event, done: torch.cuda.Event) -> None:
         """Record when the batch ran, in seconds since the first traced batch started (both events complete)."""
         assert self.trace is not None
-        epoch = self._trace_epoch = self._trace_epoch or started
+        epoch = self._trace_epochs.setdefault(model.device, started)
         self.trace.append(BatchTrace(model, n, epoch.elapsed_time(started) / 1e3, epoch.elapsed_time(done) / 1e3))
+
+    def device_error(self, device: int) -> str | None:
+        try:
+            self._probes[device].query()  # an idle stream: only a lost context makes this raise
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
 
     def close(self) -> None:
         self._bridge.close()
         self._launcher.shutdown(wait=True)  # a launch in progress finishes enqueuing first
         if self._host is not None:
-            # Batches still on the device may read the segment: let them finish before unregistering.
-            torch.cuda.synchronize(self.device)
+            # Batches still on the devices may read the segment: let them finish before unregistering.
+            for device, gpu in enumerate(self.gpus):
+                if self.device_error(device) is None:  # a lost context has nothing left to wait for
+                    torch.cuda.synchronize(gpu)
             torch.cuda.cudart().cudaHostUnregister(self._host.data_ptr())
             self._host = None
 

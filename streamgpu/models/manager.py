@@ -32,7 +32,8 @@ READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVA
 
 @dataclass
 class ModelState:
-    """One model name: its serving version (``model``; None when not serving), state and last error.
+    """One model name: its serving version (``models``, one instance per device; None when not serving),
+    state and last error.
 
     ``version`` counts the versions loaded under this name since the server started (1 = first).
     """
@@ -42,7 +43,7 @@ class ModelState:
     version: int = 0
     state: str = LOADING
     reason: str = ""
-    model: DeviceModel | None = None
+    models: list[DeviceModel] | None = None
 
     def index_entry(self) -> dict[str, Any]:
         """The entry of Triton's repository index: name, version, state, reason."""
@@ -60,8 +61,20 @@ class ModelManager:
         self.states: dict[str, ModelState] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
-    def _build(self, spec: ModelSpec) -> DeviceModel:
-        return self._backend.load(spec, load_module(spec))
+    def _build(self, spec: ModelSpec) -> list[DeviceModel]:
+        """One instance per device (each from a fresh module: a load may move it in place)."""
+        models: list[DeviceModel] = []
+        try:
+            for device in range(len(self._backend.devices)):
+                models.append(self._backend.load(spec, load_module(spec), device))
+        except BaseException:
+            self._free(models)
+            raise
+        return models
+
+    def _free(self, models: list[DeviceModel]) -> None:
+        for model in models:
+            self._backend.unload(model)
 
     async def load(self, spec: ModelSpec) -> ModelState:
         """Load ``spec``; under a name already served this is a new version, swapped in between two
@@ -73,10 +86,11 @@ class ModelManager:
         loop = asyncio.get_running_loop()
         async with self._lock(spec.name):
             state = self.states.get(spec.name)
-            serving = state.model if state is not None else None
-            if serving is not None and not serving.spec.same_frames(spec):
+            serving = state.models if state is not None else None
+            if serving is not None and not state.spec.same_frames(spec):  # type: ignore[union-attr]
+                old_spec = serving[0].spec
                 raise ModelLoadError(
-                    f"model {spec.name!r} takes {serving.spec.input_dtype} {list(serving.spec.input_shape)} frames; "
+                    f"model {spec.name!r} takes {old_spec.input_dtype} {list(old_spec.input_shape)} frames; "
                     f"a new version must take the same frames, not {spec.input_dtype} {list(spec.input_shape)} "
                     "(unload it first, or load the new one under another name)"
                 )
@@ -85,7 +99,7 @@ class ModelManager:
             if serving is None:
                 state.state, state.reason = LOADING, ""
             try:
-                model = await loop.run_in_executor(self._loader, self._build, spec)
+                models = await loop.run_in_executor(self._loader, self._build, spec)
             except Exception as exc:
                 error = exc if isinstance(exc, ModelLoadError) else ModelLoadError(
                     f"model {spec.name!r}: cannot load {spec.source!r}: {type(exc).__name__}: {exc}")  # fmt: skip
@@ -95,16 +109,16 @@ class ModelManager:
                     state.reason = f"version {state.version + 1} failed to load ({state.version} serves): {error}"
                 raise error from exc
             state.version += 1
-            state.spec, state.model, state.state, state.reason = spec, model, READY, ""
+            state.spec, state.models, state.state, state.reason = spec, models, READY, ""
             self.specs[spec.name] = spec
-            if serving is None:
-                self._scheduler.add_model(model)
+            for model in models:
                 log.info("model %s, version %d", model.description, state.version)
+            if serving is None:
+                self._scheduler.add_model(models)
                 return state
-            old = self._scheduler.swap_model(model)  # between two batches; nothing queued is refused
-            log.info("model %s, version %d, serves", model.description, state.version)
+            old = self._scheduler.swap_model(models)  # between two batches; nothing queued is refused
             await self._scheduler.released(old)
-            await loop.run_in_executor(self._loader, self._backend.unload, old)
+            await loop.run_in_executor(self._loader, self._free, old)
             return state
 
     async def unload(self, name: str) -> ModelState:
@@ -112,13 +126,13 @@ class ModelManager:
         loop = asyncio.get_running_loop()
         async with self._lock(name):
             state = self.states.get(name)
-            if state is None or state.model is None:
+            if state is None or state.models is None:
                 raise ModelNotFoundError(f"no model named {name!r} is being served")
             del self.specs[name]
             state.state = UNLOADING
-            model = await self._scheduler.remove_model(name)
-            state.model, state.state, state.reason = None, UNAVAILABLE, "unloaded"
-            await loop.run_in_executor(self._loader, self._backend.unload, model)
+            models = await self._scheduler.remove_model(name)
+            state.models, state.state, state.reason = None, UNAVAILABLE, "unloaded"
+            await loop.run_in_executor(self._loader, self._free, models)
             log.info("model %s unloaded", name)
             return state
 

@@ -141,7 +141,7 @@ class RepositoryPoller:
         for name in [n for n in self._seen if n not in found]:
             gone = self._seen.pop(name)
             state = self._models.states.get(name)
-            if gone.loaded is not None and state is not None and state.model is not None:
+            if gone.loaded is not None and state is not None and state.models is not None:
                 log.info("model repository: %s removed; unloading", name)
                 await self._models.unload(name)
         for name, signature in found.items():
@@ -160,5 +160,5 @@ class RepositoryPoller:
             except StreamgpuError as exc:
                 log.error("model repository: %s not loaded: %s", name, exc)
                 state = self._models.states.get(name)
-                if state is not None and state.model is None:
+                if state is not None and state.models is None:
                     state.reason = str(exc)

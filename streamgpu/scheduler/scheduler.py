@@ -19,11 +19,13 @@ server's launch-and-reply coroutine). Its rules:
 * Deadlines: a frame whose deadline passes while queued is answered
   DEADLINE_MISSED at that moment (a timer on the loop, so it fires while the
   GPU is busy with a long batch) and never runs.
-* When: a model has at most ``max_inflight_batches`` batches launched (two:
-  one computing while the next one's copy runs). With nothing in flight,
-  whatever is queued goes at once: an idle GPU never waits for a fuller
-  batch. While batches are in flight, frames accumulate, and the next batch
-  goes when it is full or its oldest frame has waited ``max_queue_delay_ms``.
+* Where: a model has an instance (a replica) on every device; each batch goes
+  to the usable replica (see ``health``) that is estimated to finish it first.
+* When: a replica has at most ``max_inflight_batches`` batches launched (two:
+  one computing while the next one's copy runs). With nothing in flight on the
+  chosen replica, whatever is queued goes at once: an idle GPU never waits for
+  a fuller batch. While batches are in flight, frames accumulate, and the next
+  batch goes when it is full or its oldest frame has waited ``max_queue_delay_ms``.
   (``batch_policy = "fixed"`` waits like that even when idle, as a classic
   dynamic batcher does; it exists to compare against.)
 * How many: without a latency target, as many as are queued (up to
@@ -46,12 +48,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from streamgpu.frame import Frame
 from streamgpu.gpu.backend import DeviceModel
 from streamgpu.protocol.wire import Status
+from streamgpu.scheduler.health import DeviceHealth
 from streamgpu.scheduler.latency import BatchLatency
 from streamgpu.scheduler.metrics import ModelMetrics
 from streamgpu.scheduler.queues import FairQueue
@@ -68,29 +71,46 @@ HINT_FRACTION = 0.8
 DEADLINE_MARGIN_S = 0.002
 
 
-class ModelQueue:
-    """One model's waiting frames, in-flight batches, latency estimates and metrics."""
+class Replica:
+    """One instance of a model on one device: its batches in flight and its latency estimates."""
 
     def __init__(self, model: DeviceModel) -> None:
         self.model = model
-        self.spec = model.spec
-        self.frames = FairQueue()
-        self.deadline_timers: dict[Frame, asyncio.TimerHandle] = {}
+        self.device = model.device
         self.running: collections.deque[int] = collections.deque()  # sizes of launched batches, oldest first
         self.busy_until = 0.0  # perf_counter seconds when the launched batches should be done
         self.latency = BatchLatency()
-        self.latest_start = float("inf")  # perf_counter s by which a batch must start for queued deadlines
-        self.wake: asyncio.TimerHandle | None = None
-        self.metrics = ModelMetrics()
-        # Frames queued when a new version took over that must still run on an older one (swap_queued =
-        # "received"); may name frames that left the queue since (cleared once none is queued).
-        self.pinned: dict[Frame, DeviceModel] = {}
-        self.tasks: dict[asyncio.Task[None], DeviceModel] = {}  # batches in flight and the version they run on
-        self.removed = False
 
     @property
     def in_flight(self) -> int:
         return len(self.running)
+
+    def finish_at(self, now: float, size: int) -> float:
+        """When a batch of ``size`` launched now would be done."""
+        return max(now, self.busy_until) + self.latency.estimate(size)
+
+
+class ModelQueue:
+    """One model's waiting frames, replicas, deadline timers and metrics."""
+
+    def __init__(self, replicas: Sequence[DeviceModel]) -> None:
+        self.replicas = [Replica(model) for model in replicas]
+        self.spec = replicas[0].spec
+        self.frames = FairQueue()
+        self.deadline_timers: dict[Frame, asyncio.TimerHandle] = {}
+        self.latest_start = float("inf")  # perf_counter s by which a batch must start for queued deadlines
+        self.wake: asyncio.TimerHandle | None = None
+        self.metrics = ModelMetrics()
+        # Frames queued when a new version took over that must still run on an older one (swap_queued =
+        # "received"), with that version's replicas; may name frames that left the queue since (cleared
+        # once none is queued).
+        self.pinned: dict[Frame, list[Replica]] = {}
+        self.tasks: dict[asyncio.Task[None], DeviceModel] = {}  # batches in flight and the instance they run on
+        self.removed = False
+
+    @property
+    def in_flight(self) -> int:
+        return sum(r.in_flight for r in self.replicas)
 
     def cancel_timer(self, frame: Frame) -> None:
         timer = self.deadline_timers.pop(frame, None)
@@ -106,54 +126,65 @@ class Scheduler:
         loop: asyncio.AbstractEventLoop,
         run_batch: RunBatch,
         max_inflight_batches: int = 2,
+        health: DeviceHealth | None = None,
     ) -> None:
         self._loop = loop
         self._run_batch = run_batch
         self._max_inflight = max_inflight_batches
+        self.health = health or DeviceHealth(["device"])
         self._queues: dict[str, ModelQueue] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- models ----------------------------------------------------------------
 
-    def add_model(self, model: DeviceModel) -> None:
-        self._queues[model.spec.name] = ModelQueue(model)
+    def add_model(self, replicas: Sequence[DeviceModel]) -> None:
+        """Serve a model: one instance per device (the same spec)."""
+        self._queues[replicas[0].spec.name] = ModelQueue(replicas)
 
-    def swap_model(self, model: DeviceModel) -> DeviceModel:
-        """Make ``model`` the version that the next batch of its name launches on; returns the old version.
+    def swap_model(self, replicas: Sequence[DeviceModel]) -> list[DeviceModel]:
+        """Make ``replicas`` (a new version: one instance per device) what the next batches of its name
+        launch on; returns the old version's instances.
 
-        Frames already queued stay queued (nothing is refused); they run on the new version,
-        or on the old one when the new spec says ``swap_queued = "received"``.
+        Frames already queued stay queued (nothing is refused); they run on the new version, or on
+        the old one when the new spec says ``swap_queued = "received"``. Latency estimates carry over.
         """
-        queue = self._queues[model.spec.name]
-        old = queue.model
-        if model.spec.swap_queued == "received":
+        queue = self._queues[replicas[0].spec.name]
+        old = queue.replicas
+        if replicas[0].spec.swap_queued == "received":
             for frame in queue.frames:
                 queue.pinned.setdefault(frame, old)
-        queue.model, queue.spec = model, model.spec
-        return old
+        queue.replicas = [Replica(model) for model in replicas]
+        for new, previous in zip(queue.replicas, old, strict=False):
+            new.latency = previous.latency
+        queue.spec = replicas[0].spec
+        self._dispatch(queue)
+        return [r.model for r in old]
 
-    def uses(self, model: DeviceModel) -> bool:
-        """Whether a batch of ``model`` is in flight, or a queued frame is pinned to it."""
-        queue = self._queues.get(model.spec.name)
+    def uses(self, models: Sequence[DeviceModel]) -> bool:
+        """Whether a batch of one of ``models`` is in flight, or a queued frame is pinned to them."""
+        if not models:
+            return False
+        queue = self._queues.get(models[0].spec.name)
         if queue is None:
             return False
-        if model in queue.tasks.values() or (queue.model is model and not queue.removed):
+        ids = {id(m) for m in models}
+        if any(id(m) in ids for m in queue.tasks.values()) or any(id(r.model) in ids for r in queue.replicas):
             return True
-        return any(queue.pinned.get(frame) is model for frame in queue.frames) if queue.pinned else False
+        return any(id(r.model) in ids for f in queue.frames for r in queue.pinned.get(f, ())) if queue.pinned else False
 
-    async def released(self, model: DeviceModel) -> None:
-        """Wait until no batch of ``model`` (a version swapped out) is in flight or pinned to run on it."""
-        while self.uses(model):
-            queue = self._queues[model.spec.name]
+    async def released(self, models: Sequence[DeviceModel]) -> None:
+        """Wait until no batch of ``models`` (a version swapped out) is in flight or pinned to run on them."""
+        while self.uses(models):
+            queue = self._queues[models[0].spec.name]
             if queue.tasks:
                 await asyncio.wait(set(queue.tasks), return_when=asyncio.FIRST_COMPLETED)
             else:
                 await asyncio.sleep(0.001)  # pinned frames waiting for their batch to form
 
-    async def remove_model(self, name: str) -> DeviceModel:
+    async def remove_model(self, name: str) -> list[DeviceModel]:
         """Stop taking frames for ``name`` (UNKNOWN_MODEL), run the queued ones, then forget it.
 
-        Returns the version that was serving (free it once this returns: nothing of it is in flight).
+        Returns the instances that were serving (free them once this returns: nothing of them is in flight).
         """
         queue = self._queues[name]
         queue.removed = True
@@ -166,7 +197,41 @@ class Scheduler:
         if queue.wake is not None:
             queue.wake.cancel()
         del self._queues[name]
-        return queue.model
+        return [r.model for r in queue.replicas]
+
+    # -- devices -----------------------------------------------------------------
+
+    def device_overdue(self, device: int) -> None:
+        """A batch on ``device`` passed its watchdog: place nothing more there until it ends."""
+        self.health.overdue(device)
+        self._refuse_unplaceable()
+
+    def device_overdue_ended(self, device: int) -> None:
+        self.health.ended(device)
+        for queue in self._queues.values():
+            self._dispatch(queue)
+
+    def device_failed(self, device: int, reason: str) -> None:
+        """``device`` can run nothing more (its context is lost)."""
+        if self.health.failed(device, reason):
+            self._refuse_unplaceable()
+
+    def _unplaceable(self, queue: ModelQueue) -> str:
+        """Why no replica of ``queue``'s model can take a batch now ("" when one can)."""
+        health = self.health
+        if any(health.usable(r.device) for r in queue.replicas):
+            return ""
+        return f"model {queue.spec.name!r} has no usable device: " + health.why_unusable(
+            [r.device for r in queue.replicas]
+        )
+
+    def _refuse_unplaceable(self) -> None:
+        """Answer the queued frames of models that no device can run now, rather than let them wait."""
+        for queue in self._queues.values():
+            if why := self._unplaceable(queue):
+                for frame in list(queue.frames):
+                    queue.metrics.failed += 1
+                    self._drop(queue, frame, Status.INTERNAL_ERROR, why)
 
     # -- frames ----------------------------------------------------------------
 
@@ -175,6 +240,10 @@ class Scheduler:
         queue = self._queues.get(frame.header.model)
         if queue is None:  # unloaded while the frame's payload arrived (admission had let its header in)
             _fail(frame, Status.UNKNOWN_MODEL, f"model {frame.header.model!r} was unloaded")
+            return
+        if why := self._unplaceable(queue):
+            queue.metrics.failed += 1
+            _fail(frame, Status.INTERNAL_ERROR, why)
             return
         if frame.live:
             stale = queue.frames.stream_frames(frame.producer, frame.stream)
@@ -229,9 +298,13 @@ class Scheduler:
 
     def _dispatch(self, queue: ModelQueue) -> None:
         """Launch as many batches as policy allows now; arm a wake-up for the rest."""
-        while queue.frames and queue.in_flight < self._max_inflight:
+        while queue.frames:
             now = time.perf_counter()
-            waits = queue.in_flight or queue.spec.batch_policy == "fixed"
+            version = self._pinned_version(queue) if queue.pinned else None
+            replica = self._place(queue, now, version or queue.replicas)
+            if replica is None:
+                return  # every replica is full (or unusable): a batch ending dispatches again
+            waits = replica.in_flight or queue.spec.batch_policy == "fixed"
             if waits and len(queue.frames) < queue.spec.max_batch_size:
                 oldest = queue.frames.oldest()
                 assert oldest is not None
@@ -239,61 +312,70 @@ class Scheduler:
                 if now < due:
                     self._arm_wake(queue, due - now)
                     return
-            model, batch, abandoned = self._take(queue, self._batch_size(queue, now))
+            batch, abandoned = self._take(queue, self._batch_size(queue, replica, now), version)
             if batch:
-                self._launch(queue, model, batch, now)
+                self._launch(queue, replica, batch, now)
             for frame in abandoned:  # after the launch is counted: finishing frees slots, waking producers
                 queue.metrics.abandoned += 1
                 _fail(frame, Status.SHUTTING_DOWN, "producer disconnected")
 
-    def _batch_size(self, queue: ModelQueue, now: float) -> int:
+    def _place(self, queue: ModelQueue, now: float, replicas: list[Replica]) -> Replica | None:
+        """The usable one of ``replicas`` with room for a batch that would finish the queued frames first."""
+        size = min(len(queue.frames), queue.spec.max_batch_size)
+        best: Replica | None = None
+        best_key = (float("inf"), 0)
+        for replica in replicas:
+            if replica.in_flight >= self._max_inflight or not self.health.usable(replica.device):
+                continue
+            key = (replica.finish_at(now, size), replica.in_flight)  # ties (no estimate yet): the least busy
+            if best is None or key < best_key:
+                best, best_key = replica, key
+        return best
+
+    def _batch_size(self, queue: ModelQueue, replica: Replica, now: float) -> int:
         spec = queue.spec
         n = min(len(queue.frames), spec.max_batch_size)
         if not spec.latency_target_ms:
             return n
         oldest = queue.frames.oldest()
         assert oldest is not None
-        start = max(now, queue.busy_until)
+        start = max(now, replica.busy_until)
         limit = oldest.received_ns / 1e9 + spec.latency_target_ms / 1e3
+        latency = replica.latency
         sizes = {b for b in spec.buckets() if b <= n} | {n}
-        meeting = [b for b in sizes if start + queue.latency.estimate(b) <= limit]
+        meeting = [b for b in sizes if start + latency.estimate(b) <= limit]
         if not meeting:
             queue.metrics.target_unmeetable += 1
             return n  # the target is lost for the oldest frame: drain the backlog as fast as possible
-        return max(meeting, key=lambda b: (b / max(queue.latency.estimate(b), 1e-9), b))
+        return max(meeting, key=lambda b: (b / max(latency.estimate(b), 1e-9), b))
 
-    def _take(self, queue: ModelQueue, n: int) -> tuple[DeviceModel, list[Frame], list[Frame]]:
-        """The version to run and the next ``n`` frames, split into (to run, whose producer is gone)."""
+    def _take(self, queue: ModelQueue, n: int, version: list[Replica] | None) -> tuple[list[Frame], list[Frame]]:
+        """The next ``n`` frames (those pinned to ``version`` if given), split into (to run, whose
+        producer is gone)."""
         batch: list[Frame] = []
         abandoned: list[Frame] = []
-        model, frames = queue.model, None
-        if queue.pinned:
-            frames = self._take_pinned(queue, n)
-            if frames:
-                model = queue.pinned[frames[0]]
-                for frame in frames:
-                    del queue.pinned[frame]
-        for frame in frames or queue.frames.pop_batch(n):
+        if version is None:
+            frames = queue.frames.pop_batch(n)
+        else:
+            frames = [f for f in queue.frames if queue.pinned.get(f) is version][:n]
+            for frame in frames:
+                queue.frames.remove(frame)
+                del queue.pinned[frame]
+        for frame in frames:
             queue.cancel_timer(frame)
             (abandoned if frame.is_abandoned() else batch).append(frame)
-        return model, batch, abandoned
+        return batch, abandoned
 
     @staticmethod
-    def _take_pinned(queue: ModelQueue, n: int) -> list[Frame]:
-        """Up to ``n`` queued frames pinned to the oldest pinned version, out of the queue (in queue
-        order); none once no queued frame is pinned (the pins are then forgotten)."""
-        frames: list[Frame] = []
-        version: DeviceModel | None = None
+    def _pinned_version(queue: ModelQueue) -> list[Replica] | None:
+        """The older version the first pinned frame still queued must run on; None (and the pins
+        forgotten) once no queued frame is pinned."""
         for frame in queue.frames:
-            pinned = queue.pinned.get(frame)
-            if pinned is not None and (version is None or pinned is version) and len(frames) < n:
-                version = pinned
-                frames.append(frame)
-        if not frames:
-            queue.pinned.clear()
-        for frame in frames:
-            queue.frames.remove(frame)
-        return frames
+            version = queue.pinned.get(frame)
+            if version is not None:
+                return version
+        queue.pinned.clear()
+        return None
 
     def _latest_start(self, queue: ModelQueue) -> float:
         """When the next batch must start so that no queued deadline is missed (inf: none)."""
@@ -303,7 +385,8 @@ class Scheduler:
     @staticmethod
     def _start_by(queue: ModelQueue, deadline_ns: int) -> float:
         batch = min(len(queue.frames), queue.spec.max_batch_size)
-        return deadline_ns / 1e9 - queue.latency.estimate(batch) - DEADLINE_MARGIN_S
+        fastest = min(r.latency.estimate(batch) for r in queue.replicas)
+        return deadline_ns / 1e9 - fastest - DEADLINE_MARGIN_S
 
     def _arm_wake(self, queue: ModelQueue, delay: float) -> None:
         if queue.wake is not None:
@@ -314,26 +397,25 @@ class Scheduler:
         queue.wake = None
         self._dispatch(queue)
 
-    def _launch(self, queue: ModelQueue, model: DeviceModel, batch: list[Frame], now: float) -> None:
+    def _launch(self, queue: ModelQueue, replica: Replica, batch: list[Frame], now: float) -> None:
         queue.latest_start = self._latest_start(queue)
-        queue.running.append(len(batch))
+        replica.running.append(len(batch))
         queue.metrics.batches += 1
         queue.metrics.batch_sizes[len(batch)] += 1
         for frame in batch:
             queue.metrics.queue_wait_us.append((now - frame.complete_ns / 1e9) * 1e6)
-        start = max(now, queue.busy_until)
-        queue.busy_until = start + queue.latency.estimate(len(batch))
-        hint = (queue.busy_until - now) * HINT_FRACTION
-        task = self._loop.create_task(self._run(queue, model, batch, hint))
+        replica.busy_until = replica.finish_at(now, len(batch))
+        hint = (replica.busy_until - now) * HINT_FRACTION
+        task = self._loop.create_task(self._run(queue, replica, batch, hint))
         self._tasks.add(task)
-        queue.tasks[task] = model
+        queue.tasks[task] = replica.model
         task.add_done_callback(self._tasks.discard)
         task.add_done_callback(queue.tasks.pop)
 
-    async def _run(self, queue: ModelQueue, model: DeviceModel, batch: list[Frame], expected_s: float) -> None:
+    async def _run(self, queue: ModelQueue, replica: Replica, batch: list[Frame], expected_s: float) -> None:
         service: float | None = None
         try:
-            service = await self._run_batch(model, batch, expected_s)
+            service = await self._run_batch(replica.model, batch, expected_s)
         finally:
             end = time.perf_counter()
             # Only the device's own measure of a batch trains the estimates: a host measure
@@ -341,10 +423,10 @@ class Scheduler:
             # depends on the estimate (a feedback loop that locked in a slow first batch).
             # A failed batch (None) teaches nothing.
             if service is not None:
-                queue.latency.observe(len(batch), service)
-            queue.running.popleft()
+                replica.latency.observe(len(batch), service)
+            replica.running.popleft()
             # Re-anchor on what was observed: estimates summed over many launches drift.
-            queue.busy_until = end + sum(queue.latency.estimate(n) for n in queue.running)
+            replica.busy_until = end + sum(replica.latency.estimate(n) for n in replica.running)
             self._dispatch(queue)
 
     # -- state and shutdown --------------------------------------------------------
@@ -362,7 +444,7 @@ class Scheduler:
         out = {}
         for name, q in self._queues.items():
             snap = q.metrics.snapshot(len(q.frames), q.in_flight)
-            snap["batch_latency_ms"] = q.latency.snapshot()
+            snap["batch_latency_ms"] = {self.health.names[r.device]: r.latency.snapshot() for r in q.replicas}
             out[name] = snap
         return out
 

@@ -607,8 +607,10 @@ def test_garbage_only_ever_raises_protocol_error(prefix: bytes, garbage: bytes) 
 
 
 def test_outputs_block_round_trip_and_layout() -> None:
-    named = {"indices": np.arange(5, dtype=np.int32), "scores": np.linspace(1, 0, 5, dtype=np.float32),
-             "mask": np.ones((2, 3), dtype=np.uint8), "empty": np.zeros((0, 4), dtype=np.float32)}  # fmt: skip
+    named: dict[str, np.ndarray] = {
+        "indices": np.arange(5, dtype=np.int32), "scores": np.linspace(1, 0, 5, dtype=np.float32),
+        "mask": np.ones((2, 3), dtype=np.uint8), "empty": np.zeros((0, 4), dtype=np.float32),
+    }  # fmt: skip
     block = wire.encode_outputs(named)
     assert block[:4] == b"\x04\x00\x00\x00"  # count 4, reserved
     assert block[4:16] == struct.pack("<BBHQ", 5, 1, 7, 20) and block[16:23] == b"indices"
