@@ -160,8 +160,8 @@ class CudaModel(DeviceModel):
     def capture(self) -> None:
         """Warm up and capture one graph per bucket (largest first, one shared memory pool).
 
-        Captured in thread-local mode: the loop thread keeps launching the batches of models
-        already serving (and querying their events) while a new one is captured here.
+        Captured in thread-local mode, without a device-wide synchronize: the loop thread keeps
+        launching the batches of models already serving (and querying their events) meanwhile.
         """
         pool = torch.cuda.graph_pool_handle()
         with torch.cuda.stream(self.stream), torch.inference_mode():
@@ -173,9 +173,14 @@ class CudaModel(DeviceModel):
                 for _ in range(_GRAPH_WARMUP):
                     self.head(static_in)
                 self.stream.synchronize()
+                # Not torch.cuda.graph(): its __enter__ synchronizes the whole device and empties the
+                # allocator caches (device and pinned host), which would stall the models serving beside.
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=self.stream, capture_error_mode="thread_local"):
+                graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+                try:
                     static_out = self.head(static_in)
+                finally:
+                    graph.capture_end()
                 self.graphs[bucket] = _Graph(graph, static_in, static_out)
         self.buckets = sorted(self.graphs)
         self.stream.synchronize()
