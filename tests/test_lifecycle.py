@@ -159,17 +159,16 @@ async def test_swap_and_unload_while_a_producer_streams(served: Server, tmp_path
 
 @pytest.mark.parametrize("swap_queued", ["new", "received"])
 @pytest.mark.asyncio
-async def test_frames_queued_at_a_swap_run_on_the_version_configured(
+async def test_frames_queued_at_a_swap_run_on_the_version_configured_and_unload_drains(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, swap_queued: str
 ) -> None:
     original = CpuModel.run
 
-    def slow_v1(self: CpuModel, batch: np.ndarray) -> BatchOutputs:
-        if "v1.pt" in self.spec.source:
-            time.sleep(0.03)  # in the worker thread: frames stay queued while the new version loads
+    def slow(self: CpuModel, batch: np.ndarray) -> BatchOutputs:
+        time.sleep(0.03)  # in the worker thread: frames stay queued while the new version loads
         return original(self, batch)
 
-    monkeypatch.setattr(CpuModel, "run", slow_v1)
+    monkeypatch.setattr(CpuModel, "run", slow)
     async with Server(config(spec(versioned(tmp_path, 1)))) as srv:
         conn = await client.connect("127.0.0.1", srv.port)
         futs = [conn.submit(f, model="m", stream_id=i % 3) for i, f in enumerate(frames(48))]
@@ -183,6 +182,14 @@ async def test_frames_queued_at_a_swap_run_on_the_version_configured(
         else:
             assert set(values) == {1.0, 2.0} and values == sorted(values), values
         assert value(await conn.infer(frames(1)[0], model="m")) == 2.0
+        # Unload drains: every frame queued when it began runs; the next one is refused.
+        futs = [conn.submit(f, model="m", stream_id=i % 3) for i, f in enumerate(frames(24))]
+        while srv.metrics()["frames_in_flight"] < 24:
+            await asyncio.sleep(0.005)
+        assert srv.metrics()["models"]["m"]["queue_length"] > 8
+        await srv.unload_model("m")
+        assert [value(await fut) for fut in futs] == [2.0] * 24
+        assert (await conn.infer(frames(1)[0], model="m")).status == Status.UNKNOWN_MODEL
         await conn.close()
 
 
