@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import importlib.util
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,7 +115,11 @@ class CudaModel(DeviceModel):
         self.module = module.to(device=gpu, dtype=self.dtype)
         if spec.preprocess == "image":
             self.module = self.module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        self.stream = torch.cuda.Stream(gpu)
+        # A share of the SMs (a green context): kernels on its stream, and graphs captured inside it,
+        # run on those SMs alone, so this model cannot crowd out another (and vice versa).
+        self.share = _green_context(spec.sm_share, gpu)
+        with self.in_share():
+            self.stream = torch.cuda.Stream(gpu) if self.share is None else self.share.Stream()
         self.graphs: dict[int, _Graph] = {}
         self.buckets: list[int] = []
         self.graph_error = ""
@@ -130,9 +135,29 @@ class CudaModel(DeviceModel):
             and spec.input_shape[2] <= kernels.MAX_CHANNELS
         )
 
+    @contextlib.contextmanager
+    def in_share(self) -> Iterator[None]:
+        """Make the model's green context current on this thread (graph capture, eager launches)."""
+        if self.share is None:
+            yield
+            return
+        self.share.set_context()
+        try:
+            yield
+        finally:
+            self.share.pop_context()
+
+    @property
+    def share_sms(self) -> int:
+        """SMs this model may use (all of the GPU's without a share)."""
+        total = torch.cuda.get_device_properties(self.gpu).multi_processor_count
+        return _share_sms(self.spec.sm_share, total) if self.share is not None else total
+
     @property
     def description(self) -> str:
         mode = f"graphs {sorted(self.graphs)}" if self.graphs else f"eager ({self.graph_error or 'graphs off'})"
+        if self.share is not None:
+            mode += f", {self.share_sms} SMs of {torch.cuda.get_device_properties(self.gpu).multi_processor_count}"
         pre = "fused kernel" if self.fused_preprocess else "torch ops"
         return (f"{self.spec.name} ({self.spec.source}, {self.dtype}, {self.gpu}, {mode}, {self.compile_note}, "
                 f"pre-processing {pre})")  # fmt: skip
@@ -175,7 +200,7 @@ class CudaModel(DeviceModel):
                  "the next start; compile = \"off\" skips it)", spec.name, self.gpu)  # fmt: skip
         compiled = torch.compile(self.module, dynamic=False)
         try:
-            with torch.cuda.stream(self.stream), torch.inference_mode():
+            with self.in_share(), torch.cuda.stream(self.stream), torch.inference_mode():
                 if spec.compile == "on":
                     compiled(self._example(1))
                     self.runs, self.compile_note = compiled, "compiled"
@@ -202,7 +227,7 @@ class CudaModel(DeviceModel):
     def capture(self) -> None:
         """Warm up and capture one graph per bucket (largest first, one shared memory pool)."""
         pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.stream(self.stream), torch.inference_mode():
+        with self.in_share(), torch.cuda.stream(self.stream), torch.inference_mode():
             for bucket in sorted(self.spec.buckets(), reverse=True):
                 self.graphs[bucket] = self._capture(self.runs, self._example(bucket), pool)
         self.buckets = sorted(self.graphs)
@@ -272,7 +297,7 @@ class CudaBackend(Backend):
                     model.buckets = []
                     model.graph_error = f"capture failed: {exc}"
                     log.warning("model %s: CUDA graph capture failed, running eagerly: %s", spec.name, exc)
-            with torch.cuda.stream(model.stream):
+            with model.in_share(), torch.cuda.stream(model.stream):
                 frames = torch.zeros((1, *spec.input_shape), device=gpu).to(_torch_dtype(spec.frame_dtype))
                 out_shape = tuple(model.forward(frames).shape[1:])
                 if self.use_kernels and spec.frame_nbytes < COPY_ENGINE_FROM:
@@ -339,7 +364,7 @@ class CudaBackend(Backend):
     ) -> None:  # fmt: skip
         """On the model's stream, after the copy: pre-process, run, results back to the host buffer."""
         spec = model.spec
-        with torch.inference_mode(), torch.cuda.device(model.gpu), torch.cuda.stream(model.stream):
+        with torch.inference_mode(), torch.cuda.device(model.gpu), model.in_share(), torch.cuda.stream(model.stream):
             model.stream.wait_event(copy_done)
             started.record(model.stream)
             frames = buffers.staged[:n].view(_torch_dtype(spec.frame_dtype)).view(n, *spec.input_shape)
@@ -375,6 +400,28 @@ class CudaBackend(Backend):
                     torch.cuda.synchronize(gpu)
             torch.cuda.cudart().cudaHostUnregister(self._host.data_ptr())
             self._host = None
+
+
+# SMs are handed out in groups (8 on Hopper): a share is rounded to a whole number of groups, at least one.
+_SM_GROUP = 8
+
+
+def _share_sms(fraction: float, total: int) -> int:
+    return min(total, max(_SM_GROUP, round(fraction * total / _SM_GROUP) * _SM_GROUP))
+
+
+def _green_context(fraction: float, gpu: torch.device) -> Any:
+    """A green context holding ``fraction`` of ``gpu``'s SMs, or None for no partition."""
+    if not fraction:
+        return None
+    from torch.cuda import green_contexts
+
+    total = torch.cuda.get_device_properties(gpu).multi_processor_count
+    try:
+        return green_contexts.GreenContext.create(num_sms=_share_sms(fraction, total), device_id=gpu.index)
+    except Exception as exc:
+        why = f"cannot give a model {fraction:.0%} of {gpu}'s SMs (green contexts): {exc}"
+        raise DeviceUnavailableError(why) from exc
 
 
 def _replay_ms(graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream, reps: int = 20) -> float:
