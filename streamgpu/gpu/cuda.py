@@ -180,12 +180,16 @@ class CudaModel(DeviceModel):
         return self.prepare_input(frames.to(_torch_dtype(self.spec.frame_dtype)))
 
     def _capture(self, runs: Callable[[torch.Tensor], torch.Tensor], static_in: torch.Tensor, pool: Any) -> _Graph:
-        for _ in range(_GRAPH_WARMUP):
-            runs(static_in)
-        self.stream.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool, stream=self.stream):
-            static_out = runs(static_in)
+        # Inside the share: a graph runs on the SMs of the context it was captured in, whatever stream
+        # replays it. Only model code runs in there: cupy's kernels (gather, pre-processing) make the
+        # primary context current, which would unbalance the green context's push/pop.
+        with self.in_share():
+            for _ in range(_GRAPH_WARMUP):
+                runs(static_in)
+            self.stream.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=self.stream):
+                static_out = runs(static_in)
         return _Graph(graph, static_in, static_out)
 
     def choose_compiled(self) -> None:
@@ -200,9 +204,11 @@ class CudaModel(DeviceModel):
                  "the next start; compile = \"off\" skips it)", spec.name, self.gpu)  # fmt: skip
         compiled = torch.compile(self.module, dynamic=False)
         try:
-            with self.in_share(), torch.cuda.stream(self.stream), torch.inference_mode():
+            with torch.cuda.stream(self.stream), torch.inference_mode():
                 if spec.compile == "on":
-                    compiled(self._example(1))
+                    x = self._example(1)
+                    with self.in_share():
+                        compiled(x)
                     self.runs, self.compile_note = compiled, "compiled"
                     return
                 size = max(spec.buckets())
@@ -227,7 +233,7 @@ class CudaModel(DeviceModel):
     def capture(self) -> None:
         """Warm up and capture one graph per bucket (largest first, one shared memory pool)."""
         pool = torch.cuda.graph_pool_handle()
-        with self.in_share(), torch.cuda.stream(self.stream), torch.inference_mode():
+        with torch.cuda.stream(self.stream), torch.inference_mode():
             for bucket in sorted(self.spec.buckets(), reverse=True):
                 self.graphs[bucket] = self._capture(self.runs, self._example(bucket), pool)
         self.buckets = sorted(self.graphs)
@@ -238,10 +244,12 @@ class CudaModel(DeviceModel):
         n = frames.shape[0]
         bucket = next((b for b in self.buckets if b >= n), None)
         if bucket is None:
-            return self.runs(self.prepare_input(frames))
+            x = self.prepare_input(frames)
+            with self.in_share():
+                return self.runs(x)
         g = self.graphs[bucket]
         self.prepare_input(frames, out=g.static_in[:n])
-        g.graph.replay()
+        g.graph.replay()  # in its share, if it has one: captured there
         return g.static_out[:n]
 
 
@@ -297,7 +305,7 @@ class CudaBackend(Backend):
                     model.buckets = []
                     model.graph_error = f"capture failed: {exc}"
                     log.warning("model %s: CUDA graph capture failed, running eagerly: %s", spec.name, exc)
-            with model.in_share(), torch.cuda.stream(model.stream):
+            with torch.cuda.stream(model.stream):
                 frames = torch.zeros((1, *spec.input_shape), device=gpu).to(_torch_dtype(spec.frame_dtype))
                 out_shape = tuple(model.forward(frames).shape[1:])
                 if self.use_kernels and spec.frame_nbytes < COPY_ENGINE_FROM:
@@ -364,7 +372,7 @@ class CudaBackend(Backend):
     ) -> None:  # fmt: skip
         """On the model's stream, after the copy: pre-process, run, results back to the host buffer."""
         spec = model.spec
-        with torch.inference_mode(), torch.cuda.device(model.gpu), model.in_share(), torch.cuda.stream(model.stream):
+        with torch.inference_mode(), torch.cuda.device(model.gpu), torch.cuda.stream(model.stream):
             model.stream.wait_event(copy_done)
             started.record(model.stream)
             frames = buffers.staged[:n].view(_torch_dtype(spec.frame_dtype)).view(n, *spec.input_shape)
