@@ -104,7 +104,7 @@ class Results:
 
     def __init__(self, outlets: list[Outlet] | None = None) -> None:
         self.outlets: list[Outlet] = list(outlets or [])
-        self.published = 0
+        self.published = 0  # records encoded for the outlets
 
     def add_outlet(self, outlet: Outlet) -> None:
         """Connect another outlet (e.g. the web front end's subscribers); it gets lines from now on."""
@@ -116,9 +116,10 @@ class Results:
         return bool(self.outlets)
 
     def publish(self, record: dict[str, Any]) -> None:
-        self.published += 1
+        """Encode ``record`` once and hand the line to every outlet."""
         if not self.outlets:
             return
+        self.published += 1
         line = encode_line(record)
         for outlet in self.outlets:
             try:
@@ -265,4 +266,3 @@ def results_from(port: int, host: str, path: str) -> Results:
     if path:
         outlets.append(FileOutlet(path))
     return Results(outlets)
-
