@@ -1,0 +1,163 @@
+"""``streamgpu send``: raw frames from stdin or a file, sent with the streamgpu protocol, replies as JSON lines.
+
+For scripts and pipes: ``ffmpeg ... -f rawvideo -pix_fmt rgb24 - | streamgpu
+send --shape 224,224,3`` prints one JSON line per frame, in the schema of the
+server's results sink (``streamgpu.results.result_record``, source ``"send"``),
+in frame order. The input is back-to-back frames of ``shape`` and ``dtype``,
+exactly what a raw listener (``--raw``) takes.
+
+Transports are looked up in ``TRANSPORTS`` (only ``tcp`` now): a transport is
+a coroutine that opens a connection with the ``submit``/``wait_for_room``/
+``close`` shape of ``streamgpu.client.Connection``.
+
+Exit status: 0 when every frame was answered OK; 1 when a reply was not OK,
+the input ended in the middle of a frame, or the connection failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import math
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import BinaryIO, Protocol, TextIO
+
+import numpy as np
+
+from streamgpu import client
+from streamgpu.loops import loop_factory
+from streamgpu.results import encode_line, result_record
+
+
+class FrameConnection(Protocol):
+    """What ``send`` needs of a connection (``streamgpu.client.Connection`` has it)."""
+
+    def submit(
+        self,
+        frame: np.ndarray,
+        *,
+        stream_id: int = 0,
+        model: str = "default",
+        deadline: float | None = None,
+        priority: int = 0,
+        live: bool = False,
+    ) -> asyncio.Future[client.Reply]: ...
+
+    async def wait_for_room(self) -> None: ...
+
+    async def close(self, timeout: float = 5.0) -> None: ...
+
+
+@dataclass
+class SendOptions:
+    """What ``streamgpu send`` was asked to do (the CLI flags, checked)."""
+
+    host: str = "127.0.0.1"
+    port: int = 7878
+    transport: str = "tcp"
+    token: str = ""
+    model: str = "default"
+    shape: tuple[int, ...] = (224, 224, 3)
+    dtype: str = "uint8"
+    input: str = "-"  # a file path, or "-" for stdin
+    stream_id: int = 0
+    live: bool = False
+    deadline: float | None = None
+    priority: int = 0
+    in_flight: int = 8
+    rate: float = 0.0  # frames per second; 0: as fast as replies allow
+    count: int = 0  # stop after this many frames; 0: the whole input
+    top_k: int = 5
+
+    @property
+    def frame_nbytes(self) -> int:
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+
+async def _connect_tcp(opts: SendOptions) -> FrameConnection:
+    return await client.connect(opts.host, opts.port, token=opts.token)
+
+
+Connect = Callable[[SendOptions], Awaitable[FrameConnection]]
+TRANSPORTS: dict[str, Connect] = {"tcp": _connect_tcp}
+
+
+def _read_frame(source: BinaryIO, opts: SendOptions) -> tuple[np.ndarray, int]:
+    """The next frame (a fresh array: the client sends it without copying) and how many bytes came."""
+    frame = np.empty(opts.shape, np.dtype(opts.dtype).newbyteorder("<"))
+    view = frame.reshape(-1).view(np.uint8).data
+    got = 0
+    while got < len(view):
+        n = source.readinto(view[got:])  # type: ignore[attr-defined]
+        if not n:
+            break
+        got += n
+    return frame, got
+
+
+async def send(opts: SendOptions, source: BinaryIO, out: TextIO, err: TextIO) -> int:
+    """Send every frame of ``source``; write one JSON line per reply to ``out``, problems to ``err``."""
+    loop = asyncio.get_running_loop()
+    try:
+        conn = await TRANSPORTS[opts.transport](opts)
+    except (OSError, client.HandshakeError, TimeoutError) as exc:
+        err.write(f"streamgpu send: cannot connect to {opts.host}:{opts.port}: {exc}\n")
+        return 1
+    pending: collections.deque[asyncio.Future[client.Reply]] = collections.deque()
+    failed = False
+    sent = 0
+    next_at = time.monotonic()
+
+    def emit(reply: client.Reply) -> None:
+        nonlocal failed
+        failed |= not reply.ok
+        record = result_record("send", str(reply.stream_id), reply.sequence, opts.model, reply.status,
+                               reply.message, reply.timings, reply.result, opts.top_k)  # fmt: skip
+        out.write(encode_line(record).decode())
+        out.flush()  # a pipe's reader wants each line as it comes
+
+    try:
+        while not opts.count or sent < opts.count:
+            frame, got = await loop.run_in_executor(None, _read_frame, source, opts)  # a pipe may block
+            if got < opts.frame_nbytes:
+                if got:
+                    err.write(f"streamgpu send: input ended mid-frame ({got} of {opts.frame_nbytes} bytes): "
+                              "not sent\n")  # fmt: skip
+                    failed = True
+                break
+            if opts.rate:
+                next_at += 1 / opts.rate
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            while len(pending) >= opts.in_flight:
+                emit(await pending.popleft())
+            await conn.wait_for_room()
+            pending.append(conn.submit(frame, stream_id=opts.stream_id, model=opts.model, deadline=opts.deadline,
+                                       priority=opts.priority, live=opts.live))  # fmt: skip
+            sent += 1
+        while pending:
+            emit(await pending.popleft())
+    except ConnectionError as exc:
+        err.write(f"streamgpu send: connection lost after {sent} frames: {exc}\n")
+        return 1
+    finally:
+        for fut in pending:
+            fut.cancel()
+        await conn.close()
+    return 1 if failed else 0
+
+
+def run(opts: SendOptions) -> int:
+    """``streamgpu send``: open the input, send it all, return the exit status."""
+    if opts.input == "-":
+        source: BinaryIO = sys.stdin.buffer
+    else:
+        source = open(opts.input, "rb")  # noqa: SIM115 - closed below
+    try:
+        with asyncio.Runner(loop_factory=loop_factory("auto")) as runner:
+            return runner.run(send(opts, source, sys.stdout, sys.stderr))
+    finally:
+        if source is not sys.stdin.buffer:
+            source.close()
