@@ -104,6 +104,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "send":
         return _send(parser, args)
+    config = serve_config(parser, args)
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from streamgpu.serve import run
+
+    try:
+        return run(config)
+    except (StreamgpuError, OSError) as exc:
+        logging.getLogger("streamgpu").error("cannot serve: %s", exc)
+        return 1
+
+
+def serve_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Config:
+    """``streamgpu serve``'s config: file, environment, then flags; a bad one exits naming the setting or flag."""
     try:
         config = Config.load(
             args.config, host=args.host, port=args.port, device=args.device, model=args.model, loop=args.loop,
@@ -118,14 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             config = config.with_listeners(raw)
         except ConfigError as exc:
             parser.error(f"argument --raw: {exc}")
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from streamgpu.serve import run
-
-    try:
-        return run(config)
-    except (StreamgpuError, OSError) as exc:
-        logging.getLogger("streamgpu").error("cannot serve: %s", exc)
-        return 1
+    return config
 
 
 def _send(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

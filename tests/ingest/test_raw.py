@@ -81,7 +81,7 @@ async def raw_server(config: Config) -> AsyncIterator[tuple[Server, int, asyncio
 
 
 async def read_lines(reader: asyncio.StreamReader, n: int, timeout: float = 60) -> list[dict[str, Any]]:
-    lines = []
+    lines: list[dict[str, Any]] = []
     async with asyncio.timeout(timeout):
         while len(lines) < n:
             lines.append(json.loads(await reader.readline()))
@@ -126,7 +126,7 @@ async def test_ffmpeg_stream_gets_one_result_per_frame(tmp_path: Path) -> None:
     assert sorted(json.loads(x)["seq"] for x in out.read_text().splitlines()) == list(range(N_FRAMES))
 
 
-@pytest.mark.asyncio
+@pytest.mark.asyncio(loop_factories=["uvloop"])  # the receive path runs on both loops in the ffmpeg test
 async def test_gstreamer_tcpclientsink_gets_one_result_per_frame(tmp_path: Path) -> None:
     gst = need("gst-launch-1.0")
     reference_file = tmp_path / "frames.rgb"
@@ -158,7 +158,7 @@ def send_all(port: int, data: bytes) -> float:
 @pytest.mark.asyncio
 async def test_live_mode_newest_frame_wins_and_every_frame_has_a_line() -> None:
     frames = np.random.default_rng(1).integers(0, 256, (20, *SPEC.input_shape), dtype=np.uint8)
-    async with raw_server(raw_config(live=True)) as (server, port, reader):
+    async with raw_server(raw_config(live=True)) as (_server, port, reader):
         await asyncio.to_thread(send_all, port, frames.tobytes())
         lines = await read_lines(reader, len(frames))
         await no_more_lines(reader)
