@@ -95,8 +95,8 @@ class Server:
         if self.results_address is not None:
             log.info("results (JSON lines) for subscribers on %s:%d", *self.results_address)
         if cfg.open_to_anyone:
-            log.warning("listening beyond loopback without auth_token or tokens: anyone who can reach "
-                        "this machine can submit frames")  # fmt: skip
+            log.warning("listening beyond loopback without auth_token or tokens, or on a raw port (which takes "
+                        "no token): anyone who can reach this machine can submit frames")  # fmt: skip
 
     @staticmethod
     def _load(backend: Backend, spec: ModelSpec) -> DeviceModel:

@@ -113,3 +113,12 @@ async def test_a_slow_subscriber_skips_lines_and_is_told_how_many() -> None:
     assert [x["seq"] for x in await fast] == list(range(1001))  # the fast one lost nothing
     fast_writer.close()
     slow.close()
+
+
+def test_the_documented_example_line_has_the_schema() -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "PROTOCOL.md").read_text()
+    example = doc[doc.index("### 10.2") :].split("```json\n", 1)[1].split("\n```", 1)[0]
+    documented = json.loads(example)
+    made = result_record("raw", "raw:9000/1", 17, "default", Status.OK, "", Timings(), np.ones(1000, np.float32), 2)
+    assert list(documented) == list(made) and list(documented["timings"]) == list(made["timings"])
+    assert documented["source"] == "raw" and len(documented["top_k"]) == 2

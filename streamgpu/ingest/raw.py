@@ -7,10 +7,12 @@ the other. Results go to the server's results sink (``streamgpu.results``),
 one JSON line per frame, never back on the connection.
 
 Each connection is one anonymous producer (its own ring share and scheduling
-turn, as a framed TCP connection without a named token) and one stream. The
-kernel writes frame bytes straight into the frame's ring slot (``get_buffer``
-returns a view of it); a frame is admitted (``Admission.admit``) and given its
-slot when its first bytes are ready to read, so its clock starts then.
+turn, as a framed TCP connection without a named token) and one stream. A
+frame begins when its first bytes have come (a first read of at most 4 KiB
+into scratch, so that its clock starts then and no slot is held between
+frames): it is admitted (``Admission.admit``) and given its ring slot, those
+bytes are copied there, and the kernel writes the rest straight into the slot
+(``get_buffer`` returns a view of it).
 
 Two modes (listener option ``live``):
 
@@ -56,6 +58,7 @@ from streamgpu.results import Results, result_record
 log = logging.getLogger(__name__)
 
 SCRATCH_BYTES = 64 * 1024  # read-ahead while waiting for a slot, and the chunk size of dropped frames
+FIRST_READ = 4096  # a frame's first read, into scratch: the frame begins when these bytes come
 _connection_ids = itertools.count(1)
 
 
@@ -77,10 +80,10 @@ class RawConnection(asyncio.BufferedProtocol):
         self._transport: asyncio.Transport | None = None
         self._state = _State.START
         self._scratch = bytearray(min(SCRATCH_BYTES, self._nbytes))
+        self._first_read = min(FIRST_READ, self._nbytes)
         self._scratch_view = memoryview(self._scratch)
         self._have = 0  # WAIT: bytes of the frame read ahead into scratch
         self._left = 0  # DROP: bytes of the dropped frame still to come
-        self._drop_reason: tuple[Status, str] | None = None  # DROP: why, until the frame's first bytes come
         self._header: FrameHeader | None = None
         self._slot: Slot | None = None
         self._slot_view: memoryview | None = None
@@ -121,9 +124,12 @@ class RawConnection(asyncio.BufferedProtocol):
             self.stop_reading()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self._state is _State.START:
-            self._start_frame()  # bytes are ready: the frame begins now
         state = self._state
+        if state is _State.START:
+            # A frame begins when its first bytes are here, not when a buffer is asked for (uvloop
+            # asks right after the last read, long before a camera's next frame): a short first
+            # read into scratch, copied into the slot (4 KiB); the rest goes straight into the slot.
+            return self._scratch_view[: self._first_read]
         if state is _State.FILL:
             assert self._slot_view is not None
             return self._slot_view[self._filled :]
@@ -138,13 +144,14 @@ class RawConnection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         state = self._state
-        if state is _State.FILL:
+        if state is _State.START:
+            self._start_frame(nbytes)
+        elif state is _State.FILL:
             self._filled += nbytes
             self._last_progress = time.monotonic()
             if self._filled == self._nbytes:
                 self._finish_frame()
         elif state is _State.DROP:
-            self._dropping()
             self._left -= nbytes
             if self._left == 0:
                 self._state = _State.START
@@ -168,7 +175,8 @@ class RawConnection(asyncio.BufferedProtocol):
 
     # -- frames ---------------------------------------------------------------------------------
 
-    def _start_frame(self) -> None:
+    def _start_frame(self, first: int) -> None:
+        """The frame's first ``first`` bytes are at the start of scratch: admit it, find its space."""
         producer = self.producer
         assert producer is not None
         self._received_ns = now_ns = time.perf_counter_ns()
@@ -177,18 +185,24 @@ class RawConnection(asyncio.BufferedProtocol):
         try:
             self._deadline_ns = self._admission.admit(producer, header, now_ns)
         except Refused as refused:
-            self._drop(refused.status, refused.message)
+            self._drop(refused.status, refused.message, first)
             return
         got = producer.reserve(self._nbytes, self._on_slot)
         if not isinstance(got, Reservation):
             self._use_slot(got)
+            assert self._slot_view is not None
+            self._slot_view[:first] = self._scratch_view[:first]
+            self._filled = first
+            if first == self._nbytes:
+                self._finish_frame()
         elif self._listener.live:
             got.cancel()  # a camera is never blocked: this frame is dropped, the next one may find space
-            self._drop(Status.OVERLOADED, "no receive buffer space for this raw stream: frame dropped")
+            self._drop(Status.OVERLOADED, "no receive buffer space for this raw stream: frame dropped", first)
         else:
             self._reservation = got
-            self._have = 0
+            self._have = first  # read ahead into scratch, where it already is
             self._state = _State.WAIT
+            self._update_reading()
 
     def _use_slot(self, slot: Slot) -> None:
         self._slot = slot
@@ -213,26 +227,15 @@ class RawConnection(asyncio.BufferedProtocol):
         assert self._reservation is not None
         self._reservation.cancel()
         self._reservation = None
-        left = self._nbytes - self._have
-        self._have = 0
-        self._drop(Status.OVERLOADED, "no receive buffer space for this raw stream: frame dropped")
-        self._dropping()
-        self._left = left
+        have, self._have = self._have, 0
+        self._drop(Status.OVERLOADED, "no receive buffer space for this raw stream: frame dropped", have)
 
-    def _drop(self, status: Status, message: str) -> None:
-        """Read the frame's bytes into scratch and throw them away; its line says why once bytes come
-        (the frame is begun when the socket is readable, which an end of stream also is)."""
-        self._drop_reason = (status, message)
-        self._state = _State.DROP
-        self._left = self._nbytes
-
-    def _dropping(self) -> None:
-        """The first bytes of a dropped frame came: count and publish it."""
-        if self._drop_reason is not None:
-            status, message = self._drop_reason
-            self._drop_reason = None
-            self._listener.dropped += 1
-            self._publish_now(status, message)
+    def _drop(self, status: Status, message: str, came: int) -> None:
+        """Read the rest of the frame into scratch and throw it away (``came`` bytes of it are read)."""
+        self._listener.dropped += 1
+        self._publish_now(status, message)
+        self._left = self._nbytes - came
+        self._state = _State.DROP if self._left else _State.START
 
     def _finish_frame(self) -> None:
         header, slot, producer = self._header, self._slot, self.producer
@@ -282,8 +285,6 @@ class RawConnection(asyncio.BufferedProtocol):
         else:
             return  # between frames, or dropping one (counted when its bytes came)
         self._state = _State.START
-        if got == 0:  # begun because the socket was readable, but it was the end of the stream
-            return
         self._listener.partial += 1
         self._publish_now(status, f"{message} ({got} of {self._nbytes} bytes came): frame dropped")
 

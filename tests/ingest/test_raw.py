@@ -47,7 +47,7 @@ def need(program: str) -> str:
 def reference(frames: np.ndarray, spec: ModelSpec = SPEC) -> np.ndarray:
     module = build_builtin("small")
     with torch.inference_mode():
-        return module(preprocess_torch(torch.from_numpy(frames), spec, torch.float32)).numpy()
+        return module(preprocess_torch(torch.from_numpy(frames.copy()), spec, torch.float32)).numpy()
 
 
 def frames_from(argv: list[str], spec: ModelSpec = SPEC) -> np.ndarray:
@@ -199,6 +199,23 @@ async def test_every_frame_mode_pauses_the_producer_and_loses_nothing() -> None:
         await no_more_lines(reader)
         assert server.metrics()["listeners"][1]["dropped_frames"] == 0
     check_results(lines, frames)
+
+
+@pytest.mark.asyncio
+async def test_a_frame_begins_when_its_bytes_come_and_holds_nothing_before() -> None:
+    # A camera sends a frame, then nothing for a while: the next frame's clock must not start (nor
+    # its ring slot be taken) when the loop merely asks for a buffer (uvloop asks right after a read).
+    frames = np.random.default_rng(6).integers(0, 256, (2, *SMALL.input_shape), dtype=np.uint8)
+    async with raw_server(raw_config(live=True, model=SMALL)) as (server, port, reader):
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(frames[0].tobytes())
+            first = await read_lines(reader, 1)
+            await asyncio.sleep(0.3)
+            assert server.pool.slots_in_use == 0  # nothing held between frames
+            sock.sendall(frames[1].tobytes())
+            second = await read_lines(reader, 1)
+    assert [line["status"] for line in first + second] == ["OK", "OK"]
+    assert second[0]["timings"]["receive_us"] < 100_000, second  # not the 300 ms pause before it
 
 
 # -- bad input -----------------------------------------------------------------------------------------
