@@ -77,11 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--results-file", metavar="FILE", help="append JSON-lines results to FILE")
 
     send = commands.add_parser("send", help="send raw frames from stdin or a file; print replies as JSON lines")
-    from streamgpu.send import TRANSPORTS
+    from streamgpu.loadgen.transports import transport_names
 
     send.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
     send.add_argument("--port", type=int, default=7878, help="server port (default 7878)")
-    send.add_argument("--transport", choices=sorted(TRANSPORTS), default="tcp", help="default tcp")
+    send.add_argument("--transport", choices=transport_names(), default="tcp", help="default tcp")
     send.add_argument("--token", default=os.environ.get("STREAMGPU_TOKEN", ""), help="auth token ($STREAMGPU_TOKEN)")
     send.add_argument("--model", default="default", help="model name (default 'default')")
     send.add_argument("--shape", type=_shape, default=(224, 224, 3), help="one frame's shape (default 224,224,3)")

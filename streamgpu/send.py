@@ -6,8 +6,9 @@ server's results sink (``streamgpu.results.result_record``, source ``"send"``),
 in frame order. The input is back-to-back frames of ``shape`` and ``dtype``,
 exactly what a raw listener (``--raw``) takes.
 
-Transports are looked up in ``TRANSPORTS`` (only ``tcp`` now): a transport is
-a coroutine that opens a connection with the ``submit``/``wait_for_room``/
+``--transport`` names a transport of the load generator's registry
+(``streamgpu.loadgen.transports``: ``tcp`` now; one registered there, such as
+UDP, is usable here too): anything whose connections have the ``submit`` /
 ``close`` shape of ``streamgpu.client.Connection``.
 
 Exit status: 0 when every frame was answered OK; 1 when a reply was not OK,
@@ -21,34 +22,31 @@ import collections
 import math
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol, TextIO
+from typing import BinaryIO, Protocol, TextIO, cast
 
 import numpy as np
 
-from streamgpu import client
+from streamgpu.loadgen.transports import ReplyLike, get_transport
 from streamgpu.loops import loop_factory
+from streamgpu.protocol.wire import Status
 from streamgpu.results import encode_line, result_record
 
 
-class FrameConnection(Protocol):
-    """What ``send`` needs of a connection (``streamgpu.client.Connection`` has it)."""
+class SendReply(ReplyLike, Protocol):
+    """What ``send`` reads from a reply, beyond the load generator's needs (``client.Reply`` has it)."""
 
-    def submit(
-        self,
-        frame: np.ndarray,
-        *,
-        stream_id: int = 0,
-        model: str = "default",
-        deadline: float | None = None,
-        priority: int = 0,
-        live: bool = False,
-    ) -> asyncio.Future[client.Reply]: ...
+    @property
+    def stream_id(self) -> int: ...
 
-    async def wait_for_room(self) -> None: ...
+    @property
+    def sequence(self) -> int: ...
 
-    async def close(self, timeout: float = 5.0) -> None: ...
+    @property
+    def message(self) -> str: ...
+
+    @property
+    def result(self) -> np.ndarray | None: ...
 
 
 @dataclass
@@ -77,14 +75,6 @@ class SendOptions:
         return math.prod(self.shape) * np.dtype(self.dtype).itemsize
 
 
-async def _connect_tcp(opts: SendOptions) -> FrameConnection:
-    return await client.connect(opts.host, opts.port, token=opts.token)
-
-
-Connect = Callable[[SendOptions], Awaitable[FrameConnection]]
-TRANSPORTS: dict[str, Connect] = {"tcp": _connect_tcp}
-
-
 def _read_frame(source: BinaryIO, opts: SendOptions) -> tuple[np.ndarray, int]:
     """The next frame (a fresh array: the client sends it without copying) and how many bytes came."""
     frame = np.empty(opts.shape, np.dtype(opts.dtype).newbyteorder("<"))
@@ -102,19 +92,20 @@ async def send(opts: SendOptions, source: BinaryIO, out: TextIO, err: TextIO) ->
     """Send every frame of ``source``; write one JSON line per reply to ``out``, problems to ``err``."""
     loop = asyncio.get_running_loop()
     try:
-        conn = await TRANSPORTS[opts.transport](opts)
-    except (OSError, client.HandshakeError, TimeoutError) as exc:
+        conn = await get_transport(opts.transport).connect(opts.host, opts.port, token=opts.token)
+    except (OSError, TimeoutError) as exc:  # HandshakeError and ConnectionError are OSErrors
         err.write(f"streamgpu send: cannot connect to {opts.host}:{opts.port}: {exc}\n")
         return 1
-    pending: collections.deque[asyncio.Future[client.Reply]] = collections.deque()
+    pending: collections.deque[asyncio.Future[ReplyLike]] = collections.deque()
     failed = False
     sent = 0
     next_at = time.monotonic()
 
-    def emit(reply: client.Reply) -> None:
+    def emit(got: ReplyLike) -> None:
         nonlocal failed
-        failed |= not reply.ok
-        record = result_record("send", str(reply.stream_id), reply.sequence, opts.model, reply.status,
+        reply = cast(SendReply, got)
+        failed |= reply.status != Status.OK
+        record = result_record("send", str(reply.stream_id), reply.sequence, opts.model, Status(reply.status),
                                reply.message, reply.timings, reply.result, opts.top_k)  # fmt: skip
         out.write(encode_line(record).decode())
         out.flush()  # a pipe's reader wants each line as it comes
@@ -133,7 +124,6 @@ async def send(opts: SendOptions, source: BinaryIO, out: TextIO, err: TextIO) ->
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             while len(pending) >= opts.in_flight:
                 emit(await pending.popleft())
-            await conn.wait_for_room()
             pending.append(conn.submit(frame, stream_id=opts.stream_id, model=opts.model, deadline=opts.deadline,
                                        priority=opts.priority, live=opts.live))  # fmt: skip
             sent += 1
