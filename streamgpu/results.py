@@ -244,13 +244,23 @@ class TcpOutlet(Outlet):
         for subscriber in list(self.subscribers):
             subscriber.send(line)
 
-    async def close(self) -> None:
+    async def close(self, grace_s: float = 1.0) -> None:
+        """Stop accepting; close every subscriber after its lines are sent, or at once after ``grace_s``
+        (one that reads nothing must not hold a shutdown up)."""
         if self._server is None:
             return
         self._server.close()
         for subscriber in list(self.subscribers):
             if subscriber.transport is not None:
                 subscriber.transport.close()  # after the lines already written
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + grace_s
+        while self.subscribers and loop.time() < give_up:
+            await asyncio.sleep(0.01)
+        for subscriber in list(self.subscribers):
+            if subscriber.transport is not None:
+                subscriber.transport.abort()
+        await asyncio.sleep(0)  # their connection_lost runs on the next loop iteration
         await self._server.wait_closed()
         self._server = None
 

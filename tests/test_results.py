@@ -122,3 +122,25 @@ def test_the_documented_example_line_has_the_schema() -> None:
     made = result_record("raw", "raw:9000/1", 17, "default", Status.OK, "", Timings(), np.ones(1000, np.float32), 2)
     assert list(documented) == list(made) and list(documented["timings"]) == list(made["timings"])
     assert documented["source"] == "raw" and len(documented["top_k"]) == 2
+
+
+@pytest.mark.asyncio
+async def test_a_subscriber_that_reads_nothing_does_not_hold_close_up() -> None:
+    outlet = TcpOutlet("127.0.0.1", 0)
+    await outlet.start()
+    assert outlet.address is not None
+    deaf = socket.socket()
+    deaf.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    deaf.connect(outlet.address)
+    for _ in range(100):
+        if outlet.subscribers:
+            break
+        await asyncio.sleep(0.01)
+    for seq in range(400):  # 4 MB: lines stay unsent in its transport
+        outlet.write_line(encode_line({"seq": seq, "pad": "x" * 10_000}))
+    await asyncio.sleep(0.05)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await outlet.close(grace_s=0.2)
+    assert loop.time() - start < 2 and not outlet.subscribers  # aborted after the grace, not left open
+    deaf.close()
