@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import math
 import os
@@ -88,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--shape", type=_shape, default=(224, 224, 3), help="one frame's shape (default 224,224,3)")
     dtypes = sorted(dt.name for dt in wire.DTYPES.values())
     send.add_argument("--dtype", choices=dtypes, default="uint8", help="element type (default uint8)")
-    send.add_argument("--input", default="-", metavar="FILE", help="raw frames back to back (default -: stdin)")
+    source = send.add_mutually_exclusive_group()
+    source.add_argument("--input", default="-", metavar="FILE", help="raw frames back to back (default -: stdin)")
+    source.add_argument("--video", default="", metavar="FILE", help="a video decoded with PyAV: RGB frames of --shape")
     send.add_argument("--stream-id", type=int, default=0, help="u32 stream id (default 0)")
     send.add_argument("--live", action="store_true", help="live mode: a newer frame supersedes queued ones")
     send.add_argument("--deadline", type=_positive(float), metavar="SECONDS", help="per-frame deadline")
@@ -155,11 +158,18 @@ def _send(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error(f"argument --model: must be 1..{wire.MAX_MODEL_NAME} UTF-8 bytes")
     if args.input != "-" and not os.path.isfile(args.input):
         parser.error(f"argument --input: no such file {args.input!r}")
+    if args.video:
+        if not os.path.isfile(args.video):
+            parser.error(f"argument --video: no such file {args.video!r}")
+        if importlib.util.find_spec("av") is None:
+            parser.error("argument --video: needs PyAV (pip install av, or streamgpu[video])")
+        if len(args.shape) != 3 or args.shape[2] != 3 or args.dtype != "uint8":
+            parser.error(f"argument --video: decodes to uint8 H,W,3 frames, not {args.dtype} {list(args.shape)}")
     opts = SendOptions(
         host=args.host, port=args.port, transport=args.transport, token=args.token, model=args.model,
-        shape=args.shape, dtype=args.dtype, input=args.input, stream_id=args.stream_id, live=args.live,
-        deadline=args.deadline, priority=args.priority, in_flight=args.in_flight, rate=args.rate, count=args.count,
-        top_k=args.top_k,
+        shape=args.shape, dtype=args.dtype, input=args.input, video=args.video, stream_id=args.stream_id,
+        live=args.live, deadline=args.deadline, priority=args.priority, in_flight=args.in_flight, rate=args.rate,
+        count=args.count, top_k=args.top_k,
     )  # fmt: skip
     return run(opts)
 

@@ -4,7 +4,8 @@ For scripts and pipes: ``ffmpeg ... -f rawvideo -pix_fmt rgb24 - | streamgpu
 send --shape 224,224,3`` prints one JSON line per frame, in the schema of the
 server's results sink (``streamgpu.results.result_record``, source ``"send"``),
 in frame order. The input is back-to-back frames of ``shape`` and ``dtype``,
-exactly what a raw listener (``--raw``) takes.
+exactly what a raw listener (``--raw``) takes, or a video file decoded with
+PyAV (``--video``, where PyAV is installed: ``pip install 'streamgpu[video]'``).
 
 ``--transport`` names a transport of the load generator's registry
 (``streamgpu.loadgen.transports``: ``tcp`` now; one registered there, such as
@@ -12,16 +13,17 @@ UDP, is usable here too): anything whose connections have the ``submit`` /
 ``close`` shape of ``streamgpu.client.Connection``.
 
 Exit status: 0 when every frame was answered OK; 1 when a reply was not OK,
-the input ended in the middle of a frame, or the connection failed.
+the input ended in the middle of a frame (or a video failed to decode), or
+the connection failed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol, TextIO, cast
 
@@ -61,6 +63,7 @@ class SendOptions:
     shape: tuple[int, ...] = (224, 224, 3)
     dtype: str = "uint8"
     input: str = "-"  # a file path, or "-" for stdin
+    video: str = ""  # a video file decoded with PyAV instead of raw input
     stream_id: int = 0
     live: bool = False
     deadline: float | None = None
@@ -70,26 +73,46 @@ class SendOptions:
     count: int = 0  # stop after this many frames; 0: the whole input
     top_k: int = 5
 
-    @property
-    def frame_nbytes(self) -> int:
-        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+class InputError(Exception):
+    """The input cannot give another whole frame (ended mid-frame, or a video that cannot be decoded)."""
 
 
-def _read_frame(source: BinaryIO, opts: SendOptions) -> tuple[np.ndarray, int]:
-    """The next frame (a fresh array: the client sends it without copying) and how many bytes came."""
-    frame = np.empty(opts.shape, np.dtype(opts.dtype).newbyteorder("<"))
-    view = frame.reshape(-1).view(np.uint8).data
-    got = 0
-    while got < len(view):
-        n = source.readinto(view[got:])  # type: ignore[attr-defined]
-        if not n:
-            break
-        got += n
-    return frame, got
+def raw_frames(source: BinaryIO, opts: SendOptions) -> Iterator[np.ndarray]:
+    """Back-to-back frames of ``opts.shape``/``dtype``; each a fresh array (the client sends it without
+    copying). InputError when the input ends in the middle of a frame."""
+    while True:
+        frame = np.empty(opts.shape, np.dtype(opts.dtype).newbyteorder("<"))
+        view = frame.reshape(-1).view(np.uint8).data
+        got = 0
+        while got < len(view):
+            n = source.readinto(view[got:])  # type: ignore[attr-defined]
+            if not n:
+                break
+            got += n
+        if got < len(view):
+            if got:
+                raise InputError(f"input ended mid-frame ({got} of {len(view)} bytes): not sent")
+            return
+        yield frame
 
 
-async def send(opts: SendOptions, source: BinaryIO, out: TextIO, err: TextIO) -> int:
-    """Send every frame of ``source``; write one JSON line per reply to ``out``, problems to ``err``."""
+def video_frames(path: str, opts: SendOptions) -> Iterator[np.ndarray]:
+    """A video's frames decoded with PyAV (optional dependency), as RGB24 scaled to ``opts.shape`` (H, W, 3)."""
+    import av  # only here: PyAV is optional
+
+    height, width = opts.shape[:2]
+    try:
+        with av.open(path) as container:
+            for decoded in container.decode(video=0):
+                yield decoded.to_ndarray(format="rgb24", width=width, height=height)
+    except av.FFmpegError as exc:
+        raise InputError(f"cannot decode {path!r}: {exc}") from None
+
+
+async def send(opts: SendOptions, frames: Iterator[np.ndarray], out: TextIO, err: TextIO) -> int:
+    """Send every frame of ``frames`` (``raw_frames``, ``video_frames``); write one JSON line per reply
+    to ``out``, problems to ``err``."""
     loop = asyncio.get_running_loop()
     try:
         conn = await get_transport(opts.transport).connect(opts.host, opts.port, token=opts.token)
@@ -112,12 +135,13 @@ async def send(opts: SendOptions, source: BinaryIO, out: TextIO, err: TextIO) ->
 
     try:
         while not opts.count or sent < opts.count:
-            frame, got = await loop.run_in_executor(None, _read_frame, source, opts)  # a pipe may block
-            if got < opts.frame_nbytes:
-                if got:
-                    err.write(f"streamgpu send: input ended mid-frame ({got} of {opts.frame_nbytes} bytes): "
-                              "not sent\n")  # fmt: skip
-                    failed = True
+            try:
+                frame = await loop.run_in_executor(None, next, frames, None)  # reading a pipe may block
+            except InputError as exc:
+                err.write(f"streamgpu send: {exc}\n")
+                failed = True
+                break
+            if frame is None:
                 break
             if opts.rate:
                 next_at += 1 / opts.rate
@@ -145,9 +169,10 @@ def run(opts: SendOptions) -> int:
         source: BinaryIO = sys.stdin.buffer
     else:
         source = open(opts.input, "rb")  # noqa: SIM115 - closed below
+    frames = video_frames(opts.video, opts) if opts.video else raw_frames(source, opts)
     try:
         with asyncio.Runner(loop_factory=loop_factory("auto")) as runner:
-            return runner.run(send(opts, source, sys.stdout, sys.stderr))
+            return runner.run(send(opts, frames, sys.stdout, sys.stderr))
     finally:
         if source is not sys.stdin.buffer:
             source.close()

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ from streamgpu.config import Config, ListenerSpec
 from streamgpu.models.builtin import build_builtin
 from streamgpu.models.preprocess import preprocess_torch
 from streamgpu.models.spec import ModelSpec
-from streamgpu.send import SendOptions, send
+from streamgpu.send import SendOptions, raw_frames, send, video_frames
 from streamgpu.server import Server
 
 SPEC = ModelSpec(input_shape=(32, 32, 3), max_batch_size=8, batch_buckets=(1, 8))
@@ -83,7 +84,8 @@ async def test_frames_from_an_ffmpeg_pipe_are_answered_as_json_lines(server: Ser
 async def send_in_process(data: bytes, **kw: Any) -> tuple[int, str, str]:
     """``streamgpu.send.send`` (what the command runs) on this loop, with bytes for stdin."""
     out, err = io.StringIO(), io.StringIO()
-    code = await send(SendOptions(**kw), io.BytesIO(data), out, err)
+    opts = SendOptions(**kw)
+    code = await send(opts, raw_frames(io.BytesIO(data), opts), out, err)
     return code, out.getvalue(), err.getvalue()
 
 
@@ -121,6 +123,30 @@ async def test_refused_frames_and_unreachable_servers_exit_1(server: Server) -> 
     assert code == 1 and out == "" and "cannot connect" in err
 
 
+@pytest.mark.asyncio
+async def test_a_video_decoded_with_pyav(server: Server, tmp_path: Path) -> None:
+    pytest.importorskip("av", reason="PyAV is not installed (pip install av)")
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None:
+        pytest.skip("ffmpeg is not installed (sh tools/install_test_deps.sh installs it as root)")
+    clip = tmp_path / "clip.mkv"  # lossless RGB: decoded frames are the generated ones, bit for bit
+    source = ["-f", "lavfi", "-i", "testsrc=size=32x32:rate=10", "-frames:v", "4"]
+    subprocess.run([ffmpeg, "-loglevel", "error", *source, "-c:v", "ffv1", "-pix_fmt", "bgr0", str(clip)], check=True)
+    raw = subprocess.run([ffmpeg, "-loglevel", "error", "-i", str(clip), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+                         check=True, capture_output=True).stdout  # fmt: skip
+    frames = np.frombuffer(raw, np.uint8).reshape(-1, *SPEC.input_shape)
+    opts = SendOptions(port=server.port, shape=SPEC.input_shape, top_k=0, video=str(clip))
+    out, err = io.StringIO(), io.StringIO()
+    assert await send(opts, video_frames(str(clip), opts), out, err) == 0, err.getvalue()
+    lines = records(out.getvalue())
+    assert [line["seq"] for line in lines] == [0, 1, 2, 3]
+    np.testing.assert_allclose([line["result"] for line in lines], reference(frames), rtol=1e-4, atol=1e-4)
+    clip.write_bytes(b"not a video")
+    out, err = io.StringIO(), io.StringIO()
+    assert await send(opts, video_frames(str(clip), opts), out, err) == 1
+    assert "cannot decode" in err.getvalue() and out.getvalue() == ""
+
+
 @pytest.mark.parametrize(
     ("argv", "flag"),
     [
@@ -133,6 +159,9 @@ async def test_refused_frames_and_unreachable_servers_exit_1(server: Server) -> 
         (["--transport", "carrier-pigeon"], "--transport"),
         (["--dtype", "complex64"], "--dtype"),
         (["--input", "/no/such/file"], "--input"),
+        (["--video", "/no/such/file"], "--video"),
+        (["--video", __file__, "--shape", "8,8"], "--video"),
+        (["--video", __file__, "--input", __file__], "--video"),
     ],
 )
 def test_bad_send_arguments_are_cli_errors_naming_the_flag(
