@@ -41,11 +41,13 @@ class CpuModel(DeviceModel):
     def description(self) -> str:
         return f"{self.spec.name} ({self.spec.source}, {self.dtype}, cpu, eager)"
 
-    def tensors(self, batch: np.ndarray) -> list[torch.Tensor]:
-        """The model's outputs (postprocess included) for ``batch``, one row of raw frame bytes per frame."""
+    def tensors(self, batch: np.ndarray, record: bool = False) -> list[torch.Tensor]:
+        """The model's outputs (postprocess included) for ``batch``, one row of raw frame bytes per frame;
+        ``record``: note their structure (the load's warm-up)."""
         frames = torch.from_numpy(batch.view(self.spec.frame_dtype).reshape(len(batch), *self.spec.input_shape))
         with torch.inference_mode():
-            return self.head(self.preprocess(frames))
+            x = self.preprocess(frames)
+            return self.head.record(x) if record else self.head(x)
 
     def run(self, batch: np.ndarray) -> BatchOutputs:
         return self.layout.assemble([t.to(host_dtype(t.dtype)).numpy() for t in self.tensors(batch)])
@@ -70,7 +72,7 @@ class CpuBackend(Backend):
     def load(self, spec: ModelSpec, module: nn.Module, device: int = 0) -> CpuModel:
         model = CpuModel(spec, module)
         # Every bucket, max_batch_size included: a model that cannot take a batch fails here, not under load.
-        warm_up(spec, lambda n: model.tensors(np.zeros((n, spec.frame_nbytes), np.uint8)),
+        warm_up(spec, lambda n: model.tensors(np.zeros((n, spec.frame_nbytes), np.uint8), record=True),
                 model_input(spec, model.dtype))  # fmt: skip
         assert model.head.layout is not None
         model.layout = model.head.layout

@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import importlib.util
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,7 +44,11 @@ from streamgpu.models.spec import ModelSpec
 log = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_GRAPH_WARMUP = 3  # eager runs before capture (cuDNN autotuning, lazy allocations)
+_GRAPH_WARMUP = 3  # eager runs before capture (cuDNN autotuning, lazy allocations; compiling, if compiled)
+_COMPILE_MIN_GAIN = 0.03  # compile = "auto" keeps the compiled model if its graph is at least this much faster
+# Dynamo compiles once per input shape (a bucket) and per device, and counts all of them against one
+# limit per code object (8 by default), past which it silently runs eagerly.
+_RECOMPILE_LIMIT = 256
 # Frames this large go by DMA copies: at 6 MiB the copy engine reached 0.98 of the pinned
 # peak against the gather kernel's 0.93 (H100, docs/BENCHMARKS.md), and it leaves the SMs
 # to the models. Below, one gather launch per batch wins on GPU time and on loop CPU.
@@ -111,11 +118,17 @@ class CudaModel(DeviceModel):
         if spec.preprocess == "image":
             self.module = self.module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.head = ModelHead(self.module, spec)
-        # The model's compute stream. (A per-model GPU share would create it inside its green context.)
-        self.stream = torch.cuda.Stream(gpu)
+        # A share of the SMs (a green context): kernels on its stream, and graphs captured inside it,
+        # run on those SMs alone, so this model cannot crowd out another (and vice versa).
+        self.share = _green_context(spec.sm_share, gpu)
+        with self.in_share():
+            self.stream = torch.cuda.Stream(gpu) if self.share is None else self.share.Stream()
         self.graphs: dict[int, _Graph] = {}
         self.buckets: list[int] = []
         self.graph_error = ""
+        # What batches run: the module, or its compiled form (choose_compiled).
+        self.runs: Callable[[torch.Tensor], list[torch.Tensor]] = self.head
+        self.compile_note = "not compiled"
         self.buffers: BufferPool | None = None  # set by CudaBackend.load
         self.preprocess = TorchPreprocess(spec, self.dtype, gpu)  # constants made here, not per batch
         self.fused_preprocess = (
@@ -125,11 +138,32 @@ class CudaModel(DeviceModel):
             and spec.input_shape[2] <= kernels.MAX_CHANNELS
         )
 
+    @contextlib.contextmanager
+    def in_share(self) -> Iterator[None]:
+        """Make the model's green context current on this thread (graph capture, eager launches)."""
+        if self.share is None:
+            yield
+            return
+        self.share.set_context()
+        try:
+            yield
+        finally:
+            self.share.pop_context()
+
+    @property
+    def share_sms(self) -> int:
+        """SMs this model may use (all of the GPU's without a share)."""
+        total = torch.cuda.get_device_properties(self.gpu).multi_processor_count
+        return _share_sms(self.spec.sm_share, total) if self.share is not None else total
+
     @property
     def description(self) -> str:
         mode = f"graphs {sorted(self.graphs)}" if self.graphs else f"eager ({self.graph_error or 'graphs off'})"
+        if self.share is not None:
+            mode += f", {self.share_sms} SMs of {torch.cuda.get_device_properties(self.gpu).multi_processor_count}"
         pre = "fused kernel" if self.fused_preprocess else "torch ops"
-        return f"{self.spec.name} ({self.spec.source}, {self.dtype}, {self.gpu}, {mode}, pre-processing {pre})"
+        return (f"{self.spec.name} ({self.spec.source}, {self.dtype}, {self.gpu}, {mode}, {self.compile_note}, "
+                f"pre-processing {pre})")  # fmt: skip
 
     def prepare_input(self, frames: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """The model's input for ``frames``, written into ``out`` (a graph's static input) if given."""
@@ -150,12 +184,79 @@ class CudaModel(DeviceModel):
         def run(n: int) -> list[torch.Tensor]:
             shape = (n, *self.spec.input_shape)
             frames = torch.zeros(shape, device=self.gpu).to(_torch_dtype(self.spec.frame_dtype))
-            return self.head(self.prepare_input(frames))
+            x = self.prepare_input(frames)
+            with self.in_share():
+                return self.head.record(x)
 
         with torch.cuda.stream(self.stream), torch.inference_mode():
             outs = warm_up(self.spec, run, model_input(self.spec, self.dtype))
         self.stream.synchronize()
         return outs
+
+    def _example(self, n: int) -> torch.Tensor:
+        """A model input for ``n`` random frames."""
+        frames = torch.randint(0, 255, (n, *self.spec.input_shape), device=self.gpu)
+        return self.prepare_input(frames.to(_torch_dtype(self.spec.frame_dtype)))
+
+    def _capture(
+        self, runs: Callable[[torch.Tensor], list[torch.Tensor]], static_in: torch.Tensor, pool: Any
+    ) -> _Graph:
+        # Inside the share: a graph runs on the SMs of the context it was captured in, whatever stream
+        # replays it. Only model code runs in there: cupy's kernels (gather, pre-processing) make the
+        # primary context current, which would unbalance the green context's push/pop.
+        with self.in_share():
+            for _ in range(_GRAPH_WARMUP):
+                runs(static_in)
+            self.stream.synchronize()
+            # Not torch.cuda.graph(): its __enter__ synchronizes the whole device and empties the
+            # allocator caches (device and pinned host), which would stall the models serving beside;
+            # thread-local mode lets the loop thread launch their batches meanwhile.
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.stream(self.stream):
+                graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+                try:
+                    static_out = runs(static_in)
+                finally:
+                    graph.capture_end()
+        return _Graph(graph, static_in, static_out)
+
+    def choose_compiled(self) -> None:
+        """``spec.compile``: compile the module with inductor and, for "auto", keep it only if its
+        graph at the largest bucket replays faster than the module's. Falls back with a warning."""
+        spec = self.spec
+        if spec.compile == "off" or (spec.compile == "auto" and not spec.cuda_graphs):
+            return  # auto decides by replaying graphs; without graphs only "on" compiles
+        dynamo = torch._dynamo.config
+        dynamo.recompile_limit = max(dynamo.recompile_limit, _RECOMPILE_LIMIT)
+        log.info("model %s: compiling with torch.compile for %s (seconds per batch bucket; cached on disk for "
+                 "the next start; compile = \"off\" skips it)", spec.name, self.gpu)  # fmt: skip
+        compiled = torch.compile(self.head, dynamic=False)
+        try:
+            with torch.cuda.stream(self.stream), torch.inference_mode():
+                if spec.compile == "on":
+                    x = self._example(1)
+                    with self.in_share():
+                        compiled(x)
+                    self.runs, self.compile_note = compiled, "compiled"
+                    return
+                size = max(spec.buckets())
+                pool = torch.cuda.graph_pool_handle()
+                x = self._example(size)
+                plain, fast = self._capture(self.head, x, pool), self._capture(compiled, x, pool)
+        except Exception as exc:  # an op inductor cannot compile, no triton, ...: serve it uncompiled
+            self.compile_note = "not compiled: compile failed"
+            log.warning("model %s: torch.compile failed, serving it uncompiled: %s: %s", spec.name,
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
+            return
+        plain_ms, fast_ms = (min(_replay_ms(g.graph, self.stream) for _ in range(3)) for g in (plain, fast))
+        keep = fast_ms < plain_ms * (1 - _COMPILE_MIN_GAIN)
+        if keep:
+            self.runs = compiled
+        self.compile_note = ("compiled" if keep else "not compiled: no faster") + (
+            f" ({fast_ms:.2f} vs {plain_ms:.2f} ms at batch {size})"
+        )
+        log.info("model %s: %s the compiled graph: %.3f ms against %.3f ms uncompiled at batch %d", spec.name,
+                 "keeping" if keep else "not keeping", fast_ms, plain_ms, size)  # fmt: skip
 
     def capture(self) -> None:
         """Warm up and capture one graph per bucket (largest first, one shared memory pool).
@@ -166,22 +267,7 @@ class CudaModel(DeviceModel):
         pool = torch.cuda.graph_pool_handle()
         with torch.cuda.stream(self.stream), torch.inference_mode():
             for bucket in sorted(self.spec.buckets(), reverse=True):
-                frames = torch.randint(0, 255, (bucket, *self.spec.input_shape), device=self.gpu).to(
-                    _torch_dtype(self.spec.frame_dtype)
-                )
-                static_in = self.prepare_input(frames)
-                for _ in range(_GRAPH_WARMUP):
-                    self.head(static_in)
-                self.stream.synchronize()
-                # Not torch.cuda.graph(): its __enter__ synchronizes the whole device and empties the
-                # allocator caches (device and pinned host), which would stall the models serving beside.
-                graph = torch.cuda.CUDAGraph()
-                graph.capture_begin(pool=pool, capture_error_mode="thread_local")
-                try:
-                    static_out = self.head(static_in)
-                finally:
-                    graph.capture_end()
-                self.graphs[bucket] = _Graph(graph, static_in, static_out)
+                self.graphs[bucket] = self._capture(self.runs, self._example(bucket), pool)
         self.buckets = sorted(self.graphs)
         self.stream.synchronize()
 
@@ -190,10 +276,12 @@ class CudaModel(DeviceModel):
         n = frames.shape[0]
         bucket = next((b for b in self.buckets if b >= n), None)
         if bucket is None:
-            return self.head(self.prepare_input(frames))
+            x = self.prepare_input(frames)
+            with self.in_share():
+                return self.runs(x)
         g = self.graphs[bucket]
         self.prepare_input(frames, out=g.static_in[:n])
-        g.graph.replay()
+        g.graph.replay()  # in its share, if it has one: captured there
         return [out[:n] for out in g.static_out]
 
     def release(self) -> None:
@@ -202,7 +290,7 @@ class CudaModel(DeviceModel):
         self.buckets = []
         self.buffers = None
         self.module = nn.Identity()
-        self.head = ModelHead(self.module, self.spec)
+        self.head = self.runs = ModelHead(self.module, self.spec)
 
 
 class CudaBackend(Backend):
@@ -258,6 +346,7 @@ class CudaBackend(Backend):
             outs = model.warm_up()
             assert model.head.layout is not None
             model.layout = model.head.layout
+            model.choose_compiled()
             if spec.cuda_graphs:
                 try:
                     model.capture()
@@ -386,6 +475,41 @@ class CudaBackend(Backend):
                     torch.cuda.synchronize(gpu)
             torch.cuda.cudart().cudaHostUnregister(self._host.data_ptr())
             self._host = None
+
+
+# SMs are handed out in groups (8 on Hopper): a share is rounded to a whole number of groups, at least one.
+_SM_GROUP = 8
+
+
+def _share_sms(fraction: float, total: int) -> int:
+    return min(total, max(_SM_GROUP, round(fraction * total / _SM_GROUP) * _SM_GROUP))
+
+
+def _green_context(fraction: float, gpu: torch.device) -> Any:
+    """A green context holding ``fraction`` of ``gpu``'s SMs, or None for no partition."""
+    if not fraction:
+        return None
+    from torch.cuda import green_contexts
+
+    total = torch.cuda.get_device_properties(gpu).multi_processor_count
+    try:
+        return green_contexts.GreenContext.create(num_sms=_share_sms(fraction, total), device_id=gpu.index)
+    except Exception as exc:
+        why = f"cannot give a model {fraction:.0%} of {gpu}'s SMs (green contexts): {exc}"
+        raise DeviceUnavailableError(why) from exc
+
+
+def _replay_ms(graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream, reps: int = 20) -> float:
+    """Mean milliseconds per replay of ``graph`` on ``stream`` (device time, from events)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.cuda.stream(stream):
+        graph.replay()
+        start.record(stream)
+        for _ in range(reps):
+            graph.replay()
+        end.record(stream)
+    end.synchronize()
+    return start.elapsed_time(end) / reps
 
 
 def _torch_dtype(dtype: np.dtype) -> torch.dtype:

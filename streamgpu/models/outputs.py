@@ -66,7 +66,7 @@ def host_dtype(dtype: torch.dtype) -> torch.dtype:
 class ModelHead(nn.Module):
     """``module`` followed by the spec's postprocess step; ``forward`` returns a flat list of tensors.
 
-    ``layout`` is known after the first call (the load's warm-up makes it).
+    ``layout`` is known after the first ``record`` (the load's warm-up makes it).
     """
 
     def __init__(self, module: nn.Module, spec: ModelSpec) -> None:
@@ -77,15 +77,23 @@ class ModelHead(nn.Module):
         self.layout: OutputLayout | None = None
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        tensors, layout = self._flatten(self.module(x))
-        if self.topk:
-            tensors, layout = self._top_k(tensors, layout)
+        return self._outputs(self.module(x))[0]
+
+    def record(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``forward``, noting the output structure in ``layout`` (the load's warm-up calls this)."""
+        tensors, layout = self._outputs(self.module(x))
         if self.layout is None:
             self.layout = layout
         elif layout != self.layout:
             raise ModelLoadError(f"model {self.name!r}: its output structure changed between calls "
                                  f"({self.layout} then {layout})")  # fmt: skip
         return tensors
+
+    def _outputs(self, out: Any) -> tuple[list[torch.Tensor], OutputLayout]:
+        tensors, layout = self._flatten(out)
+        if self.topk:
+            tensors, layout = self._top_k(tensors, layout)
+        return tensors, layout
 
     def _flatten(self, out: Any) -> tuple[list[torch.Tensor], OutputLayout]:
         if isinstance(out, torch.Tensor):
