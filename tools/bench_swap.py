@@ -136,7 +136,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     tmp = tempfile.mkdtemp(prefix="bench_swap-")
     versions = weights(tmp, arch)
     base = ModelSpec(name="m", source=versions[0], arch=arch, input_shape=shape, precision=args.precision,
-                     max_batch_size=args.max_batch)  # fmt: skip
+                     max_batch_size=args.max_batch, compile=args.compile)  # fmt: skip
     cfg = Config(listeners=[ListenerSpec(port=0)], device=args.device, models=[base], shutdown_timeout_s=30)
     server = Server(cfg)
     await server.start()
@@ -247,6 +247,8 @@ def main() -> int:
     parser.add_argument("--precision", default="fp16")
     parser.add_argument("--shape", default="224,224,3", help="frame shape H,W,C (uint8)")
     parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--compile", default="off", choices=("off", "auto", "on"),
+                        help="the model's compile setting (default off: a compile per swap takes seconds)")  # fmt: skip
     parser.add_argument("--swaps", type=int, default=100)
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--window", type=int, default=16, help="frames in flight per connection")
