@@ -273,7 +273,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     }  # fmt: skip
 
 
-@pytest.mark.asyncio
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
 async def test_a_static_batch_export_and_a_wrong_input_shape_are_refused_at_load(
     served: Server, files: dict[str, str]
 ) -> None:
@@ -316,7 +316,7 @@ async def test_tuple_and_dict_outputs_end_to_end(files: dict[str, str]) -> None:
         await v1.close()
 
 
-@pytest.mark.asyncio
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
 async def test_topk_postprocess_returns_indices_and_scores(files: dict[str, str]) -> None:
     full = spec("builtin:small", name="full", arch="")
     top = spec("builtin:small", name="top", arch="", postprocess="topk:5")
@@ -339,7 +339,7 @@ async def test_topk_postprocess_returns_indices_and_scores(files: dict[str, str]
             await srv.load_model(tensor_spec(files["tuple"], "bad", postprocess="topk:5"))
 
 
-@pytest.mark.asyncio
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
 async def test_the_repository_poll_loads_swaps_and_unloads(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     (repo / "cam").mkdir(parents=True)
@@ -371,7 +371,7 @@ async def test_the_repository_poll_loads_swaps_and_unloads(tmp_path: Path) -> No
         await conn.close()
 
 
-@pytest.mark.asyncio
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
 async def test_admin_routes_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from aiohttp.test_utils import TestClient, TestServer
 
