@@ -672,6 +672,10 @@ class _DatagramTransport:
         loop.add_reader(sock.fileno(), self._on_readable)
         protocol.connection_made(cast(asyncio.BaseTransport, self))
 
+    @property
+    def socket(self) -> socket.socket:
+        return self._sock
+
     # --- what Connection uses of a transport ---------------------------------
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
@@ -786,6 +790,11 @@ class UdpConnection(Connection):
         self._timer: asyncio.TimerHandle | None = None
         if reply_timeout is not None:
             self._timer = protocol.loop.call_later(min(reply_timeout / 4, 1.0), self._expire)
+
+    @property
+    def socket(self) -> socket.socket:
+        """The connected UDP socket (to send hand-made datagrams, e.g. in tests; do not read from it)."""
+        return self._udp.socket
 
     @property
     def datagrams_sent(self) -> int:
