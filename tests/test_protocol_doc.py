@@ -261,8 +261,10 @@ def test_udp_section_matches_protocol_udp() -> None:
     rows = table_rows(text, "| offset | size | type | field | meaning |")
     assert int(rows[-1][0]) + int(rows[-1][1]) == udp.HEADER_SIZE
     fields = [r[3] for r in rows]
-    assert fields[1:] == [n if n not in ("index", "count") else f"chunk_{n}" for n in udp.HEADER_DTYPE.names[1:]]
-    options = {name.strip("`"): default.strip("`") for name, default, _ in table_rows(text, "| option | default | meaning |")}
+    names = udp.HEADER_DTYPE.names or ()
+    assert fields[1:] == [n if n not in ("index", "count") else f"chunk_{n}" for n in names[1:]]
+    rows = table_rows(text, "| option | default | meaning |")
+    options = {name.strip("`"): default.strip("`") for name, default, _ in rows}
     defaults = UdpOptions()
     assert set(options) == set(UdpOptions.__dataclass_fields__)
     for name, value in options.items():

@@ -91,7 +91,7 @@ class Raw:
     async def replies(self, quiet: float = 0.3) -> list[wire.ReplyHeader]:
         """The header of every reply that comes until none came for ``quiet`` seconds."""
         loop = asyncio.get_running_loop()
-        out = []
+        out: list[wire.ReplyHeader] = []
         while True:
             try:
                 data = await asyncio.wait_for(loop.sock_recv(self.sock, 65536), quiet)
