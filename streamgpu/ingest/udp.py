@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import ipaddress
 import logging
@@ -184,10 +185,7 @@ class UdpListener(Listener):
         try:
             sock.setblocking(False)
             if self.options.recv_buffer_bytes:
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.options.recv_buffer_bytes)
-                except OSError:
-                    log.warning("udp listener: could not set SO_RCVBUF to %d", self.options.recv_buffer_bytes)
+                set_receive_buffer(sock, self.options.recv_buffer_bytes)
             sock.bind(address)
         except BaseException:
             sock.close()
@@ -481,8 +479,11 @@ class UdpListener(Listener):
             for key, partial in list(peer.partials.items()):
                 if partial.give_up_ns <= now:
                     asm = partial.assembly
-                    why = "its deadline passed" if partial.give_up_ns == partial.deadline_ns else (
-                        f"reassembly_timeout_s ({self.options.reassembly_timeout_s:g} s) passed")
+                    why = (
+                        "its deadline passed"
+                        if partial.give_up_ns == partial.deadline_ns
+                        else (f"reassembly_timeout_s ({self.options.reassembly_timeout_s:g} s) passed")
+                    )
                     self._give_up(peer, key, Status.INCOMPLETE,
                                   f"{asm.missing()} of {asm.count} datagrams missing when {why}")  # fmt: skip
             pending = pending or bool(peer.partials)
@@ -527,6 +528,23 @@ class UdpListener(Listener):
                 self._counts["reply_datagrams_dropped"] += 1
             else:
                 self._counts["reply_datagrams"] += 1
+
+
+def set_receive_buffer(sock: socket.socket, nbytes: int) -> int:
+    """Ask for an ``nbytes`` socket receive buffer: past ``net.core.rmem_max`` where allowed
+    (SO_RCVBUFFORCE needs CAP_NET_ADMIN), else up to it. Returns what the kernel granted."""
+    force = getattr(socket, "SO_RCVBUFFORCE", None)
+    try:
+        if force is None:
+            raise PermissionError
+        sock.setsockopt(socket.SOL_SOCKET, force, nbytes)
+    except OSError:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, nbytes)
+    granted: int = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    if granted < nbytes:
+        log.info("udp: receive buffer is %d bytes (asked for %d; raise net.core.rmem_max for bursts)", granted, nbytes)
+    return granted
 
 
 def _no_wait(slot: Slot) -> None:  # pragma: no cover - a cancelled reservation never delivers
