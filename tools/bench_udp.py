@@ -90,6 +90,10 @@ def python_receiver(port: int, seconds: float, batch: int) -> None:
     state = {"total": 0, "first": 0.0, "last": 0.0, "bad": 0}
     done = loop.create_future()
 
+    def finish() -> None:
+        if not done.done():
+            done.set_result(None)
+
     def on_readable() -> None:
         for _ in range(16):  # as the listener: a bounded number of system calls per wake-up
             n = area.receive(sock)
@@ -100,15 +104,15 @@ def python_receiver(port: int, seconds: float, batch: int) -> None:
             now = time.perf_counter()
             if not state["total"]:
                 state["first"] = now
-                loop.call_later(seconds, lambda: done.done() or done.set_result(None))
+                loop.call_later(seconds, finish)
             state["total"] += n
             state["last"] = now
             if n < batch:
                 return
 
     def idle_check() -> None:
-        if state["total"] and time.perf_counter() - state["last"] > 0.5 and not done.done():
-            done.set_result(None)  # the senders stopped
+        if state["total"] and time.perf_counter() - state["last"] > 0.5:
+            finish()  # the senders stopped
         loop.call_later(0.1, idle_check)
 
     loop.add_reader(sock.fileno(), on_readable)
