@@ -83,6 +83,7 @@ class PacketArea:
         self.heads = np.zeros((batch, head_bytes), np.uint8)
         self.bodies = np.zeros((batch, self.body_bytes), np.uint8)
         self.names = np.zeros((batch, NAME_BYTES), np.uint8)
+        self.names64 = self.names.view(np.uint64)  # (batch, 4): a sender compared in four words
         self.bodies_flat = self.bodies.reshape(-1).data  # body of datagram i: [i * body_bytes, ...)
         self.use_recvmmsg = use_recvmmsg and HAVE_RECVMMSG
         self._iov = (_IoVec * (2 * batch))()
@@ -130,20 +131,19 @@ class PacketArea:
             self.lengths[n] = nbytes
             self.flags[n] = flags
             self.addresses[n] = address
-            self.names[n] = 0
+            self.names64[n] = (hash(address) & 0xFFFFFFFFFFFFFFFF, 0, 0, 0)  # stands in for the raw sockaddr
             n += 1
         return n
 
-    def senders(self, n: int) -> list[Any]:
-        """A hashable key per sender of the first ``n`` datagrams (raw sockaddr bytes, or address tuples)."""
+    def sender(self, i: int) -> Any:
+        """A hashable key for the sender of datagram ``i`` (raw sockaddr bytes, or the address tuple)."""
         if not self.use_recvmmsg:
-            return self.addresses[:n]
-        raw = self.names[:n].tobytes()  # one copy for the batch; slicing bytes is cheap
-        return [raw[i : i + NAME_BYTES] for i in range(0, n * NAME_BYTES, NAME_BYTES)]
+            return self.addresses[i]
+        return self.names[i].tobytes()
 
 
 def decode_sockaddr(key: Any) -> Any:
-    """The ``sendto`` address for a sender key of :meth:`PacketArea.senders`."""
+    """The ``sendto`` address for a sender key of :meth:`PacketArea.sender`."""
     if not isinstance(key, bytes):
         return key
     family = int.from_bytes(key[:2], sys.byteorder)  # sa_family is native

@@ -78,7 +78,7 @@ class Verdict(enum.IntEnum):
     TRUNCATED = 1  # shorter than its chunk header (or, for chunk 0, than the message header it announces)
     OVERSIZED = 2  # larger than the receiver's datagram buffer (cut off by the kernel)
     BAD_HEADER = 3  # wrong magic, version or kind
-    BAD_CHUNK = 4  # chunk_count 0, chunk_index >= chunk_count, or more chunks than bytes
+    BAD_CHUNK = 4  # chunk_index >= chunk_count (so also chunk_count 0)
     PAST_END = 5  # offset + bytes past the message length, or chunk 0 not at offset 0
 
 
@@ -189,34 +189,74 @@ def header_view(area: np.ndarray) -> np.ndarray:
     return np.ndarray(area.shape[:1], HEADER_DTYPE, area, 0, (area.strides[0],))
 
 
+def words(heads: np.ndarray) -> np.ndarray:
+    """A batch of chunk headers as an (n, 8) array of little-endian u32 words (no copy when contiguous).
+
+    Word 0 is the magic, word 1 version | kind << 8 | flags << 16, word 2
+    stream_id, words 3-4 the sequence, word 5 chunk_index | chunk_count << 16,
+    word 6 offset, word 7 length: comparing whole words is what makes the batch
+    checks cheap.
+    """
+    return np.ascontiguousarray(heads).view("<u4").reshape(len(heads), HEADER_SIZE // 4)
+
+
 def check_batch(heads: np.ndarray, lengths: np.ndarray, kind: Kind, truncated: np.ndarray | None = None) -> np.ndarray:
     """A :class:`Verdict` per datagram of a receive batch (uint8 array), numpy over the whole batch.
 
-    ``heads``: the batch's chunk headers (:data:`HEADER_DTYPE`), ``lengths``:
-    each datagram's size in bytes, ``truncated``: True where the kernel cut a
-    datagram off (MSG_TRUNC). The checks that need chunk 0's message header
-    (its length, and that it agrees with the chunk header) are the
-    receiver's, once per frame.
+    ``heads``: the batch's chunk headers (:data:`HEADER_DTYPE`, contiguous),
+    ``lengths``: each datagram's size in bytes, ``truncated``: True where the
+    kernel cut a datagram off or it is over the receiver's limit. The checks
+    that need chunk 0's message header (its length, and that it agrees with
+    the chunk header) are the receiver's, once per frame. A batch without a
+    bad datagram costs a dozen numpy operations, whatever its size.
     """
-    n = len(lengths)
-    verdict = np.zeros(n, np.uint8)
+    w = words(heads)
     body = lengths.astype(np.int64) - HEADER_SIZE
-    index, count = heads["index"], heads["count"]
-    offset, length = heads["offset"].astype(np.int64), heads["length"].astype(np.int64)
-    past = np.where(index == 0, offset != 0, offset + body > length)
-    # Each rule in order of precedence: a later (weaker) one does not overwrite an earlier one.
-    rules = [
-        (Verdict.PAST_END, past),
-        (Verdict.BAD_CHUNK, (index >= count) | (count == 0) | (count > length + 1)),
-        (Verdict.BAD_HEADER, (heads["magic"] != MAGIC_U32) | (heads["version"] != UDP_VERSION)),
-        (Verdict.BAD_HEADER, heads["kind"] != kind),
-        (Verdict.TRUNCATED, body < 0),
-    ]
+    index = w[:, 5] & 0xFFFF
+    count = w[:, 5] >> 16
+    offset = w[:, 6].astype(np.int64)
+    bad_header = (w[:, 0] != MAGIC_U32) | ((w[:, 1] & 0xFFFF) != (UDP_VERSION | int(kind) << 8))
+    bad_chunk = index >= count  # also catches chunk_count 0
+    past = np.where(index == 0, offset != 0, offset + body > w[:, 7])
+    short = body < 0
+    bad = bad_header | bad_chunk | past | short
     if truncated is not None:
-        rules.append((Verdict.OVERSIZED, truncated))
-    for value, mask in rules:
-        verdict[mask] = value
+        bad |= truncated
+    verdict = np.zeros(len(lengths), np.uint8)
+    if not bad.any():
+        return verdict
+    # Each rule in order of precedence: a later (weaker) one does not overwrite an earlier one.
+    for value, mask in ((Verdict.PAST_END, past), (Verdict.BAD_CHUNK, bad_chunk), (Verdict.BAD_HEADER, bad_header),
+                        (Verdict.TRUNCATED, short), (Verdict.OVERSIZED, truncated)):  # fmt: skip
+        if mask is not None:
+            verdict[mask] = value
     return verdict
+
+
+def runs(good: np.ndarray, w: np.ndarray, body: np.ndarray, senders: np.ndarray) -> np.ndarray:
+    """Where runs start among a batch's good datagrams (indices into ``good``), numpy over the batch.
+
+    A run is consecutive datagrams (``good[j + 1] == good[j] + 1``) of one
+    message of one sender with consecutive chunk indices, each one's bytes
+    following the previous one's, all of one size but the message's last
+    chunk: its payload bytes lie in consecutive rows of the packet area and go
+    to one contiguous range of the message, so one copy places the whole run
+    (:meth:`Assembly.add_run`). Chunk 0 (it has the message header) is a run
+    of its own. ``w``: the good datagrams' header words, ``body``: their
+    payload bytes, ``senders``: a row of u64 per good datagram naming its sender.
+    """
+    m = len(good)
+    start = np.ones(m, bool)
+    if m > 1:
+        a, b = w[:-1], w[1:]
+        same = (good[1:] == good[:-1] + 1) & (senders[1:] == senders[:-1]).all(axis=1)
+        same &= (b[:, 2] == a[:, 2]) & (b[:, 3] == a[:, 3]) & (b[:, 4] == a[:, 4]) & (b[:, 7] == a[:, 7])
+        same &= b[:, 5] == a[:, 5] + 1  # same chunk_count, next chunk_index (no carry: index + 1 < count)
+        same &= (a[:, 5] & 0xFFFF) != 0  # the chunk after chunk 0 starts a run
+        same &= b[:, 6].astype(np.int64) == a[:, 6] + body[:-1]
+        same &= (body[1:] == body[:-1]) | ((b[:, 5] & 0xFFFF) + 1 == b[:, 5] >> 16)  # equal sizes but the last
+        start[1:] = ~same
+    return np.flatnonzero(start)
 
 
 class Added(enum.IntEnum):
@@ -237,16 +277,16 @@ class Assembly:
 
     __slots__ = ("bytes", "chunks", "count", "has_head", "length", "seen", "target")
 
-    def __init__(self, count: int, length: int, target: memoryview) -> None:
+    def __init__(self, count: int, length: int, target: np.ndarray | memoryview | bytearray) -> None:
         self.count = count
         self.length = length
-        self.target = target
-        self.seen = bytearray(count)  # one byte per chunk index: the duplicate filter
+        self.target = np.frombuffer(target, np.uint8) if not isinstance(target, np.ndarray) else target
+        self.seen = np.zeros(count, bool)  # per chunk index: the duplicate filter
         self.chunks = 0
         self.bytes = 0
         self.has_head = False
 
-    def add(self, index: int, count: int, offset: int, length: int, body: memoryview) -> Added:
+    def add(self, index: int, count: int, offset: int, length: int, body: memoryview | np.ndarray) -> Added:
         if count != self.count or length != self.length:
             return Added.INCONSISTENT
         if self.seen[index]:
@@ -254,13 +294,37 @@ class Assembly:
         n = len(body)
         if offset + n > self.length:  # checked again here for callers that did not run check_batch
             return Added.INCONSISTENT
-        self.seen[index] = 1
+        self.seen[index] = True
         self.chunks += 1
         self.bytes += n
         if n:
-            self.target[offset : offset + n] = body
+            self.target[offset : offset + n] = np.frombuffer(body, np.uint8) if isinstance(body, memoryview) else body
         if index == 0:
             self.has_head = True
+        return Added.NEW
+
+    def add_run(
+        self, index: int, count: int, offset: int, length: int, rows: np.ndarray, step: int, last: int
+    ) -> Added:
+        """Chunks ``index`` .. ``index + len(rows) - 1`` at once (a :func:`runs` run; not chunk 0): row j
+        holds ``step`` payload bytes (the last row ``last``), which go to ``offset + j * step``.
+
+        DUPLICATE when any of them came before: nothing is taken then (the
+        caller adds the run's chunks one by one, so the new ones are kept).
+        """
+        k = len(rows)
+        end = offset + (k - 1) * step + last
+        if count != self.count or length != self.length or end > self.length:
+            return Added.INCONSISTENT
+        seen = self.seen[index : index + k]
+        if seen.any():
+            return Added.DUPLICATE
+        seen[:] = True
+        if k > 1:  # the full rows in one copy: packet-area rows -> a contiguous range of the target
+            self.target[offset : offset + (k - 1) * step].reshape(k - 1, step)[:] = rows[: k - 1, :step]
+        self.target[end - last : end] = rows[k - 1, :last]
+        self.chunks += k
+        self.bytes += end - offset
         return Added.NEW
 
     @property

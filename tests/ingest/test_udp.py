@@ -194,7 +194,7 @@ async def test_loss_duplicates_and_reordering(server: Server, monkeypatch: pytes
     conn = await client.connect_udp("127.0.0.1", udp_port(server), datagram_bytes=GRAM, reply_timeout=5)
     shuffler = Shuffler(conn, seed=7)
     monkeypatch.setattr(conn, "_write", shuffler.write)
-    n = 240
+    n = 300
     replies: dict[tuple[int, int], client.Reply] = {}
     window = asyncio.Semaphore(8)
 
@@ -210,7 +210,7 @@ async def test_loss_duplicates_and_reordering(server: Server, monkeypatch: pytes
     finally:
         await conn.close()
     damaged = shuffler.damaged & shuffler.touched  # frames with some datagrams sent, not all
-    assert len(damaged) >= 5, "the seed must damage some frames"
+    assert len(damaged) >= 3, "the seed must damage some frames"
     assert len(replies) == n and unmatched == 0
     for (stream, seq), reply in replies.items():
         if (stream, seq) in damaged:

@@ -130,3 +130,33 @@ def test_reply_datagrams_carry_the_tcp_reply() -> None:
 def test_incomplete_has_a_v1_stand_in() -> None:
     assert wire.status_for(Status.INCOMPLETE, 1) == Status.BAD_FRAME
     assert wire.status_for(Status.INCOMPLETE, 2) == Status.INCOMPLETE
+
+
+def test_runs_group_consecutive_chunks_and_add_run_places_them() -> None:
+    length = 5000
+    payload = np.random.default_rng(3).integers(0, 256, length, dtype=np.uint8)
+    grams = [udp.join(p) for p in udp.frame_datagrams(frame_header(length), payload.data, 1000)]
+    other = [udp.join(p) for p in udp.frame_datagrams(frame_header(length, seq=10), payload.data, 1000)]
+    order = [grams[0], grams[1], grams[2], grams[3], other[1], grams[5], grams[4], grams[3]]  # 4 and 5 swapped, 3 twice
+    area = np.zeros((len(order), 1000), np.uint8)
+    for i, d in enumerate(order):
+        area[i, : len(d)] = np.frombuffer(d, np.uint8)
+    heads = udp.header_view(area)
+    body = np.array([len(d) - udp.HEADER_SIZE for d in order])
+    good = np.arange(len(order))
+    starts = udp.runs(good, udp.words(heads), body, np.zeros((len(order), 4), np.uint64))
+    assert starts.tolist() == [0, 1, 4, 5, 6, 7]  # chunk 0 alone, chunks 1-3, the other frame, then each one alone
+    target = np.zeros(length, np.uint8)
+    asm = Assembly(len(grams), length, target)
+    h0 = udp.decode_chunk_header(order[0])
+    used = frame_header(length).wire_size
+    first = area[0, udp.HEADER_SIZE + used : udp.HEADER_SIZE + body[0]]
+    assert asm.add(0, h0.chunk_count, 0, length, first) is Added.NEW
+    rows = area[1:4, udp.HEADER_SIZE :]
+    h1 = udp.decode_chunk_header(order[1])
+    assert asm.add_run(1, h1.chunk_count, h1.offset, length, rows, int(body[1]), int(body[3])) is Added.NEW
+    assert asm.add_run(1, h1.chunk_count, h1.offset, length, rows, int(body[1]), int(body[3])) is Added.DUPLICATE
+    for i in (6, 5):
+        h = udp.decode_chunk_header(order[i])
+        asm.add(h.chunk_index, h.chunk_count, h.offset, length, area[i, udp.HEADER_SIZE : udp.HEADER_SIZE + body[i]])
+    assert asm.complete and np.array_equal(target, payload)
