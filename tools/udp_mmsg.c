@@ -1,8 +1,10 @@
 /* The C side of tools/bench_udp.py: a recvmmsg receiver and sendmmsg senders on loopback.
  *
  *   udp_mmsg recv PORT SECONDS BATCH      -> prints "<datagrams> <seconds from first to last>"
- *   udp_mmsg send PORT SECONDS SIZE COUNT -> sends SIZE-byte datagrams (valid UDP frame chunks of a frame
- *                                            of COUNT chunks) to 127.0.0.1:PORT for SECONDS; prints how many
+ *   udp_mmsg send PORT SECONDS SIZE COUNT -> sends SIZE-byte datagrams to 127.0.0.1:PORT for SECONDS, prints
+ *                                            how many: valid chunks 1..COUNT of frames of COUNT + 1 chunks,
+ *                                            one frame (sequence 0, 1, 2, ...) per sendmmsg call; chunk 0
+ *                                            is never sent, so a server never runs these frames
  *
  * Built at run time by bench_udp.py (gcc -O2), so the figure it is compared with is this machine's.
  */
@@ -77,18 +79,19 @@ static int do_send(int port, double seconds, int size, int count) {
     struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons(port)};
     addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     if (connect(fd, (struct sockaddr *)&addr, sizeof addr) != 0) { perror("connect"); return 1; }
-    enum { BATCH = 64 };
+    enum { BATCH = 1024 };
     static char bufs[BATCH][BUF];
     static struct mmsghdr msgs[BATCH];
     static struct iovec iovs[BATCH];
     if (size > BUF) size = BUF;
+    if (count > BATCH) count = BATCH;
     uint32_t length = (uint32_t)count * (size - 32);
-    for (int i = 0; i < BATCH; i++) {
-        /* a chunk header (docs/PROTOCOL.md section 10.1): chunk i % count + 1 of a frame of `count` + 1 */
+    for (int i = 0; i < count; i++) {
+        /* a chunk header (docs/PROTOCOL.md section 10.1): chunk i + 1 of a frame of `count` + 1 */
         char *b = bufs[i];
         memcpy(b, "SGUD", 4);
         b[4] = 1; b[5] = 1;
-        uint16_t index = (uint16_t)(i % count + 1), chunks = (uint16_t)(count + 1);
+        uint16_t index = (uint16_t)(i + 1), chunks = (uint16_t)(count + 1);
         uint32_t offset = (uint32_t)(index - 1) * (size - 32);
         memcpy(b + 20, &index, 2);
         memcpy(b + 22, &chunks, 2);
@@ -100,11 +103,14 @@ static int do_send(int port, double seconds, int size, int count) {
         msgs[i].msg_hdr.msg_iovlen = 1;
     }
     long long sent = 0;
+    uint64_t sequence = 0;
     double end = now() + seconds;
     while (now() < end) {
-        int n = sendmmsg(fd, msgs, BATCH, 0);
+        int n = sendmmsg(fd, msgs, count, 0);
         if (n > 0) sent += n;
         else if (errno != EAGAIN && errno != ENOBUFS && errno != ECONNREFUSED) { perror("sendmmsg"); return 1; }
+        sequence++;
+        for (int i = 0; i < count; i++) memcpy(bufs[i] + 12, &sequence, 8);
     }
     printf("%lld\n", sent);
     return 0;
