@@ -518,18 +518,7 @@ class UdpListener(Listener):
         self._send(peer, reply, b"")
 
     def _on_outcome(self, peer: _Peer, frame: Frame, outcome: Outcome) -> None:
-        h = frame.header
-        result = outcome.result
-        if result is None:
-            reply = ReplyHeader(h.stream_id, h.sequence, outcome.status, timestamp_ns=h.timestamp_ns,
-                                timings=outcome.timings, message=outcome.message)  # fmt: skip
-            self._send(peer, reply, b"")
-            return
-        payload = result.reshape(-1).view("u1").data
-        reply = ReplyHeader(
-            h.stream_id, h.sequence, outcome.status, wire.dtype_code(result.dtype), tuple(result.shape),
-            payload.nbytes, h.timestamp_ns, outcome.timings, outcome.message,
-        )  # fmt: skip
+        reply, payload = wire.reply_to(frame.header, *outcome)
         self._send(peer, reply, payload)
 
     def _send(self, peer: _Peer, reply: ReplyHeader, payload: bytes | memoryview) -> None:

@@ -477,6 +477,24 @@ def encode_reply(h: ReplyHeader, payload: bytes | memoryview = b"", version: int
     return parts
 
 
+_NO_TIMINGS = Timings()
+
+
+def reply_to(
+    h: FrameHeader, status: Status, message: str = "", result: np.ndarray | None = None, timings: Timings = _NO_TIMINGS
+) -> tuple[ReplyHeader, memoryview]:
+    """The reply to the frame ``h`` (an ``Outcome``'s fields, in its order): header and result bytes (no copy)."""
+    if result is None:
+        return ReplyHeader(h.stream_id, h.sequence, status, timestamp_ns=h.timestamp_ns, timings=timings,
+                           message=message), memoryview(b"")  # fmt: skip
+    payload = result.reshape(-1).view("u1").data
+    reply = ReplyHeader(
+        h.stream_id, h.sequence, status, dtype_code(result.dtype), tuple(result.shape), payload.nbytes, h.timestamp_ns,
+        timings, message,
+    )  # fmt: skip
+    return reply, payload
+
+
 def decode_reply(buf: bytes | memoryview) -> tuple[ReplyHeader, memoryview, int] | None:
     """Parse a whole reply; returns (header, payload view, bytes consumed) or None."""
     if len(buf) < REPLY_HEADER_SIZE:
