@@ -59,7 +59,8 @@ async def test_no_slot_is_released_before_its_copy_completed(monkeypatch: pytest
         real_gather(ring, offsets, nbytes, out, stream)
 
     monkeypatch.setattr(cuda.kernels, "gather_frames", slow_gather)
-    config = Config(listeners=[ListenerSpec(port=0)], device="cuda", models=[spec])
+    # The copy is held back for a second or more: not a batch the watchdog should answer.
+    config = Config(listeners=[ListenerSpec(port=0)], device="cuda", models=[spec], watchdog_min_s=60)
     async with Server(config) as server:
         backend = server.backend
         assert isinstance(backend, CudaBackend) and backend.use_kernels, "needs cupy: the gather kernel path"
