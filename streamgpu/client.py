@@ -40,7 +40,7 @@ import operator
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, cast
@@ -61,6 +61,7 @@ __all__ = [
     "connect",
     "connect_sync",
     "connect_udp",
+    "connect_udp_sync",
 ]
 
 log = logging.getLogger(__name__)
@@ -996,13 +997,22 @@ def connect_sync(
 ) -> SyncConnection:
     """Blocking :func:`connect`: returns a :class:`SyncConnection`."""
     _check_protocol_version(protocol_version)
+    return _sync(lambda: connect(host, port, token=token, timeout=timeout, protocol_version=protocol_version),
+                 f"{host}:{port}")  # fmt: skip
+
+
+def connect_udp_sync(host: str, port: int, **kwargs: Any) -> SyncConnection:
+    """Blocking :func:`connect_udp` (same keyword arguments): a :class:`SyncConnection` over UDP."""
+    return _sync(lambda: connect_udp(host, port, **kwargs), f"{host}:{port}/udp")
+
+
+def _sync(opening: Callable[[], Coroutine[Any, Any, Connection]], name: str) -> SyncConnection:
+    """Open a connection on a private loop in one daemon thread, wrapped for blocking use."""
     loop = new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name=f"streamgpu-client {host}:{port}", daemon=True)
+    thread = threading.Thread(target=loop.run_forever, name=f"streamgpu-client {name}", daemon=True)
     thread.start()
     try:
-        conn = asyncio.run_coroutine_threadsafe(
-            connect(host, port, token=token, timeout=timeout, protocol_version=protocol_version), loop
-        ).result()
+        conn = asyncio.run_coroutine_threadsafe(opening(), loop).result()
     except BaseException:
         _stop_loop(loop, thread)
         raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
+import threading
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any, cast
@@ -222,6 +223,24 @@ async def test_loss_duplicates_and_reordering(server: Server, monkeypatch: pytes
     stats = udp_stats(server)
     assert stats["incomplete"] == len(damaged) and stats["duplicates"] + stats.get("late", 0) > 0
     assert stats["partial_frames"] == 0 and server.pool.slots_in_use == 0
+
+
+def test_blocking_client_over_udp() -> None:
+    """``connect_udp_sync`` (what scripts and ``streamgpu send`` use) against a server on another thread."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    srv = Server(make_config())
+    asyncio.run_coroutine_threadsafe(srv.start(), loop).result(30)
+    try:
+        with client.connect_udp_sync("127.0.0.1", udp_port(srv), datagram_bytes=GRAM) as conn:
+            reply = conn.infer(frames(1)[0], timeout=10)
+            assert reply.ok and reply.unwrap().shape == (1000,)
+    finally:
+        asyncio.run_coroutine_threadsafe(srv.stop(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
 
 
 # --- bounds -----------------------------------------------------------------------------------
