@@ -205,6 +205,7 @@ class Config:
         model_source = overrides.pop("model", None)
         values.update({k: v for k, v in overrides.items() if v is not None})
         address = {k: values.pop(k) for k in ("host", "port") if k in values}
+        udp_port = values.pop("udp_port", None)
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigError(f"unknown settings: {sorted(unknown)}")
@@ -212,6 +213,9 @@ class Config:
             listeners = list(values.get("listeners") or [ListenerSpec()])
             listeners[0] = dataclasses.replace(listeners[0], **address)
             values["listeners"] = listeners
+        if udp_port is not None:  # udp_port (file, STREAMGPU_UDP_PORT, --udp-port): one more listener, UDP
+            listeners = list(values.get("listeners") or [ListenerSpec()])
+            values["listeners"] = [*listeners, ListenerSpec(kind="udp", host=listeners[0].host, port=udp_port)]
         try:
             config = cls(**values)
         except (TypeError, ValueError) as exc:
@@ -236,7 +240,7 @@ class Config:
         return dataclasses.replace(self, models=[first, *self.models[1:]])
 
 
-_ADDRESS_KEYS = {"host": "", "port": 0}  # shortcuts for the first listener's address
+_ADDRESS_KEYS = {"host": "", "port": 0, "udp_port": 0}  # shortcuts: the first listener's address; a UDP listener
 _SERVER_KEYS: dict[str, Any] = {
     **{f.name: f.default for f in dataclasses.fields(Config) if f.name not in ("models", "listeners", "tokens")},
     **_ADDRESS_KEYS,

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 LISTENERS: dict[str, str] = {
     "tcp": "streamgpu.ingest.tcp:TcpListener",
     "raw": "streamgpu.ingest.raw:RawListener",
+    "udp": "streamgpu.ingest.udp:UdpListener",
 }
 
 
