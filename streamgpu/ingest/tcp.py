@@ -604,8 +604,9 @@ class TcpListener(Listener):
 
     kind = "tcp"
 
-    def __init__(self, spec: ListenerSpec, admission: Admission) -> None:
+    def __init__(self, spec: ListenerSpec, admission: Admission, sock: socket.socket | None = None) -> None:
         super().__init__(spec, admission)
+        self._sock = sock  # a listening socket to accept on (an ingest worker's, shared), instead of binding
         self._server: asyncio.Server | None = None
         self._connections: set[TcpConnection] = set()
         # Runs reply flushes; the loop's call_soon once started (unstarted, e.g. driven by tests: at once).
@@ -615,7 +616,10 @@ class TcpListener(Listener):
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.defer = loop.call_soon
-        self._server = await loop.create_server(lambda: TcpConnection(self), self.spec.host, self.spec.port)
+        if self._sock is not None:
+            self._server = await loop.create_server(lambda: TcpConnection(self), sock=self._sock)
+        else:
+            self._server = await loop.create_server(lambda: TcpConnection(self), self.spec.host, self.spec.port)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
