@@ -24,15 +24,17 @@ Worker -> scheduler: fixed-size records of ``UP.size`` (80) bytes::
 * ``READY``: the worker accepts connections. ``STOPPED``: the worker took its
   last frame (answer to ``STOP``); every FRAME it sent came before this.
 
-Scheduler -> worker: records of ``DOWN.size`` (64) bytes, a REPLY followed by
-its shape, message and result bytes::
+Scheduler -> worker: a ``DOWN.size`` (64) byte head, then ``4 * ndim`` bytes
+of shape, ``message_len`` bytes of message and ``payload_len`` bytes of body::
 
     kind u8, status u8, dtype u8, ndim u8, fid u32, payload_len u64,
-    receive_us, queue_us, transfer_us, compute_us, total_us u64, batch_size u32,
+    receive_us, queue_us, transfer_us, compute_us, total_us i64, batch_size u32,
     message_len u16, pad u16
 
-* ``RELEASE``: frame ``fid``'s payload has been copied to the device; its slot
-  may be reused (sent only when that happens before the frame's REPLY).
+* ``RELEASE``: the payloads of ``fid`` frames have been copied to the device;
+  their slots may be reused. The body is their fids (u32 each): one record
+  for all the releases of a loop iteration. (A frame whose REPLY comes before
+  any release is not named: the REPLY releases it.)
 * ``REPLY``: frame ``fid`` ended with ``status``; the result (``dtype`` a wire
   dtype code, or ``NO_RESULT``) travels inline: results are small (a row of
   logits), and copying them once into the channel costs less than managing a
@@ -46,6 +48,7 @@ Everything here is pure (no I/O): the ``workers`` (scheduler side) and
 
 from __future__ import annotations
 
+import array
 import struct
 
 import numpy as np
@@ -55,7 +58,7 @@ from streamgpu.protocol import wire
 from streamgpu.protocol.wire import Timings
 
 UP = struct.Struct("<BBBBHHIIQQIIQQqqq")
-DOWN = struct.Struct("<BBBBIQQQQQQIHH")
+DOWN = struct.Struct("<BBBBIQqqqqqIHH")
 assert UP.size == 80 and DOWN.size == 64
 
 # upward kinds
@@ -63,7 +66,6 @@ FRAME, OPEN, CLOSED, READY, STOPPED = 1, 2, 3, 4, 5
 # downward kinds
 RELEASE, REPLY, STOP, CLOSE = 1, 2, 3, 4
 NO_RESULT = 0  # a REPLY's dtype when there is no result
-_U64 = (1 << 64) - 1
 _SHAPES = [struct.Struct(f"<{n}I") for n in range(wire.MAX_NDIM + 1)]
 
 
@@ -73,8 +75,22 @@ def up(kind: int, conn: int = 0, index: int = 0, priority: int = 0) -> bytes:
 
 
 def down(kind: int, fid: int = 0) -> bytes:
-    """A downward record without a body (RELEASE, STOP, CLOSE)."""
+    """A downward record without a body (STOP, CLOSE)."""
     return DOWN.pack(kind, 0, 0, 0, fid, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+
+
+def release(fids: list[int]) -> bytes:
+    """One RELEASE record for the slots of frames ``fids``."""
+    body = array.array("I", fids)
+    return DOWN.pack(RELEASE, 0, 0, 0, len(fids), 4 * len(fids), 0, 0, 0, 0, 0, 0, 0, 0) + body.tobytes()
+
+
+def released(buf: bytes, pos: int) -> array.array[int]:
+    """The fids of the whole RELEASE record at ``buf[pos]``."""
+    fids = array.array("I")
+    count = DOWN.unpack_from(buf, pos)[4]
+    fids.frombytes(buf[pos + DOWN.size : pos + DOWN.size + 4 * count])
+    return fids
 
 
 def encode_reply(fid: int, outcome: Outcome) -> bytes:
@@ -83,25 +99,21 @@ def encode_reply(fid: int, outcome: Outcome) -> bytes:
     msg = outcome.message.encode()[: wire.MAX_MESSAGE] if outcome.message else b""
     result = outcome.result
     if result is None:
-        head = DOWN.pack(REPLY, outcome.status, NO_RESULT, 0, fid, 0, min(t.receive_us, _U64),
-                         min(t.queue_us, _U64), min(t.transfer_us, _U64), min(t.compute_us, _U64),
-                         min(t.total_us, _U64), t.batch_size, len(msg), 0)  # fmt: skip
+        head = DOWN.pack(REPLY, outcome.status, NO_RESULT, 0, fid, 0, *t, len(msg), 0)
         return head + msg if msg else head
-    if result.ndim > wire.MAX_NDIM:
+    ndim = result.ndim
+    if ndim > wire.MAX_NDIM:
         raise ValueError(f"a result has at most {wire.MAX_NDIM} dimensions, got shape {result.shape}")
-    data = np.ascontiguousarray(result).tobytes()  # a copy: the result row may be a reused buffer's view
-    head = DOWN.pack(REPLY, outcome.status, wire.dtype_code(result.dtype), result.ndim, fid, len(data),
-                     min(t.receive_us, _U64), min(t.queue_us, _U64), min(t.transfer_us, _U64),
-                     min(t.compute_us, _U64), min(t.total_us, _U64), t.batch_size, len(msg), 0)  # fmt: skip
-    return b"".join((head, _SHAPES[result.ndim].pack(*result.shape), msg, data))
+    code = wire.DTYPE_CODES.get(result.dtype) or wire.dtype_code(result.dtype)
+    data = result.tobytes()  # a copy (C order): the result row may be a view of a reused buffer
+    head = DOWN.pack(REPLY, outcome.status, code, ndim, fid, len(data), *t, len(msg), 0)
+    return b"".join((head, _SHAPES[ndim].pack(*result.shape), msg, data))
 
 
 def record_length(buf: bytes, pos: int) -> int | None:
     """Bytes of the downward record starting at ``buf[pos]``, or None until its fixed part is there."""
     if len(buf) - pos < DOWN.size:
         return None
-    if buf[pos] != REPLY:
-        return DOWN.size
     _k, _s, _d, ndim, _f, payload_len, *_t, msg_len, _p = DOWN.unpack_from(buf, pos)
     return DOWN.size + 4 * ndim + msg_len + payload_len
 

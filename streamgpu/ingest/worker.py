@@ -162,9 +162,10 @@ class _Channel(asyncio.Protocol):
                 if frame is not None:
                     frame.finish(outcome)
             elif kind == channel.RELEASE:
-                frame = frames.get(channel.DOWN.unpack_from(buf, pos)[4])
-                if frame is not None:
-                    frame.release_slot()
+                for fid in channel.released(buf, pos):
+                    frame = frames.get(fid)
+                    if frame is not None:
+                        frame.release_slot()
             elif kind == channel.STOP:
                 self._stop()
             elif kind == channel.CLOSE and not self.done.done():

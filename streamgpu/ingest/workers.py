@@ -106,6 +106,7 @@ class _Worker(asyncio.Protocol):
         self.proc: subprocess.Popen[bytes] | None = None
         self._transport: asyncio.Transport | None = None
         self._out: list[bytes] = []
+        self._releases: list[int] = []  # frames whose slots were copied, for this loop iteration's RELEASE
         self._rest = b""
         self.conns: dict[int, _RemoteConn] = {}
         self.held = 0  # frames here whose payload (in this worker's range) may still be read
@@ -161,12 +162,15 @@ class _Worker(asyncio.Protocol):
         self._listener.worker_gone(self)
 
     def send(self, record: bytes) -> None:
-        if not self._out:
+        if not self._out and not self._releases:
             self._loop.call_soon(self._flush)
         self._out.append(record)
 
     def _flush(self) -> None:
         out, self._out = self._out, []
+        if self._releases:  # first: a slot copied before its reply is free before the reply is written
+            out.insert(0, channel.release(self._releases))
+            self._releases = []
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(b"".join(out))  # one system call for the loop iteration's records
 
@@ -221,7 +225,9 @@ class _Worker(asyncio.Protocol):
             if not self.held:
                 self._listener.worker_gone(self)
         elif not finishing:  # the REPLY that follows a finish releases the slot too
-            self.send(channel.down(channel.RELEASE, fid))
+            if not self._out and not self._releases:
+                self._loop.call_soon(self._flush)
+            self._releases.append(fid)
 
 
 class WorkerListener(Listener):

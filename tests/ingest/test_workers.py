@@ -163,9 +163,12 @@ async def test_descriptors_and_shared_memory_round_trip() -> None:
     held = pool.used_bytes
     chan.data_received(stream[:1])  # partial record: nothing happens yet
     assert pool.used_bytes == held and not outcomes
-    chan.data_received(stream[1 : channel.DOWN.size])
+    release_end = channel.DOWN.size + 4  # one fid
+    chan.data_received(stream[1 : release_end - 1])
+    assert pool.used_bytes == held and not outcomes
+    chan.data_received(stream[release_end - 1 : release_end])
     assert pool.used_bytes < held and not outcomes  # released on RELEASE, before any reply
-    for b in range(channel.DOWN.size, len(stream)):
+    for b in range(release_end, len(stream)):
         chan.data_received(stream[b : b + 1])  # one byte at a time
     assert [o.status for _, o in outcomes] == [Status.OK, Status.DEADLINE_MISSED]
     np.testing.assert_array_equal(outcomes[0][1].result, result)
