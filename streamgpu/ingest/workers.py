@@ -246,6 +246,7 @@ class WorkerListener(Listener):
         self._workers: list[_Worker] = []
         self._stopping = False
         self.restarts = 0
+        self._frames_before = 0  # FRAME descriptors of workers no longer in the list
         self.models = [(m.name, m.frame_dtype_code, tuple(m.input_shape)) for m in cfg.models]
         self.identities: list[str | None] = [None, *cfg.tokens]
         share = cfg.worker_ring_bytes
@@ -304,6 +305,7 @@ class WorkerListener(Listener):
         if not worker.started:  # it died while starting: start() reports it; no restart loop
             return
         worker.replaced = True
+        self._frames_before += worker.frames
         code = worker.proc.returncode if worker.proc is not None else None
         log.warning("ingest worker %d exited (status %s); its connections closed; starting a new one",
                     worker.index, code)  # fmt: skip
@@ -353,6 +355,7 @@ class WorkerListener(Listener):
         for worker in workers:
             if not worker.lent.released:
                 self.admission.pool.release(worker.lent)
+        self._frames_before += sum(w.frames for w in workers)
         self._workers = []
         if self._sock is not None:
             self._sock.close()
@@ -370,7 +373,7 @@ class WorkerListener(Listener):
             "worker_restarts": self.restarts,
             "connections": sum(len(w.conns) for w in live),  # those that sent a frame
             "worker_connections": [len(w.conns) if w is not None and w.alive else 0 for w in self._workers],
-            "frames": sum(w.frames for w in self._workers if w is not None),
+            "frames": self._frames_before + sum(w.frames for w in self._workers if w is not None and not w.replaced),
         }
 
 
