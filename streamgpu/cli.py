@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     serve.add_argument("--loop", choices=LOOPS, help="event loop (default auto: uvloop when installed)")
     serve.add_argument("--log-level", choices=LOG_LEVELS, help="default INFO")
+    serve.add_argument(
+        "--ingest-workers", type=int, metavar="N", help="N processes accept and read connections (default 0: this one)"
+    )
     return parser
 
 
@@ -35,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = Config.load(
             args.config, host=args.host, port=args.port, device=args.device, model=args.model, loop=args.loop,
-            log_level=args.log_level,
+            log_level=args.log_level, ingest_workers=args.ingest_workers,
         )  # fmt: skip
     except ConfigError as exc:
         parser.error(str(exc))

@@ -218,11 +218,13 @@ def server_pid(port: int) -> int:
 
 def part_saturate(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     rows = []
-    for label, shape in SIZES.items():
+    sizes = {k: v for k, v in SIZES.items() if k in args.sizes.split(",")}
+    producers_list = [int(p) for p in args.producers.split(",")]
+    for label, shape in sizes.items():
         for workers in (0, args.ingest_workers):
             with serve(out, f"{label}_w{workers}", shape, workers, args.device) as port:
                 pid = server_pid(port)
-                for producers in PRODUCERS:
+                for producers in producers_list:
                     procs = min(producers, args.generators)
                     cfg = RunConfig(
                         endpoints=[Endpoint(HOST, port)], levels=[LoadLevel(CONCURRENCY, args.in_flight)],
@@ -239,13 +241,13 @@ def part_saturate(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     print_rows(f"builtin:small saturated, {args.in_flight} in flight in total, ingest_workers 0 vs "
                f"{args.ingest_workers}", rows)  # fmt: skip
     summary = []
-    for label in SIZES:
+    for label in sizes:
         for workers in (0, args.ingest_workers):
             mine = [r for r in rows if r["config"].startswith(f"{label} workers={workers} ")]
             best = max(r["frames_per_s"] for r in mine)
             spread = mine[-1]["frames_per_s"] / max(mine[0]["frames_per_s"], 1e-9)
             summary.append({"frame": label, "ingest_workers": workers, "best_frames_per_s": best,
-                            "64_vs_1_producers": round(spread, 3),
+                            f"{producers_list[-1]}_vs_{producers_list[0]}_producers": round(spread, 3),
                             "loop_us_per_frame~": min(r["loop_us_per_frame~"] for r in mine)})  # fmt: skip
     print_rows("summary (targets: 3KB >= 100000/s, 150KB >= 25000/s, 64 vs 1 within 5 %, loop <= 10 us)", summary)
     return {"rows": rows, "summary": summary}
@@ -259,6 +261,8 @@ def main() -> int:
     parser.add_argument("--in-flight", type=int, default=512, help="frames in flight in total")
     parser.add_argument("--generators", type=int, default=8, help="load generator processes at most")
     parser.add_argument("--window", type=float, default=3.0)
+    parser.add_argument("--sizes", default=",".join(SIZES), help="frame sizes to run (3KB, 150KB)")
+    parser.add_argument("--producers", default=",".join(map(str, PRODUCERS)), help="producer counts")
     parser.add_argument("--micro-frames", type=int, default=32768)
     parser.add_argument("--micro-batch", type=int, default=32, help="frames per read / per batch in the micro part")
     parser.add_argument("--out", default="out/bench_ingest")

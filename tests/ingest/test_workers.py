@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from streamgpu import client
+from streamgpu import cli, client
 from streamgpu.config import Config, ConfigError, ListenerSpec, TokenSpec
 from streamgpu.frame import Frame, Outcome
 from streamgpu.ingest import channel, worker
@@ -64,7 +64,7 @@ def test_the_worker_module_imports_no_torch() -> None:
 # -- config ----------------------------------------------------------------------------------
 
 
-def test_config_checks_ingest_workers() -> None:
+def test_config_checks_ingest_workers(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ConfigError, match=r"ingest_workers must be 0\.\.64"):
         config(ingest_workers=-1)
     with pytest.raises(ConfigError, match="exactly one tcp listener"):
@@ -73,6 +73,12 @@ def test_config_checks_ingest_workers() -> None:
         config(ring_bytes=1 << 22, max_payload_bytes=(1 << 21) + 1)
     assert config(ingest_workers=4, max_payload_bytes=1 << 19).worker_ring_bytes == 1 << 20
     assert config(ingest_workers=0).worker_ring_bytes == 1 << 22
+    env = {"STREAMGPU_INGEST_WORKERS": "3", "STREAMGPU_MAX_PAYLOAD_BYTES": "1000000"}
+    assert Config.load(env=env).ingest_workers == 3
+    assert Config.load(env=env, ingest_workers=2).ingest_workers == 2  # the CLI's --ingest-workers
+    with pytest.raises(SystemExit):  # 64 MiB frames do not fit a quarter of 256 MiB less 256 bytes
+        cli.main(["serve", "--ingest-workers", "4", "--port", "0"])
+    assert "max_payload_bytes (67108864) must fit one ingest worker's share" in capsys.readouterr().err
 
 
 # -- descriptors and shared memory, both directions, without processes --------------------------
