@@ -186,7 +186,7 @@ def part_micro(args: argparse.Namespace) -> dict[str, Any]:
 def serve(out: Path, name: str, shape: tuple[int, ...], workers: int, device: str) -> Any:
     toml = "\n".join([
         "[server]", "port = 0", f'device = "{device}"', f"ingest_workers = {workers}",
-        "ring_bytes = 1073741824", "max_payload_bytes = 16777216", 'log_level = "WARNING"', "",
+        "ring_bytes = 1073741824", "max_payload_bytes = 16777216", "",
         "[[models]]", 'name = "default"', 'source = "builtin:small"', f"input_shape = {list(shape)}",
     ])  # fmt: skip
     path = Path(tempfile.mkdtemp()) / f"{name}.toml"
@@ -201,19 +201,21 @@ def main_thread_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def server_pid(port: int) -> int:
-    """The pid listening on ``port`` whose parent is this process (the server, not its workers)."""
+def server_pid(name: str) -> int:
+    """The pid of this process's child serving config ``name`` (the server, not its workers)."""
     me = os.getpid()
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/stat") as f:
                     ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read()
             except OSError:
                 continue
-            if ppid == me:
+            if ppid == me and f"{name}.toml".encode() in cmdline:
                 return int(entry)
-    raise RuntimeError("server process not found")
+    raise RuntimeError(f"server process for {name} not found")
 
 
 def part_saturate(out: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -222,8 +224,9 @@ def part_saturate(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     producers_list = [int(p) for p in args.producers.split(",")]
     for label, shape in sizes.items():
         for workers in (0, args.ingest_workers):
-            with serve(out, f"{label}_w{workers}", shape, workers, args.device) as port:
-                pid = server_pid(port)
+            name = f"{label}_w{workers}"
+            with serve(out, name, shape, workers, args.device) as port:
+                pid = server_pid(name)
                 for producers in producers_list:
                     procs = min(producers, args.generators)
                     cfg = RunConfig(
