@@ -261,7 +261,7 @@ def main() -> int:
     parser.add_argument("--part", action="append", choices=["micro", "saturate"], help="default: both")
     parser.add_argument("--ingest-workers", type=int, default=8, help="N for the side-by-side runs")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    parser.add_argument("--in-flight", type=int, default=512, help="frames in flight in total")
+    parser.add_argument("--in-flight", type=int, default=256, help="frames in flight, in total")
     parser.add_argument("--generators", type=int, default=8, help="load generator processes at most")
     parser.add_argument("--window", type=float, default=3.0)
     parser.add_argument("--sizes", default=",".join(SIZES), help="frame sizes to run (3KB, 150KB)")
