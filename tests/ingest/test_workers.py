@@ -22,7 +22,7 @@ from streamgpu.frame import Frame, Outcome
 from streamgpu.ingest import channel, worker
 from streamgpu.ingest.admission import Admission
 from streamgpu.ingest.workers import WorkerFrame, WorkerListener, _Worker
-from streamgpu.memory import HostSegment, SlotPool
+from streamgpu.memory import HostSegment, Slot, SlotPool
 from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol.wire import FrameFlags, FrameHeader, Status, Timings
 from streamgpu.server import Server
@@ -130,11 +130,11 @@ async def test_descriptors_and_shared_memory_round_trip() -> None:
     for i, (spec, payload) in enumerate([(OTHER, np.arange(6, dtype=np.float32).tobytes()),
                                          (SPEC, bytes(range(192)))]):  # fmt: skip
         slot = producer.reserve(len(payload), lambda s: None)
-        assert not isinstance(slot, type(None)) and hasattr(slot, "offset")
-        pool.view(slot)[:] = payload  # type: ignore[arg-type]
+        assert isinstance(slot, Slot)
+        pool.view(slot)[:] = payload
         header = FrameHeader(7 + i, 100 + i, spec.name, spec.frame_dtype_code, spec.input_shape, len(payload),
                              timestamp_ns=123 + i, deadline_us=50, priority=9, flags=FrameFlags.LIVE)  # fmt: skip
-        frame = Frame(header, slot, producer, (42, header.stream_id), 1000 + i, 2000 + i, 3000 + i,  # type: ignore[arg-type]
+        frame = Frame(header, slot, producer, (42, header.stream_id), 1000 + i, 2000 + i, 3000 + i,
                       lambda f, o: outcomes.append((f, o)))  # fmt: skip
         their_admission.submit(frame)
         sent.append((frame, payload))
