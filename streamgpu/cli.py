@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", metavar="FILE", help="TOML config (see configs/example.toml)")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="TCP port (default 7878; 0 picks a free one)")
+    serve.add_argument(
+        "--udp-port", type=int, metavar="PORT", help="also take chunked frames over UDP on this port (same host)"
+    )
     serve.add_argument("--device", choices=DEVICES, help="auto (cuda when usable), cuda or cpu")
     serve.add_argument("--devices", type=_indices, metavar="0,1", help="GPU indices to serve on (default 0)")
     serve.add_argument(
@@ -85,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     serve.add_argument("--results-port", type=int, metavar="PORT", help="serve JSON-lines results on PORT")
     serve.add_argument("--results-file", metavar="FILE", help="append JSON-lines results to FILE")
+    serve.add_argument(
+        "--ingest-workers", type=int, metavar="N", help="N processes accept and read connections (default 0: this one)"
+    )
 
     send = commands.add_parser("send", help="send raw frames from stdin or a file; print replies as JSON lines")
     from streamgpu.loadgen.transports import transport_names
@@ -167,8 +173,9 @@ def serve_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> C
     """``streamgpu serve``'s config: file, environment, then flags; a bad one exits naming the setting or flag."""
     try:
         config = Config.load(
-            args.config, host=args.host, port=args.port, device=args.device, devices=args.devices, model=args.model,
-            loop=args.loop, log_level=args.log_level, results_port=args.results_port, results_file=args.results_file,
+            args.config, host=args.host, port=args.port, udp_port=args.udp_port, device=args.device,
+            devices=args.devices, model=args.model, loop=args.loop, log_level=args.log_level,
+            results_port=args.results_port, results_file=args.results_file, ingest_workers=args.ingest_workers,
         )  # fmt: skip
     except ConfigError as exc:
         parser.error(str(exc))
