@@ -24,3 +24,7 @@ class ModelLoadError(StreamgpuError, RuntimeError):
 
 class DeviceUnavailableError(StreamgpuError, RuntimeError):
     """The configured device (e.g. ``cuda``) cannot be used on this machine."""
+
+
+class BindError(StreamgpuError, OSError):
+    """A listener's address cannot be bound (in use, not local, no permission); the message names it."""

@@ -63,7 +63,10 @@ class Server:
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         cfg = self.config
+        for listener_spec in cfg.listeners:  # a taken address fails now, not after minutes of model loading
+            listener_class(listener_spec.kind).check_bind(listener_spec)
         self.backend = backend = create_backend(loop, cfg)
+        log.info("data path: %s", backend.data_path)
         self._segment = segment = HostSegment.create(cfg.ring_bytes)
         await loop.run_in_executor(self._loader, backend.attach_host, segment.buffer)
         self._pool = SlotPool(segment.buffer, defer=loop.call_soon)

@@ -59,6 +59,7 @@ class Backend(abc.ABC):
 
     name: str
     device_name: str
+    data_path: str = ""  # how frames reach the model, and why this way (logged at start)
 
     @abc.abstractmethod
     def __init__(self, loop: asyncio.AbstractEventLoop, config: Config) -> None: ...

@@ -33,6 +33,7 @@ from streamgpu.errors import DeviceUnavailableError
 from streamgpu.gpu import kernels
 from streamgpu.gpu.backend import Backend, BatchRun, DeviceModel
 from streamgpu.gpu.bridge import CompletionBridge
+from streamgpu.gpu.setup import cupy_package
 from streamgpu.memory import Slot
 from streamgpu.models.preprocess import TorchPreprocess
 from streamgpu.models.spec import ModelSpec
@@ -191,8 +192,17 @@ class CudaBackend(Backend):
         # One gather launch per batch instead of a copy per frame: 7x less loop CPU per frame
         # and 1.8x less GPU time at 32 frames on the H100 (docs/GPU_NOTES.md).
         self.use_kernels = use_kernels and importlib.util.find_spec("cupy") is not None
-        if use_kernels and not self.use_kernels:
-            log.warning("cupy is not installed: one async copy per frame and torch pre-processing (slower)")
+        if self.use_kernels:
+            self.data_path = "cupy kernels: one gather launch per batch, fused pre-processing"
+        elif not use_kernels:
+            self.data_path = "torch: one async copy per frame, torch pre-processing (cuda_kernels = false)"
+        else:
+            package = cupy_package() or "the cupy build"
+            self.data_path = (
+                "torch: one async copy per frame, torch pre-processing (slower): cupy is not installed; "
+                f"`streamgpu setup-gpu` installs {package} for torch's CUDA {torch.version.cuda}"
+            )
+            log.warning("cupy is not installed: %s", self.data_path)
         self._host: torch.Tensor | None = None  # the registered host segment, as a uint8 CPU tensor
 
     def attach_host(self, buffer: np.ndarray) -> None:

@@ -10,9 +10,11 @@ its own wire format. A new front end is one module plus one registry line.
 from __future__ import annotations
 
 import abc
+import socket
 from typing import Any, ClassVar
 
 from streamgpu.config import ListenerSpec
+from streamgpu.errors import BindError
 from streamgpu.ingest.admission import Admission
 
 
@@ -24,6 +26,24 @@ class Listener(abc.ABC):
     def __init__(self, spec: ListenerSpec, admission: Admission) -> None:
         self.spec = spec
         self.admission = admission
+
+    @classmethod
+    def check_bind(cls, spec: ListenerSpec) -> None:
+        """Fail early, naming the address, when ``spec``'s address cannot be bound (probes a TCP bind;
+        a listener of another socket type overrides this). ``start`` may still fail on a race."""
+        try:
+            infos = socket.getaddrinfo(spec.host, spec.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except OSError as exc:
+            raise BindError(f"cannot bind {cls.kind} listener to {spec.host}:{spec.port}: {exc}") from None
+        for family, kind, proto, _, address in infos:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's create_server does
+                try:
+                    probe.bind(address)
+                except OSError as exc:
+                    raise BindError(
+                        f"cannot bind {cls.kind} listener to {spec.host}:{spec.port}: {exc.strerror or exc}"
+                    ) from None
 
     @abc.abstractmethod
     async def start(self) -> None:
