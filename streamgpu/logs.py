@@ -1,4 +1,5 @@
-"""Process logging for ``streamgpu serve``: text or JSON lines, and one traceback per distinct failure.
+"""Process logging for ``streamgpu serve``: text or JSON lines, one traceback per distinct failure,
+a periodic stats line and a drain summary at shutdown.
 
 A failure that repeats (the same exception type raised at the same place, logged by the same
 call) prints its traceback once; its later occurrences are counted, and logged without a
@@ -8,13 +9,20 @@ summary prints them).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
+import time
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from streamgpu.config import Config
+
+if TYPE_CHECKING:
+    from streamgpu.server import Server
+
+log = logging.getLogger("streamgpu")
 
 # LogRecord attributes every record has: anything else was passed in ``extra`` and goes into JSON lines.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
@@ -84,3 +92,67 @@ def configure(config: Config) -> None:
     # As logging.basicConfig: a program (or test harness) that set up logging already keeps its handlers.
     logging.basicConfig(level=config.log_level, handlers=[handler])
     logging.getLogger().setLevel(config.log_level)
+
+
+def reply_totals(server: Server) -> dict[str, int]:
+    """Replies so far by status name, over every model."""
+    totals: dict[str, int] = {}
+    for _, status, n in server.replies.items():
+        totals[status.name] = totals.get(status.name, 0) + n
+    return totals
+
+
+class StatsLine:
+    """Every ``interval`` seconds one line: frames/s answered OK, errors/s, queued frames, connections, ring use.
+
+    Runs on the loop from a timer (nothing per frame); reads the counters their owners keep.
+    """
+
+    def __init__(self, server: Server, interval: float) -> None:
+        self._server = server
+        self._interval = interval
+        self._last = (time.monotonic(), reply_totals(server))
+        self._timer: asyncio.TimerHandle | None = None
+        if interval > 0:
+            self._timer = asyncio.get_running_loop().call_later(interval, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = asyncio.get_running_loop().call_later(self._interval, self._tick)
+        try:
+            self.log()
+        except Exception:  # a stats line must never stop the server, nor its next line
+            log.exception("stats line failed")
+
+    def log(self) -> None:
+        server, (then, before) = self._server, self._last
+        now, totals = time.monotonic(), reply_totals(server)
+        self._last = (now, totals)
+        elapsed = max(now - then, 1e-9)
+        ok = totals.get("OK", 0) - before.get("OK", 0)
+        errors = {k: n - before.get(k, 0) for k, n in totals.items() if k != "OK" and n > before.get(k, 0)}
+        queued = sum(state.queue_length for state in server.model_states())
+        log.info(
+            "stats: %.1f frames/s OK, %.1f errors/s%s, %d queued, %d connections, ring %.0f%% used",
+            ok / elapsed, sum(errors.values()) / elapsed, f" {errors}" if errors else "", queued,
+            server.connections, 100 * server.pool.used_bytes / server.pool.capacity,
+            extra={"event": "stats", "ok_per_s": round(ok / elapsed, 2), "errors": errors, "queued": queued,
+                   "connections": server.connections},
+        )  # fmt: skip
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+def drain_summary(server: Server, in_flight: int, before: dict[str, int], seconds: float) -> None:
+    """The shutdown's last word: what the frames in the server at the signal became, and repeated failures."""
+    after = reply_totals(server)
+    answered = {k: n - before.get(k, 0) for k, n in after.items() if n > before.get(k, 0)}
+    log.info(
+        "drained in %.2f s: %d frames were in the server; replies since the signal: %s; replies in all: %s",
+        seconds, in_flight, answered or "none", after or "none",
+        extra={"event": "drain", "in_flight": in_flight, "answered": answered, "totals": after},
+    )  # fmt: skip
+    for failure, count in repeats().items():
+        log.info("failure seen %d times: %s", count, failure)

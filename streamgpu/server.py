@@ -21,11 +21,12 @@ from streamgpu.ingest import listener_class
 from streamgpu.ingest.admission import Admission
 from streamgpu.ingest.base import Listener
 from streamgpu.memory import HostSegment, SlotPool
+from streamgpu.metrics import ReplyCounts
 from streamgpu.models.loader import load_module
 from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol.wire import Status
 from streamgpu.scheduler.runner import BatchRunner
-from streamgpu.scheduler.scheduler import Scheduler
+from streamgpu.scheduler.scheduler import ModelState, Scheduler
 
 log = logging.getLogger("streamgpu")
 
@@ -180,6 +181,36 @@ class Server:
         """The host memory slots frames are received into."""
         assert self._pool is not None, "server not started"
         return self._pool
+
+    @property
+    def started(self) -> bool:
+        """Whether ``start`` has completed (state stays readable after ``stop``)."""
+        return self._admission is not None
+
+    @property
+    def connections(self) -> int:
+        """Producer connections open now, over every listener."""
+        return self._admission.connections if self._admission is not None else 0
+
+    @property
+    def frames_in_flight(self) -> int:
+        """Frames received and submitted whose reply is not made yet."""
+        return self._admission.frames_in_flight if self._admission is not None else 0
+
+    @property
+    def replies(self) -> ReplyCounts:
+        """Every reply sent, by model and status (``NO_MODEL`` for handshakes and unknown models)."""
+        assert self._admission is not None, "server not started"
+        return self._admission.replies
+
+    def model_states(self) -> list[ModelState]:
+        """Each model's metrics object, queue length and batches in flight."""
+        assert self._scheduler is not None, "server not started"
+        return self._scheduler.states()
+
+    def device_memory(self) -> dict[str, int]:
+        """The device's memory in bytes (``allocated``, ``reserved``, ``total``); empty on the CPU backend."""
+        return self.backend.memory() if self.backend is not None else {}
 
     def metrics(self) -> dict[str, Any]:
         """Per-model scheduler metrics plus host memory, listener and admission state."""

@@ -84,6 +84,10 @@ class Backend(abc.ABC):
         (seconds from now), so completion can be awaited without spinning.
         """
 
+    def memory(self) -> dict[str, int]:
+        """Device memory in bytes: ``allocated``, ``reserved``, ``total`` (empty: no device memory to report)."""
+        return {}
+
     @abc.abstractmethod
     def close(self) -> None:
         """Release the backend's threads, handles and host registration (pending futures are cancelled)."""

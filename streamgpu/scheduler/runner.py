@@ -71,14 +71,17 @@ class BatchRunner:
             results = await run.done
             if len(results) != len(frames):
                 raise RuntimeError(f"model returned {len(results)} results for a batch of {len(frames)} frames")
-            finished = _finish_ok(frames, results, launch_ns, copied_ns, time.perf_counter_ns())
+            finished = _finish_ok(frames, results, launch_ns, copied_ns, time.perf_counter_ns(), metrics)
         except Exception as exc:
             log.exception("model %s: batch of %d failed", model.spec.name, len(frames))
             _fail_batch(frames, metrics, exc)
             return None
         metrics.completed += finished
-        metrics.transfer_us.append((copied_ns - launch_ns) / 1e3)
-        metrics.compute_us.append((time.perf_counter_ns() - copied_ns) / 1e3)
+        transfer_s, compute_s = (copied_ns - launch_ns) / 1e9, (time.perf_counter_ns() - copied_ns) / 1e9
+        metrics.transfer_us.append(transfer_s * 1e6)
+        metrics.compute_us.append(compute_s * 1e6)
+        metrics.transfer_s.observe(transfer_s)
+        metrics.compute_s.observe(compute_s)
         return run.service_s
 
 
@@ -95,7 +98,9 @@ def _fail_batch(frames: list[Frame], metrics: ModelMetrics, exc: BaseException) 
             frame.fail(Status.INTERNAL_ERROR, f"inference failed: {type(exc).__name__}: {exc}", now)
 
 
-def _finish_ok(frames: list[Frame], results: np.ndarray, launch_ns: int, copied_ns: int, done_ns: int) -> int:
+def _finish_ok(
+    frames: list[Frame], results: np.ndarray, launch_ns: int, copied_ns: int, done_ns: int, metrics: ModelMetrics
+) -> int:
     """Finish each frame with its result; returns how many were finished here (not by a shutdown)."""
     finished = 0
     transfer_us, compute_us, n = (copied_ns - launch_ns) // 1000, (done_ns - copied_ns) // 1000, len(frames)
@@ -112,5 +117,7 @@ def _finish_ok(frames: list[Frame], results: np.ndarray, launch_ns: int, copied_
             batch_size=n,
         )
         frame.finish(Outcome(Status.OK, result=result, timings=timings))
+        metrics.total_us.append(timings.total_us)
+        metrics.e2e_s.observe(timings.total_us / 1e6)
         finished += 1
     return finished
