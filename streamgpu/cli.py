@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "setup-gpu":
-        from streamgpu.setup_gpu import setup_gpu
+        from streamgpu.gpu.setup import setup_gpu
 
         return setup_gpu()
     try:

@@ -126,3 +126,13 @@ def test_client_and_loadgen_import_no_torch() -> None:
             )  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_setup_gpu_names_the_cupy_build_for_torchs_cuda(capsys: pytest.CaptureFixture[str]) -> None:
+    from streamgpu.gpu import setup
+
+    assert setup.cupy_package("13.0") == "cupy-cuda13x" and setup.cupy_package("12.8") == "cupy-cuda12x"
+    assert setup.cupy_package("") is None
+    if setup.torch_cuda_version() is None:  # a CPU build of torch (CI): nothing to install, and it says so
+        assert main(["setup-gpu"]) == 0
+        assert "nothing to install" in capsys.readouterr().out
