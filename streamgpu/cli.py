@@ -29,6 +29,7 @@ def _settings_flags() -> argparse.ArgumentParser:
     flags.add_argument("--host", help="address to bind (default 127.0.0.1)")
     flags.add_argument("--port", type=int, help="TCP port (default 7878; 0 picks a free one)")
     flags.add_argument("--device", choices=DEVICES, help="auto (cuda when usable), cuda or cpu")
+    flags.add_argument("--devices", type=_indices, metavar="0,1", help="GPU indices to serve on (default 0)")
     flags.add_argument("--loop", choices=LOOPS, help="event loop (default auto: uvloop when installed)")
     flags.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, help="default INFO (any case)")
     flags.add_argument("--log-format", choices=("text", "json"), help="log lines as text (default) or JSON")
@@ -66,9 +67,16 @@ def load_config(args: argparse.Namespace) -> Config:
     first_model = {"name": args.model_name, "input_shape": args.input_shape, "input_dtype": args.input_dtype,
                    "preprocess": args.preprocess}  # fmt: skip
     return Config.load(
-        args.config, host=args.host, port=args.port, device=args.device, model=args.model, loop=args.loop,
-        log_level=args.log_level, log_format=args.log_format, first_model=first_model,
+        args.config, host=args.host, port=args.port, device=args.device, devices=args.devices, model=args.model,
+        loop=args.loop, log_level=args.log_level, log_format=args.log_format, first_model=first_model,
     )  # fmt: skip
+
+
+def _indices(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated GPU indices like 0,1, got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

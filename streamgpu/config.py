@@ -62,7 +62,7 @@ class Config:
 
     listeners: list[ListenerSpec] = field(default_factory=lambda: [ListenerSpec()])
     device: str = "auto"
-    device_index: int = 0
+    devices: tuple[int, ...] = (0,)  # GPU indices (cuda backend); each model runs on every one of them
     cuda_kernels: bool = True
     loop: str = "auto"
     auth_token: str = ""
@@ -79,6 +79,10 @@ class Config:
     min_receive_rate: int = 1_000_000
     max_inflight_batches: int = 2
     shutdown_timeout_s: float = 10.0
+    # A batch not done after max(watchdog_min_s, watchdog_factor x its expected time) is answered
+    # INTERNAL_ERROR and its device takes no new batch until it completes.
+    watchdog_factor: float = 20.0
+    watchdog_min_s: float = 2.0
     log_level: str = "INFO"
     log_format: str = "text"
     stats_interval_s: float = 60.0  # a stats line every so often; 0: none
@@ -92,6 +96,9 @@ class Config:
             problems.extend(f"listeners[{i}]: {p}" for p in listener.problems())
         if self.device not in DEVICES:
             problems.append(f"device must be one of {DEVICES}, got {self.device!r}")
+        self.devices = tuple(self.devices)
+        if not self.devices or len(set(self.devices)) != len(self.devices) or min(self.devices) < 0:
+            problems.append(f"devices must be distinct GPU indices >= 0, at least one, got {list(self.devices)}")
         if self.loop not in LOOPS:
             problems.append(f"loop must be one of {LOOPS}, got {self.loop!r}")
         if self.ring_bytes < 4096:
@@ -106,10 +113,13 @@ class Config:
                 f"max_producer_ring_bytes must be 0 (a quarter of ring_bytes) .. ring_bytes, "
                 f"got {self.max_producer_ring_bytes}"
             )
-        for key in ("receive_timeout_s", "receive_idle_timeout_s", "hello_timeout_s", "shutdown_timeout_s"):
+        for key in ("receive_timeout_s", "receive_idle_timeout_s", "hello_timeout_s", "shutdown_timeout_s",
+                    "watchdog_min_s"):  # fmt: skip
             value = getattr(self, key)
             if not (math.isfinite(value) and value >= 0) or (value == 0 and key != "shutdown_timeout_s"):
                 problems.append(f"{key} must be a finite number of seconds > 0, got {value}")
+        if not (math.isfinite(self.watchdog_factor) and self.watchdog_factor >= 1):
+            problems.append(f"watchdog_factor must be a finite number >= 1, got {self.watchdog_factor}")
         if self.min_receive_rate < 1:
             problems.append(f"min_receive_rate must be >= 1 byte/s, got {self.min_receive_rate}")
         if self.max_connections < 1:
@@ -363,6 +373,9 @@ def _parse_text(kind: Any, raw: str) -> Any:
         raise ValueError(raw)
     if kind in (int, float):
         return kind(raw)
+    if typing.get_origin(kind) is tuple:  # STREAMGPU_DEVICES=0,1
+        element = typing.get_args(kind)[0]
+        return tuple(_parse_text(element, part.strip()) for part in raw.split(",") if part.strip())
     return raw
 
 

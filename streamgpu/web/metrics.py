@@ -17,7 +17,7 @@ Series (all per ``model`` where they have the label):
   handshakes: WELCOME statuses; connection replies) and frames naming no served model.
 * gauges: ``streamgpu_queue_length`` and ``streamgpu_batches_in_flight`` (per model),
   ``streamgpu_ring_used_bytes``, ``streamgpu_ring_capacity_bytes``, ``streamgpu_connections``,
-  ``streamgpu_frames_in_flight``, ``streamgpu_gpu_memory_bytes{kind=allocated|reserved|total}``
+  ``streamgpu_frames_in_flight``, ``streamgpu_gpu_memory_bytes{device, kind=allocated|reserved|total}``
   (CUDA backend only).
 """
 
@@ -90,9 +90,10 @@ class ServerCollector(Collector):
                                 value=server.frames_in_flight)  # fmt: skip
         memory = server.device_memory()
         if memory:
-            gpu = GaugeMetricFamily("streamgpu_gpu_memory_bytes", "Device memory", labels=["kind"])
-            for kind, nbytes in memory.items():
-                gpu.add_metric([kind], nbytes)
+            gpu = GaugeMetricFamily("streamgpu_gpu_memory_bytes", "Device memory", labels=["device", "kind"])
+            for device, kinds in memory.items():
+                for kind, nbytes in kinds.items():
+                    gpu.add_metric([device, kind], nbytes)
             yield gpu
 
 
