@@ -60,12 +60,12 @@ class Backend(abc.ABC):
 
     name: str
     devices: list[str]  # one name per device batches can be placed on ("cuda:0 (NVIDIA H100 ...)")
+    data_path: str = ""  # how frames reach the model, and why this way (logged at start)
 
     @property
     def device_name(self) -> str:
         """The devices, for logs."""
         return ", ".join(self.devices)
-    data_path: str = ""  # how frames reach the model, and why this way (logged at start)
 
     @abc.abstractmethod
     def __init__(self, loop: asyncio.AbstractEventLoop, config: Config) -> None: ...
