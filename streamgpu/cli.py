@@ -64,6 +64,9 @@ def _settings_flags() -> argparse.ArgumentParser:
     flags = argparse.ArgumentParser(add_help=False)
     flags.add_argument("--host", help="address to bind (default 127.0.0.1)")
     flags.add_argument("--port", type=int, help="TCP port (default 7878; 0 picks a free one)")
+    flags.add_argument(
+        "--udp-port", type=int, metavar="PORT", help="also take chunked frames over UDP on this port (same host)"
+    )
     flags.add_argument("--device", choices=DEVICES, help="auto (cuda when usable), cuda or cpu")
     flags.add_argument("--devices", type=_indices, metavar="0,1", help="GPU indices to serve on (default 0)")
     flags.add_argument("--loop", choices=LOOPS, help="event loop (default auto: uvloop when installed)")
@@ -76,6 +79,9 @@ def _settings_flags() -> argparse.ArgumentParser:
     )  # fmt: skip
     flags.add_argument("--results-port", type=int, metavar="PORT", help="serve JSON-lines results on PORT")
     flags.add_argument("--results-file", metavar="FILE", help="append JSON-lines results to FILE")
+    flags.add_argument(
+        "--ingest-workers", type=int, metavar="N", help="N processes accept and read connections (default 0: this one)"
+    )
     model = flags.add_argument_group("the first model (no TOML needed for one model)")
     model.add_argument(
         "--model", metavar="SOURCE", help="builtin:small (default), builtin:resnet50, torchscript:PATH, export:PATH"
@@ -166,9 +172,10 @@ def serve_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> C
                    "preprocess": args.preprocess}  # fmt: skip
     try:
         config = Config.load(
-            args.config, host=args.host, port=args.port, device=args.device, devices=args.devices, model=args.model,
-            loop=args.loop, log_level=args.log_level, log_format=args.log_format, results_port=args.results_port,
-            results_file=args.results_file, first_model=first_model,
+            args.config, host=args.host, port=args.port, udp_port=args.udp_port, device=args.device,
+            devices=args.devices, model=args.model, loop=args.loop, log_level=args.log_level,
+            log_format=args.log_format, results_port=args.results_port, results_file=args.results_file,
+            ingest_workers=args.ingest_workers, first_model=first_model,
         )  # fmt: skip
     except ConfigError as exc:
         parser.error(str(exc))

@@ -27,6 +27,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 RAW_OPTIONS = ("model", "live")  # a raw listener's options (streamgpu.ingest.raw)
+MAX_INGEST_WORKERS = 64
 
 __all__ = ["Config", "ConfigError", "ListenerSpec", "TokenSpec", "typed_settings"]
 
@@ -88,6 +89,7 @@ class Config:
     min_receive_rate: int = 1_000_000
     max_inflight_batches: int = 2
     shutdown_timeout_s: float = 10.0
+    ingest_workers: int = 0  # 0: one process; N: N ingest worker processes accept and read (ingest/workers.py)
     # A batch not done after max(watchdog_min_s, watchdog_factor x its expected time) is answered
     # INTERNAL_ERROR and its device takes no new batch until it completes.
     watchdog_factor: float = 20.0
@@ -180,8 +182,37 @@ class Config:
                     f"max_frames_per_connection ({self.max_frames_per_connection}) must be below model "
                     f"{m.name!r}'s max_queue ({m.max_queue}): one connection must not be able to fill a queue"
                 )
+        problems.extend(self._worker_problems())
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def _worker_problems(self) -> list[str]:
+        if self.ingest_workers == 0:
+            return []
+        if not 0 < self.ingest_workers <= MAX_INGEST_WORKERS:
+            return [f"ingest_workers must be 0..{MAX_INGEST_WORKERS}, got {self.ingest_workers}"]
+        out = []
+        if len(self.listeners) != 1 or self.listeners[0].kind != "tcp":
+            out.append("ingest_workers > 0 serves one listener of kind tcp; configure exactly one tcp listener")
+        if self.worker_ring_bytes < 4096:
+            out.append(f"ring_bytes / ingest_workers must be at least 4096, got {self.worker_ring_bytes}")
+        largest = self.worker_ring_bytes - ALIGNMENT
+        if self.max_payload_bytes > largest:
+            out.append(
+                f"max_payload_bytes ({self.max_payload_bytes}) must fit one ingest worker's share of the ring:"
+                f" ring_bytes / ingest_workers - {ALIGNMENT} = {largest}"
+            )
+        return out
+
+    @property
+    def worker_ring_bytes(self) -> int:
+        """Ring bytes each ingest worker receives into (its own range of the segment)."""
+        return (self.ring_bytes // max(1, self.ingest_workers)) & ~(ALIGNMENT - 1)
+
+    @property
+    def sweep_period_s(self) -> float:
+        """How often listeners' time limits are enforced: about four times per shortest limit."""
+        return min(1.0, self.receive_timeout_s / 4, self.hello_timeout_s / 4)
 
     @property
     def producer_ring_bytes(self) -> int:
@@ -217,11 +248,15 @@ class Config:
         if unknown:
             raise ConfigError(f"unknown settings: {sorted(unknown)}")
         values = typed_settings(cls, values, "server.", _ADDRESS_TYPES)
-        address = {k: values.pop(k) for k in _ADDRESS_KEYS if k in values}
+        address = {k: values.pop(k) for k in ("host", "port") if k in values}
+        udp_port = values.pop("udp_port", None)
         if address:  # host/port (file, STREAMGPU_HOST/PORT, --host/--port) address the first listener
             listeners = list(values.get("listeners") or [ListenerSpec()])
             listeners[0] = dataclasses.replace(listeners[0], **address)
             values["listeners"] = listeners
+        if udp_port is not None:  # udp_port (file, STREAMGPU_UDP_PORT, --udp-port): one more listener, UDP
+            listeners = list(values.get("listeners") or [ListenerSpec()])
+            values["listeners"] = [*listeners, ListenerSpec(kind="udp", host=listeners[0].host, port=udp_port)]
         try:
             config = cls(**values)
         except (TypeError, ValueError) as exc:
@@ -273,8 +308,8 @@ class Config:
         return data
 
 
-_ADDRESS_KEYS = {"host": "", "port": 0}  # shortcuts for the first listener's address
-_ADDRESS_TYPES = {"host": str, "port": int}
+_ADDRESS_KEYS = {"host": "", "port": 0, "udp_port": 0}  # shortcuts: the first listener's address; a UDP listener
+_ADDRESS_TYPES = {"host": str, "port": int, "udp_port": int}
 _SERVER_KEYS: dict[str, Any] = {
     **{f.name: f.default for f in dataclasses.fields(Config) if f.name not in ("models", "listeners", "tokens")},
     **_ADDRESS_KEYS,

@@ -27,6 +27,7 @@ class Listener(abc.ABC):
     """One front end of a server: start, stop accepting, close, and a periodic sweep."""
 
     kind: ClassVar[str]
+    socket_type: ClassVar[int] = socket.SOCK_STREAM  # what ``check_bind`` probes
 
     def __init__(self, spec: ListenerSpec, admission: Admission, results: Results | None = None) -> None:
         self.spec = spec
@@ -35,10 +36,10 @@ class Listener(abc.ABC):
 
     @classmethod
     def check_bind(cls, spec: ListenerSpec) -> None:
-        """Fail early, naming the address, when ``spec``'s address cannot be bound (probes a TCP bind;
-        a listener of another socket type overrides this). ``start`` may still fail on a race."""
+        """Fail early, naming the address, when ``spec``'s address cannot be bound (probes a bind of
+        ``socket_type``). ``start`` may still fail on a race."""
         try:
-            infos = socket.getaddrinfo(spec.host, spec.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            infos = socket.getaddrinfo(spec.host, spec.port, type=cls.socket_type, flags=socket.AI_PASSIVE)
         except OSError as exc:
             raise BindError(f"cannot bind {cls.kind} listener to {spec.host}:{spec.port}: {exc}") from None
         for family, kind, proto, _, address in infos:
@@ -104,8 +105,10 @@ class SocketListener(Listener, Generic[C]):
     shutdown steps; a subclass makes the protocol (``make_connection``).
     """
 
-    def __init__(self, spec: ListenerSpec, admission: Admission, results: Results | None = None) -> None:
+    def __init__(self, spec: ListenerSpec, admission: Admission, results: Results | None = None,
+                 sock: socket.socket | None = None) -> None:  # fmt: skip
         super().__init__(spec, admission, results)
+        self._sock = sock  # a listening socket to accept on (an ingest worker's, shared), instead of binding
         self._server: asyncio.Server | None = None
         self._connections: set[C] = set()
         self._refused = 0
@@ -116,7 +119,10 @@ class SocketListener(Listener, Generic[C]):
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self.make_connection, self.spec.host, self.spec.port)  # type: ignore[arg-type]
+        if self._sock is not None:
+            self._server = await loop.create_server(self.make_connection, sock=self._sock)  # type: ignore[arg-type]
+        else:
+            self._server = await loop.create_server(self.make_connection, self.spec.host, self.spec.port)  # type: ignore[arg-type]
 
     @property
     def addresses(self) -> list[tuple[str, int]]:

@@ -397,18 +397,7 @@ class TcpConnection(asyncio.BufferedProtocol):
     # -- replies --------------------------------------------------------------------------------
 
     def _on_outcome(self, ticket: Ticket, frame: Frame, outcome: Outcome) -> None:
-        h = frame.header
-        result = outcome.result
-        if result is None:
-            reply = ReplyHeader(h.stream_id, h.sequence, outcome.status, timestamp_ns=h.timestamp_ns,
-                                timings=outcome.timings, message=outcome.message)  # fmt: skip
-            self._send(ticket, wire.encode_reply(reply, b"", self.version))
-            return
-        payload = result.reshape(-1).view("u1").data
-        reply = ReplyHeader(
-            h.stream_id, h.sequence, outcome.status, wire.dtype_code(result.dtype), tuple(result.shape),
-            payload.nbytes, h.timestamp_ns, outcome.timings, outcome.message,
-        )  # fmt: skip
+        reply, payload = wire.reply_to(frame.header, *outcome)
         self._send(ticket, wire.encode_reply(reply, payload, self.version))
 
     def _answer_now(self, header: FrameHeader, ticket: Ticket, status: Status, message: str) -> None:
@@ -618,8 +607,9 @@ class TcpListener(SocketListener[TcpConnection]):
 
     kind = "tcp"
 
-    def __init__(self, spec: ListenerSpec, admission: Admission, results: Results | None = None) -> None:
-        super().__init__(spec, admission, results)
+    def __init__(self, spec: ListenerSpec, admission: Admission, results: Results | None = None,
+                 sock: socket.socket | None = None) -> None:  # fmt: skip
+        super().__init__(spec, admission, results, sock)
         # Runs reply flushes; the loop's call_soon once started (unstarted, e.g. driven by tests: at once).
         self.defer: Callable[[Callable[[], None]], object] = _call_now
 
