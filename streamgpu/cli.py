@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import logging
 import math
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
-from streamgpu.config import LOG_LEVELS, Config, ListenerSpec
+from streamgpu import __version__
+from streamgpu.config import LOG_FORMATS, LOG_LEVELS, Config, ListenerSpec
 from streamgpu.errors import ConfigError, StreamgpuError
 from streamgpu.gpu import DEVICES
 from streamgpu.loops import LOOPS
+from streamgpu.models.spec import PREPROCESS_KINDS
 from streamgpu.protocol import wire
 
 RAW_MODES = ("live", "every")
@@ -55,24 +59,55 @@ def _positive(kind: type[int] | type[float], zero: bool = False) -> Callable[[st
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="streamgpu", description="Stream frames over the network into DNNs on a GPU.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    serve = commands.add_parser("serve", help="run a server until SIGINT/SIGTERM")
-    serve.add_argument("--config", metavar="FILE", help="TOML config (see configs/example.toml)")
-    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="TCP port (default 7878; 0 picks a free one)")
-    serve.add_argument(
+def _settings_flags() -> argparse.ArgumentParser:
+    """The flags ``serve`` and ``check-config`` share: each overrides one setting of the config."""
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    flags.add_argument("--port", type=int, help="TCP port (default 7878; 0 picks a free one)")
+    flags.add_argument(
         "--udp-port", type=int, metavar="PORT", help="also take chunked frames over UDP on this port (same host)"
     )
-    serve.add_argument("--device", choices=DEVICES, help="auto (cuda when usable), cuda or cpu")
-    serve.add_argument("--devices", type=_indices, metavar="0,1", help="GPU indices to serve on (default 0)")
-    serve.add_argument(
-        "--model", metavar="SOURCE", help="source of the first model: builtin:small (default), builtin:resnet50, "
-        "torchscript:PATH, export:PATH"
+    flags.add_argument("--device", choices=DEVICES, help="auto (cuda when usable), cuda or cpu")
+    flags.add_argument("--devices", type=_indices, metavar="0,1", help="GPU indices to serve on (default 0)")
+    flags.add_argument("--loop", choices=LOOPS, help="event loop (default auto: uvloop when installed)")
+    flags.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, help="default INFO (any case)")
+    flags.add_argument("--log-format", choices=LOG_FORMATS, help="log lines as text (default) or JSON")
+    flags.add_argument(
+        "--raw", metavar="tcp:PORT:MODEL[:live|:every]", action="append", type=raw_listener_flag, default=[],
+        help="also take raw frames (no header; MODEL's input shape and dtype, back to back, as ffmpeg -f rawvideo "
+        "sends) on PORT at --host; live (default): the newest frame wins, every: none dropped. Repeatable",
     )  # fmt: skip
-    serve.add_argument("--loop", choices=LOOPS, help="event loop (default auto: uvloop when installed)")
-    serve.add_argument("--log-level", choices=LOG_LEVELS, help="default INFO")
+    flags.add_argument("--results-port", type=int, metavar="PORT", help="serve JSON-lines results on PORT")
+    flags.add_argument("--results-file", metavar="FILE", help="append JSON-lines results to FILE")
+    flags.add_argument(
+        "--ingest-workers", type=int, metavar="N", help="N processes accept and read connections (default 0: this one)"
+    )
+    model = flags.add_argument_group("the first model (no TOML needed for one model)")
+    model.add_argument(
+        "--model", metavar="SOURCE", help="builtin:small (default), builtin:resnet50, torchscript:PATH, export:PATH"
+    )
+    model.add_argument("--model-name", metavar="NAME", help="the name producers send (default 'default')")
+    model.add_argument("--input-shape", metavar="D,D,..", type=_shape, help="one frame's shape: 1024 or 480,640,3")
+    model.add_argument("--input-dtype", metavar="DTYPE", help="one frame's dtype, e.g. uint8 (default), float32")
+    model.add_argument(
+        "--preprocess", choices=PREPROCESS_KINDS, help="image (uint8 HWC -> normalized NCHW) or none; "
+        "default: image for uint8 [H, W, C] frames, none otherwise"
+    )  # fmt: skip
+    return flags
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamgpu", description="Stream frames over the network into DNNs on a GPU.")
+    parser.add_argument("--version", action="version", version=f"streamgpu {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    flags = _settings_flags()
+    serve = commands.add_parser("serve", parents=[flags], help="run a server until SIGINT/SIGTERM")
+    serve.add_argument("--config", metavar="FILE", help="TOML config (see configs/example.toml)")
+    check = commands.add_parser(
+        "check-config", parents=[flags], help="print the resolved settings (file, environment, flags) and exit"
+    )
+    check.add_argument("config", metavar="FILE", nargs="?", help="TOML config (see configs/example.toml)")
+    commands.add_parser("setup-gpu", help="install the cupy build matching torch's CUDA (the fast data path)")
     admin = commands.add_parser("admin", help="load, swap, unload and list a running server's models (over HTTP)")
     admin.add_argument("action", choices=("load", "unload", "list"))
     admin.add_argument("url", metavar="URL", help="the server's HTTP address, e.g. http://127.0.0.1:8000")
@@ -81,16 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="load: model settings, e.g. source=export:model.pt2 max_batch_size=16 (none: the "
                             "server's repository folder NAME, or its last settings)")  # fmt: skip
     admin.add_argument("--token", default="", help="the server's auth_token (default: $STREAMGPU_AUTH_TOKEN)")
-    serve.add_argument(
-        "--raw", metavar="tcp:PORT:MODEL[:live|:every]", action="append", type=raw_listener_flag, default=[],
-        help="also take raw frames (no header; MODEL's input shape and dtype, back to back, as ffmpeg -f rawvideo "
-        "sends) on PORT at --host; live (default): the newest frame wins, every: none dropped. Repeatable",
-    )  # fmt: skip
-    serve.add_argument("--results-port", type=int, metavar="PORT", help="serve JSON-lines results on PORT")
-    serve.add_argument("--results-file", metavar="FILE", help="append JSON-lines results to FILE")
-    serve.add_argument(
-        "--ingest-workers", type=int, metavar="N", help="N processes accept and read connections (default 0: this one)"
-    )
 
     send = commands.add_parser("send", help="send raw frames from stdin or a file; print replies as JSON lines")
     from streamgpu.loadgen.transports import transport_names
@@ -158,8 +183,17 @@ def main(argv: list[str] | None = None) -> int:
         return admin(args, parser)
     if args.command == "send":
         return _send(parser, args)
+    if args.command == "setup-gpu":
+        from streamgpu.gpu.setup import setup_gpu
+
+        return setup_gpu()
     config = serve_config(parser, args)
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "check-config":
+        print(json.dumps(config.resolved(), indent=2, default=_plain))
+        return 0
+    from streamgpu.logs import configure
+
+    configure(config)
     from streamgpu.serve import run
 
     try:
@@ -171,11 +205,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Config:
     """``streamgpu serve``'s config: file, environment, then flags; a bad one exits naming the setting or flag."""
+    first_model = {"name": args.model_name, "input_shape": args.input_shape, "input_dtype": args.input_dtype,
+                   "preprocess": args.preprocess}  # fmt: skip
     try:
         config = Config.load(
             args.config, host=args.host, port=args.port, udp_port=args.udp_port, device=args.device,
             devices=args.devices, model=args.model, loop=args.loop, log_level=args.log_level,
-            results_port=args.results_port, results_file=args.results_file, ingest_workers=args.ingest_workers,
+            log_format=args.log_format, results_port=args.results_port, results_file=args.results_file,
+            ingest_workers=args.ingest_workers, first_model=first_model,
         )  # fmt: skip
     except ConfigError as exc:
         parser.error(str(exc))
@@ -216,6 +253,10 @@ def _send(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         count=args.count, top_k=args.top_k,
     )  # fmt: skip
     return run(opts)
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple | set) else str(value)
 
 
 if __name__ == "__main__":

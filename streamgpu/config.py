@@ -10,6 +10,7 @@ import dataclasses
 import math
 import os
 import tomllib
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,11 +24,12 @@ from streamgpu.models.spec import ModelSpec
 
 MiB = 1024 * 1024
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 RAW_OPTIONS = ("model", "live")  # a raw listener's options (streamgpu.ingest.raw)
 MAX_INGEST_WORKERS = 64
 
-__all__ = ["Config", "ConfigError", "ListenerSpec", "TokenSpec"]
+__all__ = ["Config", "ConfigError", "ListenerSpec", "TokenSpec", "typed_settings"]
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,8 @@ class Config:
     log_level: str = "INFO"
     model_repository: str = ""  # a folder of models, polled: see docs/MODELS.md
     repository_poll_s: float = 5.0
+    log_format: str = "text"
+    stats_interval_s: float = 60.0  # a stats line every so often; 0: none
     results_port: int = -1  # JSON-lines results subscribers' TCP port; -1: none, 0: a free one
     results_host: str = "127.0.0.1"
     results_file: str = ""  # append JSON-lines results here; "": no file
@@ -161,6 +165,10 @@ class Config:
         self.log_level = self.log_level.upper()
         if self.log_level not in LOG_LEVELS:
             problems.append(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
+        if self.log_format not in LOG_FORMATS:
+            problems.append(f"log_format must be one of {LOG_FORMATS}, got {self.log_format!r}")
+        if not (math.isfinite(self.stats_interval_s) and self.stats_interval_s >= 0):
+            problems.append(f"stats_interval_s must be a finite number of seconds >= 0, got {self.stats_interval_s}")
         if self.max_frames_per_connection < 1 or self.max_inflight_batches < 1:
             problems.append("max_frames_per_connection and max_inflight_batches must be >= 1")
         if not self.models and not self.model_repository:
@@ -238,12 +246,14 @@ class Config:
                 raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
         values.update(_from_env(os.environ if env is None else env))
         model_source = overrides.pop("model", None)
+        model_fields = overrides.pop("first_model", None) or {}
         values.update({k: v for k, v in overrides.items() if v is not None})
-        address = {k: values.pop(k) for k in ("host", "port") if k in values}
-        udp_port = values.pop("udp_port", None)
-        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)} - set(_ADDRESS_KEYS)
         if unknown:
             raise ConfigError(f"unknown settings: {sorted(unknown)}")
+        values = typed_settings(cls, values, "server.", _ADDRESS_TYPES)
+        address = {k: values.pop(k) for k in ("host", "port") if k in values}
+        udp_port = values.pop("udp_port", None)
         if address:  # host/port (file, STREAMGPU_HOST/PORT, --host/--port) address the first listener
             listeners = list(values.get("listeners") or [ListenerSpec()])
             listeners[0] = dataclasses.replace(listeners[0], **address)
@@ -256,7 +266,9 @@ class Config:
         except (TypeError, ValueError) as exc:
             raise ConfigError(str(exc)) from None
         if model_source:
-            config = config.with_default_model_source(model_source)
+            model_fields = {"source": model_source, **model_fields}
+        if model_fields:
+            config = config.with_first_model(**model_fields)
         return config
 
     def with_listeners(self, extra: list[ListenerSpec]) -> Config:
@@ -268,21 +280,46 @@ class Config:
 
     def with_default_model_source(self, source: str) -> Config:
         """Serve ``source`` (``builtin:resnet50``, ``torchscript:model.pt``...) as the first model."""
+        return self.with_first_model(source=source)
+
+    def with_first_model(self, **fields: Any) -> Config:
+        """The first model with ``fields`` replaced (the CLI's model flags: source, name, input shape, dtype).
+
+        When the frame's shape or dtype changes and ``preprocess`` is not given, it follows the
+        frame: ``image`` for uint8 ``[H, W, C]`` frames, ``none`` for any other tensor.
+        """
+        first = self.models[0]
+        fields = typed_settings(ModelSpec, {k: v for k, v in fields.items() if v is not None}, "models[0].")
+        if ("input_shape" in fields or "input_dtype" in fields) and "preprocess" not in fields:
+            shape = fields.get("input_shape", first.input_shape)
+            dtype = fields.get("input_dtype", first.input_dtype)
+            fields["preprocess"] = "image" if dtype == "uint8" and len(shape) == 3 else "none"
+        channels = fields.get("input_shape", first.input_shape)[-1]
+        if fields.get("preprocess") == "image" and len(first.mean) != channels:  # flags cannot give mean/std
+            fields = {"mean": (0.5,) * channels, "std": (0.5,) * channels, **fields}
         try:
-            first = dataclasses.replace(self.models[0], source=source)
+            new = dataclasses.replace(first, **fields)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        return dataclasses.replace(self, models=[first, *self.models[1:]])
+        return dataclasses.replace(self, models=[new, *self.models[1:]])
+
+    def resolved(self) -> dict[str, Any]:
+        """Every setting as plain data (what ``streamgpu check-config`` prints), token values masked."""
+        data = dataclasses.asdict(self)
+        data["auth_token"] = _mask(self.auth_token)
+        for grant in data["tokens"].values():
+            grant["token"] = _mask(grant["token"])
+        return data
 
 
 _ADDRESS_KEYS = {"host": "", "port": 0, "udp_port": 0}  # shortcuts: the first listener's address; a UDP listener
+_ADDRESS_TYPES = {"host": str, "port": int, "udp_port": int}
 _SERVER_KEYS: dict[str, Any] = {
     **{f.name: f.default for f in dataclasses.fields(Config) if f.name not in ("models", "listeners", "tokens")},
     **_ADDRESS_KEYS,
 }
 _TABLE_KEYS = ("listeners", "tokens")
 _MODEL_KEYS = {f.name for f in dataclasses.fields(ModelSpec)}
-_TUPLE_MODEL_KEYS = {"input_shape", "mean", "std", "batch_buckets"}
 
 
 def _from_toml(data: dict[str, Any], path: str) -> dict[str, Any]:
@@ -319,7 +356,7 @@ def model_spec(entry: Any, where: str, **fixed: Any) -> ModelSpec:
     unknown = set(entry) - _MODEL_KEYS
     if unknown:
         raise ConfigError(f"{where} has unknown settings {sorted(unknown)}; known: {sorted(_MODEL_KEYS)}")
-    values = {k: tuple(v) if k in _TUPLE_MODEL_KEYS and isinstance(v, list) else v for k, v in entry.items()}
+    values = typed_settings(ModelSpec, entry, f"{where}.")
     try:
         return ModelSpec(**{**values, **fixed})
     except (TypeError, ValueError) as exc:
@@ -337,6 +374,7 @@ def _tables(entries: Any, cls: type[Any], where: str, array: bool = False) -> li
         unknown = set(entry) - known
         if unknown:
             raise ConfigError(f"{where}[{i}] has unknown settings {sorted(unknown)}; known: {sorted(known)}")
+        entry = typed_settings(cls, entry, f"{where}[{i}].")
         try:
             out.append(cls(**entry))
         except TypeError as exc:
@@ -345,18 +383,95 @@ def _tables(entries: Any, cls: type[Any], where: str, array: bool = False) -> li
 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
-    """``STREAMGPU_PORT=9000`` etc.: every scalar server setting, converted to its field's type."""
+    """``STREAMGPU_PORT=9000`` etc.: every scalar server setting, parsed as its field's type."""
     values: dict[str, Any] = {}
-    for name, default in _SERVER_KEYS.items():
-        raw = env.get(f"STREAMGPU_{name.upper()}")
+    for name in _SERVER_KEYS:
+        var = f"STREAMGPU_{name.upper()}"
+        raw = env.get(var)
         if raw is None:
             continue
-        kind = type(default) if default is not dataclasses.MISSING else str
+        kind = _ADDRESS_TYPES.get(name) or _field_types(Config)[name]
         try:
-            if kind is tuple:  # STREAMGPU_DEVICES=0,1
-                values[name] = tuple(int(part) for part in raw.split(",") if part.strip())
-            else:
-                values[name] = kind(raw) if kind is not bool else raw.lower() in ("1", "true", "yes")
+            values[name] = _parse_text(kind, raw)
         except ValueError:
-            raise ConfigError(f"environment STREAMGPU_{name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+            raise ConfigError(f"environment {var}={raw!r}: {name} must be {_describe(kind)}") from None
     return values
+
+
+# -- type checks driven by the dataclasses' field types: TOML, environment and flags all pass here --
+
+_SCALARS: dict[Any, str] = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_ELEMENTS: dict[Any, str] = {int: "integers", float: "numbers", str: "strings"}
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _field_types(cls: type[Any]) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _describe(kind: Any) -> str:
+    if typing.get_origin(kind) is tuple:
+        return f"a list of {_ELEMENTS.get(typing.get_args(kind)[0], 'values')}"
+    origin = typing.get_origin(kind) or kind
+    return _SCALARS.get(origin) or {list: "an array of tables", dict: "a table"}.get(origin, str(kind))
+
+
+def _fits(kind: Any, value: Any) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)  # strict: 1 or "yes" is not a boolean in a TOML file
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is str:
+        return isinstance(value, str)
+    origin = typing.get_origin(kind)
+    if origin is tuple:
+        element = typing.get_args(kind)[0]
+        return isinstance(value, list | tuple) and all(_fits(element, v) for v in value)
+    return isinstance(value, origin or object)
+
+
+def _convert(kind: Any, value: Any) -> Any:
+    if kind is float:
+        return float(value)
+    if typing.get_origin(kind) is tuple:
+        return tuple(_convert(typing.get_args(kind)[0], v) for v in value)
+    return value
+
+
+def _parse_text(kind: Any, raw: str) -> Any:
+    """An environment variable's text as ``kind`` (ValueError when it is not one)."""
+    if kind is bool:
+        if raw.strip().lower() in _TRUE + _FALSE:
+            return raw.strip().lower() in _TRUE
+        raise ValueError(raw)
+    if kind in (int, float):
+        return kind(raw)
+    if typing.get_origin(kind) is tuple:  # STREAMGPU_DEVICES=0,1
+        element = typing.get_args(kind)[0]
+        return tuple(_parse_text(element, part.strip()) for part in raw.split(",") if part.strip())
+    return raw
+
+
+def typed_settings(
+    cls: type[Any], values: Mapping[str, Any], where: str = "", extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """``values`` checked against ``cls``'s dataclass field types (and ``extra`` names' types); ints become
+    floats, lists tuples where the field says so. A ConfigError names every setting of the wrong type and
+    the type it needs."""
+    kinds = {**_field_types(cls), **(extra or {})}
+    out, problems = {}, []
+    for name, value in values.items():
+        kind = kinds.get(name)
+        if kind is None or _fits(kind, value):
+            out[name] = value if kind is None else _convert(kind, value)
+        else:
+            problems.append(f"{where}{name} must be {_describe(kind)}, got {value!r} ({type(value).__name__})")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return out
+
+
+def _mask(token: str) -> str:
+    return "***" if token else ""

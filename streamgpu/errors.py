@@ -28,3 +28,7 @@ class DeviceUnavailableError(StreamgpuError, RuntimeError):
 
 class ModelNotFoundError(StreamgpuError, LookupError):
     """An admin operation named a model the server does not serve."""
+
+
+class BindError(StreamgpuError, OSError):
+    """A listener's address cannot be bound (in use, not local, no permission); the message names it."""

@@ -87,7 +87,7 @@ class Frame:
             raise RuntimeError(f"frame {self.header.stream_id}/{self.header.sequence} finished twice")
         self.finished = True
         self.release_slot()
-        self.producer.frame_finished()
+        self.producer.frame_finished(self.header.model, outcome.status)
         self.sink(self, outcome)
 
     def fail(self, status: Status, message: str, now_ns: int) -> None:

@@ -7,8 +7,10 @@ import contextlib
 import logging
 import os
 import signal
+import time
 
 from streamgpu.config import Config
+from streamgpu.logs import StatsLine, drain_summary, reply_totals
 from streamgpu.loops import new_event_loop
 from streamgpu.server import Server
 
@@ -36,8 +38,11 @@ async def _serve(config: Config) -> int:
     server = Server(config)
     await server.start()
     log.info("event loop %s.%s", type(loop).__module__, type(loop).__name__)
+    stats = StatsLine(server, config.stats_interval_s)
     await stop.wait()
-    log.info("signal received: stopping (answering in-flight frames; a second signal exits at once)")
+    stats.cancel()
+    in_flight, before, started = server.frames_in_flight, reply_totals(server), time.monotonic()
+    log.info("signal received: stopping (answering %d in-flight frames; a second signal exits at once)", in_flight)
 
     def force_exit() -> None:
         log.warning("second signal: exiting without finishing in-flight frames")
@@ -47,6 +52,7 @@ async def _serve(config: Config) -> int:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, force_exit)
     await server.stop()
+    drain_summary(server, in_flight, before, time.monotonic() - started)
     if lost := [d["name"] for d in server.metrics()["devices"] if d["error"]]:
         # torch frees CUDA memory at interpreter exit, and on a lost context that aborts the process.
         log.error("exiting at once (status %d): the CUDA context of %s was lost", EXIT_DEVICE_LOST, ", ".join(lost))

@@ -19,10 +19,11 @@ from typing import Any
 from streamgpu.config import Config
 from streamgpu.errors import ModelNotFoundError
 from streamgpu.gpu.backend import Backend, DeviceModel, create_backend
-from streamgpu.ingest import make_listener
+from streamgpu.ingest import listener_class, make_listener
 from streamgpu.ingest.admission import Admission
 from streamgpu.ingest.base import Listener
 from streamgpu.memory import HostSegment, SlotPool
+from streamgpu.metrics import ReplyCounts
 from streamgpu.models.manager import ModelManager, ModelState
 from streamgpu.models.repository import RepositoryPoller
 from streamgpu.models.spec import ModelSpec
@@ -30,7 +31,7 @@ from streamgpu.protocol.wire import Status
 from streamgpu.results import Results, TcpOutlet, results_from
 from streamgpu.scheduler.health import DeviceHealth
 from streamgpu.scheduler.runner import BatchRunner
-from streamgpu.scheduler.scheduler import Scheduler
+from streamgpu.scheduler.scheduler import QueueState, Scheduler
 
 log = logging.getLogger("streamgpu")
 
@@ -72,7 +73,10 @@ class Server:
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         cfg = self.config
+        for listener_spec in cfg.listeners:  # a taken address fails now, not after minutes of model loading
+            listener_class(listener_spec.kind).check_bind(listener_spec)
         self.backend = backend = create_backend(loop, cfg)
+        log.info("data path: %s", backend.data_path)
         self._segment = segment = HostSegment.create(cfg.ring_bytes)
         await loop.run_in_executor(self._loader, backend.attach_host, segment.buffer)
         self._pool = SlotPool(segment.buffer, defer=loop.call_soon)
@@ -253,6 +257,36 @@ class Server:
         """The host memory slots frames are received into."""
         assert self._pool is not None, "server not started"
         return self._pool
+
+    @property
+    def started(self) -> bool:
+        """Whether ``start`` has completed (state stays readable after ``stop``)."""
+        return self._admission is not None
+
+    @property
+    def connections(self) -> int:
+        """Producer connections open now, over every listener."""
+        return self._admission.connections if self._admission is not None else 0
+
+    @property
+    def frames_in_flight(self) -> int:
+        """Frames received and submitted whose reply is not made yet."""
+        return self._admission.frames_in_flight if self._admission is not None else 0
+
+    @property
+    def replies(self) -> ReplyCounts:
+        """Every reply sent, by model and status (``NO_MODEL`` for handshakes and unknown models)."""
+        assert self._admission is not None, "server not started"
+        return self._admission.replies
+
+    def model_states(self) -> list[QueueState]:
+        """Each model's metrics object, queue length and batches in flight."""
+        assert self._scheduler is not None, "server not started"
+        return self._scheduler.states()
+
+    def device_memory(self) -> dict[str, dict[str, int]]:
+        """Per GPU: memory in bytes (``allocated``, ``reserved``, ``total``); empty on the CPU backend."""
+        return self.backend.memory() if self.backend is not None else {}
 
     def metrics(self) -> dict[str, Any]:
         """Per-model scheduler metrics plus host memory, listener and admission state."""

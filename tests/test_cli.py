@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 import signal
@@ -58,6 +60,83 @@ def test_missing_model_file_is_an_error_not_a_traceback(caplog: pytest.LogCaptur
     code = main(["serve", "--port", "0", "--device", "cpu", "--model", "torchscript:/no/such/model.pt"])
     assert code == 1
     assert "file '/no/such/model.pt' does not exist" in caplog.text
+
+
+def test_version_log_level_any_case_and_model_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    from streamgpu import __version__
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"streamgpu {__version__}"
+    args = ["check-config", "--log-level", "debug", "--model", "torchscript:m.pt", "--model-name", "lidar",
+            "--input-shape", "1024,4", "--input-dtype", "float32"]  # fmt: skip
+    assert main(args) == 0
+    resolved = json.loads(capsys.readouterr().out)
+    assert resolved["log_level"] == "DEBUG"
+    model = resolved["models"][0]
+    assert (model["name"], model["input_shape"], model["input_dtype"], model["preprocess"]) == (
+        "lidar", [1024, 4], "float32", "none")  # fmt: skip
+
+
+def test_check_config_prints_resolved_settings_with_tokens_masked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[server]\nport = 9000\nauth_token = "s3cret"\n[server.tokens.cam]\ntoken = "t0ken"\n')
+    monkeypatch.setenv("STREAMGPU_MAX_PRIORITY", "7")
+    assert main(["check-config", str(path), "--host", "0.0.0.0"]) == 0
+    out = capsys.readouterr().out
+    assert "s3cret" not in out and "t0ken" not in out
+    resolved = json.loads(out)
+    assert resolved["listeners"][0]["port"] == 9000 and resolved["listeners"][0]["host"] == "0.0.0.0"
+    assert resolved["max_priority"] == 7 and resolved["auth_token"] == "***"
+    path.write_text('[server]\nport = "7883"\n')
+    with pytest.raises(SystemExit) as info:
+        main(["check-config", str(path)])
+    assert info.value.code == 2
+    assert "server.port must be an integer, got '7883' (str)" in capsys.readouterr().err
+
+
+def test_a_taken_address_fails_before_models_load_and_names_it(caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        # resnet50 would take seconds to build: the bind error must come first
+        code = main(["serve", "--port", str(port), "--device", "cpu", "--model", "builtin:resnet50"])
+    assert code == 1
+    assert f"cannot bind tcp listener to 127.0.0.1:{port}: Address already in use" in caplog.text
+    assert "model default" not in caplog.text and time.monotonic() - started < 5
+
+
+def test_serve_logs_its_data_path(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    code = main(["serve", "--port", "0", "--device", "cpu", "--model", "torchscript:/no/such/model.pt"])
+    assert code == 1
+    assert "data path: the CPU backend" in caplog.text
+
+
+def test_client_and_loadgen_import_no_torch() -> None:
+    code = ("import sys, streamgpu.client, streamgpu.loadgen.cli, streamgpu.cli;"
+            "from streamgpu.loadgen.cli import main;"
+            "sys.argv = ['streamgpu-loadgen', '--help'];"
+            "import contextlib, io\n"
+            "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()): main()\n"
+            "print(sorted(m for m in ('torch', 'cupy', 'aiohttp', 'prometheus_client') if m in sys.modules))"
+            )  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_setup_gpu_names_the_cupy_build_for_torchs_cuda(capsys: pytest.CaptureFixture[str]) -> None:
+    from streamgpu.gpu import setup
+
+    assert setup.cupy_package("13.0") == "cupy-cuda13x" and setup.cupy_package("12.8") == "cupy-cuda12x"
+    assert setup.cupy_package("") is None
+    if setup.torch_cuda_version() is None:  # a CPU build of torch (CI): nothing to install, and it says so
+        assert main(["setup-gpu"]) == 0
+        assert "nothing to install" in capsys.readouterr().out
 
 
 def test_raw_and_results_flags_make_the_config(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,16 @@ def test_models_from_toml(tmp_path: Path) -> None:
         ("[server]\nmin_receive_rate = 0\n", "min_receive_rate must be >= 1"),
         ("[server]\nhello_timeout_s = nan\n", "hello_timeout_s must be a finite number of seconds"),
         ("[[models]]\ndefault_deadline_ms = inf\n", "default_deadline_ms must be a finite number"),
+        # wrong types name the setting and the type it needs (used to be a TypeError from a comparison)
+        ('[server]\nport = "7883"\n', "server.port must be an integer, got '7883' (str)"),
+        ("[server]\ncuda_kernels = 1\n", "server.cuda_kernels must be true or false, got 1 (int)"),
+        ('[server]\nhello_timeout_s = "5"\n', "server.hello_timeout_s must be a number"),
+        ("[[models]]\nmean = 0.5\n", "models[0].mean must be a list of numbers, got 0.5 (float)"),
+        ('[[models]]\ninput_shape = ["a"]\n', "models[0].input_shape must be a list of integers"),
+        ('[[models]]\ncuda_graphs = "yes"\n', "models[0].cuda_graphs must be true or false"),
+        ('[[server.listeners]]\nport = "1"\n', "server.listeners[0].port must be an integer"),
+        ("[server.tokens.a]\ntoken = 5\n", "server.tokens[0].token must be a string"),
+        ('[server]\nlog_format = "xml"\n', "log_format must be one of"),
         ('[[server.listeners]]\nkind = "raw"\n', "a raw listener needs options.model"),
         ('[[server.listeners]]\nkind = "raw"\noptions = { model = "x" }\n', "raw listener model 'x' is not a"),
         ('[[server.listeners]]\nkind = "raw"\noptions = { model = "default", live = 1 }\n', "live must be true or"),
@@ -112,12 +123,49 @@ def test_models_from_toml(tmp_path: Path) -> None:
 def test_bad_settings_say_what_to_fix(tmp_path: Path, toml: str, message: str) -> None:
     path = tmp_path / "c.toml"
     path.write_text(toml)
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         Config.load(str(path), env={})
 
 
 def test_bad_environment_and_missing_file() -> None:
-    with pytest.raises(ConfigError, match="STREAMGPU_PORT='x' is not a valid int"):
+    with pytest.raises(ConfigError, match="STREAMGPU_PORT='x': port must be an integer"):
         Config.load(None, env={"STREAMGPU_PORT": "x"})
     with pytest.raises(ConfigError, match="cannot read config file"):
         Config.load("/nonexistent.toml", env={})
+
+
+def test_several_wrong_types_are_named_at_once_and_ints_serve_as_floats(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[server]\nport = "7883"\ncuda_kernels = 1\nhello_timeout_s = 5\n')
+    with pytest.raises(ConfigError, match=r"port must be an integer.*cuda_kernels must be true or false"):
+        Config.load(str(path), env={})
+    path.write_text("[server]\nhello_timeout_s = 5\n[[models]]\nmean = [0, 0, 0]\n")
+    cfg = Config.load(str(path), env={})
+    assert cfg.hello_timeout_s == 5.0 and isinstance(cfg.hello_timeout_s, float)
+    assert cfg.models[0].mean == (0.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize(("raw", "value"), [("true", True), ("FALSE", False), ("1", True), ("off", False)])
+def test_environment_booleans_are_strict(raw: str, value: bool) -> None:
+    assert Config.load(None, env={"STREAMGPU_CUDA_KERNELS": raw}).cuda_kernels is value
+    with pytest.raises(ConfigError, match="STREAMGPU_CUDA_KERNELS='maybe': cuda_kernels must be true or false"):
+        Config.load(None, env={"STREAMGPU_CUDA_KERNELS": "maybe"})
+
+
+def test_first_model_fields_make_a_non_image_model_without_toml() -> None:
+    cfg = Config.load(None, env={}, model="torchscript:m.pt",
+                      first_model={"name": "lidar", "input_shape": (1024, 4), "input_dtype": "float32"})  # fmt: skip
+    spec = cfg.models[0]
+    assert (spec.name, spec.source, spec.input_shape, spec.input_dtype, spec.preprocess) == (
+        "lidar", "torchscript:m.pt", (1024, 4), "float32", "none")  # fmt: skip
+    gray = Config.load(None, env={}, first_model={"input_shape": (480, 640, 1)}).models[0]
+    assert gray.preprocess == "image" and gray.mean == (0.5,)
+    with pytest.raises(ConfigError, match=re.escape("models[0].input_shape must be a list of integers")):
+        Config.load(None, env={}, first_model={"input_shape": ("a",)})
+
+
+def test_resolved_settings_mask_token_values() -> None:
+    cfg = Config(auth_token="s3cret", tokens={"cam": TokenSpec("other-secret", 3)})
+    text = str(cfg.resolved())
+    assert "s3cret" not in text and "other-secret" not in text
+    assert cfg.resolved()["tokens"]["cam"] == {"token": "***", "max_priority": 3}

@@ -76,6 +76,7 @@ class Backend(abc.ABC):
     # swap); None, the default, costs nothing per batch.
     trace: list[BatchTrace] | None = None
     devices: list[str]  # one name per device batches can be placed on ("cuda:0 (NVIDIA H100 ...)")
+    data_path: str = ""  # how frames reach the model, and why this way (logged at start)
 
     @property
     def device_name(self) -> str:
@@ -111,6 +112,10 @@ class Backend(abc.ABC):
         ``expected_s`` is the scheduler's estimate of when the batch completes
         (seconds from now), so completion can be awaited without spinning.
         """
+
+    def memory(self) -> dict[str, dict[str, int]]:
+        """Per device name: memory in bytes, ``allocated``, ``reserved``, ``total`` (empty: none to report)."""
+        return {}
 
     def device_error(self, device: int) -> str | None:
         """Why ``devices[device]`` can run nothing more (a sticky error: its context is lost), or None.

@@ -58,6 +58,7 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 class CpuBackend(Backend):
     name = "cpu"
+    data_path = "the CPU backend: batches run on the host, in one worker thread"
 
     def __init__(self, loop: asyncio.AbstractEventLoop, config: Config) -> None:
         self._loop = loop

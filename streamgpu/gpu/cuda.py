@@ -37,6 +37,7 @@ from streamgpu.errors import DeviceUnavailableError
 from streamgpu.gpu import kernels
 from streamgpu.gpu.backend import Backend, BatchRun, BatchTrace, DeviceModel
 from streamgpu.gpu.bridge import CompletionBridge
+from streamgpu.gpu.setup import cupy_package
 from streamgpu.memory import Slot
 from streamgpu.models.outputs import BatchOutputs, ModelHead, host_dtype, model_input, warm_up
 from streamgpu.models.preprocess import TorchPreprocess
@@ -317,14 +318,35 @@ class CudaBackend(Backend):
         # never queues behind (or in front of) their copies and batches.
         self.load_streams = [torch.cuda.Stream(d) for d in self.gpus]
         self._trace_epochs: dict[int, torch.cuda.Event] = {}  # per GPU: its first traced batch's start
+        self._total_memory = [torch.cuda.get_device_properties(d).total_memory for d in self.gpus]
         self._bridge = CompletionBridge(loop)
         # One gather launch per batch instead of a copy per frame: 7x less loop CPU per frame
         # and 1.8x less GPU time at 32 frames on the H100 (docs/GPU_NOTES.md).
         use_kernels = config.cuda_kernels
         self.use_kernels = use_kernels and importlib.util.find_spec("cupy") is not None
-        if use_kernels and not self.use_kernels:
-            log.warning("cupy is not installed: one async copy per frame and torch pre-processing (slower)")
+        if self.use_kernels:
+            self.data_path = "cupy kernels: one gather launch per batch, fused pre-processing"
+        elif not use_kernels:
+            self.data_path = "torch: one async copy per frame, torch pre-processing (cuda_kernels = false)"
+        else:
+            package = cupy_package() or "the cupy build"
+            self.data_path = (
+                "torch: one async copy per frame, torch pre-processing (slower): cupy is not installed; "
+                f"`streamgpu setup-gpu` installs {package} for torch's CUDA {torch.version.cuda}"
+            )
+            log.warning("cupy is not installed: %s", self.data_path)
         self._host: torch.Tensor | None = None  # the registered host segment, as a uint8 CPU tensor
+
+    def memory(self) -> dict[str, dict[str, int]]:
+        # Counters the caching allocator keeps on the host: no device call, no synchronisation.
+        return {
+            f"cuda:{gpu.index}": {
+                "allocated": torch.cuda.memory_allocated(gpu),
+                "reserved": torch.cuda.memory_reserved(gpu),
+                "total": total,
+            }
+            for gpu, total in zip(self.gpus, self._total_memory, strict=True)
+        }
 
     def attach_host(self, buffer: np.ndarray) -> None:
         # Page-lock the segment in place (it is shared memory that ingest workers may map too), once

@@ -27,17 +27,20 @@ from __future__ import annotations
 import asyncio
 import collections
 import hmac
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from streamgpu.config import Config
 from streamgpu.frame import Frame
 from streamgpu.memory import Slot, SlotPool, Waiter
+from streamgpu.metrics import NO_MODEL, ReplyCounts
 from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol import wire
 from streamgpu.protocol.wire import FrameHeader, Status
 
 SlotCallback = Callable[[Slot], None]
+log = logging.getLogger("streamgpu.ingest")
 
 
 class Refused(Exception):
@@ -184,10 +187,12 @@ class Producer:
 
     # -- frames --------------------------------------------------------------------------------
 
-    def frame_finished(self) -> None:
+    def frame_finished(self, model: str, status: int) -> None:
         self.frames_in_server -= 1
-        self._admission.frames_in_flight -= 1
-        self._admission.forget_if_idle(self)
+        admission = self._admission
+        admission.frames_in_flight -= 1
+        admission.replies.count(model, status)
+        admission.forget_if_idle(self)
 
     @property
     def idle(self) -> bool:
@@ -213,6 +218,9 @@ class Admission:
         self.connections = 0
         self.frames_in_flight = 0  # submitted and not yet finished, over all producers
         self.max_producer_bytes = config.producer_ring_bytes
+        # Every reply, by model and status: frames' outcomes (counted as they finish), and replies a
+        # listener gives itself (refused frames, refused handshakes, connection replies) via ``replied``.
+        self.replies = ReplyCounts(specs)
         self._named: dict[str, Producer] = {}
         self._tokens = {grant.token: name for name, grant in config.tokens.items()}
 
@@ -227,6 +235,17 @@ class Admission:
 
     def close_connection(self) -> None:
         self.connections -= 1
+
+    def replied(self, model: str, status: int) -> None:
+        """A listener answered without a submitted frame: a refused frame (its header's ``model``), or a
+        handshake or connection reply (``NO_MODEL``). Counted in ``replies``."""
+        self.replies.count(model, status)
+
+    def refused_handshake(self, peer: str, status: Status, reason: str) -> None:
+        """A connection was refused at its handshake (or before it): counted, and one log line saying why."""
+        self.replies.count(NO_MODEL, status)
+        fields = {"event": "handshake_refused", "peer": peer, "status": status.name, "reason": reason}
+        log.info("refused connection from %s: %s: %s", peer, status.name, reason, extra=fields)
 
     def authenticate(self, token: str) -> Grant | None:
         """The grant for ``token``, or None when it is refused."""

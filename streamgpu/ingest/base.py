@@ -15,6 +15,7 @@ import socket
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 from streamgpu.config import ListenerSpec
+from streamgpu.errors import BindError
 from streamgpu.ingest.admission import Admission
 from streamgpu.protocol.wire import Status
 
@@ -26,11 +27,30 @@ class Listener(abc.ABC):
     """One front end of a server: start, stop accepting, close, and a periodic sweep."""
 
     kind: ClassVar[str]
+    socket_type: ClassVar[int] = socket.SOCK_STREAM  # what ``check_bind`` probes
 
     def __init__(self, spec: ListenerSpec, admission: Admission, results: Results | None = None) -> None:
         self.spec = spec
         self.admission = admission
         self.results = results  # where outcomes of producers without a reply channel are published
+
+    @classmethod
+    def check_bind(cls, spec: ListenerSpec) -> None:
+        """Fail early, naming the address, when ``spec``'s address cannot be bound (probes a bind of
+        ``socket_type``). ``start`` may still fail on a race."""
+        try:
+            infos = socket.getaddrinfo(spec.host, spec.port, type=cls.socket_type, flags=socket.AI_PASSIVE)
+        except OSError as exc:
+            raise BindError(f"cannot bind {cls.kind} listener to {spec.host}:{spec.port}: {exc}") from None
+        for family, kind, proto, _, address in infos:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's create_server does
+                try:
+                    probe.bind(address)
+                except OSError as exc:
+                    raise BindError(
+                        f"cannot bind {cls.kind} listener to {spec.host}:{spec.port}: {exc.strerror or exc}"
+                    ) from None
 
     @abc.abstractmethod
     async def start(self) -> None:

@@ -110,7 +110,8 @@ class RawConnection(asyncio.BufferedProtocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         if not self._listener.connection_opened(self):
-            log.info("refusing raw connection from %s: %d connections open", self.peer, self._admission.connections)
+            max_connections = self._admission.config.max_connections
+            self._admission.refused_handshake(self.peer, Status.OVERLOADED, f"too many connections ({max_connections})")
             self._state = _State.CLOSED
             transport.abort()  # there is no reply channel to say why
             return
@@ -267,6 +268,7 @@ class RawConnection(asyncio.BufferedProtocol):
 
     def _publish_now(self, status: Status, message: str) -> None:
         assert self._header is not None
+        self._admission.replied(self._header.model, status)
         timings = Timings(total_us=(time.perf_counter_ns() - self._received_ns) // 1000)
         self._listener.publish(self.stream, self._header.sequence, Outcome(status, message, timings=timings))
 

@@ -48,6 +48,7 @@ from streamgpu.frame import Frame, Outcome
 from streamgpu.ingest.admission import Admission, Producer, Refused, Reservation
 from streamgpu.ingest.base import SocketListener
 from streamgpu.memory import Slot
+from streamgpu.metrics import NO_MODEL
 from streamgpu.protocol import wire
 from streamgpu.protocol.ordering import ReplyOrder, Ticket
 from streamgpu.protocol.wire import FrameHeader, ProtocolError, ReplyFlags, ReplyHeader, Status, Timings
@@ -114,6 +115,8 @@ class TcpConnection(asyncio.BufferedProtocol):
         self._parsing = False  # inside _process_scratch (which an outcome delivered synchronously may re-enter)
         self.id = next(_connection_ids)
         self.peer: str = "?"
+        self._frames = 0  # frames received (for the close line)
+        self._close_reason = "closed by the producer"
 
     # -- asyncio callbacks ------------------------------------------------------------------
 
@@ -123,7 +126,6 @@ class TcpConnection(asyncio.BufferedProtocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         if not self._listener.connection_opened(self):
-            log.info("refusing connection from %s: %d connections open", self.peer, self._admission.connections)
             self._welcome(Status.OVERLOADED, f"too many connections ({self._admission.config.max_connections})", 1)
             self._close()
             return
@@ -191,6 +193,9 @@ class TcpConnection(asyncio.BufferedProtocol):
         self._transport = None
         self._listener.connection_closed(self)
         if self.producer is not None:
+            log.info("connection %d from %s closed after %d frames: %s", self.id, self.peer, self._frames,
+                     self._close_reason, extra={"event": "connection_closed", "connection": self.id,
+                     "peer": self.peer, "frames": self._frames, "reason": self._close_reason})  # fmt: skip
             self._admission.leave(self.producer)
             self.producer = None
 
@@ -277,6 +282,9 @@ class TcpConnection(asyncio.BufferedProtocol):
             self._close()
             return
         self.producer = admission.producer_for(grant, self.peer)
+        log.info("connection %d from %s opened: producer %s, protocol v%d", self.id, self.peer, self.producer.name,
+                 hello.version, extra={"event": "connection_opened", "connection": self.id, "peer": self.peer,
+                 "producer": self.producer.name})  # fmt: skip
         self._welcome(Status.OK, "", hello.version)
         self._state = _State.HEADER
         # The handshake is done: now the connection gets its full scratch buffer.
@@ -371,6 +379,7 @@ class TcpConnection(asyncio.BufferedProtocol):
         assert header is not None and slot is not None and ticket is not None and self.producer is not None
         self._header = self._slot = self._slot_view = self._ticket = None
         self._state = _State.HEADER
+        self._frames += 1
         frame = Frame(
             header=header,
             slot=slot,
@@ -392,6 +401,7 @@ class TcpConnection(asyncio.BufferedProtocol):
         self._send(ticket, wire.encode_reply(reply, payload, self.version))
 
     def _answer_now(self, header: FrameHeader, ticket: Ticket, status: Status, message: str) -> None:
+        self._admission.replied(header.model, status)
         reply = ReplyHeader(
             stream_id=header.stream_id,
             sequence=header.sequence,
@@ -459,6 +469,8 @@ class TcpConnection(asyncio.BufferedProtocol):
     def _welcome(self, status: Status, message: str, version: int) -> None:
         if self._transport is None:
             return
+        if status != Status.OK:
+            self._admission.refused_handshake(self.peer, status, message)
         self._flush()
         limits = None
         if status == Status.OK and self.producer is not None:
@@ -472,6 +484,7 @@ class TcpConnection(asyncio.BufferedProtocol):
         self._flush()  # the replies before it go first
         transport = self._transport
         if transport is not None and not transport.is_closing() and self._state is not _State.DRAIN:
+            self._admission.replied(NO_MODEL, status)
             reply = ReplyHeader(0, 0, status, message=message, flags=ReplyFlags.CONNECTION)
             transport.writelines(wire.encode_reply(reply, b"", self.version))
 
@@ -484,7 +497,7 @@ class TcpConnection(asyncio.BufferedProtocol):
 
     def _fail(self, status: Status, message: str) -> None:
         """Framing is lost: say why and close the connection (queued replies are flushed first)."""
-        log.info("closing connection from %s: %s", self.peer, message)
+        self._close_reason = f"{status.name}: {message}"
         self._say_why(status, message)
         self._close()
 
@@ -557,7 +570,6 @@ class TcpConnection(asyncio.BufferedProtocol):
             return
         if self._state is _State.HELLO and self._transport is not None:
             timeout = self._admission.config.hello_timeout_s
-            log.info("closing connection from %s: no HELLO within %g s", self.peer, timeout)
             self._welcome(Status.BAD_FRAME, f"no HELLO within {timeout:g} s", 1)
             self._close()
         elif self._state is _State.PAYLOAD and self._header is not None:
@@ -579,7 +591,7 @@ class TcpConnection(asyncio.BufferedProtocol):
 
     def abort(self, status: Status, message: str) -> None:
         """Drop the connection now (no flush): say why if possible, free the frame being received."""
-        log.info("aborting connection from %s: %s", self.peer, message)
+        self._close_reason = f"aborted, {status.name}: {message}"
         self._say_why(status, message)
         self._drop_partial_frame()
         self._state = _State.CLOSED

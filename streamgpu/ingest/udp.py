@@ -152,6 +152,7 @@ class UdpListener(Listener):
     """Receives chunked frames on one UDP address (``ListenerSpec(kind="udp", host, port, options)``)."""
 
     kind = "udp"
+    socket_type = socket.SOCK_DGRAM
 
     def __init__(self, spec: ListenerSpec, admission: Admission, results: Results | None = None) -> None:
         super().__init__(spec, admission, results)

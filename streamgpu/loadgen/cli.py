@@ -226,6 +226,18 @@ def build_parser() -> argparse.ArgumentParser:
     fixed.add_argument("--duration", type=pos_float, metavar="S", help="measure one window of S seconds instead")
     fixed.add_argument("--count", type=pos_int, metavar="N", help="measure exactly N frames per level instead")
     m.add_argument(
+        "--percentile",
+        type=pos_float,
+        metavar="P",
+        help="judge stability and --latency-threshold by the P-th percentile latency, not the mean (perf_analyzer's)",
+    )
+    m.add_argument(
+        "--latency-threshold",
+        type=pos_float,
+        metavar="MS",
+        help="stop the sweep after the first level whose latency (mean, or --percentile) exceeds MS",
+    )
+    m.add_argument(
         "--max-lag-ms",
         type=pos_float,
         default=10.0,
@@ -277,6 +289,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         max_lag_s=args.max_lag_ms / 1e3,
         processes=args.processes,
         loop=args.loop,
+        percentile=args.percentile,
+        latency_threshold_s=args.latency_threshold / 1e3 if args.latency_threshold is not None else None,
     )
     cfg.validate()
     if args.plot:
@@ -287,14 +301,21 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return cfg
 
 
-def write_outputs(report: RunReport, args: argparse.Namespace) -> None:
-    """Write the files asked for (CSV, JSON, PNG)."""
+def write_outputs(report: RunReport, args: argparse.Namespace, *, final: bool = True) -> None:
+    """Write the files asked for: CSV and JSON after every level (a crash keeps the finished ones), PNG at the end."""
     if args.latency_report_file:
-        Path(args.latency_report_file).write_text(report.to_csv())
+        _replace(Path(args.latency_report_file), report.to_csv())
     if args.json:
-        Path(args.json).write_text(report.to_json() + "\n")
-    if args.plot:
+        _replace(Path(args.json), report.to_json() + "\n")
+    if args.plot and final:
         report.plot(args.plot)
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all (a reader never sees half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -307,13 +328,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
         progress = Progress(enabled=args.progress or sys.stderr.isatty())
-        report = run(cfg, progress)
+        report = run(cfg, progress, on_level=lambda partial: write_outputs(partial, args, final=False))
         if not args.quiet:
             print(report.table())
         else:
             for warning in report.warnings:
                 print(f"warning: {warning}", file=sys.stderr)
         write_outputs(report, args)
+        if not any(r.statuses.get("OK") for r in report.results):
+            seen = {name: sum(r.statuses.get(name, 0) for r in report.results) for name in report.status_names()}
+            print(f"{parser.prog}: error: no reply was OK (replies: {seen or 'none'})", file=sys.stderr)
+            return 1
     except UsageError as exc:
         parser.print_usage(sys.stderr)
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)

@@ -78,6 +78,10 @@ class RunConfig:
     drain_timeout_s: float = 10.0
     processes: int = 1
     loop: str = "auto"
+    # perf_analyzer's --percentile: judge stability (and the threshold) by this latency percentile, not the mean
+    percentile: float | None = None
+    # perf_analyzer's --latency-threshold: stop the sweep after a level whose latency exceeds this
+    latency_threshold_s: float | None = None
 
     @property
     def total_streams(self) -> int:
@@ -115,6 +119,9 @@ class RunConfig:
                         ("--stability", self.stability_pct)):  # fmt: skip
             positive(name, v)
         positive("--warmup", self.warmup_s, allow_zero=True)
+        positive("--latency-threshold", self.latency_threshold_s)
+        if self.percentile is not None and not 0 < self.percentile <= 100:
+            raise UsageError(f"--percentile must be in (0, 100], got {self.percentile:g}")
         if self.total_streams < self.processes:
             raise UsageError(f"--streams ({self.total_streams}) must be at least --processes ({self.processes})")
         if self.count is not None and self.count < self.processes:
@@ -133,6 +140,10 @@ class RunConfig:
             sources.parse_dtype(self.dtype)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+
+    def judged_latency(self) -> str:
+        """The latency figure stability and --latency-threshold use: ``mean``, or ``pP`` with --percentile."""
+        return "mean" if self.percentile is None else f"p{self.percentile:g}"
 
     def frames(self) -> list[np.ndarray]:
         """The frames to cycle through, from the configured source."""

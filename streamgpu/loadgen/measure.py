@@ -125,15 +125,15 @@ def merge_consecutive(windows: Sequence[Window]) -> Window:
     return merged
 
 
-def is_stable(windows: Sequence[Window], tolerance_pct: float, count: int = 3) -> bool:
-    """perf_analyzer's rule: the last ``count`` windows' throughput and mean latency
-    each lie within ``tolerance_pct`` % of their average."""
+def is_stable(windows: Sequence[Window], tolerance_pct: float, count: int = 3, pct: float | None = None) -> bool:
+    """perf_analyzer's rule: the last ``count`` windows' throughput and mean latency (the ``pct``
+    percentile latency when given, as perf_analyzer's --percentile) each lie within ``tolerance_pct``
+    % of their average."""
     if len(windows) < count:
         return False
     last = windows[-count:]
-    return _within([w.throughput for w in last], tolerance_pct) and _within(
-        [w.mean_latency for w in last], tolerance_pct
-    )
+    latencies = [w.mean_latency if pct is None else percentile(w.latencies, pct) for w in last]
+    return _within([w.throughput for w in last], tolerance_pct) and _within(latencies, tolerance_pct)
 
 
 def _within(values: list[float], tolerance_pct: float) -> bool:
@@ -158,6 +158,7 @@ class WindowPolicy:
     max_windows: int = 10
     stable_windows: int = 3
     fixed: bool = False
+    percentile: float | None = None  # judge latency stability by this percentile (None: the mean)
     windows: list[Window] = field(default_factory=list)
 
     def add(self, window: Window) -> bool:
@@ -166,12 +167,12 @@ class WindowPolicy:
         return (
             self.fixed
             or len(self.windows) >= self.max_windows
-            or is_stable(self.windows, self.tolerance_pct, self.stable_windows)
+            or is_stable(self.windows, self.tolerance_pct, self.stable_windows, self.percentile)
         )
 
     @property
     def stable(self) -> bool:
-        return self.fixed or is_stable(self.windows, self.tolerance_pct, self.stable_windows)
+        return self.fixed or is_stable(self.windows, self.tolerance_pct, self.stable_windows, self.percentile)
 
     def result_window(self) -> Window:
         """The windows the figures come from: the last ``stable_windows`` ones, merged."""
@@ -214,6 +215,7 @@ def summarize(
     stable: bool,
     max_lag_s: float = 0.01,
     rate_tolerance: float = 0.05,
+    extra_percentile: float | None = None,
 ) -> LevelResult:
     """Turn a (merged) window into a LevelResult.
 
@@ -222,12 +224,13 @@ def summarize(
     ``max_lag_s``.
     """
     lat = window.latencies
-    p = percentiles(lat, PERCENTILES)
+    qs = (*PERCENTILES, extra_percentile) if extra_percentile is not None else PERCENTILES
+    p = percentiles(lat, qs)
     latency = {
         "mean": window.mean_latency,
         "min": float(lat.min()) if lat.size else math.nan,
         "max": float(lat.max()) if lat.size else math.nan,
-        **{f"p{q}": v for q, v in zip(PERCENTILES, p, strict=True)},
+        **{f"p{q:g}": v for q, v in zip(qs, p, strict=True)},
     }
     ok = max(window.ok, 1)
     server = {name: float(s) / ok if window.ok else math.nan for name, s in zip(STAGES, window.stage_sums, strict=True)}

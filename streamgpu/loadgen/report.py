@@ -28,6 +28,9 @@ FIGURES: tuple[tuple[str, Any], ...] = (
     ("cpu_cores", lambda r: r.cpu_cores),
 )
 
+#: Status columns of the CSV: every wire status, then transport errors, whether seen or not.
+CSV_STATUSES: tuple[str, ...] = (*(s.name for s in Status), ERROR)
+
 #: A generator process busier than this (CPU seconds per second) may be the bottleneck.
 BUSY_CPU = 0.9
 
@@ -80,6 +83,7 @@ class RunReport:
                 )
         config = asdict(cfg)
         config["endpoints"] = [str(e) for e in cfg.endpoints]
+        config["token"] = "***" if cfg.token else ""  # reports are shared: never the secret itself
         return cls(config=config, frame_bytes=cfg.frame_bytes, results=results, warnings=warnings, started=started)
 
     def comparisons(self) -> list[Comparison]:
@@ -134,8 +138,12 @@ class RunReport:
         return "\n".join(lines)
 
     def csv_rows(self) -> tuple[list[str], list[dict[str, Any]]]:
-        """perf_analyzer-like columns (latencies and server times in usec), one row per level and endpoint."""
-        statuses = self.status_names()
+        """perf_analyzer-like columns (latencies and server times in usec), one row per level and endpoint.
+
+        The columns are the same for every run (a column per wire status, then ERROR), so files of
+        different runs line up.
+        """
+        statuses = CSV_STATUSES
         level_col = "Concurrency" if self._mode() == CONCURRENCY else "Request Rate"
         header = [
             level_col, "Inferences/Second", "Server Receive", "Server Queue", "Server Transfer", "Server Compute",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import multiprocessing
 import multiprocessing.connection
 import time
@@ -25,6 +26,7 @@ from streamgpu.loadgen.errors import LoadgenError, UsageError
 from streamgpu.loadgen.measure import LevelResult, Window, WindowPolicy, merge, summarize
 from streamgpu.loadgen.report import Progress, RunReport
 from streamgpu.loadgen.transports import get_transport
+from streamgpu.protocol.wire import Status
 
 #: Head start the parent gives workers between announcing a level and its start.
 START_DELAY_S = 0.05
@@ -38,25 +40,92 @@ def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
         raise UsageError(f"--loop: {exc}") from None
 
 
-def run(cfg: RunConfig, progress: Progress | None = None) -> RunReport:
+# Called with the report so far each time a level finishes (both endpoints with --compare).
+OnLevel = Callable[[RunReport], None]
+
+
+def run(cfg: RunConfig, progress: Progress | None = None, on_level: OnLevel | None = None) -> RunReport:
     """Run every level of ``cfg`` against every endpoint and return the report.
 
+    ``on_level`` gets the report of the levels finished so far after each level (the CLI
+    writes its files there, so a crash keeps the finished levels). With
+    ``cfg.latency_threshold_s`` the sweep stops after the first level over it.
     Raises UsageError (bad configuration, unreachable endpoint) or LoadgenError
     (the run failed).
     """
     cfg.validate()
     progress = progress or Progress(enabled=False)
     started = time.time()
+    warnings: list[str] = []
+
+    def level_done(results: list[LevelResult]) -> bool:
+        """After each level: report it; True to stop the sweep (latency over the threshold)."""
+        report = RunReport.build(cfg, results, warnings, started=started)
+        if on_level is not None:
+            on_level(report)
+        return over_threshold(cfg, results[-len(cfg.endpoints) :], warnings)
+
     try:
-        if cfg.processes == 1:
-            with asyncio.Runner(loop_factory=loop_factory(cfg.loop)) as runner:
-                results, warnings = runner.run(_run_local(cfg, progress))
-        else:
-            loop_factory(cfg.loop)  # fail here, not in every worker
-            results, warnings = _run_processes(cfg, progress)
+        with asyncio.Runner(loop_factory=loop_factory(cfg.loop)) as runner:
+            if len(cfg.endpoints) > 1:
+                warnings += runner.run(probe_endpoints(cfg))
+            if cfg.processes == 1:
+                results, more = runner.run(_run_local(cfg, progress, level_done))
+        if cfg.processes > 1:
+            results, more = _run_processes(cfg, progress, level_done)
     finally:
         progress.close()
-    return RunReport.build(cfg, results, warnings, started=started)
+    return RunReport.build(cfg, results, warnings + more, started=started)
+
+
+def over_threshold(cfg: RunConfig, level_results: list[LevelResult], warnings: list[str]) -> bool:
+    """perf_analyzer's --latency-threshold: whether this level's latency (mean, or the --percentile) exceeds it."""
+    if cfg.latency_threshold_s is None:
+        return False
+    key = cfg.judged_latency()
+    over = [r for r in level_results if r.latency.get(key, math.nan) > cfg.latency_threshold_s]
+    for r in over:
+        warnings.append(
+            f"{r.endpoint} at {r.level:g}: {key} latency {r.latency[key] * 1e3:.2f} ms exceeds --latency-threshold "
+            f"{cfg.latency_threshold_s * 1e3:g} ms; the sweep stops here"
+        )
+    return bool(over)
+
+
+def _describe(reply: Any) -> str:
+    result = getattr(reply, "result", None)
+    name = Status(reply.status).name if reply.status in Status._value2member_map_ else str(reply.status)
+    if result is None:
+        return f"{name} ({reply.message})" if reply.message else name
+    return f"{name}, result {result.dtype} {list(result.shape)}"
+
+
+async def probe_endpoints(cfg: RunConfig) -> list[str]:
+    """With --compare: one frame to each endpoint first; a warning when they answer it differently (another
+    status, result dtype or shape): they serve different models or shapes, and the comparison would not be
+    like with like."""
+    transport = get_transport(cfg.transport)
+    frame = cfg.frames()[0]
+    seen = []
+    for endpoint in cfg.endpoints:
+        try:
+            conn = await transport.connect(endpoint.host, endpoint.port, token=cfg.token, timeout=cfg.connect_timeout_s)
+        except (ConnectionError, OSError):
+            return []  # the run itself reports an endpoint it cannot reach
+        try:
+            reply = await asyncio.wait_for(conn.submit(frame, model=cfg.model), cfg.connect_timeout_s)
+            seen.append(_describe(reply))
+        except (TimeoutError, ConnectionError, OSError) as exc:
+            seen.append(f"no reply ({type(exc).__name__})")
+        finally:
+            await conn.close()
+    if len(set(seen)) == 1:
+        return []
+    answers = "; ".join(f"{e}: {s}" for e, s in zip(cfg.endpoints, seen, strict=True))
+    return [
+        f"the endpoints answer the same {cfg.dtype} {list(cfg.shape)} frame for model {cfg.model!r} differently "
+        f"({answers}): they serve different models or shapes, so the comparison is not like with like"
+    ]
 
 
 async def _setup(cfg: RunConfig, index: int) -> list[LoadRunner]:
@@ -78,7 +147,7 @@ async def _setup(cfg: RunConfig, index: int) -> list[LoadRunner]:
 
 def _policy(cfg: RunConfig) -> WindowPolicy:
     fixed = cfg.duration_s is not None or cfg.count is not None
-    return WindowPolicy(cfg.stability_pct, cfg.max_windows, cfg.stable_windows, fixed=fixed)
+    return WindowPolicy(cfg.stability_pct, cfg.max_windows, cfg.stable_windows, fixed=fixed, percentile=cfg.percentile)
 
 
 class _LocalSink:
@@ -103,6 +172,7 @@ def _result(cfg: RunConfig, policy: WindowPolicy, level_index: int, endpoint_ind
         windows=len(policy.windows),
         stable=policy.stable,
         max_lag_s=cfg.max_lag_s,
+        extra_percentile=cfg.percentile,
     )
 
 
@@ -112,7 +182,9 @@ def _label(cfg: RunConfig, level_index: int, endpoint_index: int) -> str:
     return f"{cfg.endpoints[endpoint_index]} {level.value:g} {unit}"
 
 
-async def _run_local(cfg: RunConfig, progress: Progress) -> tuple[list[LevelResult], list[str]]:
+async def _run_local(
+    cfg: RunConfig, progress: Progress, level_done: Callable[[list[LevelResult]], bool]
+) -> tuple[list[LevelResult], list[str]]:
     runners = await _setup(cfg, 0)
     results: list[LevelResult] = []
     try:
@@ -122,6 +194,8 @@ async def _run_local(cfg: RunConfig, progress: Progress) -> tuple[list[LevelResu
                 progress.level(label, len(results), len(cfg.levels) * len(runners))
                 await runner.run_level(level, time.monotonic(), _LocalSink(policy, stop, progress, label), stop)
                 results.append(_result(cfg, policy, li, ei))
+            if level_done(results):
+                break
     finally:
         await asyncio.gather(*(r.close() for r in runners), return_exceptions=True)
     return results, [w for r in runners for w in r.warnings]
@@ -201,7 +275,9 @@ def _recv(workers: list[tuple[BaseProcess, Pipe]], timeout: float = 1.0) -> list
     return out
 
 
-def _run_processes(cfg: RunConfig, progress: Progress) -> tuple[list[LevelResult], list[str]]:
+def _run_processes(
+    cfg: RunConfig, progress: Progress, level_done: Callable[[list[LevelResult]], bool]
+) -> tuple[list[LevelResult], list[str]]:
     ctx = multiprocessing.get_context("spawn")  # no fork of a parent that may hold threads or a loop
     n = cfg.processes
     workers: list[tuple[BaseProcess, Pipe]] = []
@@ -229,6 +305,8 @@ def _run_processes(cfg: RunConfig, progress: Progress) -> tuple[list[LevelResult
                 policy = _policy(cfg)
                 _run_level_processes(workers, li, ei, policy, progress, label, warnings)
                 results.append(_result(cfg, policy, li, ei))
+            if level_done(results):
+                break
     finally:
         for _, pipe in workers:
             with contextlib.suppress(OSError):

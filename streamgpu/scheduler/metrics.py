@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from streamgpu.metrics import Histogram
+
 _SAMPLES = 4096  # recent samples kept per series: enough for stable p99, bounded memory
 
 
@@ -37,6 +39,12 @@ class ModelMetrics:
     queue_wait_us: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=_SAMPLES))
     transfer_us: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=_SAMPLES))
     compute_us: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=_SAMPLES))
+    total_us: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=_SAMPLES))  # OK frames
+    # Cumulative histograms for /metrics (seconds): end to end and queue per OK frame, transfer and compute per batch.
+    e2e_s: Histogram = field(default_factory=Histogram)
+    queue_s: Histogram = field(default_factory=Histogram)
+    transfer_s: Histogram = field(default_factory=Histogram)
+    compute_s: Histogram = field(default_factory=Histogram)
     target_unmeetable: int = 0  # dispatches where no batch size could meet the latency target
 
     def snapshot(self, queue_length: int, in_flight_batches: int) -> dict[str, Any]:
@@ -56,4 +64,5 @@ class ModelMetrics:
             "queue_wait_us": percentiles(self.queue_wait_us),
             "transfer_us": percentiles(self.transfer_us),
             "compute_us": percentiles(self.compute_us),
+            "total_us": percentiles(self.total_us),
         }

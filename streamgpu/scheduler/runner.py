@@ -106,13 +106,16 @@ class BatchRunner:
         try:
             results = await run.done
             rows = _per_frame(results, len(frames))
-            finished = _finish_ok(frames, rows, launch_ns, copied_ns, time.perf_counter_ns())
+            finished = _finish_ok(frames, rows, launch_ns, copied_ns, time.perf_counter_ns(), metrics)
         except Exception as exc:
             self._failed(model, frames, "running", exc)
             return None
         metrics.completed += finished
-        metrics.transfer_us.append((copied_ns - launch_ns) / 1e3)
-        metrics.compute_us.append((time.perf_counter_ns() - copied_ns) / 1e3)
+        transfer_s, compute_s = (copied_ns - launch_ns) / 1e9, (time.perf_counter_ns() - copied_ns) / 1e9
+        metrics.transfer_us.append(transfer_s * 1e6)
+        metrics.compute_us.append(compute_s * 1e6)
+        metrics.transfer_s.observe(transfer_s)
+        metrics.compute_s.observe(compute_s)
         return run.service_s
 
 
@@ -145,7 +148,7 @@ def _per_frame(results: BatchOutputs, n: int) -> Iterable[tuple[np.ndarray, Outp
 
 
 def _finish_ok(frames: list[Frame], results: Iterable[tuple[np.ndarray, Outputs | None]], launch_ns: int,
-               copied_ns: int, done_ns: int) -> int:  # fmt: skip
+               copied_ns: int, done_ns: int, metrics: ModelMetrics) -> int:  # fmt: skip
     """Finish each frame with its result; returns how many were finished here (not by a shutdown)."""
     finished = 0
     transfer_us, compute_us, n = (copied_ns - launch_ns) // 1000, (done_ns - copied_ns) // 1000, len(frames)
@@ -162,5 +165,7 @@ def _finish_ok(frames: list[Frame], results: Iterable[tuple[np.ndarray, Outputs 
             batch_size=n,
         )
         frame.finish(Outcome(Status.OK, result=result, timings=timings, outputs=outputs))
+        metrics.total_us.append(timings.total_us)
+        metrics.e2e_s.observe(timings.total_us / 1e6)
         finished += 1
     return finished

@@ -49,7 +49,7 @@ import asyncio
 import collections
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from streamgpu.frame import Frame
 from streamgpu.gpu.backend import DeviceModel
@@ -69,6 +69,15 @@ HINT_FRACTION = 0.8
 # A batch that must start for a queued deadline starts this long before the estimate says it
 # must: host work between launch and the device starting, and timer granularity (1 ms in uvloop).
 DEADLINE_MARGIN_S = 0.002
+
+
+class QueueState(NamedTuple):
+    """One model as ``/metrics`` and the status page read it."""
+
+    name: str
+    metrics: ModelMetrics
+    queue_length: int
+    in_flight_batches: int
 
 
 class Replica:
@@ -402,8 +411,11 @@ class Scheduler:
         replica.running.append(len(batch))
         queue.metrics.batches += 1
         queue.metrics.batch_sizes[len(batch)] += 1
+        metrics = queue.metrics
         for frame in batch:
-            queue.metrics.queue_wait_us.append((now - frame.complete_ns / 1e9) * 1e6)
+            wait_s = now - frame.complete_ns / 1e9
+            metrics.queue_wait_us.append(wait_s * 1e6)
+            metrics.queue_s.observe(wait_s)
         replica.busy_until = replica.finish_at(now, len(batch))
         hint = (replica.busy_until - now) * HINT_FRACTION
         task = self._loop.create_task(self._run(queue, replica, batch, hint))
@@ -438,6 +450,10 @@ class Scheduler:
 
     def metrics_for(self, name: str) -> ModelMetrics:
         return self._queues[name].metrics
+
+    def states(self) -> list[QueueState]:
+        """Each model's metrics object and live queue state (cheap: nothing is computed)."""
+        return [QueueState(name, q.metrics, len(q.frames), q.in_flight) for name, q in self._queues.items()]
 
     def metrics(self) -> dict[str, dict[str, Any]]:
         """Per model: queue length, batch sizes, queue wait, time per stage, drops, rejects, estimates."""

@@ -11,7 +11,7 @@ from streamgpu.server import Server
 SERVER_KEY = web.AppKey("streamgpu.server", Server)
 
 # Each module exposes ``add_routes(app: web.Application) -> None``; imported when an app is built.
-ROUTE_MODULES: tuple[str, ...] = ("streamgpu.web.admin",)
+ROUTE_MODULES: tuple[str, ...] = ("streamgpu.web.admin", "streamgpu.web.metrics", "streamgpu.web.status")
 
 
 def create_app(server: Server) -> web.Application:

@@ -141,7 +141,8 @@ def test_compare_gives_ratios(cli: Cli, tmp_path: Path) -> None:
         rc, out, _ = cli("-u", fast.url, "--compare", slow.url, "--count", "60", "--json", str(tmp_path / "c.json"),
                          "-f", str(tmp_path / "c.csv"), *FAST)  # fmt: skip
     assert rc == 0
-    assert fast.stats.frames == slow.stats.frames == 60
+    assert fast.stats.frames == slow.stats.frames == 61  # 60 measured + the one frame that probes each endpoint
+    assert "answer the same" not in out  # both answer alike: no warning
     assert "ratio" in out and f"ratio = {slow.url} / {fast.url}" in out
     (cmp,) = json.loads((tmp_path / "c.json").read_text())["comparison"]
     assert 1.8 < cmp["ratios"]["latency_p50"] < 3.2  # 12 ms against 4 ms plus overheads

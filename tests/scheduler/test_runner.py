@@ -74,7 +74,7 @@ class Producer:
     def release(self, slot: object) -> None:
         pass
 
-    def frame_finished(self) -> None:
+    def frame_finished(self, model: str = "", status: int = 0) -> None:
         pass
 
 
