@@ -79,6 +79,7 @@ class Server:
         self._admission = admission = Admission(cfg, self._pool, specs, scheduler.submit)
         for listener_spec in cfg.listeners:
             listener = listener_class(listener_spec.kind)(listener_spec, admission)
+            listener.server = self
             await listener.start()
             self._listeners.append(listener)
         self._sweep()
@@ -171,6 +172,17 @@ class Server:
     @property
     def port(self) -> int:
         return self.addresses[0][1]
+
+    @property
+    def admission(self) -> Admission:
+        """The admission rules every front end calls (the HTTP and WebSocket routes included)."""
+        assert self._admission is not None, "server not started"
+        return self._admission
+
+    @property
+    def started(self) -> bool:
+        """Started and not yet stopping: frames are accepted (what a readiness probe asks)."""
+        return self._admission is not None and self._admission.accepting and bool(self._listeners)
 
     @property
     def pool(self) -> SlotPool:

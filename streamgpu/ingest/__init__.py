@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 LISTENERS: dict[str, str] = {
     "tcp": "streamgpu.ingest.tcp:TcpListener",
+    "http": "streamgpu.ingest.http:HttpListener",
 }
 
 

@@ -142,7 +142,10 @@ class Producer:
         try:
             return await future
         except asyncio.CancelledError:
-            got.cancel()
+            if future.done() and not future.cancelled():  # granted, but the waiter was cancelled before it woke
+                self.release(future.result())
+            else:
+                got.cancel()
             raise
 
     def release(self, slot: Slot) -> None:

@@ -10,16 +10,22 @@ its own wire format. A new front end is one module plus one registry line.
 from __future__ import annotations
 
 import abc
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from streamgpu.config import ListenerSpec
 from streamgpu.ingest.admission import Admission
+
+if TYPE_CHECKING:
+    from streamgpu.server import Server
 
 
 class Listener(abc.ABC):
     """One front end of a server: start, stop accepting, close, and a periodic sweep."""
 
     kind: ClassVar[str]
+    # The server this listener belongs to, set by ``Server`` before ``start()``: a front end that
+    # serves more than frames (HTTP: health, model metadata) reads it; frame paths use ``admission``.
+    server: Server | None = None
 
     def __init__(self, spec: ListenerSpec, admission: Admission) -> None:
         self.spec = spec
