@@ -19,6 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", metavar="FILE", help="TOML config (see configs/example.toml)")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="TCP port (default 7878; 0 picks a free one)")
+    serve.add_argument("--http-port", type=int, metavar="P",
+                       help="also serve HTTP (Open Inference Protocol, WebSocket streams) on port P (0: a free one)")
     serve.add_argument("--device", choices=DEVICES, help="auto (cuda when usable), cuda or cpu")
     serve.add_argument(
         "--model", metavar="SOURCE", help="source of the first model: builtin:small (default), builtin:resnet50, "
@@ -34,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = Config.load(
-            args.config, host=args.host, port=args.port, device=args.device, model=args.model, loop=args.loop,
-            log_level=args.log_level,
+            args.config, host=args.host, port=args.port, http_port=args.http_port, device=args.device,
+            model=args.model, loop=args.loop, log_level=args.log_level,
         )  # fmt: skip
     except ConfigError as exc:
         parser.error(str(exc))

@@ -169,12 +169,23 @@ class Config:
         model_source = overrides.pop("model", None)
         values.update({k: v for k, v in overrides.items() if v is not None})
         address = {k: values.pop(k) for k in ("host", "port") if k in values}
+        http_port = values.pop("http_port", None)
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigError(f"unknown settings: {sorted(unknown)}")
         if address:  # host/port (file, STREAMGPU_HOST/PORT, --host/--port) address the first listener
             listeners = list(values.get("listeners") or [ListenerSpec()])
             listeners[0] = dataclasses.replace(listeners[0], **address)
+            values["listeners"] = listeners
+        if http_port is not None:  # http_port (file, STREAMGPU_HTTP_PORT, --http-port): the http listener's port
+            if isinstance(http_port, bool) or not isinstance(http_port, int):
+                raise ConfigError(f"http_port must be an integer port 0..65535, got {http_port!r}")
+            listeners = list(values.get("listeners") or [ListenerSpec()])
+            at = next((i for i, spec in enumerate(listeners) if spec.kind == "http"), None)
+            if at is None:
+                listeners.append(ListenerSpec(kind="http", host=listeners[0].host, port=http_port))
+            else:
+                listeners[at] = dataclasses.replace(listeners[at], port=http_port)
             values["listeners"] = listeners
         try:
             config = cls(**values)
@@ -193,7 +204,7 @@ class Config:
         return dataclasses.replace(self, models=[first, *self.models[1:]])
 
 
-_ADDRESS_KEYS = {"host": "", "port": 0}  # shortcuts for the first listener's address
+_ADDRESS_KEYS = {"host": "", "port": 0, "http_port": 0}  # shortcuts: the first listener's address, the http port
 _SERVER_KEYS: dict[str, Any] = {
     **{f.name: f.default for f in dataclasses.fields(Config) if f.name not in ("models", "listeners", "tokens")},
     **_ADDRESS_KEYS,

@@ -33,7 +33,6 @@ import streamgpu
 from streamgpu.frame import Outcome
 from streamgpu.ingest.admission import Admission, Producer, Refused
 from streamgpu.models.spec import ModelSpec
-from streamgpu.protocol import wire
 from streamgpu.protocol.wire import FrameHeader, Status
 from streamgpu.server import Server
 from streamgpu.web.app import SERVER_KEY
@@ -167,9 +166,7 @@ class _Request:
             raise OipError(400, f"unknown input {tensor.get('name')!r}: model {spec.name!r} has input {INPUT_NAME!r}")
         datatype = tensor.get("datatype")
         if DATATYPES.get(datatype) != spec.frame_dtype:  # type: ignore[arg-type]
-            raise OipError(
-                400, f"input {INPUT_NAME!r} has datatype {DATATYPE_OF[spec.frame_dtype]}, got {datatype!r}"
-            )
+            raise OipError(400, f"input {INPUT_NAME!r} has datatype {DATATYPE_OF[spec.frame_dtype]}, got {datatype!r}")
         shape = tensor.get("shape")
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise OipError(400, f"input shape must be a list of non-negative integers, got {shape!r}")
@@ -245,8 +242,10 @@ def _json_tensor(data: Any, dtype: np.dtype, nbytes: int, shape: list[int]) -> n
     flat = array.reshape(-1)
     if flat.size * dtype.itemsize != nbytes:
         raise OipError(400, f"input data has {flat.size} elements; shape {shape} needs {nbytes // dtype.itemsize}")
-    if dtype.kind in "iu" and flat.size and (
-        array.dtype.kind == "f" or flat.min() < np.iinfo(dtype).min or flat.max() > np.iinfo(dtype).max
+    if (
+        dtype.kind in "iu"
+        and flat.size
+        and (array.dtype.kind == "f" or flat.min() < np.iinfo(dtype).min or flat.max() > np.iinfo(dtype).max)
     ):
         raise OipError(400, f"input data does not fit {DATATYPE_OF[dtype]}")
     return flat.astype(dtype)
@@ -307,12 +306,12 @@ async def _infer(
     except (UnicodeDecodeError, ValueError) as exc:
         raise OipError(400, f"the inference request is not valid JSON: {exc}") from None
     req = _Request(spec, doc, header_len)
-    if header_len is not None and length is not None and not request.headers.get("Content-Encoding"):
-        if header_len + req.binary_len != length:
-            raise OipError(
-                400, f"body is {length} bytes; the header ({header_len}) and binary inputs ({req.binary_len}) make"
-                f" {header_len + req.binary_len}"
-            )  # fmt: skip
+    plain = header_len is not None and length is not None and not request.headers.get("Content-Encoding")
+    if plain and header_len + req.binary_len != length:  # type: ignore[operator]
+        raise OipError(
+            400, f"body is {length} bytes; the header ({header_len}) and binary inputs ({req.binary_len}) make"
+            f" {header_len + req.binary_len}"  # type: ignore[operator]
+        )  # fmt: skip
     stream = next_stream_key("http")
     transport = request.transport
 
