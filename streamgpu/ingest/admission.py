@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 from streamgpu.config import Config
 from streamgpu.frame import Frame
+from streamgpu.ingest.results import ResultHub
 from streamgpu.memory import Slot, SlotPool, Waiter
 from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol import wire
@@ -217,6 +218,7 @@ class Admission:
         self.max_producer_bytes = config.producer_ring_bytes
         self._named: dict[str, Producer] = {}
         self._tokens = {grant.token: name for name, grant in config.tokens.items()}
+        self.results = ResultHub()  # every front end publishes its frames' outcomes here (see ingest.results)
 
     # -- connections and identity -------------------------------------------------------------
 

@@ -387,18 +387,9 @@ class TcpConnection(asyncio.BufferedProtocol):
 
     def _on_outcome(self, ticket: Ticket, frame: Frame, outcome: Outcome) -> None:
         h = frame.header
-        result = outcome.result
-        if result is None:
-            reply = ReplyHeader(h.stream_id, h.sequence, outcome.status, timestamp_ns=h.timestamp_ns,
-                                timings=outcome.timings, message=outcome.message)  # fmt: skip
-            self._send(ticket, wire.encode_reply(reply, b"", self.version))
-            return
-        payload = result.reshape(-1).view("u1").data
-        reply = ReplyHeader(
-            h.stream_id, h.sequence, outcome.status, wire.dtype_code(result.dtype), tuple(result.shape),
-            payload.nbytes, h.timestamp_ns, outcome.timings, outcome.message,
-        )  # fmt: skip
-        self._send(ticket, wire.encode_reply(reply, payload, self.version))
+        self._admission.results.publish(h, outcome)  # to WebSocket subscribers of this stream id, if any
+        status, message, result, timings = outcome
+        self._send(ticket, wire.encode_frame_reply(h, status, message, result, timings, self.version))
 
     def _answer_now(self, header: FrameHeader, ticket: Ticket, status: Status, message: str) -> None:
         reply = ReplyHeader(

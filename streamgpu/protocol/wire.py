@@ -476,6 +476,26 @@ def encode_reply(h: ReplyHeader, payload: bytes | memoryview = b"", version: int
     return parts
 
 
+def encode_frame_reply(
+    frame: FrameHeader, status: Status, message: str, result: np.ndarray | None, timings: Timings,
+    version: int = VERSION,
+) -> list[bytes | memoryview]:
+    """The REPLY to ``frame``: its ids and echoed timestamp, ``status``, and ``result`` (a view, not copied).
+
+    What every front end that speaks this wire format (TCP, WebSocket) sends for a frame's outcome.
+    """
+    if result is None:
+        reply = ReplyHeader(frame.stream_id, frame.sequence, status, timestamp_ns=frame.timestamp_ns,
+                            timings=timings, message=message)  # fmt: skip
+        return encode_reply(reply, b"", version)
+    payload = result.reshape(-1).view("u1").data
+    reply = ReplyHeader(
+        frame.stream_id, frame.sequence, status, dtype_code(result.dtype), tuple(result.shape), payload.nbytes,
+        frame.timestamp_ns, timings, message,
+    )  # fmt: skip
+    return encode_reply(reply, payload, version)
+
+
 def decode_reply(buf: bytes | memoryview) -> tuple[ReplyHeader, memoryview, int] | None:
     """Parse a whole reply; returns (header, payload view, bytes consumed) or None."""
     if len(buf) < REPLY_HEADER_SIZE:

@@ -135,12 +135,12 @@ async def model_metadata(request: web.Request) -> web.Response:
     })  # fmt: skip
 
 
-_OUTPUT_SHAPES = web.AppKey("streamgpu.oip.output_shapes", dict)
+# Each model's output shape (one frame's), learned from its first result: metadata says -1 before.
+_OUTPUT_SHAPES: web.AppKey[dict[str, tuple[int, ...]]] = web.AppKey("streamgpu.oip.output_shapes")
 
 
 def _output_shapes(app: web.Application) -> dict[str, tuple[int, ...]]:
-    shapes: dict[str, tuple[int, ...]] = app[_OUTPUT_SHAPES]
-    return shapes
+    return app[_OUTPUT_SHAPES]
 
 
 # -- inference --------------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ async def test_the_readme_embedding_example_runs_as_written() -> None:
         finally:
             await client.close()
         proc.send_signal(signal.SIGINT)  # run_app's graceful exit: the cleanup context stops the server
-        out, err = await asyncio.to_thread(proc.communicate, timeout=60)
+        _out, err = await asyncio.to_thread(proc.communicate, timeout=60)
         assert proc.returncode == 0, err.decode()[-2000:]
         assert b"Traceback" not in err, err.decode()[-2000:]
     finally:
