@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-port", type=int, metavar="P",
                        help="also serve HTTP (Open Inference Protocol, WebSocket streams) on port P (0: a free one)")
     serve.add_argument("--device", choices=DEVICES, help="auto (cuda when usable), cuda or cpu")
+    serve.add_argument("--devices", type=_indices, metavar="0,1", help="GPU indices to serve on (default 0)")
     serve.add_argument(
         "--model", metavar="SOURCE", help="source of the first model: builtin:small (default), builtin:resnet50, "
         "torchscript:PATH, export:PATH"
@@ -31,13 +32,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _indices(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated GPU indices like 0,1, got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         config = Config.load(
             args.config, host=args.host, port=args.port, http_port=args.http_port, device=args.device,
-            model=args.model, loop=args.loop, log_level=args.log_level,
+            devices=args.devices, model=args.model, loop=args.loop, log_level=args.log_level,
         )  # fmt: skip
     except ConfigError as exc:
         parser.error(str(exc))

@@ -60,7 +60,7 @@ class Config:
 
     listeners: list[ListenerSpec] = field(default_factory=lambda: [ListenerSpec()])
     device: str = "auto"
-    device_index: int = 0
+    devices: tuple[int, ...] = (0,)  # GPU indices (cuda backend); each model runs on every one of them
     cuda_kernels: bool = True
     loop: str = "auto"
     auth_token: str = ""
@@ -77,6 +77,10 @@ class Config:
     min_receive_rate: int = 1_000_000
     max_inflight_batches: int = 2
     shutdown_timeout_s: float = 10.0
+    # A batch not done after max(watchdog_min_s, watchdog_factor x its expected time) is answered
+    # INTERNAL_ERROR and its device takes no new batch until it completes.
+    watchdog_factor: float = 20.0
+    watchdog_min_s: float = 2.0
     log_level: str = "INFO"
     models: list[ModelSpec] = field(default_factory=lambda: [ModelSpec()])
 
@@ -88,6 +92,9 @@ class Config:
             problems.extend(f"listeners[{i}]: {p}" for p in listener.problems())
         if self.device not in DEVICES:
             problems.append(f"device must be one of {DEVICES}, got {self.device!r}")
+        self.devices = tuple(self.devices)
+        if not self.devices or len(set(self.devices)) != len(self.devices) or min(self.devices) < 0:
+            problems.append(f"devices must be distinct GPU indices >= 0, at least one, got {list(self.devices)}")
         if self.loop not in LOOPS:
             problems.append(f"loop must be one of {LOOPS}, got {self.loop!r}")
         if self.ring_bytes < 4096:
@@ -102,10 +109,13 @@ class Config:
                 f"max_producer_ring_bytes must be 0 (a quarter of ring_bytes) .. ring_bytes, "
                 f"got {self.max_producer_ring_bytes}"
             )
-        for key in ("receive_timeout_s", "receive_idle_timeout_s", "hello_timeout_s", "shutdown_timeout_s"):
+        for key in ("receive_timeout_s", "receive_idle_timeout_s", "hello_timeout_s", "shutdown_timeout_s",
+                    "watchdog_min_s"):  # fmt: skip
             value = getattr(self, key)
             if not (math.isfinite(value) and value >= 0) or (value == 0 and key != "shutdown_timeout_s"):
                 problems.append(f"{key} must be a finite number of seconds > 0, got {value}")
+        if not (math.isfinite(self.watchdog_factor) and self.watchdog_factor >= 1):
+            problems.append(f"watchdog_factor must be a finite number >= 1, got {self.watchdog_factor}")
         if self.min_receive_rate < 1:
             problems.append(f"min_receive_rate must be >= 1 byte/s, got {self.min_receive_rate}")
         if self.max_connections < 1:
@@ -279,7 +289,10 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
             continue
         kind = type(default) if default is not dataclasses.MISSING else str
         try:
-            values[name] = kind(raw) if kind is not bool else raw.lower() in ("1", "true", "yes")
+            if kind is tuple:  # STREAMGPU_DEVICES=0,1
+                values[name] = tuple(int(part) for part in raw.split(",") if part.strip())
+            else:
+                values[name] = kind(raw) if kind is not bool else raw.lower() in ("1", "true", "yes")
         except ValueError:
             raise ConfigError(f"environment STREAMGPU_{name.upper()}={raw!r} is not a valid {kind.__name__}") from None
     return values

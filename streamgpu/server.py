@@ -24,6 +24,7 @@ from streamgpu.memory import HostSegment, SlotPool
 from streamgpu.models.loader import load_module
 from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol.wire import Status
+from streamgpu.scheduler.health import DeviceHealth
 from streamgpu.scheduler.runner import BatchRunner
 from streamgpu.scheduler.scheduler import Scheduler
 
@@ -67,15 +68,19 @@ class Server:
         self._segment = segment = HostSegment.create(cfg.ring_bytes)
         await loop.run_in_executor(self._loader, backend.attach_host, segment.buffer)
         self._pool = SlotPool(segment.buffer, defer=loop.call_soon)
-        self._scheduler = scheduler = Scheduler(loop, self._run_batch, cfg.max_inflight_batches)
-        self._runner = BatchRunner(backend, scheduler.metrics_for)
+        health = DeviceHealth(backend.devices)
+        self._scheduler = scheduler = Scheduler(loop, self._run_batch, cfg.max_inflight_batches, health)
+        self._runner = BatchRunner(backend, scheduler, cfg.watchdog_factor, cfg.watchdog_min_s)
         specs: dict[str, ModelSpec] = {}
         for spec in cfg.models:
-            model = await loop.run_in_executor(self._loader, self._load, backend, spec)
-            scheduler.add_model(model)
+            replicas = []
+            for device in range(len(backend.devices)):
+                model = await loop.run_in_executor(self._loader, self._load, backend, spec, device)
+                replicas.append(model)
+                random = spec.source.startswith("builtin:")
+                log.info("model %s%s", model.description, "; random weights (builtin: nothing is downloaded)" * random)
+            scheduler.add_model(replicas)
             specs[spec.name] = spec
-            random = spec.source.startswith("builtin:")
-            log.info("model %s%s", model.description, "; random weights (builtin: nothing is downloaded)" * random)
         self._admission = admission = Admission(cfg, self._pool, specs, scheduler.submit)
         for listener_spec in cfg.listeners:
             listener = listener_class(listener_spec.kind)(listener_spec, admission)
@@ -94,8 +99,8 @@ class Server:
                         "this machine can submit frames")  # fmt: skip
 
     @staticmethod
-    def _load(backend: Backend, spec: ModelSpec) -> DeviceModel:
-        return backend.load(spec, load_module(spec))
+    def _load(backend: Backend, spec: ModelSpec, device: int) -> DeviceModel:
+        return backend.load(spec, load_module(spec), device)
 
     async def _run_batch(self, model: DeviceModel, frames: list[Any], expected_s: float) -> float | None:
         assert self._runner is not None
@@ -199,6 +204,7 @@ class Server:
             "ring": {"capacity": pool.capacity, "used_bytes": pool.used_bytes, "slots_in_use": pool.slots_in_use,
                      "waiters": pool.waiters, "largest_free": pool.largest_free()},
             "listeners": [listener.stats() for listener in self._listeners],
+            "devices": self._scheduler.health.snapshot(),
             "connections": self._admission.connections,
             "frames_in_flight": self._admission.frames_in_flight,
         }  # fmt: skip

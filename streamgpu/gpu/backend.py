@@ -44,9 +44,10 @@ class BatchRun:
 
 
 class DeviceModel(abc.ABC):
-    """A model placed on a backend's device, ready to run batches."""
+    """A model placed on one of a backend's devices, ready to run batches."""
 
     spec: ModelSpec
+    device: int  # position in ``Backend.devices``
 
     @property
     @abc.abstractmethod
@@ -58,7 +59,12 @@ class Backend(abc.ABC):
     """A place to run models, built with ``(loop, config)`` (see ``create_backend``)."""
 
     name: str
-    device_name: str
+    devices: list[str]  # one name per device batches can be placed on ("cuda:0 (NVIDIA H100 ...)")
+
+    @property
+    def device_name(self) -> str:
+        """The devices, for logs."""
+        return ", ".join(self.devices)
 
     @abc.abstractmethod
     def __init__(self, loop: asyncio.AbstractEventLoop, config: Config) -> None: ...
@@ -72,8 +78,12 @@ class Backend(abc.ABC):
         """
 
     @abc.abstractmethod
-    def load(self, spec: ModelSpec, module: nn.Module) -> DeviceModel:
-        """Place, convert and warm a model (graph capture included). Blocking: call off the loop."""
+    def load(self, spec: ModelSpec, module: nn.Module, device: int = 0) -> DeviceModel:
+        """Place, convert and warm a model on ``devices[device]`` (graph capture included).
+
+        Blocking: call off the loop. ``module`` becomes the device's (it may be moved in place):
+        load a fresh one per device.
+        """
 
     @abc.abstractmethod
     def launch(self, model: DeviceModel, slots: list[Slot], expected_s: float = 0.0) -> BatchRun:
@@ -82,6 +92,13 @@ class Backend(abc.ABC):
         ``expected_s`` is the scheduler's estimate of when the batch completes
         (seconds from now), so completion can be awaited without spinning.
         """
+
+    def device_error(self, device: int) -> str | None:
+        """Why ``devices[device]`` can run nothing more (a sticky error: its context is lost), or None.
+
+        Asked after a batch failed; never blocks.
+        """
+        return None
 
     @abc.abstractmethod
     def close(self) -> None:

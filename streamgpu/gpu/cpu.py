@@ -28,6 +28,7 @@ from streamgpu.models.spec import ModelSpec
 class CpuModel(DeviceModel):
     def __init__(self, spec: ModelSpec, module: nn.Module) -> None:
         self.spec = spec
+        self.device = 0
         self.module = module
         self.dtype = torch.float32 if spec.precision in ("auto", "fp32") else _DTYPES[spec.precision]
         if self.dtype != torch.float32:
@@ -50,10 +51,10 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 class CpuBackend(Backend):
     name = "cpu"
-    device_name = "cpu"
 
     def __init__(self, loop: asyncio.AbstractEventLoop, config: Config) -> None:
         self._loop = loop
+        self.devices = ["cpu"]  # one host "device", whatever Config.devices says (those are GPUs)
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamgpu-cpu")
         self._pending_copies: set[asyncio.Future[None]] = set()
         self._host: np.ndarray | None = None
@@ -61,7 +62,7 @@ class CpuBackend(Backend):
     def attach_host(self, buffer: np.ndarray) -> None:
         self._host = buffer  # host memory is the device's: nothing to pin
 
-    def load(self, spec: ModelSpec, module: nn.Module) -> CpuModel:
+    def load(self, spec: ModelSpec, module: nn.Module, device: int = 0) -> CpuModel:
         model = CpuModel(spec, module)
         model.run(np.zeros((1, spec.frame_nbytes), np.uint8))  # warm up allocator and kernels before serving
         return model

@@ -100,19 +100,20 @@ class BufferPool:
 class CudaModel(DeviceModel):
     """A model on one GPU with its own compute stream and one CUDA graph per batch bucket."""
 
-    def __init__(self, spec: ModelSpec, module: nn.Module, device: torch.device, use_kernels: bool) -> None:
+    def __init__(self, spec: ModelSpec, module: nn.Module, gpu: torch.device, device: int, use_kernels: bool) -> None:
         self.spec = spec
+        self.gpu = gpu
         self.device = device
         self.dtype = torch.float16 if spec.precision == "auto" else _DTYPES[spec.precision]
-        self.module = module.to(device=device, dtype=self.dtype)
+        self.module = module.to(device=gpu, dtype=self.dtype)
         if spec.preprocess == "image":
             self.module = self.module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        self.stream = torch.cuda.Stream(device)
+        self.stream = torch.cuda.Stream(gpu)
         self.graphs: dict[int, _Graph] = {}
         self.buckets: list[int] = []
         self.graph_error = ""
         self.buffers: BufferPool | None = None  # set by CudaBackend.load
-        self.preprocess = TorchPreprocess(spec, self.dtype, device)  # constants made here, not per batch
+        self.preprocess = TorchPreprocess(spec, self.dtype, gpu)  # constants made here, not per batch
         self.fused_preprocess = (
             use_kernels
             and spec.preprocess == "image"
@@ -124,7 +125,7 @@ class CudaModel(DeviceModel):
     def description(self) -> str:
         mode = f"graphs {sorted(self.graphs)}" if self.graphs else f"eager ({self.graph_error or 'graphs off'})"
         pre = "fused kernel" if self.fused_preprocess else "torch ops"
-        return f"{self.spec.name} ({self.spec.source}, {self.dtype}, {self.device}, {mode}, pre-processing {pre})"
+        return f"{self.spec.name} ({self.spec.source}, {self.dtype}, {self.gpu}, {mode}, pre-processing {pre})"
 
     def prepare_input(self, frames: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """The model's input for ``frames``, written into ``out`` (a graph's static input) if given."""
@@ -143,7 +144,7 @@ class CudaModel(DeviceModel):
         pool = torch.cuda.graph_pool_handle()
         with torch.cuda.stream(self.stream), torch.inference_mode():
             for bucket in sorted(self.spec.buckets(), reverse=True):
-                frames = torch.randint(0, 255, (bucket, *self.spec.input_shape), device=self.device).to(
+                frames = torch.randint(0, 255, (bucket, *self.spec.input_shape), device=self.gpu).to(
                     _torch_dtype(self.spec.frame_dtype)
                 )
                 static_in = self.prepare_input(frames)
@@ -178,26 +179,29 @@ class CudaBackend(Backend):
         # Eager models (graph capture failed or off) launch dozens of kernels per batch, milliseconds
         # of CPU: that happens on this one thread, never on the loop.
         self._launcher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamgpu-launch")
-        device_index, use_kernels = config.device_index, config.cuda_kernels
-        if not 0 <= device_index < torch.cuda.device_count():
-            raise DeviceUnavailableError(
-                f"device_index {device_index} does not exist: this machine has {torch.cuda.device_count()} GPU(s)"
-            )
-        self.device = torch.device("cuda", device_index)
-        torch.cuda.set_device(self.device)
-        self.device_name = f"cuda:{device_index} ({torch.cuda.get_device_name(self.device)})"
-        self.copy_stream = torch.cuda.Stream(self.device)
+        count = torch.cuda.device_count()
+        missing = [i for i in config.devices if i >= count]
+        if missing:
+            raise DeviceUnavailableError(f"devices {missing} do not exist: this machine has {count} GPU(s)")
+        self.gpus = [torch.device("cuda", i) for i in config.devices]
+        self.devices = [f"cuda:{d.index} ({torch.cuda.get_device_name(d)})" for d in self.gpus]
+        # Per GPU: its copy stream (copies of batch k+1 overlap compute of batch k), and an idle
+        # stream whose query() reports a sticky error without waiting for anything.
+        self.copy_streams = [torch.cuda.Stream(d) for d in self.gpus]
+        self._probes = [torch.cuda.Stream(d) for d in self.gpus]
         self._bridge = CompletionBridge(loop)
         # One gather launch per batch instead of a copy per frame: 7x less loop CPU per frame
         # and 1.8x less GPU time at 32 frames on the H100 (docs/GPU_NOTES.md).
+        use_kernels = config.cuda_kernels
         self.use_kernels = use_kernels and importlib.util.find_spec("cupy") is not None
         if use_kernels and not self.use_kernels:
             log.warning("cupy is not installed: one async copy per frame and torch pre-processing (slower)")
         self._host: torch.Tensor | None = None  # the registered host segment, as a uint8 CPU tensor
 
     def attach_host(self, buffer: np.ndarray) -> None:
-        # Page-lock the segment in place (it is shared memory that ingest workers may map too) and
-        # map it into the device's address space, so the gather kernel reads slots directly.
+        # Page-lock the segment in place (it is shared memory that ingest workers may map too), once
+        # for every GPU (portable), and map it into their address space (with unified addressing the
+        # host pointer is valid on each), so the gather kernel reads slots directly.
         cudart = torch.cuda.cudart()
         flags = 1 | 2  # cudaHostRegisterPortable | cudaHostRegisterMapped
         err = cudart.cudaHostRegister(buffer.ctypes.data, buffer.nbytes, flags)
@@ -205,31 +209,29 @@ class CudaBackend(Backend):
             raise DeviceUnavailableError(f"cannot page-lock {buffer.nbytes} bytes of host memory for the GPU: {err}")
         self._host = torch.from_numpy(buffer)
 
-    def load(self, spec: ModelSpec, module: nn.Module) -> CudaModel:
-        torch.cuda.set_device(self.device)  # this runs in the loader thread
-        with torch.inference_mode():
-            model = CudaModel(spec, module, self.device, self.use_kernels)
-        if spec.cuda_graphs:
-            try:
-                model.capture()
-            except Exception as exc:  # data-dependent control flow etc.: serve eagerly, say why
-                model.graphs.clear()
-                model.buckets = []
-                model.graph_error = f"capture failed: {exc}"
-                log.warning("model %s: CUDA graph capture failed, running eagerly: %s", spec.name, exc)
-        with torch.cuda.stream(model.stream), torch.inference_mode():
-            frames = torch.zeros((1, *spec.input_shape), device=self.device).to(_torch_dtype(spec.frame_dtype))
-            out_shape = tuple(model.forward(frames).shape[1:])
-            if self.use_kernels and spec.frame_nbytes < COPY_ENGINE_FROM:
-                # Compile and load the gather kernel here: loading a module can wait for the
-                # whole device, which must not happen on the loop at the first batch.
-                scratch = torch.zeros(spec.frame_nbytes, dtype=torch.uint8, pin_memory=True)
-                staged = torch.empty((1, spec.frame_nbytes), dtype=torch.uint8, device=self.device)
-                kernels.gather_frames(scratch, [0], spec.frame_nbytes, staged, model.stream)
-        model.buffers = BufferPool(
-            spec.frame_nbytes, out_shape, spec.max_batch_size, self._max_inflight + 1, self.device
-        )
-        model.stream.synchronize()
+    def load(self, spec: ModelSpec, module: nn.Module, device: int = 0) -> CudaModel:
+        gpu = self.gpus[device]
+        with torch.cuda.device(gpu), torch.inference_mode():  # scoped: this runs in the loader thread
+            model = CudaModel(spec, module, gpu, device, self.use_kernels)
+            if spec.cuda_graphs:
+                try:
+                    model.capture()
+                except Exception as exc:  # data-dependent control flow etc.: serve eagerly, say why
+                    model.graphs.clear()
+                    model.buckets = []
+                    model.graph_error = f"capture failed: {exc}"
+                    log.warning("model %s: CUDA graph capture failed, running eagerly: %s", spec.name, exc)
+            with torch.cuda.stream(model.stream):
+                frames = torch.zeros((1, *spec.input_shape), device=gpu).to(_torch_dtype(spec.frame_dtype))
+                out_shape = tuple(model.forward(frames).shape[1:])
+                if self.use_kernels and spec.frame_nbytes < COPY_ENGINE_FROM:
+                    # Compile and load the gather kernel here: loading a module can wait for the
+                    # whole device, which must not happen on the loop at the first batch.
+                    scratch = torch.zeros(spec.frame_nbytes, dtype=torch.uint8, pin_memory=True)
+                    staged = torch.empty((1, spec.frame_nbytes), dtype=torch.uint8, device=gpu)
+                    kernels.gather_frames(scratch, [0], spec.frame_nbytes, staged, model.stream)
+            model.buffers = BufferPool(spec.frame_nbytes, out_shape, spec.max_batch_size, self._max_inflight + 1, gpu)
+            model.stream.synchronize()
         return model
 
     def launch(self, model: DeviceModel, slots: list[Slot], expected_s: float = 0.0) -> BatchRun:
@@ -238,18 +240,19 @@ class CudaBackend(Backend):
         nbytes = model.spec.frame_nbytes
         buffers = model.buffers.take()
         staged = buffers.staged[:n]
-        with torch.inference_mode(), torch.cuda.stream(self.copy_stream):
+        copy_stream = self.copy_streams[model.device]
+        with torch.inference_mode(), torch.cuda.device(model.gpu), torch.cuda.stream(copy_stream):
             if self.use_kernels and nbytes < COPY_ENGINE_FROM:
-                kernels.gather_frames(self._host, [slot.offset for slot in slots], nbytes, staged, self.copy_stream)
+                kernels.gather_frames(self._host, [slot.offset for slot in slots], nbytes, staged, copy_stream)
             else:
                 for i, slot in enumerate(slots):
                     staged[i].copy_(self._host[slot.offset : slot.offset + nbytes], non_blocking=True)
             copy_done = torch.cuda.Event()
-            copy_done.record(self.copy_stream)
-        # Timed events give the batch's real device time, which the scheduler's latency
-        # estimates need (the loop notices completion later than it happens).
-        started = torch.cuda.Event(enable_timing=True)
-        done = torch.cuda.Event(enable_timing=True)
+            copy_done.record(copy_stream)
+            # Timed events give the batch's real device time, which the scheduler's latency
+            # estimates need (the loop notices completion later than it happens).
+            started = torch.cuda.Event(enable_timing=True)
+            done = torch.cuda.Event(enable_timing=True)
         if model.graphs:
             self._enqueue_compute(model, buffers, n, copy_done, started, done)
             finished: asyncio.Future[None] = self._bridge.wait(done, expected_s)
@@ -267,8 +270,13 @@ class CudaBackend(Backend):
             elif (exc := f.exception()) is not None:
                 result.set_exception(exc)
             else:
-                run.service_s = started.elapsed_time(done) / 1e3  # both complete: no wait
-                result.set_result(buffers.host[:n].numpy().copy())  # small (n x output); frees the buffers now
+                try:  # a raise here would reach the loop's handler and leave the batch unanswered
+                    run.service_s = started.elapsed_time(done) / 1e3  # both complete: no wait
+                    rows = buffers.host[:n].numpy().copy()  # small (n x output); frees the buffers now
+                except Exception as error:
+                    result.set_exception(error)
+                    return
+                result.set_result(rows)
                 model.buffers.give_back(buffers)  # type: ignore[union-attr]  # not on failure: the device may write
 
         finished.add_done_callback(deliver)
@@ -280,7 +288,7 @@ class CudaBackend(Backend):
     ) -> None:  # fmt: skip
         """On the model's stream, after the copy: pre-process, run, results back to the host buffer."""
         spec = model.spec
-        with torch.inference_mode(), torch.cuda.device(self.device), torch.cuda.stream(model.stream):
+        with torch.inference_mode(), torch.cuda.device(model.gpu), torch.cuda.stream(model.stream):
             model.stream.wait_event(copy_done)
             started.record(model.stream)
             frames = buffers.staged[:n].view(_torch_dtype(spec.frame_dtype)).view(n, *spec.input_shape)
@@ -299,12 +307,21 @@ class CudaBackend(Backend):
         )
         await self._bridge.wait(done)
 
+    def device_error(self, device: int) -> str | None:
+        try:
+            self._probes[device].query()  # an idle stream: only a lost context makes this raise
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
     def close(self) -> None:
         self._bridge.close()
         self._launcher.shutdown(wait=True)  # a launch in progress finishes enqueuing first
         if self._host is not None:
-            # Batches still on the device may read the segment: let them finish before unregistering.
-            torch.cuda.synchronize(self.device)
+            # Batches still on the devices may read the segment: let them finish before unregistering.
+            for device, gpu in enumerate(self.gpus):
+                if self.device_error(device) is None:  # a lost context has nothing left to wait for
+                    torch.cuda.synchronize(gpu)
             torch.cuda.cudart().cudaHostUnregister(self._host.data_ptr())
             self._host = None
 

@@ -4,6 +4,14 @@ It launches the batch, frees the frames' slots the moment the device has
 copied them (not when the reply is sent), and finishes every frame with an
 ``Outcome``: its result row, or INTERNAL_ERROR with the reason. It keeps the
 batches in flight so that a shutdown that runs out of time can finish them.
+
+A watchdog answers the frames of a batch that is not done after
+``max(watchdog_min_s, watchdog_factor x expected)`` with INTERNAL_ERROR and
+tells the scheduler, which places no batch on that device until the batch
+ends. After a failed batch the backend is asked whether the device's context
+is lost (a sticky CUDA error); if so the scheduler takes the device out of
+service for good. Releasing the slots of an overdue batch is safe: the device
+only ever reads them, and its frames are answered already.
 """
 
 from __future__ import annotations
@@ -19,25 +27,35 @@ from streamgpu.frame import Frame, Outcome
 from streamgpu.gpu.backend import Backend, DeviceModel
 from streamgpu.protocol.wire import Status, Timings
 from streamgpu.scheduler.metrics import ModelMetrics
+from streamgpu.scheduler.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
 
 class BatchRunner:
-    """Runs batches on ``backend`` and finishes their frames; ``metrics_for`` gives a model's counters."""
+    """Runs ``scheduler``'s batches on ``backend`` and finishes their frames."""
 
-    def __init__(self, backend: Backend, metrics_for: Any) -> None:
+    def __init__(self, backend: Backend, scheduler: Scheduler, watchdog_factor: float = 20.0,
+                 watchdog_min_s: float = 2.0) -> None:  # fmt: skip
         self._backend = backend
-        self._metrics_for = metrics_for
+        self._scheduler = scheduler
+        self._watchdog_factor = watchdog_factor
+        self._watchdog_min_s = watchdog_min_s
         self._running: dict[int, list[Frame]] = {}  # batches launched, by id of their frame list
 
     async def run(self, model: DeviceModel, frames: list[Frame], expected_s: float) -> float | None:
         """Launch one batch, free its slots once copied, finish every frame; returns its device time."""
         self._running[id(frames)] = frames
+        limit = max(self._watchdog_min_s, self._watchdog_factor * expected_s)
+        overdue: list[bool] = []
+        watchdog = asyncio.get_running_loop().call_later(limit, self._overdue, model, frames, limit, overdue)
         try:
             return await self._run(model, frames, expected_s)
         finally:
+            watchdog.cancel()
             del self._running[id(frames)]
+            if overdue:
+                self._scheduler.device_overdue_ended(model.device)
 
     def fail_running(self, status: Status, message: str) -> None:
         """Finish every frame of every batch in flight with ``status`` (a shutdown out of time)."""
@@ -47,22 +65,38 @@ class BatchRunner:
                 if not frame.finished:
                     frame.fail(status, message, now)
 
+    def _overdue(self, model: DeviceModel, frames: list[Frame], limit: float, overdue: list[bool]) -> None:
+        overdue.append(True)
+        device = self._backend.devices[model.device]
+        log.error(
+            "model %s: a batch of %d on %s is not done after %.1f s; answering it INTERNAL_ERROR, and placing "
+            "no batch on %s until it ends", model.spec.name, len(frames), device, limit, device,
+        )  # fmt: skip
+        message = f"the batch did not complete within {limit:.1f} s on {device}"
+        _fail_batch(frames, self._scheduler.metrics_for(model.spec.name), message)
+        self._scheduler.device_overdue(model.device)
+
+    def _failed(self, model: DeviceModel, frames: list[Frame], what: str, exc: BaseException) -> None:
+        log.exception("model %s: %s a batch of %d failed", model.spec.name, what, len(frames), exc_info=exc)
+        message = f"inference failed: {type(exc).__name__}: {exc}"
+        _fail_batch(frames, self._scheduler.metrics_for(model.spec.name), message)
+        if (reason := self._backend.device_error(model.device)) is not None:
+            self._scheduler.device_failed(model.device, reason)
+
     async def _run(self, model: DeviceModel, frames: list[Frame], expected_s: float) -> float | None:
-        metrics: ModelMetrics = self._metrics_for(model.spec.name)
+        metrics: ModelMetrics = self._scheduler.metrics_for(model.spec.name)
         launch_ns = time.perf_counter_ns()
         slots = [f.slot for f in frames if f.slot is not None]
         try:
             run = self._backend.launch(model, slots, expected_s)
         except Exception as exc:  # nothing was enqueued: nothing will read the slots
-            log.exception("model %s: batch of %d failed to launch", model.spec.name, len(frames))
-            _fail_batch(frames, metrics, exc)
+            self._failed(model, frames, "launching", exc)
             return None
         try:
             await run.copied
         except Exception as exc:
-            log.exception("model %s: copying a batch of %d failed", model.spec.name, len(frames))
             run.done.add_done_callback(_consume)  # its error is this one's consequence
-            _fail_batch(frames, metrics, exc)
+            self._failed(model, frames, "copying", exc)
             return None
         for frame in frames:
             frame.release_slot()
@@ -73,8 +107,7 @@ class BatchRunner:
                 raise RuntimeError(f"model returned {len(results)} results for a batch of {len(frames)} frames")
             finished = _finish_ok(frames, results, launch_ns, copied_ns, time.perf_counter_ns())
         except Exception as exc:
-            log.exception("model %s: batch of %d failed", model.spec.name, len(frames))
-            _fail_batch(frames, metrics, exc)
+            self._failed(model, frames, "running", exc)
             return None
         metrics.completed += finished
         metrics.transfer_us.append((copied_ns - launch_ns) / 1e3)
@@ -87,12 +120,12 @@ def _consume(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
-def _fail_batch(frames: list[Frame], metrics: ModelMetrics, exc: BaseException) -> None:
-    metrics.failed += len(frames)
+def _fail_batch(frames: list[Frame], metrics: ModelMetrics, message: str) -> None:
     now = time.perf_counter_ns()
     for frame in frames:
-        if not frame.finished:  # finished already: by a shutdown that ran out of time
-            frame.fail(Status.INTERNAL_ERROR, f"inference failed: {type(exc).__name__}: {exc}", now)
+        if not frame.finished:  # finished already: by its watchdog, or a shutdown that ran out of time
+            metrics.failed += 1
+            frame.fail(Status.INTERNAL_ERROR, message, now)
 
 
 def _finish_ok(frames: list[Frame], results: np.ndarray, launch_ns: int, copied_ns: int, done_ns: int) -> int:

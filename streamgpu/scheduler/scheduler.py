@@ -19,11 +19,13 @@ server's launch-and-reply coroutine). Its rules:
 * Deadlines: a frame whose deadline passes while queued is answered
   DEADLINE_MISSED at that moment (a timer on the loop, so it fires while the
   GPU is busy with a long batch) and never runs.
-* When: a model has at most ``max_inflight_batches`` batches launched (two:
-  one computing while the next one's copy runs). With nothing in flight,
-  whatever is queued goes at once: an idle GPU never waits for a fuller
-  batch. While batches are in flight, frames accumulate, and the next batch
-  goes when it is full or its oldest frame has waited ``max_queue_delay_ms``.
+* Where: a model has an instance (a replica) on every device; each batch goes
+  to the usable replica (see ``health``) that is estimated to finish it first.
+* When: a replica has at most ``max_inflight_batches`` batches launched (two:
+  one computing while the next one's copy runs). With nothing in flight on the
+  chosen replica, whatever is queued goes at once: an idle GPU never waits for
+  a fuller batch. While batches are in flight, frames accumulate, and the next
+  batch goes when it is full or its oldest frame has waited ``max_queue_delay_ms``.
   (``batch_policy = "fixed"`` waits like that even when idle, as a classic
   dynamic batcher does; it exists to compare against.)
 * How many: without a latency target, as many as are queued (up to
@@ -40,12 +42,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from streamgpu.frame import Frame
 from streamgpu.gpu.backend import DeviceModel
 from streamgpu.protocol.wire import Status
+from streamgpu.scheduler.health import DeviceHealth
 from streamgpu.scheduler.latency import BatchLatency
 from streamgpu.scheduler.metrics import ModelMetrics
 from streamgpu.scheduler.queues import FairQueue
@@ -62,24 +65,40 @@ HINT_FRACTION = 0.8
 DEADLINE_MARGIN_S = 0.002
 
 
-class ModelQueue:
-    """One model's waiting frames, in-flight batches, latency estimates and metrics."""
+class Replica:
+    """One instance of a model on one device: its batches in flight and its latency estimates."""
 
     def __init__(self, model: DeviceModel) -> None:
         self.model = model
-        self.spec = model.spec
-        self.frames = FairQueue()
-        self.deadline_timers: dict[Frame, asyncio.TimerHandle] = {}
+        self.device = model.device
         self.running: collections.deque[int] = collections.deque()  # sizes of launched batches, oldest first
         self.busy_until = 0.0  # perf_counter seconds when the launched batches should be done
         self.latency = BatchLatency()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.running)
+
+    def finish_at(self, now: float, size: int) -> float:
+        """When a batch of ``size`` launched now would be done."""
+        return max(now, self.busy_until) + self.latency.estimate(size)
+
+
+class ModelQueue:
+    """One model's waiting frames, replicas, deadline timers and metrics."""
+
+    def __init__(self, replicas: Sequence[DeviceModel]) -> None:
+        self.replicas = [Replica(model) for model in replicas]
+        self.spec = replicas[0].spec
+        self.frames = FairQueue()
+        self.deadline_timers: dict[Frame, asyncio.TimerHandle] = {}
         self.latest_start = float("inf")  # perf_counter s by which a batch must start for queued deadlines
         self.wake: asyncio.TimerHandle | None = None
         self.metrics = ModelMetrics()
 
     @property
     def in_flight(self) -> int:
-        return len(self.running)
+        return sum(r.in_flight for r in self.replicas)
 
     def cancel_timer(self, frame: Frame) -> None:
         timer = self.deadline_timers.pop(frame, None)
@@ -95,23 +114,64 @@ class Scheduler:
         loop: asyncio.AbstractEventLoop,
         run_batch: RunBatch,
         max_inflight_batches: int = 2,
+        health: DeviceHealth | None = None,
     ) -> None:
         self._loop = loop
         self._run_batch = run_batch
         self._max_inflight = max_inflight_batches
+        self.health = health or DeviceHealth(["device"])
         self._queues: dict[str, ModelQueue] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- models ----------------------------------------------------------------
 
-    def add_model(self, model: DeviceModel) -> None:
-        self._queues[model.spec.name] = ModelQueue(model)
+    def add_model(self, replicas: Sequence[DeviceModel]) -> None:
+        """Serve a model: one instance per device (the same spec)."""
+        self._queues[replicas[0].spec.name] = ModelQueue(replicas)
+
+    # -- devices -----------------------------------------------------------------
+
+    def device_overdue(self, device: int) -> None:
+        """A batch on ``device`` passed its watchdog: place nothing more there until it ends."""
+        self.health.overdue(device)
+        self._refuse_unplaceable()
+
+    def device_overdue_ended(self, device: int) -> None:
+        self.health.ended(device)
+        for queue in self._queues.values():
+            self._dispatch(queue)
+
+    def device_failed(self, device: int, reason: str) -> None:
+        """``device`` can run nothing more (its context is lost)."""
+        if self.health.failed(device, reason):
+            self._refuse_unplaceable()
+
+    def _unplaceable(self, queue: ModelQueue) -> str:
+        """Why no replica of ``queue``'s model can take a batch now ("" when one can)."""
+        health = self.health
+        if any(health.usable(r.device) for r in queue.replicas):
+            return ""
+        return f"model {queue.spec.name!r} has no usable device: " + health.why_unusable(
+            [r.device for r in queue.replicas]
+        )
+
+    def _refuse_unplaceable(self) -> None:
+        """Answer the queued frames of models that no device can run now, rather than let them wait."""
+        for queue in self._queues.values():
+            if why := self._unplaceable(queue):
+                for frame in list(queue.frames):
+                    queue.metrics.failed += 1
+                    self._drop(queue, frame, Status.INTERNAL_ERROR, why)
 
     # -- frames ----------------------------------------------------------------
 
     def submit(self, frame: Frame) -> None:
         """Queue a frame for its model (which admission has checked exists), or finish it now."""
         queue = self._queues[frame.header.model]
+        if why := self._unplaceable(queue):
+            queue.metrics.failed += 1
+            _fail(frame, Status.INTERNAL_ERROR, why)
+            return
         if frame.live:
             stale = queue.frames.stream_frames(frame.producer, frame.stream)
             for old in stale:  # out of the queue first: finishing releases slots, which wakes producers
@@ -165,9 +225,12 @@ class Scheduler:
 
     def _dispatch(self, queue: ModelQueue) -> None:
         """Launch as many batches as policy allows now; arm a wake-up for the rest."""
-        while queue.frames and queue.in_flight < self._max_inflight:
+        while queue.frames:
             now = time.perf_counter()
-            waits = queue.in_flight or queue.spec.batch_policy == "fixed"
+            replica = self._place(queue, now)
+            if replica is None:
+                return  # every replica is full (or unusable): a batch ending dispatches again
+            waits = replica.in_flight or queue.spec.batch_policy == "fixed"
             if waits and len(queue.frames) < queue.spec.max_batch_size:
                 oldest = queue.frames.oldest()
                 assert oldest is not None
@@ -175,28 +238,42 @@ class Scheduler:
                 if now < due:
                     self._arm_wake(queue, due - now)
                     return
-            batch, abandoned = self._take(queue, self._batch_size(queue, now))
+            batch, abandoned = self._take(queue, self._batch_size(queue, replica, now))
             if batch:
-                self._launch(queue, batch, now)
+                self._launch(queue, replica, batch, now)
             for frame in abandoned:  # after the launch is counted: finishing frees slots, waking producers
                 queue.metrics.abandoned += 1
                 _fail(frame, Status.SHUTTING_DOWN, "producer disconnected")
 
-    def _batch_size(self, queue: ModelQueue, now: float) -> int:
+    def _place(self, queue: ModelQueue, now: float) -> Replica | None:
+        """The usable replica with room for a batch that would finish the queued frames first."""
+        size = min(len(queue.frames), queue.spec.max_batch_size)
+        best: Replica | None = None
+        best_key = (float("inf"), 0)
+        for replica in queue.replicas:
+            if replica.in_flight >= self._max_inflight or not self.health.usable(replica.device):
+                continue
+            key = (replica.finish_at(now, size), replica.in_flight)  # ties (no estimate yet): the least busy
+            if best is None or key < best_key:
+                best, best_key = replica, key
+        return best
+
+    def _batch_size(self, queue: ModelQueue, replica: Replica, now: float) -> int:
         spec = queue.spec
         n = min(len(queue.frames), spec.max_batch_size)
         if not spec.latency_target_ms:
             return n
         oldest = queue.frames.oldest()
         assert oldest is not None
-        start = max(now, queue.busy_until)
+        start = max(now, replica.busy_until)
         limit = oldest.received_ns / 1e9 + spec.latency_target_ms / 1e3
+        latency = replica.latency
         sizes = {b for b in spec.buckets() if b <= n} | {n}
-        meeting = [b for b in sizes if start + queue.latency.estimate(b) <= limit]
+        meeting = [b for b in sizes if start + latency.estimate(b) <= limit]
         if not meeting:
             queue.metrics.target_unmeetable += 1
             return n  # the target is lost for the oldest frame: drain the backlog as fast as possible
-        return max(meeting, key=lambda b: (b / max(queue.latency.estimate(b), 1e-9), b))
+        return max(meeting, key=lambda b: (b / max(latency.estimate(b), 1e-9), b))
 
     def _take(self, queue: ModelQueue, n: int) -> tuple[list[Frame], list[Frame]]:
         """The next ``n`` frames, split into (to run, whose producer is gone)."""
@@ -215,7 +292,8 @@ class Scheduler:
     @staticmethod
     def _start_by(queue: ModelQueue, deadline_ns: int) -> float:
         batch = min(len(queue.frames), queue.spec.max_batch_size)
-        return deadline_ns / 1e9 - queue.latency.estimate(batch) - DEADLINE_MARGIN_S
+        fastest = min(r.latency.estimate(batch) for r in queue.replicas)
+        return deadline_ns / 1e9 - fastest - DEADLINE_MARGIN_S
 
     def _arm_wake(self, queue: ModelQueue, delay: float) -> None:
         if queue.wake is not None:
@@ -226,24 +304,23 @@ class Scheduler:
         queue.wake = None
         self._dispatch(queue)
 
-    def _launch(self, queue: ModelQueue, batch: list[Frame], now: float) -> None:
+    def _launch(self, queue: ModelQueue, replica: Replica, batch: list[Frame], now: float) -> None:
         queue.latest_start = self._latest_start(queue)
-        queue.running.append(len(batch))
+        replica.running.append(len(batch))
         queue.metrics.batches += 1
         queue.metrics.batch_sizes[len(batch)] += 1
         for frame in batch:
             queue.metrics.queue_wait_us.append((now - frame.complete_ns / 1e9) * 1e6)
-        start = max(now, queue.busy_until)
-        queue.busy_until = start + queue.latency.estimate(len(batch))
-        hint = (queue.busy_until - now) * HINT_FRACTION
-        task = self._loop.create_task(self._run(queue, batch, hint))
+        replica.busy_until = replica.finish_at(now, len(batch))
+        hint = (replica.busy_until - now) * HINT_FRACTION
+        task = self._loop.create_task(self._run(queue, replica, batch, hint))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, queue: ModelQueue, batch: list[Frame], expected_s: float) -> None:
+    async def _run(self, queue: ModelQueue, replica: Replica, batch: list[Frame], expected_s: float) -> None:
         service: float | None = None
         try:
-            service = await self._run_batch(queue.model, batch, expected_s)
+            service = await self._run_batch(replica.model, batch, expected_s)
         finally:
             end = time.perf_counter()
             # Only the device's own measure of a batch trains the estimates: a host measure
@@ -251,10 +328,10 @@ class Scheduler:
             # depends on the estimate (a feedback loop that locked in a slow first batch).
             # A failed batch (None) teaches nothing.
             if service is not None:
-                queue.latency.observe(len(batch), service)
-            queue.running.popleft()
+                replica.latency.observe(len(batch), service)
+            replica.running.popleft()
             # Re-anchor on what was observed: estimates summed over many launches drift.
-            queue.busy_until = end + sum(queue.latency.estimate(n) for n in queue.running)
+            replica.busy_until = end + sum(replica.latency.estimate(n) for n in replica.running)
             self._dispatch(queue)
 
     # -- state and shutdown --------------------------------------------------------
@@ -272,7 +349,7 @@ class Scheduler:
         out = {}
         for name, q in self._queues.items():
             snap = q.metrics.snapshot(len(q.frames), q.in_flight)
-            snap["batch_latency_ms"] = q.latency.snapshot()
+            snap["batch_latency_ms"] = {self.health.names[r.device]: r.latency.snapshot() for r in q.replicas}
             out[name] = snap
         return out
 

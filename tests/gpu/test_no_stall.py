@@ -67,7 +67,7 @@ async def test_launch_returns_while_the_gpu_is_busy(variant: str) -> None:
 
     model.module.forward = spy
 
-    for stream in (backend.copy_stream, model.stream):
+    for stream in (backend.copy_streams[model.device], model.stream):
         with torch.cuda.stream(stream):
             torch.cuda._sleep(BUSY_CYCLES)
     busy = torch.cuda.Event()

@@ -14,12 +14,14 @@ from streamgpu.frame import Frame, Outcome
 from streamgpu.gpu.backend import DeviceModel
 from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol.wire import FrameFlags, FrameHeader, Status
+from streamgpu.scheduler.health import DeviceHealth
 from streamgpu.scheduler.scheduler import Scheduler
 
 
 class FakeModel(DeviceModel):
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, device: int = 0) -> None:
         self.spec = spec
+        self.device = device
 
     @property
     def description(self) -> str:
@@ -47,18 +49,22 @@ class Harness:
     expected: list[float] = field(default_factory=list)
     scheduler: Scheduler | None = None
     producers: dict[int, FakeProducer] = field(default_factory=dict)
+    devices: list[int] = field(default_factory=list)  # the device of each batch
+    slowdown: dict[int, float] = field(default_factory=dict)  # device -> latency multiple
 
-    def start(self, *specs: ModelSpec, max_inflight: int = 1) -> Scheduler:
+    def start(self, *specs: ModelSpec, max_inflight: int = 1, devices: int = 1) -> Scheduler:
         self.t0 = time.perf_counter()
-        self.scheduler = Scheduler(asyncio.get_running_loop(), self.run_batch, max_inflight)
+        health = DeviceHealth([f"dev{d}" for d in range(devices)])
+        self.scheduler = Scheduler(asyncio.get_running_loop(), self.run_batch, max_inflight, health)
         for spec in specs:
-            self.scheduler.add_model(FakeModel(spec))
+            self.scheduler.add_model([FakeModel(spec, d) for d in range(devices)])
         return self.scheduler
 
     async def run_batch(self, model: DeviceModel, frames: list[Frame], expected_s: float) -> float | None:
         self.batches.append((model.spec.name, [f.header.sequence for f in frames], time.perf_counter() - self.t0))
+        self.devices.append(model.device)
         self.expected.append(expected_s)
-        seconds = self.latency(model.spec.name, len(frames))
+        seconds = self.latency(model.spec.name, len(frames)) * self.slowdown.get(model.device, 1.0)
         await asyncio.sleep(seconds)
         self.done.extend(f.header.sequence for f in frames)
         for frame in frames:
@@ -136,7 +142,7 @@ async def test_latency_target_picks_the_largest_batch_that_meets_it() -> None:
     sched = h.start(spec(latency_target_ms=15, batch_buckets=(1, 2, 4, 8)))
     queue = sched._queues["m"]
     for size, cost in costs.items():
-        queue.latency.observe(size, cost)
+        queue.replicas[0].latency.observe(size, cost)
     h.submit(0)
     for i in range(1, 9):
         h.submit(i)  # 8 queued behind the first batch
@@ -151,7 +157,7 @@ async def test_latency_target_picks_the_largest_batch_that_meets_it() -> None:
 async def test_unmeetable_target_drains_and_is_counted() -> None:
     h = Harness(latency=lambda m, n: 0.03)
     sched = h.start(spec(latency_target_ms=5))
-    sched._queues["m"].latency.observe(1, 0.03)
+    sched._queues["m"].replicas[0].latency.observe(1, 0.03)
     for i in range(5):
         h.submit(i)
     await h.settle()
@@ -360,7 +366,7 @@ async def test_device_measured_service_time_corrects_an_over_estimate_at_once() 
 
     sched = h.start(spec(max_batch_size=1))
     sched._run_batch = run_batch
-    sched._queues["m"].latency.observe(1, 0.1)
+    sched._queues["m"].replicas[0].latency.observe(1, 0.1)
     for i in range(25):
         h.submit(i)
         await h.settle()
@@ -380,3 +386,71 @@ async def test_waiting_for_a_fuller_batch_never_outlasts_a_queued_deadline() -> 
     assert h.rejected == [] and [b[1] for b in h.batches] == [[0], [1]]
     assert h.batches[1][2] < 0.1  # launched for its deadline (50 ms), not after the queue delay (150 ms)
     await h.settle()
+
+
+# -- several devices -------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_batches_go_to_the_device_that_finishes_them_first() -> None:
+    h = Harness(latency=lambda m, n: 0.004, slowdown={0: 4.0})  # device 0 takes 16 ms, device 1 4 ms
+    sched = h.start(spec(max_batch_size=1), devices=2)
+    for i in range(40):
+        h.submit(i)
+    await h.settle()
+    assert sorted(h.done) == list(range(40))
+    on_fast = h.devices.count(1)
+    # Once both have measured a batch, device 1 finishes 4 batches in the time device 0 takes one:
+    # placing by finish time gives it ~4/5 of the batches (round-robin would give it half).
+    assert on_fast >= 28, h.devices
+    assert 0 in h.devices  # the slow device still takes the batches it finishes first
+    assert set(sched.metrics()["m"]["batch_latency_ms"]) == {"dev0", "dev1"}
+
+
+@pytest.mark.asyncio
+async def test_an_idle_second_device_takes_a_batch_at_once() -> None:
+    h = Harness(latency=lambda m, n: 0.05)
+    h.start(spec(max_batch_size=1), devices=2)
+    h.submit(0)
+    h.submit(1)
+    await asyncio.sleep(0.01)
+    assert sorted(h.devices) == [0, 1]  # both started within 10 ms, not one after the other
+    await h.settle()
+
+
+@pytest.mark.asyncio
+async def test_a_failed_device_takes_no_batch_and_its_model_is_answered_at_once_when_none_is_left() -> None:
+    h = Harness(latency=lambda m, n: 0.01)
+    sched = h.start(spec(max_batch_size=1), devices=2)
+    sched.device_failed(0, "context lost")
+    for i in range(6):
+        h.submit(i)
+    await h.settle()
+    assert set(h.devices) == {1} and sorted(h.done) == list(range(6))
+    h.submit(6)
+    h.submit(7)  # queued behind 6
+    sched.device_failed(1, "context lost too")
+    await h.settle()
+    assert [(seq, status) for seq, status, _ in h.rejected] == [(7, Status.INTERNAL_ERROR)]  # the queued one, now
+    h.submit(8)
+    assert h.rejected[-1][:2] == (8, Status.INTERNAL_ERROR)  # refused on arrival, not left to wait
+    assert [d["healthy"] for d in sched.health.snapshot()] == [False, False]
+    assert "context lost" in sched.health.snapshot()[0]["error"]
+
+
+@pytest.mark.asyncio
+async def test_an_overdue_device_is_skipped_until_its_batch_ends() -> None:
+    h = Harness(latency=lambda m, n: 0.01)
+    sched = h.start(spec(max_batch_size=1), devices=2)
+    sched.device_overdue(0)
+    for i in range(4):
+        h.submit(i)
+    await h.settle()
+    assert set(h.devices) == {1}
+    sched.device_overdue_ended(0)
+    assert sched.health.snapshot()[0]["healthy"]
+    h.devices.clear()
+    h.submit(10)
+    h.submit(11)
+    await h.settle()
+    assert 0 in h.devices
