@@ -306,6 +306,11 @@ async def _infer(
     except (UnicodeDecodeError, ValueError) as exc:
         raise OipError(400, f"the inference request is not valid JSON: {exc}") from None
     req = _Request(spec, doc, header_len)
+    if req.frames * req.frame_nbytes > admission.config.max_payload_bytes:  # a compressed body can claim more
+        raise OipError(
+            413, f"tensor data of {req.frames * req.frame_nbytes} bytes exceeds max_payload_bytes"
+            f" ({admission.config.max_payload_bytes})"
+        )  # fmt: skip
     plain = header_len is not None and length is not None and not request.headers.get("Content-Encoding")
     if plain and header_len + req.binary_len != length:  # type: ignore[operator]
         raise OipError(

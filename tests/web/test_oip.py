@@ -275,6 +275,21 @@ async def test_limits_priority_and_deadline_parameters(tmp_path: Path) -> None:
             body, headers = binary_request(frame_header([1, 32, 32, 3], n, parameters={"timeout": 1}), bytes(n))
             async with session.post(base, data=body, headers=headers) as resp:  # 1 us: passes before it runs
                 assert resp.status == 504 and "DEADLINE_MISSED" in (await resp.json())["error"]
+        # A gzip body is small on the wire; its tensor data is held to max_payload_bytes all the same.
+        c = tritonaio.InferenceServerClient(f"127.0.0.1:{http_port(server)}")
+        try:
+            for count, status in ((2, None), (3, "413")):
+                inp = tritonaio.InferInput("input", [count, *SPEC.input_shape], "UINT8")
+                inp.set_data_from_numpy(np.zeros((count, *SPEC.input_shape), np.uint8))
+                if status is None:
+                    result = await c.infer("default", [inp], request_compression_algorithm="gzip")
+                    assert result.as_numpy("output").shape == (2, 1000)
+                    continue
+                with pytest.raises(InferenceServerException, match="exceeds max_payload_bytes") as info:
+                    await c.infer("default", [inp], request_compression_algorithm="gzip")
+                assert info.value.status() == status
+        finally:
+            await c.close()
         await no_slot_held(server)
 
 
