@@ -14,6 +14,8 @@ from streamgpu.server import Server
 
 log = logging.getLogger("streamgpu")
 
+EXIT_DEVICE_LOST = 3  # a GPU failed with a sticky error while serving: restart the process to use it again
+
 
 def run(config: Config) -> int:
     """Serve until SIGINT/SIGTERM, then shut down gracefully. Returns the exit code."""
@@ -45,4 +47,9 @@ async def _serve(config: Config) -> int:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, force_exit)
     await server.stop()
+    if lost := [d["name"] for d in server.metrics()["devices"] if d["error"]]:
+        # torch frees CUDA memory at interpreter exit, and on a lost context that aborts the process.
+        log.error("exiting at once (status %d): the CUDA context of %s was lost", EXIT_DEVICE_LOST, ", ".join(lost))
+        logging.shutdown()
+        os._exit(EXIT_DEVICE_LOST)
     return 0

@@ -12,6 +12,8 @@ Suites (``--suite``, repeatable; default all):
   of what the plain server sustains, and half of what the strong one
   sustains), p50 at 1 and 8 frames in flight (light load), and how busy the
   GPU was (NVML utilization samples) during the saturating runs.
+* ``gpus``: ResNet-50 fp16 and fp32 at saturating load on one GPU and on two
+  (``devices = [0, 1]``), same run.
 * ``batching``: ResNet-50 fp16 latency-throughput curves (open loop, rate
   sweep) of adaptive batching against fixed batch 1 and fixed batch 32.
 
@@ -71,12 +73,13 @@ def server(cmd: list[str], log_path: Path, ready: str) -> Iterator[int]:
 
 
 def streamgpu_server(
-    out: Path, name: str, model: dict[str, Any], device: str, kernels: bool = True
+    out: Path, name: str, model: dict[str, Any], device: str, kernels: bool = True, devices: tuple[int, ...] = (0,)
 ) -> contextlib.AbstractContextManager[int]:
     toml = "\n".join(
-        ["[server]", "port = 0", f'device = "{device}"', f"cuda_kernels = {str(kernels).lower()}", "", "[[models]]"]
+        ["[server]", "port = 0", f'device = "{device}"', f"cuda_kernels = {str(kernels).lower()}",
+         f"devices = {list(devices)}", "", "[[models]]"]
         + [f"{k} = {json.dumps(v)}" for k, v in model.items()]
-    )
+    )  # fmt: skip
     path = Path(tempfile.mkdtemp()) / f"{name}.toml"
     path.write_text(toml + "\n")
     cmd = [sys.executable, "-m", "streamgpu", "serve", "--config", str(path)]
@@ -248,7 +251,31 @@ def suite_batching(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     return {"rows": rows}
 
 
-SUITES = {"default": suite_default, "plain": suite_plain, "batching": suite_batching}
+def suite_gpus(out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """One GPU against two (``devices = [0, 1]``), saturating, same run. fp16 ResNet-50 is bound by the
+    one loop's ingest; fp32 (about 3x the GPU time per frame) by the GPUs."""
+    import torch
+
+    pairs = [(0,), (0, 1)] if args.device == "cpu" or torch.cuda.device_count() >= 2 else [(0,)]
+    rows, figures = [], []
+    for label, model in (("fp16", RESNET50), ("fp32", {**RESNET50, "precision": "fp32"})):
+        result = {}
+        for devices in pairs:
+            with streamgpu_server(out, f"gpus{len(devices)}_{label}", model, args.device, devices=devices) as port:
+                result[devices] = load(port, [LoadLevel(CONCURRENCY, 256)], processes=8, window_s=args.window)[0]
+            rows.append(row(f"ResNet-50 {label}, {len(devices)} GPU", result[devices]))
+        if len(result) == 2:
+            one, two = result[(0,)].throughput, result[(0, 1)].throughput
+            figures.append((f"ResNet-50 {label}: 2 GPUs vs 1", f"{two:.0f}/s", f"{one:.0f}/s",
+                            f"{two / one if one else float('nan'):.2f}x"))  # fmt: skip
+    print_rows("ResNet-50, 256 in flight, 8 generator processes: one GPU vs two", rows)
+    print("\nfigure | two | one | ratio")
+    for f in figures:
+        print(" | ".join(f))
+    return {"rows": rows, "figures": figures}
+
+
+SUITES = {"default": suite_default, "plain": suite_plain, "batching": suite_batching, "gpus": suite_gpus}
 
 
 def main() -> int:

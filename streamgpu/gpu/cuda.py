@@ -22,7 +22,9 @@ import asyncio
 import concurrent.futures
 import importlib.util
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,7 +42,11 @@ from streamgpu.models.spec import ModelSpec
 log = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_GRAPH_WARMUP = 3  # eager runs before capture (cuDNN autotuning, lazy allocations)
+_GRAPH_WARMUP = 3  # eager runs before capture (cuDNN autotuning, lazy allocations; compiling, if compiled)
+_COMPILE_MIN_GAIN = 0.03  # compile = "auto" keeps the compiled model if its graph is at least this much faster
+# Dynamo compiles once per input shape (a bucket) and per device, and counts all of them against one
+# limit per code object (8 by default), past which it silently runs eagerly.
+_RECOMPILE_LIMIT = 256
 # Frames this large go by DMA copies: at 6 MiB the copy engine reached 0.98 of the pinned
 # peak against the gather kernel's 0.93 (H100, docs/BENCHMARKS.md), and it leaves the SMs
 # to the models. Below, one gather launch per batch wins on GPU time and on loop CPU.
@@ -112,6 +118,9 @@ class CudaModel(DeviceModel):
         self.graphs: dict[int, _Graph] = {}
         self.buckets: list[int] = []
         self.graph_error = ""
+        # What batches run: the module, or its compiled form (choose_compiled).
+        self.runs: Callable[[torch.Tensor], torch.Tensor] = self.module
+        self.compile_note = "not compiled"
         self.buffers: BufferPool | None = None  # set by CudaBackend.load
         self.preprocess = TorchPreprocess(spec, self.dtype, gpu)  # constants made here, not per batch
         self.fused_preprocess = (
@@ -125,7 +134,8 @@ class CudaModel(DeviceModel):
     def description(self) -> str:
         mode = f"graphs {sorted(self.graphs)}" if self.graphs else f"eager ({self.graph_error or 'graphs off'})"
         pre = "fused kernel" if self.fused_preprocess else "torch ops"
-        return f"{self.spec.name} ({self.spec.source}, {self.dtype}, {self.gpu}, {mode}, pre-processing {pre})"
+        return (f"{self.spec.name} ({self.spec.source}, {self.dtype}, {self.gpu}, {mode}, {self.compile_note}, "
+                f"pre-processing {pre})")  # fmt: skip
 
     def prepare_input(self, frames: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """The model's input for ``frames``, written into ``out`` (a graph's static input) if given."""
@@ -139,22 +149,62 @@ class CudaModel(DeviceModel):
             return x
         return out.copy_(x)
 
+    def _example(self, n: int) -> torch.Tensor:
+        """A model input for ``n`` random frames."""
+        frames = torch.randint(0, 255, (n, *self.spec.input_shape), device=self.gpu)
+        return self.prepare_input(frames.to(_torch_dtype(self.spec.frame_dtype)))
+
+    def _capture(self, runs: Callable[[torch.Tensor], torch.Tensor], static_in: torch.Tensor, pool: Any) -> _Graph:
+        for _ in range(_GRAPH_WARMUP):
+            runs(static_in)
+        self.stream.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=self.stream):
+            static_out = runs(static_in)
+        return _Graph(graph, static_in, static_out)
+
+    def choose_compiled(self) -> None:
+        """``spec.compile``: compile the module with inductor and, for "auto", keep it only if its
+        graph at the largest bucket replays faster than the module's. Falls back with a warning."""
+        spec = self.spec
+        if spec.compile == "off" or (spec.compile == "auto" and not spec.cuda_graphs):
+            return  # auto decides by replaying graphs; without graphs only "on" compiles
+        dynamo = torch._dynamo.config
+        dynamo.recompile_limit = max(dynamo.recompile_limit, _RECOMPILE_LIMIT)
+        log.info("model %s: compiling with torch.compile for %s (seconds per batch bucket; cached on disk for "
+                 "the next start; compile = \"off\" skips it)", spec.name, self.gpu)  # fmt: skip
+        compiled = torch.compile(self.module, dynamic=False)
+        try:
+            with torch.cuda.stream(self.stream), torch.inference_mode():
+                if spec.compile == "on":
+                    compiled(self._example(1))
+                    self.runs, self.compile_note = compiled, "compiled"
+                    return
+                size = max(spec.buckets())
+                pool = torch.cuda.graph_pool_handle()
+                x = self._example(size)
+                plain, fast = self._capture(self.module, x, pool), self._capture(compiled, x, pool)
+        except Exception as exc:  # an op inductor cannot compile, no triton, ...: serve it uncompiled
+            self.compile_note = "not compiled: compile failed"
+            log.warning("model %s: torch.compile failed, serving it uncompiled: %s: %s", spec.name,
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
+            return
+        plain_ms, fast_ms = (min(_replay_ms(g.graph, self.stream) for _ in range(3)) for g in (plain, fast))
+        keep = fast_ms < plain_ms * (1 - _COMPILE_MIN_GAIN)
+        if keep:
+            self.runs = compiled
+        self.compile_note = ("compiled" if keep else "not compiled: no faster") + (
+            f" ({fast_ms:.2f} vs {plain_ms:.2f} ms at batch {size})"
+        )
+        log.info("model %s: %s the compiled graph: %.3f ms against %.3f ms uncompiled at batch %d", spec.name,
+                 "keeping" if keep else "not keeping", fast_ms, plain_ms, size)  # fmt: skip
+
     def capture(self) -> None:
         """Warm up and capture one graph per bucket (largest first, one shared memory pool)."""
         pool = torch.cuda.graph_pool_handle()
         with torch.cuda.stream(self.stream), torch.inference_mode():
             for bucket in sorted(self.spec.buckets(), reverse=True):
-                frames = torch.randint(0, 255, (bucket, *self.spec.input_shape), device=self.gpu).to(
-                    _torch_dtype(self.spec.frame_dtype)
-                )
-                static_in = self.prepare_input(frames)
-                for _ in range(_GRAPH_WARMUP):
-                    self.module(static_in)
-                self.stream.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=self.stream):
-                    static_out = self.module(static_in)
-                self.graphs[bucket] = _Graph(graph, static_in, static_out)
+                self.graphs[bucket] = self._capture(self.runs, self._example(bucket), pool)
         self.buckets = sorted(self.graphs)
         self.stream.synchronize()
 
@@ -163,7 +213,7 @@ class CudaModel(DeviceModel):
         n = frames.shape[0]
         bucket = next((b for b in self.buckets if b >= n), None)
         if bucket is None:
-            return self.module(self.prepare_input(frames))
+            return self.runs(self.prepare_input(frames))
         g = self.graphs[bucket]
         self.prepare_input(frames, out=g.static_in[:n])
         g.graph.replay()
@@ -213,6 +263,7 @@ class CudaBackend(Backend):
         gpu = self.gpus[device]
         with torch.cuda.device(gpu), torch.inference_mode():  # scoped: this runs in the loader thread
             model = CudaModel(spec, module, gpu, device, self.use_kernels)
+            model.choose_compiled()
             if spec.cuda_graphs:
                 try:
                     model.capture()
@@ -324,6 +375,19 @@ class CudaBackend(Backend):
                     torch.cuda.synchronize(gpu)
             torch.cuda.cudart().cudaHostUnregister(self._host.data_ptr())
             self._host = None
+
+
+def _replay_ms(graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream, reps: int = 20) -> float:
+    """Mean milliseconds per replay of ``graph`` on ``stream`` (device time, from events)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.cuda.stream(stream):
+        graph.replay()
+        start.record(stream)
+        for _ in range(reps):
+            graph.replay()
+        end.record(stream)
+    end.synchronize()
+    return start.elapsed_time(end) / reps
 
 
 def _torch_dtype(dtype: np.dtype) -> torch.dtype:

@@ -14,6 +14,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 PREPROCESS_KINDS = ("image", "none")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 BATCH_POLICIES = ("adaptive", "fixed")
+COMPILE_MODES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class ModelSpec:
     batch_policy: str = "adaptive"
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     cuda_graphs: bool = True
+    compile: str = "auto"
     max_queue: int = 1024
     default_deadline_ms: float = 0.0
     latency_target_ms: float = 0.0
@@ -81,6 +83,8 @@ class ModelSpec:
                 out.append("std values must be non-zero")
         if self.precision not in PRECISIONS:
             out.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.compile not in COMPILE_MODES:
+            out.append(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
         if self.max_batch_size < 1:
             out.append("max_batch_size must be >= 1")
         if self.batch_policy not in BATCH_POLICIES:

@@ -25,7 +25,8 @@ pytestmark = [
 @pytest.mark.asyncio(loop_factories=["uvloop"])
 @pytest.mark.parametrize("n", [1, 3, 8])
 async def test_graph_replay_matches_eager_on_fresh_random_frames(n: int) -> None:
-    spec = ModelSpec(source="builtin:resnet18", precision="fp32", batch_buckets=(1, 4, 8), max_batch_size=8)
+    spec = ModelSpec(source="builtin:resnet18", precision="fp32", batch_buckets=(1, 4, 8), max_batch_size=8,
+                     compile="off")  # fmt: skip
     backend = CudaBackend(asyncio.get_running_loop(), Config(device="cuda"))
     model = backend.load(spec, build_builtin("resnet18"))
     assert model.graphs, model.description
@@ -59,7 +60,8 @@ async def test_no_slot_is_released_before_its_copy_completed(monkeypatch: pytest
         real_gather(ring, offsets, nbytes, out, stream)
 
     monkeypatch.setattr(cuda.kernels, "gather_frames", slow_gather)
-    config = Config(listeners=[ListenerSpec(port=0)], device="cuda", models=[spec])
+    # The copy is held back for a second or more: not a batch the watchdog should answer.
+    config = Config(listeners=[ListenerSpec(port=0)], device="cuda", models=[spec], watchdog_min_s=60)
     async with Server(config) as server:
         backend = server.backend
         assert isinstance(backend, CudaBackend) and backend.use_kernels, "needs cupy: the gather kernel path"
@@ -73,3 +75,23 @@ async def test_no_slot_is_released_before_its_copy_completed(monkeypatch: pytest
         assert all(r.ok for r in replies)
         assert server.pool.slots_in_use == 0
         await conn.close()
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_a_compiled_model_serves_what_the_uncompiled_one_does() -> None:
+    backend = CudaBackend(asyncio.get_running_loop(), Config(device="cuda"))
+    frames = torch.randint(0, 256, (8, 224, 224, 3), dtype=torch.uint8, device="cuda")
+    outs = {}
+    for mode in ("off", "on", "auto"):
+        spec = ModelSpec(source="builtin:resnet18", precision="fp16", batch_buckets=(1, 8), max_batch_size=8,
+                         compile=mode)  # fmt: skip
+        model = backend.load(spec, build_builtin("resnet18"))
+        assert model.graphs and model.compile_note.startswith({"off": "not", "on": "compiled", "auto": ""}[mode])
+        assert model.description.count("compiled") == 1, model.description  # says which, and for auto why
+        with torch.cuda.stream(model.stream), torch.inference_mode():
+            outs[mode] = model.forward(frames).float().clone()
+        model.stream.synchronize()
+    for mode in ("on", "auto"):
+        err = (torch.linalg.norm(outs[mode] - outs["off"]) / torch.linalg.norm(outs["off"])).item()
+        assert err < 1e-2, (mode, err)  # fp16: different kernels, same model
+    backend.close()
