@@ -34,7 +34,6 @@ from streamgpu.frame import Outcome
 from streamgpu.ingest.admission import Admission, Producer, Refused
 from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol.wire import FrameHeader, Status
-from streamgpu.server import Server
 from streamgpu.web.app import SERVER_KEY
 from streamgpu.web.frames import next_stream_key, receive_frame
 
@@ -276,7 +275,7 @@ async def infer(request: web.Request) -> web.StreamResponse:
         admission.leave(producer)
         return error_response(503, f"too many connections ({admission.config.max_connections})")
     try:
-        return await _infer(request, server, spec, admission, producer)
+        return await _infer(request, spec, admission, producer)
     except OipError as exc:
         return error_response(exc.status, exc.message)
     except Refused as refused:
@@ -286,9 +285,7 @@ async def infer(request: web.Request) -> web.StreamResponse:
         admission.leave(producer)
 
 
-async def _infer(
-    request: web.Request, server: Server, spec: ModelSpec, admission: Admission, producer: Producer
-) -> web.StreamResponse:
+async def _infer(request: web.Request, spec: ModelSpec, admission: Admission, producer: Producer) -> web.StreamResponse:
     limit = admission.config.max_payload_bytes + HEADER_ALLOWANCE
     length = request.content_length
     if length is not None and length > limit:
