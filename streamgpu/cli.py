@@ -3,13 +3,56 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
+import math
+import os
 import sys
+from collections.abc import Callable
 
-from streamgpu.config import LOG_LEVELS, Config
+from streamgpu.config import LOG_LEVELS, Config, ListenerSpec
 from streamgpu.errors import ConfigError, StreamgpuError
 from streamgpu.gpu import DEVICES
 from streamgpu.loops import LOOPS
+from streamgpu.protocol import wire
+
+RAW_MODES = ("live", "every")
+
+
+def raw_listener_flag(text: str) -> tuple[int, str, bool]:
+    """``--raw tcp:PORT:MODEL[:live|:every]`` -> (port, model, live)."""
+    parts = text.split(":")
+    if len(parts) not in (3, 4) or parts[0] != "tcp" or not parts[2]:
+        raise argparse.ArgumentTypeError(f"expected tcp:PORT:MODEL or tcp:PORT:MODEL:live|every, got {text!r}")
+    if not parts[1].isdigit() or not 0 <= int(parts[1]) <= 65535:
+        raise argparse.ArgumentTypeError(f"PORT must be 0..65535, got {parts[1]!r} in {text!r}")
+    mode = parts[3] if len(parts) == 4 else "live"
+    if mode not in RAW_MODES:
+        raise argparse.ArgumentTypeError(f"mode must be one of {RAW_MODES}, got {mode!r} in {text!r}")
+    return int(parts[1]), parts[2], mode == "live"
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.replace("x", ",").split(","))
+    except ValueError:
+        dims = ()
+    if not dims or any(d <= 0 for d in dims) or len(dims) > wire.MAX_NDIM:
+        raise argparse.ArgumentTypeError(f"expected 1..{wire.MAX_NDIM} positive sizes like 224,224,3, got {text!r}")
+    return dims
+
+
+def _positive(kind: type[int] | type[float], zero: bool = False) -> Callable[[str], int | float]:
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+            raise argparse.ArgumentTypeError(f"must be {'>= 0' if zero else '> 0'}, got {text!r}")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +72,36 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     serve.add_argument("--loop", choices=LOOPS, help="event loop (default auto: uvloop when installed)")
     serve.add_argument("--log-level", choices=LOG_LEVELS, help="default INFO")
+    serve.add_argument(
+        "--raw", metavar="tcp:PORT:MODEL[:live|:every]", action="append", type=raw_listener_flag, default=[],
+        help="also take raw frames (no header; MODEL's input shape and dtype, back to back, as ffmpeg -f rawvideo "
+        "sends) on PORT at --host; live (default): the newest frame wins, every: none dropped. Repeatable",
+    )  # fmt: skip
+    serve.add_argument("--results-port", type=int, metavar="PORT", help="serve JSON-lines results on PORT")
+    serve.add_argument("--results-file", metavar="FILE", help="append JSON-lines results to FILE")
+
+    send = commands.add_parser("send", help="send raw frames from stdin or a file; print replies as JSON lines")
+    from streamgpu.loadgen.transports import transport_names
+
+    send.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
+    send.add_argument("--port", type=int, default=7878, help="server port (default 7878)")
+    send.add_argument("--transport", choices=transport_names(), default="tcp", help="default tcp")
+    send.add_argument("--token", default=os.environ.get("STREAMGPU_TOKEN", ""), help="auth token ($STREAMGPU_TOKEN)")
+    send.add_argument("--model", default="default", help="model name (default 'default')")
+    send.add_argument("--shape", type=_shape, default=(224, 224, 3), help="one frame's shape (default 224,224,3)")
+    dtypes = sorted(dt.name for dt in wire.DTYPES.values())
+    send.add_argument("--dtype", choices=dtypes, default="uint8", help="element type (default uint8)")
+    source = send.add_mutually_exclusive_group()
+    source.add_argument("--input", default="-", metavar="FILE", help="raw frames back to back (default -: stdin)")
+    source.add_argument("--video", default="", metavar="FILE", help="a video decoded with PyAV: RGB frames of --shape")
+    send.add_argument("--stream-id", type=int, default=0, help="u32 stream id (default 0)")
+    send.add_argument("--live", action="store_true", help="live mode: a newer frame supersedes queued ones")
+    send.add_argument("--deadline", type=_positive(float), metavar="SECONDS", help="per-frame deadline")
+    send.add_argument("--priority", type=int, default=0, help="0..255 (default 0)")
+    send.add_argument("--in-flight", type=_positive(int), default=8, help="frames sent ahead of replies (default 8)")
+    send.add_argument("--rate", type=_positive(float, zero=True), default=0.0, help="frames/s (default 0: no pacing)")
+    send.add_argument("--count", type=_positive(int, zero=True), default=0, help="at most N frames (0: all)")
+    send.add_argument("--top-k", type=_positive(int, zero=True), default=5, help="results as top k (0: whole)")
     return parser
 
 
@@ -42,13 +115,9 @@ def _indices(text: str) -> tuple[int, ...]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        config = Config.load(
-            args.config, host=args.host, port=args.port, http_port=args.http_port, device=args.device,
-            devices=args.devices, model=args.model, loop=args.loop, log_level=args.log_level,
-        )  # fmt: skip
-    except ConfigError as exc:
-        parser.error(str(exc))
+    if args.command == "send":
+        return _send(parser, args)
+    config = serve_config(parser, args)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from streamgpu.serve import run
 
@@ -57,6 +126,55 @@ def main(argv: list[str] | None = None) -> int:
     except (StreamgpuError, OSError) as exc:
         logging.getLogger("streamgpu").error("cannot serve: %s", exc)
         return 1
+
+
+def serve_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Config:
+    """``streamgpu serve``'s config: file, environment, then flags; a bad one exits naming the setting or flag."""
+    try:
+        config = Config.load(
+            args.config, host=args.host, port=args.port, http_port=args.http_port, device=args.device,
+            devices=args.devices, model=args.model, loop=args.loop, log_level=args.log_level,
+            results_port=args.results_port, results_file=args.results_file,
+        )  # fmt: skip
+    except ConfigError as exc:
+        parser.error(str(exc))
+    if args.raw:
+        host = config.listeners[0].host
+        raw = [ListenerSpec("raw", host, port, {"model": model, "live": live}) for port, model, live in args.raw]
+        try:
+            config = config.with_listeners(raw)
+        except ConfigError as exc:
+            parser.error(f"argument --raw: {exc}")
+    return config
+
+
+def _send(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from streamgpu.send import SendOptions, run
+
+    if not 0 <= args.port <= 65535:
+        parser.error(f"argument --port: must be 0..65535, got {args.port}")
+    if not 0 <= args.stream_id <= 0xFFFFFFFF:
+        parser.error(f"argument --stream-id: must be 0..4294967295, got {args.stream_id}")
+    if not 0 <= args.priority <= 255:
+        parser.error(f"argument --priority: must be 0..255, got {args.priority}")
+    if not 1 <= len(args.model.encode()) <= wire.MAX_MODEL_NAME:
+        parser.error(f"argument --model: must be 1..{wire.MAX_MODEL_NAME} UTF-8 bytes")
+    if args.input != "-" and not os.path.isfile(args.input):
+        parser.error(f"argument --input: no such file {args.input!r}")
+    if args.video:
+        if not os.path.isfile(args.video):
+            parser.error(f"argument --video: no such file {args.video!r}")
+        if importlib.util.find_spec("av") is None:
+            parser.error("argument --video: needs PyAV (pip install av, or streamgpu[video])")
+        if len(args.shape) != 3 or args.shape[2] != 3 or args.dtype != "uint8":
+            parser.error(f"argument --video: decodes to uint8 H,W,3 frames, not {args.dtype} {list(args.shape)}")
+    opts = SendOptions(
+        host=args.host, port=args.port, transport=args.transport, token=args.token, model=args.model,
+        shape=args.shape, dtype=args.dtype, input=args.input, video=args.video, stream_id=args.stream_id,
+        live=args.live, deadline=args.deadline, priority=args.priority, in_flight=args.in_flight, rate=args.rate,
+        count=args.count, top_k=args.top_k,
+    )  # fmt: skip
+    return run(opts)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from streamgpu.models.spec import ModelSpec
 MiB = 1024 * 1024
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+RAW_OPTIONS = ("model", "live")  # a raw listener's options (streamgpu.ingest.raw)
 
 __all__ = ["Config", "ConfigError", "ListenerSpec", "TokenSpec"]
 
@@ -43,6 +44,14 @@ class ListenerSpec:
             out.append(f"listener kind must be one of {sorted(LISTENERS)}, got {self.kind!r}")
         if not 0 <= self.port <= 65535:
             out.append(f"port must be 0..65535, got {self.port}")
+        if self.kind == "raw":
+            unknown = set(self.options) - set(RAW_OPTIONS)
+            if unknown:
+                out.append(f"raw listener options {sorted(unknown)} unknown; known: {list(RAW_OPTIONS)}")
+            if not isinstance(self.options.get("model"), str):
+                out.append("a raw listener needs options.model, the name of a configured model")
+            if not isinstance(self.options.get("live", True), bool):
+                out.append(f"raw listener option live must be true or false, got {self.options['live']!r}")
         return out
 
 
@@ -82,6 +91,10 @@ class Config:
     watchdog_factor: float = 20.0
     watchdog_min_s: float = 2.0
     log_level: str = "INFO"
+    results_port: int = -1  # JSON-lines results subscribers' TCP port; -1: none, 0: a free one
+    results_host: str = "127.0.0.1"
+    results_file: str = ""  # append JSON-lines results here; "": no file
+    results_top_k: int = 5  # results carry the top k (index, value) pairs; 0: the whole result
     models: list[ModelSpec] = field(default_factory=lambda: [ModelSpec()])
 
     def __post_init__(self) -> None:
@@ -90,6 +103,16 @@ class Config:
             problems.append("at least one listener is needed")
         for i, listener in enumerate(self.listeners):
             problems.extend(f"listeners[{i}]: {p}" for p in listener.problems())
+        model_names = sorted(m.name for m in self.models)
+        for i, listener in enumerate(self.listeners):
+            model = listener.options.get("model") if listener.kind == "raw" else None
+            if isinstance(model, str) and model not in model_names:
+                problems.append(f"listeners[{i}]: raw listener model {model!r} is not a configured model "
+                                f"(configured: {model_names})")  # fmt: skip
+        if not -1 <= self.results_port <= 65535:
+            problems.append(f"results_port must be -1 (none), 0 (a free port) or 1..65535, got {self.results_port}")
+        if self.results_top_k < 0:
+            problems.append(f"results_top_k must be >= 0 (0: whole results), got {self.results_top_k}")
         if self.device not in DEVICES:
             problems.append(f"device must be one of {DEVICES}, got {self.device!r}")
         self.devices = tuple(self.devices)
@@ -160,8 +183,11 @@ class Config:
     @property
     def open_to_anyone(self) -> bool:
         """Whether a listener binds beyond loopback while no token is needed to submit frames."""
-        public = any(listener.host not in LOOPBACK_HOSTS for listener in self.listeners)
-        return public and not (self.auth_token or self.tokens)
+        public = [listener for listener in self.listeners if listener.host not in LOOPBACK_HOSTS]
+        # a raw listener has no handshake to carry a token: open to anyone whatever the tokens
+        if any(listener.kind == "raw" for listener in public):
+            return True
+        return bool(public) and not (self.auth_token or self.tokens)
 
     @classmethod
     def load(cls, path: str | None = None, env: Mapping[str, str] | None = None, **overrides: Any) -> Config:
@@ -204,6 +230,13 @@ class Config:
         if model_source:
             config = config.with_default_model_source(model_source)
         return config
+
+    def with_listeners(self, extra: list[ListenerSpec]) -> Config:
+        """This config with ``extra`` listeners after its own (ConfigError when they are invalid)."""
+        try:
+            return dataclasses.replace(self, listeners=[*self.listeners, *extra])
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(str(exc)) from None
 
     def with_default_model_source(self, source: str) -> Config:
         """Serve ``source`` (``builtin:resnet50``, ``torchscript:model.pt``...) as the first model."""

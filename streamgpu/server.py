@@ -24,6 +24,7 @@ from streamgpu.memory import HostSegment, SlotPool
 from streamgpu.models.loader import load_module
 from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol.wire import Status
+from streamgpu.results import Results, TcpOutlet, results_from
 from streamgpu.scheduler.health import DeviceHealth
 from streamgpu.scheduler.runner import BatchRunner
 from streamgpu.scheduler.scheduler import Scheduler
@@ -49,6 +50,8 @@ class Server:
         self._runner: BatchRunner | None = None
         self._admission: Admission | None = None
         self._listeners: list[Listener] = []
+        self.results: Results = results_from(self.config.results_port, self.config.results_host,
+                                             self.config.results_file)  # fmt: skip
         self._sweeper: asyncio.TimerHandle | None = None
         self._loader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamgpu-loader")
 
@@ -82,8 +85,9 @@ class Server:
             scheduler.add_model(replicas)
             specs[spec.name] = spec
         self._admission = admission = Admission(cfg, self._pool, specs, scheduler.submit)
+        await self.results.start()
         for listener_spec in cfg.listeners:
-            listener = listener_class(listener_spec.kind)(listener_spec, admission)
+            listener = listener_class(listener_spec.kind)(listener_spec, admission, self.results)
             listener.server = self
             await listener.start()
             self._listeners.append(listener)
@@ -94,9 +98,11 @@ class Server:
             backend.device_name,
             cfg.ring_bytes >> 20,
         )
+        if self.results_address is not None:
+            log.info("results (JSON lines) for subscribers on %s:%d", *self.results_address)
         if cfg.open_to_anyone:
-            log.warning("listening beyond loopback without auth_token or tokens: anyone who can reach "
-                        "this machine can submit frames")  # fmt: skip
+            log.warning("listening beyond loopback without auth_token or tokens, or on a raw port (which takes "
+                        "no token): anyone who can reach this machine can submit frames")  # fmt: skip
 
     @staticmethod
     def _load(backend: Backend, spec: ModelSpec, device: int) -> DeviceModel:
@@ -152,6 +158,7 @@ class Server:
         self._listeners.clear()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        await self.results.close()  # after the listeners: every frame's line is out
         if self.backend is not None:
             self.backend.close()  # cancels what still runs
             self.backend = None
@@ -173,6 +180,14 @@ class Server:
     def addresses(self) -> list[tuple[str, int]]:
         """(host, port) of every listening socket (port 0 in the config picks a free one)."""
         return [address for listener in self._listeners for address in listener.addresses]
+
+    @property
+    def results_address(self) -> tuple[str, int] | None:
+        """(host, port) where results subscribers connect, if ``results_port`` is set and started."""
+        for outlet in self.results.outlets:
+            if isinstance(outlet, TcpOutlet):
+                return outlet.address
+        return None
 
     @property
     def port(self) -> int:
@@ -207,4 +222,5 @@ class Server:
             "devices": self._scheduler.health.snapshot(),
             "connections": self._admission.connections,
             "frames_in_flight": self._admission.frames_in_flight,
+            "results": self.results.stats(),
         }  # fmt: skip

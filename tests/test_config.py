@@ -41,6 +41,31 @@ def test_binding_beyond_loopback_without_a_token_is_noticed() -> None:
     assert not Config(listeners=[ListenerSpec(host="0.0.0.0")], auth_token="x").open_to_anyone
 
 
+def test_raw_listeners_and_results_settings_from_toml(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[server]\nresults_port = 0\nresults_file = "r.jsonl"\nresults_top_k = 0\n'
+        '[[server.listeners]]\nport = 1\n[[server.listeners]]\nkind = "raw"\nport = 2\n'
+        'options = { model = "default", live = false }\n'
+    )
+    cfg = Config.load(str(path), env={"STREAMGPU_RESULTS_PORT": "9001"})
+    assert cfg.listeners[1] == ListenerSpec("raw", "127.0.0.1", 2, {"model": "default", "live": False})
+    assert (cfg.results_port, cfg.results_file, cfg.results_top_k) == (9001, "r.jsonl", 0)
+
+
+def test_a_raw_port_beyond_loopback_is_open_whatever_the_tokens() -> None:
+    raw = ListenerSpec("raw", "0.0.0.0", 9000, {"model": "default"})
+    assert Config(listeners=[ListenerSpec(), raw], auth_token="x").open_to_anyone
+    assert not Config(listeners=[ListenerSpec(), ListenerSpec("raw", options={"model": "default"})]).open_to_anyone
+
+
+def test_extra_listeners_are_checked_like_the_others() -> None:
+    cfg = Config().with_listeners([ListenerSpec("raw", port=0, options={"model": "default"})])
+    assert [ls.kind for ls in cfg.listeners] == ["tcp", "raw"]
+    with pytest.raises(ConfigError, match=r"listeners\[1\]: raw listener model 'cam' is not a configured model"):
+        Config().with_listeners([ListenerSpec("raw", port=0, options={"model": "cam"})])
+
+
 def test_model_flag_replaces_the_first_models_source() -> None:
     cfg = Config.load(None, env={}, model="builtin:resnet18")
     assert cfg.models[0].source == "builtin:resnet18" and cfg.models[0].name == "default"
@@ -76,6 +101,12 @@ def test_models_from_toml(tmp_path: Path) -> None:
         ("[server]\nmin_receive_rate = 0\n", "min_receive_rate must be >= 1"),
         ("[server]\nhello_timeout_s = nan\n", "hello_timeout_s must be a finite number of seconds"),
         ("[[models]]\ndefault_deadline_ms = inf\n", "default_deadline_ms must be a finite number"),
+        ('[[server.listeners]]\nkind = "raw"\n', "a raw listener needs options.model"),
+        ('[[server.listeners]]\nkind = "raw"\noptions = { model = "x" }\n', "raw listener model 'x' is not a"),
+        ('[[server.listeners]]\nkind = "raw"\noptions = { model = "default", live = 1 }\n', "live must be true or"),
+        ('[[server.listeners]]\nkind = "raw"\noptions = { model = "default", fps = 1 }\n', "options ['fps'] unknown"),
+        ("[server]\nresults_port = -2\n", "results_port must be -1"),
+        ("[server]\nresults_top_k = -1\n", "results_top_k must be >= 0"),
     ],
 )
 def test_bad_settings_say_what_to_fix(tmp_path: Path, toml: str, message: str) -> None:

@@ -11,7 +11,9 @@ Suites (``--suite``, repeatable; default all):
   Throughput at saturating load, p50 at equal moderate open-loop rates (half
   of what the plain server sustains, and half of what the strong one
   sustains), p50 at 1 and 8 frames in flight (light load), and how busy the
-  GPU was (NVML utilization samples) during the saturating runs.
+  GPU was (NVML utilization samples) during the saturating runs. The strong
+  server runs twice: as written, and with ``--compile`` (torch.compile before
+  capture, as streamgpu's ``compile = "auto"`` does): the strongest baseline.
 * ``gpus``: ResNet-50 fp16 and fp32 at saturating load on one GPU and on two
   (``devices = [0, 1]``), same run.
 * ``batching``: ResNet-50 fp16 latency-throughput curves (open loop, rate
@@ -86,10 +88,11 @@ def streamgpu_server(
     return server(cmd, out / f"server_{name}.log", r"listening on [\d.]+:(\d+)")
 
 
-def baseline_server(out: Path, kind: str, device: str) -> contextlib.AbstractContextManager[int]:
+def baseline_server(out: Path, kind: str, device: str, *flags: str) -> contextlib.AbstractContextManager[int]:
     """tools/{kind}_server.py (``plain`` or ``strong``) serving ResNet-50."""
-    cmd = [sys.executable, f"tools/{kind}_server.py", "--port", "0", "--model", "builtin:resnet50", "--device", device]
-    return server(cmd, out / f"server_{kind}.log", r"listening on [\d.]+:(\d+)")
+    cmd = [sys.executable, f"tools/{kind}_server.py", "--port", "0", "--model", "builtin:resnet50", "--device", device,
+           *flags]  # fmt: skip
+    return server(cmd, out / f"server_{kind}{''.join(flags)}.log", r"listening on [\d.]+:(\d+)")
 
 
 def load(port: int, levels: list[LoadLevel], processes: int, window_s: float, **kw: Any) -> list[LevelResult]:
@@ -190,6 +193,9 @@ def suite_plain(out: Path, args: argparse.Namespace) -> dict[str, Any]:
         busy = LoadLevel(RATE, max(1, round(strong_max.throughput * 0.5)))
         strong_mod, strong_busy = load(port, [moderate, busy], processes=4, window_s=args.window)
         strong_light = light_load(port, args.window)
+    with baseline_server(out, "strong", args.device, "--compile") as port:  # the strongest: compiled too
+        compiled_max = load(port, saturate, processes=4, window_s=args.window)[0]
+        compiled_light = light_load(port, args.window)
     with streamgpu_server(out, "resnet50", RESNET50, args.device) as port:
         with GpuSampler() as gpu:
             ours_max = load(port, saturate, processes=4, window_s=args.window)[0]
@@ -199,8 +205,10 @@ def suite_plain(out: Path, args: argparse.Namespace) -> dict[str, Any]:
             row("streamgpu, saturating", ours_max), row("plain, moderate", plain_mod),
             row("strong, moderate", strong_mod), row("streamgpu, moderate", ours_mod),
             row("strong, busy", strong_busy), row("streamgpu, busy", ours_busy)]  # fmt: skip
-    for (c, _), strong_r, ours_r in zip(LIGHT, strong_light, ours_light, strict=True):
-        rows += [row(f"strong, {c} in flight", strong_r), row(f"streamgpu, {c} in flight", ours_r)]
+    rows.append(row("strong+compile, saturating", compiled_max))
+    for (c, _), strong_r, compiled_r, ours_r in zip(LIGHT, strong_light, compiled_light, ours_light, strict=True):
+        rows += [row(f"strong, {c} in flight", strong_r), row(f"strong+compile, {c} in flight", compiled_r),
+                 row(f"streamgpu, {c} in flight", ours_r)]  # fmt: skip
     print_rows("ResNet-50 fp16: streamgpu vs the plain and the strong server", rows)
 
     def throughput(base: LevelResult, target: float) -> tuple[str, str, str, str, bool]:
@@ -224,6 +232,9 @@ def suite_plain(out: Path, args: argparse.Namespace) -> dict[str, Any]:
         (f"p50 at busy rate vs strong ({busy.value:.0f} frames/s)", *p50(ours_busy, strong_busy, 0.35)),
         *[(f"p50 at {c} in flight vs strong", *p50(o, b, None))
           for (c, _), o, b in zip(LIGHT, ours_light, strong_light, strict=True)],
+        ("throughput vs strong+compile", *throughput(compiled_max, 2)),
+        *[(f"p50 at {c} in flight vs strong+compile", *p50(o, b, 0.35 if c == 8 else None))
+          for (c, _), o, b in zip(LIGHT, ours_light, compiled_light, strict=True)],
         ("GPU busy, saturating (NVML; baseline: strong)", f"{gpu.busy:.1%}", f"{strong_gpu.busy:.1%}", "", ">= 95%",
          gpu.busy >= 0.95),
     ]  # fmt: skip

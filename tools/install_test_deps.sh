@@ -2,7 +2,7 @@
 # System programs the tests use as real peers (producers, a browser), from Debian's packages.
 # Run by the README test command. Without root or apt-get it only says what is missing;
 # the tests that need a missing program then skip with a reason naming it.
-PACKAGES="ffmpeg"
+PACKAGES="ffmpeg gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good"
 missing=""
 for p in $PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 [ -z "$missing" ] && exit 0

@@ -90,13 +90,16 @@ class Item(NamedTuple):
 class Model:
     """The model on one device, run on whole batches by the worker thread."""
 
-    def __init__(self, spec: ModelSpec, device: str, max_batch: int, graphs: bool) -> None:
+    def __init__(self, spec: ModelSpec, device: str, max_batch: int, graphs: bool, compile: bool = False) -> None:
         self.spec, self.device = spec, torch.device(device)
         cuda = self.device.type == "cuda"
         self.dtype = torch.float16 if cuda else torch.float32
         torch.backends.cudnn.benchmark = True
         module = load_module(spec).to(self.device, self.dtype)
         self.module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        if compile and cuda:  # inductor, one compile per bucket shape (at capture)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self.module = torch.compile(self.module, dynamic=False)
         self.pre = TorchPreprocess(spec, self.dtype, self.device)
         shape = (max_batch, *spec.input_shape)
         self.staging = torch.empty(shape, dtype=torch.uint8, pin_memory=cuda)  # preallocated host buffer
@@ -270,11 +273,11 @@ class StrongServer:
 
 async def main(args: argparse.Namespace) -> None:
     spec = ModelSpec(source=args.model, input_shape=tuple(args.shape), max_batch_size=args.max_batch)
-    model = Model(spec, args.device, args.max_batch, graphs=not args.no_graphs)
+    model = Model(spec, args.device, args.max_batch, graphs=not args.no_graphs, compile=args.compile)
     server = StrongServer(model, args.max_batch)
     listener = await asyncio.start_server(server.handle, args.host, args.port, limit=1 << 22)
     port = listener.sockets[0].getsockname()[1]
-    mode = f"graphs {sorted(model.graphs)}" if model.graphs else "eager"
+    mode = (f"graphs {sorted(model.graphs)}" if model.graphs else "eager") + (", compiled" if args.compile else "")
     log.info("strong server listening on %s:%d, %s on %s, %s", args.host, port, args.model, args.device, mode)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -294,6 +297,7 @@ if __name__ == "__main__":
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--no-graphs", action="store_true", help="CUDA: run the model eagerly")
+    parser.add_argument("--compile", action="store_true", help="CUDA: torch.compile the model (inductor) first")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         import uvloop

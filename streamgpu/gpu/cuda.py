@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import importlib.util
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,7 +115,11 @@ class CudaModel(DeviceModel):
         self.module = module.to(device=gpu, dtype=self.dtype)
         if spec.preprocess == "image":
             self.module = self.module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        self.stream = torch.cuda.Stream(gpu)
+        # A share of the SMs (a green context): kernels on its stream, and graphs captured inside it,
+        # run on those SMs alone, so this model cannot crowd out another (and vice versa).
+        self.share = _green_context(spec.sm_share, gpu)
+        with self.in_share():
+            self.stream = torch.cuda.Stream(gpu) if self.share is None else self.share.Stream()
         self.graphs: dict[int, _Graph] = {}
         self.buckets: list[int] = []
         self.graph_error = ""
@@ -130,9 +135,29 @@ class CudaModel(DeviceModel):
             and spec.input_shape[2] <= kernels.MAX_CHANNELS
         )
 
+    @contextlib.contextmanager
+    def in_share(self) -> Iterator[None]:
+        """Make the model's green context current on this thread (graph capture, eager launches)."""
+        if self.share is None:
+            yield
+            return
+        self.share.set_context()
+        try:
+            yield
+        finally:
+            self.share.pop_context()
+
+    @property
+    def share_sms(self) -> int:
+        """SMs this model may use (all of the GPU's without a share)."""
+        total = torch.cuda.get_device_properties(self.gpu).multi_processor_count
+        return _share_sms(self.spec.sm_share, total) if self.share is not None else total
+
     @property
     def description(self) -> str:
         mode = f"graphs {sorted(self.graphs)}" if self.graphs else f"eager ({self.graph_error or 'graphs off'})"
+        if self.share is not None:
+            mode += f", {self.share_sms} SMs of {torch.cuda.get_device_properties(self.gpu).multi_processor_count}"
         pre = "fused kernel" if self.fused_preprocess else "torch ops"
         return (f"{self.spec.name} ({self.spec.source}, {self.dtype}, {self.gpu}, {mode}, {self.compile_note}, "
                 f"pre-processing {pre})")  # fmt: skip
@@ -155,12 +180,16 @@ class CudaModel(DeviceModel):
         return self.prepare_input(frames.to(_torch_dtype(self.spec.frame_dtype)))
 
     def _capture(self, runs: Callable[[torch.Tensor], torch.Tensor], static_in: torch.Tensor, pool: Any) -> _Graph:
-        for _ in range(_GRAPH_WARMUP):
-            runs(static_in)
-        self.stream.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool, stream=self.stream):
-            static_out = runs(static_in)
+        # Inside the share: a graph runs on the SMs of the context it was captured in, whatever stream
+        # replays it. Only model code runs in there: cupy's kernels (gather, pre-processing) make the
+        # primary context current, which would unbalance the green context's push/pop.
+        with self.in_share():
+            for _ in range(_GRAPH_WARMUP):
+                runs(static_in)
+            self.stream.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=self.stream):
+                static_out = runs(static_in)
         return _Graph(graph, static_in, static_out)
 
     def choose_compiled(self) -> None:
@@ -177,7 +206,9 @@ class CudaModel(DeviceModel):
         try:
             with torch.cuda.stream(self.stream), torch.inference_mode():
                 if spec.compile == "on":
-                    compiled(self._example(1))
+                    x = self._example(1)
+                    with self.in_share():
+                        compiled(x)
                     self.runs, self.compile_note = compiled, "compiled"
                     return
                 size = max(spec.buckets())
@@ -213,10 +244,12 @@ class CudaModel(DeviceModel):
         n = frames.shape[0]
         bucket = next((b for b in self.buckets if b >= n), None)
         if bucket is None:
-            return self.runs(self.prepare_input(frames))
+            x = self.prepare_input(frames)
+            with self.in_share():
+                return self.runs(x)
         g = self.graphs[bucket]
         self.prepare_input(frames, out=g.static_in[:n])
-        g.graph.replay()
+        g.graph.replay()  # in its share, if it has one: captured there
         return g.static_out[:n]
 
 
@@ -375,6 +408,28 @@ class CudaBackend(Backend):
                     torch.cuda.synchronize(gpu)
             torch.cuda.cudart().cudaHostUnregister(self._host.data_ptr())
             self._host = None
+
+
+# SMs are handed out in groups (8 on Hopper): a share is rounded to a whole number of groups, at least one.
+_SM_GROUP = 8
+
+
+def _share_sms(fraction: float, total: int) -> int:
+    return min(total, max(_SM_GROUP, round(fraction * total / _SM_GROUP) * _SM_GROUP))
+
+
+def _green_context(fraction: float, gpu: torch.device) -> Any:
+    """A green context holding ``fraction`` of ``gpu``'s SMs, or None for no partition."""
+    if not fraction:
+        return None
+    from torch.cuda import green_contexts
+
+    total = torch.cuda.get_device_properties(gpu).multi_processor_count
+    try:
+        return green_contexts.GreenContext.create(num_sms=_share_sms(fraction, total), device_id=gpu.index)
+    except Exception as exc:
+        why = f"cannot give a model {fraction:.0%} of {gpu}'s SMs (green contexts): {exc}"
+        raise DeviceUnavailableError(why) from exc
 
 
 def _replay_ms(graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream, reps: int = 20) -> float:

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 LISTENERS: dict[str, str] = {
     "tcp": "streamgpu.ingest.tcp:TcpListener",
     "http": "streamgpu.ingest.http:HttpListener",
+    "raw": "streamgpu.ingest.raw:RawListener",
 }
 
 

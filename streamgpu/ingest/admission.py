@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from streamgpu.config import Config
 from streamgpu.frame import Frame
-from streamgpu.ingest.results import ResultHub
+from streamgpu.ingest.hub import ResultHub
 from streamgpu.memory import Slot, SlotPool, Waiter
 from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol import wire
@@ -218,7 +218,7 @@ class Admission:
         self.max_producer_bytes = config.producer_ring_bytes
         self._named: dict[str, Producer] = {}
         self._tokens = {grant.token: name for name, grant in config.tokens.items()}
-        self.results = ResultHub()  # every front end publishes its frames' outcomes here (see ingest.results)
+        self.stream_results = ResultHub()  # every front end publishes its frames' outcomes here (see ingest.hub)
 
     # -- connections and identity -------------------------------------------------------------
 

@@ -10,12 +10,15 @@ its own wire format. A new front end is one module plus one registry line.
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, Any, ClassVar
+import asyncio
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 from streamgpu.config import ListenerSpec
 from streamgpu.ingest.admission import Admission
+from streamgpu.protocol.wire import Status
 
 if TYPE_CHECKING:
+    from streamgpu.results import Results
     from streamgpu.server import Server
 
 
@@ -27,9 +30,10 @@ class Listener(abc.ABC):
     # serves more than frames (HTTP: health, model metadata) reads it; frame paths use ``admission``.
     server: Server | None = None
 
-    def __init__(self, spec: ListenerSpec, admission: Admission) -> None:
+    def __init__(self, spec: ListenerSpec, admission: Admission, results: Results | None = None) -> None:
         self.spec = spec
         self.admission = admission
+        self.results = results  # where outcomes of producers without a reply channel are published
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -59,3 +63,86 @@ class Listener(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> dict[str, Any]:
         """Connection counts and the like, for ``Server.metrics()``."""
+
+
+class StreamConnection(Protocol):
+    """What ``SocketListener`` needs of its connections (one per accepted stream socket)."""
+
+    def stop_reading(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def abort(self, status: Status, message: str) -> None: ...
+
+    def sweep(self, now: float) -> None: ...
+
+
+C = TypeVar("C", bound=StreamConnection)
+
+
+class SocketListener(Listener, Generic[C]):
+    """A listener on one stream-socket address whose connections are ``C`` protocols.
+
+    Owns the accept socket, the set of open connections and their place under
+    ``max_connections`` (``connection_opened``/``connection_closed``), and the
+    shutdown steps; a subclass makes the protocol (``make_connection``).
+    """
+
+    def __init__(self, spec: ListenerSpec, admission: Admission, results: Results | None = None) -> None:
+        super().__init__(spec, admission, results)
+        self._server: asyncio.Server | None = None
+        self._connections: set[C] = set()
+        self._refused = 0
+
+    @abc.abstractmethod
+    def make_connection(self) -> C:
+        """A protocol instance for one accepted socket."""
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self.make_connection, self.spec.host, self.spec.port)  # type: ignore[arg-type]
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        if self._server is None:
+            return []
+        return [s.getsockname()[:2] for s in self._server.sockets]
+
+    def connection_opened(self, conn: C) -> bool:
+        """Count ``conn`` under ``max_connections``; False (refuse it) when no place is left."""
+        if not self.admission.open_connection():
+            self._refused += 1
+            return False
+        self._connections.add(conn)
+        return True
+
+    def connection_closed(self, conn: C) -> None:
+        if conn in self._connections:
+            self._connections.discard(conn)
+            self.admission.close_connection()
+
+    def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._connections):
+            conn.stop_reading()
+
+    async def close(self, timeout: float) -> None:
+        for conn in list(self._connections):
+            conn.close()  # flushes what is owed first
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + timeout
+        while self._connections and loop.time() < give_up:  # a producer that reads nothing cannot hold us
+            await asyncio.sleep(0.01)
+        for conn in list(self._connections):
+            conn.abort(Status.SHUTTING_DOWN, "server is shutting down")
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+    def sweep(self, now: float) -> None:
+        for conn in list(self._connections):
+            conn.sweep(now)
+
+    def stats(self) -> dict[str, Any]:
+        return {"kind": self.kind, "connections": len(self._connections), "refused_connections": self._refused}

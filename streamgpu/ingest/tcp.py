@@ -42,16 +42,18 @@ import socket
 import time
 import typing
 from collections.abc import Callable
-from typing import Any
 
 from streamgpu.config import ListenerSpec
 from streamgpu.frame import Frame, Outcome
 from streamgpu.ingest.admission import Admission, Producer, Refused, Reservation
-from streamgpu.ingest.base import Listener
+from streamgpu.ingest.base import SocketListener
 from streamgpu.memory import Slot
 from streamgpu.protocol import wire
 from streamgpu.protocol.ordering import ReplyOrder, Ticket
 from streamgpu.protocol.wire import FrameHeader, ProtocolError, ReplyFlags, ReplyHeader, Status, Timings
+
+if typing.TYPE_CHECKING:
+    from streamgpu.results import Results
 
 log = logging.getLogger(__name__)
 
@@ -387,7 +389,7 @@ class TcpConnection(asyncio.BufferedProtocol):
 
     def _on_outcome(self, ticket: Ticket, frame: Frame, outcome: Outcome) -> None:
         h = frame.header
-        self._admission.results.publish(h, outcome)  # to WebSocket subscribers of this stream id, if any
+        self._admission.stream_results.publish(h, outcome)  # to WebSocket subscribers of this stream id, if any
         status, message, result, timings = outcome
         self._send(ticket, wire.encode_frame_reply(h, status, message, result, timings, self.version))
 
@@ -590,67 +592,22 @@ class TcpConnection(asyncio.BufferedProtocol):
         self._close()
 
 
-class TcpListener(Listener):
+class TcpListener(SocketListener[TcpConnection]):
     """Accepts producer connections on one TCP address (``ListenerSpec(kind="tcp", host, port)``)."""
 
     kind = "tcp"
 
-    def __init__(self, spec: ListenerSpec, admission: Admission) -> None:
-        super().__init__(spec, admission)
-        self._server: asyncio.Server | None = None
-        self._connections: set[TcpConnection] = set()
+    def __init__(self, spec: ListenerSpec, admission: Admission, results: Results | None = None) -> None:
+        super().__init__(spec, admission, results)
         # Runs reply flushes; the loop's call_soon once started (unstarted, e.g. driven by tests: at once).
         self.defer: Callable[[Callable[[], None]], object] = _call_now
-        self._refused = 0
+
+    def make_connection(self) -> TcpConnection:
+        return TcpConnection(self)
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.defer = loop.call_soon
-        self._server = await loop.create_server(lambda: TcpConnection(self), self.spec.host, self.spec.port)
-
-    @property
-    def addresses(self) -> list[tuple[str, int]]:
-        if self._server is None:
-            return []
-        return [s.getsockname()[:2] for s in self._server.sockets]
-
-    def connection_opened(self, conn: TcpConnection) -> bool:
-        if not self.admission.open_connection():
-            self._refused += 1
-            return False
-        self._connections.add(conn)
-        return True
-
-    def connection_closed(self, conn: TcpConnection) -> None:
-        if conn in self._connections:
-            self._connections.discard(conn)
-            self.admission.close_connection()
-
-    def stop_accepting(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for conn in list(self._connections):
-            conn.stop_reading()
-
-    async def close(self, timeout: float) -> None:
-        for conn in list(self._connections):
-            conn.close()  # flushes the replies first
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + timeout
-        while self._connections and loop.time() < give_up:  # a producer that reads no replies cannot hold us
-            await asyncio.sleep(0.01)
-        for conn in list(self._connections):
-            conn.abort(Status.SHUTTING_DOWN, "server is shutting down")
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
-
-    def sweep(self, now: float) -> None:
-        for conn in list(self._connections):
-            conn.sweep(now)
-
-    def stats(self) -> dict[str, Any]:
-        return {"kind": self.kind, "connections": len(self._connections), "refused_connections": self._refused}
+        self.defer = asyncio.get_running_loop().call_soon
+        await super().start()
 
 
 def _call_now(callback: Callable[[], None]) -> None:

@@ -45,6 +45,7 @@ class ModelSpec:
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     cuda_graphs: bool = True
     compile: str = "auto"
+    sm_share: float = 0.0  # fraction of the GPU's SMs this model's kernels may use (0: all, no partition)
     max_queue: int = 1024
     default_deadline_ms: float = 0.0
     latency_target_ms: float = 0.0
@@ -85,6 +86,8 @@ class ModelSpec:
             out.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.compile not in COMPILE_MODES:
             out.append(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
+        if not (math.isfinite(self.sm_share) and 0 <= self.sm_share <= 1):
+            out.append(f"sm_share must be a fraction of the GPU's SMs in 0..1 (0: no partition), got {self.sm_share}")
         if self.max_batch_size < 1:
             out.append("max_batch_size must be >= 1")
         if self.batch_policy not in BATCH_POLICIES:

@@ -9,7 +9,7 @@
 * A subscriber sends the text message ``{"subscribe": [7, 9]}`` (or one id) and then gets,
   as binary REPLY messages, every result published for those stream ids: frames of any
   producer on any front end that publishes (TCP, WebSocket, and others through
-  ``admission.results``), as each is made. ``{"unsubscribe": [7]}`` stops it. Each control
+  ``admission.stream_results``), as each is made. ``{"unsubscribe": [7]}`` stops it. Each control
   message is answered with a text message: ``{"subscribed": [...all ids now...]}`` or
   ``{"error": "..."}``. A subscriber that reads slower than results come loses the oldest
   (``MAX_QUEUED`` messages are kept), never slowing a producer.
@@ -31,7 +31,7 @@ from aiohttp import WSMsgType, web
 
 from streamgpu.frame import Outcome
 from streamgpu.ingest.admission import Admission, Producer, Refused
-from streamgpu.ingest.results import Subscription
+from streamgpu.ingest.hub import Subscription
 from streamgpu.protocol import wire
 from streamgpu.protocol.ordering import ReplyOrder, Ticket
 from streamgpu.protocol.wire import FrameHeader, ProtocolError, ReplyFlags, ReplyHeader, Status, Timings
@@ -121,7 +121,7 @@ class StreamSocket:
 
         def answered(done: asyncio.Future[Outcome]) -> None:
             if not done.cancelled():
-                self.admission.results.publish(header, done.result())
+                self.admission.stream_results.publish(header, done.result())
                 self.answer(ticket, header, done.result())
 
         future.add_done_callback(answered)
@@ -158,7 +158,7 @@ class StreamSocket:
                     raise ValueError(f"at most {MAX_SUBSCRIPTIONS} stream ids per socket")
                 for i in ids:
                     if i not in self.subscriptions:
-                        self.subscriptions[i] = self.admission.results.subscribe(i, self.on_result)
+                        self.subscriptions[i] = self.admission.stream_results.subscribe(i, self.on_result)
             else:
                 for i in ids:
                     if (subscription := self.subscriptions.pop(i, None)) is not None:

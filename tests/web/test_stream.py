@@ -15,7 +15,7 @@ import pytest_asyncio
 from streamgpu import client
 from streamgpu.config import Config, ListenerSpec
 from streamgpu.frame import Outcome
-from streamgpu.ingest.results import ResultHub
+from streamgpu.ingest.hub import ResultHub
 from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol import wire
 from streamgpu.protocol.wire import FrameHeader, ReplyFlags, ReplyHeader, Status
@@ -136,12 +136,12 @@ async def test_subscriber_receives_every_result_of_its_stream_from_tcp_and_webso
                             ('{"watch": 1}', "expected"), ('{"subscribe": [-1]}', "stream ids")]:  # fmt: skip
             await sub.send_str(bad)
             assert needle in (await asyncio.wait_for(sub.receive_json(), 5))["error"]
-        assert server.admission.results.subscribers(8) == 1
+        assert server.admission.stream_results.subscribers(8) == 1
     for _ in range(100):  # the subscriber's close ends its subscriptions
-        if server.admission.results.subscribers(8) == 0:
+        if server.admission.stream_results.subscribers(8) == 0:
             break
         await asyncio.sleep(0.01)
-    assert server.admission.results.subscribers(8) == 0
+    assert server.admission.stream_results.subscribers(8) == 0
 
 
 @pytest.mark.asyncio(loop_factories=["uvloop"])

@@ -1,6 +1,6 @@
 """Publish/subscribe of frame outcomes by stream id: the seam between producers and watchers.
 
-One ``ResultHub`` per server, owned by its ``Admission`` (``admission.results``), so every
+One ``ResultHub`` per server, owned by its ``Admission`` (``admission.stream_results``), so every
 listener reaches it the way it reaches the admission rules. A front end that answers frames
 (TCP, WebSocket; raw streams and others next) calls ``publish(header, outcome)`` once per
 finished frame, beside its own reply; a watcher (a WebSocket subscriber, a test, an embedding

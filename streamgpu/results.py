@@ -1,0 +1,278 @@
+"""Results as JSON lines: one schema for every frame's result, and where the lines go.
+
+Producers without a reply channel (raw TCP streams from ffmpeg, GStreamer,
+cameras) have their results published here; ``streamgpu send`` prints its
+replies in the same schema. One line per frame (docs/PROTOCOL.md, "Raw
+producers", is the normative description)::
+
+    {"source": "raw", "stream": "raw:9000/3", "seq": 17, "model": "default",
+     "status": "OK", "message": "", "timings": {"receive_us": 120, ...},
+     "shape": [1000], "dtype": "float32", "top_k": [[412, 9.81], [7, 8.2], ...]}
+
+``top_k`` (index into the flattened result, value; largest first) replaces the
+full ``result`` list when ``top_k > 0``; an error status has neither.
+
+``Results`` encodes a record once and hands the line to every ``Outlet``: a
+file, the subscribers of a TCP port, and later the web front end's
+WebSocket/HTTP subscribers (an ``Outlet`` with ``write_line``). No outlet may
+block the loop or grow without bound: a slow subscriber skips lines.
+
+This module imports neither torch nor the server, so the client side
+(``streamgpu send``) uses it too.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import json
+import logging
+import typing
+from typing import Any
+
+import numpy as np
+
+from streamgpu.protocol.wire import Status, Timings
+
+log = logging.getLogger(__name__)
+
+SUBSCRIBER_BUFFER = 1024 * 1024  # unsent bytes at which a results subscriber starts skipping lines
+
+
+def result_record(
+    source: str,
+    stream: str,
+    seq: int,
+    model: str,
+    status: Status,
+    message: str,
+    timings: Timings,
+    result: np.ndarray | None,
+    top_k: int,
+) -> dict[str, Any]:
+    """One frame's result as a JSON-ready dict (the schema in the module docstring)."""
+    record: dict[str, Any] = {
+        "source": source,
+        "stream": stream,
+        "seq": seq,
+        "model": model,
+        "status": status.name,
+        "message": message,
+        "timings": timings._asdict(),
+    }
+    if result is not None and status == Status.OK:
+        record["shape"] = list(result.shape)
+        record["dtype"] = result.dtype.name
+        flat = result.reshape(-1)
+        if top_k > 0:
+            k = min(top_k, flat.size)
+            index = np.argpartition(flat, flat.size - k)[flat.size - k :]  # the k largest, unordered
+            index = index[np.argsort(flat[index])[::-1]]
+            record["top_k"] = [[int(i), flat[i].item()] for i in index]
+        else:
+            record["result"] = flat.tolist()
+    return record
+
+
+def encode_line(record: dict[str, Any]) -> bytes:
+    """One JSON line: compact UTF-8 and a newline (a non-finite result value is written ``NaN`` /
+    ``Infinity``, as JavaScript and Python's json module read it)."""
+    return json.dumps(record, separators=(",", ":")).encode() + b"\n"
+
+
+class Outlet(abc.ABC):
+    """Somewhere result lines go. ``write_line`` runs on the loop and must never block or wait."""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Open files, bind sockets."""
+
+    @abc.abstractmethod
+    def write_line(self, line: bytes) -> None:
+        """Take one encoded line (ends with a newline); drop it rather than wait."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Flush what can be flushed and release everything."""
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+
+class Results:
+    """Fan-out of result records to outlets (none: records are counted and dropped)."""
+
+    def __init__(self, outlets: list[Outlet] | None = None) -> None:
+        self.outlets: list[Outlet] = list(outlets or [])
+        self.published = 0  # records encoded for the outlets
+
+    def add_outlet(self, outlet: Outlet) -> None:
+        """Connect another outlet (e.g. the web front end's subscribers); it gets lines from now on."""
+        self.outlets.append(outlet)
+
+    @property
+    def wanted(self) -> bool:
+        """Whether anyone takes lines (records need not be built otherwise)."""
+        return bool(self.outlets)
+
+    def publish(self, record: dict[str, Any]) -> None:
+        """Encode ``record`` once and hand the line to every outlet."""
+        if not self.outlets:
+            return
+        self.published += 1
+        line = encode_line(record)
+        for outlet in self.outlets:
+            try:
+                outlet.write_line(line)
+            except Exception:  # one broken outlet must not stop the others, nor the frame's producer
+                log.exception("results outlet %r failed", outlet)
+
+    async def start(self) -> None:
+        started: list[Outlet] = []
+        try:
+            for outlet in self.outlets:
+                await outlet.start()
+                started.append(outlet)
+        except BaseException:
+            for outlet in started:
+                await outlet.close()
+            raise
+
+    async def close(self) -> None:
+        for outlet in self.outlets:
+            await outlet.close()
+
+    def stats(self) -> dict[str, Any]:
+        return {"published": self.published, "outlets": [o.stats() for o in self.outlets]}
+
+
+class FileOutlet(Outlet):
+    """Appends lines to a file; flushed once per loop iteration (page cache writes, no fsync)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file: typing.BinaryIO | None = None
+        self._flush_pending = False
+        self.lines = 0
+
+    async def start(self) -> None:
+        self._file = open(self.path, "ab")  # noqa: SIM115 - held open until close()
+
+    def write_line(self, line: bytes) -> None:
+        if self._file is None:
+            return
+        self._file.write(line)
+        self.lines += 1
+        if not self._flush_pending:  # one flush (system call) per loop iteration, not per line
+            self._flush_pending = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        if self._file is not None:
+            self._file.flush()
+
+    async def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def stats(self) -> dict[str, Any]:
+        return {"kind": "file", "path": self.path, "lines": self.lines}
+
+
+class _Subscriber(asyncio.Protocol):
+    """One results subscriber: gets every line from its connection on, or skips while it lags."""
+
+    def __init__(self, outlet: TcpOutlet) -> None:
+        self._outlet = outlet
+        self.transport: asyncio.Transport | None = None
+        self.skipped = 0  # lines not sent since the last one that was
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = typing.cast(asyncio.Transport, transport)
+        self._outlet.subscribers.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        pass  # subscribers have nothing to say; what they send is dropped
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._outlet.subscribers.discard(self)
+        self.transport = None
+
+    def send(self, line: bytes) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if transport.get_write_buffer_size() > self._outlet.buffer_bytes:
+            self.skipped += 1  # it lags: skip rather than buffer without bound or wait
+            self._outlet.skipped += 1
+            return
+        if self.skipped:
+            transport.write(encode_line({"skipped": self.skipped}))
+            self.skipped = 0
+        transport.write(line)
+
+
+class TcpOutlet(Outlet):
+    """A TCP port where any number of subscribers read result lines (from when they connect).
+
+    A subscriber whose unsent lines pass ``buffer_bytes`` skips lines until it
+    catches up, then gets ``{"skipped": N}`` before the next line it is sent.
+    """
+
+    def __init__(self, host: str, port: int, buffer_bytes: int = SUBSCRIBER_BUFFER) -> None:
+        self.host = host
+        self.port = port
+        self.buffer_bytes = buffer_bytes
+        self.subscribers: set[_Subscriber] = set()
+        self.skipped = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Subscriber(self), self.host, self.port)
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        if self._server is None or not self._server.sockets:
+            return None
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return host, port
+
+    def write_line(self, line: bytes) -> None:
+        for subscriber in list(self.subscribers):
+            subscriber.send(line)
+
+    async def close(self, grace_s: float = 1.0) -> None:
+        """Stop accepting; close every subscriber after its lines are sent, or at once after ``grace_s``
+        (one that reads nothing must not hold a shutdown up)."""
+        if self._server is None:
+            return
+        self._server.close()
+        for subscriber in list(self.subscribers):
+            if subscriber.transport is not None:
+                subscriber.transport.close()  # after the lines already written
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + grace_s
+        while self.subscribers and loop.time() < give_up:
+            await asyncio.sleep(0.01)
+        for subscriber in list(self.subscribers):
+            if subscriber.transport is not None:
+                subscriber.transport.abort()
+        await asyncio.sleep(0)  # their connection_lost runs on the next loop iteration
+        await self._server.wait_closed()
+        self._server = None
+
+    def stats(self) -> dict[str, Any]:
+        return {"kind": "tcp", "address": self.address, "subscribers": len(self.subscribers), "skipped": self.skipped}
+
+
+def results_from(port: int, host: str, path: str) -> Results:
+    """The results fan-out a config asks for (``port`` < 0: no TCP port; ``path`` empty: no file)."""
+    outlets: list[Outlet] = []
+    if port >= 0:
+        outlets.append(TcpOutlet(host, port))
+    if path:
+        outlets.append(FileOutlet(path))
+    return Results(outlets)

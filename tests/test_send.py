@@ -1,0 +1,173 @@
+"""``streamgpu send`` as scripts use it: frames from a pipe, replies as JSON lines, clear errors."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import pytest_asyncio
+import torch
+
+from streamgpu.cli import main
+from streamgpu.config import Config, ListenerSpec
+from streamgpu.models.builtin import build_builtin
+from streamgpu.models.preprocess import preprocess_torch
+from streamgpu.models.spec import ModelSpec
+from streamgpu.send import SendOptions, raw_frames, send, video_frames
+from streamgpu.server import Server
+
+SPEC = ModelSpec(input_shape=(32, 32, 3), max_batch_size=8, batch_buckets=(1, 8))
+SEND = [sys.executable, "-m", "streamgpu", "send"]
+ONE_LOOP = pytest.mark.asyncio(loop_factories=["uvloop"])  # the subprocess is what is tested
+
+
+@pytest_asyncio.fixture
+async def server() -> AsyncIterator[Server]:
+    async with Server(Config(listeners=[ListenerSpec(port=0)], device="cpu", models=[SPEC])) as srv:
+        yield srv
+
+
+def reference(frames: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        return build_builtin("small")(preprocess_torch(torch.from_numpy(frames), SPEC, torch.float32)).numpy()
+
+
+async def run(argv: list[str], stdin: bytes | None = None, shell: str | None = None) -> tuple[int, str, str]:
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    if shell is not None:
+        proc = await asyncio.create_subprocess_shell(
+            shell, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
+        )
+    else:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(stdin), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def records(out: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in out.splitlines()]
+
+
+@ONE_LOOP
+async def test_frames_from_an_ffmpeg_pipe_are_answered_as_json_lines(server: Server) -> None:
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None:
+        pytest.skip("ffmpeg is not installed (sh tools/install_test_deps.sh installs it as root)")
+    produce = (f"{ffmpeg} -loglevel error -f lavfi -i testsrc=size=32x32:rate=30 -frames:v 10"
+               " -f rawvideo -pix_fmt rgb24 -")  # fmt: skip
+    same = subprocess.run(produce.split(), capture_output=True, check=True, timeout=60).stdout  # for the reference
+    frames = np.frombuffer(same, np.uint8).reshape(-1, *SPEC.input_shape)
+    send = " ".join([*SEND, "--port", str(server.port), "--shape", "32x32x3", "--top-k", "0", "--in-flight", "3"])
+    code, out, err = await run([], shell=f"{produce} | {send}")
+    assert code == 0, err
+    lines = records(out)
+    assert [line["seq"] for line in lines] == list(range(10))  # in frame order
+    assert {line["status"] for line in lines} == {"OK"} and {line["source"] for line in lines} == {"send"}
+    np.testing.assert_allclose([line["result"] for line in lines], reference(frames), rtol=1e-4, atol=1e-4)
+    assert lines[0]["shape"] == [1000] and lines[0]["dtype"] == "float32" and lines[0]["timings"]["batch_size"] >= 1
+
+
+async def send_in_process(data: bytes, **kw: Any) -> tuple[int, str, str]:
+    """``streamgpu.send.send`` (what the command runs) on this loop, with bytes for stdin."""
+    out, err = io.StringIO(), io.StringIO()
+    opts = SendOptions(**kw)
+    code = await send(opts, raw_frames(io.BytesIO(data), opts), out, err)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.asyncio
+async def test_top_k_lines_and_input_ending_mid_frame(server: Server) -> None:
+    frames = np.random.default_rng(1).integers(0, 256, (3, *SPEC.input_shape), dtype=np.uint8)
+    data = frames.tobytes()[: -SPEC.frame_nbytes // 2]  # 2.5 frames
+    code, out, err = await send_in_process(data, port=server.port, shape=SPEC.input_shape, top_k=3, in_flight=1)
+    assert code == 1
+    assert f"input ended mid-frame ({SPEC.frame_nbytes // 2} of {SPEC.frame_nbytes} bytes)" in err
+    lines = records(out)
+    assert [line["seq"] for line in lines] == [0, 1]
+    expected = reference(frames[:2])
+    for line, want in zip(lines, expected, strict=True):
+        top = np.argsort(want)[::-1][:3]
+        assert [i for i, _ in line["top_k"]] == top.tolist()
+        np.testing.assert_allclose([v for _, v in line["top_k"]], want[top], rtol=1e-4, atol=1e-4)
+        assert "result" not in line
+
+
+@pytest.mark.asyncio
+async def test_refused_frames_and_unreachable_servers_exit_1(server: Server) -> None:
+    frame = bytes(SPEC.frame_nbytes)
+    code, out, _ = await send_in_process(frame, port=server.port, shape=SPEC.input_shape, model="nosuch")
+    assert code == 1
+    (line,) = records(out)
+    assert line["status"] == "UNKNOWN_MODEL" and "nosuch" in line["message"] and "result" not in line
+    code, out, _ = await send_in_process(frame, port=server.port, shape=(16, 16, 3))  # 4 frames of the wrong shape
+    assert code == 1 and [r["status"] for r in records(out)] == ["BAD_FRAME"] * 4
+    code, out, _ = await send_in_process(frame, port=server.port, shape=SPEC.input_shape)
+    assert code == 0 and records(out)[0]["status"] == "OK"
+    port = server.port
+    await server.stop()  # nobody listens on its port now
+    code, out, err = await send_in_process(frame, port=port, shape=SPEC.input_shape)
+    assert code == 1 and out == "" and "cannot connect" in err
+
+
+@pytest.mark.asyncio
+async def test_a_video_decoded_with_pyav(server: Server, tmp_path: Path) -> None:
+    pytest.importorskip("av", reason="PyAV is not installed (pip install av)")
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None:
+        pytest.skip("ffmpeg is not installed (sh tools/install_test_deps.sh installs it as root)")
+    clip = tmp_path / "clip.mkv"  # lossless RGB: decoded frames are the generated ones, bit for bit
+    source = ["-f", "lavfi", "-i", "testsrc=size=32x32:rate=10", "-frames:v", "4"]
+    subprocess.run([ffmpeg, "-loglevel", "error", *source, "-c:v", "ffv1", "-pix_fmt", "bgr0", str(clip)], check=True)
+    raw = subprocess.run([ffmpeg, "-loglevel", "error", "-i", str(clip), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+                         check=True, capture_output=True).stdout  # fmt: skip
+    frames = np.frombuffer(raw, np.uint8).reshape(-1, *SPEC.input_shape)
+    opts = SendOptions(port=server.port, shape=SPEC.input_shape, top_k=0, video=str(clip))
+    out, err = io.StringIO(), io.StringIO()
+    assert await send(opts, video_frames(str(clip), opts), out, err) == 0, err.getvalue()
+    lines = records(out.getvalue())
+    assert [line["seq"] for line in lines] == [0, 1, 2, 3]
+    np.testing.assert_allclose([line["result"] for line in lines], reference(frames), rtol=1e-4, atol=1e-4)
+    clip.write_bytes(b"not a video")
+    out, err = io.StringIO(), io.StringIO()
+    assert await send(opts, video_frames(str(clip), opts), out, err) == 1
+    assert "cannot decode" in err.getvalue() and out.getvalue() == ""
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--shape", "0,3"], "--shape"),
+        (["--shape", "a,b"], "--shape"),
+        (["--in-flight", "0"], "--in-flight"),
+        (["--rate", "-1"], "--rate"),
+        (["--port", "70000"], "--port"),
+        (["--priority", "300"], "--priority"),
+        (["--transport", "carrier-pigeon"], "--transport"),
+        (["--dtype", "complex64"], "--dtype"),
+        (["--input", "/no/such/file"], "--input"),
+        (["--video", "/no/such/file"], "--video"),
+        (["--video", __file__, "--shape", "8,8"], "--video"),
+        (["--video", __file__, "--input", __file__], "--video"),
+    ],
+)
+def test_bad_send_arguments_are_cli_errors_naming_the_flag(
+    argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["send", *argv])
+    assert info.value.code == 2
+    assert f"argument {flag}" in capsys.readouterr().err

@@ -1,0 +1,120 @@
+"""Controlled spatial sharing: two models co-located on one GPU, each at a fixed offered load.
+
+Model A (ResNet-50 fp16, batches of 8) and model B (ResNet-50 fp16, batches of 32) are launched
+through the CUDA backend at fixed batch rates (open loop) for ``--seconds``; each batch's latency is
+measured from launch to its results on the loop. Scenarios, same process, one after another:
+
+* ``solo``: each model alone, inside its share (``--share-a`` / ``--share-b`` of the SMs);
+* ``controlled``: both at once, each inside its share (green contexts);
+* ``uncontrolled``: both at once, no shares (the hardware schedules both over all SMs).
+
+The figure: each model's p99 co-located against alone at the same share (target: within 10 %),
+and how much the uncontrolled run lets one model hurt the other. Prints a table, writes JSON.
+
+    python tools/bench_shares.py --share-a 0.5 --share-b 0.5 --rate-a 300 --rate-b 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from streamgpu.config import Config
+from streamgpu.gpu.cuda import CudaBackend, CudaModel
+from streamgpu.memory import HostSegment, SlotPool
+from streamgpu.models.builtin import build_builtin
+from streamgpu.models.spec import ModelSpec
+
+FRAME = (224, 224, 3)
+
+
+async def drive(backend: CudaBackend, model: CudaModel, pool: SlotPool, batch: int, rate: float,
+                seconds: float) -> list[float]:  # fmt: skip
+    """Launch a batch every 1/rate s for ``seconds``; the latency (s) of each batch."""
+    loop = asyncio.get_running_loop()
+    slots = [pool.reserve(model.spec.frame_nbytes) for _ in range(batch)]
+    assert all(slots)
+    latencies: list[float] = []
+    pending: set[asyncio.Future[Any]] = set()
+    start = loop.time()
+    n = 0
+    while (now := loop.time()) < start + seconds:
+        due = start + n / rate
+        if due > now:
+            await asyncio.sleep(due - now)
+        launched = time.perf_counter()
+        run = backend.launch(model, slots)  # type: ignore[arg-type]
+
+        def finished(_done: asyncio.Future[Any], launched: float = launched) -> None:
+            latencies.append(time.perf_counter() - launched)
+
+        run.done.add_done_callback(finished)
+        pending.add(run.done)
+        run.done.add_done_callback(pending.discard)
+        n += 1
+    if pending:
+        await asyncio.wait(pending)
+    for slot in slots:
+        pool.release(slot)  # type: ignore[arg-type]
+    return latencies[len(latencies) // 10 :]  # the first tenth warms clocks and queues
+
+
+def stats(latencies: list[float]) -> dict[str, float]:
+    a = np.array(latencies) * 1e3
+    return {"batches": len(a), "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99))}
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    backend = CudaBackend(loop, Config(device="cuda", max_inflight_batches=16))
+    segment = HostSegment.create(64 << 20)
+    await loop.run_in_executor(None, backend.attach_host, segment.buffer)
+    pool = SlotPool(segment.buffer)
+
+    def load(name: str, batch: int, share: float) -> CudaModel:
+        spec = ModelSpec(name=name, source="builtin:resnet50", precision="fp16", max_batch_size=batch,
+                         batch_buckets=(batch,), compile="off", sm_share=share)  # fmt: skip
+        return backend.load(spec, build_builtin("resnet50"))
+
+    shared = {"a": load("a", 8, args.share_a), "b": load("b", 32, args.share_b)}
+    unshared = {"a": load("a", 8, 0.0), "b": load("b", 32, 0.0)}
+    plan = {"a": (8, args.rate_a), "b": (32, args.rate_b)}
+    out: dict[str, Any] = {}
+    for name in ("a", "b"):
+        out[f"solo {name}"] = stats(await drive(backend, shared[name], pool, *plan[name], args.seconds))
+    for label, models in (("controlled", shared), ("uncontrolled", unshared)):
+        a, b = await asyncio.gather(*(drive(backend, models[m], pool, *plan[m], args.seconds) for m in ("a", "b")))
+        out[f"{label} a"], out[f"{label} b"] = stats(a), stats(b)
+    backend.close()
+    segment.close()
+    return out
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--share-a", type=float, default=0.5)
+    parser.add_argument("--share-b", type=float, default=0.5)
+    parser.add_argument("--rate-a", type=float, default=300.0, help="batches of 8 per second")
+    parser.add_argument("--rate-b", type=float, default=60.0, help="batches of 32 per second")
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_shares.json"))
+    args = parser.parse_args()
+    result = asyncio.run(main(args))
+    print(f"\nResNet-50 fp16 on {torch.cuda.get_device_name()}: A = batch 8 at {args.rate_a:g}/s, share "
+          f"{args.share_a:g}; B = batch 32 at {args.rate_b:g}/s, share {args.share_b:g}")  # fmt: skip
+    print("run | batches | p50 ms | p99 ms")
+    for label, r in result.items():
+        print(f"{label} | {r['batches']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f}")
+    for m in ("a", "b"):
+        solo = result[f"solo {m}"]["p99_ms"]
+        print(f"model {m}: p99 co-located/solo: controlled {result[f'controlled {m}']['p99_ms'] / solo:.2f}x, "
+              f"uncontrolled {result[f'uncontrolled {m}']['p99_ms'] / solo:.2f}x (target controlled <= 1.10x)")
+    with open(args.json, "w") as f:
+        json.dump({"card": torch.cuda.get_device_name(), "args": vars(args), "runs": result}, f, indent=1)
