@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="TCP port (default 7878; 0 picks a free one)")
     serve.add_argument("--http-port", type=int, metavar="P",
                        help="also serve HTTP (Open Inference Protocol, WebSocket streams) on port P (0: a free one)")
+    serve.add_argument(
+        "--udp-port", type=int, metavar="PORT", help="also take chunked frames over UDP on this port (same host)"
+    )
     serve.add_argument("--device", choices=DEVICES, help="auto (cuda when usable), cuda or cpu")
     serve.add_argument("--devices", type=_indices, metavar="0,1", help="GPU indices to serve on (default 0)")
     serve.add_argument(
@@ -132,8 +135,8 @@ def serve_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> C
     """``streamgpu serve``'s config: file, environment, then flags; a bad one exits naming the setting or flag."""
     try:
         config = Config.load(
-            args.config, host=args.host, port=args.port, http_port=args.http_port, device=args.device,
-            devices=args.devices, model=args.model, loop=args.loop, log_level=args.log_level,
+            args.config, host=args.host, port=args.port, http_port=args.http_port, udp_port=args.udp_port,
+            device=args.device, devices=args.devices, model=args.model, loop=args.loop, log_level=args.log_level,
             results_port=args.results_port, results_file=args.results_file,
         )  # fmt: skip
     except ConfigError as exc:

@@ -1,4 +1,4 @@
-"""Producer library: stream tensor frames to a streamgpu server over TCP.
+"""Producer library: stream tensor frames to a streamgpu server over TCP (or UDP: :func:`connect_udp`).
 
 Async first (``streamgpu serve`` as shipped listens on 127.0.0.1:7878 and
 serves the model ``default``, which takes 224x224x3 uint8 frames)::
@@ -40,7 +40,7 @@ import operator
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, cast
@@ -48,7 +48,7 @@ from typing import Any, cast
 import numpy as np
 
 from streamgpu.loops import new_event_loop
-from streamgpu.protocol import wire
+from streamgpu.protocol import udp, wire
 
 __all__ = [
     "Connection",
@@ -57,8 +57,11 @@ __all__ = [
     "Reply",
     "ReplyError",
     "SyncConnection",
+    "UdpConnection",
     "connect",
     "connect_sync",
+    "connect_udp",
+    "connect_udp_sync",
 ]
 
 log = logging.getLogger(__name__)
@@ -486,17 +489,23 @@ class Connection:
         fh = wire.FrameHeader(
             stream_id, seq, model, code, frame.shape, frame.nbytes, time.time_ns(), deadline_us, priority, flags
         )
-        header = wire.encode_frame_header(fh)
+        encoded = self._encode(fh, frame)  # ValueError before anything is registered
         fut: asyncio.Future[Reply] = proto.loop.create_future()
         proto.pending[key] = (fut, time.perf_counter_ns())
         if seq >= self._next_seq.get(stream_id, 0):
             self._next_seq[stream_id] = seq + 1
-        if frame.nbytes:
-            # One vectored write, payload passed as a view (no bytes() copy on our side).
-            self._transport.writelines([header, frame.data.cast("B")])
-        else:
-            self._transport.write(header)
+        self._write(encoded)
         return fut
+
+    def _encode(self, header: wire.FrameHeader, frame: np.ndarray) -> list[bytes | memoryview]:
+        """The frame as the transport sends it (TCP: header bytes, then the payload as a view)."""
+        encoded: list[bytes | memoryview] = [wire.encode_frame_header(header)]
+        if frame.nbytes:
+            encoded.append(frame.data.cast("B"))  # passed as a view: no bytes() copy on our side
+        return encoded
+
+    def _write(self, encoded: Any) -> None:
+        self._transport.writelines(encoded)  # one vectored write
 
     async def infer(
         self,
@@ -636,6 +645,243 @@ async def connect(
     return Connection(protocol, transport, welcome)
 
 
+# --- UDP ----------------------------------------------------------------------
+
+_UDP_READS_PER_WAKEUP = 256  # datagrams read per wake-up before the loop runs other work
+_UDP_PARTIAL_REPLIES = 1024  # replies in reassembly kept at once (the oldest is dropped past it)
+
+
+class _DatagramTransport:
+    """The UDP side of a :class:`UdpConnection`: one connected non-blocking socket read by
+    ``loop.add_reader``; reply datagrams are reassembled and handed to the shared reply matching
+    (``_Protocol._on_reply``). Offers the few transport methods :class:`Connection` uses."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, protocol: _Protocol, loss: float,
+                 seed: int | None) -> None:  # fmt: skip
+        self._loop = loop
+        self._sock = sock
+        self._protocol = protocol
+        self._buf = bytearray(udp.MAX_DATAGRAM_BYTES)
+        self._view = memoryview(self._buf)
+        self._partial: dict[tuple[int, int], tuple[udp.Assembly, bytearray, list[bytes]]] = {}
+        self._loss = loss
+        self._rng = np.random.default_rng(seed)
+        self._closing = False
+        self.datagrams_sent = 0
+        self.datagrams_dropped = 0  # by ``loss``, or because the socket's send buffer was full
+        self.bad_datagrams = 0  # replies that could not be parsed
+        loop.add_reader(sock.fileno(), self._on_readable)
+        protocol.connection_made(cast(asyncio.BaseTransport, self))
+
+    @property
+    def socket(self) -> socket.socket:
+        return self._sock
+
+    # --- what Connection uses of a transport ---------------------------------
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "peername":
+            with contextlib.suppress(OSError):
+                return self._sock.getpeername()
+        if name == "socket":
+            return self._sock
+        return default
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+        self._loop.call_soon(self._protocol.connection_lost, None)
+
+    abort = close
+
+    def writelines(self, datagrams: list[list[bytes | memoryview]]) -> None:
+        """Send each datagram (a list of buffers, no copy); ``loss`` drops a random fraction first."""
+        if self._closing:
+            return
+        keep = self._rng.random(len(datagrams)) >= self._loss if self._loss else None
+        for i, parts in enumerate(datagrams):
+            if keep is not None and not keep[i]:
+                self.datagrams_dropped += 1
+                continue
+            try:
+                self._sock.sendmsg(parts)
+            except OSError:  # send buffer full, or the server's port said unreachable: UDP does not wait
+                self.datagrams_dropped += 1
+            else:
+                self.datagrams_sent += 1
+
+    # --- receiving replies -------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        for _ in range(_UDP_READS_PER_WAKEUP):
+            if self._closing:
+                return
+            try:
+                n = self._sock.recv_into(self._buf)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. ICMP port unreachable: the server is not (yet) there
+                log.debug("udp receive: %s", exc)
+                continue
+            try:
+                self._on_datagram(self._view[:n])
+            except (ValueError, wire.ProtocolError) as exc:
+                self.bad_datagrams += 1
+                log.debug("bad reply datagram: %s", exc)
+
+    def _on_datagram(self, data: memoryview) -> None:
+        ch = udp.decode_chunk_header(data)
+        if ch.kind != udp.Kind.REPLY:
+            raise ValueError("not a reply chunk")
+        body = data[udp.HEADER_SIZE :]
+        if ch.chunk_count == 1:  # the common case: the whole reply in one datagram
+            got = wire.decode_reply(body)
+            if got is None:
+                raise ValueError("reply datagram shorter than its reply")
+            self._protocol._on_reply(got[0], got[1])
+            return
+        key = (ch.stream_id, ch.sequence)
+        entry = self._partial.get(key)
+        if entry is None:
+            if key not in self._protocol.pending:
+                return  # a late duplicate, or a reply nobody waits for
+            buffer = bytearray(ch.length)
+            entry = self._partial[key] = (udp.Assembly(ch.chunk_count, ch.length, memoryview(buffer)), buffer, [])
+            if len(self._partial) > _UDP_PARTIAL_REPLIES:
+                del self._partial[next(iter(self._partial))]
+        assembly, buffer, head = entry
+        if ch.chunk_index == 0 and not assembly.seen[0]:
+            used = udp.reply_head_length(body)
+            head.append(bytes(body[:used]))
+            body = body[used:]
+        added = assembly.add(ch.chunk_index, ch.chunk_count, ch.offset, ch.length, body)
+        if added is not udp.Added.NEW or not assembly.all_chunks:
+            return
+        del self._partial[key]
+        got = wire.decode_reply(head[0] + buffer)
+        if got is None or not assembly.complete:
+            raise ValueError("reply chunks do not add up to the reply")
+        self._protocol._on_reply(got[0], got[1])
+
+
+class UdpConnection(Connection):
+    """Frames over UDP (docs/PROTOCOL.md section 11): the same ``submit``/``infer`` as :class:`Connection`.
+
+    Create it with :func:`connect_udp`. There is no handshake, so there is no
+    WELCOME: :attr:`welcome` is a local stand-in (``limits`` None). Datagrams
+    can be lost: a frame the server got only part of is answered INCOMPLETE,
+    but a frame none of whose datagrams arrived, or whose reply was lost,
+    gets no reply; its future fails with TimeoutError after ``reply_timeout``.
+    """
+
+    def __init__(self, protocol: _Protocol, transport: _DatagramTransport, datagram_bytes: int,
+                 reply_timeout: float | None) -> None:  # fmt: skip
+        limit = udp.MAX_CHUNKS * (datagram_bytes - udp.HEADER_SIZE) - wire.FRAME_HEADER_SIZE
+        welcome = wire.Welcome(wire.Status.OK, min(limit, udp.MAX_LENGTH), 0, "udp: no handshake")
+        super().__init__(protocol, cast(asyncio.Transport, transport), welcome)
+        self._udp = transport
+        self.datagram_bytes = datagram_bytes
+        self._reply_timeout = reply_timeout
+        self._timer: asyncio.TimerHandle | None = None
+        if reply_timeout is not None:
+            self._timer = protocol.loop.call_later(min(reply_timeout / 4, 1.0), self._expire)
+
+    @property
+    def socket(self) -> socket.socket:
+        """The connected UDP socket (to send hand-made datagrams, e.g. in tests; do not read from it)."""
+        return self._udp.socket
+
+    @property
+    def datagrams_sent(self) -> int:
+        return self._udp.datagrams_sent
+
+    @property
+    def datagrams_dropped(self) -> int:
+        """Datagrams not sent: dropped on purpose (``loss``) or for a full send buffer."""
+        return self._udp.datagrams_dropped
+
+    def _encode(self, header: wire.FrameHeader, frame: np.ndarray) -> list[bytes | memoryview]:
+        return cast(list[bytes | memoryview], udp.frame_datagrams(header, frame.data.cast("B"), self.datagram_bytes))
+
+    def _write(self, encoded: Any) -> None:
+        self._udp.writelines(encoded)
+
+    def _expire(self) -> None:
+        """Fail the futures of frames that got no reply within ``reply_timeout``."""
+        proto = self._protocol
+        assert self._reply_timeout is not None
+        if proto.error is not None:
+            return
+        limit = time.perf_counter_ns() - int(self._reply_timeout * 1e9)
+        for key, (fut, sent_ns) in list(proto.pending.items()):
+            if sent_ns < limit:
+                del proto.pending[key]
+                if not fut.done():
+                    why = f"frame {key[0]}/{key[1]}: no reply within {self._reply_timeout:g} s"
+                    fut.set_exception(TimeoutError(why))
+        self._timer = proto.loop.call_later(min(self._reply_timeout / 4, 1.0), self._expire)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Close the socket; frames still in flight fail with ConnectionError."""
+        if self._timer is not None:
+            self._timer.cancel()
+        await super().close(timeout)
+
+
+async def connect_udp(
+    host: str,
+    port: int,
+    *,
+    datagram_bytes: int = udp.DEFAULT_DATAGRAM_BYTES,
+    reply_timeout: float | None = 10.0,
+    loss: float = 0.0,
+    seed: int | None = None,
+    recv_buffer_bytes: int = 4 * 1024 * 1024,
+) -> UdpConnection:
+    """Open a UDP "connection" to a server's UDP listener: a connected socket, no handshake.
+
+    Args:
+        datagram_bytes: size of each datagram sent (default fits a 1500-byte
+            MTU; up to 65507 where the path allows, e.g. jumbo frames or loopback).
+        reply_timeout: seconds after which a frame without reply fails with
+            TimeoutError (``None``: wait for ever).
+        loss: for tests and load generation: drop this fraction of datagrams
+            at random instead of sending them (``seed`` seeds the choice).
+        recv_buffer_bytes: SO_RCVBUF asked for the reply socket.
+
+    Raises:
+        ValueError: an argument is out of range. OSError: the address cannot be resolved or used.
+    """
+    if not udp.MIN_DATAGRAM_BYTES <= datagram_bytes <= udp.MAX_DATAGRAM_BYTES:
+        raise ValueError(f"datagram_bytes must be {udp.MIN_DATAGRAM_BYTES}..{udp.MAX_DATAGRAM_BYTES}")
+    if not 0 <= loss < 1:
+        raise ValueError(f"loss must be a fraction in [0, 1), got {loss!r}")
+    if reply_timeout is not None and not (reply_timeout > 0 and math.isfinite(reply_timeout)):
+        raise ValueError(f"reply_timeout must be a positive number of seconds or None, got {reply_timeout!r}")
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, recv_buffer_bytes)
+        sock.connect(address)  # replies from anyone else are filtered out by the kernel
+        protocol = _Protocol(loop)
+        protocol.welcome.set_result(wire.Welcome(wire.Status.OK, 0, 0))  # no handshake: replies parse at once
+        transport = _DatagramTransport(loop, sock, protocol, loss, seed)
+    except BaseException:
+        sock.close()
+        raise
+    return UdpConnection(protocol, transport, datagram_bytes, reply_timeout)
+
+
 # --- blocking wrapper -----------------------------------------------------
 
 
@@ -751,13 +997,22 @@ def connect_sync(
 ) -> SyncConnection:
     """Blocking :func:`connect`: returns a :class:`SyncConnection`."""
     _check_protocol_version(protocol_version)
+    return _sync(lambda: connect(host, port, token=token, timeout=timeout, protocol_version=protocol_version),
+                 f"{host}:{port}")  # fmt: skip
+
+
+def connect_udp_sync(host: str, port: int, **kwargs: Any) -> SyncConnection:
+    """Blocking :func:`connect_udp` (same keyword arguments): a :class:`SyncConnection` over UDP."""
+    return _sync(lambda: connect_udp(host, port, **kwargs), f"{host}:{port}/udp")
+
+
+def _sync(opening: Callable[[], Coroutine[Any, Any, Connection]], name: str) -> SyncConnection:
+    """Open a connection on a private loop in one daemon thread, wrapped for blocking use."""
     loop = new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name=f"streamgpu-client {host}:{port}", daemon=True)
+    thread = threading.Thread(target=loop.run_forever, name=f"streamgpu-client {name}", daemon=True)
     thread.start()
     try:
-        conn = asyncio.run_coroutine_threadsafe(
-            connect(host, port, token=token, timeout=timeout, protocol_version=protocol_version), loop
-        ).result()
+        conn = asyncio.run_coroutine_threadsafe(opening(), loop).result()
     except BaseException:
         _stop_loop(loop, thread)
         raise

@@ -206,6 +206,7 @@ class Config:
         values.update({k: v for k, v in overrides.items() if v is not None})
         address = {k: values.pop(k) for k in ("host", "port") if k in values}
         http_port = values.pop("http_port", None)
+        udp_port = values.pop("udp_port", None)
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigError(f"unknown settings: {sorted(unknown)}")
@@ -213,6 +214,9 @@ class Config:
             listeners = list(values.get("listeners") or [ListenerSpec()])
             listeners[0] = dataclasses.replace(listeners[0], **address)
             values["listeners"] = listeners
+        if udp_port is not None:  # udp_port (file, STREAMGPU_UDP_PORT, --udp-port): one more listener, UDP
+            listeners = list(values.get("listeners") or [ListenerSpec()])
+            values["listeners"] = [*listeners, ListenerSpec(kind="udp", host=listeners[0].host, port=udp_port)]
         if http_port is not None:  # http_port (file, STREAMGPU_HTTP_PORT, --http-port): the http listener's port
             if isinstance(http_port, bool) or not isinstance(http_port, int):
                 raise ConfigError(f"http_port must be an integer port 0..65535, got {http_port!r}")
@@ -247,7 +251,8 @@ class Config:
         return dataclasses.replace(self, models=[first, *self.models[1:]])
 
 
-_ADDRESS_KEYS = {"host": "", "port": 0, "http_port": 0}  # shortcuts: the first listener's address, the http port
+# Shortcuts: the first listener's address; the ports of an http and a udp listener.
+_ADDRESS_KEYS = {"host": "", "port": 0, "http_port": 0, "udp_port": 0}
 _SERVER_KEYS: dict[str, Any] = {
     **{f.name: f.default for f in dataclasses.fields(Config) if f.name not in ("models", "listeners", "tokens")},
     **_ADDRESS_KEYS,

@@ -251,3 +251,24 @@ def test_no_examples_of_things_that_do_not_exist() -> None:
     assert "224 x 224 x 3" in DOC and "(1000,)" in DOC
     # the hypothetical model `echo` only appears in the worked example, which says it is illustrative
     assert "echo`" not in DOC.replace(section(8), "")
+
+
+def test_udp_section_matches_protocol_udp() -> None:
+    from streamgpu.ingest.udp import UdpOptions
+    from streamgpu.protocol import udp
+
+    text = section(11)
+    rows = table_rows(text, "| offset | size | type | field | meaning |")
+    assert int(rows[-1][0]) + int(rows[-1][1]) == udp.HEADER_SIZE
+    fields = [r[3] for r in rows]
+    names = udp.HEADER_DTYPE.names or ()
+    assert fields[1:] == [n if n not in ("index", "count") else f"chunk_{n}" for n in names[1:]]
+    rows = table_rows(text, "| option | default | meaning |")
+    options = {name.strip("`"): default.strip("`") for name, default, _ in rows}
+    defaults = UdpOptions()
+    assert set(options) == set(UdpOptions.__dataclass_fields__)
+    for name, value in options.items():
+        want = getattr(defaults, name)
+        assert (list(want) if isinstance(want, tuple) else want) == ast.literal_eval(value), name
+    assert f"at most {udp.DEFAULT_DATAGRAM_BYTES} bytes" in text
+    assert "| 12 | INCOMPLETE |" in section(5) and wire.Status.INCOMPLETE == 12

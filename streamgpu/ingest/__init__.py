@@ -19,6 +19,7 @@ LISTENERS: dict[str, str] = {
     "tcp": "streamgpu.ingest.tcp:TcpListener",
     "http": "streamgpu.ingest.http:HttpListener",
     "raw": "streamgpu.ingest.raw:RawListener",
+    "udp": "streamgpu.ingest.udp:UdpListener",
 }
 
 

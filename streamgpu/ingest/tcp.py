@@ -388,10 +388,9 @@ class TcpConnection(asyncio.BufferedProtocol):
     # -- replies --------------------------------------------------------------------------------
 
     def _on_outcome(self, ticket: Ticket, frame: Frame, outcome: Outcome) -> None:
-        h = frame.header
-        self._admission.stream_results.publish(h, outcome)  # to WebSocket subscribers of this stream id, if any
-        status, message, result, timings = outcome
-        self._send(ticket, wire.encode_frame_reply(h, status, message, result, timings, self.version))
+        self._admission.stream_results.publish(frame.header, outcome)  # to WebSocket subscribers of this stream id
+        reply, payload = wire.reply_to(frame.header, *outcome)
+        self._send(ticket, wire.encode_reply(reply, payload, self.version))
 
     def _answer_now(self, header: FrameHeader, ticket: Ticket, status: Status, message: str) -> None:
         reply = ReplyHeader(

@@ -127,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run every level against this endpoint and report each figure's ratio to -u",
     )
     t.add_argument("-i", "--transport", default="tcp", help="transport plug-in (default tcp)")
+    t.add_argument(
+        "--loss", type=float, default=0.0, metavar="FRACTION",
+        help="udp transport: drop this fraction of datagrams on the sending side (default 0)",
+    )  # fmt: skip
     t.add_argument("--token", default="", help="auth token sent in the handshake")
     t.add_argument("--connect-timeout", type=pos_float, default=10.0, metavar="S", help="seconds (default 10)")
     t.add_argument(
@@ -243,11 +247,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         values, mode = args.request_rate_range, RATE
     else:
         values, mode = args.concurrency_range or [1.0], CONCURRENCY
-    get_transport(args.transport)  # UsageError for an unknown name, before anything starts
+    get_transport(args.transport).configure(loss=args.loss)  # UsageError for an unknown name or option, now
     cfg = RunConfig(
         endpoints=[args.url] + ([args.compare] if args.compare else []),
         levels=[LoadLevel(mode, v) for v in values],
         transport=args.transport,
+        loss=args.loss,
         token=args.token,
         connect_timeout_s=args.connect_timeout,
         model=args.model,

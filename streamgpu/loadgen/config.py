@@ -51,6 +51,7 @@ class RunConfig:
     endpoints: list[Endpoint]  # one, or two with --compare (the second is compared with the first)
     levels: list[LoadLevel]
     transport: str = "tcp"
+    loss: float = 0.0  # datagram transports: fraction of datagrams dropped on the sending side
     token: str = ""
     connect_timeout_s: float = 10.0
     model: str = "default"

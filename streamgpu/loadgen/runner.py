@@ -63,6 +63,7 @@ async def _setup(cfg: RunConfig, index: int) -> list[LoadRunner]:
     """Frames, connections and one LoadRunner per endpoint for generator process ``index``."""
     frames = cfg.frames()
     transport = get_transport(cfg.transport)
+    transport.configure(loss=cfg.loss)
     streams = [k for k in range(cfg.total_streams) if k % cfg.processes == index]
     runners: list[LoadRunner] = []
     try:

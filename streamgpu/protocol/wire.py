@@ -77,18 +77,19 @@ class Status(enum.IntEnum):
     UNSUPPORTED_VERSION = 10
     # --- v2 only (a v1 connection gets the stand-in from status_for) ---
     RECEIVE_TIMEOUT = 11  # connection-level: a frame's payload did not arrive within its time budget
+    INCOMPLETE = 12  # UDP only: a frame's datagrams did not all arrive within its reassembly time
 
 
 V1_STATUSES: frozenset[Status] = frozenset(s for s in Status if s <= Status.UNSUPPORTED_VERSION)
 # What a v1 connection is sent instead of a status v1 does not know.
-V1_STAND_INS: dict[Status, Status] = {Status.RECEIVE_TIMEOUT: Status.BAD_FRAME}
+V1_STAND_INS: dict[Status, Status] = {Status.RECEIVE_TIMEOUT: Status.BAD_FRAME, Status.INCOMPLETE: Status.BAD_FRAME}
 
 
 def status_for(status: Status, version: int) -> Status:
     """The status to put on the wire of a connection speaking protocol ``version``.
 
     Statuses that do not exist in v1 are mapped to their v1 stand-in
-    (RECEIVE_TIMEOUT -> BAD_FRAME) when ``version`` < 2; otherwise unchanged.
+    (RECEIVE_TIMEOUT and INCOMPLETE -> BAD_FRAME) when ``version`` < 2; otherwise unchanged.
     """
     if version >= 2 or status in V1_STATUSES:
         return status
@@ -476,24 +477,22 @@ def encode_reply(h: ReplyHeader, payload: bytes | memoryview = b"", version: int
     return parts
 
 
-def encode_frame_reply(
-    frame: FrameHeader, status: Status, message: str, result: np.ndarray | None, timings: Timings,
-    version: int = VERSION,
-) -> list[bytes | memoryview]:
-    """The REPLY to ``frame``: its ids and echoed timestamp, ``status``, and ``result`` (a view, not copied).
+_NO_TIMINGS = Timings()
 
-    What every front end that speaks this wire format (TCP, WebSocket) sends for a frame's outcome.
-    """
+
+def reply_to(
+    h: FrameHeader, status: Status, message: str = "", result: np.ndarray | None = None, timings: Timings = _NO_TIMINGS
+) -> tuple[ReplyHeader, memoryview]:
+    """The reply to the frame ``h`` (an ``Outcome``'s fields, in its order): header and result bytes (no copy)."""
     if result is None:
-        reply = ReplyHeader(frame.stream_id, frame.sequence, status, timestamp_ns=frame.timestamp_ns,
-                            timings=timings, message=message)  # fmt: skip
-        return encode_reply(reply, b"", version)
+        return ReplyHeader(h.stream_id, h.sequence, status, timestamp_ns=h.timestamp_ns, timings=timings,
+                           message=message), memoryview(b"")  # fmt: skip
     payload = result.reshape(-1).view("u1").data
     reply = ReplyHeader(
-        frame.stream_id, frame.sequence, status, dtype_code(result.dtype), tuple(result.shape), payload.nbytes,
-        frame.timestamp_ns, timings, message,
+        h.stream_id, h.sequence, status, dtype_code(result.dtype), tuple(result.shape), payload.nbytes, h.timestamp_ns,
+        timings, message,
     )  # fmt: skip
-    return encode_reply(reply, payload, version)
+    return reply, payload
 
 
 def decode_reply(buf: bytes | memoryview) -> tuple[ReplyHeader, memoryview, int] | None:

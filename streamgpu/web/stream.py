@@ -127,8 +127,7 @@ class StreamSocket:
         future.add_done_callback(answered)
 
     def answer(self, ticket: Ticket, header: FrameHeader, outcome: Outcome) -> None:
-        status, message, result, timings = outcome
-        reply = b"".join(wire.encode_frame_reply(header, status, message, result, timings))
+        reply = _encode(header, outcome)
         for ready in self.order.complete(ticket, [reply]):  # each part is one whole reply
             self.queue(bytes(ready))
         self.replied.set()
@@ -173,13 +172,18 @@ class StreamSocket:
         if len(self.out) >= MAX_QUEUED:  # a slow reader loses its oldest, never slows the producer
             self.out.popleft()
             self.dropped += 1
-        status, message, result, timings = outcome
-        self.queue(b"".join(wire.encode_frame_reply(header, status, message, result, timings)))
+        self.queue(_encode(header, outcome))
 
     def close(self) -> None:
         for subscription in self.subscriptions.values():
             subscription.cancel()
         self.subscriptions.clear()
+
+
+def _encode(header: FrameHeader, outcome: Outcome) -> bytes:
+    """The frame's REPLY as a v2 TCP connection gets it, as one message (copied: the result may be reused)."""
+    reply, payload = wire.reply_to(header, *outcome)
+    return b"".join(wire.encode_reply(reply, payload))
 
 
 _SOCKETS: web.AppKey[set[StreamSocket]] = web.AppKey("streamgpu.stream.sockets")

@@ -1,0 +1,557 @@
+"""The UDP front end: chunked frames (docs/PROTOCOL.md section 11) reassembled in their ring slots.
+
+One non-blocking socket, read from ``loop.add_reader`` (uvloop's datagram
+transport would make a ``bytes`` per datagram). Each wake-up drains up to
+``max_batches`` batches of up to ``batch`` datagrams, each with one
+``recvmmsg`` call (``ingest.mmsg``), so the loop is never held long. A
+batch's chunk headers are judged with numpy at once (``protocol.udp.check_batch``);
+the good chunks are copied to their offset in their frame's ring slot.
+
+Producers and trust: UDP has no handshake and a source address can be
+forged, so an auth token would protect nothing. A producer is a source
+address (ip, port); datagrams are taken only from the networks in the
+listener's ``allow`` option (default: loopback only). A server with tokens
+refuses to bind UDP beyond loopback without an explicit ``allow`` list.
+
+A frame's slot is reserved at its first datagram (every chunk header
+carries the payload length), within its producer's share; when there is
+no room the frame is answered OVERLOADED at once (UDP cannot wait). A frame
+completes when every chunk is in, in any order; duplicates are ignored (a
+byte per chunk index). It is given up, answered INCOMPLETE exactly once and
+its slot freed, when ``reassembly_timeout_s`` passes from its first
+datagram or its deadline comes first. Each producer has at most
+``max_partial_frames`` frames in reassembly: a new one past that gives up
+its oldest (INCOMPLETE). Late datagrams of a frame that has ended are
+counted and dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import functools
+import ipaddress
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from streamgpu.config import LOOPBACK_HOSTS, ListenerSpec
+from streamgpu.errors import ConfigError
+from streamgpu.frame import Frame, Outcome
+from streamgpu.ingest.admission import Admission, Grant, Producer, Refused, Reservation
+from streamgpu.ingest.base import Listener
+from streamgpu.ingest.mmsg import MSG_TRUNC, PacketArea, decode_sockaddr
+from streamgpu.memory import Slot
+from streamgpu.protocol import udp, wire
+from streamgpu.protocol.udp import Added, Assembly, Kind, Verdict
+from streamgpu.protocol.wire import FrameFlags, FrameHeader, ProtocolError, ReplyHeader, Status, Timings
+from streamgpu.results import Results
+
+log = logging.getLogger(__name__)
+
+LOOPBACK_NETS = ("127.0.0.0/8", "::1/128", "::ffff:127.0.0.0/104")
+ENDED_KEPT = 1024  # per producer: recently ended frames, so their late datagrams are recognised
+DENIED_KEPT = 4096  # sender keys found outside the allow list (cached: a flood costs a lookup each)
+BAD_COUNTERS: dict[Verdict, str] = {v: v.name.lower() for v in Verdict if v is not Verdict.OK}
+
+
+@dataclass(frozen=True)
+class UdpOptions:
+    """The ``options`` of a ``kind = "udp"`` listener (configs/example.toml shows each)."""
+
+    allow: tuple[str, ...] = ()  # networks datagrams are taken from; empty: loopback only
+    reassembly_timeout_s: float = 1.0
+    max_partial_frames: int = 16
+    datagram_bytes: int = udp.DEFAULT_DATAGRAM_BYTES  # size of reply datagrams
+    max_datagram_bytes: int = 9216  # receive buffer per datagram (jumbo frames fit); larger ones: oversized
+    batch: int = 1024  # datagrams per recvmmsg call (the most Linux takes): the numpy work per call is amortised
+    max_batches: int = 4  # batches per wake-up, then the loop runs other work
+    recv_buffer_bytes: int = 16 * 1024 * 1024  # SO_RCVBUF asked for (the kernel may cap it)
+    peer_idle_s: float = 60.0  # a producer with nothing in the server is forgotten after this long
+
+    @classmethod
+    def parse(cls, options: dict[str, Any]) -> UdpOptions:
+        known = set(cls.__dataclass_fields__)
+        unknown = set(options) - known
+        if unknown:
+            raise ConfigError(f"udp listener: unknown options {sorted(unknown)}; known: {sorted(known)}")
+        values = dict(options)
+        if "allow" in values:
+            allow = values["allow"]
+            if isinstance(allow, str) or not all(isinstance(a, str) for a in allow):
+                raise ConfigError("udp listener: allow must be a list of networks, e.g. ['10.0.0.0/8']")
+            values["allow"] = tuple(allow)
+        try:
+            opts = cls(**values)
+        except TypeError as exc:
+            raise ConfigError(f"udp listener: {exc}") from None
+        problems = opts.problems()
+        if problems:
+            raise ConfigError("udp listener: " + "; ".join(problems))
+        return opts
+
+    def problems(self) -> list[str]:
+        out = []
+        for net in self.allow:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as exc:
+                out.append(f"allow: {exc}")
+        for name in ("reassembly_timeout_s", "peer_idle_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and 0 < value < float("inf")):
+                out.append(f"{name} must be a finite number of seconds > 0, got {value!r}")
+        for name, lo, hi in (
+            ("max_partial_frames", 1, 1 << 16),
+            ("datagram_bytes", udp.MIN_DATAGRAM_BYTES, udp.MAX_DATAGRAM_BYTES),
+            ("max_datagram_bytes", udp.MIN_DATAGRAM_BYTES, udp.MAX_DATAGRAM_BYTES + 1),
+            ("batch", 1, 1024),
+            ("max_batches", 1, 1 << 16),
+            ("recv_buffer_bytes", 0, 1 << 31),
+        ):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi):
+                out.append(f"{name} must be an integer in {lo}..{hi}, got {value!r}")
+        return out
+
+
+class _Partial:
+    """A frame in reassembly: its slot, its chunks so far, and when it is given up."""
+
+    __slots__ = ("assembly", "deadline_ns", "give_up_ns", "header", "received_ns", "slot")
+
+    def __init__(self, slot: Slot, assembly: Assembly, received_ns: int, give_up_ns: int) -> None:
+        self.slot = slot
+        self.assembly = assembly
+        self.received_ns = received_ns
+        self.give_up_ns = give_up_ns
+        self.header: FrameHeader | None = None  # from chunk 0, once admitted
+        self.deadline_ns = 0
+
+
+class _Peer:
+    """One sender address: its producer, its frames in reassembly, the frames that ended recently."""
+
+    __slots__ = ("address", "ended", "key", "last_seen", "partials", "producer")
+
+    def __init__(self, key: Any, address: Any, producer: Producer) -> None:
+        self.key = key
+        self.address = address
+        self.producer = producer
+        self.partials: dict[tuple[int, int], _Partial] = {}  # (stream_id, sequence), oldest first
+        self.ended: collections.OrderedDict[tuple[int, int], None] = collections.OrderedDict()
+        self.last_seen = time.monotonic()
+
+
+class UdpListener(Listener):
+    """Receives chunked frames on one UDP address (``ListenerSpec(kind="udp", host, port, options)``)."""
+
+    kind = "udp"
+
+    def __init__(self, spec: ListenerSpec, admission: Admission, results: Results | None = None) -> None:
+        super().__init__(spec, admission, results)
+        self.options = opts = UdpOptions.parse(spec.options)
+        cfg = admission.config
+        public = spec.host not in LOOPBACK_HOSTS
+        if public and not opts.allow and (cfg.auth_token or cfg.tokens):
+            raise ConfigError(
+                f"udp listener on {spec.host}: UDP has no handshake, so auth tokens cannot protect it;"
+                " set the listener's options.allow to the producers' networks (or bind to loopback)"
+            )
+        nets = opts.allow or (LOOPBACK_NETS if not public else ("0.0.0.0/0", "::/0"))
+        self._allow = [ipaddress.ip_network(n, strict=False) for n in nets]
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reading = False
+        self._area = PacketArea(opts.batch, udp.HEADER_SIZE, opts.max_datagram_bytes + 1)  # +1: see oversized
+        self._heads = udp.header_view(self._area.heads)
+        self._words = udp.words(self._heads)
+        self._every = np.arange(opts.batch)
+        self._peers: dict[Any, _Peer] = {}
+        self._denied: collections.OrderedDict[Any, None] = collections.OrderedDict()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timeout_ns = int(opts.reassembly_timeout_s * 1e9)
+        self._counts: collections.Counter[str] = collections.Counter()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(self.spec.host, self.spec.port, type=socket.SOCK_DGRAM)
+        family, _, _, _, address = infos[0]
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            if self.options.recv_buffer_bytes:
+                set_receive_buffer(sock, self.options.recv_buffer_bytes)
+            sock.bind(address)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock, self._loop = sock, loop
+        loop.add_reader(sock.fileno(), self._on_readable)
+        self._reading = True
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        if self._sock is None:
+            return []
+        return [self._sock.getsockname()[:2]]
+
+    def stop_accepting(self) -> None:
+        """Read no more datagrams; frames still in reassembly are answered SHUTTING_DOWN."""
+        self._stop_reading()
+        for peer in list(self._peers.values()):
+            for key in list(peer.partials):
+                self._give_up(peer, key, Status.SHUTTING_DOWN, "server is shutting down")
+
+    def _stop_reading(self) -> None:
+        if self._reading and self._loop is not None and self._sock is not None:
+            self._loop.remove_reader(self._sock.fileno())
+            self._reading = False
+
+    async def close(self, timeout: float) -> None:
+        """Close the socket (replies of frames still in the server are then dropped: UDP cannot wait)."""
+        self.stop_accepting()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for peer in list(self._peers.values()):
+            self._forget(peer)
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def sweep(self, now: float) -> None:
+        """Forget producers that sent nothing for ``peer_idle_s`` and have nothing in the server."""
+        idle = self.options.peer_idle_s
+        for peer in list(self._peers.values()):
+            if not peer.partials and not peer.producer.frames_in_server and now - peer.last_seen > idle:
+                self._forget(peer)
+
+    def _forget(self, peer: _Peer) -> None:
+        for key in list(peer.partials):
+            self._give_up(peer, key, Status.SHUTTING_DOWN, "server is shutting down")
+        if self._peers.pop(peer.key, None) is not None:
+            self.admission.leave(peer.producer)
+            self.admission.close_connection()
+
+    def stats(self) -> dict[str, Any]:
+        partial = sum(len(p.partials) for p in self._peers.values())
+        return {"kind": self.kind, "producers": len(self._peers), "partial_frames": partial, **self._counts}
+
+    # -- receiving -------------------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        area, sock = self._area, self._sock
+        for _ in range(self.options.max_batches):
+            if sock is None or not self._reading:
+                return
+            try:
+                n = area.receive(sock)
+            except OSError as exc:  # e.g. ICMP errors reported on the socket: not fatal to the listener
+                self._counts["receive_errors"] += 1
+                log.debug("udp receive: %s", exc)
+                continue
+            if n == 0:
+                return
+            self._counts["datagrams"] += n
+            self._counts["receive_calls"] += 1
+            self._batch(n)
+            if n < area.batch:
+                return
+
+    def _batch(self, n: int) -> None:
+        """Judge a batch's headers at once, group its good datagrams into runs, place each run in one copy."""
+        area = self._area
+        lengths = area.lengths[:n]
+        # The area has one byte more per datagram than allowed: "too large" shows as a length, not only MSG_TRUNC.
+        oversized = ((area.flags[:n] & MSG_TRUNC) != 0) | (lengths > self.options.max_datagram_bytes)
+        verdict = udp.check_batch(self._heads[:n], lengths, Kind.FRAME, oversized)
+        if verdict.any():
+            bad = verdict != Verdict.OK
+            for value, count in enumerate(np.bincount(verdict[bad], minlength=len(Verdict)).tolist()):
+                if count:
+                    self._counts[BAD_COUNTERS[Verdict(value)]] += count
+            good = np.flatnonzero(~bad)
+            if not len(good):
+                return
+        else:
+            good = self._every[:n]
+        w = self._words[good]
+        body = lengths[good].astype(np.int64) - udp.HEADER_SIZE
+        starts = udp.runs(good, w, body, area.names64[good])
+        ends = np.append(starts[1:], len(good))
+        ws = w[starts]
+        sequence = ws[:, 3].astype(np.uint64) | (ws[:, 4].astype(np.uint64) << np.uint64(32))
+        now_ns = time.perf_counter_ns()
+        peer: _Peer | None = None
+        last_sender: Any = None
+        for i, k, sid, seq, word5, offset, length, step, last in zip(
+            good[starts].tolist(), (ends - starts).tolist(), ws[:, 2].tolist(), sequence.tolist(),
+            ws[:, 5].tolist(), ws[:, 6].tolist(), ws[:, 7].tolist(), body[starts].tolist(), body[ends - 1].tolist(),
+            strict=True,
+        ):  # fmt: skip
+            sender = area.sender(i)
+            if sender != last_sender or peer is None:
+                peer = self._peer(sender)
+                last_sender = sender
+                if peer is None:
+                    self._counts["denied"] += k - 1  # _peer counted the first
+                    continue
+            index, count = word5 & 0xFFFF, word5 >> 16
+            key = (sid, seq)
+            partial = peer.partials.get(key)
+            if partial is None:
+                if key in peer.ended:
+                    self._counts["late"] += k
+                    continue
+                partial = self._open(peer, key, count, length, now_ns)
+                if partial is None:
+                    continue
+            asm = partial.assembly
+            if index == 0:  # a run of its own
+                if asm.seen[0]:
+                    self._counts["duplicates"] += 1
+                    continue
+                start = i * area.body_bytes
+                chunk0 = area.bodies_flat[start : start + step]
+                used = self._on_head(peer, key, partial, chunk0, count, length)
+                if used < 0:
+                    continue
+                added = asm.add(0, count, 0, length, chunk0[used:])
+                if added is not Added.NEW:
+                    self._counts["inconsistent"] += 1
+            else:
+                rows = area.bodies[i : i + k]
+                added = asm.add_run(index, count, offset, length, rows, step, last)
+                if added is Added.INCONSISTENT:
+                    self._counts["inconsistent"] += k
+                elif added is Added.DUPLICATE:  # some came before: take the others one by one
+                    for j in range(k):
+                        size = step if j < k - 1 else last
+                        got = asm.add(index + j, count, offset + j * step, length, rows[j, :size])
+                        if got is not Added.NEW:
+                            self._counts["duplicates" if got is Added.DUPLICATE else "inconsistent"] += 1
+            if asm.all_chunks:
+                self._finish(peer, key, partial)
+
+    def _peer(self, sender: Any) -> _Peer | None:
+        peer = self._peers.get(sender)
+        if peer is not None:
+            peer.last_seen = time.monotonic()
+            return peer
+        if sender in self._denied:
+            self._counts["denied"] += 1
+            return None
+        address = decode_sockaddr(sender)
+        host = ipaddress.ip_address(address[0].split("%")[0])
+        if not any(host in net for net in self._allow):
+            self._counts["denied"] += 1
+            self._denied[sender] = None
+            if len(self._denied) > DENIED_KEPT:
+                self._denied.popitem(last=False)
+            return None
+        if not self.admission.open_connection():
+            self._counts["too_many_producers"] += 1
+            return None
+        grant = Grant(None, self.admission.config.max_priority)
+        producer = self.admission.producer_for(grant, f"udp:{address[0]}:{address[1]}")
+        peer = self._peers[sender] = _Peer(sender, address, producer)
+        return peer
+
+    def _open(self, peer: _Peer, key: tuple[int, int], count: int, length: int, now_ns: int) -> _Partial | None:
+        """Start reassembling a frame at its first datagram: reserve its slot, or answer it now."""
+        cfg = self.admission.config
+        if length > cfg.max_payload_bytes:
+            self._counts["too_large"] += 1
+            why = f"payload of {length} bytes exceeds {cfg.max_payload_bytes}"
+            self._answer(peer, key, None, Status.TOO_LARGE, why)
+            return None
+        if not self.admission.accepting:
+            self._answer(peer, key, None, Status.SHUTTING_DOWN, "server is shutting down")
+            return None
+        if len(peer.partials) >= self.options.max_partial_frames:
+            oldest = next(iter(peer.partials))
+            self._counts["evicted"] += 1
+            self._give_up(peer, oldest, Status.INCOMPLETE,
+                          f"given up for a newer frame: more than {self.options.max_partial_frames} frames of this"
+                          " producer in reassembly")  # fmt: skip
+        if peer.producer.frames_in_server + len(peer.partials) >= cfg.max_frames_per_connection:
+            self._counts["overloaded"] += 1
+            self._answer(peer, key, None, Status.OVERLOADED,
+                         f"this producer has {cfg.max_frames_per_connection} frames in the server")  # fmt: skip
+            return None
+        got = peer.producer.reserve(length, _no_wait)
+        if isinstance(got, Reservation):  # UDP cannot wait for space: the frame is refused now
+            got.cancel()
+            self._counts["no_space"] += 1
+            self._answer(peer, key, None, Status.OVERLOADED, "no receive buffer space for this frame")
+            return None
+        assembly = Assembly(count, length, np.frombuffer(self.admission.pool.view(got), np.uint8))
+        partial = peer.partials[key] = _Partial(got, assembly, now_ns, now_ns + self._timeout_ns)
+        self._arm_timer()
+        return partial
+
+    def _on_head(self, peer: _Peer, key: tuple[int, int], partial: _Partial, body: memoryview, count: int,
+                 length: int) -> int:  # fmt: skip
+        """Chunk 0: parse and admit the frame header; the bytes it used, or -1 when the frame ended here."""
+        try:
+            parsed = wire.decode_frame_header(body)
+        except ProtocolError as exc:
+            self._counts["bad_head"] += 1
+            self._give_up(peer, key, Status.BAD_FRAME, f"chunk 0 does not hold a frame header: {exc}")
+            return -1
+        if parsed is None:
+            self._counts["truncated"] += 1
+            self._give_up(peer, key, Status.BAD_FRAME, "chunk 0 is shorter than the frame header it starts")
+            return -1
+        header, used = parsed
+        if (header.stream_id, header.sequence, header.payload_len) != (key[0], key[1], length):
+            self._counts["inconsistent"] += 1
+            self._give_up(
+                peer, key, Status.BAD_FRAME,
+                f"chunk 0's frame header (stream {header.stream_id}, sequence {header.sequence}, payload_len"
+                f" {header.payload_len}) disagrees with its chunk header (stream {key[0]}, sequence {key[1]},"
+                f" length {length})",
+            )  # fmt: skip
+            return -1
+        if len(body) - used > length:
+            self._counts["past_end"] += 1
+            self._give_up(peer, key, Status.BAD_FRAME, "chunk 0 carries more bytes than the payload length")
+            return -1
+        try:
+            partial.deadline_ns = self.admission.admit(peer.producer, header, partial.received_ns)
+        except Refused as refused:
+            self._give_up(peer, key, refused.status, refused.message, header)
+            return -1
+        partial.header = header
+        if partial.deadline_ns:
+            partial.give_up_ns = min(partial.give_up_ns, partial.deadline_ns)
+        if header.flags & FrameFlags.LIVE:
+            for older in [k for k in peer.partials if k[0] == key[0] and k[1] < key[1]]:
+                self._counts["superseded"] += 1
+                self._give_up(peer, older, Status.SUPERSEDED,
+                              "superseded by a newer frame of this live stream before it was complete")  # fmt: skip
+        return used
+
+    def _finish(self, peer: _Peer, key: tuple[int, int], partial: _Partial) -> None:
+        """Every chunk is in: submit the frame, or answer BAD_FRAME if its chunks do not tile the payload."""
+        asm = partial.assembly
+        if not asm.complete:
+            self._counts["inconsistent"] += 1
+            why = f"the frame's {asm.count} chunks hold {asm.bytes} bytes, its length is {asm.length}"
+            self._give_up(peer, key, Status.BAD_FRAME, why)
+            return
+        header = partial.header
+        assert header is not None  # chunk 0 is one of all the chunks, and admitted it
+        del peer.partials[key]
+        self._ended(peer, key)
+        self._counts["frames"] += 1
+        frame = Frame(
+            header=header,
+            slot=partial.slot,
+            producer=peer.producer,
+            stream=(peer.key, header.stream_id),
+            received_ns=partial.received_ns,
+            complete_ns=time.perf_counter_ns(),
+            deadline_ns=partial.deadline_ns,
+            sink=functools.partial(self._on_outcome, peer),
+        )
+        self.admission.submit(frame)
+
+    def _give_up(self, peer: _Peer, key: tuple[int, int], status: Status, message: str,
+                 header: FrameHeader | None = None) -> None:  # fmt: skip
+        """End a frame in reassembly: free its slot now and answer it once."""
+        partial = peer.partials.pop(key, None)
+        if partial is None:
+            return
+        peer.producer.release(partial.slot)
+        if status == Status.INCOMPLETE:
+            self._counts["incomplete"] += 1
+        self._answer(peer, key, header or partial.header, status, message, partial.received_ns)
+
+    def _ended(self, peer: _Peer, key: tuple[int, int]) -> None:
+        peer.ended[key] = None
+        if len(peer.ended) > ENDED_KEPT:
+            peer.ended.popitem(last=False)
+
+    # -- reassembly time limit -----------------------------------------------------------------
+
+    def _arm_timer(self) -> None:
+        if self._timer is None and self._loop is not None:
+            period = min(max(self.options.reassembly_timeout_s / 4, 0.001), 0.25)
+            self._timer = self._loop.call_later(period, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        now = time.perf_counter_ns()
+        pending = False
+        for peer in list(self._peers.values()):
+            for key, partial in list(peer.partials.items()):
+                if partial.give_up_ns <= now:
+                    asm = partial.assembly
+                    why = (
+                        "its deadline passed"
+                        if partial.give_up_ns == partial.deadline_ns
+                        else (f"reassembly_timeout_s ({self.options.reassembly_timeout_s:g} s) passed")
+                    )
+                    self._give_up(peer, key, Status.INCOMPLETE,
+                                  f"{asm.missing()} of {asm.count} datagrams missing when {why}")  # fmt: skip
+            pending = pending or bool(peer.partials)
+        if pending:
+            self._arm_timer()
+
+    # -- replies ---------------------------------------------------------------------------------
+
+    def _answer(self, peer: _Peer, key: tuple[int, int], header: FrameHeader | None, status: Status, message: str,
+                received_ns: int = 0) -> None:  # fmt: skip
+        """Answer a frame that does not reach the scheduler (refused, given up), and remember it ended."""
+        self._ended(peer, key)
+        total = (time.perf_counter_ns() - received_ns) // 1000 if received_ns else 0
+        reply = ReplyHeader(key[0], key[1], status, timestamp_ns=header.timestamp_ns if header else 0,
+                            timings=Timings(total_us=total), message=message)  # fmt: skip
+        self._send(peer, reply, b"")
+
+    def _on_outcome(self, peer: _Peer, frame: Frame, outcome: Outcome) -> None:
+        reply, payload = wire.reply_to(frame.header, *outcome)
+        self._send(peer, reply, payload)
+
+    def _send(self, peer: _Peer, reply: ReplyHeader, payload: bytes | memoryview) -> None:
+        sock = self._sock
+        if sock is None:
+            self._counts["replies_dropped"] += 1
+            return
+        for parts in udp.reply_datagrams(reply, payload, self.options.datagram_bytes):
+            try:
+                sock.sendmsg(parts, (), 0, peer.address)
+            except OSError:  # send buffer full, or the producer's host unreachable: UDP does not wait
+                self._counts["reply_datagrams_dropped"] += 1
+            else:
+                self._counts["reply_datagrams"] += 1
+
+
+def set_receive_buffer(sock: socket.socket, nbytes: int) -> int:
+    """Ask for an ``nbytes`` socket receive buffer: past ``net.core.rmem_max`` where allowed
+    (SO_RCVBUFFORCE needs CAP_NET_ADMIN), else up to it. Returns what the kernel granted."""
+    force = getattr(socket, "SO_RCVBUFFORCE", None)
+    try:
+        if force is None:
+            raise PermissionError
+        sock.setsockopt(socket.SOL_SOCKET, force, nbytes)
+    except OSError:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, nbytes)
+    granted: int = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    if granted < nbytes:
+        log.info("udp: receive buffer is %d bytes (asked for %d; raise net.core.rmem_max for bursts)", granted, nbytes)
+    return granted
+
+
+def _no_wait(slot: Slot) -> None:  # pragma: no cover - a cancelled reservation never delivers
+    raise AssertionError("a UDP frame never waits for ring space")

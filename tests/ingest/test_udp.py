@@ -1,0 +1,372 @@
+"""The UDP listener over loopback on a real server (CPU backend), with the client's connect_udp."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import threading
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any, cast
+
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from streamgpu import client
+from streamgpu.config import Config, ListenerSpec
+from streamgpu.errors import ConfigError
+from streamgpu.ingest.admission import Admission
+from streamgpu.ingest.udp import UdpListener
+from streamgpu.models.spec import ModelSpec
+from streamgpu.protocol import udp, wire
+from streamgpu.protocol.udp import ChunkHeader, Kind
+from streamgpu.protocol.wire import FrameFlags, FrameHeader, Status
+from streamgpu.server import Server
+
+SHAPE = (24, 24, 3)
+SPEC = ModelSpec(input_shape=SHAPE, max_batch_size=8, batch_buckets=(1, 8))
+NBYTES = 24 * 24 * 3
+GRAM = 512  # small datagrams: a frame is 4 of them
+
+
+def make_config(**options: Any) -> Config:
+    udp_spec = ListenerSpec("udp", "127.0.0.1", 0, {"reassembly_timeout_s": 0.2, **options})
+    return Config(listeners=[ListenerSpec("tcp", "127.0.0.1", 0), udp_spec], device="cpu", models=[SPEC])
+
+
+@pytest_asyncio.fixture
+async def server(request: pytest.FixtureRequest) -> AsyncIterator[Server]:
+    options = getattr(request, "param", {})
+    async with Server(make_config(**options)) as srv:
+        yield srv
+
+
+def udp_port(srv: Server) -> int:
+    return srv.addresses[1][1]
+
+
+def udp_stats(srv: Server) -> dict[str, Any]:
+    stats: dict[str, Any] = srv.metrics()["listeners"][1]
+    return stats
+
+
+def frames(n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, SHAPE, dtype=np.uint8) for _ in range(n)]
+
+
+def same(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal up to float rounding (batch size changes the summation order); one wrong input byte is far off."""
+    return a.shape == b.shape and np.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+async def reference(srv: Server, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    """Each input's result over TCP (the CPU backend is deterministic per input)."""
+    async with await client.connect("127.0.0.1", srv.port) as conn:
+        return [(await conn.infer(f)).unwrap() for f in inputs]
+
+
+async def wait_for(predicate: Any, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < end, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+class Raw:
+    """A hand-made UDP producer: sends what it is given, reads reply headers."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+        self.sock.connect(("127.0.0.1", port))
+
+    def send(self, *datagrams: bytes) -> None:
+        for d in datagrams:
+            self.sock.send(d)
+
+    async def replies(self, quiet: float = 0.3) -> list[wire.ReplyHeader]:
+        """The header of every reply that comes until none came for ``quiet`` seconds."""
+        loop = asyncio.get_running_loop()
+        out: list[wire.ReplyHeader] = []
+        while True:
+            try:
+                data = await asyncio.wait_for(loop.sock_recv(self.sock, 65536), quiet)
+            except TimeoutError:
+                return out
+            ch = udp.decode_chunk_header(data)
+            assert ch.kind == Kind.REPLY
+            if ch.chunk_index:
+                continue  # results are not looked at here: the header in chunk 0 is
+            body = data[udp.HEADER_SIZE :]
+            head = body[: udp.reply_head_length(body)]
+            got = wire.decode_reply(head + bytes(ch.length))
+            assert got is not None
+            out.append(got[0])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def grams(seq: int, frame: np.ndarray | None = None, stream: int = 0, live: bool = False) -> list[bytes]:
+    payload = (frame if frame is not None else np.zeros(SHAPE, np.uint8)).data.cast("B")
+    flags = FrameFlags.LIVE if live else FrameFlags.NONE
+    header = FrameHeader(stream, seq, "default", 1, SHAPE, NBYTES, flags=flags)
+    return [udp.join(parts) for parts in udp.frame_datagrams(header, payload, GRAM)]
+
+
+# --- end to end --------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_frames_over_udp_match_tcp_results(server: Server) -> None:
+    inputs = frames(6)
+    expected = await reference(server, inputs)
+    conn = await client.connect_udp("127.0.0.1", udp_port(server), datagram_bytes=GRAM)
+    try:
+        replies = await asyncio.gather(*(conn.submit(f, stream_id=i % 2) for i, f in enumerate(inputs)))
+        for reply, want in zip(replies, expected, strict=True):
+            assert reply.ok and same(reply.unwrap(), want)
+        big = await conn.infer(inputs[0], sequence=99)  # default datagram size too
+        assert big.ok
+    finally:
+        await conn.close()
+    stats = udp_stats(server)
+    assert stats["frames"] == 7 and stats["partial_frames"] == 0 and server.pool.slots_in_use == 0
+    # Live mode: a newer LIVE frame of the stream gives up an older one still in reassembly.
+    raw = Raw(udp_port(server))
+    try:
+        old, new = grams(1, live=True), grams(2, frames(1)[0], live=True)
+        raw.send(*old[:-1], *new)
+        answered = await raw.replies()
+        assert [(r.sequence, r.status) for r in answered] == [(1, Status.SUPERSEDED), (2, Status.OK)]
+        assert server.pool.slots_in_use == 0
+    finally:
+        raw.close()
+
+
+class Shuffler:
+    """Stands in for the client's datagram sending: drops 1 %, duplicates 1 %, reorders within 16 datagrams."""
+
+    def __init__(self, conn: client.UdpConnection, seed: int) -> None:
+        self.sock = conn.socket
+        self.rng = random.Random(seed)
+        self.window: list[bytes] = []
+        self.damaged: set[tuple[int, int]] = set()
+        self.touched: set[tuple[int, int]] = set()
+        self.handle: asyncio.TimerHandle | None = None
+
+    def write(self, datagrams: list[list[bytes | memoryview]]) -> None:
+        for parts in datagrams:
+            data = udp.join(parts)
+            ch = udp.decode_chunk_header(data)
+            key = (ch.stream_id, ch.sequence)
+            if self.rng.random() < 0.01:
+                self.damaged.add(key)
+                continue
+            self.touched.add(key)
+            self.window.append(data)
+            if self.rng.random() < 0.01:
+                self.window.append(data)
+            if len(self.window) >= 16:
+                self.flush()
+        if self.window and self.handle is None:  # the tail goes out shortly, still shuffled
+            self.handle = asyncio.get_running_loop().call_later(0.01, self.flush)
+
+    def flush(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+        self.rng.shuffle(self.window)
+        for data in self.window:
+            self.sock.send(data)
+        self.window.clear()
+
+
+@pytest.mark.asyncio
+async def test_loss_duplicates_and_reordering(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every complete frame OK with its result, every damaged one INCOMPLETE, each answered exactly once."""
+    inputs = frames(8, seed=1)
+    expected = await reference(server, inputs)
+    conn = await client.connect_udp("127.0.0.1", udp_port(server), datagram_bytes=GRAM, reply_timeout=5)
+    shuffler = Shuffler(conn, seed=7)
+    monkeypatch.setattr(conn, "_write", shuffler.write)
+    n = 300
+    replies: dict[tuple[int, int], client.Reply] = {}
+    window = asyncio.Semaphore(8)
+
+    async def one(i: int) -> None:
+        async with window:
+            reply = await conn.submit(inputs[i % len(inputs)], stream_id=i % 3, sequence=i)
+        replies[(i % 3, i)] = reply
+
+    try:
+        await asyncio.gather(*(one(i) for i in range(n)))
+        await asyncio.sleep(0.3)  # duplicate replies, if any, would come now
+        unmatched = conn._protocol.unmatched_replies
+    finally:
+        await conn.close()
+    damaged = shuffler.damaged & shuffler.touched  # frames with some datagrams sent, not all
+    assert len(damaged) >= 3, "the seed must damage some frames"
+    assert len(replies) == n and unmatched == 0
+    for (stream, seq), reply in replies.items():
+        if (stream, seq) in damaged:
+            assert reply.status == Status.INCOMPLETE, (stream, seq, reply.message)
+            assert "datagrams missing" in reply.message
+        else:
+            assert reply.ok, (stream, seq, reply.status, reply.message)
+            assert same(reply.unwrap(), expected[seq % len(inputs)])
+    stats = udp_stats(server)
+    assert stats["incomplete"] == len(damaged) and stats["duplicates"] + stats.get("late", 0) > 0
+    assert stats["partial_frames"] == 0 and server.pool.slots_in_use == 0
+
+
+def test_blocking_client_over_udp() -> None:
+    """``connect_udp_sync`` (what scripts and ``streamgpu send`` use) against a server on another thread."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    srv = Server(make_config())
+    asyncio.run_coroutine_threadsafe(srv.start(), loop).result(30)
+    try:
+        with client.connect_udp_sync("127.0.0.1", udp_port(srv), datagram_bytes=GRAM) as conn:
+            reply = conn.infer(frames(1)[0], timeout=10)
+            assert reply.ok and reply.unwrap().shape == (1000,)
+    finally:
+        asyncio.run_coroutine_threadsafe(srv.stop(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
+
+
+# --- bounds -----------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("server", [{"max_partial_frames": 4, "reassembly_timeout_s": 30}], indirect=True)
+async def test_flood_of_first_chunks_is_bounded_and_isolated(server: Server) -> None:
+    flood = Raw(udp_port(server))
+    conn = await client.connect_udp("127.0.0.1", udp_port(server), datagram_bytes=GRAM)
+    try:
+        inputs = frames(4, seed=2)
+        most_slots = 0
+        for seq in range(200):
+            flood.send(grams(seq)[0])  # chunk 0 only: the rest never comes
+            if seq % 20 == 0:
+                good = await conn.infer(inputs[seq % 4])  # another producer is not affected
+                assert good.ok, good.message
+            most_slots = max(most_slots, server.pool.slots_in_use)
+        await wait_for(lambda: udp_stats(server).get("evicted", 0) == 196)
+        assert most_slots <= 4 + 1  # the flood's 4 partial frames, and at most one frame of the other producer
+        assert udp_stats(server)["partial_frames"] == 4 and server.pool.slots_in_use == 4
+        answered = await flood.replies()
+        assert [r.status for r in answered] == [Status.INCOMPLETE] * 196
+        assert sorted(r.sequence for r in answered) == list(range(196))  # the oldest given up, each once
+        await conn.close()
+        # Shutdown answers the frames still in reassembly, and frees their slots.
+        stopping = asyncio.ensure_future(server.stop())
+        answered = await flood.replies()
+        await stopping
+        assert sorted((r.sequence, r.status) for r in answered) == [(s, Status.SHUTTING_DOWN) for s in range(196, 200)]
+        assert server.pool.slots_in_use == 0
+    finally:
+        flood.close()
+        await conn.close()
+
+
+def chunk(index: int, count: int, offset: int, length: int, body: bytes, seq: int = 0, kind: Kind = Kind.FRAME,
+          stream: int = 0) -> bytes:  # fmt: skip
+    return udp.encode_chunk_header(ChunkHeader(kind, stream, seq, index, count, offset, length)) + body
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("server", [{"max_datagram_bytes": 1024}], indirect=True)
+async def test_bad_datagrams_are_counted_dropped_and_cost_nothing_else(server: Server) -> None:
+    raw = Raw(udp_port(server))
+    conn = await client.connect_udp("127.0.0.1", udp_port(server), datagram_bytes=GRAM)
+    good = grams(50, frames(1)[0])
+    n = len(good)
+    try:
+        disagreeing = grams(60)  # chunk 0 says sequence 61 in its frame header
+        head = FrameHeader(0, 61, "default", 1, SHAPE, NBYTES)
+        first = udp.decode_chunk_header(disagreeing[0])
+        body0 = wire.encode_frame_header(head) + disagreeing[0][udp.HEADER_SIZE + head.wire_size :]
+        raw.send(
+            b"SGUD\x01",  # truncated: shorter than a chunk header
+            chunk(1, n, 480, NBYTES, bytes(2000)),  # oversized: above max_datagram_bytes
+            b"XXXX" + good[1][4:],  # bad magic
+            chunk(1, n, 480, NBYTES, b"x", kind=Kind.REPLY),  # wrong kind
+            chunk(n, n, 480, NBYTES, b"x", seq=70),  # chunk index past the count
+            chunk(1, n, NBYTES - 1, NBYTES, b"xy", seq=71),  # offset past the frame
+            chunk(0, first.chunk_count, 0, NBYTES, body0, seq=60),  # chunk 0 disagrees: BAD_FRAME
+            *disagreeing[1:],  # ... and the rest of that frame is late
+            chunk(0, 1, 0, 1 << 30, b"", seq=80),  # too large: TOO_LARGE
+            chunk(0, n, 0, NBYTES, b"SGFR\x01", seq=81),  # chunk 0 cut inside its frame header: BAD_FRAME
+        )
+        late = grams(90)
+        raw.send(*late[1:], chunk(0, n + 1, 0, NBYTES, late[0][udp.HEADER_SIZE :], seq=90))  # count disagrees
+        answered = {r.sequence: r for r in await raw.replies()}
+        assert {seq: r.status for seq, r in answered.items()} == {
+            60: Status.BAD_FRAME, 80: Status.TOO_LARGE, 81: Status.BAD_FRAME, 90: Status.INCOMPLETE,
+        }  # fmt: skip
+        assert "disagrees" in answered[60].message and "shorter" in answered[81].message
+        stats = udp_stats(server)
+        counted = {k: stats.get(k, 0) for k in ("truncated", "oversized", "bad_header", "bad_chunk", "past_end",
+                                                "inconsistent", "too_large", "late")}  # fmt: skip
+        assert counted == {"truncated": 2, "oversized": 1, "bad_header": 2, "bad_chunk": 1, "past_end": 1,
+                           "inconsistent": 2, "too_large": 1, "late": len(disagreeing) - 1}  # fmt: skip
+        raw.send(*good)  # the same producer's next good frame is taken
+        reply = await conn.infer(frames(1)[0])  # and so is another producer's
+        assert reply.ok
+        await wait_for(lambda: udp_stats(server)["frames"] == 2)
+        await wait_for(lambda: server.pool.slots_in_use == 0)
+        assert udp_stats(server)["partial_frames"] == 0
+    finally:
+        raw.close()
+        await conn.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("server", [{"allow": ["10.0.0.0/8"]}], indirect=True)
+async def test_senders_outside_the_allow_list_are_ignored(server: Server) -> None:
+    raw = Raw(udp_port(server))
+    try:
+        raw.send(*grams(1), *grams(2))
+        assert await raw.replies(quiet=0.3) == []
+        stats = udp_stats(server)
+        assert stats["denied"] == 2 * len(grams(1)) and stats["producers"] == 0 and server.pool.slots_in_use == 0
+    finally:
+        raw.close()
+
+
+# --- configuration -------------------------------------------------------------------------
+
+
+def test_udp_port_adds_a_udp_listener() -> None:
+    cfg = Config.load(None, env={"STREAMGPU_UDP_PORT": "7000"}, host="127.0.0.2", device="cpu")
+    assert [(ls.kind, ls.host, ls.port) for ls in cfg.listeners] == [("tcp", "127.0.0.2", 7878),
+                                                                     ("udp", "127.0.0.2", 7000)]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("options", "extra", "match"),
+    [
+        ({"batch": 0}, {}, "batch must be an integer"),
+        ({"colour": 1}, {}, "unknown options"),
+        ({"allow": ["not-a-net"]}, {}, "allow"),
+        ({"reassembly_timeout_s": float("inf")}, {}, "reassembly_timeout_s"),
+        ({}, {"auth_token": "s3cret", "host": "0.0.0.0"}, "options.allow"),
+    ],
+)
+def test_bad_udp_options_are_named(options: dict[str, Any], extra: dict[str, Any], match: str) -> None:
+    extra = dict(extra)
+    host = extra.pop("host", "127.0.0.1")
+    spec = ListenerSpec("udp", host, 0, options)
+    cfg = Config(listeners=[spec], device="cpu", models=[SPEC], **extra)
+    admission = cast(Admission, SimpleNamespace(config=cfg))  # the options are checked before anything is used
+    with pytest.raises(ConfigError, match=match):
+        UdpListener(spec, admission)

@@ -1,0 +1,162 @@
+"""protocol/udp.py: chunk layout, batch checks, reassembly, reply chunks."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from streamgpu.protocol import udp, wire
+from streamgpu.protocol.udp import Added, Assembly, ChunkHeader, Kind, Verdict
+from streamgpu.protocol.wire import FrameHeader, ReplyHeader, Status
+
+
+def frame_header(payload_len: int, stream: int = 3, seq: int = 9) -> FrameHeader:
+    return FrameHeader(stream, seq, "default", 1, (payload_len,), payload_len, timestamp_ns=77)
+
+
+def test_chunk_header_round_trip_and_layout() -> None:
+    h = ChunkHeader(Kind.FRAME, 7, 2**40 + 1, 3, 9, 1234, 99999)
+    raw = udp.encode_chunk_header(h)
+    assert len(raw) == udp.HEADER_SIZE == udp.HEADER_DTYPE.itemsize
+    assert raw[:4] == b"SGUD" and raw[4] == 1 and raw[5] == Kind.FRAME
+    assert udp.decode_chunk_header(raw) == h
+    parsed = np.frombuffer(raw, udp.HEADER_DTYPE)[0]
+    assert (int(parsed["stream_id"]), int(parsed["sequence"]), int(parsed["index"]), int(parsed["count"])) == (
+        7, 2**40 + 1, 3, 9)  # fmt: skip
+    assert (int(parsed["offset"]), int(parsed["length"])) == (1234, 99999)
+    with pytest.raises(ValueError, match="shorter"):
+        udp.decode_chunk_header(raw[:31])
+    with pytest.raises(ValueError, match="not below"):
+        udp.decode_chunk_header(udp.encode_chunk_header(h._replace(chunk_index=9)))
+
+
+@pytest.mark.parametrize("length", [0, 1, 1000, 1452 - 32 - 59, 1452 - 32 - 58, 150_528])
+def test_frame_datagrams_tile_the_payload_and_fit_the_mtu(length: int) -> None:
+    payload = np.random.default_rng(length).integers(0, 256, length, dtype=np.uint8)
+    grams = udp.frame_datagrams(frame_header(length), payload.data)
+    sizes = [sum(len(p) for p in parts) for parts in grams]
+    assert max(sizes) <= udp.DEFAULT_DATAGRAM_BYTES and all(s > udp.HEADER_SIZE for s in sizes)
+    out = bytearray(length)
+    asm = Assembly(len(grams), length, memoryview(out))
+    order = list(range(len(grams)))
+    random.Random(length).shuffle(order)
+    for i in order:
+        data = memoryview(udp.join(grams[i]))
+        ch = udp.decode_chunk_header(data)
+        assert (ch.kind, ch.stream_id, ch.sequence, ch.chunk_count, ch.length) == (Kind.FRAME, 3, 9, len(grams), length)
+        body = data[udp.HEADER_SIZE :]
+        if ch.chunk_index == 0:
+            got = wire.decode_frame_header(body)
+            assert got is not None and got[0] == frame_header(length)
+            body = body[got[1] :]
+        assert asm.add(ch.chunk_index, ch.chunk_count, ch.offset, ch.length, body) is Added.NEW
+        assert asm.add(ch.chunk_index, ch.chunk_count, ch.offset, ch.length, body) is Added.DUPLICATE
+    assert asm.complete and bytes(out) == payload.tobytes()
+
+
+def test_chunk_spans_limits() -> None:
+    assert udp.chunk_spans(100, 0) == [(0, 0)]
+    spans = udp.chunk_spans(100, 5000, 1000)
+    assert spans[0] == (0, 868) and all(n == 968 for _, n in spans[1:-1])
+    assert sum(n for _, n in spans) == 5000
+    with pytest.raises(ValueError, match="datagram_bytes"):
+        udp.chunk_spans(100, 10, 100)
+    with pytest.raises(ValueError, match="at most 65535"):
+        udp.chunk_spans(100, 70_000 * 480, 512)
+
+
+def test_assembly_refuses_inconsistent_chunks() -> None:
+    asm = Assembly(3, 10, memoryview(bytearray(10)))
+    assert asm.add(1, 4, 0, 10, memoryview(b"ab")) is Added.INCONSISTENT  # count differs
+    assert asm.add(1, 3, 0, 11, memoryview(b"ab")) is Added.INCONSISTENT  # length differs
+    assert asm.add(1, 3, 9, 10, memoryview(b"ab")) is Added.INCONSISTENT  # past the end
+    for i, off in enumerate((0, 4, 8)):
+        assert asm.add(i, 3, off, 10, memoryview(b"xx")) is Added.NEW
+    assert asm.all_chunks and not asm.complete  # 6 of 10 bytes: the chunks do not tile the payload
+
+
+def batch(datagrams: list[bytes], row: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    area = np.zeros((len(datagrams), row), np.uint8)
+    for i, d in enumerate(datagrams):
+        area[i, : min(len(d), row)] = np.frombuffer(d[:row], np.uint8)
+    return udp.header_view(area), np.array([len(d) for d in datagrams], np.uint32)
+
+
+def test_check_batch_gives_one_verdict_per_datagram() -> None:
+    good = ChunkHeader(Kind.FRAME, 1, 2, 1, 3, 100, 300)
+    enc = udp.encode_chunk_header
+    cases = {
+        Verdict.OK: enc(good) + bytes(100),
+        Verdict.TRUNCATED: enc(good)[:20],
+        Verdict.BAD_HEADER: b"XXXX" + enc(good)[4:] + bytes(10),
+        Verdict.BAD_CHUNK: enc(good._replace(chunk_index=3)) + bytes(10),
+        Verdict.PAST_END: enc(good._replace(offset=250)) + bytes(100),
+    }
+    reply_kind = enc(good._replace(kind=Kind.REPLY)) + bytes(10)
+    zero_count = enc(good._replace(chunk_index=0, chunk_count=0)) + bytes(10)
+    chunk0_offset = enc(good._replace(chunk_index=0, offset=5)) + bytes(10)
+    datagrams = [*cases.values(), reply_kind, zero_count, chunk0_offset, enc(good) + bytes(10)]
+    heads, lengths = batch(datagrams)
+    truncated = np.zeros(len(datagrams), bool)
+    truncated[-1] = True
+    verdict = udp.check_batch(heads, lengths, Kind.FRAME, truncated)
+    expected = [*cases, Verdict.BAD_HEADER, Verdict.BAD_CHUNK, Verdict.PAST_END, Verdict.OVERSIZED]
+    assert verdict.tolist() == [int(v) for v in expected]
+
+
+def test_reply_datagrams_carry_the_tcp_reply() -> None:
+    result = np.arange(1000, dtype=np.float32)
+    h = ReplyHeader(5, 6, Status.OK, wire.dtype_code(result.dtype), (1000,), 4000, 11, message="hi")
+    grams = udp.reply_datagrams(h, result.data.cast("B"))
+    assert len(grams) == 3
+    head = bytearray()
+    buf = bytearray(4000)
+    asm = Assembly(3, 4000, memoryview(buf))
+    for parts in reversed(grams):
+        data = memoryview(udp.join(parts))
+        ch = udp.decode_chunk_header(data)
+        body = data[udp.HEADER_SIZE :]
+        if ch.chunk_index == 0:
+            n = udp.reply_head_length(body)
+            head += body[:n]
+            body = body[n:]
+        asm.add(ch.chunk_index, ch.chunk_count, ch.offset, ch.length, body)
+    got = wire.decode_reply(bytes(head) + buf)
+    assert got is not None and got[0] == h and np.array_equal(np.frombuffer(got[1], np.float32), result)
+
+
+def test_incomplete_has_a_v1_stand_in() -> None:
+    assert wire.status_for(Status.INCOMPLETE, 1) == Status.BAD_FRAME
+    assert wire.status_for(Status.INCOMPLETE, 2) == Status.INCOMPLETE
+
+
+def test_runs_group_consecutive_chunks_and_add_run_places_them() -> None:
+    length = 5000
+    payload = np.random.default_rng(3).integers(0, 256, length, dtype=np.uint8)
+    grams = [udp.join(p) for p in udp.frame_datagrams(frame_header(length), payload.data, 1000)]
+    other = [udp.join(p) for p in udp.frame_datagrams(frame_header(length, seq=10), payload.data, 1000)]
+    order = [grams[0], grams[1], grams[2], grams[3], other[1], grams[5], grams[4], grams[3]]  # 4 and 5 swapped, 3 twice
+    area = np.zeros((len(order), 1000), np.uint8)
+    for i, d in enumerate(order):
+        area[i, : len(d)] = np.frombuffer(d, np.uint8)
+    heads = udp.header_view(area)
+    body = np.array([len(d) - udp.HEADER_SIZE for d in order])
+    good = np.arange(len(order))
+    starts = udp.runs(good, udp.words(heads), body, np.zeros((len(order), 4), np.uint64))
+    assert starts.tolist() == [0, 1, 4, 5, 6, 7]  # chunk 0 alone, chunks 1-3, the other frame, then each one alone
+    target = np.zeros(length, np.uint8)
+    asm = Assembly(len(grams), length, target)
+    h0 = udp.decode_chunk_header(order[0])
+    used = frame_header(length).wire_size
+    first = area[0, udp.HEADER_SIZE + used : udp.HEADER_SIZE + body[0]]
+    assert asm.add(0, h0.chunk_count, 0, length, first) is Added.NEW
+    rows = area[1:4, udp.HEADER_SIZE :]
+    h1 = udp.decode_chunk_header(order[1])
+    assert asm.add_run(1, h1.chunk_count, h1.offset, length, rows, int(body[1]), int(body[3])) is Added.NEW
+    assert asm.add_run(1, h1.chunk_count, h1.offset, length, rows, int(body[1]), int(body[3])) is Added.DUPLICATE
+    for i in (6, 5):
+        h = udp.decode_chunk_header(order[i])
+        asm.add(h.chunk_index, h.chunk_count, h.offset, length, area[i, udp.HEADER_SIZE : udp.HEADER_SIZE + body[i]])
+    assert asm.complete and np.array_equal(target, payload)
