@@ -62,8 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", metavar="FILE", help="TOML config (see configs/example.toml)")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="TCP port (default 7878; 0 picks a free one)")
-    serve.add_argument("--http-port", type=int, metavar="P",
-                       help="also serve HTTP (Open Inference Protocol, WebSocket streams) on port P (0: a free one)")
+    serve.add_argument(
+        "--http-port", type=int, metavar="P",
+        help="also serve HTTP (Open Inference Protocol, WebSocket streams) on port P (0: a free one)",
+    )  # fmt: skip
     serve.add_argument(
         "--udp-port", type=int, metavar="PORT", help="also take chunked frames over UDP on this port (same host)"
     )
