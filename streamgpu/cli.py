@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     serve.add_argument("--results-port", type=int, metavar="PORT", help="serve JSON-lines results on PORT")
     serve.add_argument("--results-file", metavar="FILE", help="append JSON-lines results to FILE")
+    serve.add_argument(
+        "--ingest-workers", type=int, metavar="N", help="N processes accept and read connections (default 0: this one)"
+    )
 
     send = commands.add_parser("send", help="send raw frames from stdin or a file; print replies as JSON lines")
     from streamgpu.loadgen.transports import transport_names
@@ -139,7 +142,7 @@ def serve_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> C
         config = Config.load(
             args.config, host=args.host, port=args.port, http_port=args.http_port, udp_port=args.udp_port,
             device=args.device, devices=args.devices, model=args.model, loop=args.loop, log_level=args.log_level,
-            results_port=args.results_port, results_file=args.results_file,
+            results_port=args.results_port, results_file=args.results_file, ingest_workers=args.ingest_workers,
         )  # fmt: skip
     except ConfigError as exc:
         parser.error(str(exc))

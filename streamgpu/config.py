@@ -25,6 +25,7 @@ MiB = 1024 * 1024
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 RAW_OPTIONS = ("model", "live")  # a raw listener's options (streamgpu.ingest.raw)
+MAX_INGEST_WORKERS = 64
 
 __all__ = ["Config", "ConfigError", "ListenerSpec", "TokenSpec"]
 
@@ -86,6 +87,7 @@ class Config:
     min_receive_rate: int = 1_000_000
     max_inflight_batches: int = 2
     shutdown_timeout_s: float = 10.0
+    ingest_workers: int = 0  # 0: one process; N: N ingest worker processes accept and read (ingest/workers.py)
     # A batch not done after max(watchdog_min_s, watchdog_factor x its expected time) is answered
     # INTERNAL_ERROR and its device takes no new batch until it completes.
     watchdog_factor: float = 20.0
@@ -172,8 +174,37 @@ class Config:
                     f"max_frames_per_connection ({self.max_frames_per_connection}) must be below model "
                     f"{m.name!r}'s max_queue ({m.max_queue}): one connection must not be able to fill a queue"
                 )
+        problems.extend(self._worker_problems())
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def _worker_problems(self) -> list[str]:
+        if self.ingest_workers == 0:
+            return []
+        if not 0 < self.ingest_workers <= MAX_INGEST_WORKERS:
+            return [f"ingest_workers must be 0..{MAX_INGEST_WORKERS}, got {self.ingest_workers}"]
+        out = []
+        if len(self.listeners) != 1 or self.listeners[0].kind != "tcp":
+            out.append("ingest_workers > 0 serves one listener of kind tcp; configure exactly one tcp listener")
+        if self.worker_ring_bytes < 4096:
+            out.append(f"ring_bytes / ingest_workers must be at least 4096, got {self.worker_ring_bytes}")
+        largest = self.worker_ring_bytes - ALIGNMENT
+        if self.max_payload_bytes > largest:
+            out.append(
+                f"max_payload_bytes ({self.max_payload_bytes}) must fit one ingest worker's share of the ring:"
+                f" ring_bytes / ingest_workers - {ALIGNMENT} = {largest}"
+            )
+        return out
+
+    @property
+    def worker_ring_bytes(self) -> int:
+        """Ring bytes each ingest worker receives into (its own range of the segment)."""
+        return (self.ring_bytes // max(1, self.ingest_workers)) & ~(ALIGNMENT - 1)
+
+    @property
+    def sweep_period_s(self) -> float:
+        """How often listeners' time limits are enforced: about four times per shortest limit."""
+        return min(1.0, self.receive_timeout_s / 4, self.hello_timeout_s / 4)
 
     @property
     def producer_ring_bytes(self) -> int:

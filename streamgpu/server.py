@@ -17,7 +17,7 @@ from typing import Any
 
 from streamgpu.config import Config
 from streamgpu.gpu.backend import Backend, DeviceModel, create_backend
-from streamgpu.ingest import listener_class
+from streamgpu.ingest import make_listener
 from streamgpu.ingest.admission import Admission
 from streamgpu.ingest.base import Listener
 from streamgpu.memory import HostSegment, SlotPool
@@ -87,7 +87,7 @@ class Server:
         self._admission = admission = Admission(cfg, self._pool, specs, scheduler.submit)
         await self.results.start()
         for listener_spec in cfg.listeners:
-            listener = listener_class(listener_spec.kind)(listener_spec, admission, self.results)
+            listener = make_listener(listener_spec, admission, segment, self.results)
             listener.server = self
             await listener.start()
             self._listeners.append(listener)
@@ -120,8 +120,7 @@ class Server:
                 listener.sweep(now)
             except Exception:  # one listener's bug must not end every time limit of every listener
                 log.exception("sweeping %s listener failed", listener.kind)
-        period = min(1.0, self.config.receive_timeout_s / 4, self.config.hello_timeout_s / 4)
-        self._sweeper = asyncio.get_running_loop().call_later(period, self._sweep)
+        self._sweeper = asyncio.get_running_loop().call_later(self.config.sweep_period_s, self._sweep)
 
     async def stop(self, timeout: float | None = None) -> None:
         """Stop accepting, answer every received frame (or SHUTTING_DOWN after ``timeout``), close."""

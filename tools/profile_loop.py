@@ -13,6 +13,10 @@ windows:
 The profiler slows the loop, so the breakdown is a proportion, not a timing.
 
     python tools/profile_loop.py --model builtin:small --concurrency 64 --processes 4
+
+With ``--ingest-workers N`` the server runs N ingest worker processes: the
+figures are then the scheduling loop's alone (the workers' CPU is reported
+apart, as ``workers_cpu_per_frame_us``, from /proc).
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Stage of a function, from the file it is defined in (first match wins).
 STAGES = [
     ("ingest/tcp.py", "ingest: TCP parse + reply write"),
+    ("ingest/workers.py", "ingest: worker descriptors in, replies out"),
+    ("ingest/channel.py", "ingest: worker descriptors in, replies out"),
     ("ingest/admission.py", "admission + producer accounting"),
     ("memory/pool.py", "slot pool"),
     ("scheduler/runner.py", "batch runner (finish frames)"),
@@ -78,6 +84,19 @@ def breakdown(profile: cProfile.Profile) -> dict[str, float]:
     return dict(totals)
 
 
+def processes_cpu(pids: list[int]) -> float:
+    """User + system CPU seconds of processes (the ingest workers), from /proc/PID/stat."""
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def start_load(port: int, args: argparse.Namespace, seconds: float) -> subprocess.Popen[bytes]:
     cmd = [
         sys.executable, str(ROOT / "tools" / "loadgen.py"), "-u", f"127.0.0.1:{port}",
@@ -92,7 +111,10 @@ def start_load(port: int, args: argparse.Namespace, seconds: float) -> subproces
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     shape = tuple(int(d) for d in args.shape.split("x"))
     spec = ModelSpec(source=args.model, input_shape=shape)
-    config = Config(listeners=[ListenerSpec(port=0)], device=args.device, models=[spec], log_level="WARNING")
+    config = Config(
+        listeners=[ListenerSpec(port=0)], device=args.device, models=[spec], log_level="WARNING",
+        ingest_workers=args.ingest_workers, max_payload_bytes=16 << 20,
+    )  # fmt: skip
     async with Server(config) as server:
         load = start_load(server.port, args, args.seconds * 2 + args.warmup + 1)
         await asyncio.sleep(args.warmup)
@@ -100,9 +122,10 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         def completed() -> int:
             return int(server.metrics()["models"]["default"]["completed"])
 
-        n0, cpu0, t0 = completed(), time.thread_time(), time.perf_counter()
+        pids = [pid for listener in server._listeners for pid in getattr(listener, "pids", [])]
+        n0, cpu0, t0, w0 = completed(), time.thread_time(), time.perf_counter(), processes_cpu(pids)
         await asyncio.sleep(args.seconds)
-        n1, cpu1, t1 = completed(), time.thread_time(), time.perf_counter()
+        n1, cpu1, t1, w1 = completed(), time.thread_time(), time.perf_counter(), processes_cpu(pids)
         profile = cProfile.Profile()
         profile.enable()
         await asyncio.sleep(args.seconds)
@@ -120,6 +143,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         "frames_per_s": frames / (t1 - t0),
         "loop_busy": (cpu1 - cpu0) / (t1 - t0),
         "loop_us_per_frame": us_per_frame,
+        "ingest_workers": args.ingest_workers,
+        "workers_cpu_per_frame_us": (w1 - w0) / max(frames, 1) * 1e6,
         "profiled_frames": n2 - n1,
         "stages_us_per_frame": {k: v * scale for k, v in sorted(stages.items(), key=lambda kv: -kv[1])},
         "top_functions_us_per_frame": functions,
@@ -136,6 +161,7 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=4, help="generator processes")
     parser.add_argument("--seconds", type=float, default=4.0, help="each window")
     parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--ingest-workers", type=int, default=0, help="ingest worker processes (0: one process)")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
     loop = new_event_loop("auto")
@@ -143,9 +169,11 @@ def main() -> int:
         report = loop.run_until_complete(measure(args))
     finally:
         loop.close()
-    print(f"{args.model} {args.shape}, {args.processes} x {args.concurrency} in flight, {report['device']}")
+    print(f"{args.model} {args.shape}, {args.processes} x {args.concurrency} in flight, {report['device']}, "
+          f"ingest_workers {args.ingest_workers}")  # fmt: skip
     print(f"frames/s {report['frames_per_s']:.0f}; loop busy {report['loop_busy']:.0%}; "
-          f"loop CPU per frame {report['loop_us_per_frame']:.1f} us")  # fmt: skip
+          f"loop CPU per frame {report['loop_us_per_frame']:.1f} us; "
+          f"workers' CPU per frame {report['workers_cpu_per_frame_us']:.1f} us")  # fmt: skip
     print("stage | us per frame")
     for stage, us in report["stages_us_per_frame"].items():
         print(f"{stage} | {us:.1f}")

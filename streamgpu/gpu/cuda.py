@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ctypes
 import importlib.util
 import logging
 from collections.abc import Callable, Iterator
@@ -426,10 +427,15 @@ def _green_context(fraction: float, gpu: torch.device) -> Any:
 
     total = torch.cuda.get_device_properties(gpu).multi_processor_count
     try:
-        return green_contexts.GreenContext.create(num_sms=_share_sms(fraction, total), device_id=gpu.index)
+        context = green_contexts.GreenContext.create(num_sms=_share_sms(fraction, total), device_id=gpu.index)
     except Exception as exc:
         why = f"cannot give a model {fraction:.0%} of {gpu}'s SMs (green contexts): {exc}"
         raise DeviceUnavailableError(why) from exc
+    # A green context must outlive everything made in it (its stream, graph memory, the caching
+    # allocator's events on that stream, freed as late as interpreter exit): destroyed first, the
+    # next free aborts the process ("context is destroyed"). So it is never destroyed.
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(context))
+    return context
 
 
 def _replay_ms(graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream, reps: int = 20) -> float:

@@ -90,10 +90,11 @@ class Reservation:
 class Producer:
     """One producer's share of the server: ring bytes held, frames in the server, scheduling turn."""
 
-    def __init__(self, admission: Admission, name: str, max_priority: int) -> None:
+    def __init__(self, admission: Admission, name: str, max_priority: int, identity: str | None = None) -> None:
         self._admission = admission
         self._pool = admission.pool
         self.name = name
+        self.identity = identity  # the named token's identity; None: anonymous (this producer is one connection)
         self.max_priority = max_priority
         self.max_bytes = admission.max_producer_bytes
         self.connections = 0
@@ -248,7 +249,9 @@ class Admission:
         if grant.identity is None:
             producer = Producer(self, label, grant.max_priority)
         else:
-            producer = self._named.get(grant.identity) or Producer(self, grant.identity, grant.max_priority)
+            producer = self._named.get(grant.identity) or Producer(
+                self, grant.identity, grant.max_priority, grant.identity
+            )
             self._named[grant.identity] = producer
         producer.connections += 1
         return producer

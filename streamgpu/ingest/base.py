@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import socket
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 from streamgpu.config import ListenerSpec
@@ -88,8 +89,10 @@ class SocketListener(Listener, Generic[C]):
     shutdown steps; a subclass makes the protocol (``make_connection``).
     """
 
-    def __init__(self, spec: ListenerSpec, admission: Admission, results: Results | None = None) -> None:
+    def __init__(self, spec: ListenerSpec, admission: Admission, results: Results | None = None,
+                 sock: socket.socket | None = None) -> None:  # fmt: skip
         super().__init__(spec, admission, results)
+        self._sock = sock  # a listening socket to accept on (an ingest worker's, shared), instead of binding
         self._server: asyncio.Server | None = None
         self._connections: set[C] = set()
         self._refused = 0
@@ -100,7 +103,10 @@ class SocketListener(Listener, Generic[C]):
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self.make_connection, self.spec.host, self.spec.port)  # type: ignore[arg-type]
+        if self._sock is not None:
+            self._server = await loop.create_server(self.make_connection, sock=self._sock)  # type: ignore[arg-type]
+        else:
+            self._server = await loop.create_server(self.make_connection, self.spec.host, self.spec.port)  # type: ignore[arg-type]
 
     @property
     def addresses(self) -> list[tuple[str, int]]:

@@ -596,8 +596,9 @@ class TcpListener(SocketListener[TcpConnection]):
 
     kind = "tcp"
 
-    def __init__(self, spec: ListenerSpec, admission: Admission, results: Results | None = None) -> None:
-        super().__init__(spec, admission, results)
+    def __init__(self, spec: ListenerSpec, admission: Admission, results: Results | None = None,
+                 sock: socket.socket | None = None) -> None:  # fmt: skip
+        super().__init__(spec, admission, results, sock)
         # Runs reply flushes; the loop's call_soon once started (unstarted, e.g. driven by tests: at once).
         self.defer: Callable[[Callable[[], None]], object] = _call_now
 

@@ -1,0 +1,135 @@
+"""The descriptor channel between the scheduling process and its ingest worker processes.
+
+One ``AF_UNIX`` stream socket per worker carries packed records both ways;
+each side batches the records of one loop iteration into one write, and the
+reader decodes every whole record of one read at once (``struct.iter_unpack``
+for the fixed-size upward records). Payload bytes never travel here: they are
+in the shared host segment, at the offset a FRAME record names.
+
+Worker -> scheduler: fixed-size records of ``UP.size`` (80) bytes::
+
+    kind u8, priority u8, flags u8, pad u8, index u16, pad u16, conn u32, fid u32,
+    offset u64, payload_len u64, stream_id u32, deadline_us u32, sequence u64,
+    timestamp_ns u64, received_ns i64, complete_ns i64, deadline_ns i64
+
+* ``FRAME``: an admitted, fully received frame. ``index`` is the model's
+  position in ``Config.models`` (dtype and shape are the model's: admission
+  checked them); ``offset``/``payload_len`` locate the payload in the segment;
+  the clocks are ``time.perf_counter_ns()`` values (CLOCK_MONOTONIC, the same
+  in every process of the machine); ``fid`` names the frame in later records.
+* ``OPEN``: connection ``conn`` sent its first frame; ``index`` is 0 for an
+  anonymous producer, else 1 + the position of its token in ``Config.tokens``;
+  ``priority`` is its priority ceiling.
+* ``CLOSED``: connection ``conn`` is gone (only after its ``OPEN``).
+* ``READY``: the worker accepts connections. ``STOPPED``: the worker took its
+  last frame (answer to ``STOP``); every FRAME it sent came before this.
+
+Scheduler -> worker: a ``DOWN.size`` (64) byte head, then ``4 * ndim`` bytes
+of shape, ``message_len`` bytes of message and ``payload_len`` bytes of body::
+
+    kind u8, status u8, dtype u8, ndim u8, fid u32, payload_len u64,
+    receive_us, queue_us, transfer_us, compute_us, total_us i64, batch_size u32,
+    message_len u16, pad u16
+
+* ``RELEASE``: the payloads of ``fid`` frames have been copied to the device;
+  their slots may be reused. The body is their fids (u32 each): one record
+  for all the releases of a loop iteration. (A frame whose REPLY comes before
+  any release is not named: the REPLY releases it.)
+* ``REPLY``: frame ``fid`` ended with ``status``; the result (``dtype`` a wire
+  dtype code, or ``NO_RESULT``) travels inline: results are small (a row of
+  logits), and copying them once into the channel costs less than managing a
+  second shared area. A REPLY also releases the frame's slot.
+* ``STOP``: shutdown step 1 (take no new frames). ``CLOSE``: step 2, close the
+  connections, flushing replies for up to ``fid`` milliseconds, then exit.
+
+Everything here is pure (no I/O): the ``workers`` (scheduler side) and
+``worker`` (worker process) modules own the sockets.
+"""
+
+from __future__ import annotations
+
+import array
+import struct
+
+import numpy as np
+
+from streamgpu.frame import Outcome
+from streamgpu.protocol import wire
+from streamgpu.protocol.wire import Timings
+
+UP = struct.Struct("<BBBBHHIIQQIIQQqqq")
+DOWN = struct.Struct("<BBBBIQqqqqqIHH")
+assert UP.size == 80 and DOWN.size == 64
+
+# upward kinds
+FRAME, OPEN, CLOSED, READY, STOPPED = 1, 2, 3, 4, 5
+# downward kinds
+RELEASE, REPLY, STOP, CLOSE = 1, 2, 3, 4
+NO_RESULT = 0  # a REPLY's dtype when there is no result
+_SHAPES = [struct.Struct(f"<{n}I") for n in range(wire.MAX_NDIM + 1)]
+
+
+def up(kind: int, conn: int = 0, index: int = 0, priority: int = 0) -> bytes:
+    """An upward record other than FRAME (OPEN, CLOSED, READY, STOPPED)."""
+    return UP.pack(kind, priority, 0, 0, index, 0, conn, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+
+
+def down(kind: int, fid: int = 0) -> bytes:
+    """A downward record without a body (STOP, CLOSE)."""
+    return DOWN.pack(kind, 0, 0, 0, fid, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+
+
+def release(fids: list[int]) -> bytes:
+    """One RELEASE record for the slots of frames ``fids``."""
+    body = array.array("I", fids)
+    return DOWN.pack(RELEASE, 0, 0, 0, len(fids), 4 * len(fids), 0, 0, 0, 0, 0, 0, 0, 0) + body.tobytes()
+
+
+def released(buf: bytes, pos: int) -> array.array[int]:
+    """The fids of the whole RELEASE record at ``buf[pos]``."""
+    fids = array.array("I")
+    count = DOWN.unpack_from(buf, pos)[4]
+    fids.frombytes(buf[pos + DOWN.size : pos + DOWN.size + 4 * count])
+    return fids
+
+
+def encode_reply(fid: int, outcome: Outcome) -> bytes:
+    """A REPLY record for frame ``fid``: header, shape, message, result bytes."""
+    t = outcome.timings
+    msg = outcome.message.encode()[: wire.MAX_MESSAGE] if outcome.message else b""
+    result = outcome.result
+    if result is None:
+        head = DOWN.pack(REPLY, outcome.status, NO_RESULT, 0, fid, 0, *t, len(msg), 0)
+        return head + msg if msg else head
+    ndim = result.ndim
+    if ndim > wire.MAX_NDIM:
+        raise ValueError(f"a result has at most {wire.MAX_NDIM} dimensions, got shape {result.shape}")
+    code = wire.DTYPE_CODES.get(result.dtype) or wire.dtype_code(result.dtype)
+    data = result.tobytes()  # a copy (C order): the result row may be a view of a reused buffer
+    head = DOWN.pack(REPLY, outcome.status, code, ndim, fid, len(data), *t, len(msg), 0)
+    return b"".join((head, _SHAPES[ndim].pack(*result.shape), msg, data))
+
+
+def record_length(buf: bytes, pos: int) -> int | None:
+    """Bytes of the downward record starting at ``buf[pos]``, or None until its fixed part is there."""
+    if len(buf) - pos < DOWN.size:
+        return None
+    _k, _s, _d, ndim, _f, payload_len, *_t, msg_len, _p = DOWN.unpack_from(buf, pos)
+    return DOWN.size + 4 * ndim + msg_len + payload_len
+
+
+def decode_reply(buf: bytes, pos: int) -> tuple[int, Outcome]:
+    """(fid, outcome) of the whole REPLY record at ``buf[pos]``; the result is a view of ``buf``."""
+    _k, status, dtype, ndim, fid, payload_len, rx, q, tr, comp, total, bs, msg_len, _p = DOWN.unpack_from(buf, pos)
+    at = pos + DOWN.size
+    shape = _SHAPES[ndim].unpack_from(buf, at)
+    at += 4 * ndim
+    message = buf[at : at + msg_len].decode(errors="replace") if msg_len else ""
+    at += msg_len
+    result = None
+    if dtype != NO_RESULT:
+        result = np.frombuffer(buf, wire.DTYPES[dtype], payload_len // wire.DTYPES[dtype].itemsize, at).reshape(shape)
+    return fid, Outcome(_STATUS[status], message, result, Timings(rx, q, tr, comp, total, bs))
+
+
+_STATUS = {int(s): s for s in wire.Status}

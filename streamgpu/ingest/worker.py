@@ -1,0 +1,254 @@
+"""An ingest worker process: accepts and reads producer connections, answers them, schedules nothing.
+
+Started by ``streamgpu.ingest.workers.WorkerListener`` as
+``python -m streamgpu.ingest.worker FD`` (a fresh interpreter: no fork of the
+scheduling process, and no torch import here: ``tests/ingest/test_workers.py``
+checks). ``FD`` is its end of the descriptor channel; the first thing on it
+is a length-prefixed pickle of ``WorkerInit`` from the parent (trusted: the
+parent wrote it).
+
+The worker runs the ordinary TCP front end (``ingest.tcp``) with an ordinary
+``Admission``, over its own range of the shared host segment: framing, the
+HELLO and its token, header validation and every admission check
+(``Admission.admit``: size, tensor, model, shape, priority ceiling), ring
+space per producer within its range (``Producer.reserve``), time limits and
+reply order all happen here, in the same code as in one-process mode. A
+complete frame's payload is already in the segment (the kernel wrote it
+there); the worker sends a FRAME descriptor up the channel instead of
+queueing the frame, and the scheduling process (queues, batching, priority,
+per-producer fairness, deadlines) answers with RELEASE and REPLY records.
+See ``streamgpu.ingest.channel`` for the records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import pickle
+import signal
+import socket
+import struct
+import sys
+import time
+from dataclasses import dataclass
+
+from streamgpu.config import Config, ListenerSpec
+from streamgpu.frame import Frame
+from streamgpu.ingest import channel
+from streamgpu.ingest.admission import Admission
+from streamgpu.ingest.tcp import TcpConnection, TcpListener
+from streamgpu.loops import new_event_loop
+from streamgpu.memory import HostSegment, SlotPool
+
+log = logging.getLogger("streamgpu.worker")
+_LENGTH = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class WorkerInit:
+    """What a worker needs from its parent: the config, its place, and the descriptors it inherited."""
+
+    config: Config  # the worker's own: ring_bytes = its range, the producer share scaled to it
+    index: int
+    listen_fd: int  # the listening socket, shared by every worker (each accepts on it)
+    segment_fd: int
+    segment_bytes: int
+    start: int  # this worker's range of the segment: [start, end)
+    end: int
+
+
+def send_init(sock: socket.socket, init: WorkerInit) -> None:
+    """Parent side: write ``init`` as the channel's first message (blocking; the socket is fresh)."""
+    data = pickle.dumps(init)
+    sock.sendall(_LENGTH.pack(len(data)) + data)
+
+
+def _read_init(sock: socket.socket) -> WorkerInit:
+    def exactly(n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("parent closed the channel before the worker's setup")
+            buf += chunk
+        return bytes(buf)
+
+    (n,) = _LENGTH.unpack(exactly(_LENGTH.size))
+    init = pickle.loads(exactly(n))
+    if not isinstance(init, WorkerInit):
+        raise TypeError(f"expected WorkerInit, got {type(init).__name__}")
+    return init
+
+
+class _Channel(asyncio.Protocol):
+    """The worker's end of the descriptor channel: frames up (batched per loop iteration), replies down."""
+
+    def __init__(self, config: Config) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._out: list[bytes] = []
+        self._rest = b""
+        self._frames: dict[int, Frame] = {}
+        self._fids = itertools.count(1)
+        self._announced: set[int] = set()
+        self._models = {spec.name: i for i, spec in enumerate(config.models)}
+        self._identities = {name: i + 1 for i, name in enumerate(config.tokens)}
+        self.listener: TcpListener | None = None
+        self.admission: Admission | None = None
+        self.done: asyncio.Future[float] = self._loop.create_future()  # result: the CLOSE's flush timeout
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        if not self.done.done():
+            self.done.set_result(0.0)  # the parent is gone: close everything now
+
+    # -- up ---------------------------------------------------------------------------
+
+    def send(self, record: bytes) -> None:
+        if not self._out:
+            self._loop.call_soon(self._flush)
+        self._out.append(record)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(b"".join(out))  # one system call for the loop iteration's records
+
+    def submit(self, frame: Frame) -> None:
+        """``Admission``'s submit: the frame goes up as a descriptor; it stays here until its REPLY."""
+        conn = frame.stream[0]  # type: ignore[index]
+        producer = frame.producer
+        if conn not in self._announced:
+            self._announced.add(conn)
+            self.send(channel.up(channel.OPEN, conn, self._identities.get(producer.identity or "", 0),
+                                 producer.max_priority))  # fmt: skip
+        fid = next(self._fids)
+        self._frames[fid] = frame
+        h, slot = frame.header, frame.slot
+        assert slot is not None
+        if not self._out:
+            self._loop.call_soon(self._flush)
+        self._out.append(channel.UP.pack(
+            channel.FRAME, h.priority, int(h.flags), 0, self._models[h.model], 0, conn, fid, slot.offset,
+            h.payload_len, h.stream_id, h.deadline_us, h.sequence, h.timestamp_ns, frame.received_ns,
+            frame.complete_ns, frame.deadline_ns,
+        ))  # fmt: skip
+
+    def connection_closed(self, conn: int) -> None:
+        if conn in self._announced:
+            self._announced.discard(conn)
+            self.send(channel.up(channel.CLOSED, conn))
+
+    # -- down -------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        # Whole records are decoded from immutable bytes: a result row is a view of them until written.
+        buf = self._rest + data if self._rest else data
+        pos, end = 0, len(buf)
+        frames = self._frames
+        while True:
+            n = channel.record_length(buf, pos)
+            if n is None or pos + n > end:
+                break
+            kind = buf[pos]
+            if kind == channel.REPLY:
+                fid, outcome = channel.decode_reply(buf, pos)
+                frame = frames.pop(fid, None)
+                if frame is not None:
+                    frame.finish(outcome)
+            elif kind == channel.RELEASE:
+                for fid in channel.released(buf, pos):
+                    frame = frames.get(fid)
+                    if frame is not None:
+                        frame.release_slot()
+            elif kind == channel.STOP:
+                self._stop()
+            elif kind == channel.CLOSE and not self.done.done():
+                self.done.set_result(channel.DOWN.unpack_from(buf, pos)[4] / 1000)
+            pos += n
+        self._rest = buf[pos:]
+
+    def _stop(self) -> None:
+        if self.admission is not None:
+            self.admission.accepting = False
+        if self.listener is not None:
+            self.listener.stop_accepting()  # frames partly received are answered SHUTTING_DOWN here
+        self.send(channel.up(channel.STOPPED))
+
+    def drop_frames(self) -> None:
+        """Closing: frames the parent will not answer any more hold no memory."""
+        for frame in self._frames.values():
+            frame.release_slot()
+        self._frames.clear()
+
+
+class _WorkerTcpListener(TcpListener):
+    """The TCP front end, telling the channel when a connection is gone."""
+
+    def __init__(self, spec: ListenerSpec, admission: Admission, sock: socket.socket, chan: _Channel) -> None:
+        super().__init__(spec, admission, sock=sock)
+        self._chan = chan
+
+    def connection_closed(self, conn: TcpConnection) -> None:
+        super().connection_closed(conn)
+        self._chan.connection_closed(conn.id)
+
+
+async def serve(chan_sock: socket.socket, init: WorkerInit) -> None:
+    """Serve until the parent says CLOSE (or goes away)."""
+    loop = asyncio.get_running_loop()
+    config = init.config
+    segment = HostSegment.attach(init.segment_fd, init.segment_bytes)
+    os.close(init.segment_fd)  # the segment keeps its own descriptor
+    listen = socket.socket(fileno=init.listen_fd)
+    listen.setblocking(False)
+    chan_sock.setblocking(False)
+    _, chan = await loop.create_unix_connection(lambda: _Channel(config), sock=chan_sock)
+    pool = SlotPool(segment.buffer, init.start, init.end, defer=loop.call_soon)
+    admission = Admission(config, pool, {spec.name: spec for spec in config.models}, chan.submit)
+    listener = _WorkerTcpListener(config.listeners[0], admission, listen, chan)
+    chan.listener, chan.admission = listener, admission
+    await listener.start()
+    chan.send(channel.up(channel.READY))
+
+    sweeper: list[asyncio.TimerHandle] = []
+
+    def sweep() -> None:
+        listener.sweep(time.monotonic())
+        sweeper[:] = [loop.call_later(config.sweep_period_s, sweep)]
+
+    sweep()
+    try:
+        timeout = await chan.done
+        admission.accepting = False
+        listener.stop_accepting()
+        await listener.close(timeout)
+    finally:
+        sweeper[0].cancel()
+        chan.drop_frames()
+        segment.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent drives shutdown
+    chan_sock = socket.socket(fileno=int(args[0]))
+    init = _read_init(chan_sock)
+    logging.basicConfig(level=init.config.log_level, format=f"%(asctime)s worker {init.index}: %(message)s")
+    loop = new_event_loop(init.config.loop)
+    try:
+        loop.run_until_complete(serve(chan_sock, init))
+    finally:
+        loop.close()
+    return 0
+
+
+if __name__ == "__main__":
+    from streamgpu.ingest import worker  # the pickled WorkerInit names the package module, not __main__
+
+    sys.exit(worker.main())

@@ -1,0 +1,387 @@
+"""Ingest worker processes (``ingest_workers = N``): N processes accept and read, one loop schedules.
+
+``WorkerListener`` is the scheduling process's side: it binds the listening
+socket, lends each worker one range of the shared host segment (a slot of
+``Admission.pool`` of ``Config.worker_ring_bytes``), spawns the workers
+(``python -m streamgpu.ingest.worker``: a fresh interpreter, no torch), and
+speaks the descriptor channel (``streamgpu.ingest.channel``) with each.
+
+Who decides what (one owner per fact):
+
+* A worker runs the TCP front end (``ingest.tcp``) with its own
+  ``Admission`` over its range: framing, handshake and tokens, every check of
+  ``Admission.admit`` (size, tensor, model, shape, priority ceiling), ring
+  space per producer within its range (``Producer.reserve``: a producer's
+  share is scaled to the range), time limits, reply order and encoding, and
+  the ``max_connections`` cap (per worker). The kernel writes payloads
+  straight into the segment, which the backend registered (pinned) once for
+  the whole segment, so worker-received bytes need no copy here.
+* This process owns the scheduling: a FRAME descriptor becomes a ``Frame``
+  (its slot a view of the worker's range) that enters ``Admission.submit``
+  like any other: queues, batching, priorities, deadlines, per-producer
+  fairness (a named token's connections on every worker are one
+  ``Producer``, via ``Admission.producer_for``), frames in flight.
+* A frame's slot is released by a RELEASE record once the device copied it
+  (or by the REPLY itself); the worker's pool frees it. Results go back
+  inline in the REPLY record, and the worker that owns the connection writes
+  the reply.
+
+A worker that dies (killed, crashed): the kernel closes its connections;
+here its connections are closed (their queued frames are dropped as
+abandoned, running ones finish and their replies are discarded). Once no
+frame here still reads its range, the range is reclaimed and a new worker is
+started on it (restart, not N-1: the listening socket is shared, so the other
+workers kept accepting meanwhile). Shutdown: STOP (workers take no new
+frames, answer partial ones SHUTTING_DOWN, and confirm), the frames they sent
+are answered, then CLOSE (workers flush replies and exit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import streamgpu
+from streamgpu.config import ListenerSpec
+from streamgpu.frame import Frame, Outcome
+from streamgpu.ingest import channel
+from streamgpu.ingest.admission import Admission, Grant, Producer
+from streamgpu.ingest.base import Listener
+from streamgpu.ingest.worker import WorkerInit, send_init
+from streamgpu.memory import HostSegment, Slot
+from streamgpu.protocol.wire import FrameFlags, FrameHeader
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 60.0
+RESTART_DELAY_S = 0.2  # between a worker's death (once its range is free) and its replacement
+_FLAGS = {0: FrameFlags.NONE, int(FrameFlags.LIVE): FrameFlags.LIVE}
+_PACKAGE_ROOT = str(Path(streamgpu.__file__).resolve().parent.parent)
+
+
+@dataclass(eq=False, slots=True)
+class WorkerFrame(Frame):
+    """A frame received by a worker: its slot lives in the worker's range, released by a record."""
+
+    worker: _Worker | None = None
+    fid: int = 0
+
+    def release_slot(self) -> None:
+        if self.slot is not None:
+            self.slot = None
+            assert self.worker is not None
+            self.worker.slot_released(self.fid, self.finished)
+
+
+class _RemoteConn:
+    """A worker's connection, as the scheduler sees it: its producer, and whether it is gone."""
+
+    __slots__ = ("closed", "producer")
+
+    def __init__(self, producer: Producer) -> None:
+        self.producer = producer
+        self.closed = False
+
+    def is_closed(self) -> bool:
+        return self.closed
+
+
+class _Worker(asyncio.Protocol):
+    """One worker process and its channel (the parent side)."""
+
+    def __init__(self, listener: WorkerListener, index: int, lent: Slot) -> None:
+        self._listener = listener
+        self._admission = listener.admission
+        self._loop = asyncio.get_running_loop()
+        self.index = index
+        self.lent = lent  # the range of the segment this worker receives into
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._transport: asyncio.Transport | None = None
+        self._out: list[bytes] = []
+        self._releases: list[int] = []  # frames whose slots were copied, for this loop iteration's RELEASE
+        self._rest = b""
+        self.conns: dict[int, _RemoteConn] = {}
+        self.held = 0  # frames here whose payload (in this worker's range) may still be read
+        self.in_server = 0  # frames here not finished yet
+        self.frames = 0
+        self.alive = True
+        self.ready: asyncio.Future[None] = self._loop.create_future()
+        self.stopped: asyncio.Future[None] = self._loop.create_future()
+        self.gone: asyncio.Future[None] = self._loop.create_future()
+        self.replaced = False
+        self.started = False  # said READY
+
+    # -- process ----------------------------------------------------------------------
+
+    async def spawn(self, init: WorkerInit, segment_fd: int) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            for s in (ours, theirs):  # room for many records per write
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            path = [_PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")]
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}  # this streamgpu, first
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "streamgpu.ingest.worker", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(), init.listen_fd, segment_fd),
+                env=env,
+            )
+        finally:
+            theirs.close()
+        send_init(ours, init)
+        ours.setblocking(False)
+        await self._loop.create_unix_connection(lambda: self, sock=ours)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+
+    # -- channel ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self.alive = False
+        for conn in self.conns.values():  # the kernel closed them with the process
+            conn.closed = True
+            self._admission.leave(conn.producer)
+        self.conns.clear()
+        for future in (self.ready, self.stopped, self.gone):
+            if not future.done():
+                future.set_result(None)
+        self._listener.worker_gone(self)
+
+    def send(self, record: bytes) -> None:
+        if not self._out and not self._releases:
+            self._loop.call_soon(self._flush)
+        self._out.append(record)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if self._releases:  # first: a slot copied before its reply is free before the reply is written
+            out.insert(0, channel.release(self._releases))
+            self._releases = []
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(b"".join(out))  # one system call for the loop iteration's records
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._rest + data if self._rest else data
+        whole = len(buf) - len(buf) % channel.UP.size
+        self._rest = buf[whole:]
+        submit, models, conns = self._admission.submit, self._listener.models, self.conns
+        pool, sink = self._admission.pool, self._sink
+        for (kind, priority, flags, _p, index, _q, conn, fid, offset, payload_len, stream_id, deadline_us,
+             sequence, timestamp_ns, received_ns, complete_ns, deadline_ns) in channel.UP.iter_unpack(
+                memoryview(buf)[:whole]):  # fmt: skip
+            if kind == channel.FRAME:
+                remote = conns[conn]
+                name, dtype, shape = models[index]
+                header = FrameHeader(stream_id, sequence, name, dtype, shape, payload_len, timestamp_ns,
+                                     deadline_us, priority, _FLAGS[flags])  # fmt: skip
+                # The slot is a description of where the payload lies; this process never frees it.
+                slot = Slot(pool, offset, payload_len, 0)
+                frame = WorkerFrame(header, slot, remote.producer, (remote, stream_id), received_ns, complete_ns,
+                                    deadline_ns, sink, remote.is_closed, False, self, fid)  # fmt: skip
+                self.held += 1
+                self.in_server += 1
+                self.frames += 1
+                submit(frame)
+            elif kind == channel.OPEN:
+                identity = self._listener.identities[index]
+                label = f"worker{self.index}:{conn}"
+                conns[conn] = _RemoteConn(self._admission.producer_for(Grant(identity, priority), label))
+            elif kind == channel.CLOSED:
+                gone = conns.pop(conn, None)
+                if gone is not None:
+                    gone.closed = True
+                    self._admission.leave(gone.producer)
+            elif kind == channel.READY:
+                self.started = True
+                if not self.ready.done():
+                    self.ready.set_result(None)
+            elif kind == channel.STOPPED and not self.stopped.done():
+                self.stopped.set_result(None)
+
+    # -- frames -----------------------------------------------------------------------
+
+    def _sink(self, frame: Frame, outcome: Outcome) -> None:
+        self.in_server -= 1
+        if self.alive:
+            self.send(channel.encode_reply(cast(WorkerFrame, frame).fid, outcome))
+
+    def slot_released(self, fid: int, finishing: bool) -> None:
+        self.held -= 1
+        if not self.alive:
+            if not self.held:
+                self._listener.worker_gone(self)
+        elif not finishing:  # the REPLY that follows a finish releases the slot too
+            if not self._out and not self._releases:
+                self._loop.call_soon(self._flush)
+            self._releases.append(fid)
+
+
+class WorkerListener(Listener):
+    """The TCP front end served by ``ingest_workers`` worker processes (see the module docstring)."""
+
+    kind = "tcp"
+
+    def __init__(self, spec: ListenerSpec, admission: Admission, segment: HostSegment, workers: int) -> None:
+        super().__init__(spec, admission)
+        if segment.fd < 0:
+            raise RuntimeError("ingest workers need a memfd host segment (os.memfd_create), which is missing here")
+        cfg = admission.config
+        self._segment = segment
+        self._n = workers
+        self._sock: socket.socket | None = None
+        self._workers: list[_Worker] = []
+        self._stopping = False
+        self.restarts = 0
+        self._frames_before = 0  # FRAME descriptors of workers no longer in the list
+        self.models = [(m.name, m.frame_dtype_code, tuple(m.input_shape)) for m in cfg.models]
+        self.identities: list[str | None] = [None, *cfg.tokens]
+        share = cfg.worker_ring_bytes
+        self._worker_config = dataclasses.replace(
+            cfg,
+            ring_bytes=share,
+            max_producer_ring_bytes=min(cfg.max_producer_ring_bytes, share),  # 0 stays 0: a quarter of the range
+            ingest_workers=0,
+        )
+
+    async def start(self) -> None:
+        host, port = self.spec.host, self.spec.port
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        self._sock = socket.create_server((host, port), family=family, backlog=4096)
+        self._workers = [None] * self._n  # type: ignore[list-item]
+        spawned = []
+        for i in range(self._n):  # all start at once; then each must say READY
+            lent = self.admission.pool.reserve(self._worker_config.ring_bytes)
+            if lent is None:
+                raise RuntimeError("the host ring has no room for the ingest workers' ranges")
+            spawned.append(await self._spawn(i, lent))
+        for worker in spawned:
+            await self._await_ready(worker)
+
+    async def _spawn(self, index: int, lent: Slot) -> _Worker:
+        assert self._sock is not None
+        worker = _Worker(self, index, lent)
+        self._workers[index] = worker
+        init = WorkerInit(self._worker_config, index, self._sock.fileno(), self._segment.fd, self._segment.nbytes,
+                          lent.offset, lent.offset + lent.nbytes)  # fmt: skip
+        await worker.spawn(init, self._segment.fd)
+        return worker
+
+    async def _await_ready(self, worker: _Worker) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(worker.ready), READY_TIMEOUT_S)
+        except TimeoutError:
+            worker.kill()
+            raise RuntimeError(f"ingest worker {worker.index} did not start within {READY_TIMEOUT_S:g} s") from None
+        if not worker.started:
+            code = worker.proc.wait() if worker.proc is not None else None
+            raise RuntimeError(f"ingest worker {worker.index} exited while starting (exit status {code}); see its log")
+        log.info("ingest worker %d: pid %d, ring range [%d, %d)", worker.index, worker.proc.pid if worker.proc else -1,
+                 worker.lent.offset, worker.lent.offset + worker.lent.nbytes)  # fmt: skip
+
+    async def _start_worker(self, index: int, lent: Slot) -> None:
+        await self._await_ready(await self._spawn(index, lent))
+
+    def worker_gone(self, worker: _Worker) -> None:
+        """A worker's channel closed: reap it; once nothing reads its range, start its replacement."""
+        if worker.proc is not None and worker.proc.poll() is None:
+            worker.kill()
+            asyncio.get_running_loop().run_in_executor(None, worker.proc.wait)
+        if worker.replaced or worker.held or self._stopping or self._workers[worker.index] is not worker:
+            return
+        if not worker.started:  # it died while starting: start() reports it; no restart loop
+            return
+        worker.replaced = True
+        self._frames_before += worker.frames
+        code = worker.proc.returncode if worker.proc is not None else None
+        log.warning("ingest worker %d exited (status %s); its connections closed; starting a new one",
+                    worker.index, code)  # fmt: skip
+        asyncio.get_running_loop().call_later(RESTART_DELAY_S, self._restart, worker)
+
+    def _restart(self, dead: _Worker) -> None:
+        if self._stopping:
+            return
+        self.restarts += 1
+        task = asyncio.get_running_loop().create_task(self._start_worker(dead.index, dead.lent))
+        task.add_done_callback(_log_failure)
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        if self._sock is None:
+            return []
+        return [self._sock.getsockname()[:2]]
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the live workers (tests, status)."""
+        return [w.proc.pid for w in self._workers if w is not None and w.alive and w.proc is not None]
+
+    def stop_accepting(self) -> None:
+        self._stopping = True
+        for worker in self._workers:
+            if worker is not None and worker.alive:
+                worker.send(channel.down(channel.STOP))
+
+    async def close(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + timeout
+        workers = [w for w in self._workers if w is not None]
+        live = [w for w in workers if w.alive]
+        # Every FRAME a worker sent comes before its STOPPED; then those frames are answered.
+        await _wait([w.stopped for w in live], timeout)
+        while any(w.in_server for w in live) and loop.time() < give_up:
+            await asyncio.sleep(0.005)
+        flush_ms = int(max(0.0, give_up - loop.time()) * 1000)
+        for worker in live:
+            worker.send(channel.down(channel.CLOSE, flush_ms))
+        await _wait([w.gone for w in live], flush_ms / 1000 + 2.0)
+        for worker in workers:
+            worker.kill()
+            if worker.proc is not None:
+                await loop.run_in_executor(None, worker.proc.wait)
+        for worker in workers:
+            if not worker.lent.released:
+                self.admission.pool.release(worker.lent)
+        self._frames_before += sum(w.frames for w in workers)
+        self._workers = []
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def sweep(self, now: float) -> None:
+        """Workers enforce their connections' time limits themselves."""
+
+    def stats(self) -> dict[str, Any]:
+        live = [w for w in self._workers if w is not None and w.alive]
+        return {
+            "kind": self.kind,
+            "ingest_workers": self._n,
+            "workers_alive": len(live),
+            "worker_restarts": self.restarts,
+            "connections": sum(len(w.conns) for w in live),  # those that sent a frame
+            "worker_connections": [len(w.conns) if w is not None and w.alive else 0 for w in self._workers],
+            "frames": self._frames_before + sum(w.frames for w in self._workers if w is not None and not w.replaced),
+        }
+
+
+async def _wait(futures: list[asyncio.Future[None]], timeout: float) -> None:
+    if futures:
+        await asyncio.wait(futures, timeout=max(timeout, 0.0))
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("restarting an ingest worker failed: %s", task.exception())

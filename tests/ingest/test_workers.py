@@ -1,0 +1,300 @@
+"""Ingest worker processes (``ingest_workers = N``): the descriptor channel, shared memory, and real
+servers on loopback with 2 workers: results equal to one-process mode, a killed worker, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from streamgpu import cli, client
+from streamgpu.config import Config, ConfigError, ListenerSpec, TokenSpec
+from streamgpu.frame import Frame, Outcome
+from streamgpu.ingest import channel, worker
+from streamgpu.ingest.admission import Admission
+from streamgpu.ingest.workers import WorkerFrame, WorkerListener, _Worker
+from streamgpu.memory import HostSegment, Slot, SlotPool
+from streamgpu.models.spec import ModelSpec
+from streamgpu.protocol.wire import FrameFlags, FrameHeader, Status, Timings
+from streamgpu.server import Server
+
+SPEC = ModelSpec(input_shape=(8, 8, 3), max_batch_size=16, batch_buckets=(1, 4, 16))
+OTHER = ModelSpec(name="other", input_shape=(2, 3), input_dtype="float32", preprocess="none")
+
+
+def config(**kw: Any) -> Config:
+    base: dict[str, Any] = dict(
+        listeners=[ListenerSpec(port=0)], device="cpu", models=[SPEC], ring_bytes=1 << 22,
+        max_payload_bytes=1 << 20, ingest_workers=2, shutdown_timeout_s=20.0, log_level="WARNING",
+    )  # fmt: skip
+    base.update(kw)
+    return Config(**base)
+
+
+def frames(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, *SPEC.input_shape), dtype=np.uint8)
+
+
+def listener_of(server: Server) -> WorkerListener:
+    (listener,) = server._listeners
+    assert isinstance(listener, WorkerListener)
+    return listener
+
+
+# -- the worker process's imports ----------------------------------------------------------
+
+
+def test_the_worker_module_imports_no_torch() -> None:
+    code = (
+        "import sys, streamgpu.ingest.worker\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'cupy', 'aiohttp'))\n"
+        "assert not heavy, heavy\n"
+    )
+    root = str(Path(__file__).resolve().parents[2])
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": root})
+
+
+# -- config ----------------------------------------------------------------------------------
+
+
+def test_config_checks_ingest_workers(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ConfigError, match=r"ingest_workers must be 0\.\.64"):
+        config(ingest_workers=-1)
+    with pytest.raises(ConfigError, match="exactly one tcp listener"):
+        config(listeners=[ListenerSpec(port=0), ListenerSpec(port=0)])
+    with pytest.raises(ConfigError, match=r"max_payload_bytes .* one ingest worker's share"):
+        config(ring_bytes=1 << 22, max_payload_bytes=(1 << 21) + 1)
+    assert config(ingest_workers=4, max_payload_bytes=1 << 19).worker_ring_bytes == 1 << 20
+    assert config(ingest_workers=0).worker_ring_bytes == 1 << 22
+    env = {"STREAMGPU_INGEST_WORKERS": "3", "STREAMGPU_MAX_PAYLOAD_BYTES": "1000000"}
+    assert Config.load(env=env).ingest_workers == 3
+    assert Config.load(env=env, ingest_workers=2).ingest_workers == 2  # the CLI's --ingest-workers
+    with pytest.raises(SystemExit):  # 64 MiB frames do not fit a quarter of 256 MiB less 256 bytes
+        cli.main(["serve", "--ingest-workers", "4", "--port", "0"])
+    assert "max_payload_bytes (67108864) must fit one ingest worker's share" in capsys.readouterr().err
+
+
+# -- descriptors and shared memory, both directions, without processes --------------------------
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.written = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+@pytest.mark.asyncio
+async def test_descriptors_and_shared_memory_round_trip() -> None:
+    """A frame written through a second mapping of the segment (as a worker's), described by a FRAME
+    record, is a Frame here reading the same bytes; its RELEASE and REPLY records free the worker's
+    slot and deliver the outcome, result included; records split at every byte decode the same."""
+    cfg = config(models=[SPEC, OTHER], tokens={"cam": TokenSpec("secret", max_priority=9)})
+    segment = HostSegment.create(cfg.ring_bytes)
+    theirs = HostSegment.attach(segment.fd, segment.nbytes)  # the worker's mapping of the same memory
+    submitted: list[Frame] = []
+    parent_pool = SlotPool(segment.buffer)
+    admission = Admission(cfg, parent_pool, {m.name: m for m in cfg.models}, submitted.append)
+    listener = WorkerListener(cfg.listeners[0], admission, segment, 2)
+    lent = parent_pool.reserve(cfg.worker_ring_bytes)
+    assert lent is not None
+    parent = _Worker(listener, 0, lent)
+    parent.connection_made(FakeTransport())  # type: ignore[arg-type]
+
+    chan = worker._Channel(cfg)
+    up = FakeTransport()
+    chan.connection_made(up)  # type: ignore[arg-type]
+    pool = SlotPool(theirs.buffer, lent.offset, lent.offset + lent.nbytes)
+    their_admission = Admission(cfg, pool, {m.name: m for m in cfg.models}, chan.submit)
+    grant = their_admission.authenticate("secret")
+    assert grant is not None
+    producer = their_admission.producer_for(grant, "peer")
+    outcomes: list[tuple[Frame, Outcome]] = []
+    sent = []
+    for i, (spec, payload) in enumerate([(OTHER, np.arange(6, dtype=np.float32).tobytes()),
+                                         (SPEC, bytes(range(192)))]):  # fmt: skip
+        slot = producer.reserve(len(payload), lambda s: None)
+        assert isinstance(slot, Slot)
+        pool.view(slot)[:] = payload
+        header = FrameHeader(7 + i, 100 + i, spec.name, spec.frame_dtype_code, spec.input_shape, len(payload),
+                             timestamp_ns=123 + i, deadline_us=50, priority=9, flags=FrameFlags.LIVE)  # fmt: skip
+        frame = Frame(header, slot, producer, (42, header.stream_id), 1000 + i, 2000 + i, 3000 + i,
+                      lambda f, o: outcomes.append((f, o)))  # fmt: skip
+        their_admission.submit(frame)
+        sent.append((frame, payload))
+    await asyncio.sleep(0)  # the channel flushes once per loop iteration: OPEN + 2 FRAMEs in one write
+    data = bytes(up.written)
+    assert len(data) == 3 * channel.UP.size
+    for cut in range(len(data) + 1):  # every split decodes the same
+        submitted.clear()
+        parent.conns.clear()
+        parent.data_received(data[:cut])
+        parent.data_received(data[cut:])
+        assert len(submitted) == 2
+    parent.held = parent.in_server = 2
+    got = [f for f in submitted if isinstance(f, WorkerFrame)]
+    assert [f.producer for f in got] == [parent.conns[42].producer] * 2
+    assert got[0].producer.identity == "cam" and got[0].producer.max_priority == 9
+    for frame, (orig, payload) in zip(got, sent, strict=True):
+        assert frame.header == orig.header._replace(version=frame.header.version)
+        assert (frame.received_ns, frame.complete_ns, frame.deadline_ns) == (
+            orig.received_ns, orig.complete_ns, orig.deadline_ns)  # fmt: skip
+        assert frame.slot is not None
+        assert segment.buffer[frame.slot.offset : frame.slot.offset + frame.slot.nbytes].tobytes() == payload
+
+    # down: RELEASE of the first frame (copied), then REPLYs with and without a result
+    down = FakeTransport()
+    parent.connection_made(down)  # type: ignore[arg-type]
+    got[0].release_slot()
+    result = np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4)
+    got[0].finish(Outcome(Status.OK, result=result, timings=Timings(1, 2, 3, 4, 5, 6)))
+    got[1].finish(Outcome(Status.DEADLINE_MISSED, "too late", timings=Timings(total_us=9)))
+    await asyncio.sleep(0)
+    stream = bytes(down.written)
+    assert stream[0] == channel.RELEASE and parent.held == 0 and parent.in_server == 0
+    held = pool.used_bytes
+    chan.data_received(stream[:1])  # partial record: nothing happens yet
+    assert pool.used_bytes == held and not outcomes
+    release_end = channel.DOWN.size + 4  # one fid
+    chan.data_received(stream[1 : release_end - 1])
+    assert pool.used_bytes == held and not outcomes
+    chan.data_received(stream[release_end - 1 : release_end])
+    assert pool.used_bytes < held and not outcomes  # released on RELEASE, before any reply
+    for b in range(release_end, len(stream)):
+        chan.data_received(stream[b : b + 1])  # one byte at a time
+    assert [o.status for _, o in outcomes] == [Status.OK, Status.DEADLINE_MISSED]
+    np.testing.assert_array_equal(outcomes[0][1].result, result)
+    assert outcomes[0][1].timings == Timings(1, 2, 3, 4, 5, 6)
+    assert outcomes[1][1].message == "too late" and outcomes[1][1].result is None
+    assert pool.slots_in_use == 0 and producer.frames_in_server == 0
+    segment.close()
+    theirs.close()
+
+
+# -- real servers ----------------------------------------------------------------------------
+
+
+@pytest_asyncio.fixture
+async def server() -> AsyncIterator[Server]:
+    async with Server(config()) as srv:
+        yield srv
+    assert srv.pool.slots_in_use == 0
+
+
+async def run_streams(port: int, data: np.ndarray, nconn: int) -> list[tuple[int, client.Reply]]:
+    """Frame i goes to connection i % nconn, stream (i // nconn) % 2; all submitted at once."""
+    conns = [await client.connect("127.0.0.1", port) for _ in range(nconn)]
+    sent = [(i, conns[i % nconn].submit(data[i], stream_id=(i // nconn) % 2)) for i in range(len(data))]
+    replies = [(i, await fut) for i, fut in sent]
+    for conn in conns:
+        await conn.close()
+    return replies
+
+
+@pytest.mark.asyncio
+async def test_frames_through_two_workers_equal_one_process_mode(server: Server) -> None:
+    data = frames(384, seed=3)
+    replies = await run_streams(server.port, data, nconn=12)
+    listener = listener_of(server)
+    assert listener.stats()["frames"] == len(data) and listener.stats()["workers_alive"] == 2
+    for pid in listener.pids:  # the worker processes never loaded torch
+        with open(f"/proc/{pid}/maps") as maps:
+            assert "torch" not in maps.read()
+    async with Server(config(ingest_workers=0)) as single:
+        expected = await run_streams(single.port, data, nconn=12)
+    for (i, reply), (_, want) in zip(replies, expected, strict=True):
+        assert reply.ok, reply.message
+        np.testing.assert_allclose(reply.result, want.result, rtol=1e-5, atol=1e-5)  # type: ignore[arg-type]
+        assert reply.sequence == i // 24 and reply.timings.total_us >= reply.timings.receive_us
+    by_arrival = sorted(replies, key=lambda p: p[1].received_ns)
+    for conn in range(12):
+        for stream in (0, 1):
+            seqs = [r.sequence for i, r in by_arrival if i % 12 == conn and r.stream_id == stream]
+            assert seqs == sorted(seqs) and len(seqs) == 16
+
+
+async def connections_on_each_worker(port: int, listener: WorkerListener) -> dict[int, list[client.Connection]]:
+    """Open connections until both workers hold some; returns worker index -> its connections."""
+    by_worker: dict[int, list[client.Connection]] = {0: [], 1: []}
+    for _ in range(64):
+        conn = await client.connect("127.0.0.1", port)
+        before = listener.stats()["worker_connections"]
+        await conn.submit(frames(1, 0)[0], stream_id=99)  # OPEN reaches the parent with the first frame
+        after = listener.stats()["worker_connections"]
+        (index,) = [i for i in (0, 1) if after[i] > before[i]]
+        by_worker[index].append(conn)
+        if all(len(c) >= 2 for c in by_worker.values()):
+            return by_worker
+    raise AssertionError(f"connections did not spread over both workers: {listener.stats()}")
+
+
+@pytest.mark.asyncio
+async def test_a_killed_worker_costs_only_its_connections_then_shutdown_drains(server: Server) -> None:
+    listener = listener_of(server)
+    by_worker = await connections_on_each_worker(server.port, listener)
+    victim_pid = listener.pids[0]
+    data = frames(40, seed=5)
+    pending = {i: [c.submit(f, stream_id=1) for c in conns for f in data] for i, conns in by_worker.items()}
+    await asyncio.sleep(0.01)
+    os.kill(victim_pid, signal.SIGKILL)
+    survivors = await asyncio.gather(*pending[1])  # every frame of the other worker's connections: answered
+    assert all(r.ok for r in survivors), {r.status for r in survivors}
+    lost = await asyncio.gather(*pending[0], return_exceptions=True)
+    assert any(isinstance(r, client.ConnectionClosedError) for r in lost)  # its connections closed
+    assert all(c.closed for c in by_worker[0]) and not any(c.closed for c in by_worker[1])
+    for _ in range(500):  # its range is reclaimed once nothing reads it, then a new worker starts on it
+        if listener.stats()["workers_alive"] == 2:
+            break
+        await asyncio.sleep(0.01)
+    stats = listener.stats()
+    assert stats["worker_restarts"] == 1 and stats["workers_alive"] == 2 and victim_pid not in listener.pids
+    replies = await run_streams(server.port, frames(64, seed=6), nconn=8)  # the server keeps serving
+    assert all(r.ok for _, r in replies)
+    for conn in by_worker[1]:
+        assert (await conn.submit(data[0], stream_id=2)).ok
+        await conn.close()
+    assert server.metrics()["frames_in_flight"] == 0
+    await shutdown_answers_every_frame_received(server)
+
+
+async def shutdown_answers_every_frame_received(server: Server) -> None:
+    """Stopped with frames in flight on 6 connections: every frame it took is answered."""
+    listener = listener_of(server)
+    conns = [await client.connect("127.0.0.1", server.port) for _ in range(6)]
+    data = frames(80, seed=7)
+    before = listener.stats()["frames"]
+    pending = [[c.submit(f, stream_id=k % 3) for k, f in enumerate(data)] for c in conns]
+    await asyncio.sleep(0.05)
+    await server.stop()
+    scheduled = listener.stats()["frames"] - before  # frames that reached the scheduling loop
+    answered = replied = 0
+    for futures in pending:
+        replies = await asyncio.gather(*futures, return_exceptions=True)
+        statuses = [r.status if isinstance(r, client.Reply) else type(r).__name__ for r in replies]
+        assert set(statuses) <= {Status.OK, Status.SHUTTING_DOWN, "ConnectionClosedError"}, set(statuses)
+        # A connection's frames reach the server in order: every one it took is answered (OK, or
+        # SHUTTING_DOWN once it stopped); only the frames after those may find the connection closed.
+        taken = len(statuses) - statuses.count("ConnectionClosedError")
+        assert "ConnectionClosedError" not in statuses[:taken], statuses
+        answered += statuses.count(Status.OK)
+        replied += taken
+    assert answered > 0 and replied >= scheduled > 0, (answered, replied, scheduled)
+    assert server.pool.slots_in_use == 0
+    for conn in conns:
+        await conn.close()
