@@ -77,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     serve.add_argument("--loop", choices=LOOPS, help="event loop (default auto: uvloop when installed)")
     serve.add_argument("--log-level", choices=LOG_LEVELS, help="default INFO")
+    admin = commands.add_parser("admin", help="load, swap, unload and list a running server's models (over HTTP)")
+    admin.add_argument("action", choices=("load", "unload", "list"))
+    admin.add_argument("url", metavar="URL", help="the server's HTTP address, e.g. http://127.0.0.1:8000")
+    admin.add_argument("name", nargs="?", metavar="NAME", help="the model (load, unload)")
+    admin.add_argument("settings", nargs="*", metavar="KEY=VALUE",
+                       help="load: model settings, e.g. source=export:model.pt2 max_batch_size=16 (none: the "
+                            "server's repository folder NAME, or its last settings)")  # fmt: skip
+    admin.add_argument("--token", default="", help="the server's auth_token (default: $STREAMGPU_AUTH_TOKEN)")
     serve.add_argument(
         "--raw", metavar="tcp:PORT:MODEL[:live|:every]", action="append", type=raw_listener_flag, default=[],
         help="also take raw frames (no header; MODEL's input shape and dtype, back to back, as ffmpeg -f rawvideo "
@@ -113,6 +121,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def admin(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``streamgpu admin``: one request to a running server's model administration routes."""
+    import json
+    import os
+
+    from streamgpu.web import admin_client
+
+    token = args.token or os.environ.get("STREAMGPU_AUTH_TOKEN", "")
+    if args.action != "list" and not args.name:
+        parser.error(f"admin {args.action} needs NAME")
+    if args.action != "load" and args.settings:
+        parser.error(f"admin {args.action} takes no settings")
+    try:
+        if args.action == "list":
+            for entry in admin_client.index(args.url, token):
+                print(f"{entry['name']}\tversion {entry['version']}\t{entry['state']}\t{entry.get('reason', '')}")
+        elif args.action == "load":
+            admin_client.load(args.url, args.name, admin_client.parse_settings(args.settings), token)
+            print(json.dumps(next((e for e in admin_client.index(args.url, token) if e["name"] == args.name), {})))
+        else:
+            admin_client.unload(args.url, args.name, token)
+    except admin_client.AdminError as exc:
+        print(f"streamgpu admin: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _indices(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(","))
@@ -123,6 +158,8 @@ def _indices(text: str) -> tuple[int, ...]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "admin":
+        return admin(args, parser)
     if args.command == "send":
         return _send(parser, args)
     config = serve_config(parser, args)

@@ -112,7 +112,11 @@ class Reply:
     """The server's answer to one frame.
 
     ``result`` is an owned, writable array (``None`` when the reply carries no
-    result, e.g. for error statuses). ``timings`` are the server's per-stage
+    result, e.g. for error statuses). For a model with several outputs (a
+    tuple or dict of tensors, or a ``topk`` postprocess) ``outputs`` holds
+    them all, as a tuple or a dict by name as the model returns them, and
+    ``result`` is the first (``outputs`` is None otherwise; protocol v2 only:
+    a v1 connection receives only the first). ``timings`` are the server's per-stage
     times; ``sent_ns`` and ``received_ns`` are ``time.perf_counter_ns()`` at
     submit and when the reply was parsed.
     """
@@ -125,6 +129,7 @@ class Reply:
     message: str
     sent_ns: int
     received_ns: int
+    outputs: tuple[np.ndarray, ...] | dict[str, np.ndarray] | None = None
 
     @property
     def ok(self) -> bool:
@@ -339,13 +344,21 @@ class _Protocol(asyncio.Protocol):
         if fut.done():  # cancelled by the caller
             return
         received_ns = time.perf_counter_ns()
+        outputs: tuple[np.ndarray, ...] | dict[str, np.ndarray] | None = None
         try:
-            result = _decode_result(header, payload)
+            if header.flags & wire.ReplyFlags.OUTPUTS:
+                named = wire.decode_outputs(payload)
+                outputs = dict(named) if any(name for name, _ in named) else tuple(a for _, a in named)
+                result = named[0][1] if named else None
+            else:
+                result = _decode_result(header, payload)
         except wire.ProtocolError as e:
             fut.set_exception(e)
             return
         h = header
-        fut.set_result(Reply(h.stream_id, h.sequence, h.status, result, h.timings, h.message, sent_ns, received_ns))
+        fut.set_result(
+            Reply(h.stream_id, h.sequence, h.status, result, h.timings, h.message, sent_ns, received_ns, outputs)
+        )
 
 
 class Connection:

@@ -93,6 +93,8 @@ class Config:
     watchdog_factor: float = 20.0
     watchdog_min_s: float = 2.0
     log_level: str = "INFO"
+    model_repository: str = ""  # a folder of models, polled: see docs/MODELS.md
+    repository_poll_s: float = 5.0
     results_port: int = -1  # JSON-lines results subscribers' TCP port; -1: none, 0: a free one
     results_host: str = "127.0.0.1"
     results_file: str = ""  # append JSON-lines results here; "": no file
@@ -161,8 +163,10 @@ class Config:
             problems.append(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         if self.max_frames_per_connection < 1 or self.max_inflight_batches < 1:
             problems.append("max_frames_per_connection and max_inflight_batches must be >= 1")
-        if not self.models:
-            problems.append("at least one model is needed")
+        if not self.models and not self.model_repository:
+            problems.append("at least one model is needed (or a model_repository)")
+        if not (math.isfinite(self.repository_poll_s) and self.repository_poll_s > 0):
+            problems.append(f"repository_poll_s must be a finite number of seconds > 0, got {self.repository_poll_s}")
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             problems.append(f"model names must be unique, got {names}")
@@ -315,20 +319,23 @@ def _from_toml(data: dict[str, Any], path: str) -> dict[str, Any]:
     if models is not None:
         if not isinstance(models, list):
             raise ConfigError(f"{path}: models must be an array of tables ([[models]])")
-        specs = []
-        for i, entry in enumerate(models):
-            unknown = set(entry) - _MODEL_KEYS
-            if unknown:
-                raise ConfigError(
-                    f"{path}: models[{i}] has unknown settings {sorted(unknown)}; known: {sorted(_MODEL_KEYS)}"
-                )
-            entry = {k: tuple(v) if k in _TUPLE_MODEL_KEYS else v for k, v in entry.items()}
-            try:
-                specs.append(ModelSpec(**entry))
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"{path}: models[{i}]: {exc}") from None
-        values["models"] = specs
+        values["models"] = [model_spec(entry, f"{path}: models[{i}]") for i, entry in enumerate(models)]
     return values
+
+
+def model_spec(entry: Any, where: str, **fixed: Any) -> ModelSpec:
+    """A ``ModelSpec`` from one table of settings (TOML ``[[models]]``, a repository's config.toml, an
+    admin request's JSON), ``fixed`` overriding it; ``ConfigError`` names ``where`` and the setting."""
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: model settings must be a table of settings")
+    unknown = set(entry) - _MODEL_KEYS
+    if unknown:
+        raise ConfigError(f"{where} has unknown settings {sorted(unknown)}; known: {sorted(_MODEL_KEYS)}")
+    values = {k: tuple(v) if k in _TUPLE_MODEL_KEYS and isinstance(v, list) else v for k, v in entry.items()}
+    try:
+        return ModelSpec(**{**values, **fixed})
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _tables(entries: Any, cls: type[Any], where: str, array: bool = False) -> list[Any]:

@@ -24,3 +24,7 @@ class ModelLoadError(StreamgpuError, RuntimeError):
 
 class DeviceUnavailableError(StreamgpuError, RuntimeError):
     """The configured device (e.g. ``cuda``) cannot be used on this machine."""
+
+
+class ModelNotFoundError(StreamgpuError, LookupError):
+    """An admin operation named a model the server does not serve."""

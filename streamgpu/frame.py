@@ -20,19 +20,26 @@ if TYPE_CHECKING:
     from streamgpu.memory import Slot
 
 
+# Every output of a frame, for a model with several: a tuple, or a dict keyed by output name.
+Outputs = tuple[np.ndarray, ...] | dict[str, np.ndarray]
+
+
 class Outcome(NamedTuple):
     """How one frame ended: a status, a result (OK only), server timings and a message.
 
     ``result`` is one frame's output, without a batch dimension (the default
-    model's is ``(1000,)`` float32). It may be a view of a buffer that is
-    reused once the outcome has been delivered: a sink that keeps it longer
-    copies it.
+    model's is ``(1000,)`` float32). For a model with several outputs (a tuple
+    or a dict of tensors, or a ``topk`` postprocess) ``outputs`` holds them all,
+    in the model's structure, and ``result`` is the first. Arrays may be views
+    of a buffer that is reused once the outcome has been delivered: a sink that
+    keeps them longer copies them.
     """
 
     status: Status
     message: str = ""
     result: np.ndarray | None = None
     timings: Timings = Timings()
+    outputs: Outputs | None = None
 
     @property
     def ok(self) -> bool:

@@ -11,17 +11,20 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import time
 from typing import Any
 
 from streamgpu.config import Config
+from streamgpu.errors import ModelNotFoundError
 from streamgpu.gpu.backend import Backend, DeviceModel, create_backend
 from streamgpu.ingest import make_listener
 from streamgpu.ingest.admission import Admission
 from streamgpu.ingest.base import Listener
 from streamgpu.memory import HostSegment, SlotPool
-from streamgpu.models.loader import load_module
+from streamgpu.models.manager import ModelManager, ModelState
+from streamgpu.models.repository import RepositoryPoller
 from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol.wire import Status
 from streamgpu.results import Results, TcpOutlet, results_from
@@ -49,6 +52,8 @@ class Server:
         self._scheduler: Scheduler | None = None
         self._runner: BatchRunner | None = None
         self._admission: Admission | None = None
+        self._models: ModelManager | None = None
+        self._repository: RepositoryPoller | None = None
         self._listeners: list[Listener] = []
         self.results: Results = results_from(self.config.results_port, self.config.results_host,
                                              self.config.results_file)  # fmt: skip
@@ -74,17 +79,16 @@ class Server:
         health = DeviceHealth(backend.devices)
         self._scheduler = scheduler = Scheduler(loop, self._run_batch, cfg.max_inflight_batches, health)
         self._runner = BatchRunner(backend, scheduler, cfg.watchdog_factor, cfg.watchdog_min_s)
-        specs: dict[str, ModelSpec] = {}
+        self._models = models = ModelManager(backend, scheduler, self._loader)
         for spec in cfg.models:
-            replicas = []
-            for device in range(len(backend.devices)):
-                model = await loop.run_in_executor(self._loader, self._load, backend, spec, device)
-                replicas.append(model)
-                random = spec.source.startswith("builtin:")
-                log.info("model %s%s", model.description, "; random weights (builtin: nothing is downloaded)" * random)
-            scheduler.add_model(replicas)
-            specs[spec.name] = spec
-        self._admission = admission = Admission(cfg, self._pool, specs, scheduler.submit)
+            await models.load(spec)
+            if spec.source.startswith("builtin:"):
+                log.info("model %s: random weights (builtin: nothing is downloaded)", spec.name)
+        if cfg.model_repository:
+            self._repository = RepositoryPoller(cfg.model_repository, models, self._loader)
+            await self._repository.poll(initial=True)
+            self._repository.start(cfg.repository_poll_s)
+        self._admission = admission = Admission(cfg, self._pool, models.specs, scheduler.submit)
         await self.results.start()
         for listener_spec in cfg.listeners:
             listener = make_listener(listener_spec, admission, segment, self.results)
@@ -103,10 +107,6 @@ class Server:
         if cfg.open_to_anyone:
             log.warning("listening beyond loopback without auth_token or tokens, or on a raw port (which takes "
                         "no token): anyone who can reach this machine can submit frames")  # fmt: skip
-
-    @staticmethod
-    def _load(backend: Backend, spec: ModelSpec, device: int) -> DeviceModel:
-        return backend.load(spec, load_module(spec), device)
 
     async def _run_batch(self, model: DeviceModel, frames: list[Any], expected_s: float) -> float | None:
         assert self._runner is not None
@@ -127,6 +127,8 @@ class Server:
         if not self._listeners or self._admission is None:
             return  # not started, or stopped already
         timeout = self.config.shutdown_timeout_s if timeout is None else timeout
+        if self._repository is not None:
+            await self._repository.stop()
         self._admission.accepting = False
         for listener in self._listeners:
             listener.stop_accepting()
@@ -151,6 +153,8 @@ class Server:
 
     async def _release(self) -> None:
         """Free what ``start`` acquired (also after a failed start: listeners already bound close)."""
+        if self._repository is not None:
+            await self._repository.stop()
         for listener in self._listeners:
             listener.stop_accepting()
             await listener.close(timeout=0)
@@ -172,6 +176,59 @@ class Server:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    # -- models while serving ---------------------------------------------------------
+
+    async def load_model(self, spec: ModelSpec) -> ModelState:
+        """Load a model while serving; under a name already served, a new version (see ``swap_model``).
+
+        The file is read, placed on the device, warmed at every batch bucket and graph-captured in
+        the loader thread while every model keeps serving. Raises ``ModelLoadError`` (the version
+        serving under that name, if any, keeps serving).
+        """
+        return await self._manager.load(spec)
+
+    async def swap_model(self, name: str, spec: ModelSpec) -> ModelState:
+        """Replace model ``name`` by a new version built from ``spec`` (its ``name`` is set to ``name``).
+
+        The switch happens between two batches: nothing is refused; queued frames run on the new
+        version (or, with ``swap_queued = "received"``, on the one that received them); the old
+        version is freed after its last batch, before this returns. Raises ``ModelNotFoundError``
+        when ``name`` is not served, ``ModelLoadError`` when the new version cannot be loaded.
+        """
+        state = self._manager.states.get(name)
+        if state is None or state.models is None:
+            raise ModelNotFoundError(f"no model named {name!r} is being served (load it instead)")
+        return await self._manager.load(dataclasses.replace(spec, name=name))
+
+    async def unload_model(self, name: str) -> ModelState:
+        """Stop serving ``name``: new frames get UNKNOWN_MODEL, queued ones run first, then its memory is freed."""
+        return await self._manager.unload(name)
+
+    def model_index(self) -> list[dict[str, Any]]:
+        """Every model name known (serving or not): name, version, state (READY, LOADING, UNLOADING,
+        UNAVAILABLE) and reason, as Triton's repository index lists them."""
+        return self._manager.index()
+
+    def known_spec(self, name: str) -> ModelSpec | None:
+        """The settings model ``name`` was last loaded with (serving or unloaded since), or None."""
+        state = self._manager.states.get(name)
+        return state.spec if state is not None else None
+
+    def serving(self, name: str) -> list[DeviceModel] | None:
+        """The version of model ``name`` that new batches launch on, one instance per device (None: not served)."""
+        state = self._manager.states.get(name)
+        return state.models if state is not None else None
+
+    @property
+    def model_specs(self) -> dict[str, ModelSpec]:
+        """The models taking frames now, by name."""
+        return dict(self._manager.specs)
+
+    @property
+    def _manager(self) -> ModelManager:
+        assert self._models is not None, "server not started"
+        return self._models
 
     # -- state --------------------------------------------------------------------
 

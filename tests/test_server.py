@@ -17,6 +17,7 @@ import torch
 from streamgpu import client
 from streamgpu.config import Config, ListenerSpec
 from streamgpu.models.builtin import build_builtin
+from streamgpu.models.outputs import BatchOutputs
 from streamgpu.models.preprocess import preprocess_torch
 from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol import wire
@@ -245,7 +246,7 @@ async def test_shutdown_timeout_answers_frames_still_running(monkeypatch: pytest
 
     original = CpuModel.run
 
-    def slow(self: CpuModel, batch: np.ndarray) -> np.ndarray:
+    def slow(self: CpuModel, batch: np.ndarray) -> BatchOutputs:
         time.sleep(1.0)  # in the backend's worker thread, as a slow model would
         return original(self, batch)
 

@@ -73,8 +73,10 @@ def main() -> int:
     print(f"\n{args.model} fp16 channels-last, CUDA graph replay, torch.compile mode={args.mode}")
     print("batch | eager graph ms | compiled graph ms | speedup | compile s | rel err")
     for r in rows:
-        print(f"{r['batch']} | {r['eager_graph_ms']:.3f} | {r['compiled_graph_ms']:.3f} | {r['speedup']:.2f}x | "
-              f"{r['compile_s']:.1f} | {r['rel_err']:.1e}")
+        print(
+            f"{r['batch']} | {r['eager_graph_ms']:.3f} | {r['compiled_graph_ms']:.3f} | {r['speedup']:.2f}x | "
+            f"{r['compile_s']:.1f} | {r['rel_err']:.1e}"
+        )
     with open(args.json, "w") as f:
         json.dump({"card": torch.cuda.get_device_name(), "mode": args.mode, "rows": rows}, f, indent=1)
     return 0

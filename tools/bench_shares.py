@@ -114,7 +114,9 @@ if __name__ == "__main__":
         print(f"{label} | {r['batches']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f}")
     for m in ("a", "b"):
         solo = result[f"solo {m}"]["p99_ms"]
-        print(f"model {m}: p99 co-located/solo: controlled {result[f'controlled {m}']['p99_ms'] / solo:.2f}x, "
-              f"uncontrolled {result[f'uncontrolled {m}']['p99_ms'] / solo:.2f}x (target controlled <= 1.10x)")
+        print(
+            f"model {m}: p99 co-located/solo: controlled {result[f'controlled {m}']['p99_ms'] / solo:.2f}x, "
+            f"uncontrolled {result[f'uncontrolled {m}']['p99_ms'] / solo:.2f}x (target controlled <= 1.10x)"
+        )
     with open(args.json, "w") as f:
         json.dump({"card": torch.cuda.get_device_name(), "args": vars(args), "runs": result}, f, indent=1)

@@ -22,6 +22,7 @@ from streamgpu.config import Config
 from streamgpu.errors import ConfigError, DeviceUnavailableError
 from streamgpu.gpu import BACKENDS
 from streamgpu.memory import Slot
+from streamgpu.models.outputs import BatchOutputs, OutputLayout
 from streamgpu.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -32,21 +33,33 @@ class BatchRun:
     """One launched batch.
 
     ``copied`` resolves once the frames' slots have been read (they may be
-    released then); ``done`` resolves with the host results, one row per frame.
+    released then); ``done`` resolves with the host results, one row per frame
+    (one array, or a tuple or dict of arrays for a model with several outputs).
     ``service_s`` is set before ``done`` resolves: how long the device spent on
     the batch (pre-processing + model + results back), measured on the device.
     """
 
     size: int
     copied: asyncio.Future[None]
-    done: asyncio.Future[np.ndarray]
+    done: asyncio.Future[BatchOutputs]
     service_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchTrace:
+    """When one batch ran on the device (seconds on the backend's own clock): kept only while tracing."""
+
+    model: DeviceModel
+    size: int
+    start_s: float
+    end_s: float
 
 
 class DeviceModel(abc.ABC):
     """A model placed on one of a backend's devices, ready to run batches."""
 
     spec: ModelSpec
+    layout: OutputLayout = OutputLayout("tensor")  # the structure of its outputs, known after the load
     device: int  # position in ``Backend.devices``
 
     @property
@@ -59,6 +72,9 @@ class Backend(abc.ABC):
     """A place to run models, built with ``(loop, config)`` (see ``create_backend``)."""
 
     name: str
+    # A list to append one BatchTrace per completed batch to (benchmarks: the GPU idle gap at a
+    # swap); None, the default, costs nothing per batch.
+    trace: list[BatchTrace] | None = None
     devices: list[str]  # one name per device batches can be placed on ("cuda:0 (NVIDIA H100 ...)")
 
     @property
@@ -84,6 +100,9 @@ class Backend(abc.ABC):
         Blocking: call off the loop. ``module`` becomes the device's (it may be moved in place):
         load a fresh one per device.
         """
+
+    def unload(self, model: DeviceModel) -> None:  # noqa: B027 - optional: the CPU backend leaves it to the GC
+        """Free what ``model`` holds on the device, once no batch of it is in flight. Blocking: call off the loop."""
 
     @abc.abstractmethod
     def launch(self, model: DeviceModel, slots: list[Slot], expected_s: float = 0.0) -> BatchRun:

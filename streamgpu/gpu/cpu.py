@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from streamgpu.config import Config
-from streamgpu.gpu.backend import Backend, BatchRun, DeviceModel
+from streamgpu.gpu.backend import Backend, BatchRun, BatchTrace, DeviceModel
 from streamgpu.memory import Slot
+from streamgpu.models.outputs import BatchOutputs, ModelHead, host_dtype, model_input, warm_up
 from streamgpu.models.preprocess import TorchPreprocess
 from streamgpu.models.spec import ModelSpec
 
@@ -33,17 +34,23 @@ class CpuModel(DeviceModel):
         self.dtype = torch.float32 if spec.precision in ("auto", "fp32") else _DTYPES[spec.precision]
         if self.dtype != torch.float32:
             self.module = module.to(self.dtype)
+        self.head = ModelHead(self.module, spec)
         self.preprocess = TorchPreprocess(spec, self.dtype)
 
     @property
     def description(self) -> str:
         return f"{self.spec.name} ({self.spec.source}, {self.dtype}, cpu, eager)"
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def tensors(self, batch: np.ndarray, record: bool = False) -> list[torch.Tensor]:
+        """The model's outputs (postprocess included) for ``batch``, one row of raw frame bytes per frame;
+        ``record``: note their structure (the load's warm-up)."""
         frames = torch.from_numpy(batch.view(self.spec.frame_dtype).reshape(len(batch), *self.spec.input_shape))
         with torch.inference_mode():
-            out = self.module(self.preprocess(frames))
-        return out.float().numpy()
+            x = self.preprocess(frames)
+            return self.head.record(x) if record else self.head(x)
+
+    def run(self, batch: np.ndarray) -> BatchOutputs:
+        return self.layout.assemble([t.to(host_dtype(t.dtype)).numpy() for t in self.tensors(batch)])
 
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -64,7 +71,11 @@ class CpuBackend(Backend):
 
     def load(self, spec: ModelSpec, module: nn.Module, device: int = 0) -> CpuModel:
         model = CpuModel(spec, module)
-        model.run(np.zeros((1, spec.frame_nbytes), np.uint8))  # warm up allocator and kernels before serving
+        # Every bucket, max_batch_size included: a model that cannot take a batch fails here, not under load.
+        warm_up(spec, lambda n: model.tensors(np.zeros((n, spec.frame_nbytes), np.uint8), record=True),
+                model_input(spec, model.dtype))  # fmt: skip
+        assert model.head.layout is not None
+        model.layout = model.head.layout
         return model
 
     def launch(self, model: DeviceModel, slots: list[Slot], expected_s: float = 0.0) -> BatchRun:
@@ -78,7 +89,9 @@ class CpuBackend(Backend):
         # Created before the work is submitted: the worker may finish before submit() returns.
         run = BatchRun(len(slots), copied, loop.create_future())
 
-        def work() -> np.ndarray:
+        trace = self.trace
+
+        def work() -> BatchOutputs:
             started = time.perf_counter()
             try:
                 batch = np.stack(views)
@@ -87,7 +100,10 @@ class CpuBackend(Backend):
                 raise
             loop.call_soon_threadsafe(_settle, copied, None)
             result = model.run(batch)
-            run.service_s = time.perf_counter() - started  # set before done resolves on the loop
+            ended = time.perf_counter()
+            run.service_s = ended - started  # set before done resolves on the loop
+            if trace is not None:
+                trace.append(BatchTrace(model, len(views), started, ended))  # list.append: thread-safe
             return result
 
         asyncio.wrap_future(self._worker.submit(work), loop=loop).add_done_callback(
@@ -101,7 +117,7 @@ class CpuBackend(Backend):
             copied.cancel()
 
 
-def _forward(target: asyncio.Future[np.ndarray], source: asyncio.Future[np.ndarray]) -> None:
+def _forward(target: asyncio.Future[BatchOutputs], source: asyncio.Future[BatchOutputs]) -> None:
     if target.done():
         return
     if source.cancelled():

@@ -35,9 +35,10 @@ from torch import nn
 from streamgpu.config import Config
 from streamgpu.errors import DeviceUnavailableError
 from streamgpu.gpu import kernels
-from streamgpu.gpu.backend import Backend, BatchRun, DeviceModel
+from streamgpu.gpu.backend import Backend, BatchRun, BatchTrace, DeviceModel
 from streamgpu.gpu.bridge import CompletionBridge
 from streamgpu.memory import Slot
+from streamgpu.models.outputs import BatchOutputs, ModelHead, host_dtype, model_input, warm_up
 from streamgpu.models.preprocess import TorchPreprocess
 from streamgpu.models.spec import ModelSpec
 
@@ -59,17 +60,18 @@ COPY_ENGINE_FROM = 4 * 1024 * 1024
 class _Graph:
     graph: torch.cuda.CUDAGraph
     static_in: torch.Tensor
-    static_out: torch.Tensor
+    static_out: list[torch.Tensor]
 
 
 @dataclass(eq=False)
 class BatchBuffers:
-    """What one batch in flight uses: device staging for its frames, its float outputs on the
-    device, and the page-locked host buffer its results come back into."""
+    """What one batch in flight uses: device staging for its frames, its outputs on the device
+    (one tensor per model output, in the dtype it is returned in), and the page-locked host
+    buffers its results come back into."""
 
     staged: torch.Tensor  # [max_batch, frame_nbytes] uint8, device
-    out: torch.Tensor  # [max_batch, *output] float32, device
-    host: torch.Tensor  # [max_batch, *output] float32, page-locked
+    out: list[torch.Tensor]  # per output: [max_batch, *shape], device
+    host: list[torch.Tensor]  # per output: [max_batch, *shape], page-locked
 
 
 class BufferPool:
@@ -82,12 +84,12 @@ class BufferPool:
     the device may still be writing it).
     """
 
-    def __init__(self, frame_nbytes: int, out_shape: tuple[int, ...], max_batch: int, count: int,
-                 device: torch.device) -> None:  # fmt: skip
+    def __init__(self, frame_nbytes: int, outputs: list[tuple[tuple[int, ...], torch.dtype]], max_batch: int,
+                 count: int, device: torch.device) -> None:  # fmt: skip
         self._make = lambda: BatchBuffers(
             torch.empty((max_batch, frame_nbytes), dtype=torch.uint8, device=device),
-            torch.empty((max_batch, *out_shape), dtype=torch.float32, device=device),
-            torch.empty((max_batch, *out_shape), dtype=torch.float32, pin_memory=True),
+            [torch.empty((max_batch, *shape), dtype=dtype, device=device) for shape, dtype in outputs],
+            [torch.empty((max_batch, *shape), dtype=dtype, pin_memory=True) for shape, dtype in outputs],
         )
         self._free = [self._make() for _ in range(count)]
         self._count = count
@@ -116,6 +118,7 @@ class CudaModel(DeviceModel):
         self.module = module.to(device=gpu, dtype=self.dtype)
         if spec.preprocess == "image":
             self.module = self.module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.head = ModelHead(self.module, spec)
         # A share of the SMs (a green context): kernels on its stream, and graphs captured inside it,
         # run on those SMs alone, so this model cannot crowd out another (and vice versa).
         self.share = _green_context(spec.sm_share, gpu)
@@ -125,7 +128,7 @@ class CudaModel(DeviceModel):
         self.buckets: list[int] = []
         self.graph_error = ""
         # What batches run: the module, or its compiled form (choose_compiled).
-        self.runs: Callable[[torch.Tensor], torch.Tensor] = self.module
+        self.runs: Callable[[torch.Tensor], list[torch.Tensor]] = self.head
         self.compile_note = "not compiled"
         self.buffers: BufferPool | None = None  # set by CudaBackend.load
         self.preprocess = TorchPreprocess(spec, self.dtype, gpu)  # constants made here, not per batch
@@ -175,12 +178,30 @@ class CudaModel(DeviceModel):
             return x
         return out.copy_(x)
 
+    def warm_up(self) -> list[torch.Tensor]:
+        """Run eagerly at every bucket (a model that cannot take a batch size fails here, with a
+        ``ModelLoadError`` naming it); returns the outputs at ``max_batch_size``."""
+
+        def run(n: int) -> list[torch.Tensor]:
+            shape = (n, *self.spec.input_shape)
+            frames = torch.zeros(shape, device=self.gpu).to(_torch_dtype(self.spec.frame_dtype))
+            x = self.prepare_input(frames)
+            with self.in_share():
+                return self.head.record(x)
+
+        with torch.cuda.stream(self.stream), torch.inference_mode():
+            outs = warm_up(self.spec, run, model_input(self.spec, self.dtype))
+        self.stream.synchronize()
+        return outs
+
     def _example(self, n: int) -> torch.Tensor:
         """A model input for ``n`` random frames."""
         frames = torch.randint(0, 255, (n, *self.spec.input_shape), device=self.gpu)
         return self.prepare_input(frames.to(_torch_dtype(self.spec.frame_dtype)))
 
-    def _capture(self, runs: Callable[[torch.Tensor], torch.Tensor], static_in: torch.Tensor, pool: Any) -> _Graph:
+    def _capture(
+        self, runs: Callable[[torch.Tensor], list[torch.Tensor]], static_in: torch.Tensor, pool: Any
+    ) -> _Graph:
         # Inside the share: a graph runs on the SMs of the context it was captured in, whatever stream
         # replays it. Only model code runs in there: cupy's kernels (gather, pre-processing) make the
         # primary context current, which would unbalance the green context's push/pop.
@@ -188,9 +209,16 @@ class CudaModel(DeviceModel):
             for _ in range(_GRAPH_WARMUP):
                 runs(static_in)
             self.stream.synchronize()
+            # Not torch.cuda.graph(): its __enter__ synchronizes the whole device and empties the
+            # allocator caches (device and pinned host), which would stall the models serving beside;
+            # thread-local mode lets the loop thread launch their batches meanwhile.
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=self.stream):
-                static_out = runs(static_in)
+            with torch.cuda.stream(self.stream):
+                graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+                try:
+                    static_out = runs(static_in)
+                finally:
+                    graph.capture_end()
         return _Graph(graph, static_in, static_out)
 
     def choose_compiled(self) -> None:
@@ -203,7 +231,7 @@ class CudaModel(DeviceModel):
         dynamo.recompile_limit = max(dynamo.recompile_limit, _RECOMPILE_LIMIT)
         log.info("model %s: compiling with torch.compile for %s (seconds per batch bucket; cached on disk for "
                  "the next start; compile = \"off\" skips it)", spec.name, self.gpu)  # fmt: skip
-        compiled = torch.compile(self.module, dynamic=False)
+        compiled = torch.compile(self.head, dynamic=False)
         try:
             with torch.cuda.stream(self.stream), torch.inference_mode():
                 if spec.compile == "on":
@@ -215,7 +243,7 @@ class CudaModel(DeviceModel):
                 size = max(spec.buckets())
                 pool = torch.cuda.graph_pool_handle()
                 x = self._example(size)
-                plain, fast = self._capture(self.module, x, pool), self._capture(compiled, x, pool)
+                plain, fast = self._capture(self.head, x, pool), self._capture(compiled, x, pool)
         except Exception as exc:  # an op inductor cannot compile, no triton, ...: serve it uncompiled
             self.compile_note = "not compiled: compile failed"
             log.warning("model %s: torch.compile failed, serving it uncompiled: %s: %s", spec.name,
@@ -232,7 +260,11 @@ class CudaModel(DeviceModel):
                  "keeping" if keep else "not keeping", fast_ms, plain_ms, size)  # fmt: skip
 
     def capture(self) -> None:
-        """Warm up and capture one graph per bucket (largest first, one shared memory pool)."""
+        """Warm up and capture one graph per bucket (largest first, one shared memory pool).
+
+        Captured in thread-local mode, without a device-wide synchronize: the loop thread keeps
+        launching the batches of models already serving (and querying their events) meanwhile.
+        """
         pool = torch.cuda.graph_pool_handle()
         with torch.cuda.stream(self.stream), torch.inference_mode():
             for bucket in sorted(self.spec.buckets(), reverse=True):
@@ -240,8 +272,8 @@ class CudaModel(DeviceModel):
         self.buckets = sorted(self.graphs)
         self.stream.synchronize()
 
-    def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        """Run on the current (compute) stream; returns [n, ...] outputs."""
+    def forward(self, frames: torch.Tensor) -> list[torch.Tensor]:
+        """Run on the current (compute) stream; returns the [n, ...] outputs."""
         n = frames.shape[0]
         bucket = next((b for b in self.buckets if b >= n), None)
         if bucket is None:
@@ -251,7 +283,15 @@ class CudaModel(DeviceModel):
         g = self.graphs[bucket]
         self.prepare_input(frames, out=g.static_in[:n])
         g.graph.replay()  # in its share, if it has one: captured there
-        return g.static_out[:n]
+        return [out[:n] for out in g.static_out]
+
+    def release(self) -> None:
+        """Drop every device tensor this model holds (graphs, their pool, buffers, weights)."""
+        self.graphs.clear()
+        self.buckets = []
+        self.buffers = None
+        self.module = nn.Identity()
+        self.head = self.runs = ModelHead(self.module, self.spec)
 
 
 class CudaBackend(Backend):
@@ -273,6 +313,10 @@ class CudaBackend(Backend):
         # stream whose query() reports a sticky error without waiting for anything.
         self.copy_streams = [torch.cuda.Stream(d) for d in self.gpus]
         self._probes = [torch.cuda.Stream(d) for d in self.gpus]
+        # Weights of a model being loaded go to the GPU on this stream: while models serve, a load
+        # never queues behind (or in front of) their copies and batches.
+        self.load_streams = [torch.cuda.Stream(d) for d in self.gpus]
+        self._trace_epochs: dict[int, torch.cuda.Event] = {}  # per GPU: its first traced batch's start
         self._bridge = CompletionBridge(loop)
         # One gather launch per batch instead of a copy per frame: 7x less loop CPU per frame
         # and 1.8x less GPU time at 32 frames on the H100 (docs/GPU_NOTES.md).
@@ -296,7 +340,13 @@ class CudaBackend(Backend):
     def load(self, spec: ModelSpec, module: nn.Module, device: int = 0) -> CudaModel:
         gpu = self.gpus[device]
         with torch.cuda.device(gpu), torch.inference_mode():  # scoped: this runs in the loader thread
-            model = CudaModel(spec, module, gpu, device, self.use_kernels)
+            with torch.cuda.stream(self.load_streams[device]):
+                model = CudaModel(spec, module, gpu, device, self.use_kernels)
+            self.load_streams[device].synchronize()
+            # Every bucket, eagerly, max_batch_size included: a static batch fails here, not under load.
+            outs = model.warm_up()
+            assert model.head.layout is not None
+            model.layout = model.head.layout
             model.choose_compiled()
             if spec.cuda_graphs:
                 try:
@@ -307,17 +357,23 @@ class CudaBackend(Backend):
                     model.graph_error = f"capture failed: {exc}"
                     log.warning("model %s: CUDA graph capture failed, running eagerly: %s", spec.name, exc)
             with torch.cuda.stream(model.stream):
-                frames = torch.zeros((1, *spec.input_shape), device=gpu).to(_torch_dtype(spec.frame_dtype))
-                out_shape = tuple(model.forward(frames).shape[1:])
                 if self.use_kernels and spec.frame_nbytes < COPY_ENGINE_FROM:
                     # Compile and load the gather kernel here: loading a module can wait for the
                     # whole device, which must not happen on the loop at the first batch.
                     scratch = torch.zeros(spec.frame_nbytes, dtype=torch.uint8, pin_memory=True)
                     staged = torch.empty((1, spec.frame_nbytes), dtype=torch.uint8, device=gpu)
                     kernels.gather_frames(scratch, [0], spec.frame_nbytes, staged, model.stream)
-            model.buffers = BufferPool(spec.frame_nbytes, out_shape, spec.max_batch_size, self._max_inflight + 1, gpu)
+            outputs = [(tuple(out.shape[1:]), host_dtype(out.dtype)) for out in outs]
+            model.buffers = BufferPool(spec.frame_nbytes, outputs, spec.max_batch_size, self._max_inflight + 1, gpu)
             model.stream.synchronize()
         return model
+
+    def unload(self, model: DeviceModel) -> None:
+        assert isinstance(model, CudaModel)
+        with torch.cuda.device(model.gpu):
+            model.stream.synchronize()  # its last batch has been delivered; nothing of it is queued
+            model.release()
+            torch.cuda.empty_cache()  # the graphs' private pool and the buffers go back to the device
 
     def launch(self, model: DeviceModel, slots: list[Slot], expected_s: float = 0.0) -> BatchRun:
         assert isinstance(model, CudaModel) and self._host is not None and model.buffers is not None
@@ -344,7 +400,7 @@ class CudaBackend(Backend):
         else:
             finished = asyncio.ensure_future(self._compute_off_loop(model, buffers, n, copy_done, started, done))
         copied = self._bridge.wait(copy_done)
-        result: asyncio.Future[np.ndarray] = self._loop.create_future()
+        result: asyncio.Future[BatchOutputs] = self._loop.create_future()
         run = BatchRun(n, copied, result)
 
         def deliver(f: asyncio.Future[None]) -> None:
@@ -357,12 +413,16 @@ class CudaBackend(Backend):
             else:
                 try:  # a raise here would reach the loop's handler and leave the batch unanswered
                     run.service_s = started.elapsed_time(done) / 1e3  # both complete: no wait
-                    rows = buffers.host[:n].numpy().copy()  # small (n x output); frees the buffers now
+                    # Small (n x outputs): copied so that the buffers go back now.
+                    rows = model.layout.assemble([host[:n].numpy().copy() for host in buffers.host])
+                    if self.trace is not None:
+                        self._trace(model, n, started, done)
                 except Exception as error:
                     result.set_exception(error)
                     return
                 result.set_result(rows)
-                model.buffers.give_back(buffers)  # type: ignore[union-attr]  # not on failure: the device may write
+                if model.buffers is not None:  # None: unloaded meanwhile (a shutdown out of time)
+                    model.buffers.give_back(buffers)  # not on failure: the device may still write them
 
         finished.add_done_callback(deliver)
         return run
@@ -377,8 +437,9 @@ class CudaBackend(Backend):
             model.stream.wait_event(copy_done)
             started.record(model.stream)
             frames = buffers.staged[:n].view(_torch_dtype(spec.frame_dtype)).view(n, *spec.input_shape)
-            buffers.out[:n].copy_(model.forward(frames))
-            buffers.host[:n].copy_(buffers.out[:n], non_blocking=True)
+            for out, host, value in zip(buffers.out, buffers.host, model.forward(frames), strict=True):
+                out[:n].copy_(value)
+                host[:n].copy_(out[:n], non_blocking=True)
             done.record(model.stream)
 
     async def _compute_off_loop(
@@ -391,6 +452,12 @@ class CudaBackend(Backend):
             self._launcher, self._enqueue_compute, model, buffers, n, copy_done, started, done
         )
         await self._bridge.wait(done)
+
+    def _trace(self, model: CudaModel, n: int, started: torch.cuda.Event, done: torch.cuda.Event) -> None:
+        """Record when the batch ran, in seconds since the first traced batch started (both events complete)."""
+        assert self.trace is not None
+        epoch = self._trace_epochs.setdefault(model.device, started)
+        self.trace.append(BatchTrace(model, n, epoch.elapsed_time(started) / 1e3, epoch.elapsed_time(done) / 1e3))
 
     def device_error(self, device: int) -> str | None:
         try:

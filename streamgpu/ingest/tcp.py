@@ -389,7 +389,7 @@ class TcpConnection(asyncio.BufferedProtocol):
 
     def _on_outcome(self, ticket: Ticket, frame: Frame, outcome: Outcome) -> None:
         self._admission.stream_results.publish(frame.header, outcome)  # to WebSocket subscribers of this stream id
-        reply, payload = wire.reply_to(frame.header, *outcome)
+        reply, payload = wire.reply_to(frame.header, *outcome, version=self.version)
         self._send(ticket, wire.encode_reply(reply, payload, self.version))
 
     def _answer_now(self, header: FrameHeader, ticket: Ticket, status: Status, message: str) -> None:

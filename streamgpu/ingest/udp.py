@@ -519,7 +519,9 @@ class UdpListener(Listener):
         self._send(peer, reply, b"")
 
     def _on_outcome(self, peer: _Peer, frame: Frame, outcome: Outcome) -> None:
-        reply, payload = wire.reply_to(frame.header, *outcome)
+        # Version 1 replies: a model's several outputs would need the outputs block, which UDP
+        # clients do not read yet; they get the first output and a message saying so.
+        reply, payload = wire.reply_to(frame.header, *outcome, version=1)
         self._send(peer, reply, payload)
 
     def _send(self, peer: _Peer, reply: ReplyHeader, payload: bytes | memoryview) -> None:

@@ -14,6 +14,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 PREPROCESS_KINDS = ("image", "none")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 BATCH_POLICIES = ("adaptive", "fixed")
+SWAP_QUEUED = ("new", "received")  # which version runs the frames queued when a new version takes over
 COMPILE_MODES = ("auto", "on", "off")
 
 
@@ -27,7 +28,11 @@ class ModelSpec:
     ``arch``). ``input_shape``/``input_dtype`` describe one frame.
     ``preprocess="image"`` turns uint8 HWC frames into normalized float NCHW
     with ``mean``/``std`` on the device; ``"none"`` feeds the tensor as is
-    (cast to the model's precision for floating inputs).
+    (cast to the model's precision for floating inputs). ``postprocess``
+    (``topk:K``) runs on the device after the model (streamgpu.models.outputs).
+    ``swap_queued``: when a new version of this model takes over, frames
+    already queued run on the ``new`` one (default) or on the version that
+    ``received`` them.
     """
 
     name: str = "default"
@@ -49,6 +54,8 @@ class ModelSpec:
     max_queue: int = 1024
     default_deadline_ms: float = 0.0
     latency_target_ms: float = 0.0
+    postprocess: str = ""
+    swap_queued: str = "new"
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -96,6 +103,10 @@ class ModelSpec:
             out.append("max_queue_delay_ms must be >= 0")
         if not self.batch_buckets or any(b < 1 for b in self.batch_buckets):
             out.append("batch_buckets must be positive batch sizes")
+        if self.postprocess and not self.top_k:
+            out.append(f"postprocess {self.postprocess!r} must be '' (none) or 'topk:K' with K >= 1")
+        if self.swap_queued not in SWAP_QUEUED:
+            out.append(f"swap_queued must be one of {SWAP_QUEUED}, got {self.swap_queued!r}")
         if self.max_queue < 1:
             out.append("max_queue must be >= 1")
         times = {"max_queue_delay_ms": self.max_queue_delay_ms, "default_deadline_ms": self.default_deadline_ms,
@@ -106,6 +117,16 @@ class ModelSpec:
         if self.default_deadline_ms < 0 or self.latency_target_ms < 0:
             out.append("default_deadline_ms and latency_target_ms must be >= 0")
         return out
+
+    @property
+    def top_k(self) -> int:
+        """K of ``postprocess = "topk:K"``; 0 when there is no (valid) top-k step."""
+        kind, _, arg = self.postprocess.partition(":")
+        return int(arg) if kind == "topk" and arg.isdigit() and int(arg) >= 1 else 0
+
+    def same_frames(self, other: ModelSpec) -> bool:
+        """Whether ``other`` takes exactly the frames this spec takes (dtype and shape)."""
+        return self.input_dtype == other.input_dtype and self.input_shape == other.input_shape
 
     @property
     def frame_dtype(self) -> np.dtype:

@@ -20,7 +20,9 @@ What version 2 changes (v1 peers keep working unchanged): the WELCOME carries
 a :class:`Limits` block, the REPLY header's reserved u16 at offset 10 becomes
 ``flags`` (:class:`ReplyFlags`, written for every version: v1 readers ignore
 it), and :attr:`Status.RECEIVE_TIMEOUT` exists (a v1 connection gets its
-stand-in, see :func:`status_for`). The FRAME and REPLY headers' own version
+stand-in, see :func:`status_for`). A v2 reply may carry several result
+tensors (``ReplyFlags.OUTPUTS``, :func:`encode_outputs`); a v1 connection is
+sent the first of them. The FRAME and REPLY headers' own version
 byte stays 1 in both.
 """
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 import enum
 import math
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -111,6 +114,9 @@ class ReplyFlags(enum.IntFlag):
     # timeout, shutdown abort); the connection ends after it. Its stream_id and
     # sequence are 0 and mean nothing.
     CONNECTION = 1
+    # v2 only: the payload is an outputs block (several named result tensors, see encode_outputs);
+    # the header's dtype is 0, its ndim 0.
+    OUTPUTS = 2
 
 
 # dtype codes on the wire; the numpy dtypes are always little-endian.
@@ -481,9 +487,27 @@ _NO_TIMINGS = Timings()
 
 
 def reply_to(
-    h: FrameHeader, status: Status, message: str = "", result: np.ndarray | None = None, timings: Timings = _NO_TIMINGS
+    h: FrameHeader,
+    status: Status,
+    message: str = "",
+    result: np.ndarray | None = None,
+    timings: Timings = _NO_TIMINGS,
+    outputs: dict[str, np.ndarray] | Sequence[np.ndarray] | None = None,
+    *,
+    version: int = VERSION,
 ) -> tuple[ReplyHeader, memoryview]:
-    """The reply to the frame ``h`` (an ``Outcome``'s fields, in its order): header and result bytes (no copy)."""
+    """The reply to the frame ``h`` (an ``Outcome``'s fields, in its order): header and result bytes (no copy).
+
+    Several ``outputs`` go as an outputs block (``ReplyFlags.OUTPUTS``) when ``version`` >= 2; an
+    older version gets the first (``result``) and a message saying so.
+    """
+    if outputs is not None:
+        if version >= 2:
+            block = encode_outputs(outputs)
+            reply = ReplyHeader(h.stream_id, h.sequence, status, 0, (), len(block), h.timestamp_ns, timings, message,
+                                ReplyFlags.OUTPUTS)  # fmt: skip
+            return reply, memoryview(block)
+        message = v1_outputs_note(outputs)
     if result is None:
         return ReplyHeader(h.stream_id, h.sequence, status, timestamp_ns=h.timestamp_ns, timings=timings,
                            message=message), memoryview(b"")  # fmt: skip
@@ -513,9 +537,75 @@ def decode_reply(buf: bytes | memoryview) -> tuple[ReplyHeader, memoryview, int]
     header = ReplyHeader(
         stream_id=stream_id, sequence=sequence, status=_status(status), dtype_code=dtype, shape=tuple(shape),
         payload_len=payload_len, timestamp_ns=ts, timings=Timings(rx, q, tr, comp, total, bs), message=message,
-        flags=ReplyFlags(flags & int(ReplyFlags.CONNECTION)),
+        flags=ReplyFlags(flags & _KNOWN_REPLY_FLAGS),
     )  # fmt: skip
     return header, memoryview(buf)[payload_at:end], end
+
+
+_KNOWN_REPLY_FLAGS = int(ReplyFlags.CONNECTION | ReplyFlags.OUTPUTS)
+_OUTPUTS = struct.Struct("<HH")  # count, reserved (0)
+_OUTPUT = struct.Struct("<BBHQ")  # dtype, ndim, name_len, nbytes; then name, shape (ndim x u32), data
+MAX_OUTPUTS = 0xFFFF
+
+
+def encode_outputs(outputs: dict[str, np.ndarray] | Sequence[np.ndarray]) -> bytes:
+    """An outputs block: several result tensors, named by the dict's keys (a sequence: each name "").
+
+    Layout (docs/PROTOCOL.md section 5.2): u16 count, u16 reserved, then per
+    output u8 dtype, u8 ndim, u16 name_len, u64 nbytes, the UTF-8 name, the
+    shape (ndim x u32) and nbytes of little-endian data.
+    """
+    if len(outputs) > MAX_OUTPUTS:
+        raise ValueError(f"at most {MAX_OUTPUTS} outputs, got {len(outputs)}")
+    named = outputs.items() if isinstance(outputs, dict) else (("", array) for array in outputs)
+    parts: list[bytes | memoryview] = [_OUTPUTS.pack(len(outputs), 0)]
+    for name, array in named:
+        raw = name.encode()
+        if len(raw) > 0xFFFF or array.ndim > MAX_NDIM:
+            raise ValueError(f"output {name!r}: name over 65535 bytes or more than {MAX_NDIM} dimensions")
+        data = np.ascontiguousarray(array)
+        if data.dtype.byteorder == ">":
+            data = data.astype(data.dtype.newbyteorder("<"))
+        parts += [_OUTPUT.pack(dtype_code(data.dtype), data.ndim, len(raw), data.nbytes), raw,
+                  _SHAPES[data.ndim].pack(*data.shape), data.reshape(-1).view("u1").data]  # fmt: skip
+    return b"".join(parts)
+
+
+def v1_outputs_note(outputs: dict[str, np.ndarray] | Sequence[np.ndarray]) -> str:
+    """The message a v1 reply carries when the model has several outputs (the reply holds the first)."""
+    first = f" ({next(iter(outputs))!r})" if isinstance(outputs, dict) else ""
+    return (f"the model returns {len(outputs)} outputs; protocol v1 carries only the first{first}: "
+            "connect with protocol version 2 to receive all of them")  # fmt: skip
+
+
+def decode_outputs(payload: bytes | memoryview) -> list[tuple[str, np.ndarray]]:
+    """The (name, array) pairs of an outputs block; the arrays are copies. ProtocolError when malformed."""
+    buf = memoryview(payload).cast("B")
+    if len(buf) < _OUTPUTS.size:
+        raise ProtocolError(Status.BAD_FRAME, "outputs block shorter than its 4-byte count")
+    count, _ = _OUTPUTS.unpack_from(buf)
+    at, out = _OUTPUTS.size, []
+    for i in range(count):
+        if len(buf) < at + _OUTPUT.size:
+            raise ProtocolError(Status.BAD_FRAME, f"outputs block ends inside output {i}'s header")
+        code, ndim, name_len, nbytes = _OUTPUT.unpack_from(buf, at)
+        dt = DTYPES.get(code)
+        if dt is None or ndim > MAX_NDIM:
+            raise ProtocolError(Status.BAD_FRAME, f"output {i}: unknown dtype code {code} or ndim {ndim} > {MAX_NDIM}")
+        at += _OUTPUT.size
+        shape_at = at + name_len
+        data_at = shape_at + 4 * ndim
+        if len(buf) < data_at + nbytes:
+            raise ProtocolError(Status.BAD_FRAME, f"outputs block ends inside output {i}")
+        name = bytes(buf[at:shape_at]).decode(errors="replace")
+        shape = _SHAPES[ndim].unpack_from(buf, shape_at)
+        if dt.itemsize * math.prod(shape) != nbytes:
+            raise ProtocolError(Status.BAD_FRAME, f"output {i}: shape {list(shape)} of {dt.name} is not {nbytes} bytes")
+        out.append((name, np.frombuffer(buf[data_at : data_at + nbytes], dtype=dt).reshape(shape).copy()))
+        at = data_at + nbytes
+    if at != len(buf):
+        raise ProtocolError(Status.BAD_FRAME, f"outputs block has {len(buf) - at} bytes after its {count} outputs")
+    return out
 
 
 def _status(value: int) -> Status:

@@ -19,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
-from streamgpu.frame import Frame, Outcome
+from streamgpu.frame import Frame, Outcome, Outputs
 from streamgpu.gpu.backend import Backend, DeviceModel
+from streamgpu.models.outputs import BatchOutputs
 from streamgpu.protocol.wire import Status, Timings
 from streamgpu.scheduler.metrics import ModelMetrics
 from streamgpu.scheduler.scheduler import Scheduler
@@ -103,9 +105,8 @@ class BatchRunner:
         copied_ns = time.perf_counter_ns()
         try:
             results = await run.done
-            if len(results) != len(frames):
-                raise RuntimeError(f"model returned {len(results)} results for a batch of {len(frames)} frames")
-            finished = _finish_ok(frames, results, launch_ns, copied_ns, time.perf_counter_ns())
+            rows = _per_frame(results, len(frames))
+            finished = _finish_ok(frames, rows, launch_ns, copied_ns, time.perf_counter_ns())
         except Exception as exc:
             self._failed(model, frames, "running", exc)
             return None
@@ -128,12 +129,28 @@ def _fail_batch(frames: list[Frame], metrics: ModelMetrics, message: str) -> Non
             frame.fail(Status.INTERNAL_ERROR, message, now)
 
 
-def _finish_ok(frames: list[Frame], results: np.ndarray, launch_ns: int, copied_ns: int, done_ns: int) -> int:
+def _per_frame(results: BatchOutputs, n: int) -> Iterable[tuple[np.ndarray, Outputs | None]]:
+    """Each frame's (result, outputs) from a batch's outputs (one array, or a tuple or dict of them)."""
+    names = list(results) if isinstance(results, dict) else None
+    arrays = [results] if isinstance(results, np.ndarray) else list(results.values()) if isinstance(results, dict) \
+        else list(results)  # fmt: skip
+    for array in arrays:
+        if len(array) != n:
+            raise RuntimeError(f"model returned {len(array)} results for a batch of {n} frames")
+    if isinstance(results, np.ndarray):
+        return ((row, None) for row in results)
+    if names is not None:
+        return ((rows[0], dict(zip(names, rows, strict=True))) for rows in zip(*arrays, strict=True))
+    return ((rows[0], rows) for rows in zip(*arrays, strict=True))
+
+
+def _finish_ok(frames: list[Frame], results: Iterable[tuple[np.ndarray, Outputs | None]], launch_ns: int,
+               copied_ns: int, done_ns: int) -> int:  # fmt: skip
     """Finish each frame with its result; returns how many were finished here (not by a shutdown)."""
     finished = 0
     transfer_us, compute_us, n = (copied_ns - launch_ns) // 1000, (done_ns - copied_ns) // 1000, len(frames)
     now = time.perf_counter_ns()
-    for frame, result in zip(frames, results, strict=True):
+    for frame, (result, outputs) in zip(frames, results, strict=True):
         if frame.finished:  # finished already: by a shutdown that ran out of time
             continue
         timings = Timings(
@@ -144,6 +161,6 @@ def _finish_ok(frames: list[Frame], results: np.ndarray, launch_ns: int, copied_
             total_us=(now - frame.received_ns) // 1000,
             batch_size=n,
         )
-        frame.finish(Outcome(Status.OK, result=result, timings=timings))
+        frame.finish(Outcome(Status.OK, result=result, timings=timings, outputs=outputs))
         finished += 1
     return finished

@@ -35,6 +35,12 @@ server's launch-and-reply coroutine). Its rules:
   completion still meets the oldest frame's target; when none can, it drains
   with the largest and counts ``target_unmeetable``.
 * Frames whose producer has gone are dropped at batch formation.
+* Versions: ``swap_model`` puts a new version of a model in place between two
+  batches; the queue keeps its frames and the next batch launches on the new
+  version (batches in flight finish on the old one). With the model's
+  ``swap_queued = "received"`` the frames queued at the swap run on the version
+  that received them first. ``remove_model`` stops taking frames (UNKNOWN_MODEL)
+  and returns once the queued ones have run.
 """
 
 from __future__ import annotations
@@ -95,6 +101,12 @@ class ModelQueue:
         self.latest_start = float("inf")  # perf_counter s by which a batch must start for queued deadlines
         self.wake: asyncio.TimerHandle | None = None
         self.metrics = ModelMetrics()
+        # Frames queued when a new version took over that must still run on an older one (swap_queued =
+        # "received"), with that version's replicas; may name frames that left the queue since (cleared
+        # once none is queued).
+        self.pinned: dict[Frame, list[Replica]] = {}
+        self.tasks: dict[asyncio.Task[None], DeviceModel] = {}  # batches in flight and the instance they run on
+        self.removed = False
 
     @property
     def in_flight(self) -> int:
@@ -128,6 +140,64 @@ class Scheduler:
     def add_model(self, replicas: Sequence[DeviceModel]) -> None:
         """Serve a model: one instance per device (the same spec)."""
         self._queues[replicas[0].spec.name] = ModelQueue(replicas)
+
+    def swap_model(self, replicas: Sequence[DeviceModel]) -> list[DeviceModel]:
+        """Make ``replicas`` (a new version: one instance per device) what the next batches of its name
+        launch on; returns the old version's instances.
+
+        Frames already queued stay queued (nothing is refused); they run on the new version, or on
+        the old one when the new spec says ``swap_queued = "received"``. Latency estimates carry over.
+        """
+        queue = self._queues[replicas[0].spec.name]
+        old = queue.replicas
+        if replicas[0].spec.swap_queued == "received":
+            for frame in queue.frames:
+                queue.pinned.setdefault(frame, old)
+        queue.replicas = [Replica(model) for model in replicas]
+        for new, previous in zip(queue.replicas, old, strict=False):
+            new.latency = previous.latency
+        queue.spec = replicas[0].spec
+        self._dispatch(queue)
+        return [r.model for r in old]
+
+    def uses(self, models: Sequence[DeviceModel]) -> bool:
+        """Whether a batch of one of ``models`` is in flight, or a queued frame is pinned to them."""
+        if not models:
+            return False
+        queue = self._queues.get(models[0].spec.name)
+        if queue is None:
+            return False
+        ids = {id(m) for m in models}
+        if any(id(m) in ids for m in queue.tasks.values()) or any(id(r.model) in ids for r in queue.replicas):
+            return True
+        return any(id(r.model) in ids for f in queue.frames for r in queue.pinned.get(f, ())) if queue.pinned else False
+
+    async def released(self, models: Sequence[DeviceModel]) -> None:
+        """Wait until no batch of ``models`` (a version swapped out) is in flight or pinned to run on them."""
+        while self.uses(models):
+            queue = self._queues[models[0].spec.name]
+            if queue.tasks:
+                await asyncio.wait(set(queue.tasks), return_when=asyncio.FIRST_COMPLETED)
+            else:
+                await asyncio.sleep(0.001)  # pinned frames waiting for their batch to form
+
+    async def remove_model(self, name: str) -> list[DeviceModel]:
+        """Stop taking frames for ``name`` (UNKNOWN_MODEL), run the queued ones, then forget it.
+
+        Returns the instances that were serving (free them once this returns: nothing of them is in flight).
+        """
+        queue = self._queues[name]
+        queue.removed = True
+        while queue.frames or queue.tasks:
+            if queue.tasks:
+                await asyncio.wait(set(queue.tasks), return_when=asyncio.FIRST_COMPLETED)
+            else:
+                self._dispatch(queue)
+                await asyncio.sleep(0.001)
+        if queue.wake is not None:
+            queue.wake.cancel()
+        del self._queues[name]
+        return [r.model for r in queue.replicas]
 
     # -- devices -----------------------------------------------------------------
 
@@ -167,7 +237,10 @@ class Scheduler:
 
     def submit(self, frame: Frame) -> None:
         """Queue a frame for its model (which admission has checked exists), or finish it now."""
-        queue = self._queues[frame.header.model]
+        queue = self._queues.get(frame.header.model)
+        if queue is None:  # unloaded while the frame's payload arrived (admission had let its header in)
+            _fail(frame, Status.UNKNOWN_MODEL, f"model {frame.header.model!r} was unloaded")
+            return
         if why := self._unplaceable(queue):
             queue.metrics.failed += 1
             _fail(frame, Status.INTERNAL_ERROR, why)
@@ -227,7 +300,8 @@ class Scheduler:
         """Launch as many batches as policy allows now; arm a wake-up for the rest."""
         while queue.frames:
             now = time.perf_counter()
-            replica = self._place(queue, now)
+            version = self._pinned_version(queue) if queue.pinned else None
+            replica = self._place(queue, now, version or queue.replicas)
             if replica is None:
                 return  # every replica is full (or unusable): a batch ending dispatches again
             waits = replica.in_flight or queue.spec.batch_policy == "fixed"
@@ -238,19 +312,19 @@ class Scheduler:
                 if now < due:
                     self._arm_wake(queue, due - now)
                     return
-            batch, abandoned = self._take(queue, self._batch_size(queue, replica, now))
+            batch, abandoned = self._take(queue, self._batch_size(queue, replica, now), version)
             if batch:
                 self._launch(queue, replica, batch, now)
             for frame in abandoned:  # after the launch is counted: finishing frees slots, waking producers
                 queue.metrics.abandoned += 1
                 _fail(frame, Status.SHUTTING_DOWN, "producer disconnected")
 
-    def _place(self, queue: ModelQueue, now: float) -> Replica | None:
-        """The usable replica with room for a batch that would finish the queued frames first."""
+    def _place(self, queue: ModelQueue, now: float, replicas: list[Replica]) -> Replica | None:
+        """The usable one of ``replicas`` with room for a batch that would finish the queued frames first."""
         size = min(len(queue.frames), queue.spec.max_batch_size)
         best: Replica | None = None
         best_key = (float("inf"), 0)
-        for replica in queue.replicas:
+        for replica in replicas:
             if replica.in_flight >= self._max_inflight or not self.health.usable(replica.device):
                 continue
             key = (replica.finish_at(now, size), replica.in_flight)  # ties (no estimate yet): the least busy
@@ -275,14 +349,33 @@ class Scheduler:
             return n  # the target is lost for the oldest frame: drain the backlog as fast as possible
         return max(meeting, key=lambda b: (b / max(latency.estimate(b), 1e-9), b))
 
-    def _take(self, queue: ModelQueue, n: int) -> tuple[list[Frame], list[Frame]]:
-        """The next ``n`` frames, split into (to run, whose producer is gone)."""
+    def _take(self, queue: ModelQueue, n: int, version: list[Replica] | None) -> tuple[list[Frame], list[Frame]]:
+        """The next ``n`` frames (those pinned to ``version`` if given), split into (to run, whose
+        producer is gone)."""
         batch: list[Frame] = []
         abandoned: list[Frame] = []
-        for frame in queue.frames.pop_batch(n):
+        if version is None:
+            frames = queue.frames.pop_batch(n)
+        else:
+            frames = [f for f in queue.frames if queue.pinned.get(f) is version][:n]
+            for frame in frames:
+                queue.frames.remove(frame)
+                del queue.pinned[frame]
+        for frame in frames:
             queue.cancel_timer(frame)
             (abandoned if frame.is_abandoned() else batch).append(frame)
         return batch, abandoned
+
+    @staticmethod
+    def _pinned_version(queue: ModelQueue) -> list[Replica] | None:
+        """The older version the first pinned frame still queued must run on; None (and the pins
+        forgotten) once no queued frame is pinned."""
+        for frame in queue.frames:
+            version = queue.pinned.get(frame)
+            if version is not None:
+                return version
+        queue.pinned.clear()
+        return None
 
     def _latest_start(self, queue: ModelQueue) -> float:
         """When the next batch must start so that no queued deadline is missed (inf: none)."""
@@ -315,7 +408,9 @@ class Scheduler:
         hint = (replica.busy_until - now) * HINT_FRACTION
         task = self._loop.create_task(self._run(queue, replica, batch, hint))
         self._tasks.add(task)
+        queue.tasks[task] = replica.model
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(queue.tasks.pop)
 
     async def _run(self, queue: ModelQueue, replica: Replica, batch: list[Frame], expected_s: float) -> None:
         service: float | None = None

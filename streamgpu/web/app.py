@@ -22,7 +22,7 @@ from streamgpu.server import Server
 SERVER_KEY = web.AppKey("streamgpu.server", Server)
 
 # Each module exposes ``add_routes(app: web.Application) -> None``; imported when an app is built.
-ROUTE_MODULES: tuple[str, ...] = ("streamgpu.web.oip", "streamgpu.web.stream")
+ROUTE_MODULES: tuple[str, ...] = ("streamgpu.web.admin", "streamgpu.web.oip", "streamgpu.web.stream")
 
 
 def create_app(server: Server) -> web.Application:

@@ -182,7 +182,7 @@ class StreamSocket:
 
 def _encode(header: FrameHeader, outcome: Outcome) -> bytes:
     """The frame's REPLY as a v2 TCP connection gets it, as one message (copied: the result may be reused)."""
-    reply, payload = wire.reply_to(header, *outcome)
+    reply, payload = wire.reply_to(header, *outcome, version=wire.VERSION)
     return b"".join(wire.encode_reply(reply, payload))
 
 

@@ -54,6 +54,7 @@ async def test_batch_results_and_service_time(instant: bool) -> None:
     run = backend.launch(model, slots)
     await run.copied
     results = await run.done
+    assert isinstance(results, np.ndarray)
     assert run.service_s is not None and run.service_s > 0
     with torch.inference_mode():
         expected = build_builtin("small")(preprocess_torch(torch.from_numpy(frames), SPEC, torch.float32)).numpy()

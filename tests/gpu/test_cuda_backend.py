@@ -32,7 +32,7 @@ async def test_graph_replay_matches_eager_on_fresh_random_frames(n: int) -> None
     assert model.graphs, model.description
     frames = torch.randint(0, 256, (n, *spec.input_shape), dtype=torch.uint8, device="cuda")
     with torch.cuda.stream(model.stream), torch.inference_mode():
-        replayed = model.forward(frames).float().clone()  # bucket 1, 4 (padded) or 8
+        replayed = model.forward(frames)[0].float().clone()  # bucket 1, 4 (padded) or 8
         eager = model.module(model.prepare_input(frames)).float()
     model.stream.synchronize()
     err = (torch.linalg.norm(replayed - eager) / torch.linalg.norm(eager)).item()
@@ -89,7 +89,7 @@ async def test_a_compiled_model_serves_what_the_uncompiled_one_does() -> None:
         assert model.graphs and model.compile_note.startswith({"off": "not", "on": "compiled", "auto": ""}[mode])
         assert model.description.count("compiled") == 1, model.description  # says which, and for auto why
         with torch.cuda.stream(model.stream), torch.inference_mode():
-            outs[mode] = model.forward(frames).float().clone()
+            outs[mode] = model.forward(frames)[0].float().clone()
         model.stream.synchronize()
     for mode in ("on", "auto"):
         err = (torch.linalg.norm(outs[mode] - outs["off"]) / torch.linalg.norm(outs["off"])).item()

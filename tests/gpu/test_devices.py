@@ -51,7 +51,7 @@ async def test_two_devices_share_the_batches_and_give_the_results_of_one() -> No
 SICK_SERVER = textwrap.dedent('''
     import asyncio, os, sys
     import cupy, torch
-    import streamgpu.server
+    import streamgpu.models.manager
     from streamgpu import client
     from streamgpu.config import Config, ListenerSpec
     from streamgpu.models.spec import ModelSpec
@@ -69,7 +69,7 @@ SICK_SERVER = textwrap.dedent('''
                 KERNEL((1,), (1,), (cupy.asarray(x), cupy.int64(4_000_000_000)))
             return x * 2
 
-    streamgpu.server.load_module = lambda spec: Sick()
+    streamgpu.models.manager.load_module = lambda spec: Sick()
 
     async def main():
         spec = ModelSpec(source="builtin:small", input_shape=(4,), input_dtype="float32", preprocess="none",

@@ -240,8 +240,8 @@ def test_reply_flags_round_trip_and_unknown_bits_are_ignored() -> None:
     got = wire.decode_reply(data)
     assert got is not None and got[0] == h
     got = wire.decode_reply(patch(data, 10, "<H", 0xFFFF))
-    assert got is not None and got[0].flags == ReplyFlags.CONNECTION
-    got = wire.decode_reply(patch(data, 10, "<H", 0xFFFE))
+    assert got is not None and got[0].flags == ReplyFlags.CONNECTION | ReplyFlags.OUTPUTS
+    got = wire.decode_reply(patch(data, 10, "<H", 0xFFFC))
     assert got is not None and got[0].flags == ReplyFlags.NONE
     assert ReplyHeader(1, 2, Status.OK).flags == ReplyFlags.NONE  # keyword-compatible default
 
@@ -604,3 +604,44 @@ def test_garbage_only_ever_raises_protocol_error(prefix: bytes, garbage: bytes) 
             assert 0 < got[-1] <= len(data)
         if decode is wire.decode_frame_header and got is not None:
             got[0].check_tensor()  # judging a decoded header never raises either
+
+
+def test_outputs_block_round_trip_and_layout() -> None:
+    named: dict[str, np.ndarray] = {
+        "indices": np.arange(5, dtype=np.int32), "scores": np.linspace(1, 0, 5, dtype=np.float32),
+        "mask": np.ones((2, 3), dtype=np.uint8), "empty": np.zeros((0, 4), dtype=np.float32),
+    }  # fmt: skip
+    block = wire.encode_outputs(named)
+    assert block[:4] == b"\x04\x00\x00\x00"  # count 4, reserved
+    assert block[4:16] == struct.pack("<BBHQ", 5, 1, 7, 20) and block[16:23] == b"indices"
+    assert block[23:27] == struct.pack("<I", 5) and block[27:47] == named["indices"].tobytes()
+    decoded = wire.decode_outputs(block)
+    assert [n for n, _ in decoded] == list(named)
+    for (_, got), want in zip(decoded, named.values(), strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape and got.flags.writeable
+        np.testing.assert_array_equal(got, want)
+    # A tuple: every name empty. Big-endian arrays go out little-endian.
+    decoded = wire.decode_outputs(wire.encode_outputs((np.array([1.5, 2], dtype=">f8"), np.int64(7) * np.ones(1))))
+    assert [n for n, _ in decoded] == ["", ""] and decoded[0][1].dtype == np.dtype("<f8")
+    np.testing.assert_array_equal(decoded[0][1], [1.5, 2])
+
+
+@pytest.mark.parametrize("cut", [0, 3, 4, 10, 16, 30, 46])
+def test_a_truncated_outputs_block_is_refused(cut: int) -> None:
+    block = wire.encode_outputs({"indices": np.arange(5, dtype=np.int32)})
+    with pytest.raises(wire.ProtocolError):
+        wire.decode_outputs(block[:cut])
+
+
+def test_a_malformed_outputs_block_is_refused() -> None:
+    block = bytearray(wire.encode_outputs({"x": np.arange(3, dtype=np.int32)}))
+    with pytest.raises(wire.ProtocolError, match="after its 1 outputs"):
+        wire.decode_outputs(bytes(block) + b"\x00")
+    bad = bytearray(block)
+    bad[4] = 99  # dtype
+    with pytest.raises(wire.ProtocolError, match="dtype code 99"):
+        wire.decode_outputs(bytes(bad))
+    bad = bytearray(block)
+    bad[8:16] = struct.pack("<Q", 8)  # nbytes disagrees with the shape
+    with pytest.raises(wire.ProtocolError, match="is not 8 bytes"):
+        wire.decode_outputs(bytes(bad)[:-4])

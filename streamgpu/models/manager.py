@@ -1,0 +1,144 @@
+"""Models while the server runs: load, swap (a new version under a name) and unload.
+
+The heavy part of a load (reading the file, placing the weights on the
+device, warm-up at every bucket, CUDA graph capture) runs in the server's
+one loader thread while every model keeps serving; only the switch happens
+on the loop, between two batches (``Scheduler.swap_model``). A swapped-out
+version is freed once its last batch has completed. Operations on one name
+run one at a time, in the order they were asked for.
+
+Admission reads ``ModelManager.specs``: a model is in it (frames accepted)
+from the moment its first version serves until an unload begins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from streamgpu.errors import ModelLoadError, ModelNotFoundError
+from streamgpu.gpu.backend import Backend, DeviceModel
+from streamgpu.models.loader import load_module
+from streamgpu.models.spec import ModelSpec
+from streamgpu.scheduler.scheduler import Scheduler
+
+log = logging.getLogger("streamgpu")
+
+READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVAILABLE"
+
+
+@dataclass
+class ModelState:
+    """One model name: its serving version (``models``, one instance per device; None when not serving),
+    state and last error.
+
+    ``version`` counts the versions loaded under this name since the server started (1 = first).
+    """
+
+    name: str
+    spec: ModelSpec
+    version: int = 0
+    state: str = LOADING
+    reason: str = ""
+    models: list[DeviceModel] | None = None
+
+    def index_entry(self) -> dict[str, Any]:
+        """The entry of Triton's repository index: name, version, state, reason."""
+        return {"name": self.name, "version": str(self.version), "state": self.state, "reason": self.reason}
+
+
+class ModelManager:
+    """Loads, swaps and unloads the models of one server (every method on the loop thread)."""
+
+    def __init__(self, backend: Backend, scheduler: Scheduler, loader: concurrent.futures.Executor) -> None:
+        self._backend = backend
+        self._scheduler = scheduler
+        self._loader = loader
+        self.specs: dict[str, ModelSpec] = {}  # the models taking frames now (admission reads it)
+        self.states: dict[str, ModelState] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def _build(self, spec: ModelSpec) -> list[DeviceModel]:
+        """One instance per device (each from a fresh module: a load may move it in place)."""
+        models: list[DeviceModel] = []
+        try:
+            for device in range(len(self._backend.devices)):
+                models.append(self._backend.load(spec, load_module(spec), device))
+        except BaseException:
+            self._free(models)
+            raise
+        return models
+
+    def _free(self, models: list[DeviceModel]) -> None:
+        for model in models:
+            self._backend.unload(model)
+
+    async def load(self, spec: ModelSpec) -> ModelState:
+        """Load ``spec``; under a name already served this is a new version, swapped in between two
+        batches once it is loaded and warmed, the old one freed after its last batch.
+
+        Returns once the new version serves and the old one is freed. Raises ``ModelLoadError``
+        (the current version, if any, keeps serving).
+        """
+        loop = asyncio.get_running_loop()
+        async with self._lock(spec.name):
+            state = self.states.get(spec.name)
+            serving = state.models if state is not None else None
+            if serving is not None and not state.spec.same_frames(spec):  # type: ignore[union-attr]
+                old_spec = serving[0].spec
+                raise ModelLoadError(
+                    f"model {spec.name!r} takes {old_spec.input_dtype} {list(old_spec.input_shape)} frames; "
+                    f"a new version must take the same frames, not {spec.input_dtype} {list(spec.input_shape)} "
+                    "(unload it first, or load the new one under another name)"
+                )
+            if state is None:
+                state = self.states[spec.name] = ModelState(spec.name, spec)
+            if serving is None:
+                state.state, state.reason = LOADING, ""
+            try:
+                models = await loop.run_in_executor(self._loader, self._build, spec)
+            except Exception as exc:
+                error = exc if isinstance(exc, ModelLoadError) else ModelLoadError(
+                    f"model {spec.name!r}: cannot load {spec.source!r}: {type(exc).__name__}: {exc}")  # fmt: skip
+                if serving is None:
+                    state.state, state.reason = UNAVAILABLE, str(error)
+                else:
+                    state.reason = f"version {state.version + 1} failed to load ({state.version} serves): {error}"
+                raise error from exc
+            state.version += 1
+            state.spec, state.models, state.state, state.reason = spec, models, READY, ""
+            self.specs[spec.name] = spec
+            for model in models:
+                log.info("model %s, version %d", model.description, state.version)
+            if serving is None:
+                self._scheduler.add_model(models)
+                return state
+            old = self._scheduler.swap_model(models)  # between two batches; nothing queued is refused
+            await self._scheduler.released(old)
+            await loop.run_in_executor(self._loader, self._free, old)
+            return state
+
+    async def unload(self, name: str) -> ModelState:
+        """Stop taking frames for ``name`` (UNKNOWN_MODEL from now on), finish the queued ones, free it."""
+        loop = asyncio.get_running_loop()
+        async with self._lock(name):
+            state = self.states.get(name)
+            if state is None or state.models is None:
+                raise ModelNotFoundError(f"no model named {name!r} is being served")
+            del self.specs[name]
+            state.state = UNLOADING
+            models = await self._scheduler.remove_model(name)
+            state.models, state.state, state.reason = None, UNAVAILABLE, "unloaded"
+            await loop.run_in_executor(self._loader, self._free, models)
+            log.info("model %s unloaded", name)
+            return state
+
+    def index(self) -> list[dict[str, Any]]:
+        """Every model name the server knows (serving or not), as Triton's repository index lists them."""
+        return [state.index_entry() for state in sorted(self.states.values(), key=lambda s: s.name)]
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())

@@ -1,0 +1,164 @@
+"""A model repository folder, polled: new or changed models load (a new version), removed ones unload.
+
+Layout (docs/MODELS.md)::
+
+    REPOSITORY/
+      NAME/                 one folder per model; the folder name is the model name
+        config.toml         optional: the model's settings, as a [[models]] table of the server
+                            config takes them (no name; a relative source path is taken from here)
+        model.pt2           the model file, when config.toml names no source:
+                            model.pt2 = a torch.export archive, model.ts = TorchScript
+
+Every ``repository_poll_s`` seconds the folder is scanned. A model folder whose
+files (names, sizes, modification times) changed since it was loaded, and did
+not change between the last two scans (so a file still being copied in is not
+read half-written), is loaded: under a name already served that is a new
+version, swapped in while the old one serves. A folder that disappeared unloads
+its model (only models the repository loaded). A load that fails leaves the
+version serving (if any) in place and is retried only when the files change again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import os
+import tomllib
+from dataclasses import dataclass
+
+from streamgpu.config import model_spec
+from streamgpu.errors import StreamgpuError
+from streamgpu.models.manager import ModelManager
+from streamgpu.models.spec import ModelSpec
+
+log = logging.getLogger("streamgpu")
+
+MODEL_FILES = {"model.pt2": "export", "model.ts": "torchscript"}  # the model file when config.toml names none
+CONFIG_FILE = "config.toml"
+
+Signature = tuple[tuple[str, int, int], ...]  # (file name, size, mtime_ns) of every file of a model folder
+
+
+def folder_signature(folder: str) -> Signature:
+    """What identifies a version of a model folder's contents: its files' names, sizes and modification times."""
+    entries = []
+    with os.scandir(folder) as it:
+        for entry in it:
+            if entry.is_file():
+                st = entry.stat()
+                entries.append((entry.name, st.st_size, st.st_mtime_ns))
+    return tuple(sorted(entries))
+
+
+def folder_spec(folder: str) -> ModelSpec:
+    """The spec a model folder describes; ``ConfigError`` / ``ModelLoadError``-like ``StreamgpuError`` if none."""
+    name = os.path.basename(folder.rstrip(os.sep))
+    settings: dict[str, object] = {}
+    config_path = os.path.join(folder, CONFIG_FILE)
+    where = f"model repository {config_path}"
+    if os.path.isfile(config_path):
+        try:
+            with open(config_path, "rb") as f:
+                settings = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise StreamgpuError(f"{where}: cannot read it: {exc}") from None
+        if "name" in settings:
+            raise StreamgpuError(f"{where}: 'name' is the folder's name, not a setting")
+    source = settings.pop("source", None)
+    if source is None:
+        found = [f"{kind}:{file}" for file, kind in MODEL_FILES.items() if os.path.isfile(os.path.join(folder, file))]
+        if len(found) != 1:
+            raise StreamgpuError(f"model repository folder {folder}: put one of {sorted(MODEL_FILES)} there, or "
+                                 f"name the source in {CONFIG_FILE}")  # fmt: skip
+        source = found[0]
+    if not isinstance(source, str):
+        raise StreamgpuError(f"{where}: source must be a string")
+    scheme, _, target = source.partition(":")
+    if scheme != "builtin" and target and not os.path.isabs(target):
+        source = f"{scheme}:{os.path.join(folder, target)}"
+    return model_spec(settings, where, name=name, source=source)
+
+
+@dataclass
+class _Seen:
+    signature: Signature
+    loaded: Signature | None = None  # the contents the serving (or last tried) version came from
+
+
+class RepositoryPoller:
+    """Scans ``directory`` every period and loads, swaps or unloads through ``models``."""
+
+    def __init__(self, directory: str, models: ModelManager, executor: concurrent.futures.Executor) -> None:
+        """``executor`` runs the file system calls (the server's loader thread), off the loop."""
+        self.directory = directory
+        self._models = models
+        self._executor = executor
+        self._seen: dict[str, _Seen] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, period_s: float) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(period_s))
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self, period_s: float) -> None:
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                await self.poll()
+            except Exception:  # a bad scan must not end polling
+                log.exception("model repository %s: poll failed", self.directory)
+
+    def _scan(self) -> dict[str, Signature]:
+        found = {}
+        try:
+            names = os.listdir(self.directory)
+        except OSError as exc:
+            log.warning("model repository %s cannot be read: %s", self.directory, exc)
+            return {name: seen.signature for name, seen in self._seen.items()}  # keep serving what we have
+        for name in sorted(names):
+            folder = os.path.join(self.directory, name)
+            if os.path.isdir(folder) and not name.startswith("."):
+                with contextlib.suppress(OSError):  # removed while scanning: gone at the next scan
+                    found[name] = folder_signature(folder)
+        return found
+
+    async def poll(self, initial: bool = False) -> None:
+        """One scan: load what is new or changed (and settled), unload what disappeared.
+
+        ``initial``: the scan at start, which loads at once (no settling scan) and raises
+        nothing (a model that fails is logged and listed UNAVAILABLE in the index).
+        """
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(self._executor, self._scan)
+        for name in [n for n in self._seen if n not in found]:
+            gone = self._seen.pop(name)
+            state = self._models.states.get(name)
+            if gone.loaded is not None and state is not None and state.models is not None:
+                log.info("model repository: %s removed; unloading", name)
+                await self._models.unload(name)
+        for name, signature in found.items():
+            seen = self._seen.get(name)
+            settled = initial or (seen is not None and seen.signature == signature)
+            if seen is None:
+                seen = self._seen[name] = _Seen(signature)
+            seen.signature = signature
+            if not settled or seen.loaded == signature:
+                continue
+            seen.loaded = signature
+            try:
+                spec = await loop.run_in_executor(self._executor, folder_spec, os.path.join(self.directory, name))
+                log.info("model repository: loading %s from %s", name, spec.source)
+                await self._models.load(spec)
+            except StreamgpuError as exc:
+                log.error("model repository: %s not loaded: %s", name, exc)
+                state = self._models.states.get(name)
+                if state is not None and state.models is None:
+                    state.reason = str(exc)

@@ -1,0 +1,162 @@
+"""Model administration over HTTP: Triton's model-repository extension.
+
+    POST /v2/repository/index                   every model known: [{name, version, state, reason}]
+    POST /v2/repository/models/{name}/load      load NAME, or a new version of it (swapped in while serving)
+    POST /v2/repository/models/{name}/unload    stop serving NAME (queued frames finish first)
+
+A load's body is optional JSON: ``{"parameters": {"config": SETTINGS}}``, where
+SETTINGS (an object, or a string holding one, as Triton sends it) are the
+model's settings as a ``[[models]]`` table of the server config takes them
+(``source``, ``input_shape``, ``max_batch_size``...; the name comes from the
+URL). Without settings the model is loaded from its folder in the
+``model_repository``, or, for a model the server has served before, from its
+last settings. Over HTTP a file ``source`` must lie inside ``model_repository``
+(``builtin:`` sources are always allowed): a request cannot make the server
+read arbitrary files. When the server has an ``auth_token``, these routes need
+``Authorization: Bearer AUTH_TOKEN``. Success is 200 with ``{}`` (the index:
+the list); failure 400 (404 for a model the server does not know, 401, 403)
+with ``{"error": MESSAGE}``. docs/MODELS.md describes the whole lifecycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import os
+from typing import Any
+
+from aiohttp import web
+
+from streamgpu.config import model_spec
+from streamgpu.errors import ModelNotFoundError, StreamgpuError
+from streamgpu.models.repository import folder_spec
+from streamgpu.models.spec import ModelSpec
+from streamgpu.server import Server
+from streamgpu.web.app import SERVER_KEY
+
+
+class AdminError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _server(request: web.Request) -> Server:
+    server = request.app[SERVER_KEY]
+    token = server.config.auth_token
+    if token:
+        auth = request.headers.get("Authorization", "")
+        given = auth[len("Bearer ") :] if auth.startswith("Bearer ") else ""
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            raise AdminError(
+                401, "model administration needs 'Authorization: Bearer AUTH_TOKEN' (the server's auth_token)"
+            )
+    return server
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise AdminError(400, f"request body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise AdminError(400, "request body must be a JSON object")
+    return body
+
+
+def _settings(body: dict[str, Any]) -> dict[str, Any] | None:
+    params = body.get("parameters", {})
+    if not isinstance(params, dict):
+        raise AdminError(400, "'parameters' must be an object")
+    settings = params.get("config")
+    if isinstance(settings, str):
+        try:
+            settings = json.loads(settings)
+        except ValueError as exc:
+            raise AdminError(400, f"parameters.config is not JSON: {exc}") from None
+    if settings is not None and not isinstance(settings, dict):
+        raise AdminError(400, "parameters.config must be an object of model settings")
+    return settings
+
+
+def _spec_for(server: Server, name: str, settings: dict[str, Any] | None) -> ModelSpec:
+    repository = server.config.model_repository
+    if settings is not None:
+        settings = dict(settings)
+        source = settings.get("source")
+        if isinstance(source, str) and not os.path.isabs(source.partition(":")[2]) and repository:
+            scheme, _, path = source.partition(":")
+            if scheme != "builtin":  # relative file paths are the repository's model folder
+                settings["source"] = f"{scheme}:{os.path.join(repository, name, path)}"
+        return model_spec(settings, f"model {name!r} (load request)", name=name)
+    folder = os.path.join(repository, name) if repository else ""
+    if folder and os.path.isdir(folder):
+        return folder_spec(folder)
+    known = server.known_spec(name)
+    if known is None:
+        where = f"no folder {name!r} in the model repository" if repository else "no model_repository"
+        raise AdminError(404, f"model {name!r}: no settings in the request, {where}, and not served before")
+    return known
+
+
+def _check_source(server: Server, spec: ModelSpec) -> None:
+    scheme, _, path = spec.source.partition(":")
+    if scheme == "builtin":
+        return
+    repository = server.config.model_repository
+    inside = repository and os.path.commonpath(
+        [os.path.realpath(repository), os.path.realpath(path)]
+    ) == os.path.realpath(repository)  # fmt: skip
+    if not inside:
+        raise AdminError(403, f"model {spec.name!r}: over HTTP a file source must lie inside the server's "
+                              f"model_repository ({repository or 'not set'}), got {path!r}")  # fmt: skip
+
+
+async def index(request: web.Request) -> web.Response:
+    server = _server(request)
+    body = await _body(request)
+    entries = server.model_index()
+    if body.get("ready") is True:
+        entries = [e for e in entries if e["state"] == "READY"]
+    return web.json_response(entries)
+
+
+async def load(request: web.Request) -> web.Response:
+    server = _server(request)
+    name = request.match_info["name"]
+    settings = _settings(await _body(request))
+    spec = await asyncio.get_running_loop().run_in_executor(None, _spec_for, server, name, settings)  # reads files
+    _check_source(server, spec)
+    await server.load_model(spec)
+    return web.json_response({})
+
+
+async def unload(request: web.Request) -> web.Response:
+    server = _server(request)
+    await server.unload_model(request.match_info["name"])
+    return web.json_response({})
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    if not request.path.startswith("/v2/repository/"):
+        return await handler(request)
+    try:
+        return await handler(request)
+    except AdminError as exc:
+        return web.json_response({"error": str(exc)}, status=exc.status)
+    except ModelNotFoundError as exc:
+        return web.json_response({"error": str(exc)}, status=404)
+    except StreamgpuError as exc:  # ModelLoadError, ConfigError: the message says what to fix
+        return web.json_response({"error": str(exc)}, status=400)
+
+
+def add_routes(app: web.Application) -> None:
+    app.middlewares.append(_errors)
+    app.router.add_post("/v2/repository/index", index)
+    app.router.add_post("/v2/repository/models/{name}/load", load)
+    app.router.add_post("/v2/repository/models/{name}/unload", unload)

@@ -1,0 +1,66 @@
+"""A client of the model administration routes (streamgpu.web.admin), for ``streamgpu admin``: blocking, stdlib only."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+from streamgpu.errors import StreamgpuError
+
+
+class AdminError(StreamgpuError, RuntimeError):
+    """The server refused an admin request, or could not be reached; the message says which and why."""
+
+
+def request(url: str, path: str, body: dict[str, Any] | None = None, token: str = "", timeout: float = 600.0) -> Any:
+    """POST ``body`` (JSON) to ``url`` + ``path``; returns the decoded JSON reply or raises ``AdminError``."""
+    data = json.dumps(body or {}).encode()
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url.rstrip("/") + path, data=data, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as reply:
+            return json.loads(reply.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read()).get("error", "")
+        except (ValueError, AttributeError):
+            message = ""
+        raise AdminError(f"{url}{path}: HTTP {exc.code}: {message or exc.reason}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise AdminError(f"{url}{path}: {getattr(exc, 'reason', exc)}") from None
+
+
+def index(url: str, token: str = "") -> list[dict[str, Any]]:
+    """Every model the server knows: name, version, state, reason."""
+    entries: list[dict[str, Any]] = request(url, "/v2/repository/index", token=token)
+    return entries
+
+
+def load(url: str, name: str, settings: dict[str, Any] | None = None, token: str = "") -> None:
+    """Load ``name`` (a new version if served) with ``settings``, or from the server's repository / last settings."""
+    body = {"parameters": {"config": json.dumps(settings)}} if settings else {}
+    request(url, f"/v2/repository/models/{urllib.parse.quote(name, safe='')}/load", body, token)
+
+
+def unload(url: str, name: str, token: str = "") -> None:
+    """Stop serving ``name`` (its queued frames finish first)."""
+    request(url, f"/v2/repository/models/{urllib.parse.quote(name, safe='')}/unload", token=token)
+
+
+def parse_settings(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs to settings: VALUE is JSON when it parses (numbers, lists, true), else a string."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise AdminError(f"setting {pair!r} must be KEY=VALUE (e.g. max_batch_size=16, input_shape=[224,224,3])")
+        try:
+            out[key] = json.loads(raw)
+        except ValueError:
+            out[key] = raw
+    return out

@@ -1,0 +1,89 @@
+"""Models while serving on the cuda backend: swaps under a streaming producer (graphs captured beside the
+serving version), memory back after unload, several outputs and top-k from CUDA graphs, a static batch refused."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from streamgpu import client
+from streamgpu.config import Config, ListenerSpec
+from streamgpu.errors import ModelLoadError
+from streamgpu.models.spec import ModelSpec
+from streamgpu.server import Server
+
+sys.path.insert(0, str(Path(__file__).parent.parent))  # the CPU tests' helpers, whatever pytest's import mode
+from test_lifecycle import (
+    FEATURES,
+    Detector,
+    Linear,
+    Producer,
+    export,
+    frames,
+    spec,
+    tensor_spec,
+    value,
+    versioned,
+)  # fmt: skip
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def config(*models: ModelSpec) -> Config:
+    return Config(listeners=[ListenerSpec(port=0)], device="cuda", models=list(models))
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_swaps_under_load_lose_nothing_and_unload_gives_the_memory_back(tmp_path: Path) -> None:
+    async with Server(config(spec(versioned(tmp_path, 1), precision="fp32"))) as srv:
+        conn = await client.connect("127.0.0.1", srv.port)
+        producer = Producer(conn, window=16)
+        task = asyncio.create_task(producer.run())
+        await asyncio.sleep(0.2)
+        for version in (2, 3, 4):
+            await srv.swap_model("m", spec(versioned(tmp_path, version), precision="fp32"))
+            await asyncio.sleep(0.1)
+        producer.running = False
+        await task
+        for replies in producer.replies.values():
+            values = [value(r) for r in replies]
+            assert values == sorted(values) and set(values) == {1.0, 2.0, 3.0, 4.0}
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        await srv.load_model(spec("builtin:resnet18", name="extra", arch=""))
+        assert torch.cuda.memory_allocated() > before + (5 << 20)
+        await srv.unload_model("extra")
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() <= before * 1.01
+        await conn.close()
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_tuple_dict_and_topk_outputs_from_graphs_and_a_static_batch_refused(tmp_path: Path) -> None:
+    models = [tensor_spec(export(Detector(True), tmp_path / "d.pt2"), "dict", precision="fp32"),
+              spec("builtin:small", name="top", arch="", postprocess="topk:3", precision="fp32")]  # fmt: skip
+    x = np.random.default_rng(3).standard_normal((5, FEATURES)).astype(np.float32)
+    async with Server(config(*models)) as srv:
+        conn = await client.connect("127.0.0.1", srv.port)
+        replies = await asyncio.gather(*(conn.submit(row, model="dict") for row in x))
+        for i, reply in enumerate(replies):
+            assert isinstance(reply.outputs, dict), (reply.status, reply.message)
+            np.testing.assert_allclose(reply.outputs["boxes"], x[i, :4] * 2, rtol=1e-5)
+            np.testing.assert_array_equal(reply.outputs["labels"], (x[i, :2] > 0).astype(np.int64))
+        reply = await conn.infer(frames(1)[0], model="top")
+        assert isinstance(reply.outputs, dict) and reply.outputs["indices"].shape == (3,)
+        assert np.all(np.diff(reply.outputs["scores"]) <= 0)
+        static = tmp_path / "static.pt2"
+        torch.export.save(torch.export.export(Linear(), (torch.zeros(1, FEATURES),)), str(static))
+        with pytest.raises(ModelLoadError, match="fails at batch size 2"):
+            await srv.load_model(tensor_spec(f"export:{static}", "static"))
+        assert (await conn.infer(x[0], model="dict")).ok
+        await conn.close()

@@ -1,0 +1,427 @@
+"""Models while serving (CPU backend, real server on loopback): load, swap and unload under a streaming
+producer, load-time checks, several outputs and top-k end to end, the model repository poll."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytest_asyncio
+import torch
+from torch import nn
+
+from streamgpu import client
+from streamgpu.config import Config, ListenerSpec
+from streamgpu.errors import ModelLoadError, ModelNotFoundError
+from streamgpu.gpu.cpu import CpuModel
+from streamgpu.models.builtin import SmallConvNet, build_builtin
+from streamgpu.models.outputs import BatchOutputs
+from streamgpu.models.preprocess import preprocess_torch
+from streamgpu.models.spec import ModelSpec
+from streamgpu.protocol.wire import Status
+from streamgpu.server import Server
+
+SHAPE = (16, 16, 3)
+FEATURES = 6
+
+
+def versioned(tmp: Path, value: float) -> str:
+    """A ``state_dict:`` source of the small net whose every output is ``value``: versions tell apart."""
+    module = SmallConvNet()
+    with torch.no_grad():
+        module.fc.weight.zero_()
+        module.fc.bias.fill_(value)
+    path = tmp / f"v{value:g}.pt"
+    torch.save(module.state_dict(), path)
+    return f"state_dict:{path}"
+
+
+def spec(source: str, **kw: object) -> ModelSpec:
+    base: dict[str, object] = dict(name="m", source=source, arch="small", input_shape=SHAPE, max_batch_size=4,
+                                   batch_buckets=(1, 2, 4))  # fmt: skip
+    base.update(kw)
+    return ModelSpec(**base)  # type: ignore[arg-type]
+
+
+def config(*models: ModelSpec, **kw: object) -> Config:
+    base: dict[str, object] = dict(listeners=[ListenerSpec(port=0)], device="cpu", models=list(models),
+                                   shutdown_timeout_s=20.0)  # fmt: skip
+    base.update(kw)
+    return Config(**base)  # type: ignore[arg-type]
+
+
+@pytest_asyncio.fixture
+async def served(tmp_path: Path) -> AsyncIterator[Server]:
+    async with Server(config(spec(versioned(tmp_path, 1)))) as srv:
+        yield srv
+    assert srv.pool.slots_in_use == 0
+
+
+def frames(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, *SHAPE), dtype=np.uint8)
+
+
+class Producer:
+    """Streams frames on ``streams`` streams with ``window`` in flight until stopped; records every reply
+    in the order it arrived, and the time each frame was sent."""
+
+    def __init__(self, conn: client.Connection, model: str = "m", streams: int = 2, window: int = 8) -> None:
+        self.conn, self.model, self.streams, self.window = conn, model, streams, window
+        self.replies: dict[int, list[client.Reply]] = defaultdict(list)
+        self.sent: dict[tuple[int, int], float] = {}
+        self.running = True
+        self._seq = 0
+
+    async def run(self) -> None:
+        data = frames(16)
+        pending: set[asyncio.Future[client.Reply]] = set()
+        while self.running or pending:
+            while self.running and len(pending) < self.window:
+                stream = self._seq % self.streams
+                fut = self.conn.submit(data[self._seq % 16], model=self.model, stream_id=stream)
+                self.sent[(stream, self._seq // self.streams)] = time.perf_counter()
+                fut.add_done_callback(lambda f: self.replies[f.result().stream_id].append(f.result()))
+                pending.add(fut)
+                self._seq += 1
+            _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+
+    def check(self) -> list[client.Reply]:
+        """Every frame answered, in order per stream; returns every reply."""
+        total = sum(len(r) for r in self.replies.values())
+        assert total == self._seq, (total, self._seq)
+        for stream, replies in self.replies.items():
+            first = replies[0].sequence
+            assert [r.sequence for r in replies] == list(range(first, first + len(replies))), f"stream {stream}"
+        return [r for replies in self.replies.values() for r in replies]
+
+
+def value(reply: client.Reply) -> float:
+    assert reply.ok and reply.result is not None, (reply.status, reply.message)
+    return float(reply.result[0])
+
+
+@pytest.mark.asyncio
+async def test_swap_and_unload_while_a_producer_streams(served: Server, tmp_path: Path) -> None:
+    conn = await client.connect("127.0.0.1", served.port)
+    producer = Producer(conn)
+    task = asyncio.create_task(producer.run())
+    await asyncio.sleep(0.2)
+    for version in (2, 3):
+        swap_started = time.perf_counter()
+        state = await served.swap_model("m", spec(versioned(tmp_path, version)))
+        assert state.version == version and state.state == "READY"
+        swapped = time.perf_counter()
+        await asyncio.sleep(0.2)
+        # Frames sent after the swap returned ran on the new version; the old version had served before it.
+        after = [(s, q) for (s, q), t in producer.sent.items() if t > swapped]
+        before = [(s, q) for (s, q), t in producer.sent.items() if t < swap_started]
+        assert after and before
+    producer.running = False
+    await task
+    replies = producer.check()
+    assert all(r.ok for r in replies), {r.status for r in replies}
+    for stream_replies in producer.replies.values():  # in order per stream, versions never go back
+        values = [value(r) for r in stream_replies]
+        assert values == sorted(values) and set(values) == {1.0, 2.0, 3.0}, sorted(set(values))
+    assert served.model_index() == [{"name": "m", "version": "3", "state": "READY", "reason": ""}]
+
+    # Unload while streaming: queued frames finish, then UNKNOWN_MODEL; nothing is lost.
+    producer = Producer(conn)
+    task = asyncio.create_task(producer.run())
+    await asyncio.sleep(0.1)
+    await served.unload_model("m")
+    await asyncio.sleep(0.05)
+    producer.running = False
+    await task
+    producer.check()
+    for stream_replies in producer.replies.values():  # per stream: results, then refusals
+        statuses = [r.status for r in stream_replies]
+        first_refused = statuses.index(Status.UNKNOWN_MODEL)
+        assert first_refused > 0 and set(statuses[:first_refused]) == {Status.OK}
+        assert set(statuses[first_refused:]) == {Status.UNKNOWN_MODEL}
+    assert served.model_index()[0]["state"] == "UNAVAILABLE"
+    with pytest.raises(ModelNotFoundError):
+        await served.unload_model("m")
+    with pytest.raises(ModelNotFoundError):
+        await served.swap_model("m", spec(versioned(tmp_path, 4)))
+    # Loaded again under the same name: version 4.
+    assert (await served.load_model(spec(versioned(tmp_path, 4)))).version == 4
+    assert value(await conn.infer(frames(1)[0], model="m")) == 4.0
+    await conn.close()
+
+
+@pytest.mark.parametrize("swap_queued", ["new", "received"])
+@pytest.mark.asyncio
+async def test_frames_queued_at_a_swap_run_on_the_version_configured_and_unload_drains(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, swap_queued: str
+) -> None:
+    original = CpuModel.run
+
+    def slow(self: CpuModel, batch: np.ndarray) -> BatchOutputs:
+        time.sleep(0.03)  # in the worker thread: frames stay queued while the new version loads
+        return original(self, batch)
+
+    monkeypatch.setattr(CpuModel, "run", slow)
+    async with Server(config(spec(versioned(tmp_path, 1)))) as srv:
+        conn = await client.connect("127.0.0.1", srv.port)
+        futs = [conn.submit(f, model="m", stream_id=i % 3) for i, f in enumerate(frames(48))]
+        while srv.metrics()["frames_in_flight"] < 48:
+            await asyncio.sleep(0.005)
+        await srv.swap_model("m", spec(versioned(tmp_path, 2), swap_queued=swap_queued))
+        values = [value(await fut) for fut in futs]
+        assert values[0] == 1.0  # in flight at the swap
+        if swap_queued == "received":
+            assert set(values) == {1.0}, values
+        else:
+            assert set(values) == {1.0, 2.0} and values == sorted(values), values
+        assert value(await conn.infer(frames(1)[0], model="m")) == 2.0
+        # Unload drains: every frame queued when it began runs; the next one is refused.
+        futs = [conn.submit(f, model="m", stream_id=i % 3) for i, f in enumerate(frames(24))]
+        while srv.metrics()["frames_in_flight"] < 24:
+            await asyncio.sleep(0.005)
+        assert srv.metrics()["models"]["m"]["queue_length"] > 8
+        await srv.unload_model("m")
+        assert [value(await fut) for fut in futs] == [2.0] * 24
+        assert (await conn.infer(frames(1)[0], model="m")).status == Status.UNKNOWN_MODEL
+        await conn.close()
+
+
+@pytest.mark.asyncio
+async def test_bad_sources_are_refused_and_the_model_keeps_serving(served: Server, tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.pt2"
+    garbage.write_bytes(b"not a model" * 10)
+    conn = await client.connect("127.0.0.1", served.port)
+    producer = Producer(conn)
+    task = asyncio.create_task(producer.run())
+    bad = [
+        spec("export:" + str(tmp_path / "missing.pt2")),
+        spec("export:" + str(garbage)),
+        spec(versioned(tmp_path, 2), input_shape=(8, 8, 3)),  # a new version must take the same frames
+    ]
+    for source in bad:
+        with pytest.raises(ModelLoadError, match="'m'"):
+            await served.swap_model("m", source)
+        assert served.model_index()[0]["state"] == "READY" and "failed" in served.model_index()[0]["reason"]
+    with pytest.raises(ModelLoadError, match="'other'"):  # a new name that fails is listed UNAVAILABLE
+        await served.load_model(spec("export:" + str(garbage), name="other"))
+    producer.running = False
+    await task
+    assert {value(r) for r in producer.check()} == {1.0}
+    assert {e["name"]: e["state"] for e in served.model_index()} == {"m": "READY", "other": "UNAVAILABLE"}
+    await conn.close()
+
+
+class Linear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(FEATURES, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+class Flattens(nn.Module):
+    """Hard-codes a batch of 1 (a reshape to [1, -1]): what a model exported with a static batch does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(1, -1) * 2
+
+
+class Detector(nn.Module):
+    """Several outputs, as detection models return them."""
+
+    def __init__(self, as_dict: bool) -> None:
+        super().__init__()
+        self.as_dict = as_dict
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | dict[str, torch.Tensor]:
+        boxes = x[:, :4] * 2
+        labels = (x[:, :2] > 0).to(torch.int64)
+        return {"boxes": boxes, "labels": labels} if self.as_dict else (boxes, labels)
+
+
+def export(module: nn.Module, path: Path) -> str:
+    shapes = {"x": {0: torch.export.Dim("batch", min=1, max=64)}}
+    torch.export.save(torch.export.export(module, (torch.zeros(2, FEATURES),), dynamic_shapes=shapes), str(path))
+    return f"export:{path}"
+
+
+def tensor_spec(source: str, name: str, **kw: object) -> ModelSpec:
+    base: dict[str, object] = dict(name=name, source=source, input_shape=(FEATURES,), input_dtype="float32",
+                                   preprocess="none", max_batch_size=4, batch_buckets=(1, 2, 4))  # fmt: skip
+    return ModelSpec(**{**base, **kw})  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Model files, made once (torch.export is slow): the sources tests load."""
+    tmp = tmp_path_factory.mktemp("models")
+    static = tmp / "static.pt2"
+    torch.export.save(torch.export.export(Linear(), (torch.zeros(1, FEATURES),)), str(static))  # batch fixed at 1
+    flat = tmp / "flat.ts"
+    torch.jit.save(torch.jit.script(Flattens()), str(flat))
+    return {
+        "static": f"export:{static}", "flat": f"torchscript:{flat}", "linear": export(Linear(), tmp / "lin.pt2"),
+        "tuple": export(Detector(False), tmp / "t.pt2"), "dict": export(Detector(True), tmp / "d.pt2"),
+    }  # fmt: skip
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_static_batch_export_and_a_wrong_input_shape_are_refused_at_load(
+    served: Server, files: dict[str, str]
+) -> None:
+    with pytest.raises(ModelLoadError, match=r"'static'.*fails at batch size 2.*static.*max_batch_size = 1"):
+        await served.load_model(tensor_spec(files["static"], "static"))
+    with pytest.raises(ModelLoadError, match=r"'flat'.*fails at batch size 2.*not a batch of 2 first"):
+        await served.load_model(tensor_spec(files["flat"], "flat"))
+    wrong = tensor_spec(files["linear"], "wrong", input_shape=(FEATURES + 1,))
+    with pytest.raises(ModelLoadError, match=r"'wrong'.*smallest bucket.*check that input_shape"):
+        await served.load_model(wrong)
+    assert {e["name"]: e["state"] for e in served.model_index()}["static"] == "UNAVAILABLE"
+    await served.load_model(tensor_spec(files["static"], "static", max_batch_size=1))  # as the hint says
+
+
+@pytest.mark.asyncio
+async def test_tuple_and_dict_outputs_end_to_end(files: dict[str, str]) -> None:
+    models = [tensor_spec(files["tuple"], "tuple"), tensor_spec(files["dict"], "dict")]
+    x = np.random.default_rng(3).standard_normal((5, FEATURES)).astype(np.float32)
+    boxes, labels = x[:, :4] * 2, (x[:, :2] > 0).astype(np.int64)
+    async with Server(config(*models)) as srv:
+        conn = await client.connect("127.0.0.1", srv.port)
+        replies = await asyncio.gather(*(conn.submit(row, model="tuple") for row in x))
+        for i, reply in enumerate(replies):
+            assert isinstance(reply.outputs, tuple) and len(reply.outputs) == 2
+            np.testing.assert_allclose(reply.outputs[0], boxes[i], rtol=1e-6)
+            np.testing.assert_array_equal(reply.outputs[1], labels[i])
+            assert reply.outputs[1].dtype == np.int64 and reply.result is not None
+        replies = await asyncio.gather(*(conn.submit(row, model="dict") for row in x))
+        for i, reply in enumerate(replies):
+            assert isinstance(reply.outputs, dict) and list(reply.outputs) == ["boxes", "labels"]
+            np.testing.assert_allclose(reply.outputs["boxes"], boxes[i], rtol=1e-6)
+            np.testing.assert_array_equal(reply.outputs["labels"], labels[i])
+        await conn.close()
+        # Protocol v1 cannot carry several tensors: the first output, and a message saying so.
+        v1 = await client.connect("127.0.0.1", srv.port, protocol_version=1)
+        reply = await v1.infer(x[0], model="dict")
+        assert reply.ok and reply.outputs is None and reply.result is not None
+        np.testing.assert_allclose(reply.result, boxes[0], rtol=1e-6)
+        assert "protocol v1 carries only the first ('boxes')" in reply.message
+        await v1.close()
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_topk_postprocess_returns_indices_and_scores(files: dict[str, str]) -> None:
+    full = spec("builtin:small", name="full", arch="")
+    top = spec("builtin:small", name="top", arch="", postprocess="topk:5")
+    data = frames(6, seed=4)
+    with torch.inference_mode():
+        logits = build_builtin("small")(preprocess_torch(torch.from_numpy(data), full, torch.float32)).numpy()
+    async with Server(config(full, top)) as srv:
+        conn = await client.connect("127.0.0.1", srv.port)
+        replies = await asyncio.gather(*(conn.submit(f, model="top") for f in data))
+        for row, reply in zip(logits, replies, strict=True):
+            assert isinstance(reply.outputs, dict) and set(reply.outputs) == {"indices", "scores"}
+            indices, scores = reply.outputs["indices"], reply.outputs["scores"]
+            assert indices.dtype == np.int32 and indices.shape == (5,) and scores.shape == (5,)
+            np.testing.assert_array_equal(indices, np.argsort(-row)[:5])
+            np.testing.assert_allclose(scores, row[indices], rtol=1e-5, atol=1e-6)
+        await conn.close()
+
+    async with Server(config(full)) as srv:
+        with pytest.raises(ModelLoadError, match=r"'bad'.*topk:5.*one \[batch, classes\] output"):
+            await srv.load_model(tensor_spec(files["tuple"], "bad", postprocess="topk:5"))
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_the_repository_poll_loads_swaps_and_unloads(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    (repo / "cam").mkdir(parents=True)
+    shutil.copy(versioned(tmp_path, 1).partition(":")[2], repo / "cam" / "weights.pt")
+    settings = 'source = "state_dict:weights.pt"\narch = "small"\ninput_shape = [16, 16, 3]\nmax_batch_size = 2\n'
+    (repo / "cam" / "config.toml").write_text(settings)
+    cfg = config(spec("builtin:small", name="fixed", arch=""), model_repository=str(repo), repository_poll_s=0.05)
+    async with Server(cfg) as srv:
+        conn = await client.connect("127.0.0.1", srv.port)
+        assert value(await conn.infer(frames(1)[0], model="cam")) == 1.0  # loaded at start
+        (repo / "new").mkdir()
+        (repo / "new" / "config.toml").write_text('source = "builtin:small"\ninput_shape = [16, 16, 3]\n')
+        shutil.copy(versioned(tmp_path, 2).partition(":")[2], repo / "cam" / "weights.pt")  # a new version
+
+        async def until(check: object) -> None:
+            deadline = time.monotonic() + 10
+            while not check():  # type: ignore[operator]
+                assert time.monotonic() < deadline, srv.model_index()
+                await asyncio.sleep(0.02)
+
+        await until(lambda: {e["name"]: e["version"] for e in srv.model_index()}.get("cam") == "2")
+        await until(lambda: "new" in srv.model_specs)
+        assert value(await conn.infer(frames(1)[0], model="cam")) == 2.0
+        assert (await conn.infer(frames(1)[0], model="new")).ok
+        shutil.rmtree(repo / "new")
+        await until(lambda: "new" not in srv.model_specs)
+        assert (await conn.infer(frames(1)[0], model="new")).status == Status.UNKNOWN_MODEL
+        assert "fixed" in srv.model_specs  # config models are the repository's to load, not to unload
+        await conn.close()
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_admin_routes_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from streamgpu import cli
+    from streamgpu.web.app import create_app
+
+    repo = tmp_path / "repo"
+    (repo / "cam").mkdir(parents=True)
+    shutil.copy(versioned(tmp_path, 2).partition(":")[2], repo / "cam" / "weights.pt")
+    outside = versioned(tmp_path, 5)
+    cfg = config(spec(versioned(repo / "cam", 1)), model_repository=str(repo), repository_poll_s=60,
+                 auth_token="sesame")  # fmt: skip
+    auth = {"Authorization": "Bearer sesame"}
+    async with Server(cfg) as srv, TestClient(TestServer(create_app(srv))) as http:
+        r = await http.post("/v2/repository/index")
+        assert r.status == 401 and "Bearer" in (await r.json())["error"]
+        r = await http.post("/v2/repository/index", headers=auth)
+        assert await r.json() == [{"name": "m", "version": "1", "state": "READY", "reason": ""}]
+        # A new version of m from settings (a path relative to the repository folder of m... here cam's)
+        settings = {"source": "state_dict:" + str(repo / "cam" / "weights.pt"), "arch": "small",
+                    "input_shape": list(SHAPE), "max_batch_size": 4}  # fmt: skip
+        r = await http.post("/v2/repository/models/m/load", headers=auth,
+                            json={"parameters": {"config": json.dumps(settings)}})  # fmt: skip
+        assert r.status == 200, await r.text()
+        conn = await client.connect("127.0.0.1", srv.port, token="sesame")
+        assert value(await conn.infer(frames(1)[0], model="m")) == 2.0
+        # Files outside the repository are not the HTTP client's to name; bad settings say which.
+        r = await http.post("/v2/repository/models/x/load", headers=auth,
+                            json={"parameters": {"config": {**settings, "source": outside}}})  # fmt: skip
+        assert r.status == 403 and "model_repository" in (await r.json())["error"]
+        r = await http.post("/v2/repository/models/x/load", headers=auth,
+                            json={"parameters": {"config": {"max_batch_size": 0}}})  # fmt: skip
+        assert r.status == 400 and "max_batch_size" in (await r.json())["error"]
+        r = await http.post("/v2/repository/models/nothing/unload", headers=auth)
+        assert r.status == 404
+        r = await http.post("/v2/repository/models/nothing/load", headers=auth)
+        assert r.status == 404 and "not served before" in (await r.json())["error"]
+
+        # The CLI over the same routes: cam has no config.toml but settings on the command line.
+        url = str(http.make_url("")).rstrip("/")
+        argv = ["admin", "load", url, "cam", "source=state_dict:weights.pt", "arch=small", "input_shape=[16,16,3]",
+                "--token", "sesame"]  # fmt: skip
+        assert await asyncio.to_thread(cli.main, argv) == 0
+        assert value(await conn.infer(frames(1)[0], model="cam")) == 2.0
+        assert await asyncio.to_thread(cli.main, ["admin", "unload", url, "m", "--token", "sesame"]) == 0
+        assert (await conn.infer(frames(1)[0], model="m")).status == Status.UNKNOWN_MODEL
+        capsys.readouterr()
+        assert await asyncio.to_thread(cli.main, ["admin", "list", url, "--token", "sesame"]) == 0
+        listed = capsys.readouterr().out.splitlines()
+        assert listed == ["cam\tversion 1\tREADY\t", "m\tversion 2\tUNAVAILABLE\tunloaded"], listed
+        assert await asyncio.to_thread(cli.main, ["admin", "unload", url, "m", "--token", "sesame"]) == 1
+        assert "HTTP 404" in capsys.readouterr().err
+        await conn.close()
