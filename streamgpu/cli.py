@@ -65,6 +65,10 @@ def _settings_flags() -> argparse.ArgumentParser:
     flags.add_argument("--host", help="address to bind (default 127.0.0.1)")
     flags.add_argument("--port", type=int, help="TCP port (default 7878; 0 picks a free one)")
     flags.add_argument(
+        "--http-port", type=int, metavar="P",
+        help="also serve HTTP (Open Inference Protocol, WebSocket streams) on port P (0: a free one)",
+    )  # fmt: skip
+    flags.add_argument(
         "--udp-port", type=int, metavar="PORT", help="also take chunked frames over UDP on this port (same host)"
     )
     flags.add_argument("--device", choices=DEVICES, help="auto (cuda when usable), cuda or cpu")
@@ -209,8 +213,8 @@ def serve_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> C
                    "preprocess": args.preprocess}  # fmt: skip
     try:
         config = Config.load(
-            args.config, host=args.host, port=args.port, udp_port=args.udp_port, device=args.device,
-            devices=args.devices, model=args.model, loop=args.loop, log_level=args.log_level,
+            args.config, host=args.host, port=args.port, http_port=args.http_port, udp_port=args.udp_port,
+            device=args.device, devices=args.devices, model=args.model, loop=args.loop, log_level=args.log_level,
             log_format=args.log_format, results_port=args.results_port, results_file=args.results_file,
             ingest_workers=args.ingest_workers, first_model=first_model,
         )  # fmt: skip

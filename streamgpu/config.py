@@ -253,6 +253,7 @@ class Config:
             raise ConfigError(f"unknown settings: {sorted(unknown)}")
         values = typed_settings(cls, values, "server.", _ADDRESS_TYPES)
         address = {k: values.pop(k) for k in ("host", "port") if k in values}
+        http_port = values.pop("http_port", None)
         udp_port = values.pop("udp_port", None)
         if address:  # host/port (file, STREAMGPU_HOST/PORT, --host/--port) address the first listener
             listeners = list(values.get("listeners") or [ListenerSpec()])
@@ -261,6 +262,16 @@ class Config:
         if udp_port is not None:  # udp_port (file, STREAMGPU_UDP_PORT, --udp-port): one more listener, UDP
             listeners = list(values.get("listeners") or [ListenerSpec()])
             values["listeners"] = [*listeners, ListenerSpec(kind="udp", host=listeners[0].host, port=udp_port)]
+        if http_port is not None:  # http_port (file, STREAMGPU_HTTP_PORT, --http-port): the http listener's port
+            if isinstance(http_port, bool) or not isinstance(http_port, int):
+                raise ConfigError(f"http_port must be an integer port 0..65535, got {http_port!r}")
+            listeners = list(values.get("listeners") or [ListenerSpec()])
+            at = next((i for i, spec in enumerate(listeners) if spec.kind == "http"), None)
+            if at is None:
+                listeners.append(ListenerSpec(kind="http", host=listeners[0].host, port=http_port))
+            else:
+                listeners[at] = dataclasses.replace(listeners[at], port=http_port)
+            values["listeners"] = listeners
         try:
             config = cls(**values)
         except (TypeError, ValueError) as exc:
@@ -312,8 +323,9 @@ class Config:
         return data
 
 
-_ADDRESS_KEYS = {"host": "", "port": 0, "udp_port": 0}  # shortcuts: the first listener's address; a UDP listener
-_ADDRESS_TYPES = {"host": str, "port": int, "udp_port": int}
+# Shortcuts: the first listener's address; the ports of an http and a udp listener.
+_ADDRESS_KEYS = {"host": "", "port": 0, "http_port": 0, "udp_port": 0}
+_ADDRESS_TYPES = {"host": str, "port": int, "http_port": int, "udp_port": int}
 _SERVER_KEYS: dict[str, Any] = {
     **{f.name: f.default for f in dataclasses.fields(Config) if f.name not in ("models", "listeners", "tokens")},
     **_ADDRESS_KEYS,

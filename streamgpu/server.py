@@ -96,6 +96,7 @@ class Server:
         await self.results.start()
         for listener_spec in cfg.listeners:
             listener = make_listener(listener_spec, admission, segment, self.results)
+            listener.server = self
             await listener.start()
             self._listeners.append(listener)
         self._sweep()
@@ -253,13 +254,24 @@ class Server:
         return self.addresses[0][1]
 
     @property
+    def admission(self) -> Admission:
+        """The admission rules every front end calls (the HTTP and WebSocket routes included)."""
+        assert self._admission is not None, "server not started"
+        return self._admission
+
+    @property
+    def started(self) -> bool:
+        """Started and not yet stopping: frames are accepted (what a readiness probe asks)."""
+        return self._admission is not None and self._admission.accepting and bool(self._listeners)
+
+    @property
     def pool(self) -> SlotPool:
         """The host memory slots frames are received into."""
         assert self._pool is not None, "server not started"
         return self._pool
 
     @property
-    def started(self) -> bool:
+    def initialized(self) -> bool:
         """Whether ``start`` has completed (state stays readable after ``stop``)."""
         return self._admission is not None
 

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 LISTENERS: dict[str, str] = {
     "tcp": "streamgpu.ingest.tcp:TcpListener",
+    "http": "streamgpu.ingest.http:HttpListener",
     "raw": "streamgpu.ingest.raw:RawListener",
     "udp": "streamgpu.ingest.udp:UdpListener",
 }

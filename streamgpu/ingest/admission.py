@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from streamgpu.config import Config
 from streamgpu.frame import Frame
+from streamgpu.ingest.hub import ResultHub
 from streamgpu.memory import Slot, SlotPool, Waiter
 from streamgpu.metrics import NO_MODEL, ReplyCounts
 from streamgpu.models.spec import ModelSpec
@@ -146,7 +147,10 @@ class Producer:
         try:
             return await future
         except asyncio.CancelledError:
-            got.cancel()
+            if future.done() and not future.cancelled():  # granted, but the waiter was cancelled before it woke
+                self.release(future.result())
+            else:
+                got.cancel()
             raise
 
     def release(self, slot: Slot) -> None:
@@ -223,6 +227,7 @@ class Admission:
         self.replies = ReplyCounts(specs)
         self._named: dict[str, Producer] = {}
         self._tokens = {grant.token: name for name, grant in config.tokens.items()}
+        self.stream_results = ResultHub()  # every front end publishes its frames' outcomes here (see ingest.hub)
 
     # -- connections and identity -------------------------------------------------------------
 

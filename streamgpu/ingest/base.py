@@ -21,6 +21,7 @@ from streamgpu.protocol.wire import Status
 
 if TYPE_CHECKING:
     from streamgpu.results import Results
+    from streamgpu.server import Server
 
 
 class Listener(abc.ABC):
@@ -28,6 +29,9 @@ class Listener(abc.ABC):
 
     kind: ClassVar[str]
     socket_type: ClassVar[int] = socket.SOCK_STREAM  # what ``check_bind`` probes
+    # The server this listener belongs to, set by ``Server`` before ``start()``: a front end that
+    # serves more than frames (HTTP: health, model metadata) reads it; frame paths use ``admission``.
+    server: Server | None = None
 
     def __init__(self, spec: ListenerSpec, admission: Admission, results: Results | None = None) -> None:
         self.spec = spec

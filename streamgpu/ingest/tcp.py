@@ -397,6 +397,7 @@ class TcpConnection(asyncio.BufferedProtocol):
     # -- replies --------------------------------------------------------------------------------
 
     def _on_outcome(self, ticket: Ticket, frame: Frame, outcome: Outcome) -> None:
+        self._admission.stream_results.publish(frame.header, outcome)  # to WebSocket subscribers of this stream id
         reply, payload = wire.reply_to(frame.header, *outcome, version=self.version)
         self._send(ticket, wire.encode_reply(reply, payload, self.version))
 

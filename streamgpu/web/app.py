@@ -1,17 +1,30 @@
-"""The streamgpu aiohttp application: one ``Server`` under ``SERVER_KEY``, the routes of every web module."""
+"""The streamgpu aiohttp application: one ``Server`` under ``SERVER_KEY``, the routes of every web module.
+
+Two ways to serve it:
+
+* stand-alone: ``streamgpu serve --http-port P`` (or a ``kind = "http"`` listener in the config)
+  serves ``create_app(server)`` as one more listener of the server (``streamgpu.ingest.http``);
+* embedded: ``setup(app, config, prefix="/streamgpu")`` mounts the same routes under ``prefix``
+  of an existing aiohttp application and runs the server's whole lifecycle on that application's
+  loop (started on startup, drained and stopped on shutdown), through ``cleanup_ctx``.
+"""
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from streamgpu.config import Config
 from streamgpu.server import Server
 
 SERVER_KEY = web.AppKey("streamgpu.server", Server)
 
 # Each module exposes ``add_routes(app: web.Application) -> None``; imported when an app is built.
-ROUTE_MODULES: tuple[str, ...] = ("streamgpu.web.admin", "streamgpu.web.metrics", "streamgpu.web.status")
+ROUTE_MODULES: tuple[str, ...] = (
+    "streamgpu.web.admin", "streamgpu.web.metrics", "streamgpu.web.status", "streamgpu.web.oip", "streamgpu.web.stream",
+)
 
 
 def create_app(server: Server) -> web.Application:
@@ -21,3 +34,30 @@ def create_app(server: Server) -> web.Application:
     for name in ROUTE_MODULES:
         importlib.import_module(name).add_routes(app)
     return app
+
+
+def setup(app: web.Application, config: Config | Server | None = None, *, prefix: str = "/streamgpu") -> Server:
+    """Embed a streamgpu server in ``app``: its routes under ``prefix``, its lifecycle on ``app``'s.
+
+    ``config`` is a ``Config`` (a ``Server`` is made from it), a ``Server`` not yet started, or
+    None (the defaults). The server starts when ``app`` starts (on its loop: models load, the
+    server's own listeners bind) and on shutdown stops accepting, answers every frame it took
+    (up to ``shutdown_timeout_s``) and closes. ``app[SERVER_KEY]`` (and the sub-application's)
+    is the ``Server``, for the application's own handlers. Returns it.
+    """
+    server = config if isinstance(config, Server) else Server(config)
+    sub = create_app(server)
+
+    async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
+        await server.start()
+        try:
+            yield
+        finally:
+            await server.stop()
+
+    # On the sub-application: the parent runs its sub-applications' cleanup contexts, and
+    # the streamgpu part stays one self-contained unit (its routes and its server together).
+    sub.cleanup_ctx.append(lifecycle)
+    app[SERVER_KEY] = server
+    app.add_subapp(prefix, sub)
+    return server

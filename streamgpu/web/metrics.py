@@ -53,7 +53,7 @@ class ServerCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         server = self._server
-        if not server.started:
+        if not server.initialized:
             return
         states = server.model_states()
         for short, attr, doc in _TIMES:

@@ -20,7 +20,7 @@ STARTED_KEY = web.AppKey("streamgpu.status.started", float)
 def status(server: Server, started: float) -> dict[str, Any]:
     """What the page shows, as plain data (counters are cumulative; the page turns them into rates)."""
     out: dict[str, Any] = {"version": __version__, "uptime_s": time.monotonic() - started, "running": server.started}
-    if not server.started:
+    if not server.initialized:
         return out
     metrics = server.metrics()
     backend = server.backend

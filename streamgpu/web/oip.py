@@ -1,0 +1,448 @@
+"""The Open Inference Protocol (KServe v2, as Triton serves it) over HTTP/REST.
+
+Routes (docs/HTTP.md is the user's description)::
+
+    GET  /v2                                        server metadata and extensions
+    GET  /v2/health/live                            200 while the process serves HTTP
+    GET  /v2/health/ready                           200 while the server accepts frames, else 503
+    GET  /v2/models/{name}[/versions/1]             model metadata: inputs, outputs, dtypes, shapes
+    GET  /v2/models/{name}[/versions/1]/ready       200 when the model is served and the server ready
+    POST /v2/models/{name}[/versions/1]/infer       inference: JSON tensors or the binary tensor data
+                                                    extension (Inference-Header-Content-Length)
+
+A model has one input, ``input`` (the frame, with an optional leading batch dimension: ``[N,
+*input_shape]`` runs N frames, each admitted, scheduled and batched like a TCP frame), and one
+output, ``output``. Binary input bytes go from the request body straight into ring slots, one
+frame at a time as they arrive; JSON ``data`` inputs are parsed then copied in. Request
+``parameters``: ``timeout`` (microseconds, Triton's meaning: the frame's deadline from its
+arrival) and ``priority`` (0..255, streamgpu's meaning: higher is more urgent). Errors are
+``{"error": "..."}`` with a 4xx/5xx status (``HTTP_STATUS``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+
+import streamgpu
+from streamgpu.frame import Outcome
+from streamgpu.ingest.admission import Admission, Producer, Refused
+from streamgpu.models.spec import ModelSpec
+from streamgpu.protocol.wire import FrameHeader, Status
+from streamgpu.web.app import SERVER_KEY
+from streamgpu.web.frames import next_stream_key, receive_frame
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "output"
+MODEL_VERSION = "1"
+HEADER_LENGTH = "Inference-Header-Content-Length"
+# Room for the JSON inference header beside the tensor bytes: a request body may be at most
+# max_payload_bytes + this (the tensor data of one request is at most max_payload_bytes).
+HEADER_ALLOWANCE = 1024 * 1024
+EXTENSIONS = ["binary_tensor_data"]
+
+# Open Inference Protocol datatype <-> numpy (little-endian, as the wire's dtypes)
+DATATYPES: dict[str, np.dtype] = {
+    "UINT8": np.dtype("u1"), "INT8": np.dtype("i1"), "UINT16": np.dtype("<u2"), "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"), "INT64": np.dtype("<i8"), "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+}  # fmt: skip
+DATATYPE_OF: dict[np.dtype, str] = {dt: name for name, dt in DATATYPES.items()}
+
+# How a refused or failed frame's status is answered over HTTP.
+HTTP_STATUS: dict[Status, int] = {
+    Status.BAD_FRAME: 400,
+    Status.TOO_LARGE: 413,
+    Status.UNKNOWN_MODEL: 404,
+    Status.OVERLOADED: 503,
+    Status.DEADLINE_MISSED: 504,
+    Status.INTERNAL_ERROR: 500,
+    Status.SHUTTING_DOWN: 503,
+    Status.SUPERSEDED: 409,
+    Status.UNAUTHORIZED: 403,
+    Status.UNSUPPORTED_VERSION: 400,
+    Status.RECEIVE_TIMEOUT: 408,
+}
+
+
+class OipError(Exception):
+    """A request answered with an HTTP error status and ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+# -- health and metadata ----------------------------------------------------------------------------
+
+
+async def server_metadata(request: web.Request) -> web.Response:
+    return web.json_response({"name": "streamgpu", "version": streamgpu.__version__, "extensions": EXTENSIONS})
+
+
+async def live(request: web.Request) -> web.Response:
+    return web.Response(status=200)
+
+
+async def ready(request: web.Request) -> web.Response:
+    return web.Response(status=200 if request.app[SERVER_KEY].started else 503)
+
+
+def _spec(request: web.Request) -> ModelSpec:
+    """The model the path names (404 for an unknown model or version)."""
+    server = request.app[SERVER_KEY]
+    name = request.match_info["name"]
+    version = request.match_info.get("version", MODEL_VERSION)
+    spec = next((s for s in server.config.models if s.name == name), None)
+    if spec is None:
+        raise OipError(404, f"unknown model: {name!r}")
+    if version != MODEL_VERSION:
+        raise OipError(404, f"model {name!r} has no version {version!r} (it has version {MODEL_VERSION})")
+    return spec
+
+
+async def model_ready(request: web.Request) -> web.Response:
+    try:
+        _spec(request)
+    except OipError as exc:
+        return error_response(exc.status, exc.message)
+    return web.Response(status=200 if request.app[SERVER_KEY].started else 503)
+
+
+async def model_metadata(request: web.Request) -> web.Response:
+    try:
+        spec = _spec(request)
+    except OipError as exc:
+        return error_response(exc.status, exc.message)
+    output = _output_shapes(request.app).get(spec.name)  # known once the model has answered a frame
+    return web.json_response({
+        "name": spec.name,
+        "versions": [MODEL_VERSION],
+        "platform": "pytorch",
+        "inputs": [{"name": INPUT_NAME, "datatype": DATATYPE_OF[spec.frame_dtype], "shape": [-1, *spec.input_shape]}],
+        "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, *(output or (-1,))]}],
+    })  # fmt: skip
+
+
+# Each model's output shape (one frame's), learned from its first result: metadata says -1 before.
+_OUTPUT_SHAPES: web.AppKey[dict[str, tuple[int, ...]]] = web.AppKey("streamgpu.oip.output_shapes")
+
+
+def _output_shapes(app: web.Application) -> dict[str, tuple[int, ...]]:
+    return app[_OUTPUT_SHAPES]
+
+
+# -- inference --------------------------------------------------------------------------------------
+
+
+class _Request:
+    """One parsed inference request: its frames' header template and how to answer."""
+
+    def __init__(self, spec: ModelSpec, doc: Any, binary_len: int | None) -> None:
+        if not isinstance(doc, dict):
+            raise OipError(400, "the inference request must be a JSON object")
+        self.id = doc.get("id")
+        if self.id is not None and not isinstance(self.id, str):
+            raise OipError(400, "'id' must be a string")
+        params = _dict(doc.get("parameters", {}), "parameters")
+        self.deadline_us = _int_param(params, "timeout", 2**32 - 1)
+        self.priority = _int_param(params, "priority", 255)
+        inputs = doc.get("inputs")
+        if not isinstance(inputs, list) or len(inputs) != 1:
+            raise OipError(400, f"model {spec.name!r} takes exactly one input, named {INPUT_NAME!r}")
+        tensor = _dict(inputs[0], "inputs[0]")
+        if tensor.get("name") != INPUT_NAME:
+            raise OipError(400, f"unknown input {tensor.get('name')!r}: model {spec.name!r} has input {INPUT_NAME!r}")
+        datatype = tensor.get("datatype")
+        if DATATYPES.get(datatype) != spec.frame_dtype:  # type: ignore[arg-type]
+            raise OipError(400, f"input {INPUT_NAME!r} has datatype {DATATYPE_OF[spec.frame_dtype]}, got {datatype!r}")
+        shape = tensor.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise OipError(400, f"input shape must be a list of non-negative integers, got {shape!r}")
+        frame_shape = list(spec.input_shape)
+        if shape == frame_shape:
+            self.frames, self.batched = 1, False
+        elif len(shape) == len(frame_shape) + 1 and shape[1:] == frame_shape and shape[0] >= 1:
+            self.frames, self.batched = shape[0], True
+        else:
+            raise OipError(
+                400, f"input shape {shape} does not match model {spec.name!r}: expected {frame_shape} or"
+                f" [N, {', '.join(map(str, frame_shape))}]"
+            )  # fmt: skip
+        self.frame_nbytes = spec.frame_nbytes
+        nbytes = self.frames * self.frame_nbytes
+        in_params = _dict(tensor.get("parameters", {}), "inputs[0].parameters")
+        size = in_params.get("binary_data_size")
+        self.data: np.ndarray | None = None
+        if size is not None:
+            if "data" in tensor:
+                raise OipError(400, "input has both 'data' and parameters.binary_data_size")
+            if binary_len is None:
+                raise OipError(400, "binary_data_size needs the Inference-Header-Content-Length header")
+            if size != nbytes:
+                raise OipError(400, f"binary_data_size is {size}; input shape {shape} of {datatype} needs {nbytes}")
+        else:
+            if "data" not in tensor:
+                raise OipError(400, "input has neither 'data' nor parameters.binary_data_size")
+            self.data = _json_tensor(tensor["data"], spec.frame_dtype, nbytes, shape)
+        self.binary_len = nbytes if size is not None else 0
+        self.binary_output = bool(params.get("binary_data_output", False))
+        outputs = doc.get("outputs")
+        if outputs is not None:
+            if not isinstance(outputs, list):
+                raise OipError(400, "'outputs' must be a list")
+            for i, out in enumerate(outputs):
+                out = _dict(out, f"outputs[{i}]")
+                if out.get("name") != OUTPUT_NAME:
+                    raise OipError(400, f"unknown output {out.get('name')!r}: model {spec.name!r} has {OUTPUT_NAME!r}")
+                out_params = _dict(out.get("parameters", {}), f"outputs[{i}].parameters")
+                if "classification" in out_params:
+                    raise OipError(400, "the classification extension is not supported")
+                self.binary_output = bool(out_params.get("binary_data", self.binary_output))
+
+    def header(self, spec: ModelSpec, index: int) -> FrameHeader:
+        return FrameHeader(
+            0, index, spec.name, spec.frame_dtype_code, spec.input_shape, self.frame_nbytes,
+            deadline_us=self.deadline_us, priority=self.priority,
+        )  # fmt: skip
+
+
+def _dict(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise OipError(400, f"{where} must be a JSON object")
+    return value
+
+
+def _int_param(params: dict[str, Any], key: str, hi: int) -> int:
+    value = params.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= hi:
+        raise OipError(400, f"parameters.{key} must be an integer 0..{hi}, got {value!r}")
+    return value
+
+
+def _json_tensor(data: Any, dtype: np.dtype, nbytes: int, shape: list[int]) -> np.ndarray:
+    """A JSON ``data`` list (flat, row-major, or nested) as a flat array of ``dtype``."""
+    try:
+        array = np.asarray(data)
+    except (ValueError, TypeError) as exc:
+        raise OipError(400, f"input data is not a tensor: {exc}") from None
+    if array.dtype.kind not in "biuf":
+        raise OipError(400, f"input data must be numbers, got {array.dtype.name} elements")
+    flat = array.reshape(-1)
+    if flat.size * dtype.itemsize != nbytes:
+        raise OipError(400, f"input data has {flat.size} elements; shape {shape} needs {nbytes // dtype.itemsize}")
+    if (
+        dtype.kind in "iu"
+        and flat.size
+        and (array.dtype.kind == "f" or flat.min() < np.iinfo(dtype).min or flat.max() > np.iinfo(dtype).max)
+    ):
+        raise OipError(400, f"input data does not fit {DATATYPE_OF[dtype]}")
+    return flat.astype(dtype)
+
+
+def _producer(request: web.Request, admission: Admission) -> Producer:
+    """The request's producer: its bearer token's (shared by every request presenting it), or its own."""
+    auth = request.headers.get("Authorization", "")
+    token = auth[len("Bearer ") :] if auth.startswith("Bearer ") else ""
+    grant = admission.authenticate(token)
+    if grant is None:
+        raise OipError(401, "bad or missing auth token (send 'Authorization: Bearer TOKEN')")
+    peer = request.remote or "?"
+    return admission.producer_for(grant, f"http:{peer}")
+
+
+async def infer(request: web.Request) -> web.StreamResponse:
+    server = request.app[SERVER_KEY]
+    try:
+        spec = _spec(request)
+        if not server.started:
+            raise OipError(503, "server is not ready (starting or shutting down)")
+        admission = server.admission
+        producer = _producer(request, admission)
+    except OipError as exc:
+        return error_response(exc.status, exc.message)
+    if not admission.open_connection():
+        admission.leave(producer)
+        return error_response(503, f"too many connections ({admission.config.max_connections})")
+    try:
+        return await _infer(request, spec, admission, producer)
+    except OipError as exc:
+        return error_response(exc.status, exc.message)
+    except Refused as refused:
+        return error_response(HTTP_STATUS[refused.status], f"{refused.status.name}: {refused.message}")
+    finally:
+        admission.close_connection()
+        admission.leave(producer)
+
+
+async def _infer(request: web.Request, spec: ModelSpec, admission: Admission, producer: Producer) -> web.StreamResponse:
+    limit = admission.config.max_payload_bytes + HEADER_ALLOWANCE
+    length = request.content_length
+    if length is not None and length > limit:
+        raise OipError(413, f"request body of {length} bytes exceeds {limit} (max_payload_bytes + header allowance)")
+    content = request.content
+    header_len = _header_length(request)
+    if header_len is not None:
+        if length is not None and not request.headers.get("Content-Encoding") and header_len > length:
+            raise OipError(400, f"{HEADER_LENGTH} {header_len} exceeds the body's {length} bytes")
+        raw = await _read_exactly(content, header_len, admission, "inference header")
+    else:
+        raw = await _read_all(content, limit)
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise OipError(400, f"the inference request is not valid JSON: {exc}") from None
+    req = _Request(spec, doc, header_len)
+    if req.frames * req.frame_nbytes > admission.config.max_payload_bytes:  # a compressed body can claim more
+        raise OipError(
+            413, f"tensor data of {req.frames * req.frame_nbytes} bytes exceeds max_payload_bytes"
+            f" ({admission.config.max_payload_bytes})"
+        )  # fmt: skip
+    plain = header_len is not None and length is not None and not request.headers.get("Content-Encoding")
+    if plain and header_len + req.binary_len != length:  # type: ignore[operator]
+        raise OipError(
+            400, f"body is {length} bytes; the header ({header_len}) and binary inputs ({req.binary_len}) make"
+            f" {header_len + req.binary_len}"  # type: ignore[operator]
+        )  # fmt: skip
+    stream = next_stream_key("http")
+    transport = request.transport
+
+    def abandoned() -> bool:
+        return transport is None or transport.is_closing()
+
+    futures = []
+    for i in range(req.frames):
+        if req.data is not None:
+            per = req.frame_nbytes // req.data.itemsize
+            fill = _copy_from(req.data[i * per : (i + 1) * per].view(np.uint8))
+        else:
+            fill = _read_into(content)
+        futures.append(await receive_frame(admission, producer, req.header(spec, i), fill, stream, abandoned))
+    outcomes: list[Outcome] = [await f for f in futures]
+    failed = next((o for o in outcomes if not o.ok), None)
+    if failed is not None:
+        raise Refused(failed.status, failed.message)
+    results = [o.result for o in outcomes]
+    assert all(r is not None for r in results)
+    out = np.stack(results) if req.batched else results[0]  # type: ignore[arg-type]
+    assert out is not None
+    _output_shapes(request.app)[spec.name] = tuple(out.shape[1:] if req.batched else out.shape)
+    return _response(spec, req, out, outcomes)
+
+
+def _header_length(request: web.Request) -> int | None:
+    raw = request.headers.get(HEADER_LENGTH)
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise OipError(400, f"{HEADER_LENGTH} must be an integer, got {raw!r}") from None
+    if value < 0:
+        raise OipError(400, f"{HEADER_LENGTH} must not be negative, got {value}")
+    if value > HEADER_ALLOWANCE:
+        raise OipError(413, f"{HEADER_LENGTH} {value} exceeds {HEADER_ALLOWANCE}")
+    return value
+
+
+async def _read_exactly(content: Any, n: int, admission: Admission, what: str) -> bytes:
+    try:
+        async with asyncio.timeout(admission.payload_budget_s(n)):
+            return bytes(await content.readexactly(n))
+    except asyncio.IncompleteReadError as exc:
+        raise OipError(400, f"body ends after {len(exc.partial)} of the {what}'s {n} bytes") from None
+    except TimeoutError:
+        raise OipError(408, f"the {what} ({n} bytes) did not arrive in time") from None
+
+
+async def _read_all(content: Any, limit: int) -> bytes:
+    parts = []
+    total = 0
+    while chunk := await content.readany():
+        total += len(chunk)
+        if total > limit:
+            raise OipError(413, f"request body exceeds {limit} bytes (max_payload_bytes + header allowance)")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _read_into(content: Any) -> Any:
+    async def fill(view: memoryview) -> None:
+        filled, n = 0, len(view)
+        while filled < n:
+            chunk = await content.read(n - filled)  # at most what this frame still needs
+            if not chunk:
+                raise OipError(400, f"body ends {n - filled} bytes before the end of the binary input")
+            view[filled : filled + len(chunk)] = chunk
+            filled += len(chunk)
+
+    return fill
+
+
+def _copy_from(data: np.ndarray) -> Any:
+    async def fill(view: memoryview) -> None:
+        view[:] = data.data
+
+    return fill
+
+
+def _response(spec: ModelSpec, req: _Request, out: np.ndarray, outcomes: list[Outcome]) -> web.Response:
+    out = np.ascontiguousarray(out, dtype=out.dtype.newbyteorder("<"))
+    datatype = DATATYPE_OF.get(out.dtype)
+    if datatype is None:
+        out, datatype = out.astype("<f4"), "FP32"
+    timings = outcomes[-1].timings
+    doc: dict[str, Any] = {"model_name": spec.name, "model_version": MODEL_VERSION}
+    if req.id is not None:
+        doc["id"] = req.id
+    doc["parameters"] = {"queue_us": timings.queue_us, "compute_us": timings.compute_us,
+                         "total_us": timings.total_us, "batch_size": timings.batch_size}  # fmt: skip
+    tensor: dict[str, Any] = {"name": OUTPUT_NAME, "datatype": datatype, "shape": list(out.shape)}
+    if not req.binary_output:
+        tensor["data"] = [x if math.isfinite(x) else None for x in out.reshape(-1).tolist()] if out.dtype.kind == "f" \
+            else out.reshape(-1).tolist()  # fmt: skip
+        doc["outputs"] = [tensor]
+        return web.json_response(doc)
+    tensor["parameters"] = {"binary_data_size": out.nbytes}
+    doc["outputs"] = [tensor]
+    head = json.dumps(doc).encode()
+    return web.Response(
+        body=head + out.tobytes(),
+        content_type="application/octet-stream",
+        headers={HEADER_LENGTH: str(len(head))},
+    )
+
+
+@web.middleware
+async def _errors_as_json(request: web.Request, handler: Any) -> web.StreamResponse:
+    """aiohttp's own 404/405 for paths under /v2 answered as the protocol's ``{"error": ...}``."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status >= 400 and "/v2" in request.path:
+            return error_response(exc.status, exc.reason)
+        raise
+
+
+def add_routes(app: web.Application) -> None:
+    """Mount the Open Inference Protocol routes on ``app`` (paths relative to its prefix)."""
+    app[_OUTPUT_SHAPES] = {}
+    app.middlewares.append(_errors_as_json)
+    r = app.router
+    r.add_get("/v2", server_metadata)
+    r.add_get("/v2/health/live", live)
+    r.add_get("/v2/health/ready", ready)
+    for base in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+        r.add_get(base, model_metadata)
+        r.add_get(base + "/ready", model_ready)
+        r.add_post(base + "/infer", infer)

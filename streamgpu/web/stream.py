@@ -1,0 +1,247 @@
+"""WebSocket streams: ``GET /v1/stream``, the TCP wire format over WebSocket messages (docs/HTTP.md).
+
+* A producer sends binary messages, each one FRAME exactly as on TCP (``protocol.wire``: the
+  48-byte header, model name, shape, then the payload; nothing before or after). It gets one
+  binary message per frame, the REPLY exactly as a v2 TCP connection gets it, in sequence
+  order per stream. There is no HELLO: the token, if the server needs one, is the
+  ``Authorization: Bearer`` header or the ``token`` query parameter (browsers cannot set
+  headers on a WebSocket), checked before the upgrade (401).
+* A subscriber sends the text message ``{"subscribe": [7, 9]}`` (or one id) and then gets,
+  as binary REPLY messages, every result published for those stream ids: frames of any
+  producer on any front end that publishes (TCP, WebSocket, and others through
+  ``admission.stream_results``), as each is made. ``{"unsubscribe": [7]}`` stops it. Each control
+  message is answered with a text message: ``{"subscribed": [...all ids now...]}`` or
+  ``{"error": "..."}``. A subscriber that reads slower than results come loses the oldest
+  (``MAX_QUEUED`` messages are kept), never slowing a producer.
+
+A well-framed frame that is refused (bad shape, unknown model, ...) is answered with its status
+like on TCP and costs only itself; a binary message that is not one whole frame closes the
+socket with a connection REPLY (flags CONNECTION), as TCP does when framing is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import time
+
+from aiohttp import WSMsgType, web
+
+from streamgpu.frame import Outcome
+from streamgpu.ingest.admission import Admission, Producer, Refused
+from streamgpu.ingest.hub import Subscription
+from streamgpu.protocol import wire
+from streamgpu.protocol.ordering import ReplyOrder, Ticket
+from streamgpu.protocol.wire import FrameHeader, ProtocolError, ReplyFlags, ReplyHeader, Status, Timings
+from streamgpu.web.app import SERVER_KEY
+from streamgpu.web.frames import next_stream_key, receive_frame
+
+PATH = "/v1/stream"
+MAX_QUEUED = 1024  # reply messages waiting to be sent to one socket; past it, subscribed results are dropped
+MAX_SUBSCRIPTIONS = 64  # stream ids one socket may watch
+
+
+class StreamSocket:
+    """One WebSocket: the frames it produces, the stream ids it watches, and its outgoing messages."""
+
+    def __init__(self, ws: web.WebSocketResponse, admission: Admission, producer: Producer) -> None:
+        self.ws = ws
+        self.admission = admission
+        self.producer = producer
+        self.key = next_stream_key("ws")
+        self.order = ReplyOrder()  # this socket's frames, replied in sequence order per stream
+        self.out: collections.deque[bytes | str] = collections.deque()  # str: a text (control) message
+        self.wake = asyncio.Event()  # something to send
+        self.replied = asyncio.Event()  # one of this socket's frames was answered
+        self.subscriptions: dict[int, Subscription] = {}
+        self.dropped = 0  # subscribed results dropped because this socket read too slowly
+
+    # -- sending: one writer task, so that callbacks never await --------------------------------
+
+    def queue(self, message: bytes | str) -> None:
+        if not self.ws.closed:
+            self.out.append(message)
+            self.wake.set()
+
+    async def writer(self) -> None:
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            while self.out:
+                message = self.out.popleft()
+                if isinstance(message, str):
+                    await self.ws.send_str(message)
+                else:
+                    await self.ws.send_bytes(message)
+
+    async def flush(self, writer: asyncio.Task[None]) -> None:
+        """Send what is queued (for at most a second), then stop the writer."""
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0):
+                while self.out and not self.ws.closed:
+                    await asyncio.sleep(0.001)
+        writer.cancel()
+        with contextlib.suppress(BaseException):
+            await writer
+
+    # -- producing ---------------------------------------------------------------------------------
+
+    async def on_frame(self, data: bytes) -> None:
+        """One binary message: one whole frame. ProtocolError (after queueing the connection reply) if not."""
+        try:
+            parsed = wire.decode_frame_header(data)
+            if parsed is None:
+                raise ProtocolError(Status.BAD_FRAME, f"message of {len(data)} bytes is shorter than its frame header")
+            header, used = parsed
+            if len(data) != used + header.payload_len:
+                raise ProtocolError(
+                    Status.BAD_FRAME, f"message has {len(data) - used} payload bytes; header says {header.payload_len}"
+                )
+        except ProtocolError as exc:
+            reply = ReplyHeader(0, 0, exc.status, message=str(exc), flags=ReplyFlags.CONNECTION)
+            self.queue(b"".join(wire.encode_reply(reply)))
+            raise
+        ticket = self.order.expect(header.stream_id)
+        payload = memoryview(data)[used:]
+
+        async def fill(view: memoryview) -> None:
+            view[:] = payload  # the one copy: aiohttp hands over each message as bytes
+
+        started = time.perf_counter_ns()
+        try:
+            future = await receive_frame(
+                self.admission, self.producer, header, fill, (self.key, header.stream_id), lambda: self.ws.closed
+            )
+        except Refused as refused:
+            timings = Timings(total_us=(time.perf_counter_ns() - started) // 1000)
+            self.answer(ticket, header, Outcome(refused.status, refused.message, timings=timings))
+            return
+
+        def answered(done: asyncio.Future[Outcome]) -> None:
+            if not done.cancelled():
+                self.admission.stream_results.publish(header, done.result())
+                self.answer(ticket, header, done.result())
+
+        future.add_done_callback(answered)
+
+    def answer(self, ticket: Ticket, header: FrameHeader, outcome: Outcome) -> None:
+        reply = _encode(header, outcome)
+        for ready in self.order.complete(ticket, [reply]):  # each part is one whole reply
+            self.queue(bytes(ready))
+        self.replied.set()
+
+    async def wait_for_room(self) -> None:
+        """Flow control, as on TCP: at most ``max_frames_per_connection`` frames of this socket unanswered."""
+        while len(self.order) >= self.admission.config.max_frames_per_connection:
+            self.replied.clear()
+            await self.replied.wait()
+
+    # -- subscribing -------------------------------------------------------------------------------
+
+    def on_control(self, text: str) -> None:
+        """A text message: subscribe or unsubscribe; answered with the ids now watched, or an error."""
+        try:
+            doc = json.loads(text)
+            if not isinstance(doc, dict) or len(doc) != 1 or next(iter(doc)) not in ("subscribe", "unsubscribe"):
+                raise ValueError('expected {"subscribe": IDS} or {"unsubscribe": IDS}')
+            ((verb, ids),) = doc.items()
+            ids = [ids] if isinstance(ids, int) and not isinstance(ids, bool) else ids
+            if not isinstance(ids, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= 0xFFFFFFFF for i in ids
+            ):
+                raise ValueError("stream ids must be integers 0..4294967295 (one, or a list)")
+            if verb == "subscribe":
+                if len(self.subscriptions.keys() | set(ids)) > MAX_SUBSCRIPTIONS:
+                    raise ValueError(f"at most {MAX_SUBSCRIPTIONS} stream ids per socket")
+                for i in ids:
+                    if i not in self.subscriptions:
+                        self.subscriptions[i] = self.admission.stream_results.subscribe(i, self.on_result)
+            else:
+                for i in ids:
+                    if (subscription := self.subscriptions.pop(i, None)) is not None:
+                        subscription.cancel()
+        except ValueError as exc:  # json.JSONDecodeError included
+            self.queue(json.dumps({"error": str(exc)}))
+            return
+        self.queue(json.dumps({"subscribed": sorted(self.subscriptions)}))
+
+    def on_result(self, header: FrameHeader, outcome: Outcome) -> None:
+        """A published result of a watched stream id: encoded (copied) now, sent by the writer."""
+        if len(self.out) >= MAX_QUEUED:  # a slow reader loses its oldest, never slows the producer
+            self.out.popleft()
+            self.dropped += 1
+        self.queue(_encode(header, outcome))
+
+    def close(self) -> None:
+        for subscription in self.subscriptions.values():
+            subscription.cancel()
+        self.subscriptions.clear()
+
+
+def _encode(header: FrameHeader, outcome: Outcome) -> bytes:
+    """The frame's REPLY as a v2 TCP connection gets it, as one message (copied: the result may be reused)."""
+    reply, payload = wire.reply_to(header, *outcome, version=wire.VERSION)
+    return b"".join(wire.encode_reply(reply, payload))
+
+
+_SOCKETS: web.AppKey[set[StreamSocket]] = web.AppKey("streamgpu.stream.sockets")
+
+
+async def stream(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/stream``: upgrade, then frames in and replies out, subscriptions, until either side closes."""
+    server = request.app[SERVER_KEY]
+    if not server.started:
+        return web.json_response({"error": "server is not ready (starting or shutting down)"}, status=503)
+    admission = server.admission
+    auth = request.headers.get("Authorization", "")
+    token = auth[len("Bearer ") :] if auth.startswith("Bearer ") else request.query.get("token", "")
+    grant = admission.authenticate(token)
+    if grant is None:
+        return web.json_response({"error": "bad or missing auth token"}, status=401)
+    if not admission.open_connection():
+        return web.json_response({"error": f"too many connections ({admission.config.max_connections})"}, status=503)
+    producer = admission.producer_for(grant, f"ws:{request.remote}")
+    ws = web.WebSocketResponse(max_msg_size=admission.config.max_payload_bytes + 64 * 1024)
+    sock = StreamSocket(ws, admission, producer)
+    sockets = request.app[_SOCKETS]
+    writer: asyncio.Task[None] | None = None
+    try:
+        await ws.prepare(request)
+        sockets.add(sock)
+        writer = asyncio.ensure_future(sock.writer())
+        async for msg in ws:
+            if msg.type is WSMsgType.BINARY:
+                await sock.wait_for_room()
+                try:
+                    await sock.on_frame(msg.data)
+                except ProtocolError:
+                    break
+            elif msg.type is WSMsgType.TEXT:
+                sock.on_control(msg.data)
+    finally:
+        sockets.discard(sock)
+        sock.close()
+        if writer is not None:
+            await sock.flush(writer)
+        with contextlib.suppress(Exception):
+            await ws.close()
+        admission.close_connection()
+        admission.leave(producer)
+    return ws
+
+
+async def _close_sockets(app: web.Application) -> None:
+    """Application shutdown: close every stream socket (going away) instead of waiting for its peer."""
+    sockets = app[_SOCKETS]
+    for sock in list(sockets):
+        with contextlib.suppress(Exception):
+            await sock.ws.close(code=1001, message=b"server is shutting down")
+
+
+def add_routes(app: web.Application) -> None:
+    """Mount ``GET /v1/stream`` (WebSocket) on ``app``."""
+    app[_SOCKETS] = set()
+    app.on_shutdown.append(_close_sockets)
+    app.router.add_get(PATH, stream)

@@ -1,0 +1,389 @@
+"""The Open Inference Protocol over HTTP against the real ``tritonclient`` (sync and aio) and raw requests.
+
+Results equal the TCP path's (streamgpu.client) on the same server; every bad request gets a clear
+4xx with ``{"error": ...}`` and leaves no ring slot behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pytest
+import pytest_asyncio
+import torch
+
+from streamgpu import client
+from streamgpu.config import Config, ListenerSpec
+from streamgpu.models.spec import ModelSpec
+from streamgpu.server import Server
+
+tritonhttp = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is a test dependency")
+tritonaio = pytest.importorskip("tritonclient.http.aio", reason="tritonclient[http] is a test dependency")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.jit")
+# Checks of what the handlers answer, not of loop behaviour: run on one loop to keep CI short.
+ONE_LOOP = pytest.mark.asyncio(loop_factories=["uvloop"])
+SPEC = ModelSpec(input_shape=(32, 32, 3), max_batch_size=8, batch_buckets=(1, 4, 8))
+USER_SHAPE = (6,)
+
+
+class Affine(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(USER_SHAPE[0], 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.linear(x)) * 3.0
+
+
+def config(tmp_path: Path, **kw: Any) -> Config:
+    torch.manual_seed(0)
+    path = tmp_path / "affine.pt"
+    torch.jit.save(torch.jit.script(Affine().eval()), str(path))
+    user = ModelSpec(
+        name="user", source=f"torchscript:{path}", input_shape=USER_SHAPE, input_dtype="float32", preprocess="none",
+        max_batch_size=4, batch_buckets=(1, 4),
+    )  # fmt: skip
+    base: dict[str, Any] = dict(
+        listeners=[ListenerSpec(port=0), ListenerSpec(kind="http", port=0)], device="cpu", models=[SPEC, user],
+        shutdown_timeout_s=10.0,
+    )  # fmt: skip
+    base.update(kw)
+    return Config(**base)
+
+
+@pytest_asyncio.fixture
+async def server(tmp_path: Path) -> AsyncIterator[Server]:
+    async with Server(config(tmp_path)) as srv:
+        yield srv
+    assert srv.pool.used_bytes == 0
+
+
+def http_port(server: Server) -> int:
+    return server.addresses[1][1]
+
+
+async def no_slot_held(server: Server) -> None:
+    """Ring bytes in use return to 0 (frames being finished may release a moment later)."""
+    for _ in range(200):
+        if server.pool.used_bytes == 0 and server.pool.slots_in_use == 0:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"ring still holds {server.pool.used_bytes} bytes in {server.pool.slots_in_use} slots")
+
+
+def frames(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, *SPEC.input_shape), dtype=np.uint8)
+
+
+async def tcp_results(server: Server, batch: np.ndarray, model: str = "default") -> np.ndarray:
+    conn = await client.connect("127.0.0.1", server.port)
+    try:
+        replies = [await conn.infer(frame, model=model) for frame in batch]
+    finally:
+        await conn.close()
+    return np.stack([r.unwrap() for r in replies])
+
+
+@ONE_LOOP
+async def test_health_and_metadata(server: Server) -> None:
+    c = tritonaio.InferenceServerClient(f"127.0.0.1:{http_port(server)}")
+    try:
+        assert await c.is_server_live() and await c.is_server_ready()
+        assert await c.is_model_ready("default") and await c.is_model_ready("user", "1")
+        assert not await c.is_model_ready("nope")
+        meta = await c.get_server_metadata()
+        assert meta["name"] == "streamgpu" and "binary_tensor_data" in meta["extensions"]
+        model = await c.get_model_metadata("default")
+        assert model["inputs"] == [{"name": "input", "datatype": "UINT8", "shape": [-1, 32, 32, 3]}]
+        assert model["outputs"][0]["name"] == "output" and model["outputs"][0]["datatype"] == "FP32"
+        user = await c.get_model_metadata("user")
+        assert user["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 6]}]
+        with pytest.raises(InferenceServerException, match="unknown model") as info:
+            await c.get_model_metadata("nope")
+        assert info.value.status() == "404"
+    finally:
+        await c.close()
+
+
+@pytest.mark.asyncio
+async def test_aio_client_binary_and_json_equal_the_tcp_path(server: Server) -> None:
+    batch = frames(5, seed=1)
+    expected = await tcp_results(server, batch)
+    c = tritonaio.InferenceServerClient(f"127.0.0.1:{http_port(server)}")
+    try:
+        inp = tritonaio.InferInput("input", list(batch.shape), "UINT8")
+        inp.set_data_from_numpy(batch)  # binary tensor data extension, binary outputs (no outputs named)
+        result = await c.infer("default", [inp], request_id="r1")
+        assert result.get_response()["id"] == "r1"
+        np.testing.assert_allclose(result.as_numpy("output"), expected, rtol=1e-5, atol=1e-5)
+        one = tritonaio.InferInput("input", list(SPEC.input_shape), "UINT8")  # no batch dimension: one frame
+        one.set_data_from_numpy(batch[2], binary_data=False)  # JSON data in, JSON data out
+        out = tritonaio.InferRequestedOutput("output", binary_data=False)
+        result = await c.infer("default", [one], outputs=[out])
+        assert result.get_output("output")["shape"] == [1000]
+        np.testing.assert_allclose(result.as_numpy("output"), expected[2], rtol=1e-5, atol=1e-5)
+    finally:
+        await c.close()
+    await no_slot_held(server)
+
+
+@pytest.mark.asyncio
+async def test_sync_client_on_builtin_and_user_torchscript_models_equal_the_tcp_path(server: Server) -> None:
+    batch = frames(3, seed=2)
+    values = np.random.default_rng(3).standard_normal((4, *USER_SHAPE)).astype(np.float32)
+    expected_builtin = await tcp_results(server, batch)
+    expected_user = await tcp_results(server, values, model="user")
+    port = http_port(server)
+
+    def run() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        c = tritonhttp.InferenceServerClient(f"127.0.0.1:{port}")
+        try:
+            assert c.is_server_ready()
+            inp = tritonhttp.InferInput("input", list(batch.shape), "UINT8")
+            inp.set_data_from_numpy(batch)
+            builtin = c.infer("default", [inp]).as_numpy("output")
+            inp = tritonhttp.InferInput("input", list(values.shape), "FP32")
+            inp.set_data_from_numpy(values)
+            out = tritonhttp.InferRequestedOutput("output", binary_data=True)
+            user = c.infer("user", [inp], outputs=[out]).as_numpy("output")
+            inp = tritonhttp.InferInput("input", list(values.shape), "FP32")
+            inp.set_data_from_numpy(values, binary_data=False)
+            user_json = c.infer("user", [inp], outputs=[tritonhttp.InferRequestedOutput("output", False)])
+            return builtin, user, user_json.as_numpy("output")
+        finally:
+            c.close()
+
+    builtin, user, user_json = await asyncio.to_thread(run)
+    np.testing.assert_allclose(builtin, expected_builtin, rtol=1e-5, atol=1e-5)
+    assert user.shape == (4, 4) and user.dtype == np.float32
+    np.testing.assert_allclose(user, expected_user, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(user_json, expected_user, rtol=1e-6, atol=1e-6)
+    await no_slot_held(server)
+
+
+@pytest.mark.asyncio
+async def test_concurrent_requests_share_the_scheduler(server: Server) -> None:
+    batch = frames(16, seed=4)
+    expected = await tcp_results(server, batch)
+    c = tritonaio.InferenceServerClient(f"127.0.0.1:{http_port(server)}")
+
+    async def one(i: int) -> np.ndarray:
+        inp = tritonaio.InferInput("input", [1, *SPEC.input_shape], "UINT8")
+        inp.set_data_from_numpy(batch[i : i + 1])
+        return (await c.infer("default", [inp])).as_numpy("output")[0]
+
+    try:
+        results = await asyncio.gather(*(one(i) for i in range(len(batch))))
+    finally:
+        await c.close()
+    np.testing.assert_allclose(np.stack(results), expected, rtol=1e-5, atol=1e-5)
+    await no_slot_held(server)
+
+
+def binary_request(header: dict[str, Any], data: bytes) -> tuple[bytes, dict[str, str]]:
+    head = json.dumps(header).encode()
+    return head + data, {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"}
+
+
+def frame_header(shape: list[int], size: int, **extra: Any) -> dict[str, Any]:
+    tensor = {"name": "input", "datatype": "UINT8", "shape": shape, "parameters": {"binary_data_size": size}}
+    return {"inputs": [tensor], **extra}
+
+
+BAD_REQUESTS: list[tuple[str, int, str, Any]] = [
+    ("wrong shape", 400, "does not match model", lambda n: binary_request(frame_header([1, 16, 16, 3], n), bytes(n))),
+    ("wrong dtype", 400, "datatype", lambda n: binary_request(
+        {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 32, 32, 3],
+                     "parameters": {"binary_data_size": n}}]}, bytes(n))),
+    ("size disagrees with shape", 400, "binary_data_size", lambda n: binary_request(
+        frame_header([1, 32, 32, 3], n - 1), bytes(n - 1))),
+    ("body shorter than sizes", 400, "body is", lambda n: binary_request(frame_header([1, 32, 32, 3], n), bytes(10))),
+    ("body longer than sizes", 400, "body is", lambda n: binary_request(frame_header([1, 32, 32, 3], n),
+                                                                        bytes(n + 5))),
+    ("unknown input", 400, "unknown input", lambda n: binary_request(
+        {"inputs": [{"name": "x", "datatype": "UINT8", "shape": [1], "parameters": {"binary_data_size": 1}}]},
+        bytes(1))),
+    ("malformed JSON", 400, "not valid JSON", lambda n: (b"{not json", {"Content-Type": "application/json"})),
+    ("JSON not an object", 400, "JSON object", lambda n: (b"[1, 2]", {"Content-Type": "application/json"})),
+    ("JSON data of wrong length", 400, "elements", lambda n: (json.dumps(
+        {"inputs": [{"name": "input", "datatype": "UINT8", "shape": [32, 32, 3], "data": [1, 2, 3]}]}).encode(), {})),
+    ("JSON data out of range", 400, "does not fit", lambda n: (json.dumps(
+        {"inputs": [{"name": "input", "datatype": "UINT8", "shape": [32, 32, 3], "data": [300] * (n)}]}).encode(),
+        {})),
+    ("header length past body", 400, "exceeds the body", lambda n: (
+        b'{"inputs": []}', {"Inference-Header-Content-Length": "999"})),
+    ("header length not a number", 400, "must be an integer", lambda n: (
+        b'{"inputs": []}', {"Inference-Header-Content-Length": "ten"})),
+    ("bad priority", 400, "priority", lambda n: binary_request(
+        frame_header([1, 32, 32, 3], n, parameters={"priority": "high"}), bytes(n))),
+    ("classification asked", 400, "classification", lambda n: binary_request(
+        frame_header([1, 32, 32, 3], n, outputs=[{"name": "output", "parameters": {"classification": 3}}]),
+        bytes(n))),
+]  # fmt: skip
+
+
+@ONE_LOOP
+async def test_bad_requests_get_clear_4xx_and_hold_no_slot(server: Server) -> None:
+    n = SPEC.frame_nbytes
+    base = f"http://127.0.0.1:{http_port(server)}/v2/models"
+    async with aiohttp.ClientSession() as session:
+        for what, status, needle, make in BAD_REQUESTS:
+            body, headers = make(n)
+            async with session.post(f"{base}/default/infer", data=body, headers=headers) as resp:
+                doc = await resp.json(content_type=None)
+                assert resp.status == status, (what, resp.status, doc)
+                assert needle in doc["error"], (what, doc)
+            await no_slot_held(server)
+        body, headers = binary_request(frame_header([1, 32, 32, 3], n), bytes(n))
+        async with session.post(f"{base}/nope/infer", data=body, headers=headers) as resp:
+            assert resp.status == 404 and "unknown model" in (await resp.json())["error"]
+        async with session.post(f"{base}/default/versions/7/infer", data=body, headers=headers) as resp:
+            assert resp.status == 404 and "version" in (await resp.json())["error"]
+        async with session.get(f"http://127.0.0.1:{http_port(server)}/v2/no/such/path") as resp:
+            assert resp.status == 404 and "error" in await resp.json()
+        async with session.post(f"{base}/default/infer", data=body, headers=headers) as resp:  # still serving
+            assert resp.status == 200
+    await no_slot_held(server)
+
+
+@ONE_LOOP
+async def test_limits_priority_and_deadline_parameters(tmp_path: Path) -> None:
+    cfg = config(tmp_path, max_payload_bytes=SPEC.frame_nbytes * 2, max_priority=10)
+    n = SPEC.frame_nbytes
+    async with Server(cfg) as server:
+        base = f"http://127.0.0.1:{http_port(server)}/v2/models/default/infer"
+        async with aiohttp.ClientSession() as session:
+            big = 4 * n + 2 * 1024 * 1024
+            body, headers = binary_request(frame_header([big // n, 32, 32, 3], big), bytes(big))
+            async with session.post(base, data=body, headers=headers) as resp:
+                assert resp.status == 413 and "exceeds" in (await resp.json())["error"]
+            body, headers = binary_request(frame_header([1, 32, 32, 3], n, parameters={"priority": 20}), bytes(n))
+            async with session.post(base, data=body, headers=headers) as resp:
+                assert resp.status == 403 and "priority 20" in (await resp.json())["error"]
+            body, headers = binary_request(frame_header([1, 32, 32, 3], n, parameters={"priority": 10}), bytes(n))
+            async with session.post(base, data=body, headers=headers) as resp:
+                assert resp.status == 200
+            body, headers = binary_request(frame_header([1, 32, 32, 3], n, parameters={"timeout": 1}), bytes(n))
+            async with session.post(base, data=body, headers=headers) as resp:  # 1 us: passes before it runs
+                assert resp.status == 504 and "DEADLINE_MISSED" in (await resp.json())["error"]
+        # A gzip body is small on the wire; its tensor data is held to max_payload_bytes all the same.
+        c = tritonaio.InferenceServerClient(f"127.0.0.1:{http_port(server)}")
+        try:
+            for count, status in ((2, None), (3, "413")):
+                inp = tritonaio.InferInput("input", [count, *SPEC.input_shape], "UINT8")
+                inp.set_data_from_numpy(np.zeros((count, *SPEC.input_shape), np.uint8))
+                if status is None:
+                    result = await c.infer("default", [inp], request_compression_algorithm="gzip")
+                    assert result.as_numpy("output").shape == (2, 1000)
+                    continue
+                with pytest.raises(InferenceServerException, match="exceeds max_payload_bytes") as info:
+                    await c.infer("default", [inp], request_compression_algorithm="gzip")
+                assert info.value.status() == status
+        finally:
+            await c.close()
+        await no_slot_held(server)
+
+
+@ONE_LOOP
+async def test_token_needed_when_configured(tmp_path: Path) -> None:
+    async with Server(config(tmp_path, auth_token="s3cret")) as server:
+        c = tritonaio.InferenceServerClient(f"127.0.0.1:{http_port(server)}")
+        inp = tritonaio.InferInput("input", [1, *SPEC.input_shape], "UINT8")
+        inp.set_data_from_numpy(frames(1, seed=5))
+        try:
+            with pytest.raises(InferenceServerException, match="auth token") as info:
+                await c.infer("default", [inp])
+            assert info.value.status() == "401"
+            result = await c.infer("default", [inp], headers={"Authorization": "Bearer s3cret"})
+            assert result.as_numpy("output").shape == (1, 1000)
+        finally:
+            await c.close()
+        await no_slot_held(server)
+
+
+@pytest.mark.asyncio
+async def test_a_client_leaving_mid_body_or_trickling_holds_no_slot(tmp_path: Path) -> None:
+    cfg = config(tmp_path, receive_timeout_s=0.3, min_receive_rate=10_000_000)
+    n = SPEC.frame_nbytes
+    async with Server(cfg) as server:
+        port = http_port(server)
+        head = json.dumps(frame_header([2, 32, 32, 3], 2 * n)).encode()
+        request = (
+            f"POST /v2/models/default/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(head) + 2 * n}\r\n"
+            f"Inference-Header-Content-Length: {len(head)}\r\n\r\n"
+        ).encode() + head
+        # Leaves after the first frame and part of the second: the second's slot is given back.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request + bytes(n + n // 2))
+        await writer.drain()
+        for _ in range(100):
+            if server.pool.used_bytes:
+                break
+            await asyncio.sleep(0.01)
+        writer.close()
+        await no_slot_held(server)
+        # Trickles: the payload's time budget runs out (408), the slot is given back.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request + bytes(100))
+        await writer.drain()
+        response = await asyncio.wait_for(reader.read(65536), 5)
+        assert b" 408 " in response.split(b"\r\n")[0] and b"did not arrive" in response, response[:300]
+        writer.close()
+        await no_slot_held(server)
+
+
+@pytest.mark.asyncio
+async def test_shutdown_answers_requests_in_flight_then_refuses(tmp_path: Path) -> None:
+    server = Server(config(tmp_path))
+    await server.start()
+    port = http_port(server)
+    batch = frames(8, seed=6)
+    c = tritonaio.InferenceServerClient(f"127.0.0.1:{port}")
+
+    async def one(i: int) -> np.ndarray:
+        inp = tritonaio.InferInput("input", [1, *SPEC.input_shape], "UINT8")
+        inp.set_data_from_numpy(batch[i : i + 1])
+        return (await c.infer("default", [inp])).as_numpy("output")
+
+    tasks = [asyncio.ensure_future(one(i)) for i in range(len(batch))]
+    for _ in range(5000):  # stop while frames are in the server
+        if server.admission.frames_in_flight:
+            break
+        await asyncio.sleep(0.001)
+    await server.stop()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    await c.close()
+    ok = [r for r in results if isinstance(r, np.ndarray)]
+    assert ok, [str(r) for r in results]  # those that reached the server before the stop were answered
+    for r in results:  # the others: refused SHUTTING_DOWN, or the connection closed under them
+        assert isinstance(r, np.ndarray | aiohttp.ClientError) or "SHUTTING_DOWN" in str(r) or "not ready" in str(r), r
+    assert server.pool.used_bytes == 0
+    with socket.socket() as s:  # the HTTP port is closed
+        assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+@ONE_LOOP
+async def test_http_bind_error_names_the_address(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        cfg = config(tmp_path, listeners=[ListenerSpec(port=0), ListenerSpec(kind="http", port=port)])
+        with pytest.raises(OSError, match=f"(?i)http.* 127.0.0.1:{port}"):
+            await Server(cfg).start()
+
+
+def test_http_port_setting_adds_an_http_listener() -> None:
+    cfg = Config.load(None, env={}, http_port=8000, host="0.0.0.0")
+    assert [(s.kind, s.host, s.port) for s in cfg.listeners] == [("tcp", "0.0.0.0", 7878), ("http", "0.0.0.0", 8000)]
+    assert Config.load(None, env={"STREAMGPU_HTTP_PORT": "9001"}).listeners[1].port == 9001
+    from streamgpu.cli import build_parser
+
+    assert build_parser().parse_args(["serve", "--http-port", "8000"]).http_port == 8000

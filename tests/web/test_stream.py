@@ -1,0 +1,175 @@
+"""WebSocket streams (``/v1/stream``): TCP frames and replies over WebSocket messages, and subscribers
+that receive every result published for a stream id, from any front end."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from streamgpu import client
+from streamgpu.config import Config, ListenerSpec
+from streamgpu.frame import Outcome
+from streamgpu.ingest.hub import ResultHub
+from streamgpu.models.spec import ModelSpec
+from streamgpu.protocol import wire
+from streamgpu.protocol.wire import FrameHeader, ReplyFlags, ReplyHeader, Status
+from streamgpu.server import Server
+
+SPEC = ModelSpec(input_shape=(16, 16, 3), max_batch_size=8, batch_buckets=(1, 4, 8))
+
+
+def config(**kw: Any) -> Config:
+    base: dict[str, Any] = dict(
+        listeners=[ListenerSpec(port=0), ListenerSpec(kind="http", port=0)], device="cpu", models=[SPEC]
+    )
+    base.update(kw)
+    return Config(**base)
+
+
+@pytest_asyncio.fixture
+async def server() -> AsyncIterator[Server]:
+    async with Server(config()) as srv:
+        yield srv
+    assert srv.pool.used_bytes == 0
+
+
+def url(server: Server, query: str = "") -> str:
+    return f"ws://127.0.0.1:{server.addresses[1][1]}/v1/stream{query}"
+
+
+def frame_message(frame: np.ndarray, stream_id: int, sequence: int, model: str = "default") -> bytes:
+    header = FrameHeader(stream_id, sequence, model, wire.dtype_code(frame.dtype), frame.shape, frame.nbytes, 1234)
+    return wire.encode_frame_header(header) + frame.tobytes()
+
+
+async def next_reply(ws: aiohttp.ClientWebSocketResponse) -> tuple[ReplyHeader, np.ndarray | None]:
+    msg = await asyncio.wait_for(ws.receive(), 10)
+    assert msg.type is aiohttp.WSMsgType.BINARY, msg
+    parsed = wire.decode_reply(msg.data)
+    assert parsed is not None and parsed[2] == len(msg.data)  # one whole reply per message
+    header, payload, _ = parsed
+    if not header.payload_len:
+        return header, None
+    return header, np.frombuffer(payload, wire.DTYPES[header.dtype_code]).reshape(header.shape)
+
+
+def frames(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, *SPEC.input_shape), dtype=np.uint8)
+
+
+async def tcp_replies(server: Server, batch: np.ndarray, stream_id: int) -> list[client.Reply]:
+    conn = await client.connect("127.0.0.1", server.port)
+    try:
+        return list(await asyncio.gather(*(conn.submit(f, stream_id=stream_id) for f in batch)))
+    finally:
+        await conn.close()
+
+
+@pytest.mark.asyncio
+async def test_websocket_producer_gets_tcp_replies_in_order_per_stream(server: Server) -> None:
+    batch = frames(8, seed=1)
+    expected = [r.unwrap() for r in await tcp_replies(server, batch, 0)]
+    async with aiohttp.ClientSession() as session, session.ws_connect(url(server)) as ws:
+        for i, f in enumerate(batch):
+            await ws.send_bytes(frame_message(f, stream_id=i % 2, sequence=i // 2))
+        seen: dict[int, list[int]] = {0: [], 1: []}
+        for _ in batch:
+            header, result = await next_reply(ws)
+            assert header.status == Status.OK and header.timestamp_ns == 1234
+            seen[header.stream_id].append(header.sequence)
+            assert result is not None
+            np.testing.assert_allclose(result, expected[header.sequence * 2 + header.stream_id], rtol=1e-5, atol=1e-5)
+        assert seen == {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}
+        # A refused frame costs only itself; the socket goes on.
+        await ws.send_bytes(frame_message(np.zeros((4, 4, 3), np.uint8), stream_id=5, sequence=0))
+        header, _ = await next_reply(ws)
+        assert header.status == Status.BAD_FRAME and "takes uint8 [16, 16, 3]" in header.message
+        await ws.send_bytes(frame_message(batch[0], stream_id=5, sequence=1, model="nope"))
+        assert (await next_reply(ws))[0].status == Status.UNKNOWN_MODEL
+        await ws.send_bytes(frame_message(batch[0], stream_id=5, sequence=2))
+        assert (await next_reply(ws))[0].status == Status.OK
+        # A message that is not one whole frame: a connection reply, then the socket closes.
+        await ws.send_bytes(frame_message(batch[0], stream_id=5, sequence=3)[:-1])
+        header, _ = await next_reply(ws)
+        assert header.flags & ReplyFlags.CONNECTION and header.status == Status.BAD_FRAME
+        assert "payload bytes" in header.message
+        assert (await asyncio.wait_for(ws.receive(), 5)).type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+    for _ in range(100):
+        if server.pool.used_bytes == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert server.pool.used_bytes == 0
+
+
+@pytest.mark.asyncio
+async def test_subscriber_receives_every_result_of_its_stream_from_tcp_and_websocket(server: Server) -> None:
+    async with aiohttp.ClientSession() as session, session.ws_connect(url(server)) as sub:
+        await sub.send_str('{"subscribe": [7]}')
+        assert await asyncio.wait_for(sub.receive_json(), 5) == {"subscribed": [7]}
+        watched, other = frames(5, seed=2), frames(3, seed=3)
+        replies, _ = await asyncio.gather(tcp_replies(server, watched, 7), tcp_replies(server, other, 8))
+        got = [await next_reply(sub) for _ in watched]
+        assert [h.stream_id for h, _ in got] == [7] * len(watched)
+        assert sorted(h.sequence for h, _ in got) == list(range(len(watched)))
+        by_seq = {h.sequence: r for h, r in got}
+        for reply in replies:
+            np.testing.assert_array_equal(by_seq[reply.sequence], reply.unwrap())  # the same result, not a rerun
+        # A WebSocket producer's frames of stream 7 reach the subscriber too.
+        async with session.ws_connect(url(server)) as producer:
+            await producer.send_bytes(frame_message(watched[0], stream_id=7, sequence=99))
+            own, _ = await next_reply(producer)
+        header, result = await next_reply(sub)
+        assert (header.stream_id, header.sequence, own.sequence) == (7, 99, 99)
+        np.testing.assert_array_equal(result, by_seq[0])  # the same frame as the TCP producer's sequence 0
+        await sub.send_str('{"unsubscribe": 7}')
+        assert await asyncio.wait_for(sub.receive_json(), 5) == {"subscribed": []}
+        await tcp_replies(server, watched[:2], 7)
+        await sub.send_str('{"subscribe": [8]}')  # the next message is the answer: nothing of 7 came between
+        assert await asyncio.wait_for(sub.receive_json(), 5) == {"subscribed": [8]}
+        for bad, needle in [("nonsense", "Expecting value"), ('{"subscribe": "x"}', "stream ids"),
+                            ('{"watch": 1}', "expected"), ('{"subscribe": [-1]}', "stream ids")]:  # fmt: skip
+            await sub.send_str(bad)
+            assert needle in (await asyncio.wait_for(sub.receive_json(), 5))["error"]
+        assert server.admission.stream_results.subscribers(8) == 1
+    for _ in range(100):  # the subscriber's close ends its subscriptions
+        if server.admission.stream_results.subscribers(8) == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert server.admission.stream_results.subscribers(8) == 0
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_token_checked_before_the_upgrade() -> None:
+    async with Server(config(auth_token="s3cret")) as server, aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await session.ws_connect(url(server))
+        assert info.value.status == 401
+        async with session.ws_connect(url(server, "?token=s3cret")) as ws:
+            await ws.send_bytes(frame_message(frames(1, seed=4)[0], stream_id=1, sequence=0))
+            assert (await next_reply(ws))[0].status == Status.OK
+
+
+def test_result_hub_publishes_by_stream_id_and_drops_a_broken_watcher() -> None:
+    hub = ResultHub()
+    seen: list[tuple[int, int]] = []
+    header = FrameHeader(3, 1, "m", 1, (1,), 1)
+    hub.publish(header, Outcome(Status.OK))  # nobody watches: nothing happens
+    sub = hub.subscribe(3, lambda h, o: seen.append((h.stream_id, h.sequence)))
+
+    def broken(h: FrameHeader, o: Outcome) -> None:
+        raise RuntimeError("watcher bug")
+
+    hub.subscribe(3, broken)
+    hub.subscribe(4, lambda h, o: seen.append((-1, -1)))
+    hub.publish(header, Outcome(Status.OK))
+    hub.publish(header._replace(sequence=2), Outcome(Status.OK))
+    assert seen == [(3, 1), (3, 2)] and hub.subscribers(3) == 1  # the broken one was unsubscribed
+    sub.cancel()
+    sub.cancel()
+    assert hub.subscribers(3) == 0
