@@ -576,19 +576,20 @@ def test_pools_over_sub_ranges_stay_inside_them() -> None:
     with HostSegment.create(64 * 1024) as seg:
         buffer = seg.buffer
         pools = [SlotPool(buffer, 4096, 20000), SlotPool(buffer, 20480, 40000), SlotPool(buffer, 40960)]
+        mark = {id(p): i + 1 for i, p in enumerate(pools)}  # each pool's own non-zero byte
         rng = random.Random(5)
         live: list[tuple[SlotPool, Slot]] = []
         for _ in range(3000):
             if live and rng.random() < 0.45:
                 p, slot = live.pop(rng.randrange(len(live)))
-                assert (p.array(slot) == id(p) % 251).all()
+                assert (p.array(slot) == mark[id(p)]).all()
                 p.release(slot)
             else:
                 p = rng.choice(pools)
                 got = p.reserve(rng.randint(0, 6000))
                 if got is not None:
                     assert p.start <= got.offset and got.offset + got.nbytes <= p.end
-                    p.array(got)[:] = id(p) % 251
+                    p.array(got)[:] = mark[id(p)]
                     live.append((p, got))
         outside = np.ones(len(buffer), bool)
         for p in pools:
