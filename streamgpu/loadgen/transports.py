@@ -3,8 +3,9 @@
 A transport turns ``(host, port)`` into a :class:`Connection` whose
 ``submit()`` sends one frame and returns a future of its reply. The ``tcp``
 transport (the wire protocol through :mod:`streamgpu.client`) and the
-``udp`` one (chunked datagrams, with ``--loss``) are built in; raw frames,
-HTTP and WebSocket register here as they land, either by calling
+``udp`` one (chunked datagrams, with ``--loss``) are built in, and so are
+``http`` and ``ws`` (:mod:`streamgpu.loadgen.web_transports`); raw frames
+and others register here as they land, either by calling
 :func:`register_transport` or through the ``streamgpu.loadgen.transports``
 entry-point group (an entry point names a zero-argument factory of a Transport).
 Entry points are what spawned ``--processes`` workers see, so out-of-tree
@@ -162,7 +163,21 @@ class UdpTransport(Transport):
         return cast(Connection, _UdpConnection(conn))
 
 
-_REGISTRY: dict[str, Callable[[], Transport]] = {"tcp": TcpTransport, "udp": UdpTransport}
+def _http_transport() -> Transport:
+    from streamgpu.loadgen.web_transports import HttpTransport  # aiohttp only when asked for
+
+    return HttpTransport()
+
+
+def _ws_transport() -> Transport:
+    from streamgpu.loadgen.web_transports import WsTransport
+
+    return WsTransport()
+
+
+_REGISTRY: dict[str, Callable[[], Transport]] = {
+    "tcp": TcpTransport, "udp": UdpTransport, "http": _http_transport, "ws": _ws_transport,
+}  # fmt: skip
 _entry_points_loaded = False
 
 

@@ -1,0 +1,78 @@
+"""The load generator's ``http`` and ``ws`` transports against a real server (CPU backend, HTTP listener)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from streamgpu.config import Config, ListenerSpec
+from streamgpu.loadgen import CONCURRENCY, Endpoint, LoadLevel, RunConfig, run
+from streamgpu.loadgen.web_transports import status_of
+from streamgpu.models.spec import ModelSpec
+from streamgpu.protocol.wire import Status
+from streamgpu.server import Server
+
+pytest.importorskip("aiohttp", reason="aiohttp (the server extra) carries the http and ws transports")
+
+SHAPE = (16, 16, 3)
+
+
+@pytest.fixture(scope="module")
+def web_server() -> Iterator[Server]:
+    """A real server with an HTTP listener (which also serves /v1/stream), on its own loop in a thread."""
+    spec = ModelSpec(input_shape=SHAPE, max_batch_size=8, batch_buckets=(1, 8))
+    server = Server(Config(listeners=[ListenerSpec(kind="http", port=0)], device="cpu", models=[spec]))
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(server.start(), loop).result(30)
+    try:
+        yield server
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
+
+
+def _run(server: Server, transport: str, **kw: object) -> RunConfig:
+    base: dict[str, object] = dict(
+        endpoints=[Endpoint("127.0.0.1", server.addresses[0][1])], levels=[LoadLevel(CONCURRENCY, 4)],
+        transport=transport, count=60, shape=SHAPE, warmup_s=0.0, window_s=0.3,
+    )  # fmt: skip
+    base.update(kw)
+    return RunConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("transport", ["http", "ws"])
+def test_web_transport_frames_answered(web_server: Server, transport: str) -> None:
+    before = web_server.metrics()["models"]["default"]["completed"]
+    (r,) = run(_run(web_server, transport)).results
+    assert r.sent == r.completed == 60
+    assert r.statuses.get("OK", 0) == 60, r.statuses
+    assert r.throughput > 0 and r.latency["p50"] > 0
+    assert r.server_us["total_us"] > 0  # the server's timings came back (REPLY header / OIP response parameters)
+    assert web_server.metrics()["models"]["default"]["completed"] - before == 60  # the server computed them all
+
+
+@pytest.mark.parametrize("transport", ["http", "ws"])
+def test_web_transport_unknown_model_is_counted(web_server: Server, transport: str) -> None:
+    (r,) = run(_run(web_server, transport, model="nope", count=10)).results
+    assert r.sent == r.completed == 10
+    assert r.statuses.get("UNKNOWN_MODEL", 0) == 10 and not r.statuses.get("OK"), r.statuses
+
+
+def test_http_status_mapping() -> None:
+    assert status_of(200, "") is Status.OK
+    assert status_of(504, "DEADLINE_MISSED: late") is Status.DEADLINE_MISSED
+    assert status_of(503, "server is not ready (starting or shutting down)") is Status.SHUTTING_DOWN
+    assert status_of(503, "OVERLOADED: queue full") is Status.OVERLOADED
+    assert status_of(503, "too many connections (8)") is Status.OVERLOADED
+    assert status_of(404, "unknown model 'x'") is Status.UNKNOWN_MODEL
+    assert status_of(413, "request body too big") is Status.TOO_LARGE
+    assert status_of(401, "missing token") is Status.UNAUTHORIZED
+    assert status_of(400, "bad JSON") is Status.BAD_FRAME
+    assert status_of(502, "bad gateway") is Status.INTERNAL_ERROR
