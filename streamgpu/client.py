@@ -107,6 +107,26 @@ class ReplyError(RuntimeError):
         self.message = message
 
 
+def deadline_to_us(deadline: float | None) -> int:
+    """A frame's ``deadline`` in seconds as the header's ``deadline_us`` (0: none); ValueError when out of range."""
+    if deadline is None:
+        return 0
+    if not (deadline > 0 and math.isfinite(deadline)):
+        raise ValueError(f"deadline must be a positive number of seconds or None, got {deadline!r}")
+    deadline_us = max(1, round(deadline * 1e6))  # 0 would mean "no deadline"
+    if deadline_us > _U32_MAX:
+        raise ValueError(f"deadline must be at most {_U32_MAX / 1e6:.6f} s, got {deadline!r}")
+    return deadline_us
+
+
+def as_wire_array(frame: np.ndarray) -> np.ndarray:
+    """``frame`` little-endian and C-contiguous, as its payload goes on the wire (a copy only when needed)."""
+    wire_dtype = frame.dtype.newbyteorder("<")
+    if frame.dtype != wire_dtype or not frame.flags.c_contiguous:
+        frame = np.ascontiguousarray(frame, dtype=wire_dtype)  # the one copy, only when needed
+    return frame
+
+
 @dataclass(frozen=True, eq=False, slots=True)
 class Reply:
     """The server's answer to one frame.
@@ -477,14 +497,7 @@ class Connection:
         if any(d > _U32_MAX for d in frame.shape):
             raise ValueError(f"frame shape {frame.shape} has a dimension above {_U32_MAX}")
         code = wire.dtype_code(frame.dtype)  # ValueError for unsupported dtypes
-        if deadline is None:
-            deadline_us = 0
-        else:
-            if not (deadline > 0 and math.isfinite(deadline)):
-                raise ValueError(f"deadline must be a positive number of seconds or None, got {deadline!r}")
-            deadline_us = max(1, round(deadline * 1e6))  # 0 would mean "no deadline"
-            if deadline_us > _U32_MAX:
-                raise ValueError(f"deadline must be at most {_U32_MAX / 1e6:.6f} s, got {deadline!r}")
+        deadline_us = deadline_to_us(deadline)
         if sequence is None:
             seq = self._next_seq.get(stream_id, 0)
             if seq > _U64_MAX:
@@ -495,9 +508,7 @@ class Connection:
         if key in proto.pending:
             raise ValueError(f"stream {stream_id} sequence {seq} is already in flight")
 
-        wire_dtype = frame.dtype.newbyteorder("<")
-        if frame.dtype != wire_dtype or not frame.flags.c_contiguous:
-            frame = np.ascontiguousarray(frame, dtype=wire_dtype)  # the one copy, only when needed
+        frame = as_wire_array(frame)
         flags = wire.FrameFlags.LIVE if live else wire.FrameFlags.NONE
         fh = wire.FrameHeader(
             stream_id, seq, model, code, frame.shape, frame.nbytes, time.time_ns(), deadline_us, priority, flags

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import time
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
+from streamgpu.client import Reply, as_wire_array, deadline_to_us
 from streamgpu.loadgen.transports import Connection, ReplyLike, Transport
 from streamgpu.protocol import wire
 from streamgpu.protocol.wire import Status, Timings
@@ -56,30 +56,12 @@ def status_of(http_status: int, message: str) -> Status:
     return _FROM_HTTP.get(http_status, Status.INTERNAL_ERROR)
 
 
-def _deadline_us(deadline: float | None) -> int:
-    if deadline is None:
-        return 0
-    if not (deadline > 0 and math.isfinite(deadline)):
-        raise ValueError(f"deadline must be a positive number of seconds or None, got {deadline!r}")
-    return max(1, round(deadline * 1e6))  # 0 would mean "the model's default"
-
-
-def _wire_array(frame: np.ndarray) -> np.ndarray:
-    """``frame`` little-endian and contiguous (a copy only when it is not)."""
-    wire_dtype = frame.dtype.newbyteorder("<")
-    if frame.dtype != wire_dtype or not frame.flags.c_contiguous:
-        frame = np.ascontiguousarray(frame, dtype=wire_dtype)
-    return frame
-
-
 _NO_TIMINGS = Timings()
 
 
 def _reply(
     status: Status, message: str, sent_ns: int, timings: Timings = _NO_TIMINGS, stream_id: int = 0, sequence: int = 0
 ) -> ReplyLike:
-    from streamgpu.client import Reply
-
     return cast(ReplyLike, Reply(stream_id, sequence, status, None, timings, message, sent_ns, time.perf_counter_ns()))
 
 
@@ -127,12 +109,12 @@ class HttpConnection:
         """
         from streamgpu.web.oip import DATATYPE_OF, INPUT_NAME, OUTPUT_NAME
 
-        frame = _wire_array(frame)
+        frame = as_wire_array(frame)
         datatype = DATATYPE_OF.get(frame.dtype)
         if datatype is None:
             raise ValueError(f"dtype {frame.dtype} has no Open Inference Protocol datatype")
         params: dict[str, int] = {"priority": priority}
-        if timeout_us := _deadline_us(deadline):
+        if timeout_us := deadline_to_us(deadline):
             params["timeout"] = timeout_us
         doc = {
             "inputs": [{
@@ -243,12 +225,12 @@ class WsConnection:
         """Send ``frame`` as one FRAME message now; the future holds its REPLY."""
         if self._error is not None:
             raise self._error
-        frame = _wire_array(frame)
+        frame = as_wire_array(frame)
         seq = self._sequence
         self._sequence += 1
         header = wire.FrameHeader(
             stream_id, seq, model, wire.dtype_code(frame.dtype), frame.shape, frame.nbytes, time.time_ns(),
-            _deadline_us(deadline), priority, wire.FrameFlags.LIVE if live else wire.FrameFlags.NONE,
+            deadline_to_us(deadline), priority, wire.FrameFlags.LIVE if live else wire.FrameFlags.NONE,
         )  # fmt: skip
         message = wire.encode_frame_header(header) + frame.tobytes()  # one message: header and payload together
         fut: asyncio.Future[ReplyLike] = asyncio.get_running_loop().create_future()

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -12,7 +16,11 @@ sys.path.insert(0, str(Path(__file__).parent))  # fakeserver.py, whatever pytest
 
 from fakeserver import FakeServer
 
+from streamgpu.config import Config
 from streamgpu.loadgen.cli import main
+
+if TYPE_CHECKING:
+    from streamgpu.server import Server
 
 #: Injected server latency of the default fake server.
 LATENCY = 0.005
@@ -43,3 +51,22 @@ class Cli:
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
     return Cli(capsys)
+
+
+@contextmanager
+def serving(cfg: Config) -> Iterator[Server]:
+    """A real server (``streamgpu.server.Server``) on its own loop in a thread, while the block runs."""
+    from streamgpu.server import Server  # torch: only the tests that start one pay for it
+
+    server = Server(cfg)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(server.start(), loop).result(30)
+    try:
+        yield server
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()

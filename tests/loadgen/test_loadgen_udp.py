@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Iterator
 
 import pytest
-from conftest import Cli
+from conftest import Cli, serving
 
 from streamgpu.config import Config, ListenerSpec
 from streamgpu.loadgen import CONCURRENCY, Endpoint, LoadLevel, RunConfig, run
@@ -23,18 +21,8 @@ def udp_server() -> Iterator[Server]:
     """A real server with a UDP listener, on its own loop in a thread."""
     spec = ModelSpec(input_shape=SHAPE, max_batch_size=8, batch_buckets=(1, 8))
     listeners = [ListenerSpec("udp", "127.0.0.1", 0, {"reassembly_timeout_s": 0.2})]
-    server = Server(Config(listeners=listeners, device="cpu", models=[spec]))
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    asyncio.run_coroutine_threadsafe(server.start(), loop).result(30)
-    try:
+    with serving(Config(listeners=listeners, device="cpu", models=[spec])) as server:
         yield server
-    finally:
-        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join()
-        loop.close()
 
 
 def test_udp_transport_with_loss(udp_server: Server, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Iterator
 
 import pytest
+from conftest import serving
 
 from streamgpu.config import Config, ListenerSpec
 from streamgpu.loadgen import CONCURRENCY, Endpoint, LoadLevel, RunConfig, run
+from streamgpu.loadgen.errors import UsageError
 from streamgpu.loadgen.web_transports import status_of
 from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol.wire import Status
@@ -22,20 +22,10 @@ SHAPE = (16, 16, 3)
 
 @pytest.fixture(scope="module")
 def web_server() -> Iterator[Server]:
-    """A real server with an HTTP listener (which also serves /v1/stream), on its own loop in a thread."""
+    """A server with an HTTP listener (which also serves /v1/stream)."""
     spec = ModelSpec(input_shape=SHAPE, max_batch_size=8, batch_buckets=(1, 8))
-    server = Server(Config(listeners=[ListenerSpec(kind="http", port=0)], device="cpu", models=[spec]))
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    asyncio.run_coroutine_threadsafe(server.start(), loop).result(30)
-    try:
+    with serving(Config(listeners=[ListenerSpec(kind="http", port=0)], device="cpu", models=[spec])) as server:
         yield server
-    finally:
-        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join()
-        loop.close()
 
 
 def _run(server: Server, transport: str, **kw: object) -> RunConfig:
@@ -76,3 +66,16 @@ def test_http_status_mapping() -> None:
     assert status_of(401, "missing token") is Status.UNAUTHORIZED
     assert status_of(400, "bad JSON") is Status.BAD_FRAME
     assert status_of(502, "bad gateway") is Status.INTERNAL_ERROR
+
+
+def test_web_transports_send_the_token_as_bearer() -> None:
+    spec = ModelSpec(input_shape=SHAPE, max_batch_size=8, batch_buckets=(1, 8))
+    cfg = Config(listeners=[ListenerSpec(kind="http", port=0)], device="cpu", models=[spec], auth_token="s3cret")
+    with serving(cfg) as server:
+        for transport in ("http", "ws"):
+            (r,) = run(_run(server, transport, count=8, token="s3cret")).results
+            assert r.statuses == {"OK": 8}, (transport, r.statuses)
+        (r,) = run(_run(server, "http", count=4, token="wrong")).results  # each request refused with 401
+        assert r.statuses == {"UNAUTHORIZED": 4}, r.statuses
+        with pytest.raises(UsageError, match=r"cannot connect.*over ws.*401"):  # the upgrade itself is refused
+            run(_run(server, "ws", count=4, token="wrong"))
