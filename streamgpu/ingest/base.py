@@ -101,6 +101,12 @@ class StreamConnection(Protocol):
 C = TypeVar("C", bound=StreamConnection)
 
 
+def peer_name(transport: asyncio.BaseTransport) -> str:
+    """``host:port`` of a stream transport's other end, for logs and refusal lines."""
+    peer = transport.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+
 class SocketListener(Listener, Generic[C]):
     """A listener on one stream-socket address whose connections are ``C`` protocols.
 

@@ -50,7 +50,7 @@ from typing import Any
 from streamgpu.config import ListenerSpec
 from streamgpu.frame import Frame, Outcome
 from streamgpu.ingest.admission import Admission, Grant, Producer, Refused, Reservation
-from streamgpu.ingest.base import SocketListener
+from streamgpu.ingest.base import SocketListener, peer_name
 from streamgpu.memory import Slot
 from streamgpu.protocol.wire import FrameFlags, FrameHeader, Status, Timings
 from streamgpu.results import Results, result_record
@@ -107,8 +107,7 @@ class RawConnection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = typing.cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
         self._transport = transport
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.peer = peer_name(transport)
         if not self._listener.connection_opened(self):
             max_connections = self._admission.config.max_connections
             self._admission.refused_handshake(self.peer, Status.OVERLOADED, f"too many connections ({max_connections})")

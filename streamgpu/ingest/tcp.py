@@ -46,7 +46,7 @@ from collections.abc import Callable
 from streamgpu.config import ListenerSpec
 from streamgpu.frame import Frame, Outcome
 from streamgpu.ingest.admission import Admission, Producer, Refused, Reservation
-from streamgpu.ingest.base import SocketListener
+from streamgpu.ingest.base import SocketListener, peer_name
 from streamgpu.memory import Slot
 from streamgpu.metrics import NO_MODEL
 from streamgpu.protocol import wire
@@ -123,8 +123,7 @@ class TcpConnection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = typing.cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
         self._transport = transport
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.peer = peer_name(transport)
         if not self._listener.connection_opened(self):
             self._welcome(Status.OVERLOADED, f"too many connections ({self._admission.config.max_connections})", 1)
             self._close()
