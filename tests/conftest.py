@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
@@ -75,3 +76,17 @@ def _fail_on_loop_errors(request: pytest.FixtureRequest) -> Iterator[None]:
     if pytest_asyncio.is_async_test(request.node):
         request.getfixturevalue("loop_errors")
     yield
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logger() -> Iterator[None]:
+    """``streamgpu serve`` run in this process (tests/test_cli.py) sets the root logger to INFO with a
+    stderr handler; undone after each test, so later tests (the timed isolation test above all) do not
+    format and write a line per connection that their own runs would not."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    yield
+    root.setLevel(level)
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
