@@ -304,6 +304,8 @@ def suite_curves(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     ]
     rows = []
     for label, started in servers:
+        if args.servers and label not in args.servers.split(","):
+            continue
         with started as port:
             for c in CURVE_LEVELS:  # at most 4 generator processes, and no more than frames in flight
                 result = load(port, [LoadLevel(CONCURRENCY, c)], processes=min(4, c), window_s=args.window)[0]
@@ -323,6 +325,8 @@ def main() -> int:
     parser.add_argument("--window", type=float, default=2.0, help="measurement window, s (default 2)")
     parser.add_argument("--rates", default="500,1000,2000,4000,6000", help="open-loop rates for the batching suite")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run of the harness")
+    parser.add_argument("--servers", default="", help="curves suite: only these (comma-separated: plain, strong, "
+                        "strong+compile, streamgpu)")  # fmt: skip
     args = parser.parse_args()
     import torch
 
