@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from streamgpu.memory import Slot
 
 
+_LIVE = int(FrameFlags.LIVE)
+
 # Every output of a frame, for a model with several: a tuple, or a dict keyed by output name.
 Outputs = tuple[np.ndarray, ...] | dict[str, np.ndarray]
 
@@ -73,7 +75,7 @@ class Frame:
 
     @property
     def live(self) -> bool:
-        return bool(self.header.flags & FrameFlags.LIVE)
+        return bool(self.header.flags._value_ & _LIVE)  # the int, not IntFlag.__and__ (~2 us per call)
 
     def release_slot(self) -> None:
         """Give the payload's host memory back (idempotent); the producer owns the accounting."""

@@ -178,8 +178,9 @@ class _Worker(asyncio.Protocol):
         buf = self._rest + data if self._rest else data
         whole = len(buf) - len(buf) % channel.UP.size
         self._rest = buf[whole:]
-        submit, models, conns = self._admission.submit, self._listener.models, self.conns
+        models, conns = self._listener.models, self.conns
         pool, sink = self._admission.pool, self._sink
+        frames: list[Frame] = []
         for (kind, priority, flags, _p, index, _q, conn, fid, offset, payload_len, stream_id, deadline_us,
              sequence, timestamp_ns, received_ns, complete_ns, deadline_ns) in channel.UP.iter_unpack(
                 memoryview(buf)[:whole]):  # fmt: skip
@@ -192,15 +193,13 @@ class _Worker(asyncio.Protocol):
                 slot = Slot(pool, offset, payload_len, 0)
                 frame = WorkerFrame(header, slot, remote.producer, (remote, stream_id), received_ns, complete_ns,
                                     deadline_ns, sink, remote.is_closed, False, self, fid)  # fmt: skip
-                self.held += 1
-                self.in_server += 1
-                self.frames += 1
-                submit(frame)
+                frames.append(frame)
             elif kind == channel.OPEN:
                 identity = self._listener.identities[index]
                 label = f"worker{self.index}:{conn}"
                 conns[conn] = _RemoteConn(self._admission.producer_for(Grant(identity, priority), label))
             elif kind == channel.CLOSED:
+                self._submit(frames)  # its frames before it: queued while it was open, then dropped as abandoned
                 gone = conns.pop(conn, None)
                 if gone is not None:
                     gone.closed = True
@@ -211,6 +210,17 @@ class _Worker(asyncio.Protocol):
                     self.ready.set_result(None)
             elif kind == channel.STOPPED and not self.stopped.done():
                 self.stopped.set_result(None)
+        self._submit(frames)
+
+    def _submit(self, frames: list[Frame]) -> None:
+        """The frames of one read, to the scheduler at once (one scheduling pass for the lot)."""
+        if frames:
+            n = len(frames)
+            self.held += n
+            self.in_server += n
+            self.frames += n
+            self._admission.submit_many(frames)
+            frames.clear()
 
     # -- frames -----------------------------------------------------------------------
 

@@ -228,7 +228,7 @@ class Scheduler:
     def _unplaceable(self, queue: ModelQueue) -> str:
         """Why no replica of ``queue``'s model can take a batch now ("" when one can)."""
         health = self.health
-        if any(health.usable(r.device) for r in queue.replicas):
+        if not health.impaired or any(health.usable(r.device) for r in queue.replicas):
             return ""
         return f"model {queue.spec.name!r} has no usable device: " + health.why_unusable(
             [r.device for r in queue.replicas]
@@ -246,14 +246,35 @@ class Scheduler:
 
     def submit(self, frame: Frame) -> None:
         """Queue a frame for its model (which admission has checked exists), or finish it now."""
+        queue = self._enqueue(frame, time.perf_counter_ns())
+        if queue is not None:
+            self._dispatch(queue)
+
+    def submit_many(self, frames: list[Frame]) -> None:
+        """Queue frames that arrived together (one read of an ingest channel): as ``submit`` each, then one
+        dispatch per model, so a burst forms its batches once instead of re-deciding after every frame."""
+        now_ns = time.perf_counter_ns()
+        touched: list[ModelQueue] = []
+        for frame in frames:
+            queue = self._queues.get(frame.header.model)
+            if queue is not None and len(queue.frames) >= queue.spec.max_queue:
+                self._dispatch(queue)  # a full queue: let a free replica take a batch first, as per-frame submits would
+            queue = self._enqueue(frame, now_ns)
+            if queue is not None and queue not in touched:
+                touched.append(queue)
+        for queue in touched:
+            self._dispatch(queue)
+
+    def _enqueue(self, frame: Frame, now_ns: int) -> ModelQueue | None:
+        """Queue ``frame`` (the queue it joined), or finish it now (None)."""
         queue = self._queues.get(frame.header.model)
         if queue is None:  # unloaded while the frame's payload arrived (admission had let its header in)
             _fail(frame, Status.UNKNOWN_MODEL, f"model {frame.header.model!r} was unloaded")
-            return
+            return None
         if why := self._unplaceable(queue):
             queue.metrics.failed += 1
             _fail(frame, Status.INTERNAL_ERROR, why)
-            return
+            return None
         if frame.live:
             stale = queue.frames.stream_frames(frame.producer, frame.stream)
             for old in stale:  # out of the queue first: finishing releases slots, which wakes producers
@@ -262,13 +283,12 @@ class Scheduler:
             for old in stale:
                 queue.metrics.superseded += 1
                 _fail(old, Status.SUPERSEDED, "superseded by a newer frame of this live stream")
-        now_ns = time.perf_counter_ns()
         if frame.deadline_ns and frame.deadline_ns <= now_ns:
             queue.metrics.deadline_missed += 1
             _fail(frame, Status.DEADLINE_MISSED, "deadline passed before the frame was queued")
-            return
+            return None
         if len(queue.frames) >= queue.spec.max_queue and not self._make_room(queue, frame):
-            return
+            return None
         queue.metrics.accepted += 1
         queue.frames.push(frame)
         if frame.deadline_ns:
@@ -276,7 +296,7 @@ class Scheduler:
             queue.deadline_timers[frame] = self._loop.call_later(delay, self._expire, queue, frame)
             # Waiting for a fuller batch must not outlast this frame's deadline.
             queue.latest_start = min(queue.latest_start, self._start_by(queue, frame.deadline_ns))
-        self._dispatch(queue)
+        return queue
 
     def _make_room(self, queue: ModelQueue, frame: Frame) -> bool:
         """The queue is full: refuse the loudest producer's newest frame if ``frame``'s producer holds less
@@ -398,9 +418,12 @@ class Scheduler:
         return deadline_ns / 1e9 - fastest - DEADLINE_MARGIN_S
 
     def _arm_wake(self, queue: ModelQueue, delay: float) -> None:
+        when = self._loop.time() + delay
         if queue.wake is not None:
+            if queue.wake.when() <= when:
+                return  # one at least as early is armed: it dispatches, and re-arms if the batch is not due yet
             queue.wake.cancel()
-        queue.wake = self._loop.call_later(delay, self._on_wake, queue)
+        queue.wake = self._loop.call_at(when, self._on_wake, queue)
 
     def _on_wake(self, queue: ModelQueue) -> None:
         queue.wake = None
