@@ -313,7 +313,7 @@ async def loop_path(shape: tuple[int, ...], total: int, in_flight: int, producer
     runner.append(BatchRunner(backend, scheduler))
     scheduler.add_model([_NullModel(spec, 1000)])
     pool = SlotPool(segment.buffer)
-    admission = Admission(cfg, pool, {spec.name: spec}, scheduler.submit)
+    admission = Admission(cfg, pool, {spec.name: spec}, scheduler.submit, scheduler.submit_many)
     listener = WorkerListener(cfg.listeners[0], admission, segment, 1)
     lent = pool.reserve(cfg.worker_ring_bytes)
     assert lent is not None

@@ -198,6 +198,14 @@ class Producer:
         admission.replies.count(model, status)
         admission.forget_if_idle(self)
 
+    def frames_finished(self, model: str, status: int, n: int) -> None:
+        """``frame_finished`` for ``n`` frames of one batch."""
+        self.frames_in_server -= n
+        admission = self._admission
+        admission.frames_in_flight -= n
+        admission.replies.count(model, status, n)
+        admission.forget_if_idle(self)
+
     @property
     def idle(self) -> bool:
         """No connection, no frame in the server, no ring space held or promised."""
