@@ -7,7 +7,7 @@ the batch runner only ever see these two types.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
@@ -123,7 +123,7 @@ class Frame:
         )
 
 
-def release_slots(frames: list[Frame]) -> None:
+def release_slots(frames: Sequence[Frame]) -> None:
     """``release_slot`` of every frame of a batch; those of a ``BatchSink`` in one call per sink."""
     groups: dict[BatchSink, list[Frame]] = {}
     for frame in frames:

@@ -345,7 +345,7 @@ async def loop_path(shape: tuple[int, ...], total: int, in_flight: int, producer
 
 
 def part_loop(args: argparse.Namespace) -> dict[str, Any]:
-    """The scheduling loop's CPU per frame, whole worker-mode path, best of 3; then a cProfile stage split."""
+    """The scheduling loop's CPU per frame, whole worker-mode path, best of N; then a cProfile stage split."""
     from profile_loop import breakdown
 
     rows = []
@@ -353,8 +353,10 @@ def part_loop(args: argparse.Namespace) -> dict[str, Any]:
     for label, shape in SIZES.items():
         if label not in args.sizes.split(","):
             continue
-        runs = [new_event_loop("auto").run_until_complete(
-            loop_path(shape, args.loop_frames, args.loop_in_flight, args.loop_producers)) for _ in range(3)]  # fmt: skip
+        runs = []
+        for _ in range(args.loop_runs):
+            run = loop_path(shape, args.loop_frames, args.loop_in_flight, args.loop_producers)
+            runs.append(new_event_loop("auto").run_until_complete(run))
         best = min(runs, key=lambda r: r["us_per_frame"])
         profile = cProfile.Profile()
         new_event_loop("auto").run_until_complete(
@@ -370,7 +372,7 @@ def part_loop(args: argparse.Namespace) -> dict[str, Any]:
         splits[label + " top functions"] = {f"{Path(f[0]).name}:{f[1]}({f[2]})": round(v[2] * scale, 2)
                                             for f, v in top}  # fmt: skip
     print_rows("scheduling loop CPU per frame, whole worker-mode path (descriptors in -> scheduler -> null backend "
-               "-> RELEASE/REPLY out), best of 3", rows)  # fmt: skip
+               f"-> RELEASE/REPLY out), best of {args.loop_runs}", rows)  # fmt: skip
     for label, split in splits.items():
         print(f"{label} (us per frame, cProfile split scaled to the unprofiled figure)")
         for stage, us in split.items():
@@ -470,6 +472,7 @@ def main() -> int:
     parser.add_argument("--loop-frames", type=int, default=65536, help="frames per run of the loop part")
     parser.add_argument("--loop-in-flight", type=int, default=256, help="frames in the server in the loop part")
     parser.add_argument("--loop-producers", type=int, default=8, help="connections in the loop part")
+    parser.add_argument("--loop-runs", type=int, default=5, help="runs of the loop part (the best is reported)")
     parser.add_argument("--out", default="out/bench_ingest")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
