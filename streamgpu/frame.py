@@ -7,6 +7,7 @@ the batch runner only ever see these two types.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple, Protocol
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 
 
 _LIVE = int(FrameFlags.LIVE)
+log = logging.getLogger(__name__)
 
 # Every output of a frame, for a model with several: a tuple, or a dict keyed by output name.
 Outputs = tuple[np.ndarray, ...] | dict[str, np.ndarray]
@@ -171,18 +173,26 @@ def finish_ok(frames: list[Frame], rows: np.ndarray, outputs: Callable[[int], Ou
     model = frames[done[0]].header.model  # one batch: one model
     for producer, n in producers.items():
         producer.frames_finished(model, Status.OK, n)
+    # Every frame is marked finished already: a delivery that raises must not cost the others theirs.
     for sink, positions in grouped.items():
-        if len(positions) == len(frames):
-            sink.finished_ok(frames, rows, timings)
-        else:
-            sink.finished_ok([frames[i] for i in positions], rows[positions], timings[positions])
+        try:
+            if len(positions) == len(frames):
+                sink.finished_ok(frames, rows, timings)
+            else:
+                sink.finished_ok([frames[i] for i in positions], rows[positions], timings[positions])
+        except Exception:
+            log.exception("delivering the results of %d frames failed", len(positions))
     if sum(map(len, grouped.values())) == len(done):
         return done  # all delivered (the common case in worker mode)
     listed = timings.tolist()
     for i in done:
         frame = frames[i]
         if frame.batch_sink is None:
-            frame.release_slot()
-            frame.sink(frame, Outcome(Status.OK, result=rows[i], timings=Timings(*listed[i]),
-                                      outputs=outputs(i) if outputs is not None else None))  # fmt: skip
+            try:
+                frame.release_slot()
+                frame.sink(frame, Outcome(Status.OK, result=rows[i], timings=Timings(*listed[i]),
+                                          outputs=outputs(i) if outputs is not None else None))  # fmt: skip
+            except Exception:
+                log.exception("delivering the result of frame %d/%d failed", frame.header.stream_id,
+                              frame.header.sequence)  # fmt: skip
     return done

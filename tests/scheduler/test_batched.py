@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -139,21 +139,7 @@ async def test_submit_many_decides_as_submit_frame_by_frame_does(many: bool) -> 
 # -- finishing a batch: a BatchSink gets what per-frame finishing would have sent ------------------------
 
 
-class Transport:
-    def __init__(self) -> None:
-        self.written = bytearray()
-
-    def write(self, data: bytes) -> None:
-        self.written += data
-
-    def is_closing(self) -> bool:
-        return False
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
-
-
-async def worker_frames(n: int) -> tuple[_Worker, Transport, list[WorkerFrame], HostSegment]:
+async def worker_frames(n: int) -> tuple[_Worker, mock.Mock, list[WorkerFrame], HostSegment]:
     """A scheduling-side ``_Worker`` that received ``n`` FRAME descriptors (over two connections)."""
     spec = ModelSpec(input_shape=(2, 2), preprocess="none")
     cfg = Config(models=[spec], ring_bytes=1 << 20, max_payload_bytes=4096, ingest_workers=1, device="cpu")
@@ -164,8 +150,9 @@ async def worker_frames(n: int) -> tuple[_Worker, Transport, list[WorkerFrame], 
     lent = pool.reserve(cfg.worker_ring_bytes)
     assert isinstance(lent, Slot)
     worker = _Worker(WorkerListener(cfg.listeners[0], admission, segment, 1), 0, lent)
-    transport = Transport()
-    worker.connection_made(transport)  # type: ignore[arg-type]
+    transport = mock.Mock()  # the channel's socket: what was written is in write's calls
+    transport.is_closing.return_value = False
+    worker.connection_made(transport)
     worker.data_received(channel.up(channel.OPEN, 1, 0, 255) + channel.up(channel.OPEN, 2, 0, 255))
     records = [channel.UP.pack(channel.FRAME, 0, 0, 0, 0, 0, 1 + k % 2, 10 + k, lent.offset, 4, k, 0, k, 0, 1000 * k,
                                5000 + 3000 * k, 0) for k in range(n)]  # fmt: skip
@@ -195,7 +182,7 @@ async def test_a_batch_of_worker_frames_gets_the_bytes_frame_by_frame_finishing_
         assert worker.held == 0 and worker.in_server == 0
         assert all(f.producer.frames_in_server == 0 for f in frames)
         assert worker._admission.frames_in_flight == 0 and worker._admission.replies.total(Status.OK) == 4
-        streams.append(bytes(transport.written))
+        streams.append(b"".join(call.args[0] for call in transport.write.call_args_list))
         segment.close()
     assert streams[1] == streams[0]
     assert streams[0][0] == channel.RELEASE and list(channel.released(streams[0], 0)) == [10, 11]
@@ -218,6 +205,24 @@ async def test_frames_without_a_batch_sink_get_their_outcomes_one_by_one() -> No
         assert outcome.result is not None and outcome.result.tolist() == first[i].tolist()
         assert isinstance(outcome.outputs, tuple) and outcome.outputs[1] == extra[i]
     assert run.owners[0].finished == 2 and run.owners[1].finished == 1
+
+
+@pytest.mark.asyncio
+async def test_a_delivery_that_raises_costs_no_other_frame_its_result(caplog: pytest.LogCaptureFixture) -> None:
+    run = Run()
+    frames = [run.frame(k, producer=0) for k in range(3)]
+    got: list[int] = []
+
+    def sink(frame: Frame, outcome: Outcome) -> None:
+        if frame.header.sequence == 1:
+            raise RuntimeError("a broken front end")
+        got.append(frame.header.sequence)
+
+    for frame in frames:
+        frame.sink = sink
+    timings = np.zeros((3, 6), np.int64)
+    assert finish_ok(frames, np.zeros((3, 2), np.float32), None, timings) == [0, 1, 2]
+    assert got == [0, 2] and "delivering the result of frame 0/1 failed" in caplog.text
 
 
 def test_reply_records_of_a_batch_are_the_records_of_each_frame() -> None:
