@@ -315,7 +315,10 @@ class CudaModel(DeviceModel):
         pool = torch.cuda.graph_pool_handle()
         with torch.cuda.stream(self.capture_stream), torch.inference_mode():
             for bucket in sorted(self.spec.buckets(), reverse=True):
-                self.graphs[bucket] = self._capture(self.runs, self._example(bucket), pool)
+                graph = self.graphs[bucket] = self._capture(self.runs, self._example(bucket), pool)
+                # The first replay of a graph uploads it to the device (milliseconds for a large one):
+                # done here, so that it is not in a served batch's latency.
+                graph.graph.replay()
         self.buckets = sorted(self.graphs)
         self.capture_stream.synchronize()
 
