@@ -49,6 +49,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
+
 import streamgpu
 from streamgpu.config import ListenerSpec
 from streamgpu.frame import Frame, Outcome
@@ -57,7 +59,7 @@ from streamgpu.ingest.admission import Admission, Grant, Producer
 from streamgpu.ingest.base import Listener
 from streamgpu.ingest.worker import WorkerInit, send_init
 from streamgpu.memory import HostSegment, Slot
-from streamgpu.protocol.wire import FrameFlags, FrameHeader
+from streamgpu.protocol.wire import FRAME_VERSION, FrameFlags, FrameHeader
 
 log = logging.getLogger(__name__)
 
@@ -178,29 +180,30 @@ class _Worker(asyncio.Protocol):
         buf = self._rest + data if self._rest else data
         whole = len(buf) - len(buf) % channel.UP.size
         self._rest = buf[whole:]
-        submit, models, conns = self._admission.submit, self._listener.models, self.conns
+        models, conns = self._listener.models, self.conns
         pool, sink = self._admission.pool, self._sink
+        frames: list[Frame] = []
+        new_header = tuple.__new__
         for (kind, priority, flags, _p, index, _q, conn, fid, offset, payload_len, stream_id, deadline_us,
              sequence, timestamp_ns, received_ns, complete_ns, deadline_ns) in channel.UP.iter_unpack(
                 memoryview(buf)[:whole]):  # fmt: skip
             if kind == channel.FRAME:
                 remote = conns[conn]
                 name, dtype, shape = models[index]
-                header = FrameHeader(stream_id, sequence, name, dtype, shape, payload_len, timestamp_ns,
-                                     deadline_us, priority, _FLAGS[flags])  # fmt: skip
+                # tuple.__new__: the NamedTuple's own __new__ is a Python call, per frame
+                header = new_header(FrameHeader, (stream_id, sequence, name, dtype, shape, payload_len, timestamp_ns,
+                                                  deadline_us, priority, _FLAGS[flags], FRAME_VERSION))  # fmt: skip
                 # The slot is a description of where the payload lies; this process never frees it.
                 slot = Slot(pool, offset, payload_len, 0)
                 frame = WorkerFrame(header, slot, remote.producer, (remote, stream_id), received_ns, complete_ns,
-                                    deadline_ns, sink, remote.is_closed, False, self, fid)  # fmt: skip
-                self.held += 1
-                self.in_server += 1
-                self.frames += 1
-                submit(frame)
+                                    deadline_ns, sink, remote.is_closed, False, self, self, fid)  # fmt: skip
+                frames.append(frame)
             elif kind == channel.OPEN:
                 identity = self._listener.identities[index]
                 label = f"worker{self.index}:{conn}"
                 conns[conn] = _RemoteConn(self._admission.producer_for(Grant(identity, priority), label))
             elif kind == channel.CLOSED:
+                self._submit(frames)  # its frames before it: queued while it was open, then dropped as abandoned
                 gone = conns.pop(conn, None)
                 if gone is not None:
                     gone.closed = True
@@ -211,6 +214,17 @@ class _Worker(asyncio.Protocol):
                     self.ready.set_result(None)
             elif kind == channel.STOPPED and not self.stopped.done():
                 self.stopped.set_result(None)
+        self._submit(frames)
+
+    def _submit(self, frames: list[Frame]) -> None:
+        """The frames of one read, to the scheduler at once (one scheduling pass for the lot)."""
+        if frames:
+            n = len(frames)
+            self.held += n
+            self.in_server += n
+            self.frames += n
+            self._admission.submit_many(frames)
+            frames.clear()
 
     # -- frames -----------------------------------------------------------------------
 
@@ -218,6 +232,35 @@ class _Worker(asyncio.Protocol):
         self.in_server -= 1
         if self.alive:
             self.send(channel.encode_reply(cast(WorkerFrame, frame).fid, outcome))
+
+    def finished_ok(self, frames: list[Frame], rows: np.ndarray, timings: np.ndarray) -> None:
+        """A batch's OK frames of this worker: their REPLY records encoded at once (they release the slots too)."""
+        n = len(frames)
+        self.in_server -= n
+        fids = []
+        for frame in frames:
+            fids.append(frame.fid)  # type: ignore[attr-defined]  # this sink's frames are WorkerFrames
+            if frame.slot is not None:
+                frame.slot = None
+                self.held -= 1
+        if not self.alive:
+            if not self.held:
+                self._listener.worker_gone(self)
+            return
+        self.send(channel.encode_replies(fids, rows, timings))
+
+    def slots_released(self, frames: list[Frame]) -> None:
+        """The payloads of ``frames`` were copied: one RELEASE record (this loop iteration's) names them."""
+        self.held -= len(frames)
+        for frame in frames:
+            frame.slot = None
+        if not self.alive:
+            if not self.held:
+                self._listener.worker_gone(self)
+            return
+        if not self._out and not self._releases:
+            self._loop.call_soon(self._flush)
+        self._releases.extend([frame.fid for frame in frames if not frame.finished])  # type: ignore[attr-defined]
 
     def slot_released(self, fid: int, finishing: bool) -> None:
         self.held -= 1
