@@ -26,7 +26,7 @@ MiB = 1024 * 1024
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-RAW_OPTIONS = ("model", "live")  # a raw listener's options (streamgpu.ingest.raw)
+RAW_OPTIONS = ("model", "live", "stream_id")  # a raw listener's options (streamgpu.ingest.raw)
 MAX_INGEST_WORKERS = 64
 
 __all__ = ["Config", "ConfigError", "ListenerSpec", "TokenSpec", "typed_settings"]
@@ -55,6 +55,9 @@ class ListenerSpec:
                 out.append("a raw listener needs options.model, the name of a configured model")
             if not isinstance(self.options.get("live", True), bool):
                 out.append(f"raw listener option live must be true or false, got {self.options['live']!r}")
+            stream_id = self.options.get("stream_id", 0)
+            if isinstance(stream_id, bool) or not isinstance(stream_id, int) or not 0 <= stream_id <= 0xFFFFFFFF:
+                out.append(f"raw listener option stream_id must be an integer 0..4294967295, got {stream_id!r}")
         return out
 
 

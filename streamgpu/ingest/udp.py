@@ -50,7 +50,6 @@ from streamgpu.memory import Slot
 from streamgpu.protocol import udp, wire
 from streamgpu.protocol.udp import Added, Assembly, Kind, Verdict
 from streamgpu.protocol.wire import FrameFlags, FrameHeader, ProtocolError, ReplyHeader, Status, Timings
-from streamgpu.results import Results
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +153,8 @@ class UdpListener(Listener):
     kind = "udp"
     socket_type = socket.SOCK_DGRAM
 
-    def __init__(self, spec: ListenerSpec, admission: Admission, results: Results | None = None) -> None:
-        super().__init__(spec, admission, results)
+    def __init__(self, spec: ListenerSpec, admission: Admission) -> None:
+        super().__init__(spec, admission)
         self.options = opts = UdpOptions.parse(spec.options)
         cfg = admission.config
         public = spec.host not in LOOPBACK_HOSTS

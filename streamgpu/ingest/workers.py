@@ -55,6 +55,7 @@ from streamgpu.frame import Frame, Outcome
 from streamgpu.ingest import channel
 from streamgpu.ingest.admission import Admission, Grant, Producer
 from streamgpu.ingest.base import Listener
+from streamgpu.ingest.hub import Origin
 from streamgpu.ingest.worker import WorkerInit, send_init
 from streamgpu.memory import HostSegment, Slot
 from streamgpu.protocol.wire import FrameFlags, FrameHeader
@@ -82,12 +83,14 @@ class WorkerFrame(Frame):
 
 
 class _RemoteConn:
-    """A worker's connection, as the scheduler sees it: its producer, and whether it is gone."""
+    """A worker's connection, as the scheduler sees it: its producer, whether it is gone, how its
+    frames' outcomes are published (``origin``)."""
 
-    __slots__ = ("closed", "producer")
+    __slots__ = ("closed", "origin", "producer")
 
-    def __init__(self, producer: Producer) -> None:
+    def __init__(self, producer: Producer, origin: Origin) -> None:
         self.producer = producer
+        self.origin = origin
         self.closed = False
 
     def is_closed(self) -> bool:
@@ -199,7 +202,8 @@ class _Worker(asyncio.Protocol):
             elif kind == channel.OPEN:
                 identity = self._listener.identities[index]
                 label = f"worker{self.index}:{conn}"
-                conns[conn] = _RemoteConn(self._admission.producer_for(Grant(identity, priority), label))
+                producer = self._admission.producer_for(Grant(identity, priority), label)
+                conns[conn] = _RemoteConn(producer, Origin("tcp", f"tcp:w{self.index}/{conn}"))
             elif kind == channel.CLOSED:
                 gone = conns.pop(conn, None)
                 if gone is not None:
@@ -216,6 +220,8 @@ class _Worker(asyncio.Protocol):
 
     def _sink(self, frame: Frame, outcome: Outcome) -> None:
         self.in_server -= 1
+        remote = cast(_RemoteConn, cast(tuple, frame.stream)[0])
+        self._admission.stream_results.publish(frame.header, outcome, remote.origin)  # subscribers, results sink
         if self.alive:
             self.send(channel.encode_reply(cast(WorkerFrame, frame).fid, outcome))
 

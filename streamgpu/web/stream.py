@@ -8,11 +8,12 @@
   headers on a WebSocket), checked before the upgrade (401).
 * A subscriber sends the text message ``{"subscribe": [7, 9]}`` (or one id) and then gets,
   as binary REPLY messages, every result published for those stream ids: frames of any
-  producer on any front end that publishes (TCP, WebSocket, and others through
-  ``admission.stream_results``), as each is made. ``{"unsubscribe": [7]}`` stops it. Each control
-  message is answered with a text message: ``{"subscribed": [...all ids now...]}`` or
-  ``{"error": "..."}``. A subscriber that reads slower than results come loses the oldest
-  (``MAX_QUEUED`` messages are kept), never slowing a producer.
+  producer on any front end (TCP, ingest workers, WebSocket, raw ports under their
+  listener's stream id; all through ``admission.stream_results``), as each is made.
+  ``{"unsubscribe": [7]}`` stops it. Each control message is answered with a text message:
+  ``{"subscribed": [...all ids now...]}`` or ``{"error": "..."}``. A subscriber that reads
+  slower than results come loses the oldest (``MAX_QUEUED`` messages are kept), never slowing
+  a producer.
 
 A well-framed frame that is refused (bad shape, unknown model, ...) is answered with its status
 like on TCP and costs only itself; a binary message that is not one whole frame closes the
@@ -31,7 +32,7 @@ from aiohttp import WSMsgType, web
 
 from streamgpu.frame import Outcome
 from streamgpu.ingest.admission import Admission, Producer, Refused
-from streamgpu.ingest.hub import Subscription
+from streamgpu.ingest.hub import Origin, Subscription
 from streamgpu.protocol import wire
 from streamgpu.protocol.ordering import ReplyOrder, Ticket
 from streamgpu.protocol.wire import FrameHeader, ProtocolError, ReplyFlags, ReplyHeader, Status, Timings
@@ -51,6 +52,7 @@ class StreamSocket:
         self.admission = admission
         self.producer = producer
         self.key = next_stream_key("ws")
+        self.origin = Origin("ws", f"ws:{self.key[1]}")  # how its frames' outcomes are published
         self.order = ReplyOrder()  # this socket's frames, replied in sequence order per stream
         self.out: collections.deque[bytes | str] = collections.deque()  # str: a text (control) message
         self.wake = asyncio.Event()  # something to send
@@ -116,12 +118,14 @@ class StreamSocket:
             )
         except Refused as refused:
             timings = Timings(total_us=(time.perf_counter_ns() - started) // 1000)
-            self.answer(ticket, header, Outcome(refused.status, refused.message, timings=timings))
+            outcome = Outcome(refused.status, refused.message, timings=timings)
+            self.admission.stream_results.publish(header, outcome, self.origin)
+            self.answer(ticket, header, outcome)
             return
 
         def answered(done: asyncio.Future[Outcome]) -> None:
             if not done.cancelled():
-                self.admission.stream_results.publish(header, done.result())
+                self.admission.stream_results.publish(header, done.result(), self.origin)
                 self.answer(ticket, header, done.result())
 
         future.add_done_callback(answered)

@@ -15,7 +15,7 @@ import pytest_asyncio
 from streamgpu import client
 from streamgpu.config import Config, ListenerSpec
 from streamgpu.frame import Outcome
-from streamgpu.ingest.hub import ResultHub
+from streamgpu.ingest.hub import Origin, ResultHub
 from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol import wire
 from streamgpu.protocol.wire import FrameHeader, ReplyFlags, ReplyHeader, Status
@@ -173,3 +173,14 @@ def test_result_hub_publishes_by_stream_id_and_drops_a_broken_watcher() -> None:
     sub.cancel()
     sub.cancel()
     assert hub.subscribers(3) == 0
+
+
+def test_a_tap_gets_every_stream_id_with_its_origin() -> None:
+    hub = ResultHub()
+    seen: list[tuple[int, str, str]] = []
+    tap = hub.tap(lambda h, o, origin: seen.append((h.stream_id, origin.source, origin.stream)))
+    hub.publish(FrameHeader(3, 1, "m", 1, (1,), 1), Outcome(Status.OK), Origin("raw", "raw:9000/1"))
+    hub.publish(FrameHeader(4, 1, "m", 1, (1,), 1), Outcome(Status.BAD_FRAME))
+    tap.cancel()
+    hub.publish(FrameHeader(5, 1, "m", 1, (1,), 1), Outcome(Status.OK))
+    assert seen == [(3, "raw", "raw:9000/1"), (4, "", "")] and hub.published == 3
