@@ -58,6 +58,7 @@ from streamgpu.ingest.base import Listener
 from streamgpu.ingest.hub import Origin
 from streamgpu.ingest.worker import WorkerInit, send_init
 from streamgpu.memory import HostSegment, Slot
+from streamgpu.metrics import NO_MODEL
 from streamgpu.protocol.wire import FrameFlags, FrameHeader
 
 log = logging.getLogger(__name__)
@@ -209,6 +210,8 @@ class _Worker(asyncio.Protocol):
                 if gone is not None:
                     gone.closed = True
                     self._admission.leave(gone.producer)
+            elif kind == channel.REPLIED:  # the worker answered a frame or handshake itself: count it here too
+                self._admission.replied(models[index][0] if index < len(models) else NO_MODEL, priority)
             elif kind == channel.READY:
                 self.started = True
                 if not self.ready.done():

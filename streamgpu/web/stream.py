@@ -33,6 +33,7 @@ from aiohttp import WSMsgType, web
 from streamgpu.frame import Outcome
 from streamgpu.ingest.admission import Admission, Producer, Refused
 from streamgpu.ingest.hub import Origin, Subscription
+from streamgpu.metrics import NO_MODEL
 from streamgpu.protocol import wire
 from streamgpu.protocol.ordering import ReplyOrder, Ticket
 from streamgpu.protocol.wire import FrameHeader, ProtocolError, ReplyFlags, ReplyHeader, Status, Timings
@@ -102,6 +103,7 @@ class StreamSocket:
                     Status.BAD_FRAME, f"message has {len(data) - used} payload bytes; header says {header.payload_len}"
                 )
         except ProtocolError as exc:
+            self.admission.replied(NO_MODEL, exc.status)  # a connection reply, counted as TCP's
             reply = ReplyHeader(0, 0, exc.status, message=str(exc), flags=ReplyFlags.CONNECTION)
             self.queue(b"".join(wire.encode_reply(reply)))
             raise
