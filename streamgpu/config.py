@@ -89,6 +89,7 @@ class Config:
     hello_timeout_s: float = 5.0
     receive_timeout_s: float = 10.0
     receive_idle_timeout_s: float = 2.0
+    http_keepalive_timeout_s: float = 15.0  # an idle HTTP connection (a place under max_connections) closes after it
     min_receive_rate: int = 1_000_000
     max_inflight_batches: int = 2
     shutdown_timeout_s: float = 10.0
@@ -148,6 +149,9 @@ class Config:
             value = getattr(self, key)
             if not (math.isfinite(value) and value >= 0) or (value == 0 and key != "shutdown_timeout_s"):
                 problems.append(f"{key} must be a finite number of seconds > 0, got {value}")
+        if not (math.isfinite(self.http_keepalive_timeout_s) and self.http_keepalive_timeout_s > 0):
+            problems.append(f"http_keepalive_timeout_s must be a finite number of seconds > 0, "
+                            f"got {self.http_keepalive_timeout_s}")  # fmt: skip
         if not (math.isfinite(self.watchdog_factor) and self.watchdog_factor >= 1):
             problems.append(f"watchdog_factor must be a finite number >= 1, got {self.watchdog_factor}")
         if self.min_receive_rate < 1:

@@ -37,7 +37,7 @@ from streamgpu.metrics import NO_MODEL
 from streamgpu.protocol import wire
 from streamgpu.protocol.ordering import ReplyOrder, Ticket
 from streamgpu.protocol.wire import FrameHeader, ProtocolError, ReplyFlags, ReplyHeader, Status, Timings
-from streamgpu.web.app import SERVER_KEY
+from streamgpu.web.app import SERVER_KEY, give_place, take_place
 from streamgpu.web.frames import next_stream_key, receive_frame
 
 PATH = "/v1/stream"
@@ -206,7 +206,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     grant = admission.authenticate(token)
     if grant is None:
         return web.json_response({"error": "bad or missing auth token"}, status=401)
-    if not admission.open_connection():
+    if not take_place(request):
         return web.json_response({"error": f"too many connections ({admission.config.max_connections})"}, status=503)
     producer = admission.producer_for(grant, f"ws:{request.remote}")
     ws = web.WebSocketResponse(max_msg_size=admission.config.max_payload_bytes + 64 * 1024)
@@ -233,7 +233,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
             await sock.flush(writer)
         with contextlib.suppress(Exception):
             await ws.close()
-        admission.close_connection()
+        give_place(request)
         admission.leave(producer)
     return ws
 
