@@ -42,8 +42,12 @@ async def test_the_browser_snippets_subscribe_produce_and_decode_replies(browser
     cfg = Config(listeners=[ListenerSpec(port=0), ListenerSpec("http", port=0)], device="cpu", models=[SPEC],
                  auth_token="TOKEN")  # fmt: skip
     page, lines, errors = browser_page, [], []
-    # console.log lines only (a favicon 404 is logged as an error by the browser itself)
-    page.on("console", lambda message: message.type == "log" and lines.append(message.text))
+
+    def console(message: Any) -> None:  # console.log lines only (the browser logs a favicon 404 as an error)
+        if message.type == "log":
+            lines.append(message.text)
+
+    page.on("console", console)
     page.on("pageerror", lambda error: errors.append(error))
     async with Server(cfg) as server:
         address = f"127.0.0.1:{server.addresses[1][1]}"
