@@ -115,12 +115,15 @@ class Results:
     def __init__(self, outlets: list[Outlet] | None = None) -> None:
         self.outlets: list[Outlet] = list(outlets or [])
         self.published = 0  # records encoded for the outlets
+        self._hub: ResultHub | None = None
         self._tap: Subscription | None = None
         self._top_k = 0
 
     def add_outlet(self, outlet: Outlet) -> None:
-        """Connect another outlet (e.g. the web front end's subscribers); it gets lines from now on."""
+        """Connect another outlet (e.g. an embedding application's own); it gets lines from now on."""
         self.outlets.append(outlet)
+        if self._hub is not None:
+            self.attach(self._hub, self._top_k)
 
     @property
     def wanted(self) -> bool:
@@ -129,12 +132,13 @@ class Results:
 
     def attach(self, hub: ResultHub, top_k: int) -> None:
         """Make a line of every result published on ``hub`` (``top_k``: as ``result_record``'s), while any
-        outlet takes lines; ``detach`` ends it."""
+        outlet takes lines (none: nothing is made until ``add_outlet``); ``detach`` ends it."""
+        self._hub, self._top_k = hub, top_k
         if self.outlets and self._tap is None:
-            self._top_k = top_k
             self._tap = hub.tap(self._on_result)
 
     def detach(self) -> None:
+        self._hub = None
         if self._tap is not None:
             self._tap.cancel()
             self._tap = None

@@ -170,3 +170,34 @@ async def test_the_results_sink_takes_every_front_ends_results_from_the_hub(tmp_
     assert sorted((x["source"], x["stream_id"], x["seq"], x["status"]) for x in lines) == [
         ("tcp", 5, 0, "OK"), ("tcp", 5, 1, "OK"), ("tcp", 5, 2, "OK"), ("tcp", 6, 0, "BAD_FRAME")]  # fmt: skip
     assert len({x["stream"] for x in lines}) == 1 and lines[0]["stream"].startswith("tcp:")
+
+
+def test_attached_results_tap_the_hub_only_while_an_outlet_takes_lines() -> None:
+    from streamgpu.frame import Outcome
+    from streamgpu.ingest.hub import Origin, ResultHub
+    from streamgpu.protocol.wire import FrameHeader
+
+    class Lines(Outlet):
+        def __init__(self) -> None:
+            self.got: list[dict[str, Any]] = []
+
+        async def start(self) -> None:
+            pass
+
+        def write_line(self, line: bytes) -> None:
+            self.got.append(json.loads(line))
+
+        async def close(self) -> None:
+            pass
+
+    hub, results, lines = ResultHub(), Results(), Lines()
+    results.attach(hub, top_k=1)
+    header = FrameHeader(9000, 3, "default", 1, (1,), 1)
+    hub.publish(header, Outcome(Status.OK, result=np.arange(3, dtype=np.float32)), Origin("raw", "raw:9000/1"))
+    assert results.published == 0  # no outlet: no record made
+    results.add_outlet(lines)
+    hub.publish(header, Outcome(Status.OK, result=np.arange(3, dtype=np.float32)), Origin("raw", "raw:9000/1"))
+    results.detach()
+    hub.publish(header, Outcome(Status.OK))
+    assert [(x["source"], x["stream"], x["stream_id"], x["seq"], x["top_k"]) for x in lines.got] == [
+        ("raw", "raw:9000/1", 9000, 3, [[2, 2.0]])]  # fmt: skip
