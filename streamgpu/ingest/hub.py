@@ -99,6 +99,11 @@ class ResultHub:
             log.exception("result subscriber of stream %d failed; unsubscribed", header.stream_id)
             subscription.cancel()
 
+    def watched(self, stream_id: int) -> bool:
+        """Whether a publication for ``stream_id`` would reach anyone (a subscriber of it, or a tap): a
+        front end that finishes many frames at once may skip building their ``Outcome``s when not."""
+        return bool(self._taps) or stream_id in self._watchers
+
     def subscribers(self, stream_id: int) -> int:
         """How many subscriptions ``stream_id`` has."""
         return len(self._watchers.get(stream_id, ()))
