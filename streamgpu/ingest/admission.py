@@ -258,7 +258,7 @@ class Admission:
 
     def refused_handshake(self, peer: str, status: Status, reason: str) -> None:
         """A connection was refused at its handshake (or before it): counted, and one log line saying why."""
-        self.replies.count(NO_MODEL, status)
+        self.replied(NO_MODEL, status)
         fields = {"event": "handshake_refused", "peer": peer, "status": status.name, "reason": reason}
         log.info("refused connection from %s: %s: %s", peer, status.name, reason, extra=fields)
 

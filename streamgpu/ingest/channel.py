@@ -23,6 +23,10 @@ Worker -> scheduler: fixed-size records of ``UP.size`` (80) bytes::
 * ``CLOSED``: connection ``conn`` is gone (only after its ``OPEN``).
 * ``READY``: the worker accepts connections. ``STOPPED``: the worker took its
   last frame (answer to ``STOP``); every FRAME it sent came before this.
+* ``REPLIED``: the worker answered without a FRAME sent up (a refused frame, a
+  refused handshake, a connection reply): ``priority`` is the status, ``index``
+  the model's position (``NO_MODEL_INDEX``: none known). The scheduler counts it
+  in its ``Admission.replies``, beside the replies of frames it ran.
 
 Scheduler -> worker: a ``DOWN.size`` (64) byte head, then ``4 * ndim`` bytes
 of shape, ``message_len`` bytes of message and ``payload_len`` bytes of body::
@@ -65,6 +69,8 @@ assert UP.size == 80 and DOWN.size == 64
 
 # upward kinds
 FRAME, OPEN, CLOSED, READY, STOPPED = 1, 2, 3, 4, 5
+REPLIED = 6
+NO_MODEL_INDEX = 0xFFFF  # a REPLIED record's index for a reply that names no served model
 # downward kinds
 RELEASE, REPLY, STOP, CLOSE = 1, 2, 3, 4
 NO_RESULT = 0  # a REPLY's dtype when there is no result
@@ -74,6 +80,11 @@ _SHAPES = [struct.Struct(f"<{n}I") for n in range(wire.MAX_NDIM + 1)]
 def up(kind: int, conn: int = 0, index: int = 0, priority: int = 0) -> bytes:
     """An upward record other than FRAME (OPEN, CLOSED, READY, STOPPED)."""
     return UP.pack(kind, priority, 0, 0, index, 0, conn, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+
+
+def replied(index: int, status: int) -> bytes:
+    """A REPLIED record: the worker answered ``status`` itself, for model ``index`` (or ``NO_MODEL_INDEX``)."""
+    return up(REPLIED, 0, index, status)
 
 
 def down(kind: int, fid: int = 0) -> bytes:

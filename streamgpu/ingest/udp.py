@@ -47,10 +47,10 @@ from streamgpu.ingest.admission import Admission, Grant, Producer, Refused, Rese
 from streamgpu.ingest.base import Listener
 from streamgpu.ingest.mmsg import MSG_TRUNC, PacketArea, decode_sockaddr
 from streamgpu.memory import Slot
+from streamgpu.metrics import NO_MODEL
 from streamgpu.protocol import udp, wire
 from streamgpu.protocol.udp import Added, Assembly, Kind, Verdict
 from streamgpu.protocol.wire import FrameFlags, FrameHeader, ProtocolError, ReplyHeader, Status, Timings
-from streamgpu.results import Results
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +154,8 @@ class UdpListener(Listener):
     kind = "udp"
     socket_type = socket.SOCK_DGRAM
 
-    def __init__(self, spec: ListenerSpec, admission: Admission, results: Results | None = None) -> None:
-        super().__init__(spec, admission, results)
+    def __init__(self, spec: ListenerSpec, admission: Admission) -> None:
+        super().__init__(spec, admission)
         self.options = opts = UdpOptions.parse(spec.options)
         cfg = admission.config
         public = spec.host not in LOOPBACK_HOSTS
@@ -513,6 +513,7 @@ class UdpListener(Listener):
     def _answer(self, peer: _Peer, key: tuple[int, int], header: FrameHeader | None, status: Status, message: str,
                 received_ns: int = 0) -> None:  # fmt: skip
         """Answer a frame that does not reach the scheduler (refused, given up), and remember it ended."""
+        self.admission.replied(header.model if header is not None else NO_MODEL, status)  # /metrics, as TCP's
         self._ended(peer, key)
         total = (time.perf_counter_ns() - received_ns) // 1000 if received_ns else 0
         reply = ReplyHeader(key[0], key[1], status, timestamp_ns=header.timestamp_ns if header else 0,

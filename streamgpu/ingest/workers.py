@@ -57,9 +57,11 @@ from streamgpu.frame import Frame, Outcome
 from streamgpu.ingest import channel
 from streamgpu.ingest.admission import Admission, Grant, Producer
 from streamgpu.ingest.base import Listener
+from streamgpu.ingest.hub import Origin
 from streamgpu.ingest.worker import WorkerInit, send_init
 from streamgpu.memory import HostSegment, Slot
-from streamgpu.protocol.wire import FRAME_VERSION, FrameFlags, FrameHeader
+from streamgpu.metrics import NO_MODEL
+from streamgpu.protocol.wire import FRAME_VERSION, FrameFlags, FrameHeader, Status, Timings
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +86,14 @@ class WorkerFrame(Frame):
 
 
 class _RemoteConn:
-    """A worker's connection, as the scheduler sees it: its producer, and whether it is gone."""
+    """A worker's connection, as the scheduler sees it: its producer, whether it is gone, how its
+    frames' outcomes are published (``origin``)."""
 
-    __slots__ = ("closed", "producer")
+    __slots__ = ("closed", "origin", "producer")
 
-    def __init__(self, producer: Producer) -> None:
+    def __init__(self, producer: Producer, origin: Origin) -> None:
         self.producer = producer
+        self.origin = origin
         self.closed = False
 
     def is_closed(self) -> bool:
@@ -201,13 +205,16 @@ class _Worker(asyncio.Protocol):
             elif kind == channel.OPEN:
                 identity = self._listener.identities[index]
                 label = f"worker{self.index}:{conn}"
-                conns[conn] = _RemoteConn(self._admission.producer_for(Grant(identity, priority), label))
+                producer = self._admission.producer_for(Grant(identity, priority), label)
+                conns[conn] = _RemoteConn(producer, Origin("tcp", f"tcp:w{self.index}/{conn}"))
             elif kind == channel.CLOSED:
                 self._submit(frames)  # its frames before it: queued while it was open, then dropped as abandoned
                 gone = conns.pop(conn, None)
                 if gone is not None:
                     gone.closed = True
                     self._admission.leave(gone.producer)
+            elif kind == channel.REPLIED:  # the worker answered a frame or handshake itself: count it here too
+                self._admission.replied(models[index][0] if index < len(models) else NO_MODEL, priority)
             elif kind == channel.READY:
                 self.started = True
                 if not self.ready.done():
@@ -230,6 +237,8 @@ class _Worker(asyncio.Protocol):
 
     def _sink(self, frame: Frame, outcome: Outcome) -> None:
         self.in_server -= 1
+        remote = cast(_RemoteConn, cast(tuple, frame.stream)[0])
+        self._admission.stream_results.publish(frame.header, outcome, remote.origin)  # subscribers, results sink
         if self.alive:
             self.send(channel.encode_reply(cast(WorkerFrame, frame).fid, outcome))
 
@@ -238,11 +247,18 @@ class _Worker(asyncio.Protocol):
         n = len(frames)
         self.in_server -= n
         fids = []
-        for frame in frames:
+        hub = self._admission.stream_results
+        listed: list[list[int]] | None = None
+        for i, frame in enumerate(frames):
             fids.append(frame.fid)  # type: ignore[attr-defined]  # this sink's frames are WorkerFrames
             if frame.slot is not None:
                 frame.slot = None
                 self.held -= 1
+            if hub.watched(frame.header.stream_id):  # an Outcome only for frames someone subscribed to
+                listed = listed if listed is not None else timings.tolist()
+                remote = cast(_RemoteConn, cast(tuple, frame.stream)[0])
+                hub.publish(frame.header, Outcome(Status.OK, result=rows[i], timings=Timings(*listed[i])),
+                            remote.origin)  # fmt: skip
         if not self.alive:
             if not self.held:
                 self._listener.worker_gone(self)
