@@ -17,7 +17,8 @@ chunk 0, whatever order the datagrams come in.
 
 A receive batch's headers are parsed at once: :func:`check_batch` takes a
 structured array of headers (one row per datagram) and their lengths and
-returns a verdict per datagram, with no Python loop per datagram.
+returns a verdict per datagram, and :func:`group` sorts the good ones into
+messages, with no Python loop per datagram.
 """
 
 from __future__ import annotations
@@ -139,6 +140,9 @@ def _datagrams(
     kind: Kind, stream_id: int, sequence: int, head: bytes, payload: memoryview, datagram_bytes: int
 ) -> list[list[bytes | memoryview]]:
     spans = chunk_spans(len(head), len(payload), datagram_bytes)
+    if len(spans) == 1:  # the common reply (a status, a small result): no numpy for one header
+        chunk = _CHUNK.pack(MAGIC, UDP_VERSION, kind, 0, stream_id, sequence, 0, 1, 0, len(payload))
+        return [[chunk, head, payload] if len(payload) else [chunk, head]]
     heads = np.zeros(len(spans), HEADER_DTYPE)  # every chunk header of the message in one go
     heads["magic"] = MAGIC_U32
     heads["version"] = UDP_VERSION
@@ -233,30 +237,46 @@ def check_batch(heads: np.ndarray, lengths: np.ndarray, kind: Kind, truncated: n
     return verdict
 
 
-def runs(good: np.ndarray, w: np.ndarray, body: np.ndarray, senders: np.ndarray) -> np.ndarray:
-    """Where runs start among a batch's good datagrams (indices into ``good``), numpy over the batch.
+class Groups(NamedTuple):
+    """A receive batch's good datagrams grouped by message (:func:`group`); every array is in sorted order."""
 
-    A run is consecutive datagrams (``good[j + 1] == good[j] + 1``) of one
-    message of one sender with consecutive chunk indices, each one's bytes
-    following the previous one's, all of one size but the message's last
-    chunk: its payload bytes lie in consecutive rows of the packet area and go
-    to one contiguous range of the message, so one copy places the whole run
-    (:meth:`Assembly.add_run`). Chunk 0 (it has the message header) is a run
-    of its own. ``w``: the good datagrams' header words, ``body``: their
-    payload bytes, ``senders``: a row of u64 per good datagram naming its sender.
+    order: np.ndarray  # positions (into the datagrams given) sorted by sender, stream, sequence, chunk index
+    starts: np.ndarray  # where each message's datagrams start in ``order``
+    ends: np.ndarray  # ... and end
+    group: np.ndarray  # per sorted datagram: its message's number (0 .. len(starts) - 1)
+    repeat: np.ndarray  # per sorted datagram: True when the one before it is the same chunk of the same message
+    first: np.ndarray  # per message: the position of its first-arriving datagram (so: arrival order of messages)
+
+
+def group(w: np.ndarray, senders: np.ndarray | None = None) -> Groups:
+    """Group a batch's datagrams by message, numpy over the batch (a sort and a few compares).
+
+    ``w``: their header words (:func:`words`), ``senders``: a row of u64 per
+    datagram naming its sender (None: all from one). A message is one sender's
+    ``(stream_id, sequence)``; within it the datagrams are sorted by chunk
+    index, so a chunk that came twice in the batch is marked in ``repeat``
+    and chunk 0, when present, is a message's first datagram.
     """
-    m = len(good)
+    m = len(w)
+    index = w[:, 5] & 0xFFFF
+    keys = [index, w[:, 3], w[:, 4], w[:, 2]]
+    if senders is not None:
+        keys += [senders[:, j] for j in range(senders.shape[1] - 1, -1, -1)]
+    order = np.lexsort(keys)  # last key is the primary one
+    ws = w[order]
     start = np.ones(m, bool)
+    repeat = np.zeros(m, bool)
     if m > 1:
-        a, b = w[:-1], w[1:]
-        same = (good[1:] == good[:-1] + 1) & (senders[1:] == senders[:-1]).all(axis=1)
-        same &= (b[:, 2] == a[:, 2]) & (b[:, 3] == a[:, 3]) & (b[:, 4] == a[:, 4]) & (b[:, 7] == a[:, 7])
-        same &= b[:, 5] == a[:, 5] + 1  # same chunk_count, next chunk_index (no carry: index + 1 < count)
-        same &= (a[:, 5] & 0xFFFF) != 0  # the chunk after chunk 0 starts a run
-        same &= b[:, 6].astype(np.int64) == a[:, 6] + body[:-1]
-        same &= (body[1:] == body[:-1]) | ((b[:, 5] & 0xFFFF) + 1 == b[:, 5] >> 16)  # equal sizes but the last
+        a, b = ws[:-1], ws[1:]
+        same = (b[:, 2] == a[:, 2]) & (b[:, 3] == a[:, 3]) & (b[:, 4] == a[:, 4])
+        if senders is not None:
+            ss = senders[order]
+            same &= (ss[1:] == ss[:-1]).all(axis=1)
         start[1:] = ~same
-    return np.flatnonzero(start)
+        repeat[1:] = same & ((b[:, 5] & 0xFFFF) == (a[:, 5] & 0xFFFF))
+    starts = np.flatnonzero(start)
+    ends = np.append(starts[1:], m)
+    return Groups(order, starts, ends, np.cumsum(start) - 1, repeat, np.minimum.reduceat(order, starts))
 
 
 class Added(enum.IntEnum):
@@ -301,30 +321,6 @@ class Assembly:
             self.target[offset : offset + n] = np.frombuffer(body, np.uint8) if isinstance(body, memoryview) else body
         if index == 0:
             self.has_head = True
-        return Added.NEW
-
-    def add_run(
-        self, index: int, count: int, offset: int, length: int, rows: np.ndarray, step: int, last: int
-    ) -> Added:
-        """Chunks ``index`` .. ``index + len(rows) - 1`` at once (a :func:`runs` run; not chunk 0): row j
-        holds ``step`` payload bytes (the last row ``last``), which go to ``offset + j * step``.
-
-        DUPLICATE when any of them came before: nothing is taken then (the
-        caller adds the run's chunks one by one, so the new ones are kept).
-        """
-        k = len(rows)
-        end = offset + (k - 1) * step + last
-        if count != self.count or length != self.length or end > self.length:
-            return Added.INCONSISTENT
-        seen = self.seen[index : index + k]
-        if seen.any():
-            return Added.DUPLICATE
-        seen[:] = True
-        if k > 1:  # the full rows in one copy: packet-area rows -> a contiguous range of the target
-            self.target[offset : offset + (k - 1) * step].reshape(k - 1, step)[:] = rows[: k - 1, :step]
-        self.target[end - last : end] = rows[k - 1, :last]
-        self.chunks += k
-        self.bytes += end - offset
         return Added.NEW
 
     @property

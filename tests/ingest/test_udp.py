@@ -278,6 +278,33 @@ async def test_flood_of_first_chunks_is_bounded_and_isolated(server: Server) -> 
         await conn.close()
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize("server", [{"max_partial_frames": 2, "reassembly_timeout_s": 30}], indirect=True)
+async def test_a_frame_given_up_inside_a_batch_writes_nothing(server: Server) -> None:
+    """Frames 10, 11 and 5 open in one receive batch; opening 5 gives up 10, whose slot 5 then gets.
+    10's datagrams in that batch must not be written (they would land in 5's payload)."""
+    inputs = frames(3, seed=4)
+    expected = await reference(server, inputs[2:])
+    conn = await client.connect_udp("127.0.0.1", udp_port(server), datagram_bytes=GRAM, reply_timeout=5)
+    held: list[list[bytes]] = []
+    conn._write = lambda datagrams: held.append([udp.join(parts) for parts in datagrams])  # type: ignore[method-assign]
+    try:
+        futures = [conn.submit(f, sequence=seq) for f, seq in zip(inputs, (10, 11, 5), strict=True)]
+        a, b, c = held
+        for d in (*a[1:], *b[1:], *c[1:]):  # one burst: read in one batch
+            conn.socket.send(d)
+        await wait_for(lambda: udp_stats(server).get("evicted", 0) == 1)
+        conn.socket.send(c[0])
+        given_up, done = await futures[0], await futures[2]
+        assert given_up.status == Status.INCOMPLETE and done.ok
+        assert same(done.unwrap(), expected[0])  # not frame 10's bytes in frame 5's payload
+        stats = udp_stats(server)
+        assert stats["late"] == len(a) - 1 and stats["receive_calls"] == 2
+        futures[1].cancel()  # frame 11 never completes
+    finally:
+        await conn.close()
+
+
 def chunk(index: int, count: int, offset: int, length: int, body: bytes, seq: int = 0, kind: Kind = Kind.FRAME,
           stream: int = 0) -> bytes:  # fmt: skip
     return udp.encode_chunk_header(ChunkHeader(kind, stream, seq, index, count, offset, length)) + body
