@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -136,39 +136,82 @@ def chunk_spans(head_len: int, length: int, datagram_bytes: int = DEFAULT_DATAGR
     return spans
 
 
+class Datagrams:
+    """A message as datagrams, laid out for one vectored send: no Python object per datagram.
+
+    ``heads``: every chunk header, 32 bytes each, back to back; ``head``: the
+    message header, sent in chunk 0 after its chunk header; datagram ``i``
+    then carries ``sizes[i]`` payload bytes from ``offsets[i]``. Indexing
+    and iterating give one datagram's buffers (a list for ``socket.sendmsg``,
+    the payload not copied); ``streamgpu.mmsg.Sender`` sends them all with
+    ``sendmmsg`` from these arrays.
+    """
+
+    __slots__ = ("head", "heads", "offsets", "payload", "sizes")
+
+    def __init__(self, heads: bytes, head: bytes, payload: memoryview, offsets: np.ndarray, sizes: np.ndarray) -> None:
+        self.heads = heads
+        self.head = head
+        self.payload = payload
+        self.offsets = offsets
+        self.sizes = sizes
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, i: int) -> list[bytes | memoryview]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"datagram {i} of {len(self)}")
+        i %= len(self)
+        parts: list[bytes | memoryview] = [memoryview(self.heads)[i * HEADER_SIZE : (i + 1) * HEADER_SIZE]]
+        if i == 0:
+            parts.append(self.head)
+        off, n = int(self.offsets[i]), int(self.sizes[i])
+        if n:
+            parts.append(self.payload[off : off + n])
+        return parts
+
+    def __iter__(self) -> Iterator[list[bytes | memoryview]]:
+        return (self[i] for i in range(len(self)))
+
+
 def _datagrams(
     kind: Kind, stream_id: int, sequence: int, head: bytes, payload: memoryview, datagram_bytes: int
-) -> list[list[bytes | memoryview]]:
-    spans = chunk_spans(len(head), len(payload), datagram_bytes)
-    if len(spans) == 1:  # the common reply (a status, a small result): no numpy for one header
-        chunk = _CHUNK.pack(MAGIC, UDP_VERSION, kind, 0, stream_id, sequence, 0, 1, 0, len(payload))
-        return [[chunk, head, payload] if len(payload) else [chunk, head]]
-    heads = np.zeros(len(spans), HEADER_DTYPE)  # every chunk header of the message in one go
+) -> Datagrams:
+    length = len(payload)
+    if not MIN_DATAGRAM_BYTES <= datagram_bytes <= MAX_DATAGRAM_BYTES:
+        raise ValueError(f"datagram_bytes must be {MIN_DATAGRAM_BYTES}..{MAX_DATAGRAM_BYTES}, got {datagram_bytes}")
+    first = datagram_bytes - HEADER_SIZE - len(head)
+    if first < 0 or length > MAX_LENGTH:
+        chunk_spans(len(head), length, datagram_bytes)  # raises, saying why
+    if length <= first:  # the common reply (a status, a small result): one datagram, no numpy per header
+        chunk = _CHUNK.pack(MAGIC, UDP_VERSION, kind, 0, stream_id, sequence, 0, 1, 0, length)
+        return Datagrams(chunk, head, payload, np.zeros(1, np.int64), np.full(1, length, np.int64))
+    step = datagram_bytes - HEADER_SIZE
+    n = 1 + -(-(length - first) // step)
+    if n > MAX_CHUNKS:
+        chunk_spans(len(head), length, datagram_bytes)  # raises, saying why
+    offsets = np.zeros(n, np.int64)
+    offsets[1:] = first + step * np.arange(n - 1)
+    sizes = np.minimum(np.diff(offsets, append=length), step)
+    heads = np.zeros(n, HEADER_DTYPE)  # every chunk header of the message in one go
     heads["magic"] = MAGIC_U32
     heads["version"] = UDP_VERSION
     heads["kind"] = kind
     heads["stream_id"] = stream_id
     heads["sequence"] = sequence
-    heads["index"] = np.arange(len(spans))
-    heads["count"] = len(spans)
-    heads["offset"] = [off for off, _ in spans]
-    heads["length"] = len(payload)
-    raw = memoryview(heads.tobytes())
-    out: list[list[bytes | memoryview]] = []
-    for i, (off, n) in enumerate(spans):
-        parts: list[bytes | memoryview] = [raw[i * HEADER_SIZE : (i + 1) * HEADER_SIZE]]
-        if i == 0:
-            parts.append(head)
-        if n:
-            parts.append(payload[off : off + n])
-        out.append(parts)
-    return out
+    heads["index"] = np.arange(n)
+    heads["count"] = n
+    heads["offset"] = offsets
+    heads["length"] = length
+    return Datagrams(heads.tobytes(), head, payload, offsets, sizes)
 
 
 def frame_datagrams(
     header: FrameHeader, payload: bytes | memoryview, datagram_bytes: int = DEFAULT_DATAGRAM_BYTES
-) -> list[list[bytes | memoryview]]:
-    """A frame as datagrams, each a list of buffers for ``socket.sendmsg`` (the payload is not copied)."""
+) -> Datagrams:
+    """A frame as datagrams (:class:`Datagrams`: each a list of buffers for ``socket.sendmsg``; the
+    payload is not copied). Chunk 0 and the rest as :func:`chunk_spans` says."""
     view = memoryview(payload).cast("B")
     if len(view) != header.payload_len:
         raise ValueError(f"payload is {len(view)} bytes, header says {header.payload_len}")
@@ -178,7 +221,7 @@ def frame_datagrams(
 
 def reply_datagrams(
     header: ReplyHeader, payload: bytes | memoryview = b"", datagram_bytes: int = DEFAULT_DATAGRAM_BYTES
-) -> list[list[bytes | memoryview]]:
+) -> Datagrams:
     """A reply as datagrams (chunk 0: chunk header + REPLY header + message + shape + result bytes)."""
     parts = wire.encode_reply(header, payload)
     head = bytes(parts[0])

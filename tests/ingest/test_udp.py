@@ -287,7 +287,7 @@ async def test_a_frame_given_up_inside_a_batch_writes_nothing(server: Server) ->
     expected = await reference(server, inputs[2:])
     conn = await client.connect_udp("127.0.0.1", udp_port(server), datagram_bytes=GRAM, reply_timeout=5)
     held: list[list[bytes]] = []
-    conn._write = lambda datagrams: held.append([udp.join(parts) for parts in datagrams])  # type: ignore[method-assign]
+    conn._write = lambda encoded: held.append([udp.join(parts) for parts in encoded])  # type: ignore[method-assign]
     try:
         futures = [conn.submit(f, sequence=seq) for f, seq in zip(inputs, (10, 11, 5), strict=True)]
         a, b, c = held
