@@ -587,11 +587,21 @@ class UdpListener(Listener):
         """Answer a frame that does not reach the scheduler (refused, given up), and remember it ended."""
         self._ended(peer, key)
         total = (time.perf_counter_ns() - received_ns) // 1000 if received_ns else 0
+        timings = Timings(total_us=total)
+        if header is not None:  # chunk 0 came: the frame's subscribers hear of it, as of every outcome
+            self.admission.stream_results.publish(header, Outcome(status, message, timings=timings))
+            if header.flags & FrameFlags.SUBSCRIBERS:
+                self._counts["replies_to_subscribers"] += 1
+                return
         reply = ReplyHeader(key[0], key[1], status, timestamp_ns=header.timestamp_ns if header else 0,
-                            timings=Timings(total_us=total), message=message)  # fmt: skip
+                            timings=timings, message=message)  # fmt: skip
         self._send(peer, reply, b"")
 
     def _on_outcome(self, peer: _Peer, frame: Frame, outcome: Outcome) -> None:
+        self.admission.stream_results.publish(frame.header, outcome)  # to WebSocket subscribers of this stream id
+        if frame.header.flags & FrameFlags.SUBSCRIBERS:  # the producer asked for no reply datagram
+            self._counts["replies_to_subscribers"] += 1
+            return
         # Version 1 replies: a model's several outputs would need the outputs block, which UDP
         # clients do not read yet; they get the first output and a message saying so.
         reply, payload = wire.reply_to(frame.header, *outcome, version=1)

@@ -63,7 +63,8 @@ log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 60.0
 RESTART_DELAY_S = 0.2  # between a worker's death (once its range is free) and its replacement
-_FLAGS = {0: FrameFlags.NONE, int(FrameFlags.LIVE): FrameFlags.LIVE}
+_LIVE = int(FrameFlags.LIVE)  # the one flag that means something on TCP
+_FLAGS = {0: FrameFlags.NONE, _LIVE: FrameFlags.LIVE}
 _PACKAGE_ROOT = str(Path(streamgpu.__file__).resolve().parent.parent)
 
 
@@ -187,7 +188,7 @@ class _Worker(asyncio.Protocol):
                 remote = conns[conn]
                 name, dtype, shape = models[index]
                 header = FrameHeader(stream_id, sequence, name, dtype, shape, payload_len, timestamp_ns,
-                                     deadline_us, priority, _FLAGS[flags])  # fmt: skip
+                                     deadline_us, priority, _FLAGS[flags & _LIVE])  # fmt: skip
                 # The slot is a description of where the payload lies; this process never frees it.
                 slot = Slot(pool, offset, payload_len, 0)
                 frame = WorkerFrame(header, slot, remote.producer, (remote, stream_id), received_ns, complete_ns,

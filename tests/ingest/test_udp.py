@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import socket
 import threading
@@ -10,6 +11,7 @@ from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any, cast
 
+import aiohttp
 import numpy as np
 import pytest
 import pytest_asyncio
@@ -112,9 +114,10 @@ class Raw:
         self.sock.close()
 
 
-def grams(seq: int, frame: np.ndarray | None = None, stream: int = 0, live: bool = False) -> list[bytes]:
+def grams(seq: int, frame: np.ndarray | None = None, stream: int = 0, live: bool = False,
+          flags: FrameFlags = FrameFlags.NONE) -> list[bytes]:  # fmt: skip
     payload = (frame if frame is not None else np.zeros(SHAPE, np.uint8)).data.cast("B")
-    flags = FrameFlags.LIVE if live else FrameFlags.NONE
+    flags |= FrameFlags.LIVE if live else FrameFlags.NONE
     header = FrameHeader(stream, seq, "default", 1, SHAPE, NBYTES, flags=flags)
     return [udp.join(parts) for parts in udp.frame_datagrams(header, payload, GRAM)]
 
@@ -147,6 +150,45 @@ async def test_frames_over_udp_match_tcp_results(server: Server) -> None:
         assert server.pool.slots_in_use == 0
     finally:
         raw.close()
+
+
+@pytest.mark.asyncio
+async def test_frames_flagged_for_subscribers_reach_a_websocket_subscriber_not_the_sender() -> None:
+    """FrameFlags.SUBSCRIBERS: every outcome (OK and INCOMPLETE) goes to /v1/stream subscribers of the stream id,
+    and no reply datagram to the producer; an unflagged frame of the same stream gets both."""
+    cfg = make_config()
+    cfg = dataclasses.replace(cfg, listeners=[*cfg.listeners, ListenerSpec("http", "127.0.0.1", 0)])
+    async with Server(cfg) as srv, aiohttp.ClientSession() as session:
+        inputs = frames(5, seed=5)
+        expected = await reference(srv, inputs)
+        url = f"ws://127.0.0.1:{srv.addresses[2][1]}/v1/stream"
+        async with session.ws_connect(url) as sub:
+            await sub.send_str('{"subscribe": [7]}')
+            assert await asyncio.wait_for(sub.receive_json(), 5) == {"subscribed": [7]}
+            raw = Raw(udp_port(srv))
+            try:
+                for seq, f in enumerate(inputs[:4]):
+                    raw.send(*grams(seq, f, stream=7, flags=FrameFlags.SUBSCRIBERS))
+                raw.send(*grams(4, inputs[0], stream=7, flags=FrameFlags.SUBSCRIBERS)[:-1])  # never complete
+                raw.send(*grams(5, inputs[4], stream=7))  # no flag: a datagram reply too
+                published: dict[int, tuple[wire.ReplyHeader, np.ndarray | None]] = {}
+                while len(published) < 6:
+                    msg = await asyncio.wait_for(sub.receive(), 5)
+                    parsed = wire.decode_reply(msg.data)
+                    assert parsed is not None
+                    head, payload, _ = parsed
+                    result = np.frombuffer(payload, np.float32).copy() if head.payload_len else None
+                    assert head.sequence not in published  # each outcome once
+                    published[head.sequence] = (head, result)
+                answered = await raw.replies()
+            finally:
+                raw.close()
+        assert [(r.sequence, r.status) for r in answered] == [(5, Status.OK)]  # only the unflagged frame
+        for seq, want in ((0, 0), (1, 1), (2, 2), (3, 3), (5, 4)):
+            head, result = published[seq]
+            assert head.status == Status.OK and result is not None and same(result, expected[want])
+        assert published[4][0].status == Status.INCOMPLETE and "datagrams missing" in published[4][0].message
+        assert udp_stats(srv)["replies_to_subscribers"] == 5
 
 
 class Shuffler:
