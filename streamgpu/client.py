@@ -731,9 +731,9 @@ class _DatagramTransport:
         if self._closing:
             return
         keep = self._rng.random(len(datagrams)) >= self._loss if self._loss else None
-        sent, failed = self._sender.send(self._sock, datagrams, keep)
+        sent, _failed = self._sender.send(self._sock, datagrams, keep)
         self.datagrams_sent += sent
-        self.datagrams_dropped += len(datagrams) - sent  # by ``loss``, or refused by the kernel (``failed``)
+        self.datagrams_dropped += len(datagrams) - sent  # by ``loss``, or refused by the kernel (``_failed``)
 
     # --- receiving replies -------------------------------------------------------
 

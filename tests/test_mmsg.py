@@ -42,7 +42,7 @@ def test_sender_sends_the_datagrams_sendmsg_would(use_sendmmsg: bool) -> None:
         sender = mmsg.Sender(capacity=8, use_sendmmsg=use_sendmmsg)  # several calls for one message
         assert sender.send(tx, grams, keep) == (len(grams) - 3, 0)
         got = receive_all(rx)
-        assert got == [udp.join(grams[i]) for i in np.flatnonzero(keep)]
+        assert got == [udp.join(grams[i]) for i in np.flatnonzero(keep).tolist()]
         assert sender.send(tx, grams) == (len(grams), 0)
         assert receive_all(rx) == [udp.join(parts) for parts in grams]
     finally:

@@ -241,12 +241,28 @@ def suite_ingest(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def model_source(model: str, folder: Path) -> str:
+    """``trivial``: a TorchScript model that averages each channel (transport-bound, for CPU runs)."""
+    if model != "trivial":
+        return model
+    import torch
+
+    class Trivial(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.mean(dim=(2, 3))
+
+    path = folder / "trivial.pt"
+    torch.jit.script(Trivial()).save(str(path))
+    return f"torchscript:{path}"
+
+
 def suite_e2e(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     tcp_port, udp_port = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_DGRAM)
-    config = Path(tempfile.mkdtemp()) / "udp_bench.toml"
+    folder = Path(tempfile.mkdtemp())
+    config = folder / "udp_bench.toml"
     config.write_text(
         f'[server]\nport = {tcp_port}\nudp_port = {udp_port}\ndevice = "{args.device}"\n\n'
-        f'[[models]]\nsource = "{args.model}"\n'
+        f'[[models]]\nsource = "{model_source(args.model, folder)}"\n'
     )
     cmd = [sys.executable, "-m", "streamgpu", "serve", "--config", str(config)]
     rows: dict[str, Any] = {}
@@ -294,7 +310,8 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=3.0, help="ingest measurement seconds (default 3)")
     p.add_argument("--batch", type=int, default=1024, help="datagrams per recvmmsg call (default 1024)")
     p.add_argument("--device", default="auto", help="e2e server device (default auto)")
-    p.add_argument("--model", default="builtin:resnet50", help="e2e model source (default builtin:resnet50)")
+    p.add_argument("--model", default="builtin:resnet50",
+                   help="e2e model source (default builtin:resnet50; 'trivial': a channel mean, for CPU runs)")
     p.add_argument("--concurrency", type=int, default=64, help="e2e frames in flight (default 64)")
     p.add_argument("--processes", type=int, default=4, help="e2e generator processes (default 4)")
     p.add_argument("--window", type=float, default=3.0, help="e2e measurement window seconds (default 3)")

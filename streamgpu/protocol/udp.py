@@ -187,10 +187,27 @@ def _datagrams(
     if length <= first:  # the common reply (a status, a small result): one datagram, no numpy per header
         chunk = _CHUNK.pack(MAGIC, UDP_VERSION, kind, 0, stream_id, sequence, 0, 1, 0, length)
         return Datagrams(chunk, head, payload, np.zeros(1, np.int64), np.full(1, length, np.int64))
+    layout = _LAYOUTS.get((kind, len(head), length, datagram_bytes))
+    if layout is None:
+        layout = _layout(kind, len(head), length, datagram_bytes)
+    template, offsets, sizes = layout
+    heads = template.copy()  # a camera sends one size again and again: only stream and sequence change
+    heads["stream_id"] = stream_id
+    heads["sequence"] = sequence
+    return Datagrams(heads.tobytes(), head, payload, offsets, sizes)
+
+
+_LAYOUTS: dict[tuple[int, int, int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+_LAYOUTS_KEPT = 64
+
+
+def _layout(kind: int, head_len: int, length: int, datagram_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A multi-datagram message's chunk headers (stream and sequence 0), payload offsets and sizes."""
+    first = datagram_bytes - HEADER_SIZE - head_len
     step = datagram_bytes - HEADER_SIZE
     n = 1 + -(-(length - first) // step)
     if n > MAX_CHUNKS:
-        chunk_spans(len(head), length, datagram_bytes)  # raises, saying why
+        chunk_spans(head_len, length, datagram_bytes)  # raises, saying why
     offsets = np.zeros(n, np.int64)
     offsets[1:] = first + step * np.arange(n - 1)
     sizes = np.minimum(np.diff(offsets, append=length), step)
@@ -198,13 +215,14 @@ def _datagrams(
     heads["magic"] = MAGIC_U32
     heads["version"] = UDP_VERSION
     heads["kind"] = kind
-    heads["stream_id"] = stream_id
-    heads["sequence"] = sequence
     heads["index"] = np.arange(n)
     heads["count"] = n
     heads["offset"] = offsets
     heads["length"] = length
-    return Datagrams(heads.tobytes(), head, payload, offsets, sizes)
+    if len(_LAYOUTS) >= _LAYOUTS_KEPT:
+        _LAYOUTS.clear()
+    _LAYOUTS[(kind, head_len, length, datagram_bytes)] = (heads, offsets, sizes)
+    return heads, offsets, sizes
 
 
 def frame_datagrams(
