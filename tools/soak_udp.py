@@ -237,7 +237,7 @@ class Report:
 
 async def soak(seconds: float, interval: float, shape: tuple[int, ...] = (224, 224, 3), window: int = 8,
                loss: float = 0.01, dup: float = 0.01, reorder: int = 16, warmup: float = 60.0,
-               rss_slack_mb: float = 16.0, steady: float = 0.5, reassembly_timeout_s: float = 0.25,
+               rss_slack_mb: float = 16.0, steady: float = 0.5, reassembly_timeout_s: float = 1.0,
                seed: int = 1, out: Any = sys.stdout) -> Report:  # fmt: skip
     """Run the soak; print the table to ``out`` as it goes; return the rows and checks."""
     server = await ServerProcess.start(shape, reassembly_timeout_s)
@@ -350,11 +350,13 @@ def main() -> int:
     p.add_argument("--warmup", type=float, default=60.0, help="RSS is compared from the first sample after this")
     p.add_argument("--rss-slack-mb", type=float, default=16.0, help="RSS growth allowed after warm-up (default 16)")
     p.add_argument("--steady", type=float, default=0.5, help="clean frames/s floor, x its median (default 0.5)")
+    p.add_argument("--reassembly-timeout", type=float, default=1.0,
+                   help="the server's reassembly_timeout_s (default 1.0, the listener's default)")
     p.add_argument("--json", help="write the rows and checks here")
     args = p.parse_args()
     report = asyncio.run(soak(
         args.minutes * 60, args.interval, tuple(int(d) for d in args.shape.split(",")), args.window, args.loss,
-        args.dup, args.reorder, args.warmup, args.rss_slack_mb, args.steady,
+        args.dup, args.reorder, args.warmup, args.rss_slack_mb, args.steady, args.reassembly_timeout,
     ))  # fmt: skip
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -4,8 +4,13 @@ One non-blocking socket, read from ``loop.add_reader`` (uvloop's datagram
 transport would make a ``bytes`` per datagram). Each wake-up drains up to
 ``max_batches`` batches of up to ``batch`` datagrams, each with one
 ``recvmmsg`` call (``ingest.mmsg``), so the loop is never held long. A
-batch's chunk headers are judged with numpy at once (``protocol.udp.check_batch``);
-the good chunks are copied to their offset in their frame's ring slot.
+batch's chunk headers are judged with numpy at once (``protocol.udp.check_batch``)
+and its good datagrams sorted into frames (``protocol.udp.group``). Python
+then runs once per frame in the batch (find or open it, parse chunk 0, look
+up which chunks it already has), never per datagram: every new chunk of the
+batch is copied to its offset in its frame's ring slot by one numpy
+assignment per chunk size (the ring seen as rows of that size starting at
+every byte), and the chunk and byte counts per frame come from ``bincount``.
 
 Producers and trust: UDP has no handshake and a source address can be
 forged, so an auth token would protect nothing. A producer is a source
@@ -57,6 +62,7 @@ log = logging.getLogger(__name__)
 LOOPBACK_NETS = ("127.0.0.0/8", "::1/128", "::ffff:127.0.0.0/104")
 ENDED_KEPT = 1024  # per producer: recently ended frames, so their late datagrams are recognised
 DENIED_KEPT = 4096  # sender keys found outside the allow list (cached: a flood costs a lookup each)
+_RUNS_COPIED = 16  # fewer runs than this in a batch: a slice copy each (no gather into a temporary)
 BAD_COUNTERS: dict[Verdict, str] = {v: v.name.lower() for v in Verdict if v is not Verdict.OK}
 
 
@@ -393,14 +399,29 @@ class UdpListener(Listener):
                 self._finish(peer, key, partial)
 
     def _place(self, dst: np.ndarray, rows: np.ndarray, width: np.ndarray) -> None:
-        """Copy ``width[j]`` bytes of packet-area row ``rows[j]`` to ring byte ``dst[j]``, one numpy
-        assignment per distinct width: the ring seen as rows of that width starting at every byte."""
+        """Copy ``width[j]`` bytes of packet-area row ``rows[j]`` to ring byte ``dst[j]``, per distinct width.
+
+        In-order traffic comes as a few runs (consecutive packet-area rows to consecutive places of one
+        frame): each run is one slice copy. Otherwise (reordered, interleaved) one numpy assignment
+        places them all: the ring seen as rows of that width starting at every byte.
+        """
+        bodies = self._area.bodies
         sizes = np.unique(width).tolist() if (width != width[0]).any() else [int(width[0])]
         for size in sizes:
             if size == 0:
                 continue
             pick = (width == size) if len(sizes) > 1 else slice(None)
-            self._ring_rows(size)[dst[pick]] = self._area.bodies[rows[pick], :size]
+            d, r = dst[pick], rows[pick]
+            if len(r) > 1:
+                starts = np.flatnonzero((np.diff(r) != 1) | (np.diff(d) != size)) + 1
+                if len(starts) < _RUNS_COPIED:
+                    ring = self.admission.pool.buffer
+                    bounds = [0, *starts.tolist(), len(r)]
+                    for a, b, at, row in zip(bounds[:-1], bounds[1:], d[bounds[:-1]].tolist(),
+                                             r[bounds[:-1]].tolist(), strict=True):  # fmt: skip
+                        ring[at : at + (b - a) * size].reshape(b - a, size)[:] = bodies[row : row + b - a, :size]
+                    continue
+            self._ring_rows(size)[d] = bodies[r, :size]
 
     def _ring_rows(self, size: int) -> np.ndarray:
         """The ring buffer as overlapping rows of ``size`` bytes, row i starting at byte i (no copy)."""

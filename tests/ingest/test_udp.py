@@ -19,6 +19,7 @@ import pytest_asyncio
 from streamgpu import client
 from streamgpu.config import Config, ListenerSpec
 from streamgpu.errors import ConfigError
+from streamgpu.ingest import udp as udp_listener
 from streamgpu.ingest.admission import Admission
 from streamgpu.ingest.udp import UdpListener
 from streamgpu.models.spec import ModelSpec
@@ -232,6 +233,7 @@ class Shuffler:
 @pytest.mark.asyncio
 async def test_loss_duplicates_and_reordering(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every complete frame OK with its result, every damaged one INCOMPLETE, each answered exactly once."""
+    monkeypatch.setattr(udp_listener, "_RUNS_COPIED", 0)  # every batch placed by the one gathering assignment
     inputs = frames(8, seed=1)
     expected = await reference(server, inputs)
     conn = await client.connect_udp("127.0.0.1", udp_port(server), datagram_bytes=GRAM, reply_timeout=5)
@@ -322,9 +324,13 @@ async def test_flood_of_first_chunks_is_bounded_and_isolated(server: Server) -> 
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("server", [{"max_partial_frames": 2, "reassembly_timeout_s": 30}], indirect=True)
-async def test_a_frame_given_up_inside_a_batch_writes_nothing(server: Server) -> None:
+@pytest.mark.parametrize("runs_copied", [0, udp_listener._RUNS_COPIED])
+async def test_a_frame_given_up_inside_a_batch_writes_nothing(server: Server, runs_copied: int,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """Frames 10, 11 and 5 open in one receive batch; opening 5 gives up 10, whose slot 5 then gets.
-    10's datagrams in that batch must not be written (they would land in 5's payload)."""
+    10's datagrams in that batch must not be written (they would land in 5's payload); by the one
+    gathering assignment (runs_copied 0) and by a slice copy per run."""
+    monkeypatch.setattr(udp_listener, "_RUNS_COPIED", runs_copied)
     inputs = frames(3, seed=4)
     expected = await reference(server, inputs[2:])
     conn = await client.connect_udp("127.0.0.1", udp_port(server), datagram_bytes=GRAM, reply_timeout=5)
