@@ -61,6 +61,7 @@ class DeviceModel(abc.ABC):
     spec: ModelSpec
     layout: OutputLayout = OutputLayout("tensor")  # the structure of its outputs, known after the load
     device: int  # position in ``Backend.devices``
+    sms: int | None = None  # streaming multiprocessors its kernels may use (a GPU's share); None: not a GPU
 
     @property
     @abc.abstractmethod

@@ -24,6 +24,7 @@ import contextlib
 import ctypes
 import importlib.util
 import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +56,37 @@ _RECOMPILE_LIMIT = 256
 # peak against the gather kernel's 0.93 (H100, docs/BENCHMARKS.md), and it leaves the SMs
 # to the models. Below, one gather launch per batch wins on GPU time and on loop CPU.
 COPY_ENGINE_FROM = 4 * 1024 * 1024
+
+
+# Stream priorities: torch clamps to the device's range, so these are its highest and lowest.
+_SERVING_PRIORITY = -100
+_LOADING_PRIORITY = 0
+
+
+@dataclass(frozen=True, eq=False)
+class StreamPair:
+    """A model's two streams (see ``CudaModel``). The backend takes them back when the model is freed
+    and gives them to the next model it loads: torch keeps a cuBLAS workspace (~33 MiB) for every
+    stream it has run a matrix multiply on, for the life of the process, so fresh streams per load
+    would grow device memory with every swap."""
+
+    serve: torch.cuda.Stream
+    capture: torch.cuda.Stream
+
+    @classmethod
+    def make(cls, gpu: torch.device) -> StreamPair:
+        serve = torch.cuda.Stream(gpu, priority=_SERVING_PRIORITY)
+        return cls(serve, torch.cuda.Stream(gpu, priority=_LOADING_PRIORITY))
+
+    def warm(self) -> None:
+        """Run the matrix multiplies that make torch allocate this pair's cuBLAS workspaces now (the
+        loader thread's, as a load would), so that the model that takes the pair allocates none."""
+        with torch.cuda.stream(self.capture), torch.inference_mode():
+            for dtype in (torch.float16, torch.float32):
+                x = torch.ones((8, 8), dtype=dtype, device=self.capture.device)
+                torch.nn.functional.linear(x, x, x[0])  # cublasLt (with a bias) and cuBLAS (below)
+                torch.mm(x, x.t())
+        self.capture.synchronize()
 
 
 @dataclass
@@ -111,20 +143,30 @@ class BufferPool:
 class CudaModel(DeviceModel):
     """A model on one GPU with its own compute stream and one CUDA graph per batch bucket."""
 
-    def __init__(self, spec: ModelSpec, module: nn.Module, gpu: torch.device, device: int, use_kernels: bool) -> None:
+    def __init__(
+        self, spec: ModelSpec, module: nn.Module, gpu: torch.device, device: int, use_kernels: bool,
+        streams: StreamPair | None,
+    ) -> None:  # fmt: skip
         self.spec = spec
         self.gpu = gpu
         self.device = device
         self.dtype = torch.float16 if spec.precision == "auto" else _DTYPES[spec.precision]
-        self.module = module.to(device=gpu, dtype=self.dtype)
+        self.module = on_device(module, gpu, self.dtype)
         if spec.preprocess == "image":
             self.module = self.module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.head = ModelHead(self.module, spec)
         # A share of the SMs (a green context): kernels on its stream, and graphs captured inside it,
         # run on those SMs alone, so this model cannot crowd out another (and vice versa).
         self.share = _green_context(spec.sm_share, gpu)
-        with self.in_share():
-            self.stream = torch.cuda.Stream(gpu) if self.share is None else self.share.Stream()
+        # Batches run on ``stream`` (high priority); loading work (warm-up, compile timing, graph
+        # capture) runs on ``capture_stream`` (low priority), so a model being loaded beside serving
+        # ones takes only the SMs they leave. A graph captured there replays on ``stream``.
+        self.streams = streams
+        if streams is not None:
+            self.stream, self.capture_stream = streams.serve, streams.capture
+        else:  # a share: its stream is made inside its green context, and captures run there too
+            with self.in_share():
+                self.stream = self.capture_stream = self.share.Stream()
         self.graphs: dict[int, _Graph] = {}
         self.buckets: list[int] = []
         self.graph_error = ""
@@ -153,7 +195,7 @@ class CudaModel(DeviceModel):
             self.share.pop_context()
 
     @property
-    def share_sms(self) -> int:
+    def sms(self) -> int:  # type: ignore[override]
         """SMs this model may use (all of the GPU's without a share)."""
         total = torch.cuda.get_device_properties(self.gpu).multi_processor_count
         return _share_sms(self.spec.sm_share, total) if self.share is not None else total
@@ -162,7 +204,7 @@ class CudaModel(DeviceModel):
     def description(self) -> str:
         mode = f"graphs {sorted(self.graphs)}" if self.graphs else f"eager ({self.graph_error or 'graphs off'})"
         if self.share is not None:
-            mode += f", {self.share_sms} SMs of {torch.cuda.get_device_properties(self.gpu).multi_processor_count}"
+            mode += f", {self.sms} SMs of {torch.cuda.get_device_properties(self.gpu).multi_processor_count}"
         pre = "fused kernel" if self.fused_preprocess else "torch ops"
         return (f"{self.spec.name} ({self.spec.source}, {self.dtype}, {self.gpu}, {mode}, {self.compile_note}, "
                 f"pre-processing {pre})")  # fmt: skip
@@ -171,7 +213,8 @@ class CudaModel(DeviceModel):
         """The model's input for ``frames``, written into ``out`` (a graph's static input) if given."""
         spec = self.spec
         if self.fused_preprocess:
-            return kernels.preprocess_image(frames, spec.mean, spec.std, self.dtype, True, out, self.stream)
+            stream = torch.cuda.current_stream(self.gpu)  # the serving stream, or the capture stream at load
+            return kernels.preprocess_image(frames, spec.mean, spec.std, self.dtype, True, out, stream)
         x = self.preprocess(frames)
         if spec.preprocess == "image":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -190,14 +233,17 @@ class CudaModel(DeviceModel):
             with self.in_share():
                 return self.head.record(x)
 
-        with torch.cuda.stream(self.stream), torch.inference_mode():
+        with torch.cuda.stream(self.capture_stream), torch.inference_mode():
             outs = warm_up(self.spec, run, model_input(self.spec, self.dtype))
-        self.stream.synchronize()
+        self.capture_stream.synchronize()
         return outs
 
     def _example(self, n: int) -> torch.Tensor:
-        """A model input for ``n`` random frames."""
-        frames = torch.randint(0, 255, (n, *self.spec.input_shape), device=self.gpu)
+        """A model input for ``n`` frames of varied values. Not from the random generator: while a
+        graph is being captured the device's generator is in capture mode, and a random op on a
+        stream that is not capturing fails ("Offset increment outside graph capture")."""
+        count = n * math.prod(self.spec.input_shape)
+        frames = (torch.arange(count, device=self.gpu) * 7919 % 251).view(n, *self.spec.input_shape)
         return self.prepare_input(frames.to(_torch_dtype(self.spec.frame_dtype)))
 
     def _capture(
@@ -209,12 +255,12 @@ class CudaModel(DeviceModel):
         with self.in_share():
             for _ in range(_GRAPH_WARMUP):
                 runs(static_in)
-            self.stream.synchronize()
+            self.capture_stream.synchronize()
             # Not torch.cuda.graph(): its __enter__ synchronizes the whole device and empties the
             # allocator caches (device and pinned host), which would stall the models serving beside;
             # thread-local mode lets the loop thread launch their batches meanwhile.
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.stream(self.stream):
+            with torch.cuda.stream(self.capture_stream):
                 graph.capture_begin(pool=pool, capture_error_mode="thread_local")
                 try:
                     static_out = runs(static_in)
@@ -234,7 +280,7 @@ class CudaModel(DeviceModel):
                  "the next start; compile = \"off\" skips it)", spec.name, self.gpu)  # fmt: skip
         compiled = torch.compile(self.head, dynamic=False)
         try:
-            with torch.cuda.stream(self.stream), torch.inference_mode():
+            with torch.cuda.stream(self.capture_stream), torch.inference_mode():
                 if spec.compile == "on":
                     x = self._example(1)
                     with self.in_share():
@@ -250,7 +296,7 @@ class CudaModel(DeviceModel):
             log.warning("model %s: torch.compile failed, serving it uncompiled: %s: %s", spec.name,
                         type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
             return
-        plain_ms, fast_ms = (min(_replay_ms(g.graph, self.stream) for _ in range(3)) for g in (plain, fast))
+        plain_ms, fast_ms = (min(_replay_ms(g.graph, self.capture_stream) for _ in range(3)) for g in (plain, fast))
         keep = fast_ms < plain_ms * (1 - _COMPILE_MIN_GAIN)
         if keep:
             self.runs = compiled
@@ -267,11 +313,14 @@ class CudaModel(DeviceModel):
         launching the batches of models already serving (and querying their events) meanwhile.
         """
         pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.stream(self.stream), torch.inference_mode():
+        with torch.cuda.stream(self.capture_stream), torch.inference_mode():
             for bucket in sorted(self.spec.buckets(), reverse=True):
-                self.graphs[bucket] = self._capture(self.runs, self._example(bucket), pool)
+                graph = self.graphs[bucket] = self._capture(self.runs, self._example(bucket), pool)
+                # The first replay of a graph uploads it to the device (milliseconds for a large one):
+                # done here, so that it is not in a served batch's latency.
+                graph.graph.replay()
         self.buckets = sorted(self.graphs)
-        self.stream.synchronize()
+        self.capture_stream.synchronize()
 
     def forward(self, frames: torch.Tensor) -> list[torch.Tensor]:
         """Run on the current (compute) stream; returns the [n, ...] outputs."""
@@ -312,11 +361,15 @@ class CudaBackend(Backend):
         self.devices = [f"cuda:{d.index} ({torch.cuda.get_device_name(d)})" for d in self.gpus]
         # Per GPU: its copy stream (copies of batch k+1 overlap compute of batch k), and an idle
         # stream whose query() reports a sticky error without waiting for anything.
-        self.copy_streams = [torch.cuda.Stream(d) for d in self.gpus]
+        self.copy_streams = [torch.cuda.Stream(d, priority=_SERVING_PRIORITY) for d in self.gpus]
         self._probes = [torch.cuda.Stream(d) for d in self.gpus]
         # Weights of a model being loaded go to the GPU on this stream: while models serve, a load
         # never queues behind (or in front of) their copies and batches.
-        self.load_streams = [torch.cuda.Stream(d) for d in self.gpus]
+        self.load_streams = [torch.cuda.Stream(d, priority=_LOADING_PRIORITY) for d in self.gpus]
+        # Per GPU: stream pairs of freed models, for the next load. One spare is made (and warmed) at
+        # the first load, so that a swap or a load beside it allocates no stream resources.
+        self._spare_streams: list[list[StreamPair]] = [[] for _ in self.gpus]
+        self._spare_made = [False for _ in self.gpus]
         self._trace_epochs: dict[int, torch.cuda.Event] = {}  # per GPU: its first traced batch's start
         self._total_memory = [torch.cuda.get_device_properties(d).total_memory for d in self.gpus]
         self._bridge = CompletionBridge(loop)
@@ -362,40 +415,64 @@ class CudaBackend(Backend):
     def load(self, spec: ModelSpec, module: nn.Module, device: int = 0) -> CudaModel:
         gpu = self.gpus[device]
         with torch.cuda.device(gpu), torch.inference_mode():  # scoped: this runs in the loader thread
-            with torch.cuda.stream(self.load_streams[device]):
-                model = CudaModel(spec, module, gpu, device, self.use_kernels)
-            self.load_streams[device].synchronize()
-            # Every bucket, eagerly, max_batch_size included: a static batch fails here, not under load.
-            outs = model.warm_up()
-            assert model.head.layout is not None
-            model.layout = model.head.layout
-            model.choose_compiled()
-            if spec.cuda_graphs:
-                try:
-                    model.capture()
-                except Exception as exc:  # data-dependent control flow etc.: serve eagerly, say why
-                    model.graphs.clear()
-                    model.buckets = []
-                    model.graph_error = f"capture failed: {exc}"
-                    log.warning("model %s: CUDA graph capture failed, running eagerly: %s", spec.name, exc)
-            with torch.cuda.stream(model.stream):
-                if self.use_kernels and spec.frame_nbytes < COPY_ENGINE_FROM:
-                    # Compile and load the gather kernel here: loading a module can wait for the
-                    # whole device, which must not happen on the loop at the first batch.
-                    scratch = torch.zeros(spec.frame_nbytes, dtype=torch.uint8, pin_memory=True)
-                    staged = torch.empty((1, spec.frame_nbytes), dtype=torch.uint8, device=gpu)
-                    kernels.gather_frames(scratch, [0], spec.frame_nbytes, staged, model.stream)
-            outputs = [(tuple(out.shape[1:]), host_dtype(out.dtype)) for out in outs]
-            model.buffers = BufferPool(spec.frame_nbytes, outputs, spec.max_batch_size, self._max_inflight + 1, gpu)
-            model.stream.synchronize()
+            streams = None
+            if not spec.sm_share:
+                spare = self._spare_streams[device]
+                streams = spare.pop() if spare else StreamPair.make(gpu)
+            try:
+                with torch.cuda.stream(self.load_streams[device]):
+                    model = CudaModel(spec, module, gpu, device, self.use_kernels, streams)
+                self.load_streams[device].synchronize()
+                self._prepare(model)
+            except BaseException:
+                if streams is not None:  # nothing of the failed load is left queued on them
+                    streams.capture.synchronize()
+                    streams.serve.synchronize()
+                    self._spare_streams[device].append(streams)
+                raise
+            if not self._spare_made[device]:
+                self._spare_made[device] = True
+                spare_pair = StreamPair.make(gpu)
+                spare_pair.warm()
+                self._spare_streams[device].append(spare_pair)
         return model
+
+    def _prepare(self, model: CudaModel) -> None:
+        """Warm-up at every bucket, compile choice, graphs, gather kernel and batch buffers."""
+        spec, gpu = model.spec, model.gpu
+        # Every bucket, eagerly, max_batch_size included: a static batch fails here, not under load.
+        outs = model.warm_up()
+        assert model.head.layout is not None
+        model.layout = model.head.layout
+        model.choose_compiled()
+        if spec.cuda_graphs:
+            try:
+                model.capture()
+            except Exception as exc:  # data-dependent control flow etc.: serve eagerly, say why
+                model.graphs.clear()
+                model.buckets = []
+                model.graph_error = f"capture failed: {exc}"
+                log.warning("model %s: CUDA graph capture failed, running eagerly: %s", spec.name, exc)
+        with torch.cuda.stream(model.stream):
+            if self.use_kernels and spec.frame_nbytes < COPY_ENGINE_FROM:
+                # Compile and load the gather kernel here: loading a module can wait for the
+                # whole device, which must not happen on the loop at the first batch.
+                scratch = torch.zeros(spec.frame_nbytes, dtype=torch.uint8, pin_memory=True)
+                staged = torch.empty((1, spec.frame_nbytes), dtype=torch.uint8, device=gpu)
+                kernels.gather_frames(scratch, [0], spec.frame_nbytes, staged, model.stream)
+        outputs = [(tuple(out.shape[1:]), host_dtype(out.dtype)) for out in outs]
+        model.buffers = BufferPool(spec.frame_nbytes, outputs, spec.max_batch_size, self._max_inflight + 1, gpu)
+        model.stream.synchronize()
 
     def unload(self, model: DeviceModel) -> None:
         assert isinstance(model, CudaModel)
         with torch.cuda.device(model.gpu):
             model.stream.synchronize()  # its last batch has been delivered; nothing of it is queued
+            model.capture_stream.synchronize()
             model.release()
             torch.cuda.empty_cache()  # the graphs' private pool and the buffers go back to the device
+            if model.streams is not None:
+                self._spare_streams[model.device].append(model.streams)
 
     def launch(self, model: DeviceModel, slots: list[Slot], expected_s: float = 0.0) -> BatchRun:
         assert isinstance(model, CudaModel) and self._host is not None and model.buffers is not None
@@ -525,6 +602,38 @@ def _green_context(fraction: float, gpu: torch.device) -> Any:
     # next free aborts the process ("context is destroyed"). So it is never destroyed.
     ctypes.pythonapi.Py_IncRef(ctypes.py_object(context))
     return context
+
+
+def on_device(module: nn.Module, gpu: torch.device, dtype: torch.dtype) -> nn.Module:
+    """``module`` moved to ``gpu`` (floating parameters, buffers and constants in ``dtype``), including
+    what ``Module.to`` leaves behind in a torch.export program: its lifted constants (plain tensor
+    attributes) and the CPU device written into its graph, by ``_assert_tensor_metadata`` checks (which
+    also pin the dtype it was exported in; dropped, they compute nothing) and factory ops' ``device=``."""
+    module = module.to(device=gpu, dtype=dtype)
+    for sub in module.modules():
+        held = set(sub._parameters) | set(sub._buffers)
+        for name, value in list(vars(sub).items()):
+            if isinstance(value, torch.Tensor) and name not in held:
+                setattr(sub, name, value.to(gpu, dtype) if value.is_floating_point() else value.to(gpu))
+        if isinstance(sub, torch.fx.GraphModule):
+            _retarget_graph(sub, gpu)
+    return module
+
+
+def _retarget_graph(module: torch.fx.GraphModule, gpu: torch.device) -> None:
+    def moved(arg: Any) -> Any:
+        return gpu if isinstance(arg, torch.device) and arg.type == "cpu" else arg
+
+    graph = module.graph
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default:
+            if not node.users:
+                graph.erase_node(node)
+            continue
+        node.args = torch.fx.node.map_aggregate(node.args, moved)
+        node.kwargs = torch.fx.node.map_aggregate(node.kwargs, moved)
+    graph.lint()
+    module.recompile()
 
 
 def _replay_ms(graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream, reps: int = 20) -> float:

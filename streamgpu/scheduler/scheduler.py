@@ -78,6 +78,7 @@ class QueueState(NamedTuple):
     metrics: ModelMetrics
     queue_length: int
     in_flight_batches: int
+    sms: dict[str, int]  # per device name: the SMs its instance there may use (CUDA backend only)
 
 
 class Replica:
@@ -453,7 +454,13 @@ class Scheduler:
 
     def states(self) -> list[QueueState]:
         """Each model's metrics object and live queue state (cheap: nothing is computed)."""
-        return [QueueState(name, q.metrics, len(q.frames), q.in_flight) for name, q in self._queues.items()]
+        return [
+            QueueState(name, q.metrics, len(q.frames), q.in_flight, self._sms(q)) for name, q in self._queues.items()
+        ]
+
+    def _sms(self, queue: ModelQueue) -> dict[str, int]:
+        names = self.health.names
+        return {names[r.device]: r.model.sms for r in queue.replicas if r.model.sms is not None}
 
     def metrics(self) -> dict[str, dict[str, Any]]:
         """Per model: queue length, batch sizes, queue wait, time per stage, drops, rejects, estimates."""
@@ -461,6 +468,8 @@ class Scheduler:
         for name, q in self._queues.items():
             snap = q.metrics.snapshot(len(q.frames), q.in_flight)
             snap["batch_latency_ms"] = {self.health.names[r.device]: r.latency.snapshot() for r in q.replicas}
+            snap["sm_share"] = q.replicas[0].model.spec.sm_share if q.replicas else 0.0
+            snap["sms"] = self._sms(q)
             out[name] = snap
         return out
 

@@ -16,6 +16,7 @@ Series (all per ``model`` where they have the label):
   TOO_LARGE, UNAUTHORIZED, ...). ``model=""`` counts replies before any model is known (refused
   handshakes: WELCOME statuses; connection replies) and frames naming no served model.
 * gauges: ``streamgpu_queue_length`` and ``streamgpu_batches_in_flight`` (per model),
+  ``streamgpu_model_sms{model, device}`` (the SMs its kernels may use: its ``sm_share``; CUDA backend only),
   ``streamgpu_ring_used_bytes``, ``streamgpu_ring_capacity_bytes``, ``streamgpu_connections``,
   ``streamgpu_frames_in_flight``, ``streamgpu_gpu_memory_bytes{device, kind=allocated|reserved|total}``
   (CUDA backend only).
@@ -82,6 +83,12 @@ class ServerCollector(Collector):
             flight.add_metric([state.name], state.in_flight_batches)
         yield queue
         yield flight
+        sms = GaugeMetricFamily("streamgpu_model_sms", "SMs a model's kernels may use on a device (its sm_share)",
+                                labels=["model", "device"])  # fmt: skip
+        for state in states:
+            for device, count in state.sms.items():
+                sms.add_metric([state.name, device], count)
+        yield sms
         pool = server.pool
         yield GaugeMetricFamily("streamgpu_ring_used_bytes", "Receive ring bytes in use", value=pool.used_bytes)
         yield GaugeMetricFamily("streamgpu_ring_capacity_bytes", "Receive ring size", value=pool.capacity)

@@ -1,17 +1,29 @@
 """Controlled spatial sharing on a GPU: a model given a share of the SMs runs its CUDA graphs on that
-share alone (slower alone, by about the share), with the same results."""
+share alone (slower alone, by about the share), with the same results; a share changed while a producer
+streams (a swap to the same model with a new sm_share) fails no frame, and /metrics shows the new share."""
 
 from __future__ import annotations
 
 import asyncio
+import sys
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
+from prometheus_client.exposition import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
-from streamgpu.config import Config
+from streamgpu import client
+from streamgpu.config import Config, ListenerSpec
 from streamgpu.gpu.cuda import CudaBackend, _replay_ms
 from streamgpu.models.builtin import build_builtin
 from streamgpu.models.spec import ModelSpec
+from streamgpu.server import Server
+from streamgpu.web.metrics import registry_for
+
+sys.path.insert(0, str(Path(__file__).parent.parent))  # the CPU tests' helpers, whatever pytest's import mode
+from test_lifecycle import SHAPE, Producer
 
 pytestmark = [
     pytest.mark.gpu,
@@ -34,9 +46,38 @@ async def test_a_shared_model_runs_on_its_share_of_the_sms() -> None:
             outs[share] = model.forward(frames)[0].float().clone()
         model.stream.synchronize()
         if share:
-            assert f"{model.share_sms} SMs of" in model.description and model.share_sms == 16, model.description
+            assert f"{model.sms} SMs of" in model.description and model.sms == 16, model.description
     # 16 of 132 SMs: far slower than the whole GPU (a graph captured outside the share would not be).
     assert times[0.125] > 2 * times[0.0], times
     err = (torch.linalg.norm(outs[0.125] - outs[0.0]) / torch.linalg.norm(outs[0.0])).item()
     assert err < 1e-2, err
     backend.close()
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_a_share_changed_while_a_producer_streams_fails_no_frame() -> None:
+    total = torch.cuda.get_device_properties(0).multi_processor_count
+    first = ModelSpec(name="m", source="builtin:small", input_shape=SHAPE, max_batch_size=4, batch_buckets=(1, 2, 4),
+                      compile="off", sm_share=0.5)  # fmt: skip
+    async with Server(Config(listeners=[ListenerSpec(port=0)], device="cuda", models=[first])) as srv:
+        registry = registry_for(srv)
+        conn = await client.connect("127.0.0.1", srv.port)
+        producer = Producer(conn, window=16)
+        task = asyncio.create_task(producer.run())
+        await asyncio.sleep(0.2)
+        seen = []
+        for share in (0.25, 0.0, 0.5):
+            await srv.swap_model("m", replace(first, sm_share=share))
+            await asyncio.sleep(0.1)
+            text = generate_latest(registry).decode()
+            gauge = {s.labels["device"]: s.value for f in text_string_to_metric_families(text)
+                     if f.name == "streamgpu_model_sms" for s in f.samples}  # fmt: skip
+            seen.append((share, srv.metrics()["models"]["m"]["sms"], gauge))
+        producer.running = False
+        await task
+        replies = producer.check()
+        assert len(replies) > 100 and all(r.ok for r in replies), {r.status for r in replies}
+        for share, sms, gauge in seen:
+            expected = total if not share else min(total, max(8, round(share * total / 8) * 8))
+            assert list(sms.values()) == [expected] and list(gauge.values()) == [expected], (share, sms, gauge)
+        await conn.close()
