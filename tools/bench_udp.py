@@ -310,8 +310,11 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=3.0, help="ingest measurement seconds (default 3)")
     p.add_argument("--batch", type=int, default=1024, help="datagrams per recvmmsg call (default 1024)")
     p.add_argument("--device", default="auto", help="e2e server device (default auto)")
-    p.add_argument("--model", default="builtin:resnet50",
-                   help="e2e model source (default builtin:resnet50; 'trivial': a channel mean, for CPU runs)")
+    p.add_argument(
+        "--model",
+        default="builtin:resnet50",
+        help="e2e model source (default builtin:resnet50; 'trivial': a channel mean, for CPU runs)",
+    )
     p.add_argument("--concurrency", type=int, default=64, help="e2e frames in flight (default 64)")
     p.add_argument("--processes", type=int, default=4, help="e2e generator processes (default 4)")
     p.add_argument("--window", type=float, default=3.0, help="e2e measurement window seconds (default 3)")

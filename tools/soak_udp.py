@@ -350,8 +350,12 @@ def main() -> int:
     p.add_argument("--warmup", type=float, default=60.0, help="RSS is compared from the first sample after this")
     p.add_argument("--rss-slack-mb", type=float, default=16.0, help="RSS growth allowed after warm-up (default 16)")
     p.add_argument("--steady", type=float, default=0.5, help="clean frames/s floor, x its median (default 0.5)")
-    p.add_argument("--reassembly-timeout", type=float, default=1.0,
-                   help="the server's reassembly_timeout_s (default 1.0, the listener's default)")
+    p.add_argument(
+        "--reassembly-timeout",
+        type=float,
+        default=1.0,
+        help="the server's reassembly_timeout_s (default 1.0, the listener's default)",
+    )
     p.add_argument("--json", help="write the rows and checks here")
     args = p.parse_args()
     report = asyncio.run(soak(
