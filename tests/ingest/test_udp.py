@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import random
+import importlib.util
 import socket
+import sys
 import threading
 from collections.abc import AsyncIterator
-from types import SimpleNamespace
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
 from typing import Any, cast
 
 import aiohttp
@@ -192,42 +194,16 @@ async def test_frames_flagged_for_subscribers_reach_a_websocket_subscriber_not_t
         assert udp_stats(srv)["replies_to_subscribers"] == 5
 
 
-class Shuffler:
-    """Stands in for the client's datagram sending: drops 1 %, duplicates 1 %, reorders within 16 datagrams."""
-
-    def __init__(self, conn: client.UdpConnection, seed: int) -> None:
-        self.sock = conn.socket
-        self.rng = random.Random(seed)
-        self.window: list[bytes] = []
-        self.damaged: set[tuple[int, int]] = set()
-        self.touched: set[tuple[int, int]] = set()
-        self.handle: asyncio.TimerHandle | None = None
-
-    def write(self, datagrams: list[list[bytes | memoryview]]) -> None:
-        for parts in datagrams:
-            data = udp.join(parts)
-            ch = udp.decode_chunk_header(data)
-            key = (ch.stream_id, ch.sequence)
-            if self.rng.random() < 0.01:
-                self.damaged.add(key)
-                continue
-            self.touched.add(key)
-            self.window.append(data)
-            if self.rng.random() < 0.01:
-                self.window.append(data)
-            if len(self.window) >= 16:
-                self.flush()
-        if self.window and self.handle is None:  # the tail goes out shortly, still shuffled
-            self.handle = asyncio.get_running_loop().call_later(0.01, self.flush)
-
-    def flush(self) -> None:
-        if self.handle is not None:
-            self.handle.cancel()
-            self.handle = None
-        self.rng.shuffle(self.window)
-        for data in self.window:
-            self.sock.send(data)
-        self.window.clear()
+def damage_module() -> ModuleType:
+    """tools/soak_udp.py, whose ``Damage`` stands in for a UDP connection's sending: drops, repeats, reorders."""
+    spec = importlib.util.spec_from_file_location(
+        "soak_udp", Path(__file__).resolve().parents[2] / "tools" / "soak_udp.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["soak_udp"] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.asyncio
@@ -237,7 +213,7 @@ async def test_loss_duplicates_and_reordering(server: Server, monkeypatch: pytes
     inputs = frames(8, seed=1)
     expected = await reference(server, inputs)
     conn = await client.connect_udp("127.0.0.1", udp_port(server), datagram_bytes=GRAM, reply_timeout=5)
-    shuffler = Shuffler(conn, seed=7)
+    shuffler = damage_module().Damage(conn, loss=0.01, dup=0.01, reorder=16, seed=7)
     monkeypatch.setattr(conn, "_write", shuffler.write)
     n = 300
     replies: dict[tuple[int, int], client.Reply] = {}
@@ -254,7 +230,7 @@ async def test_loss_duplicates_and_reordering(server: Server, monkeypatch: pytes
         unmatched = conn._protocol.unmatched_replies
     finally:
         await conn.close()
-    damaged = shuffler.damaged & shuffler.touched  # frames with some datagrams sent, not all
+    damaged = shuffler.damaged & shuffler.sent  # frames with some datagrams sent, not all
     assert len(damaged) >= 3, "the seed must damage some frames"
     assert len(replies) == n and unmatched == 0
     for (stream, seq), reply in replies.items():
