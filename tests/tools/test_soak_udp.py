@@ -29,7 +29,7 @@ SHORT: dict[str, Any] = dict(
 )  # fmt: skip
 
 
-@pytest.mark.asyncio
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # the server (its own process) runs uvloop where present
 async def test_a_short_soak_passes_every_check() -> None:
     soak = soak_module()
     out = io.StringIO()
