@@ -62,7 +62,10 @@ log = logging.getLogger(__name__)
 LOOPBACK_NETS = ("127.0.0.0/8", "::1/128", "::ffff:127.0.0.0/104")
 ENDED_KEPT = 1024  # per producer: recently ended frames, so their late datagrams are recognised
 DENIED_KEPT = 4096  # sender keys found outside the allow list (cached: a flood costs a lookup each)
-_RUNS_COPIED = 16  # fewer runs than this in a batch: a slice copy each (no gather into a temporary)
+# A batch in fewer runs than this, or in runs of _RUN_LENGTH datagrams on average: a slice copy per run (the
+# gathering assignment copies twice, through a temporary; a run costs a few numpy calls).
+_RUNS_COPIED = 16
+_RUN_LENGTH = 8
 BAD_COUNTERS: dict[Verdict, str] = {v: v.name.lower() for v in Verdict if v is not Verdict.OK}
 
 
@@ -401,9 +404,9 @@ class UdpListener(Listener):
     def _place(self, dst: np.ndarray, rows: np.ndarray, width: np.ndarray) -> None:
         """Copy ``width[j]`` bytes of packet-area row ``rows[j]`` to ring byte ``dst[j]``, per distinct width.
 
-        In-order traffic comes as a few runs (consecutive packet-area rows to consecutive places of one
-        frame): each run is one slice copy. Otherwise (reordered, interleaved) one numpy assignment
-        places them all: the ring seen as rows of that width starting at every byte.
+        In-order traffic, from one sender or several interleaved, comes in runs (consecutive packet-area
+        rows to consecutive places of one frame): each run is one slice copy. Otherwise (reordered) one
+        numpy assignment places them all: the ring seen as rows of that width starting at every byte.
         """
         bodies = self._area.bodies
         sizes = np.unique(width).tolist() if (width != width[0]).any() else [int(width[0])]
@@ -414,7 +417,7 @@ class UdpListener(Listener):
             d, r = dst[pick], rows[pick]
             if len(r) > 1:
                 starts = np.flatnonzero((np.diff(r) != 1) | (np.diff(d) != size)) + 1
-                if len(starts) < _RUNS_COPIED:
+                if len(starts) < max(_RUNS_COPIED, len(r) // _RUN_LENGTH):
                     ring = self.admission.pool.buffer
                     bounds = [0, *starts.tolist(), len(r)]
                     for a, b, at, row in zip(bounds[:-1], bounds[1:], d[bounds[:-1]].tolist(),

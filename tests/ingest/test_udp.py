@@ -210,6 +210,7 @@ def damage_module() -> ModuleType:
 async def test_loss_duplicates_and_reordering(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every complete frame OK with its result, every damaged one INCOMPLETE, each answered exactly once."""
     monkeypatch.setattr(udp_listener, "_RUNS_COPIED", 0)  # every batch placed by the one gathering assignment
+    monkeypatch.setattr(udp_listener, "_RUN_LENGTH", 1 << 30)
     inputs = frames(8, seed=1)
     expected = await reference(server, inputs)
     conn = await client.connect_udp("127.0.0.1", udp_port(server), datagram_bytes=GRAM, reply_timeout=5)
@@ -307,6 +308,8 @@ async def test_a_frame_given_up_inside_a_batch_writes_nothing(server: Server, ru
     10's datagrams in that batch must not be written (they would land in 5's payload); by the one
     gathering assignment (runs_copied 0) and by a slice copy per run."""
     monkeypatch.setattr(udp_listener, "_RUNS_COPIED", runs_copied)
+    if not runs_copied:
+        monkeypatch.setattr(udp_listener, "_RUN_LENGTH", 1 << 30)
     inputs = frames(3, seed=4)
     expected = await reference(server, inputs[2:])
     conn = await client.connect_udp("127.0.0.1", udp_port(server), datagram_bytes=GRAM, reply_timeout=5)
