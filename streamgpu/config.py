@@ -26,7 +26,7 @@ MiB = 1024 * 1024
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-RAW_OPTIONS = ("model", "live")  # a raw listener's options (streamgpu.ingest.raw)
+RAW_OPTIONS = ("model", "live", "stream_id")  # a raw listener's options (streamgpu.ingest.raw)
 MAX_INGEST_WORKERS = 64
 
 __all__ = ["Config", "ConfigError", "ListenerSpec", "TokenSpec", "typed_settings"]
@@ -55,6 +55,9 @@ class ListenerSpec:
                 out.append("a raw listener needs options.model, the name of a configured model")
             if not isinstance(self.options.get("live", True), bool):
                 out.append(f"raw listener option live must be true or false, got {self.options['live']!r}")
+            stream_id = self.options.get("stream_id", 0)
+            if isinstance(stream_id, bool) or not isinstance(stream_id, int) or not 0 <= stream_id <= 0xFFFFFFFF:
+                out.append(f"raw listener option stream_id must be an integer 0..4294967295, got {stream_id!r}")
         return out
 
 
@@ -86,6 +89,7 @@ class Config:
     hello_timeout_s: float = 5.0
     receive_timeout_s: float = 10.0
     receive_idle_timeout_s: float = 2.0
+    http_keepalive_timeout_s: float = 15.0  # an idle HTTP connection (a place under max_connections) closes after it
     min_receive_rate: int = 1_000_000
     max_inflight_batches: int = 2
     shutdown_timeout_s: float = 10.0
@@ -145,6 +149,9 @@ class Config:
             value = getattr(self, key)
             if not (math.isfinite(value) and value >= 0) or (value == 0 and key != "shutdown_timeout_s"):
                 problems.append(f"{key} must be a finite number of seconds > 0, got {value}")
+        if not (math.isfinite(self.http_keepalive_timeout_s) and self.http_keepalive_timeout_s > 0):
+            problems.append(f"http_keepalive_timeout_s must be a finite number of seconds > 0, "
+                            f"got {self.http_keepalive_timeout_s}")  # fmt: skip
         if not (math.isfinite(self.watchdog_factor) and self.watchdog_factor >= 1):
             problems.append(f"watchdog_factor must be a finite number >= 1, got {self.watchdog_factor}")
         if self.min_receive_rate < 1:

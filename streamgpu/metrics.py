@@ -12,6 +12,8 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable, Iterator
 
+import numpy as np
+
 from streamgpu.protocol.wire import Status
 
 # Seconds: 100 us .. 10 s, roughly 1-2.5-5 per decade (Prometheus' defaults start at 5 ms: too coarse here).
@@ -41,6 +43,18 @@ class Histogram:
         self.counts[bisect.bisect_left(self.bounds, value)] += n
         self.sum += value * n
 
+    def observe_all(self, values: np.ndarray) -> None:
+        """One observation per element of ``values`` (a batch's frames: one call instead of one per frame)."""
+        if len(values) < 8:  # numpy's fixed cost is more than a few bisects
+            for value in values.tolist():
+                self.observe(value)
+            return
+        where = np.bincount(np.searchsorted(self.bounds, values, "left"), minlength=len(self.counts))
+        for i, n in enumerate(where.tolist()):
+            if n:
+                self.counts[i] += n
+        self.sum += float(values.sum())
+
     @property
     def count(self) -> int:
         return sum(self.counts)
@@ -66,8 +80,8 @@ class ReplyCounts:
         self._by_model: dict[str, list[int]] = {name: [0] * size for name in (*models, NO_MODEL)}
         self._none = self._by_model[NO_MODEL]
 
-    def count(self, model: str, status: int) -> None:
-        self._by_model.get(model, self._none)[status] += 1
+    def count(self, model: str, status: int, n: int = 1) -> None:
+        self._by_model.get(model, self._none)[status] += n
 
     def items(self) -> Iterator[tuple[str, Status, int]]:
         """(model, status, count) for every count above zero."""

@@ -5,7 +5,7 @@ cameras) have their results published here; ``streamgpu send`` prints its
 replies in the same schema. One line per frame (docs/PROTOCOL.md, "Raw
 producers", is the normative description)::
 
-    {"source": "raw", "stream": "raw:9000/3", "seq": 17, "model": "default",
+    {"source": "raw", "stream": "raw:9000/3", "stream_id": 9000, "seq": 17, "model": "default",
      "status": "OK", "message": "", "timings": {"receive_us": 120, ...},
      "shape": [1000], "dtype": "float32", "top_k": [[412, 9.81], [7, 8.2], ...]}
 
@@ -13,9 +13,12 @@ producers", is the normative description)::
 full ``result`` list when ``top_k > 0``; an error status has neither.
 
 ``Results`` encodes a record once and hands the line to every ``Outlet``: a
-file, the subscribers of a TCP port, and later the web front end's
-WebSocket/HTTP subscribers (an ``Outlet`` with ``write_line``). No outlet may
-block the loop or grow without bound: a slow subscriber skips lines.
+file, the subscribers of a TCP port (an ``Outlet`` with ``write_line``). No
+outlet may block the loop or grow without bound: a slow subscriber skips lines.
+In a server it is one consumer of the server's result hub
+(``streamgpu.ingest.hub``, ``Results.attach``): every result any front end
+publishes becomes one line, so raw producers' results reach JSON-lines readers
+and WebSocket subscribers by the same path.
 
 This module imports neither torch nor the server, so the client side
 (``streamgpu send``) uses it too.
@@ -28,11 +31,16 @@ import asyncio
 import json
 import logging
 import typing
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from streamgpu.protocol.wire import Status, Timings
+
+if TYPE_CHECKING:
+    from streamgpu.frame import Outcome
+    from streamgpu.ingest.hub import Origin, ResultHub, Subscription
+    from streamgpu.protocol.wire import FrameHeader
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +57,19 @@ def result_record(
     timings: Timings,
     result: np.ndarray | None,
     top_k: int,
+    stream_id: int | None = None,
 ) -> dict[str, Any]:
     """One frame's result as a JSON-ready dict (the schema in the module docstring)."""
-    record: dict[str, Any] = {
-        "source": source,
-        "stream": stream,
+    record: dict[str, Any] = {"source": source, "stream": stream}
+    if stream_id is not None:
+        record["stream_id"] = stream_id
+    record.update({
         "seq": seq,
         "model": model,
         "status": status.name,
         "message": message,
         "timings": timings._asdict(),
-    }
+    })  # fmt: skip
     if result is not None and status == Status.OK:
         record["shape"] = list(result.shape)
         record["dtype"] = result.dtype.name
@@ -105,15 +115,39 @@ class Results:
     def __init__(self, outlets: list[Outlet] | None = None) -> None:
         self.outlets: list[Outlet] = list(outlets or [])
         self.published = 0  # records encoded for the outlets
+        self._hub: ResultHub | None = None
+        self._tap: Subscription | None = None
+        self._top_k = 0
 
     def add_outlet(self, outlet: Outlet) -> None:
-        """Connect another outlet (e.g. the web front end's subscribers); it gets lines from now on."""
+        """Connect another outlet (e.g. an embedding application's own); it gets lines from now on."""
         self.outlets.append(outlet)
+        if self._hub is not None:
+            self.attach(self._hub, self._top_k)
 
     @property
     def wanted(self) -> bool:
         """Whether anyone takes lines (records need not be built otherwise)."""
         return bool(self.outlets)
+
+    def attach(self, hub: ResultHub, top_k: int) -> None:
+        """Make a line of every result published on ``hub`` (``top_k``: as ``result_record``'s), while any
+        outlet takes lines (none: nothing is made until ``add_outlet``); ``detach`` ends it."""
+        self._hub, self._top_k = hub, top_k
+        if self.outlets and self._tap is None:
+            self._tap = hub.tap(self._on_result)
+
+    def detach(self) -> None:
+        self._hub = None
+        if self._tap is not None:
+            self._tap.cancel()
+            self._tap = None
+
+    def _on_result(self, header: FrameHeader, outcome: Outcome, origin: Origin) -> None:
+        stream = origin.stream or str(header.stream_id)
+        self.publish(result_record(origin.source, stream, header.sequence, header.model, outcome.status,
+                                   outcome.message, outcome.timings, outcome.result, self._top_k,
+                                   header.stream_id))  # fmt: skip
 
     def publish(self, record: dict[str, Any]) -> None:
         """Encode ``record`` once and hand the line to every outlet."""
@@ -139,6 +173,7 @@ class Results:
             raise
 
     async def close(self) -> None:
+        self.detach()
         for outlet in self.outlets:
             await outlet.close()
 

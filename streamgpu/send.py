@@ -129,7 +129,7 @@ async def send(opts: SendOptions, frames: Iterator[np.ndarray], out: TextIO, err
         reply = cast(SendReply, got)
         failed |= reply.status != Status.OK
         record = result_record("send", str(reply.stream_id), reply.sequence, opts.model, Status(reply.status),
-                               reply.message, reply.timings, reply.result, opts.top_k)  # fmt: skip
+                               reply.message, reply.timings, reply.result, opts.top_k, reply.stream_id)  # fmt: skip
         out.write(encode_line(record).decode())
         out.flush()  # a pipe's reader wants each line as it comes
 

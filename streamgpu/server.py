@@ -92,10 +92,11 @@ class Server:
             self._repository = RepositoryPoller(cfg.model_repository, models, self._loader)
             await self._repository.poll(initial=True)
             self._repository.start(cfg.repository_poll_s)
-        self._admission = admission = Admission(cfg, self._pool, models.specs, scheduler.submit)
+        self._admission = admission = Admission(cfg, self._pool, models.specs, scheduler.submit, scheduler.submit_many)
         await self.results.start()
+        self.results.attach(admission.stream_results, cfg.results_top_k)  # every published result, as a line
         for listener_spec in cfg.listeners:
-            listener = make_listener(listener_spec, admission, segment, self.results)
+            listener = make_listener(listener_spec, admission, segment)
             listener.server = self
             await listener.start()
             self._listeners.append(listener)

@@ -115,6 +115,7 @@ def test_models_from_toml(tmp_path: Path) -> None:
         ('[[server.listeners]]\nkind = "raw"\n', "a raw listener needs options.model"),
         ('[[server.listeners]]\nkind = "raw"\noptions = { model = "x" }\n', "raw listener model 'x' is not a"),
         ('[[server.listeners]]\nkind = "raw"\noptions = { model = "default", live = 1 }\n', "live must be true or"),
+        ('[[server.listeners]]\nkind = "raw"\noptions = { model = "default", stream_id = -1}\n', "stream_id must be"),
         ('[[server.listeners]]\nkind = "raw"\noptions = { model = "default", fps = 1 }\n', "options ['fps'] unknown"),
         ("[server]\nresults_port = -2\n", "results_port must be -1"),
         ("[server]\nresults_top_k = -1\n", "results_top_k must be >= 0"),

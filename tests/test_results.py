@@ -119,7 +119,8 @@ def test_the_documented_example_line_has_the_schema() -> None:
     doc = (Path(__file__).parent.parent / "docs" / "PROTOCOL.md").read_text()
     example = doc[doc.index("### 10.2") :].split("```json\n", 1)[1].split("\n```", 1)[0]
     documented = json.loads(example)
-    made = result_record("raw", "raw:9000/1", 17, "default", Status.OK, "", Timings(), np.ones(1000, np.float32), 2)
+    made = result_record("raw", "raw:9000/1", 17, "default", Status.OK, "", Timings(), np.ones(1000, np.float32), 2,
+                         9000)  # fmt: skip
     assert list(documented) == list(made) and list(documented["timings"]) == list(made["timings"])
     assert documented["source"] == "raw" and len(documented["top_k"]) == 2
 
@@ -144,3 +145,59 @@ async def test_a_subscriber_that_reads_nothing_does_not_hold_close_up() -> None:
     await outlet.close(grace_s=0.2)
     assert loop.time() - start < 2 and not outlet.subscribers  # aborted after the grace, not left open
     deaf.close()
+
+
+@pytest.mark.asyncio
+async def test_the_results_sink_takes_every_front_ends_results_from_the_hub(tmp_path: Path) -> None:
+    # One result path: a TCP producer's results and refusals reach the JSON lines through the server's
+    # result hub, as raw producers' do (tests/ingest/test_raw.py), each line naming its stream id.
+    from streamgpu import client
+    from streamgpu.config import Config, ListenerSpec
+    from streamgpu.models.spec import ModelSpec
+    from streamgpu.server import Server
+
+    spec = ModelSpec(input_shape=(8, 8, 3), max_batch_size=4, batch_buckets=(1, 4))
+    out = tmp_path / "results.jsonl"
+    cfg = Config(listeners=[ListenerSpec(port=0)], device="cpu", models=[spec], results_file=str(out))
+    async with Server(cfg) as server:
+        conn = await client.connect("127.0.0.1", server.port)
+        frame = np.zeros(spec.input_shape, np.uint8)
+        replies = await asyncio.gather(*(conn.submit(frame, stream_id=5) for _ in range(3)),
+                                       conn.submit(np.zeros((4, 4, 3), np.uint8), stream_id=6))  # fmt: skip
+        await conn.close()
+    assert [r.status for r in replies] == [Status.OK] * 3 + [Status.BAD_FRAME]
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted((x["source"], x["stream_id"], x["seq"], x["status"]) for x in lines) == [
+        ("tcp", 5, 0, "OK"), ("tcp", 5, 1, "OK"), ("tcp", 5, 2, "OK"), ("tcp", 6, 0, "BAD_FRAME")]  # fmt: skip
+    assert len({x["stream"] for x in lines}) == 1 and lines[0]["stream"].startswith("tcp:")
+
+
+def test_attached_results_tap_the_hub_only_while_an_outlet_takes_lines() -> None:
+    from streamgpu.frame import Outcome
+    from streamgpu.ingest.hub import Origin, ResultHub
+    from streamgpu.protocol.wire import FrameHeader
+
+    class Lines(Outlet):
+        def __init__(self) -> None:
+            self.got: list[dict[str, Any]] = []
+
+        async def start(self) -> None:
+            pass
+
+        def write_line(self, line: bytes) -> None:
+            self.got.append(json.loads(line))
+
+        async def close(self) -> None:
+            pass
+
+    hub, results, lines = ResultHub(), Results(), Lines()
+    results.attach(hub, top_k=1)
+    header = FrameHeader(9000, 3, "default", 1, (1,), 1)
+    hub.publish(header, Outcome(Status.OK, result=np.arange(3, dtype=np.float32)), Origin("raw", "raw:9000/1"))
+    assert results.published == 0  # no outlet: no record made
+    results.add_outlet(lines)
+    hub.publish(header, Outcome(Status.OK, result=np.arange(3, dtype=np.float32)), Origin("raw", "raw:9000/1"))
+    results.detach()
+    hub.publish(header, Outcome(Status.OK))
+    assert [(x["source"], x["stream"], x["stream_id"], x["seq"], x["top_k"]) for x in lines.got] == [
+        ("raw", "raw:9000/1", 9000, 3, [[2, 2.0]])]  # fmt: skip

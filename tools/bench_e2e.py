@@ -18,6 +18,9 @@ Suites (``--suite``, repeatable; default all):
   (``devices = [0, 1]``), same run.
 * ``batching``: ResNet-50 fp16 latency-throughput curves (open loop, rate
   sweep) of adaptive batching against fixed batch 1 and fixed batch 32.
+* ``curves``: ResNet-50 fp16 latency-throughput curves (closed loop, 1 to 256
+  frames in flight) of streamgpu, the strong server (as written and compiled)
+  and the plain server; ``tools/plot_curves.py`` draws them.
 
 Prints one table per suite and writes everything to ``--json``.
 
@@ -286,7 +289,33 @@ def suite_gpus(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     return {"rows": rows, "figures": figures}
 
 
-SUITES = {"default": suite_default, "plain": suite_plain, "batching": suite_batching, "gpus": suite_gpus}
+CURVE_LEVELS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # frames in flight (closed loop)
+
+
+def suite_curves(out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Latency-throughput curves, ResNet-50 fp16, closed loop at CURVE_LEVELS frames in flight, for the
+    plain server, the strong server (as written and compiled) and streamgpu, same run.
+    ``tools/plot_curves.py`` draws them (docs/latency_throughput.png)."""
+    servers: list[tuple[str, contextlib.AbstractContextManager[int]]] = [
+        ("plain", baseline_server(out, "plain", args.device)),
+        ("strong", baseline_server(out, "strong", args.device)),
+        ("strong+compile", baseline_server(out, "strong", args.device, "--compile")),
+        ("streamgpu", streamgpu_server(out, "resnet50", RESNET50, args.device)),
+    ]
+    rows = []
+    for label, started in servers:
+        if args.servers and label not in args.servers.split(","):
+            continue
+        with started as port:
+            for c in CURVE_LEVELS:  # at most 4 generator processes, and no more than frames in flight
+                result = load(port, [LoadLevel(CONCURRENCY, c)], processes=min(4, c), window_s=args.window)[0]
+                rows.append(row(label, result))
+    print_rows("ResNet-50 fp16 latency vs throughput (closed loop, frames in flight)", rows)
+    return {"rows": rows}
+
+
+SUITES = {"default": suite_default, "plain": suite_plain, "batching": suite_batching, "gpus": suite_gpus,
+          "curves": suite_curves}  # fmt: skip
 
 
 def main() -> int:
@@ -296,6 +325,8 @@ def main() -> int:
     parser.add_argument("--window", type=float, default=2.0, help="measurement window, s (default 2)")
     parser.add_argument("--rates", default="500,1000,2000,4000,6000", help="open-loop rates for the batching suite")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run of the harness")
+    parser.add_argument("--servers", default="", help="curves suite: only these (comma-separated: plain, strong, "
+                        "strong+compile, streamgpu)")  # fmt: skip
     args = parser.parse_args()
     import torch
 

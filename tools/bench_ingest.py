@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import json
 import os
+import pstats
 import sys
 import tempfile
 import time
@@ -43,15 +45,20 @@ from bench_e2e import HOST, print_rows, row, server  # noqa: E402
 
 from streamgpu.config import Config, ListenerSpec  # noqa: E402
 from streamgpu.frame import Frame, Outcome  # noqa: E402
+from streamgpu.gpu.backend import Backend, BatchRun, DeviceModel  # noqa: E402
+from streamgpu.gpu.bridge import CompletionBridge  # noqa: E402
 from streamgpu.ingest import channel  # noqa: E402
 from streamgpu.ingest.admission import Admission  # noqa: E402
 from streamgpu.ingest.tcp import TcpConnection, TcpListener  # noqa: E402
 from streamgpu.ingest.workers import WorkerListener, _Worker  # noqa: E402
 from streamgpu.loadgen import CONCURRENCY, Endpoint, LoadLevel, RunConfig, run  # noqa: E402
+from streamgpu.loops import new_event_loop  # noqa: E402
 from streamgpu.memory import HostSegment, SlotPool  # noqa: E402
 from streamgpu.models.spec import ModelSpec  # noqa: E402
 from streamgpu.protocol import wire  # noqa: E402
 from streamgpu.protocol.wire import FrameHeader, Status, Timings  # noqa: E402
+from streamgpu.scheduler.runner import BatchRunner  # noqa: E402
+from streamgpu.scheduler.scheduler import Scheduler  # noqa: E402
 
 SIZES = {"3KB": (32, 32, 3), "150KB": (224, 224, 3)}
 PRODUCERS = (1, 4, 8, 64)
@@ -180,6 +187,199 @@ def part_micro(args: argparse.Namespace) -> dict[str, Any]:
     return {"rows": rows}
 
 
+# -- loop: the whole scheduling-loop path in worker mode, with a backend that costs nothing ---------
+
+
+class _NullModel(DeviceModel):
+    def __init__(self, spec: ModelSpec, outputs: int) -> None:
+        self.spec = spec
+        self.device = 0
+        self.rows = np.zeros((spec.max_batch_size, outputs), np.float32)
+
+    @property
+    def description(self) -> str:
+        return f"{self.spec.name} (null)"
+
+
+class _Done:
+    """An event that has always completed (the bridge polls it once)."""
+
+    @staticmethod
+    def query() -> bool:
+        return True
+
+
+class _NullBackend(Backend):
+    """The CUDA backend's loop-side shape (two bridge waits, a result future, rows copied out) with no device."""
+
+    name = "null"
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, config: Config) -> None:
+        self._loop = loop
+        self.devices = ["null"]
+        self.bridge = CompletionBridge(loop)
+
+    def attach_host(self, buffer: np.ndarray) -> None:
+        pass
+
+    def load(self, spec: ModelSpec, module: Any, device: int = 0) -> DeviceModel:
+        raise NotImplementedError
+
+    def launch(self, model: DeviceModel, slots: list[Any], expected_s: float = 0.0) -> BatchRun:
+        assert isinstance(model, _NullModel)
+        n = len(slots)
+        finished = self.bridge.wait(_Done, expected_s)
+        copied = self.bridge.wait(_Done)
+        result: asyncio.Future[Any] = self._loop.create_future()
+        run = BatchRun(n, copied, result)
+
+        def deliver(f: asyncio.Future[None]) -> None:
+            run.service_s = 1e-5
+            result.set_result(model.rows[:n].copy())
+
+        finished.add_done_callback(deliver)
+        return run
+
+    def close(self) -> None:
+        self.bridge.close()
+
+
+class _Feeder:
+    """The worker processes' side, closed loop: keeps ``in_flight`` FRAME descriptors in the server.
+
+    It is the channel transport of the ``_Worker`` under test: each write (one
+    loop iteration's RELEASE and REPLY records) schedules a top-up, as a worker
+    would send the next frames once its producers got their replies. Its own
+    cost is a slice of pre-packed records per loop iteration.
+    """
+
+    def __init__(self, worker: Any, records: bytes, in_flight: int, total: int, keep: bool) -> None:
+        self.worker = worker
+        self.records = records
+        self.in_flight = in_flight
+        self.left = total
+        self.keep = keep
+        self.written: list[bytes] = []
+        self.bytes = 0
+        self.scheduled = False
+        self.loop = asyncio.get_running_loop()
+        self.done = self.loop.create_future()
+
+    def top_up(self) -> None:
+        self.scheduled = False
+        n = min(self.in_flight - self.worker.in_server, self.left)
+        if n > 0:
+            self.left -= n
+            self.worker.data_received(self.records[: n * channel.UP.size])
+        elif not self.left and not self.worker.in_server and not self.done.done():
+            self.done.set_result(None)
+
+    def write(self, data: bytes) -> None:
+        self.bytes += len(data)
+        if self.keep:
+            self.written.append(data)
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self.top_up)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+async def loop_path(shape: tuple[int, ...], total: int, in_flight: int, producers: int,
+                    profile: cProfile.Profile | None = None, keep: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Drive ``total`` frames through the scheduling loop's real worker-mode path; loop CPU per frame.
+
+    FRAME descriptors in (``_Worker.data_received``) -> ``Admission.submit`` ->
+    ``Scheduler`` (queue, batch choice) -> ``BatchRunner`` -> a null backend
+    (bridge waits on events that are always complete) -> frames finished ->
+    RELEASE and REPLY records out (``_Worker._flush``). ``producers``
+    connections, ``in_flight`` frames in the server at a time.
+    """
+    loop = asyncio.get_running_loop()
+    spec = ModelSpec(input_shape=shape)
+    cfg = Config(models=[spec], ring_bytes=64 << 20, max_payload_bytes=1 << 20, ingest_workers=1)
+    segment = HostSegment.create(cfg.ring_bytes)
+    backend = _NullBackend(loop, cfg)
+    runner: list[BatchRunner] = []
+
+    async def run_batch(model: DeviceModel, frames: list[Frame], expected_s: float) -> float | None:
+        return await runner[0].run(model, frames, expected_s)
+
+    scheduler = Scheduler(loop, run_batch, cfg.max_inflight_batches)
+    runner.append(BatchRunner(backend, scheduler))
+    scheduler.add_model([_NullModel(spec, 1000)])
+    pool = SlotPool(segment.buffer)
+    admission = Admission(cfg, pool, {spec.name: spec}, scheduler.submit, scheduler.submit_many)
+    listener = WorkerListener(cfg.listeners[0], admission, segment, 1)
+    lent = pool.reserve(cfg.worker_ring_bytes)
+    assert lent is not None
+    worker = _Worker(listener, 0, lent)
+    nbytes = int(np.prod(shape))
+    records = b"".join(channel.UP.pack(channel.FRAME, 0, 0, 0, 0, 0, 1 + k % producers, k, lent.offset, nbytes,
+                                       k % producers, 0, k, 0, 0, 0, 0) for k in range(in_flight))  # fmt: skip
+    feeder = _Feeder(worker, records, in_flight, total, keep)
+    worker.connection_made(feeder)  # type: ignore[arg-type]
+    worker.data_received(b"".join(channel.up(channel.OPEN, 1 + p, 0, 255) for p in range(producers)))
+    await asyncio.sleep(0)
+    metrics = scheduler.metrics_for(spec.name)
+    start, t0 = time.thread_time(), time.perf_counter()
+    if profile is not None:
+        profile.enable()
+    feeder.top_up()
+    await feeder.done
+    if profile is not None:
+        profile.disable()
+    cpu, wall = time.thread_time() - start, time.perf_counter() - t0
+    backend.close()
+    segment.close()
+    if metrics.completed != total:
+        raise RuntimeError(f"{metrics.completed} of {total} frames completed: {scheduler.metrics()}")
+    return {
+        "us_per_frame": cpu / total * 1e6, "frames_per_s": total / wall, "batches": metrics.batches,
+        "mean_batch": total / max(metrics.batches, 1), "written": feeder.written, "bytes_out": feeder.bytes,
+    }  # fmt: skip
+
+
+def part_loop(args: argparse.Namespace) -> dict[str, Any]:
+    """The scheduling loop's CPU per frame, whole worker-mode path, best of N; then a cProfile stage split."""
+    from profile_loop import breakdown
+
+    rows = []
+    splits = {}
+    for label, shape in SIZES.items():
+        if label not in args.sizes.split(","):
+            continue
+        runs = []
+        for _ in range(args.loop_runs):
+            run = loop_path(shape, args.loop_frames, args.loop_in_flight, args.loop_producers)
+            runs.append(new_event_loop("auto").run_until_complete(run))
+        best = min(runs, key=lambda r: r["us_per_frame"])
+        profile = cProfile.Profile()
+        new_event_loop("auto").run_until_complete(
+            loop_path(shape, args.loop_frames // 4, args.loop_in_flight, args.loop_producers, profile))
+        stages = breakdown(profile)
+        scale = best["us_per_frame"] / max(sum(stages.values()), 1e-12)
+        splits[label] = {k: round(v * scale, 2) for k, v in sorted(stages.items(), key=lambda kv: -kv[1])}
+        raw: dict[Any, Any] = pstats.Stats(profile).stats  # type: ignore[attr-defined]
+        top = sorted(raw.items(), key=lambda kv: -kv[1][2])[:15]
+        rows.append({"frame": label, "in_flight": args.loop_in_flight, "producers": args.loop_producers,
+                     "mean_batch": round(best["mean_batch"], 1), "loop_us_per_frame": round(best["us_per_frame"], 2),
+                     "frames_per_s": round(best["frames_per_s"])})  # fmt: skip
+        splits[label + " top functions"] = {f"{Path(f[0]).name}:{f[1]}({f[2]})": round(v[2] * scale, 2)
+                                            for f, v in top}  # fmt: skip
+    print_rows("scheduling loop CPU per frame, whole worker-mode path (descriptors in -> scheduler -> null backend "
+               f"-> RELEASE/REPLY out), best of {args.loop_runs}", rows)  # fmt: skip
+    for label, split in splits.items():
+        print(f"{label} (us per frame, cProfile split scaled to the unprofiled figure)")
+        for stage, us in split.items():
+            print(f"  {stage} | {us}")
+    return {"rows": rows, "stages": splits}
+
+
 # -- saturate: servers over loopback ---------------------------------------------------------------
 
 
@@ -258,7 +458,8 @@ def part_saturate(out: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", action="append", choices=["micro", "saturate"], help="default: both")
+    parser.add_argument("--part", action="append", choices=["micro", "loop", "saturate"],
+                        help="default: micro and saturate")
     parser.add_argument("--ingest-workers", type=int, default=8, help="N for the side-by-side runs")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     parser.add_argument("--in-flight", type=int, default=256, help="frames in flight, in total")
@@ -268,6 +469,10 @@ def main() -> int:
     parser.add_argument("--producers", default=",".join(map(str, PRODUCERS)), help="producer counts")
     parser.add_argument("--micro-frames", type=int, default=32768)
     parser.add_argument("--micro-batch", type=int, default=32, help="frames per read / per batch in the micro part")
+    parser.add_argument("--loop-frames", type=int, default=65536, help="frames per run of the loop part")
+    parser.add_argument("--loop-in-flight", type=int, default=256, help="frames in the server in the loop part")
+    parser.add_argument("--loop-producers", type=int, default=8, help="connections in the loop part")
+    parser.add_argument("--loop-runs", type=int, default=5, help="runs of the loop part (the best is reported)")
     parser.add_argument("--out", default="out/bench_ingest")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
@@ -277,6 +482,8 @@ def main() -> int:
     parts = args.part or ["micro", "saturate"]
     if "micro" in parts:
         report["micro"] = part_micro(args)
+    if "loop" in parts:
+        report["loop"] = part_loop(args)
     if "saturate" in parts:
         report["saturate"] = part_saturate(out, args)
     if args.json:

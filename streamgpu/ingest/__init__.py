@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from streamgpu.ingest.admission import Admission
     from streamgpu.ingest.base import Listener
     from streamgpu.memory import HostSegment
-    from streamgpu.results import Results
 
 LISTENERS: dict[str, str] = {
     "tcp": "streamgpu.ingest.tcp:TcpListener",
@@ -40,15 +39,13 @@ def listener_class(kind: str) -> type[Listener]:
     return _load(target)
 
 
-def make_listener(
-    spec: ListenerSpec, admission: Admission, segment: HostSegment, results: Results | None = None
-) -> Listener:
+def make_listener(spec: ListenerSpec, admission: Admission, segment: HostSegment) -> Listener:
     """The listener serving ``spec``: in this process, or through ingest worker processes when
     ``ingest_workers > 0`` (they receive into ``segment``, the host memory ``admission.pool`` carves)."""
     workers = admission.config.ingest_workers
     if workers and spec.kind in WORKER_LISTENERS:
-        return _load(WORKER_LISTENERS[spec.kind])(spec, admission, segment, workers)  # type: ignore[call-arg, arg-type]
-    return listener_class(spec.kind)(spec, admission, results)
+        return _load(WORKER_LISTENERS[spec.kind])(spec, admission, segment, workers)  # type: ignore[call-arg]
+    return listener_class(spec.kind)(spec, admission)
 
 
 def _load(target: str) -> type[Listener]:

@@ -198,6 +198,14 @@ class Producer:
         admission.replies.count(model, status)
         admission.forget_if_idle(self)
 
+    def frames_finished(self, model: str, status: int, n: int) -> None:
+        """``frame_finished`` for ``n`` frames of one batch."""
+        self.frames_in_server -= n
+        admission = self._admission
+        admission.frames_in_flight -= n
+        admission.replies.count(model, status, n)
+        admission.forget_if_idle(self)
+
     @property
     def idle(self) -> bool:
         """No connection, no frame in the server, no ring space held or promised."""
@@ -213,11 +221,13 @@ class Admission:
         pool: SlotPool,
         specs: Mapping[str, ModelSpec],
         submit: Callable[[Frame], None],
+        submit_many: Callable[[list[Frame]], None] | None = None,
     ) -> None:
         self.config = config
         self.pool = pool
         self.specs = specs
         self._submit = submit
+        self._submit_many = submit_many
         self.accepting = True  # False once shutdown began: new frames get SHUTTING_DOWN
         self.connections = 0
         self.frames_in_flight = 0  # submitted and not yet finished, over all producers
@@ -248,7 +258,7 @@ class Admission:
 
     def refused_handshake(self, peer: str, status: Status, reason: str) -> None:
         """A connection was refused at its handshake (or before it): counted, and one log line saying why."""
-        self.replies.count(NO_MODEL, status)
+        self.replied(NO_MODEL, status)
         fields = {"event": "handshake_refused", "peer": peer, "status": status.name, "reason": reason}
         log.info("refused connection from %s: %s: %s", peer, status.name, reason, extra=fields)
 
@@ -334,3 +344,14 @@ class Admission:
         frame.producer.frames_in_server += 1
         self.frames_in_flight += 1
         self._submit(frame)
+
+    def submit_many(self, frames: list[Frame]) -> None:
+        """``submit`` for frames that arrived together (an ingest channel's read): one scheduling pass."""
+        for frame in frames:
+            frame.producer.frames_in_server += 1
+        self.frames_in_flight += len(frames)
+        if self._submit_many is not None:
+            self._submit_many(frames)
+        else:
+            for frame in frames:
+                self._submit(frame)

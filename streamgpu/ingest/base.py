@@ -20,7 +20,6 @@ from streamgpu.ingest.admission import Admission
 from streamgpu.protocol.wire import Status
 
 if TYPE_CHECKING:
-    from streamgpu.results import Results
     from streamgpu.server import Server
 
 
@@ -33,10 +32,9 @@ class Listener(abc.ABC):
     # serves more than frames (HTTP: health, model metadata) reads it; frame paths use ``admission``.
     server: Server | None = None
 
-    def __init__(self, spec: ListenerSpec, admission: Admission, results: Results | None = None) -> None:
+    def __init__(self, spec: ListenerSpec, admission: Admission) -> None:
         self.spec = spec
         self.admission = admission
-        self.results = results  # where outcomes of producers without a reply channel are published
 
     @classmethod
     def check_bind(cls, spec: ListenerSpec) -> None:
@@ -115,9 +113,8 @@ class SocketListener(Listener, Generic[C]):
     shutdown steps; a subclass makes the protocol (``make_connection``).
     """
 
-    def __init__(self, spec: ListenerSpec, admission: Admission, results: Results | None = None,
-                 sock: socket.socket | None = None) -> None:  # fmt: skip
-        super().__init__(spec, admission, results)
+    def __init__(self, spec: ListenerSpec, admission: Admission, sock: socket.socket | None = None) -> None:
+        super().__init__(spec, admission)
         self._sock = sock  # a listening socket to accept on (an ingest worker's, shared), instead of binding
         self._server: asyncio.Server | None = None
         self._connections: set[C] = set()

@@ -23,6 +23,10 @@ Worker -> scheduler: fixed-size records of ``UP.size`` (80) bytes::
 * ``CLOSED``: connection ``conn`` is gone (only after its ``OPEN``).
 * ``READY``: the worker accepts connections. ``STOPPED``: the worker took its
   last frame (answer to ``STOP``); every FRAME it sent came before this.
+* ``REPLIED``: the worker answered without a FRAME sent up (a refused frame, a
+  refused handshake, a connection reply): ``priority`` is the status, ``index``
+  the model's position (``NO_MODEL_INDEX``: none known). The scheduler counts it
+  in its ``Admission.replies``, beside the replies of frames it ran.
 
 Scheduler -> worker: a ``DOWN.size`` (64) byte head, then ``4 * ndim`` bytes
 of shape, ``message_len`` bytes of message and ``payload_len`` bytes of body::
@@ -50,6 +54,8 @@ from __future__ import annotations
 
 import array
 import struct
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -63,6 +69,8 @@ assert UP.size == 80 and DOWN.size == 64
 
 # upward kinds
 FRAME, OPEN, CLOSED, READY, STOPPED = 1, 2, 3, 4, 5
+REPLIED = 6
+NO_MODEL_INDEX = 0xFFFF  # a REPLIED record's index for a reply that names no served model
 # downward kinds
 RELEASE, REPLY, STOP, CLOSE = 1, 2, 3, 4
 NO_RESULT = 0  # a REPLY's dtype when there is no result
@@ -72,6 +80,11 @@ _SHAPES = [struct.Struct(f"<{n}I") for n in range(wire.MAX_NDIM + 1)]
 def up(kind: int, conn: int = 0, index: int = 0, priority: int = 0) -> bytes:
     """An upward record other than FRAME (OPEN, CLOSED, READY, STOPPED)."""
     return UP.pack(kind, priority, 0, 0, index, 0, conn, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+
+
+def replied(index: int, status: int) -> bytes:
+    """A REPLIED record: the worker answered ``status`` itself, for model ``index`` (or ``NO_MODEL_INDEX``)."""
+    return up(REPLIED, 0, index, status)
 
 
 def down(kind: int, fid: int = 0) -> bytes:
@@ -108,6 +121,54 @@ def encode_reply(fid: int, outcome: Outcome) -> bytes:
     data = result.tobytes()  # a copy (C order): the result row may be a view of a reused buffer
     head = DOWN.pack(REPLY, outcome.status, code, ndim, fid, len(data), *t, len(msg), 0)
     return b"".join((head, _SHAPES[ndim].pack(*result.shape), msg, data))
+
+
+# DOWN as a numpy record, for encoding a batch's REPLY records at once (same bytes as ``DOWN.pack``).
+_HEAD = [("kind", "u1"), ("status", "u1"), ("dtype", "u1"), ("ndim", "u1"), ("fid", "<u4"), ("payload_len", "<u8"),
+         ("timings", "<i8", (5,)), ("batch_size", "<u4"), ("message_len", "<u2"), ("pad", "<u2")]  # fmt: skip
+_REPLY_TYPES: dict[tuple[np.dtype, tuple[int, ...]], tuple[np.dtype, np.ndarray]] = {}
+
+
+def _reply_type(dtype: np.dtype, shape: tuple[int, ...]) -> tuple[np.dtype, np.ndarray]:
+    """The record dtype of a REPLY carrying one row of ``dtype`` and ``shape``, and a template record."""
+    key = (dtype, shape)
+    known = _REPLY_TYPES.get(key)
+    if known is not None:
+        return known
+    if len(shape) > wire.MAX_NDIM:
+        raise ValueError(f"a result has at most {wire.MAX_NDIM} dimensions, got shape {shape}")
+    code = wire.DTYPE_CODES.get(dtype) or wire.dtype_code(dtype)
+    fields: list[tuple[Any, ...]] = list(_HEAD)
+    if shape:
+        fields.append(("shape", "<u4", (len(shape),)))
+    fields.append(("data", wire.DTYPES[code], shape))
+    rtype = np.dtype(fields)  # packed: no alignment padding, as the struct's "<"
+    assert rtype.itemsize == DOWN.size + 4 * len(shape) + wire.DTYPES[code].itemsize * int(np.prod(shape))
+    record = np.zeros((), rtype)
+    record["kind"], record["dtype"], record["ndim"] = REPLY, code, len(shape)
+    record["payload_len"] = rtype["data"].itemsize
+    if shape:
+        record["shape"] = shape
+    # The bytes before the result (head, shape) as uint8: broadcast as plain bytes (a structured copy is ~20x slower).
+    prefix = np.frombuffer(record.tobytes(), np.uint8)[: DOWN.size + 4 * len(shape)].copy()
+    _REPLY_TYPES[key] = (rtype, prefix)
+    return rtype, prefix
+
+
+def encode_replies(fids: Sequence[int], rows: np.ndarray, timings: np.ndarray) -> bytes:
+    """The OK REPLY records of several frames at once (the bytes ``encode_reply`` gives each, joined).
+
+    ``rows[i]`` is frame ``fids[i]``'s result; ``timings[i]`` its ``Timings`` as six int64 (receive,
+    queue, transfer, compute, total, batch size).
+    """
+    rtype, prefix = _reply_type(rows.dtype, rows.shape[1:])
+    out = np.empty(len(fids), rtype)
+    out.view(np.uint8).reshape(len(fids), rtype.itemsize)[:, : len(prefix)] = prefix
+    out["fid"] = fids
+    out["timings"] = timings[:, :5]
+    out["batch_size"] = timings[:, 5]
+    out["data"] = rows
+    return out.tobytes()
 
 
 def record_length(buf: bytes, pos: int) -> int | None:

@@ -6,20 +6,31 @@ whatever other route modules the web package has. Its frames go through the serv
 ``Admission`` like TCP frames. Built the way aiohttp's ``web_runner`` serves an application
 (an ``AppRunner`` and a listening socket), but the socket is this listener's own, so that
 shutdown follows the server's steps: stop accepting, drain, close.
+
+Connections count under ``max_connections`` as TCP producers' do, from accept to close: an
+idle keep-alive connection holds its place until ``http_keepalive_timeout_s`` closes it (aiohttp's
+own default is an hour). A connection past the cap is answered ``503`` with a JSON reason and
+closed, and counted as a refused handshake (``/metrics``: OVERLOADED, one log line).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import typing
 from typing import Any
 
 from aiohttp import web
 
-from streamgpu.ingest.base import Listener
+from streamgpu.ingest.base import Listener, peer_name
+from streamgpu.protocol.wire import Status
 
 # How long close() lets handlers finish writing their responses (their frames are already
 # answered: the server drains the scheduler before closing listeners).
 CLOSE_GRACE_S = 1.0
+# How long a refused connection is read (and what comes dropped) after its 503, so the peer
+# reads the response instead of a reset; then it is cut.
+REFUSAL_LINGER_S = 1.0
 
 
 class HttpListener(Listener):
@@ -31,23 +42,33 @@ class HttpListener(Listener):
         super().__init__(*args, **kwargs)
         self._runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None
+        self._refused = 0
 
     async def start(self) -> None:
         from streamgpu.web.app import create_app  # the web package imports the server: import late
 
         assert self.server is not None, "an http listener is started by its Server"
         self._runner = runner = web.AppRunner(
-            create_app(self.server), access_log=None, handle_signals=False, shutdown_timeout=CLOSE_GRACE_S
-        )
+            create_app(self.server, connections_counted=True), access_log=None, handle_signals=False,
+            shutdown_timeout=CLOSE_GRACE_S, keepalive_timeout=self.admission.config.http_keepalive_timeout_s,
+        )  # fmt: skip
         await runner.setup()
-        assert runner.server is not None
         host, port = self.spec.host, self.spec.port
         try:
-            self._server = await asyncio.get_running_loop().create_server(runner.server, host, port)
+            self._server = await asyncio.get_running_loop().create_server(self._accept, host, port)
         except OSError as exc:
             await runner.cleanup()
             self._runner = None
             raise OSError(exc.errno, f"cannot listen for HTTP on {host}:{port}: {exc.strerror or exc}") from exc
+
+    def _accept(self) -> asyncio.BaseProtocol:
+        """The protocol for one accepted connection: aiohttp's handler, holding a place under
+        ``max_connections`` until it is lost, or a 503 refusal when no place is left."""
+        if not self.admission.open_connection():
+            self._refused += 1
+            return _Refusal(self)
+        assert self._runner is not None and self._runner.server is not None
+        return _Counted(self._runner.server(), self)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -70,8 +91,72 @@ class HttpListener(Listener):
             self._server = None
 
     def sweep(self, now: float) -> None:
-        """Nothing to sweep: each request's payload has its own time budget in its handler."""
+        """Nothing to sweep: each request's payload has its own time budget in its handler, and an idle
+        connection its keep-alive timeout."""
 
     def stats(self) -> dict[str, Any]:
         connections = len(self._runner.server.connections) if self._runner and self._runner.server else 0
-        return {"kind": self.kind, "connections": connections}
+        return {"kind": self.kind, "connections": connections, "refused_connections": self._refused}
+
+
+class _Counted(asyncio.Protocol):
+    """aiohttp's request handler for one connection, which gives its ``max_connections`` place back when
+    the connection is lost (aiohttp offers no hook for that: every protocol call is passed on)."""
+
+    def __init__(self, handler: asyncio.Protocol, listener: HttpListener) -> None:
+        self._handler = handler
+        self._listener: HttpListener | None = listener
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._handler.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._handler.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._handler.eof_received()
+
+    def pause_writing(self) -> None:
+        self._handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._handler.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            self._handler.connection_lost(exc)
+        finally:
+            if self._listener is not None:
+                self._listener.admission.close_connection()
+                self._listener = None
+
+
+class _Refusal(asyncio.Protocol):
+    """A connection past ``max_connections``: a 503 with the reason, then closed."""
+
+    def __init__(self, listener: HttpListener) -> None:
+        self._listener = listener
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        stream = typing.cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        admission = self._listener.admission
+        reason = f"too many connections ({admission.config.max_connections})"
+        admission.refused_handshake(peer_name(stream), Status.OVERLOADED, reason)
+        body = json.dumps({"error": reason}).encode()
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+                "\r\nConnection: close\r\nRetry-After: 1\r\n\r\n")  # fmt: skip
+        stream.write(head.encode() + body)
+        if stream.can_write_eof():
+            stream.write_eof()  # the response is all; reading on until the peer closes (or the timer)
+        self._timer = asyncio.get_running_loop().call_later(REFUSAL_LINGER_S, stream.abort)
+
+    def data_received(self, data: bytes) -> None:
+        pass  # the request is not read: dropped
+
+    def eof_received(self) -> bool:
+        return False  # the peer is done too: close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()

@@ -1,14 +1,19 @@
-"""Publish/subscribe of frame outcomes by stream id: the seam between producers and watchers.
+"""Publish/subscribe of frame outcomes by stream id: the one path every result takes to its watchers.
 
 One ``ResultHub`` per server, owned by its ``Admission`` (``admission.stream_results``), so every
-listener reaches it the way it reaches the admission rules. A front end that answers frames
-(TCP, WebSocket; raw streams and others next) calls ``publish(header, outcome)`` once per
-finished frame, beside its own reply; a watcher (a WebSocket subscriber, a test, an embedding
-application) calls ``subscribe(stream_id, callback)`` and gets every outcome published for that
-stream id, from any front end, as it is made.
+listener reaches it the way it reaches the admission rules. Every front end that takes streams
+(TCP, ingest workers, raw ports, WebSocket producers) calls ``publish(header, outcome, origin)``
+once per frame it answers (a result or a refusal), beside its own reply if it has one. Watchers:
+
+* ``subscribe(stream_id, callback)``: ``callback(header, outcome)`` for every outcome published
+  for that stream id, from any front end, as it is made (a WebSocket subscriber, a test, an
+  embedding application);
+* ``tap(callback)``: ``callback(header, outcome, origin)`` for every outcome of every stream id
+  (the JSON-lines results sink, ``streamgpu.results.Results.attach``).
 
 Stream ids are one namespace here: two producers that both send stream 7 feed the same
-subscribers. ``publish`` costs one dictionary lookup while nobody watches the stream id.
+subscribers. A raw port publishes under its listener's ``stream_id`` (by default its port
+number). ``publish`` costs one dictionary lookup and one truthiness test while nobody watches.
 Callbacks run on the loop, inside the publishing front end's reply path: they must be quick
 and must not raise (an exception is logged and that subscription ended), and they must copy
 what they keep (``outcome.result`` may be a view of a buffer reused after the call).
@@ -18,21 +23,33 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import NamedTuple
 
 from streamgpu.frame import Outcome
 from streamgpu.protocol.wire import FrameHeader
 
 log = logging.getLogger(__name__)
 
+
+class Origin(NamedTuple):
+    """Who published an outcome: the front end (``source``: "tcp", "ws", "raw", ...) and the producer's
+    own stream name (``stream``: "raw:9000/3", "tcp:12", ...). One per connection, made once."""
+
+    source: str = ""
+    stream: str = ""
+
+
+UNNAMED = Origin()
 Watcher = Callable[[FrameHeader, Outcome], None]
+Tap = Callable[[FrameHeader, Outcome, Origin], None]
 
 
 class Subscription:
-    """One watcher of one stream id; ``cancel()`` ends it (idempotent)."""
+    """One watcher of one stream id (``stream_id`` None: a tap of every id); ``cancel()`` ends it (idempotent)."""
 
     __slots__ = ("_hub", "callback", "stream_id")
 
-    def __init__(self, hub: ResultHub, stream_id: int, callback: Watcher) -> None:
+    def __init__(self, hub: ResultHub, stream_id: int | None, callback: Watcher | Tap) -> None:
         self._hub = hub
         self.stream_id = stream_id
         self.callback = callback
@@ -42,10 +59,12 @@ class Subscription:
 
 
 class ResultHub:
-    """Outcomes by stream id, to whoever subscribed to that id."""
+    """Outcomes by stream id, to whoever subscribed to that id, and to every tap."""
 
     def __init__(self) -> None:
         self._watchers: dict[int, list[Subscription]] = {}
+        self._taps: list[Subscription] = []
+        self.published = 0  # outcomes published (watched or not)
 
     def subscribe(self, stream_id: int, callback: Watcher) -> Subscription:
         """Call ``callback(header, outcome)`` for every outcome published for ``stream_id`` from now on."""
@@ -53,23 +72,47 @@ class ResultHub:
         self._watchers.setdefault(stream_id, []).append(subscription)
         return subscription
 
-    def publish(self, header: FrameHeader, outcome: Outcome) -> None:
-        """A frame of stream ``header.stream_id`` finished with ``outcome``: tell its subscribers."""
+    def tap(self, callback: Tap) -> Subscription:
+        """Call ``callback(header, outcome, origin)`` for every outcome published from now on, any stream id."""
+        subscription = Subscription(self, None, callback)
+        self._taps.append(subscription)
+        return subscription
+
+    def publish(self, header: FrameHeader, outcome: Outcome, origin: Origin = UNNAMED) -> None:
+        """A frame of stream ``header.stream_id`` ended with ``outcome``: tell its subscribers and the taps."""
+        self.published += 1
         watchers = self._watchers.get(header.stream_id)
-        if not watchers:
-            return
-        for subscription in list(watchers):
-            try:
-                subscription.callback(header, outcome)
-            except Exception:  # one broken watcher must not cost the producer its reply
-                log.exception("result subscriber of stream %d failed; unsubscribed", header.stream_id)
-                subscription.cancel()
+        if watchers:
+            for subscription in list(watchers):
+                self._call(subscription, header, outcome, origin)
+        if self._taps:
+            for subscription in list(self._taps):
+                self._call(subscription, header, outcome, origin)
+
+    def _call(self, subscription: Subscription, header: FrameHeader, outcome: Outcome, origin: Origin) -> None:
+        try:
+            if subscription.stream_id is None:
+                subscription.callback(header, outcome, origin)  # type: ignore[call-arg]
+            else:
+                subscription.callback(header, outcome)  # type: ignore[call-arg]
+        except Exception:  # one broken watcher must not cost the producer its reply
+            log.exception("result subscriber of stream %d failed; unsubscribed", header.stream_id)
+            subscription.cancel()
+
+    def watched(self, stream_id: int) -> bool:
+        """Whether a publication for ``stream_id`` would reach anyone (a subscriber of it, or a tap): a
+        front end that finishes many frames at once may skip building their ``Outcome``s when not."""
+        return bool(self._taps) or stream_id in self._watchers
 
     def subscribers(self, stream_id: int) -> int:
         """How many subscriptions ``stream_id`` has."""
         return len(self._watchers.get(stream_id, ()))
 
     def _remove(self, subscription: Subscription) -> None:
+        if subscription.stream_id is None:
+            if subscription in self._taps:
+                self._taps.remove(subscription)
+            return
         watchers = self._watchers.get(subscription.stream_id)
         if watchers and subscription in watchers:
             watchers.remove(subscription)

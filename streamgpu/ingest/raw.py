@@ -3,8 +3,11 @@
 What ``ffmpeg -f rawvideo -pix_fmt rgb24 -s 224x224 tcp://HOST:PORT`` and
 GStreamer's ``tcpclientsink`` send: every frame is exactly the listener's
 model's input (shape and dtype, ``ModelSpec.frame_nbytes`` bytes), one after
-the other. Results go to the server's results sink (``streamgpu.results``),
-one JSON line per frame, never back on the connection.
+the other. Results never go back on the connection: each frame's outcome is
+published on the server's result hub (``admission.stream_results``) under the
+listener's stream id (option ``stream_id``, by default the port number), where
+WebSocket subscribers and the JSON-lines results sink (``streamgpu.results``)
+take it.
 
 Each connection is one anonymous producer (its own ring share and scheduling
 turn, as a framed TCP connection without a named token) and one stream. A
@@ -51,9 +54,9 @@ from streamgpu.config import ListenerSpec
 from streamgpu.frame import Frame, Outcome
 from streamgpu.ingest.admission import Admission, Grant, Producer, Refused, Reservation
 from streamgpu.ingest.base import SocketListener, peer_name
+from streamgpu.ingest.hub import Origin
 from streamgpu.memory import Slot
 from streamgpu.protocol.wire import FrameFlags, FrameHeader, Status, Timings
-from streamgpu.results import Results, result_record
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +103,7 @@ class RawConnection(asyncio.BufferedProtocol):
         self.producer: Producer | None = None
         self.id = next(_connection_ids)
         self.stream = f"raw:{listener.port}/{self.id}"
+        self._origin = Origin("raw", self.stream)
         self.peer = "?"
 
     # -- asyncio callbacks ------------------------------------------------------------------
@@ -119,7 +123,8 @@ class RawConnection(asyncio.BufferedProtocol):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # find producers that vanished
         grant = Grant(None, self._admission.config.max_priority)
         self.producer = self._admission.producer_for(grant, self.stream)
-        log.info("raw producer %s connected from %s", self.stream, self.peer)
+        log.info("raw producer %s connected from %s, results on stream id %d", self.stream, self.peer,
+                 self._listener.stream_id)  # fmt: skip
         if not self._admission.accepting:
             self.stop_reading()
 
@@ -259,7 +264,7 @@ class RawConnection(asyncio.BufferedProtocol):
             self._update_reading()
 
     def _on_outcome(self, frame: Frame, outcome: Outcome) -> None:
-        self._listener.publish(self.stream, frame.header.sequence, outcome)
+        self._admission.stream_results.publish(frame.header, outcome, self._origin)
         cap = self._admission.config.max_frames_per_connection
         if self._blocked and self.producer is not None and self.producer.frames_in_server < cap:
             self._blocked = False
@@ -269,7 +274,7 @@ class RawConnection(asyncio.BufferedProtocol):
         assert self._header is not None
         self._admission.replied(self._header.model, status)
         timings = Timings(total_us=(time.perf_counter_ns() - self._received_ns) // 1000)
-        self._listener.publish(self.stream, self._header.sequence, Outcome(status, message, timings=timings))
+        self._admission.stream_results.publish(self._header, Outcome(status, message, timings=timings), self._origin)
 
     def _drop_partial_frame(self, status: Status, message: str) -> None:
         """Free and publish a frame begun but not complete (closed, stalled, shutting down)."""
@@ -343,13 +348,14 @@ class RawListener(SocketListener[RawConnection]):
     """Raw frame streams on one TCP address (``ListenerSpec(kind="raw", options={"model": NAME})``).
 
     Options: ``model`` (required: the configured model every frame goes to;
-    frames are its input shape and dtype), ``live`` (default true).
+    frames are its input shape and dtype), ``live`` (default true),
+    ``stream_id`` (default: the port it listens on, once bound).
     """
 
     kind = "raw"
 
-    def __init__(self, spec: ListenerSpec, admission: Admission, results: Results | None = None) -> None:
-        super().__init__(spec, admission, results)
+    def __init__(self, spec: ListenerSpec, admission: Admission) -> None:
+        super().__init__(spec, admission)
         model = admission.specs[spec.options["model"]]  # the config checked that it exists
         self.live = bool(spec.options.get("live", True))
         self.frame_nbytes = model.frame_nbytes
@@ -362,8 +368,6 @@ class RawListener(SocketListener[RawConnection]):
             payload_len=model.frame_nbytes,
             flags=FrameFlags.LIVE if self.live else FrameFlags.NONE,
         )
-        self._results = results if results is not None else Results()
-        self._top_k = admission.config.results_top_k
         self.port = spec.port
         self.frames = 0  # complete frames submitted
         self.dropped = 0  # frames read and dropped: no ring space (live mode) or refused
@@ -372,20 +376,18 @@ class RawListener(SocketListener[RawConnection]):
     def make_connection(self) -> RawConnection:
         return RawConnection(self)
 
+    @property
+    def stream_id(self) -> int:
+        """The stream id every frame of this listener carries, and its results are published under."""
+        return self.header.stream_id
+
     async def start(self) -> None:
         await super().start()
         self.port = self.addresses[0][1]  # port 0 in the config picked one
-
-    def publish(self, stream: str, sequence: int, outcome: Outcome) -> None:
-        """One frame's line on the results sink."""
-        if not self._results.wanted:  # a record costs a top-k and an encoding: only when someone reads it
-            return
-        record = result_record("raw", stream, sequence, self.header.model, outcome.status, outcome.message,
-                               outcome.timings, outcome.result, self._top_k)  # fmt: skip
-        self._results.publish(record)
+        self.header = self.header._replace(stream_id=self.spec.options.get("stream_id", self.port))
 
     def stats(self) -> dict[str, Any]:
         out = super().stats()
-        out.update(model=self.header.model, live=self.live, frames=self.frames, dropped_frames=self.dropped,
-                   partial_frames=self.partial)  # fmt: skip
+        out.update(port=self.port, model=self.header.model, stream_id=self.stream_id, live=self.live,
+                   frames=self.frames, dropped_frames=self.dropped, partial_frames=self.partial)  # fmt: skip
         return out

@@ -47,14 +47,12 @@ from streamgpu.config import ListenerSpec
 from streamgpu.frame import Frame, Outcome
 from streamgpu.ingest.admission import Admission, Producer, Refused, Reservation
 from streamgpu.ingest.base import SocketListener, peer_name
+from streamgpu.ingest.hub import Origin
 from streamgpu.memory import Slot
 from streamgpu.metrics import NO_MODEL
 from streamgpu.protocol import wire
 from streamgpu.protocol.ordering import ReplyOrder, Ticket
 from streamgpu.protocol.wire import FrameHeader, ProtocolError, ReplyFlags, ReplyHeader, Status, Timings
-
-if typing.TYPE_CHECKING:
-    from streamgpu.results import Results
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +112,7 @@ class TcpConnection(asyncio.BufferedProtocol):
         self._reading_paused = False
         self._parsing = False  # inside _process_scratch (which an outcome delivered synchronously may re-enter)
         self.id = next(_connection_ids)
+        self._origin = Origin("tcp", f"tcp:{self.id}")  # how its frames' outcomes are published
         self.peer: str = "?"
         self._frames = 0  # frames received (for the close line)
         self._close_reason = "closed by the producer"
@@ -396,18 +395,20 @@ class TcpConnection(asyncio.BufferedProtocol):
     # -- replies --------------------------------------------------------------------------------
 
     def _on_outcome(self, ticket: Ticket, frame: Frame, outcome: Outcome) -> None:
-        self._admission.stream_results.publish(frame.header, outcome)  # to WebSocket subscribers of this stream id
+        self._admission.stream_results.publish(frame.header, outcome, self._origin)  # subscribers, results sink
         reply, payload = wire.reply_to(frame.header, *outcome, version=self.version)
         self._send(ticket, wire.encode_reply(reply, payload, self.version))
 
     def _answer_now(self, header: FrameHeader, ticket: Ticket, status: Status, message: str) -> None:
         self._admission.replied(header.model, status)
+        timings = Timings(total_us=(time.perf_counter_ns() - self._received_ns) // 1000)
+        self._admission.stream_results.publish(header, Outcome(status, message, timings=timings), self._origin)
         reply = ReplyHeader(
             stream_id=header.stream_id,
             sequence=header.sequence,
             status=status,
             timestamp_ns=header.timestamp_ns,
-            timings=Timings(total_us=(time.perf_counter_ns() - self._received_ns) // 1000),
+            timings=timings,
             message=message,
         )
         self._send(ticket, wire.encode_reply(reply, b"", self.version))
@@ -607,9 +608,8 @@ class TcpListener(SocketListener[TcpConnection]):
 
     kind = "tcp"
 
-    def __init__(self, spec: ListenerSpec, admission: Admission, results: Results | None = None,
-                 sock: socket.socket | None = None) -> None:  # fmt: skip
-        super().__init__(spec, admission, results, sock)
+    def __init__(self, spec: ListenerSpec, admission: Admission, sock: socket.socket | None = None) -> None:
+        super().__init__(spec, admission, sock)
         # Runs reply flushes; the loop's call_soon once started (unstarted, e.g. driven by tests: at once).
         self.defer: Callable[[Callable[[], None]], object] = _call_now
 

@@ -50,12 +50,13 @@ from streamgpu.errors import ConfigError
 from streamgpu.frame import Frame, Outcome
 from streamgpu.ingest.admission import Admission, Grant, Producer, Refused, Reservation
 from streamgpu.ingest.base import Listener
+from streamgpu.ingest.hub import Origin
 from streamgpu.ingest.mmsg import MSG_TRUNC, PacketArea, decode_sockaddr
 from streamgpu.memory import Slot
+from streamgpu.metrics import NO_MODEL
 from streamgpu.protocol import udp, wire
 from streamgpu.protocol.udp import Assembly, Kind, Verdict
 from streamgpu.protocol.wire import FrameFlags, FrameHeader, ProtocolError, ReplyHeader, Status, Timings
-from streamgpu.results import Results
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +147,13 @@ class _Partial:
 class _Peer:
     """One sender address: its producer, its frames in reassembly, the frames that ended recently."""
 
-    __slots__ = ("address", "ended", "key", "last_seen", "partials", "producer")
+    __slots__ = ("address", "ended", "key", "last_seen", "origin", "partials", "producer")
 
-    def __init__(self, key: Any, address: Any, producer: Producer) -> None:
+    def __init__(self, key: Any, address: Any, producer: Producer, origin: Origin) -> None:
         self.key = key
         self.address = address
         self.producer = producer
+        self.origin = origin  # how its frames' outcomes are published
         self.partials: dict[tuple[int, int], _Partial] = {}  # (stream_id, sequence), oldest first
         self.ended: collections.OrderedDict[tuple[int, int], None] = collections.OrderedDict()
         self.last_seen = time.monotonic()
@@ -163,8 +165,8 @@ class UdpListener(Listener):
     kind = "udp"
     socket_type = socket.SOCK_DGRAM
 
-    def __init__(self, spec: ListenerSpec, admission: Admission, results: Results | None = None) -> None:
-        super().__init__(spec, admission, results)
+    def __init__(self, spec: ListenerSpec, admission: Admission) -> None:
+        super().__init__(spec, admission)
         self.options = opts = UdpOptions.parse(spec.options)
         cfg = admission.config
         public = spec.host not in LOOPBACK_HOSTS
@@ -458,8 +460,9 @@ class UdpListener(Listener):
             self._counts["too_many_producers"] += 1
             return None
         grant = Grant(None, self.admission.config.max_priority)
-        producer = self.admission.producer_for(grant, f"udp:{address[0]}:{address[1]}")
-        peer = self._peers[sender] = _Peer(sender, address, producer)
+        label = f"udp:{address[0]}:{address[1]}"
+        producer = self.admission.producer_for(grant, label)
+        peer = self._peers[sender] = _Peer(sender, address, producer, Origin("udp", label))
         return peer
 
     def _open(self, peer: _Peer, key: tuple[int, int], count: int, length: int, now_ns: int) -> _Partial | None:
@@ -609,11 +612,12 @@ class UdpListener(Listener):
     def _answer(self, peer: _Peer, key: tuple[int, int], header: FrameHeader | None, status: Status, message: str,
                 received_ns: int = 0) -> None:  # fmt: skip
         """Answer a frame that does not reach the scheduler (refused, given up), and remember it ended."""
+        self.admission.replied(header.model if header is not None else NO_MODEL, status)  # /metrics, as TCP's
         self._ended(peer, key)
         total = (time.perf_counter_ns() - received_ns) // 1000 if received_ns else 0
         timings = Timings(total_us=total)
         if header is not None:  # chunk 0 came: the frame's subscribers hear of it, as of every outcome
-            self.admission.stream_results.publish(header, Outcome(status, message, timings=timings))
+            self.admission.stream_results.publish(header, Outcome(status, message, timings=timings), peer.origin)
             if header.flags & FrameFlags.SUBSCRIBERS:
                 self._counts["replies_to_subscribers"] += 1
                 return
@@ -622,7 +626,7 @@ class UdpListener(Listener):
         self._send(peer, reply, b"")
 
     def _on_outcome(self, peer: _Peer, frame: Frame, outcome: Outcome) -> None:
-        self.admission.stream_results.publish(frame.header, outcome)  # to WebSocket subscribers of this stream id
+        self.admission.stream_results.publish(frame.header, outcome, peer.origin)  # subscribers, results sink
         if frame.header.flags & FrameFlags.SUBSCRIBERS:  # the producer asked for no reply datagram
             self._counts["replies_to_subscribers"] += 1
             return

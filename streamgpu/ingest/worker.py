@@ -139,6 +139,10 @@ class _Channel(asyncio.Protocol):
             frame.complete_ns, frame.deadline_ns,
         ))  # fmt: skip
 
+    def model_index(self, model: str) -> int:
+        """``model``'s position in ``Config.models`` (a REPLIED record's ``index``)."""
+        return self._models.get(model, channel.NO_MODEL_INDEX)
+
     def connection_closed(self, conn: int) -> None:
         if conn in self._announced:
             self._announced.discard(conn)
@@ -187,6 +191,18 @@ class _Channel(asyncio.Protocol):
         self._frames.clear()
 
 
+class _WorkerAdmission(Admission):
+    """The worker's admission rules; the replies it gives itself are also counted by the scheduling
+    process (its ``/metrics``), one REPLIED record each."""
+
+    channel: _Channel | None = None
+
+    def replied(self, model: str, status: int) -> None:
+        super().replied(model, status)
+        if self.channel is not None:
+            self.channel.send(channel.replied(self.channel.model_index(model), status))
+
+
 class _WorkerTcpListener(TcpListener):
     """The TCP front end, telling the channel when a connection is gone."""
 
@@ -210,7 +226,8 @@ async def serve(chan_sock: socket.socket, init: WorkerInit) -> None:
     chan_sock.setblocking(False)
     _, chan = await loop.create_unix_connection(lambda: _Channel(config), sock=chan_sock)
     pool = SlotPool(segment.buffer, init.start, init.end, defer=loop.call_soon)
-    admission = Admission(config, pool, {spec.name: spec for spec in config.models}, chan.submit)
+    admission = _WorkerAdmission(config, pool, {spec.name: spec for spec in config.models}, chan.submit)
+    admission.channel = chan
     listener = _WorkerTcpListener(config.listeners[0], admission, listen, chan)
     chan.listener, chan.admission = listener, admission
     await listener.start()

@@ -49,22 +49,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
+
 import streamgpu
 from streamgpu.config import ListenerSpec
 from streamgpu.frame import Frame, Outcome
 from streamgpu.ingest import channel
 from streamgpu.ingest.admission import Admission, Grant, Producer
 from streamgpu.ingest.base import Listener
+from streamgpu.ingest.hub import Origin
 from streamgpu.ingest.worker import WorkerInit, send_init
 from streamgpu.memory import HostSegment, Slot
-from streamgpu.protocol.wire import FrameFlags, FrameHeader
+from streamgpu.metrics import NO_MODEL
+from streamgpu.protocol.wire import FRAME_VERSION, FrameFlags, FrameHeader, Status, Timings
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 60.0
 RESTART_DELAY_S = 0.2  # between a worker's death (once its range is free) and its replacement
-_LIVE = int(FrameFlags.LIVE)  # the one flag that means something on TCP
-_FLAGS = {0: FrameFlags.NONE, _LIVE: FrameFlags.LIVE}
+# Flags byte -> FrameFlags: LIVE is the one flag that means something on TCP (SUBSCRIBERS is UDP's)
+_FLAGS = [FrameFlags.LIVE if f & FrameFlags.LIVE else FrameFlags.NONE for f in range(256)]
 _PACKAGE_ROOT = str(Path(streamgpu.__file__).resolve().parent.parent)
 
 
@@ -83,12 +87,14 @@ class WorkerFrame(Frame):
 
 
 class _RemoteConn:
-    """A worker's connection, as the scheduler sees it: its producer, and whether it is gone."""
+    """A worker's connection, as the scheduler sees it: its producer, whether it is gone, how its
+    frames' outcomes are published (``origin``)."""
 
-    __slots__ = ("closed", "producer")
+    __slots__ = ("closed", "origin", "producer")
 
-    def __init__(self, producer: Producer) -> None:
+    def __init__(self, producer: Producer, origin: Origin) -> None:
         self.producer = producer
+        self.origin = origin
         self.closed = False
 
     def is_closed(self) -> bool:
@@ -179,46 +185,99 @@ class _Worker(asyncio.Protocol):
         buf = self._rest + data if self._rest else data
         whole = len(buf) - len(buf) % channel.UP.size
         self._rest = buf[whole:]
-        submit, models, conns = self._admission.submit, self._listener.models, self.conns
+        models, conns = self._listener.models, self.conns
         pool, sink = self._admission.pool, self._sink
+        frames: list[Frame] = []
+        new_header = tuple.__new__
         for (kind, priority, flags, _p, index, _q, conn, fid, offset, payload_len, stream_id, deadline_us,
              sequence, timestamp_ns, received_ns, complete_ns, deadline_ns) in channel.UP.iter_unpack(
                 memoryview(buf)[:whole]):  # fmt: skip
             if kind == channel.FRAME:
                 remote = conns[conn]
                 name, dtype, shape = models[index]
-                header = FrameHeader(stream_id, sequence, name, dtype, shape, payload_len, timestamp_ns,
-                                     deadline_us, priority, _FLAGS[flags & _LIVE])  # fmt: skip
+                # tuple.__new__: the NamedTuple's own __new__ is a Python call, per frame
+                header = new_header(FrameHeader, (stream_id, sequence, name, dtype, shape, payload_len, timestamp_ns,
+                                                  deadline_us, priority, _FLAGS[flags], FRAME_VERSION))  # fmt: skip
                 # The slot is a description of where the payload lies; this process never frees it.
                 slot = Slot(pool, offset, payload_len, 0)
                 frame = WorkerFrame(header, slot, remote.producer, (remote, stream_id), received_ns, complete_ns,
-                                    deadline_ns, sink, remote.is_closed, False, self, fid)  # fmt: skip
-                self.held += 1
-                self.in_server += 1
-                self.frames += 1
-                submit(frame)
+                                    deadline_ns, sink, remote.is_closed, False, self, self, fid)  # fmt: skip
+                frames.append(frame)
             elif kind == channel.OPEN:
                 identity = self._listener.identities[index]
                 label = f"worker{self.index}:{conn}"
-                conns[conn] = _RemoteConn(self._admission.producer_for(Grant(identity, priority), label))
+                producer = self._admission.producer_for(Grant(identity, priority), label)
+                conns[conn] = _RemoteConn(producer, Origin("tcp", f"tcp:w{self.index}/{conn}"))
             elif kind == channel.CLOSED:
+                self._submit(frames)  # its frames before it: queued while it was open, then dropped as abandoned
                 gone = conns.pop(conn, None)
                 if gone is not None:
                     gone.closed = True
                     self._admission.leave(gone.producer)
+            elif kind == channel.REPLIED:  # the worker answered a frame or handshake itself: count it here too
+                self._admission.replied(models[index][0] if index < len(models) else NO_MODEL, priority)
             elif kind == channel.READY:
                 self.started = True
                 if not self.ready.done():
                     self.ready.set_result(None)
             elif kind == channel.STOPPED and not self.stopped.done():
                 self.stopped.set_result(None)
+        self._submit(frames)
+
+    def _submit(self, frames: list[Frame]) -> None:
+        """The frames of one read, to the scheduler at once (one scheduling pass for the lot)."""
+        if frames:
+            n = len(frames)
+            self.held += n
+            self.in_server += n
+            self.frames += n
+            self._admission.submit_many(frames)
+            frames.clear()
 
     # -- frames -----------------------------------------------------------------------
 
     def _sink(self, frame: Frame, outcome: Outcome) -> None:
         self.in_server -= 1
+        remote = cast(_RemoteConn, cast(tuple, frame.stream)[0])
+        self._admission.stream_results.publish(frame.header, outcome, remote.origin)  # subscribers, results sink
         if self.alive:
             self.send(channel.encode_reply(cast(WorkerFrame, frame).fid, outcome))
+
+    def finished_ok(self, frames: list[Frame], rows: np.ndarray, timings: np.ndarray) -> None:
+        """A batch's OK frames of this worker: their REPLY records encoded at once (they release the slots too)."""
+        n = len(frames)
+        self.in_server -= n
+        fids = []
+        hub = self._admission.stream_results
+        listed: list[list[int]] | None = None
+        for i, frame in enumerate(frames):
+            fids.append(frame.fid)  # type: ignore[attr-defined]  # this sink's frames are WorkerFrames
+            if frame.slot is not None:
+                frame.slot = None
+                self.held -= 1
+            if hub.watched(frame.header.stream_id):  # an Outcome only for frames someone subscribed to
+                listed = listed if listed is not None else timings.tolist()
+                remote = cast(_RemoteConn, cast(tuple, frame.stream)[0])
+                hub.publish(frame.header, Outcome(Status.OK, result=rows[i], timings=Timings(*listed[i])),
+                            remote.origin)  # fmt: skip
+        if not self.alive:
+            if not self.held:
+                self._listener.worker_gone(self)
+            return
+        self.send(channel.encode_replies(fids, rows, timings))
+
+    def slots_released(self, frames: list[Frame]) -> None:
+        """The payloads of ``frames`` were copied: one RELEASE record (this loop iteration's) names them."""
+        self.held -= len(frames)
+        for frame in frames:
+            frame.slot = None
+        if not self.alive:
+            if not self.held:
+                self._listener.worker_gone(self)
+            return
+        if not self._out and not self._releases:
+            self._loop.call_soon(self._flush)
+        self._releases.extend([frame.fid for frame in frames if not frame.finished])  # type: ignore[attr-defined]
 
     def slot_released(self, fid: int, finishing: bool) -> None:
         self.held -= 1

@@ -22,6 +22,7 @@ class DeviceHealth:
         self._overdue = [0] * len(names)
         self._dead: dict[int, str] = {}
         self.watchdog_fired = 0
+        self.impaired = 0  # devices not usable now (a per-frame check reads this one number)
 
     def usable(self, device: int) -> bool:
         return not self._overdue[device] and device not in self._dead
@@ -36,10 +37,12 @@ class DeviceHealth:
     def overdue(self, device: int) -> None:
         self.watchdog_fired += 1
         self._overdue[device] += 1
+        self._count_impaired()
 
     def ended(self, device: int) -> None:
         """An overdue batch on ``device`` ended."""
         self._overdue[device] -= 1
+        self._count_impaired()
         if self.usable(device):
             log.warning("device %s: its overdue batch ended; placing batches on it again", self.names[device])
 
@@ -48,9 +51,13 @@ class DeviceHealth:
         if device in self._dead:
             return False
         self._dead[device] = reason
+        self._count_impaired()
         log.error("device %s failed with a sticky error (%s): it takes no more work; restart the server to "
                   "use it again", self.names[device], reason)  # fmt: skip
         return True
+
+    def _count_impaired(self) -> None:
+        self.impaired = sum(1 for d in range(len(self.names)) if not self.usable(d))
 
     def snapshot(self) -> list[dict[str, Any]]:
         return [

@@ -23,7 +23,8 @@ class FairQueue:
     def __init__(self) -> None:
         # priority -> producer -> frames; the OrderedDict's order is the rotation
         self._levels: dict[int, collections.OrderedDict[Producer, collections.deque[Frame]]] = {}
-        self._per_producer: collections.Counter[Producer] = collections.Counter()
+        # frames queued per producer (a plain dict: its insertion order breaks ties in ``loudest``)
+        self._per_producer: dict[Producer, int] = {}
         self._len = 0
 
     def __len__(self) -> int:
@@ -38,23 +39,47 @@ class FairQueue:
                 yield from frames
 
     def push(self, frame: Frame) -> None:
-        level = self._levels.setdefault(frame.header.priority, collections.OrderedDict())
-        level.setdefault(frame.producer, collections.deque()).append(frame)
-        self._per_producer[frame.producer] += 1
+        producer = frame.producer
+        level = self._levels.get(frame.header.priority)
+        if level is None:
+            level = self._levels[frame.header.priority] = collections.OrderedDict()
+        frames = level.get(producer)
+        if frames is None:
+            frames = level[producer] = collections.deque()
+        frames.append(frame)
+        per = self._per_producer
+        per[producer] = per.get(producer, 0) + 1
         self._len += 1
+
+    def push_many(self, frames: list[Frame]) -> None:
+        """``push`` each of ``frames``, in order (one call for a read's worth)."""
+        levels, per = self._levels, self._per_producer
+        for frame in frames:
+            producer = frame.producer
+            level = levels.get(frame.header.priority)
+            if level is None:
+                level = levels[frame.header.priority] = collections.OrderedDict()
+            queued = level.get(producer)
+            if queued is None:
+                queued = level[producer] = collections.deque()
+            queued.append(frame)
+            per[producer] = per.get(producer, 0) + 1
+        self._len += len(frames)
 
     def remove(self, frame: Frame) -> None:
         level = self._levels[frame.header.priority]
         frames = level[frame.producer]
         frames.remove(frame)
-        self._forget(frame.producer, level, frame.header.priority, frames)
+        self._forget(frame.producer, 1)
+        if not frames:
+            self._drop(level, frame.header.priority, frame.producer)
 
     def stream_frames(self, producer: Producer, stream: Hashable) -> list[Frame]:
         """Every queued frame of one stream (any priority)."""
         return [f for level in self._levels.values() for f in level.get(producer, ()) if f.stream == stream]
 
     def queued_by(self, producer: Producer) -> int:
-        return self._per_producer[producer]
+        return self._per_producer.get(producer, 0)
 
     @property
     def producers(self) -> int:
@@ -62,9 +87,9 @@ class FairQueue:
         return len(self._per_producer)
 
     def loudest(self) -> Producer | None:
-        """The producer with the most queued frames."""
-        most = self._per_producer.most_common(1)
-        return most[0][0] if most else None
+        """The producer with the most queued frames (the first queued of those tied)."""
+        per = self._per_producer
+        return max(per, key=per.__getitem__) if per else None
 
     def newest_of(self, producer: Producer) -> Frame:
         """``producer``'s most recently queued frame at its lowest priority (the cheapest to refuse)."""
@@ -74,14 +99,40 @@ class FairQueue:
     def pop_batch(self, n: int) -> list[Frame]:
         """Up to ``n`` frames: highest priority first, one per producer in rotation within a level."""
         batch: list[Frame] = []
-        for priority in sorted(self._levels, reverse=True):
-            level = self._levels[priority]
+        take = batch.append
+        levels = self._levels
+        for priority in sorted(levels, reverse=True) if len(levels) > 1 else list(levels):
+            level = levels[priority]
             while level and len(batch) < n:
-                producer, frames = next(iter(level.items()))
-                batch.append(frames.popleft())
-                if frames:
-                    level.move_to_end(producer)  # this producer had its turn
-                self._forget(producer, level, priority, frames)
+                need = n - len(batch)
+                turns = list(level.items())
+                if len(turns) == 1:  # one producer: its oldest frames, in order
+                    producer, frames = turns[0]
+                    k = min(need, len(frames))
+                    for _ in range(k):
+                        take(frames.popleft())
+                    self._forget(producer, k)
+                    if not frames:
+                        self._drop(level, priority, producer)
+                elif len(turns) <= need:
+                    # Whole rounds: every producer takes a turn, so the rotation order is unchanged;
+                    # as many rounds as the shortest queue and the batch allow, without reordering.
+                    rounds = max(1, min(need // len(turns), min(len(f) for _, f in turns)))
+                    for _ in range(rounds):
+                        for _p, frames in turns:
+                            take(frames.popleft())
+                    for producer, frames in turns:
+                        self._forget(producer, rounds)
+                        if not frames:
+                            self._drop(level, priority, producer)
+                else:  # a partial round: those that took a turn go to the end of the rotation
+                    for producer, frames in turns[:need]:
+                        take(frames.popleft())
+                        self._forget(producer, 1)
+                        if frames:
+                            level.move_to_end(producer)
+                        else:
+                            self._drop(level, priority, producer)
             if len(batch) == n:
                 break
         return batch
@@ -91,19 +142,20 @@ class FairQueue:
         heads = (frames[0] for level in self._levels.values() for frames in level.values())
         return min(heads, key=lambda f: f.complete_ns, default=None)
 
-    def _forget(
-        self,
-        producer: Producer,
-        level: collections.OrderedDict[Producer, collections.deque[Frame]],
-        priority: int,
-        frames: collections.deque[Frame],
+    def _forget(self, producer: Producer, n: int) -> None:
+        """``n`` of ``producer``'s frames left the queue."""
+        self._len -= n
+        per = self._per_producer
+        left = per[producer] - n
+        if left:
+            per[producer] = left
+        else:
+            del per[producer]
+
+    def _drop(
+        self, level: collections.OrderedDict[Producer, collections.deque[Frame]], priority: int, producer: Producer
     ) -> None:
-        """Bookkeeping after one of ``producer``'s frames left ``frames`` (its deque at ``priority``)."""
-        self._len -= 1
-        self._per_producer[producer] -= 1
-        if not self._per_producer[producer]:
-            del self._per_producer[producer]
-        if not frames:
-            del level[producer]
-            if not level:
-                del self._levels[priority]
+        """``producer`` has no frame left at ``priority``."""
+        del level[producer]
+        if not level:
+            del self._levels[priority]

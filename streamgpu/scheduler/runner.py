@@ -19,15 +19,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from streamgpu.frame import Frame, Outcome, Outputs
+from streamgpu.frame import Frame, Outputs, finish_ok, release_slots
 from streamgpu.gpu.backend import Backend, DeviceModel
 from streamgpu.models.outputs import BatchOutputs
-from streamgpu.protocol.wire import Status, Timings
+from streamgpu.protocol.wire import Status
 from streamgpu.scheduler.metrics import ModelMetrics
 from streamgpu.scheduler.scheduler import Scheduler
 
@@ -100,13 +100,12 @@ class BatchRunner:
             run.done.add_done_callback(_consume)  # its error is this one's consequence
             self._failed(model, frames, "copying", exc)
             return None
-        for frame in frames:
-            frame.release_slot()
+        release_slots(frames)
         copied_ns = time.perf_counter_ns()
         try:
             results = await run.done
-            rows = _per_frame(results, len(frames))
-            finished = _finish_ok(frames, rows, launch_ns, copied_ns, time.perf_counter_ns(), metrics)
+            rows, outputs = _rows(results, len(frames))
+            finished = _finish_ok(frames, rows, outputs, launch_ns, copied_ns, time.perf_counter_ns(), metrics)
         except Exception as exc:
             self._failed(model, frames, "running", exc)
             return None
@@ -132,40 +131,43 @@ def _fail_batch(frames: list[Frame], metrics: ModelMetrics, message: str) -> Non
             frame.fail(Status.INTERNAL_ERROR, message, now)
 
 
-def _per_frame(results: BatchOutputs, n: int) -> Iterable[tuple[np.ndarray, Outputs | None]]:
-    """Each frame's (result, outputs) from a batch's outputs (one array, or a tuple or dict of them)."""
-    names = list(results) if isinstance(results, dict) else None
-    arrays = [results] if isinstance(results, np.ndarray) else list(results.values()) if isinstance(results, dict) \
-        else list(results)  # fmt: skip
+def _rows(results: BatchOutputs, n: int) -> tuple[np.ndarray, Callable[[int], Outputs | None] | None]:
+    """A batch's first output (one row per frame: each frame's ``result``), and frame i's every output
+    (None for a model with one), from its outputs (one array, or a tuple or dict of them)."""
+    if isinstance(results, np.ndarray):
+        arrays = [results]
+    else:
+        arrays = list(results.values()) if isinstance(results, dict) else list(results)
     for array in arrays:
         if len(array) != n:
             raise RuntimeError(f"model returned {len(array)} results for a batch of {n} frames")
     if isinstance(results, np.ndarray):
-        return ((row, None) for row in results)
-    if names is not None:
-        return ((rows[0], dict(zip(names, rows, strict=True))) for rows in zip(*arrays, strict=True))
-    return ((rows[0], rows) for rows in zip(*arrays, strict=True))
+        return results, None
+    if isinstance(results, dict):
+        names = list(results)
+        return arrays[0], lambda i: {name: array[i] for name, array in zip(names, arrays, strict=True)}
+    return arrays[0], lambda i: tuple(array[i] for array in arrays)
 
 
-def _finish_ok(frames: list[Frame], results: Iterable[tuple[np.ndarray, Outputs | None]], launch_ns: int,
-               copied_ns: int, done_ns: int, metrics: ModelMetrics) -> int:  # fmt: skip
-    """Finish each frame with its result; returns how many were finished here (not by a shutdown)."""
-    finished = 0
-    transfer_us, compute_us, n = (copied_ns - launch_ns) // 1000, (done_ns - copied_ns) // 1000, len(frames)
+def _finish_ok(frames: list[Frame], rows: np.ndarray, outputs: Callable[[int], Outputs | None] | None,
+               launch_ns: int, copied_ns: int, done_ns: int, metrics: ModelMetrics) -> int:  # fmt: skip
+    """Finish each frame with its result; returns how many were finished here (not by a shutdown).
+
+    Per batch, not per frame: the timings are numpy columns, the metrics take them in one call each.
+    """
+    n = len(frames)
     now = time.perf_counter_ns()
-    for frame, (result, outputs) in zip(frames, results, strict=True):
-        if frame.finished:  # finished already: by a shutdown that ran out of time
-            continue
-        timings = Timings(
-            receive_us=(frame.complete_ns - frame.received_ns) // 1000,
-            queue_us=(launch_ns - frame.complete_ns) // 1000,
-            transfer_us=transfer_us,
-            compute_us=compute_us,
-            total_us=(now - frame.received_ns) // 1000,
-            batch_size=n,
-        )
-        frame.finish(Outcome(Status.OK, result=result, timings=timings, outputs=outputs))
-        metrics.total_us.append(timings.total_us)
-        metrics.e2e_s.observe(timings.total_us / 1e6)
-        finished += 1
-    return finished
+    received = np.array([f.received_ns for f in frames], np.int64)
+    complete = np.array([f.complete_ns for f in frames], np.int64)
+    timings = np.empty((n, 6), np.int64)
+    timings[:, 0] = (complete - received) // 1000  # receive_us
+    timings[:, 1] = (launch_ns - complete) // 1000  # queue_us
+    timings[:, 2] = (copied_ns - launch_ns) // 1000  # transfer_us
+    timings[:, 3] = (done_ns - copied_ns) // 1000  # compute_us
+    timings[:, 4] = (now - received) // 1000  # total_us
+    timings[:, 5] = n  # batch_size
+    done = finish_ok(frames, rows, outputs, timings)
+    total_us = timings[:, 4] if len(done) == n else timings[done, 4]
+    metrics.total_us.extend(total_us.tolist())
+    metrics.e2e_s.observe_all(total_us / 1e6)
+    return len(done)

@@ -51,9 +51,11 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from streamgpu.frame import Frame
 from streamgpu.gpu.backend import DeviceModel
-from streamgpu.protocol.wire import Status
+from streamgpu.protocol.wire import FrameFlags, Status
 from streamgpu.scheduler.health import DeviceHealth
 from streamgpu.scheduler.latency import BatchLatency
 from streamgpu.scheduler.metrics import ModelMetrics
@@ -109,7 +111,8 @@ class ModelQueue:
         self.frames = FairQueue()
         self.deadline_timers: dict[Frame, asyncio.TimerHandle] = {}
         self.latest_start = float("inf")  # perf_counter s by which a batch must start for queued deadlines
-        self.wake: asyncio.TimerHandle | None = None
+        self.wake: asyncio.Handle | None = None
+        self.wake_at = 0.0  # loop time ``wake`` runs at
         self.metrics = ModelMetrics()
         # Frames queued when a new version took over that must still run on an older one (swap_queued =
         # "received"), with that version's replicas; may name frames that left the queue since (cleared
@@ -229,7 +232,7 @@ class Scheduler:
     def _unplaceable(self, queue: ModelQueue) -> str:
         """Why no replica of ``queue``'s model can take a batch now ("" when one can)."""
         health = self.health
-        if any(health.usable(r.device) for r in queue.replicas):
+        if not health.impaired or any(health.usable(r.device) for r in queue.replicas):
             return ""
         return f"model {queue.spec.name!r} has no usable device: " + health.why_unusable(
             [r.device for r in queue.replicas]
@@ -247,14 +250,63 @@ class Scheduler:
 
     def submit(self, frame: Frame) -> None:
         """Queue a frame for its model (which admission has checked exists), or finish it now."""
+        queue = self._enqueue(frame, time.perf_counter_ns())
+        if queue is not None:
+            self._dispatch(queue)
+
+    def submit_many(self, frames: list[Frame]) -> None:
+        """Queue frames that arrived together (one read of an ingest channel): as ``submit`` each, then one
+        dispatch per model, so a burst forms its batches once instead of re-deciding after every frame."""
+        now_ns = time.perf_counter_ns()
+        queues, healthy, plain = self._queues, not self.health.impaired, FrameFlags.NONE
+        # The common case (no deadline, not LIVE, room in the queue, every device usable), which _enqueue
+        # would decide the same way, is collected per model and queued in one call; anything else goes
+        # through _enqueue, after what came before it is queued (a LIVE frame supersedes those too).
+        fast: dict[ModelQueue, list[Frame]] = {}
+        room: dict[ModelQueue, int] = {}
+        touched: list[ModelQueue] = []
+        for frame in frames:
+            header = frame.header
+            queue = queues.get(header.model)
+            if queue is None:
+                self._enqueue(frame, now_ns)  # answers it
+                continue
+            free = room.get(queue)
+            if free is None:
+                free = queue.spec.max_queue - len(queue.frames)
+                fast[queue] = []
+                touched.append(queue)
+            if free > 0 and healthy and not frame.deadline_ns and header.flags is plain:
+                fast[queue].append(frame)
+                room[queue] = free - 1
+                continue
+            self._queue_fast(fast)
+            if free <= 0:
+                self._dispatch(queue)  # a full queue: a free replica takes a batch first, as per-frame submits
+            self._enqueue(frame, now_ns)
+            room[queue] = queue.spec.max_queue - len(queue.frames)
+        self._queue_fast(fast)
+        for queue in touched:
+            self._dispatch(queue)
+
+    @staticmethod
+    def _queue_fast(fast: dict[ModelQueue, list[Frame]]) -> None:
+        for queue, frames in fast.items():
+            if frames:
+                queue.frames.push_many(frames)
+                queue.metrics.accepted += len(frames)
+                frames.clear()
+
+    def _enqueue(self, frame: Frame, now_ns: int) -> ModelQueue | None:
+        """Queue ``frame`` (the queue it joined), or finish it now (None)."""
         queue = self._queues.get(frame.header.model)
         if queue is None:  # unloaded while the frame's payload arrived (admission had let its header in)
             _fail(frame, Status.UNKNOWN_MODEL, f"model {frame.header.model!r} was unloaded")
-            return
+            return None
         if why := self._unplaceable(queue):
             queue.metrics.failed += 1
             _fail(frame, Status.INTERNAL_ERROR, why)
-            return
+            return None
         if frame.live:
             stale = queue.frames.stream_frames(frame.producer, frame.stream)
             for old in stale:  # out of the queue first: finishing releases slots, which wakes producers
@@ -263,13 +315,12 @@ class Scheduler:
             for old in stale:
                 queue.metrics.superseded += 1
                 _fail(old, Status.SUPERSEDED, "superseded by a newer frame of this live stream")
-        now_ns = time.perf_counter_ns()
         if frame.deadline_ns and frame.deadline_ns <= now_ns:
             queue.metrics.deadline_missed += 1
             _fail(frame, Status.DEADLINE_MISSED, "deadline passed before the frame was queued")
-            return
+            return None
         if len(queue.frames) >= queue.spec.max_queue and not self._make_room(queue, frame):
-            return
+            return None
         queue.metrics.accepted += 1
         queue.frames.push(frame)
         if frame.deadline_ns:
@@ -277,7 +328,7 @@ class Scheduler:
             queue.deadline_timers[frame] = self._loop.call_later(delay, self._expire, queue, frame)
             # Waiting for a fuller batch must not outlast this frame's deadline.
             queue.latest_start = min(queue.latest_start, self._start_by(queue, frame.deadline_ns))
-        self._dispatch(queue)
+        return queue
 
     def _make_room(self, queue: ModelQueue, frame: Frame) -> bool:
         """The queue is full: refuse the loudest producer's newest frame if ``frame``'s producer holds less
@@ -371,9 +422,14 @@ class Scheduler:
             for frame in frames:
                 queue.frames.remove(frame)
                 del queue.pinned[frame]
+        if queue.deadline_timers:
+            for frame in frames:
+                queue.cancel_timer(frame)
         for frame in frames:
-            queue.cancel_timer(frame)
-            (abandoned if frame.is_abandoned() else batch).append(frame)
+            if frame.is_abandoned():
+                abandoned.append(frame)
+            else:
+                batch.append(frame)
         return batch, abandoned
 
     @staticmethod
@@ -399,9 +455,13 @@ class Scheduler:
         return deadline_ns / 1e9 - fastest - DEADLINE_MARGIN_S
 
     def _arm_wake(self, queue: ModelQueue, delay: float) -> None:
+        when = self._loop.time() + delay
         if queue.wake is not None:
+            if queue.wake_at <= when:
+                return  # one at least as early is armed: it dispatches, and re-arms if the batch is not due yet
             queue.wake.cancel()
-        queue.wake = self._loop.call_later(delay, self._on_wake, queue)
+        queue.wake = self._loop.call_at(when, self._on_wake, queue)
+        queue.wake_at = when  # (uvloop's handle for a time already past has no when())
 
     def _on_wake(self, queue: ModelQueue) -> None:
         queue.wake = None
@@ -413,10 +473,9 @@ class Scheduler:
         queue.metrics.batches += 1
         queue.metrics.batch_sizes[len(batch)] += 1
         metrics = queue.metrics
-        for frame in batch:
-            wait_s = now - frame.complete_ns / 1e9
-            metrics.queue_wait_us.append(wait_s * 1e6)
-            metrics.queue_s.observe(wait_s)
+        wait_s = now - np.array([frame.complete_ns for frame in batch], np.int64) / 1e9  # one pass per batch
+        metrics.queue_wait_us.extend((wait_s * 1e6).tolist())
+        metrics.queue_s.observe_all(wait_s)
         replica.busy_until = replica.finish_at(now, len(batch))
         hint = (replica.busy_until - now) * HINT_FRACTION
         task = self._loop.create_task(self._run(queue, replica, batch, hint))

@@ -20,6 +20,10 @@ from streamgpu.config import Config
 from streamgpu.server import Server
 
 SERVER_KEY = web.AppKey("streamgpu.server", Server)
+# True when streamgpu's own HTTP listener serves the application: it counts every connection under
+# ``max_connections`` from accept to close (idle keep-alive included). Embedded in another server,
+# whose connections streamgpu does not see, each inference request and WebSocket counts instead.
+CONNECTIONS_COUNTED_KEY = web.AppKey("streamgpu.connections_counted", bool)
 
 # Each module exposes ``add_routes(app: web.Application) -> None``; imported when an app is built.
 ROUTE_MODULES: tuple[str, ...] = (
@@ -27,13 +31,27 @@ ROUTE_MODULES: tuple[str, ...] = (
 )
 
 
-def create_app(server: Server) -> web.Application:
-    """An application serving ``server`` (already started or started by the caller) with every route."""
+def create_app(server: Server, *, connections_counted: bool = False) -> web.Application:
+    """An application serving ``server`` (already started or started by the caller) with every route
+    (``connections_counted``: its server counts each connection under ``max_connections`` itself)."""
     app = web.Application()
     app[SERVER_KEY] = server
+    app[CONNECTIONS_COUNTED_KEY] = connections_counted
     for name in ROUTE_MODULES:
         importlib.import_module(name).add_routes(app)
     return app
+
+
+def take_place(request: web.Request) -> bool:
+    """A place under ``max_connections`` for this request (or WebSocket), unless its connection
+    holds one already; False: none is left (answer 503). ``give_place`` when it ends."""
+    return request.app[CONNECTIONS_COUNTED_KEY] or request.app[SERVER_KEY].admission.open_connection()
+
+
+def give_place(request: web.Request) -> None:
+    """The request that ``take_place`` admitted has ended."""
+    if not request.app[CONNECTIONS_COUNTED_KEY]:
+        request.app[SERVER_KEY].admission.close_connection()
 
 
 def setup(app: web.Application, config: Config | Server | None = None, *, prefix: str = "/streamgpu") -> Server:

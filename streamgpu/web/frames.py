@@ -41,10 +41,26 @@ async def receive_frame(
 
     Raises ``Refused`` (status, message) when the frame is not admitted, its deadline passes
     while it waits for ring space, its payload does not arrive within
-    ``Admission.payload_budget_s`` (RECEIVE_TIMEOUT), or the server began shutting down. Any
-    exception of ``fill`` (the peer went away) propagates. No slot is held after an exception.
-    The outcome's ``result`` is the front end's own copy.
+    ``Admission.payload_budget_s`` (RECEIVE_TIMEOUT), or the server began shutting down (each
+    counted in ``Admission.replies``, as TCP's refusals). Any exception of ``fill`` (the peer
+    went away) propagates. No slot is held after an exception. The outcome's ``result`` is the
+    front end's own copy.
     """
+    try:
+        return await _receive(admission, producer, header, fill, stream, is_abandoned)
+    except Refused as refused:
+        admission.replied(header.model, refused.status)
+        raise
+
+
+async def _receive(
+    admission: Admission,
+    producer: Producer,
+    header: FrameHeader,
+    fill: Fill,
+    stream: Hashable,
+    is_abandoned: Callable[[], bool],
+) -> asyncio.Future[Outcome]:
     received_ns = time.perf_counter_ns()
     deadline_ns = admission.admit(producer, header, received_ns)
     nbytes = header.payload_len

@@ -13,8 +13,9 @@ Series (all per ``model`` where they have the label):
   launch to copied, copied to results on the host.
 * ``streamgpu_batch_size`` histogram: frames per batch.
 * ``streamgpu_replies_total{model, status}`` counter: every reply by status name (OK, BAD_FRAME,
-  TOO_LARGE, UNAUTHORIZED, ...). ``model=""`` counts replies before any model is known (refused
-  handshakes: WELCOME statuses; connection replies) and frames naming no served model.
+  TOO_LARGE, UNAUTHORIZED, ...), of every front end (TCP, ingest workers, UDP, WebSocket, HTTP,
+  raw). ``model=""`` counts replies before any model is known (refused handshakes: WELCOME
+  statuses; connection replies) and frames naming no served model.
 * gauges: ``streamgpu_queue_length`` and ``streamgpu_batches_in_flight`` (per model),
   ``streamgpu_model_sms{model, device}`` (the SMs its kernels may use: its ``sm_share``; CUDA backend only),
   ``streamgpu_ring_used_bytes``, ``streamgpu_ring_capacity_bytes``, ``streamgpu_connections``,

@@ -34,7 +34,7 @@ from streamgpu.frame import Outcome
 from streamgpu.ingest.admission import Admission, Producer, Refused
 from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol.wire import FrameHeader, Status
-from streamgpu.web.app import SERVER_KEY
+from streamgpu.web.app import SERVER_KEY, give_place, take_place
 from streamgpu.web.frames import next_stream_key, receive_frame
 
 INPUT_NAME = "input"
@@ -271,7 +271,7 @@ async def infer(request: web.Request) -> web.StreamResponse:
         producer = _producer(request, admission)
     except OipError as exc:
         return error_response(exc.status, exc.message)
-    if not admission.open_connection():
+    if not take_place(request):
         admission.leave(producer)
         return error_response(503, f"too many connections ({admission.config.max_connections})")
     try:
@@ -281,7 +281,7 @@ async def infer(request: web.Request) -> web.StreamResponse:
     except Refused as refused:
         return error_response(HTTP_STATUS[refused.status], f"{refused.status.name}: {refused.message}")
     finally:
-        admission.close_connection()
+        give_place(request)
         admission.leave(producer)
 
 

@@ -1,6 +1,7 @@
 """The live status page: ``GET /`` (HTML + a little JavaScript from the package, no build step) and the
 JSON it polls every second, ``GET /v1/status``: models, device, throughput, latency percentiles,
-queue lengths and reply counts by status."""
+queue lengths, reply counts by status, and the raw ports with the stream id their results are
+published under (what a WebSocket subscriber names)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,11 @@ def status(server: Server, started: float) -> dict[str, Any]:
         "ring": {"used_bytes": metrics["ring"]["used_bytes"], "capacity": metrics["ring"]["capacity"]},
         "models": models,
         "replies_without_model": replies.get("", {}),
+        "raw_streams": [
+            {key: listener[key] for key in ("port", "model", "stream_id", "live", "connections", "frames")}
+            for listener in metrics["listeners"]
+            if listener["kind"] == "raw"
+        ],
     }
 
 

@@ -8,11 +8,12 @@
   headers on a WebSocket), checked before the upgrade (401).
 * A subscriber sends the text message ``{"subscribe": [7, 9]}`` (or one id) and then gets,
   as binary REPLY messages, every result published for those stream ids: frames of any
-  producer on any front end that publishes (TCP, WebSocket, and others through
-  ``admission.stream_results``), as each is made. ``{"unsubscribe": [7]}`` stops it. Each control
-  message is answered with a text message: ``{"subscribed": [...all ids now...]}`` or
-  ``{"error": "..."}``. A subscriber that reads slower than results come loses the oldest
-  (``MAX_QUEUED`` messages are kept), never slowing a producer.
+  producer on any front end (TCP, ingest workers, WebSocket, raw ports under their
+  listener's stream id; all through ``admission.stream_results``), as each is made.
+  ``{"unsubscribe": [7]}`` stops it. Each control message is answered with a text message:
+  ``{"subscribed": [...all ids now...]}`` or ``{"error": "..."}``. A subscriber that reads
+  slower than results come loses the oldest (``MAX_QUEUED`` messages are kept), never slowing
+  a producer.
 
 A well-framed frame that is refused (bad shape, unknown model, ...) is answered with its status
 like on TCP and costs only itself; a binary message that is not one whole frame closes the
@@ -31,11 +32,12 @@ from aiohttp import WSMsgType, web
 
 from streamgpu.frame import Outcome
 from streamgpu.ingest.admission import Admission, Producer, Refused
-from streamgpu.ingest.hub import Subscription
+from streamgpu.ingest.hub import Origin, Subscription
+from streamgpu.metrics import NO_MODEL
 from streamgpu.protocol import wire
 from streamgpu.protocol.ordering import ReplyOrder, Ticket
 from streamgpu.protocol.wire import FrameHeader, ProtocolError, ReplyFlags, ReplyHeader, Status, Timings
-from streamgpu.web.app import SERVER_KEY
+from streamgpu.web.app import SERVER_KEY, give_place, take_place
 from streamgpu.web.frames import next_stream_key, receive_frame
 
 PATH = "/v1/stream"
@@ -51,6 +53,7 @@ class StreamSocket:
         self.admission = admission
         self.producer = producer
         self.key = next_stream_key("ws")
+        self.origin = Origin("ws", f"ws:{self.key[1]}")  # how its frames' outcomes are published
         self.order = ReplyOrder()  # this socket's frames, replied in sequence order per stream
         self.out: collections.deque[bytes | str] = collections.deque()  # str: a text (control) message
         self.wake = asyncio.Event()  # something to send
@@ -100,6 +103,7 @@ class StreamSocket:
                     Status.BAD_FRAME, f"message has {len(data) - used} payload bytes; header says {header.payload_len}"
                 )
         except ProtocolError as exc:
+            self.admission.replied(NO_MODEL, exc.status)  # a connection reply, counted as TCP's
             reply = ReplyHeader(0, 0, exc.status, message=str(exc), flags=ReplyFlags.CONNECTION)
             self.queue(b"".join(wire.encode_reply(reply)))
             raise
@@ -116,12 +120,14 @@ class StreamSocket:
             )
         except Refused as refused:
             timings = Timings(total_us=(time.perf_counter_ns() - started) // 1000)
-            self.answer(ticket, header, Outcome(refused.status, refused.message, timings=timings))
+            outcome = Outcome(refused.status, refused.message, timings=timings)
+            self.admission.stream_results.publish(header, outcome, self.origin)
+            self.answer(ticket, header, outcome)
             return
 
         def answered(done: asyncio.Future[Outcome]) -> None:
             if not done.cancelled():
-                self.admission.stream_results.publish(header, done.result())
+                self.admission.stream_results.publish(header, done.result(), self.origin)
                 self.answer(ticket, header, done.result())
 
         future.add_done_callback(answered)
@@ -200,7 +206,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     grant = admission.authenticate(token)
     if grant is None:
         return web.json_response({"error": "bad or missing auth token"}, status=401)
-    if not admission.open_connection():
+    if not take_place(request):
         return web.json_response({"error": f"too many connections ({admission.config.max_connections})"}, status=503)
     producer = admission.producer_for(grant, f"ws:{request.remote}")
     ws = web.WebSocketResponse(max_msg_size=admission.config.max_payload_bytes + 64 * 1024)
@@ -227,7 +233,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
             await sock.flush(writer)
         with contextlib.suppress(Exception):
             await ws.close()
-        admission.close_connection()
+        give_place(request)
         admission.leave(producer)
     return ws
 

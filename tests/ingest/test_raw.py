@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 import pytest
 import torch
@@ -25,6 +26,8 @@ from streamgpu.config import Config, ListenerSpec
 from streamgpu.models.builtin import build_builtin
 from streamgpu.models.preprocess import preprocess_torch
 from streamgpu.models.spec import ModelSpec
+from streamgpu.protocol import wire
+from streamgpu.protocol.wire import Status
 from streamgpu.server import Server
 
 SPEC = ModelSpec(input_shape=(224, 224, 3), max_batch_size=8, batch_buckets=(1, 8))
@@ -94,13 +97,13 @@ async def no_more_lines(reader: asyncio.StreamReader, wait: float = 0.3) -> None
         raise AssertionError(f"one line more than frames sent: {line!r}")
 
 
-def check_results(lines: list[dict[str, Any]], frames: np.ndarray) -> None:
+def check_results(lines: list[dict[str, Any]], frames: np.ndarray, spec: ModelSpec = SPEC) -> None:
     """One OK line per frame, numbered 0.. in the connection, each the model's result for that frame."""
     assert sorted(line["seq"] for line in lines) == list(range(len(frames)))
     assert {line["status"] for line in lines} == {"OK"}, lines
     assert len({line["stream"] for line in lines}) == 1
     got = np.array([line["result"] for line in sorted(lines, key=lambda line: line["seq"])], np.float32)
-    np.testing.assert_allclose(got, reference(frames), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got, reference(frames, spec), rtol=1e-4, atol=1e-4)
 
 
 # -- real producers ------------------------------------------------------------------------------------
@@ -269,3 +272,57 @@ async def test_raw_port_in_use_fails_start_and_frees_what_it_bound() -> None:
         with pytest.raises(OSError, match="in use"):
             await server.start()
         assert server.addresses == [] and server.results_address is None  # framed port and results port closed
+
+
+# -- one result path: the hub feeds WebSocket subscribers and the JSON lines alike ----------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("producer", ["ffmpeg", "socket"])
+async def test_raw_results_reach_a_websocket_subscriber_and_the_json_lines(producer: str) -> None:
+    # A subscriber finds the raw port's stream id in /v1/status (default: the port number; or the
+    # listener's stream_id option), subscribes on /v1/stream and gets every frame's REPLY, while the
+    # JSON-lines subscriber gets the same results, each line naming that stream id.
+    n = 10
+    options: dict[str, Any] = {"model": SMALL.name, "live": False}
+    if producer == "socket":
+        options["stream_id"] = 77
+        frames = np.random.default_rng(7).integers(0, 256, (n, *SMALL.input_shape), dtype=np.uint8)
+    else:
+        ffmpeg = need("ffmpeg")
+        src = ["-f", "lavfi", "-i", "testsrc=size=32x32:rate=30", "-frames:v", str(n)]
+        frames = frames_from([ffmpeg, "-loglevel", "error", *src, *FFMPEG_RAW, "-"], SMALL)
+    cfg = raw_config(model=SMALL, listeners=[ListenerSpec(port=0), ListenerSpec("raw", port=0, options=options),
+                                             ListenerSpec("http", port=0)])  # fmt: skip
+    async with raw_server(cfg) as (server, port, reader), aiohttp.ClientSession() as session:
+        base = f"127.0.0.1:{server.addresses[2][1]}"
+        async with session.get(f"http://{base}/v1/status") as response:
+            (raw,) = (await response.json())["raw_streams"]
+        stream_id = 77 if producer == "socket" else port
+        assert raw["port"] == port and raw["stream_id"] == stream_id and raw["model"] == SMALL.name
+        async with session.ws_connect(f"ws://{base}/v1/stream") as ws:
+            await ws.send_json({"subscribe": raw["stream_id"]})
+            assert await asyncio.wait_for(ws.receive_json(), 5) == {"subscribed": [stream_id]}
+            if producer == "socket":
+                await asyncio.to_thread(send_all, port, frames.tobytes())
+            else:
+                proc = await asyncio.create_subprocess_exec(
+                    ffmpeg, "-loglevel", "error", *src, *FFMPEG_RAW, f"tcp://127.0.0.1:{port}"
+                )
+                assert await asyncio.wait_for(proc.wait(), 60) == 0
+            replies = {}
+            for _ in range(n):
+                msg = await asyncio.wait_for(ws.receive(), 10)
+                assert msg.type is aiohttp.WSMsgType.BINARY, msg
+                parsed = wire.decode_reply(msg.data)
+                assert parsed is not None
+                header, payload, _ = parsed
+                assert header.stream_id == stream_id and header.status == Status.OK, header
+                replies[header.sequence] = np.frombuffer(payload, np.float32)
+        lines = await read_lines(reader, n)
+        await no_more_lines(reader)
+    assert sorted(replies) == list(range(n))
+    expected = reference(frames, SMALL)
+    np.testing.assert_allclose([replies[i] for i in range(n)], expected, rtol=1e-4, atol=1e-4)
+    assert {(line["source"], line["stream_id"], line["status"]) for line in lines} == {("raw", stream_id, "OK")}
+    check_results(lines, frames, SMALL)

@@ -4,6 +4,7 @@ servers on loopback with 2 workers: results equal to one-process mode, a killed 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -318,3 +319,24 @@ async def shutdown_answers_every_frame_received(server: Server) -> None:
     assert server.pool.slots_in_use == 0
     for conn in conns:
         await conn.close()
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_worker_frames_results_reach_the_hub_and_the_results_file(tmp_path: Path) -> None:
+    # Worker frames finish a batch at a time (a BatchSink, no Outcome per frame): the ones someone
+    # watches are still published, so subscribers and the JSON-lines sink get them.
+    out = tmp_path / "results.jsonl"
+    async with Server(config(ingest_workers=1, results_file=str(out))) as srv:
+        seen: list[tuple[int, Status]] = []
+        hub = srv.admission.stream_results
+        hub.subscribe(7, lambda header, outcome: seen.append((header.sequence, outcome.status)))
+        conn = await client.connect("127.0.0.1", srv.port)
+        data = frames(6, seed=1)
+        replies = await asyncio.gather(*(conn.submit(f, stream_id=7 if i % 2 else 8) for i, f in enumerate(data)))
+        await conn.close()
+    assert all(r.ok for r in replies)
+    assert sorted(seen) == [(0, Status.OK), (1, Status.OK), (2, Status.OK)]
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted((x["stream_id"], x["seq"], x["status"]) for x in lines) == [
+        (7, 0, "OK"), (7, 1, "OK"), (7, 2, "OK"), (8, 0, "OK"), (8, 1, "OK"), (8, 2, "OK")]  # fmt: skip
+    assert all(len(x["top_k"] if "top_k" in x else x["result"]) > 0 for x in lines)

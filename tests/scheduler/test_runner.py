@@ -77,6 +77,9 @@ class Producer:
     def frame_finished(self, model: str = "", status: int = 0) -> None:
         pass
 
+    def frames_finished(self, model: str = "", status: int = 0, n: int = 1) -> None:
+        pass
+
 
 class Rig:
     def __init__(self) -> None:

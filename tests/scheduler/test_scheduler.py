@@ -37,6 +37,9 @@ class FakeProducer:
     def frame_finished(self, model: str = "", status: int = 0) -> None:
         pass
 
+    def frames_finished(self, model: str = "", status: int = 0, n: int = 1) -> None:
+        pass
+
 
 @dataclass
 class Harness:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -14,7 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from streamgpu import client
 from streamgpu.config import Config, ListenerSpec
 from streamgpu.models.spec import ModelSpec
-from streamgpu.protocol.wire import Status
+from streamgpu.protocol import udp, wire
+from streamgpu.protocol.wire import FrameHeader, Status
 from streamgpu.server import Server
 from streamgpu.web.app import create_app
 
@@ -95,3 +97,71 @@ async def test_two_servers_in_one_process_keep_their_own_counts() -> None:
         await conn.close()
         assert replies(await scrape(http1), "default", "OK") == 1
         assert replies(await scrape(http2), "default", "OK") == 0
+
+
+async def counts_reach(http: TestClient, expected: dict[tuple[str, str], float]) -> None:
+    """/metrics' reply counters become ``expected`` (and no other reply is counted) within 5 s: a worker's
+    REPLIED records and a UDP datagram's answer come a moment after the producer's last reply."""
+    counted: dict[tuple[str, str], float] = {}
+    total = 0.0
+    for _ in range(100):
+        samples = await scrape(http)
+        counted = {key: replies(samples, *key) for key in expected}
+        total = sum(v for (name, _), v in samples.items() if name == "streamgpu_replies_total")
+        if counted == expected and total == sum(expected.values()):
+            return
+        await asyncio.sleep(0.05)
+    assert (counted, total) == (expected, sum(expected.values()))
+
+
+def reply_status(message: bytes) -> Status:
+    parsed = wire.decode_reply(message)
+    assert parsed is not None
+    return Status(parsed[0].status)
+
+
+FRAME, WRONG = np.zeros(SPEC.input_shape, np.uint8), np.zeros((4, 4, 3), np.uint8)
+
+
+@pytest.mark.asyncio
+async def test_udp_and_websocket_refusals_are_counted_like_tcp_ones() -> None:
+    # A front end that answers a frame itself counts the reply where TCP does (Admission.replied).
+    cfg = Config(listeners=[ListenerSpec(port=0), ListenerSpec("udp", port=0)], device="cpu", models=[SPEC],
+                 auth_token=TOKEN)  # fmt: skip
+    async with Server(cfg) as server, TestClient(TestServer(create_app(server))) as http:
+        udp_port = server.addresses[1][1]
+        # over UDP: 1 OK, 3 BAD_FRAME, 2 UNKNOWN_MODEL, and one TOO_LARGE at a frame's first datagram
+        conn = await client.connect_udp("127.0.0.1", udp_port)
+        got = [(await conn.infer(f)).status for f in (FRAME, WRONG, WRONG, WRONG)]
+        got += [(await conn.infer(FRAME, model=m)).status for m in ("nope", "nada")]
+        await conn.close()
+        too_large = udp.encode_chunk_header(udp.ChunkHeader(udp.Kind.FRAME, 0, 9, 0, 1, 0, 1 << 30))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.sendto(too_large, ("127.0.0.1", udp_port))
+        # over a WebSocket: 1 BAD_FRAME, then a message that is not a frame (a connection reply, BAD_FRAME)
+        async with http.ws_connect(f"/v1/stream?token={TOKEN}") as ws:
+            head = FrameHeader(0, 0, "default", wire.dtype_code(WRONG.dtype), WRONG.shape, WRONG.nbytes)
+            await ws.send_bytes(wire.encode_frame_header(head) + WRONG.tobytes())
+            got.append(reply_status(await ws.receive_bytes(timeout=10)))
+            await ws.send_bytes(b"not a frame")
+            got.append(reply_status(await ws.receive_bytes(timeout=10)))
+        assert got == [Status.OK, *[Status.BAD_FRAME] * 3, *[Status.UNKNOWN_MODEL] * 2, *[Status.BAD_FRAME] * 2]
+        await counts_reach(http, {("default", "OK"): 1, ("default", "BAD_FRAME"): 3 + 1, ("", "UNKNOWN_MODEL"): 2,
+                                  ("", "TOO_LARGE"): 1, ("", "BAD_FRAME"): 1})  # fmt: skip
+
+
+@pytest.mark.asyncio
+async def test_ingest_worker_refusals_are_counted_like_tcp_ones() -> None:
+    # The worker process answers refused frames and handshakes itself: REPLIED records bring them here.
+    cfg = Config(listeners=[ListenerSpec(port=0)], device="cpu", models=[SPEC], auth_token=TOKEN, ingest_workers=1)
+    async with Server(cfg) as server, TestClient(TestServer(create_app(server))) as http:
+        conn = await client.connect("127.0.0.1", server.port, token=TOKEN)
+        got = [(await conn.infer(f)).status for f in (FRAME, WRONG, WRONG)] + [
+            (await conn.infer(FRAME, model="nope")).status]  # fmt: skip
+        await conn.close()
+        for _ in range(2):
+            with pytest.raises(client.HandshakeError):
+                await client.connect("127.0.0.1", server.port, token="wrong")
+        assert got == [Status.OK, Status.BAD_FRAME, Status.BAD_FRAME, Status.UNKNOWN_MODEL]
+        await counts_reach(http, {("default", "OK"): 1, ("default", "BAD_FRAME"): 2, ("", "UNKNOWN_MODEL"): 1,
+                                  ("", "UNAUTHORIZED"): 2})  # fmt: skip

@@ -4,10 +4,10 @@ as frames flow. ``STREAMGPU_SCREENSHOT=docs/status_page.png`` also keeps a scree
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,69 +19,54 @@ from streamgpu.models.spec import ModelSpec
 from streamgpu.server import Server
 from streamgpu.web.app import create_app
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
 SPEC = ModelSpec(input_shape=(32, 32, 3), max_batch_size=4, batch_buckets=(1, 4))
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # Playwright drives the browser over asyncio subprocess pipes
-async def test_status_page_numbers_change_as_frames_flow(tmp_path: Path) -> None:
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} not installed (Debian package chromium; tools/install_test_deps.sh installs it)")
-    playwright_api = pytest.importorskip("playwright.async_api", reason="the playwright package (test extra)")
+async def test_status_page_numbers_change_as_frames_flow(tmp_path: Path, browser_page: Any) -> None:
     config = Config(listeners=[ListenerSpec(port=0)], device="cpu", models=[SPEC])
-    async with (
-        Server(config) as server,
-        TestClient(TestServer(create_app(server))) as http,
-        playwright_api.async_playwright() as pw,
-    ):
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = await browser.new_page(viewport={"width": 1200, "height": 480})
-            await page.goto(str(http.make_url("/")))
-            await page.wait_for_function("document.getElementById('device').textContent.includes('cpu')")
-            ok_cell = page.locator("tr[data-model=default] td.ok")
-            assert await ok_cell.text_content() == "0"
-            assert await page.locator("tr[data-model=default] td.p50").text_content() == "–"
+    page = browser_page
+    async with Server(config) as server, TestClient(TestServer(create_app(server))) as http:
+        await page.goto(str(http.make_url("/")))
+        await page.wait_for_function("document.getElementById('device').textContent.includes('cpu')")
+        ok_cell = page.locator("tr[data-model=default] td.ok")
+        assert await ok_cell.text_content() == "0"
+        assert await page.locator("tr[data-model=default] td.p50").text_content() == "–"
 
-            conn = await client.connect("127.0.0.1", server.port)
-            frame = np.zeros(SPEC.input_shape, np.uint8)
-            sent = 0
-            rates: list[float] = []
+        conn = await client.connect("127.0.0.1", server.port)
+        frame = np.zeros(SPEC.input_shape, np.uint8)
+        sent = 0
+        rates: list[float] = []
 
-            async def flow(seconds: float) -> None:
-                nonlocal sent
-                end = asyncio.get_running_loop().time() + seconds
-                while asyncio.get_running_loop().time() < end:
-                    assert all(r.ok for r in await asyncio.gather(*(conn.infer(frame) for _ in range(4))))
-                    sent += 4
-                    await asyncio.sleep(0.02)
+        async def flow(seconds: float) -> None:
+            nonlocal sent
+            end = asyncio.get_running_loop().time() + seconds
+            while asyncio.get_running_loop().time() < end:
+                assert all(r.ok for r in await asyncio.gather(*(conn.infer(frame) for _ in range(4))))
+                sent += 4
+                await asyncio.sleep(0.02)
 
-            shot = tmp_path / "status_page.png"
-            sender = asyncio.create_task(flow(3.0))
-            while not sender.done():  # while frames flow, the page's rate goes above zero
-                rates.append(float(await page.locator("#throughput").text_content() or 0))
-                if rates[-1] > 0 and not shot.exists():
-                    await page.screenshot(path=str(shot), full_page=True)
-                await asyncio.sleep(0.25)
-            await sender
-            assert max(rates) > 0, rates
-            await page.wait_for_function(
-                f"document.querySelector('tr[data-model=default] td.ok').textContent === '{sent}'", timeout=5000
-            )
-            assert await page.locator("tr[data-model=default] td.p50").text_content() != "–"
-            assert await page.locator("tr[data-status=OK] td.count").text_content() == str(sent)
-            bad = await conn.infer(np.zeros((2, 2, 3), np.uint8))
-            assert not bad.ok
-            await page.wait_for_function(
-                "(document.querySelector('tr[data-status=BAD_FRAME] td.count') || {}).textContent === '1'",
-                timeout=5000,
-            )
-            assert await page.locator("#connections").text_content() == "1"
-            if target := os.environ.get("STREAMGPU_SCREENSHOT"):
-                shutil.copyfile(shot, target)
-            await conn.close()
-        finally:
-            with contextlib.suppress(Exception):
-                await browser.close()
+        shot = tmp_path / "status_page.png"
+        sender = asyncio.create_task(flow(3.0))
+        while not sender.done():  # while frames flow, the page's rate goes above zero
+            rates.append(float(await page.locator("#throughput").text_content() or 0))
+            if rates[-1] > 0 and not shot.exists():
+                await page.screenshot(path=str(shot), full_page=True)
+            await asyncio.sleep(0.25)
+        await sender
+        assert max(rates) > 0, rates
+        await page.wait_for_function(
+            f"document.querySelector('tr[data-model=default] td.ok').textContent === '{sent}'", timeout=5000
+        )
+        assert await page.locator("tr[data-model=default] td.p50").text_content() != "–"
+        assert await page.locator("tr[data-status=OK] td.count").text_content() == str(sent)
+        bad = await conn.infer(np.zeros((2, 2, 3), np.uint8))
+        assert not bad.ok
+        await page.wait_for_function(
+            "(document.querySelector('tr[data-status=BAD_FRAME] td.count') || {}).textContent === '1'",
+            timeout=5000,
+        )
+        assert await page.locator("#connections").text_content() == "1"
+        if target := os.environ.get("STREAMGPU_SCREENSHOT"):
+            shutil.copyfile(shot, target)
+        await conn.close()

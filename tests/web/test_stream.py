@@ -15,7 +15,7 @@ import pytest_asyncio
 from streamgpu import client
 from streamgpu.config import Config, ListenerSpec
 from streamgpu.frame import Outcome
-from streamgpu.ingest.hub import ResultHub
+from streamgpu.ingest.hub import Origin, ResultHub
 from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol import wire
 from streamgpu.protocol.wire import FrameHeader, ReplyFlags, ReplyHeader, Status
@@ -170,6 +170,20 @@ def test_result_hub_publishes_by_stream_id_and_drops_a_broken_watcher() -> None:
     hub.publish(header, Outcome(Status.OK))
     hub.publish(header._replace(sequence=2), Outcome(Status.OK))
     assert seen == [(3, 1), (3, 2)] and hub.subscribers(3) == 1  # the broken one was unsubscribed
+    assert hub.watched(3) and not hub.watched(5)
     sub.cancel()
     sub.cancel()
-    assert hub.subscribers(3) == 0
+    assert hub.subscribers(3) == 0 and not hub.watched(3)
+
+
+def test_a_tap_gets_every_stream_id_with_its_origin() -> None:
+    hub = ResultHub()
+    seen: list[tuple[int, str, str]] = []
+    assert not hub.watched(3)
+    tap = hub.tap(lambda h, o, origin: seen.append((h.stream_id, origin.source, origin.stream)))
+    assert hub.watched(3) and hub.watched(4)
+    hub.publish(FrameHeader(3, 1, "m", 1, (1,), 1), Outcome(Status.OK), Origin("raw", "raw:9000/1"))
+    hub.publish(FrameHeader(4, 1, "m", 1, (1,), 1), Outcome(Status.BAD_FRAME))
+    tap.cancel()
+    hub.publish(FrameHeader(5, 1, "m", 1, (1,), 1), Outcome(Status.OK))
+    assert seen == [(3, "raw", "raw:9000/1"), (4, "", "")] and hub.published == 3

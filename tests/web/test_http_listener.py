@@ -1,0 +1,85 @@
+"""The stand-alone HTTP listener's connections: each holds a place under ``max_connections`` from accept
+to close (idle keep-alive included) beside TCP producers', past the cap a 503, and an idle one is closed
+after ``http_keepalive_timeout_s``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from streamgpu import client
+from streamgpu.config import Config, ListenerSpec
+from streamgpu.models.spec import ModelSpec
+from streamgpu.protocol.wire import Status
+from streamgpu.server import Server
+
+SPEC = ModelSpec(input_shape=(8, 8, 3), max_batch_size=4, batch_buckets=(1, 4))
+REQUEST = b"GET /v2/health/live HTTP/1.1\r\nHost: streamgpu\r\n\r\n"
+
+
+@contextlib.asynccontextmanager
+async def serving(**kw: Any) -> AsyncIterator[Server]:
+    cfg = Config(listeners=[ListenerSpec(port=0), ListenerSpec("http", port=0)], device="cpu", models=[SPEC], **kw)
+    async with Server(cfg) as server:
+        yield server
+    assert server.connections == 0
+
+
+async def keep_alive(server: Server) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    """A connection that made one request (HTTP/1.1: kept alive) and now idles; and its response."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.addresses[1][1])
+    writer.write(REQUEST)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    fields = dict(line.split(b": ", 1) for line in head.split(b"\r\n")[1:] if line)
+    length = int({k.lower(): v for k, v in fields.items()}[b"content-length"])
+    return reader, writer, head + await reader.readexactly(length)
+
+
+async def until(condition: Any, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.asyncio
+async def test_idle_keep_alive_connections_hold_places_under_max_connections() -> None:
+    async with serving(max_connections=2, http_keepalive_timeout_s=30) as server:
+        idle = [await keep_alive(server) for _ in range(2)]
+        assert all(response.startswith(b"HTTP/1.1 200") for _, _, response in idle)
+        assert server.connections == 2  # both idle, both counted
+        # The next HTTP connection is refused with the reason; so is a TCP producer (one cap for all).
+        reader, writer, response = await keep_alive(server)
+        assert response.startswith(b"HTTP/1.1 503") and b'{"error": "too many connections (2)"}' in response
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # and closed
+        writer.close()
+        with pytest.raises(client.HandshakeError, match="too many connections"):
+            await client.connect("127.0.0.1", server.port)
+        refused = dict(((model, status), n) for model, status, n in server.replies.items())
+        assert refused[("", Status.OVERLOADED)] == 2
+        # Closing one idle connection frees its place.
+        idle[0][1].close()
+        await until(lambda: server.connections == 1)
+        _, again, response = await keep_alive(server)
+        assert response.startswith(b"HTTP/1.1 200")
+        for w in (idle[1][1], again):
+            w.close()
+        await until(lambda: server.connections == 0)
+
+
+@pytest.mark.asyncio
+async def test_an_idle_http_connection_is_closed_after_the_keep_alive_timeout() -> None:
+    async with serving(max_connections=2, http_keepalive_timeout_s=0.3) as server:
+        reader, writer, response = await keep_alive(server)
+        assert response.startswith(b"HTTP/1.1 200")
+        silent_reader, silent_writer = await asyncio.open_connection("127.0.0.1", server.addresses[1][1])
+        await until(lambda: server.connections == 2)
+        # Both the idle keep-alive and the connection that never sent a request are closed by the server.
+        assert await asyncio.wait_for(reader.read(), 3) == b""
+        assert await asyncio.wait_for(silent_reader.read(), 3) == b""
+        await until(lambda: server.connections == 0)
+        writer.close()
+        silent_writer.close()
