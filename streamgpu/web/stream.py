@@ -57,27 +57,34 @@ class StreamSocket:
         self.order = ReplyOrder()  # this socket's frames, replied in sequence order per stream
         self.out: collections.deque[bytes | str] = collections.deque()  # str: a text (control) message
         self.wake = asyncio.Event()  # something to send
-        self.replied = asyncio.Event()  # one of this socket's frames was answered
+        self.replied = asyncio.Event()  # one of this socket's frames was answered, or a message sent
+        self.sending = True  # the writer runs (it ends when a send fails: nothing queued is sent after)
         self.subscriptions: dict[int, Subscription] = {}
         self.dropped = 0  # subscribed results dropped because this socket read too slowly
 
     # -- sending: one writer task, so that callbacks never await --------------------------------
 
     def queue(self, message: bytes | str) -> None:
-        if not self.ws.closed:
+        if self.sending and not self.ws.closed:
             self.out.append(message)
             self.wake.set()
 
     async def writer(self) -> None:
-        while True:
-            await self.wake.wait()
-            self.wake.clear()
-            while self.out:
-                message = self.out.popleft()
-                if isinstance(message, str):
-                    await self.ws.send_str(message)
-                else:
-                    await self.ws.send_bytes(message)
+        try:
+            while True:
+                await self.wake.wait()
+                self.wake.clear()
+                while self.out:
+                    message = self.out.popleft()
+                    if isinstance(message, str):
+                        await self.ws.send_str(message)
+                    else:
+                        await self.ws.send_bytes(message)
+                    self.replied.set()  # room in the queue: a producer held in wait_for_room goes on
+        finally:
+            self.sending = False
+            self.out.clear()
+            self.replied.set()
 
     async def flush(self, writer: asyncio.Task[None]) -> None:
         """Send what is queued (for at most a second), then stop the writer."""
@@ -139,8 +146,11 @@ class StreamSocket:
         self.replied.set()
 
     async def wait_for_room(self) -> None:
-        """Flow control, as on TCP: at most ``max_frames_per_connection`` frames of this socket unanswered."""
-        while len(self.order) >= self.admission.config.max_frames_per_connection:
+        """Flow control, as on TCP: at most ``max_frames_per_connection`` frames of this socket unanswered,
+        and no more frames read while ``MAX_QUEUED`` messages wait for a peer that does not read them
+        (else its replies would pile up here without bound)."""
+        limit = self.admission.config.max_frames_per_connection
+        while len(self.order) >= limit or (self.sending and len(self.out) >= MAX_QUEUED):
             self.replied.clear()
             await self.replied.wait()
 
