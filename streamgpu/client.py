@@ -47,6 +47,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from streamgpu import mmsg
 from streamgpu.loops import new_event_loop
 from streamgpu.protocol import udp, wire
 
@@ -690,6 +691,7 @@ class _DatagramTransport:
         self._partial: dict[tuple[int, int], tuple[udp.Assembly, bytearray, list[bytes]]] = {}
         self._loss = loss
         self._rng = np.random.default_rng(seed)
+        self._sender = mmsg.Sender()
         self._closing = False
         self.datagrams_sent = 0
         self.datagrams_dropped = 0  # by ``loss``, or because the socket's send buffer was full
@@ -724,21 +726,14 @@ class _DatagramTransport:
 
     abort = close
 
-    def writelines(self, datagrams: list[list[bytes | memoryview]]) -> None:
-        """Send each datagram (a list of buffers, no copy); ``loss`` drops a random fraction first."""
+    def writelines(self, datagrams: udp.Datagrams) -> None:
+        """Send a message's datagrams with one ``sendmmsg`` (no copy); ``loss`` drops a random fraction first."""
         if self._closing:
             return
         keep = self._rng.random(len(datagrams)) >= self._loss if self._loss else None
-        for i, parts in enumerate(datagrams):
-            if keep is not None and not keep[i]:
-                self.datagrams_dropped += 1
-                continue
-            try:
-                self._sock.sendmsg(parts)
-            except OSError:  # send buffer full, or the server's port said unreachable: UDP does not wait
-                self.datagrams_dropped += 1
-            else:
-                self.datagrams_sent += 1
+        sent, _failed = self._sender.send(self._sock, datagrams, keep)
+        self.datagrams_sent += sent
+        self.datagrams_dropped += len(datagrams) - sent  # by ``loss``, or refused by the kernel (``_failed``)
 
     # --- receiving replies -------------------------------------------------------
 
@@ -830,8 +825,8 @@ class UdpConnection(Connection):
         """Datagrams not sent: dropped on purpose (``loss``) or for a full send buffer."""
         return self._udp.datagrams_dropped
 
-    def _encode(self, header: wire.FrameHeader, frame: np.ndarray) -> list[bytes | memoryview]:
-        return cast(list[bytes | memoryview], udp.frame_datagrams(header, frame.data.cast("B"), self.datagram_bytes))
+    def _encode(self, header: wire.FrameHeader, frame: np.ndarray) -> Any:
+        return udp.frame_datagrams(header, frame.data.cast("B"), self.datagram_bytes)
 
     def _write(self, encoded: Any) -> None:
         self._udp.writelines(encoded)

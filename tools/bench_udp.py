@@ -18,9 +18,16 @@
    Without gcc the C parts are skipped and Python senders feed the Python
    receiver (the rate is then not comparable).
 
-2. ``e2e``: frames/s of 224x224x3 uint8 frames (150 KB) into a server
+2. ``place``: the listener's own work per receive batch (1024 datagrams
+   already in the packet area: judged, grouped into frames, placed in ring
+   slots, frames opened and given up), in three traffic patterns: in order
+   from one sender, reordered within 16, four senders interleaved. No socket:
+   this is the part of the listener that is Python, without the kernel's.
+
+3. ``e2e``: frames/s of 224x224x3 uint8 frames (150 KB) into a server
    (``--device``, ``--model``) through the load generator, over TCP and over
-   UDP to the same server process (target: UDP >= 0.9 of TCP).
+   UDP to the same server process (target: UDP >= 0.9 of TCP). ``--model
+   trivial`` (a channel mean) makes a CPU run transport-bound.
 
     python tools/bench_udp.py --device cuda --model builtin:resnet50 --json out/bench_udp.json
 """
@@ -241,12 +248,99 @@ def suite_ingest(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+# --- placement alone: the listener's batch handling over a packet area filled in advance ----------------
+
+
+def place_batches(pattern: str, rounds: int) -> float:
+    """Seconds per datagram the UDP listener of a real server (CPU backend) spends on one receive batch of
+    1024 datagrams (1400 bytes, 107-chunk frames, chunk 0 never sent: frames are opened, filled and given
+    up), no socket involved. Patterns: ``in-order`` (one sender), ``reordered`` (shuffled within 16),
+    ``interleaved`` (4 senders, 32 datagrams each in turn). Drives the listener's private batch entry point:
+    a measurement of that step alone, not an API."""
+    import numpy as np
+
+    from streamgpu.config import Config, ListenerSpec
+    from streamgpu.ingest.udp import UdpListener
+    from streamgpu.loops import new_event_loop
+    from streamgpu.protocol import udp
+    from streamgpu.server import Server
+
+    count, step, n = 108, DATAGRAM - udp.HEADER_SIZE, 1024
+    senders = 4 if pattern == "interleaved" else 1
+    rows = [(s, s * 1000 + i // (count - 1), 1 + i % (count - 1)) for s in range(senders) for i in range(n // senders)]
+    if pattern == "interleaved":
+        rows = [
+            r
+            for k in range(0, n // senders, 32)
+            for s in range(senders)
+            for r in rows[s * (n // senders) :][k : k + 32]
+        ]
+    elif pattern == "reordered":
+        rng = np.random.default_rng(0)
+        for k in range(0, n, 16):
+            rows[k : k + 16] = [rows[k + j] for j in rng.permutation(len(rows[k : k + 16]))]
+
+    async def run() -> float:
+        spec = ListenerSpec("udp", "127.0.0.1", 0, {"reassembly_timeout_s": 5.0})
+        async with Server(Config(listeners=[spec], device="cpu")) as srv:
+            srv.pool.buffer[:] = 0  # touch the ring's pages, as a running server has
+            (listener,) = [x for x in srv._listeners if isinstance(x, UdpListener)]
+            area = listener._area
+            area.bodies[:n] = 7
+            for j, (s, seq, index) in enumerate(rows):
+                head = udp.ChunkHeader(udp.Kind.FRAME, 0, seq, index, count, (index - 1) * step, (count - 1) * step)
+                area.heads[j] = np.frombuffer(udp.encode_chunk_header(head), np.uint8)
+                area.names[j, :8] = np.frombuffer(
+                    bytes([2, 0]) + (40000 + s).to_bytes(2, "big") + bytes([127, 0, 0, 1]), np.uint8
+                )
+            area.lengths[:n] = DATAGRAM
+            area.flags[:n] = 0
+            sequences = area.heads[:n, 12:20].view(np.uint64)
+            spent = 0.0
+            for _ in range(rounds):
+                sequences += np.uint64(1 << 20)  # new frames every round
+                t0 = time.perf_counter()
+                listener._batch(n)
+                spent += time.perf_counter() - t0
+                await asyncio.sleep(0)
+            return spent / (rounds * n)
+
+    return new_event_loop("auto").run_until_complete(run())
+
+
+def suite_place(args: argparse.Namespace) -> dict[str, Any]:
+    result = {}
+    print("\nplacement alone (the listener's work per receive batch of 1024, no socket)")
+    print(f"{'pattern':<14}{'us/datagram':>12}{'datagrams/s':>14}")
+    for pattern in ("in-order", "reordered", "interleaved"):
+        per = place_batches(pattern, args.rounds)
+        result[pattern] = {"us_per_datagram": per * 1e6, "per_s": 1 / per}
+        print(f"{pattern:<14}{per * 1e6:>12.2f}{1 / per:>14,.0f}")
+    return result
+
+
+def model_source(model: str, folder: Path) -> str:
+    """``trivial``: a TorchScript model that averages each channel (transport-bound, for CPU runs)."""
+    if model != "trivial":
+        return model
+    import torch
+
+    class Trivial(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.mean(dim=(2, 3))
+
+    path = folder / "trivial.pt"
+    torch.jit.script(Trivial()).save(str(path))
+    return f"torchscript:{path}"
+
+
 def suite_e2e(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     tcp_port, udp_port = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_DGRAM)
-    config = Path(tempfile.mkdtemp()) / "udp_bench.toml"
+    folder = Path(tempfile.mkdtemp())
+    config = folder / "udp_bench.toml"
     config.write_text(
         f'[server]\nport = {tcp_port}\nudp_port = {udp_port}\ndevice = "{args.device}"\n\n'
-        f'[[models]]\nsource = "{args.model}"\n'
+        f'[[models]]\nsource = "{model_source(args.model, folder)}"\n'
     )
     cmd = [sys.executable, "-m", "streamgpu", "serve", "--config", str(config)]
     rows: dict[str, Any] = {}
@@ -289,12 +383,17 @@ def main() -> int:
             python_sender(a.port, a.send_seconds)
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--suite", action="append", choices=("ingest", "e2e"), help="default: both")
+    p.add_argument("--suite", action="append", choices=("ingest", "place", "e2e"), help="default: all")
     p.add_argument("--senders", type=int, default=4, help="sender processes (default 4)")
     p.add_argument("--seconds", type=float, default=3.0, help="ingest measurement seconds (default 3)")
     p.add_argument("--batch", type=int, default=1024, help="datagrams per recvmmsg call (default 1024)")
+    p.add_argument("--rounds", type=int, default=200, help="place: batches per pattern (default 200)")
     p.add_argument("--device", default="auto", help="e2e server device (default auto)")
-    p.add_argument("--model", default="builtin:resnet50", help="e2e model source (default builtin:resnet50)")
+    p.add_argument(
+        "--model",
+        default="builtin:resnet50",
+        help="e2e model source (default builtin:resnet50; 'trivial': a channel mean, for CPU runs)",
+    )
     p.add_argument("--concurrency", type=int, default=64, help="e2e frames in flight (default 64)")
     p.add_argument("--processes", type=int, default=4, help="e2e generator processes (default 4)")
     p.add_argument("--window", type=float, default=3.0, help="e2e measurement window seconds (default 3)")
@@ -303,10 +402,12 @@ def main() -> int:
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    suites = args.suite or ["ingest", "e2e"]
+    suites = args.suite or ["ingest", "place", "e2e"]
     results: dict[str, Any] = {"cpu_count": os.cpu_count()}
     if "ingest" in suites:
         results["ingest"] = suite_ingest(args)
+    if "place" in suites:
+        results["place"] = suite_place(args)
     if "e2e" in suites:
         results["e2e"] = suite_e2e(args, out)
     if args.json:

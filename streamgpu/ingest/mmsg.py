@@ -1,4 +1,4 @@
-"""Many datagrams per system call: ``recvmmsg`` through ctypes into a preallocated packet area.
+"""Many datagrams per system call: ``recvmmsg`` (``streamgpu.mmsg``) into a preallocated packet area.
 
 A :class:`PacketArea` holds ``batch`` rows. Each received datagram is
 scattered by the kernel into two places: its first ``head_bytes`` into a
@@ -15,8 +15,6 @@ machine; the per-call Python cost is fixed, so larger batches amortise it.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-import errno
 import os
 import socket
 import sys
@@ -24,51 +22,12 @@ from typing import Any
 
 import numpy as np
 
-MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0x40)
-MSG_TRUNC = getattr(socket, "MSG_TRUNC", 0x20)
+from streamgpu.mmsg import MSG_DONTWAIT, MSG_TRUNC, WOULD_BLOCK, IoVec, MMsgHdr, MsgHdr, field, recvmmsg, rows
+
+__all__ = ["HAVE_RECVMMSG", "MSG_TRUNC", "NAME_BYTES", "PacketArea", "decode_sockaddr"]
+
 NAME_BYTES = 32  # room for a sockaddr_in6 (28 bytes), rounded up
-
-
-class _IoVec(ctypes.Structure):
-    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
-
-
-class _MsgHdr(ctypes.Structure):
-    _fields_ = [
-        ("name", ctypes.c_void_p),
-        ("namelen", ctypes.c_uint32),
-        ("iov", ctypes.POINTER(_IoVec)),
-        ("iovlen", ctypes.c_size_t),
-        ("control", ctypes.c_void_p),
-        ("controllen", ctypes.c_size_t),
-        ("flags", ctypes.c_int),
-    ]
-
-
-class _MMsgHdr(ctypes.Structure):
-    _fields_ = [("hdr", _MsgHdr), ("len", ctypes.c_uint)]
-
-
-def _load_recvmmsg() -> Any:
-    if not hasattr(os, "sched_getaffinity"):  # not Linux: no recvmmsg
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        fn = libc.recvmmsg
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_recvmmsg = _load_recvmmsg()
-HAVE_RECVMMSG = _recvmmsg is not None
-
-
-def _field(array: np.ndarray, offset: int, dtype: str) -> np.ndarray:
-    """A strided numpy view of one field of every ``mmsghdr`` (no copy)."""
-    return np.ndarray(array.shape[:1], dtype, array, offset, (array.strides[0],))
+HAVE_RECVMMSG = recvmmsg is not None
 
 
 class PacketArea:
@@ -86,20 +45,19 @@ class PacketArea:
         self.names64 = self.names.view(np.uint64)  # (batch, 4): a sender compared in four words
         self.bodies_flat = self.bodies.reshape(-1).data  # body of datagram i: [i * body_bytes, ...)
         self.use_recvmmsg = use_recvmmsg and HAVE_RECVMMSG
-        self._iov = (_IoVec * (2 * batch))()
-        self._msgs = (_MMsgHdr * batch)()
+        self._iov = (IoVec * (2 * batch))()
+        self._msgs = (MMsgHdr * batch)()
         for i in range(batch):
-            self._iov[2 * i] = _IoVec(self.heads.ctypes.data + i * head_bytes, head_bytes)
-            self._iov[2 * i + 1] = _IoVec(self.bodies.ctypes.data + i * self.body_bytes, self.body_bytes)
+            self._iov[2 * i] = IoVec(self.heads.ctypes.data + i * head_bytes, head_bytes)
+            self._iov[2 * i + 1] = IoVec(self.bodies.ctypes.data + i * self.body_bytes, self.body_bytes)
             hdr = self._msgs[i].hdr
             hdr.name = self.names.ctypes.data + i * NAME_BYTES
-            hdr.iov = ctypes.cast(ctypes.byref(self._iov, 2 * i * ctypes.sizeof(_IoVec)), ctypes.POINTER(_IoVec))
+            hdr.iov = ctypes.cast(ctypes.byref(self._iov, 2 * i * ctypes.sizeof(IoVec)), ctypes.POINTER(IoVec))
             hdr.iovlen = 2
-        flat = (ctypes.c_uint8 * ctypes.sizeof(self._msgs)).from_buffer(self._msgs)
-        raw = np.ctypeslib.as_array(flat).reshape(batch, ctypes.sizeof(_MMsgHdr))
-        self._namelen = _field(raw, _MMsgHdr.hdr.offset + _MsgHdr.namelen.offset, "u4")
-        self.lengths = _field(raw, _MMsgHdr.len.offset, "u4")  # bytes of each datagram (msg_len)
-        self.flags = _field(raw, _MMsgHdr.hdr.offset + _MsgHdr.flags.offset, "i4")  # msg_flags: MSG_TRUNC
+        raw = rows(self._msgs, batch)
+        self._namelen = field(raw, MMsgHdr.hdr.offset + MsgHdr.namelen.offset, "u4")
+        self.lengths = field(raw, MMsgHdr.len.offset, "u4")  # bytes of each datagram (msg_len)
+        self.flags = field(raw, MMsgHdr.hdr.offset + MsgHdr.flags.offset, "i4")  # msg_flags: MSG_TRUNC
         self._msgs_addr = ctypes.addressof(self._msgs)
         self._heads_mv = [row.data for row in self.heads]
         self._bodies_mv = [row.data for row in self.bodies]
@@ -113,10 +71,10 @@ class PacketArea:
         if not self.use_recvmmsg:
             return self._receive_one_by_one(sock)
         self._namelen[:] = NAME_BYTES  # the kernel overwrites it with each address's length
-        n = _recvmmsg(sock.fileno(), self._msgs_addr, self.batch, MSG_DONTWAIT, None)
+        n = recvmmsg(sock.fileno(), self._msgs_addr, self.batch, MSG_DONTWAIT, None)
         if n < 0:
             err = ctypes.get_errno()
-            if err in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
+            if err in WOULD_BLOCK:
                 return 0
             raise OSError(err, os.strerror(err))
         return int(n)

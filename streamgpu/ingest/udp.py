@@ -4,8 +4,13 @@ One non-blocking socket, read from ``loop.add_reader`` (uvloop's datagram
 transport would make a ``bytes`` per datagram). Each wake-up drains up to
 ``max_batches`` batches of up to ``batch`` datagrams, each with one
 ``recvmmsg`` call (``ingest.mmsg``), so the loop is never held long. A
-batch's chunk headers are judged with numpy at once (``protocol.udp.check_batch``);
-the good chunks are copied to their offset in their frame's ring slot.
+batch's chunk headers are judged with numpy at once (``protocol.udp.check_batch``)
+and its good datagrams sorted into frames (``protocol.udp.group``). Python
+then runs once per frame in the batch (find or open it, parse chunk 0, look
+up which chunks it already has), never per datagram: every new chunk of the
+batch is copied to its offset in its frame's ring slot by one numpy
+assignment per chunk size (the ring seen as rows of that size starting at
+every byte), and the chunk and byte counts per frame come from ``bincount``.
 
 Producers and trust: UDP has no handshake and a source address can be
 forged, so an auth token would protect nothing. A producer is a source
@@ -45,11 +50,12 @@ from streamgpu.errors import ConfigError
 from streamgpu.frame import Frame, Outcome
 from streamgpu.ingest.admission import Admission, Grant, Producer, Refused, Reservation
 from streamgpu.ingest.base import Listener
+from streamgpu.ingest.hub import Origin
 from streamgpu.ingest.mmsg import MSG_TRUNC, PacketArea, decode_sockaddr
 from streamgpu.memory import Slot
 from streamgpu.metrics import NO_MODEL
 from streamgpu.protocol import udp, wire
-from streamgpu.protocol.udp import Added, Assembly, Kind, Verdict
+from streamgpu.protocol.udp import Assembly, Kind, Verdict
 from streamgpu.protocol.wire import FrameFlags, FrameHeader, ProtocolError, ReplyHeader, Status, Timings
 
 log = logging.getLogger(__name__)
@@ -57,6 +63,10 @@ log = logging.getLogger(__name__)
 LOOPBACK_NETS = ("127.0.0.0/8", "::1/128", "::ffff:127.0.0.0/104")
 ENDED_KEPT = 1024  # per producer: recently ended frames, so their late datagrams are recognised
 DENIED_KEPT = 4096  # sender keys found outside the allow list (cached: a flood costs a lookup each)
+# A batch in fewer runs than this, or in runs of _RUN_LENGTH datagrams on average: a slice copy per run (the
+# gathering assignment copies twice, through a temporary; a run costs a few numpy calls).
+_RUNS_COPIED = 16
+_RUN_LENGTH = 8
 BAD_COUNTERS: dict[Verdict, str] = {v: v.name.lower() for v in Verdict if v is not Verdict.OK}
 
 
@@ -137,12 +147,13 @@ class _Partial:
 class _Peer:
     """One sender address: its producer, its frames in reassembly, the frames that ended recently."""
 
-    __slots__ = ("address", "ended", "key", "last_seen", "partials", "producer")
+    __slots__ = ("address", "ended", "key", "last_seen", "origin", "partials", "producer")
 
-    def __init__(self, key: Any, address: Any, producer: Producer) -> None:
+    def __init__(self, key: Any, address: Any, producer: Producer, origin: Origin) -> None:
         self.key = key
         self.address = address
         self.producer = producer
+        self.origin = origin  # how its frames' outcomes are published
         self.partials: dict[tuple[int, int], _Partial] = {}  # (stream_id, sequence), oldest first
         self.ended: collections.OrderedDict[tuple[int, int], None] = collections.OrderedDict()
         self.last_seen = time.monotonic()
@@ -173,6 +184,7 @@ class UdpListener(Listener):
         self._heads = udp.header_view(self._area.heads)
         self._words = udp.words(self._heads)
         self._every = np.arange(opts.batch)
+        self._rows: dict[int, np.ndarray] = {}  # chunk size -> the ring as rows of that size (see _ring_rows)
         self._peers: dict[Any, _Peer] = {}
         self._denied: collections.OrderedDict[Any, None] = collections.OrderedDict()
         self._timer: asyncio.TimerHandle | None = None
@@ -268,7 +280,8 @@ class UdpListener(Listener):
                 return
 
     def _batch(self, n: int) -> None:
-        """Judge a batch's headers at once, group its good datagrams into runs, place each run in one copy."""
+        """Judge a batch's headers at once, group its good datagrams by frame, and place every new chunk
+        with one numpy copy per chunk size in the batch: Python runs per frame, never per datagram."""
         area = self._area
         lengths = area.lengths[:n]
         # The area has one byte more per datagram than allowed: "too large" shows as a length, not only MSG_TRUNC.
@@ -285,62 +298,147 @@ class UdpListener(Listener):
         else:
             good = self._every[:n]
         w = self._words[good]
-        body = lengths[good].astype(np.int64) - udp.HEADER_SIZE
-        starts = udp.runs(good, w, body, area.names64[good])
-        ends = np.append(starts[1:], len(good))
-        ws = w[starts]
-        sequence = ws[:, 3].astype(np.uint64) | (ws[:, 4].astype(np.uint64) << np.uint64(32))
+        senders = area.names64[good]
+        g = udp.group(w, None if (senders == senders[0]).all() else senders)
+        ws = w[g.order]
+        src = good[g.order]  # packet-area row of each datagram, in grouped order
+        index = ws[:, 5] & 0xFFFF
+        # A frame's chunk count and length are those of its first datagram; datagrams that disagree are dropped.
+        rep = w[g.first]
+        incons = ((ws[:, 5] >> 16) != (rep[:, 5] >> 16)[g.group]) | (ws[:, 7] != rep[:, 7][g.group])
+        some_incons = np.logical_or.reduceat(incons, g.starts).tolist()
+        prev = np.zeros(len(src), bool)  # the chunk was in its frame before this batch
+        sequence = rep[:, 3].astype(np.uint64) | (rep[:, 4].astype(np.uint64) << np.uint64(32))
+        starts, ends, src_l = g.starts.tolist(), g.ends.tolist(), src.tolist()
+        stream_l, sequence_l, count_l, length_l = rep[:, 2].tolist(), sequence.tolist(), (rep[:, 5] >> 16).tolist(), \
+            rep[:, 7].tolist()  # fmt: skip
+        head_l = (index[g.starts] == 0).tolist()  # sorted by chunk index: chunk 0 comes first in its frame
+        frames: list[tuple[_Peer, tuple[int, int], _Partial, bool] | None] = [None] * len(starts)
         now_ns = time.perf_counter_ns()
         peer: _Peer | None = None
         last_sender: Any = None
-        for i, k, sid, seq, word5, offset, length, step, last in zip(
-            good[starts].tolist(), (ends - starts).tolist(), ws[:, 2].tolist(), sequence.tolist(),
-            ws[:, 5].tolist(), ws[:, 6].tolist(), ws[:, 7].tolist(), body[starts].tolist(), body[ends - 1].tolist(),
-            strict=True,
-        ):  # fmt: skip
-            sender = area.sender(i)
+        for k in np.argsort(g.first).tolist():  # frames in the order their first datagram came
+            a, b = starts[k], ends[k]
+            sender = area.sender(src_l[a])
             if sender != last_sender or peer is None:
                 peer = self._peer(sender)
                 last_sender = sender
                 if peer is None:
-                    self._counts["denied"] += k - 1  # _peer counted the first
+                    self._counts["denied"] += b - a - 1  # _peer counted the first
                     continue
-            index, count = word5 & 0xFFFF, word5 >> 16
-            key = (sid, seq)
+            key = (stream_l[k], sequence_l[k])
             partial = peer.partials.get(key)
             if partial is None:
                 if key in peer.ended:
-                    self._counts["late"] += k
+                    self._counts["late"] += b - a
                     continue
-                partial = self._open(peer, key, count, length, now_ns)
+                partial = self._open(peer, key, count_l[k], length_l[k], now_ns)
                 if partial is None:
                     continue
             asm = partial.assembly
-            if index == 0:  # a run of its own
-                if asm.seen[0]:
-                    self._counts["duplicates"] += 1
-                    continue
-                start = i * area.body_bytes
-                chunk0 = area.bodies_flat[start : start + step]
-                used = self._on_head(peer, key, partial, chunk0, count, length)
-                if used < 0:
-                    continue
-                added = asm.add(0, count, 0, length, chunk0[used:])
-                if added is not Added.NEW:
-                    self._counts["inconsistent"] += 1
+            if asm.count != count_l[k] or asm.length != length_l[k]:  # this batch's first datagram disagrees
+                incons[a:b] = ((ws[a:b, 5] >> 16) != asm.count) | (ws[a:b, 7] != asm.length)
+                some_incons[k] = True
+            idx = index[a:b]
+            if some_incons[k]:  # (an inconsistent chunk's index may be past this frame's count)
+                ok = ~incons[a:b]
+                idx = idx[ok]
+                prev[a:b][ok] = asm.seen[idx]
             else:
-                rows = area.bodies[i : i + k]
-                added = asm.add_run(index, count, offset, length, rows, step, last)
-                if added is Added.INCONSISTENT:
-                    self._counts["inconsistent"] += k
-                elif added is Added.DUPLICATE:  # some came before: take the others one by one
-                    for j in range(k):
-                        size = step if j < k - 1 else last
-                        got = asm.add(index + j, count, offset + j * step, length, rows[j, :size])
-                        if got is not Added.NEW:
-                            self._counts["duplicates" if got is Added.DUPLICATE else "inconsistent"] += 1
+                prev[a:b] = asm.seen[idx]
+            head = head_l[k] and not incons[a] and not prev[a]
+            if head:  # chunk 0: its frame header is parsed and admitted now
+                i = src_l[a]
+                start = i * area.body_bytes
+                chunk0 = area.bodies_flat[start : start + int(lengths[i]) - udp.HEADER_SIZE]
+                used = self._on_head(peer, key, partial, chunk0, asm.count, asm.length)
+                if used < 0:
+                    frames[k] = (peer, key, partial, True)
+                    continue
+                asm.add(0, asm.count, 0, asm.length, chunk0[used:])  # _on_head checked that it fits
+            asm.seen[idx] = True
+            frames[k] = (peer, key, partial, head)
+        self._place_batch(g, frames, ws, src, index, incons, prev, lengths)
+
+    def _place_batch(self, g: udp.Groups, frames: list[tuple[_Peer, tuple[int, int], _Partial, bool] | None],
+                     ws: np.ndarray, src: np.ndarray, index: np.ndarray, incons: np.ndarray, prev: np.ndarray,
+                     lengths: np.ndarray) -> None:  # fmt: skip
+        """Copy the batch's new chunks into their frames' slots, count them, and submit the frames now complete.
+
+        A frame may have ended while the batch was sorted out (given up for a newer frame, superseded, its
+        chunk 0 refused): its slot is free again, so nothing is written for it and its datagrams count as late.
+        """
+        alive = np.zeros(len(frames), bool)
+        base = np.zeros(len(frames), np.int64)  # where each frame's slot starts in the ring buffer
+        for k, entry in enumerate(frames):
+            if entry is None:
+                continue
+            peer, key, partial, head = entry
+            if peer.partials.get(key) is partial:
+                alive[k] = True
+                base[k] = partial.slot.offset
+            else:
+                frames[k] = None
+                self._counts["late"] += int(g.ends[k] - g.starts[k]) - head
+        live = alive[g.group] & ~incons
+        new = live & ~prev & ~g.repeat
+        self._counts["duplicates"] += int(np.count_nonzero(live)) - int(np.count_nonzero(new))
+        self._counts["inconsistent"] += int(np.count_nonzero(alive[g.group] & incons))
+        sel = np.flatnonzero(new & (index != 0))  # chunk 0 was placed with its header
+        if len(sel):
+            group = g.group[sel]
+            width = lengths[src[sel]].astype(np.int64) - udp.HEADER_SIZE
+            self._place(base[group] + ws[sel, 6], src[sel], width)
+            chunks = np.bincount(group, minlength=len(frames)).tolist()
+            nbytes = np.bincount(group, weights=width, minlength=len(frames)).tolist()
+        else:
+            chunks = nbytes = [0] * len(frames)
+        for k, entry in enumerate(frames):
+            if entry is None:
+                continue
+            peer, key, partial, _ = entry
+            asm = partial.assembly
+            asm.chunks += chunks[k]
+            asm.bytes += int(nbytes[k])
             if asm.all_chunks:
                 self._finish(peer, key, partial)
+
+    def _place(self, dst: np.ndarray, rows: np.ndarray, width: np.ndarray) -> None:
+        """Copy ``width[j]`` bytes of packet-area row ``rows[j]`` to ring byte ``dst[j]``, per distinct width.
+
+        In-order traffic, from one sender or several interleaved, comes in runs (consecutive packet-area
+        rows to consecutive places of one frame): each run is one slice copy. Otherwise (reordered) one
+        numpy assignment places them all: the ring seen as rows of that width starting at every byte.
+        """
+        bodies = self._area.bodies
+        sizes = np.unique(width).tolist() if (width != width[0]).any() else [int(width[0])]
+        for size in sizes:
+            if size == 0:
+                continue
+            pick = (width == size) if len(sizes) > 1 else slice(None)
+            d, r = dst[pick], rows[pick]
+            if len(r) > 1:
+                starts = np.flatnonzero((np.diff(r) != 1) | (np.diff(d) != size)) + 1
+                if len(starts) < max(_RUNS_COPIED, len(r) // _RUN_LENGTH):
+                    ring = self.admission.pool.buffer
+                    bounds = [0, *starts.tolist(), len(r)]
+                    for a, b, at, row in zip(bounds[:-1], bounds[1:], d[bounds[:-1]].tolist(),
+                                             r[bounds[:-1]].tolist(), strict=True):  # fmt: skip
+                        ring[at : at + (b - a) * size].reshape(b - a, size)[:] = bodies[row : row + b - a, :size]
+                    continue
+            self._ring_rows(size)[d] = bodies[r, :size]
+
+    def _ring_rows(self, size: int) -> np.ndarray:
+        """The ring buffer as overlapping rows of ``size`` bytes, row i starting at byte i (no copy)."""
+        rows = self._rows.get(size)
+        if rows is None:
+            buffer = self.admission.pool.buffer
+            if len(self._rows) >= 16:  # chunk sizes a producer made up: do not keep them all
+                self._rows.clear()
+            rows = self._rows[size] = np.lib.stride_tricks.as_strided(
+                buffer, (len(buffer) - size + 1, size), (1, 1), writeable=True
+            )
+        return rows
 
     def _peer(self, sender: Any) -> _Peer | None:
         peer = self._peers.get(sender)
@@ -362,8 +460,9 @@ class UdpListener(Listener):
             self._counts["too_many_producers"] += 1
             return None
         grant = Grant(None, self.admission.config.max_priority)
-        producer = self.admission.producer_for(grant, f"udp:{address[0]}:{address[1]}")
-        peer = self._peers[sender] = _Peer(sender, address, producer)
+        label = f"udp:{address[0]}:{address[1]}"
+        producer = self.admission.producer_for(grant, label)
+        peer = self._peers[sender] = _Peer(sender, address, producer, Origin("udp", label))
         return peer
 
     def _open(self, peer: _Peer, key: tuple[int, int], count: int, length: int, now_ns: int) -> _Partial | None:
@@ -516,11 +615,21 @@ class UdpListener(Listener):
         self.admission.replied(header.model if header is not None else NO_MODEL, status)  # /metrics, as TCP's
         self._ended(peer, key)
         total = (time.perf_counter_ns() - received_ns) // 1000 if received_ns else 0
+        timings = Timings(total_us=total)
+        if header is not None:  # chunk 0 came: the frame's subscribers hear of it, as of every outcome
+            self.admission.stream_results.publish(header, Outcome(status, message, timings=timings), peer.origin)
+            if header.flags & FrameFlags.SUBSCRIBERS:
+                self._counts["replies_to_subscribers"] += 1
+                return
         reply = ReplyHeader(key[0], key[1], status, timestamp_ns=header.timestamp_ns if header else 0,
-                            timings=Timings(total_us=total), message=message)  # fmt: skip
+                            timings=timings, message=message)  # fmt: skip
         self._send(peer, reply, b"")
 
     def _on_outcome(self, peer: _Peer, frame: Frame, outcome: Outcome) -> None:
+        self.admission.stream_results.publish(frame.header, outcome, peer.origin)  # subscribers, results sink
+        if frame.header.flags & FrameFlags.SUBSCRIBERS:  # the producer asked for no reply datagram
+            self._counts["replies_to_subscribers"] += 1
+            return
         # Version 1 replies: a model's several outputs would need the outputs block, which UDP
         # clients do not read yet; they get the first output and a message saying so.
         reply, payload = wire.reply_to(frame.header, *outcome, version=1)

@@ -67,7 +67,8 @@ log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 60.0
 RESTART_DELAY_S = 0.2  # between a worker's death (once its range is free) and its replacement
-_FLAGS = {0: FrameFlags.NONE, int(FrameFlags.LIVE): FrameFlags.LIVE}
+# Flags byte -> FrameFlags: LIVE is the one flag that means something on TCP (SUBSCRIBERS is UDP's)
+_FLAGS = [FrameFlags.LIVE if f & FrameFlags.LIVE else FrameFlags.NONE for f in range(256)]
 _PACKAGE_ROOT = str(Path(streamgpu.__file__).resolve().parent.parent)
 
 

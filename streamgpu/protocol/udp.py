@@ -17,14 +17,15 @@ chunk 0, whatever order the datagrams come in.
 
 A receive batch's headers are parsed at once: :func:`check_batch` takes a
 structured array of headers (one row per datagram) and their lengths and
-returns a verdict per datagram, with no Python loop per datagram.
+returns a verdict per datagram, and :func:`group` sorts the good ones into
+messages, with no Python loop per datagram.
 """
 
 from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -135,36 +136,100 @@ def chunk_spans(head_len: int, length: int, datagram_bytes: int = DEFAULT_DATAGR
     return spans
 
 
+class Datagrams:
+    """A message as datagrams, laid out for one vectored send: no Python object per datagram.
+
+    ``heads``: every chunk header, 32 bytes each, back to back; ``head``: the
+    message header, sent in chunk 0 after its chunk header; datagram ``i``
+    then carries ``sizes[i]`` payload bytes from ``offsets[i]``. Indexing
+    and iterating give one datagram's buffers (a list for ``socket.sendmsg``,
+    the payload not copied); ``streamgpu.mmsg.Sender`` sends them all with
+    ``sendmmsg`` from these arrays.
+    """
+
+    __slots__ = ("head", "heads", "offsets", "payload", "sizes")
+
+    def __init__(self, heads: bytes, head: bytes, payload: memoryview, offsets: np.ndarray, sizes: np.ndarray) -> None:
+        self.heads = heads
+        self.head = head
+        self.payload = payload
+        self.offsets = offsets
+        self.sizes = sizes
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, i: int) -> list[bytes | memoryview]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"datagram {i} of {len(self)}")
+        i %= len(self)
+        parts: list[bytes | memoryview] = [memoryview(self.heads)[i * HEADER_SIZE : (i + 1) * HEADER_SIZE]]
+        if i == 0:
+            parts.append(self.head)
+        off, n = int(self.offsets[i]), int(self.sizes[i])
+        if n:
+            parts.append(self.payload[off : off + n])
+        return parts
+
+    def __iter__(self) -> Iterator[list[bytes | memoryview]]:
+        return (self[i] for i in range(len(self)))
+
+
 def _datagrams(
     kind: Kind, stream_id: int, sequence: int, head: bytes, payload: memoryview, datagram_bytes: int
-) -> list[list[bytes | memoryview]]:
-    spans = chunk_spans(len(head), len(payload), datagram_bytes)
-    heads = np.zeros(len(spans), HEADER_DTYPE)  # every chunk header of the message in one go
+) -> Datagrams:
+    length = len(payload)
+    if not MIN_DATAGRAM_BYTES <= datagram_bytes <= MAX_DATAGRAM_BYTES:
+        raise ValueError(f"datagram_bytes must be {MIN_DATAGRAM_BYTES}..{MAX_DATAGRAM_BYTES}, got {datagram_bytes}")
+    first = datagram_bytes - HEADER_SIZE - len(head)
+    if first < 0 or length > MAX_LENGTH:
+        chunk_spans(len(head), length, datagram_bytes)  # raises, saying why
+    if length <= first:  # the common reply (a status, a small result): one datagram, no numpy per header
+        chunk = _CHUNK.pack(MAGIC, UDP_VERSION, kind, 0, stream_id, sequence, 0, 1, 0, length)
+        return Datagrams(chunk, head, payload, np.zeros(1, np.int64), np.full(1, length, np.int64))
+    layout = _LAYOUTS.get((kind, len(head), length, datagram_bytes))
+    if layout is None:
+        layout = _layout(kind, len(head), length, datagram_bytes)
+    template, offsets, sizes = layout
+    heads = template.copy()  # a camera sends one size again and again: only stream and sequence change
+    heads["stream_id"] = stream_id
+    heads["sequence"] = sequence
+    return Datagrams(heads.tobytes(), head, payload, offsets, sizes)
+
+
+_LAYOUTS: dict[tuple[int, int, int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+_LAYOUTS_KEPT = 64
+
+
+def _layout(kind: int, head_len: int, length: int, datagram_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A multi-datagram message's chunk headers (stream and sequence 0), payload offsets and sizes."""
+    first = datagram_bytes - HEADER_SIZE - head_len
+    step = datagram_bytes - HEADER_SIZE
+    n = 1 + -(-(length - first) // step)
+    if n > MAX_CHUNKS:
+        chunk_spans(head_len, length, datagram_bytes)  # raises, saying why
+    offsets = np.zeros(n, np.int64)
+    offsets[1:] = first + step * np.arange(n - 1)
+    sizes = np.minimum(np.diff(offsets, append=length), step)
+    heads = np.zeros(n, HEADER_DTYPE)  # every chunk header of the message in one go
     heads["magic"] = MAGIC_U32
     heads["version"] = UDP_VERSION
     heads["kind"] = kind
-    heads["stream_id"] = stream_id
-    heads["sequence"] = sequence
-    heads["index"] = np.arange(len(spans))
-    heads["count"] = len(spans)
-    heads["offset"] = [off for off, _ in spans]
-    heads["length"] = len(payload)
-    raw = memoryview(heads.tobytes())
-    out: list[list[bytes | memoryview]] = []
-    for i, (off, n) in enumerate(spans):
-        parts: list[bytes | memoryview] = [raw[i * HEADER_SIZE : (i + 1) * HEADER_SIZE]]
-        if i == 0:
-            parts.append(head)
-        if n:
-            parts.append(payload[off : off + n])
-        out.append(parts)
-    return out
+    heads["index"] = np.arange(n)
+    heads["count"] = n
+    heads["offset"] = offsets
+    heads["length"] = length
+    if len(_LAYOUTS) >= _LAYOUTS_KEPT:
+        _LAYOUTS.clear()
+    _LAYOUTS[(kind, head_len, length, datagram_bytes)] = (heads, offsets, sizes)
+    return heads, offsets, sizes
 
 
 def frame_datagrams(
     header: FrameHeader, payload: bytes | memoryview, datagram_bytes: int = DEFAULT_DATAGRAM_BYTES
-) -> list[list[bytes | memoryview]]:
-    """A frame as datagrams, each a list of buffers for ``socket.sendmsg`` (the payload is not copied)."""
+) -> Datagrams:
+    """A frame as datagrams (:class:`Datagrams`: each a list of buffers for ``socket.sendmsg``; the
+    payload is not copied). Chunk 0 and the rest as :func:`chunk_spans` says."""
     view = memoryview(payload).cast("B")
     if len(view) != header.payload_len:
         raise ValueError(f"payload is {len(view)} bytes, header says {header.payload_len}")
@@ -174,7 +239,7 @@ def frame_datagrams(
 
 def reply_datagrams(
     header: ReplyHeader, payload: bytes | memoryview = b"", datagram_bytes: int = DEFAULT_DATAGRAM_BYTES
-) -> list[list[bytes | memoryview]]:
+) -> Datagrams:
     """A reply as datagrams (chunk 0: chunk header + REPLY header + message + shape + result bytes)."""
     parts = wire.encode_reply(header, payload)
     head = bytes(parts[0])
@@ -233,30 +298,46 @@ def check_batch(heads: np.ndarray, lengths: np.ndarray, kind: Kind, truncated: n
     return verdict
 
 
-def runs(good: np.ndarray, w: np.ndarray, body: np.ndarray, senders: np.ndarray) -> np.ndarray:
-    """Where runs start among a batch's good datagrams (indices into ``good``), numpy over the batch.
+class Groups(NamedTuple):
+    """A receive batch's good datagrams grouped by message (:func:`group`); every array is in sorted order."""
 
-    A run is consecutive datagrams (``good[j + 1] == good[j] + 1``) of one
-    message of one sender with consecutive chunk indices, each one's bytes
-    following the previous one's, all of one size but the message's last
-    chunk: its payload bytes lie in consecutive rows of the packet area and go
-    to one contiguous range of the message, so one copy places the whole run
-    (:meth:`Assembly.add_run`). Chunk 0 (it has the message header) is a run
-    of its own. ``w``: the good datagrams' header words, ``body``: their
-    payload bytes, ``senders``: a row of u64 per good datagram naming its sender.
+    order: np.ndarray  # positions (into the datagrams given) sorted by sender, stream, sequence, chunk index
+    starts: np.ndarray  # where each message's datagrams start in ``order``
+    ends: np.ndarray  # ... and end
+    group: np.ndarray  # per sorted datagram: its message's number (0 .. len(starts) - 1)
+    repeat: np.ndarray  # per sorted datagram: True when the one before it is the same chunk of the same message
+    first: np.ndarray  # per message: the position of its first-arriving datagram (so: arrival order of messages)
+
+
+def group(w: np.ndarray, senders: np.ndarray | None = None) -> Groups:
+    """Group a batch's datagrams by message, numpy over the batch (a sort and a few compares).
+
+    ``w``: their header words (:func:`words`), ``senders``: a row of u64 per
+    datagram naming its sender (None: all from one). A message is one sender's
+    ``(stream_id, sequence)``; within it the datagrams are sorted by chunk
+    index, so a chunk that came twice in the batch is marked in ``repeat``
+    and chunk 0, when present, is a message's first datagram.
     """
-    m = len(good)
+    m = len(w)
+    index = w[:, 5] & 0xFFFF
+    keys = [index, w[:, 3], w[:, 4], w[:, 2]]
+    if senders is not None:
+        keys += [senders[:, j] for j in range(senders.shape[1] - 1, -1, -1)]
+    order = np.lexsort(keys)  # last key is the primary one
+    ws = w[order]
     start = np.ones(m, bool)
+    repeat = np.zeros(m, bool)
     if m > 1:
-        a, b = w[:-1], w[1:]
-        same = (good[1:] == good[:-1] + 1) & (senders[1:] == senders[:-1]).all(axis=1)
-        same &= (b[:, 2] == a[:, 2]) & (b[:, 3] == a[:, 3]) & (b[:, 4] == a[:, 4]) & (b[:, 7] == a[:, 7])
-        same &= b[:, 5] == a[:, 5] + 1  # same chunk_count, next chunk_index (no carry: index + 1 < count)
-        same &= (a[:, 5] & 0xFFFF) != 0  # the chunk after chunk 0 starts a run
-        same &= b[:, 6].astype(np.int64) == a[:, 6] + body[:-1]
-        same &= (body[1:] == body[:-1]) | ((b[:, 5] & 0xFFFF) + 1 == b[:, 5] >> 16)  # equal sizes but the last
+        a, b = ws[:-1], ws[1:]
+        same = (b[:, 2] == a[:, 2]) & (b[:, 3] == a[:, 3]) & (b[:, 4] == a[:, 4])
+        if senders is not None:
+            ss = senders[order]
+            same &= (ss[1:] == ss[:-1]).all(axis=1)
         start[1:] = ~same
-    return np.flatnonzero(start)
+        repeat[1:] = same & ((b[:, 5] & 0xFFFF) == (a[:, 5] & 0xFFFF))
+    starts = np.flatnonzero(start)
+    ends = np.append(starts[1:], m)
+    return Groups(order, starts, ends, np.cumsum(start) - 1, repeat, np.minimum.reduceat(order, starts))
 
 
 class Added(enum.IntEnum):
@@ -301,30 +382,6 @@ class Assembly:
             self.target[offset : offset + n] = np.frombuffer(body, np.uint8) if isinstance(body, memoryview) else body
         if index == 0:
             self.has_head = True
-        return Added.NEW
-
-    def add_run(
-        self, index: int, count: int, offset: int, length: int, rows: np.ndarray, step: int, last: int
-    ) -> Added:
-        """Chunks ``index`` .. ``index + len(rows) - 1`` at once (a :func:`runs` run; not chunk 0): row j
-        holds ``step`` payload bytes (the last row ``last``), which go to ``offset + j * step``.
-
-        DUPLICATE when any of them came before: nothing is taken then (the
-        caller adds the run's chunks one by one, so the new ones are kept).
-        """
-        k = len(rows)
-        end = offset + (k - 1) * step + last
-        if count != self.count or length != self.length or end > self.length:
-            return Added.INCONSISTENT
-        seen = self.seen[index : index + k]
-        if seen.any():
-            return Added.DUPLICATE
-        seen[:] = True
-        if k > 1:  # the full rows in one copy: packet-area rows -> a contiguous range of the target
-            self.target[offset : offset + (k - 1) * step].reshape(k - 1, step)[:] = rows[: k - 1, :step]
-        self.target[end - last : end] = rows[k - 1, :last]
-        self.chunks += k
-        self.bytes += end - offset
         return Added.NEW
 
     @property

@@ -104,6 +104,9 @@ class FrameFlags(enum.IntFlag):
 
     NONE = 0
     LIVE = 1  # supersede every older queued frame of this stream (live-stream mode)
+    # UDP only: the outcome goes to the server's subscribers of this stream id (WebSocket /v1/stream), and no
+    # reply datagram to the sender. TCP and WebSocket producers always get their reply (the flag is ignored).
+    SUBSCRIBERS = 2
 
 
 class ReplyFlags(enum.IntFlag):
@@ -314,8 +317,8 @@ def decode_welcome(buf: bytes | memoryview) -> tuple[Welcome, int] | None:
 _FRAME = struct.Struct("<4sBBBBBBHIQQQII")
 FRAME_HEADER_SIZE = _FRAME.size  # 48
 _SHAPES = [struct.Struct(f"<{n}I") for n in range(256)]  # shape fields by ndim (a u8 on the wire)
-_LIVE = int(FrameFlags.LIVE)
-_FRAME_FLAGS = {0: FrameFlags.NONE, _LIVE: FrameFlags.LIVE}  # making an IntFlag per frame is slow
+_KNOWN_FRAME_FLAGS = int(FrameFlags.LIVE | FrameFlags.SUBSCRIBERS)
+_FRAME_FLAGS = [FrameFlags(f) for f in range(_KNOWN_FRAME_FLAGS + 1)]  # making an IntFlag per frame is slow
 _MODEL_NAMES: dict[bytes, str] = {}  # decoded model names: a handful in practice
 _MODEL_NAMES_CACHED = 1024
 
@@ -416,7 +419,7 @@ def decode_frame_header(buf: bytes | memoryview) -> tuple[FrameHeader, int] | No
     shape = _SHAPES[ndim].unpack_from(buf, FRAME_HEADER_SIZE + model_len)
     header = FrameHeader(
         stream_id, sequence, model, dtype, shape, payload_len, timestamp_ns, deadline_us, priority,
-        _FRAME_FLAGS[flags & _LIVE], version,
+        _FRAME_FLAGS[flags & _KNOWN_FRAME_FLAGS], version,
     )  # fmt: skip
     return header, end
 

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import random
+import dataclasses
+import importlib.util
 import socket
+import sys
 import threading
 from collections.abc import AsyncIterator
-from types import SimpleNamespace
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
 from typing import Any, cast
 
+import aiohttp
 import numpy as np
 import pytest
 import pytest_asyncio
@@ -17,6 +21,7 @@ import pytest_asyncio
 from streamgpu import client
 from streamgpu.config import Config, ListenerSpec
 from streamgpu.errors import ConfigError
+from streamgpu.ingest import udp as udp_listener
 from streamgpu.ingest.admission import Admission
 from streamgpu.ingest.udp import UdpListener
 from streamgpu.models.spec import ModelSpec
@@ -112,9 +117,10 @@ class Raw:
         self.sock.close()
 
 
-def grams(seq: int, frame: np.ndarray | None = None, stream: int = 0, live: bool = False) -> list[bytes]:
+def grams(seq: int, frame: np.ndarray | None = None, stream: int = 0, live: bool = False,
+          flags: FrameFlags = FrameFlags.NONE) -> list[bytes]:  # fmt: skip
     payload = (frame if frame is not None else np.zeros(SHAPE, np.uint8)).data.cast("B")
-    flags = FrameFlags.LIVE if live else FrameFlags.NONE
+    flags |= FrameFlags.LIVE if live else FrameFlags.NONE
     header = FrameHeader(stream, seq, "default", 1, SHAPE, NBYTES, flags=flags)
     return [udp.join(parts) for parts in udp.frame_datagrams(header, payload, GRAM)]
 
@@ -149,51 +155,66 @@ async def test_frames_over_udp_match_tcp_results(server: Server) -> None:
         raw.close()
 
 
-class Shuffler:
-    """Stands in for the client's datagram sending: drops 1 %, duplicates 1 %, reorders within 16 datagrams."""
+@pytest.mark.asyncio
+async def test_frames_flagged_for_subscribers_reach_a_websocket_subscriber_not_the_sender() -> None:
+    """FrameFlags.SUBSCRIBERS: every outcome (OK and INCOMPLETE) goes to /v1/stream subscribers of the stream id,
+    and no reply datagram to the producer; an unflagged frame of the same stream gets both."""
+    cfg = make_config()
+    cfg = dataclasses.replace(cfg, listeners=[*cfg.listeners, ListenerSpec("http", "127.0.0.1", 0)])
+    async with Server(cfg) as srv, aiohttp.ClientSession() as session:
+        inputs = frames(5, seed=5)
+        expected = await reference(srv, inputs)
+        url = f"ws://127.0.0.1:{srv.addresses[2][1]}/v1/stream"
+        async with session.ws_connect(url) as sub:
+            await sub.send_str('{"subscribe": [7]}')
+            assert await asyncio.wait_for(sub.receive_json(), 5) == {"subscribed": [7]}
+            raw = Raw(udp_port(srv))
+            try:
+                for seq, f in enumerate(inputs[:4]):
+                    raw.send(*grams(seq, f, stream=7, flags=FrameFlags.SUBSCRIBERS))
+                raw.send(*grams(4, inputs[0], stream=7, flags=FrameFlags.SUBSCRIBERS)[:-1])  # never complete
+                raw.send(*grams(5, inputs[4], stream=7))  # no flag: a datagram reply too
+                published: dict[int, tuple[wire.ReplyHeader, np.ndarray | None]] = {}
+                while len(published) < 6:
+                    msg = await asyncio.wait_for(sub.receive(), 5)
+                    parsed = wire.decode_reply(msg.data)
+                    assert parsed is not None
+                    head, payload, _ = parsed
+                    result = np.frombuffer(payload, np.float32).copy() if head.payload_len else None
+                    assert head.sequence not in published  # each outcome once
+                    published[head.sequence] = (head, result)
+                answered = await raw.replies()
+            finally:
+                raw.close()
+        assert [(r.sequence, r.status) for r in answered] == [(5, Status.OK)]  # only the unflagged frame
+        for seq, want in ((0, 0), (1, 1), (2, 2), (3, 3), (5, 4)):
+            head, result = published[seq]
+            assert head.status == Status.OK and result is not None and same(result, expected[want])
+        assert published[4][0].status == Status.INCOMPLETE and "datagrams missing" in published[4][0].message
+        assert udp_stats(srv)["replies_to_subscribers"] == 5
 
-    def __init__(self, conn: client.UdpConnection, seed: int) -> None:
-        self.sock = conn.socket
-        self.rng = random.Random(seed)
-        self.window: list[bytes] = []
-        self.damaged: set[tuple[int, int]] = set()
-        self.touched: set[tuple[int, int]] = set()
-        self.handle: asyncio.TimerHandle | None = None
 
-    def write(self, datagrams: list[list[bytes | memoryview]]) -> None:
-        for parts in datagrams:
-            data = udp.join(parts)
-            ch = udp.decode_chunk_header(data)
-            key = (ch.stream_id, ch.sequence)
-            if self.rng.random() < 0.01:
-                self.damaged.add(key)
-                continue
-            self.touched.add(key)
-            self.window.append(data)
-            if self.rng.random() < 0.01:
-                self.window.append(data)
-            if len(self.window) >= 16:
-                self.flush()
-        if self.window and self.handle is None:  # the tail goes out shortly, still shuffled
-            self.handle = asyncio.get_running_loop().call_later(0.01, self.flush)
-
-    def flush(self) -> None:
-        if self.handle is not None:
-            self.handle.cancel()
-            self.handle = None
-        self.rng.shuffle(self.window)
-        for data in self.window:
-            self.sock.send(data)
-        self.window.clear()
+def damage_module() -> ModuleType:
+    """tools/soak_udp.py, whose ``Damage`` stands in for a UDP connection's sending: drops, repeats, reorders."""
+    spec = importlib.util.spec_from_file_location(
+        "soak_udp", Path(__file__).resolve().parents[2] / "tools" / "soak_udp.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["soak_udp"] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.asyncio
 async def test_loss_duplicates_and_reordering(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every complete frame OK with its result, every damaged one INCOMPLETE, each answered exactly once."""
+    monkeypatch.setattr(udp_listener, "_RUNS_COPIED", 0)  # every batch placed by the one gathering assignment
+    monkeypatch.setattr(udp_listener, "_RUN_LENGTH", 1 << 30)
     inputs = frames(8, seed=1)
     expected = await reference(server, inputs)
     conn = await client.connect_udp("127.0.0.1", udp_port(server), datagram_bytes=GRAM, reply_timeout=5)
-    shuffler = Shuffler(conn, seed=7)
+    shuffler = damage_module().Damage(conn, loss=0.01, dup=0.01, reorder=16, seed=7)
     monkeypatch.setattr(conn, "_write", shuffler.write)
     n = 300
     replies: dict[tuple[int, int], client.Reply] = {}
@@ -210,7 +231,7 @@ async def test_loss_duplicates_and_reordering(server: Server, monkeypatch: pytes
         unmatched = conn._protocol.unmatched_replies
     finally:
         await conn.close()
-    damaged = shuffler.damaged & shuffler.touched  # frames with some datagrams sent, not all
+    damaged = shuffler.damaged & shuffler.sent  # frames with some datagrams sent, not all
     assert len(damaged) >= 3, "the seed must damage some frames"
     assert len(replies) == n and unmatched == 0
     for (stream, seq), reply in replies.items():
@@ -275,6 +296,39 @@ async def test_flood_of_first_chunks_is_bounded_and_isolated(server: Server) -> 
         assert server.pool.slots_in_use == 0
     finally:
         flood.close()
+        await conn.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("server", [{"max_partial_frames": 2, "reassembly_timeout_s": 30}], indirect=True)
+@pytest.mark.parametrize("runs_copied", [0, udp_listener._RUNS_COPIED])
+async def test_a_frame_given_up_inside_a_batch_writes_nothing(server: Server, runs_copied: int,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Frames 10, 11 and 5 open in one receive batch; opening 5 gives up 10, whose slot 5 then gets.
+    10's datagrams in that batch must not be written (they would land in 5's payload); by the one
+    gathering assignment (runs_copied 0) and by a slice copy per run."""
+    monkeypatch.setattr(udp_listener, "_RUNS_COPIED", runs_copied)
+    if not runs_copied:
+        monkeypatch.setattr(udp_listener, "_RUN_LENGTH", 1 << 30)
+    inputs = frames(3, seed=4)
+    expected = await reference(server, inputs[2:])
+    conn = await client.connect_udp("127.0.0.1", udp_port(server), datagram_bytes=GRAM, reply_timeout=5)
+    held: list[list[bytes]] = []
+    conn._write = lambda encoded: held.append([udp.join(parts) for parts in encoded])  # type: ignore[method-assign]
+    try:
+        futures = [conn.submit(f, sequence=seq) for f, seq in zip(inputs, (10, 11, 5), strict=True)]
+        a, b, c = held
+        for d in (*a[1:], *b[1:], *c[1:]):  # one burst: read in one batch
+            conn.socket.send(d)
+        await wait_for(lambda: udp_stats(server).get("evicted", 0) == 1)
+        conn.socket.send(c[0])
+        given_up, done = await futures[0], await futures[2]
+        assert given_up.status == Status.INCOMPLETE and done.ok
+        assert same(done.unwrap(), expected[0])  # not frame 10's bytes in frame 5's payload
+        stats = udp_stats(server)
+        assert stats["late"] == len(a) - 1 and stats["receive_calls"] == 2
+        futures[1].cancel()  # frame 11 never completes
+    finally:
         await conn.close()
 
 

@@ -230,6 +230,26 @@ async def test_frames_through_two_workers_equal_one_process_mode(server: Server)
             assert seqs == sorted(seqs) and len(seqs) == 16
 
 
+@pytest.mark.asyncio
+async def test_flag_bits_beyond_live_pass_through_the_workers(server: Server) -> None:
+    """A TCP frame with the UDP-only SUBSCRIBERS bit (and reserved bits) set is served as any other."""
+    conn = await client.connect("127.0.0.1", server.port)
+    plain = conn._encode
+
+    def flagged(header: FrameHeader, frame: np.ndarray) -> list[bytes | memoryview]:
+        encoded = plain(header, frame)
+        head = bytearray(encoded[0])
+        head[8] |= 0xFE  # every flag bit but LIVE
+        return [bytes(head), *encoded[1:]]
+
+    conn._encode = flagged  # type: ignore[method-assign]
+    try:
+        replies = [await conn.submit(f) for f in frames(3, seed=9)]
+        assert all(r.ok for r in replies), [r.message for r in replies]
+    finally:
+        await conn.close()
+
+
 async def connections_on_each_worker(port: int, listener: WorkerListener) -> dict[int, list[client.Connection]]:
     """Open connections until both workers hold some; returns worker index -> its connections."""
     by_worker: dict[int, list[client.Connection]] = {0: [], 1: []}

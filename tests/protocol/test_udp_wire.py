@@ -132,31 +132,24 @@ def test_incomplete_has_a_v1_stand_in() -> None:
     assert wire.status_for(Status.INCOMPLETE, 2) == Status.INCOMPLETE
 
 
-def test_runs_group_consecutive_chunks_and_add_run_places_them() -> None:
+def test_group_sorts_a_batch_into_messages_in_arrival_order() -> None:
     length = 5000
     payload = np.random.default_rng(3).integers(0, 256, length, dtype=np.uint8)
-    grams = [udp.join(p) for p in udp.frame_datagrams(frame_header(length), payload.data, 1000)]
-    other = [udp.join(p) for p in udp.frame_datagrams(frame_header(length, seq=10), payload.data, 1000)]
-    order = [grams[0], grams[1], grams[2], grams[3], other[1], grams[5], grams[4], grams[3]]  # 4 and 5 swapped, 3 twice
-    area = np.zeros((len(order), 1000), np.uint8)
-    for i, d in enumerate(order):
+    a = [udp.join(p) for p in udp.frame_datagrams(frame_header(length, seq=7), payload.data, 1000)]
+    b = [udp.join(p) for p in udp.frame_datagrams(frame_header(length, seq=5), payload.data, 1000)]
+    # (datagram, sender): frame 7 from sender 1 first, frame 5 from senders 1 and 2, chunk 3 of frame 7 twice
+    batch = [(a[3], 1), (b[2], 1), (a[0], 1), (b[1], 2), (a[3], 1), (b[0], 1), (a[1], 1)]
+    area = np.zeros((len(batch), 1000), np.uint8)
+    for i, (d, _) in enumerate(batch):
         area[i, : len(d)] = np.frombuffer(d, np.uint8)
-    heads = udp.header_view(area)
-    body = np.array([len(d) - udp.HEADER_SIZE for d in order])
-    good = np.arange(len(order))
-    starts = udp.runs(good, udp.words(heads), body, np.zeros((len(order), 4), np.uint64))
-    assert starts.tolist() == [0, 1, 4, 5, 6, 7]  # chunk 0 alone, chunks 1-3, the other frame, then each one alone
-    target = np.zeros(length, np.uint8)
-    asm = Assembly(len(grams), length, target)
-    h0 = udp.decode_chunk_header(order[0])
-    used = frame_header(length).wire_size
-    first = area[0, udp.HEADER_SIZE + used : udp.HEADER_SIZE + body[0]]
-    assert asm.add(0, h0.chunk_count, 0, length, first) is Added.NEW
-    rows = area[1:4, udp.HEADER_SIZE :]
-    h1 = udp.decode_chunk_header(order[1])
-    assert asm.add_run(1, h1.chunk_count, h1.offset, length, rows, int(body[1]), int(body[3])) is Added.NEW
-    assert asm.add_run(1, h1.chunk_count, h1.offset, length, rows, int(body[1]), int(body[3])) is Added.DUPLICATE
-    for i in (6, 5):
-        h = udp.decode_chunk_header(order[i])
-        asm.add(h.chunk_index, h.chunk_count, h.offset, length, area[i, udp.HEADER_SIZE : udp.HEADER_SIZE + body[i]])
-    assert asm.complete and np.array_equal(target, payload)
+    senders = np.zeros((len(batch), 4), np.uint64)
+    senders[:, 0] = [s for _, s in batch]
+    g = udp.group(udp.words(udp.header_view(area)), senders)
+    frames = [[int(g.order[j]) for j in range(s, e)] for s, e in zip(g.starts, g.ends, strict=True)]
+    # sender 1's frame 5, sender 1's frame 7 (chunk 0 first, then by index), sender 2's frame 5
+    assert frames == [[5, 1], [2, 6, 0, 4], [3]]
+    assert g.group.tolist() == [0, 0, 1, 1, 1, 1, 2]
+    assert g.repeat.tolist() == [False, False, False, False, False, True, False]  # the second chunk 3 of frame 7
+    assert g.first.tolist() == [1, 0, 3]  # where each frame's first datagram is in the batch
+    one = udp.group(udp.words(udp.header_view(area)))  # senders None: all from one sender
+    assert [int(e - s) for s, e in zip(one.starts, one.ends, strict=True)] == [3, 4]

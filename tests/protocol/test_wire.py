@@ -275,9 +275,12 @@ def test_frame_header_round_trip_extremes(h: FrameHeader) -> None:
 
 
 def test_unknown_flag_bits_are_ignored() -> None:
-    data = patch(wire.encode_frame_header(frame_header(flags=FrameFlags.LIVE)), 8, "<B", 0xFF)
+    data = patch(wire.encode_frame_header(frame_header(flags=FrameFlags.LIVE)), 8, "<B", 0xFD)
     got = wire.decode_frame_header(data)
     assert got is not None and got[0].flags == FrameFlags.LIVE
+    data = patch(wire.encode_frame_header(frame_header()), 8, "<B", 0xFF)
+    got = wire.decode_frame_header(data)
+    assert got is not None and got[0].flags == FrameFlags.LIVE | FrameFlags.SUBSCRIBERS
 
 
 @pytest.mark.parametrize("status", list(Status))
