@@ -105,6 +105,11 @@ class Outlet(abc.ABC):
     async def close(self) -> None:
         """Flush what can be flushed and release everything."""
 
+    @property
+    def wanted(self) -> bool:
+        """Whether a line written now would go anywhere (records need not be made otherwise)."""
+        return True
+
     def stats(self) -> dict[str, Any]:
         return {}
 
@@ -127,8 +132,9 @@ class Results:
 
     @property
     def wanted(self) -> bool:
-        """Whether anyone takes lines (records need not be built otherwise)."""
-        return bool(self.outlets)
+        """Whether anyone takes lines now (records need not be built otherwise: a results port with
+        no subscriber costs no frame a record)."""
+        return any(outlet.wanted for outlet in self.outlets)
 
     def attach(self, hub: ResultHub, top_k: int) -> None:
         """Make a line of every result published on ``hub`` (``top_k``: as ``result_record``'s), while any
@@ -144,6 +150,8 @@ class Results:
             self._tap = None
 
     def _on_result(self, header: FrameHeader, outcome: Outcome, origin: Origin) -> None:
+        if not self.wanted:
+            return
         stream = origin.stream or str(header.stream_id)
         self.publish(result_record(origin.source, stream, header.sequence, header.model, outcome.status,
                                    outcome.message, outcome.timings, outcome.result, self._top_k,
@@ -274,6 +282,10 @@ class TcpOutlet(Outlet):
             return None
         host, port = self._server.sockets[0].getsockname()[:2]
         return host, port
+
+    @property
+    def wanted(self) -> bool:
+        return bool(self.subscribers)
 
     def write_line(self, line: bytes) -> None:
         for subscriber in list(self.subscribers):

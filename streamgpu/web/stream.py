@@ -12,8 +12,8 @@
   listener's stream id; all through ``admission.stream_results``), as each is made.
   ``{"unsubscribe": [7]}`` stops it. Each control message is answered with a text message:
   ``{"subscribed": [...all ids now...]}`` or ``{"error": "..."}``. A subscriber that reads
-  slower than results come loses the oldest (``MAX_QUEUED`` messages are kept), never slowing
-  a producer.
+  slower than results come loses the oldest subscribed results (``MAX_QUEUED`` are kept; never
+  a reply to a frame of its own), never slowing a producer.
 
 A well-framed frame that is refused (bad shape, unknown model, ...) is answered with its status
 like on TCP and costs only itself; a binary message that is not one whole frame closes the
@@ -56,34 +56,44 @@ class StreamSocket:
         self.origin = Origin("ws", f"ws:{self.key[1]}")  # how its frames' outcomes are published
         self.order = ReplyOrder()  # this socket's frames, replied in sequence order per stream
         self.out: collections.deque[bytes | str] = collections.deque()  # str: a text (control) message
+        # Subscribed results wait apart: past MAX_QUEUED the oldest is dropped, never a reply of its own.
+        self.results: collections.deque[bytes] = collections.deque()
         self.wake = asyncio.Event()  # something to send
-        self.replied = asyncio.Event()  # one of this socket's frames was answered
+        self.replied = asyncio.Event()  # one of this socket's frames was answered, or a message sent
+        self.sending = True  # the writer runs (it ends when a send fails: nothing queued is sent after)
         self.subscriptions: dict[int, Subscription] = {}
         self.dropped = 0  # subscribed results dropped because this socket read too slowly
 
     # -- sending: one writer task, so that callbacks never await --------------------------------
 
     def queue(self, message: bytes | str) -> None:
-        if not self.ws.closed:
+        if self.sending and not self.ws.closed:
             self.out.append(message)
             self.wake.set()
 
     async def writer(self) -> None:
-        while True:
-            await self.wake.wait()
-            self.wake.clear()
-            while self.out:
-                message = self.out.popleft()
-                if isinstance(message, str):
-                    await self.ws.send_str(message)
-                else:
-                    await self.ws.send_bytes(message)
+        try:
+            while True:
+                await self.wake.wait()
+                self.wake.clear()
+                while self.out or self.results:
+                    message = self.out.popleft() if self.out else self.results.popleft()
+                    if isinstance(message, str):
+                        await self.ws.send_str(message)
+                    else:
+                        await self.ws.send_bytes(message)
+                    self.replied.set()  # room in the queue: a producer held in wait_for_room goes on
+        finally:
+            self.sending = False
+            self.out.clear()
+            self.results.clear()
+            self.replied.set()
 
     async def flush(self, writer: asyncio.Task[None]) -> None:
         """Send what is queued (for at most a second), then stop the writer."""
         with contextlib.suppress(Exception):
             async with asyncio.timeout(1.0):
-                while self.out and not self.ws.closed:
+                while (self.out or self.results) and not self.ws.closed:
                     await asyncio.sleep(0.001)
         writer.cancel()
         with contextlib.suppress(BaseException):
@@ -139,8 +149,11 @@ class StreamSocket:
         self.replied.set()
 
     async def wait_for_room(self) -> None:
-        """Flow control, as on TCP: at most ``max_frames_per_connection`` frames of this socket unanswered."""
-        while len(self.order) >= self.admission.config.max_frames_per_connection:
+        """Flow control, as on TCP: at most ``max_frames_per_connection`` frames of this socket unanswered,
+        and no more frames read while ``MAX_QUEUED`` messages wait for a peer that does not read them
+        (else its replies would pile up here without bound)."""
+        limit = self.admission.config.max_frames_per_connection
+        while len(self.order) >= limit or (self.sending and len(self.out) >= MAX_QUEUED):
             self.replied.clear()
             await self.replied.wait()
 
@@ -175,10 +188,13 @@ class StreamSocket:
 
     def on_result(self, header: FrameHeader, outcome: Outcome) -> None:
         """A published result of a watched stream id: encoded (copied) now, sent by the writer."""
-        if len(self.out) >= MAX_QUEUED:  # a slow reader loses its oldest, never slows the producer
-            self.out.popleft()
+        if not self.sending or self.ws.closed:
+            return
+        if len(self.results) >= MAX_QUEUED:  # a slow reader loses its oldest, never slows the producer
+            self.results.popleft()
             self.dropped += 1
-        self.queue(_encode(header, outcome))
+        self.results.append(_encode(header, outcome))
+        self.wake.set()
 
     def close(self) -> None:
         for subscription in self.subscriptions.values():
