@@ -233,8 +233,16 @@ class _Subscriber(asyncio.Protocol):
         self.skipped = 0  # lines not sent since the last one that was
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        outlet = self._outlet
+        if len(outlet.subscribers) >= outlet.max_subscribers:
+            # Each subscriber costs a buffer and a write per result on the loop: a bounded number.
+            outlet.refused += 1
+            why = f"too many results subscribers ({outlet.max_subscribers}, the server's max_connections); try later"
+            typing.cast(asyncio.Transport, transport).write(encode_line({"error": why}))
+            transport.close()
+            return
         self.transport = typing.cast(asyncio.Transport, transport)
-        self._outlet.subscribers.add(self)
+        outlet.subscribers.add(self)
 
     def data_received(self, data: bytes) -> None:
         pass  # subscribers have nothing to say; what they send is dropped
@@ -261,15 +269,20 @@ class TcpOutlet(Outlet):
     """A TCP port where any number of subscribers read result lines (from when they connect).
 
     A subscriber whose unsent lines pass ``buffer_bytes`` skips lines until it
-    catches up, then gets ``{"skipped": N}`` before the next line it is sent.
+    catches up, then gets ``{"skipped": N}`` before the next line it is sent. At
+    most ``max_subscribers`` at once: one more gets an ``{"error": ...}`` line and
+    is closed.
     """
 
-    def __init__(self, host: str, port: int, buffer_bytes: int = SUBSCRIBER_BUFFER) -> None:
+    def __init__(self, host: str, port: int, buffer_bytes: int = SUBSCRIBER_BUFFER,
+                 max_subscribers: int = 64) -> None:  # fmt: skip
         self.host = host
         self.port = port
         self.buffer_bytes = buffer_bytes
+        self.max_subscribers = max_subscribers
         self.subscribers: set[_Subscriber] = set()
         self.skipped = 0
+        self.refused = 0
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -312,14 +325,16 @@ class TcpOutlet(Outlet):
         self._server = None
 
     def stats(self) -> dict[str, Any]:
-        return {"kind": "tcp", "address": self.address, "subscribers": len(self.subscribers), "skipped": self.skipped}
+        return {"kind": "tcp", "address": self.address, "subscribers": len(self.subscribers), "skipped": self.skipped,
+                "refused": self.refused}  # fmt: skip
 
 
-def results_from(port: int, host: str, path: str) -> Results:
-    """The results fan-out a config asks for (``port`` < 0: no TCP port; ``path`` empty: no file)."""
+def results_from(port: int, host: str, path: str, max_subscribers: int) -> Results:
+    """The results fan-out a config asks for (``port`` < 0: no TCP port; ``path`` empty: no file); the TCP
+    port takes at most ``max_subscribers`` at once."""
     outlets: list[Outlet] = []
     if port >= 0:
-        outlets.append(TcpOutlet(host, port))
+        outlets.append(TcpOutlet(host, port, max_subscribers=max_subscribers))
     if path:
         outlets.append(FileOutlet(path))
     return Results(outlets)

@@ -56,8 +56,8 @@ class Server:
         self._models: ModelManager | None = None
         self._repository: RepositoryPoller | None = None
         self._listeners: list[Listener] = []
-        self.results: Results = results_from(self.config.results_port, self.config.results_host,
-                                             self.config.results_file)  # fmt: skip
+        cfg = self.config
+        self.results: Results = results_from(cfg.results_port, cfg.results_host, cfg.results_file, cfg.max_connections)
         self._sweeper: asyncio.TimerHandle | None = None
         self._loader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamgpu-loader")
 
