@@ -78,11 +78,12 @@ def server(cmd: list[str], log_path: Path, ready: str) -> Iterator[int]:
 
 
 def streamgpu_server(
-    out: Path, name: str, model: dict[str, Any], device: str, kernels: bool = True, devices: tuple[int, ...] = (0,)
+    out: Path, name: str, model: dict[str, Any], device: str, kernels: bool = True, devices: tuple[int, ...] = (0,),
+    ingest_workers: int = 0,
 ) -> contextlib.AbstractContextManager[int]:
     toml = "\n".join(
         ["[server]", "port = 0", f'device = "{device}"', f"cuda_kernels = {str(kernels).lower()}",
-         f"devices = {list(devices)}", "", "[[models]]"]
+         f"devices = {list(devices)}", f"ingest_workers = {ingest_workers}", "", "[[models]]"]
         + [f"{k} = {json.dumps(v)}" for k, v in model.items()]
     )  # fmt: skip
     path = Path(tempfile.mkdtemp()) / f"{name}.toml"
@@ -275,7 +276,8 @@ def suite_gpus(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     for label, model in (("fp16", RESNET50), ("fp32", {**RESNET50, "precision": "fp32"})):
         result = {}
         for devices in pairs:
-            with streamgpu_server(out, f"gpus{len(devices)}_{label}", model, args.device, devices=devices) as port:
+            with streamgpu_server(out, f"gpus{len(devices)}_{label}", model, args.device, devices=devices,
+                                  ingest_workers=args.ingest_workers) as port:  # fmt: skip
                 result[devices] = load(port, [LoadLevel(CONCURRENCY, 256)], processes=8, window_s=args.window)[0]
             rows.append(row(f"ResNet-50 {label}, {len(devices)} GPU", result[devices]))
         if len(result) == 2:
@@ -325,6 +327,7 @@ def main() -> int:
     parser.add_argument("--window", type=float, default=2.0, help="measurement window, s (default 2)")
     parser.add_argument("--rates", default="500,1000,2000,4000,6000", help="open-loop rates for the batching suite")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run of the harness")
+    parser.add_argument("--ingest-workers", type=int, default=0, help="gpus suite: the servers' ingest_workers")
     parser.add_argument("--servers", default="", help="curves suite: only these (comma-separated: plain, strong, "
                         "strong+compile, streamgpu)")  # fmt: skip
     args = parser.parse_args()
