@@ -83,7 +83,8 @@ def streamgpu_server(
 ) -> contextlib.AbstractContextManager[int]:
     toml = "\n".join(
         ["[server]", "port = 0", f'device = "{device}"', f"cuda_kernels = {str(kernels).lower()}",
-         f"devices = {list(devices)}", f"ingest_workers = {ingest_workers}", "", "[[models]]"]
+         f"devices = {list(devices)}", f"ingest_workers = {ingest_workers}",
+         f"max_payload_bytes = {1 << 20}", "", "[[models]]"]
         + [f"{k} = {json.dumps(v)}" for k, v in model.items()]
     )  # fmt: skip
     path = Path(tempfile.mkdtemp()) / f"{name}.toml"
