@@ -238,8 +238,7 @@ class _Worker(asyncio.Protocol):
 
     def _sink(self, frame: Frame, outcome: Outcome) -> None:
         self.in_server -= 1
-        remote = cast(_RemoteConn, cast(tuple, frame.stream)[0])
-        self._admission.stream_results.publish(frame.header, outcome, remote.origin)  # subscribers, results sink
+        self._admission.stream_results.publish(frame.header, outcome, _remote(frame).origin)  # subscribers, results
         if self.alive:
             self.send(channel.encode_reply(cast(WorkerFrame, frame).fid, outcome))
 
@@ -257,9 +256,8 @@ class _Worker(asyncio.Protocol):
                 self.held -= 1
             if hub.watched(frame.header.stream_id):  # an Outcome only for frames someone subscribed to
                 listed = listed if listed is not None else timings.tolist()
-                remote = cast(_RemoteConn, cast(tuple, frame.stream)[0])
                 hub.publish(frame.header, Outcome(Status.OK, result=rows[i], timings=Timings(*listed[i])),
-                            remote.origin)  # fmt: skip
+                            _remote(frame).origin)  # fmt: skip
         if not self.alive:
             if not self.held:
                 self._listener.worker_gone(self)
@@ -288,6 +286,11 @@ class _Worker(asyncio.Protocol):
             if not self._out and not self._releases:
                 self._loop.call_soon(self._flush)
             self._releases.append(fid)
+
+
+def _remote(frame: Frame) -> _RemoteConn:
+    """The worker connection a frame came on (its ``stream`` is ``(connection, stream id)``)."""
+    return cast(_RemoteConn, cast(tuple, frame.stream)[0])
 
 
 class WorkerListener(Listener):
