@@ -18,7 +18,10 @@ outlet may block the loop or grow without bound: a slow subscriber skips lines.
 In a server it is one consumer of the server's result hub
 (``streamgpu.ingest.hub``, ``Results.attach``): every result any front end
 publishes becomes one line, so raw producers' results reach JSON-lines readers
-and WebSocket subscribers by the same path.
+and WebSocket subscribers by the same path. It taps the hub only while some
+outlet takes lines (a file; a results port while a subscriber is connected), so
+that the hub's ``watched`` is false, and no record nor ``Outcome`` is made for a
+port nobody reads.
 
 This module imports neither torch nor the server, so the client side
 (``streamgpu send``) uses it too.
@@ -31,6 +34,7 @@ import asyncio
 import json
 import logging
 import typing
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -93,6 +97,8 @@ def encode_line(record: dict[str, Any]) -> bytes:
 class Outlet(abc.ABC):
     """Somewhere result lines go. ``write_line`` runs on the loop and must never block or wait."""
 
+    _on_wanted: Callable[[], None] | None = None  # set by the Results this outlet is given to
+
     @abc.abstractmethod
     async def start(self) -> None:
         """Open files, bind sockets."""
@@ -107,8 +113,15 @@ class Outlet(abc.ABC):
 
     @property
     def wanted(self) -> bool:
-        """Whether a line written now would go anywhere (records need not be made otherwise)."""
+        """Whether a line written now would go anywhere (records need not be made otherwise). An outlet
+        whose answer changes calls ``wanted_changed()`` when it does."""
         return True
+
+    def wanted_changed(self) -> None:
+        """``wanted`` changed: the ``Results`` this outlet is given to taps the hub only while some outlet
+        wants lines (the outlet owns the fact; the tap follows it)."""
+        if self._on_wanted is not None:
+            self._on_wanted()
 
     def stats(self) -> dict[str, Any]:
         return {}
@@ -118,17 +131,19 @@ class Results:
     """Fan-out of result records to outlets (none: records are counted and dropped)."""
 
     def __init__(self, outlets: list[Outlet] | None = None) -> None:
-        self.outlets: list[Outlet] = list(outlets or [])
+        self.outlets: list[Outlet] = []
         self.published = 0  # records encoded for the outlets
         self._hub: ResultHub | None = None
         self._tap: Subscription | None = None
         self._top_k = 0
+        for outlet in outlets or []:
+            self.add_outlet(outlet)
 
     def add_outlet(self, outlet: Outlet) -> None:
         """Connect another outlet (e.g. an embedding application's own); it gets lines from now on."""
         self.outlets.append(outlet)
-        if self._hub is not None:
-            self.attach(self._hub, self._top_k)
+        outlet._on_wanted = self._retap
+        self._retap()
 
     @property
     def wanted(self) -> bool:
@@ -138,20 +153,25 @@ class Results:
 
     def attach(self, hub: ResultHub, top_k: int) -> None:
         """Make a line of every result published on ``hub`` (``top_k``: as ``result_record``'s), while any
-        outlet takes lines (none: nothing is made until ``add_outlet``); ``detach`` ends it."""
+        outlet takes lines: the hub is tapped only then (``watched`` is false otherwise, so front ends
+        build no outcome for lines nobody takes); ``detach`` ends it."""
         self._hub, self._top_k = hub, top_k
-        if self.outlets and self._tap is None:
-            self._tap = hub.tap(self._on_result)
+        self._retap()
 
     def detach(self) -> None:
         self._hub = None
-        if self._tap is not None:
+        self._retap()
+
+    def _retap(self) -> None:
+        """Tap the hub while attached and some outlet wants lines, else not (an outlet's ``wanted_changed``)."""
+        hub = self._hub if self.wanted else None
+        if hub is not None and self._tap is None:
+            self._tap = hub.tap(self._on_result)
+        elif hub is None and self._tap is not None:
             self._tap.cancel()
             self._tap = None
 
     def _on_result(self, header: FrameHeader, outcome: Outcome, origin: Origin) -> None:
-        if not self.wanted:
-            return
         stream = origin.stream or str(header.stream_id)
         self.publish(result_record(origin.source, stream, header.sequence, header.model, outcome.status,
                                    outcome.message, outcome.timings, outcome.result, self._top_k,
@@ -242,13 +262,13 @@ class _Subscriber(asyncio.Protocol):
             transport.close()
             return
         self.transport = typing.cast(asyncio.Transport, transport)
-        outlet.subscribers.add(self)
+        outlet.joined(self)
 
     def data_received(self, data: bytes) -> None:
         pass  # subscribers have nothing to say; what they send is dropped
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._outlet.subscribers.discard(self)
+        self._outlet.left(self)
         self.transport = None
 
     def send(self, line: bytes) -> None:
@@ -299,6 +319,19 @@ class TcpOutlet(Outlet):
     @property
     def wanted(self) -> bool:
         return bool(self.subscribers)
+
+    def joined(self, subscriber: _Subscriber) -> None:
+        """A subscriber connected (and was let in): the first one makes this outlet wanted."""
+        self.subscribers.add(subscriber)
+        if len(self.subscribers) == 1:
+            self.wanted_changed()
+
+    def left(self, subscriber: _Subscriber) -> None:
+        """A subscriber's connection ended: with the last one gone, no line is made for this port."""
+        if subscriber in self.subscribers:
+            self.subscribers.remove(subscriber)
+            if not self.subscribers:
+                self.wanted_changed()
 
     def write_line(self, line: bytes) -> None:
         for subscriber in list(self.subscribers):

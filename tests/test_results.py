@@ -201,3 +201,49 @@ def test_attached_results_tap_the_hub_only_while_an_outlet_takes_lines() -> None
     hub.publish(header, Outcome(Status.OK))
     assert [(x["source"], x["stream"], x["stream_id"], x["seq"], x["top_k"]) for x in lines.got] == [
         ("raw", "raw:9000/1", 9000, 3, [[2, 2.0]])]  # fmt: skip
+
+
+def test_the_results_tap_follows_its_outlets_wanting_lines() -> None:
+    # The hub's watched() is what front ends trust to skip building outcomes: the sink's tap is attached
+    # exactly while some outlet wants lines (an outlet says when that changes), not whenever it has one.
+    from streamgpu.ingest.hub import ResultHub
+
+    class Port(Outlet):  # like a results port: wanted while someone is connected
+        def __init__(self) -> None:
+            self.connected = 0
+
+        async def start(self) -> None:
+            pass
+
+        def write_line(self, line: bytes) -> None:
+            pass
+
+        async def close(self) -> None:
+            pass
+
+        @property
+        def wanted(self) -> bool:
+            return self.connected > 0
+
+        def connect(self, change: int) -> None:
+            self.connected += change
+            self.wanted_changed()
+
+    hub, port = ResultHub(), Port()
+    results = Results([port])
+    results.attach(hub, top_k=1)
+    assert not hub.watched(3)  # a port nobody reads: no tap
+    port.connect(+1)
+    port.connect(+1)
+    assert hub.watched(3) and len(hub._taps) == 1
+    port.connect(-1)
+    assert hub.watched(3)
+    port.connect(-1)
+    assert not hub.watched(3)
+    port.connect(+1)
+    results.detach()
+    assert not hub.watched(3)
+    results.attach(hub, top_k=1)
+    results.add_outlet(FileOutlet("unused"))  # a file always takes lines
+    port.connect(-1)
+    assert hub.watched(3) and len(hub._taps) == 1

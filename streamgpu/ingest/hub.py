@@ -9,7 +9,10 @@ once per frame it answers (a result or a refusal), beside its own reply if it ha
   for that stream id, from any front end, as it is made (a WebSocket subscriber, a test, an
   embedding application);
 * ``tap(callback)``: ``callback(header, outcome, origin)`` for every outcome of every stream id
-  (the JSON-lines results sink, ``streamgpu.results.Results.attach``).
+  (the JSON-lines results sink, ``streamgpu.results.Results.attach``). A tap watches every id
+  while it is attached, so a watcher attaches one only while it wants outcomes and cancels it
+  when it stops (the results sink taps only while a file or a results-port subscriber takes
+  lines): ``watched`` then tells front ends the truth, and they skip building outcomes.
 
 Stream ids are one namespace here: two producers that both send stream 7 feed the same
 subscribers. A raw port publishes under its listener's ``stream_id`` (by default its port
@@ -101,7 +104,9 @@ class ResultHub:
 
     def watched(self, stream_id: int) -> bool:
         """Whether a publication for ``stream_id`` would reach anyone (a subscriber of it, or a tap): a
-        front end that finishes many frames at once may skip building their ``Outcome``s when not."""
+        front end that finishes many frames at once skips building their ``Outcome``s when not. Taps
+        are attached only while they want outcomes (module docstring), so this is false for a results
+        port nobody reads."""
         return bool(self._taps) or stream_id in self._watchers
 
     def subscribers(self, stream_id: int) -> int:

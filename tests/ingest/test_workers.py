@@ -340,3 +340,49 @@ async def test_worker_frames_results_reach_the_hub_and_the_results_file(tmp_path
     assert sorted((x["stream_id"], x["seq"], x["status"]) for x in lines) == [
         (7, 0, "OK"), (7, 1, "OK"), (7, 2, "OK"), (8, 0, "OK"), (8, 1, "OK"), (8, 2, "OK")]  # fmt: skip
     assert all(len(x["top_k"] if "top_k" in x else x["result"]) > 0 for x in lines)
+
+
+@pytest.mark.asyncio
+async def test_a_results_port_nobody_reads_costs_worker_batches_no_outcome(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Worker frames finish a batch at a time and build an Outcome only for a stream someone watches. A
+    # results port with no subscriber connected watches nothing: no Outcome, no line. Once one connects,
+    # lines flow; once it leaves, nothing is built again. (The sink used to tap the hub whether or not
+    # anyone read the port, so watched() was always true and every frame built an Outcome for nothing.)
+    import streamgpu.ingest.workers as workers
+
+    built: list[Status] = []
+
+    def counted(status: Status, *args: Any, **kw: Any) -> Outcome:
+        built.append(status)
+        return Outcome(status, *args, **kw)
+
+    monkeypatch.setattr(workers, "Outcome", counted)
+    async with Server(config(ingest_workers=1, results_port=0)) as srv:
+        hub = srv.admission.stream_results
+        assert srv.results_address is not None
+        conn = await client.connect("127.0.0.1", srv.port)
+        data = frames(6, seed=2)
+
+        async def send(n: int) -> None:
+            replies = await asyncio.gather(*(conn.submit(f, stream_id=7) for f in data[:n]))
+            assert all(r.ok for r in replies)
+
+        async def until(watched: bool) -> None:
+            async with asyncio.timeout(5):
+                while hub.watched(7) is not watched:
+                    await asyncio.sleep(0.01)
+
+        assert not hub.watched(7)
+        await send(6)
+        assert (built, srv.results.published) == ([], 0), "a results port nobody reads cost frames an Outcome"
+        reader, writer = await asyncio.open_connection(*srv.results_address)
+        await until(True)
+        await send(3)
+        lines = [json.loads(await asyncio.wait_for(reader.readline(), 5)) for _ in range(3)]
+        assert sorted((x["stream_id"], x["status"]) for x in lines) == [(7, "OK")] * 3
+        assert built == [Status.OK] * 3
+        writer.close()
+        await until(False)
+        await send(6)
+        assert built == [Status.OK] * 3 and srv.results.published == 3
+        await conn.close()
