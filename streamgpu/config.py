@@ -90,6 +90,9 @@ class Config:
     receive_timeout_s: float = 10.0
     receive_idle_timeout_s: float = 2.0
     http_keepalive_timeout_s: float = 15.0  # an idle HTTP connection (a place under max_connections) closes after it
+    # Bytes of unsent messages one WebSocket (/v1/stream) may hold: past it its oldest subscribed results are
+    # dropped, and its own frames are not read further while its unsent replies hold this much.
+    ws_send_queue_bytes: int = 4 * MiB
     min_receive_rate: int = 1_000_000
     max_inflight_batches: int = 2
     shutdown_timeout_s: float = 10.0
@@ -156,6 +159,8 @@ class Config:
             problems.append(f"watchdog_factor must be a finite number >= 1, got {self.watchdog_factor}")
         if self.min_receive_rate < 1:
             problems.append(f"min_receive_rate must be >= 1 byte/s, got {self.min_receive_rate}")
+        if self.ws_send_queue_bytes < 1:
+            problems.append(f"ws_send_queue_bytes must be >= 1 byte, got {self.ws_send_queue_bytes}")
         if self.max_connections < 1:
             problems.append(f"max_connections must be >= 1, got {self.max_connections}")
         if not 0 <= self.max_priority <= 255:

@@ -119,6 +119,8 @@ def test_models_from_toml(tmp_path: Path) -> None:
         ('[[server.listeners]]\nkind = "raw"\noptions = { model = "default", fps = 1 }\n', "options ['fps'] unknown"),
         ("[server]\nresults_port = -2\n", "results_port must be -1"),
         ("[server]\nresults_top_k = -1\n", "results_top_k must be >= 0"),
+        ("[server]\nws_send_queue_bytes = 0\n", "ws_send_queue_bytes must be >= 1 byte"),
+        ('[server]\nws_send_queue_bytes = "4M"\n', "server.ws_send_queue_bytes must be an integer"),
     ],
 )
 def test_bad_settings_say_what_to_fix(tmp_path: Path, toml: str, message: str) -> None:

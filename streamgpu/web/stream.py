@@ -12,8 +12,9 @@
   listener's stream id; all through ``admission.stream_results``), as each is made.
   ``{"unsubscribe": [7]}`` stops it. Each control message is answered with a text message:
   ``{"subscribed": [...all ids now...]}`` or ``{"error": "..."}``. A subscriber that reads
-  slower than results come loses the oldest subscribed results (``MAX_QUEUED`` are kept; never
-  a reply to a frame of its own), never slowing a producer.
+  slower than results come loses the oldest subscribed results (at most the config's
+  ``ws_send_queue_bytes`` of them, and ``MAX_QUEUED`` messages, are kept; the newest is always
+  kept; never a reply to a frame of its own), never slowing a producer.
 
 A well-framed frame that is refused (bad shape, unknown model, ...) is answered with its status
 like on TCP and costs only itself; a binary message that is not one whole frame closes the
@@ -41,7 +42,9 @@ from streamgpu.web.app import SERVER_KEY, give_place, take_place
 from streamgpu.web.frames import next_stream_key, receive_frame
 
 PATH = "/v1/stream"
-MAX_QUEUED = 1024  # reply messages waiting to be sent to one socket; past it, subscribed results are dropped
+# Messages waiting to be sent to one socket (bytes: the config's ws_send_queue_bytes): past either bound its
+# oldest subscribed results are dropped, and its own frames are not read until its own replies go out.
+MAX_QUEUED = 1024
 MAX_SUBSCRIPTIONS = 64  # stream ids one socket may watch
 
 
@@ -56,8 +59,11 @@ class StreamSocket:
         self.origin = Origin("ws", f"ws:{self.key[1]}")  # how its frames' outcomes are published
         self.order = ReplyOrder()  # this socket's frames, replied in sequence order per stream
         self.out: collections.deque[bytes | str] = collections.deque()  # str: a text (control) message
-        # Subscribed results wait apart: past MAX_QUEUED the oldest is dropped, never a reply of its own.
+        self.out_bytes = 0  # of the messages in ``out`` (a text one counted by its length)
+        # Subscribed results wait apart: past the bounds the oldest is dropped, never a reply of its own.
         self.results: collections.deque[bytes] = collections.deque()
+        self.results_bytes = 0  # of the messages in ``results``
+        self.max_bytes = admission.config.ws_send_queue_bytes
         self.wake = asyncio.Event()  # something to send
         self.replied = asyncio.Event()  # one of this socket's frames was answered, or a message sent
         self.sending = True  # the writer runs (it ends when a send fails: nothing queued is sent after)
@@ -69,6 +75,7 @@ class StreamSocket:
     def queue(self, message: bytes | str) -> None:
         if self.sending and not self.ws.closed:
             self.out.append(message)
+            self.out_bytes += len(message)
             self.wake.set()
 
     async def writer(self) -> None:
@@ -77,7 +84,13 @@ class StreamSocket:
                 await self.wake.wait()
                 self.wake.clear()
                 while self.out or self.results:
-                    message = self.out.popleft() if self.out else self.results.popleft()
+                    message: bytes | str
+                    if self.out:
+                        message = self.out.popleft()
+                        self.out_bytes -= len(message)
+                    else:
+                        message = self.results.popleft()
+                        self.results_bytes -= len(message)
                     if isinstance(message, str):
                         await self.ws.send_str(message)
                     else:
@@ -87,6 +100,7 @@ class StreamSocket:
             self.sending = False
             self.out.clear()
             self.results.clear()
+            self.out_bytes = self.results_bytes = 0
             self.replied.set()
 
     async def flush(self, writer: asyncio.Task[None]) -> None:
@@ -150,10 +164,12 @@ class StreamSocket:
 
     async def wait_for_room(self) -> None:
         """Flow control, as on TCP: at most ``max_frames_per_connection`` frames of this socket unanswered,
-        and no more frames read while ``MAX_QUEUED`` messages wait for a peer that does not read them
-        (else its replies would pile up here without bound)."""
+        and no more frames read while ``MAX_QUEUED`` messages or ``ws_send_queue_bytes`` wait for a peer
+        that does not read them (else its replies would pile up here without bound)."""
         limit = self.admission.config.max_frames_per_connection
-        while len(self.order) >= limit or (self.sending and len(self.out) >= MAX_QUEUED):
+        while len(self.order) >= limit or (
+            self.sending and (len(self.out) >= MAX_QUEUED or self.out_bytes >= self.max_bytes)
+        ):
             self.replied.clear()
             await self.replied.wait()
 
@@ -190,10 +206,14 @@ class StreamSocket:
         """A published result of a watched stream id: encoded (copied) now, sent by the writer."""
         if not self.sending or self.ws.closed:
             return
-        if len(self.results) >= MAX_QUEUED:  # a slow reader loses its oldest, never slows the producer
-            self.results.popleft()
+        message = _encode(header, outcome)
+        self.results.append(message)
+        self.results_bytes += len(message)
+        # A slow reader loses its oldest, never slows the producer; held in bytes (a big result times a
+        # message count could be gigabytes per socket), but the newest is kept even when it alone is more.
+        while len(self.results) > 1 and (self.results_bytes > self.max_bytes or len(self.results) > MAX_QUEUED):
+            self.results_bytes -= len(self.results.popleft())
             self.dropped += 1
-        self.results.append(_encode(header, outcome))
         self.wake.set()
 
     def close(self) -> None:

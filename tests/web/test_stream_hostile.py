@@ -6,9 +6,11 @@ import asyncio
 from typing import Any
 
 import aiohttp
+import numpy as np
 import pytest
 
 from streamgpu.frame import Outcome
+from streamgpu.protocol import wire
 from streamgpu.protocol.wire import FrameHeader, Status
 from streamgpu.server import Server
 from streamgpu.web import stream as ws_stream
@@ -92,3 +94,81 @@ async def test_a_flood_of_subscribed_results_does_not_evict_the_sockets_own_repl
                         own.append(reply)
             assert own[0].status is Status.OK
         assert sock.dropped >= 20 - ws_stream.MAX_QUEUED
+
+
+@pytest.mark.asyncio
+async def test_a_slow_subscriber_of_big_results_holds_at_most_ws_send_queue_bytes() -> None:
+    """A subscriber that reads slowly, of a stream whose results are big (256 KiB each): the server holds
+    at most ``ws_send_queue_bytes`` of subscribed results for it, dropping the oldest (counted), and
+    the newest still arrives. (The queue was bounded in messages: 1024 of them, here 50 MiB.)"""
+    bound = 1 << 20
+    async with Server(config(ws_send_queue_bytes=bound)) as server, aiohttp.ClientSession() as session:
+        async with session.ws_connect(url(server)) as ws:
+            await ws.send_str('{"subscribe": [5]}')
+            assert (await asyncio.wait_for(ws.receive(), 5)).data == '{"subscribed": [5]}'
+            (sock,) = sockets_of(server)
+            received: list[int] = []
+
+            async def slow_reader() -> None:
+                while True:
+                    msg = await ws.receive()
+                    if msg.type is not aiohttp.WSMsgType.BINARY:
+                        return
+                    parsed = wire.decode_reply(msg.data)
+                    assert parsed is not None and parsed[0].payload_len == big.nbytes
+                    received.append(parsed[0].sequence)
+                    await asyncio.sleep(0.01)
+
+            big = np.arange(1 << 16, dtype=np.float32)  # 256 KiB
+            reading = asyncio.ensure_future(slow_reader())
+            published, peak = 200, 0
+            for seq in range(published):  # 50 MiB, faster than it reads
+                server.admission.stream_results.publish(
+                    FrameHeader(5, seq, "default", 0, (1,), 0), Outcome(Status.OK, result=big)
+                )
+                queued = sum(map(len, sock.results))
+                assert queued == sock.results_bytes
+                peak = max(peak, queued)
+                if seq % 5 == 4:
+                    await asyncio.sleep(0.005)
+            async with asyncio.timeout(20):
+                while not received or received[-1] != published - 1:  # the newest is never dropped
+                    await asyncio.sleep(0.01)
+            reading.cancel()
+        assert peak <= bound, f"{peak} bytes of subscribed results queued for one slow socket (bound {bound})"
+        assert sock.dropped > 0 and len(received) + sock.dropped == published
+        assert received == sorted(received)  # the oldest were dropped, the rest came in order
+
+
+@pytest.mark.asyncio
+async def test_a_producer_that_never_reads_big_replies_is_not_read_past_ws_send_queue_bytes() -> None:
+    """A producer whose unsent replies hold ``ws_send_queue_bytes`` is not read further (its replies are
+    never dropped): what the server holds for it is that, plus the replies of the frames already in
+    (``max_frames_per_connection``), not ``MAX_QUEUED`` replies whatever their size."""
+    async with Server(config(max_frames_per_connection=4)) as server, aiohttp.ClientSession() as session:
+        async with session.ws_connect(url(server)) as ws:
+            batch = frames(40, seed=5)
+            await ws.send_bytes(frame_message(batch[0], stream_id=0, sequence=0))
+            reply_bytes = len((await asyncio.wait_for(ws.receive(), 10)).data)  # each OK reply's size
+            (sock,) = sockets_of(server)
+            sock.max_bytes = 3 * reply_bytes  # three replies' worth, far below MAX_QUEUED replies
+            unblock = asyncio.Event()
+            send = sock.ws.send_bytes
+
+            async def stuck(data: bytes, *a: Any, **kw: Any) -> None:  # the peer's window is full
+                await unblock.wait()
+                await send(data, *a, **kw)
+
+            sock.ws.send_bytes = stuck
+            for i, f in enumerate(batch[1:], start=1):
+                await ws.send_bytes(frame_message(f, stream_id=0, sequence=i))
+            peak = 0
+            for _ in range(100):  # 1 s: every frame read would be answered by then
+                assert sock.out_bytes == sum(map(len, sock.out))
+                peak = max(peak, sock.out_bytes)
+                await asyncio.sleep(0.01)
+            unblock.set()
+            got = [await next_reply(ws) for _ in range(len(batch) - 1)]
+            assert [h.sequence for h, _ in got] == list(range(1, len(batch)))  # none dropped
+        assert peak <= sock.max_bytes + 4 * reply_bytes, f"{peak} bytes of replies queued for a peer that reads nothing"
+    assert server.connections == 0 and server.pool.used_bytes == 0
