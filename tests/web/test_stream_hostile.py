@@ -23,16 +23,24 @@ def sockets_of(server: Server) -> set[Any]:
 
 
 @pytest.mark.asyncio
-async def test_a_producer_that_never_reads_its_replies_is_not_read_further(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A WebSocket producer that sends frames and never reads its replies: its outgoing queue stays
-    bounded (its frames are no longer read, as on TCP), instead of growing a reply per frame without end."""
-    monkeypatch.setattr(ws_stream, "MAX_QUEUED", 8)
+@pytest.mark.parametrize("bound", ["messages", "bytes"])
+async def test_a_producer_that_never_reads_its_replies_is_not_read_further(
+    bound: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A WebSocket producer that sends frames and never reads its replies: its unsent replies stay bounded
+    in number (``MAX_QUEUED``) and in bytes (``ws_send_queue_bytes``: big results times a message count
+    could be gigabytes) - its frames are no longer read, as on TCP - and none is dropped, instead of
+    growing a reply per frame without end."""
+    if bound == "messages":
+        monkeypatch.setattr(ws_stream, "MAX_QUEUED", 8)
     async with Server(config(max_frames_per_connection=4)) as server, aiohttp.ClientSession() as session:
         async with session.ws_connect(url(server)) as ws:
             batch = frames(40, seed=3)
             await ws.send_bytes(frame_message(batch[0], stream_id=0, sequence=0))
-            await next_reply(ws)
+            reply_bytes = len((await asyncio.wait_for(ws.receive(), 10)).data)  # each OK reply's size
             (sock,) = sockets_of(server)
+            if bound == "bytes":
+                sock.max_bytes = 3 * reply_bytes  # three replies' worth, far fewer than MAX_QUEUED
             unblock = asyncio.Event()
             send = sock.ws.send_bytes
 
@@ -43,15 +51,21 @@ async def test_a_producer_that_never_reads_its_replies_is_not_read_further(monke
             sock.ws.send_bytes = stuck
             for i, f in enumerate(batch[1:], start=1):
                 await ws.send_bytes(frame_message(f, stream_id=0, sequence=i))
-            peak = 0
+            peak = peak_bytes = 0
             for _ in range(150):  # 1.5 s: every frame read would be answered by then
-                peak = max(peak, len(sock.out))
+                assert sock.out_bytes == sum(map(len, sock.out))
+                peak, peak_bytes = max(peak, len(sock.out)), max(peak_bytes, sock.out_bytes)
                 await asyncio.sleep(0.01)
             unblock.set()
             got = [await next_reply(ws) for _ in range(len(batch) - 1)]
-            assert [h.sequence for h, _ in got] == list(range(1, len(batch)))
+            assert [h.sequence for h, _ in got] == list(range(1, len(batch)))  # none dropped
         # Queued replies, plus those of the frames already read when the queue filled (at most 4 unanswered).
-        assert peak <= ws_stream.MAX_QUEUED + 4, f"{peak} replies queued for a peer that reads nothing"
+        if bound == "messages":
+            assert peak <= ws_stream.MAX_QUEUED + 4, f"{peak} replies queued for a peer that reads nothing"
+        else:
+            assert peak_bytes <= sock.max_bytes + 4 * reply_bytes, (
+                f"{peak_bytes} bytes queued for a peer that reads nothing"
+            )
     assert server.connections == 0 and server.pool.used_bytes == 0
 
 
@@ -138,37 +152,3 @@ async def test_a_slow_subscriber_of_big_results_holds_at_most_ws_send_queue_byte
         assert peak <= bound, f"{peak} bytes of subscribed results queued for one slow socket (bound {bound})"
         assert sock.dropped > 0 and len(received) + sock.dropped == published
         assert received == sorted(received)  # the oldest were dropped, the rest came in order
-
-
-@pytest.mark.asyncio
-async def test_a_producer_that_never_reads_big_replies_is_not_read_past_ws_send_queue_bytes() -> None:
-    """A producer whose unsent replies hold ``ws_send_queue_bytes`` is not read further (its replies are
-    never dropped): what the server holds for it is that, plus the replies of the frames already in
-    (``max_frames_per_connection``), not ``MAX_QUEUED`` replies whatever their size."""
-    async with Server(config(max_frames_per_connection=4)) as server, aiohttp.ClientSession() as session:
-        async with session.ws_connect(url(server)) as ws:
-            batch = frames(40, seed=5)
-            await ws.send_bytes(frame_message(batch[0], stream_id=0, sequence=0))
-            reply_bytes = len((await asyncio.wait_for(ws.receive(), 10)).data)  # each OK reply's size
-            (sock,) = sockets_of(server)
-            sock.max_bytes = 3 * reply_bytes  # three replies' worth, far below MAX_QUEUED replies
-            unblock = asyncio.Event()
-            send = sock.ws.send_bytes
-
-            async def stuck(data: bytes, *a: Any, **kw: Any) -> None:  # the peer's window is full
-                await unblock.wait()
-                await send(data, *a, **kw)
-
-            sock.ws.send_bytes = stuck
-            for i, f in enumerate(batch[1:], start=1):
-                await ws.send_bytes(frame_message(f, stream_id=0, sequence=i))
-            peak = 0
-            for _ in range(100):  # 1 s: every frame read would be answered by then
-                assert sock.out_bytes == sum(map(len, sock.out))
-                peak = max(peak, sock.out_bytes)
-                await asyncio.sleep(0.01)
-            unblock.set()
-            got = [await next_reply(ws) for _ in range(len(batch) - 1)]
-            assert [h.sequence for h, _ in got] == list(range(1, len(batch)))  # none dropped
-        assert peak <= sock.max_bytes + 4 * reply_bytes, f"{peak} bytes of replies queued for a peer that reads nothing"
-    assert server.connections == 0 and server.pool.used_bytes == 0
