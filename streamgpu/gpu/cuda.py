@@ -575,14 +575,14 @@ class CudaBackend(Backend):
         nbytes = model.spec.frame_nbytes
         copy_stream = self.copy_streams[model.device]
         assert self._host is not None
-        with torch.inference_mode(), torch.cuda.device(model.gpu), torch.cuda.stream(copy_stream):
-            if self.use_kernels and nbytes < COPY_ENGINE_FROM:
-                kernels.gather_frames(self._host, [slot.offset for slot in slots], nbytes, staged, copy_stream)
-            else:
+        if self.use_kernels and nbytes < COPY_ENGINE_FROM:  # the stream is explicit: no torch context to enter
+            kernels.gather_frames(self._host, [slot.offset for slot in slots], nbytes, staged, copy_stream)
+        else:
+            with torch.inference_mode(), torch.cuda.device(model.gpu), torch.cuda.stream(copy_stream):
                 for i, slot in enumerate(slots):
                     staged[i].copy_(self._host[slot.offset : slot.offset + nbytes], non_blocking=True)
-            copy_done = torch.cuda.Event()
-            copy_done.record(copy_stream)
+        copy_done = torch.cuda.Event()
+        copy_done.record(copy_stream)
         return copy_done
 
     def _launch_replay(self, model: CudaModel, slots: list[Slot], expected_s: float) -> BatchRun:
