@@ -83,7 +83,7 @@ async def test_bad_frames_and_a_closed_connection_raise_and_use_no_sequence_numb
             with pytest.raises(ValueError, match="complex64"):
                 conn.send(f.astype(np.complex64))
             with pytest.raises(TypeError, match="numpy array"):
-                conn.send(f.tolist())  # type: ignore[arg-type]
+                conn.send(f.tolist())
             with pytest.raises(ValueError, match="at most 8"):
                 conn.send(np.zeros((1,) * 9, np.uint8))
             with pytest.raises(ValueError, match=f"at most {udp.MAX_CHUNKS}"):
@@ -95,8 +95,9 @@ async def test_bad_frames_and_a_closed_connection_raise_and_use_no_sequence_numb
             waiting = conn.submit(f, stream_id=2)  # 2/0 waits for its reply
             with pytest.raises(ValueError, match="already in flight"):
                 conn.send(f, stream_id=2, sequence=0)
-            assert conn.datagrams_sent == len(udp.frame_datagrams(
-                FrameHeader(2, 0, "default", 1, SHAPE, f.nbytes), f.data.cast("B"), GRAM))  # only submit's went out
+            assert conn.datagrams_sent == len(
+                udp.frame_datagrams(FrameHeader(2, 0, "default", 1, SHAPE, f.nbytes), f.data.cast("B"), GRAM)
+            )  # only submit's went out
             assert conn.send(f) == 0 and conn.send(f, stream_id=2) == 1  # no refused send took a number
             assert (await waiting).ok
         finally:
