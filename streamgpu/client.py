@@ -21,9 +21,14 @@ producer within ``max_frames_in_flight``. The server applies flow control
 anyway (it stops reading a connection past its limits), so staying within
 them is about latency, not correctness.
 
+Over UDP (:func:`connect_udp`), :meth:`UdpConnection.send` is the fire-and-forget
+form for cameras and sensors that do not read replies: the frame carries the
+SUBSCRIBERS flag and its result goes to the server's subscribers of its stream
+id (the ``/v1/stream`` WebSocket, the results port) instead of back here.
+
 For simple scripts there is a blocking wrapper with the same shape
-(:func:`connect_sync`, :class:`SyncConnection`) that runs a private event loop
-in one daemon thread.
+(:func:`connect_sync`, :class:`SyncConnection`; :func:`connect_udp_sync`,
+:class:`SyncUdpConnection`) that runs a private event loop in one daemon thread.
 
 The wire format is described in docs/PROTOCOL.md and implemented in
 :mod:`streamgpu.protocol.wire`.
