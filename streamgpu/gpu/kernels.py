@@ -23,7 +23,16 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["MAX_CHANNELS", "MAX_FRAMES_PER_LAUNCH", "gather_frames", "gather_preprocess", "preprocess_image"]
+__all__ = [
+    "MAX_CHANNELS",
+    "MAX_FRAMES_PER_LAUNCH",
+    "enqueue_replay",
+    "gather_frames",
+    "gather_preprocess",
+    "mapped_address",
+    "preprocess_image",
+    "preprocess_table",
+]
 
 #: Frames one launch takes; larger batches are split into several launches.
 MAX_FRAMES_PER_LAUNCH = 256
@@ -98,9 +107,17 @@ __device__ __forceinline__ void store4(unsigned short* p, float a, float b, floa
     *reinterpret_cast<uint2*>(p) = v;
 }
 
+// Where image n starts, by source mode: 0, row n of the contiguous batch ``in``; 1, the ring ``in`` at
+// the launch's offset n; 2, the address in table[1 + n] (table[0] is the image count, read on the device,
+// so that one captured launch serves every batch size up to its grid).
+#define SRC_ROWS 0
+#define SRC_OFFSETS 1
+#define SRC_TABLE 2
 __device__ __forceinline__ const unsigned char* image_src(
-    const unsigned char* in, long long image_nbytes, const FrameOffsets& offs, int gather, int n) {
-    return gather ? in + ((long long)offs.v[n] << 8) : in + (long long)n * image_nbytes;
+    const unsigned char* in, long long image_nbytes, const FrameOffsets& offs, int mode,
+    const long long* table, int n) {
+    if (mode == SRC_TABLE) return reinterpret_cast<const unsigned char*>(table[1 + n]);
+    return mode == SRC_OFFSETS ? in + ((long long)offs.v[n] << 8) : in + (long long)n * image_nbytes;
 }
 
 // uint8 HWC image blockIdx.y -> normalized NCHW (channels_last == 0) or NHWC memory order.
@@ -109,13 +126,13 @@ __device__ __forceinline__ const unsigned char* image_src(
 template <typename T, int C>
 __global__ void __launch_bounds__(256) preprocess_vec(
     const unsigned char* __restrict__ in, T* __restrict__ out, const FrameOffsets offs,
-    const Affine p, int hw, int gather, int channels_last)
+    const Affine p, int hw, int mode, int channels_last, const long long* __restrict__ table)
 {
     const int n = blockIdx.y;
     const int g = blockIdx.x * blockDim.x + threadIdx.x;
-    if (g >= (hw >> 2)) return;
+    if (g >= (hw >> 2) || (mode == SRC_TABLE && n >= table[0])) return;
     const unsigned int* s = reinterpret_cast<const unsigned int*>(
-        image_src(in, (long long)hw * C, offs, gather, n)) + (long long)g * C;
+        image_src(in, (long long)hw * C, offs, mode, table, n)) + (long long)g * C;
     unsigned int w[C];
 #pragma unroll
     for (int k = 0; k < C; ++k) w[k] = s[k];
@@ -138,12 +155,12 @@ __global__ void __launch_bounds__(256) preprocess_vec(
 template <typename T, int C>
 __global__ void __launch_bounds__(256) preprocess_px(
     const unsigned char* __restrict__ in, T* __restrict__ out, const FrameOffsets offs,
-    const Affine p, int hw, int gather, int channels_last)
+    const Affine p, int hw, int mode, int channels_last, const long long* __restrict__ table)
 {
     const int n = blockIdx.y;
     const int px = blockIdx.x * blockDim.x + threadIdx.x;
-    if (px >= hw) return;
-    const unsigned char* s = image_src(in, (long long)hw * C, offs, gather, n) + (long long)px * C;
+    if (px >= hw || (mode == SRC_TABLE && n >= table[0])) return;
+    const unsigned char* s = image_src(in, (long long)hw * C, offs, mode, table, n) + (long long)px * C;
 #pragma unroll
     for (int c = 0; c < C; ++c) {
         const float y = (float)s[c] * p.scale[c] + p.bias[c];
@@ -186,7 +203,7 @@ def _external_stream(ptr: int) -> Any:
 
 
 @functools.lru_cache(maxsize=64)
-def _ring_device_ptr(host_ptr: int) -> int:
+def mapped_address(host_ptr: int) -> int:
     """Device address of page-locked host memory (the same address under unified addressing)."""
     rt = _cupy().cuda.runtime
     attrs = rt.pointerGetAttributes(host_ptr)
@@ -293,6 +310,10 @@ def _check_pre_args(dtype: torch.dtype, channels: int) -> None:
         raise ValueError(f"channels must be 1 to {MAX_CHANNELS}, got {channels}")
 
 
+# Source modes of the pre-processing kernels (SRC_* in the source).
+_SRC_ROWS, _SRC_OFFSETS, _SRC_TABLE = 0, 1, 2
+
+
 def _launch_preprocess(
     src_ptr: int,
     src_aligned4: bool,
@@ -304,13 +325,15 @@ def _launch_preprocess(
     affine: np.ndarray,
     channels_last: bool,
     stream: torch.cuda.Stream,
+    table_ptr: int = 0,
 ) -> None:
     out_align = 16 if out.dtype == torch.float32 else 8
     vec = hw % 4 == 0 and src_aligned4 and out.data_ptr() % out_align == 0
     kind = "preprocess_vec" if vec else "preprocess_px"
     name = f"{kind}<{_C_TYPES[out.dtype]}, {channels}>"
     blocks = -(-(hw // 4 if vec else hw) // _BLOCK)
-    per_launch = MAX_FRAMES_PER_LAUNCH if offs is not None else _MAX_GRID_Y
+    mode = _SRC_TABLE if table_ptr else _SRC_OFFSETS if offs is not None else _SRC_ROWS
+    per_launch = MAX_FRAMES_PER_LAUNCH if mode == _SRC_OFFSETS else _MAX_GRID_Y
     image_elems = channels * hw
     device = out.device.index or 0
     for start in range(0, n_images, per_launch):
@@ -327,8 +350,9 @@ def _launch_preprocess(
             packed,
             affine,
             np.int32(hw),
-            np.int32(offs is not None),
+            np.int32(mode),
             np.int32(channels_last),
+            np.uint64(table_ptr),
         )
         _launch(name, device, (blocks, count), args, stream)
 
@@ -364,7 +388,7 @@ def gather_frames(
     if not out.is_contiguous() or out.dim() == 0 or out.shape[0] != n or out.numel() != n * frame_nbytes:
         raise ValueError(f"out must be contiguous with shape [{n}, {frame_nbytes}] (or [{n}, ...] of that many bytes)")
     stream = _resolve_stream(stream, out.device)
-    ring_ptr = _ring_device_ptr(ring.data_ptr())
+    ring_ptr = mapped_address(ring.data_ptr())
     nvec = frame_nbytes // 16
     blocks = max(1, -(-nvec // (_BLOCK * _GATHER_UNROLL)))
     if ring_ptr % 16:
@@ -459,6 +483,76 @@ def gather_preprocess(
         raise ValueError("out must be a CUDA tensor")
     out = _output(out, (len(offs), C, H, W), dtype, channels_last, device)
     stream = _resolve_stream(stream, device)
-    ring_ptr = _ring_device_ptr(ring.data_ptr())
+    ring_ptr = mapped_address(ring.data_ptr())
     _launch_preprocess(ring_ptr, ring_ptr % 4 == 0, out, offs, len(offs), H * W, C, affine, channels_last, stream)
     return out
+
+
+def preprocess_table(
+    table: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    channels_last: bool,
+    out: torch.Tensor,
+    stream: torch.cuda.Stream,
+) -> torch.Tensor:
+    """Normalize the uint8 HWC images listed in a device-side table, like :func:`preprocess_image`.
+
+    Made to be captured in a CUDA graph: the table is read on the device when the kernel runs, so
+    one captured launch serves any batch; fill the table (an async copy on ``stream``) before each
+    replay.
+
+    Args:
+        table: int64 CUDA tensor of at least ``1 + N`` entries: ``table[0]`` is the number of images
+            ``n <= N``, ``table[1 + i]`` the address of image ``i`` (``H * W * C`` bytes in device
+            memory or in page-locked host memory mapped for the device; 4-byte aligned when
+            ``H * W % 4 == 0``).
+        mean, std: one value per channel, in the 0..1 scale.
+        channels_last: whether ``out`` is channels_last-strided (NHWC in memory).
+        out: the ``[N, C, H, W]`` float16 or float32 output; rows ``n`` to ``N - 1`` are left as they are.
+        stream: the CUDA stream to launch on.
+    """
+    if out.dim() != 4 or out.device.type != "cuda":
+        raise ValueError("out must be a CUDA [N, C, H, W] tensor")
+    n, c, h, w = out.shape
+    _check_pre_args(out.dtype, c)
+    out = _output(out, (n, c, h, w), out.dtype, channels_last, out.device)
+    if n > _MAX_GRID_Y:
+        raise ValueError(f"at most {_MAX_GRID_Y} images per table launch, got {n}")
+    if table.dtype != torch.int64 or table.device != out.device or table.dim() != 1 or table.numel() < 1 + n:
+        raise ValueError(f"table must be an int64 tensor of at least {1 + n} entries on {out.device}")
+    if not table.is_contiguous():
+        raise ValueError("table must be contiguous")
+    stream = _resolve_stream(stream, out.device)
+    affine = _affine(mean, std, c)
+    _launch_preprocess(0, True, out, None, n, h * w, c, affine, channels_last, stream, table.data_ptr())
+    return out
+
+
+def enqueue_replay(
+    device: int,
+    stream: int,
+    upload: tuple[int, int, int],
+    graph_exec: int,
+    downloads: Sequence[tuple[int, int, int]],
+) -> None:
+    """Enqueue on ``stream`` (a raw ``cudaStream_t``): one copy ``upload`` = ``(dst, src, nbytes)``,
+    one launch of the instantiated CUDA graph ``graph_exec``, then the ``downloads`` copies.
+
+    Raw runtime calls, for the one-replay batch path: entering torch's device and stream contexts
+    for the same work costs tens of microseconds of the loop's time per batch. Copies take any
+    addresses the device can reach (device memory, page-locked host memory); ``device`` is made
+    current for the calls if it is not.
+    """
+    rt = _cupy().cuda.runtime
+    current = rt.getDevice()
+    if current != device:
+        rt.setDevice(device)
+    try:
+        rt.memcpyAsync(*upload, rt.memcpyDefault, stream)
+        rt.graphLaunch(graph_exec, stream)
+        for dst, src, nbytes in downloads:
+            rt.memcpyAsync(dst, src, nbytes, rt.memcpyDefault, stream)
+    finally:
+        if current != device:
+            rt.setDevice(current)

@@ -27,7 +27,11 @@ CONNECTIONS_COUNTED_KEY = web.AppKey("streamgpu.connections_counted", bool)
 
 # Each module exposes ``add_routes(app: web.Application) -> None``; imported when an app is built.
 ROUTE_MODULES: tuple[str, ...] = (
-    "streamgpu.web.admin", "streamgpu.web.metrics", "streamgpu.web.status", "streamgpu.web.oip", "streamgpu.web.stream",
+    "streamgpu.web.admin",
+    "streamgpu.web.metrics",
+    "streamgpu.web.status",
+    "streamgpu.web.oip",
+    "streamgpu.web.stream",
 )
 
 

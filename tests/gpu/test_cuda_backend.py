@@ -1,8 +1,11 @@
-"""The CUDA backend on a GPU: graph replay against eager, and slot lifetimes against copy events."""
+"""The CUDA backend on a GPU: batches against eager, and slot lifetimes against the reads of the ring."""
 
 from __future__ import annotations
 
 import asyncio
+import sys
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,8 +16,12 @@ from streamgpu.config import Config, ListenerSpec
 from streamgpu.gpu import cuda, kernels
 from streamgpu.gpu.cuda import CudaBackend
 from streamgpu.models.builtin import build_builtin
+from streamgpu.models.preprocess import preprocess_torch
 from streamgpu.models.spec import ModelSpec
 from streamgpu.server import Server
+
+sys.path.insert(0, str(Path(__file__).parent))  # the helper beside this file, whatever pytest's import mode
+from ring_batches import RingBatches
 
 pytestmark = [
     pytest.mark.gpu,
@@ -22,55 +29,92 @@ pytestmark = [
 ]
 
 
+def _eager(spec: ModelSpec, frames: np.ndarray) -> torch.Tensor:
+    """The model's output for ``frames``, eagerly in fp32 with torch pre-processing."""
+    with torch.inference_mode():
+        module = build_builtin(spec.source.removeprefix("builtin:")).cuda().eval()
+        return module(preprocess_torch(torch.from_numpy(frames).cuda(), spec, torch.float32)).float().cpu()
+
+
+def _relative_error(got: np.ndarray, expected: torch.Tensor) -> float:
+    return (torch.linalg.norm(torch.from_numpy(got) - expected) / torch.linalg.norm(expected)).item()
+
+
 @pytest.mark.asyncio(loop_factories=["uvloop"])
-@pytest.mark.parametrize("n", [1, 3, 8])
-async def test_graph_replay_matches_eager_on_fresh_random_frames(n: int) -> None:
+@pytest.mark.parametrize("kernels_on", [True, False], ids=["one replay", "separate launches"])
+async def test_graph_batches_match_eager_at_every_size_idle_or_not(kernels_on: bool) -> None:
+    """Batches of 1, 3 (padded to bucket 4) and 8 frames, each launched on an idle model (the one-replay
+    graph reads the ring) and then two at once (the second is gathered into device memory first, the
+    table pointing there), after a larger batch left stale addresses and rows behind."""
     spec = ModelSpec(source="builtin:resnet18", precision="fp32", batch_buckets=(1, 4, 8), max_batch_size=8,
                      compile="off")  # fmt: skip
-    backend = CudaBackend(asyncio.get_running_loop(), Config(device="cuda"))
+    backend = CudaBackend(asyncio.get_running_loop(), Config(device="cuda", cuda_kernels=kernels_on))
+    ring = RingBatches(backend, 64 * (spec.frame_nbytes + 256))
     model = backend.load(spec, build_builtin("resnet18"))
     assert model.graphs, model.description
-    frames = torch.randint(0, 256, (n, *spec.input_shape), dtype=torch.uint8, device="cuda")
-    with torch.cuda.stream(model.stream), torch.inference_mode():
-        replayed = model.forward(frames)[0].float().clone()  # bucket 1, 4 (padded) or 8
-        eager = model.module(model.prepare_input(frames)).float()
-    model.stream.synchronize()
-    err = (torch.linalg.norm(replayed - eager) / torch.linalg.norm(eager)).item()
-    assert err < 1e-4, err
+    assert (model.addresses is not None) == kernels_on, model.description
+    rng = np.random.default_rng(7)
+    for n in (8, 1, 3, 8, 3):
+        frames = rng.integers(0, 256, (2, n, *spec.input_shape), dtype=np.uint8)
+        alone = await ring.run(model, frames[0])
+        assert _relative_error(alone, _eager(spec, frames[0])) < 1e-3, n
+        both = await asyncio.gather(ring.run(model, frames[0]), ring.run(model, frames[1]))
+        for got, sent in zip(both, frames, strict=True):
+            assert _relative_error(got, _eager(spec, sent)) < 1e-3, n
+    assert ring.pool.slots_in_use == 0
     backend.close()
+    ring.close()
 
 
 @pytest.mark.asyncio(loop_factories=["uvloop"])
-async def test_no_slot_is_released_before_its_copy_completed(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The delay sits inside the copy: the gather itself is held ~1 s behind a sleep kernel on the copy
-    stream. An implementation that recorded its copy event before the gather (or released slots on
-    launch) frees the slots at once and fails here; gating the stream before the launch would not."""
-    spec = ModelSpec(input_shape=(64, 64, 3), max_batch_size=4)
-    real_gather = kernels.gather_frames
-    copies_started: list[torch.cuda.Event] = []
+@pytest.mark.parametrize("reader", ["the graph", "the gather kernel"])
+async def test_no_slot_is_released_before_the_ring_was_read(reader: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The delay sits inside the read: whatever reads the slots (the one-replay graph of an idle model,
+    or the gather kernel on the copy stream) is held ~1 s behind a sleep kernel on its stream. An
+    implementation that recorded its event before the read (or released slots on launch) frees the
+    slots at once and fails here; gating the stream before the launch would not."""
+    reads_started: list[torch.cuda.Event] = []
 
-    def slow_gather(
-        ring: torch.Tensor, offsets: list[int], nbytes: int, out: torch.Tensor, stream: torch.cuda.Stream
-    ) -> None:
+    def held(stream: torch.cuda.Stream) -> None:
         with torch.cuda.stream(stream):
             started = torch.cuda.Event()
             started.record(stream)
-            copies_started.append(started)
+            reads_started.append(started)
             torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU cycles before the slots are read
-        real_gather(ring, offsets, nbytes, out, stream)
 
-    monkeypatch.setattr(cuda.kernels, "gather_frames", slow_gather)
-    # The copy is held back for a second or more: not a batch the watchdog should answer.
+    if reader == "the graph":
+        spec = ModelSpec(input_shape=(64, 64, 3), max_batch_size=4)
+        real_replay = kernels.enqueue_replay
+
+        def slow_replay(device: int, stream: int, *args: Any) -> None:
+            held(torch.cuda.ExternalStream(stream))
+            real_replay(device, stream, *args)
+
+        monkeypatch.setattr(cuda.kernels, "enqueue_replay", slow_replay)
+        count = 1  # one batch, on an idle model: read by its graph
+    else:
+        spec = ModelSpec(input_shape=(64, 64, 3), max_batch_size=4, precision="bf16")  # torch pre-processing
+        real_gather = kernels.gather_frames
+
+        def slow_gather(
+            ring: torch.Tensor, offsets: list[int], nbytes: int, out: torch.Tensor, stream: torch.cuda.Stream
+        ) -> None:
+            held(stream)
+            real_gather(ring, offsets, nbytes, out, stream)
+
+        monkeypatch.setattr(cuda.kernels, "gather_frames", slow_gather)
+        count = 4
+    # The read is held back for a second or more: not a batch the watchdog should answer.
     config = Config(listeners=[ListenerSpec(port=0)], device="cuda", models=[spec], watchdog_min_s=60)
     async with Server(config) as server:
         backend = server.backend
-        assert isinstance(backend, CudaBackend) and backend.use_kernels, "needs cupy: the gather kernel path"
+        assert isinstance(backend, CudaBackend) and backend.use_kernels, "needs cupy: the kernel paths"
         conn = await client.connect("127.0.0.1", server.port)
-        frames = np.random.default_rng(1).integers(0, 256, (4, *spec.input_shape), dtype=np.uint8)
+        frames = np.random.default_rng(1).integers(0, 256, (count, *spec.input_shape), dtype=np.uint8)
         futs = [conn.submit(f, stream_id=i) for i, f in enumerate(frames)]
         await asyncio.sleep(0.3)
-        assert copies_started and copies_started[0].query(), "no copy was launched: the test proves nothing"
-        assert server.pool.slots_in_use == 4  # the gather has not read them yet, so every slot is still held
+        assert reads_started and reads_started[0].query(), "no read was launched: the test proves nothing"
+        assert server.pool.slots_in_use == count  # not read yet, so every slot is still held
         replies = await asyncio.gather(*futs)
         assert all(r.ok for r in replies)
         assert server.pool.slots_in_use == 0
@@ -80,7 +124,8 @@ async def test_no_slot_is_released_before_its_copy_completed(monkeypatch: pytest
 @pytest.mark.asyncio(loop_factories=["uvloop"])
 async def test_a_compiled_model_serves_what_the_uncompiled_one_does() -> None:
     backend = CudaBackend(asyncio.get_running_loop(), Config(device="cuda"))
-    frames = torch.randint(0, 256, (8, 224, 224, 3), dtype=torch.uint8, device="cuda")
+    ring = RingBatches(backend, 16 * (224 * 224 * 3 + 256))
+    frames = np.random.default_rng(3).integers(0, 256, (8, 224, 224, 3), dtype=np.uint8)
     outs = {}
     for mode in ("off", "on", "auto"):
         spec = ModelSpec(source="builtin:resnet18", precision="fp16", batch_buckets=(1, 8), max_batch_size=8,
@@ -88,10 +133,9 @@ async def test_a_compiled_model_serves_what_the_uncompiled_one_does() -> None:
         model = backend.load(spec, build_builtin("resnet18"))
         assert model.graphs and model.compile_note.startswith({"off": "not", "on": "compiled", "auto": ""}[mode])
         assert model.description.count("compiled") == 1, model.description  # says which, and for auto why
-        with torch.cuda.stream(model.stream), torch.inference_mode():
-            outs[mode] = model.forward(frames)[0].float().clone()
-        model.stream.synchronize()
+        outs[mode] = await ring.run(model, frames)
     for mode in ("on", "auto"):
-        err = (torch.linalg.norm(outs[mode] - outs["off"]) / torch.linalg.norm(outs["off"])).item()
+        err = _relative_error(outs[mode], torch.from_numpy(outs["off"]))
         assert err < 1e-2, (mode, err)  # fp16: different kernels, same model
     backend.close()
+    ring.close()

@@ -156,3 +156,52 @@ def test_argument_errors() -> None:
         )
     with pytest.raises(ValueError, match="channels"):
         gather_preprocess(pinned, [0], 4, 4, 5, (*MEAN, 0.0), (*STD, 1.0), torch.float16, False)
+    from streamgpu.gpu.kernels import preprocess_table
+
+    image = torch.empty((2, 3, 4, 4), dtype=torch.float16, device=DEV).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="at least 3 entries"):
+        preprocess_table(torch.zeros(2, dtype=torch.int64, device=DEV), MEAN[:3], STD[:3], True, image, s)
+    with pytest.raises(ValueError, match="int64"):
+        preprocess_table(torch.zeros(3, dtype=torch.int32, device=DEV), MEAN[:3], STD[:3], True, image, s)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize(("n", "h", "w", "c"), [(5, 224, 224, 3), (3, 7, 5, 3)])
+def test_preprocess_table_captured_once_serves_other_batches(
+    dtype: torch.dtype, n: int, h: int, w: int, c: int
+) -> None:
+    """The table is read when the kernel runs: one captured launch, replayed (by ``enqueue_replay``, with
+    the table uploaded from page-locked memory and the result copied back) after the table was filled
+    with another batch (fewer images, some in the mapped ring, some in device memory), processes that
+    batch and leaves the rows past its count as they were."""
+    from streamgpu.gpu.kernels import enqueue_replay, preprocess_table
+
+    gen = torch.Generator().manual_seed(n * w)
+    nbytes = h * w * c
+    ring, offsets = _ring_with_frames(n, nbytes, gen)
+    on_device = torch.randint(0, 256, (n, h, w, c), dtype=torch.uint8, generator=gen).to(DEV)
+    fmt = torch.channels_last
+    out = torch.full((n, c, h, w), float("nan"), dtype=dtype, device=DEV).contiguous(memory_format=fmt)
+    table = torch.zeros(1 + n, dtype=torch.int64, device=DEV)
+    stream = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        preprocess_table(table, MEAN[:c], STD[:c], True, out, stream)
+
+    count = n - 1  # fewer than captured: the last row must stay untouched
+    sources = [ring.data_ptr() + offsets[i] if i % 2 else on_device[i].data_ptr() for i in range(count)]
+    host_table = torch.tensor([count, *sources, 0], dtype=torch.int64).pin_memory()
+    host_out = torch.empty(out.numel(), dtype=dtype, pin_memory=True)  # NHWC, as channels_last is in memory
+    upload = (table.data_ptr(), host_table.data_ptr(), host_table.nbytes)
+    download = (host_out.data_ptr(), out.data_ptr(), out.nbytes)
+    enqueue_replay(0, stream.cuda_stream, upload, int(graph.raw_cuda_graph_exec()), [download])
+    stream.synchronize()
+    expected = torch.stack(
+        [
+            _reference_frames(ring, [offsets[i]], nbytes)[0].view(h, w, c) if i % 2 else on_device[i]
+            for i in range(count)
+        ]
+    )
+    got = host_out.to(DEV).view(n, h, w, c).permute(0, 3, 1, 2)
+    _assert_close(got[:count], _reference_pre(expected, c), dtype)
+    assert torch.isnan(got[count:]).all(), "a row past the table's count was written"
