@@ -206,15 +206,16 @@ async def send_to_subscribers(opts: SendOptions, frames: Iterator[np.ndarray], e
         failed = True
     finally:
         await conn.close()
-    summary = (f"streamgpu send: {sent} frames sent to the subscribers of stream {opts.stream_id}"
-               f" ({conn.datagrams_sent} datagrams")  # fmt: skip
+    summary = f"streamgpu send: {sent} frames for the subscribers of stream {opts.stream_id}: "
+    summary += f"{conn.datagrams_sent} datagrams sent"
     if conn.datagrams_dropped:
         failed = True
-        summary += f"; {conn.datagrams_dropped} could not be sent (socket send buffer full): their frames are lost"
+        summary += (f"; {conn.datagrams_dropped} could not be sent (send buffer full, or nothing listens at"
+                    f" {opts.host}:{opts.port}/udp): their frames are lost")  # fmt: skip
     if conn.unmatched_replies:
         summary += f"; {conn.unmatched_replies} refusals came back by datagram (frames refused before their first"
-        summary += " datagram came, e.g. OVERLOADED)"
-    err.write(summary + ")\n")
+        summary += " datagram with the frame header came, e.g. OVERLOADED)"
+    err.write(summary + "\n")
     return 1 if failed else 0
 
 

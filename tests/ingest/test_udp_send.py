@@ -172,7 +172,7 @@ async def test_send_command_to_subscribers_read_on_the_results_port() -> None:
                     "--shape", "24,24,3"]  # fmt: skip
             code, out, err = await run_send(argv, b"".join(f.tobytes() for f in inputs))
             assert code == 0, err
-            assert out == "" and "3 frames sent to the subscribers of stream 9" in err
+            assert out == "" and "3 frames for the subscribers of stream 9: 6 datagrams sent\n" in err  # 2 per frame
             lines: list[dict[str, Any]] = []
             while len(lines) < 3:
                 line = json.loads(await asyncio.wait_for(reader.readline(), 10))
