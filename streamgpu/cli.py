@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--rate", type=_positive(float, zero=True), default=0.0, help="frames/s (default 0: no pacing)")
     send.add_argument("--count", type=_positive(int, zero=True), default=0, help="at most N frames (0: all)")
     send.add_argument("--top-k", type=_positive(int, zero=True), default=5, help="results as top k (0: whole)")
+    send.add_argument("--subscribers", action="store_true",
+                      help="udp only: no replies; the server publishes results to the --stream-id's subscribers "
+                           "(/v1/stream WebSocket, results port or file) and nothing is printed per frame")  # fmt: skip
     return parser
 
 
@@ -241,6 +244,12 @@ def _send(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error(f"argument --priority: must be 0..255, got {args.priority}")
     if not 1 <= len(args.model.encode()) <= wire.MAX_MODEL_NAME:
         parser.error(f"argument --model: must be 1..{wire.MAX_MODEL_NAME} UTF-8 bytes")
+    if args.subscribers and args.transport != "udp":
+        parser.error(f"argument --subscribers: needs --transport udp (a {args.transport} producer always gets its "
+                     "replies, and its results are published to subscribers anyway)")  # fmt: skip
+    if args.transport == "udp" and args.token:
+        parser.error("argument --token: udp has no handshake, so no token (the server's allow list decides; "
+                     "unset STREAMGPU_TOKEN)")  # fmt: skip
     if args.input != "-" and not os.path.isfile(args.input):
         parser.error(f"argument --input: no such file {args.input!r}")
     if args.video:
@@ -254,7 +263,7 @@ def _send(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         host=args.host, port=args.port, transport=args.transport, token=args.token, model=args.model,
         shape=args.shape, dtype=args.dtype, input=args.input, video=args.video, stream_id=args.stream_id,
         live=args.live, deadline=args.deadline, priority=args.priority, in_flight=args.in_flight, rate=args.rate,
-        count=args.count, top_k=args.top_k,
+        count=args.count, top_k=args.top_k, subscribers=args.subscribers,
     )  # fmt: skip
     return run(opts)
 

@@ -21,9 +21,14 @@ producer within ``max_frames_in_flight``. The server applies flow control
 anyway (it stops reading a connection past its limits), so staying within
 them is about latency, not correctness.
 
+Over UDP (:func:`connect_udp`), :meth:`UdpConnection.send` is the fire-and-forget
+form for cameras and sensors that do not read replies: the frame carries the
+SUBSCRIBERS flag and its result goes to the server's subscribers of its stream
+id (the ``/v1/stream`` WebSocket, the results port) instead of back here.
+
 For simple scripts there is a blocking wrapper with the same shape
-(:func:`connect_sync`, :class:`SyncConnection`) that runs a private event loop
-in one daemon thread.
+(:func:`connect_sync`, :class:`SyncConnection`; :func:`connect_udp_sync`,
+:class:`SyncUdpConnection`) that runs a private event loop in one daemon thread.
 
 The wire format is described in docs/PROTOCOL.md and implemented in
 :mod:`streamgpu.protocol.wire`.
@@ -58,6 +63,7 @@ __all__ = [
     "Reply",
     "ReplyError",
     "SyncConnection",
+    "SyncUdpConnection",
     "UdpConnection",
     "connect",
     "connect_sync",
@@ -482,6 +488,18 @@ class Connection:
             ConnectionError: the connection is closed.
         """
         proto = self._protocol
+        header, encoded = self._prepare(frame, stream_id, model, deadline, priority, live, sequence,
+                                        wire.FrameFlags.NONE)  # fmt: skip
+        fut: asyncio.Future[Reply] = proto.loop.create_future()
+        proto.pending[(header.stream_id, header.sequence)] = (fut, time.perf_counter_ns())
+        self._sent(header)
+        self._write(encoded)
+        return fut
+
+    def _prepare(self, frame: np.ndarray, stream_id: int, model: str, deadline: float | None, priority: int,
+                 live: bool, sequence: int | None, flags: wire.FrameFlags) -> tuple[wire.FrameHeader, Any]:  # fmt: skip
+        """Check a frame and its arguments (as :meth:`submit` documents) and encode it; registers nothing."""
+        proto = self._protocol
         if proto.error is not None:
             raise ConnectionClosedError(proto.error.reason, proto.error.status, proto.error.server_message)
         if proto.closing_by_client:
@@ -505,22 +523,20 @@ class Connection:
                 raise ValueError(f"stream {stream_id} has used up its sequence numbers")
         else:
             seq = _int_in("sequence", sequence, _U64_MAX)
-        key = (stream_id, seq)
-        if key in proto.pending:
+        if (stream_id, seq) in proto.pending:
             raise ValueError(f"stream {stream_id} sequence {seq} is already in flight")
-
         frame = as_wire_array(frame)
-        flags = wire.FrameFlags.LIVE if live else wire.FrameFlags.NONE
+        if live:
+            flags |= wire.FrameFlags.LIVE
         fh = wire.FrameHeader(
             stream_id, seq, model, code, frame.shape, frame.nbytes, time.time_ns(), deadline_us, priority, flags
         )
-        encoded = self._encode(fh, frame)  # ValueError before anything is registered
-        fut: asyncio.Future[Reply] = proto.loop.create_future()
-        proto.pending[key] = (fut, time.perf_counter_ns())
-        if seq >= self._next_seq.get(stream_id, 0):
-            self._next_seq[stream_id] = seq + 1
-        self._write(encoded)
-        return fut
+        return fh, self._encode(fh, frame)  # ValueError (e.g. too large for UDP) before anything is registered
+
+    def _sent(self, header: wire.FrameHeader) -> None:
+        """Advance the stream's automatic sequence past ``header``'s."""
+        if header.sequence >= self._next_seq.get(header.stream_id, 0):
+            self._next_seq[header.stream_id] = header.sequence + 1
 
     def _encode(self, header: wire.FrameHeader, frame: np.ndarray) -> list[bytes | memoryview]:
         """The frame as the transport sends it (TCP: header bytes, then the payload as a view)."""
@@ -614,7 +630,7 @@ class Connection:
     def __repr__(self) -> str:
         peer = self._transport.get_extra_info("peername")
         state = "closed" if self.closed else "open"
-        return f"<Connection {peer} {state} in_flight={self.in_flight}>"
+        return f"<{type(self).__name__} {peer} {state} in_flight={self.in_flight}>"
 
 
 def _check_protocol_version(version: object) -> None:
@@ -695,6 +711,7 @@ class _DatagramTransport:
         self._closing = False
         self.datagrams_sent = 0
         self.datagrams_dropped = 0  # by ``loss``, or because the socket's send buffer was full
+        self.datagrams_received = 0
         self.bad_datagrams = 0  # replies that could not be parsed
         loop.add_reader(sock.fileno(), self._on_readable)
         protocol.connection_made(cast(asyncio.BaseTransport, self))
@@ -748,6 +765,7 @@ class _DatagramTransport:
             except OSError as exc:  # e.g. ICMP port unreachable: the server is not (yet) there
                 log.debug("udp receive: %s", exc)
                 continue
+            self.datagrams_received += 1
             try:
                 self._on_datagram(self._view[:n])
             except (ValueError, wire.ProtocolError) as exc:
@@ -790,7 +808,8 @@ class _DatagramTransport:
 
 
 class UdpConnection(Connection):
-    """Frames over UDP (docs/PROTOCOL.md section 11): the same ``submit``/``infer`` as :class:`Connection`.
+    """Frames over UDP (docs/PROTOCOL.md section 11): the same ``submit``/``infer`` as :class:`Connection`,
+    and :meth:`send` for frames whose results go to the server's subscribers instead of back here.
 
     Create it with :func:`connect_udp`. There is no handshake, so there is no
     WELCOME: :attr:`welcome` is a local stand-in (``limits`` None). Datagrams
@@ -824,6 +843,64 @@ class UdpConnection(Connection):
     def datagrams_dropped(self) -> int:
         """Datagrams not sent: dropped on purpose (``loss``) or for a full send buffer."""
         return self._udp.datagrams_dropped
+
+    @property
+    def datagrams_received(self) -> int:
+        """Datagrams that came to the socket (reply chunks, well-formed or not)."""
+        return self._udp.datagrams_received
+
+    @property
+    def unmatched_replies(self) -> int:
+        """Replies that matched no frame waiting here: late ones (after ``reply_timeout`` or a cancel) and,
+        for frames sent with :meth:`send`, the refusals the server made before their first datagram
+        with the frame header came (``TOO_LARGE``, ``OVERLOADED``, ``INCOMPLETE``; section 11.3)."""
+        return self._protocol.unmatched_replies
+
+    def send(
+        self,
+        frame: np.ndarray,
+        *,
+        stream_id: int = 0,
+        model: str = "default",
+        deadline: float | None = None,
+        priority: int = 0,
+        live: bool = False,
+        sequence: int | None = None,
+    ) -> int:
+        """Send one frame whose result goes to the server's subscribers of ``stream_id``, not back here.
+
+        Fire and forget, for a camera or sensor watched by someone else: the
+        frame goes out with the ``SUBSCRIBERS`` flag (docs/PROTOCOL.md section
+        11.3), so the server sends no reply datagram and publishes its outcome
+        (a result or an error status) to the subscribers of ``stream_id``: a
+        WebSocket on ``/v1/stream``, the results port or file. Nothing waits
+        for a reply and nothing is kept per frame (it is not counted in
+        :attr:`in_flight`); sequence numbers advance as for :meth:`submit`
+        and share its counter. Returns the frame's sequence number, which is
+        what a subscriber sees.
+
+        The datagrams are handed to the kernel before this returns, so the
+        array may be reused at once. As for :meth:`submit` nothing waits for
+        room: datagrams the socket's send buffer refuses are lost and counted
+        in :attr:`datagrams_dropped`; pace the frames (a camera's frame rate)
+        to stay within what the server takes. A frame the model cannot take
+        (wrong shape, unknown model) is refused by the server and its status
+        published to the subscribers.
+
+        Takes the arguments of :meth:`submit`.
+
+        Raises:
+            ValueError: an argument is out of range, the frame has an unsupported
+                dtype or too many dimensions or bytes for UDP, or
+                ``(stream_id, sequence)`` is in flight from :meth:`submit`.
+            TypeError: ``frame`` is not a numpy array.
+            ConnectionError: the connection is closed.
+        """
+        header, encoded = self._prepare(frame, stream_id, model, deadline, priority, live, sequence,
+                                        wire.FrameFlags.SUBSCRIBERS)  # fmt: skip
+        self._sent(header)
+        self._write(encoded)
+        return header.sequence
 
     def _encode(self, header: wire.FrameHeader, frame: np.ndarray) -> Any:
         return udp.frame_datagrams(header, frame.data.cast("B"), self.datagram_bytes)
@@ -988,6 +1065,51 @@ class SyncConnection:
         self.close()
 
 
+class SyncUdpConnection(SyncConnection):
+    """Blocking wrapper around :class:`UdpConnection` (:func:`connect_udp_sync`): adds :meth:`send`."""
+
+    def __init__(self, conn: UdpConnection, loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+        super().__init__(conn, loop, thread)
+        self._udp = conn
+
+    @property
+    def datagrams_sent(self) -> int:
+        """Datagrams sent (as :attr:`UdpConnection.datagrams_sent`)."""
+        return self._udp.datagrams_sent
+
+    @property
+    def datagrams_dropped(self) -> int:
+        """Datagrams not sent (as :attr:`UdpConnection.datagrams_dropped`)."""
+        return self._udp.datagrams_dropped
+
+    @property
+    def datagrams_received(self) -> int:
+        """Datagrams that came to the socket (as :attr:`UdpConnection.datagrams_received`)."""
+        return self._udp.datagrams_received
+
+    @property
+    def unmatched_replies(self) -> int:
+        """Replies that matched no waiting frame (as :attr:`UdpConnection.unmatched_replies`)."""
+        return self._udp.unmatched_replies
+
+    def send(self, frame: np.ndarray, **kwargs: Any) -> int:
+        """:meth:`UdpConnection.send` from any thread: blocks until the datagrams are handed to the
+        kernel (one hop to the private loop, no reply awaited), then returns the frame's sequence
+        number; the array may be reused at once. Raises what :meth:`UdpConnection.send` raises."""
+        if self._closed:
+            raise ConnectionClosedError("connection closed by the client")
+        out: concurrent.futures.Future[int] = concurrent.futures.Future()
+
+        def on_loop() -> None:
+            try:
+                out.set_result(self._udp.send(frame, **kwargs))
+            except BaseException as e:
+                out.set_exception(e)
+
+        self._loop.call_soon_threadsafe(on_loop)
+        return out.result()
+
+
 def _copy_to(out: concurrent.futures.Future[Reply]) -> Callable[[asyncio.Future[Reply]], None]:
     def done(fut: asyncio.Future[Reply]) -> None:
         if fut.cancelled():
@@ -1016,17 +1138,21 @@ def connect_sync(
 ) -> SyncConnection:
     """Blocking :func:`connect`: returns a :class:`SyncConnection`."""
     _check_protocol_version(protocol_version)
-    return _sync(lambda: connect(host, port, token=token, timeout=timeout, protocol_version=protocol_version),
-                 f"{host}:{port}")  # fmt: skip
+    loop, thread, conn = _sync(
+        lambda: connect(host, port, token=token, timeout=timeout, protocol_version=protocol_version), f"{host}:{port}"
+    )
+    return SyncConnection(conn, loop, thread)
 
 
-def connect_udp_sync(host: str, port: int, **kwargs: Any) -> SyncConnection:
-    """Blocking :func:`connect_udp` (same keyword arguments): a :class:`SyncConnection` over UDP."""
-    return _sync(lambda: connect_udp(host, port, **kwargs), f"{host}:{port}/udp")
+def connect_udp_sync(host: str, port: int, **kwargs: Any) -> SyncUdpConnection:
+    """Blocking :func:`connect_udp` (same keyword arguments): a :class:`SyncUdpConnection`."""
+    loop, thread, conn = _sync(lambda: connect_udp(host, port, **kwargs), f"{host}:{port}/udp")
+    return SyncUdpConnection(cast(UdpConnection, conn), loop, thread)
 
 
-def _sync(opening: Callable[[], Coroutine[Any, Any, Connection]], name: str) -> SyncConnection:
-    """Open a connection on a private loop in one daemon thread, wrapped for blocking use."""
+def _sync(opening: Callable[[], Coroutine[Any, Any, Connection]],
+          name: str) -> tuple[asyncio.AbstractEventLoop, threading.Thread, Connection]:  # fmt: skip
+    """Open a connection on a private loop in one daemon thread, for a blocking wrapper to own."""
     loop = new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name=f"streamgpu-client {name}", daemon=True)
     thread.start()
@@ -1035,4 +1161,4 @@ def _sync(opening: Callable[[], Coroutine[Any, Any, Connection]], name: str) -> 
     except BaseException:
         _stop_loop(loop, thread)
         raise
-    return SyncConnection(conn, loop, thread)
+    return loop, thread, conn

@@ -12,9 +12,16 @@ PyAV (``--video``, where PyAV is installed: ``pip install 'streamgpu[video]'``).
 UDP, is usable here too): anything whose connections have the ``submit`` /
 ``close`` shape of ``streamgpu.client.Connection``.
 
-Exit status: 0 when every frame was answered OK; 1 when a reply was not OK,
-the input ended in the middle of a frame (or a video failed to decode), or
-the connection failed.
+``--subscribers`` (UDP only) sends every frame with the protocol's
+SUBSCRIBERS flag through ``streamgpu.client.UdpConnection.send``: the server
+sends no replies back and publishes each result to the subscribers of the
+stream id instead (a WebSocket on ``/v1/stream``, the results port or file);
+nothing is printed per frame, a summary goes to stderr.
+
+Exit status: 0 when every frame was answered OK (``--subscribers``: sent
+whole); 1 when a reply was not OK (a datagram could not be sent), the input
+ended in the middle of a frame (or a video failed to decode), or the
+connection failed.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import asyncio
 import collections
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol, TextIO, cast
 
@@ -72,6 +79,7 @@ class SendOptions:
     rate: float = 0.0  # frames per second; 0: as fast as replies allow
     count: int = 0  # stop after this many frames; 0: the whole input
     top_k: int = 5
+    subscribers: bool = False  # UDP only: no replies; results go to the stream id's subscribers
 
 
 class InputError(Exception):
@@ -110,10 +118,27 @@ def video_frames(path: str, opts: SendOptions) -> Iterator[np.ndarray]:
         raise InputError(f"cannot decode {path!r}: {exc}") from None
 
 
+async def paced(opts: SendOptions, frames: Iterator[np.ndarray]) -> AsyncIterator[np.ndarray]:
+    """The frames to send: at most ``opts.count``, at ``opts.rate`` frames/s; InputError from the input."""
+    loop = asyncio.get_running_loop()
+    taken = 0
+    next_at = time.monotonic()
+    while not opts.count or taken < opts.count:
+        frame = await loop.run_in_executor(None, next, frames, None)  # reading a pipe may block
+        if frame is None:
+            return
+        if opts.rate:
+            next_at += 1 / opts.rate
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+        yield frame
+        taken += 1
+
+
 async def send(opts: SendOptions, frames: Iterator[np.ndarray], out: TextIO, err: TextIO) -> int:
     """Send every frame of ``frames`` (``raw_frames``, ``video_frames``); write one JSON line per reply
-    to ``out``, problems to ``err``."""
-    loop = asyncio.get_running_loop()
+    to ``out``, problems to ``err`` (``opts.subscribers``: :func:`send_to_subscribers`)."""
+    if opts.subscribers:
+        return await send_to_subscribers(opts, frames, err)
     try:
         conn = await get_transport(opts.transport).connect(opts.host, opts.port, token=opts.token)
     except (OSError, TimeoutError) as exc:  # HandshakeError and ConnectionError are OSErrors
@@ -122,7 +147,6 @@ async def send(opts: SendOptions, frames: Iterator[np.ndarray], out: TextIO, err
     pending: collections.deque[asyncio.Future[ReplyLike]] = collections.deque()
     failed = False
     sent = 0
-    next_at = time.monotonic()
 
     def emit(got: ReplyLike) -> None:
         nonlocal failed
@@ -134,23 +158,16 @@ async def send(opts: SendOptions, frames: Iterator[np.ndarray], out: TextIO, err
         out.flush()  # a pipe's reader wants each line as it comes
 
     try:
-        while not opts.count or sent < opts.count:
-            try:
-                frame = await loop.run_in_executor(None, next, frames, None)  # reading a pipe may block
-            except InputError as exc:
-                err.write(f"streamgpu send: {exc}\n")
-                failed = True
-                break
-            if frame is None:
-                break
-            if opts.rate:
-                next_at += 1 / opts.rate
-                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-            while len(pending) >= opts.in_flight:
-                emit(await pending.popleft())
-            pending.append(conn.submit(frame, stream_id=opts.stream_id, model=opts.model, deadline=opts.deadline,
-                                       priority=opts.priority, live=opts.live))  # fmt: skip
-            sent += 1
+        try:
+            async for frame in paced(opts, frames):
+                while len(pending) >= opts.in_flight:
+                    emit(await pending.popleft())
+                pending.append(conn.submit(frame, stream_id=opts.stream_id, model=opts.model, deadline=opts.deadline,
+                                           priority=opts.priority, live=opts.live))  # fmt: skip
+                sent += 1
+        except InputError as exc:
+            err.write(f"streamgpu send: {exc}\n")
+            failed = True
         while pending:
             emit(await pending.popleft())
     except ConnectionError as exc:
@@ -160,6 +177,45 @@ async def send(opts: SendOptions, frames: Iterator[np.ndarray], out: TextIO, err
         for fut in pending:
             fut.cancel()
         await conn.close()
+    return 1 if failed else 0
+
+
+async def send_to_subscribers(opts: SendOptions, frames: Iterator[np.ndarray], err: TextIO) -> int:
+    """Send every frame over UDP with the SUBSCRIBERS flag (``UdpConnection.send``): no replies come back;
+    the results go to the subscribers of ``opts.stream_id``. Writes a summary (or problems) to ``err``."""
+    from streamgpu import client
+
+    try:
+        conn = await client.connect_udp(opts.host, opts.port)
+    except OSError as exc:
+        err.write(f"streamgpu send: cannot reach {opts.host}:{opts.port} over UDP: {exc}\n")
+        return 1
+    failed = False
+    sent = 0
+    try:
+        try:
+            async for frame in paced(opts, frames):
+                conn.send(frame, stream_id=opts.stream_id, model=opts.model, deadline=opts.deadline,
+                          priority=opts.priority, live=opts.live)  # fmt: skip
+                sent += 1
+        except InputError as exc:
+            err.write(f"streamgpu send: {exc}\n")
+            failed = True
+    except (ConnectionError, ValueError) as exc:  # ValueError: a frame too large for UDP
+        err.write(f"streamgpu send: cannot send frame {sent}: {exc}\n")
+        failed = True
+    finally:
+        await conn.close()
+    summary = f"streamgpu send: {sent} frames for the subscribers of stream {opts.stream_id}: "
+    summary += f"{conn.datagrams_sent} datagrams sent"
+    if conn.datagrams_dropped:
+        failed = True
+        summary += (f"; {conn.datagrams_dropped} could not be sent (send buffer full, or nothing listens at"
+                    f" {opts.host}:{opts.port}/udp): their frames are lost")  # fmt: skip
+    if conn.unmatched_replies:
+        summary += f"; {conn.unmatched_replies} refusals came back by datagram (frames refused before their first"
+        summary += " datagram with the frame header came, e.g. OVERLOADED)"
+    err.write(summary + "\n")
     return 1 if failed else 0
 
 

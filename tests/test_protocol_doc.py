@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import dataclasses
 import re
 import socket
 import sys
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from streamgpu.config import Config
+from streamgpu.config import Config, ListenerSpec
 from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol import wire
 from streamgpu.protocol.wire import FrameFlags, FrameHeader, Hello, Limits, ReplyFlags, ReplyHeader, Status, Timings
@@ -272,3 +273,21 @@ def test_udp_section_matches_protocol_udp() -> None:
         assert (list(want) if isinstance(want, tuple) else want) == ast.literal_eval(value), name
     assert f"at most {udp.DEFAULT_DATAGRAM_BYTES} bytes" in text
     assert "| 12 | INCOMPLETE |" in section(5) and wire.Status.INCOMPLETE == 12
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])  # the subprocess is what is tested
+async def test_udp_send_example_runs_as_written_and_prints_what_the_doc_says() -> None:
+    """Section 11.7: a camera sending with ``UdpConnection.send`` and a WebSocket watcher of its stream id."""
+    text = section(11)
+    text = text[text.index("### 11.7") :]
+    code = text[text.index("```python\n") + len("```python\n") :]
+    code = code[: code.index("```")]
+    assert code.count("\nUDP_PORT = 7879\n") == 1 and code.count("\nHTTP_PORT = 8080\n") == 1
+    listeners = [ListenerSpec(kind, "127.0.0.1", 0) for kind in ("tcp", "udp", "http")]
+    async with Server(dataclasses.replace(shipped_config(), listeners=listeners)) as srv:
+        udp_port, http_port = srv.addresses[1][1], srv.addresses[2][1]
+        out = await run_python(code.replace("7879", str(udp_port)).replace("8080", str(http_port)))
+    shown = text[text.index("It prints") :]
+    assert out.splitlines()[0] == "{'subscribed': [7]}" and "`{'subscribed': [7]}`" in shown
+    assert sorted(out.splitlines()[1:]) == ["0 OK 4000", "1 OK 4000", "2 OK 4000"]
+    assert all(f"`{line}`" in shown for line in out.splitlines()[1:])

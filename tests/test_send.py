@@ -162,6 +162,9 @@ async def test_a_video_decoded_with_pyav(server: Server, tmp_path: Path) -> None
         (["--video", "/no/such/file"], "--video"),
         (["--video", __file__, "--shape", "8,8"], "--video"),
         (["--video", __file__, "--input", __file__], "--video"),
+        (["--subscribers"], "--subscribers"),  # tcp: replies always come back
+        (["--subscribers", "--transport", "ws"], "--subscribers"),
+        (["--transport", "udp", "--token", "s3cret"], "--token"),
     ],
 )
 def test_bad_send_arguments_are_cli_errors_naming_the_flag(
