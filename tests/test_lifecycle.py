@@ -256,6 +256,13 @@ class Flattens(nn.Module):
         return x.reshape(1, -1) * 2
 
 
+class Affinity(nn.Module):
+    """Each frame against every frame of its batch: a per-frame output of [n], n the batch size."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ x.t()
+
+
 class Detector(nn.Module):
     """Several outputs, as detection models return them."""
 
@@ -289,8 +296,11 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     torch.export.save(torch.export.export(Linear(), (torch.zeros(1, FEATURES),)), str(static))  # batch fixed at 1
     flat = tmp / "flat.ts"
     torch.jit.save(torch.jit.script(Flattens()), str(flat))
+    affinity = tmp / "affinity.ts"
+    torch.jit.save(torch.jit.script(Affinity()), str(affinity))
     return {
         "static": f"export:{static}", "flat": f"torchscript:{flat}", "linear": export(Linear(), tmp / "lin.pt2"),
+        "affinity": f"torchscript:{affinity}",
         "tuple": export(Detector(False), tmp / "t.pt2"), "dict": export(Detector(True), tmp / "d.pt2"),
     }  # fmt: skip
 
@@ -303,6 +313,10 @@ async def test_a_static_batch_export_and_a_wrong_input_shape_are_refused_at_load
         await served.load_model(tensor_spec(files["static"], "static"))
     with pytest.raises(ModelLoadError, match=r"'flat'.*fails at batch size 2.*not a batch of 2 first"):
         await served.load_model(tensor_spec(files["flat"], "flat"))
+    with pytest.raises(
+        ModelLoadError, match=r"'affinity'.*per-frame outputs.*change with the batch size.*\[1\].*\[2\]"
+    ):
+        await served.load_model(tensor_spec(files["affinity"], "affinity"))
     wrong = tensor_spec(files["linear"], "wrong", input_shape=(FEATURES + 1,))
     with pytest.raises(ModelLoadError, match=r"'wrong'.*smallest bucket.*check that input_shape"):
         await served.load_model(wrong)

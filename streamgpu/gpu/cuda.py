@@ -189,6 +189,10 @@ class CudaModel(DeviceModel):
         # that their graphs read, and the graph for each batch size.
         self.addresses: torch.Tensor | None = None
         self.graph_for: list[_Graph] = []
+        # Whether its graphs may read frames straight from the page-locked ring: frames whose pixels load
+        # four at a time (H * W % 4 == 0) and below the copy engine's size (see COPY_ENGINE_FROM).
+        h, w = (spec.input_shape[0], spec.input_shape[1]) if len(spec.input_shape) == 3 else (0, 1)
+        self.reads_ring = spec.frame_nbytes < COPY_ENGINE_FROM and (h * w) % 4 == 0
         self.in_flight = 0  # batches launched and not delivered
         self.graph_error = ""
         # What batches run: the module, or its compiled form (choose_compiled).
@@ -599,18 +603,36 @@ class CudaBackend(Backend):
         started = torch.cuda.Event(enable_timing=True)
         done = torch.cuda.Event(enable_timing=True)
         copy_done: torch.cuda.Event | None = None
-        if model.in_flight:
+        if model.in_flight or not model.reads_ring:
             # Another batch of this model is on the GPU: copy this one into device memory on the copy
-            # stream now, overlapping that batch, and let the graph read it there.
-            copy_done = self._stage(model, slots, buffers.staged[:n])
+            # stream now, overlapping that batch, and let the graph read it there. (Frames too large to
+            # read well from inside the graph always go this way: see ``CudaModel.reads_ring``.)
+            # ``started`` comes before the wait, as it comes before the ring reads on the other way, so
+            # that the device time the scheduler learns from is measured alike on both.
+            try:
+                copy_done = self._stage(model, slots, buffers.staged[:n])
+            except Exception:  # refused before anything was enqueued (the gather checks its offsets)
+                model.buffers.give_back(buffers)
+                raise
+            started.record(stream)
             stream.wait_event(copy_done)
             table[1 : n + 1] = buffers.staged_rows[:n]
         else:
             # Nothing of it on the GPU, so nothing to overlap a copy with: the graph reads the frames
             # straight from the page-locked ring, and the slots are read once the batch is done.
-            table[1 : n + 1] = [slot.offset for slot in slots]
-            table[1 : n + 1] += self._host_address
-        started.record(stream)
+            offsets = table[1 : n + 1]
+            offsets[:] = [slot.offset for slot in slots]
+            # What the ring slots give the device to read, checked as the gather kernel checks its offsets: a
+            # read outside the page-locked ring would be a sticky error, the end of every model on the device.
+            if (
+                offsets.min() < 0
+                or offsets.max() > self._host.numel() - model.spec.frame_nbytes
+                or (offsets & 255).any()
+            ):
+                model.buffers.give_back(buffers)
+                raise ValueError(f"a frame offset is outside the ring or not 256-aligned: {offsets.tolist()}")
+            offsets += self._host_address
+            started.record(stream)
         downloads = [
             (host.data_ptr(), out, n * row_nbytes)
             for host, (out, row_nbytes) in zip(buffers.host, graph.outputs, strict=True)

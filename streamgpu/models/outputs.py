@@ -149,6 +149,7 @@ def warm_up(spec: ModelSpec, run: Callable[[int], list[torch.Tensor]], model_inp
     """
     buckets = spec.buckets()
     outs: list[torch.Tensor] = []
+    per_frame: list[tuple[list[int], torch.dtype]] = []  # each output's shape past the batch, and dtype
     for i, bucket in enumerate(buckets):
         try:
             outs = run(bucket)
@@ -160,6 +161,17 @@ def warm_up(spec: ModelSpec, run: Callable[[int], list[torch.Tensor]], model_inp
         if wrong:
             why = f"its outputs have shapes {wrong}, not a batch of {bucket} first"
             raise ModelLoadError(_failure(spec, bucket, i, model_input, why))
+        # A frame's result must not depend on how many frames share its batch (results come back into
+        # buffers shaped once, per frame).
+        these = [(list(t.shape[1:]), t.dtype) for t in outs]
+        if i and these != per_frame:
+            raise ModelLoadError(
+                f"model {spec.name!r} ({spec.source}): its per-frame outputs (shape past the batch, dtype) change "
+                f"with the batch size: {per_frame} at batch {buckets[0]}, {these} at batch {bucket}. Each frame's "
+                "result must be the same shape whatever the batch (a model mixing frames, e.g. [n, n], cannot be "
+                "served per frame)"
+            )
+        per_frame = these
     return outs
 
 

@@ -6,6 +6,7 @@ import numpy as np
 
 from streamgpu.gpu.cuda import CudaBackend, CudaModel
 from streamgpu.memory import HostSegment, Slot, SlotPool
+from streamgpu.models.outputs import BatchOutputs
 
 
 class RingBatches:
@@ -26,12 +27,17 @@ class RingBatches:
             slots.append(slot)
         return slots
 
-    async def run(self, model: CudaModel, frames: np.ndarray) -> np.ndarray:
-        """One batch of ``frames`` on ``model``; its (first) output, one row per frame."""
+    async def outputs(self, model: CudaModel, frames: np.ndarray) -> BatchOutputs:
+        """One batch of ``frames`` on ``model``; its outputs, one row per frame."""
         slots = self.slots(frames)
         outputs = await self.backend.launch(model, slots).done
         for slot in slots:
             self.pool.release(slot)
+        return outputs
+
+    async def run(self, model: CudaModel, frames: np.ndarray) -> np.ndarray:
+        """One batch of ``frames`` on a model with one output; that output."""
+        outputs = await self.outputs(model, frames)
         assert isinstance(outputs, np.ndarray)
         return outputs
 

@@ -15,6 +15,7 @@ from streamgpu import client
 from streamgpu.config import Config, ListenerSpec
 from streamgpu.gpu import cuda, kernels
 from streamgpu.gpu.cuda import CudaBackend
+from streamgpu.memory import Slot
 from streamgpu.models.builtin import build_builtin
 from streamgpu.models.preprocess import preprocess_torch
 from streamgpu.models.spec import ModelSpec
@@ -53,14 +54,26 @@ async def test_graph_batches_match_eager_at_every_size_idle_or_not(kernels_on: b
     model = backend.load(spec, build_builtin("resnet18"))
     assert model.graphs, model.description
     assert (model.addresses is not None) == kernels_on, model.description
+    staged = 0
+    stage = backend._stage
+
+    def counted(*args: Any) -> torch.cuda.Event:
+        nonlocal staged
+        staged += 1
+        return stage(*args)
+
+    backend._stage = counted  # type: ignore[method-assign,assignment]
     rng = np.random.default_rng(7)
     for n in (8, 1, 3, 8, 3):
         frames = rng.integers(0, 256, (2, n, *spec.input_shape), dtype=np.uint8)
         alone = await ring.run(model, frames[0])
         assert _relative_error(alone, _eager(spec, frames[0])) < 1e-3, n
+        before = staged
         both = await asyncio.gather(ring.run(model, frames[0]), ring.run(model, frames[1]))
         for got, sent in zip(both, frames, strict=True):
             assert _relative_error(got, _eager(spec, sent)) < 1e-3, n
+        # One replay: the first of two reads the ring, the second (its model busy) is gathered first.
+        assert staged - before == (1 if kernels_on else 2), "the batch launched beside another was not gathered"
     assert ring.pool.slots_in_use == 0
     backend.close()
     ring.close()
@@ -137,5 +150,46 @@ async def test_a_compiled_model_serves_what_the_uncompiled_one_does() -> None:
     for mode in ("on", "auto"):
         err = _relative_error(outs[mode], torch.from_numpy(outs["off"]))
         assert err < 1e-2, (mode, err)  # fp16: different kernels, same model
+    backend.close()
+    ring.close()
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_one_replay_with_several_outputs_odd_frames_and_a_bad_offset() -> None:
+    """The raw downloads put each output where it belongs (top-k indices int32 and scores float32: the same
+    bytes per row, so swapped ones would pass a shape check); frames whose pixels do not load four at a
+    time are gathered first and served right; an offset outside the ring is refused before the device
+    reads anything, and the model serves on."""
+    backend = CudaBackend(asyncio.get_running_loop(), Config(device="cuda"))
+    ring = RingBatches(backend, 64 * (224 * 224 * 3 + 256))
+    rng = np.random.default_rng(11)
+
+    topk = ModelSpec(name="topk", source="builtin:resnet18", precision="fp32", batch_buckets=(1, 4), max_batch_size=4,
+                     compile="off", postprocess="topk:5")  # fmt: skip
+    ranked = backend.load(topk, build_builtin("resnet18"))
+    assert ranked.addresses is not None and ranked.reads_ring, ranked.description
+    frames = rng.integers(0, 256, (3, *topk.input_shape), dtype=np.uint8)
+    got = await ring.outputs(ranked, frames)
+    assert isinstance(got, dict) and got["indices"].dtype == np.int32, got
+    logits = _eager(topk, frames).numpy()
+    # Each index's eager logit is its score, and the scores are the eager top five (near-ties may swap
+    # two indices between fp32 kernels; indices and scores swapped, or rows misplaced, would fail).
+    np.testing.assert_allclose(np.take_along_axis(logits, got["indices"], 1), got["scores"], rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(got["scores"], -np.sort(-logits, axis=1)[:, :5], rtol=1e-3, atol=1e-3)
+
+    odd = ModelSpec(name="odd", source="builtin:resnet18", precision="fp32", input_shape=(15, 15, 3),
+                    batch_buckets=(1, 4), max_batch_size=4, compile="off")  # fmt: skip
+    model = backend.load(odd, build_builtin("resnet18"))
+    assert model.addresses is not None and not model.reads_ring, model.description  # 225 pixels
+    odd_frames = rng.integers(0, 256, (3, *odd.input_shape), dtype=np.uint8)
+    assert _relative_error(await ring.run(model, odd_frames), _eager(odd, odd_frames)) < 1e-3
+
+    for offset in (ring.segment.buffer.nbytes, 100):  # past the end; not 256-aligned
+        outside = Slot(ring.pool, offset, topk.frame_nbytes, 0)
+        with pytest.raises(ValueError, match="outside the ring or not 256-aligned"):
+            backend.launch(ranked, [outside])
+    again = await ring.outputs(ranked, frames[:1])
+    assert isinstance(again, dict)
+    np.testing.assert_allclose(again["scores"], got["scores"][:1], rtol=1e-3, atol=1e-3)
     backend.close()
     ring.close()
