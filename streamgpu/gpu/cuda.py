@@ -142,6 +142,7 @@ class BufferPool:
         self._make = make
         self._free = [self._make() for _ in range(count)]
         self._count = count
+        self._held: list[BatchBuffers] = []
         self._warned = False
 
     def take(self) -> BatchBuffers:
@@ -154,6 +155,13 @@ class BufferPool:
 
     def give_back(self, buffers: BatchBuffers) -> None:
         self._free.append(buffers)
+
+    def hold(self, buffers: BatchBuffers) -> None:
+        """Keep a failed batch's set, never to reuse it: the device may still write it, and the results
+        are copied with raw calls that tell torch's page-locked allocator nothing, so a set let go now could
+        be handed out again under a pending copy. Held sets go with the pool (the model's streams are
+        synchronized first, on unload)."""
+        self._held.append(buffers)
 
 
 class CudaModel(DeviceModel):
@@ -655,25 +663,34 @@ class CudaBackend(Backend):
 
         def deliver(f: asyncio.Future[None]) -> None:
             model.in_flight -= 1
-            if result.done():
-                return
-            if f.cancelled():
-                result.cancel()
-            elif (exc := f.exception()) is not None:
-                result.set_exception(exc)
-            else:
-                try:  # a raise here would reach the loop's handler and leave the batch unanswered
-                    run.service_s = started.elapsed_time(done) / 1e3  # both complete: no wait
-                    # Small (n x outputs): copied so that the buffers go back now.
-                    rows = model.layout.assemble([host[:n].numpy().copy() for host in buffers.host])
-                    if self.trace is not None:
-                        self._trace(model, n, started, done)
-                except Exception as error:
-                    result.set_exception(error)
+            pool = model.buffers  # None: unloaded meanwhile (a shutdown out of time)
+            exc = None if f.cancelled() else f.exception()
+            if f.cancelled() or exc is not None:  # not known to be done on the device
+                if pool is not None:
+                    pool.hold(buffers)  # the device may still write them
+                if result.done():
                     return
-                result.set_result(rows)
-                if model.buffers is not None:  # None: unloaded meanwhile (a shutdown out of time)
-                    model.buffers.give_back(buffers)  # not on failure: the device may still write them
+                if exc is None:
+                    result.cancel()
+                else:
+                    result.set_exception(exc)
+                return
+            if result.done():  # nobody wants the rows (cancelled); the device is done with the buffers
+                if pool is not None:
+                    pool.give_back(buffers)
+                return
+            try:  # a raise here would reach the loop's handler and leave the batch unanswered
+                run.service_s = started.elapsed_time(done) / 1e3  # both complete: no wait
+                # Small (n x outputs): copied so that the buffers go back now.
+                rows = model.layout.assemble([host[:n].numpy().copy() for host in buffers.host])
+                if self.trace is not None:
+                    self._trace(model, n, started, done)
+            except Exception as error:
+                result.set_exception(error)
+                return
+            result.set_result(rows)
+            if pool is not None:
+                pool.give_back(buffers)
 
         finished.add_done_callback(deliver)
         return run

@@ -1,0 +1,158 @@
+"""The CUDA backend's bookkeeping per batch on the host, with fake events and streams: runs without a GPU.
+
+What it checks would not show on a GPU until something failed: which way a batch goes (the graph reads
+the ring, or the frames are gathered first), that a refused launch gives its buffer set back, that a
+failed batch's set is held (the device may still write it) and a finished one's is reused, and that the
+model's count of batches in flight returns to zero on every path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import types
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from streamgpu.gpu import cuda
+from streamgpu.gpu.bridge import CompletionBridge
+from streamgpu.gpu.cuda import BatchBuffers, CudaBackend
+from streamgpu.memory import Slot
+
+FRAME = 48  # bytes per frame
+RING = 1 << 16
+
+
+class FakeEvent:
+    """Completes at once, or raises from ``query`` (a failed batch) when ``fail`` is set."""
+
+    fail: str | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.fail = FakeEvent.fail
+
+    def record(self, stream: Any = None) -> None:
+        pass
+
+    def query(self) -> bool:
+        if self.fail:
+            raise RuntimeError(self.fail)
+        return True
+
+    def elapsed_time(self, other: Any) -> float:
+        return 1.0
+
+
+class Pool:
+    """BufferPool's interface over host-memory sets."""
+
+    def __init__(self, count: int) -> None:
+        self.sets = [self.make() for _ in range(count)]
+        self.free = list(self.sets)
+        self.held: list[BatchBuffers] = []
+
+    @staticmethod
+    def make() -> BatchBuffers:
+        staged = torch.empty((8, FRAME), dtype=torch.uint8)
+        rows = staged.data_ptr() + np.arange(8, dtype=np.int64) * FRAME
+        return BatchBuffers(staged, [torch.zeros((8, 2), dtype=torch.float32)], torch.zeros(9, dtype=torch.int64), rows)
+
+    def table(self, address: int) -> list[int]:
+        """The address table that starts at ``address`` (what an upload copies)."""
+        return next(b.addresses.tolist() for b in self.sets if b.addresses.data_ptr() == address)
+
+    def take(self) -> BatchBuffers:
+        return self.free.pop()
+
+    def give_back(self, buffers: BatchBuffers) -> None:
+        self.free.append(buffers)
+
+    def hold(self, buffers: BatchBuffers) -> None:
+        self.held.append(buffers)
+
+
+def _backend(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A CUDA backend without a device: only what a one-replay launch touches (call on the test's loop)."""
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    FakeEvent.fail = None
+    replays: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(cuda.kernels, "enqueue_replay", lambda *args: replays.append(args))
+    loop = asyncio.get_running_loop()
+    be = object.__new__(CudaBackend)
+    be._loop, be._bridge, be.trace = loop, CompletionBridge(loop), None
+    be._host, be._host_address, be.use_kernels = torch.zeros(RING, dtype=torch.uint8), 1 << 40, True
+    staged: list[int] = []
+
+    def stage(model: Any, slots: list[Slot], out: torch.Tensor) -> FakeEvent:
+        staged.append(len(slots))
+        return FakeEvent()
+
+    monkeypatch.setattr(be, "_stage", stage)
+    be.replays, be.staged = replays, staged  # type: ignore[attr-defined]  # what the tests read
+    return be
+
+
+def _model(reads_ring: bool = True) -> Any:
+    graph = types.SimpleNamespace(outputs=[(0x1000, 8)], exec_handle=0xABC)
+    return types.SimpleNamespace(
+        graph_for=[graph] * 9, buffers=Pool(3), stream=types.SimpleNamespace(cuda_stream=7, wait_event=lambda e: None),
+        addresses=torch.zeros(9, dtype=torch.int64), in_flight=0, reads_ring=reads_ring, gpu=torch.device("cuda", 0),
+        spec=types.SimpleNamespace(frame_nbytes=FRAME), layout=types.SimpleNamespace(assemble=lambda arrays: arrays[0]),
+    )  # fmt: skip
+
+
+def _slots(*offsets: int) -> list[Slot]:
+    return [Slot(None, offset, FRAME, 0) for offset in offsets]  # type: ignore[arg-type]
+
+
+@pytest.mark.asyncio
+async def test_an_idle_model_reads_the_ring_and_a_busy_one_gathers_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = _backend(monkeypatch)
+    model = _model()
+    first = backend._launch_replay(model, _slots(0, 512, 256), 0.0)
+    assert backend.staged == []
+    _, _, upload, _, downloads = backend.replays[-1]
+    table = model.buffers.table(upload[1])[:4]
+    assert table == [3, 1 << 40, (1 << 40) + 512, (1 << 40) + 256]  # the count, then ring addresses
+    assert upload[0] == model.addresses.data_ptr() and upload[2] == 4 * 8 and downloads[0][1:] == (0x1000, 3 * 8)
+    second = backend._launch_replay(model, _slots(768), 0.0)
+    assert backend.staged == [1], "a batch launched beside another was not gathered first"
+    _, _, upload, _, _ = backend.replays[-1]
+    assert model.buffers.table(upload[1])[:2] == [1, model.buffers.sets[1].staged.data_ptr()]  # its staged row
+    assert model.in_flight == 2
+    await first.done
+    await second.done
+    assert model.in_flight == 0 and len(model.buffers.free) == 3
+
+    large = _model(reads_ring=False)  # frames the graph should not read from the ring: always gathered
+    await backend._launch_replay(large, _slots(0), 0.0).done
+    assert backend.staged == [1, 1]
+
+
+@pytest.mark.asyncio
+async def test_an_offset_outside_the_ring_is_refused_and_costs_no_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = _backend(monkeypatch)
+    model = _model()
+    for offsets in ((RING,), (0, RING - FRAME + 256), (100,), (-256,)):
+        with pytest.raises(ValueError, match="outside the ring or not 256-aligned"):
+            backend._launch_replay(model, _slots(*offsets), 0.0)
+    assert backend.replays == [] and len(model.buffers.free) == 3 and model.in_flight == 0
+    await backend._launch_replay(model, _slots(RING - 256 * 2), 0.0).done  # the last slot that fits
+
+
+@pytest.mark.asyncio
+async def test_a_failed_batch_holds_its_buffers_and_a_finished_one_gives_them_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    backend = _backend(monkeypatch)
+    model = _model()
+    FakeEvent.fail = "an illegal memory access (planted)"
+    failed = backend._launch_replay(model, _slots(0), 0.0)
+    with pytest.raises(RuntimeError, match="planted"):
+        await failed.done
+    assert len(model.buffers.held) == 1 and len(model.buffers.free) == 2 and model.in_flight == 0
+    FakeEvent.fail = None
+    await backend._launch_replay(model, _slots(0), 0.0).done
+    assert len(model.buffers.free) == 2 and model.in_flight == 0  # taken and given back; the held one never
