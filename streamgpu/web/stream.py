@@ -261,6 +261,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
                 except ProtocolError:
                     break
             elif msg.type is WSMsgType.TEXT:
+                await sock.wait_for_room()  # each is answered: a peer that never reads must not queue answers
                 sock.on_control(msg.data)
     finally:
         sockets.discard(sock)

@@ -70,6 +70,40 @@ async def test_a_producer_that_never_reads_its_replies_is_not_read_further(
 
 
 @pytest.mark.asyncio
+async def test_a_peer_that_only_sends_control_messages_and_never_reads_is_not_read_further() -> None:
+    """Each subscribe message is answered with the ids now watched (~700 bytes for 64 ids, from a 15-byte
+    message): a peer that sends them and never reads had the server queue every answer, past
+    ``ws_send_queue_bytes`` and ``MAX_QUEUED`` (review: 40 MiB from 2.6 MiB sent). Text messages now wait
+    for room as frames do."""
+    async with (
+        Server(config(ws_send_queue_bytes=4096)) as server,
+        aiohttp.ClientSession() as session,
+        session.ws_connect(url(server)) as ws,
+    ):
+        await ws.send_json({"subscribe": list(range(64))})
+        await asyncio.wait_for(ws.receive(), 10)
+        (sock,) = sockets_of(server)
+        unblock = asyncio.Event()
+        send = sock.ws.send_str
+
+        async def stuck(data: str, *a: Any, **kw: Any) -> None:  # the peer's window is full
+            await unblock.wait()
+            await send(data, *a, **kw)
+
+        sock.ws.send_str = stuck
+        answer = 0
+        for _ in range(500):
+            await ws.send_str('{"subscribe": 0}')
+        for _ in range(100):  # 1 s: every message read would be answered by then
+            answer = max(answer, max(map(len, sock.out), default=0))
+            assert sock.out_bytes <= sock.max_bytes + answer, f"{sock.out_bytes} bytes queued for a deaf peer"
+            await asyncio.sleep(0.01)
+        assert sock.out_bytes >= sock.max_bytes - answer  # it filled up: the test bounded something
+        unblock.set()
+    assert server.connections == 0
+
+
+@pytest.mark.asyncio
 async def test_a_flood_of_subscribed_results_does_not_evict_the_sockets_own_replies(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
