@@ -903,7 +903,8 @@ class UdpConnection(Connection):
         return header.sequence
 
     def _encode(self, header: wire.FrameHeader, frame: np.ndarray) -> Any:
-        return udp.frame_datagrams(header, frame.data.cast("B"), self.datagram_bytes)
+        payload = frame.data.cast("B") if frame.nbytes else memoryview(b"")  # (a view of no bytes cannot be cast)
+        return udp.frame_datagrams(header, payload, self.datagram_bytes)
 
     def _write(self, encoded: Any) -> None:
         self._udp.writelines(encoded)
@@ -1106,8 +1107,16 @@ class SyncUdpConnection(SyncConnection):
             except BaseException as e:
                 out.set_exception(e)
 
-        self._loop.call_soon_threadsafe(on_loop)
-        return out.result()
+        try:
+            self._loop.call_soon_threadsafe(on_loop)
+        except RuntimeError:  # its loop closed meanwhile: close() from another thread
+            raise ConnectionClosedError("connection closed by the client") from None
+        while True:
+            try:
+                return out.result(timeout=0.1)
+            except concurrent.futures.TimeoutError:
+                if not self._thread.is_alive():  # closed before the send ran: it never will
+                    raise ConnectionClosedError("connection closed by the client") from None
 
 
 def _copy_to(out: concurrent.futures.Future[Reply]) -> Callable[[asyncio.Future[Reply]], None]:

@@ -99,6 +99,7 @@ async def test_bad_frames_and_a_closed_connection_raise_and_use_no_sequence_numb
                 udp.frame_datagrams(FrameHeader(2, 0, "default", 1, SHAPE, f.nbytes), f.data.cast("B"), GRAM)
             )  # only submit's went out
             assert conn.send(f) == 0 and conn.send(f, stream_id=2) == 1  # no refused send took a number
+            assert conn.send(np.zeros((24, 0, 3), np.uint8)) == 1  # no bytes: sent (the server refuses it)
             assert (await waiting).ok
         finally:
             await conn.close()
@@ -135,6 +136,9 @@ def test_blocking_send_from_another_thread() -> None:
             assert [conn.send(f, stream_id=5) for f in inputs] == [0, 1, 2, 3]
             assert all_seen.wait(10)
             assert conn.in_flight == 0 and conn.datagrams_received == 0
+        with pytest.raises(client.ConnectionClosedError):
+            conn.send(inputs[0], stream_id=5)
+        conn._closed = False  # as if close() ran in another thread after send() checked: its loop is gone
         with pytest.raises(client.ConnectionClosedError):
             conn.send(inputs[0], stream_id=5)
         for seq, outcome in seen:
