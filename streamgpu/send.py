@@ -28,7 +28,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import queue
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -118,13 +121,53 @@ def video_frames(path: str, opts: SendOptions) -> Iterator[np.ndarray]:
         raise InputError(f"cannot decode {path!r}: {exc}") from None
 
 
+class _Reader:
+    """Takes the input's frames one at a time on a daemon thread: reading a pipe may block, and a thread of
+    the loop's default executor blocked in a read would hold the process at exit (Ctrl-C included)."""
+
+    def __init__(self, frames: Iterator[np.ndarray]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._frames = frames
+        self._asked: queue.SimpleQueue[asyncio.Future[np.ndarray | None]] = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="streamgpu-send-input", daemon=True).start()
+
+    def next(self) -> asyncio.Future[np.ndarray | None]:
+        """The next frame, None at the end (not read ahead: the input may reuse a frame's buffer)."""
+        future: asyncio.Future[np.ndarray | None] = self._loop.create_future()
+        self._asked.put(future)
+        return future
+
+    def _run(self) -> None:
+        while True:
+            future = self._asked.get()
+            try:
+                frame = next(self._frames, None)
+            except BaseException as exc:  # InputError, a decode error: raised where the frame is awaited
+                self._answer(future, None, exc)
+            else:
+                self._answer(future, frame, None)
+
+    def _answer(self, future: asyncio.Future[np.ndarray | None], frame: np.ndarray | None,
+                exc: BaseException | None) -> None:  # fmt: skip
+        def answer() -> None:
+            if future.done():
+                return
+            if exc is not None:
+                future.set_exception(exc)
+            else:
+                future.set_result(frame)
+
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (interrupted): nobody waits
+            self._loop.call_soon_threadsafe(answer)
+
+
 async def paced(opts: SendOptions, frames: Iterator[np.ndarray]) -> AsyncIterator[np.ndarray]:
     """The frames to send: at most ``opts.count``, at ``opts.rate`` frames/s; InputError from the input."""
-    loop = asyncio.get_running_loop()
+    reader = _Reader(frames)
     taken = 0
     next_at = time.monotonic()
     while not opts.count or taken < opts.count:
-        frame = await loop.run_in_executor(None, next, frames, None)  # reading a pipe may block
+        frame = await reader.next()
         if frame is None:
             return
         if opts.rate:
@@ -222,13 +265,17 @@ async def send_to_subscribers(opts: SendOptions, frames: Iterator[np.ndarray], e
 def run(opts: SendOptions) -> int:
     """``streamgpu send``: open the input, send it all, return the exit status."""
     if opts.input == "-":
-        source: BinaryIO = sys.stdin.buffer
+        # Unbuffered: a read blocked in the input thread then holds no lock that the interpreter's exit
+        # needs (sys.stdin.buffer's, which made an interrupted process abort).
+        source: BinaryIO = open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)  # noqa: SIM115 - closed below
     else:
         source = open(opts.input, "rb")  # noqa: SIM115 - closed below
     frames = video_frames(opts.video, opts) if opts.video else raw_frames(source, opts)
     try:
         with asyncio.Runner(loop_factory=loop_factory("auto")) as runner:
             return runner.run(send(opts, frames, sys.stdout, sys.stderr))
+    except KeyboardInterrupt:  # Ctrl-C: the usual end of a live pipe
+        sys.stderr.write("streamgpu send: interrupted\n")
+        return 130
     finally:
-        if source is not sys.stdin.buffer:
-            source.close()
+        source.close()

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -174,3 +175,24 @@ def test_bad_send_arguments_are_cli_errors_naming_the_flag(
         main(["send", *argv])
     assert info.value.code == 2
     assert f"argument {flag}" in capsys.readouterr().err
+
+
+@ONE_LOOP
+async def test_ctrl_c_ends_a_send_whose_input_is_stalled() -> None:
+    """A live pipe that has gone quiet (a camera paused): Ctrl-C ends ``streamgpu send`` at once with 130.
+    It read its input on a thread of the loop's default executor, which the loop's shutdown waited for, so
+    the process hung until the pipe gave a byte (review)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "streamgpu", "send", "--transport", "udp", "--subscribers", "--port", "9",
+        "--shape", "8,8,3", stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stderr is not None
+    proc.stdin.write(bytes(8 * 8 * 3))  # one frame, then nothing: the next read blocks
+    await proc.stdin.drain()
+    await asyncio.sleep(3)  # started, sent the frame, waiting on the pipe
+    proc.send_signal(signal.SIGINT)
+    code = await asyncio.wait_for(proc.wait(), 10)
+    assert code == 130, (await proc.stderr.read()).decode()
+    assert "interrupted" in (await proc.stderr.read()).decode()
+    proc.stdin.close()
