@@ -234,6 +234,9 @@ def serve_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> C
 
 
 def _send(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from streamgpu.protocol import udp
     from streamgpu.send import SendOptions, run
 
     if not 0 <= args.port <= 65535:
@@ -247,6 +250,12 @@ def _send(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.subscribers and args.transport != "udp":
         parser.error(f"argument --subscribers: needs --transport udp (a {args.transport} producer always gets its "
                      "replies, and its results are published to subscribers anyway)")  # fmt: skip
+    frame_bytes = math.prod(args.shape) * np.dtype(args.dtype).itemsize
+    udp_max = udp.MAX_CHUNKS * (udp.DEFAULT_DATAGRAM_BYTES - udp.HEADER_SIZE)  # less chunk 0's frame header
+    if args.transport == "udp" and frame_bytes > udp_max:
+        parser.error(f"argument --shape: a {args.dtype} {list(args.shape)} frame is {frame_bytes} bytes, "
+                     f"more than udp carries ({udp.MAX_CHUNKS} datagrams, ~{udp_max} bytes): "
+                     "use --transport tcp")  # fmt: skip
     if args.transport == "udp" and args.token:
         parser.error("argument --token: udp has no handshake, so no token (the server's allow list decides; "
                      "unset STREAMGPU_TOKEN)")  # fmt: skip

@@ -166,6 +166,7 @@ async def test_a_video_decoded_with_pyav(server: Server, tmp_path: Path) -> None
         (["--subscribers"], "--subscribers"),  # tcp: replies always come back
         (["--subscribers", "--transport", "ws"], "--subscribers"),
         (["--transport", "udp", "--token", "s3cret"], "--token"),
+        (["--transport", "udp", "--shape", "20000,20000,3"], "--shape"),  # 1.2 GB: refused before it is read
     ],
 )
 def test_bad_send_arguments_are_cli_errors_naming_the_flag(
