@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -15,6 +16,16 @@ from streamgpu.protocol.wire import FrameHeader, Status
 from streamgpu.server import Server
 from streamgpu.web import stream as ws_stream
 from tests.web.test_stream import config, frame_message, frames, next_reply, url
+
+
+def held(send: Callable[..., Awaitable[None]], until: asyncio.Event) -> Callable[..., Awaitable[None]]:
+    """``send`` that waits for ``until`` first: the peer's window is full."""
+
+    async def stuck(data: Any, *a: Any, **kw: Any) -> None:
+        await until.wait()
+        await send(data, *a, **kw)
+
+    return stuck
 
 
 def sockets_of(server: Server) -> set[Any]:
@@ -42,13 +53,7 @@ async def test_a_producer_that_never_reads_its_replies_is_not_read_further(
             if bound == "bytes":
                 sock.max_bytes = 3 * reply_bytes  # three replies' worth, far fewer than MAX_QUEUED
             unblock = asyncio.Event()
-            send = sock.ws.send_bytes
-
-            async def stuck(data: bytes, *a: Any, **kw: Any) -> None:  # the peer's window is full
-                await unblock.wait()
-                await send(data, *a, **kw)
-
-            sock.ws.send_bytes = stuck
+            sock.ws.send_bytes = held(sock.ws.send_bytes, unblock)
             for i, f in enumerate(batch[1:], start=1):
                 await ws.send_bytes(frame_message(f, stream_id=0, sequence=i))
             peak = peak_bytes = 0
@@ -84,13 +89,7 @@ async def test_a_peer_that_only_sends_control_messages_and_never_reads_is_not_re
         await asyncio.wait_for(ws.receive(), 10)
         (sock,) = sockets_of(server)
         unblock = asyncio.Event()
-        send = sock.ws.send_str
-
-        async def stuck(data: str, *a: Any, **kw: Any) -> None:  # the peer's window is full
-            await unblock.wait()
-            await send(data, *a, **kw)
-
-        sock.ws.send_str = stuck
+        sock.ws.send_str = held(sock.ws.send_str, unblock)
         answer = 0
         for _ in range(500):
             await ws.send_str('{"subscribe": 0}')
