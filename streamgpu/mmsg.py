@@ -33,7 +33,7 @@ UDP_GRO = 104  # socket option: coalesce received runs; recvmsg then says the gs
 UDP_MAX_SEGMENTS = 64  # the kernel's limit of datagrams per GSO message (older kernels; newer take 128)
 GSO_MAX_BYTES = 65000  # the UDP payload of a GSO message stays under the 65535-byte IP packet limit
 # What a kernel or route that cannot do GSO answers: no checksum offload on the device or an IPsec route (EIO),
-# a gso_size beyond the path MTU (EMSGSIZE; EINVAL before Linux 5.x), no UDP_SEGMENT at all (the rest).
+# a gso_size beyond the path MTU (EMSGSIZE; EINVAL on older kernels), no UDP_SEGMENT at all (the rest).
 GSO_REFUSED = frozenset({errno.EIO, errno.EINVAL, errno.EMSGSIZE, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
 
 log = logging.getLogger(__name__)

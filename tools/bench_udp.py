@@ -24,7 +24,15 @@
    from one sender, reordered within 16, four senders interleaved. No socket:
    this is the part of the listener that is Python, without the kernel's.
 
-3. ``e2e``: frames/s of 224x224x3 uint8 frames (150 KB) into a server
+3. ``sender``: datagrams/s one Python producer pushes over loopback with
+   ``streamgpu.mmsg.Sender`` (what ``connect_udp`` uses), with and without
+   UDP GSO (``UDP_SEGMENT``: runs of up to 64 datagrams per message, cut by
+   the kernel), 224x224x3 frames (150,528 bytes) in 1452-byte datagrams
+   (107 per frame), each framed by ``protocol.udp.frame_datagrams`` as the
+   client does, to a C ``recvmmsg`` receiver and to the Python receive
+   path. Sent: what the kernel took; received: what the receiver counted.
+
+4. ``e2e``: frames/s of 224x224x3 uint8 frames (150 KB) into a server
    (``--device``, ``--model``) through the load generator, over TCP and over
    UDP to the same server process (target: UDP >= 0.9 of TCP). ``--model
    trivial`` (a channel mean) makes a CPU run transport-bound.
@@ -37,6 +45,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -188,24 +197,97 @@ def python_sender(port: int, seconds: float) -> None:
     print(sent)
 
 
+def producer(port: int, seconds: float, gso: bool, datagram_bytes: int) -> None:
+    """One Python producer: 224x224x3 frames framed by ``frame_datagrams`` and sent by ``mmsg.Sender``
+    (as ``connect_udp`` sends them) for ``seconds``; prints "<datagrams sent> <seconds> <failed> <gso msgs>"."""
+    import numpy as np
+
+    from streamgpu import mmsg
+    from streamgpu.protocol import udp, wire
+
+    frame = np.random.default_rng(0).integers(0, 256, 224 * 224 * 3, dtype=np.uint8)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    sender = mmsg.Sender(use_gso=gso)
+    sent = failed = sequence = 0
+    t0 = time.perf_counter()
+    end = t0 + seconds
+    while time.perf_counter() < end:
+        for _ in range(16):
+            header = wire.FrameHeader(1, sequence, "default", 1, (224, 224, 3), frame.nbytes)
+            s, f = sender.send(sock, udp.frame_datagrams(header, frame.data, datagram_bytes))
+            sent += s
+            failed += f
+            sequence += 1
+    print(sent, time.perf_counter() - t0, failed, sender.gso_messages if sender.use_gso else -1)
+
+
 def measure_ingest(
-    receiver: Callable[[int], list[str]], senders: int, seconds: float, c_binary: Path | None
+    receiver: Callable[[int], list[str]],
+    senders: int,
+    seconds: float,
+    c_binary: Path | None,
+    sender: Callable[[int], list[str]] | None = None,
 ) -> dict[str, float]:
     port = free_port(socket.SOCK_DGRAM)
     rx = subprocess.Popen(receiver(port), stdout=subprocess.PIPE, text=True, cwd=ROOT)
     assert rx.stdout is not None
     if rx.stdout.readline().strip() != "ready":
         raise RuntimeError("receiver did not start")
-    if c_binary is not None:
+    if sender is not None:
+        send_cmd = sender(port)
+    elif c_binary is not None:
         send_cmd = [str(c_binary), "send", str(port), str(seconds + 1), str(DATAGRAM), "100"]
     else:
         send_cmd = [sys.executable, __file__, "_pysend", str(port), str(seconds + 1)]
     txs = [subprocess.Popen(send_cmd, stdout=subprocess.PIPE, text=True) for _ in range(senders)]
-    sent = sum(int((tx.communicate()[0] or "0").split()[0]) for tx in txs)
+    outs = [(tx.communicate()[0] or "0").split() for tx in txs]
+    sent = sum(int(o[0]) for o in outs)
     out, _ = rx.communicate(timeout=60)
     total, span = out.split()[-2:]
     rate = int(total) / float(span) if float(span) > 0 else 0.0
-    return {"datagrams": int(total), "seconds": float(span), "per_s": rate, "sent": sent}
+    result = {"datagrams": int(total), "seconds": float(span), "per_s": rate, "sent": sent}
+    if all(len(o) >= 4 for o in outs):  # the Python producer: its own rate, refusals, GSO messages
+        result["sent_per_s"] = sum(int(o[0]) / float(o[1]) for o in outs)
+        result["failed"] = sum(int(o[2]) for o in outs)
+        result["gso_messages"] = sum(int(o[3]) for o in outs)
+    return result
+
+
+def with_port(cmd: list[str], port: int) -> list[str]:
+    return [*cmd, str(port)]
+
+
+def suite_sender(args: argparse.Namespace) -> dict[str, Any]:
+    c_binary = build_c()
+    receivers: dict[str, Callable[[int], list[str]]] = {
+        "python": lambda port: [sys.executable, __file__, "_pyrecv", "--seconds", str(args.seconds), "--batch",
+                                str(args.batch), str(port)],
+    }  # fmt: skip
+    if c_binary is not None:
+        binary = str(c_binary)
+        receivers = {"C recvmmsg": lambda port: [binary, "recv", str(port), str(args.seconds), str(args.batch)],
+                     **receivers}  # fmt: skip
+    result: dict[str, Any] = {"datagram_bytes": args.datagram_bytes, "frame_bytes": 224 * 224 * 3}
+    rows: list[dict[str, Any]] = []
+    for _ in range(args.repeats):  # alternating, so a change in the machine's load hits both alike
+        for name, receiver in receivers.items():
+            for gso in (False, True):
+                sender_cmd = [sys.executable, __file__, "_pysender", "--seconds", str(args.seconds),
+                              "--gso", str(int(gso)), "--datagram-bytes", str(args.datagram_bytes)]  # fmt: skip
+                r = measure_ingest(receiver, 1, args.seconds, c_binary, functools.partial(with_port, sender_cmd))
+                rows.append({"receiver": name, "gso": gso, **r})
+    result["runs"] = rows
+    n = -(-224 * 224 * 3 // (args.datagram_bytes - 32))
+    print(f"\none Python producer (mmsg.Sender), 224x224x3 frames in {args.datagram_bytes}-byte datagrams "
+          f"(~{n} per frame), loopback")  # fmt: skip
+    print(f"{'receiver':<12}{'sender':<8}{'sent/s':>12}{'received/s':>12}{'refused':>9}{'gso msgs':>10}")
+    for r in rows:
+        gso_msgs = f"{r['gso_messages']:,}" if r["gso_messages"] >= 0 else "-"
+        print(f"{r['receiver']:<12}{'gso' if r['gso'] else 'plain':<8}{r['sent_per_s']:>12,.0f}{r['per_s']:>12,.0f}"
+              f"{r['failed']:>9,}{gso_msgs:>10}")  # fmt: skip
+    return result
 
 
 def suite_ingest(args: argparse.Namespace) -> dict[str, Any]:
@@ -367,11 +449,13 @@ def suite_e2e(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 
 def main() -> int:
-    if len(sys.argv) > 1 and sys.argv[1] in ("_pyrecv", "_pysend", "_listener"):
+    if len(sys.argv) > 1 and sys.argv[1] in ("_pyrecv", "_pysend", "_listener", "_pysender"):
         sub = argparse.ArgumentParser()
         sub.add_argument("mode")
         sub.add_argument("--seconds", type=float, default=3.0)
         sub.add_argument("--batch", type=int, default=1024)
+        sub.add_argument("--gso", type=int, default=0)
+        sub.add_argument("--datagram-bytes", type=int, default=1452)
         sub.add_argument("port", type=int)
         sub.add_argument("send_seconds", type=float, nargs="?")
         a = sub.parse_args()
@@ -379,15 +463,19 @@ def main() -> int:
             python_receiver(a.port, a.seconds, a.batch)
         elif a.mode == "_listener":
             listener_receiver(a.port, a.seconds, a.batch)
+        elif a.mode == "_pysender":
+            producer(a.port, a.seconds, bool(a.gso), a.datagram_bytes)
         else:
             python_sender(a.port, a.send_seconds)
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--suite", action="append", choices=("ingest", "place", "e2e"), help="default: all")
+    p.add_argument("--suite", action="append", choices=("ingest", "place", "sender", "e2e"), help="default: all")
     p.add_argument("--senders", type=int, default=4, help="sender processes (default 4)")
     p.add_argument("--seconds", type=float, default=3.0, help="ingest measurement seconds (default 3)")
     p.add_argument("--batch", type=int, default=1024, help="datagrams per recvmmsg call (default 1024)")
     p.add_argument("--rounds", type=int, default=200, help="place: batches per pattern (default 200)")
+    p.add_argument("--datagram-bytes", type=int, default=1452, help="sender: datagram size (default 1452)")
+    p.add_argument("--repeats", type=int, default=2, help="sender: rounds of all four runs (default 2)")
     p.add_argument("--device", default="auto", help="e2e server device (default auto)")
     p.add_argument(
         "--model",
@@ -402,12 +490,14 @@ def main() -> int:
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    suites = args.suite or ["ingest", "place", "e2e"]
+    suites = args.suite or ["ingest", "place", "sender", "e2e"]
     results: dict[str, Any] = {"cpu_count": os.cpu_count()}
     if "ingest" in suites:
         results["ingest"] = suite_ingest(args)
     if "place" in suites:
         results["place"] = suite_place(args)
+    if "sender" in suites:
+        results["sender"] = suite_sender(args)
     if "e2e" in suites:
         results["e2e"] = suite_e2e(args, out)
     if args.json:
