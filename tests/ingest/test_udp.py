@@ -139,6 +139,7 @@ async def test_frames_over_udp_match_tcp_results(server: Server) -> None:
             assert reply.ok and same(reply.unwrap(), want)
         big = await conn.infer(inputs[0], sequence=99)  # default datagram size too
         assert big.ok
+        assert conn._udp._sender.gso_messages == 7  # each frame's datagrams went as one GSO message (the default)
     finally:
         await conn.close()
     stats = udp_stats(server)
