@@ -385,7 +385,7 @@ def main() -> int:
         sub.add_argument("mode")
         sub.add_argument("--seconds", type=float, default=3.0)
         sub.add_argument("--batch", type=int, default=1024)
-        sub.add_argument("--gro", type=int, default=1)
+        sub.add_argument("--gro", type=int, default=0)
         sub.add_argument("port", type=int)
         sub.add_argument("send_seconds", type=float, nargs="?")
         a = sub.parse_args()

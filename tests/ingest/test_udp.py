@@ -442,9 +442,9 @@ def gso_send(sock: socket.socket, datagrams: list[bytes], per_send: int = 40) ->
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("server", [{"reassembly_timeout_s": 5}], indirect=True)
+@pytest.mark.parametrize("server", [{"reassembly_timeout_s": 5, "gro": True}], indirect=True)
 async def test_coalesced_datagrams_are_split_back_and_every_frame_is_answered(server: Server) -> None:
-    """UDP_GRO on the listener (the default): a GSO producer's runs arrive as one receive each and are split
+    """UDP_GRO on the listener (option gro): a GSO producer's runs arrive as one receive each and are split
     back into datagrams by numpy; more datagrams in one receive call than the rows hold go a chunk of rows at a
     time. A duplicate run and a run out of order cost nothing but counts; every frame gets its own result."""
     if not udp_stats(server)["gro"]:
