@@ -270,6 +270,7 @@ def test_udp_section_matches_protocol_udp() -> None:
     assert set(options) == set(UdpOptions.__dataclass_fields__)
     for name, value in options.items():
         want = getattr(defaults, name)
+        value = {"true": "True", "false": "False"}.get(value, value)  # TOML's booleans
         assert (list(want) if isinstance(want, tuple) else want) == ast.literal_eval(value), name
     assert f"at most {udp.DEFAULT_DATAGRAM_BYTES} bytes" in text
     assert "| 12 | INCOMPLETE |" in section(5) and wire.Status.INCOMPLETE == 12

@@ -78,7 +78,12 @@ def server(cmd: list[str], log_path: Path, ready: str) -> Iterator[int]:
 
 
 def streamgpu_server(
-    out: Path, name: str, model: dict[str, Any], device: str, kernels: bool = True, devices: tuple[int, ...] = (0,),
+    out: Path,
+    name: str,
+    model: dict[str, Any],
+    device: str,
+    kernels: bool = True,
+    devices: tuple[int, ...] = (0,),
     ingest_workers: int = 0,
 ) -> contextlib.AbstractContextManager[int]:
     toml = "\n".join(

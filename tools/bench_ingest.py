@@ -360,7 +360,8 @@ def part_loop(args: argparse.Namespace) -> dict[str, Any]:
         best = min(runs, key=lambda r: r["us_per_frame"])
         profile = cProfile.Profile()
         new_event_loop("auto").run_until_complete(
-            loop_path(shape, args.loop_frames // 4, args.loop_in_flight, args.loop_producers, profile))
+            loop_path(shape, args.loop_frames // 4, args.loop_in_flight, args.loop_producers, profile)
+        )
         stages = breakdown(profile)
         scale = best["us_per_frame"] / max(sum(stages.values()), 1e-12)
         splits[label] = {k: round(v * scale, 2) for k, v in sorted(stages.items(), key=lambda kv: -kv[1])}
@@ -458,8 +459,9 @@ def part_saturate(out: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", action="append", choices=["micro", "loop", "saturate"],
-                        help="default: micro and saturate")
+    parser.add_argument(
+        "--part", action="append", choices=["micro", "loop", "saturate"], help="default: micro and saturate"
+    )
     parser.add_argument("--ingest-workers", type=int, default=8, help="N for the side-by-side runs")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     parser.add_argument("--in-flight", type=int, default=256, help="frames in flight, in total")

@@ -144,7 +144,7 @@ def python_receiver(port: int, seconds: float, batch: int) -> None:
     print(f"{state['total']} {state['last'] - state['first']:.6f}", flush=True)
 
 
-def listener_receiver(port: int, seconds: float, batch: int) -> None:
+def listener_receiver(port: int, seconds: float, batch: int, gro: bool) -> None:
     """A real server's UDP listener (CPU backend, nothing ever completes: the senders never send chunk 0):
     every datagram is received, checked, and placed in its frame's ring slot; each producer's frames
     beyond max_partial_frames are given up (INCOMPLETE). Prints "ready", then "<datagrams> <seconds>"."""
@@ -153,7 +153,7 @@ def listener_receiver(port: int, seconds: float, batch: int) -> None:
     from streamgpu.server import Server
 
     async def main() -> tuple[int, float]:
-        spec = ListenerSpec("udp", "127.0.0.1", port, {"batch": batch, "reassembly_timeout_s": 5.0})
+        spec = ListenerSpec("udp", "127.0.0.1", port, {"batch": batch, "reassembly_timeout_s": 5.0, "gro": gro})
         async with Server(Config(listeners=[spec], device="cpu")) as srv:
 
             def received() -> int:
@@ -229,6 +229,7 @@ def measure_ingest(
     seconds: float,
     c_binary: Path | None,
     sender: Callable[[int], list[str]] | None = None,
+    gso: int = 0,
 ) -> dict[str, float]:
     port = free_port(socket.SOCK_DGRAM)
     rx = subprocess.Popen(receiver(port), stdout=subprocess.PIPE, text=True, cwd=ROOT)
@@ -238,7 +239,7 @@ def measure_ingest(
     if sender is not None:
         send_cmd = sender(port)
     elif c_binary is not None:
-        send_cmd = [str(c_binary), "send", str(port), str(seconds + 1), str(DATAGRAM), "100"]
+        send_cmd = [str(c_binary), "send", str(port), str(seconds + 1), str(DATAGRAM), "100", str(gso)]
     else:
         send_cmd = [sys.executable, __file__, "_pysend", str(port), str(seconds + 1)]
     txs = [subprocess.Popen(send_cmd, stdout=subprocess.PIPE, text=True) for _ in range(senders)]
@@ -297,13 +298,23 @@ def suite_ingest(args: argparse.Namespace) -> dict[str, Any]:
                       str(port)],
         args.senders, args.seconds, c_binary,
     )  # fmt: skip
-    listener = measure_ingest(
-        lambda port: [sys.executable, __file__, "_listener", "--seconds", str(args.seconds), "--batch",
-                      str(args.batch), str(port)],
-        args.senders, args.seconds, c_binary,
-    )  # fmt: skip
+
+    def listener_run(gro: bool, gso: int) -> dict[str, float]:
+        return measure_ingest(
+            lambda port: [sys.executable, __file__, "_listener", "--seconds", str(args.seconds), "--batch",
+                          str(args.batch), "--gro", str(int(gro)), str(port)],
+            args.senders, args.seconds, c_binary, gso=gso,
+        )  # fmt: skip
+
+    listener = listener_run(False, 0)
+    # Coalesced receive (UDP_GRO): with plain senders (what it costs), and with GSO senders (what it gives).
+    coalesced = {"plain senders": listener_run(True, 0)}
+    if c_binary is not None and args.gso:
+        coalesced["gso senders"] = listener_run(True, args.gso)
+        coalesced["gso senders, gro off"] = listener_run(False, args.gso)
     result: dict[str, Any] = {
         "datagram_bytes": DATAGRAM, "senders": args.senders, "batch": args.batch, "python": py, "listener": listener,
+        "listener_gro": coalesced,
     }  # fmt: skip
     if c_binary is not None:
         binary = str(c_binary)
@@ -321,6 +332,9 @@ def suite_ingest(args: argparse.Namespace) -> dict[str, Any]:
           f"{py['datagrams']:>12,}{py['sent']:>12,}")  # fmt: skip
     print(f"{'listener (+ placed in ring slots)':<34}{listener['per_s']:>14,.0f}{listener['datagrams']:>12,}"
           f"{listener['sent']:>12,}")  # fmt: skip
+    for label, measured in coalesced.items():
+        name = f"listener, gro: {label}" if "gro off" not in label else f"listener: {label}"
+        print(f"{name:<34}{measured['per_s']:>14,.0f}{measured['datagrams']:>12,}{measured['sent']:>12,}")
     if "c" in result:
         c = result["c"]
         result["listener_ratio"] = listener["per_s"] / c["per_s"] if c["per_s"] else float("nan")
@@ -455,6 +469,7 @@ def main() -> int:
         sub.add_argument("--seconds", type=float, default=3.0)
         sub.add_argument("--batch", type=int, default=1024)
         sub.add_argument("--gso", type=int, default=0)
+        sub.add_argument("--gro", type=int, default=0)
         sub.add_argument("--datagram-bytes", type=int, default=1452)
         sub.add_argument("port", type=int)
         sub.add_argument("send_seconds", type=float, nargs="?")
@@ -462,7 +477,7 @@ def main() -> int:
         if a.mode == "_pyrecv":
             python_receiver(a.port, a.seconds, a.batch)
         elif a.mode == "_listener":
-            listener_receiver(a.port, a.seconds, a.batch)
+            listener_receiver(a.port, a.seconds, a.batch, bool(a.gro))
         elif a.mode == "_pysender":
             producer(a.port, a.seconds, bool(a.gso), a.datagram_bytes)
         else:
@@ -473,6 +488,7 @@ def main() -> int:
     p.add_argument("--senders", type=int, default=4, help="sender processes (default 4)")
     p.add_argument("--seconds", type=float, default=3.0, help="ingest measurement seconds (default 3)")
     p.add_argument("--batch", type=int, default=1024, help="datagrams per recvmmsg call (default 1024)")
+    p.add_argument("--gso", type=int, default=40, help="ingest: C senders' datagrams per GSO send, 0: none (40)")
     p.add_argument("--rounds", type=int, default=200, help="place: batches per pattern (default 200)")
     p.add_argument("--datagram-bytes", type=int, default=1452, help="sender: datagram size (default 1452)")
     p.add_argument("--repeats", type=int, default=2, help="sender: rounds of all four runs (default 2)")

@@ -1,10 +1,13 @@
 /* The C side of tools/bench_udp.py: a recvmmsg receiver and sendmmsg senders on loopback.
  *
  *   udp_mmsg recv PORT SECONDS BATCH      -> prints "<datagrams> <seconds from first to last>"
- *   udp_mmsg send PORT SECONDS SIZE COUNT -> sends SIZE-byte datagrams to 127.0.0.1:PORT for SECONDS, prints
+ *   udp_mmsg send PORT SECONDS SIZE COUNT [GSO]
+ *                                         -> sends SIZE-byte datagrams to 127.0.0.1:PORT for SECONDS, prints
  *                                            how many: valid chunks 1..COUNT of frames of COUNT + 1 chunks,
  *                                            one frame (sequence 0, 1, 2, ...) per sendmmsg call; chunk 0
- *                                            is never sent, so a server never runs these frames
+ *                                            is never sent, so a server never runs these frames. GSO > 0:
+ *                                            runs of GSO datagrams per message, split by the kernel
+ *                                            (UDP_SEGMENT, generic segmentation offload)
  *
  * Built at run time by bench_udp.py (gcc -O2), so the figure it is compared with is this machine's.
  */
@@ -74,7 +77,11 @@ static int do_recv(int port, double seconds, int batch) {
     return 0;
 }
 
-static int do_send(int port, double seconds, int size, int count) {
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103
+#endif
+
+static int do_send(int port, double seconds, int size, int count, int gso) {
     int fd = socket(AF_INET, SOCK_DGRAM, 0);
     struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons(port)};
     addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
@@ -102,13 +109,31 @@ static int do_send(int port, double seconds, int size, int count) {
         msgs[i].msg_hdr.msg_iov = &iovs[i];
         msgs[i].msg_hdr.msg_iovlen = 1;
     }
+    int messages = count;
+    static char control[BATCH][CMSG_SPACE(sizeof(uint16_t))];
+    if (gso > 0) { /* message j: datagrams j*gso .. (one iovec each, SIZE bytes: the kernel splits there) */
+        messages = (count + gso - 1) / gso;
+        for (int j = 0; j < messages; j++) {
+            int first = j * gso, n = count - first < gso ? count - first : gso;
+            msgs[j].msg_hdr.msg_iov = &iovs[first];
+            msgs[j].msg_hdr.msg_iovlen = n;
+            msgs[j].msg_hdr.msg_control = control[j];
+            msgs[j].msg_hdr.msg_controllen = sizeof control[j];
+            struct cmsghdr *cm = CMSG_FIRSTHDR(&msgs[j].msg_hdr);
+            cm->cmsg_level = IPPROTO_UDP;
+            cm->cmsg_type = UDP_SEGMENT;
+            cm->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+            uint16_t segment = (uint16_t)size;
+            memcpy(CMSG_DATA(cm), &segment, sizeof segment);
+        }
+    }
     long long sent = 0;
     uint64_t sequence = 0;
     double end = now() + seconds;
     while (now() < end) {
-        int n = sendmmsg(fd, msgs, count, 0);
-        if (n > 0) sent += n;
-        else if (errno != EAGAIN && errno != ENOBUFS && errno != ECONNREFUSED) { perror("sendmmsg"); return 1; }
+        int n = sendmmsg(fd, msgs, messages, 0);
+        for (int j = 0; j < n; j++) sent += msgs[j].msg_hdr.msg_iovlen;
+        if (n < 0 && errno != EAGAIN && errno != ENOBUFS && errno != ECONNREFUSED) { perror("sendmmsg"); return 1; }
         sequence++;
         for (int i = 0; i < count; i++) memcpy(bufs[i] + 12, &sequence, 8);
     }
@@ -119,7 +144,7 @@ static int do_send(int port, double seconds, int size, int count) {
 int main(int argc, char **argv) {
     if (argc >= 5 && !strcmp(argv[1], "recv")) return do_recv(atoi(argv[2]), atof(argv[3]), atoi(argv[4]));
     if (argc >= 6 && !strcmp(argv[1], "send"))
-        return do_send(atoi(argv[2]), atof(argv[3]), atoi(argv[4]), atoi(argv[5]));
-    fprintf(stderr, "usage: %s recv PORT SECONDS BATCH | send PORT SECONDS SIZE COUNT\n", argv[0]);
+        return do_send(atoi(argv[2]), atof(argv[3]), atoi(argv[4]), atoi(argv[5]), argc >= 7 ? atoi(argv[6]) : 0);
+    fprintf(stderr, "usage: %s recv PORT SECONDS BATCH | send PORT SECONDS SIZE COUNT [GSO]\n", argv[0]);
     return 2;
 }

@@ -51,7 +51,7 @@ from streamgpu.frame import Frame, Outcome
 from streamgpu.ingest.admission import Admission, Grant, Producer, Refused, Reservation
 from streamgpu.ingest.base import Listener
 from streamgpu.ingest.hub import Origin
-from streamgpu.ingest.mmsg import MSG_TRUNC, PacketArea, decode_sockaddr
+from streamgpu.ingest.mmsg import MSG_TRUNC, PacketArea, decode_sockaddr, enable_gro
 from streamgpu.memory import Slot
 from streamgpu.metrics import NO_MODEL
 from streamgpu.protocol import udp, wire
@@ -80,6 +80,7 @@ class UdpOptions:
     datagram_bytes: int = udp.DEFAULT_DATAGRAM_BYTES  # size of reply datagrams
     max_datagram_bytes: int = 9216  # receive buffer per datagram (jumbo frames fit); larger ones: oversized
     batch: int = 1024  # datagrams per recvmmsg call (the most Linux takes): the numpy work per call is amortised
+    gro: bool = False  # let the kernel coalesce a sender's datagrams (UDP_GRO, Linux), split back by numpy
     max_batches: int = 4  # batches per wake-up, then the loop runs other work
     recv_buffer_bytes: int = 16 * 1024 * 1024  # SO_RCVBUF asked for (the kernel may cap it)
     peer_idle_s: float = 60.0  # a producer with nothing in the server is forgotten after this long
@@ -106,7 +107,7 @@ class UdpOptions:
         return opts
 
     def problems(self) -> list[str]:
-        out = []
+        out = [] if isinstance(self.gro, bool) else [f"gro must be true or false, got {self.gro!r}"]
         for net in self.allow:
             try:
                 ipaddress.ip_network(net, strict=False)
@@ -180,10 +181,11 @@ class UdpListener(Listener):
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reading = False
-        self._area = PacketArea(opts.batch, udp.HEADER_SIZE, opts.max_datagram_bytes + 1)  # +1: see oversized
+        # +1 byte per datagram: see oversized
+        self._area = PacketArea(opts.batch, udp.HEADER_SIZE, opts.max_datagram_bytes + 1, gro=opts.gro)
         self._heads = udp.header_view(self._area.heads)
         self._words = udp.words(self._heads)
-        self._every = np.arange(opts.batch)
+        self._every = np.arange(self._area.rows)
         self._rows: dict[int, np.ndarray] = {}  # chunk size -> the ring as rows of that size (see _ring_rows)
         self._peers: dict[Any, _Peer] = {}
         self._denied: collections.OrderedDict[Any, None] = collections.OrderedDict()
@@ -202,6 +204,9 @@ class UdpListener(Listener):
             sock.setblocking(False)
             if self.options.recv_buffer_bytes:
                 set_receive_buffer(sock, self.options.recv_buffer_bytes)
+            if self._area.gro and not enable_gro(sock):
+                log.info("udp listener %s: the kernel does not coalesce datagrams (no UDP_GRO): one per row", address)
+                self._area.gro = False
             sock.bind(address)
         except BaseException:
             sock.close()
@@ -256,7 +261,15 @@ class UdpListener(Listener):
 
     def stats(self) -> dict[str, Any]:
         partial = sum(len(p.partials) for p in self._peers.values())
-        return {"kind": self.kind, "producers": len(self._peers), "partial_frames": partial, **self._counts}
+        area = self._area
+        coalescing = {"gro": area.gro}
+        return {
+            "kind": self.kind,
+            "producers": len(self._peers),
+            "partial_frames": partial,
+            **coalescing,
+            **self._counts,
+        }
 
     # -- receiving -------------------------------------------------------------------------------
 
@@ -273,10 +286,12 @@ class UdpListener(Listener):
                 continue
             if n == 0:
                 return
-            self._counts["datagrams"] += n
             self._counts["receive_calls"] += 1
-            self._batch(n)
-            if n < area.batch:
+            while n:  # coalesced receives are split into the rows a chunk at a time
+                self._counts["datagrams"] += n
+                self._batch(n)
+                n = area.next_rows()
+            if area.drained:
                 return
 
     def _batch(self, n: int) -> None:

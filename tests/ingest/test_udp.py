@@ -24,6 +24,7 @@ from streamgpu.errors import ConfigError
 from streamgpu.ingest import udp as udp_listener
 from streamgpu.ingest.admission import Admission
 from streamgpu.ingest.udp import UdpListener
+from streamgpu.mmsg import SOL_UDP, UDP_SEGMENT
 from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol import udp, wire
 from streamgpu.protocol.udp import ChunkHeader, Kind
@@ -414,6 +415,7 @@ def test_udp_port_adds_a_udp_listener() -> None:
         ({"colour": 1}, {}, "unknown options"),
         ({"allow": ["not-a-net"]}, {}, "allow"),
         ({"reassembly_timeout_s": float("inf")}, {}, "reassembly_timeout_s"),
+        ({"gro": "yes"}, {}, "gro must be true or false"),
         ({}, {"auth_token": "s3cret", "host": "0.0.0.0"}, "options.allow"),
     ],
 )
@@ -425,3 +427,51 @@ def test_bad_udp_options_are_named(options: dict[str, Any], extra: dict[str, Any
     admission = cast(Admission, SimpleNamespace(config=cfg))  # the options are checked before anything is used
     with pytest.raises(ConfigError, match=match):
         UdpListener(spec, admission)
+
+
+def gso_send(sock: socket.socket, datagrams: list[bytes], per_send: int = 40) -> int:
+    """Send a message's datagrams as generic segmentation offload runs (UDP_SEGMENT), as a GSO producer does:
+    one buffer per run, split by the kernel (on loopback, handed whole to a socket that coalesces)."""
+    import struct
+
+    sends = 0
+    for at in range(0, len(datagrams), per_send):
+        run = datagrams[at : at + per_send]
+        size = struct.pack("H", len(run[0]))  # every datagram of a message has that size but its last
+        sock.sendmsg([b"".join(run)], [(SOL_UDP, UDP_SEGMENT, size)])
+        sends += 1
+    return sends
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("server", [{"reassembly_timeout_s": 5, "gro": True}], indirect=True)
+async def test_coalesced_datagrams_are_split_back_and_every_frame_is_answered(server: Server) -> None:
+    """UDP_GRO on the listener (option gro): a GSO producer's runs arrive as one receive each and are split
+    back into datagrams by numpy; more datagrams in one receive call than the rows hold go a chunk of rows at a
+    time. A duplicate run and a run out of order cost nothing but counts; every frame gets its own result."""
+    if not udp_stats(server)["gro"]:
+        pytest.skip("this kernel does not coalesce UDP datagrams (UDP_GRO)")
+    inputs = frames(12, seed=21)
+    expected = await reference(server, inputs)
+    conn = await client.connect_udp("127.0.0.1", udp_port(server), datagram_bytes=GRAM, reply_timeout=5)
+    held: list[list[bytes]] = []
+    conn._write = lambda encoded: held.append([udp.join(parts) for parts in encoded])  # type: ignore[method-assign]
+    try:
+        futures = [conn.submit(f, stream_id=i % 3) for i, f in enumerate(inputs)]
+        sends = 0
+        for i, grams_ in enumerate(held):
+            if i == 5:  # a duplicate run, then the frame's runs in reverse order
+                sends += gso_send(conn.socket, grams_[:2], per_send=2)
+                sends += gso_send(conn.socket, grams_[2:], per_send=2) + gso_send(conn.socket, grams_[:2], per_send=2)
+            else:
+                sends += gso_send(conn.socket, grams_)
+        replies = await asyncio.gather(*futures)
+        for reply, want in zip(replies, expected, strict=True):
+            assert reply.ok and same(reply.unwrap(), want), reply
+        stats = udp_stats(server)
+        total = sum(len(g) for g in held) + 2
+        assert stats["datagrams"] == total and stats["duplicates"] == 2, stats
+        assert stats["receive_calls"] <= sends < total, stats  # coalesced: fewer receives than datagrams
+    finally:
+        await conn.close()
+    assert server.pool.slots_in_use == 0
