@@ -376,17 +376,14 @@ class CudaModel(DeviceModel):
                     h, w, c = spec.input_shape  # written by the graph's pre-processing:
                     static_in = torch.empty((bucket, c, h, w), dtype=self.dtype, device=self.gpu,
                                             memory_format=torch.channels_last)  # fmt: skip
-
-                    def step(static_in: torch.Tensor = static_in) -> list[torch.Tensor]:
-                        assert self.addresses is not None
-                        kernels.preprocess_table(self.addresses, spec.mean, spec.std, True, static_in,
-                                                 self.capture_stream)  # fmt: skip
-                        return self._returned(self.runs(static_in))
                 else:
                     static_in = self._example(bucket)
 
-                    def step(static_in: torch.Tensor = static_in) -> list[torch.Tensor]:
-                        return self._returned(self.runs(static_in))
+                def step(static_in: torch.Tensor = static_in) -> list[torch.Tensor]:
+                    if self.addresses is not None:
+                        kernels.preprocess_table(self.addresses, spec.mean, spec.std, True, static_in,
+                                                 self.capture_stream)  # fmt: skip
+                    return self._returned(self.runs(static_in))
 
                 graph = self.graphs[bucket] = self._capture(step, static_in, pool)
                 # The first replay of a graph uploads it to the device (milliseconds for a large one):
@@ -663,34 +660,26 @@ class CudaBackend(Backend):
 
         def deliver(f: asyncio.Future[None]) -> None:
             model.in_flight -= 1
-            pool = model.buffers  # None: unloaded meanwhile (a shutdown out of time)
-            exc = None if f.cancelled() else f.exception()
-            if f.cancelled() or exc is not None:  # not known to be done on the device
-                if pool is not None:
-                    pool.hold(buffers)  # the device may still write them
-                if result.done():
-                    return
-                if exc is None:
-                    result.cancel()
+            failed = f.cancelled() or f.exception() is not None  # then not known to be done on the device
+            if f.cancelled():
+                result.cancel()
+            elif failed and not result.done():
+                result.set_exception(f.exception())  # type: ignore[arg-type]
+            elif not result.done():
+                try:  # a raise here would reach the loop's handler and leave the batch unanswered
+                    run.service_s = started.elapsed_time(done) / 1e3  # both complete: no wait
+                    # Small (n x outputs): copied so that the buffers go back now.
+                    rows = model.layout.assemble([host[:n].numpy().copy() for host in buffers.host])
+                    if self.trace is not None:
+                        self._trace(model, n, started, done)
+                except Exception as error:
+                    result.set_exception(error)
                 else:
-                    result.set_exception(exc)
-                return
-            if result.done():  # nobody wants the rows (cancelled); the device is done with the buffers
-                if pool is not None:
-                    pool.give_back(buffers)
-                return
-            try:  # a raise here would reach the loop's handler and leave the batch unanswered
-                run.service_s = started.elapsed_time(done) / 1e3  # both complete: no wait
-                # Small (n x outputs): copied so that the buffers go back now.
-                rows = model.layout.assemble([host[:n].numpy().copy() for host in buffers.host])
-                if self.trace is not None:
-                    self._trace(model, n, started, done)
-            except Exception as error:
-                result.set_exception(error)
-                return
-            result.set_result(rows)
+                    result.set_result(rows)
+            pool = model.buffers  # None: unloaded meanwhile (a shutdown out of time)
             if pool is not None:
-                pool.give_back(buffers)
+                # A failed batch's set is held, never reused: the device may still write it.
+                (pool.hold if failed else pool.give_back)(buffers)
 
         finished.add_done_callback(deliver)
         return run
