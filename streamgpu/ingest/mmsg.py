@@ -44,7 +44,7 @@ from streamgpu.mmsg import (
     rows,
 )
 
-__all__ = ["HAVE_RECVMMSG", "MSG_TRUNC", "NAME_BYTES", "PacketArea", "decode_sockaddr", "enable_gro"]
+__all__ = ["HAVE_RECVMMSG", "MSG_TRUNC", "NAME_BYTES", "ByteRows", "PacketArea", "decode_sockaddr", "enable_gro"]
 
 NAME_BYTES = 32  # room for a sockaddr_in6 (28 bytes), rounded up
 HAVE_RECVMMSG = recvmmsg is not None
@@ -194,7 +194,7 @@ class _CoalescedArea:
         self.lengths = field(raw, MMsgHdr.len.offset, "u4")
         self.flags = field(raw, MMsgHdr.hdr.offset + MsgHdr.flags.offset, "i4")
         self._addr = ctypes.addressof(self._msgs)
-        self._views: dict[int, np.ndarray] = {}
+        self.rows_of = ByteRows(self._buffer)  # its bytes at any offset, as rows of a width
         self._whole = self._size = self._counts = np.zeros(0, np.int64)  # of the last receive
         self._next = 0  # its first receive not yet split into rows
 
@@ -236,15 +236,23 @@ class _CoalescedArea:
         coalesced = (self._controllen[:m] >= 20) & (level == SOL_UDP) & (kind == UDP_GRO) & (size > 0)
         return np.where(coalesced, size, np.maximum(whole, 1))
 
-    def rows_of(self, width: int) -> np.ndarray:
-        """The buffer as overlapping rows of ``width`` bytes, row i starting at byte i (no copy)."""
+
+class ByteRows:
+    """A 1-D uint8 buffer as overlapping rows of a width, row i starting at byte i (no copy): indexing the
+    rows with byte offsets gathers (or, assigned to, scatters) whole runs of bytes in one numpy call."""
+
+    def __init__(self, buffer: np.ndarray) -> None:
+        self._buffer = buffer
+        self._views: dict[int, np.ndarray] = {}
+
+    def __call__(self, width: int) -> np.ndarray:
         view = self._views.get(width)
         if view is None:
-            if len(self._views) >= 16:
+            if len(self._views) >= 16:  # widths a producer made up: do not keep them all
                 self._views.clear()
             buffer = self._buffer
             view = self._views[width] = np.lib.stride_tricks.as_strided(
-                buffer, (len(buffer) - width + 1, width), (1, 1)
+                buffer, (len(buffer) - width + 1, width), (1, 1), writeable=True
             )
         return view
 

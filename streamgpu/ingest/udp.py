@@ -51,7 +51,7 @@ from streamgpu.frame import Frame, Outcome
 from streamgpu.ingest.admission import Admission, Grant, Producer, Refused, Reservation
 from streamgpu.ingest.base import Listener
 from streamgpu.ingest.hub import Origin
-from streamgpu.ingest.mmsg import MSG_TRUNC, PacketArea, decode_sockaddr, enable_gro
+from streamgpu.ingest.mmsg import MSG_TRUNC, ByteRows, PacketArea, decode_sockaddr, enable_gro
 from streamgpu.memory import Slot
 from streamgpu.metrics import NO_MODEL
 from streamgpu.protocol import udp, wire
@@ -186,7 +186,7 @@ class UdpListener(Listener):
         self._heads = udp.header_view(self._area.heads)
         self._words = udp.words(self._heads)
         self._every = np.arange(self._area.rows)
-        self._rows: dict[int, np.ndarray] = {}  # chunk size -> the ring as rows of that size (see _ring_rows)
+        self._ring: ByteRows | None = None  # the ring as rows of a chunk size (made at the first chunk)
         self._peers: dict[Any, _Peer] = {}
         self._denied: collections.OrderedDict[Any, None] = collections.OrderedDict()
         self._timer: asyncio.TimerHandle | None = None
@@ -445,15 +445,9 @@ class UdpListener(Listener):
 
     def _ring_rows(self, size: int) -> np.ndarray:
         """The ring buffer as overlapping rows of ``size`` bytes, row i starting at byte i (no copy)."""
-        rows = self._rows.get(size)
-        if rows is None:
-            buffer = self.admission.pool.buffer
-            if len(self._rows) >= 16:  # chunk sizes a producer made up: do not keep them all
-                self._rows.clear()
-            rows = self._rows[size] = np.lib.stride_tricks.as_strided(
-                buffer, (len(buffer) - size + 1, size), (1, 1), writeable=True
-            )
-        return rows
+        if self._ring is None:
+            self._ring = ByteRows(self.admission.pool.buffer)
+        return self._ring(size)
 
     def _peer(self, sender: Any) -> _Peer | None:
         peer = self._peers.get(sender)
