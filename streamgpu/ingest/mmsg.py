@@ -11,10 +11,19 @@ area is filled by ``recvmsg_into``, one datagram per call.
 With ``gro=True`` (Linux UDP generic receive offload, ``UDP_GRO``) the kernel
 hands over runs of one sender's datagrams coalesced into one buffer of up
 to 64 KiB, with their segment size in a control message: a GSO sender's
-message arrives whole, one socket buffer instead of dozens. Each run is
-split back into the same rows (its datagrams' headers and bodies copied
-there by numpy, a few copies per receive), so the rows read the same
-either way.
+message arrives whole, one socket buffer instead of dozens. Only each
+datagram's header (and its length, flags and sender) is gathered into the
+rows, by numpy, a chunk of rows at a time; its body stays where it landed.
+
+Where each row's body lies is told the same way in both modes, and only
+here: ``body_rows`` (the buffer the bodies are in, as rows of any width
+starting at any byte: :class:`ByteRows`), ``body_start[i]`` (where row
+``i``'s body starts in it) and ``body_step[i]`` (how far the next datagram
+of row ``i``'s run starts: ``body_bytes`` between rows, the segment size in
+a coalesced run). A reader copies a run of rows whose starts are a
+constant step apart with one strided copy, and any other set of rows with
+one gather. In coalescing mode the rows point into the coalesced buffers,
+which the next ``receive`` overwrites: a chunk is used up before then.
 
 Measured (tools/bench_udp.py) against a C ``recvmmsg`` receiver on the same
 machine; the per-call Python cost is fixed, so larger batches amortise it.
@@ -84,11 +93,17 @@ class PacketArea:
         self.bodies = np.zeros((rows_, self.body_bytes), np.uint8)
         self.names = np.zeros((rows_, NAME_BYTES), np.uint8)
         self.names64 = self.names.view(np.uint64)  # (rows, 4): a sender compared in four words
-        self.bodies_flat = self.bodies.reshape(-1).data  # body of datagram i: [i * body_bytes, ...)
         self.lengths = np.zeros(rows_, np.uint32)  # bytes of each datagram
         self.flags = np.zeros(rows_, np.int32)  # its msg_flags (MSG_TRUNC)
+        # Where each row's body lies (module docstring): in ``bodies`` by default, in the coalesced buffers
+        # (filled per chunk by next_rows) with coalescing.
+        self.body_start = np.zeros(rows_, np.int64)
+        self.body_step = np.zeros(rows_, np.int64)
+        self.body_rows = ByteRows(self.bodies.reshape(-1))
+        self._plain_bodies()
         if self.gro:
             self._gro = _CoalescedArea(batch, max_datagram)
+            self.body_rows = self._gro.rows_of
         self._iov = (IoVec * (2 * batch))()
         self._msgs = (MMsgHdr * batch)()
         for i in range(batch):
@@ -106,6 +121,22 @@ class PacketArea:
         self._heads_mv = [row.data for row in self.heads]
         self._bodies_mv = [row.data for row in self.bodies]
         self.addresses: list[Any] = [None] * batch  # fallback path only: the sender address of each datagram
+
+    def stop_coalescing(self) -> None:
+        """Receive one datagram per row from now on (the socket has no ``UDP_GRO`` after all)."""
+        if self.gro:
+            self.gro = False
+            self.body_rows = ByteRows(self.bodies.reshape(-1))
+            self._plain_bodies()
+
+    def _plain_bodies(self) -> None:
+        self.body_start[:] = np.arange(self.rows, dtype=np.int64) * self.body_bytes
+        self.body_step[:] = self.body_bytes
+
+    def body(self, i: int) -> memoryview:
+        """Row ``i``'s body (its bytes past the header), where it lies: valid until the next ``receive``."""
+        start = int(self.body_start[i])
+        return self.body_rows.buffer[start : start + max(int(self.lengths[i]) - self.head_bytes, 0)].data
 
     def receive(self, sock: socket.socket) -> int:
         """Fill the rows with up to ``batch`` waiting datagrams without blocking; returns how many came.
@@ -126,23 +157,23 @@ class PacketArea:
         return n
 
     def next_rows(self) -> int:
-        """The next chunk of the last receive's datagrams, split into the rows (0: none left; always 0
-        without coalescing): each datagram's header into ``heads``, the rest into ``bodies``."""
+        """The next chunk of the last receive's datagrams in the rows (0: none left; always 0 without
+        coalescing): each datagram's header is copied into ``heads``; its body stays in the coalesced
+        buffer, where ``body_start`` and ``body_step`` tell (a chunk's rows are used before the next one)."""
         if not self.gro:
             return 0
         area = self._gro
         chunk = area.next_chunk(self.rows)
         if chunk is None:
             return 0
-        which, start, lengths = chunk
+        which, start, step, lengths = chunk
         n = len(which)
         self.lengths[:n] = lengths
         self.flags[:n] = area.flags[which]
         self.names[:n] = area.names[which]
-        head, width = self.head_bytes, min(int(lengths.max()) - self.head_bytes, self.body_bytes)
-        self.heads[:n] = area.rows_of(head)[start]
-        if width > 0:
-            self.bodies[:n, :width] = area.rows_of(width)[start + head]
+        self.heads[:n] = area.rows_of(self.head_bytes)[start]
+        self.body_start[:n] = start + self.head_bytes
+        self.body_step[:n] = step
         return n
 
     def _receive_one_by_one(self, sock: socket.socket) -> int:
@@ -210,9 +241,10 @@ class _CoalescedArea:
         self._next = 0
         return m
 
-    def next_chunk(self, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    def next_chunk(self, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
         """The datagrams of the next whole receives that fit ``rows`` (at least one receive: a receive holds
-        at most GRO_SEGMENTS <= rows): for each, its receive, where it starts in the buffer, its length."""
+        at most GRO_SEGMENTS <= rows): for each, its receive, where it starts in the buffer, where the next
+        datagram of its receive starts from there (the segment size), its length."""
         a, m = self._next, len(self._counts)
         if a >= m:
             return None
@@ -223,8 +255,9 @@ class _CoalescedArea:
         local = np.repeat(np.arange(b - a), count)  # the receive (from a) each datagram came in
         k = np.arange(n) - np.repeat(np.cumsum(count) - count, count)  # its place in that receive
         which = local + a
-        start = which * self.stride + k * size[local]
-        return which, start, np.minimum(size[local], whole[local] - k * size[local])
+        step = size[local]
+        start = which * self.stride + k * step
+        return which, start, step, np.minimum(step, whole[local] - k * step)
 
     def _segment_sizes(self, m: int, whole: np.ndarray) -> np.ndarray:
         """Each receive's datagram size: its UDP_GRO control message's, or its whole length (one datagram).
@@ -242,7 +275,7 @@ class ByteRows:
     rows with byte offsets gathers (or, assigned to, scatters) whole runs of bytes in one numpy call."""
 
     def __init__(self, buffer: np.ndarray) -> None:
-        self._buffer = buffer
+        self.buffer = buffer  # 1-D uint8
         self._views: dict[int, np.ndarray] = {}
 
     def __call__(self, width: int) -> np.ndarray:
@@ -250,7 +283,7 @@ class ByteRows:
         if view is None:
             if len(self._views) >= 16:  # widths a producer made up: do not keep them all
                 self._views.clear()
-            buffer = self._buffer
+            buffer = self.buffer
             view = self._views[width] = np.lib.stride_tricks.as_strided(
                 buffer, (len(buffer) - width + 1, width), (1, 1), writeable=True
             )

@@ -8,7 +8,10 @@ batch's chunk headers are judged with numpy at once (``protocol.udp.check_batch`
 and its good datagrams sorted into frames (``protocol.udp.group``). Python
 then runs once per frame in the batch (find or open it, parse chunk 0, look
 up which chunks it already has), never per datagram: every new chunk of the
-batch is copied to its offset in its frame's ring slot by one numpy
+batch is copied from where it landed in the packet area (a row, or with
+``gro`` its place in a coalesced receive buffer: the area says where) to its
+offset in its frame's ring slot, once, by one strided copy per run of
+chunks (with ``gro``, a GSO message's chunks are one run) or else one numpy
 assignment per chunk size (the ring seen as rows of that size starting at
 every byte), and the chunk and byte counts per frame come from ``bincount``.
 
@@ -80,7 +83,7 @@ class UdpOptions:
     datagram_bytes: int = udp.DEFAULT_DATAGRAM_BYTES  # size of reply datagrams
     max_datagram_bytes: int = 9216  # receive buffer per datagram (jumbo frames fit); larger ones: oversized
     batch: int = 1024  # datagrams per recvmmsg call (the most Linux takes): the numpy work per call is amortised
-    gro: bool = False  # let the kernel coalesce a sender's datagrams (UDP_GRO, Linux), split back by numpy
+    gro: bool = False  # let the kernel coalesce a sender's datagrams (UDP_GRO, Linux); bodies placed from there
     max_batches: int = 4  # batches per wake-up, then the loop runs other work
     recv_buffer_bytes: int = 16 * 1024 * 1024  # SO_RCVBUF asked for (the kernel may cap it)
     peer_idle_s: float = 60.0  # a producer with nothing in the server is forgotten after this long
@@ -206,7 +209,7 @@ class UdpListener(Listener):
                 set_receive_buffer(sock, self.options.recv_buffer_bytes)
             if self._area.gro and not enable_gro(sock):
                 log.info("udp listener %s: the kernel does not coalesce datagrams (no UDP_GRO): one per row", address)
-                self._area.gro = False
+                self._area.stop_coalescing()
             sock.bind(address)
         except BaseException:
             sock.close()
@@ -363,9 +366,7 @@ class UdpListener(Listener):
                 prev[a:b] = asm.seen[idx]
             head = head_l[k] and not incons[a] and not prev[a]
             if head:  # chunk 0: its frame header is parsed and admitted now
-                i = src_l[a]
-                start = i * area.body_bytes
-                chunk0 = area.bodies_flat[start : start + int(lengths[i]) - udp.HEADER_SIZE]
+                chunk0 = area.body(src_l[a])
                 used = self._on_head(peer, key, partial, chunk0, asm.count, asm.length)
                 if used < 0:
                     frames[k] = (peer, key, partial, True)
@@ -419,29 +420,36 @@ class UdpListener(Listener):
                 self._finish(peer, key, partial)
 
     def _place(self, dst: np.ndarray, rows: np.ndarray, width: np.ndarray) -> None:
-        """Copy ``width[j]`` bytes of packet-area row ``rows[j]`` to ring byte ``dst[j]``, per distinct width.
+        """Copy the body of packet-area row ``rows[j]`` (``width[j]`` bytes, where the area says it lies) to
+        ring byte ``dst[j]``, per distinct width.
 
-        In-order traffic, from one sender or several interleaved, comes in runs (consecutive packet-area
-        rows to consecutive places of one frame): each run is one slice copy. Otherwise (reordered) one
-        numpy assignment places them all: the ring seen as rows of that width starting at every byte.
+        In-order traffic, from one sender or several interleaved, comes in runs (bodies a constant step
+        apart in the area, to consecutive places of one frame): each run is one strided copy (with
+        coalescing, a GSO message's bodies in one). Otherwise (reordered) one numpy assignment places them
+        all: the area's and the ring's bytes seen as rows of that width starting at every byte.
         """
-        bodies = self._area.bodies
+        area = self._area
+        body_rows, body_start, body_step = area.body_rows, area.body_start, area.body_step
         sizes = np.unique(width).tolist() if (width != width[0]).any() else [int(width[0])]
         for size in sizes:
             if size == 0:
                 continue
             pick = (width == size) if len(sizes) > 1 else slice(None)
             d, r = dst[pick], rows[pick]
+            s = body_start[r]
             if len(r) > 1:
-                starts = np.flatnonzero((np.diff(r) != 1) | (np.diff(d) != size)) + 1
+                t = body_step[r]  # a run: each next body one step on, the same step throughout
+                starts = np.flatnonzero((np.diff(d) != size) | (np.diff(s) != t[:-1]) | (np.diff(t) != 0)) + 1
                 if len(starts) < max(_RUNS_COPIED, len(r) // _RUN_LENGTH):
-                    ring = self.admission.pool.buffer
+                    ring, source = self.admission.pool.buffer, body_rows(size)
                     bounds = [0, *starts.tolist(), len(r)]
-                    for a, b, at, row in zip(bounds[:-1], bounds[1:], d[bounds[:-1]].tolist(),
-                                             r[bounds[:-1]].tolist(), strict=True):  # fmt: skip
-                        ring[at : at + (b - a) * size].reshape(b - a, size)[:] = bodies[row : row + b - a, :size]
+                    firsts = bounds[:-1]
+                    for a, b, at, begin, step in zip(firsts, bounds[1:], d[firsts].tolist(), s[firsts].tolist(),
+                                                     t[firsts].tolist(), strict=True):  # fmt: skip
+                        m = b - a
+                        ring[at : at + m * size].reshape(m, size)[:] = source[begin : begin + m * step : step]
                     continue
-            self._ring_rows(size)[d] = bodies[r, :size]
+            self._ring_rows(size)[d] = body_rows(size)[s]
 
     def _ring_rows(self, size: int) -> np.ndarray:
         """The ring buffer as overlapping rows of ``size`` bytes, row i starting at byte i (no copy)."""

@@ -35,8 +35,7 @@ def _received(area: PacketArea, receiver: socket.socket) -> tuple[list[bytes], i
     while n:
         chunks += 1
         for i in range(n):
-            length = int(area.lengths[i])
-            got.append(area.heads[i].tobytes() + area.bodies[i, : length - HEAD].tobytes())
+            got.append(area.heads[i].tobytes() + bytes(area.body(i)))
         n = area.next_rows()
     return got, chunks
 
