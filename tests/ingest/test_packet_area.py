@@ -59,14 +59,17 @@ def test_coalesced_runs_are_split_into_their_datagrams_a_chunk_of_rows_at_a_time
     sender.close()
 
 
-@pytest.mark.skipif(not HAVE_RECVMMSG, reason="recvmmsg is Linux's")
-@pytest.mark.parametrize("gro", [False, True])
-def test_plain_datagrams_fill_the_rows_the_same_with_or_without_coalescing(gro: bool) -> None:
-    receiver, sender = _pair(gro)
+@pytest.mark.parametrize("gro, use_recvmmsg", [(False, True), (True, True), (True, False)])
+def test_plain_datagrams_fill_the_rows_the_same_with_or_without_coalescing(gro: bool, use_recvmmsg: bool) -> None:
+    """With recvmmsg, with coalescing, and on the fallback (recvmsg_into per datagram, which never coalesces)."""
+    if use_recvmmsg and not HAVE_RECVMMSG:
+        pytest.skip("recvmmsg is Linux's")
+    receiver, sender = _pair(gro and use_recvmmsg)
     sent = [bytes([i % 256]) * (40 + i) for i in range(300)]
     for datagram in sent:
         sender.send(datagram)
-    area = PacketArea(batch=256, head_bytes=HEAD, max_datagram=1500, gro=gro)
+    area = PacketArea(batch=256, head_bytes=HEAD, max_datagram=1500, use_recvmmsg=use_recvmmsg, gro=gro)
+    assert area.gro == (gro and use_recvmmsg)
     got, _ = _received(area, receiver)
     assert got == sent[:256] and not area.drained  # a full batch: more may wait
     rest, _ = _received(area, receiver)

@@ -8,7 +8,7 @@ import importlib.util
 import socket
 import sys
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any, cast
@@ -21,6 +21,7 @@ import pytest_asyncio
 from streamgpu import client
 from streamgpu.config import Config, ListenerSpec
 from streamgpu.errors import ConfigError
+from streamgpu.ingest import mmsg as mmsg_area
 from streamgpu.ingest import udp as udp_listener
 from streamgpu.ingest.admission import Admission
 from streamgpu.ingest.udp import UdpListener
@@ -446,9 +447,10 @@ def gso_send(sock: socket.socket, datagrams: list[bytes], per_send: int = 40) ->
 @pytest.mark.asyncio
 @pytest.mark.parametrize("server", [{"reassembly_timeout_s": 5, "gro": True}], indirect=True)
 async def test_coalesced_datagrams_are_split_back_and_every_frame_is_answered(server: Server) -> None:
-    """UDP_GRO on the listener (option gro): a GSO producer's runs arrive as one receive each and are split
-    back into datagrams by numpy; more datagrams in one receive call than the rows hold go a chunk of rows at a
-    time. A duplicate run and a run out of order cost nothing but counts; every frame gets its own result."""
+    """UDP_GRO on the listener (option gro): a GSO producer's runs arrive as one receive each, their headers
+    read as rows and their bodies placed from where they landed; more datagrams in one receive call than the
+    rows hold go a chunk of rows at a time. A duplicate run and a run out of order cost nothing but counts;
+    every frame gets its own result."""
     if not udp_stats(server)["gro"]:
         pytest.skip("this kernel does not coalesce UDP datagrams (UDP_GRO)")
     inputs = frames(12, seed=21)
@@ -475,3 +477,146 @@ async def test_coalesced_datagrams_are_split_back_and_every_frame_is_answered(se
     finally:
         await conn.close()
     assert server.pool.slots_in_use == 0
+
+
+def placed_payloads(server: Server, monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The payload bytes of every frame the UDP listener submits, read from its ring slot as submitted."""
+    (listener,) = [x for x in server._listeners if isinstance(x, UdpListener)]
+    admission = listener.admission
+    placed: list[bytes] = []
+    submit = admission.submit
+
+    def spy(frame: Any) -> None:
+        placed.append(bytes(admission.pool.view(frame.slot)))
+        submit(frame)
+
+    monkeypatch.setattr(admission, "submit", spy)
+    return placed
+
+
+async def coalesced_round(server: Server, monkeypatch: pytest.MonkeyPatch, runs_copied: int, senders: int,
+                          per_sender: int, messages: Callable[[list[list[bytes]]], list[list[bytes]]]
+                          ) -> dict[str, Any]:  # fmt: skip
+    """``senders`` producers each submit ``per_sender`` distinct frames; ``messages(held)`` turns one producer's
+    frames (a list of datagrams each) into the GSO messages it sends (lists of datagrams). The producers'
+    messages are sent interleaved, in one burst (read by as few receive calls as the listener's batch allows).
+    Every frame must be answered with its result and every payload placed byte for byte."""
+    if not udp_stats(server)["gro"]:
+        pytest.skip("this kernel does not coalesce UDP datagrams (UDP_GRO)")
+    monkeypatch.setattr(udp_listener, "_RUNS_COPIED", runs_copied)  # 0: every batch placed by the gathering copy
+    if not runs_copied:
+        monkeypatch.setattr(udp_listener, "_RUN_LENGTH", 1 << 30)
+    inputs = frames(senders * per_sender, seed=33)
+    expected = await reference(server, inputs)
+    placed = placed_payloads(server, monkeypatch)
+    conns: list[Any] = []
+    futures: list[Any] = []
+    sends: list[list[tuple[socket.socket, list[bytes]]]] = []
+    try:
+        for s in range(senders):
+            conn = await client.connect_udp("127.0.0.1", udp_port(server), datagram_bytes=GRAM, reply_timeout=5)
+            conns.append(conn)
+            held: list[list[bytes]] = []
+
+            def hold(encoded: Any, held: list[list[bytes]] = held) -> None:
+                held.append([udp.join(parts) for parts in encoded])
+
+            conn._write = hold  # type: ignore[method-assign]
+            futures.extend(conn.submit(f, stream_id=s) for f in inputs[s * per_sender : (s + 1) * per_sender])
+            assert all(len(grams) == 4 and len(grams[3]) < GRAM for grams in held)  # the last chunk is short
+            sends.append([(conn.socket, m) for m in messages(held)])
+        total = 0
+        for k in range(max(len(m) for m in sends)):  # the producers' messages interleaved
+            for theirs in sends:
+                if k < len(theirs):
+                    sock, message = theirs[k]
+                    total += len(message)
+                    gso_send(sock, message, per_send=len(message))
+        replies = await asyncio.gather(*futures)
+        for reply, want in zip(replies, expected, strict=True):
+            assert reply.ok and same(reply.unwrap(), want), reply
+        assert sorted(placed) == sorted(f.tobytes() for f in inputs)  # every payload byte where it belongs
+        stats = udp_stats(server)
+        assert stats["datagrams"] == total and stats.get("duplicates", 0) == 0, stats
+        assert stats["receive_calls"] < sum(len(m) for m in sends), stats  # several messages per receive call
+    finally:
+        for conn in conns:
+            await conn.close()
+    assert server.pool.slots_in_use == 0
+    return stats
+
+
+def mixed_runs(held: list[list[bytes]]) -> list[list[bytes]]:
+    """Frames four at a time: (a) one run with chunk 0 second and the short chunk last; (b) chunks 1 and 2
+    (consecutive: one strided copy) as one run before a run of chunk 0 and the short chunk; (c, d) two
+    frames' chunks interleaved in one run, chunk 0 of d inside it, then their two short chunks as one run."""
+    out: list[list[bytes]] = []
+    for j in range(0, len(held), 4):
+        a, b, c, d = held[j : j + 4]
+        out += [[a[1], a[0], a[2], a[3]], [b[1], b[2]], [b[0], b[3]]]
+        out += [[c[0], d[0], c[1], c[2], d[1], d[2]], [c[3], d[3]]]
+    return out
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("server", [{"reassembly_timeout_s": 5, "gro": True, "batch": 4}], indirect=True)
+@pytest.mark.parametrize("runs_copied", [0, udp_listener._RUNS_COPIED])
+async def test_coalesced_bodies_are_placed_byte_for_byte_from_where_they_landed(
+    server: Server, runs_copied: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With gro, chunk bodies are copied straight from the coalesced receive buffers: three producers'
+    runs, interleaved, with chunk 0 inside a run, runs out of order, two frames' chunks mixed in one run and
+    short last segments. Each frame's payload is checked byte for byte, by a strided copy per run and by
+    the gathering copy (runs_copied 0)."""
+    await coalesced_round(server, monkeypatch, runs_copied, senders=3, per_sender=8, messages=mixed_runs)
+
+
+def shuffled_message(held: list[list[bytes]]) -> list[list[bytes]]:
+    """Every frame's full-size chunks shuffled into one GSO message, then every frame's short chunk in another."""
+    full = [g for grams in held for g in grams[:3]]
+    order = np.random.default_rng(len(full)).permutation(len(full)).tolist()
+    return [[full[i] for i in order], [grams[3] for grams in held]]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "server", [{"reassembly_timeout_s": 5, "gro": True, "batch": 4, "max_partial_frames": 64}], indirect=True
+)
+async def test_a_shuffled_coalesced_message_is_placed_byte_for_byte_a_chunk_of_rows_at_a_time(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two producers each send 20 frames as one GSO message of their 60 full-size chunks shuffled (chunk 0s
+    anywhere in it) and one of their 20 short chunks: a receive call takes 160 datagrams, more than the 128
+    rows, so the second chunk of rows points into receives past the first; the shuffle makes the listener
+    place by its gathering copy (too many runs). Every payload is checked byte for byte."""
+    stats = await coalesced_round(server, monkeypatch, udp_listener._RUNS_COPIED, senders=2, per_sender=20,
+                                  messages=shuffled_message)  # fmt: skip
+    assert stats["receive_calls"] == 1, stats  # all four receives in one call: it was split into two chunks
+
+
+@pytest.mark.asyncio
+async def test_without_recvmmsg_the_fallback_receive_places_every_payload_byte_for_byte(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where recvmmsg is missing the packet area is filled one recvmsg_into at a time (and gro cannot apply):
+    frames sent in order and reordered are placed byte for byte all the same."""
+    monkeypatch.setattr(mmsg_area, "HAVE_RECVMMSG", False)
+    async with Server(make_config(reassembly_timeout_s=5, gro=True)) as srv:
+        assert udp_stats(srv)["gro"] is False
+        inputs = frames(6, seed=8)
+        expected = await reference(srv, inputs)
+        placed = placed_payloads(srv, monkeypatch)
+        conn = await client.connect_udp("127.0.0.1", udp_port(srv), datagram_bytes=GRAM, reply_timeout=5)
+        held: list[list[bytes]] = []
+        conn._write = lambda encoded: held.append([udp.join(parts) for parts in encoded])  # type: ignore[method-assign]
+        try:
+            futures = [conn.submit(f) for f in inputs]
+            for i, grams_ in enumerate(held):
+                for g in grams_[::-1] if i % 2 else grams_:
+                    conn.socket.send(g)
+            replies = await asyncio.gather(*futures)
+        finally:
+            await conn.close()
+        for reply, want in zip(replies, expected, strict=True):
+            assert reply.ok and same(reply.unwrap(), want), reply
+        assert sorted(placed) == sorted(f.tobytes() for f in inputs)
