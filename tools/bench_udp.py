@@ -21,8 +21,10 @@
 2. ``place``: the listener's own work per receive batch (1024 datagrams
    already in the packet area: judged, grouped into frames, placed in ring
    slots, frames opened and given up), in three traffic patterns: in order
-   from one sender, reordered within 16, four senders interleaved. No socket:
-   this is the part of the listener that is Python, without the kernel's.
+   from one sender, reordered within 16, four senders interleaved; and with
+   ``gro = true``, the batch as coalesced receives of ``--gso`` datagrams
+   (one sender, four in turn). No socket: this is the part of the listener
+   that is Python, without the kernel's.
 
 3. ``sender``: datagrams/s one Python producer pushes over loopback with
    ``streamgpu.mmsg.Sender`` (what ``connect_udp`` uses), with and without
@@ -349,12 +351,15 @@ def suite_ingest(args: argparse.Namespace) -> dict[str, Any]:
 # --- placement alone: the listener's batch handling over a packet area filled in advance ----------------
 
 
-def place_batches(pattern: str, rounds: int) -> float:
+def place_batches(pattern: str, rounds: int, gso: int = 40) -> float:
     """Seconds per datagram the UDP listener of a real server (CPU backend) spends on one receive batch of
     1024 datagrams (1400 bytes, 107-chunk frames, chunk 0 never sent: frames are opened, filled and given
     up), no socket involved. Patterns: ``in-order`` (one sender), ``reordered`` (shuffled within 16),
-    ``interleaved`` (4 senders, 32 datagrams each in turn). Drives the listener's private batch entry point:
-    a measurement of that step alone, not an API."""
+    ``interleaved`` (4 senders, 32 datagrams each in turn); ``gro ...``: the same two with the listener's
+    ``gro = true``, the datagrams coalesced in runs of ``gso`` (as GSO senders' messages arrive; ``gro
+    interleaved``: one sender's run after another's), timed from splitting the receives into rows.
+    Drives the listener's private batch entry point and the packet area's coalesced buffers: a
+    measurement of that step alone, not an API."""
     import numpy as np
 
     from streamgpu.config import Config, ListenerSpec
@@ -364,9 +369,14 @@ def place_batches(pattern: str, rounds: int) -> float:
     from streamgpu.server import Server
 
     count, step, n = 108, DATAGRAM - udp.HEADER_SIZE, 1024
-    senders = 4 if pattern == "interleaved" else 1
+    gro = pattern.startswith("gro ")
+    senders = 4 if pattern.endswith("interleaved") else 1
     rows = [(s, s * 1000 + i // (count - 1), 1 + i % (count - 1)) for s in range(senders) for i in range(n // senders)]
-    if pattern == "interleaved":
+    runs: list[list[tuple[int, int, int]]] = []  # gro: the coalesced receives, each one sender's run
+    if gro:
+        mine = n // senders
+        runs = [rows[s * mine :][k : min(k + gso, mine)] for k in range(0, mine, gso) for s in range(senders)]
+    elif pattern == "interleaved":
         rows = [
             r
             for k in range(0, n // senders, 32)
@@ -379,11 +389,13 @@ def place_batches(pattern: str, rounds: int) -> float:
             rows[k : k + 16] = [rows[k + j] for j in rng.permutation(len(rows[k : k + 16]))]
 
     async def run() -> float:
-        spec = ListenerSpec("udp", "127.0.0.1", 0, {"reassembly_timeout_s": 5.0})
+        spec = ListenerSpec("udp", "127.0.0.1", 0, {"reassembly_timeout_s": 5.0, "gro": gro})
         async with Server(Config(listeners=[spec], device="cpu")) as srv:
             srv.pool.buffer[:] = 0  # touch the ring's pages, as a running server has
             (listener,) = [x for x in srv._listeners if isinstance(x, UdpListener)]
             area = listener._area
+            if gro:
+                return coalesced(listener, area)
             area.bodies[:n] = 7
             for j, (s, seq, index) in enumerate(rows):
                 head = udp.ChunkHeader(udp.Kind.FRAME, 0, seq, index, count, (index - 1) * step, (count - 1) * step)
@@ -403,17 +415,50 @@ def place_batches(pattern: str, rounds: int) -> float:
                 await asyncio.sleep(0)
             return spent / (rounds * n)
 
+    def coalesced(listener: Any, area: Any) -> float:
+        """As if one receive call had brought ``runs`` coalesced, a run per receive buffer."""
+        assert area.gro, "this kernel has no UDP_GRO"
+        g = area._gro
+        heads_at = []
+        for j, run_ in enumerate(runs):
+            for k, (_, seq, index) in enumerate(run_):
+                at = j * g.stride + k * DATAGRAM
+                head = udp.ChunkHeader(udp.Kind.FRAME, 0, seq, index, count, (index - 1) * step, (count - 1) * step)
+                g._buffer[at : at + udp.HEADER_SIZE] = np.frombuffer(udp.encode_chunk_header(head), np.uint8)
+                g._buffer[at + udp.HEADER_SIZE : at + DATAGRAM] = 7
+                heads_at.append(at)
+            sender = bytes([2, 0]) + (40000 + run_[0][0]).to_bytes(2, "big") + bytes([127, 0, 0, 1])
+            g.names[j, :8] = np.frombuffer(sender, np.uint8)
+        where = np.array(heads_at)
+        m = len(runs)
+        g.flags[:m] = 0
+        counts = np.array([len(r) for r in runs], np.int64)
+        whole, size = counts * DATAGRAM, np.full(m, DATAGRAM, np.int64)
+        spent = 0.0
+        for _ in range(rounds):
+            heads = g.rows_of(udp.HEADER_SIZE)[where]
+            heads[:, 12:20].view(np.uint64)[:] += np.uint64(1 << 20)  # new frames every round
+            g.rows_of(udp.HEADER_SIZE)[where] = heads
+            g._whole, g._size, g._counts, g._next = whole, size, counts, 0  # what receive() notes
+            t0 = time.perf_counter()
+            k = area.next_rows()
+            while k:
+                listener._batch(k)
+                k = area.next_rows()
+            spent += time.perf_counter() - t0
+        return spent / (rounds * n)
+
     return new_event_loop("auto").run_until_complete(run())
 
 
 def suite_place(args: argparse.Namespace) -> dict[str, Any]:
     result = {}
     print("\nplacement alone (the listener's work per receive batch of 1024, no socket)")
-    print(f"{'pattern':<14}{'us/datagram':>12}{'datagrams/s':>14}")
-    for pattern in ("in-order", "reordered", "interleaved"):
-        per = place_batches(pattern, args.rounds)
+    print(f"{'pattern':<18}{'us/datagram':>12}{'datagrams/s':>14}")
+    for pattern in ("in-order", "reordered", "interleaved", "gro in-order", "gro interleaved"):
+        per = place_batches(pattern, args.rounds, args.gso or 40)
         result[pattern] = {"us_per_datagram": per * 1e6, "per_s": 1 / per}
-        print(f"{pattern:<14}{per * 1e6:>12.2f}{1 / per:>14,.0f}")
+        print(f"{pattern:<18}{per * 1e6:>12.2f}{1 / per:>14,.0f}")
     return result
 
 
