@@ -72,7 +72,11 @@ def enable_gro(sock: socket.socket) -> bool:
 
 
 class PacketArea:
-    """Preallocated receive buffers for ``batch`` datagrams and the ``recvmmsg`` vector pointing into them."""
+    """Preallocated receive buffers for ``batch`` datagrams and the ``recvmmsg`` vector pointing into them.
+
+    Row ``i`` of a receive: ``heads[i]``, ``lengths[i]`` (header included), ``flags[i]``, ``names[i]``; its
+    body is ``body(i)``, or for many rows at once where ``body_rows``, ``body_start`` and ``body_step`` say.
+    """
 
     def __init__(
         self, batch: int, head_bytes: int, max_datagram: int, use_recvmmsg: bool = True, gro: bool = False

@@ -290,7 +290,7 @@ class UdpListener(Listener):
             if n == 0:
                 return
             self._counts["receive_calls"] += 1
-            while n:  # coalesced receives are split into the rows a chunk at a time
+            while n:  # coalesced receives come into the rows a chunk at a time (bodies stay where they landed)
                 self._counts["datagrams"] += n
                 self._batch(n)
                 n = area.next_rows()
