@@ -18,12 +18,15 @@ rows, by numpy, a chunk of rows at a time; its body stays where it landed.
 Where each row's body lies is told the same way in both modes, and only
 here: ``body_rows`` (the buffer the bodies are in, as rows of any width
 starting at any byte: :class:`ByteRows`), ``body_start[i]`` (where row
-``i``'s body starts in it) and ``body_step[i]`` (how far the next datagram
-of row ``i``'s run starts: ``body_bytes`` between rows, the segment size in
-a coalesced run). A reader copies a run of rows whose starts are a
-constant step apart with one strided copy, and any other set of rows with
-one gather. In coalescing mode the rows point into the coalesced buffers,
-which the next ``receive`` overwrites: a chunk is used up before then.
+``i``'s body starts in it) and ``body_step[i]`` (how far on the next
+datagram in line starts: ``body_bytes`` from row to row, the segment size
+in a coalesced run, the buffer stride from one lone datagram's receive to
+the next). A reader copies a run of rows whose starts are a constant step
+apart with one strided copy, and any other set of rows with one gather.
+The step only says which rows may form a run: a reader checks the starts
+themselves, so a step that is off splits runs, it never misplaces a byte.
+In coalescing mode the rows point into the coalesced buffers, which the
+next ``receive`` overwrites: a chunk is used up before then.
 
 Measured (tools/bench_udp.py) against a C ``recvmmsg`` receiver on the same
 machine; the per-call Python cost is fixed, so larger batches amortise it.
@@ -247,8 +250,9 @@ class _CoalescedArea:
 
     def next_chunk(self, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
         """The datagrams of the next whole receives that fit ``rows`` (at least one receive: a receive holds
-        at most GRO_SEGMENTS <= rows): for each, its receive, where it starts in the buffer, where the next
-        datagram of its receive starts from there (the segment size), its length."""
+        at most GRO_SEGMENTS <= rows): for each, its receive, where it starts in the buffer, how far on the
+        next datagram in line starts (of its receive: the segment size; for a receive of one datagram, the
+        next receive's first: the buffer stride), its length."""
         a, m = self._next, len(self._counts)
         if a >= m:
             return None
@@ -259,9 +263,11 @@ class _CoalescedArea:
         local = np.repeat(np.arange(b - a), count)  # the receive (from a) each datagram came in
         k = np.arange(n) - np.repeat(np.cumsum(count) - count, count)  # its place in that receive
         which = local + a
-        step = size[local]
-        start = which * self.stride + k * step
-        return which, start, step, np.minimum(step, whole[local] - k * step)
+        size = size[local]
+        start = which * self.stride + k * size
+        # Lone datagrams (not coalesced: a plain sender's) in consecutive receives lie a stride apart: a run too.
+        step = np.where(count[local] == 1, self.stride, size)
+        return which, start, step, np.minimum(size, whole[local] - k * size)
 
     def _segment_sizes(self, m: int, whole: np.ndarray) -> np.ndarray:
         """Each receive's datagram size: its UDP_GRO control message's, or its whole length (one datagram).

@@ -620,3 +620,15 @@ async def test_without_recvmmsg_the_fallback_receive_places_every_payload_byte_f
         for reply, want in zip(replies, expected, strict=True):
             assert reply.ok and same(reply.unwrap(), want), reply
         assert sorted(placed) == sorted(f.tobytes() for f in inputs)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("server", [{"reassembly_timeout_s": 5, "gro": True, "batch": 64}], indirect=True)
+@pytest.mark.parametrize("runs_copied", [0, udp_listener._RUNS_COPIED])
+async def test_plain_datagrams_to_a_coalescing_listener_are_placed_byte_for_byte(
+    server: Server, runs_copied: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plain producer (one datagram per message) to a listener with gro: each datagram is a receive of its
+    own, consecutive ones a receive buffer apart, placed as runs all the same (and by the gathering copy)."""
+    await coalesced_round(server, monkeypatch, runs_copied, senders=1, per_sender=8,
+                          messages=lambda held: [[g] for grams in held for g in grams])  # fmt: skip
