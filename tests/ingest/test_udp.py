@@ -558,17 +558,25 @@ def mixed_runs(held: list[list[bytes]]) -> list[list[bytes]]:
     return out
 
 
+def lone_datagrams(held: list[list[bytes]]) -> list[list[bytes]]:
+    """A plain producer: every datagram a message of its own, in order."""
+    return [[g] for grams in held for g in grams]
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("server", [{"reassembly_timeout_s": 5, "gro": True, "batch": 4}], indirect=True)
 @pytest.mark.parametrize("runs_copied", [0, udp_listener._RUNS_COPIED])
+@pytest.mark.parametrize("senders, messages", [(3, mixed_runs), (1, lone_datagrams)], ids=["mixed", "lone"])
 async def test_coalesced_bodies_are_placed_byte_for_byte_from_where_they_landed(
-    server: Server, runs_copied: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """With gro, chunk bodies are copied straight from the coalesced receive buffers: three producers'
-    runs, interleaved, with chunk 0 inside a run, runs out of order, two frames' chunks mixed in one run and
-    short last segments. Each frame's payload is checked byte for byte, by a strided copy per run and by
-    the gathering copy (runs_copied 0)."""
-    await coalesced_round(server, monkeypatch, runs_copied, senders=3, per_sender=8, messages=mixed_runs)
+    server: Server, runs_copied: int, senders: int, messages: Callable[[list[list[bytes]]], list[list[bytes]]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """With gro, chunk bodies are copied straight from the coalesced receive buffers. ``mixed``: three
+    producers' runs, interleaved, with chunk 0 inside a run, runs out of order, two frames' chunks mixed in
+    one run and short last segments; ``lone``: a plain producer's datagrams, a receive each (consecutive ones
+    a receive buffer apart, placed as runs all the same). Each frame's payload is checked byte for byte, by
+    a strided copy per run and by the gathering copy (runs_copied 0)."""
+    await coalesced_round(server, monkeypatch, runs_copied, senders=senders, per_sender=8, messages=messages)
 
 
 def shuffled_message(held: list[list[bytes]]) -> list[list[bytes]]:
@@ -620,15 +628,3 @@ async def test_without_recvmmsg_the_fallback_receive_places_every_payload_byte_f
         for reply, want in zip(replies, expected, strict=True):
             assert reply.ok and same(reply.unwrap(), want), reply
         assert sorted(placed) == sorted(f.tobytes() for f in inputs)
-
-
-@pytest.mark.asyncio
-@pytest.mark.parametrize("server", [{"reassembly_timeout_s": 5, "gro": True, "batch": 64}], indirect=True)
-@pytest.mark.parametrize("runs_copied", [0, udp_listener._RUNS_COPIED])
-async def test_plain_datagrams_to_a_coalescing_listener_are_placed_byte_for_byte(
-    server: Server, runs_copied: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A plain producer (one datagram per message) to a listener with gro: each datagram is a receive of its
-    own, consecutive ones a receive buffer apart, placed as runs all the same (and by the gathering copy)."""
-    await coalesced_round(server, monkeypatch, runs_copied, senders=1, per_sender=8,
-                          messages=lambda held: [[g] for grams in held for g in grams])  # fmt: skip
