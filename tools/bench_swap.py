@@ -175,7 +175,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     versions = weights(tmp, arch)
     base = ModelSpec(name="m", source=versions[0], arch=arch, input_shape=shape, precision=args.precision,
                      max_batch_size=args.max_batch, compile=args.compile)  # fmt: skip
-    cfg = Config(listeners=[ListenerSpec(port=0)], device=args.device, models=[base], shutdown_timeout_s=30)
+    cfg = Config(listeners=[ListenerSpec(port=0)], device=args.device, models=[base], shutdown_timeout_s=30,
+                 ingest_workers=args.ingest_workers)  # fmt: skip
     server = Server(cfg)
     await server.start()
     assert server.backend is not None
@@ -319,6 +320,7 @@ def main() -> int:
     parser.add_argument("--warmup-s", type=float, default=3.0)
     parser.add_argument("--steady-s", type=float, default=10.0)
     parser.add_argument("--between-s", type=float, default=0.05, help="pause after each swap")
+    parser.add_argument("--ingest-workers", type=int, default=0, help="the server's ingest_workers (0: one process)")
     parser.add_argument("--loop", default="auto")
     parser.add_argument("--json", default="bench_swap.json", help="where to write the figures")
     args = parser.parse_args()
