@@ -176,7 +176,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     base = ModelSpec(name="m", source=versions[0], arch=arch, input_shape=shape, precision=args.precision,
                      max_batch_size=args.max_batch, compile=args.compile)  # fmt: skip
     cfg = Config(listeners=[ListenerSpec(port=0)], device=args.device, models=[base], shutdown_timeout_s=30,
-                 ingest_workers=args.ingest_workers)  # fmt: skip
+                 ingest_workers=args.ingest_workers, max_payload_bytes=1 << 20)  # fmt: skip
     server = Server(cfg)
     await server.start()
     assert server.backend is not None
