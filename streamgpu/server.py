@@ -22,6 +22,7 @@ from streamgpu.gpu.backend import Backend, DeviceModel, create_backend
 from streamgpu.ingest import listener_class, make_listener
 from streamgpu.ingest.admission import Admission
 from streamgpu.ingest.base import Listener
+from streamgpu.loops import freeze_heap_once
 from streamgpu.memory import HostSegment, SlotPool
 from streamgpu.metrics import ReplyCounts
 from streamgpu.models.manager import ModelManager, ModelState
@@ -77,6 +78,7 @@ class Server:
             listener_class(listener_spec.kind).check_bind(listener_spec)
         self.backend = backend = create_backend(loop, cfg)
         log.info("data path: %s", backend.data_path)
+        freeze_heap_once()  # torch and the backend are in; models are not (they stay collectable)
         self._segment = segment = HostSegment.create(cfg.ring_bytes)
         await loop.run_in_executor(self._loader, backend.attach_host, segment.buffer)
         self._pool = SlotPool(segment.buffer, defer=loop.call_soon)

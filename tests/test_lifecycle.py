@@ -129,6 +129,31 @@ async def test_the_loop_gets_the_gil_quickly_while_a_model_loads(
     assert sys.getswitchinterval() == before
 
 
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_load_beside_serving_models_leaves_the_loop_most_of_the_gil(
+    served: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two runnable threads share the GIL about evenly: a load's Python must pause itself to leave the
+    # loop more. Here the load is 0.3 s of pure Python; the loader thread must have run at most half of it.
+    shares: list[float] = []
+
+    def busy() -> None:
+        pass
+
+    def load_module(spec: ModelSpec) -> nn.Module:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        while time.perf_counter() - wall < 0.3:
+            busy()
+        shares.append((time.thread_time() - cpu) / (time.perf_counter() - wall))
+        return real_load_module(spec)
+
+    real_load_module = manager.load_module
+    monkeypatch.setattr(manager, "load_module", load_module)
+    await served.swap_model("m", spec(versioned(tmp_path, 2)))
+    assert shares and shares[0] < 0.5, f"the loader ran {shares[0]:.0%} of the time"
+    assert sys.getprofile() is None
+
+
 @pytest.mark.asyncio
 async def test_swap_and_unload_while_a_producer_streams(served: Server, tmp_path: Path) -> None:
     conn = await client.connect("127.0.0.1", served.port)

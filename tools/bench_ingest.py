@@ -384,11 +384,12 @@ def part_loop(args: argparse.Namespace) -> dict[str, Any]:
 # -- saturate: servers over loopback ---------------------------------------------------------------
 
 
-def serve(out: Path, name: str, shape: tuple[int, ...], workers: int, device: str) -> Any:
+def serve(out: Path, name: str, shape: tuple[int, ...], workers: int, device: str, max_batch: int) -> Any:
     toml = "\n".join([
         "[server]", "port = 0", f'device = "{device}"', f"ingest_workers = {workers}",
         "ring_bytes = 1073741824", "max_payload_bytes = 16777216", "",
         "[[models]]", 'name = "default"', 'source = "builtin:small"', f"input_shape = {list(shape)}",
+        f"max_batch_size = {max_batch}",
     ])  # fmt: skip
     path = Path(tempfile.mkdtemp()) / f"{name}.toml"
     path.write_text(toml + "\n")
@@ -426,7 +427,7 @@ def part_saturate(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     for label, shape in sizes.items():
         for workers in (0, args.ingest_workers):
             name = f"{label}_w{workers}"
-            with serve(out, name, shape, workers, args.device) as port:
+            with serve(out, name, shape, workers, args.device, args.max_batch) as port:
                 pid = server_pid(name)
                 for producers in producers_list:
                     procs = min(producers, args.generators)
@@ -467,6 +468,7 @@ def main() -> int:
     parser.add_argument("--in-flight", type=int, default=256, help="frames in flight, in total")
     parser.add_argument("--generators", type=int, default=8, help="load generator processes at most")
     parser.add_argument("--window", type=float, default=3.0)
+    parser.add_argument("--max-batch", type=int, default=32, help="saturate: the model's max_batch_size")
     parser.add_argument("--sizes", default=",".join(SIZES), help="frame sizes to run (3KB, 150KB)")
     parser.add_argument("--producers", default=",".join(map(str, PRODUCERS)), help="producer counts")
     parser.add_argument("--micro-frames", type=int, default=32768)

@@ -117,6 +117,44 @@ def steady_gaps(trace: list[BatchTrace]) -> list[float]:
     return gaps
 
 
+class LoopWatch:
+    """Ticks on the loop every ``period_s``: how late each tick ran (the loop's lag) and when the version of
+    ``name`` that new batches launch on changed (a swap's switch), both on ``time.monotonic``."""
+
+    def __init__(self, server: Any, name: str, period_s: float = 0.001) -> None:
+        self._server, self._name, self._period = server, name, period_s
+        self.lags: list[tuple[float, float]] = []  # (tick, seconds late)
+        self.switches: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _run(self) -> None:
+        serving = self._server.serving(self._name)
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(self._period)
+            now = time.monotonic()
+            self.lags.append((now, now - before - self._period))
+            current = self._server.serving(self._name)
+            if current is not serving:
+                serving = current
+                self.switches.append(now)
+
+    def lag_p99_ms(self, windows: list[tuple[float, float]]) -> float:
+        return percentile([lag for t, lag in self.lags if any(a <= t <= b for a, b in windows)], 99) * 1e3
+
+
+def batch_ms(trace: list[BatchTrace], size: int) -> float:
+    """Median device time of the traced batches of ``size`` frames."""
+    return percentile([(b.end_s - b.start_s) for b in trace if b.size == size], 50) * 1e3
+
+
 def device_memory(device: str) -> int | None:
     if device != "cuda":
         return None
@@ -137,7 +175,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     versions = weights(tmp, arch)
     base = ModelSpec(name="m", source=versions[0], arch=arch, input_shape=shape, precision=args.precision,
                      max_batch_size=args.max_batch, compile=args.compile)  # fmt: skip
-    cfg = Config(listeners=[ListenerSpec(port=0)], device=args.device, models=[base], shutdown_timeout_s=30)
+    cfg = Config(listeners=[ListenerSpec(port=0)], device=args.device, models=[base], shutdown_timeout_s=30,
+                 ingest_workers=args.ingest_workers, max_payload_bytes=1 << 20)  # fmt: skip
     server = Server(cfg)
     await server.start()
     assert server.backend is not None
@@ -154,6 +193,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     assert await loop.run_in_executor(None, receive.recv) == "ready"
     await asyncio.sleep(args.warmup_s)
 
+    watch = LoopWatch(server, "m")
+    watch.start()
     steady_from = time.monotonic()
     steady_trace_from = len(trace)
     await asyncio.sleep(args.steady_s)
@@ -168,6 +209,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 
     windows: list[tuple[float, float]] = []
     swaps: list[dict[str, Any]] = []
+    swaps_trace_from = len(trace)
     for i in range(args.swaps):
         old = server.serving("m")
         start = time.monotonic()
@@ -178,6 +220,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         swaps.append({"old": old, "new": new, "seconds": end - start})
         await asyncio.sleep(args.between_s)  # the new version's first batches are traced
     memory_end = device_memory(device)
+    watch.stop()
     stop.set()
     records: list[tuple[float, float, int]] = await loop.run_in_executor(None, receive.recv)
     proc.join()
@@ -199,6 +242,12 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     during = [lat for sent, lat, status in records if status == 0 and any(a <= sent <= b for a, b in windows)]
     failed = sum(1 for _, _, status in records if status != 0)
     between = steady_gaps(steady_trace)
+    # Where the p99 goes: while the new version loads (warm-up, capture) or from its switch to the old one freed.
+    switch_at = [min((t for t in watch.switches if a <= t <= b), default=b) for a, b in windows]
+    loading = [(a, s) for (a, _), s in zip(windows, switch_at, strict=True)]
+    switching = [(s, b) for (_, b), s in zip(windows, switch_at, strict=True)]
+    sizes = np.bincount([b.size for b in steady_trace]) if steady_trace else np.zeros(1, int)
+    common = int(sizes.argmax())
     result = {
         "device": device_name, "model": args.model, "precision": args.precision,
         "shape": list(shape), "swaps": len(swaps), "frames": len(records), "frames_failed_or_refused": failed,
@@ -211,6 +260,15 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "frames_during_swaps": len(during),
         "memory_before_load": memory_before, "memory_loaded": memory_loaded, "memory_after_unload": memory_after,
         "memory_after_swaps": memory_end,
+        "p99_while_loading_ms": percentile(
+            [lat for sent, lat, st in records if st == 0 and any(a <= sent < b for a, b in loading)], 99) * 1e3,
+        "p99_switch_to_freed_ms": percentile(
+            [lat for sent, lat, st in records if st == 0 and any(a <= sent <= b for a, b in switching)], 99) * 1e3,
+        "switch_to_freed_s_p50": percentile([b - a for a, b in switching], 50),
+        "loop_lag_p99_ms": {"steady": watch.lag_p99_ms([(steady_from, steady_to)]),
+                            "loading": watch.lag_p99_ms(loading), "switch_to_freed": watch.lag_p99_ms(switching)},
+        "batch_size_common": common,
+        "batch_ms_p50": {"steady": batch_ms(steady_trace, common), "swaps": batch_ms(trace[swaps_trace_from:], common)},
     }  # fmt: skip
     result["p99_ratio"] = result["p99_during_swaps_ms"] / result["p99_steady_ms"]
     if memory_before:
@@ -233,6 +291,13 @@ def table(r: dict[str, Any]) -> str:
         ("frames refused or failed", str(r["frames_failed_or_refused"])),
         ("p99 during swaps vs steady", f"{r['p99_during_swaps_ms']:.2f} ms vs {r['p99_steady_ms']:.2f} ms "
                                        f"(x{r['p99_ratio']:.3f}, {r['frames_during_swaps']} frames)"),
+        ("p99 sent while loading / switch to freed", f"{r['p99_while_loading_ms']:.2f} ms / "
+                                                     f"{r['p99_switch_to_freed_ms']:.2f} ms "
+                                                     f"(switch to freed: {r['switch_to_freed_s_p50'] * 1e3:.0f} ms)"),
+        ("loop lag p99 (1 ms ticks)", "steady {steady:.2f} ms, loading {loading:.2f} ms, switch to freed "
+                                      "{switch_to_freed:.2f} ms".format(**r["loop_lag_p99_ms"])),
+        (f"device ms per batch of {r['batch_size_common']}", "steady {steady:.2f}, during swaps {swaps:.2f}"
+                                                             .format(**r["batch_ms_p50"])),
         ("device memory", mem),
         ("one swap (load+warm+capture+switch+free)", f"{r['swap_seconds_p50']:.2f} s median"),
     ]  # fmt: skip
@@ -255,6 +320,7 @@ def main() -> int:
     parser.add_argument("--warmup-s", type=float, default=3.0)
     parser.add_argument("--steady-s", type=float, default=10.0)
     parser.add_argument("--between-s", type=float, default=0.05, help="pause after each swap")
+    parser.add_argument("--ingest-workers", type=int, default=0, help="the server's ingest_workers (0: one process)")
     parser.add_argument("--loop", default="auto")
     parser.add_argument("--json", default="bench_swap.json", help="where to write the figures")
     args = parser.parse_args()

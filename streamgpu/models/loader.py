@@ -60,7 +60,7 @@ import torch
 from torch import nn
 
 from streamgpu.errors import ModelLoadError
-from streamgpu.models.builtin import build_builtin
+from streamgpu.models.builtin import build_builtin, builtin_with_weights
 from streamgpu.models.spec import ModelSpec
 
 __all__ = ["ModelLoadError", "load_module"]
@@ -82,13 +82,12 @@ def load_module(spec: ModelSpec) -> nn.Module:
         elif scheme == "export":
             module = _load_export(_Refuser(spec.name, target), target)
         elif scheme == "state_dict":
-            module = build_builtin(spec.arch)
             state = torch.load(target, map_location="cpu", weights_only=True)
             if not isinstance(state, dict):
                 raise ModelLoadError(
                     f"model {spec.name!r}: {target!r} holds a {type(state).__name__}, not a state dict"
                 )
-            module.load_state_dict(state)
+            module = builtin_with_weights(spec.arch, state)
         else:
             raise ModelLoadError(f"model {spec.name!r}: unknown source scheme {scheme!r}")
     except ModelLoadError:

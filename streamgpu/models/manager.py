@@ -18,6 +18,7 @@ import concurrent.futures
 import contextlib
 import logging
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,10 @@ from streamgpu.models.spec import ModelSpec
 from streamgpu.scheduler.scheduler import Scheduler
 
 LOADING_SWITCH_INTERVAL_S = 0.0002  # the GIL hand-over interval while a model loads (see _loop_first)
+# While a model loads next to models serving, the loader thread runs LOADING_RUN_S, then sleeps
+# LOADING_PAUSE_S with the GIL left to the loop (see _yielding).
+LOADING_RUN_S = 0.001
+LOADING_PAUSE_S = 0.002
 
 log = logging.getLogger("streamgpu")
 
@@ -68,15 +73,16 @@ class ModelManager:
         self._loading = 0  # loads in progress (see _loop_first)
         self._switch_interval = sys.getswitchinterval()
 
-    def _build(self, spec: ModelSpec) -> list[DeviceModel]:
+    def _build(self, spec: ModelSpec, beside_serving: bool) -> list[DeviceModel]:
         """One instance per device (each from a fresh module: a load may move it in place)."""
         models: list[DeviceModel] = []
-        try:
-            for device in range(len(self._backend.devices)):
-                models.append(self._backend.load(spec, load_module(spec), device))
-        except BaseException:
-            self._free(models)
-            raise
+        with _yielding(LOADING_RUN_S, LOADING_PAUSE_S) if beside_serving else contextlib.nullcontext():
+            try:
+                for device in range(len(self._backend.devices)):
+                    models.append(self._backend.load(spec, load_module(spec), device))
+            except BaseException:
+                self._free(models)
+                raise
         return models
 
     def _free(self, models: list[DeviceModel]) -> None:
@@ -107,7 +113,7 @@ class ModelManager:
                 state.state, state.reason = LOADING, ""
             try:
                 with self._loop_first():
-                    models = await loop.run_in_executor(self._loader, self._build, spec)
+                    models = await loop.run_in_executor(self._loader, self._build, spec, bool(self.specs))
             except Exception as exc:
                 error = exc if isinstance(exc, ModelLoadError) else ModelLoadError(
                     f"model {spec.name!r}: cannot load {spec.source!r}: {type(exc).__name__}: {exc}")  # fmt: skip
@@ -166,3 +172,27 @@ class ModelManager:
 
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
+
+
+@contextlib.contextmanager
+def _yielding(run_s: float, pause_s: float) -> Iterator[None]:
+    """In the calling thread: after every ``run_s`` of running, sleep ``pause_s`` at its next Python call.
+
+    Two runnable threads share the GIL about evenly whatever the switch interval, so a load's seconds
+    of Python (warm-up, graph capture) would halve the loop's share while it runs. Sleeping leaves the
+    loop the GIL whole for ``pause_s`` out of every ``run_s + pause_s``; the load takes longer.
+    """
+    next_pause = time.perf_counter() + run_s
+
+    def hook(frame: Any, event: str, arg: Any) -> None:
+        nonlocal next_pause
+        if event == "call" and time.perf_counter() >= next_pause:
+            time.sleep(pause_s)
+            next_pause = time.perf_counter() + run_s
+
+    previous = sys.getprofile()
+    sys.setprofile(hook)  # this thread only
+    try:
+        yield
+    finally:
+        sys.setprofile(previous)
