@@ -32,6 +32,13 @@ from streamgpu.protocol.udp import ChunkHeader, Kind
 from streamgpu.protocol.wire import FrameFlags, FrameHeader, Status
 from streamgpu.server import Server
 
+
+@pytest.fixture(autouse=True)
+def small_row_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Coalesced receives split into chunks of the fewest rows (one receive's worth), so that a few frames
+    exercise the split across chunks that a server meets with thousands of datagrams per receive call."""
+    monkeypatch.setattr(mmsg_area, "GRO_ROWS", mmsg_area.GRO_SEGMENTS)
+
 SHAPE = (24, 24, 3)
 SPEC = ModelSpec(input_shape=SHAPE, max_batch_size=8, batch_buckets=(1, 8))
 NBYTES = 24 * 24 * 3
