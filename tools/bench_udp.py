@@ -485,10 +485,11 @@ def model_source(model: str, folder: Path) -> str:
 
 
 def suite_e2e(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    """TCP and UDP (and with ``--gro`` UDP to a second UDP listener with ``gro = true``) into one server."""
+    """TCP and UDP to a listener with ``gro = false`` (and with ``--gro`` UDP to a second UDP listener with
+    ``gro = true``, the default) into one server."""
     tcp_port, udp_port = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_DGRAM)
     ports = {"tcp": tcp_port, "udp": udp_port}
-    listeners = [("tcp", tcp_port, ""), ("udp", udp_port, "")]
+    listeners = [("tcp", tcp_port, ""), ("udp", udp_port, "options = { gro = false }\n")]
     if args.gro:
         ports["udp gro"] = free_port(socket.SOCK_DGRAM)
         listeners.append(("udp", ports["udp gro"], "options = { gro = true }\n"))

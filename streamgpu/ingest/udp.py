@@ -83,7 +83,7 @@ class UdpOptions:
     datagram_bytes: int = udp.DEFAULT_DATAGRAM_BYTES  # size of reply datagrams
     max_datagram_bytes: int = 9216  # receive buffer per datagram (jumbo frames fit); larger ones: oversized
     batch: int = 1024  # datagrams per recvmmsg call (the most Linux takes): the numpy work per call is amortised
-    gro: bool = False  # let the kernel coalesce a sender's datagrams (UDP_GRO, Linux); bodies placed from there
+    gro: bool = True  # let the kernel coalesce a sender's datagrams (UDP_GRO, Linux); bodies placed from there
     max_batches: int = 4  # batches per wake-up, then the loop runs other work
     recv_buffer_bytes: int = 16 * 1024 * 1024  # SO_RCVBUF asked for (the kernel may cap it)
     peer_idle_s: float = 60.0  # a producer with nothing in the server is forgotten after this long

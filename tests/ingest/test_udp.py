@@ -138,6 +138,7 @@ def grams(seq: int, frame: np.ndarray | None = None, stream: int = 0, live: bool
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("server", [{"gro": False}, {"gro": True}], indirect=True, ids=["gro off", "gro on"])
 async def test_frames_over_udp_match_tcp_results(server: Server) -> None:
     inputs = frames(6)
     expected = await reference(server, inputs)
@@ -217,6 +218,7 @@ def damage_module() -> ModuleType:
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("server", [{"gro": False}, {"gro": True}], indirect=True, ids=["gro off", "gro on"])
 async def test_loss_duplicates_and_reordering(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every complete frame OK with its result, every damaged one INCOMPLETE, each answered exactly once."""
     monkeypatch.setattr(udp_listener, "_RUNS_COPIED", 0)  # every batch placed by the one gathering assignment
