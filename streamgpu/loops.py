@@ -1,5 +1,5 @@
 """Choosing the event loop by name (``auto``: uvloop when installed, ``uvloop`` or ``asyncio``), and
-keeping the garbage collector's full passes off its back (:func:`freeze_heap_once`)."""
+keeping the garbage collector's full passes off its back while servers run (:func:`freeze_heap`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 import gc
 from collections.abc import Callable
 
-_heap_frozen = False
+_frozen_by = 0  # running servers that froze the heap (freeze_heap)
 
 LOOPS = ("auto", "uvloop", "asyncio")
 
@@ -35,20 +35,26 @@ def new_event_loop(kind: str = "auto") -> asyncio.AbstractEventLoop:
     return loop_factory(kind)()
 
 
-def freeze_heap_once() -> bool:
-    """Once per process: collect, then freeze every object the process holds now (``gc.freeze``).
+def freeze_heap() -> None:
+    """While servers run: freeze every object the process holds now (``gc.freeze``); undone by ``thaw_heap``.
 
     A full (generation 2) collection walks every tracked object, and with torch imported that is
     hundreds of thousands of them: 87 ms on the H100 host, holding the GIL the whole time. A model
     load makes enough long-lived objects to set one off, in the loader thread or on the loop, and
-    the loop then stands still (tools/bench_swap.py, docs/BENCHMARKS.md). Frozen objects are never
-    walked again. Call it after the libraries are imported and before models load: objects made
-    later (models, their versions) stay collectable. Returns False when it has already run.
+    the loop then stands still (tools/bench_swap.py, docs/BENCHMARKS.md). Frozen objects are not
+    walked. Call it after the libraries are imported and before models load: objects made later
+    (models, their versions) stay collectable. Frozen garbage (a stopped server's cycles, say) is
+    collected once the last running server has called ``thaw_heap``. Nested calls count.
     """
-    global _heap_frozen
-    if _heap_frozen:
-        return False
-    _heap_frozen = True
-    gc.collect()  # what is garbage now is freed, not frozen for ever
-    gc.freeze()
-    return True
+    global _frozen_by
+    if _frozen_by == 0:
+        gc.freeze()
+    _frozen_by += 1
+
+
+def thaw_heap() -> None:
+    """The other half of ``freeze_heap``: the last call unfreezes the heap (the next full pass walks it)."""
+    global _frozen_by
+    _frozen_by -= 1
+    if _frozen_by == 0:
+        gc.unfreeze()

@@ -22,7 +22,7 @@ from streamgpu.gpu.backend import Backend, DeviceModel, create_backend
 from streamgpu.ingest import listener_class, make_listener
 from streamgpu.ingest.admission import Admission
 from streamgpu.ingest.base import Listener
-from streamgpu.loops import freeze_heap_once
+from streamgpu.loops import freeze_heap, thaw_heap
 from streamgpu.memory import HostSegment, SlotPool
 from streamgpu.metrics import ReplyCounts
 from streamgpu.models.manager import ModelManager, ModelState
@@ -61,6 +61,7 @@ class Server:
         self.results: Results = results_from(cfg.results_port, cfg.results_host, cfg.results_file, cfg.max_connections)
         self._sweeper: asyncio.TimerHandle | None = None
         self._loader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamgpu-loader")
+        self._heap_frozen = False  # this server holds the heap frozen (loops.freeze_heap) until it is released
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -78,7 +79,8 @@ class Server:
             listener_class(listener_spec.kind).check_bind(listener_spec)
         self.backend = backend = create_backend(loop, cfg)
         log.info("data path: %s", backend.data_path)
-        freeze_heap_once()  # torch and the backend are in; models are not (they stay collectable)
+        freeze_heap()  # torch and the backend are in; models are not (they stay collectable)
+        self._heap_frozen = True
         self._segment = segment = HostSegment.create(cfg.ring_bytes)
         await loop.run_in_executor(self._loader, backend.attach_host, segment.buffer)
         self._pool = SlotPool(segment.buffer, defer=loop.call_soon)
@@ -103,6 +105,7 @@ class Server:
             await listener.start()
             self._listeners.append(listener)
         self._sweep()
+        models.serving = True  # loads from now on pause for the loop (ModelManager._yielding)
         log.info(
             "streamgpu listening on %s, device %s, ring %d MiB",
             ", ".join(f"{h}:{p}" for h, p in self.addresses),
@@ -176,6 +179,9 @@ class Server:
             self._segment.close()
             self._segment = None
         self._loader.shutdown(wait=False)
+        if self._heap_frozen:  # the server itself was frozen: its cycles are collectable only after this
+            self._heap_frozen = False
+            thaw_heap()
 
     async def __aenter__(self) -> Server:
         await self.start()

@@ -4,7 +4,7 @@ can download pretrained weights. Load real weights with a ``state_dict:`` source
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -68,20 +68,38 @@ def builtin_with_weights(name: str, state: dict[str, torch.Tensor]) -> nn.Module
 
     Built on the meta device and given ``state``'s tensors as they are: no random initialisation
     (about a second of CPU for ResNet-50, on every core, while a swap loads next to serving) and no
-    copy. Where that cannot hold (a tensor of another dtype, one the state dict lacks) the weights are
-    copied into a built model instead. Raises what ``load_state_dict`` raises for missing,
-    unexpected or misshapen entries.
+    copy. Where that cannot hold (a tensor of another dtype or layout, a view, two entries sharing
+    memory, one the state dict lacks) the weights are copied into a built model instead. Raises what
+    ``load_state_dict`` raises for missing, unexpected or misshapen entries.
     """
     with torch.device("meta"):
         module = _factory(name)()
     expected = module.state_dict()
-    if all(k in expected and isinstance(v, torch.Tensor) and v.dtype == expected[k].dtype for k, v in state.items()):
+    if all(k in expected and _takeable(v, expected[k]) for k, v in state.items()) and _unshared(state.values()):
         module.load_state_dict(state, assign=True)
         if not any(t.is_meta for t in (*module.parameters(), *module.buffers())):
             return module.eval()
     module = build_builtin(name)
     module.load_state_dict(state)
     return module
+
+
+def _takeable(tensor: object, like: torch.Tensor) -> bool:
+    """A dense, contiguous tensor of ``like``'s dtype that owns its whole storage (a view would keep
+    a larger storage alive, and a later in-place step would write through it)."""
+    return (
+        isinstance(tensor, torch.Tensor)
+        and tensor.dtype == like.dtype
+        and tensor.layout == torch.strided
+        and tensor.is_contiguous()
+        and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    )
+
+
+def _unshared(tensors: Iterable[torch.Tensor]) -> bool:
+    """No two of ``tensors`` share memory."""
+    pointers = [t.untyped_storage().data_ptr() for t in tensors]
+    return len(set(pointers)) == len(pointers)
 
 
 def _factory(name: str) -> Callable[[], nn.Module]:

@@ -72,11 +72,13 @@ class ModelManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self._loading = 0  # loads in progress (see _loop_first)
         self._switch_interval = sys.getswitchinterval()
+        self.serving = False  # frames are being taken (the server sets it once its listeners run)
 
-    def _build(self, spec: ModelSpec, beside_serving: bool) -> list[DeviceModel]:
-        """One instance per device (each from a fresh module: a load may move it in place)."""
+    def _build(self, spec: ModelSpec, paced: bool) -> list[DeviceModel]:
+        """One instance per device (each from a fresh module: a load may move it in place); ``paced``: the
+        loader thread pauses for the loop as it goes (``_yielding``)."""
         models: list[DeviceModel] = []
-        with _yielding(LOADING_RUN_S, LOADING_PAUSE_S) if beside_serving else contextlib.nullcontext():
+        with _yielding(LOADING_RUN_S, LOADING_PAUSE_S) if paced else contextlib.nullcontext():
             try:
                 for device in range(len(self._backend.devices)):
                     models.append(self._backend.load(spec, load_module(spec), device))
@@ -113,7 +115,10 @@ class ModelManager:
                 state.state, state.reason = LOADING, ""
             try:
                 with self._loop_first():
-                    models = await loop.run_in_executor(self._loader, self._build, spec, bool(self.specs))
+                    # Paced while frames are taken (not at start), except a compiling load: the hook would
+                    # slow dynamo's tracing of the model 5-8x (docs/MODELS.md).
+                    paced = self.serving and spec.compile == "off"
+                    models = await loop.run_in_executor(self._loader, self._build, spec, paced)
             except Exception as exc:
                 error = exc if isinstance(exc, ModelLoadError) else ModelLoadError(
                     f"model {spec.name!r}: cannot load {spec.source!r}: {type(exc).__name__}: {exc}")  # fmt: skip
@@ -182,6 +187,9 @@ def _yielding(run_s: float, pause_s: float) -> Iterator[None]:
     of Python (warm-up, graph capture) would halve the loop's share while it runs. Sleeping leaves the
     loop the GIL whole for ``pause_s`` out of every ``run_s + pause_s``; the load takes longer.
     """
+    if sys.getprofile() is not None or sys.gettrace() is not None:  # a profiler or debugger has the thread
+        yield
+        return
     next_pause = time.perf_counter() + run_s
 
     def hook(frame: Any, event: str, arg: Any) -> None:
@@ -190,9 +198,8 @@ def _yielding(run_s: float, pause_s: float) -> Iterator[None]:
             time.sleep(pause_s)
             next_pause = time.perf_counter() + run_s
 
-    previous = sys.getprofile()
     sys.setprofile(hook)  # this thread only
     try:
         yield
     finally:
-        sys.setprofile(previous)
+        sys.setprofile(None)

@@ -47,3 +47,19 @@ def test_a_state_dict_that_does_not_fit_is_refused() -> None:
     del state["fc.bias"]
     with pytest.raises(RuntimeError, match="Missing key"):
         builtin_with_weights("small", state)
+
+
+def test_views_and_shared_memory_are_copied_not_taken() -> None:
+    state = perturbed("small")
+    big = torch.zeros(10_000)
+    state["fc.bias"] = big[: state["fc.bias"].numel()]  # a view of a larger storage
+    params = dict(builtin_with_weights("small", state).named_parameters())
+    assert params["fc.bias"].untyped_storage().nbytes() == params["fc.bias"].numel() * 4
+    state = perturbed("small")
+    state["features.1.bias"] = state["features.1.weight"]  # two entries, one memory
+    params = dict(builtin_with_weights("small", state).named_parameters())
+    weight, bias = params["features.1.weight"], params["features.1.bias"]
+    assert weight.data_ptr() != bias.data_ptr()
+    with torch.no_grad():
+        weight.add_(1)  # an in-place step at load must not write through to another
+    torch.testing.assert_close(bias, state["features.1.weight"])
