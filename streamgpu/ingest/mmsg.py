@@ -138,6 +138,7 @@ class PacketArea:
             self.gro = False
             self.body_rows = ByteRows(self.bodies.reshape(-1))
             self._plain_bodies()
+            del self._gro  # its 64 MiB of receive buffers
 
     def _plain_bodies(self) -> None:
         self.body_start[:] = np.arange(self.rows, dtype=np.int64) * self.body_bytes  # rows past batch: unused

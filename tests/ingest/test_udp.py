@@ -637,3 +637,20 @@ async def test_without_recvmmsg_the_fallback_receive_places_every_payload_byte_f
         for reply, want in zip(replies, expected, strict=True):
             assert reply.ok and same(reply.unwrap(), want), reply
         assert sorted(placed) == sorted(f.tobytes() for f in inputs)
+
+
+@pytest.mark.asyncio
+async def test_a_kernel_without_udp_gro_gets_one_datagram_per_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``gro = true`` is the default; where the socket refuses UDP_GRO the listener receives plainly."""
+    monkeypatch.setattr(udp_listener, "enable_gro", lambda sock: False)
+    async with Server(make_config(reassembly_timeout_s=5)) as srv:
+        assert udp_stats(srv)["gro"] is False
+        inputs = frames(4, seed=9)
+        expected = await reference(srv, inputs)
+        conn = await client.connect_udp("127.0.0.1", udp_port(srv), datagram_bytes=GRAM, reply_timeout=5)
+        try:
+            replies = await asyncio.gather(*(conn.submit(f) for f in inputs))
+        finally:
+            await conn.close()
+        for reply, want in zip(replies, expected, strict=True):
+            assert reply.ok and same(reply.unwrap(), want), reply
