@@ -264,15 +264,8 @@ class UdpListener(Listener):
 
     def stats(self) -> dict[str, Any]:
         partial = sum(len(p.partials) for p in self._peers.values())
-        area = self._area
-        coalescing = {"gro": area.gro}
-        return {
-            "kind": self.kind,
-            "producers": len(self._peers),
-            "partial_frames": partial,
-            **coalescing,
-            **self._counts,
-        }
+        return {"kind": self.kind, "producers": len(self._peers), "partial_frames": partial, "gro": self._area.gro,
+                **self._counts}  # fmt: skip
 
     # -- receiving -------------------------------------------------------------------------------
 
