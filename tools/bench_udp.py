@@ -484,15 +484,26 @@ def model_source(model: str, folder: Path) -> str:
     return f"torchscript:{path}"
 
 
+def udp_kernel_drops() -> dict[str, int]:
+    """The host's UDP counters of datagrams the kernel dropped (``/proc/net/snmp``; empty where there is none):
+    ``RcvbufErrors``, a receiving socket's buffer was full; ``SndbufErrors``, a sender's was."""
+    with contextlib.suppress(OSError):
+        rows = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines() if line.startswith("Udp:")]
+        counters = dict(zip(rows[0][1:], map(int, rows[1][1:]), strict=True))
+        return {key: counters[key] for key in ("RcvbufErrors", "SndbufErrors") if key in counters}
+    return {}
+
+
 def suite_e2e(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """TCP and UDP to a listener with ``gro = false`` (and with ``--gro`` UDP to a second UDP listener with
     ``gro = true``, the default) into one server."""
     tcp_port, udp_port = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_DGRAM)
     ports = {"tcp": tcp_port, "udp": udp_port}
-    listeners = [("tcp", tcp_port, ""), ("udp", udp_port, "options = { gro = false }\n")]
+    buffer = f", recv_buffer_bytes = {args.recv_buffer}" if args.recv_buffer else ""
+    listeners = [("tcp", tcp_port, ""), ("udp", udp_port, f"options = {{ gro = false{buffer} }}\n")]
     if args.gro:
         ports["udp gro"] = free_port(socket.SOCK_DGRAM)
-        listeners.append(("udp", ports["udp gro"], "options = { gro = true }\n"))
+        listeners.append(("udp", ports["udp gro"], f"options = {{ gro = true{buffer} }}\n"))
     folder = Path(tempfile.mkdtemp())
     config = folder / "udp_bench.toml"
     config.write_text(
@@ -512,23 +523,29 @@ def suite_e2e(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                 transport=transport, shape=(224, 224, 3), processes=args.processes, streams=args.processes * 4,
                 warmup_s=1.0, window_s=args.window, max_windows=4, stable_windows=2, stability_pct=15,
             )  # fmt: skip
-            cpu0, t0 = main_thread_cpu(pid), time.perf_counter()
+            cpu0, t0, drops0 = main_thread_cpu(pid), time.perf_counter(), udp_kernel_drops()
             (r,) = run(cfg).results
             loop_busy = (main_thread_cpu(pid) - cpu0) / (time.perf_counter() - t0)  # the server loop's share of a core
+            drops = {key: count - drops0[key] for key, count in udp_kernel_drops().items()}  # over the whole run
             best = rows.get(name)
             if best is None or r.throughput > best["frames_per_s"]:  # interleaved rounds: best of two each
-                rows[name] = {"frames_per_s": r.throughput, "p50_ms": r.latency["p50"] * 1e3, "statuses": r.statuses,
-                              "loop_busy": loop_busy, "generator_cores": r.cpu_cores}  # fmt: skip
+                rows[name] = {"frames_per_s": r.throughput, "p50_ms": r.latency["p50"] * 1e3,
+                              "mean_ms": r.latency["mean"] * 1e3, "p99_ms": r.latency["p99"] * 1e3,
+                              "statuses": r.statuses, "loop_busy": loop_busy, "generator_cores": r.cpu_cores,
+                              "kernel_drops": drops}  # fmt: skip
     if args.gro and "does not coalesce" in (out / "server_udp_bench.log").read_text():
         print("warning: this kernel has no UDP_GRO: the 'udp gro' listener received one datagram per row")
     tcp = rows["tcp"]["frames_per_s"]
     ratios = {name: r["frames_per_s"] / tcp if tcp else float("nan") for name, r in rows.items() if name != "tcp"}
     print(f"\nend to end, 224x224x3 uint8 frames, {args.model} on {args.device}, {args.concurrency} in flight,"
           f" {args.processes} generator processes (best of 2 interleaved rounds)")  # fmt: skip
-    print(f"{'transport':<10}{'frames/s':>10}{'p50 ms':>9}{'loop busy':>11}{'gen cores':>11}  statuses")
+    print(f"{'transport':<10}{'frames/s':>10}{'p50 ms':>9}{'mean ms':>9}{'p99 ms':>9}{'loop busy':>11}"
+          f"{'gen cores':>11}  statuses; kernel drops (whole run)")  # fmt: skip
     for name, r in rows.items():
-        print(f"{name:<10}{r['frames_per_s']:>10.0f}{r['p50_ms']:>9.2f}{r['loop_busy']:>11.0%}{r['generator_cores']:>11.2f}"
-              f"  {r['statuses']}")
+        print(
+            f"{name:<10}{r['frames_per_s']:>10.0f}{r['p50_ms']:>9.2f}{r['mean_ms']:>9.2f}{r['p99_ms']:>9.2f}"
+            f"{r['loop_busy']:>11.0%}{r['generator_cores']:>11.2f}  {r['statuses']}; {r['kernel_drops']}"
+        )
     print(", ".join(f"{name} / tcp: {ratio:.2f}" for name, ratio in ratios.items()) + "   (target >= 0.90)")
     result = {**rows, "ratio": ratios["udp"], "device": args.device, "model": args.model}
     if "udp gro" in ratios:
@@ -582,6 +599,8 @@ def main() -> int:
         help="e2e: also UDP to a second UDP listener with gro = true (the client sends GSO runs)",
     )
     p.add_argument("--window", type=float, default=3.0, help="e2e measurement window seconds (default 3)")
+    p.add_argument("--recv-buffer", type=int, default=0,
+                   help="e2e: the UDP listeners' recv_buffer_bytes (default: the listener's own)")  # fmt: skip
     p.add_argument("--out", default="out", help="logs directory (default out/)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()

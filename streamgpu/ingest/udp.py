@@ -29,7 +29,8 @@ byte per chunk index). It is given up, answered INCOMPLETE exactly once and
 its slot freed, when ``reassembly_timeout_s`` passes from its first
 datagram or its deadline comes first. Each producer has at most
 ``max_partial_frames`` frames in reassembly: a new one past that gives up
-its oldest (INCOMPLETE). Late datagrams of a frame that has ended are
+its oldest (INCOMPLETE); a frame whole in the receive batch that opened it
+ends with that batch and does not count. Late datagrams of a frame that has ended are
 counted and dropped.
 """
 
@@ -137,21 +138,24 @@ class UdpOptions:
 class _Partial:
     """A frame in reassembly: its slot, its chunks so far, and when it is given up."""
 
-    __slots__ = ("assembly", "deadline_ns", "give_up_ns", "header", "received_ns", "slot")
+    __slots__ = ("assembly", "deadline_ns", "give_up_ns", "header", "received_ns", "slot", "whole")
 
-    def __init__(self, slot: Slot, assembly: Assembly, received_ns: int, give_up_ns: int) -> None:
+    def __init__(self, slot: Slot, assembly: Assembly, received_ns: int, give_up_ns: int, whole: bool) -> None:
         self.slot = slot
         self.assembly = assembly
         self.received_ns = received_ns
         self.give_up_ns = give_up_ns
         self.header: FrameHeader | None = None  # from chunk 0, once admitted
         self.deadline_ns = 0
+        # Every chunk is in the receive batch that opened it, so it ends with that batch: it does not count
+        # against max_partial_frames (or a producer with many frames in flight would give up its own frames).
+        self.whole = whole
 
 
 class _Peer:
     """One sender address: its producer, its frames in reassembly, the frames that ended recently."""
 
-    __slots__ = ("address", "ended", "key", "last_seen", "origin", "partials", "producer")
+    __slots__ = ("address", "ended", "key", "last_seen", "origin", "partials", "producer", "whole")
 
     def __init__(self, key: Any, address: Any, producer: Producer, origin: Origin) -> None:
         self.key = key
@@ -159,6 +163,7 @@ class _Peer:
         self.producer = producer
         self.origin = origin  # how its frames' outcomes are published
         self.partials: dict[tuple[int, int], _Partial] = {}  # (stream_id, sequence), oldest first
+        self.whole = 0  # of the partials, those whole in the receive batch being placed
         self.ended: collections.OrderedDict[tuple[int, int], None] = collections.OrderedDict()
         self.last_seen = time.monotonic()
 
@@ -324,6 +329,8 @@ class UdpListener(Listener):
         stream_l, sequence_l, count_l, length_l = rep[:, 2].tolist(), sequence.tolist(), (rep[:, 5] >> 16).tolist(), \
             rep[:, 7].tolist()  # fmt: skip
         head_l = (index[g.starts] == 0).tolist()  # sorted by chunk index: chunk 0 comes first in its frame
+        distinct = (g.ends - g.starts) - np.add.reduceat(g.repeat, g.starts)
+        whole_l = (distinct == (rep[:, 5] >> 16)).tolist()  # all of a frame's chunks are in this batch
         frames: list[tuple[_Peer, tuple[int, int], _Partial, bool] | None] = [None] * len(starts)
         now_ns = time.perf_counter_ns()
         peer: _Peer | None = None
@@ -343,7 +350,7 @@ class UdpListener(Listener):
                 if key in peer.ended:
                     self._counts["late"] += b - a
                     continue
-                partial = self._open(peer, key, count_l[k], length_l[k], now_ns)
+                partial = self._open(peer, key, count_l[k], length_l[k], now_ns, whole_l[k] and not some_incons[k])
                 if partial is None:
                     continue
             asm = partial.assembly
@@ -411,6 +418,9 @@ class UdpListener(Listener):
             asm.bytes += int(nbytes[k])
             if asm.all_chunks:
                 self._finish(peer, key, partial)
+            elif partial.whole:  # (cannot happen: a whole frame ends here) counted against the bound from now on
+                partial.whole = False
+                peer.whole -= 1
 
     def _place(self, dst: np.ndarray, rows: np.ndarray, width: np.ndarray) -> None:
         """Copy the body of packet-area row ``rows[j]`` (``width[j]`` bytes, where the area says it lies) to
@@ -475,8 +485,10 @@ class UdpListener(Listener):
         peer = self._peers[sender] = _Peer(sender, address, producer, Origin("udp", label))
         return peer
 
-    def _open(self, peer: _Peer, key: tuple[int, int], count: int, length: int, now_ns: int) -> _Partial | None:
-        """Start reassembling a frame at its first datagram: reserve its slot, or answer it now."""
+    def _open(self, peer: _Peer, key: tuple[int, int], count: int, length: int, now_ns: int,
+              whole: bool) -> _Partial | None:  # fmt: skip
+        """Start reassembling a frame at its first datagram: reserve its slot, or answer it now. ``whole``: all
+        its chunks are in this receive batch (it ends with the batch)."""
         cfg = self.admission.config
         if length > cfg.max_payload_bytes:
             self._counts["too_large"] += 1
@@ -486,8 +498,8 @@ class UdpListener(Listener):
         if not self.admission.accepting:
             self._answer(peer, key, None, Status.SHUTTING_DOWN, "server is shutting down")
             return None
-        if len(peer.partials) >= self.options.max_partial_frames:
-            oldest = next(iter(peer.partials))
+        if not whole and len(peer.partials) - peer.whole >= self.options.max_partial_frames:
+            oldest = next(k for k, p in peer.partials.items() if not p.whole)
             self._counts["evicted"] += 1
             self._give_up(peer, oldest, Status.INCOMPLETE,
                           f"given up for a newer frame: more than {self.options.max_partial_frames} frames of this"
@@ -504,7 +516,8 @@ class UdpListener(Listener):
             self._answer(peer, key, None, Status.OVERLOADED, "no receive buffer space for this frame")
             return None
         assembly = Assembly(count, length, np.frombuffer(self.admission.pool.view(got), np.uint8))
-        partial = peer.partials[key] = _Partial(got, assembly, now_ns, now_ns + self._timeout_ns)
+        partial = peer.partials[key] = _Partial(got, assembly, now_ns, now_ns + self._timeout_ns, whole)
+        peer.whole += whole
         self._arm_timer()
         return partial
 
@@ -561,6 +574,7 @@ class UdpListener(Listener):
         header = partial.header
         assert header is not None  # chunk 0 is one of all the chunks, and admitted it
         del peer.partials[key]
+        peer.whole -= partial.whole
         self._ended(peer, key)
         self._counts["frames"] += 1
         frame = Frame(
@@ -581,6 +595,7 @@ class UdpListener(Listener):
         partial = peer.partials.pop(key, None)
         if partial is None:
             return
+        peer.whole -= partial.whole
         peer.producer.release(partial.slot)
         if status == Status.INCOMPLETE:
             self._counts["incomplete"] += 1

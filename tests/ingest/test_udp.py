@@ -39,6 +39,7 @@ def small_row_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     exercise the split across chunks that a server meets with thousands of datagrams per receive call."""
     monkeypatch.setattr(mmsg_area, "GRO_ROWS", mmsg_area.GRO_SEGMENTS)
 
+
 SHAPE = (24, 24, 3)
 SPEC = ModelSpec(input_shape=SHAPE, max_batch_size=8, batch_buckets=(1, 8))
 NBYTES = 24 * 24 * 3
@@ -340,6 +341,43 @@ async def test_a_frame_given_up_inside_a_batch_writes_nothing(server: Server, ru
         stats = udp_stats(server)
         assert stats["late"] == len(a) - 1 and stats["receive_calls"] == 2
         futures[1].cancel()  # frame 11 never completes
+    finally:
+        await conn.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("server", [{"max_partial_frames": 2, "reassembly_timeout_s": 30, "gro": False},
+                                    {"max_partial_frames": 2, "reassembly_timeout_s": 30, "gro": True}],
+                         indirect=True, ids=["gro off", "gro on"])  # fmt: skip
+async def test_frames_whole_in_one_receive_batch_are_not_given_up_for_each_other(server: Server) -> None:
+    """Twelve whole frames of one producer read in one receive batch (a producer with many frames in flight
+    under load) are all answered OK: each is complete in the batch that opened it, so it never counts
+    against max_partial_frames (2), which bounds frames waiting for datagrams still to come."""
+    inputs = frames(12, seed=7)
+    expected = await reference(server, inputs)
+    conn = await client.connect_udp("127.0.0.1", udp_port(server), datagram_bytes=GRAM, reply_timeout=5)
+    held: list[list[bytes]] = []
+    conn._write = lambda encoded: held.append([udp.join(parts) for parts in encoded])  # type: ignore[method-assign]
+    try:
+        futures = [conn.submit(f) for f in inputs]
+        for datagram in [d for message in held for d in message]:  # one burst: read in one batch
+            conn.socket.send(datagram)
+        replies = await asyncio.gather(*futures)
+        assert [r.status for r in replies] == [Status.OK] * 12
+        assert all(same(r.unwrap(), want) for r, want in zip(replies, expected, strict=True))
+        stats = udp_stats(server)
+        assert stats["receive_calls"] == 1 and stats.get("evicted", 0) == 0 and stats["partial_frames"] == 0
+        # Frames still waiting for datagrams are bounded as before: the third gives up the oldest.
+        futures = [conn.submit(f, sequence=100 + i) for i, f in enumerate(inputs[:3])]
+        for message in held[-3:]:
+            for d in message[:-1]:
+                conn.socket.send(d)
+        await wait_for(lambda: udp_stats(server).get("evicted", 0) == 1)
+        assert udp_stats(server)["partial_frames"] == 2 and server.pool.slots_in_use == 2
+        first = await futures[0]
+        assert first.status == Status.INCOMPLETE
+        for f in futures[1:]:
+            f.cancel()
     finally:
         await conn.close()
 
