@@ -72,6 +72,13 @@ DENIED_KEPT = 4096  # sender keys found outside the allow list (cached: a flood 
 _RUNS_COPIED = 16
 _RUN_LENGTH = 8
 BAD_COUNTERS: dict[Verdict, str] = {v: v.name.lower() for v in Verdict if v is not Verdict.OK}
+GAUGES = ("producers", "partial_frames")  # in stats(): what is there now
+# In stats(): counts since start (docs/PROTOCOL.md section 11 says when each is counted).
+COUNTERS = (
+    "receive_calls", "receive_errors", "datagrams", *BAD_COUNTERS.values(), "denied", "too_many_producers", "late",
+    "duplicates", "inconsistent", "too_large", "evicted", "overloaded", "no_space", "bad_head", "superseded",
+    "frames", "incomplete", "replies_to_subscribers", "replies_dropped", "reply_datagrams", "reply_datagrams_dropped",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -268,9 +275,11 @@ class UdpListener(Listener):
             self.admission.close_connection()
 
     def stats(self) -> dict[str, Any]:
+        """``port``, ``gro``, the gauges of :data:`GAUGES` and every counter of :data:`COUNTERS` seen non-zero."""
         partial = sum(len(p.partials) for p in self._peers.values())
-        return {"kind": self.kind, "producers": len(self._peers), "partial_frames": partial, "gro": self._area.gro,
-                **self._counts}  # fmt: skip
+        port = self.addresses[0][1] if self._sock is not None else self.spec.port
+        return {"kind": self.kind, "port": port, "gro": self._area.gro, "producers": len(self._peers),
+                "partial_frames": partial, **self._counts}  # fmt: skip
 
     # -- receiving -------------------------------------------------------------------------------
 

@@ -21,11 +21,16 @@ Series (all per ``model`` where they have the label):
   ``streamgpu_ring_used_bytes``, ``streamgpu_ring_capacity_bytes``, ``streamgpu_connections``,
   ``streamgpu_frames_in_flight``, ``streamgpu_gpu_memory_bytes{device, kind=allocated|reserved|total}``
   (CUDA backend only).
+* per UDP listener (``port`` label): ``streamgpu_udp_events_total{port, event}`` counter, every count of
+  docs/PROTOCOL.md section 11 (``datagrams``, ``frames``, ``incomplete``, ``late``, ``duplicates``,
+  ``evicted``, ``no_space``, bad datagrams by kind, reply datagrams, ...), and the gauges
+  ``streamgpu_udp_producers{port}`` and ``streamgpu_udp_partial_frames{port}`` (frames in reassembly).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -33,6 +38,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from streamgpu.ingest import udp
 from streamgpu.metrics import BATCH_SIZE_BUCKETS, Histogram
 from streamgpu.server import Server
 from streamgpu.web.app import SERVER_KEY
@@ -96,6 +102,7 @@ class ServerCollector(Collector):
         yield GaugeMetricFamily("streamgpu_connections", "Producer connections open", value=server.connections)
         yield GaugeMetricFamily("streamgpu_frames_in_flight", "Frames received, reply not made",
                                 value=server.frames_in_flight)  # fmt: skip
+        yield from _udp_families([stats for stats in server.metrics()["listeners"] if stats["kind"] == "udp"])
         memory = server.device_memory()
         if memory:
             gpu = GaugeMetricFamily("streamgpu_gpu_memory_bytes", "Device memory", labels=["device", "kind"])
@@ -103,6 +110,23 @@ class ServerCollector(Collector):
                 for kind, nbytes in kinds.items():
                     gpu.add_metric([device, kind], nbytes)
             yield gpu
+
+
+def _udp_families(listeners: list[dict[str, Any]]) -> Iterator[Metric]:
+    if not listeners:
+        return
+    events = CounterMetricFamily("streamgpu_udp_events", "UDP listener counts (docs/PROTOCOL.md section 11)",
+                                 labels=["port", "event"])  # fmt: skip
+    for stats in listeners:
+        for event in udp.COUNTERS:
+            events.add_metric([str(stats["port"]), event], stats.get(event, 0))
+    yield events
+    docs = ("Senders known (forgotten after peer_idle_s with nothing in the server)", "Frames in reassembly")
+    for gauge, doc in zip(udp.GAUGES, docs, strict=True):
+        family = GaugeMetricFamily(f"streamgpu_udp_{gauge}", doc, labels=["port"])
+        for stats in listeners:
+            family.add_metric([str(stats["port"])], stats[gauge])
+        yield family
 
 
 def registry_for(server: Server) -> CollectorRegistry:

@@ -48,6 +48,7 @@ def status(server: Server, started: float) -> dict[str, Any]:
         "ring": {"used_bytes": metrics["ring"]["used_bytes"], "capacity": metrics["ring"]["capacity"]},
         "models": models,
         "replies_without_model": replies.get("", {}),
+        "udp_listeners": [stats for stats in metrics["listeners"] if stats["kind"] == "udp"],
         "raw_streams": [
             {key: listener[key] for key in ("port", "model", "stream_id", "live", "connections", "frames")}
             for listener in metrics["listeners"]

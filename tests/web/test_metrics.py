@@ -148,6 +148,15 @@ async def test_udp_and_websocket_refusals_are_counted_like_tcp_ones() -> None:
         assert got == [Status.OK, *[Status.BAD_FRAME] * 3, *[Status.UNKNOWN_MODEL] * 2, *[Status.BAD_FRAME] * 2]
         await counts_reach(http, {("default", "OK"): 1, ("default", "BAD_FRAME"): 3 + 1, ("", "UNKNOWN_MODEL"): 2,
                                   ("", "TOO_LARGE"): 1, ("", "BAD_FRAME"): 1})  # fmt: skip
+        # The UDP listener's own counts, by port: 1 frame taken (5 refused at chunk 0), 1 at its first datagram.
+        samples = await scrape(http)
+        port = str(udp_port)
+        events = {dict(labels)["event"]: value for (name, labels), value in samples.items()
+                  if name == "streamgpu_udp_events_total" and dict(labels)["port"] == port}  # fmt: skip
+        assert events["frames"] == 1 and events["too_large"] == 1 and events["incomplete"] == 0
+        assert events["datagrams"] >= 7 and events["reply_datagrams"] >= 7
+        assert samples[("streamgpu_udp_partial_frames", (("port", port),))] == 0
+        assert samples[("streamgpu_udp_producers", (("port", port),))] == 2
 
 
 @pytest.mark.asyncio
