@@ -279,18 +279,20 @@ def suite_gpus(out: Path, args: argparse.Namespace) -> dict[str, Any]:
 
     pairs = [(0,), (0, 1)] if args.device == "cpu" or torch.cuda.device_count() >= 2 else [(0,)]
     rows, figures = [], []
-    for label, model in (("fp16", RESNET50), ("fp32", {**RESNET50, "precision": "fp32"})):
+    sizes = {"max_batch_size": args.max_batch} if args.max_batch else {}
+    for label, model in (("fp16", {**RESNET50, **sizes}), ("fp32", {**RESNET50, **sizes, "precision": "fp32"})):
         result = {}
         for devices in pairs:
             with streamgpu_server(out, f"gpus{len(devices)}_{label}", model, args.device, devices=devices,
                                   ingest_workers=args.ingest_workers) as port:  # fmt: skip
-                result[devices] = load(port, [LoadLevel(CONCURRENCY, 256)], processes=8, window_s=args.window)[0]
+                level = [LoadLevel(CONCURRENCY, args.in_flight)]
+                result[devices] = load(port, level, processes=8, window_s=args.window)[0]
             rows.append(row(f"ResNet-50 {label}, {len(devices)} GPU", result[devices]))
         if len(result) == 2:
             one, two = result[(0,)].throughput, result[(0, 1)].throughput
             figures.append((f"ResNet-50 {label}: 2 GPUs vs 1", f"{two:.0f}/s", f"{one:.0f}/s",
                             f"{two / one if one else float('nan'):.2f}x"))  # fmt: skip
-    print_rows("ResNet-50, 256 in flight, 8 generator processes: one GPU vs two", rows)
+    print_rows(f"ResNet-50, {args.in_flight} in flight, 8 generator processes: one GPU vs two", rows)
     print("\nfigure | two | one | ratio")
     for f in figures:
         print(" | ".join(f))
@@ -334,6 +336,8 @@ def main() -> int:
     parser.add_argument("--rates", default="500,1000,2000,4000,6000", help="open-loop rates for the batching suite")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run of the harness")
     parser.add_argument("--ingest-workers", type=int, default=0, help="gpus suite: the servers' ingest_workers")
+    parser.add_argument("--max-batch", type=int, default=0, help="gpus suite: the model's max_batch_size (default 32)")
+    parser.add_argument("--in-flight", type=int, default=256, help="gpus suite: frames in flight (default 256)")
     parser.add_argument("--servers", default="", help="curves suite: only these (comma-separated: plain, strong, "
                         "strong+compile, streamgpu)")  # fmt: skip
     args = parser.parse_args()

@@ -58,6 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -495,6 +496,11 @@ def udp_kernel_drops() -> dict[str, int]:
 
 
 def suite_e2e(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    def udp_counts(status: dict[str, Any] | None = None) -> dict[int, dict[str, int]]:
+        if status is None:
+            status = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v1/status", timeout=10).read())
+        return {stats["port"]: stats for stats in status["udp_listeners"]}
+
     """TCP and UDP to a listener with ``gro = false`` (and with ``--gro`` UDP to a second UDP listener with
     ``gro = true``, the default) into one server."""
     tcp_port, udp_port = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_DGRAM)
@@ -506,8 +512,9 @@ def suite_e2e(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         listeners.append(("udp", ports["udp gro"], f"options = {{ gro = true{buffer} }}\n"))
     folder = Path(tempfile.mkdtemp())
     config = folder / "udp_bench.toml"
+    http_port = free_port(socket.SOCK_STREAM)  # /v1/status: the server's own latency and the UDP counts
     config.write_text(
-        f'[server]\ndevice = "{args.device}"\n\n'
+        f'[server]\ndevice = "{args.device}"\nhttp_port = {http_port}\n\n'
         + "".join(f'[[server.listeners]]\nkind = "{kind}"\nhost = "127.0.0.1"\nport = {port}\n{options}\n'
                   for kind, port, options in listeners)
         + f'[[models]]\nsource = "{model_source(args.model, folder)}"\n'
@@ -523,29 +530,35 @@ def suite_e2e(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                 transport=transport, shape=(224, 224, 3), processes=args.processes, streams=args.processes * 4,
                 warmup_s=1.0, window_s=args.window, max_windows=4, stable_windows=2, stability_pct=15,
             )  # fmt: skip
-            cpu0, t0, drops0 = main_thread_cpu(pid), time.perf_counter(), udp_kernel_drops()
+            cpu0, t0, drops0, counts0 = main_thread_cpu(pid), time.perf_counter(), udp_kernel_drops(), udp_counts()
             (r,) = run(cfg).results
             loop_busy = (main_thread_cpu(pid) - cpu0) / (time.perf_counter() - t0)  # the server loop's share of a core
             drops = {key: count - drops0[key] for key, count in udp_kernel_drops().items()}  # over the whole run
+            status = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v1/status", timeout=10).read())
+            listener = udp_counts(status).get(port, {})
+            before = counts0.get(port, {})
+            events = {key: listener[key] - before.get(key, 0) for key in ("incomplete", "evicted", "no_space",
+                      "overloaded", "late") if listener.get(key, 0) > before.get(key, 0)}  # fmt: skip
+            server_p50_ms = status["models"][0]["latency_us"]["total"]["p50"] / 1e3  # recent frames: this run's
             best = rows.get(name)
             if best is None or r.throughput > best["frames_per_s"]:  # interleaved rounds: best of two each
                 rows[name] = {"frames_per_s": r.throughput, "p50_ms": r.latency["p50"] * 1e3,
                               "mean_ms": r.latency["mean"] * 1e3, "p99_ms": r.latency["p99"] * 1e3,
                               "statuses": r.statuses, "loop_busy": loop_busy, "generator_cores": r.cpu_cores,
-                              "kernel_drops": drops}  # fmt: skip
+                              "kernel_drops": drops, "server_p50_ms": server_p50_ms,
+                              "udp_events": events}  # fmt: skip
     if args.gro and "does not coalesce" in (out / "server_udp_bench.log").read_text():
         print("warning: this kernel has no UDP_GRO: the 'udp gro' listener received one datagram per row")
     tcp = rows["tcp"]["frames_per_s"]
     ratios = {name: r["frames_per_s"] / tcp if tcp else float("nan") for name, r in rows.items() if name != "tcp"}
     print(f"\nend to end, 224x224x3 uint8 frames, {args.model} on {args.device}, {args.concurrency} in flight,"
           f" {args.processes} generator processes (best of 2 interleaved rounds)")  # fmt: skip
-    print(f"{'transport':<10}{'frames/s':>10}{'p50 ms':>9}{'mean ms':>9}{'p99 ms':>9}{'loop busy':>11}"
-          f"{'gen cores':>11}  statuses; kernel drops (whole run)")  # fmt: skip
+    print(f"{'transport':<10}{'frames/s':>10}{'p50 ms':>9}{'mean ms':>9}{'p99 ms':>9}{'server p50':>11}"
+          f"{'loop busy':>11}{'gen cores':>11}  statuses; kernel drops; listener events (whole run)")  # fmt: skip
     for name, r in rows.items():
-        print(
-            f"{name:<10}{r['frames_per_s']:>10.0f}{r['p50_ms']:>9.2f}{r['mean_ms']:>9.2f}{r['p99_ms']:>9.2f}"
-            f"{r['loop_busy']:>11.0%}{r['generator_cores']:>11.2f}  {r['statuses']}; {r['kernel_drops']}"
-        )
+        print(f"{name:<10}{r['frames_per_s']:>10.0f}{r['p50_ms']:>9.2f}{r['mean_ms']:>9.2f}{r['p99_ms']:>9.2f}"
+              f"{r['server_p50_ms']:>11.2f}{r['loop_busy']:>11.0%}{r['generator_cores']:>11.2f}  {r['statuses']};"
+              f" {r['kernel_drops']}; {r['udp_events']}")  # fmt: skip
     print(", ".join(f"{name} / tcp: {ratio:.2f}" for name, ratio in ratios.items()) + "   (target >= 0.90)")
     result = {**rows, "ratio": ratios["udp"], "device": args.device, "model": args.model}
     if "udp gro" in ratios:

@@ -627,15 +627,11 @@ class CudaBackend(Backend):
             # straight from the page-locked ring, and the slots are read once the batch is done.
             offsets = table[1 : n + 1]
             offsets[:] = [slot.offset for slot in slots]
-            # What the ring slots give the device to read, checked as the gather kernel checks its offsets: a
-            # read outside the page-locked ring would be a sticky error, the end of every model on the device.
-            if (
-                offsets.min() < 0
-                or offsets.max() > self._host.numel() - model.spec.frame_nbytes
-                or (offsets & 255).any()
-            ):
+            try:  # what the ring slots give the device to read
+                kernels.check_offsets(offsets, model.spec.frame_nbytes, self._host.numel())
+            except ValueError:
                 model.buffers.give_back(buffers)
-                raise ValueError(f"a frame offset is outside the ring or not 256-aligned: {offsets.tolist()}")
+                raise
             offsets += self._host_address
             started.record(stream)
         downloads = [

@@ -232,8 +232,10 @@ def _check_ring(ring: torch.Tensor) -> None:
         raise ValueError("ring must be pinned (page-locked) memory, e.g. torch.empty(..., pin_memory=True)")
 
 
-def _check_offsets(offsets: Sequence[int], frame_nbytes: int, ring_nbytes: int) -> list[int]:
-    """Offsets in units of 256 bytes. Plain Python: cheaper than numpy for batch-sized lists."""
+def check_offsets(offsets: Sequence[int], frame_nbytes: int, ring_nbytes: int) -> list[int]:
+    """Frames' byte offsets in the ring, checked (each 256-aligned, every frame inside the ring: a device read
+    outside the page-locked ring is a sticky error), in units of 256 bytes. Plain Python: cheaper than numpy for
+    batch-sized lists. Raises ValueError naming what is wrong."""
     offs = offsets.tolist() if isinstance(offsets, np.ndarray) else list(offsets)
     if not offs:
         raise ValueError("offsets must be a non-empty sequence of byte offsets")
@@ -381,7 +383,7 @@ def gather_frames(
     _check_ring(ring)
     if not isinstance(frame_nbytes, int) or frame_nbytes <= 0:
         raise ValueError(f"frame_nbytes must be a positive int, got {frame_nbytes!r}")
-    offs = _check_offsets(offsets, frame_nbytes, ring.numel())
+    offs = check_offsets(offsets, frame_nbytes, ring.numel())
     n = len(offs)
     if not isinstance(out, torch.Tensor) or out.device.type != "cuda" or out.dtype != torch.uint8:
         raise ValueError("out must be a CUDA uint8 tensor")
@@ -471,7 +473,7 @@ def gather_preprocess(
         if not isinstance(v, int) or v <= 0:
             raise ValueError(f"{label} must be a positive int, got {v!r}")
     _check_pre_args(dtype, C)
-    offs = _check_offsets(offsets, H * W * C, ring.numel())
+    offs = check_offsets(offsets, H * W * C, ring.numel())
     affine = _affine(mean, std, C)
     if out is not None:
         device = out.device

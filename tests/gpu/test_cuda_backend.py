@@ -186,7 +186,7 @@ async def test_one_replay_with_several_outputs_odd_frames_and_a_bad_offset() -> 
 
     for offset in (ring.segment.buffer.nbytes, 100):  # past the end; not 256-aligned
         outside = Slot(ring.pool, offset, topk.frame_nbytes, 0)
-        with pytest.raises(ValueError, match="outside the ring or not 256-aligned"):
+        with pytest.raises(ValueError, match=r"multiple of 256|overruns the ring"):
             backend.launch(ranked, [outside])
     again = await ring.outputs(ranked, frames[:1])
     assert isinstance(again, dict)
