@@ -232,7 +232,7 @@ def _check_ring(ring: torch.Tensor) -> None:
         raise ValueError("ring must be pinned (page-locked) memory, e.g. torch.empty(..., pin_memory=True)")
 
 
-def check_offsets(offsets: Sequence[int], frame_nbytes: int, ring_nbytes: int) -> list[int]:
+def check_offsets(offsets: Sequence[int] | np.ndarray, frame_nbytes: int, ring_nbytes: int) -> list[int]:
     """Frames' byte offsets in the ring, checked (each 256-aligned, every frame inside the ring: a device read
     outside the page-locked ring is a sticky error), in units of 256 bytes. Plain Python: cheaper than numpy for
     batch-sized lists. Raises ValueError naming what is wrong."""
