@@ -496,9 +496,12 @@ def udp_kernel_drops() -> dict[str, int]:
 
 
 def suite_e2e(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    def udp_counts(status: dict[str, Any] | None = None) -> dict[int, dict[str, int]]:
-        if status is None:
-            status = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v1/status", timeout=10).read())
+    def server_status() -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v1/status", timeout=10) as response:
+            status: dict[str, Any] = json.loads(response.read())
+        return status
+
+    def udp_counts(status: dict[str, Any]) -> dict[int, dict[str, int]]:
         return {stats["port"]: stats for stats in status["udp_listeners"]}
 
     """TCP and UDP to a listener with ``gro = false`` (and with ``--gro`` UDP to a second UDP listener with
@@ -530,23 +533,30 @@ def suite_e2e(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                 transport=transport, shape=(224, 224, 3), processes=args.processes, streams=args.processes * 4,
                 warmup_s=1.0, window_s=args.window, max_windows=4, stable_windows=2, stability_pct=15,
             )  # fmt: skip
-            cpu0, t0, drops0, counts0 = main_thread_cpu(pid), time.perf_counter(), udp_kernel_drops(), udp_counts()
+            cpu0, t0, drops0, status0 = main_thread_cpu(pid), time.perf_counter(), udp_kernel_drops(), server_status()
             (r,) = run(cfg).results
             loop_busy = (main_thread_cpu(pid) - cpu0) / (time.perf_counter() - t0)  # the server loop's share of a core
             drops = {key: count - drops0[key] for key, count in udp_kernel_drops().items()}  # over the whole run
-            status = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v1/status", timeout=10).read())
+            status = server_status()
             listener = udp_counts(status).get(port, {})
-            before = counts0.get(port, {})
-            events = {key: listener[key] - before.get(key, 0) for key in ("incomplete", "evicted", "no_space",
-                      "overloaded", "late") if listener.get(key, 0) > before.get(key, 0)}  # fmt: skip
-            server_p50_ms = status["models"][0]["latency_us"]["total"]["p50"] / 1e3  # recent frames: this run's
+            before = udp_counts(status0).get(port, {})
+            events = {
+                key: listener[key] - before.get(key, 0)
+                for key in ("incomplete", "evicted", "no_space", "overloaded", "late", "datagrams", "receive_calls")
+                if listener.get(key, 0) > before.get(key, 0)
+            }
+            latency = status["models"][0]["latency_us"]  # p50s of recent frames: this run's
+            server_p50_ms = latency["total"]["p50"] / 1e3
+            stages = "/".join(f"{latency[stage]['p50'] / 1e3:.1f}" for stage in ("queue_wait", "transfer", "compute"))
+            model, model0 = status["models"][0], status0["models"][0]
+            mean_batch = (model["completed"] - model0["completed"]) / max(model["batches"] - model0["batches"], 1)
             best = rows.get(name)
             if best is None or r.throughput > best["frames_per_s"]:  # interleaved rounds: best of two each
                 rows[name] = {"frames_per_s": r.throughput, "p50_ms": r.latency["p50"] * 1e3,
                               "mean_ms": r.latency["mean"] * 1e3, "p99_ms": r.latency["p99"] * 1e3,
                               "statuses": r.statuses, "loop_busy": loop_busy, "generator_cores": r.cpu_cores,
-                              "kernel_drops": drops, "server_p50_ms": server_p50_ms,
-                              "udp_events": events}  # fmt: skip
+                              "kernel_drops": drops, "server_p50_ms": server_p50_ms, "server_stages": stages,
+                              "mean_batch": mean_batch, "udp_events": events}  # fmt: skip
     if args.gro and "does not coalesce" in (out / "server_udp_bench.log").read_text():
         print("warning: this kernel has no UDP_GRO: the 'udp gro' listener received one datagram per row")
     tcp = rows["tcp"]["frames_per_s"]
@@ -556,9 +566,12 @@ def suite_e2e(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     print(f"{'transport':<10}{'frames/s':>10}{'p50 ms':>9}{'mean ms':>9}{'p99 ms':>9}{'server p50':>11}"
           f"{'loop busy':>11}{'gen cores':>11}  statuses; kernel drops; listener events (whole run)")  # fmt: skip
     for name, r in rows.items():
-        print(f"{name:<10}{r['frames_per_s']:>10.0f}{r['p50_ms']:>9.2f}{r['mean_ms']:>9.2f}{r['p99_ms']:>9.2f}"
-              f"{r['server_p50_ms']:>11.2f}{r['loop_busy']:>11.0%}{r['generator_cores']:>11.2f}  {r['statuses']};"
-              f" {r['kernel_drops']}; {r['udp_events']}")  # fmt: skip
+        print(
+            f"{name:<10}{r['frames_per_s']:>10.0f}{r['p50_ms']:>9.2f}{r['mean_ms']:>9.2f}{r['p99_ms']:>9.2f}"
+            f"{r['server_p50_ms']:>11.2f}{r['loop_busy']:>11.0%}{r['generator_cores']:>11.2f}  {r['statuses']};"
+            f" {r['kernel_drops']}; {r['udp_events']}; server queue/transfer/compute p50 {r['server_stages']} ms;"
+            f" mean batch {r['mean_batch']:.1f}"
+        )
     print(", ".join(f"{name} / tcp: {ratio:.2f}" for name, ratio in ratios.items()) + "   (target >= 0.90)")
     result = {**rows, "ratio": ratios["udp"], "device": args.device, "model": args.model}
     if "udp gro" in ratios:

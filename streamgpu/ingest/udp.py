@@ -418,6 +418,7 @@ class UdpListener(Listener):
             nbytes = np.bincount(group, weights=width, minlength=len(frames)).tolist()
         else:
             chunks = nbytes = [0] * len(frames)
+        complete: list[Frame] = []
         for k, entry in enumerate(frames):
             if entry is None:
                 continue
@@ -426,10 +427,14 @@ class UdpListener(Listener):
             asm.chunks += chunks[k]
             asm.bytes += int(nbytes[k])
             if asm.all_chunks:
-                self._finish(peer, key, partial)
+                frame = self._finish(peer, key, partial)
+                if frame is not None:
+                    complete.append(frame)
             elif partial.whole:  # (cannot happen: a whole frame ends here) counted against the bound from now on
                 partial.whole = False
                 peer.whole -= 1
+        if complete:  # the batch's frames enter the scheduler together: their batches form once
+            self.admission.submit_many(complete)
 
     def _place(self, dst: np.ndarray, rows: np.ndarray, width: np.ndarray) -> None:
         """Copy the body of packet-area row ``rows[j]`` (``width[j]`` bytes, where the area says it lies) to
@@ -572,21 +577,22 @@ class UdpListener(Listener):
                               "superseded by a newer frame of this live stream before it was complete")  # fmt: skip
         return used
 
-    def _finish(self, peer: _Peer, key: tuple[int, int], partial: _Partial) -> None:
-        """Every chunk is in: submit the frame, or answer BAD_FRAME if its chunks do not tile the payload."""
+    def _finish(self, peer: _Peer, key: tuple[int, int], partial: _Partial) -> Frame | None:
+        """Every chunk is in: the frame to submit, or None when its chunks do not tile the payload (answered
+        BAD_FRAME)."""
         asm = partial.assembly
         if not asm.complete:
             self._counts["inconsistent"] += 1
             why = f"the frame's {asm.count} chunks hold {asm.bytes} bytes, its length is {asm.length}"
             self._give_up(peer, key, Status.BAD_FRAME, why)
-            return
+            return None
         header = partial.header
         assert header is not None  # chunk 0 is one of all the chunks, and admitted it
         del peer.partials[key]
         peer.whole -= partial.whole
         self._ended(peer, key)
         self._counts["frames"] += 1
-        frame = Frame(
+        return Frame(
             header=header,
             slot=partial.slot,
             producer=peer.producer,
@@ -596,7 +602,6 @@ class UdpListener(Listener):
             deadline_ns=partial.deadline_ns,
             sink=functools.partial(self._on_outcome, peer),
         )
-        self.admission.submit(frame)
 
     def _give_up(self, peer: _Peer, key: tuple[int, int], status: Status, message: str,
                  header: FrameHeader | None = None) -> None:  # fmt: skip

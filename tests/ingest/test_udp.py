@@ -534,13 +534,13 @@ def placed_payloads(server: Server, monkeypatch: pytest.MonkeyPatch) -> list[byt
     (listener,) = [x for x in server._listeners if isinstance(x, UdpListener)]
     admission = listener.admission
     placed: list[bytes] = []
-    submit = admission.submit
+    submit_many = admission.submit_many
 
-    def spy(frame: Any) -> None:
-        placed.append(bytes(admission.pool.view(frame.slot)))
-        submit(frame)
+    def spy(frames: list[Any]) -> None:
+        placed.extend(bytes(admission.pool.view(frame.slot)) for frame in frames)
+        submit_many(frames)
 
-    monkeypatch.setattr(admission, "submit", spy)
+    monkeypatch.setattr(admission, "submit_many", spy)
     return placed
 
 
