@@ -509,6 +509,7 @@ def suite_e2e(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     tcp_port, udp_port = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_DGRAM)
     ports = {"tcp": tcp_port, "udp": udp_port}
     buffer = f", recv_buffer_bytes = {args.recv_buffer}" if args.recv_buffer else ""
+    buffer += f", max_batches = {args.max_batches}" if args.max_batches else ""
     listeners = [("tcp", tcp_port, ""), ("udp", udp_port, f"options = {{ gro = false{buffer} }}\n")]
     if args.gro:
         ports["udp gro"] = free_port(socket.SOCK_DGRAM)
@@ -625,6 +626,8 @@ def main() -> int:
         help="e2e: also UDP to a second UDP listener with gro = true (the client sends GSO runs)",
     )
     p.add_argument("--window", type=float, default=3.0, help="e2e measurement window seconds (default 3)")
+    p.add_argument("--max-batches", type=int, default=0,
+                   help="e2e: the UDP listeners' max_batches (default: the listener's own)")  # fmt: skip
     p.add_argument("--recv-buffer", type=int, default=0,
                    help="e2e: the UDP listeners' recv_buffer_bytes (default: the listener's own)")  # fmt: skip
     p.add_argument("--out", default="out", help="logs directory (default out/)")

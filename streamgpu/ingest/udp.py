@@ -58,6 +58,7 @@ from streamgpu.ingest.hub import Origin
 from streamgpu.ingest.mmsg import MSG_TRUNC, ByteRows, PacketArea, decode_sockaddr, enable_gro
 from streamgpu.memory import Slot
 from streamgpu.metrics import NO_MODEL
+from streamgpu.mmsg import Sender
 from streamgpu.protocol import udp, wire
 from streamgpu.protocol.udp import Assembly, Kind, Verdict
 from streamgpu.protocol.wire import FrameFlags, FrameHeader, ProtocolError, ReplyHeader, Status, Timings
@@ -207,6 +208,11 @@ class UdpListener(Listener):
         self._timer: asyncio.TimerHandle | None = None
         self._timeout_ns = int(opts.reassembly_timeout_s * 1e9)
         self._counts: collections.Counter[str] = collections.Counter()
+        # Replies wait for the end of the loop iteration (the scheduler launches its next batch first), then
+        # each goes with one sendmmsg, its datagrams as one GSO message where the route takes it.
+        self._sender = Sender(use_gso=True)
+        self._replies: list[tuple[_Peer, udp.Datagrams]] = []
+        self._flushing: asyncio.Handle | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -256,6 +262,7 @@ class UdpListener(Listener):
             self._timer = None
         for peer in list(self._peers.values()):
             self._forget(peer)
+        self._flush()  # the replies already made go
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -675,17 +682,28 @@ class UdpListener(Listener):
         self._send(peer, reply, payload)
 
     def _send(self, peer: _Peer, reply: ReplyHeader, payload: bytes | memoryview) -> None:
-        sock = self._sock
-        if sock is None:
+        if self._sock is None:
             self._counts["replies_dropped"] += 1
             return
-        for parts in udp.reply_datagrams(reply, payload, self.options.datagram_bytes):
-            try:
-                sock.sendmsg(parts, (), 0, peer.address)
-            except OSError:  # send buffer full, or the producer's host unreachable: UDP does not wait
-                self._counts["reply_datagrams_dropped"] += 1
-            else:
-                self._counts["reply_datagrams"] += 1
+        self._replies.append((peer, udp.reply_datagrams(reply, payload, self.options.datagram_bytes)))
+        if self._flushing is None and self._loop is not None:
+            self._flushing = self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Send the replies made since the last flush (a datagram refused, for a full send buffer or an
+        unreachable producer, is counted and lost: UDP does not wait)."""
+        if self._flushing is not None:
+            self._flushing.cancel()
+            self._flushing = None
+        replies, self._replies = self._replies, []
+        sock = self._sock
+        if sock is None:
+            self._counts["replies_dropped"] += len(replies)
+            return
+        for peer, datagrams in replies:
+            sent, failed = self._sender.send(sock, datagrams, to=peer.key)
+            self._counts["reply_datagrams"] += sent
+            self._counts["reply_datagrams_dropped"] += failed
 
 
 def set_receive_buffer(sock: socket.socket, nbytes: int) -> int:

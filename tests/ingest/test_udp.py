@@ -382,6 +382,36 @@ async def test_frames_whole_in_one_receive_batch_are_not_given_up_for_each_other
         await conn.close()
 
 
+@pytest.mark.asyncio
+async def test_a_batch_is_answered_after_the_next_batch_is_launched(server: Server, monkeypatch: Any) -> None:
+    """24 frames in one burst make three batches of 8 (two in flight at most): when the first ends, the third
+    is launched before the first's replies are sent (on loopback each reply datagram costs the sender its
+    delivery, which would keep the GPU waiting); every reply still comes, and each with one sendmmsg."""
+    (listener,) = [x for x in server._listeners if isinstance(x, UdpListener)]
+    launched_when_sent: list[int] = []
+    send = listener._sender.send
+
+    def spy(*args: Any, **kwargs: Any) -> tuple[int, int]:
+        launched_when_sent.append(server.metrics()["models"]["default"]["batches"])
+        return send(*args, **kwargs)
+
+    monkeypatch.setattr(listener._sender, "send", spy)
+    inputs = frames(24, seed=9)
+    conn = await client.connect_udp("127.0.0.1", udp_port(server), datagram_bytes=GRAM, reply_timeout=5)
+    held: list[list[bytes]] = []
+    conn._write = lambda encoded: held.append([udp.join(parts) for parts in encoded])  # type: ignore[method-assign]
+    try:
+        futures = [conn.submit(f) for f in inputs]
+        for datagram in [d for message in held for d in message]:  # one burst: read in one batch
+            conn.socket.send(datagram)
+        replies = await asyncio.gather(*futures)
+    finally:
+        await conn.close()
+    assert [r.status for r in replies] == [Status.OK] * 24
+    assert len(launched_when_sent) == 24 and launched_when_sent[0] == 3, launched_when_sent
+    assert udp_stats(server)["reply_datagrams"] == 72 and udp_stats(server)["reply_datagrams_dropped"] == 0
+
+
 def chunk(index: int, count: int, offset: int, length: int, body: bytes, seq: int = 0, kind: Kind = Kind.FRAME,
           stream: int = 0) -> bytes:  # fmt: skip
     return udp.encode_chunk_header(ChunkHeader(kind, stream, seq, index, count, offset, length)) + body
