@@ -72,6 +72,7 @@ DENIED_KEPT = 4096  # sender keys found outside the allow list (cached: a flood 
 # gathering assignment copies twice, through a temporary; a run costs a few numpy calls).
 _RUNS_COPIED = 16
 _RUN_LENGTH = 8
+WAKEUP_BUDGET_NS = 1_000_000  # the work one readiness callback does before yielding to the loop
 BAD_COUNTERS: dict[Verdict, str] = {v: v.name.lower() for v in Verdict if v is not Verdict.OK}
 GAUGES = ("producers", "partial_frames")  # in stats(): what is there now
 # In stats(): counts since start (docs/PROTOCOL.md section 11 says when each is counted).
@@ -213,6 +214,7 @@ class UdpListener(Listener):
         self._sender = Sender(use_gso=True)
         self._replies: list[tuple[_Peer, udp.Datagrams]] = []
         self._flushing: asyncio.Handle | None = None
+        self._resume: asyncio.Handle | None = None  # the rest of a wake-up's work, in the next loop iteration
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -253,6 +255,9 @@ class UdpListener(Listener):
         if self._reading and self._loop is not None and self._sock is not None:
             self._loop.remove_reader(self._sock.fileno())
             self._reading = False
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
 
     async def close(self, timeout: float) -> None:
         """Close the socket (replies of frames still in the server are then dropped: UDP cannot wait)."""
@@ -291,24 +296,33 @@ class UdpListener(Listener):
     # -- receiving -------------------------------------------------------------------------------
 
     def _on_readable(self) -> None:
+        """Take waiting datagrams: up to ``max_batches`` receive calls, and no more than about
+        WAKEUP_BUDGET_NS of work per call of this (a coalesced receive call may bring 64 MiB): past that
+        the rest waits for the next loop iteration, so GPU completions and launches are not held up."""
+        self._resume = None
         area, sock = self._area, self._sock
-        for _ in range(self.options.max_batches):
-            if sock is None or not self._reading:
-                return
-            try:
-                n = area.receive(sock)
-            except OSError as exc:  # e.g. ICMP errors reported on the socket: not fatal to the listener
-                self._counts["receive_errors"] += 1
-                log.debug("udp receive: %s", exc)
-                continue
-            if n == 0:
-                return
-            self._counts["receive_calls"] += 1
-            while n:  # coalesced receives come into the rows a chunk at a time (bodies stay where they landed)
-                self._counts["datagrams"] += n
-                self._batch(n)
-                n = area.next_rows()
-            if area.drained:
+        start = time.perf_counter_ns()
+        calls = 0
+        while sock is not None and self._reading:
+            n = area.next_rows()  # what is left of the last receive (coalesced receives come a chunk at a time)
+            if not n:
+                if calls == self.options.max_batches or (calls and area.drained):
+                    return
+                calls += 1
+                try:
+                    n = area.receive(sock)
+                except OSError as exc:  # e.g. ICMP errors reported on the socket: not fatal to the listener
+                    self._counts["receive_errors"] += 1
+                    log.debug("udp receive: %s", exc)
+                    continue
+                if n == 0:
+                    return
+                self._counts["receive_calls"] += 1
+            self._counts["datagrams"] += n
+            self._batch(n)
+            if time.perf_counter_ns() - start > WAKEUP_BUDGET_NS and self._loop is not None:
+                # Rows left of the receive are not on the socket: its readiness would not bring us back.
+                self._resume = self._loop.call_soon(self._on_readable)
                 return
 
     def _batch(self, n: int) -> None:

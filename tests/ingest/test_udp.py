@@ -412,6 +412,49 @@ async def test_a_batch_is_answered_after_the_next_batch_is_launched(server: Serv
     assert udp_stats(server)["reply_datagrams"] == 72 and udp_stats(server)["reply_datagrams_dropped"] == 0
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize("server", [{"gro": True, "reassembly_timeout_s": 5, "batch": 64}], indirect=True)
+async def test_a_large_receive_is_taken_over_several_loop_iterations(server: Server, monkeypatch: Any) -> None:
+    """A coalesced receive call may bring tens of MiB: its chunks of rows are taken one per loop iteration
+    once a wake-up's budget is spent (here at once), so GPU completions and launches run in between; nothing
+    is lost and no second receive call is needed for the rest."""
+    monkeypatch.setattr(udp_listener, "WAKEUP_BUDGET_NS", 0)
+    (listener,) = [x for x in server._listeners if isinstance(x, UdpListener)]
+    loop = asyncio.get_running_loop()
+    iterations = [0]
+
+    def tick() -> None:  # counts loop iterations
+        iterations[0] += 1
+        if not stop:
+            loop.call_soon(tick)
+
+    stop = False
+    seen: list[int] = []
+    batch = listener._batch
+
+    def spy(n: int) -> None:
+        seen.append(iterations[0])
+        batch(n)
+
+    monkeypatch.setattr(listener, "_batch", spy)
+    inputs = frames(40, seed=11)  # 40 GSO messages of 4 datagrams: one receive call, two chunks of 128 rows
+    conn = await client.connect_udp("127.0.0.1", udp_port(server), datagram_bytes=GRAM, reply_timeout=5)
+    held: list[list[bytes]] = []
+    conn._write = lambda encoded: held.append([udp.join(parts) for parts in encoded])  # type: ignore[method-assign]
+    try:
+        futures = [conn.submit(f) for f in inputs]
+        for message in held:
+            assert gso_send(conn.socket, message) == 1
+        tick()
+        replies = await asyncio.gather(*futures)
+    finally:
+        stop = True
+        await conn.close()
+    assert [r.status for r in replies] == [Status.OK] * 40
+    assert len(seen) == 2 and seen[0] < seen[1], seen  # the second chunk in a later loop iteration
+    assert udp_stats(server)["receive_calls"] == 1 and server.pool.slots_in_use == 0
+
+
 def chunk(index: int, count: int, offset: int, length: int, body: bytes, seq: int = 0, kind: Kind = Kind.FRAME,
           stream: int = 0) -> bytes:  # fmt: skip
     return udp.encode_chunk_header(ChunkHeader(kind, stream, seq, index, count, offset, length)) + body
