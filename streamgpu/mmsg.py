@@ -95,16 +95,6 @@ def rows(structs: Any, count: int) -> np.ndarray:
     return np.ctypeslib.as_array(flat).reshape(count, ctypes.sizeof(structs) // count)
 
 
-def sockaddr_length(name: bytes) -> int:
-    """The length of a raw ``sockaddr`` (``sockaddr_in`` or ``sockaddr_in6``), from its family field."""
-    family = int.from_bytes(name[:2], "little")
-    if family == socket.AF_INET:
-        return 16
-    if family == socket.AF_INET6:
-        return 28
-    raise ValueError(f"not an IPv4 or IPv6 socket address (family {family})")
-
-
 def address(buffer: Any) -> int:
     """Where a buffer's bytes are (read-only ones too: bytes, a numpy array's memoryview)."""
     return int(np.frombuffer(buffer, np.uint8).ctypes.data) if len(memoryview(buffer)) else 0
@@ -137,8 +127,6 @@ class Sender:
         iov = np.ctypeslib.as_array((ctypes.c_uint64 * (6 * capacity)).from_buffer(self._iov)).reshape(capacity, 3, 2)
         self._iov_base, self._iov_len = iov[:, :, 0], iov[:, :, 1]  # (capacity, 3) each: base, len
         msgs = rows(self._msgs, capacity)
-        self._name = field(msgs, MMsgHdr.hdr.offset + MsgHdr.name.offset, "u8")  # per send: its destination
-        self._namelen = field(msgs, MMsgHdr.hdr.offset + MsgHdr.namelen.offset, "u4")
         self._iov_addr = ctypes.addressof(self._iov)
         first_iov = self._iov_addr + 3 * ctypes.sizeof(IoVec) * np.arange(capacity, dtype=np.uint64)
         field(msgs, MMsgHdr.hdr.offset + MsgHdr.iov.offset, "u8")[:] = first_iov
@@ -152,8 +140,6 @@ class Sender:
             self._gso_addr = ctypes.addressof(self._gso)
             gso = rows(self._gso, capacity)
             hdr = MMsgHdr.hdr.offset
-            self._gso_name = field(gso, hdr + MsgHdr.name.offset, "u8")
-            self._gso_namelen = field(gso, hdr + MsgHdr.namelen.offset, "u4")
             self._gso_iov = field(gso, hdr + MsgHdr.iov.offset, "u8")
             self._gso_iovlen = field(gso, hdr + MsgHdr.iovlen.offset, "u8")
             self._gso_control = field(gso, hdr + MsgHdr.control.offset, "u8")
@@ -166,28 +152,15 @@ class Sender:
             self._gso_size = field(cmsg, ctypes.sizeof(CMsgHdr), "u2")
             self._cmsg_at = ctypes.addressof(self._cmsg) + _CMSG_SPACE * np.arange(capacity, dtype=np.uint64)
 
-    def send(self, sock: socket.socket, datagrams: Datagrams, keep: np.ndarray | None = None,
-             to: bytes | tuple[Any, ...] | None = None) -> tuple[int, int]:  # fmt: skip
+    def send(self, sock: socket.socket, datagrams: Datagrams, keep: np.ndarray | None = None) -> tuple[int, int]:
         """Send the datagrams (those where ``keep`` is True, if given); returns (sent, failed), in datagrams.
 
-        ``to``: where, on an unconnected socket: a raw ``sockaddr`` (as
-        ``recvmmsg`` gives a sender's: its family says its length; bytes past
-        that are ignored), or an address tuple (then one ``sendmsg`` per
-        datagram). A datagram the kernel refuses (send buffer full, the peer's
-        port said unreachable) is counted failed and the rest still go: UDP
-        does not wait.
+        A datagram the kernel refuses (send buffer full, the peer's port said
+        unreachable) is counted failed and the rest still go: UDP does not wait.
         """
         which = np.flatnonzero(keep) if keep is not None else np.arange(len(datagrams))
-        if not self.use_sendmmsg or isinstance(to, tuple):
-            if isinstance(to, bytes):
-                raise ValueError("a raw sockaddr needs sendmmsg: give the address as a tuple")
-            return self._send_one_by_one(sock, datagrams, which, to)
-        name, namelen = (address(to), sockaddr_length(to)) if to else (0, 0)
-        self._name[: min(len(which), self.capacity)] = name
-        self._namelen[: min(len(which), self.capacity)] = namelen
-        if self.use_gso:
-            self._gso_name[: min(len(which), self.capacity)] = name
-            self._gso_namelen[: min(len(which), self.capacity)] = namelen
+        if not self.use_sendmmsg:
+            return self._send_one_by_one(sock, datagrams, which)
         heads, head, payload = address(datagrams.heads), address(datagrams.head), address(datagrams.payload)
         sent = failed = 0
         fd = sock.fileno()
@@ -271,12 +244,11 @@ class Sender:
         return sent, failed
 
     @staticmethod
-    def _send_one_by_one(sock: socket.socket, datagrams: Datagrams, which: np.ndarray,
-                         to: tuple[Any, ...] | None) -> tuple[int, int]:  # fmt: skip
+    def _send_one_by_one(sock: socket.socket, datagrams: Datagrams, which: np.ndarray) -> tuple[int, int]:
         sent = failed = 0
         for i in which.tolist():
             try:
-                sock.sendmsg(datagrams[i], (), 0, to) if to else sock.sendmsg(datagrams[i])
+                sock.sendmsg(datagrams[i])
             except OSError:
                 failed += 1
             else:

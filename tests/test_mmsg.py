@@ -304,26 +304,3 @@ async def test_the_client_sends_gso_by_default() -> None:
         payload = grams[0][udp.HEADER_SIZE + head :] + b"".join(g[udp.HEADER_SIZE :] for g in grams[1:])
         assert payload == frame.tobytes()
         assert [size for _, size in got] == ([GRAM_BYTES, GRAM_BYTES] if gso is None else [None] * 70)
-
-
-@pytest.mark.parametrize("use_gso", [True, False])
-def test_an_unconnected_sender_sends_to_a_raw_sockaddr_or_an_address(use_gso: bool) -> None:
-    """The UDP listener answers many producers from one unconnected socket: ``to`` names each datagram's
-    destination, as the raw sockaddr recvmmsg gave (padded past its length) or as an address tuple."""
-    needs_sendmmsg()
-    grams = message(LENGTHS["short last datagram: 2 runs"])
-    want = [udp.join(d) for d in grams]
-    a, b = receiver(), receiver()
-    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    tx.setblocking(False)
-    with a, b, tx:
-        sender = mmsg.Sender(capacity=64, use_gso=use_gso)  # two sendmmsg calls: every one takes the address
-        host, port = b.getsockname()
-        raw = socket.AF_INET.to_bytes(2, "little") + port.to_bytes(2, "big") + socket.inet_aton(host) + bytes(24)
-        assert sender.send(tx, grams, to=a.getsockname()) == (len(want), 0)
-        assert sender.send(tx, grams, to=raw) == (len(want), 0)
-        assert receive_all(a) == want and receive_all(b) == want
-        assert (sender.gso_messages > 0) == use_gso
-    assert mmsg.sockaddr_length(socket.AF_INET6.to_bytes(2, "little") + bytes(30)) == 28
-    with pytest.raises(ValueError, match="not an IPv4 or IPv6"):
-        mmsg.sockaddr_length(socket.AF_UNIX.to_bytes(2, "little") + bytes(30))

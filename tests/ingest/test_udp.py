@@ -386,16 +386,16 @@ async def test_frames_whole_in_one_receive_batch_are_not_given_up_for_each_other
 async def test_a_batch_is_answered_after_the_next_batch_is_launched(server: Server, monkeypatch: Any) -> None:
     """24 frames in one burst make three batches of 8 (two in flight at most): when the first ends, the third
     is launched before the first's replies are sent (on loopback each reply datagram costs the sender its
-    delivery, which would keep the GPU waiting); every reply still comes, and each with one sendmmsg."""
+    delivery, which would keep the GPU waiting); every reply still comes."""
     (listener,) = [x for x in server._listeners if isinstance(x, UdpListener)]
     launched_when_sent: list[int] = []
-    send = listener._sender.send
+    flush = listener._flush
 
-    def spy(*args: Any, **kwargs: Any) -> tuple[int, int]:
-        launched_when_sent.append(server.metrics()["models"]["default"]["batches"])
-        return send(*args, **kwargs)
+    def spy() -> None:
+        launched_when_sent.extend([server.metrics()["models"]["default"]["batches"]] * len(listener._replies))
+        flush()
 
-    monkeypatch.setattr(listener._sender, "send", spy)
+    monkeypatch.setattr(listener, "_flush", spy)
     inputs = frames(24, seed=9)
     conn = await client.connect_udp("127.0.0.1", udp_port(server), datagram_bytes=GRAM, reply_timeout=5)
     held: list[list[bytes]] = []
