@@ -16,7 +16,8 @@ The profiler slows the loop, so the breakdown is a proportion, not a timing.
 
 With ``--ingest-workers N`` the server runs N ingest worker processes: the
 figures are then the scheduling loop's alone (the workers' CPU is reported
-apart, as ``workers_cpu_per_frame_us``, from /proc).
+apart, as ``workers_cpu_per_frame_us``, from /proc). With ``--transport
+udp`` the frames come over UDP to a UDP listener (``gro`` on, the default).
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # Stage of a function, from the file it is defined in (first match wins).
 STAGES = [
     ("ingest/tcp.py", "ingest: TCP parse + reply write"),
+    ("ingest/udp.py", "ingest: UDP reassembly + reply send"),
+    ("ingest/mmsg.py", "ingest: UDP receive (recvmmsg)"),
+    ("protocol/udp.py", "ingest: UDP reassembly + reply send"),
     ("ingest/workers.py", "ingest: worker descriptors in, replies out"),
     ("ingest/channel.py", "ingest: worker descriptors in, replies out"),
     ("ingest/admission.py", "admission + producer accounting"),
@@ -102,7 +106,7 @@ def start_load(port: int, args: argparse.Namespace, seconds: float) -> subproces
         sys.executable, str(ROOT / "tools" / "loadgen.py"), "-u", f"127.0.0.1:{port}",
         "--concurrency-range", str(args.concurrency), "--processes", str(args.processes),
         "--streams", str(4 * args.processes), "--shape", args.shape, "--duration", str(seconds),
-        "--warmup", "0", "--quiet",
+        "--warmup", "0", "--quiet", "-i", args.transport,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
@@ -112,8 +116,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     shape = tuple(int(d) for d in args.shape.split("x"))
     spec = ModelSpec(source=args.model, input_shape=shape)
     config = Config(
-        listeners=[ListenerSpec(port=0)], device=args.device, models=[spec], log_level="WARNING",
-        ingest_workers=args.ingest_workers, max_payload_bytes=16 << 20,
+        listeners=[ListenerSpec(args.transport, "127.0.0.1", 0)], device=args.device, models=[spec],
+        log_level="WARNING", ingest_workers=args.ingest_workers, max_payload_bytes=16 << 20,
     )  # fmt: skip
     async with Server(config) as server:
         load = start_load(server.port, args, args.seconds * 2 + args.warmup + 1)
@@ -162,6 +166,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=4.0, help="each window")
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--ingest-workers", type=int, default=0, help="ingest worker processes (0: one process)")
+    parser.add_argument("--transport", default="tcp", choices=["tcp", "udp"], help="how frames come (default tcp)")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
     loop = new_event_loop("auto")
