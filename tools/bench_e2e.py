@@ -281,6 +281,8 @@ def suite_gpus(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     rows, figures = [], []
     sizes = {"max_batch_size": args.max_batch} if args.max_batch else {}
     for label, model in (("fp16", {**RESNET50, **sizes}), ("fp32", {**RESNET50, **sizes, "precision": "fp32"})):
+        if args.precision not in ("both", label):
+            continue
         result = {}
         for devices in pairs:
             with streamgpu_server(out, f"gpus{len(devices)}_{label}", model, args.device, devices=devices,
@@ -338,6 +340,7 @@ def main() -> int:
     parser.add_argument("--ingest-workers", type=int, default=0, help="gpus suite: the servers' ingest_workers")
     parser.add_argument("--max-batch", type=int, default=0, help="gpus suite: the model's max_batch_size (default 32)")
     parser.add_argument("--in-flight", type=int, default=256, help="gpus suite: frames in flight (default 256)")
+    parser.add_argument("--precision", default="both", choices=["both", "fp16", "fp32"], help="gpus suite: models")
     parser.add_argument("--servers", default="", help="curves suite: only these (comma-separated: plain, strong, "
                         "strong+compile, streamgpu)")  # fmt: skip
     args = parser.parse_args()
