@@ -457,8 +457,7 @@ async def test_a_large_receive_is_taken_over_several_loop_iterations(server: Ser
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("server", [{"gro": False, "batch": 1, "max_batches": 1}], indirect=True)
-async def test_a_flood_never_makes_more_than_one_continuation_per_loop_iteration(server: Server,
-                                                                                  monkeypatch: Any) -> None:  # fmt: skip
+async def test_a_flood_never_makes_more_than_one_continuation_per_iteration(server: Server, monkeypatch: Any) -> None:
     """A wake-up past its budget continues in the next loop iteration; while the socket stays readable its
     reader runs too. That must not add a second continuation each time: with one per wake-up kept alive,
     a flood grew the listener's work per loop iteration by one batch every iteration (the loop starved)."""
