@@ -296,7 +296,9 @@ class UdpListener(Listener):
         """Take waiting datagrams: up to ``max_batches`` receive calls, and no more than about
         WAKEUP_BUDGET_NS of work per call of this (a coalesced receive call may bring 64 MiB): past that
         the rest waits for the next loop iteration, so GPU completions and launches are not held up."""
-        self._resume = None
+        if self._resume is not None:  # the reader came first: it does the continuation's work (one at most)
+            self._resume.cancel()
+            self._resume = None
         area, sock = self._area, self._sock
         start = time.perf_counter_ns()
         calls = 0
@@ -319,8 +321,12 @@ class UdpListener(Listener):
             self._batch(n)
             if time.perf_counter_ns() - start > WAKEUP_BUDGET_NS and self._loop is not None:
                 # Rows left of the receive are not on the socket: its readiness would not bring us back.
-                self._resume = self._loop.call_soon(self._on_readable)
+                self._resume = self._loop.call_soon(self._continue)
                 return
+
+    def _continue(self) -> None:
+        self._resume = None  # (running: not to be cancelled)
+        self._on_readable()
 
     def _batch(self, n: int) -> None:
         """Judge a batch's headers at once, group its good datagrams by frame, and place every new chunk

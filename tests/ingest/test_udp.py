@@ -455,6 +455,44 @@ async def test_a_large_receive_is_taken_over_several_loop_iterations(server: Ser
     assert udp_stats(server)["receive_calls"] == 1 and server.pool.slots_in_use == 0
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize("server", [{"gro": False, "batch": 1, "max_batches": 1}], indirect=True)
+async def test_a_flood_never_makes_more_than_one_continuation_per_iteration(server: Server, monkeypatch: Any) -> None:
+    """A wake-up past its budget continues in the next loop iteration; while the socket stays readable its
+    reader runs too. That must not add a second continuation each time: with one per wake-up kept alive,
+    a flood grew the listener's work per loop iteration by one batch every iteration (the loop starved)."""
+    monkeypatch.setattr(udp_listener, "WAKEUP_BUDGET_NS", -1)  # every wake-up is past its budget
+    (listener,) = [x for x in server._listeners if isinstance(x, UdpListener)]
+    loop = asyncio.get_running_loop()
+    iterations = [0]
+    stop = False
+
+    def tick() -> None:  # counts loop iterations
+        iterations[0] += 1
+        if not stop:
+            loop.call_soon(tick)
+
+    per_iteration: dict[int, int] = {}
+    batch = listener._batch
+
+    def spy(n: int) -> None:
+        per_iteration[iterations[0]] = per_iteration.get(iterations[0], 0) + 1
+        batch(n)
+
+    monkeypatch.setattr(listener, "_batch", spy)
+    raw = Raw(udp_port(server))
+    try:
+        raw.send(*[b"junk" * 10] * 150)  # a hostile flood: each is a bad datagram, one per receive (batch 1)
+        tick()
+        await wait_for(lambda: udp_stats(server).get("datagrams", 0) == 150)
+    finally:
+        stop = True
+        raw.close()
+    assert udp_stats(server)["bad_header"] == 150
+    # The reader and one continuation: at most two receive batches in any loop iteration.
+    assert max(per_iteration.values()) <= 2, per_iteration
+
+
 def chunk(index: int, count: int, offset: int, length: int, body: bytes, seq: int = 0, kind: Kind = Kind.FRAME,
           stream: int = 0) -> bytes:  # fmt: skip
     return udp.encode_chunk_header(ChunkHeader(kind, stream, seq, index, count, offset, length)) + body
