@@ -284,10 +284,12 @@ class UdpListener(Listener):
             self.admission.close_connection()
 
     def stats(self) -> dict[str, Any]:
-        """``port``, ``gro``, the gauges of :data:`GAUGES` and every counter of :data:`COUNTERS` seen non-zero."""
+        """``host``, ``port``, ``gro``, the gauges of :data:`GAUGES` and every counter of :data:`COUNTERS` seen
+        non-zero."""
         partial = sum(len(p.partials) for p in self._peers.values())
         port = self.addresses[0][1] if self._sock is not None else self.spec.port
-        return {"kind": self.kind, "port": port, "gro": self._area.gro, "producers": len(self._peers),
+        return {"kind": self.kind, "host": self.spec.host, "port": port, "gro": self._area.gro,
+                "producers": len(self._peers),
                 "partial_frames": partial, **self._counts}  # fmt: skip
 
     # -- receiving -------------------------------------------------------------------------------

@@ -21,10 +21,10 @@ Series (all per ``model`` where they have the label):
   ``streamgpu_ring_used_bytes``, ``streamgpu_ring_capacity_bytes``, ``streamgpu_connections``,
   ``streamgpu_frames_in_flight``, ``streamgpu_gpu_memory_bytes{device, kind=allocated|reserved|total}``
   (CUDA backend only).
-* per UDP listener (``port`` label): ``streamgpu_udp_events_total{port, event}`` counter, every count of
-  docs/PROTOCOL.md section 11 (``datagrams``, ``frames``, ``incomplete``, ``late``, ``duplicates``,
+* per UDP listener (``host`` and ``port`` labels): ``streamgpu_udp_events_total{host, port, event}``
+  counter, every count of docs/PROTOCOL.md section 11 (``datagrams``, ``frames``, ``incomplete``, ``late``, ``duplicates``,
   ``evicted``, ``no_space``, bad datagrams by kind, reply datagrams, ...), and the gauges
-  ``streamgpu_udp_producers{port}`` and ``streamgpu_udp_partial_frames{port}`` (frames in reassembly).
+  ``streamgpu_udp_producers{host, port}`` and ``streamgpu_udp_partial_frames{host, port}`` (frames in reassembly).
 """
 
 from __future__ import annotations
@@ -116,16 +116,16 @@ def _udp_families(listeners: list[dict[str, Any]]) -> Iterator[Metric]:
     if not listeners:
         return
     events = CounterMetricFamily("streamgpu_udp_events", "UDP listener counts (docs/PROTOCOL.md section 11)",
-                                 labels=["port", "event"])  # fmt: skip
+                                 labels=["host", "port", "event"])  # fmt: skip
     for stats in listeners:
         for event in udp.COUNTERS:
-            events.add_metric([str(stats["port"]), event], stats.get(event, 0))
+            events.add_metric([stats["host"], str(stats["port"]), event], stats.get(event, 0))
     yield events
     docs = ("Senders known (forgotten after peer_idle_s with nothing in the server)", "Frames in reassembly")
     for gauge, doc in zip(udp.GAUGES, docs, strict=True):
-        family = GaugeMetricFamily(f"streamgpu_udp_{gauge}", doc, labels=["port"])
+        family = GaugeMetricFamily(f"streamgpu_udp_{gauge}", doc, labels=["host", "port"])
         for stats in listeners:
-            family.add_metric([str(stats["port"])], stats[gauge])
+            family.add_metric([stats["host"], str(stats["port"])], stats[gauge])
         yield family
 
 

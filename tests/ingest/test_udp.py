@@ -542,7 +542,7 @@ async def test_bad_datagrams_are_counted_dropped_and_cost_nothing_else(server: S
         stats = udp_stats(server)
         assert stats["partial_frames"] == 0
         # Every count is one /metrics exports (streamgpu_udp_events_total): none is missed there.
-        assert set(stats) <= {"kind", "port", "gro", *udp_listener.GAUGES, *udp_listener.COUNTERS}
+        assert set(stats) <= {"kind", "host", "port", "gro", *udp_listener.GAUGES, *udp_listener.COUNTERS}
     finally:
         raw.close()
         await conn.close()

@@ -155,8 +155,12 @@ async def test_udp_and_websocket_refusals_are_counted_like_tcp_ones() -> None:
                   if name == "streamgpu_udp_events_total" and dict(labels)["port"] == port}  # fmt: skip
         assert events["frames"] == 1 and events["too_large"] == 1 and events["incomplete"] == 0
         assert events["datagrams"] >= 7 and events["reply_datagrams"] >= 7
-        assert samples[("streamgpu_udp_partial_frames", (("port", port),))] == 0
-        assert samples[("streamgpu_udp_producers", (("port", port),))] == 2
+        where = (("host", "127.0.0.1"), ("port", port))  # (the listener's configured host)
+        assert samples[("streamgpu_udp_partial_frames", where)] == 0
+        assert samples[("streamgpu_udp_producers", where)] == 2
+        status = await (await http.get("/v1/status")).json()
+        (listener,) = status["udp_listeners"]
+        assert listener["port"] == udp_port and listener["frames"] == 1 and listener["too_large"] == 1
 
 
 @pytest.mark.asyncio
