@@ -22,9 +22,10 @@ Series (all per ``model`` where they have the label):
   ``streamgpu_frames_in_flight``, ``streamgpu_gpu_memory_bytes{device, kind=allocated|reserved|total}``
   (CUDA backend only).
 * per UDP listener (``host`` and ``port`` labels): ``streamgpu_udp_events_total{host, port, event}``
-  counter, every count of docs/PROTOCOL.md section 11 (``datagrams``, ``frames``, ``incomplete``, ``late``, ``duplicates``,
-  ``evicted``, ``no_space``, bad datagrams by kind, reply datagrams, ...), and the gauges
-  ``streamgpu_udp_producers{host, port}`` and ``streamgpu_udp_partial_frames{host, port}`` (frames in reassembly).
+  counter, every count of docs/PROTOCOL.md section 11 (``datagrams``, ``frames``, ``incomplete``,
+  ``late``, ``duplicates``, ``evicted``, ``no_space``, bad datagrams by kind, reply datagrams, ...),
+  and the gauges ``streamgpu_udp_producers{host, port}`` and ``streamgpu_udp_partial_frames{host, port}``
+  (frames in reassembly).
 """
 
 from __future__ import annotations
