@@ -91,6 +91,21 @@ async def wait_for(predicate: Any, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
+async def holding_connection(srv: Server) -> tuple[client.UdpConnection, list[list[bytes]]]:
+    """A UDP connection whose frames are encoded but not sent: each frame's datagrams are collected in the
+    list, for the test to send as it likes (in one burst, reordered, as GSO runs, some left out)."""
+    conn = await client.connect_udp("127.0.0.1", udp_port(srv), datagram_bytes=GRAM, reply_timeout=5)
+    held: list[list[bytes]] = []
+    conn._write = lambda encoded: held.append([udp.join(parts) for parts in encoded])  # type: ignore[method-assign]
+    return conn, held
+
+
+def send_burst(conn: client.UdpConnection, held: list[list[bytes]]) -> None:
+    """Every held datagram, back to back without yielding to the loop: the listener reads them in one batch."""
+    for datagram in [d for message in held for d in message]:
+        conn.socket.send(datagram)
+
+
 class Raw:
     """A hand-made UDP producer: sends what it is given, reads reply headers."""
 
@@ -325,9 +340,7 @@ async def test_a_frame_given_up_inside_a_batch_writes_nothing(server: Server, ru
         monkeypatch.setattr(udp_listener, "_RUN_LENGTH", 1 << 30)
     inputs = frames(3, seed=4)
     expected = await reference(server, inputs[2:])
-    conn = await client.connect_udp("127.0.0.1", udp_port(server), datagram_bytes=GRAM, reply_timeout=5)
-    held: list[list[bytes]] = []
-    conn._write = lambda encoded: held.append([udp.join(parts) for parts in encoded])  # type: ignore[method-assign]
+    conn, held = await holding_connection(server)
     try:
         futures = [conn.submit(f, sequence=seq) for f, seq in zip(inputs, (10, 11, 5), strict=True)]
         a, b, c = held
@@ -355,13 +368,10 @@ async def test_frames_whole_in_one_receive_batch_are_not_given_up_for_each_other
     against max_partial_frames (2), which bounds frames waiting for datagrams still to come."""
     inputs = frames(12, seed=7)
     expected = await reference(server, inputs)
-    conn = await client.connect_udp("127.0.0.1", udp_port(server), datagram_bytes=GRAM, reply_timeout=5)
-    held: list[list[bytes]] = []
-    conn._write = lambda encoded: held.append([udp.join(parts) for parts in encoded])  # type: ignore[method-assign]
+    conn, held = await holding_connection(server)
     try:
         futures = [conn.submit(f) for f in inputs]
-        for datagram in [d for message in held for d in message]:  # one burst: read in one batch
-            conn.socket.send(datagram)
+        send_burst(conn, held)
         replies = await asyncio.gather(*futures)
         assert [r.status for r in replies] == [Status.OK] * 12
         assert all(same(r.unwrap(), want) for r, want in zip(replies, expected, strict=True))
@@ -397,13 +407,10 @@ async def test_a_batch_is_answered_after_the_next_batch_is_launched(server: Serv
 
     monkeypatch.setattr(listener, "_flush", spy)
     inputs = frames(24, seed=9)
-    conn = await client.connect_udp("127.0.0.1", udp_port(server), datagram_bytes=GRAM, reply_timeout=5)
-    held: list[list[bytes]] = []
-    conn._write = lambda encoded: held.append([udp.join(parts) for parts in encoded])  # type: ignore[method-assign]
+    conn, held = await holding_connection(server)
     try:
         futures = [conn.submit(f) for f in inputs]
-        for datagram in [d for message in held for d in message]:  # one burst: read in one batch
-            conn.socket.send(datagram)
+        send_burst(conn, held)
         replies = await asyncio.gather(*futures)
     finally:
         await conn.close()
@@ -438,9 +445,7 @@ async def test_a_large_receive_is_taken_over_several_loop_iterations(server: Ser
 
     monkeypatch.setattr(listener, "_batch", spy)
     inputs = frames(40, seed=11)  # 40 GSO messages of 4 datagrams: one receive call, two chunks of 128 rows
-    conn = await client.connect_udp("127.0.0.1", udp_port(server), datagram_bytes=GRAM, reply_timeout=5)
-    held: list[list[bytes]] = []
-    conn._write = lambda encoded: held.append([udp.join(parts) for parts in encoded])  # type: ignore[method-assign]
+    conn, held = await holding_connection(server)
     try:
         futures = [conn.submit(f) for f in inputs]
         for message in held:
@@ -616,9 +621,7 @@ async def test_coalesced_datagrams_are_split_back_and_every_frame_is_answered(se
         pytest.skip("this kernel does not coalesce UDP datagrams (UDP_GRO)")
     inputs = frames(12, seed=21)
     expected = await reference(server, inputs)
-    conn = await client.connect_udp("127.0.0.1", udp_port(server), datagram_bytes=GRAM, reply_timeout=5)
-    held: list[list[bytes]] = []
-    conn._write = lambda encoded: held.append([udp.join(parts) for parts in encoded])  # type: ignore[method-assign]
+    conn, held = await holding_connection(server)
     try:
         futures = [conn.submit(f, stream_id=i % 3) for i, f in enumerate(inputs)]
         sends = 0
@@ -775,9 +778,7 @@ async def test_without_recvmmsg_the_fallback_receive_places_every_payload_byte_f
         inputs = frames(6, seed=8)
         expected = await reference(srv, inputs)
         placed = placed_payloads(srv, monkeypatch)
-        conn = await client.connect_udp("127.0.0.1", udp_port(srv), datagram_bytes=GRAM, reply_timeout=5)
-        held: list[list[bytes]] = []
-        conn._write = lambda encoded: held.append([udp.join(parts) for parts in encoded])  # type: ignore[method-assign]
+        conn, held = await holding_connection(srv)
         try:
             futures = [conn.submit(f) for f in inputs]
             for i, grams_ in enumerate(held):
