@@ -2,31 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # fakeserver.py, whatever pytest's import mode
+sys.path.insert(0, str(Path(__file__).parent))  # fakeserver.py, loadgen_support.py, whatever pytest's import mode
 
 from fakeserver import FakeServer
-
-from streamgpu.config import Config
-from streamgpu.loadgen.cli import main
-
-if TYPE_CHECKING:
-    from streamgpu.server import Server
-
-#: Injected server latency of the default fake server.
-LATENCY = 0.005
-
-#: Fast measurement settings for a noisy 2-core machine: short windows, no warm-up.
-FAST = ["--warmup", "0", "-p", "300", "--shape", "8x8x3"]
+from loadgen_support import LATENCY, Cli
 
 
 @pytest.fixture
@@ -36,37 +21,6 @@ def server() -> Iterator[FakeServer]:
         yield srv
 
 
-class Cli:
-    """Runs ``main(argv)`` and captures its output."""
-
-    def __init__(self, capsys: pytest.CaptureFixture[str]) -> None:
-        self.capsys = capsys
-
-    def __call__(self, *argv: str) -> tuple[int, str, str]:
-        rc = main(list(argv))
-        out, err = self.capsys.readouterr()
-        return rc, out, err
-
-
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
     return Cli(capsys)
-
-
-@contextmanager
-def serving(cfg: Config) -> Iterator[Server]:
-    """A real server (``streamgpu.server.Server``) on its own loop in a thread, while the block runs."""
-    from streamgpu.server import Server  # torch: only the tests that start one pay for it
-
-    server = Server(cfg)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    asyncio.run_coroutine_threadsafe(server.start(), loop).result(30)
-    try:
-        yield server
-    finally:
-        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join()
-        loop.close()

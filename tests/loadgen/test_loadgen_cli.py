@@ -5,8 +5,8 @@ from __future__ import annotations
 import socket
 
 import pytest
-from conftest import FAST, Cli
 from fakeserver import FakeServer
+from loadgen_support import FAST, Cli
 
 from streamgpu.loadgen.cli import parse_endpoint, parse_range
 from streamgpu.loadgen.config import Endpoint

@@ -8,8 +8,8 @@ import io
 import json
 from pathlib import Path
 
-from conftest import FAST, Cli
 from fakeserver import FakeServer
+from loadgen_support import FAST, Cli
 
 from streamgpu.loadgen import CONCURRENCY, Endpoint, LoadLevel, RunConfig, run
 from streamgpu.loadgen.report import CSV_STATUSES, RunReport

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST, LATENCY, Cli
 from fakeserver import TIMINGS, FakeServer
+from loadgen_support import FAST, LATENCY, Cli
 
 from streamgpu.loadgen import CONCURRENCY, RATE, Endpoint, LoadLevel, RunConfig, run
 from streamgpu.loadgen.engine import LoadRunner, open_connections

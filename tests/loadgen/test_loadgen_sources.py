@@ -8,8 +8,8 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
-from conftest import FAST, Cli
 from fakeserver import FakeServer
+from loadgen_support import FAST, Cli
 
 from streamgpu.loadgen import CONCURRENCY, Endpoint, LoadLevel, RunConfig, register_transport, run, sources
 from streamgpu.loadgen.errors import UsageError

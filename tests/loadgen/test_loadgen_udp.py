@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from conftest import Cli, serving
+from loadgen_support import Cli, serving
 
 from streamgpu.config import Config, ListenerSpec
 from streamgpu.loadgen import CONCURRENCY, Endpoint, LoadLevel, RunConfig, run
