@@ -537,8 +537,10 @@ def suite_e2e(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             cpu0, t0, drops0, status0 = main_thread_cpu(pid), time.perf_counter(), udp_kernel_drops(), server_status()
             (r,) = run(cfg).results
             # The server loop's share of a core over the whole run, the generators' start-up included: a lower
-            # bound of its share under load (tools/profile_loop.py --transport udp measures that).
-            loop_busy = (main_thread_cpu(pid) - cpu0) / (time.perf_counter() - t0)
+            # bound of its share under load (tools/profile_loop.py --transport udp measures that). Its CPU per
+            # frame is not diluted so: 1e6 / it is what the loop could take at 100 %.
+            loop_cpu = main_thread_cpu(pid) - cpu0
+            loop_busy = loop_cpu / (time.perf_counter() - t0)
             drops = {key: count - drops0[key] for key, count in udp_kernel_drops().items()}  # over the whole run
             status = server_status()
             listener = udp_counts(status).get(port, {})
@@ -553,11 +555,13 @@ def suite_e2e(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             stages = "/".join(f"{latency[stage]['p50'] / 1e3:.1f}" for stage in ("queue_wait", "transfer", "compute"))
             model, model0 = status["models"][0], status0["models"][0]
             mean_batch = (model["completed"] - model0["completed"]) / max(model["batches"] - model0["batches"], 1)
+            loop_us = loop_cpu / max(model["completed"] - model0["completed"], 1) * 1e6
             best = rows.get(name)
             if best is None or r.throughput > best["frames_per_s"]:  # interleaved rounds: best of two each
                 rows[name] = {"frames_per_s": r.throughput, "p50_ms": r.latency["p50"] * 1e3,
                               "mean_ms": r.latency["mean"] * 1e3, "p99_ms": r.latency["p99"] * 1e3,
-                              "statuses": r.statuses, "loop_busy": loop_busy, "generator_cores": r.cpu_cores,
+                              "statuses": r.statuses, "loop_busy": loop_busy, "loop_us_per_frame": loop_us,
+                              "generator_cores": r.cpu_cores,
                               "kernel_drops": drops, "server_p50_ms": server_p50_ms, "server_stages": stages,
                               "mean_batch": mean_batch, "udp_events": events}  # fmt: skip
     if args.gro and "does not coalesce" in (out / "server_udp_bench.log").read_text():
@@ -567,11 +571,13 @@ def suite_e2e(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     print(f"\nend to end, 224x224x3 uint8 frames, {args.model} on {args.device}, {args.concurrency} in flight,"
           f" {args.processes} generator processes (best of 2 interleaved rounds)")  # fmt: skip
     print(f"{'transport':<10}{'frames/s':>10}{'p50 ms':>9}{'mean ms':>9}{'p99 ms':>9}{'server p50':>11}"
-          f"{'loop busy':>11}{'gen cores':>11}  statuses; kernel drops; listener events (whole run)")  # fmt: skip
+          f"{'loop busy':>11}{'loop us/fr':>11}{'gen cores':>11}"
+          "  statuses; kernel drops; listener events (whole run)")  # fmt: skip
     for name, r in rows.items():
         print(
             f"{name:<10}{r['frames_per_s']:>10.0f}{r['p50_ms']:>9.2f}{r['mean_ms']:>9.2f}{r['p99_ms']:>9.2f}"
-            f"{r['server_p50_ms']:>11.2f}{r['loop_busy']:>11.0%}{r['generator_cores']:>11.2f}  {r['statuses']};"
+            f"{r['server_p50_ms']:>11.2f}{r['loop_busy']:>11.0%}{r['loop_us_per_frame']:>11.1f}"
+            f"{r['generator_cores']:>11.2f}  {r['statuses']};"
             f" {r['kernel_drops']}; {r['udp_events']}; server queue/transfer/compute p50 {r['server_stages']} ms;"
             f" mean batch {r['mean_batch']:.1f}"
         )
