@@ -73,7 +73,11 @@ _RUNS_COPIED = 16
 _RUN_LENGTH = 8
 WAKEUP_BUDGET_NS = 1_000_000  # the work one readiness callback does before yielding to the loop
 BAD_COUNTERS: dict[Verdict, str] = {v: v.name.lower() for v in Verdict if v is not Verdict.OK}
-GAUGES = ("producers", "partial_frames")  # in stats(): what is there now
+# In stats(): what is there now, and what each is.
+GAUGES = {
+    "producers": "Senders known (forgotten after peer_idle_s with nothing in the server)",
+    "partial_frames": "Frames in reassembly",
+}
 # In stats(): counts since start (docs/PROTOCOL.md section 11 says when each is counted).
 COUNTERS = (
     "receive_calls", "receive_errors", "datagrams", *BAD_COUNTERS.values(), "denied", "too_many_producers", "late",
@@ -289,8 +293,7 @@ class UdpListener(Listener):
         partial = sum(len(p.partials) for p in self._peers.values())
         port = self.addresses[0][1] if self._sock is not None else self.spec.port
         return {"kind": self.kind, "host": self.spec.host, "port": port, "gro": self._area.gro,
-                "producers": len(self._peers),
-                "partial_frames": partial, **self._counts}  # fmt: skip
+                "producers": len(self._peers), "partial_frames": partial, **self._counts}  # fmt: skip
 
     # -- receiving -------------------------------------------------------------------------------
 
@@ -456,9 +459,8 @@ class UdpListener(Listener):
                 frame = self._finish(peer, key, partial)
                 if frame is not None:
                     complete.append(frame)
-            elif partial.whole:  # (cannot happen: a whole frame ends here) counted against the bound from now on
-                partial.whole = False
-                peer.whole -= 1
+            else:
+                assert not partial.whole, "a frame whole in its receive batch ends with it"
         if complete:  # the batch's frames enter the scheduler together: their batches form once
             self.admission.submit_many(complete)
 

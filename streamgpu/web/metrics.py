@@ -122,8 +122,7 @@ def _udp_families(listeners: list[dict[str, Any]]) -> Iterator[Metric]:
         for event in udp.COUNTERS:
             events.add_metric([stats["host"], str(stats["port"]), event], stats.get(event, 0))
     yield events
-    docs = ("Senders known (forgotten after peer_idle_s with nothing in the server)", "Frames in reassembly")
-    for gauge, doc in zip(udp.GAUGES, docs, strict=True):
+    for gauge, doc in udp.GAUGES.items():
         family = GaugeMetricFamily(f"streamgpu_udp_{gauge}", doc, labels=["host", "port"])
         for stats in listeners:
             family.add_metric([stats["host"], str(stats["port"])], stats[gauge])
