@@ -96,7 +96,7 @@ class Config:
     min_receive_rate: int = 1_000_000
     max_inflight_batches: int = 2
     shutdown_timeout_s: float = 10.0
-    ingest_workers: int = 0  # 0: one process; N: N ingest worker processes accept and read (ingest/workers.py)
+    ingest_workers: int = 0  # 0: one process; N: N ingest worker processes receive TCP and UDP (ingest/workers.py)
     # A batch not done after max(watchdog_min_s, watchdog_factor x its expected time) is answered
     # INTERNAL_ERROR and its device takes no new batch until it completes.
     watchdog_factor: float = 20.0
@@ -208,8 +208,10 @@ class Config:
         if not 0 < self.ingest_workers <= MAX_INGEST_WORKERS:
             return [f"ingest_workers must be 0..{MAX_INGEST_WORKERS}, got {self.ingest_workers}"]
         out = []
-        if len(self.listeners) != 1 or self.listeners[0].kind != "tcp":
-            out.append("ingest_workers > 0 serves one listener of kind tcp; configure exactly one tcp listener")
+        kinds = [listener.kind for listener in self.listeners]
+        if kinds.count("tcp") != 1 or set(kinds) - {"tcp", "udp"}:
+            out.append(f"ingest_workers > 0 serves one tcp listener and any udp listeners (every ring byte is lent to"
+                       f" the workers); configure exactly that, got kinds {kinds}")  # fmt: skip
         if self.worker_ring_bytes < 4096:
             out.append(f"ring_bytes / ingest_workers must be at least 4096, got {self.worker_ring_bytes}")
         largest = self.worker_ring_bytes - ALIGNMENT

@@ -19,7 +19,7 @@ from typing import Any
 from streamgpu.config import Config
 from streamgpu.errors import ModelNotFoundError
 from streamgpu.gpu.backend import Backend, DeviceModel, create_backend
-from streamgpu.ingest import listener_class, make_listener
+from streamgpu.ingest import listener_class, make_listeners
 from streamgpu.ingest.admission import Admission
 from streamgpu.ingest.base import Listener
 from streamgpu.loops import freeze_heap, thaw_heap
@@ -99,8 +99,7 @@ class Server:
         self._admission = admission = Admission(cfg, self._pool, models.specs, scheduler.submit, scheduler.submit_many)
         await self.results.start()
         self.results.attach(admission.stream_results, cfg.results_top_k)  # every published result, as a line
-        for listener_spec in cfg.listeners:
-            listener = make_listener(listener_spec, admission, segment)
+        for listener in make_listeners(cfg.listeners, admission, segment):
             listener.server = self
             await listener.start()
             self._listeners.append(listener)

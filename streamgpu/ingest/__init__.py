@@ -13,6 +13,8 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from streamgpu.config import ListenerSpec
     from streamgpu.ingest.admission import Admission
     from streamgpu.ingest.base import Listener
@@ -24,10 +26,8 @@ LISTENERS: dict[str, str] = {
     "raw": "streamgpu.ingest.raw:RawListener",
     "udp": "streamgpu.ingest.udp:UdpListener",
 }
-# Kinds that ingest worker processes can serve (``Config.ingest_workers > 0``): the parent side.
-WORKER_LISTENERS: dict[str, str] = {
-    "tcp": "streamgpu.ingest.workers:WorkerListener",
-}
+# Kinds that ingest worker processes serve (``Config.ingest_workers > 0``): one tcp listener, any udp ones.
+WORKER_KINDS = ("tcp", "udp")
 
 
 def listener_class(kind: str) -> type[Listener]:
@@ -39,13 +39,20 @@ def listener_class(kind: str) -> type[Listener]:
     return _load(target)
 
 
-def make_listener(spec: ListenerSpec, admission: Admission, segment: HostSegment) -> Listener:
-    """The listener serving ``spec``: in this process, or through ingest worker processes when
-    ``ingest_workers > 0`` (they receive into ``segment``, the host memory ``admission.pool`` carves)."""
+def make_listeners(specs: Sequence[ListenerSpec], admission: Admission, segment: HostSegment) -> list[Listener]:
+    """The listeners serving ``specs``, in their order: in this process, or when ``ingest_workers > 0``
+    through ingest worker processes, which receive into ``segment`` (the host memory ``admission.pool``
+    carves): then the tcp listener is a ``WorkerListener``, which starts and stops them, and each udp
+    listener its stand-in (``WorkerListener.udp``)."""
     workers = admission.config.ingest_workers
-    if workers and spec.kind in WORKER_LISTENERS:
-        return _load(WORKER_LISTENERS[spec.kind])(spec, admission, segment, workers)  # type: ignore[call-arg]
-    return listener_class(spec.kind)(spec, admission)
+    if not workers:
+        return [listener_class(spec.kind)(spec, admission) for spec in specs]
+    from streamgpu.ingest.workers import WorkerListener
+
+    (tcp,) = [spec for spec in specs if spec.kind == "tcp"]  # Config checked: one tcp, the rest udp
+    front = WorkerListener(tcp, admission, segment, workers)
+    udp = iter(front.udp)
+    return [front if spec is tcp else next(udp) for spec in specs]
 
 
 def _load(target: str) -> type[Listener]:

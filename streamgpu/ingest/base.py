@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import itertools
 import socket
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
@@ -21,6 +22,10 @@ from streamgpu.protocol.wire import Status
 
 if TYPE_CHECKING:
     from streamgpu.server import Server
+
+# Numbers of connections (TCP, raw) and UDP producers: unique in the process, so that logs, stream keys
+# and an ingest worker's descriptor channel (which names them by it) never confuse two of them.
+connection_ids = itertools.count(1)
 
 
 class Listener(abc.ABC):

@@ -19,7 +19,9 @@ Worker -> scheduler: fixed-size records of ``UP.size`` (80) bytes::
   in every process of the machine); ``fid`` names the frame in later records.
 * ``OPEN``: connection ``conn`` sent its first frame; ``index`` is 0 for an
   anonymous producer, else 1 + the position of its token in ``Config.tokens``;
-  ``priority`` is its priority ceiling.
+  ``priority`` is its priority ceiling; ``flags`` is ``OPEN_TCP`` for a TCP
+  connection, ``OPEN_UDP`` for a UDP producer (a source address: "connection"
+  below means either).
 * ``CLOSED``: connection ``conn`` is gone (only after its ``OPEN``).
 * ``READY``: the worker accepts connections. ``STOPPED``: the worker took its
   last frame (answer to ``STOP``); every FRAME it sent came before this.
@@ -27,6 +29,10 @@ Worker -> scheduler: fixed-size records of ``UP.size`` (80) bytes::
   refused handshake, a connection reply): ``priority`` is the status, ``index``
   the model's position (``NO_MODEL_INDEX``: none known). The scheduler counts it
   in its ``Admission.replies``, beside the replies of frames it ran.
+* ``STATS``: UDP listener ``conn`` (its position among ``Config.listeners`` of
+  kind udp) has the number ``offset`` for ``streamgpu.ingest.udp.STAT_NAMES[index]``
+  (a count since the worker started, or a gauge now). Sent for the numbers
+  that changed, once per sweep period.
 
 Scheduler -> worker: a ``DOWN.size`` (64) byte head, then ``4 * ndim`` bytes
 of shape, ``message_len`` bytes of message and ``payload_len`` bytes of body::
@@ -69,7 +75,8 @@ assert UP.size == 80 and DOWN.size == 64
 
 # upward kinds
 FRAME, OPEN, CLOSED, READY, STOPPED = 1, 2, 3, 4, 5
-REPLIED = 6
+REPLIED, STATS = 6, 7
+OPEN_TCP, OPEN_UDP = 0, 1  # an OPEN record's flags
 NO_MODEL_INDEX = 0xFFFF  # a REPLIED record's index for a reply that names no served model
 # downward kinds
 RELEASE, REPLY, STOP, CLOSE = 1, 2, 3, 4
@@ -77,9 +84,9 @@ NO_RESULT = 0  # a REPLY's dtype when there is no result
 _SHAPES = [struct.Struct(f"<{n}I") for n in range(wire.MAX_NDIM + 1)]
 
 
-def up(kind: int, conn: int = 0, index: int = 0, priority: int = 0) -> bytes:
-    """An upward record other than FRAME (OPEN, CLOSED, READY, STOPPED)."""
-    return UP.pack(kind, priority, 0, 0, index, 0, conn, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+def up(kind: int, conn: int = 0, index: int = 0, priority: int = 0, flags: int = 0, value: int = 0) -> bytes:
+    """An upward record other than FRAME (OPEN, CLOSED, READY, STOPPED, STATS: ``value`` is its ``offset``)."""
+    return UP.pack(kind, priority, flags, 0, index, 0, conn, 0, value, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
 def replied(index: int, status: int) -> bytes:

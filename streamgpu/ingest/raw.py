@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import itertools
 import logging
 import socket
 import time
@@ -53,7 +52,7 @@ from typing import Any
 from streamgpu.config import ListenerSpec
 from streamgpu.frame import Frame, Outcome
 from streamgpu.ingest.admission import Admission, Grant, Producer, Refused, Reservation
-from streamgpu.ingest.base import SocketListener, peer_name
+from streamgpu.ingest.base import SocketListener, connection_ids, peer_name
 from streamgpu.ingest.hub import Origin
 from streamgpu.memory import Slot
 from streamgpu.protocol.wire import FrameFlags, FrameHeader, Status, Timings
@@ -62,7 +61,6 @@ log = logging.getLogger(__name__)
 
 SCRATCH_BYTES = 64 * 1024  # read-ahead while waiting for a slot, and the chunk size of dropped frames
 FIRST_READ = 4096  # a frame's first read, into scratch: the frame begins when these bytes come
-_connection_ids = itertools.count(1)
 
 
 class _State(enum.Enum):
@@ -101,7 +99,7 @@ class RawConnection(asyncio.BufferedProtocol):
         self._blocked = False  # every-frame mode: too many frames in the server, paused at a boundary
         self._sink = self._on_outcome  # one bound method for every frame of the connection
         self.producer: Producer | None = None
-        self.id = next(_connection_ids)
+        self.id = next(connection_ids)
         self.stream = f"raw:{listener.port}/{self.id}"
         self._origin = Origin("raw", self.stream)
         self.peer = "?"

@@ -36,7 +36,6 @@ import asyncio
 import contextlib
 import enum
 import functools
-import itertools
 import logging
 import socket
 import time
@@ -46,7 +45,7 @@ from collections.abc import Callable
 from streamgpu.config import ListenerSpec
 from streamgpu.frame import Frame, Outcome
 from streamgpu.ingest.admission import Admission, Producer, Refused, Reservation
-from streamgpu.ingest.base import SocketListener, peer_name
+from streamgpu.ingest.base import SocketListener, connection_ids, peer_name
 from streamgpu.ingest.hub import Origin
 from streamgpu.memory import Slot
 from streamgpu.metrics import NO_MODEL
@@ -65,7 +64,6 @@ HIGH_WATER = 4 * 1024 * 1024  # unsent reply bytes at which the producer's readi
 # coming, for at most this long and this much, before it is closed for good.
 LINGER_S = 2.0
 LINGER_BYTES = 4 * 1024 * 1024
-_connection_ids = itertools.count(1)
 
 
 class _State(enum.Enum):
@@ -111,7 +109,7 @@ class TcpConnection(asyncio.BufferedProtocol):
         self._blocked: set[str] = set()  # why no new frame may start; reading pauses at the next frame boundary
         self._reading_paused = False
         self._parsing = False  # inside _process_scratch (which an outcome delivered synchronously may re-enter)
-        self.id = next(_connection_ids)
+        self.id = next(connection_ids)
         self._origin = Origin("tcp", f"tcp:{self.id}")  # how its frames' outcomes are published
         self.peer: str = "?"
         self._frames = 0  # frames received (for the close line)

@@ -53,7 +53,7 @@ from streamgpu.config import LOOPBACK_HOSTS, ListenerSpec
 from streamgpu.errors import ConfigError
 from streamgpu.frame import Frame, Outcome
 from streamgpu.ingest.admission import Admission, Grant, Producer, Refused, Reservation
-from streamgpu.ingest.base import Listener
+from streamgpu.ingest.base import Listener, connection_ids
 from streamgpu.ingest.hub import Origin
 from streamgpu.ingest.mmsg import MSG_TRUNC, ByteRows, PacketArea, decode_sockaddr, enable_gro
 from streamgpu.memory import Slot
@@ -84,6 +84,8 @@ COUNTERS = (
     "duplicates", "inconsistent", "too_large", "evicted", "overloaded", "no_space", "bad_head", "superseded",
     "frames", "incomplete", "replies_to_subscribers", "replies_dropped", "reply_datagrams", "reply_datagrams_dropped",
 )  # fmt: skip
+# The numbers stats() reports (1 or 0 for gro), in the order an ingest worker reports them to the scheduling process.
+STAT_NAMES = ("gro", *GAUGES, *COUNTERS)
 
 
 @dataclass(frozen=True)
@@ -167,9 +169,10 @@ class _Partial:
 class _Peer:
     """One sender address: its producer, its frames in reassembly, the frames that ended recently."""
 
-    __slots__ = ("address", "ended", "key", "last_seen", "origin", "partials", "producer", "whole")
+    __slots__ = ("address", "ended", "id", "key", "last_seen", "origin", "partials", "producer", "whole")
 
     def __init__(self, key: Any, address: Any, producer: Producer, origin: Origin) -> None:
+        self.id = next(connection_ids)  # its frames' stream key: (id, stream_id)
         self.key = key
         self.address = address
         self.producer = producer
@@ -186,8 +189,9 @@ class UdpListener(Listener):
     kind = "udp"
     socket_type = socket.SOCK_DGRAM
 
-    def __init__(self, spec: ListenerSpec, admission: Admission) -> None:
+    def __init__(self, spec: ListenerSpec, admission: Admission, sock: socket.socket | None = None) -> None:
         super().__init__(spec, admission)
+        self._given = sock  # a bound socket to receive on (an ingest worker's, SO_REUSEPORT), instead of binding
         self.options = opts = UdpOptions.parse(spec.options)
         cfg = admission.config
         public = spec.host not in LOOPBACK_HOSTS
@@ -221,17 +225,23 @@ class UdpListener(Listener):
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(self.spec.host, self.spec.port, type=socket.SOCK_DGRAM)
-        family, _, _, _, address = infos[0]
-        sock = socket.socket(family, socket.SOCK_DGRAM)
+        address: Any = None  # to bind to; None: the socket given is bound already
+        if self._given is not None:
+            sock = self._given
+        else:
+            infos = await loop.getaddrinfo(self.spec.host, self.spec.port, type=socket.SOCK_DGRAM)
+            family, _, _, _, address = infos[0]
+            sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
             if self.options.recv_buffer_bytes:
                 set_receive_buffer(sock, self.options.recv_buffer_bytes)
             if self._area.gro and not enable_gro(sock):
-                log.info("udp listener %s: the kernel does not coalesce datagrams (no UDP_GRO): one per row", address)
+                log.info("udp listener %s:%d: the kernel does not coalesce datagrams (no UDP_GRO): one per row",
+                         self.spec.host, self.spec.port)  # fmt: skip
                 self._area.stop_coalescing()
-            sock.bind(address)
+            if address is not None:
+                sock.bind(address)
         except BaseException:
             sock.close()
             raise
@@ -286,6 +296,13 @@ class UdpListener(Listener):
         if self._peers.pop(peer.key, None) is not None:
             self.admission.leave(peer.producer)
             self.admission.close_connection()
+            self.producer_gone(peer.id)
+
+    def producer_added(self, peer_id: int) -> None:
+        """A new source address became a producer (its frames' stream key is ``(peer_id, stream_id)``)."""
+
+    def producer_gone(self, peer_id: int) -> None:
+        """A producer was forgotten (idle, or the listener closed): nothing of it is left here."""
 
     def stats(self) -> dict[str, Any]:
         """``host``, ``port``, ``gro``, the gauges of :data:`GAUGES` and every counter of :data:`COUNTERS` seen
@@ -525,6 +542,7 @@ class UdpListener(Listener):
         label = f"udp:{address[0]}:{address[1]}"
         producer = self.admission.producer_for(grant, label)
         peer = self._peers[sender] = _Peer(sender, address, producer, Origin("udp", label))
+        self.producer_added(peer.id)
         return peer
 
     def _open(self, peer: _Peer, key: tuple[int, int], count: int, length: int, now_ns: int,
@@ -624,7 +642,7 @@ class UdpListener(Listener):
             header=header,
             slot=partial.slot,
             producer=peer.producer,
-            stream=(peer.key, header.stream_id),
+            stream=(peer.id, header.stream_id),
             received_ns=partial.received_ns,
             complete_ns=time.perf_counter_ns(),
             deadline_ns=partial.deadline_ns,

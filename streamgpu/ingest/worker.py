@@ -7,12 +7,16 @@ checks). ``FD`` is its end of the descriptor channel; the first thing on it
 is a length-prefixed pickle of ``WorkerInit`` from the parent (trusted: the
 parent wrote it).
 
-The worker runs the ordinary TCP front end (``ingest.tcp``) with an ordinary
-``Admission``, over its own range of the shared host segment: framing, the
+The worker runs the ordinary TCP front end (``ingest.tcp``) and, for each UDP
+listener of the config, the ordinary UDP front end (``ingest.udp``) on its own
+``SO_REUSEPORT`` socket of that address (the kernel keeps each source address
+on one socket, so one producer's datagrams all reach one worker), with an
+ordinary ``Admission``, over its own range of the shared host segment: framing, the
 HELLO and its token, header validation and every admission check
 (``Admission.admit``: size, tensor, model, shape, priority ceiling), ring
 space per producer within its range (``Producer.reserve``), time limits and
-reply order all happen here, in the same code as in one-process mode. A
+reply order (UDP: reassembly, loss, every count of the listener) all happen
+here, in the same code as in one-process mode. A
 complete frame's payload is already in the segment (the kernel wrote it
 there); the worker sends a FRAME descriptor up the channel instead of
 queueing the frame, and the scheduling process (queues, batching, priority,
@@ -32,6 +36,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from streamgpu.config import Config, ListenerSpec
@@ -39,6 +44,7 @@ from streamgpu.frame import Frame
 from streamgpu.ingest import channel
 from streamgpu.ingest.admission import Admission
 from streamgpu.ingest.tcp import TcpConnection, TcpListener
+from streamgpu.ingest.udp import STAT_NAMES, UdpListener
 from streamgpu.loops import new_event_loop
 from streamgpu.memory import HostSegment, SlotPool
 
@@ -53,6 +59,7 @@ class WorkerInit:
     config: Config  # the worker's own: ring_bytes = its range, the producer share scaled to it
     index: int
     listen_fd: int  # the listening socket, shared by every worker (each accepts on it)
+    udp_fds: tuple[int, ...]  # this worker's bound socket of each udp listener (in config order)
     segment_fd: int
     segment_bytes: int
     start: int  # this worker's range of the segment: [start, end)
@@ -93,10 +100,12 @@ class _Channel(asyncio.Protocol):
         self._frames: dict[int, Frame] = {}
         self._fids = itertools.count(1)
         self._announced: set[int] = set()
+        self._udp: set[int] = set()  # connections that are UDP producers (their OPEN says so)
         self._models = {spec.name: i for i, spec in enumerate(config.models)}
         self._identities = {name: i + 1 for i, name in enumerate(config.tokens)}
-        self.listener: TcpListener | None = None
+        self.listeners: list[TcpListener | UdpListener] = []
         self.admission: Admission | None = None
+        self._reported: list[dict[str, int]] = []  # per UDP listener: the numbers last sent up
         self.done: asyncio.Future[float] = self._loop.create_future()  # result: the CLOSE's flush timeout
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -125,8 +134,9 @@ class _Channel(asyncio.Protocol):
         producer = frame.producer
         if conn not in self._announced:
             self._announced.add(conn)
+            kind = channel.OPEN_UDP if conn in self._udp else channel.OPEN_TCP
             self.send(channel.up(channel.OPEN, conn, self._identities.get(producer.identity or "", 0),
-                                 producer.max_priority))  # fmt: skip
+                                 producer.max_priority, kind))  # fmt: skip
         fid = next(self._fids)
         self._frames[fid] = frame
         h, slot = frame.header, frame.slot
@@ -143,10 +153,27 @@ class _Channel(asyncio.Protocol):
         """``model``'s position in ``Config.models`` (a REPLIED record's ``index``)."""
         return self._models.get(model, channel.NO_MODEL_INDEX)
 
+    def udp_producer(self, conn: int) -> None:
+        """``conn`` names a UDP producer (its OPEN, at its first frame, will say so)."""
+        self._udp.add(conn)
+
     def connection_closed(self, conn: int) -> None:
+        self._udp.discard(conn)
         if conn in self._announced:
             self._announced.discard(conn)
             self.send(channel.up(channel.CLOSED, conn))
+
+    def report(self, udp_listeners: Sequence[UdpListener]) -> None:
+        """STATS records for the UDP listeners' numbers that changed since the last report."""
+        if not self._reported:
+            self._reported = [{} for _ in udp_listeners]
+        for position, (listener, last) in enumerate(zip(udp_listeners, self._reported, strict=True)):
+            stats = listener.stats()
+            for index, name in enumerate(STAT_NAMES):
+                value = int(stats.get(name, 0))
+                if last.get(name) != value:
+                    last[name] = value
+                    self.send(channel.up(channel.STATS, position, index, value=value))
 
     # -- down -------------------------------------------------------------------------
 
@@ -180,8 +207,8 @@ class _Channel(asyncio.Protocol):
     def _stop(self) -> None:
         if self.admission is not None:
             self.admission.accepting = False
-        if self.listener is not None:
-            self.listener.stop_accepting()  # frames partly received are answered SHUTTING_DOWN here
+        for listener in self.listeners:
+            listener.stop_accepting()  # frames partly received are answered SHUTTING_DOWN here
         self.send(channel.up(channel.STOPPED))
 
     def drop_frames(self) -> None:
@@ -215,6 +242,20 @@ class _WorkerTcpListener(TcpListener):
         self._chan.connection_closed(conn.id)
 
 
+class _WorkerUdpListener(UdpListener):
+    """The UDP front end on this worker's socket of the address, telling the channel of its producers."""
+
+    def __init__(self, spec: ListenerSpec, admission: Admission, sock: socket.socket, chan: _Channel) -> None:
+        super().__init__(spec, admission, sock)
+        self._chan = chan
+
+    def producer_added(self, peer_id: int) -> None:
+        self._chan.udp_producer(peer_id)
+
+    def producer_gone(self, peer_id: int) -> None:
+        self._chan.connection_closed(peer_id)
+
+
 async def serve(chan_sock: socket.socket, init: WorkerInit) -> None:
     """Serve until the parent says CLOSE (or goes away)."""
     loop = asyncio.get_running_loop()
@@ -228,23 +269,37 @@ async def serve(chan_sock: socket.socket, init: WorkerInit) -> None:
     pool = SlotPool(segment.buffer, init.start, init.end, defer=loop.call_soon)
     admission = _WorkerAdmission(config, pool, {spec.name: spec for spec in config.models}, chan.submit)
     admission.channel = chan
-    listener = _WorkerTcpListener(config.listeners[0], admission, listen, chan)
-    chan.listener, chan.admission = listener, admission
-    await listener.start()
+    tcp = next(spec for spec in config.listeners if spec.kind == "tcp")
+    udp_specs = [spec for spec in config.listeners if spec.kind == "udp"]
+    udp = [_WorkerUdpListener(spec, admission, socket.socket(fileno=fd), chan)
+           for spec, fd in zip(udp_specs, init.udp_fds, strict=True)]  # fmt: skip
+    listeners: list[TcpListener | UdpListener] = [_WorkerTcpListener(tcp, admission, listen, chan), *udp]
+    chan.listeners, chan.admission = listeners, admission
+    for listener in listeners:
+        await listener.start()
     chan.send(channel.up(channel.READY))
 
     sweeper: list[asyncio.TimerHandle] = []
 
     def sweep() -> None:
-        listener.sweep(time.monotonic())
+        now = time.monotonic()
+        for listener in listeners:
+            listener.sweep(now)
+        if udp:
+            chan.report(udp)
         sweeper[:] = [loop.call_later(config.sweep_period_s, sweep)]
 
     sweep()
     try:
         timeout = await chan.done
         admission.accepting = False
-        listener.stop_accepting()
-        await listener.close(timeout)
+        for listener in listeners:
+            listener.stop_accepting()
+        for listener in listeners:
+            await listener.close(timeout)
+        if udp:
+            chan.report(udp)  # the last counts, sent before the channel closes
+            await asyncio.sleep(0)  # (the channel writes a loop iteration's records at its end)
     finally:
         sweeper[0].cancel()
         chan.drop_frames()

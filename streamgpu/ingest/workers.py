@@ -8,12 +8,17 @@ speaks the descriptor channel (``streamgpu.ingest.channel``) with each.
 
 Who decides what (one owner per fact):
 
-* A worker runs the TCP front end (``ingest.tcp``) with its own
+* A worker runs the TCP front end (``ingest.tcp``) and each UDP listener's
+  front end (``ingest.udp``, on the worker's own ``SO_REUSEPORT`` socket of
+  the address, which this process binds and keeps) with its own
   ``Admission`` over its range: framing, handshake and tokens, every check of
   ``Admission.admit`` (size, tensor, model, shape, priority ceiling), ring
   space per producer within its range (``Producer.reserve``: a producer's
   share is scaled to the range), time limits, reply order and encoding, and
-  the ``max_connections`` cap (per worker). The kernel writes payloads
+  the ``max_connections`` cap (per worker); for UDP, reassembly and every
+  listener count (reported up in STATS records, summed here by
+  ``WorkerUdpListener``, the stand-in of a UDP listener in this process's
+  list of listeners). The kernel writes payloads
   straight into the segment, which the backend registered (pinned) once for
   the whole segment, so worker-received bytes need no copy here.
 * This process owns the scheduling: a FRAME descriptor becomes a ``Frame``
@@ -30,8 +35,9 @@ A worker that dies (killed, crashed): the kernel closes its connections;
 here its connections are closed (their queued frames are dropped as
 abandoned, running ones finish and their replies are discarded). Once no
 frame here still reads its range, the range is reclaimed and a new worker is
-started on it (restart, not N-1: the listening socket is shared, so the other
-workers kept accepting meanwhile). Shutdown: STOP (workers take no new
+started on it, on the same sockets (restart, not N-1: the listening socket is
+shared, so the other workers kept accepting meanwhile; datagrams for its UDP
+sockets wait in them, as far as their buffers go). Shutdown: STOP (workers take no new
 frames, answer partial ones SHUTTING_DOWN, and confirm), the frames they sent
 are answered, then CLOSE (workers flush replies and exit).
 """
@@ -39,6 +45,7 @@ are answered, then CLOSE (workers flush replies and exit).
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import os
@@ -58,6 +65,7 @@ from streamgpu.ingest import channel
 from streamgpu.ingest.admission import Admission, Grant, Producer
 from streamgpu.ingest.base import Listener
 from streamgpu.ingest.hub import Origin
+from streamgpu.ingest.udp import COUNTERS, STAT_NAMES
 from streamgpu.ingest.worker import WorkerInit, send_init
 from streamgpu.memory import HostSegment, Slot
 from streamgpu.metrics import NO_MODEL
@@ -67,7 +75,7 @@ log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 60.0
 RESTART_DELAY_S = 0.2  # between a worker's death (once its range is free) and its replacement
-# Flags byte -> FrameFlags: LIVE is the one flag that means something on TCP (SUBSCRIBERS is UDP's)
+# Flags byte -> FrameFlags: LIVE is the one flag that means something here (SUBSCRIBERS, UDP's, the worker acts on)
 _FLAGS = [FrameFlags.LIVE if f & FrameFlags.LIVE else FrameFlags.NONE for f in range(256)]
 _PACKAGE_ROOT = str(Path(streamgpu.__file__).resolve().parent.parent)
 
@@ -125,6 +133,7 @@ class _Worker(asyncio.Protocol):
         self.gone: asyncio.Future[None] = self._loop.create_future()
         self.replaced = False
         self.started = False  # said READY
+        self.udp: list[dict[str, int]] = [{} for _ in listener.udp]  # each UDP listener's numbers (STATS records)
 
     # -- process ----------------------------------------------------------------------
 
@@ -138,7 +147,7 @@ class _Worker(asyncio.Protocol):
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}  # this streamgpu, first
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "streamgpu.ingest.worker", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(), init.listen_fd, segment_fd),
+                pass_fds=(theirs.fileno(), init.listen_fd, segment_fd, *init.udp_fds),
                 env=env,
             )
         finally:
@@ -205,9 +214,10 @@ class _Worker(asyncio.Protocol):
                 frames.append(frame)
             elif kind == channel.OPEN:
                 identity = self._listener.identities[index]
-                label = f"worker{self.index}:{conn}"
+                source = "udp" if flags == channel.OPEN_UDP else "tcp"
+                label = f"{source}:w{self.index}/{conn}"
                 producer = self._admission.producer_for(Grant(identity, priority), label)
-                conns[conn] = _RemoteConn(producer, Origin("tcp", f"tcp:w{self.index}/{conn}"))
+                conns[conn] = _RemoteConn(producer, Origin(source, label))
             elif kind == channel.CLOSED:
                 self._submit(frames)  # its frames before it: queued while it was open, then dropped as abandoned
                 gone = conns.pop(conn, None)
@@ -220,6 +230,9 @@ class _Worker(asyncio.Protocol):
                 self.started = True
                 if not self.ready.done():
                     self.ready.set_result(None)
+            elif kind == channel.STATS:
+                if conn < len(self.udp) and index < len(STAT_NAMES):
+                    self.udp[conn][STAT_NAMES[index]] = offset
             elif kind == channel.STOPPED and not self.stopped.done():
                 self.stopped.set_result(None)
         self._submit(frames)
@@ -294,7 +307,8 @@ def _remote(frame: Frame) -> _RemoteConn:
 
 
 class WorkerListener(Listener):
-    """The TCP front end served by ``ingest_workers`` worker processes (see the module docstring)."""
+    """The TCP front end and the config's UDP listeners, served by ``ingest_workers`` worker processes (see
+    the module docstring). ``udp`` holds the stand-ins of the UDP listeners."""
 
     kind = "tcp"
 
@@ -310,6 +324,10 @@ class WorkerListener(Listener):
         self._stopping = False
         self.restarts = 0
         self._frames_before = 0  # FRAME descriptors of workers no longer in the list
+        self.udp = [WorkerUdpListener(udp, admission, self, i)
+                    for i, udp in enumerate(s for s in cfg.listeners if s.kind == "udp")]  # fmt: skip
+        self._udp_socks: list[list[socket.socket]] = []  # per UDP listener, each worker's socket
+        self._udp_before = [collections.Counter[str]() for _ in self.udp]  # counts of workers no longer in the list
         self.models = [(m.name, m.frame_dtype_code, tuple(m.input_shape)) for m in cfg.models]
         self.identities: list[str | None] = [None, *cfg.tokens]
         share = cfg.worker_ring_bytes
@@ -321,9 +339,18 @@ class WorkerListener(Listener):
         )
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            self._stopping = True  # (no restarts) and nothing bound or started is left behind
+            await self.close(0)
+            raise
+
+    async def _start(self) -> None:
         host, port = self.spec.host, self.spec.port
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
         self._sock = socket.create_server((host, port), family=family, backlog=4096)
+        self._udp_socks = [_reuseport_sockets(udp.spec, self._n) for udp in self.udp]
         self._workers = [None] * self._n  # type: ignore[list-item]
         spawned = []
         for i in range(self._n):  # all start at once; then each must say READY
@@ -338,8 +365,9 @@ class WorkerListener(Listener):
         assert self._sock is not None
         worker = _Worker(self, index, lent)
         self._workers[index] = worker
-        init = WorkerInit(self._worker_config, index, self._sock.fileno(), self._segment.fd, self._segment.nbytes,
-                          lent.offset, lent.offset + lent.nbytes)  # fmt: skip
+        udp_fds = tuple(socks[index].fileno() for socks in self._udp_socks)
+        init = WorkerInit(self._worker_config, index, self._sock.fileno(), udp_fds, self._segment.fd,
+                          self._segment.nbytes, lent.offset, lent.offset + lent.nbytes)  # fmt: skip
         await worker.spawn(init, self._segment.fd)
         return worker
 
@@ -368,7 +396,7 @@ class WorkerListener(Listener):
         if not worker.started:  # it died while starting: start() reports it; no restart loop
             return
         worker.replaced = True
-        self._frames_before += worker.frames
+        self._retire(worker)
         code = worker.proc.returncode if worker.proc is not None else None
         log.warning("ingest worker %d exited (status %s); its connections closed; starting a new one",
                     worker.index, code)  # fmt: skip
@@ -386,6 +414,15 @@ class WorkerListener(Listener):
         if self._sock is None:
             return []
         return [self._sock.getsockname()[:2]]
+
+    @property
+    def workers(self) -> int:
+        """How many worker processes serve the listeners (``ingest_workers``)."""
+        return self._n
+
+    def udp_sockets(self, position: int) -> list[socket.socket]:
+        """UDP listener ``position``'s sockets, one per worker (empty before start and after close)."""
+        return self._udp_socks[position] if position < len(self._udp_socks) else []
 
     @property
     def pids(self) -> list[int]:
@@ -418,11 +455,34 @@ class WorkerListener(Listener):
         for worker in workers:
             if not worker.lent.released:
                 self.admission.pool.release(worker.lent)
-        self._frames_before += sum(w.frames for w in workers)
+        for worker in workers:
+            if not worker.replaced:
+                self._retire(worker)
         self._workers = []
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        for socks in self._udp_socks:
+            for sock in socks:
+                sock.close()
+        self._udp_socks = []
+
+    def _retire(self, worker: _Worker) -> None:
+        """Keep the counts of a worker that is leaving the list."""
+        self._frames_before += worker.frames
+        for before, numbers in zip(self._udp_before, worker.udp, strict=True):
+            before.update({name: numbers[name] for name in COUNTERS if name in numbers})
+
+    def udp_stats(self, position: int) -> dict[str, Any]:
+        """UDP listener ``position``'s numbers: its counts over every worker it had, its gauges over the
+        live ones, as last reported (once per sweep period)."""
+        live = [w for w in self._workers if w is not None and w.alive and not w.replaced]
+        total = collections.Counter(self._udp_before[position])
+        for worker in live:
+            numbers = worker.udp[position]
+            total.update({name: value for name, value in numbers.items() if name != "gro"})
+        gro = all(w.udp[position].get("gro", 1) for w in live)
+        return {"gro": bool(gro), **{name: total[name] for name in STAT_NAMES[1:] if name in total}}
 
     def sweep(self, now: float) -> None:
         """Workers enforce their connections' time limits themselves."""
@@ -438,6 +498,62 @@ class WorkerListener(Listener):
             "worker_connections": [len(w.conns) if w is not None and w.alive else 0 for w in self._workers],
             "frames": self._frames_before + sum(w.frames for w in self._workers if w is not None and not w.replaced),
         }
+
+
+class WorkerUdpListener(Listener):
+    """A UDP listener served by the ingest workers, in this process's list of listeners: its address and
+    its numbers (``stats()``, as ``UdpListener``'s). The ``WorkerListener`` binds, starts and stops it."""
+
+    kind = "udp"
+    socket_type = socket.SOCK_DGRAM
+
+    def __init__(self, spec: ListenerSpec, admission: Admission, workers: WorkerListener, position: int) -> None:
+        super().__init__(spec, admission)
+        self._workers = workers
+        self._position = position  # among the config's udp listeners
+
+    async def start(self) -> None:
+        """Nothing: the workers' listener binds its sockets and starts the workers."""
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        socks = self._workers.udp_sockets(self._position)
+        return [socks[0].getsockname()[:2]] if socks else []
+
+    def stop_accepting(self) -> None:
+        """Nothing: the workers stop reading when the workers' listener stops accepting."""
+
+    async def close(self, timeout: float) -> None:
+        """Nothing: the workers' listener closes the sockets."""
+
+    def sweep(self, now: float) -> None:
+        """The workers enforce the reassembly time limits themselves."""
+
+    def stats(self) -> dict[str, Any]:
+        addresses = self.addresses
+        port = addresses[0][1] if addresses else self.spec.port
+        return {"kind": self.kind, "host": self.spec.host, "port": port, "ingest_workers": self._workers.workers,
+                **self._workers.udp_stats(self._position)}  # fmt: skip
+
+
+def _reuseport_sockets(spec: ListenerSpec, count: int) -> list[socket.socket]:
+    """``count`` UDP sockets bound to ``spec``'s address with SO_REUSEPORT (port 0: the first one picks it),
+    one per worker: the kernel spreads source addresses over them, each always to the same one."""
+    family, _, _, _, address = socket.getaddrinfo(spec.host, spec.port, type=socket.SOCK_DGRAM,
+                                                  flags=socket.AI_PASSIVE)[0]  # fmt: skip
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(address)
+            address = sock.getsockname()  # the port the first one got, for the others
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
 
 
 async def _wait(futures: list[asyncio.Future[None]], timeout: float) -> None:

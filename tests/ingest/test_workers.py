@@ -70,7 +70,7 @@ def test_the_worker_module_imports_no_torch() -> None:
 def test_config_checks_ingest_workers(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ConfigError, match=r"ingest_workers must be 0\.\.64"):
         config(ingest_workers=-1)
-    with pytest.raises(ConfigError, match="exactly one tcp listener"):
+    with pytest.raises(ConfigError, match="one tcp listener and any udp listeners"):
         config(listeners=[ListenerSpec(port=0), ListenerSpec(port=0)])
     with pytest.raises(ConfigError, match=r"max_payload_bytes .* one ingest worker's share"):
         config(ring_bytes=1 << 22, max_payload_bytes=(1 << 21) + 1)
@@ -386,3 +386,116 @@ async def test_a_results_port_nobody_reads_costs_worker_batches_no_outcome(monke
         await send(6)
         assert built == [Status.OK] * 3 and srv.results.published == 3
         await conn.close()
+
+
+# -- UDP through the workers -----------------------------------------------------------------
+
+
+def udp_config(**kw: Any) -> Config:
+    udp = ListenerSpec("udp", "127.0.0.1", 0, {"reassembly_timeout_s": 0.3})
+    return config(listeners=[ListenerSpec("tcp", "127.0.0.1", 0), udp], **kw)
+
+
+async def udp_numbers(srv: Server, until: Any = lambda stats: True) -> dict[str, Any]:
+    """The UDP listener's stats as /metrics shows them, once ``until(stats)`` (workers report once per sweep)."""
+    async with asyncio.timeout(10):
+        while True:
+            (stats,) = [s for s in srv.metrics()["listeners"] if s["kind"] == "udp"]
+            if until(stats):
+                return stats
+            await asyncio.sleep(0.02)
+
+
+async def udp_producers_on_each_worker(srv: Server, listener: WorkerListener) -> dict[int, list[client.UdpConnection]]:
+    """Open UDP producers (a source port each) until both workers have two; worker index -> its producers."""
+    port = srv.addresses[1][1]
+    by_worker: dict[int, list[client.UdpConnection]] = {0: [], 1: []}
+    for _ in range(64):
+        conn = await client.connect_udp("127.0.0.1", port, datagram_bytes=1024, reply_timeout=5)
+        before = listener.stats()["worker_connections"]
+        assert (await conn.submit(frames(1, 0)[0], stream_id=99)).ok  # OPEN reaches the parent with the first frame
+        after = listener.stats()["worker_connections"]
+        (index,) = [i for i in (0, 1) if after[i] > before[i]]
+        by_worker[index].append(conn)
+        if all(len(c) >= 2 for c in by_worker.values()):
+            return by_worker
+    raise AssertionError(f"UDP producers did not spread over both workers: {listener.stats()}")
+
+
+@pytest.mark.asyncio
+async def test_udp_frames_through_two_workers_equal_one_process_mode() -> None:
+    """UDP producers spread over the workers' SO_REUSEPORT sockets: every frame answered with the result
+    one-process mode gives, in order per stream, counted on the stand-in listener's stats."""
+    data = frames(96, seed=11)
+
+    async def run(srv: Server) -> list[client.Reply]:
+        conns = [await client.connect_udp("127.0.0.1", srv.addresses[1][1], datagram_bytes=1024, reply_timeout=10)
+                 for _ in range(8)]  # fmt: skip
+        sent = [conns[i % 8].submit(f, stream_id=(i // 8) % 2) for i, f in enumerate(data)]
+        replies = list(await asyncio.gather(*sent))
+        for conn in conns:
+            await conn.close()
+        return replies
+
+    async with Server(udp_config()) as srv:
+        replies = await run(srv)
+        listener = srv._listeners[0]
+        assert isinstance(listener, WorkerListener)
+        assert sum(1 for n in listener.stats()["worker_connections"] if n) == 2, "one worker took every producer"
+        stats = await udp_numbers(srv, lambda s: s.get("frames") == len(data))
+        assert stats["producers"] == 8 and stats["ingest_workers"] == 2 and stats["port"] == srv.addresses[1][1]
+        assert stats["datagrams"] >= len(data)  # (a 192-byte frame is one datagram)
+    assert srv.pool.slots_in_use == 0
+    async with Server(udp_config(ingest_workers=0)) as single:
+        expected = await run(single)
+    for reply, want in zip(replies, expected, strict=True):
+        assert reply.ok, reply.message
+        np.testing.assert_allclose(reply.result, want.result, rtol=1e-5, atol=1e-5)  # type: ignore[arg-type]
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_udp_loss_through_the_workers_is_answered_and_counted() -> None:
+    """With datagrams lost on the way, each frame is answered once, OK or INCOMPLETE, and the workers'
+    counts reach /metrics; the workers' ranges hold nothing afterwards."""
+    spec = ModelSpec(input_shape=(24, 24, 3), max_batch_size=16, batch_buckets=(1, 4, 16))  # 4 datagrams a frame
+    data = np.random.default_rng(4).integers(0, 256, (60, 24, 24, 3), dtype=np.uint8)
+    async with Server(udp_config(models=[spec])) as srv:
+        conn = await client.connect_udp("127.0.0.1", srv.addresses[1][1], datagram_bytes=512, loss=0.1, seed=3,
+                                        reply_timeout=10)  # fmt: skip
+        replies = await asyncio.gather(*(conn.submit(f) for f in data))
+        await conn.close()
+        statuses = [r.status for r in replies]
+        assert set(statuses) <= {Status.OK, Status.INCOMPLETE} and Status.INCOMPLETE in statuses, statuses
+        incomplete = statuses.count(Status.INCOMPLETE)
+        stats = await udp_numbers(srv, lambda s: s.get("incomplete") == incomplete)
+        assert stats["frames"] == statuses.count(Status.OK) and stats["partial_frames"] == 0
+        assert srv.metrics()["frames_in_flight"] == 0
+    assert srv.pool.slots_in_use == 0
+
+
+@pytest.mark.asyncio
+async def test_a_killed_worker_costs_only_its_udp_producers_frames_then_its_socket_serves_again() -> None:
+    """The scheduling process keeps each worker's UDP socket: a killed worker's producers lose what it held,
+    the other worker's lose nothing, and the restarted worker reads the same socket, so those producers,
+    unchanged (same source address, same kernel hash), are served again."""
+    async with Server(udp_config()) as srv:
+        listener = srv._listeners[0]
+        assert isinstance(listener, WorkerListener)
+        by_worker = await udp_producers_on_each_worker(srv, listener)
+        victim_pid = listener.pids[0]
+        data = frames(20, seed=8)
+        survivors = [c.submit(f, stream_id=1) for c in by_worker[1] for f in data]
+        os.kill(victim_pid, signal.SIGKILL)
+        assert all(r.ok for r in await asyncio.gather(*survivors))
+        async with asyncio.timeout(10):  # its range is reclaimed once nothing reads it, then it restarts
+            while listener.stats()["workers_alive"] < 2 or victim_pid in listener.pids:
+                await asyncio.sleep(0.01)
+        assert listener.stats()["worker_restarts"] == 1
+        for conn in by_worker[0]:  # the same producers, through the new worker on the same socket
+            replies = await asyncio.gather(*(conn.submit(f, stream_id=2) for f in data[:5]))
+            assert all(r.ok for r in replies), [r.status for r in replies]
+        for conns in by_worker.values():
+            for conn in conns:
+                await conn.close()
+        assert srv.metrics()["frames_in_flight"] == 0
+    assert srv.pool.slots_in_use == 0

@@ -178,3 +178,33 @@ async def test_ingest_worker_refusals_are_counted_like_tcp_ones() -> None:
         assert got == [Status.OK, Status.BAD_FRAME, Status.BAD_FRAME, Status.UNKNOWN_MODEL]
         await counts_reach(http, {("default", "OK"): 1, ("default", "BAD_FRAME"): 2, ("", "UNKNOWN_MODEL"): 1,
                                   ("", "UNAUTHORIZED"): 2})  # fmt: skip
+
+
+@pytest.mark.asyncio
+async def test_udp_counts_of_ingest_workers_reach_metrics() -> None:
+    # With ingest workers, UDP is received in the worker processes: their refusals come up as REPLIED
+    # records and the listener's counts as STATS records, summed over the workers by port.
+    cfg = Config(listeners=[ListenerSpec(port=0), ListenerSpec("udp", port=0)], device="cpu", models=[SPEC],
+                 auth_token=TOKEN, ingest_workers=2)  # fmt: skip
+    async with Server(cfg) as server, TestClient(TestServer(create_app(server))) as http:
+        udp_port = server.addresses[1][1]
+        conns = [await client.connect_udp("127.0.0.1", udp_port) for _ in range(4)]
+        got = [(await conn.infer(f)).status for conn in conns for f in (FRAME, WRONG)]
+        for conn in conns:
+            await conn.close()
+        assert got == [Status.OK, Status.BAD_FRAME] * 4
+        await counts_reach(http, {("default", "OK"): 4, ("default", "BAD_FRAME"): 4})
+        port, where = str(udp_port), (("host", "127.0.0.1"), ("port", str(udp_port)))
+        async with asyncio.timeout(10):  # workers report their counts once per sweep period
+            while True:
+                samples = await scrape(http)
+                events = {dict(labels)["event"]: value for (name, labels), value in samples.items()
+                          if name == "streamgpu_udp_events_total" and dict(labels)["port"] == port}  # fmt: skip
+                if events.get("frames") == 4 and samples.get(("streamgpu_udp_producers", where)) == 4:
+                    break
+                await asyncio.sleep(0.05)
+        assert events["datagrams"] >= 8 and events["reply_datagrams"] >= 8 and events["incomplete"] == 0
+        assert samples[("streamgpu_udp_partial_frames", where)] == 0
+        status = await (await http.get("/v1/status")).json()
+        (listener,) = status["udp_listeners"]
+        assert listener["port"] == udp_port and listener["frames"] == 4 and listener["ingest_workers"] == 2
