@@ -209,23 +209,32 @@ class Config:
             return [f"ingest_workers must be 0..{MAX_INGEST_WORKERS}, got {self.ingest_workers}"]
         out = []
         kinds = [listener.kind for listener in self.listeners]
-        if kinds.count("tcp") != 1 or set(kinds) - {"tcp", "udp"}:
-            out.append(f"ingest_workers > 0 serves one tcp listener and any udp listeners (every ring byte is lent to"
-                       f" the workers); configure exactly that, got kinds {kinds}")  # fmt: skip
+        if kinds.count("tcp") != 1:
+            out.append(f"ingest_workers > 0: the workers serve one tcp listener (and any udp ones); configure exactly"
+                       f" one, got listener kinds {kinds}")  # fmt: skip
+        shares = f"ring_bytes / {self._ring_shares}"
         if self.worker_ring_bytes < 4096:
-            out.append(f"ring_bytes / ingest_workers must be at least 4096, got {self.worker_ring_bytes}")
+            out.append(f"{shares} (one ingest worker's share of the ring) must be at least 4096, got"
+                       f" {self.worker_ring_bytes}")  # fmt: skip
         largest = self.worker_ring_bytes - ALIGNMENT
         if self.max_payload_bytes > largest:
             out.append(
                 f"max_payload_bytes ({self.max_payload_bytes}) must fit one ingest worker's share of the ring:"
-                f" ring_bytes / ingest_workers - {ALIGNMENT} = {largest}"
+                f" {shares} - {ALIGNMENT} = {largest}"
             )
         return out
 
     @property
+    def _ring_shares(self) -> int:
+        """Ring shares with ingest workers: one per worker, and one for the listeners of this process (kinds
+        other than tcp and udp: http, raw) when there are any."""
+        in_process = any(listener.kind not in ("tcp", "udp") for listener in self.listeners)
+        return max(1, self.ingest_workers) + (1 if in_process and self.ingest_workers else 0)
+
+    @property
     def worker_ring_bytes(self) -> int:
         """Ring bytes each ingest worker receives into (its own range of the segment)."""
-        return (self.ring_bytes // max(1, self.ingest_workers)) & ~(ALIGNMENT - 1)
+        return (self.ring_bytes // self._ring_shares) & ~(ALIGNMENT - 1)
 
     @property
     def sweep_period_s(self) -> float:

@@ -517,8 +517,9 @@ def suite_e2e(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     folder = Path(tempfile.mkdtemp())
     config = folder / "udp_bench.toml"
     http_port = free_port(socket.SOCK_STREAM)  # /v1/status: the server's own latency and the UDP counts
+    workers = f"ingest_workers = {args.ingest_workers}\nmax_payload_bytes = {1 << 20}\n" if args.ingest_workers else ""
     config.write_text(
-        f'[server]\ndevice = "{args.device}"\nhttp_port = {http_port}\n\n'
+        f'[server]\ndevice = "{args.device}"\nhttp_port = {http_port}\n{workers}\n'
         + "".join(f'[[server.listeners]]\nkind = "{kind}"\nhost = "127.0.0.1"\nport = {port}\n{options}\n'
                   for kind, port, options in listeners)
         + f'[[models]]\nsource = "{model_source(args.model, folder)}"\n'
@@ -569,7 +570,8 @@ def suite_e2e(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     tcp = rows["tcp"]["frames_per_s"]
     ratios = {name: r["frames_per_s"] / tcp if tcp else float("nan") for name, r in rows.items() if name != "tcp"}
     print(f"\nend to end, 224x224x3 uint8 frames, {args.model} on {args.device}, {args.concurrency} in flight,"
-          f" {args.processes} generator processes (best of 2 interleaved rounds)")  # fmt: skip
+          f" {args.processes} generator processes, ingest_workers {args.ingest_workers}"
+          " (best of 2 interleaved rounds)")  # fmt: skip
     print(f"{'transport':<10}{'frames/s':>10}{'p50 ms':>9}{'mean ms':>9}{'p99 ms':>9}{'server p50':>11}"
           f"{'loop busy':>11}{'loop us/fr':>11}{'gen cores':>11}"
           "  statuses; kernel drops; listener events (whole run)")  # fmt: skip
@@ -582,7 +584,13 @@ def suite_e2e(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             f" mean batch {r['mean_batch']:.1f}"
         )
     print(", ".join(f"{name} / tcp: {ratio:.2f}" for name, ratio in ratios.items()) + "   (target >= 0.90)")
-    result = {**rows, "ratio": ratios["udp"], "device": args.device, "model": args.model}
+    result = {
+        **rows,
+        "ratio": ratios["udp"],
+        "device": args.device,
+        "model": args.model,
+        "ingest_workers": args.ingest_workers,
+    }
     if "udp gro" in ratios:
         result["ratio_gro"] = ratios["udp gro"]
     return result
@@ -638,6 +646,12 @@ def main() -> int:
                    help="e2e: the UDP listeners' max_batches (default: the listener's own)")  # fmt: skip
     p.add_argument("--recv-buffer", type=int, default=0,
                    help="e2e: the UDP listeners' recv_buffer_bytes (default: the listener's own)")  # fmt: skip
+    p.add_argument(
+        "--ingest-workers",
+        type=int,
+        default=0,
+        help="e2e: the server's ingest_workers (TCP and UDP both received by that many processes)",
+    )
     p.add_argument("--out", default="out", help="logs directory (default out/)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()

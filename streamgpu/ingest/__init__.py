@@ -26,8 +26,6 @@ LISTENERS: dict[str, str] = {
     "raw": "streamgpu.ingest.raw:RawListener",
     "udp": "streamgpu.ingest.udp:UdpListener",
 }
-# Kinds that ingest worker processes serve (``Config.ingest_workers > 0``): one tcp listener, any udp ones.
-WORKER_KINDS = ("tcp", "udp")
 
 
 def listener_class(kind: str) -> type[Listener]:
@@ -40,19 +38,22 @@ def listener_class(kind: str) -> type[Listener]:
 
 
 def make_listeners(specs: Sequence[ListenerSpec], admission: Admission, segment: HostSegment) -> list[Listener]:
-    """The listeners serving ``specs``, in their order: in this process, or when ``ingest_workers > 0``
-    through ingest worker processes, which receive into ``segment`` (the host memory ``admission.pool``
-    carves): then the tcp listener is a ``WorkerListener``, which starts and stops them, and each udp
-    listener its stand-in (``WorkerListener.udp``)."""
+    """The listeners serving ``specs``, in their order, in this process; but when ``ingest_workers > 0``
+    the tcp and udp listeners are served by ingest worker processes, which receive into ``segment`` (the
+    host memory ``admission.pool`` carves): the tcp listener is a ``WorkerListener``, which starts and
+    stops them, and each udp listener its stand-in (``WorkerListener.udp``)."""
     workers = admission.config.ingest_workers
     if not workers:
         return [listener_class(spec.kind)(spec, admission) for spec in specs]
     from streamgpu.ingest.workers import WorkerListener
 
-    (tcp,) = [spec for spec in specs if spec.kind == "tcp"]  # Config checked: one tcp, the rest udp
+    (tcp,) = [spec for spec in specs if spec.kind == "tcp"]  # Config checked: exactly one
     front = WorkerListener(tcp, admission, segment, workers)
     udp = iter(front.udp)
-    return [front if spec is tcp else next(udp) for spec in specs]
+    return [
+        front if spec is tcp else next(udp) if spec.kind == "udp" else listener_class(spec.kind)(spec, admission)
+        for spec in specs
+    ]
 
 
 def _load(target: str) -> type[Listener]:

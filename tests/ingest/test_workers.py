@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 import pytest
 import pytest_asyncio
@@ -70,7 +71,7 @@ def test_the_worker_module_imports_no_torch() -> None:
 def test_config_checks_ingest_workers(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ConfigError, match=r"ingest_workers must be 0\.\.64"):
         config(ingest_workers=-1)
-    with pytest.raises(ConfigError, match="one tcp listener and any udp listeners"):
+    with pytest.raises(ConfigError, match="the workers serve one tcp listener"):
         config(listeners=[ListenerSpec(port=0), ListenerSpec(port=0)])
     with pytest.raises(ConfigError, match=r"max_payload_bytes .* one ingest worker's share"):
         config(ring_bytes=1 << 22, max_payload_bytes=(1 << 21) + 1)
@@ -498,4 +499,36 @@ async def test_a_killed_worker_costs_only_its_udp_producers_frames_then_its_sock
             for conn in conns:
                 await conn.close()
         assert srv.metrics()["frames_in_flight"] == 0
+    assert srv.pool.slots_in_use == 0
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_an_http_listener_beside_the_workers_has_its_own_share_of_the_ring() -> None:
+    """With ingest workers, an http listener (status, metrics, HTTP inference) is served by the scheduling
+    process, out of one more share of the ring: TCP and UDP through the workers, HTTP here, all answered."""
+    listeners = [ListenerSpec("tcp", "127.0.0.1", 0), ListenerSpec("udp", "127.0.0.1", 0),
+                 ListenerSpec("http", "127.0.0.1", 0)]  # fmt: skip
+    cfg = config(listeners=listeners)
+    assert cfg.worker_ring_bytes == (1 << 22) // 3 & ~255  # two workers and this process
+    assert config(listeners=listeners[:2]).worker_ring_bytes == 1 << 21  # only the workers
+    async with Server(cfg) as srv:
+        tcp, udp, http = (port for _, port in srv.addresses)
+        data = frames(3, seed=12)
+        async with await client.connect("127.0.0.1", tcp) as conn:
+            want = [(await conn.infer(f)).unwrap() for f in data]
+        udp_conn = await client.connect_udp("127.0.0.1", udp, reply_timeout=10)
+        got = [(await udp_conn.infer(f)).unwrap() for f in data]
+        await udp_conn.close()
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        head = {"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, *SPEC.input_shape],
+                            "parameters": {"binary_data_size": SPEC.frame_nbytes}}]}  # fmt: skip
+        header = json.dumps(head).encode()
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"http://127.0.0.1:{http}/v2/models/default/infer", data=header + data[0].tobytes(),
+                                    headers={"Inference-Header-Content-Length": str(len(header))}) as resp:  # fmt: skip
+                assert resp.status == 200, await resp.text()
+            async with session.get(f"http://127.0.0.1:{http}/v1/status") as resp:
+                status = await resp.json()
+        assert status["udp_listeners"][0]["port"] == udp and status["models"][0]["completed"] == 7
     assert srv.pool.slots_in_use == 0
