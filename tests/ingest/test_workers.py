@@ -9,9 +9,9 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import numpy as np
@@ -251,13 +251,17 @@ async def test_flag_bits_beyond_live_pass_through_the_workers(server: Server) ->
         await conn.close()
 
 
-async def connections_on_each_worker(port: int, listener: WorkerListener) -> dict[int, list[client.Connection]]:
-    """Open connections until both workers hold some; returns worker index -> its connections."""
-    by_worker: dict[int, list[client.Connection]] = {0: [], 1: []}
+C = TypeVar("C", client.Connection, client.UdpConnection)
+
+
+async def on_each_worker(connect: Callable[[], Awaitable[C]], listener: WorkerListener) -> dict[int, list[C]]:
+    """Open connections (TCP, or UDP producers: a source port each) until both workers hold two; returns
+    worker index -> its connections."""
+    by_worker: dict[int, list[C]] = {0: [], 1: []}
     for _ in range(64):
-        conn = await client.connect("127.0.0.1", port)
+        conn = await connect()
         before = listener.stats()["worker_connections"]
-        await conn.submit(frames(1, 0)[0], stream_id=99)  # OPEN reaches the parent with the first frame
+        assert (await conn.submit(frames(1, 0)[0], stream_id=99)).ok  # OPEN reaches the parent with the first frame
         after = listener.stats()["worker_connections"]
         (index,) = [i for i in (0, 1) if after[i] > before[i]]
         by_worker[index].append(conn)
@@ -269,7 +273,7 @@ async def connections_on_each_worker(port: int, listener: WorkerListener) -> dic
 @pytest.mark.asyncio
 async def test_a_killed_worker_costs_only_its_connections_then_shutdown_drains(server: Server) -> None:
     listener = listener_of(server)
-    by_worker = await connections_on_each_worker(server.port, listener)
+    by_worker = await on_each_worker(lambda: client.connect("127.0.0.1", server.port), listener)
     victim_pid = listener.pids[0]
     data = frames(40, seed=5)
     pending = {i: [c.submit(f, stream_id=1) for c in conns for f in data] for i, conns in by_worker.items()}
@@ -407,22 +411,6 @@ async def udp_numbers(srv: Server, until: Any = lambda stats: True) -> dict[str,
             await asyncio.sleep(0.02)
 
 
-async def udp_producers_on_each_worker(srv: Server, listener: WorkerListener) -> dict[int, list[client.UdpConnection]]:
-    """Open UDP producers (a source port each) until both workers have two; worker index -> its producers."""
-    port = srv.addresses[1][1]
-    by_worker: dict[int, list[client.UdpConnection]] = {0: [], 1: []}
-    for _ in range(64):
-        conn = await client.connect_udp("127.0.0.1", port, datagram_bytes=1024, reply_timeout=5)
-        before = listener.stats()["worker_connections"]
-        assert (await conn.submit(frames(1, 0)[0], stream_id=99)).ok  # OPEN reaches the parent with the first frame
-        after = listener.stats()["worker_connections"]
-        (index,) = [i for i in (0, 1) if after[i] > before[i]]
-        by_worker[index].append(conn)
-        if all(len(c) >= 2 for c in by_worker.values()):
-            return by_worker
-    raise AssertionError(f"UDP producers did not spread over both workers: {listener.stats()}")
-
-
 @pytest.mark.asyncio
 async def test_udp_frames_through_two_workers_equal_one_process_mode() -> None:
     """UDP producers spread over the workers' SO_REUSEPORT sockets: every frame answered with the result
@@ -482,7 +470,8 @@ async def test_a_killed_worker_costs_only_its_udp_producers_frames_then_its_sock
     async with Server(udp_config()) as srv:
         listener = srv._listeners[0]
         assert isinstance(listener, WorkerListener)
-        by_worker = await udp_producers_on_each_worker(srv, listener)
+        port = srv.addresses[1][1]
+        by_worker = await on_each_worker(lambda: client.connect_udp("127.0.0.1", port, reply_timeout=5), listener)
         victim_pid = listener.pids[0]
         data = frames(20, seed=8)
         survivors = [c.submit(f, stream_id=1) for c in by_worker[1] for f in data]
