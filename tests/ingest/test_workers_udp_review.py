@@ -1,0 +1,56 @@
+"""UDP through ingest workers, from a hostile review: a dead worker's counts, bad listener options,
+addresses the workers' SO_REUSEPORT sockets would share, outcomes the workers give themselves."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import threading
+
+import pytest
+
+from streamgpu.ingest.workers import WorkerListener
+from streamgpu.server import Server
+from tests.ingest.test_workers import frames, udp_config, udp_numbers, udp_producers_on_each_worker
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_udp_counts_never_go_back_while_a_dead_workers_range_is_still_read() -> None:
+    """Regression: a dead worker's UDP counts left the sums (only live workers were summed) until nothing
+    read its range any more, then came back: a Prometheus counter that falls is a reset to its readers.
+    A frame of the worker held by a blocked backend keeps its range read while it is killed."""
+    async with Server(udp_config()) as srv:
+        listener = srv._listeners[0]
+        assert isinstance(listener, WorkerListener)
+        by_worker = await udp_producers_on_each_worker(srv, listener)
+        sent = sum(len(conns) for conns in by_worker.values())  # one frame each, all answered
+        before = await udp_numbers(srv, lambda s: s.get("frames") == sent)
+        block = threading.Event()
+        srv.backend._worker.submit(block.wait)  # type: ignore[attr-defined]  # the CPU backend's one thread
+        pending = asyncio.ensure_future(by_worker[0][0].submit(frames(1, 1)[0], stream_id=5))
+        victim = listener._workers[0]
+        try:
+            async with asyncio.timeout(5):
+                while not victim.held:  # its frame is here, its payload not copied yet
+                    await asyncio.sleep(0.005)
+            assert victim.proc is not None
+            os.kill(victim.proc.pid, signal.SIGKILL)
+            async with asyncio.timeout(5):
+                while victim.alive:
+                    await asyncio.sleep(0.005)
+            assert victim.held and not victim.replaced  # its range is still read: not replaced yet
+            during = await udp_numbers(srv)
+            assert during["frames"] >= before["frames"], (before, during)
+            assert during["datagrams"] >= before["datagrams"], (before, during)
+        finally:
+            block.set()
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pending
+        after = await udp_numbers(srv, lambda s: listener.restarts == 1)
+        assert after["frames"] >= before["frames"]
+        for conns in by_worker.values():
+            for conn in conns:
+                await conn.close()
