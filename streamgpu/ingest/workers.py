@@ -475,13 +475,16 @@ class WorkerListener(Listener):
 
     def udp_stats(self, position: int) -> dict[str, Any]:
         """UDP listener ``position``'s numbers: its counts over every worker it had, its gauges over the
-        live ones, as last reported (once per sweep period)."""
-        live = [w for w in self._workers if w is not None and w.alive and not w.replaced]
+        live ones, as last reported (once per sweep period). A dead worker's counts stay in until it is
+        retired (``_retire`` moves them to ``_udp_before``): counts never go back."""
+        kept = [w for w in self._workers if w is not None and not w.replaced]
         total = collections.Counter(self._udp_before[position])
-        for worker in live:
+        for worker in kept:
             numbers = worker.udp[position]
-            total.update({name: value for name, value in numbers.items() if name != "gro"})
-        gro = all(w.udp[position].get("gro", 1) for w in live)
+            # a dead worker's gauges (what it had then) are gone; its counts stay
+            total.update({name: value for name, value in numbers.items()
+                          if name != "gro" and (worker.alive or name in COUNTERS)})  # fmt: skip
+        gro = all(w.udp[position].get("gro", 1) for w in kept if w.alive)
         return {"gro": bool(gro), **{name: total[name] for name in STAT_NAMES[1:] if name in total}}
 
     def sweep(self, now: float) -> None:
