@@ -11,9 +11,10 @@ import threading
 
 import pytest
 
+from streamgpu.config import ConfigError, ListenerSpec
 from streamgpu.ingest.workers import WorkerListener
 from streamgpu.server import Server
-from tests.ingest.test_workers import frames, udp_config, udp_numbers, udp_producers_on_each_worker
+from tests.ingest.test_workers import config, frames, udp_config, udp_numbers, udp_producers_on_each_worker
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
@@ -54,3 +55,19 @@ async def test_udp_counts_never_go_back_while_a_dead_workers_range_is_still_read
         for conns in by_worker.values():
             for conn in conns:
                 await conn.close()
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_bad_udp_listener_options_are_a_config_error_with_workers_as_without() -> None:
+    """Regression: with ingest workers the udp listener's options were first read in the worker processes,
+    so a bad one was "RuntimeError: ingest worker 0 exited while starting (exit status -9)" and the
+    workers' tracebacks, cut off by the kill, instead of the ConfigError naming the option."""
+    bogus = ListenerSpec("udp", "127.0.0.1", 0, {"bogus": 1})
+    public = ListenerSpec("udp", "0.0.0.0", 0)  # tokens cannot protect UDP: an allow list is required
+    for spec, why in ((bogus, r"unknown options \['bogus'\]"), (public, "auth tokens cannot protect it")):
+        for workers in (0, 2):
+            cfg = config(listeners=[ListenerSpec("tcp", "127.0.0.1", 0), spec], ingest_workers=workers,
+                         auth_token="secret")  # fmt: skip
+            with pytest.raises(ConfigError, match=why):
+                async with Server(cfg):
+                    pass
