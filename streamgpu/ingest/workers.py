@@ -65,7 +65,7 @@ from streamgpu.ingest import channel
 from streamgpu.ingest.admission import Admission, Grant, Producer
 from streamgpu.ingest.base import Listener
 from streamgpu.ingest.hub import Origin
-from streamgpu.ingest.udp import COUNTERS, STAT_NAMES
+from streamgpu.ingest.udp import COUNTERS, STAT_NAMES, listener_options
 from streamgpu.ingest.worker import WorkerInit, send_init
 from streamgpu.memory import HostSegment, Slot
 from streamgpu.metrics import NO_MODEL
@@ -512,6 +512,7 @@ class WorkerUdpListener(Listener):
 
     def __init__(self, spec: ListenerSpec, admission: Admission, workers: WorkerListener, position: int) -> None:
         super().__init__(spec, admission)
+        listener_options(spec, admission.config)  # a bad option fails here, naming it, not in every worker
         self._workers = workers
         self._position = position  # among the config's udp listeners
 
