@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import threading
 
 import pytest
@@ -69,5 +70,22 @@ async def test_bad_udp_listener_options_are_a_config_error_with_workers_as_witho
             cfg = config(listeners=[ListenerSpec("tcp", "127.0.0.1", 0), spec], ingest_workers=workers,
                          auth_token="secret")  # fmt: skip
             with pytest.raises(ConfigError, match=why):
+                async with Server(cfg):
+                    pass
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_two_udp_listeners_on_one_address_are_refused_with_workers_as_without() -> None:
+    """Regression: the workers' sockets are SO_REUSEPORT, so two udp listeners of one config on one port
+    (or a wildcard and a loopback address of it) both bound, each silently getting the datagrams of some
+    source addresses under its own options; without workers the second bind fails."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for hosts in (("127.0.0.1", "127.0.0.1"), ("0.0.0.0", "127.0.0.1")):
+        udp = [ListenerSpec("udp", host, port, {"allow": ["127.0.0.0/8"]}) for host in hosts]
+        for workers in (0, 2):
+            cfg = config(listeners=[ListenerSpec("tcp", "127.0.0.1", 0), *udp], ingest_workers=workers)
+            with pytest.raises(OSError, match="in use"):
                 async with Server(cfg):
                     pass
