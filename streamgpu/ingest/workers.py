@@ -65,7 +65,7 @@ from streamgpu.ingest import channel
 from streamgpu.ingest.admission import Admission, Grant, Producer
 from streamgpu.ingest.base import Listener
 from streamgpu.ingest.hub import Origin
-from streamgpu.ingest.udp import COUNTERS, STAT_NAMES, listener_options
+from streamgpu.ingest.udp import COUNTERS, STAT_NAMES, UdpListener, listener_options
 from streamgpu.ingest.worker import WorkerInit, send_init
 from streamgpu.memory import HostSegment, Slot
 from streamgpu.metrics import NO_MODEL
@@ -542,7 +542,11 @@ class WorkerUdpListener(Listener):
 
 def _reuseport_sockets(spec: ListenerSpec, count: int) -> list[socket.socket]:
     """``count`` UDP sockets bound to ``spec``'s address with SO_REUSEPORT (port 0: the first one picks it),
-    one per worker: the kernel spreads source addresses over them, each always to the same one."""
+    one per worker: the kernel spreads source addresses over them, each always to the same one. A fixed
+    port is first probed with a plain bind: SO_REUSEPORT would otherwise let these sockets join what is
+    bound there already (another udp listener of this config, or a process of this user that set it too)."""
+    if spec.port:
+        UdpListener.check_bind(spec)  # BindError naming the address
     family, _, _, _, address = socket.getaddrinfo(spec.host, spec.port, type=socket.SOCK_DGRAM,
                                                   flags=socket.AI_PASSIVE)[0]  # fmt: skip
     socks: list[socket.socket] = []
