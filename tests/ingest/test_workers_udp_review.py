@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
 import threading
 
+import numpy as np
 import pytest
 
 from streamgpu.config import ConfigError, ListenerSpec
 from streamgpu.ingest.workers import WorkerListener
+from streamgpu.protocol import udp
+from streamgpu.protocol.wire import FrameFlags, FrameHeader, Status
 from streamgpu.server import Server
+from tests.ingest import test_udp as udp_test
 from tests.ingest.test_workers import config, frames, udp_config, udp_numbers, udp_producers_on_each_worker
 
 
@@ -89,3 +94,36 @@ async def test_two_udp_listeners_on_one_address_are_refused_with_workers_as_with
             with pytest.raises(OSError, match="in use"):
                 async with Server(cfg):
                     pass
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+@pytest.mark.parametrize(
+    "workers",
+    [
+        0,
+        pytest.param(2, marks=pytest.mark.xfail(strict=True, reason="open defect: a worker publishes the outcomes it"
+                                                " gives itself on its own ResultHub, which nobody watches")),
+    ],
+)  # fmt: skip
+async def test_udp_outcomes_a_worker_gives_itself_reach_the_subscribers(workers: int) -> None:
+    """A frame flagged SUBSCRIBERS gets no reply datagram: its outcome reaches only the stream's
+    subscribers (/v1/stream, the results sink). Those a worker gives itself (INCOMPLETE, a refusal) were
+    published on the worker's own hub, so with ingest workers they reached nobody at all."""
+    cfg = dataclasses.replace(udp_test.make_config(), ingest_workers=workers, max_payload_bytes=1 << 20)
+    async with Server(cfg) as srv:
+        got: list[tuple[int, Status]] = []
+        srv._admission.stream_results.subscribe(7, lambda head, outcome: got.append((head.sequence, outcome.status)))
+        raw = udp_test.Raw(udp_test.udp_port(srv))
+        try:
+            raw.send(*udp_test.grams(0, stream=7, flags=FrameFlags.SUBSCRIBERS)[:-1])  # never complete
+            unknown = FrameHeader(7, 1, "nope", 1, udp_test.SHAPE, udp_test.NBYTES, flags=FrameFlags.SUBSCRIBERS)
+            payload = np.zeros(udp_test.SHAPE, np.uint8).data.cast("B")
+            raw.send(*[udp.join(parts) for parts in udp.frame_datagrams(unknown, payload, udp_test.GRAM)])
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(3):
+                    while len(got) < 2:
+                        await asyncio.sleep(0.02)
+            assert await raw.replies() == []  # SUBSCRIBERS: no reply datagram
+        finally:
+            raw.close()
+        assert sorted(got) == [(0, Status.INCOMPLETE), (1, Status.UNKNOWN_MODEL)]
