@@ -127,3 +127,31 @@ async def test_udp_outcomes_a_worker_gives_itself_reach_the_subscribers(workers:
         finally:
             raw.close()
         assert sorted(got) == [(0, Status.INCOMPLETE), (1, Status.UNKNOWN_MODEL)]
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_replacement_worker_that_dies_while_starting_is_started_again() -> None:
+    """Regression: a replacement worker that died before READY was never started again; its UDP socket,
+    still bound (this process keeps it), took its producers' datagrams for good and nobody read them."""
+    async with Server(udp_config()) as srv:
+        listener = srv._listeners[0]
+        assert isinstance(listener, WorkerListener)
+        by_worker = await udp_producers_on_each_worker(srv, listener)
+        first = listener._workers[0]
+        assert first.proc is not None
+        os.kill(first.proc.pid, signal.SIGKILL)
+        async with asyncio.timeout(5):
+            while listener._workers[0] is first or listener._workers[0].proc is None:
+                await asyncio.sleep(0.001)
+        replacement = listener._workers[0]
+        assert replacement.proc is not None
+        os.kill(replacement.proc.pid, signal.SIGKILL)  # (an interpreter takes far longer than this to say READY)
+        async with asyncio.timeout(8):  # a third worker, started
+            while listener._workers[0] in (first, replacement) or not listener._workers[0].started:
+                await asyncio.sleep(0.02)
+        for conn in by_worker[0]:  # the first worker's producers are served again, on the same socket
+            assert (await conn.submit(frames(1, 3)[0], stream_id=2)).ok
+        for conns in by_worker.values():
+            for conn in conns:
+                await conn.close()
+    assert srv.pool.slots_in_use == 0
