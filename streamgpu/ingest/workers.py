@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import logging
 import os
 import socket
@@ -75,6 +76,7 @@ log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 60.0
 RESTART_DELAY_S = 0.2  # between a worker's death (once its range is free) and its replacement
+RESTART_MAX_DELAY_S = 10.0  # a replacement that fails to start is tried again, doubling the delay up to this
 # Flags byte -> FrameFlags: LIVE is the one flag that means something here (SUBSCRIBERS, UDP's, the worker acts on)
 _FLAGS = [FrameFlags.LIVE if f & FrameFlags.LIVE else FrameFlags.NONE for f in range(256)]
 _PACKAGE_ROOT = str(Path(streamgpu.__file__).resolve().parent.parent)
@@ -402,12 +404,21 @@ class WorkerListener(Listener):
                     worker.index, code)  # fmt: skip
         asyncio.get_running_loop().call_later(RESTART_DELAY_S, self._restart, worker)
 
-    def _restart(self, dead: _Worker) -> None:
+    def _restart(self, dead: _Worker, attempt: int = 0) -> None:
         if self._stopping:
             return
         self.restarts += 1
         task = asyncio.get_running_loop().create_task(self._start_worker(dead.index, dead.lent))
-        task.add_done_callback(_log_failure)
+        task.add_done_callback(functools.partial(self._restarted, dead.index, attempt))
+
+    def _restarted(self, index: int, attempt: int, task: asyncio.Task[None]) -> None:
+        """A replacement that failed to start is tried again, later each time: until one runs, nobody reads
+        its UDP sockets (the kernel still sends them their source addresses' datagrams)."""
+        if task.cancelled() or task.exception() is None or self._stopping or index >= len(self._workers):
+            return
+        delay = min(RESTART_DELAY_S * 2 ** (attempt + 1), RESTART_MAX_DELAY_S)
+        log.error("restarting ingest worker %d failed: %s; trying again in %g s", index, task.exception(), delay)
+        asyncio.get_running_loop().call_later(delay, self._restart, self._workers[index], attempt + 1)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -567,8 +578,3 @@ def _reuseport_sockets(spec: ListenerSpec, count: int) -> list[socket.socket]:
 async def _wait(futures: list[asyncio.Future[None]], timeout: float) -> None:
     if futures:
         await asyncio.wait(futures, timeout=max(timeout, 0.0))
-
-
-def _log_failure(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("restarting an ingest worker failed: %s", task.exception())
