@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from streamgpu.config import ConfigError, ListenerSpec
+from streamgpu.gpu.cpu import CpuBackend
 from streamgpu.ingest.workers import WorkerListener
 from streamgpu.protocol import udp
 from streamgpu.protocol.wire import FrameFlags, FrameHeader, Status
@@ -35,7 +36,8 @@ async def test_udp_counts_never_go_back_while_a_dead_workers_range_is_still_read
         sent = sum(len(conns) for conns in by_worker.values())  # one frame each, all answered
         before = await udp_numbers(srv, lambda s: s.get("frames") == sent)
         block = threading.Event()
-        srv.backend._worker.submit(block.wait)  # type: ignore[attr-defined]  # the CPU backend's one thread
+        assert isinstance(srv.backend, CpuBackend)
+        srv.backend._worker.submit(block.wait)  # the CPU backend's one thread: no batch runs until set
         pending = asyncio.ensure_future(by_worker[0][0].submit(frames(1, 1)[0], stream_id=5))
         victim = listener._workers[0]
         try:
@@ -112,7 +114,7 @@ async def test_udp_outcomes_a_worker_gives_itself_reach_the_subscribers(workers:
     cfg = dataclasses.replace(udp_test.make_config(), ingest_workers=workers, max_payload_bytes=1 << 20)
     async with Server(cfg) as srv:
         got: list[tuple[int, Status]] = []
-        srv._admission.stream_results.subscribe(7, lambda head, outcome: got.append((head.sequence, outcome.status)))
+        srv.admission.stream_results.subscribe(7, lambda head, outcome: got.append((head.sequence, outcome.status)))
         raw = udp_test.Raw(udp_test.udp_port(srv))
         try:
             raw.send(*udp_test.grams(0, stream=7, flags=FrameFlags.SUBSCRIBERS)[:-1])  # never complete
