@@ -122,7 +122,7 @@ async def test_udp_outcomes_a_worker_gives_itself_reach_the_subscribers(workers:
             payload = np.zeros(udp_test.SHAPE, np.uint8).data.cast("B")
             raw.send(*[udp.join(parts) for parts in udp.frame_datagrams(unknown, payload, udp_test.GRAM)])
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(3):
+                async with asyncio.timeout(2):
                     while len(got) < 2:
                         await asyncio.sleep(0.02)
             assert await raw.replies() == []  # SUBSCRIBERS: no reply datagram
