@@ -157,3 +157,16 @@ async def test_a_replacement_worker_that_dies_while_starting_is_started_again() 
             for conn in conns:
                 await conn.close()
     assert srv.pool.slots_in_use == 0
+
+
+def test_a_producer_of_an_in_process_listener_beside_workers_holds_at_most_a_quarter_of_its_share() -> None:
+    """Regression: beside ingest workers an http or raw listener receives into one share of the ring
+    (ring_bytes / (N + 1)), but its producers' limit stayed a quarter of the whole ring: with 4 workers one
+    producer could fill that share alone and make every other producer of those listeners wait."""
+    listeners = [ListenerSpec("tcp", "127.0.0.1", 0), ListenerSpec("raw", "127.0.0.1", 0, {"model": "default"})]
+    cfg = config(listeners=listeners, ingest_workers=4, max_payload_bytes=1 << 18)
+    in_process = cfg.ring_bytes - 4 * cfg.worker_ring_bytes  # what the workers' ranges leave this process
+    assert cfg.producer_ring_bytes <= in_process // 4, (cfg.producer_ring_bytes, in_process)
+    explicit = config(listeners=listeners, ingest_workers=4, max_payload_bytes=1 << 18, max_producer_ring_bytes=1 << 21)
+    assert explicit.producer_ring_bytes <= explicit.worker_ring_bytes  # as each worker's own limit is
+    assert config(ingest_workers=0).producer_ring_bytes == (1 << 22) // 4  # one process: unchanged
