@@ -68,7 +68,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from bench_e2e import server  # noqa: E402 - the tools directory is put on the path just above
-from bench_ingest import main_thread_cpu, server_pid  # noqa: E402
+from bench_ingest import children_cpu, main_thread_cpu, server_pid  # noqa: E402
 
 from streamgpu.loadgen import CONCURRENCY, Endpoint, LoadLevel, RunConfig, run  # noqa: E402
 
@@ -536,6 +536,7 @@ def suite_e2e(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                 warmup_s=1.0, window_s=args.window, max_windows=4, stable_windows=2, stability_pct=15,
             )  # fmt: skip
             cpu0, t0, drops0, status0 = main_thread_cpu(pid), time.perf_counter(), udp_kernel_drops(), server_status()
+            workers_cpu0 = children_cpu(pid)
             (r,) = run(cfg).results
             # The server loop's share of a core over the whole run, the generators' start-up included: a lower
             # bound of its share under load (tools/profile_loop.py --transport udp measures that). Its CPU per
@@ -556,12 +557,15 @@ def suite_e2e(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             stages = "/".join(f"{latency[stage]['p50'] / 1e3:.1f}" for stage in ("queue_wait", "transfer", "compute"))
             model, model0 = status["models"][0], status0["models"][0]
             mean_batch = (model["completed"] - model0["completed"]) / max(model["batches"] - model0["batches"], 1)
-            loop_us = loop_cpu / max(model["completed"] - model0["completed"], 1) * 1e6
+            done = max(model["completed"] - model0["completed"], 1)
+            loop_us = loop_cpu / done * 1e6
+            workers_us = (children_cpu(pid) - workers_cpu0) / done * 1e6  # the ingest workers' CPU, all together
             best = rows.get(name)
             if best is None or r.throughput > best["frames_per_s"]:  # interleaved rounds: best of two each
                 rows[name] = {"frames_per_s": r.throughput, "p50_ms": r.latency["p50"] * 1e3,
                               "mean_ms": r.latency["mean"] * 1e3, "p99_ms": r.latency["p99"] * 1e3,
                               "statuses": r.statuses, "loop_busy": loop_busy, "loop_us_per_frame": loop_us,
+                              "workers_us_per_frame": workers_us,
                               "generator_cores": r.cpu_cores,
                               "kernel_drops": drops, "server_p50_ms": server_p50_ms, "server_stages": stages,
                               "mean_batch": mean_batch, "udp_events": events}  # fmt: skip
@@ -573,12 +577,13 @@ def suite_e2e(args: argparse.Namespace, out: Path) -> dict[str, Any]:
           f" {args.processes} generator processes, ingest_workers {args.ingest_workers}"
           " (best of 2 interleaved rounds)")  # fmt: skip
     print(f"{'transport':<10}{'frames/s':>10}{'p50 ms':>9}{'mean ms':>9}{'p99 ms':>9}{'server p50':>11}"
-          f"{'loop busy':>11}{'loop us/fr':>11}{'gen cores':>11}"
+          f"{'loop busy':>11}{'loop us/fr':>11}{'wkrs us/fr':>11}{'gen cores':>11}"
           "  statuses; kernel drops; listener events (whole run)")  # fmt: skip
     for name, r in rows.items():
         print(
             f"{name:<10}{r['frames_per_s']:>10.0f}{r['p50_ms']:>9.2f}{r['mean_ms']:>9.2f}{r['p99_ms']:>9.2f}"
             f"{r['server_p50_ms']:>11.2f}{r['loop_busy']:>11.0%}{r['loop_us_per_frame']:>11.1f}"
+            f"{r['workers_us_per_frame']:>11.1f}"
             f"{r['generator_cores']:>11.2f}  {r['statuses']};"
             f" {r['kernel_drops']}; {r['udp_events']}; server queue/transfer/compute p50 {r['server_stages']} ms;"
             f" mean batch {r['mean_batch']:.1f}"
