@@ -243,8 +243,13 @@ class Config:
 
     @property
     def producer_ring_bytes(self) -> int:
-        """Ring bytes one producer may hold at once."""
-        return self.max_producer_ring_bytes or self.ring_bytes // 4
+        """Ring bytes one producer may hold at once. With ingest workers, within one share of the ring: each
+        worker's limit is scaled to its range, and the listeners of this process (http, raw) receive into one
+        share too, so one of their producers cannot fill it alone."""
+        if not self.ingest_workers:
+            return self.max_producer_ring_bytes or self.ring_bytes // 4
+        share = self.worker_ring_bytes
+        return min(self.max_producer_ring_bytes, share) if self.max_producer_ring_bytes else share // 4
 
     @property
     def open_to_anyone(self) -> bool:

@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from streamgpu.config import LOOPBACK_HOSTS, ListenerSpec
+from streamgpu.config import LOOPBACK_HOSTS, Config, ListenerSpec
 from streamgpu.errors import ConfigError
 from streamgpu.frame import Frame, Outcome
 from streamgpu.ingest.admission import Admission, Grant, Producer, Refused, Reservation
@@ -149,6 +149,18 @@ class UdpOptions:
         return out
 
 
+def listener_options(spec: ListenerSpec, config: Config) -> UdpOptions:
+    """The options of udp listener ``spec`` in a server of ``config``; ConfigError naming what is wrong (also
+    read where ingest workers serve the listener, so that a bad one fails in this process, as without them)."""
+    opts = UdpOptions.parse(spec.options)
+    if spec.host not in LOOPBACK_HOSTS and not opts.allow and (config.auth_token or config.tokens):
+        raise ConfigError(
+            f"udp listener on {spec.host}: UDP has no handshake, so auth tokens cannot protect it;"
+            " set the listener's options.allow to the producers' networks (or bind to loopback)"
+        )
+    return opts
+
+
 class _Partial:
     """A frame in reassembly: its slot, its chunks so far, and when it is given up."""
 
@@ -192,14 +204,8 @@ class UdpListener(Listener):
     def __init__(self, spec: ListenerSpec, admission: Admission, sock: socket.socket | None = None) -> None:
         super().__init__(spec, admission)
         self._given = sock  # a bound socket to receive on (an ingest worker's, SO_REUSEPORT), instead of binding
-        self.options = opts = UdpOptions.parse(spec.options)
-        cfg = admission.config
+        self.options = opts = listener_options(spec, admission.config)
         public = spec.host not in LOOPBACK_HOSTS
-        if public and not opts.allow and (cfg.auth_token or cfg.tokens):
-            raise ConfigError(
-                f"udp listener on {spec.host}: UDP has no handshake, so auth tokens cannot protect it;"
-                " set the listener's options.allow to the producers' networks (or bind to loopback)"
-            )
         nets = opts.allow or (LOOPBACK_NETS if not public else ("0.0.0.0/0", "::/0"))
         self._allow = [ipaddress.ip_network(n, strict=False) for n in nets]
         self._sock: socket.socket | None = None

@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import logging
 import os
 import socket
@@ -65,7 +66,7 @@ from streamgpu.ingest import channel
 from streamgpu.ingest.admission import Admission, Grant, Producer
 from streamgpu.ingest.base import Listener
 from streamgpu.ingest.hub import Origin
-from streamgpu.ingest.udp import COUNTERS, STAT_NAMES
+from streamgpu.ingest.udp import COUNTERS, STAT_NAMES, UdpListener, listener_options
 from streamgpu.ingest.worker import WorkerInit, send_init
 from streamgpu.memory import HostSegment, Slot
 from streamgpu.metrics import NO_MODEL
@@ -75,6 +76,7 @@ log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 60.0
 RESTART_DELAY_S = 0.2  # between a worker's death (once its range is free) and its replacement
+RESTART_MAX_DELAY_S = 10.0  # a replacement that fails to start is tried again, doubling the delay up to this
 # Flags byte -> FrameFlags: LIVE is the one flag that means something here (SUBSCRIBERS, UDP's, the worker acts on)
 _FLAGS = [FrameFlags.LIVE if f & FrameFlags.LIVE else FrameFlags.NONE for f in range(256)]
 _PACKAGE_ROOT = str(Path(streamgpu.__file__).resolve().parent.parent)
@@ -402,12 +404,21 @@ class WorkerListener(Listener):
                     worker.index, code)  # fmt: skip
         asyncio.get_running_loop().call_later(RESTART_DELAY_S, self._restart, worker)
 
-    def _restart(self, dead: _Worker) -> None:
+    def _restart(self, dead: _Worker, attempt: int = 0) -> None:
         if self._stopping:
             return
         self.restarts += 1
         task = asyncio.get_running_loop().create_task(self._start_worker(dead.index, dead.lent))
-        task.add_done_callback(_log_failure)
+        task.add_done_callback(functools.partial(self._restarted, dead.index, attempt))
+
+    def _restarted(self, index: int, attempt: int, task: asyncio.Task[None]) -> None:
+        """A replacement that failed to start is tried again, later each time: until one runs, nobody reads
+        its UDP sockets (the kernel still sends them their source addresses' datagrams)."""
+        if task.cancelled() or task.exception() is None or self._stopping or index >= len(self._workers):
+            return
+        delay = min(RESTART_DELAY_S * 2 ** (attempt + 1), RESTART_MAX_DELAY_S)
+        log.error("restarting ingest worker %d failed: %s; trying again in %g s", index, task.exception(), delay)
+        asyncio.get_running_loop().call_later(delay, self._restart, self._workers[index], attempt + 1)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -475,13 +486,16 @@ class WorkerListener(Listener):
 
     def udp_stats(self, position: int) -> dict[str, Any]:
         """UDP listener ``position``'s numbers: its counts over every worker it had, its gauges over the
-        live ones, as last reported (once per sweep period)."""
-        live = [w for w in self._workers if w is not None and w.alive and not w.replaced]
+        live ones, as last reported (once per sweep period). A dead worker's counts stay in until it is
+        retired (``_retire`` moves them to ``_udp_before``): counts never go back."""
+        kept = [w for w in self._workers if w is not None and not w.replaced]
         total = collections.Counter(self._udp_before[position])
-        for worker in live:
+        for worker in kept:
             numbers = worker.udp[position]
-            total.update({name: value for name, value in numbers.items() if name != "gro"})
-        gro = all(w.udp[position].get("gro", 1) for w in live)
+            # a dead worker's gauges (what it had then) are gone; its counts stay
+            total.update({name: value for name, value in numbers.items()
+                          if name != "gro" and (worker.alive or name in COUNTERS)})  # fmt: skip
+        gro = all(w.udp[position].get("gro", 1) for w in kept if w.alive)
         return {"gro": bool(gro), **{name: total[name] for name in STAT_NAMES[1:] if name in total}}
 
     def sweep(self, now: float) -> None:
@@ -509,6 +523,7 @@ class WorkerUdpListener(Listener):
 
     def __init__(self, spec: ListenerSpec, admission: Admission, workers: WorkerListener, position: int) -> None:
         super().__init__(spec, admission)
+        listener_options(spec, admission.config)  # a bad option fails here, naming it, not in every worker
         self._workers = workers
         self._position = position  # among the config's udp listeners
 
@@ -538,7 +553,11 @@ class WorkerUdpListener(Listener):
 
 def _reuseport_sockets(spec: ListenerSpec, count: int) -> list[socket.socket]:
     """``count`` UDP sockets bound to ``spec``'s address with SO_REUSEPORT (port 0: the first one picks it),
-    one per worker: the kernel spreads source addresses over them, each always to the same one."""
+    one per worker: the kernel spreads source addresses over them, each always to the same one. A fixed
+    port is first probed with a plain bind: SO_REUSEPORT would otherwise let these sockets join what is
+    bound there already (another udp listener of this config, or a process of this user that set it too)."""
+    if spec.port:
+        UdpListener.check_bind(spec)  # BindError naming the address
     family, _, _, _, address = socket.getaddrinfo(spec.host, spec.port, type=socket.SOCK_DGRAM,
                                                   flags=socket.AI_PASSIVE)[0]  # fmt: skip
     socks: list[socket.socket] = []
@@ -559,8 +578,3 @@ def _reuseport_sockets(spec: ListenerSpec, count: int) -> list[socket.socket]:
 async def _wait(futures: list[asyncio.Future[None]], timeout: float) -> None:
     if futures:
         await asyncio.wait(futures, timeout=max(timeout, 0.0))
-
-
-def _log_failure(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("restarting an ingest worker failed: %s", task.exception())
