@@ -29,6 +29,14 @@ Worker -> scheduler: fixed-size records of ``UP.size`` (80) bytes::
   refused handshake, a connection reply): ``priority`` is the status, ``index``
   the model's position (``NO_MODEL_INDEX``: none known). The scheduler counts it
   in its ``Admission.replies``, beside the replies of frames it ran.
+* ``ANSWERED``: the worker gave frame ``stream_id``/``sequence`` an outcome
+  itself (a refusal, ``INCOMPLETE``, ``SHUTTING_DOWN``, ...): ``priority`` is
+  the status, ``flags`` the frame's flags, ``timestamp_ns`` and ``deadline_us``
+  the header's, ``received_ns`` the reply's ``total_us``; ``offset`` bytes of
+  text follow in that many ``TEXT`` records (see ``answered``): the outcome is
+  published on the scheduling process's result hub, where subscribers and the
+  results sink are (the REPLIED record counts it; this one tells who).
+* ``TEXT``: ``TEXT_BYTES`` bytes of the text of the ANSWERED record before it.
 * ``STATS``: UDP listener ``conn`` (its position among ``Config.listeners`` of
   kind udp) has the number ``offset`` for ``streamgpu.ingest.udp.STAT_NAMES[index]``
   (a count since the worker started, or a gauge now). Sent for the numbers
@@ -67,7 +75,7 @@ import numpy as np
 
 from streamgpu.frame import Outcome
 from streamgpu.protocol import wire
-from streamgpu.protocol.wire import Timings
+from streamgpu.protocol.wire import FrameHeader, Timings
 
 UP = struct.Struct("<BBBBHHIIQQIIQQqqq")
 DOWN = struct.Struct("<BBBBIQqqqqqIHH")
@@ -75,7 +83,9 @@ assert UP.size == 80 and DOWN.size == 64
 
 # upward kinds
 FRAME, OPEN, CLOSED, READY, STOPPED = 1, 2, 3, 4, 5
-REPLIED, STATS = 6, 7
+REPLIED, STATS, ANSWERED, TEXT = 6, 7, 8, 9
+TEXT_BYTES = UP.size - 1  # text per TEXT record: all of it but its kind byte
+MAX_TEXT = 4 * TEXT_BYTES + wire.MAX_MESSAGE  # an ANSWERED record's text is cut here
 OPEN_TCP, OPEN_UDP = 0, 1  # an OPEN record's flags
 NO_MODEL_INDEX = 0xFFFF  # a REPLIED record's index for a reply that names no served model
 # downward kinds
@@ -92,6 +102,48 @@ def up(kind: int, conn: int = 0, index: int = 0, priority: int = 0, flags: int =
 def replied(index: int, status: int) -> bytes:
     """A REPLIED record: the worker answered ``status`` itself, for model ``index`` (or ``NO_MODEL_INDEX``)."""
     return up(REPLIED, 0, index, status)
+
+
+def answered(header: FrameHeader, outcome: Outcome, source: str, stream: str) -> bytes:
+    """An ANSWERED record and its TEXT records: the worker answered ``header``'s frame with ``outcome``
+    (published by ``origin`` = (``source``, ``stream``)). The text: source, stream, model, message,
+    separated by NUL."""
+    text = "\0".join((source, stream, header.model, outcome.message)).encode()[:MAX_TEXT]
+    head = UP.pack(ANSWERED, int(outcome.status), int(header.flags) & 0xFF, 0, 0, 0, 0, 0, len(text), 0,
+                   header.stream_id, header.deadline_us, header.sequence, header.timestamp_ns,
+                   outcome.timings.total_us, 0, 0)  # fmt: skip
+    blocks = [_TEXT + text[at : at + TEXT_BYTES].ljust(TEXT_BYTES, b"\0") for at in range(0, len(text), TEXT_BYTES)]
+    return head + b"".join(blocks)
+
+
+class Answer:
+    """An ANSWERED record being read: its fields, then its text from the TEXT records after it."""
+
+    __slots__ = ("fields", "text", "want")
+
+    def __init__(self, fields: tuple[int, ...]) -> None:
+        self.fields = fields
+        self.want = fields[8]  # text bytes to come
+        self.text = bytearray()
+
+    @property
+    def complete(self) -> bool:
+        return len(self.text) >= self.want
+
+    def add(self, fields: tuple[int, ...]) -> None:
+        """A TEXT record's fields (as ``UP.iter_unpack`` gave them): its text."""
+        self.text += UP.pack(*fields)[1:]
+
+    def outcome(self) -> tuple[FrameHeader, Outcome, str, str]:
+        """(header, outcome, source, stream) to publish; the header holds what the record carries."""
+        _k, status, flags, _p, _i, _q, _c, _f, _o, _l, stream_id, deadline_us, sequence, timestamp_ns, total_us, \
+            _r, _d = self.fields  # fmt: skip
+        parts = bytes(self.text[: self.want]).decode(errors="replace").split("\0", 3)
+        source, stream, model, message = [*parts, "", "", "", ""][:4]
+        header = FrameHeader(stream_id, sequence, model, 0, (), 0, timestamp_ns, deadline_us, 0,
+                             wire.FrameFlags(flags & _KNOWN_FLAGS))  # fmt: skip
+        return header, Outcome(_STATUS.get(status, wire.Status.INTERNAL_ERROR), message,
+                               timings=Timings(total_us=total_us)), source, stream  # fmt: skip
 
 
 def down(kind: int, fid: int = 0) -> bytes:
@@ -201,3 +253,5 @@ def decode_reply(buf: bytes, pos: int) -> tuple[int, Outcome]:
 
 
 _STATUS = {int(s): s for s in wire.Status}
+_TEXT = bytes([TEXT])
+_KNOWN_FLAGS = int(wire.FrameFlags.LIVE | wire.FrameFlags.SUBSCRIBERS)

@@ -40,13 +40,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from streamgpu.config import Config, ListenerSpec
-from streamgpu.frame import Frame
+from streamgpu.frame import Frame, Outcome
 from streamgpu.ingest import channel
 from streamgpu.ingest.admission import Admission
+from streamgpu.ingest.hub import UNNAMED, Origin, ResultHub
 from streamgpu.ingest.tcp import TcpConnection, TcpListener
 from streamgpu.ingest.udp import STAT_NAMES, UdpListener
 from streamgpu.loops import new_event_loop
 from streamgpu.memory import HostSegment, SlotPool
+from streamgpu.protocol.wire import FrameHeader
 
 log = logging.getLogger("streamgpu.worker")
 _LENGTH = struct.Struct("<I")
@@ -107,6 +109,7 @@ class _Channel(asyncio.Protocol):
         self.admission: Admission | None = None
         self._reported: list[dict[str, int]] = []  # per UDP listener: the numbers last sent up
         self.done: asyncio.Future[float] = self._loop.create_future()  # result: the CLOSE's flush timeout
+        self.delivering = False  # finishing frames with the scheduling process's outcomes (it published them)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
@@ -191,7 +194,11 @@ class _Channel(asyncio.Protocol):
                 fid, outcome = channel.decode_reply(buf, pos)
                 frame = frames.pop(fid, None)
                 if frame is not None:
-                    frame.finish(outcome)
+                    self.delivering = True
+                    try:
+                        frame.finish(outcome)
+                    finally:
+                        self.delivering = False
             elif kind == channel.RELEASE:
                 for fid in channel.released(buf, pos):
                     frame = frames.get(fid)
@@ -216,6 +223,20 @@ class _Channel(asyncio.Protocol):
         for frame in self._frames.values():
             frame.release_slot()
         self._frames.clear()
+
+
+class _ForwardingHub(ResultHub):
+    """The worker's result hub: nobody watches here, so the outcomes the worker gives frames itself
+    (refusals, INCOMPLETE, ...) go up as ANSWERED records, to be published where the subscribers and
+    the results sink are. Those of frames the scheduler answered were published there already."""
+
+    def __init__(self, chan: _Channel) -> None:
+        super().__init__()
+        self._chan = chan
+
+    def publish(self, header: FrameHeader, outcome: Outcome, origin: Origin = UNNAMED) -> None:
+        if not self._chan.delivering:
+            self._chan.send(channel.answered(header, outcome, origin.source, origin.stream))
 
 
 class _WorkerAdmission(Admission):
@@ -269,6 +290,7 @@ async def serve(chan_sock: socket.socket, init: WorkerInit) -> None:
     pool = SlotPool(segment.buffer, init.start, init.end, defer=loop.call_soon)
     admission = _WorkerAdmission(config, pool, {spec.name: spec for spec in config.models}, chan.submit)
     admission.channel = chan
+    admission.stream_results = _ForwardingHub(chan)
     tcp = next(spec for spec in config.listeners if spec.kind == "tcp")
     udp_specs = [spec for spec in config.listeners if spec.kind == "udp"]
     udp = [_WorkerUdpListener(spec, admission, socket.socket(fileno=fd), chan)

@@ -136,6 +136,7 @@ class _Worker(asyncio.Protocol):
         self.replaced = False
         self.started = False  # said READY
         self.udp: list[dict[str, int]] = [{} for _ in listener.udp]  # each UDP listener's numbers (STATS records)
+        self._answer: channel.Answer | None = None  # an ANSWERED record whose TEXT records are still coming
 
     # -- process ----------------------------------------------------------------------
 
@@ -232,12 +233,29 @@ class _Worker(asyncio.Protocol):
                 self.started = True
                 if not self.ready.done():
                     self.ready.set_result(None)
+            elif kind == channel.ANSWERED or kind == channel.TEXT:  # (rare: refusals and the like)
+                self._answered((kind, priority, flags, _p, index, _q, conn, fid, offset, payload_len,
+                                stream_id, deadline_us, sequence, timestamp_ns, received_ns, complete_ns,
+                                deadline_ns))  # fmt: skip
             elif kind == channel.STATS:
                 if conn < len(self.udp) and index < len(STAT_NAMES):
                     self.udp[conn][STAT_NAMES[index]] = offset
             elif kind == channel.STOPPED and not self.stopped.done():
                 self.stopped.set_result(None)
         self._submit(frames)
+
+    def _answered(self, fields: tuple[int, ...]) -> None:
+        """An ANSWERED record or one of its TEXT records: once its text is whole, its outcome is published
+        here (subscribers, results sink), as the worker's own reply went to the producer."""
+        if fields[0] == channel.ANSWERED:
+            self._answer = channel.Answer(fields)
+        elif self._answer is not None:
+            self._answer.add(fields)
+        answer = self._answer
+        if answer is not None and answer.complete:
+            self._answer = None
+            header, outcome, source, stream = answer.outcome()
+            self._admission.stream_results.publish(header, outcome, Origin(source, stream))
 
     def _submit(self, frames: list[Frame]) -> None:
         """The frames of one read, to the scheduler at once (one scheduling pass for the lot)."""

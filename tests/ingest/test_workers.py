@@ -23,6 +23,7 @@ from streamgpu.config import Config, ConfigError, ListenerSpec, TokenSpec
 from streamgpu.frame import Frame, Outcome
 from streamgpu.ingest import channel, worker
 from streamgpu.ingest.admission import Admission
+from streamgpu.ingest.hub import Origin
 from streamgpu.ingest.workers import WorkerFrame, WorkerListener, _Worker
 from streamgpu.memory import HostSegment, Slot, SlotPool
 from streamgpu.models.spec import ModelSpec
@@ -187,6 +188,43 @@ async def test_descriptors_and_shared_memory_round_trip() -> None:
     assert pool.slots_in_use == 0 and producer.frames_in_server == 0
     segment.close()
     theirs.close()
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_outcomes_a_worker_gives_itself_are_published_by_the_scheduling_process() -> None:
+    """A worker's own outcome (a refusal, INCOMPLETE) goes up as an ANSWERED record and its TEXT records
+    (here a message of several records, an unknown model name, the origin), split at every byte: the
+    parent publishes it once, whole; frames the parent answered are not sent back up."""
+    cfg = config()
+    segment = HostSegment.create(cfg.ring_bytes)
+    admission = Admission(cfg, SlotPool(segment.buffer), {m.name: m for m in cfg.models}, lambda f: None)
+    lent = admission.pool.reserve(cfg.worker_ring_bytes)
+    assert lent is not None
+    parent = _Worker(WorkerListener(cfg.listeners[0], admission, segment, 2), 0, lent)
+    seen: list[tuple[FrameHeader, Outcome, Any]] = []
+    admission.stream_results.tap(lambda header, outcome, origin: seen.append((header, outcome, origin)))
+
+    chan = worker._Channel(cfg)
+    up = FakeTransport()
+    chan.connection_made(up)  # type: ignore[arg-type]
+    hub = worker._ForwardingHub(chan)
+    header = FrameHeader(7, 3, "nope", 1, (8, 8, 3), 192, timestamp_ns=55, deadline_us=9, flags=FrameFlags.SUBSCRIBERS)
+    message = "unknown model 'nope'; served: " + ", ".join(f"model{i}" for i in range(40))
+    hub.publish(header, Outcome(Status.UNKNOWN_MODEL, message, timings=Timings(total_us=17)), Origin("udp", "udp:x"))
+    chan.delivering = True  # an outcome the scheduling process gave (and published): not sent back up
+    hub.publish(header, Outcome(Status.OK), Origin("udp", "udp:x"))
+    chan.delivering = False
+    await asyncio.sleep(0)
+    data = bytes(up.written)
+    assert len(data) % channel.UP.size == 0 and len(data) > 3 * channel.UP.size  # several TEXT records
+    for byte in range(len(data)):
+        parent.data_received(data[byte : byte + 1])
+    ((got, outcome, origin),) = seen
+    assert (got.stream_id, got.sequence, got.model, got.timestamp_ns, got.deadline_us, got.flags) == (
+        7, 3, "nope", 55, 9, FrameFlags.SUBSCRIBERS)  # fmt: skip
+    assert (outcome.status, outcome.message, outcome.timings.total_us) == (Status.UNKNOWN_MODEL, message, 17)
+    assert origin == Origin("udp", "udp:x")
+    segment.close()
 
 
 # -- real servers ----------------------------------------------------------------------------

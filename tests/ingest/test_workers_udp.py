@@ -1,5 +1,6 @@
-"""UDP through ingest workers, from a hostile review: a dead worker's counts, bad listener options,
-addresses the workers' SO_REUSEPORT sockets would share, outcomes the workers give themselves."""
+"""UDP through ingest workers, the hard cases (most from a hostile review): a dead worker's counts, bad
+listener options, addresses the workers' SO_REUSEPORT sockets would share, outcomes the workers give
+themselves, a replacement worker that dies while starting. The ordinary cases: test_workers.py."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import threading
 import numpy as np
 import pytest
 
+from streamgpu import client
 from streamgpu.config import ConfigError, ListenerSpec
 from streamgpu.gpu.cpu import CpuBackend
 from streamgpu.ingest.workers import WorkerListener
@@ -21,7 +23,7 @@ from streamgpu.protocol import udp
 from streamgpu.protocol.wire import FrameFlags, FrameHeader, Status
 from streamgpu.server import Server
 from tests.ingest import test_udp as udp_test
-from tests.ingest.test_workers import config, frames, udp_config, udp_numbers, udp_producers_on_each_worker
+from tests.ingest.test_workers import config, frames, on_each_worker, udp_config, udp_numbers
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
@@ -32,7 +34,8 @@ async def test_udp_counts_never_go_back_while_a_dead_workers_range_is_still_read
     async with Server(udp_config()) as srv:
         listener = srv._listeners[0]
         assert isinstance(listener, WorkerListener)
-        by_worker = await udp_producers_on_each_worker(srv, listener)
+        port = srv.addresses[1][1]
+        by_worker = await on_each_worker(lambda: client.connect_udp("127.0.0.1", port, reply_timeout=5), listener)
         sent = sum(len(conns) for conns in by_worker.values())  # one frame each, all answered
         before = await udp_numbers(srv, lambda s: s.get("frames") == sent)
         block = threading.Event()
@@ -99,14 +102,7 @@ async def test_two_udp_listeners_on_one_address_are_refused_with_workers_as_with
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
-@pytest.mark.parametrize(
-    "workers",
-    [
-        0,
-        pytest.param(2, marks=pytest.mark.xfail(strict=True, reason="open defect: a worker publishes the outcomes it"
-                                                " gives itself on its own ResultHub, which nobody watches")),
-    ],
-)  # fmt: skip
+@pytest.mark.parametrize("workers", [0, 2])
 async def test_udp_outcomes_a_worker_gives_itself_reach_the_subscribers(workers: int) -> None:
     """A frame flagged SUBSCRIBERS gets no reply datagram: its outcome reaches only the stream's
     subscribers (/v1/stream, the results sink). Those a worker gives itself (INCOMPLETE, a refusal) were
@@ -138,7 +134,8 @@ async def test_a_replacement_worker_that_dies_while_starting_is_started_again() 
     async with Server(udp_config()) as srv:
         listener = srv._listeners[0]
         assert isinstance(listener, WorkerListener)
-        by_worker = await udp_producers_on_each_worker(srv, listener)
+        port = srv.addresses[1][1]
+        by_worker = await on_each_worker(lambda: client.connect_udp("127.0.0.1", port, reply_timeout=5), listener)
         first = listener._workers[0]
         assert first.proc is not None
         os.kill(first.proc.pid, signal.SIGKILL)
