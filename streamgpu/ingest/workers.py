@@ -167,6 +167,8 @@ class _Worker(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
+        if self._out:  # sent while the worker was starting (a STOP during a restart): they go now
+            self._loop.call_soon(self._flush)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
@@ -186,6 +188,8 @@ class _Worker(asyncio.Protocol):
         self._out.append(record)
 
     def _flush(self) -> None:
+        if self._transport is None and self.alive:  # not connected yet: connection_made flushes them
+            return
         out, self._out = self._out, []
         if self._releases:  # first: a slot copied before its reply is free before the reply is written
             out.insert(0, channel.release(self._releases))

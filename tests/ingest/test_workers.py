@@ -4,9 +4,11 @@ servers on loopback with 2 workers: results equal to one-process mode, a killed 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -224,6 +226,51 @@ async def test_outcomes_a_worker_gives_itself_are_published_by_the_scheduling_pr
         7, 3, "nope", 55, 9, FrameFlags.SUBSCRIBERS)  # fmt: skip
     assert (outcome.status, outcome.message, outcome.timings.total_us) == (Status.UNKNOWN_MODEL, message, 17)
     assert origin == Origin("udp", "udp:x")
+    segment.close()
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_stop_sent_while_a_worker_starts_is_not_lost() -> None:
+    """Shutdown during a restart: a STOP the parent sends before the new worker's channel is connected
+    reaches it once connected (it was dropped: the worker then kept accepting until CLOSE), and a worker
+    that finds a STOP waiting when it starts confirms it and takes no connection."""
+    cfg = config()
+    segment = HostSegment.create(cfg.ring_bytes)
+    admission = Admission(cfg, SlotPool(segment.buffer), {m.name: m for m in cfg.models}, lambda f: None)
+    lent = admission.pool.reserve(cfg.worker_ring_bytes)
+    assert lent is not None
+    parent = _Worker(WorkerListener(cfg.listeners[0], admission, segment, 2), 0, lent)
+    parent.send(channel.down(channel.STOP))
+    await asyncio.sleep(0)
+    down = FakeTransport()
+    parent.connection_made(down)  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    assert bytes(down.written) == channel.down(channel.STOP)
+
+    # The worker's side, in this process: the STOP waits in the channel before serve() starts.
+    listen = socket.create_server(("127.0.0.1", 0))
+    ours, theirs = socket.socketpair()
+    ours.sendall(channel.down(channel.STOP))
+    init = worker.WorkerInit(dataclasses.replace(cfg, ingest_workers=0, ring_bytes=lent.nbytes), 0,
+                             os.dup(listen.fileno()), (), os.dup(segment.fd), segment.nbytes, lent.offset,
+                             lent.offset + lent.nbytes)  # fmt: skip
+    serving = asyncio.ensure_future(worker.serve(theirs, init))
+    ours.setblocking(False)
+    loop = asyncio.get_running_loop()
+    got = b""
+    async with asyncio.timeout(10):
+        while len(got) < 2 * channel.UP.size:  # STOPPED and READY, in either order
+            got += await loop.sock_recv(ours, 4096)
+    kinds = {got[i] for i in range(0, len(got), channel.UP.size)}
+    assert {channel.STOPPED, channel.READY} <= kinds
+    with pytest.raises((TimeoutError, client.ConnectionClosedError, ConnectionError)):
+        async with asyncio.timeout(0.5):  # nobody takes the connection: no WELCOME comes
+            conn = await client.connect("127.0.0.1", listen.getsockname()[1])
+            await conn.close()
+    await loop.sock_sendall(ours, channel.down(channel.CLOSE, 0))
+    await asyncio.wait_for(serving, 10)
+    ours.close()
+    listen.close()
     segment.close()
 
 
