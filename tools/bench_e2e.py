@@ -312,7 +312,7 @@ def suite_curves(out: Path, args: argparse.Namespace) -> dict[str, Any]:
         ("plain", baseline_server(out, "plain", args.device)),
         ("strong", baseline_server(out, "strong", args.device)),
         ("strong+compile", baseline_server(out, "strong", args.device, "--compile")),
-        ("streamgpu", streamgpu_server(out, "resnet50", RESNET50, args.device)),
+        ("streamgpu", streamgpu_server(out, "resnet50", RESNET50, args.device, ingest_workers=args.ingest_workers)),
     ]
     rows = []
     for label, started in servers:
@@ -322,7 +322,8 @@ def suite_curves(out: Path, args: argparse.Namespace) -> dict[str, Any]:
             for c in CURVE_LEVELS:  # at most 4 generator processes, and no more than frames in flight
                 result = load(port, [LoadLevel(CONCURRENCY, c)], processes=min(4, c), window_s=args.window)[0]
                 rows.append(row(label, result))
-    print_rows("ResNet-50 fp16 latency vs throughput (closed loop, frames in flight)", rows)
+    print_rows(f"ResNet-50 fp16 latency vs throughput (closed loop, frames in flight; streamgpu with ingest_workers"
+               f" = {args.ingest_workers})", rows)  # fmt: skip
     return {"rows": rows}
 
 
@@ -337,7 +338,7 @@ def main() -> int:
     parser.add_argument("--window", type=float, default=2.0, help="measurement window, s (default 2)")
     parser.add_argument("--rates", default="500,1000,2000,4000,6000", help="open-loop rates for the batching suite")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run of the harness")
-    parser.add_argument("--ingest-workers", type=int, default=0, help="gpus suite: the servers' ingest_workers")
+    parser.add_argument("--ingest-workers", type=int, default=0, help="gpus, curves suites: ingest_workers")
     parser.add_argument("--max-batch", type=int, default=0, help="gpus suite: the model's max_batch_size (default 32)")
     parser.add_argument("--in-flight", type=int, default=256, help="gpus suite: frames in flight (default 256)")
     parser.add_argument("--precision", default="both", choices=["both", "fp16", "fp32"], help="gpus suite: models")
