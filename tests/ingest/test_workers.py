@@ -4,6 +4,7 @@ servers on loopback with 2 workers: results equal to one-process mode, a killed 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -29,6 +30,7 @@ from streamgpu.ingest.hub import Origin
 from streamgpu.ingest.workers import WorkerFrame, WorkerListener, _Worker
 from streamgpu.memory import HostSegment, Slot, SlotPool
 from streamgpu.models.spec import ModelSpec
+from streamgpu.protocol import wire
 from streamgpu.protocol.wire import FrameFlags, FrameHeader, Status, Timings
 from streamgpu.server import Server
 
@@ -606,3 +608,121 @@ async def test_an_http_listener_beside_the_workers_has_its_own_share_of_the_ring
                 status = await resp.json()
         assert status["udp_listeners"][0]["port"] == udp and status["models"][0]["completed"] == 7
     assert srv.pool.slots_in_use == 0
+
+
+# -- outcomes a worker gives itself: a hostile review --------------------------------------------
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+@pytest.mark.parametrize("workers", [0, 1])
+async def test_a_refusal_made_while_a_reply_is_delivered_is_published(workers: int) -> None:
+    """Regression: a worker's REPLY that frees a place under max_frames_per_connection lets the headers
+    waiting in the connection's buffer be parsed at once, inside the delivery; their refusals were taken
+    for the delivered frame's outcome (published by the scheduling process) and reached no subscriber."""
+    from tests.ingest.test_tcp import frame, hello
+
+    async with Server(config(ingest_workers=workers, max_frames_per_connection=1)) as srv:
+        got: list[tuple[int, Status]] = []
+        srv.admission.stream_results.subscribe(7, lambda head, outcome: got.append((head.sequence, outcome.status)))
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        # One write: the refused frames' headers wait in the worker's buffer behind frame 0.
+        writer.write(hello() + frame(SPEC, 0, 7) + b"".join(frame(SPEC, i, 7, model="nope") for i in (1, 2, 3)))
+        buf, statuses = b"", []
+        async with asyncio.timeout(5):
+            while (welcome := wire.decode_welcome(buf)) is None:
+                buf += await reader.read(65536)
+            buf = buf[welcome[1] :]
+            while len(statuses) < 4:
+                while (reply := wire.decode_reply(buf)) is None:
+                    buf += await reader.read(65536)
+                statuses.append(reply[0].status)
+                buf = buf[reply[2] :]
+        with contextlib.suppress(TimeoutError):  # (published at the latest as the replies went out)
+            async with asyncio.timeout(1):
+                while len(got) < 4:
+                    await asyncio.sleep(0.01)
+        writer.close()
+        assert statuses == [Status.OK] + [Status.UNKNOWN_MODEL] * 3
+        assert sorted(got) == [(0, Status.OK), (1, Status.UNKNOWN_MODEL), (2, Status.UNKNOWN_MODEL),
+                               (3, Status.UNKNOWN_MODEL)]  # fmt: skip
+
+
+def answered_records(header: FrameHeader, outcome: Outcome, origin: Origin) -> bytes:
+    """What a worker sends up for an outcome it gave ``header``'s frame itself."""
+    chan = worker._Channel(config())
+    up = FakeTransport()
+    chan.connection_made(up)  # type: ignore[arg-type]
+    chan._out.append(channel.answered(header, outcome, origin.source, origin.stream))
+    chan._flush()
+    return bytes(up.written)
+
+
+def parent_worker(cfg: Config) -> tuple[_Worker, Admission, HostSegment]:
+    segment = HostSegment.create(cfg.ring_bytes)
+    admission = Admission(cfg, SlotPool(segment.buffer), {m.name: m for m in cfg.models}, lambda f: None)
+    lent = admission.pool.reserve(cfg.worker_ring_bytes)
+    assert lent is not None
+    return _Worker(WorkerListener(cfg.listeners[0], admission, segment, 2), 0, lent), admission, segment
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_model_name_with_nul_bytes_is_published_whole() -> None:
+    """Regression: a model name is any 1..255 UTF-8 bytes, NUL included; the ANSWERED text separated its
+    fields by NUL, so a refused frame of model "x\\0y" was published as model "x" with "y\\0..." before
+    its message."""
+    async with Server(config(ingest_workers=1)) as srv:
+        seen: list[tuple[str, str]] = []
+        srv.admission.stream_results.subscribe(5, lambda head, outcome: seen.append((head.model, outcome.message)))
+        async with await client.connect("127.0.0.1", srv.port) as conn:
+            reply = await conn.submit(frames(1, seed=5)[0], stream_id=5, model="x\0y\0")
+        assert reply.status == Status.UNKNOWN_MODEL
+        async with asyncio.timeout(5):
+            while not seen:
+                await asyncio.sleep(0.01)
+    assert seen == [("x\0y\0", reply.message)]
+    # Every field whole, the longest model name (all NUL) and a message cut at the channel's limit included.
+    parent, admission, segment = parent_worker(config())
+    got: list[tuple[FrameHeader, Outcome, Origin]] = []
+    admission.stream_results.tap(lambda head, outcome, origin: got.append((head, outcome, origin)))
+    for model, message in (("\0" * 255, "no model named " + repr("\0" * 255)), ("m", "\0é" * 40000)):
+        header = FrameHeader(9, 4, model, 1, (8, 8, 3), 192)
+        data = answered_records(header, Outcome(Status.UNKNOWN_MODEL, message), Origin("udp", "udp:[::1]:5"))
+        parent.data_received(data)
+        head, outcome, origin = got.pop()
+        assert (head.model, origin) == (model, Origin("udp", "udp:[::1]:5"))
+        assert message.startswith(outcome.message.rstrip("\ufffd")) and len(outcome.message.encode()) > 65000
+    segment.close()
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_outcomes_a_worker_gives_itself_cost_the_parent_nothing_while_nobody_watches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression: every refusal a worker made was decoded into a header and an Outcome by the scheduling
+    process whether or not anybody watched (15 to 70 us a refusal here against 1 us for its REPLIED
+    record): a UDP producer sending refused datagrams, which needs to read nothing, loaded the scheduling
+    loop more than its worker. Unwatched, an ANSWERED record and its TEXT records are skipped."""
+    decoded: list[int] = []
+    outcome_of = channel.Answer.outcome
+
+    def counted(self: channel.Answer) -> tuple[FrameHeader, Outcome, str, str]:
+        decoded.append(1)
+        return outcome_of(self)
+
+    monkeypatch.setattr(channel.Answer, "outcome", counted)
+    parent, admission, segment = parent_worker(config())
+    header = FrameHeader(9, 4, "\0" * 255, 1, (8, 8, 3), 192)
+    refusal = Outcome(Status.UNKNOWN_MODEL, "no model named " + repr(header.model))
+    data = answered_records(header, refusal, Origin("udp", "udp:h:1")) * 50
+    parent.data_received(data)
+    assert decoded == [] and admission.stream_results.published == 0
+    seen: list[int] = []
+    sub = admission.stream_results.subscribe(9, lambda head, outcome: seen.append(head.sequence))
+    parent.data_received(data[: len(data) // 2 + 40])  # (its last record split across reads)
+    parent.data_received(data[len(data) // 2 + 40 :])
+    assert seen == [4] * 50
+    sub.cancel()
+    admission.stream_results.subscribe(10, lambda head, outcome: seen.append(head.sequence))  # another stream
+    parent.data_received(data)
+    assert len(decoded) == 50 and len(seen) == 50
+    segment.close()
