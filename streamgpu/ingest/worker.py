@@ -109,7 +109,9 @@ class _Channel(asyncio.Protocol):
         self.admission: Admission | None = None
         self._reported: list[dict[str, int]] = []  # per UDP listener: the numbers last sent up
         self.done: asyncio.Future[float] = self._loop.create_future()  # result: the CLOSE's flush timeout
-        self.delivering = False  # finishing frames with the scheduling process's outcomes (it published them)
+        # The header of the frame being finished with the scheduling process's outcome (it published that one;
+        # a refusal the delivery lets happen meanwhile, e.g. of a header waiting behind the frame, goes up).
+        self.delivering: FrameHeader | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
@@ -194,11 +196,11 @@ class _Channel(asyncio.Protocol):
                 fid, outcome = channel.decode_reply(buf, pos)
                 frame = frames.pop(fid, None)
                 if frame is not None:
-                    self.delivering = True
+                    self.delivering = frame.header
                     try:
                         frame.finish(outcome)
                     finally:
-                        self.delivering = False
+                        self.delivering = None
             elif kind == channel.RELEASE:
                 for fid in channel.released(buf, pos):
                     frame = frames.get(fid)
@@ -235,7 +237,7 @@ class _ForwardingHub(ResultHub):
         self._chan = chan
 
     def publish(self, header: FrameHeader, outcome: Outcome, origin: Origin = UNNAMED) -> None:
-        if not self._chan.delivering:
+        if header is not self._chan.delivering:
             self._chan.send(channel.answered(header, outcome, origin.source, origin.stream))
 
 

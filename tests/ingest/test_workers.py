@@ -215,9 +215,9 @@ async def test_outcomes_a_worker_gives_itself_are_published_by_the_scheduling_pr
     header = FrameHeader(7, 3, "nope", 1, (8, 8, 3), 192, timestamp_ns=55, deadline_us=9, flags=FrameFlags.SUBSCRIBERS)
     message = "unknown model 'nope'; served: " + ", ".join(f"model{i}" for i in range(40))
     hub.publish(header, Outcome(Status.UNKNOWN_MODEL, message, timings=Timings(total_us=17)), Origin("udp", "udp:x"))
-    chan.delivering = True  # an outcome the scheduling process gave (and published): not sent back up
+    chan.delivering = header  # an outcome the scheduling process gave (and published): not sent back up
     hub.publish(header, Outcome(Status.OK), Origin("udp", "udp:x"))
-    chan.delivering = False
+    chan.delivering = None
     await asyncio.sleep(0)
     data = bytes(up.written)
     assert len(data) % channel.UP.size == 0 and len(data) > 3 * channel.UP.size  # several TEXT records
