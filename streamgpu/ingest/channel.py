@@ -32,7 +32,8 @@ Worker -> scheduler: fixed-size records of ``UP.size`` (80) bytes::
 * ``ANSWERED``: the worker gave frame ``stream_id``/``sequence`` an outcome
   itself (a refusal, ``INCOMPLETE``, ``SHUTTING_DOWN``, ...): ``priority`` is
   the status, ``flags`` the frame's flags, ``timestamp_ns`` and ``deadline_us``
-  the header's, ``received_ns`` the reply's ``total_us``; ``offset`` bytes of
+  the header's, ``received_ns`` the reply's ``total_us``, the byte after ``flags``
+  the model name's length in bytes (a name may hold NUL); ``offset`` bytes of
   text follow in that many ``TEXT`` records (see ``answered``): the outcome is
   published on the scheduling process's result hub, where subscribers and the
   results sink are (the REPLIED record counts it; this one tells who).
@@ -107,10 +108,11 @@ def replied(index: int, status: int) -> bytes:
 def answered(header: FrameHeader, outcome: Outcome, source: str, stream: str) -> bytes:
     """An ANSWERED record and its TEXT records: the worker answered ``header``'s frame with ``outcome``
     (published by ``origin`` = (``source``, ``stream``)). The text: source, stream, model, message,
-    separated by NUL."""
-    text = "\0".join((source, stream, header.model, outcome.message)).encode()[:MAX_TEXT]
-    head = UP.pack(ANSWERED, int(outcome.status), int(header.flags) & 0xFF, 0, 0, 0, 0, 0, len(text), 0,
-                   header.stream_id, header.deadline_us, header.sequence, header.timestamp_ns,
+    separated by NUL; the model name (1..255 bytes, NUL allowed) is as long as the record says."""
+    model = header.model.encode()
+    text = b"\0".join((source.encode(), stream.encode(), model, outcome.message.encode()))[:MAX_TEXT]
+    head = UP.pack(ANSWERED, int(outcome.status), int(header.flags) & 0xFF, min(len(model), 255), 0, 0, 0, 0,
+                   len(text), 0, header.stream_id, header.deadline_us, header.sequence, header.timestamp_ns,
                    outcome.timings.total_us, 0, 0)  # fmt: skip
     blocks = [_TEXT + text[at : at + TEXT_BYTES].ljust(TEXT_BYTES, b"\0") for at in range(0, len(text), TEXT_BYTES)]
     return head + b"".join(blocks)
@@ -136,10 +138,11 @@ class Answer:
 
     def outcome(self) -> tuple[FrameHeader, Outcome, str, str]:
         """(header, outcome, source, stream) to publish; the header holds what the record carries."""
-        _k, status, flags, _p, _i, _q, _c, _f, _o, _l, stream_id, deadline_us, sequence, timestamp_ns, total_us, \
-            _r, _d = self.fields  # fmt: skip
-        parts = bytes(self.text[: self.want]).decode(errors="replace").split("\0", 3)
-        source, stream, model, message = [*parts, "", "", "", ""][:4]
+        _k, status, flags, model_len, _i, _q, _c, _f, _o, _l, stream_id, deadline_us, sequence, timestamp_ns, \
+            total_us, _r, _d = self.fields  # fmt: skip
+        at, by, rest = [*bytes(self.text[: self.want]).split(b"\0", 2), b"", b""][:3]  # (origins hold no NUL)
+        source, stream, model, message = (part.decode(errors="replace")
+                                          for part in (at, by, rest[:model_len], rest[model_len + 1 :]))  # fmt: skip
         header = FrameHeader(stream_id, sequence, model, 0, (), 0, timestamp_ns, deadline_us, 0,
                              wire.FrameFlags(flags & _KNOWN_FLAGS))  # fmt: skip
         return header, Outcome(_STATUS.get(status, wire.Status.INTERNAL_ERROR), message,
