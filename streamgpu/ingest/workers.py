@@ -219,6 +219,8 @@ class _Worker(asyncio.Protocol):
                 frame = WorkerFrame(header, slot, remote.producer, (remote, stream_id), received_ns, complete_ns,
                                     deadline_ns, sink, remote.is_closed, False, self, self, fid)  # fmt: skip
                 frames.append(frame)
+            elif kind == channel.TEXT and self._answer is None:
+                pass  # the text of an ANSWERED record nobody watches: two tests a record here
             elif kind == channel.OPEN:
                 identity = self._listener.identities[index]
                 source = "udp" if flags == channel.OPEN_UDP else "tcp"
@@ -252,7 +254,8 @@ class _Worker(asyncio.Protocol):
         """An ANSWERED record or one of its TEXT records: once its text is whole, its outcome is published
         here (subscribers, results sink), as the worker's own reply went to the producer."""
         if fields[0] == channel.ANSWERED:
-            self._answer = channel.Answer(fields)
+            # Decoded only while someone watches its stream id, as a batch's outcomes are (finished_ok)
+            self._answer = channel.Answer(fields) if self._admission.stream_results.watched(fields[10]) else None
         elif self._answer is not None:
             self._answer.add(fields)
         answer = self._answer
