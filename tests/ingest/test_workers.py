@@ -729,3 +729,34 @@ async def test_outcomes_a_worker_gives_itself_cost_the_parent_nothing_while_nobo
     parent.data_received(data)
     assert len(decoded) == 50 and len(seen) == 50
     segment.close()
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_replacement_that_could_not_be_spawned_is_not_alive_and_does_not_hold_up_shutdown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression: a replacement worker whose process could not be started (Popen failing: out of file
+    descriptors, of memory) stayed ``alive`` with no channel: /metrics counted it among the live workers,
+    shutdown's STOP waited for it (records sent to a worker not yet connected now wait), and shutdown
+    took its whole timeout waiting for a STOPPED that could never come."""
+    import streamgpu.ingest.workers as workers
+
+    async with Server(config(shutdown_timeout_s=3.0)) as srv:
+        listener = listener_of(srv)
+        first = listener._workers[0]
+        assert first.proc is not None
+
+        def no_process(*args: Any, **kw: Any) -> subprocess.Popen[bytes]:
+            raise OSError(24, "Too many open files")
+
+        monkeypatch.setattr(workers.subprocess, "Popen", no_process)
+        os.kill(first.proc.pid, signal.SIGKILL)
+        async with asyncio.timeout(5):
+            while listener._workers[0] is first:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)  # (its spawn failed at once)
+        assert listener.stats()["workers_alive"] == 1
+        assert not listener._workers[0].alive
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+    assert loop.time() - began < 1.5
