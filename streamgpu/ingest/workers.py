@@ -141,23 +141,41 @@ class _Worker(asyncio.Protocol):
     # -- process ----------------------------------------------------------------------
 
     async def spawn(self, init: WorkerInit, segment_fd: int) -> None:
+        try:
+            await self._spawn(init, segment_fd)
+        except BaseException:  # no process or no channel: never alive (nothing waits for its STOPPED)
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.kill()
+                self._loop.run_in_executor(None, self.proc.wait)
+            self.alive = False
+            self._out = []
+            for future in (self.ready, self.stopped, self.gone):
+                if not future.done():
+                    future.set_result(None)
+            raise
+
+    async def _spawn(self, init: WorkerInit, segment_fd: int) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            for s in (ours, theirs):  # room for many records per write
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-            path = [_PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")]
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}  # this streamgpu, first
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "streamgpu.ingest.worker", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(), init.listen_fd, segment_fd, *init.udp_fds),
-                env=env,
-            )
-        finally:
-            theirs.close()
-        send_init(ours, init)
-        ours.setblocking(False)
-        await self._loop.create_unix_connection(lambda: self, sock=ours)
+            try:
+                for s in (ours, theirs):  # room for many records per write
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+                path = [_PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")]
+                env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}  # this streamgpu, first
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "streamgpu.ingest.worker", str(theirs.fileno())],
+                    pass_fds=(theirs.fileno(), init.listen_fd, segment_fd, *init.udp_fds),
+                    env=env,
+                )
+            finally:
+                theirs.close()
+            send_init(ours, init)
+            ours.setblocking(False)
+            await self._loop.create_unix_connection(lambda: self, sock=ours)  # its transport owns ours now
+        except BaseException:
+            ours.close()
+            raise
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
