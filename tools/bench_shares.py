@@ -11,7 +11,9 @@ measured from launch to its results on the loop. Scenarios, same process, one af
 The figure: each model's p99 co-located against alone at the same share (target: within 10 %),
 and how much the uncontrolled run lets one model hurt the other. Beside each latency, the batch's
 device time (its started and done events on the model's stream, ``BatchRun.service_s``): where the
-p99 grows and the device time does not, the host side (launch, completion) is what waited. Prints a
+p99 grows and the device time does not, the host side (launch, completion) is what waited; and the
+launch call's own time (a submission that blocks shows there, and in the device time too, since the
+started event is recorded before the replay is submitted). Prints a
 table, writes JSON.
 
     python tools/bench_shares.py --share-a 0.5 --share-b 0.5 --rate-a 300 --rate-b 60
@@ -39,12 +41,12 @@ FRAME = (224, 224, 3)
 
 
 async def drive(backend: CudaBackend, model: CudaModel, pool: SlotPool, batch: int, rate: float,
-                seconds: float) -> list[tuple[float, float]]:  # fmt: skip
-    """Launch a batch every 1/rate s for ``seconds``; the (latency, device time) of each batch, in s."""
+                seconds: float) -> list[tuple[float, float, float]]:  # fmt: skip
+    """Launch a batch every 1/rate s for ``seconds``; the (latency, device time, launch call) of each batch, in s."""
     loop = asyncio.get_running_loop()
     slots = [pool.reserve(model.spec.frame_nbytes) for _ in range(batch)]
     assert all(slots)
-    latencies: list[tuple[float, float]] = []
+    latencies: list[tuple[float, float, float]] = []
     pending: set[asyncio.Future[Any]] = set()
     start = loop.time()
     n = 0
@@ -54,9 +56,10 @@ async def drive(backend: CudaBackend, model: CudaModel, pool: SlotPool, batch: i
             await asyncio.sleep(due - now)
         launched = time.perf_counter()
         run = backend.launch(model, slots)  # type: ignore[arg-type]
+        call = time.perf_counter() - launched  # the launch call itself (host side: a blocked submission shows)
 
-        def finished(_done: asyncio.Future[Any], launched: float = launched, run: Any = run) -> None:
-            latencies.append((time.perf_counter() - launched, run.service_s or 0.0))
+        def finished(_f: asyncio.Future[Any], launched: float = launched, run: Any = run, call: float = call) -> None:
+            latencies.append((time.perf_counter() - launched, run.service_s or 0.0, call))
 
         run.done.add_done_callback(finished)
         pending.add(run.done)
@@ -69,11 +72,10 @@ async def drive(backend: CudaBackend, model: CudaModel, pool: SlotPool, batch: i
     return latencies[len(latencies) // 10 :]  # the first tenth warms clocks and queues
 
 
-def stats(latencies: list[tuple[float, float]]) -> dict[str, float]:
+def stats(latencies: list[tuple[float, float, float]]) -> dict[str, float]:
     a = np.array(latencies) * 1e3
-    total, device = a[:, 0], a[:, 1]
     out: dict[str, float] = {"batches": len(a)}
-    for name, values in (("", total), ("device_", device)):
+    for name, values in (("", a[:, 0]), ("device_", a[:, 1]), ("launch_", a[:, 2])):
         out[f"{name}p50_ms"], out[f"{name}p99_ms"] = float(np.percentile(values, 50)), float(np.percentile(values, 99))
     return out
 
@@ -116,10 +118,10 @@ if __name__ == "__main__":
     result = asyncio.run(main(args))
     print(f"\nResNet-50 fp16 on {torch.cuda.get_device_name()}: A = batch 8 at {args.rate_a:g}/s, share "
           f"{args.share_a:g}; B = batch 32 at {args.rate_b:g}/s, share {args.share_b:g}")  # fmt: skip
-    print("run | batches | p50 ms | p99 ms | device p50 ms | device p99 ms")
+    print("run | batches | p50 ms | p99 ms | device p50 ms | device p99 ms | launch call p50 ms | p99 ms")
     for label, r in result.items():
         print(f"{label} | {r['batches']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['device_p50_ms']:.2f}"
-              f" | {r['device_p99_ms']:.2f}")  # fmt: skip
+              f" | {r['device_p99_ms']:.2f} | {r['launch_p50_ms']:.3f} | {r['launch_p99_ms']:.3f}")  # fmt: skip
     for m in ("a", "b"):
         solo = result[f"solo {m}"]["p99_ms"]
         print(
