@@ -4,7 +4,8 @@ Each variant makes both the copy stream and the model's compute stream busy
 for ~0.3 s, then times one ``launch()`` on the loop. A launch that waited for
 the device (a pageable host-to-device copy of pre-processing constants, a
 cudaMalloc or cudaHostAlloc for buffers, an eager model's kernels launched
-from the loop) would take a large part of that time.
+from the loop, a model in an SM share whose launches block in its green
+context) would take a large part of that time.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ VARIANTS = {
     "graphs, torch pre-processing, bf16": ({"precision": "bf16"}, False),
     "eager (no graphs)": ({"precision": "fp16", "cuda_graphs": False}, True),
     "eager, torch pre-processing": ({"precision": "fp32", "cuda_graphs": False}, False),
+    "graphs, in an SM share": ({"precision": "fp16", "sm_share": 0.5}, True),
 }
 
 
