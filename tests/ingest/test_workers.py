@@ -194,17 +194,22 @@ async def test_descriptors_and_shared_memory_round_trip() -> None:
     theirs.close()
 
 
+def parent_worker(cfg: Config) -> tuple[_Worker, Admission, HostSegment]:
+    """The scheduling process's side of worker 0 of 2, over a fresh segment (no process, no channel yet)."""
+    segment = HostSegment.create(cfg.ring_bytes)
+    admission = Admission(cfg, SlotPool(segment.buffer), {m.name: m for m in cfg.models}, lambda f: None)
+    lent = admission.pool.reserve(cfg.worker_ring_bytes)
+    assert lent is not None
+    return _Worker(WorkerListener(cfg.listeners[0], admission, segment, 2), 0, lent), admission, segment
+
+
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
 async def test_outcomes_a_worker_gives_itself_are_published_by_the_scheduling_process() -> None:
     """A worker's own outcome (a refusal, INCOMPLETE) goes up as an ANSWERED record and its TEXT records
     (here a message of several records, an unknown model name, the origin), split at every byte: the
     parent publishes it once, whole; frames the parent answered are not sent back up."""
     cfg = config()
-    segment = HostSegment.create(cfg.ring_bytes)
-    admission = Admission(cfg, SlotPool(segment.buffer), {m.name: m for m in cfg.models}, lambda f: None)
-    lent = admission.pool.reserve(cfg.worker_ring_bytes)
-    assert lent is not None
-    parent = _Worker(WorkerListener(cfg.listeners[0], admission, segment, 2), 0, lent)
+    parent, admission, segment = parent_worker(cfg)
     seen: list[tuple[FrameHeader, Outcome, Any]] = []
     admission.stream_results.tap(lambda header, outcome, origin: seen.append((header, outcome, origin)))
 
@@ -237,11 +242,7 @@ async def test_a_stop_sent_while_a_worker_starts_is_not_lost() -> None:
     reaches it once connected (it was dropped: the worker then kept accepting until CLOSE), and a worker
     that finds a STOP waiting when it starts confirms it and takes no connection."""
     cfg = config()
-    segment = HostSegment.create(cfg.ring_bytes)
-    admission = Admission(cfg, SlotPool(segment.buffer), {m.name: m for m in cfg.models}, lambda f: None)
-    lent = admission.pool.reserve(cfg.worker_ring_bytes)
-    assert lent is not None
-    parent = _Worker(WorkerListener(cfg.listeners[0], admission, segment, 2), 0, lent)
+    parent, _, segment = parent_worker(cfg)
     parent.send(channel.down(channel.STOP))
     await asyncio.sleep(0)
     down = FakeTransport()
@@ -253,6 +254,7 @@ async def test_a_stop_sent_while_a_worker_starts_is_not_lost() -> None:
     listen = socket.create_server(("127.0.0.1", 0))
     ours, theirs = socket.socketpair()
     ours.sendall(channel.down(channel.STOP))
+    lent = parent.lent
     init = worker.WorkerInit(dataclasses.replace(cfg, ingest_workers=0, ring_bytes=lent.nbytes), 0,
                              os.dup(listen.fileno()), (), os.dup(segment.fd), segment.nbytes, lent.offset,
                              lent.offset + lent.nbytes)  # fmt: skip
@@ -498,6 +500,14 @@ async def udp_numbers(srv: Server, until: Any = lambda stats: True) -> dict[str,
             await asyncio.sleep(0.02)
 
 
+async def udp_producers_by_worker(srv: Server) -> tuple[WorkerListener, dict[int, list[client.UdpConnection]]]:
+    """``srv``'s workers' listener, and UDP producers opened until both workers hold two."""
+    listener = srv._listeners[0]
+    assert isinstance(listener, WorkerListener)
+    port = srv.addresses[1][1]
+    return listener, await on_each_worker(lambda: client.connect_udp("127.0.0.1", port, reply_timeout=5), listener)
+
+
 @pytest.mark.asyncio
 async def test_udp_frames_through_two_workers_equal_one_process_mode() -> None:
     """UDP producers spread over the workers' SO_REUSEPORT sockets: every frame answered with the result
@@ -555,10 +565,7 @@ async def test_a_killed_worker_costs_only_its_udp_producers_frames_then_its_sock
     the other worker's lose nothing, and the restarted worker reads the same socket, so those producers,
     unchanged (same source address, same kernel hash), are served again."""
     async with Server(udp_config()) as srv:
-        listener = srv._listeners[0]
-        assert isinstance(listener, WorkerListener)
-        port = srv.addresses[1][1]
-        by_worker = await on_each_worker(lambda: client.connect_udp("127.0.0.1", port, reply_timeout=5), listener)
+        listener, by_worker = await udp_producers_by_worker(srv)
         victim_pid = listener.pids[0]
         data = frames(20, seed=8)
         survivors = [c.submit(f, stream_id=1) for c in by_worker[1] for f in data]
@@ -655,14 +662,6 @@ def answered_records(header: FrameHeader, outcome: Outcome, origin: Origin) -> b
     chan._out.append(channel.answered(header, outcome, origin.source, origin.stream))
     chan._flush()
     return bytes(up.written)
-
-
-def parent_worker(cfg: Config) -> tuple[_Worker, Admission, HostSegment]:
-    segment = HostSegment.create(cfg.ring_bytes)
-    admission = Admission(cfg, SlotPool(segment.buffer), {m.name: m for m in cfg.models}, lambda f: None)
-    lent = admission.pool.reserve(cfg.worker_ring_bytes)
-    assert lent is not None
-    return _Worker(WorkerListener(cfg.listeners[0], admission, segment, 2), 0, lent), admission, segment
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough

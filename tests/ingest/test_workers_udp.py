@@ -15,15 +15,13 @@ import threading
 import numpy as np
 import pytest
 
-from streamgpu import client
 from streamgpu.config import ConfigError, ListenerSpec
 from streamgpu.gpu.cpu import CpuBackend
-from streamgpu.ingest.workers import WorkerListener
 from streamgpu.protocol import udp
 from streamgpu.protocol.wire import FrameFlags, FrameHeader, Status
 from streamgpu.server import Server
 from tests.ingest import test_udp as udp_test
-from tests.ingest.test_workers import config, frames, on_each_worker, udp_config, udp_numbers
+from tests.ingest.test_workers import config, frames, udp_config, udp_numbers, udp_producers_by_worker
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
@@ -32,10 +30,7 @@ async def test_udp_counts_never_go_back_while_a_dead_workers_range_is_still_read
     read its range any more, then came back: a Prometheus counter that falls is a reset to its readers.
     A frame of the worker held by a blocked backend keeps its range read while it is killed."""
     async with Server(udp_config()) as srv:
-        listener = srv._listeners[0]
-        assert isinstance(listener, WorkerListener)
-        port = srv.addresses[1][1]
-        by_worker = await on_each_worker(lambda: client.connect_udp("127.0.0.1", port, reply_timeout=5), listener)
+        listener, by_worker = await udp_producers_by_worker(srv)
         sent = sum(len(conns) for conns in by_worker.values())  # one frame each, all answered
         before = await udp_numbers(srv, lambda s: s.get("frames") == sent)
         block = threading.Event()
@@ -132,10 +127,7 @@ async def test_a_replacement_worker_that_dies_while_starting_is_started_again() 
     """Regression: a replacement worker that died before READY was never started again; its UDP socket,
     still bound (this process keeps it), took its producers' datagrams for good and nobody read them."""
     async with Server(udp_config()) as srv:
-        listener = srv._listeners[0]
-        assert isinstance(listener, WorkerListener)
-        port = srv.addresses[1][1]
-        by_worker = await on_each_worker(lambda: client.connect_udp("127.0.0.1", port, reply_timeout=5), listener)
+        listener, by_worker = await udp_producers_by_worker(srv)
         first = listener._workers[0]
         assert first.proc is not None
         os.kill(first.proc.pid, signal.SIGKILL)
