@@ -149,9 +149,7 @@ class _Worker(asyncio.Protocol):
                 self._loop.run_in_executor(None, self.proc.wait)
             self.alive = False
             self._out = []
-            for future in (self.ready, self.stopped, self.gone):
-                if not future.done():
-                    future.set_result(None)
+            self._settle()
             raise
 
     async def _spawn(self, init: WorkerInit, segment_fd: int) -> None:
@@ -177,6 +175,12 @@ class _Worker(asyncio.Protocol):
             ours.close()
             raise
 
+    def _settle(self) -> None:
+        """It is gone (or never came): nothing waits for its READY, STOPPED or end any more."""
+        for future in (self.ready, self.stopped, self.gone):
+            if not future.done():
+                future.set_result(None)
+
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
@@ -195,9 +199,7 @@ class _Worker(asyncio.Protocol):
             conn.closed = True
             self._admission.leave(conn.producer)
         self.conns.clear()
-        for future in (self.ready, self.stopped, self.gone):
-            if not future.done():
-                future.set_result(None)
+        self._settle()
         self._listener.worker_gone(self)
 
     def send(self, record: bytes) -> None:
@@ -237,8 +239,6 @@ class _Worker(asyncio.Protocol):
                 frame = WorkerFrame(header, slot, remote.producer, (remote, stream_id), received_ns, complete_ns,
                                     deadline_ns, sink, remote.is_closed, False, self, self, fid)  # fmt: skip
                 frames.append(frame)
-            elif kind == channel.TEXT and self._answer is None:
-                pass  # the text of an ANSWERED record nobody watches: two tests a record here
             elif kind == channel.OPEN:
                 identity = self._listener.identities[index]
                 source = "udp" if flags == channel.OPEN_UDP else "tcp"
@@ -257,7 +257,8 @@ class _Worker(asyncio.Protocol):
                 self.started = True
                 if not self.ready.done():
                     self.ready.set_result(None)
-            elif kind == channel.ANSWERED or kind == channel.TEXT:  # (rare: refusals and the like)
+            elif kind == channel.ANSWERED or (kind == channel.TEXT and self._answer is not None):
+                # (rare: refusals and the like; the TEXT of an ANSWERED record nobody watches is skipped)
                 self._answered((kind, priority, flags, _p, index, _q, conn, fid, offset, payload_len,
                                 stream_id, deadline_us, sequence, timestamp_ns, received_ns, complete_ns,
                                 deadline_ns))  # fmt: skip
