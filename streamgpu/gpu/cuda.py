@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import ctypes
 import importlib.util
 import logging
 import math
@@ -40,6 +39,7 @@ from streamgpu.gpu import kernels
 from streamgpu.gpu.backend import Backend, BatchRun, BatchTrace, DeviceModel
 from streamgpu.gpu.bridge import CompletionBridge
 from streamgpu.gpu.setup import cupy_package
+from streamgpu.gpu.shares import GreenContext, Share, SmShares
 from streamgpu.memory import Slot
 from streamgpu.models.outputs import BatchOutputs, ModelHead, host_dtype, model_input, warm_up
 from streamgpu.models.preprocess import TorchPreprocess
@@ -75,9 +75,13 @@ class StreamPair:
     capture: torch.cuda.Stream
 
     @classmethod
-    def make(cls, gpu: torch.device) -> StreamPair:
-        serve = torch.cuda.Stream(gpu, priority=_SERVING_PRIORITY)
-        return cls(serve, torch.cuda.Stream(gpu, priority=_LOADING_PRIORITY))
+    def make(cls, gpu: torch.device, share: Share | None = None) -> StreamPair:
+        """A pair on ``gpu``, or inside ``share``'s green context (its work then runs on the share's SMs)."""
+        if share is not None:
+            serve, capture = (share.context.stream(highest_priority=high) for high in (True, False))
+            return cls(torch.cuda.ExternalStream(serve, device=gpu), torch.cuda.ExternalStream(capture, device=gpu))
+        serving, loading = (torch.cuda.Stream(gpu, priority=p) for p in (_SERVING_PRIORITY, _LOADING_PRIORITY))
+        return cls(serving, loading)
 
     def warm(self) -> None:
         """Run the matrix multiplies that make torch allocate this pair's cuBLAS workspaces now (the
@@ -169,7 +173,7 @@ class CudaModel(DeviceModel):
 
     def __init__(
         self, spec: ModelSpec, module: nn.Module, gpu: torch.device, device: int, use_kernels: bool,
-        streams: StreamPair | None,
+        streams: StreamPair, share: Share | None = None,
     ) -> None:  # fmt: skip
         self.spec = spec
         self.gpu = gpu
@@ -179,18 +183,15 @@ class CudaModel(DeviceModel):
         if spec.preprocess == "image":
             self.module = self.module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.head = ModelHead(self.module, spec)
-        # A share of the SMs (a green context): kernels on its stream, and graphs captured inside it,
-        # run on those SMs alone, so this model cannot crowd out another (and vice versa).
-        self.share = _green_context(spec.sm_share, gpu)
+        # A share of the SMs (a green context, no other model's): kernels on its streams, and graphs
+        # captured inside it, run on those SMs alone, so this model cannot crowd out another (and vice versa).
+        self.share = share
         # Batches run on ``stream`` (high priority); loading work (warm-up, compile timing, graph
         # capture) runs on ``capture_stream`` (low priority), so a model being loaded beside serving
-        # ones takes only the SMs they leave. A graph captured there replays on ``stream``.
+        # ones takes only the SMs they leave. A graph captured there replays on ``stream``. With a
+        # share, both streams are the share's.
         self.streams = streams
-        if streams is not None:
-            self.stream, self.capture_stream = streams.serve, streams.capture
-        else:  # a share: its stream is made inside its green context, and captures run there too
-            with self.in_share():
-                self.stream = self.capture_stream = self.share.Stream()
+        self.stream, self.capture_stream = streams.serve, streams.capture
         self.graphs: dict[int, _Graph] = {}
         self.buckets: list[int] = []
         # One-replay models (see ``capture``): the device table of the running batch's frame addresses
@@ -221,17 +222,15 @@ class CudaModel(DeviceModel):
         if self.share is None:
             yield
             return
-        self.share.set_context()
-        try:
+        with self.share.context.current():
             yield
-        finally:
-            self.share.pop_context()
 
     @property
     def sms(self) -> int:  # type: ignore[override]
         """SMs this model may use (all of the GPU's without a share)."""
-        total = torch.cuda.get_device_properties(self.gpu).multi_processor_count
-        return _share_sms(self.spec.sm_share, total) if self.share is not None else total
+        if self.share is not None:
+            return self.share.sms
+        return torch.cuda.get_device_properties(self.gpu).multi_processor_count
 
     @property
     def description(self) -> str:
@@ -449,6 +448,10 @@ class CudaBackend(Backend):
         # Per GPU: stream pairs of freed models, for the next load. One spare is made (and warmed) at
         # the first load, so that a swap or a load beside it allocates no stream resources.
         self._spare_streams: list[list[StreamPair]] = [[] for _ in self.gpus]
+        # Models with an sm_share: SMs no other model's share holds, and spare stream pairs per share's
+        # green context (as above: streams are kept, never made per load).
+        self._shares = SmShares()
+        self._spare_share_streams: dict[GreenContext, list[StreamPair]] = {}
         self._spare_made = [False for _ in self.gpus]
         self._trace_epochs: dict[int, torch.cuda.Event] = {}  # per GPU: its first traced batch's start
         self._total_memory = [torch.cuda.get_device_properties(d).total_memory for d in self.gpus]
@@ -499,20 +502,25 @@ class CudaBackend(Backend):
     def load(self, spec: ModelSpec, module: nn.Module, device: int = 0) -> CudaModel:
         gpu = self.gpus[device]
         with torch.cuda.device(gpu), torch.inference_mode():  # scoped: this runs in the loader thread
-            streams = None
-            if not spec.sm_share:
-                spare = self._spare_streams[device]
-                streams = spare.pop() if spare else StreamPair.make(gpu)
+            share = self._shares.take(spec.name, gpu.index or 0, spec.sm_share) if spec.sm_share else None
+            spare = self._spares(device, share)
+            try:
+                streams = spare.pop() if spare else StreamPair.make(gpu, share)
+            except BaseException:
+                if share is not None:
+                    self._shares.give_back(share)
+                raise
             try:
                 with torch.cuda.stream(self.load_streams[device]):
-                    model = CudaModel(spec, module, gpu, device, self.use_kernels, streams)
+                    model = CudaModel(spec, module, gpu, device, self.use_kernels, streams, share)
                 self.load_streams[device].synchronize()
                 self._prepare(model)
             except BaseException:
-                if streams is not None:  # nothing of the failed load is left queued on them
-                    streams.capture.synchronize()
-                    streams.serve.synchronize()
-                    self._spare_streams[device].append(streams)
+                streams.capture.synchronize()  # nothing of the failed load is left queued on them
+                streams.serve.synchronize()
+                spare.append(streams)
+                if share is not None:
+                    self._shares.give_back(share)
                 raise
             if not self._spare_made[device]:
                 self._spare_made[device] = True
@@ -557,8 +565,15 @@ class CudaBackend(Backend):
             model.capture_stream.synchronize()
             model.release()
             torch.cuda.empty_cache()  # the graphs' private pool and the buffers go back to the device
-            if model.streams is not None:
-                self._spare_streams[model.device].append(model.streams)
+            self._spares(model.device, model.share).append(model.streams)
+            if model.share is not None:
+                self._shares.give_back(model.share)
+
+    def _spares(self, device: int, share: Share | None) -> list[StreamPair]:
+        """The idle stream pairs for a model on ``device``, in ``share`` if it has one."""
+        if share is None:
+            return self._spare_streams[device]
+        return self._spare_share_streams.setdefault(share.context, [])
 
     def launch(self, model: DeviceModel, slots: list[Slot], expected_s: float = 0.0) -> BatchRun:
         assert isinstance(model, CudaModel) and self._host is not None and model.buffers is not None
@@ -728,33 +743,6 @@ class CudaBackend(Backend):
                     torch.cuda.synchronize(gpu)
             torch.cuda.cudart().cudaHostUnregister(self._host.data_ptr())
             self._host = None
-
-
-# SMs are handed out in groups (8 on Hopper): a share is rounded to a whole number of groups, at least one.
-_SM_GROUP = 8
-
-
-def _share_sms(fraction: float, total: int) -> int:
-    return min(total, max(_SM_GROUP, round(fraction * total / _SM_GROUP) * _SM_GROUP))
-
-
-def _green_context(fraction: float, gpu: torch.device) -> Any:
-    """A green context holding ``fraction`` of ``gpu``'s SMs, or None for no partition."""
-    if not fraction:
-        return None
-    from torch.cuda import green_contexts
-
-    total = torch.cuda.get_device_properties(gpu).multi_processor_count
-    try:
-        context = green_contexts.GreenContext.create(num_sms=_share_sms(fraction, total), device_id=gpu.index)
-    except Exception as exc:
-        why = f"cannot give a model {fraction:.0%} of {gpu}'s SMs (green contexts): {exc}"
-        raise DeviceUnavailableError(why) from exc
-    # A green context must outlive everything made in it (its stream, graph memory, the caching
-    # allocator's events on that stream, freed as late as interpreter exit): destroyed first, the
-    # next free aborts the process ("context is destroyed"). So it is never destroyed.
-    ctypes.pythonapi.Py_IncRef(ctypes.py_object(context))
-    return context
 
 
 def on_device(module: nn.Module, gpu: torch.device, dtype: torch.dtype) -> nn.Module:

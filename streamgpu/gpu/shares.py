@@ -1,0 +1,332 @@
+"""SM shares: each model given an ``sm_share`` runs on SMs of its GPU that no other model's share holds.
+
+A share is a green context: work on its streams, and graphs captured inside it, run on its SMs only.
+torch's ``GreenContext.create(num_sms=N)`` always takes the *first* N SMs of the device, so two models
+given half the GPU each both ran on the same half while the other half idled, and each slowed the
+other more than no shares at all did (docs/BENCHMARKS.md, "SM shares"). Here a GPU's SMs are counted
+in groups (the driver's split granularity, 8 SMs on Hopper and later); a share takes a run of groups no
+other model holds, and its green context is made from exactly those SMs with the driver's own calls (one
+``cuDevSmResourceSplitByCount`` of the GPU into groups, a descriptor per run of them), through ctypes,
+since torch does not expose them.
+
+``SmGroups`` is the bookkeeping (no GPU needed); ``SmShares`` adds the green contexts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import math
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from streamgpu.errors import DeviceUnavailableError
+
+__all__ = ["GROUP_SMS", "GreenContext", "Share", "SmGroups", "SmShares", "groups_for", "shareable_groups"]
+
+# SMs per group: the split granularity the driver documents for compute capability 9.0 and later
+# (8.x: 4, 7.x: 2). Groups of 8 are whole groups on those too, so one size serves every GPU.
+GROUP_SMS = 8
+
+
+def groups_for(fraction: float, groups: int) -> int:
+    """Groups a share of ``fraction`` takes of a GPU's ``groups``: rounded down, so that shares adding up
+    to at most 1.0 always fit, and at least one."""
+    return min(groups, max(1, math.floor(fraction * groups + 1e-9)))
+
+
+class SmGroups:
+    """Which owners (model names) hold which of one GPU's SM groups.
+
+    A group is free for an owner when no *other* owner holds it: the new version of a model, loaded
+    beside its old one during a swap or a share change, may take the SMs its old version still runs
+    on (the two hand over at a batch boundary), but never another model's.
+    """
+
+    def __init__(self, groups: int) -> None:
+        if groups < 1:
+            raise ValueError(f"a GPU has at least one group of SMs, got {groups}")
+        self._holders: list[Counter[str]] = [Counter() for _ in range(groups)]
+
+    def __len__(self) -> int:
+        return len(self._holders)
+
+    def take(self, owner: str, count: int) -> range:
+        """The first run of ``count`` groups free for ``owner``, now held by it.
+
+        Raises ValueError, naming what the other owners hold, when no such run exists.
+        """
+        if not 1 <= count <= len(self._holders):
+            raise ValueError(f"a share is 1 to {len(self._holders)} groups of SMs, got {count}")
+        run = 0
+        for i, holders in enumerate(self._holders):
+            run = run + 1 if not (holders.keys() - {owner}) else 0
+            if run == count:
+                groups = range(i + 1 - count, i + 1)
+                for g in groups:
+                    self._holders[g][owner] += 1
+                return groups
+        others = self.held(exclude=owner)
+        held = ", ".join(f"{name} {n}" for name, n in sorted(others.items())) or "none"
+        raise ValueError(
+            f"no {count} adjacent groups of SMs are free for {owner!r} (groups held by other models: {held}; "
+            f"{len(self._holders)} groups in all)"
+        )
+
+    def give_back(self, owner: str, groups: range) -> None:
+        """Release one hold of ``owner`` on ``groups`` (a run ``take`` returned)."""
+        for g in groups:
+            holders = self._holders[g]
+            if holders[owner] <= 0:
+                raise ValueError(f"{owner!r} does not hold group {g}")
+            holders[owner] -= 1
+            if not holders[owner]:
+                del holders[owner]
+
+    def held(self, exclude: str = "") -> dict[str, int]:
+        """Groups held per owner (each group counted once per owner)."""
+        out: Counter[str] = Counter()
+        for holders in self._holders:
+            out.update(name for name in holders if name != exclude)
+        return dict(out)
+
+
+# --- The driver calls (libcuda through ctypes) ---------------------------------------------------
+
+_CU_DEV_RESOURCE_TYPE_SM = 1
+_CU_GREEN_CTX_DEFAULT_STREAM = 0x1  # required by cuGreenCtxCreate
+_CU_STREAM_NON_BLOCKING = 0x1  # required by cuGreenCtxStreamCreate
+# CUdevResource from CUDA 12.4 to 13.x: the type (4 bytes), 92 bytes the driver keeps, a 48-byte union
+# whose first field is the SM count. The split writes an array of them; the layout is checked on use.
+_RESOURCE_BYTES = 144
+_SM_COUNT_OFFSET = 96
+
+
+class _Driver:
+    """The few libcuda entry points green contexts need."""
+
+    def __init__(self) -> None:
+        try:
+            lib = ctypes.CDLL("libcuda.so.1")
+        except OSError as exc:
+            raise DeviceUnavailableError(f"SM shares need the CUDA driver library (libcuda.so.1): {exc}") from exc
+        p, u, i = ctypes.c_void_p, ctypes.c_uint, ctypes.c_int
+        pp, pu, pi = ctypes.POINTER(p), ctypes.POINTER(u), ctypes.POINTER(i)
+        signatures = {
+            "cuDeviceGet": (pi, i),
+            "cuDeviceGetDevResource": (i, p, i),
+            "cuDevSmResourceSplitByCount": (p, pu, p, p, u, u),
+            "cuDevResourceGenerateDesc": (pp, p, u),
+            "cuGreenCtxCreate": (pp, p, i, u),
+            "cuCtxFromGreenCtx": (pp, p),
+            "cuGreenCtxStreamCreate": (pp, p, u, i),
+            "cuCtxPushCurrent_v2": (p,),
+            "cuCtxPopCurrent_v2": (pp,),
+            "cuCtxGetStreamPriorityRange": (pi, pi),
+            "cuGetErrorString": (i, ctypes.POINTER(ctypes.c_char_p)),
+        }
+        for name, args in signatures.items():
+            try:
+                fn = getattr(lib, name)
+            except AttributeError as exc:  # a driver older than green contexts (CUDA 12.4)
+                raise DeviceUnavailableError(f"SM shares need a CUDA driver with green contexts: {exc}") from exc
+            fn.argtypes, fn.restype = args, ctypes.c_int
+        self.lib = lib
+
+    def check(self, result: int, what: str) -> None:
+        if result:
+            text = ctypes.c_char_p()
+            self.lib.cuGetErrorString(result, ctypes.byref(text))
+            why = text.value.decode() if text.value else f"CUDA error {result}"
+            raise DeviceUnavailableError(f"{what}: {why}")
+
+
+_driver_lock = threading.Lock()
+_driver: _Driver | None = None
+
+
+def _the_driver() -> _Driver:
+    global _driver
+    with _driver_lock:
+        if _driver is None:
+            _driver = _Driver()
+        return _driver
+
+
+def _field(record: bytes, offset: int) -> int:
+    return int.from_bytes(record[offset : offset + 4], "little")
+
+
+class _DeviceSplit:
+    """One GPU's SMs split by the driver into groups of ``GROUP_SMS``, once: as many as it can make.
+
+    One split call for all of them, because a green context over several groups must be described
+    from groups of a single split (the driver refuses others), and splitting a run off what an earlier
+    split left over is refused on the H100 ("resources are insufficient"). The driver keeps whole
+    clusters of SMs together, so not every SM is in a group: the H100's 132 make 15 groups (120 SMs).
+    """
+
+    def __init__(self, device: int) -> None:
+        drv = _the_driver()
+        self.device = ctypes.c_int()
+        drv.check(drv.lib.cuDeviceGet(ctypes.byref(self.device), device), f"cuda:{device}")
+        whole, remaining = (ctypes.c_ubyte * _RESOURCE_BYTES)(), (ctypes.c_ubyte * _RESOURCE_BYTES)()
+        drv.check(drv.lib.cuDeviceGetDevResource(self.device, whole, _CU_DEV_RESOURCE_TYPE_SM), "reading the SMs")
+        asked = max(1, _field(bytes(whole), _SM_COUNT_OFFSET) // GROUP_SMS)
+        self._groups = (ctypes.c_ubyte * (_RESOURCE_BYTES * asked))()
+        made = ctypes.c_uint(asked)
+        drv.check(
+            drv.lib.cuDevSmResourceSplitByCount(self._groups, ctypes.byref(made), whole, remaining, 0, GROUP_SMS),
+            f"splitting cuda:{device}'s SMs into groups of {GROUP_SMS}",
+        )
+        records = [bytes(self._groups[k * _RESOURCE_BYTES : (k + 1) * _RESOURCE_BYTES]) for k in range(made.value)]
+        fields = [(_field(r, 0), _field(r, _SM_COUNT_OFFSET)) for r in records]  # (type, SM count) of each
+        if not 1 <= made.value <= asked or any(f != (_CU_DEV_RESOURCE_TYPE_SM, GROUP_SMS) for f in fields):
+            raise DeviceUnavailableError(
+                f"cuda:{device}: the driver split its SMs as {made.value} groups {fields[:3]}..., not groups of "
+                f"{GROUP_SMS} in the {_RESOURCE_BYTES}-byte layout of CUDA 12.4-13.x: SM shares are unavailable"
+            )
+        self.groups = made.value
+
+    def describe(self, groups: range) -> ctypes.c_void_p:
+        """A resource descriptor of the SMs of ``groups``."""
+        drv = _the_driver()
+        desc = ctypes.c_void_p()
+        first = ctypes.addressof(self._groups) + groups.start * _RESOURCE_BYTES
+        drv.check(drv.lib.cuDevResourceGenerateDesc(ctypes.byref(desc), first, len(groups)), "describing the share")
+        return desc
+
+
+_splits: dict[int, _DeviceSplit] = {}
+_splits_lock = threading.Lock()
+
+
+def _device_split(device: int) -> _DeviceSplit:
+    with _splits_lock:
+        if device not in _splits:
+            _splits[device] = _DeviceSplit(device)
+        return _splits[device]
+
+
+def shareable_groups(device: int) -> int:
+    """How many groups of ``GROUP_SMS`` SMs shares of CUDA device ``device`` are made of (needs the GPU)."""
+    return _device_split(device).groups
+
+
+class GreenContext:
+    """A green context over the SMs of groups ``groups`` of one GPU (exactly those SMs).
+
+    Never destroyed: everything made in it (its streams, graph memory, the caching allocator's
+    events on those streams, freed as late as interpreter exit) must not outlive it, and a free
+    after its destruction aborts the process ("context is destroyed"). ``SmShares`` makes one per
+    run of groups and reuses it, so their number stays bounded.
+    """
+
+    def __init__(self, split: _DeviceSplit, groups: range) -> None:
+        drv = _the_driver()
+        self.groups = groups
+        self.sms = len(groups) * GROUP_SMS
+        self._green = ctypes.c_void_p()
+        drv.check(
+            drv.lib.cuGreenCtxCreate(
+                ctypes.byref(self._green), split.describe(groups), split.device, _CU_GREEN_CTX_DEFAULT_STREAM
+            ),
+            f"creating a green context of {self.sms} SMs",
+        )
+        self._context = ctypes.c_void_p()
+        drv.check(drv.lib.cuCtxFromGreenCtx(ctypes.byref(self._context), self._green), "the green context's context")
+
+    def stream(self, highest_priority: bool) -> int:
+        """A new non-blocking stream of this context (a raw ``CUstream``), at the device's highest
+        priority or its lowest."""
+        drv = _the_driver()
+        least, greatest = ctypes.c_int(), ctypes.c_int()
+        with self.current():  # the range is the current context's
+            drv.check(drv.lib.cuCtxGetStreamPriorityRange(ctypes.byref(least), ctypes.byref(greatest)), "priorities")
+        stream = ctypes.c_void_p()
+        priority = greatest.value if highest_priority else least.value
+        drv.check(
+            drv.lib.cuGreenCtxStreamCreate(ctypes.byref(stream), self._green, _CU_STREAM_NON_BLOCKING, priority),
+            "creating a stream in the share",
+        )
+        return int(stream.value or 0)
+
+    @contextlib.contextmanager
+    def current(self) -> Iterator[None]:
+        """This context current on the calling thread (graph capture, eager launches), then the one before."""
+        drv = _the_driver()
+        drv.check(drv.lib.cuCtxPushCurrent_v2(self._context), "entering the share")
+        try:
+            yield
+        finally:
+            popped = ctypes.c_void_p()
+            drv.check(drv.lib.cuCtxPopCurrent_v2(ctypes.byref(popped)), "leaving the share")
+            if popped.value != self._context.value:  # something inside switched contexts and did not switch back
+                raise DeviceUnavailableError("the share's context was not the current one on leaving it")
+
+
+@dataclass(frozen=True, eq=False)
+class Share:
+    """One model version's share: its owner, GPU, groups and their green context."""
+
+    owner: str
+    device: int
+    groups: range
+    context: GreenContext
+
+    @property
+    def sms(self) -> int:
+        return self.context.sms
+
+
+class SmShares:
+    """The SM shares of one backend's GPUs: disjoint across models, one green context per run of groups.
+
+    Thread-safe: models load on a loader thread while the loop unloads others.
+    """
+
+    def __init__(self) -> None:
+        self._groups: dict[int, SmGroups] = {}  # per CUDA device, made at its first share
+        self._contexts: dict[tuple[int, int, int], GreenContext] = {}
+        self._lock = threading.Lock()
+
+    def groups(self, device: int) -> SmGroups:
+        """CUDA device ``device``'s groups and who holds them."""
+        with self._lock:
+            return self._groups_of(device)
+
+    def _groups_of(self, device: int) -> SmGroups:
+        if device not in self._groups:
+            self._groups[device] = SmGroups(_device_split(device).groups)
+        return self._groups[device]
+
+    def take(self, owner: str, device: int, fraction: float) -> Share:
+        """A share of ``fraction`` of CUDA device ``device``'s shareable SMs for model ``owner``, on SMs no
+        other model's share holds. Raises DeviceUnavailableError, saying what the others hold, when
+        it does not fit."""
+        with self._lock:
+            groups = self._groups_of(device)
+            count = groups_for(fraction, len(groups))
+            try:
+                run = groups.take(owner, count)
+            except ValueError as exc:
+                raise DeviceUnavailableError(
+                    f"model {owner!r} asks for sm_share {fraction:g} ({count} of cuda:{device}'s {len(groups)} "
+                    f"groups of {GROUP_SMS} SMs), which does not fit beside the other models' shares: {exc}. "
+                    "Lower the sm_share values so that they add up to at most 1.0 per GPU"
+                ) from None
+            key = (device, run.start, run.stop)
+            try:
+                context = self._contexts.get(key) or GreenContext(_device_split(device), run)
+            except BaseException:
+                groups.give_back(owner, run)
+                raise
+            self._contexts[key] = context
+        return Share(owner, device, run, context)
+
+    def give_back(self, share: Share) -> None:
+        """Release ``share`` (its model's streams are idle): its SMs may go to another model."""
+        with self._lock:
+            self._groups[share.device].give_back(share.owner, share.groups)
