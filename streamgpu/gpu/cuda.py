@@ -12,7 +12,7 @@ fused pre-processing kernel (the common case):
 2. the results are copied into a page-locked host buffer and ``done`` is recorded;
 3. the completion bridge resolves ``copied`` and ``done`` on the loop.
 
-Other models (torch pre-processing, SM shares, eager) gather on the copy stream, then
+Other models (torch pre-processing, eager) gather on the copy stream, then
 pre-process, replay or run the model, and copy the results back, each as its own launch.
 Every model has its own compute stream, so models interleave on the GPU.
 """
@@ -287,9 +287,9 @@ class CudaModel(DeviceModel):
     def _capture(self, step: Callable[[], list[torch.Tensor]], static_in: torch.Tensor, pool: Any) -> _Graph:
         """A graph of ``step`` (which reads ``static_in``), captured on the capture stream."""
         # Inside the share: a graph runs on the SMs of the context it was captured in, whatever stream
-        # replays it. Only model code runs in there: cupy's kernels (gather, pre-processing) make the
-        # primary context current, which would unbalance the green context's push/pop (so models with
-        # a share pre-process outside their graphs).
+        # replays it. The pre-processing kernel may run in there too: it was loaded at warm-up, outside,
+        # and cupy launches it without switching devices (loading it inside would make the device's
+        # primary context current and unbalance the share's push and pop).
         with self.in_share():
             for _ in range(_GRAPH_WARMUP):
                 step()
@@ -353,7 +353,7 @@ class CudaModel(DeviceModel):
     def capture(self) -> None:
         """Warm up and capture one graph per bucket (largest first, one shared memory pool).
 
-        With the fused pre-processing kernel (and no SM share), a graph holds the whole batch:
+        With the fused pre-processing kernel, a graph holds the whole batch:
         pre-processing from the frame addresses in ``addresses``, the model, and its outputs in the
         returned dtypes; a batch is then one small copy and one replay (``CudaBackend.launch``).
         Otherwise a graph holds the model, fed by a separate pre-processing launch (``forward``).
@@ -363,7 +363,7 @@ class CudaModel(DeviceModel):
         """
         spec = self.spec
         pool = torch.cuda.graph_pool_handle()
-        one_replay = self.fused_preprocess and self.share is None
+        one_replay = self.fused_preprocess
         with torch.cuda.stream(self.capture_stream), torch.inference_mode():
             if one_replay:
                 self.addresses = torch.zeros(1 + spec.max_batch_size, dtype=torch.int64, device=self.gpu)
