@@ -65,27 +65,33 @@ _LOADING_PRIORITY = 0
 
 
 @dataclass(frozen=True, eq=False)
-class StreamPair:
-    """A model's two streams (see ``CudaModel``). The backend takes them back when the model is freed
+class ModelStreams:
+    """A model's streams (see ``CudaModel``). The backend takes them back when the model is freed
     and gives them to the next model it loads: torch keeps a cuBLAS workspace (~33 MiB) for every
     stream it has run a matrix multiply on, for the life of the process, so fresh streams per load
     would grow device memory with every swap."""
 
     serve: torch.cuda.Stream
     capture: torch.cuda.Stream
+    # A model in an SM share gathers its frames on a stream of its share: on the GPU's copy stream
+    # (the primary context, every SM) another model's gather kernel would run on this one's SMs.
+    copy: torch.cuda.Stream | None = None
 
     @classmethod
-    def make(cls, gpu: torch.device, share: Share | None = None) -> StreamPair:
-        """A pair on ``gpu``, or inside ``share``'s green context (its work then runs on the share's SMs)."""
+    def make(cls, gpu: torch.device, share: Share | None = None) -> ModelStreams:
+        """Streams on ``gpu``, or inside ``share``'s green context (its work then runs on the share's SMs)."""
         if share is not None:
-            serve, capture = (share.context.stream(highest_priority=high) for high in (True, False))
-            return cls(torch.cuda.ExternalStream(serve, device=gpu), torch.cuda.ExternalStream(capture, device=gpu))
+            serve, capture, copy = (
+                torch.cuda.ExternalStream(share.context.stream(highest_priority=high), device=gpu)
+                for high in (True, False, True)
+            )
+            return cls(serve, capture, copy)
         serving, loading = (torch.cuda.Stream(gpu, priority=p) for p in (_SERVING_PRIORITY, _LOADING_PRIORITY))
         return cls(serving, loading)
 
     def warm(self) -> None:
-        """Run the matrix multiplies that make torch allocate this pair's cuBLAS workspaces now (the
-        loader thread's, as a load would), so that the model that takes the pair allocates none."""
+        """Run the matrix multiplies that make torch allocate these streams' cuBLAS workspaces now (the
+        loader thread's, as a load would), so that the model that takes them allocates none."""
         with torch.cuda.stream(self.capture), torch.inference_mode():
             for dtype in (torch.float16, torch.float32):
                 x = torch.ones((8, 8), dtype=dtype, device=self.capture.device)
@@ -173,7 +179,7 @@ class CudaModel(DeviceModel):
 
     def __init__(
         self, spec: ModelSpec, module: nn.Module, gpu: torch.device, device: int, use_kernels: bool,
-        streams: StreamPair, share: Share | None = None,
+        streams: ModelStreams, share: Share | None = None,
     ) -> None:  # fmt: skip
         self.spec = spec
         self.gpu = gpu
@@ -445,13 +451,13 @@ class CudaBackend(Backend):
         # Weights of a model being loaded go to the GPU on this stream: while models serve, a load
         # never queues behind (or in front of) their copies and batches.
         self.load_streams = [torch.cuda.Stream(d, priority=_LOADING_PRIORITY) for d in self.gpus]
-        # Per GPU: stream pairs of freed models, for the next load. One spare is made (and warmed) at
+        # Per GPU: the streams of freed models, for the next load. One spare is made (and warmed) at
         # the first load, so that a swap or a load beside it allocates no stream resources.
-        self._spare_streams: list[list[StreamPair]] = [[] for _ in self.gpus]
-        # Models with an sm_share: SMs no other model's share holds, and spare stream pairs per share's
+        self._spare_streams: list[list[ModelStreams]] = [[] for _ in self.gpus]
+        # Models with an sm_share: SMs no other model's share holds, and spare streams per share's
         # green context (as above: streams are kept, never made per load).
         self._shares = SmShares()
-        self._spare_share_streams: dict[GreenContext, list[StreamPair]] = {}
+        self._spare_share_streams: dict[GreenContext, list[ModelStreams]] = {}
         self._spare_made = [False for _ in self.gpus]
         self._trace_epochs: dict[int, torch.cuda.Event] = {}  # per GPU: its first traced batch's start
         self._total_memory = [torch.cuda.get_device_properties(d).total_memory for d in self.gpus]
@@ -505,7 +511,7 @@ class CudaBackend(Backend):
             share = self._shares.take(spec.name, gpu.index or 0, spec.sm_share) if spec.sm_share else None
             spare = self._spares(device, share)
             try:
-                streams = spare.pop() if spare else StreamPair.make(gpu, share)
+                streams = spare.pop() if spare else ModelStreams.make(gpu, share)
             except BaseException:
                 if share is not None:
                     self._shares.give_back(share)
@@ -524,9 +530,9 @@ class CudaBackend(Backend):
                 raise
             if not self._spare_made[device]:
                 self._spare_made[device] = True
-                spare_pair = StreamPair.make(gpu)
-                spare_pair.warm()
-                self._spare_streams[device].append(spare_pair)
+                spare_set = ModelStreams.make(gpu)
+                spare_set.warm()
+                self._spare_streams[device].append(spare_set)
         return model
 
     def _prepare(self, model: CudaModel) -> None:
@@ -569,8 +575,8 @@ class CudaBackend(Backend):
             if model.share is not None:
                 self._shares.give_back(model.share)
 
-    def _spares(self, device: int, share: Share | None) -> list[StreamPair]:
-        """The idle stream pairs for a model on ``device``, in ``share`` if it has one."""
+    def _spares(self, device: int, share: Share | None) -> list[ModelStreams]:
+        """The idle streams for a model on ``device``, in ``share`` if it has one."""
         if share is None:
             return self._spare_streams[device]
         return self._spare_share_streams.setdefault(share.context, [])
@@ -597,7 +603,7 @@ class CudaBackend(Backend):
         """Copy the frames from their ring slots into ``staged`` (device) on the copy stream; returns the
         event recorded after the copy."""
         nbytes = model.spec.frame_nbytes
-        copy_stream = self.copy_streams[model.device]
+        copy_stream = model.streams.copy or self.copy_streams[model.device]
         assert self._host is not None
         if self.use_kernels and nbytes < COPY_ENGINE_FROM:  # the stream is explicit: no torch context to enter
             kernels.gather_frames(self._host, [slot.offset for slot in slots], nbytes, staged, copy_stream)
