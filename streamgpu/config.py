@@ -190,6 +190,10 @@ class Config:
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             problems.append(f"model names must be unique, got {names}")
+        shared = {m.name: m.sm_share for m in self.models if m.sm_share}
+        if sum(shared.values()) > 1 + 1e-9:
+            problems.append(f"the models' sm_share values add up to {sum(shared.values()):g} ({shared}): every model "
+                            "has a replica on each GPU, so they must add up to at most 1.0")  # fmt: skip
         for m in self.models:
             if m.frame_nbytes > self.max_payload_bytes:
                 problems.append(f"model {m.name!r} frames ({m.frame_nbytes} bytes) exceed max_payload_bytes")
