@@ -33,7 +33,7 @@ GROUP_SMS = 8
 
 def groups_for(fraction: float, groups: int) -> int:
     """Groups a share of ``fraction`` takes of a GPU's ``groups``: rounded down, so that shares adding up
-    to at most 1.0 always fit, and at least one."""
+    to at most 1.0 fit together, and at least one (so shares below ``1 / groups`` take more)."""
     return min(groups, max(1, math.floor(fraction * groups + 1e-9)))
 
 
@@ -70,9 +70,27 @@ class SmGroups:
                 return groups
         others = self.held(exclude=owner)
         held = ", ".join(f"{name} {n}" for name, n in sorted(others.items())) or "none"
+        total = len(self._holders)
+        free = [i for i, holders in enumerate(self._holders) if not (holders.keys() - {owner})]
+        if len(free) >= count:  # enough in all, split by other shares (loads and unloads while serving)
+            runs = [[free[0], free[0]]]
+            for g in free[1:]:
+                if g == runs[-1][1] + 1:
+                    runs[-1][1] = g
+                else:
+                    runs.append([g, g])
+            where = ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+            raise ValueError(
+                f"no {count} adjacent groups of SMs are free for {owner!r}: {len(free)} groups are free, but not "
+                f"{count} adjacent ones (free groups {where} of {total}; held by other models: {held}), and a share "
+                "is one run of adjacent groups. Load the models whose shares lie between the free groups again "
+                "with the same sm_share (a new version takes the first run free for it, so they move down while "
+                "serving), or unload them, load this one, and load them again"
+            )
         raise ValueError(
             f"no {count} adjacent groups of SMs are free for {owner!r} (groups held by other models: {held}; "
-            f"{len(self._holders)} groups in all)"
+            f"{total} groups in all). Lower the sm_share values so that they add up to at most 1.0 per GPU (a share "
+            f"is at least one of the {total} groups, so one below 1/{total} takes more than its fraction)"
         )
 
     def give_back(self, owner: str, groups: range) -> None:
@@ -314,8 +332,7 @@ class SmShares:
             except ValueError as exc:
                 raise DeviceUnavailableError(
                     f"model {owner!r} asks for sm_share {fraction:g} ({count} of cuda:{device}'s {len(groups)} "
-                    f"groups of {GROUP_SMS} SMs), which does not fit beside the other models' shares: {exc}. "
-                    "Lower the sm_share values so that they add up to at most 1.0 per GPU"
+                    f"groups of {GROUP_SMS} SMs), which does not fit beside the other models' shares: {exc}"
                 ) from None
             key = (device, run.start, run.stop)
             try:

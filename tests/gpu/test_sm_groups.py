@@ -75,3 +75,40 @@ def test_a_green_context_that_cannot_be_made_leaves_its_groups_free(monkeypatch:
     with pytest.raises(DeviceUnavailableError, match="no green contexts"):
         pool.take("a", 0, 1.0)
     assert pool.groups(0).held() == {}
+
+
+def test_shares_adding_to_one_refused_for_split_free_groups_say_so_not_lower_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The H100's 15 groups: four models at 0.25 (3 groups each), two of them unloaded through the admin
+    # API. 9 groups are free, but in runs of 3: a model at 0.5 (7 groups) cannot go in, though the
+    # shares would add up to 1.0. The refusal must say why, not tell the operator to bring shares that
+    # add up to 1.0 down to 1.0.
+    monkeypatch.setattr(shares, "_device_split", lambda device: FakeSplit15())
+    monkeypatch.setattr(shares, "GreenContext", lambda split, groups: object())
+    pool = SmShares()
+    held = {name: pool.take(name, 0, 0.25) for name in "abcd"}
+    pool.give_back(held["a"])
+    pool.give_back(held["c"])
+    with pytest.raises(DeviceUnavailableError) as refused:
+        pool.take("e", 0, 0.5)
+    message = str(refused.value)
+    assert "add up to at most 1.0" not in message, message
+    assert "9 groups are free" in message and "not 7 adjacent" in message, message
+    assert "0-2, 6-8, 12-14" in message, message
+
+
+def test_small_shares_that_round_up_to_a_group_are_refused_saying_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 0.03 of 15 groups is 0.45 of a group: each such share takes a whole one, so 0.03 x 3 + 0.91 (1.0 in
+    # all) needs 16 groups of 15. The refusal names that rounding.
+    monkeypatch.setattr(shares, "_device_split", lambda device: FakeSplit15())
+    monkeypatch.setattr(shares, "GreenContext", lambda split, groups: object())
+    pool = SmShares()
+    for name in "abc":
+        pool.take(name, 0, 0.03)
+    with pytest.raises(DeviceUnavailableError, match=r"at least one of the 15 groups"):
+        pool.take("d", 0, 0.91)
+
+
+class FakeSplit15:
+    groups = 15
