@@ -1,0 +1,88 @@
+"""CudaBackend.load's bookkeeping without a GPU (torch's device calls, the model and its streams faked): a
+load that fails after its model is made gives its SM share and streams back."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import pytest
+import torch
+
+from streamgpu.gpu import cuda, shares
+from streamgpu.gpu.shares import SmShares
+from streamgpu.models.spec import ModelSpec
+
+
+class FakeSplit:
+    groups = 16
+
+
+class FakeStream:
+    def synchronize(self) -> None:
+        pass
+
+
+class FakeStreams:
+    warm_fails = True
+
+    def __init__(self, share: Any) -> None:
+        self.serve, self.capture, self.share = FakeStream(), FakeStream(), share
+
+    @classmethod
+    def make(cls, gpu: torch.device, share: Any = None) -> FakeStreams:
+        return cls(share)
+
+    def warm(self) -> None:
+        if FakeStreams.warm_fails:
+            raise RuntimeError("CUDA out of memory (warming the spare streams' cuBLAS workspaces)")
+
+
+class FakeModel:
+    def __init__(self, spec: ModelSpec, module: Any, gpu: torch.device, device: int, use_kernels: bool,
+                 streams: FakeStreams, share: Any = None) -> None:  # fmt: skip
+        self.spec, self.gpu, self.device, self.streams, self.share = spec, gpu, device, streams, share
+        self.stream, self.capture_stream = streams.serve, streams.capture
+        self.released = False
+
+    def release(self) -> None:
+        self.released = True
+
+
+@pytest.fixture
+def backend(monkeypatch: pytest.MonkeyPatch) -> cuda.CudaBackend:
+    monkeypatch.setattr(shares, "_device_split", lambda device: FakeSplit())
+    monkeypatch.setattr(shares, "GreenContext", lambda split, groups: object())
+    monkeypatch.setattr(torch.cuda, "device", lambda gpu: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(cuda, "ModelStreams", FakeStreams)
+    monkeypatch.setattr(cuda, "CudaModel", FakeModel)
+    monkeypatch.setattr(cuda.CudaBackend, "_prepare", lambda self, model: None)
+    backend = cuda.CudaBackend.__new__(cuda.CudaBackend)  # no GPU here: only what load and unload use
+    backend.gpus = [torch.device("cuda", 0)]
+    backend.load_streams = [FakeStream()]  # type: ignore[list-item]
+    backend.use_kernels = False
+    backend._spare_streams = [[]]
+    backend._spare_share_streams = {}
+    backend._spare_made = [False]
+    backend._shares = SmShares()
+    return backend
+
+
+def test_a_load_that_fails_making_the_spare_streams_leaves_no_share_held(backend: cuda.CudaBackend) -> None:
+    # The first load on a GPU makes and warms a spare set of streams after the model is made; a failure
+    # there (out of memory for the cuBLAS workspaces) failed the load with the model's share still held,
+    # so no other model could take those SMs again.
+    spec = ModelSpec(name="a", sm_share=0.5)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        backend.load(spec, torch.nn.Identity())
+    assert backend._shares.groups(0).held() == {}
+    FakeStreams.warm_fails = False
+    try:
+        model = backend.load(ModelSpec(name="b", sm_share=1.0), torch.nn.Identity())  # every group is free
+    finally:
+        FakeStreams.warm_fails = True
+    assert backend._shares.groups(0).held() == {"b": 16} and backend._spare_streams[0]  # the spare, made now
+    backend.unload(model)
+    assert backend._shares.groups(0).held() == {}
