@@ -88,8 +88,15 @@ class ModelManager:
         return models
 
     def _free(self, models: list[DeviceModel]) -> None:
+        """Unload every instance; one that fails (its GPU's context lost) does not keep the others held."""
+        failed: BaseException | None = None
         for model in models:
-            self._backend.unload(model)
+            try:
+                self._backend.unload(model)
+            except BaseException as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed
 
     async def load(self, spec: ModelSpec) -> ModelState:
         """Load ``spec``; under a name already served this is a new version, swapped in between two
