@@ -308,6 +308,9 @@ class SmShares:
     def __init__(self) -> None:
         self._groups: dict[int, SmGroups] = {}  # per CUDA device, made at its first share
         self._contexts: dict[tuple[int, int, int], GreenContext] = {}
+        # The shares taken and not given back: one given back twice would take a hold of the owner's
+        # other version on the same groups, leaving SMs it runs on free for another model.
+        self._live: set[Share] = set()
         self._lock = threading.Lock()
 
     def groups(self, device: int) -> SmGroups:
@@ -341,9 +344,16 @@ class SmShares:
                 groups.give_back(owner, run)
                 raise
             self._contexts[key] = context
-        return Share(owner, device, run, context)
+            share = Share(owner, device, run, context)
+            self._live.add(share)
+        return share
 
     def give_back(self, share: Share) -> None:
-        """Release ``share`` (its model's streams are idle): its SMs may go to another model."""
+        """Release ``share`` (its model's streams are idle): its SMs may go to another model. Raises
+        ValueError for a share given back already."""
         with self._lock:
+            if share not in self._live:
+                raise ValueError(f"{share.owner!r}'s share of cuda:{share.device} groups {share.groups.start}-"
+                                 f"{share.groups.stop - 1} was given back already")  # fmt: skip
+            self._live.discard(share)
             self._groups[share.device].give_back(share.owner, share.groups)

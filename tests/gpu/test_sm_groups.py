@@ -112,3 +112,18 @@ def test_small_shares_that_round_up_to_a_group_are_refused_saying_so(monkeypatch
 
 class FakeSplit15:
     groups = 15
+
+
+def test_a_share_given_back_twice_does_not_free_its_new_versions_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    # During a swap the old and new versions of 'm' both hold groups 0-7; the old one's share given back
+    # twice (an unload repeated) took the new version's hold too, and 'y' got the SMs 'm' still runs on.
+    monkeypatch.setattr(shares, "_device_split", lambda device: FakeSplit())
+    monkeypatch.setattr(shares, "GreenContext", lambda split, groups: object())
+    pool = SmShares()
+    old, new = pool.take("m", 0, 0.5), pool.take("m", 0, 0.5)
+    assert old.groups == new.groups == range(0, 8)
+    pool.give_back(old)
+    with pytest.raises(ValueError, match="given back already"):
+        pool.give_back(old)
+    assert pool.groups(0).held() == {"m": 8}
+    assert pool.take("y", 0, 0.5).groups == range(8, 16)
