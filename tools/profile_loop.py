@@ -114,10 +114,12 @@ def start_load(port: int, args: argparse.Namespace, seconds: float) -> subproces
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     shape = tuple(int(d) for d in args.shape.split("x"))
-    spec = ModelSpec(source=args.model, input_shape=shape)
+    sizes = {"max_batch_size": args.max_batch} if args.max_batch else {}  # buckets up to it: ModelSpec.buckets
+    spec = ModelSpec(source=args.model, input_shape=shape, **sizes)
     config = Config(
         listeners=[ListenerSpec(args.transport, "127.0.0.1", 0)], device=args.device, models=[spec],
         log_level="WARNING", ingest_workers=args.ingest_workers, max_payload_bytes=16 << 20,
+        devices=tuple(int(d) for d in args.devices.split(",")),
     )  # fmt: skip
     async with Server(config) as server:
         load = start_load(server.port, args, args.seconds * 2 + args.warmup + 1)
@@ -167,6 +169,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--ingest-workers", type=int, default=0, help="ingest worker processes (0: one process)")
     parser.add_argument("--transport", default="tcp", choices=["tcp", "udp"], help="how frames come (default tcp)")
+    parser.add_argument("--devices", default="0", help="GPUs, comma-separated (default 0)")
+    parser.add_argument("--max-batch", type=int, default=0, help="the model's max_batch_size (default: the model's)")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
     loop = new_event_loop("auto")
