@@ -529,13 +529,13 @@ class CudaBackend(Backend):
                     self._shares.give_back(share)
                 raise
             if not self._spare_made[device]:
+                self._spare_made[device] = True
                 try:
                     spare_set = ModelStreams.make(gpu)
                     spare_set.warm()
                 except BaseException:  # the load fails whole: its share, streams and memory go back
                     self.unload(model)
                     raise
-                self._spare_made[device] = True
                 self._spare_streams[device].append(spare_set)
         return model
 
