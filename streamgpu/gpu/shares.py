@@ -4,9 +4,9 @@ A share is a green context: work on its streams, and graphs captured inside it, 
 torch's ``GreenContext.create(num_sms=N)`` always takes the *first* N SMs of the device, so two models
 given half the GPU each both ran on the same half while the other half idled, and each slowed the
 other more than no shares at all did (docs/BENCHMARKS.md, "SM shares"). Here a GPU's SMs are counted
-in groups (the driver's split granularity, 8 SMs on Hopper and later); a share takes a run of groups no
-other model holds, and its green context is made from exactly those SMs with the driver's own calls (one
-``cuDevSmResourceSplitByCount`` of the GPU into groups, a descriptor per run of them), through ctypes,
+in groups (the driver's split granularity, 8 SMs on Hopper and later); a share takes groups no other model
+holds, and its green context is made from exactly those SMs with the driver's own calls (one
+``cuDevSmResourceSplitByCount`` of the GPU into groups, a descriptor per share), through ctypes,
 since torch does not expose them.
 
 ``SmGroups`` is the bookkeeping (no GPU needed); ``SmShares`` adds the green contexts.
@@ -53,48 +53,31 @@ class SmGroups:
     def __len__(self) -> int:
         return len(self._holders)
 
-    def take(self, owner: str, count: int) -> range:
-        """The first run of ``count`` groups free for ``owner``, now held by it.
+    def take(self, owner: str, count: int) -> tuple[int, ...]:
+        """``count`` groups free for ``owner``, now held by it: those it holds already first (a new
+        version then runs where its old one does, in the same green context), then the lowest free.
+        Any groups will do, adjacent or not, so unloads leave no holes too small to use.
 
-        Raises ValueError, naming what the other owners hold, when no such run exists.
+        Raises ValueError, naming what the other owners hold, when fewer are free.
         """
         if not 1 <= count <= len(self._holders):
             raise ValueError(f"a share is 1 to {len(self._holders)} groups of SMs, got {count}")
-        run = 0
-        for i, holders in enumerate(self._holders):
-            run = run + 1 if not (holders.keys() - {owner}) else 0
-            if run == count:
-                groups = range(i + 1 - count, i + 1)
-                for g in groups:
-                    self._holders[g][owner] += 1
-                return groups
-        others = self.held(exclude=owner)
-        held = ", ".join(f"{name} {n}" for name, n in sorted(others.items())) or "none"
-        total = len(self._holders)
-        free = [i for i, holders in enumerate(self._holders) if not (holders.keys() - {owner})]
-        if len(free) >= count:  # enough in all, split by other shares (loads and unloads while serving)
-            runs = [[free[0], free[0]]]
-            for g in free[1:]:
-                if g == runs[-1][1] + 1:
-                    runs[-1][1] = g
-                else:
-                    runs.append([g, g])
-            where = ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+        free = [g for g, holders in enumerate(self._holders) if not (holders.keys() - {owner})]
+        if len(free) < count:
+            held = ", ".join(f"{name} {n}" for name, n in sorted(self.held(exclude=owner).items())) or "none"
+            total = len(self._holders)
             raise ValueError(
-                f"no {count} adjacent groups of SMs are free for {owner!r}: {len(free)} groups are free, but not "
-                f"{count} adjacent ones (free groups {where} of {total}; held by other models: {held}), and a share "
-                "is one run of adjacent groups. Load the models whose shares lie between the free groups again "
-                "with the same sm_share (a new version takes the first run free for it, so they move down while "
-                "serving), or unload them, load this one, and load them again"
+                f"{len(free)} groups of SMs are free for {owner!r}, not {count} (held by other models: {held}; "
+                f"{total} groups in all). Lower the sm_share values so that they add up to at most 1.0 per GPU (a "
+                f"share is at least one of the {total} groups, so one below 1/{total} takes more than its fraction)"
             )
-        raise ValueError(
-            f"no {count} adjacent groups of SMs are free for {owner!r} (groups held by other models: {held}; "
-            f"{total} groups in all). Lower the sm_share values so that they add up to at most 1.0 per GPU (a share "
-            f"is at least one of the {total} groups, so one below 1/{total} takes more than its fraction)"
-        )
+        groups = tuple(sorted(sorted(free, key=lambda g: (owner not in self._holders[g], g))[:count]))
+        for g in groups:
+            self._holders[g][owner] += 1
+        return groups
 
-    def give_back(self, owner: str, groups: range) -> None:
-        """Release one hold of ``owner`` on ``groups`` (a run ``take`` returned)."""
+    def give_back(self, owner: str, groups: tuple[int, ...]) -> None:
+        """Release one hold of ``owner`` on ``groups`` (what ``take`` returned)."""
         for g in groups:
             holders = self._holders[g]
             if holders[owner] <= 0:
@@ -208,12 +191,15 @@ class _DeviceSplit:
             )
         self.groups = made.value
 
-    def describe(self, groups: range) -> ctypes.c_void_p:
-        """A resource descriptor of the SMs of ``groups``."""
+    def describe(self, groups: tuple[int, ...]) -> ctypes.c_void_p:
+        """A resource descriptor of the SMs of ``groups`` (any of this split's, adjacent or not)."""
         drv = _the_driver()
+        chosen = (ctypes.c_ubyte * (_RESOURCE_BYTES * len(groups)))()  # their records, side by side
+        for k, g in enumerate(groups):
+            ctypes.memmove(ctypes.addressof(chosen) + k * _RESOURCE_BYTES,
+                           ctypes.addressof(self._groups) + g * _RESOURCE_BYTES, _RESOURCE_BYTES)  # fmt: skip
         desc = ctypes.c_void_p()
-        first = ctypes.addressof(self._groups) + groups.start * _RESOURCE_BYTES
-        drv.check(drv.lib.cuDevResourceGenerateDesc(ctypes.byref(desc), first, len(groups)), "describing the share")
+        drv.check(drv.lib.cuDevResourceGenerateDesc(ctypes.byref(desc), chosen, len(groups)), "describing the share")
         return desc
 
 
@@ -239,10 +225,11 @@ class GreenContext:
     Never destroyed: everything made in it (its streams, graph memory, the caching allocator's
     events on those streams, freed as late as interpreter exit) must not outlive it, and a free
     after its destruction aborts the process ("context is destroyed"). ``SmShares`` makes one per
-    run of groups and reuses it, so their number stays bounded.
+    set of groups and reuses it, so their number stays bounded (a same-size swap takes the same
+    groups: ``SmGroups.take``).
     """
 
-    def __init__(self, split: _DeviceSplit, groups: range) -> None:
+    def __init__(self, split: _DeviceSplit, groups: tuple[int, ...]) -> None:
         drv = _the_driver()
         self.groups = groups
         self.sms = len(groups) * GROUP_SMS
@@ -291,7 +278,7 @@ class Share:
 
     owner: str
     device: int
-    groups: range
+    groups: tuple[int, ...]
     context: GreenContext
 
     @property
@@ -300,14 +287,14 @@ class Share:
 
 
 class SmShares:
-    """The SM shares of one backend's GPUs: disjoint across models, one green context per run of groups.
+    """The SM shares of one backend's GPUs: disjoint across models, one green context per set of groups.
 
     Thread-safe: models load on a loader thread while the loop unloads others.
     """
 
     def __init__(self) -> None:
         self._groups: dict[int, SmGroups] = {}  # per CUDA device, made at its first share
-        self._contexts: dict[tuple[int, int, int], GreenContext] = {}
+        self._contexts: dict[tuple[int, tuple[int, ...]], GreenContext] = {}
         # The shares taken and not given back: one given back twice would take a hold of the owner's
         # other version on the same groups, leaving SMs it runs on free for another model.
         self._live: set[Share] = set()
@@ -331,20 +318,20 @@ class SmShares:
             groups = self._groups_of(device)
             count = groups_for(fraction, len(groups))
             try:
-                run = groups.take(owner, count)
+                taken = groups.take(owner, count)
             except ValueError as exc:
                 raise DeviceUnavailableError(
                     f"model {owner!r} asks for sm_share {fraction:g} ({count} of cuda:{device}'s {len(groups)} "
                     f"groups of {GROUP_SMS} SMs), which does not fit beside the other models' shares: {exc}"
                 ) from None
-            key = (device, run.start, run.stop)
+            key = (device, taken)
             try:
-                context = self._contexts.get(key) or GreenContext(_device_split(device), run)
+                context = self._contexts.get(key) or GreenContext(_device_split(device), taken)
             except BaseException:
-                groups.give_back(owner, run)
+                groups.give_back(owner, taken)
                 raise
             self._contexts[key] = context
-            share = Share(owner, device, run, context)
+            share = Share(owner, device, taken, context)
             self._live.add(share)
         return share
 
@@ -353,7 +340,7 @@ class SmShares:
         ValueError for a share given back already."""
         with self._lock:
             if share not in self._live:
-                raise ValueError(f"{share.owner!r}'s share of cuda:{share.device} groups {share.groups.start}-"
-                                 f"{share.groups.stop - 1} was given back already")  # fmt: skip
+                raise ValueError(f"{share.owner!r}'s share of cuda:{share.device} groups {list(share.groups)} was "
+                                 "given back already")  # fmt: skip
             self._live.discard(share)
             self._groups[share.device].give_back(share.owner, share.groups)

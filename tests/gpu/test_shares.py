@@ -101,8 +101,17 @@ async def test_two_models_shares_hold_different_sms_and_one_that_does_not_fit_is
     with pytest.raises(DeviceUnavailableError, match=r"sm_share 0.25 .*other models' shares.*add up to at most 1.0"):
         load_shared(backend, "c", 0.25)
     backend.unload(a)
-    c = load_shared(backend, "c", 0.25)  # a's SMs are free again
-    assert not sms_used(c.stream) & used["b"]
+    backend.unload(b)
+    # Four quarters, two of them unloaded: the free groups lie apart, and a half takes them all the same.
+    quarters = [load_shared(backend, name, 0.25) for name in "cdef"]
+    backend.unload(quarters[0])
+    backend.unload(quarters[2])
+    g = load_shared(backend, "g", 0.5)
+    assert g.share is not None and g.share.groups != tuple(range(g.share.groups[0], g.share.groups[-1] + 1))
+    used_g = sms_used(g.stream)
+    assert len(used_g) == g.sms == half, len(used_g)
+    for quarter in (quarters[1], quarters[3]):
+        assert not used_g & sms_used(quarter.stream), quarter.spec.name
     backend.close()
 
 
