@@ -224,9 +224,10 @@ class GreenContext:
 
     Never destroyed: everything made in it (its streams, graph memory, the caching allocator's
     events on those streams, freed as late as interpreter exit) must not outlive it, and a free
-    after its destruction aborts the process ("context is destroyed"). ``SmShares`` makes one per
-    set of groups and reuses it, so their number stays bounded (a same-size swap takes the same
-    groups: ``SmGroups.take``).
+    after its destruction aborts the process ("context is destroyed"). ``SmShares`` reuses one no live
+    share holds for the same groups, so their number stays bounded: at most two per set of groups (a
+    model's old and new versions during a swap, which takes the old version's groups first:
+    ``SmGroups.take``), and as many sets as the shares a GPU has been given.
     """
 
     def __init__(self, split: _DeviceSplit, groups: tuple[int, ...]) -> None:
@@ -287,14 +288,14 @@ class Share:
 
 
 class SmShares:
-    """The SM shares of one backend's GPUs: disjoint across models, one green context per set of groups.
+    """The SM shares of one backend's GPUs: disjoint across models; green contexts reused (``GreenContext``).
 
     Thread-safe: models load on a loader thread while the loop unloads others.
     """
 
     def __init__(self) -> None:
         self._groups: dict[int, SmGroups] = {}  # per CUDA device, made at its first share
-        self._contexts: dict[tuple[int, tuple[int, ...]], GreenContext] = {}
+        self._contexts: dict[tuple[int, tuple[int, ...]], list[GreenContext]] = {}
         # The shares taken and not given back: one given back twice would take a hold of the owner's
         # other version on the same groups, leaving SMs it runs on free for another model.
         self._live: set[Share] = set()
@@ -324,13 +325,19 @@ class SmShares:
                     f"model {owner!r} asks for sm_share {fraction:g} ({count} of cuda:{device}'s {len(groups)} "
                     f"groups of {GROUP_SMS} SMs), which does not fit beside the other models' shares: {exc}"
                 ) from None
-            key = (device, taken)
-            try:
-                context = self._contexts.get(key) or GreenContext(_device_split(device), taken)
-            except BaseException:
-                groups.give_back(owner, taken)
-                raise
-            self._contexts[key] = context
+            # A context current on two threads at once is undefined (the driver does not lock it): a
+            # model's new version, loading on the loader thread, gets a context of its own, not the one
+            # its old version (same groups) may have current on the launcher thread.
+            in_use = {live.context for live in self._live}
+            made = self._contexts.setdefault((device, taken), [])
+            context = next((c for c in made if c not in in_use), None)
+            if context is None:
+                try:
+                    context = GreenContext(_device_split(device), taken)
+                except BaseException:
+                    groups.give_back(owner, taken)
+                    raise
+                made.append(context)
             share = Share(owner, device, taken, context)
             self._live.add(share)
         return share

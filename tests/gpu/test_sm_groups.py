@@ -121,3 +121,22 @@ def test_a_share_given_back_twice_does_not_free_its_new_versions_groups(monkeypa
         pool.give_back(old)
     assert pool.groups(0).held() == {"m": 8}
     assert pool.take("y", 0, 0.5).groups == tuple(range(8, 16))
+
+
+def test_a_models_two_versions_on_the_same_groups_get_contexts_of_their_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The old version may have its context current on the launcher thread (eager batches) while the new
+    # one's load has it current on the loader thread: a context current on two threads is undefined.
+    made: list[object] = []
+
+    def context(split: object, groups: tuple[int, ...]) -> object:
+        made.append(object())
+        return made[-1]
+
+    monkeypatch.setattr(shares, "_device_split", lambda device: FakeSplit())
+    monkeypatch.setattr(shares, "GreenContext", context)
+    pool = SmShares()
+    old, new = pool.take("m", 0, 0.5), pool.take("m", 0, 0.5)
+    assert old.groups == new.groups and old.context is not new.context
+    pool.give_back(old)
+    newer = pool.take("m", 0, 0.5)  # the next swap reuses the free one: contexts stay bounded
+    assert newer.context is old.context and len(made) == 2
