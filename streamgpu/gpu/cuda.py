@@ -225,10 +225,7 @@ class CudaModel(DeviceModel):
     @contextlib.contextmanager
     def in_share(self) -> Iterator[None]:
         """Make the model's green context current on this thread (graph capture, eager launches)."""
-        if self.share is None:
-            yield
-            return
-        with self.share.context.current():
+        with self.share.context.current() if self.share is not None else contextlib.nullcontext():
             yield
 
     @property
@@ -451,13 +448,11 @@ class CudaBackend(Backend):
         # Weights of a model being loaded go to the GPU on this stream: while models serve, a load
         # never queues behind (or in front of) their copies and batches.
         self.load_streams = [torch.cuda.Stream(d, priority=_LOADING_PRIORITY) for d in self.gpus]
-        # Per GPU: the streams of freed models, for the next load. One spare is made (and warmed) at
-        # the first load, so that a swap or a load beside it allocates no stream resources.
-        self._spare_streams: list[list[ModelStreams]] = [[] for _ in self.gpus]
-        # Models with an sm_share: SMs no other model's share holds, and spare streams per share's
-        # green context (as above: streams are kept, never made per load).
-        self._shares = SmShares()
-        self._spare_share_streams: dict[GreenContext, list[ModelStreams]] = {}
+        # The streams of freed models, for the next load: per GPU (its position), and per green context
+        # for models with an sm_share. One spare is made (and warmed) at a GPU's first load, so that a
+        # swap or a load beside it allocates no stream resources.
+        self._spare_streams: dict[int | GreenContext, list[ModelStreams]] = {i: [] for i in range(len(self.gpus))}
+        self._shares = SmShares()  # models with an sm_share: SMs no other model's share holds
         self._spare_made = [False for _ in self.gpus]
         self._trace_epochs: dict[int, torch.cuda.Event] = {}  # per GPU: its first traced batch's start
         self._total_memory = [torch.cuda.get_device_properties(d).total_memory for d in self.gpus]
@@ -581,9 +576,7 @@ class CudaBackend(Backend):
 
     def _spares(self, device: int, share: Share | None) -> list[ModelStreams]:
         """The idle streams for a model on ``device``, in ``share`` if it has one."""
-        if share is None:
-            return self._spare_streams[device]
-        return self._spare_share_streams.setdefault(share.context, [])
+        return self._spare_streams.setdefault(device if share is None else share.context, [])
 
     def launch(self, model: DeviceModel, slots: list[Slot], expected_s: float = 0.0) -> BatchRun:
         assert isinstance(model, CudaModel) and self._host is not None and model.buffers is not None

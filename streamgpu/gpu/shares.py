@@ -232,14 +232,12 @@ class GreenContext:
 
     def __init__(self, split: _DeviceSplit, groups: tuple[int, ...]) -> None:
         drv = _the_driver()
-        self.groups = groups
-        self.sms = len(groups) * GROUP_SMS
         self._green = ctypes.c_void_p()
         drv.check(
             drv.lib.cuGreenCtxCreate(
                 ctypes.byref(self._green), split.describe(groups), split.device, _CU_GREEN_CTX_DEFAULT_STREAM
             ),
-            f"creating a green context of {self.sms} SMs",
+            f"creating a green context of {len(groups) * GROUP_SMS} SMs",
         )
         self._context = ctypes.c_void_p()
         drv.check(drv.lib.cuCtxFromGreenCtx(ctypes.byref(self._context), self._green), "the green context's context")
@@ -284,7 +282,7 @@ class Share:
 
     @property
     def sms(self) -> int:
-        return self.context.sms
+        return len(self.groups) * GROUP_SMS
 
 
 class SmShares:

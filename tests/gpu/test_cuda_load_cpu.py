@@ -60,8 +60,7 @@ def backend(monkeypatch: pytest.MonkeyPatch) -> cuda.CudaBackend:
     backend.gpus = [torch.device("cuda", 0)]
     backend.load_streams = [FakeStream()]  # type: ignore[list-item]
     backend.use_kernels = False
-    backend._spare_streams = [[]]
-    backend._spare_share_streams = {}
+    backend._spare_streams = {0: []}
     backend._spare_made = [False]
     backend._shares = SmShares()
     return backend
