@@ -144,8 +144,8 @@ class _Worker(asyncio.Protocol):
         try:
             await self._spawn(init, segment_fd)
         except BaseException:  # no process or no channel: never alive (nothing waits for its STOPPED)
-            if self.proc is not None and self.proc.poll() is None:
-                self.proc.kill()
+            self.kill()
+            if self.proc is not None:  # reaped off the loop
                 self._loop.run_in_executor(None, self.proc.wait)
             self.alive = False
             self._out = []
