@@ -118,9 +118,12 @@ class SocketListener(Listener, Generic[C]):
     shutdown steps; a subclass makes the protocol (``make_connection``).
     """
 
-    def __init__(self, spec: ListenerSpec, admission: Admission, sock: socket.socket | None = None) -> None:
+    def __init__(self, spec: ListenerSpec, admission: Admission, handed_over: bool = False) -> None:
         super().__init__(spec, admission)
-        self._sock = sock  # a listening socket to accept on (an ingest worker's, shared), instead of binding
+        # True: binds nothing; its connections are accepted elsewhere and handed to ``adopt`` (an ingest
+        # worker's, by its scheduling process)
+        self._handed_over = handed_over
+        self._accepting = True
         self._server: asyncio.Server | None = None
         self._connections: set[C] = set()
         self._refused = 0
@@ -130,11 +133,20 @@ class SocketListener(Listener, Generic[C]):
         """A protocol instance for one accepted socket."""
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self._sock is not None:
-            self._server = await loop.create_server(self.make_connection, sock=self._sock)  # type: ignore[arg-type]
-        else:
+        if not self._handed_over:
+            loop = asyncio.get_running_loop()
             self._server = await loop.create_server(self.make_connection, self.spec.host, self.spec.port)  # type: ignore[arg-type]
+
+    async def adopt(self, sock: socket.socket) -> None:
+        """Serve ``sock``, a connection accepted by another process and handed over; closed at once after
+        ``stop_accepting``, as the listening socket would have refused it."""
+        if not self._accepting:
+            sock.close()
+            return
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(self.make_connection, sock=sock)  # type: ignore[type-var]
+        except OSError:  # (the producer is gone already: nothing to serve)
+            sock.close()
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -156,6 +168,7 @@ class SocketListener(Listener, Generic[C]):
             self.admission.close_connection()
 
     def stop_accepting(self) -> None:
+        self._accepting = False
         if self._server is not None:
             self._server.close()
         for conn in list(self._connections):

@@ -38,6 +38,11 @@ Worker -> scheduler: fixed-size records of ``UP.size`` (80) bytes::
   published on the scheduling process's result hub, where subscribers and the
   results sink are (the REPLIED record counts it; this one tells who).
 * ``TEXT``: ``TEXT_BYTES`` bytes of the text of the ANSWERED record before it.
+* ``CONNECTIONS``: the worker has taken up ``conn`` of the TCP connections
+  handed to it (modulo 2**32; served, refused or found closed) and holds
+  ``offset`` open now. Sent whenever either changes. The scheduling process
+  hands each connection it accepts to the worker holding the fewest,
+  counting those handed and not taken up yet.
 * ``STATS``: UDP listener ``conn`` (its position among ``Config.listeners`` of
   kind udp) has the number ``offset`` for ``streamgpu.ingest.udp.STAT_NAMES[index]``
   (a count since the worker started, or a gauge now). Sent for the numbers
@@ -84,7 +89,7 @@ assert UP.size == 80 and DOWN.size == 64
 
 # upward kinds
 FRAME, OPEN, CLOSED, READY, STOPPED = 1, 2, 3, 4, 5
-REPLIED, STATS, ANSWERED, TEXT = 6, 7, 8, 9
+REPLIED, STATS, ANSWERED, TEXT, CONNECTIONS = 6, 7, 8, 9, 10
 TEXT_BYTES = UP.size - 1  # text per TEXT record: all of it but its kind byte
 MAX_TEXT = 4 * TEXT_BYTES + wire.MAX_MESSAGE  # an ANSWERED record's text is cut here
 OPEN_TCP, OPEN_UDP = 0, 1  # an OPEN record's flags
@@ -96,7 +101,8 @@ _SHAPES = [struct.Struct(f"<{n}I") for n in range(wire.MAX_NDIM + 1)]
 
 
 def up(kind: int, conn: int = 0, index: int = 0, priority: int = 0, flags: int = 0, value: int = 0) -> bytes:
-    """An upward record other than FRAME (OPEN, CLOSED, READY, STOPPED, STATS: ``value`` is its ``offset``)."""
+    """An upward record other than FRAME (OPEN, CLOSED, READY, STOPPED, CONNECTIONS, STATS: ``value`` is its
+    ``offset``)."""
     return UP.pack(kind, priority, flags, 0, index, 0, conn, 0, value, 0, 0, 0, 0, 0, 0, 0, 0)
 
 

@@ -606,8 +606,8 @@ class TcpListener(SocketListener[TcpConnection]):
 
     kind = "tcp"
 
-    def __init__(self, spec: ListenerSpec, admission: Admission, sock: socket.socket | None = None) -> None:
-        super().__init__(spec, admission, sock)
+    def __init__(self, spec: ListenerSpec, admission: Admission, handed_over: bool = False) -> None:
+        super().__init__(spec, admission, handed_over)
         # Runs reply flushes; the loop's call_soon once started (unstarted, e.g. driven by tests: at once).
         self.defer: Callable[[Callable[[], None]], object] = _call_now
 

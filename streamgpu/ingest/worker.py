@@ -7,7 +7,9 @@ checks). ``FD`` is its end of the descriptor channel; the first thing on it
 is a length-prefixed pickle of ``WorkerInit`` from the parent (trusted: the
 parent wrote it).
 
-The worker runs the ordinary TCP front end (``ingest.tcp``) and, for each UDP
+The worker runs the ordinary TCP front end (``ingest.tcp``) on the connections
+the parent accepts and hands over (one descriptor per message on its end of
+a ``SOCK_SEQPACKET`` pair: ``WorkerInit.handoff_fd``) and, for each UDP
 listener of the config, the ordinary UDP front end (``ingest.udp``) on its own
 ``SO_REUSEPORT`` socket of that address (the kernel keeps each source address
 on one socket, so one producer's datagrams all reach one worker), with an
@@ -60,7 +62,7 @@ class WorkerInit:
 
     config: Config  # the worker's own: ring_bytes = its range, the producer share scaled to it
     index: int
-    listen_fd: int  # the listening socket, shared by every worker (each accepts on it)
+    handoff_fd: int  # connections the parent accepted come on it, one descriptor per message
     udp_fds: tuple[int, ...]  # this worker's bound socket of each udp listener (in config order)
     segment_fd: int
     segment_bytes: int
@@ -254,15 +256,46 @@ class _WorkerAdmission(Admission):
 
 
 class _WorkerTcpListener(TcpListener):
-    """The TCP front end, telling the channel when a connection is gone."""
+    """The TCP front end on the connections the parent hands over, telling the channel when one is gone
+    and how many it holds (CONNECTIONS records: the parent hands each new one to the emptiest worker)."""
 
-    def __init__(self, spec: ListenerSpec, admission: Admission, sock: socket.socket, chan: _Channel) -> None:
-        super().__init__(spec, admission, sock=sock)
+    def __init__(self, spec: ListenerSpec, admission: Admission, chan: _Channel) -> None:
+        super().__init__(spec, admission, handed_over=True)
         self._chan = chan
+        self._taken = 0  # connections handed over and taken up (served, refused or found closed)
+        self._adopting: set[asyncio.Task[None]] = set()
+
+    def take_handed(self, handoff: socket.socket) -> None:
+        """The handoff socket is readable: adopt every connection waiting in it."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                _, fds, _, _ = socket.recv_fds(handoff, 1, 1)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                fds = []
+            if not fds:  # the parent closed its end (it is going): nothing more comes
+                loop.remove_reader(handoff.fileno())
+                return
+            task = loop.create_task(self._adopt(socket.socket(fileno=fds[0])))
+            self._adopting.add(task)
+            task.add_done_callback(self._adopting.discard)
+
+    async def _adopt(self, sock: socket.socket) -> None:
+        try:
+            await self.adopt(sock)
+        finally:
+            self._taken += 1
+            self._report()
+
+    def _report(self) -> None:
+        self._chan.send(channel.up(channel.CONNECTIONS, self._taken & 0xFFFFFFFF, value=len(self._connections)))
 
     def connection_closed(self, conn: TcpConnection) -> None:
         super().connection_closed(conn)
         self._chan.connection_closed(conn.id)
+        self._report()
 
 
 class _WorkerUdpListener(UdpListener):
@@ -285,8 +318,8 @@ async def serve(chan_sock: socket.socket, init: WorkerInit) -> None:
     config = init.config
     segment = HostSegment.attach(init.segment_fd, init.segment_bytes)
     os.close(init.segment_fd)  # the segment keeps its own descriptor
-    listen = socket.socket(fileno=init.listen_fd)
-    listen.setblocking(False)
+    handoff = socket.socket(fileno=init.handoff_fd)
+    handoff.setblocking(False)
     chan_sock.setblocking(False)
     _, chan = await loop.create_unix_connection(lambda: _Channel(config), sock=chan_sock)
     pool = SlotPool(segment.buffer, init.start, init.end, defer=loop.call_soon)
@@ -297,10 +330,12 @@ async def serve(chan_sock: socket.socket, init: WorkerInit) -> None:
     udp_specs = [spec for spec in config.listeners if spec.kind == "udp"]
     udp = [_WorkerUdpListener(spec, admission, socket.socket(fileno=fd), chan)
            for spec, fd in zip(udp_specs, init.udp_fds, strict=True)]  # fmt: skip
-    listeners: list[TcpListener | UdpListener] = [_WorkerTcpListener(tcp, admission, listen, chan), *udp]
+    tcp_listener = _WorkerTcpListener(tcp, admission, chan)
+    listeners: list[TcpListener | UdpListener] = [tcp_listener, *udp]
     chan.listeners, chan.admission = listeners, admission
     for listener in listeners:
         await listener.start()
+    loop.add_reader(handoff.fileno(), tcp_listener.take_handed, handoff)
     chan.send(channel.up(channel.READY))
 
     sweeper: list[asyncio.TimerHandle] = []
@@ -326,6 +361,8 @@ async def serve(chan_sock: socket.socket, init: WorkerInit) -> None:
             await asyncio.sleep(0)  # (the channel writes a loop iteration's records at its end)
     finally:
         sweeper[0].cancel()
+        loop.remove_reader(handoff.fileno())
+        handoff.close()
         chan.drop_frames()
         segment.close()
 

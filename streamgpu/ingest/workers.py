@@ -1,7 +1,10 @@
-"""Ingest worker processes (``ingest_workers = N``): N processes accept and read, one loop schedules.
+"""Ingest worker processes (``ingest_workers = N``): N processes read and answer, one loop accepts and schedules.
 
 ``WorkerListener`` is the scheduling process's side: it binds the listening
-socket, lends each worker one range of the shared host segment (a slot of
+socket, accepts and hands each connection to the live worker holding the
+fewest (a descriptor sent over a ``SOCK_SEQPACKET`` pair per worker; the
+counts come up as CONNECTIONS records), lends each worker one range of the
+shared host segment (a slot of
 ``Admission.pool`` of ``Config.worker_ring_bytes``), spawns the workers
 (``python -m streamgpu.ingest.worker``: a fresh interpreter, no torch), and
 speaks the descriptor channel (``streamgpu.ingest.channel``) with each.
@@ -35,9 +38,9 @@ A worker that dies (killed, crashed): the kernel closes its connections;
 here its connections are closed (their queued frames are dropped as
 abandoned, running ones finish and their replies are discarded). Once no
 frame here still reads its range, the range is reclaimed and a new worker is
-started on it, on the same sockets (restart, not N-1: the listening socket is
-shared, so the other workers kept accepting meanwhile; datagrams for its UDP
-sockets wait in them, as far as their buffers go). Shutdown: STOP (workers take no new
+started on it, on the same UDP sockets (restart, not N-1: new connections go
+to the other workers meanwhile, and wait in the backlog while none is live;
+datagrams for its UDP sockets wait in them, as far as their buffers go). Shutdown: STOP (workers take no new
 frames, answer partial ones SHUTTING_DOWN, and confirm), the frames they sent
 are answered, then CLOSE (workers flush replies and exit).
 """
@@ -76,6 +79,8 @@ log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 60.0
 RESTART_DELAY_S = 0.2  # between a worker's death (once its range is free) and its replacement
+ACCEPTS_PER_WAKEUP = 64  # connections accepted per readiness of the listening socket, before the loop moves on
+ACCEPT_RETRY_S = 1.0  # after accept() failed (out of descriptors): when to try again
 RESTART_MAX_DELAY_S = 10.0  # a replacement that fails to start is tried again, doubling the delay up to this
 # Flags byte -> FrameFlags: LIVE is the one flag that means something here (SUBSCRIBERS, UDP's, the worker acts on)
 _FLAGS = [FrameFlags.LIVE if f & FrameFlags.LIVE else FrameFlags.NONE for f in range(256)]
@@ -137,6 +142,27 @@ class _Worker(asyncio.Protocol):
         self.started = False  # said READY
         self.udp: list[dict[str, int]] = [{} for _ in listener.udp]  # each UDP listener's numbers (STATS records)
         self._answer: channel.Answer | None = None  # an ANSWERED record whose TEXT records are still coming
+        self.handoff: socket.socket | None = None  # our end of the pair TCP connections are handed over on
+        self._handed = 0  # connections handed over (modulo 2**32, as the worker counts those it took up)
+        self._taken = 0  # ... of which it took up, as last reported (CONNECTIONS)
+        self._open = 0  # its open connections, as last reported
+
+    @property
+    def load(self) -> int:
+        """Its open TCP connections, counting those handed over and not taken up yet."""
+        return self._open + ((self._handed - self._taken) & 0xFFFFFFFF)
+
+    def hand_over(self, conn: socket.socket) -> bool:
+        """Send the accepted ``conn`` to the worker (our copy is the caller's to close); False when it cannot
+        take it now (gone, or its handoff queue full: a worker that stopped reading)."""
+        if self.handoff is None:
+            return False
+        try:
+            socket.send_fds(self.handoff, [b"c"], [conn.fileno()])
+        except OSError:
+            return False
+        self._handed = (self._handed + 1) & 0xFFFFFFFF
+        return True
 
     # -- process ----------------------------------------------------------------------
 
@@ -154,25 +180,31 @@ class _Worker(asyncio.Protocol):
 
     async def _spawn(self, init: WorkerInit, segment_fd: int) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        handoff, their_handoff = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             try:
                 for s in (ours, theirs):  # room for many records per write
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+                init = dataclasses.replace(init, handoff_fd=their_handoff.fileno())
                 path = [_PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")]
                 env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}  # this streamgpu, first
                 self.proc = subprocess.Popen(
                     [sys.executable, "-m", "streamgpu.ingest.worker", str(theirs.fileno())],
-                    pass_fds=(theirs.fileno(), init.listen_fd, segment_fd, *init.udp_fds),
+                    pass_fds=(theirs.fileno(), their_handoff.fileno(), segment_fd, *init.udp_fds),
                     env=env,
                 )
             finally:
                 theirs.close()
+                their_handoff.close()
             send_init(ours, init)
             ours.setblocking(False)
+            handoff.setblocking(False)
             await self._loop.create_unix_connection(lambda: self, sock=ours)  # its transport owns ours now
+            self.handoff = handoff
         except BaseException:
             ours.close()
+            handoff.close()
             raise
 
     def _settle(self) -> None:
@@ -195,6 +227,9 @@ class _Worker(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
         self.alive = False
+        if self.handoff is not None:  # (connections handed over and not taken up close with it)
+            self.handoff.close()
+            self.handoff = None
         for conn in self.conns.values():  # the kernel closed them with the process
             conn.closed = True
             self._admission.leave(conn.producer)
@@ -253,10 +288,13 @@ class _Worker(asyncio.Protocol):
                     self._admission.leave(gone.producer)
             elif kind == channel.REPLIED:  # the worker answered a frame or handshake itself: count it here too
                 self._admission.replied(models[index][0] if index < len(models) else NO_MODEL, priority)
+            elif kind == channel.CONNECTIONS:
+                self._taken, self._open = conn, offset
             elif kind == channel.READY:
                 self.started = True
                 if not self.ready.done():
                     self.ready.set_result(None)
+                self._listener.worker_ready()
             elif kind == channel.ANSWERED or (kind == channel.TEXT and self._answer is not None):
                 # (rare: refusals and the like; the TEXT of an ANSWERED record nobody watches is skipped)
                 self._answered((kind, priority, flags, _p, index, _q, conn, fid, offset, payload_len,
@@ -368,6 +406,9 @@ class WorkerListener(Listener):
         self._sock: socket.socket | None = None
         self._workers: list[_Worker] = []
         self._stopping = False
+        self._started = False  # every first worker said READY: connections are accepted and handed over
+        self._reading = False  # the listening socket is watched (off while no worker can take a connection)
+        self._unhanded = 0  # connections accepted that no worker could take (closed)
         self.restarts = 0
         self._frames_before = 0  # FRAME descriptors of workers no longer in the list
         self.udp = [WorkerUdpListener(udp, admission, self, i)
@@ -396,6 +437,7 @@ class WorkerListener(Listener):
         host, port = self.spec.host, self.spec.port
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
         self._sock = socket.create_server((host, port), family=family, backlog=4096)
+        self._sock.setblocking(False)
         self._udp_socks = [_reuseport_sockets(udp.spec, self._n) for udp in self.udp]
         self._workers = [None] * self._n  # type: ignore[list-item]
         spawned = []
@@ -406,16 +448,57 @@ class WorkerListener(Listener):
             spawned.append(await self._spawn(i, lent))
         for worker in spawned:
             await self._await_ready(worker)
+        self._started = True
+        self.worker_ready()
 
     async def _spawn(self, index: int, lent: Slot) -> _Worker:
-        assert self._sock is not None
         worker = _Worker(self, index, lent)
         self._workers[index] = worker
         udp_fds = tuple(socks[index].fileno() for socks in self._udp_socks)
-        init = WorkerInit(self._worker_config, index, self._sock.fileno(), udp_fds, self._segment.fd,
+        init = WorkerInit(self._worker_config, index, -1, udp_fds, self._segment.fd,  # (handoff_fd: at spawn)
                           self._segment.nbytes, lent.offset, lent.offset + lent.nbytes)  # fmt: skip
         await worker.spawn(init, self._segment.fd)
         return worker
+
+    # -- connections ------------------------------------------------------------------
+    # This process accepts and hands each connection to the live worker holding the fewest. Workers
+    # accepting on one shared socket leave connections wherever one wakes first: it takes every pending
+    # one (measured: 16 connections opened at once all went to one of 4 workers), as Node's cluster
+    # module found too (its default is to accept in the primary and hand over, for that reason).
+
+    def worker_ready(self) -> None:
+        """A worker said READY: once started, (again) watch the listening socket."""
+        if self._started and not self._stopping and not self._reading and self._sock is not None:
+            asyncio.get_running_loop().add_reader(self._sock.fileno(), self._accept)
+            self._reading = True
+
+    def _stop_reading(self) -> None:
+        if self._reading and self._sock is not None:
+            asyncio.get_running_loop().remove_reader(self._sock.fileno())
+        self._reading = False
+
+    def _accept(self) -> None:
+        """Accept what is pending (a bounded number per wakeup) and hand each connection over."""
+        assert self._sock is not None
+        for _ in range(ACCEPTS_PER_WAKEUP):
+            takers = [w for w in self._workers if w is not None and w.alive and w.started and w.handoff is not None]
+            if not takers:  # they wait in the backlog until a (restarted) worker says READY
+                self._stop_reading()
+                return
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors and the like: try again later, as asyncio's servers do
+                log.error("accepting a connection failed: %s; trying again in %g s", exc, ACCEPT_RETRY_S)
+                self._stop_reading()
+                asyncio.get_running_loop().call_later(ACCEPT_RETRY_S, self.worker_ready)
+                return
+            with conn:  # our copy: the worker has its own once handed over
+                takers.sort(key=lambda w: w.load)
+                if not any(worker.hand_over(conn) for worker in takers):
+                    self._unhanded += 1
+                    log.warning("no ingest worker could take a connection (%d so far); it is closed", self._unhanded)
 
     async def _await_ready(self, worker: _Worker) -> None:
         try:
@@ -486,6 +569,7 @@ class WorkerListener(Listener):
 
     def stop_accepting(self) -> None:
         self._stopping = True
+        self._stop_reading()
         for worker in self._workers:
             if worker is not None and worker.alive:
                 worker.send(channel.down(channel.STOP))
@@ -514,6 +598,7 @@ class WorkerListener(Listener):
             if not worker.replaced:
                 self._retire(worker)
         self._workers = []
+        self._stop_reading()
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -554,6 +639,8 @@ class WorkerListener(Listener):
             "worker_restarts": self.restarts,
             "connections": sum(len(w.conns) for w in live),  # those that sent a frame
             "worker_connections": [len(w.conns) if w is not None and w.alive else 0 for w in self._workers],
+            "worker_open_connections": [w.load if w is not None and w.alive else 0 for w in self._workers],
+            "unhanded_connections": self._unhanded,
             "frames": self._frames_before + sum(w.frames for w in self._workers if w is not None and not w.replaced),
         }
 

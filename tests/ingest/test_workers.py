@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -252,11 +253,13 @@ async def test_a_stop_sent_while_a_worker_starts_is_not_lost() -> None:
 
     # The worker's side, in this process: the STOP waits in the channel before serve() starts.
     listen = socket.create_server(("127.0.0.1", 0))
+    listen.setblocking(False)
+    handoff, their_handoff = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     ours, theirs = socket.socketpair()
     ours.sendall(channel.down(channel.STOP))
     lent = parent.lent
     init = worker.WorkerInit(dataclasses.replace(cfg, ingest_workers=0, ring_bytes=lent.nbytes), 0,
-                             os.dup(listen.fileno()), (), os.dup(segment.fd), segment.nbytes, lent.offset,
+                             their_handoff.detach(), (), os.dup(segment.fd), segment.nbytes, lent.offset,
                              lent.offset + lent.nbytes)  # fmt: skip
     serving = asyncio.ensure_future(worker.serve(theirs, init))
     ours.setblocking(False)
@@ -267,13 +270,22 @@ async def test_a_stop_sent_while_a_worker_starts_is_not_lost() -> None:
             got += await loop.sock_recv(ours, 4096)
     kinds = {got[i] for i in range(0, len(got), channel.UP.size)}
     assert {channel.STOPPED, channel.READY} <= kinds
+
+    async def hand_over() -> None:  # as the parent does: accept, send the descriptor, close our copy
+        accepted, _ = await loop.sock_accept(listen)
+        with accepted:
+            socket.send_fds(handoff, [b"c"], [accepted.fileno()])
+
     with pytest.raises((TimeoutError, client.ConnectionClosedError, ConnectionError)):
-        async with asyncio.timeout(0.5):  # nobody takes the connection: no WELCOME comes
+        async with asyncio.timeout(0.5):  # the worker takes no connection: no WELCOME comes
+            handing = asyncio.ensure_future(hand_over())
             conn = await client.connect("127.0.0.1", listen.getsockname()[1])
             await conn.close()
+    await handing
     await loop.sock_sendall(ours, channel.down(channel.CLOSE, 0))
     await asyncio.wait_for(serving, 10)
     ours.close()
+    handoff.close()
     listen.close()
     segment.close()
 
@@ -373,6 +385,10 @@ async def test_a_killed_worker_costs_only_its_connections_then_shutdown_drains(s
     lost = await asyncio.gather(*pending[0], return_exceptions=True)
     assert any(isinstance(r, client.ConnectionClosedError) for r in lost)  # its connections closed
     assert all(c.closed for c in by_worker[0]) and not any(c.closed for c in by_worker[1])
+    meanwhile = [await client.connect("127.0.0.1", server.port) for _ in range(4)]  # handed to the live one
+    assert all(r.ok for r in await asyncio.gather(*(c.submit(data[0], stream_id=3) for c in meanwhile)))
+    for conn in meanwhile:
+        await conn.close()
     for _ in range(500):  # its range is reclaimed once nothing reads it, then a new worker starts on it
         if listener.stats()["workers_alive"] == 2:
             break
@@ -386,6 +402,44 @@ async def test_a_killed_worker_costs_only_its_connections_then_shutdown_drains(s
         await conn.close()
     assert server.metrics()["frames_in_flight"] == 0
     await shutdown_answers_every_frame_received(server)
+
+
+@pytest.mark.asyncio
+async def test_connections_opened_at_once_are_spread_evenly_over_the_workers() -> None:
+    """8 connections opened at once, 4 workers: 2 each. (With the workers accepting on one shared socket,
+    the first to wake took every pending connection: all of a burst went to one worker.)"""
+    async with Server(config(ingest_workers=4, ring_bytes=1 << 23)) as srv:
+        listener = listener_of(srv)
+        conns = await asyncio.gather(*(client.connect("127.0.0.1", srv.port) for _ in range(8)))
+        data = frames(8, seed=21)
+        replies = await asyncio.gather(*(c.submit(data[i], stream_id=i) for i, c in enumerate(conns)))
+        assert all(r.ok for r in replies), {r.status for r in replies}
+        assert listener.stats()["worker_connections"] == [2, 2, 2, 2]  # those that sent a frame, per worker
+        for conn in conns:
+            await conn.close()
+
+
+@pytest.mark.asyncio
+async def test_producers_that_reset_at_once_leave_no_count_behind(server: Server) -> None:
+    """Connections reset right after connecting (before or while they are handed over) cost nothing:
+    every worker's count of open connections goes back to 0, so the next ones still spread evenly."""
+    listener = listener_of(server)
+    loop = asyncio.get_running_loop()
+    for _ in range(40):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", server.port))
+        sock.close()
+    async with asyncio.timeout(10):
+        while listener.stats()["worker_open_connections"] != [0, 0]:
+            await asyncio.sleep(0.01)
+    conns = await asyncio.gather(*(client.connect("127.0.0.1", server.port) for _ in range(4)))
+    replies = await asyncio.gather(*(c.submit(frames(1, i)[0], stream_id=i) for i, c in enumerate(conns)))
+    assert all(r.ok for r in replies)
+    assert listener.stats()["worker_open_connections"] == [2, 2]
+    for conn in conns:
+        await conn.close()
 
 
 async def shutdown_answers_every_frame_received(server: Server) -> None:
