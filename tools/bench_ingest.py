@@ -48,6 +48,7 @@ from streamgpu.frame import Frame, Outcome  # noqa: E402
 from streamgpu.gpu.backend import Backend, BatchRun, DeviceModel  # noqa: E402
 from streamgpu.gpu.bridge import CompletionBridge  # noqa: E402
 from streamgpu.ingest import channel  # noqa: E402
+from streamgpu.ingest import worker as worker_process  # noqa: E402
 from streamgpu.ingest.admission import Admission  # noqa: E402
 from streamgpu.ingest.tcp import TcpConnection, TcpListener  # noqa: E402
 from streamgpu.ingest.workers import WorkerListener, _Worker  # noqa: E402
@@ -176,14 +177,50 @@ async def micro_workers(shape: tuple[int, ...], total: int, batch: int) -> float
     return elapsed / (total // batch * batch) * 1e6
 
 
+async def micro_worker_process(shape: tuple[int, ...], total: int, batch: int) -> float:
+    """An ingest worker's CPU per frame, without the kernel's part: TCP bytes parsed and admitted, FRAME
+    records packed, then REPLY records decoded, replies encoded and written (one loop iteration per batch)."""
+    spec = ModelSpec(input_shape=shape)
+    cfg = Config(models=[spec], ring_bytes=64 << 20, max_payload_bytes=1 << 20)
+    segment = HostSegment.create(cfg.ring_bytes)
+    chan = worker_process._Channel(cfg)
+    chan.connection_made(_Sink())  # type: ignore[arg-type]
+    admission = worker_process._WorkerAdmission(cfg, SlotPool(segment.buffer), {spec.name: spec}, chan.submit)
+    admission.channel = chan
+    admission.stream_results = worker_process._ForwardingHub(chan)
+    listener = TcpListener(ListenerSpec(port=0), admission, handed_over=True)
+    await listener.start()
+    conn = TcpConnection(listener)
+    conn.connection_made(_Sink())  # type: ignore[arg-type]
+    _feed(conn, wire.encode_hello(wire.Hello(wire.VERSION, "")))
+    payload = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8).tobytes()
+    data = b"".join(wire.encode_frame_header(FrameHeader(0, seq, "default", 1, shape, len(payload))) + payload
+                    for seq in range(batch))  # fmt: skip
+    rounds = total // batch
+    # The scheduling process's REPLY records (its work, not the worker's): made before the clock starts.
+    rows, timings = np.zeros((batch, 1000), np.float32), np.ones((batch, 6), np.int64)
+    replies = [channel.encode_replies(range(1 + r * batch, 1 + (r + 1) * batch), rows, timings) for r in range(rounds)]
+    start = time.thread_time()
+    for r in range(rounds):
+        _feed(conn, data)
+        chan.data_received(replies[r])
+        await asyncio.sleep(0)  # the loop iteration's end: records up and replies out, one write each
+    elapsed = time.thread_time() - start
+    segment.close()
+    return elapsed / (rounds * batch) * 1e6
+
+
 def part_micro(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for label, shape in SIZES.items():
         tcp = min(micro_tcp(shape, args.micro_frames, args.micro_batch) for _ in range(3))
         workers = min(asyncio.run(micro_workers(shape, args.micro_frames, args.micro_batch)) for _ in range(3))
+        process = min(asyncio.run(micro_worker_process(shape, args.micro_frames, args.micro_batch)) for _ in range(3))
         rows.append({"frame": label, "batch": args.micro_batch, "tcp_us_per_frame": round(tcp, 2),
-                     "workers_us_per_frame": round(workers, 2), "ratio": round(workers / tcp, 3)})  # fmt: skip
-    print_rows("scheduling loop CPU per frame, ingest path only (no model, no scheduler), best of 3", rows)
+                     "workers_us_per_frame": round(workers, 2), "ratio": round(workers / tcp, 3),
+                     "worker_process_us_per_frame": round(process, 2)})  # fmt: skip
+    print_rows("CPU per frame, ingest path only (no model, no scheduler), best of 3: the scheduling loop's in one "
+               "process (tcp) and with workers (workers), and an ingest worker's own", rows)  # fmt: skip
     return {"rows": rows}
 
 
@@ -384,10 +421,12 @@ def part_loop(args: argparse.Namespace) -> dict[str, Any]:
 # -- saturate: servers over loopback ---------------------------------------------------------------
 
 
-def serve(out: Path, name: str, shape: tuple[int, ...], workers: int, device: str, max_batch: int) -> Any:
+def serve(
+    out: Path, name: str, shape: tuple[int, ...], workers: int, device: str, max_batch: int, max_inflight: int = 2
+) -> Any:
     toml = "\n".join([
         "[server]", "port = 0", f'device = "{device}"', f"ingest_workers = {workers}",
-        "ring_bytes = 1073741824", "max_payload_bytes = 16777216", "",
+        "ring_bytes = 1073741824", "max_payload_bytes = 16777216", f"max_inflight_batches = {max_inflight}", "",
         "[[models]]", 'name = "default"', 'source = "builtin:small"', f"input_shape = {list(shape)}",
         f"max_batch_size = {max_batch}",
     ])  # fmt: skip
@@ -442,7 +481,7 @@ def part_saturate(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     for label, shape in sizes.items():
         for workers in (0, args.ingest_workers):
             name = f"{label}_w{workers}"
-            with serve(out, name, shape, workers, args.device, args.max_batch) as port:
+            with serve(out, name, shape, workers, args.device, args.max_batch, args.max_inflight_batches) as port:
                 pid = server_pid(name)
                 for producers in producers_list:
                     procs = min(producers, args.generators)
@@ -484,6 +523,7 @@ def main() -> int:
     parser.add_argument("--generators", type=int, default=8, help="load generator processes at most")
     parser.add_argument("--window", type=float, default=3.0)
     parser.add_argument("--max-batch", type=int, default=32, help="saturate: the model's max_batch_size")
+    parser.add_argument("--max-inflight-batches", type=int, default=2, help="saturate: the server's setting")
     parser.add_argument("--sizes", default=",".join(SIZES), help="frame sizes to run (3KB, 150KB)")
     parser.add_argument("--producers", default=",".join(map(str, PRODUCERS)), help="producer counts")
     parser.add_argument("--micro-frames", type=int, default=32768)

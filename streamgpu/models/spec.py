@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -132,9 +133,9 @@ class ModelSpec:
     def frame_dtype(self) -> np.dtype:
         return np.dtype(self.input_dtype)
 
-    @property
+    @functools.cached_property
     def frame_dtype_code(self) -> int:
-        return wire.dtype_code(self.input_dtype)
+        return wire.dtype_code(self.input_dtype)  # (cached: admission compares it for every frame)
 
     @property
     def frame_nbytes(self) -> int:
