@@ -83,6 +83,7 @@ RESTART_DELAY_S = 0.2  # between a worker's death (once its range is free) and i
 ACCEPTS_PER_WAKEUP = 64  # connections accepted per readiness of the listening socket, before the loop moves on
 ACCEPT_RETRY_S = 1.0  # after accept() failed (out of descriptors): when to try again
 HANDOFF_RETRY_S = 0.01  # a connection no worker had room for (every handoff queue full) is offered again after this
+HANDOFF_STALL_S = 0.5  # a worker that has left a handed connection untaken this long gets new ones only if no other can
 RESTART_MAX_DELAY_S = 10.0  # a replacement that fails to start is tried again, doubling the delay up to this
 # Flags byte -> FrameFlags: LIVE is the one flag that means something here (SUBSCRIBERS, UDP's, the worker acts on)
 _FLAGS = [FrameFlags.LIVE if f & FrameFlags.LIVE else FrameFlags.NONE for f in range(256)]
@@ -148,11 +149,16 @@ class _Worker(asyncio.Protocol):
         self._handed = 0  # connections handed over (modulo 2**32, as the worker counts those it took up)
         self._taken = 0  # ... of which it took up, as last reported (CONNECTIONS)
         self._open = 0  # its open connections, as last reported
+        self._behind_since: float | None = None  # since when a connection handed over waits untaken (loop time)
 
     @property
     def load(self) -> int:
         """Its open TCP connections, counting those handed over and not taken up yet."""
         return self._open + ((self._handed - self._taken) & 0xFFFFFFFF)
+
+    def stalled(self, now: float) -> bool:
+        """It has left a connection handed over untaken for HANDOFF_STALL_S (hung, or stopped reading)."""
+        return self._behind_since is not None and now - self._behind_since > HANDOFF_STALL_S
 
     def hand_over(self, conn: socket.socket) -> bool:
         """Send the accepted ``conn`` to the worker (our copy is the caller's to close); False when it is gone.
@@ -168,6 +174,8 @@ class _Worker(asyncio.Protocol):
             if exc.errno == errno.ETOOMANYREFS:
                 raise BlockingIOError(exc.errno, exc.strerror) from exc
             return False
+        if self._handed == self._taken:
+            self._behind_since = self._loop.time()
         self._handed = (self._handed + 1) & 0xFFFFFFFF
         return True
 
@@ -296,6 +304,8 @@ class _Worker(asyncio.Protocol):
             elif kind == channel.REPLIED:  # the worker answered a frame or handshake itself: count it here too
                 self._admission.replied(models[index][0] if index < len(models) else NO_MODEL, priority)
             elif kind == channel.CONNECTIONS:
+                if conn != self._taken:  # it takes them: those left are newer
+                    self._behind_since = None if conn == self._handed else self._loop.time()
                 self._taken, self._open = conn, offset
             elif kind == channel.READY:
                 self.started = True
@@ -476,6 +486,7 @@ class WorkerListener(Listener):
     # module found too (its default is to accept in the primary and hand over, for that reason).
     # A worker's handoff queue holds a few hundred descriptors: when every live worker's is full (busy a
     # moment, or stopped reading), the connection in hand is parked here and the rest wait in the backlog.
+    # One that left a connection untaken for HANDOFF_STALL_S (hung) is passed over while another can take it.
 
     def worker_ready(self) -> None:
         """A worker said READY: once started, (again) watch the listening socket."""
@@ -510,7 +521,8 @@ class WorkerListener(Listener):
                     self._stop_reading()
                     asyncio.get_running_loop().call_later(ACCEPT_RETRY_S, self.worker_ready)
                     return
-            takers.sort(key=lambda w: w.load)
+            now = asyncio.get_running_loop().time()
+            takers.sort(key=lambda w: (w.stalled(now), w.load))  # a stalled one only when no other can take it
             full = False
             for worker in takers:
                 try:

@@ -16,6 +16,7 @@ import pytest
 
 from streamgpu import client
 from streamgpu.ingest import channel, worker
+from streamgpu.ingest.workers import HANDOFF_STALL_S
 from streamgpu.memory import HostSegment
 from streamgpu.server import Server
 from tests.ingest.test_workers import config, listener_of
@@ -136,4 +137,29 @@ async def test_a_burst_bigger_than_the_handoff_queue_waits_for_a_busy_worker() -
         assert listener.stats()["unhanded_connections"] == 0
         for conn in results:
             assert isinstance(conn, client.Connection)
+            await conn.close()
+
+
+@pytest.mark.asyncio
+async def test_a_worker_that_stopped_taking_connections_gets_no_more_while_another_can() -> None:
+    """Worker 0 stops (hung) with a connection handed to it and not taken: once that has waited longer
+    than HANDOFF_STALL_S, new connections go to worker 1, though worker 0 holds fewer. (They went to the
+    one holding the fewest, counting those it never took: half of them hung without a WELCOME until
+    its queue was full.)"""
+    async with Server(config()) as srv:
+        listener = listener_of(srv)
+        pids = listener.pids
+        os.kill(pids[0], signal.SIGSTOP)
+        try:
+            stuck = asyncio.ensure_future(client.connect("127.0.0.1", srv.port, timeout=20))  # to worker 0: a tie
+            async with asyncio.timeout(5):
+                while listener.stats()["worker_open_connections"] != [1, 0]:
+                    await asyncio.sleep(0.01)
+            await asyncio.sleep(HANDOFF_STALL_S + 0.1)
+            conns = await asyncio.gather(*(client.connect("127.0.0.1", srv.port, timeout=2) for _ in range(6)))
+            assert listener.stats()["worker_open_connections"] == [1, 6]
+        finally:
+            os.kill(pids[0], signal.SIGCONT)
+        conns.append(await stuck)  # served once it goes on
+        for conn in conns:
             await conn.close()
