@@ -262,7 +262,7 @@ class _WorkerTcpListener(TcpListener):
     def __init__(self, spec: ListenerSpec, admission: Admission, chan: _Channel) -> None:
         super().__init__(spec, admission, handed_over=True)
         self._chan = chan
-        self._taken = 0  # connections handed over and taken up (served, refused or found closed)
+        self._taken = 0  # connections handed over and taken up (served, refused, found closed or lost)
         self._adopting: set[asyncio.Task[None]] = set()
 
     def take_handed(self, handoff: socket.socket) -> None:
