@@ -39,10 +39,10 @@ Worker -> scheduler: fixed-size records of ``UP.size`` (80) bytes::
   results sink are (the REPLIED record counts it; this one tells who).
 * ``TEXT``: ``TEXT_BYTES`` bytes of the text of the ANSWERED record before it.
 * ``CONNECTIONS``: the worker has taken up ``conn`` of the TCP connections
-  handed to it (modulo 2**32; served, refused or found closed) and holds
-  ``offset`` open now. Sent whenever either changes. The scheduling process
-  hands each connection it accepts to the worker holding the fewest,
-  counting those handed and not taken up yet.
+  handed to it (modulo 2**32; served, refused, found closed, or lost for want
+  of a descriptor) and holds ``offset`` open now. Sent whenever either
+  changes. The scheduling process hands each connection it accepts to the
+  worker holding the fewest, counting those handed and not taken up yet.
 * ``STATS``: UDP listener ``conn`` (its position among ``Config.listeners`` of
   kind udp) has the number ``offset`` for ``streamgpu.ingest.udp.STAT_NAMES[index]``
   (a count since the worker started, or a gauge now). Sent for the numbers

@@ -262,7 +262,7 @@ class _WorkerTcpListener(TcpListener):
     def __init__(self, spec: ListenerSpec, admission: Admission, chan: _Channel) -> None:
         super().__init__(spec, admission, handed_over=True)
         self._chan = chan
-        self._taken = 0  # connections handed over and taken up (served, refused or found closed)
+        self._taken = 0  # connections handed over and taken up (served, refused, found closed or lost)
         self._adopting: set[asyncio.Task[None]] = set()
 
     def take_handed(self, handoff: socket.socket) -> None:
@@ -270,14 +270,19 @@ class _WorkerTcpListener(TcpListener):
         loop = asyncio.get_running_loop()
         while True:
             try:
-                _, fds, _, _ = socket.recv_fds(handoff, 1, 1)
+                message, fds, _, _ = socket.recv_fds(handoff, 1, 1)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
-                fds = []
-            if not fds:  # the parent closed its end (it is going): nothing more comes
+                message, fds = b"", []
+            if not message:  # the parent closed its end (it is going): nothing more comes
                 loop.remove_reader(handoff.fileno())
                 return
+            if not fds:  # out of descriptors: the kernel dropped (closed) this one; the next may fit
+                log.warning("a connection handed over was lost: no descriptor left to receive it")
+                self._taken += 1
+                self._report()
+                continue
             task = loop.create_task(self._adopt(socket.socket(fileno=fds[0])))
             self._adopting.add(task)
             task.add_done_callback(self._adopting.discard)

@@ -50,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import errno
 import functools
 import logging
 import os
@@ -81,6 +82,8 @@ READY_TIMEOUT_S = 60.0
 RESTART_DELAY_S = 0.2  # between a worker's death (once its range is free) and its replacement
 ACCEPTS_PER_WAKEUP = 64  # connections accepted per readiness of the listening socket, before the loop moves on
 ACCEPT_RETRY_S = 1.0  # after accept() failed (out of descriptors): when to try again
+HANDOFF_RETRY_S = 0.01  # a connection no worker had room for (every handoff queue full) is offered again after this
+HANDOFF_STALL_S = 0.5  # a worker that has left a handed connection untaken this long gets new ones only if no other can
 RESTART_MAX_DELAY_S = 10.0  # a replacement that fails to start is tried again, doubling the delay up to this
 # Flags byte -> FrameFlags: LIVE is the one flag that means something here (SUBSCRIBERS, UDP's, the worker acts on)
 _FLAGS = [FrameFlags.LIVE if f & FrameFlags.LIVE else FrameFlags.NONE for f in range(256)]
@@ -146,21 +149,33 @@ class _Worker(asyncio.Protocol):
         self._handed = 0  # connections handed over (modulo 2**32, as the worker counts those it took up)
         self._taken = 0  # ... of which it took up, as last reported (CONNECTIONS)
         self._open = 0  # its open connections, as last reported
+        self._behind_since: float | None = None  # since when a connection handed over waits untaken (loop time)
 
     @property
     def load(self) -> int:
         """Its open TCP connections, counting those handed over and not taken up yet."""
         return self._open + ((self._handed - self._taken) & 0xFFFFFFFF)
 
+    def stalled(self, now: float) -> bool:
+        """It has left a connection handed over untaken for HANDOFF_STALL_S (hung, or stopped reading)."""
+        return self._behind_since is not None and now - self._behind_since > HANDOFF_STALL_S
+
     def hand_over(self, conn: socket.socket) -> bool:
-        """Send the accepted ``conn`` to the worker (our copy is the caller's to close); False when it cannot
-        take it now (gone, or its handoff queue full: a worker that stopped reading)."""
+        """Send the accepted ``conn`` to the worker (our copy is the caller's to close); False when it is gone.
+        BlockingIOError: no room now (its handoff queue is full: a worker busy a moment, or one that stopped
+        reading; or too many descriptors in flight)."""
         if self.handoff is None:
             return False
         try:
             socket.send_fds(self.handoff, [b"c"], [conn.fileno()])
-        except OSError:
+        except BlockingIOError:
+            raise
+        except OSError as exc:
+            if exc.errno == errno.ETOOMANYREFS:
+                raise BlockingIOError(exc.errno, exc.strerror) from exc
             return False
+        if self._handed == self._taken:
+            self._behind_since = self._loop.time()
         self._handed = (self._handed + 1) & 0xFFFFFFFF
         return True
 
@@ -289,6 +304,8 @@ class _Worker(asyncio.Protocol):
             elif kind == channel.REPLIED:  # the worker answered a frame or handshake itself: count it here too
                 self._admission.replied(models[index][0] if index < len(models) else NO_MODEL, priority)
             elif kind == channel.CONNECTIONS:
+                if conn != self._taken:  # it takes them: those left are newer
+                    self._behind_since = None if conn == self._handed else self._loop.time()
                 self._taken, self._open = conn, offset
             elif kind == channel.READY:
                 self.started = True
@@ -409,6 +426,8 @@ class WorkerListener(Listener):
         self._started = False  # every first worker said READY: connections are accepted and handed over
         self._reading = False  # the listening socket is watched (off while no worker can take a connection)
         self._unhanded = 0  # connections accepted that no worker could take (closed)
+        self._parked: socket.socket | None = None  # accepted while every worker's handoff queue was full
+        self._retry: asyncio.TimerHandle | None = None  # when the parked connection is offered again
         self.restarts = 0
         self._frames_before = 0  # FRAME descriptors of workers no longer in the list
         self.udp = [WorkerUdpListener(udp, admission, self, i)
@@ -465,6 +484,9 @@ class WorkerListener(Listener):
     # accepting on one shared socket leave connections wherever one wakes first: it takes every pending
     # one (measured: 16 connections opened at once all went to one of 4 workers), as Node's cluster
     # module found too (its default is to accept in the primary and hand over, for that reason).
+    # A worker's handoff queue holds a few hundred descriptors: when every live worker's is full (busy a
+    # moment, or stopped reading), the connection in hand is parked here and the rest wait in the backlog.
+    # One that left a connection untaken for HANDOFF_STALL_S (hung) is passed over while another can take it.
 
     def worker_ready(self) -> None:
         """A worker said READY: once started, (again) watch the listening socket."""
@@ -478,27 +500,65 @@ class WorkerListener(Listener):
         self._reading = False
 
     def _accept(self) -> None:
-        """Accept what is pending (a bounded number per wakeup) and hand each connection over."""
+        """Accept what is pending (a bounded number per wakeup; a parked connection first) and hand each
+        connection over."""
         assert self._sock is not None
         for _ in range(ACCEPTS_PER_WAKEUP):
             takers = [w for w in self._workers if w is not None and w.alive and w.started and w.handoff is not None]
             if not takers:  # they wait in the backlog until a (restarted) worker says READY
                 self._stop_reading()
+                if self._parked is not None:
+                    self._park(self._parked)
                 return
-            try:
-                conn, _ = self._sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # out of descriptors and the like: try again later, as asyncio's servers do
-                log.error("accepting a connection failed: %s; trying again in %g s", exc, ACCEPT_RETRY_S)
-                self._stop_reading()
-                asyncio.get_running_loop().call_later(ACCEPT_RETRY_S, self.worker_ready)
-                return
-            with conn:  # our copy: the worker has its own once handed over
-                takers.sort(key=lambda w: w.load)
-                if not any(worker.hand_over(conn) for worker in takers):
-                    self._unhanded += 1
-                    log.warning("no ingest worker could take a connection (%d so far); it is closed", self._unhanded)
+            conn, self._parked = self._parked, None
+            if conn is None:
+                try:
+                    conn, _ = self._sock.accept()
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as exc:  # out of descriptors and the like: try again later, as asyncio's servers do
+                    log.error("accepting a connection failed: %s; trying again in %g s", exc, ACCEPT_RETRY_S)
+                    self._stop_reading()
+                    asyncio.get_running_loop().call_later(ACCEPT_RETRY_S, self.worker_ready)
+                    return
+            now = asyncio.get_running_loop().time()
+            takers.sort(key=lambda w: (w.stalled(now), w.load))  # a stalled one only when no other can take it
+            full = False
+            for worker in takers:
+                try:
+                    if worker.hand_over(conn):
+                        break
+                except BlockingIOError:
+                    full = True
+            else:
+                if full:  # every live worker is busy: this one waits here, the next ones in the backlog
+                    self._park(conn)
+                    return
+                self._unhanded += 1
+                log.warning("no ingest worker could take a connection (%d so far); it is closed", self._unhanded)
+            conn.close()  # our copy: the worker has its own once handed over
+
+    def _park(self, conn: socket.socket) -> None:
+        self._parked = conn
+        self._stop_reading()
+        if self._retry is None:
+            self._retry = asyncio.get_running_loop().call_later(HANDOFF_RETRY_S, self._retry_parked)
+
+    def _retry_parked(self) -> None:
+        """Offer the parked connection again; once it is handed over, watch the listening socket again."""
+        self._retry = None
+        if self._parked is not None and self._sock is not None and not self._stopping:
+            self._accept()
+            if self._parked is None:
+                self.worker_ready()
+
+    def _drop_parked(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        if self._parked is not None:  # (refused, as those still in the backlog are)
+            self._parked.close()
+            self._parked = None
 
     async def _await_ready(self, worker: _Worker) -> None:
         try:
@@ -570,6 +630,7 @@ class WorkerListener(Listener):
     def stop_accepting(self) -> None:
         self._stopping = True
         self._stop_reading()
+        self._drop_parked()
         for worker in self._workers:
             if worker is not None and worker.alive:
                 worker.send(channel.down(channel.STOP))
@@ -599,6 +660,7 @@ class WorkerListener(Listener):
                 self._retire(worker)
         self._workers = []
         self._stop_reading()
+        self._drop_parked()
         if self._sock is not None:
             self._sock.close()
             self._sock = None
