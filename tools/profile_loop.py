@@ -14,6 +14,10 @@ The profiler slows the loop, so the breakdown is a proportion, not a timing.
 
     python tools/profile_loop.py --model builtin:small --concurrency 64 --processes 4
 
+It also prints the batches seen: mean size, each stage's p50, and the
+scheduler's estimate of a batch's device time at the commonest sizes (the
+completion bridge sleeps on it before it polls).
+
 With ``--ingest-workers N`` the server runs N ingest worker processes: the
 figures are then the scheduling loop's alone (the workers' CPU is reported
 apart, as ``workers_cpu_per_frame_us``, from /proc). With ``--transport
@@ -132,6 +136,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         n0, cpu0, t0, w0 = completed(), time.thread_time(), time.perf_counter(), processes_cpu(pids)
         await asyncio.sleep(args.seconds)
         n1, cpu1, t1, w1 = completed(), time.thread_time(), time.perf_counter(), processes_cpu(pids)
+        batches = batches_seen(server.metrics()["models"]["default"])
         profile = cProfile.Profile()
         profile.enable()
         await asyncio.sleep(args.seconds)
@@ -155,6 +160,21 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         "stages_us_per_frame": {k: v * scale for k, v in sorted(stages.items(), key=lambda kv: -kv[1])},
         "top_functions_us_per_frame": functions,
         "device": server.backend.device_name if server.backend else args.device,
+        "batches": batches,
+    }
+
+
+def batches_seen(model: dict[str, Any]) -> dict[str, Any]:
+    """A model's batches so far: mean size, each stage's percentiles (us), and the scheduler's estimate of
+    a batch's device time at the most common sizes (ms; the completion bridge sleeps on it)."""
+    sizes = model["batch_sizes"]
+    count = max(sum(sizes.values()), 1)
+    common = sorted(sizes, key=lambda n: -sizes[n])[:3]
+    estimates = model["batch_latency_ms"]
+    return {
+        "mean_size": sum(n * k for n, k in sizes.items()) / count,
+        **{stage: model[f"{stage}_us"] for stage in ("queue_wait", "transfer", "compute")},
+        "estimate_ms": {device: {n: known.get(n) for n in common} for device, known in estimates.items()},
     }
 
 
@@ -183,6 +203,10 @@ def main() -> int:
     print(f"frames/s {report['frames_per_s']:.0f}; loop busy {report['loop_busy']:.0%}; "
           f"loop CPU per frame {report['loop_us_per_frame']:.1f} us; "
           f"workers' CPU per frame {report['workers_cpu_per_frame_us']:.1f} us")  # fmt: skip
+    seen = report["batches"]
+    print(f"batches: mean {seen['mean_size']:.1f} frames; " + "; ".join(
+        f"{stage} p50 {seen[stage].get('p50', 0):.0f} us" for stage in ("queue_wait", "transfer", "compute")
+    ) + f"; estimated device ms at the commonest sizes: {seen['estimate_ms']}")  # fmt: skip
     print("stage | us per frame")
     for stage, us in report["stages_us_per_frame"].items():
         print(f"{stage} | {us:.1f}")
