@@ -84,7 +84,7 @@ def _settings_flags() -> argparse.ArgumentParser:
     flags.add_argument("--results-port", type=int, metavar="PORT", help="serve JSON-lines results on PORT")
     flags.add_argument("--results-file", metavar="FILE", help="append JSON-lines results to FILE")
     flags.add_argument(
-        "--ingest-workers", type=int, metavar="N", help="N processes accept and read connections (default 0: this one)"
+        "--ingest-workers", type=int, metavar="N", help="N processes read and answer connections (default 0: this one)"
     )
     model = flags.add_argument_group("the first model (no TOML needed for one model)")
     model.add_argument(
