@@ -238,12 +238,14 @@ class Admission:
         self._named: dict[str, Producer] = {}
         self._tokens = {grant.token: name for name, grant in config.tokens.items()}
         self.stream_results = ResultHub()  # every front end publishes its frames' outcomes here (see ingest.hub)
+        # Connections served at once: max_connections, or an ingest worker's share of it
+        self.connection_cap = config.max_connections
 
     # -- connections and identity -------------------------------------------------------------
 
     def open_connection(self) -> bool:
-        """Count a new connection; False (do not serve it) past ``max_connections``."""
-        if self.connections >= self.config.max_connections:
+        """Count a new connection; False (do not serve it) past ``connection_cap``."""
+        if self.connections >= self.connection_cap:
             return False
         self.connections += 1
         return True

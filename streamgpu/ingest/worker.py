@@ -68,6 +68,7 @@ class WorkerInit:
     segment_bytes: int
     start: int  # this worker's range of the segment: [start, end)
     end: int
+    connection_cap: int  # TCP connections it serves at once (its share of max_connections)
 
 
 def send_init(sock: socket.socket, init: WorkerInit) -> None:
@@ -331,6 +332,7 @@ async def serve(chan_sock: socket.socket, init: WorkerInit) -> None:
     admission = _WorkerAdmission(config, pool, {spec.name: spec for spec in config.models}, chan.submit)
     admission.channel = chan
     admission.stream_results = _ForwardingHub(chan)
+    admission.connection_cap = init.connection_cap
     tcp = next(spec for spec in config.listeners if spec.kind == "tcp")
     udp_specs = [spec for spec in config.listeners if spec.kind == "udp"]
     udp = [_WorkerUdpListener(spec, admission, socket.socket(fileno=fd), chan)

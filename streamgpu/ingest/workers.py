@@ -18,7 +18,7 @@ Who decides what (one owner per fact):
   ``Admission.admit`` (size, tensor, model, shape, priority ceiling), ring
   space per producer within its range (``Producer.reserve``: a producer's
   share is scaled to the range), time limits, reply order and encoding, and
-  the ``max_connections`` cap (per worker); for UDP, reassembly and every
+  its share of the ``max_connections`` cap (1/N); for UDP, reassembly and every
   listener count (reported up in STATS records, summed here by
   ``WorkerUdpListener``, the stand-in of a UDP listener in this process's
   list of listeners). The kernel writes payloads
@@ -477,8 +477,11 @@ class WorkerListener(Listener):
         worker = _Worker(self, index, lent)
         self._workers[index] = worker
         udp_fds = tuple(socks[index].fileno() for socks in self._udp_socks)
+        # Each new connection goes to the worker holding the fewest, so a 1/N share of max_connections on
+        # each makes the cap hold for the server (up to N - 1 more, rounding up)
+        connection_cap = -(-self._worker_config.max_connections // self._n)
         init = WorkerInit(self._worker_config, index, -1, udp_fds, self._segment.fd,  # (handoff_fd: at spawn)
-                          self._segment.nbytes, lent.offset, lent.offset + lent.nbytes)  # fmt: skip
+                          self._segment.nbytes, lent.offset, lent.offset + lent.nbytes, connection_cap)  # fmt: skip
         await worker.spawn(init, self._segment.fd)
         return worker
 

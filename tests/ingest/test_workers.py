@@ -260,7 +260,7 @@ async def test_a_stop_sent_while_a_worker_starts_is_not_lost() -> None:
     lent = parent.lent
     init = worker.WorkerInit(dataclasses.replace(cfg, ingest_workers=0, ring_bytes=lent.nbytes), 0,
                              their_handoff.detach(), (), os.dup(segment.fd), segment.nbytes, lent.offset,
-                             lent.offset + lent.nbytes)  # fmt: skip
+                             lent.offset + lent.nbytes, cfg.max_connections)  # fmt: skip
     serving = asyncio.ensure_future(worker.serve(theirs, init))
     ours.setblocking(False)
     loop = asyncio.get_running_loop()
@@ -416,6 +416,26 @@ async def test_connections_opened_at_once_are_spread_evenly_over_the_workers() -
         assert all(r.ok for r in replies), {r.status for r in replies}
         assert listener.stats()["worker_connections"] == [2, 2, 2, 2]  # those that sent a frame, per worker
         for conn in conns:
+            await conn.close()
+
+
+@pytest.mark.asyncio
+async def test_max_connections_holds_for_the_server_not_per_worker() -> None:
+    """max_connections = 4 with 2 workers: 4 connections are served, the 5th is refused OVERLOADED, naming
+    the setting's value (each worker serves its half; the emptiest takes each new one). Each worker
+    used to take max_connections itself: 8 in all."""
+    async with Server(config(max_connections=4)) as srv:
+        conns = [await client.connect("127.0.0.1", srv.port) for _ in range(4)]
+        with pytest.raises(client.HandshakeError) as refused:
+            await client.connect("127.0.0.1", srv.port)
+        assert refused.value.status == Status.OVERLOADED and "(4)" in refused.value.message
+        await conns[0].close()
+        async with asyncio.timeout(5):  # its place is free once its worker saw it close
+            while sorted(listener_of(srv).stats()["worker_open_connections"]) != [1, 2]:
+                await asyncio.sleep(0.01)
+        again = await client.connect("127.0.0.1", srv.port)
+        assert (await again.submit(frames(1, 3)[0], stream_id=1)).ok
+        for conn in [*conns[1:], again]:
             await conn.close()
 
 
