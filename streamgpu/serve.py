@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import time
 
@@ -17,10 +18,31 @@ from streamgpu.server import Server
 log = logging.getLogger("streamgpu")
 
 EXIT_DEVICE_LOST = 3  # a GPU failed with a sticky error while serving: restart the process to use it again
+# Descriptors a server needs beside its connections: listeners, ingest workers' channels, the ring, CUDA, logs
+DESCRIPTOR_MARGIN = 512
+
+
+def raise_descriptor_limit(config: Config) -> None:
+    """Raise this process's soft limit on open files (RLIMIT_NOFILE) to what ``max_connections`` needs, as
+    far as the hard limit allows; ingest workers inherit it. A common soft limit is 1024, the default
+    ``max_connections``: past it accept() fails and producers hang in the backlog instead of being served
+    or refused."""
+    wanted = config.max_connections + DESCRIPTOR_MARGIN
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < wanted:
+        log.warning("open files are limited to %d (hard limit), below max_connections (%d) + %d: connections past "
+                    "it wait unserved; raise the limit (ulimit -n) or lower max_connections", target,
+                    config.max_connections, DESCRIPTOR_MARGIN)  # fmt: skip
 
 
 def run(config: Config) -> int:
     """Serve until SIGINT/SIGTERM, then shut down gracefully. Returns the exit code."""
+    raise_descriptor_limit(config)
     loop = new_event_loop(config.loop)
     asyncio.set_event_loop(loop)
     try:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -16,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streamgpu import client
+from streamgpu import client, serve
 from streamgpu.cli import build_parser, main, serve_config
-from streamgpu.config import ListenerSpec
+from streamgpu.config import Config, ListenerSpec
 
 
 def test_serve_logs_answers_and_exits_cleanly_on_sigint() -> None:
@@ -44,6 +46,63 @@ def test_serve_logs_answers_and_exits_cleanly_on_sigint() -> None:
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert "stopped" in out
+
+
+def test_serve_raises_a_low_open_files_limit_so_its_connections_are_served() -> None:
+    """Started with a soft limit of 160 open files (below max_connections, 1024), ``streamgpu serve`` raises
+    it: 200 producers are welcomed and served. (Left at 160, accept() failed once the descriptors ran out
+    and the producers past it hung in the backlog.)"""
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (160, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamgpu", "serve", "--port", "0", "--device", "cpu", "--input-shape", "8,8,3"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=low_limit,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        port = None
+        lines: list[str] = []
+        deadline = time.monotonic() + 60
+        while port is None and time.monotonic() < deadline:
+            lines.append(proc.stdout.readline())
+            if m := re.search(r"listening on 127\.0\.0\.1:(\d+)", lines[-1]):
+                port = int(m.group(1))
+        assert port is not None, "".join(lines)
+
+        async def producers() -> list[bool]:
+            conns = []
+            try:
+                async with asyncio.timeout(30):
+                    for _ in range(200):
+                        conns.append(await client.connect("127.0.0.1", port))
+                    frame = np.zeros((8, 8, 3), np.uint8)
+                    return [(await conn.submit(frame)).ok for conn in conns[::20]]
+            finally:
+                for conn in conns:
+                    await conn.close()
+
+        assert all(asyncio.run(producers()))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+
+
+def test_a_hard_open_files_limit_below_max_connections_is_named(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    set_to: list[tuple[int, int]] = []
+    monkeypatch.setattr(serve.resource, "getrlimit", lambda _: (256, 600))
+    monkeypatch.setattr(serve.resource, "setrlimit", lambda _, limits: set_to.append(limits))
+    serve.raise_descriptor_limit(Config(max_connections=1024))
+    assert set_to == [(600, 600)]
+    assert "open files are limited to 600 (hard limit), below max_connections (1024)" in caplog.text
+    set_to.clear()
+    serve.raise_descriptor_limit(Config(max_connections=64))  # 64 + the margin fits: raised, no warning
+    assert set_to == [(64 + serve.DESCRIPTOR_MARGIN, 600)]
 
 
 def test_bad_flag_values_exit_2_with_a_message(capsys: pytest.CaptureFixture[str]) -> None:
