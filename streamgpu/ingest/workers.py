@@ -446,6 +446,9 @@ class WorkerListener(Listener):
             max_producer_ring_bytes=min(cfg.max_producer_ring_bytes, share),  # 0 stays 0: a quarter of the range
             ingest_workers=0,
         )
+        # Each new connection goes to the worker holding the fewest, so a 1/N share of max_connections on
+        # each makes the cap hold for the server (up to N - 1 more, rounding up)
+        self._connection_cap = -(-cfg.max_connections // workers)
 
     async def start(self) -> None:
         try:
@@ -477,11 +480,9 @@ class WorkerListener(Listener):
         worker = _Worker(self, index, lent)
         self._workers[index] = worker
         udp_fds = tuple(socks[index].fileno() for socks in self._udp_socks)
-        # Each new connection goes to the worker holding the fewest, so a 1/N share of max_connections on
-        # each makes the cap hold for the server (up to N - 1 more, rounding up)
-        connection_cap = -(-self._worker_config.max_connections // self._n)
         init = WorkerInit(self._worker_config, index, -1, udp_fds, self._segment.fd,  # (handoff_fd: at spawn)
-                          self._segment.nbytes, lent.offset, lent.offset + lent.nbytes, connection_cap)  # fmt: skip
+                          self._segment.nbytes, lent.offset, lent.offset + lent.nbytes,
+                          self._connection_cap)  # fmt: skip
         await worker.spawn(init, self._segment.fd)
         return worker
 
@@ -527,22 +528,29 @@ class WorkerListener(Listener):
                     self._stop_reading()
                     asyncio.get_running_loop().call_later(ACCEPT_RETRY_S, self.worker_ready)
                     return
-            now = asyncio.get_running_loop().time()
-            takers.sort(key=lambda w: (w.stalled(now), w.load))  # a stalled one only when no other can take it
-            full = False
-            for worker in takers:
-                try:
-                    if worker.hand_over(conn):
-                        break
-                except BlockingIOError:
-                    full = True
-            else:
-                if full:  # every live worker is busy: this one waits here, the next ones in the backlog
-                    self._park(conn)
-                    return
-                self._unhanded += 1
-                log.warning("no ingest worker could take a connection (%d so far); it is closed", self._unhanded)
-            conn.close()  # our copy: the worker has its own once handed over
+            if not self._hand_over(conn, takers):
+                return  # parked: the next ones wait in the backlog
+
+    def _hand_over(self, conn: socket.socket, takers: list[_Worker]) -> bool:
+        """Hand ``conn`` to the emptiest of ``takers`` that can take it and close our copy; False when every
+        one's handoff queue is full (``conn`` is parked, to be offered again)."""
+        now = asyncio.get_running_loop().time()
+        takers.sort(key=lambda w: (w.stalled(now), w.load))  # a stalled one only when no other can take it
+        full = False
+        for worker in takers:
+            try:
+                if worker.hand_over(conn):
+                    conn.close()  # our copy: the worker has its own
+                    return True
+            except BlockingIOError:
+                full = True
+        if full:  # every live worker is busy a moment
+            self._park(conn)
+            return False
+        conn.close()
+        self._unhanded += 1
+        log.warning("no ingest worker could take a connection (%d so far); it is closed", self._unhanded)
+        return True
 
     def _park(self, conn: socket.socket) -> None:
         self._parked = conn
