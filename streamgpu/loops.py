@@ -1,5 +1,5 @@
 """Choosing the event loop by name (``auto``: uvloop when installed, ``uvloop`` or ``asyncio``), and
-keeping the garbage collector's full passes off its back while servers run (:func:`freeze_heap`)."""
+keeping the garbage collector off its back while servers run (:func:`freeze_heap`)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,15 @@ import gc
 from collections.abc import Callable
 
 _frozen_by = 0  # running servers that froze the heap (freeze_heap)
+_thresholds_before: tuple[int, int, int] | None = None  # the collector's thresholds before the first freeze
+
+# While servers run, a young collection starts once this many more container objects are alive than at
+# the last one (Python's default: 700). Every frame in flight is a few such objects (its Frame, Slot,
+# header), so a burst of a few hundred frames crossed 700: 200+ young collections a second at 70,000
+# frames/s, each promoting the frames in flight towards the old generations, and so a full pass every
+# second or so that walked the loaded models (180 ms on the H100 host, the loop standing still). Frames
+# die young; at this threshold they die before a collection sees them (docs/BENCHMARKS.md).
+YOUNG_THRESHOLD = 10_000
 
 LOOPS = ("auto", "uvloop", "asyncio")
 
@@ -36,7 +45,8 @@ def new_event_loop(kind: str = "auto") -> asyncio.AbstractEventLoop:
 
 
 def freeze_heap() -> None:
-    """While servers run: freeze every object the process holds now (``gc.freeze``); undone by ``thaw_heap``.
+    """While servers run: freeze every object the process holds now (``gc.freeze``) and collect the young
+    generation only past ``YOUNG_THRESHOLD`` new objects; both undone by ``thaw_heap``.
 
     A full (generation 2) collection walks every tracked object, and with torch imported that is
     hundreds of thousands of them: 87 ms on the H100 host, holding the GIL the whole time. A model
@@ -46,15 +56,21 @@ def freeze_heap() -> None:
     (models, their versions) stay collectable. Frozen garbage (a stopped server's cycles, say) is
     collected once the last running server has called ``thaw_heap``. Nested calls count.
     """
-    global _frozen_by
+    global _frozen_by, _thresholds_before
     if _frozen_by == 0:
         gc.freeze()
+        _thresholds_before = young, *older = gc.get_threshold()
+        if young:  # (0: automatic collection is off, and stays off)
+            gc.set_threshold(max(YOUNG_THRESHOLD, young), *older)
     _frozen_by += 1
 
 
 def thaw_heap() -> None:
-    """The other half of ``freeze_heap``: the last call unfreezes the heap (the next full pass walks it)."""
+    """The other half of ``freeze_heap``: the last call unfreezes the heap (the next full pass walks it) and
+    gives the collector its thresholds back."""
     global _frozen_by
     _frozen_by -= 1
     if _frozen_by == 0:
         gc.unfreeze()
+        if _thresholds_before is not None:
+            gc.set_threshold(*_thresholds_before)

@@ -11,6 +11,7 @@ FROZEN_WHILE_SERVING = textwrap.dedent(
     """
     import asyncio, gc, os, weakref
     from streamgpu.config import Config, ListenerSpec
+    from streamgpu.loops import YOUNG_THRESHOLD
     from streamgpu.models.spec import ModelSpec
     from streamgpu.server import Server
 
@@ -25,11 +26,13 @@ FROZEN_WHILE_SERVING = textwrap.dedent(
         return Config(listeners=[ListenerSpec(port=0)], device="cpu", models=[spec])
 
     async def main():
+        thresholds = gc.get_threshold()
         old = Node(); old.me = old  # garbage with a cycle, made before the server starts
         old_ref = weakref.ref(old); del old
         first = Server(config())
         await first.start()
         assert gc.get_freeze_count() > 0, "the heap was not frozen"
+        assert gc.get_threshold()[0] == YOUNG_THRESHOLD, "frames in flight set off young collections"
         name = first.config.models[0].name
         model = first.serving(name)[0]
         model.cycle = model  # a model holding a reference cycle (compiled modules do)
@@ -46,6 +49,7 @@ FROZEN_WHILE_SERVING = textwrap.dedent(
         await second.stop(); del second
         gc.collect()
         assert gc.get_freeze_count() == 0, "no server runs: the heap is thawed"
+        assert gc.get_threshold() == thresholds, "the collector's thresholds were not given back"
         assert first_ref() is None, "a stopped server (and its ring) was never freed"
         assert old_ref() is None, "garbage that was frozen is collected once thawed"
         assert not ring_fds(), ring_fds()
