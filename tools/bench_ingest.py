@@ -53,7 +53,7 @@ from streamgpu.ingest.admission import Admission  # noqa: E402
 from streamgpu.ingest.tcp import TcpConnection, TcpListener  # noqa: E402
 from streamgpu.ingest.workers import WorkerListener, _Worker  # noqa: E402
 from streamgpu.loadgen import CONCURRENCY, Endpoint, LoadLevel, RunConfig, run  # noqa: E402
-from streamgpu.loops import new_event_loop  # noqa: E402
+from streamgpu.loops import freeze_heap, new_event_loop, thaw_heap  # noqa: E402
 from streamgpu.memory import HostSegment, SlotPool  # noqa: E402
 from streamgpu.models.spec import ModelSpec  # noqa: E402
 from streamgpu.protocol import wire  # noqa: E402
@@ -199,7 +199,8 @@ async def micro_worker_process(shape: tuple[int, ...], total: int, batch: int) -
     rounds = total // batch
     # The scheduling process's REPLY records (its work, not the worker's): made before the clock starts.
     rows, timings = np.zeros((batch, 1000), np.float32), np.ones((batch, 6), np.int64)
-    replies = [channel.encode_replies(range(1 + r * batch, 1 + (r + 1) * batch), rows, timings) for r in range(rounds)]
+    replies = [bytes(channel.encode_replies(range(1 + r * batch, 1 + (r + 1) * batch), rows, timings))
+               for r in range(rounds)]  # (bytes, as the worker reads them from its socket)
     start = time.thread_time()
     for r in range(rounds):
         _feed(conn, data)
@@ -311,10 +312,10 @@ class _Feeder:
         elif not self.left and not self.worker.in_server and not self.done.done():
             self.done.set_result(None)
 
-    def write(self, data: bytes) -> None:
-        self.bytes += len(data)
+    def writelines(self, data: list[bytes | memoryview]) -> None:
+        self.bytes += sum(len(part) for part in data)
         if self.keep:
-            self.written.append(data)
+            self.written.append(b"".join(data))
         if not self.scheduled:
             self.scheduled = True
             self.loop.call_soon(self.top_up)
@@ -327,17 +328,18 @@ class _Feeder:
 
 
 async def loop_path(shape: tuple[int, ...], total: int, in_flight: int, producers: int,
-                    profile: cProfile.Profile | None = None, keep: bool = False) -> dict[str, Any]:  # fmt: skip
+                    profile: cProfile.Profile | None = None, keep: bool = False,
+                    max_batch: int = 32) -> dict[str, Any]:  # fmt: skip
     """Drive ``total`` frames through the scheduling loop's real worker-mode path; loop CPU per frame.
 
     FRAME descriptors in (``_Worker.data_received``) -> ``Admission.submit`` ->
     ``Scheduler`` (queue, batch choice) -> ``BatchRunner`` -> a null backend
     (bridge waits on events that are always complete) -> frames finished ->
     RELEASE and REPLY records out (``_Worker._flush``). ``producers``
-    connections, ``in_flight`` frames in the server at a time.
+    connections, ``in_flight`` frames in the server at a time, batches of up to ``max_batch``.
     """
     loop = asyncio.get_running_loop()
-    spec = ModelSpec(input_shape=shape)
+    spec = ModelSpec(input_shape=shape, max_batch_size=max_batch)
     cfg = Config(models=[spec], ring_bytes=64 << 20, max_payload_bytes=1 << 20, ingest_workers=1)
     segment = HostSegment.create(cfg.ring_bytes)
     backend = _NullBackend(loop, cfg)
@@ -363,6 +365,7 @@ async def loop_path(shape: tuple[int, ...], total: int, in_flight: int, producer
     worker.data_received(b"".join(channel.up(channel.OPEN, 1 + p, 0, 255) for p in range(producers)))
     await asyncio.sleep(0)
     metrics = scheduler.metrics_for(spec.name)
+    freeze_heap()  # the collector's settings of a running server
     start, t0 = time.thread_time(), time.perf_counter()
     if profile is not None:
         profile.enable()
@@ -371,6 +374,7 @@ async def loop_path(shape: tuple[int, ...], total: int, in_flight: int, producer
     if profile is not None:
         profile.disable()
     cpu, wall = time.thread_time() - start, time.perf_counter() - t0
+    thaw_heap()
     backend.close()
     segment.close()
     if metrics.completed != total:
@@ -392,12 +396,13 @@ def part_loop(args: argparse.Namespace) -> dict[str, Any]:
             continue
         runs = []
         for _ in range(args.loop_runs):
-            run = loop_path(shape, args.loop_frames, args.loop_in_flight, args.loop_producers)
+            run = loop_path(shape, args.loop_frames, args.loop_in_flight, args.loop_producers, max_batch=args.max_batch)
             runs.append(new_event_loop("auto").run_until_complete(run))
         best = min(runs, key=lambda r: r["us_per_frame"])
         profile = cProfile.Profile()
         new_event_loop("auto").run_until_complete(
-            loop_path(shape, args.loop_frames // 4, args.loop_in_flight, args.loop_producers, profile)
+            loop_path(shape, args.loop_frames // 4, args.loop_in_flight, args.loop_producers, profile,
+                      max_batch=args.max_batch)
         )
         stages = breakdown(profile)
         scale = best["us_per_frame"] / max(sum(stages.values()), 1e-12)
@@ -522,7 +527,7 @@ def main() -> int:
     parser.add_argument("--in-flight", type=int, default=256, help="frames in flight, in total")
     parser.add_argument("--generators", type=int, default=8, help="load generator processes at most")
     parser.add_argument("--window", type=float, default=3.0)
-    parser.add_argument("--max-batch", type=int, default=32, help="saturate: the model's max_batch_size")
+    parser.add_argument("--max-batch", type=int, default=32, help="saturate, loop: the model's max_batch_size")
     parser.add_argument("--max-inflight-batches", type=int, default=2, help="saturate: the server's setting")
     parser.add_argument("--sizes", default=",".join(SIZES), help="frame sizes to run (3KB, 150KB)")
     parser.add_argument("--producers", default=",".join(map(str, PRODUCERS)), help="producer counts")

@@ -223,11 +223,13 @@ def _reply_type(dtype: np.dtype, shape: tuple[int, ...]) -> tuple[np.dtype, np.n
     return rtype, prefix
 
 
-def encode_replies(fids: Sequence[int], rows: np.ndarray, timings: np.ndarray) -> bytes:
+def encode_replies(fids: Sequence[int], rows: np.ndarray, timings: np.ndarray) -> memoryview:
     """The OK REPLY records of several frames at once (the bytes ``encode_reply`` gives each, joined).
 
     ``rows[i]`` is frame ``fids[i]``'s result; ``timings[i]`` its ``Timings`` as six int64 (receive,
-    queue, transfer, compute, total, batch size).
+    queue, transfer, compute, total, batch size). A view of the one array they are built in: a batch's
+    replies are as large as its results (a megabyte for 256 rows of 1,000 logits), and a copy into
+    ``bytes`` cost the loop more than building them.
     """
     rtype, prefix = _reply_type(rows.dtype, rows.shape[1:])
     out = np.empty(len(fids), rtype)
@@ -236,7 +238,7 @@ def encode_replies(fids: Sequence[int], rows: np.ndarray, timings: np.ndarray) -
     out["timings"] = timings[:, :5]
     out["batch_size"] = timings[:, 5]
     out["data"] = rows
-    return out.tobytes()
+    return out.view(np.uint8).data
 
 
 def record_length(buf: bytes, pos: int) -> int | None:

@@ -133,7 +133,7 @@ class _Worker(asyncio.Protocol):
         self.lent = lent  # the range of the segment this worker receives into
         self.proc: subprocess.Popen[bytes] | None = None
         self._transport: asyncio.Transport | None = None
-        self._out: list[bytes] = []
+        self._out: list[bytes | memoryview] = []
         self._releases: list[int] = []  # frames whose slots were copied, for this loop iteration's RELEASE
         self._rest = b""
         self.conns: dict[int, _RemoteConn] = {}
@@ -255,7 +255,7 @@ class _Worker(asyncio.Protocol):
         self._settle()
         self._listener.worker_gone(self)
 
-    def send(self, record: bytes) -> None:
+    def send(self, record: bytes | memoryview) -> None:
         if not self._out and not self._releases:
             self._loop.call_soon(self._flush)
         self._out.append(record)
@@ -268,7 +268,9 @@ class _Worker(asyncio.Protocol):
             out.insert(0, channel.release(self._releases))
             self._releases = []
         if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(b"".join(out))  # one system call for the loop iteration's records
+            # One system call for the loop iteration's records, and no copy of them into one buffer first (a
+            # batch's replies can be a megabyte)
+            self._transport.writelines(out)
 
     def data_received(self, data: bytes) -> None:
         buf = self._rest + data if self._rest else data

@@ -101,6 +101,10 @@ class FakeTransport:
     def write(self, data: bytes) -> None:
         self.written += data
 
+    def writelines(self, data: list[bytes | memoryview]) -> None:
+        for part in data:
+            self.written += part
+
     def is_closing(self) -> bool:
         return False
 

@@ -150,7 +150,7 @@ async def worker_frames(n: int) -> tuple[_Worker, mock.Mock, list[WorkerFrame], 
     lent = pool.reserve(cfg.worker_ring_bytes)
     assert isinstance(lent, Slot)
     worker = _Worker(WorkerListener(cfg.listeners[0], admission, segment, 1), 0, lent)
-    transport = mock.Mock()  # the channel's socket: what was written is in write's calls
+    transport = mock.Mock()  # the channel's socket: what was written is in writelines' calls
     transport.is_closing.return_value = False
     worker.connection_made(transport)
     worker.data_received(channel.up(channel.OPEN, 1, 0, 255) + channel.up(channel.OPEN, 2, 0, 255))
@@ -182,7 +182,7 @@ async def test_a_batch_of_worker_frames_gets_the_bytes_frame_by_frame_finishing_
         assert worker.held == 0 and worker.in_server == 0
         assert all(f.producer.frames_in_server == 0 for f in frames)
         assert worker._admission.frames_in_flight == 0 and worker._admission.replies.total(Status.OK) == 4
-        streams.append(b"".join(call.args[0] for call in transport.write.call_args_list))
+        streams.append(b"".join(b"".join(call.args[0]) for call in transport.writelines.call_args_list))
         segment.close()
     assert streams[1] == streams[0]
     assert streams[0][0] == channel.RELEASE and list(channel.released(streams[0], 0)) == [10, 11]
