@@ -199,8 +199,9 @@ async def micro_worker_process(shape: tuple[int, ...], total: int, batch: int) -
     rounds = total // batch
     # The scheduling process's REPLY records (its work, not the worker's): made before the clock starts.
     rows, timings = np.zeros((batch, 1000), np.float32), np.ones((batch, 6), np.int64)
-    replies = [bytes(channel.encode_replies(range(1 + r * batch, 1 + (r + 1) * batch), rows, timings))
-               for r in range(rounds)]  # (bytes, as the worker reads them from its socket)
+    replies = [
+        bytes(channel.encode_replies(range(1 + r * batch, 1 + (r + 1) * batch), rows, timings)) for r in range(rounds)
+    ]  # (bytes, as the worker reads them from its socket)
     start = time.thread_time()
     for r in range(rounds):
         _feed(conn, data)
@@ -401,8 +402,14 @@ def part_loop(args: argparse.Namespace) -> dict[str, Any]:
         best = min(runs, key=lambda r: r["us_per_frame"])
         profile = cProfile.Profile()
         new_event_loop("auto").run_until_complete(
-            loop_path(shape, args.loop_frames // 4, args.loop_in_flight, args.loop_producers, profile,
-                      max_batch=args.max_batch)
+            loop_path(
+                shape,
+                args.loop_frames // 4,
+                args.loop_in_flight,
+                args.loop_producers,
+                profile,
+                max_batch=args.max_batch,
+            )
         )
         stages = breakdown(profile)
         scale = best["us_per_frame"] / max(sum(stages.values()), 1e-12)
