@@ -64,3 +64,38 @@ def test_the_heap_is_frozen_while_servers_run_and_what_they_leave_is_freed() -> 
     out = subprocess.run([sys.executable, "-c", FROZEN_WHILE_SERVING], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("ok")
+
+
+# The process's own collector settings, however it set them, are what a server leaves it (no torch: quick).
+OWN_THRESHOLDS = textwrap.dedent(
+    """
+    import gc
+    from streamgpu.loops import YOUNG_THRESHOLD, freeze_heap, thaw_heap
+
+    for own, running in [((100, 3, 4), (YOUNG_THRESHOLD, 3, 4)),  # raised, its older thresholds kept
+                         ((5 * YOUNG_THRESHOLD, 10, 10), (5 * YOUNG_THRESHOLD, 10, 10)),  # higher already: kept
+                         ((0, 10, 10), (0, 10, 10))]:  # automatic collection off: it stays off
+        gc.set_threshold(*own)
+        freeze_heap()
+        freeze_heap()  # a second server
+        assert gc.get_threshold() == running, (own, gc.get_threshold())
+        thaw_heap()
+        assert gc.get_threshold() == running, "a server still runs"
+        thaw_heap()
+        assert gc.get_threshold() == own, (own, gc.get_threshold())
+        assert gc.get_freeze_count() == 0
+    gc.set_threshold(700, 10, 10)
+    gc.disable()  # off by gc.disable(): the thresholds change, collection stays off
+    freeze_heap()
+    assert not gc.isenabled() and gc.get_threshold()[0] == YOUNG_THRESHOLD
+    thaw_heap()
+    assert not gc.isenabled() and gc.get_threshold() == (700, 10, 10)
+    print("ok")
+    """
+)
+
+
+def test_a_process_gets_its_own_collector_thresholds_back_and_collection_left_off_stays_off() -> None:
+    out = subprocess.run([sys.executable, "-c", OWN_THRESHOLDS], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("ok")
