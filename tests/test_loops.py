@@ -11,7 +11,7 @@ FROZEN_WHILE_SERVING = textwrap.dedent(
     """
     import asyncio, gc, os, weakref
     from streamgpu.config import Config, ListenerSpec
-    from streamgpu.loops import YOUNG_THRESHOLD
+    from streamgpu.loops import GC_PAUSES, YOUNG_THRESHOLD
     from streamgpu.models.spec import ModelSpec
     from streamgpu.server import Server
 
@@ -33,6 +33,7 @@ FROZEN_WHILE_SERVING = textwrap.dedent(
         await first.start()
         assert gc.get_freeze_count() > 0, "the heap was not frozen"
         assert gc.get_threshold()[0] == YOUNG_THRESHOLD, "frames in flight set off young collections"
+        assert gc.callbacks.count(GC_PAUSES) == 1, "collections are not timed"
         name = first.config.models[0].name
         model = first.serving(name)[0]
         model.cycle = model  # a model holding a reference cycle (compiled modules do)
@@ -50,6 +51,7 @@ FROZEN_WHILE_SERVING = textwrap.dedent(
         gc.collect()
         assert gc.get_freeze_count() == 0, "no server runs: the heap is thawed"
         assert gc.get_threshold() == thresholds, "the collector's thresholds were not given back"
+        assert GC_PAUSES not in gc.callbacks, "collections are timed with no server running"
         assert first_ref() is None, "a stopped server (and its ring) was never freed"
         assert old_ref() is None, "garbage that was frozen is collected once thawed"
         assert not ring_fds(), ring_fds()
