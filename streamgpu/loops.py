@@ -4,8 +4,13 @@ keeping the garbage collector off its back while servers run (:func:`freeze_heap
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
+import time
 from collections.abc import Callable
+from typing import Any
+
+from streamgpu.metrics import Histogram
 
 _frozen_by = 0  # running servers that froze the heap (freeze_heap)
 _thresholds_before: tuple[int, int, int] | None = None  # the collector's thresholds before the first freeze
@@ -44,9 +49,55 @@ def new_event_loop(kind: str = "auto") -> asyncio.AbstractEventLoop:
     return loop_factory(kind)()
 
 
+# glibc's mallopt parameters (malloc.h) and what a server process sets them to (tune_malloc).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD = 32 << 20  # glibc's largest: blocks below it come from the heap, and are reused
+TRIM_THRESHOLD = 64 << 20  # free memory at the heap's top kept for reuse, not given back to the kernel
+
+
+def tune_malloc() -> bool:
+    """Keep freed memory for reuse in this process (glibc's ``mallopt``); False where there is no glibc.
+
+    For the processes streamgpu runs itself (``streamgpu serve``, ingest workers), not a process that
+    embeds a server. A batch makes megabyte buffers (its results; its replies to the ingest workers):
+    with glibc's defaults they are mapped fresh from the kernel and unmapped again once freed, or given
+    back when the heap's free top passes twice the last such size, so every batch paid a page fault per
+    4 KiB it wrote. On the dev VM that was a third of the scheduling loop's time for 3 KB frames (loop
+    CPU per frame 13.3-19.1 us, 7.2-9.6 us with these settings; docs/BENCHMARKS.md).
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+class GcPauses:
+    """How long the collector stopped the process, by generation, while servers ran (``gc.callbacks``).
+
+    Process-wide: a collection holds the GIL, so the loop stands still for it whichever thread set it off.
+    Cumulative over the process's life (``/metrics`` exposes them as ``streamgpu_gc_pause_seconds``).
+    """
+
+    def __init__(self) -> None:
+        self.by_generation = (Histogram(), Histogram(), Histogram())
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.by_generation[info["generation"]].observe(time.perf_counter() - self._started)
+
+
+GC_PAUSES = GcPauses()
+
+
 def freeze_heap() -> None:
-    """While servers run: freeze every object the process holds now (``gc.freeze``) and collect the young
-    generation only past ``YOUNG_THRESHOLD`` new objects; both undone by ``thaw_heap``.
+    """While servers run: freeze every object the process holds now (``gc.freeze``), collect the young
+    generation only past ``YOUNG_THRESHOLD`` new objects, and time every collection (``GC_PAUSES``); all
+    undone by ``thaw_heap``.
 
     A full (generation 2) collection walks every tracked object, and with torch imported that is
     hundreds of thousands of them: 87 ms on the H100 host, holding the GIL the whole time. A model
@@ -62,6 +113,7 @@ def freeze_heap() -> None:
         _thresholds_before = young, *older = gc.get_threshold()
         if young:  # (0: automatic collection is off, and stays off)
             gc.set_threshold(max(YOUNG_THRESHOLD, young), *older)
+        gc.callbacks.append(GC_PAUSES)
     _frozen_by += 1
 
 
@@ -74,3 +126,4 @@ def thaw_heap() -> None:
         gc.unfreeze()
         if _thresholds_before is not None:
             gc.set_threshold(*_thresholds_before)
+        gc.callbacks.remove(GC_PAUSES)

@@ -12,7 +12,7 @@ import time
 
 from streamgpu.config import Config
 from streamgpu.logs import StatsLine, drain_summary, reply_totals
-from streamgpu.loops import new_event_loop
+from streamgpu.loops import new_event_loop, tune_malloc
 from streamgpu.server import Server
 
 log = logging.getLogger("streamgpu")
@@ -43,6 +43,7 @@ def raise_descriptor_limit(config: Config) -> None:
 def run(config: Config) -> int:
     """Serve until SIGINT/SIGTERM, then shut down gracefully. Returns the exit code."""
     raise_descriptor_limit(config)
+    tune_malloc()
     loop = new_event_loop(config.loop)
     asyncio.set_event_loop(loop)
     try:

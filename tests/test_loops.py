@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 # In a process of its own: the freeze is process-wide, and its leaks are what is checked.
 FROZEN_WHILE_SERVING = textwrap.dedent(
     """
     import asyncio, gc, os, weakref
     from streamgpu.config import Config, ListenerSpec
-    from streamgpu.loops import YOUNG_THRESHOLD
+    from streamgpu.loops import GC_PAUSES, YOUNG_THRESHOLD
     from streamgpu.models.spec import ModelSpec
     from streamgpu.server import Server
 
@@ -33,6 +36,7 @@ FROZEN_WHILE_SERVING = textwrap.dedent(
         await first.start()
         assert gc.get_freeze_count() > 0, "the heap was not frozen"
         assert gc.get_threshold()[0] == YOUNG_THRESHOLD, "frames in flight set off young collections"
+        assert gc.callbacks.count(GC_PAUSES) == 1, "collections are not timed"
         name = first.config.models[0].name
         model = first.serving(name)[0]
         model.cycle = model  # a model holding a reference cycle (compiled modules do)
@@ -50,6 +54,7 @@ FROZEN_WHILE_SERVING = textwrap.dedent(
         gc.collect()
         assert gc.get_freeze_count() == 0, "no server runs: the heap is thawed"
         assert gc.get_threshold() == thresholds, "the collector's thresholds were not given back"
+        assert GC_PAUSES not in gc.callbacks, "collections are timed with no server running"
         assert first_ref() is None, "a stopped server (and its ring) was never freed"
         assert old_ref() is None, "garbage that was frozen is collected once thawed"
         assert not ring_fds(), ring_fds()
@@ -95,7 +100,49 @@ OWN_THRESHOLDS = textwrap.dedent(
 )
 
 
+# Megabyte blocks written and freed three times over, as a batch's results and replies are: the page faults
+# of the third time (every 4 KiB page of 32 MiB is 8,192).
+REUSED_MEMORY = textwrap.dedent(
+    """
+    import ctypes, resource, sys
+    from streamgpu.loops import tune_malloc
+
+    if sys.argv[1] == "tuned":
+        assert tune_malloc(), "no glibc mallopt"
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+
+    def batch():
+        blocks = [libc.malloc(4 << 20) for _ in range(8)]
+        for block in blocks:
+            ctypes.memset(block, 1, 4 << 20)
+        for block in blocks:
+            libc.free(block)
+
+    batch()
+    batch()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    batch()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    """
+)
+
+
 def test_a_process_gets_its_own_collector_thresholds_back_and_collection_left_off_stays_off() -> None:
     out = subprocess.run([sys.executable, "-c", OWN_THRESHOLDS], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("ok")
+
+
+def test_a_server_process_reuses_freed_megabytes_without_page_faults() -> None:
+    """``tune_malloc`` (``streamgpu serve`` and the ingest workers): freed blocks are reused, not mapped afresh."""
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("tune_malloc sets glibc's mallopt; this C library is not glibc")
+    faults = {}
+    for how in ("default", "tuned"):
+        out = subprocess.run([sys.executable, "-c", REUSED_MEMORY, how], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr[-2000:]
+        faults[how] = int(out.stdout)
+    assert faults["default"] > 4000, f"glibc's defaults no longer fault here: the test proves nothing ({faults})"
+    assert faults["tuned"] < 100, faults

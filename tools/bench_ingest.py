@@ -53,7 +53,7 @@ from streamgpu.ingest.admission import Admission  # noqa: E402
 from streamgpu.ingest.tcp import TcpConnection, TcpListener  # noqa: E402
 from streamgpu.ingest.workers import WorkerListener, _Worker  # noqa: E402
 from streamgpu.loadgen import CONCURRENCY, Endpoint, LoadLevel, RunConfig, run  # noqa: E402
-from streamgpu.loops import freeze_heap, new_event_loop, thaw_heap  # noqa: E402
+from streamgpu.loops import freeze_heap, new_event_loop, thaw_heap, tune_malloc  # noqa: E402
 from streamgpu.memory import HostSegment, SlotPool  # noqa: E402
 from streamgpu.models.spec import ModelSpec  # noqa: E402
 from streamgpu.protocol import wire  # noqa: E402
@@ -387,7 +387,9 @@ async def loop_path(shape: tuple[int, ...], total: int, in_flight: int, producer
 
 
 def part_loop(args: argparse.Namespace) -> dict[str, Any]:
-    """The scheduling loop's CPU per frame, whole worker-mode path, best of N; then a cProfile stage split."""
+    """The scheduling loop's CPU per frame, whole worker-mode path, best of N; then a cProfile stage split.
+    This process's C library is set as a server process's is (``tune_malloc``)."""
+    tune_malloc()
     from profile_loop import breakdown
 
     rows = []

@@ -14,7 +14,8 @@ The profiler slows the loop, so the breakdown is a proportion, not a timing.
 
     python tools/profile_loop.py --model builtin:small --concurrency 64 --processes 4
 
-It also prints the batches seen: mean size, each stage's p50, and the
+It also prints the garbage collector's collections and pauses per second in the unprofiled window,
+and the batches seen: mean size, each stage's p50, and the
 scheduler's estimate of a batch's device time at the commonest sizes (the
 completion bridge sleeps on it before it polls).
 
@@ -40,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from streamgpu.config import Config, ListenerSpec
-from streamgpu.loops import new_event_loop
+from streamgpu.loops import GC_PAUSES, new_event_loop
 from streamgpu.models.spec import ModelSpec
 from streamgpu.server import Server
 
@@ -133,9 +134,11 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             return int(server.metrics()["models"]["default"]["completed"])
 
         pids = [pid for listener in server._listeners for pid in getattr(listener, "pids", [])]
+        gc0 = [(h.count, h.sum) for h in GC_PAUSES.by_generation]
         n0, cpu0, t0, w0 = completed(), time.thread_time(), time.perf_counter(), processes_cpu(pids)
         await asyncio.sleep(args.seconds)
         n1, cpu1, t1, w1 = completed(), time.thread_time(), time.perf_counter(), processes_cpu(pids)
+        gc1 = [(h.count, h.sum) for h in GC_PAUSES.by_generation]
         batches = batches_seen(server.metrics()["models"]["default"])
         profile = cProfile.Profile()
         profile.enable()
@@ -157,6 +160,14 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         "ingest_workers": args.ingest_workers,
         "workers_cpu_per_frame_us": (w1 - w0) / max(frames, 1) * 1e6,
         "profiled_frames": n2 - n1,
+        # Per generation: collections per second and milliseconds of pause per second (the loop stood still)
+        "gc_per_s": {
+            str(g): {
+                "collections": round((b[0] - a[0]) / (t1 - t0), 1),
+                "pause_ms": round((b[1] - a[1]) / (t1 - t0) * 1e3, 2),
+            }
+            for g, (a, b) in enumerate(zip(gc0, gc1, strict=True))
+        },
         "stages_us_per_frame": {k: v * scale for k, v in sorted(stages.items(), key=lambda kv: -kv[1])},
         "top_functions_us_per_frame": functions,
         "device": server.backend.device_name if server.backend else args.device,
@@ -203,6 +214,12 @@ def main() -> int:
     print(f"frames/s {report['frames_per_s']:.0f}; loop busy {report['loop_busy']:.0%}; "
           f"loop CPU per frame {report['loop_us_per_frame']:.1f} us; "
           f"workers' CPU per frame {report['workers_cpu_per_frame_us']:.1f} us")  # fmt: skip
+    print(
+        "garbage collector per second (the loop stands still): "
+        + "; ".join(
+            f"generation {g}: {v['collections']} collections, {v['pause_ms']} ms" for g, v in report["gc_per_s"].items()
+        )
+    )
     seen = report["batches"]
     print(f"batches: mean {seen['mean_size']:.1f} frames; " + "; ".join(
         f"{stage} p50 {seen[stage].get('p50', 0):.0f} us" for stage in ("queue_wait", "transfer", "compute")

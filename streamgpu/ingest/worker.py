@@ -48,7 +48,7 @@ from streamgpu.ingest.admission import Admission
 from streamgpu.ingest.hub import UNNAMED, Origin, ResultHub
 from streamgpu.ingest.tcp import TcpConnection, TcpListener
 from streamgpu.ingest.udp import STAT_NAMES, UdpListener
-from streamgpu.loops import freeze_heap, new_event_loop
+from streamgpu.loops import freeze_heap, new_event_loop, tune_malloc
 from streamgpu.memory import HostSegment, SlotPool
 from streamgpu.protocol.wire import FrameHeader
 
@@ -382,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=init.config.log_level, format=f"%(asctime)s worker {init.index}: %(message)s")
     loop = new_event_loop(init.config.loop)
     freeze_heap()  # its frames die young too (no thaw: the process ends with the server)
+    tune_malloc()  # a batch's replies come in a megabyte at a time
     try:
         loop.run_until_complete(serve(chan_sock, init))
     finally:

@@ -21,6 +21,9 @@ Series (all per ``model`` where they have the label):
   ``streamgpu_ring_used_bytes``, ``streamgpu_ring_capacity_bytes``, ``streamgpu_connections``,
   ``streamgpu_frames_in_flight``, ``streamgpu_gpu_memory_bytes{device, kind=allocated|reserved|total}``
   (CUDA backend only).
+* ``streamgpu_gc_pause_seconds{generation}`` histogram: how long Python's garbage collector stopped the
+  process (the loop included) while servers ran, by generation 0-2; process-wide, so every server of a
+  process shows the same (``streamgpu.loops.GC_PAUSES``).
 * per UDP listener (``host`` and ``port`` labels): ``streamgpu_udp_events_total{host, port, event}``
   counter, every count of docs/PROTOCOL.md section 11 (``datagrams``, ``frames``, ``incomplete``,
   ``late``, ``duplicates``, ``evicted``, ``no_space``, bad datagrams by kind, reply datagrams, ...),
@@ -40,6 +43,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from streamgpu.ingest import udp
+from streamgpu.loops import GC_PAUSES
 from streamgpu.metrics import BATCH_SIZE_BUCKETS, Histogram
 from streamgpu.server import Server
 from streamgpu.web.app import SERVER_KEY
@@ -103,6 +107,11 @@ class ServerCollector(Collector):
         yield GaugeMetricFamily("streamgpu_connections", "Producer connections open", value=server.connections)
         yield GaugeMetricFamily("streamgpu_frames_in_flight", "Frames received, reply not made",
                                 value=server.frames_in_flight)  # fmt: skip
+        pauses = HistogramMetricFamily("streamgpu_gc_pause_seconds", "Garbage collector pauses while servers run "
+                                       "(the process stands still), by generation", labels=["generation"])  # fmt: skip
+        for generation, hist in enumerate(GC_PAUSES.by_generation):
+            pauses.add_metric([str(generation)], hist.cumulative(), sum_value=hist.sum)
+        yield pauses
         yield from _udp_families([stats for stats in server.metrics()["listeners"] if stats["kind"] == "udp"])
         memory = server.device_memory()
         if memory:

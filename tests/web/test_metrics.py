@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 from collections.abc import AsyncIterator
 
@@ -82,6 +83,23 @@ async def test_counters_match_what_was_sent(web_server: tuple[Server, TestClient
     assert samples[("streamgpu_ring_used_bytes", ())] == 0
     assert samples[("streamgpu_ring_capacity_bytes", ())] == server.pool.capacity
     await conn.close()
+
+
+@pytest.mark.asyncio
+async def test_garbage_collector_pauses_are_timed_by_generation(web_server: tuple[Server, TestClient]) -> None:
+    """A collection stops the loop: /metrics shows how often and how long, per generation."""
+    _, http = web_server
+    before = await scrape(http)
+    gc.collect()  # a full collection
+    gc.collect(0)
+    after = await scrape(http)
+
+    def count(generation: str, samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> float:
+        return samples[("streamgpu_gc_pause_seconds_count", (("generation", generation),))]
+
+    assert count("2", after) >= count("2", before) + 1 and count("0", after) >= count("0", before) + 1
+    assert after[("streamgpu_gc_pause_seconds_sum", (("generation", "2"),))] > 0
+    assert count("1", after) == after[("streamgpu_gc_pause_seconds_bucket", (("generation", "1"), ("le", "+Inf")))]
 
 
 @pytest.mark.asyncio
