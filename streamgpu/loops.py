@@ -126,4 +126,5 @@ def thaw_heap() -> None:
         gc.unfreeze()
         if _thresholds_before is not None:
             gc.set_threshold(*_thresholds_before)
-        gc.callbacks.remove(GC_PAUSES)
+        if GC_PAUSES in gc.callbacks:  # (unless the process cleared the list itself)
+            gc.callbacks.remove(GC_PAUSES)

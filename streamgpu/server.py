@@ -132,55 +132,62 @@ class Server:
         self._sweeper = asyncio.get_running_loop().call_later(self.config.sweep_period_s, self._sweep)
 
     async def stop(self, timeout: float | None = None) -> None:
-        """Stop accepting, answer every received frame (or SHUTTING_DOWN after ``timeout``), close."""
+        """Stop accepting, answer every received frame (or SHUTTING_DOWN after ``timeout``), close.
+
+        Cancelled or failing midway, it still releases what ``start`` acquired (listeners, ring, backend,
+        the process-wide collector settings)."""
         if not self._listeners or self._admission is None:
             return  # not started, or stopped already
         timeout = self.config.shutdown_timeout_s if timeout is None else timeout
-        if self._repository is not None:
-            await self._repository.stop()
-        self._admission.accepting = False
-        for listener in self._listeners:
-            listener.stop_accepting()
-        assert self._scheduler is not None and self._runner is not None
         try:
-            # Every submitted frame is queued, in a running batch, or finished: an idle
-            # scheduler means every frame the server took has its reply.
-            await asyncio.wait_for(self._scheduler.idle(), timeout)
-        except TimeoutError:
-            log.warning("shutdown: frames still running after %.1f s; answering them SHUTTING_DOWN", timeout)
-            self._scheduler.reject_queued(Status.SHUTTING_DOWN, "server is shutting down")
-            self._runner.fail_running(Status.SHUTTING_DOWN, "server is shutting down")
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        for listener in self._listeners:
-            await listener.close(timeout=1.0)  # a producer that does not read its replies cannot hold shutdown up
-        self._listeners.clear()
-        with contextlib.suppress(TimeoutError):  # batches finishing after a timed-out drain
-            await asyncio.wait_for(self._scheduler.idle(), 1.0)
-        await self._release()
+            if self._repository is not None:
+                await self._repository.stop()
+            self._admission.accepting = False
+            for listener in self._listeners:
+                listener.stop_accepting()
+            assert self._scheduler is not None and self._runner is not None
+            try:
+                # Every submitted frame is queued, in a running batch, or finished: an idle
+                # scheduler means every frame the server took has its reply.
+                await asyncio.wait_for(self._scheduler.idle(), timeout)
+            except TimeoutError:
+                log.warning("shutdown: frames still running after %.1f s; answering them SHUTTING_DOWN", timeout)
+                self._scheduler.reject_queued(Status.SHUTTING_DOWN, "server is shutting down")
+                self._runner.fail_running(Status.SHUTTING_DOWN, "server is shutting down")
+            if self._sweeper is not None:
+                self._sweeper.cancel()
+            for listener in self._listeners:
+                await listener.close(timeout=1.0)  # a producer that does not read its replies cannot hold shutdown up
+            self._listeners.clear()
+            with contextlib.suppress(TimeoutError):  # batches finishing after a timed-out drain
+                await asyncio.wait_for(self._scheduler.idle(), 1.0)
+        finally:
+            await self._release()
         log.info("streamgpu stopped")
 
     async def _release(self) -> None:
         """Free what ``start`` acquired (also after a failed start: listeners already bound close)."""
-        if self._repository is not None:
-            await self._repository.stop()
-        for listener in self._listeners:
-            listener.stop_accepting()
-            await listener.close(timeout=0)
-        self._listeners.clear()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        await self.results.close()  # after the listeners: every frame's line is out
-        if self.backend is not None:
-            self.backend.close()  # cancels what still runs
-            self.backend = None
-        if self._segment is not None:  # the pool keeps a view: metrics still read after stop
-            self._segment.close()
-            self._segment = None
-        self._loader.shutdown(wait=False)
-        if self._heap_frozen:  # the server itself was frozen: its cycles are collectable only after this
-            self._heap_frozen = False
-            thaw_heap()
+        try:
+            if self._repository is not None:
+                await self._repository.stop()
+            for listener in self._listeners:
+                listener.stop_accepting()
+                await listener.close(timeout=0)
+            self._listeners.clear()
+            if self._sweeper is not None:
+                self._sweeper.cancel()
+            await self.results.close()  # after the listeners: every frame's line is out
+            if self.backend is not None:
+                self.backend.close()  # cancels what still runs
+                self.backend = None
+            if self._segment is not None:  # the pool keeps a view: metrics still read after stop
+                self._segment.close()
+                self._segment = None
+            self._loader.shutdown(wait=False)
+        finally:  # process-wide: never left set by a release that failed
+            if self._heap_frozen:  # the server itself was frozen: its cycles are collectable only after this
+                self._heap_frozen = False
+                thaw_heap()
 
     async def __aenter__(self) -> Server:
         await self.start()

@@ -146,3 +146,63 @@ def test_a_server_process_reuses_freed_megabytes_without_page_faults() -> None:
         faults[how] = int(out.stdout)
     assert faults["default"] > 4000, f"glibc's defaults no longer fault here: the test proves nothing ({faults})"
     assert faults["tuned"] < 100, faults
+
+
+# A stop that is cancelled while it drains, and one whose release fails, still give back the process-wide
+# collector settings (else the heap stays frozen and every later collection is timed for good).
+STOP_CUT_SHORT = textwrap.dedent(
+    """
+    import asyncio, gc
+    from streamgpu.config import Config, ListenerSpec
+    from streamgpu.loops import GC_PAUSES
+    from streamgpu.models.spec import ModelSpec
+    from streamgpu.server import Server
+
+    def config():
+        return Config(listeners=[ListenerSpec(port=0)], device="cpu",
+                      models=[ModelSpec(input_shape=(16, 16, 3), max_batch_size=2)])
+
+    def settings():
+        return gc.get_freeze_count(), gc.get_threshold(), GC_PAUSES in gc.callbacks
+
+    async def never_idle():
+        await asyncio.sleep(3600)
+
+    async def main():
+        before = settings()
+        server = Server(config())
+        await server.start()
+        server._scheduler.idle = never_idle  # frames that never finish: the drain waits
+        stopping = asyncio.ensure_future(server.stop(timeout=3600))
+        await asyncio.sleep(0.2)
+        stopping.cancel()
+        try:
+            await stopping
+        except asyncio.CancelledError:
+            pass
+        assert settings() == before, f"a cancelled stop left {settings()} (before {before})"
+        assert not server.addresses, "a cancelled stop left its listeners open"
+
+        server = Server(config())
+        await server.start()
+
+        async def broken():
+            raise RuntimeError("the results sink failed to close")
+
+        server.results.close = broken
+        try:
+            await server.stop()
+        except RuntimeError:
+            pass
+        assert settings() == before, f"a failed release left {settings()} (before {before})"
+        print("ok")
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_a_stop_cut_short_still_gives_the_collector_settings_back() -> None:
+    out = subprocess.run([sys.executable, "-c", STOP_CUT_SHORT], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("ok")
