@@ -1,4 +1,5 @@
-"""The event loop's process-wide rules: the heap frozen while servers run, models loaded after it."""
+"""The process-wide rules a server sets: the heap frozen and the collector's threshold raised while servers run
+(models loaded after it stay collectable), and freed memory kept for reuse in the processes streamgpu runs."""
 
 from __future__ import annotations
 
@@ -8,6 +9,14 @@ import sys
 import textwrap
 
 import pytest
+
+
+def run_script(script: str, *args: str) -> str:
+    """Run ``script`` in a Python process of its own (the settings checked are process-wide); its output."""
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip()
+
 
 # In a process of its own: the freeze is process-wide, and its leaks are what is checked.
 FROZEN_WHILE_SERVING = textwrap.dedent(
@@ -66,9 +75,7 @@ FROZEN_WHILE_SERVING = textwrap.dedent(
 
 
 def test_the_heap_is_frozen_while_servers_run_and_what_they_leave_is_freed() -> None:
-    out = subprocess.run([sys.executable, "-c", FROZEN_WHILE_SERVING], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().endswith("ok")
+    assert run_script(FROZEN_WHILE_SERVING).endswith("ok")
 
 
 # The process's own collector settings, however it set them, are what a server leaves it (no torch: quick).
@@ -130,9 +137,7 @@ REUSED_MEMORY = textwrap.dedent(
 
 
 def test_a_process_gets_its_own_collector_thresholds_back_and_collection_left_off_stays_off() -> None:
-    out = subprocess.run([sys.executable, "-c", OWN_THRESHOLDS], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().endswith("ok")
+    assert run_script(OWN_THRESHOLDS).endswith("ok")
 
 
 def test_a_server_process_reuses_freed_megabytes_without_page_faults() -> None:
@@ -141,9 +146,7 @@ def test_a_server_process_reuses_freed_megabytes_without_page_faults() -> None:
         pytest.skip("tune_malloc sets glibc's mallopt; this C library is not glibc")
     faults = {}
     for how in ("default", "tuned"):
-        out = subprocess.run([sys.executable, "-c", REUSED_MEMORY, how], capture_output=True, text=True, timeout=60)
-        assert out.returncode == 0, out.stderr[-2000:]
-        faults[how] = int(out.stdout)
+        faults[how] = int(run_script(REUSED_MEMORY, how))
     assert faults["default"] > 4000, f"glibc's defaults no longer fault here: the test proves nothing ({faults})"
     assert faults["tuned"] < 100, faults
 
@@ -203,6 +206,4 @@ STOP_CUT_SHORT = textwrap.dedent(
 
 
 def test_a_stop_cut_short_still_gives_the_collector_settings_back() -> None:
-    out = subprocess.run([sys.executable, "-c", STOP_CUT_SHORT], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().endswith("ok")
+    assert run_script(STOP_CUT_SHORT).endswith("ok")
