@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from streamgpu.config import Config, ListenerSpec
-from streamgpu.loops import GC_PAUSES, new_event_loop
+from streamgpu.loops import GC_PAUSES, new_event_loop, tune_malloc
 from streamgpu.models.spec import ModelSpec
 from streamgpu.server import Server
 
@@ -204,6 +204,7 @@ def main() -> int:
     parser.add_argument("--max-batch", type=int, default=0, help="the model's max_batch_size (default: the model's)")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
+    tune_malloc()  # this process serves: its allocator set as ``streamgpu serve`` sets its own
     loop = new_event_loop("auto")
     try:
         report = loop.run_until_complete(measure(args))
