@@ -367,15 +367,17 @@ async def loop_path(shape: tuple[int, ...], total: int, in_flight: int, producer
     await asyncio.sleep(0)
     metrics = scheduler.metrics_for(spec.name)
     freeze_heap()  # the collector's settings of a running server
-    start, t0 = time.thread_time(), time.perf_counter()
-    if profile is not None:
-        profile.enable()
-    feeder.top_up()
-    await feeder.done
-    if profile is not None:
-        profile.disable()
-    cpu, wall = time.thread_time() - start, time.perf_counter() - t0
-    thaw_heap()
+    try:
+        start, t0 = time.thread_time(), time.perf_counter()
+        if profile is not None:
+            profile.enable()
+        feeder.top_up()
+        await feeder.done
+        if profile is not None:
+            profile.disable()
+        cpu, wall = time.thread_time() - start, time.perf_counter() - t0
+    finally:
+        thaw_heap()
     backend.close()
     segment.close()
     if metrics.completed != total:

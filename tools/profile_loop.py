@@ -194,7 +194,7 @@ def main() -> int:
     parser.add_argument("--model", default="builtin:small")
     parser.add_argument("--shape", default="224x224x3")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    parser.add_argument("--concurrency", type=int, default=64, help="frames in flight per generator process")
+    parser.add_argument("--concurrency", type=int, default=64, help="frames in flight in all (over the generators)")
     parser.add_argument("--processes", type=int, default=4, help="generator processes")
     parser.add_argument("--seconds", type=float, default=4.0, help="each window")
     parser.add_argument("--warmup", type=float, default=2.0)
