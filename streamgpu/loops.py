@@ -14,6 +14,7 @@ from streamgpu.metrics import Histogram
 
 _frozen_by = 0  # running servers that froze the heap (freeze_heap)
 _thresholds_before: tuple[int, int, int] | None = None  # the collector's thresholds before the first freeze
+_thresholds_set: tuple[int, int, int] | None = None  # what the first freeze set them to
 
 # While servers run, a young collection starts once this many more container objects are alive than at
 # the last one (Python's default: 700). Every frame in flight is a few such objects (its Frame, Slot,
@@ -107,24 +108,25 @@ def freeze_heap() -> None:
     (models, their versions) stay collectable. Frozen garbage (a stopped server's cycles, say) is
     collected once the last running server has called ``thaw_heap``. Nested calls count.
     """
-    global _frozen_by, _thresholds_before
+    global _frozen_by, _thresholds_before, _thresholds_set
     if _frozen_by == 0:
         gc.freeze()
         _thresholds_before = young, *older = gc.get_threshold()
         if young:  # (0: automatic collection is off, and stays off)
             gc.set_threshold(max(YOUNG_THRESHOLD, young), *older)
+        _thresholds_set = gc.get_threshold()
         gc.callbacks.append(GC_PAUSES)
     _frozen_by += 1
 
 
 def thaw_heap() -> None:
     """The other half of ``freeze_heap``: the last call unfreezes the heap (the next full pass walks it) and
-    gives the collector its thresholds back."""
+    gives the collector its thresholds back, unless the process set its own meanwhile (those stay)."""
     global _frozen_by
     _frozen_by -= 1
     if _frozen_by == 0:
         gc.unfreeze()
-        if _thresholds_before is not None:
+        if _thresholds_before is not None and gc.get_threshold() == _thresholds_set:
             gc.set_threshold(*_thresholds_before)
         if GC_PAUSES in gc.callbacks:  # (unless the process cleared the list itself)
             gc.callbacks.remove(GC_PAUSES)

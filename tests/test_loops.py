@@ -97,6 +97,11 @@ OWN_THRESHOLDS = textwrap.dedent(
         assert gc.get_threshold() == own, (own, gc.get_threshold())
         assert gc.get_freeze_count() == 0
     gc.set_threshold(700, 10, 10)
+    freeze_heap()
+    gc.set_threshold(50_000, 20, 20)  # the process's own change while a server runs: kept after it
+    thaw_heap()
+    assert gc.get_threshold() == (50_000, 20, 20), gc.get_threshold()
+    gc.set_threshold(700, 10, 10)
     gc.disable()  # off by gc.disable(): the thresholds change, collection stays off
     freeze_heap()
     assert not gc.isenabled() and gc.get_threshold()[0] == YOUNG_THRESHOLD
