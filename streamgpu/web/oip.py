@@ -99,11 +99,12 @@ async def ready(request: web.Request) -> web.Response:
 
 
 def _spec(request: web.Request) -> ModelSpec:
-    """The model the path names (404 for an unknown model or version)."""
+    """The model the path names, as served now (404 for an unknown model or version): the config's
+    models, those loaded since (admin API, model repository), none unloaded."""
     server = request.app[SERVER_KEY]
     name = request.match_info["name"]
     version = request.match_info.get("version", MODEL_VERSION)
-    spec = next((s for s in server.config.models if s.name == name), None)
+    spec = server.model_specs.get(name) if server.initialized else None
     if spec is None:
         raise OipError(404, f"unknown model: {name!r}")
     if version != MODEL_VERSION:

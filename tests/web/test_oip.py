@@ -387,3 +387,24 @@ def test_http_port_setting_adds_an_http_listener() -> None:
     from streamgpu.cli import build_parser
 
     assert build_parser().parse_args(["serve", "--http-port", "8000"]).http_port == 8000
+
+
+@ONE_LOOP
+async def test_models_loaded_and_unloaded_while_serving_are_the_ones_served(server: Server) -> None:
+    """Metadata, readiness and inference follow the admin API, not the config's model list."""
+    c = tritonaio.InferenceServerClient(f"127.0.0.1:{http_port(server)}")
+    settings = {"source": "builtin:small", "input_shape": [16, 16, 3], "max_batch_size": 2}
+    try:
+        await c.load_model("late", config=json.dumps(settings))
+        assert await c.is_model_ready("late")
+        assert (await c.get_model_metadata("late"))["inputs"][0]["shape"] == [-1, 16, 16, 3]
+        inp = tritonaio.InferInput("input", [1, 16, 16, 3], "UINT8")
+        inp.set_data_from_numpy(np.zeros((1, 16, 16, 3), np.uint8))
+        assert (await c.infer("late", [inp])).as_numpy("output").shape[0] == 1
+        await c.unload_model("user")
+        assert not await c.is_model_ready("user")
+        with pytest.raises(InferenceServerException, match="unknown model") as info:
+            await c.get_model_metadata("user")
+        assert info.value.status() == "404"
+    finally:
+        await c.close()
