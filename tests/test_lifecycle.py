@@ -469,6 +469,9 @@ async def test_admin_routes_and_cli(tmp_path: Path, capsys: pytest.CaptureFixtur
         r = await http.post("/v2/repository/models/x/load", headers=auth,
                             json={"parameters": {"config": {"max_batch_size": 0}}})  # fmt: skip
         assert r.status == 400 and "max_batch_size" in (await r.json())["error"]
+        for deep in ("[" * 100_000, json.dumps({"parameters": {"config": "[" * 100_000}})):  # past json's depth
+            r = await http.post("/v2/repository/models/x/load", headers=auth, data=deep)
+            assert r.status == 400 and "not JSON" in (await r.json())["error"]
         r = await http.post("/v2/repository/models/nothing/unload", headers=auth)
         assert r.status == 404
         r = await http.post("/v2/repository/models/nothing/load", headers=auth)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import os
 from typing import Any
 
@@ -33,7 +32,7 @@ from streamgpu.errors import ModelNotFoundError, StreamgpuError
 from streamgpu.models.repository import folder_spec
 from streamgpu.models.spec import ModelSpec
 from streamgpu.server import Server
-from streamgpu.web.app import SERVER_KEY
+from streamgpu.web.app import SERVER_KEY, parse_json
 
 
 class AdminError(Exception):
@@ -60,7 +59,7 @@ async def _body(request: web.Request) -> dict[str, Any]:
     if not raw.strip():
         return {}
     try:
-        body = json.loads(raw)
+        body = parse_json(raw)
     except ValueError as exc:
         raise AdminError(400, f"request body is not JSON: {exc}") from None
     if not isinstance(body, dict):
@@ -75,7 +74,7 @@ def _settings(body: dict[str, Any]) -> dict[str, Any] | None:
     settings = params.get("config")
     if isinstance(settings, str):
         try:
-            settings = json.loads(settings)
+            settings = parse_json(settings)
         except ValueError as exc:
             raise AdminError(400, f"parameters.config is not JSON: {exc}") from None
     if settings is not None and not isinstance(settings, dict):

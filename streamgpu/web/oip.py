@@ -34,7 +34,7 @@ from streamgpu.frame import Outcome
 from streamgpu.ingest.admission import Admission, Producer, Refused
 from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol.wire import FrameHeader, Status
-from streamgpu.web.app import SERVER_KEY, give_place, take_place
+from streamgpu.web.app import SERVER_KEY, give_place, parse_json, take_place
 from streamgpu.web.frames import next_stream_key, receive_frame
 
 INPUT_NAME = "input"
@@ -300,8 +300,8 @@ async def _infer(request: web.Request, spec: ModelSpec, admission: Admission, pr
     else:
         raw = await _read_all(content, limit)
     try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
+        doc = parse_json(raw)
+    except ValueError as exc:  # UnicodeDecodeError included
         raise OipError(400, f"the inference request is not valid JSON: {exc}") from None
     req = _Request(spec, doc, header_len)
     if req.frames * req.frame_nbytes > admission.config.max_payload_bytes:  # a compressed body can claim more

@@ -38,7 +38,7 @@ from streamgpu.metrics import NO_MODEL
 from streamgpu.protocol import wire
 from streamgpu.protocol.ordering import ReplyOrder, Ticket
 from streamgpu.protocol.wire import FrameHeader, ProtocolError, ReplyFlags, ReplyHeader, Status, Timings
-from streamgpu.web.app import SERVER_KEY, give_place, take_place
+from streamgpu.web.app import SERVER_KEY, give_place, parse_json, take_place
 from streamgpu.web.frames import next_stream_key, receive_frame
 
 PATH = "/v1/stream"
@@ -178,7 +178,7 @@ class StreamSocket:
     def on_control(self, text: str) -> None:
         """A text message: subscribe or unsubscribe; answered with the ids now watched, or an error."""
         try:
-            doc = json.loads(text)
+            doc = parse_json(text)
             if not isinstance(doc, dict) or len(doc) != 1 or next(iter(doc)) not in ("subscribe", "unsubscribe"):
                 raise ValueError('expected {"subscribe": IDS} or {"unsubscribe": IDS}')
             ((verb, ids),) = doc.items()
@@ -197,7 +197,7 @@ class StreamSocket:
                 for i in ids:
                     if (subscription := self.subscriptions.pop(i, None)) is not None:
                         subscription.cancel()
-        except ValueError as exc:  # json.JSONDecodeError included
+        except ValueError as exc:  # malformed or too deeply nested JSON included
             self.queue(json.dumps({"error": str(exc)}))
             return
         self.queue(json.dumps({"subscribed": sorted(self.subscriptions)}))

@@ -214,6 +214,7 @@ BAD_REQUESTS: list[tuple[str, int, str, Any]] = [
         bytes(1))),
     ("malformed JSON", 400, "not valid JSON", lambda n: (b"{not json", {"Content-Type": "application/json"})),
     ("JSON not an object", 400, "JSON object", lambda n: (b"[1, 2]", {"Content-Type": "application/json"})),
+    ("JSON nested past the parser's depth", 400, "not valid JSON", lambda n: (b"[" * 100_000, {})),
     ("JSON data of wrong length", 400, "elements", lambda n: (json.dumps(
         {"inputs": [{"name": "input", "datatype": "UINT8", "shape": [32, 32, 3], "data": [1, 2, 3]}]}).encode(), {})),
     ("JSON data out of range", 400, "does not fit", lambda n: (json.dumps(

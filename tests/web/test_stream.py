@@ -133,7 +133,8 @@ async def test_subscriber_receives_every_result_of_its_stream_from_tcp_and_webso
         await sub.send_str('{"subscribe": [8]}')  # the next message is the answer: nothing of 7 came between
         assert await asyncio.wait_for(sub.receive_json(), 5) == {"subscribed": [8]}
         for bad, needle in [("nonsense", "Expecting value"), ('{"subscribe": "x"}', "stream ids"),
-                            ('{"watch": 1}', "expected"), ('{"subscribe": [-1]}', "stream ids")]:  # fmt: skip
+                            ('{"watch": 1}', "expected"), ('{"subscribe": [-1]}', "stream ids"),
+                            ("[" * 100_000, "nested too deeply")]:  # fmt: skip
             await sub.send_str(bad)
             assert needle in (await asyncio.wait_for(sub.receive_json(), 5))["error"]
         assert server.admission.stream_results.subscribers(8) == 1
