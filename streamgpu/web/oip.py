@@ -298,7 +298,7 @@ async def _infer(request: web.Request, spec: ModelSpec, admission: Admission, pr
             raise OipError(400, f"{HEADER_LENGTH} {header_len} exceeds the body's {length} bytes")
         raw = await _read_exactly(content, header_len, admission, "inference header")
     else:
-        raw = await _read_all(content, limit)
+        raw = await _read_all(content, limit, admission.payload_budget_s(length if length is not None else limit))
     try:
         doc = parse_json(raw)
     except ValueError as exc:  # UnicodeDecodeError included
@@ -366,14 +366,20 @@ async def _read_exactly(content: Any, n: int, admission: Admission, what: str) -
         raise OipError(408, f"the {what} ({n} bytes) did not arrive in time") from None
 
 
-async def _read_all(content: Any, limit: int) -> bytes:
+async def _read_all(content: Any, limit: int, budget_s: float) -> bytes:
+    """The whole body (a JSON request), at most ``limit`` bytes, within ``budget_s`` (a stalled or endless
+    chunked body would otherwise hold its connection's place for good)."""
     parts = []
     total = 0
-    while chunk := await content.readany():
-        total += len(chunk)
-        if total > limit:
-            raise OipError(413, f"request body exceeds {limit} bytes (max_payload_bytes + header allowance)")
-        parts.append(chunk)
+    try:
+        async with asyncio.timeout(budget_s):
+            while chunk := await content.readany():
+                total += len(chunk)
+                if total > limit:
+                    raise OipError(413, f"request body exceeds {limit} bytes (max_payload_bytes + header allowance)")
+                parts.append(chunk)
+    except TimeoutError:
+        raise OipError(408, f"the request body did not arrive within {budget_s:.3g} s") from None
     return b"".join(parts)
 
 

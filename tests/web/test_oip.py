@@ -343,6 +343,37 @@ async def test_a_client_leaving_mid_body_or_trickling_holds_no_slot(tmp_path: Pa
 
 
 @pytest.mark.asyncio
+async def test_a_json_body_that_stalls_or_never_ends_is_answered_408_and_gives_its_place_back(tmp_path: Path) -> None:
+    cfg = config(tmp_path, receive_timeout_s=0.3, min_receive_rate=10_000_000, max_payload_bytes=4 * SPEC.frame_nbytes)
+    async with Server(cfg) as server:
+        port = http_port(server)
+        head = b"POST /v2/models/default/infer HTTP/1.1\r\nHost: x\r\n"
+        stalled = head + b'Content-Length: 100\r\n\r\n{"inputs"'  # 9 of the 100 bytes it announces
+        endless = head + b"Transfer-Encoding: chunked\r\n\r\n1\r\n[\r\n"  # then a byte every 0.1 s, no last chunk
+
+        async def dribble(writer: asyncio.StreamWriter, trickle: bytes) -> None:
+            while trickle:
+                await asyncio.sleep(0.1)
+                writer.write(trickle)
+
+        for request, trickle in ((stalled, b""), (endless, b"1\r\n \r\n")):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request)
+            task = asyncio.ensure_future(dribble(writer, trickle))
+            try:
+                response = await asyncio.wait_for(reader.read(65536), 5)
+            finally:
+                task.cancel()
+                writer.close()
+            assert b" 408 " in response.split(b"\r\n")[0] and b"did not arrive" in response, response[:300]
+        for _ in range(100):  # each connection's place under max_connections is given back
+            if server.connections == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert server.connections == 0
+
+
+@pytest.mark.asyncio
 async def test_shutdown_answers_requests_in_flight_then_refuses(tmp_path: Path) -> None:
     server = Server(config(tmp_path))
     await server.start()
