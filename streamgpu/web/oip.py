@@ -281,6 +281,8 @@ async def infer(request: web.Request) -> web.StreamResponse:
         return error_response(exc.status, exc.message)
     except Refused as refused:
         return error_response(HTTP_STATUS[refused.status], f"{refused.status.name}: {refused.message}")
+    except ConnectionResetError:  # the client left mid-body (its slots are back): no server error to log
+        return error_response(400, "the connection closed before the whole body arrived")
     finally:
         give_place(request)
         admission.leave(producer)

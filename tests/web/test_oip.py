@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -312,7 +313,9 @@ async def test_token_needed_when_configured(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
-async def test_a_client_leaving_mid_body_or_trickling_holds_no_slot(tmp_path: Path) -> None:
+async def test_a_client_leaving_mid_body_or_trickling_holds_no_slot(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     cfg = config(tmp_path, receive_timeout_s=0.3, min_receive_rate=10_000_000)
     n = SPEC.frame_nbytes
     async with Server(cfg) as server:
@@ -332,6 +335,8 @@ async def test_a_client_leaving_mid_body_or_trickling_holds_no_slot(tmp_path: Pa
             await asyncio.sleep(0.01)
         writer.close()
         await no_slot_held(server)
+        # A client that leaves is no error of the server's: no traceback per hostile client in the log.
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
         # Trickles: the payload's time budget runs out (408), the slot is given back.
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(request + bytes(100))
