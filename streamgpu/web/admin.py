@@ -12,7 +12,8 @@ URL). Without settings the model is loaded from its folder in the
 ``model_repository``, or, for a model the server has served before, from its
 last settings. Over HTTP a file ``source`` must lie inside ``model_repository``
 (``builtin:`` sources are always allowed): a request cannot make the server
-read arbitrary files. When the server has an ``auth_token``, these routes need
+read arbitrary files, and NAME is one folder name (no ``/``, ``.`` or ``..``).
+When the server has an ``auth_token``, these routes need
 ``Authorization: Bearer AUTH_TOKEN``. Success is 200 with ``{}`` (the index:
 the list); failure 400 (404 for a model the server does not know, 401, 403)
 with ``{"error": MESSAGE}``. docs/MODELS.md describes the whole lifecycle.
@@ -124,9 +125,19 @@ async def index(request: web.Request) -> web.Response:
     return web.json_response(entries)
 
 
+def _check_name(name: str) -> None:
+    """A name loaded over HTTP is one folder of the model repository (as Triton's are): never one that
+    reaches out of it (``..``, an encoded ``/``), nor control characters (they would fake log lines)."""
+    if name in (".", "..") or os.path.basename(name) != name or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        raise AdminError(
+            400, f"model name {name!r} is not a plain folder name (no '/', control characters, '.' or '..')"
+        )
+
+
 async def load(request: web.Request) -> web.Response:
     server = _server(request)
     name = request.match_info["name"]
+    _check_name(name)
     settings = _settings(await _body(request))
     spec = await asyncio.get_running_loop().run_in_executor(None, _spec_for, server, name, settings)  # reads files
     _check_source(server, spec)
