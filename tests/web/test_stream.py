@@ -132,9 +132,11 @@ async def test_subscriber_receives_every_result_of_its_stream_from_tcp_and_webso
         await tcp_replies(server, watched[:2], 7)
         await sub.send_str('{"subscribe": [8]}')  # the next message is the answer: nothing of 7 came between
         assert await asyncio.wait_for(sub.receive_json(), 5) == {"subscribed": [8]}
+        # The last: 4 MB of ids is refused unparsed (parsing a message of up to max_payload_bytes blocks the loop).
         for bad, needle in [("nonsense", "Expecting value"), ('{"subscribe": "x"}', "stream ids"),
                             ('{"watch": 1}', "expected"), ('{"subscribe": [-1]}', "stream ids"),
-                            ("[" * 100_000, "nested too deeply")]:  # fmt: skip
+                            ("[" * 10_000, "nested too deeply"),
+                            ('{"subscribe": [' + "8," * 2_000_000 + "8]}", "too long")]:  # fmt: skip
             await sub.send_str(bad)
             assert needle in (await asyncio.wait_for(sub.receive_json(), 5))["error"]
         assert server.admission.stream_results.subscribers(8) == 1
