@@ -499,3 +499,17 @@ async def test_admin_routes_and_cli(tmp_path: Path, capsys: pytest.CaptureFixtur
         assert await asyncio.to_thread(cli.main, ["admin", "unload", url, "m", "--token", "sesame"]) == 1
         assert "HTTP 404" in capsys.readouterr().err
         await conn.close()
+
+
+@pytest.mark.asyncio
+async def test_an_admin_request_whose_body_stalls_is_answered_408(tmp_path: Path) -> None:
+    cfg = config(spec("builtin:small", arch=""), listeners=[ListenerSpec(port=0), ListenerSpec(kind="http", port=0)],
+                 receive_timeout_s=0.3, min_receive_rate=10_000_000)  # fmt: skip
+    async with Server(cfg) as srv:
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.addresses[1][1])
+        writer.write(b"POST /v2/repository/models/m/load HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        try:
+            response = await asyncio.wait_for(reader.read(65536), 5)
+        finally:
+            writer.close()
+        assert b" 408 " in response.split(b"\r\n")[0] and b"did not arrive" in response, response[:300]

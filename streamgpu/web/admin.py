@@ -56,7 +56,15 @@ def _server(request: web.Request) -> Server:
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
+    # Within the payload time budget of the body aiohttp accepts (client_max_size): one that stalls would
+    # otherwise hold its connection's place for good.
+    size = min(request.content_length or request.client_max_size, request.client_max_size)
+    budget = request.app[SERVER_KEY].admission.payload_budget_s(size)
+    try:
+        async with asyncio.timeout(budget):
+            raw = await request.read()
+    except TimeoutError:
+        raise AdminError(408, f"the request body did not arrive within {budget:.3g} s") from None
     if not raw.strip():
         return {}
     try:
