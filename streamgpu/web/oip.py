@@ -168,7 +168,9 @@ class _Request:
         if DATATYPES.get(datatype) != spec.frame_dtype:  # type: ignore[arg-type]
             raise OipError(400, f"input {INPUT_NAME!r} has datatype {DATATYPE_OF[spec.frame_dtype]}, got {datatype!r}")
         shape = tensor.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
             raise OipError(400, f"input shape must be a list of non-negative integers, got {shape!r}")
         frame_shape = list(spec.input_shape)
         if shape == frame_shape:
@@ -197,7 +199,7 @@ class _Request:
                 raise OipError(400, "input has neither 'data' nor parameters.binary_data_size")
             self.data = _json_tensor(tensor["data"], spec.frame_dtype, nbytes, shape)
         self.binary_len = nbytes if size is not None else 0
-        self.binary_output = bool(params.get("binary_data_output", False))
+        self.binary_output = _bool_param(params, "binary_data_output", False, "parameters")
         outputs = doc.get("outputs")
         if outputs is not None:
             if not isinstance(outputs, list):
@@ -209,7 +211,9 @@ class _Request:
                 out_params = _dict(out.get("parameters", {}), f"outputs[{i}].parameters")
                 if "classification" in out_params:
                     raise OipError(400, "the classification extension is not supported")
-                self.binary_output = bool(out_params.get("binary_data", self.binary_output))
+                self.binary_output = _bool_param(
+                    out_params, "binary_data", self.binary_output, f"outputs[{i}].parameters"
+                )
 
     def header(self, spec: ModelSpec, index: int) -> FrameHeader:
         return FrameHeader(
@@ -221,6 +225,13 @@ class _Request:
 def _dict(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise OipError(400, f"{where} must be a JSON object")
+    return value
+
+
+def _bool_param(params: dict[str, Any], key: str, default: bool, where: str) -> bool:
+    value = params.get(key, default)
+    if not isinstance(value, bool):  # bool("false") is True: a string or number here is a client's mistake
+        raise OipError(400, f"{where}.{key} must be true or false, got {value!r}")
     return value
 
 

@@ -227,6 +227,13 @@ BAD_REQUESTS: list[tuple[str, int, str, Any]] = [
         b'{"inputs": []}', {"Inference-Header-Content-Length": "ten"})),
     ("bad priority", 400, "priority", lambda n: binary_request(
         frame_header([1, 32, 32, 3], n, parameters={"priority": "high"}), bytes(n))),
+    ("a boolean for a dimension", 400, "non-negative integers", lambda n: binary_request(
+        frame_header([True, 32, 32, 3], n), bytes(n))),
+    ("binary_data_output not a boolean", 400, "binary_data_output", lambda n: binary_request(
+        frame_header([1, 32, 32, 3], n, parameters={"binary_data_output": "no"}), bytes(n))),
+    ("an output's binary_data not a boolean", 400, "binary_data", lambda n: binary_request(
+        frame_header([1, 32, 32, 3], n, outputs=[{"name": "output", "parameters": {"binary_data": "false"}}]),
+        bytes(n))),
     ("classification asked", 400, "classification", lambda n: binary_request(
         frame_header([1, 32, 32, 3], n, outputs=[{"name": "output", "parameters": {"classification": 3}}]),
         bytes(n))),
