@@ -513,3 +513,19 @@ async def test_an_admin_request_whose_body_stalls_is_answered_408(tmp_path: Path
         finally:
             writer.close()
         assert b" 408 " in response.split(b"\r\n")[0] and b"did not arrive" in response, response[:300]
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_config_model_outside_the_repository_is_unloaded_and_loaded_again_over_http(tmp_path: Path) -> None:
+    """Its file is the operator's, not one a request names: 'the settings it was last loaded with' (MODELS.md)."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from streamgpu.web.app import create_app
+
+    (tmp_path / "repo").mkdir()
+    cfg = config(spec(versioned(tmp_path, 1)), model_repository=str(tmp_path / "repo"), repository_poll_s=60)
+    async with Server(cfg) as srv, TestClient(TestServer(create_app(srv))) as http:
+        for op in ("unload", "load", "load"):  # back, then a new version of the same file
+            r = await http.post(f"/v2/repository/models/m/{op}")
+            assert r.status == 200, (op, await r.text())
+        assert srv.model_index() == [{"name": "m", "version": "3", "state": "READY", "reason": ""}]

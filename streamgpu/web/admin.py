@@ -92,6 +92,9 @@ def _settings(body: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _spec_for(server: Server, name: str, settings: dict[str, Any] | None) -> ModelSpec:
+    """The spec a load asks for; a file it names (in its settings or its repository folder) is checked
+    to lie inside the repository. Not the last settings of a model served before: their file is the
+    operator's (the config's) or was checked when a request named it."""
     repository = server.config.model_repository
     if settings is not None:
         settings = dict(settings)
@@ -100,10 +103,10 @@ def _spec_for(server: Server, name: str, settings: dict[str, Any] | None) -> Mod
             scheme, _, path = source.partition(":")
             if scheme != "builtin":  # relative file paths are the repository's model folder
                 settings["source"] = f"{scheme}:{os.path.join(repository, name, path)}"
-        return model_spec(settings, f"model {name!r} (load request)", name=name)
+        return _checked(server, model_spec(settings, f"model {name!r} (load request)", name=name))
     folder = os.path.join(repository, name) if repository else ""
     if folder and os.path.isdir(folder):
-        return folder_spec(folder)
+        return _checked(server, folder_spec(folder))
     known = server.known_spec(name)
     if known is None:
         where = f"no folder {name!r} in the model repository" if repository else "no model_repository"
@@ -111,10 +114,11 @@ def _spec_for(server: Server, name: str, settings: dict[str, Any] | None) -> Mod
     return known
 
 
-def _check_source(server: Server, spec: ModelSpec) -> None:
+def _checked(server: Server, spec: ModelSpec) -> ModelSpec:
+    """``spec``, once its file source is found inside the model repository (symlinks resolved)."""
     scheme, _, path = spec.source.partition(":")
     if scheme == "builtin":
-        return
+        return spec
     repository = server.config.model_repository
     inside = repository and os.path.commonpath(
         [os.path.realpath(repository), os.path.realpath(path)]
@@ -122,6 +126,7 @@ def _check_source(server: Server, spec: ModelSpec) -> None:
     if not inside:
         raise AdminError(403, f"model {spec.name!r}: over HTTP a file source must lie inside the server's "
                               f"model_repository ({repository or 'not set'}), got {path!r}")  # fmt: skip
+    return spec
 
 
 async def index(request: web.Request) -> web.Response:
@@ -148,7 +153,6 @@ async def load(request: web.Request) -> web.Response:
     _check_name(name)
     settings = _settings(await _body(request))
     spec = await asyncio.get_running_loop().run_in_executor(None, _spec_for, server, name, settings)  # reads files
-    _check_source(server, spec)
     await server.load_model(spec)
     return web.json_response({})
 
