@@ -472,9 +472,9 @@ async def test_admin_routes_and_cli(tmp_path: Path, capsys: pytest.CaptureFixtur
         assert r.status == 400 and "max_batch_size" in (await r.json())["error"]
         # A name is a folder of the repository: none reaching out of it (or faking log lines) is looked up.
         for bad in ("%2E%2E", "%2E%2E%2F%2E%2E%2Fetc", "a%0Ab", "%2E"):  # as sent: no client normalizes them
-            url = URL(str(http.make_url("")).rstrip("/") + f"/v2/repository/models/{bad}/load", encoded=True)
+            target = URL(str(http.make_url("")).rstrip("/") + f"/v2/repository/models/{bad}/load", encoded=True)
             for body in (None, {"parameters": {"config": {"source": "builtin:small", "input_shape": list(SHAPE)}}}):
-                r = await http.session.post(url, headers=auth, json=body)
+                r = await http.session.post(target, headers=auth, json=body)
                 assert r.status == 400 and "model name" in (await r.json())["error"], (bad, await r.text())
         for deep in ("[" * 100_000, json.dumps({"parameters": {"config": "[" * 100_000}})):  # past json's depth
             r = await http.post("/v2/repository/models/x/load", headers=auth, data=deep)
