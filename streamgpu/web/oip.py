@@ -445,12 +445,14 @@ def _response(spec: ModelSpec, req: _Request, out: np.ndarray, outcomes: list[Ou
 
 @web.middleware
 async def _errors_as_json(request: web.Request, handler: Any) -> web.StreamResponse:
-    """aiohttp's own 404/405 for paths under /v2 answered as the protocol's ``{"error": ...}``."""
+    """aiohttp's own errors for paths under /v1 and /v2 (404, 405, 413, a GET /v1/stream that asks no
+    upgrade) answered as the protocol's ``{"error": ...}``, with aiohttp's reason when it gave one."""
     try:
         return await handler(request)
     except web.HTTPException as exc:
-        if exc.status >= 400 and "/v2" in request.path:
-            return error_response(exc.status, exc.reason)
+        if exc.status >= 400 and ("/v2" in request.path or "/v1/" in request.path):
+            default = f"{exc.status}: {exc.reason}"  # aiohttp's text when it says nothing more
+            return error_response(exc.status, exc.text.strip() if exc.text and exc.text != default else exc.reason)
         raise
 
 

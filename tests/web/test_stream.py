@@ -153,6 +153,9 @@ async def test_token_checked_before_the_upgrade() -> None:
         with pytest.raises(aiohttp.WSServerHandshakeError) as info:
             await session.ws_connect(url(server))
         assert info.value.status == 401
+        plain = url(server, "?token=s3cret").replace("ws://", "http://")
+        async with session.get(plain) as response:  # no upgrade asked: the protocol's JSON error all the same
+            assert response.status == 400 and "WebSocket" in (await response.json())["error"]
         async with session.ws_connect(url(server, "?token=s3cret")) as ws:
             await ws.send_bytes(frame_message(frames(1, seed=4)[0], stream_id=1, sequence=0))
             assert (await next_reply(ws))[0].status == Status.OK
