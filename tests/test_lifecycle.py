@@ -17,6 +17,7 @@ import pytest
 import pytest_asyncio
 import torch
 from torch import nn
+from yarl import URL
 
 from streamgpu import client
 from streamgpu.config import Config, ListenerSpec
@@ -469,6 +470,15 @@ async def test_admin_routes_and_cli(tmp_path: Path, capsys: pytest.CaptureFixtur
         r = await http.post("/v2/repository/models/x/load", headers=auth,
                             json={"parameters": {"config": {"max_batch_size": 0}}})  # fmt: skip
         assert r.status == 400 and "max_batch_size" in (await r.json())["error"]
+        # A name is a folder of the repository: none reaching out of it (or faking log lines) is looked up.
+        for bad in ("%2E%2E", "%2E%2E%2F%2E%2E%2Fetc", "a%0Ab", "%2E"):  # as sent: no client normalizes them
+            target = URL(str(http.make_url("")).rstrip("/") + f"/v2/repository/models/{bad}/load", encoded=True)
+            for body in (None, {"parameters": {"config": {"source": "builtin:small", "input_shape": list(SHAPE)}}}):
+                r = await http.session.post(target, headers=auth, json=body)
+                assert r.status == 400 and "model name" in (await r.json())["error"], (bad, await r.text())
+        for deep in ("[" * 100_000, json.dumps({"parameters": {"config": "[" * 100_000}})):  # past json's depth
+            r = await http.post("/v2/repository/models/x/load", headers=auth, data=deep)
+            assert r.status == 400 and "not JSON" in (await r.json())["error"]
         r = await http.post("/v2/repository/models/nothing/unload", headers=auth)
         assert r.status == 404
         r = await http.post("/v2/repository/models/nothing/load", headers=auth)
@@ -489,3 +499,33 @@ async def test_admin_routes_and_cli(tmp_path: Path, capsys: pytest.CaptureFixtur
         assert await asyncio.to_thread(cli.main, ["admin", "unload", url, "m", "--token", "sesame"]) == 1
         assert "HTTP 404" in capsys.readouterr().err
         await conn.close()
+
+
+@pytest.mark.asyncio
+async def test_an_admin_request_whose_body_stalls_is_answered_408(tmp_path: Path) -> None:
+    cfg = config(spec("builtin:small", arch=""), listeners=[ListenerSpec(port=0), ListenerSpec(kind="http", port=0)],
+                 receive_timeout_s=0.3, min_receive_rate=10_000_000)  # fmt: skip
+    async with Server(cfg) as srv:
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.addresses[1][1])
+        writer.write(b"POST /v2/repository/models/m/load HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        try:
+            response = await asyncio.wait_for(reader.read(65536), 5)
+        finally:
+            writer.close()
+        assert b" 408 " in response.split(b"\r\n")[0] and b"did not arrive" in response, response[:300]
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_config_model_outside_the_repository_is_unloaded_and_loaded_again_over_http(tmp_path: Path) -> None:
+    """Its file is the operator's, not one a request names: 'the settings it was last loaded with' (MODELS.md)."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from streamgpu.web.app import create_app
+
+    (tmp_path / "repo").mkdir()
+    cfg = config(spec(versioned(tmp_path, 1)), model_repository=str(tmp_path / "repo"), repository_poll_s=60)
+    async with Server(cfg) as srv, TestClient(TestServer(create_app(srv))) as http:
+        for op in ("unload", "load", "load"):  # back, then a new version of the same file
+            r = await http.post(f"/v2/repository/models/m/{op}")
+            assert r.status == 200, (op, await r.text())
+        assert srv.model_index() == [{"name": "m", "version": "3", "state": "READY", "reason": ""}]

@@ -12,7 +12,8 @@ URL). Without settings the model is loaded from its folder in the
 ``model_repository``, or, for a model the server has served before, from its
 last settings. Over HTTP a file ``source`` must lie inside ``model_repository``
 (``builtin:`` sources are always allowed): a request cannot make the server
-read arbitrary files. When the server has an ``auth_token``, these routes need
+read arbitrary files, and NAME is one folder name (no ``/``, ``.`` or ``..``).
+When the server has an ``auth_token``, these routes need
 ``Authorization: Bearer AUTH_TOKEN``. Success is 200 with ``{}`` (the index:
 the list); failure 400 (404 for a model the server does not know, 401, 403)
 with ``{"error": MESSAGE}``. docs/MODELS.md describes the whole lifecycle.
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import os
 from typing import Any
 
@@ -33,7 +33,7 @@ from streamgpu.errors import ModelNotFoundError, StreamgpuError
 from streamgpu.models.repository import folder_spec
 from streamgpu.models.spec import ModelSpec
 from streamgpu.server import Server
-from streamgpu.web.app import SERVER_KEY
+from streamgpu.web.app import SERVER_KEY, parse_json
 
 
 class AdminError(Exception):
@@ -56,11 +56,19 @@ def _server(request: web.Request) -> Server:
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
+    # Within the payload time budget of the body aiohttp accepts (client_max_size): one that stalls would
+    # otherwise hold its connection's place for good.
+    size = min(request.content_length or request.client_max_size, request.client_max_size)
+    budget = request.app[SERVER_KEY].admission.payload_budget_s(size)
+    try:
+        async with asyncio.timeout(budget):
+            raw = await request.read()
+    except TimeoutError:
+        raise AdminError(408, f"the request body did not arrive within {budget:.3g} s") from None
     if not raw.strip():
         return {}
     try:
-        body = json.loads(raw)
+        body = parse_json(raw)
     except ValueError as exc:
         raise AdminError(400, f"request body is not JSON: {exc}") from None
     if not isinstance(body, dict):
@@ -75,7 +83,7 @@ def _settings(body: dict[str, Any]) -> dict[str, Any] | None:
     settings = params.get("config")
     if isinstance(settings, str):
         try:
-            settings = json.loads(settings)
+            settings = parse_json(settings)
         except ValueError as exc:
             raise AdminError(400, f"parameters.config is not JSON: {exc}") from None
     if settings is not None and not isinstance(settings, dict):
@@ -84,6 +92,9 @@ def _settings(body: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _spec_for(server: Server, name: str, settings: dict[str, Any] | None) -> ModelSpec:
+    """The spec a load asks for; a file it names (in its settings or its repository folder) is checked
+    to lie inside the repository. Not the last settings of a model served before: their file is the
+    operator's (the config's) or was checked when a request named it."""
     repository = server.config.model_repository
     if settings is not None:
         settings = dict(settings)
@@ -92,10 +103,10 @@ def _spec_for(server: Server, name: str, settings: dict[str, Any] | None) -> Mod
             scheme, _, path = source.partition(":")
             if scheme != "builtin":  # relative file paths are the repository's model folder
                 settings["source"] = f"{scheme}:{os.path.join(repository, name, path)}"
-        return model_spec(settings, f"model {name!r} (load request)", name=name)
+        return _checked(server, model_spec(settings, f"model {name!r} (load request)", name=name))
     folder = os.path.join(repository, name) if repository else ""
     if folder and os.path.isdir(folder):
-        return folder_spec(folder)
+        return _checked(server, folder_spec(folder))
     known = server.known_spec(name)
     if known is None:
         where = f"no folder {name!r} in the model repository" if repository else "no model_repository"
@@ -103,10 +114,11 @@ def _spec_for(server: Server, name: str, settings: dict[str, Any] | None) -> Mod
     return known
 
 
-def _check_source(server: Server, spec: ModelSpec) -> None:
+def _checked(server: Server, spec: ModelSpec) -> ModelSpec:
+    """``spec``, once its file source is found inside the model repository (symlinks resolved)."""
     scheme, _, path = spec.source.partition(":")
     if scheme == "builtin":
-        return
+        return spec
     repository = server.config.model_repository
     inside = repository and os.path.commonpath(
         [os.path.realpath(repository), os.path.realpath(path)]
@@ -114,6 +126,7 @@ def _check_source(server: Server, spec: ModelSpec) -> None:
     if not inside:
         raise AdminError(403, f"model {spec.name!r}: over HTTP a file source must lie inside the server's "
                               f"model_repository ({repository or 'not set'}), got {path!r}")  # fmt: skip
+    return spec
 
 
 async def index(request: web.Request) -> web.Response:
@@ -125,12 +138,21 @@ async def index(request: web.Request) -> web.Response:
     return web.json_response(entries)
 
 
+def _check_name(name: str) -> None:
+    """A name loaded over HTTP is one folder of the model repository (as Triton's are): never one that
+    reaches out of it (``..``, an encoded ``/``), nor control characters (they would fake log lines)."""
+    if name in (".", "..") or os.path.basename(name) != name or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        raise AdminError(
+            400, f"model name {name!r} is not a plain folder name (no '/', control characters, '.' or '..')"
+        )
+
+
 async def load(request: web.Request) -> web.Response:
     server = _server(request)
     name = request.match_info["name"]
+    _check_name(name)
     settings = _settings(await _body(request))
     spec = await asyncio.get_running_loop().run_in_executor(None, _spec_for, server, name, settings)  # reads files
-    _check_source(server, spec)
     await server.load_model(spec)
     return web.json_response({})
 

@@ -12,7 +12,9 @@ Two ways to serve it:
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
 
@@ -56,6 +58,15 @@ def give_place(request: web.Request) -> None:
     """The request that ``take_place`` admitted has ended."""
     if not request.app[CONNECTIONS_COUNTED_KEY]:
         request.app[SERVER_KEY].admission.close_connection()
+
+
+def parse_json(raw: str | bytes) -> Any:
+    """``json.loads`` of a client's text; nesting past the parser's depth is a ``ValueError`` like any
+    other malformed JSON (``json`` raises RecursionError there, which would make the request a 500)."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def setup(app: web.Application, config: Config | Server | None = None, *, prefix: str = "/streamgpu") -> Server:

@@ -34,7 +34,7 @@ from streamgpu.frame import Outcome
 from streamgpu.ingest.admission import Admission, Producer, Refused
 from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol.wire import FrameHeader, Status
-from streamgpu.web.app import SERVER_KEY, give_place, take_place
+from streamgpu.web.app import SERVER_KEY, give_place, parse_json, take_place
 from streamgpu.web.frames import next_stream_key, receive_frame
 
 INPUT_NAME = "input"
@@ -99,11 +99,12 @@ async def ready(request: web.Request) -> web.Response:
 
 
 def _spec(request: web.Request) -> ModelSpec:
-    """The model the path names (404 for an unknown model or version)."""
+    """The model the path names, as served now (404 for an unknown model or version): the config's
+    models, those loaded since (admin API, model repository), none unloaded."""
     server = request.app[SERVER_KEY]
     name = request.match_info["name"]
     version = request.match_info.get("version", MODEL_VERSION)
-    spec = next((s for s in server.config.models if s.name == name), None)
+    spec = server.model_specs.get(name) if server.initialized else None
     if spec is None:
         raise OipError(404, f"unknown model: {name!r}")
     if version != MODEL_VERSION:
@@ -167,7 +168,9 @@ class _Request:
         if DATATYPES.get(datatype) != spec.frame_dtype:  # type: ignore[arg-type]
             raise OipError(400, f"input {INPUT_NAME!r} has datatype {DATATYPE_OF[spec.frame_dtype]}, got {datatype!r}")
         shape = tensor.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
             raise OipError(400, f"input shape must be a list of non-negative integers, got {shape!r}")
         frame_shape = list(spec.input_shape)
         if shape == frame_shape:
@@ -196,7 +199,7 @@ class _Request:
                 raise OipError(400, "input has neither 'data' nor parameters.binary_data_size")
             self.data = _json_tensor(tensor["data"], spec.frame_dtype, nbytes, shape)
         self.binary_len = nbytes if size is not None else 0
-        self.binary_output = bool(params.get("binary_data_output", False))
+        self.binary_output = _bool_param(params, "binary_data_output", False, "parameters")
         outputs = doc.get("outputs")
         if outputs is not None:
             if not isinstance(outputs, list):
@@ -208,7 +211,9 @@ class _Request:
                 out_params = _dict(out.get("parameters", {}), f"outputs[{i}].parameters")
                 if "classification" in out_params:
                     raise OipError(400, "the classification extension is not supported")
-                self.binary_output = bool(out_params.get("binary_data", self.binary_output))
+                self.binary_output = _bool_param(
+                    out_params, "binary_data", self.binary_output, f"outputs[{i}].parameters"
+                )
 
     def header(self, spec: ModelSpec, index: int) -> FrameHeader:
         return FrameHeader(
@@ -220,6 +225,13 @@ class _Request:
 def _dict(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise OipError(400, f"{where} must be a JSON object")
+    return value
+
+
+def _bool_param(params: dict[str, Any], key: str, default: bool, where: str) -> bool:
+    value = params.get(key, default)
+    if not isinstance(value, bool):  # bool("false") is True: a string or number here is a client's mistake
+        raise OipError(400, f"{where}.{key} must be true or false, got {value!r}")
     return value
 
 
@@ -280,6 +292,8 @@ async def infer(request: web.Request) -> web.StreamResponse:
         return error_response(exc.status, exc.message)
     except Refused as refused:
         return error_response(HTTP_STATUS[refused.status], f"{refused.status.name}: {refused.message}")
+    except ConnectionResetError:  # the client left mid-body (its slots are back): no server error to log
+        return error_response(400, "the connection closed before the whole body arrived")
     finally:
         give_place(request)
         admission.leave(producer)
@@ -297,10 +311,10 @@ async def _infer(request: web.Request, spec: ModelSpec, admission: Admission, pr
             raise OipError(400, f"{HEADER_LENGTH} {header_len} exceeds the body's {length} bytes")
         raw = await _read_exactly(content, header_len, admission, "inference header")
     else:
-        raw = await _read_all(content, limit)
+        raw = await _read_all(content, limit, admission.payload_budget_s(length if length is not None else limit))
     try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
+        doc = parse_json(raw)
+    except ValueError as exc:  # UnicodeDecodeError included
         raise OipError(400, f"the inference request is not valid JSON: {exc}") from None
     req = _Request(spec, doc, header_len)
     if req.frames * req.frame_nbytes > admission.config.max_payload_bytes:  # a compressed body can claim more
@@ -365,14 +379,20 @@ async def _read_exactly(content: Any, n: int, admission: Admission, what: str) -
         raise OipError(408, f"the {what} ({n} bytes) did not arrive in time") from None
 
 
-async def _read_all(content: Any, limit: int) -> bytes:
+async def _read_all(content: Any, limit: int, budget_s: float) -> bytes:
+    """The whole body (a JSON request), at most ``limit`` bytes, within ``budget_s`` (a stalled or endless
+    chunked body would otherwise hold its connection's place for good)."""
     parts = []
     total = 0
-    while chunk := await content.readany():
-        total += len(chunk)
-        if total > limit:
-            raise OipError(413, f"request body exceeds {limit} bytes (max_payload_bytes + header allowance)")
-        parts.append(chunk)
+    try:
+        async with asyncio.timeout(budget_s):
+            while chunk := await content.readany():
+                total += len(chunk)
+                if total > limit:
+                    raise OipError(413, f"request body exceeds {limit} bytes (max_payload_bytes + header allowance)")
+                parts.append(chunk)
+    except TimeoutError:
+        raise OipError(408, f"the request body did not arrive within {budget_s:.3g} s") from None
     return b"".join(parts)
 
 
@@ -425,12 +445,14 @@ def _response(spec: ModelSpec, req: _Request, out: np.ndarray, outcomes: list[Ou
 
 @web.middleware
 async def _errors_as_json(request: web.Request, handler: Any) -> web.StreamResponse:
-    """aiohttp's own 404/405 for paths under /v2 answered as the protocol's ``{"error": ...}``."""
+    """aiohttp's own errors for paths under /v1 and /v2 (404, 405, 413, a GET /v1/stream that asks no
+    upgrade) answered as the protocol's ``{"error": ...}``, with aiohttp's reason when it gave one."""
     try:
         return await handler(request)
     except web.HTTPException as exc:
-        if exc.status >= 400 and "/v2" in request.path:
-            return error_response(exc.status, exc.reason)
+        if exc.status >= 400 and ("/v2" in request.path or "/v1/" in request.path):
+            default = f"{exc.status}: {exc.reason}"  # aiohttp's text when it says nothing more
+            return error_response(exc.status, exc.text.strip() if exc.text and exc.text != default else exc.reason)
         raise
 
 

@@ -28,10 +28,10 @@ def status(server: Server, started: float) -> dict[str, Any]:
     replies: dict[str, dict[str, int]] = {}
     for model, code, n in server.replies.items():
         replies.setdefault(model, {})[code.name] = n
-    specs = {spec.name: spec for spec in server.config.models}
     models = []
     for name, snap in metrics["models"].items():
-        spec = specs[name]
+        spec = server.known_spec(name)  # the config's, or loaded since (admin API, model repository)
+        assert spec is not None, "the scheduler's models are the model manager's"
         models.append({
             "name": name, "source": spec.source, "input": f"{spec.input_dtype} {list(spec.input_shape)}",
             "queue_length": snap["queue_length"], "in_flight_batches": snap["in_flight_batches"],

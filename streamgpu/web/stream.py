@@ -38,7 +38,7 @@ from streamgpu.metrics import NO_MODEL
 from streamgpu.protocol import wire
 from streamgpu.protocol.ordering import ReplyOrder, Ticket
 from streamgpu.protocol.wire import FrameHeader, ProtocolError, ReplyFlags, ReplyHeader, Status, Timings
-from streamgpu.web.app import SERVER_KEY, give_place, take_place
+from streamgpu.web.app import SERVER_KEY, give_place, parse_json, take_place
 from streamgpu.web.frames import next_stream_key, receive_frame
 
 PATH = "/v1/stream"
@@ -46,6 +46,9 @@ PATH = "/v1/stream"
 # oldest subscribed results are dropped, and its own frames are not read until its own replies go out.
 MAX_QUEUED = 1024
 MAX_SUBSCRIPTIONS = 64  # stream ids one socket may watch
+# A control message names at most MAX_SUBSCRIPTIONS ids: a longer one is refused unparsed (a text message
+# may be as long as a frame, and parsing megabytes of JSON would hold the loop for seconds).
+MAX_CONTROL_CHARS = 64 * 1024
 
 
 class StreamSocket:
@@ -178,7 +181,9 @@ class StreamSocket:
     def on_control(self, text: str) -> None:
         """A text message: subscribe or unsubscribe; answered with the ids now watched, or an error."""
         try:
-            doc = json.loads(text)
+            if len(text) > MAX_CONTROL_CHARS:
+                raise ValueError(f"control message of {len(text)} characters is too long (at most {MAX_CONTROL_CHARS})")
+            doc = parse_json(text)
             if not isinstance(doc, dict) or len(doc) != 1 or next(iter(doc)) not in ("subscribe", "unsubscribe"):
                 raise ValueError('expected {"subscribe": IDS} or {"unsubscribe": IDS}')
             ((verb, ids),) = doc.items()
@@ -197,7 +202,7 @@ class StreamSocket:
                 for i in ids:
                     if (subscription := self.subscriptions.pop(i, None)) is not None:
                         subscription.cancel()
-        except ValueError as exc:  # json.JSONDecodeError included
+        except ValueError as exc:  # malformed or too deeply nested JSON included
             self.queue(json.dumps({"error": str(exc)}))
             return
         self.queue(json.dumps({"subscribed": sorted(self.subscriptions)}))

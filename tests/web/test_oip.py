@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -214,6 +215,7 @@ BAD_REQUESTS: list[tuple[str, int, str, Any]] = [
         bytes(1))),
     ("malformed JSON", 400, "not valid JSON", lambda n: (b"{not json", {"Content-Type": "application/json"})),
     ("JSON not an object", 400, "JSON object", lambda n: (b"[1, 2]", {"Content-Type": "application/json"})),
+    ("JSON nested past the parser's depth", 400, "not valid JSON", lambda n: (b"[" * 100_000, {})),
     ("JSON data of wrong length", 400, "elements", lambda n: (json.dumps(
         {"inputs": [{"name": "input", "datatype": "UINT8", "shape": [32, 32, 3], "data": [1, 2, 3]}]}).encode(), {})),
     ("JSON data out of range", 400, "does not fit", lambda n: (json.dumps(
@@ -225,6 +227,13 @@ BAD_REQUESTS: list[tuple[str, int, str, Any]] = [
         b'{"inputs": []}', {"Inference-Header-Content-Length": "ten"})),
     ("bad priority", 400, "priority", lambda n: binary_request(
         frame_header([1, 32, 32, 3], n, parameters={"priority": "high"}), bytes(n))),
+    ("a boolean for a dimension", 400, "non-negative integers", lambda n: binary_request(
+        frame_header([True, 32, 32, 3], n), bytes(n))),
+    ("binary_data_output not a boolean", 400, "binary_data_output", lambda n: binary_request(
+        frame_header([1, 32, 32, 3], n, parameters={"binary_data_output": "no"}), bytes(n))),
+    ("an output's binary_data not a boolean", 400, "binary_data", lambda n: binary_request(
+        frame_header([1, 32, 32, 3], n, outputs=[{"name": "output", "parameters": {"binary_data": "false"}}]),
+        bytes(n))),
     ("classification asked", 400, "classification", lambda n: binary_request(
         frame_header([1, 32, 32, 3], n, outputs=[{"name": "output", "parameters": {"classification": 3}}]),
         bytes(n))),
@@ -311,7 +320,9 @@ async def test_token_needed_when_configured(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
-async def test_a_client_leaving_mid_body_or_trickling_holds_no_slot(tmp_path: Path) -> None:
+async def test_a_client_leaving_mid_body_or_trickling_holds_no_slot(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     cfg = config(tmp_path, receive_timeout_s=0.3, min_receive_rate=10_000_000)
     n = SPEC.frame_nbytes
     async with Server(cfg) as server:
@@ -331,6 +342,8 @@ async def test_a_client_leaving_mid_body_or_trickling_holds_no_slot(tmp_path: Pa
             await asyncio.sleep(0.01)
         writer.close()
         await no_slot_held(server)
+        # A client that leaves is no error of the server's: no traceback per hostile client in the log.
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
         # Trickles: the payload's time budget runs out (408), the slot is given back.
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(request + bytes(100))
@@ -339,6 +352,37 @@ async def test_a_client_leaving_mid_body_or_trickling_holds_no_slot(tmp_path: Pa
         assert b" 408 " in response.split(b"\r\n")[0] and b"did not arrive" in response, response[:300]
         writer.close()
         await no_slot_held(server)
+
+
+@pytest.mark.asyncio
+async def test_a_json_body_that_stalls_or_never_ends_is_answered_408_and_gives_its_place_back(tmp_path: Path) -> None:
+    cfg = config(tmp_path, receive_timeout_s=0.3, min_receive_rate=10_000_000, max_payload_bytes=4 * SPEC.frame_nbytes)
+    async with Server(cfg) as server:
+        port = http_port(server)
+        head = b"POST /v2/models/default/infer HTTP/1.1\r\nHost: x\r\n"
+        stalled = head + b'Content-Length: 100\r\n\r\n{"inputs"'  # 9 of the 100 bytes it announces
+        endless = head + b"Transfer-Encoding: chunked\r\n\r\n1\r\n[\r\n"  # then a byte every 0.1 s, no last chunk
+
+        async def dribble(writer: asyncio.StreamWriter, trickle: bytes) -> None:
+            while trickle:
+                await asyncio.sleep(0.1)
+                writer.write(trickle)
+
+        for request, trickle in ((stalled, b""), (endless, b"1\r\n \r\n")):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request)
+            task = asyncio.ensure_future(dribble(writer, trickle))
+            try:
+                response = await asyncio.wait_for(reader.read(65536), 5)
+            finally:
+                task.cancel()
+                writer.close()
+            assert b" 408 " in response.split(b"\r\n")[0] and b"did not arrive" in response, response[:300]
+        for _ in range(100):  # each connection's place under max_connections is given back
+            if server.connections == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert server.connections == 0
 
 
 @pytest.mark.asyncio
@@ -387,3 +431,24 @@ def test_http_port_setting_adds_an_http_listener() -> None:
     from streamgpu.cli import build_parser
 
     assert build_parser().parse_args(["serve", "--http-port", "8000"]).http_port == 8000
+
+
+@ONE_LOOP
+async def test_models_loaded_and_unloaded_while_serving_are_the_ones_served(server: Server) -> None:
+    """Metadata, readiness and inference follow the admin API, not the config's model list."""
+    c = tritonaio.InferenceServerClient(f"127.0.0.1:{http_port(server)}")
+    settings = {"source": "builtin:small", "input_shape": [16, 16, 3], "max_batch_size": 2}
+    try:
+        await c.load_model("late", config=json.dumps(settings))
+        assert await c.is_model_ready("late")
+        assert (await c.get_model_metadata("late"))["inputs"][0]["shape"] == [-1, 16, 16, 3]
+        inp = tritonaio.InferInput("input", [1, 16, 16, 3], "UINT8")
+        inp.set_data_from_numpy(np.zeros((1, 16, 16, 3), np.uint8))
+        assert (await c.infer("late", [inp])).as_numpy("output").shape[0] == 1
+        await c.unload_model("user")
+        assert not await c.is_model_ready("user")
+        with pytest.raises(InferenceServerException, match="unknown model") as info:
+            await c.get_model_metadata("user")
+        assert info.value.status() == "404"
+    finally:
+        await c.close()

@@ -70,3 +70,15 @@ async def test_status_page_numbers_change_as_frames_flow(tmp_path: Path, browser
         if target := os.environ.get("STREAMGPU_SCREENSHOT"):
             shutil.copyfile(shot, target)
         await conn.close()
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # what a handler answers, not loop behaviour
+async def test_status_lists_a_model_loaded_while_serving() -> None:
+    config = Config(listeners=[ListenerSpec(port=0)], device="cpu", models=[SPEC])
+    late = ModelSpec(name="late", source="builtin:small", input_shape=(16, 16, 3), max_batch_size=2)
+    async with Server(config) as server, TestClient(TestServer(create_app(server))) as http:
+        await server.load_model(late)
+        response = await http.get("/v1/status")
+        assert response.status == 200, await response.text()
+        models = {m["name"]: m for m in (await response.json())["models"]}
+        assert models["late"]["source"] == "builtin:small" and models["late"]["input"] == "uint8 [16, 16, 3]"

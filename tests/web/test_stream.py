@@ -132,8 +132,11 @@ async def test_subscriber_receives_every_result_of_its_stream_from_tcp_and_webso
         await tcp_replies(server, watched[:2], 7)
         await sub.send_str('{"subscribe": [8]}')  # the next message is the answer: nothing of 7 came between
         assert await asyncio.wait_for(sub.receive_json(), 5) == {"subscribed": [8]}
+        # The last: 4 MB of ids is refused unparsed (parsing a message of up to max_payload_bytes blocks the loop).
         for bad, needle in [("nonsense", "Expecting value"), ('{"subscribe": "x"}', "stream ids"),
-                            ('{"watch": 1}', "expected"), ('{"subscribe": [-1]}', "stream ids")]:  # fmt: skip
+                            ('{"watch": 1}', "expected"), ('{"subscribe": [-1]}', "stream ids"),
+                            ("[" * 10_000, "nested too deeply"),
+                            ('{"subscribe": [' + "8," * 2_000_000 + "8]}", "too long")]:  # fmt: skip
             await sub.send_str(bad)
             assert needle in (await asyncio.wait_for(sub.receive_json(), 5))["error"]
         assert server.admission.stream_results.subscribers(8) == 1
@@ -150,6 +153,9 @@ async def test_token_checked_before_the_upgrade() -> None:
         with pytest.raises(aiohttp.WSServerHandshakeError) as info:
             await session.ws_connect(url(server))
         assert info.value.status == 401
+        plain = url(server, "?token=s3cret").replace("ws://", "http://")
+        async with session.get(plain) as response:  # no upgrade asked: the protocol's JSON error all the same
+            assert response.status == 400 and "WebSocket" in (await response.json())["error"]
         async with session.ws_connect(url(server, "?token=s3cret")) as ws:
             await ws.send_bytes(frame_message(frames(1, seed=4)[0], stream_id=1, sequence=0))
             assert (await next_reply(ws))[0].status == Status.OK
