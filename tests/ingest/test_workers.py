@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import signal
@@ -26,7 +27,7 @@ from streamgpu import cli, client
 from streamgpu.config import Config, ConfigError, ListenerSpec, TokenSpec
 from streamgpu.frame import Frame, Outcome
 from streamgpu.ingest import channel, worker
-from streamgpu.ingest.admission import Admission
+from streamgpu.ingest.admission import Admission, Grant
 from streamgpu.ingest.hub import Origin
 from streamgpu.ingest.workers import WorkerFrame, WorkerListener, _Worker
 from streamgpu.memory import HostSegment, Slot, SlotPool
@@ -238,6 +239,54 @@ async def test_outcomes_a_worker_gives_itself_are_published_by_the_scheduling_pr
         7, 3, "nope", 55, 9, FrameFlags.SUBSCRIBERS)  # fmt: skip
     assert (outcome.status, outcome.message, outcome.timings.total_us) == (Status.UNKNOWN_MODEL, message, 17)
     assert origin == Origin("udp", "udp:x")
+    segment.close()
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_frame_and_connection_numbers_past_32_bits_wrap_on_the_channel() -> None:
+    """The channel's fid and conn fields are u32, the worker's counters are not: its 2**32nd frame
+    (17 hours at 70,000 frames/s) or connection id failed to pack (struct.error), so the worker lost
+    the frame and every frame after it. Numbers wrap, skipping 0 and fids still in flight."""
+    cfg = config()
+    segment = HostSegment.create(cfg.ring_bytes)
+    submitted: list[Frame] = []
+    admission = Admission(cfg, SlotPool(segment.buffer), {m.name: m for m in cfg.models}, submitted.append)
+    lent = admission.pool.reserve(cfg.worker_ring_bytes)
+    assert lent is not None
+    parent = _Worker(WorkerListener(cfg.listeners[0], admission, segment, 2), 0, lent)
+    parent.connection_made(FakeTransport())  # type: ignore[arg-type]
+    chan = worker._Channel(cfg)
+    up = FakeTransport()
+    chan.connection_made(up)  # type: ignore[arg-type]
+    pool = SlotPool(segment.buffer, lent.offset, lent.offset + lent.nbytes)
+    their_admission = Admission(cfg, pool, {m.name: m for m in cfg.models}, chan.submit)
+    producer = their_admission.producer_for(Grant(None, cfg.max_priority), "peer")
+    outcomes: dict[int, Outcome] = {}
+
+    def submit(sequence: int) -> None:
+        slot = producer.reserve(192, lambda s: None)
+        assert isinstance(slot, Slot)
+        header = FrameHeader(1, sequence, SPEC.name, SPEC.frame_dtype_code, SPEC.input_shape, 192)
+        their_admission.submit(Frame(header, slot, producer, ((1 << 32) + 42, 1), 1, 2, 3,
+                                     lambda f, o: outcomes.__setitem__(f.header.sequence, o)))  # fmt: skip
+
+    submit(0)  # fid 1, still in flight when the counter wraps
+    chan._fids = itertools.count((1 << 32) - 1)
+    submit(1)
+    submit(2)
+    await asyncio.sleep(0)
+    parent.data_received(bytes(up.written))
+    assert list(parent.conns) == [42]
+    got = {f.header.sequence: f for f in submitted if isinstance(f, WorkerFrame)}
+    assert [got[i].fid for i in range(3)] == [1, (1 << 32) - 1, 2]
+    down = FakeTransport()
+    parent.connection_made(down)  # type: ignore[arg-type]
+    for i in (2, 0, 1):
+        got[i].finish(Outcome(Status.OK, message=f"frame {i}"))
+    await asyncio.sleep(0)
+    chan.data_received(bytes(down.written))
+    assert {i: o.message for i, o in outcomes.items()} == {i: f"frame {i}" for i in range(3)}
+    assert pool.slots_in_use == 0
     segment.close()
 
 
