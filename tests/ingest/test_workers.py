@@ -14,6 +14,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,6 +32,7 @@ from streamgpu.ingest.admission import Admission, Grant
 from streamgpu.ingest.hub import Origin
 from streamgpu.ingest.workers import WorkerFrame, WorkerListener, _Worker
 from streamgpu.memory import HostSegment, Slot, SlotPool
+from streamgpu.models.outputs import BatchOutputs
 from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol import wire
 from streamgpu.protocol.wire import FrameFlags, FrameHeader, Status, Timings
@@ -455,6 +457,49 @@ async def test_a_killed_worker_costs_only_its_connections_then_shutdown_drains(s
         await conn.close()
     assert server.metrics()["frames_in_flight"] == 0
     await shutdown_answers_every_frame_received(server)
+
+
+@pytest.mark.asyncio
+async def test_frames_a_worker_sent_up_as_shutdown_began_are_answered_within_the_shutdown_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression: stop() waited for an idle scheduler before the workers' STOPPED, so frames still on
+    their way up the channel (the scheduling loop busy a moment) came after it and had only the
+    listener's 1 s close to finish: a batch slower than that lost them, the producer seeing its
+    connection closed with no reply, whatever shutdown_timeout_s said. Here the parent reads the
+    channel only once stop() began, the frame's FRAME record waiting in it."""
+    from streamgpu.gpu.cpu import CpuModel
+
+    original = CpuModel.run
+
+    def slow(self: CpuModel, batch: np.ndarray) -> BatchOutputs:
+        time.sleep(1.5)  # in the backend's worker thread: longer than the listener's close gives
+        return original(self, batch)
+
+    async with Server(config(ingest_workers=1)) as srv:
+        listener = listener_of(srv)
+        conn = await client.connect("127.0.0.1", srv.port)
+        data = frames(2, seed=8)
+        assert (await conn.submit(data[0])).ok
+        monkeypatch.setattr(CpuModel, "run", slow)
+        (transport,) = [w._transport for w in listener._workers]
+        assert transport is not None
+        transport.pause_reading()
+        reply = conn.submit(data[1])
+        with socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno())) as chan:
+            async with asyncio.timeout(10):  # until its FRAME record waits in the channel
+                while True:
+                    with contextlib.suppress(BlockingIOError):
+                        if len(chan.recv(channel.UP.size, socket.MSG_PEEK | socket.MSG_DONTWAIT)) == channel.UP.size:
+                            break
+                    await asyncio.sleep(0.01)
+        stopping = asyncio.ensure_future(srv.stop())
+        await asyncio.sleep(0.1)
+        transport.resume_reading()
+        await stopping
+        assert listener.stats()["frames"] == 2  # it went up: the server took it
+        assert (await reply).ok
+        await conn.close()
 
 
 @pytest.mark.asyncio
