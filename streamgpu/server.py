@@ -147,9 +147,10 @@ class Server:
                 listener.stop_accepting()
             assert self._scheduler is not None and self._runner is not None
             try:
-                # Every submitted frame is queued, in a running batch, or finished: an idle
-                # scheduler means every frame the server took has its reply.
-                await asyncio.wait_for(self._scheduler.idle(), timeout)
+                # Every submitted frame is queued, in a running batch, or finished: once every frame taken
+                # is submitted (ingest workers' frames may still be on their way), an idle scheduler means
+                # every frame the server took has its reply.
+                await asyncio.wait_for(self._drain(), timeout)
             except TimeoutError:
                 log.warning("shutdown: frames still running after %.1f s; answering them SHUTTING_DOWN", timeout)
                 self._scheduler.reject_queued(Status.SHUTTING_DOWN, "server is shutting down")
@@ -164,6 +165,12 @@ class Server:
         finally:
             await self._release()
         log.info("streamgpu stopped")
+
+    async def _drain(self) -> None:
+        assert self._scheduler is not None
+        for listener in self._listeners:
+            await listener.submitted()
+        await self._scheduler.idle()
 
     async def _release(self) -> None:
         """Free what ``start`` acquired (also after a failed start: listeners already bound close)."""

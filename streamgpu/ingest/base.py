@@ -76,6 +76,11 @@ class Listener(abc.ABC):
         submitted are left to the scheduler, whose outcomes still reach their producers.
         """
 
+    async def submitted(self) -> None:
+        """After ``stop_accepting``: until every frame taken before it is submitted to the scheduler. At
+        once here (frames are submitted as they are taken); not so where they come from other processes."""
+        return
+
     @abc.abstractmethod
     async def close(self, timeout: float) -> None:
         """Shutdown, step 2: flush replies for up to ``timeout`` seconds, then drop what is left."""

@@ -54,6 +54,9 @@ from streamgpu.protocol.wire import FrameHeader
 
 log = logging.getLogger("streamgpu.worker")
 _LENGTH = struct.Struct("<I")
+# The records' conn and fid fields are u32; connection ids (every TCP connection and UDP source address)
+# and frame numbers are not bounded: they go up modulo 2**32
+_U32 = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -143,16 +146,19 @@ class _Channel(asyncio.Protocol):
         if conn not in self._announced:
             self._announced.add(conn)
             kind = channel.OPEN_UDP if conn in self._udp else channel.OPEN_TCP
-            self.send(channel.up(channel.OPEN, conn, self._identities.get(producer.identity or "", 0),
+            self.send(channel.up(channel.OPEN, conn & _U32, self._identities.get(producer.identity or "", 0),
                                  producer.max_priority, kind))  # fmt: skip
-        fid = next(self._fids)
-        self._frames[fid] = frame
+        frames = self._frames
+        fid = next(self._fids) & _U32  # the records' fid is u32: it wraps (every 17 hours at 70,000 frames/s)
+        while not fid or fid in frames:  # (0 is never a fid; one still in flight is skipped)
+            fid = next(self._fids) & _U32
+        frames[fid] = frame
         h, slot = frame.header, frame.slot
         assert slot is not None
         if not self._out:
             self._loop.call_soon(self._flush)
         self._out.append(channel.UP.pack(
-            channel.FRAME, h.priority, int(h.flags), 0, self._models[h.model], 0, conn, fid, slot.offset,
+            channel.FRAME, h.priority, int(h.flags), 0, self._models[h.model], 0, conn & _U32, fid, slot.offset,
             h.payload_len, h.stream_id, h.deadline_us, h.sequence, h.timestamp_ns, frame.received_ns,
             frame.complete_ns, frame.deadline_ns,
         ))  # fmt: skip
@@ -169,7 +175,7 @@ class _Channel(asyncio.Protocol):
         self._udp.discard(conn)
         if conn in self._announced:
             self._announced.discard(conn)
-            self.send(channel.up(channel.CLOSED, conn))
+            self.send(channel.up(channel.CLOSED, conn & _U32))
 
     def report(self, udp_listeners: Sequence[UdpListener]) -> None:
         """STATS records for the UDP listeners' numbers that changed since the last report."""

@@ -651,6 +651,12 @@ class WorkerListener(Listener):
             if worker is not None and worker.alive:
                 worker.send(channel.down(channel.STOP))
 
+    async def submitted(self) -> None:
+        """Until each live worker said STOPPED (or died): every FRAME it sent comes before that."""
+        stopped = [w.stopped for w in self._workers if w is not None and w.alive]
+        if stopped:
+            await asyncio.wait(stopped)  # (cancelled at the shutdown timeout, it leaves them be)
+
     async def close(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
         give_up = loop.time() + timeout

@@ -24,6 +24,9 @@ Series (all per ``model`` where they have the label):
 * ``streamgpu_gc_pause_seconds{generation}`` histogram: how long Python's garbage collector stopped the
   process (the loop included) while servers ran, by generation 0-2; process-wide, so every server of a
   process shows the same (``streamgpu.loops.GC_PAUSES``).
+* with ingest workers: the gauges ``streamgpu_ingest_workers`` (``ingest_workers``) and
+  ``streamgpu_ingest_workers_alive`` (those running now: fewer while a dead one awaits or fails its
+  restart), and the counter ``streamgpu_ingest_worker_restarts_total``.
 * per UDP listener (``host`` and ``port`` labels): ``streamgpu_udp_events_total{host, port, event}``
   counter, every count of docs/PROTOCOL.md section 11 (``datagrams``, ``frames``, ``incomplete``,
   ``late``, ``duplicates``, ``evicted``, ``no_space``, bad datagrams by kind, reply datagrams, ...),
@@ -112,7 +115,9 @@ class ServerCollector(Collector):
         for generation, hist in enumerate(GC_PAUSES.by_generation):
             pauses.add_metric([str(generation)], hist.cumulative(), sum_value=hist.sum)
         yield pauses
-        yield from _udp_families([stats for stats in server.metrics()["listeners"] if stats["kind"] == "udp"])
+        listeners = server.metrics()["listeners"]
+        yield from _worker_families([stats for stats in listeners if "workers_alive" in stats])
+        yield from _udp_families([stats for stats in listeners if stats["kind"] == "udp"])
         memory = server.device_memory()
         if memory:
             gpu = GaugeMetricFamily("streamgpu_gpu_memory_bytes", "Device memory", labels=["device", "kind"])
@@ -120,6 +125,18 @@ class ServerCollector(Collector):
                 for kind, nbytes in kinds.items():
                     gpu.add_metric([device, kind], nbytes)
             yield gpu
+
+
+def _worker_families(listeners: list[dict[str, Any]]) -> Iterator[Metric]:
+    """The ingest workers' processes (``ingest_workers``; at most one listener has them): how many should
+    run, how many do, and how many were started in place of dead ones."""
+    for stats in listeners:
+        yield GaugeMetricFamily("streamgpu_ingest_workers", "Ingest worker processes configured (ingest_workers)",
+                                value=stats["ingest_workers"])  # fmt: skip
+        yield GaugeMetricFamily("streamgpu_ingest_workers_alive", "Ingest worker processes running",
+                                value=stats["workers_alive"])  # fmt: skip
+        yield CounterMetricFamily("streamgpu_ingest_worker_restarts", "Ingest workers started in place of dead ones "
+                                  "(failed starts included)", value=stats["worker_restarts"])  # fmt: skip
 
 
 def _udp_families(listeners: list[dict[str, Any]]) -> Iterator[Metric]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,10 +28,11 @@ from streamgpu import cli, client
 from streamgpu.config import Config, ConfigError, ListenerSpec, TokenSpec
 from streamgpu.frame import Frame, Outcome
 from streamgpu.ingest import channel, worker
-from streamgpu.ingest.admission import Admission
+from streamgpu.ingest.admission import Admission, Grant
 from streamgpu.ingest.hub import Origin
 from streamgpu.ingest.workers import WorkerFrame, WorkerListener, _Worker
 from streamgpu.memory import HostSegment, Slot, SlotPool
+from streamgpu.models.outputs import BatchOutputs
 from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol import wire
 from streamgpu.protocol.wire import FrameFlags, FrameHeader, Status, Timings
@@ -242,6 +245,54 @@ async def test_outcomes_a_worker_gives_itself_are_published_by_the_scheduling_pr
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_frame_and_connection_numbers_past_32_bits_wrap_on_the_channel() -> None:
+    """The channel's fid and conn fields are u32, the worker's counters are not: its 2**32nd frame
+    (17 hours at 70,000 frames/s) or connection id failed to pack (struct.error), so the worker lost
+    the frame and every frame after it. Numbers wrap, skipping 0 and fids still in flight."""
+    cfg = config()
+    segment = HostSegment.create(cfg.ring_bytes)
+    submitted: list[Frame] = []
+    admission = Admission(cfg, SlotPool(segment.buffer), {m.name: m for m in cfg.models}, submitted.append)
+    lent = admission.pool.reserve(cfg.worker_ring_bytes)
+    assert lent is not None
+    parent = _Worker(WorkerListener(cfg.listeners[0], admission, segment, 2), 0, lent)
+    parent.connection_made(FakeTransport())  # type: ignore[arg-type]
+    chan = worker._Channel(cfg)
+    up = FakeTransport()
+    chan.connection_made(up)  # type: ignore[arg-type]
+    pool = SlotPool(segment.buffer, lent.offset, lent.offset + lent.nbytes)
+    their_admission = Admission(cfg, pool, {m.name: m for m in cfg.models}, chan.submit)
+    producer = their_admission.producer_for(Grant(None, cfg.max_priority), "peer")
+    outcomes: dict[int, Outcome] = {}
+
+    def submit(sequence: int) -> None:
+        slot = producer.reserve(192, lambda s: None)
+        assert isinstance(slot, Slot)
+        header = FrameHeader(1, sequence, SPEC.name, SPEC.frame_dtype_code, SPEC.input_shape, 192)
+        their_admission.submit(Frame(header, slot, producer, ((1 << 32) + 42, 1), 1, 2, 3,
+                                     lambda f, o: outcomes.__setitem__(f.header.sequence, o)))  # fmt: skip
+
+    submit(0)  # fid 1, still in flight when the counter wraps
+    chan._fids = itertools.count((1 << 32) - 1)
+    submit(1)
+    submit(2)
+    await asyncio.sleep(0)
+    parent.data_received(bytes(up.written))
+    assert list(parent.conns) == [42]
+    got = {f.header.sequence: f for f in submitted if isinstance(f, WorkerFrame)}
+    assert [got[i].fid for i in range(3)] == [1, (1 << 32) - 1, 2]
+    down = FakeTransport()
+    parent.connection_made(down)  # type: ignore[arg-type]
+    for i in (2, 0, 1):
+        got[i].finish(Outcome(Status.OK, message=f"frame {i}"))
+    await asyncio.sleep(0)
+    chan.data_received(bytes(down.written))
+    assert {i: o.message for i, o in outcomes.items()} == {i: f"frame {i}" for i in range(3)}
+    assert pool.slots_in_use == 0
+    segment.close()
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
 async def test_a_stop_sent_while_a_worker_starts_is_not_lost() -> None:
     """Shutdown during a restart: a STOP the parent sends before the new worker's channel is connected
     reaches it once connected (it was dropped: the worker then kept accepting until CLOSE), and a worker
@@ -406,6 +457,49 @@ async def test_a_killed_worker_costs_only_its_connections_then_shutdown_drains(s
         await conn.close()
     assert server.metrics()["frames_in_flight"] == 0
     await shutdown_answers_every_frame_received(server)
+
+
+@pytest.mark.asyncio
+async def test_frames_a_worker_sent_up_as_shutdown_began_are_answered_within_the_shutdown_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression: stop() waited for an idle scheduler before the workers' STOPPED, so frames still on
+    their way up the channel (the scheduling loop busy a moment) came after it and had only the
+    listener's 1 s close to finish: a batch slower than that lost them, the producer seeing its
+    connection closed with no reply, whatever shutdown_timeout_s said. Here the parent reads the
+    channel only once stop() began, the frame's FRAME record waiting in it."""
+    from streamgpu.gpu.cpu import CpuModel
+
+    original = CpuModel.run
+
+    def slow(self: CpuModel, batch: np.ndarray) -> BatchOutputs:
+        time.sleep(1.5)  # in the backend's worker thread: longer than the listener's close gives
+        return original(self, batch)
+
+    async with Server(config(ingest_workers=1)) as srv:
+        listener = listener_of(srv)
+        conn = await client.connect("127.0.0.1", srv.port)
+        data = frames(2, seed=8)
+        assert (await conn.submit(data[0])).ok
+        monkeypatch.setattr(CpuModel, "run", slow)
+        (transport,) = [w._transport for w in listener._workers]
+        assert transport is not None
+        transport.pause_reading()
+        reply = conn.submit(data[1])
+        with socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno())) as chan:
+            async with asyncio.timeout(10):  # until its FRAME record waits in the channel
+                while True:
+                    with contextlib.suppress(BlockingIOError):
+                        if len(chan.recv(channel.UP.size, socket.MSG_PEEK | socket.MSG_DONTWAIT)) == channel.UP.size:
+                            break
+                    await asyncio.sleep(0.01)
+        stopping = asyncio.ensure_future(srv.stop())
+        await asyncio.sleep(0.1)
+        transport.resume_reading()
+        await stopping
+        assert listener.stats()["frames"] == 2  # it went up: the server took it
+        assert (await reply).ok
+        await conn.close()
 
 
 @pytest.mark.asyncio

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
+import signal
 import socket
 from collections.abc import AsyncIterator
 
@@ -226,3 +228,22 @@ async def test_udp_counts_of_ingest_workers_reach_metrics() -> None:
         status = await (await http.get("/v1/status")).json()
         (listener,) = status["udp_listeners"]
         assert listener["port"] == udp_port and listener["frames"] == 4 and listener["ingest_workers"] == 2
+
+
+@pytest.mark.asyncio
+async def test_ingest_workers_alive_and_restarts_reach_metrics() -> None:
+    # A worker that died (and its replacement, or the replacement that keeps failing to start) was only in
+    # the log: an operator scraping /metrics could not see capacity lost.
+    cfg = Config(listeners=[ListenerSpec(port=0)], device="cpu", models=[SPEC], auth_token=TOKEN, ingest_workers=2)
+    async with Server(cfg) as server, TestClient(TestServer(create_app(server))) as http:
+        samples = await scrape(http)
+        assert samples[("streamgpu_ingest_workers", ())] == 2
+        assert samples[("streamgpu_ingest_workers_alive", ())] == 2
+        assert samples[("streamgpu_ingest_worker_restarts_total", ())] == 0
+        (listener,) = server._listeners
+        os.kill(listener.pids[0], signal.SIGKILL)  # type: ignore[attr-defined]
+        async with asyncio.timeout(10):  # it is replaced once its range is free (nothing reads it here)
+            while (await scrape(http)).get(("streamgpu_ingest_worker_restarts_total", ())) != 1:
+                await asyncio.sleep(0.05)
+            while (await scrape(http))[("streamgpu_ingest_workers_alive", ())] != 2:
+                await asyncio.sleep(0.05)
