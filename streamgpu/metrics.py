@@ -76,9 +76,14 @@ class ReplyCounts:
     """
 
     def __init__(self, models: Iterable[str]) -> None:
-        size = max(Status) + 1
-        self._by_model: dict[str, list[int]] = {name: [0] * size for name in (*models, NO_MODEL)}
+        self._by_model: dict[str, list[int]] = {}
+        self.add((*models, NO_MODEL))
         self._none = self._by_model[NO_MODEL]
+
+    def add(self, models: Iterable[str]) -> None:
+        """Count replies for ``models`` under their own names from now on (models loaded while serving)."""
+        for name in models:
+            self._by_model.setdefault(name, [0] * (max(Status) + 1))
 
     def count(self, model: str, status: int, n: int = 1) -> None:
         self._by_model.get(model, self._none)[status] += n

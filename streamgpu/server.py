@@ -97,6 +97,7 @@ class Server:
             await self._repository.poll(initial=True)
             self._repository.start(cfg.repository_poll_s)
         self._admission = admission = Admission(cfg, self._pool, models.specs, scheduler.submit, scheduler.submit_many)
+        models.specs_changed.append(self._models_changed)  # (the repository poller may load from now on)
         await self.results.start()
         self.results.attach(admission.stream_results, cfg.results_top_k)  # every published result, as a line
         for listener in make_listeners(cfg.listeners, admission, segment):
@@ -116,6 +117,11 @@ class Server:
         if cfg.open_to_anyone:
             log.warning("listening beyond loopback without auth_token or tokens, or on a raw port (which takes "
                         "no token): anyone who can reach this machine can submit frames")  # fmt: skip
+
+    async def _models_changed(self) -> None:
+        assert self._admission is not None
+        self._admission.replies.add(self._manager.specs)
+        await asyncio.gather(*(listener.models_changed() for listener in self._listeners))
 
     async def _run_batch(self, model: DeviceModel, frames: list[Any], expected_s: float) -> float | None:
         assert self._runner is not None

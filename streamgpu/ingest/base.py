@@ -81,6 +81,11 @@ class Listener(abc.ABC):
         once here (frames are submitted as they are taken); not so where they come from other processes."""
         return
 
+    async def models_changed(self) -> None:
+        """The models served changed (``admission.specs``): once this returns, frames are admitted by the new
+        list. At once here (admission reads it as frames come); not so where other processes admit them."""
+        return
+
     @abc.abstractmethod
     async def close(self, timeout: float) -> None:
         """Shutdown, step 2: flush replies for up to ``timeout`` seconds, then drop what is left."""

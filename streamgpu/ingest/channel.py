@@ -12,11 +12,11 @@ Worker -> scheduler: fixed-size records of ``UP.size`` (80) bytes::
     offset u64, payload_len u64, stream_id u32, deadline_us u32, sequence u64,
     timestamp_ns u64, received_ns i64, complete_ns i64, deadline_ns i64
 
-* ``FRAME``: an admitted, fully received frame. ``index`` is the model's
-  position in ``Config.models`` (dtype and shape are the model's: admission
-  checked them); ``offset``/``payload_len`` locate the payload in the segment;
-  the clocks are ``time.perf_counter_ns()`` values (CLOCK_MONOTONIC, the same
-  in every process of the machine); ``fid`` names the frame in later records.
+* ``FRAME``: an admitted, fully received frame. ``index`` names the model
+  (see ``MODELS``; dtype and shape are the model's: admission checked them);
+  ``offset``/``payload_len`` locate the payload in the segment; the clocks
+  are ``time.perf_counter_ns()`` values (CLOCK_MONOTONIC, the same in every
+  process of the machine); ``fid`` names the frame in later records.
 * ``OPEN``: connection ``conn`` sent its first frame; ``index`` is 0 for an
   anonymous producer, else 1 + the position of its token in ``Config.tokens``;
   ``priority`` is its priority ceiling; ``flags`` is ``OPEN_TCP`` for a TCP
@@ -27,7 +27,7 @@ Worker -> scheduler: fixed-size records of ``UP.size`` (80) bytes::
   last frame (answer to ``STOP``); every FRAME it sent came before this.
 * ``REPLIED``: the worker answered without a FRAME sent up (a refused frame, a
   refused handshake, a connection reply): ``priority`` is the status, ``index``
-  the model's position (``NO_MODEL_INDEX``: none known). The scheduler counts it
+  the model's index (``NO_MODEL_INDEX``: none known). The scheduler counts it
   in its ``Admission.replies``, beside the replies of frames it ran.
 * ``ANSWERED``: the worker gave frame ``stream_id``/``sequence`` an outcome
   itself (a refusal, ``INCOMPLETE``, ``SHUTTING_DOWN``, ...): ``priority`` is
@@ -43,6 +43,8 @@ Worker -> scheduler: fixed-size records of ``UP.size`` (80) bytes::
   of a descriptor) and holds ``offset`` open now. Sent whenever either
   changes. The scheduling process hands each connection it accepts to the
   worker holding the fewest, counting those handed and not taken up yet.
+* ``MODELS_TAKEN``: the worker admits by the MODELS record of generation
+  ``offset`` (and every one before) from now on.
 * ``STATS``: UDP listener ``conn`` (its position among ``Config.listeners`` of
   kind udp) has the number ``offset`` for ``streamgpu.ingest.udp.STAT_NAMES[index]``
   (a count since the worker started, or a gauge now). Sent for the numbers
@@ -65,6 +67,14 @@ of shape, ``message_len`` bytes of message and ``payload_len`` bytes of body::
   second shared area. A REPLY also releases the frame's slot.
 * ``STOP``: shutdown step 1 (take no new frames). ``CLOSE``: step 2, close the
   connections, flushing replies for up to ``fid`` milliseconds, then exit.
+* ``MODELS``: the models served now, which the worker admits from here on
+  (loaded or unloaded while serving), the ``fid``-th such record (it says
+  MODELS_TAKEN with that number): the body (``payload_len`` bytes) is a
+  pickled list of (index, ``ModelSpec``), the index being what FRAME records
+  name it by. The scheduling process never gives an index another meaning (a
+  FRAME sent before the change still names what it named); the config's
+  models have their positions in ``Config.models``. A worker starts with the
+  list of its ``WorkerInit`` (pickled too: both ends are one program).
 
 Everything here is pure (no I/O): the ``workers`` (scheduler side) and
 ``worker`` (worker process) modules own the sockets.
@@ -73,6 +83,7 @@ Everything here is pure (no I/O): the ``workers`` (scheduler side) and
 from __future__ import annotations
 
 import array
+import pickle
 import struct
 from collections.abc import Sequence
 from typing import Any
@@ -80,6 +91,7 @@ from typing import Any
 import numpy as np
 
 from streamgpu.frame import Outcome
+from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol import wire
 from streamgpu.protocol.wire import FrameHeader, Timings
 
@@ -89,13 +101,13 @@ assert UP.size == 80 and DOWN.size == 64
 
 # upward kinds
 FRAME, OPEN, CLOSED, READY, STOPPED = 1, 2, 3, 4, 5
-REPLIED, STATS, ANSWERED, TEXT, CONNECTIONS = 6, 7, 8, 9, 10
+REPLIED, STATS, ANSWERED, TEXT, CONNECTIONS, MODELS_TAKEN = 6, 7, 8, 9, 10, 11
 TEXT_BYTES = UP.size - 1  # text per TEXT record: all of it but its kind byte
 MAX_TEXT = 4 * TEXT_BYTES + wire.MAX_MESSAGE  # an ANSWERED record's text is cut here
 OPEN_TCP, OPEN_UDP = 0, 1  # an OPEN record's flags
 NO_MODEL_INDEX = 0xFFFF  # a REPLIED record's index for a reply that names no served model
 # downward kinds
-RELEASE, REPLY, STOP, CLOSE = 1, 2, 3, 4
+RELEASE, REPLY, STOP, CLOSE, MODELS = 1, 2, 3, 4, 5
 NO_RESULT = 0  # a REPLY's dtype when there is no result
 _SHAPES = [struct.Struct(f"<{n}I") for n in range(wire.MAX_NDIM + 1)]
 
@@ -158,6 +170,20 @@ class Answer:
 def down(kind: int, fid: int = 0) -> bytes:
     """A downward record without a body (STOP, CLOSE)."""
     return DOWN.pack(kind, 0, 0, 0, fid, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+
+
+def models(table: Sequence[tuple[int, ModelSpec]], generation: int) -> bytes:
+    """A MODELS record (the ``generation``-th): the models served now, each with the index FRAME records name
+    it by."""
+    body = pickle.dumps(list(table))
+    return DOWN.pack(MODELS, 0, 0, 0, generation & 0xFFFFFFFF, len(body), 0, 0, 0, 0, 0, 0, 0, 0) + body
+
+
+def models_of(buf: bytes, pos: int) -> tuple[int, list[tuple[int, ModelSpec]]]:
+    """(generation, table) of the whole MODELS record at ``buf[pos]`` (from the scheduling process: trusted)."""
+    _k, _s, _d, _n, generation, n, *_ = DOWN.unpack_from(buf, pos)
+    table: list[tuple[int, ModelSpec]] = pickle.loads(buf[pos + DOWN.size : pos + DOWN.size + n])
+    return generation, table
 
 
 def release(fids: list[int]) -> bytes:

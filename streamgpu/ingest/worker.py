@@ -50,6 +50,7 @@ from streamgpu.ingest.tcp import TcpConnection, TcpListener
 from streamgpu.ingest.udp import STAT_NAMES, UdpListener
 from streamgpu.loops import freeze_heap, new_event_loop, tune_malloc
 from streamgpu.memory import HostSegment, SlotPool
+from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol.wire import FrameHeader
 
 log = logging.getLogger("streamgpu.worker")
@@ -72,6 +73,7 @@ class WorkerInit:
     start: int  # this worker's range of the segment: [start, end)
     end: int
     connection_cap: int  # TCP connections it serves at once (its share of max_connections)
+    models: tuple[tuple[int, ModelSpec], ...]  # the models served when it was spawned, by index (channel.MODELS)
 
 
 def send_init(sock: socket.socket, init: WorkerInit) -> None:
@@ -109,6 +111,8 @@ class _Channel(asyncio.Protocol):
         self._fids = itertools.count(1)
         self._announced: set[int] = set()
         self._udp: set[int] = set()  # connections that are UDP producers (their OPEN says so)
+        # The models admitted, by name (what ``Admission`` reads), and the index FRAME records name each by
+        self.specs = {spec.name: spec for spec in config.models}
         self._models = {spec.name: i for i, spec in enumerate(config.models)}
         self._identities = {name: i + 1 for i, name in enumerate(config.tokens)}
         self.listeners: list[TcpListener | UdpListener] = []
@@ -164,8 +168,14 @@ class _Channel(asyncio.Protocol):
         ))  # fmt: skip
 
     def model_index(self, model: str) -> int:
-        """``model``'s position in ``Config.models`` (a REPLIED record's ``index``)."""
+        """``model``'s index (a REPLIED record's ``index``)."""
         return self._models.get(model, channel.NO_MODEL_INDEX)
+
+    def set_models(self, table: Sequence[tuple[int, ModelSpec]]) -> None:
+        """Admit these models from now on (a MODELS record; frames admitted before keep their indexes)."""
+        self.specs.clear()
+        self.specs.update((spec.name, spec) for _, spec in table)
+        self._models = {spec.name: index for index, spec in table}
 
     def udp_producer(self, conn: int) -> None:
         """``conn`` names a UDP producer (its OPEN, at its first frame, will say so)."""
@@ -215,6 +225,10 @@ class _Channel(asyncio.Protocol):
                     frame = frames.get(fid)
                     if frame is not None:
                         frame.release_slot()
+            elif kind == channel.MODELS:
+                generation, table = channel.models_of(buf, pos)
+                self.set_models(table)
+                self.send(channel.up(channel.MODELS_TAKEN, value=generation))
             elif kind == channel.STOP:
                 self._stop()
             elif kind == channel.CLOSE and not self.done.done():
@@ -335,7 +349,8 @@ async def serve(chan_sock: socket.socket, init: WorkerInit) -> None:
     chan_sock.setblocking(False)
     _, chan = await loop.create_unix_connection(lambda: _Channel(config), sock=chan_sock)
     pool = SlotPool(segment.buffer, init.start, init.end, defer=loop.call_soon)
-    admission = _WorkerAdmission(config, pool, {spec.name: spec for spec in config.models}, chan.submit)
+    chan.set_models(init.models)
+    admission = _WorkerAdmission(config, pool, chan.specs, chan.submit)
     admission.channel = chan
     admission.stream_results = _ForwardingHub(chan)
     admission.connection_cap = init.connection_cap

@@ -74,6 +74,7 @@ from streamgpu.ingest.udp import COUNTERS, STAT_NAMES, UdpListener, listener_opt
 from streamgpu.ingest.worker import WorkerInit, send_init
 from streamgpu.memory import HostSegment, Slot
 from streamgpu.metrics import NO_MODEL
+from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol.wire import FRAME_VERSION, FrameFlags, FrameHeader, Status, Timings
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,8 @@ RESTART_DELAY_S = 0.2  # between a worker's death (once its range is free) and i
 ACCEPTS_PER_WAKEUP = 16
 ACCEPT_RETRY_S = 1.0  # after accept() failed (out of descriptors): when to try again
 HANDOFF_RETRY_S = 0.01  # a connection no worker had room for (every handoff queue full) is offered again after this
+# A load or unload waits this long at most for every worker to admit by the new list of models
+MODELS_TIMEOUT_S = 2.0
 HANDOFF_STALL_S = 0.5  # a worker that has left a handed connection untaken this long gets new ones only if no other can
 RESTART_MAX_DELAY_S = 10.0  # a replacement that fails to start is tried again, doubling the delay up to this
 # Flags byte -> FrameFlags: LIVE is the one flag that means something here (SUBSCRIBERS, UDP's, the worker acts on)
@@ -153,6 +156,7 @@ class _Worker(asyncio.Protocol):
         self._taken = 0  # ... of which it took up, as last reported (CONNECTIONS)
         self._open = 0  # its open connections, as last reported
         self._behind_since: float | None = None  # since when a connection handed over waits untaken (loop time)
+        self._models_sent: dict[int, asyncio.Future[None]] = {}  # MODELS records not confirmed yet, by generation
 
     @property
     def load(self) -> int:
@@ -226,8 +230,21 @@ class _Worker(asyncio.Protocol):
             raise
 
     def _settle(self) -> None:
-        """It is gone (or never came): nothing waits for its READY, STOPPED or end any more."""
-        for future in (self.ready, self.stopped, self.gone):
+        """It is gone (or never came): nothing waits for its READY, STOPPED, end or MODELS_TAKEN any more."""
+        for future in (self.ready, self.stopped, self.gone, *self._models_sent.values()):
+            if not future.done():
+                future.set_result(None)
+        self._models_sent.clear()
+
+    def send_models(self, record: bytes, generation: int) -> asyncio.Future[None]:
+        """Send a MODELS record; the future is done once the worker admits by it (or is gone)."""
+        taken = self._models_sent[generation] = self._loop.create_future()
+        self.send(record)
+        return taken
+
+    def _models_taken(self, generation: int) -> None:
+        for sent in [g for g in self._models_sent if g <= generation]:
+            future = self._models_sent.pop(sent)
             if not future.done():
                 future.set_result(None)
 
@@ -327,6 +344,8 @@ class _Worker(asyncio.Protocol):
                     self.udp[conn][STAT_NAMES[index]] = offset
             elif kind == channel.STOPPED and not self.stopped.done():
                 self.stopped.set_result(None)
+            elif kind == channel.MODELS_TAKEN:
+                self._models_taken(offset)
         self._submit(frames)
 
     def _answered(self, fields: tuple[int, ...]) -> None:
@@ -439,7 +458,12 @@ class WorkerListener(Listener):
                     for i, udp in enumerate(s for s in cfg.listeners if s.kind == "udp")]  # fmt: skip
         self._udp_socks: list[list[socket.socket]] = []  # per UDP listener, each worker's socket
         self._udp_before = [collections.Counter[str]() for _ in self.udp]  # counts of workers no longer in the list
-        self.models = [(m.name, m.frame_dtype_code, tuple(m.input_shape)) for m in cfg.models]
+        # A FRAME record's model index -> the model's (name, dtype code, shape). Never reused: a record sent
+        # before a load or unload keeps its meaning. The config's models first, at their positions.
+        self.models: list[tuple[str, int, tuple[int, ...]]] = []
+        self._model_indexes: dict[tuple[str, int, tuple[int, ...]], int] = {}
+        self._models_generation = 0  # MODELS records sent (each worker confirms the last it took)
+        self._served()
         self.identities: list[str | None] = [None, *cfg.tokens]
         share = cfg.worker_ring_bytes
         self._worker_config = dataclasses.replace(
@@ -484,9 +508,39 @@ class WorkerListener(Listener):
         udp_fds = tuple(socks[index].fileno() for socks in self._udp_socks)
         init = WorkerInit(self._worker_config, index, -1, udp_fds, self._segment.fd,  # (handoff_fd: at spawn)
                           self._segment.nbytes, lent.offset, lent.offset + lent.nbytes,
-                          self._connection_cap)  # fmt: skip
+                          self._connection_cap, tuple(self._served()))  # fmt: skip
         await worker.spawn(init, self._segment.fd)
         return worker
+
+    def _served(self) -> list[tuple[int, ModelSpec]]:
+        """The models served now (``admission.specs``), each with its index (given one if new)."""
+        table = []
+        for spec in self.admission.specs.values():
+            key = (spec.name, spec.frame_dtype_code, tuple(spec.input_shape))
+            index = self._model_indexes.get(key)
+            if index is None:
+                if len(self.models) >= channel.NO_MODEL_INDEX:
+                    log.error("model %s is not taken by the ingest workers: %d kinds of frames were served "
+                              "before (restart the server)", spec.name, len(self.models))  # fmt: skip
+                    continue
+                index = self._model_indexes[key] = len(self.models)
+                self.models.append(key)
+            table.append((index, spec))
+        return table
+
+    async def models_changed(self) -> None:
+        """Every live worker admits the models served now once this returns (or after MODELS_TIMEOUT_S, for
+        one that is hung: it is named in the log)."""
+        self._models_generation += 1
+        record = channel.models(self._served(), self._models_generation)
+        live = [worker for worker in self._workers if worker is not None and worker.alive]
+        sent = [worker.send_models(record, self._models_generation) for worker in live]
+        await _wait(sent, MODELS_TIMEOUT_S)
+        for worker, taken in zip(live, sent, strict=True):
+            if not taken.done():
+                log.warning("ingest worker %d (pid %s) did not take the new list of models within %.0f s: it "
+                            "admits by the old one until it does", worker.index, worker.proc and worker.proc.pid,
+                            MODELS_TIMEOUT_S)  # fmt: skip
 
     # -- connections ------------------------------------------------------------------
     # This process accepts and hands each connection to the live worker holding the fewest. Workers

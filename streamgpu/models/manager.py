@@ -19,7 +19,7 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +68,9 @@ class ModelManager:
         self._scheduler = scheduler
         self._loader = loader
         self.specs: dict[str, ModelSpec] = {}  # the models taking frames now (admission reads it)
+        # Awaited right after ``specs`` changed (a model started or stopped taking frames), by the load or
+        # unload: for those who keep their own copy of it (ingest worker processes, reply counters)
+        self.specs_changed: list[Callable[[], Awaitable[None]]] = []
         self.states: dict[str, ModelState] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._loading = 0  # loads in progress (see _loop_first)
@@ -141,6 +144,7 @@ class ModelManager:
                 log.info("model %s, version %d", model.description, state.version)
             if serving is None:
                 self._scheduler.add_model(models)
+                await self._announce()
                 return state
             old = self._scheduler.swap_model(models)  # between two batches; nothing queued is refused
             await self._scheduler.released(old)
@@ -155,12 +159,20 @@ class ModelManager:
             if state is None or state.models is None:
                 raise ModelNotFoundError(f"no model named {name!r} is being served")
             del self.specs[name]
+            await self._announce()
             state.state = UNLOADING
             models = await self._scheduler.remove_model(name)
             state.models, state.state, state.reason = None, UNAVAILABLE, "unloaded"
             await loop.run_in_executor(self._loader, self._free, models)
             log.info("model %s unloaded", name)
             return state
+
+    async def _announce(self) -> None:
+        for callback in self.specs_changed:
+            try:
+                await callback()
+            except Exception:  # one watcher's bug must not fail the load or unload, nor keep others uninformed
+                log.exception("telling of the models served now failed")
 
     def index(self) -> list[dict[str, Any]]:
         """Every model name the server knows (serving or not), as Triton's repository index lists them."""

@@ -315,7 +315,7 @@ async def test_a_stop_sent_while_a_worker_starts_is_not_lost() -> None:
     lent = parent.lent
     init = worker.WorkerInit(dataclasses.replace(cfg, ingest_workers=0, ring_bytes=lent.nbytes), 0,
                              their_handoff.detach(), (), os.dup(segment.fd), segment.nbytes, lent.offset,
-                             lent.offset + lent.nbytes, cfg.max_connections)  # fmt: skip
+                             lent.offset + lent.nbytes, cfg.max_connections, tuple(enumerate(cfg.models)))  # fmt: skip
     serving = asyncio.ensure_future(worker.serve(theirs, init))
     ours.setblocking(False)
     loop = asyncio.get_running_loop()
@@ -932,3 +932,44 @@ async def test_a_replacement_that_could_not_be_spawned_is_not_alive_and_does_not
         loop = asyncio.get_running_loop()
         began = loop.time()
     assert loop.time() - began < 1.5
+
+
+@pytest.mark.asyncio
+async def test_models_loaded_and_unloaded_while_serving_are_the_ones_the_workers_take(server: Server) -> None:
+    """The workers admit what the scheduling process serves now, not the config's list: a model loaded
+    while serving is taken on every worker (and by one started after the load), an unloaded one is
+    UNKNOWN_MODEL there, and a name loaded again with other frames takes those; replies are counted
+    under the model's own name."""
+    listener = listener_of(server)
+    late = ModelSpec(name="late", input_shape=(4, 4, 3), max_batch_size=8, batch_buckets=(1, 8))
+    late_frame = np.full(late.input_shape, 7, np.uint8)
+
+    async def served(conns: list[client.Connection], spec: ModelSpec, frame: np.ndarray) -> set[Status]:
+        replies = await asyncio.gather(*(c.submit(frame, model=spec.name, stream_id=5) for c in conns))
+        return {r.status for r in replies}
+
+    by_worker = await on_each_worker(lambda: client.connect("127.0.0.1", server.port), listener)
+    conns = [c for cs in by_worker.values() for c in cs]
+    assert await served(conns, late, late_frame) == {Status.UNKNOWN_MODEL}
+    await server.load_model(late)
+    assert await served(conns, late, late_frame) == {Status.OK}
+    assert ("late", Status.OK, 2 * len(conns)) not in list(server.replies.items())  # one round was refused
+    assert ("late", Status.OK, len(conns)) in list(server.replies.items())
+
+    victim = listener.pids[0]
+    os.kill(victim, signal.SIGKILL)  # its replacement starts after the load
+    async with asyncio.timeout(20):  # until the replacement said READY (it takes connections from then on)
+        while len(listener.pids) < 2 or victim in listener.pids or not all(w.started for w in listener._workers):
+            await asyncio.sleep(0.01)
+    fresh = await on_each_worker(lambda: client.connect("127.0.0.1", server.port), listener)
+    assert await served(fresh[0] + fresh[1], late, late_frame) == {Status.OK}
+
+    await server.unload_model("late")
+    assert await served(fresh[0] + fresh[1], late, late_frame) == {Status.UNKNOWN_MODEL}
+    wider = dataclasses.replace(late, input_shape=(6, 6, 3))
+    await server.load_model(wider)
+    assert await served(fresh[0] + fresh[1], wider, np.zeros(wider.input_shape, np.uint8)) == {Status.OK}
+    assert await served(fresh[0] + fresh[1], late, late_frame) == {Status.BAD_FRAME}  # the old frames now
+    assert await served(fresh[0] + fresh[1], SPEC, frames(1, 0)[0]) == {Status.OK}  # the config's model too
+    for conn in [*by_worker[1], *fresh[0], *fresh[1]]:
+        await conn.close()
