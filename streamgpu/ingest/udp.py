@@ -465,9 +465,12 @@ class UdpListener(Listener):
         if len(sel):
             group = g.group[sel]
             width = lengths[src[sel]].astype(np.int64) - udp.HEADER_SIZE
-            self._place(base[group] + ws[sel, 6], src[sel], width)
+            offset = ws[sel, 6].astype(np.int64)
+            self._place(base[group] + offset, src[sel], width)
             chunks = np.bincount(group, minlength=len(frames)).tolist()
             nbytes = np.bincount(group, weights=width, minlength=len(frames)).tolist()
+            spans = (offset << 32 | (offset + width)).astype(np.uint64)  # see Assembly.spans
+            bounds = np.searchsorted(group, np.arange(len(frames) + 1)).tolist()  # frame k's: bounds[k]..[k + 1]
         else:
             chunks = nbytes = [0] * len(frames)
         complete: list[Frame] = []
@@ -476,6 +479,8 @@ class UdpListener(Listener):
                 continue
             peer, key, partial, _ = entry
             asm = partial.assembly
+            if chunks[k] and asm.spans is not None:
+                asm.spans.append(spans[bounds[k] : bounds[k + 1]].copy())  # a copy: not the whole batch's kept alive
             asm.chunks += chunks[k]
             asm.bytes += int(nbytes[k])
             if asm.all_chunks:
@@ -635,7 +640,11 @@ class UdpListener(Listener):
         asm = partial.assembly
         if not asm.complete:
             self._counts["inconsistent"] += 1
-            why = f"the frame's {asm.count} chunks hold {asm.bytes} bytes, its length is {asm.length}"
+            why = (
+                f"the frame's {asm.count} chunks hold {asm.bytes} bytes, its length is {asm.length}"
+                if asm.bytes != asm.length
+                else f"the frame's {asm.count} chunks overlap: they leave part of its {asm.length} bytes unwritten"
+            )
             self._give_up(peer, key, Status.BAD_FRAME, why)
             return None
         header = partial.header

@@ -356,13 +356,17 @@ class Assembly:
     caller's: it passes the bytes after it as the chunk's body.
     """
 
-    __slots__ = ("bytes", "chunks", "count", "has_head", "length", "seen", "target")
+    __slots__ = ("bytes", "chunks", "count", "has_head", "length", "seen", "spans", "target")
 
     def __init__(self, count: int, length: int, target: np.ndarray | memoryview | bytearray) -> None:
         self.count = count
         self.length = length
         self.target = np.frombuffer(target, np.uint8) if not isinstance(target, np.ndarray) else target
         self.seen = np.zeros(count, bool)  # per chunk index: the duplicate filter
+        # Where each chunk's bytes went, offset << 32 | end, in arrays as chunks come (memory for the chunks that
+        # came, not for the count a header claims). Bytes that add up to the length may still overlap and leave
+        # a hole (holding whatever the buffer held before); a single chunk cannot, so it is not recorded.
+        self.spans: list[np.ndarray] | None = [] if count > 1 else None
         self.chunks = 0
         self.bytes = 0
         self.has_head = False
@@ -376,6 +380,8 @@ class Assembly:
         if offset + n > self.length:  # checked again here for callers that did not run check_batch
             return Added.INCONSISTENT
         self.seen[index] = True
+        if self.spans is not None:
+            self.spans.append(np.array([offset << 32 | (offset + n)], np.uint64))
         self.chunks += 1
         self.bytes += n
         if n:
@@ -390,8 +396,14 @@ class Assembly:
 
     @property
     def complete(self) -> bool:
-        """Every chunk is in and their bytes add up to the payload length."""
-        return self.chunks == self.count and self.bytes == self.length
+        """Every chunk is in and together they cover the payload exactly once (no overlap, no hole)."""
+        if self.chunks != self.count or self.bytes != self.length:
+            return False
+        if self.spans is None:
+            return True
+        spans = np.sort(np.concatenate(self.spans))  # by offset: then each chunk must end where the next starts
+        starts, ends = spans >> np.uint64(32), spans & np.uint64(0xFFFFFFFF)
+        return bool(starts[0] == 0 and ends[-1] == self.length and (starts[1:] == ends[:-1]).all())
 
     def missing(self) -> int:
         return self.count - self.chunks

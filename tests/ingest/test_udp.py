@@ -807,3 +807,33 @@ async def test_a_kernel_without_udp_gro_gets_one_datagram_per_row(monkeypatch: p
             await conn.close()
         for reply, want in zip(replies, expected, strict=True):
             assert reply.ok and same(reply.unwrap(), want), reply
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("server", [{"gro": False}, {"gro": True}], indirect=True, ids=["gro off", "gro on"])
+async def test_chunks_that_overlap_and_leave_a_hole_are_refused(server: Server) -> None:
+    """Chunks whose bytes add up to the length but overlap leave a hole in the slot, holding an earlier frame's
+    bytes (another producer's): the frame is answered BAD_FRAME, not run on them."""
+    raw = Raw(udp_port(server))
+    try:
+        for seq, together in ((1, True), (2, False)):  # whole in one receive batch, and over several
+            d = [udp.decode_chunk_header(g) for g in grams(seq)]
+            assert len(d) == 4 and d[1].offset < d[2].offset
+            body = bytes(d[2].offset - d[1].offset)
+            twin = chunk(2, 4, d[1].offset, NBYTES, body, seq=seq)  # chunk 1's bytes again: chunk 2's are missing
+            sent = [grams(seq)[0], chunk(1, 4, d[1].offset, NBYTES, body, seq=seq), twin, grams(seq)[3]]
+            if together:
+                raw.send(*sent)
+            else:
+                for datagram in sent:
+                    raw.send(datagram)
+                    await asyncio.sleep(0.02)
+            answered = await raw.replies()
+            assert [(r.sequence, r.status) for r in answered] == [(seq, Status.BAD_FRAME)], answered
+            assert "overlap" in answered[0].message
+        assert udp_stats(server)["inconsistent"] == 2 and "frames" not in udp_stats(server)
+        raw.send(*grams(3))  # the producer's next good frame is taken
+        assert [(r.sequence, r.status) for r in await raw.replies()] == [(3, Status.OK)]
+        await wait_for(lambda: server.pool.slots_in_use == 0)
+    finally:
+        raw.close()

@@ -77,6 +77,25 @@ def test_assembly_refuses_inconsistent_chunks() -> None:
     assert asm.all_chunks and not asm.complete  # 6 of 10 bytes: the chunks do not tile the payload
 
 
+@pytest.mark.parametrize(
+    ("spans", "tiles"),
+    [
+        (((0, 4), (4, 3), (7, 3)), True),
+        (((7, 3), (0, 4), (4, 3)), True),  # offsets in any order of the chunk indices
+        (((0, 4), (0, 3), (7, 3)), False),  # 10 bytes, but 4..7 never written
+        (((0, 4), (3, 4), (8, 2)), False),  # an overlap of one byte, and a hole of one
+        (((0, 0), (0, 6), (6, 4)), True),  # an empty chunk
+    ],
+)
+def test_assembly_is_complete_only_when_its_chunks_tile_the_payload(
+    spans: tuple[tuple[int, int], ...], tiles: bool
+) -> None:
+    asm = Assembly(len(spans), 10, memoryview(bytearray(10)))
+    for i, (offset, n) in enumerate(spans):
+        assert asm.add(i, len(spans), offset, 10, memoryview(bytes(n))) is Added.NEW
+    assert asm.all_chunks and asm.bytes == 10 and asm.complete is tiles
+
+
 def batch(datagrams: list[bytes], row: int = 64) -> tuple[np.ndarray, np.ndarray]:
     area = np.zeros((len(datagrams), row), np.uint8)
     for i, d in enumerate(datagrams):
