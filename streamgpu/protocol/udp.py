@@ -108,6 +108,8 @@ def decode_chunk_header(buf: bytes | memoryview) -> ChunkHeader:
         raise ValueError(f"not a version {UDP_VERSION} chunk: magic {bytes(magic)!r}, version {version}, kind {kind}")
     if not index < count:
         raise ValueError(f"chunk index {index} is not below chunk count {count}")
+    if count > length + 1:
+        raise ValueError(f"chunk count {count}: more chunks than the {length} payload bytes + 1")
     return ChunkHeader(Kind(kind), stream_id, sequence, index, count, offset, length, flags)
 
 
@@ -281,7 +283,9 @@ def check_batch(heads: np.ndarray, lengths: np.ndarray, kind: Kind, truncated: n
     count = w[:, 5] >> 16
     offset = w[:, 6].astype(np.int64)
     bad_header = (w[:, 0] != MAGIC_U32) | ((w[:, 1] & 0xFFFF) != (UDP_VERSION | int(kind) << 8))
-    bad_chunk = index >= count  # also catches chunk_count 0
+    # also catches chunk_count 0; every chunk but chunk 0 carries a byte, so that a receiver's per-chunk
+    # state is bounded by the payload it reserved (not 65535 chunks claimed for a 0-byte frame)
+    bad_chunk = (index >= count) | (count > w[:, 7].astype(np.int64) + 1)
     past = np.where(index == 0, offset != 0, offset + body > w[:, 7])
     short = body < 0
     bad = bad_header | bad_chunk | past | short

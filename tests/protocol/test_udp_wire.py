@@ -116,13 +116,19 @@ def test_check_batch_gives_one_verdict_per_datagram() -> None:
     reply_kind = enc(good._replace(kind=Kind.REPLY)) + bytes(10)
     zero_count = enc(good._replace(chunk_index=0, chunk_count=0)) + bytes(10)
     chunk0_offset = enc(good._replace(chunk_index=0, offset=5)) + bytes(10)
-    datagrams = [*cases.values(), reply_kind, zero_count, chunk0_offset, enc(good) + bytes(10)]
+    # More chunks than payload bytes + 1 (every chunk but chunk 0 carries a byte): the receiver's
+    # per-chunk state (65535 chunks of a 0-byte frame) would not be bounded by the frame's ring space.
+    many_chunks = enc(good._replace(offset=0, chunk_count=302)) + bytes(10)
+    datagrams = [*cases.values(), reply_kind, zero_count, chunk0_offset, many_chunks, enc(good) + bytes(10)]
     heads, lengths = batch(datagrams)
     truncated = np.zeros(len(datagrams), bool)
     truncated[-1] = True
     verdict = udp.check_batch(heads, lengths, Kind.FRAME, truncated)
-    expected = [*cases, Verdict.BAD_HEADER, Verdict.BAD_CHUNK, Verdict.PAST_END, Verdict.OVERSIZED]
+    expected = [*cases, Verdict.BAD_HEADER, Verdict.BAD_CHUNK, Verdict.PAST_END, Verdict.BAD_CHUNK, Verdict.OVERSIZED]
     assert verdict.tolist() == [int(v) for v in expected]
+    assert udp.check_batch(*batch([enc(good._replace(chunk_count=301)) + bytes(10)]), Kind.FRAME).tolist() == [0]
+    with pytest.raises(ValueError, match="more chunks than"):
+        udp.decode_chunk_header(many_chunks)
 
 
 def test_reply_datagrams_carry_the_tcp_reply() -> None:
