@@ -400,10 +400,9 @@ class UdpListener(Listener):
             a, b = starts[k], ends[k]
             sender = area.sender(src_l[a])
             if sender != last_sender or peer is None:
-                peer = self._peer(sender)
+                peer = self._peer(sender, b - a)
                 last_sender = sender
                 if peer is None:
-                    self._counts["denied"] += b - a - 1  # _peer counted the first
                     continue
             key = (stream_l[k], sequence_l[k])
             partial = peer.partials.get(key)
@@ -530,24 +529,25 @@ class UdpListener(Listener):
             self._ring = ByteRows(self.admission.pool.buffer)
         return self._ring(size)
 
-    def _peer(self, sender: Any) -> _Peer | None:
+    def _peer(self, sender: Any, datagrams: int) -> _Peer | None:
+        """The producer ``sender`` is, or None when its ``datagrams`` are dropped (counted here, by why)."""
         peer = self._peers.get(sender)
         if peer is not None:
             peer.last_seen = time.monotonic()
             return peer
         if sender in self._denied:
-            self._counts["denied"] += 1
+            self._counts["denied"] += datagrams
             return None
         address = decode_sockaddr(sender)
         host = ipaddress.ip_address(address[0].split("%")[0])
         if not any(host in net for net in self._allow):
-            self._counts["denied"] += 1
+            self._counts["denied"] += datagrams
             self._denied[sender] = None
             if len(self._denied) > DENIED_KEPT:
                 self._denied.popitem(last=False)
             return None
         if not self.admission.open_connection():
-            self._counts["too_many_producers"] += 1
+            self._counts["too_many_producers"] += datagrams
             return None
         grant = Grant(None, self.admission.config.max_priority)
         label = f"udp:{address[0]}:{address[1]}"

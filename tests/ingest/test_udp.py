@@ -837,3 +837,21 @@ async def test_chunks_that_overlap_and_leave_a_hole_are_refused(server: Server) 
         await wait_for(lambda: server.pool.slots_in_use == 0)
     finally:
         raw.close()
+
+
+@pytest.mark.asyncio
+async def test_datagrams_past_max_connections_are_dropped_and_counted_as_such() -> None:
+    cfg = dataclasses.replace(make_config(), max_connections=1)
+    async with Server(cfg) as srv:
+        first, second = Raw(udp_port(srv)), Raw(udp_port(srv))
+        try:
+            first.send(*grams(1))  # the one producer there is room for
+            assert [(r.sequence, r.status) for r in await first.replies()] == [(1, Status.OK)]
+            second.send(*grams(2))
+            assert await second.replies() == []  # dropped, never answered
+            stats = udp_stats(srv)
+            assert (stats.get("too_many_producers"), stats.get("denied", 0)) == (len(grams(2)), 0)
+            assert srv.pool.slots_in_use == 0 and stats["producers"] == 1
+        finally:
+            first.close()
+            second.close()
