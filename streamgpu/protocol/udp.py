@@ -242,7 +242,14 @@ def frame_datagrams(
 def reply_datagrams(
     header: ReplyHeader, payload: bytes | memoryview = b"", datagram_bytes: int = DEFAULT_DATAGRAM_BYTES
 ) -> Datagrams:
-    """A reply as datagrams (chunk 0: chunk header + REPLY header + message + shape + result bytes)."""
+    """A reply as datagrams (chunk 0: chunk header + REPLY header + message + shape + result bytes).
+
+    Chunk 0 must hold the whole REPLY header: a longer message (a model's error text, a refusal quoting a
+    hostile model name) is cut to fit, on a character boundary, so that every reply can go.
+    """
+    room = datagram_bytes - HEADER_SIZE - wire.REPLY_HEADER_SIZE - 4 * len(header.shape)
+    if header.message and len(message := header.message.encode()) > room:
+        header = header._replace(message=message[: max(room, 0)].decode(errors="ignore"))
     parts = wire.encode_reply(header, payload)
     head = bytes(parts[0])
     view = memoryview(parts[1]).cast("B") if len(parts) > 1 else memoryview(b"")

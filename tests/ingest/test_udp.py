@@ -855,3 +855,24 @@ async def test_datagrams_past_max_connections_are_dropped_and_counted_as_such() 
         finally:
             first.close()
             second.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("server", [{"datagram_bytes": 512}], indirect=True)
+async def test_a_refusal_too_long_for_one_reply_datagram_is_cut_and_costs_no_other_frame(server: Server) -> None:
+    """The message of an UNKNOWN_MODEL quotes the name: 255 control characters make it over 1,000 bytes, more than
+    a 512-byte reply datagram holds. The refusal goes out cut; the frames read in the same batch are taken."""
+    hostile, other = Raw(udp_port(server)), Raw(udp_port(server))
+    try:
+        name = "\x01" * 255
+        head = wire.encode_frame_header(FrameHeader(0, 1, name, 1, (1,), 1))
+        hostile.send(chunk(0, 1, 0, 1, head + b"x", seq=1))
+        other.send(*grams(2))  # the same receive batch
+        refused, answered = await hostile.replies(), await other.replies()
+        assert [(r.sequence, r.status) for r in refused] == [(1, Status.UNKNOWN_MODEL)]
+        assert refused[0].message.startswith("no model named")
+        assert [(r.sequence, r.status) for r in answered] == [(2, Status.OK)]
+        await wait_for(lambda: server.pool.slots_in_use == 0)
+    finally:
+        hostile.close()
+        other.close()

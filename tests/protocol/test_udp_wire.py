@@ -152,6 +152,22 @@ def test_reply_datagrams_carry_the_tcp_reply() -> None:
     assert got is not None and got[0] == h and np.array_equal(np.frombuffer(got[1], np.float32), result)
 
 
+@pytest.mark.parametrize("datagram_bytes", [udp.MIN_DATAGRAM_BYTES, udp.DEFAULT_DATAGRAM_BYTES])
+def test_a_reply_message_too_long_for_chunk_0_is_cut_to_fit(datagram_bytes: int) -> None:
+    """A model's error text, or a refusal quoting a hostile model name, can be longer than chunk 0 has room for:
+    the reply still goes, its message cut (on a character boundary)."""
+    h = ReplyHeader(5, 6, Status.INTERNAL_ERROR, message="é" * 3000)  # 6,000 bytes
+    grams = udp.reply_datagrams(h, b"", datagram_bytes)
+    assert len(grams) == 1
+    data = udp.join(grams[0])
+    assert len(data) <= datagram_bytes
+    got = wire.decode_reply(data[udp.HEADER_SIZE :])
+    assert got is not None and got[0].status == Status.INTERNAL_ERROR
+    assert "é" * 100 in got[0].message and h.message.startswith(got[0].message)
+    short = udp.reply_datagrams(h._replace(message="é" * 300), b"", udp.MIN_DATAGRAM_BYTES)  # fits only in chars
+    assert len(udp.join(short[0])) <= udp.MIN_DATAGRAM_BYTES
+
+
 def test_incomplete_has_a_v1_stand_in() -> None:
     assert wire.status_for(Status.INCOMPLETE, 1) == Status.BAD_FRAME
     assert wire.status_for(Status.INCOMPLETE, 2) == Status.INCOMPLETE
