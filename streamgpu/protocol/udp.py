@@ -359,6 +359,9 @@ class Added(enum.IntEnum):
     INCONSISTENT = 2  # its count or length disagrees with the message's first chunk: ignored
 
 
+_SHIFT, _END = np.uint64(32), np.uint64(0xFFFFFFFF)  # Assembly.spans: offset << 32 | end
+
+
 class Assembly:
     """One message being put together from its chunks, in any order, duplicates ignored.
 
@@ -412,9 +415,11 @@ class Assembly:
             return False
         if self.spans is None:
             return True
-        spans = np.sort(np.concatenate(self.spans))  # by offset: then each chunk must end where the next starts
-        starts, ends = spans >> np.uint64(32), spans & np.uint64(0xFFFFFFFF)
-        return bool(starts[0] == 0 and ends[-1] == self.length and (starts[1:] == ends[:-1]).all())
+        spans = np.concatenate(self.spans)
+        spans.sort()  # by offset: then each chunk must end where the next starts
+        if int(spans[0]) >> 32 or int(spans[-1]) & 0xFFFFFFFF != self.length:
+            return False
+        return bool(((spans[1:] >> _SHIFT) == (spans[:-1] & _END)).all())
 
     def missing(self) -> int:
         return self.count - self.chunks
