@@ -400,10 +400,9 @@ class UdpListener(Listener):
             a, b = starts[k], ends[k]
             sender = area.sender(src_l[a])
             if sender != last_sender or peer is None:
-                peer = self._peer(sender)
+                peer = self._peer(sender, b - a)
                 last_sender = sender
                 if peer is None:
-                    self._counts["denied"] += b - a - 1  # _peer counted the first
                     continue
             key = (stream_l[k], sequence_l[k])
             partial = peer.partials.get(key)
@@ -465,9 +464,12 @@ class UdpListener(Listener):
         if len(sel):
             group = g.group[sel]
             width = lengths[src[sel]].astype(np.int64) - udp.HEADER_SIZE
-            self._place(base[group] + ws[sel, 6], src[sel], width)
+            offset = ws[sel, 6].astype(np.int64)
+            self._place(base[group] + offset, src[sel], width)
             chunks = np.bincount(group, minlength=len(frames)).tolist()
             nbytes = np.bincount(group, weights=width, minlength=len(frames)).tolist()
+            spans = (offset << 32 | (offset + width)).astype(np.uint64)  # see Assembly.spans
+            bounds = np.searchsorted(group, np.arange(len(frames) + 1)).tolist()  # frame k's: bounds[k]..[k + 1]
         else:
             chunks = nbytes = [0] * len(frames)
         complete: list[Frame] = []
@@ -476,6 +478,8 @@ class UdpListener(Listener):
                 continue
             peer, key, partial, _ = entry
             asm = partial.assembly
+            if chunks[k] and asm.spans is not None:
+                asm.spans.append(spans[bounds[k] : bounds[k + 1]].copy())  # a copy: not the whole batch's kept alive
             asm.chunks += chunks[k]
             asm.bytes += int(nbytes[k])
             if asm.all_chunks:
@@ -525,24 +529,25 @@ class UdpListener(Listener):
             self._ring = ByteRows(self.admission.pool.buffer)
         return self._ring(size)
 
-    def _peer(self, sender: Any) -> _Peer | None:
+    def _peer(self, sender: Any, datagrams: int) -> _Peer | None:
+        """The producer ``sender`` is, or None when its ``datagrams`` are dropped (counted here, by why)."""
         peer = self._peers.get(sender)
         if peer is not None:
             peer.last_seen = time.monotonic()
             return peer
         if sender in self._denied:
-            self._counts["denied"] += 1
+            self._counts["denied"] += datagrams
             return None
         address = decode_sockaddr(sender)
         host = ipaddress.ip_address(address[0].split("%")[0])
         if not any(host in net for net in self._allow):
-            self._counts["denied"] += 1
+            self._counts["denied"] += datagrams
             self._denied[sender] = None
             if len(self._denied) > DENIED_KEPT:
                 self._denied.popitem(last=False)
             return None
         if not self.admission.open_connection():
-            self._counts["too_many_producers"] += 1
+            self._counts["too_many_producers"] += datagrams
             return None
         grant = Grant(None, self.admission.config.max_priority)
         label = f"udp:{address[0]}:{address[1]}"
@@ -635,7 +640,11 @@ class UdpListener(Listener):
         asm = partial.assembly
         if not asm.complete:
             self._counts["inconsistent"] += 1
-            why = f"the frame's {asm.count} chunks hold {asm.bytes} bytes, its length is {asm.length}"
+            why = (
+                f"the frame's {asm.count} chunks hold {asm.bytes} bytes, its length is {asm.length}"
+                if asm.bytes != asm.length
+                else f"the frame's {asm.count} chunks overlap: they leave part of its {asm.length} bytes unwritten"
+            )
             self._give_up(peer, key, Status.BAD_FRAME, why)
             return None
         header = partial.header

@@ -108,6 +108,8 @@ def decode_chunk_header(buf: bytes | memoryview) -> ChunkHeader:
         raise ValueError(f"not a version {UDP_VERSION} chunk: magic {bytes(magic)!r}, version {version}, kind {kind}")
     if not index < count:
         raise ValueError(f"chunk index {index} is not below chunk count {count}")
+    if count > length + 1:
+        raise ValueError(f"chunk count {count}: more chunks than the {length} payload bytes + 1")
     return ChunkHeader(Kind(kind), stream_id, sequence, index, count, offset, length, flags)
 
 
@@ -240,7 +242,14 @@ def frame_datagrams(
 def reply_datagrams(
     header: ReplyHeader, payload: bytes | memoryview = b"", datagram_bytes: int = DEFAULT_DATAGRAM_BYTES
 ) -> Datagrams:
-    """A reply as datagrams (chunk 0: chunk header + REPLY header + message + shape + result bytes)."""
+    """A reply as datagrams (chunk 0: chunk header + REPLY header + message + shape + result bytes).
+
+    Chunk 0 must hold the whole REPLY header: a longer message (a model's error text, a refusal quoting a
+    hostile model name) is cut to fit, on a character boundary, so that every reply can go.
+    """
+    room = datagram_bytes - HEADER_SIZE - wire.REPLY_HEADER_SIZE - 4 * len(header.shape)
+    if header.message and len(message := header.message.encode()) > room:
+        header = header._replace(message=message[: max(room, 0)].decode(errors="ignore"))
     parts = wire.encode_reply(header, payload)
     head = bytes(parts[0])
     view = memoryview(parts[1]).cast("B") if len(parts) > 1 else memoryview(b"")
@@ -281,7 +290,9 @@ def check_batch(heads: np.ndarray, lengths: np.ndarray, kind: Kind, truncated: n
     count = w[:, 5] >> 16
     offset = w[:, 6].astype(np.int64)
     bad_header = (w[:, 0] != MAGIC_U32) | ((w[:, 1] & 0xFFFF) != (UDP_VERSION | int(kind) << 8))
-    bad_chunk = index >= count  # also catches chunk_count 0
+    # also catches chunk_count 0; every chunk but chunk 0 carries a byte, so that a receiver's per-chunk
+    # state is bounded by the payload it reserved (not 65535 chunks claimed for a 0-byte frame)
+    bad_chunk = (index >= count) | (count > w[:, 7].astype(np.int64) + 1)
     past = np.where(index == 0, offset != 0, offset + body > w[:, 7])
     short = body < 0
     bad = bad_header | bad_chunk | past | short
@@ -348,6 +359,9 @@ class Added(enum.IntEnum):
     INCONSISTENT = 2  # its count or length disagrees with the message's first chunk: ignored
 
 
+_SHIFT, _END = np.uint64(32), np.uint64(0xFFFFFFFF)  # Assembly.spans: offset << 32 | end
+
+
 class Assembly:
     """One message being put together from its chunks, in any order, duplicates ignored.
 
@@ -356,13 +370,17 @@ class Assembly:
     caller's: it passes the bytes after it as the chunk's body.
     """
 
-    __slots__ = ("bytes", "chunks", "count", "has_head", "length", "seen", "target")
+    __slots__ = ("bytes", "chunks", "count", "has_head", "length", "seen", "spans", "target")
 
     def __init__(self, count: int, length: int, target: np.ndarray | memoryview | bytearray) -> None:
         self.count = count
         self.length = length
         self.target = np.frombuffer(target, np.uint8) if not isinstance(target, np.ndarray) else target
         self.seen = np.zeros(count, bool)  # per chunk index: the duplicate filter
+        # Where each chunk's bytes went, offset << 32 | end, in arrays as chunks come (memory for the chunks that
+        # came, not for the count a header claims). Bytes that add up to the length may still overlap and leave
+        # a hole (holding whatever the buffer held before); a single chunk cannot, so it is not recorded.
+        self.spans: list[np.ndarray] | None = [] if count > 1 else None
         self.chunks = 0
         self.bytes = 0
         self.has_head = False
@@ -376,6 +394,8 @@ class Assembly:
         if offset + n > self.length:  # checked again here for callers that did not run check_batch
             return Added.INCONSISTENT
         self.seen[index] = True
+        if self.spans is not None:
+            self.spans.append(np.array([offset << 32 | (offset + n)], np.uint64))
         self.chunks += 1
         self.bytes += n
         if n:
@@ -390,8 +410,16 @@ class Assembly:
 
     @property
     def complete(self) -> bool:
-        """Every chunk is in and their bytes add up to the payload length."""
-        return self.chunks == self.count and self.bytes == self.length
+        """Every chunk is in and together they cover the payload exactly once (no overlap, no hole)."""
+        if self.chunks != self.count or self.bytes != self.length:
+            return False
+        if self.spans is None:
+            return True
+        spans = np.concatenate(self.spans)
+        spans.sort()  # by offset: then each chunk must end where the next starts
+        if int(spans[0]) >> 32 or int(spans[-1]) & 0xFFFFFFFF != self.length:
+            return False
+        return bool(((spans[1:] >> _SHIFT) == (spans[:-1] & _END)).all())
 
     def missing(self) -> int:
         return self.count - self.chunks

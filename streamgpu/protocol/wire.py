@@ -470,7 +470,9 @@ def encode_reply(h: ReplyHeader, payload: bytes | memoryview = b"", version: int
     does not know is replaced by its stand-in (:func:`status_for`). ``flags``
     is written in every version (v1 readers ignore that field).
     """
-    msg = h.message.encode()[:MAX_MESSAGE] if h.message else b""
+    msg = h.message.encode() if h.message else b""
+    if len(msg) > MAX_MESSAGE:  # cut on a character boundary: the message stays UTF-8
+        msg = msg[:MAX_MESSAGE].decode(errors="ignore").encode()
     payload = memoryview(payload).cast("B")  # len() of a typed view counts items, not bytes
     t = h.timings
     status = h.status if version >= 2 or h.status in V1_STATUSES else status_for(h.status, version)

@@ -807,3 +807,72 @@ async def test_a_kernel_without_udp_gro_gets_one_datagram_per_row(monkeypatch: p
             await conn.close()
         for reply, want in zip(replies, expected, strict=True):
             assert reply.ok and same(reply.unwrap(), want), reply
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("server", [{"gro": False}, {"gro": True}], indirect=True, ids=["gro off", "gro on"])
+async def test_chunks_that_overlap_and_leave_a_hole_are_refused(server: Server) -> None:
+    """Chunks whose bytes add up to the length but overlap leave a hole in the slot, holding an earlier frame's
+    bytes (another producer's): the frame is answered BAD_FRAME, not run on them."""
+    raw = Raw(udp_port(server))
+    try:
+        for seq, together in ((1, True), (2, False)):  # whole in one receive batch, and over several
+            d = [udp.decode_chunk_header(g) for g in grams(seq)]
+            assert len(d) == 4 and d[1].offset < d[2].offset
+            body = bytes(d[2].offset - d[1].offset)
+            twin = chunk(2, 4, d[1].offset, NBYTES, body, seq=seq)  # chunk 1's bytes again: chunk 2's are missing
+            sent = [grams(seq)[0], chunk(1, 4, d[1].offset, NBYTES, body, seq=seq), twin, grams(seq)[3]]
+            if together:
+                raw.send(*sent)
+            else:
+                for datagram in sent:
+                    raw.send(datagram)
+                    await asyncio.sleep(0.02)
+            answered = await raw.replies()
+            assert [(r.sequence, r.status) for r in answered] == [(seq, Status.BAD_FRAME)], answered
+            assert "overlap" in answered[0].message
+        assert udp_stats(server)["inconsistent"] == 2 and "frames" not in udp_stats(server)
+        raw.send(*grams(3))  # the producer's next good frame is taken
+        assert [(r.sequence, r.status) for r in await raw.replies()] == [(3, Status.OK)]
+        await wait_for(lambda: server.pool.slots_in_use == 0)
+    finally:
+        raw.close()
+
+
+@pytest.mark.asyncio
+async def test_datagrams_past_max_connections_are_dropped_and_counted_as_such() -> None:
+    cfg = dataclasses.replace(make_config(), max_connections=1)
+    async with Server(cfg) as srv:
+        first, second = Raw(udp_port(srv)), Raw(udp_port(srv))
+        try:
+            first.send(*grams(1))  # the one producer there is room for
+            assert [(r.sequence, r.status) for r in await first.replies()] == [(1, Status.OK)]
+            second.send(*grams(2))
+            assert await second.replies() == []  # dropped, never answered
+            stats = udp_stats(srv)
+            assert (stats.get("too_many_producers"), stats.get("denied", 0)) == (len(grams(2)), 0)
+            assert srv.pool.slots_in_use == 0 and stats["producers"] == 1
+        finally:
+            first.close()
+            second.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("server", [{"datagram_bytes": 512}], indirect=True)
+async def test_a_refusal_too_long_for_one_reply_datagram_is_cut_and_costs_no_other_frame(server: Server) -> None:
+    """The message of an UNKNOWN_MODEL quotes the name: 255 control characters make it over 1,000 bytes, more than
+    a 512-byte reply datagram holds. The refusal goes out cut; the frames read in the same batch are taken."""
+    hostile, other = Raw(udp_port(server)), Raw(udp_port(server))
+    try:
+        name = "\x01" * 255
+        head = wire.encode_frame_header(FrameHeader(0, 1, name, 1, (1,), 1))
+        hostile.send(chunk(0, 1, 0, 1, head + b"x", seq=1))
+        other.send(*grams(2))  # the same receive batch
+        refused, answered = await hostile.replies(), await other.replies()
+        assert [(r.sequence, r.status) for r in refused] == [(1, Status.UNKNOWN_MODEL)]
+        assert refused[0].message.startswith("no model named")
+        assert [(r.sequence, r.status) for r in answered] == [(2, Status.OK)]
+        await wait_for(lambda: server.pool.slots_in_use == 0)
+    finally:
+        hostile.close()
+        other.close()

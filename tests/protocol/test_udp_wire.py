@@ -77,6 +77,25 @@ def test_assembly_refuses_inconsistent_chunks() -> None:
     assert asm.all_chunks and not asm.complete  # 6 of 10 bytes: the chunks do not tile the payload
 
 
+@pytest.mark.parametrize(
+    ("spans", "tiles"),
+    [
+        (((0, 4), (4, 3), (7, 3)), True),
+        (((7, 3), (0, 4), (4, 3)), True),  # offsets in any order of the chunk indices
+        (((0, 4), (0, 3), (7, 3)), False),  # 10 bytes, but 4..7 never written
+        (((0, 4), (3, 4), (8, 2)), False),  # an overlap of one byte, and a hole of one
+        (((0, 0), (0, 6), (6, 4)), True),  # an empty chunk
+    ],
+)
+def test_assembly_is_complete_only_when_its_chunks_tile_the_payload(
+    spans: tuple[tuple[int, int], ...], tiles: bool
+) -> None:
+    asm = Assembly(len(spans), 10, memoryview(bytearray(10)))
+    for i, (offset, n) in enumerate(spans):
+        assert asm.add(i, len(spans), offset, 10, memoryview(bytes(n))) is Added.NEW
+    assert asm.all_chunks and asm.bytes == 10 and asm.complete is tiles
+
+
 def batch(datagrams: list[bytes], row: int = 64) -> tuple[np.ndarray, np.ndarray]:
     area = np.zeros((len(datagrams), row), np.uint8)
     for i, d in enumerate(datagrams):
@@ -97,13 +116,19 @@ def test_check_batch_gives_one_verdict_per_datagram() -> None:
     reply_kind = enc(good._replace(kind=Kind.REPLY)) + bytes(10)
     zero_count = enc(good._replace(chunk_index=0, chunk_count=0)) + bytes(10)
     chunk0_offset = enc(good._replace(chunk_index=0, offset=5)) + bytes(10)
-    datagrams = [*cases.values(), reply_kind, zero_count, chunk0_offset, enc(good) + bytes(10)]
+    # More chunks than payload bytes + 1 (every chunk but chunk 0 carries a byte): the receiver's
+    # per-chunk state (65535 chunks of a 0-byte frame) would not be bounded by the frame's ring space.
+    many_chunks = enc(good._replace(offset=0, chunk_count=302)) + bytes(10)
+    datagrams = [*cases.values(), reply_kind, zero_count, chunk0_offset, many_chunks, enc(good) + bytes(10)]
     heads, lengths = batch(datagrams)
     truncated = np.zeros(len(datagrams), bool)
     truncated[-1] = True
     verdict = udp.check_batch(heads, lengths, Kind.FRAME, truncated)
-    expected = [*cases, Verdict.BAD_HEADER, Verdict.BAD_CHUNK, Verdict.PAST_END, Verdict.OVERSIZED]
+    expected = [*cases, Verdict.BAD_HEADER, Verdict.BAD_CHUNK, Verdict.PAST_END, Verdict.BAD_CHUNK, Verdict.OVERSIZED]
     assert verdict.tolist() == [int(v) for v in expected]
+    assert udp.check_batch(*batch([enc(good._replace(chunk_count=301)) + bytes(10)]), Kind.FRAME).tolist() == [0]
+    with pytest.raises(ValueError, match="more chunks than"):
+        udp.decode_chunk_header(many_chunks)
 
 
 def test_reply_datagrams_carry_the_tcp_reply() -> None:
@@ -125,6 +150,22 @@ def test_reply_datagrams_carry_the_tcp_reply() -> None:
         asm.add(ch.chunk_index, ch.chunk_count, ch.offset, ch.length, body)
     got = wire.decode_reply(bytes(head) + buf)
     assert got is not None and got[0] == h and np.array_equal(np.frombuffer(got[1], np.float32), result)
+
+
+@pytest.mark.parametrize("datagram_bytes", [udp.MIN_DATAGRAM_BYTES, udp.DEFAULT_DATAGRAM_BYTES])
+def test_a_reply_message_too_long_for_chunk_0_is_cut_to_fit(datagram_bytes: int) -> None:
+    """A model's error text, or a refusal quoting a hostile model name, can be longer than chunk 0 has room for:
+    the reply still goes, its message cut (on a character boundary)."""
+    h = ReplyHeader(5, 6, Status.INTERNAL_ERROR, message="é" * 3000)  # 6,000 bytes
+    grams = udp.reply_datagrams(h, b"", datagram_bytes)
+    assert len(grams) == 1
+    data = udp.join(grams[0])
+    assert len(data) <= datagram_bytes
+    got = wire.decode_reply(data[udp.HEADER_SIZE :])
+    assert got is not None and got[0].status == Status.INTERNAL_ERROR
+    assert "é" * 100 in got[0].message and h.message.startswith(got[0].message)
+    short = udp.reply_datagrams(h._replace(message="é" * 300), b"", udp.MIN_DATAGRAM_BYTES)  # fits only in chars
+    assert len(udp.join(short[0])) <= udp.MIN_DATAGRAM_BYTES
 
 
 def test_incomplete_has_a_v1_stand_in() -> None:

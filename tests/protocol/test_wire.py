@@ -320,6 +320,11 @@ def test_reply_timings_saturate() -> None:
 def test_reply_message_is_truncated_to_max() -> None:
     got = wire.decode_reply(reply_bytes(ReplyHeader(1, 1, Status.INTERNAL_ERROR, message="e" * 70000)))
     assert got is not None and got[0].message == "e" * wire.MAX_MESSAGE
+    # cut on a character boundary: what is sent stays UTF-8 (65535 is odd: half of a 2-byte character)
+    encoded = wire.encode_reply(ReplyHeader(1, 1, Status.INTERNAL_ERROR, message="é" * 40000))
+    head = bytes(encoded[0])
+    message = head[wire.REPLY_HEADER_SIZE :]
+    assert len(message) == wire.MAX_MESSAGE - 1 and message.decode() == "é" * (wire.MAX_MESSAGE // 2)
 
 
 @pytest.mark.parametrize(
