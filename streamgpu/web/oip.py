@@ -44,6 +44,9 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 # Room for the JSON inference header beside the tensor bytes: a request body may be at most
 # max_payload_bytes + this (the tensor data of one request is at most max_payload_bytes).
 HEADER_ALLOWANCE = 1024 * 1024
+# A request whose tensors are JSON numbers may be at most this large: parsing it holds the event loop, and
+# every producer with it, ~20 ms per MiB (tensor data that large goes as binary data, which is not parsed).
+JSON_BODY_LIMIT = 4 * 1024 * 1024
 EXTENSIONS = ["binary_tensor_data"]
 
 # Open Inference Protocol datatype <-> numpy (little-endian, as the wire's dtypes)
@@ -311,7 +314,17 @@ async def _infer(request: web.Request, spec: ModelSpec, admission: Admission, pr
             raise OipError(400, f"{HEADER_LENGTH} {header_len} exceeds the body's {length} bytes")
         raw = await _read_exactly(content, header_len, admission, "inference header")
     else:
-        raw = await _read_all(content, limit, admission.payload_budget_s(length if length is not None else limit))
+        if limit > JSON_BODY_LIMIT:
+            limit = JSON_BODY_LIMIT
+            too_large = (
+                f"a request body without binary data may be at most {limit} bytes (parsing it holds the server):"
+                f" send the tensor as binary data (parameters.binary_data_size, header {HEADER_LENGTH})"
+            )
+        else:
+            too_large = f"request body exceeds {limit} bytes (max_payload_bytes + header allowance)"
+        if length is not None and length > limit:
+            raise OipError(413, too_large)
+        raw = await _read_all(content, limit, admission.payload_budget_s(length or limit), too_large)
     try:
         doc = parse_json(raw)
     except ValueError as exc:  # UnicodeDecodeError included
@@ -379,9 +392,9 @@ async def _read_exactly(content: Any, n: int, admission: Admission, what: str) -
         raise OipError(408, f"the {what} ({n} bytes) did not arrive in time") from None
 
 
-async def _read_all(content: Any, limit: int, budget_s: float) -> bytes:
-    """The whole body (a JSON request), at most ``limit`` bytes, within ``budget_s`` (a stalled or endless
-    chunked body would otherwise hold its connection's place for good)."""
+async def _read_all(content: Any, limit: int, budget_s: float, too_large: str) -> bytes:
+    """The whole body (a JSON request), at most ``limit`` bytes (else 413 ``too_large``), within ``budget_s`` (a
+    stalled or endless chunked body would otherwise hold its connection's place for good)."""
     parts = []
     total = 0
     try:
@@ -389,7 +402,7 @@ async def _read_all(content: Any, limit: int, budget_s: float) -> bytes:
             while chunk := await content.readany():
                 total += len(chunk)
                 if total > limit:
-                    raise OipError(413, f"request body exceeds {limit} bytes (max_payload_bytes + header allowance)")
+                    raise OipError(413, too_large)
                 parts.append(chunk)
     except TimeoutError:
         raise OipError(408, f"the request body did not arrive within {budget_s:.3g} s") from None

@@ -24,6 +24,7 @@ from streamgpu import client
 from streamgpu.config import Config, ListenerSpec
 from streamgpu.models.spec import ModelSpec
 from streamgpu.server import Server
+from streamgpu.web import oip
 
 tritonhttp = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is a test dependency")
 tritonaio = pytest.importorskip("tritonclient.http.aio", reason="tritonclient[http] is a test dependency")
@@ -200,6 +201,13 @@ def frame_header(shape: list[int], size: int, **extra: Any) -> dict[str, Any]:
     return {"inputs": [tensor], **extra}
 
 
+async def chunks(spaces: int) -> AsyncIterator[bytes]:
+    """A body of ``spaces`` blanks and ``{}``, sent chunked (no Content-Length)."""
+    for _ in range(spaces // 65536):
+        yield b" " * 65536
+    yield b" " * (spaces % 65536) + b"{}"
+
+
 BAD_REQUESTS: list[tuple[str, int, str, Any]] = [
     ("wrong shape", 400, "does not match model", lambda n: binary_request(frame_header([1, 16, 16, 3], n), bytes(n))),
     ("wrong dtype", 400, "datatype", lambda n: binary_request(
@@ -216,6 +224,9 @@ BAD_REQUESTS: list[tuple[str, int, str, Any]] = [
     ("malformed JSON", 400, "not valid JSON", lambda n: (b"{not json", {"Content-Type": "application/json"})),
     ("JSON not an object", 400, "JSON object", lambda n: (b"[1, 2]", {"Content-Type": "application/json"})),
     ("JSON nested past the parser's depth", 400, "not valid JSON", lambda n: (b"[" * 100_000, {})),
+    # Parsing holds the loop (~20 ms per MiB): a large tensor goes as binary data
+    ("JSON body past the JSON limit", 413, "binary_data_size", lambda n: (b" " * oip.JSON_BODY_LIMIT + b"{}", {})),
+    ("chunked JSON body past the JSON limit", 413, "binary_data_size", lambda n: (chunks(oip.JSON_BODY_LIMIT), {})),
     ("JSON data of wrong length", 400, "elements", lambda n: (json.dumps(
         {"inputs": [{"name": "input", "datatype": "UINT8", "shape": [32, 32, 3], "data": [1, 2, 3]}]}).encode(), {})),
     ("JSON data out of range", 400, "does not fit", lambda n: (json.dumps(
