@@ -47,6 +47,8 @@ class ListenerSpec:
             out.append(f"listener kind must be one of {sorted(LISTENERS)}, got {self.kind!r}")
         if not 0 <= self.port <= 65535:
             out.append(f"port must be 0..65535, got {self.port}")
+        if self.kind in ("tcp", "http") and self.options:
+            out.append(f"a {self.kind} listener takes no options, got {sorted(self.options)}")
         if self.kind == "raw":
             unknown = set(self.options) - set(RAW_OPTIONS)
             if unknown:
@@ -118,6 +120,14 @@ class Config:
             problems.append("at least one listener is needed")
         for i, listener in enumerate(self.listeners):
             problems.extend(f"listeners[{i}]: {p}" for p in listener.problems())
+        for i, listener in enumerate(self.listeners):
+            if listener.kind == "udp":  # its options, checked here too so that check-config reports them
+                from streamgpu.ingest.udp import listener_options  # (the module imports this one)
+
+                try:
+                    listener_options(listener, self)
+                except ConfigError as exc:
+                    problems.append(f"listeners[{i}]: {exc}")
         model_names = sorted(m.name for m in self.models)
         for i, listener in enumerate(self.listeners):
             model = listener.options.get("model") if listener.kind == "raw" else None
@@ -284,6 +294,11 @@ class Config:
         if unknown:
             raise ConfigError(f"unknown settings: {sorted(unknown)}")
         values = typed_settings(cls, values, "server.", _ADDRESS_TYPES)
+        # named here: the listener these shortcuts make would be reported only as listeners[N]
+        bad_ports = [f"{k} must be 0..65535, got {values[k]}" for k in ("port", "http_port", "udp_port")
+                     if k in values and not 0 <= values[k] <= 65535]  # fmt: skip
+        if bad_ports:
+            raise ConfigError("; ".join(bad_ports))
         address = {k: values.pop(k) for k in ("host", "port") if k in values}
         http_port = values.pop("http_port", None)
         udp_port = values.pop("udp_port", None)
@@ -295,8 +310,6 @@ class Config:
             listeners = list(values.get("listeners") or [ListenerSpec()])
             values["listeners"] = [*listeners, ListenerSpec(kind="udp", host=listeners[0].host, port=udp_port)]
         if http_port is not None:  # http_port (file, STREAMGPU_HTTP_PORT, --http-port): the http listener's port
-            if isinstance(http_port, bool) or not isinstance(http_port, int):
-                raise ConfigError(f"http_port must be an integer port 0..65535, got {http_port!r}")
             listeners = list(values.get("listeners") or [ListenerSpec()])
             at = next((i for i, spec in enumerate(listeners) if spec.kind == "http"), None)
             if at is None:

@@ -176,3 +176,20 @@ def test_resolved_settings_mask_token_values() -> None:
     text = str(cfg.resolved())
     assert "s3cret" not in text and "other-secret" not in text
     assert cfg.resolved()["tokens"]["cam"] == {"token": "***", "max_priority": 3}
+
+
+@pytest.mark.parametrize(
+    ("listener", "message"),
+    [
+        ('kind = "udp"\noptions = { bogus = 1 }', "listeners[1]: udp listener: unknown options ['bogus']"),
+        ('kind = "udp"\noptions = { batch = 0 }', "listeners[1]: udp listener: batch must be an integer in 1..1024"),
+        ('kind = "tcp"\nport = 7879\noptions = { bogus = 1 }', "listeners[1]: a tcp listener takes no options"),
+        ('kind = "http"\noptions = { bogus = 1 }', "listeners[1]: a http listener takes no options"),
+    ],
+)
+def test_listener_options_are_checked_with_the_config(tmp_path: Path, listener: str, message: str) -> None:
+    # check-config must report them, not only serve
+    path = tmp_path / "c.toml"
+    path.write_text(f'[[server.listeners]]\nkind = "tcp"\n[[server.listeners]]\n{listener}\n')
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Config.load(str(path))
