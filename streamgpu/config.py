@@ -160,8 +160,9 @@ class Config:
         for key in ("receive_timeout_s", "receive_idle_timeout_s", "hello_timeout_s", "shutdown_timeout_s",
                     "watchdog_min_s"):  # fmt: skip
             value = getattr(self, key)
-            if not (math.isfinite(value) and value >= 0) or (value == 0 and key != "shutdown_timeout_s"):
-                problems.append(f"{key} must be a finite number of seconds > 0, got {value}")
+            zero = key == "shutdown_timeout_s"  # 0: answer what is queued SHUTTING_DOWN at once
+            if not (math.isfinite(value) and value >= 0) or (value == 0 and not zero):
+                problems.append(f"{key} must be a finite number of seconds {'>= 0' if zero else '> 0'}, got {value}")
         if not (math.isfinite(self.http_keepalive_timeout_s) and self.http_keepalive_timeout_s > 0):
             problems.append(f"http_keepalive_timeout_s must be a finite number of seconds > 0, "
                             f"got {self.http_keepalive_timeout_s}")  # fmt: skip
@@ -385,15 +386,16 @@ def _from_toml(data: dict[str, Any], path: str) -> dict[str, Any]:
     models = data.pop("models", None)
     if data:
         raise ConfigError(f"{path}: unknown top-level tables {sorted(data)}; expected [server] and [[models]]")
+    if not isinstance(server, dict):
+        raise ConfigError(f"{path}: server must be a table ([server]), got {server!r} ({type(server).__name__})")
     for key, value in server.items():
         if key == "listeners":
             values[key] = _tables(value, ListenerSpec, f"{path}: server.listeners", array=True)
         elif key == "tokens":
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: server.tokens must be tables ([server.tokens.NAME])")
-            values[key] = dict(
-                zip(value, _tables(list(value.values()), TokenSpec, f"{path}: server.tokens"), strict=True)
-            )
+            tables = _tables(list(value.values()), TokenSpec, f"{path}: server.tokens", names=list(value))
+            values[key] = dict(zip(value, tables, strict=True))
         elif key in _SERVER_KEYS:
             values[key] = value
         else:
@@ -420,22 +422,25 @@ def model_spec(entry: Any, where: str, **fixed: Any) -> ModelSpec:
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def _tables(entries: Any, cls: type[Any], where: str, array: bool = False) -> list[Any]:
-    """``[[server.listeners]]`` / ``[server.tokens.NAME]`` tables -> ListenerSpec / TokenSpec objects."""
+def _tables(entries: Any, cls: type[Any], where: str, array: bool = False, names: list[str] | None = None) -> list[Any]:
+    """``[[server.listeners]]`` / ``[server.tokens.NAME]`` tables -> ListenerSpec / TokenSpec objects; errors
+    name a table by its index, or by its name from ``names``."""
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         shape = "an array of tables ([[server.listeners]])" if array else "tables ([server.tokens.NAME])"
         raise ConfigError(f"{where} must be {shape}")
-    known = {f.name for f in dataclasses.fields(cls)}
+    fields = dataclasses.fields(cls)
+    known = {f.name for f in fields}
+    required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     out = []
     for i, entry in enumerate(entries):
+        label = f"{where}.{names[i]}" if names else f"{where}[{i}]"
         unknown = set(entry) - known
         if unknown:
-            raise ConfigError(f"{where}[{i}] has unknown settings {sorted(unknown)}; known: {sorted(known)}")
-        entry = typed_settings(cls, entry, f"{where}[{i}].")
-        try:
-            out.append(cls(**entry))
-        except TypeError as exc:
-            raise ConfigError(f"{where}[{i}]: {exc}") from None
+            raise ConfigError(f"{label} has unknown settings {sorted(unknown)}; known: {sorted(known)}")
+        missing = [name for name in required if name not in entry]
+        if missing:
+            raise ConfigError(f"{label}: {', '.join(missing)} is required")
+        out.append(cls(**typed_settings(cls, entry, f"{label}.")))
     return out
 
 

@@ -110,7 +110,7 @@ def test_models_from_toml(tmp_path: Path) -> None:
         ('[[models]]\ninput_shape = ["a"]\n', "models[0].input_shape must be a list of integers"),
         ('[[models]]\ncuda_graphs = "yes"\n', "models[0].cuda_graphs must be true or false"),
         ('[[server.listeners]]\nport = "1"\n', "server.listeners[0].port must be an integer"),
-        ("[server.tokens.a]\ntoken = 5\n", "server.tokens[0].token must be a string"),
+        ("[server.tokens.a]\ntoken = 5\n", "server.tokens.a.token must be a string"),
         ('[server]\nlog_format = "xml"\n', "log_format must be one of"),
         ('[[server.listeners]]\nkind = "raw"\n', "a raw listener needs options.model"),
         ('[[server.listeners]]\nkind = "raw"\noptions = { model = "x" }\n', "raw listener model 'x' is not a"),
@@ -193,3 +193,24 @@ def test_listener_options_are_checked_with_the_config(tmp_path: Path, listener: 
     path.write_text(f'[[server.listeners]]\nkind = "tcp"\n[[server.listeners]]\n{listener}\n')
     with pytest.raises(ConfigError, match=re.escape(message)):
         Config.load(str(path))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("server = 5\n", "server must be a table ([server]), got 5 (int)"),
+        ("[[server]]\nport = 1\n", "server must be a table ([server]), got [{'port': 1}] (list)"),
+        ("[server.tokens.cam]\nmax_priority = 5\n", "server.tokens.cam: token is required"),
+        ("[server.tokens.cam]\ntokn = 'x'\n", "server.tokens.cam has unknown settings ['tokn']"),
+    ],
+)
+def test_misshapen_server_tables_are_named(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Config.load(str(path))
+
+
+def test_a_negative_shutdown_timeout_says_zero_is_allowed() -> None:
+    with pytest.raises(ConfigError, match=re.escape("shutdown_timeout_s must be a finite number of seconds >= 0")):
+        Config(shutdown_timeout_s=-1)
