@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,23 @@ EXAMPLE = Path(__file__).parent.parent / "configs" / "example.toml"
 
 def test_example_config_loads_and_matches_defaults() -> None:
     assert Config.load(str(EXAMPLE), env={}) == Config()
+
+
+def test_example_config_shows_every_setting_and_no_other() -> None:
+    # the reference for settings (README, config.py): a setting added without it, or one renamed, fails here
+    from streamgpu.config import _ADDRESS_KEYS, RAW_OPTIONS
+    from streamgpu.ingest.udp import UdpOptions
+    from streamgpu.models.spec import ModelSpec
+
+    text = EXAMPLE.read_text()
+    shown = set(re.findall(r"^#? ?([a-z_]+) = ", text, re.M)) | set(re.findall(r"options\.([a-z_]+)", text))
+    udp = {f.name for f in dataclasses.fields(UdpOptions)}
+    settings = {f.name for cls in (Config, ModelSpec, ListenerSpec, TokenSpec) for f in dataclasses.fields(cls)}
+    every = (settings - {"models", "listeners", "tokens"}) | set(_ADDRESS_KEYS) | set(RAW_OPTIONS) | udp
+    assert every - shown == set() and shown - every == set()
+    commented = dict(re.findall(r"^# ([a-z_]+) = (\S+)", text, re.M))  # the udp options' defaults
+    for name in udp - {"allow"}:  # allow's default (empty) is written out as the loopback networks it means
+        assert tomllib.loads(f"v = {commented[name]}")["v"] == getattr(UdpOptions(), name), name
 
 
 def test_environment_then_overrides_win(tmp_path: Path) -> None:
