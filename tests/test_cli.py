@@ -280,3 +280,14 @@ def test_gpu_devices_with_no_gpu_are_an_error_naming_them(
     monkeypatch.setattr("streamgpu.gpu.backend.cuda_usable", lambda: False)  # auto: no GPU, so the cpu backend
     assert main(["serve", "--port", "0", "--device", "auto", "--devices", "0,1"]) == 1
     assert "devices [0, 1] name GPUs, but no usable CUDA device was found" in caplog.text
+
+
+def test_check_config_takes_the_serve_command_lines_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    # an operator checks a serve command line by swapping the word: --config FILE included
+    example = str(Path(__file__).parent.parent / "configs" / "example.toml")
+    assert main(["check-config", "--config", example, "--port", "9000"]) == 0
+    assert json.loads(capsys.readouterr().out)["listeners"][0]["port"] == 9000
+    with pytest.raises(SystemExit) as info:
+        main(["check-config", example, "--config", "other.toml"])
+    assert info.value.code == 2
+    assert "give the config file once" in capsys.readouterr().err
