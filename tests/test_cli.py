@@ -291,3 +291,9 @@ def test_check_config_takes_the_serve_command_lines_flags(capsys: pytest.Capture
         main(["check-config", example, "--config", "other.toml"])
     assert info.value.code == 2
     assert "give the config file once" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:8000", "notaurl", "ftp://127.0.0.1:8000"])
+def test_admin_with_a_url_that_is_not_http_says_so(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["admin", "list", url]) == 1
+    assert f"streamgpu admin: URL must start with http:// or https://, got {url!r}" in capsys.readouterr().err
