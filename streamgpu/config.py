@@ -26,6 +26,7 @@ MiB = 1024 * 1024
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+WILDCARD_HOSTS = {"", "0.0.0.0", "::"}  # a socket bound to one takes the port on every address
 RAW_OPTIONS = ("model", "live", "stream_id")  # a raw listener's options (streamgpu.ingest.raw)
 MAX_INGEST_WORKERS = 64
 
@@ -214,8 +215,23 @@ class Config:
                     f"{m.name!r}'s max_queue ({m.max_queue}): one connection must not be able to fill a queue"
                 )
         problems.extend(self._worker_problems())
+        problems.extend(self._shared_port_problems())
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def _shared_port_problems(self) -> list[str]:
+        """Two TCP sockets of this config on one address: the second bind would fail only after the models
+        loaded, in asyncio's words, naming neither setting."""
+        users = [(f"listeners[{i}] ({spec.kind})", spec.host, spec.port) for i, spec in enumerate(self.listeners)
+                 if spec.kind != "udp"]  # fmt: skip
+        if self.results_port > 0:
+            users.append(("results_port", self.results_host, self.results_port))
+        out = []
+        for at, (name, host, port) in enumerate(users):
+            for other, other_host, other_port in users[:at]:
+                if port and port == other_port and (host == other_host or {host, other_host} & WILDCARD_HOSTS):
+                    out.append(f"{name} and {other} both use port {port} on {host}: give each its own port")
+        return out
 
     def _worker_problems(self) -> list[str]:
         if self.ingest_workers == 0:

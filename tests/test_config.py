@@ -76,7 +76,9 @@ def test_raw_listeners_and_results_settings_from_toml(tmp_path: Path) -> None:
 def test_a_raw_port_beyond_loopback_is_open_whatever_the_tokens() -> None:
     raw = ListenerSpec("raw", "0.0.0.0", 9000, {"model": "default"})
     assert Config(listeners=[ListenerSpec(), raw], auth_token="x").open_to_anyone
-    assert not Config(listeners=[ListenerSpec(), ListenerSpec("raw", options={"model": "default"})]).open_to_anyone
+    assert not Config(
+        listeners=[ListenerSpec(), ListenerSpec("raw", port=9000, options={"model": "default"})]
+    ).open_to_anyone
 
 
 def test_extra_listeners_are_checked_like_the_others() -> None:
@@ -233,3 +235,23 @@ def test_misshapen_server_tables_are_named(tmp_path: Path, text: str, message: s
 def test_a_negative_shutdown_timeout_says_zero_is_allowed() -> None:
     with pytest.raises(ConfigError, match=re.escape("shutdown_timeout_s must be a finite number of seconds >= 0")):
         Config(shutdown_timeout_s=-1)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"port": 7990, "http_port": 7990}, "listeners[1] (http) and listeners[0] (tcp) both use port 7990"),
+        ({"port": 7990, "results_port": 7990}, "results_port and listeners[0] (tcp) both use port 7990"),
+        ({"host": "0.0.0.0", "port": 7990, "results_port": 7990}, "results_port and listeners[0] (tcp)"),
+    ],
+)
+def test_one_tcp_port_given_twice_is_a_config_error(overrides: dict[str, int | str], message: str) -> None:
+    # the second bind would fail only after the models loaded, with asyncio's message naming neither
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Config.load(env={}, **overrides)
+
+
+def test_one_port_number_on_two_addresses_or_udp_and_tcp_is_fine() -> None:
+    Config.load(env={}, port=7990, udp_port=7990)  # a UDP socket and a TCP one
+    Config(listeners=[ListenerSpec(host="127.0.0.1", port=7990), ListenerSpec(host="127.0.0.2", port=7990)])
+    Config.load(env={}, port=0, http_port=0, results_port=0)  # free ports, each its own
