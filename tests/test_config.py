@@ -6,6 +6,7 @@ import dataclasses
 import re
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -245,7 +246,7 @@ def test_a_negative_shutdown_timeout_says_zero_is_allowed() -> None:
         ({"host": "0.0.0.0", "port": 7990, "results_port": 7990}, "results_port and listeners[0] (tcp)"),
     ],
 )
-def test_one_tcp_port_given_twice_is_a_config_error(overrides: dict[str, int | str], message: str) -> None:
+def test_one_tcp_port_given_twice_is_a_config_error(overrides: dict[str, Any], message: str) -> None:
     # the second bind would fail only after the models loaded, with asyncio's message naming neither
     with pytest.raises(ConfigError, match=re.escape(message)):
         Config.load(env={}, **overrides)
