@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "check-config", parents=[flags], help="print the resolved settings (file, environment, flags) and exit"
     )
-    check.add_argument("config", metavar="FILE", nargs="?", help="TOML config (see configs/example.toml)")
+    check.add_argument("config_file", metavar="FILE", nargs="?", help="TOML config (see configs/example.toml)")
+    check.add_argument("--config", metavar="FILE", help="the same, as serve takes it")
     commands.add_parser("setup-gpu", help="install the cupy build matching torch's CUDA (the fast data path)")
     admin = commands.add_parser("admin", help="load, swap, unload and list a running server's models (over HTTP)")
     admin.add_argument("action", choices=("load", "unload", "list"))
@@ -194,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         from streamgpu.gpu.setup import setup_gpu
 
         return setup_gpu()
+    if args.command == "check-config":
+        if args.config_file and args.config and args.config_file != args.config:
+            parser.error("check-config: give the config file once, as FILE or --config FILE")
+        args.config = args.config or args.config_file
     config = serve_config(parser, args)
     if args.command == "check-config":
         print(json.dumps(config.resolved(), indent=2, default=_plain))

@@ -26,6 +26,7 @@ MiB = 1024 * 1024
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+WILDCARD_HOSTS = {"", "0.0.0.0", "::"}  # a socket bound to one takes the port on every address
 RAW_OPTIONS = ("model", "live", "stream_id")  # a raw listener's options (streamgpu.ingest.raw)
 MAX_INGEST_WORKERS = 64
 
@@ -47,6 +48,8 @@ class ListenerSpec:
             out.append(f"listener kind must be one of {sorted(LISTENERS)}, got {self.kind!r}")
         if not 0 <= self.port <= 65535:
             out.append(f"port must be 0..65535, got {self.port}")
+        if self.kind in ("tcp", "http") and self.options:
+            out.append(f"a {self.kind} listener takes no options, got {sorted(self.options)}")
         if self.kind == "raw":
             unknown = set(self.options) - set(RAW_OPTIONS)
             if unknown:
@@ -118,6 +121,14 @@ class Config:
             problems.append("at least one listener is needed")
         for i, listener in enumerate(self.listeners):
             problems.extend(f"listeners[{i}]: {p}" for p in listener.problems())
+        for i, listener in enumerate(self.listeners):
+            if listener.kind == "udp":  # its options, checked here too so that check-config reports them
+                from streamgpu.ingest.udp import listener_options  # (the module imports this one)
+
+                try:
+                    listener_options(listener, self)
+                except ConfigError as exc:
+                    problems.append(f"listeners[{i}]: {exc}")
         model_names = sorted(m.name for m in self.models)
         for i, listener in enumerate(self.listeners):
             model = listener.options.get("model") if listener.kind == "raw" else None
@@ -150,8 +161,9 @@ class Config:
         for key in ("receive_timeout_s", "receive_idle_timeout_s", "hello_timeout_s", "shutdown_timeout_s",
                     "watchdog_min_s"):  # fmt: skip
             value = getattr(self, key)
-            if not (math.isfinite(value) and value >= 0) or (value == 0 and key != "shutdown_timeout_s"):
-                problems.append(f"{key} must be a finite number of seconds > 0, got {value}")
+            zero = key == "shutdown_timeout_s"  # 0: answer what is queued SHUTTING_DOWN at once
+            if not (math.isfinite(value) and value >= 0) or (value == 0 and not zero):
+                problems.append(f"{key} must be a finite number of seconds {'>= 0' if zero else '> 0'}, got {value}")
         if not (math.isfinite(self.http_keepalive_timeout_s) and self.http_keepalive_timeout_s > 0):
             problems.append(f"http_keepalive_timeout_s must be a finite number of seconds > 0, "
                             f"got {self.http_keepalive_timeout_s}")  # fmt: skip
@@ -203,8 +215,23 @@ class Config:
                     f"{m.name!r}'s max_queue ({m.max_queue}): one connection must not be able to fill a queue"
                 )
         problems.extend(self._worker_problems())
+        problems.extend(self._shared_port_problems())
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def _shared_port_problems(self) -> list[str]:
+        """Two TCP sockets of this config on one address: the second bind would fail only after the models
+        loaded, in asyncio's words, naming neither setting."""
+        users = [(f"listeners[{i}] ({spec.kind})", spec.host, spec.port) for i, spec in enumerate(self.listeners)
+                 if spec.kind != "udp"]  # fmt: skip
+        if self.results_port > 0:
+            users.append(("results_port", self.results_host, self.results_port))
+        out = []
+        for at, (name, host, port) in enumerate(users):
+            for other, other_host, other_port in users[:at]:
+                if port and port == other_port and (host == other_host or {host, other_host} & WILDCARD_HOSTS):
+                    out.append(f"{name} and {other} both use port {port} on {host}: give each its own port")
+        return out
 
     def _worker_problems(self) -> list[str]:
         if self.ingest_workers == 0:
@@ -284,6 +311,11 @@ class Config:
         if unknown:
             raise ConfigError(f"unknown settings: {sorted(unknown)}")
         values = typed_settings(cls, values, "server.", _ADDRESS_TYPES)
+        # named here: the listener these shortcuts make would be reported only as listeners[N]
+        bad_ports = [f"{k} must be 0..65535, got {values[k]}" for k in ("port", "http_port", "udp_port")
+                     if k in values and not 0 <= values[k] <= 65535]  # fmt: skip
+        if bad_ports:
+            raise ConfigError("; ".join(bad_ports))
         address = {k: values.pop(k) for k in ("host", "port") if k in values}
         http_port = values.pop("http_port", None)
         udp_port = values.pop("udp_port", None)
@@ -295,8 +327,6 @@ class Config:
             listeners = list(values.get("listeners") or [ListenerSpec()])
             values["listeners"] = [*listeners, ListenerSpec(kind="udp", host=listeners[0].host, port=udp_port)]
         if http_port is not None:  # http_port (file, STREAMGPU_HTTP_PORT, --http-port): the http listener's port
-            if isinstance(http_port, bool) or not isinstance(http_port, int):
-                raise ConfigError(f"http_port must be an integer port 0..65535, got {http_port!r}")
             listeners = list(values.get("listeners") or [ListenerSpec()])
             at = next((i for i, spec in enumerate(listeners) if spec.kind == "http"), None)
             if at is None:
@@ -372,15 +402,16 @@ def _from_toml(data: dict[str, Any], path: str) -> dict[str, Any]:
     models = data.pop("models", None)
     if data:
         raise ConfigError(f"{path}: unknown top-level tables {sorted(data)}; expected [server] and [[models]]")
+    if not isinstance(server, dict):
+        raise ConfigError(f"{path}: server must be a table ([server]), got {server!r} ({type(server).__name__})")
     for key, value in server.items():
         if key == "listeners":
             values[key] = _tables(value, ListenerSpec, f"{path}: server.listeners", array=True)
         elif key == "tokens":
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: server.tokens must be tables ([server.tokens.NAME])")
-            values[key] = dict(
-                zip(value, _tables(list(value.values()), TokenSpec, f"{path}: server.tokens"), strict=True)
-            )
+            tables = _tables(list(value.values()), TokenSpec, f"{path}: server.tokens", names=list(value))
+            values[key] = dict(zip(value, tables, strict=True))
         elif key in _SERVER_KEYS:
             values[key] = value
         else:
@@ -407,22 +438,25 @@ def model_spec(entry: Any, where: str, **fixed: Any) -> ModelSpec:
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def _tables(entries: Any, cls: type[Any], where: str, array: bool = False) -> list[Any]:
-    """``[[server.listeners]]`` / ``[server.tokens.NAME]`` tables -> ListenerSpec / TokenSpec objects."""
+def _tables(entries: Any, cls: type[Any], where: str, array: bool = False, names: list[str] | None = None) -> list[Any]:
+    """``[[server.listeners]]`` / ``[server.tokens.NAME]`` tables -> ListenerSpec / TokenSpec objects; errors
+    name a table by its index, or by its name from ``names``."""
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         shape = "an array of tables ([[server.listeners]])" if array else "tables ([server.tokens.NAME])"
         raise ConfigError(f"{where} must be {shape}")
-    known = {f.name for f in dataclasses.fields(cls)}
+    fields = dataclasses.fields(cls)
+    known = {f.name for f in fields}
+    required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     out = []
     for i, entry in enumerate(entries):
+        label = f"{where}.{names[i]}" if names else f"{where}[{i}]"
         unknown = set(entry) - known
         if unknown:
-            raise ConfigError(f"{where}[{i}] has unknown settings {sorted(unknown)}; known: {sorted(known)}")
-        entry = typed_settings(cls, entry, f"{where}[{i}].")
-        try:
-            out.append(cls(**entry))
-        except TypeError as exc:
-            raise ConfigError(f"{where}[{i}]: {exc}") from None
+            raise ConfigError(f"{label} has unknown settings {sorted(unknown)}; known: {sorted(known)}")
+        missing = [name for name in required if name not in entry]
+        if missing:
+            raise ConfigError(f"{label}: {', '.join(missing)} is required")
+        out.append(cls(**typed_settings(cls, entry, f"{label}.")))
     return out
 
 

@@ -33,12 +33,14 @@ import abc
 import asyncio
 import json
 import logging
+import os
 import typing
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from streamgpu.errors import BindError, ConfigError
 from streamgpu.protocol.wire import Status, Timings
 
 if TYPE_CHECKING:
@@ -219,7 +221,10 @@ class FileOutlet(Outlet):
         self.lines = 0
 
     async def start(self) -> None:
-        self._file = open(self.path, "ab")  # noqa: SIM115 - held open until close()
+        try:
+            self._file = open(self.path, "ab")  # noqa: SIM115 - held open until close()
+        except OSError as exc:
+            raise ConfigError(f"cannot open results_file {self.path!r}: {exc.strerror or exc}") from None
 
     def write_line(self, line: bytes) -> None:
         if self._file is None:
@@ -307,7 +312,12 @@ class TcpOutlet(Outlet):
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Subscriber(self), self.host, self.port)
+        try:
+            self._server = await loop.create_server(lambda: _Subscriber(self), self.host, self.port)
+        except OSError as exc:
+            # asyncio's own message names the address but not the setting
+            why = os.strerror(exc.errno) if exc.errno else exc
+            raise BindError(f"cannot bind results_port to {self.host}:{self.port}: {why}") from None
 
     @property
     def address(self) -> tuple[str, int] | None:

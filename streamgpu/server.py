@@ -77,6 +77,7 @@ class Server:
         cfg = self.config
         for listener_spec in cfg.listeners:  # a taken address fails now, not after minutes of model loading
             listener_class(listener_spec.kind).check_bind(listener_spec)
+        await self.results.start()  # its port and file too
         self.backend = backend = create_backend(loop, cfg)
         log.info("data path: %s", backend.data_path)
         freeze_heap()  # torch and the backend are in; models are not (they stay collectable)
@@ -98,7 +99,6 @@ class Server:
             self._repository.start(cfg.repository_poll_s)
         self._admission = admission = Admission(cfg, self._pool, models.specs, scheduler.submit, scheduler.submit_many)
         models.specs_changed.append(self._models_changed)  # (the repository poller may load from now on)
-        await self.results.start()
         self.results.attach(admission.stream_results, cfg.results_top_k)  # every published result, as a line
         for listener in make_listeners(cfg.listeners, admission, segment):
             listener.server = self

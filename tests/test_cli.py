@@ -238,3 +238,62 @@ def test_raw_port_in_use_is_an_error_not_a_traceback(caplog: pytest.LogCaptureFi
         code = main(["serve", "--port", "0", "--device", "cpu", "--raw", f"tcp:{busy}:default"])
     assert code == 1
     assert "cannot serve" in caplog.text and "address already in use" in caplog.text.lower()
+
+
+def test_a_taken_results_port_fails_before_models_load_and_names_the_setting(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        code = main(["serve", "--port", "0", "--device", "cpu", "--model", "builtin:resnet50", "--results-port",
+                     str(port)])  # fmt: skip
+    assert code == 1
+    assert f"cannot bind results_port to 127.0.0.1:{port}: Address already in use" in caplog.text
+    assert "model default" not in caplog.text and time.monotonic() - started < 5
+
+
+def test_an_unwritable_results_file_names_the_setting(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "no" / "such" / "results.jsonl"
+    code = main(["serve", "--port", "0", "--device", "cpu", "--results-file", str(path)])
+    assert code == 1
+    assert f"cannot open results_file {str(path)!r}: No such file or directory" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("flag", "setting"), [("--udp-port", "udp_port"), ("--http-port", "http_port"), ("--port", "port")]
+)
+def test_an_out_of_range_port_flag_names_its_setting(
+    flag: str, setting: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["check-config", flag, "99999"])
+    assert info.value.code == 2
+    assert f"{setting} must be 0..65535, got 99999" in capsys.readouterr().err
+
+
+def test_gpu_devices_with_no_gpu_are_an_error_naming_them(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("streamgpu.gpu.backend.cuda_usable", lambda: False)  # auto: no GPU, so the cpu backend
+    assert main(["serve", "--port", "0", "--device", "auto", "--devices", "0,1"]) == 1
+    assert "devices [0, 1] name GPUs, but no usable CUDA device was found" in caplog.text
+
+
+def test_check_config_takes_the_serve_command_lines_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    # an operator checks a serve command line by swapping the word: --config FILE included
+    example = str(Path(__file__).parent.parent / "configs" / "example.toml")
+    assert main(["check-config", "--config", example, "--port", "9000"]) == 0
+    assert json.loads(capsys.readouterr().out)["listeners"][0]["port"] == 9000
+    with pytest.raises(SystemExit) as info:
+        main(["check-config", example, "--config", "other.toml"])
+    assert info.value.code == 2
+    assert "give the config file once" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:8000", "notaurl", "ftp://127.0.0.1:8000"])
+def test_admin_with_a_url_that_is_not_http_says_so(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["admin", "list", url]) == 1
+    assert f"streamgpu admin: URL must start with http:// or https://, got {url!r}" in capsys.readouterr().err

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,6 +17,23 @@ EXAMPLE = Path(__file__).parent.parent / "configs" / "example.toml"
 
 def test_example_config_loads_and_matches_defaults() -> None:
     assert Config.load(str(EXAMPLE), env={}) == Config()
+
+
+def test_example_config_shows_every_setting_and_no_other() -> None:
+    # the reference for settings (README, config.py): a setting added without it, or one renamed, fails here
+    from streamgpu.config import _ADDRESS_KEYS, RAW_OPTIONS
+    from streamgpu.ingest.udp import UdpOptions
+    from streamgpu.models.spec import ModelSpec
+
+    text = EXAMPLE.read_text()
+    shown = set(re.findall(r"^#? ?([a-z_]+) = ", text, re.M)) | set(re.findall(r"options\.([a-z_]+)", text))
+    udp = {f.name for f in dataclasses.fields(UdpOptions)}
+    settings = {f.name for cls in (Config, ModelSpec, ListenerSpec, TokenSpec) for f in dataclasses.fields(cls)}
+    every = (settings - {"models", "listeners", "tokens"}) | set(_ADDRESS_KEYS) | set(RAW_OPTIONS) | udp
+    assert every - shown == set() and shown - every == set()
+    commented = dict(re.findall(r"^# ([a-z_]+) = (\S+)", text, re.M))  # the udp options' defaults
+    for name in udp - {"allow"}:  # allow's default (empty) is written out as the loopback networks it means
+        assert tomllib.loads(f"v = {commented[name]}")["v"] == getattr(UdpOptions(), name), name
 
 
 def test_environment_then_overrides_win(tmp_path: Path) -> None:
@@ -57,7 +77,9 @@ def test_raw_listeners_and_results_settings_from_toml(tmp_path: Path) -> None:
 def test_a_raw_port_beyond_loopback_is_open_whatever_the_tokens() -> None:
     raw = ListenerSpec("raw", "0.0.0.0", 9000, {"model": "default"})
     assert Config(listeners=[ListenerSpec(), raw], auth_token="x").open_to_anyone
-    assert not Config(listeners=[ListenerSpec(), ListenerSpec("raw", options={"model": "default"})]).open_to_anyone
+    assert not Config(
+        listeners=[ListenerSpec(), ListenerSpec("raw", port=9000, options={"model": "default"})]
+    ).open_to_anyone
 
 
 def test_extra_listeners_are_checked_like_the_others() -> None:
@@ -110,7 +132,7 @@ def test_models_from_toml(tmp_path: Path) -> None:
         ('[[models]]\ninput_shape = ["a"]\n', "models[0].input_shape must be a list of integers"),
         ('[[models]]\ncuda_graphs = "yes"\n', "models[0].cuda_graphs must be true or false"),
         ('[[server.listeners]]\nport = "1"\n', "server.listeners[0].port must be an integer"),
-        ("[server.tokens.a]\ntoken = 5\n", "server.tokens[0].token must be a string"),
+        ("[server.tokens.a]\ntoken = 5\n", "server.tokens.a.token must be a string"),
         ('[server]\nlog_format = "xml"\n', "log_format must be one of"),
         ('[[server.listeners]]\nkind = "raw"\n', "a raw listener needs options.model"),
         ('[[server.listeners]]\nkind = "raw"\noptions = { model = "x" }\n', "raw listener model 'x' is not a"),
@@ -176,3 +198,61 @@ def test_resolved_settings_mask_token_values() -> None:
     text = str(cfg.resolved())
     assert "s3cret" not in text and "other-secret" not in text
     assert cfg.resolved()["tokens"]["cam"] == {"token": "***", "max_priority": 3}
+
+
+@pytest.mark.parametrize(
+    ("listener", "message"),
+    [
+        ('kind = "udp"\noptions = { bogus = 1 }', "listeners[1]: udp listener: unknown options ['bogus']"),
+        ('kind = "udp"\noptions = { batch = 0 }', "listeners[1]: udp listener: batch must be an integer in 1..1024"),
+        ('kind = "tcp"\nport = 7879\noptions = { bogus = 1 }', "listeners[1]: a tcp listener takes no options"),
+        ('kind = "http"\noptions = { bogus = 1 }', "listeners[1]: a http listener takes no options"),
+    ],
+)
+def test_listener_options_are_checked_with_the_config(tmp_path: Path, listener: str, message: str) -> None:
+    # check-config must report them, not only serve
+    path = tmp_path / "c.toml"
+    path.write_text(f'[[server.listeners]]\nkind = "tcp"\n[[server.listeners]]\n{listener}\n')
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Config.load(str(path))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("server = 5\n", "server must be a table ([server]), got 5 (int)"),
+        ("[[server]]\nport = 1\n", "server must be a table ([server]), got [{'port': 1}] (list)"),
+        ("[server.tokens.cam]\nmax_priority = 5\n", "server.tokens.cam: token is required"),
+        ("[server.tokens.cam]\ntokn = 'x'\n", "server.tokens.cam has unknown settings ['tokn']"),
+    ],
+)
+def test_misshapen_server_tables_are_named(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Config.load(str(path))
+
+
+def test_a_negative_shutdown_timeout_says_zero_is_allowed() -> None:
+    with pytest.raises(ConfigError, match=re.escape("shutdown_timeout_s must be a finite number of seconds >= 0")):
+        Config(shutdown_timeout_s=-1)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"port": 7990, "http_port": 7990}, "listeners[1] (http) and listeners[0] (tcp) both use port 7990"),
+        ({"port": 7990, "results_port": 7990}, "results_port and listeners[0] (tcp) both use port 7990"),
+        ({"host": "0.0.0.0", "port": 7990, "results_port": 7990}, "results_port and listeners[0] (tcp)"),
+    ],
+)
+def test_one_tcp_port_given_twice_is_a_config_error(overrides: dict[str, Any], message: str) -> None:
+    # the second bind would fail only after the models loaded, with asyncio's message naming neither
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Config.load(env={}, **overrides)
+
+
+def test_one_port_number_on_two_addresses_or_udp_and_tcp_is_fine() -> None:
+    Config.load(env={}, port=7990, udp_port=7990)  # a UDP socket and a TCP one
+    Config(listeners=[ListenerSpec(host="127.0.0.1", port=7990), ListenerSpec(host="127.0.0.2", port=7990)])
+    Config.load(env={}, port=0, http_port=0, results_port=0)  # free ports, each its own

@@ -23,6 +23,7 @@ import time
 import numpy as np
 import torch
 
+from streamgpu.errors import StreamgpuError
 from streamgpu.models.loader import load_module
 from streamgpu.models.preprocess import preprocess_torch
 from streamgpu.models.spec import ModelSpec
@@ -111,4 +112,10 @@ if __name__ == "__main__":
     parser.add_argument("--shape", type=int, nargs=3, default=[224, 224, 3])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    asyncio.run(main(parser.parse_args()))
+    args = parser.parse_args()
+    if not 0 <= args.port <= 65535:
+        parser.error(f"argument --port: must be 0..65535, got {args.port}")
+    try:
+        asyncio.run(main(args))
+    except (ValueError, OSError, StreamgpuError) as exc:  # a bad model or a taken port: said, not a traceback
+        parser.exit(1, f"{parser.prog}: error: {exc}\n")

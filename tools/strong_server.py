@@ -49,6 +49,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from streamgpu.errors import StreamgpuError
 from streamgpu.models.loader import load_module
 from streamgpu.models.preprocess import TorchPreprocess
 from streamgpu.models.spec import ModelSpec
@@ -305,5 +306,11 @@ if __name__ == "__main__":
         loop_factory: Any = uvloop.new_event_loop
     except ImportError:
         loop_factory = None
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(main(parser.parse_args()))
+    args = parser.parse_args()
+    if not 0 <= args.port <= 65535:
+        parser.error(f"argument --port: must be 0..65535, got {args.port}")
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(main(args))
+    except (ValueError, OSError, StreamgpuError) as exc:  # a bad model or a taken port: said, not a traceback
+        parser.exit(1, f"{parser.prog}: error: {exc}\n")

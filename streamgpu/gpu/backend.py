@@ -149,6 +149,11 @@ def create_backend(loop: asyncio.AbstractEventLoop, config: Config) -> Backend:
     name = config.device
     if name == "auto":
         name = "cuda" if cuda_usable() else "cpu"
+        if name == "cpu" and config.devices != (0,):  # GPUs asked for by index: not served on the host unsaid
+            raise DeviceUnavailableError(
+                f"devices {list(config.devices)} name GPUs, but no usable CUDA device was found: serve on a GPU "
+                "machine, or on the CPU with device = 'cpu' (--device cpu)"
+            )
     elif name == "cuda" and not cuda_usable():
         raise DeviceUnavailableError("device 'cuda' requested but no usable CUDA device was found (use --device cpu)")
     try:

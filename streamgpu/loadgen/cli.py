@@ -84,6 +84,8 @@ def _positive(kind: type[int] | type[float], *, zero: bool = False) -> Callable[
         except ValueError:
             what = "a whole number" if kind is int else "a number"
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if value == float("inf"):  # a warmup, window or timeout that never ends
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>= 0' if zero else '> 0'}, got {text}")
         if not (value > 0 or (zero and value == 0)):
             raise argparse.ArgumentTypeError(f"must be {'>= 0' if zero else '> 0'}, got {text}")
         return value
@@ -293,6 +295,11 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         latency_threshold_s=args.latency_threshold / 1e3 if args.latency_threshold is not None else None,
     )
     cfg.validate()
+    for flag, name in (("-f/--latency-report-file", args.latency_report_file), ("--json", args.json),
+                       ("--plot", args.plot)):  # fmt: skip
+        folder = Path(name).parent if name else None
+        if folder is not None and not folder.is_dir():  # refused now, not after a run whose results it would lose
+            raise UsageError(f"{flag}: folder '{folder}' does not exist; create it or name another file")
     if args.plot:
         try:
             import matplotlib  # noqa: F401 - fail before the run, not after it

@@ -17,6 +17,8 @@ class AdminError(StreamgpuError, RuntimeError):
 
 def request(url: str, path: str, body: dict[str, Any] | None = None, token: str = "", timeout: float = 600.0) -> Any:
     """POST ``body`` (JSON) to ``url`` + ``path``; returns the decoded JSON reply or raises ``AdminError``."""
+    if not url.startswith(("http://", "https://")):  # urllib would raise ValueError, or read a file: URL
+        raise AdminError(f"URL must start with http:// or https://, got {url!r}")
     data = json.dumps(body or {}).encode()
     headers = {"Content-Type": "application/json"}
     if token:

@@ -72,9 +72,9 @@ async def test_bad_udp_listener_options_are_a_config_error_with_workers_as_witho
     public = ListenerSpec("udp", "0.0.0.0", 0)  # tokens cannot protect UDP: an allow list is required
     for spec, why in ((bogus, r"unknown options \['bogus'\]"), (public, "auth tokens cannot protect it")):
         for workers in (0, 2):
-            cfg = config(listeners=[ListenerSpec("tcp", "127.0.0.1", 0), spec], ingest_workers=workers,
-                         auth_token="secret")  # fmt: skip
-            with pytest.raises(ConfigError, match=why):
+            with pytest.raises(ConfigError, match=why):  # now by the config itself (check-config too)
+                cfg = config(listeners=[ListenerSpec("tcp", "127.0.0.1", 0), spec], ingest_workers=workers,
+                             auth_token="secret")  # fmt: skip
                 async with Server(cfg):
                     pass
 

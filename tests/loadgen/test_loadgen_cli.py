@@ -60,6 +60,8 @@ def _closed_port() -> int:
         (["--processes", "2", "--concurrency-range", "1"], "concurrency must be a whole number >= --processes (2)"),
         (["-u", "host:notaport"], "port 'notaport' is not a number"),
         (["-u", "host:70000"], "port must be 1..65535"),
+        (["--warmup", "inf"], "argument --warmup: must be a finite number >= 0, got inf"),
+        (["--duration", "inf"], "argument --duration: must be a finite number > 0, got inf"),
     ],
 )
 def test_bad_arguments(cli: Cli, argv: list[str], message: str) -> None:
@@ -108,3 +110,10 @@ def test_missing_image_file(cli: Cli, server: FakeServer) -> None:
 def test_help_exits_zero(cli: Cli) -> None:
     rc, out, _ = cli("--help")
     assert rc == 0 and "--concurrency-range" in out
+
+
+@pytest.mark.parametrize("flag", ["-f", "--json", "--plot"])
+def test_an_output_file_in_a_missing_folder_is_refused_before_the_run(cli: Cli, server: FakeServer, flag: str) -> None:
+    rc, _, err = cli("-u", server.url, "--count", "1", flag, "/no/such/folder/out", *FAST)
+    assert rc == 2 and "folder '/no/such/folder' does not exist" in err and "Traceback" not in err
+    assert server.stats.frames == 0  # not after a run whose results would be lost

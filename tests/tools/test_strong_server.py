@@ -141,3 +141,13 @@ async def test_cuda_graphs_match_the_direct_call(tmp_path: Path) -> None:
     sizes = [r.timings.batch_size for r in replies]
     assert err < 3e-2, f"relative error {err:.2e}"
     assert max(sizes) > 1, sizes
+
+
+def test_bad_arguments_are_errors_not_tracebacks() -> None:
+    from test_plain_server import run_tool
+
+    done = run_tool("strong_server.py", "--port", "0", "--model", "torchscript:/no/such/model.pt")
+    assert done.returncode != 0 and "file '/no/such/model.pt' does not exist" in done.stderr
+    assert "Traceback" not in done.stderr
+    done = run_tool("strong_server.py", "--port", "99999")
+    assert done.returncode == 2 and "argument --port: must be 0..65535, got 99999" in done.stderr
