@@ -128,7 +128,10 @@ def _fail_batch(frames: list[Frame], metrics: ModelMetrics, message: str) -> Non
     for frame in frames:
         if not frame.finished:  # finished already: by its watchdog, or a shutdown that ran out of time
             metrics.failed += 1
-            frame.fail(Status.INTERNAL_ERROR, message, now)
+            try:
+                frame.fail(Status.INTERNAL_ERROR, message, now)
+            except Exception:  # one delivery that raises must not leave the rest of the batch unanswered
+                log.exception("answering frame %d/%d failed", frame.header.stream_id, frame.header.sequence)
 
 
 def _rows(results: BatchOutputs, n: int) -> tuple[np.ndarray, Callable[[int], Outputs | None] | None]:

@@ -14,7 +14,9 @@ from streamgpu.gpu.backend import Backend, BatchRun, DeviceModel
 from streamgpu.memory import Slot
 from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol.wire import FrameHeader, Status
+from streamgpu.scheduler import runner
 from streamgpu.scheduler.health import DeviceHealth
+from streamgpu.scheduler.metrics import ModelMetrics
 from streamgpu.scheduler.runner import BatchRunner
 from streamgpu.scheduler.scheduler import Scheduler
 
@@ -147,3 +149,19 @@ async def test_a_sticky_error_retires_the_device_and_the_other_serves_on() -> No
     assert len(rig.outcomes) == 10  # every frame answered; all but the first on device 1
     assert rig.backend.launched.count(0) == 1
     assert rig.scheduler.health.snapshot()[0]["error"] == rig.backend.lost
+
+
+def test_a_failed_batch_answers_every_frame_even_when_one_delivery_raises(caplog: pytest.LogCaptureFixture) -> None:
+    answered: list[int] = []
+
+    def sink(frame: Frame, outcome: Outcome) -> None:
+        if frame.header.sequence == 1:
+            raise ValueError("this producer's reply cannot be written")
+        answered.append(frame.header.sequence)
+
+    now = time.perf_counter_ns()
+    frames = [Frame(FrameHeader(0, seq, "m", 1, (1,), 1), None, Producer(), (0, seq), now, now, 0, sink)  # type: ignore[arg-type]
+              for seq in range(3)]  # fmt: skip
+    runner._fail_batch(frames, ModelMetrics(), "inference failed")
+    assert answered == [0, 2] and all(f.finished for f in frames)
+    assert "answering frame 0/1 failed" in caplog.text
