@@ -292,6 +292,13 @@ class Affinity(nn.Module):
         return x @ x.t()
 
 
+class Spectrum(nn.Module):
+    """A complex output, which no wire dtype carries."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.fft.rfft(x)
+
+
 class Detector(nn.Module):
     """Several outputs, as detection models return them."""
 
@@ -327,9 +334,11 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     torch.jit.save(torch.jit.script(Flattens()), str(flat))
     affinity = tmp / "affinity.ts"
     torch.jit.save(torch.jit.script(Affinity()), str(affinity))
+    spectrum = tmp / "spectrum.ts"
+    torch.jit.save(torch.jit.script(Spectrum()), str(spectrum))
     return {
         "static": f"export:{static}", "flat": f"torchscript:{flat}", "linear": export(Linear(), tmp / "lin.pt2"),
-        "affinity": f"torchscript:{affinity}",
+        "affinity": f"torchscript:{affinity}", "spectrum": f"torchscript:{spectrum}",
         "tuple": export(Detector(False), tmp / "t.pt2"), "dict": export(Detector(True), tmp / "d.pt2"),
     }  # fmt: skip
 
@@ -346,6 +355,8 @@ async def test_a_static_batch_export_and_a_wrong_input_shape_are_refused_at_load
         ModelLoadError, match=r"'affinity'.*per-frame outputs.*change with the batch size.*\[1\].*\[2\]"
     ):
         await served.load_model(tensor_spec(files["affinity"], "affinity"))
+    with pytest.raises(ModelLoadError, match=r"'spectrum'.*complex64.*replies cannot carry"):
+        await served.load_model(tensor_spec(files["spectrum"], "spectrum"))
     wrong = tensor_spec(files["linear"], "wrong", input_shape=(FEATURES + 1,))
     with pytest.raises(ModelLoadError, match=r"'wrong'.*smallest bucket.*check that input_shape"):
         await served.load_model(wrong)

@@ -32,6 +32,7 @@ from torch import nn
 
 from streamgpu.errors import ModelLoadError
 from streamgpu.models.spec import ModelSpec
+from streamgpu.protocol import wire
 
 # What a backend delivers for one batch (each array [n, ...]) and the runner splits per frame:
 # one array for a single-output model, else a tuple or a dict of arrays (the model's structure).
@@ -171,8 +172,23 @@ def warm_up(spec: ModelSpec, run: Callable[[int], list[torch.Tensor]], model_inp
                 "result must be the same shape whatever the batch (a model mixing frames, e.g. [n, n], cannot be "
                 "served per frame)"
             )
+        if not i:
+            _check_wire_dtypes(spec, outs)
         per_frame = these
     return outs
+
+
+def _check_wire_dtypes(spec: ModelSpec, outs: list[torch.Tensor]) -> None:
+    """Every output is returned in a dtype a reply can carry (else its frames could never be answered)."""
+    for t in outs:
+        try:
+            wire.dtype_code(torch.empty(0, dtype=host_dtype(t.dtype)).numpy().dtype)
+        except (TypeError, ValueError):
+            carried = ", ".join(str(dtype) for dtype in wire.DTYPES.values())
+            raise ModelLoadError(
+                f"model {spec.name!r} ({spec.source}) returns a {t.dtype} output, which replies cannot carry "
+                f"(they carry {carried}; floating point outputs come back as float32): convert it in the model"
+            ) from None
 
 
 def _failure(spec: ModelSpec, bucket: int, index: int, model_input: str, why: str) -> str:
