@@ -43,6 +43,8 @@ Worker -> scheduler: fixed-size records of ``UP.size`` (80) bytes::
   of a descriptor) and holds ``offset`` open now. Sent whenever either
   changes. The scheduling process hands each connection it accepts to the
   worker holding the fewest, counting those handed and not taken up yet.
+* ``ALIVE``: sent at each of the worker's sweeps (at least once a second), so
+  that a silent worker is known to be hung (the scheduling process kills it).
 * ``MODELS_TAKEN``: the worker admits by the MODELS record of generation
   ``offset`` (and every one before) from now on.
 * ``STATS``: UDP listener ``conn`` (its position among ``Config.listeners`` of
@@ -101,7 +103,7 @@ assert UP.size == 80 and DOWN.size == 64
 
 # upward kinds
 FRAME, OPEN, CLOSED, READY, STOPPED = 1, 2, 3, 4, 5
-REPLIED, STATS, ANSWERED, TEXT, CONNECTIONS, MODELS_TAKEN = 6, 7, 8, 9, 10, 11
+REPLIED, STATS, ANSWERED, TEXT, CONNECTIONS, MODELS_TAKEN, ALIVE = 6, 7, 8, 9, 10, 11, 12
 TEXT_BYTES = UP.size - 1  # text per TEXT record: all of it but its kind byte
 MAX_TEXT = 4 * TEXT_BYTES + wire.MAX_MESSAGE  # an ANSWERED record's text is cut here
 OPEN_TCP, OPEN_UDP = 0, 1  # an OPEN record's flags

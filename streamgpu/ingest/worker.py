@@ -374,6 +374,7 @@ async def serve(chan_sock: socket.socket, init: WorkerInit) -> None:
             listener.sweep(now)
         if udp:
             chan.report(udp)
+        chan.send(channel.up(channel.ALIVE))
         sweeper[:] = [loop.call_later(config.sweep_period_s, sweep)]
 
     sweep()

@@ -57,6 +57,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -89,6 +90,9 @@ ACCEPT_RETRY_S = 1.0  # after accept() failed (out of descriptors): when to try 
 HANDOFF_RETRY_S = 0.01  # a connection no worker had room for (every handoff queue full) is offered again after this
 # A load or unload waits this long at most for every worker to admit by the new list of models
 MODELS_TIMEOUT_S = 2.0
+# A worker sends ALIVE at least once a second (each of its sweeps); one silent this long while this process's
+# loop ran is hung (stopped, deadlocked, spinning): it is killed, and restarted as a dead one is
+WORKER_HANG_S = 10.0
 HANDOFF_STALL_S = 0.5  # a worker that has left a handed connection untaken this long gets new ones only if no other can
 RESTART_MAX_DELAY_S = 10.0  # a replacement that fails to start is tried again, doubling the delay up to this
 # Flags byte -> FrameFlags: LIVE is the one flag that means something here (SUBSCRIBERS, UDP's, the worker acts on)
@@ -157,6 +161,7 @@ class _Worker(asyncio.Protocol):
         self._open = 0  # its open connections, as last reported
         self._behind_since: float | None = None  # since when a connection handed over waits untaken (loop time)
         self._models_sent: dict[int, asyncio.Future[None]] = {}  # MODELS records not confirmed yet, by generation
+        self.heard = time.monotonic()  # when its last records were read
 
     @property
     def load(self) -> int:
@@ -290,6 +295,7 @@ class _Worker(asyncio.Protocol):
             self._transport.writelines(out)
 
     def data_received(self, data: bytes) -> None:
+        self.heard = time.monotonic()
         buf = self._rest + data if self._rest else data
         whole = len(buf) - len(buf) % channel.UP.size
         self._rest = buf[whole:]
@@ -463,6 +469,7 @@ class WorkerListener(Listener):
         self.models: list[tuple[str, int, tuple[int, ...]]] = []
         self._model_indexes: dict[tuple[str, int, tuple[int, ...]], int] = {}
         self._models_generation = 0  # MODELS records sent (each worker confirms the last it took)
+        self._swept = time.monotonic()  # the last sweep (a loop that stood still hears no worker)
         self._served()
         self.identities: list[str | None] = [None, *cfg.tokens]
         share = cfg.worker_ring_bytes
@@ -766,7 +773,19 @@ class WorkerListener(Listener):
         return {"gro": bool(gro), **{name: total[name] for name in STAT_NAMES[1:] if name in total}}
 
     def sweep(self, now: float) -> None:
-        """Workers enforce their connections' time limits themselves."""
+        """Workers enforce their connections' time limits themselves; here, a worker that has gone silent is
+        killed (and restarted as a dead one is), unless this loop itself stood still meanwhile (then the
+        worker's records may just be unread)."""
+        swept, self._swept = self._swept, now
+        if now - swept > 2.0 or self._stopping:
+            return
+        for worker in self._workers:
+            if worker is not None and worker.alive and worker.started and now - worker.heard > WORKER_HANG_S:
+                log.error("ingest worker %d (pid %s) sent nothing for %.0f s: it is hung; killing it (its "
+                          "connections close) and starting a new one", worker.index,
+                          worker.proc and worker.proc.pid, now - worker.heard)  # fmt: skip
+                worker.heard = now  # (once: its channel closes when it is gone)
+                worker.kill()
 
     def stats(self) -> dict[str, Any]:
         live = [w for w in self._workers if w is not None and w.alive]

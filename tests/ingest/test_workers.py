@@ -27,7 +27,7 @@ import pytest_asyncio
 from streamgpu import cli, client
 from streamgpu.config import Config, ConfigError, ListenerSpec, TokenSpec
 from streamgpu.frame import Frame, Outcome
-from streamgpu.ingest import channel, worker
+from streamgpu.ingest import channel, worker, workers
 from streamgpu.ingest.admission import Admission, Grant
 from streamgpu.ingest.hub import Origin
 from streamgpu.ingest.workers import WorkerFrame, WorkerListener, _Worker
@@ -973,3 +973,30 @@ async def test_models_loaded_and_unloaded_while_serving_are_the_ones_the_workers
     assert await served(fresh[0] + fresh[1], SPEC, frames(1, 0)[0]) == {Status.OK}  # the config's model too
     for conn in [*by_worker[1], *fresh[0], *fresh[1]]:
         await conn.close()
+
+
+@pytest.mark.asyncio
+async def test_a_hung_worker_is_killed_and_replaced_and_costs_only_its_connections(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(workers, "WORKER_HANG_S", 1.5)
+    listener = listener_of(server)
+    by_worker = await on_each_worker(lambda: client.connect("127.0.0.1", server.port), listener)
+    hung = listener.pids[0]
+    os.kill(hung, signal.SIGSTOP)  # silent from now on, its connections open but unread
+    try:
+        stuck = by_worker[0][0].submit(frames(1, 1)[0], stream_id=4)
+        async with asyncio.timeout(20):
+            while len(listener.pids) < 2 or hung in listener.pids or not all(w.started for w in listener._workers):
+                assert all(r.ok for r in await asyncio.gather(*(c.submit(frames(1, 2)[0]) for c in by_worker[1])))
+                await asyncio.sleep(0.05)
+        with pytest.raises(client.ConnectionClosedError):  # its connections closed with it
+            await stuck
+        assert listener.stats()["worker_restarts"] == 1
+        fresh = await on_each_worker(lambda: client.connect("127.0.0.1", server.port), listener)
+        for conn in [*by_worker[1], *fresh[0], *fresh[1]]:
+            assert (await conn.submit(frames(1, 3)[0])).ok
+            await conn.close()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(hung, signal.SIGCONT)
