@@ -31,6 +31,8 @@ Noise. On a shared 2-core CI machine other processes change the frame rate by
 * ``MIN_CYCLES`` hostile windows are measured; while the result is near the
   bar (between ``KEEP / 2`` and ``KEEP``), more are added, up to
   ``MAX_CYCLES``; a real slowdown stays in all of them;
+* a measure below the bar is taken again once, on a fresh server: a real
+  slowdown fails both;
 * 16 frames in flight per producer keep the model's batches full (32): with
   fewer, batch sizes wander and so does the rate.
 
@@ -650,8 +652,14 @@ def run_queue_s() -> float:
 
 @pytest.mark.asyncio(loop_factories=["uvloop"])
 async def test_hostile_producers_do_not_slow_well_behaved_ones(models: Models) -> None:
-    """The full measure, on uvloop (the loop the server picks where it is installed)."""
-    await isolation(models, MIN_CYCLES, MAX_CYCLES, KEEP)
+    """The full measure, on uvloop (the loop the server picks where it is installed). A busy machine can fake
+    one slow measure (other processes' bursts, seconds long, that fall on hostile windows more than on alone
+    ones); a real slowdown shows in a second measure too, on a fresh server."""
+    share, summary = await isolation(models, MIN_CYCLES, MAX_CYCLES, KEEP)
+    if share < KEEP:
+        print(f"measuring again: {summary}")
+        share, summary = await isolation(models, MIN_CYCLES, MAX_CYCLES, KEEP)
+    assert share >= KEEP, summary
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])
@@ -659,10 +667,13 @@ async def test_hostile_producers_on_the_asyncio_loop(models: Models) -> None:
     """One hostile phase on plain asyncio: every protocol and exactly-once check, and no stall (the
     well-behaved producers keep more than half their rate; 90 % needs the windows the full measure
     spends, which would double the time)."""
-    await isolation(models, 1, 1, KEEP / 2)
+    share, summary = await isolation(models, 1, 1, KEEP / 2)
+    assert share >= KEEP / 2, summary
 
 
-async def isolation(models: Models, min_cycles: int, max_cycles: int, keep: float) -> None:
+async def isolation(models: Models, min_cycles: int, max_cycles: int, keep: float) -> tuple[float, str]:
+    """One measure on a fresh server: (``kept``, a summary); every check but the rate's is asserted here. More
+    hostile windows than ``min_cycles`` are measured while the rate kept is near ``keep``."""
     began = time.perf_counter()
     cfg = make_config(models)
     server = Server(cfg)
@@ -702,7 +713,6 @@ async def isolation(models: Models, min_cycles: int, max_cycles: int, keep: floa
             f"{h.refused} trickler/half-sender handshakes refused at the cap"
         )
         print(summary)
-        assert kept(alone, hostile) >= keep, summary
 
         # -- each hostile did what it came for, and was treated as the protocol says ------------------
         assert not h.other, h.other[:5]
@@ -729,6 +739,7 @@ async def isolation(models: Models, min_cycles: int, max_cycles: int, keep: floa
             assert m["failed"] == m["rejected_overloaded"] == m["abandoned"] == m["deadline_missed"] == 0, (name, m)
         assert server.pool.slots_in_use == 0 and server.metrics()["frames_in_flight"] == 0
         print(f"test took {time.perf_counter() - began:.1f} s")
+        return kept(alone, hostile), summary
     finally:  # also after a failure: leave nothing running for the loop's exception handler to report
         await hostiles.abort()
         for task in producers:
