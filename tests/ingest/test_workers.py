@@ -132,11 +132,7 @@ async def test_descriptors_and_shared_memory_round_trip() -> None:
     parent = _Worker(listener, 0, lent)
     parent.connection_made(FakeTransport())  # type: ignore[arg-type]
 
-    chan = worker._Channel(cfg)
-    up = FakeTransport()
-    chan.connection_made(up)  # type: ignore[arg-type]
-    pool = SlotPool(theirs.buffer, lent.offset, lent.offset + lent.nbytes)
-    their_admission = Admission(cfg, pool, {m.name: m for m in cfg.models}, chan.submit)
+    chan, up, pool, their_admission = worker_side(cfg, theirs, lent)
     grant = their_admission.authenticate("secret")
     assert grant is not None
     producer = their_admission.producer_for(grant, "peer")
@@ -202,13 +198,26 @@ async def test_descriptors_and_shared_memory_round_trip() -> None:
     theirs.close()
 
 
-def parent_worker(cfg: Config) -> tuple[_Worker, Admission, HostSegment]:
-    """The scheduling process's side of worker 0 of 2, over a fresh segment (no process, no channel yet)."""
+def parent_worker(
+    cfg: Config, submit: Callable[[Frame], None] = lambda f: None
+) -> tuple[_Worker, Admission, HostSegment]:
+    """The scheduling process's side of worker 0 of 2, over a fresh segment (no process, no channel yet);
+    frames it takes go to ``submit``."""
     segment = HostSegment.create(cfg.ring_bytes)
-    admission = Admission(cfg, SlotPool(segment.buffer), {m.name: m for m in cfg.models}, lambda f: None)
+    admission = Admission(cfg, SlotPool(segment.buffer), {m.name: m for m in cfg.models}, submit)
     lent = admission.pool.reserve(cfg.worker_ring_bytes)
     assert lent is not None
     return _Worker(WorkerListener(cfg.listeners[0], admission, segment, 2), 0, lent), admission, segment
+
+
+def worker_side(cfg: Config, segment: HostSegment, lent: Slot) -> tuple[worker._Channel, FakeTransport, SlotPool,
+                                                                        Admission]:  # fmt: skip
+    """A worker's channel (writing to the returned transport) and admission, over ``lent`` of ``segment``."""
+    chan = worker._Channel(cfg)
+    up = FakeTransport()
+    chan.connection_made(up)  # type: ignore[arg-type]
+    pool = SlotPool(segment.buffer, lent.offset, lent.offset + lent.nbytes)
+    return chan, up, pool, Admission(cfg, pool, {m.name: m for m in cfg.models}, chan.submit)
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
@@ -250,18 +259,11 @@ async def test_frame_and_connection_numbers_past_32_bits_wrap_on_the_channel() -
     (17 hours at 70,000 frames/s) or connection id failed to pack (struct.error), so the worker lost
     the frame and every frame after it. Numbers wrap, skipping 0 and fids still in flight."""
     cfg = config()
-    segment = HostSegment.create(cfg.ring_bytes)
     submitted: list[Frame] = []
-    admission = Admission(cfg, SlotPool(segment.buffer), {m.name: m for m in cfg.models}, submitted.append)
-    lent = admission.pool.reserve(cfg.worker_ring_bytes)
-    assert lent is not None
-    parent = _Worker(WorkerListener(cfg.listeners[0], admission, segment, 2), 0, lent)
+    parent, _, segment = parent_worker(cfg, submitted.append)
+    lent = parent.lent
     parent.connection_made(FakeTransport())  # type: ignore[arg-type]
-    chan = worker._Channel(cfg)
-    up = FakeTransport()
-    chan.connection_made(up)  # type: ignore[arg-type]
-    pool = SlotPool(segment.buffer, lent.offset, lent.offset + lent.nbytes)
-    their_admission = Admission(cfg, pool, {m.name: m for m in cfg.models}, chan.submit)
+    chan, up, pool, their_admission = worker_side(cfg, segment, lent)
     producer = their_admission.producer_for(Grant(None, cfg.max_priority), "peer")
     outcomes: dict[int, Outcome] = {}
 
