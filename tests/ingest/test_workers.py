@@ -1048,3 +1048,17 @@ async def test_a_frame_arriving_across_an_unload_and_a_reload_with_other_frames_
         for _, writer in conns:
             writer.close()
     assert srv.pool.slots_in_use == 0
+
+
+@pytest.mark.asyncio
+async def test_a_new_version_s_admission_settings_reach_the_workers(server: Server) -> None:
+    """Regression: a new version (same frames) was not announced to the workers, which went on admitting
+    by the old spec: its default_deadline_ms (set at admission) was the old one there, not in one-process
+    mode."""
+    conn = await client.connect("127.0.0.1", server.port)
+    try:
+        assert (await conn.submit(frames(1, 0)[0])).ok
+        await server.swap_model(SPEC.name, dataclasses.replace(SPEC, default_deadline_ms=0.001))
+        assert (await conn.submit(frames(1, 1)[0])).status == Status.DEADLINE_MISSED
+    finally:
+        await conn.close()
