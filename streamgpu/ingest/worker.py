@@ -112,8 +112,12 @@ class _Channel(asyncio.Protocol):
         self._announced: set[int] = set()
         self._udp: set[int] = set()  # connections that are UDP producers (their OPEN says so)
         # The models admitted, by name (what ``Admission`` reads), and the index FRAME records name each by
-        self.specs = {spec.name: spec for spec in config.models}
-        self._models = {spec.name: i for i, spec in enumerate(config.models)}
+        self.specs: dict[str, ModelSpec] = {}
+        self._models: dict[str, int] = {}
+        # Every model's index by what its frames are (name, dtype, shape), kept after an unload: a frame
+        # admitted before one goes up under the index of the model that admitted it (never reused)
+        self._indexes: dict[tuple[str, int, tuple[int, ...]], int] = {}
+        self.set_models(list(enumerate(config.models)))
         self._identities = {name: i + 1 for i, name in enumerate(config.tokens)}
         self.listeners: list[TcpListener | UdpListener] = []
         self.admission: Admission | None = None
@@ -162,9 +166,9 @@ class _Channel(asyncio.Protocol):
         if not self._out:
             self._loop.call_soon(self._flush)
         self._out.append(channel.UP.pack(
-            channel.FRAME, h.priority, int(h.flags), 0, self._models[h.model], 0, conn & _U32, fid, slot.offset,
-            h.payload_len, h.stream_id, h.deadline_us, h.sequence, h.timestamp_ns, frame.received_ns,
-            frame.complete_ns, frame.deadline_ns,
+            channel.FRAME, h.priority, int(h.flags), 0, self._indexes[h.model, h.dtype_code, h.shape], 0,
+            conn & _U32, fid, slot.offset, h.payload_len, h.stream_id, h.deadline_us, h.sequence, h.timestamp_ns,
+            frame.received_ns, frame.complete_ns, frame.deadline_ns,
         ))  # fmt: skip
 
     def model_index(self, model: str) -> int:
@@ -176,6 +180,7 @@ class _Channel(asyncio.Protocol):
         self.specs.clear()
         self.specs.update((spec.name, spec) for _, spec in table)
         self._models = {spec.name: index for index, spec in table}
+        self._indexes.update(((s.name, s.frame_dtype_code, tuple(s.input_shape)), index) for index, s in table)
 
     def udp_producer(self, conn: int) -> None:
         """``conn`` names a UDP producer (its OPEN, at its first frame, will say so)."""

@@ -147,6 +147,7 @@ class ModelManager:
                 await self._announce()
                 return state
             old = self._scheduler.swap_model(models)  # between two batches; nothing queued is refused
+            await self._announce()  # its admission settings (default_deadline_ms...), where others admit
             await self._scheduler.released(old)
             await loop.run_in_executor(self._loader, self._free, old)
             return state

@@ -108,6 +108,9 @@ class ModelQueue:
     def __init__(self, replicas: Sequence[DeviceModel]) -> None:
         self.replicas = [Replica(model) for model in replicas]
         self.spec = replicas[0].spec
+        # What its frames' headers say (a new version takes the same): a frame admitted for an earlier
+        # model of this name (unloaded, loaded again taking other frames) must not join its batches
+        self.frame_key = (self.spec.frame_dtype_code, self.spec.input_shape)
         self.frames = FairQueue()
         self.deadline_timers: dict[Frame, asyncio.TimerHandle] = {}
         self.latest_start = float("inf")  # perf_counter s by which a batch must start for queued deadlines
@@ -268,8 +271,8 @@ class Scheduler:
         for frame in frames:
             header = frame.header
             queue = queues.get(header.model)
-            if queue is None:
-                self._enqueue(frame, now_ns)  # answers it
+            if queue is None or (header.dtype_code, header.shape) != queue.frame_key:
+                self._enqueue(frame, now_ns)  # answers it (or queues it: a shape given as a list)
                 continue
             free = room.get(queue)
             if free is None:
@@ -302,6 +305,9 @@ class Scheduler:
         queue = self._queues.get(frame.header.model)
         if queue is None:  # unloaded while the frame's payload arrived (admission had let its header in)
             _fail(frame, Status.UNKNOWN_MODEL, f"model {frame.header.model!r} was unloaded")
+            return None
+        if (why := queue.spec.check_frame(frame.header)) is not None:  # admitted before an unload and a load
+            _fail(frame, Status.UNKNOWN_MODEL, f"the model admitting this frame was unloaded; now {why}")
             return None
         if why := self._unplaceable(queue):
             queue.metrics.failed += 1

@@ -1002,3 +1002,65 @@ async def test_a_hung_worker_is_killed_and_replaced_and_costs_only_its_connectio
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(hung, signal.SIGCONT)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("workers", [0, 1])
+async def test_a_frame_arriving_across_an_unload_and_a_reload_with_other_frames_is_unknown_model(workers: int) -> None:
+    """Regression: a frame admitted before its model was unloaded, whose payload ended after it (and after
+    the name was loaded again taking larger frames), was sent up by the worker under the name's index of
+    then (a KeyError there once unloaded: the connection failed, its slot held; the new model's index once
+    reloaded: its 48 bytes run as a 108-byte frame). It is UNKNOWN_MODEL, and its connection serves on."""
+    from tests.ingest.test_tcp import frame, hello
+
+    late = ModelSpec(name="late", input_shape=(4, 4, 3), max_batch_size=8, batch_buckets=(1, 8))
+    wider = dataclasses.replace(late, input_shape=(6, 6, 3))
+    async with Server(config(ingest_workers=workers, shutdown_timeout_s=2.0)) as srv:
+        await srv.load_model(late)
+        conns = [await asyncio.open_connection("127.0.0.1", srv.port) for _ in range(2)]
+        bufs = [b"", b""]
+
+        async def reply(i: int) -> wire.ReplyHeader:
+            reader = conns[i][0]
+            while (got := wire.decode_reply(bufs[i])) is None:
+                bufs[i] += await reader.read(65536)
+            bufs[i] = bufs[i][got[2] :]
+            return got[0]
+
+        tails = []
+        async with asyncio.timeout(20):
+            for i, (reader, writer) in enumerate(conns):
+                whole = frame(late, 1, stream=1)
+                writer.write(hello() + frame(SPEC, 0) + whole[:-10])  # frame 1's header is taken with frame 0
+                tails.append(whole[-10:])
+                while (welcome := wire.decode_welcome(bufs[i])) is None:
+                    bufs[i] += await reader.read(65536)
+                bufs[i] = bufs[i][welcome[1] :]
+                assert (await reply(i)).status == Status.OK
+            await asyncio.sleep(0.2)  # (frame 1's header, behind frame 0's payload, is admitted by now)
+            await srv.unload_model("late")
+            conns[0][1].write(tails[0])
+            assert (await reply(0)).status == Status.UNKNOWN_MODEL
+            await srv.load_model(wider)
+            conns[1][1].write(tails[1])
+            assert (await reply(1)).status == Status.UNKNOWN_MODEL
+            conns[0][1].write(frame(SPEC, 2))
+            conns[1][1].write(frame(wider, 2, stream=1))
+            assert [(await reply(i)).status for i in (0, 1)] == [Status.OK, Status.OK]
+        for _, writer in conns:
+            writer.close()
+    assert srv.pool.slots_in_use == 0
+
+
+@pytest.mark.asyncio
+async def test_a_new_version_s_admission_settings_reach_the_workers(server: Server) -> None:
+    """Regression: a new version (same frames) was not announced to the workers, which went on admitting
+    by the old spec: its default_deadline_ms (set at admission) was the old one there, not in one-process
+    mode."""
+    conn = await client.connect("127.0.0.1", server.port)
+    try:
+        assert (await conn.submit(frames(1, 0)[0])).ok
+        await server.swap_model(SPEC.name, dataclasses.replace(SPEC, default_deadline_ms=0.001))
+        assert (await conn.submit(frames(1, 1)[0])).status == Status.DEADLINE_MISSED
+    finally:
+        await conn.close()

@@ -459,3 +459,20 @@ async def test_an_overdue_device_is_skipped_until_its_batch_ends() -> None:
     h.submit(11)
     await h.settle()
     assert 0 in h.devices
+
+
+@pytest.mark.asyncio
+async def test_a_frame_admitted_for_a_model_reloaded_taking_other_frames_is_refused_not_batched() -> None:
+    # Its header was admitted (payload arriving, or in an ingest worker) before "m" was unloaded and loaded
+    # again taking (2,) frames: batched with those, its 1-element payload would be read as 2 elements.
+    h = Harness()
+    scheduler = h.start(spec("m", input_shape=(2,)))
+    h.submit(1)  # (1,) frame, one at a time
+    assert h.rejected and h.rejected[-1][:2] == (1, Status.UNKNOWN_MODEL)
+    now = time.perf_counter_ns()
+    stale = Frame(FrameHeader(0, 2, "m", 1, (1,), 4), None, FakeProducer(), (1, 0), now, now, 0,  # type: ignore[arg-type]
+                  sink=h.sink)  # fmt: skip
+    scheduler.submit_many([stale])  # and as one read of an ingest channel
+    await h.settle()
+    assert h.rejected[-1][:2] == (2, Status.UNKNOWN_MODEL)
+    assert h.batches == []
