@@ -544,3 +544,22 @@ async def test_a_config_model_outside_the_repository_is_unloaded_and_loaded_agai
             r = await http.post(f"/v2/repository/models/m/{op}")
             assert r.status == 200, (op, await r.text())
         assert srv.model_index() == [{"name": "m", "version": "3", "state": "READY", "reason": ""}]
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_an_unload_cancelled_while_it_is_announced_can_be_asked_again(served: Server) -> None:
+    held = asyncio.Event()
+
+    async def slow_listener() -> None:  # an ingest worker that takes its time to confirm the new list
+        held.set()
+        await asyncio.sleep(3600)
+
+    served._manager.specs_changed.append(slow_listener)
+    first = asyncio.create_task(served.unload_model("m"))
+    await held.wait()
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    served._manager.specs_changed.remove(slow_listener)
+    state = await served.unload_model("m")  # was a KeyError: the name had left specs already
+    assert state.state == "UNAVAILABLE" and "m" not in served.model_specs

@@ -159,7 +159,7 @@ class ModelManager:
             state = self.states.get(name)
             if state is None or state.models is None:
                 raise ModelNotFoundError(f"no model named {name!r} is being served")
-            del self.specs[name]
+            self.specs.pop(name, None)  # (gone already after an unload cancelled while it was announced)
             await self._announce()
             state.state = UNLOADING
             models = await self._scheduler.remove_model(name)
