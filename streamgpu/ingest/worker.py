@@ -376,7 +376,10 @@ async def serve(chan_sock: socket.socket, init: WorkerInit) -> None:
     def sweep() -> None:
         now = time.monotonic()
         for listener in listeners:
-            listener.sweep(now)
+            try:
+                listener.sweep(now)
+            except Exception:  # one listener's bug must not end every time limit, nor the ALIVE records
+                log.exception("sweeping %s listener failed", listener.kind)
         if udp:
             chan.report(udp)
         chan.send(channel.up(channel.ALIVE))
