@@ -174,6 +174,12 @@ def down(kind: int, fid: int = 0) -> bytes:
     return DOWN.pack(kind, 0, 0, 0, fid, 0, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
+def model_key(spec: ModelSpec) -> tuple[str, int, tuple[int, ...]]:
+    """What a model index stands for: the model's name and the dtype code and shape of its frames (a frame's
+    header gives the same three once admitted)."""
+    return spec.name, spec.frame_dtype_code, tuple(spec.input_shape)
+
+
 def models(table: Sequence[tuple[int, ModelSpec]], generation: int) -> bytes:
     """A MODELS record (the ``generation``-th): the models served now, each with the index FRAME records name
     it by."""

@@ -111,9 +111,7 @@ class _Channel(asyncio.Protocol):
         self._fids = itertools.count(1)
         self._announced: set[int] = set()
         self._udp: set[int] = set()  # connections that are UDP producers (their OPEN says so)
-        # The models admitted, by name (what ``Admission`` reads), and the index FRAME records name each by
-        self.specs: dict[str, ModelSpec] = {}
-        self._models: dict[str, int] = {}
+        self.specs: dict[str, ModelSpec] = {}  # the models admitted, by name (what ``Admission`` reads)
         # Every model's index by what its frames are (name, dtype, shape), kept after an unload: a frame
         # admitted before one goes up under the index of the model that admitted it (never reused)
         self._indexes: dict[tuple[str, int, tuple[int, ...]], int] = {}
@@ -173,14 +171,14 @@ class _Channel(asyncio.Protocol):
 
     def model_index(self, model: str) -> int:
         """``model``'s index (a REPLIED record's ``index``)."""
-        return self._models.get(model, channel.NO_MODEL_INDEX)
+        spec = self.specs.get(model)
+        return channel.NO_MODEL_INDEX if spec is None else self._indexes[channel.model_key(spec)]
 
     def set_models(self, table: Sequence[tuple[int, ModelSpec]]) -> None:
         """Admit these models from now on (a MODELS record; frames admitted before keep their indexes)."""
         self.specs.clear()
         self.specs.update((spec.name, spec) for _, spec in table)
-        self._models = {spec.name: index for index, spec in table}
-        self._indexes.update(((s.name, s.frame_dtype_code, tuple(s.input_shape)), index) for index, s in table)
+        self._indexes.update((channel.model_key(spec), index) for index, spec in table)
 
     def udp_producer(self, conn: int) -> None:
         """``conn`` names a UDP producer (its OPEN, at its first frame, will say so)."""

@@ -523,7 +523,7 @@ class WorkerListener(Listener):
         """The models served now (``admission.specs``), each with its index (given one if new)."""
         table = []
         for spec in self.admission.specs.values():
-            key = (spec.name, spec.frame_dtype_code, tuple(spec.input_shape))
+            key = channel.model_key(spec)
             index = self._model_indexes.get(key)
             if index is None:
                 if len(self.models) >= channel.NO_MODEL_INDEX:

@@ -108,9 +108,6 @@ class ModelQueue:
     def __init__(self, replicas: Sequence[DeviceModel]) -> None:
         self.replicas = [Replica(model) for model in replicas]
         self.spec = replicas[0].spec
-        # What its frames' headers say (a new version takes the same): a frame admitted for an earlier
-        # model of this name (unloaded, loaded again taking other frames) must not join its batches
-        self.frame_key = (self.spec.frame_dtype_code, self.spec.input_shape)
         self.frames = FairQueue()
         self.deadline_timers: dict[Frame, asyncio.TimerHandle] = {}
         self.latest_start = float("inf")  # perf_counter s by which a batch must start for queued deadlines
@@ -271,8 +268,14 @@ class Scheduler:
         for frame in frames:
             header = frame.header
             queue = queues.get(header.model)
-            if queue is None or (header.dtype_code, header.shape) != queue.frame_key:
-                self._enqueue(frame, now_ns)  # answers it (or queues it: a shape given as a list)
+            # A frame admitted for an earlier model of this name (unloaded, loaded again taking other frames)
+            # must not join its batches: _enqueue answers it (a new version takes the same frames)
+            if (
+                queue is None
+                or header.shape != queue.spec.input_shape
+                or header.dtype_code != queue.spec.frame_dtype_code
+            ):
+                self._enqueue(frame, now_ns)
                 continue
             free = room.get(queue)
             if free is None:
