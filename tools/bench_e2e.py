@@ -85,10 +85,12 @@ def streamgpu_server(
     kernels: bool = True,
     devices: tuple[int, ...] = (0,),
     ingest_workers: int = 0,
+    max_inflight_batches: int = 2,
 ) -> contextlib.AbstractContextManager[int]:
     toml = "\n".join(
         ["[server]", "port = 0", f'device = "{device}"', f"cuda_kernels = {str(kernels).lower()}",
          f"devices = {list(devices)}", f"ingest_workers = {ingest_workers}",
+         f"max_inflight_batches = {max_inflight_batches}",
          f"max_payload_bytes = {1 << 20}", "", "[[models]]"]
         + [f"{k} = {json.dumps(v)}" for k, v in model.items()]
     )  # fmt: skip
@@ -278,22 +280,27 @@ def suite_gpus(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     pairs = [(0,), (0, 1)] if args.device == "cpu" or torch.cuda.device_count() >= 2 else [(0,)]
+    depths = [int(d) for d in args.max_inflight_batches.split(",")]
     rows, figures = [], []
     sizes = {"max_batch_size": args.max_batch} if args.max_batch else {}
     for label, model in (("fp16", {**RESNET50, **sizes}), ("fp32", {**RESNET50, **sizes, "precision": "fp32"})):
         if args.precision not in ("both", label):
             continue
-        result = {}
-        for devices in pairs:
-            with streamgpu_server(out, f"gpus{len(devices)}_{label}", model, args.device, devices=devices,
-                                  ingest_workers=args.ingest_workers) as port:  # fmt: skip
-                level = [LoadLevel(CONCURRENCY, args.in_flight)]
-                result[devices] = load(port, level, processes=8, window_s=args.window)[0]
-            rows.append(row(f"ResNet-50 {label}, {len(devices)} GPU", result[devices]))
-        if len(result) == 2:
-            one, two = result[(0,)].throughput, result[(0, 1)].throughput
-            figures.append((f"ResNet-50 {label}: 2 GPUs vs 1", f"{two:.0f}/s", f"{one:.0f}/s",
-                            f"{two / one if one else float('nan'):.2f}x"))  # fmt: skip
+        for depth in depths:
+            result = {}
+            for devices in pairs:
+                with streamgpu_server(out, f"gpus{len(devices)}_{label}_d{depth}", model, args.device,
+                                      devices=devices, ingest_workers=args.ingest_workers,
+                                      max_inflight_batches=depth) as port:  # fmt: skip
+                    level = [LoadLevel(CONCURRENCY, args.in_flight)]
+                    with GpuSampler() as gpu:
+                        result[devices] = load(port, level, processes=8, window_s=args.window)[0]
+                r = row(f"ResNet-50 {label}, {len(devices)} GPU, max_inflight_batches {depth}", result[devices])
+                rows.append({**r, "gpu_busy": round(gpu.busy, 3)})
+            if len(result) == 2:
+                one, two = result[(0,)].throughput, result[(0, 1)].throughput
+                figures.append((f"ResNet-50 {label}, max_inflight_batches {depth}: 2 GPUs vs 1", f"{two:.0f}/s",
+                                f"{one:.0f}/s", f"{two / one if one else float('nan'):.2f}x"))  # fmt: skip
     print_rows(f"ResNet-50, {args.in_flight} in flight, 8 generator processes: one GPU vs two", rows)
     print("\nfigure | two | one | ratio")
     for f in figures:
@@ -341,6 +348,11 @@ def main() -> int:
     parser.add_argument("--ingest-workers", type=int, default=0, help="gpus, curves suites: ingest_workers")
     parser.add_argument("--max-batch", type=int, default=0, help="gpus suite: the model's max_batch_size (default 32)")
     parser.add_argument("--in-flight", type=int, default=256, help="gpus suite: frames in flight (default 256)")
+    parser.add_argument(
+        "--max-inflight-batches",
+        default="2",
+        help="gpus suite: the servers' setting; a comma-separated list runs a server for each",
+    )
     parser.add_argument("--precision", default="both", choices=["both", "fp16", "fp32"], help="gpus suite: models")
     parser.add_argument("--servers", default="", help="curves suite: only these (comma-separated: plain, strong, "
                         "strong+compile, streamgpu)")  # fmt: skip

@@ -494,36 +494,39 @@ def part_saturate(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     sizes = {k: v for k, v in SIZES.items() if k in args.sizes.split(",")}
     producers_list = [int(p) for p in args.producers.split(",")]
-    for label, shape in sizes.items():
-        for workers in (0, args.ingest_workers):
-            name = f"{label}_w{workers}"
-            with serve(out, name, shape, workers, args.device, args.max_batch, args.max_inflight_batches) as port:
-                pid = server_pid(name)
-                for producers in producers_list:
-                    procs = min(producers, args.generators)
-                    cfg = RunConfig(
-                        endpoints=[Endpoint(HOST, port)], levels=[LoadLevel(CONCURRENCY, args.in_flight)],
-                        shape=shape, processes=procs, connections=producers // procs, streams=producers,
-                        warmup_s=1.0, window_s=args.window, max_windows=4, stable_windows=2, stability_pct=15,
-                    )  # fmt: skip
-                    cpu0, t0 = main_thread_cpu(pid), time.perf_counter()
-                    result = run(cfg).results[0]
-                    cpu1, t1 = main_thread_cpu(pid), time.perf_counter()
-                    r = row(f"{label} workers={workers} producers={producers}", result)
-                    frames = max(result.throughput * (t1 - t0), 1.0)
-                    r["loop_us_per_frame~"] = round((cpu1 - cpu0) / frames * 1e6, 2)
-                    rows.append(r)
-    print_rows(f"builtin:small saturated, {args.in_flight} in flight in total, ingest_workers 0 vs "
-               f"{args.ingest_workers}", rows)  # fmt: skip
+    depths = [int(d) for d in str(args.max_inflight_batches).split(",")]
+    worker_counts = [args.ingest_workers] if args.workers_only else [0, args.ingest_workers]
+    servers = [(label, workers, depth) for label in sizes for workers in worker_counts for depth in depths]
+    for label, workers, depth in servers:
+        name = f"{label}_w{workers}_d{depth}"
+        with serve(out, name, sizes[label], workers, args.device, args.max_batch, depth) as port:
+            pid = server_pid(name)
+            for producers in producers_list:
+                procs = min(producers, args.generators)
+                cfg = RunConfig(
+                    endpoints=[Endpoint(HOST, port)], levels=[LoadLevel(CONCURRENCY, args.in_flight)],
+                    shape=sizes[label], processes=procs, connections=producers // procs, streams=producers,
+                    warmup_s=1.0, window_s=args.window, max_windows=4, stable_windows=2, stability_pct=15,
+                )  # fmt: skip
+                cpu0, t0 = main_thread_cpu(pid), time.perf_counter()
+                result = run(cfg).results[0]
+                cpu1, t1 = main_thread_cpu(pid), time.perf_counter()
+                r = row(f"{label} workers={workers} inflight_batches={depth} producers={producers}", result)
+                frames = max(result.throughput * (t1 - t0), 1.0)
+                r["loop_us_per_frame~"] = round((cpu1 - cpu0) / frames * 1e6, 2)
+                rows.append(r)
+    print_rows(f"builtin:small saturated, {args.in_flight} in flight in total, ingest_workers "
+               f"{' vs '.join(map(str, worker_counts))}, max_inflight_batches {' vs '.join(map(str, depths))}",
+               rows)  # fmt: skip
     summary = []
-    for label in sizes:
-        for workers in (0, args.ingest_workers):
-            mine = [r for r in rows if r["config"].startswith(f"{label} workers={workers} ")]
-            best = max(r["frames_per_s"] for r in mine)
-            spread = mine[-1]["frames_per_s"] / max(mine[0]["frames_per_s"], 1e-9)
-            summary.append({"frame": label, "ingest_workers": workers, "best_frames_per_s": best,
-                            f"{producers_list[-1]}_vs_{producers_list[0]}_producers": round(spread, 3),
-                            "loop_us_per_frame~": min(r["loop_us_per_frame~"] for r in mine)})  # fmt: skip
+    for label, workers, depth in servers:
+        mine = [r for r in rows if r["config"].startswith(f"{label} workers={workers} inflight_batches={depth} ")]
+        best = max(r["frames_per_s"] for r in mine)
+        spread = mine[-1]["frames_per_s"] / max(mine[0]["frames_per_s"], 1e-9)
+        summary.append({"frame": label, "ingest_workers": workers, "max_inflight_batches": depth,
+                        "best_frames_per_s": best,
+                        f"{producers_list[-1]}_vs_{producers_list[0]}_producers": round(spread, 3),
+                        "loop_us_per_frame~": min(r["loop_us_per_frame~"] for r in mine)})  # fmt: skip
     print_rows("summary (targets: 3KB >= 100000/s, 150KB >= 25000/s, 64 vs 1 within 5 %, loop <= 10 us)", summary)
     return {"rows": rows, "summary": summary}
 
@@ -539,7 +542,12 @@ def main() -> int:
     parser.add_argument("--generators", type=int, default=8, help="load generator processes at most")
     parser.add_argument("--window", type=float, default=3.0)
     parser.add_argument("--max-batch", type=int, default=32, help="saturate, loop: the model's max_batch_size")
-    parser.add_argument("--max-inflight-batches", type=int, default=2, help="saturate: the server's setting")
+    parser.add_argument(
+        "--max-inflight-batches",
+        default="2",
+        help="saturate: the server's setting; a comma-separated list runs a server for each",
+    )
+    parser.add_argument("--workers-only", action="store_true", help="saturate: skip the ingest_workers = 0 servers")
     parser.add_argument("--sizes", default=",".join(SIZES), help="frame sizes to run (3KB, 150KB)")
     parser.add_argument("--producers", default=",".join(map(str, PRODUCERS)), help="producer counts")
     parser.add_argument("--micro-frames", type=int, default=32768)
