@@ -18,7 +18,7 @@ from typing import Any
 from streamgpu.errors import ConfigError
 from streamgpu.gpu import DEVICES
 from streamgpu.ingest import LISTENERS
-from streamgpu.loops import LOOPS
+from streamgpu.loops import LOOPS, loop_cpu_problem
 from streamgpu.memory import ALIGNMENT
 from streamgpu.models.spec import ModelSpec
 
@@ -98,6 +98,7 @@ class Config:
     ws_send_queue_bytes: int = 4 * MiB
     min_receive_rate: int = 1_000_000
     max_inflight_batches: int = 2
+    loop_cpu: int = -1  # the CPU the scheduling loop runs on alone (the rest of the process on the others); -1: any
     shutdown_timeout_s: float = 10.0
     ingest_workers: int = 0  # 0: one process; N: N ingest worker processes receive TCP and UDP (ingest/workers.py)
     # A batch not done after max(watchdog_min_s, watchdog_factor x its expected time) is answered
@@ -135,6 +136,10 @@ class Config:
             if isinstance(model, str) and model not in model_names:
                 problems.append(f"listeners[{i}]: raw listener model {model!r} is not a configured model "
                                 f"(configured: {model_names})")  # fmt: skip
+        if self.loop_cpu < -1:
+            problems.append(f"loop_cpu must be -1 (any CPU) or a CPU number, got {self.loop_cpu}")
+        elif self.loop_cpu >= 0 and (why := loop_cpu_problem(self.loop_cpu)) is not None:
+            problems.append(why)
         if not -1 <= self.results_port <= 65535:
             problems.append(f"results_port must be -1 (none), 0 (a free port) or 1..65535, got {self.results_port}")
         if self.results_top_k < 0:

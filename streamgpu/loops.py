@@ -1,11 +1,14 @@
-"""Choosing the event loop by name (``auto``: uvloop when installed, ``uvloop`` or ``asyncio``), and
-keeping the garbage collector off its back while servers run (:func:`freeze_heap`)."""
+"""Choosing the event loop by name (``auto``: uvloop when installed, ``uvloop`` or ``asyncio``),
+keeping the garbage collector off its back while servers run (:func:`freeze_heap`), and giving it a CPU of
+its own (:func:`pin_loop_thread`, the ``loop_cpu`` setting)."""
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
 import gc
+import os
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -130,3 +133,86 @@ def thaw_heap() -> None:
             gc.set_threshold(*_thresholds_before)
         if GC_PAUSES in gc.callbacks:  # (unless the process cleared the list itself)
             gc.callbacks.remove(GC_PAUSES)
+
+
+# -- the loop's own CPU (loop_cpu) ------------------------------------------------------------------------------
+# While a server's loop is pinned: (the loop thread's id, the CPU, its CPUs before, the CPUs left to the rest of
+# the process, servers that pinned it). One pinned loop per process.
+_pin: tuple[int, int, frozenset[int], frozenset[int], int] | None = None
+
+
+def pin_loop_thread(cpu: int) -> None:
+    """Run the calling thread (a server's event loop) on ``cpu`` alone, and leave that CPU to it: the helper
+    threads streamgpu starts (:func:`leave_loop_cpu`) and its ingest workers (:func:`spare_cpus`) run on the
+    others this process may use. Undone by :func:`unpin_loop_thread`, from the same thread; nested calls
+    (a second server on the same loop and CPU) count.
+
+    Why: on a 16-core host loaded by producers and ingest workers, the loop moved between cores and shared
+    them; pinned to a CPU the others kept off, it took 1.23x the 3 KB frames (docs/BENCHMARKS.md). Threads
+    and processes inherit the CPUs of the thread that starts them, hence the two helpers. Linux only.
+
+    Raises ValueError naming ``loop_cpu`` when the CPU is not one this process may run on, or is its only
+    one, or when another thread's loop is pinned already.
+    """
+    global _pin
+    thread = threading.get_ident()
+    if _pin is not None:
+        owner, pinned, before, spare, count = _pin
+        if owner != thread or pinned != cpu:
+            raise ValueError(f"loop_cpu = {cpu}: this process pins another server's loop to CPU {pinned} already "
+                             "(one pinned loop per process)")  # fmt: skip
+        _pin = (owner, pinned, before, spare, count + 1)
+        return
+    if (problem := loop_cpu_problem(cpu)) is not None:
+        raise ValueError(problem)
+    allowed = frozenset(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cpu})
+    _pin = (thread, cpu, allowed, allowed - {cpu}, 1)
+
+
+def loop_cpu_problem(cpu: int) -> str | None:
+    """Why this process cannot pin its loop to ``cpu`` (a message naming ``loop_cpu``), or None."""
+    if not hasattr(os, "sched_setaffinity"):
+        return "loop_cpu needs Linux (os.sched_setaffinity); leave it unset (-1) here"
+    allowed = _pin[2] if _pin is not None else frozenset(os.sched_getaffinity(0))  # the process's, not a pinned loop's
+    if cpu not in allowed:
+        return f"loop_cpu = {cpu}: this process may run on CPUs {_ranges(allowed)} only: pick one, or -1"
+    if len(allowed) < 2:
+        return (f"loop_cpu = {cpu}: this process may run on that CPU only, which would leave nothing to its other "
+                "threads and ingest workers; leave it unset (-1)")  # fmt: skip
+    return None
+
+
+def unpin_loop_thread() -> None:
+    """The other half of :func:`pin_loop_thread` (same thread): the last call gives the thread its CPUs back."""
+    global _pin
+    assert _pin is not None and _pin[0] == threading.get_ident(), "unpin_loop_thread: not the pinned thread"
+    owner, cpu, before, spare, count = _pin
+    if count > 1:
+        _pin = (owner, cpu, before, spare, count - 1)
+        return
+    _pin = None
+    os.sched_setaffinity(0, before)
+
+
+def spare_cpus() -> tuple[int, ...] | None:
+    """The CPUs left beside a pinned loop (an ingest worker runs on them: ``WorkerInit.cpus``); None: none pinned."""
+    return tuple(sorted(_pin[3])) if _pin is not None else None
+
+
+def leave_loop_cpu() -> None:
+    """Move the calling thread off a pinned loop's CPU (an ``initializer`` of streamgpu's helper threads, which
+    would otherwise inherit it from the loop thread that starts them); does nothing when no loop is pinned."""
+    if _pin is not None and threading.get_ident() != _pin[0]:
+        os.sched_setaffinity(0, _pin[3])
+
+
+def _ranges(cpus: frozenset[int]) -> str:
+    """``0-3,8``: a CPU set as ``taskset -c`` writes it."""
+    out: list[str] = []
+    for cpu in sorted(cpus):
+        if out and out[-1].split("-")[-1] == str(cpu - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{cpu}"
+        else:
+            out.append(str(cpu))
+    return ",".join(out)

@@ -22,7 +22,7 @@ from streamgpu.gpu.backend import Backend, DeviceModel, create_backend
 from streamgpu.ingest import listener_class, make_listeners
 from streamgpu.ingest.admission import Admission
 from streamgpu.ingest.base import Listener
-from streamgpu.loops import freeze_heap, thaw_heap
+from streamgpu.loops import freeze_heap, leave_loop_cpu, pin_loop_thread, thaw_heap, unpin_loop_thread
 from streamgpu.memory import HostSegment, SlotPool
 from streamgpu.metrics import ReplyCounts
 from streamgpu.models.manager import ModelManager, ModelState
@@ -60,8 +60,11 @@ class Server:
         cfg = self.config
         self.results: Results = results_from(cfg.results_port, cfg.results_host, cfg.results_file, cfg.max_connections)
         self._sweeper: asyncio.TimerHandle | None = None
-        self._loader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamgpu-loader")
+        self._loader = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="streamgpu-loader", initializer=leave_loop_cpu
+        )
         self._heap_frozen = False  # this server holds the heap frozen (loops.freeze_heap) until it is released
+        self._loop_pinned = False  # this server pinned the loop thread to loop_cpu (loops.pin_loop_thread)
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -80,6 +83,10 @@ class Server:
         await self.results.start()  # its port and file too
         self.backend = backend = create_backend(loop, cfg)
         log.info("data path: %s", backend.data_path)
+        if cfg.loop_cpu >= 0:  # before the workers and helper threads start: they are placed beside it
+            pin_loop_thread(cfg.loop_cpu)
+            self._loop_pinned = True
+            log.info("the scheduling loop runs on CPU %d alone (loop_cpu)", cfg.loop_cpu)
         freeze_heap()  # torch and the backend are in; models are not (they stay collectable)
         self._heap_frozen = True
         self._segment = segment = HostSegment.create(cfg.ring_bytes)
@@ -198,6 +205,9 @@ class Server:
                 self._segment = None
             self._loader.shutdown(wait=False)
         finally:  # process-wide: never left set by a release that failed
+            if self._loop_pinned:
+                self._loop_pinned = False
+                unpin_loop_thread()
             if self._heap_frozen:  # the server itself was frozen: its cycles are collectable only after this
                 self._heap_frozen = False
                 thaw_heap()

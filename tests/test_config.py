@@ -143,6 +143,8 @@ def test_models_from_toml(tmp_path: Path) -> None:
         ("[server]\nresults_top_k = -1\n", "results_top_k must be >= 0"),
         ("[server]\nws_send_queue_bytes = 0\n", "ws_send_queue_bytes must be >= 1 byte"),
         ('[server]\nws_send_queue_bytes = "4M"\n', "server.ws_send_queue_bytes must be an integer"),
+        ("[server]\nloop_cpu = -2\n", "loop_cpu must be -1 (any CPU) or a CPU number, got -2"),
+        ("[server]\nloop_cpu = 100000\n", "loop_cpu = 100000: this process may run on CPUs"),
         (
             '[[models]]\nname = "a"\nsm_share = 0.6\n[[models]]\nname = "b"\nsm_share = 0.5\n',
             "the models' sm_share values add up to 1.1 ({'a': 0.6, 'b': 0.5})",

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -221,3 +222,90 @@ STOP_CUT_SHORT = textwrap.dedent(
 
 def test_a_stop_cut_short_still_gives_the_collector_settings_back() -> None:
     assert run_script(STOP_CUT_SHORT).endswith("ok")
+
+
+# In a process of its own: the affinity of the loop's thread is what is checked, and a failure must not leave
+# the test process pinned.
+LOOP_CPU = textwrap.dedent(
+    """
+    import asyncio, os, sys, threading
+    import numpy as np
+    from streamgpu import client
+    from streamgpu.config import Config, ListenerSpec
+    from streamgpu.loops import new_event_loop
+    from streamgpu.models.spec import ModelSpec
+    from streamgpu.server import Server
+
+    async def main():
+        allowed = os.sched_getaffinity(0)
+        cpu = max(allowed)
+        spare = allowed - {cpu}
+        spec = ModelSpec(input_shape=(16, 16, 3), max_batch_size=2)
+        cfg = Config(listeners=[ListenerSpec(port=0)], device="cpu", models=[spec], ingest_workers=1, loop_cpu=cpu)
+        async with Server(cfg) as server:
+            assert os.sched_getaffinity(0) == {cpu}, f"loop thread on {os.sched_getaffinity(0)}"
+            conn = await client.connect("127.0.0.1", server.port)  # through a worker; the first batch starts
+            reply = await conn.infer(np.zeros((16, 16, 3), np.uint8))  # the backend's thread
+            await conn.close()
+            assert reply.ok, reply
+            helpers = {t.name: os.sched_getaffinity(t.native_id) for t in threading.enumerate()
+                       if t.name.startswith("streamgpu-")}
+            assert any(n.startswith("streamgpu-cpu") for n in helpers) and any(
+                n.startswith("streamgpu-loader") for n in helpers), helpers
+            assert all(cpus == spare for cpus in helpers.values()), f"helper threads on the loop's CPU: {helpers}"
+            (listener,) = server._listeners
+            workers = {pid: os.sched_getaffinity(pid) for pid in listener.pids}
+            assert workers and all(cpus == spare for cpus in workers.values()), f"workers: {workers}"
+        assert os.sched_getaffinity(0) == allowed, "the loop thread did not get its CPUs back"
+        print("ok")
+
+    new_event_loop(sys.argv[1]).run_until_complete(main())
+    """
+)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_loop_cpu_runs_the_loop_alone_on_its_cpu(loop: str) -> None:
+    """``loop_cpu``: the scheduling loop's thread on that CPU only; the helper threads it starts and the ingest
+    workers (which inherit its CPUs when spawned) on the others; the thread's CPUs given back at stop."""
+    assert run_script(LOOP_CPU, loop) == "ok"
+
+
+def test_loop_cpu_pins_one_loop_per_process_and_nests_on_the_same_one() -> None:
+    script = textwrap.dedent(
+        """
+        import os, threading
+        from streamgpu import loops
+
+        allowed = os.sched_getaffinity(0)
+        cpu, other = max(allowed), min(allowed)
+        loops.pin_loop_thread(cpu)
+        loops.pin_loop_thread(cpu)  # a second server on the same loop
+        assert loops.spare_cpus() == tuple(sorted(allowed - {cpu}))
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(os.sched_getaffinity(0)))
+        t.start(); t.join()
+        assert seen == [{cpu}], seen  # inherited: why helper threads call leave_loop_cpu
+        t = threading.Thread(target=lambda: (loops.leave_loop_cpu(), seen.append(os.sched_getaffinity(0))))
+        t.start(); t.join()
+        assert seen[1] == allowed - {cpu}, seen
+        errors = []
+        def elsewhere():
+            try:
+                loops.pin_loop_thread(cpu)
+            except ValueError as exc:
+                errors.append(str(exc))
+        t = threading.Thread(target=elsewhere)
+        t.start(); t.join()
+        assert errors and "loop_cpu" in errors[0] and "one pinned loop per process" in errors[0], errors
+        loops.unpin_loop_thread()
+        assert os.sched_getaffinity(0) == {cpu}  # the first server still runs
+        loops.unpin_loop_thread()
+        assert os.sched_getaffinity(0) == allowed and loops.spare_cpus() is None
+        print("ok")
+        """
+    )
+    if not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 CPUs")
+    assert run_script(script) == "ok"

@@ -144,6 +144,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         profile.enable()
         await asyncio.sleep(args.seconds)
         profile.disable()
+        if args.pstats:
+            profile.dump_stats(args.pstats)
         n2 = completed()
         await asyncio.get_running_loop().run_in_executor(None, load.wait)  # the loop keeps serving
     frames = n1 - n0
@@ -203,6 +205,7 @@ def main() -> int:
     parser.add_argument("--devices", default="0", help="GPUs, comma-separated (default 0)")
     parser.add_argument("--max-batch", type=int, default=0, help="the model's max_batch_size (default: the model's)")
     parser.add_argument("--json", default="")
+    parser.add_argument("--pstats", default="", help="also write the profiled window's pstats to this file")
     args = parser.parse_args()
     tune_malloc()  # this process serves: its allocator set as ``streamgpu serve`` sets its own
     loop = new_event_loop("auto")

@@ -40,6 +40,7 @@ from streamgpu.gpu.backend import Backend, BatchRun, BatchTrace, DeviceModel
 from streamgpu.gpu.bridge import CompletionBridge
 from streamgpu.gpu.setup import cupy_package
 from streamgpu.gpu.shares import GreenContext, Share, SmShares
+from streamgpu.loops import leave_loop_cpu
 from streamgpu.memory import Slot
 from streamgpu.models.outputs import BatchOutputs, ModelHead, host_dtype, model_input, warm_up
 from streamgpu.models.preprocess import TorchPreprocess
@@ -434,7 +435,9 @@ class CudaBackend(Backend):
         self._max_inflight = config.max_inflight_batches
         # Eager models (graph capture failed or off) launch dozens of kernels per batch, milliseconds
         # of CPU: that happens on this one thread, never on the loop.
-        self._launcher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamgpu-launch")
+        self._launcher = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="streamgpu-launch", initializer=leave_loop_cpu
+        )
         count = torch.cuda.device_count()
         missing = [i for i in config.devices if i >= count]
         if missing:

@@ -73,6 +73,7 @@ from streamgpu.ingest.base import Listener
 from streamgpu.ingest.hub import Origin
 from streamgpu.ingest.udp import COUNTERS, STAT_NAMES, UdpListener, listener_options
 from streamgpu.ingest.worker import WorkerInit, send_init
+from streamgpu.loops import spare_cpus
 from streamgpu.memory import HostSegment, Slot
 from streamgpu.metrics import NO_MODEL
 from streamgpu.models.spec import ModelSpec
@@ -478,6 +479,7 @@ class WorkerListener(Listener):
             ring_bytes=share,
             max_producer_ring_bytes=min(cfg.max_producer_ring_bytes, share),  # 0 stays 0: a quarter of the range
             ingest_workers=0,
+            loop_cpu=-1,  # a worker runs beside the loop's CPU: WorkerInit.cpus
         )
         # Each new connection goes to the worker holding the fewest, so a 1/N share of max_connections on
         # each makes the cap hold for the server (up to N - 1 more, rounding up)
@@ -515,7 +517,7 @@ class WorkerListener(Listener):
         udp_fds = tuple(socks[index].fileno() for socks in self._udp_socks)
         init = WorkerInit(self._worker_config, index, -1, udp_fds, self._segment.fd,  # (handoff_fd: at spawn)
                           self._segment.nbytes, lent.offset, lent.offset + lent.nbytes,
-                          self._connection_cap, tuple(self._served()))  # fmt: skip
+                          self._connection_cap, tuple(self._served()), spare_cpus())  # fmt: skip
         await worker.spawn(init, self._segment.fd)
         return worker
 
