@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from streamgpu.errors import ConfigError
 from streamgpu.metrics import Histogram
 
 _frozen_by = 0  # running servers that froze the heap (freeze_heap)
@@ -151,7 +152,7 @@ def pin_loop_thread(cpu: int) -> None:
     them; pinned to a CPU the others kept off, it took 1.23x the 3 KB frames (docs/BENCHMARKS.md). Threads
     and processes inherit the CPUs of the thread that starts them, hence the two helpers. Linux only.
 
-    Raises ValueError naming ``loop_cpu`` when the CPU is not one this process may run on, or is its only
+    Raises ConfigError naming ``loop_cpu`` when the CPU is not one this process may run on, or is its only
     one, or when another thread's loop is pinned already.
     """
     global _pin
@@ -159,12 +160,12 @@ def pin_loop_thread(cpu: int) -> None:
     if _pin is not None:
         owner, pinned, before, spare, count = _pin
         if owner != thread or pinned != cpu:
-            raise ValueError(f"loop_cpu = {cpu}: this process pins another server's loop to CPU {pinned} already "
+            raise ConfigError(f"loop_cpu = {cpu}: this process pins another server's loop to CPU {pinned} already "
                              "(one pinned loop per process)")  # fmt: skip
         _pin = (owner, pinned, before, spare, count + 1)
         return
     if (problem := loop_cpu_problem(cpu)) is not None:
-        raise ValueError(problem)
+        raise ConfigError(problem)
     allowed = frozenset(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {cpu})
     _pin = (thread, cpu, allowed, allowed - {cpu}, 1)
