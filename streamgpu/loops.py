@@ -5,7 +5,9 @@ its own (:func:`pin_loop_thread`, the ``loop_cpu`` setting)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
+import dataclasses
 import gc
 import os
 import threading
@@ -137,9 +139,19 @@ def thaw_heap() -> None:
 
 
 # -- the loop's own CPU (loop_cpu) ------------------------------------------------------------------------------
-# While a server's loop is pinned: (the loop thread's id, the CPU, its CPUs before, the CPUs left to the rest of
-# the process, servers that pinned it). One pinned loop per process.
-_pin: tuple[int, int, frozenset[int], frozenset[int], int] | None = None
+@dataclasses.dataclass
+class _Pinned:
+    """A server's loop pinned to its CPU (one per process)."""
+
+    thread: int  # the loop's thread (threading.get_ident)
+    cpu: int
+    before: frozenset[int]  # the thread's CPUs before
+    spare: frozenset[int]  # the CPUs left to the rest of the process
+    threads_before: frozenset[str]  # the process's threads then (/proc/self/task): not started on the pinned CPUs
+    servers: int = 1  # servers that pinned it
+
+
+_pin: _Pinned | None = None
 
 
 def pin_loop_thread(cpu: int) -> None:
@@ -158,24 +170,24 @@ def pin_loop_thread(cpu: int) -> None:
     global _pin
     thread = threading.get_ident()
     if _pin is not None:
-        owner, pinned, before, spare, count = _pin
-        if owner != thread or pinned != cpu:
-            raise ConfigError(f"loop_cpu = {cpu}: this process pins another server's loop to CPU {pinned} already "
-                             "(one pinned loop per process)")  # fmt: skip
-        _pin = (owner, pinned, before, spare, count + 1)
+        if _pin.thread != thread or _pin.cpu != cpu:
+            raise ConfigError(f"loop_cpu = {cpu}: this process pins another server's loop to CPU {_pin.cpu} already "
+                              "(one pinned loop per process)")  # fmt: skip
+        _pin.servers += 1
         return
     if (problem := loop_cpu_problem(cpu)) is not None:
         raise ConfigError(problem)
     allowed = frozenset(os.sched_getaffinity(0))
+    threads = frozenset(os.listdir("/proc/self/task"))
     os.sched_setaffinity(0, {cpu})
-    _pin = (thread, cpu, allowed, allowed - {cpu}, 1)
+    _pin = _Pinned(thread, cpu, allowed, allowed - {cpu}, threads)
 
 
 def loop_cpu_problem(cpu: int) -> str | None:
     """Why this process cannot pin its loop to ``cpu`` (a message naming ``loop_cpu``), or None."""
     if not hasattr(os, "sched_setaffinity"):
         return "loop_cpu needs Linux (os.sched_setaffinity); leave it unset (-1) here"
-    allowed = _pin[2] if _pin is not None else frozenset(os.sched_getaffinity(0))  # the process's, not a pinned loop's
+    allowed = _pin.before if _pin is not None else frozenset(os.sched_getaffinity(0))  # not the pinned loop's CPU
     if cpu not in allowed:
         return f"loop_cpu = {cpu}: this process may run on CPUs {_ranges(allowed)} only: pick one, or -1"
     if len(allowed) < 2:
@@ -185,27 +197,33 @@ def loop_cpu_problem(cpu: int) -> str | None:
 
 
 def unpin_loop_thread() -> None:
-    """The other half of :func:`pin_loop_thread` (same thread): the last call gives the thread its CPUs back."""
+    """The other half of :func:`pin_loop_thread` (same thread): the last call gives the thread its CPUs back, and
+    the threads started while it was pinned too: they inherited its CPU (the loop's default executor's) or were
+    moved beside it (helper threads, and the native threads those started: torch's), and would keep that."""
     global _pin
-    assert _pin is not None and _pin[0] == threading.get_ident(), "unpin_loop_thread: not the pinned thread"
-    owner, cpu, before, spare, count = _pin
-    if count > 1:
-        _pin = (owner, cpu, before, spare, count - 1)
+    assert _pin is not None and _pin.thread == threading.get_ident(), "unpin_loop_thread: not the pinned thread"
+    pin = _pin
+    if pin.servers > 1:
+        pin.servers -= 1
         return
     _pin = None
-    os.sched_setaffinity(0, before)
+    os.sched_setaffinity(0, pin.before)
+    for tid in set(os.listdir("/proc/self/task")) - pin.threads_before:
+        with contextlib.suppress(OSError):  # (a thread that ended meanwhile)
+            if os.sched_getaffinity(int(tid)) in ({pin.cpu}, pin.spare):
+                os.sched_setaffinity(int(tid), pin.before)
 
 
 def spare_cpus() -> tuple[int, ...] | None:
-    """The CPUs left beside a pinned loop (an ingest worker runs on them: ``WorkerInit.cpus``); None: none pinned."""
-    return tuple(sorted(_pin[3])) if _pin is not None else None
+    """The CPUs left beside a pinned loop (an ingest worker runs on them); None: none pinned."""
+    return tuple(sorted(_pin.spare)) if _pin is not None else None
 
 
 def leave_loop_cpu() -> None:
     """Move the calling thread off a pinned loop's CPU (an ``initializer`` of streamgpu's helper threads, which
     would otherwise inherit it from the loop thread that starts them); does nothing when no loop is pinned."""
-    if _pin is not None and threading.get_ident() != _pin[0]:
-        os.sched_setaffinity(0, _pin[3])
+    if _pin is not None and threading.get_ident() != _pin.thread:
+        os.sched_setaffinity(0, _pin.spare)
 
 
 def _ranges(cpus: frozenset[int]) -> str:

@@ -272,6 +272,43 @@ def test_loop_cpu_runs_the_loop_alone_on_its_cpu(loop: str) -> None:
     assert run_script(LOOP_CPU, loop) == "ok"
 
 
+# An application's threads started from the pinned loop's thread (its default executor's, say) inherit its CPU; native
+# threads a helper starts (torch's) inherit the others.
+LOOP_CPU_THREADS = textwrap.dedent(
+    """
+    import asyncio, os, sys
+    from streamgpu.config import Config, ListenerSpec
+    from streamgpu.loops import new_event_loop
+    from streamgpu.models.spec import ModelSpec
+    from streamgpu.server import Server
+
+    def threads():
+        return {int(tid): os.sched_getaffinity(int(tid)) for tid in os.listdir("/proc/self/task")}
+
+    async def main():
+        allowed = os.sched_getaffinity(0)
+        cpu = max(allowed)
+        spec = ModelSpec(input_shape=(16, 16, 3), max_batch_size=2)
+        cfg = Config(listeners=[ListenerSpec(port=0)], device="cpu", models=[spec], loop_cpu=cpu)
+        async with Server(cfg):
+            inherited = await asyncio.get_running_loop().run_in_executor(None, os.sched_getaffinity, 0)
+            assert inherited == {cpu}, inherited
+        assert all(cpus == allowed for cpus in threads().values()), f"after stop: {threads()}, allowed {allowed}"
+        print("ok")
+
+    new_event_loop(sys.argv[1]).run_until_complete(main())
+    """
+)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_loop_cpu_gives_threads_started_while_pinned_their_cpus_back_at_stop(loop: str) -> None:
+    """A thread started while the loop was pinned (the loop's default executor's, an ingest worker's reaper, torch's
+    own) is on the loop's CPU or beside it; at stop it gets the CPUs the loop had, not kept off them for good."""
+    assert run_script(LOOP_CPU_THREADS, loop) == "ok"
+
+
 def test_loop_cpu_pins_one_loop_per_process_and_nests_on_the_same_one() -> None:
     script = textwrap.dedent(
         """
