@@ -228,13 +228,21 @@ def test_a_stop_cut_short_still_gives_the_collector_settings_back() -> None:
 # the test process pinned.
 LOOP_CPU = textwrap.dedent(
     """
-    import asyncio, os, sys, threading
+    import asyncio, os, signal, sys, threading
     import numpy as np
     from streamgpu import client
     from streamgpu.config import Config, ListenerSpec
     from streamgpu.loops import new_event_loop
     from streamgpu.models.spec import ModelSpec
+    from streamgpu.ingest import workers as ingest_workers
     from streamgpu.server import Server
+
+    at_spawn = []  # each worker's CPUs as its spawn returns: it is still starting (an interpreter, imports)
+    spawn = ingest_workers._Worker.spawn
+    async def spawn_and_look(worker, *args):
+        await spawn(worker, *args)
+        at_spawn.append(os.sched_getaffinity(worker.proc.pid))
+    ingest_workers._Worker.spawn = spawn_and_look
 
     async def main():
         allowed = os.sched_getaffinity(0)
@@ -256,6 +264,12 @@ LOOP_CPU = textwrap.dedent(
             (listener,) = server._listeners
             workers = {pid: os.sched_getaffinity(pid) for pid in listener.pids}
             assert workers and all(cpus == spare for cpus in workers.values()), f"workers: {workers}"
+            (pid,) = listener.pids
+            os.kill(pid, signal.SIGKILL)  # its replacement is spawned while the loop serves
+            while listener.pids in ([], [pid]):
+                await asyncio.sleep(0.05)
+            assert at_spawn == [spare, spare], f"workers starting on {at_spawn}"
+            assert os.sched_getaffinity(listener.pids[0]) == spare
         assert os.sched_getaffinity(0) == allowed, "the loop thread did not get its CPUs back"
         print("ok")
 

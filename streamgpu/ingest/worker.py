@@ -74,7 +74,6 @@ class WorkerInit:
     end: int
     connection_cap: int  # TCP connections it serves at once (its share of max_connections)
     models: tuple[tuple[int, ModelSpec], ...]  # the models served when it was spawned, by index (channel.MODELS)
-    cpus: tuple[int, ...] | None = None  # the CPUs it runs on (beside a pinned loop: loops.spare_cpus); None: any
 
 
 def send_init(sock: socket.socket, init: WorkerInit) -> None:
@@ -408,8 +407,6 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent drives shutdown
     chan_sock = socket.socket(fileno=int(args[0]))
     init = _read_init(chan_sock)
-    if init.cpus is not None:  # off the scheduling loop's CPU (it inherited the parent's when spawned)
-        os.sched_setaffinity(0, init.cpus)
     logging.basicConfig(level=init.config.log_level, format=f"%(asctime)s worker {init.index}: %(message)s")
     loop = new_event_loop(init.config.loop)
     freeze_heap()  # its frames die young too (no thaw: the process ends with the server)

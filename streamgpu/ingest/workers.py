@@ -222,6 +222,10 @@ class _Worker(asyncio.Protocol):
                     pass_fds=(theirs.fileno(), their_handoff.fileno(), segment_fd, *init.udp_fds),
                     env=env,
                 )
+                # Beside a pinned loop from the start: it inherited the loop's CPU, and its start (an interpreter,
+                # imports: a third of a second of CPU) would stall a serving loop when it replaces a worker.
+                if (cpus := spare_cpus()) is not None:
+                    os.sched_setaffinity(self.proc.pid, cpus)
             finally:
                 theirs.close()
                 their_handoff.close()
@@ -479,7 +483,7 @@ class WorkerListener(Listener):
             ring_bytes=share,
             max_producer_ring_bytes=min(cfg.max_producer_ring_bytes, share),  # 0 stays 0: a quarter of the range
             ingest_workers=0,
-            loop_cpu=-1,  # a worker runs beside the loop's CPU: WorkerInit.cpus
+            loop_cpu=-1,  # a worker runs beside the loop's CPU: _Worker._spawn
         )
         # Each new connection goes to the worker holding the fewest, so a 1/N share of max_connections on
         # each makes the cap hold for the server (up to N - 1 more, rounding up)
@@ -517,7 +521,7 @@ class WorkerListener(Listener):
         udp_fds = tuple(socks[index].fileno() for socks in self._udp_socks)
         init = WorkerInit(self._worker_config, index, -1, udp_fds, self._segment.fd,  # (handoff_fd: at spawn)
                           self._segment.nbytes, lent.offset, lent.offset + lent.nbytes,
-                          self._connection_cap, tuple(self._served()), spare_cpus())  # fmt: skip
+                          self._connection_cap, tuple(self._served()))  # fmt: skip
         await worker.spawn(init, self._segment.fd)
         return worker
 
