@@ -187,7 +187,8 @@ def loop_cpu_problem(cpu: int) -> str | None:
     """Why this process cannot pin its loop to ``cpu`` (a message naming ``loop_cpu``), or None."""
     if not hasattr(os, "sched_setaffinity"):
         return "loop_cpu needs Linux (os.sched_setaffinity); leave it unset (-1) here"
-    allowed = _pin.before if _pin is not None else frozenset(os.sched_getaffinity(0))  # not the pinned loop's CPU
+    pin = _pin  # (read once: the loop's thread may release it meanwhile)
+    allowed = pin.before if pin is not None else frozenset(os.sched_getaffinity(0))  # not the pinned loop's CPU
     if cpu not in allowed:
         return f"loop_cpu = {cpu}: this process may run on CPUs {_ranges(allowed)} only: pick one, or -1"
     if len(allowed) < 2:
@@ -216,14 +217,16 @@ def unpin_loop_thread() -> None:
 
 def spare_cpus() -> tuple[int, ...] | None:
     """The CPUs left beside a pinned loop (an ingest worker runs on them); None: none pinned."""
-    return tuple(sorted(_pin.spare)) if _pin is not None else None
+    pin = _pin  # (read once: from another server's thread, the loop's thread may release it meanwhile)
+    return tuple(sorted(pin.spare)) if pin is not None else None
 
 
 def leave_loop_cpu() -> None:
     """Move the calling thread off a pinned loop's CPU (an ``initializer`` of streamgpu's helper threads, which
     would otherwise inherit it from the loop thread that starts them); does nothing when no loop is pinned."""
-    if _pin is not None and threading.get_ident() != _pin.thread:
-        os.sched_setaffinity(0, _pin.spare)
+    pin = _pin  # (read once: the loop's thread may release it meanwhile)
+    if pin is not None and threading.get_ident() != pin.thread:
+        os.sched_setaffinity(0, pin.spare)
 
 
 def _ranges(cpus: frozenset[int]) -> str:

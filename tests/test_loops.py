@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import platform
 import subprocess
@@ -10,6 +11,8 @@ import sys
 import textwrap
 
 import pytest
+
+from streamgpu import loops
 
 
 def run_script(script: str, *args: str) -> str:
@@ -360,3 +363,22 @@ def test_loop_cpu_pins_one_loop_per_process_and_nests_on_the_same_one() -> None:
     if not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs 2 CPUs")
     assert run_script(script) == "ok"
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux")
+def test_leave_loop_cpu_copes_with_the_pin_released_meanwhile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A helper thread starting (another server's, on another loop) as the pinned server stops: the pin released
+    between ``leave_loop_cpu``'s check and its use must not fail the pool's initializer (a broken pool)."""
+    allowed = frozenset(os.sched_getaffinity(0))
+
+    class Released:  # a pin that the loop's thread releases as soon as it is looked at
+        spare = allowed
+
+        @property
+        def thread(self) -> int:
+            monkeypatch.setattr(loops, "_pin", None)
+            return -1
+
+    monkeypatch.setattr(loops, "_pin", Released())
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, initializer=loops.leave_loop_cpu) as pool:
+        assert pool.submit(lambda: 1).result() == 1
