@@ -179,7 +179,11 @@ def pin_loop_thread(cpu: int) -> None:
         raise ConfigError(problem)
     allowed = frozenset(os.sched_getaffinity(0))
     threads = frozenset(os.listdir("/proc/self/task"))
-    os.sched_setaffinity(0, {cpu})
+    try:
+        os.sched_setaffinity(0, {cpu})
+    except OSError as exc:  # (a sandbox that refuses it: seccomp)
+        raise ConfigError(f"loop_cpu = {cpu}: the system refused to pin the loop's thread ({exc}); "
+                          "leave it unset (-1)") from exc  # fmt: skip
     _pin = _Pinned(thread, cpu, allowed, allowed - {cpu}, threads)
 
 

@@ -13,6 +13,7 @@ import textwrap
 import pytest
 
 from streamgpu import loops
+from streamgpu.errors import ConfigError
 
 
 def run_script(script: str, *args: str) -> str:
@@ -382,3 +383,17 @@ def test_leave_loop_cpu_copes_with_the_pin_released_meanwhile(monkeypatch: pytes
     monkeypatch.setattr(loops, "_pin", Released())
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, initializer=loops.leave_loop_cpu) as pool:
         assert pool.submit(lambda: 1).result() == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
+def test_loop_cpu_refused_by_the_system_names_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sandbox that refuses affinity changes (seccomp: EPERM): a ConfigError naming ``loop_cpu`` ('cannot serve:
+    loop_cpu = ...'), not a bare OSError, and nothing pinned."""
+
+    def refused(pid: int, cpus: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setaffinity", refused)
+    with pytest.raises(ConfigError, match=r"loop_cpu = \d+: .*Operation not permitted.*leave it unset \(-1\)"):
+        loops.pin_loop_thread(max(os.sched_getaffinity(0)))
+    assert loops.spare_cpus() is None
