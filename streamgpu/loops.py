@@ -161,8 +161,9 @@ def pin_loop_thread(cpu: int) -> None:
     (a second server on the same loop and CPU) count.
 
     Why: on a 16-core host loaded by producers and ingest workers, the loop moved between cores and shared
-    them; pinned to a CPU the others kept off, it took 1.23x the 3 KB frames (docs/BENCHMARKS.md). Threads
-    and processes inherit the CPUs of the thread that starts them, hence the two helpers. Linux only.
+    them; pinned to a CPU the others kept off, it took 0.95-1.26x the 3 KB frames, median 1.02x over seven pairs
+    of runs: no consistent gain on that host (docs/BENCHMARKS.md). Threads and processes inherit the CPUs of the
+    thread that starts them, hence the two helpers. Linux only.
 
     Raises ConfigError naming ``loop_cpu`` when the CPU is not one this process may run on, or is its only
     one, or when another thread's loop is pinned already.
