@@ -205,12 +205,14 @@ class Server:
                 self._segment = None
             self._loader.shutdown(wait=False)
         finally:  # process-wide: never left set by a release that failed
-            if self._loop_pinned:
-                self._loop_pinned = False
-                unpin_loop_thread()
-            if self._heap_frozen:  # the server itself was frozen: its cycles are collectable only after this
-                self._heap_frozen = False
-                thaw_heap()
+            try:
+                if self._loop_pinned:
+                    self._loop_pinned = False
+                    unpin_loop_thread()
+            finally:  # (nor by an unpin that failed)
+                if self._heap_frozen:  # the server itself was frozen: its cycles are collectable only after this
+                    self._heap_frozen = False
+                    thaw_heap()
 
     async def __aenter__(self) -> Server:
         await self.start()

@@ -366,6 +366,47 @@ def test_loop_cpu_pins_one_loop_per_process_and_nests_on_the_same_one() -> None:
     assert run_script(script) == "ok"
 
 
+# In a process of its own: the collector's settings and the pin are process-wide.
+UNPIN_REFUSED = textwrap.dedent(
+    """
+    import asyncio, errno, gc, os, sys
+    from streamgpu import loops
+    from streamgpu.config import Config, ListenerSpec
+    from streamgpu.loops import new_event_loop
+    from streamgpu.models.spec import ModelSpec
+    from streamgpu.server import Server
+
+    def refused(pid, cpus):  # the cgroup's cpuset moved off every CPU the loop had (a kubelet's shared pool)
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    async def main():
+        before = gc.get_freeze_count(), gc.get_threshold()
+        spec = ModelSpec(input_shape=(16, 16, 3), max_batch_size=2)
+        server = Server(Config(listeners=[ListenerSpec(port=0)], device="cpu", models=[spec],
+                               loop_cpu=max(os.sched_getaffinity(0))))
+        await server.start()
+        os.sched_setaffinity = refused
+        try:
+            await server.stop()
+        except OSError:
+            pass
+        after = gc.get_freeze_count(), gc.get_threshold()
+        assert after == before, f"an unpin that failed left the collector's settings {after} (before {before})"
+        assert loops.spare_cpus() is None
+        print("ok")
+
+    new_event_loop(sys.argv[1]).run_until_complete(main())
+    """
+)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_loop_cpu_unpin_refused_at_stop_still_gives_the_collector_settings_back(loop: str) -> None:
+    """The thread's CPUs cannot be given back (its cgroup moved): stop raises, but the heap is still thawed."""
+    assert run_script(UNPIN_REFUSED, loop) == "ok"
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux")
 def test_leave_loop_cpu_copes_with_the_pin_released_meanwhile(monkeypatch: pytest.MonkeyPatch) -> None:
     """A helper thread starting (another server's, on another loop) as the pinned server stops: the pin released
