@@ -10,6 +10,7 @@ import ctypes
 import dataclasses
 import gc
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -179,10 +180,10 @@ def pin_loop_thread(cpu: int) -> None:
     if (problem := loop_cpu_problem(cpu)) is not None:
         raise ConfigError(problem)
     allowed = frozenset(os.sched_getaffinity(0))
-    threads = frozenset(os.listdir("/proc/self/task"))
     try:
+        threads = frozenset(os.listdir("/proc/self/task"))
         os.sched_setaffinity(0, {cpu})
-    except OSError as exc:  # (a sandbox that refuses it: seccomp)
+    except OSError as exc:  # (a sandbox that refuses it: seccomp, or no /proc)
         raise ConfigError(f"loop_cpu = {cpu}: the system refused to pin the loop's thread ({exc}); "
                           "leave it unset (-1)") from exc  # fmt: skip
     _pin = _Pinned(thread, cpu, allowed, allowed - {cpu}, threads)
@@ -190,7 +191,7 @@ def pin_loop_thread(cpu: int) -> None:
 
 def loop_cpu_problem(cpu: int) -> str | None:
     """Why this process cannot pin its loop to ``cpu`` (a message naming ``loop_cpu``), or None."""
-    if not hasattr(os, "sched_setaffinity"):
+    if sys.platform != "linux" or not hasattr(os, "sched_setaffinity"):  # (pinning reads /proc/self/task too)
         return "loop_cpu needs Linux (os.sched_setaffinity); leave it unset (-1) here"
     pin = _pin  # (read once: the loop's thread may release it meanwhile)
     allowed = pin.before if pin is not None else frozenset(os.sched_getaffinity(0))  # not the pinned loop's CPU

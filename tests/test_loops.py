@@ -13,6 +13,7 @@ import textwrap
 import pytest
 
 from streamgpu import loops
+from streamgpu.config import Config
 from streamgpu.errors import ConfigError
 
 
@@ -437,4 +438,19 @@ def test_loop_cpu_refused_by_the_system_names_the_setting(monkeypatch: pytest.Mo
     monkeypatch.setattr(os, "sched_setaffinity", refused)
     with pytest.raises(ConfigError, match=r"loop_cpu = \d+: .*Operation not permitted.*leave it unset \(-1\)"):
         loops.pin_loop_thread(max(os.sched_getaffinity(0)))
+    assert loops.spare_cpus() is None
+
+
+@pytest.mark.parametrize("platform_name", ["darwin", "win32", "freebsd14"])
+def test_loop_cpu_elsewhere_than_linux_is_a_config_error(monkeypatch: pytest.MonkeyPatch, platform_name: str) -> None:
+    """Pinning reads /proc/self/task: on another system (even one whose Python has ``os.sched_setaffinity``)
+    ``loop_cpu`` is refused when the config is checked, naming the setting; unset, nothing is asked of the system."""
+    monkeypatch.setattr(sys, "platform", platform_name)
+    if platform_name != "freebsd14":
+        monkeypatch.delattr(os, "sched_setaffinity", raising=False)
+        monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    with pytest.raises(ConfigError, match=r"loop_cpu needs Linux"):
+        Config(loop_cpu=0)
+    assert Config().loop_cpu == -1
+    loops.leave_loop_cpu()  # (a helper thread's initializer, no loop pinned)
     assert loops.spare_cpus() is None
