@@ -104,7 +104,9 @@ class Server:
             self._repository = RepositoryPoller(cfg.model_repository, models, self._loader)
             await self._repository.poll(initial=True)
             self._repository.start(cfg.repository_poll_s)
-        self._admission = admission = Admission(cfg, self._pool, models.specs, scheduler.submit, scheduler.submit_many)
+        self._admission = admission = Admission(
+            cfg, self._pool, models.specs, scheduler.submit, scheduler.submit_many, scheduler.withdraw
+        )
         models.specs_changed.append(self._models_changed)  # (the repository poller may load from now on)
         self.results.attach(admission.stream_results, cfg.results_top_k)  # every published result, as a line
         for listener in make_listeners(cfg.listeners, admission, segment):

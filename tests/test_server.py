@@ -322,3 +322,40 @@ async def test_a_failed_start_closes_the_listeners_it_had_opened() -> None:
     blocker.close()
     with pytest.raises(ConnectionError):
         await client.connect("127.0.0.1", first_port, timeout=2)
+
+
+@pytest.mark.asyncio
+async def test_a_closed_connections_queued_frames_free_their_slots_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """They used to hold their slots until their turn came (here: after a 1.5 s batch), to be dropped then."""
+    from streamgpu.gpu.cpu import CpuModel
+
+    original = CpuModel.run
+
+    def slow(self: CpuModel, batch: np.ndarray) -> BatchOutputs:
+        time.sleep(1.5)  # in the backend's worker thread, as a slow model would
+        return original(self, batch)
+
+    monkeypatch.setattr(CpuModel, "run", slow)
+    one = ModelSpec(name=SPEC.name, input_shape=SPEC.input_shape, max_batch_size=1)
+    async with Server(config(models=[one], max_inflight_batches=1)) as srv:
+        busy = await client.connect("127.0.0.1", srv.port)
+        running = busy.submit(random_frames(1, seed=4)[0])
+        while srv.metrics()["frames_in_flight"] < 1:
+            await asyncio.sleep(0.01)
+        gone = await client.connect("127.0.0.1", srv.port)
+        queued = [gone.submit(f) for f in random_frames(4, seed=5)]
+        while srv.metrics()["frames_in_flight"] < 5:
+            await asyncio.sleep(0.01)
+        held = srv.pool.slots_in_use
+        started = time.perf_counter()
+        await gone.close()
+        while srv.pool.slots_in_use > held - 4 and time.perf_counter() - started < 1.0:
+            await asyncio.sleep(0.01)
+        assert srv.pool.slots_in_use == held - 4, f"{srv.pool.slots_in_use} slots held, {held} before the close"
+        assert srv.metrics()["models"][SPEC.name]["abandoned"] == 4
+        assert (await running).status == Status.OK
+        for fut in queued:
+            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+                await fut
+        await busy.close()
+    assert srv.pool.slots_in_use == 0

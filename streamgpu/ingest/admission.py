@@ -222,12 +222,14 @@ class Admission:
         specs: Mapping[str, ModelSpec],
         submit: Callable[[Frame], None],
         submit_many: Callable[[list[Frame]], None] | None = None,
+        withdraw: Callable[[Producer], None] | None = None,
     ) -> None:
         self.config = config
         self.pool = pool
         self.specs = specs
         self._submit = submit
         self._submit_many = submit_many
+        self._withdraw = withdraw  # the scheduler's: a closed connection's queued frames answered at once
         self.accepting = True  # False once shutdown began: new frames get SHUTTING_DOWN
         self.connections = 0
         self.frames_in_flight = 0  # submitted and not yet finished, over all producers
@@ -288,8 +290,10 @@ class Admission:
         return producer
 
     def leave(self, producer: Producer) -> None:
-        """A connection of ``producer`` closed."""
+        """A connection of ``producer`` closed: its frames still queued are answered now (they hold ring space)."""
         producer.connections -= 1
+        if self._withdraw is not None:
+            self._withdraw(producer)
         self.forget_if_idle(producer)
 
     def forget_if_idle(self, producer: Producer) -> None:

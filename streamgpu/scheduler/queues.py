@@ -11,7 +11,7 @@ producer's frames are gone.
 from __future__ import annotations
 
 import collections
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 
 from streamgpu.frame import Frame
 from streamgpu.ingest.admission import Producer
@@ -73,6 +73,28 @@ class FairQueue:
         self._forget(frame.producer, 1)
         if not frames:
             self._drop(level, frame.header.priority, frame.producer)
+
+    def withdraw(self, producer: Producer, gone: Callable[[Frame], bool]) -> list[Frame]:
+        """Take out ``producer``'s queued frames for which ``gone(frame)`` holds (any priority); the others
+        keep their order and ``producer`` its place in the rotation."""
+        taken: list[Frame] = []
+        for priority, level in list(self._levels.items()):
+            frames = level.get(producer)
+            if frames is None:
+                continue
+            here: list[Frame] = []
+            kept: collections.deque[Frame] = collections.deque()
+            for frame in frames:
+                (here if gone(frame) else kept).append(frame)
+            if not here:
+                continue
+            taken += here
+            self._forget(producer, len(here))
+            if kept:
+                level[producer] = kept  # (an existing key: its place in the rotation stays)
+            else:
+                self._drop(level, priority, producer)
+        return taken
 
     def stream_frames(self, producer: Producer, stream: Hashable) -> list[Frame]:
         """Every queued frame of one stream (any priority)."""

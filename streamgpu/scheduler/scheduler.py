@@ -55,6 +55,7 @@ import numpy as np
 
 from streamgpu.frame import Frame
 from streamgpu.gpu.backend import DeviceModel
+from streamgpu.ingest.admission import Producer
 from streamgpu.protocol.wire import FrameFlags, Status
 from streamgpu.scheduler.health import DeviceHealth
 from streamgpu.scheduler.latency import BatchLatency
@@ -71,6 +72,7 @@ HINT_FRACTION = 0.8
 # A batch that must start for a queued deadline starts this long before the estimate says it
 # must: host work between launch and the device starting, and timer granularity (1 ms in uvloop).
 DEADLINE_MARGIN_S = 0.002
+PRODUCER_GONE = "producer disconnected"  # the message of a frame dropped because its sender is gone
 
 
 class QueueState(NamedTuple):
@@ -387,7 +389,7 @@ class Scheduler:
                 self._launch(queue, replica, batch, now)
             for frame in abandoned:  # after the launch is counted: finishing frees slots, waking producers
                 queue.metrics.abandoned += 1
-                _fail(frame, Status.SHUTTING_DOWN, "producer disconnected")
+                _fail(frame, Status.SHUTTING_DOWN, PRODUCER_GONE)
 
     def _place(self, queue: ModelQueue, now: float, replicas: list[Replica]) -> Replica | None:
         """The usable one of ``replicas`` with room for a batch that would finish the queued frames first."""
@@ -541,6 +543,19 @@ class Scheduler:
             out[name] = snap
         return out
 
+    def withdraw(self, producer: Producer) -> None:
+        """Answer now, rather than when their turn comes, ``producer``'s queued frames whose sender is gone
+        (``Frame.is_abandoned``: a closed connection, a dead ingest worker): each holds ring space until answered,
+        and behind higher priorities its turn may be long in coming. ``Admission.leave`` calls it as a
+        connection of ``producer`` closes (a named token's other connections keep their frames)."""
+        for queue in self._queues.values():
+            gone = queue.frames.withdraw(producer, _abandoned)
+            for frame in gone:  # out of the queue first: finishing releases slots, which wakes producers
+                queue.cancel_timer(frame)
+            for frame in gone:
+                queue.metrics.abandoned += 1
+                _fail(frame, Status.SHUTTING_DOWN, PRODUCER_GONE)
+
     def reject_queued(self, status: Status, message: str) -> None:
         """Finish every queued (not yet launched) frame with ``status``."""
         for queue in self._queues.values():
@@ -557,6 +572,10 @@ class Scheduler:
                 await asyncio.wait(set(self._tasks))
             else:
                 await asyncio.sleep(0.001)
+
+
+def _abandoned(frame: Frame) -> bool:
+    return frame.is_abandoned()
 
 
 def _fail(frame: Frame, status: Status, message: str) -> None:

@@ -316,6 +316,27 @@ async def test_abandoned_frames_are_dropped_at_batch_formation() -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_gone_producers_queued_frames_are_answered_when_it_leaves_not_when_popped() -> None:
+    """Frames queued behind a long batch whose connection closed used to wait for their turn to be dropped,
+    holding ring space all the while; withdrawn, they are answered at once, and only they."""
+    h = Harness(latency=lambda m, n: 0.5)
+    sched = h.start(spec(max_batch_size=1))
+    h.submit(0, producer=1)  # runs: the device is busy for 0.5 s
+    await asyncio.sleep(0)
+    gone = [h.submit(i, producer=2) for i in (1, 2, 3)]
+    stays = h.submit(4, producer=2, stream=1)  # the same producer's other connection (a named token's)
+    other = h.submit(5, producer=3)
+    for frame in gone:
+        frame.is_abandoned = lambda: True
+    sched.withdraw(h.producers[2])  # type: ignore[arg-type]  # (a stand-in producer)
+    await asyncio.sleep(0.05)
+    assert [(s, st) for s, st, _ in h.rejected] == [(i, Status.SHUTTING_DOWN) for i in (1, 2, 3)]
+    assert max(t for _, _, t in h.rejected) < 0.3 and sched.metrics_for("m").abandoned == 3
+    await h.settle()
+    assert sorted(h.done) == [0, stays.header.sequence, other.header.sequence]
+
+
+@pytest.mark.asyncio
 async def test_reject_queued_answers_everything_waiting() -> None:
     h = Harness(latency=lambda m, n: 0.05)
     sched = h.start(spec(max_batch_size=1))
