@@ -78,6 +78,8 @@ class FairQueue:
         """Take out ``producer``'s queued frames for which ``gone(frame)`` holds (any priority); the others
         keep their order and ``producer`` its place in the rotation."""
         taken: list[Frame] = []
+        if producer not in self._per_producer:  # every closed connection asks: not a look-up per priority level
+            return taken
         for priority, level in list(self._levels.items()):
             frames = level.get(producer)
             if frames is None:
