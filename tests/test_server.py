@@ -49,6 +49,19 @@ def reference(frames: np.ndarray) -> np.ndarray:
         return module(preprocess_torch(torch.from_numpy(frames), SPEC, torch.float32)).numpy()
 
 
+def slow_batches(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Every batch of the CPU backend takes ``seconds`` more (in its worker thread, as a slow model would)."""
+    from streamgpu.gpu.cpu import CpuModel
+
+    original = CpuModel.run
+
+    def slow(self: CpuModel, batch: np.ndarray) -> BatchOutputs:
+        time.sleep(seconds)
+        return original(self, batch)
+
+    monkeypatch.setattr(CpuModel, "run", slow)
+
+
 def random_frames(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, *SPEC.input_shape), dtype=np.uint8)
 
@@ -242,15 +255,7 @@ async def test_a_stalled_producer_is_dropped_and_others_flow_meanwhile() -> None
 @pytest.mark.asyncio
 async def test_shutdown_timeout_answers_frames_still_running(monkeypatch: pytest.MonkeyPatch) -> None:
 
-    from streamgpu.gpu.cpu import CpuModel
-
-    original = CpuModel.run
-
-    def slow(self: CpuModel, batch: np.ndarray) -> BatchOutputs:
-        time.sleep(1.0)  # in the backend's worker thread, as a slow model would
-        return original(self, batch)
-
-    monkeypatch.setattr(CpuModel, "run", slow)
+    slow_batches(monkeypatch, 1.0)
     srv = Server(config())
     await srv.start()
     conn = await client.connect("127.0.0.1", srv.port)
@@ -327,15 +332,7 @@ async def test_a_failed_start_closes_the_listeners_it_had_opened() -> None:
 @pytest.mark.asyncio
 async def test_a_closed_connections_queued_frames_free_their_slots_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """They used to hold their slots until their turn came (here: after a 1.5 s batch), to be dropped then."""
-    from streamgpu.gpu.cpu import CpuModel
-
-    original = CpuModel.run
-
-    def slow(self: CpuModel, batch: np.ndarray) -> BatchOutputs:
-        time.sleep(1.5)  # in the backend's worker thread, as a slow model would
-        return original(self, batch)
-
-    monkeypatch.setattr(CpuModel, "run", slow)
+    slow_batches(monkeypatch, 1.5)
     one = ModelSpec(name=SPEC.name, input_shape=SPEC.input_shape, max_batch_size=1)
     async with Server(config(models=[one], max_inflight_batches=1)) as srv:
         busy = await client.connect("127.0.0.1", srv.port)

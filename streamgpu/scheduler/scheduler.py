@@ -34,9 +34,10 @@ server's launch-and-reply coroutine). Its rules:
   buckets) and the queue length, the one with the most throughput whose
   completion still meets the oldest frame's target; when none can, it drains
   with the largest and counts ``target_unmeetable``.
-* Frames whose sender has gone (a closed connection, a dead ingest worker) are answered as it goes
-  (``withdraw``, from ``Admission.leave``): queued, they would hold ring space until their turn. One
-  that goes otherwise is dropped at batch formation.
+* Frames whose sender has gone (a closed TCP or raw connection, one of an ingest worker's, a dead
+  worker) are answered as it goes (``withdraw``, from ``Admission.leave``): queued, they would hold ring
+  space until their turn. Others (an HTTP client gone mid-request: aiohttp lets its handler run on)
+  are dropped at batch formation.
 * Versions: ``swap_model`` puts a new version of a model in place between two
   batches; the queue keeps its frames and the next batch launches on the new
   version (batches in flight finish on the old one). With the model's
