@@ -11,6 +11,7 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -563,3 +564,35 @@ async def test_an_unload_cancelled_while_it_is_announced_can_be_asked_again(serv
     served._manager.specs_changed.remove(slow_listener)
     state = await served.unload_model("m")  # was a KeyError: the name had left specs already
     assert state.state == "UNAVAILABLE" and "m" not in served.model_specs
+
+
+@pytest.mark.asyncio
+async def test_a_load_whose_caller_stops_waiting_still_ends_serving(
+    served: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load cancelled halfway (a timeout, an HTTP client that left) left the model LOADING for good, and the
+    instances its loader thread went on to build were never freed."""
+    original = manager.ModelManager._build
+    building = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def slow_build(self: manager.ModelManager, spec: ModelSpec, paced: bool) -> list[Any]:
+        loop.call_soon_threadsafe(building.set)
+        time.sleep(0.3)
+        return original(self, spec, paced)
+
+    monkeypatch.setattr(manager.ModelManager, "_build", slow_build)
+    task = asyncio.create_task(served.load_model(spec(versioned(tmp_path, 2), name="n")))
+    await building.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(500):
+        if "n" in served.model_specs:
+            break
+        await asyncio.sleep(0.01)
+    assert {e["name"]: e["state"] for e in served.model_index()}["n"] == "READY"
+    conn = await client.connect("127.0.0.1", served.port)
+    reply = await conn.infer(frames(1)[0], model="n")
+    await conn.close()
+    assert value(reply) == 2.0

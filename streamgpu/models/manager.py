@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import sys
 import time
@@ -76,6 +77,7 @@ class ModelManager:
         self._loading = 0  # loads in progress (see _loop_first)
         self._switch_interval = sys.getswitchinterval()
         self.serving = False  # frames are being taken (the server sets it once its listeners run)
+        self._loads: set[asyncio.Task[ModelState]] = set()  # loads in progress (``load``)
 
     def _build(self, spec: ModelSpec, paced: bool) -> list[DeviceModel]:
         """One instance per device (each from a fresh module: a load may move it in place); ``paced``: the
@@ -106,8 +108,21 @@ class ModelManager:
         batches once it is loaded and warmed, the old one freed after its last batch.
 
         Returns once the new version serves and the old one is freed. Raises ``ModelLoadError``
-        (the current version, if any, keeps serving).
+        (the current version, if any, keeps serving). A load runs to its end even when its caller
+        stops waiting (cancelled: a timeout, an HTTP client that left): stopped halfway, it left the
+        model LOADING for good and its instances, built in the loader thread, never freed.
         """
+        task = asyncio.ensure_future(self._load(spec))
+        self._loads.add(task)  # (the loop keeps only a weak reference to a task)
+        task.add_done_callback(self._loads.discard)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                task.add_done_callback(functools.partial(_log_unawaited, spec.name))
+            raise
+
+    async def _load(self, spec: ModelSpec) -> ModelState:
         loop = asyncio.get_running_loop()
         async with self._lock(spec.name):
             state = self.states.get(spec.name)
@@ -197,6 +212,12 @@ class ModelManager:
 
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
+
+
+def _log_unawaited(name: str, task: asyncio.Task[ModelState]) -> None:
+    """The end of a load whose caller stopped waiting: nobody else hears of its failure."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.warning("model %s: a load whose caller stopped waiting failed: %s", name, exc)
 
 
 @contextlib.contextmanager
