@@ -51,6 +51,9 @@ class HttpListener(Listener):
         self._runner = runner = web.AppRunner(
             create_app(self.server, connections_counted=True), access_log=None, handle_signals=False,
             shutdown_timeout=CLOSE_GRACE_S, keepalive_timeout=self.admission.config.http_keepalive_timeout_s,
+            # A client that leaves mid-request: its handler is cancelled, so its frames still queued are answered
+            # at once (Admission.leave) instead of holding ring space until their turn
+            handler_cancellation=True,
         )  # fmt: skip
         await runner.setup()
         host, port = self.spec.host, self.spec.port

@@ -35,9 +35,10 @@ server's launch-and-reply coroutine). Its rules:
   completion still meets the oldest frame's target; when none can, it drains
   with the largest and counts ``target_unmeetable``.
 * Frames whose sender has gone (a closed TCP or raw connection, one of an ingest worker's, a dead
-  worker) are answered as it goes (``withdraw``, from ``Admission.leave``): queued, they would hold ring
-  space until their turn. Others (an HTTP client gone mid-request: aiohttp lets its handler run on)
-  are dropped at batch formation.
+  worker, an HTTP client gone mid-request on streamgpu's own HTTP listener) are answered as it goes
+  (``withdraw``, from ``Admission.leave``): queued, they would hold ring space until their turn. Others
+  (an HTTP client of an application that embeds the routes without handler cancellation) are dropped
+  at batch formation.
 * Versions: ``swap_model`` puts a new version of a model in place between two
   batches; the queue keeps its frames and the next batch launches on the new
   version (batches in flight finish on the old one). With the model's

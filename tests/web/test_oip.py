@@ -25,6 +25,7 @@ from streamgpu.config import Config, ListenerSpec
 from streamgpu.models.spec import ModelSpec
 from streamgpu.server import Server
 from streamgpu.web import oip
+from tests.test_server import slow_batches
 
 tritonhttp = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is a test dependency")
 tritonaio = pytest.importorskip("tritonclient.http.aio", reason="tritonclient[http] is a test dependency")
@@ -363,6 +364,42 @@ async def test_a_client_leaving_mid_body_or_trickling_holds_no_slot(
         assert b" 408 " in response.split(b"\r\n")[0] and b"did not arrive" in response, response[:300]
         writer.close()
         await no_slot_held(server)
+
+
+@pytest.mark.asyncio
+async def test_a_client_gone_while_its_frames_wait_frees_their_slots_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its handler used to wait on for frames nobody would read, holding their ring slots until their turn
+    came (here: after a 1.5 s batch); now the handler is cancelled and its queued frames answered."""
+    slow_batches(monkeypatch, 1.5)
+    n = SPEC.frame_nbytes
+    async with Server(config(tmp_path, max_inflight_batches=1)) as server:
+        conn = await client.connect("127.0.0.1", server.port)
+        running = conn.submit(frames(1, seed=1)[0])  # the device is busy with it for 1.5 s
+        while server.metrics()["frames_in_flight"] < 1:
+            await asyncio.sleep(0.01)
+        head = json.dumps(frame_header([2, 32, 32, 3], 2 * n)).encode()
+        request = (
+            (
+                f"POST /v2/models/default/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(head) + 2 * n}\r\n"
+                f"Inference-Header-Content-Length: {len(head)}\r\n\r\n"
+            ).encode()
+            + head
+            + bytes(2 * n)
+        )
+        _reader, writer = await asyncio.open_connection("127.0.0.1", http_port(server))
+        writer.write(request)
+        await writer.drain()
+        while server.pool.slots_in_use < 2:
+            await asyncio.sleep(0.01)
+        writer.close()
+        started = asyncio.get_running_loop().time()
+        while server.pool.slots_in_use and asyncio.get_running_loop().time() - started < 1.0:
+            await asyncio.sleep(0.01)
+        assert server.pool.slots_in_use == 0, f"{server.pool.slots_in_use} slots held 1 s after the client left"
+        assert (await running).ok
+        await conn.close()
 
 
 @pytest.mark.asyncio
