@@ -32,6 +32,7 @@ from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol.wire import Status
 from streamgpu.server import Server
 from tests.test_isolation import run_queue_s
+from tests.test_server import slow_batches
 
 SHAPE = (16, 16, 3)
 FEATURES = 6
@@ -596,3 +597,35 @@ async def test_a_load_whose_caller_stops_waiting_still_ends_serving(
     reply = await conn.infer(frames(1)[0], model="n")
     await conn.close()
     assert value(reply) == 2.0
+
+
+@pytest.mark.asyncio
+async def test_an_unload_over_http_whose_client_leaves_still_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The HTTP listener cancels the handler of a client that left; an unload cancelled so, waiting for the
+    model's queued frames, stayed UNLOADING with its instances held."""
+    slow_batches(monkeypatch, 1.0)
+    listeners = [ListenerSpec(port=0), ListenerSpec(kind="http", port=0)]
+    async with Server(config(spec(versioned(tmp_path, 1)), listeners=listeners, max_inflight_batches=1)) as srv:
+        conn = await client.connect("127.0.0.1", srv.port)
+        data = frames(3)
+        first = conn.submit(data[0], model="m")
+        while srv.metrics()["frames_in_flight"] < 1:
+            await asyncio.sleep(0.01)
+        queued = [conn.submit(frame, model="m") for frame in data[1:]]
+        while srv.metrics()["frames_in_flight"] < 3:
+            await asyncio.sleep(0.01)
+        _reader, writer = await asyncio.open_connection("127.0.0.1", srv.addresses[1][1])
+        writer.write(b"POST /v2/repository/models/m/unload HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        while {e["name"]: e["state"] for e in srv.model_index()}["m"] != "UNLOADING":
+            await asyncio.sleep(0.01)
+        writer.close()  # before the queued frames have run
+        for _ in range(400):
+            if {e["name"]: e["state"] for e in srv.model_index()}["m"] != "UNLOADING":
+                break
+            await asyncio.sleep(0.01)
+        assert {e["name"]: e["state"] for e in srv.model_index()}["m"] == "UNAVAILABLE"
+        assert [(await f).status for f in (first, *queued)] == [Status.OK] * 3
+        await conn.close()
