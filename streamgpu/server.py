@@ -198,6 +198,8 @@ class Server:
             self._listeners.clear()
             if self._sweeper is not None:
                 self._sweeper.cancel()
+            if self._models is not None:  # loads and unloads whose callers left (or a start cancelled mid-load)
+                await self._models.close()
             await self.results.close()  # after the listeners: every frame's line is out
             if self.backend is not None:
                 self.backend.close()  # cancels what still runs

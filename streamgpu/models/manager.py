@@ -20,7 +20,7 @@ import functools
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,7 +77,8 @@ class ModelManager:
         self._loading = 0  # loads in progress (see _loop_first)
         self._switch_interval = sys.getswitchinterval()
         self.serving = False  # frames are being taken (the server sets it once its listeners run)
-        self._loads: set[asyncio.Task[ModelState]] = set()  # loads in progress (``load``)
+        # Loads and unloads in progress (run to their end whoever waits: ``_to_its_end``); ``close`` ends them
+        self._running: set[asyncio.Task[ModelState]] = set()
 
     def _build(self, spec: ModelSpec, paced: bool) -> list[DeviceModel]:
         """One instance per device (each from a fresh module: a load may move it in place); ``paced``: the
@@ -112,15 +113,7 @@ class ModelManager:
         stops waiting (cancelled: a timeout, an HTTP client that left): stopped halfway, it left the
         model LOADING for good and its instances, built in the loader thread, never freed.
         """
-        task = asyncio.ensure_future(self._load(spec))
-        self._loads.add(task)  # (the loop keeps only a weak reference to a task)
-        task.add_done_callback(self._loads.discard)
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if not task.done():
-                task.add_done_callback(functools.partial(_log_unawaited, spec.name))
-            raise
+        return await self._to_its_end(self._load(spec), f"model {spec.name}: a load")
 
     async def _load(self, spec: ModelSpec) -> ModelState:
         loop = asyncio.get_running_loop()
@@ -168,7 +161,13 @@ class ModelManager:
             return state
 
     async def unload(self, name: str) -> ModelState:
-        """Stop taking frames for ``name`` (UNKNOWN_MODEL from now on), finish the queued ones, free it."""
+        """Stop taking frames for ``name`` (UNKNOWN_MODEL from now on), finish the queued ones, free it.
+
+        Runs to its end even when its caller stops waiting: stopped while the queued frames run, it left
+        the model UNLOADING, refusing frames with its memory held."""
+        return await self._to_its_end(self._unload(name), f"model {name}: an unload")
+
+    async def _unload(self, name: str) -> ModelState:
         loop = asyncio.get_running_loop()
         async with self._lock(name):
             state = self.states.get(name)
@@ -210,14 +209,35 @@ class ModelManager:
             if self._loading == 0:
                 sys.setswitchinterval(self._switch_interval)
 
+    async def _to_its_end(self, work: Coroutine[Any, Any, ModelState], what: str) -> ModelState:
+        """``work``, run to its end even if the caller is cancelled (a timeout, an HTTP client gone): its
+        failure then goes to the log, there being nobody else to hear of it."""
+        task = asyncio.ensure_future(work)
+        self._running.add(task)  # (the loop keeps only a weak reference to a task)
+        task.add_done_callback(self._running.discard)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                task.add_done_callback(functools.partial(_log_unawaited, what))
+            raise
+
+    async def close(self) -> None:
+        """End the loads and unloads still running (their callers gone): the server stops, and they would
+        run on past it, onto its freed backend and shut loader thread."""
+        running = list(self._running)
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
 
-def _log_unawaited(name: str, task: asyncio.Task[ModelState]) -> None:
-    """The end of a load whose caller stopped waiting: nobody else hears of its failure."""
+def _log_unawaited(what: str, task: asyncio.Task[ModelState]) -> None:
+    """The end of a load or unload whose caller stopped waiting: nobody else hears of its failure."""
     if not task.cancelled() and (exc := task.exception()) is not None:
-        log.warning("model %s: a load whose caller stopped waiting failed: %s", name, exc)
+        log.warning("%s whose caller stopped waiting failed: %s", what, exc)
 
 
 @contextlib.contextmanager

@@ -159,25 +159,8 @@ async def load(request: web.Request) -> web.Response:
 
 async def unload(request: web.Request) -> web.Response:
     server = _server(request)
-    # To its end even if the client leaves (the HTTP listener then cancels this handler): stopped while the
-    # model's queued frames run, it would stay UNLOADING, refusing frames with its memory held. (A load
-    # runs to its end by itself: ModelManager.load.)
-    task = asyncio.ensure_future(server.unload_model(request.match_info["name"]))
-    _unloads.add(task)  # (the loop keeps only a weak reference to a task)
-    task.add_done_callback(_unloads.discard)
-    task.add_done_callback(_retrieved)
-    await asyncio.shield(task)
+    await server.unload_model(request.match_info["name"])  # to its end even if the client leaves (ModelManager)
     return web.json_response({})
-
-
-_unloads: set[asyncio.Task[Any]] = set()
-
-
-def _retrieved(task: asyncio.Task[Any]) -> None:
-    """An unload's error goes to its client; one whose client left is dropped here, not left to the loop's
-    "exception was never retrieved" log."""
-    if not task.cancelled():
-        task.exception()
 
 
 @web.middleware
