@@ -271,12 +271,14 @@ async def stream(request: web.Request) -> web.StreamResponse:
     finally:
         sockets.discard(sock)
         sock.close()
-        if writer is not None:
-            await sock.flush(writer)
-        with contextlib.suppress(Exception):
-            await ws.close()
-        give_place(request)
-        admission.leave(producer)
+        try:  # (awaits: a shutdown may cancel this handler a second time here)
+            if writer is not None:
+                await sock.flush(writer)
+            with contextlib.suppress(Exception):
+                await ws.close()
+        finally:
+            give_place(request)
+            admission.leave(producer)
     return ws
 
 
