@@ -570,12 +570,8 @@ async def test_an_unload_cancelled_while_it_is_announced_still_ends(served: Serv
     assert served.model_index()[0]["state"] == "UNAVAILABLE" and "m" not in served.model_specs
 
 
-@pytest.mark.asyncio
-async def test_a_load_whose_caller_stops_waiting_still_ends_serving(
-    served: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A load cancelled halfway (a timeout, an HTTP client that left) left the model LOADING for good, and the
-    instances its loader thread went on to build were never freed."""
+async def load_and_stop_waiting(served: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Load model n (0.3 s to build) and cancel the caller while it builds."""
     original = manager.ModelManager._build
     building = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -591,6 +587,15 @@ async def test_a_load_whose_caller_stops_waiting_still_ends_serving(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+@pytest.mark.asyncio
+async def test_a_load_whose_caller_stops_waiting_still_ends_serving(
+    served: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load cancelled halfway (a timeout, an HTTP client that left) left the model LOADING for good, and the
+    instances its loader thread went on to build were never freed."""
+    await load_and_stop_waiting(served, tmp_path, monkeypatch)
     for _ in range(500):
         if "n" in served.model_specs:
             break
@@ -640,21 +645,7 @@ async def test_a_load_whose_caller_left_ends_with_the_server(
 ) -> None:
     """A load runs on when its caller stops waiting; ``stop`` did not wait for it, so it ran on past the server
     (onto a closed backend and a shut loader: its failure a warning for nothing) or was left pending."""
-    original = manager.ModelManager._build
-    building = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def slow_build(self: manager.ModelManager, spec: ModelSpec, paced: bool) -> list[Any]:
-        loop.call_soon_threadsafe(building.set)
-        time.sleep(0.3)
-        return original(self, spec, paced)
-
-    monkeypatch.setattr(manager.ModelManager, "_build", slow_build)
-    task = asyncio.create_task(served.load_model(spec(versioned(tmp_path, 2), name="n")))
-    await building.wait()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await load_and_stop_waiting(served, tmp_path, monkeypatch)
     await served.stop()
     pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
     assert not pending, f"still running after stop: {pending}"
