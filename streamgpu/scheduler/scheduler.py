@@ -76,7 +76,6 @@ HINT_FRACTION = 0.8
 # A batch that must start for a queued deadline starts this long before the estimate says it
 # must: host work between launch and the device starting, and timer granularity (1 ms in uvloop).
 DEADLINE_MARGIN_S = 0.002
-PRODUCER_GONE = "producer disconnected"  # the message of a frame dropped because its sender is gone
 
 
 class QueueState(NamedTuple):
@@ -391,9 +390,7 @@ class Scheduler:
             batch, abandoned = self._take(queue, self._batch_size(queue, replica, now), version)
             if batch:
                 self._launch(queue, replica, batch, now)
-            for frame in abandoned:  # after the launch is counted: finishing frees slots, waking producers
-                queue.metrics.abandoned += 1
-                _fail(frame, Status.SHUTTING_DOWN, PRODUCER_GONE)
+            _abandon(queue, abandoned)  # after the launch is counted: finishing frees slots, waking producers
 
     def _place(self, queue: ModelQueue, now: float, replicas: list[Replica]) -> Replica | None:
         """The usable one of ``replicas`` with room for a batch that would finish the queued frames first."""
@@ -556,9 +553,7 @@ class Scheduler:
             gone = queue.frames.withdraw(producer, _abandoned)
             for frame in gone:  # out of the queue first: finishing releases slots, which wakes producers
                 queue.cancel_timer(frame)
-            for frame in gone:
-                queue.metrics.abandoned += 1
-                _fail(frame, Status.SHUTTING_DOWN, PRODUCER_GONE)
+            _abandon(queue, gone)
 
     def reject_queued(self, status: Status, message: str) -> None:
         """Finish every queued (not yet launched) frame with ``status``."""
@@ -580,6 +575,13 @@ class Scheduler:
 
 def _abandoned(frame: Frame) -> bool:
     return frame.is_abandoned()
+
+
+def _abandon(queue: ModelQueue, frames: list[Frame]) -> None:
+    """Answer ``frames`` (out of the queue already), whose sender is gone."""
+    for frame in frames:
+        queue.metrics.abandoned += 1
+        _fail(frame, Status.SHUTTING_DOWN, "producer disconnected")
 
 
 def _fail(frame: Frame, status: Status, message: str) -> None:
