@@ -5,6 +5,7 @@ its own (:func:`pin_loop_thread`, the ``loop_cpu`` setting)."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
@@ -147,9 +148,13 @@ class _Pinned:
     thread: int  # the loop's thread (threading.get_ident)
     cpu: int
     before: frozenset[int]  # the thread's CPUs before
-    spare: frozenset[int]  # the CPUs left to the rest of the process
     threads_before: frozenset[str]  # the process's threads then (/proc/self/task): not started on the pinned CPUs
     servers: int = 1  # servers that pinned it
+
+    @property
+    def spare(self) -> frozenset[int]:
+        """The CPUs left to the rest of the process."""
+        return self.before - {self.cpu}
 
 
 _pin: _Pinned | None = None
@@ -186,7 +191,7 @@ def pin_loop_thread(cpu: int) -> None:
     except OSError as exc:  # (a sandbox that refuses it: seccomp, or no /proc)
         raise ConfigError(f"loop_cpu = {cpu}: the system refused to pin the loop's thread ({exc}); "
                           "leave it unset (-1)") from exc  # fmt: skip
-    _pin = _Pinned(thread, cpu, allowed, allowed - {cpu}, threads)
+    _pin = _Pinned(thread, cpu, allowed, threads)
 
 
 def loop_cpu_problem(cpu: int) -> str | None:
@@ -227,9 +232,15 @@ def spare_cpus() -> tuple[int, ...] | None:
     return tuple(sorted(pin.spare)) if pin is not None else None
 
 
+def helper_threads(name: str) -> concurrent.futures.ThreadPoolExecutor:
+    """A one-thread pool for a server's work off the loop (model loads, eager launches, CPU inference), its
+    thread kept off a pinned loop's CPU (``leave_loop_cpu``: it would inherit it from the loop that starts it)."""
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=leave_loop_cpu)
+
+
 def leave_loop_cpu() -> None:
-    """Move the calling thread off a pinned loop's CPU (an ``initializer`` of streamgpu's helper threads, which
-    would otherwise inherit it from the loop thread that starts them); does nothing when no loop is pinned."""
+    """Move the calling thread off a pinned loop's CPU (the initializer of ``helper_threads``, which would
+    otherwise inherit it from the loop thread that starts them); does nothing when no loop is pinned."""
     pin = _pin  # (read once: the loop's thread may release it meanwhile)
     if pin is not None and threading.get_ident() != pin.thread:
         os.sched_setaffinity(0, pin.spare)

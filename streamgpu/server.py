@@ -9,7 +9,6 @@ enter through ``ingest`` listeners and their shared ``Admission``.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -22,7 +21,7 @@ from streamgpu.gpu.backend import Backend, DeviceModel, create_backend
 from streamgpu.ingest import listener_class, make_listeners
 from streamgpu.ingest.admission import Admission
 from streamgpu.ingest.base import Listener
-from streamgpu.loops import freeze_heap, leave_loop_cpu, pin_loop_thread, thaw_heap, unpin_loop_thread
+from streamgpu.loops import freeze_heap, helper_threads, pin_loop_thread, thaw_heap, unpin_loop_thread
 from streamgpu.memory import HostSegment, SlotPool
 from streamgpu.metrics import ReplyCounts
 from streamgpu.models.manager import ModelManager, ModelState
@@ -60,9 +59,7 @@ class Server:
         cfg = self.config
         self.results: Results = results_from(cfg.results_port, cfg.results_host, cfg.results_file, cfg.max_connections)
         self._sweeper: asyncio.TimerHandle | None = None
-        self._loader = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="streamgpu-loader", initializer=leave_loop_cpu
-        )
+        self._loader = helper_threads("streamgpu-loader")
         self._heap_frozen = False  # this server holds the heap frozen (loops.freeze_heap) until it is released
         self._loop_pinned = False  # this server pinned the loop thread to loop_cpu (loops.pin_loop_thread)
 

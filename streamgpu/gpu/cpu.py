@@ -9,7 +9,6 @@ soon as it is done, exactly as after a host-to-device copy.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import functools
 import time
 from typing import Any
@@ -20,7 +19,7 @@ from torch import nn
 
 from streamgpu.config import Config
 from streamgpu.gpu.backend import Backend, BatchRun, BatchTrace, DeviceModel
-from streamgpu.loops import leave_loop_cpu
+from streamgpu.loops import helper_threads
 from streamgpu.memory import Slot
 from streamgpu.models.outputs import BatchOutputs, ModelHead, host_dtype, model_input, warm_up
 from streamgpu.models.preprocess import TorchPreprocess
@@ -64,9 +63,7 @@ class CpuBackend(Backend):
     def __init__(self, loop: asyncio.AbstractEventLoop, config: Config) -> None:
         self._loop = loop
         self.devices = ["cpu"]  # one host "device", whatever Config.devices says (those are GPUs)
-        self._worker = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="streamgpu-cpu", initializer=leave_loop_cpu
-        )
+        self._worker = helper_threads("streamgpu-cpu")
         self._pending_copies: set[asyncio.Future[None]] = set()
         self._host: np.ndarray | None = None
 
