@@ -103,6 +103,9 @@ def test_models_from_toml(tmp_path: Path) -> None:
     assert [m.name for m in cfg.models] == ["a", "b"] and cfg.models[0].input_shape == (32, 32, 3)
 
 
+SECOND_LISTENER = '[[server.listeners]]\nkind = "tcp"\n[[server.listeners]]\n'  # listeners[1] is what follows
+
+
 @pytest.mark.parametrize(
     ("toml", "message"),
     [
@@ -143,6 +146,28 @@ def test_models_from_toml(tmp_path: Path) -> None:
         ("[server]\nresults_top_k = -1\n", "results_top_k must be >= 0"),
         ("[server]\nws_send_queue_bytes = 0\n", "ws_send_queue_bytes must be >= 1 byte"),
         ('[server]\nws_send_queue_bytes = "4M"\n', "server.ws_send_queue_bytes must be an integer"),
+        # listener options are checked with the config: check-config must report them, not only serve
+        (
+            SECOND_LISTENER + 'kind = "udp"\noptions = { bogus = 1 }\n',
+            "listeners[1]: udp listener: unknown options ['bogus']",
+        ),
+        (
+            SECOND_LISTENER + 'kind = "udp"\noptions = { batch = 0 }\n',
+            "listeners[1]: udp listener: batch must be an integer in 1..1024",
+        ),
+        (
+            SECOND_LISTENER + 'kind = "tcp"\nport = 7879\noptions = { bogus = 1 }\n',
+            "listeners[1]: a tcp listener takes no options",
+        ),
+        (
+            SECOND_LISTENER + 'kind = "http"\noptions = { bogus = 1 }\n',
+            "listeners[1]: a http listener takes no options",
+        ),
+        # misshapen server tables are named
+        ("server = 5\n", "server must be a table ([server]), got 5 (int)"),
+        ("[[server]]\nport = 1\n", "server must be a table ([server]), got [{'port': 1}] (list)"),
+        ("[server.tokens.cam]\nmax_priority = 5\n", "server.tokens.cam: token is required"),
+        ("[server.tokens.cam]\ntokn = 'x'\n", "server.tokens.cam has unknown settings ['tokn']"),
         ("[server]\nloop_cpu = -2\n", "loop_cpu must be -1 (any CPU) or a CPU number, got -2"),
         ("[server]\nloop_cpu = 100000\n", "loop_cpu = 100000: this process may run on CPUs"),
         (
@@ -200,39 +225,6 @@ def test_resolved_settings_mask_token_values() -> None:
     text = str(cfg.resolved())
     assert "s3cret" not in text and "other-secret" not in text
     assert cfg.resolved()["tokens"]["cam"] == {"token": "***", "max_priority": 3}
-
-
-@pytest.mark.parametrize(
-    ("listener", "message"),
-    [
-        ('kind = "udp"\noptions = { bogus = 1 }', "listeners[1]: udp listener: unknown options ['bogus']"),
-        ('kind = "udp"\noptions = { batch = 0 }', "listeners[1]: udp listener: batch must be an integer in 1..1024"),
-        ('kind = "tcp"\nport = 7879\noptions = { bogus = 1 }', "listeners[1]: a tcp listener takes no options"),
-        ('kind = "http"\noptions = { bogus = 1 }', "listeners[1]: a http listener takes no options"),
-    ],
-)
-def test_listener_options_are_checked_with_the_config(tmp_path: Path, listener: str, message: str) -> None:
-    # check-config must report them, not only serve
-    path = tmp_path / "c.toml"
-    path.write_text(f'[[server.listeners]]\nkind = "tcp"\n[[server.listeners]]\n{listener}\n')
-    with pytest.raises(ConfigError, match=re.escape(message)):
-        Config.load(str(path))
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ("server = 5\n", "server must be a table ([server]), got 5 (int)"),
-        ("[[server]]\nport = 1\n", "server must be a table ([server]), got [{'port': 1}] (list)"),
-        ("[server.tokens.cam]\nmax_priority = 5\n", "server.tokens.cam: token is required"),
-        ("[server.tokens.cam]\ntokn = 'x'\n", "server.tokens.cam has unknown settings ['tokn']"),
-    ],
-)
-def test_misshapen_server_tables_are_named(tmp_path: Path, text: str, message: str) -> None:
-    path = tmp_path / "c.toml"
-    path.write_text(text)
-    with pytest.raises(ConfigError, match=re.escape(message)):
-        Config.load(str(path))
 
 
 def test_a_negative_shutdown_timeout_says_zero_is_allowed() -> None:
