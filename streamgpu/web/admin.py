@@ -33,13 +33,7 @@ from streamgpu.errors import ModelNotFoundError, StreamgpuError
 from streamgpu.models.repository import folder_spec
 from streamgpu.models.spec import ModelSpec
 from streamgpu.server import Server
-from streamgpu.web.app import SERVER_KEY, parse_json
-
-
-class AdminError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+from streamgpu.web.app import SERVER_KEY, HttpError, parse_json, read_body
 
 
 def _server(request: web.Request) -> Server:
@@ -49,45 +43,39 @@ def _server(request: web.Request) -> Server:
         auth = request.headers.get("Authorization", "")
         given = auth[len("Bearer ") :] if auth.startswith("Bearer ") else ""
         if not hmac.compare_digest(given.encode(), token.encode()):
-            raise AdminError(
+            raise HttpError(
                 401, "model administration needs 'Authorization: Bearer AUTH_TOKEN' (the server's auth_token)"
             )
     return server
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
-    # Within the payload time budget of the body aiohttp accepts (client_max_size): one that stalls would
-    # otherwise hold its connection's place for good.
-    size = min(request.content_length or request.client_max_size, request.client_max_size)
-    budget = request.app[SERVER_KEY].admission.payload_budget_s(size)
-    try:
-        async with asyncio.timeout(budget):
-            raw = await request.read()
-    except TimeoutError:
-        raise AdminError(408, f"the request body did not arrive within {budget:.3g} s") from None
+    limit = request.client_max_size  # (what aiohttp would accept), within the payload time budget of that much
+    budget = request.app[SERVER_KEY].admission.payload_budget_s(min(request.content_length or limit, limit))
+    raw = await read_body(request.content, limit, budget, f"request body exceeds {limit} bytes")
     if not raw.strip():
         return {}
     try:
         body = parse_json(raw)
     except ValueError as exc:
-        raise AdminError(400, f"request body is not JSON: {exc}") from None
+        raise HttpError(400, f"request body is not JSON: {exc}") from None
     if not isinstance(body, dict):
-        raise AdminError(400, "request body must be a JSON object")
+        raise HttpError(400, "request body must be a JSON object")
     return body
 
 
 def _settings(body: dict[str, Any]) -> dict[str, Any] | None:
     params = body.get("parameters", {})
     if not isinstance(params, dict):
-        raise AdminError(400, "'parameters' must be an object")
+        raise HttpError(400, "'parameters' must be an object")
     settings = params.get("config")
     if isinstance(settings, str):
         try:
             settings = parse_json(settings)
         except ValueError as exc:
-            raise AdminError(400, f"parameters.config is not JSON: {exc}") from None
+            raise HttpError(400, f"parameters.config is not JSON: {exc}") from None
     if settings is not None and not isinstance(settings, dict):
-        raise AdminError(400, "parameters.config must be an object of model settings")
+        raise HttpError(400, "parameters.config must be an object of model settings")
     return settings
 
 
@@ -110,7 +98,7 @@ def _spec_for(server: Server, name: str, settings: dict[str, Any] | None) -> Mod
     known = server.known_spec(name)
     if known is None:
         where = f"no folder {name!r} in the model repository" if repository else "no model_repository"
-        raise AdminError(404, f"model {name!r}: no settings in the request, {where}, and not served before")
+        raise HttpError(404, f"model {name!r}: no settings in the request, {where}, and not served before")
     return known
 
 
@@ -124,7 +112,7 @@ def _checked(server: Server, spec: ModelSpec) -> ModelSpec:
         [os.path.realpath(repository), os.path.realpath(path)]
     ) == os.path.realpath(repository)  # fmt: skip
     if not inside:
-        raise AdminError(403, f"model {spec.name!r}: over HTTP a file source must lie inside the server's "
+        raise HttpError(403, f"model {spec.name!r}: over HTTP a file source must lie inside the server's "
                               f"model_repository ({repository or 'not set'}), got {path!r}")  # fmt: skip
     return spec
 
@@ -142,7 +130,7 @@ def _check_name(name: str) -> None:
     """A name loaded over HTTP is one folder of the model repository (as Triton's are): never one that
     reaches out of it (``..``, an encoded ``/``), nor control characters (they would fake log lines)."""
     if name in (".", "..") or os.path.basename(name) != name or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
-        raise AdminError(
+        raise HttpError(
             400, f"model name {name!r} is not a plain folder name (no '/', control characters, '.' or '..')"
         )
 
@@ -169,7 +157,7 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return await handler(request)
     try:
         return await handler(request)
-    except AdminError as exc:
+    except HttpError as exc:
         return web.json_response({"error": str(exc)}, status=exc.status)
     except ModelNotFoundError as exc:
         return web.json_response({"error": str(exc)}, status=404)

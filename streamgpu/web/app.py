@@ -11,6 +11,7 @@ Two ways to serve it:
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 from collections.abc import AsyncIterator
@@ -58,6 +59,32 @@ def give_place(request: web.Request) -> None:
     """The request that ``take_place`` admitted has ended."""
     if not request.app[CONNECTIONS_COUNTED_KEY]:
         request.app[SERVER_KEY].admission.close_connection()
+
+
+class HttpError(Exception):
+    """A request answered with an HTTP error status and ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+async def read_body(content: Any, limit: int, budget_s: float, too_large: str) -> bytes:
+    """A whole request body (one to parse: JSON), at most ``limit`` bytes (else 413 ``too_large``), within
+    ``budget_s`` (408: a stalled or endless chunked body would otherwise hold its connection's place for good)."""
+    parts = []
+    total = 0
+    try:
+        async with asyncio.timeout(budget_s):
+            while chunk := await content.readany():
+                total += len(chunk)
+                if total > limit:
+                    raise HttpError(413, too_large)
+                parts.append(chunk)
+    except TimeoutError:
+        raise HttpError(408, f"the request body did not arrive within {budget_s:.3g} s") from None
+    return b"".join(parts)
 
 
 def parse_json(raw: str | bytes) -> Any:

@@ -34,7 +34,7 @@ from streamgpu.frame import Outcome
 from streamgpu.ingest.admission import Admission, Producer, Refused
 from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol.wire import FrameHeader, Status
-from streamgpu.web.app import SERVER_KEY, give_place, parse_json, take_place
+from streamgpu.web.app import SERVER_KEY, HttpError, give_place, parse_json, read_body, take_place
 from streamgpu.web.frames import next_stream_key, receive_frame
 
 INPUT_NAME = "input"
@@ -73,15 +73,6 @@ HTTP_STATUS: dict[Status, int] = {
 }
 
 
-class OipError(Exception):
-    """A request answered with an HTTP error status and ``{"error": message}``."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
 def error_response(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
@@ -109,16 +100,16 @@ def _spec(request: web.Request) -> ModelSpec:
     version = request.match_info.get("version", MODEL_VERSION)
     spec = server.model_specs.get(name) if server.initialized else None
     if spec is None:
-        raise OipError(404, f"unknown model: {name!r}")
+        raise HttpError(404, f"unknown model: {name!r}")
     if version != MODEL_VERSION:
-        raise OipError(404, f"model {name!r} has no version {version!r} (it has version {MODEL_VERSION})")
+        raise HttpError(404, f"model {name!r} has no version {version!r} (it has version {MODEL_VERSION})")
     return spec
 
 
 async def model_ready(request: web.Request) -> web.Response:
     try:
         _spec(request)
-    except OipError as exc:
+    except HttpError as exc:
         return error_response(exc.status, exc.message)
     return web.Response(status=200 if request.app[SERVER_KEY].started else 503)
 
@@ -126,7 +117,7 @@ async def model_ready(request: web.Request) -> web.Response:
 async def model_metadata(request: web.Request) -> web.Response:
     try:
         spec = _spec(request)
-    except OipError as exc:
+    except HttpError as exc:
         return error_response(exc.status, exc.message)
     output = _output_shapes(request.app).get(spec.name)  # known once the model has answered a frame
     return web.json_response({
@@ -154,34 +145,34 @@ class _Request:
 
     def __init__(self, spec: ModelSpec, doc: Any, binary_len: int | None) -> None:
         if not isinstance(doc, dict):
-            raise OipError(400, "the inference request must be a JSON object")
+            raise HttpError(400, "the inference request must be a JSON object")
         self.id = doc.get("id")
         if self.id is not None and not isinstance(self.id, str):
-            raise OipError(400, "'id' must be a string")
+            raise HttpError(400, "'id' must be a string")
         params = _dict(doc.get("parameters", {}), "parameters")
         self.deadline_us = _int_param(params, "timeout", 2**32 - 1)
         self.priority = _int_param(params, "priority", 255)
         inputs = doc.get("inputs")
         if not isinstance(inputs, list) or len(inputs) != 1:
-            raise OipError(400, f"model {spec.name!r} takes exactly one input, named {INPUT_NAME!r}")
+            raise HttpError(400, f"model {spec.name!r} takes exactly one input, named {INPUT_NAME!r}")
         tensor = _dict(inputs[0], "inputs[0]")
         if tensor.get("name") != INPUT_NAME:
-            raise OipError(400, f"unknown input {tensor.get('name')!r}: model {spec.name!r} has input {INPUT_NAME!r}")
+            raise HttpError(400, f"unknown input {tensor.get('name')!r}: model {spec.name!r} has input {INPUT_NAME!r}")
         datatype = tensor.get("datatype")
         if DATATYPES.get(datatype) != spec.frame_dtype:  # type: ignore[arg-type]
-            raise OipError(400, f"input {INPUT_NAME!r} has datatype {DATATYPE_OF[spec.frame_dtype]}, got {datatype!r}")
+            raise HttpError(400, f"input {INPUT_NAME!r} has datatype {DATATYPE_OF[spec.frame_dtype]}, got {datatype!r}")
         shape = tensor.get("shape")
         if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
         ):
-            raise OipError(400, f"input shape must be a list of non-negative integers, got {shape!r}")
+            raise HttpError(400, f"input shape must be a list of non-negative integers, got {shape!r}")
         frame_shape = list(spec.input_shape)
         if shape == frame_shape:
             self.frames, self.batched = 1, False
         elif len(shape) == len(frame_shape) + 1 and shape[1:] == frame_shape and shape[0] >= 1:
             self.frames, self.batched = shape[0], True
         else:
-            raise OipError(
+            raise HttpError(
                 400, f"input shape {shape} does not match model {spec.name!r}: expected {frame_shape} or"
                 f" [N, {', '.join(map(str, frame_shape))}]"
             )  # fmt: skip
@@ -192,28 +183,28 @@ class _Request:
         self.data: np.ndarray | None = None
         if size is not None:
             if "data" in tensor:
-                raise OipError(400, "input has both 'data' and parameters.binary_data_size")
+                raise HttpError(400, "input has both 'data' and parameters.binary_data_size")
             if binary_len is None:
-                raise OipError(400, "binary_data_size needs the Inference-Header-Content-Length header")
+                raise HttpError(400, "binary_data_size needs the Inference-Header-Content-Length header")
             if size != nbytes:
-                raise OipError(400, f"binary_data_size is {size}; input shape {shape} of {datatype} needs {nbytes}")
+                raise HttpError(400, f"binary_data_size is {size}; input shape {shape} of {datatype} needs {nbytes}")
         else:
             if "data" not in tensor:
-                raise OipError(400, "input has neither 'data' nor parameters.binary_data_size")
+                raise HttpError(400, "input has neither 'data' nor parameters.binary_data_size")
             self.data = _json_tensor(tensor["data"], spec.frame_dtype, nbytes, shape)
         self.binary_len = nbytes if size is not None else 0
         self.binary_output = _bool_param(params, "binary_data_output", False, "parameters")
         outputs = doc.get("outputs")
         if outputs is not None:
             if not isinstance(outputs, list):
-                raise OipError(400, "'outputs' must be a list")
+                raise HttpError(400, "'outputs' must be a list")
             for i, out in enumerate(outputs):
                 out = _dict(out, f"outputs[{i}]")
                 if out.get("name") != OUTPUT_NAME:
-                    raise OipError(400, f"unknown output {out.get('name')!r}: model {spec.name!r} has {OUTPUT_NAME!r}")
+                    raise HttpError(400, f"unknown output {out.get('name')!r}: model {spec.name!r} has {OUTPUT_NAME!r}")
                 out_params = _dict(out.get("parameters", {}), f"outputs[{i}].parameters")
                 if "classification" in out_params:
-                    raise OipError(400, "the classification extension is not supported")
+                    raise HttpError(400, "the classification extension is not supported")
                 self.binary_output = _bool_param(
                     out_params, "binary_data", self.binary_output, f"outputs[{i}].parameters"
                 )
@@ -227,21 +218,21 @@ class _Request:
 
 def _dict(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise OipError(400, f"{where} must be a JSON object")
+        raise HttpError(400, f"{where} must be a JSON object")
     return value
 
 
 def _bool_param(params: dict[str, Any], key: str, default: bool, where: str) -> bool:
     value = params.get(key, default)
     if not isinstance(value, bool):  # bool("false") is True: a string or number here is a client's mistake
-        raise OipError(400, f"{where}.{key} must be true or false, got {value!r}")
+        raise HttpError(400, f"{where}.{key} must be true or false, got {value!r}")
     return value
 
 
 def _int_param(params: dict[str, Any], key: str, hi: int) -> int:
     value = params.get(key, 0)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= hi:
-        raise OipError(400, f"parameters.{key} must be an integer 0..{hi}, got {value!r}")
+        raise HttpError(400, f"parameters.{key} must be an integer 0..{hi}, got {value!r}")
     return value
 
 
@@ -250,18 +241,18 @@ def _json_tensor(data: Any, dtype: np.dtype, nbytes: int, shape: list[int]) -> n
     try:
         array = np.asarray(data)
     except (ValueError, TypeError) as exc:
-        raise OipError(400, f"input data is not a tensor: {exc}") from None
+        raise HttpError(400, f"input data is not a tensor: {exc}") from None
     if array.dtype.kind not in "biuf":
-        raise OipError(400, f"input data must be numbers, got {array.dtype.name} elements")
+        raise HttpError(400, f"input data must be numbers, got {array.dtype.name} elements")
     flat = array.reshape(-1)
     if flat.size * dtype.itemsize != nbytes:
-        raise OipError(400, f"input data has {flat.size} elements; shape {shape} needs {nbytes // dtype.itemsize}")
+        raise HttpError(400, f"input data has {flat.size} elements; shape {shape} needs {nbytes // dtype.itemsize}")
     if (
         dtype.kind in "iu"
         and flat.size
         and (array.dtype.kind == "f" or flat.min() < np.iinfo(dtype).min or flat.max() > np.iinfo(dtype).max)
     ):
-        raise OipError(400, f"input data does not fit {DATATYPE_OF[dtype]}")
+        raise HttpError(400, f"input data does not fit {DATATYPE_OF[dtype]}")
     return flat.astype(dtype)
 
 
@@ -271,7 +262,7 @@ def _producer(request: web.Request, admission: Admission) -> Producer:
     token = auth[len("Bearer ") :] if auth.startswith("Bearer ") else ""
     grant = admission.authenticate(token)
     if grant is None:
-        raise OipError(401, "bad or missing auth token (send 'Authorization: Bearer TOKEN')")
+        raise HttpError(401, "bad or missing auth token (send 'Authorization: Bearer TOKEN')")
     peer = request.remote or "?"
     return admission.producer_for(grant, f"http:{peer}")
 
@@ -281,17 +272,17 @@ async def infer(request: web.Request) -> web.StreamResponse:
     try:
         spec = _spec(request)
         if not server.started:
-            raise OipError(503, "server is not ready (starting or shutting down)")
+            raise HttpError(503, "server is not ready (starting or shutting down)")
         admission = server.admission
         producer = _producer(request, admission)
-    except OipError as exc:
+    except HttpError as exc:
         return error_response(exc.status, exc.message)
     if not take_place(request):
         admission.leave(producer)
         return error_response(503, f"too many connections ({admission.config.max_connections})")
     try:
         return await _infer(request, spec, admission, producer)
-    except OipError as exc:
+    except HttpError as exc:
         return error_response(exc.status, exc.message)
     except Refused as refused:
         return error_response(HTTP_STATUS[refused.status], f"{refused.status.name}: {refused.message}")
@@ -306,12 +297,12 @@ async def _infer(request: web.Request, spec: ModelSpec, admission: Admission, pr
     limit = admission.config.max_payload_bytes + HEADER_ALLOWANCE
     length = request.content_length
     if length is not None and length > limit:
-        raise OipError(413, f"request body of {length} bytes exceeds {limit} (max_payload_bytes + header allowance)")
+        raise HttpError(413, f"request body of {length} bytes exceeds {limit} (max_payload_bytes + header allowance)")
     content = request.content
     header_len = _header_length(request)
     if header_len is not None:
         if length is not None and not request.headers.get("Content-Encoding") and header_len > length:
-            raise OipError(400, f"{HEADER_LENGTH} {header_len} exceeds the body's {length} bytes")
+            raise HttpError(400, f"{HEADER_LENGTH} {header_len} exceeds the body's {length} bytes")
         raw = await _read_exactly(content, header_len, admission, "inference header")
     else:
         if limit > JSON_BODY_LIMIT:
@@ -323,21 +314,21 @@ async def _infer(request: web.Request, spec: ModelSpec, admission: Admission, pr
         else:
             too_large = f"request body exceeds {limit} bytes (max_payload_bytes + header allowance)"
         if length is not None and length > limit:
-            raise OipError(413, too_large)
-        raw = await _read_all(content, limit, admission.payload_budget_s(length or limit), too_large)
+            raise HttpError(413, too_large)
+        raw = await read_body(content, limit, admission.payload_budget_s(length or limit), too_large)
     try:
         doc = parse_json(raw)
     except ValueError as exc:  # UnicodeDecodeError included
-        raise OipError(400, f"the inference request is not valid JSON: {exc}") from None
+        raise HttpError(400, f"the inference request is not valid JSON: {exc}") from None
     req = _Request(spec, doc, header_len)
     if req.frames * req.frame_nbytes > admission.config.max_payload_bytes:  # a compressed body can claim more
-        raise OipError(
+        raise HttpError(
             413, f"tensor data of {req.frames * req.frame_nbytes} bytes exceeds max_payload_bytes"
             f" ({admission.config.max_payload_bytes})"
         )  # fmt: skip
     plain = header_len is not None and length is not None and not request.headers.get("Content-Encoding")
     if plain and header_len + req.binary_len != length:  # type: ignore[operator]
-        raise OipError(
+        raise HttpError(
             400, f"body is {length} bytes; the header ({header_len}) and binary inputs ({req.binary_len}) make"
             f" {header_len + req.binary_len}"  # type: ignore[operator]
         )  # fmt: skip
@@ -374,11 +365,11 @@ def _header_length(request: web.Request) -> int | None:
     try:
         value = int(raw)
     except ValueError:
-        raise OipError(400, f"{HEADER_LENGTH} must be an integer, got {raw!r}") from None
+        raise HttpError(400, f"{HEADER_LENGTH} must be an integer, got {raw!r}") from None
     if value < 0:
-        raise OipError(400, f"{HEADER_LENGTH} must not be negative, got {value}")
+        raise HttpError(400, f"{HEADER_LENGTH} must not be negative, got {value}")
     if value > HEADER_ALLOWANCE:
-        raise OipError(413, f"{HEADER_LENGTH} {value} exceeds {HEADER_ALLOWANCE}")
+        raise HttpError(413, f"{HEADER_LENGTH} {value} exceeds {HEADER_ALLOWANCE}")
     return value
 
 
@@ -387,26 +378,9 @@ async def _read_exactly(content: Any, n: int, admission: Admission, what: str) -
         async with asyncio.timeout(admission.payload_budget_s(n)):
             return bytes(await content.readexactly(n))
     except asyncio.IncompleteReadError as exc:
-        raise OipError(400, f"body ends after {len(exc.partial)} of the {what}'s {n} bytes") from None
+        raise HttpError(400, f"body ends after {len(exc.partial)} of the {what}'s {n} bytes") from None
     except TimeoutError:
-        raise OipError(408, f"the {what} ({n} bytes) did not arrive in time") from None
-
-
-async def _read_all(content: Any, limit: int, budget_s: float, too_large: str) -> bytes:
-    """The whole body (a JSON request), at most ``limit`` bytes (else 413 ``too_large``), within ``budget_s`` (a
-    stalled or endless chunked body would otherwise hold its connection's place for good)."""
-    parts = []
-    total = 0
-    try:
-        async with asyncio.timeout(budget_s):
-            while chunk := await content.readany():
-                total += len(chunk)
-                if total > limit:
-                    raise OipError(413, too_large)
-                parts.append(chunk)
-    except TimeoutError:
-        raise OipError(408, f"the request body did not arrive within {budget_s:.3g} s") from None
-    return b"".join(parts)
+        raise HttpError(408, f"the {what} ({n} bytes) did not arrive in time") from None
 
 
 def _read_into(content: Any) -> Any:
@@ -415,7 +389,7 @@ def _read_into(content: Any) -> Any:
         while filled < n:
             chunk = await content.read(n - filled)  # at most what this frame still needs
             if not chunk:
-                raise OipError(400, f"body ends {n - filled} bytes before the end of the binary input")
+                raise HttpError(400, f"body ends {n - filled} bytes before the end of the binary input")
             view[filled : filled + len(chunk)] = chunk
             filled += len(chunk)
 
