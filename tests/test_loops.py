@@ -271,7 +271,7 @@ LOOP_CPU = textwrap.dedent(
             assert workers and all(cpus == spare for cpus in workers.values()), f"workers: {workers}"
             (pid,) = listener.pids
             os.kill(pid, signal.SIGKILL)  # its replacement is spawned while the loop serves
-            while listener.pids in ([], [pid]):
+            while listener.pids in ([], [pid]) or len(at_spawn) < 2:  # (the new pid shows before spawn returns)
                 await asyncio.sleep(0.05)
             assert at_spawn == [spare, spare], f"workers starting on {at_spawn}"
             assert os.sched_getaffinity(listener.pids[0]) == spare
