@@ -15,13 +15,14 @@ import pytest_asyncio
 import torch
 
 from streamgpu import client
-from streamgpu.config import Config, ListenerSpec
+from streamgpu.config import Config, ListenerSpec, TokenSpec
 from streamgpu.models.builtin import build_builtin
 from streamgpu.models.outputs import BatchOutputs
 from streamgpu.models.preprocess import preprocess_torch
 from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol import wire
 from streamgpu.protocol.wire import Status
+from streamgpu.scheduler.scheduler import Scheduler
 from streamgpu.server import Server
 
 SPEC = ModelSpec(input_shape=(64, 64, 3), max_batch_size=16, batch_buckets=(1, 4, 16))
@@ -355,4 +356,42 @@ async def test_a_closed_connections_queued_frames_free_their_slots_at_once(monke
             with contextlib.suppress(ConnectionError, asyncio.CancelledError):
                 await fut
         await busy.close()
+    assert srv.pool.slots_in_use == 0
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("workers", [0, 1])
+async def test_a_tokens_connection_closing_with_its_frames_answered_looks_for_none(
+    monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    """A token's connections share one producer: one closing with every frame answered had the scheduler look
+    through all the token's queued frames for its own (the other connections' thousands, ~0.15 us each)."""
+    slow_batches(monkeypatch, 0.5)
+    withdrawn: list[object] = []
+    withdraw = Scheduler.withdraw
+
+    def spy(self: Scheduler, producer: object) -> None:
+        withdrawn.append(producer)
+        withdraw(self, producer)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Scheduler, "withdraw", spy)
+    one = ModelSpec(name=SPEC.name, input_shape=SPEC.input_shape, max_batch_size=1)
+    cfg = config(models=[one], max_inflight_batches=1, ingest_workers=workers, tokens={"fleet": TokenSpec("fleet-key")})
+    async with Server(cfg) as srv:
+        answered = await client.connect("127.0.0.1", srv.port, token="fleet-key")
+        assert (await answered.submit(random_frames(1, seed=6)[0])).status == Status.OK
+        busy = await client.connect("127.0.0.1", srv.port, token="fleet-key")
+        queued = [busy.submit(f) for f in random_frames(3, seed=7)]  # one runs, two wait behind it
+        while srv.metrics()["frames_in_flight"] < 3:
+            await asyncio.sleep(0.01)
+        await answered.close()
+        await busy.close()  # (after the first close: on one worker, its record comes after the first's)
+        started = time.perf_counter()
+        while srv.metrics()["models"][SPEC.name]["abandoned"] < 2 and time.perf_counter() - started < 2.0:
+            await asyncio.sleep(0.01)
+        assert srv.metrics()["models"][SPEC.name]["abandoned"] == 2
+        assert len(withdrawn) == 1, "the close of the connection with nothing in the server withdrew too"
+        for fut in queued:
+            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+                await fut
     assert srv.pool.slots_in_use == 0

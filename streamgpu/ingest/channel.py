@@ -22,7 +22,10 @@ Worker -> scheduler: fixed-size records of ``UP.size`` (80) bytes::
   ``priority`` is its priority ceiling; ``flags`` is ``OPEN_TCP`` for a TCP
   connection, ``OPEN_UDP`` for a UDP producer (a source address: "connection"
   below means either).
-* ``CLOSED``: connection ``conn`` is gone (only after its ``OPEN``).
+* ``CLOSED``: connection ``conn`` is gone (only after its ``OPEN``); ``offset``
+  is how many of its frames the worker had not answered (0: none of them can be
+  queued in the scheduling process, which then looks for none; a UDP producer
+  says 1).
 * ``READY``: the worker accepts connections. ``STOPPED``: the worker took its
   last frame (answer to ``STOP``); every FRAME it sent came before this.
 * ``REPLIED``: the worker answered without a FRAME sent up (a refused frame, a

@@ -192,8 +192,13 @@ class TcpConnection(asyncio.BufferedProtocol):
             log.info("connection %d from %s closed after %d frames: %s", self.id, self.peer, self._frames,
                      self._close_reason, extra={"event": "connection_closed", "connection": self.id,
                      "peer": self.peer, "frames": self._frames, "reason": self._close_reason})  # fmt: skip
-            self._admission.leave(self.producer)
+            self._admission.leave(self.producer, queued=self.frames_outstanding > 0)
             self.producer = None
+
+    @property
+    def frames_outstanding(self) -> int:
+        """Frames of this connection not answered yet (in the server, or their replies held back for order)."""
+        return len(self._order)
 
     def pause_writing(self) -> None:
         self._block("write")  # the producer does not read its replies: take no new frames from it

@@ -184,11 +184,13 @@ class _Channel(asyncio.Protocol):
         """``conn`` names a UDP producer (its OPEN, at its first frame, will say so)."""
         self._udp.add(conn)
 
-    def connection_closed(self, conn: int) -> None:
+    def connection_closed(self, conn: int, outstanding: int = 1) -> None:
+        """``conn`` is gone, ``outstanding`` of its frames unanswered (0: none can be queued up there; a UDP
+        producer does not count its own, so it says 1)."""
         self._udp.discard(conn)
         if conn in self._announced:
             self._announced.discard(conn)
-            self.send(channel.up(channel.CLOSED, conn & _U32))
+            self.send(channel.up(channel.CLOSED, conn & _U32, value=outstanding))
 
     def report(self, udp_listeners: Sequence[UdpListener]) -> None:
         """STATS records for the UDP listeners' numbers that changed since the last report."""
@@ -323,7 +325,7 @@ class _WorkerTcpListener(TcpListener):
 
     def connection_closed(self, conn: TcpConnection) -> None:
         super().connection_closed(conn)
-        self._chan.connection_closed(conn.id)
+        self._chan.connection_closed(conn.id, conn.frames_outstanding)
         self._report()
 
 

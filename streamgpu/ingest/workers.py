@@ -333,7 +333,7 @@ class _Worker(asyncio.Protocol):
                 gone = conns.pop(conn, None)
                 if gone is not None:
                     gone.closed = True
-                    self._admission.leave(gone.producer)
+                    self._admission.leave(gone.producer, queued=offset != 0)  # (its unanswered frames)
             elif kind == channel.REPLIED:  # the worker answered a frame or handshake itself: count it here too
                 self._admission.replied(models[index][0] if index < len(models) else NO_MODEL, priority)
             elif kind == channel.CONNECTIONS:
