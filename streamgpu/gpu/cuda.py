@@ -20,7 +20,6 @@ Every model has its own compute stream, so models interleave on the GPU.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import importlib.util
 import logging
@@ -40,7 +39,7 @@ from streamgpu.gpu.backend import Backend, BatchRun, BatchTrace, DeviceModel
 from streamgpu.gpu.bridge import CompletionBridge
 from streamgpu.gpu.setup import cupy_package
 from streamgpu.gpu.shares import GreenContext, Share, SmShares
-from streamgpu.loops import leave_loop_cpu
+from streamgpu.loops import helper_threads
 from streamgpu.memory import Slot
 from streamgpu.models.outputs import BatchOutputs, ModelHead, host_dtype, model_input, warm_up
 from streamgpu.models.preprocess import TorchPreprocess
@@ -435,9 +434,7 @@ class CudaBackend(Backend):
         self._max_inflight = config.max_inflight_batches
         # Eager models (graph capture failed or off) launch dozens of kernels per batch, milliseconds
         # of CPU: that happens on this one thread, never on the loop.
-        self._launcher = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="streamgpu-launch", initializer=leave_loop_cpu
-        )
+        self._launcher = helper_threads("streamgpu-launch")
         count = torch.cuda.device_count()
         missing = [i for i in config.devices if i >= count]
         if missing:
