@@ -261,7 +261,7 @@ class Server:
         return state.spec if state is not None else None
 
     def serving(self, name: str) -> list[DeviceModel] | None:
-        """The version of model ``name`` that new batches launch on, one instance per device (None: not served)."""
+        """The version of model ``name`` that new batches launch on, its instances on each device (None: not served)."""
         state = self._manager.states.get(name)
         return state.models if state is not None else None
 

@@ -174,6 +174,11 @@ SECOND_LISTENER = '[[server.listeners]]\nkind = "tcp"\n[[server.listeners]]\n'  
             '[[models]]\nname = "a"\nsm_share = 0.6\n[[models]]\nname = "b"\nsm_share = 0.5\n',
             "the models' sm_share values add up to 1.1 ({'a': 0.6, 'b': 0.5})",
         ),
+        ("[[models]]\ninstances = 0\n", "instances must be 1..8 copies of the model per GPU, got 0"),
+        (
+            "[[models]]\ninstances = 2\nsm_share = 0.5\n",
+            "instances = 2 with sm_share = 0.5: a share holds one instance; set instances = 1",
+        ),
     ],
 )
 def test_bad_settings_say_what_to_fix(tmp_path: Path, toml: str, message: str) -> None:

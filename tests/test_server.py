@@ -68,6 +68,29 @@ def random_frames(n: int, seed: int) -> np.ndarray:
 
 
 @pytest.mark.asyncio
+async def test_a_model_with_two_instances_runs_batches_on_both_with_the_same_results(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``instances = 2``: two copies of the model on the device, each taking batches (here the next batch
+    goes to the idle copy while the other's runs); every result is the model's, in order per stream."""
+    slow_batches(monkeypatch, 0.05)
+    two = ModelSpec(name=SPEC.name, input_shape=SPEC.input_shape, max_batch_size=4, instances=2)
+    frames = random_frames(48, seed=8)
+    expected = reference(frames)
+    async with Server(config(models=[two])) as srv:
+        copies = srv.serving(SPEC.name)
+        assert copies is not None and len(copies) == 2 and copies[0] is not copies[1]
+        conn = await client.connect("127.0.0.1", srv.port)
+        replies = await asyncio.gather(*(conn.submit(f, stream_id=i % 4) for i, f in enumerate(frames)))
+        await conn.close()
+        estimates = srv.metrics()["models"][SPEC.name]["batch_latency_ms"]
+    for i, reply in enumerate(replies):
+        assert reply.ok and reply.result is not None, reply.message
+        np.testing.assert_allclose(reply.result, expected[i], rtol=1e-4, atol=1e-4)
+    assert set(estimates) == {"cpu #1", "cpu #2"} and all(estimates.values())  # both ran batches
+
+
+@pytest.mark.asyncio
 async def test_1000_frames_over_8_streams_match_the_model(server: Server) -> None:
     frames = random_frames(1024, seed=1)
     expected = reference(frames)

@@ -20,7 +20,8 @@ Suites (``--suite``, repeatable; default all):
   sweep) of adaptive batching against fixed batch 1 and fixed batch 32.
 * ``curves``: ResNet-50 fp16 latency-throughput curves (closed loop, 1 to 256
   frames in flight) of streamgpu, the strong server (as written and compiled)
-  and the plain server; ``tools/plot_curves.py`` draws them.
+  and the plain server; ``tools/plot_curves.py`` draws them. ``--instances 1,2``
+  adds streamgpu with two copies of the model on the GPU ("streamgpu x2").
 
 Prints one table per suite and writes everything to ``--json``.
 
@@ -319,14 +320,19 @@ def suite_curves(out: Path, args: argparse.Namespace) -> dict[str, Any]:
         ("plain", baseline_server(out, "plain", args.device)),
         ("strong", baseline_server(out, "strong", args.device)),
         ("strong+compile", baseline_server(out, "strong", args.device, "--compile")),
-        ("streamgpu", streamgpu_server(out, "resnet50", RESNET50, args.device, ingest_workers=args.ingest_workers)),
     ]
+    for k in (int(n) for n in args.instances.split(",")):  # "streamgpu x2": the model's instances = 2
+        servers.append((
+            "streamgpu" if k == 1 else f"streamgpu x{k}",
+            streamgpu_server(out, f"resnet50_i{k}", {**RESNET50, "instances": k}, args.device,
+                             ingest_workers=args.ingest_workers),
+        ))  # fmt: skip
     rows = []
     for label, started in servers:
-        if args.servers and label not in args.servers.split(","):
+        if args.servers and label.split(" x")[0] not in args.servers.split(","):
             continue
         with started as port:
-            for c in CURVE_LEVELS:  # at most 4 generator processes, and no more than frames in flight
+            for c in (int(n) for n in args.levels.split(",")):  # at most 4 generators, no more than in flight
                 result = load(port, [LoadLevel(CONCURRENCY, c)], processes=min(4, c), window_s=args.window)[0]
                 rows.append(row(label, result))
     print_rows(f"ResNet-50 fp16 latency vs throughput (closed loop, frames in flight; streamgpu with ingest_workers"
@@ -356,6 +362,10 @@ def main() -> int:
     parser.add_argument("--precision", default="both", choices=["both", "fp16", "fp32"], help="gpus suite: models")
     parser.add_argument("--servers", default="", help="curves suite: only these (comma-separated: plain, strong, "
                         "strong+compile, streamgpu)")  # fmt: skip
+    parser.add_argument("--instances", default="1", help="curves suite: the model's instances per GPU; a "
+                        "comma-separated list runs a streamgpu server for each")  # fmt: skip
+    parser.add_argument("--levels", default=",".join(map(str, CURVE_LEVELS)),
+                        help="curves suite: frames in flight, comma-separated")  # fmt: skip
     args = parser.parse_args()
     import torch
 

@@ -43,7 +43,7 @@ READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVA
 
 @dataclass
 class ModelState:
-    """One model name: its serving version (``models``, one instance per device; None when not serving),
+    """One model name: its serving version (``models``, its instances on each device; None when not serving),
     state and last error.
 
     ``version`` counts the versions loaded under this name since the server started (1 = first).
@@ -81,13 +81,14 @@ class ModelManager:
         self._running: set[asyncio.Task[ModelState]] = set()
 
     def _build(self, spec: ModelSpec, paced: bool) -> list[DeviceModel]:
-        """One instance per device (each from a fresh module: a load may move it in place); ``paced``: the
-        loader thread pauses for the loop as it goes (``_yielding``)."""
+        """``spec.instances`` instances per device (each from a fresh module: a load may move it in place);
+        ``paced``: the loader thread pauses for the loop as it goes (``_yielding``)."""
         models: list[DeviceModel] = []
         with _yielding(LOADING_RUN_S, LOADING_PAUSE_S) if paced else contextlib.nullcontext():
             try:
                 for device in range(len(self._backend.devices)):
-                    models.append(self._backend.load(spec, load_module(spec), device))
+                    for _ in range(spec.instances):
+                        models.append(self._backend.load(spec, load_module(spec), device))
             except BaseException:
                 self._free(models)
                 raise

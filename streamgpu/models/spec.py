@@ -17,6 +17,7 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 BATCH_POLICIES = ("adaptive", "fixed")
 SWAP_QUEUED = ("new", "received")  # which version runs the frames queued when a new version takes over
 COMPILE_MODES = ("auto", "on", "off")
+MAX_INSTANCES = 8  # copies of one model per GPU: each holds its weights, graphs and buffers
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,10 @@ class ModelSpec:
     (``topk:K``) runs on the device after the model (streamgpu.models.outputs).
     ``swap_queued``: when a new version of this model takes over, frames
     already queued run on the ``new`` one (default) or on the version that
-    ``received`` them.
+    ``received`` them. ``instances``: copies of the model on each GPU (Triton's
+    instance count), each with its own streams and CUDA graphs, so that batches
+    run side by side: at a few frames in flight a small batch leaves most of a
+    large GPU idle, and the next one need not wait for it.
     """
 
     name: str = "default"
@@ -57,6 +61,7 @@ class ModelSpec:
     latency_target_ms: float = 0.0
     postprocess: str = ""
     swap_queued: str = "new"
+    instances: int = 1
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -96,6 +101,11 @@ class ModelSpec:
             out.append(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
         if not (math.isfinite(self.sm_share) and 0 <= self.sm_share <= 1):
             out.append(f"sm_share must be a fraction of the GPU's SMs in 0..1 (0: no partition), got {self.sm_share}")
+        if not 1 <= self.instances <= MAX_INSTANCES:
+            out.append(f"instances must be 1..{MAX_INSTANCES} copies of the model per GPU, got {self.instances}")
+        elif self.instances > 1 and self.sm_share:
+            out.append(f"instances = {self.instances} with sm_share = {self.sm_share:g}: a share holds one instance;"
+                       " set instances = 1 to confine the model to a share, or sm_share = 0")  # fmt: skip
         if self.max_batch_size < 1:
             out.append("max_batch_size must be >= 1")
         if self.batch_policy not in BATCH_POLICIES:

@@ -156,11 +156,11 @@ class Scheduler:
     # -- models ----------------------------------------------------------------
 
     def add_model(self, replicas: Sequence[DeviceModel]) -> None:
-        """Serve a model: one instance per device (the same spec)."""
+        """Serve a model: its instances on each device (the same spec)."""
         self._queues[replicas[0].spec.name] = ModelQueue(replicas)
 
     def swap_model(self, replicas: Sequence[DeviceModel]) -> list[DeviceModel]:
-        """Make ``replicas`` (a new version: one instance per device) what the next batches of its name
+        """Make ``replicas`` (a new version: its instances on each device) what the next batches of its name
         launch on; returns the old version's instances.
 
         Frames already queued stay queued (nothing is refused); they run on the new version, or on
@@ -533,12 +533,26 @@ class Scheduler:
         names = self.health.names
         return {names[r.device]: r.model.sms for r in queue.replicas if r.model.sms is not None}
 
+    def _labels(self, queue: ModelQueue) -> list[str]:
+        """Each replica's name: its device's, numbered ("cuda:0 ... #2") where a device holds several instances."""
+        names = self.health.names
+        per_device = collections.Counter(r.device for r in queue.replicas)
+        seen: collections.Counter[int] = collections.Counter()
+        labels = []
+        for replica in queue.replicas:
+            seen[replica.device] += 1
+            label = names[replica.device]
+            labels.append(f"{label} #{seen[replica.device]}" if per_device[replica.device] > 1 else label)
+        return labels
+
     def metrics(self) -> dict[str, dict[str, Any]]:
         """Per model: queue length, batch sizes, queue wait, time per stage, drops, rejects, estimates."""
         out = {}
         for name, q in self._queues.items():
             snap = q.metrics.snapshot(len(q.frames), q.in_flight)
-            snap["batch_latency_ms"] = {self.health.names[r.device]: r.latency.snapshot() for r in q.replicas}
+            snap["batch_latency_ms"] = {
+                label: r.latency.snapshot() for label, r in zip(self._labels(q), q.replicas, strict=True)
+            }
             snap["sm_share"] = q.replicas[0].model.spec.sm_share if q.replicas else 0.0
             snap["sms"] = self._sms(q)
             out[name] = snap

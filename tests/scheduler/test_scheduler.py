@@ -54,19 +54,21 @@ class Harness:
     scheduler: Scheduler | None = None
     producers: dict[int, FakeProducer] = field(default_factory=dict)
     devices: list[int] = field(default_factory=list)  # the device of each batch
+    instances: list[DeviceModel] = field(default_factory=list)  # the model instance of each batch
     slowdown: dict[int, float] = field(default_factory=dict)  # device -> latency multiple
 
     def start(self, *specs: ModelSpec, max_inflight: int = 1, devices: int = 1) -> Scheduler:
         self.t0 = time.perf_counter()
         health = DeviceHealth([f"dev{d}" for d in range(devices)])
         self.scheduler = Scheduler(asyncio.get_running_loop(), self.run_batch, max_inflight, health)
-        for spec in specs:
-            self.scheduler.add_model([FakeModel(spec, d) for d in range(devices)])
+        for spec in specs:  # (as the model manager builds them: ``spec.instances`` per device)
+            self.scheduler.add_model([FakeModel(spec, d) for d in range(devices) for _ in range(spec.instances)])
         return self.scheduler
 
     async def run_batch(self, model: DeviceModel, frames: list[Frame], expected_s: float) -> float | None:
         self.batches.append((model.spec.name, [f.header.sequence for f in frames], time.perf_counter() - self.t0))
         self.devices.append(model.device)
+        self.instances.append(model)
         self.expected.append(expected_s)
         seconds = self.latency(model.spec.name, len(frames)) * self.slowdown.get(model.device, 1.0)
         await asyncio.sleep(seconds)
@@ -107,6 +109,26 @@ def spec(name: str = "m", **kw: object) -> ModelSpec:
     )
     base.update(kw)
     return ModelSpec(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("instances", [1, 2])
+async def test_a_second_instance_on_a_device_takes_the_next_batch_while_the_first_runs(instances: int) -> None:
+    """``instances``: copies of a model on one device run batches side by side; a frame arriving while one
+    runs starts at once on an idle copy, instead of waiting behind the batch in flight."""
+    h = Harness(latency=lambda m, n: 0.1)
+    sched = h.start(spec(instances=instances))
+    h.submit(0)
+    await asyncio.sleep(0.01)
+    h.submit(1)
+    await asyncio.sleep(0.01)
+    if instances == 1:
+        assert [b[1] for b in h.batches] == [[0]]  # frame 1 waits for the batch in flight
+    else:
+        assert [b[1] for b in h.batches] == [[0], [1]] and h.instances[0] is not h.instances[1]
+    await h.settle()
+    labels = {1: {"dev0"}, 2: {"dev0 #1", "dev0 #2"}}[instances]
+    assert set(sched.metrics()["m"]["batch_latency_ms"]) == labels  # one estimate per instance
 
 
 @pytest.mark.asyncio
