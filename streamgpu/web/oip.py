@@ -278,10 +278,13 @@ async def infer(request: web.Request) -> web.StreamResponse:
     except HttpError as exc:
         return error_response(exc.status, exc.message)
     if not take_place(request):
-        admission.leave(producer)
+        admission.leave(producer, queued=False)
         return error_response(503, f"too many connections ({admission.config.max_connections})")
+    answered = False  # every frame of the request answered: none left queued for ``leave`` to look for
     try:
-        return await _infer(request, spec, admission, producer)
+        response = await _infer(request, spec, admission, producer)
+        answered = True
+        return response
     except HttpError as exc:
         return error_response(exc.status, exc.message)
     except Refused as refused:
@@ -290,7 +293,7 @@ async def infer(request: web.Request) -> web.StreamResponse:
         return error_response(400, "the connection closed before the whole body arrived")
     finally:
         give_place(request)
-        admission.leave(producer)
+        admission.leave(producer, queued=not answered)
 
 
 async def _infer(request: web.Request, spec: ModelSpec, admission: Admission, producer: Producer) -> web.StreamResponse:
