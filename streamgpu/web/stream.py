@@ -278,7 +278,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
                 await ws.close()
         finally:
             give_place(request)
-            admission.leave(producer)
+            admission.leave(producer, queued=len(sock.order) > 0)  # (a ticket per frame not yet answered)
     return ws
 
 

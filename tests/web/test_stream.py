@@ -19,7 +19,9 @@ from streamgpu.ingest.hub import Origin, ResultHub
 from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol import wire
 from streamgpu.protocol.wire import FrameHeader, ReplyFlags, ReplyHeader, Status
+from streamgpu.scheduler.scheduler import Scheduler
 from streamgpu.server import Server
+from tests.test_server import slow_batches
 
 SPEC = ModelSpec(input_shape=(16, 16, 3), max_batch_size=8, batch_buckets=(1, 4, 8))
 
@@ -145,6 +147,39 @@ async def test_subscriber_receives_every_result_of_its_stream_from_tcp_and_webso
             break
         await asyncio.sleep(0.01)
     assert server.admission.stream_results.subscribers(8) == 0
+
+
+@pytest.mark.asyncio
+async def test_a_socket_closing_withdraws_its_queued_frames_and_only_then(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A socket that closes with every frame answered looks for none of its producer's queued frames (a token's
+    other connections may hold thousands, ~0.15 us each); one that closes with frames queued has them answered
+    at once, their slots freed."""
+    slow_batches(monkeypatch, 0.5)
+    withdrawn: list[object] = []
+    withdraw = Scheduler.withdraw
+
+    def spy(self: Scheduler, producer: object) -> None:
+        withdrawn.append(producer)
+        withdraw(self, producer)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Scheduler, "withdraw", spy)
+    one = ModelSpec(input_shape=SPEC.input_shape, max_batch_size=1, batch_buckets=(1,))
+    batch = frames(4, seed=6)
+    async with Server(config(models=[one], max_inflight_batches=1)) as server, aiohttp.ClientSession() as session:
+        async with session.ws_connect(url(server)) as ws:
+            await ws.send_bytes(frame_message(batch[0], stream_id=1, sequence=0))
+            assert (await next_reply(ws))[0].status == Status.OK
+        async with session.ws_connect(url(server)) as ws:
+            for i in range(1, 4):  # one runs, two wait behind it
+                await ws.send_bytes(frame_message(batch[i], stream_id=1, sequence=i))
+            while server.metrics()["frames_in_flight"] < 3:
+                await asyncio.sleep(0.01)
+        for _ in range(100):
+            if server.metrics()["models"]["default"]["abandoned"] == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert server.metrics()["models"]["default"]["abandoned"] == 2
+        assert len(withdrawn) == 1, "the socket closing with its frames answered withdrew too"
 
 
 @pytest.mark.asyncio(loop_factories=["uvloop"])
