@@ -240,7 +240,7 @@ class Scheduler:
         if not health.impaired or any(health.usable(r.device) for r in queue.replicas):
             return ""
         return f"model {queue.spec.name!r} has no usable device: " + health.why_unusable(
-            [r.device for r in queue.replicas]
+            sorted({r.device for r in queue.replicas})  # (a device may hold several instances)
         )
 
     def _refuse_unplaceable(self) -> None:

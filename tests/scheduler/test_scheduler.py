@@ -55,6 +55,7 @@ class Harness:
     producers: dict[int, FakeProducer] = field(default_factory=dict)
     devices: list[int] = field(default_factory=list)  # the device of each batch
     instances: list[DeviceModel] = field(default_factory=list)  # the model instance of each batch
+    messages: list[str] = field(default_factory=list)  # each refusal's message
     slowdown: dict[int, float] = field(default_factory=dict)  # device -> latency multiple
 
     def start(self, *specs: ModelSpec, max_inflight: int = 1, devices: int = 1) -> Scheduler:
@@ -80,6 +81,7 @@ class Harness:
     def sink(self, frame: Frame, outcome: Outcome) -> None:
         if not outcome.ok:
             self.rejected.append((frame.header.sequence, outcome.status, time.perf_counter() - self.t0))
+            self.messages.append(outcome.message)
 
     def submit(
         self, seq: int, model: str = "m", stream: int = 0, producer: int = 1, priority: int = 0,
@@ -518,6 +520,15 @@ async def test_a_failed_device_takes_no_batch_and_its_model_is_answered_at_once_
     assert h.rejected[-1][:2] == (8, Status.INTERNAL_ERROR)  # refused on arrival, not left to wait
     assert [d["healthy"] for d in sched.health.snapshot()] == [False, False]
     assert "context lost" in sched.health.snapshot()[0]["error"]
+
+
+@pytest.mark.asyncio
+async def test_a_failed_device_is_named_once_whatever_instances_of_the_model_it_holds() -> None:
+    h = Harness()
+    sched = h.start(spec(max_batch_size=1, instances=2))
+    sched.device_failed(0, "context lost")
+    h.submit(0)
+    assert h.messages == ["model 'm' has no usable device: dev0 failed: context lost"]
 
 
 @pytest.mark.asyncio
