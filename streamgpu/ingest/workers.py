@@ -119,12 +119,13 @@ class _RemoteConn:
     """A worker's connection, as the scheduler sees it: its producer, whether it is gone, how its
     frames' outcomes are published (``origin``)."""
 
-    __slots__ = ("closed", "origin", "producer")
+    __slots__ = ("abandoned", "closed", "origin", "producer")
 
     def __init__(self, producer: Producer, origin: Origin) -> None:
         self.producer = producer
         self.origin = origin
         self.closed = False
+        self.abandoned = self.is_closed  # bound once: each of its frames holds it (``Frame.is_abandoned``)
 
     def is_closed(self) -> bool:
         return self.closed
@@ -320,7 +321,7 @@ class _Worker(asyncio.Protocol):
                 # The slot is a description of where the payload lies; this process never frees it.
                 slot = Slot(pool, offset, payload_len, 0)
                 frame = WorkerFrame(header, slot, remote.producer, (remote, stream_id), received_ns, complete_ns,
-                                    deadline_ns, sink, remote.is_closed, False, self, self, fid)  # fmt: skip
+                                    deadline_ns, sink, remote.abandoned, False, self, self, fid)  # fmt: skip
                 frames.append(frame)
             elif kind == channel.OPEN:
                 identity = self._listener.identities[index]

@@ -270,32 +270,48 @@ class Scheduler:
         fast: dict[ModelQueue, list[Frame]] = {}
         room: dict[ModelQueue, int] = {}
         touched: list[ModelQueue] = []
+        # The current model (its queue, room left, fast list) changes only where the frame's model or frame
+        # format does: a burst is mostly of one model, its frames' headers sharing these objects (an ingest
+        # worker's records name a model by index), so a frame costs identity tests, not look-ups
+        model: str | None = None
+        shape: tuple[int, ...] = ()
+        dtype_code = -1
+        queue: ModelQueue | None = None
+        free = 0
+        joining: list[Frame] = []
         for frame in frames:
             header = frame.header
-            queue = queues.get(header.model)
-            # A frame admitted for an earlier model of this name (unloaded, loaded again taking other frames)
-            # must not join its batches: _enqueue answers it (a new version takes the same frames)
-            if (
-                queue is None
-                or header.shape != queue.spec.input_shape
-                or header.dtype_code != queue.spec.frame_dtype_code
-            ):
-                self._enqueue(frame, now_ns)
-                continue
-            free = room.get(queue)
-            if free is None:
-                free = queue.spec.max_queue - len(queue.frames)
-                fast[queue] = []
-                touched.append(queue)
+            if header.model is not model or header.shape is not shape or header.dtype_code != dtype_code:
+                if queue is not None:
+                    room[queue] = free
+                queue = queues.get(header.model)
+                # A frame admitted for an earlier model of this name (unloaded, loaded again taking other frames)
+                # must not join its batches: _enqueue answers it (a new version takes the same frames)
+                if (
+                    queue is None
+                    or header.shape != queue.spec.input_shape
+                    or header.dtype_code != queue.spec.frame_dtype_code
+                ):
+                    model, queue = None, None
+                    self._enqueue(frame, now_ns)
+                    continue
+                model, shape, dtype_code = header.model, header.shape, header.dtype_code
+                known = room.get(queue)
+                if known is None:
+                    known = queue.spec.max_queue - len(queue.frames)
+                    fast[queue] = []
+                    touched.append(queue)
+                free, joining = known, fast[queue]
+            assert queue is not None
             if free > 0 and healthy and not frame.deadline_ns and header.flags is plain:
-                fast[queue].append(frame)
-                room[queue] = free - 1
+                joining.append(frame)
+                free -= 1
                 continue
             self._queue_fast(fast)
             if free <= 0:
                 self._dispatch(queue)  # a full queue: a free replica takes a batch first, as per-frame submits
             self._enqueue(frame, now_ns)
-            room[queue] = queue.spec.max_queue - len(queue.frames)
+            free = queue.spec.max_queue - len(queue.frames)
         self._queue_fast(fast)
         for queue in touched:
             self._dispatch(queue)

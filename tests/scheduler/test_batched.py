@@ -67,9 +67,10 @@ class Run:
     answers: dict[int, Status] = field(default_factory=dict)
     owners: dict[int, Owner] = field(default_factory=dict)
 
-    def start(self, spec: ModelSpec) -> Scheduler:
+    def start(self, *specs: ModelSpec) -> Scheduler:
         self.scheduler = Scheduler(asyncio.get_running_loop(), self.run_batch, 1)
-        self.scheduler.add_model([Model(spec)])
+        for spec in specs:
+            self.scheduler.add_model([Model(spec)])
         return self.scheduler
 
     async def run_batch(self, model: DeviceModel, frames: list[Frame], expected_s: float) -> float | None:
@@ -83,10 +84,10 @@ class Run:
         self.answers[frame.header.sequence] = outcome.status
 
     def frame(self, seq: int, producer: int, stream: int = 0, priority: int = 0, live: bool = False,
-              deadline_s: float = 0.0) -> Frame:  # fmt: skip
+              deadline_s: float = 0.0, model: str = "m", shape: tuple[int, ...] = (1,)) -> Frame:  # fmt: skip
         now = time.perf_counter_ns()
         flags = FrameFlags.LIVE if live else FrameFlags.NONE
-        header = FrameHeader(stream, seq, "m", 1, (1,), 1, priority=priority, flags=flags)
+        header = FrameHeader(stream, seq, model, 1, shape, 1, priority=priority, flags=flags)
         owner = self.owners.setdefault(producer, Owner())
         deadline = now + int(deadline_s * 1e9) if deadline_s else 0
         return Frame(header, None, owner, (producer, stream), now, now, deadline, self.sink)  # type: ignore[arg-type]
@@ -134,6 +135,36 @@ async def test_submit_many_decides_as_submit_frame_by_frame_does(many: bool) -> 
     assert answers[199] == answers[200] == answers[201] == Status.SUPERSEDED and answers[202] == Status.OK
     assert answers[300] == Status.DEADLINE_MISSED and answers[301] == Status.OK
     assert counts["rejected_overloaded"] >= 1 and batches[1][0] == 500  # the high priority goes first
+
+
+@pytest.mark.asyncio
+async def test_submit_many_of_models_interleaved_decides_as_submit_frame_by_frame_does() -> None:
+    """A read whose frames switch model from one to the next (each queue's room counted apart), with a model
+    that is not served, one of the wrong frame shape and one in a fresh shape tuple of the right size."""
+    outcomes = []
+    for batched in (False, True):
+        run = Run()
+        specs = [ModelSpec(name=name, input_shape=(1,), preprocess="none", max_batch_size=4, max_queue=5,
+                           max_queue_delay_ms=1) for name in ("m", "n")]  # fmt: skip
+        sched = run.start(*specs)
+        sched.submit(run.frame(0, producer=9))  # m's replica is busy from here on
+        sched.submit(run.frame(1, producer=9, model="n"))  # and n's
+        await asyncio.sleep(0)
+        frames = [run.frame(10 + i, producer=1 + i % 3, model="mn"[i % 2]) for i in range(16)]
+        frames[3:3] = [run.frame(40, producer=1, model="x"), run.frame(41, producer=2, shape=(2,))]
+        frames[9:9] = [run.frame(42, producer=3, model="n", shape=tuple([1]))]  # equal, not the same object
+        if batched:
+            sched.submit_many(frames)
+        else:
+            for frame in frames:
+                sched.submit(frame)
+        await sched.idle()
+        metrics = sched.metrics()
+        outcomes.append((run.batches, run.answers, [metrics[m]["rejected_overloaded"] for m in "mn"]))
+    assert outcomes[1] == outcomes[0]
+    _batches, answers, overloaded = outcomes[0]
+    assert answers[40] == answers[41] == Status.UNKNOWN_MODEL and answers[42] == Status.OK
+    assert overloaded[0] >= 1 and overloaded[1] >= 1
 
 
 # -- finishing a batch: a BatchSink gets what per-frame finishing would have sent ------------------------
