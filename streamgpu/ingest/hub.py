@@ -102,6 +102,11 @@ class ResultHub:
             log.exception("result subscriber of stream %d failed; unsubscribed", header.stream_id)
             subscription.cancel()
 
+    @property
+    def watching(self) -> bool:
+        """Whether any publication would reach anyone now (``watched`` is false for every stream id if not)."""
+        return bool(self._taps or self._watchers)
+
     def watched(self, stream_id: int) -> bool:
         """Whether a publication for ``stream_id`` would reach anyone (a subscriber of it, or a tap): a
         front end that finishes many frames at once skips building their ``Outcome``s when not. Taps

@@ -398,13 +398,14 @@ class _Worker(asyncio.Protocol):
         self.in_server -= n
         fids = []
         hub = self._admission.stream_results
+        watching = hub.watching  # (nobody, mostly: then no look-up per frame)
         listed: list[list[int]] | None = None
         for i, frame in enumerate(frames):
             fids.append(frame.fid)  # type: ignore[attr-defined]  # this sink's frames are WorkerFrames
             if frame.slot is not None:
                 frame.slot = None
                 self.held -= 1
-            if hub.watched(frame.header.stream_id):  # an Outcome only for frames someone subscribed to
+            if watching and hub.watched(frame.header.stream_id):  # an Outcome only for frames someone watches
                 listed = listed if listed is not None else timings.tolist()
                 hub.publish(frame.header, Outcome(Status.OK, result=rows[i], timings=Timings(*listed[i])),
                             _remote(frame).origin)  # fmt: skip
