@@ -539,6 +539,38 @@ async def test_an_overdue_device_is_skipped_until_its_batch_ends() -> None:
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize(("before", "after"), [(1, 2), (2, 1)])
+async def test_a_swap_changing_instances_keeps_each_devices_estimates_on_that_device(before: int, after: int) -> None:
+    """The estimates a new version takes over are its device's: matched by position, a swap from 1 to 2
+    instances on two devices gave dev0's second copy dev1's estimates (and dev1 none), 2 to 1 gave dev1 dev0's."""
+    h = Harness(latency=lambda m, n: 0.004, slowdown={1: 5.0})  # dev0: 4 ms a batch, dev1: 20 ms
+    sched = h.start(spec(max_batch_size=1, instances=before), devices=2)
+    for i in range(4 * before):
+        h.submit(i)
+    await h.settle()
+    measured = {int(label[3]): snap for label, snap in sched.metrics()["m"]["batch_latency_ms"].items()}
+    assert measured[0] == {1: 4.0} and measured[1] == {1: 20.0}, measured  # every instance measured its device
+    new = spec(max_batch_size=1, instances=after)
+    sched.swap_model([FakeModel(new, d) for d in range(2) for _ in range(after)])
+    estimates = sched.metrics()["m"]["batch_latency_ms"]
+    for label, snap in estimates.items():
+        assert snap in ({}, measured[int(label[3])]), f"{label} took over {snap}"
+    assert {int(label[3]) for label, snap in estimates.items() if snap} == {0, 1}, estimates
+
+
+@pytest.mark.asyncio
+async def test_a_model_whose_instances_share_an_unusable_device_names_that_device_once() -> None:
+    h = Harness(latency=lambda m, n: 0.01)
+    messages: list[str] = []
+    h.sink = lambda frame, outcome: messages.append(outcome.message)  # type: ignore[method-assign]
+    sched = h.start(spec(max_batch_size=1, instances=2))
+    sched.device_overdue(0)
+    h.submit(0)
+    assert messages == ["model 'm' has no usable device: dev0 has a batch past its watchdog"]
+    sched.device_overdue_ended(0)
+
+
+@pytest.mark.asyncio
 async def test_a_frame_admitted_for_a_model_reloaded_taking_other_frames_is_refused_not_batched() -> None:
     # Its header was admitted (payload arriving, or in an ingest worker) before "m" was unloaded and loaded
     # again taking (2,) frames: batched with those, its 1-element payload would be read as 2 elements.
