@@ -91,6 +91,27 @@ async def test_a_model_with_two_instances_runs_batches_on_both_with_the_same_res
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("instances", [1, 2])
+async def test_a_second_instances_batch_on_the_cpu_runs_beside_the_first_within_its_watchdog(
+    monkeypatch: pytest.MonkeyPatch, instances: int
+) -> None:
+    """The scheduler gives a second copy's batch the time of one batch (it runs beside the first's): the CPU
+    backend ran every copy's batches in its one thread, so that batch waited its turn there, passed its
+    watchdog and was answered INTERNAL_ERROR, and the device was taken out of service meanwhile."""
+    slow_batches(monkeypatch, 0.3)
+    one = ModelSpec(name=SPEC.name, input_shape=SPEC.input_shape, max_batch_size=1, instances=instances)
+    frames = random_frames(2, seed=9)
+    async with Server(config(models=[one], max_inflight_batches=1, watchdog_factor=1.0, watchdog_min_s=0.5)) as srv:
+        conn = await client.connect("127.0.0.1", srv.port)
+        for frame in frames:  # one batch on each copy: they measure it
+            assert (await conn.submit(frame)).ok
+        replies = await asyncio.gather(*(conn.submit(f, stream_id=i) for i, f in enumerate(frames)))
+        await conn.close()
+        assert [r.status for r in replies] == [Status.OK, Status.OK], [r.message for r in replies]
+        assert srv.metrics()["devices"][0]["healthy"]
+
+
+@pytest.mark.asyncio
 async def test_1000_frames_over_8_streams_match_the_model(server: Server) -> None:
     frames = random_frames(1024, seed=1)
     expected = reference(frames)

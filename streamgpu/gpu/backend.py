@@ -103,7 +103,7 @@ class Backend(abc.ABC):
         load a fresh one per device.
         """
 
-    def unload(self, model: DeviceModel) -> None:  # noqa: B027 - optional: the CPU backend leaves it to the GC
+    def unload(self, model: DeviceModel) -> None:  # noqa: B027 - optional: a backend may leave it to the GC
         """Free what ``model`` holds on the device, once no batch of it is in flight. Blocking: call off the loop."""
 
     @abc.abstractmethod

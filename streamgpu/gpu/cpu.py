@@ -1,7 +1,9 @@
 """The CPU backend: the same data path, with the host as the device.
 
-One dedicated worker thread runs batches (never a thread per request), so
-model compute never blocks the event loop. The "transfer" is one gather of the
+Each model instance has one dedicated worker thread that runs its batches
+(never a thread per request), so model compute never blocks the event loop,
+and the copies of a model (``ModelSpec.instances``) run batches side by side,
+as the scheduler expects of them. The "transfer" is one gather of the
 frames out of the ring into a contiguous batch; the slots are released as
 soon as it is done, exactly as after a host-to-device copy.
 """
@@ -9,6 +11,7 @@ soon as it is done, exactly as after a host-to-device copy.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import time
 from typing import Any
@@ -36,6 +39,9 @@ class CpuModel(DeviceModel):
             self.module = module.to(self.dtype)
         self.head = ModelHead(self.module, spec)
         self.preprocess = TorchPreprocess(spec, self.dtype)
+        # Its own thread: in one shared by a model's copies, a copy's batch would wait for another's while the
+        # scheduler (its estimates, the watchdog) counts on it running beside them
+        self.worker: concurrent.futures.Executor = helper_threads("streamgpu-cpu")
 
     @property
     def description(self) -> str:
@@ -58,12 +64,12 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 class CpuBackend(Backend):
     name = "cpu"
-    data_path = "the CPU backend: batches run on the host, in one worker thread"
+    data_path = "the CPU backend: batches run on the host, in one worker thread per model instance"
 
     def __init__(self, loop: asyncio.AbstractEventLoop, config: Config) -> None:
         self._loop = loop
         self.devices = ["cpu"]  # one host "device", whatever Config.devices says (those are GPUs)
-        self._worker = helper_threads("streamgpu-cpu")
+        self._models: set[CpuModel] = set()  # loaded and not unloaded: their threads end with the backend
         self._pending_copies: set[asyncio.Future[None]] = set()
         self._host: np.ndarray | None = None
 
@@ -77,7 +83,13 @@ class CpuBackend(Backend):
                 model_input(spec, model.dtype))  # fmt: skip
         assert model.head.layout is not None
         model.layout = model.head.layout
+        self._models.add(model)
         return model
+
+    def unload(self, model: DeviceModel) -> None:
+        assert isinstance(model, CpuModel)
+        self._models.discard(model)
+        model.worker.shutdown(wait=False)  # (no batch of it is in flight)
 
     def launch(self, model: DeviceModel, slots: list[Slot], expected_s: float = 0.0) -> BatchRun:
         assert isinstance(model, CpuModel) and self._host is not None
@@ -107,13 +119,14 @@ class CpuBackend(Backend):
                 trace.append(BatchTrace(model, len(views), started, ended))  # list.append: thread-safe
             return result
 
-        asyncio.wrap_future(self._worker.submit(work), loop=loop).add_done_callback(
+        asyncio.wrap_future(model.worker.submit(work), loop=loop).add_done_callback(
             functools.partial(_forward, run.done)
         )
         return run
 
     def close(self) -> None:
-        self._worker.shutdown(wait=False, cancel_futures=True)
+        while self._models:  # (a load the server stopped waiting for may still add one, in the loader thread)
+            self._models.pop().worker.shutdown(wait=False, cancel_futures=True)
         for copied in list(self._pending_copies):  # work that will never start: nobody waits forever
             copied.cancel()
 

@@ -21,7 +21,9 @@ Worker -> scheduler: fixed-size records of ``UP.size`` (80) bytes::
   anonymous producer, else 1 + the position of its token in ``Config.tokens``;
   ``priority`` is its priority ceiling; ``flags`` is ``OPEN_TCP`` for a TCP
   connection, ``OPEN_UDP`` for a UDP producer (a source address: "connection"
-  below means either).
+  below means either). ``conn`` is the worker's number for the connection,
+  unique among its connections open up here (their ids modulo 2**32, the next
+  free one where that is taken).
 * ``CLOSED``: connection ``conn`` is gone (only after its ``OPEN``); ``offset``
   is how many of its frames the worker had not answered (0: none of them can be
   queued in the scheduling process, which then looks for none; a UDP producer

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from streamgpu.config import Config, ListenerSpec
 from streamgpu.frame import Frame, Outcome
 from streamgpu.ingest import channel
-from streamgpu.ingest.admission import Admission
+from streamgpu.ingest.admission import Admission, Producer
 from streamgpu.ingest.hub import UNNAMED, Origin, ResultHub
 from streamgpu.ingest.tcp import TcpConnection, TcpListener
 from streamgpu.ingest.udp import STAT_NAMES, UdpListener
@@ -56,7 +56,7 @@ from streamgpu.protocol.wire import FrameHeader
 log = logging.getLogger("streamgpu.worker")
 _LENGTH = struct.Struct("<I")
 # The records' conn and fid fields are u32; connection ids (every TCP connection and UDP source address)
-# and frame numbers are not bounded: they go up modulo 2**32
+# and frame numbers are not bounded: they go up modulo 2**32, skipping those still in use
 _U32 = 0xFFFFFFFF
 
 
@@ -109,7 +109,10 @@ class _Channel(asyncio.Protocol):
         self._rest = b""
         self._frames: dict[int, Frame] = {}
         self._fids = itertools.count(1)
-        self._announced: set[int] = set()
+        # Connections announced (OPEN sent) -> their number on the channel (their id modulo 2**32, unless a
+        # connection still open has that one: new UDP source addresses can burn ids at the datagram rate)
+        self._announced: dict[int, int] = {}
+        self._numbers: set[int] = set()  # the channel numbers of the connections announced
         self._udp: set[int] = set()  # connections that are UDP producers (their OPEN says so)
         self.specs: dict[str, ModelSpec] = {}  # the models admitted, by name (what ``Admission`` reads)
         # Every model's index by what its frames are (name, dtype, shape), kept after an unload: a frame
@@ -148,12 +151,9 @@ class _Channel(asyncio.Protocol):
     def submit(self, frame: Frame) -> None:
         """``Admission``'s submit: the frame goes up as a descriptor; it stays here until its REPLY."""
         conn = frame.stream[0]  # type: ignore[index]
-        producer = frame.producer
-        if conn not in self._announced:
-            self._announced.add(conn)
-            kind = channel.OPEN_UDP if conn in self._udp else channel.OPEN_TCP
-            self.send(channel.up(channel.OPEN, conn & _U32, self._identities.get(producer.identity or "", 0),
-                                 producer.max_priority, kind))  # fmt: skip
+        number = self._announced.get(conn)
+        if number is None:
+            number = self._open(conn, frame.producer)
         frames = self._frames
         fid = next(self._fids) & _U32  # the records' fid is u32: it wraps (every 17 hours at 70,000 frames/s)
         while not fid or fid in frames:  # (0 is never a fid; one still in flight is skipped)
@@ -165,9 +165,21 @@ class _Channel(asyncio.Protocol):
             self._loop.call_soon(self._flush)
         self._out.append(channel.UP.pack(
             channel.FRAME, h.priority, int(h.flags), 0, self._indexes[h.model, h.dtype_code, h.shape], 0,
-            conn & _U32, fid, slot.offset, h.payload_len, h.stream_id, h.deadline_us, h.sequence, h.timestamp_ns,
+            number, fid, slot.offset, h.payload_len, h.stream_id, h.deadline_us, h.sequence, h.timestamp_ns,
             frame.received_ns, frame.complete_ns, frame.deadline_ns,
         ))  # fmt: skip
+
+    def _open(self, conn: int, producer: Producer) -> int:
+        """Announce ``conn`` (an OPEN record); returns its number on the channel."""
+        number = conn & _U32
+        while number in self._numbers:
+            number = (number + 1) & _U32
+        self._announced[conn] = number
+        self._numbers.add(number)
+        kind = channel.OPEN_UDP if conn in self._udp else channel.OPEN_TCP
+        self.send(channel.up(channel.OPEN, number, self._identities.get(producer.identity or "", 0),
+                             producer.max_priority, kind))  # fmt: skip
+        return number
 
     def model_index(self, model: str) -> int:
         """``model``'s index (a REPLIED record's ``index``)."""
@@ -188,9 +200,10 @@ class _Channel(asyncio.Protocol):
         """``conn`` is gone, ``outstanding`` of its frames unanswered (0: none can be queued up there; a UDP
         producer does not count its own, so it says 1)."""
         self._udp.discard(conn)
-        if conn in self._announced:
-            self._announced.discard(conn)
-            self.send(channel.up(channel.CLOSED, conn & _U32, value=outstanding))
+        number = self._announced.pop(conn, None)
+        if number is not None:
+            self._numbers.discard(number)
+            self.send(channel.up(channel.CLOSED, number, value=outstanding))
 
     def report(self, udp_listeners: Sequence[UdpListener]) -> None:
         """STATS records for the UDP listeners' numbers that changed since the last report."""

@@ -172,8 +172,14 @@ class Scheduler:
             for frame in queue.frames:
                 queue.pinned.setdefault(frame, old)
         queue.replicas = [Replica(model) for model in replicas]
-        for new, previous in zip(queue.replicas, old, strict=False):
-            new.latency = previous.latency
+        # Each device's k-th instance takes over the estimates of the k-th one there before (by position, a
+        # change of instances would hand one device's estimates to another); a new copy starts afresh
+        known: dict[int, list[BatchLatency]] = {}
+        for previous in old:
+            known.setdefault(previous.device, []).append(previous.latency)
+        for new in queue.replicas:
+            if estimates := known.get(new.device):
+                new.latency = estimates.pop(0)
         queue.spec = replicas[0].spec
         self._dispatch(queue)
         return [r.model for r in old]
@@ -239,9 +245,8 @@ class Scheduler:
         health = self.health
         if not health.impaired or any(health.usable(r.device) for r in queue.replicas):
             return ""
-        return f"model {queue.spec.name!r} has no usable device: " + health.why_unusable(
-            sorted({r.device for r in queue.replicas})  # (a device may hold several instances)
-        )
+        devices = list(dict.fromkeys(r.device for r in queue.replicas))  # (each once, however many instances)
+        return f"model {queue.spec.name!r} has no usable device: " + health.why_unusable(devices)
 
     def _refuse_unplaceable(self) -> None:
         """Answer the queued frames of models that no device can run now, rather than let them wait."""

@@ -38,12 +38,12 @@ class InstantExecutor(concurrent.futures.Executor):
 async def test_batch_results_and_service_time(instant: bool) -> None:
     loop = asyncio.get_running_loop()
     backend = CpuBackend(loop, Config(device="cpu"))
-    if instant:
-        backend._worker = InstantExecutor()  # type: ignore[assignment]
     host = np.zeros(1 << 16, np.uint8)
     backend.attach_host(host)
     ring = SlotPool(host)
     model = backend.load(SPEC, build_builtin("small"))
+    if instant:
+        model.worker = InstantExecutor()
     frames = np.random.default_rng(3).integers(0, 256, (3, *SPEC.input_shape), dtype=np.uint8)
     slots = []
     for frame in frames:

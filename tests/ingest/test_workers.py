@@ -28,7 +28,7 @@ from streamgpu import cli, client
 from streamgpu.config import Config, ConfigError, ListenerSpec, TokenSpec
 from streamgpu.frame import Frame, Outcome
 from streamgpu.ingest import channel, worker, workers
-from streamgpu.ingest.admission import Admission, Grant
+from streamgpu.ingest.admission import Admission, Grant, Producer
 from streamgpu.ingest.hub import Origin
 from streamgpu.ingest.workers import WorkerFrame, WorkerListener, _Worker
 from streamgpu.memory import HostSegment, Slot, SlotPool
@@ -291,6 +291,37 @@ async def test_frame_and_connection_numbers_past_32_bits_wrap_on_the_channel() -
     chan.data_received(bytes(down.written))
     assert {i: o.message for i, o in outcomes.items()} == {i: f"frame {i}" for i in range(3)}
     assert pool.slots_in_use == 0
+    segment.close()
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_connection_whose_id_wraps_onto_an_open_ones_gets_a_channel_number_of_its_own() -> None:
+    """Connection ids (every TCP connection and UDP source address) went up the channel modulo 2**32: a
+    producer that burnt 2**32 ids (new UDP source addresses) got the number of a connection still open, its
+    OPEN took that connection's place in the parent (its frames then counted as the newcomer's) and its
+    close removed it, so that connection's next frame failed the parent's channel (KeyError)."""
+    cfg = config()
+    submitted: list[Frame] = []
+    parent, _, segment = parent_worker(cfg, submitted.append)
+    parent.connection_made(FakeTransport())  # type: ignore[arg-type]
+    chan, up, _, their_admission = worker_side(cfg, segment, parent.lent)
+    old, new = (their_admission.producer_for(Grant(None, cfg.max_priority), peer) for peer in ("old", "new"))
+
+    def submit(producer: Producer, conn: int) -> None:
+        slot = producer.reserve(192, lambda s: None)
+        assert isinstance(slot, Slot)
+        header = FrameHeader(1, conn, SPEC.name, SPEC.frame_dtype_code, SPEC.input_shape, 192)
+        their_admission.submit(Frame(header, slot, producer, (conn, 1), 1, 2, 3, lambda f, o: None))
+
+    submit(old, 42)
+    submit(new, (1 << 32) + 42)  # the same number modulo 2**32, while 42 is open
+    chan.connection_closed((1 << 32) + 42, 1)
+    submit(old, 42)
+    await asyncio.sleep(0)
+    parent.data_received(bytes(up.written))
+    producers = [frame.producer.name for frame in submitted]
+    assert producers == ["tcp:w0/42", producers[1], "tcp:w0/42"] and producers[1] != producers[0]
+    assert list(parent.conns) == [42]
     segment.close()
 
 

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 
 from streamgpu.config import ConfigError, ListenerSpec
-from streamgpu.gpu.cpu import CpuBackend
+from streamgpu.gpu.cpu import CpuModel
 from streamgpu.protocol import udp
 from streamgpu.protocol.wire import FrameFlags, FrameHeader, Status
 from streamgpu.server import Server
 from tests.ingest import test_udp as udp_test
-from tests.ingest.test_workers import config, frames, udp_config, udp_numbers, udp_producers_by_worker
+from tests.ingest.test_workers import SPEC, config, frames, udp_config, udp_numbers, udp_producers_by_worker
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
@@ -34,8 +34,9 @@ async def test_udp_counts_never_go_back_while_a_dead_workers_range_is_still_read
         sent = sum(len(conns) for conns in by_worker.values())  # one frame each, all answered
         before = await udp_numbers(srv, lambda s: s.get("frames") == sent)
         block = threading.Event()
-        assert isinstance(srv.backend, CpuBackend)
-        srv.backend._worker.submit(block.wait)  # the CPU backend's one thread: no batch runs until set
+        (model,) = srv.serving(SPEC.name) or []
+        assert isinstance(model, CpuModel)
+        model.worker.submit(block.wait)  # the model's one thread on the CPU backend: no batch runs until set
         pending = asyncio.ensure_future(by_worker[0][0].submit(frames(1, 1)[0], stream_id=5))
         victim = listener._workers[0]
         try:
