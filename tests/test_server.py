@@ -63,6 +63,19 @@ def slow_batches(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
     monkeypatch.setattr(CpuModel, "run", slow)
 
 
+def record_withdrawals(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The producers ``Scheduler.withdraw`` is called for from here on, in order (it still withdraws)."""
+    withdrawn: list[object] = []
+    withdraw = Scheduler.withdraw
+
+    def spy(self: Scheduler, producer: object) -> None:
+        withdrawn.append(producer)
+        withdraw(self, producer)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Scheduler, "withdraw", spy)
+    return withdrawn
+
+
 def random_frames(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, *SPEC.input_shape), dtype=np.uint8)
 
@@ -411,14 +424,7 @@ async def test_a_tokens_connection_closing_with_its_frames_answered_looks_for_no
     """A token's connections share one producer: one closing with every frame answered had the scheduler look
     through all the token's queued frames for its own (the other connections' thousands, ~0.15 us each)."""
     slow_batches(monkeypatch, 0.5)
-    withdrawn: list[object] = []
-    withdraw = Scheduler.withdraw
-
-    def spy(self: Scheduler, producer: object) -> None:
-        withdrawn.append(producer)
-        withdraw(self, producer)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Scheduler, "withdraw", spy)
+    withdrawn = record_withdrawals(monkeypatch)
     one = ModelSpec(name=SPEC.name, input_shape=SPEC.input_shape, max_batch_size=1)
     cfg = config(models=[one], max_inflight_batches=1, ingest_workers=workers, tokens={"fleet": TokenSpec("fleet-key")})
     async with Server(cfg) as srv:

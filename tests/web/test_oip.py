@@ -23,10 +23,9 @@ import torch
 from streamgpu import client
 from streamgpu.config import Config, ListenerSpec, TokenSpec
 from streamgpu.models.spec import ModelSpec
-from streamgpu.scheduler.scheduler import Scheduler
 from streamgpu.server import Server
 from streamgpu.web import oip
-from tests.test_server import slow_batches
+from tests.test_server import record_withdrawals, slow_batches
 
 tritonhttp = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is a test dependency")
 tritonaio = pytest.importorskip("tritonclient.http.aio", reason="tritonclient[http] is a test dependency")
@@ -373,14 +372,7 @@ async def test_a_tokens_answered_request_looks_for_no_queued_frames(
 ) -> None:
     """A token's requests share one producer with its other connections: each request that ended with its
     frames answered had the scheduler look through all the token's queued frames (thousands, ~0.15 us each)."""
-    withdrawn: list[object] = []
-    withdraw = Scheduler.withdraw
-
-    def spy(self: Scheduler, producer: object) -> None:
-        withdrawn.append(producer)
-        withdraw(self, producer)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Scheduler, "withdraw", spy)
+    withdrawn = record_withdrawals(monkeypatch)
     async with Server(config(tmp_path, tokens={"fleet": TokenSpec("fleet-key")})) as server:
         c = tritonaio.InferenceServerClient(f"127.0.0.1:{http_port(server)}")
         inp = tritonaio.InferInput("input", [2, *SPEC.input_shape], "UINT8")

@@ -19,9 +19,8 @@ from streamgpu.ingest.hub import Origin, ResultHub
 from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol import wire
 from streamgpu.protocol.wire import FrameHeader, ReplyFlags, ReplyHeader, Status
-from streamgpu.scheduler.scheduler import Scheduler
 from streamgpu.server import Server
-from tests.test_server import slow_batches
+from tests.test_server import record_withdrawals, slow_batches
 
 SPEC = ModelSpec(input_shape=(16, 16, 3), max_batch_size=8, batch_buckets=(1, 4, 8))
 
@@ -155,14 +154,7 @@ async def test_a_socket_closing_withdraws_its_queued_frames_and_only_then(monkey
     other connections may hold thousands, ~0.15 us each); one that closes with frames queued has them answered
     at once, their slots freed."""
     slow_batches(monkeypatch, 0.5)
-    withdrawn: list[object] = []
-    withdraw = Scheduler.withdraw
-
-    def spy(self: Scheduler, producer: object) -> None:
-        withdrawn.append(producer)
-        withdraw(self, producer)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Scheduler, "withdraw", spy)
+    withdrawn = record_withdrawals(monkeypatch)
     one = ModelSpec(input_shape=SPEC.input_shape, max_batch_size=1, batch_buckets=(1,))
     batch = frames(4, seed=6)
     async with Server(config(models=[one], max_inflight_batches=1)) as server, aiohttp.ClientSession() as session:
