@@ -212,11 +212,16 @@ def test_result_hub_publishes_by_stream_id_and_drops_a_broken_watcher() -> None:
 def test_a_tap_gets_every_stream_id_with_its_origin() -> None:
     hub = ResultHub()
     seen: list[tuple[int, str, str]] = []
-    assert not hub.watched(3)
+    assert not hub.watched(3) and not hub.watching
     tap = hub.tap(lambda h, o, origin: seen.append((h.stream_id, origin.source, origin.stream)))
-    assert hub.watched(3) and hub.watched(4)
+    assert hub.watched(3) and hub.watched(4) and hub.watching
     hub.publish(FrameHeader(3, 1, "m", 1, (1,), 1), Outcome(Status.OK), Origin("raw", "raw:9000/1"))
     hub.publish(FrameHeader(4, 1, "m", 1, (1,), 1), Outcome(Status.BAD_FRAME))
     tap.cancel()
+    assert not hub.watching  # (a batch then asks about none of its frames)
+    one = hub.subscribe(7, lambda h, o: None)
+    assert hub.watching
+    one.cancel()
+    assert not hub.watching
     hub.publish(FrameHeader(5, 1, "m", 1, (1,), 1), Outcome(Status.OK))
     assert seen == [(3, "raw", "raw:9000/1"), (4, "", "")] and hub.published == 3
