@@ -256,6 +256,27 @@ async def test_a_delivery_that_raises_costs_no_other_frame_its_result(caplog: py
     assert got == [0, 2] and "delivering the result of frame 0/1 failed" in caplog.text
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize("subscribed", [False, True])
+async def test_a_worker_batch_publishes_to_whoever_watches_as_each_of_its_frames_finishes(subscribed: bool) -> None:
+    """The hub is asked whether anyone watches once per batch (``ResultHub.watching``), but a watcher that
+    another's callback adds during the batch still gets the rest of it, and only watched ids are published."""
+    worker, _transport, frames, segment = await worker_frames(5)  # stream ids 0..4
+    hub = worker._admission.stream_results
+    got: list[tuple[str, int]] = []
+
+    def on_one(header: FrameHeader, outcome: Outcome) -> None:
+        got.append(("one", header.stream_id))
+        hub.subscribe(3, lambda h, o: got.append(("three", h.stream_id)))
+
+    if subscribed:
+        hub.subscribe(1, on_one)
+    finish_ok(list(frames), np.zeros((5, 3), np.float32), None, np.zeros((5, 6), np.int64))
+    assert got == ([("one", 1), ("three", 3)] if subscribed else [])
+    assert hub.published == len(got)
+    segment.close()
+
+
 def test_reply_records_of_a_batch_are_the_records_of_each_frame() -> None:
     for shape, dtype in (((1000,), np.float32), ((), np.int64), ((2, 3), np.float16), ((4,), np.uint8)):
         rows = np.random.default_rng(1).random((7, *shape)).astype(dtype) * 100
