@@ -196,9 +196,8 @@ class _Channel(asyncio.Protocol):
         """``conn`` names a UDP producer (its OPEN, at its first frame, will say so)."""
         self._udp.add(conn)
 
-    def connection_closed(self, conn: int, outstanding: int = 1) -> None:
-        """``conn`` is gone, ``outstanding`` of its frames unanswered (0: none can be queued up there; a UDP
-        producer does not count its own, so it says 1)."""
+    def connection_closed(self, conn: int, outstanding: int) -> None:
+        """``conn`` is gone, ``outstanding`` of its frames unanswered (0: none can be queued up there)."""
         self._udp.discard(conn)
         number = self._announced.pop(conn, None)
         if number is not None:
@@ -353,7 +352,7 @@ class _WorkerUdpListener(UdpListener):
         self._chan.udp_producer(peer_id)
 
     def producer_gone(self, peer_id: int) -> None:
-        self._chan.connection_closed(peer_id)
+        self._chan.connection_closed(peer_id, 1)  # (a UDP producer does not count its frames: some may be queued)
 
 
 async def serve(chan_sock: socket.socket, init: WorkerInit) -> None:
