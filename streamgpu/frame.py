@@ -149,7 +149,9 @@ def finish_ok(frames: list[Frame], rows: np.ndarray, outputs: Callable[[int], Ou
 
     Frames finished already (a shutdown out of time) are skipped; returns the positions of those
     finished here. Per frame this only marks it finished; producer accounting is one call per
-    producer, and frames of a ``BatchSink`` are delivered in one call per sink.
+    producer, and frames of a ``BatchSink`` are delivered in one call per sink, unless the model has
+    several outputs (``BatchSink.finished_ok`` takes the one): then each frame's outcome goes to its
+    ``sink``, with every output.
     """
     done: list[int] = []
     grouped: dict[BatchSink, list[int]] = {}
@@ -162,7 +164,7 @@ def finish_ok(frames: list[Frame], rows: np.ndarray, outputs: Callable[[int], Ou
         producer = frame.producer
         producers[producer] = producers.get(producer, 0) + 1
         sink = frame.batch_sink
-        if sink is not None:
+        if sink is not None and outputs is None:
             group = grouped.get(sink)
             if group is None:
                 grouped[sink] = [i]
@@ -187,7 +189,7 @@ def finish_ok(frames: list[Frame], rows: np.ndarray, outputs: Callable[[int], Ou
     listed = timings.tolist()
     for i in done:
         frame = frames[i]
-        if frame.batch_sink is None:
+        if frame.batch_sink is None or outputs is not None:
             try:
                 frame.release_slot()
                 frame.sink(frame, Outcome(Status.OK, result=rows[i], timings=Timings(*listed[i]),

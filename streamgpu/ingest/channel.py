@@ -71,7 +71,10 @@ of shape, ``message_len`` bytes of message and ``payload_len`` bytes of body::
 * ``REPLY``: frame ``fid`` ended with ``status``; the result (``dtype`` a wire
   dtype code, or ``NO_RESULT``) travels inline: results are small (a row of
   logits), and copying them once into the channel costs less than managing a
-  second shared area. A REPLY also releases the frame's slot.
+  second shared area. A model with several outputs (a tuple or dict of them,
+  a ``topk`` postprocess) sends them all: ``dtype`` is ``OUTPUTS_BLOCK``,
+  ``ndim`` 0, and the body a wire outputs block (``wire.encode_outputs``;
+  unnamed outputs were a tuple). A REPLY also releases the frame's slot.
 * ``STOP``: shutdown step 1 (take no new frames). ``CLOSE``: step 2, close the
   connections, flushing replies for up to ``fid`` milliseconds, then exit.
 * ``MODELS``: the models served now, which the worker admits from here on
@@ -116,6 +119,7 @@ NO_MODEL_INDEX = 0xFFFF  # a REPLIED record's index for a reply that names no se
 # downward kinds
 RELEASE, REPLY, STOP, CLOSE, MODELS = 1, 2, 3, 4, 5
 NO_RESULT = 0  # a REPLY's dtype when there is no result
+OUTPUTS_BLOCK = 0xFF  # a REPLY's dtype when its body is an outputs block (a model with several outputs)
 _SHAPES = [struct.Struct(f"<{n}I") for n in range(wire.MAX_NDIM + 1)]
 
 
@@ -218,6 +222,10 @@ def encode_reply(fid: int, outcome: Outcome) -> bytes:
     t = outcome.timings
     msg = outcome.message.encode()[: wire.MAX_MESSAGE] if outcome.message else b""
     result = outcome.result
+    if outcome.outputs is not None:
+        block = wire.encode_outputs(outcome.outputs)
+        return b"".join((DOWN.pack(REPLY, outcome.status, OUTPUTS_BLOCK, 0, fid, len(block), *t, len(msg), 0), msg,
+                         block))  # fmt: skip
     if result is None:
         head = DOWN.pack(REPLY, outcome.status, NO_RESULT, 0, fid, 0, *t, len(msg), 0)
         return head + msg if msg else head
@@ -296,10 +304,14 @@ def decode_reply(buf: bytes, pos: int) -> tuple[int, Outcome]:
     at += 4 * ndim
     message = buf[at : at + msg_len].decode(errors="replace") if msg_len else ""
     at += msg_len
-    result = None
-    if dtype != NO_RESULT:
+    result = outputs = None
+    if dtype == OUTPUTS_BLOCK:
+        named = wire.decode_outputs(memoryview(buf)[at : at + payload_len])
+        outputs = tuple(a for _, a in named) if all(not name for name, _ in named) else dict(named)
+        result = named[0][1]
+    elif dtype != NO_RESULT:
         result = np.frombuffer(buf, wire.DTYPES[dtype], payload_len // wire.DTYPES[dtype].itemsize, at).reshape(shape)
-    return fid, Outcome(_STATUS[status], message, result, Timings(rx, q, tr, comp, total, bs))
+    return fid, Outcome(_STATUS[status], message, result, Timings(rx, q, tr, comp, total, bs), outputs)
 
 
 _STATUS = {int(s): s for s in wire.Status}

@@ -26,7 +26,7 @@ import pytest_asyncio
 
 from streamgpu import cli, client
 from streamgpu.config import Config, ConfigError, ListenerSpec, TokenSpec
-from streamgpu.frame import Frame, Outcome
+from streamgpu.frame import Frame, Outcome, Outputs
 from streamgpu.ingest import channel, worker, workers
 from streamgpu.ingest.admission import Admission, Grant, Producer
 from streamgpu.ingest.hub import Origin
@@ -196,6 +196,25 @@ async def test_descriptors_and_shared_memory_round_trip() -> None:
     assert pool.slots_in_use == 0 and producer.frames_in_server == 0
     segment.close()
     theirs.close()
+
+
+@pytest.mark.parametrize("outputs", [
+    (np.arange(4, dtype=np.float32), np.array([7, 9], np.int32)),
+    {"boxes": np.ones((2, 4), np.float16), "labels": np.array([3, 1], np.int64), "": np.zeros(0, np.uint8)},
+])  # fmt: skip
+def test_a_reply_with_several_outputs_carries_every_one(outputs: Outputs) -> None:
+    """A REPLY of a model with several outputs brings them all down, in their structure (tuple or dict)."""
+    first = outputs[0] if isinstance(outputs, tuple) else outputs["boxes"]
+    record = channel.encode_reply(5, Outcome(Status.OK, "a note", first, Timings(1, 2, 3, 4, 5, 6), outputs))
+    assert channel.record_length(record, 0) == len(record)
+    fid, got = channel.decode_reply(record, 0)
+    assert fid == 5 and got.status is Status.OK and got.message == "a note" and got.timings == Timings(1, 2, 3, 4, 5, 6)
+    assert type(got.outputs) is type(outputs) and got.result is not None
+    np.testing.assert_array_equal(got.result, first)
+    pairs = outputs.items() if isinstance(outputs, dict) else enumerate(outputs)
+    for key, array in pairs:
+        assert got.outputs[key].dtype == array.dtype  # type: ignore[index]
+        np.testing.assert_array_equal(got.outputs[key], array)  # type: ignore[index]
 
 
 def parent_worker(
@@ -418,6 +437,33 @@ async def test_frames_through_two_workers_equal_one_process_mode(server: Server)
         for stream in (0, 1):
             seqs = [r.sequence for i, r in by_arrival if i % 12 == conn and r.stream_id == stream]
             assert seqs == sorted(seqs) and len(seqs) == 16
+
+
+@pytest.mark.asyncio
+async def test_a_model_with_several_outputs_answers_every_one_through_the_workers() -> None:
+    """A ``topk`` model's replies hold its indices and scores with workers as in one-process mode (a v2
+    connection; a v1 connection gets the first and a note), where a worker reply carried the first alone."""
+    top = dataclasses.replace(SPEC, name="top", postprocess="topk:3")
+    data = frames(6, seed=5)
+    answers: dict[int, list[list[client.Reply]]] = {}
+    for n in (0, 2):
+        async with Server(config(models=[top], ingest_workers=n)) as srv:
+            answers[n] = []
+            for version in (2, 1):
+                conn = await client.connect("127.0.0.1", srv.port, protocol_version=version)
+                answers[n].append(list(await asyncio.gather(*(conn.submit(f, model="top") for f in data))))
+                await conn.close()
+    for one, through in zip(answers[0], answers[2], strict=True):
+        for want, got in zip(one, through, strict=True):
+            assert got.ok and got.message == want.message, got.message
+            np.testing.assert_allclose(got.result, want.result, rtol=1e-5)  # type: ignore[arg-type]
+            if want.outputs is None:  # v1
+                assert got.outputs is None and "protocol v1 carries only the first" in got.message
+            else:
+                assert isinstance(got.outputs, dict) and set(got.outputs) == {"indices", "scores"}
+                for name, array in want.outputs.items():  # type: ignore[union-attr]
+                    assert got.outputs[name].dtype == array.dtype  # (batches differ: scores to float rounding)
+                    np.testing.assert_allclose(got.outputs[name], array, rtol=1e-5)
 
 
 @pytest.mark.asyncio
