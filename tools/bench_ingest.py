@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 from bench_e2e import HOST, print_rows, row, server  # noqa: E402
 
 from streamgpu.config import Config, ListenerSpec  # noqa: E402
-from streamgpu.frame import Frame, Outcome  # noqa: E402
+from streamgpu.frame import Frame, finish_ok, release_slots  # noqa: E402
 from streamgpu.gpu.backend import Backend, BatchRun, DeviceModel  # noqa: E402
 from streamgpu.gpu.bridge import CompletionBridge  # noqa: E402
 from streamgpu.ingest import channel  # noqa: E402
@@ -58,7 +58,7 @@ from streamgpu.loops import freeze_heap, new_event_loop, thaw_heap, tune_malloc 
 from streamgpu.memory import HostSegment, SlotPool  # noqa: E402
 from streamgpu.models.spec import ModelSpec  # noqa: E402
 from streamgpu.protocol import wire  # noqa: E402
-from streamgpu.protocol.wire import FrameHeader, Status, Timings  # noqa: E402
+from streamgpu.protocol.wire import FrameHeader  # noqa: E402
 from streamgpu.scheduler.runner import BatchRunner  # noqa: E402
 from streamgpu.scheduler.scheduler import Scheduler  # noqa: E402
 
@@ -99,12 +99,10 @@ class _Sink:
 
 
 def _finish(frames: list[Frame], result: np.ndarray) -> None:
-    """What the batch runner does to a batch's frames once copied, then computed."""
-    for frame in frames:
-        frame.release_slot()
-    timings = Timings(1, 2, 3, 4, 5, len(frames))
-    for frame in frames:
-        frame.finish(Outcome(Status.OK, result=result, timings=timings))
+    """What the batch runner does to a batch's frames once copied, then computed (``scheduler.runner``)."""
+    release_slots(frames)
+    timings = np.tile(np.arange(1, 7, dtype=np.int64), (len(frames), 1))
+    finish_ok(frames, np.broadcast_to(result, (len(frames), *result.shape)), None, timings)
     frames.clear()
 
 

@@ -35,12 +35,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import functools
 import logging
+import operator
 import socket
 import time
 import typing
 from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
 
 from streamgpu.config import ListenerSpec
 from streamgpu.frame import Frame, Outcome
@@ -54,6 +57,7 @@ from streamgpu.protocol.ordering import ReplyOrder, Ticket
 from streamgpu.protocol.wire import FrameHeader, ProtocolError, ReplyFlags, ReplyHeader, Status, Timings
 
 log = logging.getLogger(__name__)
+_REPLY_FIELDS = operator.attrgetter("header.stream_id", "header.sequence", "header.timestamp_ns")  # per OK reply
 
 HELLO_BYTES = 8 + wire.MAX_TOKEN  # the largest HELLO: all a connection gets before its handshake
 SCRATCH_BYTES = 64 * 1024
@@ -76,8 +80,20 @@ class _State(enum.Enum):
     DRAIN = 7  # closing: our side is shut for writing, input is read and dropped until the producer closes
 
 
+@dataclass(eq=False, slots=True)
+class TcpFrame(Frame):
+    """A frame received on a TCP connection: its place in its stream's reply order."""
+
+    ticket: Ticket | None = None
+
+
 class TcpConnection(asyncio.BufferedProtocol):
-    """Server side of one producer connection."""
+    """Server side of one producer connection.
+
+    It is its frames' ``BatchSink``: a batch's OK results for its frames are encoded in one array
+    (``wire.encode_ok_replies``), each frame's reply a slice of it, where one by one each cost an
+    ``Outcome``, a ``ReplyHeader`` and a ``struct`` pack.
+    """
 
     def __init__(self, listener: TcpListener) -> None:
         self._listener = listener
@@ -111,6 +127,7 @@ class TcpConnection(asyncio.BufferedProtocol):
         self._parsing = False  # inside _process_scratch (which an outcome delivered synchronously may re-enter)
         self.id = next(connection_ids)
         self._origin = Origin("tcp", f"tcp:{self.id}")  # how its frames' outcomes are published
+        self._sink = self._on_outcome  # one bound method for every frame of the connection
         self.peer: str = "?"
         self._frames = 0  # frames received (for the close line)
         self._close_reason = "closed by the producer"
@@ -381,7 +398,7 @@ class TcpConnection(asyncio.BufferedProtocol):
         self._header = self._slot = self._slot_view = self._ticket = None
         self._state = _State.HEADER
         self._frames += 1
-        frame = Frame(
+        frame = TcpFrame(
             header=header,
             slot=slot,
             producer=self.producer,
@@ -389,18 +406,40 @@ class TcpConnection(asyncio.BufferedProtocol):
             received_ns=self._received_ns,
             complete_ns=time.perf_counter_ns(),
             deadline_ns=self._deadline_ns,
-            sink=functools.partial(self._on_outcome, ticket),
+            sink=self._sink,
             is_abandoned=self._is_closed,
+            batch_sink=self,
+            ticket=ticket,
         )
         self._admission.submit(frame)
         self._update_reading()  # flow control noted during the payload takes effect here
 
     # -- replies --------------------------------------------------------------------------------
 
-    def _on_outcome(self, ticket: Ticket, frame: Frame, outcome: Outcome) -> None:
+    def _on_outcome(self, frame: Frame, outcome: Outcome) -> None:
         self._admission.stream_results.publish(frame.header, outcome, self._origin)  # subscribers, results sink
         reply, payload = wire.reply_to(frame.header, *outcome, version=self.version)
-        self._send(ticket, wire.encode_reply(reply, payload, self.version))
+        self._send(typing.cast(TcpFrame, frame).ticket, wire.encode_reply(reply, payload, self.version))
+
+    def slots_released(self, frames: list[Frame]) -> None:
+        """``BatchSink``: the payloads of ``frames`` were copied to the device."""
+        for frame in frames:
+            frame.release_slot()
+
+    def finished_ok(self, frames: list[Frame], rows: np.ndarray, timings: np.ndarray) -> None:
+        """``BatchSink``: ``frames`` (this connection's, of one batch) ended OK with ``rows``."""
+        hub = self._admission.stream_results
+        watching = hub.watching  # (nobody, mostly: then no Outcome is built)
+        for i, frame in enumerate(frames):
+            frame.release_slot()
+            if watching and hub.watched(frame.header.stream_id):
+                hub.publish(frame.header, Outcome(Status.OK, result=rows[i], timings=Timings(*timings[i].tolist())),
+                            self._origin)  # fmt: skip
+        replies = wire.encode_ok_replies(np.array(list(map(_REPLY_FIELDS, frames)), np.uint64), rows, timings)
+        size = len(replies) // len(frames)
+        send = self._send
+        for i, frame in enumerate(frames):
+            send(frame.ticket, [replies[i * size : (i + 1) * size]])  # type: ignore[attr-defined]  # TcpFrames
 
     def _answer_now(self, header: FrameHeader, ticket: Ticket, status: Status, message: str) -> None:
         self._admission.replied(header.model, status)
@@ -416,7 +455,8 @@ class TcpConnection(asyncio.BufferedProtocol):
         )
         self._send(ticket, wire.encode_reply(reply, b"", self.version))
 
-    def _send(self, ticket: Ticket, parts: list[bytes | memoryview]) -> None:
+    def _send(self, ticket: Ticket | None, parts: list[bytes | memoryview]) -> None:
+        assert ticket is not None
         ready = self._order.complete(ticket, parts)
         if ready and self._transport is not None:
             # One write per connection per loop iteration, not one per reply: a batch finishing

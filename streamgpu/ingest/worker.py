@@ -40,9 +40,12 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
+
+import numpy as np
 
 from streamgpu.config import Config, ListenerSpec
-from streamgpu.frame import Frame, Outcome
+from streamgpu.frame import Frame, Outcome, finish_ok
 from streamgpu.ingest import channel
 from streamgpu.ingest.admission import Admission, Producer
 from streamgpu.ingest.hub import UNNAMED, Origin, ResultHub
@@ -51,7 +54,7 @@ from streamgpu.ingest.udp import STAT_NAMES, UdpListener
 from streamgpu.loops import freeze_heap, new_event_loop, tune_malloc
 from streamgpu.memory import HostSegment, SlotPool
 from streamgpu.models.spec import ModelSpec
-from streamgpu.protocol.wire import FrameHeader
+from streamgpu.protocol.wire import FrameHeader, Status, Timings
 
 log = logging.getLogger("streamgpu.worker")
 _LENGTH = struct.Struct("<I")
@@ -228,15 +231,14 @@ class _Channel(asyncio.Protocol):
             if n is None or pos + n > end:
                 break
             kind = buf[pos]
-            if kind == channel.REPLY:
+            if kind == channel.REPLY and (run := channel.ok_replies(buf, pos, end)) is not None:
+                self._finish_run(*run[:3])
+                n = run[3]
+            elif kind == channel.REPLY:
                 fid, outcome = channel.decode_reply(buf, pos)
                 frame = frames.pop(fid, None)
                 if frame is not None:
-                    self.delivering = frame.header
-                    try:
-                        frame.finish(outcome)
-                    finally:
-                        self.delivering = None
+                    self._deliver(frame, outcome)
             elif kind == channel.RELEASE:
                 for fid in channel.released(buf, pos):
                     frame = frames.get(fid)
@@ -252,6 +254,28 @@ class _Channel(asyncio.Protocol):
                 self.done.set_result(channel.DOWN.unpack_from(buf, pos)[4] / 1000)
             pos += n
         self._rest = buf[pos:]
+
+    def _finish_run(self, fids: list[int], rows: np.ndarray, timings: np.ndarray) -> None:
+        """A batch's OK results (``channel.ok_replies``): its frames here finished at once (each front end's
+        ``BatchSink`` encodes their replies together). These outcomes were published up there already."""
+        frames = [self._frames.pop(fid, None) for fid in fids]
+        batched = [i for i, frame in enumerate(frames) if frame is not None and frame.batch_sink is not None]
+        if len(batched) < len(frames):  # UDP frames (one by one), or frames gone meanwhile (dropped at a close)
+            listed = timings.tolist()
+            for i, frame in enumerate(frames):
+                if frame is not None and frame.batch_sink is None:
+                    self._deliver(frame, Outcome(Status.OK, result=rows[i], timings=Timings(*listed[i])))
+            frames, rows, timings = [frames[i] for i in batched], rows[batched], timings[batched]
+        if frames:
+            finish_ok(cast(list[Frame], frames), rows, None, timings)
+
+    def _deliver(self, frame: Frame, outcome: Outcome) -> None:
+        """Finish ``frame`` with the scheduling process's ``outcome`` (published there already)."""
+        self.delivering = frame.header
+        try:
+            frame.finish(outcome)
+        finally:
+            self.delivering = None
 
     def _stop(self) -> None:
         if self.admission is not None:

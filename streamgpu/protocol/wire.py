@@ -488,6 +488,60 @@ def encode_reply(h: ReplyHeader, payload: bytes | memoryview = b"", version: int
     return parts
 
 
+# _REPLY as a numpy record, for encoding many OK replies at once (the same bytes as ``encode_reply``)
+_REPLY_FIELDS = [("magic", "S4"), ("version", "u1"), ("status", "u1"), ("dtype", "u1"), ("ndim", "u1"),
+                 ("message_len", "<u2"), ("flags", "<u2"), ("stream_id", "<u4"), ("sequence", "<u8"),
+                 ("payload_len", "<u8"), ("timestamp_ns", "<u8"), ("timings", "<u4", (5,)), ("batch_size", "<u2"),
+                 ("pad", "<u2")]  # fmt: skip
+_OK_REPLY_TYPES: dict[tuple[np.dtype, tuple[int, ...]], tuple[np.dtype, np.ndarray]] = {}
+
+
+def row_record(head: Sequence[tuple[object, ...]], dtype: np.dtype, shape: tuple[int, ...],
+               **constants: object) -> tuple[np.dtype, np.ndarray]:  # fmt: skip
+    """A packed numpy record that carries one result row: the fields ``head`` (which name ``dtype``,
+    ``ndim`` and ``payload_len``), ``shape`` (u32 each; none for a scalar), then a row of ``dtype`` and
+    ``shape`` (``data``); and the bytes before ``data`` of such a record (as uint8), with the row's
+    dtype code, ndim, size and shape and the ``constants`` filled in, for encoding many at once:
+    broadcast as plain bytes (a structured copy of the fields is ~20x slower), then the rest set."""
+    if len(shape) > MAX_NDIM:
+        raise ValueError(f"a result has at most {MAX_NDIM} dimensions, got shape {shape}")
+    code = dtype_code(dtype)
+    fields: list[tuple[object, ...]] = list(head)
+    if shape:
+        fields.append(("shape", "<u4", (len(shape),)))
+    fields.append(("data", DTYPES[code], shape))
+    rtype = np.dtype(fields)  # packed: no padding, as a struct's "<"
+    record = np.zeros((), rtype)
+    record["dtype"], record["ndim"], record["payload_len"] = code, len(shape), rtype["data"].itemsize
+    if shape:
+        record["shape"] = shape
+    for name, value in constants.items():
+        record[name] = value
+    return rtype, np.frombuffer(record.tobytes(), np.uint8)[: rtype.itemsize - rtype["data"].itemsize].copy()
+
+
+def encode_ok_replies(fields: np.ndarray, rows: np.ndarray, timings: np.ndarray) -> memoryview:
+    """The OK replies (no message) of several frames at once: the bytes ``encode_reply(reply_to(...))``
+    gives each, joined, in one array (a view of it).
+
+    ``fields[i]`` is frame i's (stream_id, sequence, timestamp_ns), ``rows[i]`` its result, ``timings[i]``
+    its ``Timings`` as six int64. OK means the same in every protocol version: this serves all of them.
+    """
+    key = (rows.dtype, rows.shape[1:])
+    known = _OK_REPLY_TYPES.get(key)
+    if known is None:
+        known = _OK_REPLY_TYPES[key] = row_record(_REPLY_FIELDS, rows.dtype, rows.shape[1:], magic=REPLY_MAGIC,
+                                                  version=REPLY_VERSION, status=Status.OK)  # fmt: skip
+    rtype, prefix = known
+    out = np.empty(len(rows), rtype)
+    out.view(np.uint8).reshape(len(rows), rtype.itemsize)[:, : len(prefix)] = prefix
+    out["stream_id"], out["sequence"], out["timestamp_ns"] = fields[:, 0], fields[:, 1], fields[:, 2]
+    out["timings"] = np.clip(timings[:, :5], 0, _U32)
+    out["batch_size"] = np.clip(timings[:, 5], 0, 0xFFFF)
+    out["data"] = rows
+    return out.view(np.uint8).data
+
+
 _NO_TIMINGS = Timings()
 
 

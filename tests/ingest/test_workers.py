@@ -198,6 +198,55 @@ async def test_descriptors_and_shared_memory_round_trip() -> None:
     theirs.close()
 
 
+def test_a_batchs_ok_replies_decode_at_once_as_one_by_one() -> None:
+    """``channel.ok_replies`` takes the run of OK REPLY records of one result layout at a position, and
+    stops at a record with a message, another status, another layout, another kind, or a partial one;
+    what it gives is what ``decode_reply`` gives record by record."""
+    a = np.arange(24, dtype=np.float32).reshape(6, 4)
+    b = np.array([[1, 2], [3, 4]], np.int64)
+
+    def timings(n: int, base: int) -> np.ndarray:
+        return np.arange(base, base + 6 * n, dtype=np.int64).reshape(n, 6)
+
+    note = Outcome(Status.OK, "a note", a[3], Timings(1, 2, 3, 4, 5, 6))
+    late = Outcome(Status.DEADLINE_MISSED, "late", timings=Timings(total_us=9))
+    parts = [channel.encode_replies([1, 2, 3], a[:3], timings(3, 0)), channel.encode_reply(4, note),
+             channel.encode_replies([5, 6], a[4:], timings(2, 50)), channel.release([7]),
+             channel.encode_replies([8, 9], b, timings(2, 90)), channel.encode_reply(10, late),
+             channel.encode_replies([11, 12], a[:2], timings(2, 200))]  # fmt: skip
+    stream = b"".join(bytes(p) for p in parts)
+    def decoded(pos: int) -> tuple[Any, ...]:
+        fid, outcome = channel.decode_reply(stream, pos)
+        result = outcome.result.tolist() if outcome.result is not None else None
+        return fid, outcome.status, outcome.message, result, outcome.timings
+
+    alone, at_once, runs = [], [], []
+    pos = 0
+    while pos < len(stream):  # record by record
+        n = channel.record_length(stream, pos)
+        assert n is not None
+        if stream[pos] == channel.REPLY:
+            alone.append(decoded(pos))
+        pos += n
+    pos = 0
+    while pos < len(stream):  # as the worker reads: runs at once
+        n = channel.record_length(stream, pos)
+        assert n is not None
+        run = channel.ok_replies(stream, pos, len(stream) - 1)  # the last record is partial: never in a run
+        if run is None:
+            if stream[pos] == channel.REPLY:
+                at_once.append(decoded(pos))
+        else:
+            fids, rows, times, used = run
+            runs.append(fids)
+            at_once += [(fid, Status.OK, "", row.tolist(), Timings(*t)) for fid, row, t in zip(
+                fids, rows, times.tolist(), strict=True)]  # fmt: skip
+            n = used
+        pos += n
+    assert runs == [[1, 2, 3], [5, 6], [8, 9], [11]]  # (then 12 alone: cut short)
+    assert at_once == alone and [fid for fid, *_ in alone] == [1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12]
+
+
 @pytest.mark.parametrize("outputs", [
     (np.arange(4, dtype=np.float32), np.array([7, 9], np.int32)),
     {"boxes": np.ones((2, 4), np.float16), "labels": np.array([3, 1], np.int64), "": np.zeros(0, np.uint8)},

@@ -317,6 +317,25 @@ def test_reply_timings_saturate() -> None:
     assert got[0].timings == Timings(U32, U32, U32, 0, U32, 0xFFFF)
 
 
+@pytest.mark.parametrize("code", sorted(wire.DTYPES))
+@pytest.mark.parametrize("shape", [(), (3,), (2, 5)])
+def test_ok_replies_encoded_at_once_are_the_bytes_of_each_encoded_alone(code: int, shape: tuple[int, ...]) -> None:
+    """``encode_ok_replies`` gives, for every frame, the bytes ``encode_reply(reply_to(...))`` does, in every
+    protocol version; timings and batch sizes past their fields saturate alike."""
+    rows = (np.arange(4 * int(np.prod(shape))) % 100).astype(wire.DTYPES[code]).reshape(4, *shape)
+    timings = np.array([[1, 2, 3, 4, 5, 4], [U32 + 1, 0, 7, 2**40, U32, 70_000], [0] * 6, [9, 8, 7, 6, 5, 0xFFFF]],
+                       np.int64)  # fmt: skip
+    headers = [frame_header(stream_id=s, sequence=U64 - s, timestamp_ns=2**63 + s) for s in (0, 1, U32, 7)]
+    fields = np.array([(h.stream_id, h.sequence, h.timestamp_ns) for h in headers], np.uint64)
+    got = bytes(wire.encode_ok_replies(fields, rows, timings))
+    for version in (1, 2):
+        alone = [
+            reply_bytes(*wire.reply_to(h, Status.OK, result=rows[i], timings=Timings(*timings[i].tolist())), version)
+            for i, h in enumerate(headers)
+        ]  # fmt: skip
+        assert got == b"".join(alone)
+
+
 def test_reply_message_is_truncated_to_max() -> None:
     got = wire.decode_reply(reply_bytes(ReplyHeader(1, 1, Status.INTERNAL_ERROR, message="e" * 70000)))
     assert got is not None and got[0].message == "e" * wire.MAX_MESSAGE
