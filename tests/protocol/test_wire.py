@@ -42,7 +42,7 @@ LIMITS = Limits(max_frames_in_flight=256, max_producer_bytes=64 << 20, receive_t
                 min_receive_rate=1_000_000, max_priority=200)  # fmt: skip
 
 
-def reply_bytes(h: ReplyHeader, payload: bytes = b"", version: int = wire.VERSION) -> bytes:
+def reply_bytes(h: ReplyHeader, payload: bytes | memoryview = b"", version: int = wire.VERSION) -> bytes:
     return b"".join(bytes(p) for p in wire.encode_reply(h, payload, version))
 
 
