@@ -220,7 +220,9 @@ def released(buf: bytes, pos: int) -> array.array[int]:
 def encode_reply(fid: int, outcome: Outcome) -> bytes:
     """A REPLY record for frame ``fid``: header, shape, message, result bytes."""
     t = outcome.timings
-    msg = outcome.message.encode()[: wire.MAX_MESSAGE] if outcome.message else b""
+    msg = outcome.message.encode() if outcome.message else b""
+    if len(msg) > wire.MAX_MESSAGE:  # cut on a character boundary, as the reply itself is (wire.encode_reply)
+        msg = msg[: wire.MAX_MESSAGE].decode(errors="ignore").encode()
     result = outcome.result
     if outcome.outputs is not None:
         block = wire.encode_outputs(outcome.outputs)

@@ -1141,3 +1141,27 @@ async def test_a_new_version_s_admission_settings_reach_the_workers(server: Serv
         assert (await conn.submit(frames(1, 1)[0])).status == Status.DEADLINE_MISSED
     finally:
         await conn.close()
+
+
+# -- what a producer sees is the same in both modes ------------------------------------------------
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+@pytest.mark.parametrize("workers", [0, 2])
+async def test_a_long_non_ascii_message_is_cut_on_a_character_boundary_in_both_modes(
+    workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scheduler message over wire.MAX_MESSAGE bytes (a model's exception: 4-byte characters) reaches the
+    producer cut where one-process mode cuts it, on a character boundary; the REPLY record cut it inside a
+    character, and the worker's reply ended in U+FFFD."""
+    from streamgpu.gpu import cpu
+
+    def fails(self: cpu.CpuModel, batch: np.ndarray) -> Any:
+        raise RuntimeError("\U0001f600" * 20000)
+
+    monkeypatch.setattr(cpu.CpuModel, "run", fails)
+    async with Server(config(ingest_workers=workers)) as srv, await client.connect("127.0.0.1", srv.port) as conn:
+        reply = await conn.submit(frames(1, seed=1)[0])
+    full = "inference failed: RuntimeError: " + "\U0001f600" * 20000
+    assert reply.status == Status.INTERNAL_ERROR
+    assert reply.message == full.encode()[: wire.MAX_MESSAGE].decode(errors="ignore"), reply.message[-3:]
