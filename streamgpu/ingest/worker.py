@@ -118,6 +118,9 @@ class _Channel(asyncio.Protocol):
         # Every model's index by what its frames are (name, dtype, shape), kept after an unload: a frame
         # admitted before one goes up under the index of the model that admitted it (never reused)
         self._indexes: dict[tuple[str, int, tuple[int, ...]], int] = {}
+        # Every name served since the start -> its latest index: a refusal naming a model unloaded since is
+        # counted under that name up there, as one-process mode counts it (its label exists already)
+        self._named: dict[str, int] = {}
         self.set_models(list(enumerate(config.models)))
         self._identities = {name: i + 1 for i, name in enumerate(config.tokens)}
         self.listeners: list[TcpListener | UdpListener] = []
@@ -182,15 +185,15 @@ class _Channel(asyncio.Protocol):
         return number
 
     def model_index(self, model: str) -> int:
-        """``model``'s index (a REPLIED record's ``index``)."""
-        spec = self.specs.get(model)
-        return channel.NO_MODEL_INDEX if spec is None else self._indexes[channel.model_key(spec)]
+        """``model``'s index (a REPLIED record's ``index``; ``NO_MODEL_INDEX`` for a name never served)."""
+        return self._named.get(model, channel.NO_MODEL_INDEX)
 
     def set_models(self, table: Sequence[tuple[int, ModelSpec]]) -> None:
         """Admit these models from now on (a MODELS record; frames admitted before keep their indexes)."""
         self.specs.clear()
         self.specs.update((spec.name, spec) for _, spec in table)
         self._indexes.update((channel.model_key(spec), index) for index, spec in table)
+        self._named.update((spec.name, index) for index, spec in table)
 
     def udp_producer(self, conn: int) -> None:
         """``conn`` names a UDP producer (its OPEN, at its first frame, will say so)."""

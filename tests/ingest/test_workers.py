@@ -1165,3 +1165,28 @@ async def test_a_long_non_ascii_message_is_cut_on_a_character_boundary_in_both_m
     full = "inference failed: RuntimeError: " + "\U0001f600" * 20000
     assert reply.status == Status.INTERNAL_ERROR
     assert reply.message == full.encode()[: wire.MAX_MESSAGE].decode(errors="ignore"), reply.message[-3:]
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+@pytest.mark.parametrize("workers", [0, 2])
+async def test_a_frame_for_an_unloaded_model_is_counted_under_its_name_in_both_modes(workers: int) -> None:
+    """/metrics counts the UNKNOWN_MODEL reply to a frame naming a model unloaded while serving under that
+    model's name (its label is known: no made-up name grows the set), with workers as in one process; a
+    worker said "no model" for it, and the count went under model=""."""
+    late = ModelSpec(name="late", input_shape=(4, 4, 3), max_batch_size=4, batch_buckets=(1, 4))
+    data = np.zeros((4, 4, 3), np.uint8)
+    async with Server(config(ingest_workers=workers)) as srv:
+        await srv.load_model(late)
+        async with await client.connect("127.0.0.1", srv.port) as conn:
+            assert (await conn.submit(data, model="late")).ok
+            await srv.unload_model("late")
+            assert (await conn.submit(data, model="late")).status == Status.UNKNOWN_MODEL
+            assert (await conn.submit(data, model="never")).status == Status.UNKNOWN_MODEL
+
+        def counts() -> set[tuple[str, Status, int]]:
+            return {item for item in srv.replies.items() if item[1] == Status.UNKNOWN_MODEL}
+
+        async with asyncio.timeout(5):  # (a worker's REPLIED records come up beside its replies)
+            while sum(n for *_, n in counts()) < 2:
+                await asyncio.sleep(0.01)
+        assert counts() == {("late", Status.UNKNOWN_MODEL, 1), ("", Status.UNKNOWN_MODEL, 1)}
