@@ -110,7 +110,7 @@ class TcpConnection(asyncio.BufferedProtocol):
         self._reading_paused = False
         self._parsing = False  # inside _process_scratch (which an outcome delivered synchronously may re-enter)
         self.id = next(connection_ids)
-        self._origin = Origin("tcp", f"tcp:{self.id}")  # how its frames' outcomes are published
+        self.origin = listener.origin(self.id)  # how its frames' outcomes are published
         self.peer: str = "?"
         self._frames = 0  # frames received (for the close line)
         self._close_reason = "closed by the producer"
@@ -398,14 +398,14 @@ class TcpConnection(asyncio.BufferedProtocol):
     # -- replies --------------------------------------------------------------------------------
 
     def _on_outcome(self, ticket: Ticket, frame: Frame, outcome: Outcome) -> None:
-        self._admission.stream_results.publish(frame.header, outcome, self._origin)  # subscribers, results sink
+        self._admission.stream_results.publish(frame.header, outcome, self.origin)  # subscribers, results sink
         reply, payload = wire.reply_to(frame.header, *outcome, version=self.version)
         self._send(ticket, wire.encode_reply(reply, payload, self.version))
 
     def _answer_now(self, header: FrameHeader, ticket: Ticket, status: Status, message: str) -> None:
         self._admission.replied(header.model, status)
         timings = Timings(total_us=(time.perf_counter_ns() - self._received_ns) // 1000)
-        self._admission.stream_results.publish(header, Outcome(status, message, timings=timings), self._origin)
+        self._admission.stream_results.publish(header, Outcome(status, message, timings=timings), self.origin)
         reply = ReplyHeader(
             stream_id=header.stream_id,
             sequence=header.sequence,
@@ -618,6 +618,10 @@ class TcpListener(SocketListener[TcpConnection]):
 
     def make_connection(self) -> TcpConnection:
         return TcpConnection(self)
+
+    def origin(self, conn_id: int) -> Origin:
+        """How connection ``conn_id``'s frames' outcomes are published (``ResultHub.publish``)."""
+        return Origin("tcp", f"tcp:{conn_id}")
 
     async def start(self) -> None:
         self.defer = asyncio.get_running_loop().call_soon

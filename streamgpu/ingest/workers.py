@@ -157,6 +157,7 @@ class _Worker(asyncio.Protocol):
         self.started = False  # said READY
         self.udp: list[dict[str, int]] = [{} for _ in listener.udp]  # each UDP listener's numbers (STATS records)
         self._answer: channel.Answer | None = None  # an ANSWERED record whose TEXT records are still coming
+        self._opening: tuple[int, int, int, int] | None = None  # an OPEN record's (conn, index, priority, flags)
         self.handoff: socket.socket | None = None  # our end of the pair TCP connections are handed over on
         self._handed = 0  # connections handed over (modulo 2**32, as the worker counts those it took up)
         self._taken = 0  # ... of which it took up, as last reported (CONNECTIONS)
@@ -323,12 +324,16 @@ class _Worker(asyncio.Protocol):
                 frame = WorkerFrame(header, slot, remote.producer, (remote, stream_id), received_ns, complete_ns,
                                     deadline_ns, sink, remote.abandoned, False, self, self, fid)  # fmt: skip
                 frames.append(frame)
-            elif kind == channel.OPEN:
-                identity = self._listener.identities[index]
-                source = "udp" if flags == channel.OPEN_UDP else "tcp"
-                label = f"{source}:w{self.index}/{conn}"
-                producer = self._admission.producer_for(Grant(identity, priority), label)
-                conns[conn] = _RemoteConn(producer, Origin(source, label))
+            elif kind == channel.OPEN:  # the connection is made at the TEXT record of its name, which follows
+                self._opening = (conn, index, priority, flags)
+            elif kind == channel.TEXT and self._opening is not None:
+                label = channel.text_of((kind, priority, flags, _p, index, _q, conn, fid, offset, payload_len,
+                                         stream_id, deadline_us, sequence, timestamp_ns, received_ns, complete_ns,
+                                         deadline_ns)).rstrip(b"\0").decode(errors="replace")  # fmt: skip
+                number, identity, ceiling, source = self._opening
+                self._opening = None
+                producer = self._admission.producer_for(Grant(self._listener.identities[identity], ceiling), label)
+                conns[number] = _RemoteConn(producer, Origin("udp" if source == channel.OPEN_UDP else "tcp", label))
             elif kind == channel.CLOSED:
                 self._submit(frames)  # its frames before it: queued while it was open, then dropped as abandoned
                 gone = conns.pop(conn, None)

@@ -9,6 +9,7 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -136,6 +137,7 @@ async def test_descriptors_and_shared_memory_round_trip() -> None:
     grant = their_admission.authenticate("secret")
     assert grant is not None
     producer = their_admission.producer_for(grant, "peer")
+    chan.named(42, Origin("tcp", "tcp:w0/42"))
     outcomes: list[tuple[Frame, Outcome]] = []
     sent = []
     for i, (spec, payload) in enumerate([(OTHER, np.arange(6, dtype=np.float32).tobytes()),
@@ -149,9 +151,9 @@ async def test_descriptors_and_shared_memory_round_trip() -> None:
                       lambda f, o: outcomes.append((f, o)))  # fmt: skip
         their_admission.submit(frame)
         sent.append((frame, payload))
-    await asyncio.sleep(0)  # the channel flushes once per loop iteration: OPEN + 2 FRAMEs in one write
+    await asyncio.sleep(0)  # the channel flushes once per loop iteration: OPEN, its name, 2 FRAMEs in one write
     data = bytes(up.written)
-    assert len(data) == 3 * channel.UP.size
+    assert len(data) == 4 * channel.UP.size
     for cut in range(len(data) + 1):  # every split decodes the same
         submitted.clear()
         parent.conns.clear()
@@ -161,6 +163,7 @@ async def test_descriptors_and_shared_memory_round_trip() -> None:
     parent.held = parent.in_server = 2
     got = [f for f in submitted if isinstance(f, WorkerFrame)]
     assert [f.producer for f in got] == [parent.conns[42].producer] * 2
+    assert parent.conns[42].origin == Origin("tcp", "tcp:w0/42")
     assert got[0].producer.identity == "cam" and got[0].producer.max_priority == 9
     for frame, (orig, payload) in zip(got, sent, strict=True):
         assert frame.header == orig.header._replace(version=frame.header.version)
@@ -284,6 +287,7 @@ async def test_frame_and_connection_numbers_past_32_bits_wrap_on_the_channel() -
     parent.connection_made(FakeTransport())  # type: ignore[arg-type]
     chan, up, pool, their_admission = worker_side(cfg, segment, lent)
     producer = their_admission.producer_for(Grant(None, cfg.max_priority), "peer")
+    chan.named((1 << 32) + 42, Origin("tcp", "tcp:w0/4294967338"))
     outcomes: dict[int, Outcome] = {}
 
     def submit(sequence: int) -> None:
@@ -327,6 +331,7 @@ async def test_a_connection_whose_id_wraps_onto_an_open_ones_gets_a_channel_numb
     old, new = (their_admission.producer_for(Grant(None, cfg.max_priority), peer) for peer in ("old", "new"))
 
     def submit(producer: Producer, conn: int) -> None:
+        chan.named(conn, Origin("tcp", f"tcp:w0/{conn}"))
         slot = producer.reserve(192, lambda s: None)
         assert isinstance(slot, Slot)
         header = FrameHeader(1, conn, SPEC.name, SPEC.frame_dtype_code, SPEC.input_shape, 192)
@@ -339,7 +344,7 @@ async def test_a_connection_whose_id_wraps_onto_an_open_ones_gets_a_channel_numb
     await asyncio.sleep(0)
     parent.data_received(bytes(up.written))
     producers = [frame.producer.name for frame in submitted]
-    assert producers == ["tcp:w0/42", producers[1], "tcp:w0/42"] and producers[1] != producers[0]
+    assert producers == ["tcp:w0/42", "tcp:w0/4294967338", "tcp:w0/42"]
     assert list(parent.conns) == [42]
     segment.close()
 
@@ -1190,3 +1195,36 @@ async def test_a_frame_for_an_unloaded_model_is_counted_under_its_name_in_both_m
             while sum(n for *_, n in counts()) < 2:
                 await asyncio.sleep(0.01)
         assert counts() == {("late", Status.UNKNOWN_MODEL, 1), ("", Status.UNKNOWN_MODEL, 1)}
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+@pytest.mark.parametrize("workers", [0, 2])
+async def test_a_producer_s_outcomes_are_published_under_one_stream_name_in_both_modes(workers: int) -> None:
+    """Subscribers and the results sink see every outcome of one producer under one stream name: its refused
+    frames (answered by a worker) under the name of the frames the scheduler answered. A UDP producer is
+    named by its source address, a TCP connection "tcp:N" ("tcp:wW/N" in worker W). With workers, refusals
+    went out under the worker's own names ("tcp:N", which another worker's connection also has) and the
+    rest under "tcp:wW/N" and "udp:wW/N"."""
+    async with Server(udp_config(ingest_workers=workers)) as srv:
+        seen: list[tuple[int, Origin]] = []
+        srv.admission.stream_results.tap(lambda head, _, origin: seen.append((head.stream_id, origin)))
+        data = frames(1, seed=4)[0]
+        udp = await client.connect_udp("127.0.0.1", srv.addresses[1][1], reply_timeout=5)
+        udp_port = udp.socket.getsockname()[1]
+        tcp = [await client.connect("127.0.0.1", srv.port) for _ in range(4)]
+        for i, conn in enumerate([udp, *tcp]):
+            replies = await asyncio.gather(conn.submit(data, stream_id=i, model="nope"), conn.submit(data, stream_id=i))
+            assert [r.status for r in replies] == [Status.UNKNOWN_MODEL, Status.OK]
+            await conn.close()
+        async with asyncio.timeout(5):  # (a worker's refusals are published as its records come up)
+            while len(seen) < 10:
+                await asyncio.sleep(0.01)
+    names: dict[int, set[Origin]] = {}
+    for stream_id, origin in seen:
+        names.setdefault(stream_id, set()).add(origin)
+    assert all(len(origins) == 1 for origins in names.values()), names
+    assert names.pop(0) == {Origin("udp", f"udp:127.0.0.1:{udp_port}")}
+    tcp_names = [origin.stream for (origin,) in names.values()]
+    assert len(set(tcp_names)) == 4, tcp_names
+    pattern = r"tcp:w[01]/\d+" if workers else r"tcp:\d+"
+    assert all(re.fullmatch(pattern, name) for name in tcp_names), tcp_names
