@@ -318,8 +318,10 @@ class Server:
 
     @property
     def connections(self) -> int:
-        """Producer connections open now, over every listener."""
-        return self._admission.connections if self._admission is not None else 0
+        """Producer connections open now, over every listener (ingest workers' included)."""
+        if self._admission is None:
+            return 0
+        return self._admission.connections + sum(listener.connections_elsewhere for listener in self._listeners)
 
     @property
     def frames_in_flight(self) -> int:
@@ -351,7 +353,7 @@ class Server:
                      "waiters": pool.waiters, "largest_free": pool.largest_free()},
             "listeners": [listener.stats() for listener in self._listeners],
             "devices": self._scheduler.health.snapshot(),
-            "connections": self._admission.connections,
+            "connections": self.connections,
             "frames_in_flight": self._admission.frames_in_flight,
             "results": self.results.stats(),
         }  # fmt: skip

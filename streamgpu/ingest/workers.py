@@ -717,6 +717,11 @@ class WorkerListener(Listener):
         """Process ids of the live workers (tests, status)."""
         return [w.proc.pid for w in self._workers if w is not None and w.alive and w.proc is not None]
 
+    @property
+    def connections_elsewhere(self) -> int:
+        """The workers' TCP connections (handed over and not taken up yet included)."""
+        return sum(w.load for w in self._workers if w is not None and w.alive)
+
     def stop_accepting(self) -> None:
         self._stopping = True
         self._stop_reading()
@@ -835,6 +840,11 @@ class WorkerUdpListener(Listener):
     def addresses(self) -> list[tuple[str, int]]:
         socks = self._workers.udp_sockets(self._position)
         return [socks[0].getsockname()[:2]] if socks else []
+
+    @property
+    def connections_elsewhere(self) -> int:
+        """Its producers on the live workers (a gauge they report once per sweep period)."""
+        return int(self._workers.udp_stats(self._position).get("producers", 0))
 
     def stop_accepting(self) -> None:
         """Nothing: the workers stop reading when the workers' listener stops accepting."""

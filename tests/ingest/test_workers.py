@@ -1228,3 +1228,27 @@ async def test_a_producer_s_outcomes_are_published_under_one_stream_name_in_both
     assert len(set(tcp_names)) == 4, tcp_names
     pattern = r"tcp:w[01]/\d+" if workers else r"tcp:\d+"
     assert all(re.fullmatch(pattern, name) for name in tcp_names), tcp_names
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+@pytest.mark.parametrize("workers", [0, 2])
+async def test_the_connections_gauge_counts_the_workers_connections_in_both_modes(workers: int) -> None:
+    """streamgpu_connections (``Server.connections``, /v1/status) counts the producer connections open: TCP
+    ones (one that sent nothing yet included) and UDP producers, with workers as in one process, where it
+    said 0 with workers (their connections are counted in the workers' own admission)."""
+    async with Server(udp_config(ingest_workers=workers)) as srv:
+        udp = await client.connect_udp("127.0.0.1", srv.addresses[1][1], reply_timeout=5)
+        tcp = [await client.connect("127.0.0.1", srv.port) for _ in range(4)]
+        for conn in [udp, *tcp[:3]]:
+            assert (await conn.submit(frames(1, seed=2)[0])).ok
+
+        async def until(count: int) -> None:
+            async with asyncio.timeout(5):  # (workers report their UDP producers once per sweep)
+                while srv.connections != count:
+                    await asyncio.sleep(0.02)
+            assert srv.metrics()["connections"] == count
+
+        await until(5)
+        for conn in [udp, *tcp]:
+            await conn.close()
+        await until(1)  # a UDP producer is one until it has been idle for peer_idle_s
