@@ -324,6 +324,13 @@ class Server:
         return self._admission.connections + sum(listener.connections_elsewhere for listener in self._listeners)
 
     @property
+    def ring_used_bytes(self) -> int:
+        """Bytes of the receive ring that frames hold now (ingest workers' as last reported)."""
+        if self._pool is None:
+            return 0
+        return self._pool.used_bytes - sum(listener.ring_lent_free for listener in self._listeners)
+
+    @property
     def frames_in_flight(self) -> int:
         """Frames received and submitted whose reply is not made yet."""
         return self._admission.frames_in_flight if self._admission is not None else 0
@@ -349,7 +356,7 @@ class Server:
         pool = self._pool
         return {
             "models": self._scheduler.metrics(),
-            "ring": {"capacity": pool.capacity, "used_bytes": pool.used_bytes, "slots_in_use": pool.slots_in_use,
+            "ring": {"capacity": pool.capacity, "used_bytes": self.ring_used_bytes, "slots_in_use": pool.slots_in_use,
                      "waiters": pool.waiters, "largest_free": pool.largest_free()},
             "listeners": [listener.stats() for listener in self._listeners],
             "devices": self._scheduler.health.snapshot(),

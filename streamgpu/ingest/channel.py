@@ -52,7 +52,9 @@ Worker -> scheduler: fixed-size records of ``UP.size`` (80) bytes::
   changes. The scheduling process hands each connection it accepts to the
   worker holding the fewest, counting those handed and not taken up yet.
 * ``ALIVE``: sent at each of the worker's sweeps (at least once a second), so
-  that a silent worker is known to be hung (the scheduling process kills it).
+  that a silent worker is known to be hung (the scheduling process kills it);
+  ``offset`` is how many bytes of its range frames hold now (its pool's
+  ``used_bytes``: the ring gauge counts those, not the whole range lent).
 * ``MODELS_TAKEN``: the worker admits by the MODELS record of generation
   ``offset`` (and every one before) from now on.
 * ``STATS``: UDP listener ``conn`` (its position among ``Config.listeners`` of

@@ -409,7 +409,7 @@ async def serve(chan_sock: socket.socket, init: WorkerInit) -> None:
                 log.exception("sweeping %s listener failed", listener.kind)
         if udp:
             chan.report(udp)
-        chan.send(channel.up(channel.ALIVE))
+        chan.send(channel.up(channel.ALIVE, value=pool.used_bytes))
         sweeper[:] = [loop.call_later(config.sweep_period_s, sweep)]
 
     sweep()

@@ -165,6 +165,7 @@ class _Worker(asyncio.Protocol):
         self._behind_since: float | None = None  # since when a connection handed over waits untaken (loop time)
         self._models_sent: dict[int, asyncio.Future[None]] = {}  # MODELS records not confirmed yet, by generation
         self.heard = time.monotonic()  # when its last records were read
+        self.ring_used = 0  # bytes of its range that frames hold, as last reported (ALIVE)
 
     @property
     def load(self) -> int:
@@ -363,6 +364,8 @@ class _Worker(asyncio.Protocol):
                 self.stopped.set_result(None)
             elif kind == channel.MODELS_TAKEN:
                 self._models_taken(offset)
+            elif kind == channel.ALIVE:
+                self.ring_used = offset
         self._submit(frames)
 
     def _answered(self, fields: tuple[int, ...]) -> None:
@@ -721,6 +724,12 @@ class WorkerListener(Listener):
     def connections_elsewhere(self) -> int:
         """The workers' TCP connections (handed over and not taken up yet included)."""
         return sum(w.load for w in self._workers if w is not None and w.alive)
+
+    @property
+    def ring_lent_free(self) -> int:
+        """Bytes of the ranges lent to live workers that no frame holds there, as last reported (a dead
+        worker's range counts as held until it is reclaimed)."""
+        return sum(w.lent.nbytes - w.ring_used for w in self._workers if w is not None and w.alive)
 
     def stop_accepting(self) -> None:
         self._stopping = True

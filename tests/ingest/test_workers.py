@@ -1252,3 +1252,27 @@ async def test_the_connections_gauge_counts_the_workers_connections_in_both_mode
         for conn in [udp, *tcp]:
             await conn.close()
         await until(1)  # a UDP producer is one until it has been idle for peer_idle_s
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+@pytest.mark.parametrize("workers", [0, 2])
+async def test_the_ring_gauge_counts_what_frames_hold_in_both_modes(workers: int) -> None:
+    """streamgpu_ring_used_bytes (``metrics()["ring"]``, /v1/status) is what frames hold: a frame being
+    received holds its slot, an idle server nothing, with workers as in one process, where it counted
+    every worker's whole range (the ring, or all of it but an http listener's share) at all times."""
+    from tests.ingest.test_tcp import frame, hello
+
+    async with Server(config(ingest_workers=workers)) as srv:
+
+        async def until(held: Callable[[int], bool]) -> None:
+            async with asyncio.timeout(5):  # (workers report theirs once per sweep)
+                while not held(used := srv.metrics()["ring"]["used_bytes"]):
+                    await asyncio.sleep(0.02)
+            assert srv.ring_used_bytes == used
+
+        await until(lambda used: used == 0)
+        _, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        writer.write(hello() + frame(SPEC, 0)[:-10])  # its slot is held until the rest comes
+        await until(lambda used: used >= SPEC.frame_nbytes)
+        writer.close()
+        await until(lambda used: used == 0)
