@@ -512,6 +512,7 @@ class TcpConnection(asyncio.BufferedProtocol):
         transport = self._transport
         if transport is None or self._state in (_State.CLOSED, _State.DRAIN):
             return
+        self._listener.connection_closing(self)
         if not transport.can_write_eof():
             self._state = _State.CLOSED
             transport.close()  # flushes queued replies first
@@ -622,6 +623,10 @@ class TcpListener(SocketListener[TcpConnection]):
     def origin(self, conn_id: int) -> Origin:
         """How connection ``conn_id``'s frames' outcomes are published (``ResultHub.publish``)."""
         return Origin("tcp", f"tcp:{conn_id}")
+
+    def connection_closing(self, conn: TcpConnection) -> None:
+        """``conn`` takes no more frames and its replies go nowhere (it lingers until the producer closes):
+        its frames still queued are abandoned (``Frame.is_abandoned`` says so here)."""
 
     async def start(self) -> None:
         self.defer = asyncio.get_running_loop().call_soon

@@ -350,9 +350,13 @@ class _WorkerTcpListener(TcpListener):
         self._chan.named(conn.id, conn.origin)
         return super().connection_opened(conn)
 
+    def connection_closing(self, conn: TcpConnection) -> None:
+        # Up there its frames still queued are abandoned now (CLOSED), not once it is gone
+        self._chan.connection_closed(conn.id, conn.frames_outstanding)
+
     def connection_closed(self, conn: TcpConnection) -> None:
         super().connection_closed(conn)
-        self._chan.connection_closed(conn.id, conn.frames_outstanding)
+        self._chan.connection_closed(conn.id, conn.frames_outstanding)  # (nothing, when it was closing)
         self._report()
 
 

@@ -1276,3 +1276,35 @@ async def test_the_ring_gauge_counts_what_frames_hold_in_both_modes(workers: int
         await until(lambda used: used >= SPEC.frame_nbytes)
         writer.close()
         await until(lambda used: used == 0)
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+@pytest.mark.parametrize("workers", [0, 2])
+async def test_frames_of_a_connection_closed_for_lost_framing_do_not_run_in_both_modes(
+    workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection whose framing is lost is told so and closed; its frames still queued are dropped (their
+    replies could go nowhere), with workers as in one process, where they all ran on the device while the
+    worker's connection lingered (its producer still connected, reading), costing others their turn."""
+    from streamgpu.gpu import cpu
+    from tests.ingest.test_tcp import frame, hello
+
+    plain = cpu.CpuModel.run
+
+    def slow(self: cpu.CpuModel, batch: np.ndarray) -> Any:
+        time.sleep(0.05)
+        return plain(self, batch)
+
+    monkeypatch.setattr(cpu.CpuModel, "run", slow)
+    spec = dataclasses.replace(SPEC, max_batch_size=1, batch_buckets=(1,))
+    async with Server(config(models=[spec], ingest_workers=workers)) as srv:
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        writer.write(hello() + b"".join(frame(spec, i) for i in range(20)) + b"XXXX" + bytes(60))
+        got = b""
+        async with asyncio.timeout(5):
+            while wire.decode_welcome(got) is None or srv.frames_in_flight or not srv.replies.total(Status.BAD_FRAME):
+                got += await asyncio.wait_for(reader.read(65536), 5)
+                await asyncio.sleep(0.01)
+        writer.close()
+    assert srv.replies.total(Status.OK) <= 5, sorted(srv.replies.items())
+    assert srv.replies.total(Status.OK) + srv.replies.total(Status.SHUTTING_DOWN) == 20
