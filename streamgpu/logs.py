@@ -134,7 +134,7 @@ class StatsLine:
         log.info(
             "stats: %.1f frames/s OK, %.1f errors/s%s, %d queued, %d connections, ring %.0f%% used",
             ok / elapsed, sum(errors.values()) / elapsed, f" {errors}" if errors else "", queued,
-            server.connections, 100 * server.pool.used_bytes / server.pool.capacity,
+            server.connections, 100 * server.ring_used_bytes / server.pool.capacity,
             extra={"event": "stats", "ok_per_s": round(ok / elapsed, 2), "errors": errors, "queued": queued,
                    "connections": server.connections},
         )  # fmt: skip

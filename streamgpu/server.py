@@ -318,8 +318,17 @@ class Server:
 
     @property
     def connections(self) -> int:
-        """Producer connections open now, over every listener."""
-        return self._admission.connections if self._admission is not None else 0
+        """Producer connections open now, over every listener (ingest workers' included)."""
+        if self._admission is None:
+            return 0
+        return self._admission.connections + sum(listener.connections_elsewhere for listener in self._listeners)
+
+    @property
+    def ring_used_bytes(self) -> int:
+        """Bytes of the receive ring that frames hold now (ingest workers' as last reported)."""
+        if self._pool is None:
+            return 0
+        return self._pool.used_bytes - sum(listener.ring_lent_free for listener in self._listeners)
 
     @property
     def frames_in_flight(self) -> int:
@@ -347,11 +356,11 @@ class Server:
         pool = self._pool
         return {
             "models": self._scheduler.metrics(),
-            "ring": {"capacity": pool.capacity, "used_bytes": pool.used_bytes, "slots_in_use": pool.slots_in_use,
+            "ring": {"capacity": pool.capacity, "used_bytes": self.ring_used_bytes, "slots_in_use": pool.slots_in_use,
                      "waiters": pool.waiters, "largest_free": pool.largest_free()},
             "listeners": [listener.stats() for listener in self._listeners],
             "devices": self._scheduler.health.snapshot(),
-            "connections": self._admission.connections,
+            "connections": self.connections,
             "frames_in_flight": self._admission.frames_in_flight,
             "results": self.results.stats(),
         }  # fmt: skip

@@ -161,7 +161,7 @@ async def micro_workers(shape: tuple[int, ...], total: int, batch: int) -> float
     worker = _Worker(listener, 0, lent)
     worker.connection_made(_Sink())  # type: ignore[arg-type]
     nbytes = int(np.prod(shape))
-    worker.data_received(channel.up(channel.OPEN, 1, 0, 255))
+    worker.data_received(channel.opened(1, 0, 255, channel.OPEN_TCP, "tcp:w0/1"))
     result = np.zeros(1000, np.float32)
     # The worker packs the records (not the loop), and this process only echoes fids: pack them once.
     records = b"".join(channel.UP.pack(channel.FRAME, 0, 0, 0, 0, 0, 1, k, lent.offset, nbytes, 0, 0, k, 0, 0, 0, 0)
@@ -362,7 +362,9 @@ async def loop_path(shape: tuple[int, ...], total: int, in_flight: int, producer
                                        k % producers, 0, k, 0, 0, 0, 0) for k in range(in_flight))  # fmt: skip
     feeder = _Feeder(worker, records, in_flight, total, keep)
     worker.connection_made(feeder)  # type: ignore[arg-type]
-    worker.data_received(b"".join(channel.up(channel.OPEN, 1 + p, 0, 255) for p in range(producers)))
+    worker.data_received(
+        b"".join(channel.opened(1 + p, 0, 255, channel.OPEN_TCP, f"tcp:w0/{1 + p}") for p in range(producers))
+    )
     await asyncio.sleep(0)
     metrics = scheduler.metrics_for(spec.name)
     freeze_heap()  # the collector's settings of a running server

@@ -86,6 +86,18 @@ class Listener(abc.ABC):
         list. At once here (admission reads it as frames come); not so where other processes admit them."""
         return
 
+    @property
+    def connections_elsewhere(self) -> int:
+        """Its connections open now that ``admission`` does not count (``Server.connections`` adds them): none
+        here; those of other processes' admissions (ingest workers'), as last reported."""
+        return 0
+
+    @property
+    def ring_lent_free(self) -> int:
+        """Bytes of ``admission.pool`` it reserved for other processes that no frame holds there
+        (``Server.ring_used_bytes`` leaves them out): none here; ingest workers' free bytes."""
+        return 0
+
     @abc.abstractmethod
     async def close(self, timeout: float) -> None:
         """Shutdown, step 2: flush replies for up to ``timeout`` seconds, then drop what is left."""

@@ -23,7 +23,10 @@ Worker -> scheduler: fixed-size records of ``UP.size`` (80) bytes::
   connection, ``OPEN_UDP`` for a UDP producer (a source address: "connection"
   below means either). ``conn`` is the worker's number for the connection,
   unique among its connections open up here (their ids modulo 2**32, the next
-  free one where that is taken).
+  free one where that is taken). One TEXT record follows: the connection's
+  stream name, NUL-padded (``Origin.stream``: "tcp:wW/N", or a UDP producer's
+  "udp:ADDR:PORT"), under which the scheduling process publishes its frames'
+  outcomes, as the worker publishes the ones it gives them itself.
 * ``CLOSED``: connection ``conn`` is gone (only after its ``OPEN``); ``offset``
   is how many of its frames the worker had not answered (0: none of them can be
   queued in the scheduling process, which then looks for none; a UDP producer
@@ -42,14 +45,16 @@ Worker -> scheduler: fixed-size records of ``UP.size`` (80) bytes::
   text follow in that many ``TEXT`` records (see ``answered``): the outcome is
   published on the scheduling process's result hub, where subscribers and the
   results sink are (the REPLIED record counts it; this one tells who).
-* ``TEXT``: ``TEXT_BYTES`` bytes of the text of the ANSWERED record before it.
+* ``TEXT``: ``TEXT_BYTES`` bytes of the text of the ANSWERED or OPEN record before it.
 * ``CONNECTIONS``: the worker has taken up ``conn`` of the TCP connections
   handed to it (modulo 2**32; served, refused, found closed, or lost for want
   of a descriptor) and holds ``offset`` open now. Sent whenever either
   changes. The scheduling process hands each connection it accepts to the
   worker holding the fewest, counting those handed and not taken up yet.
 * ``ALIVE``: sent at each of the worker's sweeps (at least once a second), so
-  that a silent worker is known to be hung (the scheduling process kills it).
+  that a silent worker is known to be hung (the scheduling process kills it);
+  ``offset`` is how many bytes of its range frames hold now (its pool's
+  ``used_bytes``: the ring gauge counts those, not the whole range lent).
 * ``MODELS_TAKEN``: the worker admits by the MODELS record of generation
   ``offset`` (and every one before) from now on.
 * ``STATS``: UDP listener ``conn`` (its position among ``Config.listeners`` of
@@ -128,6 +133,17 @@ def up(kind: int, conn: int = 0, index: int = 0, priority: int = 0, flags: int =
     return UP.pack(kind, priority, flags, 0, index, 0, conn, 0, value, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
+def opened(conn: int, identity: int, max_priority: int, kind: int, stream: str) -> bytes:
+    """An OPEN record and the TEXT record of the connection's stream name (cut to ``TEXT_BYTES``)."""
+    name = stream.encode()[:TEXT_BYTES].ljust(TEXT_BYTES, b"\0")
+    return up(OPEN, conn, identity, max_priority, kind) + _TEXT + name
+
+
+def text_of(fields: tuple[int, ...]) -> bytes:
+    """The text a TEXT record carries (its fields, as ``UP.iter_unpack`` gave them)."""
+    return UP.pack(*fields)[1:]
+
+
 def replied(index: int, status: int) -> bytes:
     """A REPLIED record: the worker answered ``status`` itself, for model ``index`` (or ``NO_MODEL_INDEX``)."""
     return up(REPLIED, 0, index, status)
@@ -162,7 +178,7 @@ class Answer:
 
     def add(self, fields: tuple[int, ...]) -> None:
         """A TEXT record's fields (as ``UP.iter_unpack`` gave them): its text."""
-        self.text += UP.pack(*fields)[1:]
+        self.text += text_of(fields)
 
     def outcome(self) -> tuple[FrameHeader, Outcome, str, str]:
         """(header, outcome, source, stream) to publish; the header holds what the record carries."""
@@ -219,7 +235,7 @@ def released(buf: bytes, pos: int) -> array.array[int]:
 def encode_reply(fid: int, outcome: Outcome) -> bytes:
     """A REPLY record for frame ``fid``: header, shape, message, result bytes."""
     t = outcome.timings
-    msg = outcome.message.encode()[: wire.MAX_MESSAGE] if outcome.message else b""
+    msg = wire.message_bytes(outcome.message)  # (cut as the reply itself will be)
     result = outcome.result
     if outcome.outputs is not None:
         block = wire.encode_outputs(outcome.outputs)

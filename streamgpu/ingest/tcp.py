@@ -126,7 +126,7 @@ class TcpConnection(asyncio.BufferedProtocol):
         self._reading_paused = False
         self._parsing = False  # inside _process_scratch (which an outcome delivered synchronously may re-enter)
         self.id = next(connection_ids)
-        self._origin = Origin("tcp", f"tcp:{self.id}")  # how its frames' outcomes are published
+        self.origin = listener.origin(self.id)  # how its frames' outcomes are published
         self._sink = self._on_outcome  # one bound method for every frame of the connection
         self.peer: str = "?"
         self._frames = 0  # frames received (for the close line)
@@ -417,7 +417,7 @@ class TcpConnection(asyncio.BufferedProtocol):
     # -- replies --------------------------------------------------------------------------------
 
     def _on_outcome(self, frame: Frame, outcome: Outcome) -> None:
-        self._admission.stream_results.publish(frame.header, outcome, self._origin)  # subscribers, results sink
+        self._admission.stream_results.publish(frame.header, outcome, self.origin)  # subscribers, results sink
         reply, payload = wire.reply_to(frame.header, *outcome, version=self.version)
         self._send(typing.cast(TcpFrame, frame).ticket, wire.encode_reply(reply, payload, self.version))
 
@@ -434,7 +434,7 @@ class TcpConnection(asyncio.BufferedProtocol):
             frame.release_slot()
             if watching and hub.watched(frame.header.stream_id):
                 hub.publish(frame.header, Outcome(Status.OK, result=rows[i], timings=Timings(*timings[i].tolist())),
-                            self._origin)  # fmt: skip
+                            self.origin)  # fmt: skip
         replies = wire.encode_ok_replies(np.array(list(map(_REPLY_FIELDS, frames)), np.uint64), rows, timings)
         size = len(replies) // len(frames)
         send = self._send
@@ -444,7 +444,7 @@ class TcpConnection(asyncio.BufferedProtocol):
     def _answer_now(self, header: FrameHeader, ticket: Ticket, status: Status, message: str) -> None:
         self._admission.replied(header.model, status)
         timings = Timings(total_us=(time.perf_counter_ns() - self._received_ns) // 1000)
-        self._admission.stream_results.publish(header, Outcome(status, message, timings=timings), self._origin)
+        self._admission.stream_results.publish(header, Outcome(status, message, timings=timings), self.origin)
         reply = ReplyHeader(
             stream_id=header.stream_id,
             sequence=header.sequence,
@@ -552,6 +552,7 @@ class TcpConnection(asyncio.BufferedProtocol):
         transport = self._transport
         if transport is None or self._state in (_State.CLOSED, _State.DRAIN):
             return
+        self._listener.connection_closing(self)
         if not transport.can_write_eof():
             self._state = _State.CLOSED
             transport.close()  # flushes queued replies first
@@ -658,6 +659,14 @@ class TcpListener(SocketListener[TcpConnection]):
 
     def make_connection(self) -> TcpConnection:
         return TcpConnection(self)
+
+    def origin(self, conn_id: int) -> Origin:
+        """How connection ``conn_id``'s frames' outcomes are published (``ResultHub.publish``)."""
+        return Origin("tcp", f"tcp:{conn_id}")
+
+    def connection_closing(self, conn: TcpConnection) -> None:
+        """``conn`` takes no more frames and its replies go nowhere (it lingers until the producer closes):
+        its frames still queued are abandoned (``Frame.is_abandoned`` says so here)."""
 
     async def start(self) -> None:
         self.defer = asyncio.get_running_loop().call_soon

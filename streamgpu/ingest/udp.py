@@ -304,8 +304,9 @@ class UdpListener(Listener):
             self.admission.close_connection()
             self.producer_gone(peer.id)
 
-    def producer_added(self, peer_id: int) -> None:
-        """A new source address became a producer (its frames' stream key is ``(peer_id, stream_id)``)."""
+    def producer_added(self, peer_id: int, origin: Origin) -> None:
+        """A new source address became a producer (its frames' stream key is ``(peer_id, stream_id)``; its
+        frames' outcomes are published under ``origin``)."""
 
     def producer_gone(self, peer_id: int) -> None:
         """A producer was forgotten (idle, or the listener closed): nothing of it is left here."""
@@ -553,7 +554,7 @@ class UdpListener(Listener):
         label = f"udp:{address[0]}:{address[1]}"
         producer = self.admission.producer_for(grant, label)
         peer = self._peers[sender] = _Peer(sender, address, producer, Origin("udp", label))
-        self.producer_added(peer.id)
+        self.producer_added(peer.id, peer.origin)
         return peer
 
     def _open(self, peer: _Peer, key: tuple[int, int], count: int, length: int, now_ns: int,

@@ -116,11 +116,16 @@ class _Channel(asyncio.Protocol):
         # connection still open has that one: new UDP source addresses can burn ids at the datagram rate)
         self._announced: dict[int, int] = {}
         self._numbers: set[int] = set()  # the channel numbers of the connections announced
-        self._udp: set[int] = set()  # connections that are UDP producers (their OPEN says so)
+        # Connections (TCP, and UDP producers) by id -> how their frames' outcomes are published (their OPEN
+        # says so: the scheduling process publishes the rest under the same name)
+        self._origins: dict[int, Origin] = {}
         self.specs: dict[str, ModelSpec] = {}  # the models admitted, by name (what ``Admission`` reads)
         # Every model's index by what its frames are (name, dtype, shape), kept after an unload: a frame
         # admitted before one goes up under the index of the model that admitted it (never reused)
         self._indexes: dict[tuple[str, int, tuple[int, ...]], int] = {}
+        # Every name served since the start -> its latest index: a refusal naming a model unloaded since is
+        # counted under that name up there, as one-process mode counts it (its label exists already)
+        self._named: dict[str, int] = {}
         self.set_models(list(enumerate(config.models)))
         self._identities = {name: i + 1 for i, name in enumerate(config.tokens)}
         self.listeners: list[TcpListener | UdpListener] = []
@@ -179,29 +184,31 @@ class _Channel(asyncio.Protocol):
             number = (number + 1) & _U32
         self._announced[conn] = number
         self._numbers.add(number)
-        kind = channel.OPEN_UDP if conn in self._udp else channel.OPEN_TCP
-        self.send(channel.up(channel.OPEN, number, self._identities.get(producer.identity or "", 0),
-                             producer.max_priority, kind))  # fmt: skip
+        origin = self._origins[conn]
+        kind = channel.OPEN_UDP if origin.source == "udp" else channel.OPEN_TCP
+        self.send(channel.opened(number, self._identities.get(producer.identity or "", 0), producer.max_priority,
+                                 kind, origin.stream))  # fmt: skip
         return number
 
     def model_index(self, model: str) -> int:
-        """``model``'s index (a REPLIED record's ``index``)."""
-        spec = self.specs.get(model)
-        return channel.NO_MODEL_INDEX if spec is None else self._indexes[channel.model_key(spec)]
+        """``model``'s index (a REPLIED record's ``index``; ``NO_MODEL_INDEX`` for a name never served)."""
+        return self._named.get(model, channel.NO_MODEL_INDEX)
 
     def set_models(self, table: Sequence[tuple[int, ModelSpec]]) -> None:
         """Admit these models from now on (a MODELS record; frames admitted before keep their indexes)."""
         self.specs.clear()
         self.specs.update((spec.name, spec) for _, spec in table)
         self._indexes.update((channel.model_key(spec), index) for index, spec in table)
+        self._named.update((spec.name, index) for index, spec in table)
 
-    def udp_producer(self, conn: int) -> None:
-        """``conn`` names a UDP producer (its OPEN, at its first frame, will say so)."""
-        self._udp.add(conn)
+    def named(self, conn: int, origin: Origin) -> None:
+        """Connection ``conn`` (TCP, or a UDP producer) publishes under ``origin`` (its OPEN, at its first frame,
+        will say so)."""
+        self._origins[conn] = origin
 
     def connection_closed(self, conn: int, outstanding: int) -> None:
         """``conn`` is gone, ``outstanding`` of its frames unanswered (0: none can be queued up there)."""
-        self._udp.discard(conn)
+        self._origins.pop(conn, None)
         number = self._announced.pop(conn, None)
         if number is not None:
             self._numbers.discard(number)
@@ -321,9 +328,10 @@ class _WorkerTcpListener(TcpListener):
     """The TCP front end on the connections the parent hands over, telling the channel when one is gone
     and how many it holds (CONNECTIONS records: the parent hands each new one to the emptiest worker)."""
 
-    def __init__(self, spec: ListenerSpec, admission: Admission, chan: _Channel) -> None:
+    def __init__(self, spec: ListenerSpec, admission: Admission, chan: _Channel, index: int) -> None:
         super().__init__(spec, admission, handed_over=True)
         self._chan = chan
+        self._index = index  # the worker's: its connections are named "tcp:wW/N" (connection ids are per process)
         self._taken = 0  # connections handed over and taken up (served, refused, found closed or lost)
         self._adopting: set[asyncio.Task[None]] = set()
 
@@ -359,9 +367,20 @@ class _WorkerTcpListener(TcpListener):
     def _report(self) -> None:
         self._chan.send(channel.up(channel.CONNECTIONS, self._taken & 0xFFFFFFFF, value=len(self._connections)))
 
+    def origin(self, conn_id: int) -> Origin:
+        return Origin("tcp", f"tcp:w{self._index}/{conn_id}")
+
+    def connection_opened(self, conn: TcpConnection) -> bool:
+        self._chan.named(conn.id, conn.origin)
+        return super().connection_opened(conn)
+
+    def connection_closing(self, conn: TcpConnection) -> None:
+        # Up there its frames still queued are abandoned now (CLOSED), not once it is gone
+        self._chan.connection_closed(conn.id, conn.frames_outstanding)
+
     def connection_closed(self, conn: TcpConnection) -> None:
         super().connection_closed(conn)
-        self._chan.connection_closed(conn.id, conn.frames_outstanding)
+        self._chan.connection_closed(conn.id, conn.frames_outstanding)  # (nothing, when it was closing)
         self._report()
 
 
@@ -372,8 +391,8 @@ class _WorkerUdpListener(UdpListener):
         super().__init__(spec, admission, sock)
         self._chan = chan
 
-    def producer_added(self, peer_id: int) -> None:
-        self._chan.udp_producer(peer_id)
+    def producer_added(self, peer_id: int, origin: Origin) -> None:
+        self._chan.named(peer_id, origin)
 
     def producer_gone(self, peer_id: int) -> None:
         self._chan.connection_closed(peer_id, 1)  # (a UDP producer does not count its frames: some may be queued)
@@ -399,7 +418,7 @@ async def serve(chan_sock: socket.socket, init: WorkerInit) -> None:
     udp_specs = [spec for spec in config.listeners if spec.kind == "udp"]
     udp = [_WorkerUdpListener(spec, admission, socket.socket(fileno=fd), chan)
            for spec, fd in zip(udp_specs, init.udp_fds, strict=True)]  # fmt: skip
-    tcp_listener = _WorkerTcpListener(tcp, admission, chan)
+    tcp_listener = _WorkerTcpListener(tcp, admission, chan, init.index)
     listeners: list[TcpListener | UdpListener] = [tcp_listener, *udp]
     chan.listeners, chan.admission = listeners, admission
     for listener in listeners:
@@ -418,7 +437,7 @@ async def serve(chan_sock: socket.socket, init: WorkerInit) -> None:
                 log.exception("sweeping %s listener failed", listener.kind)
         if udp:
             chan.report(udp)
-        chan.send(channel.up(channel.ALIVE))
+        chan.send(channel.up(channel.ALIVE, value=pool.used_bytes))
         sweeper[:] = [loop.call_later(config.sweep_period_s, sweep)]
 
     sweep()

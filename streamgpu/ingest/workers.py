@@ -157,6 +157,7 @@ class _Worker(asyncio.Protocol):
         self.started = False  # said READY
         self.udp: list[dict[str, int]] = [{} for _ in listener.udp]  # each UDP listener's numbers (STATS records)
         self._answer: channel.Answer | None = None  # an ANSWERED record whose TEXT records are still coming
+        self._opening: tuple[int, int, int, int] | None = None  # an OPEN record's (conn, index, priority, flags)
         self.handoff: socket.socket | None = None  # our end of the pair TCP connections are handed over on
         self._handed = 0  # connections handed over (modulo 2**32, as the worker counts those it took up)
         self._taken = 0  # ... of which it took up, as last reported (CONNECTIONS)
@@ -164,6 +165,7 @@ class _Worker(asyncio.Protocol):
         self._behind_since: float | None = None  # since when a connection handed over waits untaken (loop time)
         self._models_sent: dict[int, asyncio.Future[None]] = {}  # MODELS records not confirmed yet, by generation
         self.heard = time.monotonic()  # when its last records were read
+        self.ring_used = 0  # bytes of its range that frames hold, as last reported (ALIVE)
 
     @property
     def load(self) -> int:
@@ -323,12 +325,16 @@ class _Worker(asyncio.Protocol):
                 frame = WorkerFrame(header, slot, remote.producer, (remote, stream_id), received_ns, complete_ns,
                                     deadline_ns, sink, remote.abandoned, False, self, self, fid)  # fmt: skip
                 frames.append(frame)
-            elif kind == channel.OPEN:
-                identity = self._listener.identities[index]
-                source = "udp" if flags == channel.OPEN_UDP else "tcp"
-                label = f"{source}:w{self.index}/{conn}"
-                producer = self._admission.producer_for(Grant(identity, priority), label)
-                conns[conn] = _RemoteConn(producer, Origin(source, label))
+            elif kind == channel.OPEN:  # the connection is made at the TEXT record of its name, which follows
+                self._opening = (conn, index, priority, flags)
+            elif kind == channel.TEXT and self._opening is not None:
+                label = channel.text_of((kind, priority, flags, _p, index, _q, conn, fid, offset, payload_len,
+                                         stream_id, deadline_us, sequence, timestamp_ns, received_ns, complete_ns,
+                                         deadline_ns)).rstrip(b"\0").decode(errors="replace")  # fmt: skip
+                number, identity, ceiling, source = self._opening
+                self._opening = None
+                producer = self._admission.producer_for(Grant(self._listener.identities[identity], ceiling), label)
+                conns[number] = _RemoteConn(producer, Origin("udp" if source == channel.OPEN_UDP else "tcp", label))
             elif kind == channel.CLOSED:
                 self._submit(frames)  # its frames before it: queued while it was open, then dropped as abandoned
                 gone = conns.pop(conn, None)
@@ -358,6 +364,8 @@ class _Worker(asyncio.Protocol):
                 self.stopped.set_result(None)
             elif kind == channel.MODELS_TAKEN:
                 self._models_taken(offset)
+            elif kind == channel.ALIVE:
+                self.ring_used = offset
         self._submit(frames)
 
     def _answered(self, fields: tuple[int, ...]) -> None:
@@ -712,6 +720,17 @@ class WorkerListener(Listener):
         """Process ids of the live workers (tests, status)."""
         return [w.proc.pid for w in self._workers if w is not None and w.alive and w.proc is not None]
 
+    @property
+    def connections_elsewhere(self) -> int:
+        """The workers' TCP connections (handed over and not taken up yet included)."""
+        return sum(w.load for w in self._workers if w is not None and w.alive)
+
+    @property
+    def ring_lent_free(self) -> int:
+        """Bytes of the ranges lent to live workers that no frame holds there, as last reported (a dead
+        worker's range counts as held until it is reclaimed)."""
+        return sum(w.lent.nbytes - w.ring_used for w in self._workers if w is not None and w.alive)
+
     def stop_accepting(self) -> None:
         self._stopping = True
         self._stop_reading()
@@ -830,6 +849,11 @@ class WorkerUdpListener(Listener):
     def addresses(self) -> list[tuple[str, int]]:
         socks = self._workers.udp_sockets(self._position)
         return [socks[0].getsockname()[:2]] if socks else []
+
+    @property
+    def connections_elsewhere(self) -> int:
+        """Its producers on the live workers (a gauge they report once per sweep period)."""
+        return int(self._workers.udp_stats(self._position).get("producers", 0))
 
     def stop_accepting(self) -> None:
         """Nothing: the workers stop reading when the workers' listener stops accepting."""

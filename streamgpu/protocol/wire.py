@@ -463,6 +463,14 @@ class ReplyHeader(NamedTuple):
     flags: ReplyFlags = ReplyFlags.NONE  # CONNECTION: about the connection, not a frame (stream_id/sequence 0)
 
 
+def message_bytes(message: str) -> bytes:
+    """A reply's message as sent: UTF-8, at most ``MAX_MESSAGE`` bytes, cut on a character boundary."""
+    msg = message.encode() if message else b""
+    if len(msg) > MAX_MESSAGE:  # (the message stays UTF-8)
+        msg = msg[:MAX_MESSAGE].decode(errors="ignore").encode()
+    return msg
+
+
 def encode_reply(h: ReplyHeader, payload: bytes | memoryview = b"", version: int = VERSION) -> list[bytes | memoryview]:
     """Encode a reply as buffers for ``transport.writelines`` (no payload copy).
 
@@ -470,9 +478,7 @@ def encode_reply(h: ReplyHeader, payload: bytes | memoryview = b"", version: int
     does not know is replaced by its stand-in (:func:`status_for`). ``flags``
     is written in every version (v1 readers ignore that field).
     """
-    msg = h.message.encode() if h.message else b""
-    if len(msg) > MAX_MESSAGE:  # cut on a character boundary: the message stays UTF-8
-        msg = msg[:MAX_MESSAGE].decode(errors="ignore").encode()
+    msg = message_bytes(h.message)
     payload = memoryview(payload).cast("B")  # len() of a typed view counts items, not bytes
     t = h.timings
     status = h.status if version >= 2 or h.status in V1_STATUSES else status_for(h.status, version)

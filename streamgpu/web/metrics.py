@@ -105,7 +105,7 @@ class ServerCollector(Collector):
                 sms.add_metric([state.name, device], count)
         yield sms
         pool = server.pool
-        yield GaugeMetricFamily("streamgpu_ring_used_bytes", "Receive ring bytes in use", value=pool.used_bytes)
+        yield GaugeMetricFamily("streamgpu_ring_used_bytes", "Receive ring bytes in use", value=server.ring_used_bytes)
         yield GaugeMetricFamily("streamgpu_ring_capacity_bytes", "Receive ring size", value=pool.capacity)
         yield GaugeMetricFamily("streamgpu_connections", "Producer connections open", value=server.connections)
         yield GaugeMetricFamily("streamgpu_frames_in_flight", "Frames received, reply not made",

@@ -9,6 +9,7 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -136,6 +137,7 @@ async def test_descriptors_and_shared_memory_round_trip() -> None:
     grant = their_admission.authenticate("secret")
     assert grant is not None
     producer = their_admission.producer_for(grant, "peer")
+    chan.named(42, Origin("tcp", "tcp:w0/42"))
     outcomes: list[tuple[Frame, Outcome]] = []
     sent = []
     for i, (spec, payload) in enumerate([(OTHER, np.arange(6, dtype=np.float32).tobytes()),
@@ -149,9 +151,9 @@ async def test_descriptors_and_shared_memory_round_trip() -> None:
                       lambda f, o: outcomes.append((f, o)))  # fmt: skip
         their_admission.submit(frame)
         sent.append((frame, payload))
-    await asyncio.sleep(0)  # the channel flushes once per loop iteration: OPEN + 2 FRAMEs in one write
+    await asyncio.sleep(0)  # the channel flushes once per loop iteration: OPEN, its name, 2 FRAMEs in one write
     data = bytes(up.written)
-    assert len(data) == 3 * channel.UP.size
+    assert len(data) == 4 * channel.UP.size
     for cut in range(len(data) + 1):  # every split decodes the same
         submitted.clear()
         parent.conns.clear()
@@ -161,6 +163,7 @@ async def test_descriptors_and_shared_memory_round_trip() -> None:
     parent.held = parent.in_server = 2
     got = [f for f in submitted if isinstance(f, WorkerFrame)]
     assert [f.producer for f in got] == [parent.conns[42].producer] * 2
+    assert parent.conns[42].origin == Origin("tcp", "tcp:w0/42")
     assert got[0].producer.identity == "cam" and got[0].producer.max_priority == 9
     for frame, (orig, payload) in zip(got, sent, strict=True):
         assert frame.header == orig.header._replace(version=frame.header.version)
@@ -215,6 +218,7 @@ def test_a_batchs_ok_replies_decode_at_once_as_one_by_one() -> None:
              channel.encode_replies([8, 9], b, timings(2, 90)), channel.encode_reply(10, late),
              channel.encode_replies([11, 12], a[:2], timings(2, 200))]  # fmt: skip
     stream = b"".join(bytes(p) for p in parts)
+
     def decoded(pos: int) -> tuple[Any, ...]:
         fid, outcome = channel.decode_reply(stream, pos)
         result = outcome.result.tolist() if outcome.result is not None else None
@@ -333,6 +337,7 @@ async def test_frame_and_connection_numbers_past_32_bits_wrap_on_the_channel() -
     parent.connection_made(FakeTransport())  # type: ignore[arg-type]
     chan, up, pool, their_admission = worker_side(cfg, segment, lent)
     producer = their_admission.producer_for(Grant(None, cfg.max_priority), "peer")
+    chan.named((1 << 32) + 42, Origin("tcp", "tcp:w0/4294967338"))
     outcomes: dict[int, Outcome] = {}
 
     def submit(sequence: int) -> None:
@@ -376,6 +381,7 @@ async def test_a_connection_whose_id_wraps_onto_an_open_ones_gets_a_channel_numb
     old, new = (their_admission.producer_for(Grant(None, cfg.max_priority), peer) for peer in ("old", "new"))
 
     def submit(producer: Producer, conn: int) -> None:
+        chan.named(conn, Origin("tcp", f"tcp:w0/{conn}"))
         slot = producer.reserve(192, lambda s: None)
         assert isinstance(slot, Slot)
         header = FrameHeader(1, conn, SPEC.name, SPEC.frame_dtype_code, SPEC.input_shape, 192)
@@ -388,7 +394,7 @@ async def test_a_connection_whose_id_wraps_onto_an_open_ones_gets_a_channel_numb
     await asyncio.sleep(0)
     parent.data_received(bytes(up.written))
     producers = [frame.producer.name for frame in submitted]
-    assert producers == ["tcp:w0/42", producers[1], "tcp:w0/42"] and producers[1] != producers[0]
+    assert producers == ["tcp:w0/42", "tcp:w0/4294967338", "tcp:w0/42"]
     assert list(parent.conns) == [42]
     segment.close()
 
@@ -1190,3 +1196,165 @@ async def test_a_new_version_s_admission_settings_reach_the_workers(server: Serv
         assert (await conn.submit(frames(1, 1)[0])).status == Status.DEADLINE_MISSED
     finally:
         await conn.close()
+
+
+# -- what a producer sees is the same in both modes ------------------------------------------------
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+@pytest.mark.parametrize("workers", [0, 2])
+async def test_a_long_non_ascii_message_is_cut_on_a_character_boundary_in_both_modes(
+    workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scheduler message over wire.MAX_MESSAGE bytes (a model's exception: 4-byte characters) reaches the
+    producer cut where one-process mode cuts it, on a character boundary; the REPLY record cut it inside a
+    character, and the worker's reply ended in U+FFFD."""
+    from streamgpu.gpu import cpu
+
+    def fails(self: cpu.CpuModel, batch: np.ndarray) -> Any:
+        raise RuntimeError("\U0001f600" * 20000)
+
+    monkeypatch.setattr(cpu.CpuModel, "run", fails)
+    async with Server(config(ingest_workers=workers)) as srv, await client.connect("127.0.0.1", srv.port) as conn:
+        reply = await conn.submit(frames(1, seed=1)[0])
+    full = "inference failed: RuntimeError: " + "\U0001f600" * 20000
+    assert reply.status == Status.INTERNAL_ERROR
+    assert reply.message == full.encode()[: wire.MAX_MESSAGE].decode(errors="ignore"), reply.message[-3:]
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+@pytest.mark.parametrize("workers", [0, 2])
+async def test_a_frame_for_an_unloaded_model_is_counted_under_its_name_in_both_modes(workers: int) -> None:
+    """/metrics counts the UNKNOWN_MODEL reply to a frame naming a model unloaded while serving under that
+    model's name (its label is known: no made-up name grows the set), with workers as in one process; a
+    worker said "no model" for it, and the count went under model=""."""
+    late = ModelSpec(name="late", input_shape=(4, 4, 3), max_batch_size=4, batch_buckets=(1, 4))
+    data = np.zeros((4, 4, 3), np.uint8)
+    async with Server(config(ingest_workers=workers)) as srv:
+        await srv.load_model(late)
+        async with await client.connect("127.0.0.1", srv.port) as conn:
+            assert (await conn.submit(data, model="late")).ok
+            await srv.unload_model("late")
+            assert (await conn.submit(data, model="late")).status == Status.UNKNOWN_MODEL
+            assert (await conn.submit(data, model="never")).status == Status.UNKNOWN_MODEL
+
+        def counts() -> set[tuple[str, Status, int]]:
+            return {item for item in srv.replies.items() if item[1] == Status.UNKNOWN_MODEL}
+
+        async with asyncio.timeout(5):  # (a worker's REPLIED records come up beside its replies)
+            while sum(n for *_, n in counts()) < 2:
+                await asyncio.sleep(0.01)
+        assert counts() == {("late", Status.UNKNOWN_MODEL, 1), ("", Status.UNKNOWN_MODEL, 1)}
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+@pytest.mark.parametrize("workers", [0, 2])
+async def test_a_producer_s_outcomes_are_published_under_one_stream_name_in_both_modes(workers: int) -> None:
+    """Subscribers and the results sink see every outcome of one producer under one stream name: its refused
+    frames (answered by a worker) under the name of the frames the scheduler answered. A UDP producer is
+    named by its source address, a TCP connection "tcp:N" ("tcp:wW/N" in worker W). With workers, refusals
+    went out under the worker's own names ("tcp:N", which another worker's connection also has) and the
+    rest under "tcp:wW/N" and "udp:wW/N"."""
+    async with Server(udp_config(ingest_workers=workers)) as srv:
+        seen: list[tuple[int, Origin]] = []
+        srv.admission.stream_results.tap(lambda head, _, origin: seen.append((head.stream_id, origin)))
+        data = frames(1, seed=4)[0]
+        udp = await client.connect_udp("127.0.0.1", srv.addresses[1][1], reply_timeout=5)
+        udp_port = udp.socket.getsockname()[1]
+        tcp = [await client.connect("127.0.0.1", srv.port) for _ in range(4)]
+        for i, conn in enumerate([udp, *tcp]):
+            replies = await asyncio.gather(conn.submit(data, stream_id=i, model="nope"), conn.submit(data, stream_id=i))
+            assert [r.status for r in replies] == [Status.UNKNOWN_MODEL, Status.OK]
+            await conn.close()
+        async with asyncio.timeout(5):  # (a worker's refusals are published as its records come up)
+            while len(seen) < 10:
+                await asyncio.sleep(0.01)
+    names: dict[int, set[Origin]] = {}
+    for stream_id, origin in seen:
+        names.setdefault(stream_id, set()).add(origin)
+    assert all(len(origins) == 1 for origins in names.values()), names
+    assert names.pop(0) == {Origin("udp", f"udp:127.0.0.1:{udp_port}")}
+    tcp_names = [origin.stream for (origin,) in names.values()]
+    assert len(set(tcp_names)) == 4, tcp_names
+    pattern = r"tcp:w[01]/\d+" if workers else r"tcp:\d+"
+    assert all(re.fullmatch(pattern, name) for name in tcp_names), tcp_names
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+@pytest.mark.parametrize("workers", [0, 2])
+async def test_the_connections_gauge_counts_the_workers_connections_in_both_modes(workers: int) -> None:
+    """streamgpu_connections (``Server.connections``, /v1/status) counts the producer connections open: TCP
+    ones (one that sent nothing yet included) and UDP producers, with workers as in one process, where it
+    said 0 with workers (their connections are counted in the workers' own admission)."""
+    async with Server(udp_config(ingest_workers=workers)) as srv:
+        udp = await client.connect_udp("127.0.0.1", srv.addresses[1][1], reply_timeout=5)
+        tcp = [await client.connect("127.0.0.1", srv.port) for _ in range(4)]
+        for conn in [udp, *tcp[:3]]:
+            assert (await conn.submit(frames(1, seed=2)[0])).ok
+
+        async def until(count: int) -> None:
+            async with asyncio.timeout(5):  # (workers report their UDP producers once per sweep)
+                while srv.connections != count:
+                    await asyncio.sleep(0.02)
+            assert srv.metrics()["connections"] == count
+
+        await until(5)
+        for conn in [udp, *tcp]:
+            await conn.close()
+        await until(1)  # a UDP producer is one until it has been idle for peer_idle_s
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+@pytest.mark.parametrize("workers", [0, 2])
+async def test_the_ring_gauge_counts_what_frames_hold_in_both_modes(workers: int) -> None:
+    """streamgpu_ring_used_bytes (``metrics()["ring"]``, /v1/status) is what frames hold: a frame being
+    received holds its slot, an idle server nothing, with workers as in one process, where it counted
+    every worker's whole range (the ring, or all of it but an http listener's share) at all times."""
+    from tests.ingest.test_tcp import frame, hello
+
+    async with Server(config(ingest_workers=workers)) as srv:
+
+        async def until(held: Callable[[int], bool]) -> None:
+            async with asyncio.timeout(5):  # (workers report theirs once per sweep)
+                while not held(used := srv.metrics()["ring"]["used_bytes"]):
+                    await asyncio.sleep(0.02)
+            assert srv.ring_used_bytes == used
+
+        await until(lambda used: used == 0)
+        _, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        writer.write(hello() + frame(SPEC, 0)[:-10])  # its slot is held until the rest comes
+        await until(lambda used: used >= SPEC.frame_nbytes)
+        writer.close()
+        await until(lambda used: used == 0)
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+@pytest.mark.parametrize("workers", [0, 2])
+async def test_frames_of_a_connection_closed_for_lost_framing_do_not_run_in_both_modes(
+    workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection whose framing is lost is told so and closed; its frames still queued are dropped (their
+    replies could go nowhere), with workers as in one process, where they all ran on the device while the
+    worker's connection lingered (its producer still connected, reading), costing others their turn."""
+    from streamgpu.gpu import cpu
+    from tests.ingest.test_tcp import frame, hello
+
+    plain = cpu.CpuModel.run
+
+    def slow(self: cpu.CpuModel, batch: np.ndarray) -> Any:
+        time.sleep(0.05)
+        return plain(self, batch)
+
+    monkeypatch.setattr(cpu.CpuModel, "run", slow)
+    spec = dataclasses.replace(SPEC, max_batch_size=1, batch_buckets=(1,))
+    async with Server(config(models=[spec], ingest_workers=workers)) as srv:
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        writer.write(hello() + b"".join(frame(spec, i) for i in range(20)) + b"XXXX" + bytes(60))
+        got = b""
+        async with asyncio.timeout(5):
+            while wire.decode_welcome(got) is None or srv.frames_in_flight or not srv.replies.total(Status.BAD_FRAME):
+                got += await asyncio.wait_for(reader.read(65536), 5)
+                await asyncio.sleep(0.01)
+        writer.close()
+    assert srv.replies.total(Status.OK) <= 5, sorted(srv.replies.items())
+    assert srv.replies.total(Status.OK) + srv.replies.total(Status.SHUTTING_DOWN) == 20

@@ -184,7 +184,7 @@ async def worker_frames(n: int) -> tuple[_Worker, mock.Mock, list[WorkerFrame], 
     transport = mock.Mock()  # the channel's socket: what was written is in writelines' calls
     transport.is_closing.return_value = False
     worker.connection_made(transport)
-    worker.data_received(channel.up(channel.OPEN, 1, 0, 255) + channel.up(channel.OPEN, 2, 0, 255))
+    worker.data_received(b"".join(channel.opened(c, 0, 255, channel.OPEN_TCP, f"tcp:w0/{c}") for c in (1, 2)))
     records = [channel.UP.pack(channel.FRAME, 0, 0, 0, 0, 0, 1 + k % 2, 10 + k, lent.offset, 4, k, 0, k, 0, 1000 * k,
                                5000 + 3000 * k, 0) for k in range(n)]  # fmt: skip
     worker.data_received(b"".join(records))
