@@ -294,19 +294,31 @@ def ok_replies(buf: bytes, pos: int, end: int) -> tuple[list[int], np.ndarray, n
     layout (result dtype and shape), as many as follow one another before ``end``: a batch's, as
     ``encode_replies`` makes them, decoded at once: (fids, rows, timings as six int64 each, bytes they
     take). None if the record at ``pos`` is not such a REPLY, or not whole. ``rows`` is a view of ``buf``."""
-    kind, status, dtype, ndim, _f, _n, *_t, message_len, _p = DOWN.unpack_from(buf, pos)
+    kind, status, dtype, ndim, _f, _n, *_t, batch_size, message_len, _p = DOWN.unpack_from(buf, pos)
     if kind != REPLY or status != wire.Status.OK or message_len or dtype not in wire.DTYPES:
         return None
     rtype, prefix = _reply_type(wire.DTYPES[dtype], _SHAPES[ndim].unpack_from(buf, pos + DOWN.size))
     size = rtype.itemsize
     if end - pos < size:
         return None
-    raw = np.frombuffer(buf, np.uint8, (end - pos) // size * size, pos).reshape(-1, size)
-    # A record belongs to the run while every byte but its fid, timings and batch size is the template's
-    # (the first is, being whole); each is then exactly ``size`` bytes long, so the next starts where it ends
+    whole = (end - pos) // size
+    raw = np.frombuffer(buf, np.uint8, whole * size, pos).reshape(whole, size)
+    # A record belongs to the run while every byte but its fid, timings and batch size is the template's;
+    # each is then exactly ``size`` bytes long, so the next starts where it ends. Checked in windows that
+    # double, the first its batch's size: the work is the run's, not that of every record after it in the
+    # read (quadratic, in runs of one)
     fixed = _FIXED_COLUMNS[: 4 + 8 + 4 + 4 * ndim]
-    same = (raw[:, fixed] == prefix[fixed]).all(axis=1)
-    count = len(same) if same.all() else int(same.argmin())
+    template = prefix[fixed]
+    count, window = 0, max(batch_size, 16)
+    while count < whole:
+        same = (raw[count : count + window, fixed] == template).all(axis=1)
+        if not same.all():
+            count += int(same.argmin())
+            break
+        count += len(same)
+        window *= 2
+    if not count:  # (a first record unlike its own layout's: decode_reply takes it by its own length)
+        return None
     records = raw[:count].view(rtype).reshape(count)
     timings = np.empty((count, 6), np.int64)
     timings[:, :5] = records["timings"]

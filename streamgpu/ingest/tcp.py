@@ -559,7 +559,12 @@ class TcpConnection(asyncio.BufferedProtocol):
             return
         self._state = _State.DRAIN
         self._discard_left = LINGER_BYTES
-        transport.write_eof()  # after the queued replies: the producer reads them, then end of stream
+        try:
+            transport.write_eof()  # after the queued replies: the producer reads them, then end of stream
+        except OSError:  # the producer reset it already (asyncio shuts the socket at once: ENOTCONN)
+            self._state = _State.CLOSED
+            transport.abort()
+            return
         self._linger = asyncio.get_running_loop().call_later(LINGER_S, transport.abort)
         if self._reading_paused:
             self._reading_paused = False

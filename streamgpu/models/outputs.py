@@ -179,8 +179,14 @@ def warm_up(spec: ModelSpec, run: Callable[[int], list[torch.Tensor]], model_inp
 
 
 def _check_wire_dtypes(spec: ModelSpec, outs: list[torch.Tensor]) -> None:
-    """Every output is returned in a dtype a reply can carry (else its frames could never be answered)."""
+    """Every output is returned in a dtype and number of dimensions a reply can carry (else its frames could
+    never be answered)."""
     for t in outs:
+        if t.dim() - 1 > wire.MAX_NDIM:
+            raise ModelLoadError(
+                f"model {spec.name!r} ({spec.source}) returns an output of {t.dim() - 1} dimensions per frame (shape "
+                f"{list(t.shape)}, the batch first); replies carry at most {wire.MAX_NDIM}: reshape it in the model"
+            )
         try:
             wire.dtype_code(torch.empty(0, dtype=host_dtype(t.dtype)).numpy().dtype)
         except (TypeError, ValueError):

@@ -628,7 +628,7 @@ def encode_outputs(outputs: dict[str, np.ndarray] | Sequence[np.ndarray]) -> byt
         raw = name.encode()
         if len(raw) > 0xFFFF or array.ndim > MAX_NDIM:
             raise ValueError(f"output {name!r}: name over 65535 bytes or more than {MAX_NDIM} dimensions")
-        data = np.ascontiguousarray(array)
+        data = np.asarray(array, order="C")  # (not ascontiguousarray: it makes a 0-d output 1-d)
         if data.dtype.byteorder == ">":
             data = data.astype(data.dtype.newbyteorder("<"))
         parts += [_OUTPUT.pack(dtype_code(data.dtype), data.ndim, len(raw), data.nbytes), raw,

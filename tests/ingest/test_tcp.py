@@ -4,6 +4,7 @@ and the flow-control rules that keep one producer from stalling another."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import random
 from typing import Any
 
@@ -474,6 +475,37 @@ def test_no_buffer_before_the_handshake_and_a_hello_timeout() -> None:
     welcome = wire.decode_welcome(bytes(transport.written))
     assert transport.closed and welcome is not None and welcome[0].status == Status.BAD_FRAME
     assert "no HELLO within 5 s" in welcome[0].message
+
+
+class ResetTransport(FakeTransport):
+    """A socket whose producer reset it before the server read the reset: asyncio's ``write_eof`` shuts it
+    down at once, which raises ENOTCONN."""
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        raise OSError(errno.ENOTCONN, "Transport endpoint is not connected")
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_connection_reset_before_its_close_costs_no_other_connection_its_close() -> None:
+    """Regression: closing a connection whose producer had reset it raised OSError out of ``_close``: a
+    server's shutdown (``listener.close``) stopped at it, leaving the connections after it open and the
+    server's stop failing; a hello-timeout sweep stopped there too."""
+    harness = Harness(hello_timeout_s=5.0)
+    conns: list[tuple[TcpConnection, FakeTransport]] = []
+    for _ in range(4):
+        conn = TcpConnection(harness.listener)
+        transport = ResetTransport() if len(conns) % 2 == 0 else FakeTransport()
+        conn.connection_made(transport)  # type: ignore[arg-type]
+        conns.append((conn, transport))
+    for conn, _ in conns[2:]:
+        feed(conn, hello())
+    harness.listener.sweep(max(conn._due for conn, _ in conns) + 1)  # the first two, in HELLO, past their time
+    assert [transport.closed for _, transport in conns] == [True, True, False, False]
+    await harness.listener.close(timeout=0)  # shutdown: every connection closed, none left open
+    assert all(transport.closed for _, transport in conns)
 
 
 def test_connections_past_the_cap_are_refused_at_once() -> None:

@@ -653,6 +653,17 @@ def test_outputs_block_round_trip_and_layout() -> None:
     np.testing.assert_array_equal(decoded[0][1], [1.5, 2])
 
 
+def test_an_output_of_one_value_per_frame_keeps_its_empty_shape_in_an_outputs_block() -> None:
+    """A (batch,) output gives each frame a 0-d value (a numpy scalar, as ``array[i]`` is): its shape is
+    ``[]``, as a single-output model's scalar result is, not ``[1]`` (``np.ascontiguousarray`` makes 0-d 1-d)."""
+    counts = np.array([3, 0, 7], np.int64)
+    scores = np.array(0.25, ">f4")  # 0-d and big-endian: goes out little-endian, still 0-d
+    decoded = wire.decode_outputs(wire.encode_outputs({"boxes": np.ones((3, 4), np.float32), "count": counts[2],
+                                                       "score": scores}))  # fmt: skip
+    assert [(name, got.shape) for name, got in decoded] == [("boxes", (3, 4)), ("count", ()), ("score", ())]
+    assert decoded[1][1] == 7 and decoded[2][1] == 0.25
+
+
 @pytest.mark.parametrize("cut", [0, 3, 4, 10, 16, 30, 46])
 def test_a_truncated_outputs_block_is_refused(cut: int) -> None:
     block = wire.encode_outputs({"indices": np.arange(5, dtype=np.int32)})
