@@ -151,7 +151,11 @@ class _Refusal(asyncio.Protocol):
                 "\r\nConnection: close\r\nRetry-After: 1\r\n\r\n")  # fmt: skip
         stream.write(head.encode() + body)
         if stream.can_write_eof():
-            stream.write_eof()  # the response is all; reading on until the peer closes (or the timer)
+            try:
+                stream.write_eof()  # the response is all; reading on until the peer closes (or the timer)
+            except OSError:  # the peer reset it already (asyncio shuts the socket at once: ENOTCONN)
+                stream.abort()
+                return
         self._timer = asyncio.get_running_loop().call_later(REFUSAL_LINGER_S, stream.abort)
 
     def data_received(self, data: bytes) -> None:

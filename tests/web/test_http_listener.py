@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from streamgpu import client
 from streamgpu.config import Config, ListenerSpec
+from streamgpu.ingest.http import _Refusal
 from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol.wire import Status
 from streamgpu.server import Server
@@ -83,3 +86,39 @@ async def test_an_idle_http_connection_is_closed_after_the_keep_alive_timeout() 
         await until(lambda: server.connections == 0)
         writer.close()
         silent_writer.close()
+
+
+class _ResetTransport:
+    """A socket whose peer reset it before the server read the reset: ``write_eof`` raises ENOTCONN."""
+
+    def __init__(self) -> None:
+        self.written = b""
+        self.aborted = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        raise OSError(errno.ENOTCONN, "Transport endpoint is not connected")
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_refused_connection_already_reset_is_aborted_without_an_error() -> None:
+    """Regression: refusing a connection past the cap whose peer had reset it raised OSError out of
+    ``connection_made`` (the loop logged it, and the connection stayed open until its next read)."""
+    refused: list[str] = []
+    admission = SimpleNamespace(config=SimpleNamespace(max_connections=2),
+                                refused_handshake=lambda peer, status, reason: refused.append(reason))  # fmt: skip
+    transport = _ResetTransport()
+    _Refusal(SimpleNamespace(admission=admission)).connection_made(transport)  # type: ignore[arg-type]
+    assert transport.aborted and transport.written.startswith(b"HTTP/1.1 503")
+    assert refused == ["too many connections (2)"]
