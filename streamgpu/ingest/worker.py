@@ -307,6 +307,12 @@ class _ForwardingHub(ResultHub):
         super().__init__()
         self._chan = chan
 
+    @property
+    def watching(self) -> bool:
+        # Nobody subscribes here: a front end finishing a batch's frames at once (``TcpConnection.finished_ok``)
+        # publishes nothing, as those outcomes were published up there already
+        return False
+
     def publish(self, header: FrameHeader, outcome: Outcome, origin: Origin = UNNAMED) -> None:
         if header is not self._chan.delivering:
             self._chan.send(channel.answered(header, outcome, origin.source, origin.stream))
