@@ -412,7 +412,8 @@ class TcpConnection(asyncio.BufferedProtocol):
             ticket=ticket,
         )
         self._admission.submit(frame)
-        self._update_reading()  # flow control noted during the payload takes effect here
+        if self._blocked or self._reading_paused:
+            self._update_reading()  # flow control noted during the payload takes effect here
 
     # -- replies --------------------------------------------------------------------------------
 
@@ -437,9 +438,10 @@ class TcpConnection(asyncio.BufferedProtocol):
                             self.origin)  # fmt: skip
         replies = wire.encode_ok_replies(np.array(list(map(_REPLY_FIELDS, frames)), np.uint64), rows, timings)
         size = len(replies) // len(frames)
-        send = self._send
+        complete, ready = self._order.complete, []
         for i, frame in enumerate(frames):
-            send(frame.ticket, [replies[i * size : (i + 1) * size]])  # type: ignore[attr-defined]  # TcpFrames
+            ready += complete(frame.ticket, [replies[i * size : (i + 1) * size]])  # type: ignore[attr-defined]
+        self._write_ready(ready)
 
     def _answer_now(self, header: FrameHeader, ticket: Ticket, status: Status, message: str) -> None:
         self._admission.replied(header.model, status)
@@ -457,7 +459,10 @@ class TcpConnection(asyncio.BufferedProtocol):
 
     def _send(self, ticket: Ticket | None, parts: list[bytes | memoryview]) -> None:
         assert ticket is not None
-        ready = self._order.complete(ticket, parts)
+        self._write_ready(self._order.complete(ticket, parts))
+
+    def _write_ready(self, ready: list[bytes | memoryview]) -> None:
+        """Queue replies now in order (``ReplyOrder.complete``'s) for this loop iteration's write."""
         if ready and self._transport is not None:
             # One write per connection per loop iteration, not one per reply: a batch finishing
             # many frames of this connection costs one system call.
