@@ -162,6 +162,7 @@ WELCOME_V2_SIZE = WELCOME_V1_SIZE + LIMITS_SIZE  # 50: the fixed part of a v2 WE
 
 _U8 = 0xFF
 _U32 = 0xFFFFFFFF
+_new_tuple = tuple.__new__
 _U64 = 0xFFFFFFFFFFFFFFFF
 
 
@@ -417,10 +418,10 @@ def decode_frame_header(buf: bytes | memoryview) -> tuple[FrameHeader, int] | No
         if len(_MODEL_NAMES) < _MODEL_NAMES_CACHED:  # bounded: a producer inventing names cannot grow it
             _MODEL_NAMES[name] = model
     shape = _SHAPES[ndim].unpack_from(buf, FRAME_HEADER_SIZE + model_len)
-    header = FrameHeader(
-        stream_id, sequence, model, dtype, shape, payload_len, timestamp_ns, deadline_us, priority,
-        _FRAME_FLAGS[flags & _KNOWN_FRAME_FLAGS], version,
-    )  # fmt: skip
+    # tuple.__new__: the NamedTuple's own __new__ is a Python call, per frame
+    flag_set = _FRAME_FLAGS[flags & _KNOWN_FRAME_FLAGS]
+    header = _new_tuple(FrameHeader, (stream_id, sequence, model, dtype, shape, payload_len, timestamp_ns,
+                                      deadline_us, priority, flag_set, version))  # fmt: skip
     return header, end
 
 
