@@ -727,9 +727,10 @@ class WorkerListener(Listener):
 
     @property
     def ring_lent_free(self) -> int:
-        """Bytes of the ranges lent to live workers that no frame holds there, as last reported (a dead
-        worker's range counts as held until it is reclaimed)."""
-        return sum(w.lent.nbytes - w.ring_used for w in self._workers if w is not None and w.alive)
+        """Bytes of the ranges lent to the workers that no frame holds there, as last reported: a dead
+        worker's frames still here hold at most what it last reported, and none once they are gone (nor
+        those of a replacement that never started)."""
+        return sum(w.lent.nbytes - (w.ring_used if w.alive or w.held else 0) for w in self._workers if w is not None)
 
     def stop_accepting(self) -> None:
         self._stopping = True

@@ -1382,3 +1382,26 @@ async def test_frames_of_a_connection_closed_for_lost_framing_do_not_run_in_both
         writer.close()
     assert srv.replies.total(Status.OK) <= 5, sorted(srv.replies.items())
     assert srv.replies.total(Status.OK) + srv.replies.total(Status.SHUTTING_DOWN) == 20
+
+
+@pytest.mark.asyncio
+async def test_the_range_of_a_worker_that_could_not_be_replaced_is_not_counted_as_used(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """streamgpu_ring_used_bytes is what frames hold: a dead worker's range, once nothing of it is held, and
+    a replacement that could not start hold nothing; they counted as wholly used (here half the ring, idle,
+    for as long as the replacement could not start)."""
+    async with Server(config()) as srv:
+        listener = listener_of(srv)
+        first = listener._workers[0]
+        assert first.proc is not None
+
+        def no_process(*args: Any, **kw: Any) -> subprocess.Popen[bytes]:
+            raise OSError(24, "Too many open files")
+
+        monkeypatch.setattr(workers.subprocess, "Popen", no_process)
+        os.kill(first.proc.pid, signal.SIGKILL)
+        async with asyncio.timeout(5):
+            while listener._workers[0] is first or listener._workers[0].alive:
+                await asyncio.sleep(0.01)
+        assert srv.ring_used_bytes == 0 and srv.metrics()["ring"]["used_bytes"] == 0
