@@ -139,6 +139,7 @@ class _Worker(asyncio.Protocol):
         self._admission = listener.admission
         self._loop = asyncio.get_running_loop()
         self.index = index
+        self.generation = 0  # the processes started at this index before it
         self.lent = lent  # the range of the segment this worker receives into
         self.proc: subprocess.Popen[bytes] | None = None
         self._transport: asyncio.Transport | None = None
@@ -527,11 +528,13 @@ class WorkerListener(Listener):
 
     async def _spawn(self, index: int, lent: Slot) -> _Worker:
         worker = _Worker(self, index, lent)
+        previous = self._workers[index]  # (its replacement's connections must not take its connections' names)
+        worker.generation = previous.generation + 1 if previous is not None else 0
         self._workers[index] = worker
         udp_fds = tuple(socks[index].fileno() for socks in self._udp_socks)
         init = WorkerInit(self._worker_config, index, -1, udp_fds, self._segment.fd,  # (handoff_fd: at spawn)
                           self._segment.nbytes, lent.offset, lent.offset + lent.nbytes,
-                          self._connection_cap, tuple(self._served()))  # fmt: skip
+                          self._connection_cap, tuple(self._served()), worker.generation)  # fmt: skip
         await worker.spawn(init, self._segment.fd)
         return worker
 
