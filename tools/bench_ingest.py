@@ -187,7 +187,7 @@ async def micro_worker_process(shape: tuple[int, ...], total: int, batch: int) -
     admission = worker_process._WorkerAdmission(cfg, SlotPool(segment.buffer), {spec.name: spec}, chan.submit)
     admission.channel = chan
     admission.stream_results = worker_process._ForwardingHub(chan)
-    listener = worker_process._WorkerTcpListener(ListenerSpec(port=0), admission, chan, 0)
+    listener = worker_process._WorkerTcpListener(ListenerSpec(port=0), admission, chan, 0, 0)
     await listener.start()
     conn = TcpConnection(listener)
     conn.connection_made(_Sink())  # type: ignore[arg-type]

@@ -24,9 +24,10 @@ Worker -> scheduler: fixed-size records of ``UP.size`` (80) bytes::
   below means either). ``conn`` is the worker's number for the connection,
   unique among its connections open up here (their ids modulo 2**32, the next
   free one where that is taken). One TEXT record follows: the connection's
-  stream name, NUL-padded (``Origin.stream``: "tcp:wW/N", or a UDP producer's
-  "udp:ADDR:PORT"), under which the scheduling process publishes its frames'
-  outcomes, as the worker publishes the ones it gives them itself.
+  stream name, NUL-padded (``Origin.stream``: "tcp:wW/N", "tcp:wW.G/N" in the
+  G-th replacement of worker W, or a UDP producer's "udp:ADDR:PORT"), under
+  which the scheduling process publishes its frames' outcomes, as the worker
+  publishes the ones it gives them itself.
 * ``CLOSED``: connection ``conn`` is gone (only after its ``OPEN``); ``offset``
   is how many of its frames the worker had not answered (0: none of them can be
   queued in the scheduling process, which then looks for none; a UDP producer

@@ -77,6 +77,7 @@ class WorkerInit:
     end: int
     connection_cap: int  # TCP connections it serves at once (its share of max_connections)
     models: tuple[tuple[int, ModelSpec], ...]  # the models served when it was spawned, by index (channel.MODELS)
+    generation: int = 0  # the processes started at its index before it (its connections' names tell them apart)
 
 
 def send_init(sock: socket.socket, init: WorkerInit) -> None:
@@ -334,10 +335,12 @@ class _WorkerTcpListener(TcpListener):
     """The TCP front end on the connections the parent hands over, telling the channel when one is gone
     and how many it holds (CONNECTIONS records: the parent hands each new one to the emptiest worker)."""
 
-    def __init__(self, spec: ListenerSpec, admission: Admission, chan: _Channel, index: int) -> None:
+    def __init__(self, spec: ListenerSpec, admission: Admission, chan: _Channel, index: int, generation: int) -> None:
         super().__init__(spec, admission, handed_over=True)
         self._chan = chan
-        self._index = index  # the worker's: its connections are named "tcp:wW/N" (connection ids are per process)
+        # Its connections are named "tcp:wW/N", "tcp:wW.G/N" in the G-th replacement of worker W: connection ids
+        # are per process, and a name is one connection's for the server's life (the results sink's lines)
+        self._name = f"tcp:w{index}" + (f".{generation}" if generation else "")
         self._taken = 0  # connections handed over and taken up (served, refused, found closed or lost)
         self._adopting: set[asyncio.Task[None]] = set()
 
@@ -374,7 +377,7 @@ class _WorkerTcpListener(TcpListener):
         self._chan.send(channel.up(channel.CONNECTIONS, self._taken & 0xFFFFFFFF, value=len(self._connections)))
 
     def origin(self, conn_id: int) -> Origin:
-        return Origin("tcp", f"tcp:w{self._index}/{conn_id}")
+        return Origin("tcp", f"{self._name}/{conn_id}")
 
     def connection_opened(self, conn: TcpConnection) -> bool:
         self._chan.named(conn.id, conn.origin)
@@ -424,7 +427,7 @@ async def serve(chan_sock: socket.socket, init: WorkerInit) -> None:
     udp_specs = [spec for spec in config.listeners if spec.kind == "udp"]
     udp = [_WorkerUdpListener(spec, admission, socket.socket(fileno=fd), chan)
            for spec, fd in zip(udp_specs, init.udp_fds, strict=True)]  # fmt: skip
-    tcp_listener = _WorkerTcpListener(tcp, admission, chan, init.index)
+    tcp_listener = _WorkerTcpListener(tcp, admission, chan, init.index, init.generation)
     listeners: list[TcpListener | UdpListener] = [tcp_listener, *udp]
     chan.listeners, chan.admission = listeners, admission
     for listener in listeners:

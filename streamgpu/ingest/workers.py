@@ -139,6 +139,7 @@ class _Worker(asyncio.Protocol):
         self._admission = listener.admission
         self._loop = asyncio.get_running_loop()
         self.index = index
+        self.generation = 0  # the processes started at this index before it
         self.lent = lent  # the range of the segment this worker receives into
         self.proc: subprocess.Popen[bytes] | None = None
         self._transport: asyncio.Transport | None = None
@@ -527,11 +528,13 @@ class WorkerListener(Listener):
 
     async def _spawn(self, index: int, lent: Slot) -> _Worker:
         worker = _Worker(self, index, lent)
+        previous = self._workers[index]  # (its replacement's connections must not take its connections' names)
+        worker.generation = previous.generation + 1 if previous is not None else 0
         self._workers[index] = worker
         udp_fds = tuple(socks[index].fileno() for socks in self._udp_socks)
         init = WorkerInit(self._worker_config, index, -1, udp_fds, self._segment.fd,  # (handoff_fd: at spawn)
                           self._segment.nbytes, lent.offset, lent.offset + lent.nbytes,
-                          self._connection_cap, tuple(self._served()))  # fmt: skip
+                          self._connection_cap, tuple(self._served()), worker.generation)  # fmt: skip
         await worker.spawn(init, self._segment.fd)
         return worker
 
@@ -727,9 +730,10 @@ class WorkerListener(Listener):
 
     @property
     def ring_lent_free(self) -> int:
-        """Bytes of the ranges lent to live workers that no frame holds there, as last reported (a dead
-        worker's range counts as held until it is reclaimed)."""
-        return sum(w.lent.nbytes - w.ring_used for w in self._workers if w is not None and w.alive)
+        """Bytes of the ranges lent to the workers that no frame holds there, as last reported: a dead
+        worker's frames still here hold at most what it last reported, and none once they are gone (nor
+        those of a replacement that never started)."""
+        return sum(w.lent.nbytes - (w.ring_used if w.alive or w.held else 0) for w in self._workers if w is not None)
 
     def stop_accepting(self) -> None:
         self._stopping = True

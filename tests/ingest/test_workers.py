@@ -1382,3 +1382,46 @@ async def test_frames_of_a_connection_closed_for_lost_framing_do_not_run_in_both
         writer.close()
     assert srv.replies.total(Status.OK) <= 5, sorted(srv.replies.items())
     assert srv.replies.total(Status.OK) + srv.replies.total(Status.SHUTTING_DOWN) == 20
+
+
+@pytest.mark.asyncio
+async def test_the_range_of_a_worker_that_could_not_be_replaced_is_not_counted_as_used(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """streamgpu_ring_used_bytes is what frames hold: a dead worker's range, once nothing of it is held, and
+    a replacement that could not start hold nothing; they counted as wholly used (here half the ring, idle,
+    for as long as the replacement could not start)."""
+    async with Server(config()) as srv:
+        listener = listener_of(srv)
+        first = listener._workers[0]
+        assert first.proc is not None
+
+        def no_process(*args: Any, **kw: Any) -> subprocess.Popen[bytes]:
+            raise OSError(24, "Too many open files")
+
+        monkeypatch.setattr(workers.subprocess, "Popen", no_process)
+        os.kill(first.proc.pid, signal.SIGKILL)
+        async with asyncio.timeout(5):
+            while listener._workers[0] is first or listener._workers[0].alive:
+                await asyncio.sleep(0.01)
+        assert srv.ring_used_bytes == 0 and srv.metrics()["ring"]["used_bytes"] == 0
+
+
+@pytest.mark.asyncio
+async def test_a_replacement_worker_s_connections_are_not_named_as_its_predecessor_s() -> None:
+    """A connection's stream name (subscribers, the results sink) is its own for the server's life, as in one
+    process: a replacement worker's connection ids start again at 1, and its first connection was published
+    as "tcp:w0/1", the name of its predecessor's first connection."""
+    async with Server(config(ingest_workers=1)) as srv:
+        seen: list[str] = []
+        srv.admission.stream_results.tap(lambda head, _, origin: seen.append(origin.stream))
+        listener = listener_of(srv)
+        for _ in range(2):
+            async with await client.connect("127.0.0.1", srv.port) as conn:
+                assert (await conn.submit(frames(1, seed=1)[0])).ok
+            (pid,) = listener.pids
+            os.kill(pid, signal.SIGKILL)
+            async with asyncio.timeout(10):
+                while not listener.pids or listener.pids == [pid]:
+                    await asyncio.sleep(0.01)
+    assert len(seen) == len(set(seen)) == 2, seen
