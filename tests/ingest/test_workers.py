@@ -1061,6 +1061,24 @@ async def test_outcomes_a_worker_gives_itself_cost_the_parent_nothing_while_nobo
     segment.close()
 
 
+async def kill_with_no_replacement(srv: Server, monkeypatch: pytest.MonkeyPatch) -> WorkerListener:
+    """Kill worker 0 while no process can be started (Popen failing: out of file descriptors): its
+    replacement stands in, not alive. Returns the listener."""
+    listener = listener_of(srv)
+    first = listener._workers[0]
+    assert first.proc is not None
+
+    def no_process(*args: Any, **kw: Any) -> subprocess.Popen[bytes]:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(workers.subprocess, "Popen", no_process)
+    os.kill(first.proc.pid, signal.SIGKILL)
+    async with asyncio.timeout(5):
+        while listener._workers[0] is first or listener._workers[0].alive:
+            await asyncio.sleep(0.01)
+    return listener
+
+
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
 async def test_a_replacement_that_could_not_be_spawned_is_not_alive_and_does_not_hold_up_shutdown(
     monkeypatch: pytest.MonkeyPatch,
@@ -1069,22 +1087,8 @@ async def test_a_replacement_that_could_not_be_spawned_is_not_alive_and_does_not
     descriptors, of memory) stayed ``alive`` with no channel: /metrics counted it among the live workers,
     shutdown's STOP waited for it (records sent to a worker not yet connected now wait), and shutdown
     took its whole timeout waiting for a STOPPED that could never come."""
-    import streamgpu.ingest.workers as workers
-
     async with Server(config(shutdown_timeout_s=3.0)) as srv:
-        listener = listener_of(srv)
-        first = listener._workers[0]
-        assert first.proc is not None
-
-        def no_process(*args: Any, **kw: Any) -> subprocess.Popen[bytes]:
-            raise OSError(24, "Too many open files")
-
-        monkeypatch.setattr(workers.subprocess, "Popen", no_process)
-        os.kill(first.proc.pid, signal.SIGKILL)
-        async with asyncio.timeout(5):
-            while listener._workers[0] is first:
-                await asyncio.sleep(0.01)
-            await asyncio.sleep(0.05)  # (its spawn failed at once)
+        listener = await kill_with_no_replacement(srv, monkeypatch)
         assert listener.stats()["workers_alive"] == 1
         assert not listener._workers[0].alive
         loop = asyncio.get_running_loop()
@@ -1392,18 +1396,7 @@ async def test_the_range_of_a_worker_that_could_not_be_replaced_is_not_counted_a
     a replacement that could not start hold nothing; they counted as wholly used (here half the ring, idle,
     for as long as the replacement could not start)."""
     async with Server(config()) as srv:
-        listener = listener_of(srv)
-        first = listener._workers[0]
-        assert first.proc is not None
-
-        def no_process(*args: Any, **kw: Any) -> subprocess.Popen[bytes]:
-            raise OSError(24, "Too many open files")
-
-        monkeypatch.setattr(workers.subprocess, "Popen", no_process)
-        os.kill(first.proc.pid, signal.SIGKILL)
-        async with asyncio.timeout(5):
-            while listener._workers[0] is first or listener._workers[0].alive:
-                await asyncio.sleep(0.01)
+        await kill_with_no_replacement(srv, monkeypatch)
         assert srv.ring_used_bytes == 0 and srv.metrics()["ring"]["used_bytes"] == 0
 
 
