@@ -126,6 +126,18 @@ class StreamConnection(Protocol):
 C = TypeVar("C", bound=StreamConnection)
 
 
+def write_eof_or_abort(transport: asyncio.WriteTransport) -> bool:
+    """Shut our side for writing after what is queued (the peer reads it, then end of stream). False, and the
+    transport aborted, if the peer reset it already: asyncio then shuts the socket at once, which raises
+    ENOTCONN."""
+    try:
+        transport.write_eof()
+    except OSError:
+        transport.abort()
+        return False
+    return True
+
+
 def peer_name(transport: asyncio.BaseTransport) -> str:
     """``host:port`` of a stream transport's other end, for logs and refusal lines."""
     peer = transport.get_extra_info("peername")

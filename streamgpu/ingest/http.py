@@ -22,7 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
-from streamgpu.ingest.base import Listener, peer_name
+from streamgpu.ingest.base import Listener, peer_name, write_eof_or_abort
 from streamgpu.protocol.wire import Status
 
 # How long close() lets handlers finish writing their responses (their frames are already
@@ -150,12 +150,9 @@ class _Refusal(asyncio.Protocol):
         head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
                 "\r\nConnection: close\r\nRetry-After: 1\r\n\r\n")  # fmt: skip
         stream.write(head.encode() + body)
-        if stream.can_write_eof():
-            try:
-                stream.write_eof()  # the response is all; reading on until the peer closes (or the timer)
-            except OSError:  # the peer reset it already (asyncio shuts the socket at once: ENOTCONN)
-                stream.abort()
-                return
+        # The response is all; reading on until the peer closes (or the timer). Aborted if it reset already.
+        if stream.can_write_eof() and not write_eof_or_abort(stream):
+            return
         self._timer = asyncio.get_running_loop().call_later(REFUSAL_LINGER_S, stream.abort)
 
     def data_received(self, data: bytes) -> None:

@@ -48,7 +48,7 @@ import numpy as np
 from streamgpu.config import ListenerSpec
 from streamgpu.frame import Frame, Outcome
 from streamgpu.ingest.admission import Admission, Producer, Refused, Reservation
-from streamgpu.ingest.base import SocketListener, connection_ids, peer_name
+from streamgpu.ingest.base import SocketListener, connection_ids, peer_name, write_eof_or_abort
 from streamgpu.ingest.hub import Origin
 from streamgpu.memory import Slot
 from streamgpu.metrics import NO_MODEL
@@ -57,7 +57,7 @@ from streamgpu.protocol.ordering import ReplyOrder, Ticket
 from streamgpu.protocol.wire import FrameHeader, ProtocolError, ReplyFlags, ReplyHeader, Status, Timings
 
 log = logging.getLogger(__name__)
-_REPLY_FIELDS = operator.attrgetter("header.stream_id", "header.sequence", "header.timestamp_ns")  # per OK reply
+_ECHOED = operator.attrgetter("header.stream_id", "header.sequence", "header.timestamp_ns")  # what a reply echoes
 
 HELLO_BYTES = 8 + wire.MAX_TOKEN  # the largest HELLO: all a connection gets before its handshake
 SCRATCH_BYTES = 64 * 1024
@@ -436,7 +436,7 @@ class TcpConnection(asyncio.BufferedProtocol):
             if watching and hub.watched(frame.header.stream_id):
                 hub.publish(frame.header, Outcome(Status.OK, result=rows[i], timings=Timings(*timings[i].tolist())),
                             self.origin)  # fmt: skip
-        replies = wire.encode_ok_replies(np.array(list(map(_REPLY_FIELDS, frames)), np.uint64), rows, timings)
+        replies = wire.encode_ok_replies(np.array(list(map(_ECHOED, frames)), np.uint64), rows, timings)
         size = len(replies) // len(frames)
         complete, ready = self._order.complete, []
         for i, frame in enumerate(frames):
@@ -564,11 +564,8 @@ class TcpConnection(asyncio.BufferedProtocol):
             return
         self._state = _State.DRAIN
         self._discard_left = LINGER_BYTES
-        try:
-            transport.write_eof()  # after the queued replies: the producer reads them, then end of stream
-        except OSError:  # the producer reset it already (asyncio shuts the socket at once: ENOTCONN)
+        if not write_eof_or_abort(transport):  # (after the queued replies; aborted if the producer reset it)
             self._state = _State.CLOSED
-            transport.abort()
             return
         self._linger = asyncio.get_running_loop().call_later(LINGER_S, transport.abort)
         if self._reading_paused:

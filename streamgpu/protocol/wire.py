@@ -162,8 +162,8 @@ WELCOME_V2_SIZE = WELCOME_V1_SIZE + LIMITS_SIZE  # 50: the fixed part of a v2 WE
 
 _U8 = 0xFF
 _U32 = 0xFFFFFFFF
-_new_tuple = tuple.__new__
 _U64 = 0xFFFFFFFFFFFFFFFF
+_new_tuple = tuple.__new__  # (a NamedTuple built without its Python __new__)
 
 
 @dataclass(frozen=True)
