@@ -239,7 +239,9 @@ class _Channel(asyncio.Protocol):
             if n is None or pos + n > end:
                 break
             kind = buf[pos]
-            if kind == channel.REPLY and (run := channel.ok_replies(buf, pos, end)) is not None:
+            # A run of REPLY records (a batch's) is decoded at once; a lone one, frame by frame (cheaper for one)
+            alone = pos + 2 * n > end or buf[pos + n] != channel.REPLY
+            if kind == channel.REPLY and not alone and (run := channel.ok_replies(buf, pos, end)) is not None:
                 self._finish_run(*run[:3])
                 n = run[3]
             elif kind == channel.REPLY:
