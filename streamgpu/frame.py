@@ -66,8 +66,9 @@ class BatchSink(Protocol):
         """Nothing reads the payloads of ``frames`` (whose ``slot`` is still set) any more: give them back."""
 
     def finished_ok(self, frames: list[Frame], rows: np.ndarray, timings: np.ndarray) -> None:
-        """``frames`` (marked finished, slots possibly still set) ended OK: ``rows[i]`` is ``frames[i]``'s result
-        (a view: copy what is kept), ``timings[i]`` its ``Timings`` as six int64 (the fields in order)."""
+        """``frames`` (marked finished, slots possibly still set) ended OK: ``rows[i]`` is ``frames[i]``'s result,
+        ``timings[i]`` its ``Timings`` as six int64 (the fields in order). Both arrays are the batch's own (its
+        backend never writes them again): a sink may keep them, unchanged, until it has written them."""
 
 
 @dataclass(eq=False, slots=True)

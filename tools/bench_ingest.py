@@ -196,10 +196,10 @@ async def micro_worker_process(shape: tuple[int, ...], total: int, batch: int) -
     data = b"".join(wire.encode_frame_header(FrameHeader(0, seq, "default", 1, shape, len(payload))) + payload
                     for seq in range(batch))  # fmt: skip
     rounds = total // batch
-    # The scheduling process's REPLY records (its work, not the worker's): made before the clock starts.
+    # The scheduling process's REPLIES records (its work, not the worker's): made before the clock starts.
     rows, timings = np.zeros((batch, 1000), np.float32), np.ones((batch, 6), np.int64)
     replies = [
-        bytes(channel.encode_replies(range(1 + r * batch, 1 + (r + 1) * batch), rows, timings)) for r in range(rounds)
+        b"".join(channel.encode_ok(range(1 + r * batch, 1 + (r + 1) * batch), rows, timings)) for r in range(rounds)
     ]  # (bytes, as the worker reads them from its socket)
     start = time.thread_time()
     for r in range(rounds):

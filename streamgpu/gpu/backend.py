@@ -34,7 +34,9 @@ class BatchRun:
 
     ``copied`` resolves once the frames' slots have been read (they may be
     released then); ``done`` resolves with the host results, one row per frame
-    (one array, or a tuple or dict of arrays for a model with several outputs).
+    (one array, or a tuple or dict of arrays for a model with several outputs),
+    the batch's own: the backend never writes them again (sinks may write them
+    out later without a copy).
     ``service_s`` is set before ``done`` resolves: how long the device spent on
     the batch (pre-processing + model + results back), measured on the device.
     """

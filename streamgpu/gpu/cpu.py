@@ -56,7 +56,8 @@ class CpuModel(DeviceModel):
             return self.head.record(x) if record else self.head(x)
 
     def run(self, batch: np.ndarray) -> BatchOutputs:
-        return self.layout.assemble([t.to(host_dtype(t.dtype)).numpy() for t in self.tensors(batch)])
+        # Copied: the results are the batch's own (BatchRun), also from a module that returns a buffer it keeps
+        return self.layout.assemble([t.to(host_dtype(t.dtype), copy=True).numpy() for t in self.tensors(batch)])
 
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -682,7 +682,8 @@ class CudaBackend(Backend):
             elif not result.done():
                 try:  # a raise here would reach the loop's handler and leave the batch unanswered
                     run.service_s = started.elapsed_time(done) / 1e3  # both complete: no wait
-                    # Small (n x outputs): copied so that the buffers go back now.
+                    # Small (n x outputs): copied so that the buffers go back now (and the results are the
+                    # batch's own, as BatchRun says).
                     rows = model.layout.assemble([host[:n].numpy().copy() for host in buffers.host])
                     if self.trace is not None:
                         self._trace(model, n, started, done)

@@ -81,6 +81,15 @@ of shape, ``message_len`` bytes of message and ``payload_len`` bytes of body::
   a ``topk`` postprocess) sends them all: ``dtype`` is ``OUTPUTS_BLOCK``,
   ``ndim`` 0, and the body a wire outputs block (``wire.encode_outputs``;
   unnamed outputs were a tuple). A REPLY also releases the frame's slot.
+* ``REPLIES``: the OK results of several frames of one batch (one result
+  layout, no message), in one record: ``fid`` is their count, ``dtype`` and
+  the shape the layout of one frame's result, as a REPLY's; the body is their
+  fids (u32 each), then their timings (six i64 each: the five of the head and
+  the batch size), then their results (C order, one after the other). The
+  results are written from the batch's own array, never copied into records:
+  a batch's are as large as its frames (a megabyte for 256 rows of 1,000
+  logits). Each REPLIES frame is released as by its REPLY. A batch of one
+  frame is sent as a REPLY (the cheaper to decode).
 * ``STOP``: shutdown step 1 (take no new frames). ``CLOSE``: step 2, close the
   connections, flushing replies for up to ``fid`` milliseconds, then exit.
 * ``MODELS``: the models served now, which the worker admits from here on
@@ -122,7 +131,7 @@ MAX_TEXT = 4 * TEXT_BYTES + wire.MAX_MESSAGE  # an ANSWERED record's text is cut
 OPEN_TCP, OPEN_UDP = 0, 1  # an OPEN record's flags
 NO_MODEL_INDEX = 0xFFFF  # a REPLIED record's index for a reply that names no served model
 # downward kinds
-RELEASE, REPLY, STOP, CLOSE, MODELS = 1, 2, 3, 4, 5
+RELEASE, REPLY, STOP, CLOSE, MODELS, REPLIES = 1, 2, 3, 4, 5, 6
 NO_RESULT = 0  # a REPLY's dtype when there is no result
 OUTPUTS_BLOCK = 0xFF  # a REPLY's dtype when its body is an outputs block (a model with several outputs)
 _SHAPES = [struct.Struct(f"<{n}I") for n in range(wire.MAX_NDIM + 1)]
@@ -254,77 +263,41 @@ def encode_reply(fid: int, outcome: Outcome) -> bytes:
     return b"".join((head, _SHAPES[ndim].pack(*result.shape), msg, data))
 
 
-# DOWN as a numpy record, for encoding a batch's REPLY records at once (same bytes as ``DOWN.pack``).
-_HEAD = [("kind", "u1"), ("status", "u1"), ("dtype", "u1"), ("ndim", "u1"), ("fid", "<u4"), ("payload_len", "<u8"),
-         ("timings", "<i8", (5,)), ("batch_size", "<u4"), ("message_len", "<u2"), ("pad", "<u2")]  # fmt: skip
-_REPLY_TYPES: dict[tuple[np.dtype, tuple[int, ...]], tuple[np.dtype, np.ndarray]] = {}
+def encode_ok(fids: Sequence[int], rows: np.ndarray, timings: np.ndarray) -> list[bytes | memoryview]:
+    """The records of a batch's OK results: one REPLIES record (a REPLY for a lone frame), as parts to
+    write one after the other. ``rows[i]`` is frame ``fids[i]``'s result; ``timings[i]`` its ``Timings``
+    as six int64 (receive, queue, transfer, compute, total, batch size). ``rows`` is written as it is,
+    not copied: it must not change until written (a batch's results are its own: see
+    ``frame.BatchSink``)."""
+    n = len(fids)
+    if n == 1:
+        return [encode_reply(fids[0], Outcome(wire.Status.OK, result=rows[0], timings=Timings(*timings[0].tolist())))]
+    shape = rows.shape[1:]
+    if len(shape) > wire.MAX_NDIM:
+        raise ValueError(f"a result has at most {wire.MAX_NDIM} dimensions, got shape {shape}")
+    code = wire.DTYPE_CODES.get(rows.dtype) or wire.dtype_code(rows.dtype)
+    data = np.ascontiguousarray(rows).reshape(-1).view(np.uint8).data
+    ids = np.asarray(fids, "<u4").data
+    times = np.ascontiguousarray(timings, "<i8").data
+    head = DOWN.pack(REPLIES, wire.Status.OK, code, len(shape), n, ids.nbytes + times.nbytes + data.nbytes,
+                     0, 0, 0, 0, 0, 0, 0, 0)  # fmt: skip
+    return [head + _SHAPES[len(shape)].pack(*shape), ids, times, data]
 
 
-def _reply_type(dtype: np.dtype, shape: tuple[int, ...]) -> tuple[np.dtype, np.ndarray]:
-    """The record dtype of a REPLY carrying one row of ``dtype`` and ``shape``, and its bytes before the row."""
-    key = (dtype, shape)
-    known = _REPLY_TYPES.get(key)
-    if known is not None:
-        return known
-    rtype, prefix = wire.row_record(_HEAD, dtype, shape, kind=REPLY)
-    assert len(prefix) == DOWN.size + 4 * len(shape)  # (the layout DOWN.pack and decode_reply read)
-    _REPLY_TYPES[key] = (rtype, prefix)
-    return rtype, prefix
-
-
-def encode_replies(fids: Sequence[int], rows: np.ndarray, timings: np.ndarray) -> memoryview:
-    """The OK REPLY records of several frames at once (the bytes ``encode_reply`` gives each, joined).
-
-    ``rows[i]`` is frame ``fids[i]``'s result; ``timings[i]`` its ``Timings`` as six int64 (receive,
-    queue, transfer, compute, total, batch size). A view of the one array they are built in: a batch's
-    replies are as large as its results (a megabyte for 256 rows of 1,000 logits), and a copy into
-    ``bytes`` cost the loop more than building them.
-    """
-    rtype, prefix = _reply_type(rows.dtype, rows.shape[1:])
-    out = np.empty(len(fids), rtype)
-    out.view(np.uint8).reshape(len(fids), rtype.itemsize)[:, : len(prefix)] = prefix
-    out["fid"] = fids
-    out["timings"] = timings[:, :5]
-    out["batch_size"] = timings[:, 5]
-    out["data"] = rows
-    return out.view(np.uint8).data
-
-
-def ok_replies(buf: bytes, pos: int, end: int) -> tuple[list[int], np.ndarray, np.ndarray, int] | None:
-    """The OK REPLY records without a message that start at ``buf[pos]`` (a whole record) and share its
-    layout (result dtype and shape), as many as follow one another before ``end``: a batch's, as
-    ``encode_replies`` makes them, decoded at once: (fids, rows, timings as six int64 each, bytes they
-    take). None if the record at ``pos`` is not such a REPLY, or not whole. ``rows`` is a view of ``buf``."""
-    kind, status, dtype, ndim, _f, _n, *_t, batch_size, message_len, _p = DOWN.unpack_from(buf, pos)
-    if kind != REPLY or status != wire.Status.OK or message_len or dtype not in wire.DTYPES:
-        return None
-    rtype, prefix = _reply_type(wire.DTYPES[dtype], _SHAPES[ndim].unpack_from(buf, pos + DOWN.size))
-    size = rtype.itemsize
-    if end - pos < size:
-        return None
-    whole = (end - pos) // size
-    raw = np.frombuffer(buf, np.uint8, whole * size, pos).reshape(whole, size)
-    # A record belongs to the run while every byte but its fid, timings and batch size is the template's;
-    # each is then exactly ``size`` bytes long, so the next starts where it ends. Checked in windows that
-    # double, the first its batch's size: the work is the run's, not that of every record after it in the
-    # read (quadratic, in runs of one)
-    fixed = _FIXED_COLUMNS[: 4 + 8 + 4 + 4 * ndim]
-    template = prefix[fixed]
-    count, window = 0, max(batch_size, 16)
-    while count < whole:
-        same = (raw[count : count + window, fixed] == template).all(axis=1)
-        if not same.all():
-            count += int(same.argmin())
-            break
-        count += len(same)
-        window *= 2
-    if not count:  # (a first record unlike its own layout's: decode_reply takes it by its own length)
-        return None
-    records = raw[:count].view(rtype).reshape(count)
-    timings = np.empty((count, 6), np.int64)
-    timings[:, :5] = records["timings"]
-    timings[:, 5] = records["batch_size"]
-    return records["fid"].tolist(), records["data"], timings, count * size
+def decode_ok(buf: bytes, pos: int) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """(fids, rows, timings as six int64 each) of the whole REPLIES record at ``buf[pos]``; ``rows`` is a
+    view of ``buf``."""
+    _k, _s, dtype, ndim, n, *_ = DOWN.unpack_from(buf, pos)
+    at = pos + DOWN.size
+    shape = _SHAPES[ndim].unpack_from(buf, at)
+    at += 4 * ndim
+    fids = np.frombuffer(buf, "<u4", n, at).tolist()
+    at += 4 * n
+    timings = np.frombuffer(buf, "<i8", 6 * n, at).reshape(n, 6)
+    at += 48 * n
+    row_type = wire.DTYPES[dtype]
+    rows = np.frombuffer(buf, row_type, n * int(np.prod(shape)), at).reshape(n, *shape)
+    return fids, rows, timings
 
 
 def record_length(buf: bytes, pos: int) -> int | None:
@@ -354,8 +327,5 @@ def decode_reply(buf: bytes, pos: int) -> tuple[int, Outcome]:
 
 
 _STATUS = {int(s): s for s in wire.Status}
-# The bytes of a REPLY record that are the same for every OK record of one result layout: kind, status,
-# dtype, ndim, payload_len, message_len and pad, then the shape (4 bytes per dimension)
-_FIXED_COLUMNS = np.r_[0:4, 8:16, 60 : 64 + 4 * wire.MAX_NDIM]
 _TEXT = bytes([TEXT])
 _KNOWN_FLAGS = int(wire.FrameFlags.LIVE | wire.FrameFlags.SUBSCRIBERS)

@@ -239,11 +239,8 @@ class _Channel(asyncio.Protocol):
             if n is None or pos + n > end:
                 break
             kind = buf[pos]
-            # A run of REPLY records (a batch's) is decoded at once; a lone one, frame by frame (cheaper for one)
-            alone = pos + 2 * n > end or buf[pos + n] != channel.REPLY
-            if kind == channel.REPLY and not alone and (run := channel.ok_replies(buf, pos, end)) is not None:
-                self._finish_run(*run[:3])
-                n = run[3]
+            if kind == channel.REPLIES:
+                self._finish_batch(*channel.decode_ok(buf, pos))
             elif kind == channel.REPLY:
                 fid, outcome = channel.decode_reply(buf, pos)
                 frame = frames.pop(fid, None)
@@ -265,8 +262,8 @@ class _Channel(asyncio.Protocol):
             pos += n
         self._rest = buf[pos:]
 
-    def _finish_run(self, fids: list[int], rows: np.ndarray, timings: np.ndarray) -> None:
-        """A batch's OK results (``channel.ok_replies``): its frames here finished at once (each front end's
+    def _finish_batch(self, fids: list[int], rows: np.ndarray, timings: np.ndarray) -> None:
+        """A batch's OK results (a REPLIES record): its frames here finished at once (each front end's
         ``BatchSink`` encodes their replies together). These outcomes were published up there already."""
         frames = [self._frames.pop(fid, None) for fid in fids]
         batched = [i for i, frame in enumerate(frames) if frame is not None and frame.batch_sink is not None]

@@ -286,10 +286,11 @@ class _Worker(asyncio.Protocol):
         self._settle()
         self._listener.worker_gone(self)
 
-    def send(self, record: bytes | memoryview) -> None:
+    def send(self, *records: bytes | memoryview) -> None:
+        """Queue records (or the parts of one) for this loop iteration's write."""
         if not self._out and not self._releases:
             self._loop.call_soon(self._flush)
-        self._out.append(record)
+        self._out.extend(records)
 
     def _flush(self) -> None:
         if self._transport is None and self.alive:  # not connected yet: connection_made flushes them
@@ -402,7 +403,7 @@ class _Worker(asyncio.Protocol):
             self.send(channel.encode_reply(cast(WorkerFrame, frame).fid, outcome))
 
     def finished_ok(self, frames: list[Frame], rows: np.ndarray, timings: np.ndarray) -> None:
-        """A batch's OK frames of this worker: their REPLY records encoded at once (they release the slots too)."""
+        """A batch's OK frames of this worker: one REPLIES record (it releases the slots too)."""
         n = len(frames)
         self.in_server -= n
         fids = []
@@ -422,7 +423,7 @@ class _Worker(asyncio.Protocol):
             if not self.held:
                 self._listener.worker_gone(self)
             return
-        self.send(channel.encode_replies(fids, rows, timings))
+        self.send(*channel.encode_ok(fids, rows, timings))
 
     def slots_released(self, frames: list[Frame]) -> None:
         """The payloads of ``frames`` were copied: one RELEASE record (this loop iteration's) names them."""
