@@ -147,9 +147,9 @@ class ModelSpec:
     def frame_dtype_code(self) -> int:
         return wire.dtype_code(self.input_dtype)  # (cached: admission compares it for every frame)
 
-    @property
+    @functools.cached_property
     def frame_nbytes(self) -> int:
-        return int(np.prod(self.input_shape)) * self.frame_dtype.itemsize
+        return int(np.prod(self.input_shape)) * self.frame_dtype.itemsize  # (cached: every batch's launch reads it)
 
     def buckets(self) -> tuple[int, ...]:
         """Batch-size buckets up to max_batch_size, always ending with max_batch_size."""
