@@ -21,14 +21,21 @@ Figures (each a ratio or a comparison inside this one run):
 * p99 latency of frames sent while a swap was in progress vs steady state (target within 20 %);
 * device memory allocated after unload vs before load (target within 1 %).
 
+``--attribute-stalls`` (a diagnosis; it slows the loads): during the swaps, the loader thread's calls
+(Python or C) that run over 1 ms, against the loop's lag events over 1.5 ms (``StallRecorder``).
+
     python tools/bench_swap.py                          # H100: ResNet-50 fp16, 100 swaps
     python tools/bench_swap.py --device cpu --model builtin:small --swaps 3 --steady-s 2 --shape 64,64,3
+    python tools/bench_swap.py --swaps 10 --steady-s 4 --attribute-stalls   # what the loop lags during
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
+import collections
+import contextlib
 import functools
 import json
 import multiprocessing
@@ -37,9 +44,12 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Literal
+from unittest import mock
 
 import numpy as np
 
@@ -118,12 +128,13 @@ def steady_gaps(trace: list[BatchTrace]) -> list[float]:
 
 
 class LoopWatch:
-    """Ticks on the loop every ``period_s``: how late each tick ran (the loop's lag) and when the version of
-    ``name`` that new batches launch on changed (a swap's switch), both on ``time.monotonic``."""
+    """Ticks on the loop every ``period_s``: how late each tick ran (the loop's lag), its thread's CPU time over
+    the tick (the rest of the tick it waited: for I/O, the GIL or a core), and when the version of ``name`` that
+    new batches launch on changed (a swap's switch), on ``time.monotonic``."""
 
     def __init__(self, server: Any, name: str, period_s: float = 0.001) -> None:
         self._server, self._name, self._period = server, name, period_s
-        self.lags: list[tuple[float, float]] = []  # (tick, seconds late)
+        self.lags: list[tuple[float, float, float]] = []  # (tick, seconds late, CPU seconds)
         self.switches: list[float] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -137,17 +148,168 @@ class LoopWatch:
     async def _run(self) -> None:
         serving = self._server.serving(self._name)
         while True:
-            before = time.monotonic()
+            before, cpu = time.monotonic(), time.thread_time()
             await asyncio.sleep(self._period)
             now = time.monotonic()
-            self.lags.append((now, now - before - self._period))
+            self.lags.append((now, now - before - self._period, time.thread_time() - cpu))
             current = self._server.serving(self._name)
             if current is not serving:
                 serving = current
                 self.switches.append(now)
 
     def lag_p99_ms(self, windows: list[tuple[float, float]]) -> float:
-        return percentile([lag for t, lag in self.lags if any(a <= t <= b for a, b in windows)], 99) * 1e3
+        return percentile([lag for t, lag, _ in self.lags if any(a <= t <= b for a, b in windows)], 99) * 1e3
+
+    def stalls(self, windows: list[tuple[float, float]], over_s: float) -> list[tuple[float, float, float]]:
+        """The lag events over ``over_s`` of ticks in ``windows``: (when the tick was due, when it ran, CPU s)."""
+        return [(t - lag, t, cpu) for t, lag, cpu in self.lags if lag > over_s and any(a <= t <= b for a, b in windows)]
+
+
+LONG_CALL_S = 0.001  # a loader call running longer is recorded (--attribute-stalls)
+STALL_S = 0.0015  # a loop lag event longer is attributed
+PAUSED_S = 0.0001  # this long in the pacing hook: it slept, or the GIL was taken (the loader ran nothing)
+ProfileEvent = Literal["call", "return", "c_call", "c_return", "c_exception"]  # a sys.setprofile hook's
+
+
+class StallRecorder:
+    """``--attribute-stalls``: in the loader thread, every call (Python or C) running over LONG_CALL_S, its
+    pauses for the loop (``manager._yielding``) left out, with its name and its Python caller's file:line.
+
+    A call's running time still holds the loader's waits for the GIL outside the hook (while the loop ran):
+    the loop's CPU time over its lag events (``LoopWatch``) tells lag the loop waited through from its own work.
+    Times on ``time.perf_counter``; ``offset`` takes them to the loop ticker's ``time.monotonic``.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, float, float, str, str]] = []  # (start, end, running s, name, caller)
+        self.pauses: list[tuple[float, float]] = []  # (start, end) of the pacing hook's sleeps (see PAUSED_S)
+        self.offset = time.monotonic() - time.perf_counter()
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """Record the loads' paced part (``_yielding``, chained onto its hook) and the frees of old versions."""
+        from streamgpu.models import manager
+
+        yielding, free = manager._yielding, manager.ModelManager._free
+
+        @contextlib.contextmanager
+        def paced(run_s: float, pause_s: float) -> Iterator[None]:
+            with yielding(run_s, pause_s), self.recording():
+                yield
+
+        def freeing(mgr: manager.ModelManager, models: list[Any]) -> None:
+            with self.recording():
+                free(mgr, models)
+
+        with mock.patch.object(manager, "_yielding", paced), mock.patch.object(manager.ModelManager, "_free", freeing):
+            yield
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        """In the calling thread, chained onto its profile hook if it has one (the loader's pacing)."""
+        inner = sys.getprofile()
+        clock, calls, pauses = time.perf_counter, self.calls, self.pauses
+        stack: list[tuple[float, float]] = []  # (start, paused s so far) of each call entered
+        push, pop = stack.append, stack.pop
+        paused = 0.0
+
+        def hook(frame: FrameType, event: ProfileEvent, arg: Any) -> None:
+            nonlocal paused  # (every event of the thread runs this: compare times, record only the long)
+            t0 = t1 = clock()
+            if inner is not None:
+                inner(frame, event, arg)
+                t1 = clock()
+                if t1 - t0 > PAUSED_S:
+                    pauses.append((t0, t1))
+                    paused += t1 - t0
+            if event == "call" or event == "c_call":
+                push((t1, paused))
+            elif stack:  # (empty: the return of a frame entered before the hook was set)
+                start, paused_then = pop()
+                running = t0 - start - (paused - paused_then)
+                if running > LONG_CALL_S:
+                    calls.append((start, t0, running, *describe(frame, event, arg)))
+
+        sys.setprofile(hook)  # this thread only
+        try:
+            yield
+        finally:
+            sys.setprofile(inner)
+
+
+def describe(frame: FrameType, event: ProfileEvent, arg: Any) -> tuple[str, str]:
+    """A returning call's (qualified name, its Python caller's file:line); C functions end in ``[C]``."""
+    if event == "return":
+        caller = frame.f_back
+        name = f"{frame.f_globals.get('__name__')}.{frame.f_code.co_qualname}"
+    else:  # c_return, c_exception: ``arg`` is the C function, ``frame`` the Python code calling it
+        caller = frame
+        module = arg.__module__ if isinstance(getattr(arg, "__module__", None), str) else None
+        module = module or type(getattr(arg, "__self__", None)).__module__  # a method: its object's type's
+        name = f"{module}.{getattr(arg, '__qualname__', repr(arg))} [C]"
+    if caller is None:
+        return name, "?"
+    path = caller.f_code.co_filename
+    short = path.rpartition("site-packages/")[2] if "site-packages/" in path else os.path.relpath(path, ROOT)
+    return name, f"{short}:{caller.f_lineno}"
+
+
+def overlap(intervals: list[tuple[float, float]], a: float, b: float) -> float:
+    """Seconds of (sorted, disjoint) ``intervals`` inside ``[a, b]``."""
+    i = bisect.bisect_right(intervals, a, key=lambda iv: iv[1])
+    j = bisect.bisect_left(intervals, b, key=lambda iv: iv[0])
+    return sum(min(b, end) - max(a, start) for start, end in intervals[i:j])
+
+
+def attribute(recorder: StallRecorder, stalls: list[tuple[float, float, float]]) -> dict[str, Any]:
+    """The loader's long calls against the loop's lag events ``stalls`` (``LoopWatch.stalls``).
+
+    Lag while the loader pauses (sleeping, the GIL left to the loop) is put on no call; a call's lag is what
+    of the rest overlaps it. ``rows``: per call name, by lag overlapped; lag ms: overlapped by a long call,
+    by a pause, by neither (the loader's short calls, or the loop's own work); ``loop_ran_ms``: at most that much
+    of the lag the loop's thread ran (its CPU time over each tick, up to the lag), the rest it waited. A recursive
+    call's time and lag count once, in its outermost call."""
+    shift = recorder.offset
+    pauses = [(a + shift, b + shift) for a, b in recorder.pauses]
+    blamed: list[tuple[float, float]] = []  # ``stalls`` less the pauses
+    for a, b, _ in stalls:
+        for start, end in pauses[bisect.bisect_right(pauses, a, key=lambda p: p[1]) :]:
+            if start >= b:
+                break
+            if start > a:
+                blamed.append((a, start))
+            a = max(a, end)
+        if a < b:
+            blamed.append((a, b))
+    rows: dict[str, dict[str, Any]] = {}
+    outer_end: dict[str, float] = {}  # per name, the end of its latest call not inside another of that name
+    union: list[tuple[float, float]] = []  # of the calls' spans
+    for start, end, running, name, caller in sorted(recorder.calls):
+        start, end = start + shift, end + shift
+        row = rows.setdefault(name, {"name": name, "count": 0, "total_ms": 0.0, "max_ms": 0.0, "lag_ms": 0.0,
+                                     "callers": collections.Counter()})  # fmt: skip
+        row["count"] += 1
+        row["max_ms"] = max(row["max_ms"], running * 1e3)
+        row["callers"][caller] += 1
+        if start > outer_end.get(name, -float("inf")):  # a recursive call's time is its outer call's already
+            outer_end[name] = end
+            row["total_ms"] += running * 1e3
+            row["lag_ms"] += overlap(blamed, start, end) * 1e3
+        if union and start <= union[-1][1]:
+            union[-1] = (union[-1][0], max(union[-1][1], end))
+        else:
+            union.append((start, end))
+    for row in rows.values():
+        row["callers"] = row["callers"].most_common(3)
+    lag = sum(b - a for a, b, _ in stalls)
+    in_calls = sum(overlap(blamed, a, b) for a, b in union)
+    return {
+        "events": len(stalls), "lag_ms": lag * 1e3, "loop_ran_ms": sum(min(b - a, cpu) for a, b, cpu in stalls) * 1e3,
+        "in_long_calls_ms": in_calls * 1e3,
+        "in_pauses_ms": (lag - sum(b - a for a, b in blamed)) * 1e3,
+        "in_neither_ms": (sum(b - a for a, b in blamed) - in_calls) * 1e3,
+        "rows": sorted(rows.values(), key=lambda r: -r["lag_ms"])[:15],
+    }  # fmt: skip
 
 
 def batch_ms(trace: list[BatchTrace], size: int) -> float:
@@ -210,15 +372,17 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     windows: list[tuple[float, float]] = []
     swaps: list[dict[str, Any]] = []
     swaps_trace_from = len(trace)
-    for i in range(args.swaps):
-        old = server.serving("m")
-        start = time.monotonic()
-        await server.swap_model("m", replace(base, source=versions[(i + 1) % len(versions)]))
-        end = time.monotonic()
-        new = server.serving("m")
-        windows.append((start, end))
-        swaps.append({"old": old, "new": new, "seconds": end - start})
-        await asyncio.sleep(args.between_s)  # the new version's first batches are traced
+    recorder = StallRecorder() if args.attribute_stalls else None
+    with recorder.installed() if recorder is not None else contextlib.nullcontext():
+        for i in range(args.swaps):
+            old = server.serving("m")
+            start = time.monotonic()
+            await server.swap_model("m", replace(base, source=versions[(i + 1) % len(versions)]))
+            end = time.monotonic()
+            new = server.serving("m")
+            windows.append((start, end))
+            swaps.append({"old": old, "new": new, "seconds": end - start})
+            await asyncio.sleep(args.between_s)  # the new version's first batches are traced
     memory_end = device_memory(device)
     watch.stop()
     stop.set()
@@ -273,6 +437,12 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     result["p99_ratio"] = result["p99_during_swaps_ms"] / result["p99_steady_ms"]
     if memory_before:
         result["memory_ratio"] = (memory_after or 0) / memory_before
+    if recorder is not None:
+        result["stalls"] = {"long_call_ms": LONG_CALL_S * 1e3, "lag_over_ms": STALL_S * 1e3,
+                            "swaps": attribute(recorder, watch.stalls(windows, STALL_S))}  # fmt: skip
+        for phase, spans in (("loading", loading), ("switch_to_freed", switching)):
+            result["stalls"][phase] = {k: v for k, v in attribute(recorder, watch.stalls(spans, STALL_S)).items()
+                                       if k != "rows"}  # fmt: skip
     return result
 
 
@@ -305,6 +475,28 @@ def table(r: dict[str, Any]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+def stall_table(s: dict[str, Any]) -> str:
+    """``--attribute-stalls``'s figures: the loader's calls by loop lag overlapped, then where the lag fell."""
+    swaps = s["swaps"]
+    lines = [f"loop lag events over {s['lag_over_ms']} ms during swaps: {swaps['events']}, {swaps['lag_ms']:.1f} ms; "
+             f"loader calls over {s['long_call_ms']} ms (ms running, pauses left out) by lag overlapped:",
+             f"{'lag ms':>8} {'calls':>6} {'total ms':>9} {'max ms':>7}  name  (top caller)"]  # fmt: skip
+    for r in swaps["rows"]:
+        caller = f"{r['callers'][0][0]} x{r['callers'][0][1]}" if r["callers"] else "?"
+        lines.append(
+            f"{r['lag_ms']:8.1f} {r['count']:6d} {r['total_ms']:9.1f} {r['max_ms']:7.2f}  {r['name']}  ({caller})"
+        )
+    for phase in ("loading", "switch_to_freed"):
+        p = s[phase]
+        share = (p["lag_ms"] - p["in_long_calls_ms"]) / p["lag_ms"] if p["lag_ms"] else float("nan")
+        ran = p["loop_ran_ms"] / p["lag_ms"] if p["lag_ms"] else float("nan")
+        lines.append(f"lag while {phase.replace('_', ' ')}: {p['lag_ms']:.1f} ms in {p['events']} events; "
+                     f"{share:.0%} overlaps no long loader call ({p['in_pauses_ms']:.1f} ms in the loader's pauses, "
+                     f"{p['in_neither_ms']:.1f} ms neither); the loop ran at most {ran:.0%} of it "
+                     "(its CPU time)")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu", "auto"))
@@ -323,7 +515,12 @@ def main() -> int:
     parser.add_argument("--ingest-workers", type=int, default=0, help="the server's ingest_workers (0: one process)")
     parser.add_argument("--loop", default="auto")
     parser.add_argument("--json", default="bench_swap.json", help="where to write the figures")
+    parser.add_argument("--attribute-stalls", action="store_true",
+                        help="record the loader's calls over 1 ms and the loop's lag over 1.5 ms during the swaps, "
+                             "and which calls the lag overlaps (slows the loads)")  # fmt: skip
     args = parser.parse_args()
+    if args.attribute_stalls and args.compile != "off":
+        parser.error("--attribute-stalls records the paced loads of --compile off (a compiling load is not paced)")
     from streamgpu.loops import new_event_loop
 
     loop = new_event_loop(args.loop)
@@ -332,6 +529,8 @@ def main() -> int:
     finally:
         loop.close()
     print(table(result))
+    if "stalls" in result:
+        print(stall_table(result["stalls"]))
     with open(args.json, "w") as f:
         json.dump(result, f, indent=1)
     return 0

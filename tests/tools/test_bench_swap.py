@@ -1,0 +1,88 @@
+"""tools/bench_swap.py's ``--attribute-stalls``: the loader's long calls are recorded with their pauses left out,
+attributed the loop lag they overlap, and a short CPU run records the loads it swaps in."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+from bench_swap import StallRecorder, attribute, bench
+
+
+def busy(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def step() -> None:
+    busy(0.005)
+
+
+def test_long_calls_are_recorded_with_the_pacing_pauses_left_out() -> None:
+    recorder = StallRecorder()
+
+    def pacing(frame: FrameType, event: str, arg: Any) -> None:  # a stand-in for manager._yielding's hook
+        if event == "call" and frame.f_code.co_name == "busy":
+            time.sleep(0.05)
+
+    def loader() -> None:
+        sys.setprofile(pacing)
+        with recorder.recording():
+            time.sleep(0.003)
+            step()
+        assert sys.getprofile() is pacing  # the chained hook is back
+        sys.setprofile(None)
+
+    thread = threading.Thread(target=loader)
+    thread.start()
+    thread.join()
+    calls = {name: (running, caller) for _, _, running, name, caller in recorder.calls}
+    assert {"time.sleep [C]", "test_bench_swap.step", "test_bench_swap.busy"} <= set(calls)
+    assert len(recorder.calls) < 10  # not busy's thousand short calls (only one that waited for the GIL, if any)
+    assert calls["time.sleep [C]"][1].endswith(f"test_bench_swap.py:{loader.__code__.co_firstlineno + 3}")
+    assert calls["test_bench_swap.step"][0] < 0.05  # the 50 ms pause inside it is left out
+    assert sum(b - a >= 0.05 for a, b in recorder.pauses) == 1  # (and any wait for the GIL over PAUSED_S)
+
+
+def test_loop_lag_is_put_on_the_calls_it_overlaps_less_the_pauses() -> None:
+    recorder = StallRecorder()
+    recorder.offset = 0.0
+    recorder.calls = [
+        (10.0, 20.0, 8.0, "outer", "a.py:1"),
+        (11.0, 19.0, 6.0, "outer", "b.py:2"),  # recursive: counted in the outer call's time and lag
+        (12.0, 14.0, 2.0, "c_call", "b.py:3"),
+    ]
+    recorder.pauses = [(15.0, 17.0)]
+    report = attribute(recorder, [(9.0, 13.0, 0.0), (14.0, 18.0, 2.0), (30.0, 31.0, 1.5)])
+    rows = {r["name"]: r for r in report["rows"]}
+    assert [r["name"] for r in report["rows"]] == ["outer", "c_call"]
+    assert rows["outer"]["count"] == 2 and rows["outer"]["total_ms"] == 8e3 and rows["outer"]["max_ms"] == 8e3
+    assert rows["outer"]["lag_ms"] == pytest.approx(5e3)  # 10-13, 14-15 and 17-18 (15-17 paused)
+    assert rows["c_call"]["lag_ms"] == pytest.approx(1e3)
+    assert rows["outer"]["callers"] == [("a.py:1", 1), ("b.py:2", 1)]
+    assert report["events"] == 3 and report["lag_ms"] == pytest.approx(9e3) and report["loop_ran_ms"] == 3e3
+    assert report["in_long_calls_ms"] == pytest.approx(5e3)
+    assert report["in_pauses_ms"] == pytest.approx(2e3) and report["in_neither_ms"] == pytest.approx(2e3)
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_short_cpu_run_attributes_the_swaps_lag() -> None:
+    args = argparse.Namespace(
+        device="cpu", model="builtin:small", precision="fp16", shape="32,32,3", max_batch=8, compile="off", swaps=2,
+        connections=1, window=4, warmup_s=0.1, steady_s=0.3, between_s=0.05, ingest_workers=0, attribute_stalls=True,
+    )  # fmt: skip
+    stalls = (await bench(args))["stalls"]
+    names = {r["name"] for r in stalls["swaps"]["rows"]}
+    assert "streamgpu.models.loader.load_module" in names  # the paced load was recorded, through _yielding
+    for phase in ("loading", "switch_to_freed"):
+        p = stalls[phase]
+        assert p["in_long_calls_ms"] + p["in_pauses_ms"] + p["in_neither_ms"] == pytest.approx(p["lag_ms"])
