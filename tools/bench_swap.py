@@ -23,10 +23,13 @@ Figures (each a ratio or a comparison inside this one run):
 
 ``--attribute-stalls`` (a diagnosis; it slows the loads): during the swaps, the loader thread's calls
 (Python or C) that run over 1 ms, against the loop's lag events over 1.5 ms (``StallRecorder``).
+``--time-loop-calls`` (a diagnosis): how long the loop thread's calls into the CUDA driver (and, as a
+control, one pure Python call) take in steady state and while a version loads (``LoopCallTimer``).
 
     python tools/bench_swap.py                          # H100: ResNet-50 fp16, 100 swaps
     python tools/bench_swap.py --device cpu --model builtin:small --swaps 3 --steady-s 2 --shape 64,64,3
     python tools/bench_swap.py --swaps 10 --steady-s 4 --attribute-stalls   # what the loop lags during
+    python tools/bench_swap.py --swaps 8 --steady-s 6 --time-loop-calls     # whether its own calls slow down
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import multiprocessing.connection
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -312,6 +316,59 @@ def attribute(recorder: StallRecorder, stalls: list[tuple[float, float, float]])
     }  # fmt: skip
 
 
+class LoopCallTimer:
+    """``--time-loop-calls``: the duration of each call the loop thread makes to a few functions, by when it
+    started: the CUDA driver calls of a batch's launch and completion, and ``SlotPool.release`` (pure Python)
+    as a control. A driver call that slows down while a version loads, where the control does not, points at
+    the driver (its locks, shared with the loader's calls); both slowing down, at the CPU."""
+
+    TARGETS = (
+        ("torch.cuda", "Event", "record"), ("torch.cuda", "Event", "query"), ("torch.cuda", "Event", "elapsed_time"),
+        ("streamgpu.gpu.kernels", "", "enqueue_replay"), ("streamgpu.gpu.kernels", "", "gather_frames"),
+        ("streamgpu.memory.pool", "SlotPool", "release"),
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        self.calls: dict[str, list[tuple[float, float]]] = {}  # name: (started, seconds), the loop thread's
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        import importlib
+
+        loop_thread = threading.get_ident()
+        patches = []
+        for module, owner, name in self.TARGETS:
+            target: Any = importlib.import_module(module)
+            target = getattr(target, owner) if owner else target
+            original = getattr(target, name)
+            log = self.calls.setdefault(f"{owner or module.rpartition('.')[2]}.{name}", [])
+
+            def timed(*args: Any, _original: Any = original, _log: Any = log, **kwargs: Any) -> Any:
+                if threading.get_ident() != loop_thread:
+                    return _original(*args, **kwargs)
+                started = time.monotonic()
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    _log.append((started, time.monotonic() - started))
+
+            patches.append(mock.patch.object(target, name, timed))
+        with contextlib.ExitStack() as stack:
+            for patch in patches:
+                stack.enter_context(patch)
+            yield
+
+    def summary(self, windows: list[tuple[float, float]]) -> dict[str, dict[str, float]]:
+        """Per function, of the calls started in ``windows``: count, p50, p99 and max (us), ms in calls over 1 ms."""
+        out = {}
+        for name, calls in self.calls.items():
+            took = [d for t, d in calls if any(a <= t < b for a, b in windows)]
+            out[name] = {"calls": len(took), "p50_us": percentile(took, 50) * 1e6, "p99_us": percentile(took, 99) * 1e6,
+                         "max_us": max(took, default=float("nan")) * 1e6,
+                         "over_1ms_ms": sum(d for d in took if d > 0.001) * 1e3}  # fmt: skip
+        return out
+
+
 def batch_ms(trace: list[BatchTrace], size: int) -> float:
     """Median device time of the traced batches of ``size`` frames."""
     return percentile([(b.end_s - b.start_s) for b in trace if b.size == size], 50) * 1e3
@@ -355,6 +412,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     assert await loop.run_in_executor(None, receive.recv) == "ready"
     await asyncio.sleep(args.warmup_s)
 
+    timer = LoopCallTimer() if args.time_loop_calls else None
+    timing = timer.installed() if timer is not None else contextlib.nullcontext()
+    timing.__enter__()
     watch = LoopWatch(server, "m")
     watch.start()
     steady_from = time.monotonic()
@@ -384,6 +444,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             swaps.append({"old": old, "new": new, "seconds": end - start})
             await asyncio.sleep(args.between_s)  # the new version's first batches are traced
     memory_end = device_memory(device)
+    timing.__exit__(None, None, None)
     watch.stop()
     stop.set()
     records: list[tuple[float, float, int]] = await loop.run_in_executor(None, receive.recv)
@@ -437,6 +498,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     result["p99_ratio"] = result["p99_during_swaps_ms"] / result["p99_steady_ms"]
     if memory_before:
         result["memory_ratio"] = (memory_after or 0) / memory_before
+    if timer is not None:
+        result["loop_calls"] = {"steady": timer.summary([(steady_from, steady_to)]), "loading": timer.summary(loading),
+                                "switch_to_freed": timer.summary(switching)}  # fmt: skip
     if recorder is not None:
         result["stalls"] = {"long_call_ms": LONG_CALL_S * 1e3, "lag_over_ms": STALL_S * 1e3,
                             "swaps": attribute(recorder, watch.stalls(windows, STALL_S))}  # fmt: skip
@@ -497,6 +561,21 @@ def stall_table(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def calls_table(c: dict[str, dict[str, dict[str, float]]]) -> str:
+    """``--time-loop-calls``'s figures: each function's call times, steady against loading."""
+    lines = [
+        "loop thread's calls (us): steady p50 / p99 / max (calls) | loading p50 / p99 / max (calls), "
+        "ms in calls over 1 ms"
+    ]
+    for name, steady in c["steady"].items():
+        loading = c["loading"][name]
+        lines.append(f"  {name:<22} {steady['p50_us']:7.1f} / {steady['p99_us']:8.1f} / {steady['max_us']:8.1f} "
+                     f"({steady['calls']:6.0f}) | {loading['p50_us']:7.1f} / {loading['p99_us']:8.1f} / "
+                     f"{loading['max_us']:8.1f} ({loading['calls']:6.0f}), {steady['over_1ms_ms']:.1f} / "
+                     f"{loading['over_1ms_ms']:.1f} ms")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu", "auto"))
@@ -518,6 +597,9 @@ def main() -> int:
     parser.add_argument("--attribute-stalls", action="store_true",
                         help="record the loader's calls over 1 ms and the loop's lag over 1.5 ms during the swaps, "
                              "and which calls the lag overlaps (slows the loads)")  # fmt: skip
+    parser.add_argument("--time-loop-calls", action="store_true",
+                        help="time the loop thread's CUDA driver calls (and a pure Python control), steady against "
+                             "loading")  # fmt: skip
     args = parser.parse_args()
     if args.attribute_stalls and args.compile != "off":
         parser.error("--attribute-stalls records the paced loads of --compile off (a compiling load is not paced)")
@@ -531,6 +613,8 @@ def main() -> int:
     print(table(result))
     if "stalls" in result:
         print(stall_table(result["stalls"]))
+    if "loop_calls" in result:
+        print(calls_table(result["loop_calls"]))
     with open(args.json, "w") as f:
         json.dump(result, f, indent=1)
     return 0

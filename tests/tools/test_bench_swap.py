@@ -1,5 +1,6 @@
 """tools/bench_swap.py's ``--attribute-stalls``: the loader's long calls are recorded with their pauses left out,
-attributed the loop lag they overlap, and a short CPU run records the loads it swaps in."""
+attributed the loop lag they overlap, and a short CPU run records the loads it swaps in; ``--time-loop-calls``
+times the calling thread's calls only, and puts them in the windows they started in."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-from bench_swap import StallRecorder, attribute, bench
+from bench_swap import LoopCallTimer, StallRecorder, attribute, bench
 
 
 def busy(seconds: float) -> None:
@@ -51,6 +53,27 @@ def test_long_calls_are_recorded_with_the_pacing_pauses_left_out() -> None:
     assert calls["time.sleep [C]"][1].endswith(f"test_bench_swap.py:{loader.__code__.co_firstlineno + 3}")
     assert calls["test_bench_swap.step"][0] < 0.05  # the 50 ms pause inside it is left out
     assert sum(b - a >= 0.05 for a, b in recorder.pauses) == 1  # (and any wait for the GIL over PAUSED_S)
+
+
+def test_the_loop_calls_timed_are_the_calling_threads_by_the_window_they_started_in() -> None:
+    from streamgpu.memory.pool import SlotPool
+
+    pool = SlotPool(np.zeros(1 << 16, np.uint8))
+    timer = LoopCallTimer()
+    with timer.installed():
+        first = time.monotonic()
+        pool.release(pool.reserve(256))  # type: ignore[arg-type]
+        between = time.monotonic()
+        for _ in range(3):
+            pool.release(pool.reserve(256))  # type: ignore[arg-type]
+        other = threading.Thread(target=lambda: pool.release(pool.reserve(256)))  # type: ignore[arg-type]
+        other.start()
+        other.join()
+    pool.release(pool.reserve(256))  # type: ignore[arg-type]  # (not timed: uninstalled)
+    assert len(timer.calls["SlotPool.release"]) == 4
+    summary = timer.summary([(first, between)])["SlotPool.release"]
+    assert summary["calls"] == 1 and 0 < summary["p50_us"] < 1e5 and summary["over_1ms_ms"] == 0
+    assert timer.summary([(between, time.monotonic())])["SlotPool.release"]["calls"] == 3
 
 
 def test_loop_lag_is_put_on_the_calls_it_overlaps_less_the_pauses() -> None:
