@@ -504,6 +504,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     if recorder is not None:
         result["stalls"] = {"long_call_ms": LONG_CALL_S * 1e3, "lag_over_ms": STALL_S * 1e3,
                             "swaps": attribute(recorder, watch.stalls(windows, STALL_S))}  # fmt: skip
+        if timer is not None:  # the loader's calls that the loop's slow driver calls (over 1 ms) overlap
+            slow = sorted((t, t + d, d) for name, calls in timer.calls.items() if name != "SlotPool.release"
+                          for t, d in calls if d > 0.001 and any(a <= t < b for a, b in windows))  # fmt: skip
+            result["stalls"]["slow_loop_calls"] = attribute(recorder, slow)
         for phase, spans in (("loading", loading), ("switch_to_freed", switching)):
             result["stalls"][phase] = {k: v for k, v in attribute(recorder, watch.stalls(spans, STALL_S)).items()
                                        if k != "rows"}  # fmt: skip
@@ -545,11 +549,21 @@ def stall_table(s: dict[str, Any]) -> str:
     lines = [f"loop lag events over {s['lag_over_ms']} ms during swaps: {swaps['events']}, {swaps['lag_ms']:.1f} ms; "
              f"loader calls over {s['long_call_ms']} ms (ms running, pauses left out) by lag overlapped:",
              f"{'lag ms':>8} {'calls':>6} {'total ms':>9} {'max ms':>7}  name  (top caller)"]  # fmt: skip
-    for r in swaps["rows"]:
-        caller = f"{r['callers'][0][0]} x{r['callers'][0][1]}" if r["callers"] else "?"
-        lines.append(
-            f"{r['lag_ms']:8.1f} {r['count']:6d} {r['total_ms']:9.1f} {r['max_ms']:7.2f}  {r['name']}  ({caller})"
-        )
+
+    def rows(attributed: dict[str, Any]) -> None:
+        for r in attributed["rows"]:
+            caller = f"{r['callers'][0][0]} x{r['callers'][0][1]}" if r["callers"] else "?"
+            lines.append(
+                f"{r['lag_ms']:8.1f} {r['count']:6d} {r['total_ms']:9.1f} {r['max_ms']:7.2f}  {r['name']}  ({caller})"
+            )
+
+    rows(swaps)
+    if "slow_loop_calls" in s:  # (with --time-loop-calls)
+        slow = s["slow_loop_calls"]
+        lines.append(f"the loop's driver calls over 1 ms during swaps: {slow['events']}, {slow['lag_ms']:.1f} ms "
+                     f"({slow['in_pauses_ms']:.1f} ms in the loader's pauses); loader calls by time "
+                     "overlapped:")  # fmt: skip
+        rows(slow)
     for phase in ("loading", "switch_to_freed"):
         p = s[phase]
         share = (p["lag_ms"] - p["in_long_calls_ms"]) / p["lag_ms"] if p["lag_ms"] else float("nan")
