@@ -102,8 +102,12 @@ async def test_a_short_cpu_run_attributes_the_swaps_lag() -> None:
     args = argparse.Namespace(
         device="cpu", model="builtin:small", precision="fp16", shape="32,32,3", max_batch=8, compile="off", swaps=2,
         connections=1, window=4, warmup_s=0.1, steady_s=0.3, between_s=0.05, ingest_workers=0, attribute_stalls=True,
+        time_loop_calls=True,
     )  # fmt: skip
-    stalls = (await bench(args))["stalls"]
+    result = await bench(args)
+    stalls = result["stalls"]
+    assert result["loop_calls"]["steady"]["SlotPool.release"]["calls"] > 0  # (the CPU backend makes no driver calls)
+    assert stalls["slow_loop_calls"]["events"] == 0
     names = {r["name"] for r in stalls["swaps"]["rows"]}
     assert "streamgpu.models.loader.load_module" in names  # the paced load was recorded, through _yielding
     for phase in ("loading", "switch_to_freed"):
