@@ -401,7 +401,7 @@ class Scheduler:
             if replica is None:
                 return  # every replica is full (or unusable): a batch ending dispatches again
             waits = replica.in_flight or queue.spec.batch_policy == "fixed"
-            if waits and len(queue.frames) < queue.spec.max_batch_size:
+            if waits and len(queue.frames) < replica.model.spec.max_batch_size:
                 oldest = queue.frames.oldest()
                 assert oldest is not None
                 due = min(oldest.complete_ns / 1e9 + queue.spec.max_queue_delay_ms / 1e3, queue.latest_start)
@@ -427,7 +427,9 @@ class Scheduler:
         return best
 
     def _batch_size(self, queue: ModelQueue, replica: Replica, now: float) -> int:
-        spec = queue.spec
+        # The version the batch runs on: frames pinned to an older one (swap_queued = "received") must not be
+        # batched by the new version's max_batch_size, past the buckets the old one was captured for
+        spec = replica.model.spec
         n = min(len(queue.frames), spec.max_batch_size)
         if not spec.latency_target_ms:
             return n
