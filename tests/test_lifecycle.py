@@ -251,6 +251,30 @@ async def test_frames_queued_at_a_swap_run_on_the_version_configured_and_unload_
 
 
 @pytest.mark.asyncio
+async def test_a_stop_during_a_swap_answers_the_frames_still_running_on_the_old_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scheduler counted only the new version's batches as in flight: a stop right after the switch found
+    it idle, closed the connections and the frame in the old version's batch was never answered."""
+    slow_batches(monkeypatch, 0.5)
+    srv = Server(config(spec(versioned(tmp_path, 1))))
+    await srv.start()
+    conn = await client.connect("127.0.0.1", srv.port)
+    running = conn.submit(frames(1)[0], model="m")
+    while srv.metrics()["frames_in_flight"] < 1:
+        await asyncio.sleep(0.005)
+    old = srv.serving("m")
+    swap = asyncio.create_task(srv.swap_model("m", spec(versioned(tmp_path, 2))))
+    while srv.serving("m") is old:  # switched: the old version's batch runs on
+        await asyncio.sleep(0.005)
+    assert srv.metrics()["models"]["m"]["in_flight_batches"] == 1
+    await srv.stop()
+    assert value(await running) == 1.0
+    assert (await swap).version == 2
+    await conn.close()
+
+
+@pytest.mark.asyncio
 async def test_bad_sources_are_refused_and_the_model_keeps_serving(served: Server, tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.pt2"
     garbage.write_bytes(b"not a model" * 10)

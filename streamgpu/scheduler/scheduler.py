@@ -128,7 +128,7 @@ class ModelQueue:
 
     @property
     def in_flight(self) -> int:
-        return sum(r.in_flight for r in self.replicas)
+        return len(self.tasks)  # (a version swapped out finishes its batches too: the replicas are the new one's)
 
     def cancel_timer(self, frame: Frame) -> None:
         timer = self.deadline_timers.pop(frame, None)
