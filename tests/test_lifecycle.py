@@ -478,6 +478,26 @@ async def test_the_repository_poll_loads_swaps_and_unloads(tmp_path: Path) -> No
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_repository_config_toml_that_is_not_utf8_is_refused_like_bad_toml(tmp_path: Path) -> None:
+    """tomllib raises UnicodeDecodeError (not TOMLDecodeError) for such a file: the server failed to start
+    (the initial scan raises nothing), and a load of it over HTTP was a 500."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from streamgpu.web.app import create_app
+
+    repo = tmp_path / "repo"
+    for name in ("bad", "good"):
+        (repo / name).mkdir(parents=True)
+    (repo / "bad" / "config.toml").write_bytes(b'source = "builtin:small"\narch = "\xff"\n')
+    (repo / "good" / "config.toml").write_text('source = "builtin:small"\ninput_shape = [16, 16, 3]\n')
+    async with Server(config(model_repository=str(repo), repository_poll_s=60)) as srv:
+        assert list(srv.model_specs) == ["good"]
+        async with TestClient(TestServer(create_app(srv))) as http:
+            r = await http.post("/v2/repository/models/bad/load")
+            assert r.status == 400 and "config.toml: cannot read it" in (await r.json())["error"]
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
 async def test_admin_routes_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from aiohttp.test_utils import TestClient, TestServer
 
