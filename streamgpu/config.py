@@ -306,7 +306,7 @@ class Config:
                     values.update(_from_toml(tomllib.load(f), path))
             except OSError as exc:
                 raise ConfigError(f"cannot read config file {path!r}: {exc.strerror}") from None
-            except tomllib.TOMLDecodeError as exc:
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:  # (TOML is UTF-8)
                 raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
         values.update(_from_env(os.environ if env is None else env))
         model_source = overrides.pop("model", None)

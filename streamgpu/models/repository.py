@@ -62,7 +62,7 @@ def folder_spec(folder: str) -> ModelSpec:
         try:
             with open(config_path, "rb") as f:
                 settings = tomllib.load(f)
-        except (OSError, ValueError) as exc:  # TOMLDecodeError, or UnicodeDecodeError: not UTF-8
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:  # (TOML is UTF-8)
             raise StreamgpuError(f"{where}: cannot read it: {exc}") from None
         if "name" in settings:
             raise StreamgpuError(f"{where}: 'name' is the folder's name, not a setting")
