@@ -92,7 +92,7 @@ class Server:
         health = DeviceHealth(backend.devices)
         self._scheduler = scheduler = Scheduler(loop, self._run_batch, cfg.max_inflight_batches, health)
         self._runner = BatchRunner(backend, scheduler, cfg.watchdog_factor, cfg.watchdog_min_s)
-        self._models = models = ModelManager(backend, scheduler, self._loader)
+        self._models = models = ModelManager(backend, scheduler, self._loader, cfg.model_problems)
         for spec in cfg.models:
             await models.load(spec)
             if spec.source.startswith("builtin:"):

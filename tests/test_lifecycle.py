@@ -299,6 +299,19 @@ async def test_bad_sources_are_refused_and_the_model_keeps_serving(served: Serve
     await conn.close()
 
 
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_load_is_checked_against_the_server_settings_as_the_config_models_are(served: Server) -> None:
+    """The config refuses a model whose frames exceed max_payload_bytes (none could ever be taken: each is
+    refused TOO_LARGE) or whose max_queue one connection could fill; a load while serving took both, warming
+    up 200 MB frames at every bucket."""
+    too_large = spec("builtin:small", name="big", arch="", input_shape=(8192, 8192, 3))
+    with pytest.raises(ModelLoadError, match=r"model 'big' frames \(201326592 bytes\) exceed max_payload_bytes"):
+        await served.load_model(too_large)
+    with pytest.raises(ModelLoadError, match=r"max_frames_per_connection \(256\) must be below model 'm''s max_q"):
+        await served.swap_model("m", spec("builtin:small", arch="", max_queue=8))
+    assert served.model_index() == [{"name": "m", "version": "1", "state": "READY", "reason": ""}]
+
+
 class Linear(nn.Module):
     def __init__(self) -> None:
         super().__init__()

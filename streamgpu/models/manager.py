@@ -64,8 +64,16 @@ class ModelState:
 class ModelManager:
     """Loads, swaps and unloads the models of one server (every method on the loop thread)."""
 
-    def __init__(self, backend: Backend, scheduler: Scheduler, loader: concurrent.futures.Executor) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        scheduler: Scheduler,
+        loader: concurrent.futures.Executor,
+        problems: Callable[[ModelSpec], list[str]],
+    ) -> None:
+        """``problems``: why the server cannot serve a spec, whatever its file (``Config.model_problems``)."""
         self._backend = backend
+        self._problems = problems
         self._scheduler = scheduler
         self._loader = loader
         self.specs: dict[str, ModelSpec] = {}  # the models taking frames now (admission reads it)
@@ -117,6 +125,8 @@ class ModelManager:
         return await self._to_its_end(self._load(spec), f"model {spec.name}: a load")
 
     async def _load(self, spec: ModelSpec) -> ModelState:
+        if problems := self._problems(spec):  # (before anything is read or listed)
+            raise ModelLoadError("; ".join(problems))
         loop = asyncio.get_running_loop()
         async with self._lock(spec.name):
             state = self.states.get(spec.name)
