@@ -627,6 +627,22 @@ async def test_an_unload_cancelled_while_it_is_announced_still_ends(served: Serv
     assert served.model_index()[0]["state"] == "UNAVAILABLE" and "m" not in served.model_specs
 
 
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_load_or_unload_after_stop_says_the_server_stopped(tmp_path: Path) -> None:
+    """After stop, a load failed on the shut loader thread ('cannot schedule new futures after shutdown', the name
+    then listed UNAVAILABLE for that reason) and an unload raised that RuntimeError itself, the model listed
+    'unloaded'."""
+    srv = Server(config(spec(versioned(tmp_path, 1))))
+    await srv.start()
+    await srv.stop()
+    index = srv.model_index()
+    with pytest.raises(ModelLoadError, match="model 'x': the server has stopped"):
+        await srv.load_model(spec("builtin:small", name="x", arch=""))
+    with pytest.raises(ModelNotFoundError, match="no model named 'm' is being served: the server has stopped"):
+        await srv.unload_model("m")
+    assert srv.model_index() == index
+
+
 async def load_and_stop_waiting(served: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Load model n (0.3 s to build) and cancel the caller while it builds."""
     original = manager.ModelManager._build

@@ -87,6 +87,7 @@ class ModelManager:
         self.serving = False  # frames are being taken (the server sets it once its listeners run)
         # Loads and unloads in progress (run to their end whoever waits: ``_to_its_end``); ``close`` ends them
         self._running: set[asyncio.Task[ModelState]] = set()
+        self._closed = False  # the server stopped: its loader thread and backend are gone
 
     def _build(self, spec: ModelSpec, paced: bool) -> list[DeviceModel]:
         """``spec.instances`` instances per device (each from a fresh module: a load may move it in place);
@@ -122,6 +123,8 @@ class ModelManager:
         stops waiting (cancelled: a timeout, an HTTP client that left): stopped halfway, it left the
         model LOADING for good and its instances, built in the loader thread, never freed.
         """
+        if self._closed:
+            raise ModelLoadError(f"model {spec.name!r}: the server has stopped")
         return await self._to_its_end(self._load(spec), f"model {spec.name}: a load")
 
     async def _load(self, spec: ModelSpec) -> ModelState:
@@ -176,6 +179,8 @@ class ModelManager:
 
         Runs to its end even when its caller stops waiting: stopped while the queued frames run, it left
         the model UNLOADING, refusing frames with its memory held."""
+        if self._closed:
+            raise ModelNotFoundError(f"no model named {name!r} is being served: the server has stopped")
         return await self._to_its_end(self._unload(name), f"model {name}: an unload")
 
     async def _unload(self, name: str) -> ModelState:
@@ -235,7 +240,8 @@ class ModelManager:
 
     async def close(self) -> None:
         """End the loads and unloads still running (their callers gone): the server stops, and they would
-        run on past it, onto its freed backend and shut loader thread."""
+        run on past it, onto its freed backend and shut loader thread; later ones are refused."""
+        self._closed = True
         running = list(self._running)
         for task in running:
             task.cancel()
