@@ -16,7 +16,6 @@ import time
 from typing import Any
 
 from streamgpu.config import Config
-from streamgpu.errors import ModelNotFoundError
 from streamgpu.gpu.backend import Backend, DeviceModel, create_backend
 from streamgpu.ingest import listener_class, make_listeners
 from streamgpu.ingest.admission import Admission
@@ -241,10 +240,7 @@ class Server:
         version is freed after its last batch, before this returns. Raises ``ModelNotFoundError``
         when ``name`` is not served, ``ModelLoadError`` when the new version cannot be loaded.
         """
-        state = self._manager.states.get(name)
-        if state is None or state.models is None:
-            raise ModelNotFoundError(f"no model named {name!r} is being served (load it instead)")
-        return await self._manager.load(dataclasses.replace(spec, name=name))
+        return await self._manager.load(dataclasses.replace(spec, name=name), swap=True)
 
     async def unload_model(self, name: str) -> ModelState:
         """Stop serving ``name``: new frames get UNKNOWN_MODEL, queued ones run first, then its memory is freed."""

@@ -643,6 +643,29 @@ async def test_a_load_or_unload_after_stop_says_the_server_stopped(tmp_path: Pat
     assert srv.model_index() == index
 
 
+@pytest.mark.asyncio
+async def test_a_swap_asked_during_an_unload_finds_the_model_unloaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Operations on a name run in the order asked: a swap asked while an unload drains the queue comes after it,
+    and there is no model to swap then. It checked before waiting its turn, so it loaded the model back."""
+    slow_batches(monkeypatch, 0.2)
+    async with Server(config(spec(versioned(tmp_path, 1)), max_inflight_batches=1)) as srv:
+        conn = await client.connect("127.0.0.1", srv.port)
+        futs = [conn.submit(f, model="m") for f in frames(3)]
+        while srv.metrics()["frames_in_flight"] < 3:
+            await asyncio.sleep(0.005)
+        unload = asyncio.create_task(srv.unload_model("m"))
+        while srv.model_index()[0]["state"] != "UNLOADING":
+            await asyncio.sleep(0.005)
+        with pytest.raises(ModelNotFoundError, match="no model named 'm' is being served"):
+            await srv.swap_model("m", spec(versioned(tmp_path, 2)))
+        await unload
+        assert srv.model_index() == [{"name": "m", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"}]
+        assert [value(await f) for f in futs] == [1.0] * 3
+        await conn.close()
+
+
 async def load_and_stop_waiting(served: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Load model n (0.3 s to build) and cancel the caller while it builds."""
     original = manager.ModelManager._build

@@ -114,26 +114,29 @@ class ModelManager:
         if failed is not None:
             raise failed
 
-    async def load(self, spec: ModelSpec) -> ModelState:
+    async def load(self, spec: ModelSpec, swap: bool = False) -> ModelState:
         """Load ``spec``; under a name already served this is a new version, swapped in between two
         batches once it is loaded and warmed, the old one freed after its last batch.
 
         Returns once the new version serves and the old one is freed. Raises ``ModelLoadError``
-        (the current version, if any, keeps serving). A load runs to its end even when its caller
+        (the current version, if any, keeps serving); ``swap``: ``ModelNotFoundError`` when the name is not
+        served once the operations asked before on it have run. A load runs to its end even when its caller
         stops waiting (cancelled: a timeout, an HTTP client that left): stopped halfway, it left the
         model LOADING for good and its instances, built in the loader thread, never freed.
         """
         if self._closed:
             raise ModelLoadError(f"model {spec.name!r}: the server has stopped")
-        return await self._to_its_end(self._load(spec), f"model {spec.name}: a load")
+        return await self._to_its_end(self._load(spec, swap), f"model {spec.name}: a load")
 
-    async def _load(self, spec: ModelSpec) -> ModelState:
+    async def _load(self, spec: ModelSpec, swap: bool) -> ModelState:
         if problems := self._problems(spec):  # (before anything is read or listed)
             raise ModelLoadError("; ".join(problems))
         loop = asyncio.get_running_loop()
         async with self._lock(spec.name):
             state = self.states.get(spec.name)
             serving = state.models if state is not None else None
+            if swap and serving is None:  # (unloaded by an operation asked before this one, or never served)
+                raise ModelNotFoundError(f"no model named {spec.name!r} is being served (load it instead)")
             if serving is not None and not state.spec.same_frames(spec):  # type: ignore[union-attr]
                 old_spec = serving[0].spec
                 raise ModelLoadError(
