@@ -545,7 +545,8 @@ async def test_admin_routes_and_cli(tmp_path: Path, capsys: pytest.CaptureFixtur
                             json={"parameters": {"config": {"max_batch_size": 0}}})  # fmt: skip
         assert r.status == 400 and "max_batch_size" in (await r.json())["error"]
         # A name is a folder of the repository: none reaching out of it (or faking log lines) is looked up.
-        for bad in ("%2E%2E", "%2E%2E%2F%2E%2E%2Fetc", "a%0Ab", "%2E"):  # as sent: no client normalizes them
+        # (as sent: no client normalizes them; NEL and U+2028 are line breaks too, to str.splitlines and others)
+        for bad in ("%2E%2E", "%2E%2E%2F%2E%2E%2Fetc", "a%0Ab", "%2E", "a%C2%85b", "a%E2%80%A8b"):
             target = URL(str(http.make_url("")).rstrip("/") + f"/v2/repository/models/{bad}/load", encoded=True)
             for body in (None, {"parameters": {"config": {"source": "builtin:small", "input_shape": list(SHAPE)}}}):
                 r = await http.session.post(target, headers=auth, json=body)

@@ -128,10 +128,11 @@ async def index(request: web.Request) -> web.Response:
 
 def _check_name(name: str) -> None:
     """A name loaded over HTTP is one folder of the model repository (as Triton's are): never one that
-    reaches out of it (``..``, an encoded ``/``), nor control characters (they would fake log lines)."""
-    if name in (".", "..") or os.path.basename(name) != name or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+    reaches out of it (``..``, an encoded ``/``), nor control characters or line separators (they would fake
+    log lines: NEL and U+2028 break lines too)."""
+    if name in (".", "..") or os.path.basename(name) != name or not name.isprintable():
         raise HttpError(
-            400, f"model name {name!r} is not a plain folder name (no '/', control characters, '.' or '..')"
+            400, f"model name {name!r} is not a plain folder name (no '/', unprintable characters, '.' or '..')"
         )
 
 
