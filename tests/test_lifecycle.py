@@ -287,9 +287,12 @@ async def test_bad_sources_are_refused_and_the_model_keeps_serving(served: Serve
         spec(versioned(tmp_path, 2), input_shape=(8, 8, 3)),  # a new version must take the same frames
     ]
     for source in bad:
-        with pytest.raises(ModelLoadError, match="'m'"):
+        with pytest.raises(ModelLoadError, match="'m'") as refused:
             await served.swap_model("m", source)
-        assert served.model_index()[0]["state"] == "READY" and "failed" in served.model_index()[0]["reason"]
+        # the index says why (a refusal of other frames left the previous failure's reason there)
+        entry = served.model_index()[0]
+        assert entry["state"] == "READY" and entry["reason"].endswith(str(refused.value)), entry
+        assert entry["reason"].startswith("version 2 failed to load (1 serves): ")
     with pytest.raises(ModelLoadError, match="'other'"):  # a new name that fails is listed UNAVAILABLE
         await served.load_model(spec("export:" + str(garbage), name="other"))
     producer.running = False
@@ -309,7 +312,7 @@ async def test_a_load_is_checked_against_the_server_settings_as_the_config_model
         await served.load_model(too_large)
     with pytest.raises(ModelLoadError, match=r"max_frames_per_connection \(256\) must be below model 'm''s max_q"):
         await served.swap_model("m", spec("builtin:small", arch="", max_queue=8))
-    assert served.model_index() == [{"name": "m", "version": "1", "state": "READY", "reason": ""}]
+    assert {e["name"]: e["state"] for e in served.model_index()} == {"big": "UNAVAILABLE", "m": "READY"}
 
 
 class Linear(nn.Module):

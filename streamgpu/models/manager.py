@@ -129,26 +129,26 @@ class ModelManager:
         return await self._to_its_end(self._load(spec, swap), f"model {spec.name}: a load")
 
     async def _load(self, spec: ModelSpec, swap: bool) -> ModelState:
-        if problems := self._problems(spec):  # (before anything is read or listed)
-            raise ModelLoadError("; ".join(problems))
         loop = asyncio.get_running_loop()
         async with self._lock(spec.name):
             state = self.states.get(spec.name)
             serving = state.models if state is not None else None
             if swap and serving is None:  # (unloaded by an operation asked before this one, or never served)
                 raise ModelNotFoundError(f"no model named {spec.name!r} is being served (load it instead)")
-            if serving is not None and not state.spec.same_frames(spec):  # type: ignore[union-attr]
-                old_spec = serving[0].spec
-                raise ModelLoadError(
-                    f"model {spec.name!r} takes {old_spec.input_dtype} {list(old_spec.input_shape)} frames; "
-                    f"a new version must take the same frames, not {spec.input_dtype} {list(spec.input_shape)} "
-                    "(unload it first, or load the new one under another name)"
-                )
             if state is None:
                 state = self.states[spec.name] = ModelState(spec.name, spec)
             if serving is None:
                 state.state, state.reason = LOADING, ""
-            try:
+            try:  # every refusal below is listed in the index (the reason), the version serving kept
+                if problems := self._problems(spec):
+                    raise ModelLoadError("; ".join(problems))
+                if serving is not None and not state.spec.same_frames(spec):
+                    old_spec = serving[0].spec
+                    raise ModelLoadError(
+                        f"model {spec.name!r} takes {old_spec.input_dtype} {list(old_spec.input_shape)} frames; "
+                        f"a new version must take the same frames, not {spec.input_dtype} {list(spec.input_shape)} "
+                        "(unload it first, or load the new one under another name)"
+                    )
                 with self._loop_first():
                     # Paced while frames are taken (not at start), except a compiling load: the hook would
                     # slow dynamo's tracing of the model 5-8x (docs/MODELS.md).
