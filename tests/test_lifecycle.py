@@ -494,6 +494,29 @@ async def test_the_repository_poll_loads_swaps_and_unloads(tmp_path: Path) -> No
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_repository_folder_whose_settings_are_refused_is_listed_with_why(tmp_path: Path) -> None:
+    """MODELS.md: a model that fails to load is listed UNAVAILABLE with the reason (or its current version keeps
+    serving). One whose config.toml was refused was only logged: absent from the index, or listed as serving
+    with no word of the new version refused."""
+    repo = tmp_path / "repo"
+    for name in ("bad", "cam"):
+        (repo / name).mkdir(parents=True)
+    (repo / "bad" / "config.toml").write_text('source = "builtin:small"\nmax_batch_size = "x"\n')
+    (repo / "cam" / "config.toml").write_text('source = "builtin:small"\ninput_shape = [16, 16, 3]\n')
+    async with Server(config(model_repository=str(repo), repository_poll_s=0.05)) as srv:
+        index = {e["name"]: e for e in srv.model_index()}
+        assert index["bad"]["state"] == "UNAVAILABLE" and "max_batch_size must be an integer" in index["bad"]["reason"]
+        assert index["cam"]["state"] == "READY"
+        (repo / "cam" / "config.toml").write_text('source = "builtin:small"\ncolour = 1\n')
+        deadline = time.monotonic() + 10
+        while "colour" not in (cam := {e["name"]: e for e in srv.model_index()}["cam"])["reason"]:
+            assert time.monotonic() < deadline, cam
+            await asyncio.sleep(0.02)
+        assert cam["state"] == "READY" and cam["reason"].startswith("version 2 failed to load (1 serves): "), cam
+        assert "cam" in srv.model_specs
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
 async def test_a_repository_config_toml_that_is_not_utf8_is_refused_like_bad_toml(tmp_path: Path) -> None:
     """tomllib raises UnicodeDecodeError (not TOMLDecodeError) for such a file: the server failed to start
     (the initial scan raises nothing), and a load of it over HTTP was a 500."""
@@ -531,7 +554,9 @@ async def test_admin_routes_and_cli(tmp_path: Path, capsys: pytest.CaptureFixtur
         r = await http.post("/v2/repository/index")
         assert r.status == 401 and "Bearer" in (await r.json())["error"]
         r = await http.post("/v2/repository/index", headers=auth)
-        assert await r.json() == [{"name": "m", "version": "1", "state": "READY", "reason": ""}]
+        cam, m = await r.json()  # cam's folder holds no model.pt2 nor config.toml yet: listed with why
+        assert cam["state"] == "UNAVAILABLE" and "put one of ['model.pt2', 'model.ts'] there" in cam["reason"]
+        assert m == {"name": "m", "version": "1", "state": "READY", "reason": ""}
         # A new version of m from settings (a path relative to the repository folder of m... here cam's)
         settings = {"source": "state_dict:" + str(repo / "cam" / "weights.pt"), "arch": "small",
                     "input_shape": list(SHAPE), "max_batch_size": 4}  # fmt: skip

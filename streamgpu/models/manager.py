@@ -46,11 +46,12 @@ class ModelState:
     """One model name: its serving version (``models``, its instances on each device; None when not serving),
     state and last error.
 
-    ``version`` counts the versions loaded under this name since the server started (1 = first).
+    ``version`` counts the versions loaded under this name since the server started (1 = first). ``spec``:
+    the settings it was last loaded with (None: a repository folder whose settings were refused, never loaded).
     """
 
     name: str
-    spec: ModelSpec
+    spec: ModelSpec | None
     version: int = 0
     state: str = LOADING
     reason: str = ""
@@ -142,8 +143,8 @@ class ModelManager:
             try:  # every refusal below is listed in the index (the reason), the version serving kept
                 if problems := self._problems(spec):
                     raise ModelLoadError("; ".join(problems))
-                if serving is not None and not state.spec.same_frames(spec):
-                    old_spec = serving[0].spec
+                old_spec = serving[0].spec if serving is not None else spec
+                if not old_spec.same_frames(spec):
                     raise ModelLoadError(
                         f"model {spec.name!r} takes {old_spec.input_dtype} {list(old_spec.input_shape)} frames; "
                         f"a new version must take the same frames, not {spec.input_dtype} {list(spec.input_shape)} "
@@ -157,10 +158,7 @@ class ModelManager:
             except Exception as exc:
                 error = exc if isinstance(exc, ModelLoadError) else ModelLoadError(
                     f"model {spec.name!r}: cannot load {spec.source!r}: {type(exc).__name__}: {exc}")  # fmt: skip
-                if serving is None:
-                    state.state, state.reason = UNAVAILABLE, str(error)
-                else:
-                    state.reason = f"version {state.version + 1} failed to load ({state.version} serves): {error}"
+                self.refused(spec.name, str(error))
                 raise error from exc
             state.version += 1
             state.spec, state.models, state.state, state.reason = spec, models, READY, ""
@@ -176,6 +174,15 @@ class ModelManager:
             await self._scheduler.released(old)
             await loop.run_in_executor(self._loader, self._free, old)
             return state
+
+    def refused(self, name: str, reason: str) -> None:
+        """A version of ``name`` was refused for ``reason`` (its file, or its settings before any load): the
+        index says why, and that the current version (if any) serves on."""
+        state = self.states.setdefault(name, ModelState(name, None))
+        if state.models is None:
+            state.state, state.reason = UNAVAILABLE, reason
+        else:
+            state.reason = f"version {state.version + 1} failed to load ({state.version} serves): {reason}"
 
     async def unload(self, name: str) -> ModelState:
         """Stop taking frames for ``name`` (UNKNOWN_MODEL from now on), finish the queued ones, free it.
