@@ -4,10 +4,12 @@ producer, load-time checks, several outputs and top-k end to end, the model repo
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import shutil
 import sys
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -272,6 +274,28 @@ async def test_a_stop_during_a_swap_answers_the_frames_still_running_on_the_old_
     assert value(await running) == 1.0
     assert (await swap).version == 2
     await conn.close()
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_version_swapped_out_is_not_held_by_frames_pinned_to_it_that_left_the_queue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Frames queued at a swap with swap_queued = "received" are pinned to the old version; those that left the
+    queue otherwise (deadline passed, producer gone) stayed pinned, holding the old version's module (its
+    weights) and the frames after the swap returned, until the model's next frame came, if ever."""
+    slow_batches(monkeypatch, 0.3)
+    one = {"max_batch_size": 1, "batch_buckets": (1,)}
+    async with Server(config(spec(versioned(tmp_path, 1), **one), max_inflight_batches=1)) as srv:
+        conn = await client.connect("127.0.0.1", srv.port)
+        futs = [conn.submit(f, model="m", deadline=0.15 if i else None) for i, f in enumerate(frames(4))]
+        while srv.metrics()["frames_in_flight"] < 4:
+            await asyncio.sleep(0.005)
+        module = weakref.ref(srv.serving("m")[0].module)  # type: ignore[index, union-attr]
+        await srv.swap_model("m", spec(versioned(tmp_path, 2), swap_queued="received", **one))
+        assert [(await f).status for f in futs] == [Status.OK] + [Status.DEADLINE_MISSED] * 3
+        gc.collect()
+        assert module() is None
+        await conn.close()
 
 
 @pytest.mark.asyncio

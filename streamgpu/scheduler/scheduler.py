@@ -204,6 +204,9 @@ class Scheduler:
                 await asyncio.wait(set(queue.tasks), return_when=asyncio.FIRST_COMPLETED)
             else:
                 await asyncio.sleep(0.001)  # pinned frames waiting for their batch to form
+        served = self._queues.get(models[0].spec.name) if models else None
+        if served is not None and served.pinned:  # the pins of frames that left the queue otherwise held the version
+            self._pinned_version(served)
 
     async def remove_model(self, name: str) -> list[DeviceModel]:
         """Stop taking frames for ``name`` (UNKNOWN_MODEL), run the queued ones, then forget it.
