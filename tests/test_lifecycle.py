@@ -628,6 +628,25 @@ async def test_admin_routes_and_cli(tmp_path: Path, capsys: pytest.CaptureFixtur
         await conn.close()
 
 
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_model_administration_is_not_open_on_a_server_with_named_tokens_only(tmp_path: Path) -> None:
+    """Named tokens gate the frames (and warn of nothing at start), but the admin routes asked only for the
+    auth_token: without one, anyone reaching the HTTP port could unload every model. A producer's token does
+    not administer models either."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from streamgpu.config import TokenSpec
+    from streamgpu.web.app import create_app
+
+    cfg = config(spec(versioned(tmp_path, 1)), tokens={"cam": TokenSpec("cam-key")})
+    async with Server(cfg) as srv, TestClient(TestServer(create_app(srv))) as http:
+        for headers in ({}, {"Authorization": "Bearer cam-key"}):
+            for route in ("models/m/unload", "index", "models/x/load"):
+                r = await http.post(f"/v2/repository/{route}", headers=headers)
+                assert r.status == 403 and "auth_token" in (await r.json())["error"], (route, await r.text())
+        assert srv.model_index() == [{"name": "m", "version": "1", "state": "READY", "reason": ""}]
+
+
 @pytest.mark.asyncio
 async def test_an_admin_request_whose_body_stalls_is_answered_408(tmp_path: Path) -> None:
     cfg = config(spec("builtin:small", arch=""), listeners=[ListenerSpec(port=0), ListenerSpec(kind="http", port=0)],

@@ -14,9 +14,10 @@ last settings. Over HTTP a file ``source`` must lie inside ``model_repository``
 (``builtin:`` sources are always allowed): a request cannot make the server
 read arbitrary files, and NAME is one folder name (no ``/``, ``.`` or ``..``).
 When the server has an ``auth_token``, these routes need
-``Authorization: Bearer AUTH_TOKEN``. Success is 200 with ``{}`` (the index:
-the list); failure 400 (404 for a model the server does not know, 401, 403)
-with ``{"error": MESSAGE}``. docs/MODELS.md describes the whole lifecycle.
+``Authorization: Bearer AUTH_TOKEN``; with named tokens and no ``auth_token``,
+they are refused. Success is 200 with ``{}`` (the index: the list); failure
+400 (404 for a model the server does not know, 401, 403) with ``{"error": MESSAGE}``.
+docs/MODELS.md describes the whole lifecycle.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ def _server(request: web.Request) -> Server:
             raise HttpError(
                 401, "model administration needs 'Authorization: Bearer AUTH_TOKEN' (the server's auth_token)"
             )
+    elif server.config.tokens:  # frames need a token: models are not anyone's to unload (nor a producer's)
+        raise HttpError(403, "model administration needs the server's auth_token, which is not set (named tokens "
+                             "are producers': they do not administer models)")  # fmt: skip
     return server
 
 
