@@ -99,17 +99,18 @@ class Server:
         if cfg.model_repository:
             self._repository = RepositoryPoller(cfg.model_repository, models, self._loader)
             await self._repository.poll(initial=True)
-            self._repository.start(cfg.repository_poll_s)
         self._admission = admission = Admission(
             cfg, self._pool, models.specs, scheduler.submit, scheduler.submit_many, scheduler.withdraw
         )
-        models.specs_changed.append(self._models_changed)  # (the repository poller may load from now on)
+        models.specs_changed.append(self._models_changed)
         self.results.attach(admission.stream_results, cfg.results_top_k)  # every published result, as a line
         for listener in make_listeners(cfg.listeners, admission, segment):
             listener.server = self
             await listener.start()
             self._listeners.append(listener)
         self._sweep()
+        if self._repository is not None:  # its loads are announced to the listeners up: every one is now
+            self._repository.start(cfg.repository_poll_s)
         models.serving = True  # loads from now on pause for the loop (ModelManager._yielding)
         log.info(
             "streamgpu listening on %s, device %s, ring %d MiB",

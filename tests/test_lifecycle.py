@@ -518,6 +518,41 @@ async def test_the_repository_poll_loads_swaps_and_unloads(tmp_path: Path) -> No
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_model_the_repository_loads_while_the_ingest_workers_start_is_theirs_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The poller ran from before the listeners started; a model it loaded after the ingest workers were spawned
+    (with the models of then) and before their listener was up was announced to the listeners up, not to them:
+    its frames through the workers were UNKNOWN_MODEL until some later load or unload."""
+    from streamgpu.ingest.workers import WorkerListener
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    ready = WorkerListener._await_ready
+
+    async def ready_then_a_model_appears(self: WorkerListener, worker: Any) -> None:
+        await ready(self, worker)  # spawned, with the models served now
+        (repo / "late").mkdir()
+        (repo / "late" / "config.toml").write_text('source = "builtin:small"\ninput_shape = [16, 16, 3]\n')
+        for _ in range(200):  # the poller's chance to load it, if it runs
+            if "late" in self.admission.specs:
+                break
+            await asyncio.sleep(0.01)
+
+    monkeypatch.setattr(WorkerListener, "_await_ready", ready_then_a_model_appears)
+    cfg = config(spec(versioned(tmp_path, 1)), model_repository=str(repo), repository_poll_s=0.05, ingest_workers=1)
+    async with Server(cfg) as srv:
+        deadline = time.monotonic() + 10
+        while "late" not in srv.model_specs:
+            assert time.monotonic() < deadline, srv.model_index()
+            await asyncio.sleep(0.02)
+        conn = await client.connect("127.0.0.1", srv.port)
+        reply = await conn.infer(frames(1)[0], model="late")
+        await conn.close()
+        assert reply.ok, (reply.status, reply.message)
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
 async def test_a_repository_folder_whose_settings_are_refused_is_listed_with_why(tmp_path: Path) -> None:
     """MODELS.md: a model that fails to load is listed UNAVAILABLE with the reason (or its current version keeps
     serving). One whose config.toml was refused was only logged: absent from the index, or listed as serving
