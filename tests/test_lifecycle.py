@@ -258,7 +258,7 @@ async def test_a_stop_during_a_swap_answers_the_frames_still_running_on_the_old_
 ) -> None:
     """The scheduler counted only the new version's batches as in flight: a stop right after the switch found
     it idle, closed the connections and the frame in the old version's batch was never answered."""
-    slow_batches(monkeypatch, 0.5)
+    slow_batches(monkeypatch, 1.0)  # (the new version loads well within it)
     srv = Server(config(spec(versioned(tmp_path, 1))))
     await srv.start()
     conn = await client.connect("127.0.0.1", srv.port)
@@ -283,11 +283,12 @@ async def test_a_version_swapped_out_is_not_held_by_frames_pinned_to_it_that_lef
     """Frames queued at a swap with swap_queued = "received" are pinned to the old version; those that left the
     queue otherwise (deadline passed, producer gone) stayed pinned, holding the old version's module (its
     weights) and the frames after the swap returned, until the model's next frame came, if ever."""
-    slow_batches(monkeypatch, 0.3)
+    slow_batches(monkeypatch, 1.0)
     one = {"max_batch_size": 1, "batch_buckets": (1,)}
     async with Server(config(spec(versioned(tmp_path, 1), **one), max_inflight_batches=1)) as srv:
         conn = await client.connect("127.0.0.1", srv.port)
-        futs = [conn.submit(f, model="m", deadline=0.15 if i else None) for i, f in enumerate(frames(4))]
+        # Queued (pinned) at the swap, which takes well under 0.6 s; they pass their deadline behind the first
+        futs = [conn.submit(f, model="m", deadline=0.6 if i else None) for i, f in enumerate(frames(4))]
         while srv.metrics()["frames_in_flight"] < 4:
             await asyncio.sleep(0.005)
         module = weakref.ref(srv.serving("m")[0].module)  # type: ignore[index, union-attr]
