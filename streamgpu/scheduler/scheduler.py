@@ -403,7 +403,8 @@ class Scheduler:
             replica = self._place(queue, now, version or queue.replicas)
             if replica is None:
                 return  # every replica is full (or unusable): a batch ending dispatches again
-            waits = replica.in_flight or queue.spec.batch_policy == "fixed"
+            # (a queue being removed takes only stragglers admitted before: a fuller batch is not coming)
+            waits = (replica.in_flight or queue.spec.batch_policy == "fixed") and not queue.removed
             if waits and len(queue.frames) < replica.model.spec.max_batch_size:
                 oldest = queue.frames.oldest()
                 assert oldest is not None
