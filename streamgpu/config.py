@@ -212,13 +212,7 @@ class Config:
             problems.append(f"the models' sm_share values add up to {sum(shared.values()):g} ({shared}): every model "
                             "has a replica on each GPU, so they must add up to at most 1.0")  # fmt: skip
         for m in self.models:
-            if m.frame_nbytes > self.max_payload_bytes:
-                problems.append(f"model {m.name!r} frames ({m.frame_nbytes} bytes) exceed max_payload_bytes")
-            if self.max_frames_per_connection >= m.max_queue:
-                problems.append(
-                    f"max_frames_per_connection ({self.max_frames_per_connection}) must be below model "
-                    f"{m.name!r}'s max_queue ({m.max_queue}): one connection must not be able to fill a queue"
-                )
+            problems.extend(self.model_problems(m))
         problems.extend(self._worker_problems())
         problems.extend(self._shared_port_problems())
         if problems:
@@ -236,6 +230,19 @@ class Config:
             for other, other_host, other_port in users[:at]:
                 if port and port == other_port and (host == other_host or {host, other_host} & WILDCARD_HOSTS):
                     out.append(f"{name} and {other} both use port {port} on {host}: give each its own port")
+        return out
+
+    def model_problems(self, m: ModelSpec) -> list[str]:
+        """Why this server cannot serve model ``m`` (its settings against the server's): the config's models are
+        checked so, and every model loaded while serving (``ModelManager``)."""
+        out = []
+        if m.frame_nbytes > self.max_payload_bytes:
+            out.append(f"model {m.name!r} frames ({m.frame_nbytes} bytes) exceed max_payload_bytes")
+        if self.max_frames_per_connection >= m.max_queue:
+            out.append(
+                f"max_frames_per_connection ({self.max_frames_per_connection}) must be below model "
+                f"{m.name!r}'s max_queue ({m.max_queue}): one connection must not be able to fill a queue"
+            )
         return out
 
     def _worker_problems(self) -> list[str]:
@@ -306,7 +313,7 @@ class Config:
                     values.update(_from_toml(tomllib.load(f), path))
             except OSError as exc:
                 raise ConfigError(f"cannot read config file {path!r}: {exc.strerror}") from None
-            except tomllib.TOMLDecodeError as exc:
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:  # (TOML is UTF-8)
                 raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
         values.update(_from_env(os.environ if env is None else env))
         model_source = overrides.pop("model", None)

@@ -16,7 +16,6 @@ import time
 from typing import Any
 
 from streamgpu.config import Config
-from streamgpu.errors import ModelNotFoundError
 from streamgpu.gpu.backend import Backend, DeviceModel, create_backend
 from streamgpu.ingest import listener_class, make_listeners
 from streamgpu.ingest.admission import Admission
@@ -92,7 +91,7 @@ class Server:
         health = DeviceHealth(backend.devices)
         self._scheduler = scheduler = Scheduler(loop, self._run_batch, cfg.max_inflight_batches, health)
         self._runner = BatchRunner(backend, scheduler, cfg.watchdog_factor, cfg.watchdog_min_s)
-        self._models = models = ModelManager(backend, scheduler, self._loader)
+        self._models = models = ModelManager(backend, scheduler, self._loader, cfg.model_problems)
         for spec in cfg.models:
             await models.load(spec)
             if spec.source.startswith("builtin:"):
@@ -100,17 +99,18 @@ class Server:
         if cfg.model_repository:
             self._repository = RepositoryPoller(cfg.model_repository, models, self._loader)
             await self._repository.poll(initial=True)
-            self._repository.start(cfg.repository_poll_s)
         self._admission = admission = Admission(
             cfg, self._pool, models.specs, scheduler.submit, scheduler.submit_many, scheduler.withdraw
         )
-        models.specs_changed.append(self._models_changed)  # (the repository poller may load from now on)
+        models.specs_changed.append(self._models_changed)
         self.results.attach(admission.stream_results, cfg.results_top_k)  # every published result, as a line
         for listener in make_listeners(cfg.listeners, admission, segment):
             listener.server = self
             await listener.start()
             self._listeners.append(listener)
         self._sweep()
+        if self._repository is not None:  # its loads are announced to the listeners up: every one is now
+            self._repository.start(cfg.repository_poll_s)
         models.serving = True  # loads from now on pause for the loop (ModelManager._yielding)
         log.info(
             "streamgpu listening on %s, device %s, ring %d MiB",
@@ -241,10 +241,7 @@ class Server:
         version is freed after its last batch, before this returns. Raises ``ModelNotFoundError``
         when ``name`` is not served, ``ModelLoadError`` when the new version cannot be loaded.
         """
-        state = self._manager.states.get(name)
-        if state is None or state.models is None:
-            raise ModelNotFoundError(f"no model named {name!r} is being served (load it instead)")
-        return await self._manager.load(dataclasses.replace(spec, name=name))
+        return await self._manager.load(dataclasses.replace(spec, name=name), swap=True)
 
     async def unload_model(self, name: str) -> ModelState:
         """Stop serving ``name``: new frames get UNKNOWN_MODEL, queued ones run first, then its memory is freed."""

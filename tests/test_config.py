@@ -188,6 +188,14 @@ def test_bad_settings_say_what_to_fix(tmp_path: Path, toml: str, message: str) -
         Config.load(str(path), env={})
 
 
+def test_a_config_file_that_is_not_utf8_says_so(tmp_path: Path) -> None:
+    # TOML is UTF-8: tomllib raises UnicodeDecodeError (not TOMLDecodeError), which was a traceback
+    path = tmp_path / "c.toml"
+    path.write_bytes(b'[server]\nauth_token = "caf\xe9"\n')  # Latin-1
+    with pytest.raises(ConfigError, match=r"c.toml' is not valid TOML: 'utf-8' codec can't decode"):
+        Config.load(str(path), env={})
+
+
 def test_bad_environment_and_missing_file() -> None:
     with pytest.raises(ConfigError, match="STREAMGPU_PORT='x': port must be an integer"):
         Config.load(None, env={"STREAMGPU_PORT": "x"})

@@ -4,10 +4,12 @@ producer, load-time checks, several outputs and top-k end to end, the model repo
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import shutil
 import sys
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -251,6 +253,53 @@ async def test_frames_queued_at_a_swap_run_on_the_version_configured_and_unload_
 
 
 @pytest.mark.asyncio
+async def test_a_stop_during_a_swap_answers_the_frames_still_running_on_the_old_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scheduler counted only the new version's batches as in flight: a stop right after the switch found
+    it idle, closed the connections and the frame in the old version's batch was never answered."""
+    slow_batches(monkeypatch, 1.0)  # (the new version loads well within it)
+    srv = Server(config(spec(versioned(tmp_path, 1))))
+    await srv.start()
+    conn = await client.connect("127.0.0.1", srv.port)
+    running = conn.submit(frames(1)[0], model="m")
+    while srv.metrics()["frames_in_flight"] < 1:
+        await asyncio.sleep(0.005)
+    old = srv.serving("m")
+    swap = asyncio.create_task(srv.swap_model("m", spec(versioned(tmp_path, 2))))
+    while srv.serving("m") is old:  # switched: the old version's batch runs on
+        await asyncio.sleep(0.005)
+    assert srv.metrics()["models"]["m"]["in_flight_batches"] == 1
+    await srv.stop()
+    assert value(await running) == 1.0
+    assert (await swap).version == 2
+    await conn.close()
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_version_swapped_out_is_not_held_by_frames_pinned_to_it_that_left_the_queue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Frames queued at a swap with swap_queued = "received" are pinned to the old version; those that left the
+    queue otherwise (deadline passed, producer gone) stayed pinned, holding the old version's module (its
+    weights) and the frames after the swap returned, until the model's next frame came, if ever."""
+    slow_batches(monkeypatch, 1.0)
+    one = {"max_batch_size": 1, "batch_buckets": (1,)}
+    async with Server(config(spec(versioned(tmp_path, 1), **one), max_inflight_batches=1)) as srv:
+        conn = await client.connect("127.0.0.1", srv.port)
+        # Queued (pinned) at the swap, which takes well under 0.6 s; they pass their deadline behind the first
+        futs = [conn.submit(f, model="m", deadline=0.6 if i else None) for i, f in enumerate(frames(4))]
+        while srv.metrics()["frames_in_flight"] < 4:
+            await asyncio.sleep(0.005)
+        module = weakref.ref(srv.serving("m")[0].module)  # type: ignore[index, union-attr]
+        await srv.swap_model("m", spec(versioned(tmp_path, 2), swap_queued="received", **one))
+        assert [(await f).status for f in futs] == [Status.OK] + [Status.DEADLINE_MISSED] * 3
+        gc.collect()
+        assert module() is None
+        await conn.close()
+
+
+@pytest.mark.asyncio
 async def test_bad_sources_are_refused_and_the_model_keeps_serving(served: Server, tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.pt2"
     garbage.write_bytes(b"not a model" * 10)
@@ -263,9 +312,12 @@ async def test_bad_sources_are_refused_and_the_model_keeps_serving(served: Serve
         spec(versioned(tmp_path, 2), input_shape=(8, 8, 3)),  # a new version must take the same frames
     ]
     for source in bad:
-        with pytest.raises(ModelLoadError, match="'m'"):
+        with pytest.raises(ModelLoadError, match="'m'") as refused:
             await served.swap_model("m", source)
-        assert served.model_index()[0]["state"] == "READY" and "failed" in served.model_index()[0]["reason"]
+        # the index says why (a refusal of other frames left the previous failure's reason there)
+        entry = served.model_index()[0]
+        assert entry["state"] == "READY" and entry["reason"].endswith(str(refused.value)), entry
+        assert entry["reason"].startswith("version 2 failed to load (1 serves): ")
     with pytest.raises(ModelLoadError, match="'other'"):  # a new name that fails is listed UNAVAILABLE
         await served.load_model(spec("export:" + str(garbage), name="other"))
     producer.running = False
@@ -273,6 +325,19 @@ async def test_bad_sources_are_refused_and_the_model_keeps_serving(served: Serve
     assert {value(r) for r in producer.check()} == {1.0}
     assert {e["name"]: e["state"] for e in served.model_index()} == {"m": "READY", "other": "UNAVAILABLE"}
     await conn.close()
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_load_is_checked_against_the_server_settings_as_the_config_models_are(served: Server) -> None:
+    """The config refuses a model whose frames exceed max_payload_bytes (none could ever be taken: each is
+    refused TOO_LARGE) or whose max_queue one connection could fill; a load while serving took both, warming
+    up 200 MB frames at every bucket."""
+    too_large = spec("builtin:small", name="big", arch="", input_shape=(8192, 8192, 3))
+    with pytest.raises(ModelLoadError, match=r"model 'big' frames \(201326592 bytes\) exceed max_payload_bytes"):
+        await served.load_model(too_large)
+    with pytest.raises(ModelLoadError, match=r"max_frames_per_connection \(256\) must be below model 'm''s max_q"):
+        await served.swap_model("m", spec("builtin:small", arch="", max_queue=8))
+    assert {e["name"]: e["state"] for e in served.model_index()} == {"big": "UNAVAILABLE", "m": "READY"}
 
 
 class Linear(nn.Module):
@@ -454,6 +519,84 @@ async def test_the_repository_poll_loads_swaps_and_unloads(tmp_path: Path) -> No
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_model_the_repository_loads_while_the_ingest_workers_start_is_theirs_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The poller ran from before the listeners started; a model it loaded after the ingest workers were spawned
+    (with the models of then) and before their listener was up was announced to the listeners up, not to them:
+    its frames through the workers were UNKNOWN_MODEL until some later load or unload."""
+    from streamgpu.ingest.workers import WorkerListener
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    ready = WorkerListener._await_ready
+
+    async def ready_then_a_model_appears(self: WorkerListener, worker: Any) -> None:
+        await ready(self, worker)  # spawned, with the models served now
+        (repo / "late").mkdir()
+        (repo / "late" / "config.toml").write_text('source = "builtin:small"\ninput_shape = [16, 16, 3]\n')
+        for _ in range(200):  # the poller's chance to load it, if it runs
+            if "late" in self.admission.specs:
+                break
+            await asyncio.sleep(0.01)
+
+    monkeypatch.setattr(WorkerListener, "_await_ready", ready_then_a_model_appears)
+    cfg = config(spec(versioned(tmp_path, 1)), model_repository=str(repo), repository_poll_s=0.05, ingest_workers=1)
+    async with Server(cfg) as srv:
+        deadline = time.monotonic() + 10
+        while "late" not in srv.model_specs:
+            assert time.monotonic() < deadline, srv.model_index()
+            await asyncio.sleep(0.02)
+        conn = await client.connect("127.0.0.1", srv.port)
+        reply = await conn.infer(frames(1)[0], model="late")
+        await conn.close()
+        assert reply.ok, (reply.status, reply.message)
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_repository_folder_whose_settings_are_refused_is_listed_with_why(tmp_path: Path) -> None:
+    """MODELS.md: a model that fails to load is listed UNAVAILABLE with the reason (or its current version keeps
+    serving). One whose config.toml was refused was only logged: absent from the index, or listed as serving
+    with no word of the new version refused."""
+    repo = tmp_path / "repo"
+    for name in ("bad", "cam"):
+        (repo / name).mkdir(parents=True)
+    (repo / "bad" / "config.toml").write_text('source = "builtin:small"\nmax_batch_size = "x"\n')
+    (repo / "cam" / "config.toml").write_text('source = "builtin:small"\ninput_shape = [16, 16, 3]\n')
+    async with Server(config(model_repository=str(repo), repository_poll_s=0.05)) as srv:
+        index = {e["name"]: e for e in srv.model_index()}
+        assert index["bad"]["state"] == "UNAVAILABLE" and "max_batch_size must be an integer" in index["bad"]["reason"]
+        assert index["cam"]["state"] == "READY"
+        (repo / "cam" / "config.toml").write_text('source = "builtin:small"\ncolour = 1\n')
+        deadline = time.monotonic() + 10
+        while "colour" not in (cam := {e["name"]: e for e in srv.model_index()}["cam"])["reason"]:
+            assert time.monotonic() < deadline, cam
+            await asyncio.sleep(0.02)
+        assert cam["state"] == "READY" and cam["reason"].startswith("version 2 failed to load (1 serves): "), cam
+        assert "cam" in srv.model_specs
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_repository_config_toml_that_is_not_utf8_is_refused_like_bad_toml(tmp_path: Path) -> None:
+    """tomllib raises UnicodeDecodeError (not TOMLDecodeError) for such a file: the server failed to start
+    (the initial scan raises nothing), and a load of it over HTTP was a 500."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from streamgpu.web.app import create_app
+
+    repo = tmp_path / "repo"
+    for name in ("bad", "good"):
+        (repo / name).mkdir(parents=True)
+    (repo / "bad" / "config.toml").write_bytes(b'source = "builtin:small"\narch = "\xff"\n')
+    (repo / "good" / "config.toml").write_text('source = "builtin:small"\ninput_shape = [16, 16, 3]\n')
+    async with Server(config(model_repository=str(repo), repository_poll_s=60)) as srv:
+        assert list(srv.model_specs) == ["good"]
+        async with TestClient(TestServer(create_app(srv))) as http:
+            r = await http.post("/v2/repository/models/bad/load")
+            assert r.status == 400 and "config.toml: cannot read it" in (await r.json())["error"]
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
 async def test_admin_routes_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from aiohttp.test_utils import TestClient, TestServer
 
@@ -471,7 +614,9 @@ async def test_admin_routes_and_cli(tmp_path: Path, capsys: pytest.CaptureFixtur
         r = await http.post("/v2/repository/index")
         assert r.status == 401 and "Bearer" in (await r.json())["error"]
         r = await http.post("/v2/repository/index", headers=auth)
-        assert await r.json() == [{"name": "m", "version": "1", "state": "READY", "reason": ""}]
+        cam, m = await r.json()  # cam's folder holds no model.pt2 nor config.toml yet: listed with why
+        assert cam["state"] == "UNAVAILABLE" and "put one of ['model.pt2', 'model.ts'] there" in cam["reason"]
+        assert m == {"name": "m", "version": "1", "state": "READY", "reason": ""}
         # A new version of m from settings (a path relative to the repository folder of m... here cam's)
         settings = {"source": "state_dict:" + str(repo / "cam" / "weights.pt"), "arch": "small",
                     "input_shape": list(SHAPE), "max_batch_size": 4}  # fmt: skip
@@ -488,7 +633,8 @@ async def test_admin_routes_and_cli(tmp_path: Path, capsys: pytest.CaptureFixtur
                             json={"parameters": {"config": {"max_batch_size": 0}}})  # fmt: skip
         assert r.status == 400 and "max_batch_size" in (await r.json())["error"]
         # A name is a folder of the repository: none reaching out of it (or faking log lines) is looked up.
-        for bad in ("%2E%2E", "%2E%2E%2F%2E%2E%2Fetc", "a%0Ab", "%2E"):  # as sent: no client normalizes them
+        # (as sent: no client normalizes them; NEL and U+2028 are line breaks too, to str.splitlines and others)
+        for bad in ("%2E%2E", "%2E%2E%2F%2E%2E%2Fetc", "a%0Ab", "%2E", "a%C2%85b", "a%E2%80%A8b"):
             target = URL(str(http.make_url("")).rstrip("/") + f"/v2/repository/models/{bad}/load", encoded=True)
             for body in (None, {"parameters": {"config": {"source": "builtin:small", "input_shape": list(SHAPE)}}}):
                 r = await http.session.post(target, headers=auth, json=body)
@@ -516,6 +662,25 @@ async def test_admin_routes_and_cli(tmp_path: Path, capsys: pytest.CaptureFixtur
         assert await asyncio.to_thread(cli.main, ["admin", "unload", url, "m", "--token", "sesame"]) == 1
         assert "HTTP 404" in capsys.readouterr().err
         await conn.close()
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_model_administration_is_not_open_on_a_server_with_named_tokens_only(tmp_path: Path) -> None:
+    """Named tokens gate the frames (and warn of nothing at start), but the admin routes asked only for the
+    auth_token: without one, anyone reaching the HTTP port could unload every model. A producer's token does
+    not administer models either."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from streamgpu.config import TokenSpec
+    from streamgpu.web.app import create_app
+
+    cfg = config(spec(versioned(tmp_path, 1)), tokens={"cam": TokenSpec("cam-key")})
+    async with Server(cfg) as srv, TestClient(TestServer(create_app(srv))) as http:
+        for headers in ({}, {"Authorization": "Bearer cam-key"}):
+            for route in ("models/m/unload", "index", "models/x/load"):
+                r = await http.post(f"/v2/repository/{route}", headers=headers)
+                assert r.status == 403 and "auth_token" in (await r.json())["error"], (route, await r.text())
+        assert srv.model_index() == [{"name": "m", "version": "1", "state": "READY", "reason": ""}]
 
 
 @pytest.mark.asyncio
@@ -568,6 +733,45 @@ async def test_an_unload_cancelled_while_it_is_announced_still_ends(served: Serv
         await served.unload_model("m")  # after the first, which ran on
     served._manager.specs_changed.remove(slow_listener)
     assert served.model_index()[0]["state"] == "UNAVAILABLE" and "m" not in served.model_specs
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_load_or_unload_after_stop_says_the_server_stopped(tmp_path: Path) -> None:
+    """After stop, a load failed on the shut loader thread ('cannot schedule new futures after shutdown', the name
+    then listed UNAVAILABLE for that reason) and an unload raised that RuntimeError itself, the model listed
+    'unloaded'."""
+    srv = Server(config(spec(versioned(tmp_path, 1))))
+    await srv.start()
+    await srv.stop()
+    index = srv.model_index()
+    with pytest.raises(ModelLoadError, match="model 'x': the server has stopped"):
+        await srv.load_model(spec("builtin:small", name="x", arch=""))
+    with pytest.raises(ModelNotFoundError, match="no model named 'm' is being served: the server has stopped"):
+        await srv.unload_model("m")
+    assert srv.model_index() == index
+
+
+@pytest.mark.asyncio
+async def test_a_swap_asked_during_an_unload_finds_the_model_unloaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Operations on a name run in the order asked: a swap asked while an unload drains the queue comes after it,
+    and there is no model to swap then. It checked before waiting its turn, so it loaded the model back."""
+    slow_batches(monkeypatch, 0.2)
+    async with Server(config(spec(versioned(tmp_path, 1)), max_inflight_batches=1)) as srv:
+        conn = await client.connect("127.0.0.1", srv.port)
+        futs = [conn.submit(f, model="m") for f in frames(3)]
+        while srv.metrics()["frames_in_flight"] < 3:
+            await asyncio.sleep(0.005)
+        unload = asyncio.create_task(srv.unload_model("m"))
+        while srv.model_index()[0]["state"] != "UNLOADING":
+            await asyncio.sleep(0.005)
+        with pytest.raises(ModelNotFoundError, match="no model named 'm' is being served"):
+            await srv.swap_model("m", spec(versioned(tmp_path, 2)))
+        await unload
+        assert srv.model_index() == [{"name": "m", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"}]
+        assert [value(await f) for f in futs] == [1.0] * 3
+        await conn.close()
 
 
 async def load_and_stop_waiting(served: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

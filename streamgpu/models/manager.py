@@ -46,11 +46,12 @@ class ModelState:
     """One model name: its serving version (``models``, its instances on each device; None when not serving),
     state and last error.
 
-    ``version`` counts the versions loaded under this name since the server started (1 = first).
+    ``version`` counts the versions loaded under this name since the server started (1 = first). ``spec``:
+    the settings it was last loaded with (None: a repository folder whose settings were refused, never loaded).
     """
 
     name: str
-    spec: ModelSpec
+    spec: ModelSpec | None
     version: int = 0
     state: str = LOADING
     reason: str = ""
@@ -64,8 +65,16 @@ class ModelState:
 class ModelManager:
     """Loads, swaps and unloads the models of one server (every method on the loop thread)."""
 
-    def __init__(self, backend: Backend, scheduler: Scheduler, loader: concurrent.futures.Executor) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        scheduler: Scheduler,
+        loader: concurrent.futures.Executor,
+        problems: Callable[[ModelSpec], list[str]],
+    ) -> None:
+        """``problems``: why the server cannot serve a spec, whatever its file (``Config.model_problems``)."""
         self._backend = backend
+        self._problems = problems
         self._scheduler = scheduler
         self._loader = loader
         self.specs: dict[str, ModelSpec] = {}  # the models taking frames now (admission reads it)
@@ -79,6 +88,7 @@ class ModelManager:
         self.serving = False  # frames are being taken (the server sets it once its listeners run)
         # Loads and unloads in progress (run to their end whoever waits: ``_to_its_end``); ``close`` ends them
         self._running: set[asyncio.Task[ModelState]] = set()
+        self._closed = False  # the server stopped: its loader thread and backend are gone
 
     def _build(self, spec: ModelSpec, paced: bool) -> list[DeviceModel]:
         """``spec.instances`` instances per device (each from a fresh module: a load may move it in place);
@@ -105,34 +115,41 @@ class ModelManager:
         if failed is not None:
             raise failed
 
-    async def load(self, spec: ModelSpec) -> ModelState:
+    async def load(self, spec: ModelSpec, swap: bool = False) -> ModelState:
         """Load ``spec``; under a name already served this is a new version, swapped in between two
         batches once it is loaded and warmed, the old one freed after its last batch.
 
         Returns once the new version serves and the old one is freed. Raises ``ModelLoadError``
-        (the current version, if any, keeps serving). A load runs to its end even when its caller
+        (the current version, if any, keeps serving); ``swap``: ``ModelNotFoundError`` when the name is not
+        served once the operations asked before on it have run. A load runs to its end even when its caller
         stops waiting (cancelled: a timeout, an HTTP client that left): stopped halfway, it left the
         model LOADING for good and its instances, built in the loader thread, never freed.
         """
-        return await self._to_its_end(self._load(spec), f"model {spec.name}: a load")
+        if self._closed:
+            raise ModelLoadError(f"model {spec.name!r}: the server has stopped")
+        return await self._to_its_end(self._load(spec, swap), f"model {spec.name}: a load")
 
-    async def _load(self, spec: ModelSpec) -> ModelState:
+    async def _load(self, spec: ModelSpec, swap: bool) -> ModelState:
         loop = asyncio.get_running_loop()
         async with self._lock(spec.name):
             state = self.states.get(spec.name)
             serving = state.models if state is not None else None
-            if serving is not None and not state.spec.same_frames(spec):  # type: ignore[union-attr]
-                old_spec = serving[0].spec
-                raise ModelLoadError(
-                    f"model {spec.name!r} takes {old_spec.input_dtype} {list(old_spec.input_shape)} frames; "
-                    f"a new version must take the same frames, not {spec.input_dtype} {list(spec.input_shape)} "
-                    "(unload it first, or load the new one under another name)"
-                )
+            if swap and serving is None:  # (unloaded by an operation asked before this one, or never served)
+                raise ModelNotFoundError(f"no model named {spec.name!r} is being served (load it instead)")
             if state is None:
                 state = self.states[spec.name] = ModelState(spec.name, spec)
             if serving is None:
                 state.state, state.reason = LOADING, ""
-            try:
+            try:  # every refusal below is listed in the index (the reason), the version serving kept
+                if problems := self._problems(spec):
+                    raise ModelLoadError("; ".join(problems))
+                old_spec = serving[0].spec if serving is not None else spec
+                if not old_spec.same_frames(spec):
+                    raise ModelLoadError(
+                        f"model {spec.name!r} takes {old_spec.input_dtype} {list(old_spec.input_shape)} frames; "
+                        f"a new version must take the same frames, not {spec.input_dtype} {list(spec.input_shape)} "
+                        "(unload it first, or load the new one under another name)"
+                    )
                 with self._loop_first():
                     # Paced while frames are taken (not at start), except a compiling load: the hook would
                     # slow dynamo's tracing of the model 5-8x (docs/MODELS.md).
@@ -141,10 +158,7 @@ class ModelManager:
             except Exception as exc:
                 error = exc if isinstance(exc, ModelLoadError) else ModelLoadError(
                     f"model {spec.name!r}: cannot load {spec.source!r}: {type(exc).__name__}: {exc}")  # fmt: skip
-                if serving is None:
-                    state.state, state.reason = UNAVAILABLE, str(error)
-                else:
-                    state.reason = f"version {state.version + 1} failed to load ({state.version} serves): {error}"
+                self.refused(spec.name, str(error))
                 raise error from exc
             state.version += 1
             state.spec, state.models, state.state, state.reason = spec, models, READY, ""
@@ -161,11 +175,22 @@ class ModelManager:
             await loop.run_in_executor(self._loader, self._free, old)
             return state
 
+    def refused(self, name: str, reason: str) -> None:
+        """A version of ``name`` was refused for ``reason`` (its file, or its settings before any load): the
+        index says why, and that the current version (if any) serves on."""
+        state = self.states.setdefault(name, ModelState(name, None))
+        if state.models is None:
+            state.state, state.reason = UNAVAILABLE, reason
+        else:
+            state.reason = f"version {state.version + 1} failed to load ({state.version} serves): {reason}"
+
     async def unload(self, name: str) -> ModelState:
         """Stop taking frames for ``name`` (UNKNOWN_MODEL from now on), finish the queued ones, free it.
 
         Runs to its end even when its caller stops waiting: stopped while the queued frames run, it left
         the model UNLOADING, refusing frames with its memory held."""
+        if self._closed:
+            raise ModelNotFoundError(f"no model named {name!r} is being served: the server has stopped")
         return await self._to_its_end(self._unload(name), f"model {name}: an unload")
 
     async def _unload(self, name: str) -> ModelState:
@@ -225,7 +250,8 @@ class ModelManager:
 
     async def close(self) -> None:
         """End the loads and unloads still running (their callers gone): the server stops, and they would
-        run on past it, onto its freed backend and shut loader thread."""
+        run on past it, onto its freed backend and shut loader thread; later ones are refused."""
+        self._closed = True
         running = list(self._running)
         for task in running:
             task.cancel()

@@ -62,7 +62,7 @@ def folder_spec(folder: str) -> ModelSpec:
         try:
             with open(config_path, "rb") as f:
                 settings = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:  # (TOML is UTF-8)
             raise StreamgpuError(f"{where}: cannot read it: {exc}") from None
         if "name" in settings:
             raise StreamgpuError(f"{where}: 'name' is the folder's name, not a setting")
@@ -157,8 +157,6 @@ class RepositoryPoller:
                 spec = await loop.run_in_executor(self._executor, folder_spec, os.path.join(self.directory, name))
                 log.info("model repository: loading %s from %s", name, spec.source)
                 await self._models.load(spec)
-            except StreamgpuError as exc:
+            except StreamgpuError as exc:  # its settings, or the load (which listed it so already: the same words)
                 log.error("model repository: %s not loaded: %s", name, exc)
-                state = self._models.states.get(name)
-                if state is not None and state.models is None:
-                    state.reason = str(exc)
+                self._models.refused(name, str(exc))

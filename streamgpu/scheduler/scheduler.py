@@ -128,7 +128,7 @@ class ModelQueue:
 
     @property
     def in_flight(self) -> int:
-        return sum(r.in_flight for r in self.replicas)
+        return len(self.tasks)  # (a version swapped out finishes its batches too: the replicas are the new one's)
 
     def cancel_timer(self, frame: Frame) -> None:
         timer = self.deadline_timers.pop(frame, None)
@@ -204,6 +204,9 @@ class Scheduler:
                 await asyncio.wait(set(queue.tasks), return_when=asyncio.FIRST_COMPLETED)
             else:
                 await asyncio.sleep(0.001)  # pinned frames waiting for their batch to form
+        served = self._queues.get(models[0].spec.name) if models else None
+        if served is not None and served.pinned:  # the pins of frames that left the queue otherwise held the version
+            self._pinned_version(served)
 
     async def remove_model(self, name: str) -> list[DeviceModel]:
         """Stop taking frames for ``name`` (UNKNOWN_MODEL), run the queued ones, then forget it.
@@ -400,8 +403,9 @@ class Scheduler:
             replica = self._place(queue, now, version or queue.replicas)
             if replica is None:
                 return  # every replica is full (or unusable): a batch ending dispatches again
-            waits = replica.in_flight or queue.spec.batch_policy == "fixed"
-            if waits and len(queue.frames) < queue.spec.max_batch_size:
+            # (a queue being removed takes only stragglers admitted before: a fuller batch is not coming)
+            waits = (replica.in_flight or queue.spec.batch_policy == "fixed") and not queue.removed
+            if waits and len(queue.frames) < replica.model.spec.max_batch_size:
                 oldest = queue.frames.oldest()
                 assert oldest is not None
                 due = min(oldest.complete_ns / 1e9 + queue.spec.max_queue_delay_ms / 1e3, queue.latest_start)
@@ -427,7 +431,9 @@ class Scheduler:
         return best
 
     def _batch_size(self, queue: ModelQueue, replica: Replica, now: float) -> int:
-        spec = queue.spec
+        # The version the batch runs on: frames pinned to an older one (swap_queued = "received") must not be
+        # batched by the new version's max_batch_size, past the buckets the old one was captured for
+        spec = replica.model.spec
         n = min(len(queue.frames), spec.max_batch_size)
         if not spec.latency_target_ms:
             return n

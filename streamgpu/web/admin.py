@@ -14,9 +14,10 @@ last settings. Over HTTP a file ``source`` must lie inside ``model_repository``
 (``builtin:`` sources are always allowed): a request cannot make the server
 read arbitrary files, and NAME is one folder name (no ``/``, ``.`` or ``..``).
 When the server has an ``auth_token``, these routes need
-``Authorization: Bearer AUTH_TOKEN``. Success is 200 with ``{}`` (the index:
-the list); failure 400 (404 for a model the server does not know, 401, 403)
-with ``{"error": MESSAGE}``. docs/MODELS.md describes the whole lifecycle.
+``Authorization: Bearer AUTH_TOKEN``; with named tokens and no ``auth_token``,
+they are refused. Success is 200 with ``{}`` (the index: the list); failure
+400 (404 for a model the server does not know, 401, 403) with ``{"error": MESSAGE}``.
+docs/MODELS.md describes the whole lifecycle.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ def _server(request: web.Request) -> Server:
             raise HttpError(
                 401, "model administration needs 'Authorization: Bearer AUTH_TOKEN' (the server's auth_token)"
             )
+    elif server.config.tokens:  # frames need a token: models are not anyone's to unload (nor a producer's)
+        raise HttpError(403, "model administration needs the server's auth_token, which is not set (named tokens "
+                             "are producers': they do not administer models)")  # fmt: skip
     return server
 
 
@@ -128,10 +132,11 @@ async def index(request: web.Request) -> web.Response:
 
 def _check_name(name: str) -> None:
     """A name loaded over HTTP is one folder of the model repository (as Triton's are): never one that
-    reaches out of it (``..``, an encoded ``/``), nor control characters (they would fake log lines)."""
-    if name in (".", "..") or os.path.basename(name) != name or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+    reaches out of it (``..``, an encoded ``/``), nor control characters or line separators (they would fake
+    log lines: NEL and U+2028 break lines too)."""
+    if name in (".", "..") or os.path.basename(name) != name or not name.isprintable():
         raise HttpError(
-            400, f"model name {name!r} is not a plain folder name (no '/', control characters, '.' or '..')"
+            400, f"model name {name!r} is not a plain folder name (no '/', unprintable characters, '.' or '..')"
         )
 
 

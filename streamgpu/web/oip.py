@@ -119,7 +119,9 @@ async def model_metadata(request: web.Request) -> web.Response:
         spec = _spec(request)
     except HttpError as exc:
         return error_response(exc.status, exc.message)
-    output = _output_shapes(request.app).get(spec.name)  # known once the model has answered a frame
+    # Known once this version answered a frame (one swapped out or unloaded since may have returned another shape)
+    learned = _output_shapes(request.app).get(spec.name)
+    output = learned[1] if learned is not None and learned[0] is spec else None
     return web.json_response({
         "name": spec.name,
         "versions": [MODEL_VERSION],
@@ -129,11 +131,12 @@ async def model_metadata(request: web.Request) -> web.Response:
     })  # fmt: skip
 
 
-# Each model's output shape (one frame's), learned from its first result: metadata says -1 before.
-_OUTPUT_SHAPES: web.AppKey[dict[str, tuple[int, ...]]] = web.AppKey("streamgpu.oip.output_shapes")
+# Each model's output shape (one frame's), learned from its first result, with the spec of the version that
+# returned it: metadata says -1 before.
+_OUTPUT_SHAPES: web.AppKey[dict[str, tuple[ModelSpec, tuple[int, ...]]]] = web.AppKey("streamgpu.oip.output_shapes")
 
 
-def _output_shapes(app: web.Application) -> dict[str, tuple[int, ...]]:
+def _output_shapes(app: web.Application) -> dict[str, tuple[ModelSpec, tuple[int, ...]]]:
     return app[_OUTPUT_SHAPES]
 
 
@@ -357,7 +360,7 @@ async def _infer(request: web.Request, spec: ModelSpec, admission: Admission, pr
     assert all(r is not None for r in results)
     out = np.stack(results) if req.batched else results[0]  # type: ignore[arg-type]
     assert out is not None
-    _output_shapes(request.app)[spec.name] = tuple(out.shape[1:] if req.batched else out.shape)
+    _output_shapes(request.app)[spec.name] = spec, tuple(out.shape[1:] if req.batched else out.shape)
     return _response(spec, req, out, outcomes)
 
 

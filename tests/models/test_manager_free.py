@@ -25,7 +25,7 @@ def test_a_failed_unload_on_one_gpu_still_frees_the_model_on_the_others() -> Non
     # devices = [0, 1], GPU 0 lost: unloading a model (or its old version after a swap) stopped at GPU 0,
     # so GPU 1, still serving, kept its memory and its SM share, refused to every other model.
     backend = LostFirstDevice()
-    manager = ModelManager(backend, None, None)  # type: ignore[arg-type]
+    manager = ModelManager(backend, None, None, None)  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="illegal memory access"):
         manager._free(["on cuda:0", "on cuda:1"])  # type: ignore[list-item]
     assert backend.unloaded == ["on cuda:1"]

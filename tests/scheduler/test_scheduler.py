@@ -585,3 +585,33 @@ async def test_a_frame_admitted_for_a_model_reloaded_taking_other_frames_is_refu
     await h.settle()
     assert h.rejected[-1][:2] == (2, Status.UNKNOWN_MODEL)
     assert h.batches == []
+
+
+@pytest.mark.asyncio
+async def test_frames_pinned_to_the_old_version_run_in_batches_it_can_take() -> None:
+    """With ``swap_queued = "received"`` the frames queued at a swap run on the old version, but were batched
+    by the new version's max_batch_size: a batch of 8 on a version captured for 1 (its graphs and buffers
+    hold one frame; a static-batch export fails it, as on the CPU backend every frame INTERNAL_ERROR)."""
+    h = Harness(latency=lambda m, n: 0.02)
+    sched = h.start(spec(max_batch_size=1))
+    for i in range(7):
+        h.submit(i)
+    await asyncio.sleep(0)  # the first batch starts (on the old version); six frames wait
+    old = h.instances[0]
+    sched.swap_model([FakeModel(spec(max_batch_size=8, swap_queued="received"))])
+    await asyncio.wait_for(sched.released([old]), 5)
+    on_old = [len(seqs) for (_, seqs, _), model in zip(h.batches, h.instances, strict=True) if model is old]
+    assert sorted(h.done) == list(range(7)) and on_old == [1] * 7, on_old
+
+
+@pytest.mark.asyncio
+async def test_an_unload_runs_the_queued_frames_without_waiting_for_a_fuller_batch() -> None:
+    """Once a model is being removed no frame joins its queue: waiting max_queue_delay_ms for a fuller batch (the
+    fixed policy, or behind a batch in flight) only held the unload and the queued frames' producers that long."""
+    h = Harness(latency=lambda m, n: 0.01)
+    sched = h.start(spec(batch_policy="fixed", max_queue_delay_ms=5000))
+    for i in range(3):
+        h.submit(i)
+    started = time.perf_counter()
+    await asyncio.wait_for(sched.remove_model("m"), 10)
+    assert sorted(h.done) == [0, 1, 2] and time.perf_counter() - started < 1.0, time.perf_counter() - started

@@ -7,6 +7,7 @@ Results equal the TCP path's (streamgpu.client) on the same server; every bad re
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import socket
@@ -518,5 +519,25 @@ async def test_models_loaded_and_unloaded_while_serving_are_the_ones_served(serv
         with pytest.raises(InferenceServerException, match="unknown model") as info:
             await c.get_model_metadata("user")
         assert info.value.status() == "404"
+    finally:
+        await c.close()
+
+
+@ONE_LOOP
+async def test_metadata_forgets_the_output_shape_of_a_version_swapped_out(server: Server, tmp_path: Path) -> None:
+    """The output shape metadata gives is learned from a result; a new version returning another shape kept the
+    old version's in the metadata until it answered an HTTP request itself."""
+    c = tritonaio.InferenceServerClient(f"127.0.0.1:{http_port(server)}")
+    narrow = tmp_path / "narrow.ts"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(USER_SHAPE[0], 2)), str(narrow))
+    try:
+        inp = tritonaio.InferInput("input", [1, *USER_SHAPE], "FP32")
+        inp.set_data_from_numpy(np.zeros((1, *USER_SHAPE), np.float32))
+        assert (await c.infer("user", [inp])).as_numpy("output").shape == (1, 4)
+        assert (await c.get_model_metadata("user"))["outputs"][0]["shape"] == [-1, 4]
+        await server.swap_model("user", dataclasses.replace(server.model_specs["user"], source=f"torchscript:{narrow}"))
+        assert (await c.get_model_metadata("user"))["outputs"][0]["shape"] == [-1, -1]  # not known yet
+        assert (await c.infer("user", [inp])).as_numpy("output").shape == (1, 2)
+        assert (await c.get_model_metadata("user"))["outputs"][0]["shape"] == [-1, 2]
     finally:
         await c.close()
