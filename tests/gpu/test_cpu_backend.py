@@ -60,3 +60,39 @@ async def test_batch_results_and_service_time(instant: bool) -> None:
         expected = build_builtin("small")(preprocess_torch(torch.from_numpy(frames), SPEC, torch.float32)).numpy()
     np.testing.assert_allclose(results, expected, rtol=1e-4, atol=1e-4)
     backend.close()
+
+
+class KeepsItsOutput(torch.nn.Module):
+    """Returns one buffer it keeps and writes again at every call (the batch's mean pixel, per frame)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = torch.nn.Buffer(torch.zeros(64, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.out[: len(x)]
+        out[:] = x.float().mean(dim=(1, 2, 3)).unsqueeze(1)
+        return out
+
+
+@pytest.mark.asyncio
+async def test_a_batchs_results_are_its_own_when_the_module_reuses_its_output() -> None:
+    """A batch's results stay as they were once the next batch has run: sinks write them out later, without a
+    copy (``BatchRun``), so the backend must not hand out a buffer the module writes again."""
+    spec = ModelSpec(input_shape=(2, 2, 1), preprocess="none", max_batch_size=4, batch_buckets=(4,))
+    backend = CpuBackend(asyncio.get_running_loop(), Config(device="cpu"))
+    host = np.zeros(1 << 16, np.uint8)
+    backend.attach_host(host)
+    ring = SlotPool(host)
+    model = backend.load(spec, KeepsItsOutput())
+    results = []
+    for value in (10, 20):
+        slot = ring.reserve(spec.frame_nbytes)
+        assert slot is not None
+        ring.array(slot)[:] = value
+        run = backend.launch(model, [slot])
+        await run.copied
+        results.append(await run.done)
+        ring.release(slot)
+    assert [float(np.asarray(r)[0, 0]) for r in results] == [10.0, 20.0]
+    backend.close()
