@@ -32,3 +32,7 @@ class ModelNotFoundError(StreamgpuError, LookupError):
 
 class BindError(StreamgpuError, OSError):
     """A listener's address cannot be bound (in use, not local, no permission); the message names it."""
+
+
+class ServerNotStartedError(StreamgpuError, RuntimeError):
+    """A ``Server`` method that needs it running was called before ``start()`` (or ``async with``)."""

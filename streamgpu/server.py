@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from streamgpu.config import Config
+from streamgpu.errors import ServerNotStartedError
 from streamgpu.gpu.backend import Backend, DeviceModel, create_backend
 from streamgpu.ingest import listener_class, make_listeners
 from streamgpu.ingest.admission import Admission
@@ -55,6 +56,10 @@ class Server:
         self._models: ModelManager | None = None
         self._repository: RepositoryPoller | None = None
         self._listeners: list[Listener] = []
+        # Set once start() has every listener up, or has failed: a model loaded before would be missed by the
+        # listeners still starting (their ingest workers learn the models at their spawn)
+        self._up = asyncio.Event()
+        self._start_called = False
         cfg = self.config
         self.results: Results = results_from(cfg.results_port, cfg.results_host, cfg.results_file, cfg.max_connections)
         self._sweeper: asyncio.TimerHandle | None = None
@@ -65,11 +70,14 @@ class Server:
     # -- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._start_called = True
         try:
             await self._start()
         except BaseException:
             await self._release()
             raise
+        finally:
+            self._up.set()
 
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -231,7 +239,7 @@ class Server:
         the loader thread while every model keeps serving. Raises ``ModelLoadError`` (the version
         serving under that name, if any, keeps serving).
         """
-        return await self._manager.load(spec)
+        return await (await self._manager_up()).load(spec)
 
     async def swap_model(self, name: str, spec: ModelSpec) -> ModelState:
         """Replace model ``name`` by a new version built from ``spec`` (its ``name`` is set to ``name``).
@@ -241,11 +249,11 @@ class Server:
         version is freed after its last batch, before this returns. Raises ``ModelNotFoundError``
         when ``name`` is not served, ``ModelLoadError`` when the new version cannot be loaded.
         """
-        return await self._manager.load(dataclasses.replace(spec, name=name), swap=True)
+        return await (await self._manager_up()).load(dataclasses.replace(spec, name=name), swap=True)
 
     async def unload_model(self, name: str) -> ModelState:
         """Stop serving ``name``: new frames get UNKNOWN_MODEL, queued ones run first, then its memory is freed."""
-        return await self._manager.unload(name)
+        return await (await self._manager_up()).unload(name)
 
     def model_index(self) -> list[dict[str, Any]]:
         """Every model name known (serving or not): name, version, state (READY, LOADING, UNLOADING,
@@ -269,8 +277,16 @@ class Server:
 
     @property
     def _manager(self) -> ModelManager:
-        assert self._models is not None, "server not started"
+        if self._models is None:
+            raise ServerNotStartedError("the server is not started: call start() first (or use async with Server)")
         return self._models
+
+    async def _manager_up(self) -> ModelManager:
+        """The model manager, once start() is done: a load, swap or unload asked meanwhile (from the embedding
+        API, or an HTTP listener already up) waits for the listeners still starting."""
+        if self._start_called:
+            await self._up.wait()
+        return self._manager
 
     # -- state --------------------------------------------------------------------
 

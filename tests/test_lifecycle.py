@@ -554,6 +554,36 @@ async def test_a_model_the_repository_loads_while_the_ingest_workers_start_is_th
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_model_loaded_through_the_api_while_the_server_starts_reaches_its_ingest_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load asked while start() still starts the listeners (their ingest workers spawned with the models of
+    then) waits for start() to end, so that every listener learns of it: it was announced to the listeners up
+    then, and its frames through the workers were UNKNOWN_MODEL. Before start(), such a call says so."""
+    from streamgpu.errors import ServerNotStartedError
+    from streamgpu.ingest.workers import WorkerListener
+
+    srv = Server(config(spec(versioned(tmp_path, 1)), ingest_workers=1))
+    with pytest.raises(ServerNotStartedError, match="start"):
+        await srv.load_model(spec("builtin:small", name="early"))
+    ready = WorkerListener._await_ready
+    loads: list[asyncio.Task[Any]] = []
+
+    async def ready_then_a_load(self: WorkerListener, worker: Any) -> None:
+        await ready(self, worker)  # spawned, with the models served now
+        loads.append(asyncio.create_task(srv.load_model(spec("builtin:small", name="late"))))
+        await asyncio.sleep(0.5)  # (time for a load not held back to run)
+
+    monkeypatch.setattr(WorkerListener, "_await_ready", ready_then_a_load)
+    async with srv:
+        await loads[0]
+        conn = await client.connect("127.0.0.1", srv.port)
+        reply = await conn.infer(frames(1)[0], model="late")
+        await conn.close()
+        assert reply.ok, (reply.status, reply.message)
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
 async def test_a_repository_folder_whose_settings_are_refused_is_listed_with_why(tmp_path: Path) -> None:
     """MODELS.md: a model that fails to load is listed UNAVAILABLE with the reason (or its current version keeps
     serving). One whose config.toml was refused was only logged: absent from the index, or listed as serving
