@@ -127,6 +127,7 @@ SECOND_LISTENER = '[[server.listeners]]\nkind = "tcp"\n[[server.listeners]]\n'  
         ("[server]\nmin_receive_rate = 0\n", "min_receive_rate must be >= 1"),
         ("[server]\nhello_timeout_s = nan\n", "hello_timeout_s must be a finite number of seconds"),
         ("[[models]]\ndefault_deadline_ms = inf\n", "default_deadline_ms must be a finite number"),
+        ("[[models]]\nmax_batch_size = 100000\n", "max_batch_size (100000) must be at most max_queue (1024)"),
         # wrong types name the setting and the type it needs (used to be a TypeError from a comparison)
         ('[server]\nport = "7883"\n', "server.port must be an integer, got '7883' (str)"),
         ("[server]\ncuda_kernels = 1\n", "server.cuda_kernels must be true or false, got 1 (int)"),

@@ -120,6 +120,10 @@ class ModelSpec:
             out.append(f"swap_queued must be one of {SWAP_QUEUED}, got {self.swap_queued!r}")
         if self.max_queue < 1:
             out.append("max_queue must be >= 1")
+        elif self.max_batch_size > self.max_queue:  # (a typo's batch of 100000 would be warmed up at load)
+            out.append(f"max_batch_size ({self.max_batch_size}) must be at most max_queue ({self.max_queue}): a batch "
+                       "is taken from the model's queue, which never holds more; raise max_queue or lower "
+                       "max_batch_size")  # fmt: skip
         times = {"max_queue_delay_ms": self.max_queue_delay_ms, "default_deadline_ms": self.default_deadline_ms,
                  "latency_target_ms": self.latency_target_ms}  # fmt: skip
         for key, value in times.items():
