@@ -444,6 +444,9 @@ def model_spec(entry: Any, where: str, **fixed: Any) -> ModelSpec:
     if unknown:
         raise ConfigError(f"{where} has unknown settings {sorted(unknown)}; known: {sorted(_MODEL_KEYS)}")
     values = typed_settings(ModelSpec, entry, f"{where}.")
+    for key, value in fixed.items():  # (a name given twice, as the URL's and in the body, must agree)
+        if key in values and values[key] != value:
+            raise ConfigError(f"{where}: {key} is {value!r} here; leave {key} = {values[key]!r} out of the settings")
     try:
         return ModelSpec(**{**values, **fixed})
     except (TypeError, ValueError) as exc:

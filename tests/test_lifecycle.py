@@ -662,6 +662,9 @@ async def test_admin_routes_and_cli(tmp_path: Path, capsys: pytest.CaptureFixtur
         r = await http.post("/v2/repository/models/x/load", headers=auth,
                             json={"parameters": {"config": {"max_batch_size": 0}}})  # fmt: skip
         assert r.status == 400 and "max_batch_size" in (await r.json())["error"]
+        r = await http.post("/v2/repository/models/x/load", headers=auth,
+                            json={"parameters": {"config": {**settings, "name": "y"}}})  # fmt: skip
+        assert r.status == 400 and "name is 'x' here" in (await r.json())["error"]  # (it loaded x, the y unsaid)
         # A name is a folder of the repository: none reaching out of it (or faking log lines) is looked up.
         # (as sent: no client normalizes them; NEL and U+2028 are line breaks too, to str.splitlines and others)
         for bad in ("%2E%2E", "%2E%2E%2F%2E%2E%2Fetc", "a%0Ab", "%2E", "a%C2%85b", "a%E2%80%A8b"):
