@@ -234,6 +234,18 @@ def test_a_batchs_ok_results_are_written_from_its_own_array_not_copied_into_reco
     assert got[5, 7] == 1.5 and fids == list(range(256))
 
 
+@pytest.mark.parametrize(("n", "shape"), [(2, (10,)), (256, (10,)), (3, (0,))])
+def test_a_batchs_ok_record_parts_are_as_long_as_their_bytes(n: int, shape: tuple[int, ...]) -> None:
+    """From Python 3.12 the selector transport's ``writelines`` keeps each part as a memoryview and counts what
+    ``sendmsg`` wrote off them by ``len()``: the fids (u32) and timings (i64, n x 6) were typed memoryviews, whose
+    ``len()`` is items (rows), not bytes, so the write came out long and the channel transport failed
+    ("pop from an empty deque"): the worker's connections were lost at its first batch of two frames. An empty
+    last part (zero-size results) is never written off: the loop spins on it until the next write."""
+    parts = channel.encode_ok(list(range(n)), np.zeros((n, *shape), np.float32), np.zeros((n, 6), np.int64))
+    assert [len(p) for p in parts] == [memoryview(p).nbytes for p in parts] and all(map(len, parts))
+    assert sum(map(len, parts)) == channel.record_length(b"".join(parts), 0)
+
+
 @pytest.mark.parametrize("outputs", [
     (np.arange(4, dtype=np.float32), np.array([7, 9], np.int32)),
     {"boxes": np.ones((2, 4), np.float16), "labels": np.array([3, 1], np.int64), "": np.zeros(0, np.uint8)},
