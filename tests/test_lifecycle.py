@@ -781,6 +781,29 @@ async def test_a_load_or_unload_after_stop_says_the_server_stopped(tmp_path: Pat
     assert srv.model_index() == index
 
 
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_load_the_server_stops_under_tells_its_caller_so(
+    served: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stop() ends the loads still running (ModelManager.close cancels them): a caller still waiting for one got
+    a bare CancelledError, as if it had been cancelled itself (an HTTP load's handler ended without a reply)."""
+    original = manager.ModelManager._build
+    building = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def slow_build(self: manager.ModelManager, spec: ModelSpec, paced: bool) -> list[Any]:
+        loop.call_soon_threadsafe(building.set)
+        time.sleep(0.3)
+        return original(self, spec, paced)
+
+    monkeypatch.setattr(manager.ModelManager, "_build", slow_build)
+    load = asyncio.create_task(served.load_model(spec(versioned(tmp_path, 2), name="n")))
+    await building.wait()
+    await served.stop()
+    with pytest.raises(ModelLoadError, match="model 'n': the server stopped"):
+        await load
+
+
 @pytest.mark.asyncio
 async def test_a_swap_asked_during_an_unload_finds_the_model_unloaded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
