@@ -155,7 +155,9 @@ class Server:
         """Stop accepting, answer every received frame (or SHUTTING_DOWN after ``timeout``), close.
 
         Cancelled or failing midway, it still releases what ``start`` acquired (listeners, ring, backend,
-        the process-wide collector settings)."""
+        the process-wide collector settings). Asked while ``start`` runs, it stops the server once started."""
+        if self._start_called:  # (returning now, the server would serve on once start() ends)
+            await self._up.wait()
         if not self._listeners or self._admission is None:
             return  # not started, or stopped already
         timeout = self.config.shutdown_timeout_s if timeout is None else timeout

@@ -584,6 +584,38 @@ async def test_a_model_loaded_through_the_api_while_the_server_starts_reaches_it
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_stop_asked_while_the_server_starts_stops_it_once_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stop() while start() still started the listeners returned at once and did nothing: start() then ended
+    and the server served on, its port bound, after stop() had returned (and a load waiting for start() with
+    it). It waits for start() to end, as a load does, then stops."""
+    from streamgpu.ingest.tcp import TcpListener
+
+    srv = Server(config(spec(versioned(tmp_path, 1))))
+    ports: list[int] = []
+    start = TcpListener.start
+
+    async def slow_start(self: TcpListener) -> None:
+        await start(self)
+        ports.append(self.addresses[0][1])
+        await asyncio.sleep(0.2)
+
+    monkeypatch.setattr(TcpListener, "start", slow_start)
+    starting = asyncio.create_task(srv.start())
+    while not ports:
+        await asyncio.sleep(0.005)
+    waiting = asyncio.create_task(srv.load_model(spec("builtin:small", name="late")))
+    await srv.stop()
+    assert starting.done() and not srv.started
+    with pytest.raises(ModelLoadError, match="stopped"):
+        await waiting
+    with pytest.raises(OSError):
+        await client.connect("127.0.0.1", ports[0])
+    await starting
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
 async def test_a_repository_folder_whose_settings_are_refused_is_listed_with_why(tmp_path: Path) -> None:
     """MODELS.md: a model that fails to load is listed UNAVAILABLE with the reason (or its current version keeps
     serving). One whose config.toml was refused was only logged: absent from the index, or listed as serving
