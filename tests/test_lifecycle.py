@@ -584,6 +584,46 @@ async def test_a_model_loaded_through_the_api_while_the_server_starts_reaches_it
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_load_asked_over_http_while_the_server_fails_to_start_is_answered_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load waiting for start() (the HTTP listener up, the next one starting) was woken only after the failed
+    start had closed the listeners, whose close waited a grace second for that very handler, then cut it: the
+    client got no reply (ServerDisconnectedError after 1.5 s). It gets a 400 saying the server failed to start."""
+    import aiohttp
+
+    from streamgpu.ingest.http import HttpListener
+    from streamgpu.ingest.tcp import TcpListener
+
+    srv = Server(config(spec(versioned(tmp_path, 1)), listeners=[ListenerSpec(kind="http", port=0), ListenerSpec()]))
+    ports: list[int] = []
+    http_start = HttpListener.start
+
+    async def http_up(self: HttpListener) -> None:
+        await http_start(self)
+        ports.append(self.addresses[0][1])
+
+    async def tcp_fails(self: TcpListener) -> None:
+        await asyncio.sleep(0.3)
+        raise OSError("no room")
+
+    monkeypatch.setattr(HttpListener, "start", http_up)
+    monkeypatch.setattr(TcpListener, "start", tcp_fails)
+    starting = asyncio.create_task(srv.start())
+    while not ports:
+        await asyncio.sleep(0.005)
+    stopping = asyncio.create_task(srv.stop())  # (returns once the failed start has released what it took)
+    load = {"parameters": {"config": {"source": "builtin:small", "input_shape": [16, 16, 3]}}}
+    async with aiohttp.ClientSession() as http:
+        r = await http.post(f"http://127.0.0.1:{ports[0]}/v2/repository/models/x/load", json=load)
+        assert r.status == 400 and "failed to start" in (await r.json())["error"]
+    await stopping
+    assert starting.done() and srv.backend is None
+    with pytest.raises(OSError, match="no room"):
+        await starting
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
 async def test_a_stop_asked_while_the_server_starts_stops_it_once_started(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
