@@ -60,6 +60,8 @@ class Server:
         # listeners still starting (their ingest workers learn the models at their spawn)
         self._up = asyncio.Event()
         self._start_called = False
+        self._start_failed = False
+        self._start_ended = asyncio.Event()  # start() returned or raised (then it released what it took)
         cfg = self.config
         self.results: Results = results_from(cfg.results_port, cfg.results_host, cfg.results_file, cfg.max_connections)
         self._sweeper: asyncio.TimerHandle | None = None
@@ -73,11 +75,15 @@ class Server:
         self._start_called = True
         try:
             await self._start()
+            self._up.set()
         except BaseException:
+            # Waiters hear it before the listeners close: an HTTP listener's close waits for their handlers
+            self._start_failed = True
+            self._up.set()
             await self._release()
             raise
         finally:
-            self._up.set()
+            self._start_ended.set()
 
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -155,7 +161,9 @@ class Server:
         """Stop accepting, answer every received frame (or SHUTTING_DOWN after ``timeout``), close.
 
         Cancelled or failing midway, it still releases what ``start`` acquired (listeners, ring, backend,
-        the process-wide collector settings)."""
+        the process-wide collector settings). Asked while ``start`` runs, it stops the server once started."""
+        if self._start_called:  # (returning now, the server would serve on once start() ends)
+            await self._start_ended.wait()
         if not self._listeners or self._admission is None:
             return  # not started, or stopped already
         timeout = self.config.shutdown_timeout_s if timeout is None else timeout
@@ -286,6 +294,8 @@ class Server:
         API, or an HTTP listener already up) waits for the listeners still starting."""
         if self._start_called:
             await self._up.wait()
+            if self._start_failed:
+                raise ServerNotStartedError("the server failed to start (its log says why): it serves no model")
         return self._manager
 
     # -- state --------------------------------------------------------------------

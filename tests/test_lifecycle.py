@@ -584,6 +584,78 @@ async def test_a_model_loaded_through_the_api_while_the_server_starts_reaches_it
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_load_asked_over_http_while_the_server_fails_to_start_is_answered_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load waiting for start() (the HTTP listener up, the next one starting) was woken only after the failed
+    start had closed the listeners, whose close waited a grace second for that very handler, then cut it: the
+    client got no reply (ServerDisconnectedError after 1.5 s). It gets a 400 saying the server failed to start."""
+    import aiohttp
+
+    from streamgpu.ingest.http import HttpListener
+    from streamgpu.ingest.tcp import TcpListener
+
+    srv = Server(config(spec(versioned(tmp_path, 1)), listeners=[ListenerSpec(kind="http", port=0), ListenerSpec()]))
+    ports: list[int] = []
+    http_start = HttpListener.start
+
+    async def http_up(self: HttpListener) -> None:
+        await http_start(self)
+        ports.append(self.addresses[0][1])
+
+    async def tcp_fails(self: TcpListener) -> None:
+        await asyncio.sleep(0.3)
+        raise OSError("no room")
+
+    monkeypatch.setattr(HttpListener, "start", http_up)
+    monkeypatch.setattr(TcpListener, "start", tcp_fails)
+    starting = asyncio.create_task(srv.start())
+    while not ports:
+        await asyncio.sleep(0.005)
+    stopping = asyncio.create_task(srv.stop())  # (returns once the failed start has released what it took)
+    load = {"parameters": {"config": {"source": "builtin:small", "input_shape": [16, 16, 3]}}}
+    async with aiohttp.ClientSession() as http:
+        r = await http.post(f"http://127.0.0.1:{ports[0]}/v2/repository/models/x/load", json=load)
+        assert r.status == 400 and "failed to start" in (await r.json())["error"]
+    await stopping
+    assert starting.done() and srv.backend is None
+    with pytest.raises(OSError, match="no room"):
+        await starting
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_stop_asked_while_the_server_starts_stops_it_once_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stop() while start() still started the listeners returned at once and did nothing: start() then ended
+    and the server served on, its port bound, after stop() had returned (and a load waiting for start() with
+    it). It waits for start() to end, as a load does, then stops."""
+    from streamgpu.ingest.tcp import TcpListener
+
+    srv = Server(config(spec(versioned(tmp_path, 1))))
+    ports: list[int] = []
+    start = TcpListener.start
+
+    async def slow_start(self: TcpListener) -> None:
+        await start(self)
+        ports.append(self.addresses[0][1])
+        await asyncio.sleep(0.2)
+
+    monkeypatch.setattr(TcpListener, "start", slow_start)
+    starting = asyncio.create_task(srv.start())
+    while not ports:
+        await asyncio.sleep(0.005)
+    waiting = asyncio.create_task(srv.load_model(spec("builtin:small", name="late")))
+    await srv.stop()
+    assert starting.done() and not srv.started
+    with pytest.raises(ModelLoadError, match="stopped"):
+        await waiting
+    with pytest.raises(OSError):
+        await client.connect("127.0.0.1", ports[0])
+    await starting
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
 async def test_a_repository_folder_whose_settings_are_refused_is_listed_with_why(tmp_path: Path) -> None:
     """MODELS.md: a model that fails to load is listed UNAVAILABLE with the reason (or its current version keeps
     serving). One whose config.toml was refused was only logged: absent from the index, or listed as serving
@@ -782,6 +854,29 @@ async def test_a_load_or_unload_after_stop_says_the_server_stopped(tmp_path: Pat
     with pytest.raises(ModelNotFoundError, match="no model named 'm' is being served: the server has stopped"):
         await srv.unload_model("m")
     assert srv.model_index() == index
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_load_the_server_stops_under_tells_its_caller_so(
+    served: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stop() ends the loads still running (ModelManager.close cancels them): a caller still waiting for one got
+    a bare CancelledError, as if it had been cancelled itself (an HTTP load's handler ended without a reply)."""
+    original = manager.ModelManager._build
+    building = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def slow_build(self: manager.ModelManager, spec: ModelSpec, paced: bool) -> list[Any]:
+        loop.call_soon_threadsafe(building.set)
+        time.sleep(0.3)
+        return original(self, spec, paced)
+
+    monkeypatch.setattr(manager.ModelManager, "_build", slow_build)
+    load = asyncio.create_task(served.load_model(spec(versioned(tmp_path, 2), name="n")))
+    await building.wait()
+    await served.stop()
+    with pytest.raises(ModelLoadError, match="model 'n': the server stopped"):
+        await load
 
 
 @pytest.mark.asyncio

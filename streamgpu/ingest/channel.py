@@ -276,12 +276,15 @@ def encode_ok(fids: Sequence[int], rows: np.ndarray, timings: np.ndarray) -> lis
     if len(shape) > wire.MAX_NDIM:
         raise ValueError(f"a result has at most {wire.MAX_NDIM} dimensions, got shape {shape}")
     code = wire.DTYPE_CODES.get(rows.dtype) or wire.dtype_code(rows.dtype)
+    # Parts as wire.encode_reply's: bytes, never empty (Python 3.12's writelines counts what it wrote off a
+    # part by its len(), items for a typed memoryview; and spins on an empty last part until the next write)
     data = np.ascontiguousarray(rows).reshape(-1).view(np.uint8).data
-    ids = np.asarray(fids, "<u4").data
-    times = np.ascontiguousarray(timings, "<i8").data
-    head = DOWN.pack(REPLIES, wire.Status.OK, code, len(shape), n, ids.nbytes + times.nbytes + data.nbytes,
+    ids = np.asarray(fids, "<u4").tobytes()
+    times = np.ascontiguousarray(timings, "<i8").tobytes()
+    head = DOWN.pack(REPLIES, wire.Status.OK, code, len(shape), n, len(ids) + len(times) + data.nbytes,
                      0, 0, 0, 0, 0, 0, 0, 0)  # fmt: skip
-    return [head + _SHAPES[len(shape)].pack(*shape), ids, times, data]
+    small = b"".join((head, _SHAPES[len(shape)].pack(*shape), ids, times))
+    return [small, data] if data.nbytes else [small]
 
 
 def decode_ok(buf: bytes, pos: int) -> tuple[list[int], np.ndarray, np.ndarray]:

@@ -110,7 +110,11 @@ class _Channel(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._out: list[bytes] = []
-        self._rest = b""
+        self._rest = b""  # the start of a record not whole yet
+        # The reads of a record longer than one, joined once it is whole (a batch's results can be tens of MB:
+        # joined at every read, its start was copied again at each), and how many bytes they still lack
+        self._parts: list[bytes] = []
+        self._missing = 0
         self._frames: dict[int, Frame] = {}
         self._fids = itertools.count(1)
         # Connections announced (OPEN sent) -> their number on the channel (their id modulo 2**32, unless a
@@ -231,6 +235,12 @@ class _Channel(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         # Whole records are decoded from immutable bytes: a result row is a view of them until written.
+        if self._missing:
+            self._parts.append(data)
+            self._missing -= len(data)
+            if self._missing > 0:
+                return
+            data, self._parts, self._missing = b"".join(self._parts), [], 0
         buf = self._rest + data if self._rest else data
         pos, end = 0, len(buf)
         frames = self._frames
@@ -260,7 +270,10 @@ class _Channel(asyncio.Protocol):
             elif kind == channel.CLOSE and not self.done.done():
                 self.done.set_result(channel.DOWN.unpack_from(buf, pos)[4] / 1000)
             pos += n
-        self._rest = buf[pos:]
+        if n is not None:  # a record whose length is known, whole at a later read
+            self._parts, self._missing, self._rest = [buf[pos:]], pos + n - end, b""
+        else:
+            self._rest = buf[pos:]
 
     def _finish_batch(self, fids: list[int], rows: np.ndarray, timings: np.ndarray) -> None:
         """A batch's OK results (a REPLIES record): its frames here finished at once (each front end's

@@ -127,7 +127,8 @@ class ModelManager:
         """
         if self._closed:
             raise ModelLoadError(f"model {spec.name!r}: the server has stopped")
-        return await self._to_its_end(self._load(spec, swap), f"model {spec.name}: a load")
+        stopped = ModelLoadError(f"model {spec.name!r}: the server stopped while it loaded")
+        return await self._to_its_end(self._load(spec, swap), f"model {spec.name}: a load", stopped)
 
     async def _load(self, spec: ModelSpec, swap: bool) -> ModelState:
         loop = asyncio.get_running_loop()
@@ -191,7 +192,8 @@ class ModelManager:
         the model UNLOADING, refusing frames with its memory held."""
         if self._closed:
             raise ModelNotFoundError(f"no model named {name!r} is being served: the server has stopped")
-        return await self._to_its_end(self._unload(name), f"model {name}: an unload")
+        stopped = ModelNotFoundError(f"no model named {name!r} is being served: the server stopped while it unloaded")
+        return await self._to_its_end(self._unload(name), f"model {name}: an unload", stopped)
 
     async def _unload(self, name: str) -> ModelState:
         loop = asyncio.get_running_loop()
@@ -235,15 +237,19 @@ class ModelManager:
             if self._loading == 0:
                 sys.setswitchinterval(self._switch_interval)
 
-    async def _to_its_end(self, work: Coroutine[Any, Any, ModelState], what: str) -> ModelState:
+    async def _to_its_end(self, work: Coroutine[Any, Any, ModelState], what: str, stopped: Exception) -> ModelState:
         """``work``, run to its end even if the caller is cancelled (a timeout, an HTTP client gone): its
-        failure then goes to the log, there being nobody else to hear of it."""
+        failure then goes to the log, there being nobody else to hear of it. Ended by ``close``, it raises
+        ``stopped`` to a caller still waiting."""
         task = asyncio.ensure_future(work)
         self._running.add(task)  # (the loop keeps only a weak reference to a task)
         task.add_done_callback(self._running.discard)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and self._closed and not (current is not None and current.cancelling()):
+                raise stopped from None  # (not the caller's own cancellation: it would take it for one)
             if not task.done():
                 task.add_done_callback(functools.partial(_log_unawaited, what))
             raise

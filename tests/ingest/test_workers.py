@@ -234,6 +234,42 @@ def test_a_batchs_ok_results_are_written_from_its_own_array_not_copied_into_reco
     assert got[5, 7] == 1.5 and fids == list(range(256))
 
 
+@pytest.mark.parametrize(("n", "shape"), [(2, (10,)), (256, (10,)), (3, (0,))])
+def test_a_batchs_ok_record_parts_are_as_long_as_their_bytes(n: int, shape: tuple[int, ...]) -> None:
+    """From Python 3.12 the selector transport's ``writelines`` keeps each part as a memoryview and counts what
+    ``sendmsg`` wrote off them by ``len()``: the fids (u32) and timings (i64, n x 6) were typed memoryviews, whose
+    ``len()`` is items (rows), not bytes, so the write came out long and the channel transport failed
+    ("pop from an empty deque"): the worker's connections were lost at its first batch of two frames. An empty
+    last part (zero-size results) is never written off: the loop spins on it until the next write."""
+    parts = channel.encode_ok(list(range(n)), np.zeros((n, *shape), np.float32), np.zeros((n, 6), np.int64))
+    assert [len(p) for p in parts] == [memoryview(p).nbytes for p in parts] and all(map(len, parts))
+    assert sum(map(len, parts)) == channel.record_length(b"".join(parts), 0)
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_batchs_results_record_longer_than_a_read_costs_the_worker_its_size_not_its_square() -> None:
+    """A REPLIES record holds a whole batch's results (tens of MB for image-sized outputs): the worker joined
+    what it had of it with every read, copying the record's start again at each (1.6 s of its loop for a 38 MB
+    record in 256 KiB reads, where REPLY records of one frame each had cost a few ms). Here 32 MB in 64 KiB
+    reads cost about what one read of it does (a join of it)."""
+    chan = worker._Channel(config())
+    chan.connection_made(FakeTransport())  # type: ignore[arg-type]
+    n, row = 128, 65_536  # 128 rows of 256 KiB
+    record = b"".join(channel.encode_ok(range(1, n + 1), np.zeros((n, row), np.float32), np.zeros((n, 6), np.int64)))
+
+    def fed(chunk: int) -> float:
+        reads = [record[at : at + chunk] for at in range(0, len(record), chunk)]
+        start = time.perf_counter()
+        for read in reads:
+            chan.data_received(read)
+        assert not chan._rest
+        return time.perf_counter() - start
+
+    whole = min(fed(len(record)) for _ in range(3))
+    split = fed(65_536)  # (one join of the record: ~20 ms; at every read, 0.6 s and more)
+    assert split < 10 * whole + 0.25, f"{split * 1e3:.0f} ms in 64 KiB reads, {whole * 1e3:.1f} ms in one"
+
+
 @pytest.mark.parametrize("outputs", [
     (np.arange(4, dtype=np.float32), np.array([7, 9], np.int32)),
     {"boxes": np.ones((2, 4), np.float16), "labels": np.array([3, 1], np.int64), "": np.zeros(0, np.uint8)},
