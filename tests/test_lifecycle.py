@@ -518,6 +518,14 @@ async def test_the_repository_poll_loads_swaps_and_unloads(tmp_path: Path) -> No
         await conn.close()
 
 
+async def answers_ok(srv: Server, model: str) -> None:
+    """A frame to ``model`` over TCP gets an OK reply."""
+    conn = await client.connect("127.0.0.1", srv.port)
+    reply = await conn.infer(frames(1)[0], model=model)
+    await conn.close()
+    assert reply.ok, (reply.status, reply.message)
+
+
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
 async def test_a_model_the_repository_loads_while_the_ingest_workers_start_is_theirs_too(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -547,10 +555,7 @@ async def test_a_model_the_repository_loads_while_the_ingest_workers_start_is_th
         while "late" not in srv.model_specs:
             assert time.monotonic() < deadline, srv.model_index()
             await asyncio.sleep(0.02)
-        conn = await client.connect("127.0.0.1", srv.port)
-        reply = await conn.infer(frames(1)[0], model="late")
-        await conn.close()
-        assert reply.ok, (reply.status, reply.message)
+        await answers_ok(srv, "late")
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
@@ -577,10 +582,7 @@ async def test_a_model_loaded_through_the_api_while_the_server_starts_reaches_it
     monkeypatch.setattr(WorkerListener, "_await_ready", ready_then_a_load)
     async with srv:
         await loads[0]
-        conn = await client.connect("127.0.0.1", srv.port)
-        reply = await conn.infer(frames(1)[0], model="late")
-        await conn.close()
-        assert reply.ok, (reply.status, reply.message)
+        await answers_ok(srv, "late")
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
@@ -862,18 +864,7 @@ async def test_a_load_the_server_stops_under_tells_its_caller_so(
 ) -> None:
     """stop() ends the loads still running (ModelManager.close cancels them): a caller still waiting for one got
     a bare CancelledError, as if it had been cancelled itself (an HTTP load's handler ended without a reply)."""
-    original = manager.ModelManager._build
-    building = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def slow_build(self: manager.ModelManager, spec: ModelSpec, paced: bool) -> list[Any]:
-        loop.call_soon_threadsafe(building.set)
-        time.sleep(0.3)
-        return original(self, spec, paced)
-
-    monkeypatch.setattr(manager.ModelManager, "_build", slow_build)
-    load = asyncio.create_task(served.load_model(spec(versioned(tmp_path, 2), name="n")))
-    await building.wait()
+    load = await slow_load(served, tmp_path, monkeypatch)
     await served.stop()
     with pytest.raises(ModelLoadError, match="model 'n': the server stopped"):
         await load
@@ -902,8 +893,8 @@ async def test_a_swap_asked_during_an_unload_finds_the_model_unloaded(
         await conn.close()
 
 
-async def load_and_stop_waiting(served: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Load model n (0.3 s to build) and cancel the caller while it builds."""
+async def slow_load(served: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> asyncio.Task[Any]:
+    """A load of model n (0.3 s to build), once it builds."""
     original = manager.ModelManager._build
     building = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -916,6 +907,12 @@ async def load_and_stop_waiting(served: Server, tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(manager.ModelManager, "_build", slow_build)
     task = asyncio.create_task(served.load_model(spec(versioned(tmp_path, 2), name="n")))
     await building.wait()
+    return task
+
+
+async def load_and_stop_waiting(served: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Load model n (0.3 s to build) and cancel the caller while it builds."""
+    task = await slow_load(served, tmp_path, monkeypatch)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
