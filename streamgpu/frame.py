@@ -126,6 +126,15 @@ class Frame:
         )
 
 
+def unsendable(frames: Sequence[Frame], rows: np.ndarray, error: Exception) -> Outcome:
+    """What a ``BatchSink`` answers ``frames`` whose OK results it cannot encode (a dtype or rank the wire does
+    not carry: loading refuses such models, but for odd ones): INTERNAL_ERROR saying why, logged once a batch."""
+    shape = list(rows.shape[1:])
+    log.error("model %s: the results of %d frames (%s %s) cannot be sent: %s", frames[0].header.model, len(frames),
+              rows.dtype, shape, error)  # fmt: skip
+    return Outcome(Status.INTERNAL_ERROR, f"the result ({rows.dtype} {shape}) cannot be sent: {error}")
+
+
 def release_slots(frames: Sequence[Frame]) -> None:
     """``release_slot`` of every frame of a batch; those of a ``BatchSink`` in one call per sink."""
     groups: dict[BatchSink, list[Frame]] = {}

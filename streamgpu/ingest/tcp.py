@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from streamgpu.config import ListenerSpec
-from streamgpu.frame import Frame, Outcome
+from streamgpu.frame import Frame, Outcome, unsendable
 from streamgpu.ingest.admission import Admission, Producer, Refused, Reservation
 from streamgpu.ingest.base import SocketListener, connection_ids, peer_name, write_eof_or_abort
 from streamgpu.ingest.hub import Origin
@@ -429,6 +429,14 @@ class TcpConnection(asyncio.BufferedProtocol):
 
     def finished_ok(self, frames: list[Frame], rows: np.ndarray, timings: np.ndarray) -> None:
         """``BatchSink``: ``frames`` (this connection's, of one batch) ended OK with ``rows``."""
+        try:
+            replies = wire.encode_ok_replies(np.array(list(map(_ECHOED, frames)), np.uint64), rows, timings)
+        except Exception as exc:  # results the wire cannot carry (load refuses most): answered, not left hanging
+            failed = unsendable(frames, rows, exc)
+            for frame in frames:
+                frame.release_slot()
+                self._on_outcome(frame, failed)
+            return
         hub = self._admission.stream_results
         watching = hub.watching  # (nobody, mostly: then no Outcome is built)
         for i, frame in enumerate(frames):
@@ -436,7 +444,6 @@ class TcpConnection(asyncio.BufferedProtocol):
             if watching and hub.watched(frame.header.stream_id):
                 hub.publish(frame.header, Outcome(Status.OK, result=rows[i], timings=Timings(*timings[i].tolist())),
                             self.origin)  # fmt: skip
-        replies = wire.encode_ok_replies(np.array(list(map(_ECHOED, frames)), np.uint64), rows, timings)
         size = len(replies) // len(frames)
         complete, ready = self._order.complete, []
         for i, frame in enumerate(frames):

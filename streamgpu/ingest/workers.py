@@ -66,7 +66,7 @@ import numpy as np
 
 import streamgpu
 from streamgpu.config import ListenerSpec
-from streamgpu.frame import Frame, Outcome
+from streamgpu.frame import Frame, Outcome, unsendable
 from streamgpu.ingest import channel
 from streamgpu.ingest.admission import Admission, Grant, Producer
 from streamgpu.ingest.base import Listener
@@ -404,26 +404,32 @@ class _Worker(asyncio.Protocol):
 
     def finished_ok(self, frames: list[Frame], rows: np.ndarray, timings: np.ndarray) -> None:
         """A batch's OK frames of this worker: one REPLIES record (it releases the slots too)."""
-        n = len(frames)
-        self.in_server -= n
-        fids = []
+        self.in_server -= len(frames)
+        fids = [frame.fid for frame in frames]  # type: ignore[attr-defined]  # this sink's frames are WorkerFrames
+        failed: Outcome | None = None
+        try:
+            records = channel.encode_ok(fids, rows, timings)
+        except Exception as exc:  # results the channel cannot carry (load refuses most): answered, not left hanging
+            failed = unsendable(frames, rows, exc)
+            records = [channel.encode_reply(fid, failed) for fid in fids]
         hub = self._admission.stream_results
         watching = hub.watching  # (nobody, mostly: then no look-up per frame)
         listed: list[list[int]] | None = None
         for i, frame in enumerate(frames):
-            fids.append(frame.fid)  # type: ignore[attr-defined]  # this sink's frames are WorkerFrames
             if frame.slot is not None:
                 frame.slot = None
                 self.held -= 1
             if watching and hub.watched(frame.header.stream_id):  # an Outcome only for frames someone watches
-                listed = listed if listed is not None else timings.tolist()
-                hub.publish(frame.header, Outcome(Status.OK, result=rows[i], timings=Timings(*listed[i])),
-                            _remote(frame).origin)  # fmt: skip
+                outcome = failed
+                if outcome is None:
+                    listed = listed if listed is not None else timings.tolist()
+                    outcome = Outcome(Status.OK, result=rows[i], timings=Timings(*listed[i]))
+                hub.publish(frame.header, outcome, _remote(frame).origin)
         if not self.alive:
             if not self.held:
                 self._listener.worker_gone(self)
             return
-        self.send(*channel.encode_ok(fids, rows, timings))
+        self.send(*records)
 
     def slots_released(self, frames: list[Frame]) -> None:
         """The payloads of ``frames`` were copied: one RELEASE record (this loop iteration's) names them."""

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from streamgpu.config import Config, ListenerSpec, TokenSpec
-from streamgpu.frame import Frame, Outcome
+from streamgpu.frame import Frame, Outcome, finish_ok
 from streamgpu.ingest import tcp
 from streamgpu.ingest.admission import Admission
 from streamgpu.ingest.tcp import HELLO_BYTES, TcpConnection, TcpListener
@@ -223,6 +223,22 @@ def test_replies_leave_in_arrival_order_per_stream() -> None:
     assert [r.sequence for r in replies(transport)] == [5]  # another stream is not held back
     answer(f10)
     assert [r.sequence for r in replies(transport)] == [5, 10, 11]
+
+
+def test_a_batch_whose_results_cannot_be_encoded_is_answered_and_holds_nothing_back() -> None:
+    """Results the wire cannot carry (loading refuses such models, but for odd ones) answer INTERNAL_ERROR
+    saying why; the encoding raised out of ``finished_ok`` before, and those frames' places in the reply
+    order were never filled: every later reply of their streams was held back for good."""
+    conn, transport, harness = make()
+    feed(conn, hello() + frame(SMALL, 0) + frame(SMALL, 1) + frame(SMALL, 2))
+    (f0, _), (f1, _), (f2, _) = harness.frames
+    finish_ok([f0, f1], np.zeros((2, 3), np.complex64), None, np.zeros((2, 6), np.int64))
+    finish_ok([f2], np.ones((1, 3), np.float32), None, np.zeros((1, 6), np.int64))
+    got = replies(transport)
+    assert [(r.sequence, r.status) for r in got] == [(0, Status.INTERNAL_ERROR), (1, Status.INTERNAL_ERROR),
+                                                     (2, Status.OK)]  # fmt: skip
+    assert "complex64" in got[0].message and "cannot be sent" in got[0].message
+    assert harness.ring.slots_in_use == 0
 
 
 @pytest.mark.parametrize(

@@ -306,6 +306,22 @@ async def test_a_worker_batch_publishes_to_whoever_watches_as_each_of_its_frames
     segment.close()
 
 
+@pytest.mark.asyncio
+async def test_a_batch_of_worker_frames_whose_results_cannot_be_encoded_is_answered() -> None:
+    """Results the channel cannot carry answer each frame INTERNAL_ERROR saying why (the encoding raised out of
+    ``finished_ok`` before: the worker never heard of those frames again, nor did their producers)."""
+    worker, transport, frames, segment = await worker_frames(3)
+    release_slots(frames)
+    assert finish_ok(list(frames), np.zeros((3, 2), np.complex64), None, np.zeros((3, 6), np.int64)) == [0, 1, 2]
+    await asyncio.sleep(0)
+    stream = b"".join(b"".join(call.args[0]) for call in transport.writelines.call_args_list)
+    read = [r for r in down_records(stream) if r[0] != "release"]
+    assert [(fid, status) for fid, status, *_ in read] == [(10, Status.INTERNAL_ERROR), (11, Status.INTERNAL_ERROR),
+                                                           (12, Status.INTERNAL_ERROR)]  # fmt: skip
+    assert worker.held == 0 and worker.in_server == 0
+    segment.close()
+
+
 def test_observe_all_counts_as_observe_does() -> None:
     for n in (3, 50):
         values = np.random.default_rng(n).exponential(0.01, n)
