@@ -681,6 +681,24 @@ async def test_a_repository_folder_whose_settings_are_refused_is_listed_with_why
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_repository_folder_whose_name_would_fake_log_lines_is_not_served(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A model's name goes into log lines, so over HTTP one with a line break is refused; a repository folder
+    so named was loaded and logged as is (a forged line in the server's log)."""
+    repo = tmp_path / "repo"
+    for name in ("cam\n2026-11-27 INFO streamgpu: forged", "cam\u2028x", "cam"):
+        (repo / name).mkdir(parents=True)
+        (repo / name / "config.toml").write_text('source = "builtin:small"\ninput_shape = [16, 16, 3]\n')
+    async with Server(config(model_repository=str(repo))) as srv:
+        index = {e["name"]: e for e in srv.model_index()}
+        assert set(srv.model_specs) == {"cam"}
+        forged = index["cam\n2026-11-27 INFO streamgpu: forged"]
+        assert forged["state"] == "UNAVAILABLE" and "not a plain folder name" in forged["reason"]
+    assert not any("forged" in line for r in caplog.records for line in r.getMessage().splitlines()[1:])
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
 async def test_a_repository_config_toml_that_is_not_utf8_is_refused_like_bad_toml(tmp_path: Path) -> None:
     """tomllib raises UnicodeDecodeError (not TOMLDecodeError) for such a file: the server failed to start
     (the initial scan raises nothing), and a load of it over HTTP was a 500."""

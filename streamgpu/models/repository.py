@@ -52,9 +52,20 @@ def folder_signature(folder: str) -> Signature:
     return tuple(sorted(entries))
 
 
+def folder_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a model of the repository (one folder of it), or None. Never one that reaches
+    out of it (``..``, a ``/``), nor unprintable characters: names go into log lines, which control characters
+    and line separators (NEL, U+2028 break lines too) would fake."""
+    if name in (".", "..") or os.path.basename(name) != name or not name.isprintable():
+        return f"model name {name!r} is not a plain folder name (no '/', unprintable characters, '.' or '..')"
+    return None
+
+
 def folder_spec(folder: str) -> ModelSpec:
     """The spec a model folder describes; ``ConfigError`` / ``ModelLoadError``-like ``StreamgpuError`` if none."""
     name = os.path.basename(folder.rstrip(os.sep))
+    if (problem := folder_name_problem(name)) is not None:
+        raise StreamgpuError(f"model repository folder {folder!r}: {problem}")
     settings: dict[str, object] = {}
     config_path = os.path.join(folder, CONFIG_FILE)
     where = f"model repository {config_path}"
@@ -158,5 +169,5 @@ class RepositoryPoller:
                 log.info("model repository: loading %s from %s", name, spec.source)
                 await self._models.load(spec)
             except StreamgpuError as exc:  # its settings, or the load (which listed it so already: the same words)
-                log.error("model repository: %s not loaded: %s", name, exc)
+                log.error("model repository: %r not loaded: %s", name, exc)  # (%r: a folder name may fake a line)
                 self._models.refused(name, str(exc))

@@ -31,7 +31,7 @@ from aiohttp import web
 
 from streamgpu.config import model_spec
 from streamgpu.errors import ModelNotFoundError, StreamgpuError
-from streamgpu.models.repository import folder_spec
+from streamgpu.models.repository import folder_name_problem, folder_spec
 from streamgpu.models.spec import ModelSpec
 from streamgpu.server import Server
 from streamgpu.web.app import SERVER_KEY, HttpError, parse_json, read_body
@@ -131,13 +131,9 @@ async def index(request: web.Request) -> web.Response:
 
 
 def _check_name(name: str) -> None:
-    """A name loaded over HTTP is one folder of the model repository (as Triton's are): never one that
-    reaches out of it (``..``, an encoded ``/``), nor control characters or line separators (they would fake
-    log lines: NEL and U+2028 break lines too)."""
-    if name in (".", "..") or os.path.basename(name) != name or not name.isprintable():
-        raise HttpError(
-            400, f"model name {name!r} is not a plain folder name (no '/', unprintable characters, '.' or '..')"
-        )
+    """A name loaded over HTTP is one folder of the model repository (as Triton's are)."""
+    if (problem := folder_name_problem(name)) is not None:
+        raise HttpError(400, problem)
 
 
 async def load(request: web.Request) -> web.Response:
