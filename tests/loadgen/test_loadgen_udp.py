@@ -37,7 +37,10 @@ def test_udp_transport_with_loss(udp_server: Server, monkeypatch: pytest.MonkeyP
     assert r.statuses.get("OK", 0) + r.statuses.get("INCOMPLETE", 0) == 150
     assert 0 < r.statuses.get("INCOMPLETE", 0) < 40
     stats = udp_server.metrics()["listeners"][0]
-    assert stats["frames"] == r.statuses["OK"] and stats["incomplete"] == r.statuses["INCOMPLETE"]
+    # A frame whose every datagram was lost (p ~ 3e-5 each) never reached the server: the client times it out
+    # and counts it INCOMPLETE too (it once made the counts 12 against 13)
+    lost_whole = r.statuses["INCOMPLETE"] - stats["incomplete"]
+    assert stats["frames"] == r.statuses["OK"] and 0 <= lost_whole <= 2
 
 
 def test_loss_needs_a_datagram_transport(cli: Cli) -> None:
