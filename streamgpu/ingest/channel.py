@@ -255,12 +255,17 @@ def encode_reply(fid: int, outcome: Outcome) -> bytes:
         head = DOWN.pack(REPLY, outcome.status, NO_RESULT, 0, fid, 0, *t, len(msg), 0)
         return head + msg if msg else head
     ndim = result.ndim
-    if ndim > wire.MAX_NDIM:
-        raise ValueError(f"a result has at most {wire.MAX_NDIM} dimensions, got shape {result.shape}")
-    code = wire.DTYPE_CODES.get(result.dtype) or wire.dtype_code(result.dtype)
+    code = _result_code(result.dtype, result.shape)
     data = result.tobytes()  # a copy (C order): the result row may be a view of a reused buffer
     head = DOWN.pack(REPLY, outcome.status, code, ndim, fid, len(data), *t, len(msg), 0)
     return b"".join((head, _SHAPES[ndim].pack(*result.shape), msg, data))
+
+
+def _result_code(dtype: np.dtype, shape: tuple[int, ...]) -> int:
+    """The wire code of one frame's result of ``dtype`` and ``shape``; ValueError for one a reply cannot carry."""
+    if len(shape) > wire.MAX_NDIM:
+        raise ValueError(f"a result has at most {wire.MAX_NDIM} dimensions, got shape {shape}")
+    return wire.dtype_code(dtype)
 
 
 def encode_ok(fids: Sequence[int], rows: np.ndarray, timings: np.ndarray) -> list[bytes | memoryview]:
@@ -273,9 +278,7 @@ def encode_ok(fids: Sequence[int], rows: np.ndarray, timings: np.ndarray) -> lis
     if n == 1:
         return [encode_reply(fids[0], Outcome(wire.Status.OK, result=rows[0], timings=Timings(*timings[0].tolist())))]
     shape = rows.shape[1:]
-    if len(shape) > wire.MAX_NDIM:
-        raise ValueError(f"a result has at most {wire.MAX_NDIM} dimensions, got shape {shape}")
-    code = wire.DTYPE_CODES.get(rows.dtype) or wire.dtype_code(rows.dtype)
+    code = _result_code(rows.dtype, shape)
     # Parts as wire.encode_reply's: bytes, never empty (Python 3.12's writelines counts what it wrote off a
     # part by its len(), items for a typed memoryview; and spins on an empty last part until the next write)
     data = np.ascontiguousarray(rows).reshape(-1).view(np.uint8).data
