@@ -58,9 +58,7 @@ class Server:
         self._listeners: list[Listener] = []
         # Set once start() has every listener up, or has failed: a model loaded before would be missed by the
         # listeners still starting (their ingest workers learn the models at their spawn)
-        self._up = asyncio.Event()
-        self._start_called = False
-        self._start_failed = False
+        self._up: asyncio.Future[bool] | None = None  # (from start(): True once up, False once it failed)
         self._start_ended = asyncio.Event()  # start() returned or raised (then it released what it took)
         cfg = self.config
         self.results: Results = results_from(cfg.results_port, cfg.results_host, cfg.results_file, cfg.max_connections)
@@ -72,14 +70,13 @@ class Server:
     # -- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._start_called = True
+        up = self._up = asyncio.get_running_loop().create_future()
         try:
             await self._start()
-            self._up.set()
+            up.set_result(True)
         except BaseException:
             # Waiters hear it before the listeners close: an HTTP listener's close waits for their handlers
-            self._start_failed = True
-            self._up.set()
+            up.set_result(False)
             await self._release()
             raise
         finally:
@@ -162,7 +159,7 @@ class Server:
 
         Cancelled or failing midway, it still releases what ``start`` acquired (listeners, ring, backend,
         the process-wide collector settings). Asked while ``start`` runs, it stops the server once started."""
-        if self._start_called:  # (returning now, the server would serve on once start() ends)
+        if self._up is not None:  # (returning now, the server would serve on once start() ends)
             await self._start_ended.wait()
         if not self._listeners or self._admission is None:
             return  # not started, or stopped already
@@ -292,10 +289,8 @@ class Server:
     async def _manager_up(self) -> ModelManager:
         """The model manager, once start() is done: a load, swap or unload asked meanwhile (from the embedding
         API, or an HTTP listener already up) waits for the listeners still starting."""
-        if self._start_called:
-            await self._up.wait()
-            if self._start_failed:
-                raise ServerNotStartedError("the server failed to start (its log says why): it serves no model")
+        if self._up is not None and not await asyncio.shield(self._up):  # (a waiter cancelled leaves it be)
+            raise ServerNotStartedError("the server failed to start (its log says why): it serves no model")
         return self._manager
 
     # -- state --------------------------------------------------------------------
