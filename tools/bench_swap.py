@@ -323,7 +323,8 @@ class LoopCallTimer:
     the driver (its locks, shared with the loader's calls); both slowing down, at the CPU."""
 
     TARGETS = (
-        ("torch.cuda", "Event", "record"), ("torch.cuda", "Event", "query"), ("torch.cuda", "Event", "elapsed_time"),
+        ("streamgpu.gpu.driver", "Event", "record"), ("streamgpu.gpu.driver", "Event", "query"),
+        ("streamgpu.gpu.driver", "Event", "elapsed_ms"),
         ("streamgpu.gpu.kernels", "", "enqueue_replay"), ("streamgpu.gpu.kernels", "", "gather_frames"),
         ("streamgpu.memory.pool", "SlotPool", "release"),
     )  # fmt: skip

@@ -34,7 +34,7 @@ from torch import nn
 
 from streamgpu.config import Config
 from streamgpu.errors import DeviceUnavailableError
-from streamgpu.gpu import kernels
+from streamgpu.gpu import driver, kernels
 from streamgpu.gpu.backend import Backend, BatchRun, BatchTrace, DeviceModel
 from streamgpu.gpu.bridge import CompletionBridge
 from streamgpu.gpu.setup import cupy_package
@@ -115,13 +115,18 @@ class _Graph:
 @dataclass(eq=False)
 class BatchBuffers:
     """What one batch in flight uses: device staging for its frames, the page-locked host buffers
-    its results come back into, and (one-replay models) the page-locked table of its frames'
-    addresses that is copied to the device before the replay."""
+    its results come back into, (one-replay models) the page-locked table of its frames' addresses
+    that is copied to the device before the replay, and its events."""
 
     staged: torch.Tensor  # [max_batch, frame_nbytes] uint8, device
     host: list[torch.Tensor]  # per output: [max_batch, *shape], page-locked
     addresses: torch.Tensor  # [1 + max_batch] int64, page-locked: frame count, then each frame's address
     staged_rows: np.ndarray  # int64 device address of each row of ``staged``
+    copied: driver.Event  # recorded after the frames were gathered into ``staged``
+    # Timed: the batch's device time, which the scheduler's latency estimates need (the loop notices
+    # completion later than it happens).
+    started: driver.Event
+    done: driver.Event  # recorded after the results were copied into ``host``
 
     @property
     def address_table(self) -> np.ndarray:
@@ -135,18 +140,23 @@ class BufferPool:
     and a caching-allocator miss (cudaMalloc) can wait for the whole device. A
     model gets one set per batch it may have in flight, plus one; a set returns
     to the pool once its batch's results have been copied out (not on failure:
-    the device may still be writing it).
+    the device may still be writing it, and recording its events). Reusing a
+    set's events is safe for the same reason: its last batch has completed.
     """
 
     def __init__(self, frame_nbytes: int, outputs: list[tuple[tuple[int, ...], torch.dtype]], max_batch: int,
                  count: int, device: torch.device) -> None:  # fmt: skip
         def make() -> BatchBuffers:
             staged = torch.empty((max_batch, frame_nbytes), dtype=torch.uint8, device=device)
+            ordinal = device.index or 0
             return BatchBuffers(
                 staged,
                 [torch.empty((max_batch, *shape), dtype=dtype, pin_memory=True) for shape, dtype in outputs],
                 torch.zeros(1 + max_batch, dtype=torch.int64, pin_memory=True),
                 staged.data_ptr() + np.arange(max_batch, dtype=np.int64) * frame_nbytes,
+                driver.Event(ordinal),
+                driver.Event(ordinal, timing=True),
+                driver.Event(ordinal, timing=True),
             )
 
         self._make = make
@@ -454,7 +464,7 @@ class CudaBackend(Backend):
         self._spare_streams: dict[int | GreenContext, list[ModelStreams]] = {i: [] for i in range(len(self.gpus))}
         self._shares = SmShares()  # models with an sm_share: SMs no other model's share holds
         self._spare_made = [False for _ in self.gpus]
-        self._trace_epochs: dict[int, torch.cuda.Event] = {}  # per GPU: its first traced batch's start
+        self._trace_epochs: dict[int, driver.Event] = {}  # per GPU: trace times count from it (``_mark_epoch``)
         self._total_memory = [torch.cuda.get_device_properties(d).total_memory for d in self.gpus]
         self._bridge = CompletionBridge(loop)
         # One gather launch per batch instead of a copy per frame: 7x less loop CPU per frame
@@ -583,24 +593,27 @@ class CudaBackend(Backend):
         if model.addresses is not None:
             return self._launch_replay(model, slots, expected_s)
         n = len(slots)
+        if self.trace is not None:
+            self._mark_epoch(model.device)
         buffers = model.buffers.take()
-        copy_done = self._stage(model, slots, buffers.staged[:n])
-        # Timed events give the batch's real device time, which the scheduler's latency
-        # estimates need (the loop notices completion later than it happens).
-        started = torch.cuda.Event(enable_timing=True)
-        done = torch.cuda.Event(enable_timing=True)
+        try:
+            self._stage(model, slots, buffers, n)
+        except Exception:  # refused before anything was enqueued (the gather checks its offsets)
+            model.buffers.give_back(buffers)
+            raise
         if model.graphs:
-            self._enqueue_compute(model, buffers, n, copy_done, started, done)
-            finished: asyncio.Future[None] = self._bridge.wait(done, expected_s)
+            self._enqueue_compute(model, buffers, n)
+            finished: asyncio.Future[None] = self._bridge.wait(buffers.done, expected_s)
         else:
-            finished = asyncio.ensure_future(self._compute_off_loop(model, buffers, n, copy_done, started, done))
-        return self._run(model, buffers, n, self._bridge.wait(copy_done), finished, started, done)
+            finished = asyncio.ensure_future(self._compute_off_loop(model, buffers, n))
+        return self._run(model, buffers, n, self._bridge.wait(buffers.copied), finished)
 
-    def _stage(self, model: CudaModel, slots: list[Slot], staged: torch.Tensor) -> torch.cuda.Event:
-        """Copy the frames from their ring slots into ``staged`` (device) on the copy stream; returns the
-        event recorded after the copy."""
+    def _stage(self, model: CudaModel, slots: list[Slot], buffers: BatchBuffers, n: int) -> None:
+        """Copy the frames from their ring slots into ``buffers.staged`` (device) on the copy stream, then
+        record ``buffers.copied``."""
         nbytes = model.spec.frame_nbytes
         copy_stream = model.streams.copy or self.copy_streams[model.device]
+        staged = buffers.staged[:n]
         assert self._host is not None
         if self.use_kernels and nbytes < COPY_ENGINE_FROM:  # the stream is explicit: no torch context to enter
             kernels.gather_frames(self._host, [slot.offset for slot in slots], nbytes, staged, copy_stream)
@@ -608,9 +621,7 @@ class CudaBackend(Backend):
             with torch.inference_mode(), torch.cuda.device(model.gpu), torch.cuda.stream(copy_stream):
                 for i, slot in enumerate(slots):
                     staged[i].copy_(self._host[slot.offset : slot.offset + nbytes], non_blocking=True)
-        copy_done = torch.cuda.Event()
-        copy_done.record(copy_stream)
-        return copy_done
+        buffers.copied.record(copy_stream.cuda_stream)
 
     def _launch_replay(self, model: CudaModel, slots: list[Slot], expected_s: float) -> BatchRun:
         """A batch of a one-replay model (``CudaModel.capture``): its frame addresses to the device,
@@ -618,27 +629,27 @@ class CudaBackend(Backend):
         context is entered)."""
         assert model.buffers is not None and model.addresses is not None and self._host is not None
         n = len(slots)
+        if self.trace is not None:
+            self._mark_epoch(model.device)
         graph = model.graph_for[n]
         buffers = model.buffers.take()
         table = buffers.address_table
         table[0] = n
-        stream = model.stream
-        started = torch.cuda.Event(enable_timing=True)
-        done = torch.cuda.Event(enable_timing=True)
-        copy_done: torch.cuda.Event | None = None
-        if model.in_flight or not model.reads_ring:
+        stream = model.stream.cuda_stream
+        gathered = model.in_flight or not model.reads_ring
+        if gathered:
             # Another batch of this model is on the GPU: copy this one into device memory on the copy
             # stream now, overlapping that batch, and let the graph read it there. (Frames too large to
             # read well from inside the graph always go this way: see ``CudaModel.reads_ring``.)
             # ``started`` comes before the wait, as it comes before the ring reads on the other way, so
             # that the device time the scheduler learns from is measured alike on both.
             try:
-                copy_done = self._stage(model, slots, buffers.staged[:n])
+                self._stage(model, slots, buffers, n)
             except Exception:  # refused before anything was enqueued (the gather checks its offsets)
                 model.buffers.give_back(buffers)
                 raise
-            started.record(stream)
-            stream.wait_event(copy_done)
+            buffers.started.record(stream)
+            driver.the_driver().wait_event(stream, buffers.copied)
             table[1 : n + 1] = buffers.staged_rows[:n]
         else:
             # Nothing of it on the GPU, so nothing to overlap a copy with: the graph reads the frames
@@ -651,21 +662,21 @@ class CudaBackend(Backend):
                 model.buffers.give_back(buffers)
                 raise
             offsets += self._host_address
-            started.record(stream)
+            buffers.started.record(stream)
         downloads = [
             (host.data_ptr(), out, n * row_nbytes)
             for host, (out, row_nbytes) in zip(buffers.host, graph.outputs, strict=True)
         ]
         upload = (model.addresses.data_ptr(), buffers.addresses.data_ptr(), (n + 1) * 8)
-        kernels.enqueue_replay(model.gpu.index or 0, stream.cuda_stream, upload, graph.exec_handle, downloads)
-        done.record(stream)
-        finished = self._bridge.wait(done, expected_s)
-        copied = finished if copy_done is None else self._bridge.wait(copy_done)
-        return self._run(model, buffers, n, copied, finished, started, done)
+        kernels.enqueue_replay(model.gpu.index or 0, stream, upload, graph.exec_handle, downloads)
+        buffers.done.record(stream)
+        finished = self._bridge.wait(buffers.done, expected_s)
+        copied = self._bridge.wait(buffers.copied) if gathered else finished
+        return self._run(model, buffers, n, copied, finished)
 
     def _run(
         self, model: CudaModel, buffers: BatchBuffers, n: int, copied: asyncio.Future[None],
-        finished: asyncio.Future[None], started: torch.cuda.Event, done: torch.cuda.Event,
+        finished: asyncio.Future[None],
     ) -> BatchRun:  # fmt: skip
         """The launched batch's ``BatchRun``: its results from ``buffers`` once ``finished``."""
         result: asyncio.Future[BatchOutputs] = self._loop.create_future()
@@ -681,12 +692,12 @@ class CudaBackend(Backend):
                 result.set_exception(f.exception())  # type: ignore[arg-type]
             elif not result.done():
                 try:  # a raise here would reach the loop's handler and leave the batch unanswered
-                    run.service_s = started.elapsed_time(done) / 1e3  # both complete: no wait
+                    run.service_s = buffers.started.elapsed_ms(buffers.done) / 1e3  # both complete: no wait
                     # Small (n x outputs): copied so that the buffers go back now (and the results are the
                     # batch's own, as BatchRun says).
                     rows = model.layout.assemble([host[:n].numpy().copy() for host in buffers.host])
                     if self.trace is not None:
-                        self._trace(model, n, started, done)
+                        self._trace(model, n, buffers)
                 except Exception as error:
                     result.set_exception(error)
                 else:
@@ -699,36 +710,37 @@ class CudaBackend(Backend):
         finished.add_done_callback(deliver)
         return run
 
-    def _enqueue_compute(
-        self, model: CudaModel, buffers: BatchBuffers, n: int, copy_done: torch.cuda.Event,
-        started: torch.cuda.Event, done: torch.cuda.Event,
-    ) -> None:  # fmt: skip
+    def _enqueue_compute(self, model: CudaModel, buffers: BatchBuffers, n: int) -> None:
         """On the model's stream, after the copy: pre-process, run, results back to the host buffer."""
         spec = model.spec
+        stream = model.stream.cuda_stream
         with torch.inference_mode(), torch.cuda.device(model.gpu), torch.cuda.stream(model.stream):
-            model.stream.wait_event(copy_done)
-            started.record(model.stream)
+            driver.the_driver().wait_event(stream, buffers.copied)
+            buffers.started.record(stream)
             frames = buffers.staged[:n].view(_torch_dtype(spec.frame_dtype)).view(n, *spec.input_shape)
             for host, value in zip(buffers.host, model.forward(frames), strict=True):
                 host[:n].copy_(value.to(host.dtype), non_blocking=True)  # graphs return these dtypes already
-            done.record(model.stream)
+            buffers.done.record(stream)
 
-    async def _compute_off_loop(
-        self, model: CudaModel, buffers: BatchBuffers, n: int, copy_done: torch.cuda.Event,
-        started: torch.cuda.Event, done: torch.cuda.Event,
-    ) -> None:  # fmt: skip
+    async def _compute_off_loop(self, model: CudaModel, buffers: BatchBuffers, n: int) -> None:
         """Eager models: enqueue from the launcher thread, then wait for ``done`` on the loop (only once
-        it is recorded: an event never recorded reads as complete)."""
-        await self._loop.run_in_executor(
-            self._launcher, self._enqueue_compute, model, buffers, n, copy_done, started, done
-        )
-        await self._bridge.wait(done)
+        it is recorded: until then it still reads as its previous batch's, or as complete if it has none)."""
+        await self._loop.run_in_executor(self._launcher, self._enqueue_compute, model, buffers, n)
+        await self._bridge.wait(buffers.done)
 
-    def _trace(self, model: CudaModel, n: int, started: torch.cuda.Event, done: torch.cuda.Event) -> None:
-        """Record when the batch ran, in seconds since the first traced batch started (both events complete)."""
+    def _mark_epoch(self, device: int) -> None:
+        """At the first traced launch on ``device``: record the event trace times count from, on an idle
+        stream, before anything of the batch is queued (so before it starts)."""
+        if device not in self._trace_epochs:
+            epoch = self._trace_epochs[device] = driver.Event(self.gpus[device].index or 0, timing=True)
+            epoch.record(self._probes[device].cuda_stream)
+
+    def _trace(self, model: CudaModel, n: int, buffers: BatchBuffers) -> None:
+        """Record when the batch ran, in seconds since the device's epoch (``_mark_epoch``; all complete)."""
         assert self.trace is not None
-        epoch = self._trace_epochs.setdefault(model.device, started)
-        self.trace.append(BatchTrace(model, n, epoch.elapsed_time(started) / 1e3, epoch.elapsed_time(done) / 1e3))
+        epoch = self._trace_epochs[model.device]
+        started, ended = epoch.elapsed_ms(buffers.started) / 1e3, epoch.elapsed_ms(buffers.done) / 1e3
+        self.trace.append(BatchTrace(model, n, started, ended))
 
     def device_error(self, device: int) -> str | None:
         try:

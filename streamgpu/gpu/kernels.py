@@ -1,9 +1,10 @@
 """Device kernels of the GPU data path: batch gather from the pinned ring and fused pre-processing.
 
-All kernels are CUDA C++ compiled at first use through cupy (NVRTC) and cached per device. They
-work on torch tensors (by ``data_ptr()``) and launch on the torch CUDA stream they are given, so
-they order with the torch work around them. ``import cupy`` happens only on first launch: this
-module imports on machines without cupy or a GPU.
+All kernels are CUDA C++ compiled at first use through cupy (NVRTC) and cached per device, and
+launched through the driver (``streamgpu.gpu.driver``: the loop keeps the GIL). They work on torch
+tensors (by ``data_ptr()``) and launch on the torch CUDA stream they are given, so they order with
+the torch work around them. ``import cupy`` happens only on first launch: this module imports on
+machines without cupy or a GPU.
 
 Pinned host memory is read by the kernels in place (zero-copy): with unified addressing a
 page-locked allocation has a device address (the same as its host address on 64-bit Linux),
@@ -16,12 +17,13 @@ Frame offsets reach the GPU inside the launch itself (a by-value kernel argument
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
+
+from streamgpu.gpu import driver
 
 __all__ = [
     "MAX_CHANNELS",
@@ -186,20 +188,15 @@ def _cupy() -> Any:
 
 
 @functools.cache
-def _function(name: str, device: int) -> Any:
-    """Compiles (once per device) the module holding kernel ``name`` and returns the kernel."""
+def _function(name: str, device: int) -> tuple[Any, int]:
+    """Compiles (once per device) the module holding kernel ``name``; returns the kernel (which keeps the
+    module loaded) and its ``CUfunction``."""
     cp = _cupy()
     templated = "<" in name
     with cp.cuda.Device(device):
         module = cp.RawModule(code=_SOURCE, options=("--std=c++17",), name_expressions=(name,) if templated else None)
-        return module.get_function(name)
-
-
-@functools.cache
-def _external_stream(ptr: int) -> Any:
-    with warnings.catch_warnings():  # cupy 14 deprecates ExternalStream; only its .ptr is used here
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return _cupy().cuda.ExternalStream(ptr)
+        kernel = module.get_function(name)
+        return kernel, int(kernel.kernel.ptr)  # loaded now, in the device's primary context
 
 
 @functools.lru_cache(maxsize=64)
@@ -213,14 +210,15 @@ def mapped_address(host_ptr: int) -> int:
 
 
 def _launch(name: str, device: int, grid: tuple[int, int], args: tuple[Any, ...], stream: torch.cuda.Stream) -> None:
-    cp = _cupy()
-    fn = _function(name, device)
-    ext = _external_stream(stream.cuda_stream)
-    if cp.cuda.runtime.getDevice() == device:  # skip the Device context (two runtime calls) when current
-        fn(grid, (_BLOCK,), args, stream=ext)
-    else:
-        with cp.cuda.Device(device):
-            fn(grid, (_BLOCK,), args, stream=ext)
+    # Through the driver, keeping the GIL (streamgpu.gpu.driver says why): the loop launches these per batch.
+    drv = driver.the_driver()
+    _, function = _function(name, device)
+    pushed = drv.enter(device)  # a green context of the device (graph capture in a share) stays current
+    try:
+        drv.launch_kernel(function, grid, _BLOCK, args, stream.cuda_stream)
+    finally:
+        if pushed:
+            drv.leave()
 
 
 def _check_ring(ring: torch.Tensor) -> None:
@@ -541,20 +539,18 @@ def enqueue_replay(
     """Enqueue on ``stream`` (a raw ``cudaStream_t``): one copy ``upload`` = ``(dst, src, nbytes)``,
     one launch of the instantiated CUDA graph ``graph_exec``, then the ``downloads`` copies.
 
-    Raw runtime calls, for the one-replay batch path: entering torch's device and stream contexts
-    for the same work costs tens of microseconds of the loop's time per batch. Copies take any
-    addresses the device can reach (device memory, page-locked host memory); ``device`` is made
-    current for the calls if it is not.
+    Raw driver calls, for the one-replay batch path: entering torch's device and stream contexts
+    for the same work costs tens of microseconds of the loop's time per batch, and the GIL is kept
+    (``streamgpu.gpu.driver``). Copies take any addresses the device can reach (device memory,
+    page-locked host memory); ``device`` is made current for the calls if it is not.
     """
-    rt = _cupy().cuda.runtime
-    current = rt.getDevice()
-    if current != device:
-        rt.setDevice(device)
+    drv = driver.the_driver()
+    pushed = drv.enter(device)
     try:
-        rt.memcpyAsync(*upload, rt.memcpyDefault, stream)
-        rt.graphLaunch(graph_exec, stream)
+        drv.memcpy_async(*upload, stream)
+        drv.graph_launch(graph_exec, stream)
         for dst, src, nbytes in downloads:
-            rt.memcpyAsync(dst, src, nbytes, rt.memcpyDefault, stream)
+            drv.memcpy_async(dst, src, nbytes, stream)
     finally:
-        if current != device:
-            rt.setDevice(current)
+        if pushed:
+            drv.leave()

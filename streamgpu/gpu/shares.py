@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from streamgpu.errors import DeviceUnavailableError
+from streamgpu.gpu.driver import Driver, the_driver
 
 __all__ = ["GROUP_SMS", "GreenContext", "Share", "SmGroups", "SmShares", "groups_for", "shareable_groups"]
 
@@ -105,55 +106,21 @@ _RESOURCE_BYTES = 144
 _SM_COUNT_OFFSET = 96
 
 
-class _Driver:
-    """The few libcuda entry points green contexts need."""
-
-    def __init__(self) -> None:
-        try:
-            lib = ctypes.CDLL("libcuda.so.1")
-        except OSError as exc:
-            raise DeviceUnavailableError(f"SM shares need the CUDA driver library (libcuda.so.1): {exc}") from exc
-        p, u, i = ctypes.c_void_p, ctypes.c_uint, ctypes.c_int
-        pp, pu, pi = ctypes.POINTER(p), ctypes.POINTER(u), ctypes.POINTER(i)
-        signatures = {
-            "cuDeviceGet": (pi, i),
-            "cuDeviceGetDevResource": (i, p, i),
-            "cuDevSmResourceSplitByCount": (p, pu, p, p, u, u),
-            "cuDevResourceGenerateDesc": (pp, p, u),
-            "cuGreenCtxCreate": (pp, p, i, u),
-            "cuCtxFromGreenCtx": (pp, p),
-            "cuGreenCtxStreamCreate": (pp, p, u, i),
-            "cuCtxPushCurrent_v2": (p,),
-            "cuCtxPopCurrent_v2": (pp,),
-            "cuCtxGetStreamPriorityRange": (pi, pi),
-            "cuGetErrorString": (i, ctypes.POINTER(ctypes.c_char_p)),
-        }
-        for name, args in signatures.items():
-            try:
-                fn = getattr(lib, name)
-            except AttributeError as exc:  # a driver older than green contexts (CUDA 12.4)
-                raise DeviceUnavailableError(f"SM shares need a CUDA driver with green contexts: {exc}") from exc
-            fn.argtypes, fn.restype = args, ctypes.c_int
-        self.lib = lib
-
-    def check(self, result: int, what: str) -> None:
-        if result:
-            text = ctypes.c_char_p()
-            self.lib.cuGetErrorString(result, ctypes.byref(text))
-            why = text.value.decode() if text.value else f"CUDA error {result}"
-            raise DeviceUnavailableError(f"{what}: {why}")
+_GREEN_CALLS = (
+    "cuDeviceGetDevResource",
+    "cuDevSmResourceSplitByCount",
+    "cuDevResourceGenerateDesc",
+    "cuGreenCtxCreate",
+    "cuCtxFromGreenCtx",
+    "cuGreenCtxStreamCreate",
+    "cuCtxGetStreamPriorityRange",
+)
 
 
-_driver_lock = threading.Lock()
-_driver: _Driver | None = None
-
-
-def _the_driver() -> _Driver:
-    global _driver
-    with _driver_lock:
-        if _driver is None:
-            _driver = _Driver()
-        return _driver
+def _the_driver() -> Driver:
+    drv = the_driver()
+    drv.require(_GREEN_CALLS, "SM shares need a CUDA driver with green contexts (CUDA 12.4 or later)")
+    return drv
 
 
 def _field(record: bytes, offset: int) -> int:

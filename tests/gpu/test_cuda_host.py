@@ -26,22 +26,19 @@ RING = 1 << 16
 
 
 class FakeEvent:
-    """Completes at once, or raises from ``query`` (a failed batch) when ``fail`` is set."""
+    """Completes at once, or raises from ``query`` (a failed batch) while ``FakeEvent.fail`` is set."""
 
     fail: str | None = None
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.fail = FakeEvent.fail
-
-    def record(self, stream: Any = None) -> None:
+    def record(self, stream: int) -> None:
         pass
 
     def query(self) -> bool:
-        if self.fail:
-            raise RuntimeError(self.fail)
+        if FakeEvent.fail:
+            raise RuntimeError(FakeEvent.fail)
         return True
 
-    def elapsed_time(self, other: Any) -> float:
+    def elapsed_ms(self, end: Any) -> float:
         return 1.0
 
 
@@ -57,7 +54,9 @@ class Pool:
     def make() -> BatchBuffers:
         staged = torch.empty((8, FRAME), dtype=torch.uint8)
         rows = staged.data_ptr() + np.arange(8, dtype=np.int64) * FRAME
-        return BatchBuffers(staged, [torch.zeros((8, 2), dtype=torch.float32)], torch.zeros(9, dtype=torch.int64), rows)
+        events = (FakeEvent(), FakeEvent(), FakeEvent())
+        host = [torch.zeros((8, 2), dtype=torch.float32)]
+        return BatchBuffers(staged, host, torch.zeros(9, dtype=torch.int64), rows, *events)  # type: ignore[arg-type]
 
     def table(self, address: int) -> list[int]:
         """The address table that starts at ``address`` (what an upload copies)."""
@@ -75,8 +74,9 @@ class Pool:
 
 def _backend(monkeypatch: pytest.MonkeyPatch) -> Any:
     """A CUDA backend without a device: only what a one-replay launch touches (call on the test's loop)."""
-    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     FakeEvent.fail = None
+    waits: list[tuple[int, Any]] = []  # a gathered batch's stream waits for its copy
+    monkeypatch.setattr(cuda.driver, "the_driver", lambda: types.SimpleNamespace(wait_event=lambda *a: waits.append(a)))
     replays: list[tuple[Any, ...]] = []
     monkeypatch.setattr(cuda.kernels, "enqueue_replay", lambda *args: replays.append(args))
     loop = asyncio.get_running_loop()
@@ -85,19 +85,18 @@ def _backend(monkeypatch: pytest.MonkeyPatch) -> Any:
     be._host, be._host_address, be.use_kernels = torch.zeros(RING, dtype=torch.uint8), 1 << 40, True
     staged: list[int] = []
 
-    def stage(model: Any, slots: list[Slot], out: torch.Tensor) -> FakeEvent:
+    def stage(model: Any, slots: list[Slot], buffers: BatchBuffers, n: int) -> None:
         staged.append(len(slots))
-        return FakeEvent()
 
     monkeypatch.setattr(be, "_stage", stage)
-    be.replays, be.staged = replays, staged  # type: ignore[attr-defined]  # what the tests read
+    be.replays, be.staged, be.waits = replays, staged, waits  # type: ignore[attr-defined]  # what the tests read
     return be
 
 
 def _model(reads_ring: bool = True) -> Any:
     graph = types.SimpleNamespace(outputs=[(0x1000, 8)], exec_handle=0xABC)
     return types.SimpleNamespace(
-        graph_for=[graph] * 9, buffers=Pool(3), stream=types.SimpleNamespace(cuda_stream=7, wait_event=lambda e: None),
+        graph_for=[graph] * 9, buffers=Pool(3), stream=types.SimpleNamespace(cuda_stream=7),
         addresses=torch.zeros(9, dtype=torch.int64), in_flight=0, reads_ring=reads_ring, gpu=torch.device("cuda", 0),
         spec=types.SimpleNamespace(frame_nbytes=FRAME), layout=types.SimpleNamespace(assemble=lambda arrays: arrays[0]),
     )  # fmt: skip
@@ -119,6 +118,7 @@ async def test_an_idle_model_reads_the_ring_and_a_busy_one_gathers_first(monkeyp
     assert upload[0] == model.addresses.data_ptr() and upload[2] == 4 * 8 and downloads[0][1:] == (0x1000, 3 * 8)
     second = backend._launch_replay(model, _slots(768), 0.0)
     assert backend.staged == [1], "a batch launched beside another was not gathered first"
+    assert backend.waits == [(7, model.buffers.sets[1].copied)], "the replay does not wait for the gather"
     _, _, upload, _, _ = backend.replays[-1]
     assert model.buffers.table(upload[1])[:2] == [1, model.buffers.sets[1].staged.data_ptr()]  # its staged row
     assert model.in_flight == 2
