@@ -9,7 +9,10 @@ quiet while long GPU work is in flight:
   latency of a batch size) lets the bridge sleep with ``loop.call_at`` until shortly before
   that time, then poll;
 * back-off: an event that has been polled for ``spin_s`` without completing is then polled
-  only every ``slow_poll_s``.
+  only every ``slow_poll_s``;
+* stream order: events recorded one after another on one stream complete in that order, so of
+  the waiters given the same ``queue`` only those up to the first not complete are queried in a
+  poll (with a few batches in flight, most queries were of events behind one not yet complete).
 
 Host-function callbacks and blocking waiter threads were measured too; they lose on latency
 and throughput (tools/bench_gpu.py keeps them for comparison).
@@ -21,6 +24,7 @@ GPU (tests pass fake events).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Hashable
 from typing import Protocol
 
 __all__ = ["CompletionBridge", "Queryable"]
@@ -36,12 +40,13 @@ class Queryable(Protocol):
 
 
 class _Waiter:
-    __slots__ = ("due", "event", "future")
+    __slots__ = ("due", "event", "future", "queue")
 
-    def __init__(self, event: Queryable, future: asyncio.Future[None], due: float) -> None:
+    def __init__(self, event: Queryable, future: asyncio.Future[None], due: float, queue: Hashable | None) -> None:
         self.event = event
         self.future = future
         self.due = due  # loop time from which the event is polled
+        self.queue = queue
 
 
 class CompletionBridge:
@@ -79,11 +84,13 @@ class CompletionBridge:
         """Number of futures not yet resolved or cancelled."""
         return sum(1 for w in self._waiters if not w.future.done())
 
-    def wait(self, event: Queryable, expected_s: float = 0.0) -> asyncio.Future[None]:
+    def wait(self, event: Queryable, expected_s: float = 0.0, *, queue: Hashable | None = None) -> asyncio.Future[None]:
         """Return a future resolved on the loop once ``event`` has completed.
 
         ``expected_s`` is an optional hint of how long until completion; if it is longer than
         ``margin_s`` the event is not polled before ``expected_s - margin_s`` from now.
+        ``queue`` (a stream, say): the events of the waits given the same one complete in the order
+        of these calls, each recorded on that stream before its call and after the previous one's.
         Cancelling the future stops the polling of its event. Never blocks.
         """
         if self._closed:
@@ -95,7 +102,7 @@ class CompletionBridge:
         fut: asyncio.Future[None] = self._loop.create_future()
         now = self._loop.time()
         due = now + expected_s - self._margin if expected_s > self._margin else now
-        self._waiters.append(_Waiter(event, fut, due))
+        self._waiters.append(_Waiter(event, fut, due, queue))
         self._schedule(due, now)
         return fut
 
@@ -130,6 +137,7 @@ class CompletionBridge:
         keep: list[_Waiter] = []
         spin = False
         next_at = float("inf")
+        behind: set[Hashable] = set()  # queues with an event found not complete in this poll
         for w in self._waiters:
             fut = w.future
             if fut.done():  # cancelled by its owner: drop it
@@ -139,14 +147,19 @@ class CompletionBridge:
                 if w.due < next_at:
                     next_at = w.due
                 continue
-            try:
-                done = w.event.query()
-            except Exception as exc:  # a CUDA error belongs to this waiter, not to the loop
-                fut.set_exception(exc)
-                continue
-            if done:
-                fut.set_result(None)
-                continue
+            if w.queue is not None and w.queue in behind:
+                done = False  # an earlier event of its stream is not complete: neither is this one
+            else:
+                try:
+                    done = w.event.query()
+                except Exception as exc:  # a CUDA error belongs to this waiter, not to the loop
+                    fut.set_exception(exc)
+                    continue
+                if done:
+                    fut.set_result(None)
+                    continue
+                if w.queue is not None:
+                    behind.add(w.queue)
             keep.append(w)
             if w.due > spin_from:  # young: poll again next iteration
                 spin = True

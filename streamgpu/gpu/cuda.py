@@ -603,16 +603,17 @@ class CudaBackend(Backend):
             raise
         if model.graphs:
             self._enqueue_compute(model, buffers, n)
-            finished: asyncio.Future[None] = self._bridge.wait(buffers.done, expected_s)
+            finished: asyncio.Future[None] = self._bridge.wait(buffers.done, expected_s, queue=model.stream.cuda_stream)
         else:
             finished = asyncio.ensure_future(self._compute_off_loop(model, buffers, n))
-        return self._run(model, buffers, n, self._bridge.wait(buffers.copied), finished)
+        copied = self._bridge.wait(buffers.copied, queue=self._copy_stream(model).cuda_stream)
+        return self._run(model, buffers, n, copied, finished)
 
     def _stage(self, model: CudaModel, slots: list[Slot], buffers: BatchBuffers, n: int) -> None:
         """Copy the frames from their ring slots into ``buffers.staged`` (device) on the copy stream, then
         record ``buffers.copied``."""
         nbytes = model.spec.frame_nbytes
-        copy_stream = model.streams.copy or self.copy_streams[model.device]
+        copy_stream = self._copy_stream(model)
         staged = buffers.staged[:n]
         assert self._host is not None
         if self.use_kernels and nbytes < COPY_ENGINE_FROM:  # the stream is explicit: no torch context to enter
@@ -622,6 +623,9 @@ class CudaBackend(Backend):
                 for i, slot in enumerate(slots):
                     staged[i].copy_(self._host[slot.offset : slot.offset + nbytes], non_blocking=True)
         buffers.copied.record(copy_stream.cuda_stream)
+
+    def _copy_stream(self, model: CudaModel) -> torch.cuda.Stream:
+        return model.streams.copy or self.copy_streams[model.device]
 
     def _launch_replay(self, model: CudaModel, slots: list[Slot], expected_s: float) -> BatchRun:
         """A batch of a one-replay model (``CudaModel.capture``): its frame addresses to the device,
@@ -670,8 +674,8 @@ class CudaBackend(Backend):
         upload = (model.addresses.data_ptr(), buffers.addresses.data_ptr(), (n + 1) * 8)
         kernels.enqueue_replay(model.gpu.index or 0, stream, upload, graph.exec_handle, downloads)
         buffers.done.record(stream)
-        finished = self._bridge.wait(buffers.done, expected_s)
-        copied = self._bridge.wait(buffers.copied) if gathered else finished
+        finished = self._bridge.wait(buffers.done, expected_s, queue=stream)
+        copied = self._bridge.wait(buffers.copied, queue=self._copy_stream(model).cuda_stream) if gathered else finished
         return self._run(model, buffers, n, copied, finished)
 
     def _run(

@@ -184,3 +184,31 @@ def test_rejects_bad_settings() -> None:
             CompletionBridge(loop, slow_poll_s=0)
     finally:
         loop.close()
+
+
+@pytest.mark.asyncio
+async def test_events_of_one_queue_behind_one_not_complete_are_not_queried() -> None:
+    """Events recorded in order on one stream complete in that order: while the first is pending, the
+    ones behind it are not asked (each query is a driver call on the loop); another queue is asked."""
+    bridge = CompletionBridge(asyncio.get_running_loop())
+    first, second, third, elsewhere = FakeEvent(), FakeEvent(), FakeEvent(), FakeEvent()
+    futs = [bridge.wait(ev, queue="s1") for ev in (first, second, third)]
+    other = bridge.wait(elsewhere, queue="s2")
+    second.complete()  # (not yet seen: the first is still pending)
+    await _spin(10)
+    assert first.queries > 1 and second.queries == 0 and third.queries == 0
+    assert elsewhere.queries == first.queries and not any(f.done() for f in futs)
+    first.complete()
+    await _spin(3)
+    assert futs[0].done() and futs[1].done() and not futs[2].done()
+    third.complete()
+    elsewhere.complete()
+    await asyncio.wait_for(asyncio.gather(futs[2], other), 1.0)
+    unqueued = [FakeEvent() for _ in range(2)]  # without a queue each is asked
+    pending = [bridge.wait(ev) for ev in unqueued]
+    await _spin(3)
+    assert all(ev.queries > 0 for ev in unqueued)
+    for ev in unqueued:
+        ev.complete()
+    await asyncio.wait_for(asyncio.gather(*pending), 1.0)
+    bridge.close()
