@@ -275,6 +275,12 @@ class Server:
         state = self._manager.states.get(name)
         return state.models if state is not None else None
 
+    def model_version(self, name: str) -> int | None:
+        """The version of model ``name`` that new frames go to (1 for the first loaded under the name, one more
+        for each load or swap since), or None when it is not served: the repository index's version."""
+        state = self._manager.states.get(name)
+        return state.version if state is not None and state.models is not None else None
+
     @property
     def model_specs(self) -> dict[str, ModelSpec]:
         """The models taking frames now, by name."""

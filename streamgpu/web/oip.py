@@ -5,9 +5,9 @@ Routes (docs/HTTP.md is the user's description)::
     GET  /v2                                        server metadata and extensions
     GET  /v2/health/live                            200 while the process serves HTTP
     GET  /v2/health/ready                           200 while the server accepts frames, else 503
-    GET  /v2/models/{name}[/versions/1]             model metadata: inputs, outputs, dtypes, shapes
-    GET  /v2/models/{name}[/versions/1]/ready       200 when the model is served and the server ready
-    POST /v2/models/{name}[/versions/1]/infer       inference: JSON tensors or the binary tensor data
+    GET  /v2/models/{name}[/versions/N]             model metadata: inputs, outputs, dtypes, shapes
+    GET  /v2/models/{name}[/versions/N]/ready       200 when the model is served and the server ready
+    POST /v2/models/{name}[/versions/N]/infer       inference: JSON tensors or the binary tensor data
                                                     extension (Inference-Header-Content-Length)
 
 A model has one input, ``input`` (the frame, with an optional leading batch dimension: ``[N,
@@ -39,7 +39,6 @@ from streamgpu.web.frames import next_stream_key, receive_frame
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
-MODEL_VERSION = "1"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # Room for the JSON inference header beside the tensor bytes: a request body may be at most
 # max_payload_bytes + this (the tensor data of one request is at most max_payload_bytes).
@@ -92,18 +91,21 @@ async def ready(request: web.Request) -> web.Response:
     return web.Response(status=200 if request.app[SERVER_KEY].started else 503)
 
 
-def _spec(request: web.Request) -> ModelSpec:
-    """The model the path names, as served now (404 for an unknown model or version): the config's
-    models, those loaded since (admin API, model repository), none unloaded."""
+def _spec(request: web.Request) -> tuple[ModelSpec, str]:
+    """The model the path names as served now, and its version (the repository index's: one more at each
+    swap); 404 for an unknown model, or a version not the one serving. The config's models, those loaded
+    since (admin API, model repository), none unloaded."""
     server = request.app[SERVER_KEY]
     name = request.match_info["name"]
-    version = request.match_info.get("version", MODEL_VERSION)
     spec = server.model_specs.get(name) if server.initialized else None
-    if spec is None:
+    serving = server.model_version(name) if spec is not None else None
+    if spec is None or serving is None:
         raise HttpError(404, f"unknown model: {name!r}")
-    if version != MODEL_VERSION:
-        raise HttpError(404, f"model {name!r} has no version {version!r} (it has version {MODEL_VERSION})")
-    return spec
+    version = request.match_info.get("version", str(serving))
+    if version != str(serving):
+        raise HttpError(404, f"model {name!r} has no version {version!r} serving: version {serving} serves "
+                             "(a swap replaces the version; GET /v2/repository/index lists them)")  # fmt: skip
+    return spec, version
 
 
 async def model_ready(request: web.Request) -> web.Response:
@@ -116,7 +118,7 @@ async def model_ready(request: web.Request) -> web.Response:
 
 async def model_metadata(request: web.Request) -> web.Response:
     try:
-        spec = _spec(request)
+        spec, version = _spec(request)
     except HttpError as exc:
         return error_response(exc.status, exc.message)
     # Known once this version answered a frame (one swapped out or unloaded since may have returned another shape)
@@ -124,7 +126,7 @@ async def model_metadata(request: web.Request) -> web.Response:
     output = learned[1] if learned is not None and learned[0] is spec else None
     return web.json_response({
         "name": spec.name,
-        "versions": [MODEL_VERSION],
+        "versions": [version],
         "platform": "pytorch",
         "inputs": [{"name": INPUT_NAME, "datatype": DATATYPE_OF[spec.frame_dtype], "shape": [-1, *spec.input_shape]}],
         "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, *(output or (-1,))]}],
@@ -273,7 +275,7 @@ def _producer(request: web.Request, admission: Admission) -> Producer:
 async def infer(request: web.Request) -> web.StreamResponse:
     server = request.app[SERVER_KEY]
     try:
-        spec = _spec(request)
+        spec, version = _spec(request)
         if not server.started:
             raise HttpError(503, "server is not ready (starting or shutting down)")
         admission = server.admission
@@ -285,7 +287,7 @@ async def infer(request: web.Request) -> web.StreamResponse:
         return error_response(503, f"too many connections ({admission.config.max_connections})")
     answered = False  # every frame of the request answered: none left queued for ``leave`` to look for
     try:
-        response = await _infer(request, spec, admission, producer)
+        response = await _infer(request, spec, version, admission, producer)
         answered = True
         return response
     except HttpError as exc:
@@ -299,7 +301,10 @@ async def infer(request: web.Request) -> web.StreamResponse:
         admission.leave(producer, queued=not answered)
 
 
-async def _infer(request: web.Request, spec: ModelSpec, admission: Admission, producer: Producer) -> web.StreamResponse:
+async def _infer(
+    request: web.Request, spec: ModelSpec, version: str, admission: Admission, producer: Producer
+) -> web.StreamResponse:
+    """``version``: the one serving when the request came (a swap meanwhile may run its frames on the next)."""
     limit = admission.config.max_payload_bytes + HEADER_ALLOWANCE
     length = request.content_length
     if length is not None and length > limit:
@@ -361,7 +366,7 @@ async def _infer(request: web.Request, spec: ModelSpec, admission: Admission, pr
     out = np.stack(results) if req.batched else results[0]  # type: ignore[arg-type]
     assert out is not None
     _output_shapes(request.app)[spec.name] = spec, tuple(out.shape[1:] if req.batched else out.shape)
-    return _response(spec, req, out, outcomes)
+    return _response(spec, version, req, out, outcomes)
 
 
 def _header_length(request: web.Request) -> int | None:
@@ -409,13 +414,13 @@ def _copy_from(data: np.ndarray) -> Any:
     return fill
 
 
-def _response(spec: ModelSpec, req: _Request, out: np.ndarray, outcomes: list[Outcome]) -> web.Response:
+def _response(spec: ModelSpec, version: str, req: _Request, out: np.ndarray, outcomes: list[Outcome]) -> web.Response:
     out = np.ascontiguousarray(out, dtype=out.dtype.newbyteorder("<"))
     datatype = DATATYPE_OF.get(out.dtype)
     if datatype is None:
         out, datatype = out.astype("<f4"), "FP32"
     timings = outcomes[-1].timings
-    doc: dict[str, Any] = {"model_name": spec.name, "model_version": MODEL_VERSION}
+    doc: dict[str, Any] = {"model_name": spec.name, "model_version": version}
     if req.id is not None:
         doc["id"] = req.id
     doc["parameters"] = {"queue_us": timings.queue_us, "compute_us": timings.compute_us,

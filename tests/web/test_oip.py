@@ -541,3 +541,32 @@ async def test_metadata_forgets_the_output_shape_of_a_version_swapped_out(server
         assert (await c.get_model_metadata("user"))["outputs"][0]["shape"] == [-1, 2]
     finally:
         await c.close()
+
+
+@ONE_LOOP
+async def test_a_models_version_is_the_repository_indexs_and_follows_a_swap(server: Server, tmp_path: Path) -> None:
+    """Every route said version 1 while the repository index counted the swaps: a client taking the version
+    from the index (or from metadata, after a swap) was answered 404."""
+    c = tritonaio.InferenceServerClient(f"127.0.0.1:{http_port(server)}")
+    other = tmp_path / "other.ts"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(USER_SHAPE[0], 4)), str(other))
+    inp = tritonaio.InferInput("input", [1, *USER_SHAPE], "FP32")
+    inp.set_data_from_numpy(np.zeros((1, *USER_SHAPE), np.float32))
+
+    async def indexed() -> str:
+        return next(str(m["version"]) for m in await c.get_model_repository_index() if m["name"] == "user")
+
+    try:
+        assert await indexed() == "1" and (await c.get_model_metadata("user"))["versions"] == ["1"]
+        await server.swap_model("user", dataclasses.replace(server.model_specs["user"], source=f"torchscript:{other}"))
+        assert await indexed() == "2"
+        assert (await c.get_model_metadata("user"))["versions"] == ["2"]
+        assert (await c.get_model_metadata("user", model_version="2"))["name"] == "user"
+        assert await c.is_model_ready("user", model_version="2") and not await c.is_model_ready("user", "1")
+        assert (await c.infer("user", [inp], model_version="2")).get_response()["model_version"] == "2"
+        assert (await c.infer("user", [inp])).get_response()["model_version"] == "2"
+        with pytest.raises(InferenceServerException, match="version 2 serves") as info:
+            await c.infer("user", [inp], model_version="1")
+        assert info.value.status() == "404"
+    finally:
+        await c.close()
