@@ -28,6 +28,7 @@ from streamgpu.errors import ModelLoadError, ModelNotFoundError
 from streamgpu.gpu.cpu import CpuModel
 from streamgpu.models import manager
 from streamgpu.models.builtin import SmallConvNet, build_builtin
+from streamgpu.models.manager import ModelManager
 from streamgpu.models.outputs import BatchOutputs
 from streamgpu.models.preprocess import preprocess_torch
 from streamgpu.models.spec import ModelSpec
@@ -1025,3 +1026,36 @@ async def test_an_unload_that_fails_after_its_http_client_left_is_logged(
                 break
             await asyncio.sleep(0.01)
     assert "model m: an unload whose caller stopped waiting failed: device context lost" in caplog.text
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_repository_unload_that_fails_is_tried_again_and_stops_nothing_else(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A removed folder whose unload failed ended that scan (the folders after it waited a period) and was
+    forgotten: its model served on though its folder was gone."""
+    repo = tmp_path / "repo"
+    for name in ("a", "b"):
+        (repo / name).mkdir(parents=True)
+        (repo / name / "config.toml").write_text('source = "builtin:small"\ninput_shape = [16, 16, 3]\n')
+    real_unload = ModelManager.unload
+    failed: list[str] = []
+
+    async def unload_failing_once(self: ModelManager, name: str) -> Any:
+        if name == "a" and not failed:
+            failed.append(name)
+            raise ModelLoadError("model 'a': cannot free it (planted)")
+        return await real_unload(self, name)
+
+    monkeypatch.setattr(ModelManager, "unload", unload_failing_once)
+    async with Server(config(model_repository=str(repo), repository_poll_s=0.05)) as srv:
+        assert {"a", "b"} <= set(srv.model_specs)
+        shutil.rmtree(repo / "a")
+        shutil.rmtree(repo / "b")
+        (repo / "c").mkdir()
+        (repo / "c" / "config.toml").write_text('source = "builtin:small"\ninput_shape = [16, 16, 3]\n')
+        deadline = time.monotonic() + 10
+        while set(srv.model_specs) != {"c"}:
+            assert time.monotonic() < deadline, srv.model_index()
+            await asyncio.sleep(0.02)
+        assert failed == ["a"]

@@ -150,11 +150,15 @@ class RepositoryPoller:
         loop = asyncio.get_running_loop()
         found = await loop.run_in_executor(self._executor, self._scan)
         for name in [n for n in self._seen if n not in found]:
-            gone = self._seen.pop(name)
             state = self._models.states.get(name)
-            if gone.loaded is not None and state is not None and state.models is not None:
+            if self._seen[name].loaded is not None and state is not None and state.models is not None:
                 log.info("model repository: %s removed; unloading", name)
-                await self._models.unload(name)
+                try:
+                    await self._models.unload(name)
+                except StreamgpuError as exc:  # still serving, still seen: the next scan tries again
+                    log.error("model repository: %r not unloaded: %s", name, exc)
+                    continue
+            del self._seen[name]
         for name, signature in found.items():
             seen = self._seen.get(name)
             settled = initial or (seen is not None and seen.signature == signature)
