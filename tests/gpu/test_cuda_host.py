@@ -96,7 +96,7 @@ def _backend(monkeypatch: pytest.MonkeyPatch) -> Any:
 def _model(reads_ring: bool = True) -> Any:
     graph = types.SimpleNamespace(outputs=[(0x1000, 8)], exec_handle=0xABC)
     return types.SimpleNamespace(
-        graph_for=[graph] * 9, buffers=Pool(3), stream=types.SimpleNamespace(cuda_stream=7),
+        graph_for=[graph] * 9, buffers=Pool(3), stream=types.SimpleNamespace(cuda_stream=7), device=0,
         streams=types.SimpleNamespace(copy=types.SimpleNamespace(cuda_stream=9)),
         addresses=torch.zeros(9, dtype=torch.int64), in_flight=0, reads_ring=reads_ring, gpu=torch.device("cuda", 0),
         spec=types.SimpleNamespace(frame_nbytes=FRAME), layout=types.SimpleNamespace(assemble=lambda arrays: arrays[0]),
@@ -157,3 +157,24 @@ async def test_a_failed_batch_holds_its_buffers_and_a_finished_one_gives_them_ba
     FakeEvent.fail = None
     await backend._launch_replay(model, _slots(0), 0.0).done
     assert len(model.buffers.free) == 2 and model.in_flight == 0  # taken and given back; the held one never
+
+
+@pytest.mark.asyncio
+async def test_a_batch_launched_before_tracing_began_completes_untraced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Backend.trace`` is set on a serving backend (the benchmarks set it after the server started): a batch
+    launched before is not traced (there may be no epoch yet, or one recorded after it started), and it
+    still succeeds."""
+    backend = _backend(monkeypatch)
+    monkeypatch.setattr(cuda.driver, "Event", lambda *args, **kwargs: FakeEvent())
+    backend.gpus, backend._probes = [torch.device("cuda", 0)], [types.SimpleNamespace(cuda_stream=3)]
+    backend._trace_epochs = {}
+    model = _model()
+    first = backend._launch_replay(model, _slots(0, 256), 0.0)
+    backend.trace = []
+    assert len(await first.done) == 2  # no traced launch yet: no epoch
+    backend.trace = None
+    untraced = backend._launch_replay(model, _slots(0, 256, 512), 0.0)
+    backend.trace = []
+    traced = backend._launch_replay(model, _slots(768), 0.0)  # the epoch is recorded now
+    assert len(await untraced.done) == 3 and len(await traced.done) == 1
+    assert [t.size for t in backend.trace] == [1]
