@@ -707,6 +707,11 @@ class CudaBackend(Backend):
                     result.set_exception(error)
                 else:
                     result.set_result(rows)
+            if not failed and not copied.done():
+                # ``done`` follows the copy on the device, so the copy is complete; its waiter may not have been
+                # asked yet (the bridge asks none behind a stream's first pending event), and the set's next
+                # batch would record ``copied`` again under it.
+                copied.set_result(None)
             pool = model.buffers  # None: unloaded meanwhile (a shutdown out of time)
             if pool is not None:
                 # A failed batch's set is held, never reused: the device may still write it.
