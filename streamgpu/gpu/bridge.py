@@ -91,7 +91,8 @@ class CompletionBridge:
         ``margin_s`` the event is not polled before ``expected_s - margin_s`` from now.
         ``queue`` (a stream, say): the events of the waits given the same one complete in the order
         of these calls, each recorded on that stream before its call and after the previous one's.
-        Cancelling the future stops the polling of its event. Never blocks.
+        Cancelling the future (or resolving it: its owner may know sooner) stops the polling of its
+        event. Never blocks.
         """
         if self._closed:
             raise RuntimeError("CompletionBridge is closed")
@@ -140,7 +141,7 @@ class CompletionBridge:
         behind: set[Hashable] = set()  # queues with an event found not complete in this poll
         for w in self._waiters:
             fut = w.future
-            if fut.done():  # cancelled by its owner: drop it
+            if fut.done():  # cancelled or resolved by its owner: drop it
                 continue
             if w.due > horizon:  # hinted, not due yet
                 keep.append(w)

@@ -686,6 +686,7 @@ class CudaBackend(Backend):
         result: asyncio.Future[BatchOutputs] = self._loop.create_future()
         run = BatchRun(n, copied, result)
         model.in_flight += 1
+        traced = self.trace is not None  # a batch launched before tracing began has no epoch to be timed from
 
         def deliver(f: asyncio.Future[None]) -> None:
             model.in_flight -= 1
@@ -700,12 +701,17 @@ class CudaBackend(Backend):
                     # Small (n x outputs): copied so that the buffers go back now (and the results are the
                     # batch's own, as BatchRun says).
                     rows = model.layout.assemble([host[:n].numpy().copy() for host in buffers.host])
-                    if self.trace is not None:
+                    if traced and self.trace is not None:
                         self._trace(model, n, buffers)
                 except Exception as error:
                     result.set_exception(error)
                 else:
                     result.set_result(rows)
+            if not failed and not copied.done():
+                # ``done`` follows the copy on the device, so the copy is complete; its waiter may not have been
+                # asked yet (the bridge asks none behind a stream's first pending event), and the set's next
+                # batch would record ``copied`` again under it.
+                copied.set_result(None)
             pool = model.buffers  # None: unloaded meanwhile (a shutdown out of time)
             if pool is not None:
                 # A failed batch's set is held, never reused: the device may still write it.

@@ -87,6 +87,7 @@ def _backend(monkeypatch: pytest.MonkeyPatch) -> Any:
 
     def stage(model: Any, slots: list[Slot], buffers: BatchBuffers, n: int) -> None:
         staged.append(len(slots))
+        buffers.copied.record(model.streams.copy.cuda_stream)
 
     monkeypatch.setattr(be, "_stage", stage)
     be.replays, be.staged, be.waits = replays, staged, waits  # type: ignore[attr-defined]  # what the tests read
@@ -96,7 +97,7 @@ def _backend(monkeypatch: pytest.MonkeyPatch) -> Any:
 def _model(reads_ring: bool = True) -> Any:
     graph = types.SimpleNamespace(outputs=[(0x1000, 8)], exec_handle=0xABC)
     return types.SimpleNamespace(
-        graph_for=[graph] * 9, buffers=Pool(3), stream=types.SimpleNamespace(cuda_stream=7),
+        graph_for=[graph] * 9, buffers=Pool(3), stream=types.SimpleNamespace(cuda_stream=7), device=0,
         streams=types.SimpleNamespace(copy=types.SimpleNamespace(cuda_stream=9)),
         addresses=torch.zeros(9, dtype=torch.int64), in_flight=0, reads_ring=reads_ring, gpu=torch.device("cuda", 0),
         spec=types.SimpleNamespace(frame_nbytes=FRAME), layout=types.SimpleNamespace(assemble=lambda arrays: arrays[0]),
@@ -157,3 +158,69 @@ async def test_a_failed_batch_holds_its_buffers_and_a_finished_one_gives_them_ba
     FakeEvent.fail = None
     await backend._launch_replay(model, _slots(0), 0.0).done
     assert len(model.buffers.free) == 2 and model.in_flight == 0  # taken and given back; the held one never
+
+
+@pytest.mark.asyncio
+async def test_a_batch_launched_before_tracing_began_completes_untraced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Backend.trace`` is set on a serving backend (the benchmarks set it after the server started): a batch
+    launched before is not traced (there may be no epoch yet, or one recorded after it started), and it
+    still succeeds."""
+    backend = _backend(monkeypatch)
+    monkeypatch.setattr(cuda.driver, "Event", lambda *args, **kwargs: FakeEvent())
+    backend.gpus, backend._probes = [torch.device("cuda", 0)], [types.SimpleNamespace(cuda_stream=3)]
+    backend._trace_epochs = {}
+    model = _model()
+    first = backend._launch_replay(model, _slots(0, 256), 0.0)
+    backend.trace = []
+    assert len(await first.done) == 2  # no traced launch yet: no epoch
+    backend.trace = None
+    untraced = backend._launch_replay(model, _slots(0, 256, 512), 0.0)
+    backend.trace = []
+    traced = backend._launch_replay(model, _slots(768), 0.0)  # the epoch is recorded now
+    assert len(await untraced.done) == 3 and len(await traced.done) == 1
+    assert [t.size for t in backend.trace] == [1]
+
+
+class Gate(FakeEvent):
+    """Pending from its record until the test completes it; ``completes_when_asked``: completes just after a
+    query finds it pending (its work ended between two queries of one poll)."""
+
+    def __init__(self) -> None:
+        self.complete = True  # never recorded: reads as complete
+        self.completes_when_asked = False
+
+    def record(self, stream: int) -> None:
+        self.complete = False
+
+    def query(self) -> bool:
+        complete = self.complete
+        self.complete = complete or self.completes_when_asked
+        return complete
+
+
+@pytest.mark.asyncio
+async def test_a_set_reused_at_once_does_not_hold_back_its_last_batch_copied(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two models gather on one copy stream. A poll finds A's copy pending (it ends just after), then B's batch
+    done, and asks no further on the copy stream: B's ``copied`` waiter is left for the next poll. B's set
+    goes back at delivery and its next batch records the set's ``copied`` again: B's first batch (done on the
+    device) must not wait for that next copy."""
+    backend = _backend(monkeypatch)
+    backend._bridge = CompletionBridge(asyncio.get_running_loop(), spin_s=0, slow_poll_s=0.05)  # polls apart
+    a_model, b_model = _model(reads_ring=False), _model(reads_ring=False)
+    b_model.stream = types.SimpleNamespace(cuda_stream=8)  # its own compute stream; the copy stream is shared
+    for buffers in a_model.buffers.sets + b_model.buffers.sets:
+        buffers.copied, buffers.started, buffers.done = Gate(), Gate(), Gate()
+    a = backend._launch_replay(a_model, _slots(0), 0.0)
+    b = backend._launch_replay(b_model, _slots(256), 0.0)
+    a_set, b_set = a_model.buffers.sets[-1], b_model.buffers.sets[-1]  # what each took
+    a_set.copied.completes_when_asked = True
+    b_set.copied.complete = b_set.started.complete = b_set.done.complete = True
+    await asyncio.wait_for(b.done, 1.0)
+    following = backend._launch_replay(b_model, _slots(512), 0.0)
+    assert b_set not in b_model.buffers.free, "the next batch did not take the set given back"
+    await asyncio.sleep(0.2)  # a few polls
+    assert b.copied.done(), "a batch done on the device waits for the next batch's copy into its set"
+    for buffers in a_model.buffers.sets + b_model.buffers.sets:
+        buffers.copied.complete = buffers.started.complete = buffers.done.complete = True
+    await asyncio.wait_for(asyncio.gather(a.copied, a.done, following.copied, following.done), 1.0)
+    backend._bridge.close()
