@@ -34,7 +34,7 @@ _TIMER_SLACK = 0.001
 
 
 class Queryable(Protocol):
-    """What the bridge needs of an event: ``torch.cuda.Event``, ``cupy.cuda.Event`` or a fake."""
+    """What the bridge needs of an event: ``streamgpu.gpu.driver.Event``, ``torch.cuda.Event`` or a fake."""
 
     def query(self) -> bool: ...
 

@@ -596,18 +596,30 @@ class CudaBackend(Backend):
         if self.trace is not None:
             self._mark_epoch(model.device)
         buffers = model.buffers.take()
+        queued = False
         try:
             self._stage(model, slots, buffers, n)
-        except Exception:  # refused before anything was enqueued (the gather checks its offsets)
-            model.buffers.give_back(buffers)
+            queued = True
+            if model.graphs:
+                self._enqueue_compute(model, buffers, n)
+        except Exception:
+            self._failed_launch(model, buffers, queued)
             raise
+        # Waited on in the order recorded (the copy before the compute), as the bridge's queues take them.
+        copied = self._bridge.wait(buffers.copied, queue=self._copy_stream(model).cuda_stream)
         if model.graphs:
-            self._enqueue_compute(model, buffers, n)
             finished: asyncio.Future[None] = self._bridge.wait(buffers.done, expected_s, queue=model.stream.cuda_stream)
         else:
             finished = asyncio.ensure_future(self._compute_off_loop(model, buffers, n))
-        copied = self._bridge.wait(buffers.copied, queue=self._copy_stream(model).cuda_stream)
         return self._run(model, buffers, n, copied, finished)
+
+    @staticmethod
+    def _failed_launch(model: CudaModel, buffers: BatchBuffers, queued: bool) -> None:
+        """A launch raised: its set goes back if it was refused before anything was queued (the offset checks
+        come first; a failed gather launch leaves its writes ahead of the next batch's on the copy stream),
+        else it is held, never reused: the device may still write it."""
+        assert model.buffers is not None
+        (model.buffers.hold if queued else model.buffers.give_back)(buffers)
 
     def _stage(self, model: CudaModel, slots: list[Slot], buffers: BatchBuffers, n: int) -> None:
         """Copy the frames from their ring slots into ``buffers.staged`` (device) on the copy stream, then
@@ -641,42 +653,43 @@ class CudaBackend(Backend):
         table[0] = n
         stream = model.stream.cuda_stream
         gathered = model.in_flight or not model.reads_ring
-        if gathered:
-            # Another batch of this model is on the GPU: copy this one into device memory on the copy
-            # stream now, overlapping that batch, and let the graph read it there. (Frames too large to
-            # read well from inside the graph always go this way: see ``CudaModel.reads_ring``.)
-            # ``started`` comes before the wait, as it comes before the ring reads on the other way, so
-            # that the device time the scheduler learns from is measured alike on both.
-            try:
+        queued = False
+        try:
+            if gathered:
+                # Another batch of this model is on the GPU: copy this one into device memory on the copy
+                # stream now, overlapping that batch, and let the graph read it there. (Frames too large to
+                # read well from inside the graph always go this way: see ``CudaModel.reads_ring``.)
+                # ``started`` comes before the wait, as it comes before the ring reads on the other way, so
+                # that the device time the scheduler learns from is measured alike on both.
                 self._stage(model, slots, buffers, n)
-            except Exception:  # refused before anything was enqueued (the gather checks its offsets)
-                model.buffers.give_back(buffers)
-                raise
-            buffers.started.record(stream)
-            driver.the_driver().wait_event(stream, buffers.copied)
-            table[1 : n + 1] = buffers.staged_rows[:n]
-        else:
-            # Nothing of it on the GPU, so nothing to overlap a copy with: the graph reads the frames
-            # straight from the page-locked ring, and the slots are read once the batch is done.
-            offsets = table[1 : n + 1]
-            offsets[:] = [slot.offset for slot in slots]
-            try:  # what the ring slots give the device to read
+                queued = True
+                buffers.started.record(stream)
+                driver.the_driver().wait_event(stream, buffers.copied)
+                table[1 : n + 1] = buffers.staged_rows[:n]
+            else:
+                # Nothing of it on the GPU, so nothing to overlap a copy with: the graph reads the frames
+                # straight from the page-locked ring, and the slots are read once the batch is done.
+                offsets = table[1 : n + 1]
+                offsets[:] = [slot.offset for slot in slots]
+                # What the ring slots give the device to read.
                 kernels.check_offsets(offsets, model.spec.frame_nbytes, self._host.numel())
-            except ValueError:
-                model.buffers.give_back(buffers)
-                raise
-            offsets += self._host_address
-            buffers.started.record(stream)
-        downloads = [
-            (host.data_ptr(), out, n * row_nbytes)
-            for host, (out, row_nbytes) in zip(buffers.host, graph.outputs, strict=True)
-        ]
-        upload = (model.addresses.data_ptr(), buffers.addresses.data_ptr(), (n + 1) * 8)
-        kernels.enqueue_replay(model.gpu.index or 0, stream, upload, graph.exec_handle, downloads)
-        buffers.done.record(stream)
+                offsets += self._host_address
+                queued = True
+                buffers.started.record(stream)
+            downloads = [
+                (host.data_ptr(), out, n * row_nbytes)
+                for host, (out, row_nbytes) in zip(buffers.host, graph.outputs, strict=True)
+            ]
+            upload = (model.addresses.data_ptr(), buffers.addresses.data_ptr(), (n + 1) * 8)
+            kernels.enqueue_replay(model.gpu.index or 0, stream, upload, graph.exec_handle, downloads)
+            buffers.done.record(stream)
+        except Exception:
+            self._failed_launch(model, buffers, queued)
+            raise
+        # Waited on in the order recorded (the copy before the compute), as the bridge's queues take them.
+        copied = self._bridge.wait(buffers.copied, queue=self._copy_stream(model).cuda_stream) if gathered else None
         finished = self._bridge.wait(buffers.done, expected_s, queue=stream)
-        copied = self._bridge.wait(buffers.copied, queue=self._copy_stream(model).cuda_stream) if gathered else finished
-        return self._run(model, buffers, n, copied, finished)
+        return self._run(model, buffers, n, finished if copied is None else copied, finished)
 
     def _run(
         self, model: CudaModel, buffers: BatchBuffers, n: int, copied: asyncio.Future[None],

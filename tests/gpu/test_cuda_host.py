@@ -224,3 +224,23 @@ async def test_a_set_reused_at_once_does_not_hold_back_its_last_batch_copied(mon
         buffers.copied.complete = buffers.started.complete = buffers.done.complete = True
     await asyncio.wait_for(asyncio.gather(a.copied, a.done, following.copied, following.done), 1.0)
     backend._bridge.close()
+
+
+@pytest.mark.asyncio
+async def test_a_launch_that_fails_once_something_is_queued_holds_its_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A launch that raised after its first record (the replay's launch, a stream wait) left its set neither
+    given back nor held: each such failure cost a set allocated on the loop. Held now (the device may still
+    write it); refused before anything was queued, it goes back."""
+    backend = _backend(monkeypatch)
+    model = _model()
+
+    def failing_replay(*args: Any) -> None:
+        raise RuntimeError("cuGraphLaunch: planted")
+
+    monkeypatch.setattr(cuda.kernels, "enqueue_replay", failing_replay)
+    with pytest.raises(RuntimeError, match="planted"):
+        backend._launch_replay(model, _slots(0), 0.0)
+    assert len(model.buffers.held) == 1 and len(model.buffers.free) == 2 and model.in_flight == 0
+    with pytest.raises(ValueError, match="multiple of 256"):
+        backend._launch_replay(model, _slots(100), 0.0)
+    assert len(model.buffers.held) == 1 and len(model.buffers.free) == 2
