@@ -171,8 +171,13 @@ class Driver:
             raise CudaError("cuCtxPopCurrent", result)
 
     def wait_event(self, stream: int, event: Event) -> None:
-        """Work queued on ``stream`` after this waits for ``event``'s last record to complete."""
-        result = self.held.cuStreamWaitEvent(stream, event.handle, 0)
+        """Work queued on ``stream`` (of ``event``'s device) after this waits for ``event``'s last record."""
+        pushed = self.enter(event.ordinal)  # as torch's calls make the stream's device current for it
+        try:
+            result = self.held.cuStreamWaitEvent(stream, event.handle, 0)
+        finally:
+            if pushed:
+                self.leave()
         if result:
             raise CudaError("cuStreamWaitEvent", result)
 
@@ -229,10 +234,11 @@ class Event:
     to record. An event never recorded reads as complete.
     """
 
-    __slots__ = ("_destroy", "_driver", "handle")
+    __slots__ = ("_destroy", "_driver", "handle", "ordinal")
 
     def __init__(self, ordinal: int, *, timing: bool = False) -> None:
         drv = self._driver = the_driver()
+        self.ordinal = ordinal
         handle = ctypes.c_void_p()
         context = drv.primary_context(ordinal)  # events of a green context could not be recorded elsewhere
         drv.check(drv.lib.cuCtxPushCurrent_v2(context), f"cuda:{ordinal}")
@@ -246,7 +252,13 @@ class Event:
 
     def record(self, stream: int) -> None:
         """Record on ``stream`` (a raw ``CUstream`` of the same device)."""
-        result = self._driver.held.cuEventRecord(self.handle, stream)
+        drv = self._driver
+        pushed = drv.enter(self.ordinal)  # as torch's record makes the device current (several GPUs)
+        try:
+            result = drv.held.cuEventRecord(self.handle, stream)
+        finally:
+            if pushed:
+                drv.leave()
         if result:
             raise CudaError("cuEventRecord", result)
 

@@ -151,22 +151,28 @@ def test_a_failed_call_says_which_and_why() -> None:
 
 
 def test_a_thread_without_a_context_gets_the_device_made_current_and_back() -> None:
+    """Records and stream waits make the event's device current for the call (as torch's do: with several GPUs
+    the loop's current device is one of them), and leave the thread as they found it."""
     drv = driver.the_driver()
+    stream = torch.cuda.Stream()
+    raw = stream.cuda_stream
+    event = driver.Event(0)
     outcome: list[object] = []
 
     def fresh_thread() -> None:  # no CUDA call made on it yet: no current context
         try:
-            pushed = drv.enter(0)
-            event = driver.Event(0)
-            event.record(torch.cuda.current_stream(0).cuda_stream)
+            event.record(raw)
+            drv.wait_event(raw, event)
+            pushed = drv.enter(0)  # nothing current still: pushes
             drv.leave()
-            outcome.append((pushed, drv.enter(0)))  # popped: nothing current again
-            drv.leave()
+            outcome.append(pushed)
         except Exception as exc:
             outcome.append(exc)
 
     thread = threading.Thread(target=fresh_thread)
     thread.start()
     thread.join()
-    assert outcome == [(True, True)]
+    assert outcome == [True]
+    stream.synchronize()
+    assert event.query()
     assert not drv.enter(0), "the test's own thread (torch made the device current) pushed a context"
