@@ -123,7 +123,7 @@ async def model_metadata(request: web.Request) -> web.Response:
         return error_response(exc.status, exc.message)
     # Known once this version answered a frame (one swapped out or unloaded since may have returned another shape)
     learned = _output_shapes(request.app).get(spec.name)
-    output = learned[1] if learned is not None and learned[0] is spec else None
+    output = learned[1] if learned is not None and learned[0] == version else None
     return web.json_response({
         "name": spec.name,
         "versions": [version],
@@ -133,12 +133,12 @@ async def model_metadata(request: web.Request) -> web.Response:
     })  # fmt: skip
 
 
-# Each model's output shape (one frame's), learned from its first result, with the spec of the version that
-# returned it: metadata says -1 before.
-_OUTPUT_SHAPES: web.AppKey[dict[str, tuple[ModelSpec, tuple[int, ...]]]] = web.AppKey("streamgpu.oip.output_shapes")
+# Each model's output shape (one frame's), learned from its first result, with the version that returned it
+# (not its spec: a load without settings reuses the last one, whose file may have changed): metadata says -1 before.
+_OUTPUT_SHAPES: web.AppKey[dict[str, tuple[str, tuple[int, ...]]]] = web.AppKey("streamgpu.oip.output_shapes")
 
 
-def _output_shapes(app: web.Application) -> dict[str, tuple[ModelSpec, tuple[int, ...]]]:
+def _output_shapes(app: web.Application) -> dict[str, tuple[str, tuple[int, ...]]]:
     return app[_OUTPUT_SHAPES]
 
 
@@ -365,7 +365,8 @@ async def _infer(
     assert all(r is not None for r in results)
     out = np.stack(results) if req.batched else results[0]  # type: ignore[arg-type]
     assert out is not None
-    _output_shapes(request.app)[spec.name] = spec, tuple(out.shape[1:] if req.batched else out.shape)
+    if str(request.app[SERVER_KEY].model_version(spec.name)) == version:  # no load since: its frames ran on it
+        _output_shapes(request.app)[spec.name] = version, tuple(out.shape[1:] if req.batched else out.shape)
     return _response(spec, version, req, out, outcomes)
 
 

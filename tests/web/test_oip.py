@@ -570,3 +570,27 @@ async def test_a_models_version_is_the_repository_indexs_and_follows_a_swap(serv
         assert info.value.status() == "404"
     finally:
         await c.close()
+
+
+@ONE_LOOP
+async def test_metadata_forgets_the_output_shape_of_a_version_loaded_again_from_the_same_settings(
+    server: Server, tmp_path: Path
+) -> None:
+    """A load without settings reuses the model's last settings (the same spec object): the new version, read
+    from a file replaced meanwhile, was given the old version's output shape until it answered a request."""
+    c = tritonaio.InferenceServerClient(f"127.0.0.1:{http_port(server)}")
+    inp = tritonaio.InferInput("input", [1, *USER_SHAPE], "FP32")
+    inp.set_data_from_numpy(np.zeros((1, *USER_SHAPE), np.float32))
+    try:
+        assert (await c.infer("user", [inp])).as_numpy("output").shape == (1, 4)
+        assert (await c.get_model_metadata("user"))["outputs"][0]["shape"] == [-1, 4]
+        torch.jit.save(torch.jit.script(torch.nn.Linear(USER_SHAPE[0], 2)), str(tmp_path / "affine.pt"))
+        for unload_first in (False, True):  # a swap; then an unload and a load
+            if unload_first:
+                await c.unload_model("user")
+            await c.load_model("user")
+            assert (await c.get_model_metadata("user"))["outputs"][0]["shape"] == [-1, -1]  # not known yet
+            assert (await c.infer("user", [inp])).as_numpy("output").shape == (1, 2)
+            assert (await c.get_model_metadata("user"))["outputs"][0]["shape"] == [-1, 2]
+    finally:
+        await c.close()
