@@ -1059,3 +1059,30 @@ async def test_a_repository_unload_that_fails_is_tried_again_and_stops_nothing_e
             assert time.monotonic() < deadline, srv.model_index()
             await asyncio.sleep(0.02)
         assert failed == ["a"]
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_removed_folder_unloads_only_a_model_the_repository_loaded(tmp_path: Path) -> None:
+    """MODELS.md: a folder that disappears unloads its model, only one the repository loaded. A folder whose load
+    had failed unloaded the model serving under its name all the same (the config's, or one loaded through the
+    API), as did one whose model had been unloaded and loaded again through the API since."""
+    repo = tmp_path / "repo"
+    for name in ("m", "bad", "gone", "done"):
+        (repo / name).mkdir(parents=True)
+        (repo / name / "config.toml").write_text('source = "builtin:small"\ninput_shape = [16, 16, 3]\n')
+    for name in ("m", "bad"):  # refused: "m" stays the config's, "bad" is not served
+        (repo / name / "config.toml").write_text('source = "builtin:small"\nmax_batch_size = "x"\n')
+    async with Server(config(spec(versioned(tmp_path, 1)), model_repository=str(repo), repository_poll_s=0.05)) as srv:
+        assert {"m", "gone", "done"} <= set(srv.model_specs) and "bad" not in srv.model_specs
+        await srv.load_model(spec("builtin:small", name="bad", arch=""))
+        await srv.unload_model("gone")
+        await srv.load_model(spec("builtin:small", name="gone", arch=""))
+        for name in ("m", "bad", "gone", "done"):
+            shutil.rmtree(repo / name)
+        deadline = time.monotonic() + 10
+        while "done" in srv.model_specs:  # the repository's own model: unloaded
+            assert time.monotonic() < deadline, srv.model_index()
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)  # a few more scans
+        assert {"m", "bad", "gone"} <= set(srv.model_specs), srv.model_index()
+        await answers_ok(srv, "m")

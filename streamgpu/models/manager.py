@@ -46,13 +46,16 @@ class ModelState:
     """One model name: its serving version (``models``, its instances on each device; None when not serving),
     state and last error.
 
-    ``version`` counts the versions loaded under this name since the server started (1 = first). ``spec``:
-    the settings it was last loaded with (None: a repository folder whose settings were refused, never loaded).
+    ``version`` counts the versions loaded under this name since the server started (1 = first); ``since``:
+    the one that began its current time serving (its first load, or a load after an unload: a swap keeps it).
+    ``spec``: the settings it was last loaded with (None: a repository folder whose settings were refused,
+    never loaded).
     """
 
     name: str
     spec: ModelSpec | None
     version: int = 0
+    since: int = 0
     state: str = LOADING
     reason: str = ""
     models: list[DeviceModel] | None = None
@@ -167,6 +170,7 @@ class ModelManager:
             for model in models:
                 log.info("model %s, version %d", model.description, state.version)
             if serving is None:
+                state.since = state.version
                 self._scheduler.add_model(models)
                 await self._announce()
                 return state

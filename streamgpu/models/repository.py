@@ -96,6 +96,9 @@ def folder_spec(folder: str) -> ModelSpec:
 class _Seen:
     signature: Signature
     loaded: Signature | None = None  # the contents the serving (or last tried) version came from
+    # The model's ``since`` once the repository's load of it succeeded (None: never): its folder's removal
+    # unloads it only while it serves on from then (not the config's, nor one unloaded and loaded again since)
+    since: int | None = None
 
 
 class RepositoryPoller:
@@ -151,7 +154,7 @@ class RepositoryPoller:
         found = await loop.run_in_executor(self._executor, self._scan)
         for name in [n for n in self._seen if n not in found]:
             state = self._models.states.get(name)
-            if self._seen[name].loaded is not None and state is not None and state.models is not None:
+            if state is not None and state.models is not None and state.since == self._seen[name].since:
                 log.info("model repository: %s removed; unloading", name)
                 try:
                     await self._models.unload(name)
@@ -171,7 +174,7 @@ class RepositoryPoller:
             try:
                 spec = await loop.run_in_executor(self._executor, folder_spec, os.path.join(self.directory, name))
                 log.info("model repository: loading %s from %s", name, spec.source)
-                await self._models.load(spec)
+                seen.since = (await self._models.load(spec)).since
             except StreamgpuError as exc:  # its settings, or the load (which listed it so already: the same words)
                 log.error("model repository: %r not loaded: %s", name, exc)  # (%r: a folder name may fake a line)
                 self._models.refused(name, str(exc))
