@@ -4,6 +4,7 @@ producer, load-time checks, several outputs and top-k end to end, the model repo
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
 import json
 import shutil
@@ -1086,3 +1087,20 @@ async def test_a_removed_folder_unloads_only_a_model_the_repository_loaded(tmp_p
         await asyncio.sleep(0.3)  # a few more scans
         assert {"m", "bad", "gone"} <= set(srv.model_specs), srv.model_index()
         await answers_ok(srv, "m")
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_load_request_carrying_model_files_is_refused_not_served_from_other_files(tmp_path: Path) -> None:
+    """Triton's load takes model files as ``file:PATH`` parameters (base64). They were ignored: 200, and a new
+    version from the model's last settings or its repository folder, not from the files sent."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from streamgpu.web.app import create_app
+
+    weights = base64.b64encode(bytes(1000)).decode()  # (what they hold is never read)
+    settings = {"source": "state_dict:1/model.pt", "arch": "small", "input_shape": list(SHAPE)}
+    async with Server(config(spec(versioned(tmp_path, 1)))) as srv, TestClient(TestServer(create_app(srv))) as http:
+        for params in ({"file:1/model.pt": weights}, {"config": json.dumps(settings), "file:1/model.pt": weights}):
+            r = await http.post("/v2/repository/models/m/load", json={"parameters": params})
+            assert r.status == 400 and "'file:1/model.pt'" in (await r.json())["error"], await r.text()
+        assert srv.model_index() == [{"name": "m", "version": "1", "state": "READY", "reason": ""}]

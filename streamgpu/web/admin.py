@@ -8,7 +8,8 @@ A load's body is optional JSON: ``{"parameters": {"config": SETTINGS}}``, where
 SETTINGS (an object, or a string holding one, as Triton sends it) are the
 model's settings as a ``[[models]]`` table of the server config takes them
 (``source``, ``input_shape``, ``max_batch_size``...; the name comes from the
-URL). Without settings the model is loaded from its folder in the
+URL); model files in the body (Triton's ``file:PATH`` parameters) are refused.
+Without settings the model is loaded from its folder in the
 ``model_repository``, or, for a model the server has served before, from its
 last settings. Over HTTP a file ``source`` must lie inside ``model_repository``
 (``builtin:`` sources are always allowed): a request cannot make the server
@@ -72,6 +73,9 @@ def _settings(body: dict[str, Any]) -> dict[str, Any] | None:
     params = body.get("parameters", {})
     if not isinstance(params, dict):
         raise HttpError(400, "'parameters' must be an object")
+    if files := sorted(key for key in params if key.startswith("file:")):  # not to be answered with other files
+        raise HttpError(400, f"model files in the request ({', '.join(map(repr, files))}) are not taken: put them "
+                             "in the model's folder of the model_repository")  # fmt: skip
     settings = params.get("config")
     if isinstance(settings, str):
         try:
