@@ -104,7 +104,7 @@ def _spec(request: web.Request) -> tuple[ModelSpec, str]:
     version = request.match_info.get("version", str(serving))
     if version != str(serving):
         raise HttpError(404, f"model {name!r} has no version {version!r} serving: version {serving} serves "
-                             "(a swap replaces the version; GET /v2/repository/index lists them)")  # fmt: skip
+                             "(a swap replaces the version; POST /v2/repository/index lists them)")  # fmt: skip
     return spec, version
 
 

@@ -594,3 +594,19 @@ async def test_metadata_forgets_the_output_shape_of_a_version_loaded_again_from_
             assert (await c.get_model_metadata("user"))["outputs"][0]["shape"] == [-1, 2]
     finally:
         await c.close()
+
+
+@ONE_LOOP
+async def test_a_version_not_serving_is_answered_404_naming_the_route_that_lists_the_versions(server: Server) -> None:
+    """The 404 sent a client to 'GET /v2/repository/index', which is a POST route: a GET of it is 405."""
+    base = f"http://127.0.0.1:{http_port(server)}"
+    async with aiohttp.ClientSession() as session:
+        for version in ("2", "01", "-1", "%201", "1.0", "x" * 4000):
+            async with session.get(f"{base}/v2/models/user/versions/{version}/ready") as resp:
+                error = (await resp.json())["error"]
+                assert resp.status == 404 and "version 1 serves" in error, (version, error)
+        method, path = error.partition("; ")[2].split()[:2]
+        async with session.request(method, base + path) as resp:
+            assert resp.status == 200 and {"name": "user", "version": "1", "state": "READY", "reason": ""} in (
+                await resp.json()
+            )
