@@ -7,6 +7,7 @@ import asyncio
 import base64
 import gc
 import json
+import logging
 import shutil
 import sys
 import time
@@ -1104,3 +1105,37 @@ async def test_a_load_request_carrying_model_files_is_refused_not_served_from_ot
             r = await http.post("/v2/repository/models/m/load", json={"parameters": params})
             assert r.status == 400 and "'file:1/model.pt'" in (await r.json())["error"], await r.text()
         assert srv.model_index() == [{"name": "m", "version": "1", "state": "READY", "reason": ""}]
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_removed_folder_whose_model_another_unloads_first_logs_no_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unload asked (over HTTP) just before the repository's found the model gone: logged as an ERROR that
+    the model was 'not unloaded: no model named ... is being served', and tried again at the next scan."""
+    repo = tmp_path / "repo"
+    (repo / "a").mkdir(parents=True)
+    (repo / "a" / "config.toml").write_text('source = "builtin:small"\ninput_shape = [16, 16, 3]\n')
+    real_unload = ModelManager.unload
+    raced: list[str] = []
+
+    async def unload_asked_by_another_first(self: ModelManager, name: str) -> Any:
+        if not raced:
+            raced.append(name)
+            other = asyncio.ensure_future(real_unload(self, name))
+            await asyncio.sleep(0)  # it takes the model's lock
+            try:
+                return await real_unload(self, name)
+            finally:
+                await other
+        return await real_unload(self, name)
+
+    monkeypatch.setattr(ModelManager, "unload", unload_asked_by_another_first)
+    async with Server(config(model_repository=str(repo), repository_poll_s=0.05)) as srv:
+        shutil.rmtree(repo / "a")
+        deadline = time.monotonic() + 10
+        while not raced or "a" in srv.model_specs:
+            assert time.monotonic() < deadline, srv.model_index()
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)  # a few more scans
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

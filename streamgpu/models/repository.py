@@ -29,7 +29,7 @@ import tomllib
 from dataclasses import dataclass
 
 from streamgpu.config import model_spec
-from streamgpu.errors import StreamgpuError
+from streamgpu.errors import ModelNotFoundError, StreamgpuError
 from streamgpu.models.manager import ModelManager
 from streamgpu.models.spec import ModelSpec
 
@@ -158,6 +158,8 @@ class RepositoryPoller:
                 log.info("model repository: %s removed; unloading", name)
                 try:
                     await self._models.unload(name)
+                except ModelNotFoundError:  # unloaded meanwhile by an unload asked before (over HTTP)
+                    pass
                 except StreamgpuError as exc:  # still serving, still seen: the next scan tries again
                     log.error("model repository: %r not unloaded: %s", name, exc)
                     continue
