@@ -523,6 +523,21 @@ async def test_models_loaded_and_unloaded_while_serving_are_the_ones_served(serv
         await c.close()
 
 
+def user_input() -> Any:
+    """One zero frame for the config's "user" model, as tritonclient sends it."""
+    inp = tritonaio.InferInput("input", [1, *USER_SHAPE], "FP32")
+    inp.set_data_from_numpy(np.zeros((1, *USER_SHAPE), np.float32))
+    return inp
+
+
+async def learns_the_new_shape(c: Any, inp: Any) -> None:
+    """After a new version of "user" returning 2 values a frame: metadata's output shape is not known until the
+    version answers a request, then it is the version's own."""
+    assert (await c.get_model_metadata("user"))["outputs"][0]["shape"] == [-1, -1]
+    assert (await c.infer("user", [inp])).as_numpy("output").shape == (1, 2)
+    assert (await c.get_model_metadata("user"))["outputs"][0]["shape"] == [-1, 2]
+
+
 @ONE_LOOP
 async def test_metadata_forgets_the_output_shape_of_a_version_swapped_out(server: Server, tmp_path: Path) -> None:
     """The output shape metadata gives is learned from a result; a new version returning another shape kept the
@@ -531,14 +546,11 @@ async def test_metadata_forgets_the_output_shape_of_a_version_swapped_out(server
     narrow = tmp_path / "narrow.ts"
     torch.jit.save(torch.jit.script(torch.nn.Linear(USER_SHAPE[0], 2)), str(narrow))
     try:
-        inp = tritonaio.InferInput("input", [1, *USER_SHAPE], "FP32")
-        inp.set_data_from_numpy(np.zeros((1, *USER_SHAPE), np.float32))
+        inp = user_input()
         assert (await c.infer("user", [inp])).as_numpy("output").shape == (1, 4)
         assert (await c.get_model_metadata("user"))["outputs"][0]["shape"] == [-1, 4]
         await server.swap_model("user", dataclasses.replace(server.model_specs["user"], source=f"torchscript:{narrow}"))
-        assert (await c.get_model_metadata("user"))["outputs"][0]["shape"] == [-1, -1]  # not known yet
-        assert (await c.infer("user", [inp])).as_numpy("output").shape == (1, 2)
-        assert (await c.get_model_metadata("user"))["outputs"][0]["shape"] == [-1, 2]
+        await learns_the_new_shape(c, inp)
     finally:
         await c.close()
 
@@ -550,8 +562,7 @@ async def test_a_models_version_is_the_repository_indexs_and_follows_a_swap(serv
     c = tritonaio.InferenceServerClient(f"127.0.0.1:{http_port(server)}")
     other = tmp_path / "other.ts"
     torch.jit.save(torch.jit.script(torch.nn.Linear(USER_SHAPE[0], 4)), str(other))
-    inp = tritonaio.InferInput("input", [1, *USER_SHAPE], "FP32")
-    inp.set_data_from_numpy(np.zeros((1, *USER_SHAPE), np.float32))
+    inp = user_input()
 
     async def indexed() -> str:
         return next(str(m["version"]) for m in await c.get_model_repository_index() if m["name"] == "user")
@@ -579,8 +590,7 @@ async def test_metadata_forgets_the_output_shape_of_a_version_loaded_again_from_
     """A load without settings reuses the model's last settings (the same spec object): the new version, read
     from a file replaced meanwhile, was given the old version's output shape until it answered a request."""
     c = tritonaio.InferenceServerClient(f"127.0.0.1:{http_port(server)}")
-    inp = tritonaio.InferInput("input", [1, *USER_SHAPE], "FP32")
-    inp.set_data_from_numpy(np.zeros((1, *USER_SHAPE), np.float32))
+    inp = user_input()
     try:
         assert (await c.infer("user", [inp])).as_numpy("output").shape == (1, 4)
         assert (await c.get_model_metadata("user"))["outputs"][0]["shape"] == [-1, 4]
@@ -589,9 +599,7 @@ async def test_metadata_forgets_the_output_shape_of_a_version_loaded_again_from_
             if unload_first:
                 await c.unload_model("user")
             await c.load_model("user")
-            assert (await c.get_model_metadata("user"))["outputs"][0]["shape"] == [-1, -1]  # not known yet
-            assert (await c.infer("user", [inp])).as_numpy("output").shape == (1, 2)
-            assert (await c.get_model_metadata("user"))["outputs"][0]["shape"] == [-1, 2]
+            await learns_the_new_shape(c, inp)
     finally:
         await c.close()
 
