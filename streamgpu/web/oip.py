@@ -7,6 +7,7 @@ Routes (docs/HTTP.md is the user's description)::
     GET  /v2/health/ready                           200 while the server accepts frames, else 503
     GET  /v2/models/{name}[/versions/N]             model metadata: inputs, outputs, dtypes, shapes
     GET  /v2/models/{name}[/versions/N]/ready       200 when the model is served and the server ready
+    GET  /v2/models/{name}[/versions/N]/config      Triton's model configuration: max_batch_size, tensors
     POST /v2/models/{name}[/versions/N]/infer       inference: JSON tensors or the binary tensor data
                                                     extension (Inference-Header-Content-Length)
 
@@ -38,6 +39,7 @@ from streamgpu.web.app import SERVER_KEY, HttpError, give_place, parse_json, rea
 from streamgpu.web.frames import next_stream_key, receive_frame
 
 INPUT_NAME = "input"
+PLATFORM = "pytorch"
 OUTPUT_NAME = "output"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # Room for the JSON inference header beside the tensor bytes: a request body may be at most
@@ -121,16 +123,39 @@ async def model_metadata(request: web.Request) -> web.Response:
         spec, version = _spec(request)
     except HttpError as exc:
         return error_response(exc.status, exc.message)
-    # Known once this version answered a frame (one swapped out or unloaded since may have returned another shape)
-    learned = _output_shapes(request.app).get(spec.name)
-    output = learned[1] if learned is not None and learned[0] == version else None
+    output = _output_shape(request.app, spec, version)
     return web.json_response({
         "name": spec.name,
         "versions": [version],
-        "platform": "pytorch",
+        "platform": PLATFORM,
         "inputs": [{"name": INPUT_NAME, "datatype": DATATYPE_OF[spec.frame_dtype], "shape": [-1, *spec.input_shape]}],
-        "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, *(output or (-1,))]}],
+        "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, *output]}],
     })  # fmt: skip
+
+
+async def model_config(request: web.Request) -> web.Response:
+    """Triton's model configuration (what its clients and perf_analyzer read): the batch limit, and each
+    tensor's type and dimensions past the batch."""
+    try:
+        spec, version = _spec(request)
+    except HttpError as exc:
+        return error_response(exc.status, exc.message)
+    output = _output_shape(request.app, spec, version)
+    return web.json_response({
+        "name": spec.name,
+        "platform": PLATFORM,
+        "max_batch_size": spec.max_batch_size,
+        "input": [{"name": INPUT_NAME, "data_type": f"TYPE_{DATATYPE_OF[spec.frame_dtype]}",
+                   "dims": list(spec.input_shape)}],
+        "output": [{"name": OUTPUT_NAME, "data_type": "TYPE_FP32", "dims": list(output)}],
+    })  # fmt: skip
+
+
+def _output_shape(app: web.Application, spec: ModelSpec, version: str) -> tuple[int, ...]:
+    """One frame's output shape, known once this version answered a request (one swapped out or unloaded since
+    may have returned another), else (-1,)."""
+    learned = _output_shapes(app).get(spec.name)
+    return learned[1] if learned is not None and learned[0] == version else (-1,)
 
 
 # Each model's output shape (one frame's), learned from its first result, with the version that returned it
@@ -466,4 +491,5 @@ def add_routes(app: web.Application) -> None:
     for base in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
         r.add_get(base, model_metadata)
         r.add_get(base + "/ready", model_ready)
+        r.add_get(base + "/config", model_config)
         r.add_post(base + "/infer", infer)

@@ -618,3 +618,26 @@ async def test_a_version_not_serving_is_answered_404_naming_the_route_that_lists
             assert resp.status == 200 and {"name": "user", "version": "1", "state": "READY", "reason": ""} in (
                 await resp.json()
             )
+
+
+@ONE_LOOP
+async def test_model_config_is_tritons_batch_limit_and_tensors(server: Server) -> None:
+    """Triton's clients (and perf_analyzer) read GET .../config for the batch limit and the tensors' types and
+    dimensions past the batch; it was 404."""
+    c = tritonaio.InferenceServerClient(f"127.0.0.1:{http_port(server)}")
+    try:
+        user = await c.get_model_config("user")
+        assert user["name"] == "user" and user["max_batch_size"] == 4
+        assert user["input"] == [{"name": "input", "data_type": "TYPE_FP32", "dims": [6]}]
+        assert user["output"] == [{"name": "output", "data_type": "TYPE_FP32", "dims": [-1]}]  # not answered yet
+        await c.infer("user", [user_input()])
+        assert (await c.get_model_config("user", model_version="1"))["output"][0]["dims"] == [4]
+        default = await c.get_model_config("default")
+        assert default["input"] == [{"name": "input", "data_type": "TYPE_UINT8", "dims": [32, 32, 3]}]
+        assert default["max_batch_size"] == SPEC.max_batch_size
+        for name, version in (("nope", ""), ("user", "2")):
+            with pytest.raises(InferenceServerException) as info:
+                await c.get_model_config(name, model_version=version)
+            assert info.value.status() == "404"
+    finally:
+        await c.close()
