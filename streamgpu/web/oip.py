@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -118,37 +119,44 @@ async def model_ready(request: web.Request) -> web.Response:
     return web.Response(status=200 if request.app[SERVER_KEY].started else 503)
 
 
-async def model_metadata(request: web.Request) -> web.Response:
-    try:
-        spec, version = _spec(request)
-    except HttpError as exc:
-        return error_response(exc.status, exc.message)
-    output = _output_shape(request.app, spec, version)
-    return web.json_response({
+def _metadata(spec: ModelSpec, version: str, output: tuple[int, ...]) -> dict[str, Any]:
+    """The Open Inference Protocol's model metadata (shapes with the batch first)."""
+    return {
         "name": spec.name,
         "versions": [version],
         "platform": PLATFORM,
         "inputs": [{"name": INPUT_NAME, "datatype": DATATYPE_OF[spec.frame_dtype], "shape": [-1, *spec.input_shape]}],
         "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, *output]}],
-    })  # fmt: skip
+    }  # fmt: skip
 
 
-async def model_config(request: web.Request) -> web.Response:
+def _config(spec: ModelSpec, version: str, output: tuple[int, ...]) -> dict[str, Any]:
     """Triton's model configuration (what its clients and perf_analyzer read): the batch limit, and each
     tensor's type and dimensions past the batch."""
-    try:
-        spec, version = _spec(request)
-    except HttpError as exc:
-        return error_response(exc.status, exc.message)
-    output = _output_shape(request.app, spec, version)
-    return web.json_response({
+    return {
         "name": spec.name,
         "platform": PLATFORM,
         "max_batch_size": spec.max_batch_size,
         "input": [{"name": INPUT_NAME, "data_type": f"TYPE_{DATATYPE_OF[spec.frame_dtype]}",
                    "dims": list(spec.input_shape)}],
         "output": [{"name": OUTPUT_NAME, "data_type": "TYPE_FP32", "dims": list(output)}],
-    })  # fmt: skip
+    }  # fmt: skip
+
+
+def _model_document(
+    describe: Callable[[ModelSpec, str, tuple[int, ...]], dict[str, Any]],
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """A GET route answering ``describe(spec, version, output shape)`` of the model the path names (404 as
+    ``_spec`` says)."""
+
+    async def handler(request: web.Request) -> web.Response:
+        try:
+            spec, version = _spec(request)
+        except HttpError as exc:
+            return error_response(exc.status, exc.message)
+        return web.json_response(describe(spec, version, _output_shape(request.app, spec, version)))
+
+    return handler
 
 
 def _output_shape(app: web.Application, spec: ModelSpec, version: str) -> tuple[int, ...]:
@@ -489,7 +497,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/v2/health/live", live)
     r.add_get("/v2/health/ready", ready)
     for base in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
-        r.add_get(base, model_metadata)
+        r.add_get(base, _model_document(_metadata))
         r.add_get(base + "/ready", model_ready)
-        r.add_get(base + "/config", model_config)
+        r.add_get(base + "/config", _model_document(_config))
         r.add_post(base + "/infer", infer)
