@@ -46,6 +46,7 @@ class ModelMetrics:
     transfer_s: Histogram = field(default_factory=Histogram)
     compute_s: Histogram = field(default_factory=Histogram)
     target_unmeetable: int = 0  # dispatches where no batch size could meet the latency target
+    last_completed_ms: int = 0  # wall clock (ms since the epoch) of the last batch that completed; 0: none yet
 
     def snapshot(self, queue_length: int, in_flight_batches: int) -> dict[str, Any]:
         return {

@@ -110,6 +110,7 @@ class BatchRunner:
             self._failed(model, frames, "running", exc)
             return None
         metrics.completed += finished
+        metrics.last_completed_ms = time.time_ns() // 1_000_000
         transfer_s, compute_s = (copied_ns - launch_ns) / 1e9, (time.perf_counter_ns() - copied_ns) / 1e9
         metrics.transfer_us.append(transfer_s * 1e6)
         metrics.compute_us.append(compute_s * 1e6)

@@ -8,6 +8,7 @@ Routes (docs/HTTP.md is the user's description)::
     GET  /v2/models/{name}[/versions/N]             model metadata: inputs, outputs, dtypes, shapes
     GET  /v2/models/{name}[/versions/N]/ready       200 when the model is served and the server ready
     GET  /v2/models/{name}[/versions/N]/config      Triton's model configuration: max_batch_size, tensors
+    GET  /v2/models[/{name}[/versions/N]]/stats     Triton's statistics extension: counts and times
     POST /v2/models/{name}[/versions/N]/infer       inference: JSON tensors or the binary tensor data
                                                     extension (Inference-Header-Content-Length)
 
@@ -34,8 +35,10 @@ from aiohttp import web
 import streamgpu
 from streamgpu.frame import Outcome
 from streamgpu.ingest.admission import Admission, Producer, Refused
+from streamgpu.metrics import Histogram
 from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol.wire import FrameHeader, Status
+from streamgpu.scheduler.metrics import ModelMetrics
 from streamgpu.web.app import SERVER_KEY, HttpError, give_place, parse_json, read_body, take_place
 from streamgpu.web.frames import next_stream_key, receive_frame
 
@@ -157,6 +160,42 @@ def _model_document(
         return web.json_response(describe(spec, version, _output_shape(request.app, spec, version)))
 
     return handler
+
+
+async def model_stats(request: web.Request) -> web.Response:
+    """Triton's statistics extension: the model the path names, or every model served (``/v2/models/stats``)."""
+    server = request.app[SERVER_KEY]
+    if "name" in request.match_info:
+        try:
+            spec, version = _spec(request)
+        except HttpError as exc:
+            return error_response(exc.status, exc.message)
+        served = {spec.name: version}
+    else:
+        served = {name: str(server.model_version(name)) for name in server.model_specs} if server.initialized else {}
+    states = [state for state in server.model_states() if state.name in served] if served else []
+    return web.json_response({"model_stats": [_stats(s.name, served[s.name], s.metrics) for s in states]})
+
+
+def _stats(name: str, version: str, m: ModelMetrics) -> dict[str, Any]:
+    """One model's counters as Triton reports them: a count and the nanoseconds they took in all. Since the
+    server started, over every version of the name: success per OK frame (header to reply), queue per frame
+    that ran, compute_input (the batch's copy to the device) and compute_infer (the rest, to results on the
+    host) per batch; fail counts frames answered with an error (no time kept)."""
+
+    def timed(histogram: Histogram) -> dict[str, int]:
+        return {"count": sum(histogram.counts), "ns": round(histogram.sum * 1e9)}
+
+    failed = m.failed + m.deadline_missed + m.rejected_overloaded
+    return {
+        "name": name, "version": version, "last_inference": m.last_completed_ms,
+        "inference_count": m.completed, "execution_count": m.batches,
+        "inference_stats": {
+            "success": timed(m.e2e_s), "fail": {"count": failed, "ns": 0}, "queue": timed(m.queue_s),
+            "compute_input": timed(m.transfer_s), "compute_infer": timed(m.compute_s),
+            "compute_output": {"count": 0, "ns": 0},
+        },
+    }  # fmt: skip
 
 
 def _output_shape(app: web.Application, spec: ModelSpec, version: str) -> tuple[int, ...]:
@@ -496,8 +535,10 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/v2", server_metadata)
     r.add_get("/v2/health/live", live)
     r.add_get("/v2/health/ready", ready)
+    r.add_get("/v2/models/stats", model_stats)  # (before {name}: Triton's route for every model)
     for base in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
         r.add_get(base, _model_document(_metadata))
         r.add_get(base + "/ready", model_ready)
         r.add_get(base + "/config", _model_document(_config))
+        r.add_get(base + "/stats", model_stats)
         r.add_post(base + "/infer", infer)

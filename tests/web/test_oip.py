@@ -641,3 +641,31 @@ async def test_model_config_is_tritons_batch_limit_and_tensors(server: Server) -
             assert info.value.status() == "404"
     finally:
         await c.close()
+
+
+@ONE_LOOP
+async def test_inference_statistics_count_and_time_the_frames_served(server: Server) -> None:
+    """Triton's statistics extension (tritonclient's get_inference_statistics, perf_analyzer's server-side
+    figures): it was 404."""
+    c = tritonaio.InferenceServerClient(f"127.0.0.1:{http_port(server)}")
+    try:
+        before = (await c.get_inference_statistics("user"))["model_stats"]
+        assert before[0]["inference_count"] == 0 and before[0]["last_inference"] == 0
+        for _ in range(3):
+            await c.infer("user", [user_input()])
+        (user,) = (await c.get_inference_statistics("user", model_version="1"))["model_stats"]
+        assert user["name"] == "user" and user["version"] == "1"
+        assert user["inference_count"] == 3 and 1 <= user["execution_count"] <= 3
+        assert user["last_inference"] > 1_700_000_000_000  # ms since the epoch
+        stats = user["inference_stats"]
+        assert stats["success"]["count"] == 3 and stats["success"]["ns"] > 0
+        assert stats["queue"]["count"] == 3 and stats["compute_infer"]["count"] == user["execution_count"]
+        assert stats["fail"]["count"] == 0
+        every = {m["name"] for m in (await c.get_inference_statistics())["model_stats"]}
+        assert every == {"default", "user"}
+        for name, version in (("nope", ""), ("user", "2")):
+            with pytest.raises(InferenceServerException) as info:
+                await c.get_inference_statistics(name, model_version=version)
+            assert info.value.status() == "404"
+    finally:
+        await c.close()
