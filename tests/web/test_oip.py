@@ -11,7 +11,7 @@ import dataclasses
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -620,6 +620,15 @@ async def test_a_version_not_serving_is_answered_404_naming_the_route_that_lists
             )
 
 
+async def unknown_and_not_serving_are_404(ask: Callable[..., Awaitable[Any]]) -> None:
+    """``ask(name, model_version=...)`` (a tritonclient call) of an unknown model and of a version not serving:
+    both answered 404."""
+    for name, version in (("nope", ""), ("user", "2")):
+        with pytest.raises(InferenceServerException) as info:
+            await ask(name, model_version=version)
+        assert info.value.status() == "404"
+
+
 @ONE_LOOP
 async def test_model_config_is_tritons_batch_limit_and_tensors(server: Server) -> None:
     """Triton's clients (and perf_analyzer) read GET .../config for the batch limit and the tensors' types and
@@ -635,10 +644,7 @@ async def test_model_config_is_tritons_batch_limit_and_tensors(server: Server) -
         default = await c.get_model_config("default")
         assert default["input"] == [{"name": "input", "data_type": "TYPE_UINT8", "dims": [32, 32, 3]}]
         assert default["max_batch_size"] == SPEC.max_batch_size
-        for name, version in (("nope", ""), ("user", "2")):
-            with pytest.raises(InferenceServerException) as info:
-                await c.get_model_config(name, model_version=version)
-            assert info.value.status() == "404"
+        await unknown_and_not_serving_are_404(c.get_model_config)
     finally:
         await c.close()
 
@@ -663,9 +669,6 @@ async def test_inference_statistics_count_and_time_the_frames_served(server: Ser
         assert stats["fail"]["count"] == 0
         every = {m["name"] for m in (await c.get_inference_statistics())["model_stats"]}
         assert every == {"default", "user"}
-        for name, version in (("nope", ""), ("user", "2")):
-            with pytest.raises(InferenceServerException) as info:
-                await c.get_inference_statistics(name, model_version=version)
-            assert info.value.status() == "404"
+        await unknown_and_not_serving_are_404(c.get_inference_statistics)
     finally:
         await c.close()
