@@ -170,14 +170,15 @@ class Driver:
         if result:
             raise CudaError("cuCtxPopCurrent", result)
 
+    def on_device(self, ordinal: int) -> _OnDevice:
+        """``with driver.on_device(n):`` the calls inside run with device ``n`` current (``enter``), and the
+        thread's context is as it was after them."""
+        return _OnDevice(self, ordinal)
+
     def wait_event(self, stream: int, event: Event) -> None:
         """Work queued on ``stream`` (of ``event``'s device) after this waits for ``event``'s last record."""
-        pushed = self.enter(event.ordinal)  # as torch's calls make the stream's device current for it
-        try:
+        with self.on_device(event.ordinal):  # as torch's calls make the stream's device current for it
             result = self.held.cuStreamWaitEvent(stream, event.handle, 0)
-        finally:
-            if pushed:
-                self.leave()
         if result:
             raise CudaError("cuStreamWaitEvent", result)
 
@@ -210,6 +211,22 @@ class Driver:
         result = self.held.cuLaunchKernel(function, grid[0], grid[1], 1, block, 1, 1, 0, stream, params, None)
         if result:
             raise CudaError("cuLaunchKernel", result)
+
+
+class _OnDevice:
+    """``Driver.on_device``: a plain class, not a generator context manager (this is per call of a batch)."""
+
+    __slots__ = ("_driver", "_ordinal", "_pushed")
+
+    def __init__(self, driver: Driver, ordinal: int) -> None:
+        self._driver, self._ordinal, self._pushed = driver, ordinal, False
+
+    def __enter__(self) -> None:
+        self._pushed = self._driver.enter(self._ordinal)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pushed:
+            self._driver.leave()
 
 
 _driver_lock = threading.Lock()
@@ -253,12 +270,8 @@ class Event:
     def record(self, stream: int) -> None:
         """Record on ``stream`` (a raw ``CUstream`` of the same device)."""
         drv = self._driver
-        pushed = drv.enter(self.ordinal)  # as torch's record makes the device current (several GPUs)
-        try:
+        with drv.on_device(self.ordinal):  # as torch's record makes the device current (several GPUs)
             result = drv.held.cuEventRecord(self.handle, stream)
-        finally:
-            if pushed:
-                drv.leave()
         if result:
             raise CudaError("cuEventRecord", result)
 

@@ -213,12 +213,8 @@ def _launch(name: str, device: int, grid: tuple[int, int], args: tuple[Any, ...]
     # Through the driver, keeping the GIL (streamgpu.gpu.driver says why): the loop launches these per batch.
     drv = driver.the_driver()
     _, function = _function(name, device)
-    pushed = drv.enter(device)  # a green context of the device (graph capture in a share) stays current
-    try:
+    with drv.on_device(device):  # a green context of the device (graph capture in a share) stays current
         drv.launch_kernel(function, grid, _BLOCK, args, stream.cuda_stream)
-    finally:
-        if pushed:
-            drv.leave()
 
 
 def _check_ring(ring: torch.Tensor) -> None:
@@ -545,12 +541,8 @@ def enqueue_replay(
     page-locked host memory); ``device`` is made current for the calls if it is not.
     """
     drv = driver.the_driver()
-    pushed = drv.enter(device)
-    try:
+    with drv.on_device(device):
         drv.memcpy_async(*upload, stream)
         drv.graph_launch(graph_exec, stream)
         for dst, src, nbytes in downloads:
             drv.memcpy_async(dst, src, nbytes, stream)
-    finally:
-        if pushed:
-            drv.leave()
