@@ -275,11 +275,15 @@ class Server:
         state = self._manager.states.get(name)
         return state.models if state is not None else None
 
-    def model_version(self, name: str) -> int | None:
-        """The version of model ``name`` that new frames go to (1 for the first loaded under the name, one more
-        for each load or swap since), or None when it is not served: the repository index's version."""
+    def served(self, name: str) -> tuple[ModelSpec, int] | None:
+        """The settings and version of model ``name`` that new frames go to, or None when it takes none. The
+        version is the repository index's: 1 for the first loaded under the name, one more for each load or
+        swap since."""
+        spec = self._manager.specs.get(name)
         state = self._manager.states.get(name)
-        return state.version if state is not None and state.models is not None else None
+        if spec is None or state is None or state.models is None:
+            return None
+        return spec, state.version
 
     @property
     def model_specs(self) -> dict[str, ModelSpec]:

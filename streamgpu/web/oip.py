@@ -103,10 +103,10 @@ def _spec(request: web.Request) -> tuple[ModelSpec, str]:
     since (admin API, model repository), none unloaded."""
     server = request.app[SERVER_KEY]
     name = request.match_info["name"]
-    spec = server.model_specs.get(name) if server.initialized else None
-    serving = server.model_version(name) if spec is not None else None
-    if spec is None or serving is None:
+    served = server.served(name) if server.initialized else None
+    if served is None:
         raise HttpError(404, f"unknown model: {name!r}")
+    spec, serving = served
     version = request.match_info.get("version", str(serving))
     if version != str(serving):
         raise HttpError(404, f"model {name!r} has no version {version!r} serving: version {serving} serves "
@@ -172,7 +172,8 @@ async def model_stats(request: web.Request) -> web.Response:
             return error_response(exc.status, exc.message)
         served = {spec.name: version}
     else:
-        served = {name: str(server.model_version(name)) for name in server.model_specs} if server.initialized else {}
+        names = server.model_specs if server.initialized else {}
+        served = {name: str(now[1]) for name in names if (now := server.served(name)) is not None}
     states = [state for state in server.model_states() if state.name in served] if served else []
     return web.json_response({"model_stats": [_stats(s.name, served[s.name], s.metrics) for s in states]})
 
@@ -437,7 +438,8 @@ async def _infer(
     assert all(r is not None for r in results)
     out = np.stack(results) if req.batched else results[0]  # type: ignore[arg-type]
     assert out is not None
-    if str(request.app[SERVER_KEY].model_version(spec.name)) == version:  # no load since: its frames ran on it
+    now = request.app[SERVER_KEY].served(spec.name)
+    if now is not None and str(now[1]) == version:  # no load since: its frames ran on it
         _output_shapes(request.app)[spec.name] = version, tuple(out.shape[1:] if req.batched else out.shape)
     return _response(spec, version, req, out, outcomes)
 
