@@ -43,8 +43,8 @@ class _Steps:
 def test_a_call_through_held_keeps_the_gil_even_while_the_driver_waits() -> None:
     """The swap p99's cause (docs/BENCHMARKS.md): each CUDA call through torch or cupy lets go of the GIL, and
     a thread with Python to run takes it. A copy from pageable memory is the one batch-path call that can be
-    made to wait (behind 50 ms of GPU work): through ``held`` no Python runs meanwhile; through torch (the
-    control, the same copy) the other thread runs all along."""
+    made to wait (behind 50 ms of GPU work): through ``held`` no Python runs meanwhile; through ``lib`` (the
+    control: the same call, letting go of the GIL as torch and cupy do) the other thread runs all along."""
     stream = torch.cuda.Stream()
     pageable = torch.zeros(1 << 20, dtype=torch.uint8)
     dst = torch.empty(1 << 20, dtype=torch.uint8, device="cuda")
@@ -59,11 +59,12 @@ def test_a_call_through_held_keeps_the_gil_even_while_the_driver_waits() -> None
         finally:
             stream.synchronize()
 
+    source, target = pageable.data_ptr(), dst.data_ptr()
     steps = _Steps()
     try:
-        with torch.cuda.stream(stream):
-            control = behind_gpu_work(lambda: dst.copy_(pageable, non_blocking=True))
-        source, target = pageable.data_ptr(), dst.data_ptr()
+        # The control: the same driver call through ``lib`` (ctypes.CDLL), which lets go of the GIL as torch and
+        # cupy do. (torch's own pageable copy may stage through pinned memory and not wait: no control.)
+        control = behind_gpu_work(lambda: drv.lib.cuMemcpyAsync(target, source, 1 << 20, stream.cuda_stream))
         held = behind_gpu_work(lambda: drv.memcpy_async(target, source, 1 << 20, stream.cuda_stream))
     finally:
         steps.stop()
