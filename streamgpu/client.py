@@ -76,6 +76,8 @@ log = logging.getLogger(__name__)
 _U32_MAX = 0xFFFFFFFF
 _U64_MAX = 0xFFFFFFFFFFFFFFFF
 _COMPACT_AT = 1 << 16  # compact the receive buffer once this many consumed bytes lead it
+# Frames held back for one write per loop iteration, up to this many bytes (larger frames gain nothing from it)
+_CORK_BYTES = 1 << 16
 
 
 class HandshakeError(ConnectionError):
@@ -400,6 +402,9 @@ class Connection:
         self._transport = transport
         self._welcome = welcome
         self._next_seq: dict[int, int] = {}
+        # Small frames submitted in one loop iteration, written together at its end (``_write``)
+        self._corked: list[bytes | memoryview] = []
+        self._corked_bytes = 0
 
     # --- properties -------------------------------------------------------
 
@@ -458,8 +463,11 @@ class Connection:
     ) -> asyncio.Future[Reply]:
         """Send one frame now; return a future for its :class:`Reply`.
 
-        Not a coroutine: the frame is handed to the transport before this
-        returns (it is queued, not dropped, while writing is paused; await
+        Not a coroutine: the frame is handed to the transport at the end of
+        the loop iteration this is called in (the frames submitted in one
+        iteration go in one write; a frame of 64 KiB or more goes at once,
+        and :meth:`drain` and :meth:`close` write what is held first). It is
+        queued, not dropped, while writing is paused; await
         :meth:`drain` to wait for room in the write buffer and
         :meth:`wait_for_room` to stay within the server's
         ``max_frames_in_flight``). The array's buffer is written without
@@ -546,7 +554,27 @@ class Connection:
         return encoded
 
     def _write(self, encoded: Any) -> None:
-        self._transport.writelines(encoded)  # one vectored write
+        """Hand a frame to the transport. Small frames submitted in the same loop iteration (a burst, as replies
+        arriving together call for) go in one vectored write at its end: a system call per frame cost a
+        producer more CPU than the rest of ``submit`` (docs/BENCHMARKS.md). Past ``_CORK_BYTES`` they go now."""
+        nbytes = sum(len(part) for part in encoded)
+        if not self._corked:
+            if nbytes >= _CORK_BYTES:
+                self._transport.writelines(encoded)
+                return
+            self._protocol.loop.call_soon(self._uncork)
+        self._corked.extend(encoded)
+        self._corked_bytes += nbytes
+        if self._corked_bytes >= _CORK_BYTES:
+            self._uncork()
+
+    def _uncork(self) -> None:
+        """Write what ``_write`` held back (nothing, if the connection has ended: its frames fail with it)."""
+        if not self._corked:
+            return
+        corked, self._corked, self._corked_bytes = self._corked, [], 0
+        if self._protocol.error is None:
+            self._transport.writelines(corked)  # one vectored write
 
     async def infer(
         self,
@@ -594,6 +622,7 @@ class Connection:
         proto = self._protocol
         if proto.error is not None:
             raise ConnectionClosedError(proto.error.reason, proto.error.status, proto.error.server_message)
+        self._uncork()  # the write buffer is measured with every frame submitted in it (a loop may not yield)
         if not proto.write_paused:
             return
         waiter: asyncio.Future[None] = proto.loop.create_future()
@@ -610,6 +639,7 @@ class Connection:
         """
         proto = self._protocol
         if not proto.closing_by_client and proto.error is None:
+            self._uncork()  # frames submitted before the close are sent, as data handed to the transport is
             proto.closing_by_client = True
             proto._set_error(ConnectionClosedError("connection closed by the client"))
             self._transport.close()

@@ -607,12 +607,14 @@ class _FakeTransport(asyncio.Transport):
     def __init__(self) -> None:
         super().__init__()
         self.written: list[bytes] = []
+        self.writes: list[int] = []  # each writelines call: how many parts
         self.aborted = False
 
     def write(self, data: Any) -> None:
         self.written.append(bytes(data))
 
     def writelines(self, list_of_data: Any) -> None:
+        self.writes.append(len(list_of_data))
         for d in list_of_data:
             self.write(d)
 
@@ -805,6 +807,7 @@ async def test_drain_waits_for_resume_writing() -> None:
     proto.pause_writing()
     assert conn.write_paused
     fut = conn.submit(np.zeros(3, np.uint8))  # submit still queues while paused
+    await asyncio.sleep(0)  # (written at the end of the loop iteration it was submitted in)
     assert transport.written
     waiter = asyncio.ensure_future(conn.drain())
     await asyncio.sleep(0.01)
@@ -819,6 +822,66 @@ async def test_drain_waits_for_resume_writing() -> None:
         await waiter
     with pytest.raises(ConnectionError, match="reset"):
         await fut
+
+
+def _fake_connection() -> tuple[client.Connection, client._Protocol, _FakeTransport]:
+    proto = client._Protocol(asyncio.get_running_loop())
+    transport = _FakeTransport()
+    proto.connection_made(transport)
+    return client.Connection(proto, transport, wire.Welcome(wire.Status.OK, 1 << 20, 1 << 30)), proto, transport
+
+
+@pytest.mark.asyncio
+async def test_small_frames_submitted_together_go_in_one_write() -> None:
+    """A burst (replies arriving together, each answered with a new frame) is one system call, not one per frame:
+    a write per frame cost a producer more CPU than the rest of ``submit``."""
+    conn, _, transport = _fake_connection()
+    frames = [np.full(1024, k, np.uint8) for k in range(48)]
+    futures = [conn.submit(frame, stream_id=k % 4) for k, frame in enumerate(frames)]
+    assert transport.writes == []  # held to the end of the loop iteration
+    await asyncio.sleep(0)
+    assert transport.writes == [96]  # one write: each frame's header and payload, in submit order
+    for k, frame in enumerate(frames):
+        decoded = wire.decode_frame_header(transport.written[2 * k])
+        assert decoded is not None
+        header = decoded[0]
+        assert (header.stream_id, header.sequence) == (k % 4, k // 4)
+        assert transport.written[2 * k + 1] == frame.tobytes()
+    conn.submit(np.zeros(3, np.uint8))
+    await asyncio.sleep(0)
+    assert transport.writes == [96, 2]  # the next iteration's frames: the next write
+    for fut in futures:
+        fut.cancel()
+
+
+@pytest.mark.asyncio
+async def test_a_large_frame_is_written_at_once_and_drain_and_close_write_what_is_held() -> None:
+    conn, proto, transport = _fake_connection()
+    futures: list[asyncio.Future[client.Reply]] = []
+    futures.append(conn.submit(np.zeros(1 << 16, np.uint8)))  # nothing to gain by holding it
+    assert transport.writes == [2]
+    futures.append(conn.submit(np.zeros(3, np.uint8)))
+    futures.append(conn.submit(np.zeros(1 << 16, np.uint8)))  # past the bytes held: both go now, in order
+    assert transport.writes == [2, 4]
+    # A producer loop of submit and drain may never yield (drain returns at once when not paused): drain writes
+    # what is held, so that the write buffer it measures holds every frame submitted
+    for _ in range(3):
+        futures.append(conn.submit(np.zeros(3, np.uint8)))
+        await conn.drain()
+    assert transport.writes == [2, 4, 2, 2, 2]
+    await asyncio.sleep(0)  # (the end-of-iteration writes those submits asked for: nothing left to write)
+    assert transport.writes == [2, 4, 2, 2, 2]
+    closing = asyncio.ensure_future(conn.close())  # (runs after the submit below, before its end-of-iteration write)
+    futures.append(conn.submit(np.zeros(3, np.uint8)))
+    await asyncio.sleep(0)
+    assert transport.writes == [2, 4, 2, 2, 2, 2]  # frames submitted before the close are sent
+    proto.connection_lost(None)
+    await closing
+    for fut in futures:
+        with pytest.raises(ConnectionError):
+            await fut
+    await asyncio.sleep(0)
+    assert transport.writes == [2, 4, 2, 2, 2, 2]  # (and not again)
 
 
 # --- the blocking wrapper -------------------------------------------------
