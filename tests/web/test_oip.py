@@ -672,3 +672,27 @@ async def test_inference_statistics_count_and_time_the_frames_served(server: Ser
         await unknown_and_not_serving_are_404(c.get_inference_statistics)
     finally:
         await c.close()
+
+
+@pytest.mark.asyncio
+async def test_a_body_that_does_not_decompress_is_a_400_not_a_server_error(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Content-Encoding body aiohttp cannot decode raised out of the handler: a text/plain 500 and a traceback
+    logged per request (twice: aiohttp's lingering read of the body raised again)."""
+    n = SPEC.frame_nbytes
+    base = f"http://127.0.0.1:{http_port(server)}/v2"
+    head = json.dumps(frame_header([1, 32, 32, 3], n)).encode()
+    requests = [  # the JSON body, the binary inputs after a readable header (gzip's stream fails at its first byte)
+        ("models/default/infer", b"not gzip at all", {}),
+        ("models/default/infer", head + b"\x1f\x8b\x08\x00" + bytes(n), {"Inference-Header-Content-Length": "4"}),
+        ("repository/index", b"not gzip at all", {}),
+    ]
+    async with aiohttp.ClientSession() as session:
+        for path, body, headers in requests:
+            headers = {"Content-Encoding": "gzip", **headers}
+            async with session.post(f"{base}/{path}", data=body, headers=headers) as resp:
+                assert resp.status == 400, (path, resp.status, await resp.text())
+                assert "cannot be decoded" in (await resp.json())["error"], path
+    await no_slot_held(server)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
