@@ -237,7 +237,7 @@ class _Request:
         if tensor.get("name") != INPUT_NAME:
             raise HttpError(400, f"unknown input {tensor.get('name')!r}: model {spec.name!r} has input {INPUT_NAME!r}")
         datatype = tensor.get("datatype")
-        if DATATYPES.get(datatype) != spec.frame_dtype:  # type: ignore[arg-type]
+        if not isinstance(datatype, str) or DATATYPES.get(datatype) != spec.frame_dtype:  # (a list: unhashable)
             raise HttpError(400, f"input {INPUT_NAME!r} has datatype {DATATYPE_OF[spec.frame_dtype]}, got {datatype!r}")
         shape = tensor.get("shape")
         if not isinstance(shape, list) or not all(

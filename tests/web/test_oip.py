@@ -220,6 +220,9 @@ BAD_REQUESTS: list[tuple[str, int, str, Any]] = [
     ("body shorter than sizes", 400, "body is", lambda n: binary_request(frame_header([1, 32, 32, 3], n), bytes(10))),
     ("body longer than sizes", 400, "body is", lambda n: binary_request(frame_header([1, 32, 32, 3], n),
                                                                         bytes(n + 5))),
+    ("datatype not a string", 400, "datatype", lambda n: binary_request(
+        {"inputs": [{"name": "input", "datatype": ["UINT8"], "shape": [1, 32, 32, 3],
+                     "parameters": {"binary_data_size": n}}]}, bytes(n))),
     ("unknown input", 400, "unknown input", lambda n: binary_request(
         {"inputs": [{"name": "x", "datatype": "UINT8", "shape": [1], "parameters": {"binary_data_size": 1}}]},
         bytes(1))),
