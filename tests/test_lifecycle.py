@@ -754,6 +754,10 @@ async def test_admin_routes_and_cli(tmp_path: Path, capsys: pytest.CaptureFixtur
         r = await http.post("/v2/repository/models/x/load", headers=auth,
                             json={"parameters": {"config": {**settings, "source": outside}}})  # fmt: skip
         assert r.status == 403 and "model_repository" in (await r.json())["error"]
+        for source in ("state_dict:weights\0.pt", f"state_dict:{repo}/cam/\0"):  # (no path holds one: was a 500)
+            r = await http.post("/v2/repository/models/x/load", headers=auth,
+                                json={"parameters": {"config": {**settings, "source": source}}})  # fmt: skip
+            assert r.status == 400 and "NUL" in (await r.json())["error"], await r.text()
         r = await http.post("/v2/repository/models/x/load", headers=auth,
                             json={"parameters": {"config": {"max_batch_size": 0}}})  # fmt: skip
         assert r.status == 400 and "max_batch_size" in (await r.json())["error"]
