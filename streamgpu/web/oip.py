@@ -436,6 +436,11 @@ async def _infer(
         raise Refused(failed.status, failed.message)
     results = [o.result for o in outcomes]
     assert all(r is not None for r in results)
+    if len({r.shape for r in results}) > 1:  # type: ignore[union-attr]
+        raise HttpError(
+            503, f"model {spec.name!r} was swapped while this request's frames ran, for a version returning another"
+            " output shape: its results make no one tensor; send it again"
+        )  # fmt: skip
     out = np.stack(results) if req.batched else results[0]  # type: ignore[arg-type]
     assert out is not None
     now = request.app[SERVER_KEY].served(spec.name)

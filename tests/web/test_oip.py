@@ -699,3 +699,36 @@ async def test_a_body_that_does_not_decompress_is_a_400_not_a_server_error(
                 assert "cannot be decoded" in (await resp.json())["error"], path
     await no_slot_held(server)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+@pytest.mark.asyncio
+async def test_a_request_whose_frames_straddle_a_swap_to_another_output_shape_is_answered_503(
+    server: Server, tmp_path: Path
+) -> None:
+    """Its frames' results (4 values from the old version, 2 from the new) were stacked into one tensor: a
+    ValueError out of the handler, a text/plain 500."""
+    narrow = tmp_path / "narrow.ts"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(USER_SHAPE[0], 2)), str(narrow))
+    n = 4 * USER_SHAPE[0]
+    head = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [2, *USER_SHAPE],
+                                   "parameters": {"binary_data_size": 2 * n}}]}).encode()  # fmt: skip
+    reader, writer = await asyncio.open_connection("127.0.0.1", http_port(server))
+    writer.write(
+        f"POST /v2/models/user/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(head) + 2 * n}\r\n"
+        f"Inference-Header-Content-Length: {len(head)}\r\n\r\n".encode()
+        + head
+        + bytes(n)  # the first frame only
+    )
+    metrics = next(state.metrics for state in server.model_states() if state.name == "user")
+    while metrics.completed < 1:  # the first frame ran on version 1
+        await asyncio.sleep(0.01)
+    await server.swap_model("user", dataclasses.replace(server.model_specs["user"], source=f"torchscript:{narrow}"))
+    writer.write(bytes(n))  # the second runs on version 2
+    try:
+        response = await asyncio.wait_for(reader.read(65536), 5)
+    finally:
+        writer.close()
+    status, _, body = response.partition(b"\r\n\r\n")
+    assert b" 503 " in status.split(b"\r\n")[0] and b"send it again" in body, response
+    assert "swapped" in json.loads(body)["error"]
+    await no_slot_held(server)
