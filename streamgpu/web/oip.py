@@ -367,8 +367,6 @@ async def infer(request: web.Request) -> web.StreamResponse:
         return error_response(exc.status, exc.message)
     except Refused as refused:
         return error_response(HTTP_STATUS[refused.status], f"{refused.status.name}: {refused.message}")
-    except ConnectionResetError:  # the client left mid-body (its slots are back): no server error to log
-        return error_response(400, "the connection closed before the whole body arrived")
     finally:
         give_place(request)
         admission.leave(producer, queued=not answered)
@@ -525,7 +523,8 @@ def _response(spec: ModelSpec, version: str, req: _Request, out: np.ndarray, out
 async def _errors_as_json(request: web.Request, handler: Any) -> web.StreamResponse:
     """aiohttp's own errors for paths under /v1 and /v2 (404, 405, 413, a GET /v1/stream that asks no
     upgrade) answered as the protocol's ``{"error": ...}``, with aiohttp's reason when it gave one; a request
-    body it cannot decode, a 400 (it raised out of the handler that read it: a 500 and a logged traceback)."""
+    body it cannot decode, or one its client left in the middle of, a 400 (either raised out of the handler
+    reading it, of any route: a 500 and a logged traceback)."""
     try:
         return await handler(request)
     except web.HTTPException as exc:
@@ -541,6 +540,8 @@ async def _errors_as_json(request: web.Request, handler: Any) -> web.StreamRespo
         response.force_close()
         request.content.feed_eof()
         return response
+    except ConnectionResetError:  # the client left mid-body (its slots are back): no server error to log
+        return error_response(400, "the connection closed before the whole body arrived")
 
 
 def add_routes(app: web.Application) -> None:

@@ -732,3 +732,31 @@ async def test_a_request_whose_frames_straddle_a_swap_to_another_output_shape_is
     assert b" 503 " in status.split(b"\r\n")[0] and b"send it again" in body, response
     assert "swapped" in json.loads(body)["error"]
     await no_slot_held(server)
+
+
+@pytest.mark.asyncio
+async def test_a_client_leaving_mid_body_logs_no_error_where_handlers_are_not_cancelled(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Embedded in an application (aiohttp's default: a handler runs on when its client leaves), a model
+    administration body cut short raised ConnectionResetError out of its handler: a traceback logged per client."""
+    from aiohttp import web
+
+    from streamgpu.web.app import create_app
+
+    runner = web.AppRunner(create_app(server))  # (aiohttp's TestServer cancels handlers)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        for path in ("/v2/repository/models/user/load", "/v2/models/user/infer"):
+            _reader, writer = await asyncio.open_connection(*runner.addresses[0][:2])
+            writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{".encode())
+            await writer.drain()
+            await asyncio.sleep(0.05)  # the handler reads the body
+            writer.close()
+        for _ in range(30):  # (the error came within milliseconds)
+            assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+            await asyncio.sleep(0.01)
+    finally:
+        await runner.cleanup()
