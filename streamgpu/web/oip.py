@@ -180,9 +180,10 @@ async def model_stats(request: web.Request) -> web.Response:
 
 def _stats(name: str, version: str, m: ModelMetrics) -> dict[str, Any]:
     """One model's counters as Triton reports them: a count and the nanoseconds they took in all. Since the
-    server started, over every version of the name: success per OK frame (header to reply), queue per frame
-    that ran, compute_input (the batch's copy to the device) and compute_infer (the rest, to results on the
-    host) per batch; fail counts frames answered with an error (no time kept)."""
+    name was loaded, over every version swapped in since (an unload and a load start again): success per OK
+    frame (header to reply), queue per frame that ran, compute_input (the batch's copy to the device) and
+    compute_infer (the rest, to results on the host) per batch; fail counts frames answered with an error (no
+    time kept)."""
 
     def timed(histogram: Histogram) -> dict[str, int]:
         return {"count": sum(histogram.counts), "ns": round(histogram.sum * 1e9)}
