@@ -52,6 +52,9 @@ HEADER_ALLOWANCE = 1024 * 1024
 # A request whose tensors are JSON numbers may be at most this large: parsing it holds the event loop, and
 # every producer with it, ~20 ms per MiB (tensor data that large goes as binary data, which is not parsed).
 JSON_BODY_LIMIT = 4 * 1024 * 1024
+# A JSON reply may carry at most this many output values (some 4 MiB of text): writing them holds the event loop
+# ~0.5 us each (a request's worth of binary input can ask tens of millions); more go as binary data.
+JSON_OUTPUT_LIMIT = 256 * 1024
 EXTENSIONS = ["binary_tensor_data"]
 
 # Open Inference Protocol datatype <-> numpy (little-endian, as the wire's dtypes)
@@ -498,6 +501,12 @@ def _response(spec: ModelSpec, version: str, req: _Request, out: np.ndarray, out
     datatype = DATATYPE_OF.get(out.dtype)
     if datatype is None:
         out, datatype = out.astype("<f4"), "FP32"
+    if not req.binary_output and out.size > JSON_OUTPUT_LIMIT:
+        raise HttpError(
+            400, f"the output's {out.size} values are more than a JSON reply carries ({JSON_OUTPUT_LIMIT}: writing"
+            " them holds the server): ask for binary data (parameters.binary_data_output, or the output's"
+            " parameters.binary_data)"
+        )  # fmt: skip
     timings = outcomes[-1].timings
     doc: dict[str, Any] = {"model_name": spec.name, "model_version": version}
     if req.id is not None:

@@ -760,3 +760,16 @@ async def test_a_client_leaving_mid_body_logs_no_error_where_handlers_are_not_ca
             await asyncio.sleep(0.01)
     finally:
         await runner.cleanup()
+
+
+@ONE_LOOP
+async def test_an_output_too_large_for_json_is_refused_naming_binary_data(server: Server) -> None:
+    """A binary request (nothing to parse) asking a JSON reply: 300 frames of 1000 values made 6 MB of JSON text
+    written on the event loop (~0.5 us a value here: a 64 MiB request of them held every producer ~10 s)."""
+    count, n = 300, SPEC.frame_nbytes
+    body, headers = binary_request(frame_header([count, 32, 32, 3], count * n), bytes(count * n))
+    url = f"http://127.0.0.1:{http_port(server)}/v2/models/default/infer"
+    async with aiohttp.ClientSession() as session, session.post(url, data=body, headers=headers) as resp:
+        doc = await resp.json(content_type=None)
+        assert resp.status == 400 and "binary_data_output" in doc["error"], (resp.status, str(doc)[:200])
+    await no_slot_held(server)
