@@ -55,7 +55,8 @@ JSON_BODY_LIMIT = 4 * 1024 * 1024
 # A JSON reply may carry at most this many output values (some 4 MiB of text): writing them holds the event loop
 # ~0.5 us each (a request's worth of binary input can ask tens of millions); more go as binary data.
 JSON_OUTPUT_LIMIT = 256 * 1024
-EXTENSIONS = ["binary_tensor_data"]
+# Triton's names for the extensions served (perf_analyzer reads a server's statistics only where it says "statistics")
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "model_repository", "statistics"]
 
 # Open Inference Protocol datatype <-> numpy (little-endian, as the wire's dtypes)
 DATATYPES: dict[str, np.dtype] = {

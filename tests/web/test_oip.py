@@ -106,6 +106,8 @@ async def test_health_and_metadata(server: Server) -> None:
         assert not await c.is_model_ready("nope")
         meta = await c.get_server_metadata()
         assert meta["name"] == "streamgpu" and "binary_tensor_data" in meta["extensions"]
+        # perf_analyzer asks a server's statistics only where its metadata lists the extension
+        assert {"statistics", "model_configuration", "model_repository"} <= set(meta["extensions"])
         model = await c.get_model_metadata("default")
         assert model["inputs"] == [{"name": "input", "datatype": "UINT8", "shape": [-1, 32, 32, 3]}]
         assert model["outputs"][0]["name"] == "output" and model["outputs"][0]["datatype"] == "FP32"
