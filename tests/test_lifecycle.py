@@ -742,6 +742,10 @@ async def test_admin_routes_and_cli(tmp_path: Path, capsys: pytest.CaptureFixtur
         cam, m = await r.json()  # cam's folder holds no model.pt2 nor config.toml yet: listed with why
         assert cam["state"] == "UNAVAILABLE" and "put one of ['model.pt2', 'model.ts'] there" in cam["reason"]
         assert m == {"name": "m", "version": "1", "state": "READY", "reason": ""}
+        r = await http.post("/v2/repository/index", headers=auth, json={"ready": True})
+        assert await r.json() == [m]
+        r = await http.post("/v2/repository/index", headers=auth, json={"ready": "true"})  # (was every model)
+        assert r.status == 400 and "ready" in (await r.json())["error"], await r.text()
         # A new version of m from settings (a path relative to the repository folder of m... here cam's)
         settings = {"source": "state_dict:" + str(repo / "cam" / "weights.pt"), "arch": "small",
                     "input_shape": list(SHAPE), "max_batch_size": 4}  # fmt: skip
@@ -754,6 +758,10 @@ async def test_admin_routes_and_cli(tmp_path: Path, capsys: pytest.CaptureFixtur
         r = await http.post("/v2/repository/models/x/load", headers=auth,
                             json={"parameters": {"config": {**settings, "source": outside}}})  # fmt: skip
         assert r.status == 403 and "model_repository" in (await r.json())["error"]
+        for source in ("state_dict:weights\0.pt", f"state_dict:{repo}/cam/\0"):  # (no path holds one: was a 500)
+            r = await http.post("/v2/repository/models/x/load", headers=auth,
+                                json={"parameters": {"config": {**settings, "source": source}}})  # fmt: skip
+            assert r.status == 400 and "NUL" in (await r.json())["error"], await r.text()
         r = await http.post("/v2/repository/models/x/load", headers=auth,
                             json={"parameters": {"config": {"max_batch_size": 0}}})  # fmt: skip
         assert r.status == 400 and "max_batch_size" in (await r.json())["error"]

@@ -76,6 +76,8 @@ class ModelSpec:
         scheme, _, rest = self.source.partition(":")
         if scheme not in ("builtin", "torchscript", "export", "state_dict") or not rest:
             out.append(f"source {self.source!r} must be builtin:NAME, torchscript:PATH, export:PATH or state_dict:PATH")
+        if "\0" in self.source:  # no file path holds one (os calls raise ValueError on it)
+            out.append(f"source {self.source!r} holds a NUL character")
         if scheme == "state_dict" and not self.arch:
             out.append("a state_dict source needs arch = a builtin architecture name")
         if not self.input_shape or any(d <= 0 for d in self.input_shape) or len(self.input_shape) > wire.MAX_NDIM:

@@ -128,8 +128,11 @@ def _checked(server: Server, spec: ModelSpec) -> ModelSpec:
 async def index(request: web.Request) -> web.Response:
     server = _server(request)
     body = await _body(request)
+    ready = body.get("ready", False)
+    if not isinstance(ready, bool):  # ("false" or 0 would be taken for true, or "true" for false)
+        raise HttpError(400, f"'ready' must be true or false, got {ready!r}")
     entries = server.model_index()
-    if body.get("ready") is True:
+    if ready:
         entries = [e for e in entries if e["state"] == "READY"]
     return web.json_response(entries)
 

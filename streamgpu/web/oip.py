@@ -52,7 +52,11 @@ HEADER_ALLOWANCE = 1024 * 1024
 # A request whose tensors are JSON numbers may be at most this large: parsing it holds the event loop, and
 # every producer with it, ~20 ms per MiB (tensor data that large goes as binary data, which is not parsed).
 JSON_BODY_LIMIT = 4 * 1024 * 1024
-EXTENSIONS = ["binary_tensor_data"]
+# A JSON reply may carry at most this many output values (some 4 MiB of text): writing them holds the event loop
+# ~0.5 us each (a request's worth of binary input can ask tens of millions); more go as binary data.
+JSON_OUTPUT_LIMIT = 256 * 1024
+# Triton's names for the extensions served (perf_analyzer reads a server's statistics only where it says "statistics")
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "model_repository", "statistics"]
 
 # Open Inference Protocol datatype <-> numpy (little-endian, as the wire's dtypes)
 DATATYPES: dict[str, np.dtype] = {
@@ -180,9 +184,10 @@ async def model_stats(request: web.Request) -> web.Response:
 
 def _stats(name: str, version: str, m: ModelMetrics) -> dict[str, Any]:
     """One model's counters as Triton reports them: a count and the nanoseconds they took in all. Since the
-    server started, over every version of the name: success per OK frame (header to reply), queue per frame
-    that ran, compute_input (the batch's copy to the device) and compute_infer (the rest, to results on the
-    host) per batch; fail counts frames answered with an error (no time kept)."""
+    name was loaded, over every version swapped in since (an unload and a load start again): success per OK
+    frame (header to reply), queue per frame that ran, compute_input (the batch's copy to the device) and
+    compute_infer (the rest, to results on the host) per batch; fail counts frames answered with an error (no
+    time kept)."""
 
     def timed(histogram: Histogram) -> dict[str, int]:
         return {"count": sum(histogram.counts), "ns": round(histogram.sum * 1e9)}
@@ -237,7 +242,7 @@ class _Request:
         if tensor.get("name") != INPUT_NAME:
             raise HttpError(400, f"unknown input {tensor.get('name')!r}: model {spec.name!r} has input {INPUT_NAME!r}")
         datatype = tensor.get("datatype")
-        if DATATYPES.get(datatype) != spec.frame_dtype:  # type: ignore[arg-type]
+        if not isinstance(datatype, str) or DATATYPES.get(datatype) != spec.frame_dtype:  # (a list: unhashable)
             raise HttpError(400, f"input {INPUT_NAME!r} has datatype {DATATYPE_OF[spec.frame_dtype]}, got {datatype!r}")
         shape = tensor.get("shape")
         if not isinstance(shape, list) or not all(
@@ -367,8 +372,6 @@ async def infer(request: web.Request) -> web.StreamResponse:
         return error_response(exc.status, exc.message)
     except Refused as refused:
         return error_response(HTTP_STATUS[refused.status], f"{refused.status.name}: {refused.message}")
-    except ConnectionResetError:  # the client left mid-body (its slots are back): no server error to log
-        return error_response(400, "the connection closed before the whole body arrived")
     finally:
         give_place(request)
         admission.leave(producer, queued=not answered)
@@ -436,6 +439,11 @@ async def _infer(
         raise Refused(failed.status, failed.message)
     results = [o.result for o in outcomes]
     assert all(r is not None for r in results)
+    if len({r.shape for r in results}) > 1:  # type: ignore[union-attr]
+        raise HttpError(
+            503, f"model {spec.name!r} was swapped while this request's frames ran, for a version returning another"
+            " output shape: its results make no one tensor; send it again"
+        )  # fmt: skip
     out = np.stack(results) if req.batched else results[0]  # type: ignore[arg-type]
     assert out is not None
     now = request.app[SERVER_KEY].served(spec.name)
@@ -494,6 +502,12 @@ def _response(spec: ModelSpec, version: str, req: _Request, out: np.ndarray, out
     datatype = DATATYPE_OF.get(out.dtype)
     if datatype is None:
         out, datatype = out.astype("<f4"), "FP32"
+    if not req.binary_output and out.size > JSON_OUTPUT_LIMIT:
+        raise HttpError(
+            400, f"the output's {out.size} values are more than a JSON reply carries ({JSON_OUTPUT_LIMIT}: writing"
+            " them holds the server): ask for binary data (parameters.binary_data_output, or the output's"
+            " parameters.binary_data)"
+        )  # fmt: skip
     timings = outcomes[-1].timings
     doc: dict[str, Any] = {"model_name": spec.name, "model_version": version}
     if req.id is not None:
@@ -519,7 +533,9 @@ def _response(spec: ModelSpec, version: str, req: _Request, out: np.ndarray, out
 @web.middleware
 async def _errors_as_json(request: web.Request, handler: Any) -> web.StreamResponse:
     """aiohttp's own errors for paths under /v1 and /v2 (404, 405, 413, a GET /v1/stream that asks no
-    upgrade) answered as the protocol's ``{"error": ...}``, with aiohttp's reason when it gave one."""
+    upgrade) answered as the protocol's ``{"error": ...}``, with aiohttp's reason when it gave one; a request
+    body it cannot decode, or one its client left in the middle of, a 400 (either raised out of the handler
+    reading it, of any route: a 500 and a logged traceback)."""
     try:
         return await handler(request)
     except web.HTTPException as exc:
@@ -527,6 +543,16 @@ async def _errors_as_json(request: web.Request, handler: Any) -> web.StreamRespo
             default = f"{exc.status}: {exc.reason}"  # aiohttp's text when it says nothing more
             return error_response(exc.status, exc.text.strip() if exc.text and exc.text != default else exc.reason)
         raise
+    except web.RequestPayloadError as exc:  # a body aiohttp cannot decode (Content-Encoding) or parse (its chunks)
+        reason = getattr(exc.__cause__, "message", "") or str(exc)
+        response = error_response(400, f"the request body cannot be decoded: {reason}")
+        # Its parser takes nothing more on this connection: closed after the reply. The body marked ended, or
+        # aiohttp's read of the rest after the reply would raise this again (an "Unhandled exception" logged)
+        response.force_close()
+        request.content.feed_eof()
+        return response
+    except ConnectionResetError:  # the client left mid-body (its slots are back): no server error to log
+        return error_response(400, "the connection closed before the whole body arrived")
 
 
 def add_routes(app: web.Application) -> None:

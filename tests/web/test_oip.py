@@ -106,6 +106,8 @@ async def test_health_and_metadata(server: Server) -> None:
         assert not await c.is_model_ready("nope")
         meta = await c.get_server_metadata()
         assert meta["name"] == "streamgpu" and "binary_tensor_data" in meta["extensions"]
+        # perf_analyzer asks a server's statistics only where its metadata lists the extension
+        assert {"statistics", "model_configuration", "model_repository"} <= set(meta["extensions"])
         model = await c.get_model_metadata("default")
         assert model["inputs"] == [{"name": "input", "datatype": "UINT8", "shape": [-1, 32, 32, 3]}]
         assert model["outputs"][0]["name"] == "output" and model["outputs"][0]["datatype"] == "FP32"
@@ -220,6 +222,9 @@ BAD_REQUESTS: list[tuple[str, int, str, Any]] = [
     ("body shorter than sizes", 400, "body is", lambda n: binary_request(frame_header([1, 32, 32, 3], n), bytes(10))),
     ("body longer than sizes", 400, "body is", lambda n: binary_request(frame_header([1, 32, 32, 3], n),
                                                                         bytes(n + 5))),
+    ("datatype not a string", 400, "datatype", lambda n: binary_request(
+        {"inputs": [{"name": "input", "datatype": ["UINT8"], "shape": [1, 32, 32, 3],
+                     "parameters": {"binary_data_size": n}}]}, bytes(n))),
     ("unknown input", 400, "unknown input", lambda n: binary_request(
         {"inputs": [{"name": "x", "datatype": "UINT8", "shape": [1], "parameters": {"binary_data_size": 1}}]},
         bytes(1))),
@@ -672,3 +677,101 @@ async def test_inference_statistics_count_and_time_the_frames_served(server: Ser
         await unknown_and_not_serving_are_404(c.get_inference_statistics)
     finally:
         await c.close()
+
+
+@pytest.mark.asyncio
+async def test_a_body_that_does_not_decompress_is_a_400_not_a_server_error(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Content-Encoding body aiohttp cannot decode raised out of the handler: a text/plain 500 and a traceback
+    logged per request (twice: aiohttp's lingering read of the body raised again)."""
+    n = SPEC.frame_nbytes
+    base = f"http://127.0.0.1:{http_port(server)}/v2"
+    head = json.dumps(frame_header([1, 32, 32, 3], n)).encode()
+    requests = [  # the JSON body, the binary inputs after a readable header (gzip's stream fails at its first byte)
+        ("models/default/infer", b"not gzip at all", {}),
+        ("models/default/infer", head + b"\x1f\x8b\x08\x00" + bytes(n), {"Inference-Header-Content-Length": "4"}),
+        ("repository/index", b"not gzip at all", {}),
+    ]
+    async with aiohttp.ClientSession() as session:
+        for path, body, headers in requests:
+            headers = {"Content-Encoding": "gzip", **headers}
+            async with session.post(f"{base}/{path}", data=body, headers=headers) as resp:
+                assert resp.status == 400, (path, resp.status, await resp.text())
+                assert "cannot be decoded" in (await resp.json())["error"], path
+    await no_slot_held(server)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+@pytest.mark.asyncio
+async def test_a_request_whose_frames_straddle_a_swap_to_another_output_shape_is_answered_503(
+    server: Server, tmp_path: Path
+) -> None:
+    """Its frames' results (4 values from the old version, 2 from the new) were stacked into one tensor: a
+    ValueError out of the handler, a text/plain 500."""
+    narrow = tmp_path / "narrow.ts"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(USER_SHAPE[0], 2)), str(narrow))
+    n = 4 * USER_SHAPE[0]
+    head = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [2, *USER_SHAPE],
+                                   "parameters": {"binary_data_size": 2 * n}}]}).encode()  # fmt: skip
+    reader, writer = await asyncio.open_connection("127.0.0.1", http_port(server))
+    writer.write(
+        f"POST /v2/models/user/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(head) + 2 * n}\r\n"
+        f"Inference-Header-Content-Length: {len(head)}\r\n\r\n".encode()
+        + head
+        + bytes(n)  # the first frame only
+    )
+    metrics = next(state.metrics for state in server.model_states() if state.name == "user")
+    while metrics.completed < 1:  # the first frame ran on version 1
+        await asyncio.sleep(0.01)
+    await server.swap_model("user", dataclasses.replace(server.model_specs["user"], source=f"torchscript:{narrow}"))
+    writer.write(bytes(n))  # the second runs on version 2
+    try:
+        response = await asyncio.wait_for(reader.read(65536), 5)
+    finally:
+        writer.close()
+    status, _, body = response.partition(b"\r\n\r\n")
+    assert b" 503 " in status.split(b"\r\n")[0] and b"send it again" in body, response
+    assert "swapped" in json.loads(body)["error"]
+    await no_slot_held(server)
+
+
+@pytest.mark.asyncio
+async def test_a_client_leaving_mid_body_logs_no_error_where_handlers_are_not_cancelled(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Embedded in an application (aiohttp's default: a handler runs on when its client leaves), a model
+    administration body cut short raised ConnectionResetError out of its handler: a traceback logged per client."""
+    from aiohttp import web
+
+    from streamgpu.web.app import create_app
+
+    runner = web.AppRunner(create_app(server))  # (aiohttp's TestServer cancels handlers)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        for path in ("/v2/repository/models/user/load", "/v2/models/user/infer"):
+            _reader, writer = await asyncio.open_connection(*runner.addresses[0][:2])
+            writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{".encode())
+            await writer.drain()
+            await asyncio.sleep(0.05)  # the handler reads the body
+            writer.close()
+        for _ in range(30):  # (the error came within milliseconds)
+            assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+            await asyncio.sleep(0.01)
+    finally:
+        await runner.cleanup()
+
+
+@ONE_LOOP
+async def test_an_output_too_large_for_json_is_refused_naming_binary_data(server: Server) -> None:
+    """A binary request (nothing to parse) asking a JSON reply: 300 frames of 1000 values made 6 MB of JSON text
+    written on the event loop (~0.5 us a value here: a 64 MiB request of them held every producer ~10 s)."""
+    count, n = 300, SPEC.frame_nbytes
+    body, headers = binary_request(frame_header([count, 32, 32, 3], count * n), bytes(count * n))
+    url = f"http://127.0.0.1:{http_port(server)}/v2/models/default/infer"
+    async with aiohttp.ClientSession() as session, session.post(url, data=body, headers=headers) as resp:
+        doc = await resp.json(content_type=None)
+        assert resp.status == 400 and "binary_data_output" in doc["error"], (resp.status, str(doc)[:200])
+    await no_slot_held(server)
