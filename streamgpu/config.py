@@ -107,6 +107,8 @@ class Config:
     watchdog_min_s: float = 2.0
     log_level: str = "INFO"
     model_repository: str = ""  # a folder of models, polled: see docs/MODELS.md
+    # The share of the time a model load's Python may take while frames are being served (the rest is the loop's)
+    loader_share: float = 0.125
     repository_poll_s: float = 5.0
     log_format: str = "text"
     stats_interval_s: float = 60.0  # a stats line every so often; 0: none
@@ -172,6 +174,9 @@ class Config:
         if not (math.isfinite(self.http_keepalive_timeout_s) and self.http_keepalive_timeout_s > 0):
             problems.append(f"http_keepalive_timeout_s must be a finite number of seconds > 0, "
                             f"got {self.http_keepalive_timeout_s}")  # fmt: skip
+        if not (math.isfinite(self.loader_share) and 0 < self.loader_share <= 1):
+            problems.append(f"loader_share must be a fraction of the time in (0, 1] (1: loads never pause), "
+                            f"got {self.loader_share}")  # fmt: skip
         if not (math.isfinite(self.watchdog_factor) and self.watchdog_factor >= 1):
             problems.append(f"watchdog_factor must be a finite number >= 1, got {self.watchdog_factor}")
         if self.min_receive_rate < 1:

@@ -102,7 +102,8 @@ class Server:
         health = DeviceHealth(backend.devices)
         self._scheduler = scheduler = Scheduler(loop, self._run_batch, cfg.max_inflight_batches, health)
         self._runner = BatchRunner(backend, scheduler, cfg.watchdog_factor, cfg.watchdog_min_s)
-        self._models = models = ModelManager(backend, scheduler, self._loader, cfg.model_problems)
+        self._models = models = ModelManager(backend, scheduler, self._loader, cfg.model_problems, cfg.loader_share,
+                                             self._frames_in_server)  # fmt: skip
         for spec in cfg.models:
             await models.load(spec)
             if spec.source.startswith("builtin:"):
@@ -134,6 +135,10 @@ class Server:
         if cfg.open_to_anyone:
             log.warning("listening beyond loopback without auth_token or tokens, or on a raw port (which takes "
                         "no token): anyone who can reach this machine can submit frames")  # fmt: skip
+
+    def _frames_in_server(self) -> bool:
+        """Whether frames are being served (a load then paces itself); read from the loader thread."""
+        return self._admission is not None and self._admission.frames_in_flight > 0
 
     async def _models_changed(self) -> None:
         assert self._admission is not None

@@ -48,7 +48,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from types import FrameType
@@ -197,8 +197,8 @@ class StallRecorder:
         yielding, free = manager._yielding, manager.ModelManager._free
 
         @contextlib.contextmanager
-        def paced(run_s: float, pause_s: float) -> Iterator[None]:
-            with yielding(run_s, pause_s), self.recording():
+        def paced(run_s: float, pause_s: float, busy: Callable[[], bool]) -> Iterator[None]:
+            with yielding(run_s, pause_s, busy), self.recording():
                 yield
 
         def freeing(mgr: manager.ModelManager, models: list[Any]) -> None:
@@ -396,7 +396,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     base = ModelSpec(name="m", source=versions[0], arch=arch, input_shape=shape, precision=args.precision,
                      max_batch_size=args.max_batch, compile=args.compile)  # fmt: skip
     cfg = Config(listeners=[ListenerSpec(port=0)], device=args.device, models=[base], shutdown_timeout_s=30,
-                 ingest_workers=args.ingest_workers, max_payload_bytes=1 << 20)  # fmt: skip
+                 ingest_workers=args.ingest_workers, max_payload_bytes=1 << 20,
+                 **({} if args.loader_share is None else {"loader_share": args.loader_share}))  # fmt: skip
     server = Server(cfg)
     await server.start()
     assert server.backend is not None
@@ -607,6 +608,9 @@ def main() -> int:
     parser.add_argument("--steady-s", type=float, default=10.0)
     parser.add_argument("--between-s", type=float, default=0.05, help="pause after each swap")
     parser.add_argument("--ingest-workers", type=int, default=0, help="the server's ingest_workers (0: one process)")
+    parser.add_argument("--loader-share", type=float, default=None,
+                        help="the server's loader_share (the share of the time a load's Python may take; default: "
+                        "the server's)")  # fmt: skip
     parser.add_argument("--loop", default="auto")
     parser.add_argument("--json", default="bench_swap.json", help="where to write the figures")
     parser.add_argument("--attribute-stalls", action="store_true",

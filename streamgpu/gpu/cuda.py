@@ -48,7 +48,11 @@ from streamgpu.models.spec import ModelSpec
 log = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_GRAPH_WARMUP = 3  # eager runs before capture (cuDNN autotuning, lazy allocations; compiling, if compiled)
+# Eager runs before a capture (lazy allocations and kernel loads; compiling, for a compiled module). An
+# uncompiled module has run at every bucket already (warm_up): one run of the graph's step is enough, and a
+# swap's Python beside the models serving is the shorter (each run is milliseconds of it, 6 buckets a load).
+_GRAPH_WARMUP = 3
+_GRAPH_WARMUP_WARMED = 1
 _COMPILE_MIN_GAIN = 0.03  # compile = "auto" keeps the compiled model if its graph is at least this much faster
 # Dynamo compiles once per input shape (a bucket) and per device, and counts all of them against one
 # limit per code object (8 by default), past which it silently runs eagerly.
@@ -297,14 +301,16 @@ class CudaModel(DeviceModel):
         """A model input for ``n`` frames (see ``_example_frames``)."""
         return self.prepare_input(self._example_frames(n))
 
-    def _capture(self, step: Callable[[], list[torch.Tensor]], static_in: torch.Tensor, pool: Any) -> _Graph:
-        """A graph of ``step`` (which reads ``static_in``), captured on the capture stream."""
+    def _capture(
+        self, step: Callable[[], list[torch.Tensor]], static_in: torch.Tensor, pool: Any, warmups: int = _GRAPH_WARMUP
+    ) -> _Graph:
+        """A graph of ``step`` (which reads ``static_in``), captured on the capture stream after ``warmups`` runs."""
         # Inside the share: a graph runs on the SMs of the context it was captured in, whatever stream
         # replays it. The pre-processing kernel may run in there too: it was loaded at warm-up, outside,
         # and cupy launches it without switching devices (loading it inside would make the device's
         # primary context current and unbalance the share's push and pop).
         with self.in_share():
-            for _ in range(_GRAPH_WARMUP):
+            for _ in range(warmups):
                 step()
             self.capture_stream.synchronize()
             # Not torch.cuda.graph(): its __enter__ synchronizes the whole device and empties the
@@ -397,7 +403,8 @@ class CudaModel(DeviceModel):
                                                  self.capture_stream)  # fmt: skip
                     return self._returned(self.runs(static_in))
 
-                graph = self.graphs[bucket] = self._capture(step, static_in, pool)
+                warmups = _GRAPH_WARMUP_WARMED if self.runs is self.head else _GRAPH_WARMUP
+                graph = self.graphs[bucket] = self._capture(step, static_in, pool, warmups)
                 # The first replay of a graph uploads it to the device (milliseconds for a large one):
                 # done here, so that it is not in a served batch's latency.
                 graph.graph.replay()

@@ -31,10 +31,9 @@ from streamgpu.models.spec import ModelSpec
 from streamgpu.scheduler.scheduler import Scheduler
 
 LOADING_SWITCH_INTERVAL_S = 0.0002  # the GIL hand-over interval while a model loads (see _loop_first)
-# While a model loads next to models serving, the loader thread runs LOADING_RUN_S, then sleeps
-# LOADING_PAUSE_S with the GIL left to the loop (see _yielding).
+# While a model loads next to frames being served, the loader thread runs LOADING_RUN_S, then sleeps with the
+# GIL left to the loop so as to take the config's loader_share of the time (see _yielding).
 LOADING_RUN_S = 0.001
-LOADING_PAUSE_S = 0.002
 
 log = logging.getLogger("streamgpu")
 
@@ -74,9 +73,15 @@ class ModelManager:
         scheduler: Scheduler,
         loader: concurrent.futures.Executor,
         problems: Callable[[ModelSpec], list[str]],
+        loader_share: float = 1.0,
+        serving_frames: Callable[[], bool] = lambda: True,
     ) -> None:
-        """``problems``: why the server cannot serve a spec, whatever its file (``Config.model_problems``)."""
+        """``problems``: why the server cannot serve a spec, whatever its file (``Config.model_problems``).
+        ``loader_share``: the share of the time a load's Python may take while ``serving_frames()`` (called from
+        the loader thread: it must only read) says frames are in the server (``Config.loader_share``)."""
         self._backend = backend
+        self._loader_share = loader_share
+        self._serving_frames = serving_frames
         self._problems = problems
         self._scheduler = scheduler
         self._loader = loader
@@ -97,7 +102,9 @@ class ModelManager:
         """``spec.instances`` instances per device (each from a fresh module: a load may move it in place);
         ``paced``: the loader thread pauses for the loop as it goes (``_yielding``)."""
         models: list[DeviceModel] = []
-        with _yielding(LOADING_RUN_S, LOADING_PAUSE_S) if paced else contextlib.nullcontext():
+        pause_s = LOADING_RUN_S * (1 / self._loader_share - 1)
+        pacing = paced and pause_s > 0
+        with _yielding(LOADING_RUN_S, pause_s, self._serving_frames) if pacing else contextlib.nullcontext():
             try:
                 for device in range(len(self._backend.devices)):
                     for _ in range(spec.instances):
@@ -278,12 +285,14 @@ def _log_unawaited(what: str, task: asyncio.Task[ModelState]) -> None:
 
 
 @contextlib.contextmanager
-def _yielding(run_s: float, pause_s: float) -> Iterator[None]:
-    """In the calling thread: after every ``run_s`` of running, sleep ``pause_s`` at its next Python call.
+def _yielding(run_s: float, pause_s: float, busy: Callable[[], bool]) -> Iterator[None]:
+    """In the calling thread: after every ``run_s`` of running, sleep ``pause_s`` at its next Python call, if
+    ``busy()`` (frames are being served; otherwise there is nobody to leave the GIL to: run on).
 
-    Two runnable threads share the GIL about evenly whatever the switch interval, so a load's seconds
-    of Python (warm-up, graph capture) would halve the loop's share while it runs. Sleeping leaves the
-    loop the GIL whole for ``pause_s`` out of every ``run_s + pause_s``; the load takes longer.
+    A thread running Python beside the loop slows it out of proportion: uvloop takes the GIL back for every
+    callback, and each take can wait for the other thread to let go (docs/BENCHMARKS.md: a third of the time
+    took the p50 up by a quarter to three quarters). Sleeping leaves the loop the GIL whole for ``pause_s``
+    out of every ``run_s + pause_s``; the load takes longer.
     """
     if sys.getprofile() is not None or sys.gettrace() is not None:  # a profiler or debugger has the thread
         yield
@@ -293,7 +302,8 @@ def _yielding(run_s: float, pause_s: float) -> Iterator[None]:
     def hook(frame: Any, event: str, arg: Any) -> None:
         nonlocal next_pause
         if event == "call" and time.perf_counter() >= next_pause:
-            time.sleep(pause_s)
+            if busy():
+                time.sleep(pause_s)
             next_pause = time.perf_counter() + run_s
 
     sys.setprofile(hook)  # this thread only

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import threading
 from collections.abc import Callable
+from typing import cast
 
 import pytest
 import torch
@@ -42,34 +44,35 @@ class _Steps:
 
 def test_a_call_through_held_keeps_the_gil_even_while_the_driver_waits() -> None:
     """The swap p99's cause (docs/BENCHMARKS.md): each CUDA call through torch or cupy lets go of the GIL, and
-    a thread with Python to run takes it. A copy from pageable memory is the one batch-path call that can be
-    made to wait (behind 50 ms of GPU work): through ``held`` no Python runs meanwhile; through ``lib`` (the
-    control: the same call, letting go of the GIL as torch and cupy do) the other thread runs all along."""
+    a thread with Python to run takes it. A driver call made to wait (a stream synchronize behind 100 ms of GPU
+    work; the batch path's calls can wait too, on the driver's locks or a pageable copy): through ``held`` no
+    Python runs meanwhile; through ``lib`` (the control: the same call, letting go of the GIL as torch and cupy
+    do) the other thread runs all along. (A pageable copy does not always wait: the driver may stage it.)"""
     stream = torch.cuda.Stream()
-    pageable = torch.zeros(1 << 20, dtype=torch.uint8)
-    dst = torch.empty(1 << 20, dtype=torch.uint8, device="cuda")
     drv = driver.the_driver()
 
-    def behind_gpu_work(copy: Callable[[], object]) -> int:
-        """The other thread's steps during ``copy``, queued behind tens of milliseconds of GPU work."""
+    def synchronize(handle: ctypes.CDLL) -> Callable[[int], int]:
+        call = handle.cuStreamSynchronize
+        call.argtypes, call.restype = (ctypes.c_void_p,), ctypes.c_int
+        return cast(Callable[[int], int], call)
+
+    def behind_gpu_work(call: Callable[[int], int]) -> int:
+        """The other thread's steps during ``call`` of the stream, queued behind 100 ms of GPU work."""
         with torch.cuda.stream(stream):
             torch.cuda._sleep(100_000_000)
         try:
-            return steps.during(copy)
+            return steps.during(lambda: call(stream.cuda_stream))
         finally:
             stream.synchronize()
 
-    source, target = pageable.data_ptr(), dst.data_ptr()
     steps = _Steps()
     try:
-        # The control: the same driver call through ``lib`` (ctypes.CDLL), which lets go of the GIL as torch and
-        # cupy do. (torch's own pageable copy may stage through pinned memory and not wait: no control.)
-        control = behind_gpu_work(lambda: drv.lib.cuMemcpyAsync(target, source, 1 << 20, stream.cuda_stream))
-        held = behind_gpu_work(lambda: drv.memcpy_async(target, source, 1 << 20, stream.cuda_stream))
+        control = behind_gpu_work(synchronize(drv.lib))
+        held = behind_gpu_work(synchronize(drv.held))
     finally:
         steps.stop()
     assert control > 10_000, f"the control kept the GIL ({control} steps): the test proves nothing"
-    # Not 0: the thread may have been due its switch interval (5 ms) just as the copy was called.
+    # Not 0: the thread may have been due its switch interval (5 ms) just as the call was made.
     assert held < control / 4, (held, control)
 
 
