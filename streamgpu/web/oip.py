@@ -49,9 +49,9 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 # Room for the JSON inference header beside the tensor bytes: a request body may be at most
 # max_payload_bytes + this (the tensor data of one request is at most max_payload_bytes).
 HEADER_ALLOWANCE = 1024 * 1024
-# A request whose tensors are JSON numbers may be at most this large: parsing it holds the event loop, and
-# every producer with it, ~20 ms per MiB (tensor data that large goes as binary data, which is not parsed).
-JSON_BODY_LIMIT = 4 * 1024 * 1024
+# A request whose tensors are JSON numbers may be at most this large: parsing it and making its tensor hold the
+# event loop, and every producer with it, ~40 ms per MiB of flat numbers (binary data is not parsed).
+JSON_BODY_LIMIT = 1024 * 1024
 # A JSON reply may carry at most this many output values (some 4 MiB of text): writing them holds the event loop
 # ~0.5 us each (a request's worth of binary input can ask tens of millions); more go as binary data.
 JSON_OUTPUT_LIMIT = 256 * 1024
