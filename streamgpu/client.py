@@ -9,7 +9,8 @@ serves the model ``default``, which takes 224x224x3 uint8 frames)::
             use(reply.result)  # one frame's result, no batch dimension: (1000,) float32 for `default`
 
 Many frames can be in flight on one connection: :meth:`Connection.submit` is a
-plain (non-async) method that writes the frame and returns a future resolved
+plain (non-async) method that queues the frame (written at the end of the
+loop iteration, with the others submitted in it) and returns a future resolved
 when the matching reply arrives. Replies are matched to requests by
 ``(stream_id, sequence)``; replies of one stream arrive in order, different
 streams interleave freely.
@@ -461,16 +462,16 @@ class Connection:
         live: bool = False,
         sequence: int | None = None,
     ) -> asyncio.Future[Reply]:
-        """Send one frame now; return a future for its :class:`Reply`.
+        """Send one frame; return a future for its :class:`Reply`.
 
         Not a coroutine: the frame is handed to the transport at the end of
         the loop iteration this is called in (the frames submitted in one
         iteration go in one write; a frame of 64 KiB or more goes at once,
-        and :meth:`drain` and :meth:`close` write what is held first). It is
-        queued, not dropped, while writing is paused; await
-        :meth:`drain` to wait for room in the write buffer and
-        :meth:`wait_for_room` to stay within the server's
-        ``max_frames_in_flight``). The array's buffer is written without
+        with those held before it, and :meth:`drain` and :meth:`close` write
+        what is held first; over UDP it goes at once). It is queued, not
+        dropped, while writing is paused: await :meth:`drain` to wait for
+        room in the write buffer and :meth:`wait_for_room` to stay within the
+        server's ``max_frames_in_flight``. The array's buffer is written without
         copying when it is C-contiguous and little-endian, so do not modify it
         until its reply arrives.
 

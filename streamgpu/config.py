@@ -29,6 +29,9 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 WILDCARD_HOSTS = {"", "0.0.0.0", "::"}  # a socket bound to one takes the port on every address
 RAW_OPTIONS = ("model", "live", "stream_id")  # a raw listener's options (streamgpu.ingest.raw)
 MAX_INGEST_WORKERS = 64
+# Below it a load sleeps over 0.1 s after each 1 ms of Python (1e-6: 1000 s): it would never end, nor would the
+# process, whose exit waits for the loader thread to wake
+MIN_LOADER_SHARE = 0.01
 
 __all__ = ["Config", "ConfigError", "ListenerSpec", "TokenSpec", "typed_settings"]
 
@@ -174,8 +177,9 @@ class Config:
         if not (math.isfinite(self.http_keepalive_timeout_s) and self.http_keepalive_timeout_s > 0):
             problems.append(f"http_keepalive_timeout_s must be a finite number of seconds > 0, "
                             f"got {self.http_keepalive_timeout_s}")  # fmt: skip
-        if not (math.isfinite(self.loader_share) and 0 < self.loader_share <= 1):
-            problems.append(f"loader_share must be a fraction of the time in (0, 1] (1: loads never pause), "
+        if not (math.isfinite(self.loader_share) and MIN_LOADER_SHARE <= self.loader_share <= 1):
+            problems.append(f"loader_share must be a fraction of the time in [{MIN_LOADER_SHARE}, 1] (1: loads never "
+                            f"pause; below {MIN_LOADER_SHARE} a load pauses for over 0.1 s at a time), "
                             f"got {self.loader_share}")  # fmt: skip
         if not (math.isfinite(self.watchdog_factor) and self.watchdog_factor >= 1):
             problems.append(f"watchdog_factor must be a finite number >= 1, got {self.watchdog_factor}")

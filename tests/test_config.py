@@ -126,9 +126,13 @@ SECOND_LISTENER = '[[server.listeners]]\nkind = "tcp"\n[[server.listeners]]\n'  
         ("[server]\nmax_frames_per_connection = 5000\n", "must be below model 'default''s max_queue"),
         ("[server]\nmin_receive_rate = 0\n", "min_receive_rate must be >= 1"),
         ("[server]\nhello_timeout_s = nan\n", "hello_timeout_s must be a finite number of seconds"),
-        ("[server]\nloader_share = 0\n", "loader_share must be a fraction of the time in (0, 1]"),
-        ("[server]\nloader_share = 1.5\n", "loader_share must be a fraction of the time in (0, 1]"),
-        ("[server]\nloader_share = nan\n", "loader_share must be a fraction of the time in (0, 1]"),
+        ("[server]\nloader_share = 0\n", "loader_share must be a fraction of the time in [0.01, 1]"),
+        ("[server]\nloader_share = 1.5\n", "loader_share must be a fraction of the time in [0.01, 1]"),
+        ("[server]\nloader_share = nan\n", "loader_share must be a fraction of the time in [0.01, 1]"),
+        # a tinier share pauses a load for seconds (1e-6: 1000 s) after each millisecond: the load never ends, and
+        # the process cannot exit until its loader thread wakes (1e-300: the pause overflows, the load fails)
+        ("[server]\nloader_share = 1e-6\n", "loader_share must be a fraction of the time in [0.01, 1]"),
+        ("[server]\nloader_share = 1e-300\n", "loader_share must be a fraction of the time in [0.01, 1]"),
         ("[[models]]\ndefault_deadline_ms = inf\n", "default_deadline_ms must be a finite number"),
         ("[[models]]\nmax_batch_size = 100000\n", "max_batch_size (100000) must be at most max_queue (1024)"),
         # wrong types name the setting and the type it needs (used to be a TypeError from a comparison)

@@ -169,7 +169,8 @@ async def test_a_load_beside_serving_models_leaves_the_loop_most_of_the_gil(
     streaming = asyncio.create_task(producer.run())
     await asyncio.sleep(0.1)
     await served.swap_model("m", spec(versioned(tmp_path, 3), compile="off"))
-    assert shares[1] < 0.35, f"beside frames served, the loader ran {shares[1]:.0%} of the time"
+    # (~0.10 measured; the former fixed 2 ms pause, a third of the time, ran 0.27-0.28: loader_share must count)
+    assert shares[1] < 0.2, f"beside frames served, the loader ran {shares[1]:.0%} of the time"
     producer.running = False
     await streaming
     assert all(r.ok for r in producer.check())
