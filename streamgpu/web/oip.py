@@ -425,14 +425,29 @@ async def _infer(
     def abandoned() -> bool:
         return transport is None or transport.is_closing()
 
+    # A frame answered with an error makes the reply that error: the frames after it are not taken (nor read),
+    # rather than received and run for nothing while other producers wait.
+    failures: list[Outcome] = []
+
+    def failed_one(f: asyncio.Future[Outcome]) -> None:
+        if not f.cancelled() and f.exception() is None and not f.result().ok:
+            failures.append(f.result())
+
     futures = []
     for i in range(req.frames):
+        if failures:
+            raise Refused(failures[0].status, failures[0].message)
         if req.data is not None:
             per = req.frame_nbytes // req.data.itemsize
             fill = _copy_from(req.data[i * per : (i + 1) * per].view(np.uint8))
         else:
             fill = _read_into(content)
-        futures.append(await receive_frame(admission, producer, req.header(spec, i), fill, stream, abandoned))
+        future = await receive_frame(admission, producer, req.header(spec, i), fill, stream, abandoned)
+        if future.done():
+            failed_one(future)  # (finished at submit: a callback would come only after the next frame's read)
+        else:
+            future.add_done_callback(failed_one)
+        futures.append(future)
     outcomes: list[Outcome] = [await f for f in futures]
     failed = next((o for o in outcomes if not o.ok), None)
     if failed is not None:

@@ -776,3 +776,28 @@ async def test_an_output_too_large_for_json_is_refused_naming_binary_data(server
         doc = await resp.json(content_type=None)
         assert resp.status == 400 and "binary_data_output" in doc["error"], (resp.status, str(doc)[:200])
     await no_slot_held(server)
+
+
+@pytest.mark.asyncio
+async def test_a_request_takes_no_more_frames_once_one_of_them_failed(server: Server) -> None:
+    """A frame of a request answered with an error (here its 1 us deadline passed) makes the request's reply that
+    error: the frames after it were still received and run, for a reply that could only be the error (a request of
+    1,500 frames ran 1,033 after one was refused OVERLOADED), the client kept sending them meanwhile."""
+    n = 4 * USER_SHAPE[0]
+    head = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [3, *USER_SHAPE],
+                                   "parameters": {"binary_data_size": 3 * n}}],
+                       "parameters": {"timeout": 1}}).encode()  # fmt: skip
+    reader, writer = await asyncio.open_connection("127.0.0.1", http_port(server))
+    writer.write(
+        f"POST /v2/models/user/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(head) + 3 * n}\r\n"
+        f"Inference-Header-Content-Length: {len(head)}\r\n\r\n".encode()
+        + head
+        + bytes(n)  # the first frame only: the others never come
+    )
+    try:
+        response = await asyncio.wait_for(reader.read(65536), 5)
+    finally:
+        writer.close()
+    status, _, body = response.partition(b"\r\n\r\n")
+    assert b" 200 " not in status.split(b"\r\n")[0] and b"deadline" in body.lower(), response
+    await no_slot_held(server)
