@@ -471,12 +471,10 @@ def _header_length(request: web.Request) -> int | None:
     raw = request.headers.get(HEADER_LENGTH)
     if raw is None:
         return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise HttpError(400, f"{HEADER_LENGTH} must be an integer, got {raw!r}") from None
-    if value < 0:
-        raise HttpError(400, f"{HEADER_LENGTH} must not be negative, got {value}")
+    # Decimal digits only, as Content-Length: Python's int() would take "+5", "1_0", " 7" and other scripts' digits
+    if not (raw.isascii() and raw.isdigit()):
+        raise HttpError(400, f"{HEADER_LENGTH} must be an integer of decimal digits (a byte count), got {raw!r}")
+    value = int(raw)
     if value > HEADER_ALLOWANCE:
         raise HttpError(413, f"{HEADER_LENGTH} {value} exceeds {HEADER_ALLOWANCE}")
     return value

@@ -244,6 +244,12 @@ BAD_REQUESTS: list[tuple[str, int, str, Any]] = [
         b'{"inputs": []}', {"Inference-Header-Content-Length": "999"})),
     ("header length not a number", 400, "must be an integer", lambda n: (
         b'{"inputs": []}', {"Inference-Header-Content-Length": "ten"})),
+    ("header length with a sign", 400, "decimal digits", lambda n: (
+        b'{"inputs": []}', {"Inference-Header-Content-Length": "+14"})),
+    ("header length with an underscore", 400, "decimal digits", lambda n: (
+        b'{"inputs": []}', {"Inference-Header-Content-Length": "1_4"})),
+    ("negative header length", 400, "decimal digits", lambda n: (
+        b'{"inputs": []}', {"Inference-Header-Content-Length": "-1"})),
     ("bad priority", 400, "priority", lambda n: binary_request(
         frame_header([1, 32, 32, 3], n, parameters={"priority": "high"}), bytes(n))),
     ("a boolean for a dimension", 400, "non-negative integers", lambda n: binary_request(
