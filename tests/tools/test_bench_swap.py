@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-from bench_swap import LoopCallTimer, StallRecorder, attribute, bench
+from bench_swap import LoopCallTimer, StallRecorder, attribute, bench, table
 
 
 def busy(seconds: float) -> None:
@@ -106,6 +106,8 @@ async def test_a_short_cpu_run_attributes_the_swaps_lag() -> None:
     )  # fmt: skip
     result = await bench(args)
     stalls = result["stalls"]
+    assert 0 < result["p50_steady_ms"] <= result["p99_steady_ms"]
+    assert "p50 during swaps vs steady" in table(result)
     assert result["loop_calls"]["steady"]["SlotPool.release"]["calls"] > 0  # (the CPU backend makes no driver calls)
     assert stalls["slow_loop_calls"]["events"] == 0
     names = {r["name"] for r in stalls["swaps"]["rows"]}
