@@ -1,0 +1,43 @@
+"""tools/bench_interference.py: a short CPU run puts each kind of work in its own window after a steady one, and
+the paced Python leaves the loop more than the unpaced."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+from bench_interference import bench, table
+
+
+def args(**kw: object) -> argparse.Namespace:
+    base: dict[str, object] = dict(
+        device="cpu", model="builtin:small", precision="fp32", shape="32,32,3", max_batch=8, kinds="", share=1 / 3,
+        swaps=1, connections=1, window=4, warmup_s=0.1, window_s=0.4, ingest_workers=0,
+    )  # fmt: skip
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_short_cpu_run_measures_each_kind_after_a_steady_window() -> None:
+    result = await bench(args())
+    windows = ("steady", "python", "steady", "python-paced", "steady", "swaps")  # on the CPU: all but the cuda kinds
+    assert tuple(row["window"] for row in result["windows"]) == windows
+    assert result["frames_failed_or_refused"] == 0
+    rows = {row["window"]: row for row in result["windows"]}
+    assert all(row["frames"] > 0 for row in result["windows"] if row["window"] != "python")  # (that one may starve)
+    # The unpaced Python thread takes the GIL from the loop far more than the paced one
+    assert rows["python"]["frames"] < rows["python-paced"]["frames"]
+    assert "python-paced |" in table(result)
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])
+async def test_cuda_kinds_on_the_cpu_and_unknown_kinds_are_refused() -> None:
+    with pytest.raises(SystemExit, match="need --device cuda"):
+        await bench(args(kinds="gpu-graph"))
+    with pytest.raises(SystemExit, match="unknown swap"):
+        await bench(args(kinds="swap"))

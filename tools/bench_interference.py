@@ -1,0 +1,227 @@
+"""What slows the scheduling loop while other work runs in its process: one kind at a time, beside steady load.
+
+A streamgpu server runs in this process and a closed-loop producer (another process, ``--connections`` x
+``--window`` frames in flight; ``bench_swap.producer``) streams frames to model ``m`` the whole time. For
+each kind of work in ``--kinds``, a steady window of ``--window-s`` seconds, then the same time with that work
+running in a background thread (or, for ``swaps``, real swaps of ``m``). Printed per window: the p50 and p99
+of the frames sent in it, and the interfering window's p50 and p99 against the steady window just before.
+
+Kinds (``cuda`` ones need a GPU):
+
+* ``python``: pure Python, flat out; ``python-paced``: the same, paced as a load is (the loader thread's
+  ``_yielding`` at ``--share`` of the time);
+* ``gpu-graph`` (cuda): the model's graph at its largest batch replayed back to back on a low-priority stream;
+* ``pinned`` (cuda): page-locked host memory allocated and freed (``cudaHostAlloc`` / ``cudaFreeHost``);
+* ``swaps``: ``--swaps`` real swaps of ``m`` (the server's ``loader_share``: ``--share``).
+
+    PYTHONPATH=$PWD python3 tools/bench_interference.py               # ResNet-50 fp16 on the GPU, every kind
+    PYTHONPATH=$PWD python3 tools/bench_interference.py --device cpu --model builtin:small --shape 32,32,3 \\
+        --kinds python-paced,swaps --window-s 1
+
+docs/BENCHMARKS.md ("What slows the loop while a model loads") has the figures of the diagnostic this grew from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_swap import percentile, producer, weights
+
+KINDS = ("python", "python-paced", "gpu-graph", "pinned", "swaps")
+CUDA_KINDS = ("gpu-graph", "pinned")
+
+
+def python_work(until: float) -> None:
+    """Pure Python until ``until`` (monotonic s), in small function calls (where a pacing hook can pause it)."""
+    while time.monotonic() < until:
+        _add(200)
+
+
+def _add(n: int) -> int:
+    total = 0
+    for i in range(n):
+        total += i
+    return total
+
+
+def paced(work: Callable[[float], None], share: float) -> Callable[[float], None]:
+    """``work`` paced as a model load is while frames are served (``ModelManager``'s ``_yielding``)."""
+    from streamgpu.models import manager
+
+    def run(until: float) -> None:
+        pause_s = manager.LOADING_RUN_S * (1 / share - 1)
+        with manager._yielding(manager.LOADING_RUN_S, pause_s, lambda: True):
+            work(until)
+
+    return run
+
+
+def graph_work(spec: Any) -> Callable[[float], None]:
+    """A copy of the model (``spec``: its settings, fp16) as a CUDA graph at ``spec.max_batch_size``, replayed
+    back to back on a low-priority stream (its own copy: the serving model's graphs are the serving path's)."""
+    import torch
+
+    from streamgpu.models.loader import load_module
+
+    gpu = torch.device("cuda", 0)
+    stream = torch.cuda.Stream(gpu, priority=0)
+    module = load_module(spec).to(gpu, torch.float16).eval()
+    module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # (as the backend does)
+    h, w, c = spec.input_shape
+    x = torch.zeros((spec.max_batch_size, c, h, w), dtype=torch.float16, device=gpu)
+    x = x.contiguous(memory_format=torch.channels_last)
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), torch.cuda.stream(stream):
+        for _ in range(3):
+            module(x)
+        stream.synchronize()
+        graph.capture_begin(capture_error_mode="thread_local")  # the loop launches its batches meanwhile
+        try:
+            module(x)
+        finally:
+            graph.capture_end()
+    stream.synchronize()
+
+    def run(until: float) -> None:
+        with torch.cuda.stream(stream):
+            while time.monotonic() < until:
+                graph.replay()
+                stream.synchronize()
+
+    return run
+
+
+def pinned_work(until: float) -> None:
+    """8 MiB of page-locked memory allocated and freed (torch's host cache emptied each time), every 1 ms."""
+    import torch
+
+    while time.monotonic() < until:
+        block = torch.empty(8 << 20, dtype=torch.uint8, pin_memory=True)
+        del block
+        torch._C._host_emptyCache()
+        time.sleep(0.001)
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    from streamgpu.config import Config, ListenerSpec
+    from streamgpu.models.spec import ModelSpec
+    from streamgpu.server import Server
+
+    kinds = [k for k in args.kinds.split(",") if k]
+    kinds = kinds or [k for k in KINDS if args.device == "cuda" or k not in CUDA_KINDS]
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown:
+        raise SystemExit(f"--kinds: unknown {', '.join(unknown)}; choose from {', '.join(KINDS)}")
+    if args.device == "cpu" and set(kinds) & set(CUDA_KINDS):
+        raise SystemExit(f"--kinds {', '.join(set(kinds) & set(CUDA_KINDS))} need --device cuda")
+    shape = tuple(int(d) for d in args.shape.split(","))
+    arch = args.model.partition(":")[2]
+    versions = weights(tempfile.mkdtemp(prefix="bench_interference-"), arch)
+    base = ModelSpec(name="m", source=versions[0], arch=arch, input_shape=shape, precision=args.precision,
+                     max_batch_size=args.max_batch, compile="off")  # fmt: skip
+    cfg = Config(listeners=[ListenerSpec(port=0)], device=args.device, models=[base], shutdown_timeout_s=30,
+                 ingest_workers=args.ingest_workers, max_payload_bytes=1 << 20, loader_share=args.share)  # fmt: skip
+    server = Server(cfg)
+    await server.start()
+    ctx = multiprocessing.get_context("spawn")
+    stop = ctx.Event()
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=producer, args=(server.port, shape, args.connections, args.window, stop, send))
+    proc.start()
+    loop = asyncio.get_running_loop()
+    assert await loop.run_in_executor(None, receive.recv) == "ready"
+    await asyncio.sleep(args.warmup_s)
+    work: dict[str, Callable[[float], None]] = {
+        "python": python_work, "python-paced": paced(python_work, args.share), "pinned": pinned_work,
+    }  # fmt: skip
+    if "gpu-graph" in kinds:
+        work["gpu-graph"] = graph_work(replace(base, source=versions[1]))
+    windows: list[tuple[str, float, float]] = []
+    for i, kind in enumerate(kinds):
+        start = time.monotonic()
+        await asyncio.sleep(args.window_s)
+        windows.append(("steady", start, time.monotonic()))
+        start = time.monotonic()
+        if kind == "swaps":
+            for k in range(args.swaps):
+                await server.swap_model("m", replace(base, source=versions[(i + k + 1) % len(versions)]))
+        else:
+            await loop.run_in_executor(None, work[kind], start + args.window_s)
+        windows.append((kind, start, time.monotonic()))
+    stop.set()
+    records: list[tuple[float, float, int]] = await loop.run_in_executor(None, receive.recv)
+    proc.join()
+    await server.stop()
+    rows = []
+    for name, a, b in windows:
+        latencies = [lat for sent, lat, status in records if a <= sent < b and status == 0]
+        rows.append({"window": name, "seconds": b - a, "frames": len(latencies),
+                     "p50_ms": percentile(latencies, 50) * 1e3, "p99_ms": percentile(latencies, 99) * 1e3})  # fmt: skip
+    return {
+        "device": server.backend.device_name if server.backend is not None else args.device,
+        "model": args.model, "shape": list(shape), "ingest_workers": args.ingest_workers, "share": args.share,
+        "frames_failed_or_refused": sum(1 for _, _, status in records if status != 0), "windows": rows,
+    }  # fmt: skip
+
+
+def table(result: dict[str, Any]) -> str:
+    """Each interfering window against the steady one before it."""
+    lines = [
+        f"{result['device']}, {result['model']} {result['shape']}, ingest_workers {result['ingest_workers']}, "
+        f"share {result['share']:g}; frames refused or failed: {result['frames_failed_or_refused']}",
+        "window | seconds | frames | p50 ms | p99 ms | p50 / steady | p99 / steady",
+    ]
+    steady: dict[str, Any] | None = None
+    for row in result["windows"]:
+        ratios = ""
+        if row["window"] == "steady":
+            steady = row
+        elif steady is not None:
+            ratios = f" | {row['p50_ms'] / steady['p50_ms']:.2f}x | {row['p99_ms'] / steady['p99_ms']:.2f}x"
+        lines.append(f"{row['window']} | {row['seconds']:.1f} | {row['frames']} | {row['p50_ms']:.2f} | "
+                     f"{row['p99_ms']:.2f}{ratios}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--model", default="builtin:resnet50", help="builtin:ARCH (two weight files are made)")
+    parser.add_argument("--precision", default="fp16")
+    parser.add_argument("--shape", default="224,224,3", help="frame shape H,W,C (uint8)")
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--kinds", default="", help=f"comma-separated, of {', '.join(KINDS)} (default: every kind the "
+                        "device can run)")  # fmt: skip
+    parser.add_argument("--share", type=float, default=1 / 3,
+                        help="python-paced: the share of the time the work runs; swaps: the server's "
+                        "loader_share")  # fmt: skip
+    parser.add_argument("--swaps", type=int, default=3, help="swaps in the swaps window")
+    parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--window", type=int, default=16, help="frames in flight per connection")
+    parser.add_argument("--warmup-s", type=float, default=3.0)
+    parser.add_argument("--window-s", type=float, default=3.0, help="each steady and interfering window")
+    parser.add_argument("--ingest-workers", type=int, default=0)
+    parser.add_argument("--json", default="", help="also write the figures here")
+    args = parser.parse_args()
+    from streamgpu.loops import new_event_loop
+
+    result = new_event_loop("auto").run_until_complete(bench(args))
+    print(table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
