@@ -318,3 +318,15 @@ def test_admin_against_a_port_that_does_not_speak_http_says_so(capsys: pytest.Ca
         thread.join()
     err = capsys.readouterr().err
     assert err.startswith(f"streamgpu admin: http://127.0.0.1:{port}/v2/repository/index: ") and "HTTP" in err
+
+
+def test_ctrl_c_before_the_server_runs_is_a_message_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # SIGINT before serve installs its handlers (torch's import takes seconds) raises KeyboardInterrupt
+    def interrupted(*args: object, **kwargs: object) -> Config:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Config, "load", interrupted)
+    assert main(["serve", "--device", "cpu"]) == 130
+    assert capsys.readouterr().err == "streamgpu: interrupted\n"
