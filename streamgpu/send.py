@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import math
 import queue
 import sys
 import threading
@@ -186,6 +187,12 @@ async def send(opts: SendOptions, frames: Iterator[np.ndarray], out: TextIO, err
         conn = await get_transport(opts.transport).connect(opts.host, opts.port, token=opts.token)
     except (OSError, TimeoutError) as exc:  # HandshakeError and ConnectionError are OSErrors
         err.write(f"streamgpu send: cannot connect to {opts.host}:{opts.port}: {exc}\n")
+        return 1
+    nbytes = math.prod(opts.shape) * np.dtype(opts.dtype).itemsize
+    if nbytes > conn.max_payload:  # every frame would be refused, and a huge one cannot even be allocated
+        err.write(f"streamgpu send: a {opts.dtype} {list(opts.shape)} frame (--shape, --dtype) is {nbytes} bytes, "
+                  f"more than the server takes ({conn.max_payload}, its max_payload_bytes)\n")  # fmt: skip
+        await conn.close()
         return 1
     pending: collections.deque[tuple[asyncio.Future[ReplyLike], int]] = collections.deque()  # (reply, sequence)
     failed = False

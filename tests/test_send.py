@@ -126,6 +126,14 @@ async def test_refused_frames_and_unreachable_servers_exit_1(server: Server) -> 
 
 
 @pytest.mark.asyncio
+async def test_a_frame_larger_than_the_server_takes_is_refused_before_it_is_read(server: Server) -> None:
+    shape = (100_000, 100_000, 100_000)  # 10**15 bytes: was allocated (MemoryError, a traceback) before any read
+    code, out, err = await send_in_process(b"", port=server.port, shape=shape)
+    assert code == 1 and out == ""
+    assert f"a uint8 {list(shape)} frame (--shape, --dtype) is {10**15} bytes, more than the server takes" in err
+
+
+@pytest.mark.asyncio
 async def test_a_udp_frame_without_any_reply_is_a_line_not_a_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
     from streamgpu.loadgen.transports import UdpTransport
 
