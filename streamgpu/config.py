@@ -7,6 +7,7 @@ configs/example.toml shows every setting with a comment.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import tomllib
@@ -436,7 +437,8 @@ def _from_toml(data: dict[str, Any], path: str) -> dict[str, Any]:
         elif key in _SERVER_KEYS:
             values[key] = value
         else:
-            raise ConfigError(f"{path}: unknown setting server.{key}; known: {sorted([*_SERVER_KEYS, *_TABLE_KEYS])}")
+            known = sorted([*_SERVER_KEYS, *_TABLE_KEYS])
+            raise ConfigError(f"{path}: unknown setting server.{key}{_did_you_mean([key], known)}; known: {known}")
     if models is not None:
         if not isinstance(models, list):
             raise ConfigError(f"{path}: models must be an array of tables ([[models]])")
@@ -451,7 +453,10 @@ def model_spec(entry: Any, where: str, **fixed: Any) -> ModelSpec:
         raise ConfigError(f"{where}: model settings must be a table of settings")
     unknown = set(entry) - _MODEL_KEYS
     if unknown:
-        raise ConfigError(f"{where} has unknown settings {sorted(unknown)}; known: {sorted(_MODEL_KEYS)}")
+        raise ConfigError(
+            f"{where} has unknown settings {sorted(unknown)}{_did_you_mean(unknown, _MODEL_KEYS)}; "
+            f"known: {sorted(_MODEL_KEYS)}"
+        )
     values = typed_settings(ModelSpec, entry, f"{where}.")
     for key, value in fixed.items():  # (a name given twice, as the URL's and in the body, must agree)
         if key in values and values[key] != value:
@@ -476,12 +481,20 @@ def _tables(entries: Any, cls: type[Any], where: str, array: bool = False, names
         label = f"{where}.{names[i]}" if names else f"{where}[{i}]"
         unknown = set(entry) - known
         if unknown:
-            raise ConfigError(f"{label} has unknown settings {sorted(unknown)}; known: {sorted(known)}")
+            raise ConfigError(
+                f"{label} has unknown settings {sorted(unknown)}{_did_you_mean(unknown, known)}; known: {sorted(known)}"
+            )
         missing = [name for name in required if name not in entry]
         if missing:
             raise ConfigError(f"{label}: {', '.join(missing)} is required")
         out.append(cls(**typed_settings(cls, entry, f"{label}.")))
     return out
+
+
+def _did_you_mean(unknown: typing.Iterable[str], known: typing.Iterable[str]) -> str:
+    """' (did you mean 'port'?)' for the known names close to unknown ones (typos); '' when none is."""
+    close = [match[0] for name in sorted(unknown) if (match := difflib.get_close_matches(name, list(known), n=1))]
+    return f" (did you mean {' or '.join(repr(name) for name in close)}?)" if close else ""
 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, Any]:

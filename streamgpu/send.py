@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import math
 import queue
 import sys
 import threading
@@ -187,16 +188,25 @@ async def send(opts: SendOptions, frames: Iterator[np.ndarray], out: TextIO, err
     except (OSError, TimeoutError) as exc:  # HandshakeError and ConnectionError are OSErrors
         err.write(f"streamgpu send: cannot connect to {opts.host}:{opts.port}: {exc}\n")
         return 1
-    pending: collections.deque[asyncio.Future[ReplyLike]] = collections.deque()
+    nbytes = math.prod(opts.shape) * np.dtype(opts.dtype).itemsize
+    if nbytes > conn.max_payload:  # every frame would be refused, and a huge one cannot even be allocated
+        err.write(f"streamgpu send: a {opts.dtype} {list(opts.shape)} frame (--shape, --dtype) is {nbytes} bytes, "
+                  f"more than the server takes ({conn.max_payload}, its max_payload_bytes)\n")  # fmt: skip
+        await conn.close()
+        return 1
+    pending: collections.deque[tuple[asyncio.Future[ReplyLike], int]] = collections.deque()  # (reply, sequence)
     failed = False
     sent = 0
 
-    def emit(got: ReplyLike) -> None:
+    def emit(got: ReplyLike, sequence: int) -> None:
         nonlocal failed
-        reply = cast(SendReply, got)
-        failed |= reply.status != Status.OK
-        record = result_record("send", str(reply.stream_id), reply.sequence, opts.model, Status(reply.status),
-                               reply.message, reply.timings, reply.result, opts.top_k, reply.stream_id)  # fmt: skip
+        failed |= got.status != Status.OK
+        # a UDP frame that got no reply at all has only a status and a message (INCOMPLETE, "no reply ...")
+        reply = cast(SendReply, got) if hasattr(got, "stream_id") else None
+        stream_id = opts.stream_id if reply is None else reply.stream_id
+        record = result_record("send", str(stream_id), sequence if reply is None else reply.sequence, opts.model,
+                               Status(got.status), got.message, got.timings, reply.result if reply else None,
+                               opts.top_k, stream_id)  # fmt: skip
         out.write(encode_line(record).decode())
         out.flush()  # a pipe's reader wants each line as it comes
 
@@ -204,23 +214,29 @@ async def send(opts: SendOptions, frames: Iterator[np.ndarray], out: TextIO, err
         try:
             async for frame in paced(opts, frames):
                 while len(pending) >= opts.in_flight:
-                    emit(await pending.popleft())
-                pending.append(conn.submit(frame, stream_id=opts.stream_id, model=opts.model, deadline=opts.deadline,
-                                           priority=opts.priority, live=opts.live))  # fmt: skip
+                    emit(*await _next(pending))
+                future = conn.submit(frame, stream_id=opts.stream_id, model=opts.model, deadline=opts.deadline,
+                                     priority=opts.priority, live=opts.live)  # fmt: skip
+                pending.append((future, sent))  # (the connection numbers a stream's frames from 0)
                 sent += 1
         except InputError as exc:
             err.write(f"streamgpu send: {exc}\n")
             failed = True
         while pending:
-            emit(await pending.popleft())
+            emit(*await _next(pending))
     except ConnectionError as exc:
         err.write(f"streamgpu send: connection lost after {sent} frames: {exc}\n")
         return 1
     finally:
-        for fut in pending:
+        for fut, _ in pending:
             fut.cancel()
         await conn.close()
     return 1 if failed else 0
+
+
+async def _next(pending: collections.deque[tuple[asyncio.Future[ReplyLike], int]]) -> tuple[ReplyLike, int]:
+    future, sequence = pending.popleft()
+    return await future, sequence
 
 
 async def send_to_subscribers(opts: SendOptions, frames: Iterator[np.ndarray], err: TextIO) -> int:

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -297,3 +298,35 @@ def test_check_config_takes_the_serve_command_lines_flags(capsys: pytest.Capture
 def test_admin_with_a_url_that_is_not_http_says_so(url: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["admin", "list", url]) == 1
     assert f"streamgpu admin: URL must start with http:// or https://, got {url!r}" in capsys.readouterr().err
+
+
+def test_admin_against_a_port_that_does_not_speak_http_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as listener:  # answers a request with bytes that are no HTTP status line
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+
+        def answer() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"SGWE not http\r\n")
+
+        thread = threading.Thread(target=answer)
+        thread.start()
+        assert main(["admin", "list", f"http://127.0.0.1:{port}"]) == 1
+        thread.join()
+    err = capsys.readouterr().err
+    assert err.startswith(f"streamgpu admin: http://127.0.0.1:{port}/v2/repository/index: ") and "HTTP" in err
+
+
+def test_ctrl_c_before_the_server_runs_is_a_message_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # SIGINT before serve installs its handlers (torch's import takes seconds) raises KeyboardInterrupt
+    def interrupted(*args: object, **kwargs: object) -> Config:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Config, "load", interrupted)
+    assert main(["serve", "--device", "cpu"]) == 130
+    assert capsys.readouterr().err == "streamgpu: interrupted\n"

@@ -109,7 +109,9 @@ SECOND_LISTENER = '[[server.listeners]]\nkind = "tcp"\n[[server.listeners]]\n'  
 @pytest.mark.parametrize(
     ("toml", "message"),
     [
-        ("[server]\nprot = 1\n", "unknown setting server.prot"),
+        ("[server]\nprot = 1\n", "unknown setting server.prot (did you mean 'port'?)"),  # a typo: the close match
+        ("[[models]]\ninput_shpe = [8]\n", "unknown settings ['input_shpe'] (did you mean 'input_shape'?)"),
+        ("[[server.listeners]]\nprt = 1\n", "unknown settings ['prt'] (did you mean 'port'?)"),
         ("[server]\nport = 70000\n", "port must be 0..65535"),
         ('[server]\ndevice = "tpu"\n', "device must be one of"),
         ("[server]\nring_bytes = 100000\nmax_payload_bytes = 200000\n", "max_payload_bytes must be"),

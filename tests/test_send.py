@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -122,6 +123,30 @@ async def test_refused_frames_and_unreachable_servers_exit_1(server: Server) -> 
     await server.stop()  # nobody listens on its port now
     code, out, err = await send_in_process(frame, port=port, shape=SPEC.input_shape)
     assert code == 1 and out == "" and "cannot connect" in err
+
+
+@pytest.mark.asyncio
+async def test_a_frame_larger_than_the_server_takes_is_refused_before_it_is_read(server: Server) -> None:
+    shape = (100_000, 100_000, 100_000)  # 10**15 bytes: was allocated (MemoryError, a traceback) before any read
+    code, out, err = await send_in_process(b"", port=server.port, shape=shape)
+    assert code == 1 and out == ""
+    assert f"a uint8 {list(shape)} frame (--shape, --dtype) is {10**15} bytes, more than the server takes" in err
+
+
+@pytest.mark.asyncio
+async def test_a_udp_frame_without_any_reply_is_a_line_not_a_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    from streamgpu.loadgen.transports import UdpTransport
+
+    monkeypatch.setattr(UdpTransport, "REPLY_TIMEOUT_S", 0.2)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink:  # takes datagrams, never answers
+        sink.bind(("127.0.0.1", 0))
+        port = sink.getsockname()[1]
+        code, out, _ = await send_in_process(bytes(2 * SPEC.frame_nbytes), port=port, transport="udp",
+                                             shape=SPEC.input_shape, stream_id=7)  # fmt: skip
+    assert code == 1
+    lines = records(out)
+    assert [(r["stream_id"], r["seq"], r["status"]) for r in lines] == [(7, 0, "INCOMPLETE"), (7, 1, "INCOMPLETE")]
+    assert "no reply" in lines[0]["message"]
 
 
 @pytest.mark.asyncio

@@ -12,6 +12,8 @@ from streamgpu.loadgen.errors import UsageError
 
 CONCURRENCY = "concurrency"
 RATE = "rate"
+MAX_STREAMS = 1_000_000  # stream ids 0..N-1, each held in a list by the process that sends on it
+_U32_MAX = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,11 @@ class RunConfig:
         positive("--latency-threshold", self.latency_threshold_s)
         if self.percentile is not None and not 0 < self.percentile <= 100:
             raise UsageError(f"--percentile must be in (0, 100], got {self.percentile:g}")
+        if self.streams is not None and self.streams > MAX_STREAMS:
+            raise UsageError(f"--streams must be at most {MAX_STREAMS} (each process lists its stream ids), "
+                             f"got {self.streams}")  # fmt: skip
+        if self.deadline_s is not None and self.deadline_s * 1e6 > _U32_MAX:  # the header's u32 deadline_us
+            raise UsageError(f"--deadline-ms must be at most {_U32_MAX / 1e3:.3f} ms, got {self.deadline_s * 1e3:g}")
         if self.total_streams < self.processes:
             raise UsageError(f"--streams ({self.total_streams}) must be at least --processes ({self.processes})")
         if self.count is not None and self.count < self.processes:

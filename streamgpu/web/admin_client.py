@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.parse
@@ -33,6 +34,8 @@ def request(url: str, path: str, body: dict[str, Any] | None = None, token: str 
         except (ValueError, AttributeError):
             message = ""
         raise AdminError(f"{url}{path}: HTTP {exc.code}: {message or exc.reason}") from None
+    except http.client.HTTPException as exc:  # e.g. the wire protocol's TCP port, which answers in its own words
+        raise AdminError(f"{url}{path}: no HTTP reply ({type(exc).__name__}): is it the server's http_port?") from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise AdminError(f"{url}{path}: {getattr(exc, 'reason', exc)}") from None
 

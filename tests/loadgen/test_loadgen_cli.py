@@ -62,6 +62,8 @@ def _closed_port() -> int:
         (["-u", "host:70000"], "port must be 1..65535"),
         (["--warmup", "inf"], "argument --warmup: must be a finite number >= 0, got inf"),
         (["--duration", "inf"], "argument --duration: must be a finite number > 0, got inf"),
+        (["--deadline-ms", "1e300"], "--deadline-ms must be at most 4294967.295 ms"),  # a u32 of microseconds
+        (["--streams", "99999999999"], "--streams must be at most 1000000"),  # hung, building ids 0..N-1
     ],
 )
 def test_bad_arguments(cli: Cli, argv: list[str], message: str) -> None:
