@@ -1,7 +1,7 @@
 """What slows the scheduling loop while other work runs in its process: one kind at a time, beside steady load.
 
 A streamgpu server runs in this process and a closed-loop producer (another process, ``--connections`` x
-``--window`` frames in flight; ``bench_swap.producer``) streams frames to model ``m`` the whole time. For
+``--window`` frames in flight; ``bench_swap.ProducerProcess``) streams frames to model ``m`` the whole time. For
 each kind of work in ``--kinds``, a steady window of ``--window-s`` seconds, then the same time with that work
 running in a background thread (or, for ``swaps``, real swaps of ``m``). Printed per window: the p50 and p99
 of the frames sent in it, and the interfering window's p50 and p99 against the steady window just before.
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import multiprocessing
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_swap import percentile, producer, weights
+from bench_swap import ProducerProcess, percentile, weights
 
 KINDS = ("python", "python-paced", "gpu-graph", "pinned", "swaps")
 CUDA_KINDS = ("gpu-graph", "pinned")
@@ -134,14 +133,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                  ingest_workers=args.ingest_workers, max_payload_bytes=1 << 20, loader_share=args.share)  # fmt: skip
     server = Server(cfg)
     await server.start()
-    ctx = multiprocessing.get_context("spawn")
-    stop = ctx.Event()
-    receive, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=producer, args=(server.port, shape, args.connections, args.window, stop, send))
-    proc.start()
-    loop = asyncio.get_running_loop()
-    assert await loop.run_in_executor(None, receive.recv) == "ready"
+    frames_from = ProducerProcess(server.port, shape, args.connections, args.window)
+    await frames_from.start()
     await asyncio.sleep(args.warmup_s)
+    loop = asyncio.get_running_loop()
     work: dict[str, Callable[[float], None]] = {
         "python": python_work, "python-paced": paced(python_work, args.share), "pinned": pinned_work,
     }  # fmt: skip
@@ -159,9 +154,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         else:
             await loop.run_in_executor(None, work[kind], start + args.window_s)
         windows.append((kind, start, time.monotonic()))
-    stop.set()
-    records: list[tuple[float, float, int]] = await loop.run_in_executor(None, receive.recv)
-    proc.join()
+    records = await frames_from.stop()
     await server.stop()
     rows = []
     for name, a, b in windows:

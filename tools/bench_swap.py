@@ -99,6 +99,29 @@ def producer(port: int, shape: tuple[int, ...], connections: int, window: int, s
     out.send(asyncio.run(main()))
 
 
+class ProducerProcess:
+    """``producer`` in a process of its own (``start``: streaming), its records back at ``stop``."""
+
+    def __init__(self, port: int, shape: tuple[int, ...], connections: int, window: int) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._stop = ctx.Event()
+        self._receive, send = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=producer, args=(port, shape, connections, window, self._stop, send))
+
+    async def start(self) -> None:
+        self._proc.start()
+        assert await asyncio.get_running_loop().run_in_executor(None, self._receive.recv) == "ready"
+
+    async def stop(self) -> list[tuple[float, float, int]]:
+        """(sent monotonic s, latency s, status) of every frame."""
+        self._stop.set()
+        records: list[tuple[float, float, int]] = await asyncio.get_running_loop().run_in_executor(
+            None, self._receive.recv
+        )
+        self._proc.join()
+        return records
+
+
 def weights(tmp: str, arch: str, count: int = 2) -> list[str]:
     """``count`` weight files of ``arch`` that differ (each a distinct version)."""
     import torch
@@ -405,13 +428,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     trace: list[BatchTrace] = []
     server.backend.trace = trace
 
-    ctx = multiprocessing.get_context("spawn")
-    stop = ctx.Event()
-    receive, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=producer, args=(server.port, shape, args.connections, args.window, stop, send))
-    proc.start()
-    loop = asyncio.get_running_loop()
-    assert await loop.run_in_executor(None, receive.recv) == "ready"
+    frames_from = ProducerProcess(server.port, shape, args.connections, args.window)
+    await frames_from.start()
     await asyncio.sleep(args.warmup_s)
 
     timer = LoopCallTimer() if args.time_loop_calls else None
@@ -448,9 +466,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     memory_end = device_memory(device)
     timing.__exit__(None, None, None)
     watch.stop()
-    stop.set()
-    records: list[tuple[float, float, int]] = await loop.run_in_executor(None, receive.recv)
-    proc.join()
+    records = await frames_from.stop()
     await server.stop()
 
     # GPU idle gap at each swap, from the backend's per-batch device timestamps.
