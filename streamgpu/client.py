@@ -77,6 +77,7 @@ log = logging.getLogger(__name__)
 _U32_MAX = 0xFFFFFFFF
 _U64_MAX = 0xFFFFFFFFFFFFFFFF
 _COMPACT_AT = 1 << 16  # compact the receive buffer once this many consumed bytes lead it
+MAX_DEADLINE_S = _U32_MAX / 1e6  # the longest deadline a frame header carries (a u32 of microseconds)
 # Frames held back for one write per loop iteration, up to this many bytes (larger frames gain nothing from it)
 _CORK_BYTES = 1 << 16
 
@@ -125,7 +126,7 @@ def deadline_to_us(deadline: float | None) -> int:
         raise ValueError(f"deadline must be a positive number of seconds or None, got {deadline!r}")
     deadline_us = max(1, round(deadline * 1e6))  # 0 would mean "no deadline"
     if deadline_us > _U32_MAX:
-        raise ValueError(f"deadline must be at most {_U32_MAX / 1e6:.6f} s, got {deadline!r}")
+        raise ValueError(f"deadline must be at most {MAX_DEADLINE_S:.6f} s, got {deadline!r}")
     return deadline_us
 
 

@@ -7,13 +7,13 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from streamgpu.client import MAX_DEADLINE_S, deadline_to_us
 from streamgpu.loadgen import sources
 from streamgpu.loadgen.errors import UsageError
 
 CONCURRENCY = "concurrency"
 RATE = "rate"
 MAX_STREAMS = 1_000_000  # stream ids 0..N-1, each held in a list by the process that sends on it
-_U32_MAX = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -127,8 +127,12 @@ class RunConfig:
         if self.streams is not None and self.streams > MAX_STREAMS:
             raise UsageError(f"--streams must be at most {MAX_STREAMS} (each process lists its stream ids), "
                              f"got {self.streams}")  # fmt: skip
-        if self.deadline_s is not None and self.deadline_s * 1e6 > _U32_MAX:  # the header's u32 deadline_us
-            raise UsageError(f"--deadline-ms must be at most {_U32_MAX / 1e3:.3f} ms, got {self.deadline_s * 1e3:g}")
+        if self.deadline_s is not None:
+            try:
+                deadline_to_us(self.deadline_s)  # as each frame's submit will (the header's u32 of microseconds)
+            except ValueError:
+                raise UsageError(f"--deadline-ms must be at most {MAX_DEADLINE_S * 1e3:.3f} ms, "
+                                 f"got {self.deadline_s * 1e3:g}") from None  # fmt: skip
         if self.total_streams < self.processes:
             raise UsageError(f"--streams ({self.total_streams}) must be at least --processes ({self.processes})")
         if self.count is not None and self.count < self.processes:
