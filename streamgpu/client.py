@@ -559,7 +559,7 @@ class Connection:
         """Hand a frame to the transport. Small frames submitted in the same loop iteration (a burst, as replies
         arriving together call for) go in one vectored write at its end: a system call per frame cost a
         producer more CPU than the rest of ``submit`` (docs/BENCHMARKS.md). Past ``_CORK_BYTES`` they go now."""
-        nbytes = sum(len(part) for part in encoded)
+        nbytes = sum(map(len, encoded))
         if not self._corked:
             if nbytes >= _CORK_BYTES:
                 self._transport.writelines(encoded)

@@ -59,8 +59,7 @@ def paced(work: Callable[[float], None], share: float) -> Callable[[float], None
     from streamgpu.models import manager
 
     def run(until: float) -> None:
-        pause_s = manager.LOADING_RUN_S * (1 / share - 1)
-        with manager._yielding(manager.LOADING_RUN_S, pause_s, lambda: True):
+        with manager._yielding(manager.LOADING_RUN_S, manager.loading_pause_s(share), lambda: True):
             work(until)
 
     return run

@@ -35,6 +35,12 @@ LOADING_SWITCH_INTERVAL_S = 0.0002  # the GIL hand-over interval while a model l
 # GIL left to the loop so as to take the config's loader_share of the time (see _yielding).
 LOADING_RUN_S = 0.001
 
+
+def loading_pause_s(share: float) -> float:
+    """The loader's pause after each ``LOADING_RUN_S`` of running, for it to take ``share`` of the time."""
+    return LOADING_RUN_S * (1 / share - 1)
+
+
 log = logging.getLogger("streamgpu")
 
 READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVAILABLE"
@@ -102,7 +108,7 @@ class ModelManager:
         """``spec.instances`` instances per device (each from a fresh module: a load may move it in place);
         ``paced``: the loader thread pauses for the loop as it goes (``_yielding``)."""
         models: list[DeviceModel] = []
-        pause_s = LOADING_RUN_S * (1 / self._loader_share - 1)
+        pause_s = loading_pause_s(self._loader_share)
         pacing = paced and pause_s > 0
         with _yielding(LOADING_RUN_S, pause_s, self._serving_frames) if pacing else contextlib.nullcontext():
             try:
