@@ -68,6 +68,11 @@ _SERVING_PRIORITY = -100
 _LOADING_PRIORITY = 0
 
 
+# Past this share of a GPU's memory held in torch's cache (freed, not given back), an unload gives it back even with
+# other models serving there (``CudaBackend.unload``): a stall then, instead of at every swap.
+CACHED_SHARE = 0.125
+
+
 @dataclass(frozen=True, eq=False)
 class ModelStreams:
     """A model's streams (see ``CudaModel``). The backend takes them back when the model is freed
@@ -471,6 +476,7 @@ class CudaBackend(Backend):
         self._spare_streams: dict[int | GreenContext, list[ModelStreams]] = {i: [] for i in range(len(self.gpus))}
         self._shares = SmShares()  # models with an sm_share: SMs no other model's share holds
         self._spare_made = [False for _ in self.gpus]
+        self._loaded = [0 for _ in self.gpus]  # models loaded per GPU (``unload``)
         self._trace_epochs: dict[int, driver.Event] = {}  # per GPU: trace times count from it (``_mark_epoch``)
         self._total_memory = [torch.cuda.get_device_properties(d).total_memory for d in self.gpus]
         self._bridge = CompletionBridge(loop)
@@ -540,6 +546,7 @@ class CudaBackend(Backend):
                 if share is not None:
                     self._shares.give_back(share)
                 raise
+            self._loaded[device] += 1
             if not self._spare_made[device]:
                 self._spare_made[device] = True
                 try:
@@ -581,12 +588,23 @@ class CudaBackend(Backend):
         model.stream.synchronize()
 
     def unload(self, model: DeviceModel) -> None:
+        """Free ``model``; its memory goes back to torch's caching allocator, and from there to the device
+        (``empty_cache``) only when no other model is loaded on its GPU or the cache holds more than
+        ``CACHED_SHARE`` of the GPU's memory. Giving memory back (cudaFree) waits for the whole device and
+        holds every launch meanwhile, the loop's too: at each swap under load it stalled the other models'
+        batches, and left the GPU idle for up to 15 ms between a swap's two versions (docs/BENCHMARKS.md).
+        The next load reuses the cached blocks; torch also gives the cache back by itself when an allocation
+        would not fit otherwise."""
         assert isinstance(model, CudaModel)
         with torch.cuda.device(model.gpu):
             model.stream.synchronize()  # its last batch has been delivered; nothing of it is queued
             model.capture_stream.synchronize()
             model.release()
-            torch.cuda.empty_cache()  # the graphs' private pool and the buffers go back to the device
+            self._loaded[model.device] -= 1
+            # (host-side counters of the allocator: no device call)
+            cached = torch.cuda.memory_reserved(model.gpu) - torch.cuda.memory_allocated(model.gpu)
+            if not self._loaded[model.device] or cached > CACHED_SHARE * self._total_memory[model.device]:
+                torch.cuda.empty_cache()  # the graphs' private pools and the freed blocks go back to the device
             self._spares(model.device, model.share).append(model.streams)
             if model.share is not None:
                 self._shares.give_back(model.share)

@@ -67,6 +67,37 @@ async def test_swaps_under_load_lose_nothing_and_unload_gives_the_memory_back(tm
 
 
 @pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_a_model_freed_beside_another_holds_none_of_its_launches(tmp_path: Path) -> None:
+    # An unload called torch.cuda.empty_cache: its cudaFree waited for the whole device and held every launch
+    # meanwhile, the loop's too. At a swap under load that left the GPU idle for 15 ms between the two
+    # versions' batches (H100, tools/bench_swap.py). Now memory goes back to the device only when no other model
+    # is loaded on it (or the cache grows past CACHED_SHARE of the GPU).
+    async with Server(config(spec(versioned(tmp_path, 1), precision="fp32"))) as srv:
+        conn = await client.connect("127.0.0.1", srv.port)
+        for version in (2, 3, 4, 5, 6):
+            await srv.swap_model("m", spec(versioned(tmp_path, version), precision="fp32"))
+            assert value(await conn.infer(frames(1)[0], model="m")) == version
+        serving = srv.serving("m")
+        assert serving is not None and "graphs [" in serving[0].description  # (captured in the cached memory)
+
+        await srv.load_model(spec("builtin:resnet18", name="extra", arch=""))
+        busy = torch.cuda.Stream()
+        with torch.cuda.stream(busy):  # one block on one SM for ~0.5 s: "m" runs beside it
+            torch.cuda._sleep(10**9)
+        unloading = asyncio.ensure_future(srv.unload_model("extra"))
+        await asyncio.sleep(0.05)  # the unload has started (the loader thread is free)
+        started = asyncio.get_running_loop().time()
+        reply = await conn.infer(frames(1)[0], model="m")
+        took = asyncio.get_running_loop().time() - started
+        await unloading
+        assert value(reply) == 6
+        assert took < 0.2, f"a frame of a serving model took {took * 1e3:.0f} ms while another was freed"
+        assert not busy.query()  # (the GPU was still busy when the frame came back)
+        torch.cuda.synchronize()
+        await conn.close()
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
 async def test_tuple_dict_and_topk_outputs_from_graphs_and_a_static_batch_refused(tmp_path: Path) -> None:
     models = [tensor_spec(export(Detector(True), tmp_path / "d.pt2"), "dict", precision="fp32"),
               spec("builtin:small", name="top", arch="", postprocess="topk:3", precision="fp32")]  # fmt: skip
