@@ -106,7 +106,9 @@ class ProducerProcess:
         ctx = multiprocessing.get_context("spawn")
         self._stop = ctx.Event()
         self._receive, send = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(target=producer, args=(port, shape, connections, window, self._stop, send))
+        # (daemon: a bench that fails before ``stop`` ends it at exit instead of waiting for it forever)
+        self._proc = ctx.Process(target=producer, args=(port, shape, connections, window, self._stop, send),
+                                 daemon=True)  # fmt: skip
 
     async def start(self) -> None:
         self._proc.start()
@@ -339,6 +341,88 @@ def attribute(recorder: StallRecorder, stalls: list[tuple[float, float, float]])
     }  # fmt: skip
 
 
+class PhaseRecorder:
+    """``--attribute-phases``: when each part of a load ran on the loader thread (building the module, moving it to
+    the GPU, the eager warm-up, graph capture), for the p99 of the frames in flight during each against the frames
+    in flight during none: which part of a load raises the tail."""
+
+    PHASES = (
+        ("streamgpu.models.manager", "", "load_module", "build module (CPU only)"),
+        ("streamgpu.gpu.cuda", "CudaModel", "__init__", "weights to the GPU"),
+        ("streamgpu.gpu.cuda", "CudaModel", "warm_up", "eager warm-up"),
+        ("streamgpu.gpu.cuda", "CudaModel", "capture", "graph capture"),
+        ("streamgpu.gpu.cuda", "CudaBackend", "unload", "old version freed"),
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[float, float, str]] = []
+        self.collections: list[tuple[float, float, int]] = []  # the collector's runs: (start, end, generation)
+        self._collecting_from = 0.0
+
+    def _collector(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._collecting_from = time.monotonic()
+        else:
+            self.collections.append((self._collecting_from, time.monotonic(), info["generation"]))
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        import gc
+        import importlib
+
+        with contextlib.ExitStack() as stack:
+            gc.callbacks.append(self._collector)
+            stack.callback(gc.callbacks.remove, self._collector)
+            for module, owner, name, label in self.PHASES:
+                target: Any = importlib.import_module(module)
+                target = getattr(target, owner) if owner else target
+                original = getattr(target, name)
+
+                def spanned(*args: Any, _original: Any = original, _label: str = label, **kwargs: Any) -> Any:
+                    started = time.monotonic()
+                    try:
+                        return _original(*args, **kwargs)
+                    finally:
+                        self.spans.append((started, time.monotonic(), _label))
+
+                stack.enter_context(mock.patch.object(target, name, spanned))
+            yield
+
+    def summary(self, records: list[tuple[float, float, int]], windows: list[tuple[float, float]],
+                lags: list[tuple[float, float, float]]) -> dict[str, Any]:  # fmt: skip
+        """Per phase: its seconds, the p50 / p99 of the frames (sent during a swap) whose time in the server
+        overlapped it, and the loop's longest lag (``LoopWatch.lags``) in it; "none": the frames of the swap
+        windows that overlapped no phase."""
+        by: dict[str, list[float]] = {label: [] for *_, label in self.PHASES}
+        by["none"] = []
+        for sent, lat, status in records:
+            if status != 0 or not any(a <= sent <= b for a, b in windows):
+                continue
+            hit = {label for a, b, label in self.spans if a < sent + lat and sent < b}
+            for label in hit or {"none"}:
+                by[label].append(lat)
+        seconds: dict[str, float] = collections.defaultdict(float)
+        worst_lag: dict[str, float] = collections.defaultdict(float)
+        for a, b, label in self.spans:
+            seconds[label] += b - a
+            # a tick at ``t`` that ran ``late`` late: the loop could not run from ``t - late`` to ``t``
+            late = [lag for t, lag, _ in lags if a < t and t - lag < b]
+            worst_lag[label] = max([worst_lag[label], *late])
+        out: dict[str, Any] = {
+            label: {"frames": len(lats), "seconds": seconds.get(label, 0.0),
+                    "p50_ms": percentile(lats, 50) * 1e3, "p99_ms": percentile(lats, 99) * 1e3,
+                    "loop_lag_max_ms": worst_lag.get(label, 0.0) * 1e3}
+            for label, lats in by.items()
+        }  # fmt: skip
+        for generation in range(3):
+            took = [b - a for a, b, g in self.collections if g == generation and any(s <= a < e for s, e in windows)]
+            out[f"collector, generation {generation}"] = {
+                "frames": len(took), "seconds": sum(took), "p50_ms": percentile(took, 50) * 1e3,
+                "p99_ms": percentile(took, 99) * 1e3, "loop_lag_max_ms": max(took, default=0.0) * 1e3,
+            }  # fmt: skip
+        return out
+
+
 class LoopCallTimer:
     """``--time-loop-calls``: the duration of each call the loop thread makes to a few functions, by when it
     started: the CUDA driver calls of a batch's launch and completion, and ``SlotPool.release`` (pure Python)
@@ -393,9 +477,9 @@ class LoopCallTimer:
         return out
 
 
-def batch_ms(trace: list[BatchTrace], size: int) -> float:
-    """Median device time of the traced batches of ``size`` frames."""
-    return percentile([(b.end_s - b.start_s) for b in trace if b.size == size], 50) * 1e3
+def batch_ms(trace: list[BatchTrace], size: int, q: float = 50) -> float:
+    """The ``q``th percentile of the device time of the traced batches of ``size`` frames (default: the median)."""
+    return percentile([(b.end_s - b.start_s) for b in trace if b.size == size], q) * 1e3
 
 
 def device_memory(device: str) -> int | None:
@@ -453,7 +537,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     swaps: list[dict[str, Any]] = []
     swaps_trace_from = len(trace)
     recorder = StallRecorder() if args.attribute_stalls else None
-    with recorder.installed() if recorder is not None else contextlib.nullcontext():
+    phases = PhaseRecorder() if args.attribute_phases else None
+    with (recorder.installed() if recorder is not None else contextlib.nullcontext(),
+          phases.installed() if phases is not None else contextlib.nullcontext()):  # fmt: skip
         for i in range(args.swaps):
             old = server.serving("m")
             start = time.monotonic()
@@ -514,6 +600,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                             "loading": watch.lag_p99_ms(loading), "switch_to_freed": watch.lag_p99_ms(switching)},
         "batch_size_common": common,
         "batch_ms_p50": {"steady": batch_ms(steady_trace, common), "swaps": batch_ms(trace[swaps_trace_from:], common)},
+        "batch_ms_p99": {"steady": batch_ms(steady_trace, common, 99),
+                         "swaps": batch_ms(trace[swaps_trace_from:], common, 99)},
     }  # fmt: skip
     result["p99_ratio"] = result["p99_during_swaps_ms"] / result["p99_steady_ms"]
     if memory_before:
@@ -521,6 +609,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     if timer is not None:
         result["loop_calls"] = {"steady": timer.summary([(steady_from, steady_to)]), "loading": timer.summary(loading),
                                 "switch_to_freed": timer.summary(switching)}  # fmt: skip
+    if phases is not None:
+        result["phases"] = phases.summary(records, windows, watch.lags)
     if recorder is not None:
         result["stalls"] = {"long_call_ms": LONG_CALL_S * 1e3, "lag_over_ms": STALL_S * 1e3,
                             "swaps": attribute(recorder, watch.stalls(windows, STALL_S))}  # fmt: skip
@@ -556,8 +646,10 @@ def table(r: dict[str, Any]) -> str:
                                                      f"(switch to freed: {r['switch_to_freed_s_p50'] * 1e3:.0f} ms)"),
         ("loop lag p99 (1 ms ticks)", "steady {steady:.2f} ms, loading {loading:.2f} ms, switch to freed "
                                       "{switch_to_freed:.2f} ms".format(**r["loop_lag_p99_ms"])),
-        (f"device ms per batch of {r['batch_size_common']}", "steady {steady:.2f}, during swaps {swaps:.2f}"
-                                                             .format(**r["batch_ms_p50"])),
+        (f"device ms per batch of {r['batch_size_common']}, p50", "steady {steady:.2f}, during swaps {swaps:.2f}"
+                                                                  .format(**r["batch_ms_p50"])),
+        (f"device ms per batch of {r['batch_size_common']}, p99", "steady {steady:.2f}, during swaps {swaps:.2f}"
+                                                                  .format(**r["batch_ms_p99"])),
         ("device memory", mem),
         ("one swap (load+warm+capture+switch+free)", f"{r['swap_seconds_p50']:.2f} s median"),
     ]  # fmt: skip
@@ -636,6 +728,9 @@ def main() -> int:
     parser.add_argument("--attribute-stalls", action="store_true",
                         help="record the loader's calls over 1 ms and the loop's lag over 1.5 ms during the swaps, "
                              "and which calls the lag overlaps (slows the loads)")  # fmt: skip
+    parser.add_argument("--attribute-phases", action="store_true",
+                        help="the p99 of the frames in flight during each part of a load (build, to the GPU, warm-up, "
+                             "capture) against the frames in flight during none")  # fmt: skip
     parser.add_argument("--time-loop-calls", action="store_true",
                         help="time the loop thread's CUDA driver calls (and a pure Python control), steady against "
                              "loading")  # fmt: skip
@@ -654,6 +749,17 @@ def main() -> int:
         print(stall_table(result["stalls"]))
     if "loop_calls" in result:
         print(calls_table(result["loop_calls"]))
+    if "phases" in result:
+        print(
+            "frames in flight during each part of the swaps (sent during swaps): frames, p50 / p99 ms, seconds, "
+            "the loop's longest lag in it;"
+        )
+        print("for the collector: its runs during swaps, p50 / p99 / max ms, seconds")
+        for label, row in result["phases"].items():
+            latency = f"{row['p50_ms']:6.2f} / {row['p99_ms']:6.2f}"
+            print(
+                f"  {label:<24} {row['frames']:7d}  {latency}  {row['seconds']:.2f} s  {row['loop_lag_max_ms']:.1f} ms"
+            )
     with open(args.json, "w") as f:
         json.dump(result, f, indent=1)
     return 0

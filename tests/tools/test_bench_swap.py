@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-from bench_swap import LoopCallTimer, StallRecorder, attribute, bench, table
+from bench_swap import LoopCallTimer, PhaseRecorder, StallRecorder, attribute, bench, table
 
 
 def busy(seconds: float) -> None:
@@ -102,9 +102,12 @@ async def test_a_short_cpu_run_attributes_the_swaps_lag() -> None:
     args = argparse.Namespace(
         device="cpu", model="builtin:small", precision="fp16", shape="32,32,3", max_batch=8, compile="off", swaps=2,
         connections=1, window=4, warmup_s=0.1, steady_s=0.3, between_s=0.05, ingest_workers=0, loader_share=None,
-        attribute_stalls=True, time_loop_calls=True,
+        attribute_stalls=True, time_loop_calls=True, attribute_phases=True,
     )  # fmt: skip
     result = await bench(args)
+    phases = result["phases"]
+    assert phases["build module (CPU only)"]["seconds"] > 0  # the CPU backend's loads build their module too
+    assert {"none", "collector, generation 2"} <= phases.keys()
     stalls = result["stalls"]
     assert 0 < result["p50_steady_ms"] <= result["p99_steady_ms"]
     assert "p50 during swaps vs steady" in table(result)
@@ -115,3 +118,24 @@ async def test_a_short_cpu_run_attributes_the_swaps_lag() -> None:
     for phase in ("loading", "switch_to_freed"):
         p = stalls[phase]
         assert p["in_long_calls_ms"] + p["in_pauses_ms"] + p["in_neither_ms"] == pytest.approx(p["lag_ms"])
+
+
+def test_frames_are_attributed_to_every_load_phase_their_time_in_the_server_overlapped() -> None:
+    recorder = PhaseRecorder()
+    recorder.spans = [(10.0, 11.0, "eager warm-up"), (11.0, 12.0, "graph capture")]
+    recorder.collections = [(10.5, 10.503, 2), (1.0, 1.2, 2)]  # the second one outside the swaps
+    records = [
+        (10.2, 0.1, 0),  # in the warm-up
+        (10.9, 0.2, 0),  # across both
+        (12.5, 0.01, 0),  # in the swap, in no phase
+        (11.5, 0.05, 1),  # failed: not counted
+        (5.0, 0.01, 0),  # outside the swaps
+    ]
+    lags = [(10.9, 0.4, 0.0), (11.9, 0.002, 0.0)]  # ticks (monotonic s, seconds late, CPU s)
+    summary = recorder.summary(records, [(10.0, 13.0)], lags)
+    assert summary["eager warm-up"]["frames"] == 2 and summary["graph capture"]["frames"] == 1
+    assert summary["none"]["frames"] == 1 and summary["none"]["p99_ms"] == pytest.approx(10.0)
+    assert summary["eager warm-up"]["loop_lag_max_ms"] == pytest.approx(400.0)  # late from 10.5 s to 10.9 s
+    assert summary["graph capture"]["loop_lag_max_ms"] == pytest.approx(2.0)
+    assert summary["collector, generation 2"]["frames"] == 1  # (its runs: one in the swaps)
+    assert summary["collector, generation 2"]["loop_lag_max_ms"] == pytest.approx(3.0)
