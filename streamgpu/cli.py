@@ -209,6 +209,8 @@ def _main(argv: list[str] | None) -> int:
         args.config = args.config or args.config_file
     config = serve_config(parser, args)
     if args.command == "check-config":
+        if problems := config.file_problems():  # (serve finds them as it loads)
+            parser.error("; ".join(problems))
         print(json.dumps(config.resolved(), indent=2, default=_plain))
         return 0
     from streamgpu.logs import configure

@@ -242,6 +242,20 @@ class Config:
                     out.append(f"{name} and {other} both use port {port} on {host}: give each its own port")
         return out
 
+    def file_problems(self) -> list[str]:
+        """The files this config names that cannot be read: the models' sources, the model_repository folder.
+        Not checked with the settings: serve finds them as it loads (a repository may appear later); check-config
+        reports them. Nothing is loaded."""
+        out = [f"model {m.name!r}: {why}" for m in self.models if (why := m.source_file_problem()) is not None]
+        folder = self.model_repository
+        if folder and not os.path.isdir(folder):
+            out.append(
+                f"model_repository {folder!r} {'is not a folder' if os.path.exists(folder) else 'does not exist'}"
+            )
+        elif folder and not os.access(folder, os.R_OK | os.X_OK):
+            out.append(f"model_repository {folder!r} cannot be read (permission denied)")
+        return out
+
     def model_problems(self, m: ModelSpec) -> list[str]:
         """Why this server cannot serve model ``m`` (its settings against the server's): the config's models are
         checked so, and every model loaded while serving (``ModelManager``)."""

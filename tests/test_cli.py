@@ -122,13 +122,15 @@ def test_missing_model_file_is_an_error_not_a_traceback(caplog: pytest.LogCaptur
     assert "file '/no/such/model.pt' does not exist" in caplog.text
 
 
-def test_version_log_level_any_case_and_model_flags(capsys: pytest.CaptureFixture[str]) -> None:
+def test_version_log_level_any_case_and_model_flags(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     from streamgpu import __version__
 
     with pytest.raises(SystemExit) as info:
         main(["--version"])
     assert info.value.code == 0 and capsys.readouterr().out.strip() == f"streamgpu {__version__}"
-    args = ["check-config", "--log-level", "debug", "--model", "torchscript:m.pt", "--model-name", "lidar",
+    (tmp_path / "m.pt").write_bytes(b"")  # (check-config asks only that the file can be read)
+    model = f"torchscript:{tmp_path / 'm.pt'}"
+    args = ["check-config", "--log-level", "debug", "--model", model, "--model-name", "lidar",
             "--input-shape", "1024,4", "--input-dtype", "float32"]  # fmt: skip
     assert main(args) == 0
     resolved = json.loads(capsys.readouterr().out)
@@ -155,6 +157,39 @@ def test_check_config_prints_resolved_settings_with_tokens_masked(
         main(["check-config", str(path)])
     assert info.value.code == 2
     assert "server.port must be an integer, got '7883' (str)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scheme", ["state_dict", "torchscript", "export"])
+def test_check_config_refuses_a_model_file_source_that_cannot_be_read(
+    scheme: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A missing file, or a folder, named as a model's source: check-config said the config was fine and serve
+    then failed at load. Only the file system is asked (nothing is loaded: the file here holds no model)."""
+    arch = 'arch = "small"\n' if scheme == "state_dict" else ""
+    path = tmp_path / "c.toml"
+    for source in ("/nope.pt", str(tmp_path)):
+        path.write_text(f'[[models]]\nname = "cam"\nsource = "{scheme}:{source}"\n{arch}')
+        with pytest.raises(SystemExit) as info:
+            main(["check-config", str(path)])
+        assert info.value.code == 2
+        assert f"model 'cam': source file {source!r} " in capsys.readouterr().err
+    (tmp_path / "m.pt").write_bytes(b"not loaded")
+    path.write_text(f'[[models]]\nname = "cam"\nsource = "{scheme}:{tmp_path / "m.pt"}"\n{arch}')
+    assert main(["check-config", str(path)]) == 0
+
+
+def test_check_config_refuses_a_model_repository_that_is_no_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "c.toml"
+    for where in (tmp_path / "none", path):
+        path.write_text(f'[server]\nmodel_repository = "{where}"\n')
+        with pytest.raises(SystemExit) as info:
+            main(["check-config", str(path)])
+        assert info.value.code == 2
+        assert f"model_repository {str(where)!r} " in capsys.readouterr().err
+    path.write_text(f'[server]\nmodel_repository = "{tmp_path}"\n')
+    assert main(["check-config", str(path)]) == 0
 
 
 def test_a_taken_address_fails_before_models_load_and_names_it(caplog: pytest.LogCaptureFixture) -> None:
