@@ -192,6 +192,16 @@ def test_check_config_refuses_a_model_repository_that_is_no_folder(
     assert main(["check-config", str(path)]) == 0
 
 
+def test_serve_refuses_a_mistyped_environment_variable(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STREAMGPU_LOG_LEVL", "debug")
+    with pytest.raises(SystemExit) as info:
+        main(["check-config"])
+    assert info.value.code == 2
+    assert "STREAMGPU_LOG_LEVL (did you mean 'STREAMGPU_LOG_LEVEL'?)" in capsys.readouterr().err
+
+
 def test_a_taken_address_fails_before_models_load_and_names_it(caplog: pytest.LogCaptureFixture) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
