@@ -341,8 +341,30 @@ def test_check_config_takes_the_serve_command_lines_flags(capsys: pytest.Capture
 
 @pytest.mark.parametrize("url", ["127.0.0.1:8000", "notaurl", "ftp://127.0.0.1:8000"])
 def test_admin_with_a_url_that_is_not_http_says_so(url: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["admin", "list", url]) == 1
-    assert f"streamgpu admin: URL must start with http:// or https://, got {url!r}" in capsys.readouterr().err
+    # a usage error: exit 2 as every other command's (it was 1, a server's refusal's status)
+    with pytest.raises(SystemExit) as info:
+        main(["admin", "list", url])
+    assert info.value.code == 2
+    assert f"admin list: URL must start with http:// or https://, got {url!r}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["load", "http://127.0.0.1:1", "cam", "max_batch_size"], "setting 'max_batch_size' must be KEY=VALUE"),
+        (["load", "http://127.0.0.1:1", "cam", "=1"], "setting '=1' must be KEY=VALUE"),
+        (["load", "http://127.0.0.1:1"], "admin load needs NAME"),
+        (["list", "http://127.0.0.1:1", "cam"], "admin list takes no NAME, got 'cam'"),
+        (["unload", "http://127.0.0.1:1", "cam", "a=1"], "admin unload takes no settings"),
+    ],
+)
+def test_admin_usage_errors_exit_2_before_any_request(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:  # (port 1: nothing listens; a request would fail, exit 1)
+        main(["admin", *argv])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_admin_against_a_port_that_does_not_speak_http_says_so(capsys: pytest.CaptureFixture[str]) -> None:
