@@ -158,16 +158,25 @@ def admin(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from streamgpu.web import admin_client
 
     token = args.token or os.environ.get("STREAMGPU_AUTH_TOKEN", "")
+    # usage errors exit 2 here, before any request; 1 is for a server's refusal or no reply
     if args.action != "list" and not args.name:
         parser.error(f"admin {args.action} needs NAME")
+    if args.action == "list" and args.name:
+        parser.error(f"admin list takes no NAME, got {args.name!r}")
     if args.action != "load" and args.settings:
         parser.error(f"admin {args.action} takes no settings")
+    if (why := admin_client.url_problem(args.url)) is not None:
+        parser.error(f"admin {args.action}: {why}")
+    try:
+        settings = admin_client.parse_settings(args.settings)
+    except ValueError as exc:
+        parser.error(f"admin load: {exc}")
     try:
         if args.action == "list":
             for entry in admin_client.index(args.url, token):
                 print(f"{entry['name']}\tversion {entry['version']}\t{entry['state']}\t{entry.get('reason', '')}")
         elif args.action == "load":
-            admin_client.load(args.url, args.name, admin_client.parse_settings(args.settings), token)
+            admin_client.load(args.url, args.name, settings, token)
             print(json.dumps(next((e for e in admin_client.index(args.url, token) if e["name"] == args.name), {})))
         else:
             admin_client.unload(args.url, args.name, token)
@@ -209,6 +218,8 @@ def _main(argv: list[str] | None) -> int:
         args.config = args.config or args.config_file
     config = serve_config(parser, args)
     if args.command == "check-config":
+        if problems := config.file_problems():  # (serve finds them as it loads)
+            parser.error("; ".join(problems))
         print(json.dumps(config.resolved(), indent=2, default=_plain))
         return 0
     from streamgpu.logs import configure

@@ -242,6 +242,20 @@ class Config:
                     out.append(f"{name} and {other} both use port {port} on {host}: give each its own port")
         return out
 
+    def file_problems(self) -> list[str]:
+        """The files this config names that cannot be read: the models' sources, the model_repository folder.
+        Not checked with the settings: serve finds them as it loads (a repository may appear later); check-config
+        reports them. Nothing is loaded."""
+        out = [f"model {m.name!r}: {why}" for m in self.models if (why := m.source_file_problem()) is not None]
+        folder = self.model_repository
+        if folder and not os.path.isdir(folder):
+            out.append(
+                f"model_repository {folder!r} {'is not a folder' if os.path.exists(folder) else 'does not exist'}"
+            )
+        elif folder and not os.access(folder, os.R_OK | os.X_OK):
+            out.append(f"model_repository {folder!r} cannot be read (permission denied)")
+        return out
+
     def model_problems(self, m: ModelSpec) -> list[str]:
         """Why this server cannot serve model ``m`` (its settings against the server's): the config's models are
         checked so, and every model loaded while serving (``ModelManager``)."""
@@ -415,6 +429,12 @@ _SERVER_KEYS: dict[str, Any] = {
     **_ADDRESS_KEYS,
 }
 _TABLE_KEYS = ("listeners", "tokens")
+ENV_PREFIX = "STREAMGPU_"
+# The STREAMGPU_ variables that set no [server] setting: read elsewhere, so not refused as typos
+OTHER_ENV = (
+    "STREAMGPU_TOKEN",  # streamgpu send's --token
+    "STREAMGPU_SCREENSHOT",  # tests/web/test_status_page.py: where to keep its screenshot
+)
 _MODEL_KEYS = {f.name for f in dataclasses.fields(ModelSpec)}
 
 
@@ -491,17 +511,29 @@ def _tables(entries: Any, cls: type[Any], where: str, array: bool = False, names
     return out
 
 
-def _did_you_mean(unknown: typing.Iterable[str], known: typing.Iterable[str]) -> str:
-    """' (did you mean 'port'?)' for the known names close to unknown ones (typos); '' when none is."""
-    close = [match[0] for name in sorted(unknown) if (match := difflib.get_close_matches(name, list(known), n=1))]
+def _did_you_mean(unknown: typing.Iterable[str], known: typing.Iterable[str], prefix: str = "") -> str:
+    """' (did you mean 'port'?)' for the known names close to unknown ones (typos); '' when none is. ``prefix``
+    goes before each name shown (compared without it: a prefix all names share makes any two look close)."""
+    close = [
+        prefix + match[0] for name in sorted(unknown) if (match := difflib.get_close_matches(name, list(known), n=1))
+    ]
     return f" (did you mean {' or '.join(repr(name) for name in close)}?)" if close else ""
 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
-    """``STREAMGPU_PORT=9000`` etc.: every scalar server setting, parsed as its field's type."""
+    """``STREAMGPU_PORT=9000`` etc.: every scalar server setting, parsed as its field's type. Any other
+    ``STREAMGPU_`` variable (but those of ``OTHER_ENV``) is a ConfigError: a typo must not be ignored."""
+    names = {name.upper() for name in _SERVER_KEYS}
+    unknown = sorted(var for var in env if var.startswith(ENV_PREFIX) and var not in OTHER_ENV
+                     and var.removeprefix(ENV_PREFIX) not in names)  # fmt: skip
+    if unknown:
+        hint = _did_you_mean([var.removeprefix(ENV_PREFIX) for var in unknown], names, ENV_PREFIX)
+        raise ConfigError(f"unknown environment variable{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}{hint}: "
+                          f"{ENV_PREFIX}<SETTING> sets a [server] setting (configs/example.toml lists them); fix the "
+                          "name or unset it")  # fmt: skip
     values: dict[str, Any] = {}
     for name in _SERVER_KEYS:
-        var = f"STREAMGPU_{name.upper()}"
+        var = f"{ENV_PREFIX}{name.upper()}"
         raw = env.get(var)
         if raw is None:
             continue

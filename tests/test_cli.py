@@ -122,13 +122,15 @@ def test_missing_model_file_is_an_error_not_a_traceback(caplog: pytest.LogCaptur
     assert "file '/no/such/model.pt' does not exist" in caplog.text
 
 
-def test_version_log_level_any_case_and_model_flags(capsys: pytest.CaptureFixture[str]) -> None:
+def test_version_log_level_any_case_and_model_flags(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     from streamgpu import __version__
 
     with pytest.raises(SystemExit) as info:
         main(["--version"])
     assert info.value.code == 0 and capsys.readouterr().out.strip() == f"streamgpu {__version__}"
-    args = ["check-config", "--log-level", "debug", "--model", "torchscript:m.pt", "--model-name", "lidar",
+    (tmp_path / "m.pt").write_bytes(b"")  # (check-config asks only that the file can be read)
+    model = f"torchscript:{tmp_path / 'm.pt'}"
+    args = ["check-config", "--log-level", "debug", "--model", model, "--model-name", "lidar",
             "--input-shape", "1024,4", "--input-dtype", "float32"]  # fmt: skip
     assert main(args) == 0
     resolved = json.loads(capsys.readouterr().out)
@@ -155,6 +157,49 @@ def test_check_config_prints_resolved_settings_with_tokens_masked(
         main(["check-config", str(path)])
     assert info.value.code == 2
     assert "server.port must be an integer, got '7883' (str)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scheme", ["state_dict", "torchscript", "export"])
+def test_check_config_refuses_a_model_file_source_that_cannot_be_read(
+    scheme: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A missing file, or a folder, named as a model's source: check-config said the config was fine and serve
+    then failed at load. Only the file system is asked (nothing is loaded: the file here holds no model)."""
+    arch = 'arch = "small"\n' if scheme == "state_dict" else ""
+    path = tmp_path / "c.toml"
+    for source in ("/nope.pt", str(tmp_path)):
+        path.write_text(f'[[models]]\nname = "cam"\nsource = "{scheme}:{source}"\n{arch}')
+        with pytest.raises(SystemExit) as info:
+            main(["check-config", str(path)])
+        assert info.value.code == 2
+        assert f"model 'cam': source file {source!r} " in capsys.readouterr().err
+    (tmp_path / "m.pt").write_bytes(b"not loaded")
+    path.write_text(f'[[models]]\nname = "cam"\nsource = "{scheme}:{tmp_path / "m.pt"}"\n{arch}')
+    assert main(["check-config", str(path)]) == 0
+
+
+def test_check_config_refuses_a_model_repository_that_is_no_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "c.toml"
+    for where in (tmp_path / "none", path):
+        path.write_text(f'[server]\nmodel_repository = "{where}"\n')
+        with pytest.raises(SystemExit) as info:
+            main(["check-config", str(path)])
+        assert info.value.code == 2
+        assert f"model_repository {str(where)!r} " in capsys.readouterr().err
+    path.write_text(f'[server]\nmodel_repository = "{tmp_path}"\n')
+    assert main(["check-config", str(path)]) == 0
+
+
+def test_serve_refuses_a_mistyped_environment_variable(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STREAMGPU_LOG_LEVL", "debug")
+    with pytest.raises(SystemExit) as info:
+        main(["check-config"])
+    assert info.value.code == 2
+    assert "STREAMGPU_LOG_LEVL (did you mean 'STREAMGPU_LOG_LEVEL'?)" in capsys.readouterr().err
 
 
 def test_a_taken_address_fails_before_models_load_and_names_it(caplog: pytest.LogCaptureFixture) -> None:
@@ -296,8 +341,30 @@ def test_check_config_takes_the_serve_command_lines_flags(capsys: pytest.Capture
 
 @pytest.mark.parametrize("url", ["127.0.0.1:8000", "notaurl", "ftp://127.0.0.1:8000"])
 def test_admin_with_a_url_that_is_not_http_says_so(url: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["admin", "list", url]) == 1
-    assert f"streamgpu admin: URL must start with http:// or https://, got {url!r}" in capsys.readouterr().err
+    # a usage error: exit 2 as every other command's (it was 1, a server's refusal's status)
+    with pytest.raises(SystemExit) as info:
+        main(["admin", "list", url])
+    assert info.value.code == 2
+    assert f"admin list: URL must start with http:// or https://, got {url!r}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["load", "http://127.0.0.1:1", "cam", "max_batch_size"], "setting 'max_batch_size' must be KEY=VALUE"),
+        (["load", "http://127.0.0.1:1", "cam", "=1"], "setting '=1' must be KEY=VALUE"),
+        (["load", "http://127.0.0.1:1"], "admin load needs NAME"),
+        (["list", "http://127.0.0.1:1", "cam"], "admin list takes no NAME, got 'cam'"),
+        (["unload", "http://127.0.0.1:1", "cam", "a=1"], "admin unload takes no settings"),
+    ],
+)
+def test_admin_usage_errors_exit_2_before_any_request(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:  # (port 1: nothing listens; a request would fail, exit 1)
+        main(["admin", *argv])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_admin_against_a_port_that_does_not_speak_http_says_so(capsys: pytest.CaptureFixture[str]) -> None:

@@ -213,6 +213,18 @@ def test_bad_environment_and_missing_file() -> None:
         Config.load("/nonexistent.toml", env={})
 
 
+def test_a_mistyped_environment_variable_is_refused_naming_the_closest_known_one() -> None:
+    # STREAMGPU_PROT=9000 was ignored: the server listened on 7878
+    with pytest.raises(
+        ConfigError, match=r"unknown environment variable STREAMGPU_PROT \(did you mean 'STREAMGPU_PORT'\?\)"
+    ):
+        Config.load(None, env={"STREAMGPU_PROT": "9000", "STREAMGPU_PORT": "9001"})
+    with pytest.raises(ConfigError, match=r"unknown environment variables STREAMGPU_LISTENERS, STREAMGPU_XYZZY\b"):
+        Config.load(None, env={"STREAMGPU_XYZZY": "", "STREAMGPU_LISTENERS": "x"})
+    # the variables streamgpu reads elsewhere: send's token, the status page test's screenshot
+    assert Config.load(None, env={"STREAMGPU_TOKEN": "t", "STREAMGPU_SCREENSHOT": "x.png"}).listeners[0].port == 7878
+
+
 def test_several_wrong_types_are_named_at_once_and_ints_serve_as_floats(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text('[server]\nport = "7883"\ncuda_kernels = 1\nhello_timeout_s = 5\n')

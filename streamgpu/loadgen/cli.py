@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -297,15 +298,28 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     cfg.validate()
     for flag, name in (("-f/--latency-report-file", args.latency_report_file), ("--json", args.json),
                        ("--plot", args.plot)):  # fmt: skip
-        folder = Path(name).parent if name else None
-        if folder is not None and not folder.is_dir():  # refused now, not after a run whose results it would lose
-            raise UsageError(f"{flag}: folder '{folder}' does not exist; create it or name another file")
+        if name and (why := _output_problem(Path(name))):  # refused now, not after a run whose results it would lose
+            raise UsageError(f"{flag}: {why}")
     if args.plot:
         try:
             import matplotlib  # noqa: F401 - fail before the run, not after it
         except ImportError:
             raise UsageError("--plot needs matplotlib: pip install 'streamgpu[plot]'") from None
     return cfg
+
+
+def _output_problem(path: Path) -> str | None:
+    """Why a result file could not be written at ``path`` (replaced through a new file beside it), or None."""
+    if not path.parent.is_dir():
+        return f"folder '{path.parent}' does not exist; create it or name another file"
+    if path.is_dir():
+        return f"'{path}' is a folder; name a file"
+    try:  # a file made and removed: os.access says yes to root whatever the folder
+        with tempfile.NamedTemporaryFile(dir=path.parent):
+            pass
+    except OSError as exc:
+        return f"'{path}' cannot be written: no file can be made in folder '{path.parent}' ({exc.strerror})"
+    return None
 
 
 def write_outputs(report: RunReport, args: argparse.Namespace, *, final: bool = True) -> None:

@@ -46,7 +46,6 @@ import io
 import json
 import math
 import operator
-import os
 import pickletools
 import re
 import shutil
@@ -75,8 +74,8 @@ def load_module(spec: ModelSpec) -> nn.Module:
     try:
         if scheme == "builtin":
             return build_builtin(target)
-        if not os.path.isfile(target):
-            raise ModelLoadError(f"model {spec.name!r}: file {target!r} does not exist")
+        if (why := spec.source_file_problem()) is not None:
+            raise ModelLoadError(f"model {spec.name!r}: {why}")
         if scheme == "torchscript":
             module: nn.Module = _load_torchscript(_Refuser(spec.name, target), target)
         elif scheme == "export":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,6 +135,20 @@ class ModelSpec:
         if self.default_deadline_ms < 0 or self.latency_target_ms < 0:
             out.append("default_deadline_ms and latency_target_ms must be >= 0")
         return out
+
+    def source_file_problem(self) -> str | None:
+        """Why the source's file cannot be read (missing, not a regular file, unreadable), or None: it can, or
+        the source is builtin and needs none. Only the file system is asked: nothing is loaded."""
+        scheme, _, path = self.source.partition(":")
+        if scheme == "builtin":
+            return None
+        if not os.path.exists(path):
+            return f"source file {path!r} does not exist"
+        if not os.path.isfile(path):
+            return f"source file {path!r} is not a regular file"
+        if not os.access(path, os.R_OK):
+            return f"source file {path!r} cannot be read (permission denied)"
+        return None
 
     @property
     def top_k(self) -> int:

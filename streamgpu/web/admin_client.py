@@ -18,8 +18,8 @@ class AdminError(StreamgpuError, RuntimeError):
 
 def request(url: str, path: str, body: dict[str, Any] | None = None, token: str = "", timeout: float = 600.0) -> Any:
     """POST ``body`` (JSON) to ``url`` + ``path``; returns the decoded JSON reply or raises ``AdminError``."""
-    if not url.startswith(("http://", "https://")):  # urllib would raise ValueError, or read a file: URL
-        raise AdminError(f"URL must start with http:// or https://, got {url!r}")
+    if (why := url_problem(url)) is not None:
+        raise AdminError(why)
     data = json.dumps(body or {}).encode()
     headers = {"Content-Type": "application/json"}
     if token:
@@ -40,6 +40,13 @@ def request(url: str, path: str, body: dict[str, Any] | None = None, token: str 
         raise AdminError(f"{url}{path}: {getattr(exc, 'reason', exc)}") from None
 
 
+def url_problem(url: str) -> str | None:
+    """Why ``url`` cannot address a server's HTTP front end, or None."""
+    if not url.startswith(("http://", "https://")):  # urllib would raise ValueError, or read a file: URL
+        return f"URL must start with http:// or https://, got {url!r}"
+    return None
+
+
 def index(url: str, token: str = "") -> list[dict[str, Any]]:
     """Every model the server knows: name, version, state, reason."""
     entries: list[dict[str, Any]] = request(url, "/v2/repository/index", token=token)
@@ -58,12 +65,13 @@ def unload(url: str, name: str, token: str = "") -> None:
 
 
 def parse_settings(pairs: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs to settings: VALUE is JSON when it parses (numbers, lists, true), else a string."""
+    """``KEY=VALUE`` pairs to settings: VALUE is JSON when it parses (numbers, lists, true), else a string
+    (ValueError for a pair that is not KEY=VALUE)."""
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
-            raise AdminError(f"setting {pair!r} must be KEY=VALUE (e.g. max_batch_size=16, input_shape=[224,224,3])")
+            raise ValueError(f"setting {pair!r} must be KEY=VALUE (e.g. max_batch_size=16, input_shape=[224,224,3])")
         try:
             out[key] = json.loads(raw)
         except ValueError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 from fakeserver import FakeServer
@@ -119,3 +120,20 @@ def test_an_output_file_in_a_missing_folder_is_refused_before_the_run(cli: Cli, 
     rc, _, err = cli("-u", server.url, "--count", "1", flag, "/no/such/folder/out", *FAST)
     assert rc == 2 and "folder '/no/such/folder' does not exist" in err and "Traceback" not in err
     assert server.stats.frames == 0  # not after a run whose results would be lost
+
+
+@pytest.mark.parametrize("flag", ["-f", "--json", "--plot"])
+def test_an_output_file_that_is_a_folder_or_cannot_be_written_is_refused_before_the_run(
+    cli: Cli, server: FakeServer, flag: str, tmp_path: Path
+) -> None:
+    """A folder, or a file in a folder where none can be created (/proc: not even root can), named as an output
+    failed only after the whole run, whose results were lost."""
+    for path, why in (
+        (str(tmp_path), "is a folder"),
+        ("/proc/out", "cannot be written: no file can be made in folder '/proc'"),
+    ):
+        rc, _, err = cli("-u", server.url, "--count", "1", flag, path, *FAST)
+        assert rc == 2 and f"'{path}' {why}" in err and "Traceback" not in err, err
+        assert flag in err
+    assert server.stats.frames == 0
+    assert list(tmp_path.iterdir()) == []  # the check leaves nothing behind
