@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from streamgpu import __version__
-from streamgpu.config import LOG_FORMATS, LOG_LEVELS, Config, ListenerSpec
+from streamgpu.config import LOG_FORMATS, LOG_LEVELS, SEND_TOKEN_ENV, Config, ListenerSpec
 from streamgpu.errors import ConfigError, StreamgpuError
 from streamgpu.gpu import DEVICES
 from streamgpu.loops import LOOPS
@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
     send.add_argument("--port", type=int, default=7878, help="server port (default 7878)")
     send.add_argument("--transport", choices=transport_names(), default="tcp", help="default tcp")
-    send.add_argument("--token", default=os.environ.get("STREAMGPU_TOKEN", ""), help="auth token ($STREAMGPU_TOKEN)")
+    send.add_argument("--token", default=os.environ.get(SEND_TOKEN_ENV, ""), help=f"auth token (${SEND_TOKEN_ENV})")
     send.add_argument("--model", default="default", help="model name (default 'default')")
     send.add_argument("--shape", type=_shape, default=(224, 224, 3), help="one frame's shape (default 224,224,3)")
     dtypes = sorted(dt.name for dt in wire.DTYPES.values())
@@ -282,7 +282,7 @@ def _send(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                      "use --transport tcp")  # fmt: skip
     if args.transport == "udp" and args.token:
         parser.error("argument --token: udp has no handshake, so no token (the server's allow list decides; "
-                     "unset STREAMGPU_TOKEN)")  # fmt: skip
+                     f"unset {SEND_TOKEN_ENV})")  # fmt: skip
     if args.input != "-" and not os.path.isfile(args.input):
         parser.error(f"argument --input: no such file {args.input!r}")
     if args.video:

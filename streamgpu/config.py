@@ -430,9 +430,10 @@ _SERVER_KEYS: dict[str, Any] = {
 }
 _TABLE_KEYS = ("listeners", "tokens")
 ENV_PREFIX = "STREAMGPU_"
+SEND_TOKEN_ENV = "STREAMGPU_TOKEN"  # streamgpu send's --token
 # The STREAMGPU_ variables that set no [server] setting: read elsewhere, so not refused as typos
 OTHER_ENV = (
-    "STREAMGPU_TOKEN",  # streamgpu send's --token
+    SEND_TOKEN_ENV,
     "STREAMGPU_SCREENSHOT",  # tests/web/test_status_page.py: where to keep its screenshot
 )
 _MODEL_KEYS = {f.name for f in dataclasses.fields(ModelSpec)}
