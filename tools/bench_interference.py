@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import tempfile
@@ -33,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_swap import ProducerProcess, percentile, weights
@@ -55,12 +57,18 @@ def _add(n: int) -> int:
 
 
 def paced(work: Callable[[float], None], share: float) -> Callable[[float], None]:
-    """``work`` paced as a model load is while frames are served (``ModelManager``'s ``_yielding``)."""
+    """``work`` paced as a model load is while frames are served (``ModelManager``'s ``_yielding``), at the GIL
+    switch interval a load sets (``LOADING_SWITCH_INTERVAL_S``)."""
     from streamgpu.models import manager
 
     def run(until: float) -> None:
-        with manager._yielding(manager.LOADING_RUN_S, manager.loading_pause_s(share), lambda: True):
-            work(until)
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(interval, manager.LOADING_SWITCH_INTERVAL_S))
+        try:
+            with manager._yielding(manager.LOADING_RUN_S, manager.loading_pause_s(share), lambda: True):
+                work(until)
+        finally:
+            sys.setswitchinterval(interval)
 
     return run
 
@@ -112,6 +120,19 @@ def pinned_work(until: float) -> None:
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    """The windows, with the loader's pacing of ``--run-ms`` and ``--switch-interval-us`` (the manager reads both
+    when a load starts, so python-paced and real swaps alike), given back after."""
+    from streamgpu.models import manager
+
+    with contextlib.ExitStack() as pacing:
+        if args.run_ms is not None:
+            pacing.enter_context(mock.patch.object(manager, "LOADING_RUN_S", args.run_ms / 1e3))
+        if args.switch_interval_us is not None:
+            pacing.enter_context(mock.patch.object(manager, "LOADING_SWITCH_INTERVAL_S", args.switch_interval_us / 1e6))
+        return await _windows(args, manager.LOADING_RUN_S, manager.LOADING_SWITCH_INTERVAL_S)
+
+
+async def _windows(args: argparse.Namespace, run_s: float, interval_s: float) -> dict[str, Any]:
     from streamgpu.config import Config, ListenerSpec
     from streamgpu.models.spec import ModelSpec
     from streamgpu.server import Server
@@ -163,6 +184,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "device": server.backend.device_name if server.backend is not None else args.device,
         "model": args.model, "shape": list(shape), "ingest_workers": args.ingest_workers, "share": args.share,
+        "run_ms": run_s * 1e3, "switch_interval_us": interval_s * 1e6,
         "frames_failed_or_refused": sum(1 for _, _, status in records if status != 0), "windows": rows,
     }  # fmt: skip
 
@@ -171,7 +193,8 @@ def table(result: dict[str, Any]) -> str:
     """Each interfering window against the steady one before it."""
     lines = [
         f"{result['device']}, {result['model']} {result['shape']}, ingest_workers {result['ingest_workers']}, "
-        f"share {result['share']:g}; frames refused or failed: {result['frames_failed_or_refused']}",
+        f"share {result['share']:g}, loader runs {result['run_ms']:g} ms at a time, switch interval "
+        f"{result['switch_interval_us']:g} us; frames refused or failed: {result['frames_failed_or_refused']}",
         "window | seconds | frames | p50 ms | p99 ms | p50 / steady | p99 / steady",
     ]
     steady: dict[str, Any] | None = None
@@ -199,6 +222,12 @@ def main() -> int:
                         help="python-paced: the share of the time the work runs; swaps: the server's "
                         "loader_share")  # fmt: skip
     parser.add_argument("--swaps", type=int, default=3, help="swaps in the swaps window")
+    parser.add_argument("--run-ms", type=float, default=None,
+                        help="python-paced and swaps: how long the loader runs between pauses (default: the server's "
+                        "LOADING_RUN_S)")  # fmt: skip
+    parser.add_argument("--switch-interval-us", type=float, default=None,
+                        help="python-paced and swaps: the GIL switch interval while loading (default: the server's "
+                        "LOADING_SWITCH_INTERVAL_S)")  # fmt: skip
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--window", type=int, default=16, help="frames in flight per connection")
     parser.add_argument("--warmup-s", type=float, default=3.0)

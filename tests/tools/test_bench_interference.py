@@ -16,7 +16,8 @@ from bench_interference import bench, table
 def args(**kw: object) -> argparse.Namespace:
     base: dict[str, object] = dict(
         device="cpu", model="builtin:small", precision="fp32", shape="32,32,3", max_batch=8, kinds="", share=1 / 3,
-        swaps=1, connections=1, window=4, warmup_s=0.1, window_s=0.4, ingest_workers=0,
+        swaps=1, connections=1, window=4, warmup_s=0.1, window_s=0.4, ingest_workers=0, run_ms=None,
+        switch_interval_us=None,
     )  # fmt: skip
     base.update(kw)
     return argparse.Namespace(**base)
@@ -41,3 +42,14 @@ async def test_cuda_kinds_on_the_cpu_and_unknown_kinds_are_refused() -> None:
         await bench(args(kinds="gpu-graph"))
     with pytest.raises(SystemExit, match="unknown swap"):
         await bench(args(kinds="swap"))
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])
+async def test_the_loader_pacing_asked_for_is_the_one_used_and_given_back() -> None:
+    from streamgpu.models import manager
+
+    before = manager.LOADING_RUN_S, manager.LOADING_SWITCH_INTERVAL_S
+    result = await bench(args(kinds="python-paced", run_ms=0.25, switch_interval_us=700))
+    assert (result["run_ms"], result["switch_interval_us"]) == pytest.approx((0.25, 700))
+    assert before == (manager.LOADING_RUN_S, manager.LOADING_SWITCH_INTERVAL_S)
+    assert "loader runs 0.25 ms at a time, switch interval 700 us" in table(result)
