@@ -349,6 +349,27 @@ def test_admin_with_a_url_that_is_not_http_says_so(url: str, capsys: pytest.Capt
 
 
 @pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("http://[::1", "not a URL (Invalid IPv6 URL)"),  # was a traceback
+        ("http://127.0.0.1:abc", "port 'abc' is not 0..65535"),  # was 'is it the server's http_port?', exit 1
+        ("http://127.0.0.1:99999", "port '99999' is not 0..65535"),
+        ("http://", "no host"),  # was 'no host given', exit 1
+        ("http://:8000", "no host"),
+        ("http://127.0.0.1:8000/a b", "a space or control character"),  # was 'is it the server's http_port?'
+    ],
+)
+def test_admin_with_a_url_that_names_no_server_says_so_before_any_request(
+    url: str, why: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["admin", "list", url])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"admin list: URL {url!r}: {why}" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["load", "http://127.0.0.1:1", "cam", "max_batch_size"], "setting 'max_batch_size' must be KEY=VALUE"),

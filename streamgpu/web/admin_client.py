@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -41,9 +42,22 @@ def request(url: str, path: str, body: dict[str, Any] | None = None, token: str 
 
 
 def url_problem(url: str) -> str | None:
-    """Why ``url`` cannot address a server's HTTP front end, or None."""
-    if not url.startswith(("http://", "https://")):  # urllib would raise ValueError, or read a file: URL
+    """Why ``url`` cannot address a server's HTTP front end, or None: asked before any request, as urllib
+    would raise ValueError (a traceback), read a file: URL, or blame the server (no host, a bad port)."""
+    if not url.startswith(("http://", "https://")):
         return f"URL must start with http:// or https://, got {url!r}"
+    if re.search(r"[\x00-\x20\x7f]", url):  # (http.client refuses them, as an InvalidURL)
+        return f"URL {url!r}: a space or control character in it"
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:
+        return f"URL {url!r}: not a URL ({exc})"
+    if not parts.hostname:
+        return f"URL {url!r}: no host (e.g. http://127.0.0.1:8000)"
+    try:
+        parts.port  # noqa: B018 - raises for a port that is no number or out of range
+    except ValueError:
+        return f"URL {url!r}: port {parts.netloc.rpartition(':')[2]!r} is not 0..65535"
     return None
 
 
