@@ -523,12 +523,16 @@ def _did_you_mean(unknown: typing.Iterable[str], known: typing.Iterable[str], pr
 
 def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     """``STREAMGPU_PORT=9000`` etc.: every scalar server setting, parsed as its field's type. Any other
-    ``STREAMGPU_`` variable (but those of ``OTHER_ENV``) is a ConfigError: a typo must not be ignored."""
+    ``STREAMGPU_`` variable (but those of ``OTHER_ENV``), or a known one in another case, is a ConfigError: a typo
+    must not be ignored."""
     names = {name.upper() for name in _SERVER_KEYS}
-    unknown = sorted(var for var in env if var.startswith(ENV_PREFIX) and var not in OTHER_ENV
-                     and var.removeprefix(ENV_PREFIX) not in names)  # fmt: skip
+    known = names | {var.removeprefix(ENV_PREFIX) for var in OTHER_ENV}
+    # Another case (streamgpu_port) is refused only where it names a known variable: else it is someone else's
+    unknown = sorted(var for var in env if var not in OTHER_ENV and (
+        var.removeprefix(ENV_PREFIX) not in names if var.startswith(ENV_PREFIX)
+        else var.upper().startswith(ENV_PREFIX) and var.upper().removeprefix(ENV_PREFIX) in known))  # fmt: skip
     if unknown:
-        hint = _did_you_mean([var.removeprefix(ENV_PREFIX) for var in unknown], names, ENV_PREFIX)
+        hint = _did_you_mean([var.upper().removeprefix(ENV_PREFIX) for var in unknown], known, ENV_PREFIX)
         raise ConfigError(f"unknown environment variable{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}{hint}: "
                           f"{ENV_PREFIX}<SETTING> sets a [server] setting (configs/example.toml lists them); fix the "
                           "name or unset it")  # fmt: skip

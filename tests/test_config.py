@@ -225,6 +225,17 @@ def test_a_mistyped_environment_variable_is_refused_naming_the_closest_known_one
     assert Config.load(None, env={"STREAMGPU_TOKEN": "t", "STREAMGPU_SCREENSHOT": "x.png"}).listeners[0].port == 7878
 
 
+def test_an_environment_variable_in_the_wrong_case_is_refused_naming_the_right_one() -> None:
+    # streamgpu_port=9000 was ignored (the server listened on 7878); STREAMGPU_port had no hint
+    for var in ("streamgpu_port", "STREAMGPU_port", "Streamgpu_Port"):
+        with pytest.raises(ConfigError, match=rf"variable {var} \(did you mean 'STREAMGPU_PORT'\?\)"):
+            Config.load(None, env={var: "9000"})
+    with pytest.raises(ConfigError, match=r"variable STREAMGPU_TOKN \(did you mean 'STREAMGPU_TOKEN'\?\)"):
+        Config.load(None, env={"STREAMGPU_TOKN": "t"})  # send's token is a name too
+    # a lower-case variable that names no setting is someone else's
+    assert Config.load(None, env={"streamgpu_home": "/opt"}).listeners[0].port == 7878
+
+
 def test_several_wrong_types_are_named_at_once_and_ints_serve_as_floats(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text('[server]\nport = "7883"\ncuda_kernels = 1\nhello_timeout_s = 5\n')
