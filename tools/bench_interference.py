@@ -124,6 +124,13 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     when a load starts, so python-paced and real swaps alike), given back after."""
     from streamgpu.models import manager
 
+    if args.run_ms is not None and not args.run_ms > 0:  # (0: pause_s 0, so the load would run unpaced)
+        raise SystemExit(f"--run-ms must be > 0, got {args.run_ms:g}")
+    # a load only ever shortens the interval in force (``ModelManager._loop_first``): a longer one would not run
+    longest_us = sys.getswitchinterval() * 1e6
+    if args.switch_interval_us is not None and not 0 < args.switch_interval_us <= longest_us:
+        raise SystemExit(f"--switch-interval-us must be > 0 and at most {longest_us:g} (this process's switch "
+                         f"interval), got {args.switch_interval_us:g}")  # fmt: skip
     with contextlib.ExitStack() as pacing:
         if args.run_ms is not None:
             pacing.enter_context(mock.patch.object(manager, "LOADING_RUN_S", args.run_ms / 1e3))
@@ -226,8 +233,8 @@ def main() -> int:
                         help="python-paced and swaps: how long the loader runs between pauses (default: the server's "
                         "LOADING_RUN_S)")  # fmt: skip
     parser.add_argument("--switch-interval-us", type=float, default=None,
-                        help="python-paced and swaps: the GIL switch interval while loading (default: the server's "
-                        "LOADING_SWITCH_INTERVAL_S)")  # fmt: skip
+                        help="python-paced and swaps: the GIL switch interval while loading, at most the process's "
+                        "(default: the server's LOADING_SWITCH_INTERVAL_S)")  # fmt: skip
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--window", type=int, default=16, help="frames in flight per connection")
     parser.add_argument("--warmup-s", type=float, default=3.0)

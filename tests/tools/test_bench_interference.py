@@ -53,3 +53,22 @@ async def test_the_loader_pacing_asked_for_is_the_one_used_and_given_back() -> N
     assert (result["run_ms"], result["switch_interval_us"]) == pytest.approx((0.25, 700))
     assert before == (manager.LOADING_RUN_S, manager.LOADING_SWITCH_INTERVAL_S)
     assert "loader runs 0.25 ms at a time, switch interval 700 us" in table(result)
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])
+@pytest.mark.parametrize(
+    ("pacing", "message"),
+    [
+        # a load only ever shortens the switch interval (min with the one in force): 10 ms ran at 5 ms, reported 10
+        ({"switch_interval_us": 10_000}, r"--switch-interval-us must be > 0 and at most 5000"),
+        ({"switch_interval_us": 0}, r"--switch-interval-us must be > 0"),  # a ValueError in the loader thread
+        ({"run_ms": 0}, r"--run-ms must be > 0"),  # a load then runs unpaced, reported as paced
+    ],
+)
+async def test_a_loader_pacing_the_server_cannot_run_is_refused(pacing: dict[str, float], message: str) -> None:
+    from streamgpu.models import manager
+
+    before = manager.LOADING_RUN_S, manager.LOADING_SWITCH_INTERVAL_S
+    with pytest.raises(SystemExit, match=message):
+        await bench(args(kinds="python-paced", **pacing))
+    assert before == (manager.LOADING_RUN_S, manager.LOADING_SWITCH_INTERVAL_S)
