@@ -311,6 +311,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def _output_problem(path: Path) -> str | None:
     """Why a result file could not be written at ``path`` (replaced through a new file beside it), or None."""
     if not path.parent.is_dir():
+        if path.parent.exists():
+            return f"'{path.parent}' is not a folder; name a file in a folder"
         return f"folder '{path.parent}' does not exist; create it or name another file"
     if path.is_dir():
         return f"'{path}' is a folder; name a file"

@@ -137,3 +137,11 @@ def test_an_output_file_that_is_a_folder_or_cannot_be_written_is_refused_before_
         assert flag in err
     assert server.stats.frames == 0
     assert list(tmp_path.iterdir()) == []  # the check leaves nothing behind
+
+
+def test_an_output_file_under_a_file_says_that_it_is_no_folder(cli: Cli, server: FakeServer, tmp_path: Path) -> None:
+    # it said "folder '.../results' does not exist", which it does: as a file
+    (tmp_path / "results").write_text("")
+    rc, _, err = cli("-u", server.url, "--count", "1", "--json", str(tmp_path / "results" / "out.json"), *FAST)
+    assert rc == 2 and f"--json: '{tmp_path / 'results'}' is not a folder" in err, err
+    assert server.stats.frames == 0
