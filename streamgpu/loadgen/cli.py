@@ -296,10 +296,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         latency_threshold_s=args.latency_threshold / 1e3 if args.latency_threshold is not None else None,
     )
     cfg.validate()
+    named: dict[Path, str] = {}
     for flag, name in (("-f/--latency-report-file", args.latency_report_file), ("--json", args.json),
                        ("--plot", args.plot)):  # fmt: skip
         if name and (why := _output_problem(Path(name))):  # refused now, not after a run whose results it would lose
             raise UsageError(f"{flag}: {why}")
+        if name and (other := named.setdefault(Path(name).resolve(), flag)) != flag:  # (one would overwrite the other)
+            raise UsageError(f"{other} and {flag} name the same file {name!r}; name one file each")
     if args.plot:
         try:
             import matplotlib  # noqa: F401 - fail before the run, not after it

@@ -145,3 +145,10 @@ def test_an_output_file_under_a_file_says_that_it_is_no_folder(cli: Cli, server:
     rc, _, err = cli("-u", server.url, "--count", "1", "--json", str(tmp_path / "results" / "out.json"), *FAST)
     assert rc == 2 and f"--json: '{tmp_path / 'results'}' is not a folder" in err, err
     assert server.stats.frames == 0
+
+
+def test_two_outputs_naming_one_file_are_refused_before_the_run(cli: Cli, server: FakeServer, tmp_path: Path) -> None:
+    # the JSON overwrote the CSV after every level: one of the two was lost, silently
+    rc, _, err = cli("-u", server.url, "--count", "1", "-f", str(tmp_path / "r"), "--json", f"{tmp_path}/./r", *FAST)
+    assert rc == 2 and "-f/--latency-report-file and --json name the same file" in err, err
+    assert server.stats.frames == 0 and list(tmp_path.iterdir()) == []
