@@ -94,9 +94,9 @@ MAX_JSON_CONTAINERS = 65536
 
 
 def parse_json(raw: str | bytes) -> Any:
-    """``json.loads`` of a client's text; nesting past the parser's depth, or more than ``MAX_JSON_CONTAINERS``
-    arrays and objects, is a ``ValueError`` like any other malformed JSON (``json`` raises RecursionError
-    there, which would make the request a 500)."""
+    """``json.loads`` of a client's text; NaN and Infinity (not JSON, though ``json`` reads them), nesting past the
+    parser's depth, or more than ``MAX_JSON_CONTAINERS`` arrays and objects, is a ``ValueError`` like any other
+    malformed JSON (``json`` raises RecursionError there, which would make the request a 500)."""
     brackets = raw.count(b"[") + raw.count(b"{") if isinstance(raw, bytes) else raw.count("[") + raw.count("{")
     if brackets > MAX_JSON_CONTAINERS:  # (brackets inside strings count too: an overestimate, never under)
         raise ValueError(
@@ -104,9 +104,14 @@ def parse_json(raw: str | bytes) -> Any:
             "flat (one list per input) or as binary data"
         )
     try:
-        return json.loads(raw)
+        return json.loads(raw, parse_constant=_not_json)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
+
+
+def _not_json(token: str) -> Any:
+    """Python's ``json`` reads NaN, Infinity and -Infinity; JSON (RFC 8259) and Triton's parser have no such tokens."""
+    raise ValueError(f"{token} is not a JSON number (send finite numbers)")
 
 
 def setup(app: web.Application, config: Config | Server | None = None, *, prefix: str = "/streamgpu") -> Server:

@@ -205,6 +205,10 @@ def frame_header(shape: list[int], size: int, **extra: Any) -> dict[str, Any]:
     return {"inputs": [tensor], **extra}
 
 
+def json_request(datatype: str, shape: list[int], data: Any) -> bytes:
+    return json.dumps({"inputs": [{"name": "input", "datatype": datatype, "shape": shape, "data": data}]}).encode()
+
+
 async def chunks(spaces: int) -> AsyncIterator[bytes]:
     """A body of ``spaces`` blanks and ``{}``, sent chunked (no Content-Length)."""
     for _ in range(spaces // 65536):
@@ -237,9 +241,32 @@ BAD_REQUESTS: list[tuple[str, int, str, Any]] = [
     ("chunked JSON body past the JSON limit", 413, "binary_data_size", lambda n: (chunks(oip.JSON_BODY_LIMIT), {})),
     ("JSON data of wrong length", 400, "elements", lambda n: (json.dumps(
         {"inputs": [{"name": "input", "datatype": "UINT8", "shape": [32, 32, 3], "data": [1, 2, 3]}]}).encode(), {})),
-    ("JSON data out of range", 400, "does not fit", lambda n: (json.dumps(
-        {"inputs": [{"name": "input", "datatype": "UINT8", "shape": [32, 32, 3], "data": [300] * (n)}]}).encode(),
-        {})),
+    ("JSON data out of range", 400, "does not fit UINT8: values must be integers 0..255", lambda n: (
+        json_request("UINT8", [32, 32, 3], [300] * n), {})),
+    ("JSON data below range", 400, "input 'input' data does not fit UINT8", lambda n: (
+        json_request("UINT8", [32, 32, 3], [-1] * n), {})),
+    ("JSON data past 64 bits", 400, "does not fit UINT8", lambda n: (
+        json_request("UINT8", [32, 32, 3], [2**70] * n), {})),
+    ("JSON fractions for an integer datatype", 400, "UINT8 takes integers", lambda n: (
+        json_request("UINT8", [32, 32, 3], [1.5] * n), {})),
+    # Python's bool is an int and numpy takes true as 1: Triton's JSON parser takes no boolean as a number
+    ("JSON booleans for UINT8", 400, "got booleans", lambda n: (
+        json_request("UINT8", [32, 32, 3], [True, False] * (n // 2)), {})),
+    ("JSON booleans among numbers", 400, "got booleans", lambda n: (
+        json_request("UINT8", [32, 32, 3], [[[1, True, 3]] * 32] * 32), {})),
+    ("JSON nulls", 400, "got null", lambda n: (json_request("UINT8", [32, 32, 3], [1] * (n - 1) + [None]), {})),
+    # Not JSON (RFC 8259), though Python's parser takes them; Triton's refuses them
+    ("NaN token", 400, "not valid JSON", lambda n: (
+        json_request("UINT8", [32, 32, 3], [0] * n).replace(b"[0, ", b"[NaN, ", 1), {})),
+    ("Infinity token in a binary request's header", 400, "not valid JSON", lambda n: binary_request(
+        frame_header([1, 32, 32, 3], n, parameters={"timeout": float("inf")}), bytes(n))),
+    ("an output named twice", 400, "output 'output' is named twice", lambda n: binary_request(
+        frame_header([1, 32, 32, 3], n, outputs=[{"name": "output"}, {"name": "output"}]), bytes(n))),
+    ("an output named twice with JSON data", 400, "output 'output' is named twice", lambda n: (json.dumps(
+        {"inputs": [{"name": "input", "datatype": "UINT8", "shape": [32, 32, 3], "data": [0] * n}],
+         "outputs": [{"name": "output", "parameters": {"binary_data": False}}, {"name": "output"}]}).encode(), {})),
+    ("an input named twice", 400, "exactly one input", lambda n: binary_request(
+        {"inputs": [frame_header([1, 32, 32, 3], n)["inputs"][0]] * 2}, bytes(2 * n))),
     ("header length past body", 400, "exceeds the body", lambda n: (
         b'{"inputs": []}', {"Inference-Header-Content-Length": "999"})),
     ("header length not a number", 400, "must be an integer", lambda n: (
@@ -265,18 +292,37 @@ BAD_REQUESTS: list[tuple[str, int, str, Any]] = [
 ]  # fmt: skip
 
 
+# The same for the FP32 model ("user", 6 values a frame)
+BAD_FP32_REQUESTS: list[tuple[str, int, str, Any]] = [
+    ("JSON booleans for FP32", 400, "FP32, got booleans (true, false)", lambda n: (
+        json_request("FP32", [6], [True, False, 1.0, 2.0, 3.0, 4.0]), {})),
+    ("JSON booleans for FP32, nested", 400, "got booleans", lambda n: (
+        json_request("FP32", [2, 6], [[0.5] * 6, [1.0, 2.0, 3.0, 4.0, 5.0, False]]), {})),
+    ("JSON strings for FP32", 400, "got strings", lambda n: (json_request("FP32", [6], ["1"] * 6), {})),
+    ("JSON value past FP32", 400, "does not fit FP32: values must be finite", lambda n: (
+        json_request("FP32", [6], [1e39, 0, 0, 0, 0, 0]), {})),
+    ("JSON value past FP64", 400, "element 5 is inf", lambda n: (  # (Python's json parses 1e400 as inf)
+        json_request("FP32", [6], [0, 0, 0, 0, 0, 7]).replace(b"7]", b"1e400]"), {})),
+    ("JSON integer past FP64", 400, "does not fit FP32", lambda n: (json_request("FP32", [6], [10**400] * 6), {})),
+    ("-Infinity token", 400, "not valid JSON", lambda n: (
+        json_request("FP32", [6], [0.0] * 6).replace(b"[0.0, ", b"[-Infinity, ", 1), {})),
+]  # fmt: skip
+
+
 @ONE_LOOP
 async def test_bad_requests_get_clear_4xx_and_hold_no_slot(server: Server) -> None:
     n = SPEC.frame_nbytes
     base = f"http://127.0.0.1:{http_port(server)}/v2/models"
     async with aiohttp.ClientSession() as session:
-        for what, status, needle, make in BAD_REQUESTS:
-            body, headers = make(n)
-            async with session.post(f"{base}/default/infer", data=body, headers=headers) as resp:
-                doc = await resp.json(content_type=None)
-                assert resp.status == status, (what, resp.status, doc)
-                assert needle in doc["error"], (what, doc)
-            await no_slot_held(server)
+        for model, table in (("default", BAD_REQUESTS), ("user", BAD_FP32_REQUESTS)):
+            for what, status, needle, make in table:
+                body, headers = make(n)
+                async with session.post(f"{base}/{model}/infer", data=body, headers=headers) as resp:
+                    doc = await resp.json(content_type=None)
+                    assert resp.status == status, (what, resp.status, doc)
+                    assert needle in doc["error"], (what, doc)
+                await no_slot_held(server)
+        assert sum(state.metrics.accepted for state in server.model_states()) == 0  # no frame of them taken
         body, headers = binary_request(frame_header([1, 32, 32, 3], n), bytes(n))
         async with session.post(f"{base}/nope/infer", data=body, headers=headers) as resp:
             assert resp.status == 404 and "unknown model" in (await resp.json())["error"]
@@ -287,6 +333,60 @@ async def test_bad_requests_get_clear_4xx_and_hold_no_slot(server: Server) -> No
         async with session.post(f"{base}/default/infer", data=body, headers=headers) as resp:  # still serving
             assert resp.status == 200
     await no_slot_held(server)
+
+
+@ONE_LOOP
+async def test_tritonclient_raises_the_servers_message_for_non_finite_json_data_and_a_duplicate_output(
+    server: Server,
+) -> None:
+    """tritonclient writes a non-finite JSON value as Infinity or NaN (Python's json does), which were taken as
+    numbers; an output named twice was answered as if named once."""
+    c = tritonaio.InferenceServerClient(f"127.0.0.1:{http_port(server)}")
+    try:
+        inp = tritonaio.InferInput("input", list(USER_SHAPE), "FP32")
+        inp.set_data_from_numpy(np.array([1, 2, 3, np.inf, 5, 6], np.float32), binary_data=False)
+        with pytest.raises(InferenceServerException, match="Infinity is not a JSON number") as info:
+            await c.infer("user", [inp])
+        assert info.value.status() == "400"
+        inp.set_data_from_numpy(np.ones(USER_SHAPE, np.float32), binary_data=False)
+        twice = [tritonaio.InferRequestedOutput("output"), tritonaio.InferRequestedOutput("output")]
+        with pytest.raises(InferenceServerException, match="output 'output' is named twice") as info:
+            await c.infer("user", [inp], outputs=twice)
+        assert info.value.status() == "400"
+        assert (await c.infer("user", [inp], outputs=twice[:1])).as_numpy("output").shape == (4,)
+    finally:
+        await c.close()
+    await no_slot_held(server)
+    assert sum(state.metrics.accepted for state in server.model_states()) == 1  # the good request's frame alone
+
+
+@pytest.mark.parametrize("datatype", list(oip.DATATYPES))
+def test_json_data_is_taken_up_to_each_datatypes_range_and_refused_past_it(datatype: str) -> None:
+    """Integers past an integer datatype were refused (without the input's name or the range); a float past FP16 or
+    FP32 (or past FP64: 1e309 parses as inf) became inf, and booleans were numbers."""
+    dtype = oip.DATATYPES[datatype]
+
+    def tensor(text: str) -> np.ndarray:
+        return oip._json_tensor(json.loads(text), dtype, 2 * dtype.itemsize, [2])
+
+    if dtype.kind == "f":
+        top = float(np.finfo(dtype).max)
+        np.testing.assert_array_equal(tensor(f"[{-top!r}, {top!r}]"), np.array([-top, top], dtype))
+        values = "finite, of magnitude at most"
+        outside = [f"[0, {-top * 2!r}]" if dtype.itemsize < 8 else "[0, -1e309]", "[0, 1e309]", f"[0, {2**1100}]"]
+    else:
+        lo, hi = int(np.iinfo(dtype).min), int(np.iinfo(dtype).max)
+        np.testing.assert_array_equal(tensor(f"[{lo}, {hi}]"), np.array([lo, hi], dtype))
+        values = f"integers {lo}..{hi}"
+        outside = [f"[0, {lo - 1}]", f"[0, {hi + 1}]", f"[0, {2**64}]"]
+    for text in outside:
+        with pytest.raises(oip.HttpError, match=f"input 'input' data does not fit {datatype}: values must be {values}"
+                           ".*; element 1 is") as info:  # fmt: skip
+            tensor(text)
+        assert info.value.status == 400
+    for text in ("[true, 0]", "[1, false]"):
+        with pytest.raises(oip.HttpError, match=f"must be numbers of datatype {datatype}, got booleans"):
+            tensor(text)
 
 
 @ONE_LOOP
