@@ -591,10 +591,10 @@ class CudaBackend(Backend):
         """Free ``model``; its memory goes back to torch's caching allocator, and from there to the device
         (``empty_cache``) only when no other model is loaded on its GPU or the cache holds more than
         ``CACHED_SHARE`` of the GPU's memory. Giving memory back (cudaFree) waits for the whole device and
-        holds every launch meanwhile, the loop's too: at each swap under load it stalled the other models'
-        batches, and left the GPU idle for up to 15 ms between a swap's two versions (docs/BENCHMARKS.md).
-        The next load reuses the cached blocks; torch also gives the cache back by itself when an allocation
-        would not fit otherwise."""
+        holds every launch meanwhile, the loop's too: a serving model's frame waited 453 ms behind an unload
+        with 0.5 s of other work queued on the GPU (H100, tests/gpu/test_lifecycle_cuda.py). The next load
+        reuses the cached blocks; torch also gives the cache back by itself when one of its own allocations
+        would not fit otherwise. The rule's limits: docs/MODELS.md ("Versions and swaps")."""
         assert isinstance(model, CudaModel)
         with torch.cuda.device(model.gpu):
             model.stream.synchronize()  # its last batch has been delivered; nothing of it is queued
