@@ -29,7 +29,7 @@ import contextlib
 import json
 import time
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from streamgpu.frame import Outcome
 from streamgpu.ingest.admission import Admission, Producer, Refused
@@ -49,13 +49,19 @@ MAX_SUBSCRIPTIONS = 64  # stream ids one socket may watch
 # A control message names at most MAX_SUBSCRIPTIONS ids: a longer one is refused unparsed (a text message
 # may be as long as a frame, and parsing megabytes of JSON would hold the loop for seconds).
 MAX_CONTROL_CHARS = 64 * 1024
+# A close frame not sent within this is given up and the connection aborted: a peer that reads nothing
+# would otherwise hold its handler, and the server's shutdown, up for good.
+CLOSE_GRACE_S = 1.0
 
 
 class StreamSocket:
     """One WebSocket: the frames it produces, the stream ids it watches, and its outgoing messages."""
 
-    def __init__(self, ws: web.WebSocketResponse, admission: Admission, producer: Producer) -> None:
+    def __init__(
+        self, ws: web.WebSocketResponse, transport: asyncio.Transport | None, admission: Admission, producer: Producer
+    ) -> None:
         self.ws = ws
+        self.transport = transport  # the connection under ``ws``: aborted when a close cannot be sent
         self.admission = admission
         self.producer = producer
         self.key = next_stream_key("ws")
@@ -115,6 +121,23 @@ class StreamSocket:
         writer.cancel()
         with contextlib.suppress(BaseException):
             await writer
+
+    async def close_socket(self, code: int = WSCloseCode.OK, message: bytes = b"") -> None:
+        """Close with a close frame, or abort the connection if that is not done within ``CLOSE_GRACE_S``."""
+        if not self.ws.prepared:
+            return  # the upgrade failed: no socket (its error response is still to be sent)
+        try:
+            async with asyncio.timeout(CLOSE_GRACE_S):
+                await self.ws.close(code=code, message=message)
+        except TimeoutError:  # the peer reads nothing: the close frame waits for room
+            self._abort()
+        except BaseException:  # cancelled (a shutdown): not left to a plain close either
+            self._abort()
+            raise
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()  # (a plain close would wait for the unsent bytes, for good)
 
     # -- producing ---------------------------------------------------------------------------------
 
@@ -251,7 +274,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
         return web.json_response({"error": f"too many connections ({admission.config.max_connections})"}, status=503)
     producer = admission.producer_for(grant, f"ws:{request.remote}")
     ws = web.WebSocketResponse(max_msg_size=admission.config.max_payload_bytes + 64 * 1024)
-    sock = StreamSocket(ws, admission, producer)
+    sock = StreamSocket(ws, request.transport, admission, producer)
     sockets = request.app[_SOCKETS]
     writer: asyncio.Task[None] | None = None
     try:
@@ -274,8 +297,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
         try:  # (awaits: a shutdown may cancel this handler a second time here)
             if writer is not None:
                 await sock.flush(writer)
-            with contextlib.suppress(Exception):
-                await ws.close()
+            await sock.close_socket()
         finally:
             give_place(request)
             admission.leave(producer, queued=len(sock.order) > 0)  # (a ticket per frame not yet answered)
@@ -284,10 +306,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
 
 async def _close_sockets(app: web.Application) -> None:
     """Application shutdown: close every stream socket (going away) instead of waiting for its peer."""
-    sockets = app[_SOCKETS]
-    for sock in list(sockets):
-        with contextlib.suppress(Exception):
-            await sock.ws.close(code=1001, message=b"server is shutting down")
+    going = [sock.close_socket(WSCloseCode.GOING_AWAY, b"server is shutting down") for sock in app[_SOCKETS]]
+    await asyncio.gather(*going)  # at once: each may take CLOSE_GRACE_S
 
 
 def add_routes(app: web.Application) -> None:

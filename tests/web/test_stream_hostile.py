@@ -185,3 +185,32 @@ async def test_a_slow_subscriber_of_big_results_holds_at_most_ws_send_queue_byte
         assert peak <= bound, f"{peak} bytes of subscribed results queued for one slow socket (bound {bound})"
         assert sock.dropped > 0 and len(received) + sock.dropped == published
         assert received == sorted(received)  # the oldest were dropped, the rest came in order
+
+
+@pytest.mark.asyncio
+async def test_a_subscriber_that_reads_nothing_does_not_hold_shutdown_up() -> None:
+    """A subscriber that stops reading while big results pile up: at shutdown its close frame cannot be
+    drained. Closing every socket waited for that drain, with no bound: ``Server.stop`` never ended."""
+    server = Server(config())
+    await server.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            ws = await session.ws_connect(url(server))
+            await ws.send_str('{"subscribe": [5]}')
+            assert (await asyncio.wait_for(ws.receive(), 5)).data == '{"subscribed": [5]}'
+            big = np.zeros(1 << 16, dtype=np.float32)  # 256 KiB; from here on the client reads nothing
+            for seq in range(100):
+                server.admission.stream_results.publish(
+                    FrameHeader(5, seq, "default", 0, (1,), 0), Outcome(Status.OK, result=big)
+                )
+                await asyncio.sleep(0.002)
+            await asyncio.sleep(0.2)
+            started = asyncio.get_running_loop().time()
+            async with asyncio.timeout(10):
+                await server.stop()
+            took = asyncio.get_running_loop().time() - started
+            assert took < 5, f"shutdown took {took:.1f} s"
+            await ws.close()
+    finally:
+        await server.stop()
+    assert server.connections == 0
