@@ -134,6 +134,9 @@ class StreamSocket:
         except BaseException:  # cancelled (a shutdown): not left to a plain close either
             self._abort()
             raise
+        if self.transport is not None and self.transport.get_write_buffer_size():
+            # Closed (the peer's own close frame included) with bytes unsent: a plain close waits for them.
+            asyncio.get_running_loop().call_later(CLOSE_GRACE_S, self._abort)
 
     def _abort(self) -> None:
         if self.transport is not None:

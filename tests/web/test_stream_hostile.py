@@ -214,3 +214,27 @@ async def test_a_subscriber_that_reads_nothing_does_not_hold_shutdown_up() -> No
     finally:
         await server.stop()
     assert server.connections == 0
+
+
+@pytest.mark.asyncio
+async def test_a_subscriber_that_says_goodbye_but_reads_nothing_does_not_keep_its_connection() -> None:
+    """A subscriber that stops reading, then sends a close frame: its socket ended, but the connection was
+    only closed, which waits for the unsent results to be read, for good. It kept its ``max_connections``
+    place (and its buffers), past the server's own stop."""
+    async with Server(config()) as server, aiohttp.ClientSession() as session:
+        ws = await session.ws_connect(url(server))
+        await ws.send_str('{"subscribe": [5]}')
+        assert (await asyncio.wait_for(ws.receive(), 5)).data == '{"subscribed": [5]}'
+        big = np.zeros(1 << 16, dtype=np.float32)  # 256 KiB; from here on the client reads nothing
+        for seq in range(100):
+            server.admission.stream_results.publish(
+                FrameHeader(5, seq, "default", 0, (1,), 0), Outcome(Status.OK, result=big)
+            )
+            await asyncio.sleep(0.002)
+        await ws._writer.close(1000, b"")  # (the close frame alone: the client's close() would read)
+        async with asyncio.timeout(10):
+            while server.admission.stream_results.subscribers(5):
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(3 * ws_stream.CLOSE_GRACE_S)
+        assert server.connections == 0, "a socket that ended still holds its connection"
+        await ws.close()
