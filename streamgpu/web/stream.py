@@ -276,7 +276,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
     if not take_place(request):
         return web.json_response({"error": f"too many connections ({admission.config.max_connections})"}, status=503)
     producer = admission.producer_for(grant, f"ws:{request.remote}")
-    ws = web.WebSocketResponse(max_msg_size=admission.config.max_payload_bytes + 64 * 1024)
+    # No permessage-deflate: a peer that asked for it would have the server compress every message it gets.
+    ws = web.WebSocketResponse(max_msg_size=admission.config.max_payload_bytes + 64 * 1024, compress=False)
     sock = StreamSocket(ws, request.transport, admission, producer)
     sockets = request.app[_SOCKETS]
     writer: asyncio.Task[None] | None = None

@@ -238,3 +238,18 @@ async def test_a_subscriber_that_says_goodbye_but_reads_nothing_does_not_keep_it
         await asyncio.sleep(3 * ws_stream.CLOSE_GRACE_S)
         assert server.connections == 0, "a socket that ended still holds its connection"
         await ws.close()
+
+
+@pytest.mark.asyncio
+async def test_a_peer_cannot_make_the_server_deflate_every_message_for_it() -> None:
+    """permessage-deflate was on: any peer that asked for it had every message it gets compressed by the
+    server (review: ~9 ms of CPU per 256 KiB result, in the loop's executor threads, 45x an uncompressed
+    send), every subscribed result included, a cost on every producer's CPU that one watcher chose."""
+    async with (
+        Server(config()) as server,
+        aiohttp.ClientSession() as session,
+        session.ws_connect(url(server), compress=15) as ws,
+    ):
+        assert ws.compress == 0, "the server agreed to deflate this socket's messages"
+        await ws.send_str('{"subscribe": [5]}')
+        assert (await asyncio.wait_for(ws.receive(), 5)).data == '{"subscribed": [5]}'
