@@ -311,7 +311,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
 async def _close_sockets(app: web.Application) -> None:
     """Application shutdown: close every stream socket (going away) instead of waiting for its peer."""
     going = [sock.close_socket(WSCloseCode.GOING_AWAY, b"server is shutting down") for sock in app[_SOCKETS]]
-    await asyncio.gather(*going)  # at once: each may take CLOSE_GRACE_S
+    await asyncio.gather(*going, return_exceptions=True)  # at once (each may take CLOSE_GRACE_S); none stops others
 
 
 def add_routes(app: web.Application) -> None:
