@@ -272,9 +272,6 @@ class _Subscriber(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         pass  # subscribers have nothing to say; what they send is dropped
 
-    def eof_received(self) -> bool:
-        return True  # nor must they say anything: one that closed its sending side (nc < /dev/null) still reads
-
     def connection_lost(self, exc: Exception | None) -> None:
         self._outlet.left(self)
         self.transport = None

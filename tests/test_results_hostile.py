@@ -62,27 +62,3 @@ async def test_a_results_port_nobody_reads_costs_no_frame_a_record() -> None:
             writer.close()
         finally:
             await conn.close()
-
-
-@pytest.mark.asyncio
-async def test_a_subscriber_that_closes_its_sending_side_still_gets_lines() -> None:
-    """A subscriber has nothing to say, and one may say so: ``nc 127.0.0.1 9100 &`` in a script (stdin
-    /dev/null; ncat and socat half-close on stdin's end) or ``shutdown(SHUT_WR)``. Its end of input was
-    taken as the end of the connection: it was closed and got no line, not even an error."""
-    cfg = Config(listeners=[ListenerSpec(port=0)], device="cpu", models=[SPEC], results_port=0)
-    async with Server(cfg) as server:
-        assert server.results_address is not None
-        reader, writer = await asyncio.open_connection(*server.results_address)
-        writer.write_eof()
-        conn = await client.connect("127.0.0.1", server.port)
-        try:
-            async with asyncio.timeout(5):
-                while not server.results.wanted:
-                    await asyncio.sleep(0.01)
-            await asyncio.sleep(0.1)  # its end of input has arrived
-            assert (await conn.submit(np.zeros(SPEC.input_shape, np.uint8))).status is Status.OK
-            line = await asyncio.wait_for(reader.readline(), 5)
-            assert json.loads(line)["status"] == "OK", line
-        finally:
-            await conn.close()
-            writer.close()
