@@ -187,6 +187,18 @@ async def test_a_slow_subscriber_of_big_results_holds_at_most_ws_send_queue_byte
         assert received == sorted(received)  # the oldest were dropped, the rest came in order
 
 
+async def subscribe_and_stop_reading(server: Server, ws: aiohttp.ClientWebSocketResponse) -> None:
+    """``ws`` subscribes to stream 5, then reads nothing while 100 results of 256 KiB are published to it."""
+    await ws.send_str('{"subscribe": [5]}')
+    assert (await asyncio.wait_for(ws.receive(), 5)).data == '{"subscribed": [5]}'
+    big = np.zeros(1 << 16, dtype=np.float32)
+    for seq in range(100):
+        server.admission.stream_results.publish(
+            FrameHeader(5, seq, "default", 0, (1,), 0), Outcome(Status.OK, result=big)
+        )
+        await asyncio.sleep(0.002)
+
+
 @pytest.mark.asyncio
 async def test_a_subscriber_that_reads_nothing_does_not_hold_shutdown_up() -> None:
     """A subscriber that stops reading while big results pile up: at shutdown its close frame cannot be
@@ -196,14 +208,7 @@ async def test_a_subscriber_that_reads_nothing_does_not_hold_shutdown_up() -> No
     try:
         async with aiohttp.ClientSession() as session:
             ws = await session.ws_connect(url(server))
-            await ws.send_str('{"subscribe": [5]}')
-            assert (await asyncio.wait_for(ws.receive(), 5)).data == '{"subscribed": [5]}'
-            big = np.zeros(1 << 16, dtype=np.float32)  # 256 KiB; from here on the client reads nothing
-            for seq in range(100):
-                server.admission.stream_results.publish(
-                    FrameHeader(5, seq, "default", 0, (1,), 0), Outcome(Status.OK, result=big)
-                )
-                await asyncio.sleep(0.002)
+            await subscribe_and_stop_reading(server, ws)
             await asyncio.sleep(0.2)
             started = asyncio.get_running_loop().time()
             async with asyncio.timeout(10):
@@ -223,14 +228,7 @@ async def test_a_subscriber_that_says_goodbye_but_reads_nothing_does_not_keep_it
     place (and its buffers), past the server's own stop."""
     async with Server(config()) as server, aiohttp.ClientSession() as session:
         ws = await session.ws_connect(url(server))
-        await ws.send_str('{"subscribe": [5]}')
-        assert (await asyncio.wait_for(ws.receive(), 5)).data == '{"subscribed": [5]}'
-        big = np.zeros(1 << 16, dtype=np.float32)  # 256 KiB; from here on the client reads nothing
-        for seq in range(100):
-            server.admission.stream_results.publish(
-                FrameHeader(5, seq, "default", 0, (1,), 0), Outcome(Status.OK, result=big)
-            )
-            await asyncio.sleep(0.002)
+        await subscribe_and_stop_reading(server, ws)
         await ws._writer.close(1000, b"")  # (the close frame alone: the client's close() would read)
         async with asyncio.timeout(10):
             while server.admission.stream_results.subscribers(5):
