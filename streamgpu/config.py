@@ -432,10 +432,7 @@ _TABLE_KEYS = ("listeners", "tokens")
 ENV_PREFIX = "STREAMGPU_"
 SEND_TOKEN_ENV = "STREAMGPU_TOKEN"  # streamgpu send's --token
 # The STREAMGPU_ variables that set no [server] setting: read elsewhere, so not refused as typos
-OTHER_ENV = (
-    SEND_TOKEN_ENV,
-    "STREAMGPU_SCREENSHOT",  # tests/web/test_status_page.py: where to keep its screenshot
-)
+OTHER_ENV = (SEND_TOKEN_ENV,)
 _MODEL_KEYS = {f.name for f in dataclasses.fields(ModelSpec)}
 
 
@@ -527,10 +524,16 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     must not be ignored."""
     names = {name.upper() for name in _SERVER_KEYS}
     known = names | {var.removeprefix(ENV_PREFIX) for var in OTHER_ENV}
-    # Another case (streamgpu_port) is refused only where it names a known variable: else it is someone else's
-    unknown = sorted(var for var in env if var not in OTHER_ENV and (
-        var.removeprefix(ENV_PREFIX) not in names if var.startswith(ENV_PREFIX)
-        else var.upper().startswith(ENV_PREFIX) and var.upper().removeprefix(ENV_PREFIX) in known))  # fmt: skip
+
+    def mistyped(var: str) -> bool:
+        if var in OTHER_ENV:
+            return False
+        if var.startswith(ENV_PREFIX):
+            return var.removeprefix(ENV_PREFIX) not in names
+        # another case (streamgpu_port) is refused only where it names a known variable: else it is someone else's
+        return var.upper().startswith(ENV_PREFIX) and var.upper().removeprefix(ENV_PREFIX) in known
+
+    unknown = sorted(filter(mistyped, env))
     if unknown:
         hint = _did_you_mean([var.upper().removeprefix(ENV_PREFIX) for var in unknown], known, ENV_PREFIX)
         raise ConfigError(f"unknown environment variable{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}{hint}: "

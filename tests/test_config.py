@@ -221,8 +221,8 @@ def test_a_mistyped_environment_variable_is_refused_naming_the_closest_known_one
         Config.load(None, env={"STREAMGPU_PROT": "9000", "STREAMGPU_PORT": "9001"})
     with pytest.raises(ConfigError, match=r"unknown environment variables STREAMGPU_LISTENERS, STREAMGPU_XYZZY\b"):
         Config.load(None, env={"STREAMGPU_XYZZY": "", "STREAMGPU_LISTENERS": "x"})
-    # the variables streamgpu reads elsewhere: send's token, the status page test's screenshot
-    assert Config.load(None, env={"STREAMGPU_TOKEN": "t", "STREAMGPU_SCREENSHOT": "x.png"}).listeners[0].port == 7878
+    # the variable streamgpu reads elsewhere: send's token
+    assert Config.load(None, env={"STREAMGPU_TOKEN": "t"}).listeners[0].port == 7878
 
 
 def test_an_environment_variable_in_the_wrong_case_is_refused_naming_the_right_one() -> None:

@@ -1,5 +1,5 @@
 """The status page in a real headless browser (Debian's chromium driven by Playwright): the numbers change
-as frames flow. ``STREAMGPU_SCREENSHOT=docs/status_page.png`` also keeps a screenshot there."""
+as frames flow. ``STATUS_PAGE_SCREENSHOT=docs/status_page.png`` also keeps a screenshot there."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ async def test_status_page_numbers_change_as_frames_flow(tmp_path: Path, browser
             timeout=5000,
         )
         assert await page.locator("#connections").text_content() == "1"
-        if target := os.environ.get("STREAMGPU_SCREENSHOT"):
+        if target := os.environ.get("STATUS_PAGE_SCREENSHOT"):
             shutil.copyfile(shot, target)
         await conn.close()
 
