@@ -24,6 +24,7 @@ import contextlib
 import importlib.util
 import logging
 import math
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -68,9 +69,49 @@ _SERVING_PRIORITY = -100
 _LOADING_PRIORITY = 0
 
 
-# Past this share of a GPU's memory held in torch's cache (freed, not given back), an unload gives it back even with
-# other models serving there (``CudaBackend.unload``): a stall then, instead of at every swap.
+# Past this share of a GPU's memory added to torch's cache (freed, not given back) since it was last given back, an
+# unload gives it back even with other models serving (``ProcessCache``): a stall then, instead of at every swap.
 CACHED_SHARE = 0.125
+
+
+def _cached(gpu: torch.device) -> int:
+    """Bytes torch's allocator holds on ``gpu`` but not in a tensor (host-side counters: no device call)."""
+    return torch.cuda.memory_reserved(gpu) - torch.cuda.memory_allocated(gpu)
+
+
+class ProcessCache:
+    """When freed models' memory goes back from torch's caching allocator to the devices (``empty_cache``).
+
+    Giving memory back (cudaFree) waits for everything running on the device and holds every launch meanwhile,
+    other models' batches too. The allocator is one per process and ``empty_cache`` empties it on every GPU,
+    whichever backend freed the blocks: so the models counted are all of the process's (servers embedded side by
+    side included), and the cache is measured against what it held right after it was last given back, which
+    is the free memory inside the graph pools of models still serving (no ``empty_cache`` gives that back)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # loader threads of several backends
+        self._models = 0  # loaded, by every CudaBackend of the process, on any GPU
+        self._floor: dict[torch.device, int] = {}  # per GPU seen: cached bytes after the last empty_cache
+
+    def loaded(self, gpu: torch.device) -> None:
+        with self._lock:
+            self._models += 1
+            self._floor.setdefault(gpu, 0)
+
+    def freed(self, gpu: torch.device, total: int) -> bool:
+        """A model on ``gpu`` (``total`` bytes) was freed: give the cache back if no model is left in the process,
+        or if the cache on ``gpu`` grew by more than ``CACHED_SHARE`` of ``total`` since it was last given back.
+        Returns whether it was given back."""
+        with self._lock:
+            self._models -= 1
+            if self._models and _cached(gpu) - self._floor[gpu] <= CACHED_SHARE * total:
+                return False
+            torch.cuda.empty_cache()  # the freed graph pools and blocks go back to the devices
+            self._floor = {seen: _cached(seen) for seen in self._floor}
+            return True
+
+
+PROCESS_CACHE = ProcessCache()
 
 
 @dataclass(frozen=True, eq=False)
@@ -438,7 +479,12 @@ class CudaModel(DeviceModel):
         return [out[:n] for out in g.static_out]
 
     def release(self) -> None:
-        """Drop every device tensor this model holds (graphs, their pool, buffers, weights)."""
+        """Drop every device tensor this model holds (graphs, their pool, buffers, weights).
+
+        Each graph is reset before it is dropped: ``reset`` lets go of the GIL while the driver destroys the
+        graph, where the last reference dropped would destroy it holding the GIL, and the loop's batches wait."""
+        for captured in self.graphs.values():
+            captured.graph.reset()
         self.graphs.clear()
         self.buckets = []
         self.graph_for = []
@@ -476,7 +522,6 @@ class CudaBackend(Backend):
         self._spare_streams: dict[int | GreenContext, list[ModelStreams]] = {i: [] for i in range(len(self.gpus))}
         self._shares = SmShares()  # models with an sm_share: SMs no other model's share holds
         self._spare_made = [False for _ in self.gpus]
-        self._loaded = [0 for _ in self.gpus]  # models loaded per GPU (``unload``)
         self._trace_epochs: dict[int, driver.Event] = {}  # per GPU: trace times count from it (``_mark_epoch``)
         self._total_memory = [torch.cuda.get_device_properties(d).total_memory for d in self.gpus]
         self._bridge = CompletionBridge(loop)
@@ -546,7 +591,7 @@ class CudaBackend(Backend):
                 if share is not None:
                     self._shares.give_back(share)
                 raise
-            self._loaded[device] += 1
+            PROCESS_CACHE.loaded(gpu)
             if not self._spare_made[device]:
                 self._spare_made[device] = True
                 try:
@@ -589,22 +634,17 @@ class CudaBackend(Backend):
 
     def unload(self, model: DeviceModel) -> None:
         """Free ``model``; its memory goes back to torch's caching allocator, and from there to the device
-        (``empty_cache``) only when no other model is loaded on its GPU or the cache holds more than
-        ``CACHED_SHARE`` of the GPU's memory. Giving memory back (cudaFree) waits for the whole device and
-        holds every launch meanwhile, the loop's too: a serving model's frame waited 453 ms behind an unload
-        with 0.5 s of other work queued on the GPU (H100, tests/gpu/test_lifecycle_cuda.py). The next load
-        reuses the cached blocks; torch also gives the cache back by itself when one of its own allocations
-        would not fit otherwise. The rule's limits: docs/MODELS.md ("Versions and swaps")."""
+        only by ``PROCESS_CACHE``'s rule: giving memory back (cudaFree) waits for the whole device and holds
+        every launch meanwhile, the loop's too (a serving model's frame waited 453 ms behind an unload with
+        0.5 s of other work queued on the GPU, H100, tests/gpu/test_lifecycle_cuda.py). The next load reuses
+        the cached blocks; torch also gives the cache back by itself when one of its own allocations would not
+        fit otherwise."""
         assert isinstance(model, CudaModel)
         with torch.cuda.device(model.gpu):
             model.stream.synchronize()  # its last batch has been delivered; nothing of it is queued
             model.capture_stream.synchronize()
             model.release()
-            self._loaded[model.device] -= 1
-            # (host-side counters of the allocator: no device call)
-            cached = torch.cuda.memory_reserved(model.gpu) - torch.cuda.memory_allocated(model.gpu)
-            if not self._loaded[model.device] or cached > CACHED_SHARE * self._total_memory[model.device]:
-                torch.cuda.empty_cache()  # the graphs' private pools and the freed blocks go back to the device
+            PROCESS_CACHE.freed(model.gpu, self._total_memory[model.device])
             self._spares(model.device, model.share).append(model.streams)
             if model.share is not None:
                 self._shares.give_back(model.share)

@@ -1,6 +1,7 @@
 """CudaBackend.load's bookkeeping without a GPU (torch's device calls, the model and its streams faked): a
 load that fails after its model is made gives its SM share and streams back; a model freed while others
-are loaded on its GPU leaves its memory in torch's cache, up to ``CACHED_SHARE``."""
+are loaded in the process leaves its memory in torch's cache, up to ``CACHED_SHARE`` added since the cache
+was last given back."""
 
 from __future__ import annotations
 
@@ -62,16 +63,21 @@ def backend(monkeypatch: pytest.MonkeyPatch) -> cuda.CudaBackend:
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda gpu: MEMORY["allocated"])
     monkeypatch.setattr(cuda, "ModelStreams", FakeStreams)
     monkeypatch.setattr(cuda, "CudaModel", FakeModel)
+    monkeypatch.setattr(cuda, "PROCESS_CACHE", cuda.ProcessCache())
     monkeypatch.setattr(cuda.CudaBackend, "_prepare", lambda self, model: None)
+    EMPTIED.clear()
+    MEMORY.update(reserved=0, allocated=0)
+    return fake_backend()
+
+
+def fake_backend() -> cuda.CudaBackend:
     backend = cuda.CudaBackend.__new__(cuda.CudaBackend)  # no GPU here: only what load and unload use
     backend.gpus = [torch.device("cuda", 0)]
     backend.load_streams = [FakeStream()]  # type: ignore[list-item]
     backend.use_kernels = False
     backend._spare_streams = {0: []}
     backend._spare_made = [False]
-    backend._loaded = [0]
     backend._total_memory = [TOTAL]
-    EMPTIED.clear()
     backend._shares = SmShares()
     return backend
 
@@ -107,3 +113,41 @@ def test_a_model_freed_beside_others_leaves_its_memory_cached_up_to_a_share_of_t
     assert EMPTIED == [True]  # the cache past its share of the GPU: given back
     backend.unload(serving)  # the last model on the GPU: its memory goes back
     assert EMPTIED == [True, True]
+
+
+def test_the_free_memory_inside_serving_models_graph_pools_does_not_empty_the_cache_at_every_unload(
+    backend: cuda.CudaBackend,
+) -> None:
+    # Reserved minus allocated also counts the free blocks inside the graph pools of models still serving, which
+    # no empty_cache gives back: where those alone passed CACHED_SHARE, every unload emptied the cache (and held
+    # every launch on the GPU) again. The cache is now measured against what it held after it was last emptied.
+    backend._spare_made = [True]
+    serving = backend.load(ModelSpec(name="a"), torch.nn.Identity())
+    pools = int(TOTAL * cuda.CACHED_SHARE) + (1 << 30)  # the serving graphs' pools: past the share alone
+    MEMORY.update(reserved=pools + (4 << 30), allocated=4 << 30)
+    first = backend.load(ModelSpec(name="b"), torch.nn.Identity())
+    backend.unload(first)
+    assert EMPTIED == [True]  # once: the cache had never been given back
+    for name in "cde":  # swaps: each version's memory back in the cache, the serving pools' free memory still there
+        backend.unload(backend.load(ModelSpec(name=name), torch.nn.Identity()))
+    assert EMPTIED == [True]
+    MEMORY.update(reserved=pools + (4 << 30) + int(TOTAL * cuda.CACHED_SHARE) + 1)  # grown past its share since
+    backend.unload(backend.load(ModelSpec(name="f"), torch.nn.Identity()))
+    assert EMPTIED == [True, True]
+    backend.unload(serving)
+    assert EMPTIED == [True, True, True]
+
+
+def test_a_model_freed_in_one_server_leaves_the_cache_while_another_server_of_the_process_serves(
+    backend: cuda.CudaBackend,
+) -> None:
+    # torch's cache is one per process (and empty_cache empties it on every GPU): counted per backend, the last
+    # model of one embedded server emptied it under the batches of another server's models.
+    other = fake_backend()
+    other._spare_made = [True]
+    backend._spare_made = [True]
+    serving = other.load(ModelSpec(name="a"), torch.nn.Identity())
+    backend.unload(backend.load(ModelSpec(name="b"), torch.nn.Identity()))
+    assert EMPTIED == []  # "a" still serves in this process
+    other.unload(serving)
+    assert EMPTIED == [True]
