@@ -8,7 +8,9 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -186,6 +188,15 @@ def admin(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def honour_interrupts() -> None:
+    """Make SIGINT interrupt, also where the process started with it ignored: a script's background job
+    (``streamgpu serve &``) does, by POSIX rule. ``serve`` installs its own handler once its loop runs, so a
+    ``kill -INT`` sent while it imported torch and loaded models was lost (the server then served on) and one sent
+    later stopped it; now both do."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _indices(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(","))
@@ -194,6 +205,7 @@ def _indices(text: str) -> tuple[int, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    honour_interrupts()
     try:
         return _main(argv)
     except KeyboardInterrupt:  # Ctrl-C before serve's signal handlers (imports, model loads) or in a command

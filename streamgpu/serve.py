@@ -55,10 +55,21 @@ def run(config: Config) -> int:
 async def _serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    server = Server(config)
+
+    def on_signal() -> None:
+        # The first signal stops the server (once started, if it is still loading models); the second exits at
+        # once, also while it starts: a model's load or compile can take a minute.
+        if stop.is_set():
+            log.warning("second signal: exiting without finishing in-flight frames")
+            os._exit(1)
+        stop.set()
+        if not server.started:
+            log.info("signal received while starting: stopping once started (a second signal exits at once)")
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    server = Server(config)
+            loop.add_signal_handler(sig, on_signal)
     await server.start()
     log.info("event loop %s.%s", type(loop).__module__, type(loop).__name__)
     stats = StatsLine(server, config.stats_interval_s)
@@ -66,14 +77,6 @@ async def _serve(config: Config) -> int:
     stats.cancel()
     in_flight, before, started = server.frames_in_flight, reply_totals(server), time.monotonic()
     log.info("signal received: stopping (answering %d in-flight frames; a second signal exits at once)", in_flight)
-
-    def force_exit() -> None:
-        log.warning("second signal: exiting without finishing in-flight frames")
-        os._exit(1)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, force_exit)
     await server.stop()
     drain_summary(server, in_flight, before, time.monotonic() - started)
     if lost := [d["name"] for d in server.metrics()["devices"] if d["error"]]:

@@ -49,6 +49,51 @@ def test_serve_logs_answers_and_exits_cleanly_on_sigint() -> None:
     assert "stopped" in out
 
 
+def test_a_second_sigint_while_models_load_exits_at_once() -> None:
+    # serve's first handler only set the stop event: a signal while a model loaded (a compile can take a minute)
+    # stopped nothing until the load ended, and a second one did the same, where the log promises it exits at once.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamgpu", "serve", "--port", "0", "--device", "cpu", "--model", "builtin:resnet50"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    assert proc.stdout is not None
+    lines: list[str] = []
+    try:
+        for wanted in ("data path:", "signal received while starting"):  # (the model loads for seconds after it)
+            while not lines or wanted not in lines[-1]:
+                line = proc.stdout.readline()
+                assert line, "".join(lines)  # the process ended
+                lines.append(line)
+                assert "listening on" not in line, "".join(lines)  # the load ended before the signals were taken
+            proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, "".join(lines) + out
+    assert "second signal: exiting" in out
+
+
+def test_serve_started_with_sigint_ignored_is_still_interrupted_before_its_loop_runs(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A script's background job (`streamgpu serve &`) starts with SIGINT ignored; serve's own handler comes once
+    # its loop runs, so a `kill -INT` sent while it imported torch and loaded models was lost and it served on.
+    seen = []
+
+    def loading(*args: object, **kwargs: object) -> Config:
+        seen.append(signal.getsignal(signal.SIGINT))
+        raise KeyboardInterrupt  # (what Ctrl-C raises now, while serve imports and loads)
+
+    monkeypatch.setattr(Config, "load", loading)
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert main(["serve", "--device", "cpu"]) == 130
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert seen == [signal.default_int_handler]
+    assert capsys.readouterr().err == "streamgpu: interrupted\n"
+
+
 def test_serve_raises_a_low_open_files_limit_so_its_connections_are_served() -> None:
     """Started with a soft limit of 160 open files (below max_connections, 1024), ``streamgpu serve`` raises
     it: 200 producers are welcomed and served. (Left at 160, accept() failed once the descriptors ran out
