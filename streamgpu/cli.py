@@ -13,7 +13,15 @@ from collections.abc import Callable
 from typing import Any
 
 from streamgpu import __version__
-from streamgpu.config import LOG_FORMATS, LOG_LEVELS, SEND_TOKEN_ENV, Config, ListenerSpec
+from streamgpu.config import (
+    AUTH_TOKEN_ENV,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    OLD_TOKEN_ENV,
+    Config,
+    ListenerSpec,
+    check_env_names,
+)
 from streamgpu.errors import ConfigError, StreamgpuError
 from streamgpu.gpu import DEVICES
 from streamgpu.loops import LOOPS
@@ -120,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     admin.add_argument("settings", nargs="*", metavar="KEY=VALUE",
                        help="load: model settings, e.g. source=export:model.pt2 max_batch_size=16 (none: the "
                             "server's repository folder NAME, or its last settings)")  # fmt: skip
-    admin.add_argument("--token", default="", help="the server's auth_token (default: $STREAMGPU_AUTH_TOKEN)")
+    admin.add_argument("--token", default="", help=f"the server's auth_token (default: ${AUTH_TOKEN_ENV})")
 
     send = commands.add_parser("send", help="send raw frames from stdin or a file; print replies as JSON lines")
     from streamgpu.loadgen.transports import transport_names
@@ -128,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
     send.add_argument("--port", type=int, default=7878, help="server port (default 7878)")
     send.add_argument("--transport", choices=transport_names(), default="tcp", help="default tcp")
-    send.add_argument("--token", default=os.environ.get(SEND_TOKEN_ENV, ""), help=f"auth token (${SEND_TOKEN_ENV})")
+    send.add_argument("--token", default="", help=f"auth token (default: ${AUTH_TOKEN_ENV}; not over udp)")
     send.add_argument("--model", default="default", help="model name (default 'default')")
     send.add_argument("--shape", type=_shape, default=(224, 224, 3), help="one frame's shape (default 224,224,3)")
     dtypes = sorted(dt.name for dt in wire.DTYPES.values())
@@ -157,8 +165,9 @@ def admin(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     from streamgpu.web import admin_client
 
-    token = args.token or os.environ.get("STREAMGPU_AUTH_TOKEN", "")
     # usage errors exit 2 here, before any request; 1 is for a server's refusal or no reply
+    _check_env(parser)
+    token = args.token or os.environ.get(AUTH_TOKEN_ENV, "")
     if args.action != "list" and not args.name:
         parser.error(f"admin {args.action} needs NAME")
     if args.action == "list" and args.name:
@@ -257,12 +266,31 @@ def serve_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> C
     return config
 
 
+def _check_env(parser: argparse.ArgumentParser) -> None:
+    """A mistyped ``STREAMGPU_`` variable (``STREAMGPU_AUTH_TOKN``) is refused as the server refuses it."""
+    try:
+        check_env_names(os.environ)
+    except ConfigError as exc:
+        parser.error(str(exc))
+
+
+def _send_token(args: argparse.Namespace) -> str:
+    """``--token``, else ``$STREAMGPU_AUTH_TOKEN``, else the deprecated ``$STREAMGPU_TOKEN`` (with a warning)."""
+    if args.token or args.transport == "udp":  # (udp has no handshake: a token in the environment is not sent)
+        return str(args.token)
+    if AUTH_TOKEN_ENV in os.environ or OLD_TOKEN_ENV not in os.environ:
+        return os.environ.get(AUTH_TOKEN_ENV, "")
+    print(f"streamgpu send: warning: {OLD_TOKEN_ENV} is deprecated, set {AUTH_TOKEN_ENV} instead", file=sys.stderr)
+    return os.environ[OLD_TOKEN_ENV]
+
+
 def _send(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     import numpy as np
 
     from streamgpu.protocol import udp
     from streamgpu.send import SendOptions, run
 
+    _check_env(parser)
     if not 0 <= args.port <= 65535:
         parser.error(f"argument --port: must be 0..65535, got {args.port}")
     if not 0 <= args.stream_id <= 0xFFFFFFFF:
@@ -281,8 +309,7 @@ def _send(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                      f"more than udp carries ({udp.MAX_CHUNKS} datagrams, ~{udp_max} bytes): "
                      "use --transport tcp")  # fmt: skip
     if args.transport == "udp" and args.token:
-        parser.error("argument --token: udp has no handshake, so no token (the server's allow list decides; "
-                     f"unset {SEND_TOKEN_ENV})")  # fmt: skip
+        parser.error("argument --token: udp has no handshake, so no token (the server's allow list decides)")
     if args.input != "-" and not os.path.isfile(args.input):
         parser.error(f"argument --input: no such file {args.input!r}")
     if args.video:
@@ -293,7 +320,7 @@ def _send(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if len(args.shape) != 3 or args.shape[2] != 3 or args.dtype != "uint8":
             parser.error(f"argument --video: decodes to uint8 H,W,3 frames, not {args.dtype} {list(args.shape)}")
     opts = SendOptions(
-        host=args.host, port=args.port, transport=args.transport, token=args.token, model=args.model,
+        host=args.host, port=args.port, transport=args.transport, token=_send_token(args), model=args.model,
         shape=args.shape, dtype=args.dtype, input=args.input, video=args.video, stream_id=args.stream_id,
         live=args.live, deadline=args.deadline, priority=args.priority, in_flight=args.in_flight, rate=args.rate,
         count=args.count, top_k=args.top_k, subscribers=args.subscribers,
