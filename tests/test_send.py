@@ -269,3 +269,20 @@ def test_send_and_admin_refuse_a_mistyped_streamgpu_variable(
     assert "unknown environment variable STREAMGPU_AUTH_TOKN (did you mean 'STREAMGPU_AUTH_TOKEN'?)" in (
         capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize(("flag", "hi"), [("--stream-id", 0xFFFFFFFF), ("--priority", 255), ("--port", 65535)])
+def test_a_number_flag_out_of_range_or_of_thousands_of_digits_names_its_range(
+    flag: str, hi: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 5000 digits: argparse's "invalid int value" quoting them all (int() refuses past 4300 digits), no range
+    for value, shown in ((str(hi + 1), repr(str(hi + 1))), ("-1", "'-1'"), ("1" * 5000, "... (5000 characters)")):
+        with pytest.raises(SystemExit) as info:
+            main(["send", flag, value])
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument {flag}: must be an integer 0..{hi}, got " in err and shown in err and len(err) < 2000, err
+
+
+def test_a_number_flag_may_have_thousands_of_leading_zeros(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert sent_options(monkeypatch, ["--stream-id", "0" * 5000 + "7"]).stream_id == 7  # int() counts the zeros
