@@ -15,7 +15,15 @@ from collections.abc import Callable
 from typing import Any
 
 from streamgpu import __version__
-from streamgpu.config import LOG_FORMATS, LOG_LEVELS, SEND_TOKEN_ENV, Config, ListenerSpec
+from streamgpu.config import (
+    AUTH_TOKEN_ENV,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    OLD_TOKEN_ENV,
+    Config,
+    ListenerSpec,
+    check_env_names,
+)
 from streamgpu.errors import ConfigError, StreamgpuError
 from streamgpu.gpu import DEVICES
 from streamgpu.loops import LOOPS
@@ -25,17 +33,43 @@ from streamgpu.protocol import wire
 RAW_MODES = ("live", "every")
 
 
+def _decimal(text: str, hi: int) -> int | None:
+    """``text``, decimal digits, as an integer 0..``hi``; None when it is none. Thousands of digits are out of
+    range here, not Python's int() error (its digit limit, sys.set_int_max_str_digits)."""
+    digits = text.lstrip("0") or "0"  # (int()'s digit limit counts leading zeros)
+    if not (text.isascii() and text.isdigit()) or len(digits) > len(str(hi)):
+        return None
+    value = int(digits)
+    return value if value <= hi else None
+
+
+def _shown(text: str) -> str:
+    """``text`` quoted for a message, a long one cut (a flag of thousands of digits)."""
+    return repr(text) if len(text) <= 40 else f"{text[:20]!r}... ({len(text)} characters)"
+
+
+def _integer(hi: int) -> Callable[[str], int]:
+    """An argparse type: an integer 0..``hi``, named with its range when it is not one."""
+
+    def parse(text: str) -> int:
+        if (value := _decimal(text, hi)) is None:
+            raise argparse.ArgumentTypeError(f"must be an integer 0..{hi}, got {_shown(text)}")
+        return value
+
+    return parse
+
+
 def raw_listener_flag(text: str) -> tuple[int, str, bool]:
     """``--raw tcp:PORT:MODEL[:live|:every]`` -> (port, model, live)."""
     parts = text.split(":")
     if len(parts) not in (3, 4) or parts[0] != "tcp" or not parts[2]:
-        raise argparse.ArgumentTypeError(f"expected tcp:PORT:MODEL or tcp:PORT:MODEL:live|every, got {text!r}")
-    if not parts[1].isdigit() or not 0 <= int(parts[1]) <= 65535:
-        raise argparse.ArgumentTypeError(f"PORT must be 0..65535, got {parts[1]!r} in {text!r}")
+        raise argparse.ArgumentTypeError(f"expected tcp:PORT:MODEL or tcp:PORT:MODEL:live|every, got {_shown(text)}")
+    if (port := _decimal(parts[1], 65535)) is None:
+        raise argparse.ArgumentTypeError(f"PORT must be 0..65535, got {_shown(parts[1])} in {_shown(text)}")
     mode = parts[3] if len(parts) == 4 else "live"
     if mode not in RAW_MODES:
-        raise argparse.ArgumentTypeError(f"mode must be one of {RAW_MODES}, got {mode!r} in {text!r}")
-    return int(parts[1]), parts[2], mode == "live"
+        raise argparse.ArgumentTypeError(f"mode must be one of {RAW_MODES}, got {mode!r} in {_shown(text)}")
+    return port, parts[2], mode == "live"
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -122,15 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     admin.add_argument("settings", nargs="*", metavar="KEY=VALUE",
                        help="load: model settings, e.g. source=export:model.pt2 max_batch_size=16 (none: the "
                             "server's repository folder NAME, or its last settings)")  # fmt: skip
-    admin.add_argument("--token", default="", help="the server's auth_token (default: $STREAMGPU_AUTH_TOKEN)")
+    admin.add_argument("--token", default="", help=f"the server's auth_token (default: ${AUTH_TOKEN_ENV})")
 
     send = commands.add_parser("send", help="send raw frames from stdin or a file; print replies as JSON lines")
     from streamgpu.loadgen.transports import transport_names
 
     send.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
-    send.add_argument("--port", type=int, default=7878, help="server port (default 7878)")
+    send.add_argument("--port", type=_integer(65535), default=7878, help="server port (default 7878)")
     send.add_argument("--transport", choices=transport_names(), default="tcp", help="default tcp")
-    send.add_argument("--token", default=os.environ.get(SEND_TOKEN_ENV, ""), help=f"auth token (${SEND_TOKEN_ENV})")
+    send.add_argument("--token", default="", help=f"auth token (default: ${AUTH_TOKEN_ENV}; not over udp)")
     send.add_argument("--model", default="default", help="model name (default 'default')")
     send.add_argument("--shape", type=_shape, default=(224, 224, 3), help="one frame's shape (default 224,224,3)")
     dtypes = sorted(dt.name for dt in wire.DTYPES.values())
@@ -138,10 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     source = send.add_mutually_exclusive_group()
     source.add_argument("--input", default="-", metavar="FILE", help="raw frames back to back (default -: stdin)")
     source.add_argument("--video", default="", metavar="FILE", help="a video decoded with PyAV: RGB frames of --shape")
-    send.add_argument("--stream-id", type=int, default=0, help="u32 stream id (default 0)")
+    send.add_argument("--stream-id", type=_integer(0xFFFFFFFF), default=0, help="u32 stream id (default 0)")
     send.add_argument("--live", action="store_true", help="live mode: a newer frame supersedes queued ones")
     send.add_argument("--deadline", type=_positive(float), metavar="SECONDS", help="per-frame deadline")
-    send.add_argument("--priority", type=int, default=0, help="0..255 (default 0)")
+    send.add_argument("--priority", type=_integer(255), default=0, help="0..255 (default 0)")
     send.add_argument("--in-flight", type=_positive(int), default=8, help="frames sent ahead of replies (default 8)")
     send.add_argument("--rate", type=_positive(float, zero=True), default=0.0, help="frames/s (default 0: no pacing)")
     send.add_argument("--count", type=_positive(int, zero=True), default=0, help="at most N frames (0: all)")
@@ -159,8 +193,9 @@ def admin(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     from streamgpu.web import admin_client
 
-    token = args.token or os.environ.get("STREAMGPU_AUTH_TOKEN", "")
     # usage errors exit 2 here, before any request; 1 is for a server's refusal or no reply
+    _check_env(parser)
+    token = args.token or os.environ.get(AUTH_TOKEN_ENV, "")
     if args.action != "list" and not args.name:
         parser.error(f"admin {args.action} needs NAME")
     if args.action == "list" and args.name:
@@ -269,18 +304,31 @@ def serve_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> C
     return config
 
 
+def _check_env(parser: argparse.ArgumentParser) -> None:
+    """A mistyped ``STREAMGPU_`` variable (``STREAMGPU_AUTH_TOKN``) is refused as the server refuses it."""
+    try:
+        check_env_names(os.environ)
+    except ConfigError as exc:
+        parser.error(str(exc))
+
+
+def _send_token(args: argparse.Namespace) -> str:
+    """``--token``, else ``$STREAMGPU_AUTH_TOKEN``, else the deprecated ``$STREAMGPU_TOKEN`` (with a warning)."""
+    if args.token or args.transport == "udp":  # (udp has no handshake: a token in the environment is not sent)
+        return str(args.token)
+    if AUTH_TOKEN_ENV in os.environ or OLD_TOKEN_ENV not in os.environ:
+        return os.environ.get(AUTH_TOKEN_ENV, "")
+    print(f"streamgpu send: warning: {OLD_TOKEN_ENV} is deprecated, set {AUTH_TOKEN_ENV} instead", file=sys.stderr)
+    return os.environ[OLD_TOKEN_ENV]
+
+
 def _send(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     import numpy as np
 
     from streamgpu.protocol import udp
     from streamgpu.send import SendOptions, run
 
-    if not 0 <= args.port <= 65535:
-        parser.error(f"argument --port: must be 0..65535, got {args.port}")
-    if not 0 <= args.stream_id <= 0xFFFFFFFF:
-        parser.error(f"argument --stream-id: must be 0..4294967295, got {args.stream_id}")
-    if not 0 <= args.priority <= 255:
-        parser.error(f"argument --priority: must be 0..255, got {args.priority}")
+    _check_env(parser)
     if not 1 <= len(args.model.encode()) <= wire.MAX_MODEL_NAME:
         parser.error(f"argument --model: must be 1..{wire.MAX_MODEL_NAME} UTF-8 bytes")
     if args.subscribers and args.transport != "udp":
@@ -293,8 +341,7 @@ def _send(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                      f"more than udp carries ({udp.MAX_CHUNKS} datagrams, ~{udp_max} bytes): "
                      "use --transport tcp")  # fmt: skip
     if args.transport == "udp" and args.token:
-        parser.error("argument --token: udp has no handshake, so no token (the server's allow list decides; "
-                     f"unset {SEND_TOKEN_ENV})")  # fmt: skip
+        parser.error("argument --token: udp has no handshake, so no token (the server's allow list decides)")
     if args.input != "-" and not os.path.isfile(args.input):
         parser.error(f"argument --input: no such file {args.input!r}")
     if args.video:
@@ -305,7 +352,7 @@ def _send(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if len(args.shape) != 3 or args.shape[2] != 3 or args.dtype != "uint8":
             parser.error(f"argument --video: decodes to uint8 H,W,3 frames, not {args.dtype} {list(args.shape)}")
     opts = SendOptions(
-        host=args.host, port=args.port, transport=args.transport, token=args.token, model=args.model,
+        host=args.host, port=args.port, transport=args.transport, token=_send_token(args), model=args.model,
         shape=args.shape, dtype=args.dtype, input=args.input, video=args.video, stream_id=args.stream_id,
         live=args.live, deadline=args.deadline, priority=args.priority, in_flight=args.in_flight, rate=args.rate,
         count=args.count, top_k=args.top_k, subscribers=args.subscribers,

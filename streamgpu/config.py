@@ -430,9 +430,11 @@ _SERVER_KEYS: dict[str, Any] = {
 }
 _TABLE_KEYS = ("listeners", "tokens")
 ENV_PREFIX = "STREAMGPU_"
-SEND_TOKEN_ENV = "STREAMGPU_TOKEN"  # streamgpu send's --token
+# One name for one token: the server's auth_token, and the token `streamgpu send` and `streamgpu admin` present
+AUTH_TOKEN_ENV = f"{ENV_PREFIX}AUTH_TOKEN"
+OLD_TOKEN_ENV = f"{ENV_PREFIX}TOKEN"  # send's name for it before: still read by send, with a warning (deprecated)
 # The STREAMGPU_ variables that set no [server] setting: read elsewhere, so not refused as typos
-OTHER_ENV = (SEND_TOKEN_ENV,)
+OTHER_ENV = (OLD_TOKEN_ENV,)
 _MODEL_KEYS = {f.name for f in dataclasses.fields(ModelSpec)}
 
 
@@ -518,10 +520,10 @@ def _did_you_mean(unknown: typing.Iterable[str], known: typing.Iterable[str], pr
     return f" (did you mean {' or '.join(repr(name) for name in close)}?)" if close else ""
 
 
-def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
-    """``STREAMGPU_PORT=9000`` etc.: every scalar server setting, parsed as its field's type. Any other
-    ``STREAMGPU_`` variable (but those of ``OTHER_ENV``), or a known one in another case, is a ConfigError: a typo
-    must not be ignored."""
+def check_env_names(env: Mapping[str, str]) -> None:
+    """A ConfigError for any ``STREAMGPU_`` variable in ``env`` that names no setting (but those of ``OTHER_ENV``),
+    or a known one in another case, with the closest known name: a typo must not be ignored. The server and
+    ``streamgpu send`` both check their environment so."""
     names = {name.upper() for name in _SERVER_KEYS}
     known = names | {var.removeprefix(ENV_PREFIX) for var in OTHER_ENV}
 
@@ -539,6 +541,12 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         raise ConfigError(f"unknown environment variable{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}{hint}: "
                           f"{ENV_PREFIX}<SETTING> sets a [server] setting (configs/example.toml lists them); fix the "
                           "name or unset it")  # fmt: skip
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """``STREAMGPU_PORT=9000`` etc.: every scalar server setting, parsed as its field's type, once
+    ``check_env_names`` found no typo."""
+    check_env_names(env)
     values: dict[str, Any] = {}
     for name in _SERVER_KEYS:
         var = f"{ENV_PREFIX}{name.upper()}"

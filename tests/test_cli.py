@@ -309,6 +309,9 @@ def test_raw_and_results_flags_make_the_config(tmp_path: Path) -> None:
         ("tcp:0:nosuch", "argument --raw: listeners[1]: raw listener model 'nosuch' is not a configured model"),
         ("udp:9000:default", "argument --raw: expected tcp:PORT:MODEL"),
         ("tcp:99999:default", "argument --raw: PORT must be 0..65535"),
+        # int() refused them (too many digits; a superscript two) and argparse said "invalid raw_listener_flag value"
+        (f"tcp:{'1' * 5000}:default", "argument --raw: PORT must be 0..65535, got '11111111111111111111'... (5000 "),
+        ("tcp:\u00b2:default", "argument --raw: PORT must be 0..65535, got '\u00b2'"),
         ("tcp:9000:default:sometimes", "argument --raw: mode must be one of"),
     ],
 )

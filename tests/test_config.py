@@ -221,7 +221,7 @@ def test_a_mistyped_environment_variable_is_refused_naming_the_closest_known_one
         Config.load(None, env={"STREAMGPU_PROT": "9000", "STREAMGPU_PORT": "9001"})
     with pytest.raises(ConfigError, match=r"unknown environment variables STREAMGPU_LISTENERS, STREAMGPU_XYZZY\b"):
         Config.load(None, env={"STREAMGPU_XYZZY": "", "STREAMGPU_LISTENERS": "x"})
-    # the variable streamgpu reads elsewhere: send's token
+    # the variable streamgpu reads elsewhere: send's token under its old (deprecated) name
     assert Config.load(None, env={"STREAMGPU_TOKEN": "t"}).listeners[0].port == 7878
 
 

@@ -222,3 +222,67 @@ async def test_ctrl_c_ends_a_send_whose_input_is_stalled() -> None:
     assert code == 130, (await proc.stderr.read()).decode()
     assert "interrupted" in (await proc.stderr.read()).decode()
     proc.stdin.close()
+
+
+def sent_options(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> SendOptions:
+    """The options ``streamgpu send argv`` would send with (nothing is sent)."""
+    got: list[SendOptions] = []
+
+    def run(opts: SendOptions) -> int:
+        got.append(opts)
+        return 0
+
+    monkeypatch.setattr("streamgpu.send.run", run)
+    assert main(["send", "--shape", "8,8,3", *argv]) == 0
+    return got[0]
+
+
+def test_send_reads_the_token_from_the_servers_variable_and_the_old_one_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One token, one name: send read $STREAMGPU_TOKEN while the server and admin read $STREAMGPU_AUTH_TOKEN."""
+    monkeypatch.delenv("STREAMGPU_TOKEN", raising=False)
+    monkeypatch.setenv("STREAMGPU_AUTH_TOKEN", "s3cret")
+    assert sent_options(monkeypatch, []).token == "s3cret"
+    assert sent_options(monkeypatch, ["--token", "flag"]).token == "flag"  # --token wins
+    assert sent_options(monkeypatch, ["--transport", "udp"]).token == ""  # no handshake: the server's token stays
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("STREAMGPU_TOKEN", "old")  # the new name wins, the old one still warns
+    assert sent_options(monkeypatch, []).token == "s3cret"
+    monkeypatch.delenv("STREAMGPU_AUTH_TOKEN")
+    assert sent_options(monkeypatch, []).token == "old"
+    assert capsys.readouterr().err == (
+        "streamgpu send: warning: STREAMGPU_TOKEN is deprecated, set STREAMGPU_AUTH_TOKEN instead\n"
+    )
+
+
+@pytest.mark.parametrize("command", [["send"], ["admin", "list", "http://127.0.0.1:9"]])
+def test_send_and_admin_refuse_a_mistyped_streamgpu_variable(
+    command: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # STREAMGPU_AUTH_TOKN was ignored: send went without a token and the server refused it as unauthorized
+    monkeypatch.setattr("streamgpu.send.run", lambda opts: pytest.fail("sent despite the typo"))
+    monkeypatch.setenv("STREAMGPU_AUTH_TOKN", "s3cret")
+    with pytest.raises(SystemExit) as info:
+        main(command)
+    assert info.value.code == 2
+    assert "unknown environment variable STREAMGPU_AUTH_TOKN (did you mean 'STREAMGPU_AUTH_TOKEN'?)" in (
+        capsys.readouterr().err
+    )
+
+
+@pytest.mark.parametrize(("flag", "hi"), [("--stream-id", 0xFFFFFFFF), ("--priority", 255), ("--port", 65535)])
+def test_a_number_flag_out_of_range_or_of_thousands_of_digits_names_its_range(
+    flag: str, hi: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 5000 digits: argparse's "invalid int value" quoting them all (int() refuses past 4300 digits), no range
+    for value, shown in ((str(hi + 1), repr(str(hi + 1))), ("-1", "'-1'"), ("1" * 5000, "... (5000 characters)")):
+        with pytest.raises(SystemExit) as info:
+            main(["send", flag, value])
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument {flag}: must be an integer 0..{hi}, got " in err and shown in err and len(err) < 2000, err
+
+
+def test_a_number_flag_may_have_thousands_of_leading_zeros(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert sent_options(monkeypatch, ["--stream-id", "0" * 5000 + "7"]).stream_id == 7  # int() counts the zeros

@@ -9,6 +9,7 @@ Option names follow perf_analyzer where one exists (``-u``, ``-i``, ``-m``,
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -312,13 +313,16 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def _output_problem(path: Path) -> str | None:
-    """Why a result file could not be written at ``path`` (replaced through a new file beside it), or None."""
+    """Why a result file could not be written at ``path`` (replaced through a new file beside it, or, the plot,
+    written in place), or None. A read-only file is refused for every option, though a rename could replace it."""
     if not path.parent.is_dir():
         if path.parent.exists():
             return f"'{path.parent}' is not a folder; name a file in a folder"
         return f"folder '{path.parent}' does not exist; create it or name another file"
     if path.is_dir():
         return f"'{path}' is a folder; name a file"
+    if path.exists() and not os.access(path, os.W_OK):  # (root may write any: access says what open would)
+        return f"'{path}' exists and cannot be written (read-only); make it writable or name another file"
     try:  # a file made and removed: os.access says yes to root whatever the folder
         with tempfile.NamedTemporaryFile(dir=path.parent):
             pass

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import re
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -96,7 +98,8 @@ MAX_JSON_CONTAINERS = 65536
 def parse_json(raw: str | bytes) -> Any:
     """``json.loads`` of a client's text; NaN and Infinity (not JSON, though ``json`` reads them), nesting past the
     parser's depth, or more than ``MAX_JSON_CONTAINERS`` arrays and objects, is a ``ValueError`` like any other
-    malformed JSON (``json`` raises RecursionError there, which would make the request a 500)."""
+    malformed JSON (``json`` raises RecursionError there, which would make the request a 500); an integer of more
+    digits than Python converts is a ``LongIntegerError`` saying so (``json``'s message names a Python setting)."""
     brackets = raw.count(b"[") + raw.count(b"{") if isinstance(raw, bytes) else raw.count("[") + raw.count("{")
     if brackets > MAX_JSON_CONTAINERS:  # (brackets inside strings count too: an overestimate, never under)
         raise ValueError(
@@ -107,6 +110,22 @@ def parse_json(raw: str | bytes) -> Any:
         return json.loads(raw, parse_constant=_not_json)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
+    except ValueError as exc:
+        # json's int() refuses an integer past Python's digit limit with a message about Python: looked for only
+        # now (a parse_int hook would slow every number of a tensor)
+        text = raw.decode("latin-1") if isinstance(raw, bytes) else raw
+        limit = sys.get_int_max_str_digits()  # (0: no limit)
+        long = None if isinstance(exc, json.JSONDecodeError) or not limit else re.search(f"[0-9]{{{limit + 1}}}", text)
+        if long is None:
+            raise
+        raise LongIntegerError(
+            f"an integer of more than {limit} digits at character {long.start()}: no id, setting or tensor value "
+            "is that large"
+        ) from None
+
+
+class LongIntegerError(ValueError):
+    """A JSON integer longer than Python converts (``sys.get_int_max_str_digits``): out of every range."""
 
 
 def _not_json(token: str) -> Any:

@@ -513,9 +513,11 @@ def _header_length(request: web.Request) -> int | None:
     # Decimal digits only, as Content-Length: Python's int() would take "+5", "1_0", " 7" and other scripts' digits
     if not (raw.isascii() and raw.isdigit()):
         raise HttpError(400, f"{HEADER_LENGTH} must be an integer of decimal digits (a byte count), got {raw!r}")
-    value = int(raw)
-    if value > HEADER_ALLOWANCE:
-        raise HttpError(413, f"{HEADER_LENGTH} {value} exceeds {HEADER_ALLOWANCE}")
+    # (thousands of digits are more than the allowance, not int()'s digit-limit error, a 500; its limit counts zeros)
+    digits = raw.lstrip("0") or "0"
+    if len(digits) > len(str(HEADER_ALLOWANCE)) or (value := int(digits)) > HEADER_ALLOWANCE:
+        shown = raw if len(raw) <= 40 else f"of {len(raw)} digits"
+        raise HttpError(413, f"{HEADER_LENGTH} {shown} exceeds {HEADER_ALLOWANCE}")
     return value
 
 

@@ -38,7 +38,7 @@ from streamgpu.metrics import NO_MODEL
 from streamgpu.protocol import wire
 from streamgpu.protocol.ordering import ReplyOrder, Ticket
 from streamgpu.protocol.wire import FrameHeader, ProtocolError, ReplyFlags, ReplyHeader, Status, Timings
-from streamgpu.web.app import SERVER_KEY, give_place, parse_json, take_place
+from streamgpu.web.app import SERVER_KEY, LongIntegerError, give_place, parse_json, take_place
 from streamgpu.web.frames import next_stream_key, receive_frame
 
 PATH = "/v1/stream"
@@ -49,6 +49,7 @@ MAX_SUBSCRIPTIONS = 64  # stream ids one socket may watch
 # A control message names at most MAX_SUBSCRIPTIONS ids: a longer one is refused unparsed (a text message
 # may be as long as a frame, and parsing megabytes of JSON would hold the loop for seconds).
 MAX_CONTROL_CHARS = 64 * 1024
+IDS_WANTED = "stream ids must be integers 0..4294967295 (one, or a list)"
 # A close frame not sent within this is given up and the connection aborted: a peer that reads nothing
 # would otherwise hold its handler, and the server's shutdown, up for good.
 CLOSE_GRACE_S = 1.0
@@ -209,7 +210,10 @@ class StreamSocket:
         try:
             if len(text) > MAX_CONTROL_CHARS:
                 raise ValueError(f"control message of {len(text)} characters is too long (at most {MAX_CONTROL_CHARS})")
-            doc = parse_json(text)
+            try:
+                doc = parse_json(text)
+            except LongIntegerError as exc:  # (the one integer a control message holds)
+                raise ValueError(f"{IDS_WANTED}: {exc}") from None
             if not isinstance(doc, dict) or len(doc) != 1 or next(iter(doc)) not in ("subscribe", "unsubscribe"):
                 raise ValueError('expected {"subscribe": IDS} or {"unsubscribe": IDS}')
             ((verb, ids),) = doc.items()
@@ -217,7 +221,7 @@ class StreamSocket:
             if not isinstance(ids, list) or not all(
                 isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= 0xFFFFFFFF for i in ids
             ):
-                raise ValueError("stream ids must be integers 0..4294967295 (one, or a list)")
+                raise ValueError(IDS_WANTED)
             if verb == "subscribe":
                 if len(self.subscriptions.keys() | set(ids)) > MAX_SUBSCRIPTIONS:
                     raise ValueError(f"at most {MAX_SUBSCRIPTIONS} stream ids per socket")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -152,3 +153,20 @@ def test_two_outputs_naming_one_file_are_refused_before_the_run(cli: Cli, server
     rc, _, err = cli("-u", server.url, "--count", "1", "-f", str(tmp_path / "r"), "--json", f"{tmp_path}/./r", *FAST)
     assert rc == 2 and "-f/--latency-report-file and --json name the same file" in err, err
     assert server.stats.frames == 0 and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag", ["-f", "--json", "--plot"])
+def test_an_output_file_that_exists_read_only_is_refused_before_the_run(
+    cli: Cli, server: FakeServer, flag: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--plot onto a read-only file failed only after the whole run (the folder check passed). As root no mode
+    bit denies a write, so os.access is made to say what it says to another user; the real file is chmod 444."""
+    out = tmp_path / "out"
+    out.write_text("kept\n")
+    out.chmod(0o444)
+    if os.geteuid() == 0:
+        access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: mode != os.W_OK if Path(p) == out else access(p, mode))
+    rc, _, err = cli("-u", server.url, "--count", "1", flag, str(out), *FAST)
+    assert rc == 2 and f"{flag}" in err and f"'{out}' exists and cannot be written (read-only)" in err, err
+    assert server.stats.frames == 0 and out.read_text() == "kept\n"

@@ -907,3 +907,35 @@ async def test_a_request_takes_no_more_frames_once_one_of_them_failed(server: Se
     status, _, body = response.partition(b"\r\n\r\n")
     assert b" 200 " not in status.split(b"\r\n")[0] and b"deadline" in body.lower(), response
     await no_slot_held(server)
+
+
+@pytest.mark.asyncio
+async def test_an_integer_of_thousands_of_digits_is_a_4xx_naming_the_limit_not_pythons_message(
+    server: Server,
+) -> None:
+    """Python refuses int() of more than 4300 digits: a header length of 5000 digits was a 500, and a JSON
+    integer of 5000 digits (a priority, a tensor value, a setting) a 400 quoting Python (sys.set_int_max_str_digits)."""
+    n, big = SPEC.frame_nbytes, "1" * 5000
+    digits = big.encode()
+    root = f"http://127.0.0.1:{http_port(server)}/v2"
+    head = json.dumps(frame_header([1, 32, 32, 3], n)).encode()
+    async with aiohttp.ClientSession() as session:
+        headers = {"Inference-Header-Content-Length": big, "Content-Type": "application/octet-stream"}
+        async with session.post(f"{root}/models/default/infer", data=head + bytes(n), headers=headers) as resp:
+            assert resp.status == 413, await resp.text()
+            assert (await resp.json())["error"] == f"{oip.HEADER_LENGTH} of 5000 digits exceeds {oip.HEADER_ALLOWANCE}"
+        headers["Inference-Header-Content-Length"] = "0" * 5000 + str(len(head))  # (int() counts the zeros too)
+        async with session.post(f"{root}/models/default/infer", data=head + bytes(n), headers=headers) as resp:
+            assert resp.status == 200, await resp.text()
+        tensor = {"name": "input", "datatype": "UINT8", "shape": [32, 32, 3], "data": [0] * n}
+        priority = json.dumps({"parameters": {"priority": 7}, "inputs": [tensor]}).encode()
+        for route, body in [
+            ("models/default/infer", priority.replace(b'"priority": 7', b'"priority": ' + digits)),
+            ("models/default/infer", json_request("UINT8", [32, 32, 3], [0] * n).replace(b"[0", b"[" + digits, 1)),
+            ("repository/models/default/load", f'{{"parameters": {{"config": {{"max_batch_size": {big}}}}}}}'.encode()),
+        ]:  # fmt: skip
+            async with session.post(f"{root}/{route}", data=body) as resp:
+                error = (await resp.json())["error"]
+                assert resp.status == 400 and "an integer of more than 4300 digits at character" in error, error
+                assert "sys.set_int_max_str_digits" not in error
+    await no_slot_held(server)

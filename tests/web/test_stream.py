@@ -225,3 +225,17 @@ def test_a_tap_gets_every_stream_id_with_its_origin() -> None:
     assert not hub.watching
     hub.publish(FrameHeader(5, 1, "m", 1, (1,), 1), Outcome(Status.OK))
     assert seen == [(3, "raw", "raw:9000/1"), (4, "", "")] and hub.published == 3
+
+
+@pytest.mark.asyncio
+async def test_a_subscription_to_a_stream_id_of_thousands_of_digits_names_the_ids_range(server: Server) -> None:
+    # {"subscribe": 111...1 (5000 digits)} was answered with Python's "Exceeds the limit (4300 digits) for integer
+    # string conversion ... use sys.set_int_max_str_digits()"; one of 4000 digits was already out of range
+    async with aiohttp.ClientSession() as session, session.ws_connect(url(server)) as sub:
+        for ids in ("1" * 5000, f"[7, {'9' * 5000}]", "9" * 4000):
+            await sub.send_str(f'{{"subscribe": {ids}}}')
+            error = (await asyncio.wait_for(sub.receive_json(), 5))["error"]
+            assert error.startswith("stream ids must be integers 0..4294967295 (one, or a list)"), error
+            assert "sys.set_int_max_str_digits" not in error
+        await sub.send_str('{"subscribe": [7]}')  # the socket still serves
+        assert await asyncio.wait_for(sub.receive_json(), 5) == {"subscribed": [7]}
