@@ -11,16 +11,24 @@ Connections count under ``max_connections`` as TCP producers' do, from accept to
 idle keep-alive connection holds its place until ``http_keepalive_timeout_s`` closes it (aiohttp's
 own default is an hour). A connection past the cap is answered ``503`` with a JSON reason and
 closed, and counted as a refused handshake (``/metrics``: OVERLOADED, one log line).
+
+A malformed request is the client's fault, not the server's: aiohttp answers 400 for a request line,
+header or chunked body its parser refuses, and after an early reply (401, 413, ...) reads the unread
+body away, which may turn out undecodable; both cost one INFO line here, never an ERROR with a
+traceback (``_ServerLog``). A handler's own exception is still an ERROR.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import typing
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http import HttpProcessingError
+from aiohttp.log import server_logger
 
 from streamgpu.ingest.base import Listener, peer_name, write_eof_or_abort
 from streamgpu.protocol.wire import Status
@@ -53,7 +61,7 @@ class HttpListener(Listener):
             shutdown_timeout=CLOSE_GRACE_S, keepalive_timeout=self.admission.config.http_keepalive_timeout_s,
             # A client that leaves mid-request: its handler is cancelled, so its frames still queued are answered
             # at once (Admission.leave) instead of holding ring space until their turn
-            handler_cancellation=True,
+            handler_cancellation=True, logger=_ServerLog(server_logger),
         )  # fmt: skip
         await runner.setup()
         host, port = self.spec.host, self.spec.port
@@ -100,6 +108,31 @@ class HttpListener(Listener):
     def stats(self) -> dict[str, Any]:
         connections = len(self._runner.server.connections) if self._runner and self._runner.server else 0
         return {"kind": self.kind, "connections": connections, "refused_connections": self._refused}
+
+
+class _ServerLog(logging.LoggerAdapter[logging.Logger]):
+    """aiohttp's server log, but a malformed request (``_client_fault``) is one INFO line, not an ERROR with a
+    traceback: a hostile client could otherwise fill the log, and bury real errors, one request each."""
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        fault = _client_fault(kwargs.get("exc_info")) if level >= logging.ERROR else None
+        if fault is None:
+            super().log(level, msg, *args, **kwargs)
+            return
+        why = " ".join(fault.message.split())[:200]  # (one line: aiohttp's shows the bytes, escaped, on several)
+        kwargs.pop("exc_info")
+        super().log(logging.INFO, f"malformed request refused (%d %s): {msg}", fault.code, why, *args, **kwargs)
+
+
+def _client_fault(exc: object) -> HttpProcessingError | None:
+    """The 4xx aiohttp's parser raised for a malformed request (a bad request line or header, a body it cannot
+    decode or de-chunk) that ``exc`` is, or that it wraps (``web.RequestPayloadError``: the body's error as a
+    handler, or aiohttp's read of a body left unread after the reply, gets it); None for anything else."""
+    if isinstance(exc, web.RequestPayloadError):
+        exc = exc.__cause__
+    if isinstance(exc, HttpProcessingError) and 400 <= exc.code < 500:
+        return exc
+    return None
 
 
 class _Counted(asyncio.Protocol):

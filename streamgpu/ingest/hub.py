@@ -19,14 +19,17 @@ subscribers. A raw port publishes under its listener's ``stream_id`` (by default
 number). ``publish`` costs one dictionary lookup and one truthiness test while nobody watches.
 Callbacks run on the loop, inside the publishing front end's reply path: they must be quick
 and must not raise (an exception is logged and that subscription ended), and they must copy
-what they keep (``outcome.result`` may be a view of a buffer reused after the call).
+what they keep (``outcome.result`` may be a view of a buffer reused after the call). A watcher
+that sends the outcome in some wire format gets it from ``encoded(encode, header, outcome)``:
+made once per publication and format, and the same object handed to every watcher that asks
+(sixteen WebSocket subscribers of one stream cost one encoding of each result, not sixteen).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar, cast
 
 from streamgpu.frame import Outcome
 from streamgpu.protocol.wire import FrameHeader
@@ -45,6 +48,7 @@ class Origin(NamedTuple):
 UNNAMED = Origin()
 Watcher = Callable[[FrameHeader, Outcome], None]
 Tap = Callable[[FrameHeader, Outcome, Origin], None]
+T = TypeVar("T")
 
 
 class Subscription:
@@ -68,6 +72,9 @@ class ResultHub:
         self._watchers: dict[int, list[Subscription]] = {}
         self._taps: list[Subscription] = []
         self.published = 0  # outcomes published (watched or not)
+        # The publication under way, and its encodings by encoder (``encoded``); None between publications, so
+        # nothing of an outcome (a result may be a view of a reused buffer) is kept past its publication.
+        self._current: tuple[FrameHeader, Outcome, dict[Callable[..., Any], Any]] | None = None
 
     def subscribe(self, stream_id: int, callback: Watcher) -> Subscription:
         """Call ``callback(header, outcome)`` for every outcome published for ``stream_id`` from now on."""
@@ -85,12 +92,27 @@ class ResultHub:
         """A frame of stream ``header.stream_id`` ended with ``outcome``: tell its subscribers and the taps."""
         self.published += 1
         watchers = self._watchers.get(header.stream_id)
-        if watchers:
-            for subscription in list(watchers):
+        if not watchers and not self._taps:
+            return
+        outer, self._current = self._current, (header, outcome, {})  # (a watcher may publish in turn)
+        try:
+            for subscription in list(watchers or ()):
                 self._call(subscription, header, outcome, origin)
-        if self._taps:
             for subscription in list(self._taps):
                 self._call(subscription, header, outcome, origin)
+        finally:
+            self._current = outer
+
+    def encoded(self, encode: Callable[[FrameHeader, Outcome], T], header: FrameHeader, outcome: Outcome) -> T:
+        """``encode(header, outcome)``, made once per publication of this outcome: every watcher that asks with the
+        same ``encode`` (one per wire format) gets the same object. Outside its publication, encoded afresh."""
+        current = self._current
+        if current is None or current[0] is not header or current[1] is not outcome:
+            return encode(header, outcome)
+        made = current[2]
+        if encode not in made:
+            made[encode] = encode(header, outcome)
+        return cast(T, made[encode])
 
     def _call(self, subscription: Subscription, header: FrameHeader, outcome: Outcome, origin: Origin) -> None:
         try:

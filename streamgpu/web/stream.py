@@ -238,10 +238,11 @@ class StreamSocket:
         self.queue(json.dumps({"subscribed": sorted(self.subscriptions)}))
 
     def on_result(self, header: FrameHeader, outcome: Outcome) -> None:
-        """A published result of a watched stream id: encoded (copied) now, sent by the writer."""
+        """A published result of a watched stream id: encoded (copied) now, once for every subscriber of it, and
+        that one message sent by each one's writer."""
         if not self.sending or self.ws.closed:
             return
-        message = _encode(header, outcome)
+        message = self.admission.stream_results.encoded(_encode, header, outcome)
         self.results.append(message)
         self.results_bytes += len(message)
         # A slow reader loses its oldest, never slows the producer; held in bytes (a big result times a

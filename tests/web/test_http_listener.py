@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
 
+import aiohttp
 import pytest
 
 from streamgpu import client
@@ -19,6 +21,7 @@ from streamgpu.ingest.http import _Refusal
 from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol.wire import Status
 from streamgpu.server import Server
+from streamgpu.web import oip
 
 SPEC = ModelSpec(input_shape=(8, 8, 3), max_batch_size=4, batch_buckets=(1, 4))
 REQUEST = b"GET /v2/health/live HTTP/1.1\r\nHost: streamgpu\r\n\r\n"
@@ -122,3 +125,48 @@ async def test_a_refused_connection_already_reset_is_aborted_without_an_error() 
     _Refusal(SimpleNamespace(admission=admission)).connection_made(transport)  # type: ignore[arg-type]
     assert transport.aborted and transport.written.startswith(b"HTTP/1.1 503")
     assert refused == ["too many connections (2)"]
+
+
+def errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.asyncio
+async def test_a_malformed_request_is_refused_without_an_error_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """A refused client is no server error. A body aiohttp cannot decode, sent to a request answered early (401:
+    its body never read, then read away by aiohttp after the reply), and a request aiohttp's parser refuses (a
+    bad header: 400) each logged an ERROR with a traceback ("Unhandled exception", "Error handling request")."""
+    caplog.set_level(logging.INFO)
+    async with serving(auth_token="s3cret") as server, aiohttp.ClientSession() as session:
+        base = f"http://127.0.0.1:{server.addresses[1][1]}"
+        headers = {"Authorization": "Bearer wrong", "Content-Encoding": "gzip"}
+        async with session.post(f"{base}/v2/models/default/infer", data=b"not gzip" * 1000, headers=headers) as resp:
+            assert resp.status == 401 and "auth token" in (await resp.json())["error"]
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.addresses[1][1])
+        writer.write(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nBad\x01Name: y\r\n\r\n")
+        assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.0 400 Bad Request")
+        writer.close()
+
+        def logged() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if r.name == "aiohttp.server" and r.levelno >= logging.INFO]
+
+        await until(lambda: len(logged()) == 2)
+    assert not errors(caplog), caplog.text
+    early, parser = logged()
+    assert early.levelno == parser.levelno == logging.INFO and not early.exc_info and not parser.exc_info
+    assert "content-encoding: gzip" in early.getMessage() and "Invalid header token" in parser.getMessage()
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_handlers_own_exception_is_still_logged_as_an_error(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(*_: Any) -> Any:
+        raise RuntimeError("handler bug")
+
+    monkeypatch.setattr(oip, "_infer", broken)
+    async with serving() as server, aiohttp.ClientSession() as session:
+        url = f"http://127.0.0.1:{server.addresses[1][1]}/v2/models/default/infer"
+        async with session.post(url, data=b"{}") as resp:
+            assert resp.status == 500
+    assert [r.exc_info[1] for r in errors(caplog) if r.exc_info] and "handler bug" in caplog.text

@@ -4,7 +4,8 @@ that receive every result published for a stream id, from any front end."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -20,6 +21,7 @@ from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol import wire
 from streamgpu.protocol.wire import FrameHeader, ReplyFlags, ReplyHeader, Status
 from streamgpu.server import Server
+from streamgpu.web import stream as ws_stream
 from tests.test_server import record_withdrawals, slow_batches
 
 SPEC = ModelSpec(input_shape=(16, 16, 3), max_batch_size=8, batch_buckets=(1, 4, 8))
@@ -149,6 +151,33 @@ async def test_subscriber_receives_every_result_of_its_stream_from_tcp_and_webso
 
 
 @pytest.mark.asyncio
+async def test_a_result_is_encoded_once_for_all_subscribers_of_its_stream(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each subscriber encoded its own copy of every result: sixteen subscribers of one stream, sixteen encodings
+    (and copies of the result) per frame on the loop."""
+    encodings: list[int] = []
+    encode = ws_stream._encode
+
+    def counted(header: FrameHeader, outcome: Outcome) -> bytes:
+        encodings.append(header.sequence)
+        return encode(header, outcome)
+
+    monkeypatch.setattr(ws_stream, "_encode", counted)
+    watched = frames(5, seed=7)
+    async with aiohttp.ClientSession() as session, contextlib.AsyncExitStack() as stack:
+        subs = [await stack.enter_async_context(session.ws_connect(url(server))) for _ in range(4)]
+        for sub in subs:
+            await sub.send_str('{"subscribe": 7}')
+            assert await asyncio.wait_for(sub.receive_json(), 5) == {"subscribed": [7]}
+        replies = await tcp_replies(server, watched, 7)
+        got = [[(await asyncio.wait_for(sub.receive_bytes(), 10)) for _ in watched] for sub in subs]
+    assert all(messages == got[0] for messages in got)  # every subscriber the same messages, in the same order
+    assert sorted(wire.decode_reply(m)[0].sequence for m in got[0]) == [r.sequence for r in replies]  # type: ignore[index]
+    assert sorted(encodings) == list(range(len(watched)))  # one encoding per result, not one per subscriber
+
+
+@pytest.mark.asyncio
 async def test_a_socket_closing_withdraws_its_queued_frames_and_only_then(monkeypatch: pytest.MonkeyPatch) -> None:
     """A socket that closes with every frame answered looks for none of its producer's queued frames (a token's
     other connections may hold thousands, ~0.15 us each); one that closes with frames queued has them answered
@@ -207,6 +236,34 @@ def test_result_hub_publishes_by_stream_id_and_drops_a_broken_watcher() -> None:
     sub.cancel()
     sub.cancel()
     assert hub.subscribers(3) == 0 and not hub.watched(3)
+
+
+def test_an_encoding_is_made_once_per_publication_and_encoder() -> None:
+    hub = ResultHub()
+    made: list[tuple[str, int]] = []
+
+    def encoder(name: str) -> Callable[[FrameHeader, Outcome], bytes]:
+        def encode(h: FrameHeader, o: Outcome) -> bytes:
+            made.append((name, h.sequence))
+            return f"{name}{h.sequence}".encode()
+
+        return encode
+
+    a, b = encoder("a"), encoder("b")
+    got: list[bytes] = []
+    for _ in range(3):
+        hub.subscribe(3, lambda h, o: got.extend((hub.encoded(a, h, o), hub.encoded(b, h, o))))
+    inner = FrameHeader(4, 9, "m", 1, (1,), 1)
+    hub.subscribe(4, lambda h, o: got.append(hub.encoded(a, h, o)))
+    # A watcher that publishes another stream's outcome in its callback: each publication has its own encodings.
+    hub.subscribe(3, lambda h, o: hub.publish(inner, Outcome(Status.OK)) if h.sequence == 1 else None)
+    hub.subscribe(3, lambda h, o: got.append(hub.encoded(a, h, o)))
+    header = FrameHeader(3, 1, "m", 1, (1,), 1)
+    hub.publish(header, Outcome(Status.OK))
+    hub.publish(header._replace(sequence=2), Outcome(Status.OK))
+    assert made == [("a", 1), ("b", 1), ("a", 9), ("a", 2), ("b", 2)]
+    assert got == [b"a1", b"b1"] * 3 + [b"a9", b"a1"] + [b"a2", b"b2"] * 3 + [b"a2"]
+    assert hub.encoded(a, header, Outcome(Status.OK)) == b"a1" and made[-1] == ("a", 1)  # outside: encoded afresh
 
 
 def test_a_tap_gets_every_stream_id_with_its_origin() -> None:
