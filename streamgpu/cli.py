@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from streamgpu import __version__
+from streamgpu.argtypes import decimal, integer, shown
 from streamgpu.config import (
     AUTH_TOKEN_ENV,
     LOG_FORMATS,
@@ -33,42 +34,16 @@ from streamgpu.protocol import wire
 RAW_MODES = ("live", "every")
 
 
-def _decimal(text: str, hi: int) -> int | None:
-    """``text``, decimal digits, as an integer 0..``hi``; None when it is none. Thousands of digits are out of
-    range here, not Python's int() error (its digit limit, sys.set_int_max_str_digits)."""
-    digits = text.lstrip("0") or "0"  # (int()'s digit limit counts leading zeros)
-    if not (text.isascii() and text.isdigit()) or len(digits) > len(str(hi)):
-        return None
-    value = int(digits)
-    return value if value <= hi else None
-
-
-def _shown(text: str) -> str:
-    """``text`` quoted for a message, a long one cut (a flag of thousands of digits)."""
-    return repr(text) if len(text) <= 40 else f"{text[:20]!r}... ({len(text)} characters)"
-
-
-def _integer(hi: int) -> Callable[[str], int]:
-    """An argparse type: an integer 0..``hi``, named with its range when it is not one."""
-
-    def parse(text: str) -> int:
-        if (value := _decimal(text, hi)) is None:
-            raise argparse.ArgumentTypeError(f"must be an integer 0..{hi}, got {_shown(text)}")
-        return value
-
-    return parse
-
-
 def raw_listener_flag(text: str) -> tuple[int, str, bool]:
     """``--raw tcp:PORT:MODEL[:live|:every]`` -> (port, model, live)."""
     parts = text.split(":")
     if len(parts) not in (3, 4) or parts[0] != "tcp" or not parts[2]:
-        raise argparse.ArgumentTypeError(f"expected tcp:PORT:MODEL or tcp:PORT:MODEL:live|every, got {_shown(text)}")
-    if (port := _decimal(parts[1], 65535)) is None:
-        raise argparse.ArgumentTypeError(f"PORT must be 0..65535, got {_shown(parts[1])} in {_shown(text)}")
+        raise argparse.ArgumentTypeError(f"expected tcp:PORT:MODEL or tcp:PORT:MODEL:live|every, got {shown(text)}")
+    if (port := decimal(parts[1], 65535)) is None:
+        raise argparse.ArgumentTypeError(f"PORT must be 0..65535, got {shown(parts[1])} in {shown(text)}")
     mode = parts[3] if len(parts) == 4 else "live"
     if mode not in RAW_MODES:
-        raise argparse.ArgumentTypeError(f"mode must be one of {RAW_MODES}, got {mode!r} in {_shown(text)}")
+        raise argparse.ArgumentTypeError(f"mode must be one of {RAW_MODES}, got {mode!r} in {shown(text)}")
     return port, parts[2], mode == "live"
 
 
@@ -162,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     from streamgpu.loadgen.transports import transport_names
 
     send.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
-    send.add_argument("--port", type=_integer(65535), default=7878, help="server port (default 7878)")
+    send.add_argument("--port", type=integer(65535), default=7878, help="server port (default 7878)")
     send.add_argument("--transport", choices=transport_names(), default="tcp", help="default tcp")
     send.add_argument("--token", default="", help=f"auth token (default: ${AUTH_TOKEN_ENV}; not over udp)")
     send.add_argument("--model", default="default", help="model name (default 'default')")
@@ -172,10 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     source = send.add_mutually_exclusive_group()
     source.add_argument("--input", default="-", metavar="FILE", help="raw frames back to back (default -: stdin)")
     source.add_argument("--video", default="", metavar="FILE", help="a video decoded with PyAV: RGB frames of --shape")
-    send.add_argument("--stream-id", type=_integer(0xFFFFFFFF), default=0, help="u32 stream id (default 0)")
+    send.add_argument("--stream-id", type=integer(0xFFFFFFFF), default=0, help="u32 stream id (default 0)")
     send.add_argument("--live", action="store_true", help="live mode: a newer frame supersedes queued ones")
     send.add_argument("--deadline", type=_positive(float), metavar="SECONDS", help="per-frame deadline")
-    send.add_argument("--priority", type=_integer(255), default=0, help="0..255 (default 0)")
+    send.add_argument("--priority", type=integer(255), default=0, help="0..255 (default 0)")
     send.add_argument("--in-flight", type=_positive(int), default=8, help="frames sent ahead of replies (default 8)")
     send.add_argument("--rate", type=_positive(float, zero=True), default=0.0, help="frames/s (default 0: no pacing)")
     send.add_argument("--count", type=_positive(int, zero=True), default=0, help="at most N frames (0: all)")

@@ -58,10 +58,16 @@ def _closed_port() -> int:
         (["--count", "5", "--duration", "1"], "not allowed with argument"),
         (["-p", "abc"], "'abc' is not a number"),
         (["--request-distribution", "zipf"], "invalid choice"),
-        (["--priority", "300"], "--priority must be 0..255"),
+        (["--priority", "300"], "argument --priority: must be an integer 0..255, got '300'"),
+        (["--priority", "9" * 5000], "must be an integer 0..255, got '99999999999999999999'... (5000 characters)"),
         (["--processes", "2", "--concurrency-range", "1"], "concurrency must be a whole number >= --processes (2)"),
-        (["-u", "host:notaport"], "port 'notaport' is not a number"),
+        (["-u", "host:notaport"], "port must be 1..65535, got 'notaport'"),
         (["-u", "host:70000"], "port must be 1..65535"),
+        (["-u", "host:0"], "port must be 1..65535, got '0'"),
+        # thousands of digits: Python's int() refuses past 4300 of them; quoted in full before, or its message
+        (["-u", "host:" + "9" * 5000], "port must be 1..65535, got '99999999999999999999'... (5000 characters)"),
+        (["--count", "9" * 5000], "'99999999999999999999'... (5000 characters) is not a whole number"),
+        (["--concurrency-range", "9" * 5000], "bad range '99999999999999999999'... (5000 characters)"),
         (["--warmup", "inf"], "argument --warmup: must be a finite number >= 0, got inf"),
         (["--duration", "inf"], "argument --duration: must be a finite number > 0, got inf"),
         (["--deadline-ms", "1e300"], "--deadline-ms must be at most 4294967.295 ms"),  # a u32 of microseconds

@@ -1,0 +1,31 @@
+"""Command-line argument types: integers in a range without Python's digit-limit error, long values cut in messages."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from streamgpu.argtypes import decimal, integer, shown
+
+
+@pytest.mark.parametrize(
+    ("text", "hi", "value"),
+    [("0", 255, 0), ("255", 255, 255), ("256", 255, None), ("0" * 5000 + "7", 255, 7), ("9" * 5000, 255, None),
+     ("+7", 255, None), (" 7", 255, None), ("1_0", 255, None), ("²", 255, None), ("", 255, None),
+     ("-1", 255, None)],
+)  # fmt: skip
+def test_decimal_takes_ascii_digits_in_range_only(text: str, hi: int, value: int | None) -> None:
+    assert decimal(text, hi) == value
+
+
+def test_a_long_value_is_cut_in_messages() -> None:
+    assert shown("abc") == "'abc'"
+    assert shown("9" * 5000) == "'99999999999999999999'... (5000 characters)"
+
+
+def test_integer_names_its_range() -> None:
+    parse = integer(65535)
+    assert parse("7878") == 7878
+    with pytest.raises(argparse.ArgumentTypeError, match=r"must be an integer 0\.\.65535, got '65536'"):
+        parse("65536")
