@@ -538,6 +538,7 @@ def check_env_names(env: Mapping[str, str]) -> None:
     unknown = sorted(filter(mistyped, env))
     if unknown:
         hint = _did_you_mean([var.upper().removeprefix(ENV_PREFIX) for var in unknown], known, ENV_PREFIX)
+        hint = hint.replace(repr(OLD_TOKEN_ENV), repr(AUTH_TOKEN_ENV))  # (the deprecated name is read, not suggested)
         raise ConfigError(f"unknown environment variable{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}{hint}: "
                           f"{ENV_PREFIX}<SETTING> sets a [server] setting (configs/example.toml lists them); fix the "
                           "name or unset it")  # fmt: skip
