@@ -334,11 +334,13 @@ class Config:
         if path:
             try:
                 with open(path, "rb") as f:
-                    values.update(_from_toml(tomllib.load(f), path))
+                    data = tomllib.load(f)
             except OSError as exc:
                 raise ConfigError(f"cannot read config file {path!r}: {exc.strerror}") from None
-            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:  # (TOML is UTF-8)
+            # (TOML is UTF-8: UnicodeDecodeError; tomllib lets int()'s ValueError, past Python's digit limit, through)
+            except ValueError as exc:
                 raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
+            values.update(_from_toml(data, path))
         values.update(_from_env(os.environ if env is None else env))
         model_source = overrides.pop("model", None)
         model_fields = overrides.pop("first_model", None) or {}

@@ -73,6 +73,40 @@ def test_a_second_sigint_while_models_load_exits_at_once() -> None:
     assert "second signal: exiting" in out
 
 
+def test_sigterm_to_the_whole_process_group_still_answers_the_ingest_workers_frames() -> None:
+    """systemd's stop (KillMode=control-group) or `kill -TERM -PGID` signals every process of the server: the
+    ingest workers, which ignored SIGINT only, died at once, and the producer lost the replies of its frames in
+    flight (the connection closed) while the server logged them answered OK."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamgpu", "serve", "--port", "0", "--device", "cpu", "--model", "builtin:resnet50",
+         "--ingest-workers", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    lines: list[str] = []
+    try:
+        while not (m := re.search(r"listening on 127\.0\.0\.1:(\d+)", lines[-1] if lines else "")):
+            lines.append(proc.stdout.readline())
+            assert lines[-1], "".join(lines)
+
+        async def produce(port: int) -> list[str]:
+            conn = await client.connect("127.0.0.1", port)
+            replies = [conn.submit(np.zeros((224, 224, 3), np.uint8)) for _ in range(16)]
+            await replies[0]  # (the rest queued or running: resnet50 takes a while on a CPU)
+            os.killpg(proc.pid, signal.SIGTERM)
+            got = await asyncio.gather(*replies, return_exceptions=True)
+            await conn.close()
+            return [r.status.name if isinstance(r, client.Reply) else repr(r) for r in got]
+
+        statuses = asyncio.run(produce(int(m.group(1))))
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert statuses == ["OK"] * 16, "".join(lines) + out
+    assert proc.returncode == 0, "".join(lines) + out
+
+
 def test_serve_started_with_sigint_ignored_is_still_interrupted_before_its_loop_runs(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

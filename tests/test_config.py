@@ -206,6 +206,14 @@ def test_a_config_file_that_is_not_utf8_says_so(tmp_path: Path) -> None:
         Config.load(str(path), env={})
 
 
+def test_a_config_file_with_an_integer_of_thousands_of_digits_is_refused(tmp_path: Path) -> None:
+    # tomllib lets int()'s ValueError through (past Python's 4300 digits): a traceback, not a ConfigError
+    path = tmp_path / "c.toml"
+    path.write_text(f"[server]\nport = {'9' * 5000}\n")
+    with pytest.raises(ConfigError, match=r"c.toml' is not valid TOML: Exceeds the limit \(4300 digits\)"):
+        Config.load(str(path), env={})
+
+
 def test_bad_environment_and_missing_file() -> None:
     with pytest.raises(ConfigError, match="STREAMGPU_PORT='x': port must be an integer"):
         Config.load(None, env={"STREAMGPU_PORT": "x"})

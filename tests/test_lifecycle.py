@@ -719,10 +719,14 @@ async def test_a_repository_folder_whose_name_would_fake_log_lines_is_not_served
     assert not any("forged" in line for r in caplog.records for line in r.getMessage().splitlines()[1:])
 
 
+@pytest.mark.parametrize(
+    "bad", [b'arch = "\xff"\n', b"max_batch_size = " + b"9" * 5000 + b"\n"], ids=["not-utf8", "long-integer"]
+)
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
-async def test_a_repository_config_toml_that_is_not_utf8_is_refused_like_bad_toml(tmp_path: Path) -> None:
-    """tomllib raises UnicodeDecodeError (not TOMLDecodeError) for such a file: the server failed to start
-    (the initial scan raises nothing), and a load of it over HTTP was a 500."""
+async def test_a_repository_config_toml_tomllib_cannot_read_is_refused_as_bad_toml(tmp_path: Path, bad: bytes) -> None:
+    """tomllib raises UnicodeDecodeError (not TOMLDecodeError) for such a file, and int()'s ValueError for an
+    integer past Python's 4300 digits: the server failed to start (the initial scan raises nothing), and a load of
+    it over HTTP was a 500."""
     from aiohttp.test_utils import TestClient, TestServer
 
     from streamgpu.web.app import create_app
@@ -730,7 +734,7 @@ async def test_a_repository_config_toml_that_is_not_utf8_is_refused_like_bad_tom
     repo = tmp_path / "repo"
     for name in ("bad", "good"):
         (repo / name).mkdir(parents=True)
-    (repo / "bad" / "config.toml").write_bytes(b'source = "builtin:small"\narch = "\xff"\n')
+    (repo / "bad" / "config.toml").write_bytes(b'source = "builtin:small"\n' + bad)
     (repo / "good" / "config.toml").write_text('source = "builtin:small"\ninput_shape = [16, 16, 3]\n')
     async with Server(config(model_repository=str(repo), repository_poll_s=60)) as srv:
         assert list(srv.model_specs) == ["good"]

@@ -482,7 +482,10 @@ async def serve(chan_sock: socket.socket, init: WorkerInit) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent drives shutdown
+    # Ctrl-C reaches the whole group, and so does a SIGTERM to it (systemd's stop): the parent drives shutdown,
+    # answering the frames in flight through this worker first (a parent gone closes the channel: it ends then)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     chan_sock = socket.socket(fileno=int(args[0]))
     init = _read_init(chan_sock)
     logging.basicConfig(level=init.config.log_level, format=f"%(asctime)s worker {init.index}: %(message)s")

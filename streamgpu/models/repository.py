@@ -73,7 +73,8 @@ def folder_spec(folder: str) -> ModelSpec:
         try:
             with open(config_path, "rb") as f:
                 settings = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:  # (TOML is UTF-8)
+        # (TOML is UTF-8: UnicodeDecodeError; tomllib lets int()'s ValueError, past Python's digit limit, through)
+        except (OSError, ValueError) as exc:
             raise StreamgpuError(f"{where}: cannot read it: {exc}") from None
         if "name" in settings:
             raise StreamgpuError(f"{where}: 'name' is the folder's name, not a setting")

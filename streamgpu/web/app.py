@@ -112,11 +112,15 @@ def parse_json(raw: str | bytes) -> Any:
         raise ValueError("JSON nested too deeply") from None
     except ValueError as exc:
         # json's int() refuses an integer past Python's digit limit with a message about Python: looked for only
-        # now (a parse_int hook would slow every number of a tensor)
-        text = raw.decode("latin-1") if isinstance(raw, bytes) else raw
+        # now (a parse_int hook would slow every number of a tensor), and only for that error (a plain ValueError:
+        # not a JSONDecodeError, UnicodeDecodeError or _NotJson), where a run of digits that long must be
         limit = sys.get_int_max_str_digits()  # (0: no limit)
-        long = None if isinstance(exc, json.JSONDecodeError) or not limit else re.search(f"[0-9]{{{limit + 1}}}", text)
-        if long is None:
+        if type(exc) is not ValueError or not limit:
+            raise
+        text = raw.decode("latin-1") if isinstance(raw, bytes) else raw
+        # Tried at the start of a run of digits only: at every digit, each try reads up to the run's end, and a
+        # MiB of 4300-digit runs held the loop for seconds
+        if (long := re.search(f"(?<![0-9])[0-9]{{{limit + 1}}}", text)) is None:
             raise
         raise LongIntegerError(
             f"an integer of more than {limit} digits at character {long.start()}: no id, setting or tensor value "
@@ -128,9 +132,13 @@ class LongIntegerError(ValueError):
     """A JSON integer longer than Python converts (``sys.get_int_max_str_digits``): out of every range."""
 
 
+class _NotJson(ValueError):
+    """NaN, Infinity or -Infinity in a client's JSON (``_not_json``)."""
+
+
 def _not_json(token: str) -> Any:
     """Python's ``json`` reads NaN, Infinity and -Infinity; JSON (RFC 8259) and Triton's parser have no such tokens."""
-    raise ValueError(f"{token} is not a JSON number (send finite numbers)")
+    raise _NotJson(f"{token} is not a JSON number (send finite numbers)")
 
 
 def setup(app: web.Application, config: Config | Server | None = None, *, prefix: str = "/streamgpu") -> Server:
