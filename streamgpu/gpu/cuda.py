@@ -98,13 +98,19 @@ class ProcessCache:
             self._models += 1
             self._floor.setdefault(gpu, 0)
 
-    def freed(self, gpu: torch.device, total: int) -> bool:
+    def dropped(self, count: int) -> None:
+        """``count`` models left unfreed by a backend that closed (a server stopped): no longer counted."""
+        with self._lock:
+            self._models -= count
+
+    def freed(self, gpu: torch.device, total: int, give_back: bool = True) -> bool:
         """A model on ``gpu`` (``total`` bytes) was freed: give the cache back if no model is left in the process,
         or if the cache on ``gpu`` grew by more than ``CACHED_SHARE`` of ``total`` since it was last given back.
+        ``give_back`` False: only count it (its release failed: a lost context has nothing to give back).
         Returns whether it was given back."""
         with self._lock:
             self._models -= 1
-            if self._models and _cached(gpu) - self._floor[gpu] <= CACHED_SHARE * total:
+            if not give_back or (self._models and _cached(gpu) - self._floor[gpu] <= CACHED_SHARE * total):
                 return False
             torch.cuda.empty_cache()  # the freed graph pools and blocks go back to the devices
             self._floor = {seen: _cached(seen) for seen in self._floor}
@@ -521,6 +527,7 @@ class CudaBackend(Backend):
         # swap or a load beside it allocates no stream resources.
         self._spare_streams: dict[int | GreenContext, list[ModelStreams]] = {i: [] for i in range(len(self.gpus))}
         self._shares = SmShares()  # models with an sm_share: SMs no other model's share holds
+        self._loaded = 0  # models loaded and not freed: ``close`` takes those left off the process's count
         self._spare_made = [False for _ in self.gpus]
         self._trace_epochs: dict[int, driver.Event] = {}  # per GPU: trace times count from it (``_mark_epoch``)
         self._total_memory = [torch.cuda.get_device_properties(d).total_memory for d in self.gpus]
@@ -592,6 +599,7 @@ class CudaBackend(Backend):
                     self._shares.give_back(share)
                 raise
             PROCESS_CACHE.loaded(gpu)
+            self._loaded += 1
             if not self._spare_made[device]:
                 self._spare_made[device] = True
                 try:
@@ -640,14 +648,19 @@ class CudaBackend(Backend):
         the cached blocks; torch also gives the cache back by itself when one of its own allocations would not
         fit otherwise."""
         assert isinstance(model, CudaModel)
+        released = False
         with torch.cuda.device(model.gpu):
-            model.stream.synchronize()  # its last batch has been delivered; nothing of it is queued
-            model.capture_stream.synchronize()
-            model.release()
-            PROCESS_CACHE.freed(model.gpu, self._total_memory[model.device])
-            self._spares(model.device, model.share).append(model.streams)
-            if model.share is not None:
-                self._shares.give_back(model.share)
+            try:
+                model.stream.synchronize()  # its last batch has been delivered; nothing of it is queued
+                model.capture_stream.synchronize()
+                model.release()
+                released = True
+            finally:  # (a lost context raises above: the model is gone all the same, counted so, its share free)
+                self._spares(model.device, model.share).append(model.streams)
+                if model.share is not None:
+                    self._shares.give_back(model.share)
+                self._loaded -= 1
+                PROCESS_CACHE.freed(model.gpu, self._total_memory[model.device], give_back=released)
 
     def _spares(self, device: int, share: Share | None) -> list[ModelStreams]:
         """The idle streams for a model on ``device``, in ``share`` if it has one."""
@@ -838,6 +851,10 @@ class CudaBackend(Backend):
         return None
 
     def close(self) -> None:
+        # A stopped server frees no model (its memory goes with the objects): left counted, the process would
+        # never again have "no model loaded", and an unload would never give the cache back by that rule.
+        PROCESS_CACHE.dropped(self._loaded)
+        self._loaded = 0
         self._bridge.close()
         self._launcher.shutdown(wait=True)  # a launch in progress finishes enqueuing first
         if self._host is not None:

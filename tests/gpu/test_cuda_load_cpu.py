@@ -79,6 +79,7 @@ def fake_backend() -> cuda.CudaBackend:
     backend._spare_made = [False]
     backend._total_memory = [TOTAL]
     backend._shares = SmShares()
+    backend._loaded = 0
     return backend
 
 
@@ -151,3 +152,44 @@ def test_a_model_freed_in_one_server_leaves_the_cache_while_another_server_of_th
     assert EMPTIED == []  # "a" still serves in this process
     other.unload(serving)
     assert EMPTIED == [True]
+
+
+class Closable:
+    def close(self) -> None:
+        pass
+
+    def shutdown(self, wait: bool) -> None:
+        pass
+
+
+def test_a_server_stopped_with_its_models_loaded_leaves_none_of_them_counted(backend: cuda.CudaBackend) -> None:
+    # A stopped server frees no model (its memory goes with the objects): counted on, the process never again had
+    # "no model loaded", so a later server's last unload kept the cache.
+    stopped = fake_backend()
+    stopped._spare_made = [True]
+    stopped._bridge = stopped._launcher = Closable()  # type: ignore[assignment]
+    stopped._host = None
+    stopped.load(ModelSpec(name="a"), torch.nn.Identity())
+    stopped.close()
+    backend._spare_made = [True]
+    backend.unload(backend.load(ModelSpec(name="b"), torch.nn.Identity()))
+    assert EMPTIED == [True]  # the last model in the process
+
+
+def test_a_model_whose_release_fails_is_counted_gone_and_its_share_given_back(backend: cuda.CudaBackend) -> None:
+    # A lost context makes the release raise: the unload stopped there, the model counted for good and its SM
+    # share held, so no later model could take those SMs and the cache was never given back by the count.
+    backend._spare_made = [True]
+    serving = backend.load(ModelSpec(name="a"), torch.nn.Identity())
+    lost = backend.load(ModelSpec(name="b", sm_share=0.5), torch.nn.Identity())
+
+    def fails() -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    lost.release = fails  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        backend.unload(lost)
+    assert backend._shares.groups(0).held() == {}
+    assert EMPTIED == []  # nothing to give back from a failed release
+    backend.unload(serving)
+    assert EMPTIED == [True]  # the last model: the failed one no longer counted
