@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from streamgpu import argtypes
+from streamgpu.config import AUTH_TOKEN_ENV
 from streamgpu.loadgen import sources
 from streamgpu.loadgen.config import CONCURRENCY, RATE, Endpoint, LoadLevel, RunConfig
 from streamgpu.loadgen.errors import LoadgenError, UsageError
@@ -136,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--loss", type=float, default=0.0, metavar="FRACTION",
         help="udp transport: drop this fraction of datagrams on the sending side (default 0)",
     )  # fmt: skip
-    t.add_argument("--token", default="", help="auth token sent in the handshake")
+    t.add_argument("--token", default="",
+                   help=f"auth token sent in the handshake (default: ${AUTH_TOKEN_ENV}; none over udp)")  # fmt: skip
     t.add_argument("--connect-timeout", type=pos_float, default=10.0, metavar="S", help="seconds (default 10)")
     t.add_argument(
         "--connections",
@@ -270,7 +272,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         levels=[LoadLevel(mode, v) for v in values],
         transport=args.transport,
         loss=args.loss,
-        token=args.token,
+        # (udp has no handshake: a token in the environment, the server's own maybe, is not sent)
+        token=args.token or ("" if args.transport == "udp" else os.environ.get(AUTH_TOKEN_ENV, "")),
         connect_timeout_s=args.connect_timeout,
         model=args.model,
         shape=tuple(args.shape),
@@ -351,6 +354,9 @@ def _replace(path: Path, text: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the load generator; returns the exit status (0 ok, 1 run failed, 2 usage error)."""
+    from streamgpu.cli import honour_interrupts
+
+    honour_interrupts()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

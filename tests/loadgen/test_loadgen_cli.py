@@ -10,7 +10,7 @@ import pytest
 from fakeserver import FakeServer
 from loadgen_support import FAST, Cli
 
-from streamgpu.loadgen.cli import parse_endpoint, parse_range
+from streamgpu.loadgen.cli import build_parser, config_from_args, parse_endpoint, parse_range
 from streamgpu.loadgen.config import Endpoint
 from streamgpu.protocol.wire import Status
 
@@ -176,3 +176,13 @@ def test_an_output_file_that_exists_read_only_is_refused_before_the_run(
     rc, _, err = cli("-u", server.url, "--count", "1", flag, str(out), *FAST)
     assert rc == 2 and f"{flag}" in err and f"'{out}' exists and cannot be written (read-only)" in err, err
     assert server.stats.frames == 0 and out.read_text() == "kept\n"
+
+
+def test_the_token_comes_from_the_servers_variable_as_for_send_and_admin(monkeypatch: pytest.MonkeyPatch) -> None:
+    # loadgen read no token variable: against a server with an auth_token every run needed --token, where send and
+    # admin take STREAMGPU_AUTH_TOKEN
+    monkeypatch.setenv("STREAMGPU_AUTH_TOKEN", "s3cret")
+    parser = build_parser()
+    assert config_from_args(parser.parse_args(["--count", "1"])).token == "s3cret"
+    assert config_from_args(parser.parse_args(["--count", "1", "--token", "mine"])).token == "mine"
+    assert config_from_args(parser.parse_args(["--count", "1", "-i", "udp"])).token == ""  # no handshake: not sent
