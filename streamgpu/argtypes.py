@@ -31,3 +31,19 @@ def integer(hi: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+# More digits than any setting's range needs: past it a value is refused here, cut in the message, where int()
+# would print every digit (or, past 4300, refuse with a message about Python's limit)
+WHOLE_DIGITS = 20
+
+
+def whole(text: str) -> int:
+    """An argparse type: an integer, whose range the setting it sets checks (naming the setting); one that is not
+    an integer, or has more than ``WHOLE_DIGITS`` digits, is refused here with the value cut."""
+    if len(text.strip().lstrip("+-").lstrip("0")) > WHOLE_DIGITS:
+        raise argparse.ArgumentTypeError(f"must be an integer of at most {WHOLE_DIGITS} digits, got {shown(text)}")
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {shown(text)}") from None

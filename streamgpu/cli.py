@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from streamgpu import __version__
-from streamgpu.argtypes import decimal, integer, shown
+from streamgpu.argtypes import decimal, integer, shown, whole
 from streamgpu.config import (
     AUTH_TOKEN_ENV,
     LOG_FORMATS,
@@ -74,13 +74,13 @@ def _settings_flags() -> argparse.ArgumentParser:
     """The flags ``serve`` and ``check-config`` share: each overrides one setting of the config."""
     flags = argparse.ArgumentParser(add_help=False)
     flags.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    flags.add_argument("--port", type=int, help="TCP port (default 7878; 0 picks a free one)")
+    flags.add_argument("--port", type=whole, help="TCP port (default 7878; 0 picks a free one)")
     flags.add_argument(
-        "--http-port", type=int, metavar="P",
+        "--http-port", type=whole, metavar="P",
         help="also serve HTTP (Open Inference Protocol, WebSocket streams) on port P (0: a free one)",
     )  # fmt: skip
     flags.add_argument(
-        "--udp-port", type=int, metavar="PORT", help="also take chunked frames over UDP on this port (same host)"
+        "--udp-port", type=whole, metavar="PORT", help="also take chunked frames over UDP on this port (same host)"
     )
     flags.add_argument("--device", choices=DEVICES, help="auto (cuda when usable), cuda or cpu")
     flags.add_argument("--devices", type=_indices, metavar="0,1", help="GPU indices to serve on (default 0)")
@@ -92,11 +92,12 @@ def _settings_flags() -> argparse.ArgumentParser:
         help="also take raw frames (no header; MODEL's input shape and dtype, back to back, as ffmpeg -f rawvideo "
         "sends) on PORT at --host; live (default): the newest frame wins, every: none dropped. Repeatable",
     )  # fmt: skip
-    flags.add_argument("--results-port", type=int, metavar="PORT", help="serve JSON-lines results on PORT")
+    flags.add_argument("--results-port", type=whole, metavar="PORT", help="serve JSON-lines results on PORT")
     flags.add_argument("--results-file", metavar="FILE", help="append JSON-lines results to FILE")
     flags.add_argument(
-        "--ingest-workers", type=int, metavar="N", help="N processes read and answer connections (default 0: this one)"
-    )
+        "--ingest-workers", type=whole, metavar="N",
+        help="N processes read and answer connections (default 0: this one)",
+    )  # fmt: skip
     model = flags.add_argument_group("the first model (no TOML needed for one model)")
     model.add_argument(
         "--model", metavar="SOURCE", help="builtin:small (default), builtin:resnet50, torchscript:PATH, export:PATH"

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from streamgpu.argtypes import decimal, integer, shown
+from streamgpu.argtypes import decimal, integer, shown, whole
 
 
 @pytest.mark.parametrize(
@@ -29,3 +29,11 @@ def test_integer_names_its_range() -> None:
     assert parse("7878") == 7878
     with pytest.raises(argparse.ArgumentTypeError, match=r"must be an integer 0\.\.65535, got '65536'"):
         parse("65536")
+
+
+def test_whole_cuts_a_value_of_thousands_of_digits_and_leaves_the_range_to_the_setting() -> None:
+    assert whole("99999") == 99999 and whole("-1") == -1  # (out of a port's range: the setting says so, naming itself)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"at most 20 digits, got '9{20}'\.\.\. \(5000 characters\)"):
+        whole("9" * 5000)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"must be an integer, got 'x'"):
+        whole("x")

@@ -402,6 +402,18 @@ def test_an_out_of_range_port_flag_names_its_setting(
     assert f"{setting} must be 0..65535, got 99999" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--port", "--http-port", "--udp-port", "--results-port", "--ingest-workers"])
+def test_a_number_flag_of_thousands_of_digits_is_refused_with_the_value_cut(
+    flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # argparse's int printed all 5000 digits ("invalid int value")
+    with pytest.raises(SystemExit) as info:
+        main(["check-config", flag, "9" * 5000])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: must be an integer of at most 20 digits" in err and len(err) < 1000
+
+
 def test_gpu_devices_with_no_gpu_are_an_error_naming_them(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
