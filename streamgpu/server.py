@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from streamgpu.config import Config
@@ -145,9 +146,9 @@ class Server:
         self._admission.replies.add(self._manager.specs)
         await asyncio.gather(*(listener.models_changed() for listener in self._listeners))
 
-    async def _run_batch(self, model: DeviceModel, frames: list[Any], expected_s: float) -> float | None:
+    def _run_batch(self, model: DeviceModel, frames: list[Any], expected_s: float) -> Awaitable[float | None]:
         assert self._runner is not None
-        return await self._runner.run(model, frames, expected_s)
+        return self._runner.run(model, frames, expected_s)
 
     def _sweep(self) -> None:
         """Enforce listeners' time limits (handshakes, payload budgets) about four times per shortest limit."""

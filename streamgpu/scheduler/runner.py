@@ -19,13 +19,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
 
 from streamgpu.frame import Frame, Outputs, finish_ok, release_slots
-from streamgpu.gpu.backend import Backend, DeviceModel
+from streamgpu.gpu.backend import Backend, BatchRun, DeviceModel
 from streamgpu.models.outputs import BatchOutputs
 from streamgpu.protocol.wire import Status
 from streamgpu.scheduler.metrics import ModelMetrics
@@ -45,14 +45,29 @@ class BatchRunner:
         self._watchdog_min_s = watchdog_min_s
         self._running: dict[int, list[Frame]] = {}  # batches launched, by id of their frame list
 
-    async def run(self, model: DeviceModel, frames: list[Frame], expected_s: float) -> float | None:
-        """Launch one batch, free its slots once copied, finish every frame; returns its device time."""
+    def run(self, model: DeviceModel, frames: list[Frame], expected_s: float) -> Awaitable[float | None]:
+        """Launch one batch now, on the loop's turn that formed it (not at the next turn: the device starts it
+        without waiting for the rest of the loop's work); the awaitable frees its slots once copied, finishes
+        every frame and returns the batch's device time (None: it failed)."""
         self._running[id(frames)] = frames
         limit = max(self._watchdog_min_s, self._watchdog_factor * expected_s)
         overdue: list[bool] = []
         watchdog = asyncio.get_running_loop().call_later(limit, self._overdue, model, frames, limit, overdue)
+        launch_ns = time.perf_counter_ns()
+        slots = [f.slot for f in frames if f.slot is not None]
         try:
-            return await self._run(model, frames, expected_s)
+            run: BatchRun | Exception = self._backend.launch(model, slots, expected_s)
+        except Exception as exc:  # nothing was enqueued: nothing will read the slots (answered in the task)
+            run = exc
+        return self._finish(model, frames, run, launch_ns, watchdog, overdue)
+
+    async def _finish(self, model: DeviceModel, frames: list[Frame], run: BatchRun | Exception, launch_ns: int,
+                      watchdog: asyncio.TimerHandle, overdue: list[bool]) -> float | None:  # fmt: skip
+        try:
+            if isinstance(run, Exception):
+                self._failed(model, frames, "launching", run)
+                return None
+            return await self._complete(model, frames, run, launch_ns)
         finally:
             watchdog.cancel()
             del self._running[id(frames)]
@@ -85,15 +100,8 @@ class BatchRunner:
         if (reason := self._backend.device_error(model.device)) is not None:
             self._scheduler.device_failed(model.device, reason)
 
-    async def _run(self, model: DeviceModel, frames: list[Frame], expected_s: float) -> float | None:
+    async def _complete(self, model: DeviceModel, frames: list[Frame], run: BatchRun, launch_ns: int) -> float | None:
         metrics: ModelMetrics = self._scheduler.metrics_for(model.spec.name)
-        launch_ns = time.perf_counter_ns()
-        slots = [f.slot for f in frames if f.slot is not None]
-        try:
-            run = self._backend.launch(model, slots, expected_s)
-        except Exception as exc:  # nothing was enqueued: nothing will read the slots
-            self._failed(model, frames, "launching", exc)
-            return None
         try:
             await run.copied
         except Exception as exc:

@@ -66,8 +66,9 @@ from streamgpu.scheduler.latency import BatchLatency
 from streamgpu.scheduler.metrics import ModelMetrics
 from streamgpu.scheduler.queues import FairQueue
 
-# run_batch(model, frames, expected_s): launch, free the slots once copied, finish every frame;
-# returns the batch's service time as the device measured it (seconds), or None (failed).
+# run_batch(model, frames, expected_s): launch (the real runner does it before returning: called as the batch is
+# formed), then the awaitable frees the slots once copied and finishes every frame; it gives the batch's service
+# time as the device measured it (seconds), or None (failed). It must not raise: a failure is answered and None.
 RunBatch = Callable[[DeviceModel, list[Frame], float], Awaitable[float | None]]
 
 # The completion bridge may sleep until this fraction of the expected completion time: a
@@ -517,16 +518,18 @@ class Scheduler:
         metrics.queue_s.observe_all(wait_s)
         replica.busy_until = replica.finish_at(now, len(batch))
         hint = (replica.busy_until - now) * HINT_FRACTION
-        task = self._loop.create_task(self._run(queue, replica, batch, hint))
+        running = self._run_batch(replica.model, batch, hint)  # launched now, not at the task's first step
+        task = self._loop.create_task(self._run(queue, replica, batch, running))
         self._tasks.add(task)
         queue.tasks[task] = replica.model
         task.add_done_callback(self._tasks.discard)
         task.add_done_callback(queue.tasks.pop)
 
-    async def _run(self, queue: ModelQueue, replica: Replica, batch: list[Frame], expected_s: float) -> None:
+    async def _run(self, queue: ModelQueue, replica: Replica, batch: list[Frame],
+                   running: Awaitable[float | None]) -> None:  # fmt: skip
         service: float | None = None
         try:
-            service = await self._run_batch(replica.model, batch, expected_s)
+            service = await running
         finally:
             end = time.perf_counter()
             # Only the device's own measure of a batch trains the estimates: a host measure

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 
 import numpy as np
 import pytest
@@ -93,8 +94,8 @@ class Rig:
         self.outcomes: dict[int, Outcome] = {}
         self.producer = Producer()
 
-    async def _run(self, model: DeviceModel, frames: list[Frame], expected_s: float) -> float | None:
-        return await self.runner.run(model, frames, expected_s)
+    def _run(self, model: DeviceModel, frames: list[Frame], expected_s: float) -> Awaitable[float | None]:
+        return self.runner.run(model, frames, expected_s)  # (as the server passes it: launched when called)
 
     def submit(self, seq: int) -> None:
         now = time.perf_counter_ns()
@@ -103,6 +104,17 @@ class Rig:
         frame = Frame(header, slot, self.producer, (0, seq), now, now, 0,  # type: ignore[arg-type]
                       lambda f, o: self.outcomes.__setitem__(f.header.sequence, o))  # fmt: skip
         self.scheduler.submit(frame)
+
+
+@pytest.mark.asyncio
+async def test_a_batch_is_launched_as_it_is_formed_not_at_the_loops_next_turn() -> None:
+    # The launch ran in the batch's task, at the loop's next turn, after the rest of that turn's callbacks and
+    # reads: at one frame in flight the queue stage was 113 us, 50 of them after the batch was formed (dev VM).
+    rig = Rig()
+    rig.submit(0)
+    assert rig.backend.launched == [0]  # before any await
+    await asyncio.sleep(0.01)
+    assert rig.outcomes[0].ok
 
 
 @pytest.mark.asyncio
