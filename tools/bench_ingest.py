@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -345,8 +346,8 @@ async def loop_path(shape: tuple[int, ...], total: int, in_flight: int, producer
     backend = _NullBackend(loop, cfg)
     runner: list[BatchRunner] = []
 
-    async def run_batch(model: DeviceModel, frames: list[Frame], expected_s: float) -> float | None:
-        return await runner[0].run(model, frames, expected_s)
+    def run_batch(model: DeviceModel, frames: list[Frame], expected_s: float) -> Awaitable[float | None]:
+        return runner[0].run(model, frames, expected_s)  # (as the server passes it: launched when called)
 
     scheduler = Scheduler(loop, run_batch, cfg.max_inflight_batches)
     runner.append(BatchRunner(backend, scheduler))
