@@ -10,6 +10,7 @@ import json
 import logging
 import shutil
 import sys
+import threading
 import time
 import weakref
 from collections import defaultdict
@@ -135,6 +136,38 @@ async def test_the_loop_gets_the_gil_quickly_while_a_model_loads(
     before = sys.getswitchinterval()
     await served.swap_model("m", spec(versioned(tmp_path, 2)))
     assert during and all(interval <= manager.LOADING_SWITCH_INTERVAL_S for interval in during)
+    assert sys.getswitchinterval() == before
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_overlapping_loads_of_two_servers_in_one_process_put_the_switch_interval_back(
+    served: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The switch interval is the process's, but each server counted its own loads: server A's load ending while
+    # B's ran put Python's 5 ms back under B's load, and B's ending then left the process at 200 us for good.
+    started = {"m": threading.Event(), "b": threading.Event()}
+    go = {"m": threading.Event(), "b": threading.Event()}
+
+    def load_module(model: ModelSpec) -> nn.Module:
+        if model.name in started and model.source.endswith("v2.pt"):  # (the loads under test, not the starts)
+            started[model.name].set()
+            go[model.name].wait(10)
+        return real_load_module(model)
+
+    real_load_module = manager.load_module
+    monkeypatch.setattr(manager, "load_module", load_module)
+    before = sys.getswitchinterval()
+    async with Server(config(spec(versioned(tmp_path, 1), name="b"))) as other:
+        loop = asyncio.get_running_loop()
+        first = asyncio.ensure_future(served.swap_model("m", spec(versioned(tmp_path, 2))))
+        await loop.run_in_executor(None, started["m"].wait, 10)
+        second = asyncio.ensure_future(other.swap_model("b", spec(versioned(tmp_path, 2), name="b")))
+        await loop.run_in_executor(None, started["b"].wait, 10)
+        go["m"].set()
+        await first
+        assert sys.getswitchinterval() <= manager.LOADING_SWITCH_INTERVAL_S  # b still loads
+        go["b"].set()
+        await second
     assert sys.getswitchinterval() == before
 
 

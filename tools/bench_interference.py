@@ -62,13 +62,11 @@ def paced(work: Callable[[float], None], share: float) -> Callable[[float], None
     from streamgpu.models import manager
 
     def run(until: float) -> None:
-        interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(interval, manager.LOADING_SWITCH_INTERVAL_S))
-        try:
-            with manager._yielding(manager.LOADING_RUN_S, manager.loading_pause_s(share), lambda: True):
-                work(until)
-        finally:
-            sys.setswitchinterval(interval)
+        with (
+            manager.loading_switch_interval(),
+            manager._yielding(manager.LOADING_RUN_S, manager.loading_pause_s(share), lambda: True),
+        ):
+            work(until)
 
     return run
 
@@ -126,7 +124,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.run_ms is not None and not args.run_ms > 0:  # (0: pause_s 0, so the load would run unpaced)
         raise SystemExit(f"--run-ms must be > 0, got {args.run_ms:g}")
-    # a load only ever shortens the interval in force (``ModelManager._loop_first``): a longer one would not run
+    # a load only ever shortens the interval in force (``manager.loading_switch_interval``): a longer one would not run
     longest_us = sys.getswitchinterval() * 1e6
     if args.switch_interval_us is not None and not 0 < args.switch_interval_us <= longest_us:
         raise SystemExit(f"--switch-interval-us must be > 0 and at most {longest_us:g} (this process's switch "

@@ -19,6 +19,7 @@ import contextlib
 import functools
 import logging
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from streamgpu.models.loader import load_module
 from streamgpu.models.spec import ModelSpec
 from streamgpu.scheduler.scheduler import Scheduler
 
-LOADING_SWITCH_INTERVAL_S = 0.0002  # the GIL hand-over interval while a model loads (see _loop_first)
+LOADING_SWITCH_INTERVAL_S = 0.0002  # the GIL hand-over interval while a model loads (see LoadingSwitchInterval)
 # While a model loads next to frames being served, the loader thread runs LOADING_RUN_S, then sleeps with the
 # GIL left to the loop so as to take the config's loader_share of the time (see _yielding).
 LOADING_RUN_S = 0.001
@@ -42,6 +43,36 @@ def loading_pause_s(share: float) -> float:
 
 
 log = logging.getLogger("streamgpu")
+
+
+class LoadingSwitchInterval:
+    """While any model loads in the process (seconds of Python in a loader thread: warm-up, graph capture), a loop
+    thread waits at most ``LOADING_SWITCH_INTERVAL_S`` for the GIL instead of Python's 5 ms default, which would
+    otherwise show up in the p99 of every model serving meanwhile. The interval is the process's: loads are counted
+    over every server of it, so the last one to end puts back what was there before the first began."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # (servers embedded side by side may run on loops of their own threads)
+        self._loading = 0
+        self._before = 0.0
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._loading == 0:
+                self._before = sys.getswitchinterval()
+                sys.setswitchinterval(min(self._before, LOADING_SWITCH_INTERVAL_S))
+            self._loading += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._loading -= 1
+                if self._loading == 0:
+                    sys.setswitchinterval(self._before)
+
+
+loading_switch_interval = LoadingSwitchInterval()
 
 READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVAILABLE"
 
@@ -97,8 +128,6 @@ class ModelManager:
         self.specs_changed: list[Callable[[], Awaitable[None]]] = []
         self.states: dict[str, ModelState] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self._loading = 0  # loads in progress (see _loop_first)
-        self._switch_interval = sys.getswitchinterval()
         self.serving = False  # frames are being taken (the server sets it once its listeners run)
         # Loads and unloads in progress (run to their end whoever waits: ``_to_its_end``); ``close`` ends them
         self._running: set[asyncio.Task[ModelState]] = set()
@@ -167,7 +196,7 @@ class ModelManager:
                         f"a new version must take the same frames, not {spec.input_dtype} {list(spec.input_shape)} "
                         "(unload it first, or load the new one under another name)"
                     )
-                with self._loop_first():
+                with loading_switch_interval():
                     # Paced while frames are taken (not at start), except a compiling load: the hook would
                     # slow dynamo's tracing of the model 5-8x (docs/MODELS.md).
                     paced = self.serving and spec.compile == "off"
@@ -237,22 +266,6 @@ class ModelManager:
     def index(self) -> list[dict[str, Any]]:
         """Every model name the server knows (serving or not), as Triton's repository index lists them."""
         return [state.index_entry() for state in sorted(self.states.values(), key=lambda s: s.name)]
-
-    @contextlib.contextmanager
-    def _loop_first(self) -> Iterator[None]:
-        """While a model loads (seconds of Python in the loader thread: warm-up, graph capture), the
-        loop thread waits at most LOADING_SWITCH_INTERVAL_S for the GIL instead of Python's 5 ms
-        default, which would otherwise show up in the p99 of every model serving meanwhile."""
-        if self._loading == 0:
-            self._switch_interval = sys.getswitchinterval()
-            sys.setswitchinterval(min(self._switch_interval, LOADING_SWITCH_INTERVAL_S))
-        self._loading += 1
-        try:
-            yield
-        finally:
-            self._loading -= 1
-            if self._loading == 0:
-                sys.setswitchinterval(self._switch_interval)
 
     async def _to_its_end(self, work: Coroutine[Any, Any, ModelState], what: str, stopped: Exception) -> ModelState:
         """``work``, run to its end even if the caller is cancelled (a timeout, an HTTP client gone): its
