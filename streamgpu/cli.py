@@ -8,14 +8,12 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
-import threading
 from collections.abc import Callable
 from typing import Any
 
 from streamgpu import __version__
-from streamgpu.argtypes import decimal, integer, shown, whole
+from streamgpu.cmdline import decimal, honour_interrupts, integer, shown, whole
 from streamgpu.config import (
     AUTH_TOKEN_ENV,
     LOG_FORMATS,
@@ -197,15 +195,6 @@ def admin(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(f"streamgpu admin: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def honour_interrupts() -> None:
-    """Make SIGINT interrupt, also where the process started with it ignored: a script's background job
-    (``streamgpu serve &``) does, by POSIX rule. ``serve`` installs its own handler once its loop runs, so a
-    ``kill -INT`` sent while it imported torch and loaded models was lost (the server then served on) and one sent
-    later stopped it; now both do."""
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _indices(text: str) -> tuple[int, ...]:

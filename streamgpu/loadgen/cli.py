@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streamgpu import argtypes
+from streamgpu import cmdline
 from streamgpu.config import AUTH_TOKEN_ENV
 from streamgpu.loadgen import sources
 from streamgpu.loadgen.config import CONCURRENCY, RATE, Endpoint, LoadLevel, RunConfig
@@ -37,9 +37,9 @@ def parse_endpoint(text: str) -> Endpoint:
     host = host.strip("[]")
     if not host:
         raise argparse.ArgumentTypeError(f"bad endpoint {text!r}: expected HOST:PORT")
-    number = argtypes.decimal(port, 65535)
+    number = cmdline.decimal(port, 65535)
     if number is None or number == 0:
-        shown = argtypes.shown
+        shown = cmdline.shown
         raise argparse.ArgumentTypeError(f"bad endpoint {shown(text)}: port must be 1..65535, got {shown(port)}")
     return Endpoint(host, number)
 
@@ -48,28 +48,28 @@ def parse_range(text: str, *, integer: bool) -> list[float]:
     """perf_analyzer's ``start[:end[:step]]`` (end defaults to start, step to 1) as a list of levels."""
     parts = text.split(":")
     if not 1 <= len(parts) <= 3 or any(not p.strip() for p in parts):
-        raise argparse.ArgumentTypeError(f"bad range {argtypes.shown(text)}: expected start[:end[:step]], e.g. 1:8:1")
+        raise argparse.ArgumentTypeError(f"bad range {cmdline.shown(text)}: expected start[:end[:step]], e.g. 1:8:1")
     try:
         nums = [int(p) if integer else float(p) for p in parts]
     except ValueError:
         kind = "whole numbers" if integer else "numbers"
         raise argparse.ArgumentTypeError(
-            f"bad range {argtypes.shown(text)}: start, end and step must be {kind}"
+            f"bad range {cmdline.shown(text)}: start, end and step must be {kind}"
         ) from None
     start = nums[0]
     end = nums[1] if len(nums) > 1 else start
     step = nums[2] if len(nums) > 2 else 1
     if not (start > 0 and end > 0 and step > 0):  # also rejects NaN
-        raise argparse.ArgumentTypeError(f"bad range {argtypes.shown(text)}: start, end and step must be > 0")
+        raise argparse.ArgumentTypeError(f"bad range {cmdline.shown(text)}: start, end and step must be > 0")
     if end < start:
-        raise argparse.ArgumentTypeError(f"bad range {argtypes.shown(text)}: end {end:g} is below start {start:g}")
+        raise argparse.ArgumentTypeError(f"bad range {cmdline.shown(text)}: end {end:g} is below start {start:g}")
     levels = []
     i = 0
     while (value := start + i * step) <= end * (1 + 1e-9):
         levels.append(float(value))
         i += 1
         if i > 10_000:
-            raise argparse.ArgumentTypeError(f"bad range {argtypes.shown(text)}: more than 10000 levels")
+            raise argparse.ArgumentTypeError(f"bad range {cmdline.shown(text)}: more than 10000 levels")
     return levels
 
 
@@ -87,7 +87,7 @@ def _positive(kind: type[int] | type[float], *, zero: bool = False) -> Callable[
             value = kind(text)
         except ValueError:
             what = "a whole number" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"{argtypes.shown(text)} is not {what}") from None
+            raise argparse.ArgumentTypeError(f"{cmdline.shown(text)} is not {what}") from None
         if value == float("inf"):  # a warmup, window or timeout that never ends
             raise argparse.ArgumentTypeError(f"must be a finite number {'>= 0' if zero else '> 0'}, got {text}")
         if not (value > 0 or (zero and value == 0)):
@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--streams", type=pos_int, metavar="N", help="stream ids to spread frames over (default 1 per process)"
     )
     f.add_argument("--deadline-ms", type=pos_float, metavar="MS", help="deadline budget in each frame (default none)")
-    f.add_argument("--priority", type=argtypes.integer(255), default=0, help="frame priority 0..255 (default 0)")
+    f.add_argument("--priority", type=cmdline.integer(255), default=0, help="frame priority 0..255 (default 0)")
     f.add_argument("--live", action="store_true", help="set the live-stream flag (server keeps the newest frame)")
     lo = p.add_argument_group("load")
     mode = lo.add_mutually_exclusive_group()
@@ -354,9 +354,7 @@ def _replace(path: Path, text: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the load generator; returns the exit status (0 ok, 1 run failed, 2 usage error)."""
-    from streamgpu.cli import honour_interrupts
-
-    honour_interrupts()
+    cmdline.honour_interrupts()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

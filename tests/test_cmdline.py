@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from streamgpu.argtypes import decimal, integer, shown, whole
+from streamgpu.cmdline import decimal, integer, shown, whole
 
 
 @pytest.mark.parametrize(

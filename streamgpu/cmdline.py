@@ -1,9 +1,11 @@
-"""Command-line argument types shared by ``streamgpu`` and its load generator: integers in a range, and
-values quoted in messages. Light on purpose (argparse only): the load generator imports it too."""
+"""What the command lines of ``streamgpu`` and its load generator share: integer argument types, values quoted in
+messages, and SIGINT honoured where the process started with it ignored. Light on purpose (argparse, signal)."""
 
 from __future__ import annotations
 
 import argparse
+import signal
+import threading
 from collections.abc import Callable
 
 
@@ -47,3 +49,12 @@ def whole(text: str) -> int:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be an integer, got {shown(text)}") from None
+
+
+def honour_interrupts() -> None:
+    """Make SIGINT interrupt, also where the process started with it ignored: a script's background job
+    (``streamgpu serve &``) does, by POSIX rule. ``serve`` installs its own handler once its loop runs, so a
+    ``kill -INT`` sent while it imported torch and loaded models was lost (the server then served on) and one sent
+    later stopped it; now both do."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
