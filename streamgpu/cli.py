@@ -205,12 +205,12 @@ def _indices(text: str) -> tuple[int, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    honour_interrupts()
-    try:
-        return _main(argv)
-    except KeyboardInterrupt:  # Ctrl-C before serve's signal handlers (imports, model loads) or in a command
-        print("streamgpu: interrupted", file=sys.stderr)
-        return 130
+    with honour_interrupts():
+        try:
+            return _main(argv)
+        except KeyboardInterrupt:  # Ctrl-C before serve's signal handlers (imports, model loads) or in a command
+            print("streamgpu: interrupted", file=sys.stderr)
+            return 130
 
 
 def _main(argv: list[str] | None) -> int:

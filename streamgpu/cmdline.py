@@ -4,9 +4,10 @@ messages, and SIGINT honoured where the process started with it ignored. Light o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 
 def decimal(text: str, hi: int) -> int | None:
@@ -51,10 +52,18 @@ def whole(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer, got {shown(text)}") from None
 
 
-def honour_interrupts() -> None:
-    """Make SIGINT interrupt, also where the process started with it ignored: a script's background job
-    (``streamgpu serve &``) does, by POSIX rule. ``serve`` installs its own handler once its loop runs, so a
-    ``kill -INT`` sent while it imported torch and loaded models was lost (the server then served on) and one sent
-    later stopped it; now both do."""
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+@contextlib.contextmanager
+def honour_interrupts() -> Iterator[None]:
+    """For the ``with`` block, make SIGINT interrupt, also where the process started with it ignored: a script's
+    background job (``streamgpu serve &``) does, by POSIX rule. ``serve`` installs its own handler once its loop
+    runs, so a ``kill -INT`` sent while it imported torch and loaded models was lost (the server then served on)
+    and one sent later stopped it; now both do. Ignored again on leaving: a program that calls a command line's
+    ``main`` finds its SIGINT as it left it. Only the main thread sets handlers; elsewhere this does nothing."""
+    main = threading.current_thread() is threading.main_thread()
+    if ignored := main and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)

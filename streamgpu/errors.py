@@ -36,3 +36,8 @@ class BindError(StreamgpuError, OSError):
 
 class ServerNotStartedError(StreamgpuError, RuntimeError):
     """A ``Server`` method that needs it running was called before ``start()`` (or ``async with``)."""
+
+
+class NotMainThreadError(StreamgpuError, RuntimeError):
+    """``streamgpu.run`` (``streamgpu serve``) was called from a thread other than the main one, where it could
+    never stop: only the main thread gets signals. The message points to ``Server``, which any thread can run."""

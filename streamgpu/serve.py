@@ -8,9 +8,11 @@ import logging
 import os
 import resource
 import signal
+import threading
 import time
 
 from streamgpu.config import Config
+from streamgpu.errors import NotMainThreadError
 from streamgpu.logs import StatsLine, drain_summary, reply_totals
 from streamgpu.loops import new_event_loop, tune_malloc
 from streamgpu.server import Server
@@ -20,6 +22,7 @@ log = logging.getLogger("streamgpu")
 EXIT_DEVICE_LOST = 3  # a GPU failed with a sticky error while serving: restart the process to use it again
 # Descriptors a server needs beside its connections: listeners, ingest workers' channels, the ring, CUDA, logs
 DESCRIPTOR_MARGIN = 512
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def raise_descriptor_limit(config: Config) -> None:
@@ -41,7 +44,19 @@ def raise_descriptor_limit(config: Config) -> None:
 
 
 def run(config: Config) -> int:
-    """Serve until SIGINT/SIGTERM, then shut down gracefully. Returns the exit code."""
+    """Serve until SIGINT/SIGTERM, then shut down gracefully. Returns the exit code.
+
+    Main thread only (Python runs signal handlers there): elsewhere it raises ``NotMainThreadError`` before
+    anything starts. On return SIGINT and SIGTERM have the handlers they had (a program that calls it keeps its
+    own)."""
+    if (thread := threading.current_thread()) is not threading.main_thread():
+        raise NotMainThreadError(
+            f"streamgpu serve stops on SIGINT/SIGTERM, which Python delivers to the main thread only, and this is "
+            f"thread {thread.name!r}: call it from the main thread, or, in this thread, run a streamgpu.server.Server "
+            "on an event loop of its own (async with Server(config): ...) and stop it with await server.stop() "
+            "(README: Embedding in your own program)"
+        )
+    before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     raise_descriptor_limit(config)
     tune_malloc()
     loop = new_event_loop(config.loop)
@@ -49,7 +64,10 @@ def run(config: Config) -> int:
     try:
         return loop.run_until_complete(_serve(config))
     finally:
-        loop.close()
+        loop.close()  # (it leaves SIGINT and SIGTERM at their defaults)
+        for sig, handler in before.items():
+            if handler is not None:  # (None: one set outside Python, which Python cannot put back)
+                signal.signal(sig, handler)
 
 
 async def _serve(config: Config) -> int:
@@ -67,7 +85,7 @@ async def _serve(config: Config) -> int:
         if not server.started:
             log.info("signal received while starting: stopping once started (a second signal exits at once)")
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, on_signal)
     await server.start()

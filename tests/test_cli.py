@@ -128,6 +128,42 @@ def test_serve_started_with_sigint_ignored_is_still_interrupted_before_its_loop_
     assert capsys.readouterr().err == "streamgpu: interrupted\n"
 
 
+def test_serve_called_from_another_thread_refuses_at_once_naming_the_embedding_api(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Only the main thread gets signals: serve failed there with a traceback (add_signal_handler's error)
+    got: list[object] = []
+
+    def call() -> None:
+        try:
+            got.append(main(["serve", "--port", "0", "--device", "cpu"]))
+        except BaseException as exc:
+            got.append(exc)
+
+    thread = threading.Thread(target=call, name="host")
+    thread.start()
+    thread.join(60)
+    assert got == [1], got
+    assert ("cannot serve: streamgpu serve stops on SIGINT/SIGTERM, which Python delivers to the main thread only, "
+            "and this is thread 'host': call it from the main thread, or, in this thread, run a "
+            "streamgpu.server.Server") in caplog.text  # fmt: skip
+    assert "await server.stop()" in caplog.text and "data path" not in caplog.text  # (refused before it started)
+
+
+def test_a_program_that_runs_serve_gets_its_signal_handlers_back() -> None:
+    # serve's loop, closing, left SIGINT at Python's default and SIGTERM at the system's (which kills)
+    def handler(signum: int, frame: object) -> None:
+        pass
+
+    before = signal.signal(signal.SIGINT, handler), signal.signal(signal.SIGTERM, handler)
+    try:
+        assert main(["serve", "--port", "0", "--device", "cpu", "--model", "torchscript:/no/such/model.pt"]) == 1
+        assert signal.getsignal(signal.SIGINT) is handler and signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+
+
 def test_serve_raises_a_low_open_files_limit_so_its_connections_are_served() -> None:
     """Started with a soft limit of 160 open files (below max_connections, 1024), ``streamgpu serve`` raises
     it: 200 producers are welcomed and served. (Left at 160, accept() failed once the descriptors ran out

@@ -57,6 +57,9 @@ from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol.wire import FrameHeader, Status, Timings
 
 log = logging.getLogger("streamgpu.worker")
+# Ctrl-C reaches the whole group, and so does a SIGTERM to it (systemd's stop): the parent drives shutdown,
+# answering the frames in flight through this worker first (a parent gone closes the channel: it ends then)
+IGNORED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _LENGTH = struct.Struct("<I")
 # The records' conn and fid fields are u32; connection ids (every TCP connection and UDP source address)
 # and frame numbers are not bounded: they go up modulo 2**32, skipping those still in use
@@ -482,10 +485,9 @@ async def serve(chan_sock: socket.socket, init: WorkerInit) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    # Ctrl-C reaches the whole group, and so does a SIGTERM to it (systemd's stop): the parent drives shutdown,
-    # answering the frames in flight through this worker first (a parent gone closes the channel: it ends then)
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in IGNORED_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, IGNORED_SIGNALS)  # (blocked from its spawn until now: _Worker._spawn)
     chan_sock = socket.socket(fileno=int(args[0]))
     init = _read_init(chan_sock)
     logging.basicConfig(level=init.config.log_level, format=f"%(asctime)s worker {init.index}: %(message)s")

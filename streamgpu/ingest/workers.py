@@ -54,6 +54,7 @@ import errno
 import functools
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -72,7 +73,7 @@ from streamgpu.ingest.admission import Admission, Grant, Producer
 from streamgpu.ingest.base import Listener
 from streamgpu.ingest.hub import Origin
 from streamgpu.ingest.udp import COUNTERS, STAT_NAMES, UdpListener, listener_options
-from streamgpu.ingest.worker import WorkerInit, send_init
+from streamgpu.ingest.worker import IGNORED_SIGNALS, WorkerInit, send_init
 from streamgpu.loops import spare_cpus
 from streamgpu.memory import HostSegment, Slot
 from streamgpu.metrics import NO_MODEL
@@ -221,11 +222,18 @@ class _Worker(asyncio.Protocol):
                 init = dataclasses.replace(init, handoff_fd=their_handoff.fileno())
                 path = [_PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")]
                 env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}  # this streamgpu, first
-                self.proc = subprocess.Popen(
-                    [sys.executable, "-m", "streamgpu.ingest.worker", str(theirs.fileno())],
-                    pass_fds=(theirs.fileno(), their_handoff.fileno(), segment_fd, *init.udp_fds),
-                    env=env,
-                )
+                # Born with the signals it ignores blocked (the mask survives fork and exec; it unblocks them once
+                # ignored): one reaching the process group while its interpreter started (Ctrl-C or systemd's
+                # stop as the server starts or replaces a worker) killed it, and the server's start failed
+                blocked = signal.pthread_sigmask(signal.SIG_BLOCK, IGNORED_SIGNALS)
+                try:
+                    self.proc = subprocess.Popen(
+                        [sys.executable, "-m", "streamgpu.ingest.worker", str(theirs.fileno())],
+                        pass_fds=(theirs.fileno(), their_handoff.fileno(), segment_fd, *init.udp_fds),
+                        env=env,
+                    )
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
                 # Beside a pinned loop from the start: it inherited the loop's CPU, and its start (an interpreter,
                 # imports: a third of a second of CPU) would stall a serving loop when it replaces a worker.
                 if (cpus := spare_cpus()) is not None:

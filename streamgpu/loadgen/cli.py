@@ -354,7 +354,11 @@ def _replace(path: Path, text: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the load generator; returns the exit status (0 ok, 1 run failed, 2 usage error)."""
-    cmdline.honour_interrupts()
+    with cmdline.honour_interrupts():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -612,6 +612,37 @@ async def test_a_killed_worker_costs_only_its_connections_then_shutdown_drains(s
     await shutdown_answers_every_frame_received(server)
 
 
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_signal_reaching_a_worker_while_its_interpreter_starts_does_not_kill_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ctrl-C or systemd's stop reaches the whole process group, the workers too: one that came while a
+    worker's interpreter started (before it ignored them) killed it, and the server's start failed with a
+    traceback ("exited while starting", or "Broken pipe" sending it its init), or its replacement's did."""
+    spawn = subprocess.Popen
+    signalled = []
+
+    def signalled_at_once(*args: Any, **kw: Any) -> subprocess.Popen[bytes]:
+        proc = spawn(*args, **kw)  # returns once exec succeeded: its interpreter is just starting
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            os.kill(proc.pid, sig)
+        signalled.append(proc.pid)
+        return proc
+
+    monkeypatch.setattr(workers.subprocess, "Popen", signalled_at_once)
+    async with Server(config(ingest_workers=1)) as srv:
+        listener = listener_of(srv)
+        async with await client.connect("127.0.0.1", srv.port) as conn:
+            assert (await conn.submit(frames(1, 0)[0])).ok
+        os.kill(signalled[0], signal.SIGKILL)  # its replacement starts as signalled
+        async with asyncio.timeout(20):
+            while len(signalled) < 2 or not (listener._workers[0].started and listener._workers[0].alive):
+                await asyncio.sleep(0.01)
+        async with await client.connect("127.0.0.1", srv.port) as conn:
+            assert (await conn.submit(frames(1, 0)[0])).ok
+        assert listener.stats()["worker_restarts"] == 1 and listener.pids == [signalled[1]]
+
+
 @pytest.mark.asyncio
 async def test_frames_a_worker_sent_up_as_shutdown_began_are_answered_within_the_shutdown_timeout(
     monkeypatch: pytest.MonkeyPatch,
