@@ -41,3 +41,8 @@ class ServerNotStartedError(StreamgpuError, RuntimeError):
 class NotMainThreadError(StreamgpuError, RuntimeError):
     """``streamgpu.run`` (``streamgpu serve``) was called from a thread other than the main one, where it could
     never stop: only the main thread gets signals. The message points to ``Server``, which any thread can run."""
+
+
+class WorkerStartError(StreamgpuError, RuntimeError):
+    """An ingest worker process could not be started, or exited (or hung) while starting; the message names
+    the worker and its exit status, and says what to check."""

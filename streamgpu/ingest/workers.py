@@ -67,6 +67,7 @@ import numpy as np
 
 import streamgpu
 from streamgpu.config import ListenerSpec
+from streamgpu.errors import WorkerStartError
 from streamgpu.frame import Frame, Outcome, unsendable
 from streamgpu.ingest import channel
 from streamgpu.ingest.admission import Admission, Grant, Producer
@@ -97,9 +98,17 @@ MODELS_TIMEOUT_S = 2.0
 WORKER_HANG_S = 10.0
 HANDOFF_STALL_S = 0.5  # a worker that has left a handed connection untaken this long gets new ones only if no other can
 RESTART_MAX_DELAY_S = 10.0  # a replacement that fails to start is tried again, doubling the delay up to this
+# A worker whose channel closed is exiting (the kernel closes its descriptors first, then it can be reaped): one
+# still running this long after is killed (a worker without its channel serves nobody)
+REAP_GRACE_S = 1.0
 # Flags byte -> FrameFlags: LIVE is the one flag that means something here (SUBSCRIBERS, UDP's, the worker acts on)
 _FLAGS = [FrameFlags.LIVE if f & FrameFlags.LIVE else FrameFlags.NONE for f in range(256)]
 _PACKAGE_ROOT = str(Path(streamgpu.__file__).resolve().parent.parent)
+_WORKER_HINT = (  # what to check when a worker cannot start
+    f"Check that '{sys.executable} -m streamgpu.ingest.worker' can import streamgpu in this environment (the "
+    "interpreter, PYTHONPATH, the virtual environment) and that memory is not short, or serve without worker "
+    "processes (ingest_workers = 0, --ingest-workers 0)"
+)
 
 
 @dataclass(eq=False, slots=True)
@@ -168,6 +177,7 @@ class _Worker(asyncio.Protocol):
         self._models_sent: dict[int, asyncio.Future[None]] = {}  # MODELS records not confirmed yet, by generation
         self.heard = time.monotonic()  # when its last records were read
         self.ring_used = 0  # bytes of its range that frames hold, as last reported (ALIVE)
+        self._reaped: asyncio.Future[int] | None = None  # its process's exit status (reap)
 
     @property
     def load(self) -> int:
@@ -200,16 +210,50 @@ class _Worker(asyncio.Protocol):
     # -- process ----------------------------------------------------------------------
 
     async def spawn(self, init: WorkerInit, segment_fd: int) -> None:
+        """Start its process and connect its channel. WorkerStartError: no process could be started, or it
+        exited before it took its init (a bad environment, killed)."""
         try:
             await self._spawn(init, segment_fd)
-        except BaseException:  # no process or no channel: never alive (nothing waits for its STOPPED)
+        except BaseException as exc:  # no process or no channel: never alive (nothing waits for its STOPPED)
             self.kill()
-            if self.proc is not None:  # reaped off the loop
-                self._loop.run_in_executor(None, self.proc.wait)
             self.alive = False
             self._out = []
             self._settle()
-            raise
+            if not isinstance(exc, OSError):
+                if self.proc is not None:
+                    self.reap()
+                raise
+            if self.proc is None:  # Popen failed: no executable, out of descriptors or memory
+                raise WorkerStartError(
+                    f"ingest worker {self.index} could not be started ({sys.executable} -m streamgpu.ingest.worker): "
+                    f"{exc}. {_WORKER_HINT}"
+                ) from exc
+            # (sending it its init failed, Broken pipe: it was gone already)
+            raise self.start_failed("exited while starting", await self.reap()) from exc
+
+    def start_failed(self, what: str, status: int) -> WorkerStartError:
+        """The error of a worker that did ``what`` (exited, did not start in time) while starting."""
+        pid = self.proc.pid if self.proc is not None else -1
+        return WorkerStartError(
+            f"ingest worker {self.index} (pid {pid}) {what} ({_exit_status(status)}); its own error, if it printed "
+            f"one, is above on this process's stderr. {_WORKER_HINT}"
+        )
+
+    def reap(self) -> asyncio.Future[int]:
+        """Its process's exit status, once reaped off the loop (one still running REAP_GRACE_S after the first
+        call is killed). Needs its process."""
+        if self._reaped is None:
+            self._reaped = self._loop.create_task(self._reap())
+        return self._reaped
+
+    async def _reap(self) -> int:
+        proc = self.proc
+        assert proc is not None
+        try:
+            return await self._loop.run_in_executor(None, proc.wait, REAP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return await self._loop.run_in_executor(None, proc.wait)
 
     async def _spawn(self, init: WorkerInit, segment_fd: int) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -672,14 +716,14 @@ class WorkerListener(Listener):
             self._parked = None
 
     async def _await_ready(self, worker: _Worker) -> None:
+        """Until ``worker`` said READY. WorkerStartError: it exited first, or did not say it in time (killed)."""
         try:
             await asyncio.wait_for(asyncio.shield(worker.ready), READY_TIMEOUT_S)
         except TimeoutError:
             worker.kill()
-            raise RuntimeError(f"ingest worker {worker.index} did not start within {READY_TIMEOUT_S:g} s") from None
+            raise worker.start_failed(f"did not start within {READY_TIMEOUT_S:g} s", await worker.reap()) from None
         if not worker.started:
-            code = worker.proc.wait() if worker.proc is not None else None
-            raise RuntimeError(f"ingest worker {worker.index} exited while starting (exit status {code}); see its log")
+            raise worker.start_failed("exited while starting", await worker.reap())
         log.info("ingest worker %d: pid %d, ring range [%d, %d)", worker.index, worker.proc.pid if worker.proc else -1,
                  worker.lent.offset, worker.lent.offset + worker.lent.nbytes)  # fmt: skip
 
@@ -688,19 +732,25 @@ class WorkerListener(Listener):
 
     def worker_gone(self, worker: _Worker) -> None:
         """A worker's channel closed: reap it; once nothing reads its range, start its replacement."""
-        if worker.proc is not None and worker.proc.poll() is None:
-            worker.kill()
-            asyncio.get_running_loop().run_in_executor(None, worker.proc.wait)
+        if worker.proc is None:  # (its process could not be started: it never had a channel)
+            return
+        reaped = worker.reap()
         if worker.replaced or worker.held or self._stopping or self._workers[worker.index] is not worker:
             return
         if not worker.started:  # it died while starting: start() reports it; no restart loop
             return
         worker.replaced = True
         self._retire(worker)
-        code = worker.proc.returncode if worker.proc is not None else None
-        log.warning("ingest worker %d exited (status %s); its connections closed; starting a new one",
-                    worker.index, code)  # fmt: skip
-        asyncio.get_running_loop().call_later(RESTART_DELAY_S, self._restart, worker)
+        # Logged once reaped: its channel closes before its exit status can be read
+        reaped.add_done_callback(functools.partial(self._exited, worker))
+
+    def _exited(self, dead: _Worker, reaped: asyncio.Future[int]) -> None:
+        """A started worker's process was reaped: say how it ended, and start its replacement."""
+        if reaped.cancelled():  # (the loop is closing)
+            return
+        log.warning("ingest worker %d (pid %d) exited (%s); its connections closed; starting a new one",
+                    dead.index, dead.proc.pid if dead.proc else -1, _exit_status(reaped.result()))  # fmt: skip
+        asyncio.get_running_loop().call_later(RESTART_DELAY_S, self._restart, dead)
 
     def _restart(self, dead: _Worker, attempt: int = 0) -> None:
         if self._stopping:
@@ -780,7 +830,7 @@ class WorkerListener(Listener):
         for worker in workers:
             worker.kill()
             if worker.proc is not None:
-                await loop.run_in_executor(None, worker.proc.wait)
+                await worker.reap()
         for worker in workers:
             if not worker.lent.released:
                 self.admission.pool.release(worker.lent)
@@ -912,6 +962,16 @@ def _reuseport_sockets(spec: ListenerSpec, count: int) -> list[socket.socket]:
             sock.close()
         raise
     return socks
+
+
+def _exit_status(status: int) -> str:
+    """A process's exit status (``Popen.returncode``) in words: a signal that killed it, by name."""
+    if status >= 0:
+        return f"exit status {status}"
+    try:
+        return f"killed by {signal.Signals(-status).name}"
+    except ValueError:
+        return f"killed by signal {-status}"
 
 
 async def _wait(futures: list[asyncio.Future[None]], timeout: float) -> None:

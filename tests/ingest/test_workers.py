@@ -1444,3 +1444,113 @@ async def test_a_replacement_worker_s_connections_are_not_named_as_its_predecess
                 while not listener.pids or listener.pids == [pid]:
                     await asyncio.sleep(0.01)
     assert len(seen) == len(set(seen)) == 2, seen
+
+
+# -- a worker that cannot start, and one that exits ------------------------------------------------------------------
+
+POPEN = subprocess.Popen
+
+
+class FailingSpawn:
+    """``Popen`` for worker processes, the next ``failures`` of which fail as a bad environment makes them (the
+    rest are real workers): "killed" dies before it takes its init (SIGKILL, as the OOM killer's), "exits" exits
+    with status 3 once it has it (as an interpreter that cannot import streamgpu). ``spawned``: every process."""
+
+    def __init__(self, how: str, failures: int) -> None:
+        self.how = how
+        self.failures = failures
+        self.spawned: list[subprocess.Popen[bytes]] = []
+
+    def __call__(self, args: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        failing = self.failures > 0
+        self.failures -= failing
+        if failing and self.how == "exits":  # (args[-1]: its end of the channel)
+            args = [sys.executable, "-c", "import os, sys; os.read(int(sys.argv[1]), 1); sys.exit(3)", args[-1]]
+        proc = POPEN(args, **kw)
+        if failing and self.how == "killed":
+            proc.kill()
+            proc.wait()
+        self.spawned.append(proc)
+        return proc
+
+    def failure(self, index: int) -> str:
+        """What the error says of spawned process ``index`` that failed."""
+        status = "exit status 3" if self.how == "exits" else "killed by SIGKILL"
+        return f"ingest worker 0 (pid {self.spawned[index].pid}) exited while starting ({status}); its own error"
+
+
+def says_what_to_check(message: str) -> bool:
+    return f"'{sys.executable} -m streamgpu.ingest.worker' can import streamgpu" in message and (
+        "--ingest-workers 0" in message
+    )
+
+
+@pytest.mark.parametrize("how", ["killed", "exits"])
+def test_a_worker_that_cannot_start_fails_serve_with_a_message_and_leaves_nothing_running(
+    how: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker that died while starting (a bad environment, killed) failed 'streamgpu serve' with a
+    RuntimeError traceback ("exited while starting"), or with 'cannot serve: [Errno 32] Broken pipe' when it
+    was gone before its init was sent: now 'cannot serve: ...' names it, its exit status and what to check,
+    and the other worker and the port are not left behind."""
+    spawn = FailingSpawn(how, failures=1)
+    monkeypatch.setattr(workers.subprocess, "Popen", spawn)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = ["serve", "--port", str(port), "--device", "cpu", "--model", "builtin:small", "--ingest-workers", "2"]
+    assert cli.main(argv) == 1
+    (record,) = [r for r in caplog.records if r.getMessage().startswith("cannot serve")]
+    assert record.getMessage().startswith(f"cannot serve: {spawn.failure(0)}"), record.getMessage()
+    assert says_what_to_check(record.getMessage()) and "Traceback" not in caplog.text
+    assert spawn.spawned and all(p.returncode is not None for p in spawn.spawned)  # every worker ended and reaped
+    socket.create_server(("127.0.0.1", port)).close()  # its port is free
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+@pytest.mark.parametrize("how", ["killed", "exits"])
+async def test_a_replacement_that_cannot_start_says_why_while_the_other_worker_serves(
+    how: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A replacement that died while starting was logged as "exited while starting (exit status ...); see its
+    log", or as "[Errno 32] Broken pipe": now as clearly as at the server's start; meanwhile the other worker
+    serves, and a later try that starts serves again."""
+    async with Server(config()) as srv:
+        listener = listener_of(srv)
+        spawn = FailingSpawn(how, failures=1000)
+        monkeypatch.setattr(workers.subprocess, "Popen", spawn)
+        os.kill(listener.pids[0], signal.SIGKILL)
+        async with asyncio.timeout(10):
+            while not (failed := [m for r in caplog.records if "restarting ingest" in (m := r.getMessage())]):
+                await asyncio.sleep(0.01)
+        assert failed[0].startswith(f"restarting ingest worker 0 failed: {spawn.failure(0)}"), failed[0]
+        assert says_what_to_check(failed[0]) and failed[0].endswith("; trying again in 0.4 s")
+        assert listener.stats()["workers_alive"] == 1
+        assert all(r.ok for _, r in await run_streams(srv.port, frames(16, seed=7), nconn=4))  # the other one serves
+        spawn.failures = 0
+        async with asyncio.timeout(10):
+            while listener.stats()["workers_alive"] < 2:
+                await asyncio.sleep(0.01)
+        assert all(r.ok for _, r in await run_streams(srv.port, frames(16, seed=8), nconn=4))
+        assert all(p.returncode is not None for p in spawn.spawned[:-1])  # the failed ones were reaped
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_worker_that_exited_is_logged_with_its_exit_status_before_it_was_reaped(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A dying process's descriptors close before it can be reaped: the warning, written as its channel
+    closed, said "exited (status None)". Here it is not reaped yet whenever it is looked at."""
+    async with Server(config(ingest_workers=1)) as srv:
+        listener = listener_of(srv)
+        proc = listener._workers[0].proc
+        assert proc is not None
+        monkeypatch.setattr(proc, "poll", lambda: None)
+        os.kill(proc.pid, signal.SIGKILL)
+        async with asyncio.timeout(10):
+            while listener.pids in ([], [proc.pid]):
+                await asyncio.sleep(0.01)
+    exited = [r.getMessage() for r in caplog.records if " exited " in r.getMessage()]
+    assert exited == [
+        f"ingest worker 0 (pid {proc.pid}) exited (killed by SIGKILL); its connections closed; starting a new one"
+    ]
