@@ -449,9 +449,6 @@ class TcpConnection(asyncio.BufferedProtocol):
         for i, frame in enumerate(frames):
             ready += complete(frame.ticket, [replies[i * size : (i + 1) * size]])  # type: ignore[attr-defined]
         self._write_ready(ready)
-        # Written now, with what is pending before it, not at the loop iteration's end: the batch's accounting
-        # and the next dispatch, which follow this call, are not on the replies' way. Still one write per batch
-        self._flush()
 
     def _answer_now(self, header: FrameHeader, ticket: Ticket, status: Status, message: str) -> None:
         self._admission.replied(header.model, status)

@@ -241,26 +241,6 @@ def test_a_batch_whose_results_cannot_be_encoded_is_answered_and_holds_nothing_b
     assert harness.ring.slots_in_use == 0
 
 
-@pytest.mark.asyncio
-async def test_a_batchs_replies_are_written_as_it_finishes_in_one_write_not_at_the_iterations_end() -> None:
-    """As a started listener does (flushes deferred to the loop), a batch's replies to a connection go out in the
-    call that finishes the batch, in one write with a reply queued before them: what follows the finish on the
-    loop (the batch's accounting, the next dispatch) is not on their way, as it was when they waited for the end
-    of the loop iteration."""
-    conn, transport, harness = make()
-    harness.listener.defer = asyncio.get_running_loop().call_soon
-    writes: list[int] = []
-    transport.writelines = lambda parts: writes.append(len(parts))  # type: ignore[method-assign]
-    feed(conn, hello() + frame(SMALL, 0, stream=1) + frame(SMALL, 0) + frame(SMALL, 1))
-    (other, _), (f0, _), (f1, _) = harness.frames
-    answer(other)  # a reply of another stream, queued for the iteration's end
-    assert writes == []
-    finish_ok([f0, f1], np.ones((2, 3), np.float32), None, np.zeros((2, 6), np.int64))
-    assert len(writes) == 1 and writes[0] >= 3  # written before finish_ok returned: the queued one, then both
-    await asyncio.sleep(0)
-    assert len(writes) == 1  # the deferred flush found nothing left
-
-
 @pytest.mark.parametrize(
     ("bad", "status"),
     [
