@@ -1,11 +1,9 @@
 """The descriptor channel between the scheduling process and its ingest worker processes.
 
 One ``AF_UNIX`` stream socket per worker carries packed records both ways;
-each side batches the records of one loop iteration into one write (the
-scheduler side writes a batch's results, after what is pending, as the batch
-finishes, not once the rest of that loop turn ran), and the reader decodes
-every whole record of one read at once (``struct.iter_unpack`` for the
-fixed-size upward records). Payload bytes never travel here: they are
+each side batches the records of one loop iteration into one write, and the
+reader decodes every whole record of one read at once (``struct.iter_unpack``
+for the fixed-size upward records). Payload bytes never travel here: they are
 in the shared host segment, at the offset a FRAME record names.
 
 Worker -> scheduler: fixed-size records of ``UP.size`` (80) bytes::

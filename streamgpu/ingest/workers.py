@@ -339,15 +339,13 @@ class _Worker(asyncio.Protocol):
         self._listener.worker_gone(self)
 
     def send(self, *records: bytes | memoryview) -> None:
-        """Queue records (or the parts of one) for this loop iteration's write (or a batch's, if sooner)."""
+        """Queue records (or the parts of one) for this loop iteration's write."""
         if not self._out and not self._releases:
             self._loop.call_soon(self._flush)
         self._out.extend(records)
 
     def _flush(self) -> None:
         if self._transport is None and self.alive:  # not connected yet: connection_made flushes them
-            return
-        if not self._out and not self._releases:  # (written already: a batch's replies go at once)
             return
         out, self._out = self._out, []
         if self._releases:  # first: a slot copied before its reply is free before the reply is written
@@ -483,10 +481,7 @@ class _Worker(asyncio.Protocol):
             if not self.held:
                 self._listener.worker_gone(self)
             return
-        # Written now, not at the loop's next turn: the batch's accounting and the next dispatch, which follow
-        # this call, would otherwise come first on the replies' way. Still one write per batch and worker
-        self._out.extend(records)
-        self._flush()
+        self.send(*records)
 
     def slots_released(self, frames: list[Frame]) -> None:
         """The payloads of ``frames`` were copied: one RELEASE record (this loop iteration's) names them."""

@@ -27,7 +27,7 @@ import pytest_asyncio
 
 from streamgpu import cli, client
 from streamgpu.config import Config, ConfigError, ListenerSpec, TokenSpec
-from streamgpu.frame import Frame, Outcome, Outputs, finish_ok, release_slots
+from streamgpu.frame import Frame, Outcome, Outputs
 from streamgpu.ingest import channel, worker, workers
 from streamgpu.ingest.admission import Admission, Grant, Producer
 from streamgpu.ingest.hub import Origin
@@ -309,52 +309,6 @@ def worker_side(cfg: Config, segment: HostSegment, lent: Slot) -> tuple[worker._
     chan.connection_made(up)  # type: ignore[arg-type]
     pool = SlotPool(segment.buffer, lent.offset, lent.offset + lent.nbytes)
     return chan, up, pool, Admission(cfg, pool, {m.name: m for m in cfg.models}, chan.submit)
-
-
-class CountingTransport(FakeTransport):
-    """A FakeTransport that counts its writes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.writes = 0
-
-    def writelines(self, data: list[bytes | memoryview]) -> None:
-        self.writes += 1
-        super().writelines(data)
-
-
-@pytest.mark.asyncio
-async def test_a_batchs_replies_are_written_as_it_finishes_not_at_the_loops_next_turn() -> None:
-    """A batch's OK results go down in the call that finishes the batch, in one write with the RELEASE records
-    pending (first): what follows the finish on the scheduling loop (the batch's accounting, the next dispatch,
-    ~40 us on the dev VM) is not on the replies' way, as it was when they waited for the loop's next turn."""
-    cfg = config()
-    submitted: list[Frame] = []
-    parent, _, segment = parent_worker(cfg, submitted.append)
-    chan, up, _, their_admission = worker_side(cfg, segment, parent.lent)
-    producer = their_admission.producer_for(Grant(None, 0), "peer")
-    chan.named(5, Origin("tcp", "tcp:w0/5"))
-    for i in range(3):
-        slot = producer.reserve(192, lambda s: None)
-        assert isinstance(slot, Slot)
-        header = FrameHeader(1, i, SPEC.name, SPEC.frame_dtype_code, SPEC.input_shape, 192)
-        their_admission.submit(Frame(header, slot, producer, (5, 1), 1, 2, 0, lambda f, o: None))
-    await asyncio.sleep(0)
-    parent.data_received(bytes(up.written))
-    first, *batch = submitted
-    down = CountingTransport()
-    parent.connection_made(down)  # type: ignore[arg-type]
-    release_slots([first])  # copied: its RELEASE waits for a flush (its batch still runs)
-    rows = np.arange(20, dtype=np.float32).reshape(2, 10)
-    finish_ok(batch, rows, None, np.ones((2, 6), np.int64))
-    assert down.writes == 1  # written before finish_ok returned, nothing run on the loop meanwhile
-    stream = bytes(down.written)
-    assert channel.released(stream, 0).tolist() == [first.fid]  # type: ignore[attr-defined]
-    fids, got, _ = channel.decode_ok(stream, channel.record_length(stream, 0) or 0)
-    assert fids == [f.fid for f in batch] and got.tolist() == rows.tolist()  # type: ignore[attr-defined]
-    await asyncio.sleep(0)
-    assert down.writes == 1  # the flush the RELEASE asked for found nothing left to write
-    segment.close()
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
