@@ -1600,3 +1600,20 @@ async def test_a_worker_that_exited_is_logged_with_its_exit_status_before_it_was
     assert exited == [
         f"ingest worker 0 (pid {proc.pid}) exited (killed by SIGKILL); its connections closed; starting a new one"
     ]
+
+
+@pytest.mark.asyncio
+async def test_a_worker_reaped_as_the_server_stops_is_not_said_to_be_replaced(caplog: pytest.LogCaptureFixture) -> None:
+    """Its exit is logged once it is reaped, off the loop: a worker that died just before the server began to
+    stop was logged during the shutdown as "...; starting a new one", and none was started."""
+    async with Server(config(ingest_workers=1)) as srv:
+        listener = listener_of(srv)
+        dead = listener._workers[0]
+        assert dead.proc is not None
+        os.kill(dead.proc.pid, signal.SIGKILL)
+        async with asyncio.timeout(10):
+            while dead.alive:  # its channel closed: it is being reaped as the server stops
+                await asyncio.sleep(0)
+    exited = [r.getMessage() for r in caplog.records if " exited " in r.getMessage()]
+    assert exited == [f"ingest worker 0 (pid {dead.proc.pid}) exited (killed by SIGKILL); its connections closed"]
+    assert listener.restarts == 0
