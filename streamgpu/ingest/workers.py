@@ -251,7 +251,9 @@ class _Worker(asyncio.Protocol):
         assert proc is not None
         try:
             return await self._loop.run_in_executor(None, proc.wait, REAP_GRACE_S)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired:  # (said, or its "killed by SIGKILL" would read as another's doing)
+            log.warning("ingest worker %d (pid %d) still ran %g s after its channel closed: killing it", self.index,
+                        proc.pid, REAP_GRACE_S)  # fmt: skip
             proc.kill()
             return await self._loop.run_in_executor(None, proc.wait)
 
