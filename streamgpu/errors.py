@@ -43,6 +43,11 @@ class NotMainThreadError(StreamgpuError, RuntimeError):
     never stop: only the main thread gets signals. The message points to ``Server``, which any thread can run."""
 
 
+class LoopRunningError(StreamgpuError, RuntimeError):
+    """``streamgpu.run`` (``streamgpu serve``) was called where an event loop runs already (in a coroutine, a
+    notebook): it runs one of its own. The message points to ``Server``, which runs on the loop there."""
+
+
 class WorkerStartError(StreamgpuError, RuntimeError):
     """An ingest worker process could not be started, or exited (or hung) while starting; the message names
     the worker and its exit status, and says what to check."""

@@ -12,7 +12,7 @@ import threading
 import time
 
 from streamgpu.config import Config
-from streamgpu.errors import NotMainThreadError
+from streamgpu.errors import LoopRunningError, NotMainThreadError
 from streamgpu.logs import StatsLine, drain_summary, reply_totals
 from streamgpu.loops import new_event_loop, tune_malloc
 from streamgpu.server import Server
@@ -46,15 +46,25 @@ def raise_descriptor_limit(config: Config) -> None:
 def run(config: Config) -> int:
     """Serve until SIGINT/SIGTERM, then shut down gracefully. Returns the exit code.
 
-    Main thread only (Python runs signal handlers there): elsewhere it raises ``NotMainThreadError`` before
-    anything starts. On return SIGINT and SIGTERM have the handlers they had (a program that calls it keeps its
-    own)."""
+    Main thread only (Python runs signal handlers there), and not where an event loop runs already: it raises
+    ``NotMainThreadError`` or ``LoopRunningError`` before anything starts. On return SIGINT and SIGTERM have the
+    handlers they had (a program that calls it keeps its own)."""
     if (thread := threading.current_thread()) is not threading.main_thread():
         raise NotMainThreadError(
             f"streamgpu serve stops on SIGINT/SIGTERM, which Python delivers to the main thread only, and this is "
             f"thread {thread.name!r}: call it from the main thread, or, in this thread, run a streamgpu.server.Server "
             "on an event loop of its own (async with Server(config): ...) and stop it with await server.stop() "
             "(README: Embedding in your own program)"
+        )
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # (none: as it should be)
+        pass
+    else:  # (run_until_complete would fail, after it replaced this thread's event loop with its own)
+        raise LoopRunningError(
+            "streamgpu serve runs an event loop of its own, and one runs in this thread already (a coroutine, a "
+            "notebook): on that loop, run a streamgpu.server.Server instead (async with Server(config): ...) and stop "
+            "it with await server.stop() (README: Embedding in your own program)"
         )
     before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     raise_descriptor_limit(config)

@@ -150,6 +150,19 @@ def test_serve_called_from_another_thread_refuses_at_once_naming_the_embedding_a
     assert "await server.stop()" in caplog.text and "data path" not in caplog.text  # (refused before it started)
 
 
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_serve_called_where_an_event_loop_runs_refuses_at_once_naming_the_embedding_api(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # (a coroutine, a notebook) it failed with a traceback, RuntimeError 'Cannot run the event loop while another
+    # loop is running', having set its own loop as this thread's and raised the open files limit
+    loop = asyncio.get_running_loop()
+    assert main(["serve", "--port", "0", "--device", "cpu"]) == 1
+    assert ("cannot serve: streamgpu serve runs an event loop of its own, and one runs in this thread already (a "
+            "coroutine, a notebook): on that loop, run a streamgpu.server.Server instead") in caplog.text  # fmt: skip
+    assert asyncio.get_event_loop_policy().get_event_loop() is loop and "data path" not in caplog.text
+
+
 def test_a_program_that_runs_serve_gets_its_signal_handlers_back() -> None:
     # serve's loop, closing, left SIGINT at Python's default and SIGTERM at the system's (which kills)
     def handler(signum: int, frame: object) -> None:

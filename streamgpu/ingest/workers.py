@@ -251,7 +251,9 @@ class _Worker(asyncio.Protocol):
         assert proc is not None
         try:
             return await self._loop.run_in_executor(None, proc.wait, REAP_GRACE_S)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired:  # (said, or its "killed by SIGKILL" would read as another's doing)
+            log.warning("ingest worker %d (pid %d) still ran %g s after its channel closed: killing it", self.index,
+                        proc.pid, REAP_GRACE_S)  # fmt: skip
             proc.kill()
             return await self._loop.run_in_executor(None, proc.wait)
 
@@ -745,12 +747,15 @@ class WorkerListener(Listener):
         reaped.add_done_callback(functools.partial(self._exited, worker))
 
     def _exited(self, dead: _Worker, reaped: asyncio.Future[int]) -> None:
-        """A started worker's process was reaped: say how it ended, and start its replacement."""
+        """A started worker's process was reaped: say how it ended, and start its replacement (none once the
+        server is stopping: it died just before, and is reaped as the server stops)."""
         if reaped.cancelled():  # (the loop is closing)
             return
-        log.warning("ingest worker %d (pid %d) exited (%s); its connections closed; starting a new one",
-                    dead.index, dead.proc.pid if dead.proc else -1, _exit_status(reaped.result()))  # fmt: skip
-        asyncio.get_running_loop().call_later(RESTART_DELAY_S, self._restart, dead)
+        log.warning("ingest worker %d (pid %d) exited (%s); its connections closed%s", dead.index,
+                    dead.proc.pid if dead.proc else -1, _exit_status(reaped.result()),
+                    "" if self._stopping else "; starting a new one")  # fmt: skip
+        if not self._stopping:
+            asyncio.get_running_loop().call_later(RESTART_DELAY_S, self._restart, dead)
 
     def _restart(self, dead: _Worker, attempt: int = 0) -> None:
         if self._stopping:

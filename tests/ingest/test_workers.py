@@ -1454,7 +1454,8 @@ POPEN = subprocess.Popen
 class FailingSpawn:
     """``Popen`` for worker processes, the next ``failures`` of which fail as a bad environment makes them (the
     rest are real workers): "killed" dies before it takes its init (SIGKILL, as the OOM killer's), "exits" exits
-    with status 3 once it has it (as an interpreter that cannot import streamgpu). ``spawned``: every process."""
+    with status 3 once it has it (as an interpreter that cannot import streamgpu), "lingers" closes its channel
+    once it has it and runs on (as one whose exit hangs). ``spawned``: every process."""
 
     def __init__(self, how: str, failures: int) -> None:
         self.how = how
@@ -1466,6 +1467,9 @@ class FailingSpawn:
         self.failures -= failing
         if failing and self.how == "exits":  # (args[-1]: its end of the channel)
             args = [sys.executable, "-c", "import os, sys; os.read(int(sys.argv[1]), 1); sys.exit(3)", args[-1]]
+        if failing and self.how == "lingers":
+            code = "import os, sys, time; os.read(int(sys.argv[1]), 1); os.close(int(sys.argv[1])); time.sleep(60)"
+            args = [sys.executable, "-c", code, args[-1]]
         proc = POPEN(args, **kw)
         if failing and self.how == "killed":
             proc.kill()
@@ -1485,14 +1489,15 @@ def says_what_to_check(message: str) -> bool:
     )
 
 
-@pytest.mark.parametrize("how", ["killed", "exits"])
+@pytest.mark.parametrize("how", ["killed", "exits", "lingers"])
 def test_a_worker_that_cannot_start_fails_serve_with_a_message_and_leaves_nothing_running(
     how: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A worker that died while starting (a bad environment, killed) failed 'streamgpu serve' with a
     RuntimeError traceback ("exited while starting"), or with 'cannot serve: [Errno 32] Broken pipe' when it
     was gone before its init was sent: now 'cannot serve: ...' names it, its exit status and what to check,
-    and the other worker and the port are not left behind."""
+    and the other worker and the port are not left behind. One that closed its channel and ran on is killed
+    (REAP_GRACE_S), and said so: its "killed by SIGKILL" read as another's doing (the OOM killer's)."""
     spawn = FailingSpawn(how, failures=1)
     monkeypatch.setattr(workers.subprocess, "Popen", spawn)
     with socket.socket() as probe:
@@ -1503,6 +1508,8 @@ def test_a_worker_that_cannot_start_fails_serve_with_a_message_and_leaves_nothin
     (record,) = [r for r in caplog.records if r.getMessage().startswith("cannot serve")]
     assert record.getMessage().startswith(f"cannot serve: {spawn.failure(0)}"), record.getMessage()
     assert says_what_to_check(record.getMessage()) and "Traceback" not in caplog.text
+    killing = f"ingest worker 0 (pid {spawn.spawned[0].pid}) still ran 1 s after its channel closed: killing it"
+    assert (killing in caplog.text) == (how == "lingers")
     assert spawn.spawned and all(p.returncode is not None for p in spawn.spawned)  # every worker ended and reaped
     socket.create_server(("127.0.0.1", port)).close()  # its port is free
 
@@ -1554,3 +1561,20 @@ async def test_a_worker_that_exited_is_logged_with_its_exit_status_before_it_was
     assert exited == [
         f"ingest worker 0 (pid {proc.pid}) exited (killed by SIGKILL); its connections closed; starting a new one"
     ]
+
+
+@pytest.mark.asyncio
+async def test_a_worker_reaped_as_the_server_stops_is_not_said_to_be_replaced(caplog: pytest.LogCaptureFixture) -> None:
+    """Its exit is logged once it is reaped, off the loop: a worker that died just before the server began to
+    stop was logged during the shutdown as "...; starting a new one", and none was started."""
+    async with Server(config(ingest_workers=1)) as srv:
+        listener = listener_of(srv)
+        dead = listener._workers[0]
+        assert dead.proc is not None
+        os.kill(dead.proc.pid, signal.SIGKILL)
+        async with asyncio.timeout(10):
+            while dead.alive:  # its channel closed: it is being reaped as the server stops
+                await asyncio.sleep(0)
+    exited = [r.getMessage() for r in caplog.records if " exited " in r.getMessage()]
+    assert exited == [f"ingest worker 0 (pid {dead.proc.pid}) exited (killed by SIGKILL); its connections closed"]
+    assert listener.restarts == 0
