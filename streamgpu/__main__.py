@@ -1,5 +1,3 @@
-import sys
+from streamgpu.cli import console
 
-from streamgpu.cli import main
-
-sys.exit(main())
+console()

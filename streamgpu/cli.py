@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import logging
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from streamgpu import __version__
 from streamgpu.cmdline import decimal, honour_interrupts, integer, shown, whole
@@ -211,6 +213,24 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:  # Ctrl-C before serve's signal handlers (imports, model loads) or in a command
             print("streamgpu: interrupted", file=sys.stderr)
             return 130
+
+
+def console() -> NoReturn:
+    """The ``streamgpu`` command (and ``python -m streamgpu``): ``main``, then exit with its status. A SIGINT or
+    SIGTERM while the process exits (torch's teardown takes a fraction of a second after a drain) ends it at once
+    with that status, as the README promises of a second signal, where Python's handler raised KeyboardInterrupt
+    inside an exit hook and printed its traceback. (``main`` itself leaves a caller's handlers as they were.)"""
+    status = main()
+
+    def exit_now(signum: int, frame: object) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):  # (closed, or its reader gone)
+                stream.flush()
+        os._exit(status)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, exit_now)
+    sys.exit(status)
 
 
 def _main(argv: list[str] | None) -> int:

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -175,6 +176,25 @@ def test_a_program_that_runs_serve_gets_its_signal_handlers_back() -> None:
     finally:
         signal.signal(signal.SIGINT, before[0])
         signal.signal(signal.SIGTERM, before[1])
+
+
+def test_a_signal_while_the_command_exits_ends_it_at_once_with_its_status() -> None:
+    """After a drain the process still runs exit hooks (torch's teardown, ~0.6 s); a second Ctrl-C then raised
+    KeyboardInterrupt inside one and printed its traceback. The command (``console``) now exits at once with the
+    status ``main`` returned. A slow exit hook stands in for torch's teardown."""
+    child = textwrap.dedent("""
+        import atexit, sys, time
+        from streamgpu import cli
+        cli.main = lambda argv=None: 3
+        atexit.register(lambda: (print("exiting", flush=True), time.sleep(5)))
+        cli.console()
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline() == "exiting\n"
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=10)
+    assert (proc.returncode, err) == (3, "") and time.monotonic() - started < 2
 
 
 def test_serve_raises_a_low_open_files_limit_so_its_connections_are_served() -> None:
