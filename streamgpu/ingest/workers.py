@@ -98,6 +98,9 @@ MODELS_TIMEOUT_S = 2.0
 WORKER_HANG_S = 10.0
 HANDOFF_STALL_S = 0.5  # a worker that has left a handed connection untaken this long gets new ones only if no other can
 RESTART_MAX_DELAY_S = 10.0  # a replacement that fails to start is tried again, doubling the delay up to this
+# A worker that dies sooner than this after it started, twice or more in a row (a crash loop: a bug a frame or the
+# environment sets off), is replaced after a delay doubling each time up to RESTART_MAX_DELAY_S, not every 0.2 s
+CRASH_LOOP_S = 10.0
 # A worker whose channel closed is exiting (the kernel closes its descriptors first, then it can be reaped): one
 # still running this long after is killed (a worker without its channel serves nobody)
 REAP_GRACE_S = 1.0
@@ -176,6 +179,7 @@ class _Worker(asyncio.Protocol):
         self._behind_since: float | None = None  # since when a connection handed over waits untaken (loop time)
         self._models_sent: dict[int, asyncio.Future[None]] = {}  # MODELS records not confirmed yet, by generation
         self.heard = time.monotonic()  # when its last records were read
+        self.ready_at = 0.0  # loop time of its READY
         self.ring_used = 0  # bytes of its range that frames hold, as last reported (ALIVE)
         self._reaped: asyncio.Future[int] | None = None  # its process's exit status (reap)
 
@@ -405,6 +409,7 @@ class _Worker(asyncio.Protocol):
                 self._taken, self._open = conn, offset
             elif kind == channel.READY:
                 self.started = True
+                self.ready_at = self._loop.time()
                 if not self.ready.done():
                     self.ready.set_result(None)
                 self._listener.worker_ready()
@@ -536,6 +541,7 @@ class WorkerListener(Listener):
         self._parked: socket.socket | None = None  # accepted while every worker's handoff queue was full
         self._retry: asyncio.TimerHandle | None = None  # when the parked connection is offered again
         self.restarts = 0
+        self._quick_deaths: dict[int, int] = {}  # index -> its workers' deaths in a row within CRASH_LOOP_S of starting
         self._frames_before = 0  # FRAME descriptors of workers no longer in the list
         self.udp = [WorkerUdpListener(udp, admission, self, i)
                     for i, udp in enumerate(s for s in cfg.listeners if s.kind == "udp")]  # fmt: skip
@@ -748,14 +754,26 @@ class WorkerListener(Listener):
 
     def _exited(self, dead: _Worker, reaped: asyncio.Future[int]) -> None:
         """A started worker's process was reaped: say how it ended, and start its replacement (none once the
-        server is stopping: it died just before, and is reaped as the server stops)."""
+        server is stopping: it died just before, and is reaped as the server stops), later each time in a crash
+        loop (CRASH_LOOP_S)."""
         if reaped.cancelled():  # (the loop is closing)
             return
-        log.warning("ingest worker %d (pid %d) exited (%s); its connections closed%s", dead.index,
-                    dead.proc.pid if dead.proc else -1, _exit_status(reaped.result()),
-                    "" if self._stopping else "; starting a new one")  # fmt: skip
-        if not self._stopping:
-            asyncio.get_running_loop().call_later(RESTART_DELAY_S, self._restart, dead)
+        loop = asyncio.get_running_loop()
+        pid, status = dead.proc.pid if dead.proc else -1, _exit_status(reaped.result())
+        said = f"ingest worker {dead.index} (pid {pid}) exited ({status}); its connections closed"
+        if self._stopping:
+            log.warning("%s", said)
+            return
+        quick = loop.time() - dead.ready_at < CRASH_LOOP_S
+        deaths = self._quick_deaths[dead.index] = self._quick_deaths.get(dead.index, 0) + 1 if quick else 0
+        if deaths < 2:
+            log.warning("%s; starting a new one", said)
+            loop.call_later(RESTART_DELAY_S, self._restart, dead)
+            return
+        delay = min(RESTART_DELAY_S * 2 ** (deaths - 1), RESTART_MAX_DELAY_S)
+        log.warning("%s; its workers died %d times in a row within %g s of starting: starting a new one in %g s",
+                    said, deaths, CRASH_LOOP_S, delay)  # fmt: skip
+        loop.call_later(delay, self._restart, dead)
 
     def _restart(self, dead: _Worker, attempt: int = 0) -> None:
         if self._stopping:

@@ -1578,3 +1578,32 @@ async def test_a_worker_reaped_as_the_server_stops_is_not_said_to_be_replaced(ca
     exited = [r.getMessage() for r in caplog.records if " exited " in r.getMessage()]
     assert exited == [f"ingest worker 0 (pid {dead.proc.pid}) exited (killed by SIGKILL); its connections closed"]
     assert listener.restarts == 0
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_workers_that_die_soon_after_starting_again_and_again_are_replaced_later_each_time(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A crash loop (each replacement dying right after it started: a bug a frame or the environment sets off)
+    was answered with a new worker every ~0.2 s for good; from the second death in a row within CRASH_LOOP_S
+    of starting, the replacement waits twice as long each time. The other worker serves throughout."""
+    async with Server(config()) as srv:
+        listener = listener_of(srv)
+        dead_at: list[float] = []
+        for _ in range(3):
+            worker = listener._workers[0]
+            assert worker.proc is not None and worker.started
+            dead_at.append(time.monotonic())
+            os.kill(worker.proc.pid, signal.SIGKILL)
+            async with asyncio.timeout(10):
+                while listener._workers[0] is worker or not listener._workers[0].started:
+                    await asyncio.sleep(0.01)
+            dead_at[-1] = time.monotonic() - dead_at[-1]
+        assert all(r.ok for _, r in await run_streams(srv.port, frames(16, seed=9), nconn=4))
+    exited = [m.partition("; its connections closed")[2] for r in caplog.records if " exited " in (m := r.getMessage())]
+    assert exited == [
+        "; starting a new one",
+        "; its workers died 2 times in a row within 10 s of starting: starting a new one in 0.4 s",
+        "; its workers died 3 times in a row within 10 s of starting: starting a new one in 0.8 s",
+    ]
+    assert dead_at[2] >= 0.8  # the third replacement waited its 0.8 s
