@@ -80,7 +80,7 @@ def test_sigterm_to_the_whole_process_group_still_answers_the_ingest_workers_fra
     flight (the connection closed) while the server logged them answered OK."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamgpu", "serve", "--port", "0", "--device", "cpu", "--model", "builtin:resnet50",
-         "--ingest-workers", "1"],
+         "--input-shape", "112,112,3", "--ingest-workers", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         start_new_session=True,
     )  # fmt: skip
@@ -93,8 +93,10 @@ def test_sigterm_to_the_whole_process_group_still_answers_the_ingest_workers_fra
 
         async def produce(port: int) -> list[str]:
             conn = await client.connect("127.0.0.1", port)
-            replies = [conn.submit(np.zeros((224, 224, 3), np.uint8)) for _ in range(16)]
-            await replies[0]  # (the rest queued or running: resnet50 takes a while on a CPU)
+            replies = [conn.submit(np.zeros((112, 112, 3), np.uint8)) for _ in range(16)]
+            # (the rest queued or running: resnet50 takes a while on a CPU; at 224x224 a batch on a loaded 2-core
+            # machine outlasted the batch watchdog's 2 s, answered INTERNAL_ERROR)
+            await replies[0]
             os.killpg(proc.pid, signal.SIGTERM)
             got = await asyncio.gather(*replies, return_exceptions=True)
             await conn.close()
