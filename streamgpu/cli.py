@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from streamgpu import __version__
-from streamgpu.cmdline import decimal, honour_interrupts, integer, shown, whole
+from streamgpu.cmdline import STOP_SIGNALS, decimal, honour_interrupts, integer, shown, whole
 from streamgpu.config import (
     AUTH_TOKEN_ENV,
     LOG_FORMATS,
@@ -228,7 +228,7 @@ def console() -> NoReturn:
                 stream.flush()
         os._exit(status)
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, exit_now)
     sys.exit(status)
 

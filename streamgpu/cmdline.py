@@ -1,5 +1,6 @@
 """What the command lines of ``streamgpu`` and its load generator share: integer argument types, values quoted in
-messages, and SIGINT honoured where the process started with it ignored. Light on purpose (argparse, signal)."""
+messages, the signals that stop a server, and SIGINT honoured where the process started with it ignored. Light on
+purpose (argparse, signal): ingest worker processes import it too."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import contextlib
 import signal
 import threading
 from collections.abc import Callable, Iterator
+
+# The signals that stop ``streamgpu serve`` (Ctrl-C, systemd's stop): its handlers, the ones it puts back, the ones
+# its ingest workers ignore (the parent drives their shutdown) and the ones its exit does not wait for
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def decimal(text: str, hi: int) -> int | None:

@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 
+from streamgpu.cmdline import STOP_SIGNALS
 from streamgpu.config import Config
 from streamgpu.errors import LoopRunningError, NotMainThreadError
 from streamgpu.logs import StatsLine, drain_summary, reply_totals
@@ -22,7 +23,6 @@ log = logging.getLogger("streamgpu")
 EXIT_DEVICE_LOST = 3  # a GPU failed with a sticky error while serving: restart the process to use it again
 # Descriptors a server needs beside its connections: listeners, ingest workers' channels, the ring, CUDA, logs
 DESCRIPTOR_MARGIN = 512
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def raise_descriptor_limit(config: Config) -> None:

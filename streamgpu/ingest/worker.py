@@ -44,6 +44,7 @@ from typing import cast
 
 import numpy as np
 
+from streamgpu.cmdline import STOP_SIGNALS
 from streamgpu.config import Config, ListenerSpec
 from streamgpu.frame import Frame, Outcome, finish_ok
 from streamgpu.ingest import channel
@@ -57,9 +58,6 @@ from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol.wire import FrameHeader, Status, Timings
 
 log = logging.getLogger("streamgpu.worker")
-# Ctrl-C reaches the whole group, and so does a SIGTERM to it (systemd's stop): the parent drives shutdown,
-# answering the frames in flight through this worker first (a parent gone closes the channel: it ends then)
-IGNORED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _LENGTH = struct.Struct("<I")
 # The records' conn and fid fields are u32; connection ids (every TCP connection and UDP source address)
 # and frame numbers are not bounded: they go up modulo 2**32, skipping those still in use
@@ -485,9 +483,11 @@ async def serve(chan_sock: socket.socket, init: WorkerInit) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    for sig in IGNORED_SIGNALS:
+    # Ctrl-C reaches the whole group, and so does a SIGTERM to it (systemd's stop): the parent drives shutdown,
+    # answering the frames in flight through this worker first (a parent gone closes the channel: it ends then)
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, IGNORED_SIGNALS)  # (blocked from its spawn until now: _Worker._spawn)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # (blocked from its spawn until now: _Worker._spawn)
     chan_sock = socket.socket(fileno=int(args[0]))
     init = _read_init(chan_sock)
     logging.basicConfig(level=init.config.log_level, format=f"%(asctime)s worker {init.index}: %(message)s")

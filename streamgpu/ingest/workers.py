@@ -66,6 +66,7 @@ from typing import Any, cast
 import numpy as np
 
 import streamgpu
+from streamgpu.cmdline import STOP_SIGNALS
 from streamgpu.config import ListenerSpec
 from streamgpu.errors import WorkerStartError
 from streamgpu.frame import Frame, Outcome, unsendable
@@ -74,7 +75,7 @@ from streamgpu.ingest.admission import Admission, Grant, Producer
 from streamgpu.ingest.base import Listener
 from streamgpu.ingest.hub import Origin
 from streamgpu.ingest.udp import COUNTERS, STAT_NAMES, UdpListener, listener_options
-from streamgpu.ingest.worker import IGNORED_SIGNALS, WorkerInit, send_init
+from streamgpu.ingest.worker import WorkerInit, send_init
 from streamgpu.loops import spare_cpus
 from streamgpu.memory import HostSegment, Slot
 from streamgpu.metrics import NO_MODEL
@@ -275,7 +276,7 @@ class _Worker(asyncio.Protocol):
                 # Born with the signals it ignores blocked (the mask survives fork and exec; it unblocks them once
                 # ignored): one reaching the process group while its interpreter started (Ctrl-C or systemd's
                 # stop as the server starts or replaces a worker) killed it, and the server's start failed
-                blocked = signal.pthread_sigmask(signal.SIG_BLOCK, IGNORED_SIGNALS)
+                blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
                 try:
                     self.proc = subprocess.Popen(
                         [sys.executable, "-m", "streamgpu.ingest.worker", str(theirs.fileno())],
