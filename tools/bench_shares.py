@@ -89,7 +89,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
     def load(name: str, batch: int, share: float) -> CudaModel:
         spec = ModelSpec(name=name, source="builtin:resnet50", precision="fp16", max_batch_size=batch,
-                         batch_buckets=(batch,), compile="off", sm_share=share)  # fmt: skip
+                         batch_buckets=(batch,), compile=args.compile, sm_share=share)  # fmt: skip
         return backend.load(spec, build_builtin("resnet50"))
 
     shared = {"a": load("a", 8, args.share_a), "b": load("b", 32, args.share_b)}
@@ -115,11 +115,14 @@ if __name__ == "__main__":
     parser.add_argument("--rate-a", type=float, default=300.0, help="batches of 8 per second")
     parser.add_argument("--rate-b", type=float, default=60.0, help="batches of 32 per second")
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--compile", default="auto", choices=("off", "auto", "on"),
+                        help="the models' compile setting (auto: the server's default)")  # fmt: skip
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_shares.json"))
     args = parser.parse_args()
     result = asyncio.run(main(args))
-    print(f"\nResNet-50 fp16 on {torch.cuda.get_device_name()}: A = batch 8 at {args.rate_a:g}/s, share "
-          f"{args.share_a:g}; B = batch 32 at {args.rate_b:g}/s, share {args.share_b:g}")  # fmt: skip
+    print(f"\nResNet-50 fp16 (compile {args.compile}) on {torch.cuda.get_device_name()}: A = batch 8 at "
+          f"{args.rate_a:g}/s, share {args.share_a:g}; B = batch 32 at {args.rate_b:g}/s, "
+          f"share {args.share_b:g}")  # fmt: skip
     print("run | batches | p50 ms | p99 ms | device p50 ms | device p99 ms | launch call p50 ms | p99 ms")
     for label, r in result.items():
         print(f"{label} | {r['batches']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['device_p50_ms']:.2f}"

@@ -396,14 +396,13 @@ class CudaModel(DeviceModel):
         try:
             with torch.cuda.stream(self.capture_stream), torch.inference_mode():
                 if spec.compile == "on":
-                    x = self._example(1)
-                    with self.in_share():
-                        compiled(x)
+                    compiled(self._example(1))  # (outside the share: see capture)
                     self.runs, self.compile_note = compiled, "compiled"
                     return
                 size = max(spec.buckets())
                 pool = torch.cuda.graph_pool_handle()
                 x = self._example(size)
+                compiled(x)  # (outside the share: see capture)
                 plain = self._capture(lambda: self.head(x), x, pool)
                 fast = self._capture(lambda: compiled(x), x, pool)
         except Exception as exc:  # an op inductor cannot compile, no triton, ...: serve it uncompiled
@@ -455,6 +454,10 @@ class CudaModel(DeviceModel):
                                                  self.capture_stream)  # fmt: skip
                     return self._returned(self.runs(static_in))
 
+                if self.runs is not self.head:
+                    # Dynamo compiles for each new shape: outside the share, as the pre-processing kernel is
+                    # loaded (see _capture); its kernels, loaded outside, run inside.
+                    step()
                 warmups = _GRAPH_WARMUP_WARMED if self.runs is self.head else _GRAPH_WARMUP
                 graph = self.graphs[bucket] = self._capture(step, static_in, pool, warmups)
                 # The first replay of a graph uploads it to the device (milliseconds for a large one):

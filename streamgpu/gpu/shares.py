@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import math
 import threading
 from collections import Counter
@@ -208,6 +209,7 @@ class GreenContext:
         )
         self._context = ctypes.c_void_p()
         drv.check(drv.lib.cuCtxFromGreenCtx(ctypes.byref(self._context), self._green), "the green context's context")
+        _keep_shares_on_set_device()
 
     def stream(self, highest_priority: bool) -> int:
         """A new non-blocking stream of this context (a raw ``CUstream``), at the device's highest
@@ -229,13 +231,44 @@ class GreenContext:
         """This context current on the calling thread (graph capture, eager launches), then the one before."""
         drv = _the_driver()
         drv.check(drv.lib.cuCtxPushCurrent_v2(self._context), "entering the share")
+        _inside.depth = getattr(_inside, "depth", 0) + 1
         try:
             yield
         finally:
+            _inside.depth -= 1
             popped = ctypes.c_void_p()
             drv.check(drv.lib.cuCtxPopCurrent_v2(ctypes.byref(popped)), "leaving the share")
             if popped.value != self._context.value:  # something inside switched contexts and did not switch back
                 raise DeviceUnavailableError("the share's context was not the current one on leaving it")
+
+
+_inside = threading.local()  # depth: how many shares' contexts the calling thread is inside (GreenContext.current)
+
+
+def _keep_shares_on_set_device() -> None:
+    """Make ``torch.cuda.set_device`` keep a share's context current (installed once, by the first share made).
+
+    Compiled code (inductor's) calls ``torch.cuda.set_device(i)`` at every call, and its ``cudaSetDevice`` makes
+    device i's primary context current in place of the share's: a compiled model in a share failed its load with
+    "the share's context was not the current one on leaving it" and was served uncompiled. Inside a share a
+    ``set_device`` to the device already current does nothing; outside one, and to another device, it is torch's.
+    """
+    import torch
+
+    set_device = torch.cuda.set_device
+    if getattr(set_device, "keeps_shares", False):
+        return
+
+    @functools.wraps(set_device)
+    def keeping_shares(device: torch.device | str | int | None) -> None:
+        if getattr(_inside, "depth", 0) and device is not None:
+            index = device if isinstance(device, int) else torch.device(device).index
+            if index == torch.cuda.current_device():
+                return
+        set_device(device)
+
+    keeping_shares.keeps_shares = True  # type: ignore[attr-defined]
+    torch.cuda.set_device = keeping_shares
 
 
 @dataclass(frozen=True, eq=False)
