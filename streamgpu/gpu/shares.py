@@ -254,6 +254,7 @@ def _keep_shares_on_set_device() -> None:
     ``set_device`` to the device already current does nothing; outside one, and to another device, it is torch's.
     """
     import torch
+    from torch.cuda._utils import _get_device_index
 
     set_device = torch.cuda.set_device
     if getattr(set_device, "keeps_shares", False):
@@ -261,10 +262,9 @@ def _keep_shares_on_set_device() -> None:
 
     @functools.wraps(set_device)
     def keeping_shares(device: torch.device | str | int | None) -> None:
-        if getattr(_inside, "depth", 0) and device is not None:
-            index = device if isinstance(device, int) else torch.device(device).index
-            if index == torch.cuda.current_device():
-                return
+        # The device read by torch's own reader: what torch's refuses is refused, what it takes is taken.
+        if getattr(_inside, "depth", 0) and _get_device_index(device) == torch.cuda.current_device():
+            return
         set_device(device)
 
     keeping_shares.keeps_shares = True  # type: ignore[attr-defined]

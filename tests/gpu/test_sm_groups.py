@@ -1,14 +1,19 @@
 """SM shares' bookkeeping (no GPU): a share takes SMs no other model holds, a model's new version may take
-its old version's, a share that does not fit is refused with what the others hold, and a failed green
-context leaves nothing held."""
+its old version's, a share that does not fit is refused with what the others hold, a failed green
+context leaves nothing held, and inside a share torch.cuda.set_device to its device keeps it current."""
 
 from __future__ import annotations
 
+import ctypes
+import threading
+from typing import Any
+
 import pytest
+import torch
 
 from streamgpu.errors import DeviceUnavailableError
 from streamgpu.gpu import shares
-from streamgpu.gpu.shares import GROUP_SMS, SmGroups, SmShares, groups_for
+from streamgpu.gpu.shares import GROUP_SMS, GreenContext, SmGroups, SmShares, groups_for
 
 
 def test_groups_for_rounds_down_so_that_shares_adding_to_one_fit() -> None:
@@ -140,3 +145,94 @@ def test_a_models_two_versions_on_the_same_groups_get_contexts_of_their_own(monk
     pool.give_back(old)
     newer = pool.take("m", 0, 0.5)  # the next swap reuses the free one: contexts stay bounded
     assert newer.context is old.context and len(made) == 2
+
+
+class FakeContexts:
+    """The driver calls of ``GreenContext`` over a per-thread stack of current contexts (no GPU)."""
+
+    def __init__(self) -> None:
+        self.local = threading.local()
+        self.refuse_push = False
+        self.made = 0
+
+    @property
+    def stack(self) -> list[int]:
+        if not hasattr(self.local, "stack"):
+            self.local.stack = []
+        return self.local.stack
+
+    def cuGreenCtxCreate(self, out: Any, desc: Any, device: Any, flags: int) -> int:
+        self.made += 1
+        out._obj.value = self.made
+        return 0
+
+    def cuCtxFromGreenCtx(self, out: Any, green: ctypes.c_void_p) -> int:
+        out._obj.value = 1000 + (green.value or 0)
+        return 0
+
+    def cuCtxPushCurrent_v2(self, context: ctypes.c_void_p) -> int:
+        if self.refuse_push:
+            return 201
+        self.stack.append(context.value or 0)
+        return 0
+
+    def cuCtxPopCurrent_v2(self, out: Any) -> int:
+        out._obj.value = self.stack.pop()
+        return 0
+
+
+class FakeDriver:
+    def __init__(self, lib: FakeContexts) -> None:
+        self.lib = lib
+
+    def check(self, result: int, what: str) -> None:
+        if result:
+            raise DeviceUnavailableError(f"{what}: error {result}")
+
+
+class FakeDeviceSplit:
+    device = ctypes.c_int(0)
+
+    def describe(self, groups: tuple[int, ...]) -> ctypes.c_void_p:
+        return ctypes.c_void_p(1)
+
+
+def test_inside_a_share_set_device_to_its_device_keeps_it_and_any_other_call_is_torchs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Inductor's code calls torch.cuda.set_device(i) at every call, and torch's makes the device's primary
+    # context current in place of the share's. A device given as torch.cuda.device(0) failed inside a share
+    # with a TypeError, where torch's takes it, and "cpu:0" was taken, where torch's refuses it.
+    calls: list[tuple[object, str]] = []
+
+    def torchs(device: object) -> None:
+        calls.append((device, threading.current_thread().name))
+
+    monkeypatch.setattr(torch.cuda, "set_device", torchs)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    lib = FakeContexts()
+    monkeypatch.setattr(shares, "_the_driver", lambda: FakeDriver(lib))
+    a, b = GreenContext(FakeDeviceSplit(), (0,)), GreenContext(FakeDeviceSplit(), (1,))  # type: ignore[arg-type]
+    assert torch.cuda.set_device.__wrapped__ is torchs  # type: ignore[attr-defined]  # wrapped once
+    me = threading.current_thread().name
+    with a.current():
+        same: Any  # torch's takes a torch.cuda.device too
+        for same in (0, "cuda:0", torch.device("cuda", 0), torch.cuda.device(0)):
+            torch.cuda.set_device(same)
+        assert not calls
+        torch.cuda.set_device(1)  # another device: torch's
+        for refused in ("cpu:0", "cuda", None):
+            with pytest.raises(ValueError, match="Expected a"):
+                torch.cuda.set_device(refused)
+        other = threading.Thread(target=torch.cuda.set_device, args=(0,), name="other")  # not in a share
+        other.start()
+        other.join()
+    assert calls == [(1, me), (0, "other")]
+    with pytest.raises(RuntimeError, match="inside"), a.current(), b.current():  # nested, left by an exception
+        torch.cuda.set_device(0)
+        raise RuntimeError("inside")
+    lib.refuse_push = True
+    with pytest.raises(DeviceUnavailableError, match="entering the share"), a.current():
+        pass
+    torch.cuda.set_device(0)  # outside every share again: torch's
+    assert calls[2:] == [(0, me)] and lib.stack == []
