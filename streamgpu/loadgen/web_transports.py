@@ -192,6 +192,9 @@ class HttpTransport(Transport):
             async with session.get(f"{base}/v2", timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                 if resp.status != 200:
                     raise ConnectionError(f"GET {base}/v2 answered {resp.status} {resp.reason}: not a streamgpu server")
+        except aiohttp.ClientError as exc:  # no HTTP there (the wire port: it hangs up); not all of these are OSErrors
+            await session.close()
+            raise ConnectionError(f"GET {base}/v2 failed: {exc or type(exc).__name__}") from None
         except BaseException:
             await session.close()
             raise
@@ -307,6 +310,9 @@ class WsTransport(Transport):
         except aiohttp.WSServerHandshakeError as exc:  # 401 and friends: a refused connection, not a crash
             await session.close()
             raise ConnectionError(f"WebSocket upgrade refused: {exc.status} {exc.message}") from None
+        except aiohttp.ClientError as exc:  # no HTTP there (the wire port: it hangs up); not all of these are OSErrors
+            await session.close()
+            raise ConnectionError(f"WebSocket upgrade failed: {exc or type(exc).__name__}") from None
         except BaseException:
             await session.close()
             raise

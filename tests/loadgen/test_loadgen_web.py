@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from loadgen_support import serving
+from fakeserver import FakeServer
+from loadgen_support import FAST, Cli, serving
 
 from streamgpu.config import Config, ListenerSpec
 from streamgpu.loadgen import CONCURRENCY, Endpoint, LoadLevel, RunConfig, run
@@ -79,3 +80,12 @@ def test_web_transports_send_the_token_as_bearer() -> None:
         assert r.statuses == {"UNAUTHORIZED": 4}, r.statuses
         with pytest.raises(UsageError, match=r"cannot connect.*over ws.*401"):  # the upgrade itself is refused
             run(_run(server, "ws", count=4, token="wrong"))
+
+
+@pytest.mark.parametrize("transport", ["http", "ws"])
+def test_web_transport_against_a_port_that_speaks_no_http_is_a_usage_error(cli: Cli, transport: str) -> None:
+    # aiohttp's ServerDisconnectedError (the wire port hangs up on "GET ") is no OSError: it ended in a traceback
+    with FakeServer(0.001) as wire_port:
+        rc, _, err = cli("-u", wire_port.url, "-i", transport, "--count", "1", *FAST)
+    assert rc == 2 and f"cannot connect to {wire_port.url} over {transport}" in err, err
+    assert "Traceback" not in err and wire_port.stats.frames == 0
