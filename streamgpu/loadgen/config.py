@@ -139,6 +139,8 @@ class RunConfig:
             raise UsageError(f"--count ({self.count}) must be at least --processes ({self.processes})")
         if self.count is not None and self.duration_s is not None:
             raise UsageError("give --duration or --count, not both")
+        if self.seed < 0:  # numpy's generators take no negative seed
+            raise UsageError(f"--seed must be >= 0, got {self.seed}")
         if not 0 <= self.priority <= 255:
             raise UsageError(f"--priority must be 0..255, got {self.priority}")
         if self.distribution not in ("constant", "poisson"):
@@ -158,8 +160,13 @@ class RunConfig:
 
     def frames(self) -> list[np.ndarray]:
         """The frames to cycle through, from the configured source."""
-        if self.video:
-            return sources.from_video(self.video, self.shape, self.np_dtype)
-        if self.images:
-            return sources.from_images(self.images, self.shape, self.np_dtype)
-        return sources.synthetic(self.shape, self.np_dtype, seed=self.seed)
+        try:
+            if self.video:
+                return sources.from_video(self.video, self.shape, self.np_dtype)
+            if self.images:
+                return sources.from_images(self.images, self.shape, self.np_dtype)
+            return sources.synthetic(self.shape, self.np_dtype, seed=self.seed)
+        except (MemoryError, ValueError):  # numpy: no memory for one frame, or more bytes than an array can hold
+            shape = "x".join(map(str, self.shape))
+            raise UsageError(f"--shape {shape}: a {self.dtype} frame is {self.frame_bytes} bytes, too large to "
+                             "build in this process's memory; use a smaller --shape") from None  # fmt: skip

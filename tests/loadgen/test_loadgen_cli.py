@@ -10,6 +10,7 @@ import pytest
 from fakeserver import FakeServer
 from loadgen_support import FAST, Cli
 
+from streamgpu.loadgen import sources
 from streamgpu.loadgen.cli import build_parser, config_from_args, parse_endpoint, parse_range
 from streamgpu.loadgen.config import Endpoint
 from streamgpu.protocol.wire import Status
@@ -72,6 +73,12 @@ def _closed_port() -> int:
         (["--duration", "inf"], "argument --duration: must be a finite number > 0, got inf"),
         (["--deadline-ms", "1e300"], "--deadline-ms must be at most 4294967.295 ms"),  # a u32 of microseconds
         (["--streams", "99999999999"], "--streams must be at most 1000000"),  # hung, building ids 0..N-1
+        (["--seed", "-1"], "--seed must be >= 0, got -1"),  # numpy's ValueError, a traceback
+        # numpy's ValueError (too big for an array) or MemoryError, a traceback
+        (
+            ["--shape", "4294967295x4294967295x8"],
+            "--shape 4294967295x4294967295x8: a uint8 frame is 147573952520956936200 bytes, too large to build",
+        ),
     ],
 )
 def test_bad_arguments(cli: Cli, argv: list[str], message: str) -> None:
@@ -186,3 +193,14 @@ def test_the_token_comes_from_the_servers_variable_as_for_send_and_admin(monkeyp
     assert config_from_args(parser.parse_args(["--count", "1"])).token == "s3cret"
     assert config_from_args(parser.parse_args(["--count", "1", "--token", "mine"])).token == "mine"
     assert config_from_args(parser.parse_args(["--count", "1", "-i", "udp"])).token == ""  # no handshake: not sent
+
+
+def test_a_frame_too_large_for_memory_is_a_usage_error(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    # numpy's MemoryError ("Unable to allocate 931. GiB" for 100000x100000x100) ended in a traceback
+    def no_memory(*_args: object, **_kw: object) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(sources, "synthetic", no_memory)
+    rc, _, err = cli("--count", "1", "--shape", "100000x100000x100")
+    assert rc == 2 and "--shape 100000x100000x100: a uint8 frame is 1000000000000 bytes, too large" in err, err
+    assert "Traceback" not in err
