@@ -269,7 +269,8 @@ class LoadRunner:
         if self._slot_waiter is not None:
             self._slot_waiter.set()
         if sender is not None:
-            await sender
+            sender.cancel()  # it may sleep until its next send, 1/rate away: minutes at a low rate
+            await asyncio.gather(sender, return_exceptions=True)
         try:
             await asyncio.wait_for(self._idle.wait(), self._cfg.drain_timeout_s)
         except TimeoutError:

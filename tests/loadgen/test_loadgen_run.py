@@ -6,6 +6,7 @@ import asyncio
 import csv
 import io
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,14 @@ def test_open_loop_poisson_pacing(server: FakeServer) -> None:
     send_rate, gaps = _pacing(server, 300, "poisson")
     assert send_rate == pytest.approx(300, rel=0.15)
     assert 0.7 < gaps.std() / gaps.mean() < 1.3  # exponential intervals: coefficient of variation 1
+
+
+def test_a_low_open_loop_rate_ends_its_level_on_time(server: FakeServer) -> None:
+    # the level waited for the sender to wake for its next send, 1/rate away: a 0.3 s window at 0.2/s took 5 s
+    started = time.monotonic()
+    (r,) = run(config(server.url, levels=[LoadLevel(RATE, 0.2)], duration_s=0.3)).results
+    assert time.monotonic() - started < 2.5
+    assert r.sent == r.completed == 1 and r.statuses == {"OK": 1}
 
 
 def test_open_loop_warns_when_behind(cli: Cli) -> None:
@@ -215,8 +224,6 @@ async def test_engine_on_this_loop() -> None:
     async def on_window(w: Window) -> None:
         windows.append(w)
         stop.set()
-
-    import time
 
     await runner.run_level(cfg.levels[0], time.monotonic(), on_window, stop)
     await runner.close()
