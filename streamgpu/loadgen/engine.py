@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import operator
 import time
@@ -101,6 +102,8 @@ class LoadRunner:
         self._lags: list[float] = []
         self._sent = 0
         self._last_done = 0.0
+        self._epoch = 0
+        self._done: Callable[[asyncio.Future[ReplyLike]], None] = functools.partial(self._on_done, 0)
         self._reset_level(closed=False, remaining=None)
 
     # --- hot path -----------------------------------------------------------
@@ -127,9 +130,13 @@ class LoadRunner:
             self._remaining -= 1
             if self._remaining == 0:
                 self._issuing = False
-        fut.add_done_callback(self._on_done)
+        fut.add_done_callback(self._done)
 
-    def _on_done(self, fut: asyncio.Future[ReplyLike]) -> None:
+    def _on_done(self, epoch: int, fut: asyncio.Future[ReplyLike]) -> None:
+        if epoch != self._epoch:  # a frame of the load before, answered past the drain timeout: not this load's
+            if not fut.cancelled():
+                fut.exception()  # (retrieved, so asyncio does not log it)
+            return
         self._outstanding -= 1
         if fut.cancelled():
             self._fail(ConnectionError("a reply was cancelled"))
@@ -199,7 +206,17 @@ class LoadRunner:
         if self._outstanding == 0:
             self._idle.set()
 
+    def _forget_unanswered(self) -> None:
+        """Disown the frames still unanswered past the drain timeout (already warned about): their late replies
+        would count in the load that runs now, with the latency of the one before, and free slots it never took
+        (closed loop: one frame more in flight than the level says)."""
+        self._epoch += 1
+        self._done = functools.partial(self._on_done, self._epoch)
+        self._outstanding = 0
+        self._idle.set()
+
     def _reset_level(self, *, closed: bool, remaining: int | None) -> None:
+        self._forget_unanswered()
         self._closed = closed
         self._remaining = remaining
         # Every level (and both endpoints of --compare) replays the same Poisson schedule.
@@ -323,6 +340,7 @@ class LoadRunner:
         assert cfg.count is not None
         if self._stop.is_set():
             return
+        self._forget_unanswered()  # of the warm-up
         self._remaining = split_int(cfg.count, self._index, cfg.processes)  # validated: count >= processes
         start = time.monotonic()
         self._recording = True

@@ -106,6 +106,33 @@ def test_a_low_open_loop_rate_ends_its_level_on_time(server: FakeServer) -> None
     assert r.sent == r.completed == 1 and r.statuses == {"OK": 1}
 
 
+def test_a_frame_answered_past_the_drain_timeout_does_not_count_in_the_next_level() -> None:
+    # Frame 0 is answered after 1 s: past level 1 (0.6 s) and its 0.2 s drain, inside level 2. Its reply counted
+    # in level 2 (max latency 1 s) and freed a slot level 2 never took: 3 frames in flight at concurrency 2.
+    in_flight: list[int] = []  # frames the server held as each frame arrived, that one included
+
+    def latency(_h: object, i: int) -> float:
+        in_flight.append(srv.stats.in_flight)
+        return 1.0 if i == 0 else LATENCY
+
+    with FakeServer(latency) as srv:
+        report = run(config(srv.url, levels=[LoadLevel(CONCURRENCY, 2)] * 2, duration_s=0.6, drain_timeout_s=0.2))
+    late = [n for n, t in zip(in_flight, srv.stats.arrivals, strict=True) if t > srv.stats.arrivals[0] + 1.05]
+    assert late and max(late) == 2
+    assert report.results[1].latency["max"] < 0.5 and report.results[1].sent == report.results[1].completed
+    assert "1 frames were unanswered 0.2 s after the load stopped" in report.warnings
+
+
+def test_a_warmup_frame_unanswered_past_the_drain_timeout_is_not_taken_for_a_counted_one() -> None:
+    # Frame 0 of the warm-up is answered after 1 s. The --count window waited for it too: "1 counted frames were
+    # never answered" when all 10 were (and, answered sooner, it was counted as an 11th, with its latency).
+    with FakeServer(lambda _h, i: 1.0 if i == 0 else LATENCY) as srv:
+        report = run(config(srv.url, levels=[LoadLevel(CONCURRENCY, 1)], warmup_s=0.3, count=10, drain_timeout_s=0.2))
+    (r,) = report.results
+    assert r.sent == r.completed == 10 and r.statuses == {"OK": 10} and r.latency["max"] < 0.5
+    assert report.warnings == ["1 frames were unanswered 0.2 s after the load stopped"]  # the warm-up's frame
+
+
 def test_open_loop_warns_when_behind(cli: Cli) -> None:
     # 50 ms per frame and at most 5 in flight allow 100 frames/s; 1000 are asked for.
     with FakeServer(0.050) as srv:
