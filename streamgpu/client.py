@@ -441,6 +441,12 @@ class Connection:
         return len(self._protocol.pending)
 
     @property
+    def unmatched_replies(self) -> int:
+        """Replies that matched no frame waiting here: a duplicate, one for a cancelled frame, or one whose
+        stream id or sequence number was never sent."""
+        return self._protocol.unmatched_replies
+
+    @property
     def closed(self) -> bool:
         """True once the connection can no longer be used."""
         return self._protocol.error is not None or self._protocol.closing_by_client

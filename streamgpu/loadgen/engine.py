@@ -305,6 +305,7 @@ class LoadRunner:
         """
         cfg = self._cfg
         self._reset_level(closed=level.mode == CONCURRENCY, remaining=None)
+        unmatched = self._unmatched_replies()
         watcher = asyncio.get_running_loop().create_task(self._watch(stop))
         sender = None
         try:
@@ -331,6 +332,11 @@ class LoadRunner:
             self._recording = False
             await self._stop_load(sender)
             watcher.cancel()
+            if unmatched := self._unmatched_replies() - unmatched:
+                self.warnings.append(
+                    f"{unmatched} replies came for no frame waiting (duplicates, or a stream id or sequence number "
+                    "never sent, or answers to frames given up): the server misbehaves; they were not counted"
+                )
         if self._fatal is not None:
             raise LoadgenError(f"the run failed: {self._fatal!r}") from self._fatal
 
@@ -354,6 +360,10 @@ class LoadRunner:
             self.warnings.append(f"{self._outstanding} counted frames were never answered")
         if not self._stop.is_set():
             await on_window(self._cut(max(self._last_done, start)))
+
+    def _unmatched_replies(self) -> int:
+        # (a plug-in transport's connection may not count them)
+        return sum(getattr(conn, "unmatched_replies", 0) for conn in self._conns)
 
     async def _watch(self, stop: asyncio.Event) -> None:
         await stop.wait()

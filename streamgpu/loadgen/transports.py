@@ -112,6 +112,10 @@ class _UdpConnection:
         self._conn = conn
         self.max_payload: int = conn.max_payload
 
+    @property
+    def unmatched_replies(self) -> int:
+        return int(self._conn.unmatched_replies)
+
     def submit(self, frame: np.ndarray, **kwargs: Any) -> asyncio.Future[ReplyLike]:
         inner = self._conn.submit(frame, **kwargs)
         out: asyncio.Future[ReplyLike] = asyncio.get_running_loop().create_future()

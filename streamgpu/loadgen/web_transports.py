@@ -212,6 +212,7 @@ class WsConnection:
         self._sequence = 0  # per connection: (stream_id, sequence) stays unique whatever the stream ids
         self._pending: dict[tuple[int, int], tuple[asyncio.Future[ReplyLike], int]] = {}
         self._error: ConnectionError | None = None
+        self.unmatched_replies = 0  # REPLY messages for no frame waiting (as streamgpu.client.Connection's)
         self._tasks = _Tasks()
         self._tasks.start(self._read())
 
@@ -264,6 +265,7 @@ class WsConnection:
                         break
                     entry = self._pending.pop((header.stream_id, header.sequence), None)
                     if entry is None or entry[0].done():
+                        self.unmatched_replies += 1
                         continue
                     fut, sent_ns = entry
                     fut.set_result(

@@ -9,6 +9,7 @@ import json
 import time
 from pathlib import Path
 
+import fakeserver
 import numpy as np
 import pytest
 from fakeserver import TIMINGS, FakeServer
@@ -18,7 +19,7 @@ from streamgpu.loadgen import CONCURRENCY, RATE, Endpoint, LoadLevel, RunConfig,
 from streamgpu.loadgen.engine import LoadRunner, open_connections
 from streamgpu.loadgen.measure import Window
 from streamgpu.loadgen.transports import get_transport
-from streamgpu.protocol.wire import FrameFlags, Status
+from streamgpu.protocol.wire import FrameFlags, FrameHeader, Status
 
 # Generous enough for a busy 2-core machine, tight enough to catch ms/s or off-by-one-window mistakes.
 SLACK = 0.010
@@ -131,6 +132,25 @@ def test_a_warmup_frame_unanswered_past_the_drain_timeout_is_not_taken_for_a_cou
     (r,) = report.results
     assert r.sent == r.completed == 10 and r.statuses == {"OK": 10} and r.latency["max"] < 0.5
     assert report.warnings == ["1 frames were unanswered 0.2 s after the load stopped"]  # the warm-up's frame
+
+
+def test_replies_for_no_frame_waiting_are_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A server answering frame 3 with a wrong sequence number and frame 5 twice: the client dropped both replies
+    # without a word (the only sign: "1 counted frames were never answered", for a frame the server did answer)
+    reply = fakeserver._Conn.reply
+
+    def misbehave(conn: fakeserver._Conn, header: FrameHeader, status: Status) -> None:
+        reply(conn, header._replace(sequence=1000) if header.sequence == 3 else header, status)
+        if header.sequence == 5:
+            reply(conn, header, status)
+
+    monkeypatch.setattr(fakeserver._Conn, "reply", misbehave)
+    with FakeServer(LATENCY) as srv:
+        report = run(config(srv.url, levels=[LoadLevel(CONCURRENCY, 2)], count=10, drain_timeout_s=0.2))
+    (r,) = report.results
+    assert r.sent == 10 and r.completed == 9 and r.statuses == {"OK": 9}  # the duplicate counted once
+    assert any(w.startswith("2 replies came for no frame waiting (duplicates, or a stream id or sequence")
+               for w in report.warnings), report.warnings  # fmt: skip
 
 
 def test_open_loop_warns_when_behind(cli: Cli) -> None:
