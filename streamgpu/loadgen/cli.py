@@ -364,10 +364,16 @@ def _main(argv: Sequence[str] | None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse has printed usage and the reason
         return exc.code if isinstance(exc.code, int) else 2
+    finished: list[RunReport] = []  # the report of the levels finished so far, printed on Ctrl-C
+
+    def on_level(partial: RunReport) -> None:
+        finished[:] = [partial]
+        write_outputs(partial, args, final=False)
+
     try:
         cfg = config_from_args(args)
         progress = Progress(enabled=args.progress or sys.stderr.isatty())
-        report = run(cfg, progress, on_level=lambda partial: write_outputs(partial, args, final=False))
+        report = run(cfg, progress, on_level=on_level)
         if not args.quiet:
             print(report.table())
         else:
@@ -386,6 +392,9 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        if shown := bool(finished) and not args.quiet:
+            print(finished[0].table())
+        print(f"{parser.prog}: interrupted" + ("; the table shows the levels finished before" if shown else ""),
+              file=sys.stderr)  # fmt: skip
         return 130
     return 0

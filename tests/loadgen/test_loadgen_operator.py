@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import signal
 from pathlib import Path
 
 from fakeserver import FakeServer
@@ -68,3 +70,17 @@ def test_latency_threshold_stops_the_sweep_and_percentile_is_reported(cli: Cli, 
     assert [r["level"] for r in doc["results"]] == [1]  # 20 ms > 5 ms: levels 2 and 3 never run
     assert doc["results"][0]["latency"]["p95"] >= 0.02
     assert "p95 latency" in out and "exceeds --latency-threshold 5 ms; the sweep stops here" in out
+
+
+def test_ctrl_c_prints_the_levels_finished_so_far(cli: Cli) -> None:
+    # Ctrl-C printed only "interrupted": without -f or --json every level measured before it was lost
+    def latency(_h: object, i: int) -> float:
+        if i == 10:  # the first frame of the third level: the operator presses Ctrl-C
+            os.kill(os.getpid(), signal.SIGINT)
+        return 0.001
+
+    with FakeServer(latency) as server:
+        rc, out, err = cli("-u", server.url, "--concurrency-range", "1:3", "--count", "5", *FAST)
+    assert rc == 130 and "interrupted" in err
+    rows = [line.split()[0] for line in out.splitlines()[2:] if line.strip() and not line.startswith("warning")]
+    assert rows == ["1", "2"], out
