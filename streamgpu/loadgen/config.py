@@ -109,6 +109,8 @@ class RunConfig:
         if not self.levels:
             raise UsageError("no load level given")
         for lv in self.levels:
+            if lv.mode not in (CONCURRENCY, RATE):  # anything else ran as an open loop, reported under its name
+                raise UsageError(f"a load level's mode must be {CONCURRENCY!r} or {RATE!r}, got {lv.mode!r}")
             positive(f"{lv.mode} level", lv.value)
             if lv.mode == CONCURRENCY and (lv.value != int(lv.value) or lv.value < self.processes):
                 raise UsageError(
@@ -150,6 +152,7 @@ class RunConfig:
         if not 1 <= len(self.model.encode()) <= 255:
             raise UsageError("--model must be 1..255 bytes")
         try:
+            sources.parse_shape("x".join(map(str, self.shape)))  # --shape's rule, for a RunConfig made in code
             sources.parse_dtype(self.dtype)
         except ValueError as exc:
             raise UsageError(str(exc)) from None

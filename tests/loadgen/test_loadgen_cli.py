@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -12,7 +13,8 @@ from loadgen_support import FAST, Cli
 
 from streamgpu.loadgen import sources
 from streamgpu.loadgen.cli import build_parser, config_from_args, parse_endpoint, parse_range
-from streamgpu.loadgen.config import Endpoint
+from streamgpu.loadgen.config import CONCURRENCY, Endpoint, LoadLevel, RunConfig
+from streamgpu.loadgen.errors import UsageError
 from streamgpu.protocol.wire import Status
 
 
@@ -204,3 +206,18 @@ def test_a_frame_too_large_for_memory_is_a_usage_error(cli: Cli, monkeypatch: py
     rc, _, err = cli("--count", "1", "--shape", "100000x100000x100")
     assert rc == 2 and "--shape 100000x100000x100: a uint8 frame is 1000000000000 bytes, too large" in err, err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        # ran as an open loop at 4 frames/s, reported under "target/s"
+        ({"levels": [LoadLevel("Concurrency", 4)]}, "a load level's mode must be 'concurrency' or 'rate', got 'Con"),
+        ({"shape": (-1, 3)}, "bad shape '-1x3': every dimension must be positive"),  # numpy's ValueError at the run
+        ({"shape": ()}, "empty shape"),
+    ],
+)
+def test_a_bad_run_config_made_in_code_is_refused(change: dict[str, object], message: str) -> None:
+    base: dict[str, object] = {"endpoints": [Endpoint("127.0.0.1", 1)], "levels": [LoadLevel(CONCURRENCY, 1)]}
+    with pytest.raises(UsageError, match=re.escape(message)):
+        RunConfig(**{**base, **change}).validate()  # type: ignore[arg-type]
