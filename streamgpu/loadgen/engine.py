@@ -327,6 +327,9 @@ class LoadRunner:
                     if self._stop.is_set():
                         break
                     await on_window(self._cut(t))
+                    # Yield even when the next cut is past due: with windows shorter than a cut (-p 0.001) the loop
+                    # cut on and on, and the stop (a task, a pipe) and the replies never got it: it hung for good.
+                    await asyncio.sleep(0)
             await self._stop.wait()
         finally:
             self._recording = False

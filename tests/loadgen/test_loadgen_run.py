@@ -6,6 +6,8 @@ import asyncio
 import csv
 import io
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -151,6 +153,18 @@ def test_replies_for_no_frame_waiting_are_reported(monkeypatch: pytest.MonkeyPat
     assert r.sent == 10 and r.completed == 9 and r.statuses == {"OK": 9}  # the duplicate counted once
     assert any(w.startswith("2 replies came for no frame waiting (duplicates, or a stream id or sequence")
                for w in report.warnings), report.warnings  # fmt: skip
+
+
+def test_windows_shorter_than_the_loop_can_cut_do_not_hang(server: FakeServer) -> None:
+    # -p 0.001 (1 us windows): cutting one took longer than a window, so the loop cut windows without ever
+    # yielding; the stop (set by a task) never came and the run spun forever. In a process of its own, killable.
+    argv = ["-u", server.url, *FAST, "-p", "0.001"]
+    code = f"import sys; from streamgpu.loadgen.cli import main; sys.exit(main({argv!r}))"
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the run did not end")
+    assert done.returncode in (0, 1) and "Traceback" not in done.stderr, done.stderr  # 1: no reply fell in a window
 
 
 def test_open_loop_warns_when_behind(cli: Cli) -> None:
