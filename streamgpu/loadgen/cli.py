@@ -30,9 +30,10 @@ DEFAULT_PORT = 7878
 
 
 def parse_endpoint(text: str) -> Endpoint:
-    """``HOST:PORT``, ``HOST`` (default port) or ``[IPv6]:PORT``."""
+    """``HOST:PORT``, ``HOST`` (default port), ``[IPv6]:PORT`` or ``[IPv6]`` (default port)."""
     host, sep, port = text.strip().rpartition(":")
-    if not sep or (host.count(":") and not host.startswith("[")):
+    # (a bare or bracketed IPv6 address has colons but no port: "[::1]" was read as host "[:" and port "1]")
+    if not sep or (host.count(":") and not host.startswith("[")) or text.strip().endswith("]"):
         host, port = text.strip(), str(DEFAULT_PORT)
     host = host.strip("[]")
     if not host:

@@ -30,6 +30,7 @@ def test_parse_endpoint() -> None:
     assert parse_endpoint("example.org:9000") == Endpoint("example.org", 9000)
     assert parse_endpoint("example.org") == Endpoint("example.org", 7878)
     assert parse_endpoint("[::1]:9000") == Endpoint("::1", 9000)
+    assert parse_endpoint("[::1]") == Endpoint("::1", 7878)  # was "port must be 1..65535, got '1]'"
 
 
 def _closed_port() -> int:
