@@ -355,14 +355,19 @@ class LoadRunner:
         self._recording = True
         self._begin_window(start)
         sender = self._start_load(level, start)
+        send_s = None
         if sender is not None:
             await sender
+            # its sends took this long (count frames on schedule take count/rate, the last one sent at its start)
+            send_s = time.monotonic() - start + 1 / level.value
         try:
             await asyncio.wait_for(self._idle.wait(), cfg.drain_timeout_s + (cfg.deadline_s or 0))
         except TimeoutError:
             self.warnings.append(f"{self._outstanding} counted frames were never answered")
         if not self._stop.is_set():
-            await on_window(self._cut(max(self._last_done, start)))
+            window = self._cut(max(self._last_done, start))
+            window.send_s = send_s  # (the send rate over the window would count the last replies' wait)
+            await on_window(window)
 
     def _unmatched_replies(self) -> int:
         # (a plug-in transport's connection may not count them)

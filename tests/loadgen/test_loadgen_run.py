@@ -167,6 +167,15 @@ def test_windows_shorter_than_the_loop_can_cut_do_not_hang(server: FakeServer) -
     assert done.returncode in (0, 1) and "Traceback" not in done.stderr, done.stderr  # 1: no reply fell in a window
 
 
+def test_an_open_loop_count_keeping_its_schedule_is_not_behind() -> None:
+    # 20 frames at 1000/s are sent in 20 ms, then the window waits 50 ms for the last replies: the send rate was
+    # taken over those 70 ms (286 frames/s) and the generator said it fell behind
+    with FakeServer(0.050) as srv:
+        (r,) = run(config(srv.url, levels=[LoadLevel(RATE, 1000)], count=20)).results
+    assert r.send_rate == pytest.approx(1000, rel=0.3) and not r.behind, (r.send_rate, r.send_lag_p99_s)
+    assert r.throughput < 500  # completions still over the whole window, to the last reply
+
+
 def test_open_loop_warns_when_behind(cli: Cli) -> None:
     # 50 ms per frame and at most 5 in flight allow 100 frames/s; 1000 are asked for.
     with FakeServer(0.050) as srv:
