@@ -14,6 +14,7 @@ from streamgpu.loadgen.errors import UsageError
 CONCURRENCY = "concurrency"
 RATE = "rate"
 MAX_STREAMS = 1_000_000  # stream ids 0..N-1, each held in a list by the process that sends on it
+MAX_CONCURRENCY = 1_000_000  # frames in flight, each held (future, header, unsent bytes) by the process that sent it
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,8 @@ class RunConfig:
                 raise UsageError(
                     f"concurrency must be a whole number >= --processes ({self.processes}), got {lv.value:g}"
                 )
+            if lv.mode == CONCURRENCY and lv.value > MAX_CONCURRENCY:  # it submitted them all at once, till OOM
+                raise UsageError(f"concurrency must be at most {MAX_CONCURRENCY}, got {lv.value:g}")
         for name, v in (("--processes", self.processes), ("--connections", self.connections),
                         ("--streams", self.streams), ("--window", self.window_s), ("--max-windows", self.max_windows),
                         ("--duration", self.duration_s), ("--count", self.count), ("--deadline", self.deadline_s),

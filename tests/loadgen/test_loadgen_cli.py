@@ -76,6 +76,7 @@ def _closed_port() -> int:
         (["--duration", "inf"], "argument --duration: must be a finite number > 0, got inf"),
         (["--deadline-ms", "1e300"], "--deadline-ms must be at most 4294967.295 ms"),  # a u32 of microseconds
         (["--streams", "99999999999"], "--streams must be at most 1000000"),  # hung, building ids 0..N-1
+        (["--concurrency-range", "1000000000"], "concurrency must be at most 1000000, got 1e+09"),  # ran out of memory
         (["--seed", "-1"], "--seed must be >= 0, got -1"),  # numpy's ValueError, a traceback
         # numpy's ValueError (too big for an array) or MemoryError, a traceback
         (
