@@ -1202,3 +1202,28 @@ async def test_a_removed_folder_whose_model_another_unloads_first_logs_no_error(
             await asyncio.sleep(0.02)
         await asyncio.sleep(0.2)  # a few more scans
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_an_integer_past_the_float_range_for_a_number_setting_is_refused_naming_it(tmp_path: Path) -> None:
+    """TOML and JSON read a 400-digit integer (below Python's digit limit) as an int, which ``float()`` refuses
+    with OverflowError: a repository folder so set stopped the server from starting, and a load request so set
+    was a 500."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from streamgpu.web.app import create_app
+
+    huge = 10**400
+    repo = tmp_path / "repo"
+    for name in ("bad", "good"):
+        (repo / name).mkdir(parents=True)
+    (repo / "bad" / "config.toml").write_text(f'source = "builtin:small"\nmax_queue_delay_ms = {huge}\n')
+    (repo / "good" / "config.toml").write_text('source = "builtin:small"\ninput_shape = [16, 16, 3]\n')
+    async with Server(config(model_repository=str(repo), repository_poll_s=60)) as srv:
+        bad = {e["name"]: e for e in srv.model_index()}["bad"]
+        assert list(srv.model_specs) == ["good"]
+        assert bad["state"] == "UNAVAILABLE" and "max_queue_delay_ms must be a number" in bad["reason"], bad
+        async with TestClient(TestServer(create_app(srv))) as http:
+            settings = {"source": "builtin:small", "input_shape": list(SHAPE), "mean": [huge, 0, 0]}
+            r = await http.post("/v2/repository/models/x/load", json={"parameters": {"config": settings}})
+            assert r.status == 400 and "mean must be a list of numbers" in (await r.json())["error"], await r.text()
