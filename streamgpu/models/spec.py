@@ -170,7 +170,8 @@ class ModelSpec:
 
     @functools.cached_property
     def frame_nbytes(self) -> int:
-        return int(np.prod(self.input_shape)) * self.frame_dtype.itemsize  # (cached: every batch's launch reads it)
+        # (cached: every batch's launch reads it; exact: np.prod of an int64 shape wraps, (65536,) * 4 -> 0)
+        return math.prod(self.input_shape) * self.frame_dtype.itemsize
 
     def buckets(self) -> tuple[int, ...]:
         """Batch-size buckets up to max_batch_size, always ending with max_batch_size."""

@@ -1,0 +1,15 @@
+"""Model settings: what a spec refuses, and the sizes it derives."""
+
+from __future__ import annotations
+
+from streamgpu.config import Config
+from streamgpu.models.spec import ModelSpec
+
+
+def test_frame_bytes_past_64_bits_are_counted_exactly_and_exceed_max_payload_bytes() -> None:
+    """np.prod of an int64 shape wraps: (65536,) * 4 gave 0 bytes, which passed the server's max_payload_bytes
+    check, and the load then failed at warm-up with 'cannot reshape array of size 0'."""
+    for shape, nbytes in (((65536,) * 4, 2**64), ((2**62 + 1, 4), 2**64 + 4)):
+        spec = ModelSpec(name="m", source="builtin:small", input_shape=shape, preprocess="none")
+        assert spec.frame_nbytes == nbytes
+        assert any("exceed max_payload_bytes" in p for p in Config().model_problems(spec)), shape
