@@ -96,6 +96,8 @@ class ModelSpec:
                 out.append(
                     f"mean and std need {self.input_shape[2] if self.input_shape else '?'} values (one per channel)"
                 )
+            elif not all(math.isfinite(v) for v in (*self.mean, *self.std)):  # (TOML reads nan and inf)
+                out.append(f"mean and std must be finite numbers, got mean {list(self.mean)}, std {list(self.std)}")
             elif any(s == 0 for s in self.std):
                 out.append("std values must be non-zero")
         if self.precision not in PRECISIONS:

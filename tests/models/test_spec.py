@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
+
 from streamgpu.config import Config
 from streamgpu.models.spec import ModelSpec
 
@@ -13,3 +17,11 @@ def test_frame_bytes_past_64_bits_are_counted_exactly_and_exceed_max_payload_byt
         spec = ModelSpec(name="m", source="builtin:small", input_shape=shape, preprocess="none")
         assert spec.frame_nbytes == nbytes
         assert any("exceed max_payload_bytes" in p for p in Config().model_problems(spec)), shape
+
+
+@pytest.mark.parametrize("key", ["mean", "std"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_mean_or_std_that_is_not_finite_is_refused_naming_it(key: str, bad: float) -> None:
+    """TOML reads nan and inf: a NaN mean or std made every output NaN, an infinite std every input 0."""
+    with pytest.raises(ValueError, match=f"mean and std must be finite numbers.*{key} \\[{bad}"):
+        ModelSpec(name="m", **{key: (bad, 0.5, 0.5)})  # type: ignore[arg-type]
