@@ -753,13 +753,15 @@ async def test_a_repository_folder_whose_name_would_fake_log_lines_is_not_served
 
 
 @pytest.mark.parametrize(
-    "bad", [b'arch = "\xff"\n', b"max_batch_size = " + b"9" * 5000 + b"\n"], ids=["not-utf8", "long-integer"]
+    "bad",
+    [b'arch = "\xff"\n', b"max_batch_size = " + b"9" * 5000 + b"\n", b"x = " + b"[" * 100_000 + b"]" * 100_000],
+    ids=["not-utf8", "long-integer", "nested-too-deeply"],
 )
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
 async def test_a_repository_config_toml_tomllib_cannot_read_is_refused_as_bad_toml(tmp_path: Path, bad: bytes) -> None:
-    """tomllib raises UnicodeDecodeError (not TOMLDecodeError) for such a file, and int()'s ValueError for an
-    integer past Python's 4300 digits: the server failed to start (the initial scan raises nothing), and a load of
-    it over HTTP was a 500."""
+    """tomllib raises UnicodeDecodeError (not TOMLDecodeError) for such a file, int()'s ValueError for an
+    integer past Python's 4300 digits, and RecursionError for arrays or tables nested past Python's recursion
+    limit: the server failed to start (the initial scan raises nothing), and a load of it over HTTP was a 500."""
     from aiohttp.test_utils import TestClient, TestServer
 
     from streamgpu.web.app import create_app

@@ -73,8 +73,9 @@ def folder_spec(folder: str) -> ModelSpec:
         try:
             with open(config_path, "rb") as f:
                 settings = tomllib.load(f)
-        # (TOML is UTF-8: UnicodeDecodeError; tomllib lets int()'s ValueError, past Python's digit limit, through)
-        except (OSError, ValueError) as exc:
+        # (TOML is UTF-8: UnicodeDecodeError; tomllib lets int()'s ValueError, past Python's digit limit, through,
+        # and recurses for each nested array or table: RecursionError)
+        except (OSError, ValueError, RecursionError) as exc:
             raise StreamgpuError(f"{where}: cannot read it: {exc}") from None
         if "name" in settings:
             raise StreamgpuError(f"{where}: 'name' is the folder's name, not a setting")
