@@ -1229,3 +1229,21 @@ async def test_an_integer_past_the_float_range_for_a_number_setting_is_refused_n
             settings = {"source": "builtin:small", "input_shape": list(SHAPE), "mean": [huge, 0, 0]}
             r = await http.post("/v2/repository/models/x/load", json={"parameters": {"config": settings}})
             assert r.status == 400 and "mean must be a list of numbers" in (await r.json())["error"], await r.text()
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_load_request_whose_settings_are_misplaced_is_refused_not_loaded_from_the_last_ones(
+    tmp_path: Path,
+) -> None:
+    """Settings outside ``parameters.config`` (a forgotten ``parameters``, a misspelt ``config``) were ignored: 200,
+    and a new version from the model's last settings, not the ones sent."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from streamgpu.web.app import create_app
+
+    settings = {"source": "builtin:small", "input_shape": list(SHAPE), "max_batch_size": 2}
+    async with Server(config(spec(versioned(tmp_path, 1)))) as srv, TestClient(TestServer(create_app(srv))) as http:
+        for body, unknown in (({"config": settings}, "'config'"), ({"parameters": {"confg": settings}}, "'confg'")):
+            r = await http.post("/v2/repository/models/m/load", json=body)
+            assert r.status == 400 and unknown in (await r.json())["error"], await r.text()
+        assert srv.model_index() == [{"name": "m", "version": "1", "state": "READY", "reason": ""}]

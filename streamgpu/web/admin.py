@@ -8,7 +8,7 @@ A load's body is optional JSON: ``{"parameters": {"config": SETTINGS}}``, where
 SETTINGS (an object, or a string holding one, as Triton sends it) are the
 model's settings as a ``[[models]]`` table of the server config takes them
 (``source``, ``input_shape``, ``max_batch_size``...; the name comes from the
-URL); model files in the body (Triton's ``file:PATH`` parameters) are refused.
+URL); model files in the body (Triton's ``file:PATH`` parameters) are refused, as is any other key.
 Without settings the model is loaded from its folder in the
 ``model_repository``, or, for a model the server has served before, from its
 last settings. Over HTTP a file ``source`` must lie inside ``model_repository``
@@ -76,6 +76,10 @@ def _settings(body: dict[str, Any]) -> dict[str, Any] | None:
     if files := sorted(key for key in params if key.startswith("file:")):  # not to be answered with other files
         raise HttpError(400, f"model files in the request ({', '.join(map(repr, files))}) are not taken: put them "
                              "in the model's folder of the model_repository")  # fmt: skip
+    # Settings misplaced (a forgotten "parameters", a misspelt "config") would load from the last ones instead
+    if unknown := sorted(set(body) - {"parameters"}) + sorted(set(params) - {"config"}):
+        raise HttpError(400, f"unknown keys {', '.join(map(repr, unknown))} in the load request: its settings go "
+                             'in {"parameters": {"config": SETTINGS}}')  # fmt: skip
     settings = params.get("config")
     if isinstance(settings, str):
         try:
