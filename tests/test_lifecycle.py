@@ -1247,3 +1247,26 @@ async def test_a_load_request_whose_settings_are_misplaced_is_refused_not_loaded
             r = await http.post("/v2/repository/models/m/load", json=body)
             assert r.status == 400 and unknown in (await r.json())["error"], await r.text()
         assert srv.model_index() == [{"name": "m", "version": "1", "state": "READY", "reason": ""}]
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_source_that_names_no_file_is_refused_as_sent(tmp_path: Path) -> None:
+    """A load request's source without a file scheme or path was joined to the model's folder as a relative path:
+    refused, but as a source never sent ('model.pt:/repo/x/', 'Builtin:/repo/x/small'), or as the folder itself
+    ('state_dict': 'source file /repo/x/ is not a regular file')."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from streamgpu.web.app import create_app
+
+    repo = tmp_path / "repo"
+    (repo / "x").mkdir(parents=True)
+    (repo / "y").mkdir(parents=True)
+    (repo / "y" / "config.toml").write_text('source = "Builtin:small"\n')
+    async with Server(config(model_repository=str(repo), repository_poll_s=60)) as srv:
+        y = {e["name"]: e for e in srv.model_index()}["y"]
+        assert "source 'Builtin:small' must be" in y["reason"], y
+        async with TestClient(TestServer(create_app(srv))) as http:
+            for source in ("model.pt", "/abs/model.pt", "state_dict", "torchscript:", "Builtin:small"):
+                settings = {"source": source, "arch": "small", "input_shape": list(SHAPE)}
+                r = await http.post("/v2/repository/models/x/load", json={"parameters": {"config": settings}})
+                assert r.status == 400 and f"source {source!r} must be" in (await r.json())["error"], await r.text()

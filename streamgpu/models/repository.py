@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from streamgpu.config import model_spec
 from streamgpu.errors import ModelNotFoundError, StreamgpuError
 from streamgpu.models.manager import ModelManager
-from streamgpu.models.spec import ModelSpec
+from streamgpu.models.spec import FILE_SCHEMES, ModelSpec
 
 log = logging.getLogger("streamgpu")
 
@@ -88,10 +88,16 @@ def folder_spec(folder: str) -> ModelSpec:
         source = found[0]
     if not isinstance(source, str):
         raise StreamgpuError(f"{where}: source must be a string")
+    return model_spec(settings, where, name=name, source=folder_source(folder, source))
+
+
+def folder_source(folder: str, source: str) -> str:
+    """``source`` with a relative file path taken from the model's ``folder``; any other source as it is (a
+    source that names no file is refused as sent, not as a path of the folder)."""
     scheme, _, target = source.partition(":")
-    if scheme != "builtin" and target and not os.path.isabs(target):
-        source = f"{scheme}:{os.path.join(folder, target)}"
-    return model_spec(settings, where, name=name, source=source)
+    if scheme in FILE_SCHEMES and target and not os.path.isabs(target):
+        return f"{scheme}:{os.path.join(folder, target)}"
+    return source
 
 
 @dataclass

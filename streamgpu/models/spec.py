@@ -18,6 +18,7 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 BATCH_POLICIES = ("adaptive", "fixed")
 SWAP_QUEUED = ("new", "received")  # which version runs the frames queued when a new version takes over
 COMPILE_MODES = ("auto", "on", "off")
+FILE_SCHEMES = ("torchscript", "export", "state_dict")  # the sources that name a file: SCHEME:PATH
 MAX_INSTANCES = 8  # copies of one model per GPU: each holds its weights, graphs and buffers
 
 
@@ -75,7 +76,7 @@ class ModelSpec:
         if not 1 <= len(self.name.encode()) <= wire.MAX_MODEL_NAME:
             out.append(f"name must be 1..{wire.MAX_MODEL_NAME} UTF-8 bytes")
         scheme, _, rest = self.source.partition(":")
-        if scheme not in ("builtin", "torchscript", "export", "state_dict") or not rest:
+        if scheme not in ("builtin", *FILE_SCHEMES) or not rest:
             out.append(f"source {self.source!r} must be builtin:NAME, torchscript:PATH, export:PATH or state_dict:PATH")
         if "\0" in self.source:  # no file path holds one (os calls raise ValueError on it)
             out.append(f"source {self.source!r} holds a NUL character")

@@ -32,7 +32,7 @@ from aiohttp import web
 
 from streamgpu.config import model_spec
 from streamgpu.errors import ModelNotFoundError, StreamgpuError
-from streamgpu.models.repository import folder_name_problem, folder_spec
+from streamgpu.models.repository import folder_name_problem, folder_source, folder_spec
 from streamgpu.models.spec import ModelSpec
 from streamgpu.server import Server
 from streamgpu.web.app import SERVER_KEY, HttpError, parse_json, read_body
@@ -99,10 +99,8 @@ def _spec_for(server: Server, name: str, settings: dict[str, Any] | None) -> Mod
     if settings is not None:
         settings = dict(settings)
         source = settings.get("source")
-        if isinstance(source, str) and not os.path.isabs(source.partition(":")[2]) and repository:
-            scheme, _, path = source.partition(":")
-            if scheme != "builtin":  # relative file paths are the repository's model folder
-                settings["source"] = f"{scheme}:{os.path.join(repository, name, path)}"
+        if isinstance(source, str) and repository:  # relative file paths are the repository's model folder
+            settings["source"] = folder_source(os.path.join(repository, name), source)
         return _checked(server, model_spec(settings, f"model {name!r} (load request)", name=name))
     folder = os.path.join(repository, name) if repository else ""
     if folder and os.path.isdir(folder):
