@@ -8,6 +8,7 @@ import base64
 import gc
 import json
 import logging
+import os
 import shutil
 import sys
 import threading
@@ -1270,3 +1271,20 @@ async def test_a_source_that_names_no_file_is_refused_as_sent(tmp_path: Path) ->
                 settings = {"source": source, "arch": "small", "input_shape": list(SHAPE)}
                 r = await http.post("/v2/repository/models/x/load", json={"parameters": {"config": settings}})
                 assert r.status == 400 and f"source {source!r} must be" in (await r.json())["error"], await r.text()
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_repository_config_toml_that_is_not_a_regular_file_is_refused_not_skipped(tmp_path: Path) -> None:
+    """A config.toml that is a dangling link, a folder or a FIFO was skipped as absent: the folder's model file
+    served with the default settings, or the folder refused for want of a model file config.toml named."""
+    repo = tmp_path / "repo"
+    for name in ("link", "folder", "fifo"):
+        (repo / name).mkdir(parents=True)
+    module = build_builtin("small")
+    torch.jit.save(torch.jit.trace(module, torch.rand(1, *SHAPE[::-1])), str(repo / "link" / "model.ts"))
+    (repo / "link" / "config.toml").symlink_to(tmp_path / "moved.toml")
+    (repo / "folder" / "config.toml").mkdir()
+    os.mkfifo(repo / "fifo" / "config.toml")
+    async with Server(config(model_repository=str(repo), repository_poll_s=60)) as srv:
+        index = {e["name"]: (e["state"], "config.toml: not a regular file" in e["reason"]) for e in srv.model_index()}
+        assert index == dict.fromkeys(("link", "folder", "fifo"), ("UNAVAILABLE", True)), srv.model_index()

@@ -79,6 +79,8 @@ def folder_spec(folder: str) -> ModelSpec:
             raise StreamgpuError(f"{where}: cannot read it: {exc}") from None
         if "name" in settings:
             raise StreamgpuError(f"{where}: 'name' is the folder's name, not a setting")
+    elif os.path.lexists(config_path):  # a dangling link, a folder, a FIFO: not skipped for the default settings
+        raise StreamgpuError(f"{where}: not a regular file")
     source = settings.pop("source", None)
     if source is None:
         found = [f"{kind}:{file}" for file, kind in MODEL_FILES.items() if os.path.isfile(os.path.join(folder, file))]
