@@ -1288,3 +1288,20 @@ async def test_a_repository_config_toml_that_is_not_a_regular_file_is_refused_no
     async with Server(config(model_repository=str(repo), repository_poll_s=60)) as srv:
         index = {e["name"]: (e["state"], "config.toml: not a regular file" in e["reason"]) for e in srv.model_index()}
         assert index == dict.fromkeys(("link", "folder", "fifo"), ("UNAVAILABLE", True)), srv.model_index()
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_load_request_whose_settings_name_no_source_is_refused_not_served_random_weights(
+    tmp_path: Path,
+) -> None:
+    """Settings without a source took ModelSpec's default, builtin:small: a request meant to change a served
+    model's batch size (its frames alike) swapped in random weights under its name, answered 200."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from streamgpu.web.app import create_app
+
+    async with Server(config(spec(versioned(tmp_path, 1)))) as srv, TestClient(TestServer(create_app(srv))) as http:
+        settings = {"input_shape": list(SHAPE), "max_batch_size": 2}
+        r = await http.post("/v2/repository/models/m/load", json={"parameters": {"config": settings}})
+        assert r.status == 400 and "source" in (await r.json())["error"], await r.text()
+        assert srv.model_index() == [{"name": "m", "version": "1", "state": "READY", "reason": ""}]
