@@ -88,6 +88,9 @@ class ModelSpec:
             wire.dtype_code(self.input_dtype)
         except (TypeError, ValueError):
             out.append(f"input_dtype {self.input_dtype!r} is not a supported dtype")
+        else:
+            if self.frame_dtype.byteorder == ">":  # (the wire's code is the little-endian dtype's)
+                out.append(f"input_dtype {self.input_dtype!r} is big-endian: frames are little-endian ('<' or none)")
         if self.preprocess not in PREPROCESS_KINDS:
             out.append(f"preprocess must be one of {PREPROCESS_KINDS}, got {self.preprocess!r}")
         if self.preprocess == "image":

@@ -25,3 +25,11 @@ def test_a_mean_or_std_that_is_not_finite_is_refused_naming_it(key: str, bad: fl
     """TOML reads nan and inf: a NaN mean or std made every output NaN, an infinite std every input 0."""
     with pytest.raises(ValueError, match=f"mean and std must be finite numbers.*{key} \\[{bad}"):
         ModelSpec(name="m", **{key: (bad, 0.5, 0.5)})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dtype", [">f4", ">u2"])
+def test_a_big_endian_input_dtype_is_refused_naming_it(dtype: str) -> None:
+    """The wire's tensors are little-endian: '>f4' was taken for float32 frames, read as big-endian ones, and the
+    load failed at warm-up on torch's byte-order error, blaming input_shape."""
+    with pytest.raises(ValueError, match=f"input_dtype '{dtype}' is big-endian"):
+        ModelSpec(name="m", input_dtype=dtype, preprocess="none", input_shape=(4,))
