@@ -160,7 +160,9 @@ class ModelSpec:
     def top_k(self) -> int:
         """K of ``postprocess = "topk:K"``; 0 when there is no (valid) top-k step."""
         kind, _, arg = self.postprocess.partition(":")
-        return int(arg) if kind == "topk" and arg.isdigit() and int(arg) >= 1 else 0
+        # (ASCII: str.isdigit takes '²', which int() refuses; 18 digits: past int64, and past what int() reads)
+        readable = arg.isascii() and arg.isdigit() and len(arg) <= 18
+        return int(arg) if kind == "topk" and readable and int(arg) >= 1 else 0
 
     def same_frames(self, other: ModelSpec) -> bool:
         """Whether ``other`` takes exactly the frames this spec takes (dtype and shape)."""

@@ -33,3 +33,11 @@ def test_a_big_endian_input_dtype_is_refused_naming_it(dtype: str) -> None:
     load failed at warm-up on torch's byte-order error, blaming input_shape."""
     with pytest.raises(ValueError, match=f"input_dtype '{dtype}' is big-endian"):
         ModelSpec(name="m", input_dtype=dtype, preprocess="none", input_shape=(4,))
+
+
+@pytest.mark.parametrize("postprocess", ["topk:\u00b2", "topk:" + "9" * 5000])
+def test_a_top_k_int_cannot_read_is_refused_naming_postprocess(postprocess: str) -> None:
+    """str.isdigit takes a superscript digit, which int() refuses, and int() refuses more than 4300 digits: the
+    spec's ValueError was int()'s ('invalid literal', 'sys.set_int_max_str_digits'), naming no setting."""
+    with pytest.raises(ValueError, match=r"postprocess .* must be '' \(none\) or 'topk:K' with K >= 1"):
+        ModelSpec(name="m", postprocess=postprocess)
