@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import math
 import os
+import sys
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -587,8 +588,8 @@ def _fits(kind: Any, value: Any) -> bool:
         return isinstance(value, bool)  # strict: 1 or "yes" is not a boolean in a TOML file
     if kind is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if kind is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is float:  # (an int past float's range, which TOML and JSON read, would make float() raise OverflowError)
+        return isinstance(value, float) or (_fits(int, value) and abs(value) <= sys.float_info.max)
     if kind is str:
         return isinstance(value, str)
     origin = typing.get_origin(kind)

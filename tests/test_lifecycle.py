@@ -8,6 +8,7 @@ import base64
 import gc
 import json
 import logging
+import os
 import shutil
 import sys
 import threading
@@ -753,13 +754,15 @@ async def test_a_repository_folder_whose_name_would_fake_log_lines_is_not_served
 
 
 @pytest.mark.parametrize(
-    "bad", [b'arch = "\xff"\n', b"max_batch_size = " + b"9" * 5000 + b"\n"], ids=["not-utf8", "long-integer"]
+    "bad",
+    [b'arch = "\xff"\n', b"max_batch_size = " + b"9" * 5000 + b"\n", b"x = " + b"[" * 100_000 + b"]" * 100_000],
+    ids=["not-utf8", "long-integer", "nested-too-deeply"],
 )
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
 async def test_a_repository_config_toml_tomllib_cannot_read_is_refused_as_bad_toml(tmp_path: Path, bad: bytes) -> None:
-    """tomllib raises UnicodeDecodeError (not TOMLDecodeError) for such a file, and int()'s ValueError for an
-    integer past Python's 4300 digits: the server failed to start (the initial scan raises nothing), and a load of
-    it over HTTP was a 500."""
+    """tomllib raises UnicodeDecodeError (not TOMLDecodeError) for such a file, int()'s ValueError for an
+    integer past Python's 4300 digits, and RecursionError for arrays or tables nested past Python's recursion
+    limit: the server failed to start (the initial scan raises nothing), and a load of it over HTTP was a 500."""
     from aiohttp.test_utils import TestClient, TestServer
 
     from streamgpu.web.app import create_app
@@ -1202,3 +1205,103 @@ async def test_a_removed_folder_whose_model_another_unloads_first_logs_no_error(
             await asyncio.sleep(0.02)
         await asyncio.sleep(0.2)  # a few more scans
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_an_integer_past_the_float_range_for_a_number_setting_is_refused_naming_it(tmp_path: Path) -> None:
+    """TOML and JSON read a 400-digit integer (below Python's digit limit) as an int, which ``float()`` refuses
+    with OverflowError: a repository folder so set stopped the server from starting, and a load request so set
+    was a 500."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from streamgpu.web.app import create_app
+
+    huge = 10**400
+    repo = tmp_path / "repo"
+    for name in ("bad", "good"):
+        (repo / name).mkdir(parents=True)
+    (repo / "bad" / "config.toml").write_text(f'source = "builtin:small"\nmax_queue_delay_ms = {huge}\n')
+    (repo / "good" / "config.toml").write_text('source = "builtin:small"\ninput_shape = [16, 16, 3]\n')
+    async with Server(config(model_repository=str(repo), repository_poll_s=60)) as srv:
+        bad = {e["name"]: e for e in srv.model_index()}["bad"]
+        assert list(srv.model_specs) == ["good"]
+        assert bad["state"] == "UNAVAILABLE" and "max_queue_delay_ms must be a number" in bad["reason"], bad
+        async with TestClient(TestServer(create_app(srv))) as http:
+            settings = {"source": "builtin:small", "input_shape": list(SHAPE), "mean": [huge, 0, 0]}
+            r = await http.post("/v2/repository/models/x/load", json={"parameters": {"config": settings}})
+            assert r.status == 400 and "mean must be a list of numbers" in (await r.json())["error"], await r.text()
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_load_request_whose_settings_are_misplaced_is_refused_not_loaded_from_the_last_ones(
+    tmp_path: Path,
+) -> None:
+    """Settings outside ``parameters.config`` (a forgotten ``parameters``, a misspelt ``config``) were ignored: 200,
+    and a new version from the model's last settings, not the ones sent."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from streamgpu.web.app import create_app
+
+    settings = {"source": "builtin:small", "input_shape": list(SHAPE), "max_batch_size": 2}
+    async with Server(config(spec(versioned(tmp_path, 1)))) as srv, TestClient(TestServer(create_app(srv))) as http:
+        for body, unknown in (({"config": settings}, "'config'"), ({"parameters": {"confg": settings}}, "'confg'")):
+            r = await http.post("/v2/repository/models/m/load", json=body)
+            assert r.status == 400 and unknown in (await r.json())["error"], await r.text()
+        assert srv.model_index() == [{"name": "m", "version": "1", "state": "READY", "reason": ""}]
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_source_that_names_no_file_is_refused_as_sent(tmp_path: Path) -> None:
+    """A load request's source without a file scheme or path was joined to the model's folder as a relative path:
+    refused, but as a source never sent ('model.pt:/repo/x/', 'Builtin:/repo/x/small'), or as the folder itself
+    ('state_dict': 'source file /repo/x/ is not a regular file')."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from streamgpu.web.app import create_app
+
+    repo = tmp_path / "repo"
+    (repo / "x").mkdir(parents=True)
+    (repo / "y").mkdir(parents=True)
+    (repo / "y" / "config.toml").write_text('source = "Builtin:small"\n')
+    async with Server(config(model_repository=str(repo), repository_poll_s=60)) as srv:
+        y = {e["name"]: e for e in srv.model_index()}["y"]
+        assert "source 'Builtin:small' must be" in y["reason"], y
+        async with TestClient(TestServer(create_app(srv))) as http:
+            for source in ("model.pt", "/abs/model.pt", "state_dict", "torchscript:", "Builtin:small"):
+                settings = {"source": source, "arch": "small", "input_shape": list(SHAPE)}
+                r = await http.post("/v2/repository/models/x/load", json={"parameters": {"config": settings}})
+                assert r.status == 400 and f"source {source!r} must be" in (await r.json())["error"], await r.text()
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_repository_config_toml_that_is_not_a_regular_file_is_refused_not_skipped(tmp_path: Path) -> None:
+    """A config.toml that is a dangling link, a folder or a FIFO was skipped as absent: the folder's model file
+    served with the default settings, or the folder refused for want of a model file config.toml named."""
+    repo = tmp_path / "repo"
+    for name in ("link", "folder", "fifo"):
+        (repo / name).mkdir(parents=True)
+    module = build_builtin("small")
+    torch.jit.save(torch.jit.trace(module, torch.rand(1, *SHAPE[::-1])), str(repo / "link" / "model.ts"))
+    (repo / "link" / "config.toml").symlink_to(tmp_path / "moved.toml")
+    (repo / "folder" / "config.toml").mkdir()
+    os.mkfifo(repo / "fifo" / "config.toml")
+    async with Server(config(model_repository=str(repo), repository_poll_s=60)) as srv:
+        index = {e["name"]: (e["state"], "config.toml: not a regular file" in e["reason"]) for e in srv.model_index()}
+        assert index == dict.fromkeys(("link", "folder", "fifo"), ("UNAVAILABLE", True)), srv.model_index()
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_load_request_whose_settings_name_no_source_is_refused_not_served_random_weights(
+    tmp_path: Path,
+) -> None:
+    """Settings without a source took ModelSpec's default, builtin:small: a request meant to change a served
+    model's batch size (its frames alike) swapped in random weights under its name, answered 200."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from streamgpu.web.app import create_app
+
+    async with Server(config(spec(versioned(tmp_path, 1)))) as srv, TestClient(TestServer(create_app(srv))) as http:
+        settings = {"input_shape": list(SHAPE), "max_batch_size": 2}
+        r = await http.post("/v2/repository/models/m/load", json={"parameters": {"config": settings}})
+        assert r.status == 400 and "source" in (await r.json())["error"], await r.text()
+        assert srv.model_index() == [{"name": "m", "version": "1", "state": "READY", "reason": ""}]

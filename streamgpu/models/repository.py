@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from streamgpu.config import model_spec
 from streamgpu.errors import ModelNotFoundError, StreamgpuError
 from streamgpu.models.manager import ModelManager
-from streamgpu.models.spec import ModelSpec
+from streamgpu.models.spec import FILE_SCHEMES, ModelSpec
 
 log = logging.getLogger("streamgpu")
 
@@ -73,11 +73,14 @@ def folder_spec(folder: str) -> ModelSpec:
         try:
             with open(config_path, "rb") as f:
                 settings = tomllib.load(f)
-        # (TOML is UTF-8: UnicodeDecodeError; tomllib lets int()'s ValueError, past Python's digit limit, through)
-        except (OSError, ValueError) as exc:
+        # (TOML is UTF-8: UnicodeDecodeError; tomllib lets int()'s ValueError, past Python's digit limit, through,
+        # and recurses for each nested array or table: RecursionError)
+        except (OSError, ValueError, RecursionError) as exc:
             raise StreamgpuError(f"{where}: cannot read it: {exc}") from None
         if "name" in settings:
             raise StreamgpuError(f"{where}: 'name' is the folder's name, not a setting")
+    elif os.path.lexists(config_path):  # a dangling link, a folder, a FIFO: not skipped for the default settings
+        raise StreamgpuError(f"{where}: not a regular file")
     source = settings.pop("source", None)
     if source is None:
         found = [f"{kind}:{file}" for file, kind in MODEL_FILES.items() if os.path.isfile(os.path.join(folder, file))]
@@ -87,10 +90,16 @@ def folder_spec(folder: str) -> ModelSpec:
         source = found[0]
     if not isinstance(source, str):
         raise StreamgpuError(f"{where}: source must be a string")
+    return model_spec(settings, where, name=name, source=folder_source(folder, source))
+
+
+def folder_source(folder: str, source: str) -> str:
+    """``source`` with a relative file path taken from the model's ``folder``; any other source as it is (a
+    source that names no file is refused as sent, not as a path of the folder)."""
     scheme, _, target = source.partition(":")
-    if scheme != "builtin" and target and not os.path.isabs(target):
-        source = f"{scheme}:{os.path.join(folder, target)}"
-    return model_spec(settings, where, name=name, source=source)
+    if scheme in FILE_SCHEMES and target and not os.path.isabs(target):
+        return f"{scheme}:{os.path.join(folder, target)}"
+    return source
 
 
 @dataclass

@@ -18,6 +18,7 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 BATCH_POLICIES = ("adaptive", "fixed")
 SWAP_QUEUED = ("new", "received")  # which version runs the frames queued when a new version takes over
 COMPILE_MODES = ("auto", "on", "off")
+FILE_SCHEMES = ("torchscript", "export", "state_dict")  # the sources that name a file: SCHEME:PATH
 MAX_INSTANCES = 8  # copies of one model per GPU: each holds its weights, graphs and buffers
 
 
@@ -75,7 +76,7 @@ class ModelSpec:
         if not 1 <= len(self.name.encode()) <= wire.MAX_MODEL_NAME:
             out.append(f"name must be 1..{wire.MAX_MODEL_NAME} UTF-8 bytes")
         scheme, _, rest = self.source.partition(":")
-        if scheme not in ("builtin", "torchscript", "export", "state_dict") or not rest:
+        if scheme not in ("builtin", *FILE_SCHEMES) or not rest:
             out.append(f"source {self.source!r} must be builtin:NAME, torchscript:PATH, export:PATH or state_dict:PATH")
         if "\0" in self.source:  # no file path holds one (os calls raise ValueError on it)
             out.append(f"source {self.source!r} holds a NUL character")
@@ -87,6 +88,9 @@ class ModelSpec:
             wire.dtype_code(self.input_dtype)
         except (TypeError, ValueError):
             out.append(f"input_dtype {self.input_dtype!r} is not a supported dtype")
+        else:
+            if self.frame_dtype.byteorder == ">":  # (the wire's code is the little-endian dtype's)
+                out.append(f"input_dtype {self.input_dtype!r} is big-endian: frames are little-endian ('<' or none)")
         if self.preprocess not in PREPROCESS_KINDS:
             out.append(f"preprocess must be one of {PREPROCESS_KINDS}, got {self.preprocess!r}")
         if self.preprocess == "image":
@@ -96,6 +100,8 @@ class ModelSpec:
                 out.append(
                     f"mean and std need {self.input_shape[2] if self.input_shape else '?'} values (one per channel)"
                 )
+            elif not all(math.isfinite(v) for v in (*self.mean, *self.std)):  # (TOML reads nan and inf)
+                out.append(f"mean and std must be finite numbers, got mean {list(self.mean)}, std {list(self.std)}")
             elif any(s == 0 for s in self.std):
                 out.append("std values must be non-zero")
         if self.precision not in PRECISIONS:
@@ -154,7 +160,9 @@ class ModelSpec:
     def top_k(self) -> int:
         """K of ``postprocess = "topk:K"``; 0 when there is no (valid) top-k step."""
         kind, _, arg = self.postprocess.partition(":")
-        return int(arg) if kind == "topk" and arg.isdigit() and int(arg) >= 1 else 0
+        # (ASCII: str.isdigit takes '²', which int() refuses; 18 digits: past int64, and past what int() reads)
+        readable = arg.isascii() and arg.isdigit() and len(arg) <= 18
+        return int(arg) if kind == "topk" and readable and int(arg) >= 1 else 0
 
     def same_frames(self, other: ModelSpec) -> bool:
         """Whether ``other`` takes exactly the frames this spec takes (dtype and shape)."""
@@ -170,7 +178,8 @@ class ModelSpec:
 
     @functools.cached_property
     def frame_nbytes(self) -> int:
-        return int(np.prod(self.input_shape)) * self.frame_dtype.itemsize  # (cached: every batch's launch reads it)
+        # (cached: every batch's launch reads it; exact: np.prod of an int64 shape wraps, (65536,) * 4 -> 0)
+        return math.prod(self.input_shape) * self.frame_dtype.itemsize
 
     def buckets(self) -> tuple[int, ...]:
         """Batch-size buckets up to max_batch_size, always ending with max_batch_size."""

@@ -8,7 +8,7 @@ A load's body is optional JSON: ``{"parameters": {"config": SETTINGS}}``, where
 SETTINGS (an object, or a string holding one, as Triton sends it) are the
 model's settings as a ``[[models]]`` table of the server config takes them
 (``source``, ``input_shape``, ``max_batch_size``...; the name comes from the
-URL); model files in the body (Triton's ``file:PATH`` parameters) are refused.
+URL); model files in the body (Triton's ``file:PATH`` parameters) are refused, as is any other key.
 Without settings the model is loaded from its folder in the
 ``model_repository``, or, for a model the server has served before, from its
 last settings. Over HTTP a file ``source`` must lie inside ``model_repository``
@@ -32,7 +32,7 @@ from aiohttp import web
 
 from streamgpu.config import model_spec
 from streamgpu.errors import ModelNotFoundError, StreamgpuError
-from streamgpu.models.repository import folder_name_problem, folder_spec
+from streamgpu.models.repository import folder_name_problem, folder_source, folder_spec
 from streamgpu.models.spec import ModelSpec
 from streamgpu.server import Server
 from streamgpu.web.app import SERVER_KEY, HttpError, parse_json, read_body
@@ -76,6 +76,10 @@ def _settings(body: dict[str, Any]) -> dict[str, Any] | None:
     if files := sorted(key for key in params if key.startswith("file:")):  # not to be answered with other files
         raise HttpError(400, f"model files in the request ({', '.join(map(repr, files))}) are not taken: put them "
                              "in the model's folder of the model_repository")  # fmt: skip
+    # Settings misplaced (a forgotten "parameters", a misspelt "config") would load from the last ones instead
+    if unknown := sorted(set(body) - {"parameters"}) + sorted(set(params) - {"config"}):
+        raise HttpError(400, f"unknown keys {', '.join(map(repr, unknown))} in the load request: its settings go "
+                             'in {"parameters": {"config": SETTINGS}}')  # fmt: skip
     settings = params.get("config")
     if isinstance(settings, str):
         try:
@@ -95,11 +99,13 @@ def _spec_for(server: Server, name: str, settings: dict[str, Any] | None) -> Mod
     if settings is not None:
         settings = dict(settings)
         source = settings.get("source")
-        if isinstance(source, str) and not os.path.isabs(source.partition(":")[2]) and repository:
-            scheme, _, path = source.partition(":")
-            if scheme != "builtin":  # relative file paths are the repository's model folder
-                settings["source"] = f"{scheme}:{os.path.join(repository, name, path)}"
-        return _checked(server, model_spec(settings, f"model {name!r} (load request)", name=name))
+        if isinstance(source, str) and repository:  # relative file paths are the repository's model folder
+            settings["source"] = folder_source(os.path.join(repository, name), source)
+        spec = model_spec(settings, f"model {name!r} (load request)", name=name)
+        if "source" not in settings:  # (ModelSpec's default, builtin:small, would serve random weights under name)
+            raise HttpError(400, f"model {name!r} (load request): the settings name no source: send all of them, "
+                                 "source included, or none (its repository folder's or last ones)")  # fmt: skip
+        return _checked(server, spec)
     folder = os.path.join(repository, name) if repository else ""
     if folder and os.path.isdir(folder):
         return _checked(server, folder_spec(folder))
