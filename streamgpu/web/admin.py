@@ -101,7 +101,7 @@ def _spec_for(server: Server, name: str, settings: dict[str, Any] | None) -> Mod
         source = settings.get("source")
         if isinstance(source, str) and repository:  # relative file paths are the repository's model folder
             settings["source"] = folder_source(os.path.join(repository, name), source)
-        spec = model_spec(settings, f"model {name!r} (load request)", name=name)
+        spec = model_spec(settings, f"model {name!r} (load request)", name=name)  # (first: a bad setting is named)
         if "source" not in settings:  # (ModelSpec's default, builtin:small, would serve random weights under name)
             raise HttpError(400, f"model {name!r} (load request): the settings name no source: send all of them, "
                                  "source included, or none (its repository folder's or last ones)")  # fmt: skip
