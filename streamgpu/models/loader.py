@@ -46,9 +46,11 @@ import io
 import json
 import math
 import operator
+import os
 import pickletools
 import re
 import shutil
+import stat
 import tempfile
 import zipfile
 from collections.abc import Callable, Collection, Iterator
@@ -76,19 +78,20 @@ def load_module(spec: ModelSpec) -> nn.Module:
             return build_builtin(target)
         if (why := spec.source_file_problem()) is not None:
             raise ModelLoadError(f"model {spec.name!r}: {why}")
-        if scheme == "torchscript":
-            module: nn.Module = _load_torchscript(_Refuser(spec.name, target), target)
-        elif scheme == "export":
-            module = _load_export(_Refuser(spec.name, target), target)
-        elif scheme == "state_dict":
-            state = torch.load(target, map_location="cpu", weights_only=True)
-            if not isinstance(state, dict):
-                raise ModelLoadError(
-                    f"model {spec.name!r}: {target!r} holds a {type(state).__name__}, not a state dict"
-                )
-            module = builtin_with_weights(spec.arch, state)
-        else:
-            raise ModelLoadError(f"model {spec.name!r}: unknown source scheme {scheme!r}")
+        with _open_regular(spec.name, target) as f:
+            if scheme == "torchscript":
+                module: nn.Module = _load_torchscript(_Refuser(spec.name, target), f)
+            elif scheme == "export":
+                module = _load_export(_Refuser(spec.name, target), f)
+            elif scheme == "state_dict":
+                state = torch.load(f, map_location="cpu", weights_only=True)
+                if not isinstance(state, dict):
+                    raise ModelLoadError(
+                        f"model {spec.name!r}: {target!r} holds a {type(state).__name__}, not a state dict"
+                    )
+                module = builtin_with_weights(spec.arch, state)
+            else:
+                raise ModelLoadError(f"model {spec.name!r}: unknown source scheme {scheme!r}")
     except ModelLoadError:
         raise
     except Exception as exc:  # torch raises many types for a bad file; say which model and file
@@ -96,6 +99,20 @@ def load_module(spec: ModelSpec) -> nn.Module:
     if scheme != "export":  # exported programs reject .eval(); they are traced in inference form
         module.eval()
     return module
+
+
+def _open_regular(model: str, path: str) -> IO[bytes]:
+    """``path`` opened for reading, once the file opened is found a regular one: a FIFO put in the place of the
+    file that ``source_file_problem`` looked at would make a plain open wait for a writer for good."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # (O_NONBLOCK: a FIFO's open returns at once)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ModelLoadError(f"model {model!r}: source file {path!r} is not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class _Refuser:
@@ -251,12 +268,11 @@ LEGACY_EXPORT_MEMBERS = {
 }
 
 
-def _load_export(refuse: _Refuser, path: str) -> nn.Module:
-    with open(path, "rb") as f:
-        archive = _Archive(refuse, f, LEGACY_EXPORT_MEMBERS)
-        plan = _plan_export(archive)
-        with _repacked(archive, plan) as clean:
-            program = torch.export.load(clean)
+def _load_export(refuse: _Refuser, f: IO[bytes]) -> nn.Module:
+    archive = _Archive(refuse, f, LEGACY_EXPORT_MEMBERS)
+    plan = _plan_export(archive)
+    with _repacked(archive, plan) as clean:
+        program = torch.export.load(clean)
     _check_graph_ops(refuse, archive.name(PROGRAM), program)
     return program.module()
 
@@ -737,16 +753,15 @@ TS_FIX = (
 )
 
 
-def _load_torchscript(refuse: _Refuser, path: str) -> nn.Module:
-    with open(path, "rb") as f:
-        archive = _Archive(refuse, f)
-        if "model.json" in archive.members:
-            raise refuse("the pre-1.4 TorchScript layout is not supported", archive.name("model.json"), fix=TS_FIX)
-        for rel in archive.members:
-            if rel.endswith(".py"):
-                _check_torchscript_code(archive, rel)
-        with _repacked(archive, dict.fromkeys(archive.members)) as clean:
-            module = torch.jit.load(clean, map_location="cpu")
+def _load_torchscript(refuse: _Refuser, f: IO[bytes]) -> nn.Module:
+    archive = _Archive(refuse, f)
+    if "model.json" in archive.members:
+        raise refuse("the pre-1.4 TorchScript layout is not supported", archive.name("model.json"), fix=TS_FIX)
+    for rel in archive.members:
+        if rel.endswith(".py"):
+            _check_torchscript_code(archive, rel)
+    with _repacked(archive, dict.fromkeys(archive.members)) as clean:
+        module = torch.jit.load(clean, map_location="cpu")
     _check_torchscript_graphs(refuse, module)
     return module
 
