@@ -266,6 +266,9 @@ class CudaModel(DeviceModel):
         self.stream, self.capture_stream = streams.serve, streams.capture
         self.graphs: dict[int, _Graph] = {}
         self.buckets: list[int] = []
+        # A compiled model served without graphs runs its batches padded to these sizes, each compiled at
+        # load (``compile_buckets``); empty otherwise.
+        self.padded_buckets: list[int] = []
         # One-replay models (see ``capture``): the device table of the running batch's frame addresses
         # that their graphs read, and the graph for each batch size.
         self.addresses: torch.Tensor | None = None
@@ -304,6 +307,8 @@ class CudaModel(DeviceModel):
     @property
     def description(self) -> str:
         mode = f"graphs {sorted(self.graphs)}" if self.graphs else f"eager ({self.graph_error or 'graphs off'})"
+        if self.padded_buckets:
+            mode += f", batches padded to {self.padded_buckets}"
         if self.share is not None:
             mode += f", {self.sms} SMs of {torch.cuda.get_device_properties(self.gpu).multi_processor_count}"
         pre = "fused kernel" if self.fused_preprocess else "torch ops"
@@ -419,6 +424,28 @@ class CudaModel(DeviceModel):
         )
         log.info("model %s: %s the compiled graph: %.3f ms against %.3f ms uncompiled at batch %d", spec.name,
                  "keeping" if keep else "not keeping", fast_ms, plain_ms, size)  # fmt: skip
+
+    def compile_buckets(self) -> None:
+        """A compiled model served without graphs (``cuda_graphs = false``, or a capture that failed): compile
+        it at every bucket now. Dynamo compiles once per input shape, seconds each; at serve time that would be
+        on the launcher thread, a batch size at a time, under load. Batches then run padded to the next bucket
+        (``rows_for``). If a bucket fails to compile, the model is served uncompiled, with a warning."""
+        try:
+            with torch.cuda.stream(self.capture_stream), torch.inference_mode():
+                for bucket in sorted(self.spec.buckets()):
+                    self.runs(self._example(bucket))  # outside the share, as in capture
+            self.capture_stream.synchronize()
+        except Exception as exc:
+            self.runs, self.compile_note = self.head, "not compiled: compile failed"
+            log.warning("model %s: torch.compile failed, serving it uncompiled: %s: %s", self.spec.name,
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
+            return
+        self.padded_buckets = sorted(self.spec.buckets())
+
+    def rows_for(self, n: int) -> int:
+        """Rows a batch of ``n`` frames runs as: the next bucket for a compiled model without graphs (the
+        extra rows hold stale frames, their outputs dropped), else ``n``."""
+        return next((b for b in self.padded_buckets if b >= n), n)
 
     def capture(self) -> None:
         """Warm up and capture one graph per bucket (largest first, one shared memory pool).
@@ -632,6 +659,8 @@ class CudaBackend(Backend):
                 model.addresses = None
                 model.graph_error = f"capture failed: {exc}"
                 log.warning("model %s: CUDA graph capture failed, running eagerly: %s", spec.name, exc)
+        if model.runs is not model.head and not model.graphs:
+            model.compile_buckets()
         with torch.cuda.stream(model.stream):
             if self.use_kernels and spec.frame_nbytes < COPY_ENGINE_FROM:
                 # Compile and load the gather kernel here: loading a module can wait for the
@@ -821,9 +850,10 @@ class CudaBackend(Backend):
         with torch.inference_mode(), torch.cuda.device(model.gpu), torch.cuda.stream(model.stream):
             driver.the_driver().wait_event(stream, buffers.copied)
             buffers.started.record(stream)
-            frames = buffers.staged[:n].view(_torch_dtype(spec.frame_dtype)).view(n, *spec.input_shape)
+            rows = model.rows_for(n)  # staged holds max_batch_size rows
+            frames = buffers.staged[:rows].view(_torch_dtype(spec.frame_dtype)).view(rows, *spec.input_shape)
             for host, value in zip(buffers.host, model.forward(frames), strict=True):
-                host[:n].copy_(value.to(host.dtype), non_blocking=True)  # graphs return these dtypes already
+                host[:n].copy_(value[:n].to(host.dtype), non_blocking=True)  # graphs return these dtypes already
             buffers.done.record(stream)
 
     async def _compute_off_loop(self, model: CudaModel, buffers: BatchBuffers, n: int) -> None:

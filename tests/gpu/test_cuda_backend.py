@@ -155,6 +155,39 @@ async def test_a_compiled_model_serves_what_the_uncompiled_one_does() -> None:
 
 
 @pytest.mark.asyncio(loop_factories=["uvloop"])
+@pytest.mark.parametrize("graphs", ["off", "capture failed"])
+async def test_a_compiled_model_without_graphs_is_compiled_at_load_for_every_batch_size(
+    graphs: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without graphs a compiled model ran each batch at its own size, and dynamo compiled it again for every
+    # new size (seconds each), on the launcher thread, while the batch's frames waited.
+    if graphs == "capture failed":
+
+        def fails(model: cuda.CudaModel) -> None:
+            raise RuntimeError("planted capture failure")
+
+        monkeypatch.setattr(cuda.CudaModel, "capture", fails)
+    torch._dynamo.reset()  # no compiled code of another test's model (dynamo would reuse it at a size seen)
+    backend = CudaBackend(asyncio.get_running_loop(), Config(device="cuda"))
+    ring = RingBatches(backend, 16 * (224 * 224 * 3 + 256))
+    spec = ModelSpec(source="builtin:resnet18", precision="fp16", batch_buckets=(1, 4, 8), max_batch_size=8,
+                     compile="on", cuda_graphs=graphs != "off")  # fmt: skip
+    model = backend.load(spec, build_builtin("resnet18"))
+    assert not model.graphs and model.compile_note == "compiled", model.description
+    frames = np.random.default_rng(5).integers(0, 256, (8, 224, 224, 3), dtype=np.uint8)
+    compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    outs = {n: await ring.run(model, frames[:n]) for n in (1, 2, 3, 5, 7, 8)}
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled, "compiled again while serving"
+    expected = _eager(spec, frames)
+    for n, out in outs.items():
+        assert out.shape == (n, 1000), (n, out.shape)
+        assert _relative_error(out, expected[:n]) < 1e-2, n
+    assert "batches padded to [1, 4, 8]" in model.description, model.description
+    backend.close()
+    ring.close()
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
 async def test_one_replay_with_several_outputs_odd_frames_and_a_bad_offset() -> None:
     """The raw downloads put each output where it belongs (top-k indices int32 and scores float32: the same
     bytes per row, so swapped ones would pass a shape check); frames whose pixels do not load four at a
