@@ -63,9 +63,16 @@ class Window:
     lags: np.ndarray  # open loop: seconds each send was late against its schedule
     cpu_s: float  # process CPU seconds used in the window, summed over processes
     processes: int = 1
+    # The busiest process's CPU seconds per second (of its busiest window, once consecutive ones are merged): an
+    # average over processes would hide one saturated generator among idle ones. NaN: the window's own share.
+    busiest_cpu: float = math.nan
     messages: dict[str, str] = field(default_factory=dict)  # first reply message per non-OK status
     # Open-loop --count window: seconds its schedule took to send (the window runs on to the last reply)
     send_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.busiest_cpu):
+            self.busiest_cpu = self.cpu_s / self.duration
 
     @property
     def duration(self) -> float:
@@ -116,6 +123,7 @@ def merge(windows: Sequence[Window]) -> Window:
         lags=np.concatenate([w.lags for w in windows]),
         cpu_s=sum(w.cpu_s for w in windows),
         processes=sum(w.processes for w in windows),
+        busiest_cpu=max(w.busiest_cpu for w in windows),
         messages=messages,
         send_s=None if any(w.send_s is None for w in windows) else max(w.send_s or 0.0 for w in windows),
     )
@@ -202,6 +210,7 @@ class LevelResult:
     send_lag_p99_s: float  # open loop only, NaN in closed loop
     behind: bool  # open loop: the generator could not keep its schedule
     cpu_cores: float  # generator CPU seconds per wall second, all processes
+    busiest_cpu: float  # the busiest generator process's CPU seconds per second (Window.busiest_cpu)
     processes: int
     windows: int
     stable: bool
@@ -258,6 +267,7 @@ def summarize(
         send_lag_p99_s=lag_p99,
         behind=behind,
         cpu_cores=window.cpu_s / window.duration,
+        busiest_cpu=window.busiest_cpu,
         processes=window.processes,
         windows=windows,
         stable=stable,

@@ -76,9 +76,9 @@ class RunReport:
                 warnings.append(f"{where}: {r.statuses.get(name, 0)} replies {name}, e.g. {text!r}")
             if not r.stable:
                 warnings.append(f"{where}: not stable within {r.windows} windows of ±{cfg.stability_pct:g} %")
-            if r.cpu_cores / r.processes > BUSY_CPU:
+            if r.busiest_cpu > BUSY_CPU:
                 warnings.append(
-                    f"{where}: each generator process used {100 * r.cpu_cores / r.processes:.0f} % of a core;"
+                    f"{where}: the busiest generator process used {100 * r.busiest_cpu:.0f} % of a core;"
                     " the generator may be the bottleneck (use --processes)"
                 )
         config = asdict(cfg)

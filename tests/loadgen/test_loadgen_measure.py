@@ -9,16 +9,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from streamgpu.loadgen.config import CONCURRENCY, Endpoint, LoadLevel, RunConfig
 from streamgpu.loadgen.measure import (
     STAGES,
     Window,
     WindowPolicy,
     is_stable,
     merge,
+    merge_consecutive,
     percentile,
     percentiles,
     summarize,
 )
+from streamgpu.loadgen.report import RunReport
 
 
 def window(
@@ -113,3 +116,20 @@ def test_summarize_figures_and_behind() -> None:
     assert summarize(late, endpoint="x:1", mode="rate", level=50, windows=1, stable=True).behind
     closed = summarize(w, endpoint="x:1", mode="concurrency", level=4, windows=1, stable=True)
     assert not closed.behind and math.isnan(closed.send_lag_p99_s)
+
+
+def test_one_saturated_generator_among_idle_ones_is_warned_of() -> None:
+    # The warning divided all processes' CPU by their number: one process at 100 % of a core beside three idle
+    # ones read as 31 %, and nobody was told that it held the load back.
+    def second(start: float, busy_cpu: float) -> Window:  # four processes' windows over one second
+        return merge([window([0.001], start=start, end=start + 1, cpu=cpu) for cpu in (busy_cpu, 0.08, 0.08, 0.08)])
+
+    idle = [window([0.001], cpu=0.08) for _ in range(3)]
+    level = summarize(merge_consecutive([second(0, 0.5), second(1, 1.0)]), endpoint="x:1", mode="concurrency",
+                      level=4, windows=2, stable=True)  # fmt: skip
+    assert level.busiest_cpu == 1.0 and level.cpu_cores == pytest.approx(0.99)
+    cfg = RunConfig(endpoints=[Endpoint("x", 1)], levels=[LoadLevel(CONCURRENCY, 4)])
+    warnings = RunReport.build(cfg, [level], [], started=0.0).warnings
+    assert any("busiest generator process used 100 % of a core" in w for w in warnings), warnings
+    calm = summarize(merge(idle), endpoint="x:1", mode="concurrency", level=4, windows=1, stable=True)
+    assert not RunReport.build(cfg, [calm], [], started=0.0).warnings
