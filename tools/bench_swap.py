@@ -9,7 +9,11 @@ model ``m`` the whole time. Phases:
    device memory allocated before the load vs after the unload;
 3. swaps: ``--swaps`` times, a new version of ``m`` (alternating two weight
    files) is loaded, warmed and captured while the old one serves, swapped in
-   between two batches, the old one freed after its last batch.
+   between two batches, the old one freed after its last batch. With
+   ``--swap-arch``, every other version is of that architecture instead (the
+   same frames): with ``--compile auto`` or ``on``, the first swap to it
+   compiles an architecture the process has not compiled, under load (later
+   swaps reuse the process's compiled code, as swaps of one architecture do).
 
 Figures (each a ratio or a comparison inside this one run):
 
@@ -30,6 +34,7 @@ control, one pure Python call) take in steady state and while a version loads (`
     python tools/bench_swap.py --device cpu --model builtin:small --swaps 3 --steady-s 2 --shape 64,64,3
     python tools/bench_swap.py --swaps 10 --steady-s 4 --attribute-stalls   # what the loop lags during
     python tools/bench_swap.py --swaps 8 --steady-s 6 --time-loop-calls     # whether its own calls slow down
+    python tools/bench_swap.py --swaps 1 --compile auto --swap-arch resnet18 # a new architecture compiled under load
 """
 
 from __future__ import annotations
@@ -500,6 +505,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     arch = args.model.partition(":")[2]
     tmp = tempfile.mkdtemp(prefix="bench_swap-")
     versions = weights(tmp, arch)
+    other = weights(tmp, args.swap_arch, 1)[0] if args.swap_arch else None
     base = ModelSpec(name="m", source=versions[0], arch=arch, input_shape=shape, precision=args.precision,
                      max_batch_size=args.max_batch, compile=args.compile)  # fmt: skip
     cfg = Config(listeners=[ListenerSpec(port=0)], device=args.device, models=[base], shutdown_timeout_s=30,
@@ -543,7 +549,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         for i in range(args.swaps):
             old = server.serving("m")
             start = time.monotonic()
-            await server.swap_model("m", replace(base, source=versions[(i + 1) % len(versions)]))
+            if other is not None and i % 2 == 0:
+                version = replace(base, source=other, arch=args.swap_arch)
+            else:
+                version = replace(base, source=versions[(i + 1) % len(versions)])
+            await server.swap_model("m", version)
             end = time.monotonic()
             new = server.serving("m")
             windows.append((start, end))
@@ -714,6 +724,8 @@ def main() -> int:
     parser.add_argument("--compile", default="off", choices=("off", "auto", "on"),
                         help="the model's compile setting (default off: a compile per swap takes seconds)")  # fmt: skip
     parser.add_argument("--swaps", type=int, default=100)
+    parser.add_argument("--swap-arch", default=None,
+                        help="every other swap's version is of this builtin ARCH (taking the same frames)")  # fmt: skip
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--window", type=int, default=16, help="frames in flight per connection")
     parser.add_argument("--warmup-s", type=float, default=3.0)
