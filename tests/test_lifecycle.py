@@ -205,14 +205,15 @@ async def test_a_load_beside_serving_models_leaves_the_loop_most_of_the_gil(
     await served.swap_model("m", spec(versioned(tmp_path, 3), compile="off"))
     # (~0.10 measured; the former fixed 2 ms pause, a third of the time, ran 0.27-0.28: loader_share must count)
     assert shares[1] < 0.2, f"beside frames served, the loader ran {shares[1]:.0%} of the time"
+    # A compiling load is paced too: unpaced, an architecture compiled under load took the p99 of the model
+    # serving beside it to 10.5x steady state for the 29 s it took (H100, docs/BENCHMARKS.md).
+    await served.swap_model("m", spec(versioned(tmp_path, 4), compile="auto"))
+    assert shares[2] < 0.2, f"the compiling load ran {shares[2]:.0%} of the time beside frames served"
     producer.running = False
     await streaming
     assert all(r.ok for r in producer.check())
     await conn.close()
     assert sys.getprofile() is None
-    # A compiling load is not paced (the hook would slow dynamo's tracing 5-8x): it runs flat out.
-    await served.swap_model("m", spec(versioned(tmp_path, 4), compile="auto"))
-    assert shares[2] > 0.7, f"the compiling load ran {shares[2]:.0%} of the time"
 
 
 @pytest.mark.asyncio
@@ -277,7 +278,8 @@ async def test_frames_queued_at_a_swap_run_on_the_version_configured_and_unload_
         return original(self, batch)
 
     monkeypatch.setattr(CpuModel, "run", slow)
-    async with Server(config(spec(versioned(tmp_path, 1)))) as srv:
+    # The load unpaced (loader_share 1): paced, it could outlast the 0.36 s the queued frames take.
+    async with Server(config(spec(versioned(tmp_path, 1)), loader_share=1.0)) as srv:
         conn = await client.connect("127.0.0.1", srv.port)
         futs = [conn.submit(f, model="m", stream_id=i % 3) for i, f in enumerate(frames(48))]
         while srv.metrics()["frames_in_flight"] < 48:

@@ -747,8 +747,6 @@ def main() -> int:
                         help="time the loop thread's CUDA driver calls (and a pure Python control), steady against "
                              "loading")  # fmt: skip
     args = parser.parse_args()
-    if args.attribute_stalls and args.compile != "off":
-        parser.error("--attribute-stalls records the paced loads of --compile off (a compiling load is not paced)")
     from streamgpu.loops import new_event_loop
 
     loop = new_event_loop(args.loop)

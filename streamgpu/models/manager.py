@@ -197,10 +197,10 @@ class ModelManager:
                         "(unload it first, or load the new one under another name)"
                     )
                 with loading_switch_interval():
-                    # Paced while frames are taken (not at start), except a compiling load: the hook would
-                    # slow dynamo's tracing of the model 5-8x (docs/MODELS.md).
-                    paced = self.serving and spec.compile == "off"
-                    models = await loop.run_in_executor(self._loader, self._build, spec, paced)
+                    # Paced while frames are taken (not at start), a compiling load too: its hook slows dynamo's
+                    # tracing ~3x and the load ~6x, but unpaced, a new architecture's compile took the p99 of the
+                    # model served beside it to 10.5x steady state (docs/MODELS.md).
+                    models = await loop.run_in_executor(self._loader, self._build, spec, self.serving)
             except Exception as exc:
                 error = exc if isinstance(exc, ModelLoadError) else ModelLoadError(
                     f"model {spec.name!r}: cannot load {spec.source!r}: {type(exc).__name__}: {exc}")  # fmt: skip

@@ -102,7 +102,7 @@ async def test_a_short_cpu_run_attributes_the_swaps_lag() -> None:
     args = argparse.Namespace(
         device="cpu", model="builtin:small", precision="fp16", shape="32,32,3", max_batch=8, compile="off", swaps=2,
         connections=1, window=4, warmup_s=0.1, steady_s=0.3, between_s=0.05, ingest_workers=0, loader_share=None,
-        attribute_stalls=True, time_loop_calls=True, attribute_phases=True,
+        attribute_stalls=True, time_loop_calls=True, attribute_phases=True, swap_arch=None,
     )  # fmt: skip
     result = await bench(args)
     phases = result["phases"]
