@@ -11,13 +11,13 @@ import difflib
 import math
 import os
 import sys
-import tomllib
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from streamgpu.errors import ConfigError
+from streamgpu.files import read_toml
 from streamgpu.gpu import DEVICES
 from streamgpu.ingest import LISTENERS
 from streamgpu.loops import LOOPS, loop_cpu_problem
@@ -334,13 +334,9 @@ class Config:
         values: dict[str, Any] = {}
         if path:
             try:
-                with open(path, "rb") as f:
-                    data = tomllib.load(f)
+                data = read_toml(path, f"config file {path!r}")
             except OSError as exc:
                 raise ConfigError(f"cannot read config file {path!r}: {exc.strerror}") from None
-            # (TOML is UTF-8: UnicodeDecodeError; tomllib lets int()'s ValueError, past Python's digit limit, through)
-            except ValueError as exc:
-                raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
             values.update(_from_toml(data, path))
         values.update(_from_env(os.environ if env is None else env))
         model_source = overrides.pop("model", None)

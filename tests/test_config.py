@@ -214,6 +214,24 @@ def test_a_config_file_with_an_integer_of_thousands_of_digits_is_refused(tmp_pat
         Config.load(str(path), env={})
 
 
+@pytest.mark.parametrize(
+    "toml",
+    [
+        "a = " + "[" * 100_000 + "]" * 100_000,
+        "a = " + "{b = " * 100_000 + "1" + "}" * 100_000,
+        "[server.port." + ".".join(["a"] * 5000) + "]\n",  # parses: the message showing port's value recursed
+        "[[models]]\n[models.input_shape." + ".".join(["a"] * 5000) + "]\n",
+    ],
+    ids=["arrays", "inline-tables", "server-tables", "model-tables"],
+)
+def test_a_config_file_nested_past_the_recursion_limit_says_so(tmp_path: Path, toml: str) -> None:
+    # tomllib recurses for each nested array or inline table: RecursionError, a traceback at start
+    path = tmp_path / "c.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=r"c.toml': tables or arrays nested more than 32 levels deep .* fix its"):
+        Config.load(str(path), env={})
+
+
 def test_bad_environment_and_missing_file() -> None:
     with pytest.raises(ConfigError, match="STREAMGPU_PORT='x': port must be an integer"):
         Config.load(None, env={"STREAMGPU_PORT": "x"})

@@ -756,15 +756,23 @@ async def test_a_repository_folder_whose_name_would_fake_log_lines_is_not_served
 
 
 @pytest.mark.parametrize(
-    "bad",
-    [b'arch = "\xff"\n', b"max_batch_size = " + b"9" * 5000 + b"\n", b"x = " + b"[" * 100_000 + b"]" * 100_000],
-    ids=["not-utf8", "long-integer", "nested-too-deeply"],
+    ("bad", "message"),
+    [
+        (b'arch = "\xff"\n', "config.toml is not valid TOML: 'utf-8' codec"),
+        (b"max_batch_size = " + b"9" * 5000 + b"\n", "config.toml is not valid TOML: Exceeds the limit"),
+        (b"x = " + b"[" * 100_000 + b"]" * 100_000, "config.toml: tables or arrays nested more than 32 levels deep"),
+        (b"[input_shape." + b".".join([b"a"] * 5000) + b"]\n", "config.toml: tables or arrays nested more than 32"),
+    ],
+    ids=["not-utf8", "long-integer", "nested-too-deeply", "tables-nested-too-deeply"],
 )
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
-async def test_a_repository_config_toml_tomllib_cannot_read_is_refused_as_bad_toml(tmp_path: Path, bad: bytes) -> None:
+async def test_a_repository_config_toml_tomllib_cannot_read_is_refused_as_bad_toml(
+    tmp_path: Path, bad: bytes, message: str
+) -> None:
     """tomllib raises UnicodeDecodeError (not TOMLDecodeError) for such a file, int()'s ValueError for an
     integer past Python's 4300 digits, and RecursionError for arrays or tables nested past Python's recursion
-    limit: the server failed to start (the initial scan raises nothing), and a load of it over HTTP was a 500."""
+    limit: the server failed to start (the initial scan raises nothing), and a load of it over HTTP was a 500.
+    Tables nested as deep by their headers parse, but the message naming the setting recursed as deep."""
     from aiohttp.test_utils import TestClient, TestServer
 
     from streamgpu.web.app import create_app
@@ -778,7 +786,7 @@ async def test_a_repository_config_toml_tomllib_cannot_read_is_refused_as_bad_to
         assert list(srv.model_specs) == ["good"]
         async with TestClient(TestServer(create_app(srv))) as http:
             r = await http.post("/v2/repository/models/bad/load")
-            assert r.status == 400 and "config.toml: cannot read it" in (await r.json())["error"]
+            assert r.status == 400 and message in (await r.json())["error"], await r.text()
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough

@@ -25,11 +25,11 @@ import concurrent.futures
 import contextlib
 import logging
 import os
-import tomllib
 from dataclasses import dataclass
 
 from streamgpu.config import model_spec
 from streamgpu.errors import ModelNotFoundError, StreamgpuError
+from streamgpu.files import read_toml
 from streamgpu.models.manager import ModelManager
 from streamgpu.models.spec import FILE_SCHEMES, ModelSpec
 
@@ -71,11 +71,8 @@ def folder_spec(folder: str) -> ModelSpec:
     where = f"model repository {config_path}"
     if os.path.isfile(config_path):
         try:
-            with open(config_path, "rb") as f:
-                settings = tomllib.load(f)
-        # (TOML is UTF-8: UnicodeDecodeError; tomllib lets int()'s ValueError, past Python's digit limit, through,
-        # and recurses for each nested array or table: RecursionError)
-        except (OSError, ValueError, RecursionError) as exc:
+            settings = read_toml(config_path, where)
+        except OSError as exc:
             raise StreamgpuError(f"{where}: cannot read it: {exc}") from None
         if "name" in settings:
             raise StreamgpuError(f"{where}: 'name' is the folder's name, not a setting")
