@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import tomllib
-from typing import Any
+from typing import IO, Any
 
-from streamgpu.errors import ConfigError
+from streamgpu.errors import ConfigError, NotRegularFileError
 
 # Tables and arrays inside one another that a settings document may nest: none needs more than five
 # ([[server.listeners]] options holding a list); far below Python's recursion limit, which the messages
@@ -27,11 +29,27 @@ def nesting_problem(doc: object) -> str | None:
     return None
 
 
-def read_toml(path: str, where: str) -> dict[str, Any]:
+def open_regular(path: str) -> IO[bytes]:
+    """``path`` opened for reading, once the file opened is found a regular one (``NotRegularFileError`` if not):
+    a FIFO put in the place of a file looked at before would make a plain open wait for a writer for good, and
+    the thread reading it (the server's loader thread: every load after it) with it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # (O_NONBLOCK: a FIFO's open returns at once)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFileError(f"{path!r} is not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_toml(path: str, where: str, regular: bool = False) -> dict[str, Any]:
     """The TOML document in file ``path``; ``ConfigError`` naming ``where`` (the file, as the caller names it:
     ``config file 'c.toml'``) for one that tomllib cannot read, or that nests past ``MAX_SETTINGS_NESTING``,
-    saying why. ``OSError`` as ``open`` raises it (the caller says what a missing file means)."""
-    with open(path, "rb") as f:
+    saying why. ``OSError`` as ``open`` raises it (the caller says what a missing file means); ``regular``: the
+    file is opened by ``open_regular`` (a file the server finds, not one its operator names: that may be a pipe)."""
+    with open_regular(path) if regular else open(path, "rb") as f:
         try:
             doc = tomllib.load(f)
         # (TOML is UTF-8: UnicodeDecodeError; tomllib lets int()'s ValueError, past Python's digit limit, through)

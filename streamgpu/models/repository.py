@@ -28,7 +28,7 @@ import os
 from dataclasses import dataclass
 
 from streamgpu.config import model_spec
-from streamgpu.errors import ModelNotFoundError, StreamgpuError
+from streamgpu.errors import ModelNotFoundError, NotRegularFileError, StreamgpuError
 from streamgpu.files import read_toml
 from streamgpu.models.manager import ModelManager
 from streamgpu.models.spec import FILE_SCHEMES, ModelSpec
@@ -69,15 +69,19 @@ def folder_spec(folder: str) -> ModelSpec:
     settings: dict[str, object] = {}
     config_path = os.path.join(folder, CONFIG_FILE)
     where = f"model repository {config_path}"
-    if os.path.isfile(config_path):
-        try:
-            settings = read_toml(config_path, where)
-        except OSError as exc:
-            raise StreamgpuError(f"{where}: cannot read it: {exc}") from None
-        if "name" in settings:
-            raise StreamgpuError(f"{where}: 'name' is the folder's name, not a setting")
-    elif os.path.lexists(config_path):  # a dangling link, a folder, a FIFO: not skipped for the default settings
-        raise StreamgpuError(f"{where}: not a regular file")
+    # Opened once and checked on the descriptor (a FIFO swapped in after a look at the name hung the open); one
+    # that is not a regular file (a dangling link, a folder, a FIFO) is not skipped for the default settings
+    try:
+        settings = read_toml(config_path, where, regular=True)
+    except FileNotFoundError:
+        if os.path.lexists(config_path):
+            raise StreamgpuError(f"{where}: not a regular file") from None
+    except NotRegularFileError:
+        raise StreamgpuError(f"{where}: not a regular file") from None
+    except OSError as exc:
+        raise StreamgpuError(f"{where}: cannot read it: {exc}") from None
+    if "name" in settings:
+        raise StreamgpuError(f"{where}: 'name' is the folder's name, not a setting")
     source = settings.pop("source", None)
     if source is None:
         found = [f"{kind}:{file}" for file, kind in MODEL_FILES.items() if os.path.isfile(os.path.join(folder, file))]
