@@ -375,12 +375,12 @@ async def test_bad_sources_are_refused_and_the_model_keeps_serving(served: Serve
         entry = served.model_index()[0]
         assert entry["state"] == "READY" and entry["reason"].endswith(str(refused.value)), entry
         assert entry["reason"].startswith("version 2 failed to load (1 serves): ")
-    with pytest.raises(ModelLoadError, match="'other'"):  # a new name that fails is listed UNAVAILABLE
+    with pytest.raises(ModelLoadError, match="'other'"):  # a new name that fails (no repository) is not listed
         await served.load_model(spec("export:" + str(garbage), name="other"))
     producer.running = False
     await task
     assert {value(r) for r in producer.check()} == {1.0}
-    assert {e["name"]: e["state"] for e in served.model_index()} == {"m": "READY", "other": "UNAVAILABLE"}
+    assert {e["name"]: e["state"] for e in served.model_index()} == {"m": "READY"}
     await conn.close()
 
 
@@ -394,7 +394,7 @@ async def test_a_load_is_checked_against_the_server_settings_as_the_config_model
         await served.load_model(too_large)
     with pytest.raises(ModelLoadError, match=r"max_frames_per_connection \(256\) must be below model 'm''s max_q"):
         await served.swap_model("m", spec("builtin:small", arch="", max_queue=8))
-    assert {e["name"]: e["state"] for e in served.model_index()} == {"big": "UNAVAILABLE", "m": "READY"}
+    assert {e["name"]: e["state"] for e in served.model_index()} == {"m": "READY"}  # (big never loaded)
 
 
 class Linear(nn.Module):
@@ -488,7 +488,7 @@ async def test_a_static_batch_export_and_a_wrong_input_shape_are_refused_at_load
     wrong = tensor_spec(files["linear"], "wrong", input_shape=(FEATURES + 1,))
     with pytest.raises(ModelLoadError, match=r"'wrong'.*smallest bucket.*check that input_shape"):
         await served.load_model(wrong)
-    assert {e["name"]: e["state"] for e in served.model_index()}["static"] == "UNAVAILABLE"
+    assert "static" not in {e["name"] for e in served.model_index()}  # (never loaded, in no repository)
     await served.load_model(tensor_spec(files["static"], "static", max_batch_size=1))  # as the hint says
 
 
@@ -866,6 +866,52 @@ async def test_admin_routes_and_cli(tmp_path: Path, capsys: pytest.CaptureFixtur
         assert await asyncio.to_thread(cli.main, ["admin", "unload", url, "m", "--token", "sesame"]) == 1
         assert "HTTP 404" in capsys.readouterr().err
         await conn.close()
+
+
+@pytest.mark.asyncio
+async def test_a_failed_load_of_a_new_name_leaves_no_index_entry_unless_the_repository_holds_it(
+    tmp_path: Path,
+) -> None:
+    """A load over HTTP of a new name that failed (a bad file, settings the server refuses) left the name in
+    the index, UNAVAILABLE for good, and its refused settings taken for its last ones. As Triton lists the
+    models of its repository and those loaded: a name that never loaded is listed only while the repository
+    holds a folder of it; a model serving stays serving after a failed reload, the index saying why."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from streamgpu.web.app import create_app
+
+    repo = tmp_path / "repo"
+    for name in ("bad", "gone"):
+        (repo / name).mkdir(parents=True)
+        (repo / name / "config.toml").write_text('source = "export:garbage.pt2"\ninput_shape = [16, 16, 3]\n')
+        (repo / name / "garbage.pt2").write_bytes(b"not a model" * 10)
+    (repo / "junk.pt2").write_bytes(b"not a model" * 10)
+    settings = {"source": f"export:{repo / 'junk.pt2'}", "input_shape": list(SHAPE)}
+    cfg = config(spec(versioned(tmp_path, 1)), model_repository=str(repo), repository_poll_s=0.05)
+    async with Server(cfg) as srv, TestClient(TestServer(create_app(srv))) as http:
+        assert {e["name"]: e["state"] for e in srv.model_index()} == {"bad": "UNAVAILABLE", "gone": "UNAVAILABLE",
+                                                                       "m": "READY"}  # fmt: skip
+        for body in ({"parameters": {"config": settings}},  # a file that holds no model
+                     {"parameters": {"config": {**settings, "source": "builtin:small", "max_queue": 8}}}):  # fmt: skip
+            r = await http.post("/v2/repository/models/new/load", json=body)
+            assert r.status == 400, await r.text()
+            assert "new" not in {e["name"] for e in srv.model_index()}, srv.model_index()
+        r = await http.post("/v2/repository/models/new/load")  # not taken for a model served before
+        assert r.status == 404 and "not served before" in (await r.json())["error"], await r.text()
+        r = await http.post("/v2/repository/models/bad/load")  # its folder holds it: listed, with why
+        assert r.status == 400
+        bad = {e["name"]: e for e in srv.model_index()}["bad"]
+        assert bad["state"] == "UNAVAILABLE" and "garbage.pt2" in bad["reason"], bad
+        r = await http.post("/v2/repository/models/m/load", json={"parameters": {"config": settings}})
+        assert r.status == 400
+        m = {e["name"]: e for e in srv.model_index()}["m"]
+        assert m["state"] == "READY" and m["reason"].startswith("version 2 failed to load (1 serves): "), m
+        shutil.rmtree(repo / "gone")  # a folder that never loaded leaves the index with its folder
+        deadline = time.monotonic() + 10
+        while "gone" in {e["name"] for e in srv.model_index()}:
+            assert time.monotonic() < deadline, srv.model_index()
+            await asyncio.sleep(0.02)
+        assert {e["name"]: e["state"] for e in srv.model_index()} == {"bad": "UNAVAILABLE", "m": "READY"}
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough

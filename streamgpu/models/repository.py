@@ -123,6 +123,10 @@ class RepositoryPoller:
         self._seen: dict[str, _Seen] = {}
         self._task: asyncio.Task[None] | None = None
 
+    def holds(self, name: str) -> bool:
+        """Whether the last scan found a folder ``name`` (asks no file system: the loop calls it)."""
+        return name in self._seen
+
     def start(self, period_s: float) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(period_s))
 
@@ -175,6 +179,7 @@ class RepositoryPoller:
                     log.error("model repository: %r not unloaded: %s", name, exc)
                     continue
             del self._seen[name]
+            self._models.drop_unlisted(name)  # (one that never loaded: listed for its folder only)
         for name, signature in found.items():
             seen = self._seen.get(name)
             settled = initial or (seen is not None and seen.signature == signature)
