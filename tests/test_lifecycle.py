@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import gc
 import json
 import logging
@@ -395,6 +396,20 @@ async def test_a_load_is_checked_against_the_server_settings_as_the_config_model
     with pytest.raises(ModelLoadError, match=r"max_frames_per_connection \(256\) must be below model 'm''s max_q"):
         await served.swap_model("m", spec("builtin:small", arch="", max_queue=8))
     assert {e["name"]: e["state"] for e in served.model_index()} == {"m": "READY"}  # (big never loaded)
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_load_whose_batch_cannot_fit_the_ring_is_refused_naming_the_setting(tmp_path: Path) -> None:
+    """A batch's frames are in the ring together, so no batch of more frames than it holds can form; a load
+    took any max_batch_size (a typo's 1000000, max_queue as large) and allocated its batch buffers for it,
+    warming up a batch that size (or failing deep in torch, out of memory)."""
+    async with Server(config(spec(versioned(tmp_path, 1)), ring_bytes=1 << 20, max_payload_bytes=1 << 16)) as srv:
+        huge = spec("builtin:small", name="huge", arch="", max_batch_size=2048, max_queue=4096, batch_buckets=(1,))
+        refused = r"max_batch_size \(2048\) frames of 768 bytes take 1572864 bytes .*\(1048576\).*at most 1365 or"
+        with pytest.raises(ModelLoadError, match=refused):
+            await srv.load_model(huge)
+        assert srv.model_index() == [{"name": "m", "version": "1", "state": "READY", "reason": ""}]
+        await srv.load_model(dataclasses.replace(huge, max_batch_size=1365))  # as the message says
 
 
 class Linear(nn.Module):
