@@ -16,7 +16,7 @@ MAX_SETTINGS_NESTING = 32
 TOO_DEEP = f"tables or arrays nested more than {MAX_SETTINGS_NESTING} levels deep (no setting nests more than a few)"
 
 
-def nesting_problem(doc: object) -> str | None:
+def _nesting_problem(doc: object) -> str | None:
     """Why settings ``doc`` (parsed TOML or JSON) nest too deeply to be read (``TOO_DEEP``), or None. Walked
     without recursion."""
     stack = [(doc, 0)]
@@ -58,7 +58,7 @@ def read_toml(path: str, where: str, regular: bool = False) -> dict[str, Any]:
         except RecursionError:  # tomllib recurses for each array or inline table opened inside another
             problem: str | None = TOO_DEEP
         else:
-            problem = nesting_problem(doc)  # ([a.b.c...] headers nest tables without recursing)
+            problem = _nesting_problem(doc)  # ([a.b.c...] headers nest tables without recursing)
     if problem is not None:
         raise ConfigError(f"{where}: {problem}: fix its brackets or table headers")
     return doc

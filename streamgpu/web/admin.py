@@ -32,7 +32,6 @@ from aiohttp import web
 
 from streamgpu.config import model_spec
 from streamgpu.errors import ModelNotFoundError, StreamgpuError
-from streamgpu.files import nesting_problem
 from streamgpu.models.repository import folder_name_problem, folder_source, folder_spec
 from streamgpu.models.spec import ModelSpec
 from streamgpu.server import Server
@@ -89,10 +88,6 @@ def _settings(body: dict[str, Any]) -> dict[str, Any] | None:
             raise HttpError(400, f"parameters.config is not JSON: {exc}") from None
     if settings is not None and not isinstance(settings, dict):
         raise HttpError(400, "parameters.config must be an object of model settings")
-    # (a message showing a setting's value would recurse as deep: JSON within the parser's depth still reached
-    # Python's recursion limit there, a 500)
-    if (problem := nesting_problem(settings)) is not None:
-        raise HttpError(400, f"parameters.config: {problem}")
     return settings
 
 
