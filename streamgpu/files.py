@@ -17,7 +17,7 @@ TOO_DEEP = f"tables or arrays nested more than {MAX_SETTINGS_NESTING} levels dee
 
 
 def _nesting_problem(doc: object) -> str | None:
-    """Why settings ``doc`` (parsed TOML or JSON) nest too deeply to be read (``TOO_DEEP``), or None. Walked
+    """Why settings ``doc`` (parsed TOML) nest too deeply to be read (``TOO_DEEP``), or None. Walked
     without recursion."""
     stack = [(doc, 0)]
     while stack:
