@@ -11,13 +11,13 @@ import difflib
 import math
 import os
 import sys
-import tomllib
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from streamgpu.errors import ConfigError
+from streamgpu.files import read_toml
 from streamgpu.gpu import DEVICES
 from streamgpu.ingest import LISTENERS
 from streamgpu.loops import LOOPS, loop_cpu_problem
@@ -263,6 +263,17 @@ class Config:
         out = []
         if m.frame_nbytes > self.max_payload_bytes:
             out.append(f"model {m.name!r} frames ({m.frame_nbytes} bytes) exceed max_payload_bytes")
+        slot = -(-m.frame_nbytes // ALIGNMENT) * ALIGNMENT  # a frame's place in the ring
+        if m.frame_nbytes <= self.max_payload_bytes and m.max_batch_size * slot > self.ring_bytes:
+            # A batch's frames are all in the ring until its copy has read them, so no larger batch can form;
+            # yet every batch buffer set (device staging, page-locked outputs) is allocated for max_batch_size
+            # frames, and the load warms up a batch that size: a typo's 1000000 failed deep in torch
+            out.append(
+                f"model {m.name!r}: max_batch_size ({m.max_batch_size}) frames of {m.frame_nbytes} bytes take "
+                f"{m.max_batch_size * slot} bytes of the ring at once, more than ring_bytes ({self.ring_bytes}) "
+                f"holds: a batch's frames are in the ring together; set max_batch_size to at most "
+                f"{self.ring_bytes // slot} or raise ring_bytes"
+            )
         if self.max_frames_per_connection >= m.max_queue:
             out.append(
                 f"max_frames_per_connection ({self.max_frames_per_connection}) must be below model "
@@ -334,13 +345,9 @@ class Config:
         values: dict[str, Any] = {}
         if path:
             try:
-                with open(path, "rb") as f:
-                    data = tomllib.load(f)
+                data = read_toml(path, f"config file {path!r}")
             except OSError as exc:
                 raise ConfigError(f"cannot read config file {path!r}: {exc.strerror}") from None
-            # (TOML is UTF-8: UnicodeDecodeError; tomllib lets int()'s ValueError, past Python's digit limit, through)
-            except ValueError as exc:
-                raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
             values.update(_from_toml(data, path))
         values.update(_from_env(os.environ if env is None else env))
         model_source = overrides.pop("model", None)

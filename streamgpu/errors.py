@@ -22,6 +22,11 @@ class ModelLoadError(StreamgpuError, RuntimeError):
     """A configured model could not be loaded; the message says which, from where, and why."""
 
 
+class NotRegularFileError(StreamgpuError, OSError):
+    """A file the server reads (a model file, a repository folder's config.toml) is not a regular file (a FIFO,
+    a device, a folder); the message names it."""
+
+
 class DeviceUnavailableError(StreamgpuError, RuntimeError):
     """The configured device (e.g. ``cuda``) cannot be used on this machine."""
 

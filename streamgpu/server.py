@@ -111,6 +111,7 @@ class Server:
                 log.info("model %s: random weights (builtin: nothing is downloaded)", spec.name)
         if cfg.model_repository:
             self._repository = RepositoryPoller(cfg.model_repository, models, self._loader)
+            models.in_repository = self._repository.holds
             await self._repository.poll(initial=True)
         self._admission = admission = Admission(
             cfg, self._pool, models.specs, scheduler.submit, scheduler.submit_many, scheduler.withdraw

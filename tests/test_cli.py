@@ -309,6 +309,25 @@ def test_check_config_prints_resolved_settings_with_tokens_masked(
     assert "server.port must be an integer, got '7883' (str)" in capsys.readouterr().err
 
 
+def test_a_config_file_nested_too_deeply_is_a_cli_error_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("a = " + "[" * 100_000 + "]" * 100_000)
+    for command in ("check-config", "serve"):
+        with pytest.raises(SystemExit) as info:  # (was a RecursionError's traceback)
+            main([command, "--config", str(path)])
+        assert info.value.code == 2
+        assert f"config file {str(path)!r}: tables or arrays nested more than 32" in capsys.readouterr().err
+
+
+def test_admin_load_settings_nested_too_deeply_are_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:  # (json's RecursionError was a traceback)
+        main(["admin", "load", "http://127.0.0.1:9", "cam", "input_shape=" + "[" * 100_000])
+    assert info.value.code == 2
+    assert "setting 'input_shape': tables or arrays nested more than 32" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("scheme", ["state_dict", "torchscript", "export"])
 def test_check_config_refuses_a_model_file_source_that_cannot_be_read(
     scheme: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]

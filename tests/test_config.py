@@ -115,6 +115,17 @@ SECOND_LISTENER = '[[server.listeners]]\nkind = "tcp"\n[[server.listeners]]\n'  
         ("[server]\nport = 70000\n", "port must be 0..65535"),
         ('[server]\ndevice = "tpu"\n', "device must be one of"),
         ("[server]\nring_bytes = 100000\nmax_payload_bytes = 200000\n", "max_payload_bytes must be"),
+        (  # (a batch's frames are in the ring together: buffers for 1000000 failed deep in torch at load)
+            "[[models]]\nname = 'cam'\nmax_queue = 1000000\nmax_batch_size = 1000000\n",
+            "model 'cam': max_batch_size (1000000) frames of 150528 bytes take 150528000000 bytes of the ring at once,"
+            " more than ring_bytes (268435456) holds: a batch's frames are in the ring together; set max_batch_size "
+            "to at most 1783 or raise ring_bytes",
+        ),
+        (  # frames rounded up to the ring's 256-byte alignment: 12 frames of 300 bytes take 12 * 512
+            "[server]\nring_bytes = 6000\nmax_payload_bytes = 4096\n[[models]]\ninput_shape = [10, 10, 3]\n"
+            "max_batch_size = 12\n",
+            "max_batch_size (12) frames of 300 bytes take 6144 bytes of the ring at once, more than ring_bytes (6000)",
+        ),
         ("[serve]\nport = 1\n", "unknown top-level tables"),
         ('[[models]]\nname = "a"\n[[models]]\nname = "a"\n', "model names must be unique"),
         ('[[models]]\nsource = "ftp://x"\n', "source 'ftp://x' must be"),
@@ -211,6 +222,24 @@ def test_a_config_file_with_an_integer_of_thousands_of_digits_is_refused(tmp_pat
     path = tmp_path / "c.toml"
     path.write_text(f"[server]\nport = {'9' * 5000}\n")
     with pytest.raises(ConfigError, match=r"c.toml' is not valid TOML: Exceeds the limit \(4300 digits\)"):
+        Config.load(str(path), env={})
+
+
+@pytest.mark.parametrize(
+    "toml",
+    [
+        "a = " + "[" * 100_000 + "]" * 100_000,
+        "a = " + "{b = " * 100_000 + "1" + "}" * 100_000,
+        "[server.port." + ".".join(["a"] * 5000) + "]\n",  # parses: the message showing port's value recursed
+        "[[models]]\n[models.input_shape." + ".".join(["a"] * 5000) + "]\n",
+    ],
+    ids=["arrays", "inline-tables", "server-tables", "model-tables"],
+)
+def test_a_config_file_nested_past_the_recursion_limit_says_so(tmp_path: Path, toml: str) -> None:
+    # tomllib recurses for each nested array or inline table: RecursionError, a traceback at start
+    path = tmp_path / "c.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=r"c.toml': tables or arrays nested more than 32 levels deep .* fix its"):
         Config.load(str(path), env={})
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import gc
 import json
 import logging
@@ -375,12 +376,12 @@ async def test_bad_sources_are_refused_and_the_model_keeps_serving(served: Serve
         entry = served.model_index()[0]
         assert entry["state"] == "READY" and entry["reason"].endswith(str(refused.value)), entry
         assert entry["reason"].startswith("version 2 failed to load (1 serves): ")
-    with pytest.raises(ModelLoadError, match="'other'"):  # a new name that fails is listed UNAVAILABLE
+    with pytest.raises(ModelLoadError, match="'other'"):  # a new name that fails (no repository) is not listed
         await served.load_model(spec("export:" + str(garbage), name="other"))
     producer.running = False
     await task
     assert {value(r) for r in producer.check()} == {1.0}
-    assert {e["name"]: e["state"] for e in served.model_index()} == {"m": "READY", "other": "UNAVAILABLE"}
+    assert {e["name"]: e["state"] for e in served.model_index()} == {"m": "READY"}
     await conn.close()
 
 
@@ -394,7 +395,21 @@ async def test_a_load_is_checked_against_the_server_settings_as_the_config_model
         await served.load_model(too_large)
     with pytest.raises(ModelLoadError, match=r"max_frames_per_connection \(256\) must be below model 'm''s max_q"):
         await served.swap_model("m", spec("builtin:small", arch="", max_queue=8))
-    assert {e["name"]: e["state"] for e in served.model_index()} == {"big": "UNAVAILABLE", "m": "READY"}
+    assert {e["name"]: e["state"] for e in served.model_index()} == {"m": "READY"}  # (big never loaded)
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_load_whose_batch_cannot_fit_the_ring_is_refused_naming_the_setting(tmp_path: Path) -> None:
+    """A batch's frames are in the ring together, so no batch of more frames than it holds can form; a load
+    took any max_batch_size (a typo's 1000000, max_queue as large) and allocated its batch buffers for it,
+    warming up a batch that size (or failing deep in torch, out of memory)."""
+    async with Server(config(spec(versioned(tmp_path, 1)), ring_bytes=1 << 20, max_payload_bytes=1 << 16)) as srv:
+        huge = spec("builtin:small", name="huge", arch="", max_batch_size=2048, max_queue=4096, batch_buckets=(1,))
+        refused = r"max_batch_size \(2048\) frames of 768 bytes take 1572864 bytes .*\(1048576\).*at most 1365 or"
+        with pytest.raises(ModelLoadError, match=refused):
+            await srv.load_model(huge)
+        assert srv.model_index() == [{"name": "m", "version": "1", "state": "READY", "reason": ""}]
+        await srv.load_model(dataclasses.replace(huge, max_batch_size=1365))  # as the message says
 
 
 class Linear(nn.Module):
@@ -488,7 +503,7 @@ async def test_a_static_batch_export_and_a_wrong_input_shape_are_refused_at_load
     wrong = tensor_spec(files["linear"], "wrong", input_shape=(FEATURES + 1,))
     with pytest.raises(ModelLoadError, match=r"'wrong'.*smallest bucket.*check that input_shape"):
         await served.load_model(wrong)
-    assert {e["name"]: e["state"] for e in served.model_index()}["static"] == "UNAVAILABLE"
+    assert "static" not in {e["name"] for e in served.model_index()}  # (never loaded, in no repository)
     await served.load_model(tensor_spec(files["static"], "static", max_batch_size=1))  # as the hint says
 
 
@@ -756,15 +771,23 @@ async def test_a_repository_folder_whose_name_would_fake_log_lines_is_not_served
 
 
 @pytest.mark.parametrize(
-    "bad",
-    [b'arch = "\xff"\n', b"max_batch_size = " + b"9" * 5000 + b"\n", b"x = " + b"[" * 100_000 + b"]" * 100_000],
-    ids=["not-utf8", "long-integer", "nested-too-deeply"],
+    ("bad", "message"),
+    [
+        (b'arch = "\xff"\n', "config.toml is not valid TOML: 'utf-8' codec"),
+        (b"max_batch_size = " + b"9" * 5000 + b"\n", "config.toml is not valid TOML: Exceeds the limit"),
+        (b"x = " + b"[" * 100_000 + b"]" * 100_000, "config.toml: tables or arrays nested more than 32 levels deep"),
+        (b"[input_shape." + b".".join([b"a"] * 5000) + b"]\n", "config.toml: tables or arrays nested more than 32"),
+    ],
+    ids=["not-utf8", "long-integer", "nested-too-deeply", "tables-nested-too-deeply"],
 )
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
-async def test_a_repository_config_toml_tomllib_cannot_read_is_refused_as_bad_toml(tmp_path: Path, bad: bytes) -> None:
+async def test_a_repository_config_toml_tomllib_cannot_read_is_refused_as_bad_toml(
+    tmp_path: Path, bad: bytes, message: str
+) -> None:
     """tomllib raises UnicodeDecodeError (not TOMLDecodeError) for such a file, int()'s ValueError for an
     integer past Python's 4300 digits, and RecursionError for arrays or tables nested past Python's recursion
-    limit: the server failed to start (the initial scan raises nothing), and a load of it over HTTP was a 500."""
+    limit: the server failed to start (the initial scan raises nothing), and a load of it over HTTP was a 500.
+    Tables nested as deep by their headers parse, but the message naming the setting recursed as deep."""
     from aiohttp.test_utils import TestClient, TestServer
 
     from streamgpu.web.app import create_app
@@ -778,7 +801,7 @@ async def test_a_repository_config_toml_tomllib_cannot_read_is_refused_as_bad_to
         assert list(srv.model_specs) == ["good"]
         async with TestClient(TestServer(create_app(srv))) as http:
             r = await http.post("/v2/repository/models/bad/load")
-            assert r.status == 400 and "config.toml: cannot read it" in (await r.json())["error"]
+            assert r.status == 400 and message in (await r.json())["error"], await r.text()
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
@@ -858,6 +881,52 @@ async def test_admin_routes_and_cli(tmp_path: Path, capsys: pytest.CaptureFixtur
         assert await asyncio.to_thread(cli.main, ["admin", "unload", url, "m", "--token", "sesame"]) == 1
         assert "HTTP 404" in capsys.readouterr().err
         await conn.close()
+
+
+@pytest.mark.asyncio
+async def test_a_failed_load_of_a_new_name_leaves_no_index_entry_unless_the_repository_holds_it(
+    tmp_path: Path,
+) -> None:
+    """A load over HTTP of a new name that failed (a bad file, settings the server refuses) left the name in
+    the index, UNAVAILABLE for good, and its refused settings taken for its last ones. As Triton lists the
+    models of its repository and those loaded: a name that never loaded is listed only while the repository
+    holds a folder of it; a model serving stays serving after a failed reload, the index saying why."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from streamgpu.web.app import create_app
+
+    repo = tmp_path / "repo"
+    for name in ("bad", "gone"):
+        (repo / name).mkdir(parents=True)
+        (repo / name / "config.toml").write_text('source = "export:garbage.pt2"\ninput_shape = [16, 16, 3]\n')
+        (repo / name / "garbage.pt2").write_bytes(b"not a model" * 10)
+    (repo / "junk.pt2").write_bytes(b"not a model" * 10)
+    settings = {"source": f"export:{repo / 'junk.pt2'}", "input_shape": list(SHAPE)}
+    cfg = config(spec(versioned(tmp_path, 1)), model_repository=str(repo), repository_poll_s=0.05)
+    async with Server(cfg) as srv, TestClient(TestServer(create_app(srv))) as http:
+        assert {e["name"]: e["state"] for e in srv.model_index()} == {"bad": "UNAVAILABLE", "gone": "UNAVAILABLE",
+                                                                       "m": "READY"}  # fmt: skip
+        for body in ({"parameters": {"config": settings}},  # a file that holds no model
+                     {"parameters": {"config": {**settings, "source": "builtin:small", "max_queue": 8}}}):  # fmt: skip
+            r = await http.post("/v2/repository/models/new/load", json=body)
+            assert r.status == 400, await r.text()
+            assert "new" not in {e["name"] for e in srv.model_index()}, srv.model_index()
+        r = await http.post("/v2/repository/models/new/load")  # not taken for a model served before
+        assert r.status == 404 and "not served before" in (await r.json())["error"], await r.text()
+        r = await http.post("/v2/repository/models/bad/load")  # its folder holds it: listed, with why
+        assert r.status == 400
+        bad = {e["name"]: e for e in srv.model_index()}["bad"]
+        assert bad["state"] == "UNAVAILABLE" and "garbage.pt2" in bad["reason"], bad
+        r = await http.post("/v2/repository/models/m/load", json={"parameters": {"config": settings}})
+        assert r.status == 400
+        m = {e["name"]: e for e in srv.model_index()}["m"]
+        assert m["state"] == "READY" and m["reason"].startswith("version 2 failed to load (1 serves): "), m
+        shutil.rmtree(repo / "gone")  # a folder that never loaded leaves the index with its folder
+        deadline = time.monotonic() + 10
+        while "gone" in {e["name"] for e in srv.model_index()}:
+            assert time.monotonic() < deadline, srv.model_index()
+            await asyncio.sleep(0.02)
+        assert {e["name"]: e["state"] for e in srv.model_index()} == {"bad": "UNAVAILABLE", "m": "READY"}
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough

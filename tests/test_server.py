@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 import struct
 import time
@@ -238,8 +239,11 @@ async def test_truncated_frame_then_disconnect_leaks_nothing(server: Server) -> 
 
 @pytest.mark.asyncio
 async def test_small_ring_backpressure_answers_everything() -> None:
-    # Room for 3 frames: producers outrun the model, so reading pauses and resumes many times.
-    async with Server(config(ring_bytes=3 * (FRAME_BYTES + 256), max_payload_bytes=FRAME_BYTES)) as srv:
+    # Room for 3 frames: producers outrun the model, so reading pauses and resumes many times. (No batch of
+    # more frames than the ring holds: the config refuses one.)
+    cfg = config(ring_bytes=3 * (FRAME_BYTES + 256), max_payload_bytes=FRAME_BYTES,
+                 models=[dataclasses.replace(SPEC, max_batch_size=3)])  # fmt: skip
+    async with Server(cfg) as srv:
         conns = [await client.connect("127.0.0.1", srv.port) for _ in range(3)]
         frames = random_frames(60, seed=4)
         futs = [conns[i % 3].submit(f, stream_id=i % 3) for i, f in enumerate(frames)]
@@ -294,7 +298,8 @@ def test_reply_header_layout_is_64_bytes() -> None:
 async def test_a_stalled_producer_is_dropped_and_others_flow_meanwhile() -> None:
     # Room for 4 frames; A takes one slot and stalls mid-payload. The others keep flowing
     # (its slot costs only its own bytes), and A is dropped when its payload budget is spent.
-    cfg = config(ring_bytes=4 * (FRAME_BYTES + 256), max_payload_bytes=FRAME_BYTES, receive_timeout_s=0.3)
+    cfg = config(ring_bytes=4 * (FRAME_BYTES + 256), max_payload_bytes=FRAME_BYTES, receive_timeout_s=0.3,
+                 models=[dataclasses.replace(SPEC, max_batch_size=4)])  # fmt: skip
     async with Server(cfg) as srv:
         loop = asyncio.get_running_loop()
         stalled = await loop.run_in_executor(None, raw_connect, srv.port)

@@ -46,11 +46,9 @@ import io
 import json
 import math
 import operator
-import os
 import pickletools
 import re
 import shutil
-import stat
 import tempfile
 import zipfile
 from collections.abc import Callable, Collection, Iterator
@@ -60,7 +58,8 @@ from typing import IO, Any
 import torch
 from torch import nn
 
-from streamgpu.errors import ModelLoadError
+from streamgpu.errors import ModelLoadError, NotRegularFileError
+from streamgpu.files import open_regular
 from streamgpu.models.builtin import build_builtin, builtin_with_weights
 from streamgpu.models.spec import ModelSpec
 
@@ -78,7 +77,11 @@ def load_module(spec: ModelSpec) -> nn.Module:
             return build_builtin(target)
         if (why := spec.source_file_problem()) is not None:
             raise ModelLoadError(f"model {spec.name!r}: {why}")
-        with _open_regular(spec.name, target) as f:
+        try:
+            opened = open_regular(target)
+        except NotRegularFileError:  # (a FIFO swapped in after source_file_problem looked)
+            raise ModelLoadError(f"model {spec.name!r}: source file {target!r} is not a regular file") from None
+        with opened as f:
             if scheme == "torchscript":
                 module: nn.Module = _load_torchscript(_Refuser(spec.name, target), f)
             elif scheme == "export":
@@ -99,20 +102,6 @@ def load_module(spec: ModelSpec) -> nn.Module:
     if scheme != "export":  # exported programs reject .eval(); they are traced in inference form
         module.eval()
     return module
-
-
-def _open_regular(model: str, path: str) -> IO[bytes]:
-    """``path`` opened for reading, once the file opened is found a regular one: a FIFO put in the place of the
-    file that ``source_file_problem`` looked at would make a plain open wait for a writer for good."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # (O_NONBLOCK: a FIFO's open returns at once)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ModelLoadError(f"model {model!r}: source file {path!r} is not a regular file")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 class _Refuser:

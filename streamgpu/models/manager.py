@@ -84,8 +84,8 @@ class ModelState:
 
     ``version`` counts the versions loaded under this name since the server started (1 = first); ``since``:
     the one that began its current time serving (its first load, or a load after an unload: a swap keeps it).
-    ``spec``: the settings it was last loaded with (None: a repository folder whose settings were refused,
-    never loaded).
+    ``spec``: the settings it was last loaded with (None: never loaded; listed so only while loading, or as a
+    folder of the model repository that was refused).
     """
 
     name: str
@@ -127,6 +127,9 @@ class ModelManager:
         # unload: for those who keep their own copy of it (ingest worker processes, reply counters)
         self.specs_changed: list[Callable[[], Awaitable[None]]] = []
         self.states: dict[str, ModelState] = {}
+        # Whether the model repository holds a folder of a name (the server sets its poller's answer, which asks
+        # no file system): a name that never loaded is listed, UNAVAILABLE, only then (``drop_unlisted``)
+        self.in_repository: Callable[[str], bool] = lambda name: False
         self._locks: dict[str, asyncio.Lock] = {}
         self.serving = False  # frames are being taken (the server sets it once its listeners run)
         # Loads and unloads in progress (run to their end whoever waits: ``_to_its_end``); ``close`` ends them
@@ -182,8 +185,8 @@ class ModelManager:
             serving = state.models if state is not None else None
             if swap and serving is None:  # (unloaded by an operation asked before this one, or never served)
                 raise ModelNotFoundError(f"no model named {spec.name!r} is being served (load it instead)")
-            if state is None:
-                state = self.states[spec.name] = ModelState(spec.name, spec)
+            if state is None:  # (its spec is set once it loads: a version refused was never loaded with it)
+                state = self.states[spec.name] = ModelState(spec.name, None)
             if serving is None:
                 state.state, state.reason = LOADING, ""
             try:  # every refusal below is listed in the index (the reason), the version serving kept
@@ -224,12 +227,23 @@ class ModelManager:
 
     def refused(self, name: str, reason: str) -> None:
         """A version of ``name`` was refused for ``reason`` (its file, or its settings before any load): the
-        index says why, and that the current version (if any) serves on."""
+        index says why, and that the current version (if any) serves on. A name that never loaded is listed
+        only while the model repository holds a folder of it (``drop_unlisted``)."""
         state = self.states.setdefault(name, ModelState(name, None))
         if state.models is None:
             state.state, state.reason = UNAVAILABLE, reason
         else:
             state.reason = f"version {state.version + 1} failed to load ({state.version} serves): {reason}"
+        self.drop_unlisted(name)
+
+    def drop_unlisted(self, name: str) -> None:
+        """Forget ``name`` if it never loaded (nor loads now) and the model repository holds no folder of it: as
+        Triton's index lists the models of its repository, loaded or not, and those loaded, a failed load of a
+        name that is neither leaves no entry behind (it stayed UNAVAILABLE for good, its refused settings taken
+        for its last ones). One that loaded once stays: it can be loaded again with its last settings."""
+        state = self.states.get(name)
+        if state is not None and state.version == 0 and state.state == UNAVAILABLE and not self.in_repository(name):
+            del self.states[name]
 
     async def unload(self, name: str) -> ModelState:
         """Stop taking frames for ``name`` (UNKNOWN_MODEL from now on), finish the queued ones, free it.

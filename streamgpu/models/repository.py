@@ -25,11 +25,11 @@ import concurrent.futures
 import contextlib
 import logging
 import os
-import tomllib
 from dataclasses import dataclass
 
 from streamgpu.config import model_spec
-from streamgpu.errors import ModelNotFoundError, StreamgpuError
+from streamgpu.errors import ModelNotFoundError, NotRegularFileError, StreamgpuError
+from streamgpu.files import read_toml
 from streamgpu.models.manager import ModelManager
 from streamgpu.models.spec import FILE_SCHEMES, ModelSpec
 
@@ -69,18 +69,19 @@ def folder_spec(folder: str) -> ModelSpec:
     settings: dict[str, object] = {}
     config_path = os.path.join(folder, CONFIG_FILE)
     where = f"model repository {config_path}"
-    if os.path.isfile(config_path):
-        try:
-            with open(config_path, "rb") as f:
-                settings = tomllib.load(f)
-        # (TOML is UTF-8: UnicodeDecodeError; tomllib lets int()'s ValueError, past Python's digit limit, through,
-        # and recurses for each nested array or table: RecursionError)
-        except (OSError, ValueError, RecursionError) as exc:
-            raise StreamgpuError(f"{where}: cannot read it: {exc}") from None
-        if "name" in settings:
-            raise StreamgpuError(f"{where}: 'name' is the folder's name, not a setting")
-    elif os.path.lexists(config_path):  # a dangling link, a folder, a FIFO: not skipped for the default settings
-        raise StreamgpuError(f"{where}: not a regular file")
+    # Opened once and checked on the descriptor (a FIFO swapped in after a look at the name hung the open); one
+    # that is not a regular file (a dangling link, a folder, a FIFO) is not skipped for the default settings
+    try:
+        settings = read_toml(config_path, where, regular=True)
+    except FileNotFoundError:
+        if os.path.lexists(config_path):
+            raise StreamgpuError(f"{where}: not a regular file") from None
+    except NotRegularFileError:
+        raise StreamgpuError(f"{where}: not a regular file") from None
+    except OSError as exc:
+        raise StreamgpuError(f"{where}: cannot read it: {exc}") from None
+    if "name" in settings:
+        raise StreamgpuError(f"{where}: 'name' is the folder's name, not a setting")
     source = settings.pop("source", None)
     if source is None:
         found = [f"{kind}:{file}" for file, kind in MODEL_FILES.items() if os.path.isfile(os.path.join(folder, file))]
@@ -121,6 +122,10 @@ class RepositoryPoller:
         self._executor = executor
         self._seen: dict[str, _Seen] = {}
         self._task: asyncio.Task[None] | None = None
+
+    def holds(self, name: str) -> bool:
+        """Whether the last scan found a folder ``name`` (asks no file system: the loop calls it)."""
+        return name in self._seen
 
     def start(self, period_s: float) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(period_s))
@@ -174,6 +179,7 @@ class RepositoryPoller:
                     log.error("model repository: %r not unloaded: %s", name, exc)
                     continue
             del self._seen[name]
+            self._models.drop_unlisted(name)  # (one that never loaded: listed for its folder only)
         for name, signature in found.items():
             seen = self._seen.get(name)
             settled = initial or (seen is not None and seen.signature == signature)

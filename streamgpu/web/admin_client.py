@@ -11,6 +11,7 @@ import urllib.request
 from typing import Any
 
 from streamgpu.errors import StreamgpuError
+from streamgpu.files import TOO_DEEP
 
 
 class AdminError(StreamgpuError, RuntimeError):
@@ -90,4 +91,6 @@ def parse_settings(pairs: list[str]) -> dict[str, Any]:
             out[key] = json.loads(raw)
         except ValueError:
             out[key] = raw
+        except RecursionError:  # (json's parser recurses for each array or object: a traceback)
+            raise ValueError(f"setting {key!r}: {TOO_DEEP}") from None
     return out

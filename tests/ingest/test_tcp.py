@@ -23,8 +23,8 @@ from streamgpu.protocol.wire import FrameFlags, FrameHeader, ReplyFlags, ReplyHe
 
 SMALL = ModelSpec(name="small", input_shape=(4, 4, 3))  # 48-byte frames: read in bulk
 LARGE = ModelSpec(
-    name="large", input_shape=(50, 100, 4), preprocess="none"
-)  # 20000-byte frames: read straight into the slot
+    name="large", input_shape=(50, 100, 4), preprocess="none", max_batch_size=1
+)  # 20000-byte frames: read straight into the slot (one a batch: rings here hold as few as one)
 
 
 class FakeTransport:

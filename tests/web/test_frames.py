@@ -14,7 +14,7 @@ from streamgpu.models.spec import ModelSpec
 
 
 def admission(ring_bytes: int) -> Admission:
-    spec = ModelSpec(input_shape=(1024,), preprocess="none")
+    spec = ModelSpec(input_shape=(1024,), preprocess="none", max_batch_size=ring_bytes // 1024)  # (fits the ring)
     cfg = Config(ring_bytes=ring_bytes, max_payload_bytes=4096, max_producer_ring_bytes=ring_bytes, models=[spec])
     pool = SlotPool(np.zeros(ring_bytes, np.uint8), defer=asyncio.get_running_loop().call_soon)
     return Admission(cfg, pool, {spec.name: spec}, lambda frame: None)
