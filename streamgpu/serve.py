@@ -48,7 +48,8 @@ def run(config: Config) -> int:
 
     Main thread only (Python runs signal handlers there), and not where an event loop runs already: it raises
     ``NotMainThreadError`` or ``LoopRunningError`` before anything starts. On return SIGINT and SIGTERM have the
-    handlers they had (a program that calls it keeps its own)."""
+    handlers they had (a program that calls it keeps its own), and the thread's current event loop is the one it
+    had: its loop runs without being made current, as ``asyncio.Runner`` runs one from a ``loop_factory``."""
     if (thread := threading.current_thread()) is not threading.main_thread():
         raise NotMainThreadError(
             f"streamgpu serve stops on SIGINT/SIGTERM, which Python delivers to the main thread only, and this is "
@@ -69,8 +70,9 @@ def run(config: Config) -> int:
     before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     raise_descriptor_limit(config)
     tune_malloc()
+    # Not set as this thread's event loop: closed on return, it was left there, and the caller's next
+    # asyncio.get_event_loop() got it ("Event loop is closed"). Code on the loop gets it as the running loop.
     loop = new_event_loop(config.loop)
-    asyncio.set_event_loop(loop)
     try:
         return loop.run_until_complete(_serve(config))
     finally:

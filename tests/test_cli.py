@@ -23,6 +23,8 @@ import pytest
 from streamgpu import client, serve
 from streamgpu.cli import build_parser, main, serve_config
 from streamgpu.config import Config, ListenerSpec
+from streamgpu.models.spec import ModelSpec
+from streamgpu.server import Server
 
 
 def test_serve_logs_answers_and_exits_cleanly_on_sigint() -> None:
@@ -178,6 +180,35 @@ def test_a_program_that_runs_serve_gets_its_signal_handlers_back() -> None:
     finally:
         signal.signal(signal.SIGINT, before[0])
         signal.signal(signal.SIGTERM, before[1])
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("had", ["none", "its own"])
+def test_run_leaves_the_threads_event_loop_as_it_found_it(loop: str, had: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # run set its loop as the thread's current one and closed it on return without unsetting it: the caller's
+    # asyncio.get_event_loop() then gave that closed loop ("Event loop is closed" at its first use)
+    start = Server.start
+
+    async def started_then_interrupted(server: Server) -> None:
+        await start(server)
+        signal.raise_signal(signal.SIGINT)  # (run's handler is installed: it stops the server, run returns 0)
+
+    monkeypatch.setattr(Server, "start", started_then_interrupted)
+    own = asyncio.new_event_loop() if had == "its own" else None
+    asyncio.set_event_loop(own)
+    try:
+        spec = ModelSpec(input_shape=(4, 4, 3), max_batch_size=1, batch_buckets=(1,))
+        assert serve.run(Config(listeners=[ListenerSpec(port=0)], device="cpu", models=[spec], loop=loop)) == 0
+        if own is None:
+            with pytest.raises(RuntimeError, match="no current event loop"):
+                asyncio.get_event_loop_policy().get_event_loop()
+        else:
+            assert asyncio.get_event_loop_policy().get_event_loop() is own and not own.is_closed()
+            assert own.run_until_complete(asyncio.sleep(0, "used the old way")) == "used the old way"
+    finally:
+        asyncio.set_event_loop(None)
+        if own is not None:
+            own.close()
 
 
 def test_a_signal_while_the_command_exits_ends_it_at_once_with_its_status() -> None:

@@ -22,7 +22,8 @@ and must not raise (an exception is logged and that subscription ended), and the
 what they keep (``outcome.result`` may be a view of a buffer reused after the call). A watcher
 that sends the outcome in some wire format gets it from ``encoded(encode, header, outcome)``:
 made once per publication and format, and the same object handed to every watcher that asks
-(sixteen WebSocket subscribers of one stream cost one encoding of each result, not sixteen).
+(sixteen WebSocket subscribers of one stream cost one encoding of each result, not sixteen); a
+publisher that encoded its own reply in that format hands it over (``publish(..., encoded=...)``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ class Origin(NamedTuple):
 UNNAMED = Origin()
 Watcher = Callable[[FrameHeader, Outcome], None]
 Tap = Callable[[FrameHeader, Outcome, Origin], None]
+# An encoding a publisher made of its own reply: (encode, encode(header, outcome)), for ``publish``.
+Encoded = tuple[Callable[[FrameHeader, Outcome], Any], Any]
 T = TypeVar("T")
 
 
@@ -88,13 +91,19 @@ class ResultHub:
         self._taps.append(subscription)
         return subscription
 
-    def publish(self, header: FrameHeader, outcome: Outcome, origin: Origin = UNNAMED) -> None:
-        """A frame of stream ``header.stream_id`` ended with ``outcome``: tell its subscribers and the taps."""
+    def publish(
+        self, header: FrameHeader, outcome: Outcome, origin: Origin = UNNAMED, encoded: Encoded | None = None
+    ) -> None:
+        """A frame of stream ``header.stream_id`` ended with ``outcome``: tell its subscribers and the taps.
+
+        ``encoded``: ``(encode, encode(header, outcome))``, an encoding the publisher made for its own reply;
+        watchers that ask ``encoded`` with the same ``encode`` get that object instead of encoding it again."""
         self.published += 1
         watchers = self._watchers.get(header.stream_id)
         if not watchers and not self._taps:
             return
-        outer, self._current = self._current, (header, outcome, {})  # (a watcher may publish in turn)
+        made = {encoded[0]: encoded[1]} if encoded is not None else {}
+        outer, self._current = self._current, (header, outcome, made)  # (a watcher may publish in turn)
         try:
             for subscription in list(watchers or ()):
                 self._call(subscription, header, outcome, origin)

@@ -49,7 +49,7 @@ from streamgpu.config import Config, ListenerSpec
 from streamgpu.frame import Frame, Outcome, finish_ok
 from streamgpu.ingest import channel
 from streamgpu.ingest.admission import Admission, Producer
-from streamgpu.ingest.hub import UNNAMED, Origin, ResultHub
+from streamgpu.ingest.hub import UNNAMED, Encoded, Origin, ResultHub
 from streamgpu.ingest.tcp import TcpConnection, TcpListener
 from streamgpu.ingest.udp import STAT_NAMES, UdpListener
 from streamgpu.loops import freeze_heap, new_event_loop, tune_malloc
@@ -327,7 +327,10 @@ class _ForwardingHub(ResultHub):
         # publishes nothing, as those outcomes were published up there already
         return False
 
-    def publish(self, header: FrameHeader, outcome: Outcome, origin: Origin = UNNAMED) -> None:
+    def publish(
+        self, header: FrameHeader, outcome: Outcome, origin: Origin = UNNAMED, encoded: Encoded | None = None
+    ) -> None:
+        # (``encoded`` stays here: the scheduling process publishes the outcome, and encodes for its watchers)
         if header is not self._chan.delivering:
             self._chan.send(channel.answered(header, outcome, origin.source, origin.stream))
 

@@ -174,20 +174,20 @@ class StreamSocket:
             )
         except Refused as refused:
             timings = Timings(total_us=(time.perf_counter_ns() - started) // 1000)
-            outcome = Outcome(refused.status, refused.message, timings=timings)
-            self.admission.stream_results.publish(header, outcome, self.origin)
-            self.answer(ticket, header, outcome)
+            self.answer(ticket, header, Outcome(refused.status, refused.message, timings=timings))
             return
 
         def answered(done: asyncio.Future[Outcome]) -> None:
             if not done.cancelled():
-                self.admission.stream_results.publish(header, done.result(), self.origin)
                 self.answer(ticket, header, done.result())
 
         future.add_done_callback(answered)
 
     def answer(self, ticket: Ticket, header: FrameHeader, outcome: Outcome) -> None:
+        """Publish a frame's outcome and queue its REPLY, encoded once: the WebSocket subscribers of its stream id
+        get the same bytes (each frame watched was encoded twice, once for this socket and once for them)."""
         reply = _encode(header, outcome)
+        self.admission.stream_results.publish(header, outcome, self.origin, encoded=(_encode, reply))
         for ready in self.order.complete(ticket, [reply]):  # each part is one whole reply
             self.queue(bytes(ready))
         self.replied.set()

@@ -178,6 +178,35 @@ async def test_a_result_is_encoded_once_for_all_subscribers_of_its_stream(
 
 
 @pytest.mark.asyncio
+async def test_a_websocket_producers_reply_is_encoded_once_with_its_subscribers(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A WebSocket producer's frame whose stream id was watched was encoded twice: once for the producer's own
+    reply, once more for the subscribers, the same bytes built (and the result copied) twice on the loop."""
+    encodings: list[int] = []
+    encode = ws_stream._encode
+
+    def counted(header: FrameHeader, outcome: Outcome) -> bytes:
+        encodings.append(header.sequence)
+        return encode(header, outcome)
+
+    monkeypatch.setattr(ws_stream, "_encode", counted)
+    watched = frames(3, seed=8)
+    async with aiohttp.ClientSession() as session, contextlib.AsyncExitStack() as stack:
+        sub = await stack.enter_async_context(session.ws_connect(url(server)))
+        await sub.send_str('{"subscribe": 7}')
+        assert await asyncio.wait_for(sub.receive_json(), 5) == {"subscribed": [7]}
+        producer = await stack.enter_async_context(session.ws_connect(url(server)))
+        for i, frame in enumerate(watched):
+            await producer.send_bytes(frame_message(frame, stream_id=7, sequence=i))
+        own = [await asyncio.wait_for(producer.receive_bytes(), 10) for _ in watched]
+        seen = [await asyncio.wait_for(sub.receive_bytes(), 10) for _ in watched]
+    assert [wire.decode_reply(m)[0].status for m in own] == [Status.OK] * len(watched)  # type: ignore[index]
+    assert own == seen  # the producer and its subscriber got the same bytes, in the same order
+    assert encodings == list(range(len(watched)))  # one encoding per frame, not one for each side
+
+
+@pytest.mark.asyncio
 async def test_a_socket_closing_withdraws_its_queued_frames_and_only_then(monkeypatch: pytest.MonkeyPatch) -> None:
     """A socket that closes with every frame answered looks for none of its producer's queued frames (a token's
     other connections may hold thousands, ~0.15 us each); one that closes with frames queued has them answered
