@@ -7,7 +7,6 @@ import io
 import json
 import os
 import pickle
-import threading
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -92,31 +91,16 @@ def test_bad_model_sources_say_which_model_and_why(tmp_path: Path, source: str, 
 
 @pytest.mark.parametrize("scheme", ["torchscript", "export", "state_dict"])
 def test_a_source_replaced_by_a_fifo_after_its_check_is_refused_not_waited_on(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scheme: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scheme: str, call_beside_fifo: Callable[..., object]
 ) -> None:
     """source_file_problem looks at the name; a FIFO put in its place before the file was opened made the open
     wait for a writer for good: the loader thread, and every load after it, stuck."""
     fifo = tmp_path / "model"
     os.mkfifo(fifo)
     monkeypatch.setattr(ModelSpec, "source_file_problem", lambda self: None)  # (it looked before the swap)
-    failed: list[BaseException] = []
-
-    def load() -> None:
-        try:
-            load_module(ModelSpec(name="cam", source=f"{scheme}:{fifo}", arch="small"))
-        except BaseException as exc:
-            failed.append(exc)
-
-    thread = threading.Thread(target=load, daemon=True)
-    thread.start()
-    thread.join(10)
-    if thread.is_alive():
-        with open(fifo, "wb"):  # a writer lets the stuck open through
-            pass
-        thread.join(10)
-        pytest.fail("the load waited on the FIFO")
-    assert len(failed) == 1 and isinstance(failed[0], ModelLoadError), failed
-    assert f"source file {str(fifo)!r} is not a regular file" in str(failed[0])
+    failed = call_beside_fifo(fifo, lambda: load_module(ModelSpec(name="cam", source=f"{scheme}:{fifo}", arch="small")))
+    assert isinstance(failed, ModelLoadError), failed
+    assert f"source file {str(fifo)!r} is not a regular file" in str(failed)
 
 
 @pytest.mark.asyncio

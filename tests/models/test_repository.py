@@ -4,7 +4,7 @@ tested end to end in tests/test_lifecycle.py."""
 from __future__ import annotations
 
 import os
-import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,7 @@ from streamgpu.models.spec import ModelSpec
 
 
 def test_a_config_toml_swapped_for_a_fifo_after_a_look_is_not_waited_on(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, call_beside_fifo: Callable[..., object]
 ) -> None:
     """config.toml was looked at (a regular file), then opened: a FIFO swapped in between made the open wait
     for a writer for good, and the loader thread that reads it (every load after it) with it. It is opened
@@ -33,21 +33,6 @@ def test_a_config_toml_swapped_for_a_fifo_after_a_look_is_not_waited_on(
         return found
 
     monkeypatch.setattr(os.path, "isfile", look_then_swap)
-    done: list[ModelSpec | BaseException] = []
-
-    def read() -> None:
-        try:
-            done.append(folder_spec(str(folder)))
-        except BaseException as exc:
-            done.append(exc)
-
-    thread = threading.Thread(target=read, daemon=True)
-    thread.start()
-    thread.join(10)
-    if thread.is_alive():
-        with open(config, "wb"):  # a writer lets the stuck open through
-            pass
-        thread.join(10)
-        pytest.fail("the read of config.toml waited on the FIFO")
-    assert len(done) == 1 and isinstance(done[0], ModelSpec), done
-    assert done[0].input_shape == (16, 16, 3)
+    done = call_beside_fifo(config, lambda: folder_spec(str(folder)))
+    assert isinstance(done, ModelSpec), done
+    assert done.input_shape == (16, 16, 3)

@@ -150,20 +150,24 @@ async def test_subscriber_receives_every_result_of_its_stream_from_tcp_and_webso
     assert server.admission.stream_results.subscribers(8) == 0
 
 
-@pytest.mark.asyncio
-async def test_a_result_is_encoded_once_for_all_subscribers_of_its_stream(
-    server: Server, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Each subscriber encoded its own copy of every result: sixteen subscribers of one stream, sixteen encodings
-    (and copies of the result) per frame on the loop."""
-    encodings: list[int] = []
+@pytest.fixture
+def encodings(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sequence numbers of the results encoded for WebSockets, one per encoding."""
+    encoded: list[int] = []
     encode = ws_stream._encode
 
     def counted(header: FrameHeader, outcome: Outcome) -> bytes:
-        encodings.append(header.sequence)
+        encoded.append(header.sequence)
         return encode(header, outcome)
 
     monkeypatch.setattr(ws_stream, "_encode", counted)
+    return encoded
+
+
+@pytest.mark.asyncio
+async def test_a_result_is_encoded_once_for_all_subscribers_of_its_stream(server: Server, encodings: list[int]) -> None:
+    """Each subscriber encoded its own copy of every result: sixteen subscribers of one stream, sixteen encodings
+    (and copies of the result) per frame on the loop."""
     watched = frames(5, seed=7)
     async with aiohttp.ClientSession() as session, contextlib.AsyncExitStack() as stack:
         subs = [await stack.enter_async_context(session.ws_connect(url(server))) for _ in range(4)]
@@ -179,18 +183,10 @@ async def test_a_result_is_encoded_once_for_all_subscribers_of_its_stream(
 
 @pytest.mark.asyncio
 async def test_a_websocket_producers_reply_is_encoded_once_with_its_subscribers(
-    server: Server, monkeypatch: pytest.MonkeyPatch
+    server: Server, encodings: list[int]
 ) -> None:
     """A WebSocket producer's frame whose stream id was watched was encoded twice: once for the producer's own
     reply, once more for the subscribers, the same bytes built (and the result copied) twice on the loop."""
-    encodings: list[int] = []
-    encode = ws_stream._encode
-
-    def counted(header: FrameHeader, outcome: Outcome) -> bytes:
-        encodings.append(header.sequence)
-        return encode(header, outcome)
-
-    monkeypatch.setattr(ws_stream, "_encode", counted)
     watched = frames(3, seed=8)
     async with aiohttp.ClientSession() as session, contextlib.AsyncExitStack() as stack:
         sub = await stack.enter_async_context(session.ws_connect(url(server)))
