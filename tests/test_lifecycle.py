@@ -1376,3 +1376,21 @@ async def test_a_load_request_whose_settings_name_no_source_is_refused_not_serve
         r = await http.post("/v2/repository/models/m/load", json={"parameters": {"config": settings}})
         assert r.status == 400 and "source" in (await r.json())["error"], await r.text()
         assert srv.model_index() == [{"name": "m", "version": "1", "state": "READY", "reason": ""}]
+
+
+@pytest.mark.asyncio
+async def test_names_asked_of_and_never_served_keep_no_lock(served: Server, tmp_path: Path) -> None:
+    # Every name ever asked of kept a lock in the manager for good: failed loads and unloads under made-up names
+    # grew the server's memory without bound. (The manager's own table: nothing outside it shows the leak.)
+    for i in range(20):
+        with pytest.raises(ModelLoadError):
+            await served.load_model(spec(f"state_dict:{tmp_path / f'missing{i}.pt'}", name=f"new{i}"))
+        with pytest.raises(ModelNotFoundError):
+            await served.unload_model(f"never{i}")
+    # Operations on one name still run one at a time, in the order asked: the last swap asked is what serves.
+    swaps = [asyncio.ensure_future(served.swap_model("m", spec(versioned(tmp_path, v)))) for v in (2, 3)]
+    await asyncio.gather(*swaps)
+    conn = await client.connect("127.0.0.1", served.port)
+    assert value(await conn.infer(frames(1)[0], model="m")) == 3.0
+    await conn.close()
+    assert served._models._locks == {}

@@ -21,8 +21,8 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from streamgpu.errors import ModelLoadError, ModelNotFoundError
@@ -130,7 +130,7 @@ class ModelManager:
         # Whether the model repository holds a folder of a name (the server sets its poller's answer, which asks
         # no file system): a name that never loaded is listed, UNAVAILABLE, only then (``drop_unlisted``)
         self.in_repository: Callable[[str], bool] = lambda name: False
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, _NameLock] = {}
         self.serving = False  # frames are being taken (the server sets it once its listeners run)
         # Loads and unloads in progress (run to their end whoever waits: ``_to_its_end``); ``close`` ends them
         self._running: set[asyncio.Task[ModelState]] = set()
@@ -307,8 +307,28 @@ class ModelManager:
             task.cancel()
         await asyncio.gather(*running, return_exceptions=True)
 
-    def _lock(self, name: str) -> asyncio.Lock:
-        return self._locks.setdefault(name, asyncio.Lock())
+    @contextlib.asynccontextmanager
+    async def _lock(self, name: str) -> AsyncIterator[None]:
+        """Operations on ``name`` one at a time, in the order asked. Its lock goes once nobody holds or waits for
+        it: kept, every name ever asked of (a load that failed, an unload of a name never served) held one for
+        good, and requests under made-up names grew the server's memory without bound."""
+        held = self._locks.setdefault(name, _NameLock())
+        held.users += 1
+        try:
+            async with held.lock:
+                yield
+        finally:
+            held.users -= 1
+            if not held.users:
+                del self._locks[name]
+
+
+@dataclass
+class _NameLock:
+    """A name's lock, and the operations holding or waiting for it."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
 
 
 def _log_unawaited(what: str, task: asyncio.Task[ModelState]) -> None:
