@@ -264,15 +264,21 @@ class Config:
         if m.frame_nbytes > self.max_payload_bytes:
             out.append(f"model {m.name!r} frames ({m.frame_nbytes} bytes) exceed max_payload_bytes")
         slot = -(-m.frame_nbytes // ALIGNMENT) * ALIGNMENT  # a frame's place in the ring
-        if m.frame_nbytes <= self.max_payload_bytes and m.max_batch_size * slot > self.ring_bytes:
+        # Whole frames the ring holds at once: with ingest workers, each share (a worker's range, this process's
+        # listeners') holds its own, none across two
+        fits = self._ring_shares * (self.worker_ring_bytes // slot)
+        if m.frame_nbytes <= self.max_payload_bytes and m.max_batch_size > fits:
             # A batch's frames are all in the ring until its copy has read them, so no larger batch can form;
             # yet every batch buffer set (device staging, page-locked outputs) is allocated for max_batch_size
             # frames, and the load warms up a batch that size: a typo's 1000000 failed deep in torch
+            ring = f"ring_bytes ({self.ring_bytes})"
+            if self.ingest_workers:
+                ring = (f"the {self._ring_shares} shares of ring_bytes ({self.ring_bytes}) with ingest workers, "
+                        f"{self.worker_ring_bytes} bytes each")  # fmt: skip
             out.append(
                 f"model {m.name!r}: max_batch_size ({m.max_batch_size}) frames of {m.frame_nbytes} bytes take "
-                f"{m.max_batch_size * slot} bytes of the ring at once, more than ring_bytes ({self.ring_bytes}) "
-                f"holds: a batch's frames are in the ring together; set max_batch_size to at most "
-                f"{self.ring_bytes // slot} or raise ring_bytes"
+                f"{m.max_batch_size * slot} bytes of the ring at once, more than {ring} holds: a batch's frames are "
+                f"in the ring together; set max_batch_size to at most {fits} or raise ring_bytes"
             )
         if self.max_frames_per_connection >= m.max_queue:
             out.append(

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 import dataclasses
 import errno
 import functools
@@ -557,13 +558,14 @@ class WorkerListener(Listener):
         self._served()
         self.identities: list[str | None] = [None, *cfg.tokens]
         share = cfg.worker_ring_bytes
-        self._worker_config = dataclasses.replace(
-            cfg,
-            ring_bytes=share,
-            max_producer_ring_bytes=min(cfg.max_producer_ring_bytes, share),  # 0 stays 0: a quarter of the range
-            ingest_workers=0,
-            loop_cpu=-1,  # a worker runs beside the loop's CPU: _Worker._spawn
-        )
+        # The server's config with the worker's range for a ring: copied, not checked again as a server's of its
+        # own (dataclasses.replace would), whose ring would be one range: a model whose batch fills the ranges of
+        # several workers (as Config.model_problems allows) was refused there, at start
+        self._worker_config = worker_config = copy.copy(cfg)
+        worker_config.ring_bytes = share
+        worker_config.max_producer_ring_bytes = min(cfg.max_producer_ring_bytes, share)  # 0 stays 0: a quarter
+        worker_config.ingest_workers = 0
+        worker_config.loop_cpu = -1  # a worker runs beside the loop's CPU: _Worker._spawn
         # Each new connection goes to the worker holding the fewest, so a 1/N share of max_connections on
         # each makes the cap hold for the server (up to N - 1 more, rounding up)
         self._connection_cap = -(-cfg.max_connections // workers)

@@ -1607,3 +1607,16 @@ async def test_workers_that_die_soon_after_starting_again_and_again_are_replaced
         "; its workers died 3 times in a row within 10 s of starting: starting a new one in 0.8 s",
     ]
     assert dead_at[2] >= 0.8  # the third replacement waited its 0.8 s
+
+
+def test_a_batch_may_fill_every_share_of_the_ring_but_no_more() -> None:
+    """With ingest workers a batch's frames lie in several workers' ranges at once, each holding whole frames: a
+    max_batch_size those ranges hold together is served (a worker's copy of the config, checked again as a
+    server whose whole ring was its range, refused it at start), one past them is refused naming the most."""
+    big = dataclasses.replace(SPEC, input_shape=(512, 512, 3), max_batch_size=4, batch_buckets=(1, 4))
+    cfg = config(models=[big])  # frames of 786432 bytes: 2 to a worker's range of 2 MiB
+    admission = Admission(cfg, SlotPool(HostSegment.create(cfg.ring_bytes).buffer), {"default": big}, print)
+    listener = WorkerListener(cfg.listeners[0], admission, HostSegment.create(cfg.ring_bytes), 2)
+    assert listener._worker_config.ring_bytes == 1 << 21
+    with pytest.raises(ConfigError, match=r"max_batch_size \(5\) .* 2 shares .* set max_batch_size to at most 4 "):
+        config(models=[dataclasses.replace(big, max_batch_size=5)])  # 5 fit 4 MiB, not 2 ranges of 2 MiB
