@@ -33,7 +33,9 @@ def open_regular(path: str) -> IO[bytes]:
     """``path`` opened for reading, once the file opened is found a regular one (``NotRegularFileError`` if not):
     a FIFO put in the place of a file looked at before would make a plain open wait for a writer for good, and
     the thread reading it (the server's loader thread: every load after it) with it."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # (O_NONBLOCK: a FIFO's open returns at once)
+    # (O_NONBLOCK: a FIFO's open returns at once; O_NOCTTY: a terminal's does not make it the server's, whose
+    # hangup would end it)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise NotRegularFileError(f"{path!r} is not a regular file")
