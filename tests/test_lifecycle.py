@@ -1393,4 +1393,22 @@ async def test_names_asked_of_and_never_served_keep_no_lock(served: Server, tmp_
     conn = await client.connect("127.0.0.1", served.port)
     assert value(await conn.infer(frames(1)[0], model="m")) == 3.0
     await conn.close()
-    assert served._models._locks == {}
+    assert served._models is not None and served._models._locks == {}
+
+
+@pytest.mark.asyncio
+async def test_a_name_loading_keeps_its_index_entry_whatever_the_repository_poller_does_meanwhile(
+    served: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The repository poller refuses a folder (ModelManager.refused) and forgets a never-loaded name whose folder
+    # went (drop_unlisted) outside the name's lock: a load of that name asked meanwhile (over HTTP) lost its index
+    # entry, then served frames listed nowhere, and could not be unloaded ("no model named 'n' is being served").
+    models = served._models
+    assert models is not None
+    task = await slow_load(served, tmp_path, monkeypatch)  # n: never loaded, building
+    models.refused("n", "its folder's settings")  # the poller: its own load of n failed before
+    models.drop_unlisted("n")  # the poller: n's folder gone
+    await task
+    assert {e["name"]: e["state"] for e in served.model_index()}.get("n") == "READY", served.model_index()
+    await served.unload_model("n")
+    assert models._locks == {}

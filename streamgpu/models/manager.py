@@ -240,9 +240,13 @@ class ModelManager:
         """Forget ``name`` if it never loaded (nor loads now) and the model repository holds no folder of it: as
         Triton's index lists the models of its repository, loaded or not, and those loaded, a failed load of a
         name that is neither leaves no entry behind (it stayed UNAVAILABLE for good, its refused settings taken
-        for its last ones). One that loaded once stays: it can be loaded again with its last settings."""
+        for its last ones). One that loaded once stays: it can be loaded again with its last settings. So does one
+        whose lock an operation holds or waits for (the last drops it: ``_lock``): the repository poller refuses and
+        forgets names outside it, and a load asked meanwhile lost its entry, then served listed nowhere and could
+        not be unloaded."""
         state = self.states.get(name)
-        if state is not None and state.version == 0 and state.state == UNAVAILABLE and not self.in_repository(name):
+        if (state is not None and state.version == 0 and state.state == UNAVAILABLE and name not in self._locks
+                and not self.in_repository(name)):  # fmt: skip
             del self.states[name]
 
     async def unload(self, name: str) -> ModelState:
@@ -311,7 +315,8 @@ class ModelManager:
     async def _lock(self, name: str) -> AsyncIterator[None]:
         """Operations on ``name`` one at a time, in the order asked. Its lock goes once nobody holds or waits for
         it: kept, every name ever asked of (a load that failed, an unload of a name never served) held one for
-        good, and requests under made-up names grew the server's memory without bound."""
+        good, and requests under made-up names grew the server's memory without bound. With the last, a name that
+        never loaded goes too, unless the repository holds it (``drop_unlisted``)."""
         held = self._locks.setdefault(name, _NameLock())
         held.users += 1
         try:
@@ -321,6 +326,7 @@ class ModelManager:
             held.users -= 1
             if not held.users:
                 del self._locks[name]
+                self.drop_unlisted(name)
 
 
 @dataclass
