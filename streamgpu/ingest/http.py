@@ -13,10 +13,9 @@ own default is an hour). A connection past the cap is answered ``503`` with a JS
 closed, and counted as a refused handshake (``/metrics``: OVERLOADED, one log line).
 
 A malformed request is the client's fault, not the server's: aiohttp answers 400 for a request line,
-header or chunked body its parser refuses, which costs one INFO line here, never an ERROR with a
-traceback (``_ServerLog``). A body left unread by an early reply (401, 413, ...) that turns out
-undecodable is the web application's to read away and log (``streamgpu.web.app``: embedded in another
-server too), in the same words (``malformed_request``). A handler's own exception is still an ERROR.
+header or chunked body its parser refuses, and after an early reply (401, 413, ...) reads the unread
+body away, which may turn out undecodable; both cost one INFO line here, never an ERROR with a
+traceback (``_ServerLog``). A handler's own exception is still an ERROR.
 """
 
 from __future__ import annotations
@@ -112,26 +111,27 @@ class HttpListener(Listener):
 
 
 class _ServerLog(logging.LoggerAdapter[logging.Logger]):
-    """aiohttp's server log, but a malformed request (``malformed_request``) is one INFO line, not an ERROR with a
+    """aiohttp's server log, but a malformed request (``_client_fault``) is one INFO line, not an ERROR with a
     traceback: a hostile client could otherwise fill the log, and bury real errors, one request each."""
 
     def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
-        why = malformed_request(kwargs.get("exc_info")) if level >= logging.ERROR else None
-        if why is None:
+        fault = _client_fault(kwargs.get("exc_info")) if level >= logging.ERROR else None
+        if fault is None:
             super().log(level, msg, *args, **kwargs)
             return
+        why = " ".join(fault.message.split())[:200]  # (one line: aiohttp's shows the bytes, escaped, on several)
         kwargs.pop("exc_info")
-        super().log(logging.INFO, f"malformed request refused (%s): {msg}", why, *args, **kwargs)
+        super().log(logging.INFO, f"malformed request refused (%d %s): {msg}", fault.code, why, *args, **kwargs)
 
 
-def malformed_request(exc: object) -> str | None:
-    """``400 Invalid header token``: the status and reason, on one line, of the 4xx aiohttp's parser raised for a
-    malformed request (a bad request line or header, a body it cannot decode or de-chunk) that ``exc`` is, or that
-    it wraps (``web.RequestPayloadError``: what a read of the body gets); None for anything else."""
+def _client_fault(exc: object) -> HttpProcessingError | None:
+    """The 4xx aiohttp's parser raised for a malformed request (a bad request line or header, a body it cannot
+    decode or de-chunk) that ``exc`` is, or that it wraps (``web.RequestPayloadError``: the body's error as a
+    handler, or aiohttp's read of a body left unread after the reply, gets it); None for anything else."""
     if isinstance(exc, web.RequestPayloadError):
         exc = exc.__cause__
     if isinstance(exc, HttpProcessingError) and 400 <= exc.code < 500:
-        return f"{exc.code} {' '.join(exc.message.split())[:200]}"  # (aiohttp's shows the bytes on several lines)
+        return exc
     return None
 
 

@@ -14,28 +14,21 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
-import logging
 import re
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
 
 from streamgpu.config import Config
-from streamgpu.ingest.http import malformed_request
 from streamgpu.server import Server
-
-log = logging.getLogger(__name__)
 
 SERVER_KEY = web.AppKey("streamgpu.server", Server)
 # True when streamgpu's own HTTP listener serves the application: it counts every connection under
 # ``max_connections`` from accept to close (idle keep-alive included). Embedded in another server,
 # whose connections streamgpu does not see, each inference request and WebSocket counts instead.
 CONNECTIONS_COUNTED_KEY = web.AppKey("streamgpu.connections_counted", bool)
-# How long a request's body left unread by its reply is read away after it (aiohttp's own lingering_time), so
-# that the client, still sending, reads the reply rather than a reset; then its connection is closed.
-LINGER_S = 10.0
 
 # Each module exposes ``add_routes(app: web.Application) -> None``; imported when an app is built.
 ROUTE_MODULES: tuple[str, ...] = (
@@ -50,74 +43,12 @@ ROUTE_MODULES: tuple[str, ...] = (
 def create_app(server: Server, *, connections_counted: bool = False) -> web.Application:
     """An application serving ``server`` (already started or started by the caller) with every route
     (``connections_counted``: its server counts each connection under ``max_connections`` itself)."""
-    app = web.Application(middlewares=[_body_faults])  # (the outermost: it sees every route module's reply)
+    app = web.Application()
     app[SERVER_KEY] = server
     app[CONNECTIONS_COUNTED_KEY] = connections_counted
     for name in ROUTE_MODULES:
         importlib.import_module(name).add_routes(app)
     return app
-
-
-@web.middleware
-async def _body_faults(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """A request body's faults, the client's, answered here for every route and never logged as server errors
-    (an ERROR with a traceback, in the log of whichever server serves the application: an embedding one's too).
-
-    A body aiohttp cannot decode (its ``Content-Encoding``) or de-chunk, met by the handler reading it: a 400,
-    the connection closed after it; one whose client left in its middle: a 400 (raised out of the handler, either
-    was a 500 and a traceback). A request answered before its body was read (401, 404, 413, a 400 about its
-    header...): the reply is sent, then the rest read away here (``_read_away``), and a body that turns out
-    malformed costs one INFO line and the connection. aiohttp read it away itself, after the handler, and logged
-    such a body as an ERROR ("Unhandled exception"): quieted on streamgpu's own listener (``ingest.http``), not
-    where an application embeds the routes (``setup``) on a server of its own."""
-    try:
-        response = await handler(request)
-    except web.HTTPException as exc:  # (aiohttp's own replies: 404, 405, ...)
-        await _read_away(request, exc)
-        raise
-    except web.RequestPayloadError as exc:
-        reason = getattr(exc.__cause__, "message", "") or str(exc)
-        response = web.json_response({"error": f"the request body cannot be decoded: {reason}"}, status=400)
-        # Its parser takes nothing more on this connection: closed after the reply. The body marked ended, or
-        # aiohttp's read of the rest after the reply would raise this again (an "Unhandled exception" logged)
-        response.force_close()
-        request.content.feed_eof()
-        return response
-    except ConnectionResetError:  # the client left mid-body (its ring slots are back): no server error to log
-        return web.json_response({"error": "the connection closed before the whole body arrived"}, status=400)
-    await _read_away(request, response)
-    return response
-
-
-async def _read_away(request: web.Request, response: web.StreamResponse) -> None:
-    content = request.content
-    if content.is_eof():  # (aiohttp's own test: all of it arrived, or none was sent)
-        return
-    if content.exception() is not None:  # (malformed already: the reply says the connection closes)
-        response.force_close()
-    try:
-        await response.prepare(request)  # (aiohttp's own prepare and write_eof then do nothing)
-        await response.write_eof()
-    except ConnectionError:
-        return  # the client is gone: aiohttp finds that too, quietly
-    try:
-        async with asyncio.timeout(LINGER_S):
-            while not content.is_eof():
-                await content.readany()
-    except web.RequestPayloadError as exc:
-        why = malformed_request(exc) or str(exc)
-        log.info("malformed request refused (%s): the body of %s %s from %s, read after its %d reply", why,
-                 request.method, request.path, request.remote, response.status)  # fmt: skip
-    except (TimeoutError, ConnectionError):
-        pass
-    else:
-        return
-    # The body marked ended, or aiohttp would read on and meet the error (or the wait) again; the connection,
-    # whose parser takes nothing more, closed after the reply.
-    content.feed_eof()
-    response.force_close()
 
 
 def take_place(request: web.Request) -> bool:

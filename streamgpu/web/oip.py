@@ -587,8 +587,9 @@ def _response(spec: ModelSpec, version: str, req: _Request, out: np.ndarray, out
 @web.middleware
 async def _errors_as_json(request: web.Request, handler: Any) -> web.StreamResponse:
     """aiohttp's own errors for paths under /v1 and /v2 (404, 405, 413, a GET /v1/stream that asks no
-    upgrade) answered as the protocol's ``{"error": ...}``, with aiohttp's reason when it gave one (a body's
-    own faults, of any route: ``streamgpu.web.app``)."""
+    upgrade) answered as the protocol's ``{"error": ...}``, with aiohttp's reason when it gave one; a request
+    body it cannot decode, or one its client left in the middle of, a 400 (either raised out of the handler
+    reading it, of any route: a 500 and a logged traceback)."""
     try:
         return await handler(request)
     except web.HTTPException as exc:
@@ -596,6 +597,16 @@ async def _errors_as_json(request: web.Request, handler: Any) -> web.StreamRespo
             default = f"{exc.status}: {exc.reason}"  # aiohttp's text when it says nothing more
             return error_response(exc.status, exc.text.strip() if exc.text and exc.text != default else exc.reason)
         raise
+    except web.RequestPayloadError as exc:  # a body aiohttp cannot decode (Content-Encoding) or parse (its chunks)
+        reason = getattr(exc.__cause__, "message", "") or str(exc)
+        response = error_response(400, f"the request body cannot be decoded: {reason}")
+        # Its parser takes nothing more on this connection: closed after the reply. The body marked ended, or
+        # aiohttp's read of the rest after the reply would raise this again (an "Unhandled exception" logged)
+        response.force_close()
+        request.content.feed_eof()
+        return response
+    except ConnectionResetError:  # the client left mid-body (its slots are back): no server error to log
+        return error_response(400, "the connection closed before the whole body arrived")
 
 
 def add_routes(app: web.Application) -> None:
