@@ -268,7 +268,7 @@ class CudaModel(DeviceModel):
         self.buckets: list[int] = []
         # A compiled model served without graphs runs its batches padded to these sizes, each compiled at
         # load (``compile_buckets``); empty otherwise.
-        self.padded_buckets: list[int] = []
+        self.padded_buckets: tuple[int, ...] = ()
         # One-replay models (see ``capture``): the device table of the running batch's frame addresses
         # that their graphs read, and the graph for each batch size.
         self.addresses: torch.Tensor | None = None
@@ -308,7 +308,7 @@ class CudaModel(DeviceModel):
     def description(self) -> str:
         mode = f"graphs {sorted(self.graphs)}" if self.graphs else f"eager ({self.graph_error or 'graphs off'})"
         if self.padded_buckets:
-            mode += f", batches padded to {self.padded_buckets}"
+            mode += f", batches padded to {list(self.padded_buckets)}"
         if self.share is not None:
             mode += f", {self.sms} SMs of {torch.cuda.get_device_properties(self.gpu).multi_processor_count}"
         pre = "fused kernel" if self.fused_preprocess else "torch ops"
@@ -410,10 +410,8 @@ class CudaModel(DeviceModel):
                 compiled(x)  # (outside the share: see capture)
                 plain = self._capture(lambda: self.head(x), x, pool)
                 fast = self._capture(lambda: compiled(x), x, pool)
-        except Exception as exc:  # an op inductor cannot compile, no triton, ...: serve it uncompiled
-            self.compile_note = "not compiled: compile failed"
-            log.warning("model %s: torch.compile failed, serving it uncompiled: %s: %s", spec.name,
-                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
+        except Exception as exc:  # an op inductor cannot compile, no triton, ...
+            self._serve_uncompiled(exc)
             return
         plain_ms, fast_ms = (min(_replay_ms(g.graph, self.capture_stream) for _ in range(3)) for g in (plain, fast))
         keep = fast_ms < plain_ms * (1 - _COMPILE_MIN_GAIN)
@@ -430,17 +428,22 @@ class CudaModel(DeviceModel):
         it at every bucket now. Dynamo compiles once per input shape, seconds each; at serve time that would be
         on the launcher thread, a batch size at a time, under load. Batches then run padded to the next bucket
         (``rows_for``). If a bucket fails to compile, the model is served uncompiled, with a warning."""
+        buckets = self.spec.buckets()
         try:
             with torch.cuda.stream(self.capture_stream), torch.inference_mode():
-                for bucket in sorted(self.spec.buckets()):
+                for bucket in buckets:
                     self.runs(self._example(bucket))  # outside the share, as in capture
             self.capture_stream.synchronize()
         except Exception as exc:
-            self.runs, self.compile_note = self.head, "not compiled: compile failed"
-            log.warning("model %s: torch.compile failed, serving it uncompiled: %s: %s", self.spec.name,
-                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
+            self._serve_uncompiled(exc)
             return
-        self.padded_buckets = sorted(self.spec.buckets())
+        self.padded_buckets = buckets
+
+    def _serve_uncompiled(self, exc: Exception) -> None:
+        """The compile failed with ``exc``: batches run the module as it is, and the log says why."""
+        self.runs, self.compile_note = self.head, "not compiled: compile failed"
+        log.warning("model %s: torch.compile failed, serving it uncompiled: %s: %s", self.spec.name,
+                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
 
     def rows_for(self, n: int) -> int:
         """Rows a batch of ``n`` frames runs as: the next bucket for a compiled model without graphs (the
