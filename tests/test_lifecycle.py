@@ -58,8 +58,10 @@ def versioned(tmp: Path, value: float) -> str:
 
 
 def spec(source: str, **kw: object) -> ModelSpec:
+    """A version of the small net (``versioned``), built beside the serving one at a swap (``weights_in_place``
+    off: the in-place swap has tests of its own)."""
     base: dict[str, object] = dict(name="m", source=source, arch="small", input_shape=SHAPE, max_batch_size=4,
-                                   batch_buckets=(1, 2, 4))  # fmt: skip
+                                   batch_buckets=(1, 2, 4), weights_in_place=False)  # fmt: skip
     base.update(kw)
     return ModelSpec(**base)  # type: ignore[arg-type]
 
@@ -217,15 +219,16 @@ async def test_a_load_beside_serving_models_leaves_the_loop_most_of_the_gil(
     assert sys.getprofile() is None
 
 
+@pytest.mark.parametrize("in_place", [False, True], ids=["built beside", "weights in place"])
 @pytest.mark.asyncio
-async def test_swap_and_unload_while_a_producer_streams(served: Server, tmp_path: Path) -> None:
+async def test_swap_and_unload_while_a_producer_streams(served: Server, tmp_path: Path, in_place: bool) -> None:
     conn = await client.connect("127.0.0.1", served.port)
     producer = Producer(conn)
     task = asyncio.create_task(producer.run())
     await asyncio.sleep(0.2)
     for version in (2, 3):
         swap_started = time.perf_counter()
-        state = await served.swap_model("m", spec(versioned(tmp_path, version)))
+        state = await served.swap_model("m", spec(versioned(tmp_path, version), weights_in_place=in_place))
         assert state.version == version and state.state == "READY"
         swapped = time.perf_counter()
         await asyncio.sleep(0.2)
@@ -240,6 +243,8 @@ async def test_swap_and_unload_while_a_producer_streams(served: Server, tmp_path
     for stream_replies in producer.replies.values():  # in order per stream, versions never go back
         values = [value(r) for r in stream_replies]
         assert values == sorted(values) and set(values) == {1.0, 2.0, 3.0}, sorted(set(values))
+        # each frame ran on one version's weights whole (a copy in the middle of its batch would mix them)
+        assert all(len(set(r.result.tolist())) == 1 for r in stream_replies if r.result is not None)
     assert served.model_index() == [{"name": "m", "version": "3", "state": "READY", "reason": ""}]
 
     # Unload while streaming: queued frames finish, then UNKNOWN_MODEL; nothing is lost.
@@ -267,10 +272,10 @@ async def test_swap_and_unload_while_a_producer_streams(served: Server, tmp_path
     await conn.close()
 
 
-@pytest.mark.parametrize("swap_queued", ["new", "received"])
+@pytest.mark.parametrize(("swap_queued", "in_place"), [("new", False), ("received", False), ("new", True)])
 @pytest.mark.asyncio
 async def test_frames_queued_at_a_swap_run_on_the_version_configured_and_unload_drains(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, swap_queued: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, swap_queued: str, in_place: bool
 ) -> None:
     original = CpuModel.run
 
@@ -285,7 +290,8 @@ async def test_frames_queued_at_a_swap_run_on_the_version_configured_and_unload_
         futs = [conn.submit(f, model="m", stream_id=i % 3) for i, f in enumerate(frames(48))]
         while srv.metrics()["frames_in_flight"] < 48:
             await asyncio.sleep(0.005)
-        await srv.swap_model("m", spec(versioned(tmp_path, 2), swap_queued=swap_queued))
+        new = spec(versioned(tmp_path, 2), swap_queued=swap_queued, weights_in_place=in_place)
+        await srv.swap_model("m", new)
         values = [value(await fut) for fut in futs]
         assert values[0] == 1.0  # in flight at the swap
         if swap_queued == "received":
@@ -328,6 +334,134 @@ async def test_a_stop_during_a_swap_answers_the_frames_still_running_on_the_old_
     await conn.close()
 
 
+def built_modules(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The sources of the modules the loader builds from now on."""
+    built: list[str] = []
+    real_load_module = manager.load_module
+
+    def load_module(model: ModelSpec) -> nn.Module:
+        built.append(model.source)
+        return real_load_module(model)
+
+    monkeypatch.setattr(manager, "load_module", load_module)
+    return built
+
+
+@pytest.mark.asyncio
+async def test_a_version_that_only_brings_new_weights_takes_the_serving_models_place_by_them(
+    served: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No module is built, warmed or captured: the weights are read, checked, and copied into the serving
+    instances between two batches; the index counts a version, and a stop-free swap frees nothing."""
+    built = built_modules(monkeypatch)
+    conn = await client.connect("127.0.0.1", served.port)
+    before = served.serving("m")
+    assert before is not None
+    instances = list(before)
+    new = spec(versioned(tmp_path, 2), weights_in_place=True)
+    with caplog.at_level(logging.INFO, logger="streamgpu"):
+        state = await served.swap_model("m", new)
+    assert built == []
+    assert served.serving("m") == instances and [m.weights_version for m in instances] == [1]
+    assert instances[0].spec == new and served.served("m") == (new, 2) and state.version == 2
+    assert "v2.pt" in instances[0].description
+    assert any("its weights copied in place" in r.getMessage() for r in caplog.records)
+    assert value(await conn.infer(frames(1)[0], model="m")) == 2.0
+    assert served.model_index() == [{"name": "m", "version": "2", "state": "READY", "reason": ""}]
+    # the serving version is the one compared with: a third version of other settings is built beside it
+    await served.swap_model("m", spec(versioned(tmp_path, 3), max_queue_delay_ms=5.0, weights_in_place=True))
+    assert built == [versioned(tmp_path, 3)] and served.serving("m") != instances
+    assert value(await conn.infer(frames(1)[0], model="m")) == 3.0
+    await conn.close()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"weights_in_place": False},
+        {"swap_queued": "received"},
+        {"max_batch_size": 2, "batch_buckets": (1, 2)},
+        {"arch": "resnet18"},
+    ],
+    ids=["off", "swap_queued received", "other settings", "another architecture"],
+)
+@pytest.mark.asyncio
+async def test_a_version_that_differs_in_more_than_its_weights_is_built_beside_the_serving_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, settings: dict[str, object]
+) -> None:
+    async with Server(config(spec(versioned(tmp_path, 1), weights_in_place=True))) as srv:
+        before = srv.serving("m")
+        built = built_modules(monkeypatch)
+        source = versioned(tmp_path, 2)
+        if settings.get("arch") == "resnet18":  # (the small net's weights would not fit it)
+            source = f"state_dict:{tmp_path / 'r18.pt'}"
+            torch.save(build_builtin("resnet18").state_dict(), tmp_path / "r18.pt")
+        await srv.swap_model("m", spec(source, **{"weights_in_place": True, **settings}))
+        assert built == [source] and srv.serving("m") != before
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ("shape", "entry 'fc.weight' of the new weights has shape [10, 128], the serving model's [1000, 128]"),
+        ("missing", "1 entries missing ['fc.bias'], 0 unexpected []"),
+        ("dtype", "entry 'features.1.num_batches_tracked' of the new weights is torch.float32, the serving model's "
+                  "torch.int64"),
+        ("not a tensor", "entry 'fc.bias' of the new weights is a int, not a tensor"),
+        ("not a file", "is not a regular file"),
+    ],
+)  # fmt: skip
+@pytest.mark.asyncio
+async def test_new_weights_that_do_not_fit_are_refused_and_the_serving_version_serves_on(
+    served: Server, tmp_path: Path, change: str, expected: str
+) -> None:
+    weights: dict[str, Any] = SmallConvNet().state_dict()
+    if change == "shape":
+        weights["fc.weight"] = torch.zeros(10, 128)
+    elif change == "missing":
+        del weights["fc.bias"]
+    elif change == "dtype":
+        weights["features.1.num_batches_tracked"] = torch.tensor(0.0)
+    elif change == "not a tensor":
+        weights["fc.bias"] = 7
+    path = tmp_path / "bad.pt"
+    if change == "not a file":
+        os.mkfifo(path)
+    else:
+        torch.save(weights, path)
+    with pytest.raises(ModelLoadError) as refused:
+        await served.swap_model("m", spec(f"state_dict:{path}", weights_in_place=True))
+    assert expected in str(refused.value)
+    conn = await client.connect("127.0.0.1", served.port)
+    assert value(await conn.infer(frames(1)[0], model="m")) == 1.0
+    (entry,) = served.model_index()
+    assert entry["version"] == "1" and entry["state"] == "READY" and expected in entry["reason"]
+    await conn.close()
+
+
+@pytest.mark.asyncio
+async def test_a_stop_during_an_in_place_swap_answers_the_frame_running_and_ends_the_swap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy waits behind the batch running on the model's thread; a stop then drains that batch, the copy
+    runs, and the swap returns, instead of leaving its caller waiting for good."""
+    slow_batches(monkeypatch, 1.0)
+    srv = Server(config(spec(versioned(tmp_path, 1))))
+    await srv.start()
+    conn = await client.connect("127.0.0.1", srv.port)
+    running = conn.submit(frames(1)[0], model="m")
+    while srv.metrics()["frames_in_flight"] < 1:
+        await asyncio.sleep(0.005)
+    (model,) = srv.serving("m") or []
+    swap = asyncio.create_task(srv.swap_model("m", spec(versioned(tmp_path, 2), weights_in_place=True)))
+    while model.weights_version == 0:  # switched: the copy waits behind the running batch
+        await asyncio.sleep(0.005)
+    await srv.stop()
+    assert value(await running) == 1.0
+    assert (await asyncio.wait_for(swap, 10)).version == 2
+    await conn.close()
+
+
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
 async def test_a_version_swapped_out_is_not_held_by_frames_pinned_to_it_that_left_the_queue(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -343,7 +477,7 @@ async def test_a_version_swapped_out_is_not_held_by_frames_pinned_to_it_that_lef
         futs = [conn.submit(f, model="m", deadline=0.6 if i else None) for i, f in enumerate(frames(4))]
         while srv.metrics()["frames_in_flight"] < 4:
             await asyncio.sleep(0.005)
-        module = weakref.ref(srv.serving("m")[0].module)  # type: ignore[index, union-attr]
+        module = weakref.ref(srv.serving("m")[0].module)  # type: ignore[index]
         await srv.swap_model("m", spec(versioned(tmp_path, 2), swap_queued="received", **one))
         assert [(await f).status for f in futs] == [Status.OK] + [Status.DEADLINE_MISSED] * 3
         # The loader thread's work item of the free holds its arguments until that thread next runs: on a loaded

@@ -180,14 +180,18 @@ class LoopWatch:
             self._task.cancel()
 
     async def _run(self) -> None:
-        serving = self._server.serving(self._name)
+        def version() -> tuple[int, int] | None:  # (an in-place swap keeps the instances, with other weights)
+            models = self._server.serving(self._name)
+            return (id(models), models[0].weights_version) if models else None
+
+        serving = version()
         while True:
             before, cpu = time.monotonic(), time.thread_time()
             await asyncio.sleep(self._period)
             now = time.monotonic()
             self.lags.append((now, now - before - self._period, time.thread_time() - cpu))
-            current = self._server.serving(self._name)
-            if current is not serving:
+            current = version()
+            if current != serving:
                 serving = current
                 self.switches.append(now)
 
@@ -507,7 +511,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     versions = weights(tmp, arch)
     other = weights(tmp, args.swap_arch, 1)[0] if args.swap_arch else None
     base = ModelSpec(name="m", source=versions[0], arch=arch, input_shape=shape, precision=args.precision,
-                     max_batch_size=args.max_batch, compile=args.compile)  # fmt: skip
+                     max_batch_size=args.max_batch, compile=args.compile,
+                     weights_in_place=args.weights_in_place == "on")  # fmt: skip
     cfg = Config(listeners=[ListenerSpec(port=0)], device=args.device, models=[base], shutdown_timeout_s=30,
                  ingest_workers=args.ingest_workers, max_payload_bytes=1 << 20,
                  **({} if args.loader_share is None else {"loader_share": args.loader_share}))  # fmt: skip
@@ -548,6 +553,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
           phases.installed() if phases is not None else contextlib.nullcontext()):  # fmt: skip
         for i in range(args.swaps):
             old = server.serving("m")
+            assert old is not None
+            # A version is its first instance and the weights it holds (an in-place swap keeps the instance)
+            old_version = (id(old[0]), old[0].weights_version)
             start = time.monotonic()
             if other is not None and i % 2 == 0:
                 version = replace(base, source=other, arch=args.swap_arch)
@@ -556,8 +564,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             await server.swap_model("m", version)
             end = time.monotonic()
             new = server.serving("m")
+            assert new is not None
             windows.append((start, end))
-            swaps.append({"old": old, "new": new, "seconds": end - start})
+            swaps.append({"old": old_version, "new": (id(new[0]), new[0].weights_version), "seconds": end - start,
+                          "in_place": new[0] is old[0]})  # fmt: skip
             await asyncio.sleep(args.between_s)  # the new version's first batches are traced
     memory_end = device_memory(device)
     timing.__exit__(None, None, None)
@@ -566,15 +576,15 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     await server.stop()
 
     # GPU idle gap at each swap, from the backend's per-batch device timestamps.
-    first_start: dict[int, float] = {}
-    last_end: dict[int, float] = {}
+    first_start: dict[tuple[int, int], float] = {}
+    last_end: dict[tuple[int, int], float] = {}
     for batch in trace:
-        key = id(batch.model)
+        key = (id(batch.model), batch.weights_version)
         first_start[key] = min(first_start.get(key, batch.start_s), batch.start_s)
         last_end[key] = max(last_end.get(key, batch.end_s), batch.end_s)
     gaps = []  # one device (the first instance of each version)
     for swap in swaps:
-        old_id, new_id = id(swap["old"][0]), id(swap["new"][0])
+        old_id, new_id = swap["old"], swap["new"]
         if old_id in last_end and new_id in first_start:
             gaps.append(first_start[new_id] - last_end[old_id])
     steady = [lat for sent, lat, status in records if steady_from <= sent < steady_to and status == 0]
@@ -595,6 +605,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "swap_idle_us_max": max((max(g, 0.0) for g in gaps), default=float("nan")) * 1e6,
         "steady_batch_gap_us": {"p50": percentile(between, 50) * 1e6, "p99": percentile(between, 99) * 1e6},
         "swap_seconds_p50": percentile([s["seconds"] for s in swaps], 50),
+        "swaps_in_place": sum(s["in_place"] for s in swaps),
         "p99_steady_ms": percentile(steady, 99) * 1e3, "p99_during_swaps_ms": percentile(during, 99) * 1e3,
         # (the p50 is the steadier sign of what a load costs: the steady p99 swings between windows of seconds)
         "p50_steady_ms": percentile(steady, 50) * 1e3, "p50_during_swaps_ms": percentile(during, 50) * 1e3,
@@ -662,6 +673,7 @@ def table(r: dict[str, Any]) -> str:
                                                                   .format(**r["batch_ms_p99"])),
         ("device memory", mem),
         ("one swap (load+warm+capture+switch+free)", f"{r['swap_seconds_p50']:.2f} s median"),
+        ("swaps by their weights in place", f"{r['swaps_in_place']} of {r['swaps']}"),
     ]  # fmt: skip
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
@@ -724,6 +736,9 @@ def main() -> int:
     parser.add_argument("--compile", default="off", choices=("off", "auto", "on"),
                         help="the model's compile setting (default off: a compile per swap takes seconds)")  # fmt: skip
     parser.add_argument("--swaps", type=int, default=100)
+    parser.add_argument("--weights-in-place", default="on", choices=("on", "off"),
+                        help="the model's weights_in_place: a new version of the same architecture and settings takes "
+                             "the serving one's place by its weights (on), or is built beside it (off)")  # fmt: skip
     parser.add_argument("--swap-arch", default=None,
                         help="every other swap's version is of this builtin ARCH (taking the same frames)")  # fmt: skip
     parser.add_argument("--connections", type=int, default=4)

@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch import nn
 
 from streamgpu.config import Config
@@ -55,15 +56,28 @@ class BatchTrace:
     size: int
     start_s: float
     end_s: float
+    weights_version: int = 0  # the model's ``weights_version`` when the batch was launched
+
+
+@dataclass(eq=False)
+class StagedWeights:
+    """A new version's weights beside a serving model's (``Backend.stage_weights``): ``live[i]`` takes
+    ``staged[i]``'s values at the swap. ``staged`` are on the model's device, in ``live``'s dtypes and layouts."""
+
+    live: list[torch.Tensor]
+    staged: list[torch.Tensor]
 
 
 class DeviceModel(abc.ABC):
     """A model placed on one of a backend's devices, ready to run batches."""
 
     spec: ModelSpec
+    module: nn.Module  # what its batches run (its weights: ``Backend.stage_weights``)
     layout: OutputLayout = OutputLayout("tensor")  # the structure of its outputs, known after the load
     device: int  # position in ``Backend.devices``
     sms: int | None = None  # streaming multiprocessors its kernels may use (a GPU's share); None: not a GPU
+    # In-place swaps so far (``Backend.swap_weights``): with the model object, which weights a batch ran on
+    weights_version: int = 0
 
     @property
     @abc.abstractmethod
@@ -115,6 +129,21 @@ class Backend(abc.ABC):
         ``expected_s`` is the scheduler's estimate of when the batch completes
         (seconds from now), so completion can be awaited without spinning.
         """
+
+    # Whether a new version of a serving model's architecture can take its weights in place (below)
+    swaps_weights_in_place: bool = False
+
+    def stage_weights(self, model: DeviceModel, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> StagedWeights:
+        """Copies of the new values in ``pairs`` (a live tensor of ``model``'s, its new value on the CPU:
+        ``models.weights.paired_weights``) on ``model``'s device, for ``swap_weights``. Blocking: call off the
+        loop (the loader thread)."""
+        raise NotImplementedError(f"the {self.name} backend swaps no weights in place")
+
+    def swap_weights(self, model: DeviceModel, staged: StagedWeights) -> asyncio.Future[None]:
+        """On the loop, between two batches: copy ``staged`` into ``model``'s weights, after every batch of it
+        launched so far and before any launched later (none runs on a mix of the two), and count
+        ``model.weights_version`` up. The future resolves once the copy is done (``staged`` may go then)."""
+        raise NotImplementedError(f"the {self.name} backend swaps no weights in place")
 
     def memory(self) -> dict[str, dict[str, int]]:
         """Per device name: memory in bytes, ``allocated``, ``reserved``, ``total`` (empty: none to report)."""

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from streamgpu.config import Config
-from streamgpu.gpu.backend import Backend, BatchRun, BatchTrace, DeviceModel
+from streamgpu.gpu.backend import Backend, BatchRun, BatchTrace, DeviceModel, StagedWeights
 from streamgpu.loops import helper_threads
 from streamgpu.memory import Slot
 from streamgpu.models.outputs import BatchOutputs, ModelHead, host_dtype, model_input, warm_up
@@ -92,6 +92,22 @@ class CpuBackend(Backend):
         self._models.discard(model)
         model.worker.shutdown(wait=False)  # (no batch of it is in flight)
 
+    swaps_weights_in_place = True
+
+    def stage_weights(self, model: DeviceModel, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> StagedWeights:
+        return StagedWeights([live for live, _ in pairs], [value.to(live.dtype, copy=True) for live, value in pairs])
+
+    def swap_weights(self, model: DeviceModel, staged: StagedWeights) -> asyncio.Future[None]:
+        assert isinstance(model, CpuModel)
+
+        def copy() -> None:
+            with torch.inference_mode():
+                torch._foreach_copy_(staged.live, staged.staged)
+
+        model.weights_version += 1
+        # The model's one thread runs its batches in the order launched: the copy comes between two of them
+        return asyncio.wrap_future(model.worker.submit(copy), loop=self._loop)
+
     def launch(self, model: DeviceModel, slots: list[Slot], expected_s: float = 0.0) -> BatchRun:
         assert isinstance(model, CpuModel) and self._host is not None
         loop = self._loop
@@ -104,6 +120,7 @@ class CpuBackend(Backend):
         run = BatchRun(len(slots), copied, loop.create_future())
 
         trace = self.trace
+        weights_version = model.weights_version
 
         def work() -> BatchOutputs:
             started = time.perf_counter()
@@ -117,7 +134,7 @@ class CpuBackend(Backend):
             ended = time.perf_counter()
             run.service_s = ended - started  # set before done resolves on the loop
             if trace is not None:
-                trace.append(BatchTrace(model, len(views), started, ended))  # list.append: thread-safe
+                trace.append(BatchTrace(model, len(views), started, ended, weights_version))  # list.append: thread-safe
             return result
 
         asyncio.wrap_future(model.worker.submit(work), loop=loop).add_done_callback(

@@ -36,7 +36,7 @@ from torch import nn
 from streamgpu.config import Config
 from streamgpu.errors import DeviceUnavailableError
 from streamgpu.gpu import driver, kernels
-from streamgpu.gpu.backend import Backend, BatchRun, BatchTrace, DeviceModel
+from streamgpu.gpu.backend import Backend, BatchRun, BatchTrace, DeviceModel, StagedWeights
 from streamgpu.gpu.bridge import CompletionBridge
 from streamgpu.gpu.setup import cupy_package
 from streamgpu.gpu.shares import GreenContext, Share, SmShares
@@ -238,6 +238,13 @@ class BufferPool:
         be handed out again under a pending copy. Held sets go with the pool (the model's streams are
         synchronized first, on unload)."""
         self._held.append(buffers)
+
+
+@dataclass(eq=False)
+class _StagedOnDevice(StagedWeights):
+    """Staged weights, and the event recorded after they were copied into the model's."""
+
+    copied: driver.Event
 
 
 class CudaModel(DeviceModel):
@@ -697,6 +704,43 @@ class CudaBackend(Backend):
                 self._loaded -= 1
                 PROCESS_CACHE.freed(model.gpu, self._total_memory[model.device], give_back=released)
 
+    swaps_weights_in_place = True
+
+    def stage_weights(self, model: DeviceModel, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> StagedWeights:
+        assert isinstance(model, CudaModel)
+        load_stream = self.load_streams[model.device]
+        with torch.cuda.device(model.gpu), torch.cuda.stream(load_stream), torch.inference_mode():
+            # In the serving tensors' layouts (channels-last convolutions): the swap is then one flat copy each
+            staged = [torch.empty_like(live) for live, _ in pairs]
+            for target, (_, value) in zip(staged, pairs, strict=True):
+                target.copy_(value)
+            copied = driver.Event(model.gpu.index or 0)
+        load_stream.synchronize()
+        return _StagedOnDevice([live for live, _ in pairs], staged, copied)
+
+    def swap_weights(self, model: DeviceModel, staged: StagedWeights) -> asyncio.Future[None]:
+        assert isinstance(model, CudaModel) and isinstance(staged, _StagedOnDevice)
+        stream = model.stream
+
+        def copy() -> None:
+            # On the model's stream, where its batches run in the order launched: the copy runs between two of
+            # them. Inference mode: the weights were made in it (a load), and only there take in-place writes.
+            with torch.cuda.device(model.gpu), torch.cuda.stream(stream), torch.inference_mode():
+                torch._foreach_copy_(staged.live, staged.staged)  # (a few multi-tensor launches, not one per tensor)
+            staged.copied.record(stream.cuda_stream)
+
+        model.weights_version += 1
+        if model.graphs:  # its batches are enqueued on the loop, as this is: now is between two of them
+            copy()
+            return self._bridge.wait(staged.copied, queue=stream.cuda_stream)
+        return asyncio.ensure_future(self._copy_off_loop(copy, staged))
+
+    async def _copy_off_loop(self, copy: Callable[[], None], staged: _StagedOnDevice) -> None:
+        """An eager model's batches are enqueued by the launcher thread, in the order launched (``_compute_off_loop``):
+        its weights' copy is enqueued there too, after the batches launched before it and before those after."""
+        await self._loop.run_in_executor(self._launcher, copy)
+        await self._bridge.wait(staged.copied)
+
     def _spares(self, device: int, share: Share | None) -> list[ModelStreams]:
         """The idle streams for a model on ``device``, in ``share`` if it has one."""
         return self._spare_streams.setdefault(device if share is None else share.context, [])
@@ -813,6 +857,7 @@ class CudaBackend(Backend):
         run = BatchRun(n, copied, result)
         model.in_flight += 1
         traced = self.trace is not None  # a batch launched before tracing began has no epoch to be timed from
+        weights_version = model.weights_version if traced else 0
 
         def deliver(f: asyncio.Future[None]) -> None:
             model.in_flight -= 1
@@ -828,7 +873,7 @@ class CudaBackend(Backend):
                     # batch's own, as BatchRun says).
                     rows = model.layout.assemble([host[:n].numpy().copy() for host in buffers.host])
                     if traced and self.trace is not None:
-                        self._trace(model, n, buffers)
+                        self._trace(model, n, buffers, weights_version)
                 except Exception as error:
                     result.set_exception(error)
                 else:
@@ -872,12 +917,12 @@ class CudaBackend(Backend):
             epoch = self._trace_epochs[device] = driver.Event(self.gpus[device].index or 0, timing=True)
             epoch.record(self._probes[device].cuda_stream)
 
-    def _trace(self, model: CudaModel, n: int, buffers: BatchBuffers) -> None:
+    def _trace(self, model: CudaModel, n: int, buffers: BatchBuffers, weights_version: int) -> None:
         """Record when the batch ran, in seconds since the device's epoch (``_mark_epoch``; all complete)."""
         assert self.trace is not None
         epoch = self._trace_epochs[model.device]
         started, ended = epoch.elapsed_ms(buffers.started) / 1e3, epoch.elapsed_ms(buffers.done) / 1e3
-        self.trace.append(BatchTrace(model, n, started, ended))
+        self.trace.append(BatchTrace(model, n, started, ended, weights_version))
 
     def device_error(self, device: int) -> str | None:
         try:

@@ -42,6 +42,7 @@ from __future__ import annotations
 import _compat_pickle
 import ast
 import builtins
+import contextlib
 import io
 import json
 import math
@@ -63,7 +64,7 @@ from streamgpu.files import open_regular
 from streamgpu.models.builtin import build_builtin, builtin_with_weights
 from streamgpu.models.spec import ModelSpec
 
-__all__ = ["ModelLoadError", "load_module"]
+__all__ = ["ModelLoadError", "load_module", "read_state_dict"]
 
 
 def load_module(spec: ModelSpec) -> nn.Module:
@@ -72,36 +73,58 @@ def load_module(spec: ModelSpec) -> nn.Module:
     See the module docstring for what is checked before torch sees a file.
     """
     scheme, _, target = spec.source.partition(":")
-    try:
+    with _load_errors(spec):
         if scheme == "builtin":
             return build_builtin(target)
-        if (why := spec.source_file_problem()) is not None:
-            raise ModelLoadError(f"model {spec.name!r}: {why}")
-        try:
-            opened = open_regular(target)
-        except NotRegularFileError:  # (a FIFO swapped in after source_file_problem looked)
-            raise ModelLoadError(f"model {spec.name!r}: source file {target!r} is not a regular file") from None
-        with opened as f:
+        with _source_file(spec) as f:
             if scheme == "torchscript":
                 module: nn.Module = _load_torchscript(_Refuser(spec.name, target), f)
             elif scheme == "export":
                 module = _load_export(_Refuser(spec.name, target), f)
             elif scheme == "state_dict":
-                state = torch.load(f, map_location="cpu", weights_only=True)
-                if not isinstance(state, dict):
-                    raise ModelLoadError(
-                        f"model {spec.name!r}: {target!r} holds a {type(state).__name__}, not a state dict"
-                    )
-                module = builtin_with_weights(spec.arch, state)
+                module = builtin_with_weights(spec.arch, _state_dict(spec, f))
             else:
                 raise ModelLoadError(f"model {spec.name!r}: unknown source scheme {scheme!r}")
-    except ModelLoadError:
-        raise
-    except Exception as exc:  # torch raises many types for a bad file; say which model and file
-        raise ModelLoadError(f"model {spec.name!r}: cannot load {spec.source!r}: {exc}") from exc
     if scheme != "export":  # exported programs reject .eval(); they are traced in inference form
         module.eval()
     return module
+
+
+def read_state_dict(spec: ModelSpec) -> dict[str, Any]:
+    """The entries of a ``state_dict:`` source's file (``torch.load(weights_only=True)``), not built into a
+    module: a serving model of its architecture takes them in place (``streamgpu.models.weights``). Blocking."""
+    with _load_errors(spec), _source_file(spec) as f:
+        return _state_dict(spec, f)
+
+
+@contextlib.contextmanager
+def _load_errors(spec: ModelSpec) -> Iterator[None]:
+    """torch raises many types for a bad file: a ``ModelLoadError`` that says which model and file."""
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"model {spec.name!r}: cannot load {spec.source!r}: {exc}") from exc
+
+
+def _source_file(spec: ModelSpec) -> IO[bytes]:
+    """The source's file, opened once and checked to be a regular file on the descriptor."""
+    if (why := spec.source_file_problem()) is not None:
+        raise ModelLoadError(f"model {spec.name!r}: {why}")
+    target = spec.source.partition(":")[2]
+    try:
+        return open_regular(target)
+    except NotRegularFileError:  # (a FIFO swapped in after source_file_problem looked)
+        raise ModelLoadError(f"model {spec.name!r}: source file {target!r} is not a regular file") from None
+
+
+def _state_dict(spec: ModelSpec, f: IO[bytes]) -> dict[str, Any]:
+    state = torch.load(f, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"model {spec.name!r}: {spec.source.partition(':')[2]!r} holds a "
+                             f"{type(state).__name__}, not a state dict")  # fmt: skip
+    return state
 
 
 class _Refuser:

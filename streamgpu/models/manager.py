@@ -4,8 +4,10 @@ The heavy part of a load (reading the file, placing the weights on the
 device, warm-up at every bucket, CUDA graph capture) runs in the server's
 one loader thread while every model keeps serving; only the switch happens
 on the loop, between two batches (``Scheduler.swap_model``). A swapped-out
-version is freed once its last batch has completed. Operations on one name
-run one at a time, in the order they were asked for.
+version is freed once its last batch has completed. A new version that only
+brings new weights takes the serving one's place by them (``weights``): they
+are staged in the loader thread and copied in between two batches.
+Operations on one name run one at a time, in the order they were asked for.
 
 Admission reads ``ModelManager.specs``: a model is in it (frames accepted)
 from the moment its first version serves until an unload begins.
@@ -26,9 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from streamgpu.errors import ModelLoadError, ModelNotFoundError
-from streamgpu.gpu.backend import Backend, DeviceModel
-from streamgpu.models.loader import load_module
+from streamgpu.gpu.backend import Backend, DeviceModel, StagedWeights
+from streamgpu.models.loader import load_module, read_state_dict
 from streamgpu.models.spec import ModelSpec
+from streamgpu.models.weights import in_place_problem, paired_weights
 from streamgpu.scheduler.scheduler import Scheduler
 
 LOADING_SWITCH_INTERVAL_S = 0.0002  # the GIL hand-over interval while a model loads (see LoadingSwitchInterval)
@@ -140,9 +143,7 @@ class ModelManager:
         """``spec.instances`` instances per device (each from a fresh module: a load may move it in place);
         ``paced``: the loader thread pauses for the loop as it goes (``_yielding``)."""
         models: list[DeviceModel] = []
-        pause_s = loading_pause_s(self._loader_share)
-        pacing = paced and pause_s > 0
-        with _yielding(LOADING_RUN_S, pause_s, self._serving_frames) if pacing else contextlib.nullcontext():
+        with self._paced(paced):
             try:
                 for device in range(len(self._backend.devices)):
                     for _ in range(spec.instances):
@@ -151,6 +152,20 @@ class ModelManager:
                 self._free(models)
                 raise
         return models
+
+    def _stage(self, spec: ModelSpec, serving: list[DeviceModel], paced: bool) -> list[StagedWeights]:
+        """``spec``'s weights read, checked against each serving instance's and staged beside them (``weights``)."""
+        with self._paced(paced):
+            state = read_state_dict(spec)
+            return [self._backend.stage_weights(model, paired_weights(spec.name, model.module, state))
+                    for model in serving]  # fmt: skip
+
+    def _paced(self, paced: bool) -> contextlib.AbstractContextManager[None]:
+        """In the loader thread: ``paced``, it pauses for the loop as it goes (``_yielding``)."""
+        pause_s = loading_pause_s(self._loader_share)
+        if paced and pause_s > 0:
+            return _yielding(LOADING_RUN_S, pause_s, self._serving_frames)
+        return contextlib.nullcontext()
 
     def _free(self, models: list[DeviceModel]) -> None:
         """Unload every instance; one that fails (its GPU's context lost) does not keep the others held."""
@@ -199,19 +214,28 @@ class ModelManager:
                         f"a new version must take the same frames, not {spec.input_dtype} {list(spec.input_shape)} "
                         "(unload it first, or load the new one under another name)"
                     )
+                in_place = serving is not None and self._in_place(old_spec, spec)
                 with loading_switch_interval():
                     # Paced while frames are taken (not at start), a compiling load too: its hook slows dynamo's
                     # tracing ~3x and the load ~6x, but unpaced, a new architecture's compile took the p99 of the
                     # model served beside it to 10.5x steady state (docs/MODELS.md).
-                    models = await loop.run_in_executor(self._loader, self._build, spec, self.serving)
+                    if in_place:
+                        assert serving is not None
+                        staged = await loop.run_in_executor(self._loader, self._stage, spec, serving, self.serving)
+                    else:
+                        models = await loop.run_in_executor(self._loader, self._build, spec, self.serving)
             except Exception as exc:
                 error = exc if isinstance(exc, ModelLoadError) else ModelLoadError(
                     f"model {spec.name!r}: cannot load {spec.source!r}: {type(exc).__name__}: {exc}")  # fmt: skip
                 self.refused(spec.name, str(error))
                 raise error from exc
             state.version += 1
-            state.spec, state.models, state.state, state.reason = spec, models, READY, ""
             self.specs[spec.name] = spec
+            if in_place:
+                assert serving is not None
+                await self._swap_in_place(state, spec, serving, staged)
+                return state
+            state.spec, state.models, state.state, state.reason = spec, models, READY, ""
             for model in models:
                 log.info("model %s, version %d", model.description, state.version)
             if serving is None:
@@ -224,6 +248,30 @@ class ModelManager:
             await self._scheduler.released(old)
             await loop.run_in_executor(self._loader, self._free, old)
             return state
+
+    def _in_place(self, serving: ModelSpec, spec: ModelSpec) -> bool:
+        """Whether ``spec`` replaces ``serving`` by its weights alone (``weights``); logs why not where it could."""
+        if not self._backend.swaps_weights_in_place:
+            return False
+        why = in_place_problem(serving, spec)
+        if why is not None and spec.source.startswith("state_dict:") and spec.weights_in_place:
+            log.info("model %s: the new version is built beside the serving one, not swapped in by its weights: %s",
+                     spec.name, why)  # fmt: skip
+        return why is None
+
+    async def _swap_in_place(
+        self, state: ModelState, spec: ModelSpec, serving: list[DeviceModel], staged: list[StagedWeights]
+    ) -> None:
+        """Copy ``staged`` into every serving instance now, between two batches, and wait for the copies."""
+        copies = [self._backend.swap_weights(model, weights) for model, weights in zip(serving, staged, strict=True)]
+        for model in serving:
+            model.spec = spec
+        self._scheduler.respec_model(spec)
+        state.spec, state.state, state.reason = spec, READY, ""
+        for model in serving:
+            log.info("model %s, version %d (its weights copied in place)", model.description, state.version)
+        await self._announce()
+        await asyncio.gather(*copies)  # (then ``staged`` goes: nothing reads it any more)
 
     def refused(self, name: str, reason: str) -> None:
         """A version of ``name`` was refused for ``reason`` (its file, or its settings before any load): the

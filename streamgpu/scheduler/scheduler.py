@@ -60,6 +60,7 @@ import numpy as np
 from streamgpu.frame import Frame
 from streamgpu.gpu.backend import DeviceModel
 from streamgpu.ingest.admission import Producer
+from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol.wire import FrameFlags, Status
 from streamgpu.scheduler.health import DeviceHealth
 from streamgpu.scheduler.latency import BatchLatency
@@ -184,6 +185,11 @@ class Scheduler:
         queue.spec = replicas[0].spec
         self._dispatch(queue)
         return [r.model for r in old]
+
+    def respec_model(self, spec: ModelSpec) -> None:
+        """A served model's instances took a new version's weights in place (``Backend.swap_weights``): its queue
+        goes on under ``spec`` (its settings the same as before but for the source)."""
+        self._queues[spec.name].spec = spec
 
     def uses(self, models: Sequence[DeviceModel]) -> bool:
         """Whether a batch of one of ``models`` is in flight, or a queued frame is pinned to them."""

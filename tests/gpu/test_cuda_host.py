@@ -98,7 +98,7 @@ def _model(reads_ring: bool = True) -> Any:
     graph = types.SimpleNamespace(outputs=[(0x1000, 8)], exec_handle=0xABC)
     return types.SimpleNamespace(
         graph_for=[graph] * 9, buffers=Pool(3), stream=types.SimpleNamespace(cuda_stream=7), device=0,
-        streams=types.SimpleNamespace(copy=types.SimpleNamespace(cuda_stream=9)),
+        streams=types.SimpleNamespace(copy=types.SimpleNamespace(cuda_stream=9)), weights_version=0,
         addresses=torch.zeros(9, dtype=torch.int64), in_flight=0, reads_ring=reads_ring, gpu=torch.device("cuda", 0),
         spec=types.SimpleNamespace(frame_nbytes=FRAME), layout=types.SimpleNamespace(assemble=lambda arrays: arrays[0]),
     )  # fmt: skip

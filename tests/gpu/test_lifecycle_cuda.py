@@ -1,5 +1,6 @@
 """Models while serving on the cuda backend: swaps under a streaming producer (graphs captured beside the
-serving version), memory back after unload, several outputs and top-k from CUDA graphs, a static batch refused."""
+serving version, or new weights copied into the serving one), memory back after unload, several outputs and
+top-k from CUDA graphs, a static batch refused."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from streamgpu import client
 from streamgpu.config import Config, ListenerSpec
 from streamgpu.errors import ModelLoadError
+from streamgpu.models.builtin import SmallConvNet
+from streamgpu.models.preprocess import preprocess_torch
 from streamgpu.models.spec import ModelSpec
 from streamgpu.server import Server
 
@@ -67,6 +71,75 @@ async def test_swaps_under_load_lose_nothing_and_unload_gives_the_memory_back(tm
         await srv.unload_model("extra")
         torch.cuda.synchronize()
         assert torch.cuda.memory_allocated() <= before * 1.01
+        await conn.close()
+
+
+def random_weights(tmp: Path, seed: int) -> tuple[str, nn.Module]:
+    """A ``state_dict:`` source of the small net whose every tensor is random (batch-norm statistics too: a
+    tensor the swap missed would show), and the module."""
+    torch.manual_seed(seed)
+    module = SmallConvNet().eval()
+    with torch.no_grad():
+        for sub in module.modules():
+            if isinstance(sub, nn.BatchNorm2d):
+                assert sub.running_mean is not None and sub.running_var is not None
+                sub.running_mean.uniform_(-0.5, 0.5)
+                sub.running_var.uniform_(0.5, 1.5)
+                sub.weight.uniform_(0.5, 1.5)
+    path = tmp / f"random{seed}.pt"
+    torch.save(module.state_dict(), path)
+    return f"state_dict:{path}", module
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"cuda_graphs": False}, {"compile": "on"}],
+    ids=["graphs", "eager (launcher thread)", "compiled graphs"],
+)
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_new_weights_copied_in_place_reach_every_batch_after_the_swap_and_none_runs_on_a_mix(
+    tmp_path: Path, settings: dict[str, object]
+) -> None:
+    """Each reply under a streaming producer matches one version's eager outputs for its frame whole (a copy
+    in the middle of its batch would match neither), versions never go back per stream, and the graphs
+    captured with the first weights run the second ones without being captured again."""
+    sources, modules = zip(*(random_weights(tmp_path, seed) for seed in (1, 2)), strict=True)
+    versions = [spec(source, precision="fp32", weights_in_place=True, **settings) for source in sources]
+    data = frames(16)  # the producer's
+    with torch.inference_mode():
+        x = preprocess_torch(torch.from_numpy(data), versions[0], torch.float32)
+        expected = [module(x).numpy() for module in modules]
+    assert np.abs(expected[0] - expected[1]).max() > 0.5  # the versions tell apart
+    async with Server(config(versions[0])) as srv:
+        (model,) = srv.serving("m") or []
+        graphs = dict(getattr(model, "graphs", {}))
+        conn = await client.connect("127.0.0.1", srv.port)
+        producer = Producer(conn, streams=1, window=16)
+        task = asyncio.create_task(producer.run())
+        await asyncio.sleep(0.3)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        for version in (versions[1], versions[0], versions[1]):
+            await srv.swap_model("m", version)
+            await asyncio.sleep(0.2)
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() <= before * 1.01  # the staged copies went
+        producer.running = False
+        await task
+        assert srv.serving("m") == [model] and model.weights_version == 3
+        assert getattr(model, "graphs", {}) == graphs  # (not captured again)
+        (replies,) = producer.replies.values()
+        producer.check()
+        first = replies[0].sequence
+        ran_on = []
+        for reply in replies:
+            assert reply.ok and reply.result is not None, (reply.status, reply.message)
+            want = [e[(reply.sequence - first) % 16] for e in expected]
+            errors = [float(np.abs(reply.result - w).max()) for w in want]
+            assert min(errors) < 2e-2, errors  # one version's outputs whole (TF32 convolutions: not exact)
+            ran_on.append(int(np.argmin(errors)))
+        changes = [i for i in range(1, len(ran_on)) if ran_on[i] != ran_on[i - 1]]
+        assert ran_on[0] == 0 and len(changes) == 3, changes  # 1, 2, 1, 2: each swap once, never back
         await conn.close()
 
 
