@@ -95,18 +95,14 @@ class CpuBackend(Backend):
     swaps_weights_in_place = True
 
     def stage_weights(self, model: DeviceModel, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> StagedWeights:
-        return StagedWeights([live for live, _ in pairs], [value.to(live.dtype, copy=True) for live, value in pairs])
+        live = [target for target, _ in pairs]
+        return StagedWeights.by_dtype(live, [value.to(target.dtype, copy=True) for target, value in pairs])
 
     def swap_weights(self, model: DeviceModel, staged: StagedWeights) -> asyncio.Future[None]:
         assert isinstance(model, CpuModel)
-
-        def copy() -> None:
-            with torch.inference_mode():
-                torch._foreach_copy_(staged.live, staged.staged)
-
         model.weights_version += 1
         # The model's one thread runs its batches in the order launched: the copy comes between two of them
-        return asyncio.wrap_future(model.worker.submit(copy), loop=self._loop)
+        return asyncio.wrap_future(model.worker.submit(staged.copy), loop=self._loop)
 
     def launch(self, model: DeviceModel, slots: list[Slot], expected_s: float = 0.0) -> BatchRun:
         assert isinstance(model, CpuModel) and self._host is not None

@@ -710,23 +710,25 @@ class CudaBackend(Backend):
         assert isinstance(model, CudaModel)
         load_stream = self.load_streams[model.device]
         with torch.cuda.device(model.gpu), torch.cuda.stream(load_stream), torch.inference_mode():
-            # In the serving tensors' layouts (channels-last convolutions): the swap is then one flat copy each
+            # In the serving tensors' layouts (channels-last convolutions), so that the swap copies them flat.
+            # Each value goes to the device as it is and is converted there: a copy_ across devices converts on
+            # the CPU, in torch's thread pool, on every core the loop and the producers run on.
             staged = [torch.empty_like(live) for live, _ in pairs]
             for target, (_, value) in zip(staged, pairs, strict=True):
-                target.copy_(value)
+                target.copy_(value.to(model.gpu))
             copied = driver.Event(model.gpu.index or 0)
         load_stream.synchronize()
-        return _StagedOnDevice([live for live, _ in pairs], staged, copied)
+        grouped = StagedWeights.by_dtype([live for live, _ in pairs], staged)
+        return _StagedOnDevice(grouped.groups, copied)
 
     def swap_weights(self, model: DeviceModel, staged: StagedWeights) -> asyncio.Future[None]:
         assert isinstance(model, CudaModel) and isinstance(staged, _StagedOnDevice)
         stream = model.stream
 
         def copy() -> None:
-            # On the model's stream, where its batches run in the order launched: the copy runs between two of
-            # them. Inference mode: the weights were made in it (a load), and only there take in-place writes.
-            with torch.cuda.device(model.gpu), torch.cuda.stream(stream), torch.inference_mode():
-                torch._foreach_copy_(staged.live, staged.staged)  # (a few multi-tensor launches, not one per tensor)
+            # On the model's stream, where its batches run in the order launched: between two of them
+            with torch.cuda.device(model.gpu), torch.cuda.stream(stream):
+                staged.copy()
             staged.copied.record(stream.cuda_stream)
 
         model.weights_version += 1
