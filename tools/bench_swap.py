@@ -750,6 +750,9 @@ def main() -> int:
     parser.add_argument("--loader-share", type=float, default=None,
                         help="the server's loader_share (the share of the time a load's Python may take; default: "
                         "the server's)")  # fmt: skip
+    parser.add_argument("--loading-switch-interval-us", type=float, default=None,
+                        help="diagnosis: the GIL switch interval while a model loads (the server's "
+                             "LOADING_SWITCH_INTERVAL_S), in microseconds")  # fmt: skip
     parser.add_argument("--loop", default="auto")
     parser.add_argument("--json", default="bench_swap.json", help="where to write the figures")
     parser.add_argument("--attribute-stalls", action="store_true",
@@ -763,6 +766,11 @@ def main() -> int:
                              "loading")  # fmt: skip
     args = parser.parse_args()
     from streamgpu.loops import new_event_loop
+
+    if args.loading_switch_interval_us is not None:
+        from streamgpu.models import manager
+
+        manager.LOADING_SWITCH_INTERVAL_S = args.loading_switch_interval_us / 1e6
 
     loop = new_event_loop(args.loop)
     try:
