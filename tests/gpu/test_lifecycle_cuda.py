@@ -83,9 +83,12 @@ def random_weights(tmp: Path, seed: int) -> tuple[str, nn.Module]:
         for sub in module.modules():
             if isinstance(sub, nn.BatchNorm2d):
                 assert sub.running_mean is not None and sub.running_var is not None
+                assert sub.num_batches_tracked is not None
                 sub.running_mean.uniform_(-0.5, 0.5)
                 sub.running_var.uniform_(0.5, 1.5)
                 sub.weight.uniform_(0.5, 1.5)
+                # integers, copied bit for bit through a float view (-1: a NaN's bits as a float64)
+                sub.num_batches_tracked.fill_(-1 if seed % 2 else 2**53 + seed)
     path = tmp / f"random{seed}.pt"
     torch.save(module.state_dict(), path)
     return f"state_dict:{path}", module
@@ -128,6 +131,12 @@ async def test_new_weights_copied_in_place_reach_every_batch_after_the_swap_and_
         await task
         assert srv.serving("m") == [model] and model.weights_version == 3
         assert getattr(model, "graphs", {}) == graphs  # (not captured again)
+        served = model.module.state_dict()
+        for key, tensor in modules[1].state_dict().items():  # the last version's, every tensor, bits of integers too
+            if tensor.dtype == torch.int64:
+                assert served[key].item() == tensor.item(), key
+            else:
+                torch.testing.assert_close(served[key].cpu(), tensor, atol=0, rtol=0, msg=key)
         (replies,) = producer.replies.values()
         producer.check()
         first = replies[0].sequence
