@@ -58,10 +58,8 @@ def versioned(tmp: Path, value: float) -> str:
 
 
 def spec(source: str, **kw: object) -> ModelSpec:
-    """A version of the small net (``versioned``), built beside the serving one at a swap (``weights_in_place``
-    off: the in-place swap has tests of its own)."""
     base: dict[str, object] = dict(name="m", source=source, arch="small", input_shape=SHAPE, max_batch_size=4,
-                                   batch_buckets=(1, 2, 4), weights_in_place=False)  # fmt: skip
+                                   batch_buckets=(1, 2, 4))  # fmt: skip
     base.update(kw)
     return ModelSpec(**base)  # type: ignore[arg-type]
 

@@ -39,11 +39,12 @@ class ModelSpec:
     ``received`` them. ``instances``: copies of the model on each GPU (Triton's
     instance count), each with its own streams and CUDA graphs, so that batches
     run side by side: at a few frames in flight a small batch leaves most of a
-    large GPU idle, and the next one need not wait for it. ``weights_in_place``:
-    a new version that only brings new weights (a ``state_dict`` source of the
-    serving architecture, every other setting the same) has them copied into
-    the serving model between two batches (``streamgpu.models.weights``)
-    rather than being built and captured beside it.
+    large GPU idle, and the next one need not wait for it. ``weights_in_place``
+    (a new version's setting): a new version that only brings new weights (a
+    ``state_dict`` source of the serving architecture, every other setting the
+    same) has them copied into the serving model between two batches
+    (``streamgpu.models.weights``) rather than being built and captured beside
+    it: swaps ~5x shorter, the GPU idle ~1-2 ms at the switch (off by default).
     """
 
     name: str = "default"
@@ -68,7 +69,7 @@ class ModelSpec:
     postprocess: str = ""
     swap_queued: str = "new"
     instances: int = 1
-    weights_in_place: bool = True
+    weights_in_place: bool = False
 
     def __post_init__(self) -> None:
         problems = self.problems()

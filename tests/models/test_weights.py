@@ -12,7 +12,7 @@ from streamgpu.models.builtin import SmallConvNet
 from streamgpu.models.spec import ModelSpec
 from streamgpu.models.weights import architecture, in_place_problem, paired_weights
 
-SERVING = ModelSpec(name="m", source="state_dict:/w/v1.pt", arch="small")
+SERVING = ModelSpec(name="m", source="state_dict:/w/v1.pt", arch="small", weights_in_place=True)
 
 
 @pytest.mark.parametrize(
@@ -20,8 +20,10 @@ SERVING = ModelSpec(name="m", source="state_dict:/w/v1.pt", arch="small")
     [
         (SERVING, dataclasses.replace(SERVING, source="state_dict:/w/v2.pt"), None),
         (ModelSpec(name="m", source="builtin:small"), dataclasses.replace(SERVING, source="state_dict:/w/v2.pt"), None),
+        (SERVING, ModelSpec(name="m", source="state_dict:/w/v2.pt", arch="small"), "weights_in_place = false"),
         (SERVING, dataclasses.replace(SERVING, weights_in_place=False), "weights_in_place = false"),
-        (SERVING, ModelSpec(name="m", source="export:/w/m.pt2"), "its source is not a state_dict"),
+        (SERVING, ModelSpec(name="m", source="export:/w/m.pt2", weights_in_place=True),
+         "its source is not a state_dict"),
         (ModelSpec(name="m", source="torchscript:/w/m.pt"), SERVING,
          "its architecture 'small' is not the serving one's (None)"),
         (SERVING, dataclasses.replace(SERVING, arch="resnet18"),
