@@ -308,12 +308,14 @@ async def test_frames_queued_at_a_swap_run_on_the_version_configured_and_unload_
         await conn.close()
 
 
+@pytest.mark.parametrize("in_place", [False, True], ids=["built beside", "weights in place"])
 @pytest.mark.asyncio
 async def test_a_stop_during_a_swap_answers_the_frames_still_running_on_the_old_version(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_place: bool
 ) -> None:
     """The scheduler counted only the new version's batches as in flight: a stop right after the switch found
-    it idle, closed the connections and the frame in the old version's batch was never answered."""
+    it idle, closed the connections and the frame in the old version's batch was never answered. (In place, the
+    copy waits behind that batch on the model's thread: the stop drains it, the copy runs, the swap returns.)"""
     slow_batches(monkeypatch, 1.0)  # (the new version loads well within it)
     srv = Server(config(spec(versioned(tmp_path, 1))))
     await srv.start()
@@ -322,13 +324,14 @@ async def test_a_stop_during_a_swap_answers_the_frames_still_running_on_the_old_
     while srv.metrics()["frames_in_flight"] < 1:
         await asyncio.sleep(0.005)
     old = srv.serving("m")
-    swap = asyncio.create_task(srv.swap_model("m", spec(versioned(tmp_path, 2))))
-    while srv.serving("m") is old:  # switched: the old version's batch runs on
+    assert old is not None
+    swap = asyncio.create_task(srv.swap_model("m", spec(versioned(tmp_path, 2), weights_in_place=in_place)))
+    while srv.serving("m") is old and old[0].weights_version == 0:  # switched: the old version's batch runs on
         await asyncio.sleep(0.005)
     assert srv.metrics()["models"]["m"]["in_flight_batches"] == 1
     await srv.stop()
     assert value(await running) == 1.0
-    assert (await swap).version == 2
+    assert (await asyncio.wait_for(swap, 10)).version == 2
     await conn.close()
 
 
@@ -434,29 +437,6 @@ async def test_new_weights_that_do_not_fit_are_refused_and_the_serving_version_s
     assert value(await conn.infer(frames(1)[0], model="m")) == 1.0
     (entry,) = served.model_index()
     assert entry["version"] == "1" and entry["state"] == "READY" and expected in entry["reason"]
-    await conn.close()
-
-
-@pytest.mark.asyncio
-async def test_a_stop_during_an_in_place_swap_answers_the_frame_running_and_ends_the_swap(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The copy waits behind the batch running on the model's thread; a stop then drains that batch, the copy
-    runs, and the swap returns, instead of leaving its caller waiting for good."""
-    slow_batches(monkeypatch, 1.0)
-    srv = Server(config(spec(versioned(tmp_path, 1))))
-    await srv.start()
-    conn = await client.connect("127.0.0.1", srv.port)
-    running = conn.submit(frames(1)[0], model="m")
-    while srv.metrics()["frames_in_flight"] < 1:
-        await asyncio.sleep(0.005)
-    (model,) = srv.serving("m") or []
-    swap = asyncio.create_task(srv.swap_model("m", spec(versioned(tmp_path, 2), weights_in_place=True)))
-    while model.weights_version == 0:  # switched: the copy waits behind the running batch
-        await asyncio.sleep(0.005)
-    await srv.stop()
-    assert value(await running) == 1.0
-    assert (await asyncio.wait_for(swap, 10)).version == 2
     await conn.close()
 
 

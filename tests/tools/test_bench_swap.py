@@ -97,13 +97,21 @@ def test_loop_lag_is_put_on_the_calls_it_overlaps_less_the_pauses() -> None:
     assert report["in_pauses_ms"] == pytest.approx(2e3) and report["in_neither_ms"] == pytest.approx(2e3)
 
 
+def short_cpu_run(**settings: object) -> argparse.Namespace:
+    """bench_swap's arguments for a run of a second or two on the CPU backend (``settings`` over them)."""
+    args = argparse.Namespace(
+        device="cpu", model="builtin:small", precision="fp32", shape="32,32,3", max_batch=8, compile="off", swaps=2,
+        connections=1, window=4, warmup_s=0.1, steady_s=0.3, between_s=0.1, ingest_workers=0, loader_share=None,
+        attribute_stalls=False, time_loop_calls=False, attribute_phases=False, swap_arch=None, weights_in_place="off",
+    )  # fmt: skip
+    vars(args).update(settings)
+    return args
+
+
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
 async def test_a_short_cpu_run_attributes_the_swaps_lag() -> None:
-    args = argparse.Namespace(
-        device="cpu", model="builtin:small", precision="fp16", shape="32,32,3", max_batch=8, compile="off", swaps=2,
-        connections=1, window=4, warmup_s=0.1, steady_s=0.3, between_s=0.05, ingest_workers=0, loader_share=None,
-        attribute_stalls=True, time_loop_calls=True, attribute_phases=True, swap_arch=None, weights_in_place="off",
-    )  # fmt: skip
+    args = short_cpu_run(precision="fp16", between_s=0.05, attribute_stalls=True, time_loop_calls=True,
+                         attribute_phases=True)  # fmt: skip
     result = await bench(args)
     assert result["swaps_in_place"] == 0
     phases = result["phases"]
@@ -125,12 +133,7 @@ async def test_a_short_cpu_run_attributes_the_swaps_lag() -> None:
 async def test_swaps_by_weights_in_place_are_told_apart_by_the_weights_each_batch_ran_on() -> None:
     """An in-place swap keeps the serving instances: the idle gap at each swap is found from the weights each
     traced batch was launched on (with instances alone, no swap had an old and a new version to compare)."""
-    args = argparse.Namespace(
-        device="cpu", model="builtin:small", precision="fp32", shape="32,32,3", max_batch=8, compile="off", swaps=3,
-        connections=1, window=4, warmup_s=0.1, steady_s=0.3, between_s=0.1, ingest_workers=0, loader_share=None,
-        attribute_stalls=False, time_loop_calls=False, attribute_phases=False, swap_arch=None, weights_in_place="on",
-    )  # fmt: skip
-    result = await bench(args)
+    result = await bench(short_cpu_run(swaps=3, weights_in_place="on"))
     assert result["swaps_in_place"] == 3 and result["frames_failed_or_refused"] == 0
     assert len(result["swap_gap_us"]["all"]) == 3
     assert "3 of 3" in table(result)
