@@ -30,6 +30,7 @@ from yarl import URL
 from streamgpu import client
 from streamgpu.config import Config, ListenerSpec
 from streamgpu.errors import ModelLoadError, ModelNotFoundError
+from streamgpu.gpu.backend import StagedWeights
 from streamgpu.gpu.cpu import CpuModel
 from streamgpu.models import manager
 from streamgpu.models.builtin import SmallConvNet, build_builtin
@@ -410,6 +411,8 @@ async def test_a_version_that_differs_in_more_than_its_weights_is_built_beside_t
                   "torch.int64"),
         ("not a tensor", "entry 'fc.bias' of the new weights is a int, not a tensor"),
         ("not a file", "is not a regular file"),
+        # (its copy failed at the swap, the entries before it copied: index READY, version 2, a mix of weights)
+        ("sparse", "entry 'fc.bias' of the new weights is a torch.sparse_coo tensor on cpu"),
     ],
 )  # fmt: skip
 @pytest.mark.asyncio
@@ -425,6 +428,8 @@ async def test_new_weights_that_do_not_fit_are_refused_and_the_serving_version_s
         weights["features.1.num_batches_tracked"] = torch.tensor(0.0)
     elif change == "not a tensor":
         weights["fc.bias"] = 7
+    elif change == "sparse":
+        weights["fc.bias"] = weights["fc.bias"].to_sparse()
     path = tmp_path / "bad.pt"
     if change == "not a file":
         os.mkfifo(path)
@@ -438,6 +443,38 @@ async def test_new_weights_that_do_not_fit_are_refused_and_the_serving_version_s
     (entry,) = served.model_index()
     assert entry["version"] == "1" and entry["state"] == "READY" and expected in entry["reason"]
     await conn.close()
+
+
+@pytest.mark.asyncio
+async def test_a_copy_that_fails_at_the_swap_is_told_and_the_next_version_copies_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy into one of two instances fails halfway (a device error): the swap raised what failed, not a
+    ModelLoadError, and the index said version 2 READY, no reason, over instances on a mix of weights."""
+    real_copy = StagedWeights.copy
+    copies = 0
+
+    def copy(staged: StagedWeights) -> None:
+        nonlocal copies
+        copies += 1
+        if copies == 2:
+            live, values = staged.groups[0]
+            torch._foreach_copy_(live[:4], values[:4])  # (some tensors copied)
+            raise RuntimeError("device lost")
+        real_copy(staged)
+
+    monkeypatch.setattr(StagedWeights, "copy", copy)
+    async with Server(config(spec(versioned(tmp_path, 1), instances=2))) as srv:
+        with pytest.raises(ModelLoadError, match="version 2's weights failed to copy in place") as failed:
+            await srv.swap_model("m", spec(versioned(tmp_path, 2), instances=2, weights_in_place=True))
+        assert "mix of two versions' weights" in str(failed.value) and "RuntimeError: device lost" in str(failed.value)
+        (entry,) = srv.model_index()
+        assert entry["version"] == "2" and "failed to copy in place" in entry["reason"]
+        state = await srv.swap_model("m", spec(versioned(tmp_path, 3), instances=2, weights_in_place=True))
+        assert state.version == 3 and srv.model_index()[0]["reason"] == ""
+        conn = await client.connect("127.0.0.1", srv.port)
+        assert {value(r) for r in await asyncio.gather(*(conn.infer(f, model="m") for f in frames(8)))} == {3.0}
+        await conn.close()
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough

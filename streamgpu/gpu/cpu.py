@@ -96,7 +96,11 @@ class CpuBackend(Backend):
 
     def stage_weights(self, model: DeviceModel, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> StagedWeights:
         live = [target for target, _ in pairs]
-        return StagedWeights.by_dtype(live, [value.to(target.dtype, copy=True) for target, value in pairs])
+        # The conversion here, into the live tensors' dtype and layout: the copy at the swap then only moves
+        # values, and cannot fail halfway through, leaving a model on a mix of both versions' weights
+        with torch.no_grad():  # (a value saved as a Parameter would record the copy)
+            staged = [torch.empty_like(target).copy_(value) for target, value in pairs]
+        return StagedWeights.by_dtype(live, staged)
 
     def swap_weights(self, model: DeviceModel, staged: StagedWeights) -> asyncio.Future[None]:
         assert isinstance(model, CpuModel)

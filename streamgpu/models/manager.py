@@ -262,16 +262,30 @@ class ModelManager:
     async def _swap_in_place(
         self, state: ModelState, spec: ModelSpec, serving: list[DeviceModel], staged: list[StagedWeights]
     ) -> None:
-        """Copy ``staged`` into every serving instance now, between two batches, and wait for the copies."""
-        copies = [self._backend.swap_weights(model, weights) for model, weights in zip(serving, staged, strict=True)]
+        """Copy ``staged`` into every serving instance now, between two batches, and wait for the copies. A copy
+        that fails (staging converted and checked every value: the device's fault) may have left an instance on a
+        mix of both versions' weights: ``ModelLoadError``, and the index's reason says so until a version loads."""
         for model in serving:
             model.spec = spec
         self._scheduler.respec_model(spec)
         state.spec, state.state, state.reason = spec, READY, ""
-        for model in serving:
-            log.info("model %s, version %d (its weights copied in place)", model.description, state.version)
-        await self._announce()
-        await asyncio.gather(*copies)  # (then ``staged`` goes: nothing reads it any more)
+        try:
+            copies = [self._backend.swap_weights(model, weights)
+                      for model, weights in zip(serving, staged, strict=True)]  # fmt: skip
+            for model in serving:
+                log.info("model %s, version %d (its weights copied in place)", model.description, state.version)
+            await self._announce()
+            # Every copy to its end (then ``staged`` goes: nothing reads it any more), the first failure raised
+            for done in await asyncio.gather(*copies, return_exceptions=True):
+                if isinstance(done, BaseException):  # (a copy cancelled never ran: the server stopped)
+                    raise done
+        except Exception as exc:
+            state.reason = (
+                f"version {state.version}'s weights failed to copy in place, its instances may run on "
+                f"a mix of two versions' weights (load one again): {type(exc).__name__}: {exc}"
+            )
+            log.error("model %s: %s", spec.name, state.reason)
+            raise ModelLoadError(f"model {spec.name!r}: {state.reason}") from exc
 
     def refused(self, name: str, reason: str) -> None:
         """A version of ``name`` was refused for ``reason`` (its file, or its settings before any load): the

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor, nn
 
 from streamgpu.errors import ModelLoadError
@@ -55,10 +56,13 @@ def in_place_problem(serving: ModelSpec, new: ModelSpec) -> str | None:
 
 def paired_weights(name: str, module: nn.Module, state: Mapping[str, object]) -> list[tuple[Tensor, Tensor]]:
     """Each tensor of ``module``'s state (parameters and persistent buffers, where they live) with its new value
-    in ``state`` (a state dict on the CPU). ``ModelLoadError`` where ``state`` does not fit: entries missing or
-    unexpected, another shape, a floating value for an integer tensor or the reverse (what ``load_state_dict``
+    in ``state`` (a state dict on the CPU), but those ``load_state_dict`` keeps where ``state`` lacks them
+    (``_kept``). ``ModelLoadError`` where ``state`` does not fit: entries missing or unexpected, a sparse or meta
+    tensor, another shape, a floating value for an integer tensor or the reverse (what ``load_state_dict``
     refuses; floating values take the serving tensor's precision)."""
     live = module.state_dict()
+    for key in _kept(module, state):  # (as load_state_dict keeps them)
+        del live[key]
     missing = [key for key in live if key not in state]
     unexpected = [key for key in state if key not in live]
     if missing or unexpected:
@@ -72,6 +76,9 @@ def paired_weights(name: str, module: nn.Module, state: Mapping[str, object]) ->
         if not isinstance(value, Tensor):
             raise ModelLoadError(f"model {name!r}: entry {key!r} of the new weights is a {type(value).__name__}, "
                                  "not a tensor")  # fmt: skip
+        if value.layout != torch.strided or value.is_meta:  # the copy at the swap would fail halfway through
+            raise ModelLoadError(f"model {name!r}: entry {key!r} of the new weights is a {value.layout} tensor on "
+                                 f"{value.device}, not a dense one with its values")  # fmt: skip
         if value.shape != tensor.shape:
             raise ModelLoadError(f"model {name!r}: entry {key!r} of the new weights has shape {list(value.shape)}, "
                                  f"the serving model's {list(tensor.shape)}")  # fmt: skip
@@ -80,3 +87,18 @@ def paired_weights(name: str, module: nn.Module, state: Mapping[str, object]) ->
                                  f"the serving model's {tensor.dtype}")  # fmt: skip
         pairs.append((tensor, value))
     return pairs
+
+
+def _kept(module: nn.Module, state: Mapping[str, object]) -> list[str]:
+    """The entries of ``module``'s state that ``load_state_dict`` leaves as they are where ``state`` lacks them: a
+    batch norm's ``num_batches_tracked`` in a state dict saved before torch counted batches (its version in
+    ``state``'s ``_metadata`` under 2, or none: a plain dict). A ResNet's from torch < 0.4.1 loads so."""
+    metadata: Mapping[str, Mapping[str, object]] = getattr(state, "_metadata", None) or {}
+    kept = []
+    for prefix, sub in module.named_modules():
+        key = f"{prefix}.num_batches_tracked" if prefix else "num_batches_tracked"
+        version = metadata.get(prefix, {}).get("version")
+        if (isinstance(sub, nn.modules.batchnorm._BatchNorm) and sub.track_running_stats and key not in state
+                and (version is None or (isinstance(version, int) and version < 2))):  # fmt: skip
+            kept.append(key)
+    return kept

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ from streamgpu.memory import SlotPool
 from streamgpu.models.builtin import build_builtin
 from streamgpu.models.preprocess import preprocess_torch
 from streamgpu.models.spec import ModelSpec
+from streamgpu.models.weights import paired_weights
 
 SPEC = ModelSpec(input_shape=(16, 16, 3))
 
@@ -95,4 +97,21 @@ async def test_a_batchs_results_are_its_own_when_the_module_reuses_its_output() 
         results.append(await run.done)
         ring.release(slot)
     assert [float(np.asarray(r)[0, 0]) for r in results] == [10.0, 20.0]
+    backend.close()
+
+
+@pytest.mark.asyncio
+async def test_new_weights_are_staged_in_the_serving_tensors_dtype_and_layout() -> None:
+    """The conversion is the staging's, in the loader thread: the copy at the swap moves values between tensors
+    alike (one that converted there could fail halfway through, a model left on a mix of two versions)."""
+    backend = CpuBackend(asyncio.get_running_loop(), Config(device="cpu"))
+    model = backend.load(dataclasses.replace(SPEC, precision="fp16"), build_builtin("small"))
+    state = build_builtin("small").state_dict()
+    state["fc.weight"] = state["fc.weight"].t().contiguous().t()  # its values transposed in memory
+    staged = backend.stage_weights(model, paired_weights("m", model.module, state))
+    pairs = [pair for live, values in staged.groups for pair in zip(live, values, strict=True)]
+    assert len(pairs) == len(model.module.state_dict())
+    assert all((v.dtype, v.stride()) == (t.dtype, t.stride()) for t, v in pairs), [
+        (t.stride(), v.stride()) for t, v in pairs if t.stride() != v.stride()
+    ]
     backend.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -59,3 +60,34 @@ def test_an_entry_of_another_architecture_is_named() -> None:
     state["head.weight"] = torch.zeros(1)
     with pytest.raises(ModelLoadError, match=r"0 entries missing \[\], 1 unexpected \['head.weight'\]"):
         paired_weights("m", SmallConvNet(), state)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (torch.zeros(1000).to_sparse(), "entry 'fc.bias' of the new weights is a torch.sparse_coo tensor on cpu"),
+        (torch.empty(1000, device="meta"), "entry 'fc.bias' of the new weights is a torch.strided tensor on meta"),
+    ],
+    ids=["sparse", "meta"],
+)
+def test_a_tensor_without_dense_values_is_refused(value: torch.Tensor, expected: str) -> None:
+    """(Paired, its copy failed at the swap, after the tensors before it were copied: a mix of two versions.)"""
+    state = SmallConvNet().state_dict()
+    state["fc.bias"] = value
+    with pytest.raises(ModelLoadError, match=re.escape(expected)):
+        paired_weights("m", SmallConvNet(), state)
+
+
+def test_batch_norm_counters_a_state_dict_predates_are_kept_as_load_state_dict_keeps_them() -> None:
+    """A state dict saved before torch counted batch-norm batches (no ``_metadata``, or a version under 2) loads
+    with ``load_state_dict``; the serving counters stay as they are. One of version 2 must have them."""
+    saved = SmallConvNet().state_dict()
+    old = {key: value for key, value in saved.items() if not key.endswith("num_batches_tracked")}  # a plain dict
+    serving = SmallConvNet()
+    SmallConvNet().load_state_dict(old)  # (torch takes it)
+    pairs = paired_weights("m", serving, old)
+    assert all(new is value for (_, new), value in zip(pairs, old.values(), strict=True))
+    for key in [key for key in saved if key.endswith("num_batches_tracked")]:
+        del saved[key]  # (its _metadata says version 2: torch refuses it, and so does the swap)
+    with pytest.raises(ModelLoadError, match=r"4 entries missing \['features.1.num_batches_tracked'"):
+        paired_weights("m", serving, saved)
