@@ -990,7 +990,7 @@ def _retarget_graph(module: torch.fx.GraphModule, gpu: torch.device) -> None:
 
 # Integer dtypes and the floating ones of their size whose multi-tensor copy computes in that same type (a load
 # and a store: the bits move as they are). Not int16 through float16: torch's half copy computes in float32, and the
-# conversions may quiet a signalling NaN's bits. Others are copied one launch each (the GPU test checks the bits).
+# conversions may quiet a signalling NaN's bits. Others are copied one launch each. (The GPU test checks int64's.)
 _FLOAT_OF_SIZE = {torch.int64: torch.float64, torch.int32: torch.float32}
 
 
