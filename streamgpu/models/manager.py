@@ -250,11 +250,11 @@ class ModelManager:
             return state
 
     def _in_place(self, serving: ModelSpec, spec: ModelSpec) -> bool:
-        """Whether ``spec`` replaces ``serving`` by its weights alone (``weights``); logs why not where it could."""
+        """Whether ``spec`` replaces ``serving`` by its weights alone (``weights``); logs why not where it asks to."""
         if not self._backend.swaps_weights_in_place:
             return False
         why = in_place_problem(serving, spec)
-        if why is not None and spec.source.startswith("state_dict:") and spec.weights_in_place:
+        if why is not None and spec.weights_in_place:
             log.info("model %s: the new version is built beside the serving one, not swapped in by its weights: %s",
                      spec.name, why)  # fmt: skip
         return why is None
