@@ -279,11 +279,13 @@ async def test_frames_queued_at_a_swap_run_on_the_version_configured_and_unload_
     original = CpuModel.run
 
     def slow(self: CpuModel, batch: np.ndarray) -> BatchOutputs:
-        time.sleep(0.03)  # in the worker thread: frames stay queued while the new version loads
+        # In the worker thread: frames stay queued while the new version loads (in place, its file is read by a
+        # process of its own, started for it: seconds)
+        time.sleep(0.3 if in_place else 0.03)
         return original(self, batch)
 
     monkeypatch.setattr(CpuModel, "run", slow)
-    # The load unpaced (loader_share 1): paced, it could outlast the 0.36 s the queued frames take.
+    # The load unpaced (loader_share 1): paced, it could outlast the 0.36 s (in place 3.6 s) the queued frames take.
     async with Server(config(spec(versioned(tmp_path, 1)), loader_share=1.0)) as srv:
         conn = await client.connect("127.0.0.1", srv.port)
         futs = [conn.submit(f, model="m", stream_id=i % 3) for i, f in enumerate(frames(48))]
@@ -317,8 +319,9 @@ async def test_a_stop_during_a_swap_answers_the_frames_still_running_on_the_old_
     """The scheduler counted only the new version's batches as in flight: a stop right after the switch found
     it idle, closed the connections and the frame in the old version's batch was never answered. (In place, the
     copy waits behind that batch on the model's thread: the stop drains it, the copy runs, the swap returns.)"""
-    slow_batches(monkeypatch, 1.0)  # (the new version loads well within it)
-    srv = Server(config(spec(versioned(tmp_path, 1))))
+    # (The new version loads well within it; in place, its file is read by a process of its own, started for it)
+    slow_batches(monkeypatch, 4.0 if in_place else 1.0)
+    srv = Server(config(spec(versioned(tmp_path, 1)), watchdog_min_s=10.0))
     await srv.start()
     conn = await client.connect("127.0.0.1", srv.port)
     running = conn.submit(frames(1)[0], model="m")

@@ -25,6 +25,7 @@ from streamgpu.gpu import BACKENDS
 from streamgpu.memory import Slot
 from streamgpu.models.outputs import BatchOutputs, OutputLayout
 from streamgpu.models.spec import ModelSpec
+from streamgpu.models.weights import HostWeights
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +150,10 @@ class Backend(abc.ABC):
     # Whether a new version of a serving model's architecture can take its weights in place (below)
     swaps_weights_in_place: bool = False
 
-    def stage_weights(self, model: DeviceModel, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> StagedWeights:
-        """Copies of the new values in ``pairs`` (a live tensor of ``model``'s, its new value on the CPU:
-        ``models.weights.paired_weights``) on ``model``'s device, for ``swap_weights``. Blocking: call off the
-        loop (the loader thread)."""
+    def stage_weights(self, model: DeviceModel, weights: HostWeights) -> StagedWeights:
+        """A copy of ``weights`` (a new version's, in host memory, each value in its live tensor's dtype and layout:
+        ``models.weights.read_weights``) on ``model``'s device, paired with ``model``'s tensors, for
+        ``swap_weights``. Once it returns ``weights`` may go. Blocking: call off the loop (the loader thread)."""
         raise NotImplementedError(f"the {self.name} backend swaps no weights in place")
 
     def swap_weights(self, model: DeviceModel, staged: StagedWeights) -> asyncio.Future[None]:

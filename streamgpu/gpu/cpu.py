@@ -27,6 +27,7 @@ from streamgpu.memory import Slot
 from streamgpu.models.outputs import BatchOutputs, ModelHead, host_dtype, model_input, warm_up
 from streamgpu.models.preprocess import TorchPreprocess
 from streamgpu.models.spec import ModelSpec
+from streamgpu.models.weights import HostWeights
 
 
 class CpuModel(DeviceModel):
@@ -94,13 +95,11 @@ class CpuBackend(Backend):
 
     swaps_weights_in_place = True
 
-    def stage_weights(self, model: DeviceModel, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> StagedWeights:
-        live = [target for target, _ in pairs]
-        # The conversion here, into the live tensors' dtype and layout: the copy at the swap then only moves
-        # values, and cannot fail halfway through, leaving a model on a mix of both versions' weights
-        with torch.no_grad():  # (a value saved as a Parameter would record the copy)
-            staged = [torch.empty_like(target).copy_(value) for target, value in pairs]
-        return StagedWeights.by_dtype(live, staged)
+    def stage_weights(self, model: DeviceModel, weights: HostWeights) -> StagedWeights:
+        # A copy of its own (the shared buffer goes after this): values already in the live tensors' dtypes and
+        # layouts, so the copy at the swap only moves them, and cannot fail halfway through
+        pairs = weights.pairs(model.module, weights.buffer.clone())
+        return StagedWeights.by_dtype([live for live, _ in pairs], [value for _, value in pairs])
 
     def swap_weights(self, model: DeviceModel, staged: StagedWeights) -> asyncio.Future[None]:
         assert isinstance(model, CpuModel)

@@ -45,6 +45,7 @@ from streamgpu.memory import Slot
 from streamgpu.models.outputs import BatchOutputs, ModelHead, host_dtype, model_input, warm_up
 from streamgpu.models.preprocess import TorchPreprocess
 from streamgpu.models.spec import ModelSpec
+from streamgpu.models.weights import HostWeights
 
 log = logging.getLogger(__name__)
 
@@ -706,20 +707,17 @@ class CudaBackend(Backend):
 
     swaps_weights_in_place = True
 
-    def stage_weights(self, model: DeviceModel, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> StagedWeights:
+    def stage_weights(self, model: DeviceModel, weights: HostWeights) -> StagedWeights:
         assert isinstance(model, CudaModel)
         load_stream = self.load_streams[model.device]
         with torch.cuda.device(model.gpu), torch.cuda.stream(load_stream), torch.inference_mode():
-            # In the serving tensors' layouts (channels-last convolutions), so that the swap copies them flat.
-            # Each value goes to the device as it is and is converted there: a copy_ across devices converts on
-            # the CPU, in torch's thread pool, on every core the loop and the producers run on.
-            staged = [torch.empty_like(live) for live, _ in pairs]
-            for target, (_, value) in zip(staged, pairs, strict=True):
-                target.copy_(value.to(model.gpu))
+            # One copy of the whole buffer (the values already in the serving tensors' dtypes and layouts, channels-last
+            # convolutions included, so that the swap copies them flat); each value a view into it
+            pairs = weights.pairs(model.module, weights.buffer.to(model.gpu))
             # Integer tensors (batch-norm counters) copied as floats of their size, bit for bit: torch's multi-tensor
             # copy takes no integer list, and copied one launch each, 53 of them held a ResNet-50's swap ~1 ms
             grouped = StagedWeights.by_dtype([_as_float_bits(live) for live, _ in pairs],
-                                             [_as_float_bits(value) for value in staged])  # fmt: skip
+                                             [_as_float_bits(value) for _, value in pairs])  # fmt: skip
             # The swap's copy kernels, launched once here: a kernel's first launch in the process loads it, which
             # waits for the device (17-19 ms of loop and GPU idle at the first swap on an H200)
             for _, values in grouped.groups:

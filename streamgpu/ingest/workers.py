@@ -61,12 +61,11 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 
-import streamgpu
+from streamgpu.children import child_environment, module_command
 from streamgpu.cmdline import STOP_SIGNALS
 from streamgpu.config import ListenerSpec
 from streamgpu.errors import WorkerStartError
@@ -108,7 +107,6 @@ CRASH_LOOP_S = 10.0
 REAP_GRACE_S = 1.0
 # Flags byte -> FrameFlags: LIVE is the one flag that means something here (SUBSCRIBERS, UDP's, the worker acts on)
 _FLAGS = [FrameFlags.LIVE if f & FrameFlags.LIVE else FrameFlags.NONE for f in range(256)]
-_PACKAGE_ROOT = str(Path(streamgpu.__file__).resolve().parent.parent)
 _WORKER_HINT = (  # what to check when a worker cannot start
     f"Check that '{sys.executable} -m streamgpu.ingest.worker' can import streamgpu in this environment (the "
     "interpreter, PYTHONPATH, the virtual environment) and that memory is not short, or serve without worker "
@@ -272,17 +270,15 @@ class _Worker(asyncio.Protocol):
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
                 init = dataclasses.replace(init, handoff_fd=their_handoff.fileno())
-                path = [_PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")]
-                env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}  # this streamgpu, first
                 # Born with the signals it ignores blocked (the mask survives fork and exec; it unblocks them once
                 # ignored): one reaching the process group while its interpreter started (Ctrl-C or systemd's
                 # stop as the server starts or replaces a worker) killed it, and the server's start failed
                 blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
                 try:
                     self.proc = subprocess.Popen(
-                        [sys.executable, "-m", "streamgpu.ingest.worker", str(theirs.fileno())],
+                        module_command("streamgpu.ingest.worker", str(theirs.fileno())),
                         pass_fds=(theirs.fileno(), their_handoff.fileno(), segment_fd, *init.udp_fds),
-                        env=env,
+                        env=child_environment(),
                     )
                 finally:
                     signal.pthread_sigmask(signal.SIG_SETMASK, blocked)

@@ -29,9 +29,9 @@ from typing import Any
 
 from streamgpu.errors import ModelLoadError, ModelNotFoundError
 from streamgpu.gpu.backend import Backend, DeviceModel, StagedWeights
-from streamgpu.models.loader import load_module, read_state_dict
+from streamgpu.models.loader import load_module
 from streamgpu.models.spec import ModelSpec
-from streamgpu.models.weights import in_place_problem, paired_weights
+from streamgpu.models.weights import WeightsLayout, in_place_problem, read_weights
 from streamgpu.scheduler.scheduler import Scheduler
 
 LOADING_SWITCH_INTERVAL_S = 0.0002  # the GIL hand-over interval while a model loads (see LoadingSwitchInterval)
@@ -155,10 +155,8 @@ class ModelManager:
 
     def _stage(self, spec: ModelSpec, serving: list[DeviceModel], paced: bool) -> list[StagedWeights]:
         """``spec``'s weights read, checked against each serving instance's and staged beside them (``weights``)."""
-        with self._paced(paced):
-            state = read_state_dict(spec)
-            return [self._backend.stage_weights(model, paired_weights(spec.name, model.module, state))
-                    for model in serving]  # fmt: skip
+        with self._paced(paced), read_weights(spec, WeightsLayout.of(serving[0].module)) as weights:
+            return [self._backend.stage_weights(model, weights) for model in serving]
 
     def _paced(self, paced: bool) -> contextlib.AbstractContextManager[None]:
         """In the loader thread: ``paced``, it pauses for the loop as it goes (``_yielding``)."""

@@ -4,20 +4,33 @@ A new version of a serving model that is its builtin architecture with other wei
 source, every other setting the same) need not be built, warmed and graph-captured beside it: its file is
 read, its tensors checked against the serving module's one by one, staged on the device, and copied into
 the serving module's own tensors between two batches (``Backend.swap_weights``). The CUDA graphs read
-those tensors where they are, so from the next batch on they run the new weights. The swap so costs the
-serving process a file read and one device copy, where a rebuild costs seconds of Python in the loader
-thread beside the loop, which raised the serving p99 while it ran (docs/BENCHMARKS.md).
+those tensors where they are, so from the next batch on they run the new weights.
+
+The file is read in a child process (``read_weights``), which writes every value, in its serving tensor's
+dtype and memory layout, into one shared host buffer (``WeightsLayout``): reading a weights file is
+milliseconds-long calls that hold the GIL (``torch.load``'s records, the dtype conversions), and in the
+serving process each of them held the loop for as long (docs/BENCHMARKS.md). The serving process then copies
+that buffer to the device whole and copies it into the live tensors at the swap.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import pickle
+import subprocess
+import sys
 from collections.abc import Mapping
+from types import TracebackType
 
 import torch
 from torch import Tensor, nn
 
+from streamgpu.children import child_environment, module_command
 from streamgpu.errors import ModelLoadError
+from streamgpu.loops import spare_cpus
+from streamgpu.memory import HostSegment
 from streamgpu.models.spec import ModelSpec
 
 # Settings a new version taking the serving one's place in place may have of its own: the weights it brings, and
@@ -25,6 +38,10 @@ from streamgpu.models.spec import ModelSpec
 _THE_NEW_VERSIONS = ("source", "arch", "weights_in_place")
 # Entries named in an error at most (a state dict of another architecture differs in hundreds)
 _NAMED = 5
+# Where each value starts in the shared buffer: a multiple of this many bytes (the device copies' vector loads)
+_ALIGN = 256
+# Lines of a failed reader's standard error quoted in the error
+_STDERR_LINES = 5
 
 
 def architecture(spec: ModelSpec) -> str | None:
@@ -54,51 +71,221 @@ def in_place_problem(serving: ModelSpec, new: ModelSpec) -> str | None:
     return None
 
 
-def paired_weights(name: str, module: nn.Module, state: Mapping[str, object]) -> list[tuple[Tensor, Tensor]]:
-    """Each tensor of ``module``'s state (parameters and persistent buffers, where they live) with its new value
-    in ``state`` (a state dict on the CPU), but those ``load_state_dict`` keeps where ``state`` lacks them
+@dataclasses.dataclass(frozen=True)
+class LiveEntry:
+    """One tensor of a serving module's state: its new value's place in the shared buffer, and how it is laid."""
+
+    key: str
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]  # the live tensor's, its value written so: copied at the swap as it lies
+    dtype: torch.dtype
+    offset: int  # bytes into the buffer
+    keepable: bool  # a batch norm's counter: load_state_dict keeps it where an old state dict lacks it (``_kept``)
+
+    @property
+    def nbytes(self) -> int:
+        return self.dtype.itemsize * _numel(self.shape)
+
+    def view(self, buffer: Tensor) -> Tensor:
+        """This entry's tensor in ``buffer`` (one-dimensional uint8, on any device)."""
+        return buffer[self.offset : self.offset + self.nbytes].view(self.dtype).as_strided(self.shape, self.stride)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsLayout:
+    """A serving module's state (parameters and persistent buffers) as one buffer of its new values."""
+
+    entries: tuple[LiveEntry, ...]
+    nbytes: int
+
+    @classmethod
+    def of(cls, module: nn.Module) -> WeightsLayout:
+        keepable = {f"{prefix}.num_batches_tracked" if prefix else "num_batches_tracked"
+                    for prefix, sub in module.named_modules()
+                    if isinstance(sub, nn.modules.batchnorm._BatchNorm) and sub.track_running_stats}  # fmt: skip
+        entries, offset = [], 0
+        for key, tensor in module.state_dict().items():
+            # A value takes its live tensor's strides where that tensor is dense (so the copy at the swap moves it
+            # flat), contiguous ones otherwise (a view with gaps: copied element by element)
+            shape, stride = tuple(tensor.shape), tuple(tensor.stride())
+            if not _dense(shape, stride):
+                stride = _contiguous_strides(shape)
+            entry = LiveEntry(key, shape, stride, tensor.dtype, offset, key in keepable)
+            entries.append(entry)
+            offset += -(-entry.nbytes // _ALIGN) * _ALIGN
+        return cls(tuple(entries), offset)
+
+
+class HostWeights:
+    """A new version's weights read by ``read_weights``: every value in ``buffer`` (one-dimensional uint8, in
+    shared host memory) in its serving tensor's dtype and layout, but those ``kept``. Close it (or use it as a
+    context manager) once the values were copied out (``Backend.stage_weights``)."""
+
+    def __init__(self, name: str, layout: WeightsLayout, kept: list[str], segment: HostSegment) -> None:
+        self.name = name
+        self.layout = layout
+        self.kept = frozenset(kept)
+        self._segment = segment
+        self.buffer = torch.from_numpy(segment.buffer[: layout.nbytes])
+
+    def pairs(self, module: nn.Module, buffer: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Each tensor of ``module``'s state that takes a new value, with that value in ``buffer`` (a copy of
+        ``self.buffer``, on the module's device). ``module`` is one instance of the serving version: its state is
+        laid out as the one the buffer was written for (``ModelLoadError`` otherwise)."""
+        live = module.state_dict()
+        laid = [(entry.key, entry.shape, entry.dtype) for entry in self.layout.entries]
+        if laid != [(key, tuple(t.shape), t.dtype) for key, t in live.items()]:
+            raise ModelLoadError(f"model {self.name!r}: an instance's weights are not laid out as the first's")
+        return [(live[e.key], e.view(buffer)) for e in self.layout.entries if e.key not in self.kept]
+
+    def close(self) -> None:
+        del self.buffer  # (the segment unmaps only once no view of it is left)
+        self._segment.close()
+
+    def __enter__(self) -> HostWeights:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+def read_weights(spec: ModelSpec, layout: WeightsLayout) -> HostWeights:
+    """``spec``'s file (a ``state_dict:`` source) read, checked against ``layout`` and written into shared
+    memory as it lays the values out, in a child process (this module run as a program). Blocking: call it in
+    the loader thread, which only waits meanwhile. ``ModelLoadError`` where the file or a value does not fit,
+    or the reader fails."""
+    segment = HostSegment.create(max(layout.nbytes, 1), name="streamgpu-weights")
+    try:
+        kept = _run_reader(spec, layout, segment)
+        return HostWeights(spec.name, layout, kept, segment)
+    except BaseException:
+        segment.close()
+        raise
+
+
+def _run_reader(spec: ModelSpec, layout: WeightsLayout, segment: HostSegment) -> list[str]:
+    command = module_command(__name__, str(segment.fd), str(segment.nbytes))
+    try:
+        proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                pass_fds=(segment.fd,), env=child_environment(), start_new_session=True)  # fmt: skip
+    except OSError as exc:
+        raise ModelLoadError(f"model {spec.name!r}: the process that reads its weights could not start: {exc}") from exc
+    if (cpus := spare_cpus()) is not None:  # beside a pinned loop: its start and reads are not the loop's
+        os.sched_setaffinity(proc.pid, cpus)
+    out, err = proc.communicate(pickle.dumps((spec, layout)))
+    try:
+        reply = json.loads(out)
+    except ValueError:
+        reply = None
+    if proc.returncode == 0 and isinstance(reply, dict):
+        if "error" in reply:
+            raise ModelLoadError(str(reply["error"]))
+        return [str(key) for key in reply["kept"]]
+    how = f"was killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exited with {proc.returncode}"
+    said = "; ".join(err.decode(errors="replace").strip().splitlines()[-_STDERR_LINES:])
+    raise ModelLoadError(
+        f"model {spec.name!r}: the process reading its weights ({' '.join(command[:3])}) {how}"
+        + (f": {said}" if said else "")
+        + " (memory short? the version serving serves on)"
+    )
+
+
+def write_weights(name: str, layout: WeightsLayout, state: Mapping[str, object], buffer: Tensor) -> list[str]:
+    """Each value of ``state`` (a state dict on the CPU) written into ``buffer`` where ``layout`` lays it, in its
+    serving tensor's dtype; returns the entries left out, kept as they are as ``load_state_dict`` keeps them
     (``_kept``). ``ModelLoadError`` where ``state`` does not fit: entries missing or unexpected, a sparse or meta
     tensor, another shape, a floating value for an integer tensor or the reverse (what ``load_state_dict``
     refuses; floating values take the serving tensor's precision)."""
-    live = module.state_dict()
-    for key in _kept(module, state):  # (as load_state_dict keeps them)
-        del live[key]
-    missing = [key for key in live if key not in state]
-    unexpected = [key for key in state if key not in live]
+    kept = _kept(layout, state)
+    live = [entry for entry in layout.entries if entry.key not in kept]
+    keys = {entry.key for entry in live}
+    missing = [entry.key for entry in live if entry.key not in state]
+    unexpected = [key for key in state if key not in keys]
     if missing or unexpected:
         raise ModelLoadError(
             f"model {name!r}: the new weights do not fit the serving architecture: "
             f"{len(missing)} entries missing {missing[:_NAMED]}, {len(unexpected)} unexpected {unexpected[:_NAMED]}"
         )
-    pairs = []
-    for key, tensor in live.items():
-        value = state[key]
-        if not isinstance(value, Tensor):
-            raise ModelLoadError(f"model {name!r}: entry {key!r} of the new weights is a {type(value).__name__}, "
-                                 "not a tensor")  # fmt: skip
-        if value.layout != torch.strided or value.is_meta:  # the copy at the swap would fail halfway through
-            raise ModelLoadError(f"model {name!r}: entry {key!r} of the new weights is a {value.layout} tensor on "
-                                 f"{value.device}, not a dense one with its values")  # fmt: skip
-        if value.shape != tensor.shape:
-            raise ModelLoadError(f"model {name!r}: entry {key!r} of the new weights has shape {list(value.shape)}, "
-                                 f"the serving model's {list(tensor.shape)}")  # fmt: skip
-        if value.is_floating_point() != tensor.is_floating_point() or value.is_complex() != tensor.is_complex():
-            raise ModelLoadError(f"model {name!r}: entry {key!r} of the new weights is {value.dtype}, "
-                                 f"the serving model's {tensor.dtype}")  # fmt: skip
-        pairs.append((tensor, value))
-    return pairs
+    for entry in live:  # every value checked before any is written: a misfit refuses the file whole
+        _check(name, entry, state[entry.key])
+    with torch.no_grad():  # (a value saved as a Parameter would record the copy)
+        for entry in live:
+            entry.view(buffer).copy_(state[entry.key])  # type: ignore[arg-type]
+    return kept
 
 
-def _kept(module: nn.Module, state: Mapping[str, object]) -> list[str]:
-    """The entries of ``module``'s state that ``load_state_dict`` leaves as they are where ``state`` lacks them: a
-    batch norm's ``num_batches_tracked`` in a state dict saved before torch counted batches (its version in
-    ``state``'s ``_metadata`` under 2, or none: a plain dict). A ResNet's from torch < 0.4.1 loads so."""
+def _check(name: str, entry: LiveEntry, value: object) -> None:
+    if not isinstance(value, Tensor):
+        raise ModelLoadError(f"model {name!r}: entry {entry.key!r} of the new weights is a {type(value).__name__}, "
+                             "not a tensor")  # fmt: skip
+    if value.layout != torch.strided or value.is_meta:  # (no values to copy)
+        raise ModelLoadError(f"model {name!r}: entry {entry.key!r} of the new weights is a {value.layout} tensor on "
+                             f"{value.device}, not a dense one with its values")  # fmt: skip
+    if tuple(value.shape) != entry.shape:
+        raise ModelLoadError(f"model {name!r}: entry {entry.key!r} of the new weights has shape {list(value.shape)}, "
+                             f"the serving model's {list(entry.shape)}")  # fmt: skip
+    if value.is_floating_point() != entry.dtype.is_floating_point or value.is_complex() != entry.dtype.is_complex:
+        raise ModelLoadError(f"model {name!r}: entry {entry.key!r} of the new weights is {value.dtype}, "
+                             f"the serving model's {entry.dtype}")  # fmt: skip
+
+
+def _kept(layout: WeightsLayout, state: Mapping[str, object]) -> list[str]:
+    """The entries of ``layout`` that ``load_state_dict`` leaves as they are where ``state`` lacks them: a batch
+    norm's ``num_batches_tracked`` in a state dict saved before torch counted batches (its version in ``state``'s
+    ``_metadata`` under 2, or none: a plain dict). A ResNet's from torch < 0.4.1 loads so."""
     metadata: Mapping[str, Mapping[str, object]] = getattr(state, "_metadata", None) or {}
     kept = []
-    for prefix, sub in module.named_modules():
-        key = f"{prefix}.num_batches_tracked" if prefix else "num_batches_tracked"
-        version = metadata.get(prefix, {}).get("version")
-        if (isinstance(sub, nn.modules.batchnorm._BatchNorm) and sub.track_running_stats and key not in state
+    for entry in layout.entries:
+        version = metadata.get(entry.key.rpartition(".")[0], {}).get("version")
+        if (entry.keepable and entry.key not in state
                 and (version is None or (isinstance(version, int) and version < 2))):  # fmt: skip
-            kept.append(key)
+            kept.append(entry.key)
     return kept
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for size in shape:
+        n *= size
+    return n
+
+
+def _dense(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    """Whether a tensor of ``shape`` and ``stride`` covers its span of memory exactly once (in any order)."""
+    span = 1
+    for size, step in sorted(zip(shape, stride, strict=True), key=lambda dim: dim[1]):
+        if size == 0:
+            return True
+        if size > 1:
+            if step != span:
+                return False
+            span *= size
+    return True
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def main() -> None:
+    """The reader (``read_weights``): ``python -m streamgpu.models.weights FD NBYTES``, the pickled spec and layout
+    on standard input; writes the values into the shared memory behind ``FD``, and on standard output a JSON
+    object: ``{"kept": [...]}``, or ``{"error": "..."}`` for a file or value that does not fit."""
+    from streamgpu.models.loader import read_state_dict  # (the reader's only: the server reads no state dict)
+
+    spec, layout = pickle.load(sys.stdin.buffer)  # (from the server that started it)
+    segment = HostSegment.attach(int(sys.argv[1]), int(sys.argv[2]))
+    try:
+        buffer = torch.from_numpy(segment.buffer[: layout.nbytes])
+        reply: dict[str, object] = {"kept": write_weights(spec.name, layout, read_state_dict(spec), buffer)}
+    except ModelLoadError as exc:
+        reply = {"error": str(exc)}
+    json.dump(reply, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

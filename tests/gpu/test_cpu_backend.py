@@ -14,11 +14,11 @@ import torch
 
 from streamgpu.config import Config
 from streamgpu.gpu.cpu import CpuBackend
-from streamgpu.memory import SlotPool
+from streamgpu.memory import HostSegment, SlotPool
 from streamgpu.models.builtin import build_builtin
 from streamgpu.models.preprocess import preprocess_torch
 from streamgpu.models.spec import ModelSpec
-from streamgpu.models.weights import paired_weights
+from streamgpu.models.weights import HostWeights, WeightsLayout, write_weights
 
 SPEC = ModelSpec(input_shape=(16, 16, 3))
 
@@ -101,17 +101,23 @@ async def test_a_batchs_results_are_its_own_when_the_module_reuses_its_output() 
 
 
 @pytest.mark.asyncio
-async def test_new_weights_are_staged_in_the_serving_tensors_dtype_and_layout() -> None:
-    """The conversion is the staging's, in the loader thread: the copy at the swap moves values between tensors
+async def test_new_weights_are_staged_in_memory_of_their_own_paired_with_the_serving_tensors() -> None:
+    """Staged from the reader's shared buffer (values in the serving tensors' dtypes and layouts) into memory of
+    the backend's own: the buffer goes once staging returns, and the copy at the swap moves values between tensors
     alike (one that converted there could fail halfway through, a model left on a mix of two versions)."""
     backend = CpuBackend(asyncio.get_running_loop(), Config(device="cpu"))
     model = backend.load(dataclasses.replace(SPEC, precision="fp16"), build_builtin("small"))
     state = build_builtin("small").state_dict()
-    state["fc.weight"] = state["fc.weight"].t().contiguous().t()  # its values transposed in memory
-    staged = backend.stage_weights(model, paired_weights("m", model.module, state))
+    layout = WeightsLayout.of(model.module)
+    segment = HostSegment.create(layout.nbytes)
+    shared = range(segment.buffer.ctypes.data, segment.buffer.ctypes.data + layout.nbytes)
+    write_weights("m", layout, state, torch.from_numpy(segment.buffer[: layout.nbytes]))
+    with HostWeights("m", layout, [], segment) as new:
+        staged = backend.stage_weights(model, new)
     pairs = [pair for live, values in staged.groups for pair in zip(live, values, strict=True)]
-    assert len(pairs) == len(model.module.state_dict())
-    assert all((v.dtype, v.stride()) == (t.dtype, t.stride()) for t, v in pairs), [
-        (t.stride(), v.stride()) for t, v in pairs if t.stride() != v.stride()
-    ]
+    key_of = {t.data_ptr(): key for key, t in model.module.state_dict().items()}
+    assert sorted(key_of[t.data_ptr()] for t, _ in pairs) == sorted(key_of.values())  # the serving tensors
+    assert all((v.dtype, v.stride()) == (t.dtype, t.stride()) for t, v in pairs)
+    assert not any(v.data_ptr() in shared for _, v in pairs)
+    assert all(torch.equal(v, state[key_of[t.data_ptr()]].to(v.dtype)) for t, v in pairs)
     backend.close()

@@ -1,17 +1,22 @@
-"""Which new versions take a serving model's place by their weights alone, and how their tensors are paired."""
+"""Which new versions take a serving model's place by their weights alone, and how their values are checked, laid
+out in the serving tensors' dtypes and layouts, and read in a process of their own."""
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from streamgpu.errors import ModelLoadError
+from streamgpu.models import weights
 from streamgpu.models.builtin import SmallConvNet
 from streamgpu.models.spec import ModelSpec
-from streamgpu.models.weights import architecture, in_place_problem, paired_weights
+from streamgpu.models.weights import WeightsLayout, architecture, in_place_problem, read_weights, write_weights
 
 SERVING = ModelSpec(name="m", source="state_dict:/w/v1.pt", arch="small", weights_in_place=True)
 
@@ -46,20 +51,43 @@ def test_the_architecture_of_each_source() -> None:
     assert architecture(ModelSpec(source="torchscript:/m.pt")) is None
 
 
-def test_each_serving_tensor_is_paired_with_its_new_value_whatever_its_precision() -> None:
-    serving = SmallConvNet().half()
-    state = SmallConvNet().state_dict()  # fp32: takes the serving tensors' precision at the copy
-    pairs = paired_weights("m", serving, state)
+def written(serving: nn.Module, state: dict[str, object]) -> tuple[WeightsLayout, torch.Tensor, list[str]]:
+    """``state`` written as ``serving``'s layout lays it out: the layout, the buffer, the entries kept."""
+    layout = WeightsLayout.of(serving)
+    buffer = torch.zeros(layout.nbytes, dtype=torch.uint8)
+    return layout, buffer, write_weights("m", layout, state, buffer)
+
+
+def test_each_value_is_written_in_its_serving_tensors_dtype_and_layout() -> None:
+    serving = SmallConvNet().half().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    state = SmallConvNet().state_dict()  # fp32, contiguous: takes the serving tensors' precision and strides
+    state["fc.weight"] = state["fc.weight"].t().contiguous().t()  # its values transposed in memory
+    layout, buffer, kept = written(serving, state)
     live = serving.state_dict()
-    assert [p[0].data_ptr() for p in pairs] == [t.data_ptr() for t in live.values()]  # the serving tensors themselves
-    assert all(new is state[key] for (_, new), key in zip(pairs, live, strict=True))
+    assert kept == [] and [entry.key for entry in layout.entries] == list(live)
+    for entry in layout.entries:
+        value = entry.view(buffer)
+        assert (value.dtype, value.stride()) == (live[entry.key].dtype, live[entry.key].stride()), entry.key
+        assert torch.equal(value, state[entry.key].to(value.dtype)), entry.key
+        assert entry.offset % 256 == 0
+    assert sum(not t.is_contiguous() for t in live.values()) == 4  # (the convolutions: channels last)
+
+
+def test_a_serving_tensor_with_gaps_takes_its_value_contiguous() -> None:
+    """A live tensor that is a view with gaps (every other element) cannot be copied flat: its value is laid out
+    contiguous (the copy at the swap goes element by element)."""
+    serving = nn.Linear(4, 3)
+    serving.weight = nn.Parameter(torch.zeros(3, 8)[:, ::2])
+    layout, buffer, _ = written(serving, {"weight": torch.ones(3, 4), "bias": torch.arange(3.0)})
+    assert [(e.key, e.stride, e.nbytes) for e in layout.entries] == [("weight", (4, 1), 48), ("bias", (1,), 12)]
+    assert torch.equal(layout.entries[1].view(buffer), torch.arange(3.0))
 
 
 def test_an_entry_of_another_architecture_is_named() -> None:
     state = SmallConvNet().state_dict()
     state["head.weight"] = torch.zeros(1)
     with pytest.raises(ModelLoadError, match=r"0 entries missing \[\], 1 unexpected \['head.weight'\]"):
-        paired_weights("m", SmallConvNet(), state)
+        written(SmallConvNet(), state)
 
 
 @pytest.mark.parametrize(
@@ -67,15 +95,24 @@ def test_an_entry_of_another_architecture_is_named() -> None:
     [
         (torch.zeros(1000).to_sparse(), "entry 'fc.bias' of the new weights is a torch.sparse_coo tensor on cpu"),
         (torch.empty(1000, device="meta"), "entry 'fc.bias' of the new weights is a torch.strided tensor on meta"),
+        (torch.zeros(999), "entry 'fc.bias' of the new weights has shape [999], the serving model's [1000]"),
+        (torch.zeros(1000, dtype=torch.int64), "entry 'fc.bias' of the new weights is torch.int64, "
+                                               "the serving model's torch.float32"),
+        (torch.zeros(1000, dtype=torch.complex64), "entry 'fc.bias' of the new weights is torch.complex64"),
+        ([0.0] * 1000, "entry 'fc.bias' of the new weights is a list, not a tensor"),
     ],
-    ids=["sparse", "meta"],
-)
-def test_a_tensor_without_dense_values_is_refused(value: torch.Tensor, expected: str) -> None:
-    """(Paired, its copy failed at the swap, after the tensors before it were copied: a mix of two versions.)"""
-    state = SmallConvNet().state_dict()
+    ids=["sparse", "meta", "shape", "int for float", "complex", "not a tensor"],
+)  # fmt: skip
+def test_a_value_that_does_not_fit_is_refused_before_any_is_written(value: object, expected: str) -> None:
+    """(A sparse value was paired, and its copy failed at the swap after the tensors before it: a mix of two
+    versions.) Nothing is written: the buffer stays as it was."""
+    state: dict[str, object] = dict(SmallConvNet().state_dict())
     state["fc.bias"] = value
+    layout = WeightsLayout.of(SmallConvNet())
+    buffer = torch.zeros(layout.nbytes, dtype=torch.uint8)
     with pytest.raises(ModelLoadError, match=re.escape(expected)):
-        paired_weights("m", SmallConvNet(), state)
+        write_weights("m", layout, state, buffer)
+    assert not buffer.any()
 
 
 def test_batch_norm_counters_a_state_dict_predates_are_kept_as_load_state_dict_keeps_them() -> None:
@@ -85,9 +122,65 @@ def test_batch_norm_counters_a_state_dict_predates_are_kept_as_load_state_dict_k
     old = {key: value for key, value in saved.items() if not key.endswith("num_batches_tracked")}  # a plain dict
     serving = SmallConvNet()
     SmallConvNet().load_state_dict(old)  # (torch takes it)
-    pairs = paired_weights("m", serving, old)
-    assert all(new is value for (_, new), value in zip(pairs, old.values(), strict=True))
-    for key in [key for key in saved if key.endswith("num_batches_tracked")]:
+    _, _, kept = written(serving, old)
+    assert kept == [key for key in saved if key.endswith("num_batches_tracked")] and len(kept) == 4
+    for key in kept:
         del saved[key]  # (its _metadata says version 2: torch refuses it, and so does the swap)
     with pytest.raises(ModelLoadError, match=r"4 entries missing \['features.1.num_batches_tracked'"):
-        paired_weights("m", serving, saved)
+        written(serving, saved)
+
+
+def saved(tmp_path: Path, state: object) -> ModelSpec:
+    path = tmp_path / "v2.pt"
+    torch.save(state, path)
+    return dataclasses.replace(SERVING, source=f"state_dict:{path}")
+
+
+def test_the_reader_process_lays_a_files_values_out_in_shared_memory(tmp_path: Path) -> None:
+    serving = SmallConvNet().half()
+    state = SmallConvNet().state_dict()
+    with read_weights(saved(tmp_path, state), WeightsLayout.of(serving)) as new:
+        pairs = new.pairs(serving, new.buffer.clone())
+        assert new.kept == frozenset()
+        live = serving.state_dict()
+        assert [p[0].data_ptr() for p in pairs] == [t.data_ptr() for t in live.values()]  # the serving tensors
+        assert all(torch.equal(value, state[key].half() if value.is_floating_point() else state[key])
+                   for (_, value), key in zip(pairs, live, strict=True))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("contents", "expected"),
+    [
+        (b"not a weights file", "cannot load 'state_dict:"),
+        ({"fc.weight": torch.zeros(1)}, "the new weights do not fit the serving architecture: 21 entries missing"),
+    ],
+    ids=["not a zip", "another architecture"],
+)
+def test_the_reader_process_refuses_a_file_that_does_not_fit_saying_why(
+    tmp_path: Path, contents: object, expected: str
+) -> None:
+    if isinstance(contents, bytes):
+        spec = saved(tmp_path, {})
+        (tmp_path / "v2.pt").write_bytes(contents)
+    else:
+        spec = saved(tmp_path, contents)
+    with pytest.raises(ModelLoadError, match=re.escape(expected)):
+        read_weights(spec, WeightsLayout.of(SmallConvNet()))
+
+
+@pytest.mark.parametrize(
+    ("program", "expected"),
+    [
+        ("import sys; print('out of memory', file=sys.stderr); sys.exit(3)", "exited with 3: out of memory"),
+        ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "was killed by signal 9"),
+        ("print('{not json')", "exited with 0"),
+    ],
+    ids=["exits", "killed", "garbled reply"],
+)
+def test_a_reader_process_that_fails_is_a_clear_load_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, program: str, expected: str
+) -> None:
+    monkeypatch.setattr(weights, "module_command", lambda *args: [sys.executable, "-c", program])
+    with pytest.raises(ModelLoadError, match=re.escape(f"the process reading its weights ({sys.executable} -c ") +
+                       ".*" + re.escape(expected)):  # fmt: skip
+        read_weights(saved(tmp_path, SmallConvNet().state_dict()), WeightsLayout.of(SmallConvNet()))

@@ -1,0 +1,24 @@
+"""Starting a module of this package in a child interpreter (ingest workers, the weights reader)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import streamgpu
+
+# The folder streamgpu is imported from here, first on a child's path: the child runs this streamgpu, not another
+# one its environment may hold
+_PACKAGE_ROOT = str(Path(streamgpu.__file__).resolve().parent.parent)
+
+
+def module_command(module: str, *args: str) -> list[str]:
+    """``python -m module args...`` with this process's interpreter."""
+    return [sys.executable, "-m", module, *args]
+
+
+def child_environment() -> dict[str, str]:
+    """This process's environment, with the folder this streamgpu is imported from first on ``PYTHONPATH``."""
+    path = [_PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}
