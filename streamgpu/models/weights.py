@@ -15,6 +15,7 @@ that buffer to the device whole and copies it into the live tensors at the swap.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -42,6 +43,8 @@ _NAMED = 5
 _ALIGN = 256
 # Lines of a failed reader's standard error quoted in the error
 _STDERR_LINES = 5
+# The reader process's scheduling priority (nice), below the server's
+READER_NICENESS = 10
 
 
 def architecture(spec: ModelSpec) -> str | None:
@@ -165,13 +168,20 @@ def read_weights(spec: ModelSpec, layout: WeightsLayout) -> HostWeights:
 
 def _run_reader(spec: ModelSpec, layout: WeightsLayout, segment: HostSegment) -> list[str]:
     command = module_command(__name__, str(segment.fd), str(segment.nbytes))
+    # One thread (torch's conversions would otherwise run on every core, its idle threads spinning a while after
+    # each), in a session of its own (a Ctrl-C to the server's terminal is the server's to handle)
+    env = {**child_environment(), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     try:
         proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                pass_fds=(segment.fd,), env=child_environment(), start_new_session=True)  # fmt: skip
+                                pass_fds=(segment.fd,), env=env, start_new_session=True)  # fmt: skip
     except OSError as exc:
         raise ModelLoadError(f"model {spec.name!r}: the process that reads its weights could not start: {exc}") from exc
-    if (cpus := spare_cpus()) is not None:  # beside a pinned loop: its start and reads are not the loop's
-        os.sched_setaffinity(proc.pid, cpus)
+    # Its start (an interpreter, torch's import: a second or more of CPU) and reads yield to the serving threads
+    # where they share a CPU, and keep off a pinned loop's
+    with contextlib.suppress(ProcessLookupError):  # (ended already: its reply says how)
+        os.setpriority(os.PRIO_PROCESS, proc.pid, READER_NICENESS)
+        if (cpus := spare_cpus()) is not None:
+            os.sched_setaffinity(proc.pid, cpus)
     out, err = proc.communicate(pickle.dumps((spec, layout)))
     try:
         reply = json.loads(out)
