@@ -751,7 +751,7 @@ def main() -> int:
                         help="the server's loader_share (the share of the time a load's Python may take; default: "
                         "the server's)")  # fmt: skip
     parser.add_argument("--loading-switch-interval-us", type=float, default=None,
-                        help="diagnosis: the GIL switch interval while a model loads (the server's "
+                        help="diagnosis: the GIL switch interval while a version built beside loads (the server's "
                              "LOADING_SWITCH_INTERVAL_S), in microseconds")  # fmt: skip
     parser.add_argument("--loop", default="auto")
     parser.add_argument("--json", default="bench_swap.json", help="where to write the figures")

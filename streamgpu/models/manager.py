@@ -49,7 +49,7 @@ log = logging.getLogger("streamgpu")
 
 
 class LoadingSwitchInterval:
-    """While any model loads in the process (seconds of Python in a loader thread: warm-up, graph capture), a loop
+    """While any model is built in the process (seconds of Python in a loader thread: warm-up, graph capture), a loop
     thread waits at most ``LOADING_SWITCH_INTERVAL_S`` for the GIL instead of Python's 5 ms default, which would
     otherwise show up in the p99 of every model serving meanwhile. The interval is the process's: loads are counted
     over every server of it, so the last one to end puts back what was there before the first began."""
@@ -213,14 +213,18 @@ class ModelManager:
                         "(unload it first, or load the new one under another name)"
                     )
                 in_place = serving is not None and self._in_place(old_spec, spec)
-                with loading_switch_interval():
-                    # Paced while frames are taken (not at start), a compiling load too: its hook slows dynamo's
-                    # tracing ~3x and the load ~6x, but unpaced, a new architecture's compile took the p99 of the
-                    # model served beside it to 10.5x steady state (docs/MODELS.md).
-                    if in_place:
-                        assert serving is not None
-                        staged = await loop.run_in_executor(self._loader, self._stage, spec, serving, self.serving)
-                    else:
+                # Paced while frames are taken (not at start), a compiling load too: its hook slows dynamo's tracing
+                # ~3x and the load ~6x, but unpaced, a new architecture's compile took the p99 of the model served
+                # beside it to 10.5x steady state (docs/MODELS.md).
+                if in_place:
+                    assert serving is not None
+                    # Without the short switch interval: the file is read in a process of its own and this
+                    # process's loader thread runs little Python, so the interval only made the loop hand the GIL
+                    # to its other threads more often (p99 during ResNet-50 swaps 1.44-1.56x steady with it,
+                    # 1.10-1.26x without, H200: docs/BENCHMARKS.md)
+                    staged = await loop.run_in_executor(self._loader, self._stage, spec, serving, self.serving)
+                else:
+                    with loading_switch_interval():
                         models = await loop.run_in_executor(self._loader, self._build, spec, self.serving)
             except Exception as exc:
                 error = exc if isinstance(exc, ModelLoadError) else ModelLoadError(
