@@ -183,8 +183,8 @@ def _run_reader(spec: ModelSpec, layout: WeightsLayout, segment: HostSegment) ->
         if (cpus := spare_cpus()) is not None:
             os.sched_setaffinity(proc.pid, cpus)
     out, err = proc.communicate(pickle.dumps((spec, layout)))
-    try:
-        reply = json.loads(out)
+    try:  # its last line (a library may have printed before the reader took standard output for itself)
+        reply = json.loads(out.rstrip(b"\n").rpartition(b"\n")[2])
     except ValueError:
         reply = None
     if proc.returncode == 0 and isinstance(reply, dict):
@@ -283,8 +283,11 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def main() -> None:
     """The reader (``read_weights``): ``python -m streamgpu.models.weights FD NBYTES``, the pickled spec and layout
-    on standard input; writes the values into the shared memory behind ``FD``, and on standard output a JSON
-    object: ``{"kept": [...]}``, or ``{"error": "..."}`` for a file or value that does not fit."""
+    on standard input; writes the values into the shared memory behind ``FD``, and as the last line of standard
+    output a JSON object: ``{"kept": [...]}``, or ``{"error": "..."}`` for a file or value that does not fit."""
+    # The reply has standard output to itself: whatever else writes there (a library's print) goes to standard error
+    reply_to = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     from streamgpu.models.loader import read_state_dict  # (the reader's only: the server reads no state dict)
 
     spec, layout = pickle.load(sys.stdin.buffer)  # (from the server that started it)
@@ -294,7 +297,8 @@ def main() -> None:
         reply: dict[str, object] = {"kept": write_weights(spec.name, layout, read_state_dict(spec), buffer)}
     except ModelLoadError as exc:
         reply = {"error": str(exc)}
-    json.dump(reply, sys.stdout)
+    with reply_to:
+        reply_to.write("\n" + json.dumps(reply) + "\n")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ out in the serving tensors' dtypes and layouts, and read in a process of their o
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import sys
 from pathlib import Path
@@ -136,9 +137,14 @@ def saved(tmp_path: Path, state: object) -> ModelSpec:
     return dataclasses.replace(SERVING, source=f"state_dict:{path}")
 
 
-def test_the_reader_process_lays_a_files_values_out_in_shared_memory(tmp_path: Path) -> None:
+def test_the_reader_process_lays_a_files_values_out_in_shared_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     serving = SmallConvNet().half()
     state = SmallConvNet().state_dict()
+    # A library that prints as the reader imports it leaves its reply alone
+    (tmp_path / "sitecustomize.py").write_text("print('a library says hello')\n")
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     with read_weights(saved(tmp_path, state), WeightsLayout.of(serving)) as new:
         pairs = new.pairs(serving, new.buffer.clone())
         assert new.kept == frozenset()
