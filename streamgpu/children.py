@@ -19,6 +19,8 @@ def module_command(module: str, *args: str) -> list[str]:
 
 
 def child_environment() -> dict[str, str]:
-    """This process's environment, with the folder this streamgpu is imported from first on ``PYTHONPATH``."""
+    """This process's environment, with the folder this streamgpu is imported from first on ``PYTHONPATH``, and
+    the working directory off the child's path (``PYTHONSAFEPATH``: ``-m`` puts it first, before ``PYTHONPATH``,
+    and a ``streamgpu`` or ``torch`` in the folder the server was started from was what the child imported)."""
     path = [_PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path)), "PYTHONSAFEPATH": "1"}

@@ -154,6 +154,21 @@ def test_the_reader_process_lays_a_files_values_out_in_shared_memory(
                    for (_, value), key in zip(pairs, live, strict=True))  # fmt: skip
 
 
+def test_the_reader_runs_this_streamgpu_whatever_folder_the_server_started_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``python -m`` puts the working directory first on the child's path: a ``streamgpu`` there (another
+    checkout, or a planted one) was the reader that ran."""
+    impostor = tmp_path / "cwd" / "streamgpu" / "models"
+    impostor.mkdir(parents=True)
+    (impostor.parent / "__init__.py").write_text("")
+    (impostor / "__init__.py").write_text("")
+    (impostor / "weights.py").write_text("import sys; print('an impostor reads', file=sys.stderr); sys.exit(7)\n")
+    monkeypatch.chdir(impostor.parent.parent)
+    with read_weights(saved(tmp_path, SmallConvNet().state_dict()), WeightsLayout.of(SmallConvNet())) as new:
+        assert new.kept == frozenset()
+
+
 @pytest.mark.parametrize(
     ("contents", "expected"),
     [
