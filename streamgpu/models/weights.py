@@ -43,7 +43,7 @@ _NAMED = 5
 _ALIGN = 256
 # Lines of a failed reader's standard error quoted in the error
 _STDERR_LINES = 5
-# The reader process's scheduling priority (nice), below the server's
+# The reader process's scheduling priority (nice), below the server's (or the server's, where that is lower)
 READER_NICENESS = 10
 
 
@@ -177,9 +177,12 @@ def _run_reader(spec: ModelSpec, layout: WeightsLayout, segment: HostSegment) ->
     except OSError as exc:
         raise ModelLoadError(f"model {spec.name!r}: the process that reads its weights could not start: {exc}") from exc
     # Its start (an interpreter, torch's import: a second or more of CPU) and reads yield to the serving threads
-    # where they share a CPU, and keep off a pinned loop's
+    # where they share a CPU, and keep off a pinned loop's. Never niced less than it was born (the server's): a
+    # server run unprivileged above READER_NICENESS may not raise its child's priority, and every in-place swap
+    # failed with PermissionError
     with contextlib.suppress(ProcessLookupError):  # (ended already: its reply says how)
-        os.setpriority(os.PRIO_PROCESS, proc.pid, READER_NICENESS)
+        niceness = max(READER_NICENESS, os.getpriority(os.PRIO_PROCESS, proc.pid))
+        os.setpriority(os.PRIO_PROCESS, proc.pid, niceness)
         if (cpus := spare_cpus()) is not None:
             os.sched_setaffinity(proc.pid, cpus)
     out, err = proc.communicate(pickle.dumps((spec, layout)))

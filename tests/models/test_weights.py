@@ -4,9 +4,11 @@ out in the serving tensors' dtypes and layouts, and read in a process of their o
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import re
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -167,6 +169,38 @@ def test_the_reader_runs_this_streamgpu_whatever_folder_the_server_started_in(
     monkeypatch.chdir(impostor.parent.parent)
     with read_weights(saved(tmp_path, SmallConvNet().state_dict()), WeightsLayout.of(SmallConvNet())) as new:
         assert new.kept == frozenset()
+
+
+def test_a_server_niced_past_the_readers_niceness_reads_at_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unprivileged (no CAP_SYS_NICE), a process may not lower a niceness: a server run at nice 15 failed every
+    in-place swap with PermissionError asking its reader for 10."""
+    real_setpriority = os.setpriority
+    asked: list[int] = []
+
+    def unprivileged(which: int, who: int, niceness: int) -> None:  # as the kernel answers such a process
+        if niceness < os.getpriority(which, who):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        asked.append(niceness)
+        real_setpriority(which, who, niceness)
+
+    monkeypatch.setattr(os, "setpriority", unprivileged)
+    spec = saved(tmp_path, SmallConvNet().state_dict())
+    done: list[object] = []
+
+    def loader() -> None:  # (niceness is a thread's on Linux, and its children's from birth)
+        real_setpriority(os.PRIO_PROCESS, 0, 15)
+        try:
+            with read_weights(spec, WeightsLayout.of(SmallConvNet())) as new:
+                done.append(new.kept)
+        except BaseException as exc:
+            done.append(exc)
+
+    thread = threading.Thread(target=loader)
+    thread.start()
+    thread.join()
+    assert done == [frozenset()] and asked == [15]
 
 
 @pytest.mark.parametrize(
