@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import gc
 import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -32,7 +34,7 @@ from streamgpu.config import Config, ListenerSpec
 from streamgpu.errors import ModelLoadError, ModelNotFoundError
 from streamgpu.gpu.backend import StagedWeights
 from streamgpu.gpu.cpu import CpuModel
-from streamgpu.models import manager
+from streamgpu.models import manager, weights
 from streamgpu.models.builtin import SmallConvNet, build_builtin
 from streamgpu.models.manager import ModelManager
 from streamgpu.models.outputs import BatchOutputs
@@ -359,6 +361,43 @@ async def test_a_stop_during_a_swap_answers_the_frames_still_running_on_the_old_
     assert value(await running) == 1.0
     assert (await asyncio.wait_for(swap, 10)).version == 2
     await conn.close()
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_stop_while_a_swaps_weights_are_read_ends_their_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reader runs in a session of its own (a Ctrl-C is the server's): a server stopped while it read left
+    it reading, its exit waiting in the loader thread for as long (forever for a reader that hung), and a
+    server killed then left it behind."""
+    started = tmp_path / "reader.pid"
+    program = f"import os, time; open({str(started)!r}, 'x').write(str(os.getpid())); time.sleep(60)"
+    monkeypatch.setattr(weights, "module_command", lambda *args: [sys.executable, "-c", program])
+    srv = Server(config(spec(versioned(tmp_path, 1))))
+    await srv.start()
+    swap = asyncio.create_task(srv.swap_model("m", spec(versioned(tmp_path, 2), weights_in_place=True)))
+    while not started.exists() or not started.read_text():
+        await asyncio.sleep(0.01)
+    reader = int(started.read_text())
+    try:
+        await srv.stop()
+        with pytest.raises(ModelLoadError, match="the server stopped while it loaded"):
+            await swap
+        ends = time.monotonic() + 5.0
+        while _running(reader) and time.monotonic() < ends:
+            await asyncio.sleep(0.01)
+        assert not _running(reader)  # (killed and reaped)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(reader, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def built_modules(monkeypatch: pytest.MonkeyPatch) -> list[str]:

@@ -155,7 +155,8 @@ class ModelManager:
 
     def _stage(self, spec: ModelSpec, serving: list[DeviceModel], paced: bool) -> list[StagedWeights]:
         """``spec``'s weights read, checked against each serving instance's and staged beside them (``weights``)."""
-        with self._paced(paced), read_weights(spec, WeightsLayout.of(serving[0].module)) as weights:
+        layout = WeightsLayout.of(serving[0].module)
+        with self._paced(paced), read_weights(spec, layout, lambda: self._closed) as weights:
             return [self._backend.stage_weights(model, weights) for model in serving]
 
     def _paced(self, paced: bool) -> contextlib.AbstractContextManager[None]:

@@ -22,7 +22,7 @@ import os
 import pickle
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 
 import torch
@@ -43,6 +43,8 @@ _NAMED = 5
 _ALIGN = 256
 # Lines of a failed reader's standard error quoted in the error
 _STDERR_LINES = 5
+# How often the wait for a reader asks whether the server stopped (its exit waits for the loader thread)
+_STOPPED_POLL_S = 0.25
 # The reader process's scheduling priority (nice), below the server's (or the server's, where that is lower)
 READER_NICENESS = 10
 
@@ -152,21 +154,22 @@ class HostWeights:
         self.close()
 
 
-def read_weights(spec: ModelSpec, layout: WeightsLayout) -> HostWeights:
+def read_weights(spec: ModelSpec, layout: WeightsLayout, stopped: Callable[[], bool] = lambda: False) -> HostWeights:
     """``spec``'s file (a ``state_dict:`` source) read, checked against ``layout`` and written into shared
     memory as it lays the values out, in a child process (this module run as a program). Blocking: call it in
     the loader thread, which only waits meanwhile. ``ModelLoadError`` where the file or a value does not fit,
-    or the reader fails."""
+    or the reader fails, or ``stopped()`` (asked from the calling thread as it waits) said the server stopped:
+    the reader is then killed."""
     segment = HostSegment.create(max(layout.nbytes, 1), name="streamgpu-weights")
     try:
-        kept = _run_reader(spec, layout, segment)
+        kept = _run_reader(spec, layout, segment, stopped)
         return HostWeights(spec.name, layout, kept, segment)
     except BaseException:
         segment.close()
         raise
 
 
-def _run_reader(spec: ModelSpec, layout: WeightsLayout, segment: HostSegment) -> list[str]:
+def _run_reader(spec: ModelSpec, layout: WeightsLayout, segment: HostSegment, stopped: Callable[[], bool]) -> list[str]:
     command = module_command(__name__, str(segment.fd), str(segment.nbytes))
     # One thread (torch's conversions would otherwise run on every core, its idle threads spinning a while after
     # each), in a session of its own (a Ctrl-C to the server's terminal is the server's to handle)
@@ -180,12 +183,17 @@ def _run_reader(spec: ModelSpec, layout: WeightsLayout, segment: HostSegment) ->
     # where they share a CPU, and keep off a pinned loop's. Never niced less than it was born (the server's): a
     # server run unprivileged above READER_NICENESS may not raise its child's priority, and every in-place swap
     # failed with PermissionError
-    with contextlib.suppress(ProcessLookupError):  # (ended already: its reply says how)
-        niceness = max(READER_NICENESS, os.getpriority(os.PRIO_PROCESS, proc.pid))
-        os.setpriority(os.PRIO_PROCESS, proc.pid, niceness)
-        if (cpus := spare_cpus()) is not None:
-            os.sched_setaffinity(proc.pid, cpus)
-    out, err = proc.communicate(pickle.dumps((spec, layout)))
+    with proc:  # (reaped, its pipes closed, however the wait ends)
+        try:
+            with contextlib.suppress(ProcessLookupError):  # (ended already: its reply says how)
+                niceness = max(READER_NICENESS, os.getpriority(os.PRIO_PROCESS, proc.pid))
+                os.setpriority(os.PRIO_PROCESS, proc.pid, niceness)
+                if (cpus := spare_cpus()) is not None:
+                    os.sched_setaffinity(proc.pid, cpus)
+            out, err = _replies(spec, proc, pickle.dumps((spec, layout)), stopped)
+        except BaseException:
+            proc.kill()
+            raise
     try:  # its last line (a library may have printed before the reader took standard output for itself)
         reply = json.loads(out.rstrip(b"\n").rpartition(b"\n")[2])
     except ValueError:
@@ -201,6 +209,21 @@ def _run_reader(spec: ModelSpec, layout: WeightsLayout, segment: HostSegment) ->
         + (f": {said}" if said else "")
         + " (memory short? the version serving serves on)"
     )
+
+
+def _replies(
+    spec: ModelSpec, proc: subprocess.Popen[bytes], message: bytes | None, stopped: Callable[[], bool]
+) -> tuple[bytes, bytes]:
+    """The reader's standard output and error once it ended, ``message`` sent to it. ``ModelLoadError`` once
+    ``stopped()``: a stopped server's loader thread waited on, and its exit with it, for as long as the reader
+    read (forever for one that hung), and the reader, in a session of its own, outlived a server killed then."""
+    while True:
+        try:
+            return proc.communicate(message, timeout=_STOPPED_POLL_S)
+        except subprocess.TimeoutExpired:
+            message = None  # (what is left of it is sent on)
+            if stopped():
+                raise ModelLoadError(f"model {spec.name!r}: the server stopped while its weights were read") from None
 
 
 def write_weights(name: str, layout: WeightsLayout, state: Mapping[str, object], buffer: Tensor) -> list[str]:
