@@ -323,6 +323,9 @@ def main() -> None:
         reply: dict[str, object] = {"kept": write_weights(spec.name, layout, read_state_dict(spec), buffer)}
     except ModelLoadError as exc:
         reply = {"error": str(exc)}
+    except Exception as exc:  # a value torch reads but cannot copy (a quantized or nested tensor): the file's
+        # fault, said as a load in the server says it, not as the reader's crash (its traceback, "memory short?")
+        reply = {"error": f"model {spec.name!r}: cannot load {spec.source!r}: {type(exc).__name__}: {exc}"}
     with reply_to:
         reply_to.write("\n" + json.dumps(reply) + "\n")
 

@@ -9,6 +9,7 @@ import os
 import re
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -203,14 +204,22 @@ def test_a_server_niced_past_the_readers_niceness_reads_at_its_own(
     assert done == [frozenset()] and asked == [15]
 
 
+def nested() -> torch.Tensor:
+    """A nested tensor (strided: torch reads it, and it has no plain values to copy)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (a prototype, torch says)
+        return torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)])
+
+
 @pytest.mark.parametrize(
     ("contents", "expected"),
     [
         (b"not a weights file", "cannot load 'state_dict:"),
         ({"fc.weight": torch.zeros(1)}, "the new weights do not fit the serving architecture: 21 entries missing"),
+        ({**SmallConvNet().state_dict(), "fc.bias": nested()}, "cannot load 'state_dict:"),
     ],
-    ids=["not a zip", "another architecture"],
-)
+    ids=["not a zip", "another architecture", "nested tensor"],
+)  # fmt: skip
 def test_the_reader_process_refuses_a_file_that_does_not_fit_saying_why(
     tmp_path: Path, contents: object, expected: str
 ) -> None:
