@@ -174,11 +174,20 @@ def _run_reader(spec: ModelSpec, layout: WeightsLayout, segment: HostSegment, st
     # One thread (torch's conversions would otherwise run on every core, its idle threads spinning a while after
     # each), in a session of its own (a Ctrl-C to the server's terminal is the server's to handle)
     env = {**child_environment(), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    try:
-        proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                pass_fds=(segment.fd,), env=env, start_new_session=True)  # fmt: skip
-    except OSError as exc:
-        raise ModelLoadError(f"model {spec.name!r}: the process that reads its weights could not start: {exc}") from exc
+    # Its request (the spec and layout) in a file, not a pipe: the wait is retried to hear of a stop
+    # (``_replies``), and a retried ``communicate`` sends no more of its input, the reader then waiting for the
+    # rest of a request past the pipe's capacity for good
+    with os.fdopen(os.memfd_create("streamgpu-weights-request", os.MFD_CLOEXEC), "w+b") as request:
+        request.write(pickle.dumps((spec, layout)))
+        request.flush()
+        request.seek(0)
+        try:
+            proc = subprocess.Popen(command, stdin=request, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    pass_fds=(segment.fd,), env=env, start_new_session=True)  # fmt: skip
+        except OSError as exc:
+            raise ModelLoadError(
+                f"model {spec.name!r}: the process that reads its weights could not start: {exc}"
+            ) from exc
     # Its start (an interpreter, torch's import: a second or more of CPU) and reads yield to the serving threads
     # where they share a CPU, and keep off a pinned loop's. Never niced less than it was born (the server's): a
     # server run unprivileged above READER_NICENESS may not raise its child's priority, and every in-place swap
@@ -190,7 +199,7 @@ def _run_reader(spec: ModelSpec, layout: WeightsLayout, segment: HostSegment, st
                 os.setpriority(os.PRIO_PROCESS, proc.pid, niceness)
                 if (cpus := spare_cpus()) is not None:
                     os.sched_setaffinity(proc.pid, cpus)
-            out, err = _replies(spec, proc, pickle.dumps((spec, layout)), stopped)
+            out, err = _replies(spec, proc, stopped)
         except BaseException:
             proc.kill()
             raise
@@ -211,17 +220,14 @@ def _run_reader(spec: ModelSpec, layout: WeightsLayout, segment: HostSegment, st
     )
 
 
-def _replies(
-    spec: ModelSpec, proc: subprocess.Popen[bytes], message: bytes | None, stopped: Callable[[], bool]
-) -> tuple[bytes, bytes]:
-    """The reader's standard output and error once it ended, ``message`` sent to it. ``ModelLoadError`` once
-    ``stopped()``: a stopped server's loader thread waited on, and its exit with it, for as long as the reader
-    read (forever for one that hung), and the reader, in a session of its own, outlived a server killed then."""
+def _replies(spec: ModelSpec, proc: subprocess.Popen[bytes], stopped: Callable[[], bool]) -> tuple[bytes, bytes]:
+    """The reader's standard output and error once it ended. ``ModelLoadError`` once ``stopped()``: a stopped
+    server's loader thread waited on, and its exit with it, for as long as the reader read (forever for one that
+    hung), and the reader, in a session of its own, outlived a server killed then."""
     while True:
         try:
-            return proc.communicate(message, timeout=_STOPPED_POLL_S)
+            return proc.communicate(timeout=_STOPPED_POLL_S)
         except subprocess.TimeoutExpired:
-            message = None  # (what is left of it is sent on)
             if stopped():
                 raise ModelLoadError(f"model {spec.name!r}: the server stopped while its weights were read") from None
 

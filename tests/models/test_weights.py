@@ -6,9 +6,11 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import pickle
 import re
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -170,6 +172,20 @@ def test_the_reader_runs_this_streamgpu_whatever_folder_the_server_started_in(
     monkeypatch.chdir(impostor.parent.parent)
     with read_weights(saved(tmp_path, SmallConvNet().state_dict()), WeightsLayout.of(SmallConvNet())) as new:
         assert new.kept == frozenset()
+
+
+def test_a_layout_past_a_pipes_capacity_reaches_the_reader_whole(tmp_path: Path) -> None:
+    """The request (spec and layout) went down a pipe whose wait was retried to hear of a stop, and a retried
+    ``communicate`` sends nothing more: past the pipe's capacity (64 KiB, a page where the user's pipes took
+    their quota) the reader waited for the rest of it for good."""
+    serving = nn.Module()
+    for i in range(2000):
+        serving.register_buffer(f"a_buffer_of_a_rather_long_name_{i}", torch.zeros(1))
+    assert len(pickle.dumps((SERVING, WeightsLayout.of(serving)))) > 1 << 16
+    spec = saved(tmp_path, {key: torch.ones(1) for key in serving.state_dict()})
+    given_up = time.monotonic() + 30  # (it reads in seconds)
+    with read_weights(spec, WeightsLayout.of(serving), lambda: time.monotonic() > given_up) as new:
+        assert new.buffer.any()
 
 
 def test_a_server_niced_past_the_readers_niceness_reads_at_its_own(
