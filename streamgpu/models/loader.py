@@ -73,7 +73,7 @@ def load_module(spec: ModelSpec) -> nn.Module:
     See the module docstring for what is checked before torch sees a file.
     """
     scheme, _, target = spec.source.partition(":")
-    with _load_errors(spec):
+    with load_errors(spec):
         if scheme == "builtin":
             return build_builtin(target)
         with _source_file(spec) as f:
@@ -93,12 +93,12 @@ def load_module(spec: ModelSpec) -> nn.Module:
 def read_state_dict(spec: ModelSpec) -> dict[str, Any]:
     """The entries of a ``state_dict:`` source's file (``torch.load(weights_only=True)``), not built into a
     module: a serving model of its architecture takes them in place (``streamgpu.models.weights``). Blocking."""
-    with _load_errors(spec), _source_file(spec) as f:
+    with load_errors(spec), _source_file(spec) as f:
         return _state_dict(spec, f)
 
 
 @contextlib.contextmanager
-def _load_errors(spec: ModelSpec) -> Iterator[None]:
+def load_errors(spec: ModelSpec) -> Iterator[None]:
     """torch raises many types for a bad file: a ``ModelLoadError`` that says which model and file."""
     try:
         yield

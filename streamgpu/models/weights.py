@@ -216,7 +216,8 @@ def _run_reader(spec: ModelSpec, layout: WeightsLayout, segment: HostSegment, st
     raise ModelLoadError(
         f"model {spec.name!r}: the process reading its weights ({' '.join(command[:3])}) {how}"
         + (f": {said}" if said else "")
-        + " (memory short? the version serving serves on)"
+        + " (check that it can import streamgpu and torch in this environment, and that memory is not short; the "
+        "version serving serves on)"
     )
 
 
@@ -320,18 +321,18 @@ def main() -> None:
     # The reply has standard output to itself: whatever else writes there (a library's print) goes to standard error
     reply_to = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    from streamgpu.models.loader import read_state_dict  # (the reader's only: the server reads no state dict)
+    from streamgpu.models.loader import load_errors, read_state_dict  # (the reader's only: the server reads none)
 
     spec, layout = pickle.load(sys.stdin.buffer)  # (from the server that started it)
     segment = HostSegment.attach(int(sys.argv[1]), int(sys.argv[2]))
     try:
         buffer = torch.from_numpy(segment.buffer[: layout.nbytes])
-        reply: dict[str, object] = {"kept": write_weights(spec.name, layout, read_state_dict(spec), buffer)}
+        # A value torch reads but cannot copy (a quantized or nested tensor) is the file's fault, said as a load in
+        # the server says it, not as the reader's crash (its traceback)
+        with load_errors(spec):
+            reply: dict[str, object] = {"kept": write_weights(spec.name, layout, read_state_dict(spec), buffer)}
     except ModelLoadError as exc:
         reply = {"error": str(exc)}
-    except Exception as exc:  # a value torch reads but cannot copy (a quantized or nested tensor): the file's
-        # fault, said as a load in the server says it, not as the reader's crash (its traceback, "memory short?")
-        reply = {"error": f"model {spec.name!r}: cannot load {spec.source!r}: {type(exc).__name__}: {exc}"}
     with reply_to:
         reply_to.write("\n" + json.dumps(reply) + "\n")
 
