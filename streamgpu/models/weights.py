@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import pickle
 import subprocess
@@ -89,7 +90,7 @@ class LiveEntry:
 
     @property
     def nbytes(self) -> int:
-        return self.dtype.itemsize * _numel(self.shape)
+        return self.dtype.itemsize * math.prod(self.shape)
 
     def view(self, buffer: Tensor) -> Tensor:
         """This entry's tensor in ``buffer`` (one-dimensional uint8, on any device)."""
@@ -284,13 +285,6 @@ def _kept(layout: WeightsLayout, state: Mapping[str, object]) -> list[str]:
                 and (version is None or (isinstance(version, int) and version < 2))):  # fmt: skip
             kept.append(entry.key)
     return kept
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for size in shape:
-        n *= size
-    return n
 
 
 def _dense(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
