@@ -92,7 +92,8 @@ def load_module(spec: ModelSpec) -> nn.Module:
 
 def read_state_dict(spec: ModelSpec) -> dict[str, Any]:
     """The entries of a ``state_dict:`` source's file (``torch.load(weights_only=True)``), not built into a
-    module: a serving model of its architecture takes them in place (``streamgpu.models.weights``). Blocking."""
+    module: a serving model of its architecture takes them in place (``streamgpu.models.weights``, whose reader
+    process calls this). Blocking."""
     with load_errors(spec), _source_file(spec) as f:
         return _state_dict(spec, f)
 

@@ -6,7 +6,8 @@ one loader thread while every model keeps serving; only the switch happens
 on the loop, between two batches (``Scheduler.swap_model``). A swapped-out
 version is freed once its last batch has completed. A new version that only
 brings new weights takes the serving one's place by them (``weights``): they
-are staged in the loader thread and copied in between two batches.
+are read by a process of their own, staged on the device by the loader thread
+and copied in between two batches.
 Operations on one name run one at a time, in the order they were asked for.
 
 Admission reads ``ModelManager.specs``: a model is in it (frames accepted)
@@ -154,7 +155,8 @@ class ModelManager:
         return models
 
     def _stage(self, spec: ModelSpec, serving: list[DeviceModel], paced: bool) -> list[StagedWeights]:
-        """``spec``'s weights read, checked against each serving instance's and staged beside them (``weights``)."""
+        """``spec``'s weights read and checked by the reader process against the serving module's layout, then
+        staged beside each serving instance (``weights``)."""
         layout = WeightsLayout.of(serving[0].module)
         with self._paced(paced), read_weights(spec, layout, lambda: self._closed) as weights:
             return [self._backend.stage_weights(model, weights) for model in serving]
