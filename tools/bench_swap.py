@@ -53,7 +53,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import FrameType
@@ -161,6 +161,11 @@ def steady_gaps(trace: list[BatchTrace]) -> list[float]:
     return gaps
 
 
+def version_key(models: Sequence[Any]) -> tuple[int, int]:
+    """A served version: its first instance and the weights it holds (an in-place swap keeps the instance)."""
+    return id(models[0]), models[0].weights_version
+
+
 class LoopWatch:
     """Ticks on the loop every ``period_s``: how late each tick ran (the loop's lag), its thread's CPU time over
     the tick (the rest of the tick it waited: for I/O, the GIL or a core), and when the version of ``name`` that
@@ -180,9 +185,9 @@ class LoopWatch:
             self._task.cancel()
 
     async def _run(self) -> None:
-        def version() -> tuple[int, int] | None:  # (an in-place swap keeps the instances, with other weights)
+        def version() -> tuple[int, int] | None:
             models = self._server.serving(self._name)
-            return (id(models), models[0].weights_version) if models else None
+            return version_key(models) if models else None
 
         serving = version()
         while True:
@@ -554,8 +559,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         for i in range(args.swaps):
             old = server.serving("m")
             assert old is not None
-            # A version is its first instance and the weights it holds (an in-place swap keeps the instance)
-            old_version = (id(old[0]), old[0].weights_version)
+            old_version = version_key(old)
             start = time.monotonic()
             if other is not None and i % 2 == 0:
                 version = replace(base, source=other, arch=args.swap_arch)
@@ -566,7 +570,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             new = server.serving("m")
             assert new is not None
             windows.append((start, end))
-            swaps.append({"old": old_version, "new": (id(new[0]), new[0].weights_version), "seconds": end - start,
+            swaps.append({"old": old_version, "new": version_key(new), "seconds": end - start,
                           "in_place": new[0] is old[0]})  # fmt: skip
             await asyncio.sleep(args.between_s)  # the new version's first batches are traced
     memory_end = device_memory(device)
