@@ -45,7 +45,7 @@ from streamgpu.memory import Slot
 from streamgpu.models.outputs import BatchOutputs, ModelHead, host_dtype, model_input, warm_up
 from streamgpu.models.preprocess import TorchPreprocess
 from streamgpu.models.spec import ModelSpec
-from streamgpu.models.weights import HostWeights
+from streamgpu.models.weights import HostWeights, PackedWeights, architecture, pack_weights
 
 log = logging.getLogger(__name__)
 
@@ -243,9 +243,11 @@ class BufferPool:
 
 @dataclass(eq=False)
 class _StagedOnDevice(StagedWeights):
-    """Staged weights, and the event recorded after they were copied into the model's."""
+    """Staged weights, and the event recorded after they were copied into the model's. ``whole``: the model's
+    packed weights and the new ones laid out alike (``groups`` empty), copied over them in one copy."""
 
     copied: driver.Event
+    whole: tuple[PackedWeights, torch.Tensor] | None = None
 
 
 class CudaModel(DeviceModel):
@@ -262,6 +264,10 @@ class CudaModel(DeviceModel):
         self.module = on_device(module, gpu, self.dtype)
         if spec.preprocess == "image":
             self.module = self.module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        # A model that may take new versions' weights in place has them in one buffer (before its graphs are
+        # captured): a swap is then one copy of ~30 us (ResNet-50), not ~100 us of grouped copies launched
+        # over ~200 us of the loop (docs/BENCHMARKS.md)
+        self.packed = pack_weights(self.module) if spec.weights_in_place and architecture(spec) else None
         self.head = ModelHead(self.module, spec)
         # A share of the SMs (a green context, no other model's): kernels on its streams, and graphs
         # captured inside it, run on those SMs alone, so this model cannot crowd out another (and vice versa).
@@ -537,6 +543,7 @@ class CudaModel(DeviceModel):
         self.graph_for = []
         self.addresses = None
         self.buffers = None
+        self.packed = None
         self.module = nn.Identity()
         self.head = self.runs = ModelHead(self.module, self.spec)
 
@@ -713,7 +720,14 @@ class CudaBackend(Backend):
         with torch.cuda.device(model.gpu), torch.cuda.stream(load_stream), torch.inference_mode():
             # One copy of the whole buffer (the values already in the serving tensors' dtypes and layouts, channels-last
             # convolutions included, so that the swap copies them flat); each value a view into it
-            pairs = weights.pairs(model.module, weights.buffer.to(model.gpu))
+            staged = weights.buffer.to(model.gpu)
+            packed = model.packed
+            if packed is not None and packed.layout == weights.layout:  # the swap: one copy of the buffer
+                weights.keep(packed, staged)
+                copied = driver.Event(model.gpu.index or 0)
+                load_stream.synchronize()
+                return _StagedOnDevice([], copied, (packed, staged))
+            pairs = weights.pairs(model.module, staged)
             # Integer tensors (batch-norm counters) copied as floats of their size, bit for bit: torch's multi-tensor
             # copy takes no integer list, and copied one launch each, 53 of them held a ResNet-50's swap ~1 ms
             grouped = StagedWeights.by_dtype([_as_float_bits(live) for live, _ in pairs],
@@ -728,12 +742,17 @@ class CudaBackend(Backend):
 
     def swap_weights(self, model: DeviceModel, staged: StagedWeights) -> asyncio.Future[None]:
         assert isinstance(model, CudaModel) and isinstance(staged, _StagedOnDevice)
-        stream = model.stream
+        stream, drv = model.stream, driver.the_driver()
 
         def copy() -> None:
             # On the model's stream, where its batches run in the order launched: between two of them
-            with torch.cuda.device(model.gpu), torch.cuda.stream(stream):
-                staged.copy()
+            if staged.whole is not None:
+                packed, values = staged.whole
+                with drv.on_device(model.gpu.index or 0):  # (the raw call: no torch context to enter)
+                    drv.memcpy_async(packed.buffer.data_ptr(), values.data_ptr(), values.numel(), stream.cuda_stream)
+            else:
+                with torch.cuda.device(model.gpu), torch.cuda.stream(stream):
+                    staged.copy()
             staged.copied.record(stream.cuda_stream)
 
         model.weights_version += 1

@@ -122,6 +122,39 @@ class WeightsLayout:
         return cls(tuple(entries), offset)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class PackedWeights:
+    """A module's state moved into one buffer (``pack_weights``): ``buffer`` (one-dimensional uint8, on the
+    module's device) holds every entry of ``layout``, and each tensor of the module's state is a view of it."""
+
+    layout: WeightsLayout
+    buffer: Tensor
+
+
+def pack_weights(module: nn.Module) -> PackedWeights | None:
+    """Move every tensor of ``module``'s state (parameters and persistent buffers, the tensor objects kept) into
+    views of one buffer laid out as ``WeightsLayout.of(module)`` lays their new values: a new version's values,
+    staged in that layout, then go in by one copy of the whole buffer (``Backend.swap_weights``), where copying
+    them tensor by tensor takes hundreds of small copies (tens of launches even grouped by dtype). Call it before
+    graphs are captured or the module compiled: they keep the addresses they saw.
+
+    None, the module left as it is, where its state is not one tensor per entry on one device (two entries
+    sharing memory, tied weights or views of one tensor, would be moved apart), or holds no values."""
+    state = module.state_dict(keep_vars=True)
+    tensors = [tensor for tensor in state.values() if tensor.numel()]
+    if (not tensors or len({tensor.untyped_storage().data_ptr() for tensor in tensors}) < len(tensors)
+            or len({tensor.device for tensor in tensors}) > 1):  # fmt: skip
+        return None
+    layout = WeightsLayout.of(module)
+    buffer = torch.empty(layout.nbytes, dtype=torch.uint8, device=tensors[0].device)
+    with torch.no_grad():
+        for entry, tensor in zip(layout.entries, state.values(), strict=True):
+            view = entry.view(buffer)
+            view.copy_(tensor)
+            tensor.data = view  # (the object stays: the module, its hooks and wrappers hold it)
+    return PackedWeights(layout, buffer)
+
+
 class HostWeights:
     """A new version's weights read by ``read_weights``: every value in ``buffer`` (one-dimensional uint8, in
     shared host memory) in its serving tensor's dtype and layout, but those ``kept``. Close it (or use it as a
@@ -143,6 +176,14 @@ class HostWeights:
         if laid != [(key, tuple(t.shape), t.dtype) for key, t in live.items()]:
             raise ModelLoadError(f"model {self.name!r}: an instance's weights are not laid out as the first's")
         return [(live[e.key], e.view(buffer)) for e in self.layout.entries if e.key not in self.kept]
+
+    def keep(self, packed: PackedWeights, staged: Tensor) -> None:
+        """Write the values of the entries kept (``kept``) from ``packed`` (a serving instance's, laid out as this
+        buffer is) into ``staged`` (a copy of ``buffer`` on its device), so that copying ``staged`` over
+        ``packed.buffer`` whole keeps them."""
+        for entry in self.layout.entries:
+            if entry.key in self.kept:
+                entry.view(staged).copy_(entry.view(packed.buffer))
 
     def close(self) -> None:
         del self.buffer  # (the segment unmaps only once no view of it is left)

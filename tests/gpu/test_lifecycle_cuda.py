@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -95,17 +96,19 @@ def random_weights(tmp: Path, seed: int) -> tuple[str, nn.Module]:
 
 
 @pytest.mark.parametrize(
-    "settings",
-    [{}, {"cuda_graphs": False}, {"compile": "on"}],
-    ids=["graphs", "eager (launcher thread)", "compiled graphs"],
+    ("settings", "packed"),
+    [({}, True), ({"cuda_graphs": False}, True), ({"compile": "on"}, True), ({}, False)],
+    ids=["graphs", "eager (launcher thread)", "compiled graphs", "graphs, weights not packed"],
 )
 @pytest.mark.asyncio(loop_factories=["uvloop"])
 async def test_new_weights_copied_in_place_reach_every_batch_after_the_swap_and_none_runs_on_a_mix(
-    tmp_path: Path, settings: dict[str, object]
+    tmp_path: Path, settings: dict[str, object], packed: bool
 ) -> None:
     """Each reply under a streaming producer matches one version's eager outputs for its frame whole (a copy
     in the middle of its batch would match neither), versions never go back per stream, and the graphs
-    captured with the first weights run the second ones without being captured again."""
+    captured with the first weights run the second ones without being captured again. ``packed``: the first
+    version is loaded with ``weights_in_place`` too, so its weights lie in one buffer, copied over whole at a
+    swap; else they are copied tensor by tensor."""
     sources, modules = zip(*(random_weights(tmp_path, seed) for seed in (1, 2)), strict=True)
     versions = [spec(source, precision="fp32", weights_in_place=True, **settings) for source in sources]
     data = frames(16)  # the producer's
@@ -113,7 +116,7 @@ async def test_new_weights_copied_in_place_reach_every_batch_after_the_swap_and_
         x = preprocess_torch(torch.from_numpy(data), versions[0], torch.float32)
         expected = [module(x).numpy() for module in modules]
     assert np.abs(expected[0] - expected[1]).max() > 0.5  # the versions tell apart
-    async with Server(config(versions[0])) as srv:
+    async with Server(config(replace(versions[0], weights_in_place=packed))) as srv:
         (model,) = srv.serving("m") or []
         graphs = dict(getattr(model, "graphs", {}))
         conn = await client.connect("127.0.0.1", srv.port)
@@ -132,6 +135,11 @@ async def test_new_weights_copied_in_place_reach_every_batch_after_the_swap_and_
         assert srv.serving("m") == [model] and model.weights_version == 3
         assert getattr(model, "graphs", {}) == graphs  # (not captured again)
         served = model.module.state_dict()
+        buffer = getattr(model, "packed", None)
+        assert (buffer is not None) == packed
+        if buffer is not None:  # every tensor the module runs still a view of its one buffer
+            span = (buffer.buffer.data_ptr(), buffer.buffer.data_ptr() + buffer.buffer.numel())
+            assert all(span[0] <= tensor.data_ptr() < span[1] for tensor in served.values())
         for key, tensor in modules[1].state_dict().items():  # the last version's, every tensor, bits of integers too
             if tensor.dtype == torch.int64:
                 assert served[key].item() == tensor.item(), key

@@ -19,10 +19,19 @@ import torch
 from torch import nn
 
 from streamgpu.errors import ModelLoadError
+from streamgpu.memory import HostSegment
 from streamgpu.models import weights
 from streamgpu.models.builtin import SmallConvNet
 from streamgpu.models.spec import ModelSpec
-from streamgpu.models.weights import WeightsLayout, architecture, in_place_problem, read_weights, write_weights
+from streamgpu.models.weights import (
+    HostWeights,
+    WeightsLayout,
+    architecture,
+    in_place_problem,
+    pack_weights,
+    read_weights,
+    write_weights,
+)
 
 SERVING = ModelSpec(name="m", source="state_dict:/w/v1.pt", arch="small", weights_in_place=True)
 
@@ -134,6 +143,67 @@ def test_batch_norm_counters_a_state_dict_predates_are_kept_as_load_state_dict_k
         del saved[key]  # (its _metadata says version 2: torch refuses it, and so does the swap)
     with pytest.raises(ModelLoadError, match=r"4 entries missing \['features.1.num_batches_tracked'"):
         written(serving, saved)
+
+
+def test_a_packed_module_keeps_its_tensors_values_and_layouts_in_views_of_one_buffer() -> None:
+    """Packed, a new version's buffer staged in the same layout goes in by one copy; the tensor objects stay (the
+    module's hooks and wrappers hold them), and so do their strides (channels-last convolutions) and outputs."""
+    module = SmallConvNet().half().to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
+    x = torch.rand(2, 3, 32, 32).half().to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        expected = module(x)
+        before = {key: (id(t), t.stride(), t.clone()) for key, t in module.state_dict(keep_vars=True).items()}
+        packed = pack_weights(module)
+        assert packed is not None and packed.layout == WeightsLayout.of(module)
+        live = module.state_dict(keep_vars=True)
+        for entry in packed.layout.entries:
+            tensor = live[entry.key]
+            assert (id(tensor), tensor.stride()) == before[entry.key][:2], entry.key
+            assert torch.equal(tensor, before[entry.key][2]), entry.key
+            assert tensor.data_ptr() == packed.buffer.data_ptr() + entry.offset, entry.key
+        assert torch.equal(module(x), expected)
+        # A new version's values copied over the buffer whole are what the module runs
+        state = SmallConvNet().half().state_dict()
+        _, staged, _ = written(module, state)
+        packed.buffer.copy_(staged)
+        assert all(torch.equal(live[key], value) for key, value in state.items())
+
+
+def test_a_module_whose_entries_share_memory_is_not_packed() -> None:
+    """Tied weights (one tensor under two names) or views of one tensor would be moved apart."""
+    tied = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    tied[1].weight = tied[0].weight
+    views = nn.Linear(4, 4)
+    views.register_buffer("scale", views.weight.data[0])
+    for module in (tied, views, nn.ReLU()):
+        pointers = [t.data_ptr() for t in module.state_dict().values()]
+        assert pack_weights(module) is None
+        assert [t.data_ptr() for t in module.state_dict().values()] == pointers  # left as it was
+
+
+def test_entries_kept_take_the_serving_values_in_the_staged_buffer() -> None:
+    """A state dict without batch-norm counters keeps the serving ones: staged for one copy over a packed
+    module's buffer, their places hold the serving values, not the reader's untouched bytes."""
+    serving = SmallConvNet()
+    with torch.no_grad():
+        for key, tensor in serving.state_dict().items():
+            if key.endswith("num_batches_tracked"):
+                tensor.fill_(7)
+    packed = pack_weights(serving)
+    assert packed is not None
+    old = {key: value for key, value in SmallConvNet().state_dict().items() if not key.endswith("num_batches_tracked")}
+    layout, buffer, kept = written(serving, old)
+    segment = HostSegment.create(layout.nbytes)
+    new = HostWeights("m", layout, kept, segment)
+    try:
+        staged = buffer.clone()
+        new.keep(packed, staged)
+        packed.buffer.copy_(staged)
+        live = serving.state_dict()
+        assert len(kept) == 4 and all(live[key].item() == 7 for key in kept)
+        assert all(torch.equal(live[key], value) for key, value in old.items())
+    finally:
+        new.close()
 
 
 def saved(tmp_path: Path, state: object) -> ModelSpec:
