@@ -40,7 +40,7 @@ from streamgpu.models.manager import ModelManager
 from streamgpu.models.outputs import BatchOutputs
 from streamgpu.models.preprocess import preprocess_torch
 from streamgpu.models.spec import ModelSpec
-from streamgpu.models.weights import HostWeights
+from streamgpu.models.weights import HostWeights, WeightsReader
 from streamgpu.protocol.wire import Status
 from streamgpu.server import Server
 from tests.test_isolation import run_queue_s
@@ -154,16 +154,45 @@ async def test_a_swap_of_weights_in_place_keeps_the_processs_switch_interval(
     state with it, 1.10-1.26x without, H200)."""
     during: list[float] = []
 
-    def read_weights(*args: Any) -> HostWeights:
+    def read(*args: Any) -> HostWeights:
         during.append(sys.getswitchinterval())
-        return real_read_weights(*args)
+        return real_read(*args)
 
-    real_read_weights = manager.read_weights
-    monkeypatch.setattr(manager, "read_weights", read_weights)
+    real_read = WeightsReader.read
+    monkeypatch.setattr(WeightsReader, "read", read)
     before = sys.getswitchinterval()
     await served.swap_model("m", spec(versioned(tmp_path, 2), weights_in_place=True))
     assert served.serving("m")[0].weights_version == 1  # type: ignore[index]
     assert during == [before] and before > manager.LOADING_SWITCH_INTERVAL_S
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_model_loaded_to_take_weights_in_place_starts_one_reader_for_all_its_swaps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reader process starts as the model loads (its start, an interpreter and torch's import, ~4 s of CPU
+    beside the serving loop on an H200 host, was part of every swap), reads every swap's file, and ends with the
+    server."""
+    pids = tmp_path / "readers"
+
+    def module_command(module: str, *args: str) -> list[str]:  # the reader's, its pid written down as it starts
+        return ["sh", "-c", f'echo $$ >> {pids}; exec "$0" "$@"', *real_module_command(module, *args)]
+
+    real_module_command = weights.module_command
+    monkeypatch.setattr(weights, "module_command", module_command)
+    async with Server(config(spec(versioned(tmp_path, 1), weights_in_place=True))) as srv:
+        ends = time.monotonic() + 10
+        while not pids.exists() and time.monotonic() < ends:
+            await asyncio.sleep(0.01)
+        assert pids.exists(), "no reader started as the model loaded"
+        conn = await client.connect("127.0.0.1", srv.port)
+        for version in (2, 3):
+            await srv.swap_model("m", spec(versioned(tmp_path, version), weights_in_place=True))
+            assert value(await conn.infer(frames(1)[0], model="m")) == float(version)
+        await conn.close()
+        (reader,) = map(int, pids.read_text().split())
+        assert srv.serving("m")[0].weights_version == 2 and _running(reader)  # type: ignore[index]
+    assert not _running(reader)  # (killed and reaped)
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough

@@ -152,7 +152,7 @@ class Backend(abc.ABC):
 
     def stage_weights(self, model: DeviceModel, weights: HostWeights) -> StagedWeights:
         """A copy of ``weights`` (a new version's, in host memory, each value in its live tensor's dtype and layout:
-        ``models.weights.read_weights``) on ``model``'s device, paired with ``model``'s tensors, for
+        ``models.weights.WeightsReader``) on ``model``'s device, paired with ``model``'s tensors, for
         ``swap_weights``. Once it returns ``weights`` may go. Blocking: call off the loop (the loader thread)."""
         raise NotImplementedError(f"the {self.name} backend swaps no weights in place")
 

@@ -32,7 +32,7 @@ from streamgpu.errors import ModelLoadError, ModelNotFoundError
 from streamgpu.gpu.backend import Backend, DeviceModel, StagedWeights
 from streamgpu.models.loader import load_module
 from streamgpu.models.spec import ModelSpec
-from streamgpu.models.weights import WeightsLayout, in_place_problem, read_weights
+from streamgpu.models.weights import WeightsLayout, WeightsReader, in_place_problem
 from streamgpu.scheduler.scheduler import Scheduler
 
 LOADING_SWITCH_INTERVAL_S = 0.0002  # the GIL hand-over interval while a model loads (see LoadingSwitchInterval)
@@ -139,6 +139,7 @@ class ModelManager:
         # Loads and unloads in progress (run to their end whoever waits: ``_to_its_end``); ``close`` ends them
         self._running: set[asyncio.Task[ModelState]] = set()
         self._closed = False  # the server stopped: its loader thread and backend are gone
+        self._reader = WeightsReader()  # reads the files of new versions swapped in by their weights (``_stage``)
 
     def _build(self, spec: ModelSpec, paced: bool) -> list[DeviceModel]:
         """``spec.instances`` instances per device (each from a fresh module: a load may move it in place);
@@ -152,13 +153,18 @@ class ModelManager:
             except BaseException:
                 self._free(models)
                 raise
+        if spec.weights_in_place and self._backend.swaps_weights_in_place:
+            # Its next versions' weights are read by the reader process: started now, its start (an interpreter,
+            # torch's import: seconds of CPU) is not part of the first swap
+            with contextlib.suppress(ModelLoadError):  # (the swap will say why it cannot start)
+                self._reader.start()
         return models
 
     def _stage(self, spec: ModelSpec, serving: list[DeviceModel], paced: bool) -> list[StagedWeights]:
         """``spec``'s weights read and checked by the reader process against the serving module's layout, then
         staged beside each serving instance (``weights``)."""
         layout = WeightsLayout.of(serving[0].module)
-        with self._paced(paced), read_weights(spec, layout, lambda: self._closed) as weights:
+        with self._paced(paced), self._reader.read(spec, layout, lambda: self._closed) as weights:
             return [self._backend.stage_weights(model, weights) for model in serving]
 
     def _paced(self, paced: bool) -> contextlib.AbstractContextManager[None]:
@@ -373,6 +379,7 @@ class ModelManager:
         """End the loads and unloads still running (their callers gone): the server stops, and they would
         run on past it, onto its freed backend and shut loader thread; later ones are refused."""
         self._closed = True
+        self._reader.close()  # (a read in the loader thread fails: the server stopped)
         running = list(self._running)
         for task in running:
             task.cancel()

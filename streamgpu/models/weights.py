@@ -6,11 +6,12 @@ read, its tensors checked against the serving module's one by one, staged on the
 the serving module's own tensors between two batches (``Backend.swap_weights``). The CUDA graphs read
 those tensors where they are, so from the next batch on they run the new weights.
 
-The file is read in a child process (``read_weights``), which writes every value, in its serving tensor's
-dtype and memory layout, into one shared host buffer (``WeightsLayout``): reading a weights file is
-milliseconds-long calls that hold the GIL (``torch.load``'s records, the dtype conversions), and in the
+The file is read in a child process kept for the next reads (``WeightsReader``), which writes every value, in
+its serving tensor's dtype and memory layout, into one shared host buffer (``WeightsLayout``): reading a weights
+file is milliseconds-long calls that hold the GIL (``torch.load``'s records, the dtype conversions), and in the
 serving process each of them held the loop for as long (docs/BENCHMARKS.md). The serving process then copies
-that buffer to the device whole and copies it into the live tensors at the swap.
+that buffer to the device whole, and at the swap copies it into the live tensors; on a GPU, into the one buffer
+that holds them all (``pack_weights``), in one copy.
 """
 
 from __future__ import annotations
@@ -21,10 +22,14 @@ import json
 import math
 import os
 import pickle
+import socket
 import subprocess
 import sys
+import tempfile
+import threading
 from collections.abc import Callable, Mapping
 from types import TracebackType
+from typing import IO, Any
 
 import torch
 from torch import Tensor, nn
@@ -42,10 +47,15 @@ _THE_NEW_VERSIONS = ("source", "arch", "weights_in_place")
 _NAMED = 5
 # Where each value starts in the shared buffer: a multiple of this many bytes (the device copies' vector loads)
 _ALIGN = 256
-# Lines of a failed reader's standard error quoted in the error
+# Lines of a failed reader's standard error quoted in the error, from at most this many bytes of its end
 _STDERR_LINES = 5
+_LOG_TAIL_BYTES = 8192
 # How often the wait for a reader asks whether the server stopped (its exit waits for the loader thread)
 _STOPPED_POLL_S = 0.25
+# How long a reader whose socket closed is given to end, for its exit status
+_ENDING_S = 5.0
+_READER_HINT = (" (check that it can import streamgpu and torch in this environment, and that memory is not short; "
+                "the version serving serves on)")  # fmt: skip
 # The reader process's scheduling priority (nice), below the server's (or the server's, where that is lower)
 READER_NICENESS = 10
 
@@ -156,7 +166,7 @@ def pack_weights(module: nn.Module) -> PackedWeights | None:
 
 
 class HostWeights:
-    """A new version's weights read by ``read_weights``: every value in ``buffer`` (one-dimensional uint8, in
+    """A new version's weights read by ``WeightsReader.read``: every value in ``buffer`` (one-dimensional uint8, in
     shared host memory) in its serving tensor's dtype and layout, but those ``kept``. Close it (or use it as a
     context manager) once the values were copied out (``Backend.stage_weights``)."""
 
@@ -196,83 +206,157 @@ class HostWeights:
         self.close()
 
 
-def read_weights(spec: ModelSpec, layout: WeightsLayout, stopped: Callable[[], bool] = lambda: False) -> HostWeights:
-    """``spec``'s file (a ``state_dict:`` source) read, checked against ``layout`` and written into shared
-    memory as it lays the values out, in a child process (this module run as a program). Blocking: call it in
-    the loader thread, which only waits meanwhile. ``ModelLoadError`` where the file or a value does not fit,
-    or the reader fails, or ``stopped()`` (asked from the calling thread as it waits) said the server stopped:
-    the reader is then killed."""
-    segment = HostSegment.create(max(layout.nbytes, 1), name="streamgpu-weights")
-    try:
-        kept = _run_reader(spec, layout, segment, stopped)
-        return HostWeights(spec.name, layout, kept, segment)
-    except BaseException:
-        segment.close()
-        raise
+class WeightsReader:
+    """The process that reads new versions' weights files (this module run as a program), kept from one read to
+    the next: its start is an interpreter and torch's import, ~4 s of CPU that ran beside the serving loop at
+    every swap while it was started per read (docs/BENCHMARKS.md). It starts at the first ``read``, or earlier
+    by ``start`` (the server does so for a model loaded with ``weights_in_place``), runs one thread, niced below
+    the server, off a pinned loop's CPU, in a session of its own (a Ctrl-C to the server's terminal is the
+    server's to handle), and ends with the server (``close``) or when the server's end of its socket goes (a
+    server killed). A reader that ends or fails is started again at the next read.
 
+    Reads come one at a time (the models' loader thread asks)."""
 
-def _run_reader(spec: ModelSpec, layout: WeightsLayout, segment: HostSegment, stopped: Callable[[], bool]) -> list[str]:
-    command = module_command(__name__, str(segment.fd), str(segment.nbytes))
-    # One thread (torch's conversions would otherwise run on every core, its idle threads spinning a while after
-    # each), in a session of its own (a Ctrl-C to the server's terminal is the server's to handle)
-    env = {**child_environment(), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    # Its request (the spec and layout) in a file, not a pipe: the wait is retried to hear of a stop
-    # (``_replies``), and a retried ``communicate`` sends no more of its input, the reader then waiting for the
-    # rest of a request past the pipe's capacity for good
-    with os.fdopen(os.memfd_create("streamgpu-weights-request", os.MFD_CLOEXEC), "w+b") as request:
-        request.write(pickle.dumps((spec, layout)))
-        request.flush()
-        request.seek(0)
-        try:
-            proc = subprocess.Popen(command, stdin=request, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    pass_fds=(segment.fd,), env=env, start_new_session=True)  # fmt: skip
-        except OSError as exc:
-            raise ModelLoadError(
-                f"model {spec.name!r}: the process that reads its weights could not start: {exc}"
-            ) from exc
-    # Its start (an interpreter, torch's import: a second or more of CPU) and reads yield to the serving threads
-    # where they share a CPU, and keep off a pinned loop's. Never niced less than it was born (the server's): a
-    # server run unprivileged above READER_NICENESS may not raise its child's priority, and every in-place swap
-    # failed with PermissionError
-    with proc:  # (reaped, its pipes closed, however the wait ends)
-        try:
-            with contextlib.suppress(ProcessLookupError):  # (ended already: its reply says how)
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # (``close`` comes from the loop's thread, reads from the loader's)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+        self._log: IO[bytes] | None = None  # its standard output and error: their last lines go into an error
+        self._command: list[str] = []
+        self._closed = False
+
+    def start(self) -> None:
+        """Start the reader process if it is not running (a read does so too): its start then overlaps what the
+        server does meanwhile, not the next swap. ``ModelLoadError`` where it cannot start."""
+        with self._lock:
+            if self._closed:
+                raise ModelLoadError("the server has stopped")
+            if self._proc is not None:
+                return
+            ours, its = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._command = module_command(__name__, str(its.fileno()))
+            # One thread (torch's conversions would otherwise run on every core, its idle threads spinning a while
+            # after each)
+            env = {**child_environment(), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+            log = tempfile.TemporaryFile(prefix="streamgpu-weights-reader-")  # noqa: SIM115 (kept with the reader)
+            try:
+                proc = subprocess.Popen(self._command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                        pass_fds=(its.fileno(),), env=env, start_new_session=True)  # fmt: skip
+            except OSError as exc:
+                ours.close()
+                log.close()
+                raise ModelLoadError(f"the process that reads new weights could not start: {exc}") from exc
+            finally:
+                its.close()
+            # Its start and reads yield to the serving threads where they share a CPU, and keep off a pinned loop's.
+            # Never niced less than it was born (the server's): a server run unprivileged above READER_NICENESS
+            # may not raise its child's priority (PermissionError)
+            with contextlib.suppress(ProcessLookupError):  # (ended already: the read hears how)
                 niceness = max(READER_NICENESS, os.getpriority(os.PRIO_PROCESS, proc.pid))
                 os.setpriority(os.PRIO_PROCESS, proc.pid, niceness)
                 if (cpus := spare_cpus()) is not None:
                     os.sched_setaffinity(proc.pid, cpus)
-            out, err = _replies(spec, proc, stopped)
+            ours.settimeout(_STOPPED_POLL_S)
+            self._proc, self._sock, self._log = proc, ours, log
+
+    def read(self, spec: ModelSpec, layout: WeightsLayout, stopped: Callable[[], bool] = lambda: False) -> HostWeights:
+        """``spec``'s file (a ``state_dict:`` source) read, checked against ``layout`` and written into shared
+        memory as it lays the values out, by the reader process. Blocking: call it in the loader thread, which
+        only waits meanwhile. ``ModelLoadError`` where the file or a value does not fit, or the reader fails, or
+        ``stopped()`` (asked from the calling thread as it waits) said the server stopped: the reader is then
+        ended."""
+        segment = HostSegment.create(max(layout.nbytes, 1), name="streamgpu-weights")
+        try:
+            kept = self._ask(spec, layout, segment, stopped)
+            return HostWeights(spec.name, layout, kept, segment)
         except BaseException:
-            proc.kill()
+            segment.close()
             raise
-    try:  # its last line (a library may have printed before the reader took standard output for itself)
-        reply = json.loads(out.rstrip(b"\n").rpartition(b"\n")[2])
-    except ValueError:
-        reply = None
-    if proc.returncode == 0 and isinstance(reply, dict):
+
+    def close(self) -> None:
+        """End the reader (a read waiting on it fails) and take no more reads."""
+        with self._lock:
+            self._closed = True
+            self._end()
+
+    def _ask(
+        self, spec: ModelSpec, layout: WeightsLayout, segment: HostSegment, stopped: Callable[[], bool]
+    ) -> list[str]:
+        self.start()
+        sock = self._sock
+        assert sock is not None
+        # The request (the spec and layout: a large module's past a socket's buffer) in a file, with the segment
+        with os.fdopen(os.memfd_create("streamgpu-weights-request", os.MFD_CLOEXEC), "w+b") as request:
+            pickle.dump((spec, layout, segment.nbytes), request)
+            request.flush()
+            request.seek(0)  # (the reader reads the same open file, from its offset)
+            with contextlib.suppress(OSError):  # (it ended: how, its reply's wait says)
+                socket.send_fds(sock, [b"r"], [request.fileno(), segment.fd])
+        try:
+            reply = self._reply(spec, sock, stopped)
+        except BaseException:
+            with self._lock:
+                self._end()
+            raise
         if "error" in reply:
             raise ModelLoadError(str(reply["error"]))
         return [str(key) for key in reply["kept"]]
-    how = f"was killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exited with {proc.returncode}"
-    said = "; ".join(err.decode(errors="replace").strip().splitlines()[-_STDERR_LINES:])
-    raise ModelLoadError(
-        f"model {spec.name!r}: the process reading its weights ({' '.join(command[:3])}) {how}"
-        + (f": {said}" if said else "")
-        + " (check that it can import streamgpu and torch in this environment, and that memory is not short; the "
-        "version serving serves on)"
-    )
 
-
-def _replies(spec: ModelSpec, proc: subprocess.Popen[bytes], stopped: Callable[[], bool]) -> tuple[bytes, bytes]:
-    """The reader's standard output and error once it ended. ``ModelLoadError`` once ``stopped()``: a stopped
-    server's loader thread waited on, and its exit with it, for as long as the reader read (forever for one that
-    hung), and the reader, in a session of its own, outlived a server killed then."""
-    while True:
+    def _reply(self, spec: ModelSpec, sock: socket.socket, stopped: Callable[[], bool]) -> dict[str, Any]:
+        """The reader's reply to the request just sent: one line of JSON."""
+        stop = ModelLoadError(f"model {spec.name!r}: the server stopped while its weights were read")
+        data = b""
+        while not data.endswith(b"\n"):
+            try:
+                chunk = sock.recv(1 << 16)
+            except TimeoutError:
+                if stopped():
+                    raise stop from None
+                continue
+            except OSError:  # (its end reset: it ended)
+                chunk = b""
+            if not chunk:
+                if stopped():
+                    raise stop
+                raise ModelLoadError(f"model {spec.name!r}: the process reading its weights ({self._said()})"
+                                     + _READER_HINT)  # fmt: skip
+            data += chunk
         try:
-            return proc.communicate(timeout=_STOPPED_POLL_S)
-        except subprocess.TimeoutExpired:
-            if stopped():
-                raise ModelLoadError(f"model {spec.name!r}: the server stopped while its weights were read") from None
+            reply = json.loads(data)
+        except ValueError:
+            reply = None
+        if not isinstance(reply, dict) or not ("error" in reply or isinstance(reply.get("kept"), list)):
+            raise ModelLoadError(f"model {spec.name!r}: the process reading its weights replied "
+                                 f"{data[:80]!r}, not a reply of its own" + _READER_HINT)  # fmt: skip
+        return reply
+
+    def _said(self) -> str:
+        """How the reader, whose socket closed, ended, and the last lines it wrote."""
+        with self._lock:
+            proc, log, command = self._proc, self._log, self._command
+            if proc is None or log is None:
+                return "was ended"
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(_ENDING_S)
+            code = proc.returncode
+            log.seek(0, os.SEEK_END)
+            log.seek(max(0, log.tell() - _LOG_TAIL_BYTES))
+            lines = log.read().decode(errors="replace").strip().splitlines()[-_STDERR_LINES:]
+        how = ("did not end after its socket closed" if code is None
+               else f"was killed by signal {-code}" if code < 0 else f"exited with {code}")  # fmt: skip
+        said = "; ".join(line.strip() for line in lines)
+        return f"{' '.join(command[:3])}) {how}" + (f": {said}" if said else "")
+
+    def _end(self) -> None:
+        """Kill and reap the reader, if any (under ``_lock``): a later read starts another."""
+        proc, sock, log = self._proc, self._sock, self._log
+        self._proc = self._sock = self._log = None
+        if proc is not None:
+            with proc:  # (reaped, however it ended)
+                proc.kill()
+        for resource in (sock, log):
+            if resource is not None:
+                resource.close()
 
 
 def write_weights(name: str, layout: WeightsLayout, state: Mapping[str, object], buffer: Tensor) -> list[str]:
@@ -350,26 +434,38 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def main() -> None:
-    """The reader (``read_weights``): ``python -m streamgpu.models.weights FD NBYTES``, the pickled spec and layout
-    on standard input; writes the values into the shared memory behind ``FD``, and as the last line of standard
-    output a JSON object: ``{"kept": [...]}``, or ``{"error": "..."}`` for a file or value that does not fit."""
-    # The reply has standard output to itself: whatever else writes there (a library's print) goes to standard error
-    reply_to = os.fdopen(os.dup(sys.stdout.fileno()), "w")
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    """The reader (``WeightsReader``): ``python -m streamgpu.models.weights SOCKET``. Each request on the socket
+    (``SOCKET``, a file descriptor) is one byte with two descriptors: a file holding the pickled spec, layout and
+    segment size, and the shared memory segment; the reader writes the values into the segment and replies with
+    one line of JSON: ``{"kept": [...]}``, or ``{"error": "..."}`` for a file or value that does not fit. It ends
+    when the server's end of the socket closes."""
+    sock = socket.socket(fileno=int(sys.argv[1]))
     from streamgpu.models.loader import load_errors, read_state_dict  # (the reader's only: the server reads none)
 
-    spec, layout = pickle.load(sys.stdin.buffer)  # (from the server that started it)
-    segment = HostSegment.attach(int(sys.argv[1]), int(sys.argv[2]))
-    try:
-        buffer = torch.from_numpy(segment.buffer[: layout.nbytes])
-        # A value torch reads but cannot copy (a quantized or nested tensor) is the file's fault, said as a load in
-        # the server says it, not as the reader's crash (its traceback)
-        with load_errors(spec):
-            reply: dict[str, object] = {"kept": write_weights(spec.name, layout, read_state_dict(spec), buffer)}
-    except ModelLoadError as exc:
-        reply = {"error": str(exc)}
-    with reply_to:
-        reply_to.write("\n" + json.dumps(reply) + "\n")
+    while True:
+        try:
+            message, fds, _, _ = socket.recv_fds(sock, 1, 2)
+        except ConnectionError:
+            return
+        if not message:  # the server closed it, or ended
+            return
+        request_fd, segment_fd = fds
+        with os.fdopen(request_fd, "rb") as request:
+            spec, layout, nbytes = pickle.load(request)  # (from the server that started it)
+        segment = HostSegment.attach(segment_fd, nbytes)
+        os.close(segment_fd)  # (the segment keeps a descriptor of its own)
+        try:
+            buffer = torch.from_numpy(segment.buffer[: layout.nbytes])
+            # A value torch reads but cannot copy (a quantized or nested tensor) is the file's fault, said as a
+            # load in the server says it, not as the reader's crash (its traceback)
+            with load_errors(spec):
+                reply: dict[str, object] = {"kept": write_weights(spec.name, layout, read_state_dict(spec), buffer)}
+        except ModelLoadError as exc:
+            reply = {"error": str(exc)}
+        finally:
+            del buffer
+            segment.close()
+        sock.sendall(json.dumps(reply).encode() + b"\n")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,13 @@ import errno
 import os
 import pickle
 import re
+import signal
+import subprocess
 import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,10 +29,10 @@ from streamgpu.models.spec import ModelSpec
 from streamgpu.models.weights import (
     HostWeights,
     WeightsLayout,
+    WeightsReader,
     architecture,
     in_place_problem,
     pack_weights,
-    read_weights,
     write_weights,
 )
 
@@ -206,31 +209,100 @@ def test_entries_kept_take_the_serving_values_in_the_staged_buffer() -> None:
         new.close()
 
 
-def saved(tmp_path: Path, state: object) -> ModelSpec:
-    path = tmp_path / "v2.pt"
+def saved(tmp_path: Path, state: object, name: str = "v2.pt") -> ModelSpec:
+    path = tmp_path / name
     torch.save(state, path)
     return dataclasses.replace(SERVING, source=f"state_dict:{path}")
 
 
-def test_the_reader_process_lays_a_files_values_out_in_shared_memory(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.fixture
+def reader() -> Iterator[WeightsReader]:
+    kept = WeightsReader()
+    yield kept
+    kept.close()
+
+
+def starts_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, also: str = "") -> Path:
+    """A file each reader process (any interpreter started with this environment) appends its pid to as it starts:
+    a ``sitecustomize`` first on the children's path, running ``also`` after."""
+    pids = tmp_path / "starts"
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(f"import os\nwith open({str(pids)!r}, 'a') as f:\n"
+                                           f"    f.write(f'{{os.getpid()}}\\n')\n{also}\n")  # fmt: skip
+    monkeypatch.setenv("PYTHONPATH", f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    return pids
+
+
+def started(pids: Path) -> list[int]:
+    return [int(line) for line in pids.read_text().split()] if pids.exists() else []
+
+
+def test_the_reader_process_lays_a_files_values_out_in_shared_memory_and_is_kept_for_the_next_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: WeightsReader
 ) -> None:
+    """Its start (an interpreter, torch's import: ~4 s of CPU beside the serving loop on an H200 host) was paid at
+    every swap while a reader was started per read. A library printing as the reader imports it (here: as it
+    starts) leaves its replies alone."""
+    pids = starts_recorded(tmp_path, monkeypatch, also="print('a library says hello')")
     serving = SmallConvNet().half()
-    state = SmallConvNet().state_dict()
-    # A library that prints as the reader imports it leaves its reply alone
-    (tmp_path / "sitecustomize.py").write_text("print('a library says hello')\n")
-    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    with read_weights(saved(tmp_path, state), WeightsLayout.of(serving)) as new:
-        pairs = new.pairs(serving, new.buffer.clone())
+    for seed in range(3):  # each read's own values
+        torch.manual_seed(seed)
+        state = SmallConvNet().state_dict()
+        with reader.read(saved(tmp_path, state, f"v{seed}.pt"), WeightsLayout.of(serving)) as new:
+            pairs = new.pairs(serving, new.buffer.clone())
+            assert new.kept == frozenset()
+            live = serving.state_dict()
+            assert [p[0].data_ptr() for p in pairs] == [t.data_ptr() for t in live.values()]  # the serving tensors
+            assert all(torch.equal(value, state[key].half() if value.is_floating_point() else state[key])
+                       for (_, value), key in zip(pairs, live, strict=True))  # fmt: skip
+    assert len(started(pids)) == 1
+
+
+def test_a_reader_that_ended_between_reads_is_started_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: WeightsReader
+) -> None:
+    pids = starts_recorded(tmp_path, monkeypatch)
+    spec, layout = saved(tmp_path, SmallConvNet().state_dict()), WeightsLayout.of(SmallConvNet())
+    reader.read(spec, layout).close()
+    (first,) = started(pids)
+    os.kill(first, signal.SIGKILL)
+    while _running(first):  # (a zombie until the next read reaps it)
+        time.sleep(0.01)
+    with pytest.raises(ModelLoadError, match="was killed by signal 9"):  # the read that finds it gone
+        reader.read(spec, layout)
+    with reader.read(spec, layout) as new:
         assert new.kept == frozenset()
-        live = serving.state_dict()
-        assert [p[0].data_ptr() for p in pairs] == [t.data_ptr() for t in live.values()]  # the serving tensors
-        assert all(torch.equal(value, state[key].half() if value.is_floating_point() else state[key])
-                   for (_, value), key in zip(pairs, live, strict=True))  # fmt: skip
+    assert started(pids)[0] == first and len(started(pids)) == 2
+
+
+def test_the_reader_of_a_server_killed_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It runs in a session of its own: a server killed (no ``close``) left it waiting for requests for good."""
+    pids = starts_recorded(tmp_path, monkeypatch)
+    spec = saved(tmp_path, SmallConvNet().state_dict())
+    program = ("import os, sys, pickle; from streamgpu.models.weights import WeightsReader, WeightsLayout; "
+               "from streamgpu.models.builtin import SmallConvNet; "
+               f"WeightsReader().read(pickle.loads({pickle.dumps(spec)!r}), WeightsLayout.of(SmallConvNet())); "
+               "os._exit(0)")  # fmt: skip
+    subprocess.run([sys.executable, "-c", program], check=True, timeout=120)
+    reader_pid = started(pids)[1]  # (the killed "server" started first)
+    ends = time.monotonic() + 30
+    while _running(reader_pid) and time.monotonic() < ends:
+        time.sleep(0.05)
+    assert not _running(reader_pid)
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, ended and not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_the_reader_runs_this_streamgpu_whatever_folder_the_server_started_in(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: WeightsReader
 ) -> None:
     """``python -m`` puts the working directory first on the child's path: a ``streamgpu`` there (another
     checkout, or a planted one) was the reader that ran."""
@@ -240,11 +312,11 @@ def test_the_reader_runs_this_streamgpu_whatever_folder_the_server_started_in(
     (impostor / "__init__.py").write_text("")
     (impostor / "weights.py").write_text("import sys; print('an impostor reads', file=sys.stderr); sys.exit(7)\n")
     monkeypatch.chdir(impostor.parent.parent)
-    with read_weights(saved(tmp_path, SmallConvNet().state_dict()), WeightsLayout.of(SmallConvNet())) as new:
+    with reader.read(saved(tmp_path, SmallConvNet().state_dict()), WeightsLayout.of(SmallConvNet())) as new:
         assert new.kept == frozenset()
 
 
-def test_a_layout_past_a_pipes_capacity_reaches_the_reader_whole(tmp_path: Path) -> None:
+def test_a_layout_past_a_pipes_capacity_reaches_the_reader_whole(tmp_path: Path, reader: WeightsReader) -> None:
     """The request (spec and layout) went down a pipe whose wait was retried to hear of a stop, and a retried
     ``communicate`` sends nothing more: past the pipe's capacity (64 KiB, a page where the user's pipes took
     their quota) the reader waited for the rest of it for good."""
@@ -254,12 +326,12 @@ def test_a_layout_past_a_pipes_capacity_reaches_the_reader_whole(tmp_path: Path)
     assert len(pickle.dumps((SERVING, WeightsLayout.of(serving)))) > 1 << 16
     spec = saved(tmp_path, {key: torch.ones(1) for key in serving.state_dict()})
     given_up = time.monotonic() + 30  # (it reads in seconds)
-    with read_weights(spec, WeightsLayout.of(serving), lambda: time.monotonic() > given_up) as new:
+    with reader.read(spec, WeightsLayout.of(serving), lambda: time.monotonic() > given_up) as new:
         assert new.buffer.any()
 
 
 def test_a_server_niced_past_the_readers_niceness_reads_at_its_own(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: WeightsReader
 ) -> None:
     """Unprivileged (no CAP_SYS_NICE), a process may not lower a niceness: a server run at nice 15 failed every
     in-place swap with PermissionError asking its reader for 10."""
@@ -279,7 +351,7 @@ def test_a_server_niced_past_the_readers_niceness_reads_at_its_own(
     def loader() -> None:  # (niceness is a thread's on Linux, and its children's from birth)
         real_setpriority(os.PRIO_PROCESS, 0, 15)
         try:
-            with read_weights(spec, WeightsLayout.of(SmallConvNet())) as new:
+            with reader.read(spec, WeightsLayout.of(SmallConvNet())) as new:
                 done.append(new.kept)
         except BaseException as exc:
             done.append(exc)
@@ -307,7 +379,7 @@ def nested() -> torch.Tensor:
     ids=["not a zip", "another architecture", "nested tensor"],
 )  # fmt: skip
 def test_the_reader_process_refuses_a_file_that_does_not_fit_saying_why(
-    tmp_path: Path, contents: object, expected: str
+    tmp_path: Path, contents: object, expected: str, reader: WeightsReader
 ) -> None:
     if isinstance(contents, bytes):
         spec = saved(tmp_path, {})
@@ -315,22 +387,32 @@ def test_the_reader_process_refuses_a_file_that_does_not_fit_saying_why(
     else:
         spec = saved(tmp_path, contents)
     with pytest.raises(ModelLoadError, match=re.escape(expected)):
-        read_weights(spec, WeightsLayout.of(SmallConvNet()))
+        reader.read(spec, WeightsLayout.of(SmallConvNet()))
+    with reader.read(saved(tmp_path, SmallConvNet().state_dict()), WeightsLayout.of(SmallConvNet())) as new:
+        assert new.kept == frozenset()  # (the same reader reads on)
 
 
 @pytest.mark.parametrize(
     ("program", "expected"),
     [
-        ("import sys; print('out of memory', file=sys.stderr); sys.exit(3)", "exited with 3: out of memory"),
-        ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "was killed by signal 9"),
-        ("print('{not json')", "exited with 0"),
+        ("import sys; print('out of memory', file=sys.stderr); sys.exit(3)",
+         re.escape(f"the process reading its weights ({sys.executable} -c ") + ".*"
+         + re.escape(") exited with 3: out of memory")),
+        ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)",
+         re.escape(f"the process reading its weights ({sys.executable} -c ") + ".*"
+         + re.escape(") was killed by signal 9")),
+        ("import os, sys, time; os.write(int(sys.argv[1]), b'{not json\\n'); time.sleep(60)",
+         re.escape("the process reading its weights replied b'{not json\\n', not a reply of its own")),
     ],
     ids=["exits", "killed", "garbled reply"],
-)
-def test_a_reader_process_that_fails_is_a_clear_load_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, program: str, expected: str
+)  # fmt: skip
+def test_a_reader_process_that_fails_is_a_clear_load_error_and_the_next_read_starts_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, program: str, expected: str, reader: WeightsReader
 ) -> None:
-    monkeypatch.setattr(weights, "module_command", lambda *args: [sys.executable, "-c", program])
-    with pytest.raises(ModelLoadError, match=re.escape(f"the process reading its weights ({sys.executable} -c ") +
-                       ".*" + re.escape(expected)):  # fmt: skip
-        read_weights(saved(tmp_path, SmallConvNet().state_dict()), WeightsLayout.of(SmallConvNet()))
+    spec, layout = saved(tmp_path, SmallConvNet().state_dict()), WeightsLayout.of(SmallConvNet())
+    with monkeypatch.context() as patched:
+        patched.setattr(weights, "module_command", lambda _module, *args: [sys.executable, "-c", program, *args])
+        with pytest.raises(ModelLoadError, match=expected + ".*check that it can import streamgpu"):
+            reader.read(spec, layout)
+    with reader.read(spec, layout) as new:  # (a failed one is ended, not asked again)
+        assert new.kept == frozenset()
