@@ -358,7 +358,7 @@ def attribute(recorder: StallRecorder, stalls: list[tuple[float, float, float]])
 class PhaseRecorder:
     """``--attribute-phases``: when each part of a load ran on the loader thread (building the module, moving it to
     the GPU, the eager warm-up, graph capture; for weights in place: the serving module's layout, the reader
-    process, staging on the GPU, the shared buffer unmapped), for the p99 of the frames in flight during each
+    process's read, staging on the GPU, the shared buffer unmapped), for the p99 of the frames in flight during each
     against the frames in flight during none: which part of a load raises the tail."""
 
     PHASES = (
@@ -368,7 +368,7 @@ class PhaseRecorder:
         ("streamgpu.gpu.cuda", "CudaModel", "capture", "graph capture"),
         ("streamgpu.gpu.cuda", "CudaBackend", "unload", "old version freed"),
         ("streamgpu.models.weights", "WeightsLayout", "of", "in place: serving layout"),
-        ("streamgpu.models.weights", "", "_run_reader", "in place: reader process"),
+        ("streamgpu.models.weights", "WeightsReader", "read", "in place: the reader reads"),
         ("streamgpu.gpu.cuda", "CudaBackend", "stage_weights", "in place: staged on the GPU"),
         ("streamgpu.models.weights", "HostWeights", "close", "in place: shared buffer unmapped"),
     )  # fmt: skip
