@@ -24,6 +24,7 @@ import logging
 import sys
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -140,6 +141,9 @@ class ModelManager:
         self._running: set[asyncio.Task[ModelState]] = set()
         self._closed = False  # the server stopped: its loader thread and backend are gone
         self._reader = WeightsReader()  # reads the files of new versions swapped in by their weights (``_stage``)
+        # The layout of each serving instance's state, known from its first in-place swap on: the same at each (the
+        # swap keeps its tensors)
+        self._layouts: weakref.WeakKeyDictionary[DeviceModel, WeightsLayout] = weakref.WeakKeyDictionary()
 
     def _build(self, spec: ModelSpec, paced: bool) -> list[DeviceModel]:
         """``spec.instances`` instances per device (each from a fresh module: a load may move it in place);
@@ -163,7 +167,9 @@ class ModelManager:
     def _stage(self, spec: ModelSpec, serving: list[DeviceModel], paced: bool) -> list[StagedWeights]:
         """``spec``'s weights read and checked by the reader process against the serving module's layout, then
         staged beside each serving instance (``weights``)."""
-        layout = WeightsLayout.of(serving[0].module)
+        layout = self._layouts.get(serving[0])
+        if layout is None:  # (a ResNet-50's state dict: ~8 ms of Python, the loop waiting for the GIL, at every swap)
+            layout = self._layouts[serving[0]] = WeightsLayout.of(serving[0].module)
         with self._paced(paced), self._reader.read(spec, layout, lambda: self._closed) as weights:
             return [self._backend.stage_weights(model, weights) for model in serving]
 

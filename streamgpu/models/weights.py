@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import IO, Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -167,15 +168,15 @@ def pack_weights(module: nn.Module) -> PackedWeights | None:
 
 class HostWeights:
     """A new version's weights read by ``WeightsReader.read``: every value in ``buffer`` (one-dimensional uint8, in
-    shared host memory) in its serving tensor's dtype and layout, but those ``kept``. Close it (or use it as a
-    context manager) once the values were copied out (``Backend.stage_weights``)."""
+    shared host memory: ``host``'s first bytes) in its serving tensor's dtype and layout, but those ``kept``. Close
+    it (or use it as a context manager) once the values were copied out (``Backend.stage_weights``): the reader
+    writes the next version's there."""
 
-    def __init__(self, name: str, layout: WeightsLayout, kept: list[str], segment: HostSegment) -> None:
+    def __init__(self, name: str, layout: WeightsLayout, kept: list[str], host: np.ndarray) -> None:
         self.name = name
         self.layout = layout
         self.kept = frozenset(kept)
-        self._segment = segment
-        self.buffer = torch.from_numpy(segment.buffer[: layout.nbytes])
+        self.buffer = torch.from_numpy(host[: layout.nbytes])
 
     def pairs(self, module: nn.Module, buffer: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Each tensor of ``module``'s state that takes a new value, with that value in ``buffer`` (a copy of
@@ -196,8 +197,7 @@ class HostWeights:
                 entry.view(staged).copy_(entry.view(packed.buffer))
 
     def close(self) -> None:
-        del self.buffer  # (the segment unmaps only once no view of it is left)
-        self._segment.close()
+        del self.buffer
 
     def __enter__(self) -> HostWeights:
         return self
@@ -223,6 +223,7 @@ class WeightsReader:
         self._sock: socket.socket | None = None
         self._log: IO[bytes] | None = None  # its standard output and error: their last lines go into an error
         self._command: list[str] = []
+        self._segment: HostSegment | None = None  # (``_segment_for``)
         self._closed = False
 
     def start(self) -> None:
@@ -265,19 +266,31 @@ class WeightsReader:
         only waits meanwhile. ``ModelLoadError`` where the file or a value does not fit, or the reader fails, or
         ``stopped()`` (asked from the calling thread as it waits) said the server stopped: the reader is then
         ended."""
-        segment = HostSegment.create(max(layout.nbytes, 1), name="streamgpu-weights")
-        try:
-            kept = self._ask(spec, layout, segment, stopped)
-            return HostWeights(spec.name, layout, kept, segment)
-        except BaseException:
-            segment.close()
-            raise
+        segment = self._segment_for(layout.nbytes)
+        return HostWeights(spec.name, layout, self._ask(spec, layout, segment, stopped), segment.buffer)
 
     def close(self) -> None:
         """End the reader (a read waiting on it fails) and take no more reads."""
         with self._lock:
             self._closed = True
             self._end()
+            if self._segment is not None:  # (a read's values still in use keep it mapped: ``HostSegment.close``)
+                self._segment.close()
+                self._segment = None
+
+    def _segment_for(self, nbytes: int) -> HostSegment:
+        """The shared memory the reader writes values into, kept from one read to the next (each read of a new one
+        cost the server ~15 ms of unmapping, and both processes a page fault per page, for a ResNet-50), and
+        replaced by a larger one for a larger layout."""
+        with self._lock:
+            if self._closed:
+                raise ModelLoadError("the server has stopped")
+            if self._segment is None or self._segment.nbytes < nbytes:
+                if self._segment is not None:
+                    self._segment.close()
+                    self._segment = None
+                self._segment = HostSegment.create(max(nbytes, 1), name="streamgpu-weights")
+            return self._segment
 
     def _ask(
         self, spec: ModelSpec, layout: WeightsLayout, segment: HostSegment, stopped: Callable[[], bool]
@@ -442,6 +455,7 @@ def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
     from streamgpu.models.loader import load_errors, read_state_dict  # (the reader's only: the server reads none)
 
+    segment, mapped = None, None  # the server's segment, kept mapped while the server keeps it (its file's inode)
     while True:
         try:
             message, fds, _, _ = socket.recv_fds(sock, 1, 2)
@@ -452,19 +466,22 @@ def main() -> None:
         request_fd, segment_fd = fds
         with os.fdopen(request_fd, "rb") as request:
             spec, layout, nbytes = pickle.load(request)  # (from the server that started it)
-        segment = HostSegment.attach(segment_fd, nbytes)
-        os.close(segment_fd)  # (the segment keeps a descriptor of its own)
         try:
-            buffer = torch.from_numpy(segment.buffer[: layout.nbytes])
+            if segment is None or mapped != (os.fstat(segment_fd).st_ino, nbytes):
+                if segment is not None:
+                    segment.close()
+                segment, mapped = HostSegment.attach(segment_fd, nbytes), (os.fstat(segment_fd).st_ino, nbytes)
+        finally:
+            os.close(segment_fd)  # (the segment keeps a descriptor of its own)
+        try:
             # A value torch reads but cannot copy (a quantized or nested tensor) is the file's fault, said as a
             # load in the server says it, not as the reader's crash (its traceback)
             with load_errors(spec):
-                reply: dict[str, object] = {"kept": write_weights(spec.name, layout, read_state_dict(spec), buffer)}
+                state = read_state_dict(spec)
+                buffer = torch.from_numpy(segment.buffer[: layout.nbytes])
+                reply: dict[str, object] = {"kept": write_weights(spec.name, layout, state, buffer)}
         except ModelLoadError as exc:
             reply = {"error": str(exc)}
-        finally:
-            del buffer
-            segment.close()
         sock.sendall(json.dumps(reply).encode() + b"\n")
 
 

@@ -112,7 +112,7 @@ async def test_new_weights_are_staged_in_memory_of_their_own_paired_with_the_ser
     segment = HostSegment.create(layout.nbytes)
     shared = range(segment.buffer.ctypes.data, segment.buffer.ctypes.data + layout.nbytes)
     write_weights("m", layout, state, torch.from_numpy(segment.buffer[: layout.nbytes]))
-    with HostWeights("m", layout, [], segment) as new:
+    with segment, HostWeights("m", layout, [], segment.buffer) as new:
         staged = backend.stage_weights(model, new)
     pairs = [pair for live, values in staged.groups for pair in zip(live, values, strict=True)]
     key_of = {t.data_ptr(): key for key, t in model.module.state_dict().items()}

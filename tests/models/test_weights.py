@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from streamgpu.errors import ModelLoadError
-from streamgpu.memory import HostSegment
 from streamgpu.models import weights
 from streamgpu.models.builtin import SmallConvNet
 from streamgpu.models.spec import ModelSpec
@@ -196,17 +195,13 @@ def test_entries_kept_take_the_serving_values_in_the_staged_buffer() -> None:
     assert packed is not None
     old = {key: value for key, value in SmallConvNet().state_dict().items() if not key.endswith("num_batches_tracked")}
     layout, buffer, kept = written(serving, old)
-    segment = HostSegment.create(layout.nbytes)
-    new = HostWeights("m", layout, kept, segment)
-    try:
+    with HostWeights("m", layout, kept, buffer.numpy()) as new:
         staged = buffer.clone()
         new.keep(packed, staged)
         packed.buffer.copy_(staged)
-        live = serving.state_dict()
-        assert len(kept) == 4 and all(live[key].item() == 7 for key in kept)
-        assert all(torch.equal(live[key], value) for key, value in old.items())
-    finally:
-        new.close()
+    live = serving.state_dict()
+    assert len(kept) == 4 and all(live[key].item() == 7 for key in kept)
+    assert all(torch.equal(live[key], value) for key, value in old.items())
 
 
 def saved(tmp_path: Path, state: object, name: str = "v2.pt") -> ModelSpec:
@@ -245,18 +240,23 @@ def test_the_reader_process_lays_a_files_values_out_in_shared_memory_and_is_kept
     every swap while a reader was started per read. A library printing as the reader imports it (here: as it
     starts) leaves its replies alone."""
     pids = starts_recorded(tmp_path, monkeypatch, also="print('a library says hello')")
-    serving = SmallConvNet().half()
-    for seed in range(3):  # each read's own values
+    small, large = SmallConvNet().half(), nn.Linear(1000, 1000)
+    assert WeightsLayout.of(large).nbytes > WeightsLayout.of(small).nbytes
+    places = []
+    for seed, serving in enumerate((small, small, large, small)):  # each read's own values
         torch.manual_seed(seed)
-        state = SmallConvNet().state_dict()
+        state = type(serving)(*((1000, 1000) if serving is large else ())).state_dict()
         with reader.read(saved(tmp_path, state, f"v{seed}.pt"), WeightsLayout.of(serving)) as new:
             pairs = new.pairs(serving, new.buffer.clone())
             assert new.kept == frozenset()
             live = serving.state_dict()
             assert [p[0].data_ptr() for p in pairs] == [t.data_ptr() for t in live.values()]  # the serving tensors
-            assert all(torch.equal(value, state[key].half() if value.is_floating_point() else state[key])
+            assert all(torch.equal(value, state[key].to(value.dtype))
                        for (_, value), key in zip(pairs, live, strict=True))  # fmt: skip
+            places.append(new.buffer.data_ptr())
     assert len(started(pids)) == 1
+    # One shared buffer from read to read (replaced by a larger one for a larger layout, then kept for smaller ones)
+    assert places[0] == places[1] and places[2] == places[3]
 
 
 def test_a_reader_that_ended_between_reads_is_started_again(
