@@ -44,7 +44,8 @@ class ModelSpec:
     ``state_dict`` source of the serving architecture, every other setting the
     same) has them copied into the serving model between two batches
     (``streamgpu.models.weights``) rather than being built and captured beside
-    it: swaps ~5x shorter, the GPU idle ~1-2 ms at the switch (off by default).
+    it (off by default); a model loaded with it keeps its weights in one device
+    buffer, so that a swap copies them in one copy.
     """
 
     name: str = "default"
