@@ -266,8 +266,15 @@ class WeightsReader:
         only waits meanwhile. ``ModelLoadError`` where the file or a value does not fit, or the reader fails, or
         ``stopped()`` (asked from the calling thread as it waits) said the server stopped: the reader is then
         ended."""
-        segment = self._segment_for(layout.nbytes)
-        return HostWeights(spec.name, layout, self._ask(spec, layout, segment, stopped), segment.buffer)
+        self.start()
+        with self._lock:  # what the read uses, taken at once: ``close`` (the loop's thread) may come at any point
+            if self._closed:
+                raise ModelLoadError("the server has stopped")
+            assert self._sock is not None  # (started above; only ``close`` or a failed read, this thread's, end it)
+            sock, segment = self._sock, self._segment_for(layout.nbytes)
+            host, request = segment.buffer, (spec, layout, segment.nbytes, segment.fd)
+        # (``host`` keeps the mapping past a close meanwhile: ``HostSegment.close``)
+        return HostWeights(spec.name, layout, self._ask(sock, request, stopped), host)
 
     def close(self) -> None:
         """End the reader (a read waiting on it fails) and take no more reads."""
@@ -281,30 +288,27 @@ class WeightsReader:
     def _segment_for(self, nbytes: int) -> HostSegment:
         """The shared memory the reader writes values into, kept from one read to the next (each read of a new one
         cost the server ~15 ms of unmapping, and both processes a page fault per page, for a ResNet-50), and
-        replaced by a larger one for a larger layout."""
-        with self._lock:
-            if self._closed:
-                raise ModelLoadError("the server has stopped")
-            if self._segment is None or self._segment.nbytes < nbytes:
-                if self._segment is not None:
-                    self._segment.close()
-                    self._segment = None
-                self._segment = HostSegment.create(max(nbytes, 1), name="streamgpu-weights")
-            return self._segment
+        replaced by a larger one for a larger layout (under ``_lock``)."""
+        if self._segment is None or self._segment.nbytes < nbytes:
+            if self._segment is not None:
+                self._segment.close()
+                self._segment = None
+            self._segment = HostSegment.create(max(nbytes, 1), name="streamgpu-weights")
+        return self._segment
 
     def _ask(
-        self, spec: ModelSpec, layout: WeightsLayout, segment: HostSegment, stopped: Callable[[], bool]
+        self, sock: socket.socket, request: tuple[ModelSpec, WeightsLayout, int, int], stopped: Callable[[], bool]
     ) -> list[str]:
-        self.start()
-        sock = self._sock
-        assert sock is not None
+        """The entries kept (``HostWeights.kept``) of ``request``'s read: its spec, layout, and segment's size and
+        descriptor."""
+        spec, layout, nbytes, segment_fd = request
         # The request (the spec and layout: a large module's past a socket's buffer) in a file, with the segment
-        with os.fdopen(os.memfd_create("streamgpu-weights-request", os.MFD_CLOEXEC), "w+b") as request:
-            pickle.dump((spec, layout, segment.nbytes), request)
-            request.flush()
-            request.seek(0)  # (the reader reads the same open file, from its offset)
-            with contextlib.suppress(OSError):  # (it ended: how, its reply's wait says)
-                socket.send_fds(sock, [b"r"], [request.fileno(), segment.fd])
+        with os.fdopen(os.memfd_create("streamgpu-weights-request", os.MFD_CLOEXEC), "w+b") as file:
+            pickle.dump((spec, layout, nbytes), file)
+            file.flush()
+            file.seek(0)  # (the reader reads the same open file, from its offset)
+            with contextlib.suppress(OSError):  # (it ended, or a close closed both: how, the reply's wait says)
+                socket.send_fds(sock, [b"r"], [file.fileno(), segment_fd])
         try:
             reply = self._reply(spec, sock, stopped)
         except BaseException:

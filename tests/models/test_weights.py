@@ -276,6 +276,34 @@ def test_a_reader_that_ended_between_reads_is_started_again(
     assert started(pids)[0] == first and len(started(pids)) == 2
 
 
+@pytest.mark.parametrize("when", ["as the read starts the reader", "as the reply comes"])
+def test_a_close_from_the_loops_thread_during_a_read_fails_it_or_leaves_its_values_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: WeightsReader, when: str
+) -> None:
+    """``close`` comes from the loop's thread, a read from the loader's, at any point of it: one between the
+    reader's start and the request took the socket from under the read (an ``AssertionError``), and one just
+    after the reply left the read's values in the segment it closed (an empty buffer, returned as read)."""
+    serving = SmallConvNet()
+    spec, layout = saved(tmp_path, serving.state_dict()), WeightsLayout.of(serving)
+    hooked = "start" if when == "as the read starts the reader" else "_reply"
+    real = getattr(WeightsReader, hooked)
+
+    def then_close(self: WeightsReader, *args: object) -> object:
+        done = real(self, *args)
+        self.close()
+        return done
+
+    monkeypatch.setattr(WeightsReader, hooked, then_close)
+    if hooked == "start":
+        with pytest.raises(ModelLoadError, match="the server has stopped"):
+            reader.read(spec, layout)
+        return
+    with reader.read(spec, layout) as new:
+        live = serving.state_dict()
+        assert new.buffer.numel() == layout.nbytes
+        assert all(torch.equal(entry.view(new.buffer), live[entry.key]) for entry in layout.entries)
+
+
 def test_the_reader_of_a_server_killed_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """It runs in a session of its own: a server killed (no ``close``) left it waiting for requests for good."""
     pids = starts_recorded(tmp_path, monkeypatch)
