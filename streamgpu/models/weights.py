@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import pickle
@@ -40,6 +41,8 @@ from streamgpu.errors import ModelLoadError
 from streamgpu.loops import spare_cpus
 from streamgpu.memory import HostSegment
 from streamgpu.models.spec import ModelSpec
+
+log = logging.getLogger("streamgpu")
 
 # Settings a new version taking the serving one's place in place may have of its own: the weights it brings, and
 # this choice itself
@@ -233,19 +236,23 @@ class WeightsReader:
             if self._closed:
                 raise ModelLoadError("the server has stopped")
             if self._proc is not None:
-                return
+                if (code := self._proc.poll()) is None:
+                    return
+                # It ended between reads (killed: the OOM killer, an operator): another, not a failed swap
+                log.warning("the process that reads new weights %s between reads; another starts", _how_ended(code))
+                self._end()
             ours, its = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             self._command = module_command(__name__, str(its.fileno()))
             # One thread (torch's conversions would otherwise run on every core, its idle threads spinning a while
             # after each)
             env = {**child_environment(), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-            log = tempfile.TemporaryFile(prefix="streamgpu-weights-reader-")  # noqa: SIM115 (kept with the reader)
+            output = tempfile.TemporaryFile(prefix="streamgpu-weights-reader-")  # noqa: SIM115 (kept with the reader)
             try:
-                proc = subprocess.Popen(self._command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                proc = subprocess.Popen(self._command, stdin=subprocess.DEVNULL, stdout=output, stderr=output,
                                         pass_fds=(its.fileno(),), env=env, start_new_session=True)  # fmt: skip
             except OSError as exc:
                 ours.close()
-                log.close()
+                output.close()
                 raise ModelLoadError(f"the process that reads new weights could not start: {exc}") from exc
             finally:
                 its.close()
@@ -258,7 +265,7 @@ class WeightsReader:
                 if (cpus := spare_cpus()) is not None:
                     os.sched_setaffinity(proc.pid, cpus)
             ours.settimeout(_STOPPED_POLL_S)
-            self._proc, self._sock, self._log = proc, ours, log
+            self._proc, self._sock, self._log = proc, ours, output
 
     def read(self, spec: ModelSpec, layout: WeightsLayout, stopped: Callable[[], bool] = lambda: False) -> HostWeights:
         """``spec``'s file (a ``state_dict:`` source) read, checked against ``layout`` and written into shared
@@ -359,8 +366,7 @@ class WeightsReader:
             log.seek(0, os.SEEK_END)
             log.seek(max(0, log.tell() - _LOG_TAIL_BYTES))
             lines = log.read().decode(errors="replace").strip().splitlines()[-_STDERR_LINES:]
-        how = ("did not end after its socket closed" if code is None
-               else f"was killed by signal {-code}" if code < 0 else f"exited with {code}")  # fmt: skip
+        how = "did not end after its socket closed" if code is None else _how_ended(code)
         said = "; ".join(line.strip() for line in lines)
         return f"{' '.join(command[:3])}) {how}" + (f": {said}" if said else "")
 
@@ -374,6 +380,11 @@ class WeightsReader:
         for resource in (sock, log):
             if resource is not None:
                 resource.close()
+
+
+def _how_ended(code: int) -> str:
+    """How a process that exited with ``code`` (``Popen.returncode``) ended."""
+    return f"was killed by signal {-code}" if code < 0 else f"exited with {code}"
 
 
 def write_weights(name: str, layout: WeightsLayout, state: Mapping[str, object], buffer: Tensor) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import logging
 import os
 import pickle
 import re
@@ -260,8 +261,10 @@ def test_the_reader_process_lays_a_files_values_out_in_shared_memory_and_is_kept
 
 
 def test_a_reader_that_ended_between_reads_is_started_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: WeightsReader
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: WeightsReader, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """One killed while idle (the OOM killer, an operator) failed the next swap, which found its socket closed:
+    that swap starts another, and says so in the log."""
     pids = starts_recorded(tmp_path, monkeypatch)
     spec, layout = saved(tmp_path, SmallConvNet().state_dict()), WeightsLayout.of(SmallConvNet())
     reader.read(spec, layout).close()
@@ -269,11 +272,10 @@ def test_a_reader_that_ended_between_reads_is_started_again(
     os.kill(first, signal.SIGKILL)
     while _running(first):  # (a zombie until the next read reaps it)
         time.sleep(0.01)
-    with pytest.raises(ModelLoadError, match="was killed by signal 9"):  # the read that finds it gone
-        reader.read(spec, layout)
-    with reader.read(spec, layout) as new:
+    with caplog.at_level(logging.WARNING, logger="streamgpu"), reader.read(spec, layout) as new:
         assert new.kept == frozenset()
     assert started(pids)[0] == first and len(started(pids)) == 2
+    assert "the process that reads new weights was killed by signal 9 between reads" in caplog.text
 
 
 @pytest.mark.parametrize("when", ["as the read starts the reader", "as the reply comes"])
