@@ -342,7 +342,7 @@ class WeightsReader:
             if not chunk:
                 if stopped():
                     raise stop
-                raise ModelLoadError(f"model {spec.name!r}: the process reading its weights ({self._said()})"
+                raise ModelLoadError(f"model {spec.name!r}: the process reading its weights {self._said()}"
                                      + _READER_HINT)  # fmt: skip
             data += chunk
         try:
@@ -368,7 +368,7 @@ class WeightsReader:
             lines = log.read().decode(errors="replace").strip().splitlines()[-_STDERR_LINES:]
         how = "did not end after its socket closed" if code is None else _how_ended(code)
         said = "; ".join(line.strip() for line in lines)
-        return f"{' '.join(command[:3])}) {how}" + (f": {said}" if said else "")
+        return f"({' '.join(command[:3])}) {how}" + (f": {said}" if said else "")
 
     def _end(self) -> None:
         """Kill and reap the reader, if any (under ``_lock``): a later read starts another."""
