@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -24,3 +25,13 @@ def child_environment() -> dict[str, str]:
     and a ``streamgpu`` or ``torch`` in the folder the server was started from was what the child imported)."""
     path = [_PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path)), "PYTHONSAFEPATH": "1"}
+
+
+def exit_status(status: int) -> str:
+    """A child's exit status (``Popen.returncode``) in words: a signal that killed it, by name."""
+    if status >= 0:
+        return f"exit status {status}"
+    try:
+        return f"killed by {signal.Signals(-status).name}"
+    except ValueError:
+        return f"killed by signal {-status}"

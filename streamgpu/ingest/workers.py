@@ -65,7 +65,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from streamgpu.children import child_environment, module_command
+from streamgpu.children import child_environment, exit_status, module_command
 from streamgpu.cmdline import STOP_SIGNALS
 from streamgpu.config import ListenerSpec
 from streamgpu.errors import WorkerStartError
@@ -239,7 +239,7 @@ class _Worker(asyncio.Protocol):
         """The error of a worker that did ``what`` (exited, did not start in time) while starting."""
         pid = self.proc.pid if self.proc is not None else -1
         return WorkerStartError(
-            f"ingest worker {self.index} (pid {pid}) {what} ({_exit_status(status)}); its own error, if it printed "
+            f"ingest worker {self.index} (pid {pid}) {what} ({exit_status(status)}); its own error, if it printed "
             f"one, is above on this process's stderr. {_WORKER_HINT}"
         )
 
@@ -758,7 +758,7 @@ class WorkerListener(Listener):
         if reaped.cancelled():  # (the loop is closing)
             return
         loop = asyncio.get_running_loop()
-        pid, status = dead.proc.pid if dead.proc else -1, _exit_status(reaped.result())
+        pid, status = dead.proc.pid if dead.proc else -1, exit_status(reaped.result())
         said = f"ingest worker {dead.index} (pid {pid}) exited ({status}); its connections closed"
         if self._stopping:
             log.warning("%s", said)
@@ -984,16 +984,6 @@ def _reuseport_sockets(spec: ListenerSpec, count: int) -> list[socket.socket]:
             sock.close()
         raise
     return socks
-
-
-def _exit_status(status: int) -> str:
-    """A process's exit status (``Popen.returncode``) in words: a signal that killed it, by name."""
-    if status >= 0:
-        return f"exit status {status}"
-    try:
-        return f"killed by {signal.Signals(-status).name}"
-    except ValueError:
-        return f"killed by signal {-status}"
 
 
 async def _wait(futures: list[asyncio.Future[None]], timeout: float) -> None:

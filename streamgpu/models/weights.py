@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from streamgpu.children import child_environment, module_command
+from streamgpu.children import child_environment, exit_status, module_command
 from streamgpu.errors import ModelLoadError
 from streamgpu.loops import spare_cpus
 from streamgpu.memory import HostSegment
@@ -239,7 +239,8 @@ class WeightsReader:
                 if (code := self._proc.poll()) is None:
                     return
                 # It ended between reads (killed: the OOM killer, an operator): another, not a failed swap
-                log.warning("the process that reads new weights %s between reads; another starts", _how_ended(code))
+                log.warning("the process that reads new weights ended between reads (%s); another starts",
+                            exit_status(code))  # fmt: skip
                 self._end()
             ours, its = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             self._command = module_command(__name__, str(its.fileno()))
@@ -366,7 +367,7 @@ class WeightsReader:
             log.seek(0, os.SEEK_END)
             log.seek(max(0, log.tell() - _LOG_TAIL_BYTES))
             lines = log.read().decode(errors="replace").strip().splitlines()[-_STDERR_LINES:]
-        how = "did not end after its socket closed" if code is None else _how_ended(code)
+        how = "did not end after its socket closed" if code is None else f"ended ({exit_status(code)})"
         said = "; ".join(line.strip() for line in lines)
         return f"({' '.join(command[:3])}) {how}" + (f": {said}" if said else "")
 
@@ -380,11 +381,6 @@ class WeightsReader:
         for resource in (sock, log):
             if resource is not None:
                 resource.close()
-
-
-def _how_ended(code: int) -> str:
-    """How a process that exited with ``code`` (``Popen.returncode``) ended."""
-    return f"was killed by signal {-code}" if code < 0 else f"exited with {code}"
 
 
 def write_weights(name: str, layout: WeightsLayout, state: Mapping[str, object], buffer: Tensor) -> list[str]:

@@ -275,7 +275,7 @@ def test_a_reader_that_ended_between_reads_is_started_again(
     with caplog.at_level(logging.WARNING, logger="streamgpu"), reader.read(spec, layout) as new:
         assert new.kept == frozenset()
     assert started(pids)[0] == first and len(started(pids)) == 2
-    assert "the process that reads new weights was killed by signal 9 between reads" in caplog.text
+    assert "the process that reads new weights ended between reads (killed by SIGKILL)" in caplog.text
 
 
 @pytest.mark.parametrize("when", ["as the read starts the reader", "as the reply comes"])
@@ -427,10 +427,10 @@ def test_the_reader_process_refuses_a_file_that_does_not_fit_saying_why(
     [
         ("import sys; print('out of memory', file=sys.stderr); sys.exit(3)",
          re.escape(f"the process reading its weights ({sys.executable} -c ") + ".*"
-         + re.escape(") exited with 3: out of memory")),
+         + re.escape(") ended (exit status 3): out of memory")),
         ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)",
          re.escape(f"the process reading its weights ({sys.executable} -c ") + ".*"
-         + re.escape(") was killed by signal 9")),
+         + re.escape(") ended (killed by SIGKILL)")),
         ("import os, sys, time; os.write(int(sys.argv[1]), b'{not json\\n'); time.sleep(60)",
          re.escape("the process reading its weights replied b'{not json\\n', not a reply of its own")),
     ],
