@@ -43,7 +43,7 @@ from streamgpu.models.spec import ModelSpec
 from streamgpu.models.weights import HostWeights, WeightsReader
 from streamgpu.protocol.wire import Status
 from streamgpu.server import Server
-from tests.test_isolation import run_queue_s
+from tests.test_isolation import cheap, run_queue_s
 from tests.test_server import slow_batches
 
 SHAPE = (16, 16, 3)
@@ -202,6 +202,25 @@ async def test_a_model_loaded_to_take_weights_in_place_starts_one_reader_for_all
         assert srv.serving("m")[0].weights_version == 2 and _running(reader)  # type: ignore[index]
         assert len(layouts) == 1
     assert not _running(reader)  # (killed and reaped)
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_model_of_no_builtin_architecture_starts_no_reader_whatever_its_weights_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A TorchScript model's new versions are built beside it (its architecture is its file's): a reader started
+    as it loaded with ``weights_in_place = true`` was an interpreter with torch imported, for as long as the server
+    ran, that no swap would ask."""
+    started: list[str] = []
+
+    def module_command(module: str, *args: str) -> list[str]:
+        started.append(module)
+        return ["false"]
+
+    monkeypatch.setattr(weights, "module_command", module_command)
+    async with Server(config(cheap("m", tmp_path, SHAPE, weights_in_place=True))) as srv:
+        assert srv.serving("m") is not None
+    assert started == []
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough

@@ -45,7 +45,7 @@ from streamgpu.memory import Slot
 from streamgpu.models.outputs import BatchOutputs, ModelHead, host_dtype, model_input, warm_up
 from streamgpu.models.preprocess import TorchPreprocess
 from streamgpu.models.spec import ModelSpec
-from streamgpu.models.weights import HostWeights, PackedWeights, architecture, pack_weights
+from streamgpu.models.weights import HostWeights, PackedWeights, pack_weights, takes_weights_in_place
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ class CudaModel(DeviceModel):
         # A model that may take new versions' weights in place has them in one buffer (before its graphs are
         # captured): a swap is then one copy of ~30 us (ResNet-50), not ~100 us of grouped copies launched
         # over ~200 us of the loop (docs/BENCHMARKS.md)
-        self.packed = pack_weights(self.module) if spec.weights_in_place and architecture(spec) else None
+        self.packed = pack_weights(self.module) if takes_weights_in_place(spec) else None
         self.head = ModelHead(self.module, spec)
         # A share of the SMs (a green context, no other model's): kernels on its streams, and graphs
         # captured inside it, run on those SMs alone, so this model cannot crowd out another (and vice versa).

@@ -33,7 +33,7 @@ from streamgpu.errors import ModelLoadError, ModelNotFoundError
 from streamgpu.gpu.backend import Backend, DeviceModel, StagedWeights
 from streamgpu.models.loader import load_module
 from streamgpu.models.spec import ModelSpec
-from streamgpu.models.weights import WeightsLayout, WeightsReader, in_place_problem
+from streamgpu.models.weights import WeightsLayout, WeightsReader, in_place_problem, takes_weights_in_place
 from streamgpu.scheduler.scheduler import Scheduler
 
 LOADING_SWITCH_INTERVAL_S = 0.0002  # the GIL hand-over interval while a model loads (see LoadingSwitchInterval)
@@ -157,7 +157,7 @@ class ModelManager:
             except BaseException:
                 self._free(models)
                 raise
-        if spec.weights_in_place and self._backend.swaps_weights_in_place:
+        if takes_weights_in_place(spec) and self._backend.swaps_weights_in_place:
             # Its next versions' weights are read by the reader process: started now, its start (an interpreter,
             # torch's import: seconds of CPU) is not part of the first swap
             with contextlib.suppress(ModelLoadError):  # (the swap will say why it cannot start)

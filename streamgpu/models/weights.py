@@ -73,6 +73,12 @@ def architecture(spec: ModelSpec) -> str | None:
     return spec.arch if scheme == "state_dict" else None
 
 
+def takes_weights_in_place(spec: ModelSpec) -> bool:
+    """Whether a model loaded from ``spec`` may take its next versions' weights in place: it asks to, and is of a
+    builtin architecture (a new version's ``arch``; a file holding its own has its new versions built beside it)."""
+    return spec.weights_in_place and architecture(spec) is not None
+
+
 def in_place_problem(serving: ModelSpec, new: ModelSpec) -> str | None:
     """Why ``new`` cannot replace ``serving`` by its weights alone (it is then built as a version of its own),
     or None: it can."""
@@ -213,7 +219,7 @@ class WeightsReader:
     """The process that reads new versions' weights files (this module run as a program), kept from one read to
     the next: its start is an interpreter and torch's import, ~4 s of CPU that ran beside the serving loop at
     every swap while it was started per read (docs/BENCHMARKS.md). It starts at the first ``read``, or earlier
-    by ``start`` (the server does so for a model loaded with ``weights_in_place``), runs one thread, niced below
+    by ``start`` (the server does so as a model that ``takes_weights_in_place`` loads), runs one thread, niced below
     the server, off a pinned loop's CPU, in a session of its own (a Ctrl-C to the server's terminal is the
     server's to handle), and ends with the server (``close``) or when the server's end of its socket goes (a
     server killed). A reader that ends or fails is started again at the next read.
