@@ -7,6 +7,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import errno
 import gc
 import json
 import logging
@@ -14,6 +15,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import weakref
@@ -202,6 +204,29 @@ async def test_a_model_loaded_to_take_weights_in_place_starts_one_reader_for_all
         assert srv.serving("m")[0].weights_version == 2 and _running(reader)  # type: ignore[index]
         assert len(layouts) == 1
     assert not _running(reader)  # (killed and reaped)
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_model_loads_and_serves_where_its_weights_reader_cannot_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reader's start as the model loads is ahead of time only: where it cannot start (here its output file:
+    a full or read-only temporary folder; out of descriptors alike), the OSError failed the load, its instances
+    built and never freed. The model serves; the swap says why no reader runs."""
+    real_file = tempfile.TemporaryFile
+
+    def temporary_file(*args: Any, **kw: Any) -> Any:
+        if str(kw.get("prefix", "")).startswith("streamgpu-weights-reader"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_file(*args, **kw)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", temporary_file)
+    async with Server(config(spec(versioned(tmp_path, 1), weights_in_place=True))) as srv:
+        conn = await client.connect("127.0.0.1", srv.port)
+        assert value(await conn.infer(frames(1)[0], model="m")) == 1.0
+        await conn.close()
+        with pytest.raises(ModelLoadError, match=r"could not start: .*No space left on device"):
+            await srv.swap_model("m", spec(versioned(tmp_path, 2), weights_in_place=True))
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough

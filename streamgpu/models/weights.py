@@ -248,21 +248,22 @@ class WeightsReader:
                 log.warning("the process that reads new weights ended between reads (%s); another starts",
                             exit_status(code))  # fmt: skip
                 self._end()
-            ours, its = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            self._command = module_command(__name__, str(its.fileno()))
             # One thread (torch's conversions would otherwise run on every core, its idle threads spinning a while
             # after each)
             env = {**child_environment(), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-            output = tempfile.TemporaryFile(prefix="streamgpu-weights-reader-")  # noqa: SIM115 (kept with the reader)
-            try:
-                proc = subprocess.Popen(self._command, stdin=subprocess.DEVNULL, stdout=output, stderr=output,
-                                        pass_fds=(its.fileno(),), env=env, start_new_session=True)  # fmt: skip
-            except OSError as exc:
-                ours.close()
-                output.close()
-                raise ModelLoadError(f"the process that reads new weights could not start: {exc}") from exc
-            finally:
-                its.close()
+            with contextlib.ExitStack() as undone:  # (what it took, given back where it cannot start)
+                try:
+                    output = undone.enter_context(tempfile.TemporaryFile(prefix="streamgpu-weights-reader-"))
+                    ours, its = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                    undone.enter_context(ours)
+                    with its:  # (the reader's end: its own once started)
+                        self._command = module_command(__name__, str(its.fileno()))
+                        proc = subprocess.Popen(self._command, stdin=subprocess.DEVNULL, stdout=output,
+                                                stderr=output, pass_fds=(its.fileno(),), env=env,
+                                                start_new_session=True)  # fmt: skip
+                except OSError as exc:  # (a full or read-only temporary folder, descriptors or memory short)
+                    raise ModelLoadError(f"the process that reads new weights could not start: {exc}") from exc
+                undone.pop_all()
             # Its start and reads yield to the serving threads where they share a CPU, and keep off a pinned loop's.
             # Never niced less than it was born (the server's): a server run unprivileged above READER_NICENESS
             # may not raise its child's priority (PermissionError)
