@@ -233,6 +233,7 @@ class WeightsReader:
         self._log: IO[bytes] | None = None  # its standard output and error: their last lines go into an error
         self._command: list[str] = []
         self._segment: HostSegment | None = None  # (``_segment_for``)
+        self._asked = 0  # requests sent: each reply names the one it answers
         self._closed = False
 
     def start(self) -> None:
@@ -287,7 +288,8 @@ class WeightsReader:
                 raise ModelLoadError("the server has stopped")
             assert self._sock is not None  # (started above; only ``close`` or a failed read, this thread's, end it)
             sock, segment = self._sock, self._segment_for(layout.nbytes)
-            host, request = segment.buffer, (spec, layout, segment.nbytes, segment.fd)
+            self._asked += 1
+            host, request = segment.buffer, (self._asked, spec, layout, segment.nbytes, segment.fd)
         # (``host`` keeps the mapping past a close meanwhile: ``HostSegment.close``)
         return HostWeights(spec.name, layout, self._ask(sock, request, stopped), host)
 
@@ -312,20 +314,20 @@ class WeightsReader:
         return self._segment
 
     def _ask(
-        self, sock: socket.socket, request: tuple[ModelSpec, WeightsLayout, int, int], stopped: Callable[[], bool]
+        self, sock: socket.socket, request: tuple[int, ModelSpec, WeightsLayout, int, int], stopped: Callable[[], bool]
     ) -> list[str]:
-        """The entries kept (``HostWeights.kept``) of ``request``'s read: its spec, layout, and segment's size and
-        descriptor."""
-        spec, layout, nbytes, segment_fd = request
+        """The entries kept (``HostWeights.kept``) of ``request``'s read: its number, spec, layout, and segment's size
+        and descriptor."""
+        asked, spec, layout, nbytes, segment_fd = request
         # The request (the spec and layout: a large module's past a socket's buffer) in a file, with the segment
         with os.fdopen(os.memfd_create("streamgpu-weights-request", os.MFD_CLOEXEC), "w+b") as file:
-            pickle.dump((spec, layout, nbytes), file)
+            pickle.dump((asked, spec, layout, nbytes), file)
             file.flush()
             file.seek(0)  # (the reader reads the same open file, from its offset)
             with contextlib.suppress(OSError):  # (it ended, or a close closed both: how, the reply's wait says)
                 socket.send_fds(sock, [b"r"], [file.fileno(), segment_fd])
         try:
-            reply = self._reply(spec, sock, stopped)
+            reply = self._reply(spec, asked, sock, stopped)
         except BaseException:
             with self._lock:
                 self._end()
@@ -334,8 +336,8 @@ class WeightsReader:
             raise ModelLoadError(str(reply["error"]))
         return [str(key) for key in reply["kept"]]
 
-    def _reply(self, spec: ModelSpec, sock: socket.socket, stopped: Callable[[], bool]) -> dict[str, Any]:
-        """The reader's reply to the request just sent: one line of JSON."""
+    def _reply(self, spec: ModelSpec, asked: int, sock: socket.socket, stopped: Callable[[], bool]) -> dict[str, Any]:
+        """The reader's reply to the request just sent (number ``asked``): one line of JSON."""
         stop = ModelLoadError(f"model {spec.name!r}: the server stopped while its weights were read")
         data = b""
         while not data.endswith(b"\n"):
@@ -360,6 +362,10 @@ class WeightsReader:
         if not isinstance(reply, dict) or not ("error" in reply or isinstance(reply.get("kept"), list)):
             raise ModelLoadError(f"model {spec.name!r}: the process reading its weights replied "
                                  f"{data[:80]!r}, not a reply of its own" + _READER_HINT)  # fmt: skip
+        if reply.get("request") != asked:  # (out of step: this request's values may not be written yet)
+            raise ModelLoadError(f"model {spec.name!r}: the process reading its weights replied to request "
+                                 f"{reply.get('request')!r}, not {asked}: it is out of step"
+                                 + _READER_HINT)  # fmt: skip
         return reply
 
     def _said(self) -> str:
@@ -466,10 +472,10 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def main() -> None:
     """The reader (``WeightsReader``): ``python -m streamgpu.models.weights SOCKET``. Each request on the socket
-    (``SOCKET``, a file descriptor) is one byte with two descriptors: a file holding the pickled spec, layout and
-    segment size, and the shared memory segment; the reader writes the values into the segment and replies with
-    one line of JSON: ``{"kept": [...]}``, or ``{"error": "..."}`` for a file or value that does not fit. It ends
-    when the server's end of the socket closes."""
+    (``SOCKET``, a file descriptor) is one byte with two descriptors: a file holding the pickled request's number,
+    spec, layout and segment size, and the shared memory segment; the reader writes the values into the segment
+    and replies with one line of JSON naming the request: ``{"request": N, "kept": [...]}``, or ``{"request": N,
+    "error": "..."}`` for a file or value that does not fit. It ends when the server's end of the socket closes."""
     sock = socket.socket(fileno=int(sys.argv[1]))
     from streamgpu.models.loader import load_errors, read_state_dict  # (the reader's only: the server reads none)
 
@@ -483,7 +489,7 @@ def main() -> None:
             return
         request_fd, segment_fd = fds
         with os.fdopen(request_fd, "rb") as request:
-            spec, layout, nbytes = pickle.load(request)  # (from the server that started it)
+            asked, spec, layout, nbytes = pickle.load(request)  # (from the server that started it)
         try:
             if segment is None or mapped != (os.fstat(segment_fd).st_ino, nbytes):
                 if segment is not None:
@@ -497,9 +503,9 @@ def main() -> None:
             with load_errors(spec):
                 state = read_state_dict(spec)
                 buffer = torch.from_numpy(segment.buffer[: layout.nbytes])
-                reply: dict[str, object] = {"kept": write_weights(spec.name, layout, state, buffer)}
+                reply: dict[str, object] = {"request": asked, "kept": write_weights(spec.name, layout, state, buffer)}
         except ModelLoadError as exc:
-            reply = {"error": str(exc)}
+            reply = {"request": asked, "error": str(exc)}
         sock.sendall(json.dumps(reply).encode() + b"\n")
 
 

@@ -306,6 +306,29 @@ def test_a_close_from_the_loops_thread_during_a_read_fails_it_or_leaves_its_valu
         assert all(torch.equal(entry.view(new.buffer), live[entry.key]) for entry in layout.entries)
 
 
+def test_a_reply_to_an_earlier_request_is_not_taken_for_the_next_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: WeightsReader
+) -> None:
+    """A reader out of step (here: one that replies twice) left a line on the socket that the next read took for
+    its own reply, before the reader wrote that read's values: the server staged the segment's old bytes as the new
+    version. Each reply names the request it answers: another is the reader's fault, and it is ended."""
+    program = ("import json, os, pickle, socket, sys, time; s = socket.socket(fileno=int(sys.argv[1])); "
+               "_, fds, _, _ = socket.recv_fds(s, 1, 2); asked = pickle.load(os.fdopen(fds[0], 'rb'))[0]; "
+               "named = {'request': asked} if isinstance(asked, int) else {}; "
+               "[s.sendall(json.dumps({**named, 'kept': kept}).encode() + b'\\n') or time.sleep(0.2) "
+               " for kept in ([], ['features.1.num_batches_tracked'])]; time.sleep(60)")  # fmt: skip
+    spec, layout = saved(tmp_path, SmallConvNet().state_dict()), WeightsLayout.of(SmallConvNet())
+    with monkeypatch.context() as patched:
+        patched.setattr(weights, "module_command", lambda _module, *args: [sys.executable, "-c", program, *args])
+        reader.read(spec, layout).close()
+        time.sleep(0.5)  # (its second reply sent)
+        out_of_step = "replied to request 1, not 2: it is out of step (check that it can import"
+        with pytest.raises(ModelLoadError, match=re.escape(out_of_step)):
+            reader.read(spec, layout)
+    with reader.read(spec, layout) as new:  # (ended: another reads)
+        assert new.kept == frozenset()
+
+
 def test_the_reader_of_a_server_killed_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """It runs in a session of its own: a server killed (no ``close``) left it waiting for requests for good."""
     pids = starts_recorded(tmp_path, monkeypatch)
