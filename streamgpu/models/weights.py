@@ -40,6 +40,7 @@ from streamgpu.children import child_environment, exit_status, module_command
 from streamgpu.errors import ModelLoadError
 from streamgpu.loops import spare_cpus
 from streamgpu.memory import HostSegment
+from streamgpu.models.loader import load_errors, read_state_dict
 from streamgpu.models.spec import ModelSpec
 
 log = logging.getLogger("streamgpu")
@@ -477,8 +478,6 @@ def main() -> None:
     and replies with one line of JSON naming the request: ``{"request": N, "kept": [...]}``, or ``{"request": N,
     "error": "..."}`` for a file or value that does not fit. It ends when the server's end of the socket closes."""
     sock = socket.socket(fileno=int(sys.argv[1]))
-    from streamgpu.models.loader import load_errors, read_state_dict  # (the reader's only: the server reads none)
-
     segment, mapped = None, None  # the server's segment, kept mapped while the server keeps it (its file's inode)
     while True:
         try:
@@ -497,16 +496,21 @@ def main() -> None:
                 segment, mapped = HostSegment.attach(segment_fd, nbytes), (os.fstat(segment_fd).st_ino, nbytes)
         finally:
             os.close(segment_fd)  # (the segment keeps a descriptor of its own)
-        try:
-            # A value torch reads but cannot copy (a quantized or nested tensor) is the file's fault, said as a
-            # load in the server says it, not as the reader's crash (its traceback)
-            with load_errors(spec):
-                state = read_state_dict(spec)
-                buffer = torch.from_numpy(segment.buffer[: layout.nbytes])
-                reply: dict[str, object] = {"request": asked, "kept": write_weights(spec.name, layout, state, buffer)}
-        except ModelLoadError as exc:
-            reply = {"request": asked, "error": str(exc)}
-        sock.sendall(json.dumps(reply).encode() + b"\n")
+        sock.sendall(json.dumps({"request": asked, **_read_into(spec, layout, segment)}).encode() + b"\n")
+
+
+def _read_into(spec: ModelSpec, layout: WeightsLayout, segment: HostSegment) -> dict[str, object]:
+    """A reply's body: ``spec``'s file read and written into ``segment`` as ``layout`` lays it out. The file's
+    state dict goes as this returns: held while the reader waited for the next request, it was a second copy of
+    the last version's weights in its memory for as long as the server ran."""
+    try:
+        # A value torch reads but cannot copy (a quantized or nested tensor) is the file's fault, said as a load in
+        # the server says it, not as the reader's crash (its traceback)
+        with load_errors(spec):
+            state = read_state_dict(spec)
+            return {"kept": write_weights(spec.name, layout, state, torch.from_numpy(segment.buffer[: layout.nbytes]))}
+    except ModelLoadError as exc:
+        return {"error": str(exc)}
 
 
 if __name__ == "__main__":

@@ -329,6 +329,26 @@ def test_a_reply_to_an_earlier_request_is_not_taken_for_the_next_reads(
         assert new.kept == frozenset()
 
 
+def test_the_kept_reader_holds_no_copy_of_the_last_weights_it_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: WeightsReader
+) -> None:
+    """Between reads the reader waits, for as long as the server runs: the state dict it had read stayed
+    referenced meanwhile, a second copy of the last version's weights in its memory (the first in the segment)."""
+    pids = starts_recorded(tmp_path, monkeypatch)
+    small, large = SmallConvNet(), nn.Linear(4096, 4096, bias=False)  # (64 MiB)
+    reader.read(saved(tmp_path, small.state_dict(), "small.pt"), WeightsLayout.of(small)).close()
+    (pid,) = started(pids)
+    before = _anonymous_bytes(pid)
+    reader.read(saved(tmp_path, large.state_dict(), "large.pt"), WeightsLayout.of(large)).close()
+    assert _anonymous_bytes(pid) - before < WeightsLayout.of(large).nbytes // 4
+
+
+def _anonymous_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        (kib,) = (line.split()[1] for line in status if line.startswith("RssAnon:"))
+    return int(kib) * 1024
+
+
 def test_the_reader_of_a_server_killed_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """It runs in a session of its own: a server killed (no ``close``) left it waiting for requests for good."""
     pids = starts_recorded(tmp_path, monkeypatch)
