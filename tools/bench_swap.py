@@ -358,8 +358,8 @@ def attribute(recorder: StallRecorder, stalls: list[tuple[float, float, float]])
 class PhaseRecorder:
     """``--attribute-phases``: when each part of a load ran on the loader thread (building the module, moving it to
     the GPU, the eager warm-up, graph capture; for weights in place: the serving module's layout, the reader
-    process's read, staging on the GPU, the shared buffer unmapped), for the p99 of the frames in flight during each
-    against the frames in flight during none: which part of a load raises the tail."""
+    process's read, staging on the GPU), for the p99 of the frames in flight during each against the frames in
+    flight during none: which part of a load raises the tail."""
 
     PHASES = (
         ("streamgpu.models.manager", "", "load_module", "build module (CPU only)"),
@@ -370,7 +370,6 @@ class PhaseRecorder:
         ("streamgpu.models.weights", "WeightsLayout", "of", "in place: serving layout"),
         ("streamgpu.models.weights", "WeightsReader", "read", "in place: the reader reads"),
         ("streamgpu.gpu.cuda", "CudaBackend", "stage_weights", "in place: staged on the GPU"),
-        ("streamgpu.models.weights", "HostWeights", "close", "in place: shared buffer unmapped"),
     )  # fmt: skip
 
     def __init__(self) -> None:
