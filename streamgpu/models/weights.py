@@ -372,27 +372,27 @@ class WeightsReader:
     def _said(self) -> str:
         """How the reader, whose socket closed, ended, and the last lines it wrote."""
         with self._lock:
-            proc, log, command = self._proc, self._log, self._command
-            if proc is None or log is None:
+            proc, output, command = self._proc, self._log, self._command
+            if proc is None or output is None:
                 return "was ended"
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(_ENDING_S)
             code = proc.returncode
-            log.seek(0, os.SEEK_END)
-            log.seek(max(0, log.tell() - _LOG_TAIL_BYTES))
-            lines = log.read().decode(errors="replace").strip().splitlines()[-_STDERR_LINES:]
+            output.seek(0, os.SEEK_END)
+            output.seek(max(0, output.tell() - _LOG_TAIL_BYTES))
+            lines = output.read().decode(errors="replace").strip().splitlines()[-_STDERR_LINES:]
         how = "did not end after its socket closed" if code is None else f"ended ({exit_status(code)})"
         said = "; ".join(line.strip() for line in lines)
         return f"({' '.join(command[:3])}) {how}" + (f": {said}" if said else "")
 
     def _end(self) -> None:
         """Kill and reap the reader, if any (under ``_lock``): a later read starts another."""
-        proc, sock, log = self._proc, self._sock, self._log
+        proc, sock, output = self._proc, self._sock, self._log
         self._proc = self._sock = self._log = None
         if proc is not None:
             with proc:  # (reaped, however it ended)
                 proc.kill()
-        for resource in (sock, log):
+        for resource in (sock, output):
             if resource is not None:
                 resource.close()
 
