@@ -160,11 +160,15 @@ def pack_weights(module: nn.Module) -> PackedWeights | None:
     graphs are captured or the module compiled: they keep the addresses they saw.
 
     None, the module left as it is, where its state is not one tensor per entry on one device (two entries
-    sharing memory, tied weights or views of one tensor, would be moved apart), or holds no values."""
+    sharing memory, tied weights or views of one tensor, would be moved apart; so would a buffer outside the
+    state, a non-persistent one, that views an entry), or holds no values."""
     state = module.state_dict(keep_vars=True)
     tensors = [tensor for tensor in state.values() if tensor.numel()]
-    if (not tensors or len({tensor.untyped_storage().data_ptr() for tensor in tensors}) < len(tensors)
-            or len({tensor.device for tensor in tensors}) > 1):  # fmt: skip
+    entries = {id(tensor) for tensor in tensors}
+    others = [buffer for buffer in module.buffers() if buffer.numel() and id(buffer) not in entries]
+    storages = {tensor.untyped_storage().data_ptr() for tensor in tensors}
+    if (not tensors or len(storages) < len(tensors) or len({tensor.device for tensor in tensors}) > 1
+            or any(buffer.untyped_storage().data_ptr() in storages for buffer in others)):  # fmt: skip
         return None
     layout = WeightsLayout.of(module)
     buffer = torch.empty(layout.nbytes, dtype=torch.uint8, device=tensors[0].device)

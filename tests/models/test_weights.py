@@ -173,12 +173,15 @@ def test_a_packed_module_keeps_its_tensors_values_and_layouts_in_views_of_one_bu
 
 
 def test_a_module_whose_entries_share_memory_is_not_packed() -> None:
-    """Tied weights (one tensor under two names) or views of one tensor would be moved apart."""
+    """Tied weights (one tensor under two names) or views of one tensor would be moved apart, and so would a
+    buffer outside the state (non-persistent) that views an entry."""
     tied = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     tied[1].weight = tied[0].weight
     views = nn.Linear(4, 4)
     views.register_buffer("scale", views.weight.data[0])
-    for module in (tied, views, nn.ReLU()):
+    hidden = nn.Linear(4, 4)
+    hidden.register_buffer("row", hidden.weight.data[1], persistent=False)
+    for module in (tied, views, hidden, nn.ReLU()):
         pointers = [t.data_ptr() for t in module.state_dict().values()]
         assert pack_weights(module) is None
         assert [t.data_ptr() for t in module.state_dict().values()] == pointers  # left as it was
