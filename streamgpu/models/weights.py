@@ -494,10 +494,11 @@ def main() -> None:
         with os.fdopen(request_fd, "rb") as request:
             asked, spec, layout, nbytes = pickle.load(request)  # (from the server that started it)
         try:
-            if segment is None or mapped != (os.fstat(segment_fd).st_ino, nbytes):
+            which = (os.fstat(segment_fd).st_ino, nbytes)
+            if segment is None or mapped != which:
                 if segment is not None:
                     segment.close()
-                segment, mapped = HostSegment.attach(segment_fd, nbytes), (os.fstat(segment_fd).st_ino, nbytes)
+                segment, mapped = HostSegment.attach(segment_fd, nbytes), which
         finally:
             os.close(segment_fd)  # (the segment keeps a descriptor of its own)
         sock.sendall(json.dumps({"request": asked, **_read_into(spec, layout, segment)}).encode() + b"\n")
