@@ -12,6 +12,11 @@ Kinds (``cuda`` ones need a GPU):
   ``_yielding`` at ``--share`` of the time);
 * ``gpu-graph`` (cuda): the model's graph at its largest batch replayed back to back on a low-priority stream;
 * ``pinned`` (cuda): page-locked host memory allocated and freed (``cudaHostAlloc`` / ``cudaFreeHost``);
+* ``reader``: the model's weight files read back to back by the process that reads in-place swaps' weights
+  (``models.weights.WeightsReader``, kept; this process's thread only waits on it): what a process beside the
+  loop costs it;
+* ``pageable-copy``, ``pinned-copy`` (cuda): a buffer of the model's weights' size copied to the device back to
+  back on a side stream, from pageable memory (as an in-place swap stages its weights) or page-locked memory;
 * ``swaps``: ``--swaps`` real swaps of ``m`` (the server's ``loader_share``: ``--share``).
 
     PYTHONPATH=$PWD python3 tools/bench_interference.py               # ResNet-50 fp16 on the GPU, every kind
@@ -39,8 +44,8 @@ from unittest import mock
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_swap import ProducerProcess, percentile, weights
 
-KINDS = ("python", "python-paced", "gpu-graph", "pinned", "swaps")
-CUDA_KINDS = ("gpu-graph", "pinned")
+KINDS = ("python", "python-paced", "gpu-graph", "pinned", "reader", "pageable-copy", "pinned-copy", "swaps")
+CUDA_KINDS = ("gpu-graph", "pinned", "pageable-copy", "pinned-copy")
 
 
 def python_work(until: float) -> None:
@@ -117,6 +122,45 @@ def pinned_work(until: float) -> None:
         time.sleep(0.001)
 
 
+def reader_work(module: Any, versions: list[Any]) -> Callable[[float], None]:
+    """``versions`` (specs of ``module``'s architecture) read in turn by a kept ``WeightsReader`` laid out as
+    ``module`` (the serving instance), until the window ends. Blocking: the reader's start and a first read
+    (torch's import: seconds) come before the windows."""
+    from streamgpu.models.weights import WeightsLayout, WeightsReader
+
+    layout, reader = WeightsLayout.of(module), WeightsReader()
+    reader.read(versions[0], layout).close()
+
+    def run(until: float) -> None:
+        reads = 0
+        try:
+            while time.monotonic() < until:
+                reader.read(versions[reads % len(versions)], layout).close()
+                reads += 1
+        finally:
+            reader.close()
+
+    return run
+
+
+def copy_work(nbytes: int, pinned: bool) -> Callable[[float], None]:
+    """``nbytes`` of host memory (page-locked or not) copied to the device back to back on a side stream."""
+    import torch
+
+    gpu = torch.device("cuda", 0)
+    stream = torch.cuda.Stream(gpu, priority=0)
+    host = torch.ones(nbytes, dtype=torch.uint8, pin_memory=pinned)
+    device = torch.empty(nbytes, dtype=torch.uint8, device=gpu)
+
+    def run(until: float) -> None:
+        with torch.cuda.stream(stream):
+            while time.monotonic() < until:
+                device.copy_(host, non_blocking=pinned)
+                stream.synchronize()
+
+    return run
+
+
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     """The windows, with the loader's pacing of ``--run-ms`` and ``--switch-interval-us`` (the manager reads both
     when a load starts, so python-paced and real swaps alike), given back after."""
@@ -167,6 +211,15 @@ async def _windows(args: argparse.Namespace, run_s: float, interval_s: float) ->
     }  # fmt: skip
     if "gpu-graph" in kinds:
         work["gpu-graph"] = graph_work(replace(base, source=versions[1]))
+    serving = server.serving("m")
+    assert serving is not None
+    if "reader" in kinds:
+        specs = [replace(base, source=v) for v in versions]
+        work["reader"] = await loop.run_in_executor(None, reader_work, serving[0].module, specs)
+    weights_bytes = sum(t.numel() * t.element_size() for t in serving[0].module.state_dict().values())
+    for kind in ("pageable-copy", "pinned-copy"):
+        if kind in kinds:
+            work[kind] = copy_work(weights_bytes, pinned=kind == "pinned-copy")
     windows: list[tuple[str, float, float]] = []
     for i, kind in enumerate(kinds):
         start = time.monotonic()

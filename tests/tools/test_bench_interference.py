@@ -26,7 +26,7 @@ def args(**kw: object) -> argparse.Namespace:
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
 async def test_a_short_cpu_run_measures_each_kind_after_a_steady_window() -> None:
     result = await bench(args())
-    windows = ("steady", "python", "steady", "python-paced", "steady", "swaps")  # on the CPU: all but the cuda kinds
+    windows = ("steady", "python", "steady", "python-paced", "steady", "reader", "steady", "swaps")  # (no cuda kinds)
     assert tuple(row["window"] for row in result["windows"]) == windows
     assert result["frames_failed_or_refused"] == 0
     rows = {row["window"]: row for row in result["windows"]}
