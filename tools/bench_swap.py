@@ -523,7 +523,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                      max_batch_size=args.max_batch, compile=args.compile,
                      weights_in_place=args.weights_in_place == "on")  # fmt: skip
     cfg = Config(listeners=[ListenerSpec(port=0)], device=args.device, models=[base], shutdown_timeout_s=30,
-                 ingest_workers=args.ingest_workers, max_payload_bytes=1 << 20,
+                 ingest_workers=args.ingest_workers, max_payload_bytes=1 << 20, loop_cpu=args.loop_cpu,
                  **({} if args.loader_share is None else {"loader_share": args.loader_share}))  # fmt: skip
     server = Server(cfg)
     await server.start()
@@ -633,6 +633,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                          "swaps": batch_ms(trace[swaps_trace_from:], common, 99)},
     }  # fmt: skip
     result["p99_ratio"] = result["p99_during_swaps_ms"] / result["p99_steady_ms"]
+    result["by_offset"] = by_offset(records, windows, args.offset_ms / 1e3)
     if memory_before:
         result["memory_ratio"] = (memory_after or 0) / memory_before
     if timer is not None:
@@ -651,6 +652,29 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             result["stalls"][phase] = {k: v for k, v in attribute(recorder, watch.stalls(spans, STALL_S)).items()
                                        if k != "rows"}  # fmt: skip
     return result
+
+
+def by_offset(
+    records: list[tuple[float, float, int]], windows: list[tuple[float, float]], width_s: float
+) -> list[dict[str, float]]:
+    """The frames sent during swaps, by when they were sent from their swap's start (bins ``width_s`` wide): where
+    in a swap the slow ones fall. Each bin: its start (ms), frames, p50 and p99 (ms)."""
+    bins: dict[int, list[float]] = {}
+    for sent, lat, status in records:
+        if status == 0:
+            for a, b in windows:
+                if a <= sent <= b:
+                    bins.setdefault(int((sent - a) / width_s), []).append(lat)
+                    break
+    return [{"from_ms": k * width_s * 1e3, "frames": len(v), "p50_ms": percentile(v, 50) * 1e3,
+             "p99_ms": percentile(v, 99) * 1e3} for k, v in sorted(bins.items())]  # fmt: skip
+
+
+def offset_table(rows: list[dict[str, float]]) -> str:
+    """``by_offset``'s bins, one line each."""
+    lines = ["frames sent during swaps by when, from their swap's start: ms, frames, p50 / p99 ms"]
+    lines += [f"  {r['from_ms']:7.0f} {r['frames']:7d}  {r['p50_ms']:6.2f} / {r['p99_ms']:6.2f}" for r in rows]
+    return "\n".join(lines)
 
 
 def table(r: dict[str, Any]) -> str:
@@ -762,6 +786,13 @@ def main() -> int:
                         help="diagnosis: the GIL switch interval while a version built beside loads (the server's "
                              "LOADING_SWITCH_INTERVAL_S), in microseconds")  # fmt: skip
     parser.add_argument("--loop", default="auto")
+    parser.add_argument("--loop-cpu", type=int, default=-1, help="the server's loop_cpu (-1: any)")
+    parser.add_argument(
+        "--offset-ms",
+        type=float,
+        default=20.0,
+        help="the width of the bins of frames sent during swaps by when from the swap's start",
+    )
     parser.add_argument("--json", default="bench_swap.json", help="where to write the figures")
     parser.add_argument("--attribute-stalls", action="store_true",
                         help="record the loader's calls over 1 ms and the loop's lag over 1.5 ms during the swaps, "
@@ -786,6 +817,7 @@ def main() -> int:
     finally:
         loop.close()
     print(table(result))
+    print(offset_table(result["by_offset"]))
     if "stalls" in result:
         print(stall_table(result["stalls"]))
     if "loop_calls" in result:

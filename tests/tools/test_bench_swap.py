@@ -103,6 +103,7 @@ def short_cpu_run(**settings: object) -> argparse.Namespace:
         device="cpu", model="builtin:small", precision="fp32", shape="32,32,3", max_batch=8, compile="off", swaps=2,
         connections=1, window=4, warmup_s=0.1, steady_s=0.3, between_s=0.1, ingest_workers=0, loader_share=None,
         attribute_stalls=False, time_loop_calls=False, attribute_phases=False, swap_arch=None, weights_in_place="off",
+        loop_cpu=-1, offset_ms=20.0,
     )  # fmt: skip
     vars(args).update(settings)
     return args
@@ -120,6 +121,9 @@ async def test_a_short_cpu_run_attributes_the_swaps_lag() -> None:
     stalls = result["stalls"]
     assert 0 < result["p50_steady_ms"] <= result["p99_steady_ms"]
     assert "p50 during swaps vs steady" in table(result)
+    # Every frame sent during a swap is in one bin of when it was sent from the swap's start
+    assert sum(row["frames"] for row in result["by_offset"]) == result["frames_during_swaps"]
+    assert [row["from_ms"] for row in result["by_offset"]] == sorted(row["from_ms"] for row in result["by_offset"])
     assert result["loop_calls"]["steady"]["SlotPool.release"]["calls"] > 0  # (the CPU backend makes no driver calls)
     assert stalls["slow_loop_calls"]["events"] == 0
     names = {r["name"] for r in stalls["swaps"]["rows"]}
