@@ -12,6 +12,8 @@ Kinds (``cuda`` ones need a GPU):
   ``_yielding`` at ``--share`` of the time);
 * ``gpu-graph`` (cuda): the model's graph at its largest batch replayed back to back on a low-priority stream;
 * ``pinned`` (cuda): page-locked host memory allocated and freed (``cudaHostAlloc`` / ``cudaFreeHost``);
+* ``process``, ``process-paced``: pure Python flat out in a process of its own (niced as the weights reader is),
+  or paced to run ``--share`` of the time in 1 ms turns: what another busy CPU costs the loop;
 * ``reader``: the model's weight files read back to back by the process that reads in-place swaps' weights
   (``models.weights.WeightsReader``, kept; this process's thread only waits on it): what a process beside the
   loop costs it;
@@ -32,6 +34,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +47,18 @@ from unittest import mock
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_swap import ProducerProcess, percentile, weights
 
-KINDS = ("python", "python-paced", "gpu-graph", "pinned", "reader", "pageable-copy", "pinned-copy", "swaps")
+KINDS = (
+    "python",
+    "python-paced",
+    "gpu-graph",
+    "pinned",
+    "process",
+    "process-paced",
+    "reader",
+    "pageable-copy",
+    "pinned-copy",
+    "swaps",
+)
 CUDA_KINDS = ("gpu-graph", "pinned", "pageable-copy", "pinned-copy")
 
 
@@ -120,6 +134,29 @@ def pinned_work(until: float) -> None:
         del block
         torch._C._host_emptyCache()
         time.sleep(0.001)
+
+
+_SPIN = """
+import os, sys, time
+until, run_s, pause_s = map(float, sys.argv[1:])
+os.nice(10)
+while time.monotonic() < until:
+    turn = time.monotonic() + run_s
+    while time.monotonic() < turn:
+        pass
+    time.sleep(pause_s)
+"""
+
+
+def process_work(share: float) -> Callable[[float], None]:
+    """Pure Python in a process of its own until ``until`` (the monotonic clock is the machine's), in 1 ms turns
+    with pauses that leave it ``share`` of the time (1: flat out)."""
+
+    def run(until: float) -> None:
+        run_s = 0.001
+        subprocess.run([sys.executable, "-c", _SPIN, str(until), str(run_s), str(run_s * (1 / share - 1))], check=True)
+
+    return run
 
 
 def reader_work(module: Any, versions: list[Any]) -> Callable[[float], None]:
@@ -208,6 +245,7 @@ async def _windows(args: argparse.Namespace, run_s: float, interval_s: float) ->
     loop = asyncio.get_running_loop()
     work: dict[str, Callable[[float], None]] = {
         "python": python_work, "python-paced": paced(python_work, args.share), "pinned": pinned_work,
+        "process": process_work(1.0), "process-paced": process_work(args.share),
     }  # fmt: skip
     if "gpu-graph" in kinds:
         work["gpu-graph"] = graph_work(replace(base, source=versions[1]))
