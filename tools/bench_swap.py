@@ -22,7 +22,10 @@ Figures (each a ratio or a comparison inside this one run):
   per-batch trace); negative = the two overlapped on the GPU. Compared with the
   gap between consecutive batches in steady state;
 * frames refused or failed over the whole run (target 0);
-* p99 latency of frames sent while a swap was in progress vs steady state (target within 20 %);
+* p99 latency of frames sent while a swap was in progress vs steady state (target within 20 %): against the
+  steady window before the swaps, and against the frames sent between the swaps (from 50 ms after one ends to
+  the next's start: ``--between-s`` pauses), which interleave with them in time;
+* the frames sent during swaps by when, from their swap's start (``--offset-ms`` bins);
 * device memory allocated after unload vs before load (target within 1 %).
 
 ``--attribute-stalls`` (a diagnosis; it slows the loads): during the swaps, the loader thread's calls
@@ -210,6 +213,7 @@ class LoopWatch:
 
 LONG_CALL_S = 0.001  # a loader call running longer is recorded (--attribute-stalls)
 STALL_S = 0.0015  # a loop lag event longer is attributed
+BETWEEN_SETTLE_S = 0.05  # frames sent this soon after a swap are neither during it nor between swaps
 PAUSED_S = 0.0001  # this long in the pacing hook: it slept, or the GIL was taken (the loader ran nothing)
 ProfileEvent = Literal["call", "return", "c_call", "c_return", "c_exception"]  # a sys.setprofile hook's
 
@@ -597,6 +601,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             gaps.append(first_start[new_id] - last_end[old_id])
     steady = [lat for sent, lat, status in records if steady_from <= sent < steady_to and status == 0]
     during = [lat for sent, lat, status in records if status == 0 and any(a <= sent <= b for a, b in windows)]
+    # Steady state between the swaps too, interleaved with them (the steady window before them all drifts from the
+    # swaps' minutes on a shared host: its p99 moved 9.9-13.0 ms between 4 s windows of one run)
+    starts = [a for a, _ in windows[1:]] + [windows[-1][1] + args.between_s] if windows else []
+    calm = [(b + BETWEEN_SETTLE_S, start) for (_, b), start in zip(windows, starts, strict=True)]
+    between_swaps = [lat for sent, lat, status in records if status == 0 and any(a <= sent < b for a, b in calm)]
     failed = sum(1 for _, _, status in records if status != 0)
     between = steady_gaps(steady_trace)
     # Where the p99 goes: while the new version loads (warm-up, capture) or from its switch to the old one freed.
@@ -618,6 +627,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         # (the p50 is the steadier sign of what a load costs: the steady p99 swings between windows of seconds)
         "p50_steady_ms": percentile(steady, 50) * 1e3, "p50_during_swaps_ms": percentile(during, 50) * 1e3,
         "frames_during_swaps": len(during),
+        "p99_between_swaps_ms": percentile(between_swaps, 99) * 1e3, "frames_between_swaps": len(between_swaps),
         "memory_before_load": memory_before, "memory_loaded": memory_loaded, "memory_after_unload": memory_after,
         "memory_after_swaps": memory_end,
         "p99_while_loading_ms": percentile(
@@ -633,6 +643,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                          "swaps": batch_ms(trace[swaps_trace_from:], common, 99)},
     }  # fmt: skip
     result["p99_ratio"] = result["p99_during_swaps_ms"] / result["p99_steady_ms"]
+    result["p99_ratio_between"] = result["p99_during_swaps_ms"] / result["p99_between_swaps_ms"]
     result["by_offset"] = by_offset(records, windows, args.offset_ms / 1e3)
     if memory_before:
         result["memory_ratio"] = (memory_after or 0) / memory_before
@@ -692,6 +703,9 @@ def table(r: dict[str, Any]) -> str:
         ("frames refused or failed", str(r["frames_failed_or_refused"])),
         ("p99 during swaps vs steady", f"{r['p99_during_swaps_ms']:.2f} ms vs {r['p99_steady_ms']:.2f} ms "
                                        f"(x{r['p99_ratio']:.3f}, {r['frames_during_swaps']} frames)"),
+        ("p99 during swaps vs between them", f"{r['p99_during_swaps_ms']:.2f} ms vs {r['p99_between_swaps_ms']:.2f} "
+                                             f"ms (x{r['p99_ratio_between']:.3f}, {r['frames_between_swaps']} frames "
+                                             f"sent from {BETWEEN_SETTLE_S * 1e3:.0f} ms after a swap to the next)"),
         ("p50 during swaps vs steady", f"{r['p50_during_swaps_ms']:.2f} ms vs {r['p50_steady_ms']:.2f} ms "
                                        f"(x{r['p50_during_swaps_ms'] / r['p50_steady_ms']:.3f})"),
         ("p99 sent while loading / switch to freed", f"{r['p99_while_loading_ms']:.2f} ms / "

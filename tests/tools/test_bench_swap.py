@@ -111,7 +111,7 @@ def short_cpu_run(**settings: object) -> argparse.Namespace:
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
 async def test_a_short_cpu_run_attributes_the_swaps_lag() -> None:
-    args = short_cpu_run(precision="fp16", between_s=0.05, attribute_stalls=True, time_loop_calls=True,
+    args = short_cpu_run(precision="fp16", between_s=0.15, attribute_stalls=True, time_loop_calls=True,
                          attribute_phases=True)  # fmt: skip
     result = await bench(args)
     assert result["swaps_in_place"] == 0
@@ -121,6 +121,8 @@ async def test_a_short_cpu_run_attributes_the_swaps_lag() -> None:
     stalls = result["stalls"]
     assert 0 < result["p50_steady_ms"] <= result["p99_steady_ms"]
     assert "p50 during swaps vs steady" in table(result)
+    # Frames sent between the swaps, from 50 ms after each to the next (between_s 0.15: 0.1 s after each)
+    assert result["frames_between_swaps"] > 0 and "p99 during swaps vs between them" in table(result)
     # Every frame sent during a swap is in one bin of when it was sent from the swap's start
     assert sum(row["frames"] for row in result["by_offset"]) == result["frames_during_swaps"]
     assert [row["from_ms"] for row in result["by_offset"]] == sorted(row["from_ms"] for row in result["by_offset"])
