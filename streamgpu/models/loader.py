@@ -47,6 +47,7 @@ import io
 import json
 import math
 import operator
+import os
 import pickletools
 import re
 import shutil
@@ -95,7 +96,13 @@ def read_state_dict(spec: ModelSpec) -> dict[str, Any]:
     module: a serving model of its architecture takes them in place (``streamgpu.models.weights``, whose reader
     process calls this). Blocking."""
     with load_errors(spec), _source_file(spec) as f:
-        return _state_dict(spec, f)
+        # A zip archive (torch.save's format) mapped rather than read into memory: its values are then copied once,
+        # where they go (a ResNet-50's in-place swap in 0.11 s instead of 0.17-0.18 s, H200; no second copy in memory). Mapped by its
+        # descriptor: the file opened and checked is the one mapped. (Cut short while mapped, it ends the reading
+        # process with SIGBUS: the server's swap fails saying so, and its next read starts another.)
+        mapped = zipfile.is_zipfile(f) and os.path.exists(f"/proc/self/fd/{f.fileno()}")
+        f.seek(0)
+        return _state_dict(spec, f"/proc/self/fd/{f.fileno()}" if mapped else f, mmap=mapped)
 
 
 @contextlib.contextmanager
@@ -120,8 +127,8 @@ def _source_file(spec: ModelSpec) -> IO[bytes]:
         raise ModelLoadError(f"model {spec.name!r}: source file {target!r} is not a regular file") from None
 
 
-def _state_dict(spec: ModelSpec, f: IO[bytes]) -> dict[str, Any]:
-    state = torch.load(f, map_location="cpu", weights_only=True)
+def _state_dict(spec: ModelSpec, f: IO[bytes] | str, mmap: bool = False) -> dict[str, Any]:
+    state = torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
     if not isinstance(state, dict):
         raise ModelLoadError(f"model {spec.name!r}: {spec.source.partition(':')[2]!r} holds a "
                              f"{type(state).__name__}, not a state dict")  # fmt: skip

@@ -25,6 +25,7 @@ from torch import nn
 from streamgpu.errors import ModelLoadError
 from streamgpu.models import weights
 from streamgpu.models.builtin import SmallConvNet
+from streamgpu.models.loader import read_state_dict
 from streamgpu.models.spec import ModelSpec
 from streamgpu.models.weights import (
     HostWeights,
@@ -492,3 +493,27 @@ def test_a_reader_process_that_fails_is_a_clear_load_error_and_the_next_read_sta
             reader.read(spec, layout)
     with reader.read(spec, layout) as new:  # (a failed one is ended, not asked again)
         assert new.kept == frozenset()
+
+
+@pytest.mark.parametrize("zipped", [True, False])
+def test_a_files_values_are_read_mapped_from_a_zip_archive_and_read_whole_from_a_legacy_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, zipped: bool
+) -> None:
+    """The reader maps torch.save's zip archives (its values copied once, into the shared buffer) by the descriptor
+    it opened and checked; the legacy format cannot be mapped and is read as before. The values are the same."""
+    state = SmallConvNet().state_dict()
+    path = tmp_path / "v.pt"
+    torch.save(state, path, _use_new_zipfile_serialization=zipped)
+    asked: list[tuple[object, bool]] = []
+    load = torch.load
+
+    def recorded(f: object, *args: object, **kwargs: object) -> object:
+        asked.append((f, bool(kwargs.get("mmap"))))
+        return load(f, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch, "load", recorded)
+    read = read_state_dict(dataclasses.replace(SERVING, source=f"state_dict:{path}"))
+    assert read.keys() == state.keys() and all(torch.equal(read[k], v) for k, v in state.items())
+    [(f, mapped)] = asked
+    assert mapped is zipped
+    assert (isinstance(f, str) and f.startswith("/proc/self/fd/")) is zipped  # (not the path: the file opened)
