@@ -724,21 +724,22 @@ class CudaBackend(Backend):
             packed = model.packed
             if packed is not None and packed.layout == weights.layout:  # the swap: one copy of the buffer
                 weights.keep(packed, staged)
-                copied = driver.Event(model.gpu.index or 0)
-                load_stream.synchronize()
-                return _StagedOnDevice([], copied, (packed, staged))
-            pairs = weights.pairs(model.module, staged)
-            # Integer tensors (batch-norm counters) copied as floats of their size, bit for bit: torch's multi-tensor
-            # copy takes no integer list, and copied one launch each, 53 of them held a ResNet-50's swap ~1 ms
-            grouped = StagedWeights.by_dtype([_as_float_bits(live) for live, _ in pairs],
-                                             [_as_float_bits(value) for _, value in pairs])  # fmt: skip
-            # The swap's copy kernels, launched once here: a kernel's first launch in the process loads it, which
-            # waits for the device (17-19 ms of loop and GPU idle at the first swap on an H200)
-            for _, values in grouped.groups:
-                torch._foreach_copy_([torch.empty_like(value) for value in values[:2]], values[:2])
+                groups, whole = [], (packed, staged)
+            else:
+                pairs = weights.pairs(model.module, staged)
+                # Integer tensors (batch-norm counters) copied as floats of their size, bit for bit: torch's
+                # multi-tensor copy takes no integer list, and copied one launch each, 53 of them held a ResNet-50's
+                # swap ~1 ms
+                groups = StagedWeights.by_dtype([_as_float_bits(live) for live, _ in pairs],
+                                                [_as_float_bits(value) for _, value in pairs]).groups  # fmt: skip
+                # The swap's copy kernels, launched once here: a kernel's first launch in the process loads it,
+                # which waits for the device (17-19 ms of loop and GPU idle at the first swap on an H200)
+                for _, values in groups:
+                    torch._foreach_copy_([torch.empty_like(value) for value in values[:2]], values[:2])
+                whole = None
             copied = driver.Event(model.gpu.index or 0)
         load_stream.synchronize()
-        return _StagedOnDevice(grouped.groups, copied)
+        return _StagedOnDevice(groups, copied, whole)
 
     def swap_weights(self, model: DeviceModel, staged: StagedWeights) -> asyncio.Future[None]:
         assert isinstance(model, CudaModel) and isinstance(staged, _StagedOnDevice)
