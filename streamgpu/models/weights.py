@@ -59,6 +59,9 @@ _LOG_TAIL_BYTES = 8192
 _STOPPED_POLL_S = 0.25
 # How long a reader whose socket closed is given to end, for its exit status
 _ENDING_S = 5.0
+# How long a reader killed is waited for (a stop waits on the loop's thread): one stuck in a system call that a kill
+# cannot interrupt (a read from a hung network file system) is reaped by a thread of its own once it returns
+_REAP_S = 1.0
 _READER_HINT = (" (check that it can import streamgpu and torch in this environment, and that memory is not short; "
                 "the version serving serves on)")  # fmt: skip
 # The reader process's scheduling priority (nice), below the server's (or the server's, where that is lower)
@@ -394,8 +397,13 @@ class WeightsReader:
         proc, sock, output = self._proc, self._sock, self._log
         self._proc = self._sock = self._log = None
         if proc is not None:
-            with proc:  # (reaped, however it ended)
-                proc.kill()
+            proc.kill()
+            try:
+                proc.wait(_REAP_S)
+            except subprocess.TimeoutExpired:
+                log.warning("the process that reads new weights (pid %d) did not end %.0f s after it was killed "
+                            "(stuck in the file system?); it is reaped when it ends", proc.pid, _REAP_S)  # fmt: skip
+                threading.Thread(target=proc.wait, name="streamgpu-weights-reader-reaper", daemon=True).start()
         for resource in (sock, output):
             if resource is not None:
                 resource.close()

@@ -517,3 +517,32 @@ def test_a_files_values_are_read_mapped_from_a_zip_archive_and_read_whole_from_a
     [(f, mapped)] = asked
     assert mapped is zipped
     assert (isinstance(f, str) and f.startswith("/proc/self/fd/")) is zipped  # (not the path: the file opened)
+
+
+def test_a_reader_a_kill_cannot_end_at_once_does_not_hold_the_servers_stop(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, reader: WeightsReader
+) -> None:
+    """A reader stuck in a system call that a kill cannot interrupt (a read from a hung network file system) ends
+    only once the call returns: the close (the server's stop, on the loop's thread) waited for it, for good."""
+    reader.start()
+    proc = reader._proc
+    assert proc is not None
+    returned = threading.Event()  # set: the stuck call returns, and the kill takes effect
+    real_wait = proc.wait
+
+    def wait(timeout: float | None = None) -> int:
+        if not returned.wait(10 if timeout is None else timeout):
+            raise subprocess.TimeoutExpired(proc.args, timeout or 10)
+        return real_wait(timeout)
+
+    monkeypatch.setattr(proc, "wait", wait)
+    began = time.monotonic()
+    with caplog.at_level(logging.WARNING, "streamgpu"):
+        reader.close()
+    assert time.monotonic() - began < weights._REAP_S + 2
+    assert f"(pid {proc.pid}) did not end" in caplog.text
+    returned.set()
+    ends = time.monotonic() + 30
+    while proc.returncode is None and time.monotonic() < ends:  # reaped by a thread of its own
+        time.sleep(0.02)
+    assert proc.returncode == -signal.SIGKILL
