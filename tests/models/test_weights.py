@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import warnings
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -517,6 +518,30 @@ def test_a_files_values_are_read_mapped_from_a_zip_archive_and_read_whole_from_a
     [(f, mapped)] = asked
     assert mapped is zipped
     assert (isinstance(f, str) and f.startswith("/proc/self/fd/")) is zipped  # (not the path: the file opened)
+
+
+@pytest.mark.parametrize("made", ["repacked with a compressed member", "legacy, ending in bytes like a zip's end"])
+def test_a_file_torch_cannot_map_as_it_lies_is_read_whole(tmp_path: Path, made: str) -> None:
+    """torch maps a compressed member's compressed bytes as its values, without a word: an archive repacked with
+    compression (here one member, the others stored after it) served other weights. And torch takes a file for a
+    zip by its first bytes: a legacy file that ends in bytes that read as a zip's end was asked to be mapped, which
+    torch refuses."""
+    torch.manual_seed(0)
+    state = {"running_var": torch.ones(1000), "weight": torch.randn(2000)}
+    path = tmp_path / "v.pt"
+    if made.startswith("repacked"):
+        torch.save(state, tmp_path / "saved.pt")
+        with zipfile.ZipFile(tmp_path / "saved.pt") as saved_, zipfile.ZipFile(path, "w") as repacked:
+            for info in saved_.infolist():
+                how = zipfile.ZIP_DEFLATED if info.filename.endswith("/data/0") else zipfile.ZIP_STORED
+                repacked.writestr(info.filename, saved_.read(info), compress_type=how)
+    else:
+        torch.save(state, path, _use_new_zipfile_serialization=False)
+        with path.open("ab") as f:
+            f.write(b"PK\x05\x06" + bytes(18))  # (an empty archive's end record)
+        assert zipfile.is_zipfile(path)
+    read = read_state_dict(dataclasses.replace(SERVING, source=f"state_dict:{path}"))
+    assert read.keys() == state.keys() and all(torch.equal(read[k], v) for k, v in state.items())
 
 
 def test_a_reader_a_kill_cannot_end_at_once_does_not_hold_the_servers_stop(
