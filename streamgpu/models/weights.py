@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
@@ -64,6 +65,9 @@ _ENDING_S = 5.0
 _REAP_S = 1.0
 _READER_HINT = (" (check that it can import streamgpu and torch in this environment, and that memory is not short; "
                 "the version serving serves on)")  # fmt: skip
+# Where the reader was killed by SIGBUS: the file it mapped (``read_state_dict``) was cut short under it
+_CUT_SHORT_HINT = (" (was {!r} cut short as it was read? It is mapped: write a new version's file whole before it "
+                   "loads; the version serving serves on)")  # fmt: skip
 # The reader process's scheduling priority (nice), below the server's (or the server's, where that is lower)
 READER_NICENESS = 10
 
@@ -360,8 +364,9 @@ class WeightsReader:
             if not chunk:
                 if stopped():
                     raise stop
-                raise ModelLoadError(f"model {spec.name!r}: the process reading its weights {self._said()}"
-                                     + _READER_HINT)  # fmt: skip
+                said, code = self._said()
+                hint = _CUT_SHORT_HINT.format(spec.source.partition(":")[2]) if code == -signal.SIGBUS else _READER_HINT
+                raise ModelLoadError(f"model {spec.name!r}: the process reading its weights {said}{hint}")
             data += chunk
         try:
             reply = json.loads(data)
@@ -376,12 +381,13 @@ class WeightsReader:
                                  + _READER_HINT)  # fmt: skip
         return reply
 
-    def _said(self) -> str:
-        """How the reader, whose socket closed, ended, and the last lines it wrote."""
+    def _said(self) -> tuple[str, int | None]:
+        """How the reader, whose socket closed, ended, and the last lines it wrote; its exit status (None: it has
+        not ended, or was ended)."""
         with self._lock:
             proc, output, command = self._proc, self._log, self._command
             if proc is None or output is None:
-                return "was ended"
+                return "was ended", None
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(_ENDING_S)
             code = proc.returncode
@@ -390,7 +396,7 @@ class WeightsReader:
             lines = output.read().decode(errors="replace").strip().splitlines()[-_STDERR_LINES:]
         how = "did not end after its socket closed" if code is None else f"ended ({exit_status(code)})"
         said = "; ".join(line.strip() for line in lines)
-        return f"({' '.join(command[:3])}) {how}" + (f": {said}" if said else "")
+        return f"({' '.join(command[:3])}) {how}" + (f": {said}" if said else ""), code
 
     def _end(self) -> None:
         """Kill and reap the reader, if any (under ``_lock``): a later read starts another."""

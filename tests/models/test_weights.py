@@ -544,6 +544,28 @@ def test_a_file_torch_cannot_map_as_it_lies_is_read_whole(tmp_path: Path, made: 
     assert read.keys() == state.keys() and all(torch.equal(read[k], v) for k, v in state.items())
 
 
+def test_a_file_cut_short_as_the_reader_maps_it_fails_the_read_naming_it_and_the_next_read_starts_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: WeightsReader
+) -> None:
+    """The reader maps a zip archive's values: a file cut short under it (written over in place) kills it with
+    SIGBUS as it copies them, and the read failed asking whether streamgpu and torch import and memory is short,
+    naming no file."""
+    hook = ("import os, streamgpu.models.loader as loader\nread = loader.read_state_dict\n"
+            "def cut_short(spec):\n    state = read(spec)\n    path = spec.source.partition(':')[2]\n"
+            "    if path.endswith('cut.pt'):\n        os.truncate(path, 0)\n    return state\n"
+            "loader.read_state_dict = cut_short")  # fmt: skip
+    pids = starts_recorded(tmp_path, monkeypatch, also=hook)
+    serving = nn.Linear(1024, 1024)  # (4 MiB: past what the reader touched of the file before it was cut)
+    layout, cut = WeightsLayout.of(serving), saved(tmp_path, serving.state_dict(), "cut.pt")
+    expected = (") ended (killed by SIGBUS) (was " + repr(cut.source.partition(":")[2])
+                + " cut short as it was read? It is mapped")  # fmt: skip
+    with pytest.raises(ModelLoadError, match=re.escape(expected)):
+        reader.read(cut, layout)
+    with reader.read(saved(tmp_path, serving.state_dict()), layout) as new:
+        assert new.kept == frozenset() and torch.equal(layout.entries[0].view(new.buffer), serving.weight.detach())
+    assert len(started(pids)) == 2
+
+
 def test_a_reader_a_kill_cannot_end_at_once_does_not_hold_the_servers_stop(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, reader: WeightsReader
 ) -> None:
