@@ -388,9 +388,13 @@ class WeightsReader:
             proc, output, command = self._proc, self._log, self._command
             if proc is None or output is None:
                 return "was ended", None
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(_ENDING_S)
-            code = proc.returncode
+        # (Not under the lock: a close from the loop's thread meanwhile, the server's stop, does not wait on it)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(_ENDING_S)
+        code = proc.returncode
+        with self._lock:
+            if self._log is not output:  # a close ended it meanwhile, its output with it
+                return "was ended", None
             output.seek(0, os.SEEK_END)
             output.seek(max(0, output.tell() - _LOG_TAIL_BYTES))
             lines = output.read().decode(errors="replace").strip().splitlines()[-_STDERR_LINES:]

@@ -593,3 +593,28 @@ def test_a_reader_a_kill_cannot_end_at_once_does_not_hold_the_servers_stop(
     while proc.returncode is None and time.monotonic() < ends:  # reaped by a thread of its own
         time.sleep(0.02)
     assert proc.returncode == -signal.SIGKILL
+
+
+def test_a_close_while_a_read_waits_for_a_reader_that_closed_its_socket_to_end_is_not_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: WeightsReader
+) -> None:
+    """A reader whose socket closes is given seconds to end, for its exit status; that wait held the reader's lock,
+    and a close (the server's stop, on the loop's thread) waited behind it."""
+    # The reader closes its end of the socket as it starts, and runs on
+    starts_recorded(tmp_path, monkeypatch, also="import sys, time\nos.close(int(sys.argv[-1]))\ntime.sleep(60)")
+    failed: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            reader.read(saved(tmp_path, SmallConvNet().state_dict()), WeightsLayout.of(SmallConvNet()))
+        except ModelLoadError as exc:
+            failed.append(exc)
+
+    reading = threading.Thread(target=read)
+    reading.start()
+    time.sleep(2.0)  # (the reader started, closed its socket, and the read waits for it to end)
+    began = time.monotonic()
+    reader.close()
+    assert time.monotonic() - began < weights._REAP_S + 1
+    reading.join(30)
+    assert len(failed) == 1
