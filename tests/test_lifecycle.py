@@ -169,6 +169,35 @@ async def test_a_swap_of_weights_in_place_keeps_the_processs_switch_interval(
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_a_swap_of_weights_in_place_beside_frames_served_sets_no_profile_function(
+    served: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load is paced beside frames served by a profile function in the loader thread (``_yielding``), which on
+    Python 3.12 and later runs every thread's code instrumented, the loop's 1.8x slower for as long as it is set;
+    an in-place swap's loader thread mostly waits for the reader, so it is not paced."""
+    profiles: list[object] = []
+
+    def read(*args: Any) -> HostWeights:
+        profiles.append(sys.getprofile())
+        return real_read(*args)
+
+    real_read = WeightsReader.read
+    monkeypatch.setattr(WeightsReader, "read", read)
+    conn = await client.connect("127.0.0.1", served.port)
+    producer = Producer(conn, window=4)
+    streaming = asyncio.create_task(producer.run())
+    await asyncio.sleep(0.1)
+    assert manager.loading_pause_s(served.config.loader_share) > 0  # (a built-beside load would be paced)
+    await served.swap_model("m", spec(versioned(tmp_path, 2), weights_in_place=True))
+    producer.running = False
+    await streaming
+    assert all(r.ok for r in producer.check())
+    await conn.close()
+    assert served.serving("m")[0].weights_version == 1  # type: ignore[index]
+    assert profiles == [None]
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
 async def test_a_model_loaded_to_take_weights_in_place_starts_one_reader_for_all_its_swaps(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -164,13 +164,15 @@ class ModelManager:
                 self._reader.start()
         return models
 
-    def _stage(self, spec: ModelSpec, serving: list[DeviceModel], paced: bool) -> list[StagedWeights]:
+    def _stage(self, spec: ModelSpec, serving: list[DeviceModel]) -> list[StagedWeights]:
         """``spec``'s weights read and checked by the reader process against the serving module's layout, then
-        staged beside each serving instance (``weights``)."""
+        staged beside each serving instance (``weights``). Not paced (``_yielding``): this thread mostly waits for
+        the reader and the copies, and on Python 3.12 and later the pacing's profile function slows every thread's
+        Python, the loop's with it (1.8x for code that makes many calls), for as long as it is set."""
         layout = self._layouts.get(serving[0])
         if layout is None:  # (a ResNet-50's state dict: ~8 ms of Python, the loop waiting for the GIL, at every swap)
             layout = self._layouts[serving[0]] = WeightsLayout.of(serving[0].module)
-        with self._paced(paced), self._reader.read(spec, layout, lambda: self._closed) as weights:
+        with self._reader.read(spec, layout, lambda: self._closed) as weights:
             return [self._backend.stage_weights(model, weights) for model in serving]
 
     def _paced(self, paced: bool) -> contextlib.AbstractContextManager[None]:
@@ -237,7 +239,7 @@ class ModelManager:
                     # process's loader thread runs little Python, so the interval only made the loop hand the GIL
                     # to its other threads more often (p99 during ResNet-50 swaps 1.44-1.56x steady with it,
                     # 1.10-1.26x without, H200: docs/BENCHMARKS.md)
-                    staged = await loop.run_in_executor(self._loader, self._stage, spec, serving, self.serving)
+                    staged = await loop.run_in_executor(self._loader, self._stage, spec, serving)
                 else:
                     with loading_switch_interval():
                         models = await loop.run_in_executor(self._loader, self._build, spec, self.serving)
@@ -432,6 +434,10 @@ def _yielding(run_s: float, pause_s: float, busy: Callable[[], bool]) -> Iterato
     callback, and each take can wait for the other thread to let go (docs/BENCHMARKS.md: a third of the time
     took the p50 up by a quarter to three quarters). Sleeping leaves the loop the GIL whole for ``pause_s``
     out of every ``run_s + pause_s``; the load takes longer.
+
+    The hook is a profile function: set in one thread, on Python 3.12 and later it has every thread's code run
+    instrumented (``sys.monitoring`` carries it), the loop's too, 1.8x slower for code that makes many calls
+    (3.11: this thread only). Worth it for a load that runs seconds of Python; for one that mostly waits, not.
     """
     if sys.getprofile() is not None or sys.gettrace() is not None:  # a profiler or debugger has the thread
         yield
