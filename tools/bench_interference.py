@@ -12,6 +12,9 @@ Kinds (``cuda`` ones need a GPU):
   ``_yielding`` at ``--share`` of the time);
 * ``gpu-graph`` (cuda): the model's graph at its largest batch replayed back to back on a low-priority stream;
 * ``pinned`` (cuda): page-locked host memory allocated and freed (``cudaHostAlloc`` / ``cudaFreeHost``);
+* ``paced-wait``: a thread that only waits (sleeps), with the loader's pacing hook set (``_yielding``), as an
+  in-place swap's loader thread waited on the reader until it was left unpaced: on Python 3.12 and later a
+  profile function set in any thread runs every thread's code instrumented;
 * ``process``, ``process-paced``: pure Python flat out in a process of its own (niced as the weights reader is),
   or paced to run ``--share`` of the time in 1 ms turns: what another busy CPU costs the loop;
 * ``reader``: the model's weight files read back to back by the process that reads in-place swaps' weights
@@ -50,6 +53,7 @@ from bench_swap import ProducerProcess, percentile, weights
 KINDS = (
     "python",
     "python-paced",
+    "paced-wait",
     "gpu-graph",
     "pinned",
     "process",
@@ -88,6 +92,12 @@ def paced(work: Callable[[float], None], share: float) -> Callable[[float], None
             work(until)
 
     return run
+
+
+def wait_work(until: float) -> None:
+    """Sleeps until ``until`` (monotonic s), 10 ms at a time."""
+    while time.monotonic() < until:
+        time.sleep(0.01)
 
 
 def graph_work(spec: Any) -> Callable[[float], None]:
@@ -245,6 +255,7 @@ async def _windows(args: argparse.Namespace, run_s: float, interval_s: float) ->
     loop = asyncio.get_running_loop()
     work: dict[str, Callable[[float], None]] = {
         "python": python_work, "python-paced": paced(python_work, args.share), "pinned": pinned_work,
+        "paced-wait": paced(wait_work, args.share),
         "process": process_work(1.0), "process-paced": process_work(args.share),
     }  # fmt: skip
     if "gpu-graph" in kinds:

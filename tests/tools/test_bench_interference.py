@@ -26,8 +26,8 @@ def args(**kw: object) -> argparse.Namespace:
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
 async def test_a_short_cpu_run_measures_each_kind_after_a_steady_window() -> None:
     result = await bench(args())
-    windows = ("steady", "python", "steady", "python-paced", "steady", "process", "steady", "process-paced", "steady",
-               "reader", "steady", "swaps")  # (every kind but the cuda ones)  # fmt: skip
+    windows = ("steady", "python", "steady", "python-paced", "steady", "paced-wait", "steady", "process", "steady",
+               "process-paced", "steady", "reader", "steady", "swaps")  # (every kind but the cuda ones)  # fmt: skip
     assert tuple(row["window"] for row in result["windows"]) == windows
     assert result["frames_failed_or_refused"] == 0
     rows = {row["window"]: row for row in result["windows"]}
