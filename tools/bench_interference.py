@@ -12,9 +12,9 @@ Kinds (``cuda`` ones need a GPU):
   ``_yielding`` at ``--share`` of the time);
 * ``gpu-graph`` (cuda): the model's graph at its largest batch replayed back to back on a low-priority stream;
 * ``pinned`` (cuda): page-locked host memory allocated and freed (``cudaHostAlloc`` / ``cudaFreeHost``);
-* ``paced-wait``: a thread that only waits (sleeps), with the loader's pacing hook set (``_yielding``), as an
-  in-place swap's loader thread waited on the reader until it was left unpaced: on Python 3.12 and later a
-  profile function set in any thread runs every thread's code instrumented;
+* ``paced-wait``: a thread that only waits (sleeps) inside the loader's pacing (``_yielding``): what the pacing's
+  watch on Python calls alone costs the loop (a profile function, its way until Python 3.12, ran every thread's
+  code instrumented there: the loop's per-frame path 1.6-1.8x slower);
 * ``process``, ``process-paced``: pure Python flat out in a process of its own (niced as the weights reader is),
   or paced to run ``--share`` of the time in 1 ms turns: what another busy CPU costs the loop;
 * ``reader``: the model's weight files read back to back by the process that reads in-place swaps' weights

@@ -167,8 +167,7 @@ class ModelManager:
     def _stage(self, spec: ModelSpec, serving: list[DeviceModel]) -> list[StagedWeights]:
         """``spec``'s weights read and checked by the reader process against the serving module's layout, then
         staged beside each serving instance (``weights``). Not paced (``_yielding``): this thread mostly waits for
-        the reader and the copies, and on Python 3.12 and later the pacing's profile function slows every thread's
-        Python, the loop's with it (1.8x for code that makes many calls), for as long as it is set."""
+        the reader and the copies."""
         layout = self._layouts.get(serving[0])
         if layout is None:  # (a ResNet-50's state dict: ~8 ms of Python, the loop waiting for the GIL, at every swap)
             layout = self._layouts[serving[0]] = WeightsLayout.of(serving[0].module)
@@ -434,25 +433,79 @@ def _yielding(run_s: float, pause_s: float, busy: Callable[[], bool]) -> Iterato
     callback, and each take can wait for the other thread to let go (docs/BENCHMARKS.md: a third of the time
     took the p50 up by a quarter to three quarters). Sleeping leaves the loop the GIL whole for ``pause_s``
     out of every ``run_s + pause_s``; the load takes longer.
-
-    The hook is a profile function: set in one thread, on Python 3.12 and later it has every thread's code run
-    instrumented (``sys.monitoring`` carries it), the loop's too, 1.8x slower for code that makes many calls
-    (3.11: this thread only). Worth it for a load that runs seconds of Python; for one that mostly waits, not.
     """
     if sys.getprofile() is not None or sys.gettrace() is not None:  # a profiler or debugger has the thread
         yield
         return
     next_pause = time.perf_counter() + run_s
 
-    def hook(frame: Any, event: str, arg: Any) -> None:
+    def at_call() -> None:
         nonlocal next_pause
-        if event == "call" and time.perf_counter() >= next_pause:
+        if time.perf_counter() >= next_pause:
             if busy():
                 time.sleep(pause_s)
             next_pause = time.perf_counter() + run_s
 
-    sys.setprofile(hook)  # this thread only
-    try:
-        yield
-    finally:
-        sys.setprofile(None)
+    if _CALLS is None:  # Python 3.11: a profile function is the thread's that sets it
+        sys.setprofile(lambda frame, event, arg: at_call() if event == "call" else None)
+        try:
+            yield
+        finally:
+            sys.setprofile(None)
+    else:
+        with _CALLS.watching(at_call):
+            yield
+
+
+class _MonitoredCalls:
+    """Python 3.12 and later: ``at_call()`` at each Python function a watched thread starts, by a ``sys.monitoring``
+    tool of its own. A profile function did it, but from 3.12 one set in any thread runs every thread's code
+    instrumented: the scheduling loop's per-frame path 1.6-1.8x slower for as long as a load ran
+    (docs/BENCHMARKS.md). The tool's event turns itself off (``DISABLE``) where a thread not watched starts a
+    function, so the loop pays one call of it per function it runs, then runs its code as before."""
+
+    _TOOLS = (3, 4)  # the ids PEP 669 leaves to others than debuggers, coverage, profilers and optimizers
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # (servers embedded side by side load in threads of their own)
+        self._watched: dict[int, Callable[[], None]] = {}
+        self._tool: int | None = None
+
+    @contextlib.contextmanager
+    def watching(self, at_call: Callable[[], None]) -> Iterator[None]:
+        """``at_call()`` at each Python function the calling thread starts, for the time of the block (not paced
+        where every id of ``_TOOLS`` is taken; a block inside another's keeps the outer one's)."""
+        monitoring, thread = sys.monitoring, threading.get_ident()  # type: ignore[attr-defined]  # (3.12+)
+        with self._lock:
+            nested = thread in self._watched
+            if not nested:
+                if not self._watched:
+                    self._tool = next((i for i in self._TOOLS if monitoring.get_tool(i) is None), None)
+                    if self._tool is not None:
+                        monitoring.use_tool_id(self._tool, "streamgpu load pacing")
+                        monitoring.register_callback(self._tool, monitoring.events.PY_START, self._started)
+                        monitoring.set_events(self._tool, monitoring.events.PY_START)
+                self._watched[thread] = at_call
+        if nested:
+            yield
+            return
+        try:
+            yield
+        finally:
+            with self._lock:
+                del self._watched[thread]
+                if not self._watched and self._tool is not None:
+                    monitoring.set_events(self._tool, 0)
+                    monitoring.register_callback(self._tool, monitoring.events.PY_START, None)
+                    monitoring.free_tool_id(self._tool)
+                    self._tool = None
+
+    def _started(self, code: object, offset: int) -> object:
+        at_call = self._watched.get(threading.get_ident())
+        if at_call is None:  # another thread (the loop): this function's start is not watched again
+            return sys.monitoring.DISABLE  # type: ignore[attr-defined]  # (3.12+)
+        at_call()
+        return None
+
+
+_CALLS = _MonitoredCalls() if sys.version_info >= (3, 12) else None
