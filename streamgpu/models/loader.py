@@ -101,9 +101,10 @@ def read_state_dict(spec: ModelSpec) -> dict[str, Any]:
         # memory). Mapped by its descriptor: the file opened and checked is the one mapped. (Cut short while mapped,
         # it ends the reading process with SIGBUS: the server's swap fails saying so, and its next read starts
         # another.)
-        mapped = _mappable(f) and os.path.exists(f"/proc/self/fd/{f.fileno()}")
+        by_descriptor = f"/proc/self/fd/{f.fileno()}"
+        mapped = _mappable(f) and os.path.exists(by_descriptor)
         f.seek(0)
-        return _state_dict(spec, f"/proc/self/fd/{f.fileno()}" if mapped else f, mmap=mapped)
+        return _state_dict(spec, by_descriptor if mapped else f, mmap=mapped)
 
 
 @contextlib.contextmanager
