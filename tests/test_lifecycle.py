@@ -20,7 +20,7 @@ import threading
 import time
 import weakref
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +147,19 @@ async def test_the_loop_gets_the_gil_quickly_while_a_model_loads(
     assert sys.getswitchinterval() == before
 
 
+def recorded_at_read(monkeypatch: pytest.MonkeyPatch, value: Callable[[], Any]) -> list[Any]:
+    """``value()`` in the thread that reads a new version's weights, at each read (``WeightsReader.read``)."""
+    seen: list[Any] = []
+    real_read = WeightsReader.read
+
+    def read(*args: Any) -> HostWeights:
+        seen.append(value())
+        return real_read(*args)
+
+    monkeypatch.setattr(WeightsReader, "read", read)
+    return seen
+
+
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
 async def test_a_swap_of_weights_in_place_keeps_the_processs_switch_interval(
     served: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -154,14 +167,7 @@ async def test_a_swap_of_weights_in_place_keeps_the_processs_switch_interval(
     """Its file is read by a process of its own and the loader thread runs little Python: the short interval only
     made the loop hand the GIL to its other threads more often (the p99 during ResNet-50 swaps 1.44-1.56x steady
     state with it, 1.10-1.26x without, H200)."""
-    during: list[float] = []
-
-    def read(*args: Any) -> HostWeights:
-        during.append(sys.getswitchinterval())
-        return real_read(*args)
-
-    real_read = WeightsReader.read
-    monkeypatch.setattr(WeightsReader, "read", read)
+    during = recorded_at_read(monkeypatch, sys.getswitchinterval)
     before = sys.getswitchinterval()
     await served.swap_model("m", spec(versioned(tmp_path, 2), weights_in_place=True))
     assert served.serving("m")[0].weights_version == 1  # type: ignore[index]
@@ -175,14 +181,10 @@ async def test_a_swap_of_weights_in_place_beside_frames_served_sets_no_profile_f
     """A load is paced beside frames served by a profile function in the loader thread (``_yielding``), which on
     Python 3.12 and later runs every thread's code instrumented, the loop's 1.8x slower for as long as it is set;
     an in-place swap's loader thread mostly waits for the reader, so it is not paced."""
-    profiles: list[object] = []
-
-    def read(*args: Any) -> HostWeights:
-        profiles.append(sys.getprofile())
-        return real_read(*args)
-
-    real_read = WeightsReader.read
-    monkeypatch.setattr(WeightsReader, "read", read)
+    profiles = recorded_at_read(monkeypatch, sys.getprofile)
+    # (from Python 3.12 the pacing is a sys.monitoring watch of the thread, no profile function: ``_MonitoredCalls``)
+    watched = recorded_at_read(monkeypatch, lambda: manager._CALLS is not None
+                               and threading.get_ident() in manager._CALLS._watched)  # fmt: skip
     conn = await client.connect("127.0.0.1", served.port)
     producer = Producer(conn, window=4)
     streaming = asyncio.create_task(producer.run())
@@ -195,6 +197,7 @@ async def test_a_swap_of_weights_in_place_beside_frames_served_sets_no_profile_f
     await conn.close()
     assert served.serving("m")[0].weights_version == 1  # type: ignore[index]
     assert profiles == [None]
+    assert watched == [False]
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
