@@ -529,8 +529,14 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     cfg = Config(listeners=[ListenerSpec(port=0)], device=args.device, models=[base], shutdown_timeout_s=30,
                  ingest_workers=args.ingest_workers, max_payload_bytes=1 << 20, loop_cpu=args.loop_cpu,
                  **({} if args.loader_share is None else {"loader_share": args.loader_share}))  # fmt: skip
+    began = time.monotonic()
+
+    def progress(what: str) -> None:  # (on stderr as it goes: a run cut short by a time limit says how far it got)
+        print(f"[bench_swap {time.monotonic() - began:7.1f} s] {what}", file=sys.stderr, flush=True)
+
     server = Server(cfg)
     await server.start()
+    progress("server started (models loaded, warmed, captured)")
     assert server.backend is not None
     device, device_name = server.backend.name, server.backend.device_name
     trace: list[BatchTrace] = []
@@ -550,12 +556,14 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     await asyncio.sleep(args.steady_s)
     steady_to = time.monotonic()
     steady_trace = trace[steady_trace_from:]
+    progress("steady window done")
 
     memory_before = device_memory(device)
     await server.load_model(replace(base, name="extra", source=versions[1]))
     memory_loaded = device_memory(device)
     await server.unload_model("extra")
     memory_after = device_memory(device)
+    progress("memory: a second copy loaded and unloaded")
 
     windows: list[tuple[float, float]] = []
     swaps: list[dict[str, Any]] = []
@@ -575,6 +583,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 version = replace(base, source=versions[(i + 1) % len(versions)])
             await server.swap_model("m", version)
             end = time.monotonic()
+            progress(f"swap {i + 1} of {args.swaps}: {end - start:.2f} s")
             new = server.serving("m")
             assert new is not None
             windows.append((start, end))
