@@ -439,12 +439,17 @@ def _yielding(run_s: float, pause_s: float, busy: Callable[[], bool]) -> Iterato
         return
     next_pause = time.perf_counter() + run_s
 
-    def at_call() -> None:
+    def at_call() -> bool:
+        """Pauses if it is time; returns whether the thread came more than ``run_s`` past its pause (it ran long
+        without a Python call, or in a C call)."""
         nonlocal next_pause
-        if time.perf_counter() >= next_pause:
-            if busy():
-                time.sleep(pause_s)
-            next_pause = time.perf_counter() + run_s
+        now = time.perf_counter()
+        if now < next_pause:
+            return False
+        if busy():
+            time.sleep(pause_s)
+        late, next_pause = now - next_pause > run_s, time.perf_counter() + run_s
+        return late
 
     if _CALLS is None:  # Python 3.11: a profile function is the thread's that sets it
         sys.setprofile(lambda frame, event, arg: at_call() if event == "call" else None)
@@ -462,19 +467,32 @@ class _MonitoredCalls:
     tool of its own. A profile function did it, but from 3.12 one set in any thread runs every thread's code
     instrumented: the scheduling loop's per-frame path 1.6-1.8x slower for as long as a load ran
     (docs/BENCHMARKS.md). The tool's event turns itself off (``DISABLE``) where a thread not watched starts a
-    function, so the loop pays one call of it per function it runs, then runs its code as before."""
+    function, so the loop pays one call of it per function it runs, then runs its code as before.
+
+    ``DISABLE`` turns a function's event off for every thread, though, the watched one's pauses there with it: a
+    function a watched thread has started stays watched (another thread pays a call of the tool at each of its
+    starts), and where a watched thread comes late to its pause (its functions turned off by another thread that
+    started them first) every event turned off is turned back on (``restart_events``, at most every
+    ``_RESTART_S``). Without it, a load beside a model served eagerly (its module's functions, the load's warm-up's)
+    ran 80 % of the time instead of its third."""
 
     _TOOLS = (3, 4)  # the ids PEP 669 leaves to others than debuggers, coverage, profilers and optimizers
+    _RESTART_S = 0.1  # (each costs the loop one call of the tool per function it runs)
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # (servers embedded side by side load in threads of their own)
-        self._watched: dict[int, Callable[[], None]] = {}
+        self._watched: dict[int, Callable[[], bool]] = {}
         self._tool: int | None = None
+        # The functions watched threads started, by the id of their code (a code object hashes its whole contents),
+        # kept alive so that an id is not another's
+        self._theirs: dict[int, object] = {}
+        self._restart_at = 0.0
 
     @contextlib.contextmanager
-    def watching(self, at_call: Callable[[], None]) -> Iterator[None]:
+    def watching(self, at_call: Callable[[], bool]) -> Iterator[None]:
         """``at_call()`` at each Python function the calling thread starts, for the time of the block (not paced
-        where every id of ``_TOOLS`` is taken; a block inside another's keeps the outer one's)."""
+        where every id of ``_TOOLS`` is taken; a block inside another's keeps the outer one's). ``at_call`` returns
+        whether the thread came late to its pause."""
         monitoring, thread = sys.monitoring, threading.get_ident()  # type: ignore[attr-defined]  # (3.12+)
         with self._lock:
             nested = thread in self._watched
@@ -499,12 +517,16 @@ class _MonitoredCalls:
                     monitoring.register_callback(self._tool, monitoring.events.PY_START, None)
                     monitoring.free_tool_id(self._tool)
                     self._tool = None
+                    self._theirs.clear()
 
     def _started(self, code: object, offset: int) -> object:
         at_call = self._watched.get(threading.get_ident())
-        if at_call is None:  # another thread (the loop): this function's start is not watched again
-            return sys.monitoring.DISABLE  # type: ignore[attr-defined]  # (3.12+)
-        at_call()
+        if at_call is None:  # another thread (the loop): this function's start is not watched again, unless theirs
+            return None if id(code) in self._theirs else sys.monitoring.DISABLE  # type: ignore[attr-defined]
+        self._theirs[id(code)] = code
+        if at_call() and (now := time.perf_counter()) >= self._restart_at:
+            self._restart_at = now + self._RESTART_S
+            sys.monitoring.restart_events()  # type: ignore[attr-defined]  # (3.12+)
         return None
 
 

@@ -1,5 +1,6 @@
 """A load beside frames served is paced (``manager._yielding``): the loader thread pauses at Python calls to take its
-share of the time, and on Python 3.12 and later that leaves other threads' code (the loop's) uninstrumented."""
+share of the time, and on Python 3.12 and later that leaves other threads' code (the loop's) uninstrumented, but for
+the functions the loader runs too."""
 
 from __future__ import annotations
 
@@ -15,6 +16,17 @@ from streamgpu.models import manager
 
 def _step(x: int) -> int:
     return x + 1
+
+
+def _loops_own(x: int) -> int:
+    return x - 1
+
+
+def _steps(x: int) -> int:
+    """Seconds of ``_step`` calls at a time: a paced thread that runs it has its pauses there."""
+    for _ in range(200_000):
+        x = _step(x)
+    return x
 
 
 def test_a_paced_thread_takes_its_share_of_the_time() -> None:
@@ -34,19 +46,56 @@ def test_a_paced_thread_takes_its_share_of_the_time() -> None:
     assert shares[0] < 0.5, f"the paced thread ran {shares[0]:.0%} of the time"  # (~33 %; unpaced ~100 %)
 
 
+def test_a_paced_thread_takes_its_share_where_another_thread_runs_its_functions() -> None:
+    """A model served eagerly runs the functions a load's warm-up runs (its module's). On Python 3.12 the pacing's
+    event, turned off where the serving thread started them, was off for the loader too: it ran ~80-90 % of the
+    time, paced only where it started a function of its own."""
+    shares: list[float] = []
+    stop = threading.Event()
+
+    def serve() -> None:  # not paced: a model's worker thread, or the loop
+        x = 0
+        while not stop.is_set():
+            x = _step(x)
+            time.sleep(0.001)
+
+    def load() -> None:
+        with manager._yielding(0.001, 0.002, lambda: True):  # a third of the time
+            time.sleep(0.05)  # (reading the file: the serving thread starts the functions first)
+            cpu, wall = time.thread_time(), time.perf_counter()
+            until, x = time.monotonic() + 0.6, 0
+            while time.monotonic() < until:
+                x = _steps(x)
+            shares.append((time.thread_time() - cpu) / (time.perf_counter() - wall))
+
+    server = threading.Thread(target=serve)
+    server.start()
+    try:
+        for _ in range(2):  # (the second load too: an event turned off in one stayed off in the next)
+            loader = threading.Thread(target=load)
+            loader.start()
+            loader.join()
+    finally:
+        stop.set()
+        server.join()
+    assert max(shares) < 0.5, f"the paced thread ran {shares[0]:.0%}, {shares[1]:.0%} of the time"
+
+
 @pytest.mark.skipif(sys.version_info < (3, 12), reason="sys.monitoring: Python 3.12 and later")
 def test_another_threads_function_is_watched_once_while_a_load_is_paced(monkeypatch: pytest.MonkeyPatch) -> None:
     """From Python 3.12 a profile function set in one thread ran every thread's code instrumented: the loop's
     per-frame path 1.6-1.8x slower while a load was paced. The pacing's own event turns itself off where a
-    thread not paced starts a function: the loop pays for its first call of each, then runs as before."""
+    thread not paced starts a function: the loop pays for its first call of each, then runs as before; but for a
+    function the paced thread runs too, which stays watched (its pauses are there)."""
     calls = manager._CALLS
     assert calls is not None
-    seen: dict[int, int] = {}
+    seen: dict[tuple[int, Any], int] = {}
     started = calls._started
 
     def counted(code: Any, offset: int) -> object:
-        if code is _step.__code__:
-            seen[threading.get_ident()] = seen.get(threading.get_ident(), 0) + 1
+        if code in (_step.__code__, _loops_own.__code__):
+            key = (threading.get_ident(), code)
+            seen[key] = seen.get(key, 0) + 1
         return started(code, offset)
 
     monkeypatch.setattr(calls, "_started", counted)
@@ -54,18 +103,22 @@ def test_another_threads_function_is_watched_once_while_a_load_is_paced(monkeypa
 
     def load() -> None:
         with manager._yielding(1.0, 0.001, lambda: True):
-            paced.set()
             for x in range(100):
                 _step(x)
+            paced.set()
             done.wait(10)
 
     loader = threading.Thread(target=load)
     loader.start()
     assert paced.wait(10)
     for x in range(1000):  # this thread, not paced: the loop
+        _loops_own(x)
         _step(x)
     done.set()
     loader.join()
-    assert seen[threading.get_ident()] == 1  # its first call, then the event is off for it
-    assert seen.get(loader.ident or 0, 0) >= 1  # the loader's calls are watched (those before the other's first)
+    this = threading.get_ident()
+    assert seen[this, _loops_own.__code__] == 1  # its first call, then the event is off for it
+    assert seen[this, _step.__code__] == 1000  # the loader's: still watched
+    assert seen[loader.ident or 0, _step.__code__] == 100
     assert all(sys.monitoring.get_tool(i) is None for i in range(6))  # type: ignore[attr-defined]  # (given back)
+    assert not calls._theirs  # (the code objects are not kept)
