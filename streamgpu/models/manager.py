@@ -21,6 +21,7 @@ import concurrent.futures
 import contextlib
 import functools
 import logging
+import math
 import sys
 import threading
 import time
@@ -446,9 +447,17 @@ def _yielding(run_s: float, pause_s: float, busy: Callable[[], bool]) -> Iterato
         now = time.perf_counter()
         if now < next_pause:
             return False
-        if busy():
+        late = now - next_pause > run_s
+        try:
+            paused = busy()
+        except BaseException:
+            # A ``busy`` that raises (the embedder's) fails the block once: its own exit then runs unpaced, not
+            # failing again at its every call and leaving the thread watched
+            next_pause = math.inf
+            raise
+        if paused:
             time.sleep(pause_s)
-        late, next_pause = now - next_pause > run_s, time.perf_counter() + run_s
+        next_pause = time.perf_counter() + run_s
         return late
 
     if _CALLS is None:  # Python 3.11: a profile function is the thread's that sets it
@@ -477,6 +486,7 @@ class _MonitoredCalls:
     ran 80 % of the time instead of its third."""
 
     _TOOLS = (3, 4)  # the ids PEP 669 leaves to others than debuggers, coverage, profilers and optimizers
+    _NAME = "streamgpu load pacing"
     _RESTART_S = 0.1  # (each costs the loop one call of the tool per function it runs)
 
     def __init__(self) -> None:
@@ -500,7 +510,7 @@ class _MonitoredCalls:
                 if not self._watched:
                     self._tool = next((i for i in self._TOOLS if monitoring.get_tool(i) is None), None)
                     if self._tool is not None:
-                        monitoring.use_tool_id(self._tool, "streamgpu load pacing")
+                        monitoring.use_tool_id(self._tool, self._NAME)
                         monitoring.register_callback(self._tool, monitoring.events.PY_START, self._started)
                         monitoring.set_events(self._tool, monitoring.events.PY_START)
                 self._watched[thread] = at_call
@@ -513,9 +523,13 @@ class _MonitoredCalls:
             with self._lock:
                 del self._watched[thread]
                 if not self._watched and self._tool is not None:
-                    monitoring.set_events(self._tool, 0)
-                    monitoring.register_callback(self._tool, monitoring.events.PY_START, None)
-                    monitoring.free_tool_id(self._tool)
+                    owner = monitoring.get_tool(self._tool)
+                    if owner is None:  # freed under us by another tool: our event and callback stay on till turned off
+                        monitoring.use_tool_id(self._tool, self._NAME)
+                    if owner in (None, self._NAME):  # (taken since by another tool: its settings are its own)
+                        monitoring.set_events(self._tool, 0)
+                        monitoring.register_callback(self._tool, monitoring.events.PY_START, None)
+                        monitoring.free_tool_id(self._tool)
                     self._tool = None
                     self._theirs.clear()
 

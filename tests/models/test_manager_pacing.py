@@ -122,3 +122,34 @@ def test_another_threads_function_is_watched_once_while_a_load_is_paced(monkeypa
     assert seen[loader.ident or 0, _step.__code__] == 100
     assert all(sys.monitoring.get_tool(i) is None for i in range(6))  # type: ignore[attr-defined]  # (given back)
     assert not calls._theirs  # (the code objects are not kept)
+
+
+def _watching_nothing() -> bool:
+    return sys.getprofile() is None and (
+        manager._CALLS is None or (not manager._CALLS._watched and manager._CALLS._tool is None)
+    )
+
+
+def test_a_busy_test_that_raises_fails_the_block_once_and_leaves_the_thread_unwatched() -> None:
+    asked = 0
+
+    def busy() -> bool:
+        nonlocal asked
+        asked += 1
+        raise RuntimeError("busy broke")
+
+    with pytest.raises(RuntimeError, match="busy broke"), manager._yielding(0.0, 0.0, busy):  # every call is due
+        _steps(0)
+    assert asked == 1
+    assert _watching_nothing()
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="sys.monitoring: Python 3.12 and later")
+def test_a_tool_that_frees_the_pacings_id_under_it_does_not_fail_the_load() -> None:
+    with manager._yielding(0.001, 0.0, lambda: False):
+        assert manager._CALLS is not None and manager._CALLS._tool is not None
+        tool = manager._CALLS._tool
+        sys.monitoring.free_tool_id(tool)  # type: ignore[attr-defined]  # (a hostile tool)
+        _step(0)
+    assert _watching_nothing()
+    assert sys.monitoring.get_events(tool) == 0  # type: ignore[attr-defined]  # (a freed id's events stay set)
