@@ -497,6 +497,7 @@ class _MonitoredCalls:
         # kept alive so that an id is not another's
         self._theirs: dict[int, object] = {}
         self._restart_at = 0.0
+        self._said_unpaced = False  # (once a process)
 
     @contextlib.contextmanager
     def watching(self, at_call: Callable[[], bool]) -> Iterator[None]:
@@ -513,6 +514,14 @@ class _MonitoredCalls:
                         monitoring.use_tool_id(self._tool, self._NAME)
                         monitoring.register_callback(self._tool, monitoring.events.PY_START, self._started)
                         monitoring.set_events(self._tool, monitoring.events.PY_START)
+                    elif not self._said_unpaced:
+                        self._said_unpaced = True
+                        log.warning(
+                            "loads run unpaced beside frames served (loader_share has no effect): sys.monitoring "
+                            "tool ids %s are both taken by other tools (%s)",
+                            self._TOOLS,
+                            ", ".join(str(monitoring.get_tool(i)) for i in self._TOOLS),
+                        )
                 self._watched[thread] = at_call
         if nested:
             yield

@@ -153,3 +153,23 @@ def test_a_tool_that_frees_the_pacings_id_under_it_does_not_fail_the_load() -> N
         _step(0)
     assert _watching_nothing()
     assert sys.monitoring.get_events(tool) == 0  # type: ignore[attr-defined]  # (a freed id's events stay set)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="sys.monitoring: Python 3.12 and later")
+def test_loads_run_unpaced_where_both_tool_ids_are_taken_and_the_log_says_so(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert manager._CALLS is not None
+    monkeypatch.setattr(manager._CALLS, "_said_unpaced", False)
+    for tool in manager._CALLS._TOOLS:
+        sys.monitoring.use_tool_id(tool, f"another tool {tool}")  # type: ignore[attr-defined]
+    try:
+        for _ in range(2):
+            with caplog.at_level("WARNING", logger="streamgpu"), manager._yielding(0.001, 0.0, lambda: True):
+                assert manager._CALLS._tool is None
+                _step(0)
+    finally:
+        for tool in manager._CALLS._TOOLS:
+            sys.monitoring.free_tool_id(tool)  # type: ignore[attr-defined]
+    said = [r.getMessage() for r in caplog.records if "unpaced" in r.getMessage()]
+    assert len(said) == 1 and "another tool 3, another tool 4" in said[0], said
