@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -29,16 +30,21 @@ def _steps(x: int) -> int:
     return x
 
 
+def _share_running(work: Callable[[int], int]) -> float:
+    """The share of the time the calling thread runs while it calls ``work`` over and over for 0.6 s."""
+    cpu, wall = time.thread_time(), time.perf_counter()
+    until, x = time.monotonic() + 0.6, 0
+    while time.monotonic() < until:
+        x = work(x)
+    return (time.thread_time() - cpu) / (time.perf_counter() - wall)
+
+
 def test_a_paced_thread_takes_its_share_of_the_time() -> None:
     shares: list[float] = []
 
     def load() -> None:
-        cpu, wall = time.thread_time(), time.perf_counter()
         with manager._yielding(0.001, 0.002, lambda: True):  # a third of the time
-            until, x = time.monotonic() + 0.6, 0
-            while time.monotonic() < until:
-                x = _step(x)
-        shares.append((time.thread_time() - cpu) / (time.perf_counter() - wall))
+            shares.append(_share_running(_step))
 
     loader = threading.Thread(target=load)
     loader.start()
@@ -62,11 +68,7 @@ def test_a_paced_thread_takes_its_share_where_another_thread_runs_its_functions(
     def load() -> None:
         with manager._yielding(0.001, 0.002, lambda: True):  # a third of the time
             time.sleep(0.05)  # (reading the file: the serving thread starts the functions first)
-            cpu, wall = time.thread_time(), time.perf_counter()
-            until, x = time.monotonic() + 0.6, 0
-            while time.monotonic() < until:
-                x = _steps(x)
-            shares.append((time.thread_time() - cpu) / (time.perf_counter() - wall))
+            shares.append(_share_running(_steps))
 
     server = threading.Thread(target=serve)
     server.start()
