@@ -152,6 +152,7 @@ class GpuSampler:
 
 
 def row(label: str, r: LevelResult) -> dict[str, Any]:
+    tail = r.server_tail_us
     return {
         "config": label, "mode": r.mode, "level": r.level, "frames_per_s": round(r.throughput, 1),
         "p50_ms": round(r.latency["p50"] * 1e3, 3), "p99_ms": round(r.latency["p99"] * 1e3, 3),
@@ -159,6 +160,12 @@ def row(label: str, r: LevelResult) -> dict[str, Any]:
         "srv_queue_ms": round(r.server_us.get("queue_us", 0) / 1e3, 3),
         "srv_transfer_ms": round(r.server_us.get("transfer_us", 0) / 1e3, 3),
         "srv_compute_ms": round(r.server_us.get("compute_us", 0) / 1e3, 3),
+        "outside_ms": round(r.latency["mean"] * 1e3 - r.server_us.get("total_us", 0) / 1e3, 3),
+        # the slowest replies (p99 and above): their mean, and where it went
+        "tail_ms": round(r.latency["tail"] * 1e3, 3),
+        "tail_queue_ms": round(tail.get("queue_us", 0) / 1e3, 3),
+        "tail_device_ms": round((tail.get("transfer_us", 0) + tail.get("compute_us", 0)) / 1e3, 3),
+        "tail_outside_ms": round(r.latency["tail"] * 1e3 - tail.get("total_us", 0) / 1e3, 3),
         "errors": sum(v for k, v in r.statuses.items() if k != "OK"), "gen_cpu": round(r.cpu_cores, 2),
         "behind": r.behind,
     }  # fmt: skip

@@ -16,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import math
-import operator
 import time
 from collections.abc import Awaitable, Callable
 
@@ -27,10 +27,9 @@ from streamgpu.loadgen.config import CONCURRENCY, Endpoint, LoadLevel, RunConfig
 from streamgpu.loadgen.errors import LoadgenError, UsageError
 from streamgpu.loadgen.measure import ERROR, STAGES, Window
 from streamgpu.loadgen.transports import Connection, ReplyLike, Transport
-from streamgpu.protocol.wire import Status
+from streamgpu.protocol.wire import Status, Timings
 
 _OK = int(Status.OK)
-_stage_getters = [operator.attrgetter(name) for name in STAGES]
 #: Shortest open-loop sleep: uvloop timers have 1 ms resolution and shorter sleeps spin the loop,
 #: so at high rates the sender wakes each ms and catches up (sends lag by < ~1 ms).
 MIN_SLEEP_S = 0.001
@@ -96,7 +95,7 @@ class LoadRunner:
         self._window_start = 0.0
         self._cpu_start = 0.0
         self._latencies: list[float] = []
-        self._timings: list[object] = []
+        self._timings: list[Timings] = []
         self._other: dict[int | str, int] = {}
         self._messages: dict[int, str] = {}
         self._lags: list[float] = []
@@ -247,14 +246,16 @@ class LoadRunner:
         statuses: dict[str, int] = {"OK": len(self._latencies)} if self._latencies else {}
         for status, n in self._other.items():
             statuses[status if isinstance(status, str) else Status(status).name] = n
-        # sum(map(attrgetter)) runs in C: ~3x faster than building an array, so the loop stalls less at a cut.
-        sums = np.array([sum(map(getter, self._timings)) for getter in _stage_getters], dtype=np.float64)
+        # fromiter over the chained tuples runs in C: ~5x faster than np.array(list of tuples), so the loop stalls
+        # less at a cut (~30 ms per 100,000 replies).
+        n = len(self._timings)
+        stages = np.fromiter(itertools.chain.from_iterable(self._timings), np.uint32, n * len(STAGES))
         window = Window(
             start=self._window_start,
             end=end,
             latencies=np.array(self._latencies, dtype=np.float64),
             statuses=statuses,
-            stage_sums=sums,
+            stages=stages.reshape(n, len(STAGES)),
             sent=self._sent,
             lags=np.array(self._lags, dtype=np.float64),
             cpu_s=time.process_time() - self._cpu_start,

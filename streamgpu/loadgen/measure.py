@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from streamgpu.protocol.wire import Timings
+
 #: Percentiles reported for latency, as in perf_analyzer.
 PERCENTILES: tuple[int, ...] = (50, 90, 95, 99)
 
-#: Server-side stage fields of ``wire.Timings``, in the order they are summed.
-STAGES: tuple[str, ...] = ("receive_us", "queue_us", "transfer_us", "compute_us", "total_us", "batch_size")
+#: Server-side stage fields of ``wire.Timings``, in its order (the columns of ``Window.stages``).
+STAGES: tuple[str, ...] = Timings._fields
 
 #: Status name under which transport failures (an exception instead of a reply) are counted.
 ERROR = "ERROR"
@@ -58,7 +60,7 @@ class Window:
     end: float
     latencies: np.ndarray  # seconds, float64, OK replies completed in the window
     statuses: dict[str, int]
-    stage_sums: np.ndarray  # float64[len(STAGES)], summed over OK replies
+    stages: np.ndarray  # uint32[OK replies, len(STAGES)]: each OK reply's server stages, in the order of latencies
     sent: int  # frames sent in the window
     lags: np.ndarray  # open loop: seconds each send was late against its schedule
     cpu_s: float  # process CPU seconds used in the window, summed over processes
@@ -118,7 +120,7 @@ def merge(windows: Sequence[Window]) -> Window:
         end=max(w.end for w in windows),
         latencies=np.concatenate([w.latencies for w in windows]),
         statuses=statuses,
-        stage_sums=np.sum([w.stage_sums for w in windows], axis=0),
+        stages=np.concatenate([w.stages for w in windows]),
         sent=sum(w.sent for w in windows),
         lags=np.concatenate([w.lags for w in windows]),
         cpu_s=sum(w.cpu_s for w in windows),
@@ -200,8 +202,11 @@ class LevelResult:
     mode: str  # "concurrency" or "rate"
     level: float  # frames in flight, or target frames/s
     throughput: float  # OK replies per second
-    latency: dict[str, float]  # mean, min, max, p50, p90, p95, p99
+    latency: dict[str, float]  # mean, min, max, p50, p90, p95, p99; tail: the mean of those at or above p99
     server_us: dict[str, float]  # mean server time per stage (STAGES), OK replies
+    # The same over the slowest replies (latency at or above p99): where the tail's time went, in the server or
+    # outside it (latency minus total_us: the network, the client, an ingest worker's hand-over)
+    server_tail_us: dict[str, float]
     statuses: dict[str, int]
     sent: int
     completed: int
@@ -215,6 +220,16 @@ class LevelResult:
     windows: int
     stable: bool
     messages: dict[str, str] = field(default_factory=dict)  # first reply message per non-OK status
+
+
+def empty_stages() -> np.ndarray:
+    """``Window.stages`` of a window with no OK reply."""
+    return np.zeros((0, len(STAGES)), np.uint32)
+
+
+def _stage_means(stages: np.ndarray) -> dict[str, float]:
+    means = stages.mean(axis=0, dtype=np.float64) if len(stages) else [math.nan] * len(STAGES)
+    return {name: float(m) for name, m in zip(STAGES, means, strict=True)}
 
 
 def summarize(
@@ -239,14 +254,14 @@ def summarize(
     lat = window.latencies
     qs = (*PERCENTILES, extra_percentile) if extra_percentile is not None else PERCENTILES
     p = percentiles(lat, qs)
+    slowest = lat >= p[PERCENTILES.index(99)] if lat.size else np.zeros(0, bool)
     latency = {
         "mean": window.mean_latency,
         "min": float(lat.min()) if lat.size else math.nan,
         "max": float(lat.max()) if lat.size else math.nan,
         **{f"p{q:g}": v for q, v in zip(qs, p, strict=True)},
+        "tail": float(lat[slowest].mean()) if lat.size else math.nan,  # the mean of the slowest (p99 and above)
     }
-    ok = max(window.ok, 1)
-    server = {name: float(s) / ok if window.ok else math.nan for name, s in zip(STAGES, window.stage_sums, strict=True)}
     send_rate = window.sent / (window.send_s or window.duration)
     lag_p99 = percentile(window.lags, 99) if mode == "rate" else math.nan
     # (a --count window's few sends span little: 1 ms of lag, within --max-lag-ms, is 5 % of 20 frames at 1000/s)
@@ -258,7 +273,8 @@ def summarize(
         level=level,
         throughput=window.throughput,
         latency=latency,
-        server_us=server,
+        server_us=_stage_means(window.stages),
+        server_tail_us=_stage_means(window.stages[slowest]),
         statuses=dict(sorted(window.statuses.items())),
         sent=window.sent,
         completed=window.completed,

@@ -28,6 +28,12 @@ FIGURES: tuple[tuple[str, Any], ...] = (
     ("cpu_cores", lambda r: r.cpu_cores),
 )
 
+#: CSV columns of the slowest replies (latency at or above p99): their mean latency and server stages.
+TAIL_COLUMNS: tuple[str, ...] = (
+    "Tail Server Receive", "Tail Server Queue", "Tail Server Transfer", "Tail Server Compute", "Tail Server Total",
+    "Tail Latency", "Tail Network+Client", "Tail Batch",
+)  # fmt: skip
+
 #: Status columns of the CSV: every wire status, then transport errors, whether seen or not.
 CSV_STATUSES: tuple[str, ...] = (*(s.name for s in Status), ERROR)
 
@@ -147,21 +153,28 @@ class RunReport:
         level_col = "Concurrency" if self._mode() == CONCURRENCY else "Request Rate"
         header = [
             level_col, "Inferences/Second", "Server Receive", "Server Queue", "Server Transfer", "Server Compute",
-            "Server Total", "Network+Client", "Avg Batch", *(f"p{p} latency" for p in PERCENTILES), "Avg latency",
+            "Server Total", "Network+Client", "Avg Batch", *TAIL_COLUMNS, *(f"p{p} latency" for p in PERCENTILES),
+            "Avg latency",
             "Min latency", "Max latency", "Send Rate", "Send Lag p99", "Sent", "Completed", *statuses,
             "Generator CPU", "Processes", "Windows", "Stable", "Endpoint",
         ]  # fmt: skip
         rows: list[dict[str, Any]] = []
         for r in self.results:
             us = {k: _us(v) for k, v in r.latency.items()}
-            s = r.server_us
+            s, t = r.server_us, r.server_tail_us
             rows.append({
                 level_col: f"{r.level:g}", "Inferences/Second": _num(r.throughput, 2),
                 "Server Receive": _num(s["receive_us"]), "Server Queue": _num(s["queue_us"]),
                 "Server Transfer": _num(s["transfer_us"]), "Server Compute": _num(s["compute_us"]),
                 "Server Total": _num(s["total_us"]),
                 "Network+Client": _num(r.latency["mean"] * 1e6 - s["total_us"]),
-                "Avg Batch": _num(s["batch_size"], 2), **{f"p{p} latency": us[f"p{p}"] for p in PERCENTILES},
+                "Avg Batch": _num(s["batch_size"], 2),
+                "Tail Server Receive": _num(t["receive_us"]), "Tail Server Queue": _num(t["queue_us"]),
+                "Tail Server Transfer": _num(t["transfer_us"]), "Tail Server Compute": _num(t["compute_us"]),
+                "Tail Server Total": _num(t["total_us"]), "Tail Latency": us["tail"],
+                "Tail Network+Client": _num(r.latency["tail"] * 1e6 - t["total_us"]),
+                "Tail Batch": _num(t["batch_size"], 2),
+                **{f"p{p} latency": us[f"p{p}"] for p in PERCENTILES},
                 "Avg latency": us["mean"], "Min latency": us["min"], "Max latency": us["max"],
                 "Send Rate": _num(r.send_rate, 2), "Send Lag p99": _us(r.send_lag_p99_s), "Sent": r.sent,
                 "Completed": r.completed, **{name: r.statuses.get(name, 0) for name in statuses},

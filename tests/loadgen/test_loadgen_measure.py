@@ -37,7 +37,7 @@ def window(
     lat = np.array(latencies, dtype=np.float64)
     return Window(
         start=start, end=end, latencies=lat, statuses=statuses or {"OK": lat.size},
-        stage_sums=np.arange(len(STAGES), dtype=np.float64) * lat.size, sent=lat.size if sent is None else sent,
+        stages=np.tile(np.arange(len(STAGES), dtype=np.uint32), (lat.size, 1)), sent=lat.size if sent is None else sent,
         lags=np.array(lags or [], dtype=np.float64), cpu_s=cpu,
     )  # fmt: skip
 
@@ -108,7 +108,7 @@ def test_summarize_figures_and_behind() -> None:
     r = summarize(w, endpoint="x:1", mode="rate", level=50, windows=1, stable=True)
     assert r.throughput == 50 and r.send_rate == 50
     assert r.latency["p50"] == 0.002 and r.latency["p99"] == 0.002 and r.latency["max"] == 0.05
-    assert r.server_us["queue_us"] == 1  # stage_sums are index * count
+    assert r.server_us["queue_us"] == 1  # each reply's stages are their index
     assert r.cpu_cores == 0.25
     assert not r.behind
     assert summarize(w, endpoint="x:1", mode="rate", level=60, windows=1, stable=True).behind  # sent 50/s of 60
@@ -116,6 +116,26 @@ def test_summarize_figures_and_behind() -> None:
     assert summarize(late, endpoint="x:1", mode="rate", level=50, windows=1, stable=True).behind
     closed = summarize(w, endpoint="x:1", mode="concurrency", level=4, windows=1, stable=True)
     assert not closed.behind and math.isnan(closed.send_lag_p99_s)
+
+
+def test_the_tail_is_attributed_to_the_stages_of_the_slowest_replies_across_merged_processes() -> None:
+    # Two processes' windows: the slowest replies (one in one, two in the other) queued 900 us in the server; the
+    # rest 10 us.
+    def process(latencies: list[float]) -> Window:
+        w = window(latencies)
+        w.stages = np.zeros((len(latencies), len(STAGES)), np.uint32)
+        w.stages[:, STAGES.index("queue_us")] = [900 if lat > 0.004 else 10 for lat in latencies]
+        w.stages[:, STAGES.index("total_us")] = [1000 if lat > 0.004 else 100 for lat in latencies]
+        return w
+
+    merged = merge([process([0.001] * 99 + [0.005]), process([0.006, 0.007] + [0.002] * 98)])
+    r = summarize(merged, endpoint="x:1", mode="concurrency", level=2, windows=1, stable=True)
+    assert r.latency["p99"] == 0.005 and r.latency["tail"] == pytest.approx(0.006)  # the 3 of 200 at or above p99
+    assert r.server_tail_us["queue_us"] == 900 and r.server_tail_us["total_us"] == 1000
+    assert r.server_us["queue_us"] == (3 * 900 + 197 * 10) / 200
+    empty = summarize(window([], statuses={"OVERLOADED": 5}), endpoint="x:1", mode="rate", level=5, windows=1,
+                      stable=True)  # fmt: skip
+    assert math.isnan(empty.latency["tail"]) and math.isnan(empty.server_tail_us["queue_us"])
 
 
 def test_one_saturated_generator_among_idle_ones_is_warned_of() -> None:
