@@ -31,6 +31,7 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 WILDCARD_HOSTS = {"", "0.0.0.0", "::"}  # a socket bound to one takes the port on every address
 RAW_OPTIONS = ("model", "live", "stream_id")  # a raw listener's options (streamgpu.ingest.raw)
 MAX_INGEST_WORKERS = 64
+MAX_BUSY_POLL_US = 1_000_000
 # Below it a load sleeps over 0.1 s after each 1 ms of Python (1e-6: 1000 s): it would never end, nor would the
 # process, whose exit waits for the loader thread to wake
 MIN_LOADER_SHARE = 0.01
@@ -104,6 +105,9 @@ class Config:
     min_receive_rate: int = 1_000_000
     max_inflight_batches: int = 2
     loop_cpu: int = -1  # the CPU the scheduling loop runs on alone (the rest of the process on the others); -1: any
+    # Each process's loop polls, never asleep, this long after it wrote what will be answered soon (loops.BusyPoll):
+    # lower latency at light load for a core kept busy per polling process while traffic flows. 0: off.
+    busy_poll_us: int = 0
     shutdown_timeout_s: float = 10.0
     ingest_workers: int = 0  # 0: one process; N: N ingest worker processes receive TCP and UDP (ingest/workers.py)
     # A batch not done after max(watchdog_min_s, watchdog_factor x its expected time) is answered
@@ -143,6 +147,8 @@ class Config:
             if isinstance(model, str) and model not in model_names:
                 problems.append(f"listeners[{i}]: raw listener model {model!r} is not a configured model "
                                 f"(configured: {model_names})")  # fmt: skip
+        if not 0 <= self.busy_poll_us <= MAX_BUSY_POLL_US:
+            problems.append(f"busy_poll_us must be 0 (off) to {MAX_BUSY_POLL_US} (a second), got {self.busy_poll_us}")
         if self.loop_cpu < -1:
             problems.append(f"loop_cpu must be -1 (any CPU) or a CPU number, got {self.loop_cpu}")
         elif self.loop_cpu >= 0 and (why := loop_cpu_problem(self.loop_cpu)) is not None:

@@ -1,6 +1,7 @@
 """Choosing the event loop by name (``auto``: uvloop when installed, ``uvloop`` or ``asyncio``),
-keeping the garbage collector off its back while servers run (:func:`freeze_heap`), and giving it a CPU of
-its own (:func:`pin_loop_thread`, the ``loop_cpu`` setting)."""
+keeping the garbage collector off its back while servers run (:func:`freeze_heap`), giving it a CPU of
+its own (:func:`pin_loop_thread`, the ``loop_cpu`` setting), and keeping it polling while traffic flows
+(:class:`BusyPoll`, the ``busy_poll_us`` setting)."""
 
 from __future__ import annotations
 
@@ -56,6 +57,59 @@ def loop_factory(kind: str = "auto") -> Callable[[], asyncio.AbstractEventLoop]:
 def new_event_loop(kind: str = "auto") -> asyncio.AbstractEventLoop:
     """A new event loop of ``kind``."""
     return loop_factory(kind)()
+
+
+class BusyPoll:
+    """Keeps the running event loop polling, never asleep in its selector, for ``window_s`` after each
+    :meth:`poke` (Linux's ``busy_poll`` for an event loop: the ``busy_poll_us`` setting).
+
+    A process asleep in ``epoll_wait`` is woken by the kernel when its data lands, and on the GPU machine that
+    costs 15-40 us at the median and up to ~250 us at p99 per wake-up (a round trip between two processes,
+    docs/BENCHMARKS.md); a frame meets several (producer to server, and with ingest workers the channel up
+    and down). A polling loop takes the data at its next iteration instead. The cost is a core kept busy
+    while traffic flows, per process that polls: the scheduling process, and each ingest worker with
+    traffic. ``window_s`` 0: never polls (``poke`` does nothing).
+
+    The front ends poke when they write something that will be answered soon: replies to a producer (its
+    next frames), frames up to the scheduling process (their replies), replies down to a worker (the next
+    frames). Loop thread only.
+    """
+
+    def __init__(self, window_s: float) -> None:
+        if window_s < 0:
+            raise ValueError(f"window_s must be >= 0, got {window_s}")
+        self.window_s = window_s
+        self._until = 0.0  # perf_counter s: poll until then
+        self._handle: asyncio.Handle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def polling(self) -> bool:
+        """True while the loop is kept polling."""
+        return self._handle is not None
+
+    def poke(self) -> None:
+        """Keep polling for ``window_s`` from now."""
+        if self.window_s:
+            # perf_counter, not loop.time(): uvloop's clock moves in whole milliseconds
+            self._until = time.perf_counter() + self.window_s
+            if self._handle is None:
+                self._loop = asyncio.get_running_loop()
+                self._handle = self._loop.call_soon(self._poll)
+
+    def _poll(self) -> None:
+        # A ready callback each iteration is what keeps the loop from sleeping: its selector then waits 0 s.
+        if time.perf_counter() < self._until:
+            assert self._loop is not None
+            self._handle = self._loop.call_soon(self._poll)
+        else:
+            self._handle = None
+
+    def close(self) -> None:
+        """Stop polling now (a stopping server: its loop may close)."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
 
 # glibc's mallopt parameters (malloc.h) and what a server process sets them to (tune_malloc).

@@ -218,6 +218,8 @@ class Server:
             if self._models is not None:  # loads and unloads whose callers left (or a start cancelled mid-load)
                 await self._models.close()
             await self.results.close()  # after the listeners: every frame's line is out
+            if self._admission is not None:
+                self._admission.busy_poll.close()  # (the loop may be the application's: it sleeps again)
             if self.backend is not None:
                 self.backend.close()  # cancels what still runs
                 self.backend = None

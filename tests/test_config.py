@@ -190,6 +190,8 @@ SECOND_LISTENER = '[[server.listeners]]\nkind = "tcp"\n[[server.listeners]]\n'  
         ("[server.tokens.cam]\nmax_priority = 5\n", "server.tokens.cam: token is required"),
         ("[server.tokens.cam]\ntokn = 'x'\n", "server.tokens.cam has unknown settings ['tokn']"),
         ("[server]\nloop_cpu = -2\n", "loop_cpu must be -1 (any CPU) or a CPU number, got -2"),
+        ("[server]\nbusy_poll_us = -1\n", "busy_poll_us must be 0 (off) to 1000000 (a second), got -1"),
+        ("[server]\nbusy_poll_us = 2000000\n", "busy_poll_us must be 0 (off) to 1000000 (a second), got 2000000"),
         ("[server]\nloop_cpu = 100000\n", "loop_cpu = 100000: this process may run on CPUs"),
         (
             '[[models]]\nname = "a"\nsm_share = 0.6\n[[models]]\nname = "b"\nsm_share = 0.5\n',

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import os
 import platform
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -454,3 +456,36 @@ def test_loop_cpu_elsewhere_than_linux_is_a_config_error(monkeypatch: pytest.Mon
     assert Config().loop_cpu == -1
     loops.leave_loop_cpu()  # (a helper thread's initializer, no loop pinned)
     assert loops.spare_cpus() is None
+
+
+@pytest.mark.asyncio
+async def test_busy_poll_keeps_the_loop_polling_for_its_window_after_each_poke() -> None:
+    """While polling, the loop's thread stays on the CPU through an ``asyncio.sleep`` (its selector waits 0 s);
+    once the window from the last poke is over, the loop sleeps in its selector again."""
+
+    async def cpu_share(seconds: float) -> float:  # of the loop's thread over an asyncio.sleep
+        wall, cpu = time.perf_counter(), time.thread_time()
+        await asyncio.sleep(seconds)
+        return (time.thread_time() - cpu) / (time.perf_counter() - wall)
+
+    busy = loops.BusyPoll(0.15)
+    assert await cpu_share(0.05) < 0.2  # not poked: asleep
+    busy.poke()
+    await asyncio.sleep(0.05)
+    busy.poke()  # the window runs from the last poke: 150 ms from here
+    assert busy.polling and await cpu_share(0.1) > 0.5  # 150 ms after the first poke, 100 ms after the last
+    assert busy.polling
+    await asyncio.sleep(0.06)
+    assert not busy.polling and await cpu_share(0.05) < 0.2
+    busy.poke()
+    busy.close()
+    assert not busy.polling and await cpu_share(0.05) < 0.2  # a closed poll's callback is cancelled, not re-armed
+
+
+@pytest.mark.asyncio
+async def test_busy_poll_off_never_polls() -> None:
+    busy = loops.BusyPoll(0.0)
+    busy.poke()
+    assert not busy.polling
+    with pytest.raises(ValueError, match="window_s must be >= 0"):
+        loops.BusyPoll(-1.0)

@@ -21,7 +21,9 @@ Suites (``--suite``, repeatable; default all):
 * ``curves``: ResNet-50 fp16 latency-throughput curves (closed loop, 1 to 256
   frames in flight) of streamgpu, the strong server (as written and compiled)
   and the plain server; ``tools/plot_curves.py`` draws them. ``--instances 1,2``
-  adds streamgpu with two copies of the model on the GPU ("streamgpu x2").
+  adds streamgpu with two copies of the model on the GPU ("streamgpu x2"),
+  ``--busy-poll-us 0,2000`` streamgpu with its loops polling 2 ms after each
+  write ("streamgpu poll").
 
 Prints one table per suite and writes everything to ``--json``.
 
@@ -87,11 +89,12 @@ def streamgpu_server(
     devices: tuple[int, ...] = (0,),
     ingest_workers: int = 0,
     max_inflight_batches: int = 2,
+    busy_poll_us: int = 0,
 ) -> contextlib.AbstractContextManager[int]:
     toml = "\n".join(
         ["[server]", "port = 0", f'device = "{device}"', f"cuda_kernels = {str(kernels).lower()}",
          f"devices = {list(devices)}", f"ingest_workers = {ingest_workers}",
-         f"max_inflight_batches = {max_inflight_batches}",
+         f"max_inflight_batches = {max_inflight_batches}", f"busy_poll_us = {busy_poll_us}",
          f"max_payload_bytes = {1 << 20}", "", "[[models]]"]
         + [f"{k} = {json.dumps(v)}" for k, v in model.items()]
     )  # fmt: skip
@@ -329,14 +332,15 @@ def suite_curves(out: Path, args: argparse.Namespace) -> dict[str, Any]:
         ("strong+compile", baseline_server(out, "strong", args.device, "--compile")),
     ]
     for k in (int(n) for n in args.instances.split(",")):  # "streamgpu x2": the model's instances = 2
-        servers.append((
-            "streamgpu" if k == 1 else f"streamgpu x{k}",
-            streamgpu_server(out, f"resnet50_i{k}", {**RESNET50, "instances": k}, args.device,
-                             ingest_workers=args.ingest_workers),
-        ))  # fmt: skip
+        for poll in (int(us) for us in args.busy_poll_us.split(",")):  # "streamgpu poll": busy_poll_us > 0
+            servers.append((
+                ("streamgpu" if k == 1 else f"streamgpu x{k}") + (" poll" if poll else ""),
+                streamgpu_server(out, f"resnet50_i{k}_p{poll}", {**RESNET50, "instances": k}, args.device,
+                                 ingest_workers=args.ingest_workers, busy_poll_us=poll),
+            ))  # fmt: skip
     rows = []
     for label, started in servers:
-        if args.servers and label.split(" x")[0] not in args.servers.split(","):
+        if args.servers and label.split(" ")[0] not in args.servers.split(","):
             continue
         with started as port:
             for c in (int(n) for n in args.levels.split(",")):  # at most 4 generators, no more than in flight
@@ -370,6 +374,8 @@ def main() -> int:
     parser.add_argument("--servers", default="", help="curves suite: only these (comma-separated: plain, strong, "
                         "strong+compile, streamgpu)")  # fmt: skip
     parser.add_argument("--instances", default="1", help="curves suite: the model's instances per GPU; a "
+                        "comma-separated list runs a streamgpu server for each")  # fmt: skip
+    parser.add_argument("--busy-poll-us", default="0", help="curves suite: streamgpu's busy_poll_us; a "
                         "comma-separated list runs a streamgpu server for each")  # fmt: skip
     parser.add_argument("--levels", default=",".join(map(str, CURVE_LEVELS)),
                         help="curves suite: frames in flight, comma-separated")  # fmt: skip

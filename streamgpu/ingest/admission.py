@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from streamgpu.config import Config
 from streamgpu.frame import Frame
 from streamgpu.ingest.hub import ResultHub
+from streamgpu.loops import BusyPoll
 from streamgpu.memory import Slot, SlotPool, Waiter
 from streamgpu.metrics import NO_MODEL, ReplyCounts
 from streamgpu.models.spec import ModelSpec
@@ -242,6 +243,8 @@ class Admission:
         self.stream_results = ResultHub()  # every front end publishes its frames' outcomes here (see ingest.hub)
         # Connections served at once: max_connections, or an ingest worker's share of it
         self.connection_cap = config.max_connections
+        # Poked by this process's front ends when they write what will be answered soon (busy_poll_us)
+        self.busy_poll = BusyPoll(config.busy_poll_us / 1e6)
 
     # -- connections and identity -------------------------------------------------------------
 

@@ -484,6 +484,7 @@ class TcpConnection(asyncio.BufferedProtocol):
         out, self._out = self._out, []
         if out and self._transport is not None and not self._transport.is_closing() and self._state is not _State.DRAIN:
             self._transport.writelines(out)
+            self._admission.busy_poll.poke()  # the producer's next frames follow its replies
 
     # -- flow control ---------------------------------------------------------------------------
 

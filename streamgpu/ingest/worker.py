@@ -161,6 +161,8 @@ class _Channel(asyncio.Protocol):
         out, self._out = self._out, []
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(b"".join(out))  # one system call for the loop iteration's records
+            if self.admission is not None:
+                self.admission.busy_poll.poke()  # frames up: their replies follow within a batch's time
 
     def submit(self, frame: Frame) -> None:
         """``Admission``'s submit: the frame goes up as a descriptor; it stays here until its REPLY."""
@@ -482,6 +484,7 @@ async def serve(chan_sock: socket.socket, init: WorkerInit) -> None:
         handoff.close()
         chan.drop_frames()
         segment.close()
+        admission.busy_poll.close()
 
 
 def main(argv: list[str] | None = None) -> int:

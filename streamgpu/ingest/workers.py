@@ -359,6 +359,7 @@ class _Worker(asyncio.Protocol):
             # One system call for the loop iteration's records, and no copy of them into one buffer first (a
             # batch's replies can be a megabyte)
             self._transport.writelines(out)
+            self._admission.busy_poll.poke()  # replies down: the producers' next frames follow
 
     def data_received(self, data: bytes) -> None:
         self.heard = time.monotonic()

@@ -1620,3 +1620,44 @@ def test_a_batch_may_fill_every_share_of_the_ring_but_no_more() -> None:
     assert listener._worker_config.ring_bytes == 1 << 21
     with pytest.raises(ConfigError, match=r"max_batch_size \(5\) .* 2 shares .* set max_batch_size to at most 4 "):
         config(models=[dataclasses.replace(big, max_batch_size=5)])  # 5 fit 4 MiB, not 2 ranges of 2 MiB
+
+
+# -- busy polling ----------------------------------------------------------------------------
+
+
+def process_cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+async def cpu_shares(pids: list[int], seconds: float) -> tuple[float, list[float]]:
+    """The share of ``seconds`` this loop's thread (the embedded server's) and each of ``pids`` spent on a CPU."""
+    wall, thread, procs = time.perf_counter(), time.thread_time(), [process_cpu_s(pid) for pid in pids]
+    await asyncio.sleep(seconds)
+    wall = time.perf_counter() - wall
+    return (time.thread_time() - thread) / wall, [(process_cpu_s(p) - c) / wall for p, c in zip(pids, procs, strict=True)]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc")
+@pytest.mark.parametrize("ingest_workers", [0, 1])
+@pytest.mark.asyncio
+async def test_busy_poll_keeps_the_serving_processes_polling_after_a_reply_then_lets_them_sleep(
+    ingest_workers: int,
+) -> None:
+    """``busy_poll_us``: after a frame is answered the scheduling loop (and the ingest worker that wrote the
+    reply) stay on the CPU, polling for the producer's next frame, for that long; then they sleep again. Off
+    (the default), they sleep as soon as the reply is out."""
+    for busy_poll_us in (400_000, 0):
+        async with Server(config(ingest_workers=ingest_workers, busy_poll_us=busy_poll_us)) as srv:
+            pids = listener_of(srv).pids if ingest_workers else []
+            conn = await client.connect("127.0.0.1", srv.port)
+            assert (await conn.submit(frames(1, seed=5)[0])).ok
+            loop_share, worker_shares = await cpu_shares(pids, 0.2)  # 0 to 200 ms after the reply
+            if busy_poll_us:
+                assert loop_share > 0.5 and all(share > 0.5 for share in worker_shares), (loop_share, worker_shares)
+                await asyncio.sleep(0.3)
+                loop_share, worker_shares = await cpu_shares(pids, 0.2)  # 500 to 700 ms: the window is over
+            assert loop_share < 0.3 and all(share < 0.3 for share in worker_shares), (busy_poll_us, loop_share,
+                                                                                      worker_shares)  # fmt: skip
+            await conn.close()
