@@ -1636,7 +1636,8 @@ async def cpu_shares(pids: list[int], seconds: float) -> tuple[float, list[float
     wall, thread, procs = time.perf_counter(), time.thread_time(), [process_cpu_s(pid) for pid in pids]
     await asyncio.sleep(seconds)
     wall = time.perf_counter() - wall
-    return (time.thread_time() - thread) / wall, [(process_cpu_s(p) - c) / wall for p, c in zip(pids, procs, strict=True)]
+    shares = [(process_cpu_s(pid) - cpu) / wall for pid, cpu in zip(pids, procs, strict=True)]
+    return (time.thread_time() - thread) / wall, shares
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc")
