@@ -111,6 +111,7 @@ class _Channel(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._out: list[bytes] = []
+        self._frames_up = False  # the records to flush hold frames (their replies follow: busy_poll_us)
         self._rest = b""  # the start of a record not whole yet
         # The reads of a record longer than one, joined once it is whole (a batch's results can be tens of MB:
         # joined at every read, its start was copied again at each), and how many bytes they still lack
@@ -161,8 +162,11 @@ class _Channel(asyncio.Protocol):
         out, self._out = self._out, []
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(b"".join(out))  # one system call for the loop iteration's records
-            if self.admission is not None:
-                self.admission.busy_poll.poke()  # frames up: their replies follow within a batch's time
+            if self._frames_up and self.admission is not None:
+                # Frames up: their replies follow within a batch's time. (Not for other records: the ALIVE
+                # every sweep, or a connection's comings and goings, would keep an idle worker polling.)
+                self.admission.busy_poll.poke()
+        self._frames_up = False
 
     def submit(self, frame: Frame) -> None:
         """``Admission``'s submit: the frame goes up as a descriptor; it stays here until its REPLY."""
@@ -179,6 +183,7 @@ class _Channel(asyncio.Protocol):
         assert slot is not None
         if not self._out:
             self._loop.call_soon(self._flush)
+        self._frames_up = True
         self._out.append(channel.UP.pack(
             channel.FRAME, h.priority, int(h.flags), 0, self._indexes[h.model, h.dtype_code, h.shape], 0,
             number, fid, slot.offset, h.payload_len, h.stream_id, h.deadline_us, h.sequence, h.timestamp_ns,

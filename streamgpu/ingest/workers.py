@@ -157,6 +157,7 @@ class _Worker(asyncio.Protocol):
         self.proc: subprocess.Popen[bytes] | None = None
         self._transport: asyncio.Transport | None = None
         self._out: list[bytes | memoryview] = []
+        self._replies_down = False  # the records to flush hold replies (the next frames follow: busy_poll_us)
         self._releases: list[int] = []  # frames whose slots were copied, for this loop iteration's RELEASE
         self._rest = b""
         self.conns: dict[int, _RemoteConn] = {}
@@ -359,7 +360,9 @@ class _Worker(asyncio.Protocol):
             # One system call for the loop iteration's records, and no copy of them into one buffer first (a
             # batch's replies can be a megabyte)
             self._transport.writelines(out)
-            self._admission.busy_poll.poke()  # replies down: the producers' next frames follow
+            if self._replies_down:
+                self._admission.busy_poll.poke()  # replies down: the producers' next frames follow
+        self._replies_down = False
 
     def data_received(self, data: bytes) -> None:
         self.heard = time.monotonic()
@@ -458,6 +461,7 @@ class _Worker(asyncio.Protocol):
         self.in_server -= 1
         self._admission.stream_results.publish(frame.header, outcome, _remote(frame).origin)  # subscribers, results
         if self.alive:
+            self._replies_down = True
             self.send(channel.encode_reply(cast(WorkerFrame, frame).fid, outcome))
 
     def finished_ok(self, frames: list[Frame], rows: np.ndarray, timings: np.ndarray) -> None:
@@ -487,6 +491,7 @@ class _Worker(asyncio.Protocol):
             if not self.held:
                 self._listener.worker_gone(self)
             return
+        self._replies_down = True
         self.send(*records)
 
     def slots_released(self, frames: list[Frame]) -> None:
