@@ -222,11 +222,6 @@ class LevelResult:
     messages: dict[str, str] = field(default_factory=dict)  # first reply message per non-OK status
 
 
-def empty_stages() -> np.ndarray:
-    """``Window.stages`` of a window with no OK reply."""
-    return np.zeros((0, len(STAGES)), np.uint32)
-
-
 def _stage_means(stages: np.ndarray) -> dict[str, float]:
     means = stages.mean(axis=0, dtype=np.float64) if len(stages) else [math.nan] * len(STAGES)
     return {name: float(m) for name, m in zip(STAGES, means, strict=True)}
