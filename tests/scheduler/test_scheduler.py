@@ -132,6 +132,28 @@ async def test_a_second_instance_on_a_device_takes_the_next_batch_while_the_firs
 
 
 @pytest.mark.asyncio
+async def test_a_frame_goes_to_an_idle_instance_not_behind_a_busy_one_estimated_a_little_faster() -> None:
+    """Instances of one model on one GPU measure slightly different batch times (noise: they overlap). Placing
+    by the estimates alone held a frame behind a busy instance while the other idled (0.75 ms queued at 8 in
+    flight, H200, 4 instances); a busy replica is taken only when it is clearly faster (another device)."""
+    h = Harness()
+    h.latency = lambda m, n: 0.01 if h.instances[-1] is h.instances[0] else 0.025  # the first a bit faster
+    h.start(spec(instances=2), max_inflight=2)
+    h.submit(0)
+    h.submit(1)  # one batch on each instance: both measured
+    await h.settle()
+    fast, slow = h.instances
+    assert fast is not slow
+    h.submit(2)  # both idle: the faster
+    h.submit(3)  # the fast one busy: it would finish frame 3 in 20 ms, the idle one in 25
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert [b[1] for b in h.batches[2:]] == [[2], [3]], h.batches  # frame 3 at once, not after its 5 ms wait
+    assert h.instances[2:] == [fast, slow]
+    await h.settle()
+
+
+@pytest.mark.asyncio
 async def test_idle_model_runs_at_once_and_busy_model_batches_what_accumulated() -> None:
     h = Harness(latency=lambda m, n: 0.05)
     h.start(spec())
@@ -498,6 +520,21 @@ async def test_an_idle_second_device_takes_a_batch_at_once() -> None:
     await asyncio.sleep(0.01)
     assert sorted(h.devices) == [0, 1]  # both started within 10 ms, not one after the other
     await h.settle()
+
+
+@pytest.mark.asyncio
+async def test_a_frame_waits_for_a_busy_device_that_finishes_it_in_under_half_the_idle_ones_time() -> None:
+    """An idle replica is preferred over a busy one of about the same speed, not over a clearly faster device."""
+    h = Harness(latency=lambda m, n: 0.01, slowdown={0: 5.0})  # dev0: 50 ms a batch, dev1: 10 ms
+    h.start(spec(max_batch_size=1), max_inflight=2, devices=2)
+    h.submit(0)
+    h.submit(1)  # one on each: both measured
+    await h.settle()
+    assert sorted(h.devices) == [0, 1]
+    h.submit(2)  # both idle: dev1
+    h.submit(3)  # dev1 busy finishes it in ~20 ms, idle dev0 in 50: it waits for dev1
+    await h.settle()
+    assert h.devices[2:] == [1, 1], h.devices
 
 
 @pytest.mark.asyncio
