@@ -415,11 +415,12 @@ async def test_frames_queued_at_a_swap_run_on_the_version_configured_and_unload_
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, swap_queued: str, in_place: bool
 ) -> None:
     original = CpuModel.run
+    pause = 0.3 if in_place else 0.03
 
     def slow(self: CpuModel, batch: np.ndarray) -> BatchOutputs:
         # In the worker thread: frames stay queued while the new version loads (in place, its file is read by a
-        # process of its own, started for it: seconds)
-        time.sleep(0.3 if in_place else 0.03)
+        # process of its own, started for it: seconds; once it is in, 0.03 s keeps the unload's frames queued)
+        time.sleep(pause)
         return original(self, batch)
 
     monkeypatch.setattr(CpuModel, "run", slow)
@@ -431,6 +432,7 @@ async def test_frames_queued_at_a_swap_run_on_the_version_configured_and_unload_
             await asyncio.sleep(0.005)
         new = spec(versioned(tmp_path, 2), swap_queued=swap_queued, weights_in_place=in_place)
         await srv.swap_model("m", new)
+        pause = 0.03
         values = [value(await fut) for fut in futs]
         assert values[0] == 1.0  # in flight at the swap
         if swap_queued == "received":
@@ -457,21 +459,38 @@ async def test_a_stop_during_a_swap_answers_the_frames_still_running_on_the_old_
     """The scheduler counted only the new version's batches as in flight: a stop right after the switch found
     it idle, closed the connections and the frame in the old version's batch was never answered. (In place, the
     copy waits behind that batch on the model's thread: the stop drains it, the copy runs, the swap returns.)"""
-    # (The new version loads well within it; in place, its file is read by a process of its own, started for it)
-    slow_batches(monkeypatch, 4.0 if in_place else 1.0)
+    # The first batch runs until released: past the switch (the new version loads meanwhile; in place, its file is
+    # read by a process of its own, started for it), and past the time a stop that does not wait for it takes.
+    released = threading.Event()
+    original = CpuModel.run
+    calls = 0
+
+    def held(self: CpuModel, batch: np.ndarray) -> BatchOutputs:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            released.wait(30)
+        return original(self, batch)
+
+    monkeypatch.setattr(CpuModel, "run", held)
     srv = Server(config(spec(versioned(tmp_path, 1)), watchdog_min_s=10.0))
     await srv.start()
-    conn = await client.connect("127.0.0.1", srv.port)
-    running = conn.submit(frames(1)[0], model="m")
-    while srv.metrics()["frames_in_flight"] < 1:
-        await asyncio.sleep(0.005)
-    old = srv.serving("m")
-    assert old is not None
-    swap = asyncio.create_task(srv.swap_model("m", spec(versioned(tmp_path, 2), weights_in_place=in_place)))
-    while srv.serving("m") is old and old[0].weights_version == 0:  # switched: the old version's batch runs on
-        await asyncio.sleep(0.005)
-    assert srv.metrics()["models"]["m"]["in_flight_batches"] == 1
-    await srv.stop()
+    try:
+        conn = await client.connect("127.0.0.1", srv.port)
+        running = conn.submit(frames(1)[0], model="m")
+        while srv.metrics()["frames_in_flight"] < 1:
+            await asyncio.sleep(0.005)
+        old = srv.serving("m")
+        assert old is not None
+        swap = asyncio.create_task(srv.swap_model("m", spec(versioned(tmp_path, 2), weights_in_place=in_place)))
+        while srv.serving("m") is old and old[0].weights_version == 0:  # switched: the old version's batch runs on
+            await asyncio.sleep(0.005)
+        assert srv.metrics()["models"]["m"]["in_flight_batches"] == 1
+        stop = asyncio.create_task(srv.stop())
+        await asyncio.wait([stop], timeout=0.5)  # (one that finds the scheduler idle closes the connections at once)
+    finally:
+        released.set()
+    await stop
     assert value(await running) == 1.0
     assert (await asyncio.wait_for(swap, 10)).version == 2
     await conn.close()

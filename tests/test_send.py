@@ -208,15 +208,20 @@ async def test_ctrl_c_ends_a_send_whose_input_is_stalled() -> None:
     """A live pipe that has gone quiet (a camera paused): Ctrl-C ends ``streamgpu send`` at once with 130.
     It read its input on a thread of the loop's default executor, which the loop's shutdown waited for, so
     the process hung until the pipe gave a byte (review)."""
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # where the frame goes (no server: nothing answers)
+    udp.bind(("127.0.0.1", 0))
+    udp.setblocking(False)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "streamgpu", "send", "--transport", "udp", "--subscribers", "--port", "9",
-        "--shape", "8,8,3", stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable, "-m", "streamgpu", "send", "--transport", "udp", "--subscribers", "--port",
+        str(udp.getsockname()[1]), "--shape", "8,8,3", stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": os.getcwd()},
     )  # fmt: skip
     assert proc.stdin is not None and proc.stderr is not None
     proc.stdin.write(bytes(8 * 8 * 3))  # one frame, then nothing: the next read blocks
     await proc.stdin.drain()
-    await asyncio.sleep(3)  # started, sent the frame, waiting on the pipe
+    with udp:
+        await asyncio.wait_for(asyncio.get_running_loop().sock_recv(udp, 65536), 30)  # started, sent the frame
+    await asyncio.sleep(0.2)  # waiting on the pipe
     proc.send_signal(signal.SIGINT)
     code = await asyncio.wait_for(proc.wait(), 10)
     assert code == 130, (await proc.stderr.read()).decode()

@@ -8,7 +8,7 @@ import dataclasses
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import numpy as np
 import pytest
@@ -17,6 +17,7 @@ import torch
 
 from streamgpu import client
 from streamgpu.config import Config, ListenerSpec, TokenSpec
+from streamgpu.ingest.tcp import TcpListener
 from streamgpu.models.builtin import build_builtin
 from streamgpu.models.outputs import BatchOutputs
 from streamgpu.models.preprocess import preprocess_torch
@@ -337,21 +338,19 @@ async def test_framing_lost_while_streaming_still_delivers_the_replies_already_w
     """Regression (review): closing with unread input made the kernel reset the connection and drop the
     replies queued ahead of the connection reply; the server now shuts its side and drains first."""
     loop = asyncio.get_running_loop()
+    (listener,) = server._listeners
+    assert isinstance(listener, TcpListener)
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow reader on a real network
 
-    def producer() -> tuple[list[wire.ReplyHeader], str]:
-        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow reader on a real network
+    def produce() -> None:
         frames = random_frames(40, seed=11)
         sock.sendall(wire.encode_hello(wire.Hello()))
         for i, f in enumerate(frames):
             h = wire.FrameHeader(0, i, "default", 1, SPEC.input_shape, FRAME_BYTES)
             sock.sendall(wire.encode_frame_header(h) + f.tobytes())
-        time.sleep(1.0)  # all answered; most replies wait in the server's send queue
-        sock.setblocking(False)
-        tail = b"XXXX" + b"\0" * 300_000  # framing lost, and the producer keeps streaming
-        with contextlib.suppress(BlockingIOError):
-            sock.send(tail)
-        sock.setblocking(True)
+
+    def read() -> tuple[list[wire.ReplyHeader], str]:
         buf = b""
         end = "EOF"
         try:
@@ -359,7 +358,6 @@ async def test_framing_lost_while_streaming_still_delivers_the_replies_already_w
                 buf += chunk
         except OSError as exc:
             end = repr(exc)
-        sock.close()
         welcome = wire.decode_welcome(buf)
         assert welcome is not None
         buf = buf[welcome[1] :]
@@ -369,10 +367,39 @@ async def test_framing_lost_while_streaming_still_delivers_the_replies_already_w
             buf = buf[parsed[2] :]
         return got, end
 
-    got, end = await loop.run_in_executor(None, producer)
+    try:
+        await loop.run_in_executor(None, produce)
+        # all answered; most replies wait in the server's send queue
+        await until(lambda: answered(server) == 40, "the 40 frames to be answered")
+        sock.setblocking(False)
+        tail = b"XXXX" + b"\0" * 300_000  # framing lost, and the producer keeps streaming
+        with contextlib.suppress(BlockingIOError):
+            sock.send(tail)
+        sock.setblocking(True)
+        # Once the server has taken the bad header (it drains; with the regression, it closed and so reset the
+        # connection), the replies it had queued are on their way or lost: only then does the reader take more
+        # at a time (the 160 KiB of replies take 3.5 s through a 4 KiB window, 1.5 s then).
+        await until(lambda: all(conn._is_closed() for conn in listener._connections), "the framing loss")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        got, end = await loop.run_in_executor(None, read)
+    finally:
+        sock.close()
     assert end == "EOF", end
     assert [r.sequence for r in got[:-1]] == list(range(40)) and all(r.status == Status.OK for r in got[:-1])
     assert got[-1].flags & wire.ReplyFlags.CONNECTION and got[-1].status == Status.BAD_FRAME
+
+
+def answered(server: Server) -> int:
+    """Frames of the default model answered (none left in flight), or -1."""
+    metrics = server.metrics()
+    return int(metrics["models"]["default"]["completed"]) if metrics["frames_in_flight"] == 0 else -1
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    give_up = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < give_up, f"timed out waiting for {what}"
+        await asyncio.sleep(0.005)
 
 
 @pytest.mark.asyncio

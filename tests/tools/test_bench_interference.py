@@ -16,7 +16,7 @@ from bench_interference import bench, table
 def args(**kw: object) -> argparse.Namespace:
     base: dict[str, object] = dict(
         device="cpu", model="builtin:small", precision="fp32", shape="32,32,3", max_batch=8, kinds="", share=1 / 3,
-        swaps=1, connections=1, window=4, warmup_s=0.1, window_s=0.4, ingest_workers=0, run_ms=None,
+        swaps=1, connections=1, window=4, warmup_s=0.1, window_s=0.25, ingest_workers=0, run_ms=None,
         switch_interval_us=None,
     )  # fmt: skip
     base.update(kw)

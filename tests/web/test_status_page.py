@@ -38,10 +38,12 @@ async def test_status_page_numbers_change_as_frames_flow(tmp_path: Path, browser
         sent = 0
         rates: list[float] = []
 
+        seen = asyncio.Event()  # the page showed a rate above zero (and its screenshot is taken): frames stop
+
         async def flow(seconds: float) -> None:
             nonlocal sent
             end = asyncio.get_running_loop().time() + seconds
-            while asyncio.get_running_loop().time() < end:
+            while asyncio.get_running_loop().time() < end and not seen.is_set():
                 assert all(r.ok for r in await asyncio.gather(*(conn.infer(frame) for _ in range(4))))
                 sent += 4
                 await asyncio.sleep(0.02)
@@ -52,6 +54,7 @@ async def test_status_page_numbers_change_as_frames_flow(tmp_path: Path, browser
             rates.append(float(await page.locator("#throughput").text_content() or 0))
             if rates[-1] > 0 and not shot.exists():
                 await page.screenshot(path=str(shot), full_page=True)
+                seen.set()
             await asyncio.sleep(0.25)
         await sender
         assert max(rates) > 0, rates
