@@ -91,11 +91,24 @@ def _heap_frozen_between_tests() -> Iterator[None]:
 
     With torch (and, once a test loaded an exported program, sympy and torch._dynamo) imported, a full collection
     walks about 400,000 objects: 0.3 s on the 2-core CI machine, after every async test (``loop_errors``), 200 s
-    of the suite. Frozen, it walks what the test made, which is all that can hold a report for the test's own
-    loop (each test has a loop of its own, and a loop's exception handler is the test's only while it runs)."""
+    of the suite. Frozen, it walks what the test made, which is what can hold a report for the test's own loop
+    (each test has a loop of its own, and a loop's exception handler is the test's only while it runs), except
+    garbage in a cycle through an object an earlier test of the module left (a module global, say): that is
+    collected at the module's end, unreported. Tests of the server's own freeze take ``heap_owned_by_the_server``."""
     freeze_heap()
     yield
     thaw_heap()
+
+
+@pytest.fixture
+def heap_owned_by_the_server() -> Iterator[None]:
+    """For a test of what a server does to the heap (``loops.freeze_heap`` at its start: the heap frozen before
+    models load, collections timed): the session's hold is let go meanwhile, or the server's freeze would be a
+    nested call that does nothing, and the test would pass with a server that never froze (review). Take it
+    before the fixture that starts the server."""
+    thaw_heap()
+    yield
+    freeze_heap()
 
 
 @pytest.hookimpl(wrapper=True)

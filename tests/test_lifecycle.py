@@ -676,7 +676,7 @@ async def test_a_copy_that_fails_at_the_swap_is_told_and_the_next_version_copies
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
 async def test_a_version_swapped_out_is_not_held_by_frames_pinned_to_it_that_left_the_queue(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    heap_owned_by_the_server: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Frames queued at a swap with swap_queued = "received" are pinned to the old version; those that left the
     queue otherwise (deadline passed, producer gone) stayed pinned, holding the old version's module (its

@@ -28,6 +28,11 @@ class BatchLatency:
         else:
             self._seconds[size] = old + _ALPHA * (seconds - old)
 
+    @property
+    def measured(self) -> bool:
+        """Whether any batch has been measured (before that every estimate is 0)."""
+        return bool(self._sizes)
+
     def estimate(self, size: int) -> float:
         if size in self._seconds:
             return self._seconds[size]

@@ -21,7 +21,8 @@ server's launch-and-reply coroutine). Its rules:
   GPU is busy with a long batch) and never runs.
 * Where: a model has an instance (a replica) on every device; each batch goes
   to the usable replica (see ``health``) that is estimated to finish it first;
-  an idle one, unless a busy one would finish it in under half the time.
+  an idle one, unless a busy one would finish it in under half the time or
+  only the busy one would meet the model's latency target.
 * When: a replica has at most ``max_inflight_batches`` batches launched (two:
   one computing while the next one's copy runs). With nothing in flight on the
   chosen replica, whatever is queued goes at once: an idle GPU never waits for
@@ -427,7 +428,8 @@ class Scheduler:
 
     def _place(self, queue: ModelQueue, now: float, replicas: list[Replica]) -> Replica | None:
         """The usable one of ``replicas`` with room for a batch: the idle one estimated to finish the queued
-        frames first, unless a busy one would finish them in under half that time (then the busy one first)."""
+        frames first, unless a measured busy one would finish them in under half that time, or would meet the
+        model's latency target for the oldest frame where the idle one would not (then the busy one first)."""
         size = min(len(queue.frames), queue.spec.max_batch_size)
         idle: Replica | None = None
         busy: Replica | None = None
@@ -441,13 +443,26 @@ class Scheduler:
                     idle, idle_at = replica, at
             elif busy is None or (at, replica.in_flight) < (busy_at, busy.in_flight):
                 busy, busy_at = replica, at
+        if idle is None or busy is None:
+            return idle or busy
         # A batch placed on a busy replica waits for it (see _dispatch). Between equal replicas (instances of a
         # model on one GPU, twin GPUs) the estimates differ by noise, and comparing them held frames behind a
         # busy instance while another sat idle (H200: 0.75 ms queued at 8 in flight with 4 instances). So a busy
-        # one is preferred only when it is clearly faster: a different device, not jitter.
-        if idle is not None and (busy is None or idle_at - now <= 2 * (busy_at - now)):
-            return idle
-        return busy
+        # one is preferred only when it is clearly faster (a different device, not jitter) and has measured a
+        # batch (with no estimate it finishes "now"), or when only it meets the latency target.
+        if busy.latency.measured and (busy_at - now) * 2 < idle_at - now:
+            return busy
+        target = self._target_finish(queue, busy.model.spec.latency_target_ms)
+        return busy if busy_at <= target < idle_at else idle
+
+    @staticmethod
+    def _target_finish(queue: ModelQueue, target_ms: float) -> float:
+        """The perf_counter time by which the oldest queued frame must have its result for a latency target of
+        ``target_ms`` (infinity for none)."""
+        oldest = queue.frames.oldest()
+        if not target_ms or oldest is None:
+            return float("inf")
+        return oldest.received_ns / 1e9 + target_ms / 1e3
 
     def _batch_size(self, queue: ModelQueue, replica: Replica, now: float) -> int:
         # The version the batch runs on: frames pinned to an older one (swap_queued = "received") must not be
@@ -456,10 +471,8 @@ class Scheduler:
         n = min(len(queue.frames), spec.max_batch_size)
         if not spec.latency_target_ms:
             return n
-        oldest = queue.frames.oldest()
-        assert oldest is not None
         start = max(now, replica.busy_until)
-        limit = oldest.received_ns / 1e9 + spec.latency_target_ms / 1e3
+        limit = self._target_finish(queue, spec.latency_target_ms)
         latency = replica.latency
         sizes = {b for b in spec.buckets() if b <= n} | {n}
         meeting = [b for b in sizes if start + latency.estimate(b) <= limit]

@@ -154,6 +154,25 @@ async def test_a_frame_goes_to_an_idle_instance_not_behind_a_busy_one_estimated_
 
 
 @pytest.mark.asyncio
+async def test_a_busy_instance_that_has_measured_nothing_does_not_hold_a_frame_while_another_idles() -> None:
+    """With no measured batch every estimate is 0, so a busy copy new after a swap "finished" at once and looked
+    clearly faster than an idle one (review): the frame waited its max_queue_delay_ms behind it."""
+    h = Harness(latency=lambda m, n: 0.05)
+    sched = h.start(spec(max_queue_delay_ms=30), max_inflight=2)
+    h.submit(0)
+    await h.settle()  # measured
+    two = spec(instances=2, max_queue_delay_ms=30)
+    sched.swap_model([FakeModel(two), FakeModel(two)])  # one copy takes the estimates over, the other has none
+    h.submit(1)  # both idle: the unmeasured one (estimate 0)
+    h.submit(2)  # it is busy and has measured nothing: the other takes frame 2 at once
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert [b[1] for b in h.batches[1:]] == [[1], [2]], h.batches
+    assert h.instances[1] is not h.instances[2]
+    await h.settle()
+
+
+@pytest.mark.asyncio
 async def test_idle_model_runs_at_once_and_busy_model_batches_what_accumulated() -> None:
     h = Harness(latency=lambda m, n: 0.05)
     h.start(spec())
@@ -535,6 +554,23 @@ async def test_a_frame_waits_for_a_busy_device_that_finishes_it_in_under_half_th
     h.submit(3)  # dev1 busy finishes it in ~20 ms, idle dev0 in 50: it waits for dev1
     await h.settle()
     assert h.devices[2:] == [1, 1], h.devices
+
+
+@pytest.mark.asyncio
+async def test_a_latency_target_only_a_busy_device_meets_is_not_given_up_for_an_idle_one() -> None:
+    """An idle device under 2x slower takes a batch before a busy one, unless only the busy one would meet the
+    model's latency target for the oldest frame (review: the idle one took it and missed the target)."""
+    h = Harness(latency=lambda m, n: 0.1, slowdown={0: 1.8})  # dev0: 180 ms a batch, dev1: 100 ms
+    sched = h.start(spec(max_batch_size=1, latency_target_ms=165), max_inflight=2, devices=2)
+    h.submit(0)
+    h.submit(1)  # one on each: both measured
+    await h.settle()
+    assert sorted(h.devices) == [0, 1]
+    h.submit(2)  # both idle: dev1
+    await asyncio.sleep(0.05)
+    h.submit(3)  # dev1 (busy) would finish it in ~150 ms, within the 165 ms target; idle dev0 in 180
+    await h.settle()
+    assert h.devices[2:] == [1, 1] and sched.metrics_for("m").target_unmeetable == 0, h.devices
 
 
 @pytest.mark.asyncio

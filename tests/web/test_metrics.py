@@ -88,7 +88,9 @@ async def test_counters_match_what_was_sent(web_server: tuple[Server, TestClient
 
 
 @pytest.mark.asyncio
-async def test_garbage_collector_pauses_are_timed_by_generation(web_server: tuple[Server, TestClient]) -> None:
+async def test_garbage_collector_pauses_are_timed_by_generation(
+    heap_owned_by_the_server: None, web_server: tuple[Server, TestClient]
+) -> None:
     """A collection stops the loop: /metrics shows how often and how long, per generation."""
     _, http = web_server
     before = await scrape(http)
