@@ -450,7 +450,9 @@ class Scheduler:
         # busy instance while another sat idle (H200: 0.75 ms queued at 8 in flight with 4 instances). So a busy
         # one is preferred only when it is clearly faster (a different device, not jitter) and has measured a
         # batch (with no estimate it finishes "now"), or when only it meets the latency target.
-        if busy.latency.measured and (busy_at - now) * 2 < idle_at - now:
+        if not busy.latency.measured:
+            return idle
+        if (busy_at - now) * 2 < idle_at - now:
             return busy
         target = self._target_finish(queue, busy.model.spec.latency_target_ms)
         return busy if busy_at <= target < idle_at else idle
