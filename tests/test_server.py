@@ -8,7 +8,7 @@ import dataclasses
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
@@ -26,6 +26,7 @@ from streamgpu.protocol import wire
 from streamgpu.protocol.wire import Status
 from streamgpu.scheduler.scheduler import Scheduler
 from streamgpu.server import Server
+from tests.test_isolation import until
 
 SPEC = ModelSpec(input_shape=(64, 64, 3), max_batch_size=16, batch_buckets=(1, 4, 16))
 FRAME_BYTES = SPEC.frame_nbytes
@@ -370,7 +371,7 @@ async def test_framing_lost_while_streaming_still_delivers_the_replies_already_w
     try:
         await loop.run_in_executor(None, produce)
         # all answered; most replies wait in the server's send queue
-        await until(lambda: answered(server) == 40, "the 40 frames to be answered")
+        await until(lambda: answered(server) == 40, 10, "the 40 frames to be answered")
         sock.setblocking(False)
         tail = b"XXXX" + b"\0" * 300_000  # framing lost, and the producer keeps streaming
         with contextlib.suppress(BlockingIOError):
@@ -379,7 +380,7 @@ async def test_framing_lost_while_streaming_still_delivers_the_replies_already_w
         # Once the server has taken the bad header (it drains; with the regression, it closed and so reset the
         # connection), the replies it had queued are on their way or lost: only then does the reader take more
         # at a time (the 160 KiB of replies take 3.5 s through a 4 KiB window, 1.5 s then).
-        await until(lambda: all(conn._is_closed() for conn in listener._connections), "the framing loss")
+        await until(lambda: all(conn._is_closed() for conn in listener._connections), 10, "the framing loss")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         got, end = await loop.run_in_executor(None, read)
     finally:
@@ -393,13 +394,6 @@ def answered(server: Server) -> int:
     """Frames of the default model answered (none left in flight), or -1."""
     metrics = server.metrics()
     return int(metrics["models"]["default"]["completed"]) if metrics["frames_in_flight"] == 0 else -1
-
-
-async def until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    give_up = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < give_up, f"timed out waiting for {what}"
-        await asyncio.sleep(0.005)
 
 
 @pytest.mark.asyncio
