@@ -23,7 +23,9 @@ Suites (``--suite``, repeatable; default all):
   and the plain server; ``tools/plot_curves.py`` draws them. ``--instances 1,2``
   adds streamgpu with two copies of the model on the GPU ("streamgpu x2"),
   ``--busy-poll-us 0,2000`` streamgpu with its loops polling 2 ms after each
-  write ("streamgpu poll").
+  write ("streamgpu poll"), and each ``--variant NAME:KEY=VALUE,...`` a
+  streamgpu server with those model settings ("streamgpu NAME"), e.g.
+  ``--variant burst8:batch_policy=fixed,max_batch_size=8,max_queue_delay_ms=0.5``.
 
 Prints one table per suite and writes everything to ``--json``.
 
@@ -331,16 +333,19 @@ def suite_curves(out: Path, args: argparse.Namespace) -> dict[str, Any]:
         ("strong", baseline_server(out, "strong", args.device)),
         ("strong+compile", baseline_server(out, "strong", args.device, "--compile")),
     ]
+    variants: list[tuple[str, dict[str, Any]]] = [("", {})] + [parse_variant(v) for v in args.variant or []]
     for k in (int(n) for n in args.instances.split(",")):  # "streamgpu x2": the model's instances = 2
         for poll in (int(us) for us in args.busy_poll_us.split(",")):  # "streamgpu poll": busy_poll_us > 0
-            servers.append((
-                ("streamgpu" if k == 1 else f"streamgpu x{k}") + (" poll" if poll else ""),
-                streamgpu_server(out, f"resnet50_i{k}_p{poll}", {**RESNET50, "instances": k}, args.device,
-                                 ingest_workers=args.ingest_workers, busy_poll_us=poll),
-            ))  # fmt: skip
+            for name, settings in variants:
+                servers.append((
+                    " ".join(["streamgpu"] + [f"x{k}"] * (k > 1) + ["poll"] * (poll > 0) + [name] * bool(name)),
+                    streamgpu_server(out, f"resnet50_i{k}_p{poll}{'_' + name if name else ''}",
+                                     {**RESNET50, "instances": k, **settings}, args.device,
+                                     ingest_workers=args.ingest_workers, busy_poll_us=poll),
+                ))  # fmt: skip
     rows = []
     for label, started in servers:
-        if args.servers and label.split(" ")[0] not in args.servers.split(","):
+        if args.servers and not {label, label.split(" ")[0]} & set(args.servers.split(",")):
             continue
         with started as port:
             for c in (int(n) for n in args.levels.split(",")):  # at most 4 generators, no more than in flight
@@ -349,6 +354,22 @@ def suite_curves(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     print_rows(f"ResNet-50 fp16 latency vs throughput (closed loop, frames in flight; streamgpu with ingest_workers"
                f" = {args.ingest_workers})", rows)  # fmt: skip
     return {"rows": rows}
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    """``NAME:KEY=VALUE,...`` as (NAME, model settings); a value is read as JSON where it parses (numbers, true),
+    else kept as a string."""
+    name, _, pairs = text.partition(":")
+    settings: dict[str, Any] = {}
+    for pair in filter(None, pairs.split(",")):
+        key, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--variant {text!r}: expected NAME:KEY=VALUE,... (e.g. burst8:max_batch_size=8)")
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key] = value
+    return name, settings
 
 
 SUITES = {"default": suite_default, "plain": suite_plain, "batching": suite_batching, "gpus": suite_gpus,
@@ -372,11 +393,13 @@ def main() -> int:
     )
     parser.add_argument("--precision", default="both", choices=["both", "fp16", "fp32"], help="gpus suite: models")
     parser.add_argument("--servers", default="", help="curves suite: only these (comma-separated: plain, strong, "
-                        "strong+compile, streamgpu)")  # fmt: skip
+                        "strong+compile, streamgpu, or a whole label such as 'streamgpu x4 poll')")  # fmt: skip
     parser.add_argument("--instances", default="1", help="curves suite: the model's instances per GPU; a "
                         "comma-separated list runs a streamgpu server for each")  # fmt: skip
     parser.add_argument("--busy-poll-us", default="0", help="curves suite: streamgpu's busy_poll_us; a "
                         "comma-separated list runs a streamgpu server for each")  # fmt: skip
+    parser.add_argument("--variant", action="append", help="curves suite: NAME:KEY=VALUE,... a streamgpu server "
+                        "with these model settings (repeatable)")  # fmt: skip
     parser.add_argument("--levels", default=",".join(map(str, CURVE_LEVELS)),
                         help="curves suite: frames in flight, comma-separated")  # fmt: skip
     args = parser.parse_args()
