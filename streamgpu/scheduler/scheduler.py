@@ -18,7 +18,8 @@ server's launch-and-reply coroutine). Its rules:
   LIVE or not (they are answered SUPERSEDED): a camera's stale frame is worthless.
 * Deadlines: a frame whose deadline passes while queued is answered
   DEADLINE_MISSED at that moment (a timer on the loop, so it fires while the
-  GPU is busy with a long batch) and never runs.
+  GPU is busy with a long batch) and never runs. A deadline is a start-by
+  time: waiting for a fuller batch ends just before it, not a batch's time earlier.
 * Where: a model has an instance (a replica) on every device; each batch goes
   to the usable replica (see ``health``) that is estimated to finish it first;
   an idle one, unless a busy one would finish it in under half the time or
@@ -77,8 +78,8 @@ RunBatch = Callable[[DeviceModel, list[Frame], float], Awaitable[float | None]]
 # The completion bridge may sleep until this fraction of the expected completion time: a
 # batch faster than its estimate is then noticed late by at most a fifth of the estimate.
 HINT_FRACTION = 0.8
-# A batch that must start for a queued deadline starts this long before the estimate says it
-# must: host work between launch and the device starting, and timer granularity (1 ms in uvloop).
+# A batch that must start for a queued deadline is launched this long before it: host work between
+# launch and the device starting, and timer granularity (1 ms in uvloop).
 DEADLINE_MARGIN_S = 0.002
 
 
@@ -374,7 +375,7 @@ class Scheduler:
             delay = (frame.deadline_ns - now_ns) / 1e9
             queue.deadline_timers[frame] = self._loop.call_later(delay, self._expire, queue, frame)
             # Waiting for a fuller batch must not outlast this frame's deadline.
-            queue.latest_start = min(queue.latest_start, self._start_by(queue, frame.deadline_ns))
+            queue.latest_start = min(queue.latest_start, _start_by(frame.deadline_ns))
         return queue
 
     def _make_room(self, queue: ModelQueue, frame: Frame) -> bool:
@@ -516,16 +517,11 @@ class Scheduler:
         queue.pinned.clear()
         return None
 
-    def _latest_start(self, queue: ModelQueue) -> float:
-        """When the next batch must start so that no queued deadline is missed (inf: none)."""
-        deadlines = [f.deadline_ns for f in queue.deadline_timers]
-        return self._start_by(queue, min(deadlines)) if deadlines else float("inf")
-
     @staticmethod
-    def _start_by(queue: ModelQueue, deadline_ns: int) -> float:
-        batch = min(len(queue.frames), queue.spec.max_batch_size)
-        fastest = min(r.latency.estimate(batch) for r in queue.replicas)
-        return deadline_ns / 1e9 - fastest - DEADLINE_MARGIN_S
+    def _latest_start(queue: ModelQueue) -> float:
+        """When the next batch must be launched so that no queued deadline is missed (inf: none)."""
+        deadlines = [f.deadline_ns for f in queue.deadline_timers]
+        return _start_by(min(deadlines)) if deadlines else float("inf")
 
     def _arm_wake(self, queue: ModelQueue, delay: float) -> None:
         when = self._loop.time() + delay
@@ -649,6 +645,13 @@ class Scheduler:
                 await asyncio.wait(set(self._tasks))
             else:
                 await asyncio.sleep(0.001)
+
+
+def _start_by(deadline_ns: int) -> float:
+    """The perf_counter time by which a batch holding a frame of this deadline must be launched. A deadline bounds
+    when the frame starts computing, not when its result is ready (docs/PROTOCOL.md, "Deadline"): the wait for a
+    fuller batch may last until just before it."""
+    return deadline_ns / 1e9 - DEADLINE_MARGIN_S
 
 
 def _abandoned(frame: Frame) -> bool:

@@ -511,6 +511,25 @@ async def test_waiting_for_a_fuller_batch_never_outlasts_a_queued_deadline() -> 
     await h.settle()
 
 
+@pytest.mark.asyncio
+async def test_a_deadline_bounds_the_wait_for_a_fuller_batch_by_its_start_not_by_its_result() -> None:
+    """A deadline is a start-by time (docs/PROTOCOL.md): a frame may wait for a fuller batch until just before it,
+    however long the batch then takes. (Counting the batch's time off the deadline launched frame 1 alone after
+    ~20 ms, and frame 2 waited behind it.)"""
+    h = Harness(latency=lambda m, n: 0.04)
+    h.start(spec(batch_policy="fixed", max_batch_size=2, max_queue_delay_ms=500))
+    h.submit(0)
+    h.submit(1)  # a full batch goes at once: the estimate learns a batch takes 40 ms
+    await h.settle()
+    h.t0 = time.perf_counter()
+    h.submit(2, deadline_s=0.08)
+    await asyncio.sleep(0.05)
+    h.submit(3)
+    await h.settle()
+    assert h.rejected == [] and [b[1] for b in h.batches[1:]] == [[2, 3]]
+    assert 0.05 <= h.batches[1][2] < 0.08  # when frame 3 filled the batch, before frame 2's deadline
+
+
 # -- several devices -------------------------------------------------------------------
 
 
