@@ -363,11 +363,14 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     """``NAME:KEY=VALUE,...`` as (NAME, model settings); a value is read as JSON where it parses (numbers, true),
     else kept as a string."""
     name, _, pairs = text.partition(":")
+    form = f"--variant {text!r}: expected NAME:KEY=VALUE,... (e.g. burst8:max_batch_size=8)"
+    if not name:
+        raise SystemExit(form)
     settings: dict[str, Any] = {}
     for pair in filter(None, pairs.split(",")):
         key, sep, value = pair.partition("=")
-        if not sep or not name:
-            raise SystemExit(f"--variant {text!r}: expected NAME:KEY=VALUE,... (e.g. burst8:max_batch_size=8)")
+        if not sep or not key:
+            raise SystemExit(form)
         try:
             settings[key] = json.loads(value)
         except json.JSONDecodeError:
