@@ -472,8 +472,24 @@ async def _infer(
         if not f.cancelled() and f.exception() is None and not f.result().ok:
             failures.append(f.result())
 
+    # At most max_frames_per_connection of the request's frames in the server at once, as on a connection (the rest
+    # of the body waits: TCP flow control): one request of more frames than its model's queue holds filled it, and
+    # was answered 503 "queue is full" by an idle server.
+    limit = admission.config.max_frames_per_connection
+    unanswered = 0
+    room = asyncio.Event()
+
+    def answered_one(f: asyncio.Future[Outcome]) -> None:
+        nonlocal unanswered
+        unanswered -= 1
+        room.set()
+        failed_one(f)
+
     futures = []
     for i in range(req.frames):
+        while unanswered >= limit and not failures:
+            room.clear()
+            await room.wait()
         if failures:
             raise Refused(failures[0].status, failures[0].message)
         if req.data is not None:
@@ -485,7 +501,8 @@ async def _infer(
         if future.done():
             failed_one(future)  # (finished at submit: a callback would come only after the next frame's read)
         else:
-            future.add_done_callback(failed_one)
+            unanswered += 1
+            future.add_done_callback(answered_one)
         futures.append(future)
     outcomes: list[Outcome] = [await f for f in futures]
     failed = next((o for o in outcomes if not o.ok), None)

@@ -939,3 +939,32 @@ async def test_an_integer_of_thousands_of_digits_is_a_4xx_naming_the_limit_not_p
                 assert resp.status == 400 and "an integer of more than 4300 digits at character" in error, error
                 assert "sys.set_int_max_str_digits" not in error
     await no_slot_held(server)
+
+
+@ONE_LOOP
+async def test_a_request_of_more_frames_than_its_models_queue_holds_is_served_not_refused(tmp_path: Path) -> None:
+    """A request's frames were taken as fast as its body came, with no bound like a connection's
+    (``max_frames_per_connection``): one request of more frames than its model's queue holds filled that queue and
+    was answered 503 "queue is full" by an idle server (a tritonclient request of 2,000 16x16x3 frames against the
+    default max_queue of 1,024), the frames taken until then left to run for nothing. Now a request has at most
+    ``max_frames_per_connection`` frames in the server at once, as a TCP or WebSocket connection: the rest of its
+    body waits (TCP flow control), and every frame is served."""
+    count, n = 100, SPEC.frame_nbytes
+    small_queue = dataclasses.replace(SPEC, max_queue=32)
+    async with Server(config(tmp_path, models=[small_queue], max_frames_per_connection=8)) as server:
+        batch = frames(count, seed=11)
+        body, headers = binary_request(
+            frame_header([count, 32, 32, 3], count * n, parameters={"binary_data_output": True}), batch.tobytes()
+        )
+        url = f"http://127.0.0.1:{http_port(server)}/v2/models/default/infer"
+        async with aiohttp.ClientSession() as session, session.post(url, data=body, headers=headers) as resp:
+            raw = await resp.read()
+            assert resp.status == 200, raw[:300]
+        head_len = int(resp.headers[oip.HEADER_LENGTH])
+        doc = json.loads(raw[:head_len])
+        assert doc["outputs"][0]["shape"] == [count, 1000]
+        got = np.frombuffer(raw[head_len:], np.float32).reshape(count, 1000)
+        expected = await tcp_results(server, batch[[0, count // 2, count - 1]])
+        np.testing.assert_allclose(got[[0, count // 2, count - 1]], expected, rtol=1e-5, atol=1e-5)
+        assert server.metrics()["models"]["default"]["rejected_overloaded"] == 0
+        await no_slot_held(server)
