@@ -461,8 +461,12 @@ async def _infer(
     stream = next_stream_key("http")
     transport = request.transport
 
+    # Answered with an error while its frames wait (a frame failed, the body ended short): on a connection that stays
+    # open they would still run, for nobody, holding their slots until then; Admission.leave answers them now.
+    given_up = False
+
     def abandoned() -> bool:
-        return transport is None or transport.is_closing()
+        return given_up or transport is None or transport.is_closing()
 
     # A frame answered with an error makes the reply that error: the frames after it are not taken (nor read),
     # rather than received and run for nothing while other producers wait.
@@ -486,25 +490,29 @@ async def _infer(
         failed_one(f)
 
     futures = []
-    for i in range(req.frames):
-        while unanswered >= limit and not failures:
-            room.clear()
-            await room.wait()
-        if failures:
-            raise Refused(failures[0].status, failures[0].message)
-        if req.data is not None:
-            per = req.frame_nbytes // req.data.itemsize
-            fill = _copy_from(req.data[i * per : (i + 1) * per].view(np.uint8))
-        else:
-            fill = _read_into(content)
-        future = await receive_frame(admission, producer, req.header(spec, i), fill, stream, abandoned)
-        if future.done():
-            failed_one(future)  # (finished at submit: a callback would come only after the next frame's read)
-        else:
-            unanswered += 1
-            future.add_done_callback(answered_one)
-        futures.append(future)
-    outcomes: list[Outcome] = [await f for f in futures]
+    try:
+        for i in range(req.frames):
+            while unanswered >= limit and not failures:
+                room.clear()
+                await room.wait()
+            if failures:
+                raise Refused(failures[0].status, failures[0].message)
+            if req.data is not None:
+                per = req.frame_nbytes // req.data.itemsize
+                fill = _copy_from(req.data[i * per : (i + 1) * per].view(np.uint8))
+            else:
+                fill = _read_into(content)
+            future = await receive_frame(admission, producer, req.header(spec, i), fill, stream, abandoned)
+            if future.done():
+                failed_one(future)  # (finished at submit: a callback would come only after the next frame's read)
+            else:
+                unanswered += 1
+                future.add_done_callback(answered_one)
+            futures.append(future)
+        outcomes: list[Outcome] = [await f for f in futures]
+    except BaseException:
+        given_up = True
+        raise
     failed = next((o for o in outcomes if not o.ok), None)
     if failed is not None:
         raise Refused(failed.status, failed.message)

@@ -968,3 +968,50 @@ async def test_a_request_of_more_frames_than_its_models_queue_holds_is_served_no
         np.testing.assert_allclose(got[[0, count // 2, count - 1]], expected, rtol=1e-5, atol=1e-5)
         assert server.metrics()["models"]["default"]["rejected_overloaded"] == 0
         await no_slot_held(server)
+
+
+@pytest.mark.asyncio
+async def test_the_frames_of_a_request_answered_with_an_error_are_not_run_for_nobody(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request answered with an error on a connection that stays open (here its chunked body ended a frame
+    short: 400): the frames it had already sent waited their turn and ran, for a reply already given, holding
+    their ring slots until then (here behind a 1.5 s batch), and the client could send such requests again and
+    again. They are now answered at once, as a closed connection's, their slots freed."""
+    slow_batches(monkeypatch, 1.5)
+    n = SPEC.frame_nbytes
+    async with Server(config(tmp_path, max_inflight_batches=1)) as server:
+        conn = await client.connect("127.0.0.1", server.port)
+        running = conn.submit(frames(1, seed=1)[0])  # the device is busy with it for 1.5 s
+        while server.metrics()["frames_in_flight"] < 1:
+            await asyncio.sleep(0.01)
+        before = server.pool.slots_in_use
+        head = json.dumps(frame_header([3, 32, 32, 3], 3 * n)).encode()
+        body = head + bytes(2 * n)  # two frames of three: then the body ends
+
+        def chunk(data: bytes) -> bytes:
+            return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", http_port(server))
+        writer.write(
+            f"POST /v2/models/default/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            f"Inference-Header-Content-Length: {len(head)}\r\n\r\n".encode()
+            + chunk(body)
+            + b"0\r\n\r\n"
+        )
+        await writer.drain()
+        try:
+            response = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert b" 400 " in response.split(b"\r\n")[0], response
+            assert b"Connection: close" not in response  # the connection stays: its frames are not abandoned by it
+            started = asyncio.get_running_loop().time()
+            while server.pool.slots_in_use > before and asyncio.get_running_loop().time() - started < 1.0:
+                await asyncio.sleep(0.01)
+            assert server.pool.slots_in_use == before, (
+                f"{server.pool.slots_in_use - before} slots held 1 s after the request was answered 400"
+            )
+        finally:
+            writer.close()
+        assert (await running).ok
+        await conn.close()
+        assert server.metrics()["models"]["default"]["completed"] == 1  # the request's frames never ran
