@@ -7,6 +7,7 @@ Results equal the TCP path's (streamgpu.client) on the same server; every bad re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -499,19 +500,32 @@ async def test_a_tokens_answered_request_looks_for_no_queued_frames(
     assert withdrawn == []
 
 
+@contextlib.asynccontextmanager
+async def device_busy_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seconds: float
+) -> AsyncIterator[tuple[Server, asyncio.Future[client.Reply]]]:
+    """A server (one batch in flight at a time) whose device is busy with one TCP frame for ``seconds``: frames
+    sent meanwhile wait in its queue. Yields the server and that frame's reply."""
+    slow_batches(monkeypatch, seconds)
+    async with Server(config(tmp_path, max_inflight_batches=1)) as server:
+        conn = await client.connect("127.0.0.1", server.port)
+        running = conn.submit(frames(1, seed=1)[0])
+        while server.metrics()["frames_in_flight"] < 1:
+            await asyncio.sleep(0.01)
+        try:
+            yield server, running
+        finally:
+            await conn.close()
+
+
 @pytest.mark.asyncio
 async def test_a_client_gone_while_its_frames_wait_frees_their_slots_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Its handler used to wait on for frames nobody would read, holding their ring slots until their turn
     came (here: after a 1.5 s batch); now the handler is cancelled and its queued frames answered."""
-    slow_batches(monkeypatch, 1.5)
     n = SPEC.frame_nbytes
-    async with Server(config(tmp_path, max_inflight_batches=1)) as server:
-        conn = await client.connect("127.0.0.1", server.port)
-        running = conn.submit(frames(1, seed=1)[0])  # the device is busy with it for 1.5 s
-        while server.metrics()["frames_in_flight"] < 1:
-            await asyncio.sleep(0.01)
+    async with device_busy_for(tmp_path, monkeypatch, 1.5) as (server, running):
         head = json.dumps(frame_header([2, 32, 32, 3], 2 * n)).encode()
         request = (
             (
@@ -532,7 +546,6 @@ async def test_a_client_gone_while_its_frames_wait_frees_their_slots_at_once(
             await asyncio.sleep(0.01)
         assert server.pool.slots_in_use == 0, f"{server.pool.slots_in_use} slots held 1 s after the client left"
         assert (await running).ok
-        await conn.close()
 
 
 @pytest.mark.asyncio
@@ -978,13 +991,8 @@ async def test_the_frames_of_a_request_answered_with_an_error_are_not_run_for_no
     short: 400): the frames it had already sent waited their turn and ran, for a reply already given, holding
     their ring slots until then (here behind a 1.5 s batch), and the client could send such requests again and
     again. They are now answered at once, as a closed connection's, their slots freed."""
-    slow_batches(monkeypatch, 1.5)
     n = SPEC.frame_nbytes
-    async with Server(config(tmp_path, max_inflight_batches=1)) as server:
-        conn = await client.connect("127.0.0.1", server.port)
-        running = conn.submit(frames(1, seed=1)[0])  # the device is busy with it for 1.5 s
-        while server.metrics()["frames_in_flight"] < 1:
-            await asyncio.sleep(0.01)
+    async with device_busy_for(tmp_path, monkeypatch, 1.5) as (server, running):
         before = server.pool.slots_in_use
         head = json.dumps(frame_header([3, 32, 32, 3], 3 * n)).encode()
         body = head + bytes(2 * n)  # two frames of three: then the body ends
@@ -1013,5 +1021,4 @@ async def test_the_frames_of_a_request_answered_with_an_error_are_not_run_for_no
         finally:
             writer.close()
         assert (await running).ok
-        await conn.close()
         assert server.metrics()["models"]["default"]["completed"] == 1  # the request's frames never ran
