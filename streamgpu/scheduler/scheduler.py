@@ -19,7 +19,9 @@ server's launch-and-reply coroutine). Its rules:
 * Deadlines: a frame whose deadline passes while queued is answered
   DEADLINE_MISSED at that moment (a timer on the loop, so it fires while the
   GPU is busy with a long batch) and never runs. A deadline is a start-by
-  time: waiting for a fuller batch ends just before it, not a batch's time earlier.
+  time: waiting for a fuller batch ends just before it, not a batch's time earlier,
+  and a frame whose batch would start after it (behind the batches in flight on
+  its device, by the estimates) is answered DEADLINE_MISSED then, not run late.
 * Where: a model has an instance (a replica) on every device; each batch goes
   to the usable replica (see ``health``) that is estimated to finish it first;
   an idle one, unless a busy one would finish it in under half the time or
@@ -422,7 +424,8 @@ class Scheduler:
                 if now < due:
                     self._arm_wake(queue, due - now)
                     return
-            batch, abandoned = self._take(queue, self._batch_size(queue, replica, now), version)
+            start = max(now, replica.busy_until)  # when the device would start it: after the batches ahead of it
+            batch, abandoned = self._take(queue, self._batch_size(queue, replica, now), version, start)
             if batch:
                 self._launch(queue, replica, batch, now)
             _abandon(queue, abandoned)  # after the launch is counted: finishing frees slots, waking producers
@@ -484,9 +487,12 @@ class Scheduler:
             return n  # the target is lost for the oldest frame: drain the backlog as fast as possible
         return max(meeting, key=lambda b: (b / max(latency.estimate(b), 1e-9), b))
 
-    def _take(self, queue: ModelQueue, n: int, version: list[Replica] | None) -> tuple[list[Frame], list[Frame]]:
-        """The next ``n`` frames (those pinned to ``version`` if given), split into (to run, whose
-        producer is gone)."""
+    def _take(
+        self, queue: ModelQueue, n: int, version: list[Replica] | None, start: float
+    ) -> tuple[list[Frame], list[Frame]]:
+        """The next ``n`` frames (those pinned to ``version`` if given), split into (to run, whose producer is
+        gone). Those whose deadline comes before ``start`` (when their batch would start on the device) are
+        answered DEADLINE_MISSED: a deadline is a start-by time, and they would run late."""
         batch: list[Frame] = []
         abandoned: list[Frame] = []
         if version is None:
@@ -499,6 +505,13 @@ class Scheduler:
         if queue.deadline_timers:
             for frame in frames:
                 queue.cancel_timer(frame)
+            start_ns = start * 1e9
+            late = [frame for frame in frames if 0 < frame.deadline_ns < start_ns]
+            if late:
+                frames = [frame for frame in frames if not 0 < frame.deadline_ns < start_ns]
+                queue.metrics.deadline_missed += len(late)
+                for frame in late:
+                    _fail(frame, Status.DEADLINE_MISSED, "deadline passes before the batches ahead of it end")
         for frame in frames:
             if frame.is_abandoned():
                 abandoned.append(frame)

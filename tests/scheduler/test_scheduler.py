@@ -530,6 +530,31 @@ async def test_a_deadline_bounds_the_wait_for_a_fuller_batch_by_its_start_not_by
     assert 0.05 <= h.batches[1][2] < 0.08  # when frame 3 filled the batch, before frame 2's deadline
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize("deadline_s", [0.03, 0.2])
+async def test_a_frame_whose_batch_would_start_after_its_deadline_is_answered_then_not_run_late(
+    deadline_s: float,
+) -> None:
+    """A deadline is a start-by time: a frame placed behind a batch in flight that ends after its deadline is
+    answered DEADLINE_MISSED as its batch forms (it used to run, late); one that starts in time runs."""
+    h = Harness(latency=lambda m, n: 0.1)
+    h.start(spec(), max_inflight=2)
+    h.submit(0)
+    await h.settle()  # the estimate learns a batch takes 100 ms
+    h.t0 = time.perf_counter()
+    h.submit(1)  # on the device until ~100 ms
+    await asyncio.sleep(0)
+    h.submit(2, deadline_s=deadline_s)  # the second in-flight slot: its batch forms within max_queue_delay_ms
+    await h.settle()
+    if deadline_s < 0.1:
+        assert [(s, st) for s, st, _ in h.rejected] == [(2, Status.DEADLINE_MISSED)]
+        assert h.rejected[0][2] < deadline_s  # as its batch formed, not at the deadline
+        assert [b[1] for b in h.batches] == [[0], [1]] and h.scheduler is not None
+        assert h.scheduler.metrics()["m"]["deadline_missed"] == 1
+    else:
+        assert h.rejected == [] and [b[1] for b in h.batches] == [[0], [1], [2]]
+
+
 # -- several devices -------------------------------------------------------------------
 
 
