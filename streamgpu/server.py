@@ -17,7 +17,7 @@ from collections.abc import Awaitable
 from typing import Any
 
 from streamgpu.config import Config
-from streamgpu.errors import ServerNotStartedError
+from streamgpu.errors import ConfigError, ServerNotStartedError
 from streamgpu.gpu.backend import Backend, DeviceModel, create_backend
 from streamgpu.ingest import listener_class, make_listeners
 from streamgpu.ingest.admission import Admission
@@ -97,7 +97,11 @@ class Server:
             log.info("the scheduling loop runs on CPU %d alone (loop_cpu)", cfg.loop_cpu)
         freeze_heap()  # torch and the backend are in; models are not (they stay collectable)
         self._heap_frozen = True
-        self._segment = segment = HostSegment.create(cfg.ring_bytes)
+        try:
+            self._segment = segment = HostSegment.create(cfg.ring_bytes)
+        except (OSError, OverflowError) as exc:  # (OverflowError: past the kernel's file size, 2**63 - 1 bytes)
+            raise ConfigError(f"ring_bytes = {cfg.ring_bytes}: the receive ring cannot be allocated ({exc}); "
+                              "lower ring_bytes") from None  # fmt: skip
         await loop.run_in_executor(self._loader, backend.attach_host, segment.buffer)
         self._pool = SlotPool(segment.buffer, defer=loop.call_soon)
         health = DeviceHealth(backend.devices)

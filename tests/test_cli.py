@@ -635,3 +635,15 @@ def test_ctrl_c_before_the_server_runs_is_a_message_not_a_traceback(
     monkeypatch.setattr(Config, "load", interrupted)
     assert main(["serve", "--device", "cpu"]) == 130
     assert capsys.readouterr().err == "streamgpu: interrupted\n"
+
+
+@pytest.mark.parametrize("ring_bytes", [2**63 - 1, 10**20])  # more than memory; past the kernel's file size
+def test_a_ring_too_large_to_allocate_fails_serve_naming_ring_bytes(
+    ring_bytes: int, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "big.toml"
+    path.write_text(f"[server]\nring_bytes = {ring_bytes}\n")
+    code = main(["serve", "--port", "0", "--device", "cpu", "--config", str(path)])
+    assert code == 1
+    assert f"cannot serve: ring_bytes = {ring_bytes}: the receive ring cannot be allocated" in caplog.text
+    assert "lower ring_bytes" in caplog.text
