@@ -136,6 +136,9 @@ SECOND_LISTENER = '[[server.listeners]]\nkind = "tcp"\n[[server.listeners]]\n'  
         ('[[server.listeners]]\nkind = "carrier-pigeon"\n', "listener kind must be one of"),
         ("[[server.listeners]]\nspeed = 1\n", "unknown settings ['speed']"),
         ('[server.tokens.a]\ntoken = ""\n', "tokens.a: token must not be empty"),
+        # (no HELLO carries a longer token: no TCP producer could ever be admitted)
+        (f'[server]\nauth_token = "{"t" * 1025}"\n', "auth_token must be at most 1024 UTF-8 bytes"),
+        ('[server.tokens.a]\ntoken = "' + "\u00e9" * 513 + '"\n', "tokens.a: token must be at most 1024 UTF-8 bytes"),
         ("[server]\nmax_frames_per_connection = 5000\n", "must be below model 'default''s max_queue"),
         ("[server]\nmin_receive_rate = 0\n", "min_receive_rate must be >= 1"),
         ("[server]\nhello_timeout_s = nan\n", "hello_timeout_s must be a finite number of seconds"),

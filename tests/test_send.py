@@ -291,3 +291,17 @@ def test_a_number_flag_out_of_range_or_of_thousands_of_digits_names_its_range(
 
 def test_a_number_flag_may_have_thousands_of_leading_zeros(monkeypatch: pytest.MonkeyPatch) -> None:
     assert sent_options(monkeypatch, ["--stream-id", "0" * 5000 + "7"]).stream_id == 7  # int() counts the zeros
+
+
+def test_a_token_longer_than_a_hello_carries_is_a_cli_error_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("streamgpu.send.run", lambda opts: pytest.fail("sent a token no HELLO carries"))
+    monkeypatch.setenv("STREAMGPU_AUTH_TOKEN", "t" * 1025)
+    with pytest.raises(SystemExit) as info:
+        main(["send", "--shape", "8,8,3"])
+    assert info.value.code == 2
+    assert (
+        "argument --token: the token (--token or $STREAMGPU_AUTH_TOKEN) must be at most 1024 UTF-8 bytes, got 1025"
+        in (capsys.readouterr().err)
+    )

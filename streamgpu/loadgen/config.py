@@ -8,8 +8,10 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from streamgpu.client import MAX_DEADLINE_S, deadline_to_us
+from streamgpu.config import AUTH_TOKEN_ENV
 from streamgpu.loadgen import sources
 from streamgpu.loadgen.errors import UsageError
+from streamgpu.protocol.wire import MAX_TOKEN
 
 CONCURRENCY = "concurrency"
 RATE = "rate"
@@ -152,6 +154,9 @@ class RunConfig:
             raise UsageError(f"--request-distribution must be constant or poisson, got {self.distribution!r}")
         if self.images and self.video:
             raise UsageError("give --images or --video, not both")
+        if len(self.token.encode()) > MAX_TOKEN:
+            raise UsageError(f"--token (or ${AUTH_TOKEN_ENV}) must be at most {MAX_TOKEN} UTF-8 bytes, "
+                             f"got {len(self.token.encode())}")  # fmt: skip
         if not 1 <= len(self.model.encode()) <= 255:
             raise UsageError("--model must be 1..255 bytes")
         try:

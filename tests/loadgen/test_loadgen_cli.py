@@ -223,3 +223,10 @@ def test_a_bad_run_config_made_in_code_is_refused(change: dict[str, object], mes
     base: dict[str, object] = {"endpoints": [Endpoint("127.0.0.1", 1)], "levels": [LoadLevel(CONCURRENCY, 1)]}
     with pytest.raises(UsageError, match=re.escape(message)):
         RunConfig(**{**base, **change}).validate()  # type: ignore[arg-type]
+
+
+def test_a_token_longer_than_a_hello_carries_is_a_usage_error(cli: Cli, server: FakeServer) -> None:
+    # it was a ValueError traceback from the client's HELLO, after the run had started
+    rc, _, err = cli("-u", server.url, "--count", "1", "--token", "t" * 1025, *FAST)
+    assert rc == 2 and "--token (or $STREAMGPU_AUTH_TOKEN) must be at most 1024 UTF-8 bytes, got 1025" in err, err
+    assert server.stats.frames == 0
