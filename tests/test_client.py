@@ -423,6 +423,33 @@ async def test_server_closing_before_welcome_is_a_connection_error() -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_welcome_announcing_no_room_for_any_frame_is_a_connection_error() -> None:
+    """A limits block that is announced (not all zero) with max_frames_in_flight 0, which the protocol rules out:
+    it was taken as is, and ``wait_for_room`` then waited forever (no frame in flight, so no reply to wake it)."""
+
+    async def broken(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(8)
+        limits = wire.Limits(
+            max_frames_in_flight=1, max_producer_bytes=1 << 20, receive_timeout_ms=1, min_receive_rate=1
+        )
+        welcome = bytearray(wire.encode_welcome(wire.Welcome(wire.Status.OK, 1 << 20, 1 << 22, limits=limits)))
+        welcome[wire.WELCOME_V1_SIZE : wire.WELCOME_V1_SIZE + 4] = bytes(4)  # max_frames_in_flight = 0
+        writer.write(bytes(welcome))
+        await reader.read()
+        writer.close()
+
+    srv = await asyncio.start_server(broken, "127.0.0.1", 0)
+    try:
+        async with asyncio.timeout(5):
+            with pytest.raises(ConnectionClosedError, match="max_frames_in_flight 0"):
+                conn = await connect("127.0.0.1", srv.sockets[0].getsockname()[1])
+                await conn.wait_for_room()
+    finally:
+        srv.close()
+        await srv.wait_closed()
+
+
+@pytest.mark.asyncio
 async def test_handshake_timeout() -> None:
     async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read()

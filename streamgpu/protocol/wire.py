@@ -307,6 +307,8 @@ def decode_welcome(buf: bytes | memoryview) -> tuple[Welcome, int] | None:
     limits = None
     if fixed == WELCOME_V2_SIZE and any(buf[WELCOME_V1_SIZE:WELCOME_V2_SIZE]):
         limits = Limits(*_LIMITS.unpack_from(buf, WELCOME_V1_SIZE))
+        if limits.max_frames_in_flight == 0:  # (a producer waiting for room below it would wait forever)
+            raise ProtocolError(Status.BAD_FRAME, "WELCOME announces limits with max_frames_in_flight 0 (at least 1)")
     message = bytes(buf[fixed:end]).decode(errors="replace")
     return Welcome(_status(status), max_payload, ring_bytes, message, version, limits), end
 
