@@ -594,6 +594,10 @@ def test_admin_with_a_url_that_names_no_server_says_so_before_any_request(
         (["load", "http://127.0.0.1:1"], "admin load needs NAME"),
         (["list", "http://127.0.0.1:1", "cam"], "admin list takes no NAME, got 'cam'"),
         (["unload", "http://127.0.0.1:1", "cam", "a=1"], "admin unload takes no settings"),
+        # bytes of the command line that are not UTF-8 (surrogates to Python): were a UnicodeEncodeError traceback
+        (["load", "http://127.0.0.1:1", "a\udcffb"], "admin load: NAME 'a\\udcffb' is not valid UTF-8 text"),
+        (["unload", "http://127.0.0.1:1", "\udcff"], "admin unload: NAME '\\udcff' is not valid UTF-8 text"),
+        (["list", "http://127.0.0.1:1", "--token", "\udcff"], "the token (--token or $STREAMGPU_AUTH_TOKEN) is not"),
     ],
 )
 def test_admin_usage_errors_exit_2_before_any_request(

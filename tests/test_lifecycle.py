@@ -1229,6 +1229,47 @@ async def test_admin_routes_and_cli(tmp_path: Path, capsys: pytest.CaptureFixtur
         await conn.close()
 
 
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_admin_requests_with_text_that_is_not_utf8_are_refused_not_500(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An Authorization header whose bytes are not UTF-8 (aiohttp hands them on as surrogates) and a source
+    holding a lone surrogate (JSON's "\\ud800") were 500s (a UnicodeEncodeError); the inference route's
+    token check failed the same way. ``streamgpu admin`` sent a token beyond ASCII as Latin-1, which never
+    matched the server's (UTF-8) auth_token, and one beyond Latin-1 failed with 'ordinal not in range(256)'."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from streamgpu import cli
+    from streamgpu.web.app import create_app
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    token = "sésame-🔑"
+    cfg = config(spec(versioned(tmp_path, 1)), listeners=[ListenerSpec(port=0), ListenerSpec(kind="http", port=0)],
+                 model_repository=str(repo), repository_poll_s=60, auth_token=token)  # fmt: skip
+    async with Server(cfg) as srv, TestClient(TestServer(create_app(srv))) as http:
+        port = srv.addresses[1][1]
+        for route in ("/v2/repository/index", "/v2/models/m/infer"):
+            for presented in (b"\xff\xfe", b"\xed\xa0\x80", "sésame-🔑".encode("latin-1", "replace")):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"POST " + route.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+                             b"Authorization: Bearer " + presented + b"\r\nConnection: close\r\n\r\n")  # fmt: skip
+                try:
+                    response = await asyncio.wait_for(reader.read(), 10)
+                finally:
+                    writer.close()
+                assert b" 401 " in response.split(b"\r\n")[0], (route, presented, response[:200])
+        auth = {"Authorization": f"Bearer {token}"}
+        settings = {"source": "state_dict:\ud800.pt", "arch": "small", "input_shape": list(SHAPE)}
+        r = await http.post("/v2/repository/models/x/load", headers=auth,
+                            data=json.dumps({"parameters": {"config": settings}}))  # fmt: skip
+        assert r.status == 400 and "surrogate" in (await r.json())["error"], await r.text()
+        url = str(http.make_url("")).rstrip("/")
+        argv = ["admin", "load", url, "cam", "source=builtin:small", "input_shape=[16,16,3]", "--token", token]
+        assert await asyncio.to_thread(cli.main, argv) == 0, capsys.readouterr().err
+        assert {e["name"]: e["state"] for e in srv.model_index()} == {"cam": "READY", "m": "READY"}
+
+
 @pytest.mark.asyncio
 async def test_a_failed_load_of_a_new_name_leaves_no_index_entry_unless_the_repository_holds_it(
     tmp_path: Path,

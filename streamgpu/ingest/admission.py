@@ -271,12 +271,13 @@ class Admission:
 
     def authenticate(self, token: str) -> Grant | None:
         """The grant for ``token``, or None when it is refused."""
+        presented = token.encode("utf-8", "surrogatepass")  # (an HTTP header's bytes that are not UTF-8: surrogates)
         for known, name in self._tokens.items():
-            if hmac.compare_digest(token.encode(), known.encode()):
+            if hmac.compare_digest(presented, known.encode()):
                 return Grant(name, self.config.tokens[name].max_priority)
         if self._tokens and not self.config.auth_token:
             return None
-        if self.config.auth_token and not hmac.compare_digest(token.encode(), self.config.auth_token.encode()):
+        if self.config.auth_token and not hmac.compare_digest(presented, self.config.auth_token.encode()):
             return None
         return Grant(None, self.config.max_priority)
 

@@ -87,6 +87,10 @@ class ModelSpec:
             out.append(f"source {self.source!r} must be builtin:NAME, torchscript:PATH, export:PATH or state_dict:PATH")
         if "\0" in self.source:  # no file path holds one (os calls raise ValueError on it)
             out.append(f"source {self.source!r} holds a NUL character")
+        try:  # (a lone surrogate, as JSON's "\ud800" reads: os calls raise UnicodeEncodeError on it)
+            os.fsencode(self.source)
+        except UnicodeEncodeError:
+            out.append(f"source {self.source!r} holds a character no file path can (a lone surrogate)")
         if scheme == "state_dict" and not self.arch:
             out.append("a state_dict source needs arch = a builtin architecture name")
         if not self.input_shape or any(d <= 0 for d in self.input_shape) or len(self.input_shape) > wire.MAX_NDIM:

@@ -44,7 +44,9 @@ def _server(request: web.Request) -> Server:
     if token:
         auth = request.headers.get("Authorization", "")
         given = auth[len("Bearer ") :] if auth.startswith("Bearer ") else ""
-        if not hmac.compare_digest(given.encode(), token.encode()):
+        # (bytes that are not UTF-8 reach us as surrogates, which .encode() refuses: a 500; encoded so, they match
+        # no token)
+        if not hmac.compare_digest(given.encode("utf-8", "surrogatepass"), token.encode()):
             raise HttpError(
                 401, "model administration needs 'Authorization: Bearer AUTH_TOKEN' (the server's auth_token)"
             )

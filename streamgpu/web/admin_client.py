@@ -23,9 +23,14 @@ def request(url: str, path: str, body: dict[str, Any] | None = None, token: str 
     if (why := url_problem(url)) is not None:
         raise AdminError(why)
     data = json.dumps(body or {}).encode()
-    headers = {"Content-Type": "application/json"}
+    headers: dict[str, Any] = {"Content-Type": "application/json"}
     if token:
-        headers["Authorization"] = f"Bearer {token}"
+        # As UTF-8, as the server reads it (http.client would send a str as Latin-1, which matches no token
+        # beyond ASCII, and fails on any other character)
+        try:
+            headers["Authorization"] = b"Bearer " + token.encode()
+        except UnicodeEncodeError:
+            raise AdminError("the token is not valid UTF-8 text") from None  # (not shown: a secret)
     req = urllib.request.Request(url.rstrip("/") + path, data=data, headers=headers, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as reply:
@@ -71,12 +76,21 @@ def index(url: str, token: str = "") -> list[dict[str, Any]]:
 def load(url: str, name: str, settings: dict[str, Any] | None = None, token: str = "") -> None:
     """Load ``name`` (a new version if served) with ``settings``, or from the server's repository / last settings."""
     body = {"parameters": {"config": json.dumps(settings)}} if settings else {}
-    request(url, f"/v2/repository/models/{urllib.parse.quote(name, safe='')}/load", body, token)
+    request(url, f"/v2/repository/models/{_quoted(name)}/load", body, token)
 
 
 def unload(url: str, name: str, token: str = "") -> None:
     """Stop serving ``name`` (its queued frames finish first)."""
-    request(url, f"/v2/repository/models/{urllib.parse.quote(name, safe='')}/unload", token=token)
+    request(url, f"/v2/repository/models/{_quoted(name)}/unload", token=token)
+
+
+def _quoted(name: str) -> str:
+    """``name`` as one segment of a URL path; ``AdminError`` for one that is not text (bytes of a command line
+    that are not UTF-8, which Python holds as surrogates): no model has such a name."""
+    try:
+        return urllib.parse.quote(name, safe="")
+    except UnicodeEncodeError:
+        raise AdminError(f"model name {name!r} is not valid UTF-8 text") from None
 
 
 def parse_settings(pairs: list[str]) -> dict[str, Any]:
