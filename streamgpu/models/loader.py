@@ -130,7 +130,14 @@ def _source_file(spec: ModelSpec) -> IO[bytes]:
 
 
 def _state_dict(spec: ModelSpec, f: IO[bytes] | str, mmap: bool = False) -> dict[str, Any]:
-    state = torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:  # (an empty file said only "cannot load '...': ", a text file "cannot load '...': 101")
+        raise ModelLoadError(
+            f"model {spec.name!r}: cannot load {spec.source!r}: it is no file of tensors torch.load reads (empty, "
+            f"truncated, of another format, or holding other objects: save a module's state_dict() with torch.save): "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
     if not isinstance(state, dict):
         raise ModelLoadError(f"model {spec.name!r}: {spec.source.partition(':')[2]!r} holds a "
                              f"{type(state).__name__}, not a state dict")  # fmt: skip

@@ -89,6 +89,19 @@ def test_bad_model_sources_say_which_model_and_why(tmp_path: Path, source: str, 
         load_module(spec)
 
 
+@pytest.mark.parametrize("contents", [b"", b"hello", b"not a model" * 10, b"PK\x03\x04junk"])
+def test_a_state_dict_file_torch_cannot_read_is_refused_saying_why(tmp_path: Path, contents: bytes) -> None:
+    """An empty file was refused as "cannot load 'state_dict:PATH': " (torch's EOFError says nothing), a text
+    file as "...: 101" (a KeyError): nothing said what was wrong with the file."""
+    path = tmp_path / "weights.pt"
+    path.write_bytes(contents)
+    with pytest.raises(ModelLoadError) as info:
+        load_module(ModelSpec(name="cam", source=f"state_dict:{path}", arch="small"))
+    assert f"cannot load 'state_dict:{path}': it is no file of tensors torch.load reads (empty, truncated" in str(
+        info.value
+    ), info.value
+
+
 @pytest.mark.parametrize("scheme", ["torchscript", "export", "state_dict"])
 def test_a_source_replaced_by_a_fifo_after_its_check_is_refused_not_waited_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scheme: str, call_beside_fifo: Callable[..., object]
