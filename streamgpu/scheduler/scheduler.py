@@ -25,7 +25,8 @@ server's launch-and-reply coroutine). Its rules:
 * Where: a model has an instance (a replica) on every device; each batch goes
   to the usable replica (see ``health``) that is estimated to finish it first;
   an idle one, unless a busy one would finish it in under half the time or
-  only the busy one would meet the model's latency target.
+  only the busy one would meet the model's latency target (and is free before
+  every queued deadline).
 * When: a replica has at most ``max_inflight_batches`` batches launched (two:
   one computing while the next one's copy runs). With nothing in flight on the
   chosen replica, whatever is queued goes at once: an idle GPU never waits for
@@ -420,7 +421,12 @@ class Scheduler:
             if waits and len(queue.frames) < replica.model.spec.max_batch_size:
                 oldest = queue.frames.oldest()
                 assert oldest is not None
-                due = min(oldest.complete_ns / 1e9 + queue.spec.max_queue_delay_ms / 1e3, queue.latest_start)
+                due = oldest.complete_ns / 1e9 + queue.spec.max_queue_delay_ms / 1e3
+                if queue.latest_start <= now < due:
+                    # A deadline would end the wait now, unless the frames that set it have left since (answered
+                    # as their batch formed, expired, superseded, withdrawn: only a launch recomputes it)
+                    queue.latest_start = self._latest_start(queue)
+                due = min(due, queue.latest_start)
                 if now < due:
                     self._arm_wake(queue, due - now)
                     return
@@ -433,7 +439,8 @@ class Scheduler:
     def _place(self, queue: ModelQueue, now: float, replicas: list[Replica]) -> Replica | None:
         """The usable one of ``replicas`` with room for a batch: the idle one estimated to finish the queued
         frames first, unless a measured busy one would finish them in under half that time, or would meet the
-        model's latency target for the oldest frame where the idle one would not (then the busy one first)."""
+        model's latency target for the oldest frame where the idle one would not (then the busy one first), and
+        is free before every queued deadline."""
         size = min(len(queue.frames), queue.spec.max_batch_size)
         idle: Replica | None = None
         busy: Replica | None = None
@@ -456,10 +463,15 @@ class Scheduler:
         # batch (with no estimate it finishes "now"), or when only it meets the latency target.
         if not busy.latency.measured:
             return idle
-        if (busy_at - now) * 2 < idle_at - now:
-            return busy
-        target = self._target_finish(queue, busy.model.spec.latency_target_ms)
-        return busy if busy_at <= target < idle_at else idle
+        if (busy_at - now) * 2 >= idle_at - now:
+            target = self._target_finish(queue, busy.model.spec.latency_target_ms)
+            if not busy_at <= target < idle_at:
+                return idle
+        # Not when a queued deadline passes before the busy one is free: behind it that frame is answered
+        # DEADLINE_MISSED as its batch forms (see _take), where the idle one starts it now
+        if queue.deadline_timers and busy.busy_until * 1e9 > min(f.deadline_ns for f in queue.deadline_timers):
+            return idle
+        return busy
 
     @staticmethod
     def _target_finish(queue: ModelQueue, target_ms: float) -> float:
@@ -492,23 +504,25 @@ class Scheduler:
     ) -> tuple[list[Frame], list[Frame]]:
         """The next ``n`` frames (those pinned to ``version`` if given), split into (to run, whose producer is
         gone). Those whose deadline comes before ``start`` (when their batch would start on the device) are
-        answered DEADLINE_MISSED: a deadline is a start-by time, and they would run late."""
+        answered DEADLINE_MISSED: a deadline is a start-by time, and they would run late. The frames queued next
+        take their places."""
         batch: list[Frame] = []
         abandoned: list[Frame] = []
-        if version is None:
-            frames = queue.frames.pop_batch(n)
-        else:
-            frames = [f for f in queue.frames if queue.pinned.get(f) is version][:n]
-            for frame in frames:
-                queue.frames.remove(frame)
-                del queue.pinned[frame]
+        frames = self._pop(queue, n, version)
         if queue.deadline_timers:
-            for frame in frames:
-                queue.cancel_timer(frame)
             start_ns = start * 1e9
-            late = [frame for frame in frames if 0 < frame.deadline_ns < start_ns]
+            late: list[Frame] = []
+            kept: list[Frame] = []
+            while frames:
+                missed = len(late)
+                for frame in frames:
+                    queue.cancel_timer(frame)
+                    (late if 0 < frame.deadline_ns < start_ns else kept).append(frame)
+                if len(late) == missed or len(kept) >= n:
+                    break
+                frames = self._pop(queue, n - len(kept), version)
+            frames = kept
             if late:
-                frames = [frame for frame in frames if not 0 < frame.deadline_ns < start_ns]
                 queue.metrics.deadline_missed += len(late)
                 for frame in late:
                     _fail(frame, Status.DEADLINE_MISSED, "deadline passes before the batches ahead of it end")
@@ -518,6 +532,17 @@ class Scheduler:
             else:
                 batch.append(frame)
         return batch, abandoned
+
+    @staticmethod
+    def _pop(queue: ModelQueue, n: int, version: list[Replica] | None) -> list[Frame]:
+        """Take the next ``n`` frames (those pinned to ``version`` if given) out of the queue."""
+        if version is None:
+            return queue.frames.pop_batch(n)
+        frames = [f for f in queue.frames if queue.pinned.get(f) is version][:n]
+        for frame in frames:
+            queue.frames.remove(frame)
+            del queue.pinned[frame]
+        return frames
 
     @staticmethod
     def _pinned_version(queue: ModelQueue) -> list[Replica] | None:

@@ -555,6 +555,88 @@ async def test_a_frame_whose_batch_would_start_after_its_deadline_is_answered_th
         assert h.rejected == [] and [b[1] for b in h.batches] == [[0], [1], [2]]
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize("gone", ["formed_late", "expired", "superseded"])
+async def test_a_deadline_that_left_the_queue_no_longer_cuts_the_wait_for_a_fuller_batch(gone: str) -> None:
+    """``latest_start`` (when the earliest queued deadline ends the wait for a fuller batch) must follow the frames
+    that set it out of the queue. Review: it was recomputed only at a launch, so after a deadline frame left without
+    one (answered DEADLINE_MISSED as its batch formed, expired while every slot was taken, superseded by a LIVE
+    frame) the next frame was launched alone at once instead of waiting for its batch."""
+    h = Harness(latency=lambda m, n: 0.1)
+    if gone == "formed_late":  # a busy device: frame 2's batch would start after its deadline
+        h.start(spec(max_queue_delay_ms=60), max_inflight=2)
+        h.submit(0)
+        await h.settle()  # the estimate learns a batch takes 100 ms
+        h.t0 = time.perf_counter()
+        h.submit(1)  # on the device until ~100 ms
+        await asyncio.sleep(0)
+        h.submit(2, deadline_s=0.03)
+        expect = [[0], [1], [3, 4]]
+    elif gone == "expired":  # the only slot is taken until frame 2's deadline has passed
+        h.start(spec(batch_policy="fixed", max_batch_size=2, max_queue_delay_ms=60))
+        h.t0 = time.perf_counter()
+        h.submit(0)
+        h.submit(1)  # a full batch: on the device until ~100 ms
+        h.submit(2, deadline_s=0.03)
+        expect = [[0, 1], [3, 4]]
+    else:  # frame 3 (LIVE) supersedes frame 2 of its stream, then waits for a fuller batch
+        h.start(spec(batch_policy="fixed", max_batch_size=2, max_queue_delay_ms=60))
+        h.t0 = time.perf_counter()
+        h.submit(2, stream=5, live=True, deadline_s=0.03)
+        h.submit(3, stream=5, live=True)
+        expect = [[3, 4]]
+    await asyncio.sleep(0.12 if gone == "expired" else 0.04)  # (formed_late: frame 1 is still on the device)
+    assert [(s, st) for s, st, _ in h.rejected] == [
+        (2, Status.SUPERSEDED if gone == "superseded" else Status.DEADLINE_MISSED)
+    ]
+    if gone != "superseded":
+        h.submit(3)
+        await asyncio.sleep(0.01)
+    h.submit(4)
+    await h.settle()
+    assert [b[1] for b in h.batches] == expect, h.batches
+
+
+@pytest.mark.asyncio
+async def test_a_deadline_frame_goes_to_an_idle_device_not_behind_a_faster_busy_one_it_would_miss_it_on() -> None:
+    """A busy device clearly faster than an idle one takes the next batch, but not a frame whose deadline passes
+    before that device is free: the idle one starts it in time. Review: it was placed on the busy device and
+    answered DEADLINE_MISSED as its batch formed, while the other device idled."""
+    h = Harness(latency=lambda m, n: 0.04, slowdown={0: 5.0})  # dev0: 200 ms a batch, dev1: 40 ms
+    sched = h.start(spec(max_batch_size=1), max_inflight=2, devices=2)
+    h.submit(0)
+    h.submit(1)  # one on each: both measured
+    await h.settle()
+    assert sorted(h.devices) == [0, 1]
+    h.submit(2)  # both idle: dev1, busy until ~40 ms
+    h.submit(3, deadline_s=0.02)  # dev1 would finish it at ~80 ms, dev0 at 200: but it starts on dev1 too late
+    await h.settle()
+    assert h.rejected == [] and sorted(h.done) == [0, 1, 2, 3], h.rejected
+    assert h.devices[2:] == [1, 0] and sched.metrics_for("m").deadline_missed == 0, h.devices
+
+
+@pytest.mark.asyncio
+async def test_frames_answered_late_as_their_batch_forms_leave_their_places_to_the_next_queued() -> None:
+    """A batch formed behind the device's batches in flight drops the frames whose deadline comes before it would
+    start; the frames queued next take their places. Review: the batch launched short (frame 3 alone, the last
+    slot in flight taken) while frame 4 waited for a whole batch more."""
+    h = Harness(latency=lambda m, n: 0.05 * n)
+    h.start(spec(max_batch_size=2, max_queue_delay_ms=500), max_inflight=2)
+    h.submit(0)
+    await h.settle()  # the estimate learns 50 ms a frame
+    h.t0 = time.perf_counter()
+    h.submit(1)  # on the device until ~50 ms
+    h.submit(10)
+    h.submit(11)  # a full batch: the second slot, until ~150 ms
+    h.submit(2, deadline_s=0.08)
+    h.submit(3, producer=2)
+    h.submit(4, producer=2)
+    await h.settle()  # at ~50 ms a slot frees: frame 2's batch would start at ~150 ms
+    assert [(s, st) for s, st, _ in h.rejected] == [(2, Status.DEADLINE_MISSED)]
+    assert [b[1] for b in h.batches] == [[0], [1], [10, 11], [3, 4]], h.batches
+    assert h.batches[-1][2] < 0.1  # as frame 1's batch ended, not after frames 10 and 11
+
+
 # -- several devices -------------------------------------------------------------------
 
 
