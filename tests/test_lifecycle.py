@@ -905,11 +905,14 @@ async def test_topk_postprocess_returns_indices_and_scores(files: dict[str, str]
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
-async def test_the_repository_poll_loads_swaps_and_unloads(tmp_path: Path) -> None:
+@pytest.mark.parametrize("weights", ["weights.pt", "1/weights.pt"])
+async def test_the_repository_poll_loads_swaps_and_unloads(tmp_path: Path, weights: str) -> None:
+    """A model folder's new files load a new version, in a subfolder too (a relative source there was never seen
+    to change: the signature held the folder's own files only)."""
     repo = tmp_path / "repo"
-    (repo / "cam").mkdir(parents=True)
-    shutil.copy(versioned(tmp_path, 1).partition(":")[2], repo / "cam" / "weights.pt")
-    settings = 'source = "state_dict:weights.pt"\narch = "small"\ninput_shape = [16, 16, 3]\nmax_batch_size = 2\n'
+    (repo / "cam" / "1").mkdir(parents=True)
+    shutil.copy(versioned(tmp_path, 1).partition(":")[2], repo / "cam" / weights)
+    settings = f'source = "state_dict:{weights}"\narch = "small"\ninput_shape = [16, 16, 3]\nmax_batch_size = 2\n'
     (repo / "cam" / "config.toml").write_text(settings)
     cfg = config(spec("builtin:small", name="fixed", arch=""), model_repository=str(repo), repository_poll_s=0.05)
     async with Server(cfg) as srv:
@@ -917,7 +920,7 @@ async def test_the_repository_poll_loads_swaps_and_unloads(tmp_path: Path) -> No
         assert value(await conn.infer(frames(1)[0], model="cam")) == 1.0  # loaded at start
         (repo / "new").mkdir()
         (repo / "new" / "config.toml").write_text('source = "builtin:small"\ninput_shape = [16, 16, 3]\n')
-        shutil.copy(versioned(tmp_path, 2).partition(":")[2], repo / "cam" / "weights.pt")  # a new version
+        shutil.copy(versioned(tmp_path, 2).partition(":")[2], repo / "cam" / weights)  # a new version
 
         async def until(check: object) -> None:
             deadline = time.monotonic() + 10
