@@ -351,9 +351,8 @@ def _send(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if len(args.shape) != 3 or args.shape[2] != 3 or args.dtype != "uint8":
             parser.error(f"argument --video: decodes to uint8 H,W,3 frames, not {args.dtype} {list(args.shape)}")
     token = _send_token(args)
-    if len(token.encode()) > wire.MAX_TOKEN:
-        parser.error(f"argument --token: the token (--token or ${AUTH_TOKEN_ENV}) must be at most {wire.MAX_TOKEN} "
-                     f"UTF-8 bytes, got {len(token.encode())}")  # fmt: skip
+    if (why := wire.token_problem(token)) is not None:
+        parser.error(f"argument --token: the token (--token or ${AUTH_TOKEN_ENV}) {why}")
     opts = SendOptions(
         host=args.host, port=args.port, transport=args.transport, token=token, model=args.model,
         shape=args.shape, dtype=args.dtype, input=args.input, video=args.video, stream_id=args.stream_id,

@@ -23,7 +23,7 @@ from streamgpu.ingest import LISTENERS
 from streamgpu.loops import LOOPS, loop_cpu_problem
 from streamgpu.memory import ALIGNMENT
 from streamgpu.models.spec import ModelSpec
-from streamgpu.protocol.wire import MAX_TOKEN
+from streamgpu.protocol.wire import token_problem
 
 MiB = 1024 * 1024
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -200,14 +200,13 @@ class Config:
             problems.append(f"max_connections must be >= 1, got {self.max_connections}")
         if not 0 <= self.max_priority <= 255:
             problems.append(f"max_priority must be 0..255, got {self.max_priority}")
-        if (size := len(self.auth_token.encode())) > MAX_TOKEN:
-            problems.append(f"auth_token must be at most {MAX_TOKEN} UTF-8 bytes (a HELLO carries no more), got {size}")
+        if (why := token_problem(self.auth_token)) is not None:
+            problems.append(f"auth_token {why}")
         for name, grant in self.tokens.items():
             if not grant.token:
                 problems.append(f"tokens.{name}: token must not be empty")
-            if (size := len(grant.token.encode())) > MAX_TOKEN:
-                problems.append(f"tokens.{name}: token must be at most {MAX_TOKEN} UTF-8 bytes (a HELLO carries no "
-                                f"more), got {size}")  # fmt: skip
+            if (why := token_problem(grant.token)) is not None:
+                problems.append(f"tokens.{name}: token {why}")
             if not 0 <= grant.max_priority <= 255:
                 problems.append(f"tokens.{name}: max_priority must be 0..255, got {grant.max_priority}")
             if grant.token == self.auth_token:

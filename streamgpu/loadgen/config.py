@@ -11,7 +11,7 @@ from streamgpu.client import MAX_DEADLINE_S, deadline_to_us
 from streamgpu.config import AUTH_TOKEN_ENV
 from streamgpu.loadgen import sources
 from streamgpu.loadgen.errors import UsageError
-from streamgpu.protocol.wire import MAX_TOKEN
+from streamgpu.protocol.wire import token_problem
 
 CONCURRENCY = "concurrency"
 RATE = "rate"
@@ -154,9 +154,8 @@ class RunConfig:
             raise UsageError(f"--request-distribution must be constant or poisson, got {self.distribution!r}")
         if self.images and self.video:
             raise UsageError("give --images or --video, not both")
-        if len(self.token.encode()) > MAX_TOKEN:
-            raise UsageError(f"--token (or ${AUTH_TOKEN_ENV}) must be at most {MAX_TOKEN} UTF-8 bytes, "
-                             f"got {len(self.token.encode())}")  # fmt: skip
+        if (why := token_problem(self.token)) is not None:
+            raise UsageError(f"--token (or ${AUTH_TOKEN_ENV}) {why}")
         if not 1 <= len(self.model.encode()) <= 255:
             raise UsageError("--model must be 1..255 bytes")
         try:

@@ -222,10 +222,17 @@ class Welcome:
     limits: Limits | None = None  # v2 only; None: not announced (v1, refusals, or a server that does not say)
 
 
+def token_problem(token: str) -> str | None:
+    """Why a HELLO cannot carry ``token``, or None."""
+    if (size := len(token.encode())) > MAX_TOKEN:
+        return f"must be at most {MAX_TOKEN} UTF-8 bytes, got {size} (a HELLO carries no more)"
+    return None
+
+
 def encode_hello(hello: Hello) -> bytes:
+    if (why := token_problem(hello.token)) is not None:
+        raise ValueError(f"auth token {why}")
     token = hello.token.encode()
-    if len(token) > MAX_TOKEN:
-        raise ValueError(f"auth token is {len(token)} bytes; at most {MAX_TOKEN}")
     return _HELLO.pack(HELLO_MAGIC, hello.version, len(token)) + token
 
 
