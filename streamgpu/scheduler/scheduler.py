@@ -110,9 +110,13 @@ class Replica:
     def in_flight(self) -> int:
         return len(self.running)
 
+    def start_at(self, now: float) -> float:
+        """When a batch launched now would start on the device: after the batches ahead of it."""
+        return max(now, self.busy_until)
+
     def finish_at(self, now: float, size: int) -> float:
         """When a batch of ``size`` launched now would be done."""
-        return max(now, self.busy_until) + self.latency.estimate(size)
+        return self.start_at(now) + self.latency.estimate(size)
 
 
 class ModelQueue:
@@ -430,8 +434,7 @@ class Scheduler:
                 if now < due:
                     self._arm_wake(queue, due - now)
                     return
-            start = max(now, replica.busy_until)  # when the device would start it: after the batches ahead of it
-            batch, abandoned = self._take(queue, self._batch_size(queue, replica, now), version, start)
+            batch, abandoned = self._take(queue, self._batch_size(queue, replica, now), version, replica.start_at(now))
             if batch:
                 self._launch(queue, replica, batch, now)
             _abandon(queue, abandoned)  # after the launch is counted: finishing frees slots, waking producers
@@ -469,7 +472,7 @@ class Scheduler:
                 return idle
         # Not when a queued deadline passes before the busy one is free: behind it that frame is answered
         # DEADLINE_MISSED as its batch forms (see _take), where the idle one starts it now
-        if queue.deadline_timers and busy.busy_until * 1e9 > min(f.deadline_ns for f in queue.deadline_timers):
+        if busy.busy_until * 1e9 > _earliest_deadline_ns(queue):
             return idle
         return busy
 
@@ -489,7 +492,7 @@ class Scheduler:
         n = min(len(queue.frames), spec.max_batch_size)
         if not spec.latency_target_ms:
             return n
-        start = max(now, replica.busy_until)
+        start = replica.start_at(now)
         limit = self._target_finish(queue, spec.latency_target_ms)
         latency = replica.latency
         sizes = {b for b in spec.buckets() if b <= n} | {n}
@@ -514,13 +517,11 @@ class Scheduler:
             late: list[Frame] = []
             kept: list[Frame] = []
             while frames:
-                missed = len(late)
                 for frame in frames:
                     queue.cancel_timer(frame)
                     (late if 0 < frame.deadline_ns < start_ns else kept).append(frame)
-                if len(late) == missed or len(kept) >= n:
-                    break
-                frames = self._pop(queue, n - len(kept), version)
+                # short of n only for late frames (else the queue ran out): the frames queued next take their places
+                frames = self._pop(queue, n - len(kept), version) if late and len(kept) < n else []
             frames = kept
             if late:
                 queue.metrics.deadline_missed += len(late)
@@ -558,8 +559,7 @@ class Scheduler:
     @staticmethod
     def _latest_start(queue: ModelQueue) -> float:
         """When the next batch must be launched so that no queued deadline is missed (inf: none)."""
-        deadlines = [f.deadline_ns for f in queue.deadline_timers]
-        return _start_by(min(deadlines)) if deadlines else float("inf")
+        return _start_by(_earliest_deadline_ns(queue))
 
     def _arm_wake(self, queue: ModelQueue, delay: float) -> None:
         when = self._loop.time() + delay
@@ -685,7 +685,12 @@ class Scheduler:
                 await asyncio.sleep(0.001)
 
 
-def _start_by(deadline_ns: int) -> float:
+def _earliest_deadline_ns(queue: ModelQueue) -> float:
+    """The earliest deadline of a queued frame (perf_counter ns), infinity for none."""
+    return min((frame.deadline_ns for frame in queue.deadline_timers), default=float("inf"))
+
+
+def _start_by(deadline_ns: float) -> float:
     """The perf_counter time by which a batch holding a frame of this deadline must be launched. A deadline bounds
     when the frame starts computing, not when its result is ready (docs/PROTOCOL.md, "Deadline"): the wait for a
     fuller batch may last until just before it."""
