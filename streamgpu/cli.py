@@ -162,16 +162,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _utf8(text: str) -> bool:
-    """Whether ``text`` encodes to UTF-8 (a command line's or environment's bytes that are not UTF-8 come as
-    surrogates, which do not)."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def admin(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """``streamgpu admin``: one request to a running server's model administration routes."""
     import json
@@ -190,9 +180,9 @@ def admin(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"admin {args.action} takes no settings")
     if (why := admin_client.url_problem(args.url)) is not None:
         parser.error(f"admin {args.action}: {why}")
-    if args.name and not _utf8(args.name):  # (bytes of the command line that are not UTF-8: no model's name)
+    if args.name and not admin_client.is_text(args.name):  # (no model has such a name)
         parser.error(f"admin {args.action}: NAME {args.name!r} is not valid UTF-8 text")
-    if not _utf8(token):
+    if not admin_client.is_text(token):
         parser.error(f"admin {args.action}: the token (--token or ${AUTH_TOKEN_ENV}) is not valid UTF-8 text")
     try:
         settings = admin_client.parse_settings(args.settings)

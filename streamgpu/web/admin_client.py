@@ -27,10 +27,9 @@ def request(url: str, path: str, body: dict[str, Any] | None = None, token: str 
     if token:
         # As UTF-8, as the server reads it (http.client would send a str as Latin-1, which matches no token
         # beyond ASCII, and fails on any other character)
-        try:
-            headers["Authorization"] = b"Bearer " + token.encode()
-        except UnicodeEncodeError:
-            raise AdminError("the token is not valid UTF-8 text") from None  # (not shown: a secret)
+        if not is_text(token):
+            raise AdminError("the token is not valid UTF-8 text")  # (not shown: a secret)
+        headers["Authorization"] = b"Bearer " + token.encode()
     req = urllib.request.Request(url.rstrip("/") + path, data=data, headers=headers, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as reply:
@@ -85,12 +84,20 @@ def unload(url: str, name: str, token: str = "") -> None:
 
 
 def _quoted(name: str) -> str:
-    """``name`` as one segment of a URL path; ``AdminError`` for one that is not text (bytes of a command line
-    that are not UTF-8, which Python holds as surrogates): no model has such a name."""
+    """``name`` as one segment of a URL path; ``AdminError`` for one that is not text: no model has such a name."""
+    if not is_text(name):
+        raise AdminError(f"model name {name!r} is not valid UTF-8 text")
+    return urllib.parse.quote(name, safe="")
+
+
+def is_text(value: str) -> bool:
+    """Whether ``value`` encodes to UTF-8: bytes of a command line or the environment that are not UTF-8 come as
+    surrogates, which do not."""
     try:
-        return urllib.parse.quote(name, safe="")
+        value.encode()
     except UnicodeEncodeError:
-        raise AdminError(f"model name {name!r} is not valid UTF-8 text") from None
+        return False
+    return True
 
 
 def parse_settings(pairs: list[str]) -> dict[str, Any]:
