@@ -352,8 +352,11 @@ def suite_curves(out: Path, args: argparse.Namespace) -> dict[str, Any]:
                 result = load(port, [LoadLevel(CONCURRENCY, c)], processes=min(4, c), window_s=args.window)[0]
                 rows.append(row(label, result))
                 # as it is measured: a run cut short (a device call's time limit) keeps what it had
-                print(f"{label} @ {c}: {rows[-1]['frames_per_s']:.0f}/s, p50 {rows[-1]['p50_ms']} ms, "
-                      f"p99 {rows[-1]['p99_ms']} ms, batch {rows[-1]['batch']}", flush=True)
+                print(
+                    f"{label} @ {c}: {rows[-1]['frames_per_s']:.0f}/s, p50 {rows[-1]['p50_ms']} ms, "
+                    f"p99 {rows[-1]['p99_ms']} ms, batch {rows[-1]['batch']}",
+                    flush=True,
+                )
     print_rows(f"ResNet-50 fp16 latency vs throughput (closed loop, frames in flight; streamgpu with ingest_workers"
                f" = {args.ingest_workers})", rows)  # fmt: skip
     return {"rows": rows}

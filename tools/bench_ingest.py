@@ -249,7 +249,8 @@ class _Done:
 
 
 class _NullBackend(Backend):
-    """The CUDA backend's loop-side shape (two bridge waits, a result future, rows copied out) with no device."""
+    """The CUDA backend's loop-side shape (a bridge wait and a notification, a result future, rows copied out) with
+    no device."""
 
     name = "null"
 
@@ -267,16 +268,15 @@ class _NullBackend(Backend):
     def launch(self, model: DeviceModel, slots: list[Any], expected_s: float = 0.0) -> BatchRun:
         assert isinstance(model, _NullModel)
         n = len(slots)
-        finished = self.bridge.wait(_Done, expected_s)
         copied = self.bridge.wait(_Done)
         result: asyncio.Future[Any] = self._loop.create_future()
         run = BatchRun(n, copied, result)
 
-        def deliver(f: asyncio.Future[None]) -> None:
+        def deliver(error: BaseException | None) -> None:
             run.service_s = 1e-5
             result.set_result(model.rows[:n].copy())
 
-        finished.add_done_callback(deliver)
+        self.bridge.notify(_Done, deliver, expected_s)
         return run
 
     def close(self) -> None:
@@ -468,22 +468,34 @@ def main_thread_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-class LoopBusy:
-    """The share of a core a server's main thread (its event loop) takes over the last ``span_s`` of a run:
-    /proc sampled every 0.1 s in a thread, so the generators' start-up and warm-up, when the server idles,
-    do not dilute it."""
+def machine_cpu() -> float:
+    """The whole machine's busy CPU seconds since boot, all CPUs summed, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:8]]  # user .. softirq; steal and guest after
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # less idle and iowait
+
+
+class CpuShares:
+    """Cores busy over the last ``span_s`` of a run: the server's main thread (its event loop), its ingest
+    workers and the whole machine (the load generators count their own); /proc sampled
+    every 0.1 s in a thread, so the generators' start-up and warm-up, when the server idles, do not
+    dilute them. Where the machine is near all its cores busy, the loop shares its core with the rest."""
 
     def __init__(self, pid: int, span_s: float) -> None:
         self._pid, self._span = pid, span_s
-        self._samples: list[tuple[float, float]] = []
+        self._samples: list[tuple[float, dict[str, float]]] = []
+        self.cores = len(os.sched_getaffinity(0))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def _sample(self) -> dict[str, float]:
+        return {"loop": main_thread_cpu(self._pid), "workers": children_cpu(self._pid), "machine": machine_cpu()}
+
     def _run(self) -> None:
         while not self._stop.wait(0.1):
-            self._samples.append((time.perf_counter(), main_thread_cpu(self._pid)))
+            self._samples.append((time.perf_counter(), self._sample()))
 
-    def __enter__(self) -> LoopBusy:
+    def __enter__(self) -> CpuShares:
         self._thread.start()
         return self
 
@@ -491,11 +503,21 @@ class LoopBusy:
         self._stop.set()
         self._thread.join()
 
-    @property
-    def busy(self) -> float:
-        end_t, end_cpu = self._samples[-1]
-        start_t, start_cpu = next(s for s in self._samples if s[0] >= end_t - self._span)
-        return (end_cpu - start_cpu) / max(end_t - start_t, 1e-9)
+    def busy(self, part: str) -> float:
+        """Cores ``part`` kept busy, on average, over the span (1.0: one core all the time)."""
+        end_t, end = self._samples[-1]
+        start_t, start = next(s for s in self._samples if s[0] >= end_t - self._span)
+        return (end[part] - start[part]) / max(end_t - start_t, 1e-9)
+
+
+def _cpu_of(pid: int) -> float:
+    """CPU seconds (user + system) of process ``pid``, all its threads; 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def children_cpu(pid: int) -> float:
@@ -505,11 +527,11 @@ def children_cpu(pid: int) -> float:
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
             except OSError:
                 continue
-            if int(fields[1]) == pid:
-                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            if ppid == pid:
+                total += _cpu_of(int(entry))
     return total
 
 
@@ -554,14 +576,18 @@ def part_saturate(out: Path, args: argparse.Namespace) -> dict[str, Any]:
                 if cpu >= 0:  # the generator processes (started by run) keep off the loop's CPU too
                     os.sched_setaffinity(0, cpus - {cpu})
                 try:
-                    with LoopBusy(pid, span_s=2 * args.window) as loop:  # the last two windows: the measured ones
+                    with CpuShares(pid, span_s=2 * args.window) as shares:  # the last two windows: the measured
                         result = run(cfg).results[0]
                 finally:
                     os.sched_setaffinity(0, cpus)
                 r = row(f"{label} workers={workers} inflight_batches={depth} loop_cpu={cpu} producers={producers}",
                         result)  # fmt: skip
-                r["loop_busy"] = round(loop.busy, 3)
-                r["loop_us_per_frame"] = round(loop.busy / max(result.throughput, 1.0) * 1e6, 2)
+                rate = max(result.throughput, 1.0)
+                r["loop_busy"] = round(shares.busy("loop"), 3)
+                r["loop_us_per_frame"] = round(shares.busy("loop") / rate * 1e6, 2)
+                r["workers_us_per_frame"] = round(shares.busy("workers") / rate * 1e6, 1)
+                r["generators_us_per_frame"] = round(result.cpu_cores / rate * 1e6, 1)
+                r["machine_busy"] = f"{shares.busy('machine'):.1f} of {shares.cores}"
                 rows.append(r)
     print_rows(f"builtin:small saturated, {args.in_flight} in flight in total, ingest_workers "
                f"{' vs '.join(map(str, worker_counts))}, max_inflight_batches {' vs '.join(map(str, depths))}",

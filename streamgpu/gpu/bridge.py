@@ -14,6 +14,12 @@ quiet while long GPU work is in flight:
   the waiters given the same ``queue`` only those up to the first not complete are queried in a
   poll (with a few batches in flight, most queries were of events behind one not yet complete).
 
+``wait`` resolves a future: whoever awaits it runs at the loop's next iteration. ``notify`` calls
+a function from the poll itself, in the iteration that found the event complete: a chain of
+futures from "the device is done" to "the batch's frames are answered" costs one loop iteration a
+link, and under load an iteration is a whole round of reads (docs/BENCHMARKS.md, "A batch's
+completion in one loop iteration").
+
 Host-function callbacks and blocking waiter threads were measured too; they lose on latency
 and throughput (tools/bench_gpu.py keeps them for comparison).
 
@@ -24,7 +30,7 @@ GPU (tests pass fake events).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Protocol
 
 __all__ = ["CompletionBridge", "Queryable"]
@@ -39,12 +45,17 @@ class Queryable(Protocol):
     def query(self) -> bool: ...
 
 
-class _Waiter:
-    __slots__ = ("due", "event", "future", "queue")
+Done = Callable[[BaseException | None], None]  # what ``notify`` calls: None, or the error the query raised
 
-    def __init__(self, event: Queryable, future: asyncio.Future[None], due: float, queue: Hashable | None) -> None:
+
+class _Waiter:
+    __slots__ = ("due", "event", "future", "queue", "then")
+
+    def __init__(self, event: Queryable, future: asyncio.Future[None] | None, then: Done | None, due: float,
+                 queue: Hashable | None) -> None:  # fmt: skip
         self.event = event
-        self.future = future
+        self.future = future  # wait()'s (then is None), or None: notify()'s
+        self.then = then
         self.due = due  # loop time from which the event is polled
         self.queue = queue
 
@@ -81,8 +92,8 @@ class CompletionBridge:
 
     @property
     def pending(self) -> int:
-        """Number of futures not yet resolved or cancelled."""
-        return sum(1 for w in self._waiters if not w.future.done())
+        """Number of waits (futures not yet resolved or cancelled) and notifications not yet made."""
+        return sum(1 for w in self._waiters if w.future is None or not w.future.done())
 
     def wait(self, event: Queryable, expected_s: float = 0.0, *, queue: Hashable | None = None) -> asyncio.Future[None]:
         """Return a future resolved on the loop once ``event`` has completed.
@@ -94,18 +105,30 @@ class CompletionBridge:
         Cancelling the future (or resolving it: its owner may know sooner) stops the polling of its
         event. Never blocks.
         """
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._add(event, fut, None, expected_s, queue)
+        return fut
+
+    def notify(self, event: Queryable, then: Done, expected_s: float = 0.0, *, queue: Hashable | None = None) -> None:
+        """Call ``then(None)`` from the poll that finds ``event`` complete, in that loop iteration (``wait``'s
+        future would wake its awaiter an iteration later); ``then(error)`` if the query raised, and
+        ``then(CancelledError())`` if the bridge is closed first. ``expected_s`` and ``queue`` as for
+        ``wait``. ``then`` must not raise (what it raises goes to the loop's exception handler) and may
+        call ``wait`` and ``notify``. Never blocks."""
+        self._add(event, None, then, expected_s, queue)
+
+    def _add(self, event: Queryable, future: asyncio.Future[None] | None, then: Done | None, expected_s: float,
+             queue: Hashable | None) -> None:  # fmt: skip
         if self._closed:
             raise RuntimeError("CompletionBridge is closed")
         if expected_s < 0:
             raise ValueError(f"expected_s must be >= 0, got {expected_s}")
-        # No query here: work recorded just before wait() has practically never finished, and
-        # the first poll comes within one loop iteration anyway.
-        fut: asyncio.Future[None] = self._loop.create_future()
+        # No query here: work recorded just before has practically never finished, and the first
+        # poll comes within one loop iteration anyway.
         now = self._loop.time()
         due = now + expected_s - self._margin if expected_s > self._margin else now
-        self._waiters.append(_Waiter(event, fut, due, queue))
+        self._waiters.append(_Waiter(event, future, then, due, queue))
         self._schedule(due, now)
-        return fut
 
     def close(self) -> None:
         """Cancel every pending future and stop polling. The bridge cannot be used again."""
@@ -115,7 +138,10 @@ class CompletionBridge:
             self._handle = None
         waiters, self._waiters = self._waiters, []
         for w in waiters:
-            w.future.cancel()
+            if w.future is not None:
+                w.future.cancel()
+            else:
+                self._call(w, asyncio.CancelledError())
 
     def _schedule(self, when: float, now: float) -> None:
         if self._handle is not None and self._handle_at <= when:
@@ -139,9 +165,10 @@ class CompletionBridge:
         spin = False
         next_at = float("inf")
         behind: set[Hashable] = set()  # queues with an event found not complete in this poll
+        fired: list[tuple[_Waiter, BaseException | None]] = []  # notify()'s, called once the waiters are settled
         for w in self._waiters:
             fut = w.future
-            if fut.done():  # cancelled or resolved by its owner: drop it
+            if fut is not None and fut.done():  # cancelled or resolved by its owner: drop it
                 continue
             if w.due > horizon:  # hinted, not due yet
                 keep.append(w)
@@ -154,10 +181,16 @@ class CompletionBridge:
                 try:
                     done = w.event.query()
                 except Exception as exc:  # a CUDA error belongs to this waiter, not to the loop
-                    fut.set_exception(exc)
+                    if fut is None:
+                        fired.append((w, exc))
+                    else:
+                        fut.set_exception(exc)
                     continue
                 if done:
-                    fut.set_result(None)
+                    if fut is None:
+                        fired.append((w, None))
+                    else:
+                        fut.set_result(None)
                     continue
                 if w.queue is not None:
                     behind.add(w.queue)
@@ -172,3 +205,12 @@ class CompletionBridge:
             self._handle_at = float("-inf")
         elif keep:
             self._schedule(next_at, now)
+        for w, error in fired:  # last: a call may add waiters (a batch launched as another ends)
+            self._call(w, error)
+
+    def _call(self, w: _Waiter, error: BaseException | None) -> None:
+        assert w.then is not None
+        try:
+            w.then(error)
+        except Exception as exc:  # one caller's bug must not cost the other waiters their polls
+            self._loop.call_exception_handler({"message": f"CompletionBridge: {w.then!r} raised", "exception": exc})

@@ -37,7 +37,7 @@ from streamgpu.config import Config
 from streamgpu.errors import DeviceUnavailableError
 from streamgpu.gpu import driver, kernels
 from streamgpu.gpu.backend import Backend, BatchRun, BatchTrace, DeviceModel, StagedWeights
-from streamgpu.gpu.bridge import CompletionBridge
+from streamgpu.gpu.bridge import CompletionBridge, Done
 from streamgpu.gpu.setup import cupy_package
 from streamgpu.gpu.shares import GreenContext, Share, SmShares
 from streamgpu.loops import helper_threads
@@ -791,11 +791,14 @@ class CudaBackend(Backend):
             raise
         # Waited on in the order recorded (the copy before the compute), as the bridge's queues take them.
         copied = self._bridge.wait(buffers.copied, queue=self._copy_stream(model).cuda_stream)
+        run, deliver = self._run(model, buffers, n, copied)
         if model.graphs:
-            finished: asyncio.Future[None] = self._bridge.wait(buffers.done, expected_s, queue=model.stream.cuda_stream)
+            self._bridge.notify(buffers.done, deliver, expected_s, queue=model.stream.cuda_stream)
         else:
-            finished = asyncio.ensure_future(self._compute_off_loop(model, buffers, n))
-        return self._run(model, buffers, n, copied, finished)
+            asyncio.ensure_future(self._compute_off_loop(model, buffers, n)).add_done_callback(
+                lambda f: deliver(asyncio.CancelledError() if f.cancelled() else f.exception())
+            )
+        return run
 
     @staticmethod
     def _failed_launch(model: CudaModel, buffers: BatchBuffers, queued: bool) -> None:
@@ -871,28 +874,36 @@ class CudaBackend(Backend):
             self._failed_launch(model, buffers, queued)
             raise
         # Waited on in the order recorded (the copy before the compute), as the bridge's queues take them.
+        # Not gathered: the graph reads the slots, so they are free once the batch is done (deliver says so).
         copied = self._bridge.wait(buffers.copied, queue=self._copy_stream(model).cuda_stream) if gathered else None
-        finished = self._bridge.wait(buffers.done, expected_s, queue=stream)
-        return self._run(model, buffers, n, finished if copied is None else copied, finished)
+        run, deliver = self._run(model, buffers, n, copied)
+        self._bridge.notify(buffers.done, deliver, expected_s, queue=stream)
+        return run
 
     def _run(
-        self, model: CudaModel, buffers: BatchBuffers, n: int, copied: asyncio.Future[None],
-        finished: asyncio.Future[None],
-    ) -> BatchRun:  # fmt: skip
-        """The launched batch's ``BatchRun``: its results from ``buffers`` once ``finished``."""
+        self, model: CudaModel, buffers: BatchBuffers, n: int, copied: asyncio.Future[None] | None
+    ) -> tuple[BatchRun, Done]:
+        """The launched batch's ``BatchRun`` (``copied``, or a future ``deliver`` resolves), and ``deliver``:
+        what takes its results from ``buffers`` once the batch is done (or failed), called from the bridge's
+        poll, so that the batch's frames are answered in the loop iteration that found it done."""
         result: asyncio.Future[BatchOutputs] = self._loop.create_future()
+        copied = self._loop.create_future() if copied is None else copied
         run = BatchRun(n, copied, result)
         model.in_flight += 1
         traced = self.trace is not None  # a batch launched before tracing began has no epoch to be timed from
         weights_version = model.weights_version if traced else 0
 
-        def deliver(f: asyncio.Future[None]) -> None:
+        def deliver(error: BaseException | None) -> None:
             model.in_flight -= 1
-            failed = f.cancelled() or f.exception() is not None  # then not known to be done on the device
-            if f.cancelled():
+            failed = error is not None  # then not known to be done on the device
+            if isinstance(error, asyncio.CancelledError):
                 result.cancel()
-            elif failed and not result.done():
-                result.set_exception(f.exception())  # type: ignore[arg-type]
+                copied.cancel()
+            elif error is not None and not result.done():
+                result.set_exception(error)
+                if not copied.done():  # (not gathered: the same failure; the runner awaits it first)
+                    copied.set_exception(error)
+                    copied.exception()  # (a copy of ``result``'s error: not logged as never retrieved)
             elif not result.done():
                 try:  # a raise here would reach the loop's handler and leave the batch unanswered
                     run.service_s = buffers.started.elapsed_ms(buffers.done) / 1e3  # both complete: no wait
@@ -901,8 +912,8 @@ class CudaBackend(Backend):
                     rows = model.layout.assemble([host[:n].numpy().copy() for host in buffers.host])
                     if traced and self.trace is not None:
                         self._trace(model, n, buffers, weights_version)
-                except Exception as error:
-                    result.set_exception(error)
+                except Exception as exc:
+                    result.set_exception(exc)
                 else:
                     result.set_result(rows)
             if not failed and not copied.done():
@@ -915,8 +926,7 @@ class CudaBackend(Backend):
                 # A failed batch's set is held, never reused: the device may still write it.
                 (pool.hold if failed else pool.give_back)(buffers)
 
-        finished.add_done_callback(deliver)
-        return run
+        return run, deliver
 
     def _enqueue_compute(self, model: CudaModel, buffers: BatchBuffers, n: int) -> None:
         """On the model's stream, after the copy: pre-process, run, results back to the host buffer."""

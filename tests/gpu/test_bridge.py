@@ -212,3 +212,57 @@ async def test_events_of_one_queue_behind_one_not_complete_are_not_queried() -> 
         ev.complete()
     await asyncio.wait_for(asyncio.gather(*pending), 1.0)
     bridge.close()
+
+
+@pytest.mark.asyncio
+async def test_notify_calls_in_the_poll_that_finds_the_event_complete() -> None:
+    """``wait``'s future wakes its awaiter an iteration after the poll; ``notify`` calls in that poll, and what
+    it calls may add waits that later polls serve."""
+    loop = asyncio.get_running_loop()
+    bridge = CompletionBridge(loop)
+    ev, later = FakeEvent(), FakeEvent()
+    calls: list[str] = []
+    woken = bridge.wait(ev)
+    woken.add_done_callback(lambda f: calls.append("future's callback"))
+    followed: list[asyncio.Future[None]] = []
+
+    def then(error: BaseException | None) -> None:
+        calls.append(f"notified ({error})")
+        followed.append(bridge.wait(later))
+
+    bridge.notify(ev, then)
+    ev.complete()
+    await _spin(1)  # one iteration: the poll
+    assert calls == ["notified (None)"]
+    await _spin(1)
+    assert calls == ["notified (None)", "future's callback"]
+    later.complete()
+    await asyncio.wait_for(followed[0], 1.0)  # the wait added from the notification is polled
+    assert bridge.pending == 0
+    bridge.close()
+
+
+@pytest.mark.asyncio
+async def test_notify_passes_a_query_error_and_a_close_and_one_raising_call_spares_the_rest() -> None:
+    loop = asyncio.get_running_loop()
+    handled: list[str] = []
+    loop.set_exception_handler(lambda _loop, context: handled.append(context["message"]))
+    bridge = CompletionBridge(loop)
+    got: dict[str, BaseException | None] = {}
+    ev = FakeEvent()
+
+    def raising(error: BaseException | None) -> None:
+        raise ValueError("a bug in the caller")
+
+    bridge.notify(FailingEvent(), lambda error: got.update(failing=error))
+    bridge.notify(ev, raising)
+    bridge.notify(ev, lambda error: got.update(ok=error))
+    ev.complete()
+    await _spin(2)
+    assert isinstance(got["failing"], RuntimeError) and "illegal memory access" in str(got["failing"])
+    assert got["ok"] is None  # called although the one before it raised
+    assert len(handled) == 1 and "raised" in handled[0]
+    bridge.notify(FakeEvent(), lambda error: got.update(closed=error))
+    bridge.close()
+    assert isinstance(got["closed"], asyncio.CancelledError)
+    loop.set_exception_handler(None)

@@ -244,3 +244,21 @@ async def test_a_launch_that_fails_once_something_is_queued_holds_its_set(monkey
     with pytest.raises(ValueError, match="multiple of 256"):
         backend._launch_replay(model, _slots(100), 0.0)
     assert len(model.buffers.held) == 1 and len(model.buffers.free) == 2
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("busy", [False, True], ids=["reads the ring", "gathered"])
+async def test_a_batch_found_done_has_its_results_in_that_loop_iteration(
+    monkeypatch: pytest.MonkeyPatch, busy: bool
+) -> None:
+    """Under load a loop iteration is a whole round of reads: the results of a batch the bridge's poll finds done
+    are set in that poll, not in a callback of the iteration after (which held a device's batch slot one
+    iteration more: docs/BENCHMARKS.md, "A batch's completion in one loop iteration")."""
+    backend = _backend(monkeypatch)
+    model = _model()
+    if busy:
+        model.in_flight = 1  # another batch of it on the device: this one is gathered first
+    run = backend._launch_replay(model, _slots(0, 256), 0.0)
+    await asyncio.sleep(0)  # one iteration: the poll (its events complete at once)
+    assert run.copied.done() and run.done.done()
+    assert run.done.result().shape == (2, 2) and model.in_flight == int(busy)

@@ -13,7 +13,8 @@ from bench_e2e import parse_variant
 
 def test_a_variant_gives_its_name_and_settings_with_values_read_as_json_where_they_parse() -> None:
     assert parse_variant("burst8:batch_policy=fixed,max_batch_size=8,max_queue_delay_ms=0.5,compile=off") == (
-        "burst8", {"batch_policy": "fixed", "max_batch_size": 8, "max_queue_delay_ms": 0.5, "compile": "off"}
+        "burst8",
+        {"batch_policy": "fixed", "max_batch_size": 8, "max_queue_delay_ms": 0.5, "compile": "off"},
     )
     assert parse_variant("plain") == ("plain", {})
 
