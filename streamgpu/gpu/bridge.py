@@ -18,7 +18,7 @@ quiet while long GPU work is in flight:
 a function from the poll itself, in the iteration that found the event complete: a chain of
 futures from "the device is done" to "the batch's frames are answered" costs one loop iteration a
 link, and under load an iteration is a whole round of reads (docs/BENCHMARKS.md, "A batch's
-completion in one loop iteration").
+results taken in the poll that finds it done").
 
 Host-function callbacks and blocking waiter threads were measured too; they lose on latency
 and throughput (tools/bench_gpu.py keeps them for comparison).

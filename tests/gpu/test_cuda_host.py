@@ -253,7 +253,7 @@ async def test_a_batch_found_done_has_its_results_in_that_loop_iteration(
 ) -> None:
     """Under load a loop iteration is a whole round of reads: the results of a batch the bridge's poll finds done
     are set in that poll, not in a callback of the iteration after (which held a device's batch slot one
-    iteration more: docs/BENCHMARKS.md, "A batch's completion in one loop iteration")."""
+    iteration more: docs/BENCHMARKS.md, "A batch's results taken in the poll that finds it done")."""
     backend = _backend(monkeypatch)
     model = _model()
     if busy:
