@@ -9,6 +9,7 @@ Option names follow perf_analyzer where one exists (``-u``, ``-i``, ``-m``,
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -27,6 +28,7 @@ from streamgpu.loadgen.runner import run
 from streamgpu.loadgen.transports import get_transport
 
 DEFAULT_PORT = 7878
+MAX_LEVELS = 10_000  # levels of a range: each is a measured run of its own
 
 
 def parse_endpoint(text: str) -> Endpoint:
@@ -62,16 +64,16 @@ def parse_range(text: str, *, integer: bool) -> list[float]:
     step = nums[2] if len(nums) > 2 else 1
     if not (start > 0 and end > 0 and step > 0):  # also rejects NaN
         raise argparse.ArgumentTypeError(f"bad range {cmdline.shown(text)}: start, end and step must be > 0")
+    if not all(math.isfinite(n) for n in (start, end, step)):
+        raise argparse.ArgumentTypeError(f"bad range {cmdline.shown(text)}: start, end and step must be finite")
     if end < start:
         raise argparse.ArgumentTypeError(f"bad range {cmdline.shown(text)}: end {end:g} is below start {start:g}")
-    levels = []
-    i = 0
-    while (value := start + i * step) <= end * (1 + 1e-9):
-        levels.append(float(value))
-        i += 1
-        if i > 10_000:
-            raise argparse.ArgumentTypeError(f"bad range {cmdline.shown(text)}: more than 10000 levels")
-    return levels
+    # Counted, not stepped to the end: a step below the resolution of a large start never reached it
+    # ("1e300" was "more than 10000 levels"); the slack keeps an end that float steps land a hair past
+    count = math.floor((end - start) / step + 1e-9) + 1
+    if count > MAX_LEVELS:
+        raise argparse.ArgumentTypeError(f"bad range {cmdline.shown(text)}: {count:g} levels, more than {MAX_LEVELS}")
+    return [float(start + i * step) for i in range(count)]
 
 
 def _range(*, integer: bool) -> Callable[[str], list[float]]:

@@ -24,6 +24,10 @@ def test_parse_range() -> None:
     assert parse_range("1:8:3", integer=True) == [1, 4, 7]
     assert parse_range("100:200:50", integer=False) == [100, 150, 200]
     assert parse_range("0.5:1.5:0.5", integer=False) == [0.5, 1.0, 1.5]
+    assert parse_range("0.1:0.3:0.1", integer=False) == pytest.approx([0.1, 0.2, 0.3])  # float steps land past 0.3
+    # One level, however large: stepping by 1 from 1e300 never left 1e300 ("more than 10000 levels")
+    assert parse_range("1e300", integer=False) == [1e300]
+    assert parse_range("1:10000", integer=True)[-1] == 10000
 
 
 def test_parse_endpoint() -> None:
@@ -50,6 +54,9 @@ def _closed_port() -> int:
         (["--concurrency-range", "1.5"], "whole numbers"),
         (["--request-rate-range", "0"], "must be > 0"),
         (["--request-rate-range", "10:20:0"], "must be > 0"),
+        (["--request-rate-range", "inf"], "bad range 'inf': start, end and step must be finite"),
+        (["--request-rate-range", "1:1e9"], "bad range '1:1e9': 1e+09 levels, more than 10000"),
+        (["--concurrency-range", "1:10001"], "10001 levels, more than 10000"),
         (["--concurrency-range", "2", "--request-rate-range", "10"], "not allowed with argument"),
         (["--shape", "3xax3"], "bad shape '3xax3'"),
         (["--shape", "0x3"], "every dimension must be positive"),
