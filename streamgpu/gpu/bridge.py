@@ -212,5 +212,7 @@ class CompletionBridge:
         assert w.then is not None
         try:
             w.then(error)
-        except Exception as exc:  # one caller's bug must not cost the other waiters their polls
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:  # one caller's bug (a CancelledError too) must not cost the others their calls
             self._loop.call_exception_handler({"message": f"CompletionBridge: {w.then!r} raised", "exception": exc})

@@ -266,3 +266,30 @@ async def test_notify_passes_a_query_error_and_a_close_and_one_raising_call_spar
     bridge.close()
     assert isinstance(got["closed"], asyncio.CancelledError)
     loop.set_exception_handler(None)
+
+
+@pytest.mark.asyncio
+async def test_a_notification_that_raises_cancelled_error_costs_the_others_of_its_poll_nothing() -> None:
+    """``CancelledError`` is no ``Exception``: raised by one call, it left the poll with the calls after it never
+    made (their batches never answered, their buffer sets never back), in a poll and in ``close``."""
+    loop = asyncio.get_running_loop()
+    handled: list[str] = []
+    loop.set_exception_handler(lambda _loop, context: handled.append(context["message"]))
+    bridge = CompletionBridge(loop)
+    got: list[tuple[str, BaseException | None]] = []
+
+    def cancelled(error: BaseException | None) -> None:
+        raise asyncio.CancelledError  # e.g. ``future.result()`` of a cancelled future
+
+    ev = FakeEvent()
+    ev.complete()
+    bridge.notify(ev, cancelled)
+    bridge.notify(ev, lambda error: got.append(("polled", error)))
+    await _spin(2)
+    assert got == [("polled", None)], "a call after one that raised CancelledError was never made"
+    bridge.notify(FakeEvent(), cancelled)
+    bridge.notify(FakeEvent(), lambda error: got.append(("closed", error)))
+    bridge.close()
+    assert [what for what, _ in got] == ["polled", "closed"]
+    assert len(handled) == 2 and all("raised" in message for message in handled)
+    loop.set_exception_handler(None)
