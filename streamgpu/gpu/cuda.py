@@ -887,6 +887,7 @@ class CudaBackend(Backend):
         what takes its results from ``buffers`` once the batch is done (or failed), called from the bridge's
         poll, so that the batch's frames are answered in the loop iteration that found it done."""
         result: asyncio.Future[BatchOutputs] = self._loop.create_future()
+        reads_ring = copied is None  # its copy is its run: its own ``copied``, which ``deliver`` resolves
         copied = self._loop.create_future() if copied is None else copied
         run = BatchRun(n, copied, result)
         model.in_flight += 1
@@ -901,7 +902,7 @@ class CudaBackend(Backend):
                 copied.cancel()
             elif error is not None and not result.done():
                 result.set_exception(error)
-                if not copied.done():  # (not gathered: the same failure; the runner awaits it first)
+                if reads_ring:  # the same failure (the runner awaits it first); else the bridge asks the copy's event
                     copied.set_exception(error)
                     copied.exception()  # (a copy of ``result``'s error: not logged as never retrieved)
             elif not result.done():

@@ -9,6 +9,7 @@ model's count of batches in flight returns to zero on every path.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import types
 from typing import Any
 
@@ -262,3 +263,34 @@ async def test_a_batch_found_done_has_its_results_in_that_loop_iteration(
     await asyncio.sleep(0)  # one iteration: the poll (its events complete at once)
     assert run.copied.done() and run.done.done()
     assert run.done.result().shape == (2, 2) and model.in_flight == int(busy)
+
+
+@pytest.mark.asyncio
+async def test_an_eager_batch_whose_compute_fails_leaves_its_copy_to_its_own_event(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A model run eagerly (no captured graph) whose forward raised on the launcher thread while its copy was still
+    on the device: ``copied`` took the forward's error, so the runner said the copy failed (and freed the slots
+    under it). It resolves when the copy does, as it did before delivery moved into the poll."""
+    backend = _backend(monkeypatch)
+    backend._launcher = concurrent.futures.ThreadPoolExecutor(1)
+
+    def forward_fails(model: Any, buffers: BatchBuffers, n: int) -> None:
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (planted)")
+
+    monkeypatch.setattr(backend, "_enqueue_compute", forward_fails)
+    model: Any = object.__new__(cuda.CudaModel)  # (``launch`` checks the type)
+    vars(model).update(vars(_model()), addresses=None, graphs={})
+    for buffers in model.buffers.sets:
+        buffers.copied, buffers.started, buffers.done = Gate(), Gate(), Gate()
+    try:
+        run = backend.launch(model, _slots(0), 0.0)
+        with pytest.raises(RuntimeError, match="planted"):
+            await asyncio.wait_for(run.done, 1.0)
+        assert not run.copied.done(), "the forward's error was given to the copy, which had not ended"
+        assert model.in_flight == 0 and len(model.buffers.held) == 1
+        model.buffers.held[0].copied.complete = True
+        assert await asyncio.wait_for(run.copied, 1.0) is None
+    finally:
+        backend._bridge.close()
+        backend._launcher.shutdown()
