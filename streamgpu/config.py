@@ -73,10 +73,14 @@ class ListenerSpec:
 
 @dataclass(frozen=True)
 class TokenSpec:
-    """A named auth token: its connections form one producer and may use priorities up to ``max_priority``."""
+    """A named auth token: its connections form one producer and may use priorities up to ``max_priority``;
+    at most ``max_connections`` of them (TCP connections, WebSockets, HTTP requests in the server) at once
+    (0: only the server's ``max_connections`` bounds them), so that one token's holder cannot take every
+    place under the server's cap."""
 
     token: str
     max_priority: int = 255
+    max_connections: int = 0
 
 
 @dataclass
@@ -209,6 +213,9 @@ class Config:
                 problems.append(f"tokens.{name}: token {why}")
             if not 0 <= grant.max_priority <= 255:
                 problems.append(f"tokens.{name}: max_priority must be 0..255, got {grant.max_priority}")
+            if grant.max_connections < 0:
+                problems.append(f"tokens.{name}: max_connections must be >= 0 (0: no cap of its own), "
+                                f"got {grant.max_connections}")  # fmt: skip
             if grant.token == self.auth_token:
                 problems.append(f"tokens.{name}: token equals auth_token; give each identity its own token")
         if len({g.token for g in self.tokens.values()}) != len(self.tokens):

@@ -49,11 +49,11 @@ def test_listeners_and_named_tokens_from_toml(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text(
         '[server]\nport = 9000\n[[server.listeners]]\nkind = "tcp"\nport = 1\n[[server.listeners]]\nport = 2\n'
-        '[server.tokens.fleet]\ntoken = "t1"\nmax_priority = 200\n'
+        '[server.tokens.fleet]\ntoken = "t1"\nmax_priority = 200\nmax_connections = 16\n'
     )
     cfg = Config.load(str(path), env={})
     assert [(ls.kind, ls.port) for ls in cfg.listeners] == [("tcp", 9000), ("tcp", 2)]  # port: the first's
-    assert cfg.tokens == {"fleet": TokenSpec("t1", 200)}
+    assert cfg.tokens == {"fleet": TokenSpec("t1", 200, max_connections=16)}
 
 
 def test_binding_beyond_loopback_without_a_token_is_noticed() -> None:
@@ -192,6 +192,11 @@ SECOND_LISTENER = '[[server.listeners]]\nkind = "tcp"\n[[server.listeners]]\n'  
         ("[[server]]\nport = 1\n", "server must be a table ([server]), got [{'port': 1}] (list)"),
         ("[server.tokens.cam]\nmax_priority = 5\n", "server.tokens.cam: token is required"),
         ("[server.tokens.cam]\ntokn = 'x'\n", "server.tokens.cam has unknown settings ['tokn']"),
+        (
+            "[server.tokens.cam]\ntoken = 'x'\nmax_connections = -1\n",
+            "tokens.cam: max_connections must be >= 0 (0: no cap of its own), got -1",
+        ),
+        ("[server.tokens.cam]\ntoken = 'x'\nmax_connections = '4'\n", "server.tokens.cam.max_connections"),
         ("[server]\nloop_cpu = -2\n", "loop_cpu must be -1 (any CPU) or a CPU number, got -2"),
         ("[server]\nbusy_poll_us = -1\n", "busy_poll_us must be 0 (off) to 1000000 (a second), got -1"),
         ("[server]\nbusy_poll_us = 2000000\n", "busy_poll_us must be 0 (off) to 1000000 (a second), got 2000000"),
@@ -314,7 +319,7 @@ def test_resolved_settings_mask_token_values() -> None:
     cfg = Config(auth_token="s3cret", tokens={"cam": TokenSpec("other-secret", 3)})
     text = str(cfg.resolved())
     assert "s3cret" not in text and "other-secret" not in text
-    assert cfg.resolved()["tokens"]["cam"] == {"token": "***", "max_priority": 3}
+    assert cfg.resolved()["tokens"]["cam"] == {"token": "***", "max_priority": 3, "max_connections": 0}
 
 
 def test_a_negative_shutdown_timeout_says_zero_is_allowed() -> None:

@@ -243,6 +243,8 @@ class Admission:
         self.stream_results = ResultHub()  # every front end publishes its frames' outcomes here (see ingest.hub)
         # Connections served at once: max_connections, or an ingest worker's share of it
         self.connection_cap = config.max_connections
+        # The processes that each admit their share of the connection caps (ingest workers: N of them)
+        self.connection_share = 1
         # Poked by this process's front ends when they write what will be answered soon (busy_poll_us)
         self.busy_poll = BusyPoll(config.busy_poll_us / 1e6)
 
@@ -281,17 +283,29 @@ class Admission:
             return None
         return Grant(None, self.config.max_priority)
 
-    def producer_for(self, grant: Grant, label: str) -> Producer:
-        """The producer a new connection belongs to (shared by every connection of a named token)."""
+    def producer_for(self, grant: Grant, label: str, *, admitted: bool = False) -> Producer:
+        """The producer a new connection belongs to (shared by every connection of a named token).
+
+        Raises ``Refused`` (OVERLOADED) when a named token has its ``max_connections`` open already (an ingest
+        worker: its share of them), unless ``admitted`` (an ingest worker admitted the connection)."""
         if grant.identity is None:
             producer = Producer(self, label, grant.max_priority)
+        elif (named := self._named.get(grant.identity)) is not None:
+            if not admitted and (why := self._token_full(grant.identity, named)):
+                raise Refused(Status.OVERLOADED, why)
+            producer = named
         else:
-            producer = self._named.get(grant.identity) or Producer(
-                self, grant.identity, grant.max_priority, grant.identity
-            )
-            self._named[grant.identity] = producer
+            producer = self._named[grant.identity] = Producer(self, grant.identity, grant.max_priority, grant.identity)
         producer.connections += 1
         return producer
+
+    def _token_full(self, name: str, producer: Producer) -> str | None:
+        configured = self.config.tokens[name].max_connections
+        cap = -(-configured // self.connection_share)  # an ingest worker's share, rounded up
+        if not configured or producer.connections < cap:
+            return None
+        share = f"; {cap} on each of {self.connection_share} ingest workers" if self.connection_share > 1 else ""
+        return f"too many connections of token {name!r} (its max_connections is {configured}{share})"
 
     def leave(self, producer: Producer, queued: bool = True) -> None:
         """A connection of ``producer`` closed: its frames still queued are answered now (they hold ring space).

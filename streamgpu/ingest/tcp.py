@@ -299,7 +299,12 @@ class TcpConnection(asyncio.BufferedProtocol):
             self._welcome(Status.UNAUTHORIZED, "bad auth token", hello.version)
             self._close()
             return
-        self.producer = admission.producer_for(grant, self.peer)
+        try:
+            self.producer = admission.producer_for(grant, self.peer)
+        except Refused as refused:  # its token has its max_connections open
+            self._welcome(refused.status, refused.message, hello.version)
+            self._close()
+            return
         log.info("connection %d from %s opened: producer %s, protocol v%d", self.id, self.peer, self.producer.name,
                  hello.version, extra={"event": "connection_opened", "connection": self.id, "peer": self.peer,
                  "producer": self.producer.name})  # fmt: skip

@@ -77,6 +77,7 @@ class WorkerInit:
     start: int  # this worker's range of the segment: [start, end)
     end: int
     connection_cap: int  # TCP connections it serves at once (its share of max_connections)
+    workers: int  # the ingest workers: each admits its 1/N share of a named token's max_connections
     models: tuple[tuple[int, ModelSpec], ...]  # the models served when it was spawned, by index (channel.MODELS)
     generation: int = 0  # the processes started at its index before it (its connections' names tell them apart)
 
@@ -446,6 +447,7 @@ async def serve(chan_sock: socket.socket, init: WorkerInit) -> None:
     admission.channel = chan
     admission.stream_results = _ForwardingHub(chan)
     admission.connection_cap = init.connection_cap
+    admission.connection_share = init.workers
     tcp = next(spec for spec in config.listeners if spec.kind == "tcp")
     udp_specs = [spec for spec in config.listeners if spec.kind == "udp"]
     udp = [_WorkerUdpListener(spec, admission, socket.socket(fileno=fd), chan)

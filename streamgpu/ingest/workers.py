@@ -395,7 +395,8 @@ class _Worker(asyncio.Protocol):
                                          deadline_ns)).rstrip(b"\0").decode(errors="replace")  # fmt: skip
                 number, identity, ceiling, source = self._opening
                 self._opening = None
-                producer = self._admission.producer_for(Grant(self._listener.identities[identity], ceiling), label)
+                grant = Grant(self._listener.identities[identity], ceiling)
+                producer = self._admission.producer_for(grant, label, admitted=True)  # (by the worker's share)
                 conns[number] = _RemoteConn(producer, Origin("udp" if source == channel.OPEN_UDP else "tcp", label))
             elif kind == channel.CLOSED:
                 self._submit(frames)  # its frames before it: queued while it was open, then dropped as abandoned
@@ -606,7 +607,7 @@ class WorkerListener(Listener):
         udp_fds = tuple(socks[index].fileno() for socks in self._udp_socks)
         init = WorkerInit(self._worker_config, index, -1, udp_fds, self._segment.fd,  # (handoff_fd: at spawn)
                           self._segment.nbytes, lent.offset, lent.offset + lent.nbytes,
-                          self._connection_cap, tuple(self._served()), worker.generation)  # fmt: skip
+                          self._connection_cap, self._n, tuple(self._served()), worker.generation)  # fmt: skip
         await worker.spawn(init, self._segment.fd)
         return worker
 

@@ -386,7 +386,10 @@ def _producer(request: web.Request, admission: Admission) -> Producer:
     if grant is None:
         raise HttpError(401, "bad or missing auth token (send 'Authorization: Bearer TOKEN')")
     peer = request.remote or "?"
-    return admission.producer_for(grant, f"http:{peer}")
+    try:
+        return admission.producer_for(grant, f"http:{peer}")
+    except Refused as refused:  # its token has its max_connections (requests in the server) open
+        raise HttpError(HTTP_STATUS[refused.status], refused.message) from None
 
 
 async def infer(request: web.Request) -> web.StreamResponse:

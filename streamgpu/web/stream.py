@@ -278,9 +278,13 @@ async def stream(request: web.Request) -> web.StreamResponse:
     grant = admission.authenticate(token)
     if grant is None:
         return web.json_response({"error": "bad or missing auth token"}, status=401)
+    try:
+        producer = admission.producer_for(grant, f"ws:{request.remote}")
+    except Refused as refused:  # its token has its max_connections open
+        return web.json_response({"error": refused.message}, status=503)
     if not take_place(request):
+        admission.leave(producer, queued=False)
         return web.json_response({"error": f"too many connections ({admission.config.max_connections})"}, status=503)
-    producer = admission.producer_for(grant, f"ws:{request.remote}")
     # No permessage-deflate: a peer that asked for it would have the server compress every message it gets.
     ws = web.WebSocketResponse(max_msg_size=admission.config.max_payload_bytes + 64 * 1024, compress=False)
     sock = StreamSocket(ws, request.transport, admission, producer)

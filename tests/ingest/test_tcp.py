@@ -565,6 +565,42 @@ def test_connections_of_one_token_share_one_producer() -> None:
     assert fa.stream != fb.stream  # streams stay per connection
 
 
+def test_a_token_past_its_max_connections_is_refused_and_its_other_producers_are_not() -> None:
+    """One token's holder cannot take every place under the server's max_connections: past the token's own
+    cap its HELLO is answered OVERLOADED saying why, while other tokens and anonymous connections get in."""
+    harness = Harness(
+        auth_token="anyone", tokens={"fleet": TokenSpec("fleet-secret", max_connections=2), "ops": TokenSpec("ops")}
+    )
+    fleet = [harness.connect() for _ in range(3)]
+    for conn, _ in fleet:
+        feed(conn, hello("fleet-secret"))
+    statuses = [wire.decode_welcome(bytes(t.written))[0] for _, t in fleet]  # type: ignore[index]
+    assert [w.status for w in statuses] == [Status.OK, Status.OK, Status.OVERLOADED]
+    assert statuses[2].message == "too many connections of token 'fleet' (its max_connections is 2)"
+    assert fleet[2][1].closed
+    fleet[2][0].connection_lost(None)
+    assert harness.admission.connections == 2  # its place under max_connections given back
+    for token in ("ops", "anyone"):
+        other, transport = harness.connect()
+        feed(other, hello(token))
+        assert wire.decode_welcome(bytes(transport.written))[0].status == Status.OK  # type: ignore[index]
+    fleet[0][0].connection_lost(None)  # one of the token's connections closes: a place for another
+    again, transport = harness.connect()
+    feed(again, hello("fleet-secret"))
+    assert wire.decode_welcome(bytes(transport.written))[0].status == Status.OK  # type: ignore[index]
+
+
+def test_an_ingest_workers_share_of_a_tokens_max_connections_is_rounded_up() -> None:
+    harness = Harness(tokens={"fleet": TokenSpec("fleet-secret", max_connections=5)})
+    harness.admission.connection_share = 2  # as in one of two ingest workers: 3 of the token's 5 here
+    conns = [harness.connect() for _ in range(4)]
+    for conn, _ in conns:
+        feed(conn, hello("fleet-secret"))
+    welcomes = [wire.decode_welcome(bytes(t.written))[0] for _, t in conns]  # type: ignore[index]
+    assert [w.status for w in welcomes] == [Status.OK] * 3 + [Status.OVERLOADED]
+    assert welcomes[3].message.endswith("(its max_connections is 5; 3 on each of 2 ingest workers)")
+
+
 # -- regressions from the hostile review -----------------------------------------------------------
 
 

@@ -441,7 +441,8 @@ async def test_a_stop_sent_while_a_worker_starts_is_not_lost() -> None:
     lent = parent.lent
     init = worker.WorkerInit(dataclasses.replace(cfg, ingest_workers=0, ring_bytes=lent.nbytes), 0,
                              their_handoff.detach(), (), os.dup(segment.fd), segment.nbytes, lent.offset,
-                             lent.offset + lent.nbytes, cfg.max_connections, tuple(enumerate(cfg.models)))  # fmt: skip
+                             lent.offset + lent.nbytes, cfg.max_connections, 1,
+                             tuple(enumerate(cfg.models)))  # fmt: skip
     serving = asyncio.ensure_future(worker.serve(theirs, init))
     ours.setblocking(False)
     loop = asyncio.get_running_loop()
@@ -1356,6 +1357,31 @@ async def test_the_connections_gauge_counts_the_workers_connections_in_both_mode
         for conn in [udp, *tcp]:
             await conn.close()
         await until(1)  # a UDP producer is one until it has been idle for peer_idle_s
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+@pytest.mark.parametrize("workers", [0, 2])
+async def test_a_tokens_max_connections_holds_in_both_modes(workers: int) -> None:
+    """A token's connections past its max_connections are refused OVERLOADED (with two workers, each takes
+    its half: connections go to the worker holding the fewest), and one closing makes room again."""
+    tokens = {"fleet": TokenSpec("fleet-key", max_connections=2)}
+    async with Server(config(ingest_workers=workers, tokens=tokens)) as srv:
+        held = [await client.connect("127.0.0.1", srv.port, token="fleet-key") for _ in range(2)]
+        for conn in held:
+            assert (await conn.submit(frames(1, seed=2)[0])).ok
+        with pytest.raises(client.HandshakeError, match="OVERLOADED: too many connections of token 'fleet'"):
+            await client.connect("127.0.0.1", srv.port, token="fleet-key")
+        await held[0].close()
+        async with asyncio.timeout(5):  # once the server (its worker) has seen the close
+            while True:
+                try:
+                    again = await client.connect("127.0.0.1", srv.port, token="fleet-key")
+                    break
+                except client.HandshakeError:
+                    await asyncio.sleep(0.02)
+        assert (await again.submit(frames(1, seed=3)[0])).ok
+        for conn in [held[1], again]:
+            await conn.close()
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough

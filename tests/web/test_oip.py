@@ -500,6 +500,45 @@ async def test_a_tokens_answered_request_looks_for_no_queued_frames(
     assert withdrawn == []
 
 
+@ONE_LOOP
+async def test_a_tokens_max_connections_counts_its_tcp_connections_websockets_and_http_requests(
+    tmp_path: Path,
+) -> None:
+    """One count per token over every front end: with its one place taken by a TCP connection, the token's
+    HTTP requests and WebSockets are refused 503 saying why, while another token's are served."""
+    tokens = {"fleet": TokenSpec("fleet-key", max_connections=1), "ops": TokenSpec("ops-key")}
+    async with Server(config(tmp_path, tokens=tokens)) as server, aiohttp.ClientSession() as session:
+        port = http_port(server)
+        why = "too many connections of token 'fleet' (its max_connections is 1)"
+        c = tritonaio.InferenceServerClient(f"127.0.0.1:{port}")
+        inp = tritonaio.InferInput("input", [1, *SPEC.input_shape], "UINT8")
+        inp.set_data_from_numpy(frames(1, seed=5))
+        try:
+            held = await client.connect("127.0.0.1", server.port, token="fleet-key")
+            with pytest.raises(client.HandshakeError, match="OVERLOADED"):
+                await client.connect("127.0.0.1", server.port, token="fleet-key")
+            with pytest.raises(InferenceServerException, match="too many connections of token") as info:
+                await c.infer("default", [inp], headers={"Authorization": "Bearer fleet-key"})
+            assert info.value.status() == "503"
+            async with session.get(f"http://127.0.0.1:{port}/v1/stream?token=fleet-key") as response:
+                assert response.status == 503 and (await response.json())["error"] == why
+            result = await c.infer("default", [inp], headers={"Authorization": "Bearer ops-key"})
+            assert result.as_numpy("output").shape == (1, 1000)
+            await held.close()  # its place is the token's again once the server sees the close
+            for attempt in range(100):
+                try:
+                    result = await c.infer("default", [inp], headers={"Authorization": "Bearer fleet-key"})
+                    break
+                except InferenceServerException:
+                    if attempt == 99:
+                        raise
+                    await asyncio.sleep(0.01)
+            assert result.as_numpy("output").shape == (1, 1000)
+        finally:
+            await c.close()
+        await no_slot_held(server)
+
+
 @contextlib.asynccontextmanager
 async def device_busy_for(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seconds: float
