@@ -56,3 +56,8 @@ class LoopRunningError(StreamgpuError, RuntimeError):
 class WorkerStartError(StreamgpuError, RuntimeError):
     """An ingest worker process could not be started, or exited (or hung) while starting; the message names
     the worker and its exit status, and says what to check."""
+
+
+class ServerStartedError(StreamgpuError, RuntimeError):
+    """``start()`` was called on a ``Server`` that was started before (running, failed or stopped): a Server
+    starts once; make a new one to serve again."""

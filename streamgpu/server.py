@@ -17,7 +17,7 @@ from collections.abc import Awaitable
 from typing import Any
 
 from streamgpu.config import Config
-from streamgpu.errors import ConfigError, ServerNotStartedError
+from streamgpu.errors import ConfigError, ServerNotStartedError, ServerStartedError
 from streamgpu.gpu.backend import Backend, DeviceModel, create_backend
 from streamgpu.ingest import listener_class, make_listeners
 from streamgpu.ingest.admission import Admission
@@ -47,6 +47,9 @@ class Server:
     """
 
     def __init__(self, config: Config | None = None) -> None:
+        if config is not None and not isinstance(config, Config):  # (a path would fail later, on a missing attribute)
+            raise TypeError(f"config must be a streamgpu Config (Config.load(PATH) reads a TOML file) or None, "
+                            f"got {type(config).__name__} {config!r:.80}")  # fmt: skip
         self.config = config or Config()
         self.backend: Backend | None = None
         self._segment: HostSegment | None = None
@@ -71,6 +74,9 @@ class Server:
     # -- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
+        if self._up is not None:  # a second start would build a second server over the first, then release both
+            raise ServerStartedError("this Server was started already (a Server starts once): make a new Server to "
+                                     "serve again, and give setup() a Config or a Server not yet started")  # fmt: skip
         up = self._up = asyncio.get_running_loop().create_future()
         try:
             await self._start()

@@ -6,7 +6,7 @@ Two ways to serve it:
   serves ``create_app(server)`` as one more listener of the server (``streamgpu.ingest.http``);
 * embedded: ``setup(app, config, prefix="/streamgpu")`` mounts the same routes under ``prefix``
   of an existing aiohttp application and runs the server's whole lifecycle on that application's
-  loop (started on startup, drained and stopped on shutdown), through ``cleanup_ctx``.
+  loop (started on startup through ``cleanup_ctx``, drained and stopped on shutdown).
 """
 
 from __future__ import annotations
@@ -160,9 +160,16 @@ def setup(app: web.Application, config: Config | Server | None = None, *, prefix
         finally:
             await server.stop()
 
+    async def drain(_app: web.Application) -> None:
+        await server.stop()
+
     # On the sub-application: the parent runs its sub-applications' cleanup contexts, and
     # the streamgpu part stays one self-contained unit (its routes and its server together).
     sub.cleanup_ctx.append(lifecycle)
+    # The server drains on shutdown, before the WebSockets are closed (stream.py's on_shutdown) and while every
+    # request can still get its reply, as the stand-alone listener does; cleanup (``lifecycle``) would come after
+    # the sockets' close and drop their frames' replies. Cleanup still stops it (a no-op once stopped).
+    sub.on_shutdown.insert(0, drain)
     app[SERVER_KEY] = server
     app.add_subapp(prefix, sub)
     return server

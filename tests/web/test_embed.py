@@ -1,5 +1,6 @@
 """The README's embedding example, exactly as printed, in a process of its own: its own route and
-the streamgpu routes answer side by side, and SIGINT drains and stops the server with the application."""
+the streamgpu routes answer side by side, and SIGINT drains and stops the server with the application.
+Then the embedding API used carelessly: cleaned up mid-stream, given a started Server, or a path for a Config."""
 
 from __future__ import annotations
 
@@ -11,10 +12,22 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import numpy as np
 import pytest
+from aiohttp import WSCloseCode, web
+
+from streamgpu import client
+from streamgpu.config import Config, ListenerSpec
+from streamgpu.errors import ServerStartedError
+from streamgpu.models.spec import ModelSpec
+from streamgpu.protocol import wire
+from streamgpu.protocol.wire import FrameHeader, Status
+from streamgpu.server import Server
+from streamgpu.web.app import setup
+from tests.test_server import slow_batches
 
 ROOT = Path(__file__).parent.parent.parent
 README = (ROOT / "README.md").read_text()
@@ -87,3 +100,88 @@ async def test_the_readme_embedding_example_runs_as_written() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# -- the embedding API attacked: shutdown mid-stream, a Server started twice, a wrong config -------------------
+
+SPEC = ModelSpec(input_shape=(16, 16, 3), max_batch_size=8, batch_buckets=(1, 4, 8))
+
+
+def embedded_config(**kw: Any) -> Config:
+    base: dict[str, Any] = dict(listeners=[ListenerSpec(port=0)], device="cpu", models=[SPEC])
+    base.update(kw)
+    return Config(**base)
+
+
+def frame_message(stream_id: int, sequence: int) -> bytes:
+    frame = np.zeros(SPEC.input_shape, np.uint8)
+    header = FrameHeader(stream_id, sequence, "default", wire.dtype_code(frame.dtype), frame.shape, frame.nbytes, 1)
+    return wire.encode_frame_header(header) + frame.tobytes()
+
+
+async def started(app: web.Application) -> tuple[web.AppRunner, int]:
+    """``app`` served on a free loopback port, as a user's own ``AppRunner`` serves it."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, int(runner.addresses[0][1])
+
+
+@pytest.mark.asyncio
+async def test_embedded_shutdown_answers_the_websocket_frames_it_took(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cleaning the application up mid-stream answers every frame a WebSocket sent (as the stand-alone listener
+    does: drain, then close), not a close frame in place of the replies."""
+    slow_batches(monkeypatch, 0.2)  # 20 frames: three batches still to run when the cleanup begins
+    app = web.Application()
+    server = setup(app, embedded_config(), prefix="/ml")
+    runner, port = await started(app)
+    async with aiohttp.ClientSession() as session:
+        ws = await session.ws_connect(f"http://127.0.0.1:{port}/ml/v1/stream")
+        for sequence in range(20):
+            await ws.send_bytes(frame_message(7, sequence))
+        while server.frames_in_flight + server.replies.total(Status.OK) < 20:  # every frame taken
+            await asyncio.sleep(0.01)
+        cleanup = asyncio.ensure_future(runner.cleanup())
+        statuses = []
+        while (msg := await asyncio.wait_for(ws.receive(), 30)).type is aiohttp.WSMsgType.BINARY:
+            parsed = wire.decode_reply(msg.data)
+            assert parsed is not None
+            statuses.append(parsed[0].status)
+        await asyncio.wait_for(cleanup, 30)
+    assert statuses == [Status.OK] * 20, statuses
+    assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == WSCloseCode.GOING_AWAY
+
+
+@pytest.mark.asyncio
+async def test_setup_with_a_started_server_fails_and_leaves_it_serving() -> None:
+    """A Server already started, given to ``setup`` (or started twice): the second start fails saying so, and the
+    running server is not torn down by that failure (its listeners, ring and models stay)."""
+    async with Server(embedded_config()) as server:
+        app = web.Application()
+        setup(app, server)
+        runner = web.AppRunner(app)
+        with pytest.raises(ServerStartedError, match="started already"):
+            await runner.setup()
+        await runner.cleanup()
+        assert server.started
+        conn = await client.connect("127.0.0.1", server.port)
+        try:
+            assert (await conn.submit(np.zeros(SPEC.input_shape, np.uint8))).ok
+        finally:
+            await conn.close()
+
+
+@pytest.mark.asyncio
+async def test_a_stopped_server_does_not_start_again() -> None:
+    server = Server(embedded_config())
+    await server.start()
+    await server.stop()
+    with pytest.raises(ServerStartedError, match="make a new Server"):
+        await server.start()
+
+
+@pytest.mark.parametrize("config", ["configs/example.toml", {"port": 0}])
+def test_setup_with_a_path_or_dict_names_config_load(config: object) -> None:
+    with pytest.raises(TypeError, match=r"Config\.load"):
+        setup(web.Application(), config)  # type: ignore[arg-type]
