@@ -185,13 +185,18 @@ class Scheduler:
                 queue.pinned.setdefault(frame, old)
         queue.replicas = [Replica(model) for model in replicas]
         # Each device's k-th instance takes over the estimates of the k-th one there before (by position, a
-        # change of instances would hand one device's estimates to another); a new copy starts afresh
-        known: dict[int, list[BatchLatency]] = {}
+        # change of instances would hand one device's estimates to another) and when its batches in flight end:
+        # the new version's first batch starts on the device after them (placement and the deadline check ask
+        # when a replica is free; a fresh one said "now" while the old version's batches still ran). A new copy
+        # starts afresh.
+        known: dict[int, list[Replica]] = {}
         for previous in old:
-            known.setdefault(previous.device, []).append(previous.latency)
+            known.setdefault(previous.device, []).append(previous)
         for new in queue.replicas:
-            if estimates := known.get(new.device):
-                new.latency = estimates.pop(0)
+            if before := known.get(new.device):
+                previous = before.pop(0)
+                new.latency = previous.latency
+                new.busy_until = previous.busy_until
         queue.spec = replicas[0].spec
         self._dispatch(queue)
         return [r.model for r in old]

@@ -556,6 +556,32 @@ async def test_a_frame_whose_batch_would_start_after_its_deadline_is_answered_th
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("deadline_s", [0.03, 0.2])
+async def test_a_new_version_s_first_batch_starts_after_the_old_version_s_batches_on_its_device(
+    deadline_s: float,
+) -> None:
+    """A swapped-in version takes over when its device is free, as its estimates: its replica said "free now"
+    while the old version's batch still ran there, so a deadline frame that could only start after that batch
+    ran late instead of being answered DEADLINE_MISSED as its batch formed (found in review)."""
+    h = Harness(latency=lambda m, n: 0.1)
+    sched = h.start(spec(), max_inflight=2)
+    h.submit(0)
+    await h.settle()  # the estimate learns a batch takes 100 ms
+    h.t0 = time.perf_counter()
+    h.submit(1)  # the old version's batch, on the device until ~100 ms
+    await asyncio.sleep(0)
+    sched.swap_model([FakeModel(spec())])
+    h.submit(2, deadline_s=deadline_s)
+    await h.settle()
+    if deadline_s < 0.1:
+        assert [(s, st) for s, st, _ in h.rejected] == [(2, Status.DEADLINE_MISSED)]
+        assert h.rejected[0][2] < deadline_s  # as its batch formed
+        assert [b[1] for b in h.batches] == [[0], [1]]
+    else:
+        assert h.rejected == [] and [b[1] for b in h.batches] == [[0], [1], [2]]
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize("gone", ["formed_late", "expired", "superseded"])
 async def test_a_deadline_that_left_the_queue_no_longer_cuts_the_wait_for_a_fuller_batch(gone: str) -> None:
     """``latest_start`` (when the earliest queued deadline ends the wait for a fuller batch) must follow the frames
