@@ -233,7 +233,9 @@ class Server:
             if self.backend is not None:
                 self.backend.close()  # cancels what still runs
                 self.backend = None
-            if self._segment is not None:  # the pool keeps a view: metrics still read after stop
+            if self._segment is not None:
+                if self._pool is not None:  # its views of the ring: else the mapping lives as long as this object
+                    self._pool.close()
                 self._segment.close()
                 self._segment = None
             self._loader.shutdown(wait=False)

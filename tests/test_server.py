@@ -471,3 +471,25 @@ async def test_a_tokens_connection_closing_with_its_frames_answered_looks_for_no
             with contextlib.suppress(ConnectionError, asyncio.CancelledError):
                 await fut
     assert srv.pool.slots_in_use == 0
+
+
+def _ring_mappings() -> int:
+    """Mappings of streamgpu receive rings in this process (memfd files: ``/memfd:streamgpu-frames``)."""
+    with open("/proc/self/maps") as maps:
+        return sum("memfd:streamgpu-frames" in line for line in maps)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("workers", [0, 2])
+async def test_a_stopped_server_unmaps_its_ring_while_the_object_lives_on(workers: int) -> None:
+    """An embedding application (aiohttp keeps up to 1024 applications cached) may hold a stopped Server for
+    long: its ring was mapped as long as that object lived (the pool's views of it), one ring per server run."""
+    before = _ring_mappings()
+    server = Server(config(ingest_workers=workers, ring_bytes=1 << 22, max_payload_bytes=1 << 20))
+    async with server:
+        conn = await client.connect("127.0.0.1", server.port)
+        assert (await conn.submit(np.zeros(SPEC.input_shape, np.uint8))).ok
+        await conn.close()
+        assert _ring_mappings() == before + 1
+    assert _ring_mappings() == before
+    assert server.metrics()["ring"]["capacity"] == 1 << 22  # what it reports stays readable

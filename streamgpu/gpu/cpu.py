@@ -146,6 +146,7 @@ class CpuBackend(Backend):
             self._models.pop().worker.shutdown(wait=False, cancel_futures=True)
         for copied in list(self._pending_copies):  # work that will never start: nobody waits forever
             copied.cancel()
+        self._host = None  # the ring can be unmapped (a copy still running holds a view of its own)
 
 
 def _forward(target: asyncio.Future[BatchOutputs], source: asyncio.Future[BatchOutputs]) -> None:

@@ -284,6 +284,13 @@ class SlotPool:
         if usable:
             self._add_free(start, usable)
 
+    def close(self) -> None:
+        """Let go of the buffer (the pool's own views of it), so that its memory can be unmapped while the pool
+        is still referenced (a stopped server's metrics read it: an embedding application may hold the server
+        long after). The counts stay readable; no slot can be viewed, reserved or freed after it."""
+        self.buffer = np.empty(0, np.uint8)
+        self._view = self.buffer.data
+
     # -- state -----------------------------------------------------------------
 
     @property
