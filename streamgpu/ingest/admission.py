@@ -243,8 +243,6 @@ class Admission:
         self.stream_results = ResultHub()  # every front end publishes its frames' outcomes here (see ingest.hub)
         # Connections served at once: max_connections, or an ingest worker's share of it
         self.connection_cap = config.max_connections
-        # The processes that each admit their share of the connection caps (ingest workers: N of them)
-        self.connection_share = 1
         # Poked by this process's front ends when they write what will be answered soon (busy_poll_us)
         self.busy_poll = BusyPoll(config.busy_poll_us / 1e6)
 
@@ -286,8 +284,9 @@ class Admission:
     def producer_for(self, grant: Grant, label: str, *, admitted: bool = False) -> Producer:
         """The producer a new connection belongs to (shared by every connection of a named token).
 
-        Raises ``Refused`` (OVERLOADED) when a named token has its ``max_connections`` open already (an ingest
-        worker: its share of them), unless ``admitted`` (an ingest worker admitted the connection)."""
+        Raises ``Refused`` (OVERLOADED) when a named token has its ``max_connections`` open already, unless
+        ``admitted``: the scheduling process admitted it (an ingest worker's connection, which asked it: ``ASK``
+        in ``ingest.channel``), or a worker's connection opening up there (the token has no cap)."""
         if grant.identity is None:
             producer = Producer(self, label, grant.max_priority)
         elif (named := self._named.get(grant.identity)) is not None:
@@ -300,12 +299,10 @@ class Admission:
         return producer
 
     def _token_full(self, name: str, producer: Producer) -> str | None:
-        configured = self.config.tokens[name].max_connections
-        cap = -(-configured // self.connection_share)  # an ingest worker's share, rounded up
-        if not configured or producer.connections < cap:
+        cap = self.config.tokens[name].max_connections
+        if not cap or producer.connections < cap:
             return None
-        share = f"; {cap} on each of {self.connection_share} ingest workers" if self.connection_share > 1 else ""
-        return f"too many connections of token {name!r} (its max_connections is {configured}{share})"
+        return f"too many connections of token {name!r} (its max_connections is {cap})"
 
     def leave(self, producer: Producer, queued: bool = True) -> None:
         """A connection of ``producer`` closed: its frames still queued are answered now (they hold ring space).

@@ -28,6 +28,12 @@ Worker -> scheduler: fixed-size records of ``UP.size`` (80) bytes::
   G-th replacement of worker W, or a UDP producer's "udp:ADDR:PORT"), under
   which the scheduling process publishes its frames' outcomes, as the worker
   publishes the ones it gives them itself.
+* ``ASK``: an OPEN sent at the HELLO of a TCP connection whose named token
+  has a ``max_connections``, fields and TEXT as OPEN's: the scheduling
+  process, which counts every connection of the token (TCP on every worker,
+  HTTP requests, WebSockets), answers ADMIT. Admitted, the connection is open
+  up there as after an OPEN (its frames need none; a CLOSED ends it); refused,
+  it never was (no CLOSED follows).
 * ``CLOSED``: connection ``conn`` is gone (only after its ``OPEN``); ``offset``
   is how many of its frames the worker had not answered (0: none of them can be
   queued in the scheduling process, which then looks for none; a UDP producer
@@ -46,7 +52,7 @@ Worker -> scheduler: fixed-size records of ``UP.size`` (80) bytes::
   text follow in that many ``TEXT`` records (see ``answered``): the outcome is
   published on the scheduling process's result hub, where subscribers and the
   results sink are (the REPLIED record counts it; this one tells who).
-* ``TEXT``: ``TEXT_BYTES`` bytes of the text of the ANSWERED or OPEN record before it.
+* ``TEXT``: ``TEXT_BYTES`` bytes of the text of the ANSWERED, OPEN or ASK record before it.
 * ``CONNECTIONS``: the worker has taken up ``conn`` of the TCP connections
   handed to it (modulo 2**32; served, refused, found closed, or lost for want
   of a descriptor) and holds ``offset`` open now. Sent whenever either
@@ -90,6 +96,8 @@ of shape, ``message_len`` bytes of message and ``payload_len`` bytes of body::
   a batch's are as large as its frames (a megabyte for 256 rows of 1,000
   logits). Each REPLIES frame is released as by its REPLY. A batch of one
   frame is sent as a REPLY (the cheaper to decode).
+* ``ADMIT``: the answer to the ASK of connection ``fid`` (its number): ``status``
+  OK, or the refusal's (OVERLOADED) with ``message_len`` bytes of message.
 * ``STOP``: shutdown step 1 (take no new frames). ``CLOSE``: step 2, close the
   connections, flushing replies for up to ``fid`` milliseconds, then exit.
 * ``MODELS``: the models served now, which the worker admits from here on
@@ -125,13 +133,13 @@ assert UP.size == 80 and DOWN.size == 64
 
 # upward kinds
 FRAME, OPEN, CLOSED, READY, STOPPED = 1, 2, 3, 4, 5
-REPLIED, STATS, ANSWERED, TEXT, CONNECTIONS, MODELS_TAKEN, ALIVE = 6, 7, 8, 9, 10, 11, 12
+REPLIED, STATS, ANSWERED, TEXT, CONNECTIONS, MODELS_TAKEN, ALIVE, ASK = 6, 7, 8, 9, 10, 11, 12, 13
 TEXT_BYTES = UP.size - 1  # text per TEXT record: all of it but its kind byte
 MAX_TEXT = 4 * TEXT_BYTES + wire.MAX_MESSAGE  # an ANSWERED record's text is cut here
 OPEN_TCP, OPEN_UDP = 0, 1  # an OPEN record's flags
 NO_MODEL_INDEX = 0xFFFF  # a REPLIED record's index for a reply that names no served model
 # downward kinds
-RELEASE, REPLY, STOP, CLOSE, MODELS, REPLIES = 1, 2, 3, 4, 5, 6
+RELEASE, REPLY, STOP, CLOSE, MODELS, REPLIES, ADMIT = 1, 2, 3, 4, 5, 6, 7
 NO_RESULT = 0  # a REPLY's dtype when there is no result
 OUTPUTS_BLOCK = 0xFF  # a REPLY's dtype when its body is an outputs block (a model with several outputs)
 _SHAPES = [struct.Struct(f"<{n}I") for n in range(wire.MAX_NDIM + 1)]
@@ -143,10 +151,10 @@ def up(kind: int, conn: int = 0, index: int = 0, priority: int = 0, flags: int =
     return UP.pack(kind, priority, flags, 0, index, 0, conn, 0, value, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
-def opened(conn: int, identity: int, max_priority: int, kind: int, stream: str) -> bytes:
-    """An OPEN record and the TEXT record of the connection's stream name (cut to ``TEXT_BYTES``)."""
+def opened(conn: int, identity: int, max_priority: int, kind: int, stream: str, record: int = OPEN) -> bytes:
+    """An OPEN (or ASK) record and the TEXT record of the connection's stream name (cut to ``TEXT_BYTES``)."""
     name = stream.encode()[:TEXT_BYTES].ljust(TEXT_BYTES, b"\0")
-    return up(OPEN, conn, identity, max_priority, kind) + _TEXT + name
+    return up(record, conn, identity, max_priority, kind) + _TEXT + name
 
 
 def text_of(fields: tuple[int, ...]) -> bytes:
@@ -206,6 +214,19 @@ class Answer:
 def down(kind: int, fid: int = 0) -> bytes:
     """A downward record without a body (STOP, CLOSE)."""
     return DOWN.pack(kind, 0, 0, 0, fid, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+
+
+def admit(conn: int, status: int, message: str = "") -> bytes:
+    """An ADMIT record: the answer to connection ``conn``'s ASK."""
+    msg = wire.message_bytes(message)
+    return DOWN.pack(ADMIT, status, 0, 0, conn, 0, 0, 0, 0, 0, 0, 0, len(msg), 0) + msg
+
+
+def admitted(buf: bytes, pos: int) -> tuple[int, wire.Status, str]:
+    """(connection number, status, message) of the whole ADMIT record at ``buf[pos]``."""
+    _k, status, _d, _n, conn, _l, *_t, msg_len, _p = DOWN.unpack_from(buf, pos)
+    at = pos + DOWN.size
+    return conn, _STATUS.get(status, wire.Status.INTERNAL_ERROR), buf[at : at + msg_len].decode(errors="replace")
 
 
 def model_key(spec: ModelSpec) -> tuple[str, int, tuple[int, ...]]:

@@ -47,7 +47,7 @@ import numpy as np
 
 from streamgpu.config import ListenerSpec
 from streamgpu.frame import Frame, Outcome, unsendable
-from streamgpu.ingest.admission import Admission, Producer, Refused, Reservation
+from streamgpu.ingest.admission import Admission, Grant, Producer, Refused, Reservation
 from streamgpu.ingest.base import SocketListener, connection_ids, peer_name, write_eof_or_abort
 from streamgpu.ingest.hub import Origin
 from streamgpu.memory import Slot
@@ -78,6 +78,7 @@ class _State(enum.Enum):
     WAIT_SLOT = 5
     CLOSED = 6
     DRAIN = 7  # closing: our side is shut for writing, input is read and dropped until the producer closes
+    ADMITTING = 8  # the HELLO waits for the scheduling process's word (an ingest worker's, on a token's cap)
 
 
 @dataclass(eq=False, slots=True)
@@ -299,16 +300,38 @@ class TcpConnection(asyncio.BufferedProtocol):
             self._welcome(Status.UNAUTHORIZED, "bad auth token", hello.version)
             self._close()
             return
-        try:
-            self.producer = admission.producer_for(grant, self.peer)
-        except Refused as refused:  # its token has its max_connections open
-            self._welcome(refused.status, refused.message, hello.version)
+        if self._listener.admission_pending(self, grant, lambda refused: self._on_admission(grant, refused)):
+            self._state = _State.ADMITTING  # parsing stops here, reading pauses, until the answer
+            self._pause_reading()
+            return
+        self._open(grant, None, asked=False)
+
+    def _on_admission(self, grant: Grant, refused: Refused | None) -> None:
+        """The answer to an asked HELLO (``TcpListener.admission_pending``)."""
+        if self._state is not _State.ADMITTING or self._transport is None:
+            return  # closed meanwhile (a shutdown, or a close on the worker's side)
+        if not self._admission.accepting:
+            refused = Refused(Status.SHUTTING_DOWN, "server is shutting down")
+        self._open(grant, refused, asked=True)
+        if self._state is _State.HEADER:
+            self._continue()  # what came after the HELLO
+
+    def _open(self, grant: Grant, refused: Refused | None, *, asked: bool) -> None:
+        """Answer the HELLO: WELCOME OK and the connection's producer, or the refusal and close."""
+        if refused is None:
+            try:
+                self.producer = self._admission.producer_for(grant, self.peer, admitted=asked)
+            except Refused as exc:  # its token has its max_connections open
+                refused = exc
+        if refused is not None:
+            self._welcome(refused.status, refused.message, self.version)
             self._close()
             return
+        assert self.producer is not None
         log.info("connection %d from %s opened: producer %s, protocol v%d", self.id, self.peer, self.producer.name,
-                 hello.version, extra={"event": "connection_opened", "connection": self.id, "peer": self.peer,
+                 self.version, extra={"event": "connection_opened", "connection": self.id, "peer": self.peer,
                  "producer": self.producer.name})  # fmt: skip
-        self._welcome(Status.OK, "", hello.version)
+        self._welcome(Status.OK, "", self.version)
         self._state = _State.HEADER
         # The handshake is done: now the connection gets its full scratch buffer.
         scratch = bytearray(SCRATCH_BYTES)
@@ -515,7 +538,8 @@ class TcpConnection(asyncio.BufferedProtocol):
         # While waiting for a slot, reading goes on into scratch until it is full: it costs no ring
         # space, and a producer that leaves meanwhile is noticed (its place in the queue freed).
         waiting = self._state is _State.WAIT_SLOT and self._have == len(self._scratch)
-        if "shutdown" in self._blocked or waiting or (self._blocked and at_boundary):
+        admitting = self._state is _State.ADMITTING  # (what follows the HELLO waits in the kernel)
+        if "shutdown" in self._blocked or waiting or admitting or (self._blocked and at_boundary):
             self._pause_reading()
         elif self._reading_paused:
             self._reading_paused = False
@@ -554,6 +578,8 @@ class TcpConnection(asyncio.BufferedProtocol):
         """The last thing a connection is told: a WELCOME before the handshake, else a connection reply."""
         if self._state is _State.HELLO:
             self._welcome(status, message, 1)
+        elif self._state is _State.ADMITTING:
+            self._welcome(status, message, self.version)
         else:
             self._connection_reply(status, message)
 
@@ -687,6 +713,12 @@ class TcpListener(SocketListener[TcpConnection]):
     def connection_closing(self, conn: TcpConnection) -> None:
         """``conn`` takes no more frames and its replies go nowhere (it lingers until the producer closes):
         its frames still queued are abandoned (``Frame.is_abandoned`` says so here)."""
+
+    def admission_pending(self, conn: TcpConnection, grant: Grant, answer: Callable[[Refused | None], None]) -> bool:
+        """Whether ``conn``'s HELLO waits for another process's word before it is answered (an ingest worker asks
+        the scheduling process, which counts a named token's connections); then ``answer`` is called with None
+        (admitted) or the refusal, unless the connection is gone by then. Here: no, ``producer_for`` decides."""
+        return False
 
     async def start(self) -> None:
         self.defer = asyncio.get_running_loop().call_soon

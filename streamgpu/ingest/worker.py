@@ -38,7 +38,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -48,7 +48,7 @@ from streamgpu.cmdline import STOP_SIGNALS
 from streamgpu.config import Config, ListenerSpec
 from streamgpu.frame import Frame, Outcome, finish_ok
 from streamgpu.ingest import channel
-from streamgpu.ingest.admission import Admission, Producer
+from streamgpu.ingest.admission import Admission, Grant, Producer, Refused
 from streamgpu.ingest.hub import UNNAMED, Encoded, Origin, ResultHub
 from streamgpu.ingest.tcp import TcpConnection, TcpListener
 from streamgpu.ingest.udp import STAT_NAMES, UdpListener
@@ -77,7 +77,6 @@ class WorkerInit:
     start: int  # this worker's range of the segment: [start, end)
     end: int
     connection_cap: int  # TCP connections it serves at once (its share of max_connections)
-    workers: int  # the ingest workers: each admits its 1/N share of a named token's max_connections
     models: tuple[tuple[int, ModelSpec], ...]  # the models served when it was spawned, by index (channel.MODELS)
     generation: int = 0  # the processes started at its index before it (its connections' names tell them apart)
 
@@ -124,6 +123,8 @@ class _Channel(asyncio.Protocol):
         # connection still open has that one: new UDP source addresses can burn ids at the datagram rate)
         self._announced: dict[int, int] = {}
         self._numbers: set[int] = set()  # the channel numbers of the connections announced
+        # ASKs not answered yet, by channel number: the connection and what to tell it
+        self._asking: dict[int, tuple[int, Callable[[Refused | None], None]]] = {}
         # Connections (TCP, and UDP producers) by id -> how their frames' outcomes are published (their OPEN
         # says so: the scheduling process publishes the rest under the same name)
         self._origins: dict[int, Origin] = {}
@@ -193,6 +194,9 @@ class _Channel(asyncio.Protocol):
 
     def _open(self, conn: int, producer: Producer) -> int:
         """Announce ``conn`` (an OPEN record); returns its number on the channel."""
+        return self._announce(conn, producer.identity, producer.max_priority, channel.OPEN)
+
+    def _announce(self, conn: int, identity: str | None, max_priority: int, record: int) -> int:
         number = conn & _U32
         while number in self._numbers:
             number = (number + 1) & _U32
@@ -200,9 +204,28 @@ class _Channel(asyncio.Protocol):
         self._numbers.add(number)
         origin = self._origins[conn]
         kind = channel.OPEN_UDP if origin.source == "udp" else channel.OPEN_TCP
-        self.send(channel.opened(number, self._identities.get(producer.identity or "", 0), producer.max_priority,
-                                 kind, origin.stream))  # fmt: skip
+        self.send(channel.opened(number, self._identities.get(identity or "", 0), max_priority, kind, origin.stream,
+                                 record))  # fmt: skip
         return number
+
+    def ask(self, conn: int, grant: Grant, answer: Callable[[Refused | None], None]) -> None:
+        """Ask the scheduling process whether TCP connection ``conn`` of ``grant``'s named token may open (an ASK:
+        it counts the token's connections everywhere); ``answer`` is called with None or the refusal when its
+        ADMIT comes, unless the connection is gone by then."""
+        number = self._announce(conn, grant.identity, grant.max_priority, channel.ASK)
+        self._asking[number] = (conn, answer)
+
+    def _admit(self, number: int, status: Status, message: str) -> None:
+        asked = self._asking.pop(number, None)
+        if asked is None:  # the connection is gone (its CLOSED went up): nothing to answer
+            return
+        conn, answer = asked
+        if status == Status.OK:
+            answer(None)
+            return
+        del self._announced[conn]  # refused: never open up there, so no CLOSED for it
+        self._numbers.discard(number)
+        answer(Refused(status, message))
 
     def model_index(self, model: str) -> int:
         """``model``'s index (a REPLIED record's ``index``; ``NO_MODEL_INDEX`` for a name never served)."""
@@ -226,6 +249,7 @@ class _Channel(asyncio.Protocol):
         number = self._announced.pop(conn, None)
         if number is not None:
             self._numbers.discard(number)
+            self._asking.pop(number, None)  # (its ADMIT, if it is on its way, finds nobody: up there CLOSED ends it)
             self.send(channel.up(channel.CLOSED, number, value=outstanding))
 
     def report(self, udp_listeners: Sequence[UdpListener]) -> None:
@@ -274,6 +298,8 @@ class _Channel(asyncio.Protocol):
                 generation, table = channel.models_of(buf, pos)
                 self.set_models(table)
                 self.send(channel.up(channel.MODELS_TAKEN, value=generation))
+            elif kind == channel.ADMIT:
+                self._admit(*channel.admitted(buf, pos))
             elif kind == channel.STOP:
                 self._stop()
             elif kind == channel.CLOSE and not self.done.done():
@@ -407,6 +433,14 @@ class _WorkerTcpListener(TcpListener):
         self._chan.named(conn.id, conn.origin)
         return super().connection_opened(conn)
 
+    def admission_pending(self, conn: TcpConnection, grant: Grant, answer: Callable[[Refused | None], None]) -> bool:
+        # A named token's max_connections counts its connections on every worker, its HTTP requests and
+        # WebSockets: the scheduling process holds that count, so it is asked
+        if grant.identity is None or not self.admission.config.tokens[grant.identity].max_connections:
+            return False
+        self._chan.ask(conn.id, grant, answer)
+        return True
+
     def connection_closing(self, conn: TcpConnection) -> None:
         # Up there its frames still queued are abandoned now (CLOSED), not once it is gone
         self._chan.connection_closed(conn.id, conn.frames_outstanding)
@@ -447,7 +481,6 @@ async def serve(chan_sock: socket.socket, init: WorkerInit) -> None:
     admission.channel = chan
     admission.stream_results = _ForwardingHub(chan)
     admission.connection_cap = init.connection_cap
-    admission.connection_share = init.workers
     tcp = next(spec for spec in config.listeners if spec.kind == "tcp")
     udp_specs = [spec for spec in config.listeners if spec.kind == "udp"]
     udp = [_WorkerUdpListener(spec, admission, socket.socket(fileno=fd), chan)

@@ -28,7 +28,10 @@ Who decides what (one owner per fact):
   (its slot a view of the worker's range) that enters ``Admission.submit``
   like any other: queues, batching, priorities, deadlines, per-producer
   fairness (a named token's connections on every worker are one
-  ``Producer``, via ``Admission.producer_for``), frames in flight.
+  ``Producer``, via ``Admission.producer_for``), frames in flight, and a
+  named token's ``max_connections`` (a worker ASKs before it answers such a
+  token's HELLO: this process counts its connections on every worker, its
+  HTTP requests and WebSockets).
 * A frame's slot is released by a RELEASE record once the device copied it
   (or by the REPLY itself); the worker's pool frees it. Results go back
   inline in the REPLY record, and the worker that owns the connection writes
@@ -71,7 +74,7 @@ from streamgpu.config import ListenerSpec
 from streamgpu.errors import WorkerStartError
 from streamgpu.frame import Frame, Outcome, unsendable
 from streamgpu.ingest import channel
-from streamgpu.ingest.admission import Admission, Grant, Producer
+from streamgpu.ingest.admission import Admission, Grant, Producer, Refused
 from streamgpu.ingest.base import Listener
 from streamgpu.ingest.hub import Origin
 from streamgpu.ingest.udp import COUNTERS, STAT_NAMES, UdpListener, listener_options
@@ -172,7 +175,8 @@ class _Worker(asyncio.Protocol):
         self.started = False  # said READY
         self.udp: list[dict[str, int]] = [{} for _ in listener.udp]  # each UDP listener's numbers (STATS records)
         self._answer: channel.Answer | None = None  # an ANSWERED record whose TEXT records are still coming
-        self._opening: tuple[int, int, int, int] | None = None  # an OPEN record's (conn, index, priority, flags)
+        # An OPEN or ASK record's (conn, index, priority, flags, whether it asks), until its TEXT
+        self._opening: tuple[int, int, int, int, bool] | None = None
         self.handoff: socket.socket | None = None  # our end of the pair TCP connections are handed over on
         self._handed = 0  # connections handed over (modulo 2**32, as the worker counts those it took up)
         self._taken = 0  # ... of which it took up, as last reported (CONNECTIONS)
@@ -387,17 +391,14 @@ class _Worker(asyncio.Protocol):
                 frame = WorkerFrame(header, slot, remote.producer, (remote, stream_id), received_ns, complete_ns,
                                     deadline_ns, sink, remote.abandoned, False, self, self, fid)  # fmt: skip
                 frames.append(frame)
-            elif kind == channel.OPEN:  # the connection is made at the TEXT record of its name, which follows
-                self._opening = (conn, index, priority, flags)
+            elif kind == channel.OPEN or kind == channel.ASK:  # made at the TEXT record of its name, which follows
+                self._opening = (conn, index, priority, flags, kind == channel.ASK)
             elif kind == channel.TEXT and self._opening is not None:
                 label = channel.text_of((kind, priority, flags, _p, index, _q, conn, fid, offset, payload_len,
                                          stream_id, deadline_us, sequence, timestamp_ns, received_ns, complete_ns,
                                          deadline_ns)).rstrip(b"\0").decode(errors="replace")  # fmt: skip
-                number, identity, ceiling, source = self._opening
+                self._connection_made(label, *self._opening)
                 self._opening = None
-                grant = Grant(self._listener.identities[identity], ceiling)
-                producer = self._admission.producer_for(grant, label, admitted=True)  # (by the worker's share)
-                conns[number] = _RemoteConn(producer, Origin("udp" if source == channel.OPEN_UDP else "tcp", label))
             elif kind == channel.CLOSED:
                 self._submit(frames)  # its frames before it: queued while it was open, then dropped as abandoned
                 gone = conns.pop(conn, None)
@@ -431,6 +432,19 @@ class _Worker(asyncio.Protocol):
             elif kind == channel.ALIVE:
                 self.ring_used = offset
         self._submit(frames)
+
+    def _connection_made(self, label: str, number: int, identity: int, ceiling: int, source: int, asked: bool) -> None:
+        """An OPEN: the connection is made. An ASK: the same, if its named token has room under its
+        max_connections (counted here over every worker, HTTP requests and WebSockets), then the answer."""
+        grant = Grant(self._listener.identities[identity], ceiling)
+        try:
+            producer = self._admission.producer_for(grant, label, admitted=not asked)
+        except Refused as refused:
+            self.send(channel.admit(number, refused.status, refused.message))
+            return
+        self.conns[number] = _RemoteConn(producer, Origin("udp" if source == channel.OPEN_UDP else "tcp", label))
+        if asked:
+            self.send(channel.admit(number, Status.OK))
 
     def _answered(self, fields: tuple[int, ...]) -> None:
         """An ANSWERED record or one of its TEXT records: once its text is whole, its outcome is published
@@ -607,7 +621,7 @@ class WorkerListener(Listener):
         udp_fds = tuple(socks[index].fileno() for socks in self._udp_socks)
         init = WorkerInit(self._worker_config, index, -1, udp_fds, self._segment.fd,  # (handoff_fd: at spawn)
                           self._segment.nbytes, lent.offset, lent.offset + lent.nbytes,
-                          self._connection_cap, self._n, tuple(self._served()), worker.generation)  # fmt: skip
+                          self._connection_cap, tuple(self._served()), worker.generation)  # fmt: skip
         await worker.spawn(init, self._segment.fd)
         return worker
 

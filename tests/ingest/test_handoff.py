@@ -56,7 +56,7 @@ async def test_a_worker_out_of_descriptors_loses_one_connection_and_goes_on_taki
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
     init = worker.WorkerInit(cfg, 0, their_handoff.detach(), (), os.dup(segment.fd), segment.nbytes, 0,
-                             segment.nbytes, cfg.max_connections, 1, tuple(enumerate(cfg.models)))  # fmt: skip
+                             segment.nbytes, cfg.max_connections, tuple(enumerate(cfg.models)))  # fmt: skip
     serving = asyncio.ensure_future(worker.serve(theirs, init))
     up = b""
     async with asyncio.timeout(10):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import random
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 from streamgpu.config import Config, ListenerSpec, TokenSpec
 from streamgpu.frame import Frame, Outcome, finish_ok
 from streamgpu.ingest import tcp
-from streamgpu.ingest.admission import Admission
+from streamgpu.ingest.admission import Admission, Grant, Refused
 from streamgpu.ingest.tcp import HELLO_BYTES, TcpConnection, TcpListener
 from streamgpu.memory import SlotPool
 from streamgpu.models.spec import ModelSpec
@@ -590,15 +591,44 @@ def test_a_token_past_its_max_connections_is_refused_and_its_other_producers_are
     assert wire.decode_welcome(bytes(transport.written))[0].status == Status.OK  # type: ignore[index]
 
 
-def test_an_ingest_workers_share_of_a_tokens_max_connections_is_rounded_up() -> None:
-    harness = Harness(tokens={"fleet": TokenSpec("fleet-secret", max_connections=5)})
-    harness.admission.connection_share = 2  # as in one of two ingest workers: 3 of the token's 5 here
-    conns = [harness.connect() for _ in range(4)]
-    for conn, _ in conns:
-        feed(conn, hello("fleet-secret"))
-    welcomes = [wire.decode_welcome(bytes(t.written))[0] for _, t in conns]  # type: ignore[index]
-    assert [w.status for w in welcomes] == [Status.OK] * 3 + [Status.OVERLOADED]
-    assert welcomes[3].message.endswith("(its max_connections is 5; 3 on each of 2 ingest workers)")
+class AskingListener(TcpListener):
+    """As an ingest worker's: a capped token's HELLO waits for the answer the test gives (``answers``)."""
+
+    def __init__(self, spec: ListenerSpec, admission: Any) -> None:
+        super().__init__(spec, admission)
+        self.answers: list[Callable[[Refused | None], None]] = []
+
+    def admission_pending(self, conn: TcpConnection, grant: Grant, answer: Callable[[Refused | None], None]) -> bool:
+        self.answers.append(answer)
+        return True
+
+
+@pytest.mark.parametrize("answer", ["admitted", "refused", "gone first"])
+def test_a_hello_that_waits_for_admission_holds_what_follows_until_the_answer(answer: str) -> None:
+    """An ingest worker asks the scheduling process before it answers a capped token's HELLO: the frames sent
+    right behind the HELLO wait (nothing is admitted, nothing answered, reading paused) until the answer; then
+    WELCOME OK and the frames, or the refusal's WELCOME and a close, or nothing for a connection gone."""
+    harness = Harness(tokens={"fleet": TokenSpec("fleet-secret", max_connections=1)})
+    harness.listener = AskingListener(ListenerSpec(port=0), harness.admission)
+    conn, transport = harness.connect()
+    feed(conn, hello("fleet-secret") + frame(SMALL, 0) + frame(SMALL, 1))
+    assert transport.written == b"" and harness.frames == [] and transport.paused  # waiting, reading paused
+    (reply,) = harness.listener.answers
+    if answer == "admitted":
+        reply(None)
+        assert wire.decode_welcome(bytes(transport.written))[0].status == Status.OK  # type: ignore[index]
+        assert [f.header.sequence for f, _ in harness.frames] == [0, 1] and not transport.paused
+    elif answer == "refused":
+        reply(Refused(Status.OVERLOADED, "too many connections of token 'fleet' (its max_connections is 1)"))
+        welcome = wire.decode_welcome(bytes(transport.written))[0]  # type: ignore[index]
+        assert (welcome.status, welcome.message) == (Status.OVERLOADED, "too many connections of token 'fleet' "
+                                                     "(its max_connections is 1)")  # fmt: skip
+        assert transport.closed and harness.frames == [] and conn.producer is None
+    else:
+        conn.connection_lost(None)
+        reply(None)  # the answer finds it gone
+        assert transport.written == b"" and harness.frames == [] and conn.producer is None
+    assert harness.admission.frames_in_flight == len(harness.frames)
 
 
 # -- regressions from the hostile review -----------------------------------------------------------

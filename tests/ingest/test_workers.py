@@ -441,8 +441,7 @@ async def test_a_stop_sent_while_a_worker_starts_is_not_lost() -> None:
     lent = parent.lent
     init = worker.WorkerInit(dataclasses.replace(cfg, ingest_workers=0, ring_bytes=lent.nbytes), 0,
                              their_handoff.detach(), (), os.dup(segment.fd), segment.nbytes, lent.offset,
-                             lent.offset + lent.nbytes, cfg.max_connections, 1,
-                             tuple(enumerate(cfg.models)))  # fmt: skip
+                             lent.offset + lent.nbytes, cfg.max_connections, tuple(enumerate(cfg.models)))  # fmt: skip
     serving = asyncio.ensure_future(worker.serve(theirs, init))
     ours.setblocking(False)
     loop = asyncio.get_running_loop()
@@ -1361,27 +1360,67 @@ async def test_the_connections_gauge_counts_the_workers_connections_in_both_mode
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
 @pytest.mark.parametrize("workers", [0, 2])
-async def test_a_tokens_max_connections_holds_in_both_modes(workers: int) -> None:
-    """A token's connections past its max_connections are refused OVERLOADED (with two workers, each takes
-    its half: connections go to the worker holding the fewest), and one closing makes room again."""
-    tokens = {"fleet": TokenSpec("fleet-key", max_connections=2)}
-    async with Server(config(ingest_workers=workers, tokens=tokens)) as srv:
-        held = [await client.connect("127.0.0.1", srv.port, token="fleet-key") for _ in range(2)]
-        for conn in held:
+async def test_a_tokens_max_connections_is_one_count_over_workers_and_front_ends_in_both_modes(workers: int) -> None:
+    """A token's max_connections is one count, whichever worker a connection lands on and whether it is TCP or a
+    WebSocket. Review: each worker admitted its share (2 workers, a cap of 2: one each), so a token whose second
+    connection landed on the worker holding its first was refused below its cap, and TCP connections were not
+    counted with the WebSockets (4 open at once for a cap of 2)."""
+    tokens = {"fleet": TokenSpec("fleet-key", max_connections=2), "ops": TokenSpec("ops-key")}
+    listeners = [ListenerSpec(port=0), ListenerSpec(kind="http", port=0)]
+    async with Server(config(ingest_workers=workers, tokens=tokens, listeners=listeners)) as srv:
+        ws_url = f"ws://127.0.0.1:{srv.addresses[1][1]}/v1/stream?token=fleet-key"
+        # ops, fleet, ops: the second fleet connection goes to the worker holding the first (the emptiest)
+        opened = [await client.connect("127.0.0.1", srv.port, token=token)
+                  for token in ("ops-key", "fleet-key", "ops-key", "fleet-key")]  # fmt: skip
+        for conn in opened:
             assert (await conn.submit(frames(1, seed=2)[0])).ok
-        with pytest.raises(client.HandshakeError, match="OVERLOADED: too many connections of token 'fleet'"):
+        with pytest.raises(client.HandshakeError, match="OVERLOADED: too many connections of token 'fleet' "
+                           r"\(its max_connections is 2\)"):  # fmt: skip
             await client.connect("127.0.0.1", srv.port, token="fleet-key")
-        await held[0].close()
-        async with asyncio.timeout(5):  # once the server (its worker) has seen the close
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await session.ws_connect(ws_url)
+            assert refused.value.status == 503
+            await opened[1].close()  # a place for one: a WebSocket takes it, then TCP is refused again
+            async with asyncio.timeout(5):
+                while True:
+                    try:
+                        ws = await session.ws_connect(ws_url)
+                        break
+                    except aiohttp.WSServerHandshakeError:
+                        await asyncio.sleep(0.02)
+            with pytest.raises(client.HandshakeError, match="OVERLOADED"):
+                await client.connect("127.0.0.1", srv.port, token="fleet-key")
+            await ws.close()
+        for conn in [opened[0], *opened[2:]]:
+            await conn.close()
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+@pytest.mark.parametrize("workers", [0, 2])
+async def test_connections_gone_while_their_hello_is_answered_leave_the_tokens_count_in_both_modes(
+    workers: int,
+) -> None:
+    """A token's connections that close right after their HELLO (with workers: while it asks the scheduling
+    process) hold none of the token's places afterwards."""
+    tokens = {"fleet": TokenSpec("fleet-key", max_connections=1)}
+    async with Server(config(ingest_workers=workers, tokens=tokens)) as srv:
+        hello = wire.encode_hello(wire.Hello(token="fleet-key"))
+        for _ in range(20):
+            _, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+            writer.write(hello)
+            writer.close()  # gone before (or as) the answer comes
+        async with asyncio.timeout(5):  # the server sees them go
             while True:
                 try:
-                    again = await client.connect("127.0.0.1", srv.port, token="fleet-key")
+                    conn = await client.connect("127.0.0.1", srv.port, token="fleet-key")
                     break
                 except client.HandshakeError:
                     await asyncio.sleep(0.02)
-        assert (await again.submit(frames(1, seed=3)[0])).ok
-        for conn in [held[1], again]:
-            await conn.close()
+        assert (await conn.submit(frames(1, seed=2)[0])).ok
+        with pytest.raises(client.HandshakeError, match="OVERLOADED"):  # the one place is its
+            await client.connect("127.0.0.1", srv.port, token="fleet-key")
+        await conn.close()
 
 
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
