@@ -125,6 +125,9 @@ class _Channel(asyncio.Protocol):
         self._numbers: set[int] = set()  # the channel numbers of the connections announced
         # ASKs not answered yet, by channel number: the connection and what to tell it
         self._asking: dict[int, tuple[int, Callable[[Refused | None], None]]] = {}
+        # The numbers of connections gone while they asked: taken until their ADMIT comes (a connection given
+        # one meanwhile would take that answer for its own ASK's)
+        self._gone_asking: set[int] = set()
         # Connections (TCP, and UDP producers) by id -> how their frames' outcomes are published (their OPEN
         # says so: the scheduling process publishes the rest under the same name)
         self._origins: dict[int, Origin] = {}
@@ -216,8 +219,12 @@ class _Channel(asyncio.Protocol):
         self._asking[number] = (conn, answer)
 
     def _admit(self, number: int, status: Status, message: str) -> None:
+        if number in self._gone_asking:  # the connection is gone (its CLOSED went up): its number is free now
+            self._gone_asking.discard(number)
+            self._numbers.discard(number)
+            return
         asked = self._asking.pop(number, None)
-        if asked is None:  # the connection is gone (its CLOSED went up): nothing to answer
+        if asked is None:
             return
         conn, answer = asked
         if status == Status.OK:
@@ -248,8 +255,10 @@ class _Channel(asyncio.Protocol):
         self._origins.pop(conn, None)
         number = self._announced.pop(conn, None)
         if number is not None:
-            self._numbers.discard(number)
-            self._asking.pop(number, None)  # (its ADMIT, if it is on its way, finds nobody: up there CLOSED ends it)
+            if self._asking.pop(number, None) is not None:  # its ADMIT is on its way (up there CLOSED ends it)
+                self._gone_asking.add(number)
+            else:
+                self._numbers.discard(number)
             self.send(channel.up(channel.CLOSED, number, value=outstanding))
 
     def report(self, udp_listeners: Sequence[UdpListener]) -> None:

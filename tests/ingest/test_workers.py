@@ -29,7 +29,7 @@ from streamgpu import cli, client
 from streamgpu.config import Config, ConfigError, ListenerSpec, TokenSpec
 from streamgpu.frame import Frame, Outcome, Outputs
 from streamgpu.ingest import channel, worker, workers
-from streamgpu.ingest.admission import Admission, Grant, Producer
+from streamgpu.ingest.admission import Admission, Grant, Producer, Refused
 from streamgpu.ingest.hub import Origin
 from streamgpu.ingest.workers import WorkerFrame, WorkerListener, _Worker
 from streamgpu.memory import HostSegment, Slot, SlotPool
@@ -415,6 +415,44 @@ async def test_a_connection_whose_id_wraps_onto_an_open_ones_gets_a_channel_numb
     producers = [frame.producer.name for frame in submitted]
     assert producers == ["tcp:w0/42", "tcp:w0/4294967338", "tcp:w0/42"]
     assert list(parent.conns) == [42]
+    segment.close()
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # loop-agnostic: one loop is enough
+async def test_the_answer_to_a_connection_gone_while_asking_is_not_taken_by_a_newcomer_with_its_number() -> None:
+    """A capped token's connection that closes while it asks frees nothing on the channel until its ADMIT
+    comes. Its number went free at its CLOSED: past 2**32 ids, a newcomer that got that number (here: the
+    next id, the number below it held by a connection open since the start) and asked too took the ADMIT
+    meant for the one gone. Admitted in its worker while the scheduling process had refused it, it was one
+    connection over the token's cap, and its first frame failed the parent's channel (KeyError)."""
+    cfg = config(tokens={"fleet": TokenSpec("fleet-key", max_connections=1)})
+    parent, admission, segment = parent_worker(cfg)
+    parent.connection_made(FakeTransport())  # type: ignore[arg-type]
+    chan, up, _, their_admission = worker_side(cfg, segment, parent.lent)
+    grant = Grant("fleet", cfg.max_priority)
+    answers: dict[str, Refused | None] = {}
+
+    def ask(name: str, conn: int) -> None:
+        chan.named(conn, Origin("tcp", f"tcp:w0/{conn}"))
+        chan.ask(conn, grant, lambda refused: answers.__setitem__(name, refused))
+
+    chan.named(42, Origin("tcp", "tcp:w0/42"))  # open since the start (an anonymous producer's)
+    chan._open(42, their_admission.producer_for(Grant(None, cfg.max_priority), "peer"))
+    ask("gone", (1 << 32) + 42)  # number 43: 42 is taken
+    chan.connection_closed((1 << 32) + 42, 0)  # gone while it asks
+    ask("other", (1 << 32) + 50)  # another of the token's: admitted, the token's one place
+    ask("newcomer", (1 << 32) + 43)  # number 43 again (before the fix)
+    await asyncio.sleep(0)
+    down = FakeTransport()
+    parent.connection_made(down)  # type: ignore[arg-type]
+    parent.data_received(bytes(up.written))  # OK (then CLOSED), OK, OVERLOADED
+    await asyncio.sleep(0)
+    chan.data_received(bytes(down.written))
+    assert answers["other"] is None
+    refused = answers["newcomer"]
+    assert refused is not None and refused.status == Status.OVERLOADED, answers
+    assert "gone" not in answers
+    assert admission._named["fleet"].connections == 1
     segment.close()
 
 
