@@ -933,7 +933,7 @@ class WorkerListener(Listener):
             "ingest_workers": self._n,
             "workers_alive": len(live),
             "worker_restarts": self.restarts,
-            "connections": sum(len(w.conns) for w in live),  # those that sent a frame
+            "connections": sum(len(w.conns) for w in live),  # those that sent a frame; a capped token's: admitted
             "worker_connections": [len(w.conns) if w is not None and w.alive else 0 for w in self._workers],
             "worker_open_connections": [w.load if w is not None and w.alive else 0 for w in self._workers],
             "unhanded_connections": self._unhanded,
