@@ -389,6 +389,7 @@ def _producer(request: web.Request, admission: Admission) -> Producer:
     try:
         return admission.producer_for(grant, f"http:{peer}")
     except Refused as refused:  # its token has its max_connections (requests in the server) open
+        admission.refused_handshake(f"http:{peer}", refused.status, refused.message)  # (counted, logged: as TCP's)
         raise HttpError(HTTP_STATUS[refused.status], refused.message) from None
 
 

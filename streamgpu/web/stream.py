@@ -281,6 +281,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     try:
         producer = admission.producer_for(grant, f"ws:{request.remote}")
     except Refused as refused:  # its token has its max_connections open
+        admission.refused_handshake(f"ws:{request.remote}", refused.status, refused.message)  # (as TCP's)
         return web.json_response({"error": refused.message}, status=503)
     if not take_place(request):
         admission.leave(producer, queued=False)

@@ -24,7 +24,9 @@ import torch
 
 from streamgpu import client
 from streamgpu.config import Config, ListenerSpec, TokenSpec
+from streamgpu.metrics import NO_MODEL
 from streamgpu.models.spec import ModelSpec
+from streamgpu.protocol.wire import Status
 from streamgpu.server import Server
 from streamgpu.web import oip
 from tests.test_server import record_withdrawals, slow_batches
@@ -524,6 +526,11 @@ async def test_a_tokens_max_connections_counts_its_tcp_connections_websockets_an
                 assert response.status == 503 and (await response.json())["error"] == why
             result = await c.infer("default", [inp], headers={"Authorization": "Bearer ops-key"})
             assert result.as_numpy("output").shape == (1, 1000)
+            # Every refusal is counted as the TCP one is: a refused handshake (replies, no model, OVERLOADED)
+            refused = [
+                n for model, status, n in server.replies.items() if model == NO_MODEL and status == Status.OVERLOADED
+            ]
+            assert refused == [3]
             await held.close()  # its place is the token's again once the server sees the close
             for attempt in range(100):
                 try:
