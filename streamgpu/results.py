@@ -51,6 +51,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SUBSCRIBER_BUFFER = 1024 * 1024  # unsent bytes at which a results subscriber starts skipping lines
+# Bytes a results subscriber may send (ignored: nc's typing, a newline): past them it is closed with an error,
+# as reading what it sends without end would take the loop from every producer.
+SUBSCRIBER_INPUT = 64 * 1024
 
 
 def result_record(
@@ -212,13 +215,19 @@ class Results:
 
 
 class FileOutlet(Outlet):
-    """Appends lines to a file; flushed once per loop iteration (page cache writes, no fsync)."""
+    """Appends lines to a file; flushed once per loop iteration (page cache writes, no fsync).
+
+    A file that cannot be written (a full disk, a file system gone read-only) drops lines, counted in
+    ``dropped``; the failure is logged once (with the error, ``error`` in the stats) and again when lines
+    go through once more. It costs no frame and no shutdown."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._file: typing.BinaryIO | None = None
         self._flush_pending = False
         self.lines = 0
+        self.dropped = 0  # lines the file did not take (a write failed)
+        self.error = ""  # the failure that drops lines now ("" while lines go through)
 
     async def start(self) -> None:
         try:
@@ -229,7 +238,12 @@ class FileOutlet(Outlet):
     def write_line(self, line: bytes) -> None:
         if self._file is None:
             return
-        self._file.write(line)
+        try:
+            self._file.write(line)  # (a line the buffer cannot take is not taken in part)
+        except OSError as exc:
+            self.dropped += 1
+            self._failed(exc)
+            return
         self.lines += 1
         if not self._flush_pending:  # one flush (system call) per loop iteration, not per line
             self._flush_pending = True
@@ -237,16 +251,34 @@ class FileOutlet(Outlet):
 
     def _flush(self) -> None:
         self._flush_pending = False
-        if self._file is not None:
-            self._file.flush()
+        if self._file is None:
+            return
+        try:
+            self._file.flush()  # what a failed flush did not write stays buffered for the next one
+        except OSError as exc:
+            self._failed(exc)
+            return
+        if self.error:
+            log.warning("results_file %r is written again (%d lines were dropped)", self.path, self.dropped)
+            self.error = ""
+
+    def _failed(self, exc: OSError) -> None:
+        if not self.error:
+            self.error = exc.strerror or str(exc)
+            log.warning("results_file %r cannot be written: %s; lines are dropped until it can", self.path,
+                        self.error)  # fmt: skip
 
     async def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        file, self._file = self._file, None
+        if file is not None:
+            try:
+                file.close()
+            except OSError as exc:  # the last lines are lost; the server's release goes on
+                log.warning("results_file %r: the last lines could not be written: %s", self.path,
+                            exc.strerror or exc)  # fmt: skip
 
     def stats(self) -> dict[str, Any]:
-        return {"kind": "file", "path": self.path, "lines": self.lines}
+        return {"kind": "file", "path": self.path, "lines": self.lines, "dropped": self.dropped, "error": self.error}
 
 
 class _Subscriber(asyncio.Protocol):
@@ -256,6 +288,7 @@ class _Subscriber(asyncio.Protocol):
         self._outlet = outlet
         self.transport: asyncio.Transport | None = None
         self.skipped = 0  # lines not sent since the last one that was
+        self.received = 0  # bytes it sent (ignored)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         outlet = self._outlet
@@ -270,7 +303,20 @@ class _Subscriber(asyncio.Protocol):
         outlet.joined(self)
 
     def data_received(self, data: bytes) -> None:
-        pass  # subscribers have nothing to say; what they send is dropped
+        # Subscribers have nothing to say; what they send is dropped, up to SUBSCRIBER_INPUT bytes.
+        self.received += len(data)
+        transport = self.transport
+        if self.received > SUBSCRIBER_INPUT and transport is not None and not transport.is_closing():
+            self._outlet.left(self)  # no line more, nor its place
+            self._outlet.closed_for_input += 1
+            transport.pause_reading()
+            why = f"results subscribers send nothing; closed after {self.received} bytes (at most {SUBSCRIBER_INPUT})"
+            transport.write(encode_line({"error": why}))
+            # Its end of output, not a close: closing a socket with unread input resets the connection, and the
+            # peer's system would discard the error line. It goes after the lines already written; the connection
+            # is aborted after a grace (one that reads nothing holds it no longer).
+            transport.write_eof()
+            asyncio.get_running_loop().call_later(self._outlet.grace_s, transport.abort)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._outlet.left(self)
@@ -308,6 +354,8 @@ class TcpOutlet(Outlet):
         self.subscribers: set[_Subscriber] = set()
         self.skipped = 0
         self.refused = 0
+        self.closed_for_input = 0  # subscribers closed because they sent more than SUBSCRIBER_INPUT bytes
+        self.grace_s = 1.0  # a subscriber closed holding unsent lines is aborted after this
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -369,7 +417,7 @@ class TcpOutlet(Outlet):
 
     def stats(self) -> dict[str, Any]:
         return {"kind": "tcp", "address": self.address, "subscribers": len(self.subscribers), "skipped": self.skipped,
-                "refused": self.refused}  # fmt: skip
+                "refused": self.refused, "closed_for_input": self.closed_for_input}  # fmt: skip
 
 
 def results_from(port: int, host: str, path: str, max_subscribers: int) -> Results:
