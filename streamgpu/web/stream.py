@@ -49,6 +49,11 @@ MAX_SUBSCRIPTIONS = 64  # stream ids one socket may watch
 # A control message names at most MAX_SUBSCRIPTIONS ids: a longer one is refused unparsed (a text message
 # may be as long as a frame, and parsing megabytes of JSON would hold the loop for seconds).
 MAX_CONTROL_CHARS = 64 * 1024
+# Control messages a socket may send: a burst of CONTROL_BURST, then CONTROL_PER_S a second (past it the socket is
+# read no faster, its frames included): each costs a parse, up to MAX_SUBSCRIPTIONS subscriptions and an answer on
+# the loop, and a peer that reads its answers could otherwise send them without end, taking the loop from producers.
+CONTROL_BURST = 50
+CONTROL_PER_S = 50
 IDS_WANTED = "stream ids must be integers 0..4294967295 (one, or a list)"
 # A close frame not sent within this is given up and the connection aborted: a peer that reads nothing
 # would otherwise hold its handler, and the server's shutdown, up for good.
@@ -79,6 +84,8 @@ class StreamSocket:
         self.sending = True  # the writer runs (it ends when a send fails: nothing queued is sent after)
         self.subscriptions: dict[int, Subscription] = {}
         self.dropped = 0  # subscribed results dropped because this socket read too slowly
+        self.control_credit = float(CONTROL_BURST)  # control messages it may send now (``pace_control``)
+        self.control_at = asyncio.get_running_loop().time()  # when control_credit was reckoned
 
     # -- sending: one writer task, so that callbacks never await --------------------------------
 
@@ -205,6 +212,17 @@ class StreamSocket:
 
     # -- subscribing -------------------------------------------------------------------------------
 
+    async def pace_control(self) -> None:
+        """Before a control message is handled: wait while this socket is past CONTROL_BURST messages at
+        CONTROL_PER_S a second (a token bucket; nothing of it is read meanwhile)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        credit = min(float(CONTROL_BURST), self.control_credit + (now - self.control_at) * CONTROL_PER_S)
+        if credit < 1:
+            await asyncio.sleep((1 - credit) / CONTROL_PER_S)
+            credit, now = 1.0, loop.time()
+        self.control_credit, self.control_at = credit - 1, now
+
     def on_control(self, text: str) -> None:
         """A text message: subscribe or unsubscribe; answered with the ids now watched, or an error."""
         try:
@@ -304,6 +322,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
                     break
             elif msg.type is WSMsgType.TEXT:
                 await sock.wait_for_room()  # each is answered: a peer that never reads must not queue answers
+                await sock.pace_control()
                 sock.on_control(msg.data)
     finally:
         sockets.discard(sock)
