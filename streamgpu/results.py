@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -219,7 +220,8 @@ class FileOutlet(Outlet):
 
     A file that cannot be written (a full disk, a file system gone read-only) drops lines, counted in
     ``dropped``; the failure is logged once (with the error, ``error`` in the stats) and again when lines
-    go through once more. It costs no frame and no shutdown."""
+    go through once more. It costs no frame and no shutdown. A file removed or renamed away (``rm``, a
+    rotation) is made again at its path: the path is looked at, at most every ``check_s``, after a flush."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -228,12 +230,23 @@ class FileOutlet(Outlet):
         self.lines = 0
         self.dropped = 0  # lines the file did not take (a write failed)
         self.error = ""  # the failure that drops lines now ("" while lines go through)
+        self.check_s = 1.0  # how often a flush looks whether the path still names the file open
+        self._checked_at = 0.0
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the file open
+        self._reopen_failed = False  # (logged once)
 
     async def start(self) -> None:
         try:
             self._file = open(self.path, "ab")  # noqa: SIM115 - held open until close()
         except OSError as exc:
             raise ConfigError(f"cannot open results_file {self.path!r}: {exc.strerror or exc}") from None
+        self._identity = self._identity_of(self._file)
+        self._checked_at = asyncio.get_running_loop().time()
+
+    @staticmethod
+    def _identity_of(file: typing.BinaryIO) -> tuple[int, int]:
+        st = os.fstat(file.fileno())
+        return st.st_dev, st.st_ino
 
     def write_line(self, line: bytes) -> None:
         if self._file is None:
@@ -261,6 +274,35 @@ class FileOutlet(Outlet):
         if self.error:
             log.warning("results_file %r is written again (%d lines were dropped)", self.path, self.dropped)
             self.error = ""
+        self._follow_path()
+
+    def _follow_path(self) -> None:
+        """Reopen the path if it no longer names the file open (removed, or renamed by a rotation): lines
+        written to a removed file reach nobody, and its disk space grows unseen until the server stops."""
+        now = asyncio.get_running_loop().time()
+        if now - self._checked_at < self.check_s or self._file is None:
+            return
+        self._checked_at = now
+        try:
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == self._identity:
+                return
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return  # (cannot tell: go on with the file open)
+        try:
+            new = open(self.path, "ab")  # noqa: SIM115 - held open until close()
+        except OSError as exc:
+            if not self._reopen_failed:
+                self._reopen_failed = True
+                log.warning("results_file %r was removed and cannot be made again: %s; lines go to the removed "
+                            "file", self.path, exc.strerror or exc)  # fmt: skip
+            return
+        old, self._file, self._identity, self._reopen_failed = self._file, new, self._identity_of(new), False
+        log.info("results_file %r was removed or renamed: made again", self.path)
+        with contextlib.suppress(OSError):  # (flushed above)
+            old.close()
 
     def _failed(self, exc: OSError) -> None:
         if not self.error:

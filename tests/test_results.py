@@ -247,3 +247,30 @@ def test_the_results_tap_follows_its_outlets_wanting_lines() -> None:
     results.add_outlet(FileOutlet("unused"))  # a file always takes lines
     port.connect(-1)
     assert hub.watched(3) and len(hub._taps) == 1
+
+
+@pytest.mark.asyncio
+async def test_a_results_file_removed_while_serving_is_made_again(tmp_path: Path) -> None:
+    """``rm`` (or a rotation that renames it) of the results file while serving: lines went on into the file
+    removed, readable by nobody, its disk space growing unseen until the server stopped, nothing logged."""
+    path = tmp_path / "r.jsonl"
+    outlet = FileOutlet(str(path))
+    outlet.check_s = 0.0  # (every flush looks at the path; a second apart otherwise)
+    await outlet.start()
+    outlet.write_line(encode_line({"seq": 0}))
+    await asyncio.sleep(0)
+    path.rename(tmp_path / "r.jsonl.1")  # rotated
+    outlet.write_line(encode_line({"seq": 1}))  # (the flush that finds the path gone: still to the old file)
+    await asyncio.sleep(0)
+    outlet.write_line(encode_line({"seq": 2}))
+    await asyncio.sleep(0)
+    assert path.exists(), "lines still go to the file that was removed"
+    assert [json.loads(x)["seq"] for x in path.read_text().splitlines()] == [2]
+    assert [json.loads(x)["seq"] for x in (tmp_path / "r.jsonl.1").read_text().splitlines()] == [0, 1]
+    path.unlink()  # removed
+    outlet.write_line(encode_line({"seq": 3}))
+    await asyncio.sleep(0)
+    outlet.write_line(encode_line({"seq": 4}))
+    await asyncio.sleep(0)
+    assert [json.loads(x)["seq"] for x in path.read_text().splitlines()] == [4]
+    await outlet.close()
