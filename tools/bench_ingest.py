@@ -462,10 +462,18 @@ def serve(
     return server(cmd, out / f"server_{name}.log", r"listening on [\d.]+:(\d+)")
 
 
-def main_thread_cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/task/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
+def stat_cpu(path: str) -> float:
+    """User + system CPU seconds from a /proc ``stat`` file (a process's or a thread's); 0 when it is gone."""
+    try:
+        with open(path) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main_thread_cpu(pid: int) -> float:
+    return stat_cpu(f"/proc/{pid}/task/{pid}/stat")
 
 
 def machine_cpu() -> float:
@@ -510,16 +518,6 @@ class CpuShares:
         return (end[part] - start[part]) / max(end_t - start_t, 1e-9)
 
 
-def _cpu_of(pid: int) -> float:
-    """CPU seconds (user + system) of process ``pid``, all its threads; 0 when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def children_cpu(pid: int) -> float:
     """CPU seconds (user + system) of process ``pid``'s live children: a server's ingest workers."""
     total = 0.0
@@ -531,7 +529,7 @@ def children_cpu(pid: int) -> float:
             except OSError:
                 continue
             if ppid == pid:
-                total += _cpu_of(int(entry))
+                total += stat_cpu(f"/proc/{entry}/stat")
     return total
 
 

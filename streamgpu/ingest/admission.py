@@ -281,16 +281,16 @@ class Admission:
             return None
         return Grant(None, self.config.max_priority)
 
-    def producer_for(self, grant: Grant, label: str, *, admitted: bool = False) -> Producer:
+    def producer_for(self, grant: Grant, label: str) -> Producer:
         """The producer a new connection belongs to (shared by every connection of a named token).
 
-        Raises ``Refused`` (OVERLOADED) when a named token has its ``max_connections`` open already, unless
-        ``admitted``: the scheduling process admitted it (an ingest worker's connection, which asked it: ``ASK``
-        in ``ingest.channel``), or a worker's connection opening up there (the token has no cap)."""
+        Raises ``Refused`` (OVERLOADED) when a named token has its ``max_connections`` open already. (An ingest
+        worker counts only its own connections, which the scheduling process counted too before it admitted
+        them (``ASK`` in ``ingest.channel``): a worker never refuses one admitted.)"""
         if grant.identity is None:
             producer = Producer(self, label, grant.max_priority)
         elif (named := self._named.get(grant.identity)) is not None:
-            if not admitted and (why := self._token_full(grant.identity, named)):
+            if why := self._token_full(grant.identity, named):
                 raise Refused(Status.OVERLOADED, why)
             producer = named
         else:

@@ -304,7 +304,7 @@ class TcpConnection(asyncio.BufferedProtocol):
             self._state = _State.ADMITTING  # parsing stops here, reading pauses, until the answer
             self._pause_reading()
             return
-        self._open(grant, None, asked=False)
+        self._open(grant, None)
 
     def _on_admission(self, grant: Grant, refused: Refused | None) -> None:
         """The answer to an asked HELLO (``TcpListener.admission_pending``)."""
@@ -312,15 +312,15 @@ class TcpConnection(asyncio.BufferedProtocol):
             return  # closed meanwhile (a shutdown, or a close on the worker's side)
         if not self._admission.accepting:
             refused = Refused(Status.SHUTTING_DOWN, "server is shutting down")
-        self._open(grant, refused, asked=True)
+        self._open(grant, refused)
         if self._state is _State.HEADER:
             self._continue()  # what came after the HELLO
 
-    def _open(self, grant: Grant, refused: Refused | None, *, asked: bool) -> None:
+    def _open(self, grant: Grant, refused: Refused | None) -> None:
         """Answer the HELLO: WELCOME OK and the connection's producer, or the refusal and close."""
         if refused is None:
             try:
-                self.producer = self._admission.producer_for(grant, self.peer, admitted=asked)
+                self.producer = self._admission.producer_for(grant, self.peer)
             except Refused as exc:  # its token has its max_connections open
                 refused = exc
         if refused is not None:

@@ -435,10 +435,11 @@ class _Worker(asyncio.Protocol):
 
     def _connection_made(self, label: str, number: int, identity: int, ceiling: int, source: int, asked: bool) -> None:
         """An OPEN: the connection is made. An ASK: the same, if its named token has room under its
-        max_connections (counted here over every worker, HTTP requests and WebSockets), then the answer."""
+        max_connections (counted here over every worker, HTTP requests and WebSockets), then the answer. (A
+        token with a cap always asks: an OPEN's producer is never refused.)"""
         grant = Grant(self._listener.identities[identity], ceiling)
         try:
-            producer = self._admission.producer_for(grant, label, admitted=not asked)
+            producer = self._admission.producer_for(grant, label)
         except Refused as refused:
             self.send(channel.admit(number, refused.status, refused.message))
             return
