@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from streamgpu.config import Config
@@ -31,7 +32,7 @@ from streamgpu.protocol.wire import Status
 from streamgpu.results import Results, TcpOutlet, results_from
 from streamgpu.scheduler.health import DeviceHealth
 from streamgpu.scheduler.runner import BatchRunner
-from streamgpu.scheduler.scheduler import Ended, QueueState, Scheduler
+from streamgpu.scheduler.scheduler import QueueState, Scheduler
 
 log = logging.getLogger("streamgpu")
 
@@ -156,9 +157,9 @@ class Server:
         self._admission.replies.add(self._manager.specs)
         await asyncio.gather(*(listener.models_changed() for listener in self._listeners))
 
-    def _run_batch(self, model: DeviceModel, frames: list[Any], expected_s: float, ended: Ended) -> None:
+    def _run_batch(self, model: DeviceModel, frames: list[Any], expected_s: float) -> Awaitable[float | None]:
         assert self._runner is not None
-        self._runner.run(model, frames, expected_s, ended)
+        return self._runner.run(model, frames, expected_s)
 
     def _sweep(self) -> None:
         """Enforce listeners' time limits (handshakes, payload budgets) about four times per shortest limit."""

@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ from streamgpu.models.spec import ModelSpec  # noqa: E402
 from streamgpu.protocol import wire  # noqa: E402
 from streamgpu.protocol.wire import FrameHeader  # noqa: E402
 from streamgpu.scheduler.runner import BatchRunner  # noqa: E402
-from streamgpu.scheduler.scheduler import Ended, Scheduler  # noqa: E402
+from streamgpu.scheduler.scheduler import Scheduler  # noqa: E402
 
 SIZES = {"3KB": (32, 32, 3), "150KB": (224, 224, 3)}
 PRODUCERS = (1, 4, 8, 64)
@@ -273,7 +274,7 @@ class _NullBackend(Backend):
 
         def deliver(error: BaseException | None) -> None:
             run.service_s = 1e-5
-            run.finish(model.rows[:n].copy())
+            result.set_result(model.rows[:n].copy())
 
         self.bridge.notify(_Done, deliver, expected_s)
         return run
@@ -345,8 +346,8 @@ async def loop_path(shape: tuple[int, ...], total: int, in_flight: int, producer
     backend = _NullBackend(loop, cfg)
     runner: list[BatchRunner] = []
 
-    def run_batch(model: DeviceModel, frames: list[Frame], expected_s: float, ended: Ended) -> None:
-        runner[0].run(model, frames, expected_s, ended)  # (as the server passes it)
+    def run_batch(model: DeviceModel, frames: list[Frame], expected_s: float) -> Awaitable[float | None]:
+        return runner[0].run(model, frames, expected_s)  # (as the server passes it: launched when called)
 
     scheduler = Scheduler(loop, run_batch, cfg.max_inflight_batches)
     runner.append(BatchRunner(backend, scheduler))

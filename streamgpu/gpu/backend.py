@@ -13,7 +13,6 @@ import abc
 import asyncio
 import importlib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,35 +41,12 @@ class BatchRun:
     out later without a copy).
     ``service_s`` is set before ``done`` resolves: how long the device spent on
     the batch (pre-processing + model + results back), measured on the device.
-
-    A backend resolves ``done`` only through ``finish``, which then calls
-    ``on_done`` (set by the batch's owner) in the same loop iteration: the
-    future's own callbacks, and whoever awaits it, run an iteration later, and
-    under load an iteration is a whole round of reads (docs/BENCHMARKS.md, "A
-    batch ended in the poll that finds it done").
     """
 
     size: int
     copied: asyncio.Future[None]
     done: asyncio.Future[BatchOutputs]
     service_s: float | None = None
-    on_done: Callable[[], None] | None = None
-
-    def finish(self, outcome: BatchOutputs | BaseException) -> None:
-        """End the batch: resolve ``done`` with its results, or its error (cancelled for a ``CancelledError``),
-        unless it is resolved already; then call ``on_done`` (once). ``copied`` must be settled first when the
-        batch did not fail: its slots are free by then."""
-        done = self.done
-        if not done.done():
-            if isinstance(outcome, asyncio.CancelledError):
-                done.cancel()
-            elif isinstance(outcome, BaseException):
-                done.set_exception(outcome)
-            else:
-                done.set_result(outcome)
-        on_done, self.on_done = self.on_done, None
-        if on_done is not None:
-            on_done()
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +145,6 @@ class Backend(abc.ABC):
 
         ``expected_s`` is the scheduler's estimate of when the batch completes
         (seconds from now), so completion can be awaited without spinning.
-        The batch is ended with ``BatchRun.finish``, on the loop.
         """
 
     # Whether a new version of a serving model's architecture can take its weights in place (below)

@@ -136,7 +136,9 @@ class CpuBackend(Backend):
                 trace.append(BatchTrace(model, len(views), started, ended, weights_version))  # list.append: thread-safe
             return result
 
-        asyncio.wrap_future(model.worker.submit(work), loop=loop).add_done_callback(functools.partial(_end, run))
+        asyncio.wrap_future(model.worker.submit(work), loop=loop).add_done_callback(
+            functools.partial(_forward, run.done)
+        )
         return run
 
     def close(self) -> None:
@@ -147,12 +149,15 @@ class CpuBackend(Backend):
         self._host = None  # the ring can be unmapped (a copy still running holds a view of its own)
 
 
-def _end(run: BatchRun, work: asyncio.Future[BatchOutputs]) -> None:
-    # (``copied`` is settled by then: the worker posted it to the loop before its result)
-    if work.cancelled():
-        run.finish(asyncio.CancelledError())
+def _forward(target: asyncio.Future[BatchOutputs], source: asyncio.Future[BatchOutputs]) -> None:
+    if target.done():
+        return
+    if source.cancelled():
+        target.cancel()
+    elif (exc := source.exception()) is not None:
+        target.set_exception(exc)
     else:
-        run.finish(work.exception() or work.result())
+        target.set_result(source.result())
 
 
 def _settle(future: asyncio.Future[Any], error: BaseException | None) -> None:

@@ -897,35 +897,35 @@ class CudaBackend(Backend):
         def deliver(error: BaseException | None) -> None:
             model.in_flight -= 1
             failed = error is not None  # then not known to be done on the device
-            outcome: BatchOutputs | BaseException
-            if error is not None:
-                outcome = error
-                if isinstance(error, asyncio.CancelledError):
-                    copied.cancel()
-                elif reads_ring and not copied.done():  # the same failure (the runner takes it first); else the
-                    copied.set_exception(error)  # bridge asks the copy's event
-                    copied.exception()  # (a copy of ``done``'s error: not logged as never retrieved)
-            else:
+            if isinstance(error, asyncio.CancelledError):
+                result.cancel()
+                copied.cancel()
+            elif error is not None and not result.done():
+                result.set_exception(error)
+                if reads_ring:  # the same failure (the runner awaits it first); else the bridge asks the copy's event
+                    copied.set_exception(error)
+                    copied.exception()  # (a copy of ``result``'s error: not logged as never retrieved)
+            elif not result.done():
                 try:  # a raise here would reach the loop's handler and leave the batch unanswered
                     run.service_s = buffers.started.elapsed_ms(buffers.done) / 1e3  # both complete: no wait
                     # Small (n x outputs): copied so that the buffers go back now (and the results are the
                     # batch's own, as BatchRun says).
-                    outcome = model.layout.assemble([host[:n].numpy().copy() for host in buffers.host])
+                    rows = model.layout.assemble([host[:n].numpy().copy() for host in buffers.host])
                     if traced and self.trace is not None:
                         self._trace(model, n, buffers, weights_version)
                 except Exception as exc:
-                    outcome = exc
-                if not copied.done():
-                    # ``done`` follows the copy on the device, so the copy is complete; its waiter may not have
-                    # been asked yet (the bridge asks none behind a stream's first pending event), and the set's
-                    # next batch would record ``copied`` again under it.
-                    copied.set_result(None)
+                    result.set_exception(exc)
+                else:
+                    result.set_result(rows)
+            if not failed and not copied.done():
+                # ``done`` follows the copy on the device, so the copy is complete; its waiter may not have been
+                # asked yet (the bridge asks none behind a stream's first pending event), and the set's next
+                # batch would record ``copied`` again under it.
+                copied.set_result(None)
             pool = model.buffers  # None: unloaded meanwhile (a shutdown out of time)
             if pool is not None:
                 # A failed batch's set is held, never reused: the device may still write it.
                 (pool.hold if failed else pool.give_back)(buffers)
-            # Last: ending the batch may launch the next one (the scheduler dispatches), on this set.
-            run.finish(outcome)
 
         return run, deliver
 

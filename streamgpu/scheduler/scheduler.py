@@ -57,9 +57,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -74,11 +73,10 @@ from streamgpu.scheduler.latency import BatchLatency
 from streamgpu.scheduler.metrics import ModelMetrics
 from streamgpu.scheduler.queues import FairQueue
 
-# run_batch(model, frames, expected_s, ended): launch now (called as the batch is formed); free the slots once
-# copied, finish every frame, then call ended(service) with the batch's service time as the device measured it
-# (seconds), or None (failed), never before run_batch returns. It must not raise: a failure is answered and None.
-Ended = Callable[[float | None], None]
-RunBatch = Callable[[DeviceModel, list[Frame], float, Ended], None]
+# run_batch(model, frames, expected_s): launch (the real runner does it before returning: called as the batch is
+# formed), then the awaitable frees the slots once copied and finishes every frame; it gives the batch's service
+# time as the device measured it (seconds), or None (failed). It must not raise: a failure is answered and None.
+RunBatch = Callable[[DeviceModel, list[Frame], float], Awaitable[float | None]]
 
 # The completion bridge may sleep until this fraction of the expected completion time: a
 # batch faster than its estimate is then noticed late by at most a fifth of the estimate.
@@ -137,13 +135,12 @@ class ModelQueue:
         # "received"), with that version's replicas; may name frames that left the queue since (cleared
         # once none is queued).
         self.pinned: dict[Frame, list[Replica]] = {}
-        self.running: dict[asyncio.Future[None], DeviceModel] = {}  # batches in flight (each resolved as it ends)
-        # and the instance each runs on
+        self.tasks: dict[asyncio.Task[None], DeviceModel] = {}  # batches in flight and the instance they run on
         self.removed = False
 
     @property
     def in_flight(self) -> int:
-        return len(self.running)  # (a version swapped out finishes its batches too: the replicas are the new one's)
+        return len(self.tasks)  # (a version swapped out finishes its batches too: the replicas are the new one's)
 
     def cancel_timer(self, frame: Frame) -> None:
         timer = self.deadline_timers.pop(frame, None)
@@ -166,7 +163,7 @@ class Scheduler:
         self._max_inflight = max_inflight_batches
         self.health = health or DeviceHealth(["device"])
         self._queues: dict[str, ModelQueue] = {}
-        self._running: set[asyncio.Future[None]] = set()  # every queue's ``running``
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # -- models ----------------------------------------------------------------
 
@@ -217,7 +214,7 @@ class Scheduler:
         if queue is None:
             return False
         ids = {id(m) for m in models}
-        if any(id(m) in ids for m in queue.running.values()) or any(id(r.model) in ids for r in queue.replicas):
+        if any(id(m) in ids for m in queue.tasks.values()) or any(id(r.model) in ids for r in queue.replicas):
             return True
         return any(id(r.model) in ids for f in queue.frames for r in queue.pinned.get(f, ())) if queue.pinned else False
 
@@ -225,8 +222,8 @@ class Scheduler:
         """Wait until no batch of ``models`` (a version swapped out) is in flight or pinned to run on them."""
         while self.uses(models):
             queue = self._queues[models[0].spec.name]
-            if queue.running:
-                await asyncio.wait(set(queue.running), return_when=asyncio.FIRST_COMPLETED)
+            if queue.tasks:
+                await asyncio.wait(set(queue.tasks), return_when=asyncio.FIRST_COMPLETED)
             else:
                 await asyncio.sleep(0.001)  # pinned frames waiting for their batch to form
         served = self._queues.get(models[0].spec.name) if models else None
@@ -240,9 +237,9 @@ class Scheduler:
         """
         queue = self._queues[name]
         queue.removed = True
-        while queue.frames or queue.running:
-            if queue.running:
-                await asyncio.wait(set(queue.running), return_when=asyncio.FIRST_COMPLETED)
+        while queue.frames or queue.tasks:
+            if queue.tasks:
+                await asyncio.wait(set(queue.tasks), return_when=asyncio.FIRST_COMPLETED)
             else:
                 self._dispatch(queue)
                 await asyncio.sleep(0.001)
@@ -587,10 +584,12 @@ class Scheduler:
         replica.running.append(len(batch))
         replica.busy_until = replica.finish_at(now, len(batch))
         hint = (replica.busy_until - now) * HINT_FRACTION
-        ended: asyncio.Future[None] = self._loop.create_future()
-        queue.running[ended] = replica.model
-        self._running.add(ended)
-        self._run_batch(replica.model, batch, hint, functools.partial(self._ended, queue, replica, len(batch), ended))
+        running = self._run_batch(replica.model, batch, hint)  # launched now, not at the task's first step
+        task = self._loop.create_task(self._run(queue, replica, batch, running))
+        self._tasks.add(task)
+        queue.tasks[task] = replica.model
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(queue.tasks.pop)
         # The accounting once the batch is launched: the device need not wait for it (~20 us a batch, dev VM)
         metrics = queue.metrics
         metrics.batches += 1
@@ -599,22 +598,23 @@ class Scheduler:
         metrics.queue_wait_us.extend((wait_s * 1e6).tolist())
         metrics.queue_s.observe_all(wait_s)
 
-    def _ended(self, queue: ModelQueue, replica: Replica, size: int, ended: asyncio.Future[None],
-               service: float | None) -> None:  # fmt: skip
-        """A batch ended (its frames finished): learn from it, and launch what its place allows now."""
-        end = time.perf_counter()
-        # Only the device's own measure of a batch trains the estimates: a host measure includes how late the
-        # loop noticed completion, which depends on the hint, which depends on the estimate (a feedback loop
-        # that locked in a slow first batch). A failed batch (None) teaches nothing.
-        if service is not None:
-            replica.latency.observe(size, service)
-        replica.running.popleft()
-        # Re-anchor on what was observed: estimates summed over many launches drift.
-        replica.busy_until = end + sum(replica.latency.estimate(n) for n in replica.running)
-        del queue.running[ended]
-        self._running.discard(ended)
-        ended.set_result(None)
-        self._dispatch(queue)
+    async def _run(self, queue: ModelQueue, replica: Replica, batch: list[Frame],
+                   running: Awaitable[float | None]) -> None:  # fmt: skip
+        service: float | None = None
+        try:
+            service = await running
+        finally:
+            end = time.perf_counter()
+            # Only the device's own measure of a batch trains the estimates: a host measure
+            # includes how late the loop noticed completion, which depends on the hint, which
+            # depends on the estimate (a feedback loop that locked in a slow first batch).
+            # A failed batch (None) teaches nothing.
+            if service is not None:
+                replica.latency.observe(len(batch), service)
+            replica.running.popleft()
+            # Re-anchor on what was observed: estimates summed over many launches drift.
+            replica.busy_until = end + sum(replica.latency.estimate(n) for n in replica.running)
+            self._dispatch(queue)
 
     # -- state and shutdown --------------------------------------------------------
 
@@ -684,8 +684,8 @@ class Scheduler:
     async def idle(self) -> None:
         """Wait until nothing is queued and no batch is in flight."""
         while self.busy:
-            if self._running:
-                await asyncio.wait(set(self._running))
+            if self._tasks:
+                await asyncio.wait(set(self._tasks))
             else:
                 await asyncio.sleep(0.001)
 

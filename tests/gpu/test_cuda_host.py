@@ -260,13 +260,9 @@ async def test_a_batch_found_done_has_its_results_in_that_loop_iteration(
     if busy:
         model.in_flight = 1  # another batch of it on the device: this one is gathered first
     run = backend._launch_replay(model, _slots(0, 256), 0.0)
-    ended: list[tuple[bool, int, int]] = []  # what the batch's owner sees as it is told
-    run.on_done = lambda: ended.append((run.copied.done(), model.in_flight, len(model.buffers.free)))
     await asyncio.sleep(0)  # one iteration: the poll (its events complete at once)
     assert run.copied.done() and run.done.done()
     assert run.done.result().shape == (2, 2) and model.in_flight == int(busy)
-    # Told in the poll, once its copy is settled and its set back: the next batch it launches may take that set
-    assert ended == [(True, int(busy), 3)]
 
 
 @pytest.mark.asyncio

@@ -29,7 +29,7 @@ from streamgpu.memory import HostSegment, Slot, SlotPool
 from streamgpu.metrics import Histogram
 from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol.wire import FrameFlags, FrameHeader, Status, Timings
-from streamgpu.scheduler.scheduler import Ended, Scheduler
+from streamgpu.scheduler.scheduler import Scheduler
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -74,15 +74,12 @@ class Run:
             self.scheduler.add_model([Model(spec)])
         return self.scheduler
 
-    def run_batch(self, model: DeviceModel, frames: list[Frame], expected_s: float, ended: Ended) -> None:
+    async def run_batch(self, model: DeviceModel, frames: list[Frame], expected_s: float) -> float | None:
         self.batches.append([f.header.sequence for f in frames])
-        asyncio.get_running_loop().call_later(0.05, self._end, frames, ended)
-
-    @staticmethod
-    def _end(frames: list[Frame], ended: Ended) -> None:
+        await asyncio.sleep(0.05)
         for frame in frames:
             frame.finish(Outcome(Status.OK))
-        ended(0.05)
+        return 0.05
 
     def sink(self, frame: Frame, outcome: Outcome) -> None:
         self.answers[frame.header.sequence] = outcome.status

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from streamgpu.scheduler import runner
 from streamgpu.scheduler.health import DeviceHealth
 from streamgpu.scheduler.metrics import ModelMetrics
 from streamgpu.scheduler.runner import BatchRunner
-from streamgpu.scheduler.scheduler import Ended, Scheduler
+from streamgpu.scheduler.scheduler import Scheduler
 
 SPEC = ModelSpec(name="m", input_shape=(1,), preprocess="none", max_batch_size=4, max_queue_delay_ms=1)
 
@@ -34,8 +35,7 @@ class Model(DeviceModel):
 
 
 class Backend2(Backend):
-    """Two devices. Device 0 never completes a batch (``hang``) or loses its context (``lost``); with ``manual``
-    no batch ends until the test ends it (``hung`` holds them)."""
+    """Two devices. Device 0 never completes a batch (``hang``) or loses its context (``lost``)."""
 
     name = "fake"
 
@@ -43,7 +43,6 @@ class Backend2(Backend):
         self.loop = loop
         self.devices = ["gpu0", "gpu1"]
         self.hang = False
-        self.manual = False
         self.lost = ""
         self.hung: list[BatchRun] = []
         self.launched: list[int] = []
@@ -60,11 +59,11 @@ class Backend2(Backend):
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         run = BatchRun(len(slots), self.loop.create_future(), self.loop.create_future())
         run.copied.set_result(None)
-        if self.manual or (model.device == 0 and self.hang):
+        if model.device == 0 and self.hang:
             self.hung.append(run)
         else:
+            run.done.set_result(np.zeros((len(slots), 1), np.float32))
             run.service_s = 0.001
-            self.loop.call_soon(run.finish, np.zeros((len(slots), 1), np.float32))
         return run
 
     def device_error(self, device: int) -> str | None:
@@ -95,8 +94,8 @@ class Rig:
         self.outcomes: dict[int, Outcome] = {}
         self.producer = Producer()
 
-    def _run(self, model: DeviceModel, frames: list[Frame], expected_s: float, ended: Ended) -> None:
-        self.runner.run(model, frames, expected_s, ended)  # (as the server passes it)
+    def _run(self, model: DeviceModel, frames: list[Frame], expected_s: float) -> Awaitable[float | None]:
+        return self.runner.run(model, frames, expected_s)  # (as the server passes it: launched when called)
 
     def submit(self, seq: int) -> None:
         now = time.perf_counter_ns()
@@ -138,24 +137,6 @@ async def test_a_batch_is_launched_before_the_schedulers_accounting_of_it() -> N
 
 
 @pytest.mark.asyncio
-async def test_a_batch_the_backend_ends_is_answered_and_the_next_launched_in_that_call() -> None:
-    # The backend ends a batch from the poll that finds it done; a task awaiting ``done`` ran an iteration later
-    # and the scheduler's task awaiting that one more: under load an iteration is a whole round of reads, each a
-    # batch slot held for nothing (docs/BENCHMARKS.md, "A batch ended in the poll that finds it done").
-    rig = Rig()
-    rig.backend.manual = True
-    for seq in range(3):
-        rig.submit(seq)  # one batch on each device (max_inflight_batches 1), the third queued
-    assert rig.backend.launched == [0, 1] and len(rig.backend.hung) == 2
-    rig.backend.hung[0].finish(np.zeros((1, 1), np.float32))
-    assert 0 in rig.outcomes and rig.outcomes[0].ok  # in that call: no await since
-    assert rig.backend.launched == [0, 1, 0] and 2 not in rig.outcomes
-    for run in rig.backend.hung[1:]:
-        run.finish(np.zeros((1, 1), np.float32))
-    assert sorted(rig.outcomes) == [0, 1, 2] and not rig.scheduler.busy
-
-
-@pytest.mark.asyncio
 async def test_a_batch_that_never_completes_is_answered_and_its_device_skipped_until_it_ends() -> None:
     rig = Rig()
     rig.backend.hang = True
@@ -173,7 +154,7 @@ async def test_a_batch_that_never_completes_is_answered_and_its_device_skipped_u
     assert rig.backend.launched.count(0) == 1  # nothing more placed on the hung device
     assert rig.scheduler.metrics_for("m").failed == 1
     run = rig.backend.hung[0]  # the device comes back: its late result is dropped, the device used again
-    run.finish(np.zeros((1, 1), np.float32))
+    run.done.set_result(np.zeros((1, 1), np.float32))
     await asyncio.sleep(0.01)
     assert rig.scheduler.health.snapshot()[0]["healthy"]
     assert rig.outcomes[0].status == Status.INTERNAL_ERROR  # answered once, not again

@@ -16,7 +16,7 @@ from streamgpu.gpu.backend import DeviceModel
 from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol.wire import FrameFlags, FrameHeader, Status
 from streamgpu.scheduler.health import DeviceHealth
-from streamgpu.scheduler.scheduler import Ended, Scheduler
+from streamgpu.scheduler.scheduler import Scheduler
 
 
 class FakeModel(DeviceModel):
@@ -65,19 +65,17 @@ class Harness:
             self.scheduler.add_model([FakeModel(spec, d) for d in range(devices) for _ in range(spec.instances)])
         return self.scheduler
 
-    def run_batch(self, model: DeviceModel, frames: list[Frame], expected_s: float, ended: Ended) -> None:
+    async def run_batch(self, model: DeviceModel, frames: list[Frame], expected_s: float) -> float | None:
         self.batches.append((model.spec.name, [f.header.sequence for f in frames], time.perf_counter() - self.t0))
         self.devices.append(model.device)
         self.instances.append(model)
         self.expected.append(expected_s)
         seconds = self.latency(model.spec.name, len(frames)) * self.slowdown.get(model.device, 1.0)
-        asyncio.get_running_loop().call_later(seconds, self._end, frames, seconds, ended)
-
-    def _end(self, frames: list[Frame], seconds: float, ended: Ended) -> None:
+        await asyncio.sleep(seconds)
         self.done.extend(f.header.sequence for f in frames)
         for frame in frames:
             frame.finish(Outcome(Status.OK))
-        ended(seconds)  # what the device would have measured
+        return seconds  # what the device would have measured
 
     def sink(self, frame: Frame, outcome: Outcome) -> None:
         if not outcome.ok:
@@ -179,7 +177,9 @@ async def test_idle_model_runs_at_once_and_busy_model_batches_what_accumulated()
     h = Harness(latency=lambda m, n: 0.05)
     h.start(spec())
     h.submit(0)
-    assert [b[1] for b in h.batches] == [[0]] and h.scheduler is not None  # at once, alone: the GPU was idle
+    assert [b[1] for b in h.batches] == [] and h.scheduler is not None  # launched as a task...
+    await asyncio.sleep(0)
+    assert [b[1] for b in h.batches] == [[0]]  # ...at once, alone: the GPU was idle
     for i in range(1, 11):
         h.submit(i)
     await h.settle()
@@ -482,10 +482,10 @@ async def test_device_measured_service_time_corrects_an_over_estimate_at_once() 
     # measure of each batch (5 ms) brings it down.
     h = Harness()
 
-    def run_batch(model: DeviceModel, frames: list[Frame], expected_s: float, ended: Ended) -> None:
+    async def run_batch(model: DeviceModel, frames: list[Frame], expected_s: float) -> float | None:
         h.expected.append(expected_s)
-        # really 5 ms; noticed at the hint at the earliest
-        asyncio.get_running_loop().call_later(max(0.005, expected_s), ended, 0.005)
+        await asyncio.sleep(max(0.005, expected_s))  # really 5 ms; noticed at the hint at the earliest
+        return 0.005
 
     sched = h.start(spec(max_batch_size=1))
     sched._run_batch = run_batch
