@@ -311,7 +311,8 @@ class WsTransport(Transport):
             )
         except aiohttp.WSServerHandshakeError as exc:  # 401 and friends: a refused connection, not a crash
             await session.close()
-            raise ConnectionError(f"WebSocket upgrade refused: {exc.status} {exc.message}") from None
+            reason = (exc.headers or {}).get(wire.WS_REFUSAL_HEADER) or exc.message  # (the body is not read)
+            raise ConnectionError(f"WebSocket upgrade refused: {exc.status} {reason}") from None
         except aiohttp.ClientError as exc:  # no HTTP there (the wire port: it hangs up); not all of these are OSErrors
             await session.close()
             raise ConnectionError(f"WebSocket upgrade failed: {exc or type(exc).__name__}") from None

@@ -52,6 +52,11 @@ MAX_MODEL_NAME = 255
 MAX_TOKEN = 1024
 MAX_MESSAGE = 65535
 
+# Over WebSockets (``GET /v1/stream``) a refused upgrade gives its reason in this response header as well as in
+# its JSON body: WebSocket clients (browsers, aiohttp's ``ws_connect``) do not read the body of an answer that is
+# not 101, and aiohttp's error keeps only the status and the headers.
+WS_REFUSAL_HEADER = "Streamgpu-Error"
+
 
 class ProtocolError(ValueError):
     """The byte stream cannot be parsed any further (framing is lost).

@@ -285,25 +285,32 @@ def _encode(header: FrameHeader, outcome: Outcome) -> bytes:
 _SOCKETS: web.AppKey[set[StreamSocket]] = web.AppKey("streamgpu.stream.sockets")
 
 
+def _refuse(status: int, message: str) -> web.Response:
+    """A refused upgrade: the reason in the JSON body and in ``wire.WS_REFUSAL_HEADER`` (printable ASCII: a
+    token's name comes from the config, and a header cannot hold a line break)."""
+    reason = "".join(c if " " <= c <= "~" else "?" for c in message)
+    return web.json_response({"error": message}, status=status, headers={wire.WS_REFUSAL_HEADER: reason})
+
+
 async def stream(request: web.Request) -> web.StreamResponse:
     """``GET /v1/stream``: upgrade, then frames in and replies out, subscriptions, until either side closes."""
     server = request.app[SERVER_KEY]
     if not server.started:
-        return web.json_response({"error": "server is not ready (starting or shutting down)"}, status=503)
+        return _refuse(503, "server is not ready (starting or shutting down)")
     admission = server.admission
     auth = request.headers.get("Authorization", "")
     token = auth[len("Bearer ") :] if auth.startswith("Bearer ") else request.query.get("token", "")
     grant = admission.authenticate(token)
     if grant is None:
-        return web.json_response({"error": "bad or missing auth token"}, status=401)
+        return _refuse(401, "bad or missing auth token")
     try:
         producer = admission.producer_for(grant, f"ws:{request.remote}")
     except Refused as refused:  # its token has its max_connections open
         admission.refused_handshake(f"ws:{request.remote}", refused.status, refused.message)  # (as TCP's)
-        return web.json_response({"error": refused.message}, status=503)
+        return _refuse(503, refused.message)
     if not take_place(request):
         admission.leave(producer, queued=False)
-        return web.json_response({"error": f"too many connections ({admission.config.max_connections})"}, status=503)
+        return _refuse(503, f"too many connections ({admission.config.max_connections})")
     # No permessage-deflate: a peer that asked for it would have the server compress every message it gets.
     ws = web.WebSocketResponse(max_msg_size=admission.config.max_payload_bytes + 64 * 1024, compress=False)
     sock = StreamSocket(ws, request.transport, admission, producer)

@@ -26,6 +26,7 @@ from streamgpu import client
 from streamgpu.config import Config, ListenerSpec, TokenSpec
 from streamgpu.metrics import NO_MODEL
 from streamgpu.models.spec import ModelSpec
+from streamgpu.protocol import wire
 from streamgpu.protocol.wire import Status
 from streamgpu.server import Server
 from streamgpu.web import oip
@@ -524,6 +525,7 @@ async def test_a_tokens_max_connections_counts_its_tcp_connections_websockets_an
             assert info.value.status() == "503"
             async with session.get(f"http://127.0.0.1:{port}/v1/stream?token=fleet-key") as response:
                 assert response.status == 503 and (await response.json())["error"] == why
+                assert response.headers[wire.WS_REFUSAL_HEADER] == why  # what WebSocket clients can read
             result = await c.infer("default", [inp], headers={"Authorization": "Bearer ops-key"})
             assert result.as_numpy("output").shape == (1, 1000)
             # Every refusal is counted as the TCP one is: a refused handshake (replies, no model, OVERLOADED)
