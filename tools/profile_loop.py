@@ -46,6 +46,10 @@ from streamgpu.models.spec import ModelSpec
 from streamgpu.server import Server
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+
+from bench_ingest import stat_cpu  # noqa: E402 - the tools directory is put on the path just above
+
 # Stage of a function, from the file it is defined in (first match wins).
 STAGES = [
     ("ingest/tcp.py", "ingest: TCP parse + reply write"),
@@ -95,15 +99,7 @@ def breakdown(profile: cProfile.Profile) -> dict[str, float]:
 
 def processes_cpu(pids: list[int]) -> float:
     """User + system CPU seconds of processes (the ingest workers), from /proc/PID/stat."""
-    total = 0.0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+    return sum(stat_cpu(f"/proc/{pid}/stat") for pid in pids)
 
 
 def start_load(port: int, args: argparse.Namespace, seconds: float) -> subprocess.Popen[bytes]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -311,7 +312,8 @@ class WsTransport(Transport):
             )
         except aiohttp.WSServerHandshakeError as exc:  # 401 and friends: a refused connection, not a crash
             await session.close()
-            reason = (exc.headers or {}).get(wire.WS_REFUSAL_HEADER) or exc.message  # (the body is not read)
+            answered = exc.headers if isinstance(exc.headers, Mapping) else {}  # (the body is not read)
+            reason = answered.get(wire.WS_REFUSAL_HEADER) or exc.message
             raise ConnectionError(f"WebSocket upgrade refused: {exc.status} {reason}") from None
         except aiohttp.ClientError as exc:  # no HTTP there (the wire port: it hangs up); not all of these are OSErrors
             await session.close()
