@@ -66,6 +66,8 @@ log = logging.getLogger(__name__)
 
 LOOPBACK_NETS = ("127.0.0.0/8", "::1/128", "::ffff:127.0.0.0/104")
 ENDED_KEPT = 1024  # per producer: recently ended frames, so their late datagrams are recognised
+# Where a UDP producer finds all of a model's several outputs (a reply datagram holds the first)
+_ALL_OUTPUTS = "its stream's WebSocket subscribers get all of them, as does a TCP connection of protocol version 2"
 DENIED_KEPT = 4096  # sender keys found outside the allow list (cached: a flood costs a lookup each)
 # A batch in fewer runs than this, or in runs of _RUN_LENGTH datagrams on average: a slice copy per run (the
 # gathering assignment copies twice, through a temporary; a run costs a few numpy calls).
@@ -731,9 +733,13 @@ class UdpListener(Listener):
         if frame.header.flags & FrameFlags.SUBSCRIBERS:  # the producer asked for no reply datagram
             self._counts["replies_to_subscribers"] += 1
             return
-        # Version 1 replies: a model's several outputs would need the outputs block, which UDP
-        # clients do not read yet; they get the first output and a message saying so.
-        reply, payload = wire.reply_to(frame.header, *outcome, version=1)
+        # A model's several outputs would need the outputs block, which UDP clients do not read yet: they get
+        # the first output and a message saying so, and where all of them are (not "connect with v2": UDP has
+        # no HELLO to ask for a version).
+        status, message, result, timings, outputs = outcome
+        if outputs is not None:
+            message = wire.first_output_note(outputs, "a UDP reply", _ALL_OUTPUTS)
+        reply, payload = wire.reply_to(frame.header, status, message, result, timings)
         self._send(peer, reply, payload)
 
     def _send(self, peer: _Peer, reply: ReplyHeader, payload: bytes | memoryview) -> None:

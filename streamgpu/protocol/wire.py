@@ -587,7 +587,7 @@ def reply_to(
             reply = ReplyHeader(h.stream_id, h.sequence, status, 0, (), len(block), h.timestamp_ns, timings, message,
                                 ReplyFlags.OUTPUTS)  # fmt: skip
             return reply, memoryview(block)
-        message = v1_outputs_note(outputs)
+        message = first_output_note(outputs)
     if result is None:
         return ReplyHeader(h.stream_id, h.sequence, status, timestamp_ns=h.timestamp_ns, timings=timings,
                            message=message), memoryview(b"")  # fmt: skip
@@ -651,11 +651,15 @@ def encode_outputs(outputs: dict[str, np.ndarray] | Sequence[np.ndarray]) -> byt
     return b"".join(parts)
 
 
-def v1_outputs_note(outputs: dict[str, np.ndarray] | Sequence[np.ndarray]) -> str:
-    """The message a v1 reply carries when the model has several outputs (the reply holds the first)."""
+def first_output_note(
+    outputs: dict[str, np.ndarray] | Sequence[np.ndarray],
+    carrier: str = "protocol v1",
+    remedy: str = "connect with protocol version 2 to receive all of them",
+) -> str:
+    """The message of a reply that holds only the first of a model's several outputs: what carries it (a v1
+    connection, by default) and how to get them all."""
     first = f" ({next(iter(outputs))!r})" if isinstance(outputs, dict) else ""
-    return (f"the model returns {len(outputs)} outputs; protocol v1 carries only the first{first}: "
-            "connect with protocol version 2 to receive all of them")  # fmt: skip
+    return f"the model returns {len(outputs)} outputs; {carrier} carries only the first{first}: {remedy}"
 
 
 def decode_outputs(payload: bytes | memoryview) -> list[tuple[str, np.ndarray]]:

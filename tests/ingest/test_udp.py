@@ -182,6 +182,26 @@ async def test_frames_over_udp_match_tcp_results(server: Server) -> None:
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("workers", [0, 2])
+async def test_a_model_with_several_outputs_answers_udp_with_the_first_and_says_where_the_rest_are(
+    workers: int,
+) -> None:
+    # The note was a v1 connection's, "connect with protocol version 2": a UDP sender has no HELLO to ask with.
+    top = ModelSpec(name="top", input_shape=SHAPE, postprocess="topk:3", max_batch_size=8, batch_buckets=(1, 8))
+    udp_spec = ListenerSpec("udp", "127.0.0.1", 0, {"reassembly_timeout_s": 0.2})
+    async with Server(Config(listeners=[ListenerSpec("tcp", "127.0.0.1", 0), udp_spec], device="cpu",
+                             models=[top], ingest_workers=workers)) as srv:  # fmt: skip
+        conn = await client.connect_udp("127.0.0.1", udp_port(srv), datagram_bytes=GRAM, reply_timeout=5)
+        try:
+            reply = await conn.infer(frames(1)[0], model="top")
+        finally:
+            await conn.close()
+    assert reply.ok and reply.unwrap().shape == (3,) and reply.outputs is None
+    assert "a UDP reply carries only the first ('indices')" in reply.message, reply.message
+    assert "WebSocket subscribers get all of them" in reply.message and "connect with" not in reply.message
+
+
+@pytest.mark.asyncio
 async def test_frames_flagged_for_subscribers_reach_a_websocket_subscriber_not_the_sender() -> None:
     """FrameFlags.SUBSCRIBERS: every outcome (OK and INCOMPLETE) goes to /v1/stream subscribers of the stream id,
     and no reply datagram to the producer; an unflagged frame of the same stream gets both."""
