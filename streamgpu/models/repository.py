@@ -44,15 +44,18 @@ Signature = tuple[tuple[str, int, int], ...]  # (file name, size, mtime_ns) of e
 def folder_signature(folder: str) -> Signature:
     """What identifies a version of a model folder's contents: its files' paths, sizes and modification times,
     subfolders' too (a relative source may name ``1/weights.pt``). Raises ``OSError`` if ``folder`` itself cannot
-    be read; a subfolder removed meanwhile reads as empty (a change: the next scans settle it)."""
+    be read; a file removed meanwhile is skipped, a subfolder reads as empty (a change: the next scans settle it)."""
     entries = []
     with os.scandir(folder) as it:
         top = list(it)
     folders = [entry.path for entry in top if entry.is_dir(follow_symlinks=False)]
     for entry in top:
-        if entry.is_file():
-            st = entry.stat()
-            entries.append((entry.name, st.st_size, st.st_mtime_ns))
+        # A file listed, then gone before its stat (a temporary file renamed over the model's) is skipped: raised,
+        # the scan took the whole folder for removed, and the poll unloaded its model
+        with contextlib.suppress(OSError):
+            if entry.is_file():
+                st = entry.stat()
+                entries.append((entry.name, st.st_size, st.st_mtime_ns))
     for sub in folders:
         for root, _dirs, files in os.walk(sub):  # (links to folders are not followed: no loop)
             for name in files:
