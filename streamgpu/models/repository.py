@@ -98,11 +98,19 @@ def folder_spec(folder: str) -> ModelSpec:
         raise StreamgpuError(f"{where}: 'name' is the folder's name, not a setting")
     source = settings.pop("source", None)
     if source is None:
-        found = [f"{kind}:{file}" for file, kind in MODEL_FILES.items() if os.path.isfile(os.path.join(folder, file))]
-        if len(found) != 1:
+        found = [file for file in MODEL_FILES if os.path.isfile(os.path.join(folder, file))]
+        # (a model file there that is no regular file, or two of them, said "put one of them there": one was)
+        odd = [f for f in sorted(MODEL_FILES) if f not in found and os.path.lexists(os.path.join(folder, f))]
+        if len(found) > 1:
+            raise StreamgpuError(f"model repository folder {folder}: both {sorted(found)} are there: remove one, or "
+                                 f"name the source in {CONFIG_FILE}")  # fmt: skip
+        if not found and odd:
+            raise StreamgpuError(f"model repository folder {folder}: {odd[0]} is not a regular file (a folder, a FIFO, "
+                                 "a device or a dangling link): put the model file itself there")  # fmt: skip
+        if not found:
             raise StreamgpuError(f"model repository folder {folder}: put one of {sorted(MODEL_FILES)} there, or "
                                  f"name the source in {CONFIG_FILE}")  # fmt: skip
-        source = found[0]
+        source = f"{MODEL_FILES[found[0]]}:{found[0]}"
     if not isinstance(source, str):
         raise StreamgpuError(f"{where}: source must be a string")
     return model_spec(settings, where, name=name, source=folder_source(folder, source))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from streamgpu.config import Config, ListenerSpec
+from streamgpu.errors import StreamgpuError
 from streamgpu.models.repository import folder_signature, folder_spec
 from streamgpu.models.spec import ModelSpec
 from streamgpu.server import Server
@@ -99,3 +100,35 @@ async def test_a_file_removed_while_the_repository_is_scanned_does_not_unload_it
             _file_removed_after_listing(patched, folder, victim)
             await srv._repository.poll()  # type: ignore[union-attr]
         assert "cam" in srv.model_specs, srv.model_index()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "dangling link", "device"])
+def test_a_model_file_that_is_no_regular_file_is_named(tmp_path: Path, kind: str) -> None:
+    """A folder's model.ts that is a FIFO, a folder, a link to nothing or to a device was refused with "put one of
+    ['model.pt2', 'model.ts'] there": the operator, looking, sees one there. The refusal names it and says why."""
+    folder = tmp_path / "cam"
+    folder.mkdir()
+    model = folder / "model.ts"
+    if kind == "fifo":
+        os.mkfifo(model)
+    elif kind == "folder":
+        model.mkdir()
+    elif kind == "dangling link":
+        model.symlink_to(tmp_path / "gone.ts")
+    else:
+        model.symlink_to("/dev/zero")
+    with pytest.raises(StreamgpuError, match=r"model\.ts is not a regular file"):
+        folder_spec(str(folder))
+
+
+def test_a_folder_with_both_model_files_says_so(tmp_path: Path) -> None:
+    """model.pt2 and model.ts both there were refused with "put one of them there" too."""
+    folder = tmp_path / "cam"
+    folder.mkdir()
+    (folder / "model.pt2").write_bytes(b"x")
+    (folder / "model.ts").write_bytes(b"x")
+    with pytest.raises(StreamgpuError, match=r"both \['model\.pt2', 'model\.ts'\] are there: remove one"):
+        folder_spec(str(folder))
+    (folder / "model.pt2").unlink()  # one: its source
+    (folder / "config.toml").write_text("input_shape = [16, 16, 3]\n")
+    assert folder_spec(str(folder)).source == f"torchscript:{folder / 'model.ts'}"
