@@ -331,6 +331,13 @@ def _send(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                      "use --transport tcp")  # fmt: skip
     if args.transport == "udp" and args.token:
         parser.error("argument --token: udp has no handshake, so no token (the server's allow list decides)")
+    if args.deadline is not None:
+        from streamgpu.client import deadline_to_us
+
+        try:  # (a header carries it as a u32 of microseconds: ~71 minutes at most)
+            deadline_to_us(args.deadline)
+        except ValueError as exc:
+            parser.error(f"argument --deadline: {exc}")
     if args.input != "-" and not os.path.isfile(args.input):
         parser.error(f"argument --input: no such file {args.input!r}")
     if args.video:

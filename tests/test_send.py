@@ -192,6 +192,7 @@ async def test_a_video_decoded_with_pyav(server: Server, tmp_path: Path) -> None
         (["--subscribers", "--transport", "ws"], "--subscribers"),
         (["--transport", "udp", "--token", "s3cret"], "--token"),
         (["--transport", "udp", "--shape", "20000,20000,3"], "--shape"),  # 1.2 GB: refused before it is read
+        (["--deadline", "1e300"], "--deadline"),  # past a header's u32 of microseconds: was a ValueError traceback
     ],
 )
 def test_bad_send_arguments_are_cli_errors_naming_the_flag(
