@@ -24,8 +24,10 @@ docs/MODELS.md describes the whole lifecycle.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -36,6 +38,8 @@ from streamgpu.models.repository import folder_name_problem, folder_source, fold
 from streamgpu.models.spec import ModelSpec
 from streamgpu.server import Server
 from streamgpu.web.app import SERVER_KEY, HttpError, parse_json, read_body
+
+Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
 def _server(request: web.Request) -> Server:
@@ -167,22 +171,25 @@ async def unload(request: web.Request) -> web.Response:
     return web.json_response({})
 
 
-@web.middleware
-async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    if not request.path.startswith("/v2/repository/"):
-        return await handler(request)
-    try:
-        return await handler(request)
-    except HttpError as exc:
-        return web.json_response({"error": str(exc)}, status=exc.status)
-    except ModelNotFoundError as exc:
-        return web.json_response({"error": str(exc)}, status=404)
-    except StreamgpuError as exc:  # ModelLoadError, ConfigError: the message says what to fix
-        return web.json_response({"error": str(exc)}, status=400)
+def _answered(handler: Handler) -> Handler:
+    """``handler``, its refusals answered ``{"error": MESSAGE}`` with their status. (A middleware did it for paths
+    starting with /v2/repository/: embedded under a prefix, every refusal, a missing token's 401 too, was a 500.)"""
+
+    @functools.wraps(handler)
+    async def answered(request: web.Request) -> web.Response:
+        try:
+            return await handler(request)
+        except HttpError as exc:
+            return web.json_response({"error": str(exc)}, status=exc.status)
+        except ModelNotFoundError as exc:
+            return web.json_response({"error": str(exc)}, status=404)
+        except StreamgpuError as exc:  # ModelLoadError, ConfigError: the message says what to fix
+            return web.json_response({"error": str(exc)}, status=400)
+
+    return answered
 
 
 def add_routes(app: web.Application) -> None:
-    app.middlewares.append(_errors)
-    app.router.add_post("/v2/repository/index", index)
-    app.router.add_post("/v2/repository/models/{name}/load", load)
-    app.router.add_post("/v2/repository/models/{name}/unload", unload)
+    app.router.add_post("/v2/repository/index", _answered(index))
+    app.router.add_post("/v2/repository/models/{name}/load", _answered(load))
+    app.router.add_post("/v2/repository/models/{name}/unload", _answered(unload))
