@@ -14,6 +14,9 @@ from streamgpu.errors import ConfigError, NotRegularFileError
 # that show a setting's value (repr) would otherwise reach
 MAX_SETTINGS_NESTING = 32
 TOO_DEEP = f"tables or arrays nested more than {MAX_SETTINGS_NESTING} levels deep (no setting nests more than a few)"
+# Bytes a settings file may hold: example.toml, every setting with its comment, is ~20 KB. tomllib reads the whole
+# file before parsing it, so a file that never ends (/dev/zero, a pipe) took memory until MemoryError
+MAX_SETTINGS_BYTES = 16 * 1024 * 1024
 
 
 def _nesting_problem(doc: object) -> str | None:
@@ -48,12 +51,16 @@ def open_regular(path: str) -> IO[bytes]:
 
 def read_toml(path: str, where: str, regular: bool = False) -> dict[str, Any]:
     """The TOML document in file ``path``; ``ConfigError`` naming ``where`` (the file, as the caller names it:
-    ``config file 'c.toml'``) for one that tomllib cannot read, or that nests past ``MAX_SETTINGS_NESTING``,
-    saying why. ``OSError`` as ``open`` raises it (the caller says what a missing file means); ``regular``: the
-    file is opened by ``open_regular`` (a file the server finds, not one its operator names: that may be a pipe)."""
+    ``config file 'c.toml'``) for one that tomllib cannot read, that nests past ``MAX_SETTINGS_NESTING`` or is
+    larger than ``MAX_SETTINGS_BYTES``, saying why. ``OSError`` as ``open`` raises it (the caller says what a
+    missing file means); ``regular``: the file is opened by ``open_regular`` (a file the server finds, not one its
+    operator names: that may be a pipe)."""
     with open_regular(path) if regular else open(path, "rb") as f:
+        data = f.read(MAX_SETTINGS_BYTES + 1)
+        if len(data) > MAX_SETTINGS_BYTES:
+            raise ConfigError(f"{where} is larger than {MAX_SETTINGS_BYTES} bytes: not a settings file")
         try:
-            doc = tomllib.load(f)
+            doc = tomllib.loads(data.decode())
         # (TOML is UTF-8: UnicodeDecodeError; tomllib lets int()'s ValueError, past Python's digit limit, through)
         except ValueError as exc:
             raise ConfigError(f"{where} is not valid TOML: {exc}") from None
