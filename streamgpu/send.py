@@ -92,9 +92,15 @@ class InputError(Exception):
 
 def raw_frames(source: BinaryIO, opts: SendOptions) -> Iterator[np.ndarray]:
     """Back-to-back frames of ``opts.shape``/``dtype``; each a fresh array (the client sends it without
-    copying). InputError when the input ends in the middle of a frame."""
+    copying). InputError when the input ends in the middle of a frame, or a frame cannot be allocated."""
+    dtype = np.dtype(opts.dtype).newbyteorder("<")
     while True:
-        frame = np.empty(opts.shape, np.dtype(opts.dtype).newbyteorder("<"))
+        try:
+            frame = np.empty(opts.shape, dtype)
+        except MemoryError:  # (a transport that does not learn the server's limit, ws and http, lets any shape by)
+            nbytes = math.prod(opts.shape) * dtype.itemsize
+            raise InputError(f"a {opts.dtype} {list(opts.shape)} frame (--shape, --dtype) is {nbytes} bytes, more "
+                             "than this process can allocate") from None  # fmt: skip
         view = frame.reshape(-1).view(np.uint8).data
         got = 0
         while got < len(view):
@@ -189,7 +195,9 @@ async def send(opts: SendOptions, frames: Iterator[np.ndarray], out: TextIO, err
         err.write(f"streamgpu send: cannot connect to {opts.host}:{opts.port}: {exc}\n")
         return 1
     nbytes = math.prod(opts.shape) * np.dtype(opts.dtype).itemsize
-    if nbytes > conn.max_payload:  # every frame would be refused, and a huge one cannot even be allocated
+    # every frame would be refused, and a huge one cannot even be allocated (0: the transport does not learn the
+    # limit, ws and http: the server refuses a frame past it)
+    if conn.max_payload and nbytes > conn.max_payload:
         err.write(f"streamgpu send: a {opts.dtype} {list(opts.shape)} frame (--shape, --dtype) is {nbytes} bytes, "
                   f"more than the server takes ({conn.max_payload}, its max_payload_bytes)\n")  # fmt: skip
         await conn.close()

@@ -306,3 +306,22 @@ def test_a_token_longer_than_a_hello_carries_is_a_cli_error_not_a_traceback(
         "argument --token: the token (--token or $STREAMGPU_AUTH_TOKEN) must be at most 1024 UTF-8 bytes, got 1025"
         in (capsys.readouterr().err)
     )
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("transport", ["ws", "http"])
+async def test_frames_are_sent_over_the_web_transports(transport: str) -> None:
+    # A web transport learns no max_payload_bytes (no WELCOME: 0, unknown): send compared every frame with 0 and
+    # refused them all, "more than the server takes (0, its max_payload_bytes)"
+    listeners = [ListenerSpec(port=0), ListenerSpec(kind="http", port=0)]
+    async with Server(Config(listeners=listeners, device="cpu", models=[SPEC])) as srv:
+        port = srv.addresses[1][1]
+        data = bytes(2 * SPEC.frame_nbytes)
+        code, out, err = await send_in_process(data, port=port, shape=SPEC.input_shape, transport=transport)
+        assert code == 0 and err == "", err
+        assert [r["status"] for r in records(out)] == ["OK", "OK"]
+        # ...and with no limit to compare with, a frame too large to allocate is a message, not a MemoryError
+        shape = (100_000, 100_000, 100_000)
+        code, out, err = await send_in_process(b"", port=port, shape=shape, transport=transport)
+    assert code == 1 and out == ""
+    assert f"a uint8 {list(shape)} frame (--shape, --dtype) is {10**15} bytes, more than this process can" in err
