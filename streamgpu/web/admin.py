@@ -140,6 +140,9 @@ def _checked(server: Server, spec: ModelSpec) -> ModelSpec:
 async def index(request: web.Request) -> web.Response:
     server = _server(request)
     body = await _body(request)
+    if unknown := sorted(set(body) - {"ready"}):  # (a misspelt "ready" listed every model, answered 200)
+        raise HttpError(400, f"unknown keys {', '.join(map(repr, unknown))} in the index request: it takes "
+                             '{"ready": true} or nothing')  # fmt: skip
     ready = body.get("ready", False)
     if not isinstance(ready, bool):  # ("false" or 0 would be taken for true, or "true" for false)
         raise HttpError(400, f"'ready' must be true or false, got {ready!r}")

@@ -44,3 +44,19 @@ async def test_embedded_under_a_prefix_admin_refusals_are_answered_with_their_st
         r = await http.post("/ml/v2/repository/index", headers=auth)
         assert r.status == 200 and [e["name"] for e in await r.json()] == ["m"]
     assert not [rec for rec in caplog.records if rec.exc_info], "a refusal logged a traceback"
+
+
+@pytest.mark.asyncio
+async def test_an_index_request_with_a_key_it_does_not_know_is_refused_naming_it() -> None:
+    """``{"redy": true}`` (or Triton's ``"ready"`` misplaced) was ignored: every model listed, answered 200, where
+    the client asked for the ready ones. The load request refuses keys it does not know; so does the index."""
+    app = web.Application()
+    setup(app, Config(listeners=[ListenerSpec(port=0)], device="cpu", models=[SPEC]), prefix="/ml")
+    async with TestClient(TestServer(app)) as http:
+        for body in ({"redy": True}, {"ready": True, "parameters": {}}):
+            r = await http.post("/ml/v2/repository/index", json=body)
+            assert r.status == 400, (body, r.status, await r.text())
+            error = (await r.json())["error"]
+            assert "unknown keys" in error and repr(sorted(set(body) - {"ready"})[0]) in error, error
+        r = await http.post("/ml/v2/repository/index", json={"ready": True})
+        assert r.status == 200 and [e["name"] for e in await r.json()] == ["m"]
