@@ -18,6 +18,17 @@ class AdminError(StreamgpuError, RuntimeError):
     """The server refused an admin request, or could not be reached; the message says which and why."""
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is answered, not followed: urllib would send the request on, as a GET without its body but
+    with its ``Authorization`` header, to wherever the answer points, another host included."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # (urllib then raises the 3xx as an HTTPError)
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
 def request(url: str, path: str, body: dict[str, Any] | None = None, token: str = "", timeout: float = 600.0) -> Any:
     """POST ``body`` (JSON) to ``url`` + ``path``; returns the decoded JSON reply or raises ``AdminError``."""
     if (why := url_problem(url)) is not None:
@@ -32,9 +43,13 @@ def request(url: str, path: str, body: dict[str, Any] | None = None, token: str 
         headers["Authorization"] = b"Bearer " + token.encode()
     req = urllib.request.Request(url.rstrip("/") + path, data=data, headers=headers, method="POST")
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as reply:
+        with _OPENER.open(req, timeout=timeout) as reply:
             return json.loads(reply.read() or b"null")
     except urllib.error.HTTPError as exc:
+        if 300 <= exc.code < 400:
+            where = exc.headers.get("Location", "") if exc.headers else ""
+            raise AdminError(f"{url}{path}: HTTP {exc.code}: redirected to {where!r}, not followed (the request "
+                             "carries its token): give the server's own URL") from None  # fmt: skip
         try:
             message = json.loads(exc.read()).get("error", "")
         except (ValueError, AttributeError):
