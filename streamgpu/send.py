@@ -45,6 +45,8 @@ from streamgpu.loops import loop_factory
 from streamgpu.protocol.wire import Status
 from streamgpu.results import encode_line, result_record
 
+CONNECT_TIMEOUT_S = 10.0  # for the connection and its handshake
+
 
 class SendReply(ReplyLike, Protocol):
     """What ``send`` reads from a reply, beyond the load generator's needs (``client.Reply`` has it)."""
@@ -190,9 +192,13 @@ async def send(opts: SendOptions, frames: Iterator[np.ndarray], out: TextIO, err
     if opts.subscribers:
         return await send_to_subscribers(opts, frames, err)
     try:
-        conn = await get_transport(opts.transport).connect(opts.host, opts.port, token=opts.token)
+        conn = await get_transport(opts.transport).connect(opts.host, opts.port, token=opts.token,
+                                                           timeout=CONNECT_TIMEOUT_S)  # fmt: skip
     except (OSError, TimeoutError) as exc:  # HandshakeError and ConnectionError are OSErrors
-        err.write(f"streamgpu send: cannot connect to {opts.host}:{opts.port}: {exc}\n")
+        why = str(exc)
+        if isinstance(exc, TimeoutError) and not why:  # (the timeout's own has no text)
+            why = f"no answer within {CONNECT_TIMEOUT_S:g} s: is a streamgpu server listening there?"
+        err.write(f"streamgpu send: cannot connect to {opts.host}:{opts.port}: {why or type(exc).__name__}\n")
         return 1
     nbytes = math.prod(opts.shape) * np.dtype(opts.dtype).itemsize
     # every frame would be refused, and a huge one cannot even be allocated (0: the transport does not learn the

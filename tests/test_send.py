@@ -325,3 +325,18 @@ async def test_frames_are_sent_over_the_web_transports(transport: str) -> None:
         code, out, err = await send_in_process(b"", port=port, shape=shape, transport=transport)
     assert code == 1 and out == ""
     assert f"a uint8 {list(shape)} frame (--shape, --dtype) is {10**15} bytes, more than this process can" in err
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("transport", ["tcp", "ws", "http"])
+async def test_a_server_that_never_answers_the_handshake_is_named(
+    transport: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A port that accepts and never answers (a hung server, another program): the timeout's TimeoutError has no
+    # text, so send printed "cannot connect to 127.0.0.1:PORT: " and nothing after
+    monkeypatch.setattr("streamgpu.send.CONNECT_TIMEOUT_S", 0.5, raising=False)
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # the kernel accepts; nobody reads or writes
+        port = silent.getsockname()[1]
+        code, out, err = await send_in_process(b"", port=port, shape=SPEC.input_shape, transport=transport)
+    assert code == 1 and out == ""
+    assert f"cannot connect to 127.0.0.1:{port}: no answer within 0.5 s" in err, err
