@@ -32,10 +32,11 @@ class _Answer(http.server.BaseHTTPRequestHandler):
 
 
 def _serve(answer: tuple[int, dict[str, str]]) -> tuple[http.server.HTTPServer, list[str | None]]:
-    handler = type("Handler", (_Answer,), {"answer": answer, "seen": []})
+    seen: list[str | None] = []
+    handler = type("Handler", (_Answer,), {"answer": answer, "seen": seen})
     server = http.server.HTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, handler.seen
+    return server, seen
 
 
 @pytest.fixture
