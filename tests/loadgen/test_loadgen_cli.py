@@ -107,6 +107,16 @@ def test_unreachable_server(cli: Cli) -> None:
     assert f"cannot connect to 127.0.0.1:{port} over tcp" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("transport", ["tcp", "ws", "http"])
+def test_a_server_that_never_answers_the_handshake_is_named(cli: Cli, transport: str) -> None:
+    # The connect timeout's TimeoutError has no text: the error ended "over tcp: TimeoutError"
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # the kernel accepts; nobody reads or writes
+        port = silent.getsockname()[1]
+        rc, _, err = cli("-u", f"127.0.0.1:{port}", "-i", transport, "--count", "1", "--connect-timeout", "0.5")
+    assert rc == 2 and "Traceback" not in err
+    assert f"cannot connect to 127.0.0.1:{port} over {transport}: no answer within 0.5 s (--connect-timeout)" in err
+
+
 def test_refused_handshake(cli: Cli) -> None:
     with FakeServer(welcome_status=Status.UNAUTHORIZED) as srv:
         rc, _, err = cli("-u", srv.url, "--count", "1", "--token", "wrong")
