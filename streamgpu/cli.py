@@ -338,8 +338,10 @@ def _send(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             deadline_to_us(args.deadline)
         except ValueError as exc:
             parser.error(f"argument --deadline: {exc}")
-    if args.input != "-" and not os.path.isfile(args.input):
+    if args.input != "-" and not os.path.exists(args.input):  # (a pipe, <(ffmpeg ...), or a device may be read)
         parser.error(f"argument --input: no such file {args.input!r}")
+    if args.input != "-" and os.path.isdir(args.input):
+        parser.error(f"argument --input: {args.input!r} is a folder, not a file of frames")
     if args.video:
         if not os.path.isfile(args.video):
             parser.error(f"argument --video: no such file {args.video!r}")

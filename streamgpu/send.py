@@ -299,7 +299,11 @@ def run(opts: SendOptions) -> int:
         # needs (sys.stdin.buffer's, which made an interrupted process abort).
         source: BinaryIO = open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)  # noqa: SIM115 - closed below
     else:
-        source = open(opts.input, "rb")  # noqa: SIM115 - closed below
+        try:
+            source = open(opts.input, "rb")  # noqa: SIM115 - closed below
+        except OSError as exc:  # (no read permission; a socket's path)
+            sys.stderr.write(f"streamgpu send: cannot read --input {opts.input!r}: {exc.strerror or exc}\n")
+            return 1
     frames = video_frames(opts.video, opts) if opts.video else raw_frames(source, opts)
     try:
         with asyncio.Runner(loop_factory=loop_factory("auto")) as runner:

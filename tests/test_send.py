@@ -26,6 +26,7 @@ from streamgpu.models.builtin import build_builtin
 from streamgpu.models.preprocess import preprocess_torch
 from streamgpu.models.spec import ModelSpec
 from streamgpu.send import SendOptions, raw_frames, send, video_frames
+from streamgpu.send import run as send_run
 from streamgpu.server import Server
 
 SPEC = ModelSpec(input_shape=(32, 32, 3), max_batch_size=8, batch_buckets=(1, 8))
@@ -340,3 +341,23 @@ async def test_a_server_that_never_answers_the_handshake_is_named(
         code, out, err = await send_in_process(b"", port=port, shape=SPEC.input_shape, transport=transport)
     assert code == 1 and out == ""
     assert f"cannot connect to 127.0.0.1:{port}: no answer within 0.5 s" in err, err
+
+
+def test_input_from_a_named_pipe_or_device_is_taken_and_a_folder_or_unopenable_one_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # --input <(ffmpeg ...), a FIFO or /dev/zero exist but are no regular files: "no such file '/dev/fd/63'"
+    fifo = tmp_path / "frames.fifo"
+    os.mkfifo(fifo)
+    for path in (str(fifo), "/dev/zero"):
+        assert sent_options(monkeypatch, ["--input", path]).input == path
+    with pytest.raises(SystemExit) as info:
+        main(["send", "--input", str(tmp_path)])
+    assert info.value.code == 2
+    assert f"argument --input: {str(tmp_path)!r} is a folder, not a file of frames" in capsys.readouterr().err
+    # a path that exists but cannot be opened (a socket's; a file without read permission): a message, exit 1
+    with socket.socket(socket.AF_UNIX) as unix:
+        unix.bind(str(tmp_path / "s"))
+        assert send_run(SendOptions(input=str(tmp_path / "s"))) == 1
+    err = capsys.readouterr().err
+    assert f"streamgpu send: cannot read --input {str(tmp_path / 's')!r}: " in err and "Traceback" not in err
