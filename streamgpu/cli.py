@@ -217,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:  # Ctrl-C before serve's signal handlers (imports, model loads) or in a command
             print("streamgpu: interrupted", file=sys.stderr)
             return 130
+        except BrokenPipeError:  # stdout's reader ended (check-config | head): the rest is not wanted
+            with contextlib.suppress(OSError, ValueError):  # (the exit's flush of what is left writes nowhere)
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
 
 
 def console() -> NoReturn:

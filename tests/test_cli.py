@@ -651,3 +651,15 @@ def test_a_ring_too_large_to_allocate_fails_serve_naming_ring_bytes(
     assert code == 1
     assert f"cannot serve: ring_bytes = {ring_bytes}: the receive ring cannot be allocated" in caplog.text
     assert "lower ring_bytes" in caplog.text
+
+
+def test_check_config_into_a_pipe_whose_reader_ended_exits_without_a_traceback() -> None:
+    # `streamgpu check-config | head -1`: head exits, and print raised BrokenPipeError (a traceback)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written
+    try:
+        done = subprocess.run([sys.executable, "-m", "streamgpu", "check-config"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=60)  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert done.returncode == 1 and done.stderr == "", done.stderr
