@@ -30,6 +30,7 @@ import asyncio
 import collections
 import contextlib
 import math
+import os
 import queue
 import sys
 import threading
@@ -90,6 +91,11 @@ class SendOptions:
 
 class InputError(Exception):
     """The input cannot give another whole frame (ended mid-frame, or a video that cannot be decoded)."""
+
+
+class OutputClosed(Exception):
+    """stdout's reader ended (``streamgpu send | head -3``): a BrokenPipeError, which is a ConnectionError, but
+    not the server's connection."""
 
 
 def raw_frames(source: BinaryIO, opts: SendOptions) -> Iterator[np.ndarray]:
@@ -221,8 +227,11 @@ async def send(opts: SendOptions, frames: Iterator[np.ndarray], out: TextIO, err
         record = result_record("send", str(stream_id), sequence if reply is None else reply.sequence, opts.model,
                                Status(got.status), got.message, got.timings, reply.result if reply else None,
                                opts.top_k, stream_id)  # fmt: skip
-        out.write(encode_line(record).decode())
-        out.flush()  # a pipe's reader wants each line as it comes
+        try:
+            out.write(encode_line(record).decode())
+            out.flush()  # a pipe's reader wants each line as it comes
+        except BrokenPipeError:
+            raise OutputClosed from None
 
     try:
         try:
@@ -240,6 +249,11 @@ async def send(opts: SendOptions, frames: Iterator[np.ndarray], out: TextIO, err
             emit(*await _next(pending))
     except ConnectionError as exc:
         err.write(f"streamgpu send: connection lost after {sent} frames: {exc}\n")
+        return 1
+    except OutputClosed:
+        err.write(f"streamgpu send: the output's reader ended (stdout: Broken pipe) after {sent} frames: stopped\n")
+        with contextlib.suppress(OSError, ValueError):  # (the exit's flush of the line not written writes nowhere)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
         return 1
     finally:
         for fut, _ in pending:

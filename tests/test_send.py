@@ -361,3 +361,21 @@ def test_input_from_a_named_pipe_or_device_is_taken_and_a_folder_or_unopenable_o
         assert send_run(SendOptions(input=str(tmp_path / "s"))) == 1
     err = capsys.readouterr().err
     assert f"streamgpu send: cannot read --input {str(tmp_path / 's')!r}: " in err and "Traceback" not in err
+
+
+class _ReaderGone(io.StringIO):
+    """stdout whose reader ended (``streamgpu send | head -3``): every write raises BrokenPipeError."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+@pytest.mark.asyncio
+async def test_output_whose_reader_ended_stops_send_saying_so_not_blaming_the_connection(server: Server) -> None:
+    # BrokenPipeError is a ConnectionError: send said "connection lost after N frames: [Errno 32] Broken pipe"
+    opts = SendOptions(port=server.port, shape=SPEC.input_shape)
+    err = io.StringIO()
+    code = await send(opts, raw_frames(io.BytesIO(bytes(3 * SPEC.frame_nbytes)), opts), _ReaderGone(), err)
+    assert code == 1
+    assert "connection lost" not in err.getvalue()
+    assert err.getvalue().startswith("streamgpu send: the output's reader ended (stdout: Broken pipe) after "), err
