@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from streamgpu.cmdline import WHOLE_DIGITS, shown
 from streamgpu.errors import ConfigError
 from streamgpu.files import read_toml
 from streamgpu.gpu import DEVICES
@@ -592,7 +593,8 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         try:
             values[name] = _parse_text(kind, raw)
         except ValueError:
-            raise ConfigError(f"environment {var}={raw!r}: {name} must be {_describe(kind)}") from None
+            whole = f" of at most {WHOLE_DIGITS} digits" if int in (kind, *typing.get_args(kind)) else ""
+            raise ConfigError(f"environment {var}={shown(raw)}: {name} must be {_describe(kind)}{whole}") from None
     return values
 
 
@@ -643,6 +645,8 @@ def _parse_text(kind: Any, raw: str) -> Any:
     if kind is bool:
         if raw.strip().lower() in _TRUE + _FALSE:
             return raw.strip().lower() in _TRUE
+        raise ValueError(raw)
+    if kind is int and len(raw.strip().lstrip("+-").lstrip("0")) > WHOLE_DIGITS:  # (int() refuses past 4300)
         raise ValueError(raw)
     if kind in (int, float):
         return kind(raw)

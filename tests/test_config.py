@@ -345,3 +345,14 @@ def test_one_port_number_on_two_addresses_or_udp_and_tcp_is_fine() -> None:
     Config.load(env={}, port=7990, udp_port=7990)  # a UDP socket and a TCP one
     Config(listeners=[ListenerSpec(host="127.0.0.1", port=7990), ListenerSpec(host="127.0.0.2", port=7990)])
     Config.load(env={}, port=0, http_port=0, results_port=0)  # free ports, each its own
+
+
+@pytest.mark.parametrize("name", ["STREAMGPU_PORT", "STREAMGPU_RING_BYTES", "STREAMGPU_DEVICES"])
+def test_an_environment_number_of_thousands_of_digits_is_refused_with_the_value_cut(name: str) -> None:
+    # int() refuses past 4300 digits: the message said the setting "must be an integer" (it is one) and quoted
+    # all 5000 digits
+    with pytest.raises(ConfigError) as info:
+        Config.load(None, env={name: "9" * 5000})
+    message = str(info.value)
+    assert f"environment {name}='99999999999999999999'... (5000 characters): " in message and len(message) < 300
+    assert "of at most 20 digits" in message
