@@ -19,6 +19,8 @@ BATCH_POLICIES = ("adaptive", "fixed")
 SWAP_QUEUED = ("new", "received")  # which version runs the frames queued when a new version takes over
 COMPILE_MODES = ("auto", "on", "off")
 FILE_SCHEMES = ("torchscript", "export", "state_dict")  # the sources that name a file: SCHEME:PATH
+# The builtin architectures (streamgpu.models.builtin.BUILTINS, which needs torch): builtin:NAME, arch = NAME
+BUILTIN_NAMES = ("resnet18", "resnet50", "small")
 MAX_INSTANCES = 8  # copies of one model per GPU: each holds its weights, graphs and buffers
 
 
@@ -93,6 +95,11 @@ class ModelSpec:
             out.append(f"source {self.source!r} holds a character no file path can (a lone surrogate)")
         if scheme == "state_dict" and not self.arch:
             out.append("a state_dict source needs arch = a builtin architecture name")
+        # (named now, not only when the model loads: check-config passed builtin:resnet5 and arch = "resnt18")
+        if scheme == "builtin" and rest and rest not in BUILTIN_NAMES:
+            out.append(f"source {self.source!r}: unknown builtin model {rest!r}; builtins are {list(BUILTIN_NAMES)}")
+        if scheme == "state_dict" and self.arch and self.arch not in BUILTIN_NAMES:
+            out.append(f"arch {self.arch!r}: unknown builtin architecture; builtins are {list(BUILTIN_NAMES)}")
         if not self.input_shape or any(d <= 0 for d in self.input_shape) or len(self.input_shape) > wire.MAX_NDIM:
             out.append(f"input_shape {list(self.input_shape)} must have 1..{wire.MAX_NDIM} positive dims")
         try:

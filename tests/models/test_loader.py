@@ -75,7 +75,6 @@ def test_state_dict_with_arbitrary_objects_is_refused(tmp_path: Path) -> None:
     ("source", "arch", "message"),
     [
         ("torchscript:/no/such/file.pt", "", "does not exist"),
-        ("builtin:vgg99", "", "unknown builtin model 'vgg99'"),
         ("state_dict:{garbage}", "small", "cannot load"),
         ("torchscript:{garbage}", "", "not a readable zip archive"),
         ("export:{garbage}", "", "not a readable zip archive"),

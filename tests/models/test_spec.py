@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
 from streamgpu.config import Config
-from streamgpu.models.spec import ModelSpec
+from streamgpu.models.spec import BUILTIN_NAMES, ModelSpec
 
 
 def test_frame_bytes_past_64_bits_are_counted_exactly_and_exceed_max_payload_bytes() -> None:
@@ -41,3 +42,25 @@ def test_a_top_k_int_cannot_read_is_refused_naming_postprocess(postprocess: str)
     spec's ValueError was int()'s ('invalid literal', 'sys.set_int_max_str_digits'), naming no setting."""
     with pytest.raises(ValueError, match=r"postprocess .* must be '' \(none\) or 'topk:K' with K >= 1"):
         ModelSpec(name="m", postprocess=postprocess)
+
+
+@pytest.mark.parametrize(
+    ("source", "arch", "message"),
+    [
+        ("builtin:resnet5", "", "source 'builtin:resnet5': unknown builtin model 'resnet5'; builtins are"),
+        ("state_dict:w.pt", "resnt18", "arch 'resnt18': unknown builtin architecture"),
+    ],
+)
+def test_an_unknown_builtin_name_is_refused_with_the_settings(source: str, arch: str, message: str) -> None:
+    # Found only when the model loaded: check-config passed both, and serve named them after its backend started
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ModelSpec(source=source, arch=arch)
+
+
+def test_the_builtin_names_a_config_may_give_are_the_builtins() -> None:
+    from streamgpu.models.builtin import BUILTINS
+
+    assert sorted(BUILTINS) == sorted(BUILTIN_NAMES)
+    for name in BUILTIN_NAMES:
+        ModelSpec(source=f"builtin:{name}")
+        ModelSpec(source="state_dict:w.pt", arch=name)
