@@ -191,7 +191,9 @@ def admin(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         if args.action == "list":
             for entry in admin_client.index(args.url, token):
-                print(f"{entry['name']}\tversion {entry['version']}\t{entry['state']}\t{entry.get('reason', '')}")
+                # One line a model: a repository folder's name (listed UNAVAILABLE) may hold a line break
+                name, reason = _printable(str(entry["name"])), _printable(str(entry.get("reason", "")))
+                print(f"{name}\tversion {entry['version']}\t{entry['state']}\t{reason}")
         elif args.action == "load":
             admin_client.load(args.url, args.name, settings, token)
             print(json.dumps(next((e for e in admin_client.index(args.url, token) if e["name"] == args.name), {})))
@@ -201,6 +203,11 @@ def admin(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(f"streamgpu admin: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _printable(text: str) -> str:
+    """``text`` as it is when it prints as itself, else its repr (escapes instead of line breaks and controls)."""
+    return text if text.isprintable() else repr(text)
 
 
 def _indices(text: str) -> tuple[int, ...]:

@@ -25,6 +25,7 @@ from streamgpu.cli import build_parser, main, serve_config
 from streamgpu.config import Config, ListenerSpec
 from streamgpu.models.spec import ModelSpec
 from streamgpu.server import Server
+from streamgpu.web import admin_client
 
 
 def test_serve_logs_answers_and_exits_cleanly_on_sigint() -> None:
@@ -663,3 +664,23 @@ def test_check_config_into_a_pipe_whose_reader_ended_exits_without_a_traceback()
     finally:
         os.close(write_end)
     assert done.returncode == 1 and done.stderr == "", done.stderr
+
+
+def test_admin_list_prints_one_line_a_model_whatever_its_folder_is_named(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A repository folder's name with a line separator in it (listed UNAVAILABLE) was printed as it is
+    entries = [
+        {
+            "name": "cam\u2028era",
+            "version": 0,
+            "state": "UNAVAILABLE",
+            "reason": "model name 'cam\u2028era' is not\nplain",
+        },
+        {"name": "default", "version": 1, "state": "READY", "reason": ""},
+    ]
+    monkeypatch.setattr(admin_client, "index", lambda url, token="": entries)
+    assert main(["admin", "list", "http://127.0.0.1:1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("'cam\\u2028era'\tversion 0\tUNAVAILABLE\t"), lines
+    assert lines[1] == "default\tversion 1\tREADY\t"

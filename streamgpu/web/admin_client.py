@@ -81,9 +81,14 @@ def url_problem(url: str) -> str | None:
     return None
 
 
+# A listing is answered at once; a load may take minutes (``request``'s default). A port that accepts and never
+# answers kept ``streamgpu admin list`` waiting the load's 600 s.
+INDEX_TIMEOUT_S = 30.0
+
+
 def index(url: str, token: str = "") -> list[dict[str, Any]]:
     """Every model the server knows: name, version, state, reason."""
-    entries: list[dict[str, Any]] = request(url, "/v2/repository/index", token=token)
+    entries: list[dict[str, Any]] = request(url, "/v2/repository/index", token=token, timeout=INDEX_TIMEOUT_S)
     return entries
 
 

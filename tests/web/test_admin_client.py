@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import http.server
+import socket
 import threading
 from collections.abc import Iterator
 
 import pytest
 
+from streamgpu.web import admin_client
 from streamgpu.web.admin_client import AdminError, request
 
 
@@ -63,3 +65,24 @@ def test_a_redirect_is_not_followed_and_the_token_goes_nowhere_else(
         server.shutdown()
         server.server_close()
     assert seen_here == ["Bearer s3cret"] and seen_there == []
+
+
+def test_a_listing_from_a_port_that_never_answers_ends_in_seconds_not_in_a_loads_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The listing waited request()'s 600 s, meant for loads
+    monkeypatch.setattr(admin_client, "INDEX_TIMEOUT_S", 0.3, raising=False)
+    errors: list[BaseException] = []
+
+    def listing(url: str) -> None:
+        try:
+            admin_client.index(url)
+        except AdminError as exc:
+            errors.append(exc)
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts (the backlog), never answers
+        thread = threading.Thread(target=listing, args=(f"http://127.0.0.1:{silent.getsockname()[1]}",), daemon=True)
+        thread.start()
+        thread.join(5.0)
+        assert not thread.is_alive(), "still waiting after 5 s"
+    assert len(errors) == 1 and "timed out" in str(errors[0]), errors
