@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from streamgpu import __version__
-from streamgpu.cmdline import STOP_SIGNALS, decimal, honour_interrupts, integer, shown, whole
+from streamgpu.cmdline import STOP_SIGNALS, decimal, discard_output, honour_interrupts, integer, shown, whole
 from streamgpu.config import (
     AUTH_TOKEN_ENV,
     LOG_FORMATS,
@@ -225,8 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             print("streamgpu: interrupted", file=sys.stderr)
             return 130
         except BrokenPipeError:  # stdout's reader ended (check-config | head): the rest is not wanted
-            with contextlib.suppress(OSError, ValueError):  # (the exit's flush of what is left writes nowhere)
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            discard_output(sys.stdout)
             return 1
 
 

@@ -1,14 +1,16 @@
 """What the command lines of ``streamgpu`` and its load generator share: integer argument types, values quoted in
-messages, the signals that stop a server, and SIGINT honoured where the process started with it ignored. Light on
-purpose (argparse, signal): ingest worker processes import it too."""
+messages, the signals that stop a server, output whose reader ended, and SIGINT honoured where the process
+started with it ignored. Light on purpose (argparse, signal): ingest worker processes import it too."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
+from typing import TextIO
 
 # The signals that stop ``streamgpu serve`` (Ctrl-C, systemd's stop): its handlers, the ones it puts back, the ones
 # its ingest workers ignore (the parent drives their shutdown) and the ones its exit does not wait for
@@ -23,6 +25,13 @@ def decimal(text: str, hi: int) -> int | None:
         return None
     value = int(digits)
     return value if value <= hi else None
+
+
+def discard_output(stream: TextIO) -> None:
+    """``stream``'s reader ended (``... | head``): what is still buffered for it, flushed at exit, goes to /dev/null
+    rather than raising BrokenPipeError there (a traceback)."""
+    with contextlib.suppress(OSError, ValueError):  # (a stream with no descriptor, or closed)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
 def shown(text: str) -> str:

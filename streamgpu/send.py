@@ -30,7 +30,6 @@ import asyncio
 import collections
 import contextlib
 import math
-import os
 import queue
 import sys
 import threading
@@ -41,6 +40,7 @@ from typing import BinaryIO, Protocol, TextIO, cast
 
 import numpy as np
 
+from streamgpu.cmdline import discard_output
 from streamgpu.loadgen.transports import ReplyLike, get_transport
 from streamgpu.loops import loop_factory
 from streamgpu.protocol.wire import Status
@@ -252,8 +252,7 @@ async def send(opts: SendOptions, frames: Iterator[np.ndarray], out: TextIO, err
         return 1
     except OutputClosed:
         err.write(f"streamgpu send: the output's reader ended (stdout: Broken pipe) after {sent} frames: stopped\n")
-        with contextlib.suppress(OSError, ValueError):  # (the exit's flush of the line not written writes nowhere)
-            os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+        discard_output(out)
         return 1
     finally:
         for fut, _ in pending:

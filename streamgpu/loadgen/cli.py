@@ -391,6 +391,10 @@ def _main(argv: Sequence[str] | None) -> int:
         parser.print_usage(sys.stderr)
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout's reader ended (... | head): the table is not wanted
+        print(f"{parser.prog}: the output's reader ended (stdout: Broken pipe): stopped", file=sys.stderr)
+        cmdline.discard_output(sys.stdout)
+        return 1
     except (LoadgenError, OSError) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -247,3 +249,19 @@ def test_a_token_longer_than_a_hello_carries_is_a_usage_error(cli: Cli, server: 
     rc, _, err = cli("-u", server.url, "--count", "1", "--token", "t" * 1025, *FAST)
     assert rc == 2 and "--token (or $STREAMGPU_AUTH_TOKEN) must be at most 1024 UTF-8 bytes, got 1025" in err, err
     assert server.stats.frames == 0
+
+
+def test_output_whose_reader_ended_stops_the_run_saying_so(server: FakeServer) -> None:
+    # `streamgpu-loadgen ... | head -1`: the table's print raised BrokenPipeError, reported as
+    # "error: [Errno 32] Broken pipe" as if the run had failed
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the table is written
+    try:
+        command = "import sys; from streamgpu.loadgen.cli import main; sys.exit(main())"  # (streamgpu-loadgen)
+        done = subprocess.run([sys.executable, "-c", command, "-u", server.url, "--count", "20", *FAST],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().endswith("the output's reader ended (stdout: Broken pipe): stopped"), done.stderr
+    assert "Traceback" not in done.stderr and "Errno" not in done.stderr, done.stderr
