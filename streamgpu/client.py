@@ -49,13 +49,16 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from streamgpu import mmsg
 from streamgpu.loops import new_event_loop
 from streamgpu.protocol import udp, wire
+
+if TYPE_CHECKING:
+    from streamgpu.frame import Outputs
 
 __all__ = [
     "Connection",
@@ -177,6 +180,16 @@ class Reply:
         if self.result is None or not self.ok:
             raise ReplyError(self.stream_id, self.sequence, self.status, self.message)
         return self.result
+
+
+def reply_contents(header: wire.ReplyHeader, payload: memoryview) -> tuple[np.ndarray | None, Outputs | None]:
+    """A REPLY's result and, for an outputs block, every output (copies: ``payload`` may be a reused buffer's).
+    ``wire.ProtocolError`` when its payload does not match its header."""
+    if header.flags & wire.ReplyFlags.OUTPUTS:
+        named = wire.decode_outputs(payload)
+        outputs = dict(named) if any(name for name, _ in named) else tuple(a for _, a in named)
+        return (named[0][1] if named else None), outputs
+    return _decode_result(header, payload), None
 
 
 def _decode_result(header: wire.ReplyHeader, payload: memoryview) -> np.ndarray | None:
@@ -375,14 +388,8 @@ class _Protocol(asyncio.Protocol):
         if fut.done():  # cancelled by the caller
             return
         received_ns = time.perf_counter_ns()
-        outputs: tuple[np.ndarray, ...] | dict[str, np.ndarray] | None = None
         try:
-            if header.flags & wire.ReplyFlags.OUTPUTS:
-                named = wire.decode_outputs(payload)
-                outputs = dict(named) if any(name for name, _ in named) else tuple(a for _, a in named)
-                result = named[0][1] if named else None
-            else:
-                result = _decode_result(header, payload)
+            result, outputs = reply_contents(header, payload)
         except wire.ProtocolError as e:
             fut.set_exception(e)
             return

@@ -317,10 +317,16 @@ async def test_frames_are_sent_over_the_web_transports(transport: str) -> None:
     listeners = [ListenerSpec(port=0), ListenerSpec(kind="http", port=0)]
     async with Server(Config(listeners=listeners, device="cpu", models=[SPEC])) as srv:
         port = srv.addresses[1][1]
-        data = bytes(2 * SPEC.frame_nbytes)
-        code, out, err = await send_in_process(data, port=port, shape=SPEC.input_shape, transport=transport)
+        data = np.random.default_rng(3).integers(0, 256, (2, *SPEC.input_shape), dtype=np.uint8).tobytes()
+        code, out, err = await send_in_process(data, port=port, shape=SPEC.input_shape, transport=transport, top_k=3)
         assert code == 0 and err == "", err
-        assert [r["status"] for r in records(out)] == ["OK", "OK"]
+        got = records(out)
+        assert [r["status"] for r in got] == ["OK", "OK"]
+        # ...with each frame's result, as over TCP (the web transports gave none: no shape, dtype or top_k)
+        _, tcp_out, _ = await send_in_process(data, port=srv.port, shape=SPEC.input_shape, top_k=3)
+        for line, want in zip(got, records(tcp_out), strict=True):
+            assert (line["shape"], line["dtype"]) == (want["shape"], want["dtype"]) == ([1000], "float32"), line
+            assert [i for i, _ in line["top_k"]] == [i for i, _ in want["top_k"]], (line, want)
         # ...and with no limit to compare with, a frame too large to allocate is a message, not a MemoryError
         shape = (100_000, 100_000, 100_000)
         code, out, err = await send_in_process(b"", port=port, shape=shape, transport=transport)

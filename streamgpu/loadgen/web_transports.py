@@ -19,15 +19,17 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from streamgpu.client import Reply, as_wire_array, deadline_to_us
+from streamgpu.client import Reply, as_wire_array, deadline_to_us, reply_contents
 from streamgpu.loadgen.transports import Connection, ReplyLike, Transport
 from streamgpu.protocol import wire
+from streamgpu.protocol.oip import DATATYPE_OF, DATATYPES, HEADER_LENGTH, INPUT_NAME, OUTPUT_NAME
 from streamgpu.protocol.wire import Status, Timings
 
 if TYPE_CHECKING:
     import aiohttp
 
-HEADER_LENGTH = "Inference-Header-Content-Length"  # the binary tensor data extension's header
+    from streamgpu.frame import Outputs
+
 
 # The HTTP error statuses of docs/HTTP.md ("Errors"), back to the closest wire status. A refused frame's
 # message starts with its wire status's name, which wins; 503 is OVERLOADED unless it says shutting down.
@@ -61,9 +63,13 @@ _NO_TIMINGS = Timings()
 
 
 def _reply(
-    status: Status, message: str, sent_ns: int, timings: Timings = _NO_TIMINGS, stream_id: int = 0, sequence: int = 0
-) -> ReplyLike:
-    return cast(ReplyLike, Reply(stream_id, sequence, status, None, timings, message, sent_ns, time.perf_counter_ns()))
+    status: Status, message: str, sent_ns: int, timings: Timings = _NO_TIMINGS, stream_id: int = 0, sequence: int = 0,
+    result: np.ndarray | None = None, outputs: Outputs | None = None,
+) -> ReplyLike:  # fmt: skip
+    return cast(
+        ReplyLike,
+        Reply(stream_id, sequence, status, result, timings, message, sent_ns, time.perf_counter_ns(), outputs),
+    )
 
 
 class _Tasks:
@@ -108,8 +114,6 @@ class HttpConnection:
 
         ``stream_id`` and ``live`` have no HTTP meaning and are ignored.
         """
-        from streamgpu.web.oip import DATATYPE_OF, INPUT_NAME, OUTPUT_NAME
-
         frame = as_wire_array(frame)
         datatype = DATATYPE_OF.get(frame.dtype)
         if datatype is None:
@@ -138,7 +142,8 @@ class HttpConnection:
             async with self._session.post(url, data=body, headers=headers) as resp:
                 raw = await resp.read()
                 if resp.status == 200:
-                    reply = _reply(Status.OK, "", sent_ns, _timings(raw, resp.headers.get(HEADER_LENGTH)))
+                    timings, result = _answer(raw, resp.headers.get(HEADER_LENGTH))
+                    reply = _reply(Status.OK, "", sent_ns, timings, result=result)
                 else:
                     message = _error_message(raw, resp.reason or "")
                     reply = _reply(status_of(resp.status, message), message, sent_ns)
@@ -165,17 +170,39 @@ def _error_message(raw: bytes, reason: str) -> str:
         return raw.decode(errors="replace")[:200] or reason
 
 
-def _timings(raw: bytes, header_len: str | None) -> Timings:
-    """The server timings in a response's ``parameters`` (docs/HTTP.md), zero where absent."""
+def _answer(raw: bytes, header_len: str | None) -> tuple[Timings, np.ndarray | None]:
+    """The server timings in a response's ``parameters`` (docs/HTTP.md; zero where absent) and the frame's result:
+    its output without the batch dimension of one (None where the response holds none this client can read)."""
     try:
-        head = raw[: int(header_len)] if header_len is not None else raw
-        params = json.loads(head).get("parameters") or {}
-        return Timings(
+        head_len = int(header_len) if header_len is not None else len(raw)
+        doc = json.loads(raw[:head_len])
+        params = doc.get("parameters") or {}
+        timings = Timings(
             queue_us=int(params.get("queue_us", 0)), compute_us=int(params.get("compute_us", 0)),
             total_us=int(params.get("total_us", 0)), batch_size=int(params.get("batch_size", 0)),
         )  # fmt: skip
     except (ValueError, TypeError, AttributeError):
-        return _NO_TIMINGS
+        return _NO_TIMINGS, None
+    try:
+        (output,) = [o for o in doc.get("outputs") or [] if o.get("name") == OUTPUT_NAME]
+        dtype, shape = DATATYPES[output["datatype"]], [int(d) for d in output["shape"]]
+        size = (output.get("parameters") or {}).get("binary_data_size")
+        if size is None:
+            array = np.array([np.nan if x is None else x for x in output["data"]], dtype)
+        else:
+            array = np.frombuffer(raw, dtype, count=int(size) // dtype.itemsize, offset=head_len).copy()
+        return timings, array.reshape(shape)[0] if shape[:1] == [1] else array.reshape(shape)
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return timings, None
+
+
+def _need_aiohttp(transport: str) -> None:
+    """ConnectionError naming the package where aiohttp is not installed (the producer-side install has none)."""
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        raise ConnectionError(f"the {transport} transport needs aiohttp, which is not installed: pip install "
+                              "aiohttp (or streamgpu[server])") from None  # fmt: skip
 
 
 class HttpTransport(Transport):
@@ -184,6 +211,7 @@ class HttpTransport(Transport):
     name = "http"
 
     async def connect(self, host: str, port: int, *, token: str = "", timeout: float = 10.0) -> Connection:
+        _need_aiohttp(self.name)
         import aiohttp
 
         base = f"http://{host}:{port}"
@@ -269,9 +297,14 @@ class WsConnection:
                         self.unmatched_replies += 1
                         continue
                     fut, sent_ns = entry
+                    try:
+                        result, outputs = reply_contents(header, got[1])
+                    except wire.ProtocolError as exc:  # this frame's reply only: the stream is still framed
+                        fut.set_exception(exc)
+                        continue
                     fut.set_result(
                         _reply(header.status, header.message, sent_ns, header.timings, header.stream_id,
-                               header.sequence)
+                               header.sequence, result, outputs)
                     )  # fmt: skip
                 elif msg.type == aiohttp.WSMsgType.ERROR:
                     reason = f"WebSocket error: {self._ws.exception()}"
@@ -302,6 +335,7 @@ class WsTransport(Transport):
     name = "ws"
 
     async def connect(self, host: str, port: int, *, token: str = "", timeout: float = 10.0) -> Connection:
+        _need_aiohttp(self.name)
         import aiohttp
 
         headers = {"Authorization": f"Bearer {token}"} if token else {}

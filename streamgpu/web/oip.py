@@ -38,15 +38,13 @@ from streamgpu.frame import Outcome
 from streamgpu.ingest.admission import Admission, Producer, Refused
 from streamgpu.metrics import Histogram
 from streamgpu.models.spec import ModelSpec
+from streamgpu.protocol.oip import DATATYPE_OF, DATATYPES, HEADER_LENGTH, INPUT_NAME, OUTPUT_NAME
 from streamgpu.protocol.wire import FrameHeader, Status
 from streamgpu.scheduler.metrics import ModelMetrics
 from streamgpu.web.app import SERVER_KEY, HttpError, give_place, parse_json, read_body, take_place
 from streamgpu.web.frames import next_stream_key, receive_frame
 
-INPUT_NAME = "input"
 PLATFORM = "pytorch"
-OUTPUT_NAME = "output"
-HEADER_LENGTH = "Inference-Header-Content-Length"
 # Room for the JSON inference header beside the tensor bytes: a request body may be at most
 # max_payload_bytes + this (the tensor data of one request is at most max_payload_bytes).
 HEADER_ALLOWANCE = 1024 * 1024
@@ -59,13 +57,6 @@ JSON_OUTPUT_LIMIT = 256 * 1024
 # Triton's names for the extensions served (perf_analyzer reads a server's statistics only where it says "statistics")
 EXTENSIONS = ["binary_tensor_data", "model_configuration", "model_repository", "statistics"]
 
-# Open Inference Protocol datatype <-> numpy (little-endian, as the wire's dtypes)
-DATATYPES: dict[str, np.dtype] = {
-    "UINT8": np.dtype("u1"), "INT8": np.dtype("i1"), "UINT16": np.dtype("<u2"), "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"), "INT64": np.dtype("<i8"), "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-}  # fmt: skip
-DATATYPE_OF: dict[np.dtype, str] = {dt: name for name, dt in DATATYPES.items()}
 
 # How a refused or failed frame's status is answered over HTTP.
 HTTP_STATUS: dict[Status, int] = {

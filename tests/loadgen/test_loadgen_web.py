@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 
 import pytest
@@ -11,6 +15,7 @@ from loadgen_support import FAST, Cli, serving
 from streamgpu.config import Config, ListenerSpec
 from streamgpu.loadgen import CONCURRENCY, Endpoint, LoadLevel, RunConfig, run
 from streamgpu.loadgen.errors import UsageError
+from streamgpu.loadgen.transports import get_transport
 from streamgpu.loadgen.web_transports import status_of
 from streamgpu.models.spec import ModelSpec
 from streamgpu.protocol.wire import Status
@@ -90,3 +95,33 @@ def test_web_transport_against_a_port_that_speaks_no_http_is_a_usage_error(cli: 
         rc, _, err = cli("-u", wire_port.url, "-i", transport, "--count", "1", *FAST)
     assert rc == 2 and f"cannot connect to {wire_port.url} over {transport}" in err, err
     assert "Traceback" not in err and wire_port.stats.frames == 0
+
+
+@pytest.mark.parametrize("transport", ["http", "ws"])
+def test_a_web_transport_without_aiohttp_names_the_package(transport: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The producer-side install (no server extra) has no aiohttp: a ModuleNotFoundError traceback
+    monkeypatch.setitem(sys.modules, "aiohttp", None)  # (import aiohttp raises ImportError)
+    with pytest.raises(ConnectionError, match=rf"the {transport} transport needs aiohttp, which is not installed"):
+        asyncio.run(get_transport(transport).connect("127.0.0.1", 1))
+
+
+def test_the_web_transports_run_without_the_server_packages() -> None:
+    # The http transport took its names and datatypes from the server's OIP module, which imports torch
+    code = textwrap.dedent("""
+        import asyncio, sys
+        sys.modules["torch"] = None  # (import torch raises ImportError)
+        import numpy as np
+        from streamgpu.loadgen.web_transports import HttpConnection
+
+        async def main():  # a request made (its POST fails: no session), as a frame is sent
+            conn = HttpConnection(None, "http://127.0.0.1:1", {})
+            try:
+                await conn.submit(np.zeros((2, 2, 3), np.uint8))
+            except ConnectionError:
+                pass
+
+        asyncio.run(main())
+        assert "streamgpu.web.oip" not in sys.modules and "streamgpu.server" not in sys.modules
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
