@@ -715,9 +715,11 @@ async def connect(
             transport, _ = await loop.create_connection(lambda: protocol, host, port)
             transport.write(hello)
             welcome = await protocol.welcome
-    except BaseException:
+    except BaseException as exc:
         if transport is not None:
             transport.abort()
+        if isinstance(exc, TimeoutError) and timeout is not None:
+            raise no_answer(timeout) from None
         raise
     if welcome.status != wire.Status.OK:
         transport.close()
@@ -729,6 +731,11 @@ async def connect(
             f"asked for protocol version {protocol_version}, server accepted with version {welcome.version}",
         )
     return Connection(protocol, transport, welcome)
+
+
+def no_answer(timeout: float) -> TimeoutError:
+    """What a connect whose handshake took longer than ``timeout`` raises (the timeout's own has no text)."""
+    return TimeoutError(f"no answer within {timeout:g} s")
 
 
 # --- UDP ----------------------------------------------------------------------

@@ -201,10 +201,7 @@ async def send(opts: SendOptions, frames: Iterator[np.ndarray], out: TextIO, err
         conn = await get_transport(opts.transport).connect(opts.host, opts.port, token=opts.token,
                                                            timeout=CONNECT_TIMEOUT_S)  # fmt: skip
     except (OSError, TimeoutError) as exc:  # HandshakeError and ConnectionError are OSErrors
-        why = str(exc)
-        if isinstance(exc, TimeoutError) and not why:  # (the timeout's own has no text)
-            why = f"no answer within {CONNECT_TIMEOUT_S:g} s: is a streamgpu server listening there?"
-        err.write(f"streamgpu send: cannot connect to {opts.host}:{opts.port}: {why or type(exc).__name__}\n")
+        err.write(f"streamgpu send: cannot connect to {opts.host}:{opts.port}: {exc or type(exc).__name__}\n")
         return 1
     nbytes = math.prod(opts.shape) * np.dtype(opts.dtype).itemsize
     # every frame would be refused, and a huge one cannot even be allocated (0: the transport does not learn the

@@ -48,8 +48,8 @@ async def open_connections(transport: Transport, endpoint: Endpoint, cfg: RunCon
     except (OSError, TimeoutError) as exc:  # ConnectionError and HandshakeError are OSErrors
         await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
         reason = str(exc) or type(exc).__name__
-        if isinstance(exc, TimeoutError) and not str(exc):  # (the timeout's own has no text)
-            reason = f"no answer within {cfg.connect_timeout_s:g} s (--connect-timeout)"
+        if isinstance(exc, TimeoutError):  # the transport's "no answer within S s"
+            reason += " (--connect-timeout)"
         raise UsageError(f"cannot connect to {endpoint} over {transport.name}: {reason}") from None
     limit = conns[0].max_payload
     if limit and cfg.frame_bytes > limit:

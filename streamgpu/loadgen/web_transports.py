@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from streamgpu.client import Reply, as_wire_array, deadline_to_us, reply_contents
+from streamgpu.client import Reply, as_wire_array, deadline_to_us, no_answer, reply_contents
 from streamgpu.loadgen.transports import Connection, ReplyLike, Transport
 from streamgpu.protocol import wire
 from streamgpu.protocol.oip import DATATYPE_OF, DATATYPES, HEADER_LENGTH, INPUT_NAME, OUTPUT_NAME
@@ -224,6 +224,9 @@ class HttpTransport(Transport):
         except aiohttp.ClientError as exc:  # no HTTP there (the wire port: it hangs up); not all of these are OSErrors
             await session.close()
             raise ConnectionError(f"GET {base}/v2 failed: {exc or type(exc).__name__}") from None
+        except TimeoutError:
+            await session.close()
+            raise no_answer(timeout) from None
         except BaseException:
             await session.close()
             raise
@@ -352,6 +355,9 @@ class WsTransport(Transport):
         except aiohttp.ClientError as exc:  # no HTTP there (the wire port: it hangs up); not all of these are OSErrors
             await session.close()
             raise ConnectionError(f"WebSocket upgrade failed: {exc or type(exc).__name__}") from None
+        except TimeoutError:
+            await session.close()
+            raise no_answer(timeout) from None
         except BaseException:
             await session.close()
             raise
