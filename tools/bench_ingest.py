@@ -462,14 +462,23 @@ def serve(
     return server(cmd, out / f"server_{name}.log", r"listening on [\d.]+:(\d+)")
 
 
-def stat_cpu(path: str) -> float:
-    """User + system CPU seconds from a /proc ``stat`` file (a process's or a thread's); 0 when it is gone."""
+def _stat_fields(path: str) -> list[str] | None:
+    """The fields after the command name of a /proc ``stat`` file (a process's or a thread's); None when gone."""
     try:
         with open(path) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
+            return f.read().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return None
+
+
+def _cpu_of(fields: list[str]) -> float:
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def stat_cpu(path: str) -> float:
+    """User + system CPU seconds from a /proc ``stat`` file (a process's or a thread's); 0 when it is gone."""
+    fields = _stat_fields(path)
+    return 0.0 if fields is None else _cpu_of(fields)
 
 
 def main_thread_cpu(pid: int) -> float:
@@ -522,14 +531,8 @@ def children_cpu(pid: int) -> float:
     """CPU seconds (user + system) of process ``pid``'s live children: a server's ingest workers."""
     total = 0.0
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            if ppid == pid:
-                total += stat_cpu(f"/proc/{entry}/stat")
+        if entry.isdigit() and (fields := _stat_fields(f"/proc/{entry}/stat")) is not None and int(fields[1]) == pid:
+            total += _cpu_of(fields)  # (fields[1]: its parent)
     return total
 
 
